@@ -1,0 +1,46 @@
+# Every target sets itself up from nothing: a .venv with the pinned dependencies, then lorambo
+# installed in editable mode. Stamps make a second run skip what is already installed.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+DEPS_STAMP    := $(VENV)/.deps-stamp
+INSTALL_STAMP := $(VENV)/.install-stamp
+PYTEST_ARGS ?=
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: all install test demo bench wheel clean
+
+all: test
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS_STAMP): requirements/dev.txt | $(PY)
+	$(PIP) install --upgrade --quiet pip
+	$(PIP) install --quiet -r requirements/dev.txt
+	touch $@
+
+$(INSTALL_STAMP): $(DEPS_STAMP) setup.py pyproject.toml
+	$(PIP) install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(INSTALL_STAMP)
+
+test: $(INSTALL_STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: $(INSTALL_STAMP)
+	$(VENV)/bin/lorambo demo
+
+bench: $(INSTALL_STAMP)
+	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-columns=min,median,mean,stddev,rounds
+
+wheel: $(DEPS_STAMP)
+	$(PIP) wheel . --no-build-isolation --no-deps -w dist
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache

@@ -1,0 +1,28 @@
+"""lorambo: kernel-accelerated LoRA with per-layer rank allocation.
+
+    from lorambo import LoRAMBoLinear, configure_model
+    model = configure_model(model, ranks=8)            # or {module_name: rank}
+"""
+
+__version__ = "0.1.0"
+
+from lorambo.allocation import allocate
+from lorambo.adapters import AdapterFormatError, export_peft, load_adapter, save_adapter
+from lorambo.backend import get_backend, set_backend
+from lorambo.model import configure_model, lora_layers, unload
+from lorambo.nn import LoRAMBoLinear, reset_slot_state
+
+__all__ = [
+    "AdapterFormatError",
+    "LoRAMBoLinear",
+    "allocate",
+    "configure_model",
+    "export_peft",
+    "get_backend",
+    "load_adapter",
+    "lora_layers",
+    "reset_slot_state",
+    "save_adapter",
+    "set_backend",
+    "unload",
+]

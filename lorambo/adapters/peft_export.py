@@ -1,0 +1,82 @@
+"""Export LoRAMBo adapters in peft's LoRA format (``PeftModel.from_pretrained`` loads it).
+
+peft has one rank and alpha per config; per-layer values go into ``rank_pattern`` /
+``alpha_pattern``. peft's scaling is ``lora_alpha / r``, so each layer's alpha is written as
+``scaling * rank``, which reproduces lorambo's fixed scaling whatever rank it has now.
+Rank-0 layers are left out of ``target_modules``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+from safetensors.torch import save_file
+from torch import nn
+
+from lorambo.adapters.atomic import atomic_write, atomic_write_text
+from lorambo.model import lora_layers
+
+_PREFIX = "base_model.model."
+
+
+def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
+    """Full names as a list (peft suffix-matches them) unless some other module's name ends
+    with one of them; then an exact regex, since peft full-matches a string pattern."""
+    others = [n for n, _ in model.named_modules() if n not in names]
+    if any(o.endswith("." + n) for o in others for n in names):
+        return "(" + "|".join(re.escape(n) for n in names) + ")"
+    return names
+
+
+def peft_config(model: nn.Module) -> dict:
+    """The adapter_config.json content for the model's current adapters."""
+    layers = {n: l for n, l in lora_layers(model).items() if l.rank > 0}
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no LoRAMBoLinear with rank > 0 to export")
+    names = list(layers)
+    # peft matches pattern keys as suffixes in insertion order: longest names first keeps
+    # "x.a" from being claimed by the key "a".
+    by_length = sorted(names, key=len, reverse=True)
+    rank_pattern = {n: layers[n].rank for n in by_length}
+    alpha_pattern = {n: layers[n].scaling * layers[n].rank for n in by_length}
+    r_default = Counter(rank_pattern.values()).most_common(1)[0][0]
+    alpha_default = next(alpha_pattern[n] for n in names if rank_pattern[n] == r_default)
+    config = getattr(model, "config", None)
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": getattr(config, "_name_or_path", None) or None,
+        "r": r_default,
+        "lora_alpha": alpha_default,
+        "target_modules": _target_modules(model, names),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "lora_dropout": max(l.dropout for l in layers.values()),
+        "fan_in_fan_out": any(l.base_kind == "conv1d" for l in layers.values()),
+        "bias": "none",
+        "use_rslora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+
+
+def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into folder ``path``."""
+    folder = Path(path)
+    config = peft_config(model)
+    tensors = {}
+    for name, layer in lora_layers(model).items():
+        r = layer.rank
+        if r == 0:
+            continue
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A[:r].detach().cpu().contiguous()  # (r, in)
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B[:, :r].detach().cpu().contiguous()  # (out, r)
+    atomic_write(folder / "adapter_model.safetensors",
+                 lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write_text(folder / "adapter_config.json", json.dumps(config, indent=2) + "\n")
+    return folder

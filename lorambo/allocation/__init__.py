@@ -1,0 +1,10 @@
+"""Per-layer rank allocation under a global parameter budget (pure numbers: numpy + stdlib).
+
+``allocate(dims, sensitivities, budget, method=...)`` returns ``{name: rank}`` with
+``sum_i rank_i * (d_i + k_i) <= budget``. Modules: ``validate`` (input checks), ``uniform``,
+``closed_form`` (square-root law), ``greedy`` (one heap engine for all gain-based methods),
+``exact`` (DP optimum, test oracle), ``api`` (dispatcher).
+"""
+from .api import GAIN_METHODS, METHODS, allocate
+
+__all__ = ["allocate", "METHODS", "GAIN_METHODS"]

@@ -1,0 +1,86 @@
+"""LoRAMBo's closed-form square-root law, with rank bounds and integer rounding.
+
+Continuous problem. With a proxy loss ``sum_i s_i / r_i`` (error falling like 1/r, weighted by
+the sensitivity) and the budget ``sum_i r_i c_i = P`` (c_i = d_i + k_i), the Lagrange condition
+``s_i / r_i^2 = lambda c_i`` gives the square-root law
+
+    r_i* = t * w_i,   w_i = sqrt(s_i / c_i),   t = P / sum_j sqrt(s_j c_j).
+
+Bounds. With ``min_rank <= r_i <= upper_i`` the KKT solution is ``r_i = clip(t w_i, lo_i, up_i)``
+with one common water level t chosen so the clipped ranks spend exactly P. That is the fixed point
+of "clip the violators, re-normalise the others, repeat", found here directly: the spend is
+non-decreasing in t, so t is bisected to machine precision (no iteration-order pitfalls). If even
+every layer at its upper bound fits, each layer with s_i > 0 takes its bound.
+
+Integers. (1) floor every rank; (2) largest remainder: visit layers by decreasing fractional
+part and add one rank where its cost still fits; (3) greedy fill of what is left: add ranks one
+at a time to the layer with the largest ``w_i / (r_i + 1)`` whose cost fits, i.e. the layer that
+stays furthest below the square-root law after the increment (equivalently the largest gain per
+parameter of ``s_i / (r_i + 1)^2``, a diminishing-returns stand-in for s_i/r_i - s_i/(r_i + 1)
+that stays finite at r = 0). The fill ends when no layer with s_i > 0 below its bound fits, so
+the unspent budget is smaller than the cost of every such layer.
+
+Zero sensitivities: such a layer gets min_rank (the law gives it 0) and no fill. All sensitivities
+zero makes the law 0/0: that raises ``ValueError`` rather than silently allocating something.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .greedy import greedy_allocate
+
+
+def continuous_ranks(costs: np.ndarray, sens: np.ndarray, lower: np.ndarray, upper: np.ndarray,
+                     budget: int) -> np.ndarray:
+    """Real-valued ranks ``clip(t sqrt(s_i / c_i), lo_i, up_i)`` spending ``budget`` (or less if all
+    positive-sensitivity layers reach their bound). Requires ``sum c_i lo_i <= budget``."""
+    c = costs.astype(np.float64)
+    w = np.sqrt(sens / c)
+    lo, up = lower.astype(np.float64), upper.astype(np.float64)
+    active = w > 0
+
+    def ranks_at(t: float) -> np.ndarray:
+        return np.where(active, np.clip(t * w, lo, up), lo)
+
+    t_hi = float(np.max(up[active] / w[active]))  # every active layer at its bound
+    if float(np.sum(c * ranks_at(t_hi))) <= budget:
+        return ranks_at(t_hi)
+    t_lo = 0.0  # spend(0) = sum c_i lo_i <= budget
+    while True:  # invariant: spend(t_lo) <= budget < spend(t_hi)
+        mid = 0.5 * (t_lo + t_hi)
+        if mid <= t_lo or mid >= t_hi:
+            break
+        if float(np.sum(c * ranks_at(mid))) <= budget:
+            t_lo = mid
+        else:
+            t_hi = mid
+    return ranks_at(t_lo)
+
+
+def round_ranks(x: np.ndarray, costs: np.ndarray, sens: np.ndarray, lower: np.ndarray,
+                upper: np.ndarray, budget: int) -> np.ndarray:
+    """Integer ranks from the continuous ones: floor, largest remainder, then greedy fill."""
+    at_bound = (x == lower) | (x == upper)
+    # Interior ranks are floored with a hair of slack, so float error in x can never push the
+    # floors over budget; a rank lost this way has fractional part ~1 and comes back in step (2).
+    eps = 1e-9 * np.maximum(1.0, x)
+    ranks = np.where(at_bound, x, np.maximum(lower, np.floor(x - eps))).astype(np.int64)
+    left = int(budget) - int(np.sum(costs * ranks))
+    frac = x - ranks
+    w = np.sqrt(sens / costs)
+    for i in np.lexsort((-w, -frac)):  # by fractional part, then by w, then dims order
+        if frac[i] > 0 and ranks[i] < upper[i] and sens[i] > 0 and costs[i] <= left:
+            ranks[i] += 1
+            left -= int(costs[i])
+    return greedy_allocate(costs, ranks, upper, budget,
+                           lambda i, r: float(sens[i]) / float(r + 1) ** 2)
+
+
+def closed_form_ranks(names: tuple, costs: np.ndarray, sens: np.ndarray, lower: np.ndarray,
+                      upper: np.ndarray, budget: int) -> np.ndarray:
+    if not np.any(sens > 0):
+        raise ValueError(f"closed_form: all sensitivities are zero (layers {list(names)!r}), so the "
+                         "square-root law r_i ~ sqrt(s_i / (d_i + k_i)) is 0/0; give at least one "
+                         "positive sensitivity or use method='uniform'")
+    x = continuous_ranks(costs, sens, lower, upper, budget)
+    return round_ranks(x, costs, sens, lower, upper, budget)

@@ -1,0 +1,53 @@
+"""Backend selection for the LoRA op: ``auto``, ``torch``, ``triton`` or ``ext``.
+
+The choice comes from ``lorambo.set_backend`` or, when never set, the ``LORAMBO_BACKEND``
+environment variable (read at each call, so tests can flip it). An explicitly requested
+backend that cannot run raises; only ``auto`` chooses for the user.
+"""
+
+from __future__ import annotations
+
+import os
+
+BACKENDS = ("auto", "torch", "triton", "ext")
+_ENV_VAR = "LORAMBO_BACKEND"
+_override: str | None = None
+
+
+def _check(name: str, source: str) -> str:
+    value = name.strip().lower()
+    if value not in BACKENDS:
+        raise ValueError(f"unknown lorambo backend {name!r} from {source}; choose one of {BACKENDS}")
+    return value
+
+
+def set_backend(name: str | None) -> None:
+    """Select the backend for every LoRAMBoLinear; ``None`` returns to ``$LORAMBO_BACKEND``."""
+    global _override
+    _override = None if name is None else _check(name, "lorambo.set_backend")
+
+
+def get_backend() -> str:
+    """The requested backend name (``auto`` unless set)."""
+    if _override is not None:
+        return _override
+    return _check(os.environ.get(_ENV_VAR, "auto"), f"${_ENV_VAR}")
+
+
+def resolve_backend(device_type: str) -> str:
+    """The backend that will run on ``device_type``: ``auto`` resolved, others verified."""
+    requested = get_backend()
+    if requested == "auto":
+        # The Triton kernels and the compiled extension are not built yet (issues 3 and 6);
+        # until they land, auto means the PyTorch reference everywhere.
+        return "torch"
+    if requested == "triton":
+        raise NotImplementedError(
+            "lorambo backend 'triton' was requested, but the fused Triton LoRA kernels are not "
+            "implemented yet; use LORAMBO_BACKEND=torch or auto"
+        )
+    if requested == "ext":
+        from lorambo import _extension
+
+        _extension.require()
+    return requested

@@ -1,0 +1,1 @@
+"""Experiments on the real all-MiniLM-L6-v2 with real English text, all offline."""

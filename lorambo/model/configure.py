@@ -1,0 +1,102 @@
+"""Swap LoRAMBoLinear into a model, list its adapters, and take them out again."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping
+
+from torch import nn
+
+from lorambo.model.targeting import check_named_targets, find_targets
+from lorambo.nn import LoRAMBoLinear
+
+_FROZEN_ATTR = "_lorambo_frozen_params"  # params configure_model froze, restored by unload
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _per_layer(value, name: str, what: str):
+    if isinstance(value, Mapping):
+        if name not in value:
+            raise ValueError(f"{what} has no entry for module {name!r}")
+        return value[name]
+    return value
+
+
+def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_modules: str | list[str] | None = None,
+                    capacity: int | Mapping[str, int] | None = None, alpha: float | None = None,
+                    dropout: float = 0.0, use_rslora: bool = False) -> nn.Module:
+    """Adapt ``model`` in place and return it.
+
+    ``ranks`` is one int for every target, or ``{module_name: rank}`` naming the targets exactly
+    (then ``target_modules`` must be None). Targets that already are LoRAMBoLinear change rank
+    in place (the rank must fit their capacity). Every parameter that is not LoRA is frozen;
+    :func:`unload` restores it.
+    """
+    if isinstance(ranks, Mapping):
+        if target_modules is not None:
+            raise ValueError("pass either ranks as a {name: rank} dict or target_modules, not both")
+        if not ranks:
+            raise ValueError("ranks is an empty dict: nothing to adapt")
+        names = check_named_targets(model, ranks.keys())
+    elif isinstance(ranks, numbers.Integral) and not isinstance(ranks, bool):
+        names = find_targets(model, target_modules)
+    else:
+        raise TypeError(f"ranks must be an int or a {{name: rank}} dict, got {ranks!r}")
+
+    trainable_before = [p for n, p in model.named_parameters()
+                        if p.requires_grad and not n.endswith((".lora_A", ".lora_B"))]
+    # Build every new layer before swapping any in, so a bad rank or capacity for one module
+    # leaves the model untouched.
+    new_layers, rank_changes = {}, {}
+    try:
+        for name in names:
+            rank = _per_layer(ranks, name, "ranks")
+            module = model.get_submodule(name)
+            if isinstance(module, LoRAMBoLinear):
+                rank = module.validate_rank(rank)
+                rank_changes[name] = (module, rank)
+                continue
+            new_layers[name] = LoRAMBoLinear(
+                module, rank=rank, capacity=_per_layer(capacity, name, "capacity"), alpha=alpha,
+                dropout=dropout, use_rslora=use_rslora, name=name)
+    except Exception:
+        for param in trainable_before:  # the constructors froze base weights; undo that
+            param.requires_grad_(True)
+        raise
+    for name, layer in new_layers.items():
+        _set_submodule(model, name, layer)
+    for module, rank in rank_changes.values():
+        module.set_rank(rank)
+
+    frozen = getattr(model, _FROZEN_ATTR, [])
+    for param in trainable_before:
+        param.requires_grad_(False)
+        frozen.append(param)
+    object.__setattr__(model, _FROZEN_ATTR, frozen)  # a plain attribute, not a submodule/state
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRAMBoLinear]:
+    """``{dotted_name: LoRAMBoLinear}`` in model order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRAMBoLinear)}
+
+
+def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Put the plain base modules back (with the adapters merged into their weights when
+    ``merge``), restore the trainability configure_model took away, and return the model."""
+    for name, layer in lora_layers(model).items():
+        if merge and not layer.merged:
+            layer.merge(exact=False)
+        elif not merge and layer.merged:
+            layer.unmerge()
+        _set_submodule(model, name, layer.base_layer)
+    for param in getattr(model, _FROZEN_ATTR, []):
+        param.requires_grad_(True)
+    if hasattr(model, _FROZEN_ATTR):
+        object.__delattr__(model, _FROZEN_ATTR)
+    return model

@@ -1,0 +1,114 @@
+"""Which modules of a model get adapters (peft semantics for ``target_modules``)."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable
+
+from torch import nn
+
+from lorambo.nn import LoRAMBoLinear
+from lorambo.nn.base_layers import is_wrappable
+
+# Names of output heads that are never adapted by default (besides get_output_embeddings()).
+_HEAD_NAMES = {"lm_head", "classifier", "score", "qa_outputs"}
+
+
+def _closest(name: str, names: Iterable[str]) -> str:
+    near = difflib.get_close_matches(name, list(names), n=3, cutoff=0.5)
+    return f"; did you mean {near}?" if near else ""
+
+
+def suffix_match(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def _adaptable(module: nn.Module) -> bool:
+    return isinstance(module, LoRAMBoLinear) or is_wrappable(module)
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    heads = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    for name, module in model.named_modules():
+        if (head is not None and module is head) or name.rsplit(".", 1)[-1] in _HEAD_NAMES:
+            heads.add(name)
+    return heads
+
+
+def _candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Named modules that are not inside a LoRAMBoLinear (its base layer is not a target)."""
+    found, inside = {}, []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in inside):
+            continue
+        found[name] = module
+        if isinstance(module, LoRAMBoLinear):
+            inside.append(name)
+    return found
+
+
+def _require_adaptable(name: str, module: nn.Module, why: str) -> None:
+    if not _adaptable(module):
+        raise TypeError(f"module {name!r} ({type(module).__name__}) {why} but is not nn.Linear, "
+                        "transformers Conv1D or LoRAMBoLinear")
+
+
+def find_targets(model: nn.Module, target_modules: str | list[str] | None) -> list[str]:
+    """Dotted names to adapt, in model order.
+
+    ``None``: every Linear/Conv1D except the output head. A list: suffix match on dotted names
+    (each entry must match something). A string: regex full match on dotted names.
+    """
+    modules = _candidate_modules(model)
+    if target_modules is None:
+        heads = _output_head_names(model)
+        names = [n for n, m in modules.items() if _adaptable(m) and n not in heads]
+        if not names:
+            raise ValueError(f"{type(model).__name__} has no nn.Linear / Conv1D module to adapt")
+        return names
+    if isinstance(target_modules, str):
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as err:
+            raise ValueError(f"target_modules regex {target_modules!r} is invalid: {err}") from err
+        names = [n for n in modules if n and pattern.fullmatch(n)]
+        if not names:
+            raise ValueError(f"target_modules regex {target_modules!r} matches no module of "
+                             f"{type(model).__name__}")
+        for n in names:
+            _require_adaptable(n, modules[n], f"matches target_modules {target_modules!r}")
+        return names
+    targets = list(target_modules)
+    if not targets:
+        raise ValueError("target_modules is an empty list")
+    names = []
+    for target in targets:
+        hits = [n for n in modules if n and suffix_match(n, target)]
+        if not hits:
+            raise ValueError(f"target_modules entry {target!r} matches no module of "
+                             f"{type(model).__name__}{_closest(target, _leaf_names(modules))}")
+        for n in hits:
+            _require_adaptable(n, modules[n], f"matches target_modules entry {target!r}")
+        names.extend(h for h in hits if h not in names)
+    order = {n: i for i, n in enumerate(modules)}
+    return sorted(names, key=order.__getitem__)
+
+
+def check_named_targets(model: nn.Module, names: Iterable[str]) -> list[str]:
+    """Exact dotted names (the keys of a ``{name: rank}`` dict), each an adaptable module."""
+    modules = _candidate_modules(model)
+    out = []
+    for name in names:
+        if name not in modules:
+            raise ValueError(f"module {name!r} not found in {type(model).__name__}"
+                             f"{_closest(name, modules)}")
+        _require_adaptable(name, modules[name], "is named in ranks")
+        out.append(name)
+    return out
+
+
+def _leaf_names(modules: dict[str, nn.Module]) -> set[str]:
+    return {n.rsplit(".", 1)[-1] for n in modules if n}

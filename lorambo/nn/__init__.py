@@ -1,0 +1,6 @@
+"""nn modules: LoRAMBoLinear and the optimizer-state helpers that follow its rank changes."""
+
+from lorambo.nn.lora_linear import LoRAMBoLinear, default_capacity
+from lorambo.nn.optimizer_state import gather_slot_state, reset_slot_state
+
+__all__ = ["LoRAMBoLinear", "default_capacity", "gather_slot_state", "reset_slot_state"]

@@ -1,0 +1,251 @@
+"""LoRAMBoLinear: a frozen Linear/Conv1D plus a LoRA adapter held in a padded rank pool.
+
+The pool has ``capacity`` slots: ``lora_A`` [capacity, in], ``lora_B`` [out, capacity]. Slots
+``< rank`` are active; the others are exactly zero, receive zero gradient and cost nothing in
+the forward/backward (the op slices the active part). Rank changes edit the pools in place:
+no new storage, the same Parameter objects, so optimizers, DDP buckets and FSDP shards stay valid.
+
+The scaling ``s`` is fixed when the layer is built (``alpha / rank``, or ``alpha / sqrt(rank)``
+with rsLoRA) and never follows later rank changes: that is what makes growth
+function-preserving (new slots start with B = 0, so they add exactly nothing).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from lorambo.nn import base_layers
+from lorambo.nn.optimizer_state import gather_slot_state, reset_slot_state
+from lorambo.ops import lora_linear
+
+
+def default_capacity(rank: int, in_features: int, out_features: int) -> int:
+    """Room to double: the next power of two >= 2*rank (at least 8), capped at min(in, out)."""
+    room = 1 << max(3, (2 * rank - 1).bit_length())
+    return max(1, min(room, in_features, out_features))
+
+
+class LoRAMBoLinear(nn.Module):
+    """Drop-in replacement for a frozen ``nn.Linear`` / transformers ``Conv1D`` with LoRA.
+
+    Args:
+        base: the layer to adapt; its parameters are frozen.
+        rank: active rank, 0 <= rank <= capacity.
+        capacity: number of slots in the pool (default :func:`default_capacity`), <= min(in, out).
+        alpha: LoRA alpha (default: ``rank``, i.e. scaling 1).
+        dropout: dropout probability on the LoRA branch input, in [0, 1).
+        use_rslora: scaling ``alpha / sqrt(rank)`` instead of ``alpha / rank``.
+        scaling: set the scaling directly (overrides alpha / use_rslora), e.g. when loading.
+        name: the module's dotted name, used in error messages.
+    """
+
+    def __init__(self, base: nn.Module, rank: int = 8, capacity: int | None = None,
+                 alpha: float | None = None, dropout: float = 0.0, use_rslora: bool = False,
+                 scaling: float | None = None, name: str = ""):
+        super().__init__()
+        self.name = name
+        kind = base_layers.base_kind(base)
+        if kind is None:
+            raise TypeError(f"{self._label}: can only wrap nn.Linear or transformers Conv1D, "
+                            f"got {type(base).__name__}")
+        self.base_kind = kind
+        self.base_layer = base
+        self.in_features, self.out_features = base_layers.features(base, kind)
+        rank = self._check_int("rank", rank)
+        if capacity is None:
+            capacity = default_capacity(rank, self.in_features, self.out_features)
+        capacity = self._check_int("capacity", capacity)
+        limit = min(self.in_features, self.out_features)
+        if not 1 <= capacity <= limit:
+            raise ValueError(f"{self._label}: capacity {capacity} must be in [1, min(in, out) = {limit}]")
+        self.capacity = capacity
+        self._check_rank_value(rank)
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"{self._label}: dropout {dropout} must be in [0, 1)")
+        self.dropout = float(dropout)
+        self.use_rslora = bool(use_rslora)
+        self.alpha = float(alpha) if alpha is not None else float(max(rank, 1))
+        if scaling is None:
+            ref = max(rank, 1)
+            scaling = self.alpha / (math.sqrt(ref) if self.use_rslora else ref)
+        self.scaling = float(scaling)
+        for param in base.parameters():
+            param.requires_grad_(False)
+        weight = base.weight
+        self.lora_A = nn.Parameter(torch.zeros(capacity, self.in_features, dtype=weight.dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, capacity, dtype=weight.dtype, device=weight.device))
+        self._rank = 0
+        self.merged = False
+        self._weight_before_merge: torch.Tensor | None = None
+        self.set_rank(rank)
+
+    # ----------------------------------------------------------------------------- helpers
+    @property
+    def _label(self) -> str:
+        return f"LoRAMBoLinear {self.name!r}" if self.name else "LoRAMBoLinear"
+
+    def _check_int(self, what: str, value) -> int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{self._label}: {what} must be an int, got {value!r}")
+        return int(value)
+
+    def _check_rank_value(self, rank: int) -> None:
+        if not 0 <= rank <= self.capacity:
+            raise ValueError(f"{self._label}: rank {rank} outside [0, capacity = {self.capacity}]")
+
+    def validate_rank(self, rank) -> int:
+        """``rank`` as an int if this layer can take it, else a TypeError/ValueError naming it."""
+        rank = self._check_int("rank", rank)
+        self._check_rank_value(rank)
+        return rank
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight as [out, in] (a view for Conv1D)."""
+        return base_layers.weight_out_in(self.base_layer, self.base_kind)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    # ------------------------------------------------------------------------ rank changes
+    @torch.no_grad()
+    def set_rank(self, rank: int, optimizer: torch.optim.Optimizer | None = None) -> int:
+        """Set the active rank in place and return the previous one.
+
+        Growth initialises the new rows of A as LoRA does (Kaiming-uniform) and leaves the new
+        columns of B at zero, so the layer's output is unchanged. Shrinking zeroes the dropped
+        slots. With ``optimizer``, the state of every slot that changed is zeroed.
+        """
+        rank = self.validate_rank(rank)
+        if self.merged:
+            raise RuntimeError(f"{self._label}: unmerge() before changing the rank")
+        old = self._rank
+        if rank > old:
+            nn.init.kaiming_uniform_(self.lora_A[old:rank], a=math.sqrt(5))
+            self.lora_B[:, old:rank].zero_()
+        elif rank < old:
+            self.lora_A[rank:old].zero_()
+            self.lora_B[:, rank:old].zero_()
+        self._rank = rank
+        if optimizer is not None and rank != old:
+            reset_slot_state(optimizer, self, range(min(old, rank), max(old, rank)),
+                             all_active_new=(old == 0))
+        return old
+
+    @torch.no_grad()
+    def keep_components(self, keep: Sequence[int], optimizer: torch.optim.Optimizer | None = None) -> int:
+        """Keep the active slots listed in ``keep`` (in that order) compacted into slots
+        0..len(keep)-1, zero the rest, and return the previous rank. The kept components are
+        moved bit for bit; with ``optimizer`` their state moves with them."""
+        keep = [self._check_int("component index", i) for i in keep]
+        if len(set(keep)) != len(keep):
+            raise ValueError(f"{self._label}: component indices must be distinct, got {keep}")
+        bad = [i for i in keep if not 0 <= i < self._rank]
+        if bad:
+            raise ValueError(f"{self._label}: component indices {bad} outside active range [0, {self._rank})")
+        if self.merged:
+            raise RuntimeError(f"{self._label}: unmerge() before changing the rank")
+        old, n = self._rank, len(keep)
+        index = torch.as_tensor(keep, dtype=torch.long, device=self.lora_A.device)
+        self.lora_A[:n] = self.lora_A.index_select(0, index)
+        self.lora_B[:, :n] = self.lora_B.index_select(1, index)
+        self.lora_A[n:old].zero_()
+        self.lora_B[:, n:old].zero_()
+        self._rank = n
+        if optimizer is not None:
+            gather_slot_state(optimizer, self, keep, old)
+        return old
+
+    @torch.no_grad()
+    def zero_inactive_(self) -> None:
+        """Zero the inactive slots (they are zero unless something outside lorambo wrote them)."""
+        self.lora_A[self._rank:].zero_()
+        self.lora_B[:, self._rank:].zero_()
+
+    # ---------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{self._label}: input has last dim {x.shape[-1]} (shape {tuple(x.shape)}), "
+                             f"expected in_features = {self.in_features}")
+        if self.merged:
+            return self.base_layer(x)
+        weight, bias, lora_a, lora_b = self.weight, self.bias, self.lora_A, self.lora_B
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            x, weight, lora_a, lora_b = (t.to(dtype) for t in (x, weight, lora_a, lora_b))
+            bias = None if bias is None else bias.to(dtype)
+        elif not (x.dtype == weight.dtype == lora_a.dtype == lora_b.dtype):
+            raise TypeError(f"{self._label}: input dtype {x.dtype} does not match weight dtype "
+                            f"{weight.dtype} / LoRA dtype {lora_a.dtype} (outside autocast)")
+        p = self.dropout if self.training else 0.0
+        with torch.autocast(device_type, enabled=False):
+            return lora_linear(x, weight, bias, lora_a, lora_b, self._rank, self.scaling, p)
+
+    # ------------------------------------------------------------------------------ merge
+    def delta_weight(self) -> torch.Tensor:
+        """``s * B_r A_r`` as an [out, in] tensor in the weight dtype (accumulated in >= fp32)."""
+        r = self._rank
+        acc = torch.promote_types(self.lora_A.dtype, torch.float32)
+        delta = (self.lora_B[:, :r].to(acc) @ self.lora_A[:r].to(acc)) * self.scaling
+        return delta.to(self.lora_A.dtype)
+
+    @torch.no_grad()
+    def merge(self, exact: bool = True) -> None:
+        """Add the adapter into the base weight (one rounding, computed in float64).
+
+        ``exact=True`` keeps a copy of the original weight so :meth:`unmerge` restores it bit
+        for bit; ``exact=False`` saves that memory, and unmerge subtracts the delta again
+        (error within one rounding of the weight dtype: ~2^-24 relative in fp32, 2^-8 in bf16).
+        """
+        if self.merged:
+            raise RuntimeError(f"{self._label}: already merged")
+        base_w = self.base_layer.weight
+        self._weight_before_merge = base_w.detach().clone() if exact else None
+        delta = self._delta_as_base_layout()
+        base_w.copy_((base_w.double() + delta).to(base_w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`."""
+        if not self.merged:
+            raise RuntimeError(f"{self._label}: not merged")
+        base_w = self.base_layer.weight
+        if self._weight_before_merge is not None:
+            base_w.copy_(self._weight_before_merge)
+        else:
+            base_w.copy_((base_w.double() - self._delta_as_base_layout()).to(base_w.dtype))
+        self._weight_before_merge = None
+        self.merged = False
+
+    def _delta_as_base_layout(self) -> torch.Tensor:
+        r = self._rank
+        delta = (self.lora_B[:, :r].double() @ self.lora_A[:r].double()) * self.scaling  # (out, in)
+        return delta if self.base_kind == "linear" else delta.t()
+
+    # ---------------------------------------------------------------------- state / repr
+    def get_extra_state(self) -> torch.Tensor:
+        # Saved in state_dict so a reload restores which slots are active.
+        return torch.tensor([self._rank, self.capacity], dtype=torch.int64)
+
+    def set_extra_state(self, state) -> None:
+        rank, capacity = (int(v) for v in torch.as_tensor(state).tolist())
+        if capacity != self.capacity:
+            raise ValueError(f"{self._label}: state_dict has capacity {capacity}, layer has {self.capacity}")
+        self._rank = rank  # the loaded pools already hold zeros past this rank
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self._rank}, "
+                f"capacity={self.capacity}, scaling={self.scaling:.4g}, dropout={self.dropout}, "
+                f"rslora={self.use_rslora}, base={self.base_kind}, merged={self.merged}")

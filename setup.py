@@ -1,0 +1,86 @@
+"""Build lorambo, lorambo_kernels (from kernels/) and the optional compiled extension lorambo._C.
+
+Switches (environment):
+  LORAMBO_SKIP_EXT=1           build without the extension (pure Python wheel)
+  LORAMBO_BUILD_CUDA=0|1|auto  CUDA sources: never / always / when torch has CUDA and nvcc exists
+  MAX_JOBS                     parallel compile jobs (read by torch.utils.cpp_extension)
+
+The extension is optional at run time: a build without a compiler, without torch in the build
+environment or without CUDA still produces a working package, and says why it skipped.
+"""
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+CSRC = "csrc"
+
+
+def _log(msg):
+    print(f"lorambo setup: {msg}", file=sys.stderr)
+
+
+def _want_cuda(torch_cuda_available_at_build):
+    mode = os.environ.get("LORAMBO_BUILD_CUDA", "auto").lower()
+    if mode not in ("0", "1", "auto"):
+        raise SystemExit(f"LORAMBO_BUILD_CUDA must be 0, 1 or auto, got {mode!r}")
+    if mode == "0":
+        return False
+    has_nvcc = shutil.which("nvcc") is not None or bool(os.environ.get("CUDA_HOME"))
+    if mode == "1":
+        return True
+    return has_nvcc and torch_cuda_available_at_build
+
+
+def extension_build():
+    """(ext_modules, cmdclass) for lorambo._C, or empty ones when it cannot or should not build."""
+    if os.environ.get("LORAMBO_SKIP_EXT", "0") == "1":
+        _log("LORAMBO_SKIP_EXT=1: building without the compiled extension")
+        return [], {}
+    cpp = sorted(glob.glob(os.path.join(CSRC, "**", "*.cpp"), recursive=True))
+    cu = sorted(glob.glob(os.path.join(CSRC, "**", "*.cu"), recursive=True))
+    if not cpp:
+        _log("no C++ sources in csrc/: building without the compiled extension")
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        _log("torch is not importable in the build environment (use --no-build-isolation): "
+             "building without the compiled extension")
+        return [], {}
+    common = {"extra_compile_args": {"cxx": ["-O3", "-std=c++17"]}}
+    if cu and _want_cuda(torch.version.cuda is not None):
+        arch = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+        common["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++17", *arch]
+        ext = CUDAExtension("lorambo._C", cpp + cu, define_macros=[("LORAMBO_WITH_CUDA", "1")], **common)
+    else:
+        ext = CppExtension("lorambo._C", cpp, **common)
+
+    class OptionalBuildExtension(BuildExtension):
+        """A failed compile (no compiler, bad toolchain) warns and yields a pure-Python build."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as err:  # noqa: BLE001 - any toolchain failure makes the ext optional
+                _log(f"compiled extension skipped, build failed: {err}")
+
+    return [ext], {"build_ext": OptionalBuildExtension}
+
+
+ext_modules, cmdclass = extension_build()
+cmdclass.setdefault("build_ext", build_ext)
+
+setup(
+    packages=find_packages(include=["lorambo", "lorambo.*"])
+    + ["lorambo_kernels." + p for p in find_packages(where="kernels/lorambo_kernels")]
+    + ["lorambo_kernels"],
+    package_dir={"lorambo_kernels": "kernels/lorambo_kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
