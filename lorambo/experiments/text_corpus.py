@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+import warnings
 
 STDLIB_MODULES = (
     "argparse", "asyncio", "calendar", "collections", "concurrent.futures", "configparser",
@@ -24,10 +25,12 @@ _CODE_LIKE = re.compile(r"[{}\[\]=<>|]|>>>|::|\(\)|\w+\(")
 
 
 def _docstrings(module) -> list[str]:
-    docs = [inspect.getdoc(module) or ""]
-    for _, obj in sorted(vars(module).items()):
-        if getattr(obj, "__module__", None) == module.__name__ and (inspect.isclass(obj) or inspect.isfunction(obj)):
-            docs.append(inspect.getdoc(obj) or "")
+    with warnings.catch_warnings():  # touching e.g. typing.io's __doc__ warns about deprecation
+        warnings.simplefilter("ignore", DeprecationWarning)
+        docs = [inspect.getdoc(module) or ""]
+        for _, obj in sorted(vars(module).items()):
+            if getattr(obj, "__module__", None) == module.__name__ and (inspect.isclass(obj) or inspect.isfunction(obj)):
+                docs.append(inspect.getdoc(obj) or "")
     return docs
 
 

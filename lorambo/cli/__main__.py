@@ -1,0 +1,5 @@
+import sys
+
+from lorambo.cli import main
+
+sys.exit(main())

@@ -1,0 +1,105 @@
+"""save_adapter / load_adapter: round trip, auto-configure, atomic writes, bad files."""
+
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from lorambo import AdapterFormatError, configure_model, load_adapter, lora_layers, save_adapter
+
+
+def net():
+    torch.manual_seed(0)  # same frozen base weights in every copy
+    return nn.Sequential(nn.Linear(12, 16), nn.GELU(), nn.Linear(16, 12), nn.GELU(), nn.Linear(12, 4))
+
+
+def trained():
+    model = configure_model(net(), {"0": 3, "2": 5}, capacity={"0": 8, "2": 8}, alpha=4.0)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_A[: layer.rank].normal_()
+            layer.lora_B[:, : layer.rank].normal_()
+    return model
+
+
+def test_round_trip_into_freshly_configured_model(tmp_path):
+    src = trained()
+    file = save_adapter(src, tmp_path / "a.safetensors")
+    dst = configure_model(net(), {"0": 1, "2": 1}, capacity=8, alpha=16.0)
+    load_adapter(dst, file)
+    x = torch.randn(5, 12)
+    assert torch.equal(dst(x), src(x))
+    assert {n: l.rank for n, l in lora_layers(dst).items()} == {"0": 3, "2": 5}
+    with safe_open(str(file), "pt") as f:  # only the active slices are stored
+        assert f.get_slice("2.lora_A").get_shape() == [5, 16]
+
+
+def test_load_configures_a_plain_model_and_directory_paths(tmp_path):
+    src = trained()
+    save_adapter(src, tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "adapter.safetensors").is_file()
+    dst = load_adapter(net(), tmp_path / "ckpt")
+    x = torch.randn(4, 12)
+    assert torch.equal(dst(x), src(x))
+    assert {n: l.capacity for n, l in lora_layers(dst).items()} == {"0": 8, "2": 8}
+
+
+def test_write_is_atomic_and_leaves_no_temp_files(tmp_path, monkeypatch):
+    src = trained()
+    target = tmp_path / "a.safetensors"
+    save_adapter(src, target)
+    before = target.read_bytes()
+    import lorambo.adapters.io as io
+
+    def broken(tensors, path, metadata):
+        with open(path, "wb") as handle:
+            handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(io, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(src, target)
+    assert target.read_bytes() == before
+    assert os.listdir(tmp_path) == ["a.safetensors"]
+
+
+def test_other_names_or_shapes_are_rejected_without_changes(tmp_path):
+    file = save_adapter(trained(), tmp_path / "a.safetensors")
+    other_names = configure_model(net(), {"0": 2, "4": 2})
+    with pytest.raises(ValueError, match=r"in the model but not the file \['4'\].*not the model \['2'\]"):
+        load_adapter(other_names, file)
+    wider = nn.Sequential(nn.Linear(12, 20), nn.GELU(), nn.Linear(20, 12))
+    configure_model(wider, {"0": 2, "2": 2}, capacity=8)
+    a_before = wider[0].lora_A.detach().clone()
+    with pytest.raises(ValueError, match=r"layer '0' was saved for shape \(out, in\) = \(16, 12\).*\(20, 12\)"):
+        load_adapter(wider, file)
+    assert torch.equal(wider[0].lora_A, a_before) and wider[0].rank == 2
+    small = configure_model(net(), {"0": 2, "2": 2}, capacity=4)
+    with pytest.raises(ValueError, match=r"layer '2' has rank 5 above the layer's capacity 4"):
+        load_adapter(small, file)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "not_lorambo"])
+def test_truncated_or_corrupt_files(tmp_path, damage):
+    file = save_adapter(trained(), tmp_path / "a.safetensors")
+    data = file.read_bytes()
+    if damage == "truncate":
+        file.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        file.write_bytes(b"\x00\x01not a safetensors file at all")
+    else:
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.randn(2, 2)}, str(file))
+    dst = configure_model(net(), {"0": 3, "2": 5}, capacity=8)
+    with pytest.raises(AdapterFormatError, match="a.safetensors"):
+        load_adapter(dst, file)
+
+
+def test_missing_file_and_empty_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no lorambo adapter"):
+        load_adapter(net(), tmp_path / "nope.safetensors")
+    with pytest.raises(ValueError, match="no LoRAMBoLinear"):
+        save_adapter(net(), tmp_path / "x.safetensors")

@@ -1,0 +1,67 @@
+"""export_peft: peft.PeftModel.from_pretrained loads it and computes what lorambo computes."""
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+from lorambo import configure_model, export_peft, lora_layers
+
+
+def _bert():
+    torch.manual_seed(0)
+    return BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=48, max_position_embeddings=32)).eval()
+
+
+def _gpt2():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)).eval()
+
+
+def _randomise(model):
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B[:, : layer.rank].normal_(std=0.1)
+
+
+def _hidden(model, ids):
+    out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("build,ranks", [
+    (_bert, {"encoder.layer.0.attention.self.query": 3, "encoder.layer.0.attention.self.value": 5,
+             "encoder.layer.1.intermediate.dense": 2, "encoder.layer.1.output.dense": 0}),
+    (_gpt2, {"transformer.h.0.attn.c_attn": 4, "transformer.h.1.mlp.c_fc": 2, "transformer.h.1.attn.c_proj": 6}),
+])
+def test_peft_loads_export_with_same_outputs(tmp_path, build, ranks):
+    base = build()
+    ours = configure_model(copy.deepcopy(base), ranks, alpha=8.0, use_rslora=False)
+    _randomise(ours)
+    lora_layers(ours)[next(iter(ranks))].set_rank(list(ranks.values())[0] + 1)  # scaling must survive growth
+    export_peft(ours, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    active = {n: l.rank for n, l in lora_layers(ours).items() if l.rank > 0}
+    assert config["rank_pattern"] == active
+    assert sorted(config["target_modules"]) == sorted(active)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    name = next(iter(active))
+    layer = lora_layers(ours)[name]
+    assert tensors[f"base_model.model.{name}.lora_A.weight"].shape == (active[name], layer.in_features)
+    assert tensors[f"base_model.model.{name}.lora_B.weight"].shape == (layer.out_features, active[name])
+
+    peft_model = PeftModel.from_pretrained(base, tmp_path).eval()
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(_hidden(peft_model, ids), _hidden(ours, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_nothing_to_export(tmp_path):
+    model = configure_model(_bert(), {"encoder.layer.0.attention.self.query": 0})
+    with pytest.raises(ValueError, match="rank > 0"):
+        export_peft(model, tmp_path)

@@ -1,0 +1,110 @@
+"""configure_model / lora_layers / unload: targeting (peft semantics), freezing, errors."""
+
+import pytest
+import torch
+from torch import nn
+
+import lorambo
+from lorambo import LoRAMBoLinear, configure_model, lora_layers, unload
+
+
+def test_default_targets_every_linear_except_the_head(mlp):
+    configure_model(mlp, 4)
+    assert list(lora_layers(mlp)) == ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down"]
+    assert isinstance(mlp.lm_head, nn.Linear)
+    trainable = [n for n, p in mlp.named_parameters() if p.requires_grad]
+    assert all(n.endswith((".lora_A", ".lora_B")) for n in trainable) and len(trainable) == 8
+
+
+def test_list_is_a_suffix_match_and_string_a_regex_fullmatch(mlp):
+    configure_model(mlp, 2, target_modules=["up"])
+    assert list(lora_layers(mlp)) == ["blocks.0.up", "blocks.1.up"]
+    configure_model(mlp, 3, target_modules=r"blocks\.1\.(up|down)")
+    layers = lora_layers(mlp)
+    assert list(layers) == ["blocks.0.up", "blocks.1.up", "blocks.1.down"]
+    assert layers["blocks.1.up"].rank == 3 and layers["blocks.0.up"].rank == 2  # re-rank in place
+
+
+def test_rank_dict_names_targets_and_sets_capacity(mlp):
+    configure_model(mlp, {"blocks.0.up": 1, "blocks.1.down": 6}, capacity={"blocks.0.up": 2, "blocks.1.down": 8})
+    layers = lora_layers(mlp)
+    assert {n: (l.rank, l.capacity) for n, l in layers.items()} == {"blocks.0.up": (1, 2), "blocks.1.down": (6, 8)}
+    assert layers["blocks.1.down"].name == "blocks.1.down"
+
+
+def test_reconfigure_changes_rank_in_place(mlp):
+    configure_model(mlp, 2, capacity=8)
+    layer = mlp.blocks[0].up
+    params = (layer.lora_A, layer.lora_B)
+    configure_model(mlp, {"blocks.0.up": 7})
+    assert mlp.blocks[0].up is layer and layer.rank == 7 and (layer.lora_A, layer.lora_B) == params
+
+
+def test_unload_merges_and_restores_trainability(mlp):
+    x = torch.randn(3, 8)
+    configure_model(mlp, 3)
+    with torch.no_grad():
+        for layer in lora_layers(mlp).values():
+            layer.lora_B[:, :3].normal_(std=0.1)
+    y = mlp(x)
+    unload(mlp)
+    assert not lora_layers(mlp) and isinstance(mlp.blocks[0].up, nn.Linear)
+    torch.testing.assert_close(mlp(x), y, rtol=1e-5, atol=1e-5)
+    assert all(p.requires_grad for p in mlp.parameters())
+
+
+def test_unload_without_merge_gives_back_the_original_function(mlp):
+    x = torch.randn(3, 8)
+    y0 = mlp(x)
+    configure_model(mlp, 2)
+    with torch.no_grad():
+        mlp.blocks[0].up.lora_B.normal_()
+    assert not torch.allclose(mlp(x), y0)
+    unload(mlp, merge=False)
+    assert torch.equal(mlp(x), y0)
+
+
+def test_backward_reaches_only_lora(mlp):
+    configure_model(mlp, 2)
+    mlp(torch.randn(4, 8)).sum().backward()
+    assert all(p.grad is None for n, p in mlp.named_parameters() if "lora_" not in n)
+    assert mlp.blocks[1].down.lora_A.grad is not None
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_pattern_matching_nothing(mlp):
+    with pytest.raises(ValueError, match=r"entry 'uq' matches no module.*did you mean \['up'\]"):
+        configure_model(mlp, 2, target_modules=["up", "uq"])
+    with pytest.raises(ValueError, match=r"regex 'attn\.\*' matches no module"):
+        configure_model(mlp, 2, target_modules="attn.*")
+    assert not lora_layers(mlp)
+
+
+def test_target_that_is_not_linear(mlp):
+    with pytest.raises(TypeError, match=r"'blocks\.0' \(Block\).*not nn.Linear"):
+        configure_model(mlp, 2, target_modules=r"blocks\.\d")
+    with pytest.raises(TypeError, match=r"'norm' \(LayerNorm\)"):
+        configure_model(mlp, {"norm": 2})
+
+
+def test_unknown_name_and_bad_ranks(mlp):
+    with pytest.raises(ValueError, match=r"'blocks\.0\.upp' not found.*blocks\.0\.up"):
+        configure_model(mlp, {"blocks.0.upp": 2})
+    with pytest.raises(TypeError, match="ranks must be an int"):
+        configure_model(mlp, 2.0)
+    with pytest.raises(ValueError, match="not both"):
+        configure_model(mlp, {"blocks.0.up": 2}, target_modules=["up"])
+
+
+def test_a_bad_layer_leaves_the_model_untouched(mlp):
+    with pytest.raises(ValueError, match=r"'blocks\.1\.down'.*rank 9"):
+        configure_model(mlp, {"blocks.0.up": 2, "blocks.1.down": 9}, capacity=8)
+    assert not lora_layers(mlp)
+    assert all(p.requires_grad for p in mlp.parameters())
+
+
+def test_wrapping_existing_lora_layer_is_not_nested(mlp):
+    configure_model(mlp, 2, target_modules=["up"])
+    configure_model(mlp, 3, target_modules=["up"])
+    assert isinstance(mlp.blocks[0].up.base_layer, nn.Linear)
+    assert isinstance(lorambo.lora_layers(mlp)["blocks.0.up"], LoRAMBoLinear)

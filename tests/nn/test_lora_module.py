@@ -1,0 +1,205 @@
+"""LoRAMBoLinear: construction, forward, in-place rank changes, merge, state, bad input."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lorambo import LoRAMBoLinear
+
+
+def filled(layer: LoRAMBoLinear) -> LoRAMBoLinear:
+    """Non-zero B in the active slots, so the adapter changes the output."""
+    with torch.no_grad():
+        layer.lora_B[:, : layer.rank].normal_()
+    return layer
+
+
+def plain_lora(layer: LoRAMBoLinear, x: torch.Tensor) -> torch.Tensor:
+    r = layer.rank
+    return layer.base_layer(x) + layer.scaling * (x @ layer.lora_A[:r].t()) @ layer.lora_B[:, :r].t()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_matches_plain_lora_float64(bias):
+    layer = filled(LoRAMBoLinear(nn.Linear(12, 9, bias=bias).double(), rank=3, capacity=8, alpha=6.0))
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), plain_lora(layer, x), rtol=1e-12, atol=1e-12)
+    assert layer.scaling == 2.0 and layer.rank == 3 and layer.capacity == 8
+
+
+def test_conv1d_base_matches_its_linear_twin():
+    conv = Conv1D(7, 10).double()  # nf=7 outputs, nx=10 inputs, weight [10, 7]
+    with torch.no_grad():
+        conv.weight.normal_(), conv.bias.normal_()
+    lin = nn.Linear(10, 7).double()
+    with torch.no_grad():
+        lin.weight.copy_(conv.weight.t()), lin.bias.copy_(conv.bias)
+    a, b = LoRAMBoLinear(conv, rank=2, capacity=4), LoRAMBoLinear(lin, rank=2, capacity=4)
+    with torch.no_grad():
+        b.lora_A.copy_(a.lora_A), a.lora_B.normal_(), b.lora_B.copy_(a.lora_B)
+        a.zero_inactive_(), b.zero_inactive_()
+    x = torch.randn(4, 10, dtype=torch.float64)
+    torch.testing.assert_close(a(x), b(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(a(x), conv(x) + (x @ a.lora_A[:2].t()) @ a.lora_B[:, :2].t())
+    assert (a.in_features, a.out_features) == (10, 7)
+
+
+def test_base_is_frozen_and_pools_have_contract_shapes():
+    base = nn.Linear(16, 24)
+    layer = LoRAMBoLinear(base, rank=4, capacity=8)
+    assert not base.weight.requires_grad and not base.bias.requires_grad
+    assert layer.lora_A.shape == (8, 16) and layer.lora_B.shape == (24, 8)
+    assert torch.equal(layer.lora_A[4:], torch.zeros(4, 16)) and layer.lora_A[:4].abs().min() > 0
+    assert torch.equal(layer.lora_B, torch.zeros(24, 8))  # LoRA starts as the identity change
+
+
+def test_rslora_and_default_capacity():
+    layer = LoRAMBoLinear(nn.Linear(64, 64), rank=4, alpha=8.0, use_rslora=True)
+    assert layer.scaling == pytest.approx(8.0 / math.sqrt(4))
+    assert layer.capacity == 8
+    assert LoRAMBoLinear(nn.Linear(6, 40), rank=5).capacity == 6  # capped at min(in, out)
+
+
+def test_growth_is_function_preserving_and_in_place():
+    layer = filled(LoRAMBoLinear(nn.Linear(20, 14).double(), rank=2, capacity=12, alpha=4.0))
+    x = torch.randn(7, 20, dtype=torch.float64)
+    before_out = layer(x)
+    ids = (id(layer.lora_A), id(layer.lora_B))
+    ptrs = (layer.lora_A.data_ptr(), layer.lora_B.data_ptr())
+    sizes = (layer.lora_A.untyped_storage().nbytes(), layer.lora_B.untyped_storage().nbytes())
+    scaling = layer.scaling
+    for rank in (3, 7, 12):
+        assert layer.set_rank(rank) in (2, 3, 7)
+        after_out = layer(x)
+        rel = (after_out - before_out).abs().max() / before_out.abs().max()
+        assert rel <= 1e-12
+        assert layer.lora_A[:rank].abs().min() > 0  # new components got LoRA's A init
+    assert (id(layer.lora_A), id(layer.lora_B)) == ids
+    assert (layer.lora_A.data_ptr(), layer.lora_B.data_ptr()) == ptrs
+    assert (layer.lora_A.untyped_storage().nbytes(), layer.lora_B.untyped_storage().nbytes()) == sizes
+    assert layer.scaling == scaling
+
+
+def test_shrink_zeroes_dropped_slots_and_gradients_stay_zero():
+    layer = filled(LoRAMBoLinear(nn.Linear(10, 10), rank=6, capacity=8))
+    layer.set_rank(3)
+    assert torch.equal(layer.lora_A[3:], torch.zeros(5, 10)) and torch.equal(layer.lora_B[:, 3:], torch.zeros(10, 5))
+    layer(torch.randn(4, 10)).square().sum().backward()
+    assert torch.equal(layer.lora_A.grad[3:], torch.zeros(5, 10))
+    assert torch.equal(layer.lora_B.grad[:, 3:], torch.zeros(10, 5))
+    assert layer.lora_B.grad[:, :3].abs().sum() > 0
+
+
+def test_keep_components_compacts_the_chosen_subset():
+    layer = filled(LoRAMBoLinear(nn.Linear(9, 11).double(), rank=5, capacity=6))
+    a, b = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
+    x = torch.randn(3, 9, dtype=torch.float64)
+    assert layer.keep_components([4, 1]) == 5
+    assert layer.rank == 2
+    assert torch.equal(layer.lora_A[:2], a[[4, 1]]) and torch.equal(layer.lora_B[:, :2], b[:, [4, 1]])
+    assert torch.equal(layer.lora_A[2:], torch.zeros(4, 9)) and torch.equal(layer.lora_B[:, 2:], torch.zeros(11, 4))
+    kept = layer.base_layer(x) + layer.scaling * (x @ a[[4, 1]].t()) @ b[:, [4, 1]].t()
+    torch.testing.assert_close(layer(x), kept, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("keep,match", [([0, 0], "distinct"), ([5], r"\[5\] outside"), ([-1], "outside")])
+def test_keep_components_rejects_bad_indices(keep, match):
+    layer = LoRAMBoLinear(nn.Linear(8, 8), rank=3, capacity=6, name="enc.q")
+    with pytest.raises(ValueError, match=match):
+        layer.keep_components(keep)
+
+
+def test_merge_unmerge_round_trip_is_exact_in_float32():
+    for base in (nn.Linear(32, 16), Conv1D(16, 32)):
+        layer = filled(LoRAMBoLinear(base, rank=4, capacity=8, alpha=3.0))
+        original = base.weight.detach().clone()
+        x = torch.randn(5, 32)
+        y = layer(x)
+        layer.merge()
+        assert layer.merged
+        torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(base(x), y, rtol=1e-5, atol=1e-5)
+        layer.unmerge()
+        assert torch.equal(base.weight, original)
+        assert torch.equal(layer(x), y)
+
+
+def test_merge_without_copy_in_bfloat16_stays_within_one_rounding():
+    layer = filled(LoRAMBoLinear(nn.Linear(64, 48).to(torch.bfloat16), rank=8, capacity=8))
+    original = layer.base_layer.weight.detach().clone()
+    layer.merge(exact=False)
+    layer.unmerge()
+    err = (layer.base_layer.weight.float() - original.float()).abs()
+    bound = 2.0 ** -7 * (original.float().abs() + layer.delta_weight().float().abs())  # 2 bf16 roundings
+    assert bool((err <= bound + 1e-30).all())
+
+
+def test_delta_weight_and_merged_state_guards():
+    layer = filled(LoRAMBoLinear(nn.Linear(6, 5).double(), rank=2, capacity=4, alpha=5.0))
+    torch.testing.assert_close(layer.delta_weight(), 2.5 * layer.lora_B[:, :2] @ layer.lora_A[:2])
+    layer.merge()
+    with pytest.raises(RuntimeError, match="already merged"):
+        layer.merge()
+    with pytest.raises(RuntimeError, match="unmerge"):
+        layer.set_rank(3)
+    layer.unmerge()
+    with pytest.raises(RuntimeError, match="not merged"):
+        layer.unmerge()
+
+
+def test_state_dict_restores_rank_and_values():
+    src = filled(LoRAMBoLinear(nn.Linear(8, 8), rank=5, capacity=8))
+    dst = LoRAMBoLinear(nn.Linear(8, 8), rank=2, capacity=8)
+    dst.load_state_dict(src.state_dict())
+    x = torch.randn(3, 8)
+    assert dst.rank == 5 and torch.equal(dst(x), src(x))
+    with pytest.raises(ValueError, match="capacity 8"):
+        LoRAMBoLinear(nn.Linear(8, 8), rank=2, capacity=4).load_state_dict(src.state_dict(), strict=False)
+
+
+def test_extra_repr_shows_rank_capacity_scaling():
+    text = repr(LoRAMBoLinear(nn.Linear(8, 8), rank=2, capacity=4, alpha=8.0))
+    assert "rank=2" in text and "capacity=4" in text and "scaling=4" in text
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    layer = LoRAMBoLinear(nn.Linear(16, 8), rank=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(torch.randn(3, 16))
+    assert y.dtype == torch.bfloat16
+
+
+# --------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("kwargs,exc,match", [
+    ({"rank": -1}, ValueError, r"'blk\.0\.q'.*rank -1 outside \[0, capacity = 8\]"),
+    ({"rank": 9, "capacity": 8}, ValueError, r"'blk\.0\.q'.*rank 9"),
+    ({"rank": 2.5}, TypeError, r"'blk\.0\.q'.*rank must be an int, got 2.5"),
+    ({"rank": True}, TypeError, "rank must be an int"),
+    ({"rank": 2, "capacity": 17}, ValueError, r"'blk\.0\.q'.*capacity 17.*min\(in, out\) = 16"),
+    ({"rank": 2, "dropout": 1.0}, ValueError, "dropout 1.0"),
+])
+def test_bad_construction_names_module_and_value(kwargs, exc, match):
+    kwargs.setdefault("capacity", 8)
+    with pytest.raises(exc, match=match):
+        LoRAMBoLinear(nn.Linear(16, 32), name="blk.0.q", **kwargs)
+
+
+def test_bad_module_type_and_set_rank_values():
+    with pytest.raises(TypeError, match="Conv2d"):
+        LoRAMBoLinear(nn.Conv2d(3, 3, 1))
+    layer = LoRAMBoLinear(nn.Linear(8, 8), rank=2, capacity=4, name="fc")
+    with pytest.raises(ValueError, match=r"'fc'.*rank 5"):
+        layer.set_rank(5)
+    with pytest.raises(TypeError, match=r"'fc'.*'3'"):
+        layer.set_rank("3")
+
+
+def test_bad_input_shape_and_dtype():
+    layer = LoRAMBoLinear(nn.Linear(8, 4), rank=2, name="enc.fc")
+    with pytest.raises(ValueError, match=r"'enc\.fc'.*last dim 7.*in_features = 8"):
+        layer(torch.randn(2, 7))
+    with pytest.raises(TypeError, match=r"'enc\.fc'.*torch.float64.*torch.float32"):
+        layer(torch.randn(2, 8, dtype=torch.float64))

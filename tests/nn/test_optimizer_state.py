@@ -1,0 +1,59 @@
+"""Optimizer state follows rank changes, so inactive slots stay exactly zero while training."""
+
+import torch
+from torch import nn
+
+from lorambo import LoRAMBoLinear
+
+
+def train_steps(layer, opt, n=3):
+    for _ in range(n):
+        opt.zero_grad()
+        layer(torch.randn(8, layer.in_features)).square().mean().backward()
+        opt.step()
+
+
+def test_shrink_with_optimizer_keeps_inactive_slots_zero_under_adamw():
+    layer = LoRAMBoLinear(nn.Linear(12, 10), rank=6, capacity=8)
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=0.1)
+    train_steps(layer, opt)
+    layer.set_rank(3, optimizer=opt)
+    for name in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(opt.state[layer.lora_A][name][3:], torch.zeros(5, 12))
+        assert torch.equal(opt.state[layer.lora_B][name][:, 3:], torch.zeros(10, 5))
+    train_steps(layer, opt)
+    assert torch.equal(layer.lora_A[3:], torch.zeros(5, 12)) and torch.equal(layer.lora_B[:, 3:], torch.zeros(10, 5))
+
+
+def test_without_reset_stale_moments_would_move_inactive_slots():
+    """Why the helper exists: the same shrink without it lets Adam drift dropped slots off zero."""
+    layer = LoRAMBoLinear(nn.Linear(12, 10), rank=6, capacity=8)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    train_steps(layer, opt)
+    layer.set_rank(3)
+    train_steps(layer, opt, 1)
+    assert layer.lora_A[3:6].abs().sum() > 0
+
+
+def test_regrowth_resets_moments_and_step_when_all_slots_are_new():
+    layer = LoRAMBoLinear(nn.Linear(6, 6), rank=2, capacity=4)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    train_steps(layer, opt)
+    layer.set_rank(0, optimizer=opt)
+    layer.set_rank(3, optimizer=opt)
+    assert float(opt.state[layer.lora_A]["step"]) == 0.0
+    assert torch.equal(opt.state[layer.lora_A]["exp_avg"], torch.zeros(4, 6))
+
+
+def test_keep_components_moves_state_with_the_components():
+    layer = LoRAMBoLinear(nn.Linear(6, 5), rank=4, capacity=4)
+    opt = torch.optim.SGD(layer.parameters(), lr=1e-2, momentum=0.9)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    train_steps(layer, opt)
+    buf_a = opt.state[layer.lora_A]["momentum_buffer"].clone()
+    buf_b = opt.state[layer.lora_B]["momentum_buffer"].clone()
+    layer.keep_components([3, 0], optimizer=opt)
+    assert torch.equal(opt.state[layer.lora_A]["momentum_buffer"][:2], buf_a[[3, 0]])
+    assert torch.equal(opt.state[layer.lora_B]["momentum_buffer"][:, :2], buf_b[:, [3, 0]])
+    assert torch.equal(opt.state[layer.lora_A]["momentum_buffer"][2:], torch.zeros(2, 6))
