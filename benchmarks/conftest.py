@@ -1,0 +1,1 @@
+"""pytest-benchmark suite: run with `make bench` (not part of `make test`)."""

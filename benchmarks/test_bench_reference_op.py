@@ -1,0 +1,71 @@
+"""CPU benchmark: lorambo's reference LoRA op vs a peft-style eager LoRA and the frozen layer.
+
+Forward + backward of one linear layer with LoRA (input gradient included, base frozen),
+float32 on CPU. ``pool`` is rank 16 active in a capacity-64 pool: it must cost what a dense
+rank-16 layer costs, since padded slots are skipped. Run: ``make bench``.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from lorambo import LoRAMBoLinear
+
+M, K, N, RANK = 1024, 1024, 1024, 16
+
+
+class PeftStyleLoRA(nn.Module):
+    """What peft's LoRA Linear computes in eager mode: base(x) + s * B(A(dropout(x)))."""
+
+    def __init__(self, base: nn.Linear, rank: int):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.normal_(self.lora_B.weight, std=0.01)
+        self.dropout = nn.Identity()
+        self.scaling = 1.0
+
+    def forward(self, x):
+        return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+
+def _layers():
+    base = nn.Linear(K, N)
+    frozen = nn.Linear(K, N).requires_grad_(False)
+    lorambo_pool = LoRAMBoLinear(nn.Linear(K, N), rank=RANK, capacity=64)
+    lorambo_dense = LoRAMBoLinear(nn.Linear(K, N), rank=RANK, capacity=RANK)
+    for layer in (lorambo_pool, lorambo_dense):
+        with torch.no_grad():
+            layer.lora_B[:, :RANK].normal_(std=0.01)
+    del base
+    return {"frozen_linear": frozen, "peft_style_eager": PeftStyleLoRA(nn.Linear(K, N), RANK),
+            "lorambo_rank16_cap64": lorambo_pool, "lorambo_rank16_cap16": lorambo_dense}
+
+
+LAYERS = _layers()
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("provider", list(LAYERS))
+def test_lora_linear_cpu(benchmark, provider, mode):
+    layer = LAYERS[provider]
+    x = torch.randn(M, K, requires_grad=(mode == "fwd_bwd"))
+    grad = torch.randn(M, N)
+    benchmark.group = f"cpu fp32 M={M} K={K} N={N} r={RANK} {mode}"
+    benchmark.extra_info.update(provider=provider, mode=mode, threads=torch.get_num_threads(),
+                                torch=torch.__version__)
+
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return layer(x)
+    else:
+        def run():
+            y = layer(x)
+            y.backward(grad)
+            x.grad = None
+            for p in layer.parameters():
+                p.grad = None
+
+    benchmark.pedantic(run, rounds=30, warmup_rounds=3, iterations=1)
