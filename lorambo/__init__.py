@@ -11,6 +11,7 @@ from lorambo.adapters import AdapterFormatError, export_peft, load_adapter, save
 from lorambo.backend import get_backend, set_backend
 from lorambo.model import configure_model, lora_layers, unload
 from lorambo.nn import LoRAMBoLinear, reset_slot_state
+from lorambo import sensitivity  # noqa: E402  (lorambo.sensitivity.hessian_trace, ...)
 
 __all__ = [
     "AdapterFormatError",
@@ -23,6 +24,7 @@ __all__ = [
     "lora_layers",
     "reset_slot_state",
     "save_adapter",
+    "sensitivity",
     "set_backend",
     "unload",
 ]

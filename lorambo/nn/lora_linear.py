@@ -119,19 +119,21 @@ class LoRAMBoLinear(nn.Module):
 
     # ------------------------------------------------------------------------ rank changes
     @torch.no_grad()
-    def set_rank(self, rank: int, optimizer: torch.optim.Optimizer | None = None) -> int:
+    def set_rank(self, rank: int, optimizer: torch.optim.Optimizer | None = None,
+                 generator: torch.Generator | None = None) -> int:
         """Set the active rank in place and return the previous one.
 
         Growth initialises the new rows of A as LoRA does (Kaiming-uniform) and leaves the new
         columns of B at zero, so the layer's output is unchanged. Shrinking zeroes the dropped
-        slots. With ``optimizer``, the state of every slot that changed is zeroed.
+        slots. With ``optimizer``, the state of every slot that changed is zeroed. Pass a seeded
+        ``generator`` when several processes must initialise new slots identically (DDP).
         """
         rank = self.validate_rank(rank)
         if self.merged:
             raise RuntimeError(f"{self._label}: unmerge() before changing the rank")
         old = self._rank
         if rank > old:
-            nn.init.kaiming_uniform_(self.lora_A[old:rank], a=math.sqrt(5))
+            nn.init.kaiming_uniform_(self.lora_A[old:rank], a=math.sqrt(5), generator=generator)
             self.lora_B[:, old:rank].zero_()
         elif rank < old:
             self.lora_A[rank:old].zero_()

@@ -203,3 +203,11 @@ def test_bad_input_shape_and_dtype():
         layer(torch.randn(2, 7))
     with pytest.raises(TypeError, match=r"'enc\.fc'.*torch.float64.*torch.float32"):
         layer(torch.randn(2, 8, dtype=torch.float64))
+
+
+def test_growth_with_a_seeded_generator_is_reproducible():
+    a = LoRAMBoLinear(nn.Linear(8, 8), rank=1, capacity=4)
+    b = LoRAMBoLinear(nn.Linear(8, 8), rank=1, capacity=4)
+    a.set_rank(4, generator=torch.Generator().manual_seed(7))
+    b.set_rank(4, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a.lora_A[1:], b.lora_A[1:]) and a.lora_A[1:].abs().min() > 0

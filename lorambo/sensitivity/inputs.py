@@ -1,0 +1,41 @@
+"""Checking what users pass in: the batch list and the loss_fn(model, batch) -> scalar convention."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+__all__ = ["as_batch_list", "compute_loss", "check_positive"]
+
+
+def as_batch_list(batches) -> list:
+    """Materialise ``batches`` as a list: estimators visit every batch once per pass."""
+    if isinstance(batches, (torch.Tensor, Mapping, str, bytes)) or not isinstance(batches, Iterable):
+        raise TypeError(f"batches must be an iterable of batches (e.g. a list), got "
+                        f"{type(batches).__name__}; wrap a single batch as [batch]")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("no batches: `batches` is empty")
+    return batches
+
+
+def compute_loss(loss_fn, model, batch, need_grad: bool = True) -> torch.Tensor:
+    """loss_fn(model, batch), checked to be a scalar tensor that (if need_grad) has a graph."""
+    with torch.enable_grad():
+        loss = loss_fn(model, batch)
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
+    if loss.ndim != 0:
+        raise ValueError(f"loss_fn must return a scalar tensor, got shape {tuple(loss.shape)} "
+                         "(reduce it, e.g. with .mean())")
+    if need_grad and not loss.requires_grad:
+        raise ValueError("the loss does not depend on the targeted weights (did loss_fn run "
+                         "under torch.no_grad() or detach the output?)")
+    return loss
+
+
+def check_positive(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value

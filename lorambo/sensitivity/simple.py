@@ -1,0 +1,75 @@
+"""First-order and data sensitivities: gradient norms and input covariances, streamed over batches."""
+
+from __future__ import annotations
+
+import torch
+
+from .distributed import all_reduce_sum
+from .inputs import as_batch_list, compute_loss
+from .targets import differentiable, find_targets
+
+__all__ = ["gradient_sensitivity", "data_covariance"]
+
+
+def gradient_sensitivity(model, loss_fn, batches, modules=None) -> dict[str, float]:
+    """s_i = mean over batches of ||dL_b / dW_i||_F^2 (LoRAMBo's gradient sensitivity).
+
+    Frozen base weights are made differentiable only during the call; gradients are taken with
+    torch.autograd.grad, so no parameter's ``.grad`` changes. Under torch.distributed the mean is
+    over all ranks' batches.
+    """
+    batches = as_batch_list(batches)
+    targets = find_targets(model, modules)
+    weights = [t.weight for t in targets]
+    sums = torch.zeros(len(weights), dtype=torch.float64)
+    with differentiable(weights):
+        for batch in batches:
+            loss = compute_loss(loss_fn, model, batch)
+            grads = torch.autograd.grad(loss, weights, allow_unused=True)
+            for i, g in enumerate(grads):
+                if g is not None:
+                    sums[i] += float(g.detach().double().pow(2).sum())
+    sums = all_reduce_sum(sums)
+    count = all_reduce_sum(torch.tensor([float(len(batches))], dtype=torch.float64))
+    return {t.name: float(s / count) for t, s in zip(targets, sums)}
+
+
+def data_covariance(model, loss_fn, batches, modules=None) -> dict[str, torch.Tensor]:
+    """G_i = E[x x^T] [in, in] over every token x fed to each targeted layer.
+
+    A forward hook on the layer (the LoRA layer itself for LoRA layers) takes its first input,
+    flattened to [tokens, in]; sums of x^T x and token counts are accumulated (float32 for
+    half-precision inputs, else the input dtype) and divided at the end, so memory is O(in^2)
+    per layer whatever the number of batches. ``loss_fn`` is only called to run the forward (its
+    result is ignored; any callable(model, batch) works) under torch.no_grad(). Padding tokens
+    count like any token: mask them in the forward if that matters.
+    """
+    batches = as_batch_list(batches)
+    targets = find_targets(model, modules)
+    sums: dict[int, torch.Tensor] = {}
+    counts = torch.zeros(len(targets), dtype=torch.float64)
+
+    def hook_for(i):
+        def hook(module, args, output):
+            x = args[0].detach()
+            x = x.reshape(-1, x.shape[-1])                                  # (tokens, in)
+            if x.dtype in (torch.float16, torch.bfloat16):
+                x = x.float()
+            xtx = x.T @ x
+            sums[i] = xtx if i not in sums else sums[i] + xtx
+            counts[i] += x.shape[0]
+        return hook
+
+    handles = [t.module.register_forward_hook(hook_for(i)) for i, t in enumerate(targets)]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                loss_fn(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [t.name for i, t in enumerate(targets) if i not in sums]
+    if missing:
+        raise RuntimeError(f"the forward never ran through {missing}: loss_fn did not call them")
+    counts = all_reduce_sum(counts)
+    return {t.name: all_reduce_sum(sums[i]) / counts[i].item() for i, t in enumerate(targets)}

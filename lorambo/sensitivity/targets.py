@@ -1,0 +1,121 @@
+"""Which weights the estimators look at, and making frozen ones differentiable for a while.
+
+A *target* is one layer's weight matrix:
+- a LoRA layer (duck-typed: a module with ``base_layer`` whose ``.weight`` is a Parameter, as
+  ``lorambo.nn.LoRAMBoLinear``) -> its frozen base weight; the LoRA layer is the module hooked
+  for inputs;
+- a plain ``nn.Linear`` not inside a LoRA layer -> its weight [out, in];
+- a module whose class is named ``Conv1D`` (transformers' GPT-2 layer) -> its weight [in, out].
+Traces, operator norms and Frobenius norms are invariant to transposing the weight, so Conv1D
+weights are used as stored.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["Target", "find_targets", "differentiable"]
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str                # module name in ``model.named_modules()``
+    module: nn.Module        # module whose input is the layer input (hooked by data_covariance)
+    weight: torch.Tensor     # the Parameter the sensitivity is taken with respect to
+
+
+def _is_lora(m: nn.Module) -> bool:
+    base = getattr(m, "base_layer", None)
+    return isinstance(base, nn.Module) and isinstance(getattr(base, "weight", None), nn.Parameter)
+
+
+def _is_plain(m: nn.Module) -> bool:
+    if isinstance(m, nn.Linear):
+        return True
+    return type(m).__name__ == "Conv1D" and isinstance(getattr(m, "weight", None), nn.Parameter)
+
+
+def _candidates(model: nn.Module) -> tuple[dict[str, Target], dict[str, Target]]:
+    """(LoRA targets, plain Linear/Conv1D targets not used as a LoRA base layer)."""
+    lora, plain = {}, {}
+    bases = set()
+    for name, m in model.named_modules():
+        if _is_lora(m):
+            lora[name] = Target(name, m, m.base_layer.weight)
+            bases.add(id(m.base_layer))
+    for name, m in model.named_modules():
+        if _is_plain(m) and id(m) not in bases and name not in lora:
+            plain[name] = Target(name, m, m.weight)
+    return lora, plain
+
+
+def _output_head_weight(model: nn.Module):
+    get = getattr(model, "get_output_embeddings", None)
+    if not callable(get):
+        return None
+    try:
+        head = get()
+    except Exception:  # some models raise NotImplementedError
+        return None
+    return getattr(head, "weight", None) if isinstance(head, nn.Module) else None
+
+
+def find_targets(model: nn.Module, modules: Sequence[str] | str | None = None) -> list[Target]:
+    """Targets of ``model`` in module order.
+
+    modules=None: every LoRA layer if the model has any, else every nn.Linear / Conv1D except the
+    output head (``model.get_output_embeddings()``, also when tied). A list of module names:
+    exactly those (LoRA layer names or Linear/Conv1D names).
+    """
+    lora, plain = _candidates(model)
+    if modules is None:
+        if lora:
+            targets = list(lora.values())
+        else:
+            head = _output_head_weight(model)
+            targets = [t for t in plain.values() if head is None or t.weight is not head]
+        if not targets:
+            raise ValueError(
+                f"no targeted layer: {type(model).__name__} has no LoRA layer and no nn.Linear / "
+                "Conv1D other than the output head")
+        return targets
+    if isinstance(modules, str):
+        modules = [modules]
+    modules = list(modules)
+    if not modules:
+        raise ValueError("no targeted layer: `modules` is an empty list")
+    valid = {**plain, **lora}
+    targets = []
+    for name in modules:
+        if name not in valid:
+            some = ", ".join(repr(n) for n in list(valid)[:8]) or "(none)"
+            raise ValueError(f"unknown module {name!r}; valid names include: {some}"
+                             + (f" ... ({len(valid)} in all)" if len(valid) > 8 else ""))
+        targets.append(valid[name])
+    seen: dict[int, str] = {}
+    for t in targets:
+        if id(t.weight) in seen:
+            raise ValueError(f"modules {seen[id(t.weight)]!r} and {t.name!r} share one weight "
+                             "(tied or repeated); pass only one of them")
+        seen[id(t.weight)] = t.name
+    return targets
+
+
+@contextmanager
+def differentiable(weights: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Set requires_grad=True on ``weights`` inside the block; restore the flags on exit,
+    also when the block raises. Gradients are only ever taken with torch.autograd.grad, so no
+    ``.grad`` field (of these or any other parameter) is written."""
+    saved = [w.requires_grad for w in weights]
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        yield
+    finally:
+        for w, flag in zip(weights, saved):
+            w.requires_grad_(flag)
