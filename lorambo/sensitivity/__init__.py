@@ -8,6 +8,7 @@ Linear / Conv1D except the output head) or a list of module names.
 """
 
 from .estimate import Estimate
+from .fisher import FisherProxy, per_example_sq_grad_norms
 from .opnorm import hessian_opnorm
 from .simple import data_covariance, gradient_sensitivity
 from .sketch import hutchinson, hutchpp, xtrace
@@ -18,5 +19,5 @@ from .trace import hessian_trace
 __all__ = [
     "Estimate", "hessian_trace", "hessian_opnorm", "gradient_sensitivity", "data_covariance",
     "data_weighted_tail_energy", "frobenius_tail_energy", "hutchinson", "hutchpp", "xtrace",
-    "find_targets", "differentiable", "Target",
+    "find_targets", "differentiable", "Target", "FisherProxy", "per_example_sq_grad_norms",
 ]

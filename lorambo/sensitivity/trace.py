@@ -14,6 +14,7 @@ from .estimate import Estimate, Moments
 from .hvp import HessianOperator
 from .inputs import as_batch_list, check_positive
 from .probes import rademacher
+from .reductions import per_layer_dots
 from .sketch import hutchpp_program, xtrace_program
 from .targets import differentiable, find_targets
 
@@ -99,9 +100,8 @@ def _hutchinson(op: HessianOperator, num_probes, seed, probes_per_pass, stderr_t
                                for p in range(count)])
                   for i, w in enumerate(weights)]
 
-            def quadratic_forms(hvs, vs=vs):  # (P, L): v_i^T (Hv)_i, summed in float64
-                return [torch.stack([(hv * v).flatten(1).sum(1, dtype=torch.float64).cpu()
-                                     for hv, v in zip(hvs, vs)], dim=1)]
+            def quadratic_forms(hvs, vs=vs):  # (P, L): v_i^T (Hv)_i, summed in float64, one copy
+                return [per_layer_dots(hvs, vs).cpu()]
 
             (q,) = op.apply(vs, quadratic_forms)
             finite = torch.isfinite(q).all(dim=1)

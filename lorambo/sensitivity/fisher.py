@@ -1,0 +1,140 @@
+"""Cheap curvature during training: the empirical-Fisher trace of each layer's weight.
+
+For a layer y = x W^T, the gradient of example n's loss is g_n = c * dY_n^T X_n, where
+X_n [T, in] and dY_n [T, out] are that example's inputs and output gradients (T tokens), and c
+undoes the batch reduction of the loss (c = B for a mean over B examples, 1 for a sum).
+The empirical Fisher trace is Tr(F) = mean_n ||g_n||_F^2. Two exact ways to get ||g_n||^2
+without keeping per-example gradients around:
+
+    Gram trick     ||dY_n^T X_n||^2 = <X_n X_n^T, dY_n dY_n^T>      O(T^2 (in + out))
+    materialise    ||dY_n^T X_n||^2 computed in chunks of examples  O(T in out)
+
+The cheaper one is chosen per call (Gram when T (in + out) < in * out, i.e. short sequences
+or wide layers). Statistics stay on the device (no host sync per step); ``estimates()`` reads
+them out once, all-reduced across ranks under torch.distributed.
+
+Opt-in: nothing runs until :meth:`FisherProxy.attach` (or ``with FisherProxy(model):``).
+Hooks capture x in the forward (a reference, no copy) and dY through a hook on the output
+tensor, so they work for LoRAMBoLinear and plain Linear/Conv1D alike. A module called several
+times per step (weight sharing) is counted once per call, not per example.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .distributed import all_reduce_sum
+from .estimate import Estimate
+from .targets import find_targets
+
+__all__ = ["FisherProxy", "per_example_sq_grad_norms"]
+
+_CHUNK_ELEMENTS = 1 << 24  # per-example gradients materialised at most ~16M elements at a time
+
+
+def per_example_sq_grad_norms(x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
+    """||dY_n^T X_n||_F^2 for every example n: x [B, T, in] (or [B, in]), grad_y [B, T, out].
+
+    Accumulates in at least float32. Returns a [B] tensor.
+    """
+    acc = torch.promote_types(x.dtype, torch.float32)
+    x, grad_y = x.to(acc), grad_y.to(acc)
+    if x.dim() == 2:  # one token per example: ||dy x^T||^2 = ||x||^2 ||dy||^2
+        return x.square().sum(-1) * grad_y.square().sum(-1)
+    x = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
+    grad_y = grad_y.reshape(grad_y.shape[0], -1, grad_y.shape[-1])  # (B, T, out)
+    b, t, d_in = x.shape
+    d_out = grad_y.shape[-1]
+    if t * (d_in + d_out) < d_in * d_out:
+        gram_x = x @ x.transpose(1, 2)  # (B, T, T)
+        gram_y = grad_y @ grad_y.transpose(1, 2)  # (B, T, T)
+        return (gram_x * gram_y).sum((1, 2))
+    chunk = max(1, _CHUNK_ELEMENTS // (d_in * d_out))
+    return torch.cat([(grad_y[i:i + chunk].transpose(1, 2) @ x[i:i + chunk]).square().sum((1, 2))
+                      for i in range(0, b, chunk)])
+
+
+class FisherProxy:
+    """Per-layer empirical-Fisher traces gathered from normal training steps.
+
+    Args:
+        model: the model being trained.
+        modules: layer names (default: every LoRA layer, else every Linear/Conv1D but the head).
+        reduction: how the training loss reduces over the examples of a batch, ``"mean"``
+            (g_n = B dY_n^T X_n) or ``"sum"``. Examples are the leading dim of a layer input
+            with 3 or more dims, and each row of a 2-D input.
+
+    Use ``with FisherProxy(model) as fisher: ...train...`` then ``fisher.estimates()``, which
+    gives ``{name: Estimate(value=Tr(F_i), stderr, num_probes=examples seen)}``.
+    """
+
+    def __init__(self, model, modules=None, reduction: str = "mean"):
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        self.reduction = reduction
+        self.targets = find_targets(model, modules)
+        self._handles: list = []
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything gathered so far."""
+        self._sum: dict[str, torch.Tensor] = {}
+        self._sum_sq: dict[str, torch.Tensor] = {}
+        self._count: dict[str, int] = {t.name: 0 for t in self.targets}
+
+    def attach(self) -> "FisherProxy":
+        if not self._handles:
+            self._handles = [t.module.register_forward_hook(self._forward_hook(t.name)) for t in self.targets]
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> "FisherProxy":
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def _forward_hook(self, name: str):
+        def hook(module, inputs, output):
+            if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+                return
+            x = inputs[0].detach()
+            output.register_hook(lambda grad: self._accumulate(name, x, grad))
+
+        return hook
+
+    @torch.no_grad()
+    def _accumulate(self, name: str, x: torch.Tensor, grad_y: torch.Tensor) -> None:
+        sq = per_example_sq_grad_norms(x, grad_y.detach())  # (B,)
+        if self.reduction == "mean":
+            sq = sq * float(sq.shape[0]) ** 2
+        sq = sq.double()
+        if name in self._sum:
+            self._sum[name] += sq.sum()
+            self._sum_sq[name] += sq.square().sum()
+        else:
+            self._sum[name], self._sum_sq[name] = sq.sum(), sq.square().sum()
+        self._count[name] += sq.shape[0]
+
+    def estimates(self) -> dict[str, Estimate]:
+        """Tr(F_i) as the mean of ||g_n||^2 over all examples seen, with its standard error."""
+        out = {}
+        for target in self.targets:
+            name = target.name
+            if self._count[name] == 0 or name not in self._sum:
+                raise RuntimeError(f"FisherProxy saw no backward pass through layer {name!r} yet")
+            stats = torch.stack([self._sum[name], self._sum_sq[name],
+                                 torch.tensor(float(self._count[name]), dtype=torch.float64,
+                                              device=self._sum[name].device)])
+            total, total_sq, n = all_reduce_sum(stats).tolist()
+            mean = total / n
+            var = max(total_sq / n - mean * mean, 0.0) * n / max(n - 1, 1)
+            stderr = math.sqrt(var / n) if n > 1 else math.inf
+            out[name] = Estimate(mean, stderr, int(n))
+        return out
