@@ -134,8 +134,10 @@ def fisher_overhead(model, batches, device):
     plain = timed(step, device, repeat=5)
     with FisherProxy(model):
         with_proxy = timed(step, device, repeat=5)
+    with FisherProxy(model, sketch_dim=4):
+        with_sketch = timed(step, device, repeat=5)
     lorambo.unload(model, merge=False)
-    return plain, with_proxy
+    return plain, with_proxy, with_sketch
 
 
 def run(size_name: str, target: float, max_probes: int, out: Path, device: torch.device) -> list[dict]:
@@ -163,9 +165,10 @@ def run(size_name: str, target: float, max_probes: int, out: Path, device: torch
     loop_s, loop_probes = sequential_loop_to_target(model, batches, names, target, max_probes)
     add("sequential_loop", "time_to_target", loop_s * 1e3, "ms", probes=loop_probes)
 
-    plain, proxy = fisher_overhead(model, batches, device)
+    plain, proxy, sketch = fisher_overhead(model, batches, device)
     add("train_step", "plain", plain * 1e3, "ms")
     add("train_step", "with_fisher_proxy", proxy * 1e3, "ms", overhead_pct=100 * (proxy / plain - 1))
+    add("train_step", "with_fisher_sketch4", sketch * 1e3, "ms", overhead_pct=100 * (sketch / plain - 1))
 
     meta = {"size": size_name, "layers": len(names), "target_rel_stderr": target, "device": _device_name(device),
             "torch": torch.__version__, "python": platform.python_version(),
@@ -221,10 +224,11 @@ def plot(csv_path: Path, png_path: Path) -> None:
     axes[0].set_ylabel("ms")
     axes[0].set_title(f"per-layer Tr(H) to {float(run_rows[0]['target_rel_stderr']):.0%} rel. stderr "
                       "(or the probe cap)", fontsize=10)
-    labels = ["gradient", "HVP", "train step", "step + Fisher"]
+    labels = ["gradient", "HVP", "train step", "+ Fisher\n(exact)", "+ Fisher\n(sketch k=4)"]
     values = [get[("autograd", "one_gradient")], get[("autograd", "one_hvp")],
-              get[("train_step", "plain")], get[("train_step", "with_fisher_proxy")]]
-    axes[1].bar(labels, values, color=["#999999", "#2b7bba", "#999999", "#2b7bba"])
+              get[("train_step", "plain")], get[("train_step", "with_fisher_proxy")],
+              get[("train_step", "with_fisher_sketch4")]]
+    axes[1].bar(labels, values, color=["#999999", "#2b7bba", "#999999", "#2b7bba", "#2b7bba"])
     axes[1].set_ylabel("ms")
     axes[1].set_title("cost of one pass")
     fig.suptitle(f"{run_rows[0]['device']} · torch {run_rows[0]['torch']} · size {run_rows[0]['size']}", fontsize=9)

@@ -10,7 +10,11 @@ without keeping per-example gradients around:
     materialise    ||dY_n^T X_n||^2 computed in chunks of examples  O(T in out)
 
 The cheaper one is chosen per call (Gram when T (in + out) < in * out, i.e. short sequences
-or wide layers). Statistics stay on the device (no host sync per step); ``estimates()`` reads
+or wide layers). Both cost about as much as the layer's own GEMM, so for long sequences an
+unbiased sketch is offered too (``sketch_dim=k``): with Rademacher v [in, k],
+||G_n||^2 = E ||G_n v||^2 / k and G_n v = dY_n^T (X_n v), which costs O(T k (in + out)),
+a fraction k / min(T, ...) of the exact forms, at the price of variance that averages out over
+training steps. Statistics stay on the device (no host sync per step); ``estimates()`` reads
 them out once, all-reduced across ranks under torch.distributed.
 
 Opt-in: nothing runs until :meth:`FisherProxy.attach` (or ``with FisherProxy(model):``).
@@ -29,7 +33,7 @@ from .distributed import all_reduce_sum
 from .estimate import Estimate
 from .targets import find_targets
 
-__all__ = ["FisherProxy", "per_example_sq_grad_norms"]
+__all__ = ["FisherProxy", "per_example_sq_grad_norms", "sketched_sq_grad_norms"]
 
 _CHUNK_ELEMENTS = 1 << 24  # per-example gradients materialised at most ~16M elements at a time
 
@@ -56,12 +60,25 @@ def per_example_sq_grad_norms(x: torch.Tensor, grad_y: torch.Tensor) -> torch.Te
                       for i in range(0, b, chunk)])
 
 
+def sketched_sq_grad_norms(x: torch.Tensor, grad_y: torch.Tensor, sketch_dim: int,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Unbiased estimate of ||dY_n^T X_n||_F^2 per example from ``sketch_dim`` Rademacher probes."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    x = x.reshape(x.shape[0], -1, x.shape[-1]).to(acc)  # (B, T, in)
+    grad_y = grad_y.reshape(grad_y.shape[0], -1, grad_y.shape[-1]).to(acc)  # (B, T, out)
+    v = torch.randint(0, 2, (x.shape[-1], sketch_dim), generator=generator, device=x.device).to(acc) * 2 - 1
+    projected = grad_y.transpose(1, 2) @ (x @ v)  # (B, out, k) = G_n v
+    return projected.square().sum((1, 2)) / sketch_dim
+
+
 class FisherProxy:
     """Per-layer empirical-Fisher traces gathered from normal training steps.
 
     Args:
         model: the model being trained.
         modules: layer names (default: every LoRA layer, else every Linear/Conv1D but the head).
+        sketch_dim: None for exact per-example norms; k for the cheaper unbiased sketch.
+        seed: seed of the sketch probes.
         reduction: how the training loss reduces over the examples of a batch, ``"mean"``
             (g_n = B dY_n^T X_n) or ``"sum"``. Examples are the leading dim of a layer input
             with 3 or more dims, and each row of a 2-D input.
@@ -70,10 +87,17 @@ class FisherProxy:
     gives ``{name: Estimate(value=Tr(F_i), stderr, num_probes=examples seen)}``.
     """
 
-    def __init__(self, model, modules=None, reduction: str = "mean"):
+    def __init__(self, model, modules=None, reduction: str = "mean", sketch_dim: int | None = None,
+                 seed: int = 0):
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if sketch_dim is not None and (isinstance(sketch_dim, bool) or not isinstance(sketch_dim, int)
+                                       or sketch_dim < 1):
+            raise ValueError(f"sketch_dim must be a positive int or None, got {sketch_dim!r}")
         self.reduction = reduction
+        self.sketch_dim = sketch_dim
+        self._seed = seed
+        self._generators: dict = {}
         self.targets = find_targets(model, modules)
         self._handles: list = []
         self.reset()
@@ -111,7 +135,10 @@ class FisherProxy:
 
     @torch.no_grad()
     def _accumulate(self, name: str, x: torch.Tensor, grad_y: torch.Tensor) -> None:
-        sq = per_example_sq_grad_norms(x, grad_y.detach())  # (B,)
+        if self.sketch_dim is None:
+            sq = per_example_sq_grad_norms(x, grad_y.detach())  # (B,)
+        else:
+            sq = sketched_sq_grad_norms(x, grad_y.detach(), self.sketch_dim, self._generator(x.device))
         if self.reduction == "mean":
             sq = sq * float(sq.shape[0]) ** 2
         sq = sq.double()
@@ -121,6 +148,11 @@ class FisherProxy:
         else:
             self._sum[name], self._sum_sq[name] = sq.sum(), sq.square().sum()
         self._count[name] += sq.shape[0]
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:  # seeded once: the same probes on every rank
+            self._generators[device] = torch.Generator(device=device).manual_seed(self._seed)
+        return self._generators[device]
 
     def estimates(self) -> dict[str, Estimate]:
         """Tr(F_i) as the mean of ||g_n||^2 over all examples seen, with its standard error."""

@@ -6,6 +6,7 @@ from torch import nn
 
 from lorambo import configure_model
 from lorambo.sensitivity import FisherProxy, per_example_sq_grad_norms
+from lorambo.sensitivity.fisher import sketched_sq_grad_norms
 
 
 class TokenNet(nn.Module):
@@ -87,3 +88,23 @@ def test_errors():
         FisherProxy(model, reduction="avg")
     with pytest.raises(RuntimeError, match="no backward pass through layer 'fc1'"):
         FisherProxy(model).estimates()
+
+
+def test_sketch_is_unbiased():
+    x, gy = torch.randn(4, 6, 10, dtype=torch.float64), torch.randn(4, 6, 8, dtype=torch.float64)
+    exact = per_example_sq_grad_norms(x, gy)
+    gen = torch.Generator().manual_seed(3)
+    draws = torch.stack([sketched_sq_grad_norms(x, gy, 4, gen) for _ in range(3000)])
+    mean, stderr = draws.mean(0), draws.std(0) / 3000 ** 0.5
+    assert bool(((mean - exact).abs() <= 4 * stderr).all())
+    assert bool((draws.std(0) > 0).all())
+
+
+def test_sketched_proxy_runs_and_validates():
+    model = TokenNet(6, 10, 5).double()
+    x, y = torch.randn(3, 20, 6, dtype=torch.float64), torch.randn(3, 20, 5, dtype=torch.float64)
+    with FisherProxy(model, sketch_dim=2) as fisher:
+        example_losses(model, x, y).mean().backward()
+    assert fisher.estimates()["fc1"].value > 0
+    with pytest.raises(ValueError, match="sketch_dim"):
+        FisherProxy(model, sketch_dim=0)

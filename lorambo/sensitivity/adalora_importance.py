@@ -1,0 +1,106 @@
+"""AdaLoRA's importance of rank components (Zhang et al., 2023), the baseline to AB-LoRA ablation.
+
+Per parameter, the sensitivity ``I = |theta * grad|`` is the first-order loss change when the
+parameter is set to zero. One mini-batch gives a noisy I, so AdaLoRA smooths it and weights it
+by its own uncertainty (eqs. 9-11 of the paper):
+
+    Ibar_t = beta1 * Ibar_{t-1} + (1 - beta1) * I_t
+    Ubar_t = beta2 * Ubar_{t-1} + (1 - beta2) * |I_t - Ibar_t|
+    s_t    = Ibar_t * Ubar_t
+
+and scores a component by the mean ``s`` of its parameters. AdaLoRA's triplets also carry a
+singular value lambda_k; a LoRAMBo component is the pair (row k of A, column k of B), so
+
+    S_k = mean_j s(A[k, j]) + mean_j s(B[j, k]).
+
+Call :meth:`AdaLoRAImportance.update` after ``backward()`` and before the optimizer zeroes the
+gradients (in a Trainer callback: ``on_pre_optimizer_step``). Under DDP the gradients are already
+averaged, so every process holds the same scores. Inactive slots have zero gradient and weight,
+hence zero importance. After a rank change, tell the tracker with :meth:`keep` (components were
+compacted by ``keep_components``) or :meth:`reset` (slots were re-initialised).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["AdaLoRAImportance"]
+
+
+class AdaLoRAImportance:
+    """EMA-smoothed, uncertainty-weighted |theta * grad| of every LoRA pool entry."""
+
+    def __init__(self, model, modules=None, beta1: float = 0.85, beta2: float = 0.85):
+        from .ablation import lora_targets
+
+        for name, beta in (("beta1", beta1), ("beta2", beta2)):
+            if not 0.0 <= float(beta) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {beta!r}")
+        self.beta1, self.beta2 = float(beta1), float(beta2)
+        self.layers = lora_targets(model, modules)
+        self.steps = 0
+        self._ibar: dict[tuple[str, str], torch.Tensor] = {}
+        self._ubar: dict[tuple[str, str], torch.Tensor] = {}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Fold the current gradients into the running scores (layers without a gradient skip)."""
+        for name, layer in self.layers.items():
+            for which in ("A", "B"):
+                p = getattr(layer, "lora_" + which)
+                if p.grad is None:
+                    continue
+                inst = (p.detach() * p.grad).abs().float()
+                key = (name, which)
+                if key not in self._ibar:  # first sample: Ibar starts at zero, as in AdaLoRA
+                    self._ibar[key] = torch.zeros_like(inst)
+                    self._ubar[key] = torch.zeros_like(inst)
+                ibar = self._ibar[key].mul_(self.beta1).add_(inst, alpha=1 - self.beta1)
+                self._ubar[key].mul_(self.beta2).add_((inst - ibar).abs(), alpha=1 - self.beta2)
+        self.steps += 1
+
+    def parameter_scores(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s_A [capacity, in], s_B [out, capacity])`` for layer ``name`` (zeros before updates)."""
+        layer = self.layers[name]
+        out = []
+        for which in ("A", "B"):
+            key = (name, which)
+            if key in self._ibar:
+                out.append(self._ibar[key] * self._ubar[key])
+            else:
+                out.append(torch.zeros_like(getattr(layer, "lora_" + which), dtype=torch.float32))
+        return out[0], out[1]
+
+    def component_scores(self) -> dict[str, torch.Tensor]:
+        """``{name: S [rank]}`` with ``S_k = mean s(A[k, :]) + mean s(B[:, k])`` (float64, CPU)."""
+        scores = {}
+        for name, layer in self.layers.items():
+            s_a, s_b = self.parameter_scores(name)
+            r = layer.rank
+            scores[name] = (s_a[:r].mean(1) + s_b[:, :r].mean(0)).double().cpu()
+        return scores
+
+    @torch.no_grad()
+    def keep(self, name: str, keep: Sequence[int]) -> None:
+        """Mirror ``layer.keep_components(keep)``: move the kept slots' statistics to 0..n-1."""
+        n = len(keep)
+        for which, dim in (("A", 0), ("B", 1)):
+            for table in (self._ibar, self._ubar):
+                t = table.get((name, which))
+                if t is None:
+                    continue
+                idx = torch.as_tensor(list(keep), dtype=torch.long, device=t.device)
+                moved = t.index_select(dim, idx)
+                t.narrow(dim, n, t.shape[dim] - n).zero_()
+                t.narrow(dim, 0, n).copy_(moved)
+
+    @torch.no_grad()
+    def reset(self, name: str, slots: Sequence[int]) -> None:
+        """Forget the statistics of ``slots`` (they were re-initialised by a rank change)."""
+        for which, dim in (("A", 0), ("B", 1)):
+            for table in (self._ibar, self._ubar):
+                t = table.get((name, which))
+                if t is not None and len(slots):
+                    t.index_fill_(dim, torch.as_tensor(list(slots), dtype=torch.long, device=t.device), 0)
