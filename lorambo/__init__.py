@@ -11,11 +11,13 @@ from lorambo.adapters import AdapterFormatError, export_peft, load_adapter, save
 from lorambo.backend import get_backend, set_backend
 from lorambo.model import configure_model, lora_layers, unload
 from lorambo.nn import LoRAMBoLinear, reset_slot_state
+from lorambo.optimizer import LoRAMBoOptimizer
 from lorambo import sensitivity  # noqa: E402  (lorambo.sensitivity.hessian_trace, ...)
 
 __all__ = [
     "AdapterFormatError",
     "LoRAMBoLinear",
+    "LoRAMBoOptimizer",
     "allocate",
     "configure_model",
     "export_peft",

@@ -7,6 +7,8 @@ Convention for every model-level estimator: ``loss_fn(model, batch) -> scalar te
 Linear / Conv1D except the output head) or a list of module names.
 """
 
+from .ablation import ComponentAblation, ablation_scores
+from .adalora_importance import AdaLoRAImportance
 from .estimate import Estimate
 from .fisher import FisherProxy, per_example_sq_grad_norms
 from .opnorm import hessian_opnorm
@@ -20,4 +22,5 @@ __all__ = [
     "Estimate", "hessian_trace", "hessian_opnorm", "gradient_sensitivity", "data_covariance",
     "data_weighted_tail_energy", "frobenius_tail_energy", "hutchinson", "hutchpp", "xtrace",
     "find_targets", "differentiable", "Target", "FisherProxy", "per_example_sq_grad_norms",
+    "ComponentAblation", "ablation_scores", "AdaLoRAImportance",
 ]

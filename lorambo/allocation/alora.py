@@ -1,0 +1,135 @@
+"""ALoRA's prune-and-reallocate loop (Liu et al., 2024), in place in the LoRAMBoLinear pools.
+
+Start from uniform, budget-compliant ranks. After ``k1`` training steps, and then every ``k2``
+steps, ``rounds`` times in all:
+
+1. score every active component with AB-LoRA ablation (``lorambo.sensitivity.ablation``);
+2. prune the ``n_prune`` worst (lowest score: useless or harmful) with ``keep_components``;
+3. give each freed rank to a module whose components were *not* pruned this round, in order of
+   highest mean importance (round robin when more ranks are freed than receivers exist), with
+   ``set_rank`` (new slot: B = 0, so the function is unchanged by the growth);
+4. the optimizer state of moved slots is reset / compacted with them.
+
+Total rank sum r_i is conserved exactly: a component is only pruned if some receiver can take
+its rank within its capacity and within the parameter budget (sum r_i (d_i + k_i) <= budget, which
+can move when ranks move between layers of different widths); otherwise it stays.
+Modules at rank 0 have no mean importance and receive nothing (as in ALoRA: pruned out).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from lorambo.integrations.distributed import broadcast_, decision_generator
+
+__all__ = ["ALoRAConfig", "ALoRA", "alora_round"]
+
+
+@dataclass(frozen=True)
+class ALoRAConfig:
+    """k1: steps before the first round; k2: steps between rounds; rounds: N_A; n_prune: n0."""
+
+    k1: int = 100
+    k2: int = 100
+    rounds: int = 3
+    n_prune: int = 1
+
+    def __post_init__(self):
+        for field in ("k1", "k2", "rounds", "n_prune"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if field == "k1" else 1):
+                raise ValueError(f"ALoRAConfig.{field} must be an int >= {0 if field == 'k1' else 1}, got {v!r}")
+
+    def decision_steps(self) -> list[int]:
+        return [self.k1 + j * self.k2 for j in range(self.rounds)]
+
+
+def _plan(layers, scores, n_prune, budget):
+    """(prune {name: [component]}, receive [name per freed rank]) conserving the rank sum."""
+    costs = {n: m.in_features + m.out_features for n, m in layers.items()}
+    left = budget - sum(costs[n] * m.rank for n, m in layers.items())
+    ranked = sorted((float(s), n, k) for n, sc in scores.items() for k, s in enumerate(sc.tolist()))
+    worst = ranked[:n_prune]
+    pruned_layers = {n for _, n, _ in worst}
+    means = {n: float(sc.mean()) for n, sc in scores.items() if sc.numel() and n not in pruned_layers}
+    receivers = sorted(means, key=lambda n: (-means[n], list(layers).index(n)))
+    extra = dict.fromkeys(receivers, 0)
+    prune, receive = {}, []
+    turn = 0
+    for _, donor, comp in worst:
+        for j in range(len(receivers)):  # round robin from where the last freed rank went
+            recv = receivers[(turn + j) % len(receivers)]
+            fits = layers[recv].rank + extra[recv] < layers[recv].capacity
+            if fits and left + costs[donor] - costs[recv] >= 0:
+                prune.setdefault(donor, []).append(comp)
+                receive.append(recv)
+                extra[recv] += 1
+                left += costs[donor] - costs[recv]
+                turn = (turn + j + 1) % len(receivers)
+                break
+    return prune, receive
+
+
+def alora_round(model, layers: Mapping, loss_fn, batches, n_prune: int, budget: int | float = math.inf,
+                optimizer=None, step=None, seed: int = 0, scores: Mapping | None = None) -> list[dict]:
+    """One ALoRA round in place; returns the decision records (``shrink`` / ``grow``).
+
+    ``scores``: ``{name: tensor[rank]}`` to use instead of computing ablation scores.
+    """
+    if scores is None:
+        from lorambo.sensitivity.ablation import ablation_scores
+
+        scores = {n: a.score for n, a in ablation_scores(model, loss_fn, batches, list(layers)).items()}
+    # process 0's scores for everyone: decisions must not hinge on last-bit differences (DDP)
+    scores = {n: broadcast_(torch.as_tensor(scores[n], dtype=torch.float64).cpu().clone()) for n in layers}
+    for n, s in scores.items():
+        if s.shape != (layers[n].rank,) or not torch.isfinite(s).all():
+            raise ValueError(f"ALoRA scores of layer {n!r} must be {layers[n].rank} finite numbers, got {s}")
+    prune, receive = _plan(layers, scores, n_prune, budget)
+    records = []
+    for name, comps in prune.items():
+        layer = layers[name]
+        old = layer.keep_components([k for k in range(layer.rank) if k not in comps], optimizer)
+        records.append({"step": step, "event": "shrink", "reason": "alora", "layer": name,
+                        "components": comps, "scores": [float(scores[name][k]) for k in comps],
+                        "old_rank": old, "new_rank": layer.rank})
+    names = list(layers)
+    for name in dict.fromkeys(receive):
+        layer, add = layers[name], receive.count(name)
+        gen = decision_generator(seed, "alora", step, names.index(name))
+        old = layer.set_rank(layer.rank + add, optimizer=optimizer, generator=gen)
+        records.append({"step": step, "event": "grow", "reason": "alora", "layer": name,
+                        "benefit": float(scores[name].mean()), "old_rank": old, "new_rank": layer.rank})
+    return records
+
+
+class ALoRA:
+    """The ALoRA schedule: call :meth:`step` once per optimizer step with the global step."""
+
+    def __init__(self, model, layers: Mapping, loss_fn, heldout_batches, config: ALoRAConfig,
+                 budget: int | float = math.inf, seed: int = 0, log=None):
+        if loss_fn is None or heldout_batches is None:
+            raise ValueError("ALoRA needs loss_fn and heldout_batches to score components by ablation")
+        self.model, self.layers, self.loss_fn = model, dict(layers), loss_fn
+        self.batches, self.config, self.budget, self.seed, self.log = heldout_batches, config, budget, seed, log
+        self.rounds_done = 0
+
+    def total_rank(self) -> int:
+        return sum(m.rank for m in self.layers.values())
+
+    def is_decision_step(self, step: int) -> bool:
+        return step in self.config.decision_steps()
+
+    def step(self, global_step: int, optimizer=None) -> list[dict]:
+        if not self.is_decision_step(global_step):
+            return []
+        records = alora_round(self.model, self.layers, self.loss_fn, self.batches, self.config.n_prune,
+                              self.budget, optimizer, global_step, self.seed)
+        self.rounds_done += 1
+        if self.log is not None:
+            self.log.extend(records)
+        return records

@@ -1,0 +1,378 @@
+"""Online rank growth and rank moves during training, in place in the LoRAMBoLinear pools.
+
+Marginal benefit of one more rank. Let G = dL/dW = sum_tokens dY^T X be the gradient of the full
+weight of a layer ([out, in]; X its input, dY the gradient at its output). Its current adapter
+B_r A_r can already move W along the tangent directions {U M + N V^T} with U an orthonormal basis
+of col(B_r) and V one of row(A_r) (with B = 0 only {N V^T}: U is then empty). The part of G no
+existing component can follow is the projection
+
+    G_perp = (I - U U^T) G (I - V V^T).
+
+A new component u v^T (unit Frobenius norm) lowers the loss at first order by <G_perp, u v^T>
+per unit step, at most sigma_1(G_perp) for the top singular pair: Delta_i = sigma_1(G_perp).
+A second new rank in the same layer is worth sigma_2, and so on, so a layer's marginal benefits
+sigma_1 >= sigma_2 >= ... are a concave curve and the greedy of ``greedy.py`` (best
+Delta_i / (d_i + k_i) first, stop when no gain exceeds the threshold or the budget is spent) is the
+LoRAMBo online allocator. With a curvature h_i (e.g. a Hessian trace per parameter), the Newton
+decrease along that direction, Delta_i^2 / (2 h_i), replaces Delta_i.
+
+Matrix-free. G is never formed: G v = dY^T (X v) and G^T u = X^T (dY u) cost O(T (d + k)) per
+vector for T tokens, against O(T d k) time and O(d k) memory for G. sigma_1..sigma_m come from a
+randomized block power iteration (Halko, Martinsson, Tropp 2011) with m + oversample columns;
+under DDP each product is all-reduced (mean over processes: the DDP-averaged gradient), and the
+small results are broadcast from process 0 so every process decides the same thing.
+
+Growth is function-preserving: ``set_rank`` gives the new slots B = 0. Their rows of A are then
+set to the top right singular vectors of G_perp (scaled to the norm of LoRA's Kaiming rows), so
+the first optimizer step on the new columns of B moves W along the best new direction instead of
+a random one. Rows of A orthogonal to the old rows keep the components independent.
+
+X and dY are recorded by hooks only while a :class:`ActivationCapture` is armed (decision steps),
+so there is no overhead on other steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from lorambo.allocation.greedy import greedy_allocate
+from lorambo.integrations.distributed import all_reduce_mean, broadcast_, decision_generator
+
+__all__ = ["ActivationCapture", "subspace_basis", "projected_top_singular", "plan_growth",
+           "plan_moves", "grow_layer"]
+
+
+class ActivationCapture:
+    """Record ``X`` [T, in] and ``dY`` [T, out] of each layer while armed (a context manager).
+
+    Calls of a layer within one armed period (gradient accumulation, a layer used twice) are all
+    kept and summed in the products. Outputs that do not require grad (eval, no_grad) are skipped.
+
+    Memory: X is a view of what autograd saves anyway; dY is extra, T x out per layer until the
+    decision. ``max_tokens`` keeps evenly spaced rows per call (dY rows scaled by T / kept, so
+    G stays an unbiased estimate) to bound that on large models.
+    """
+
+    def __init__(self, layers: Mapping[str, torch.nn.Module], max_tokens: int | None = None):
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                       or max_tokens < 1):
+            raise ValueError(f"max_tokens={max_tokens!r} must be an int >= 1 or None")
+        self.max_tokens = max_tokens
+        self.layers = dict(layers)
+        self.inputs: dict[str, list[torch.Tensor]] = {n: [] for n in self.layers}
+        self.grads: dict[str, dict[int, torch.Tensor]] = {n: {} for n in self.layers}
+        self._handles = []
+
+    @property
+    def armed(self) -> bool:
+        return bool(self._handles)
+
+    def arm(self) -> None:
+        if not self._handles:
+            self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self.layers.items()]
+
+    def disarm(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def clear(self) -> None:
+        for n in self.layers:
+            self.inputs[n].clear()
+            self.grads[n].clear()
+
+    def __enter__(self):
+        self.arm()
+        return self
+
+    def __exit__(self, *exc):
+        self.disarm()
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+                return
+            x = args[0].detach()
+            x = x.reshape(-1, x.shape[-1])                                     # (T, in)
+            rows, scale = None, 1.0
+            if self.max_tokens is not None and x.shape[0] > self.max_tokens:
+                rows = torch.linspace(0, x.shape[0] - 1, self.max_tokens, device=x.device).long()
+                scale, x = x.shape[0] / self.max_tokens, x.index_select(0, rows)
+            index = len(self.inputs[name])
+            self.inputs[name].append(x)
+
+            def grad_hook(g, index=index, rows=rows, scale=scale):
+                g = g.detach().reshape(-1, g.shape[-1])                        # (T, out)
+                self.grads[name][index] = g if rows is None else g.index_select(0, rows) * scale
+
+            output.register_hook(grad_hook)
+        return hook
+
+    def pairs(self, name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(X, dY) of every call of layer ``name`` whose backward ran."""
+        return [(x, self.grads[name][i]) for i, x in enumerate(self.inputs[name]) if i in self.grads[name]]
+
+    def has_data(self) -> bool:
+        return any(self.grads[n] for n in self.layers)
+
+
+def subspace_basis(columns: torch.Tensor) -> torch.Tensor | None:
+    """Orthonormal basis [n, q] of the span of ``columns`` [n, r], rank-revealing (an SVD with
+    LAPACK's usual tolerance, so B = 0 columns contribute nothing); None for an empty span."""
+    if columns.shape[1] == 0:
+        return None
+    u, s, _ = torch.linalg.svd(columns, full_matrices=False)
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        return None
+    tol = float(s[0]) * max(columns.shape) * torch.finfo(s.dtype).eps
+    keep = s > tol
+    return u[:, keep]
+
+
+def _project_out(m: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
+    return m if basis is None else m - basis @ (basis.T @ m)
+
+
+def projected_top_singular(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], in_features: int,
+                           out_features: int, k: int, a_basis: torch.Tensor | None = None,
+                           b_basis: torch.Tensor | None = None, niter: int = 4, oversample: int = 4,
+                           generator: torch.Generator | None = None, dtype=None, device=None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` singular values [k] and right singular vectors [in, k] of
+    ``(I - Pb) (sum dY^T X) (I - Pa)`` (Pa, Pb: projectors on the given bases), matrix-free.
+
+    The product count is fixed (2 * niter + 3), also on a zero gradient, so DDP processes always
+    issue the same collectives. Results are broadcast from process 0.
+    """
+    if pairs:
+        device = pairs[0][0].device if device is None else device
+        dtype = torch.promote_types(pairs[0][0].dtype, torch.float32) if dtype is None else dtype
+    dtype = dtype or torch.float32
+    device = device or torch.device("cpu")
+    cast = [(x.to(dtype), dy.to(dtype)) for x, dy in pairs]
+    a_basis = None if a_basis is None else a_basis.to(device, dtype)
+    b_basis = None if b_basis is None else b_basis.to(device, dtype)
+
+    def mv(v):  # (in, p) -> (out, p): G_perp v
+        v = _project_out(v, a_basis)
+        out = torch.zeros(out_features, v.shape[1], dtype=dtype, device=device)
+        for x, dy in cast:
+            out += dy.T @ (x @ v)                                              # (out, p)
+        return _project_out(all_reduce_mean(out), b_basis)
+
+    def rmv(u):  # (out, p) -> (in, p): G_perp^T u
+        u = _project_out(u, b_basis)
+        out = torch.zeros(in_features, u.shape[1], dtype=dtype, device=device)
+        for x, dy in cast:
+            out += x.T @ (dy @ u)                                              # (in, p)
+        return _project_out(all_reduce_mean(out), a_basis)
+
+    p = max(1, min(k + oversample, in_features, out_features))
+    omega = torch.randn(in_features, p, generator=generator, dtype=torch.float64).to(device, dtype)
+    q = torch.linalg.qr(mv(omega)).Q                                           # (out, p)
+    for _ in range(niter):
+        q = torch.linalg.qr(mv(torch.linalg.qr(rmv(q)).Q)).Q
+    small = rmv(q).T                                                           # (p, in) = Q^T G_perp
+    _, sigma, vh = torch.linalg.svd(small, full_matrices=False)
+    k = min(k, sigma.numel())
+    sigma, vectors = broadcast_(sigma[:k].contiguous()), broadcast_(vh[:k].T.contiguous())
+    return sigma, vectors
+
+
+def plan_growth(gains: Mapping[str, Sequence[float]], costs: Mapping[str, int],
+                room: Mapping[str, int], budget_left: int, threshold: float = 0.0) -> dict[str, int]:
+    """How many ranks to add per layer: greedy on gain / cost over each layer's concave curve
+    ``gains[name][j]`` (gain of its j-th new rank), only gains > ``threshold``, at most
+    ``room[name]`` new ranks, spending at most ``budget_left`` parameters. ``{name: n_new > 0}``."""
+    names = [n for n in gains if room.get(n, 0) > 0]
+    if not names or budget_left <= 0:
+        return {}
+    curves = [np.minimum.accumulate(np.asarray(gains[n], dtype=np.float64)) for n in names]
+    cost = np.asarray([int(costs[n]) for n in names], dtype=np.int64)
+    upper = np.asarray([min(int(room[n]), c.size) for n, c in zip(names, curves)], dtype=np.int64)
+
+    def gain(i: int, j: int) -> float:
+        g = float(curves[i][j])
+        return g if g > threshold and math.isfinite(g) else 0.0
+
+    added = greedy_allocate(cost, np.zeros(len(names), dtype=np.int64), upper, int(budget_left), gain)
+    return {n: int(a) for n, a in zip(names, added) if a > 0}
+
+
+def plan_moves(next_gains: Mapping[str, float], scores: Mapping[str, Sequence[float]],
+               costs: Mapping[str, int], room: Mapping[str, int], budget_left: int,
+               threshold: float, move_threshold: float, max_moves: int = 1) -> list[tuple[str, int, str]]:
+    """Rank moves ``(donor, component, receiver)``: a donor component whose importance score
+    (loss units, e.g. ablation) is below ``move_threshold`` is removed to fund one more rank of
+    a receiver whose next gain exceeds ``threshold``. Receivers by best gain / cost, donors by
+    lowest score; a layer is never both; every move keeps the spend within the budget."""
+    receivers = sorted((n for n, g in next_gains.items() if g > threshold and room.get(n, 0) > 0),
+                       key=lambda n: -next_gains[n] / costs[n])
+    donors = sorted((float(s), n, k) for n, sc in scores.items() for k, s in enumerate(sc)
+                    if float(s) < move_threshold)
+    moves, left, used = [], int(budget_left), set()
+    donor_layers, receiving = set(), set()
+    for recv in receivers:
+        if len(moves) >= max_moves:
+            break
+        if recv in donor_layers:
+            continue
+        for entry in donors:
+            _, donor, comp = entry
+            if entry in used or donor == recv or donor in receiving:
+                continue
+            if left + costs[donor] - costs[recv] >= 0:
+                moves.append((donor, comp, recv))
+                used.add(entry)
+                donor_layers.add(donor)
+                receiving.add(recv)
+                left += costs[donor] - costs[recv]
+                break
+    return moves
+
+
+@torch.no_grad()
+def grow_layer(layer, new_rank: int, directions: torch.Tensor | None = None, optimizer=None,
+               generator: torch.Generator | None = None) -> int:
+    """Grow ``layer`` to ``new_rank`` in place (B = 0 in the new slots: the output is unchanged),
+    optionally aligning the new rows of A with ``directions`` [in, >= n_new] (unit columns), each
+    scaled to the norm its Kaiming row had. Returns the old rank."""
+    old = layer.set_rank(new_rank, optimizer=optimizer, generator=generator)
+    n = new_rank - old
+    if directions is not None and n > 0:
+        if directions.shape[1] < n:
+            raise ValueError(f"{layer._label}: {directions.shape[1]} directions for {n} new ranks")
+        rows = layer.lora_A[old:new_rank]
+        norms = rows.norm(dim=1, keepdim=True)                                  # (n, 1)
+        d = directions[:, :n].T.to(rows.device, rows.dtype)                     # (n, in)
+        rows.copy_(d / d.norm(dim=1, keepdim=True).clamp_min(1e-30) * norms)
+    return old
+
+
+def layer_benefits(layer, pairs, k: int, niter: int, oversample: int, seed: int, step, index: int,
+                   curvature: float | None = None) -> tuple[np.ndarray, torch.Tensor]:
+    """(marginal gains of the next ``k`` ranks [k] as numpy, directions [in, k]) of one layer."""
+    r = layer.rank
+    dtype = torch.promote_types(layer.lora_A.dtype, torch.float32)
+    a_basis = subspace_basis(layer.lora_A[:r].detach().T.to(dtype))             # (in, q)
+    b_basis = subspace_basis(layer.lora_B[:, :r].detach().to(dtype))            # (out, q)
+    gen = decision_generator(seed, "grow", step, index)
+    sigma, vecs = projected_top_singular(pairs, layer.in_features, layer.out_features, k, a_basis,
+                                         b_basis, niter, oversample, gen, dtype, layer.lora_A.device)
+    gains = sigma.double().cpu().numpy()
+    if curvature is not None:
+        if not (curvature > 0 and math.isfinite(curvature)):
+            raise ValueError(f"curvature of layer {layer.name!r} is {curvature!r}: must be finite and > 0")
+        gains = gains * gains / (2.0 * curvature)
+    return gains, vecs
+
+
+class OnlineGrowth:
+    """One online decision = estimate benefits from the captured step, grow, optionally move.
+
+    Args:
+        layers: ``{name: LoRAMBoLinear}`` that may change rank.
+        budget: parameter budget ``sum r_i (d_i + k_i)`` that growth never exceeds.
+        threshold: ``loss_improvement_threshold``; a new rank is added only if its gain exceeds it.
+        sketch_rank: most ranks one layer can gain per decision (singular pairs estimated).
+        power_iters, oversample: randomized power iteration settings (4 + 4 reach a few percent
+            on gradients with any spectral decay; the test checks agreement with a dense SVD).
+        seed: seeds the sketches and new-slot inits (with step and layer index: DDP-identical).
+        move_threshold: enable rank moves; a component whose score is below it may be removed to
+            fund a layer with a gain above ``threshold``. Scores are passed to :meth:`update`.
+        max_moves: moves per decision.
+        curvature: optional ``{name: h_i > 0}``; gains become ``Delta^2 / (2 h_i)``.
+        log: a :class:`lorambo.allocation.report.DecisionLog` receiving every decision.
+        max_tokens: rows of X / dY kept per layer call (see :class:`ActivationCapture`).
+    """
+
+    def __init__(self, layers: Mapping, budget: int, threshold: float = 0.0, sketch_rank: int = 4,
+                 power_iters: int = 4, oversample: int = 4, seed: int = 0,
+                 move_threshold: float | None = None, max_moves: int = 1,
+                 curvature: Mapping[str, float] | None = None, log=None, max_tokens: int | None = None):
+        self.layers = dict(layers)
+        self.costs = {n: m.in_features + m.out_features for n, m in self.layers.items()}
+        self.budget, self.threshold = int(budget), float(threshold)
+        self.sketch_rank, self.power_iters, self.oversample = int(sketch_rank), int(power_iters), int(oversample)
+        self.seed, self.move_threshold, self.max_moves = int(seed), move_threshold, int(max_moves)
+        self.curvature = dict(curvature or {})
+        self.log = log
+        self.capture = ActivationCapture(self.layers, max_tokens)
+
+    def spent(self) -> int:
+        return sum(self.costs[n] * m.rank for n, m in self.layers.items())
+
+    def update(self, step=None, optimizer=None, component_scores: Mapping | None = None) -> list[dict]:
+        """Take one decision from the captured activations, apply it in place, return records."""
+        if not self.capture.has_data():
+            raise RuntimeError("update_ranks: no activations were captured; run the forward and "
+                               "backward of a decision step inside opt.capture(step) (or after "
+                               "opt.begin_step(step))")
+        if self.move_threshold is not None and component_scores is None:
+            raise ValueError("rank moves (move_threshold set) need component_scores={name: scores}")
+        try:
+            gains, dirs = {}, {}
+            for i, (name, layer) in enumerate(self.layers.items()):
+                room = layer.capacity - layer.rank
+                if room > 0:
+                    gains[name], dirs[name] = layer_benefits(
+                        layer, self.capture.pairs(name), min(self.sketch_rank, room), self.power_iters,
+                        self.oversample, self.seed, step, i, self.curvature.get(name))
+            room = {n: m.capacity - m.rank for n, m in self.layers.items()}
+            plan = plan_growth(gains, self.costs, room, self.budget - self.spent(), self.threshold)
+            records = [self._grow(step, n, add, gains, dirs, optimizer, "grow") for n, add in plan.items()]
+            if self.move_threshold is not None:
+                records += self._move(step, plan, gains, dirs, component_scores, optimizer)
+        finally:
+            self.capture.clear()
+        if self.log is not None:
+            self.log.extend(records)
+        return records
+
+    def _grow(self, step, name, add, gains, dirs, optimizer, reason, first=0) -> dict:
+        layer = self.layers[name]
+        index = list(self.layers).index(name)
+        gen = decision_generator(self.seed, "init", step, index, reason)
+        old = grow_layer(layer, layer.rank + add, dirs[name][:, first:first + add], optimizer, gen)
+        got = [float(g) for g in gains[name][first:first + add]]
+        return {"step": step, "event": "grow", "reason": reason, "layer": name, "benefit": got[0],
+                "gains": got, "old_rank": old, "new_rank": layer.rank, "spent": self.spent(),
+                "budget": self.budget}
+
+    def _move(self, step, plan, gains, dirs, scores, optimizer) -> list[dict]:
+        unknown = [n for n in scores if n not in self.layers]
+        if unknown:
+            raise ValueError(f"component_scores for unknown layers {unknown!r}")
+        usable = {}
+        for n, layer in self.layers.items():
+            if n in plan or n not in scores:
+                continue  # a layer just grown is not shrunk in the same decision
+            s = torch.as_tensor(scores[n], dtype=torch.float64).cpu().clone()
+            if s.shape != (layer.rank,) or not bool(torch.isfinite(s).all()):
+                raise ValueError(f"component_scores[{n!r}] must be {layer.rank} finite numbers "
+                                 f"(its rank), got {s!r}")
+            usable[n] = broadcast_(s).numpy()  # process 0's scores: identical decisions under DDP
+        nxt, room = {}, {}
+        for n, g in gains.items():
+            used = plan.get(n, 0)
+            if used < len(g) and self.layers[n].rank < self.layers[n].capacity:
+                nxt[n], room[n] = float(g[used]), 1
+        moves = plan_moves(nxt, usable, self.costs, room, self.budget - self.spent(), self.threshold,
+                           float(self.move_threshold), self.max_moves)
+        records, dropped = [], {}
+        for donor, comp, _ in moves:
+            dropped.setdefault(donor, []).append(comp)
+        for donor, comps in dropped.items():
+            layer = self.layers[donor]
+            old = layer.keep_components([k for k in range(layer.rank) if k not in comps], optimizer)
+            records.append({"step": step, "event": "shrink", "reason": "move", "layer": donor,
+                            "components": comps, "scores": [float(usable[donor][k]) for k in comps],
+                            "old_rank": old, "new_rank": layer.rank, "spent": self.spent(),
+                            "budget": self.budget})
+        for _, _, recv in moves:
+            records.append(self._grow(step, recv, 1, gains, dirs, optimizer, "move", plan.get(recv, 0)))
+        return records

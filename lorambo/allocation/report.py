@@ -1,0 +1,176 @@
+"""Making allocations visible: a rank table, a layer x module-type heat map, a decision log.
+
+- :func:`rank_table` formats ``{name: rank}`` (optionally with capacity and cost) as text.
+- :func:`save_heatmap` draws ranks as a grid, one row per block (``...h.3``) and one column per
+  module type (``attn.c_attn``), because that is how people read a transformer's allocation.
+  matplotlib (Agg backend, no display needed) is imported only here.
+- :class:`DecisionLog` appends one JSON object per online decision to a ``.jsonl`` file. Each
+  line goes out in a single ``write`` on a descriptor opened with ``O_APPEND``: the kernel
+  positions every append at the current end, so concurrent writers (several runs, or a crash
+  mid-run) never interleave or truncate earlier lines.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["rank_table", "split_name", "rank_grid", "save_heatmap", "DecisionLog", "read_decisions"]
+
+_INDEX = re.compile(r"^(.*?\.\d+)\.(.+)$")  # first ".<int>." splits block from module type
+
+
+def _ranks_of(source) -> dict[str, int]:
+    if isinstance(source, Mapping):
+        return {str(k): int(v) for k, v in source.items()}
+    from lorambo.model import lora_layers  # a model: read its LoRA layers
+
+    return {n: layer.rank for n, layer in lora_layers(source).items()}
+
+
+def rank_table(source, capacities: Mapping[str, int] | None = None,
+               dims: Mapping[str, tuple[int, int]] | None = None) -> str:
+    """Text table of ranks; ``source`` is ``{name: rank}`` or a model with LoRAMBoLinear layers.
+
+    With a model, capacities and (d, k) are read from the layers unless given.
+    """
+    ranks = _ranks_of(source)
+    if not isinstance(source, Mapping):
+        from lorambo.model import lora_layers
+
+        layers = lora_layers(source)
+        capacities = capacities or {n: m.capacity for n, m in layers.items()}
+        dims = dims or {n: (m.out_features, m.in_features) for n, m in layers.items()}
+    width = max([len("module")] + [len(n) for n in ranks])
+    head = f"{'module':<{width}}  {'rank':>5}"
+    head += f"  {'capacity':>8}" if capacities else ""
+    head += f"  {'params':>10}" if dims else ""
+    lines = [head, "-" * len(head)]
+    total_params = 0
+    for name, r in ranks.items():
+        line = f"{name:<{width}}  {r:>5}"
+        if capacities:
+            line += f"  {capacities.get(name, ''):>8}"
+        if dims:
+            params = r * sum(dims[name]) if name in dims else 0
+            total_params += params
+            line += f"  {params:>10}"
+        lines.append(line)
+    lines.append("-" * len(head))
+    total = f"{'total':<{width}}  {sum(ranks.values()):>5}"
+    total += f"  {'':>8}" if capacities else ""
+    total += f"  {total_params:>10}" if dims else ""
+    lines.append(total)
+    return "\n".join(lines)
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """``"encoder.layer.3.attention.self.query"`` -> ``("encoder.layer.3", "attention.self.query")``;
+    a name without a numeric block index is its own type in block ``""``."""
+    m = _INDEX.match(name)
+    return (m.group(1), m.group(2)) if m else ("", name)
+
+
+def rank_grid(ranks: Mapping[str, int]) -> tuple[list[str], list[str], np.ndarray]:
+    """(rows = blocks in first-seen order, columns = module types, grid with NaN where absent)."""
+    rows, cols, cells = [], [], {}
+    for name, r in ranks.items():
+        block, kind = split_name(name)
+        if block not in rows:
+            rows.append(block)
+        if kind not in cols:
+            cols.append(kind)
+        cells[(block, kind)] = r
+    grid = np.full((len(rows), len(cols)), np.nan)
+    for (block, kind), r in cells.items():
+        grid[rows.index(block), cols.index(kind)] = r
+    return rows, cols, grid
+
+
+def save_heatmap(source, path, title: str = "LoRA rank per layer") -> Path:
+    """Write a PNG heat map of ranks (rows: blocks, columns: module types) and return its path."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError as err:  # matplotlib is optional
+        raise ImportError("save_heatmap needs matplotlib: pip install matplotlib") from err
+    ranks = _ranks_of(source)
+    if not ranks:
+        raise ValueError("save_heatmap: no ranks to draw")
+    rows, cols, grid = rank_grid(ranks)
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(cols), 1.0 + 0.35 * len(rows)))
+    try:
+        image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis")
+        ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(rows)), [r or "-" for r in rows], fontsize=8)
+        if grid.size <= 400:  # numbers stay readable up to ~20 x 20 cells
+            for (i, j), v in np.ndenumerate(grid):
+                if not math.isnan(v):
+                    ax.text(j, i, str(int(v)), ha="center", va="center", color="w", fontsize=7)
+        fig.colorbar(image, ax=ax, label="rank")
+        ax.set_title(title)
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+    return path
+
+
+class DecisionLog:
+    """In-memory list of decision records, mirrored to a JSON-lines file when ``path`` is set.
+
+    ``enabled=False`` keeps the list but writes nothing (non-main DDP processes).
+    """
+
+    def __init__(self, path=None, enabled: bool = True):
+        self.path = None if path is None else Path(path)
+        self.enabled = enabled
+        self.records: list[dict] = []
+        if self.path is not None and enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(self, record: Mapping) -> None:
+        record = {k: _plain(v) for k, v in record.items()}
+        self.records.append(record)
+        if self.path is None or not self.enabled:
+            return
+        line = (json.dumps(record, sort_keys=True) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, line)  # one write per record: appends never interleave
+        finally:
+            os.close(fd)
+
+    def extend(self, records) -> None:
+        for record in records:
+            self.append(record)
+
+
+def _plain(value):
+    """JSON-safe scalars (numpy / torch numbers become Python numbers; NaN stays NaN)."""
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        return value.item()
+    return value
+
+
+def read_decisions(path) -> list[dict]:
+    """Every record of a decision log; a last line cut short by a crash is skipped."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out

@@ -1,0 +1,73 @@
+"""``LoRAMBoCallback``: online rank decisions inside transformers' ``Trainer``.
+
+Where in the step (transformers 5.x ``Trainer._inner_training_loop``):
+
+- ``on_step_begin`` runs before the first micro-batch of an optimizer step: the activation hooks
+  are armed there on decision steps, so every micro-batch of the step is recorded;
+- ``on_pre_optimizer_step`` runs after backward (and gradient clipping) and *before*
+  ``optimizer.step()``: gradients still exist (``model.zero_grad()`` follows ``optimizer.step()``,
+  so by ``on_step_end`` they are gone). The decision is taken here, with the optimizer, so the
+  state of every re-activated slot is reset before the step uses it. New slots have zero
+  gradient in this step, so the coming ``optimizer.step()`` leaves them as initialised.
+
+Trainer hands callbacks accelerate's ``AcceleratedOptimizer``; its wrapped torch optimizer
+(``.optimizer``) owns the state that is reset. ``state.global_step`` counts finished optimizer
+steps, so the step being taken is ``global_step`` in both events.
+
+Each decision is appended to the allocator's decision log (``log_path``) and to
+``callback.decisions``. (Adding keys to the Trainer's logs from ``on_log`` would not work: the
+Trainer stores a copy of the logs before callbacks see them.)
+"""
+
+from __future__ import annotations
+
+from transformers import TrainerCallback
+
+__all__ = ["LoRAMBoCallback"]
+
+
+def _unwrap_optimizer(optimizer):
+    inner = getattr(optimizer, "optimizer", None)
+    return inner if inner is not None and hasattr(inner, "state") else optimizer
+
+
+class LoRAMBoCallback(TrainerCallback):
+    """Drive a :class:`lorambo.LoRAMBoOptimizer` (online growth or ALoRA) from a Trainer.
+
+    Args:
+        allocator: the ``LoRAMBoOptimizer`` whose model is the Trainer's model (configured).
+        importance: optional ``AdaLoRAImportance`` updated every step from the gradients, whose
+            component scores feed rank moves (``move_threshold``) when given.
+    """
+
+    def __init__(self, allocator, importance=None):
+        self.allocator = allocator
+        self.importance = importance
+        self.decisions: list[dict] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.allocator.begin_step(state.global_step)
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        scores = None
+        if self.importance is not None:
+            self.importance.update()  # every step: the EMAs need the whole history
+            if self.allocator.move_threshold is not None and self.allocator.is_decision_step(state.global_step):
+                scores = self.importance.component_scores()
+        records = self.allocator.step(state.global_step, optimizer=_unwrap_optimizer(optimizer),
+                                      component_scores=scores)
+        if self.importance is not None:
+            for rec in records:
+                self._sync_importance(rec)
+        self.decisions.extend(records)
+
+    def _sync_importance(self, rec):
+        name = rec["layer"]
+        if rec["event"] == "shrink":
+            kept = [k for k in range(rec["old_rank"]) if k not in rec.get("components", [])]
+            self.importance.keep(name, kept)
+        else:
+            self.importance.reset(name, range(rec["old_rank"], rec["new_rank"]))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.allocator.close()

@@ -1,0 +1,385 @@
+"""LoRAMBoOptimizer: the seed API that measures, allocates, sizes pools and grows ranks online.
+
+It is an allocator, not a torch optimizer: it decides ranks and edits the LoRA pools in place;
+your torch optimizer keeps training the parameters (pass it in so moments of changed slots reset).
+
+    opt = LoRAMBoOptimizer(model, total_budget=1_000_000, sensitivity_method="gradient")
+    ranks = opt.compute_optimal_ranks(batches, loss_fn)      # reports pool memory first
+    opt.configure()                # = configure_model(model, ranks, capacity=opt.capacities)
+    for step, batch in enumerate(loader):
+        with opt.capture(step):                           # hooks only on decision steps
+            loss_fn(model, batch).backward()
+        opt.step(step, optimizer=torch_opt)               # grows ranks in place when due
+        torch_opt.step(); torch_opt.zero_grad()
+
+Capacities (room to grow). ``capacity=None`` sizes each pool as
+``clip(next_pow2(growth_factor * r_i), 8, min(d_i, k_i, max_rank, budget // (d_i + k_i)))``:
+growth_factor times the allocated rank (default 2, rounded up to a power of two like the layer's
+own default), never more than the whole budget could ever buy in that layer. An int or a dict
+sets them directly. Their device memory is logged (logger ``lorambo``), printed with
+``verbose=True`` and kept in ``opt.memory_report`` before any pool is created.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+import warnings
+from collections.abc import Mapping
+from contextlib import contextmanager
+
+import torch
+
+from lorambo.allocation import METHODS, allocate
+from lorambo.allocation.alora import ALoRA, ALoRAConfig
+from lorambo.allocation.online import OnlineGrowth
+from lorambo.allocation.report import DecisionLog, rank_table, save_heatmap
+from lorambo.integrations.distributed import is_main_process
+from lorambo.model import configure_model, find_targets, lora_layers
+from lorambo.nn import LoRAMBoLinear
+from lorambo.nn.base_layers import base_kind, features, weight_out_in
+
+__all__ = ["LoRAMBoOptimizer", "SENSITIVITY_METHODS", "ALLOCATIONS"]
+
+logger = logging.getLogger("lorambo")
+
+SENSITIVITY_METHODS = ("hessian", "gradient", "data", "frobenius", "ablation")
+ALLOCATIONS = METHODS + ("alora",)
+
+
+def _next_pow2(x: float) -> int:
+    return 1 << max(0, math.ceil(x) - 1).bit_length()
+
+
+class LoRAMBoOptimizer:
+    """Per-layer rank allocation under ``total_budget`` = max of ``sum_i r_i (d_i + k_i)``.
+
+    Args:
+        model: a plain model (targets: ``target_modules``, peft semantics) or one with
+            LoRAMBoLinear layers (targets: those layers, whose capacities are then fixed).
+        sensitivity_method: "hessian" (Tr H_i, Hutchinson), "gradient" (mean ||dL/dW_i||^2),
+            "data" (Tr(W G W^T) = E||W x||^2 with G = E[x x^T]), "frobenius" (||W_i||_F^2) or
+            "ablation" (summed positive AB-LoRA scores of trained adapters; needs LoRA layers).
+        allocation: a ``lorambo.allocate`` method, or "alora" (uniform start, then ALoRA rounds).
+            "frobenius_greedy" uses sigma(W_i); "data_weighted" the data-weighted tails of W_i.
+        capacity, growth_factor: pool sizes, see the module docstring.
+        min_rank, max_rank: bounds for every layer.
+        warmup_steps, interval, stop_step: online decisions at steps ``warmup_steps + j*interval``
+            (``interval=None``: never), before ``stop_step`` (None: no end).
+        loss_improvement_threshold: a rank is added only if its marginal benefit exceeds it.
+        sketch_rank, power_iters, max_tokens: online estimate settings (``allocation/online.py``).
+        move_threshold, max_moves: rank moves (see ``OnlineGrowth``); scores come from
+            ``update_ranks(component_scores=...)`` or, if ``heldout_batches`` and ``loss_fn`` are
+            given, from ablation on them.
+        alora: an :class:`ALoRAConfig` (or dict) for ``allocation="alora"``.
+        log_path: JSON-lines file receiving every online decision (main process only).
+        verbose: also print the pool memory report.
+        initial_budget: what ``compute_optimal_ranks`` may spend (default ``total_budget``); the
+            rest of ``total_budget`` is left for online growth.
+    """
+
+    def __init__(self, model, total_budget, sensitivity_method: str = "hessian", target_modules=None,
+                 capacity=None, growth_factor: float = 2.0, min_rank: int = 0, max_rank: int | None = None,
+                 allocation: str = "closed_form", alpha: float | None = None, num_probes: int = 32,
+                 seed: int = 0, warmup_steps: int = 0, interval: int | None = None,
+                 stop_step: int | None = None, loss_improvement_threshold: float = 0.0,
+                 sketch_rank: int = 4, power_iters: int = 4, move_threshold: float | None = None,
+                 max_moves: int = 1, heldout_batches=None, loss_fn=None, alora=None,
+                 log_path=None, verbose: bool = False, initial_budget=None, max_tokens: int | None = None):
+        if sensitivity_method not in SENSITIVITY_METHODS:
+            raise ValueError(f"sensitivity_method={sensitivity_method!r}; choose one of {SENSITIVITY_METHODS}")
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation={allocation!r}; choose one of {ALLOCATIONS}")
+        for what, v in (("min_rank", min_rank), ("max_rank", max_rank)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0):
+                raise ValueError(f"{what}={v!r} must be an int >= 0")
+        if max_rank is not None and min_rank > max_rank:
+            raise ValueError(f"min_rank={min_rank} > max_rank={max_rank}")
+        if not growth_factor >= 1.0:
+            raise ValueError(f"growth_factor={growth_factor!r} must be >= 1")
+        if interval is not None and (not isinstance(interval, int) or interval < 1):
+            raise ValueError(f"interval={interval!r} must be an int >= 1 or None")
+        self.model, self.sensitivity_method, self.allocation = model, sensitivity_method, allocation
+        self.min_rank, self.max_rank, self.growth_factor = int(min_rank), max_rank, float(growth_factor)
+        self.alpha, self.num_probes, self.seed, self.verbose = alpha, num_probes, int(seed), verbose
+        self.warmup_steps, self.interval, self.stop_step = int(warmup_steps), interval, stop_step
+        self.threshold = float(loss_improvement_threshold)
+        self.sketch_rank, self.power_iters, self.max_tokens = sketch_rank, power_iters, max_tokens
+        self.move_threshold, self.max_moves = move_threshold, max_moves
+        self.heldout_batches, self.loss_fn = heldout_batches, loss_fn
+        self.alora_config = alora if isinstance(alora, ALoRAConfig) else ALoRAConfig(**(alora or {}))
+        self.log = DecisionLog(log_path, enabled=is_main_process())
+        self.names, self.dims, self.dtypes = self._find_targets(target_modules)
+        self.costs = {n: d + k for n, (d, k) in self.dims.items()}
+        self.total_budget = self._check_budget(total_budget, "total_budget")
+        self.initial_budget = self.total_budget if initial_budget is None else \
+            self._check_budget(initial_budget, "initial_budget")
+        if self.initial_budget > self.total_budget:
+            raise ValueError(f"initial_budget={initial_budget!r} exceeds total_budget={total_budget!r}")
+        self.user_capacity = self._check_capacity(capacity)
+        self.sensitivities: dict[str, float] | None = None
+        self.ranks: dict[str, int] | None = None
+        self.capacities: dict[str, int] | None = None
+        self.memory_report: dict | None = None
+        self._online: OnlineGrowth | None = None
+        self._alora: ALoRA | None = None
+
+    # ------------------------------------------------------------------------ validation
+    def _find_targets(self, target_modules):
+        existing = lora_layers(self.model)
+        names = list(existing) if target_modules is None and existing else find_targets(self.model, target_modules)
+        dims, dtypes = {}, {}
+        for n in names:
+            m = self.model.get_submodule(n)
+            if isinstance(m, LoRAMBoLinear):
+                dims[n], dtypes[n] = (m.out_features, m.in_features), m.lora_A.dtype
+            else:
+                k, d = features(m, base_kind(m))
+                dims[n], dtypes[n] = (d, k), m.weight.dtype
+        return names, dims, dtypes
+
+    def _check_budget(self, budget, what: str) -> int:
+        if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not math.isfinite(budget):
+            raise ValueError(f"{what}={budget!r} must be a finite number of parameters")
+        cheapest = min(self.names, key=self.costs.__getitem__)
+        if budget < self.costs[cheapest]:
+            raise ValueError(f"{what}={budget!r} is below the cost of one rank in the cheapest "
+                             f"layer {cheapest!r} (d + k = {self.costs[cheapest]})")
+        floor = self.min_rank * sum(self.costs.values())
+        if budget < floor:
+            raise ValueError(f"{what}={budget!r} is below min_rank={self.min_rank} in every layer "
+                             f"(sum of min_rank * (d + k) = {floor})")
+        return int(budget)
+
+    def _check_capacity(self, capacity):
+        fixed = {n: m.capacity for n, m in lora_layers(self.model).items() if n in self.dims}
+        if capacity is not None:
+            caps = capacity if isinstance(capacity, Mapping) else dict.fromkeys(self.names, capacity)
+            unknown = [n for n in caps if n not in self.dims]
+            if unknown:
+                raise ValueError(f"capacity given for unknown layer(s) {unknown!r}")
+            for n, c in caps.items():
+                if isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 1:
+                    raise ValueError(f"capacity of layer {n!r} is {c!r}: must be an int >= 1")
+                if n not in fixed:
+                    fixed[n] = int(c)
+        for n, c in fixed.items():
+            if c < self.min_rank:
+                raise ValueError(f"capacity {c} of layer {n!r} is too small for the requested rank "
+                                 f"min_rank={self.min_rank}")
+        return fixed
+
+    # ---------------------------------------------------------------------- sensitivities
+    def compute_sensitivities(self, batches=None, loss_fn=None) -> dict[str, float]:
+        """``{name: s_i >= 0}`` by ``sensitivity_method`` on ``batches`` (see the class doc;
+        "frobenius" reads the weights only and needs no batches)."""
+        from lorambo import sensitivity as sens
+
+        method, names = self.sensitivity_method, self.names
+        if method == "hessian":
+            est = sens.hessian_trace(self.model, loss_fn, batches, modules=names,
+                                     num_probes=self.num_probes, seed=self.seed)
+            values = {n: e.value for n, e in est.items()}
+            negative = {n: v for n, v in values.items() if v < 0}
+            if negative:  # curvature of a non-convex loss, or probe noise: no rank is owed
+                warnings.warn(f"negative Hessian trace estimates set to 0: {negative}", RuntimeWarning, stacklevel=2)
+        elif method == "gradient":
+            values = sens.gradient_sensitivity(self.model, loss_fn, batches, modules=names)
+        elif method == "data":
+            cov = sens.data_covariance(self.model, loss_fn, batches, modules=names)
+            values = {}
+            for n in names:  # Tr(W G W^T) = E ||W x||^2
+                w = self._weight(n)
+                values[n] = float(torch.einsum("oi,ij,oj->", w, cov[n].to(w), w))
+        elif method == "frobenius":
+            values = {n: float(self._weight(n).pow(2).sum()) for n in names}
+        else:
+            from lorambo.sensitivity.ablation import ablation_scores
+
+            scores = ablation_scores(self.model, loss_fn, batches, modules=names)
+            values = {n: float(a.score.clamp_min(0).sum()) for n, a in scores.items()}
+        for n, v in values.items():
+            if not math.isfinite(v):
+                raise ValueError(f"{method} sensitivity of layer {n!r} is {v!r} (not finite): check the "
+                                 "loss on these batches")
+        self.sensitivities = {n: max(float(values[n]), 0.0) for n in names}
+        return dict(self.sensitivities)
+
+    def _weight(self, name) -> torch.Tensor:
+        m = self.model.get_submodule(name)
+        w = m.weight if isinstance(m, LoRAMBoLinear) else weight_out_in(m, base_kind(m))
+        return w.detach().double()
+
+    # ------------------------------------------------------------------------ allocation
+    def compute_optimal_ranks(self, batches=None, loss_fn=None, sensitivities=None, **allocate_kwargs
+                              ) -> dict[str, int]:
+        """``{name: rank}`` within ``initial_budget``; also sets ``capacities`` and ``memory_report``.
+
+        ``sensitivities`` given: used as is (validated: known layers, all present, finite, >= 0).
+        Extra keyword arguments go to :func:`lorambo.allocate` (e.g. ``benefits`` for knapsack).
+        """
+        method = "uniform" if self.allocation == "alora" else self.allocation
+        if sensitivities is None and method not in ("uniform", "knapsack"):
+            if (batches is None or loss_fn is None) and self.sensitivity_method != "frobenius":
+                raise ValueError(f"allocation={self.allocation!r} with sensitivity_method="
+                                 f"{self.sensitivity_method!r} needs batches and loss_fn")
+            sensitivities = self.compute_sensitivities(batches, loss_fn)
+        caps = {n: c for n, c in self.user_capacity.items()}
+        uppers = {n: min(self.dims[n]) for n in self.names}
+        if method == "frobenius_greedy" and "spectra" not in allocate_kwargs:
+            allocate_kwargs["spectra"] = {n: torch.linalg.svdvals(self._weight(n)).numpy() for n in self.names}
+        if method == "data_weighted" and "tail_energies" not in allocate_kwargs:
+            allocate_kwargs["tail_energies"] = self._tails(batches, loss_fn, caps, uppers)
+        if method in ("frobenius_greedy", "data_weighted") and self.sensitivity_method in ("frobenius", "data"):
+            sensitivities = dict.fromkeys(self.names, 1.0)  # the curves already carry W (and G)
+        self.ranks = allocate(self.dims, sensitivities, self.initial_budget, method=method,
+                              min_rank=self.min_rank, max_rank=self.max_rank, capacities=caps or None,
+                              **allocate_kwargs)
+        self.capacities = self.plan_capacities(self.ranks)
+        self.memory_report = self.pool_memory(self.capacities)
+        return dict(self.ranks)
+
+    def _tails(self, batches, loss_fn, caps, uppers):
+        from lorambo.sensitivity import data_covariance, data_weighted_tail_energy
+
+        if batches is None or loss_fn is None:
+            raise ValueError("allocation='data_weighted' needs batches and loss_fn (input covariances)")
+        cov = data_covariance(self.model, loss_fn, batches, modules=self.names)
+        return {n: data_weighted_tail_energy(self._weight(n), cov[n], min(caps.get(n, uppers[n]), uppers[n])).numpy()
+                for n in self.names}
+
+    def plan_capacities(self, ranks: Mapping[str, int]) -> dict[str, int]:
+        """Pool size per layer (fixed for existing LoRA layers; see the module docstring)."""
+        out = {}
+        for n in self.names:
+            r, limit = int(ranks[n]), min(self.dims[n])
+            if n in self.user_capacity:
+                cap = self.user_capacity[n]
+                if cap < r:
+                    raise ValueError(f"capacity {cap} of layer {n!r} is too small for the requested rank {r}")
+                if cap > limit:
+                    raise ValueError(f"capacity {cap} of layer {n!r} exceeds min(d, k) = {limit}")
+            else:
+                if self.max_rank is not None:
+                    limit = min(limit, self.max_rank)
+                limit = min(limit, self.total_budget // self.costs[n])  # more could never be paid for
+                cap = min(max(8, _next_pow2(self.growth_factor * max(r, 1))), limit)
+                cap = max(cap, r, 1)
+            out[n] = int(cap)
+        return out
+
+    def pool_memory(self, capacities: Mapping[str, int]) -> dict:
+        """Bytes of every pool (``capacity * (d + k)`` elements), logged and returned."""
+        per = {n: int(capacities[n]) * self.costs[n] * torch.empty((), dtype=self.dtypes[n]).element_size()
+               for n in self.names}
+        report = {"per_layer_bytes": per, "total_bytes": sum(per.values()),
+                  "active_params": sum(self.costs[n] * (self.ranks or {}).get(n, 0) for n in self.names),
+                  "pool_params": sum(self.costs[n] * int(capacities[n]) for n in self.names)}
+        msg = (f"LoRA pools: {len(per)} layers, {report['pool_params']:,} slots-parameters, "
+               f"{report['total_bytes'] / 2**20:.3f} MiB of device memory "
+               f"({report['active_params']:,} parameters active, budget {self.total_budget:,})")
+        logger.info(msg)
+        if self.verbose and is_main_process():
+            print(msg)
+        return report
+
+    def configure(self, ranks: Mapping[str, int] | None = None, dropout: float = 0.0):
+        """``configure_model(model, ranks, capacity=self.capacities, alpha=...)``; returns the model."""
+        ranks = dict(ranks or self.ranks or {})
+        if not ranks:
+            raise RuntimeError("configure(): call compute_optimal_ranks first or pass ranks")
+        caps = self.capacities or self.plan_capacities(ranks)
+        return configure_model(self.model, ranks, capacity=caps, alpha=self.alpha, dropout=dropout)
+
+    # ---------------------------------------------------------------------------- online
+    def layers(self) -> dict[str, LoRAMBoLinear]:
+        found = lora_layers(self.model)
+        missing = [n for n in self.names if n not in found]
+        if missing:
+            raise RuntimeError(f"layers {missing[:4]} are not LoRAMBoLinear yet: configure the model first")
+        return {n: found[n] for n in self.names}
+
+    @property
+    def online(self) -> OnlineGrowth:
+        if self._online is None:
+            self._online = OnlineGrowth(self.layers(), self.total_budget, self.threshold, self.sketch_rank,
+                                        self.power_iters, seed=self.seed, move_threshold=self.move_threshold,
+                                        max_moves=self.max_moves, log=self.log, max_tokens=self.max_tokens)
+        return self._online
+
+    def is_decision_step(self, step: int) -> bool:
+        if self.allocation == "alora":
+            return step in self.alora_config.decision_steps()
+        if self.interval is None or step < self.warmup_steps:
+            return False
+        if self.stop_step is not None and step >= self.stop_step:
+            return False
+        return (step - self.warmup_steps) % self.interval == 0
+
+    def begin_step(self, step: int) -> None:
+        """Arm the activation hooks if ``step`` is an online decision step (else nothing)."""
+        if self.allocation != "alora" and self.is_decision_step(step):
+            self.online.capture.arm()
+
+    @contextmanager
+    def capture(self, step: int):
+        """Wrap the forward and backward of ``step``: records X and dY only on decision steps."""
+        self.begin_step(step)
+        try:
+            yield self
+        finally:
+            if self._online is not None:
+                self._online.capture.disarm()
+
+    def step(self, step: int, optimizer=None, component_scores=None) -> list[dict]:
+        """Take the decision of ``step`` if one is due; returns its records (possibly [])."""
+        if self.allocation == "alora":
+            if self._alora is None:
+                self._alora = ALoRA(self.model, self.layers(), self.loss_fn, self.heldout_batches,
+                                    self.alora_config, self.total_budget, self.seed, self.log)
+            return self._alora.step(step, optimizer)
+        online = self._online
+        if online is not None:
+            online.capture.disarm()
+        if not self.is_decision_step(step):
+            if online is not None:
+                online.capture.clear()
+            return []
+        if online is None or not online.capture.has_data():
+            warnings.warn(f"step {step} is a rank decision step but no activations were captured: run "
+                          "its forward and backward inside opt.capture(step) or after "
+                          "opt.begin_step(step)", RuntimeWarning, stacklevel=2)
+            return []
+        return self.update_ranks(optimizer, step, component_scores)
+
+    def update_ranks(self, optimizer=None, step=None, component_scores=None) -> list[dict]:
+        """Grow (and, with ``move_threshold``, move) ranks now from the captured step."""
+        if component_scores is None and self.move_threshold is not None:
+            if self.heldout_batches is None or self.loss_fn is None:
+                raise ValueError("rank moves need component_scores or heldout_batches + loss_fn")
+            from lorambo.sensitivity.ablation import ablation_scores
+
+            component_scores = {n: a.score for n, a in ablation_scores(
+                self.model, self.loss_fn, self.heldout_batches, self.names).items()}
+        return self.online.update(step, optimizer, component_scores)
+
+    def close(self) -> None:
+        """Remove the activation hooks (also done after every decision)."""
+        if self._online is not None:
+            self._online.capture.disarm()
+            self._online.capture.clear()
+
+    # ------------------------------------------------------------------------ visibility
+    def current_ranks(self) -> dict[str, int]:
+        return {n: m.rank for n, m in self.layers().items()}
+
+    def rank_table(self) -> str:
+        return rank_table(self.model)
+
+    def save_heatmap(self, path, title: str = "LoRA rank per layer"):
+        return save_heatmap(self.current_ranks(), path, title)
+
+    @property
+    def decisions(self) -> list[dict]:
+        return list(self.log.records)

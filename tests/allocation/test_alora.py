@@ -1,0 +1,111 @@
+"""ALoRA prune-and-reallocate: total rank conserved, budget kept, worst components pruned."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lorambo
+from lorambo.allocation.alora import ALoRAConfig, alora_round
+from lorambo.optimizer import LoRAMBoOptimizer
+
+DT = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+class Net(nn.Module):
+    def __init__(self, width=8, hidden=12, blocks=2):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict({"up": nn.Linear(width, hidden, dtype=DT),
+                                                   "down": nn.Linear(hidden, width, dtype=DT)})
+                                    for _ in range(blocks))
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = x + blk["down"](torch.tanh(blk["up"](x)))
+        return x
+
+
+def mse(model, batch):
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+def test_alora_loop_conserves_total_rank_within_budget():
+    model = Net()
+    target = Net()
+    heldout = [(x, target(x).detach()) for x in (torch.randn(16, 8, dtype=DT) for _ in range(2))]
+    budget = 20 * 12  # 12 ranks of cost 20 over 4 layers
+    opt = LoRAMBoOptimizer(model, budget, allocation="alora", loss_fn=mse, heldout_batches=heldout,
+                           alora=ALoRAConfig(k1=2, k2=3, rounds=3, n_prune=2), log_path=None)
+    ranks = opt.compute_optimal_ranks()
+    assert sorted(ranks.values()) == [3, 3, 3, 3]  # uniform, budget-compliant start
+    opt.configure()
+    torch_opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.02)
+    total = sum(ranks.values())
+    events = []
+    for step in range(10):
+        x = torch.randn(16, 8, dtype=DT)
+        mse(model, (x, target(x).detach())).backward()
+        records = opt.step(step, optimizer=torch_opt)
+        torch_opt.step()
+        torch_opt.zero_grad()
+        if records:
+            events.append(step)
+        current = opt.current_ranks()
+        assert sum(current.values()) == total
+        assert sum(opt.costs[n] * r for n, r in current.items()) <= budget
+    assert events == [2, 5, 8]
+    shrinks = [r for r in opt.decisions if r["event"] == "shrink"]
+    grows = [r for r in opt.decisions if r["event"] == "grow"]
+    assert shrinks and sum(r["old_rank"] - r["new_rank"] for r in shrinks) == \
+        sum(r["new_rank"] - r["old_rank"] for r in grows)
+    assert opt.current_ranks() != ranks  # ranks actually moved
+
+
+def test_round_prunes_the_worst_and_feeds_the_most_important():
+    model = lorambo.configure_model(Net(blocks=2), 3, capacity=6)
+    layers = lorambo.lora_layers(model)
+    for layer in layers.values():
+        layer.lora_B.data[:, :3].normal_()
+    names = list(layers)
+    scores = {n: torch.rand(3, dtype=DT) + 1.0 for n in names}
+    scores[names[0]][1] = -1.0  # harmful
+    scores[names[2]][0] = 0.01  # useless
+    scores[names[3]] += 5.0     # most important module
+    scores[names[1]] += 2.0     # second
+    x = torch.randn(5, 8, dtype=DT)
+    expected = copy.deepcopy(model)
+    lorambo.lora_layers(expected)[names[0]].keep_components([0, 2])
+    lorambo.lora_layers(expected)[names[2]].keep_components([1, 2])
+    records = alora_round(model, layers, mse, None, n_prune=2, scores=scores, step=7)
+    ranks = {n: m.rank for n, m in layers.items()}
+    assert ranks == {names[0]: 2, names[1]: 4, names[2]: 2, names[3]: 4}
+    with torch.no_grad():  # growth is function-preserving: only the pruning changed the output
+        torch.testing.assert_close(model(x), expected(x), rtol=1e-12, atol=1e-12)
+    assert {r["layer"] for r in records if r["event"] == "grow"} == {names[1], names[3]}
+
+
+def test_nothing_pruned_when_no_receiver_has_room():
+    model = lorambo.configure_model(Net(blocks=1), 2, capacity=2)
+    layers = lorambo.lora_layers(model)
+    scores = {n: torch.rand(2, dtype=DT) for n in layers}
+    assert alora_round(model, layers, mse, None, n_prune=1, scores=scores) == []
+    assert [m.rank for m in layers.values()] == [2, 2]
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="ALoRAConfig.rounds must be an int >= 1"):
+        ALoRAConfig(rounds=0)
+    model = lorambo.configure_model(Net(blocks=1), 2)
+    opt = LoRAMBoOptimizer(model, 200, allocation="alora")
+    with pytest.raises(ValueError, match="ALoRA needs loss_fn and heldout_batches"):
+        opt.step(100)

@@ -1,0 +1,277 @@
+"""Online growth: the benefit estimate, the plan, and growth events inside a training loop."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lorambo
+from lorambo.allocation.online import (ActivationCapture, OnlineGrowth, plan_growth, plan_moves,
+                                       projected_top_singular, subspace_basis)
+from lorambo.optimizer import LoRAMBoOptimizer
+
+DT = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices on a shared 2-core box: one thread is fastest
+    yield
+    torch.set_num_threads(old)
+
+
+def _dense_perp(x, dy, a_rows, b_cols):
+    g = dy.T @ x
+    pa = torch.eye(x.shape[1], dtype=DT)
+    pb = torch.eye(dy.shape[1], dtype=DT)
+    if a_rows.shape[0]:
+        q = torch.linalg.qr(a_rows.T).Q
+        pa = pa - q @ q.T
+    if b_cols.shape[1] and b_cols.abs().max() > 0:
+        q = torch.linalg.qr(b_cols).Q
+        pb = pb - q @ q.T
+    return pb @ g @ pa
+
+
+@pytest.mark.parametrize("b_zero", [False, True])
+def test_benefit_matches_dense_projected_svd(b_zero):
+    n_in, n_out, r, k = 7, 5, 2, 2
+    x, dy = torch.randn(30, n_in, dtype=DT), torch.randn(30, n_out, dtype=DT)
+    a_rows = torch.randn(r, n_in, dtype=DT)
+    b_cols = torch.zeros(n_out, r, dtype=DT) if b_zero else torch.randn(n_out, r, dtype=DT)
+    exact = torch.linalg.svd(_dense_perp(x, dy, a_rows, b_cols))
+    # two calls (gradient accumulation) sum to the same G
+    pairs = [(x[:12], dy[:12]), (x[12:], dy[12:])]
+    sigma, vecs = projected_top_singular(pairs, n_in, n_out, k, subspace_basis(a_rows.T),
+                                         subspace_basis(b_cols), niter=2,
+                                         generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(sigma, exact.S[:k], rtol=1e-10, atol=1e-12)
+    for j in range(k):  # same singular directions (up to sign), orthogonal to the rows of A
+        assert abs(float(vecs[:, j] @ exact.Vh[j])) == pytest.approx(1.0, abs=1e-8)
+        assert float((a_rows @ vecs[:, j]).abs().max()) < 1e-10
+
+
+def test_benefit_power_iteration_on_larger_layer():
+    n_in, n_out, t = 60, 50, 80
+    # a planted decaying spectrum: X, dY with singular values 1, 0.5, 0.25, ...
+    u = torch.linalg.qr(torch.randn(t, t, dtype=DT)).Q
+    x = u[:, :n_in] @ torch.diag(0.6 ** torch.arange(n_in, dtype=DT)) @ torch.linalg.qr(
+        torch.randn(n_in, n_in, dtype=DT)).Q
+    dy = u[:, :n_out] @ torch.randn(n_out, n_out, dtype=DT)
+    a_rows = torch.randn(3, n_in, dtype=DT)
+    b_cols = torch.randn(n_out, 3, dtype=DT)
+    exact = torch.linalg.svdvals(_dense_perp(x, dy, a_rows, b_cols))
+    sigma, _ = projected_top_singular([(x, dy)], n_in, n_out, 2, subspace_basis(a_rows.T),
+                                      subspace_basis(b_cols), niter=6)
+    assert float(sigma[0]) <= float(exact[0]) * (1 + 1e-12)  # a Rayleigh-Ritz value: never above
+    assert float(sigma[0]) == pytest.approx(float(exact[0]), rel=1e-6)
+    assert float(sigma[1]) == pytest.approx(float(exact[1]), rel=1e-3)
+
+
+class _Record(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.numels = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.numels.append(t.numel())
+        return out
+
+
+def test_benefit_never_materialises_the_gradient():
+    n_in, n_out, t = 300, 200, 16
+    x, dy = torch.randn(t, n_in), torch.randn(t, n_out)
+    with _Record() as rec:
+        projected_top_singular([(x, dy)], n_in, n_out, 2, subspace_basis(torch.randn(n_in, 2)), None)
+    assert rec.numels and max(rec.numels) < n_in * n_out // 10
+
+
+def _model(dtype=DT):
+    net = nn.Sequential(nn.Linear(6, 10, dtype=dtype), nn.Tanh(), nn.Linear(10, 10, dtype=dtype),
+                        nn.Tanh(), nn.Linear(10, 3, dtype=dtype))
+    return lorambo.configure_model(net, {"0": 1, "2": 1, "4": 1}, capacity={"0": 6, "2": 8, "4": 3})
+
+
+def _mse(model, batch):
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+def test_growth_is_function_preserving_and_allocation_free():
+    model = _model()
+    layers = lorambo.lora_layers(model)
+    for layer in layers.values():  # trained-looking adapters: B != 0
+        layer.lora_B.data[:, :layer.rank].normal_()
+    params = {n: p for n, p in model.named_parameters()}
+    ptrs = {n: (p.data_ptr(), p.untyped_storage().nbytes()) for n, p in params.items()}
+    opt = LoRAMBoOptimizer(model, total_budget=10_000, interval=1, sketch_rank=2)
+    torch_opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    probe = torch.randn(7, 6, dtype=DT)
+    events = 0
+    for step in range(4):
+        batch = (torch.randn(16, 6, dtype=DT), torch.randn(16, 3, dtype=DT))
+        with opt.capture(step):
+            _mse(model, batch).backward()
+        with torch.no_grad():
+            before = model(probe)
+        records = opt.step(step, optimizer=torch_opt)
+        with torch.no_grad():
+            after = model(probe)
+        events += len(records)
+        assert float((after - before).norm() / before.norm()) <= 1e-12
+        for rec in records:  # the optimizer state of the new slots starts at zero
+            layer = layers[rec["layer"]]
+            state = torch_opt.state.get(layer.lora_B)
+            if state:
+                assert state["exp_avg"][:, rec["old_rank"]:rec["new_rank"]].abs().max() == 0
+        torch_opt.step()
+        torch_opt.zero_grad()
+        assert {n: p for n, p in model.named_parameters()} == params  # same Parameter objects
+        assert {n: (p.data_ptr(), p.untyped_storage().nbytes()) for n, p in params.items()} == ptrs
+        for layer in layers.values():
+            assert not layer.lora_A[layer.rank:].any() and not layer.lora_B[:, layer.rank:].any()
+    assert events > 0
+    assert sum(layer.rank for layer in layers.values()) > 3
+
+
+def _regression_run(grow: bool, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    base = nn.Linear(8, 8, bias=False, dtype=DT)
+    delta = torch.randn(8, 5, generator=g, dtype=DT) @ torch.randn(5, 8, generator=g, dtype=DT) / 3
+    target = base.weight.detach() + delta
+    model = lorambo.configure_model(nn.Sequential(base), {"0": 1}, capacity={"0": 8}, alpha=1.0)
+    opt = LoRAMBoOptimizer(model, total_budget=16 * 8, interval=5 if grow else None, sketch_rank=2)
+    torch_opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    losses = []
+    for step in range(60):
+        x = torch.randn(32, 8, generator=g, dtype=DT)
+        with opt.capture(step):
+            loss = ((model(x) - x @ target.T) ** 2).mean()
+            loss.backward()
+        opt.step(step, optimizer=torch_opt)
+        torch_opt.step()
+        torch_opt.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses, lorambo.lora_layers(model)["0"].rank
+
+
+def test_growth_helps_and_training_continues():
+    seed = int(torch.randint(0, 2**30, ()))
+    fixed, r_fixed = _regression_run(False, seed)
+    grown, r_grown = _regression_run(True, seed)
+    assert r_fixed == 1 and r_grown > 1
+    assert np.mean(grown[-10:]) < 0.5 * np.mean(grown[:5])       # training keeps going after growth
+    assert np.mean(grown[-10:]) < 0.7 * np.mean(fixed[-10:])     # and the extra ranks help
+
+
+def test_threshold_stops_growth_and_hooks_only_on_decision_steps():
+    model = _model()
+    opt = LoRAMBoOptimizer(model, total_budget=10_000, warmup_steps=2, interval=3,
+                           loss_improvement_threshold=1e9)
+    layers = lorambo.lora_layers(model)
+    for step in range(6):
+        with opt.capture(step):
+            assert all(bool(m._forward_hooks) == (step in (2, 5)) for m in layers.values())
+            _mse(model, (torch.randn(4, 6, dtype=DT), torch.randn(4, 3, dtype=DT))).backward()
+        assert opt.step(step) == []
+        assert not any(m._forward_hooks for m in layers.values())
+    assert [m.rank for m in layers.values()] == [1, 1, 1]
+
+
+def test_update_without_capture_is_an_error():
+    opt = LoRAMBoOptimizer(_model(), total_budget=10_000, interval=1)
+    with pytest.raises(RuntimeError, match="no activations were captured"):
+        opt.update_ranks()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 30), st.integers(0, 5),
+                          st.lists(st.floats(0, 10), min_size=1, max_size=5)), min_size=1, max_size=5),
+       st.integers(0, 200), st.floats(0, 5))
+def test_plan_growth_budget_threshold_and_maximality(layers, budget, threshold):
+    names = [f"l{i}" for i in range(len(layers))]
+    costs = {n: c for n, (c, _, _) in zip(names, layers)}
+    room = {n: r for n, (_, r, _) in zip(names, layers)}
+    gains = {n: sorted(g, reverse=True) for n, (_, _, g) in zip(names, layers)}
+    plan = plan_growth(gains, costs, room, budget, threshold)
+    spent = sum(costs[n] * a for n, a in plan.items())
+    assert spent <= budget
+    for n, a in plan.items():
+        assert 0 < a <= min(room[n], len(gains[n])) and gains[n][a - 1] > threshold
+    for n in names:  # nothing worth adding was left although it fit
+        a = plan.get(n, 0)
+        if a < min(room[n], len(gains[n])) and gains[n][a] > threshold:
+            assert costs[n] > budget - spent
+
+
+def test_rank_move_shrinks_the_worst_component_to_fund_the_best_layer():
+    model = _model()
+    layers = lorambo.lora_layers(model)
+    for name, layer in layers.items():
+        layer.set_rank(3 if name != "4" else 2)
+        layer.lora_B.data[:, :layer.rank].normal_()
+    spent = sum((m.in_features + m.out_features) * m.rank for m in layers.values())
+    opt = LoRAMBoOptimizer(model, total_budget=spent, interval=1, move_threshold=0.5)
+    scores = {n: torch.rand(m.rank) + 1.0 for n, m in layers.items()}
+    scores["0"][1] = -0.3  # the one component below the move threshold
+    x = torch.randn(9, 6, dtype=DT)
+    with opt.capture(0):
+        _mse(model, (torch.randn(16, 6, dtype=DT), torch.randn(16, 3, dtype=DT))).backward()
+    reference = copy.deepcopy(model)
+    lorambo.lora_layers(reference)["0"].keep_components([0, 2])
+    records = opt.step(0, component_scores=scores)
+    events = [(r["event"], r["layer"]) for r in records]
+    assert ("shrink", "0") in events and sum(e == "grow" for e, _ in events) == 1
+    assert layers["0"].rank == 2
+    assert sum((m.in_features + m.out_features) * m.rank for m in layers.values()) <= spent
+    with torch.no_grad():  # the only change of function is the removed component
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-12, atol=1e-12)
+
+
+def test_plan_moves_never_uses_a_layer_twice_or_exceeds_budget():
+    costs = {"a": 10, "b": 20, "c": 10}
+    moves = plan_moves({"a": 5.0, "b": 4.0, "c": 0.1}, {"b": [0.0, 0.05], "c": [0.01]}, costs,
+                       {"a": 1, "b": 1, "c": 1}, 0, threshold=0.5, move_threshold=0.1, max_moves=3)
+    assert moves[0] == ("b", 0, "a") or moves[0] == ("c", 0, "a")
+    donors = {d for d, _, _ in moves}
+    assert not donors & {r for _, _, r in moves}
+    left = sum(costs[d] - costs[r] for d, _, r in moves)
+    assert left >= 0
+
+
+def test_capture_pairs_each_call_with_its_gradient():
+    layer = lorambo.LoRAMBoLinear(nn.Linear(4, 5, dtype=DT), rank=1)
+    cap = ActivationCapture({"l": layer})
+    x1, x2 = torch.randn(3, 4, dtype=DT), torch.randn(2, 4, dtype=DT)
+    with cap:
+        y1, y2 = layer(x1), layer(x2)  # used twice: backward visits them in reverse order
+        w1, w2 = torch.randn(3, 5, dtype=DT), torch.randn(2, 5, dtype=DT)
+        ((y1 * w1).sum() + (y2 * w2).sum()).backward()
+    (a, ga), (b, gb) = cap.pairs("l")
+    assert torch.equal(a, x1) and torch.equal(ga, w1) and torch.equal(b, x2) and torch.equal(gb, w2)
+    grower = OnlineGrowth({"l": layer}, budget=100)
+    assert grower.capture.has_data() is False
+
+
+def test_capture_max_tokens_keeps_matching_rows_scaled():
+    layer = lorambo.LoRAMBoLinear(nn.Linear(4, 5, dtype=DT), rank=1)
+    cap = ActivationCapture({"l": layer}, max_tokens=10)
+    x = torch.randn(2, 25, 4, dtype=DT)
+    w = torch.randn(2, 25, 5, dtype=DT)
+    with cap:
+        (layer(x) * w).sum().backward()
+    ((xs, dys),) = cap.pairs("l")
+    rows = torch.linspace(0, 49, 10).long()
+    assert torch.equal(xs, x.reshape(50, 4)[rows])
+    torch.testing.assert_close(dys, w.reshape(50, 5)[rows] * 5.0, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="max_tokens=0"):
+        ActivationCapture({"l": layer}, max_tokens=0)

@@ -1,0 +1,57 @@
+"""A few Trainer steps on a tiny GPT-2 with LoRAMBoCallback: ranks change exactly as logged."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import lorambo  # noqa: E402
+from lorambo.allocation.report import read_decisions  # noqa: E402
+from lorambo.integrations import LoRAMBoCallback  # noqa: E402
+from lorambo.optimizer import LoRAMBoOptimizer  # noqa: E402
+from lorambo.sensitivity.adalora_importance import AdaLoRAImportance  # noqa: E402
+
+
+def test_pre_optimizer_step_event_exists():
+    assert hasattr(transformers.TrainerCallback, "on_pre_optimizer_step")
+
+
+def _tiny_gpt2():
+    cfg = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+@pytest.mark.parametrize("moves", [False, True])
+def test_callback_grows_ranks_as_logged(tmp_path, moves):
+    torch.set_num_threads(1)
+    model = _tiny_gpt2()
+    lorambo.configure_model(model, 1, target_modules=["c_attn", "c_fc"], capacity=4)
+    names = list(lorambo.lora_layers(model))
+    log_path = tmp_path / "decisions.jsonl"
+    spent = sum(3 * (m.in_features + m.out_features) for m in lorambo.lora_layers(model).values())
+    opt = LoRAMBoOptimizer(model, total_budget=spent, warmup_steps=1, interval=2, sketch_rank=2,
+                           log_path=log_path, move_threshold=1e30 if moves else None)
+    data = [{"input_ids": (ids := torch.randint(0, 40, (12,))), "labels": ids} for _ in range(24)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4,
+                                          gradient_accumulation_steps=2, max_steps=5, learning_rate=1e-2,
+                                          report_to="none", use_cpu=True, save_strategy="no",
+                                          logging_steps=1, disable_tqdm=True, dataloader_num_workers=0)
+    importance = AdaLoRAImportance(model) if moves else None
+    callback = LoRAMBoCallback(opt, importance=importance)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+    before = {n: 1 for n in names}
+    trainer.train()
+    logged = read_decisions(log_path)
+    assert logged == callback.decisions and logged
+    assert {r["step"] for r in logged} <= {1, 3}
+    replay = dict(before)
+    for rec in logged:
+        assert rec["old_rank"] == replay[rec["layer"]]
+        replay[rec["layer"]] = rec["new_rank"]
+    now = {n: m.rank for n, m in lorambo.lora_layers(model).items()}
+    assert now == replay != before
+    assert sum(opt.costs[n] * r for n, r in now.items()) <= spent
+    assert not any(m._forward_hooks for m in lorambo.lora_layers(model).values())
+    if moves:
+        assert any(r["event"] == "shrink" for r in logged)

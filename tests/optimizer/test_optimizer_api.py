@@ -1,0 +1,148 @@
+"""The seed API: sensitivities -> ranks within the budget -> pools with room -> configured model."""
+
+import pytest
+import torch
+from torch import nn
+
+import lorambo
+import lorambo.sensitivity.ablation
+from lorambo.optimizer import LoRAMBoOptimizer
+
+DT = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict({"up": nn.Linear(8, 16, dtype=DT),
+                                                   "down": nn.Linear(16, 8, dtype=DT)}) for _ in range(2))
+        self.lm_head = nn.Linear(8, 3, dtype=DT)
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = x + blk["down"](torch.tanh(blk["up"](x)))
+        return self.lm_head(x)
+
+
+def mse(model, batch):
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+def _batches(n=2):
+    return [(torch.randn(12, 8, dtype=DT), torch.randn(12, 3, dtype=DT)) for _ in range(n)]
+
+
+def _spend(opt, ranks):
+    return sum(opt.costs[n] * r for n, r in ranks.items())
+
+
+@pytest.mark.filterwarnings("ignore:negative Hessian trace")
+@pytest.mark.parametrize("method,allocation", [
+    ("hessian", "closed_form"), ("gradient", "closed_form"), ("data", "closed_form"),
+    ("frobenius", "closed_form"), ("frobenius", "frobenius_greedy"), ("data", "data_weighted"),
+    ("gradient", "uniform"), ("gradient", "alora")])
+def test_plain_model_ranks_capacities_and_memory(method, allocation):
+    model = Net()
+    budget = int(torch.randint(200, 700, ()))
+    opt = LoRAMBoOptimizer(model, budget, sensitivity_method=method, allocation=allocation, num_probes=4)
+    assert opt.names == ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down"]  # head excluded
+    ranks = opt.compute_optimal_ranks(_batches(), mse)
+    assert set(ranks) == set(opt.names) and _spend(opt, ranks) <= budget
+    for n, r in ranks.items():
+        cap = opt.capacities[n]
+        assert r <= cap <= min(opt.dims[n]) and cap * opt.costs[n] <= max(budget, r * opt.costs[n])
+        assert cap >= min(2 * r, min(opt.dims[n]), budget // opt.costs[n])  # room to grow
+    mem = opt.memory_report
+    assert mem["total_bytes"] == sum(opt.capacities[n] * opt.costs[n] * 8 for n in opt.names)
+    opt.configure()
+    layers = lorambo.lora_layers(model)
+    assert {n: m.rank for n, m in layers.items()} == ranks
+    assert {n: m.capacity for n, m in layers.items()} == opt.capacities
+
+
+def test_sensitivities_follow_the_estimators():
+    model = Net()
+    batches = _batches()
+    opt = LoRAMBoOptimizer(model, 500, sensitivity_method="gradient")
+    got = opt.compute_sensitivities(batches, mse)
+    want = lorambo.sensitivity.gradient_sensitivity(model, mse, batches, modules=opt.names)
+    assert got == pytest.approx(want, rel=1e-12)
+    opt = LoRAMBoOptimizer(model, 500, sensitivity_method="data")
+    got = opt.compute_sensitivities(batches, mse)
+    x = batches[0][0]  # E||W x||^2 over the inputs of blocks.0.up, by hand
+    w = model.blocks[0]["up"].weight.detach()
+    xs = torch.cat([b[0] for b in batches])
+    assert got["blocks.0.up"] == pytest.approx(float((xs @ w.T).pow(2).sum(1).mean()), rel=1e-10)
+    assert x.shape[1] == 8
+
+
+def test_closed_form_gives_more_rank_to_more_sensitive_layers():
+    model = Net()
+    opt = LoRAMBoOptimizer(model, 2000, sensitivity_method="gradient")
+    sens = {n: float(v) for n, v in zip(opt.names, torch.rand(4) + 0.01)}
+    top = max(opt.names, key=lambda n: sens[n] / opt.costs[n])
+    sens[top] *= 50
+    ranks = opt.compute_optimal_ranks(sensitivities=sens)
+    assert ranks[top] == max(ranks.values())
+
+
+def test_configured_model_keeps_its_capacities_and_ablation_sensitivity():
+    model = lorambo.configure_model(Net(), 2, capacity=4)
+    for layer in lorambo.lora_layers(model).values():
+        layer.lora_B.data[:, :2].normal_()
+    xs = [torch.randn(12, 8, dtype=DT) for _ in range(2)]
+    with torch.no_grad():  # targets the adapted model fits: removing a component hurts
+        batches = [(x, model(x)) for x in xs]
+    opt = LoRAMBoOptimizer(model, 400, sensitivity_method="ablation")
+    sens = opt.compute_sensitivities(batches, mse)
+    scores = lorambo.sensitivity.ablation.ablation_scores(model, mse, batches)
+    assert sens == pytest.approx({n: float(a.score.clamp_min(0).sum()) for n, a in scores.items()})
+    assert any(v > 0 for v in sens.values())
+    ranks = opt.compute_optimal_ranks(sensitivities=sens)
+    assert all(r <= 4 for r in ranks.values()) and _spend(opt, ranks) <= 400
+    assert opt.capacities == {n: 4 for n in opt.names}
+    opt.configure()
+    assert {n: m.rank for n, m in lorambo.lora_layers(model).items()} == ranks
+
+
+def test_verbose_prints_memory_before_configuring(capsys):
+    opt = LoRAMBoOptimizer(Net(), 500, sensitivity_method="frobenius", verbose=True)
+    opt.compute_optimal_ranks()
+    out = capsys.readouterr().out
+    assert "MiB of device memory" in out
+    assert not lorambo.lora_layers(opt.model)  # reported before any pool exists
+
+
+def test_initial_budget_leaves_room_for_online_growth():
+    model = Net()
+    opt = LoRAMBoOptimizer(model, 1200, initial_budget=300, sensitivity_method="gradient",
+                           interval=1, sketch_rank=3)
+    ranks = opt.compute_optimal_ranks(_batches(), mse)
+    assert _spend(opt, ranks) <= 300
+    opt.configure()
+    grown = []
+    for step, batch in enumerate(_batches(3)):
+        with opt.capture(step):
+            mse(model, batch).backward()
+        grown += opt.step(step)
+    spent = _spend(opt, opt.current_ranks())
+    assert grown and 300 < spent <= 1200
+    assert all(r["spent"] <= 1200 for r in grown)
+
+
+def test_decision_step_without_capture_warns():
+    model = lorambo.configure_model(Net(), 1, capacity=4)
+    opt = LoRAMBoOptimizer(model, 1000, interval=2)
+    assert [s for s in range(7) if opt.is_decision_step(s)] == [0, 2, 4, 6]
+    with pytest.warns(RuntimeWarning, match="no activations were captured"):
+        assert opt.step(2) == []
+    assert opt.step(3) == []

@@ -1,0 +1,74 @@
+"""Bad input to LoRAMBoOptimizer: each error names the layer and the value."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lorambo
+from lorambo.optimizer import LoRAMBoOptimizer
+
+
+def _model():
+    return nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 4))
+
+
+def test_budget_below_one_rank_of_the_cheapest_layer():
+    with pytest.raises(ValueError, match=r"below the cost of one rank in the cheapest layer '2' \(d \+ k = 14\)"):
+        LoRAMBoOptimizer(_model(), 13)
+
+
+def test_min_rank_above_max_rank():
+    with pytest.raises(ValueError, match="min_rank=3 > max_rank=2"):
+        LoRAMBoOptimizer(_model(), 1000, min_rank=3, max_rank=2)
+
+
+@pytest.mark.parametrize("bad", [-0.5, math.nan])
+def test_negative_or_nan_sensitivity(bad):
+    opt = LoRAMBoOptimizer(_model(), 1000)
+    with pytest.raises(ValueError, match=rf"sensitivity for layer '2' is {bad!r}"):
+        opt.compute_optimal_ranks(sensitivities={"0": 1.0, "2": bad})
+
+
+def test_unknown_and_missing_sensitivities():
+    opt = LoRAMBoOptimizer(_model(), 1000)
+    with pytest.raises(ValueError, match=r"unknown layer\(s\) \['9'\]"):
+        opt.compute_optimal_ranks(sensitivities={"0": 1.0, "2": 1.0, "9": 1.0})
+    with pytest.raises(ValueError, match=r"missing for layer\(s\) \['2'\]"):
+        opt.compute_optimal_ranks(sensitivities={"0": 1.0})
+
+
+def test_capacity_too_small_for_the_requested_rank():
+    with pytest.raises(ValueError, match="capacity 1 of layer '2' is too small for the requested rank min_rank=2"):
+        LoRAMBoOptimizer(_model(), 1000, capacity={"0": 4, "2": 1}, min_rank=2)
+    opt = LoRAMBoOptimizer(_model(), 1000, capacity={"0": 2}, sensitivity_method="gradient")
+    opt.user_capacity.pop("0")  # an allocation made elsewhere asks for more than the pool holds
+    opt.user_capacity["0"] = 2
+    with pytest.raises(ValueError, match="capacity 2 of layer '0' is too small for the requested rank 5"):
+        opt.plan_capacities({"0": 5, "2": 1})
+    configured = lorambo.configure_model(_model(), 1, capacity=2)
+    with pytest.raises(ValueError, match="capacity 2 of layer '0' is too small.*min_rank=3"):
+        LoRAMBoOptimizer(configured, 1000, min_rank=3)
+
+
+def test_unknown_method_and_nan_estimates():
+    with pytest.raises(ValueError, match="sensitivity_method='fisher'"):
+        LoRAMBoOptimizer(_model(), 1000, sensitivity_method="fisher")
+    opt = LoRAMBoOptimizer(_model(), 1000, sensitivity_method="gradient")
+    batch = (torch.full((3, 6), math.nan), torch.zeros(3, 4))
+    with pytest.raises(ValueError, match=r"gradient sensitivity of layer '0' is nan"):
+        opt.compute_optimal_ranks([batch], lambda m, b: ((m(b[0]) - b[1]) ** 2).mean())
+
+
+def test_ablation_needs_adapters():
+    opt = LoRAMBoOptimizer(_model(), 1000, sensitivity_method="ablation")
+    with pytest.raises(ValueError, match="has no LoRAMBoLinear layer"):
+        opt.compute_sensitivities([(torch.randn(2, 6), None)], lambda m, b: m(b[0]).sum())
+
+
+def test_initial_budget_checks():
+    with pytest.raises(ValueError, match=r"initial_budget=5 is below the cost of one rank in the cheapest layer '2'"):
+        LoRAMBoOptimizer(_model(), 1000, initial_budget=5)
+    with pytest.raises(ValueError, match="initial_budget=2000 exceeds total_budget=1000"):
+        LoRAMBoOptimizer(_model(), 1000, initial_budget=2000)

@@ -1,0 +1,83 @@
+"""Visibility: rank table, layer x module-type heat map, JSON-lines decision log."""
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lorambo
+from lorambo.allocation.report import DecisionLog, rank_grid, rank_table, read_decisions, save_heatmap, split_name
+
+
+def _ranks():
+    r = torch.randint(0, 9, (3, 2)).tolist()
+    return {f"encoder.layer.{i}.attention.{kind}": r[i][j]
+            for i in range(3) for j, kind in enumerate(("query", "value"))}
+
+
+def test_split_and_grid():
+    assert split_name("transformer.h.11.attn.c_attn") == ("transformer.h.11", "attn.c_attn")
+    assert split_name("lm_proj") == ("", "lm_proj")
+    ranks = _ranks()
+    rows, cols, grid = rank_grid(ranks)
+    assert rows == [f"encoder.layer.{i}" for i in range(3)]
+    assert cols == ["attention.query", "attention.value"]
+    for name, r in ranks.items():
+        block, kind = split_name(name)
+        assert grid[rows.index(block), cols.index(kind)] == r
+    rows, cols, grid = rank_grid({"a.0.q": 1, "a.1.k": 2})
+    assert np.isnan(grid[0, 1]) and np.isnan(grid[1, 0])
+
+
+def test_heatmap_png(tmp_path):
+    import matplotlib.image
+
+    path = save_heatmap(_ranks(), tmp_path / "sub" / "ranks.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 50 and image.shape[1] > 50
+    with pytest.raises(ValueError, match="no ranks"):
+        save_heatmap({}, tmp_path / "x.png")
+
+
+def test_rank_table_from_model_and_dict():
+    model = lorambo.configure_model(nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 4)), {"0": 3, "1": 2},
+                                    capacity={"0": 4, "1": 4})
+    table = rank_table(model)
+    assert "0" in table and "capacity" in table
+    assert table.splitlines()[-1].split() == ["total", "5", str(3 * 14 + 2 * 12)]
+    assert rank_table({"x": 4}).splitlines()[-1].split() == ["total", "4"]
+
+
+def test_decision_log_appends_whole_lines_from_many_writers(tmp_path):
+    path = tmp_path / "log" / "decisions.jsonl"
+    logs = [DecisionLog(path) for _ in range(4)]
+    payload = "x" * int(torch.randint(50, 500, ()))
+
+    def write(log, w):
+        for i in range(50):
+            log.append({"step": i, "writer": w, "benefit": np.float64(i) / 3, "pad": payload})
+
+    threads = [threading.Thread(target=write, args=(log, w)) for w, log in enumerate(logs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 200
+    records = [json.loads(line) for line in lines]
+    assert sorted((r["writer"], r["step"]) for r in records) == [(w, i) for w in range(4) for i in range(50)]
+    assert all(isinstance(r["benefit"], float) for r in records)
+    with open(path, "a") as f:  # a crash mid-line loses only that line
+        f.write('{"step": 3, "lay')
+    assert len(read_decisions(path)) == 200
+    assert len(logs[0].records) == 50
+
+
+def test_disabled_log_writes_nothing(tmp_path):
+    log = DecisionLog(tmp_path / "d.jsonl", enabled=False)
+    log.append({"step": 1})
+    assert log.records == [{"step": 1}] and not (tmp_path / "d.jsonl").exists()

@@ -1,0 +1,56 @@
+"""AdaLoRA importance: EMA of |theta * grad| times its uncertainty, per component."""
+
+import pytest
+import torch
+from torch import nn
+
+import lorambo
+from lorambo.sensitivity.adalora_importance import AdaLoRAImportance
+
+
+def test_matches_the_adalora_recursion_by_hand():
+    model = lorambo.configure_model(nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4)), 2, capacity=4)
+    for layer in lorambo.lora_layers(model).values():
+        layer.lora_B.data[:, :2].normal_()
+    tracker = AdaLoRAImportance(model, beta1=0.8, beta2=0.7)
+    ibar = {}
+    ubar = {}
+    for _ in range(3):
+        model.zero_grad()
+        model(torch.randn(9, 6)).pow(2).mean().backward()
+        tracker.update()
+        for name, layer in lorambo.lora_layers(model).items():
+            for which in "AB":
+                p = getattr(layer, "lora_" + which)
+                inst = (p.detach() * p.grad).abs()
+                key = (name, which)
+                ibar[key] = 0.8 * ibar.get(key, torch.zeros_like(inst)) + 0.2 * inst
+                ubar[key] = 0.7 * ubar.get(key, torch.zeros_like(inst)) + 0.3 * (inst - ibar[key]).abs()
+    scores = tracker.component_scores()
+    for name, layer in lorambo.lora_layers(model).items():
+        s_a = ibar[(name, "A")] * ubar[(name, "A")]
+        s_b = ibar[(name, "B")] * ubar[(name, "B")]
+        want = s_a[:2].mean(1) + s_b[:, :2].mean(0)
+        torch.testing.assert_close(scores[name], want.double(), rtol=1e-5, atol=1e-12)
+        assert scores[name].shape == (layer.rank,) and bool((scores[name] > 0).all())
+
+
+def test_keep_and_reset_follow_rank_changes():
+    model = lorambo.configure_model(nn.Sequential(nn.Linear(6, 5)), 3, capacity=4)
+    layer = lorambo.lora_layers(model)["0"]
+    layer.lora_B.data[:, :3].normal_()
+    tracker = AdaLoRAImportance(model)
+    model(torch.randn(4, 6)).sum().backward()
+    tracker.update()
+    before = tracker.component_scores()["0"]
+    layer.keep_components([2, 0])
+    tracker.keep("0", [2, 0])
+    torch.testing.assert_close(tracker.component_scores()["0"], before[[2, 0]])
+    tracker.reset("0", [1])
+    assert float(tracker.component_scores()["0"][1]) == 0.0
+
+
+def test_bad_beta():
+    model = lorambo.configure_model(nn.Sequential(nn.Linear(6, 5)), 1)
+    with pytest.raises(ValueError, match="beta1 must be in"):
+        AdaLoRAImportance(model, beta1=1.0)
