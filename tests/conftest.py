@@ -9,6 +9,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Triton kernels run on CPU tensors through the interpreter. It must be on before anything
+# (peft, transformers, torch._dynamo) imports triton, or triton's helpers get built for a GPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import lorambo  # noqa: E402
 
 

@@ -2,10 +2,32 @@
 
 Installed from kernels/lorambo_kernels as its own top-level package; kernels/ itself has no
 __init__.py so that nothing becomes importable as ``kernels`` (transformers probes that name).
-The fused LoRA forward/backward kernels land here with the Triton issue.
+
+Modules (one per kernel family; each holds its ``@triton.jit`` kernels, then its launcher):
+  config       rank buckets, block shapes per shape bucket, the TMA switch (no kernels)
+  dropout      the counter-based (philox) dropout mask shared by every kernel
+  fused_gemm   the fused GEMM with the LoRA epilogue (forward y, backward dX, dW)
+  lora_skinny  the skinny GEMMs: down-projection [M, r] and pool gradients [P, r]
+  lora_linear  forward/backward of the LoRA linear layer as sequences of those launches
+
+The public names below import Triton lazily, so ``import lorambo_kernels`` works without it.
 """
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "lora_linear_forward": "lora_linear",
+    "lora_linear_backward": "lora_linear",
+    "lora_gemm": "fused_gemm",
+    "lora_down": "lora_skinny",
+    "lora_wgrad": "lora_skinny",
+    "dropout_keep_mask": "dropout",
+    "rank_bucket": "config",
+    "RANK_BUCKETS": "config",
+    "SUPPORTED_DTYPES": "config",
+}
+
+__all__ = ["triton_available", *_LAZY]
 
 
 def triton_available() -> bool:
@@ -15,3 +37,12 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(f"lorambo_kernels.{_LAZY[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module 'lorambo_kernels' has no attribute {name!r}")

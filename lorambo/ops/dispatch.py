@@ -22,4 +22,8 @@ def lora_linear(x, weight, bias, lora_A, lora_B, rank: int, scaling: float, drop
         seed = new_dropout_seed()
     if backend == "torch":
         return lora_linear_reference(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
+    if backend == "triton":
+        from lorambo.ops.triton_linear import lora_linear_triton  # lazy: triton is optional
+
+        return lora_linear_triton(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
     raise NotImplementedError(f"lorambo backend {backend!r} has no LoRA linear op yet")

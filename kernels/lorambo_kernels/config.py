@@ -1,0 +1,173 @@
+"""Launch configuration for the LoRA kernels: rank buckets, block shapes, split factors, TMA switch.
+
+Everything here is a pure function of shapes, dtype and device, so a launch never benchmarks,
+never synchronises and is CUDA-graph friendly (``triton.autotune`` would time configs on the
+first call, which breaks graph capture and torch.compile's first run).
+
+Measurement status: the GPU block shapes below are NOT measured on this code yet (it was written
+without a GPU). They are the configurations the Triton matmul tutorials (03 and 09) ship for
+Ampere/Hopper, and the DESIGN.md calibration probe (H100, triton 3.6, bf16: pointer loads 73 % of
+cuBLAS, host TMA descriptors + persistent grid 90-100 %) decides which path is the default on
+sm_90. Whoever first runs ``benchmarks/bench_lora_linear.py`` on a GPU should replace each
+"UNMEASURED" note with the measurement that picked the value.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+# Rank buckets: BLOCK_R is the smallest bucket >= r (tl.dot needs >= 16). Ranks above the last
+# bucket loop over chunks of 128 with the rank as the loop bound, so growing a layer from rank 1
+# to any capacity compiles at most len(RANK_BUCKETS) variants of each kernel.
+RANK_BUCKETS = (16, 32, 64, 128)
+MAX_BLOCK_R = RANK_BUCKETS[-1]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def rank_bucket(rank: int) -> int:
+    """BLOCK_R for an active rank: 16, 32, 64 or 128 (ranks > 128 are looped in chunks of 128)."""
+    for bucket in RANK_BUCKETS:
+        if rank <= bucket:
+            return bucket
+    return MAX_BLOCK_R
+
+
+def is_interpreter() -> bool:
+    """Kernels run under ``TRITON_INTERPRET=1`` (numpy on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision.
+
+    fp16/bf16 always run on tensor cores with fp32 accumulation. fp32 follows PyTorch's own
+    switch: ``torch.backends.cuda.matmul.allow_tf32`` (False by default, i.e. full IEEE fp32 like
+    cuBLAS); when a user enables TF32 for torch matmuls, the kernels use TF32 too and the fp32
+    error is then ~1e-3 relative, like torch's. The interpreter always computes in IEEE fp32,
+    and multiplies bf16 tiles after widening them to fp32 ("upcast", see common.mma).
+    """
+    if is_interpreter():
+        return "upcast" if dtype == torch.bfloat16 else "ieee"
+    if dtype != torch.float32:
+        return "ieee"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors on ``device`` (4 under the interpreter: small persistent grids)."""
+    if device.type != "cuda":
+        return 4
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def capability(device: torch.device) -> tuple[int, int]:
+    if device.type != "cuda":
+        return (0, 0)
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# ------------------------------------------------------------------------------------ GEMM
+def gemm_config(M: int, N: int, K: int, block_r: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Block shapes for the fused GEMM ``out[M, N] = a[M, K] b[K, N] (+ LoRA epilogue)``.
+
+    Keyed on the bucket of M (<= 64, <= 256, larger) and on the rank bucket (the fused
+    down-projection keeps a [BLOCK_M, BLOCK_R] fp32 accumulator next to the main one).
+    """
+    if is_interpreter():
+        # Small tiles so tiny test shapes still span several programs, K-steps and partial
+        # blocks; GROUP_M=2 exercises the grouped tile order.
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=1, num_stages=1)
+    big = dtype != torch.float32
+    if M <= 64:
+        # UNMEASURED. Decode-like M: few row tiles, so narrow N tiles to fill the SMs.
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128 if big else 64, GROUP_M=1, num_warps=4, num_stages=4)
+    elif M <= 256:
+        # UNMEASURED (triton tutorial 03 config).
+        cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64 if big else 32, GROUP_M=8, num_warps=4, num_stages=4)
+    else:
+        # UNMEASURED (triton tutorial 03/09 Hopper config: 128x128x64, 8 warps, 3-4 stages).
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64 if big else 32, GROUP_M=8, num_warps=8,
+                   num_stages=4 if big else 3)
+    if block_r >= 128 and cfg["BLOCK_M"] == 128:
+        cfg["num_stages"] = 3  # the [128, 128] fp32 down-projection accumulator costs registers
+    return cfg
+
+
+def tma_gemm_config(M: int, N: int, K: int, block_r: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Block shapes for the persistent TMA GEMM (Hopper)."""
+    if is_interpreter():
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=1, num_stages=1)
+    big = dtype != torch.float32
+    # UNMEASURED (triton tutorial 09 persistent-matmul config, which the DESIGN.md probe used
+    # to reach 90-100 % of cuBLAS at M=8192 on H100).
+    cfg = dict(BLOCK_M=128, BLOCK_N=256 if big and M > 256 else 128, BLOCK_K=64 if big else 32,
+               GROUP_M=8, num_warps=8, num_stages=3)
+    if block_r >= 64 and cfg["BLOCK_N"] == 256:
+        cfg["BLOCK_N"] = 128  # keep the fused [128, BLOCK_R] accumulator in registers
+    return cfg
+
+
+# ---------------------------------------------------------------------- skinny kernels
+def down_config(M: int, K: int, block_r: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """``out[M, r] = drop(a)[M, K] b[K, r]``: bandwidth bound (reads a once)."""
+    if is_interpreter():
+        return dict(BLOCK_M=16, BLOCK_K=16, num_warps=1, num_stages=1)
+    # UNMEASURED. 64-row tiles give M/64 programs (128 at M=8192, about one per H100 SM); the
+    # wide K tile keeps enough bytes in flight per program for a bandwidth-bound loop.
+    return dict(BLOCK_M=64 if M > 2048 else 32, BLOCK_K=128 if dtype != torch.float32 else 64,
+                num_warps=4, num_stages=4)
+
+
+def wgrad_config(P: int, M: int, block_r: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """``out[P, r] = s drop(a)^T[P, M] u[M, r]``: reduction over the long M axis, split in
+    SPLIT_M deterministic fp32 partials so that P/BLOCK_P * SPLIT_M fills the GPU."""
+    if is_interpreter():
+        return dict(BLOCK_P=16, BLOCK_M=16, SPLIT_M=2 if M > 16 else 1, num_warps=1, num_stages=1)
+    block_p = 64
+    tiles = -(-P // block_p)
+    # UNMEASURED. Aim at ~2 programs per SM, but keep >= 256 rows of M per split so the
+    # fp32 partials ([SPLIT_M, P, r], summed afterwards) stay small next to a.
+    want = max(1, (2 * sm_count(device)) // max(tiles, 1))
+    split = max(1, min(want, M // 256, 32))
+    return dict(BLOCK_P=block_p, BLOCK_M=64 if dtype != torch.float32 else 32, SPLIT_M=split,
+                num_warps=4, num_stages=3)
+
+
+# ----------------------------------------------------------------------------- TMA switch
+def tma_available() -> bool:
+    """Host TMA descriptors importable (triton >= 3.4)."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def want_tma(device: torch.device) -> bool:
+    """Use the persistent TMA GEMM? ``LORAMBO_TMA=0|1`` forces it off/on (on also under the
+    interpreter, which is how CI exercises that kernel); default: on for sm_90+ with Triton
+    descriptors, off elsewhere (sm_80 and older have no TMA; the pointer path runs there)."""
+    env = os.environ.get("LORAMBO_TMA", "auto").strip().lower()
+    if env in ("0", "off", "false"):
+        return False
+    if not tma_available():
+        return False
+    if env in ("1", "on", "true"):
+        return True
+    if is_interpreter():
+        return False
+    return device.type == "cuda" and capability(device)[0] >= 9
