@@ -23,3 +23,13 @@ def _fresh_state(request):
     torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
     yield
     lorambo.set_backend(None)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny matrices on a busy 2-core box can stall ~20 ms per product with
+    two OpenMP threads (measured 24 ms vs 5 us for a 10x12 @ 12x4 product)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

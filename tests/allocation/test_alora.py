@@ -13,12 +13,7 @@ from lorambo.optimizer import LoRAMBoOptimizer
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Net(nn.Module):

@@ -18,12 +18,7 @@ from lorambo.optimizer import LoRAMBoOptimizer
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices on a shared 2-core box: one thread is fastest
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dense_perp(x, dy, a_rows, b_cols):

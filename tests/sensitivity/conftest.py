@@ -11,14 +11,10 @@ from torch import nn
 DT = torch.float64
 
 
+
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: with 2 OpenMP threads on a busy 2-core box every mm can stall for ~20 ms
-    # (measured: 24 ms vs 5 us for a 10x12 @ 12x4 product); one thread is the fast setting here.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _single_thread(one_thread):
+    """Every sensitivity test runs on one thread (see tests/conftest.py)."""
 
 
 def mse(model, batch):
