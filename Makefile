@@ -11,8 +11,10 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+export MAX_JOBS ?= 2
+CSRC := $(shell find csrc -type f -name '*.cpp' -o -type f -name '*.cu' -o -type f -name '*.h')
 
-.PHONY: all install test demo bench wheel clean
+.PHONY: all install test demo bench bench-ext wheel sdist compile-cuda clean
 
 all: test
 
@@ -24,7 +26,7 @@ $(DEPS_STAMP): requirements/dev.txt | $(PY)
 	$(PIP) install --quiet -r requirements/dev.txt
 	touch $@
 
-$(INSTALL_STAMP): $(DEPS_STAMP) setup.py pyproject.toml
+$(INSTALL_STAMP): $(DEPS_STAMP) setup.py pyproject.toml $(CSRC)
 	$(PIP) install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 
@@ -39,8 +41,18 @@ demo: $(INSTALL_STAMP)
 bench: $(INSTALL_STAMP)
 	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-columns=min,median,mean,stddev,rounds
 
+bench-ext: $(INSTALL_STAMP)
+	$(PY) benchmarks/bench_ext.py --threads 1
+
 wheel: $(DEPS_STAMP)
 	$(PIP) wheel . --no-build-isolation --no-deps -w dist
+
+sdist: $(DEPS_STAMP)
+	$(PY) setup.py sdist -d dist
+
+# Compile every csrc/*.cu to an sm_90 object (no GPU needed): catches CUDA compile errors.
+compile-cuda: $(DEPS_STAMP)
+	.ci/compile_cuda.sh $(PY)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

@@ -7,6 +7,12 @@ Switches (environment):
 
 The extension is optional at run time: a build without a compiler, without torch in the build
 environment or without CUDA still produces a working package, and says why it skipped.
+LORAMBO_BUILD_CUDA=1 is the exception: CUDA was asked for explicitly, so a torch without CUDA,
+a missing nvcc or a failed compile stops the build instead of silently dropping the extension.
+
+Sources: csrc/**/*.cpp always, csrc/**/*.cu with CUDA; headers in csrc/include. The CPU kernels
+use at::parallel_for, which is OpenMP inside torch's headers: -fopenmp makes it parallel (and
+links the libgomp.so.1 that torch itself loads).
 """
 
 import glob
@@ -24,14 +30,22 @@ def _log(msg):
     print(f"lorambo setup: {msg}", file=sys.stderr)
 
 
-def _want_cuda(torch_cuda_available_at_build):
+def _cuda_mode():
     mode = os.environ.get("LORAMBO_BUILD_CUDA", "auto").lower()
     if mode not in ("0", "1", "auto"):
         raise SystemExit(f"LORAMBO_BUILD_CUDA must be 0, 1 or auto, got {mode!r}")
+    return mode
+
+
+def _want_cuda(torch_cuda_available_at_build):
+    mode = _cuda_mode()
     if mode == "0":
         return False
     has_nvcc = shutil.which("nvcc") is not None or bool(os.environ.get("CUDA_HOME"))
     if mode == "1":
+        if not (has_nvcc and torch_cuda_available_at_build):
+            raise SystemExit("LORAMBO_BUILD_CUDA=1 needs nvcc and a torch built with CUDA "
+                             f"(nvcc found: {has_nvcc}, torch CUDA: {torch_cuda_available_at_build})")
         return True
     return has_nvcc and torch_cuda_available_at_build
 
@@ -53,21 +67,42 @@ def extension_build():
         _log("torch is not importable in the build environment (use --no-build-isolation): "
              "building without the compiled extension")
         return [], {}
-    common = {"extra_compile_args": {"cxx": ["-O3", "-std=c++17"]}}
+    include = os.path.join(os.path.dirname(os.path.abspath(__file__)), CSRC, "include")
+    omp = ["-fopenmp"] if sys.platform.startswith("linux") else []  # elsewhere: serial at::parallel_for
+    common = {
+        "include_dirs": [include],
+        "extra_compile_args": {"cxx": ["-O3", "-g0", "-std=c++20", *omp]},
+        "extra_link_args": omp,
+    }
+    strict = _cuda_mode() == "1"
     if cu and _want_cuda(torch.version.cuda is not None):
         arch = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
-        common["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++17", *arch]
+        common["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++20", *arch]
         ext = CUDAExtension("lorambo._C", cpp + cu, define_macros=[("LORAMBO_WITH_CUDA", "1")], **common)
+        _log(f"building lorambo._C with CUDA ({len(cpp)} C++ and {len(cu)} CUDA sources)")
     else:
         ext = CppExtension("lorambo._C", cpp, **common)
+        _log(f"building lorambo._C for the CPU ({len(cpp)} C++ sources"
+             + (f"; {len(cu)} CUDA sources skipped: torch has no CUDA or nvcc is missing)" if cu else ")"))
 
     class OptionalBuildExtension(BuildExtension):
-        """A failed compile (no compiler, bad toolchain) warns and yields a pure-Python build."""
+        """A failed compile (no compiler, bad toolchain) warns and yields a pure-Python build,
+        unless CUDA was requested explicitly (LORAMBO_BUILD_CUDA=1)."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            # One object folder for every build of this checkout (editable installs would
+            # otherwise compile in a fresh temporary folder each time): ninja then recompiles
+            # only what changed (it tracks headers and compile flags, torch's included).
+            self.build_temp = os.path.join(os.path.dirname(os.path.abspath(__file__)), "build",
+                                           f"ext-{sys.implementation.cache_tag}")
 
         def run(self):
             try:
                 super().run()
             except Exception as err:  # noqa: BLE001 - any toolchain failure makes the ext optional
+                if strict:
+                    raise
                 _log(f"compiled extension skipped, build failed: {err}")
 
     return [ext], {"build_ext": OptionalBuildExtension}

@@ -1,4 +1,17 @@
-"""Optional compiled extension ``lorambo._C``: import once, warn once if it is broken."""
+"""Optional compiled extension ``lorambo._C``: import once, warn once if it is broken.
+
+Semantics (kept stable; tests/ext/test_ext_fallback.py checks them):
+
+- *absent* (built with ``LORAMBO_SKIP_EXT=1``, or no compiler at build time): ``load()`` returns
+  None quietly. A missing extension is an expected configuration, not a problem to report.
+- *broken* (the file exists but does not import: ABI or torch-version mismatch, missing symbol,
+  or its fake-impl module fails): ``load()`` returns None and warns **once** per process.
+- either way lorambo keeps working on Triton/PyTorch; only an explicit request for the ``ext``
+  backend (:func:`require`) raises.
+
+Importing ``lorambo._C`` registers the ``torch.ops.lorambo`` operators; ``lorambo._ext_fake``
+adds their fake implementations for torch.compile.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +26,22 @@ def load() -> ModuleType | None:
     """The extension module, or None when it was not built or fails to import (one warning)."""
     if "module" not in _state:
         try:
-            _state["module"] = importlib.import_module("lorambo._C")
+            module = importlib.import_module("lorambo._C")
+            importlib.import_module("lorambo._ext_fake")
+            _state["module"] = module
         except ModuleNotFoundError as err:
-            _state["module"], _state["error"] = None, err  # not built: expected, stay quiet
+            _state["module"], _state["error"] = None, err
+            if err.name != "lorambo._C":  # something the extension needs is missing: broken
+                warnings.warn(f"lorambo._C failed to import ({err}); using Triton/PyTorch", stacklevel=2)
         except Exception as err:  # built but broken (ABI mismatch, missing symbol): say so once
             _state["module"], _state["error"] = None, err
             warnings.warn(f"lorambo._C failed to import ({err}); using Triton/PyTorch", stacklevel=2)
     return _state["module"]  # type: ignore[return-value]
+
+
+def available() -> bool:
+    """Whether the compiled extension imported (no warning beyond load()'s own)."""
+    return load() is not None
 
 
 def require() -> ModuleType:

@@ -43,3 +43,22 @@ def test_triton_backend_runs_the_kernels_under_the_interpreter(monkeypatch):
     want = layer(x)
     lorambo.set_backend("triton")
     torch.testing.assert_close(layer(x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_ext_backend_matches_the_reference_through_a_layer():
+    from lorambo import _extension
+
+    if _extension.load() is None:
+        pytest.skip("compiled extension not built (CI builds it and sets LORAMBO_REQUIRE_EXT=1)")
+    layer = lorambo.LoRAMBoLinear(torch.nn.Linear(16, 8).double(), rank=3, capacity=4)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    want = layer(x)
+    grads_want = torch.autograd.grad(want.square().sum(), (x, layer.lora_A, layer.lora_B))
+    lorambo.set_backend("ext")
+    got = layer(x)
+    grads_got = torch.autograd.grad(got.square().sum(), (x, layer.lora_A, layer.lora_B))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for g, e in zip(grads_got, grads_want):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)

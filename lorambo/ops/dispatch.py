@@ -26,4 +26,8 @@ def lora_linear(x, weight, bias, lora_A, lora_B, rank: int, scaling: float, drop
         from lorambo.ops.triton_linear import lora_linear_triton  # lazy: triton is optional
 
         return lora_linear_triton(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
-    raise NotImplementedError(f"lorambo backend {backend!r} has no LoRA linear op yet")
+    if backend == "ext":
+        from lorambo.ops.ext_linear import lora_linear_ext  # lazy: the extension is optional
+
+        return lora_linear_ext(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
+    raise NotImplementedError(f"lorambo backend {backend!r} has no LoRA linear op")

@@ -1,0 +1,205 @@
+// Validation and work plans for the multi-tensor ops (shared by the CPU and CUDA paths).
+#include "lorambo/plan.h"
+
+#include <algorithm>
+#include <limits>
+#include <sstream>
+#include <tuple>
+
+namespace lorambo {
+
+std::string shape_str(at::IntArrayRef shape) {
+  std::ostringstream out;
+  out << "[";
+  for (size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
+  out << "]";
+  return out.str();
+}
+
+int32_t dtype_code(const char* op, const std::string& what, at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return kF32;
+    case at::kDouble: return kF64;
+    case at::kBFloat16: return kBF16;
+    case at::kHalf: return kF16;
+    default:
+      TORCH_CHECK(false, op, ": ", what, " has dtype ", t,
+                  "; supported dtypes are float32, float64, bfloat16 and float16");
+  }
+  return -1;
+}
+
+at::Device check_same_device(const char* op, const char* name, at::TensorList ts, const at::Device* device) {
+  at::Device ref = device ? *device : (ts.empty() ? at::Device(at::kCPU) : ts[0].device());
+  for (size_t i = 0; i < ts.size(); ++i) {
+    TORCH_CHECK(ts[i].defined(), op, ": ", name, "[", i, "] is undefined (None)");
+    TORCH_CHECK(ts[i].device() == ref, op, ": ", name, "[", i, "] is on ", ts[i].device(),
+                " but the other tensors are on ", ref, "; all tensors must be on one device");
+  }
+  return ref;
+}
+
+static void split(std::vector<ReduceItem>& items, int64_t tensor, int64_t start, int64_t len, int64_t chunk) {
+  for (int64_t s = 0; s < len; s += chunk) items.push_back({tensor, start + s, std::min(chunk, len - s)});
+}
+
+ReducePlan plan_reduce(const char* op, at::TensorList xs, at::TensorList ys, bool pairs, int64_t rows,
+                       int64_t chunk) {
+  TORCH_CHECK(rows >= 1, op, ": rows must be >= 1, got ", rows);
+  if (pairs) {
+    TORCH_CHECK(xs.size() == ys.size(), op, ": xs has ", xs.size(), " tensors but ys has ", ys.size(),
+                "; the lists must pair up");
+  }
+  ReducePlan plan;
+  plan.rows = rows;
+  plan.count = static_cast<int64_t>(xs.size());
+  plan.device = check_same_device(op, "xs", xs);
+  if (pairs) check_same_device(op, "ys", ys, &plan.device);
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const std::string xi = "xs[" + std::to_string(i) + "]";
+    plan.dtx.push_back(dtype_code(op, xi, xs[i].scalar_type()));
+    if (pairs) {
+      const std::string yi = "ys[" + std::to_string(i) + "]";
+      plan.dty.push_back(dtype_code(op, yi, ys[i].scalar_type()));
+      TORCH_CHECK(xs[i].sizes() == ys[i].sizes(), op, ": ", xi, " has shape ", shape_str(xs[i].sizes()),
+                  " but ", yi, " has shape ", shape_str(ys[i].sizes()), "; pairs must have equal shapes");
+    }
+    if (rows > 1) {
+      TORCH_CHECK(xs[i].dim() >= 1 && xs[i].size(0) == rows, op, ": ", xi, " has shape ",
+                  shape_str(xs[i].sizes()), " but rows=", rows, " needs a leading dimension of ", rows);
+    }
+    plan.xs.push_back(xs[i].contiguous());
+    if (pairs) plan.ys.push_back(ys[i].contiguous());
+  }
+  // Items ordered by output index o = p * count + i, so each output owns a contiguous range.
+  plan.out_begin.reserve(rows * plan.count + 1);
+  for (int64_t p = 0; p < rows; ++p) {
+    for (int64_t i = 0; i < plan.count; ++i) {
+      plan.out_begin.push_back(static_cast<int64_t>(plan.items.size()));
+      const int64_t per_row = plan.xs[i].numel() / rows;
+      split(plan.items, i, p * per_row, per_row, chunk);
+    }
+  }
+  plan.out_begin.push_back(static_cast<int64_t>(plan.items.size()));
+  return plan;
+}
+
+int32_t parse_distribution(const char* op, c10::string_view name) {
+  if (name == "rademacher") return 0;
+  if (name == "gaussian" || name == "normal") return 1;
+  if (name == "uniform") return 2;
+  TORCH_CHECK(false, op, ": distribution must be 'rademacher', 'gaussian' or 'uniform', got '",
+              std::string(name), "'");
+  return -1;
+}
+
+void check_seed(const char* op, int64_t seed) {
+  TORCH_CHECK(seed >= 0, op, ": seed must be in [0, 2^63), got ", seed);
+}
+
+void check_dropout(const char* op, double p, int64_t seed) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": dropout_p must be in [0, 1), got ", p);
+  if (p > 0.0) check_seed(op, seed);
+}
+
+FillPlan plan_fill(const char* op, at::TensorList tensors, int64_t seed, at::IntArrayRef offsets,
+                   c10::string_view distribution, int64_t chunk) {
+  TORCH_CHECK(tensors.size() == offsets.size(), op, ": tensors has ", tensors.size(), " entries but offsets has ",
+              offsets.size(), "; give one stream offset per tensor");
+  check_seed(op, seed);
+  FillPlan plan;
+  plan.seed = static_cast<uint64_t>(seed);
+  plan.distribution = parse_distribution(op, distribution);
+  plan.device = check_same_device(op, "tensors", tensors);
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const std::string ti = "tensors[" + std::to_string(i) + "]";
+    plan.dt.push_back(dtype_code(op, ti, tensors[i].scalar_type()));
+    const int64_t n = tensors[i].numel();
+    TORCH_CHECK(offsets[i] >= 0, op, ": offsets[", i, "] must be in [0, 2^63), got ", offsets[i]);
+    TORCH_CHECK(offsets[i] <= std::numeric_limits<int64_t>::max() - n, op, ": offsets[", i, "] = ", offsets[i],
+                " plus ", ti, ".numel() = ", n, " runs past the end of the stream (2^63)");
+    plan.targets.push_back(tensors[i].is_contiguous() ? tensors[i] : at::empty_like(tensors[i], at::MemoryFormat::Contiguous));
+    for (int64_t s = 0; s < n; s += chunk) {
+      plan.items.push_back({static_cast<int64_t>(i), s, std::min(chunk, n - s), offsets[i] + s});
+    }
+  }
+  return plan;
+}
+
+void finish_fill(FillPlan& plan, at::TensorList tensors) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (!tensors[i].is_contiguous()) const_cast<at::Tensor&>(tensors[i]).copy_(plan.targets[i]);
+  }
+}
+
+RemapPlan plan_remap(const char* op, at::TensorList tensors, at::IntArrayRef slot_dims, at::TensorList maps,
+                     int64_t buffer_elems) {
+  TORCH_CHECK(tensors.size() == slot_dims.size(), op, ": tensors has ", tensors.size(),
+              " entries but slot_dims has ", slot_dims.size());
+  TORCH_CHECK(tensors.size() == maps.size(), op, ": tensors has ", tensors.size(), " entries but maps has ",
+              maps.size());
+  RemapPlan plan;
+  plan.device = check_same_device(op, "tensors", tensors);
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    const std::string ti = "tensors[" + std::to_string(i) + "]";
+    dtype_code(op, ti, t.scalar_type());
+    TORCH_CHECK(t.is_contiguous(), op, ": ", ti, " (shape ", shape_str(t.sizes()), ", strides ",
+                shape_str(t.strides()), ") is not contiguous; pool maintenance edits whole pools in place");
+    TORCH_CHECK(t.dim() >= 1, op, ": ", ti, " is a scalar; a pool needs a slot dimension");
+    int64_t d = slot_dims[i];
+    TORCH_CHECK(d >= -t.dim() && d < t.dim(), op, ": slot_dims[", i, "] = ", d, " is out of range for ", ti,
+                " with ", t.dim(), " dimensions");
+    if (d < 0) d += t.dim();
+    const at::Tensor& m = maps[i];
+    TORCH_CHECK(m.defined() && m.device().is_cpu() && m.scalar_type() == at::kLong && m.dim() == 1, op,
+                ": maps[", i, "] must be a 1-D int64 CPU tensor");
+    RemapTensor rt;
+    rt.cap = t.size(d);
+    TORCH_CHECK(m.numel() == rt.cap, op, ": maps[", i, "] has ", m.numel(), " entries but ", ti,
+                " has ", rt.cap, " slots along dim ", d);
+    rt.outer = 1;
+    rt.inner = 1;
+    for (int64_t k = 0; k < d; ++k) rt.outer *= t.size(k);
+    for (int64_t k = d + 1; k < t.dim(); ++k) rt.inner *= t.size(k);
+    rt.elsize = static_cast<int64_t>(t.element_size());
+    const at::Tensor mc = m.contiguous();
+    const int64_t* src = mc.data_ptr<int64_t>();
+    for (int64_t j = 0; j < rt.cap; ++j) {
+      TORCH_CHECK(src[j] >= -1 && src[j] < rt.cap, op, ": maps[", i, "][", j, "] = ", src[j],
+                  " is not a slot of ", ti, " (valid: -1 for zero, or 0..", rt.cap - 1, ")");
+      if (src[j] != j) {
+        rt.dst.push_back(j);
+        rt.src.push_back(src[j]);
+      }
+    }
+    const int64_t n = static_cast<int64_t>(rt.dst.size());
+    if (n > 0 && rt.outer > 0 && rt.inner > 0) {
+      // Staging buffer per item holds n x (outer rows) x (inner cols): widen inner first, then outer.
+      const int64_t per = std::max<int64_t>(1, buffer_elems / n);
+      const int64_t w = std::min(rt.inner, per);
+      const int64_t g = w < rt.inner ? 1 : std::max<int64_t>(1, std::min(rt.outer, per / w));
+      for (int64_t o = 0; o < rt.outer; o += g) {
+        for (int64_t k = 0; k < rt.inner; k += w) {
+          plan.items.push_back({static_cast<int64_t>(i), o, std::min(o + g, rt.outer), k, std::min(k + w, rt.inner)});
+        }
+      }
+    }
+    plan.tensors.push_back(std::move(rt));
+  }
+  // Items of one tensor run in parallel with items of the others: overlapping memory would race.
+  std::vector<std::tuple<uintptr_t, uintptr_t, size_t>> spans;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (tensors[i].numel() == 0) continue;
+    const auto lo = reinterpret_cast<uintptr_t>(tensors[i].data_ptr());
+    spans.emplace_back(lo, lo + tensors[i].numel() * tensors[i].element_size(), i);
+  }
+  std::sort(spans.begin(), spans.end());
+  for (size_t j = 1; j < spans.size(); ++j) {
+    TORCH_CHECK(std::get<0>(spans[j]) >= std::get<1>(spans[j - 1]), op, ": tensors[", std::get<2>(spans[j - 1]),
+                "] and tensors[", std::get<2>(spans[j]), "] share memory; list every pool or state tensor once");
+  }
+  return plan;
+}
+
+}  // namespace lorambo

@@ -1,0 +1,68 @@
+"""Fake (meta) implementations of the ``torch.ops.lorambo`` ops, for FakeTensor / torch.compile.
+
+``csrc/ops.cpp`` names this module in its ``TORCH_LIBRARY`` block (``set_python_module``), so the
+dispatcher imports it on demand; :func:`lorambo._extension.load` also imports it right after
+``lorambo._C``. Imported without the extension it does nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.library import register_fake
+
+_registered = False
+
+
+def _one_device(op: str, name: str, tensors, device=None) -> None:
+    """The C++ kernels' device check, for the fake path (a meta tensor in a CPU list dispatches
+    here, not to the CPU kernel)."""
+    ref = device if device is not None else (tensors[0].device if len(tensors) else None)
+    for i, t in enumerate(tensors):
+        if t.device != ref:
+            raise RuntimeError(f"{op}: {name}[{i}] is on {t.device} but the other tensors are on {ref}; "
+                               "all tensors must be on one device")
+
+
+def _register() -> None:
+    global _registered
+    if _registered or not hasattr(torch.ops.lorambo, "multi_dot"):
+        return
+    _registered = True
+
+    @register_fake("lorambo::multi_dot")
+    def _multi_dot(xs, ys, rows=1):
+        torch._check(len(xs) == len(ys), lambda: f"lorambo::multi_dot: xs has {len(xs)} tensors but ys has {len(ys)}")
+        _one_device("lorambo::multi_dot", "xs", xs)
+        _one_device("lorambo::multi_dot", "ys", ys, xs[0].device)
+        return xs[0].new_empty((rows, len(xs)), dtype=torch.float64)
+
+    @register_fake("lorambo::multi_sq_norm")
+    def _multi_sq_norm(xs, rows=1):
+        _one_device("lorambo::multi_sq_norm", "xs", xs)
+        return xs[0].new_empty((rows, len(xs)), dtype=torch.float64)
+
+    @register_fake("lorambo::probe_fill_")
+    def _probe_fill(tensors, seed, offsets, distribution):
+        _one_device("lorambo::probe_fill_", "tensors", tensors)
+        return None
+
+    @register_fake("lorambo::pool_remap_")
+    def _pool_remap(tensors, slot_dims, maps):
+        _one_device("lorambo::pool_remap_", "tensors", tensors)
+        return None
+
+    @register_fake("lorambo::dropout_mask")
+    def _dropout_mask(x, p, seed):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @register_fake("lorambo::lora_linear_fwd")
+    def _lora_linear_fwd(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed):
+        return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], rank))
+
+    @register_fake("lorambo::lora_linear_bwd")
+    def _lora_linear_bwd(grad_y, x, weight, lora_A, lora_B, t, rank, scaling, dropout_p, seed, output_mask):
+        shapes = (x.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape)
+        return tuple(x.new_empty(shape if want else (0,)) for shape, want in zip(shapes, output_mask))
+
+
+_register()

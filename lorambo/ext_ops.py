@@ -1,0 +1,198 @@
+"""Python entry points for the compiled multi-tensor ops (``torch.ops.lorambo``, csrc/).
+
+Every function needs the compiled extension: without it they raise the RuntimeError of
+:func:`lorambo._extension.require` (check :func:`available` first to choose another path).
+
+Ops (all one parallel loop on the CPU, one launch on CUDA, over the whole list):
+
+- :func:`multi_dot` / :func:`multi_sq_norm`: per-pair dot products / per-tensor squared norms of
+  lists of any shapes and dtypes (float32, float64, bfloat16, float16), float32 accumulation,
+  float64 results. With ``rows=P`` tensors of shape (P, ...) reduce per row: a (P, L) result,
+  the layout of :func:`lorambo.sensitivity.reductions.per_layer_dots`.
+- :func:`probe_fill_`: Rademacher / Gaussian / uniform values from a counter-based Philox stream,
+  a pure function of (seed, stream position); identical on CPU and CUDA (see csrc/include/lorambo/philox.h).
+- :func:`pool_remap_`: compact, permute or zero rank slots of many pools (and their optimizer
+  moments) in one call; :func:`remap_pools_` applies it to LoRAMBoLinear layers.
+- :func:`dropout_mask`: the LoRA dropout multiplier the ``ext`` backend uses.
+
+Bad input raises a RuntimeError from C++ naming the list, the index and the value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from lorambo import _extension
+
+__all__ = [
+    "available",
+    "dropout_mask",
+    "keep_map",
+    "multi_dot",
+    "multi_sq_norm",
+    "pool_remap_",
+    "probe_fill_",
+    "remap_pools_",
+    "reset_map",
+    "stream_offsets",
+    "zero_inactive_map",
+]
+
+_INT64_MAX = 2**63 - 1
+_DISTRIBUTIONS = ("rademacher", "gaussian", "uniform")
+
+
+def available() -> bool:
+    """Whether the compiled ops can run (warns once if the extension is present but broken)."""
+    return _extension.load() is not None
+
+
+def _ops():
+    _extension.require()
+    return torch.ops.lorambo
+
+
+def _int64(name: str, value) -> int:
+    # Python ints beyond int64 cannot reach the C++ checks (the binding rejects them first).
+    value = int(value)
+    if not -(2**63) <= value <= _INT64_MAX:
+        raise ValueError(f"{name} = {value} does not fit in int64 (valid range [0, 2^63))")
+    return value
+
+
+def _rows_empty(rows: int, like: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.zeros((rows, 0), dtype=torch.float64)
+
+
+# ------------------------------------------------------------------------------ reductions
+def multi_dot(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], rows: int = 1) -> torch.Tensor:
+    """float64 (rows, L): entry (p, i) = <row p of xs[i], row p of ys[i]>; rows=1 is a plain dot."""
+    ops = _ops()
+    if len(xs) == 0 and len(ys) == 0:
+        return _rows_empty(rows, xs)
+    return ops.multi_dot(list(xs), list(ys), rows)
+
+
+def multi_sq_norm(xs: Sequence[torch.Tensor], rows: int = 1) -> torch.Tensor:
+    """float64 (rows, L): squared Frobenius norm of row p of xs[i]."""
+    ops = _ops()
+    if len(xs) == 0:
+        return _rows_empty(rows, xs)
+    return ops.multi_sq_norm(list(xs), rows)
+
+
+# ------------------------------------------------------------------------------ probe fill
+def stream_offsets(tensors: Sequence[torch.Tensor], offset: int = 0) -> list[int]:
+    """Consecutive stream offsets: the list behaves as one concatenated tensor starting at ``offset``."""
+    out, pos = [], int(offset)
+    for t in tensors:
+        out.append(pos)
+        pos += t.numel()
+    return out
+
+
+def probe_fill_(tensors: Sequence[torch.Tensor], seed: int, offsets: int | Sequence[int] = 0,
+                distribution: str = "rademacher") -> Sequence[torch.Tensor]:
+    """Fill ``tensors`` in place from the Philox stream of ``seed``; returns them.
+
+    Element j (row-major) of ``tensors[i]`` takes stream position ``offsets[i] + j``; an int
+    ``offsets`` lays the tensors out back to back from that position (:func:`stream_offsets`).
+    To make probes independent of how many are drawn per call (and of the other layers), give
+    layer i its own region, e.g. ``offsets[i] = (i << 40) + probe_index * numel_i``.
+    ``distribution``: ``rademacher`` (+-1), ``gaussian`` (N(0, 1), Box-Muller) or ``uniform`` [0, 1).
+    """
+    ops = _ops()
+    tensors = list(tensors)
+    if isinstance(offsets, int):
+        offsets = stream_offsets(tensors, _int64("offset", offsets))
+    offsets = [_int64(f"offsets[{i}]", o) for i, o in enumerate(offsets)]
+    if distribution not in _DISTRIBUTIONS:
+        raise ValueError(f"probe_fill_: distribution must be one of {_DISTRIBUTIONS}, got {distribution!r}")
+    if tensors or offsets:
+        ops.probe_fill_(tensors, _int64("seed", seed), offsets, distribution)
+    return tensors
+
+
+def dropout_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """The ``ext`` backend's inverted-dropout multiplier for ``x`` (0 or 1/(1-p)), x's shape and dtype.
+
+    Element j (row-major) is kept iff word j of the Philox stream (seed, dropout domain) is
+    >= ceil(p * 2^32): a pure function of (seed, shape), the same on CPU and CUDA.
+    """
+    return _ops().dropout_mask(x, float(p), _int64("seed", seed))
+
+
+# ------------------------------------------------------------------------ pool maintenance
+def pool_remap_(tensors: Sequence[torch.Tensor], slot_dims: Sequence[int],
+                maps: Sequence[torch.Tensor | Sequence[int]]) -> None:
+    """In place, for every i: slot j of ``tensors[i]`` along ``slot_dims[i]`` takes the old slot
+    ``maps[i][j]``, or zeros where ``maps[i][j] == -1``. Slots with ``maps[i][j] == j`` are not touched.
+
+    One call covers any number of pools and their optimizer moments; ``maps`` may repeat one
+    tensor for several entries. Tensors must be contiguous and distinct.
+    """
+    ops = _ops()
+    maps = [m if torch.is_tensor(m) else torch.as_tensor(list(m), dtype=torch.long) for m in maps]
+    if tensors or slot_dims or maps:
+        ops.pool_remap_(list(tensors), [int(d) for d in slot_dims], maps)
+
+
+def keep_map(keep: Sequence[int], old_rank: int, capacity: int) -> torch.Tensor:
+    """Map for ``LoRAMBoLinear.keep_components``: slots 0..n-1 take ``keep``, n..old_rank-1 become 0."""
+    src = list(range(capacity))
+    for j, k in enumerate(keep):
+        src[j] = int(k)
+    for j in range(len(keep), old_rank):
+        src[j] = -1
+    return torch.tensor(src, dtype=torch.long)
+
+
+def zero_inactive_map(rank: int, capacity: int) -> torch.Tensor:
+    """Map that zeroes slots rank..capacity-1 and keeps the rest."""
+    return torch.tensor(list(range(rank)) + [-1] * (capacity - rank), dtype=torch.long)
+
+
+def reset_map(slots: Iterable[int], capacity: int) -> torch.Tensor:
+    """Map that zeroes the listed slots (e.g. the optimizer moments of re-activated slots)."""
+    src = list(range(capacity))
+    for s in slots:
+        src[int(s)] = -1
+    return torch.tensor(src, dtype=torch.long)
+
+
+def _state_tensors(optimizer, param):
+    state = optimizer.state.get(param) if optimizer is not None else None
+    if not state:
+        return []
+    return [v for v in state.values() if torch.is_tensor(v) and v.shape == param.shape]
+
+
+@torch.no_grad()
+def remap_pools_(entries: Iterable[tuple[torch.nn.Module, torch.Tensor]], optimizer=None,
+                 state_maps: Iterable[torch.Tensor] | None = None) -> None:
+    """Apply slot maps to many LoRAMBoLinear pools in one launch.
+
+    ``entries``: (layer, map) pairs; the map (length capacity) is applied to ``lora_A`` (slot =
+    row) and ``lora_B`` (slot = column), and, with ``optimizer``, to every per-element state
+    tensor of those parameters (Adam's exp_avg / exp_avg_sq, ...). ``state_maps`` (one per entry)
+    overrides the map used for the optimizer state, e.g. :func:`reset_map` when the parameters
+    are re-initialised elsewhere but their moments must be zeroed. The layers' ``rank``
+    bookkeeping is the caller's job.
+    """
+    entries = list(entries)
+    state_maps = list(state_maps) if state_maps is not None else [m for _, m in entries]
+    if len(state_maps) != len(entries):
+        raise ValueError(f"remap_pools_: {len(entries)} entries but {len(state_maps)} state maps")
+    tensors, dims, maps = [], [], []
+    for (layer, m), sm in zip(entries, state_maps):
+        for param, dim in ((layer.lora_A, 0), (layer.lora_B, 1)):
+            tensors.append(param.data)
+            dims.append(dim)
+            maps.append(m)
+            for value in _state_tensors(optimizer, param):
+                tensors.append(value)
+                dims.append(dim)
+                maps.append(sm)
+    pool_remap_(tensors, dims, maps)

@@ -1,0 +1,98 @@
+"""CUDA implementations of the lorambo ops against the CPU ones (skipped without a GPU build).
+
+On a machine without a GPU these tests are skipped; .ci/compile_cuda.sh still compiles the
+CUDA sources there.
+"""
+
+import pytest
+import torch
+from ext_testutil import EXT, FLOAT_DTYPES, generator, needs_ext, random_dtype, random_shape
+
+from lorambo import ext_ops
+from lorambo.ops.ext_linear import dropout_mask_ext, lora_linear_ext
+from lorambo.ops.lora_linear_ref import lora_linear_reference
+
+pytestmark = [
+    needs_ext,
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available() or EXT is None or not getattr(EXT, "with_cuda", False),
+                       reason="needs a CUDA device and lorambo._C built with CUDA"),
+]
+
+
+def test_reductions_match_the_cpu():
+    gen = generator()
+    xs = [torch.randn(random_shape(gen), generator=gen).to(random_dtype(gen)) for _ in range(300)]
+    xs.append(torch.randn(300_001, generator=gen))
+    ys = [torch.randn(x.shape, generator=gen).to(random_dtype(gen)) for x in xs]
+    cpu = ext_ops.multi_dot(xs, ys)
+    gpu = ext_ops.multi_dot([x.cuda() for x in xs], [y.cuda() for y in ys])
+    scale = torch.tensor([[float((x.double() * y.double()).abs().sum()) for x, y in zip(xs, ys)]])
+    assert gpu.device.type == "cuda" and bool(((gpu.cpu() - cpu).abs() <= 2e-5 * scale + 1e-30).all())
+    torch.testing.assert_close(ext_ops.multi_sq_norm([x.cuda() for x in xs]).cpu(), ext_ops.multi_sq_norm(xs),
+                               rtol=2e-5, atol=1e-30)
+    rows = [torch.randn(4, 1000, generator=gen), torch.randn(4, 3, 5, generator=gen)]
+    torch.testing.assert_close(ext_ops.multi_dot([r.cuda() for r in rows], [r.cuda() for r in rows], rows=4).cpu(),
+                               ext_ops.multi_dot(rows, rows, rows=4), rtol=2e-5, atol=1e-30)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("dist", ["rademacher", "uniform", "gaussian"])
+def test_probe_streams_agree_between_cpu_and_cuda(dtype, dist):
+    shapes = [(1000,), (3, 0), (17, 33), (70_001,)]
+    offsets = [5, 2**40, 2**41 + 3, 2**42]
+    cpu = ext_ops.probe_fill_([torch.empty(s, dtype=dtype) for s in shapes], 2**35 + 1, offsets, dist)
+    gpu = ext_ops.probe_fill_([torch.empty(s, dtype=dtype, device="cuda") for s in shapes], 2**35 + 1, offsets, dist)
+    for c, g in zip(cpu, gpu):
+        if dist == "gaussian":  # double libm vs CUDA double math: ulp-level, rounded to the dtype
+            torch.testing.assert_close(g.cpu(), c, rtol=2e-7 if dtype != torch.float64 else 1e-14, atol=1e-7)
+        else:
+            assert torch.equal(g.cpu(), c)
+
+
+def test_dropout_masks_agree_between_cpu_and_cuda():
+    x = torch.empty(300, 257)
+    assert torch.equal(dropout_mask_ext(x.cuda(), 0.3, 77).cpu(), dropout_mask_ext(x, 0.3, 77))
+
+
+def test_pool_remap_matches_the_cpu():
+    gen = generator()
+    tensors, dims, maps = [], [], []
+    for i in range(60):
+        cap = int(torch.randint(1, 40, (), generator=gen))
+        width = 3000 if i % 9 == 0 else int(torch.randint(0, 50, (), generator=gen))
+        shape, dim = [((cap, width), 0), ((width, cap), 1), ((3, cap, 4), 1)][i % 3]
+        tensors.append(torch.randn(shape, generator=gen).to(random_dtype(gen)))
+        dims.append(dim)
+        maps.append(torch.randint(-1, cap, (cap,), generator=gen))
+    gpu = [t.cuda() for t in tensors]
+    ext_ops.pool_remap_(tensors, dims, maps)
+    ext_ops.pool_remap_(gpu, dims, maps)
+    assert all(torch.equal(g.cpu(), c) for g, c in zip(gpu, tensors))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_lora_linear_on_cuda_matches_cpu(p):
+    def make(device):
+        gen = torch.Generator().manual_seed(3)
+        shapes = [(37, 48), (40, 48), (40,), (16, 48), (40, 16)]
+        t = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+        return [v.to(device).requires_grad_(i in (0, 3, 4)) for i, v in enumerate(t)]
+
+    out = {}
+    for device in ("cpu", "cuda"):
+        x, w, b, a, bb = make(device)
+        y = lora_linear_ext(x, w, b, a, bb, 9, 0.5, p, 5)
+        grads = torch.autograd.grad(y.square().sum(), (x, a, bb))
+        out[device] = [y.detach().cpu()] + [g.cpu() for g in grads]
+    for c, g in zip(out["cpu"], out["cuda"]):
+        torch.testing.assert_close(g, c, rtol=1e-10, atol=1e-10)
+    if p == 0.0:
+        x, w, b, a, bb = make("cuda")
+        torch.testing.assert_close(lora_linear_ext(x, w, b, a, bb, 9, 0.5),
+                                   lora_linear_reference(x, w, b, a, bb, 9, 0.5))
+
+
+def test_mixed_devices_are_rejected():
+    with pytest.raises(RuntimeError, match=r"xs\[1\] is on cuda:0 but the other tensors are on cpu"):
+        ext_ops.multi_sq_norm([torch.ones(3), torch.ones(3, device="cuda")])
