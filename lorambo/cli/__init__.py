@@ -1,4 +1,10 @@
-"""The ``lorambo`` command line: ``lorambo demo``, ``lorambo info``."""
+"""The ``lorambo`` command line: ``lorambo demo``, ``lorambo experiment``, ``lorambo info``.
+
+- ``lorambo demo``: adaptive vs uniform LoRA at equal parameter budgets on the real
+  all-MiniLM-L6-v2 (the experiment at its default size, ~10 minutes on a 2-core CPU);
+  ``--full`` sizes it for a GPU; ``--growth`` runs the in-place rank-growth proof instead.
+- ``lorambo experiment``: the same experiment with every knob on the command line.
+"""
 
 from __future__ import annotations
 
@@ -21,22 +27,97 @@ def _info(_args) -> int:
     return 0
 
 
-def _demo(args) -> int:
-    from lorambo.cli.demo import run_demo
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
-    result = run_demo(steps=args.steps, grow_at=args.grow_at, batch_size=args.batch_size, seed=args.seed)
-    return 0 if result["ok"] else 1
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _run(cfg, args) -> int:
+    from lorambo.experiments.runner import default_out_dir, run_experiment
+
+    out = args.out if args.out is not None else default_out_dir(args.runs_root)
+    run_experiment(cfg, out_dir=out, progress=False if args.no_progress else None)
+    return 0
+
+
+def _demo(args) -> int:
+    if args.growth:
+        from lorambo.cli.growth import run_growth_demo
+
+        result = run_growth_demo(steps=args.steps, grow_at=args.grow_at, batch_size=args.batch_size, seed=args.seed)
+        return 0 if result["ok"] else 1
+    from lorambo.experiments import config as presets
+
+    return _run(presets.full() if args.full else presets.default(), args)
+
+
+# (flag, config field, type, help)
+_FIELDS = [
+    ("--tasks", "tasks", _names, "comma-separated: planted,topics"),
+    ("--methods", "methods", _names, "comma-separated: uniform,gradient,hessian,data,frobenius,online,alora,adalora,eva"),
+    ("--budgets", "budgets", _floats, "budget levels = mean rank per adapted layer, e.g. 1,4 (P = level x sum(d+k))"),
+    ("--seeds", "seeds", int, "seeds 0..N-1 per (method, budget)"),
+    ("--steps", "steps", int, "optimizer steps per run"),
+    ("--batch-size", "batch_size", int, "sequences per step"),
+    ("--max-length", "max_length", int, "tokens per sequence"),
+    ("--lrs", "lr_grid", _floats, "learning-rate grid tried per method on seed 0, e.g. 1e-3,3e-3"),
+    ("--lr-search", "lr_search", str, "per_budget | first_budget"),
+    ("--train-examples", "train_examples", int, "training pool per task (0: all)"),
+    ("--eval-examples", "eval_examples", int, "validation examples (0: all); the test split is always whole"),
+    ("--calib-batches", "calib_batches", int, "batches for sensitivities and EVA's SVD"),
+    ("--hessian-probes", "hessian_probes", int, "Hutchinson probes for the Hessian trace"),
+    ("--growth-factor", "growth_factor", float, "pool size / AdaLoRA init_r / EVA rho factor"),
+    ("--alora-rounds", "alora_rounds", int, "ALoRA prune-and-reallocate rounds"),
+    ("--planted-scale", "planted_scale", float, "relative RMS change of each planted delta"),
+    ("--topic-cap", "topic_cap", int, "most utterances kept per topic"),
+    ("--threads", "threads", int, "torch CPU threads"),
+    ("--device", "device", str, "auto | cpu | cuda"),
+]
+
+
+def _experiment(args) -> int:
+    from lorambo.experiments import config as presets
+
+    cfg = presets.PRESETS[args.preset]()
+    changes = {field: getattr(args, field) for _, field, _, _ in _FIELDS if getattr(args, field) is not None}
+    return _run(cfg.replace(**changes) if changes else cfg, args)
+
+
+def _output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default=None, help="output folder (default: runs/<timestamp>)")
+    p.add_argument("--runs-root", default="runs", help="parent of the timestamped output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorambo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="lorambo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train LoRA on the real all-MiniLM-L6-v2, grow ranks mid-training")
-    demo.add_argument("--steps", type=int, default=24, help="optimizer steps in total")
-    demo.add_argument("--grow-at", type=int, default=12, help="step at which ranks grow")
-    demo.add_argument("--batch-size", type=int, default=16)
-    demo.add_argument("--seed", type=int, default=0)
+    demo = sub.add_parser("demo", help="adaptive vs uniform LoRA at equal budget on the real all-MiniLM-L6-v2")
+    demo.add_argument("--full", action="store_true", help="the GPU-sized experiment")
+    demo.add_argument("--growth", action="store_true", help="run the in-place rank-growth proof instead")
+    _output_args(demo)
+    g = demo.add_argument_group("--growth options")
+    g.add_argument("--steps", type=int, default=24, help="optimizer steps in total")
+    g.add_argument("--grow-at", type=int, default=12, help="step at which ranks grow")
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+
+    exp = sub.add_parser("experiment", help="the experiment with every option")
+    exp.add_argument("--preset", choices=("default", "tiny", "full"), default="default",
+                     help="starting sizes (default: what `lorambo demo` runs)")
+    for flag, field, kind, text in _FIELDS:
+        exp.add_argument(flag, dest=field, type=kind, default=None, help=text)
+    _output_args(exp)
+    exp.set_defaults(func=_experiment)
+
     info = sub.add_parser("info", help="versions and the backend in use")
     info.set_defaults(func=_info)
     return parser
@@ -44,7 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, ImportError, FileNotFoundError, PermissionError) as err:
+        print(f"lorambo {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The ``lorambo`` command: demo on the real MiniLM (small size) and info."""
+"""The ``lorambo`` command: the growth proof on the real MiniLM (small size), demo/experiment wiring, info."""
 
 import subprocess
 import sys
@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 
 from lorambo.cli import main
-from lorambo.cli.demo import run_demo
+from lorambo.cli import build_parser
+from lorambo.cli.growth import run_growth_demo
 
 
 @pytest.mark.slow
-def test_demo_grows_ranks_without_changing_function_or_storage(capsys):
-    result = run_demo(steps=3, grow_at=1, batch_size=8)
+def test_growth_demo_grows_ranks_without_changing_function_or_storage(capsys):
+    result = run_growth_demo(steps=3, grow_at=1, batch_size=8)
     growth = result["growth"]
     assert growth["max_abs_diff"] <= 1e-6
     assert growth["same_objects"] and growth["same_storage"] and growth["inactive_zero"]
@@ -23,9 +24,33 @@ def test_demo_grows_ranks_without_changing_function_or_storage(capsys):
     assert "function preserved" in out and "Held-out contrastive loss" in out
 
 
-def test_demo_rejects_bad_schedule():
+def test_growth_demo_rejects_bad_schedule(capsys):
     with pytest.raises(ValueError, match="--grow-at 5"):
-        run_demo(steps=4, grow_at=5)
+        run_growth_demo(steps=4, grow_at=5)
+    assert main(["demo", "--growth", "--steps", "4", "--grow-at", "5"]) == 2
+    assert "--grow-at 5" in capsys.readouterr().err
+
+
+def test_demo_and_experiment_options_reach_the_config(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake_run(cfg, out_dir=None, progress=None):
+        seen["cfg"], seen["out"], seen["progress"] = cfg, out_dir, progress
+        return {}
+
+    monkeypatch.setattr("lorambo.experiments.runner.run_experiment", fake_run)
+    assert main(["demo", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert seen["cfg"].seeds == 3 and len(seen["cfg"].budgets) >= 2 and len(seen["cfg"].methods) == 10
+    assert seen["out"] == str(tmp_path) and seen["progress"] is False
+    assert main(["demo", "--full", "--out", str(tmp_path)]) == 0
+    assert seen["cfg"].steps >= 100 and seen["cfg"].seeds >= 3
+    assert main(["experiment", "--preset", "tiny", "--methods", "uniform,eva", "--budgets", "0.5,3",
+                 "--lrs", "1e-3,3e-3", "--seeds", "2", "--steps", "7", "--runs-root", str(tmp_path)]) == 0
+    cfg = seen["cfg"]
+    assert cfg.methods == ("uniform", "eva") and cfg.budgets == (0.5, 3.0) and cfg.lr_grid == (1e-3, 3e-3)
+    assert cfg.seeds == 2 and cfg.steps == 7 and str(seen["out"]).startswith(str(tmp_path))
+    help_text = build_parser().format_help()
+    assert "demo" in help_text and "experiment" in help_text
 
 
 def test_info_and_console_entry_point(capsys):

@@ -1,0 +1,142 @@
+"""Experiment configuration: which tasks, methods, budgets, seeds and how much training.
+
+Budgets are given as *levels*: the mean LoRA rank per adapted module, so a level L buys
+``P = L * sum_i (d_i + k_i)`` parameters, the cost of uniform rank L everywhere. Every method is
+held to the same P, counted as ``sum_i r_i (d_i + k_i)`` over its final ranks.
+
+Three sizes: :func:`tiny` (the CI test: seconds per run), :func:`default` (``lorambo demo``:
+about 10 minutes on a 2-core CPU) and :func:`full` (``--full``: sized for one GPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+METHODS = ("uniform", "gradient", "hessian", "data", "frobenius", "online", "alora", "adalora", "eva", "oracle")
+REFERENCE = ("oracle",)  # not an allocator: the planted ranks themselves (planted task only)
+METHOD_LABELS = {
+    "uniform": "uniform LoRA",
+    "gradient": "closed form, gradient",
+    "hessian": "closed form, Hessian trace",
+    "data": "closed form, data covariance",
+    "frobenius": "closed form, Frobenius",
+    "online": "online greedy growth",
+    "alora": "ALoRA prune/reallocate",
+    "adalora": "AdaLoRA (peft)",
+    "eva": "EVA (peft)",
+    "oracle": "oracle: planted ranks",
+}
+CLOSED_FORM = ("gradient", "hessian", "data", "frobenius")  # LoRAMBoOptimizer sensitivity_method names
+TASKS = ("planted", "topics")
+TASK_LABELS = {"planted": "planted low-rank deltas (distillation)", "topics": "chatterbot topics (classification)"}
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Every knob of one experiment; the same values apply to every method."""
+
+    tasks: tuple[str, ...] = TASKS
+    methods: tuple[str, ...] = METHODS
+    budgets: tuple[float, ...] = (1.0, 4.0)      # levels: mean rank per module (see module doc)
+    seeds: int = 3
+    steps: int = 20                              # optimizer steps per run
+    batch_size: int = 8
+    max_length: int = 16                         # tokens per sequence, [CLS] and [SEP] included
+    lr_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2)  # AdamW learning rates tried per method: on the
+    #                                              planted task at 20 steps EVA and online growth did
+    #                                              best at 1e-3, most at 3e-3, AdaLoRA at 1e-2
+    lr_search: str = "first_budget"              # "per_budget" | "first_budget": where the grid runs
+    train_examples: int = 512                    # training pool per task (0: all)
+    eval_examples: int = 96                      # validation examples scored per run (0: all);
+    #                                              the test split is always scored whole
+    calib_batches: int = 2                       # batches for sensitivities and EVA's SVD
+    hessian_probes: int = 4                      # Hutchinson probes (per calibration batch)
+    sensitivities_per_seed: bool = False         # False: measured once per task, on seed 0's batches
+    eva_batches: int = 8                         # EVA's SVD data: the first eva_batches x 32 training
+    #                                              rows (with 2 batches of 8, peft's incremental SVD
+    #                                              never converged at r=4: >300 passes)
+    eva_max_passes: int = 400                    # guard: peft's EVA loop has no iteration limit
+    growth_factor: float = 2.0                   # pool size = growth_factor x rank (online, ALoRA),
+    #                                              AdaLoRA init_r and EVA's rho follow the same factor
+    online_initial: float = 0.5                  # online growth starts with this share of P (uniform)
+    alora_rounds: int = 1
+    alora_prune: float = 0.25                    # share of the active components pruned per round
+    alora_heldout: int = 8                       # validation examples ALoRA scores components on
+    #                                              (ablation runs 2 + 2 x components forwards)
+    planted_scale: float = 0.1                   # each planted layer alone: this relative error
+    topic_cap: int = 100                         # most utterances kept per topic
+    threads: int = 2                             # torch CPU threads
+    device: str = "auto"                         # "auto" (CUDA if available), "cpu" or "cuda"
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; valid methods: {', '.join(METHODS)}")
+        if not self.methods or len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods must be a non-empty list without repeats, got {list(self.methods)}")
+        bad = [t for t in self.tasks if t not in TASKS]
+        if bad or not self.tasks:
+            raise ValueError(f"unknown or no task(s) {bad or list(self.tasks)}; valid tasks: {', '.join(TASKS)}")
+        if not self.budgets or any(not (isinstance(b, (int, float)) and math.isfinite(b) and b > 0)
+                                   for b in self.budgets):
+            raise ValueError(f"budgets must be positive mean ranks per module, got {list(self.budgets)}")
+        if len(set(self.budgets)) != len(self.budgets):
+            raise ValueError(f"budgets repeat: {list(self.budgets)}")
+        if self.train_examples < 0 or self.eval_examples < 0:
+            raise ValueError("train_examples and eval_examples must be >= 0 (0: all)")
+        for name in ("seeds", "steps", "batch_size", "calib_batches", "hessian_probes", "alora_rounds",
+                     "eva_batches", "eva_max_passes",
+                     "alora_heldout", "topic_cap", "threads"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if self.max_length < 4:
+            raise ValueError(f"max_length must be >= 4 tokens, got {self.max_length}")
+        if self.steps < 5:
+            raise ValueError(f"steps must be >= 5 (the adaptive schedules need room), got {self.steps}")
+        if not self.lr_grid or any(not (lr > 0 and math.isfinite(lr)) for lr in self.lr_grid):
+            raise ValueError(f"lr_grid must hold positive learning rates, got {list(self.lr_grid)}")
+        if self.lr_search not in ("per_budget", "first_budget"):
+            raise ValueError(f"lr_search must be 'per_budget' or 'first_budget', got {self.lr_search!r}")
+        if not 0 < self.online_initial < 1 or not 0 < self.alora_prune < 1:
+            raise ValueError("online_initial and alora_prune must be in (0, 1)")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.growth_factor < 1:
+            raise ValueError(f"growth_factor must be >= 1, got {self.growth_factor}")
+
+    def replace(self, **changes) -> "ExperimentConfig":
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.pop("extra")
+        return out
+
+
+def default() -> ExperimentConfig:
+    """``lorambo demo``: every method, 2 budgets, 3 seeds, small steps (2-core CPU, ~10 minutes)."""
+    return ExperimentConfig()
+
+
+def tiny(methods=("uniform", "gradient")) -> ExperimentConfig:
+    """CI size: 1 seed, a few steps, 2 methods, one learning rate."""
+    return ExperimentConfig(methods=tuple(methods), budgets=(1.0, 2.0), seeds=1, steps=5, batch_size=4,
+                            max_length=12, lr_grid=(1e-2,), train_examples=64, eval_examples=16, calib_batches=1, eva_batches=2,
+                            hessian_probes=2, alora_heldout=4, topic_cap=30,
+                            threads=1)  # tiny products on a busy 2-core box stall with 2 OpenMP threads
+
+
+def full() -> ExperimentConfig:
+    """``--full``: sized for one GPU (longer training, longer text, 3 budgets, 5 seeds)."""
+    return ExperimentConfig(budgets=(1.0, 2.0, 4.0), seeds=5, steps=300, batch_size=32, max_length=64,
+                            lr_search="per_budget",
+                            lr_grid=(1e-3, 3e-3, 1e-2), train_examples=0, eval_examples=0, calib_batches=8,
+                            hessian_probes=32, sensitivities_per_seed=True, alora_rounds=3, alora_prune=0.1, alora_heldout=64,
+                            topic_cap=200)
+
+
+PRESETS = {"default": default, "tiny": tiny, "full": full}

@@ -1,0 +1,128 @@
+"""lorambo's allocators as experiment methods, all through :class:`lorambo.LoRAMBoOptimizer`.
+
+- ``uniform``: one water level for every layer (``allocate(method="uniform")``).
+- ``gradient`` / ``hessian`` / ``data`` / ``frobenius``: the closed-form square-root law
+  ``r_i ∝ sqrt(s_i / (d_i + k_i))`` on that sensitivity, measured before training.
+- ``online``: start uniform with ``online_initial`` of P, then the online greedy allocator grows
+  ranks in place (best ``Δ_i / (d_i + k_i)`` first) at decision steps until P is spent.
+- ``alora``: start uniform at P, then ALoRA rounds prune the worst components (AB-LoRA ablation
+  on validation batches) and give their ranks to the most important modules.
+
+Ranks ``0`` are allowed (the layer still exists, with nothing active). Pools hold
+``growth_factor`` times the allocated rank (at least 8) for the methods that grow.
+"""
+
+from __future__ import annotations
+
+import math
+
+from lorambo import LoRAMBoOptimizer, lora_layers
+from lorambo.allocation.alora import ALoRAConfig
+from lorambo.experiments.methods import Method, ranks_by_short, schedule
+
+
+class LoRAMBoMethod(Method):
+    allocation = "uniform"
+    sensitivity = "gradient"
+
+    def optimizer(self, student, **kw) -> LoRAMBoOptimizer:
+        cfg = self.ctx.cfg
+        return LoRAMBoOptimizer(student, total_budget=self.ctx.budget, sensitivity_method=self.sensitivity,
+                                target_modules=self.ctx.task.names, allocation=self.allocation,
+                                growth_factor=cfg.growth_factor, seed=self.ctx.seed, **kw)
+
+    def setup(self, student):
+        self.model = student
+        self.opt = self.optimizer(student)
+        self.opt.compute_optimal_ranks(sensitivities=self.given_sensitivities())
+        self.opt.configure()
+        return student
+
+    def given_sensitivities(self):
+        return None
+
+    def final_ranks(self) -> dict[str, int]:
+        return ranks_by_short({n: m.rank for n, m in lora_layers(self.model).items()})
+
+    def trainable_lora_params(self) -> int:
+        return sum(m.lora_A[:m.rank].numel() + m.lora_B[:, :m.rank].numel() for m in lora_layers(self.model).values())
+
+
+class Uniform(LoRAMBoMethod):
+    name = "uniform"
+
+
+class ClosedForm(LoRAMBoMethod):
+    allocation = "closed_form"
+
+    def given_sensitivities(self):
+        return self.ctx.sensitivities[self.sensitivity]
+
+
+def _closed_form(sensitivity: str):
+    return type(f"ClosedForm_{sensitivity}", (ClosedForm,), {"name": sensitivity, "sensitivity": sensitivity})
+
+
+class Online(LoRAMBoMethod):
+    name = "online"
+
+    def setup(self, student):
+        s = schedule(self.ctx.cfg.steps)
+        self.model = student
+        initial = max(int(self.ctx.cfg.online_initial * self.ctx.budget), min(self.ctx.costs.values()))
+        self.opt = self.optimizer(student, initial_budget=initial, warmup_steps=s["warmup"],
+                                  interval=s["interval"], stop_step=s["stop"], loss_improvement_threshold=0.0)
+        self.opt.compute_optimal_ranks()
+        self.opt.configure()
+        return student
+
+    def capture(self, step):
+        return self.opt.capture(step)
+
+    def after_backward(self, step, optimizer):
+        self.opt.step(step, optimizer=optimizer)
+
+
+class ALoRA(LoRAMBoMethod):
+    name = "alora"
+    allocation = "alora"
+
+    def setup(self, student):
+        cfg = self.ctx.cfg
+        self.model = student
+        every = max(1, cfg.steps // (cfg.alora_rounds + 2))  # rounds, then time to fine-tune
+        self.opt = self.optimizer(student, heldout_batches=self.ctx.heldout, loss_fn=self.ctx.task.loss)
+        ranks = self.opt.compute_optimal_ranks()              # uniform start at P
+        n_prune = max(1, math.ceil(cfg.alora_prune * sum(ranks.values())))
+        self.opt.alora_config = ALoRAConfig(k1=every, k2=every, rounds=cfg.alora_rounds, n_prune=n_prune)
+        self.opt.configure()
+        return student
+
+    def after_backward(self, step, optimizer):
+        self.opt.step(step, optimizer=optimizer)
+
+
+class Oracle(LoRAMBoMethod):
+    """Reference, not an allocator: exactly the planted ranks (planted task), trained like the rest."""
+
+    name = "oracle"
+
+    def setup(self, student):
+        from lorambo import configure_model
+        from lorambo.experiments.student import PREFIX
+
+        planted = getattr(self.ctx.task, "planted", None)
+        if not planted:
+            raise ValueError("the oracle method needs a task with planted ranks (the planted task)")
+        self.model = student
+        configure_model(student, {PREFIX + n: r for n, r in planted.items()})
+        return student
+
+    def final_ranks(self) -> dict[str, int]:
+        ranks = dict.fromkeys(self.ctx.task.dims, 0)
+        ranks.update(super().final_ranks())
+        return ranks
+
+
+METHODS = {"uniform": Uniform, "oracle": Oracle, "online": Online, "alora": ALoRA,
+           **{s: _closed_form(s) for s in ("gradient", "hessian", "data", "frobenius")}}

@@ -1,0 +1,166 @@
+"""Aggregate runs into mean ± std per (method, budget), compare with uniform, format, save.
+
+Only the runs at each (method, budget)'s selected learning rate enter the summary; the others
+(the rest of the grid, on seed 0) stay in the JSON. Comparisons with uniform are paired by seed
+(same data order and LoRA initialisation seed): a method "beats uniform" at a budget when it is
+better on every seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+from lorambo.experiments.config import METHOD_LABELS, REFERENCE, TASK_LABELS
+
+EXTRA = ("spearman", "planted_share", "planted_coverage")
+
+
+def mean_std(values) -> tuple[float, float]:
+    values = [float(v) for v in values]
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(runs: list[dict], lr_choice: dict, methods, levels, higher_is_better: bool) -> dict:
+    """``{method: {str(level): {...}}}`` over the selected runs, with paired gaps to uniform."""
+    chosen = {}
+    for r in runs:
+        if r["lr"] == lr_choice[r["method"]][str(r["level"])]:
+            chosen.setdefault((r["method"], r["level"]), {})[r["seed"]] = r
+    out = {}
+    for method in methods:
+        for level in levels:
+            rows = chosen.get((method, level), {})
+            if not rows:
+                continue
+            seeds = sorted(rows)
+            m, s = mean_std(rows[k]["metric"] for k in seeds)
+            entry = {"seeds": seeds, "metric_mean": m, "metric_std": s, "lr": lr_choice[method][str(level)],
+                     "spent_mean": statistics.fmean(rows[k]["spent"] for k in seeds),
+                     "budget": rows[seeds[0]]["budget"],
+                     "mean_ranks": {n: statistics.fmean(rows[k]["ranks"][n] for k in seeds)
+                                    for n in rows[seeds[0]]["ranks"]}}
+            for key in EXTRA:
+                if key in rows[seeds[0]]:
+                    entry[key + "_mean"], entry[key + "_std"] = mean_std(rows[k][key] for k in seeds)
+            base = chosen.get(("uniform", level), {})
+            common = [k for k in seeds if k in base]
+            if method != "uniform" and common:
+                sign = 1.0 if higher_is_better else -1.0
+                gains = [sign * (rows[k]["metric"] - base[k]["metric"]) for k in common]
+                entry["gain_vs_uniform_mean"], entry["gain_vs_uniform_std"] = mean_std(gains)
+                entry["wins_vs_uniform"] = sum(g > 0 for g in gains)
+                entry["paired_seeds"] = len(common)
+            out.setdefault(method, {})[str(level)] = entry
+    return out
+
+
+def verdicts(task: str, summary: dict, levels, higher_is_better: bool) -> list[str]:
+    """Plain sentences: which adaptive method beat uniform on every seed, at which budget."""
+    lines = []
+    word = "higher" if higher_is_better else "lower"
+    for level in levels:
+        uni = summary.get("uniform", {}).get(str(level))
+        if uni is None:
+            lines.append(f"[{task}] level {level}: uniform was not run, no comparison")
+            continue
+        better, worse = [], []
+        for method, per in summary.items():
+            e = per.get(str(level))
+            if method == "uniform" or method in REFERENCE or e is None or "wins_vs_uniform" not in e:
+                continue
+            text = (f"{METHOD_LABELS[method]} {e['metric_mean']:.4f} ± {e['metric_std']:.4f} "
+                    f"({e['wins_vs_uniform']}/{e['paired_seeds']} seeds)")
+            (better if e["wins_vs_uniform"] == e["paired_seeds"] else worse).append(text)
+        head = f"[{task}] level {level} (P = {uni['budget']:,}), uniform {uni['metric_mean']:.4f} ± {uni['metric_std']:.4f} ({word} is better):"
+        lines.append(head)
+        lines.append("  beat uniform on every seed: " + ("; ".join(better) if better else "none"))
+        lines.append("  did not: " + ("; ".join(worse) if worse else "none"))
+    return lines
+
+
+def _pm(m: float, s: float, digits: int = 3) -> str:
+    return f"{m:.{digits}f}±{s:.{digits}f}"
+
+
+def format_table(task_result: dict, methods, levels) -> str:
+    """One text table per task: a row per method, a column group per budget."""
+    task, summary = task_result["task"], task_result["summary"]
+    metric = task_result["metric"]
+    planted = task == "planted"
+    cols = ["loss", "ρ", "share"] if planted else ["accuracy"]
+    width = max(len(METHOD_LABELS[m]) for m in methods) + 2
+    cell = 14
+    titles = [f"level {lv:g}, P={task_result['budgets'][str(lv)]:,}" for lv in levels]
+    group = max([cell * len(cols)] + [len(t) + 1 for t in titles])
+    head1 = " " * width + "".join(f"| {t}".ljust(group + 2) for t in titles)
+    head2 = "method".ljust(width) + "".join(("| " + "".join(c.ljust(cell) for c in cols)).ljust(group + 2)
+                                            for _ in levels)
+    lines = [f"{TASK_LABELS[task]}: held-out {metric} (mean ± std over seeds)", head1, head2,
+             "-" * len(head2)]
+    extra = task_result.get("baselines", {})
+    for name, value in extra.items():
+        lines.append(f"{name}".ljust(width) + "".join(("| " + f"{value:.3f}").ljust(group + 2) for _ in levels))
+    for m in methods:
+        row = METHOD_LABELS[m].ljust(width)
+        for lv in levels:
+            e = summary.get(m, {}).get(str(lv))
+            if e is None:
+                row += "| n/a".ljust(group + 2)
+                continue
+            parts = [_pm(e["metric_mean"], e["metric_std"])]
+            if planted:
+                parts += [f"{e['spearman_mean']:.2f}", f"{e['planted_share_mean']:.2f}"]
+            row += ("| " + "".join(p.ljust(cell) for p in parts)).ljust(group + 2)
+        lines.append(row)
+    if planted:
+        lines.append("ρ: Spearman correlation of the final ranks with the planted ones over all 36 layers "
+                     "(0 for a constant allocation); share: part of the budget spent on planted layers "
+                     f"(oracle: 1.00). loss: 1.0 = pretrained model, 0 = deltas recovered.")
+    return "\n".join(lines)
+
+
+def _finite(obj, path="result") -> None:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        raise ValueError(f"{path} is {obj}: refusing to write a non-finite number")
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _finite(v, f"{path}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _finite(v, f"{path}[{i}]")
+
+
+def write_json_atomic(obj, path) -> Path:
+    """Write JSON to a temporary file in the same folder, fsync, then rename over ``path``:
+    a reader never sees a partial file, whatever happens mid-write."""
+    path = Path(path)
+    _finite(obj)
+    text = json.dumps(obj, indent=1, sort_keys=False)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def write_text_atomic(text: str, path) -> Path:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path

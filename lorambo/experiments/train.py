@@ -1,0 +1,56 @@
+"""One run: a method, a budget, a seed and a learning rate, trained and scored.
+
+The loop is the same for every method (AdamW, no weight decay, ``cfg.steps`` steps over the
+seed's batch stream); methods only plug into it through the hooks of
+:class:`~lorambo.experiments.methods.Method`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from lorambo.experiments.methods import Method, RunContext, make_method, spent
+
+
+def train_run(ctx: RunContext, method_name: str, lr: float, batches: list) -> dict:
+    """Train one run and return every number about it (JSON-ready)."""
+    started = time.perf_counter()
+    task, cfg = ctx.task, ctx.cfg
+    student = task.fresh_student(ctx.seed)
+    method: Method = make_method(method_name, ctx)
+    model = method.setup(student)
+    model.eval()  # no dropout: the same deterministic function for every method
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses = []
+    for step, batch in enumerate(batches):
+        with method.capture(step):
+            loss = task.loss(model, batch)
+            extra = method.extra_loss(model)
+            (loss if extra is None else loss + extra).backward()
+        method.after_backward(step, optimizer)
+        optimizer.step()
+        method.after_step(step)
+        optimizer.zero_grad(set_to_none=True)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{method_name} at lr {lr}: training loss {value} at step {step}")
+        losses.append(value)
+    trained = time.perf_counter() - started
+    val, test = task.evaluate(model, "val"), task.evaluate(model, "test")
+    ranks = method.final_ranks()
+    used = spent(ranks, task.dims)
+    counted = method.trainable_lora_params()
+    if used > ctx.budget:
+        raise AssertionError(f"{method_name} spent {used} > budget {ctx.budget}")
+    if counted != used:
+        raise AssertionError(f"{method_name}: ranks say {used} LoRA parameters, the model holds {counted}")
+    return {
+        "task": task.name, "method": method_name, "level": ctx.level, "budget": ctx.budget, "seed": ctx.seed,
+        "lr": lr, "val": val, "test": test, "metric": test[task.metric], "val_metric": val[task.metric],
+        "spent": used, "ranks": ranks, **task.extra_metrics(ranks), "train_loss": losses,
+        "train_seconds": trained, "seconds": time.perf_counter() - started,
+    }

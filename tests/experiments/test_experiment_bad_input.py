@@ -1,0 +1,70 @@
+"""Bad input gets a clear error; a failed write never leaves a corrupt JSON."""
+
+import json
+import os
+
+import pytest
+
+from lorambo.cli import main
+from lorambo.experiments import config as presets
+from lorambo.experiments import results
+from lorambo.experiments.runner import check_out_dir, plan
+
+
+def test_unknown_method_and_task():
+    with pytest.raises(ValueError, match="unknown method.*'lora_magic'.*valid methods: uniform"):
+        presets.ExperimentConfig(methods=("uniform", "lora_magic"))
+    with pytest.raises(ValueError, match="unknown or no task"):
+        presets.ExperimentConfig(tasks=("sentiment",))
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"budgets": ()}, "budgets"), ({"budgets": (0.0,)}, "budgets"), ({"budgets": (1.0, 1.0)}, "repeat"),
+    ({"seeds": 0}, "seeds"), ({"steps": 2}, "steps"), ({"lr_grid": (-1.0,)}, "lr_grid"),
+    ({"lr_search": "best"}, "lr_search"), ({"device": "tpu"}, "device"), ({"methods": ()}, "methods"),
+])
+def test_bad_config_values(changes, match):
+    with pytest.raises(ValueError, match=match):
+        presets.ExperimentConfig(**changes)
+
+
+def test_cli_reports_bad_input_without_traceback(capsys, tmp_path):
+    assert main(["experiment", "--methods", "uniform,lora_magic", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "error: unknown method" in err and "Traceback" not in err
+
+
+def test_output_dir_not_writable(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(PermissionError, match="not writable"):
+        check_out_dir(blocker / "run")
+    assert main(["experiment", "--preset", "tiny", "--out", str(blocker / "run")]) == 2
+    assert "not writable" in capsys.readouterr().err
+
+
+def test_json_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    results.write_json_atomic({"a": 1.0}, path)
+    with pytest.raises(ValueError, match="non-finite"):
+        results.write_json_atomic({"a": float("nan")}, path)
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        results.write_json_atomic({"a": 2.0}, path)
+    assert json.loads(path.read_text()) == {"a": 1.0}     # the old file is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary left behind
+
+
+def test_plan_runs_grid_on_seed_zero_then_other_seeds():
+    cfg = presets.ExperimentConfig(methods=("uniform",), budgets=(1.0, 2.0), seeds=3, lr_grid=(1e-3, 1e-2),
+                                   lr_search="per_budget")
+    assert plan(cfg) == [("uniform", 0, 0, 1e-3), ("uniform", 0, 0, 1e-2), ("uniform", 0, 1, None),
+                         ("uniform", 0, 2, None), ("uniform", 1, 0, 1e-3), ("uniform", 1, 0, 1e-2),
+                         ("uniform", 1, 1, None), ("uniform", 1, 2, None)]
+    first = plan(cfg.replace(lr_search="first_budget"))
+    assert plan(cfg.replace(methods=("uniform", "oracle")), "topics") == plan(cfg)  # oracle: planted only
+    assert first[4:] == [("uniform", 1, 0, None), ("uniform", 1, 1, None), ("uniform", 1, 2, None)]
