@@ -41,7 +41,8 @@ class ExperimentConfig:
     methods: tuple[str, ...] = METHODS
     budgets: tuple[float, ...] = (1.0, 4.0)      # levels: mean rank per module (see module doc)
     seeds: int = 3
-    steps: int = 20                              # optimizer steps per run
+    steps: int = 20                              # optimizer steps per run: `lorambo demo` took 637 s
+    #                                              on the idle 2-core box (16 steps: 631 s, noisier)
     batch_size: int = 8
     max_length: int = 16                         # tokens per sequence, [CLS] and [SEP] included
     lr_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2)  # AdamW learning rates tried per method: on the

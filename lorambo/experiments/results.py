@@ -66,7 +66,7 @@ def verdicts(task: str, summary: dict, levels, higher_is_better: bool) -> list[s
     for level in levels:
         uni = summary.get("uniform", {}).get(str(level))
         if uni is None:
-            lines.append(f"[{task}] level {level}: uniform was not run, no comparison")
+            lines.append(f"[{task}] level {level:g}: uniform was not run, no comparison")
             continue
         better, worse = [], []
         for method, per in summary.items():
@@ -76,7 +76,7 @@ def verdicts(task: str, summary: dict, levels, higher_is_better: bool) -> list[s
             text = (f"{METHOD_LABELS[method]} {e['metric_mean']:.4f} ± {e['metric_std']:.4f} "
                     f"({e['wins_vs_uniform']}/{e['paired_seeds']} seeds)")
             (better if e["wins_vs_uniform"] == e["paired_seeds"] else worse).append(text)
-        head = f"[{task}] level {level} (P = {uni['budget']:,}), uniform {uni['metric_mean']:.4f} ± {uni['metric_std']:.4f} ({word} is better):"
+        head = f"[{task}] level {level:g} (P = {uni['budget']:,}), uniform {uni['metric_mean']:.4f} ± {uni['metric_std']:.4f} ({word} is better):"
         lines.append(head)
         lines.append("  beat uniform on every seed: " + ("; ".join(better) if better else "none"))
         lines.append("  did not: " + ("; ".join(worse) if worse else "none"))

@@ -146,12 +146,13 @@ def _run_task(task, cfg: ExperimentConfig, runs_plan, bar) -> dict:
     runs, lr_choice, run_seconds = [], {m: {} for m in methods}, 0.0
     for method, li, seed, lr in runs_plan:
         level = levels[li]
+        searching = lr is not None
         if lr is None:  # the selected rate: per budget, or the first budget's
             lr = lr_choice[method].get(str(level)) or lr_choice[method][str(levels[0])]
             lr_choice[method].setdefault(str(level), lr)
         bar.set_postfix_str(f"{task.name}: {method}, level {level:g}, seed {seed}, lr {lr:g}")
         ctx = RunContext(task, cfg, level, budgets[str(level)], seed, calib[seed], heldout, sens[seed], cache)
-        run = train_run(ctx, method, lr, streams[seed])
+        run = train_run(ctx, method, lr, streams[seed], score_val=searching)
         run_seconds += run["seconds"]
         runs.append(run)
         _select(runs, lr_choice, method, level, cfg)

@@ -104,7 +104,7 @@ class Task:
         raise NotImplementedError
 
     @torch.no_grad()
-    def evaluate(self, model, split: str, chunk: int = 64) -> dict:
+    def evaluate(self, model, split: str, chunk: int = 256) -> dict:
         raise NotImplementedError
 
     def extra_metrics(self, ranks: dict[str, int]) -> dict:
@@ -166,7 +166,7 @@ class PlantedTask(Task):
         return F.mse_loss(model(batch), batch["target"]) / self.norm
 
     @torch.no_grad()
-    def evaluate(self, model, split: str, chunk: int = 64) -> dict:
+    def evaluate(self, model, split: str, chunk: int = 256) -> dict:
         data = self.eval_split(split)
         total, n = 0.0, _size(data)
         for i in range(0, n, chunk):
@@ -243,7 +243,7 @@ class TopicTask(Task):
         return F.cross_entropy(model(batch), batch["labels"])
 
     @torch.no_grad()
-    def evaluate(self, model, split: str, chunk: int = 128) -> dict:
+    def evaluate(self, model, split: str, chunk: int = 256) -> dict:
         data = self.eval_split(split)
         n, correct, total = _size(data), 0, 0.0
         for i in range(0, n, chunk):

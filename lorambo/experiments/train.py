@@ -15,8 +15,9 @@ import torch
 from lorambo.experiments.methods import Method, RunContext, make_method, spent
 
 
-def train_run(ctx: RunContext, method_name: str, lr: float, batches: list) -> dict:
-    """Train one run and return every number about it (JSON-ready)."""
+def train_run(ctx: RunContext, method_name: str, lr: float, batches: list, score_val: bool = True) -> dict:
+    """Train one run and return every number about it (JSON-ready). ``score_val=False`` skips the
+    validation split (only the learning-rate search reads it)."""
     started = time.perf_counter()
     task, cfg = ctx.task, ctx.cfg
     student = task.fresh_student(ctx.seed)
@@ -40,7 +41,8 @@ def train_run(ctx: RunContext, method_name: str, lr: float, batches: list) -> di
             raise FloatingPointError(f"{method_name} at lr {lr}: training loss {value} at step {step}")
         losses.append(value)
     trained = time.perf_counter() - started
-    val, test = task.evaluate(model, "val"), task.evaluate(model, "test")
+    val = task.evaluate(model, "val") if score_val else None
+    test = task.evaluate(model, "test")
     ranks = method.final_ranks()
     used = spent(ranks, task.dims)
     counted = method.trainable_lora_params()
@@ -50,7 +52,8 @@ def train_run(ctx: RunContext, method_name: str, lr: float, batches: list) -> di
         raise AssertionError(f"{method_name}: ranks say {used} LoRA parameters, the model holds {counted}")
     return {
         "task": task.name, "method": method_name, "level": ctx.level, "budget": ctx.budget, "seed": ctx.seed,
-        "lr": lr, "val": val, "test": test, "metric": test[task.metric], "val_metric": val[task.metric],
+        "lr": lr, "val": val, "test": test, "metric": test[task.metric],
+        "val_metric": None if val is None else val[task.metric],
         "spent": used, "ranks": ranks, **task.extra_metrics(ranks), "train_loss": losses,
         "train_seconds": trained, "seconds": time.perf_counter() - started,
     }
