@@ -1,6 +1,10 @@
 """Shared test setup: offline Hugging Face, a fresh seed per test, the backend reset after each."""
 
 import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -33,3 +37,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture
+def fresh_venv(tmp_path):
+    """(venv, python) of a new venv whose dependencies come from the test venv through a .pth
+    path line. A path line does not run the test venv's own .pth files, so its editable lorambo
+    stays invisible: lorambo must come from whatever the test installs."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return venv, py

@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -20,19 +19,12 @@ def test_kernels_folder_is_not_a_top_level_package():
 
 
 @pytest.mark.slow
-def test_wheel_installs_into_a_fresh_venv_and_imports_outside_the_tree(tmp_path):
+def test_wheel_installs_into_a_fresh_venv_and_imports_outside_the_tree(tmp_path, fresh_venv):
     env = {**os.environ, "LORAMBO_SKIP_EXT": "1"}
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-build-isolation", "--no-deps",
                     "-q", "-w", str(tmp_path / "dist")], check=True, env=env, cwd=tmp_path)
     wheel = next((tmp_path / "dist").glob("lorambo-*.whl"))
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    py = venv / "bin" / "python"
-    # Dependencies come from the test venv through a .pth path line (which does not run the test
-    # venv's own .pth files, so its editable lorambo stays invisible); lorambo comes from the wheel.
-    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          check=True, capture_output=True, text=True).stdout.strip()
-    Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    venv, py = fresh_venv  # lorambo comes from the wheel
     subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True)
     code = ("import lorambo, lorambo_kernels, torch; "
             "m = lorambo.configure_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), 2); "

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import sysconfig
 import tarfile
 from pathlib import Path
 
@@ -134,25 +133,13 @@ print("every op OK")
 """
 
 
-def _fresh_venv(tmp_path):
-    """A venv whose dependencies come from the test venv through a .pth path line (which does
-    not run the test venv's own .pth files, so its editable lorambo stays invisible)."""
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    py = venv / "bin" / "python"
-    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          check=True, capture_output=True, text=True).stdout.strip()
-    Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    return venv, py
-
-
 def _build_env():
     return {**os.environ, "LORAMBO_BUILD_CUDA": "0", "MAX_JOBS": os.environ.get("MAX_JOBS", "2")}
 
 
 @needs_ext
 @pytest.mark.slow
-def test_cpu_wheel_contains_the_extension_and_runs_every_op_in_a_fresh_venv(tmp_path):
+def test_cpu_wheel_contains_the_extension_and_runs_every_op_in_a_fresh_venv(tmp_path, fresh_venv):
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-build-isolation", "--no-deps", "-q",
                     "-w", str(tmp_path / "dist")], check=True, env=_build_env(), cwd=tmp_path)
     wheel = next((tmp_path / "dist").glob("lorambo-*.whl"))
@@ -161,7 +148,7 @@ def test_cpu_wheel_contains_the_extension_and_runs_every_op_in_a_fresh_venv(tmp_
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.startswith("lorambo/_C.") and n.endswith(".so") for n in names), names
     assert "lorambo_kernels/__init__.py" in names and "lorambo/_ext_fake.py" in names
-    venv, py = _fresh_venv(tmp_path)
+    venv, py = fresh_venv
     subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True)
     proc = subprocess.run([str(py), "-c", SMOKE], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -188,7 +175,7 @@ def test_sdist_ships_every_extension_source(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("LORAMBO_TEST_SDIST_BUILD") != "1",
                     reason="compiles the extension from scratch (~2.5 min on 2 cores); set LORAMBO_TEST_SDIST_BUILD=1")
-def test_sdist_builds_the_extension_from_scratch(tmp_path):
+def test_sdist_builds_the_extension_from_scratch(tmp_path, fresh_venv):
     with tarfile.open(_sdist(tmp_path)) as tar:
         tar.extractall(tmp_path / "src", filter="data")
     src = next((tmp_path / "src").iterdir())
@@ -198,7 +185,7 @@ def test_sdist_builds_the_extension_from_scratch(tmp_path):
     import zipfile
 
     assert any(n.startswith("lorambo/_C.") for n in zipfile.ZipFile(wheel).namelist())
-    venv, py = _fresh_venv(tmp_path)
+    venv, py = fresh_venv
     subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True)
     proc = subprocess.run([str(py), "-c", SMOKE], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.splitlines()[-1] == "every op OK", proc.stderr[-3000:]
