@@ -158,6 +158,17 @@ def seven_b_tensors(device, dtype, rank=16, scale=1):
     return [torch.randn(rank, (o + i) // scale, device=device).to(dtype) for _ in range(32) for o, i in SEVEN_B]
 
 
+def torch_path(fn, *args):
+    """``fn`` on its PyTorch (``_foreach``) path: under ``auto`` it would run the extension."""
+    import lorambo
+
+    lorambo.set_backend("torch")
+    try:
+        return fn(*args)
+    finally:
+        lorambo.set_backend(None)
+
+
 def reduce_section(args, device, meta):
     from lorambo import ext_ops
     from lorambo.sensitivity.reductions import per_layer_dots, per_layer_sq_norms
@@ -171,12 +182,12 @@ def reduce_section(args, device, meta):
         cases = {
             "dot": {
                 "python_loop": lambda: torch.stack([(x * y).sum(dtype=torch.float64) for x, y in zip(xs, ys)]),
-                "foreach": lambda: per_layer_dots(xs1, ys1),
+                "foreach": lambda: torch_path(per_layer_dots, xs1, ys1),
                 "ext": lambda: ext_ops.multi_dot(xs, ys),
             },
             "sq_norm": {
                 "python_loop": lambda: torch.stack([x.float().square().sum(dtype=torch.float64) for x in xs]),
-                "foreach": lambda: per_layer_sq_norms(xs),
+                "foreach": lambda: torch_path(per_layer_sq_norms, xs),
                 "ext": lambda: ext_ops.multi_sq_norm(xs),
             },
         }

@@ -55,3 +55,23 @@ def resolve_backend(device_type: str) -> str:
 
         _extension.require()
     return requested
+
+
+def use_compiled_multi_tensor(tensors) -> bool:
+    """Whether a multi-tensor reduction / pool op over ``tensors`` runs in the compiled extension.
+
+    ``torch``: never. ``ext``: always (raises without the extension). ``auto`` / ``triton``: when
+    the extension loaded and every tensor is a contiguous CPU tensor outside autograd, the case
+    benchmarks/bench_ext.py measured faster than the ``torch._foreach`` / loop paths; its CUDA
+    kernels have not run on a GPU yet (issue 6), so CUDA tensors keep the PyTorch path.
+    """
+    requested = get_backend()
+    if requested == "torch":
+        return False
+    from lorambo import _extension
+
+    if requested == "ext":
+        _extension.require()
+        return True
+    return (_extension.load() is not None
+            and all(t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad for t in tensors))

@@ -36,6 +36,7 @@ __all__ = [
     "probe_fill_",
     "remap_pools_",
     "reset_map",
+    "state_tensors",
     "stream_offsets",
     "zero_inactive_map",
 ]
@@ -162,7 +163,8 @@ def reset_map(slots: Iterable[int], capacity: int) -> torch.Tensor:
     return torch.tensor(src, dtype=torch.long)
 
 
-def _state_tensors(optimizer, param):
+def state_tensors(optimizer, param) -> list[torch.Tensor]:
+    """The per-element optimizer state tensors of ``param`` (the shapes pool_remap_ edits)."""
     state = optimizer.state.get(param) if optimizer is not None else None
     if not state:
         return []
@@ -191,7 +193,7 @@ def remap_pools_(entries: Iterable[tuple[torch.nn.Module, torch.Tensor]], optimi
             tensors.append(param.data)
             dims.append(dim)
             maps.append(m)
-            for value in _state_tensors(optimizer, param):
+            for value in state_tensors(optimizer, param):
                 tensors.append(value)
                 dims.append(dim)
                 maps.append(sm)

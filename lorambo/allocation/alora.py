@@ -4,7 +4,8 @@ Start from uniform, budget-compliant ranks. After ``k1`` training steps, and the
 steps, ``rounds`` times in all:
 
 1. score every active component with AB-LoRA ablation (``lorambo.sensitivity.ablation``);
-2. prune the ``n_prune`` worst (lowest score: useless or harmful) with ``keep_components``;
+2. prune the ``n_prune`` worst (lowest score: useless or harmful) with ``keep_components``
+   (all layers in one pass: :func:`lorambo.nn.pool_ops.keep_components_many`);
 3. give each freed rank to a module whose components were *not* pruned this round, in order of
    highest mean importance (round robin when more ranks are freed than receivers exist), with
    ``set_rank`` (new slot: B = 0, so the function is unchanged by the growth);
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from lorambo.integrations.distributed import broadcast_, decision_generator
+from lorambo.nn.pool_ops import keep_components_many
 
 __all__ = ["ALoRAConfig", "ALoRA", "alora_round"]
 
@@ -91,12 +93,12 @@ def alora_round(model, layers: Mapping, loss_fn, batches, n_prune: int, budget: 
             raise ValueError(f"ALoRA scores of layer {n!r} must be {layers[n].rank} finite numbers, got {s}")
     prune, receive = _plan(layers, scores, n_prune, budget)
     records = []
-    for name, comps in prune.items():
-        layer = layers[name]
-        old = layer.keep_components([k for k in range(layer.rank) if k not in comps], optimizer)
+    olds = keep_components_many([(layers[n], [k for k in range(layers[n].rank) if k not in comps])
+                                 for n, comps in prune.items()], optimizer)
+    for (name, comps), old in zip(prune.items(), olds):
         records.append({"step": step, "event": "shrink", "reason": "alora", "layer": name,
                         "components": comps, "scores": [float(scores[name][k]) for k in comps],
-                        "old_rank": old, "new_rank": layer.rank})
+                        "old_rank": old, "new_rank": layers[name].rank})
     names = list(layers)
     for name in dict.fromkeys(receive):
         layer, add = layers[name], receive.count(name)

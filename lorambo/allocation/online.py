@@ -23,7 +23,8 @@ under DDP each product is all-reduced (mean over processes: the DDP-averaged gra
 small results are broadcast from process 0 so every process decides the same thing.
 
 Growth is function-preserving: ``set_rank`` gives the new slots B = 0. Their rows of A are then
-set to the top right singular vectors of G_perp (scaled to the norm of LoRA's Kaiming rows), so
+set to the top right singular vectors of G_perp (scaled so that their response to the captured
+inputs has the rms of a Kaiming row's: see :func:`grow_layer`), so
 the first optimizer step on the new columns of B moves W along the best new direction instead of
 a random one. Rows of A orthogonal to the old rows keep the components independent.
 
@@ -41,6 +42,7 @@ import torch
 
 from lorambo.allocation.greedy import greedy_allocate
 from lorambo.integrations.distributed import all_reduce_mean, broadcast_, decision_generator
+from lorambo.nn.pool_ops import keep_components_many
 
 __all__ = ["ActivationCapture", "subspace_basis", "projected_top_singular", "plan_growth",
            "plan_moves", "grow_layer"]
@@ -237,10 +239,17 @@ def plan_moves(next_gains: Mapping[str, float], scores: Mapping[str, Sequence[fl
 
 @torch.no_grad()
 def grow_layer(layer, new_rank: int, directions: torch.Tensor | None = None, optimizer=None,
-               generator: torch.Generator | None = None) -> int:
+               generator: torch.Generator | None = None,
+               inputs: Sequence[torch.Tensor] | None = None) -> int:
     """Grow ``layer`` to ``new_rank`` in place (B = 0 in the new slots: the output is unchanged),
-    optionally aligning the new rows of A with ``directions`` [in, >= n_new] (unit columns), each
-    scaled to the norm its Kaiming row had. Returns the old rank."""
+    optionally aligning the new rows of A with ``directions`` [in, >= n_new]. Returns the old rank.
+
+    Scale of an aligned row: a Kaiming row of norm rho sees rms(a.x) = rho * rms(x entries), but a
+    top singular direction v of G follows the dominant input directions, so at the same norm its
+    rms(v.x) was measured 4-11x larger on MiniLM, which blew up the first steps on the new columns
+    of B. With the captured ``inputs`` (X [T, in] per call) each row is scaled so that
+    rms(a_new.x) equals a Kaiming row's; without them, to the Kaiming row's norm.
+    """
     old = layer.set_rank(new_rank, optimizer=optimizer, generator=generator)
     n = new_rank - old
     if directions is not None and n > 0:
@@ -249,8 +258,27 @@ def grow_layer(layer, new_rank: int, directions: torch.Tensor | None = None, opt
         rows = layer.lora_A[old:new_rank]
         norms = rows.norm(dim=1, keepdim=True)                                  # (n, 1)
         d = directions[:, :n].T.to(rows.device, rows.dtype)                     # (n, in)
-        rows.copy_(d / d.norm(dim=1, keepdim=True).clamp_min(1e-30) * norms)
+        d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        if inputs:
+            norms = norms * _activation_ratio(inputs, d)
+        rows.copy_(d * norms)
     return old
+
+
+def _activation_ratio(inputs: Sequence[torch.Tensor], d: torch.Tensor) -> torch.Tensor:
+    """rms over tokens of a random unit row's response / that of each unit row of ``d`` [n, in],
+    as [n, 1] (1 where a direction sees no input at all)."""
+    dtype = torch.promote_types(d.dtype, torch.float32)
+    d = d.to(dtype)
+    sums = torch.zeros(d.shape[0] + 1, dtype=dtype, device=d.device)
+    for x in inputs:
+        x = x.to(d.device, dtype)
+        sums[:-1] += (x @ d.T).square().sum(0)                                 # sum_t (d_j . x_t)^2
+        sums[-1] += x.square().sum() / x.shape[1]                              # mean over unit rows
+    sums = all_reduce_mean(sums)
+    along, random = sums[:-1], sums[-1]
+    ratio = torch.where(along > 0, (random / along.clamp_min(1e-300)).sqrt(), torch.ones_like(along))
+    return ratio.to(d.dtype).unsqueeze(1)
 
 
 def layer_benefits(layer, pairs, k: int, niter: int, oversample: int, seed: int, step, index: int,
@@ -337,7 +365,8 @@ class OnlineGrowth:
         layer = self.layers[name]
         index = list(self.layers).index(name)
         gen = decision_generator(self.seed, "init", step, index, reason)
-        old = grow_layer(layer, layer.rank + add, dirs[name][:, first:first + add], optimizer, gen)
+        inputs = [x for x, _ in self.capture.pairs(name)]
+        old = grow_layer(layer, layer.rank + add, dirs[name][:, first:first + add], optimizer, gen, inputs)
         got = [float(g) for g in gains[name][first:first + add]]
         return {"step": step, "event": "grow", "reason": reason, "layer": name, "benefit": got[0],
                 "gains": got, "old_rank": old, "new_rank": layer.rank, "spent": self.spent(),
@@ -366,12 +395,12 @@ class OnlineGrowth:
         records, dropped = [], {}
         for donor, comp, _ in moves:
             dropped.setdefault(donor, []).append(comp)
-        for donor, comps in dropped.items():
-            layer = self.layers[donor]
-            old = layer.keep_components([k for k in range(layer.rank) if k not in comps], optimizer)
+        olds = keep_components_many([(self.layers[d], [k for k in range(self.layers[d].rank) if k not in comps])
+                                     for d, comps in dropped.items()], optimizer)
+        for (donor, comps), old in zip(dropped.items(), olds):
             records.append({"step": step, "event": "shrink", "reason": "move", "layer": donor,
                             "components": comps, "scores": [float(usable[donor][k]) for k in comps],
-                            "old_rank": old, "new_rank": layer.rank, "spent": self.spent(),
+                            "old_rank": old, "new_rank": self.layers[donor].rank, "spent": self.spent(),
                             "budget": self.budget})
         for _, _, recv in moves:
             records.append(self._grow(step, recv, 1, gains, dirs, optimizer, "move", plan.get(recv, 0)))

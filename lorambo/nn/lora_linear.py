@@ -149,14 +149,7 @@ class LoRAMBoLinear(nn.Module):
         """Keep the active slots listed in ``keep`` (in that order) compacted into slots
         0..len(keep)-1, zero the rest, and return the previous rank. The kept components are
         moved bit for bit; with ``optimizer`` their state moves with them."""
-        keep = [self._check_int("component index", i) for i in keep]
-        if len(set(keep)) != len(keep):
-            raise ValueError(f"{self._label}: component indices must be distinct, got {keep}")
-        bad = [i for i in keep if not 0 <= i < self._rank]
-        if bad:
-            raise ValueError(f"{self._label}: component indices {bad} outside active range [0, {self._rank})")
-        if self.merged:
-            raise RuntimeError(f"{self._label}: unmerge() before changing the rank")
+        keep = self.checked_keep(keep)
         old, n = self._rank, len(keep)
         index = torch.as_tensor(keep, dtype=torch.long, device=self.lora_A.device)
         self.lora_A[:n] = self.lora_A.index_select(0, index)
@@ -167,6 +160,18 @@ class LoRAMBoLinear(nn.Module):
         if optimizer is not None:
             gather_slot_state(optimizer, self, keep, old)
         return old
+
+    def checked_keep(self, keep: Sequence[int]) -> list[int]:
+        """``keep`` as validated ints for :meth:`keep_components` (distinct, active, unmerged)."""
+        keep = [self._check_int("component index", i) for i in keep]
+        if len(set(keep)) != len(keep):
+            raise ValueError(f"{self._label}: component indices must be distinct, got {keep}")
+        bad = [i for i in keep if not 0 <= i < self._rank]
+        if bad:
+            raise ValueError(f"{self._label}: component indices {bad} outside active range [0, {self._rank})")
+        if self.merged:
+            raise RuntimeError(f"{self._label}: unmerge() before changing the rank")
+        return keep
 
     @torch.no_grad()
     def zero_inactive_(self) -> None:

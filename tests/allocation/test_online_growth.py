@@ -270,3 +270,28 @@ def test_capture_max_tokens_keeps_matching_rows_scaled():
     torch.testing.assert_close(dys, w.reshape(50, 5)[rows] * 5.0, rtol=0, atol=0)
     with pytest.raises(ValueError, match="max_tokens=0"):
         ActivationCapture({"l": layer}, max_tokens=0)
+
+
+def test_grown_rows_respond_to_inputs_like_kaiming_rows():
+    # anisotropic inputs: a top singular direction of G follows the large input directions, so a
+    # row of Kaiming norm along it would respond far more strongly than a random Kaiming row
+    from lorambo.allocation.online import grow_layer
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**30, ())))
+    n_in, n_out = 40, 6
+    scales = torch.logspace(1, -1, n_in, dtype=DT)
+    x = torch.randn(500, n_in, generator=gen, dtype=DT) * scales
+    model = lorambo.configure_model(nn.Sequential(nn.Linear(n_in, n_out, dtype=DT)), {"0": 1},
+                                    capacity={"0": 4})
+    layer = lorambo.lora_layers(model)["0"]
+    plain = copy.deepcopy(layer)  # the same growth without directions: plain Kaiming rows
+    grow_layer(plain, 3, generator=torch.Generator().manual_seed(5))
+    directions = torch.eye(n_in, 2, dtype=DT)  # the two largest input directions (scale 10, 8.9)
+    grow_layer(layer, 3, directions, generator=torch.Generator().manual_seed(5), inputs=[x[:200], x[200:]])
+    rms_x = float(x.pow(2).mean().sqrt())
+    for j in range(2):
+        new, kaiming = layer.lora_A[1 + j], plain.lora_A[1 + j]
+        assert abs(float(new @ directions[:, j])) == pytest.approx(float(new.norm()), rel=1e-12)
+        # rms(a.x) of a random row of norm rho is rho * rms(x entries); the aligned row matches it
+        assert float((x @ new).pow(2).mean().sqrt()) == pytest.approx(float(kaiming.norm()) * rms_x, rel=1e-10)
+        assert float(new.norm()) < 0.5 * float(kaiming.norm())  # along a large input direction
+    assert not layer.lora_B[:, 1:3].any()

@@ -1,0 +1,74 @@
+"""keep_components_many: one pass over many pools, bit for bit the per-layer keep_components."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lorambo
+from lorambo import ext_ops
+from lorambo.nn import keep_components_many
+
+
+@pytest.fixture(params=["torch", "auto"])
+def backend(request):
+    lorambo.set_backend(request.param)
+    yield request.param
+    lorambo.set_backend(None)
+
+
+def _trained(seed):
+    gen = torch.Generator().manual_seed(seed)
+    dims = [(12, 7, 4, 6), (7, 9, 6, 6), (8, 8, 3, 8), (8, 10, 5, 7)]  # in, out, rank, capacity
+    model = nn.Sequential(*[lorambo.LoRAMBoLinear(nn.Linear(i, o), rank=r, capacity=c) for i, o, r, c in dims])
+    with torch.no_grad():
+        for layer in model:
+            layer.lora_B[:, :layer.rank].normal_(generator=gen)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):  # real, distinct moments in every active slot
+        loss = sum(layer(torch.randn(3, layer.in_features, generator=gen)).square().sum() for layer in model)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def _snapshot(model, opt):
+    out = [t.clone() for layer in model for t in (layer.lora_A, layer.lora_B)]
+    out += [v.clone() for p in opt.state for v in opt.state[p].values() if torch.is_tensor(v)]
+    return out, [layer.rank for layer in model]
+
+
+def test_matches_per_layer_keep_components_bit_for_bit(backend, monkeypatch):
+    seed = int(torch.randint(0, 2**30, ()))
+    model, opt = _trained(seed)
+    ref_model, ref_opt = copy.deepcopy((model, opt))
+    plans = {0: [3, 1], 1: [], 3: [4, 0, 2, 1]}  # shrink, prune everything, permute-and-shrink
+    for i, keep in plans.items():
+        ref_model[i].keep_components(keep, ref_opt)
+    calls = []
+    if ext_ops.available():
+        real = ext_ops.pool_remap_
+        monkeypatch.setattr(ext_ops, "pool_remap_", lambda *a: calls.append(1) or real(*a))
+    old = keep_components_many([(model[i], keep) for i, keep in plans.items()], opt)
+    assert old == [4, 6, 5]
+    assert bool(calls) == (backend == "auto" and ext_ops.available())
+    got, got_ranks = _snapshot(model, opt)
+    want, want_ranks = _snapshot(ref_model, ref_opt)
+    assert got_ranks == want_ranks == [2, 0, 3, 4]
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+    for layer in model:  # inactive slots are exactly zero
+        assert not layer.lora_A[layer.rank:].any() and not layer.lora_B[:, layer.rank:].any()
+
+
+def test_bad_plan_is_refused_before_any_pool_changes(backend):
+    model, opt = _trained(0)
+    before, ranks = _snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"component indices \[7\] outside active range \[0, 6\)"):
+        keep_components_many([(model[0], [0]), (model[1], [7])], opt)
+    with pytest.raises(ValueError, match="appears twice"):
+        keep_components_many([(model[0], [0]), (model[0], [1])], opt)
+    after, ranks_after = _snapshot(model, opt)
+    assert ranks_after == ranks and all(torch.equal(a, b) for a, b in zip(before, after))
