@@ -18,14 +18,16 @@ def lora_linear(x, weight, bias, lora_A, lora_B, rank: int, scaling: float, drop
                 seed: int | None = None):
     """``x W^T + b + s * (drop(x) A_r^T) B_r^T`` on the backend chosen for ``x.device``."""
     backend = resolve_backend(x.device.type)
+    if backend == "triton":
+        if dropout_p > 0.0 and seed is None:  # a graph value under torch.compile, not .item()
+            seed = torch.randint(0, 2**62, (), device="cpu")
+        from lorambo.ops.triton_linear import lora_linear_triton  # lazy: triton is optional
+
+        return lora_linear_triton(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
     if dropout_p > 0.0 and seed is None:
         seed = new_dropout_seed()
     if backend == "torch":
         return lora_linear_reference(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
-    if backend == "triton":
-        from lorambo.ops.triton_linear import lora_linear_triton  # lazy: triton is optional
-
-        return lora_linear_triton(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
     if backend == "ext":
         from lorambo.ops.ext_linear import lora_linear_ext  # lazy: the extension is optional
 

@@ -9,10 +9,16 @@ LoRAMBoLinear layers without graph breaks (they are opaque nodes in the graph):
     lorambo_triton::lora_linear_fwd(x2, W, b?, A, B, rank, scaling, p, seed) -> (y [M, N], t [M, r])
     lorambo_triton::lora_linear_bwd(dY, x2, W, A, B, t, rank, scaling, p, seed, needs...) -> 5 grads
 
+``seed`` is a 0-d int64 CPU tensor, not a Python int: under torch.compile a fresh dropout seed
+per call is then a ``torch.randint`` node of the graph, where an int would be a graph break
+(``.item()``) or a constant baked into the graph (the same mask on every call). Reading a CPU
+scalar inside the op is no device synchronisation.
+
 ``register_autograd`` connects them: t = drop(x) A_r^T is saved from the forward, dropout masks
 are regenerated in the backward from the seed (philox counters, never stored), and only the
 gradients autograd asks for are computed. Nothing reads a device value on the host (rank,
-scaling, p and seed are Python scalars), so the op is CUDA-graph capturable.
+scaling, p are Python scalars, seed a CPU scalar), so the op is CUDA-graph capturable; a
+captured graph replays the seed it was captured with, i.e. the same dropout mask.
 
 Dropout: the kernels draw their own mask (``lorambo_kernels.dropout_keep_mask``); it is not the
 torch-generator mask of the reference op, so the two backends agree exactly only at p = 0.
@@ -107,16 +113,30 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, see
     if dropout_p > 0.0:
         if seed is None:
             raise ValueError("lora_linear_triton: dropout_p > 0 needs an integer seed")
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= _MAX_SEED:
+        if isinstance(seed, Tensor):
+            if seed.dim() != 0 or seed.dtype != torch.int64 or seed.device.type != "cpu":
+                raise ValueError(f"lora_linear_triton: a tensor seed must be a 0-d int64 CPU tensor, got "
+                                 f"shape {tuple(seed.shape)}, {seed.dtype} on {seed.device}")
+        elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= _MAX_SEED:
             raise ValueError(f"lora_linear_triton: seed must be an int in [0, 2**63), got {seed!r}")
 
 
 # ---------------------------------------------------------------------------- custom ops
+def _seed_int(seed: Tensor) -> int:
+    return int(seed)  # a CPU scalar: no device synchronisation
+
+
+def seed_tensor(seed) -> Tensor:
+    """``seed`` (int or 0-d int64 CPU tensor) as the 0-d int64 CPU tensor the ops take."""
+    return seed if isinstance(seed, Tensor) else torch.tensor(int(seed), dtype=torch.int64)
+
+
 @torch.library.custom_op("lorambo_triton::lora_linear_fwd", mutates_args=())
 def _lora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-                     rank: int, scaling: float, dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
+                     rank: int, scaling: float, dropout_p: float, seed: Tensor) -> tuple[Tensor, Tensor]:
     """x [M, K] -> (y [M, N], t = drop(x) A_r^T [M, r])."""
-    return _kernels().lora_linear_forward(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
+    return _kernels().lora_linear_forward(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p,
+                                          _seed_int(seed))
 
 
 @_lora_linear_fwd.register_fake
@@ -127,11 +147,11 @@ def _lora_linear_fwd_fake(x, weight, bias, lora_A, lora_B, rank, scaling, dropou
 
 @torch.library.custom_op("lorambo_triton::lora_linear_bwd", mutates_args=())
 def _lora_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, t: Tensor,
-                     rank: int, scaling: float, dropout_p: float, seed: int, need_x: bool, need_w: bool,
+                     rank: int, scaling: float, dropout_p: float, seed: Tensor, need_x: bool, need_w: bool,
                      need_b: bool, need_a: bool, need_bb: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dW, db, dA, dB); a gradient that was not asked for is an empty [0] tensor."""
     grads = _kernels().lora_linear_backward(grad_y, x, weight, lora_A, lora_B, t, rank, scaling, dropout_p,
-                                            seed, (need_x, need_w, need_b, need_a, need_bb))
+                                            _seed_int(seed), (need_x, need_w, need_b, need_a, need_bb))
     return tuple(g if g is not None else x.new_empty((0,)) for g in grads)
 
 
@@ -146,17 +166,17 @@ def _lora_linear_bwd_fake(grad_y, x, weight, lora_A, lora_B, t, rank, scaling, d
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed = inputs
     _, t = output
-    ctx.save_for_backward(x, weight, lora_A, lora_B, t)
-    ctx.rank, ctx.scaling, ctx.dropout_p, ctx.seed = rank, scaling, dropout_p, seed
+    ctx.save_for_backward(x, weight, lora_A, lora_B, t, seed)
+    ctx.rank, ctx.scaling, ctx.dropout_p = rank, scaling, dropout_p
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(t)
 
 
 def _backward(ctx, grad_y, _grad_t):
-    x, weight, lora_A, lora_B, t = ctx.saved_tensors
+    x, weight, lora_A, lora_B, t, seed = ctx.saved_tensors
     need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
     need_b = need_b and ctx.has_bias
-    args = (ctx.rank, ctx.scaling, ctx.dropout_p, ctx.seed)
+    args = (ctx.rank, ctx.scaling, ctx.dropout_p, seed)
     if torch.is_grad_enabled():  # create_graph=True: differentiable formulas (see module doc)
         grads = _differentiable_backward(grad_y, x, weight, lora_A, lora_B, *args,
                                          (need_x, need_w, need_b, need_a, need_bb))
@@ -178,7 +198,7 @@ def _differentiable_backward(grad_y, x, weight, lora_A, lora_B, rank, scaling, d
     if dropout_p > 0.0 and rank > 0:
         from lorambo_kernels import dropout_keep_mask
 
-        keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device)
+        keep = dropout_keep_mask(_seed_int(seed), x.shape[0], x.shape[1], dropout_p, x.device)
         mask = keep.to(x.dtype) / (1.0 - dropout_p)  # (M, K)
     x_drop = x if mask is None else x * mask
     a_r, b_r = lora_A[:rank], lora_B[:, :rank]
@@ -202,7 +222,8 @@ def lora_linear_triton(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p
     """LoRA linear on inputs of shape [..., K] with the fused Triton kernels.
 
     weight [N, K], bias [N] or None, lora_A [cap, K], lora_B [N, cap], 0 <= rank <= cap.
-    ``dropout_p > 0`` needs an integer ``seed`` (same seed, same mask). Inputs are checked
+    ``dropout_p > 0`` needs a ``seed``: an int, or a 0-d int64 CPU tensor (what torch.compile
+    can carry as a graph value); same seed, same mask. Inputs are checked
     (dtype, device, shapes, rank) before anything is launched.
     """
     _check_inputs(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
@@ -210,5 +231,5 @@ def lora_linear_triton(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p
     x2 = x.reshape(-1, k)  # (M, K)
     p = float(dropout_p)
     y, _ = torch.ops.lorambo_triton.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, int(rank), float(scaling), p,
-                                             int(seed) if p > 0.0 else 0)
+                                                    seed_tensor(seed if p > 0.0 else 0))
     return y.reshape(*lead, weight.shape[0])

@@ -11,7 +11,7 @@ from lorambo.ops.lora_linear_ref import lora_linear_reference
 
 def _args(device, rank=3, p=0.0, seed=0):
     inp = make_inputs(6, 16, 10, 4, w_grad=False, device=device)
-    return (inp["x"], inp["weight"], inp["bias"], inp["lora_A"], inp["lora_B"], rank, 0.7, p, seed)
+    return (inp["x"], inp["weight"], inp["bias"], inp["lora_A"], inp["lora_B"], rank, 0.7, p, tl_op.seed_tensor(seed))
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2])
@@ -64,6 +64,29 @@ def test_torch_compile_fullgraph_runs_the_kernels(counted_kernels, device):
     want = torch.autograd.grad(f(x, inp["lora_A"], inp["lora_B"]), (x, inp["lora_A"], inp["lora_B"]))
     for g, w in zip(grads, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_layer_with_dropout_has_no_graph_break_and_fresh_masks(monkeypatch):
+    # LoRAMBoLinear in train mode draws a new dropout seed per call: under torch.compile that must
+    # be a graph value (torch.randint), neither a graph break nor a constant frozen into the graph
+    monkeypatch.setenv("LORAMBO_BACKEND", "triton")
+    torch._dynamo.reset()
+    layer = lorambo.LoRAMBoLinear(torch.nn.Linear(16, 12), rank=4, capacity=8, dropout=0.5)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.train()
+    x = torch.randn(5, 16)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")  # a graph break raises
+    outs = [compiled(x) for _ in range(3)]
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])  # new masks
+    torch.manual_seed(123)
+    again = compiled(x)
+    torch.manual_seed(123)
+    eager = layer(x)  # the same seed draw from the same generator state: the same mask
+    torch.testing.assert_close(again, eager, rtol=1e-5, atol=1e-5)
+    layer.eval()  # no dropout: the plain LoRA function
+    want = layer.base_layer(x) + layer.scaling * (x @ layer.lora_A[:4].T) @ layer.lora_B[:, :4].T
+    torch.testing.assert_close(compiled(x), want, rtol=1e-5, atol=1e-5)
 
 
 def test_double_backward_falls_back_to_exact_formulas(counted_kernels, device):
