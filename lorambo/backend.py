@@ -2,14 +2,18 @@
 
 The choice comes from ``lorambo.set_backend`` or, when never set, the ``LORAMBO_BACKEND``
 environment variable (read at each call, so tests can flip it). An explicitly requested
-backend that cannot run raises; only ``auto`` chooses for the user.
+backend that cannot run raises; only ``auto`` chooses for the user: the compiled extension on
+CPU when it is built (float32/float64/bfloat16), else the PyTorch reference.
 """
 
 from __future__ import annotations
 
 import os
 
+import torch
+
 BACKENDS = ("auto", "torch", "triton", "ext")
+EXT_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)  # csrc/cpu/lora_linear_cpu.cpp
 _ENV_VAR = "LORAMBO_BACKEND"
 _override: str | None = None
 
@@ -34,15 +38,21 @@ def get_backend() -> str:
     return _check(os.environ.get(_ENV_VAR, "auto"), f"${_ENV_VAR}")
 
 
-def resolve_backend(device_type: str) -> str:
-    """The backend that will run on ``device_type``: ``auto`` resolved, others verified."""
+def resolve_backend(device_type: str, dtype: torch.dtype | None = None) -> str:
+    """The backend that will run on ``device_type`` (for ``dtype``): ``auto`` resolved, others verified."""
     requested = get_backend()
     if requested == "auto":
-        # The fused Triton kernels pass their tests under the Triton interpreter but have not yet
-        # run on a GPU (issue 3); until they are verified there, auto keeps the PyTorch
-        # reference on every device. LORAMBO_BACKEND=triton opts in. The compiled CPU op
-        # (LORAMBO_BACKEND=ext) is tested against the reference; making it auto's CPU choice
-        # changes dropout masks and float rounding, so it waits for a full-suite run with it.
+        # CPU: the compiled op when it loaded and supports the dtype (it matches the reference to
+        # rounding, the whole suite passes on it, and benchmarks/results/ext_cpu.md measured it
+        # faster than peft-style eager LoRA); otherwise the PyTorch reference.
+        # CUDA: the fused Triton kernels pass their tests under the Triton interpreter and compile
+        # for sm_90 ahead of time, but have not yet run on a GPU (issue 3); until they have, auto
+        # keeps the PyTorch reference there. LORAMBO_BACKEND=triton opts in.
+        if device_type == "cpu" and (dtype is None or dtype in EXT_CPU_DTYPES):
+            from lorambo import _extension
+
+            if _extension.load() is not None:
+                return "ext"
         return "torch"
     if requested == "triton":
         from lorambo.ops.triton_linear import triton_unavailable_reason

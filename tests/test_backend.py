@@ -24,8 +24,25 @@ def test_unknown_backend_is_rejected(monkeypatch):
         get_backend()
 
 
-def test_auto_uses_reference_on_cpu():
-    assert resolve_backend("cpu") == "torch"
+def test_auto_picks_the_compiled_op_on_cpu_when_built_else_the_reference():
+    from lorambo import ext_ops
+
+    built = ext_ops.available()
+    for dtype in (None, torch.float32, torch.float64, torch.bfloat16):
+        assert resolve_backend("cpu", dtype) == ("ext" if built else "torch")
+    assert resolve_backend("cpu", torch.float16) == "torch"  # the compiled CPU op has no fp16
+    assert resolve_backend("cuda", torch.float32) == "torch"  # Triton: not yet verified on a GPU
+
+
+def test_auto_layer_without_extension_runs_the_reference(monkeypatch):
+    from lorambo import _extension
+
+    layer = lorambo.LoRAMBoLinear(torch.nn.Linear(6, 4), rank=2)
+    x = torch.randn(3, 6)
+    with_ext = layer(x)
+    monkeypatch.setattr(_extension, "load", lambda: None)
+    assert resolve_backend("cpu", torch.float32) == "torch"
+    torch.testing.assert_close(layer(x), with_ext, rtol=1e-6, atol=1e-6)
 
 
 def test_explicit_triton_never_falls_back():

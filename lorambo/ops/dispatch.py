@@ -17,7 +17,7 @@ def new_dropout_seed() -> int:
 def lora_linear(x, weight, bias, lora_A, lora_B, rank: int, scaling: float, dropout_p: float = 0.0,
                 seed: int | None = None):
     """``x W^T + b + s * (drop(x) A_r^T) B_r^T`` on the backend chosen for ``x.device``."""
-    backend = resolve_backend(x.device.type)
+    backend = resolve_backend(x.device.type, x.dtype)
     if backend == "triton":
         if dropout_p > 0.0 and seed is None:  # a graph value under torch.compile, not .item()
             seed = torch.randint(0, 2**62, (), device="cpu")

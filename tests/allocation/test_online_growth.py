@@ -289,7 +289,7 @@ def test_grown_rows_respond_to_inputs_like_kaiming_rows():
     grow_layer(layer, 3, directions, generator=torch.Generator().manual_seed(5), inputs=[x[:200], x[200:]])
     rms_x = float(x.pow(2).mean().sqrt())
     for j in range(2):
-        new, kaiming = layer.lora_A[1 + j], plain.lora_A[1 + j]
+        new, kaiming = layer.lora_A[1 + j].detach(), plain.lora_A[1 + j].detach()
         assert abs(float(new @ directions[:, j])) == pytest.approx(float(new.norm()), rel=1e-12)
         # rms(a.x) of a random row of norm rho is rho * rms(x entries); the aligned row matches it
         assert float((x @ new).pow(2).mean().sqrt()) == pytest.approx(float(kaiming.norm()) * rms_x, rel=1e-10)

@@ -13,6 +13,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 from ext_testutil import needs_ext
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,8 +81,9 @@ def test_hidden_extension_falls_back_with_unchanged_results(tmp_path):
     assert broken["missing"] == [True] * 4 and len(broken["warned"]) == 1  # broken: exactly one warning
     assert "undefined symbol" in broken["warned"][0] and "using Triton/PyTorch" in broken["warned"][0]
     for run in (absent, broken):
-        for key in ("y", "grad", "dots"):
-            assert run[key] == visible[key], key
+        for key in ("y", "grad", "dots"):  # the compiled path vs the PyTorch one: equal up to rounding
+            torch.testing.assert_close(torch.tensor(run[key]), torch.tensor(visible[key]), rtol=1e-6, atol=1e-6,
+                                       msg=key)
         assert set(run["errors"]) == {"multi_dot", "backend_ext"}
         assert all("lorambo._C" in msg for msg in run["errors"].values())
 
