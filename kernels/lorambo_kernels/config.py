@@ -14,6 +14,8 @@ sm_90. Whoever first runs ``benchmarks/bench_lora_linear.py`` on a GPU should re
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
 
@@ -36,8 +38,28 @@ def rank_bucket(rank: int) -> int:
     return MAX_BLOCK_R
 
 
+# Ahead-of-time planning (lorambo_kernels.aot): inside ``plan_for_gpu`` the functions below answer
+# for that GPU (SM count, capability, never the interpreter) without asking CUDA, so the launchers
+# can be run on meta tensors to list the kernels they would compile there. None: ask as usual.
+_planned_gpu: contextvars.ContextVar[tuple[int, tuple[int, int]] | None] = contextvars.ContextVar(
+    "lorambo_planned_gpu", default=None)
+
+
+@contextlib.contextmanager
+def plan_for_gpu(sm_count: int, capability: tuple[int, int]):
+    """Configs for a CUDA GPU with ``sm_count`` SMs and compute ``capability`` (e.g. H100: 132,
+    (9, 0)) within this block, whatever the tensors' device and TRITON_INTERPRET say."""
+    token = _planned_gpu.set((int(sm_count), tuple(capability)))
+    try:
+        yield
+    finally:
+        _planned_gpu.reset(token)
+
+
 def is_interpreter() -> bool:
     """Kernels run under ``TRITON_INTERPRET=1`` (numpy on CPU tensors)."""
+    if _planned_gpu.get() is not None:
+        return False
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -64,6 +86,8 @@ def _sm_count(index: int) -> int:
 
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors on ``device`` (4 under the interpreter: small persistent grids)."""
+    if _planned_gpu.get() is not None:
+        return _planned_gpu.get()[0]
     if device.type != "cuda":
         return 4
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
@@ -75,6 +99,8 @@ def _capability(index: int) -> tuple[int, int]:
 
 
 def capability(device: torch.device) -> tuple[int, int]:
+    if _planned_gpu.get() is not None:
+        return _planned_gpu.get()[1]
     if device.type != "cuda":
         return (0, 0)
     return _capability(device.index if device.index is not None else torch.cuda.current_device())
@@ -104,6 +130,13 @@ def gemm_config(M: int, N: int, K: int, block_r: int, dtype: torch.dtype, device
                    num_stages=4 if big else 3)
     if block_r >= 128 and cfg["BLOCK_M"] == 128:
         cfg["num_stages"] = 3  # the [128, 128] fp32 down-projection accumulator costs registers
+    if block_r >= 128 and not big:
+        # fp32 operands with the rank-128 tiles of lora_A / lora_B: 3-4 stages need 256-384 KiB of
+        # shared memory (measured by the sm_90 AOT compile, tests/kernels/test_aot_sm90.py), over
+        # the H100's 227 KiB per block; at 128-row tiles 2 stages still need 256 KiB, 64-wide N fits
+        cfg["num_stages"] = 2
+        if cfg["BLOCK_M"] == 128:
+            cfg["BLOCK_N"] = 64
     return cfg
 
 
@@ -118,6 +151,8 @@ def tma_gemm_config(M: int, N: int, K: int, block_r: int, dtype: torch.dtype, de
                GROUP_M=8, num_warps=8, num_stages=3)
     if block_r >= 64 and cfg["BLOCK_N"] == 256:
         cfg["BLOCK_N"] = 128  # keep the fused [128, BLOCK_R] accumulator in registers
+    if block_r >= 128 and not big:
+        cfg["num_stages"] = 2  # fp32 at 3 stages: 256 KiB of shared memory (sm_90 AOT compile)
     return cfg
 
 
@@ -170,4 +205,4 @@ def want_tma(device: torch.device) -> bool:
         return True
     if is_interpreter():
         return False
-    return device.type == "cuda" and capability(device)[0] >= 9
+    return capability(device)[0] >= 9  # (0, 0) off CUDA
