@@ -29,6 +29,16 @@ def _fresh_state(request):
     lorambo.set_backend(None)
 
 
+@pytest.fixture(params=["torch", "auto"])
+def backend(request):
+    """Run the test on the PyTorch path and on what ``auto`` picks (the extension on CPU if built)."""
+    import lorambo
+
+    lorambo.set_backend(request.param)
+    yield request.param
+    lorambo.set_backend(None)
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread: tiny matrices on a busy 2-core box can stall ~20 ms per product with

@@ -11,13 +11,6 @@ from lorambo import ext_ops
 from lorambo.nn import keep_components_many
 
 
-@pytest.fixture(params=["torch", "auto"])
-def backend(request):
-    lorambo.set_backend(request.param)
-    yield request.param
-    lorambo.set_backend(None)
-
-
 def _trained(seed):
     gen = torch.Generator().manual_seed(seed)
     dims = [(12, 7, 4, 6), (7, 9, 6, 6), (8, 8, 3, 8), (8, 10, 5, 7)]  # in, out, rank, capacity

@@ -4,17 +4,9 @@ the path ``auto`` picks (the compiled extension on CPU when it is built)."""
 import pytest
 import torch
 
-import lorambo
 from lorambo import ext_ops
 from lorambo.backend import use_compiled_multi_tensor
 from lorambo.sensitivity.reductions import per_layer_dots, per_layer_sq_norms
-
-
-@pytest.fixture(params=["torch", "auto"])
-def backend(request):
-    lorambo.set_backend(request.param)
-    yield request.param
-    lorambo.set_backend(None)
 
 
 def test_per_layer_dots_and_norms_match_loops(backend):
