@@ -1,7 +1,6 @@
 """Batched per-layer reductions against per-tensor float64 loops, on the PyTorch path and on
 the path ``auto`` picks (the compiled extension on CPU when it is built)."""
 
-import pytest
 import torch
 
 from lorambo import ext_ops
