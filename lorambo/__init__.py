@@ -13,6 +13,7 @@ from lorambo.model import configure_model, lora_layers, unload
 from lorambo.nn import LoRAMBoLinear, reset_slot_state
 from lorambo.optimizer import LoRAMBoOptimizer
 from lorambo import sensitivity  # noqa: E402  (lorambo.sensitivity.hessian_trace, ...)
+from lorambo.adapters.peft_import import from_peft, import_peft  # noqa: E402  peft interop
 
 __all__ = [
     "AdapterFormatError",
@@ -21,6 +22,8 @@ __all__ = [
     "allocate",
     "configure_model",
     "export_peft",
+    "from_peft",
+    "import_peft",
     "get_backend",
     "load_adapter",
     "lora_layers",

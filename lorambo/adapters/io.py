@@ -11,6 +11,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from lorambo.adapters import extra_modules
 from lorambo.adapters.atomic import atomic_write
 from lorambo.model import configure_model, lora_layers
 
@@ -32,7 +33,8 @@ def adapter_file(path: str | os.PathLike) -> Path:
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write every LoRAMBoLinear's active slices and settings; returns the file written."""
+    """Write every LoRAMBoLinear's active slices and settings (and the state of the model's
+    ``modules_to_save``); returns the file written."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRAMBoLinear layer to save")
@@ -42,6 +44,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         tensors[f"{name}.lora_A"] = layer.lora_A[:r].detach().cpu().contiguous()  # (r, in)
         tensors[f"{name}.lora_B"] = layer.lora_B[:, :r].detach().cpu().contiguous()  # (out, r)
         meta[name] = {field: getattr(layer, field) for field in _LAYER_FIELDS}
+    extra_modules.add_modules_to_save(model, tensors)
     header = {"format": FORMAT, "version": str(VERSION), "layers": json.dumps(meta)}
     return atomic_write(adapter_file(path), lambda tmp: save_file(tensors, tmp, metadata=header))
 
@@ -103,8 +106,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     meta, tensors = _read(file)
     if not lora_layers(model):
         configure_model(model, {n: info["rank"] for n, info in meta.items()},
-                        capacity={n: info["capacity"] for n, info in meta.items()})
+                        capacity={n: info["capacity"] for n, info in meta.items()},
+                        modules_to_save=extra_modules.saved_module_names(tensors) or None)
     layers = _check_compatible(model, meta, file)
+    extra = extra_modules.check_modules_to_save(model, tensors, file)
     for name, layer in layers.items():
         info = meta[name]
         r = info["rank"]
@@ -115,4 +120,5 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         layer.lora_B[:, :r].copy_(tensors[f"{name}.lora_B"])
         layer.scaling, layer.alpha = float(info["scaling"]), float(info["alpha"])
         layer.use_rslora, layer.dropout = bool(info["use_rslora"]), float(info["dropout"])
+    extra_modules.load_modules_to_save(model, extra)
     return model

@@ -7,6 +7,9 @@ from collections.abc import Mapping
 
 from torch import nn
 
+from lorambo.model.modules_to_save import (check_not_targets, forget_modules_to_save, keep_trainable,
+                                           resolve_modules_to_save)
+from lorambo.model.patterns import check_alpha_pattern, pattern_value
 from lorambo.model.targeting import check_named_targets, find_targets
 from lorambo.nn import LoRAMBoLinear
 
@@ -29,14 +32,20 @@ def _per_layer(value, name: str, what: str):
 
 def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_modules: str | list[str] | None = None,
                     capacity: int | Mapping[str, int] | None = None, alpha: float | None = None,
-                    dropout: float = 0.0, use_rslora: bool = False) -> nn.Module:
+                    dropout: float = 0.0, use_rslora: bool = False, modules_to_save=None,
+                    alpha_pattern: Mapping[str, float] | None = None) -> nn.Module:
     """Adapt ``model`` in place and return it.
 
     ``ranks`` is one int for every target, or ``{module_name: rank}`` naming the targets exactly
     (then ``target_modules`` must be None). Targets that already are LoRAMBoLinear change rank
     in place (the rank must fit their capacity). Every parameter that is not LoRA is frozen;
     :func:`unload` restores it.
+
+    ``modules_to_save`` (peft semantics: names or name suffixes) stay trainable and are stored by
+    ``save_adapter``. ``alpha_pattern`` sets alpha per layer like peft's (``{pattern: alpha}``,
+    first matching key wins, ``alpha`` elsewhere); the scaling is fixed at construction.
     """
+    saved = resolve_modules_to_save(model, modules_to_save)
     if isinstance(ranks, Mapping):
         if target_modules is not None:
             raise ValueError("pass either ranks as a {name: rank} dict or target_modules, not both")
@@ -48,6 +57,8 @@ def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_mod
     else:
         raise TypeError(f"ranks must be an int or a {{name: rank}} dict, got {ranks!r}")
 
+    check_not_targets(saved, names)
+    check_alpha_pattern(alpha_pattern, names)
     trainable_before = [p for n, p in model.named_parameters()
                         if p.requires_grad and not n.endswith((".lora_A", ".lora_B"))]
     # Build every new layer before swapping any in, so a bad rank or capacity for one module
@@ -62,7 +73,8 @@ def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_mod
                 rank_changes[name] = (module, rank)
                 continue
             new_layers[name] = LoRAMBoLinear(
-                module, rank=rank, capacity=_per_layer(capacity, name, "capacity"), alpha=alpha,
+                module, rank=rank, capacity=_per_layer(capacity, name, "capacity"),
+                alpha=pattern_value(alpha_pattern, name, alpha),
                 dropout=dropout, use_rslora=use_rslora, name=name)
     except Exception:
         for param in trainable_before:  # the constructors froze base weights; undo that
@@ -78,6 +90,7 @@ def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_mod
         param.requires_grad_(False)
         frozen.append(param)
     object.__setattr__(model, _FROZEN_ATTR, frozen)  # a plain attribute, not a submodule/state
+    keep_trainable(model, saved, _FROZEN_ATTR)
     return model
 
 
@@ -99,4 +112,5 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         param.requires_grad_(True)
     if hasattr(model, _FROZEN_ATTR):
         object.__delattr__(model, _FROZEN_ATTR)
+    forget_modules_to_save(model)
     return model
