@@ -14,6 +14,7 @@ from lorambo.nn import LoRAMBoLinear, reset_slot_state
 from lorambo.optimizer import LoRAMBoOptimizer
 from lorambo import sensitivity  # noqa: E402  (lorambo.sensitivity.hessian_trace, ...)
 from lorambo.adapters.peft_import import from_peft, import_peft  # noqa: E402  peft interop
+from lorambo.adapters.peft_patterns import peft_config  # noqa: E402  allocation -> peft.LoraConfig
 
 __all__ = [
     "AdapterFormatError",
@@ -26,6 +27,7 @@ __all__ = [
     "import_peft",
     "get_backend",
     "load_adapter",
+    "peft_config",
     "lora_layers",
     "reset_slot_state",
     "save_adapter",
