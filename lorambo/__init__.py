@@ -12,6 +12,7 @@ from lorambo.backend import get_backend, set_backend
 from lorambo.model import configure_model, lora_layers, unload
 from lorambo.nn import LoRAMBoLinear, reset_slot_state
 from lorambo.optimizer import LoRAMBoOptimizer
+from lorambo import optim  # noqa: E402  (lorambo.optim.AdamW)
 from lorambo import sensitivity  # noqa: E402  (lorambo.sensitivity.hessian_trace, ...)
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "get_backend",
     "load_adapter",
     "lora_layers",
+    "optim",
     "reset_slot_state",
     "save_adapter",
     "sensitivity",
