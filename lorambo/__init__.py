@@ -12,6 +12,7 @@ from lorambo.backend import get_backend, set_backend
 from lorambo.model import configure_model, lora_layers, unload
 from lorambo.nn import LoRAMBoLinear, reset_slot_state
 from lorambo.optimizer import LoRAMBoOptimizer
+from lorambo import optim  # noqa: E402  (lorambo.optim.AdamW)
 from lorambo import sensitivity  # noqa: E402  (lorambo.sensitivity.hessian_trace, ...)
 from lorambo.adapters.peft_import import from_peft, import_peft  # noqa: E402  peft interop
 from lorambo.adapters.peft_patterns import peft_config  # noqa: E402  allocation -> peft.LoraConfig
@@ -33,6 +34,7 @@ __all__ = [
     "peft_config",
     "print_trainable_parameters",
     "lora_layers",
+    "optim",
     "reset_slot_state",
     "save_adapter",
     "sensitivity",

@@ -36,6 +36,7 @@ __all__ = [
     "probe_fill_",
     "remap_pools_",
     "reset_map",
+    "slot_state_tensors",
     "state_tensors",
     "stream_offsets",
     "zero_inactive_map",
@@ -171,6 +172,17 @@ def state_tensors(optimizer, param) -> list[torch.Tensor]:
     return [v for v in state.values() if torch.is_tensor(v) and v.shape == param.shape]
 
 
+def slot_state_tensors(optimizer, param, slot_dim: int) -> list[torch.Tensor]:
+    """The per-slot optimizer state of a pool ``param``: 1-D tensors with one entry per slot
+    (e.g. lorambo.optim.AdamW's step counts); torch.optim keeps none."""
+    state = optimizer.state.get(param) if optimizer is not None else None
+    if not state:
+        return []
+    slots = param.shape[slot_dim]
+    return [v for v in state.values()
+            if torch.is_tensor(v) and v.dim() == 1 and v.shape[0] == slots and v.shape != param.shape]
+
+
 @torch.no_grad()
 def remap_pools_(entries: Iterable[tuple[torch.nn.Module, torch.Tensor]], optimizer=None,
                  state_maps: Iterable[torch.Tensor] | None = None) -> None:
@@ -180,8 +192,9 @@ def remap_pools_(entries: Iterable[tuple[torch.nn.Module, torch.Tensor]], optimi
     row) and ``lora_B`` (slot = column), and, with ``optimizer``, to every per-element state
     tensor of those parameters (Adam's exp_avg / exp_avg_sq, ...). ``state_maps`` (one per entry)
     overrides the map used for the optimizer state, e.g. :func:`reset_map` when the parameters
-    are re-initialised elsewhere but their moments must be zeroed. The layers' ``rank``
-    bookkeeping is the caller's job.
+    are re-initialised elsewhere but their moments must be zeroed. Gradients (``.grad``) follow
+    the parameter map; per-slot step counts (:class:`lorambo.optim.AdamW`) follow the state map.
+    The layers' ``rank`` bookkeeping is the caller's job.
     """
     entries = list(entries)
     state_maps = list(state_maps) if state_maps is not None else [m for _, m in entries]
@@ -190,11 +203,13 @@ def remap_pools_(entries: Iterable[tuple[torch.nn.Module, torch.Tensor]], optimi
     tensors, dims, maps = [], [], []
     for (layer, m), sm in zip(entries, state_maps):
         for param, dim in ((layer.lora_A, 0), (layer.lora_B, 1)):
-            tensors.append(param.data)
-            dims.append(dim)
-            maps.append(m)
-            for value in state_tensors(optimizer, param):
-                tensors.append(value)
-                dims.append(dim)
-                maps.append(sm)
+            moved = [(param.data, dim, m)]
+            if param.grad is not None:  # a gradient belongs to its slot, like the value
+                moved.append((param.grad, dim, m))
+            moved += [(value, dim, sm) for value in state_tensors(optimizer, param)]
+            moved += [(value, 0, sm) for value in slot_state_tensors(optimizer, param, dim)]
+            for tensor, d, slot_map in moved:
+                tensors.append(tensor)
+                dims.append(d)
+                maps.append(slot_map)
     pool_remap_(tensors, dims, maps)

@@ -1,15 +1,18 @@
 """LoRAMBoOptimizer: the seed API that measures, allocates, sizes pools and grows ranks online.
 
 It is an allocator, not a torch optimizer: it decides ranks and edits the LoRA pools in place;
-your torch optimizer keeps training the parameters (pass it in so moments of changed slots reset).
+a torch optimizer keeps training the parameters. ``opt.make_optimizer(lr)`` gives the default one,
+:class:`lorambo.optim.AdamW` (per-slot Adam step counts); any other must be passed to ``step`` so
+the state of changed slots moves with them.
 
     opt = LoRAMBoOptimizer(model, total_budget=1_000_000, sensitivity_method="gradient")
     ranks = opt.compute_optimal_ranks(batches, loss_fn)      # reports pool memory first
     opt.configure()                # = configure_model(model, ranks, capacity=opt.capacities)
+    torch_opt = opt.make_optimizer(lr=1e-3)                  # lorambo.optim.AdamW
     for step, batch in enumerate(loader):
         with opt.capture(step):                           # hooks only on decision steps
             loss_fn(model, batch).backward()
-        opt.step(step, optimizer=torch_opt)               # grows ranks in place when due
+        opt.step(step)                                    # grows ranks in place when due
         torch_opt.step(); torch_opt.zero_grad()
 
 Capacities (room to grow). ``capacity=None`` sizes each pool as
@@ -124,6 +127,7 @@ class LoRAMBoOptimizer:
         self.memory_report: dict | None = None
         self._online: OnlineGrowth | None = None
         self._alora: ALoRA | None = None
+        self.default_optimizer: torch.optim.Optimizer | None = None  # see make_optimizer
 
     # ------------------------------------------------------------------------ validation
     def _find_targets(self, target_modules):
@@ -333,7 +337,9 @@ class LoRAMBoOptimizer:
                 self._online.capture.disarm()
 
     def step(self, step: int, optimizer=None, component_scores=None) -> list[dict]:
-        """Take the decision of ``step`` if one is due; returns its records (possibly [])."""
+        """Take the decision of ``step`` if one is due; returns its records (possibly []).
+        ``optimizer`` defaults to the one from :meth:`make_optimizer`."""
+        optimizer = optimizer if optimizer is not None else self.default_optimizer
         if self.allocation == "alora":
             if self._alora is None:
                 self._alora = ALoRA(self.model, self.layers(), self.loss_fn, self.heldout_batches,
@@ -355,6 +361,7 @@ class LoRAMBoOptimizer:
 
     def update_ranks(self, optimizer=None, step=None, component_scores=None) -> list[dict]:
         """Grow (and, with ``move_threshold``, move) ranks now from the captured step."""
+        optimizer = optimizer if optimizer is not None else self.default_optimizer
         if component_scores is None and self.move_threshold is not None:
             if self.heldout_batches is None or self.loss_fn is None:
                 raise ValueError("rank moves need component_scores or heldout_batches + loss_fn")
@@ -363,6 +370,16 @@ class LoRAMBoOptimizer:
             component_scores = {n: a.score for n, a in ablation_scores(
                 self.model, self.loss_fn, self.heldout_batches, self.names).items()}
         return self.online.update(step, optimizer, component_scores)
+
+    def make_optimizer(self, lr: float = 1e-3, **adamw_kwargs) -> "lorambo.optim.AdamW":
+        """A :class:`lorambo.optim.AdamW` over the model's trainable parameters (per-slot Adam
+        step counts, so slots grown later train as under a fresh Adam). It becomes the optimizer
+        whose state :meth:`step` / :meth:`update_ranks` edit when they are given none."""
+        from lorambo.optim import AdamW
+
+        self.default_optimizer = AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr,
+                                       **adamw_kwargs)
+        return self.default_optimizer
 
     def close(self) -> None:
         """Remove the activation hooks (also done after every decision)."""

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from lorambo.nn import base_layers
-from lorambo.nn.optimizer_state import gather_slot_state, reset_slot_state
+from lorambo.nn.optimizer_state import gather_slot_state, reset_slot_state, warn_if_shared_step
+from lorambo.nn.slots import PoolSlots, tag_pool_parameter
 from lorambo.ops import lora_linear
 
 
@@ -69,20 +70,35 @@ class LoRAMBoLinear(nn.Module):
             raise ValueError(f"{self._label}: dropout {dropout} must be in [0, 1)")
         self.dropout = float(dropout)
         self.use_rslora = bool(use_rslora)
-        self.alpha = float(alpha) if alpha is not None else float(max(rank, 1))
+        self.alpha = self._check_finite("alpha", alpha) if alpha is not None else float(max(rank, 1))
         if scaling is None:
             ref = max(rank, 1)
             scaling = self.alpha / (math.sqrt(ref) if self.use_rslora else ref)
-        self.scaling = float(scaling)
+        self.scaling = self._check_finite("scaling", scaling)
         for param in base.parameters():
             param.requires_grad_(False)
         weight = base.weight
         self.lora_A = nn.Parameter(torch.zeros(capacity, self.in_features, dtype=weight.dtype, device=weight.device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, capacity, dtype=weight.dtype, device=weight.device))
         self._rank = 0
+        self._slots = PoolSlots(0)
+        self._tag_pools()
         self.merged = False
         self._weight_before_merge: torch.Tensor | None = None
         self.set_rank(rank)
+
+    def _tag_pools(self) -> None:
+        # The optimizer-facing view of the active rank (see lorambo.nn.slots).
+        tag_pool_parameter(self.lora_A, self._slots, 0)
+        tag_pool_parameter(self.lora_B, self._slots, 1)
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self._tag_pools()  # deepcopy / unpickling rebuilds the Parameters without their tags
+
+    def _set_active_rank(self, rank: int) -> None:
+        self._rank = rank
+        self._slots.rank = rank
 
     # ----------------------------------------------------------------------------- helpers
     @property
@@ -93,6 +109,11 @@ class LoRAMBoLinear(nn.Module):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"{self._label}: {what} must be an int, got {value!r}")
         return int(value)
+
+    def _check_finite(self, what: str, value) -> float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+            raise ValueError(f"{self._label}: {what} must be a finite number, got {value!r}")
+        return float(value)
 
     def _check_rank_value(self, rank: int) -> None:
         if not 0 <= rank <= self.capacity:
@@ -125,8 +146,11 @@ class LoRAMBoLinear(nn.Module):
 
         Growth initialises the new rows of A as LoRA does (Kaiming-uniform) and leaves the new
         columns of B at zero, so the layer's output is unchanged. Shrinking zeroes the dropped
-        slots. With ``optimizer``, the state of every slot that changed is zeroed. Pass a seeded
-        ``generator`` when several processes must initialise new slots identically (DDP).
+        slots. The gradients (``.grad``) of every changed slot are zeroed too, so a rank change
+        between ``backward()`` and ``optimizer.step()`` is safe. With ``optimizer``, the state of
+        every changed slot is zeroed (with :class:`lorambo.optim.AdamW` also its Adam step count, so
+        a new slot trains exactly as under a fresh optimizer). Pass a seeded ``generator`` when
+        several processes must initialise new slots identically (DDP).
         """
         rank = self.validate_rank(rank)
         if self.merged:
@@ -138,17 +162,27 @@ class LoRAMBoLinear(nn.Module):
         elif rank < old:
             self.lora_A[rank:old].zero_()
             self.lora_B[:, rank:old].zero_()
-        self._rank = rank
+        lo, hi = min(old, rank), max(old, rank)
+        for grad, dim in self._pool_grads():
+            grad.narrow(dim, lo, hi - lo).zero_()
+        self._set_active_rank(rank)
         if optimizer is not None and rank != old:
-            reset_slot_state(optimizer, self, range(min(old, rank), max(old, rank)),
-                             all_active_new=(old == 0))
+            if rank > old:
+                warn_if_shared_step(optimizer, self)
+            reset_slot_state(optimizer, self, range(lo, hi), all_active_new=(old == 0))
         return old
+
+    def _pool_grads(self):
+        """(grad, slot_dim) of the pools that hold a gradient."""
+        for param, dim in ((self.lora_A, 0), (self.lora_B, 1)):
+            if param.grad is not None:
+                yield param.grad, dim
 
     @torch.no_grad()
     def keep_components(self, keep: Sequence[int], optimizer: torch.optim.Optimizer | None = None) -> int:
         """Keep the active slots listed in ``keep`` (in that order) compacted into slots
         0..len(keep)-1, zero the rest, and return the previous rank. The kept components are
-        moved bit for bit; with ``optimizer`` their state moves with them."""
+        moved bit for bit, with their gradients; with ``optimizer`` their state moves with them."""
         keep = self.checked_keep(keep)
         old, n = self._rank, len(keep)
         index = torch.as_tensor(keep, dtype=torch.long, device=self.lora_A.device)
@@ -156,7 +190,10 @@ class LoRAMBoLinear(nn.Module):
         self.lora_B[:, :n] = self.lora_B.index_select(1, index)
         self.lora_A[n:old].zero_()
         self.lora_B[:, n:old].zero_()
-        self._rank = n
+        for grad, dim in self._pool_grads():
+            grad.narrow(dim, 0, n).copy_(grad.index_select(dim, index.to(grad.device)))
+            grad.narrow(dim, n, old - n).zero_()
+        self._set_active_rank(n)
         if optimizer is not None:
             gather_slot_state(optimizer, self, keep, old)
         return old
@@ -181,6 +218,8 @@ class LoRAMBoLinear(nn.Module):
 
     # ---------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0:
+            raise ValueError(f"{self._label}: input is a 0-d tensor; expected shape [..., {self.in_features}]")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self._label}: input has last dim {x.shape[-1]} (shape {tuple(x.shape)}), "
                              f"expected in_features = {self.in_features}")
@@ -212,8 +251,10 @@ class LoRAMBoLinear(nn.Module):
         """Add the adapter into the base weight (one rounding, computed in float64).
 
         ``exact=True`` keeps a copy of the original weight so :meth:`unmerge` restores it bit
-        for bit; ``exact=False`` saves that memory, and unmerge subtracts the delta again
-        (error within one rounding of the weight dtype: ~2^-24 relative in fp32, 2^-8 in bf16).
+        for bit. ``exact=False`` saves that memory, and unmerge subtracts the delta again (in
+        float64), so each restored element w' of an original w with delta d satisfies
+        ``|w' - w| <= 2u * max(|w|, |w + d|)``, u the unit roundoff of the weight dtype
+        (2^-24 float32, 2^-11 float16, 2^-8 bfloat16): two roundings, one per direction.
         """
         if self.merged:
             raise RuntimeError(f"{self._label}: already merged")
@@ -247,10 +288,19 @@ class LoRAMBoLinear(nn.Module):
         return torch.tensor([self._rank, self.capacity], dtype=torch.int64)
 
     def set_extra_state(self, state) -> None:
-        rank, capacity = (int(v) for v in torch.as_tensor(state).tolist())
+        values = torch.as_tensor(state)
+        if values.shape != (2,) or values.is_floating_point() or values.is_complex():
+            raise ValueError(f"{self._label}: state_dict extra state must be the integers [rank, capacity], "
+                             f"got {state!r}")
+        rank, capacity = (int(v) for v in values.tolist())
         if capacity != self.capacity:
             raise ValueError(f"{self._label}: state_dict has capacity {capacity}, layer has {self.capacity}")
-        self._rank = rank  # the loaded pools already hold zeros past this rank
+        if not 0 <= rank <= capacity:
+            raise ValueError(f"{self._label}: state_dict has rank {rank} outside [0, capacity = {capacity}]")
+        if self.merged:
+            raise RuntimeError(f"{self._label}: unmerge() before loading a state_dict")
+        self._set_active_rank(rank)
+        self.zero_inactive_()  # keep the invariant even if the file held values past its rank
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self._rank}, "

@@ -1,33 +1,61 @@
-"""Keep torch.optim state consistent with rank-slot changes of LoRAMBoLinear pools.
+"""Keep optimizer state consistent with rank-slot changes of LoRAMBoLinear pools.
 
 A slot s is row s of ``lora_A`` and column s of ``lora_B``. Per-element state tensors
 (Adam's exp_avg / exp_avg_sq / max_exp_avg_sq, SGD's momentum_buffer, ...) are recognised as
 tensors with the parameter's shape and are edited in place, so the optimizer keeps working.
+:class:`lorambo.optim.AdamW` also keeps ``slot_step``, one Adam step count per slot (shape
+[capacity]); it moves and resets with its slot like the moments.
 
 Why zeroing is required, not cosmetic: Adam with zero gradient still moves a parameter whose
 moments are non-zero, so a slot deactivated with stale moments would drift away from 0.
-``step`` is one counter per parameter in torch.optim; it is reset to 0 only when every active
-slot of the layer is new (e.g. growth from rank 0), where that is exactly a fresh start.
-Otherwise newly active slots see Adam's bias correction of the older slots: the same as a
-never-used slot in any pooled parameter.
+
+torch.optim's Adam family keeps one ``step`` per parameter, so a slot activated at step t gets
+the bias correction of step t while its moments start from zero: its first updates are several
+times those of a fresh Adam. lorambo cannot fix that from outside the optimizer; it resets
+``step`` when every active slot of the layer is new (growth from rank 0, where that is exactly a
+fresh start) and warns once. :class:`lorambo.optim.AdamW` has per-slot counts and no such error.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
 
+from lorambo.ext_ops import slot_state_tensors, state_tensors
+
+SLOT_STEP = "slot_step"  # lorambo.optim.AdamW's per-slot Adam step count, shape [capacity]
+_warned_shared_step = False
+
 
 def _slot_views(optimizer: torch.optim.Optimizer, layer):
-    """Yield (state_tensor, dim) for every per-element state tensor of the layer's pools."""
+    """Yield (state_tensor, dim) for every per-slot state tensor of the layer's pools."""
     for param, dim in ((layer.lora_A, 0), (layer.lora_B, 1)):
+        for value in state_tensors(optimizer, param):
+            yield value, dim
+        for value in slot_state_tensors(optimizer, param, dim):
+            yield value, 0
+
+
+def warn_if_shared_step(optimizer: torch.optim.Optimizer, layer) -> None:
+    """Warn once per process when new slots join a pool whose optimizer has one Adam ``step``
+    per parameter that has already counted steps (see the module docstring)."""
+    global _warned_shared_step
+    if _warned_shared_step:
+        return
+    for param in (layer.lora_A, layer.lora_B):
         state = optimizer.state.get(param)
-        if not state:
+        if not state or SLOT_STEP in state or "step" not in state or "exp_avg" not in state:
             continue
-        for value in state.values():
-            if torch.is_tensor(value) and value.shape == param.shape:
-                yield value, dim
+        if float(state["step"]) > 0:
+            _warned_shared_step = True
+            warnings.warn(
+                f"{type(optimizer).__name__} keeps one Adam step count per parameter: slots that become "
+                f"active now in {layer._label} start with the bias correction of step {int(float(state['step']))}, "
+                "so their first updates are larger than a fresh Adam's (2.5-5x measured). "
+                "Use lorambo.optim.AdamW for per-slot step counts.", stacklevel=4)
+            return
 
 
 @torch.no_grad()

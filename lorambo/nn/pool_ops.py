@@ -5,7 +5,8 @@ is a few small copies per layer plus the same for every optimizer moment; the co
 ``lorambo::pool_remap_`` (csrc/) does every pool and every moment in one parallel pass, measured
 1.5x faster than the loop over 224 7B-shaped pools on the 2-core CPU
 (benchmarks/results/ext_cpu.md). The result is bit for bit that of calling
-:meth:`LoRAMBoLinear.keep_components` on each layer; without the extension that loop runs.
+:meth:`LoRAMBoLinear.keep_components` on each layer (parameters, gradients, optimizer state);
+without the extension that loop runs.
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ def keep_components_many(plans: Iterable[tuple[torch.nn.Module, Sequence[int]]],
         return old
     from lorambo import ext_ops
 
-    tensors = [t for layer in layers for p in (layer.lora_A, layer.lora_B)
-               for t in (p.detach(), *ext_ops.state_tensors(optimizer, p))]
+    tensors = [t for layer in layers for p, dim in ((layer.lora_A, 0), (layer.lora_B, 1))
+               for t in (p.detach(), *([] if p.grad is None else [p.grad]), *ext_ops.state_tensors(optimizer, p),
+                         *ext_ops.slot_state_tensors(optimizer, p, dim))]
     if use_compiled_multi_tensor(tensors):
         ext_ops.remap_pools_([(layer, ext_ops.keep_map(keep, layer.rank, layer.capacity)) for layer, keep in plans],
                              optimizer)
         for layer, keep in plans:
-            layer._rank = len(keep)
+            layer._set_active_rank(len(keep))
     else:
         for layer, keep in plans:
             layer.keep_components(keep, optimizer)

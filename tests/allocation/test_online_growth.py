@@ -36,16 +36,26 @@ def _dense_perp(x, dy, a_rows, b_cols):
 
 @pytest.mark.parametrize("b_zero", [False, True])
 def test_benefit_matches_dense_projected_svd(b_zero):
-    n_in, n_out, r, k = 7, 5, 2, 2
-    x, dy = torch.randn(30, n_in, dtype=DT), torch.randn(30, n_out, dtype=DT)
+    # The sketch (k + oversample = 6 columns) is much narrower than the layer (24 x 20), so the
+    # answer comes from the power iteration: few iterations are visibly off, more converge.
+    n_in, n_out, r, k, t = 24, 20, 2, 2, 40
+    u = torch.linalg.qr(torch.randn(t, t, dtype=DT)).Q
+    x = u[:, :n_in] @ torch.diag(0.5 ** torch.arange(n_in, dtype=DT)) @ torch.linalg.qr(
+        torch.randn(n_in, n_in, dtype=DT)).Q                                  # decaying spectrum
+    dy = torch.randn(t, n_out, dtype=DT)
     a_rows = torch.randn(r, n_in, dtype=DT)
     b_cols = torch.zeros(n_out, r, dtype=DT) if b_zero else torch.randn(n_out, r, dtype=DT)
     exact = torch.linalg.svd(_dense_perp(x, dy, a_rows, b_cols))
     # two calls (gradient accumulation) sum to the same G
     pairs = [(x[:12], dy[:12]), (x[12:], dy[12:])]
-    sigma, vecs = projected_top_singular(pairs, n_in, n_out, k, subspace_basis(a_rows.T),
-                                         subspace_basis(b_cols), niter=2,
-                                         generator=torch.Generator().manual_seed(3))
+
+    def estimate(niter):
+        return projected_top_singular(pairs, n_in, n_out, k, subspace_basis(a_rows.T), subspace_basis(b_cols),
+                                      niter=niter, generator=torch.Generator().manual_seed(3))
+
+    rough, _ = estimate(0)
+    sigma, vecs = estimate(12)
+    assert float((rough - exact.S[:k]).abs().max() / exact.S[0]) > 1e-6  # the iteration has work to do
     torch.testing.assert_close(sigma, exact.S[:k], rtol=1e-10, atol=1e-12)
     for j in range(k):  # same singular directions (up to sign), orthogonal to the rows of A
         assert abs(float(vecs[:, j] @ exact.Vh[j])) == pytest.approx(1.0, abs=1e-8)

@@ -32,17 +32,22 @@ def run(rank, world, port, out_dir, data_seed):
         opt = LoRAMBoOptimizer(net, spent, interval=2, sketch_rank=2, move_threshold=0.0,
                                loss_fn=mse, heldout_batches=heldout, seed=5)
         model = DDP(net)
-        torch_opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+        torch_opt = lorambo.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
         for step in range(7):
             batch = (torch.randn(16, 6, generator=g, dtype=DT), torch.randn(16, 3, generator=g, dtype=DT))
             with opt.capture(step):
                 mse(model, batch).backward()
-            opt.step(step, optimizer=torch_opt)
+            opt.step(step, optimizer=torch_opt)  # ranks change between backward and step
             torch_opt.step()
             torch_opt.zero_grad()
+            for layer in lorambo.lora_layers(net).values():  # the DDP-reduced gradients followed their slots
+                assert not layer.lora_A[layer.rank:].any() and not layer.lora_B[:, layer.rank:].any()
         check_identical(opt.decisions)
         torch.save({"decisions": opt.decisions,
                     "state": {k: v.clone() for k, v in net.state_dict().items()},
-                    "ranks": opt.current_ranks()}, f"{out_dir}/rank{rank}.pt")
+                    "ranks": opt.current_ranks(),
+                    "slot_steps": [torch_opt.state[p]["slot_step"].clone() for p in net.parameters()
+                                   if p in torch_opt.state and "slot_step" in torch_opt.state[p]]},
+                   f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()

@@ -25,3 +25,4 @@ def test_ddp_processes_decide_identically(tmp_path):
     assert a["ranks"] == b["ranks"] != {n: 1 for n in a["ranks"]}
     for key, value in a["state"].items():
         assert torch.equal(value, b["state"][key]), key
+    assert a["slot_steps"] and all(torch.equal(x, y) for x, y in zip(a["slot_steps"], b["slot_steps"]))

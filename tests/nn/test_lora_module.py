@@ -165,11 +165,29 @@ def test_extra_repr_shows_rank_capacity_scaling():
     assert "rank=2" in text and "capacity=4" in text and "scaling=4" in text
 
 
-def test_autocast_runs_in_the_autocast_dtype():
-    layer = LoRAMBoLinear(nn.Linear(16, 8), rank=2)
+def test_autocast_runs_in_the_autocast_dtype_within_twice_torchs_own_error():
+    layer = LoRAMBoLinear(nn.Linear(64, 48), rank=4, capacity=8, alpha=8.0)
+    with torch.no_grad():
+        layer.lora_B[:, :4].normal_()
+    x = torch.randn(5, 64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = layer(torch.randn(3, 16))
+        y = layer(x)
     assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    # float64 oracle on the bf16-rounded operands that autocast feeds the op
+    xb, wb, bb, ab, bbb = (t.detach().to(torch.bfloat16).double().requires_grad_()
+                           for t in (x, layer.weight, layer.bias, layer.lora_A[:4], layer.lora_B[:, :4]))
+    ref = xb @ wb.t() + bb + layer.scaling * (xb @ ab.t()) @ bbb.t()
+    ref.square().sum().backward()
+    with torch.no_grad():  # PyTorch's own bf16 result for the same math
+        bf = [t.to(torch.bfloat16) for t in (x, layer.weight, layer.bias, layer.lora_A[:4], layer.lora_B[:, :4])]
+        own = torch.nn.functional.linear(bf[0], bf[1], bf[2]) + layer.scaling * (bf[0] @ bf[3].t()) @ bf[4].t()
+    own_err = (own.double() - ref).abs().max()
+    assert (y.double() - ref).abs().max() <= 2 * own_err + 1e-6
+    for got, want in ((layer.lora_A.grad[:4], ab.grad), (layer.lora_B.grad[:, :4], bbb.grad)):
+        rel = (got.double() - want).norm() / want.norm()
+        assert rel < 2e-2  # bf16 forward and backward: a few units of 2^-8
+    assert not layer.lora_A.grad[4:].any() and not layer.lora_B.grad[:, 4:].any()
 
 
 # --------------------------------------------------------------------------- bad input
@@ -180,6 +198,8 @@ def test_autocast_runs_in_the_autocast_dtype():
     ({"rank": True}, TypeError, "rank must be an int"),
     ({"rank": 2, "capacity": 17}, ValueError, r"'blk\.0\.q'.*capacity 17.*min\(in, out\) = 16"),
     ({"rank": 2, "dropout": 1.0}, ValueError, "dropout 1.0"),
+    ({"rank": 2, "alpha": float("nan")}, ValueError, r"'blk\.0\.q'.*alpha must be a finite number, got nan"),
+    ({"rank": 2, "scaling": float("inf")}, ValueError, r"'blk\.0\.q'.*scaling must be a finite number, got inf"),
 ])
 def test_bad_construction_names_module_and_value(kwargs, exc, match):
     kwargs.setdefault("capacity", 8)
@@ -211,3 +231,40 @@ def test_growth_with_a_seeded_generator_is_reproducible():
     a.set_rank(4, generator=torch.Generator().manual_seed(7))
     b.set_rank(4, generator=torch.Generator().manual_seed(7))
     assert torch.equal(a.lora_A[1:], b.lora_A[1:]) and a.lora_A[1:].abs().min() > 0
+
+
+def test_zero_dim_input_is_refused_clearly():
+    layer = LoRAMBoLinear(nn.Linear(8, 8), rank=2, capacity=4, name="fc")
+    with pytest.raises(ValueError, match=r"'fc'.*0-d tensor"):
+        layer(torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("extra, match", [
+    (torch.tensor([99, 8]), r"'fc'.*rank 99 outside \[0, capacity = 8\]"),
+    (torch.tensor([-3, 8]), r"'fc'.*rank -3 outside"),
+    (torch.tensor([2, 16]), r"'fc'.*capacity 16"),
+    (torch.tensor([2.5, 8.0]), r"'fc'.*integers \[rank, capacity\]"),
+])
+def test_state_dict_with_a_bad_rank_is_refused(extra, match):
+    layer = LoRAMBoLinear(nn.Linear(8, 12), rank=2, capacity=8, name="fc")
+    state = layer.state_dict()
+    state["_extra_state"] = extra
+    with pytest.raises(ValueError, match=match):
+        layer.load_state_dict(state)
+    assert layer.rank == 2
+
+
+@pytest.mark.parametrize("dtype, unit_roundoff", [(torch.float32, 2.0**-24), (torch.bfloat16, 2.0**-8),
+                                                  (torch.float16, 2.0**-11)])
+def test_inexact_unmerge_is_within_the_documented_bound(dtype, unit_roundoff):
+    layer = LoRAMBoLinear(nn.Linear(40, 30, dtype=dtype), rank=6, capacity=8, alpha=12.0)
+    with torch.no_grad():
+        layer.lora_B[:, :6].normal_()
+    w = layer.base_layer.weight.detach().double().clone()
+    delta = layer._delta_as_base_layout()
+    layer.merge(exact=False)
+    layer.unmerge()
+    err = (layer.base_layer.weight.double() - w).abs()
+    bound = 2 * unit_roundoff * torch.maximum(w.abs(), (w + delta).abs())
+    assert (err <= bound).all()
+    assert err.max() > 0  # the bound is exercised: inexact unmerge does round

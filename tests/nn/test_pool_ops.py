@@ -11,32 +11,36 @@ from lorambo import ext_ops
 from lorambo.nn import keep_components_many
 
 
-def _trained(seed):
+def _trained(seed, optimizer_class=torch.optim.Adam):
     gen = torch.Generator().manual_seed(seed)
     dims = [(12, 7, 4, 6), (7, 9, 6, 6), (8, 8, 3, 8), (8, 10, 5, 7)]  # in, out, rank, capacity
     model = nn.Sequential(*[lorambo.LoRAMBoLinear(nn.Linear(i, o), rank=r, capacity=c) for i, o, r, c in dims])
     with torch.no_grad():
         for layer in model:
             layer.lora_B[:, :layer.rank].normal_(generator=gen)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(2):  # real, distinct moments in every active slot
+    opt = optimizer_class([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(3):  # real, distinct moments in every active slot, then fresh gradients
         loss = sum(layer(torch.randn(3, layer.in_features, generator=gen)).square().sum() for layer in model)
         loss.backward()
-        opt.step()
-        opt.zero_grad()
+        if step < 2:
+            opt.step()
+            opt.zero_grad()
     return model, opt
 
 
 def _snapshot(model, opt):
-    out = [t.clone() for layer in model for t in (layer.lora_A, layer.lora_B)]
+    out = [t.clone() for layer in model for t in (layer.lora_A, layer.lora_B, layer.lora_A.grad, layer.lora_B.grad)]
     out += [v.clone() for p in opt.state for v in opt.state[p].values() if torch.is_tensor(v)]
     return out, [layer.rank for layer in model]
 
 
-def test_matches_per_layer_keep_components_bit_for_bit(backend, monkeypatch):
+@pytest.mark.parametrize("optimizer_class", [torch.optim.Adam, lorambo.optim.AdamW])
+def test_matches_per_layer_keep_components_bit_for_bit(backend, monkeypatch, optimizer_class):
     seed = int(torch.randint(0, 2**30, ()))
-    model, opt = _trained(seed)
+    model, opt = _trained(seed, optimizer_class)
     ref_model, ref_opt = copy.deepcopy((model, opt))
+    for param, ref in zip(model.parameters(), ref_model.parameters()):  # deepcopy drops .grad
+        ref.grad = None if param.grad is None else param.grad.clone()
     plans = {0: [3, 1], 1: [], 3: [4, 0, 2, 1]}  # shrink, prune everything, permute-and-shrink
     for i, keep in plans.items():
         ref_model[i].keep_components(keep, ref_opt)
@@ -52,8 +56,11 @@ def test_matches_per_layer_keep_components_bit_for_bit(backend, monkeypatch):
     assert got_ranks == want_ranks == [2, 0, 3, 4]
     for g, w in zip(got, want, strict=True):
         assert torch.equal(g, w)
-    for layer in model:  # inactive slots are exactly zero
-        assert not layer.lora_A[layer.rank:].any() and not layer.lora_B[:, layer.rank:].any()
+    for layer in model:  # inactive slots, and their gradients, are exactly zero
+        for t in (layer.lora_A, layer.lora_A.grad):
+            assert not t[layer.rank:].any()
+        for t in (layer.lora_B, layer.lora_B.grad):
+            assert not t[:, layer.rank:].any()
 
 
 def test_bad_plan_is_refused_before_any_pool_changes(backend):

@@ -1,5 +1,7 @@
 """The seed API: sensitivities -> ranks within the budget -> pools with room -> configured model."""
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -141,3 +143,23 @@ def test_decision_step_without_capture_warns():
     with pytest.warns(RuntimeWarning, match="no activations were captured"):
         assert opt.step(2) == []
     assert opt.step(3) == []
+
+
+def test_make_optimizer_is_lorambo_adamw_and_the_default_for_rank_changes():
+    net = nn.Sequential(nn.Linear(6, 10, dtype=torch.float64), nn.Tanh(), nn.Linear(10, 3, dtype=torch.float64))
+    lorambo.configure_model(net, 1, capacity={"0": 4, "2": 3})
+    opt = LoRAMBoOptimizer(net, 3 * 16 + 2 * 13, interval=1, sketch_rank=2)
+    torch_opt = opt.make_optimizer(lr=0.05)
+    assert isinstance(torch_opt, lorambo.optim.AdamW) and opt.default_optimizer is torch_opt
+    for step in range(3):  # ranks may change only at the last step
+        with opt.capture(step) if step == 2 else contextlib.nullcontext():
+            net(torch.randn(8, 6, dtype=torch.float64)).square().mean().backward()
+        if step == 2:
+            assert opt.step(step)  # grows, editing the default optimizer's state
+        torch_opt.step()
+        torch_opt.zero_grad()
+    grown = [layer for layer in lorambo.lora_layers(net).values() if layer.rank > 1]
+    assert grown
+    for layer in grown:  # the grown slots count their own Adam steps
+        counts = torch_opt.state[layer.lora_A]["slot_step"][:layer.rank].tolist()
+        assert counts == [3.0] + [1.0] * (layer.rank - 1)

@@ -1,0 +1,150 @@
+"""AdamW with one Adam step count per rank slot of LoRAMBoLinear pools.
+
+torch.optim's Adam keeps one ``step`` per parameter. In a rank pool a slot activated at step t
+then starts with zero moments but the bias correction of step t, and its first updates are
+2.5-5x those of a fresh Adam. :class:`AdamW` keeps ``slot_step`` ([capacity]) for every pool
+parameter and applies Adam's bias correction per slot, so a slot activated at step t moves
+exactly as under a fresh optimizer fed the same gradients.
+
+Every other parameter is updated by torch's own AdamW code path (same arguments, foreach or
+fused as torch chooses), so for a model without pools this *is* torch.optim.AdamW.
+
+Pool parameters are recognised by their tag (:mod:`lorambo.nn.slots`); only their active slots
+are read and written (cost follows the rank). Rank changes must pass the optimizer
+(``layer.set_rank(r, optimizer=opt)``, ``keep_components(..., optimizer=opt)``): that zeroes or
+moves the moments and step counts of the changed slots with them.
+
+Pool parameters always take the multi-tensor (``torch._foreach_*``) path, with the step counts on
+the parameter's device, so the update never reads a device value on the host. ``fused`` and
+``capturable`` apply to the other parameters; ``differentiable=True`` is not supported.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lorambo.nn.optimizer_state import SLOT_STEP
+from lorambo.nn.slots import pool_slots
+
+__all__ = ["AdamW"]
+
+
+def _unhooked_step(cls):
+    """``cls.step`` without torch's profiling/hook wrapper: the hooks already ran around our step."""
+    fn = cls.step
+    while getattr(fn, "hooked", False):
+        fn = fn.__wrapped__
+    return fn
+
+
+def _bias_correction(slot_steps: torch.Tensor, beta: float) -> torch.Tensor:
+    """``1 - beta^t`` per slot, to the rounding of ``slot_steps``' dtype even for beta close to 1."""
+    if beta == 0.0:
+        return torch.ones_like(slot_steps)
+    return -torch.expm1(slot_steps * math.log(beta))
+
+
+class AdamW(torch.optim.AdamW):
+    """Drop-in :class:`torch.optim.AdamW` (same arguments) with per-slot Adam step counts for
+    LoRAMBoLinear pools. See the module docstring."""
+
+    def __init__(self, params, *args, **kwargs):
+        super().__init__(params, *args, **kwargs)
+        if any(group.get("differentiable", False) for group in self.param_groups):
+            raise ValueError("lorambo.optim.AdamW: differentiable=True is not supported")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        pools = [[p for p in group["params"] if p.grad is not None and pool_slots(p) is not None]
+                 for group in self.param_groups]
+        hidden = [(p, p.grad) for group_pools in pools for p in group_pools]
+        for p, _ in hidden:
+            p.grad = None  # torch's update skips parameters without a gradient
+        try:
+            _unhooked_step(torch.optim.AdamW)(self)
+        finally:
+            for p, grad in hidden:
+                p.grad = grad
+        for group, group_pools in zip(self.param_groups, pools):
+            if group_pools:
+                self._update_pools(group, group_pools)
+        return loss
+
+    def _pool_state(self, param: torch.Tensor, amsgrad: bool) -> dict:
+        state = self.state[param]
+        if SLOT_STEP not in state:
+            _, dim = pool_slots(param)
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            if amsgrad:
+                state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state[SLOT_STEP] = torch.zeros(param.shape[dim], dtype=torch.float32, device=param.device)
+        return state
+
+    def _update_pools(self, group: dict, params: list[torch.Tensor]) -> None:
+        """AdamW on the active slots of pool parameters, with per-slot bias correction."""
+        beta1, beta2 = (float(b) for b in group["betas"])
+        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+        amsgrad, maximize = group["amsgrad"], group["maximize"]
+        values, grads, exp_avgs, exp_avg_sqs, max_sqs, scale_shapes, slot_steps, precisions = ([] for _ in range(8))
+        for param in params:
+            slots, dim = pool_slots(param)
+            rank = slots.rank
+            if rank == 0:
+                continue
+            state = self._pool_state(param, amsgrad)
+            state["step"] += 1
+            active = lambda t: t.narrow(dim, 0, rank)  # noqa: E731  (cost follows the rank)
+            values.append(active(param))
+            grads.append(active(param.grad))
+            exp_avgs.append(active(state["exp_avg"]))
+            exp_avg_sqs.append(active(state["exp_avg_sq"]))
+            if amsgrad:
+                max_sqs.append(active(state["max_exp_avg_sq"]))
+            slot_steps.append(state[SLOT_STEP][:rank])
+            precisions.append(torch.promote_types(param.dtype, torch.float32))
+            scale_shapes.append((rank, 1) if dim == 0 else (1, rank))
+        if not values:
+            return
+        if maximize:
+            grads = torch._foreach_neg(grads)
+        torch._foreach_add_(slot_steps, 1.0)
+        if weight_decay != 0:
+            torch._foreach_mul_(values, 1 - lr * weight_decay)
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+        second = exp_avg_sqs
+        if amsgrad:
+            torch._foreach_maximum_(max_sqs, exp_avg_sqs)
+            second = max_sqs
+        # Per slot: step size lr / (1 - beta1^t), denominator sqrt(v) / sqrt(1 - beta2^t) + eps.
+        # Computed in the parameter's precision (at least float32) from the exact integer counts.
+        steps = [t.to(dtype) for t, dtype in zip(slot_steps, precisions)]
+        step_sizes = [(lr / _bias_correction(t, beta1)).view(shape) for t, shape in zip(steps, scale_shapes)]
+        root_bc2 = [_bias_correction(t, beta2).sqrt_().view(shape) for t, shape in zip(steps, scale_shapes)]
+        denoms = torch._foreach_sqrt(second)
+        torch._foreach_div_(denoms, root_bc2)
+        torch._foreach_add_(denoms, eps)
+        updates = torch._foreach_mul(exp_avgs, step_sizes)
+        torch._foreach_div_(updates, denoms)
+        torch._foreach_sub_(values, updates)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch casts every floating state tensor to its parameter's dtype on load; step counts
+        # must stay float32 (bfloat16 counts are exact only up to 256).
+        saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        counts = {pid: state_dict["state"][pid][SLOT_STEP].clone()
+                  for pid in saved_ids if SLOT_STEP in state_dict["state"].get(pid, {})}
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for pid, param in zip(saved_ids, params):
+            if pid in counts:
+                self.state[param][SLOT_STEP] = counts[pid].to(device=param.device, dtype=torch.float32)

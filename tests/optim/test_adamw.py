@@ -1,0 +1,120 @@
+"""lorambo.optim.AdamW: torch's AdamW for plain parameters, per-slot Adam for rank pools."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import lorambo
+from lorambo import LoRAMBoLinear
+from lorambo.optim import AdamW
+
+
+def _pool_layer(rank=2, capacity=8, din=10, dout=9, dtype=torch.float64):
+    return LoRAMBoLinear(torch.nn.Linear(din, dout, dtype=dtype), rank=rank, capacity=capacity)
+
+
+def _random_active_grads(layer):
+    """Fresh random gradients on the active slots (inactive slots get exactly zero, as the op gives)."""
+    r = layer.rank
+    for param, dim in ((layer.lora_A, 0), (layer.lora_B, 1)):
+        grad = torch.zeros_like(param)
+        grad.narrow(dim, 0, r).copy_(torch.randn_like(grad.narrow(dim, 0, r)))
+        param.grad = grad
+
+
+@pytest.mark.parametrize("options", [dict(), dict(amsgrad=True), dict(maximize=True, weight_decay=0.1),
+                                     dict(foreach=False), dict(foreach=True, betas=(0.8, 0.99))])
+def test_plain_parameters_follow_torch_adamw_exactly(options):
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    twin = copy.deepcopy(model)
+    ours, theirs = AdamW(model.parameters(), lr=3e-2, **options), torch.optim.AdamW(twin.parameters(), lr=3e-2, **options)
+    for _ in range(5):
+        x = torch.randn(4, 6)
+        for net, opt in ((model, ours), (twin, theirs)):
+            opt.zero_grad()
+            net(x).square().sum().backward()
+            opt.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dim_name", ["lora_A", "lora_B"])
+def test_slot_activated_at_step_1000_moves_like_a_fresh_adam(dim_name):
+    layer = _pool_layer(rank=2)
+    kwargs = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    opt = AdamW(layer.parameters(), **kwargs)
+    for _ in range(1000):
+        _random_active_grads(layer)
+        opt.step()
+    layer.set_rank(3, optimizer=opt)
+    slot, dim = 2, (0 if dim_name == "lora_A" else 1)
+    pool = getattr(layer, dim_name)
+    # The oracle: torch's own AdamW, fresh, on a standalone copy of the new slot.
+    fresh = torch.nn.Parameter(pool.detach().select(dim, slot).clone())
+    if dim_name == "lora_A":  # B = 0 at activation: give the oracle a non-zero start for A only
+        assert fresh.abs().sum() > 0
+    oracle = torch.optim.AdamW([fresh], **kwargs)
+    for _ in range(20):
+        _random_active_grads(layer)
+        before = pool.detach().select(dim, slot).clone()
+        fresh.grad = pool.grad.select(dim, slot).clone()
+        opt.step()
+        oracle.step()
+        ours = pool.detach().select(dim, slot) - before
+        torch.testing.assert_close(pool.detach().select(dim, slot), fresh.detach(), rtol=1e-6, atol=1e-12)
+        assert ours.abs().max() > 0
+    assert opt.state[pool]["slot_step"].tolist()[:3] == [1020.0, 1020.0, 20.0]
+
+
+def test_torch_adamw_gives_a_late_slot_oversized_first_steps_and_warns_once():
+    """Why lorambo.optim.AdamW exists: the same schedule under torch.optim.AdamW."""
+    layer = _pool_layer(rank=2)
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(1000):
+        _random_active_grads(layer)
+        opt.step()
+    lorambo.nn.optimizer_state._warned_shared_step = False
+    with pytest.warns(UserWarning, match="lorambo.optim.AdamW"):
+        layer.set_rank(3, optimizer=opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer.set_rank(4, optimizer=opt)  # once per process
+    _random_active_grads(layer)
+    before = layer.lora_B.detach()[:, 2].clone()
+    opt.step()
+    step = (layer.lora_B.detach()[:, 2] - before).abs()
+    # A fresh Adam's first step is lr * |g| / (|g| + eps) ~ lr per element; torch's is far larger.
+    assert step.mean() > 2.5 * 1e-2
+
+
+def test_slot_steps_survive_a_state_dict_round_trip_in_bfloat16():
+    layer = _pool_layer(rank=2, dtype=torch.bfloat16)
+    opt = AdamW(layer.parameters(), lr=1e-3)
+    for _ in range(300):
+        _random_active_grads(layer)
+        opt.step()
+    state = copy.deepcopy(opt.state_dict())
+    other = AdamW(layer.parameters(), lr=1e-3)
+    other.load_state_dict(state)
+    counts = other.state[layer.lora_A]["slot_step"]
+    assert counts.dtype == torch.float32 and counts.tolist()[:3] == [300.0, 300.0, 0.0]
+    assert other.state[layer.lora_A]["exp_avg"].dtype == torch.bfloat16
+
+
+def test_only_active_slots_are_touched_and_deepcopied_layers_stay_pools():
+    layer = _pool_layer(rank=3)
+    clone = copy.deepcopy(layer)
+    opt = AdamW(clone.parameters(), lr=1e-2)
+    _random_active_grads(clone)
+    clone.lora_A.grad[5] = 1.0  # a stray gradient in an inactive slot must not move it
+    opt.step()
+    assert torch.count_nonzero(clone.lora_A[3:]) == 0 and torch.count_nonzero(clone.lora_B[:, 3:]) == 0
+    assert "slot_step" in opt.state[clone.lora_A]
+    assert opt.state[clone.lora_A]["slot_step"].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
+
+
+def test_differentiable_is_refused():
+    with pytest.raises(ValueError, match="differentiable"):
+        AdamW([torch.nn.Parameter(torch.zeros(2))], differentiable=True)
