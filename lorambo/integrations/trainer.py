@@ -17,11 +17,24 @@ steps, so the step being taken is ``global_step`` in both events.
 Each decision is appended to the allocator's decision log (``log_path``) and to
 ``callback.decisions``. (Adding keys to the Trainer's logs from ``on_log`` would not work: the
 Trainer stores a copy of the logs before callbacks see them.)
+
+Checkpoints: ``on_save`` adds ``adapter.safetensors`` (the adapter, modules_to_save included)
+and ``lorambo_state.pt`` (decisions, importance EMAs, ALoRA rounds; see
+:mod:`lorambo.integrations.checkpoint`) to every checkpoint folder. When Trainer resumes
+(``trainer.train(resume_from_checkpoint=...)``) it reloads the pools, ranks and optimizer state
+itself; ``on_train_begin`` then restores the rest from ``<output_dir>/checkpoint-<step>`` (or
+``resume_from``), so the run continues as if it had never stopped.
 """
 
 from __future__ import annotations
 
+import os
+
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from lorambo.adapters.io import save_adapter
+from lorambo.integrations import checkpoint
 
 __all__ = ["LoRAMBoCallback"]
 
@@ -38,12 +51,34 @@ class LoRAMBoCallback(TrainerCallback):
         allocator: the ``LoRAMBoOptimizer`` whose model is the Trainer's model (configured).
         importance: optional ``AdaLoRAImportance`` updated every step from the gradients, whose
             component scores feed rank moves (``move_threshold``) when given.
+        resume_from: checkpoint folder to restore lorambo's state from when Trainer resumes
+            (default: ``<output_dir>/checkpoint-<global_step>``, where Trainer writes them).
     """
 
-    def __init__(self, allocator, importance=None):
+    def __init__(self, allocator, importance=None, resume_from=None):
         self.allocator = allocator
         self.importance = importance
+        self.resume_from = resume_from
         self.decisions: list[dict] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:
+            return
+        folder = self.resume_from or os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        try:
+            saved = checkpoint.load_callback_state(folder)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"Trainer resumed at step {state.global_step}, but {err}: pass "
+                                    "LoRAMBoCallback(..., resume_from=<checkpoint folder>)") from None
+        self.decisions = checkpoint.restore(self.allocator, self.importance, saved, folder)
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        save_adapter(self.allocator.model, folder)
+        checkpoint.save_callback_state(folder, checkpoint.callback_state(self.allocator, self.importance,
+                                                                         self.decisions))
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.allocator.begin_step(state.global_step)

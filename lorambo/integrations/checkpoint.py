@@ -1,0 +1,93 @@
+"""What a Trainer checkpoint must hold besides the model and optimizer for lorambo to resume.
+
+Trainer already restores the pools (full ``lora_A`` / ``lora_B`` tensors), the ranks (each
+LoRAMBoLinear's ``_extra_state``) and the torch optimizer's state (``lorambo.optim.AdamW``'s
+per-slot step counts included) from ``model.safetensors`` and ``optimizer.pt``, and its RNG
+state and data position. The rank decisions themselves are deterministic functions of the step,
+the seed and the captured activations (:func:`lorambo.integrations.distributed.decision_generator`),
+so what is left is small and lives here:
+
+- the decisions taken so far (and the decision log file, cut back to them);
+- the AdaLoRA importance EMAs when rank moves are scored with them;
+- the number of ALoRA rounds done;
+- the ranks, to check that the model Trainer reloaded has them.
+
+It is written as ``lorambo_state.pt`` (atomically) next to the checkpoint's other files, with the
+adapter itself as ``adapter.safetensors`` (``lorambo.load_adapter`` reads it onto a fresh base
+model; modules_to_save included).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from lorambo.adapters.atomic import atomic_write, atomic_write_text
+
+STATE_FILE = "lorambo_state.pt"
+FORMAT_VERSION = 1
+
+__all__ = ["STATE_FILE", "callback_state", "save_callback_state", "load_callback_state"]
+
+
+def callback_state(allocator, importance, decisions: list[dict]) -> dict:
+    state = {"version": FORMAT_VERSION, "decisions": [dict(r) for r in decisions],
+             "ranks": allocator.current_ranks(), "importance": None, "alora_rounds_done": None}
+    if importance is not None:
+        state["importance"] = {"steps": importance.steps,
+                               "ibar": {k: v.detach().cpu().clone() for k, v in importance._ibar.items()},
+                               "ubar": {k: v.detach().cpu().clone() for k, v in importance._ubar.items()}}
+    if allocator._alora is not None:
+        state["alora_rounds_done"] = allocator._alora.rounds_done
+    return state
+
+
+def save_callback_state(folder: str | Path, state: dict) -> Path:
+    return atomic_write(Path(folder) / STATE_FILE, lambda tmp: torch.save(state, tmp))
+
+
+def load_callback_state(folder: str | Path) -> dict:
+    file = Path(folder) / STATE_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"no {STATE_FILE} in checkpoint {folder}")
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{file} is not a lorambo trainer state of version {FORMAT_VERSION}")
+    return state
+
+
+def restore(allocator, importance, state: dict, where) -> list[dict]:
+    """Apply ``state`` to the allocator / importance (after Trainer reloaded the model) and
+    return the decisions; raises when the model's ranks are not the checkpoint's."""
+    have = allocator.current_ranks()
+    if have != state["ranks"]:
+        diff = {n: (state["ranks"].get(n), r) for n, r in have.items() if state["ranks"].get(n) != r}
+        raise RuntimeError(f"resuming from {where}: the model's ranks differ from the checkpoint's "
+                           f"(layer: (checkpoint, model)) {dict(list(diff.items())[:4])}; was the model "
+                           "reloaded from this checkpoint, with the same capacities?")
+    saved_imp = state.get("importance")
+    if (saved_imp is None) != (importance is None):
+        raise ValueError(f"resuming from {where}: the checkpoint was written "
+                         f"{'with' if saved_imp is not None else 'without'} an importance tracker, "
+                         f"this callback has {'one' if importance is not None else 'none'}")
+    if importance is not None:
+        device = next(iter(importance.layers.values())).lora_A.device
+        importance.steps = int(saved_imp["steps"])
+        importance._ibar = {k: v.to(device) for k, v in saved_imp["ibar"].items()}
+        importance._ubar = {k: v.to(device) for k, v in saved_imp["ubar"].items()}
+    if state.get("alora_rounds_done") is not None:
+        if allocator._alora is None:  # built as LoRAMBoOptimizer.step builds it
+            from lorambo.allocation.alora import ALoRA
+
+            allocator._alora = ALoRA(allocator.model, allocator.layers(), allocator.loss_fn,
+                                     allocator.heldout_batches, allocator.alora_config,
+                                     allocator.total_budget, allocator.seed, allocator.log)
+        allocator._alora.rounds_done = int(state["alora_rounds_done"])
+    decisions = [dict(r) for r in state["decisions"]]
+    log = allocator.log
+    log.records = [dict(r) for r in decisions]
+    if log.path is not None and log.enabled:  # drop what an interrupted run logged after the checkpoint
+        atomic_write_text(log.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in decisions))
+    return decisions
