@@ -1,0 +1,275 @@
+"""Rank changes, merge, unload and saving on pools sharded by FSDP2 (``fully_shard``).
+
+Why this is needed: after ``torch.distributed.fsdp.fully_shard`` every parameter is a DTensor
+holding one shard of dim 0 per process (rows of ``lora_A`` are rank slots, so a slot can live on
+another process), and its optimizer state is sharded the same way. Forward and backward need
+nothing from lorambo: FSDP all-gathers the pools before ``LoRAMBoLinear.forward`` and
+reduce-scatters their gradients. But a rank change edits rows and columns across shards.
+
+How: :func:`full_pools` all-gathers the pools (and their ``.grad`` and optimizer state) of the
+given layers, swaps them in as ordinary tensors, runs lorambo's own rank-change code on them,
+and writes each process's shard back in place, into the same DTensor storage FSDP and the
+optimizer hold. No re-wrap, no new parameters, optimizer state kept. Every process must make
+the same calls in the same order (collectives), and takes the same decisions: online growth
+already reduces its statistics over processes and seeds new slots identically (see
+:mod:`lorambo.integrations.distributed`). The pools are all-gathered only on decision steps.
+
+On a model without DTensor parameters every function here is exactly the plain lorambo call,
+so one training script serves both.
+
+Not supported under FSDP2: anything that runs a forward pass inside a decision (ALoRA rounds,
+rank moves scored by held-out ablation): FSDP would all-gather over the swapped pools. Pass
+``component_scores`` (e.g. ``AdaLoRAImportance``) for rank moves instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from lorambo.adapters.io import save_adapter as _save_adapter
+from lorambo.adapters.peft_export import export_peft as _export_peft
+from lorambo.integrations.distributed import is_main_process
+from lorambo.model import lora_layers
+from lorambo.model import unload as _unload
+from lorambo.model.modules_to_save import modules_to_save
+from lorambo.nn import keep_components_many
+from lorambo.nn.slots import pool_slots, tag_pool_parameter
+
+__all__ = ["is_sharded", "reshard", "full_pools", "set_rank", "keep_components", "allocator_step", "merge",
+           "unmerge", "unload", "unloaded_state_dict", "save_adapter", "export_peft"]
+
+
+def _dtensor_class():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without distributed tensors: nothing can be sharded
+        return None
+    return DTensor
+
+
+def is_sharded(tensor) -> bool:
+    dtensor = _dtensor_class()
+    return dtensor is not None and isinstance(tensor, dtensor)
+
+
+def _local_region(dt) -> tuple[slice, ...]:
+    """The global index region of this process's shard (torch.chunk layout, as FSDP2 uses)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    region = [slice(0, n) for n in dt.shape]
+    mesh = dt.device_mesh
+    seen = set()
+    for mesh_dim, placement in enumerate(dt.placements):
+        if isinstance(placement, Replicate):
+            continue
+        if not isinstance(placement, Shard) or placement.dim in seen:
+            raise NotImplementedError(f"lorambo: pool edits support Shard/Replicate placements with one "
+                                      f"shard per tensor dim, got {dt.placements}")
+        seen.add(placement.dim)
+        d, parts = placement.dim, mesh.size(mesh_dim)
+        coord = mesh.get_local_rank(mesh_dim)
+        n = dt.shape[d]
+        chunk = math.ceil(n / parts) if n else 0
+        start = min(coord * chunk, n)
+        region[d] = slice(start, min(start + chunk, n))
+    return tuple(region)
+
+
+@torch.no_grad()
+def _write_local(dt, full: torch.Tensor) -> None:
+    local = dt.to_local()
+    local.copy_(full[_local_region(dt)].to(local.device, local.dtype))
+
+
+class _GatheredOptimizer:
+    """Stands in for the real optimizer inside :func:`full_pools`: ``state`` maps the swapped-in
+    full pools to full copies of their state (lorambo's slot edits only read ``state``)."""
+
+    def __init__(self, name: str):
+        self.state: dict = {}
+        self.param_groups: list = []
+        self.name = name
+
+
+@contextmanager
+def full_pools(layers: Iterable[nn.Module], optimizer: torch.optim.Optimizer | None = None,
+               base_weights: bool = False, extra_modules: Iterable[nn.Module] = ()):
+    """Within the context the pools of ``layers`` (with ``base_weights`` also their base weight
+    and bias; with ``extra_modules`` their parameters) are full ordinary Parameters; yields the
+    optimizer to pass to lorambo's rank edits (None when ``optimizer`` is None). On exit each
+    process writes its shard of every value, gradient and optimizer state back in place."""
+    slots = []  # (module, name, sharded param, full param)
+    for layer in layers:
+        names = ["lora_A", "lora_B"]
+        for module, name in [(layer, n) for n in names] + (
+                [(layer.base_layer, n) for n, _ in layer.base_layer.named_parameters(recurse=False)]
+                if base_weights else []):
+            slots.append((module, name, module._parameters[name]))
+    for module in extra_modules:
+        for sub in module.modules():
+            slots.extend((sub, n, p) for n, p in sub._parameters.items() if p is not None)
+    swapped, proxy = [], None
+    if optimizer is not None:
+        proxy = _GatheredOptimizer(type(optimizer).__name__)
+    try:
+        for module, name, param in slots:
+            if not is_sharded(param):
+                if proxy is not None and param in optimizer.state:
+                    proxy.state[param] = optimizer.state[param]  # same objects: edits land in place
+                continue
+            full = nn.Parameter(param.full_tensor(), requires_grad=param.requires_grad)
+            if param.grad is not None:
+                full.grad = param.grad.full_tensor()
+            tag = pool_slots(param)
+            if tag is not None:
+                tag_pool_parameter(full, *tag)
+            if proxy is not None and param in optimizer.state:
+                proxy.state[full] = {k: v.full_tensor() if is_sharded(v) else v
+                                     for k, v in optimizer.state[param].items()}
+            module._parameters[name] = full
+            swapped.append((module, name, param, full))
+        yield proxy
+    finally:
+        with torch.no_grad():
+            for module, name, param, full in swapped:
+                module._parameters[name] = param
+                _write_local(param, full)
+                if full.grad is not None and param.grad is not None:
+                    _write_local(param.grad, full.grad)
+                if proxy is not None and full in proxy.state:
+                    real = optimizer.state[param]
+                    for key, value in proxy.state[full].items():
+                        if is_sharded(real.get(key)):
+                            _write_local(real[key], value)
+                        else:
+                            real[key] = value
+
+
+def set_rank(layer, rank: int, optimizer=None, generator: torch.Generator | None = None) -> int:
+    """``layer.set_rank`` on a sharded (or plain) layer; returns the old rank."""
+    with full_pools([layer], optimizer) as opt:
+        return layer.set_rank(rank, optimizer=opt, generator=generator)
+
+
+def keep_components(plans: Sequence[tuple[nn.Module, Sequence[int]]], optimizer=None) -> list[int]:
+    """``keep_components_many`` on sharded (or plain) layers; returns the old ranks."""
+    with full_pools([layer for layer, _ in plans], optimizer) as opt:
+        return keep_components_many(plans, opt)
+
+
+def allocator_step(allocator, step: int, optimizer=None, component_scores=None) -> list[dict]:
+    """``LoRAMBoOptimizer.step`` for a sharded model: the pools are gathered on decision steps only."""
+    if allocator.allocation == "alora":
+        raise NotImplementedError("ALoRA runs forward passes inside its decisions; under FSDP2 use "
+                                  "online growth (with component_scores for rank moves)")
+    if allocator.move_threshold is not None and component_scores is None:
+        raise NotImplementedError("rank moves scored by held-out ablation run forward passes inside the "
+                                  "decision; under FSDP2 pass component_scores (e.g. AdaLoRAImportance)")
+    optimizer = optimizer if optimizer is not None else allocator.default_optimizer
+    if not allocator.is_decision_step(step):
+        return allocator.step(step, optimizer=optimizer, component_scores=component_scores)
+    reshard(allocator.model)
+    with full_pools(allocator.layers().values(), optimizer) as opt:
+        return allocator.step(step, optimizer=opt, component_scores=component_scores)
+
+
+def merge(model: nn.Module, exact: bool = False) -> None:
+    """Merge every adapter into its (sharded) base weight. ``exact=True`` keeps a full copy of
+    each base weight on every process; the default subtracts again on :func:`unmerge`."""
+    reshard(model)
+    layers = list(lora_layers(model).values())
+    with full_pools(layers, base_weights=True):
+        for layer in layers:
+            layer.merge(exact=exact)
+
+
+def unmerge(model: nn.Module) -> None:
+    reshard(model)
+    layers = list(lora_layers(model).values())
+    with full_pools(layers, base_weights=True):
+        for layer in layers:
+            layer.unmerge()
+
+
+def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+    """:func:`lorambo.unload` in place on a sharded model: base modules back (merged when
+    ``merge``), still sharded. Refused when a LoRAMBoLinear is itself an FSDP unit (its base
+    layer would be left without FSDP's all-gather): use :func:`unloaded_state_dict` then."""
+    from torch.distributed.fsdp import FSDPModule
+
+    wrapped = [n for n, m in lora_layers(model).items() if isinstance(m, FSDPModule)]
+    if wrapped:
+        raise NotImplementedError(f"unload: LoRA layers {wrapped[:3]} are FSDP units themselves (fully_shard "
+                                  "was applied to them); apply fully_shard to their parents, or take "
+                                  "lorambo.integrations.fsdp.unloaded_state_dict(model) for a plain model")
+    reshard(model)
+    layers = list(lora_layers(model).values())
+    with full_pools(layers, base_weights=True):
+        return _unload(model, merge=merge)
+
+
+@torch.no_grad()
+def unloaded_state_dict(model: nn.Module, merge: bool = True) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict of the plain model :func:`lorambo.unload` would give, with
+    the adapters merged into the base weights when ``merge``; on every process, the sharded model
+    untouched. Load it into a fresh copy of the base model."""
+    reshard(model)
+    state = {k: _full_tensor(v) for k, v in model.state_dict().items()}
+    out = dict(state)
+    for name, layer in lora_layers(model).items():
+        for key in (f"{name}.lora_A", f"{name}.lora_B", f"{name}._extra_state"):
+            out.pop(key, None)
+        weight_key = f"{name}.base_layer.weight"
+        if merge and not layer.merged:
+            r = layer.rank
+            a, b = state[f"{name}.lora_A"][:r].double(), state[f"{name}.lora_B"][:, :r].double()
+            delta = (b @ a) * layer.scaling  # (out, in), as LoRAMBoLinear.merge computes it
+            w = state[weight_key]
+            out[weight_key] = (w.double() + (delta if layer.base_kind == "linear" else delta.t())).to(w.dtype)
+        elif not merge and layer.merged:
+            raise ValueError(f"unloaded_state_dict(merge=False): layer {name!r} is merged; unmerge first")
+        prefix = f"{name}.base_layer."
+        for key in [k for k in out if k.startswith(prefix)]:
+            out[f"{name}.{key[len(prefix):]}"] = out.pop(key)
+    return out
+
+
+def _full_tensor(t):
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def reshard(model: nn.Module) -> None:
+    """Return every FSDP2 module of ``model`` to its sharded parameters (FSDP keeps the root's
+    all-gathered after a forward without backward); edits must land in the shards."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def _gathered_save(model, write, path):
+    reshard(model)
+    heads = [model.get_submodule(n) for n in modules_to_save(model)]
+    with full_pools(lora_layers(model).values(), extra_modules=heads):
+        out = write(model, path) if is_main_process() else None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return out
+
+
+def save_adapter(model: nn.Module, path):
+    """:func:`lorambo.save_adapter` of a sharded model, written by process 0 (all must call)."""
+    return _gathered_save(model, _save_adapter, path)
+
+
+def export_peft(model: nn.Module, path):
+    """:func:`lorambo.export_peft` of a sharded model, written by process 0 (all must call)."""
+    return _gathered_save(model, _export_peft, path)

@@ -1,0 +1,71 @@
+"""FSDP2 (fully_shard) on 2 gloo CPU processes: online growth, rank moves and rank edits in place on
+sharded pools; both processes end identical and compute what one unsharded process computes."""
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import fsdp2_worker
+import lorambo
+
+fully_shard = pytest.importorskip("torch.distributed.fsdp").fully_shard
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_fsdp2_rank_edits_match_single_process(tmp_path):
+    data_seed = int(torch.randint(0, 2**20, ()))
+    mp.spawn(fsdp2_worker.run, args=(2, _free_port(), str(tmp_path), data_seed), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+
+    # identical on both processes, storage never replaced
+    assert a["decisions"] == b["decisions"] and a["ranks"] == b["ranks"]
+    assert a["same_storage"] and b["same_storage"]
+    for key in ("state", "opt_state"):
+        for name, value in a[key].items():
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    assert torch.equal(torch.as_tensor(v), torch.as_tensor(b[key][name][k])), (name, k)
+            else:
+                assert torch.equal(value, b[key][name]), name
+    assert any(r["event"] == "grow" for r in a["decisions"])
+    assert any(r["event"] == "shrink" for r in a["decisions"])
+    assert a["ranks"] != {"0": 1, "2": 1}
+
+    # the same function as one process training on both shards' data, unsharded
+    whole = [(torch.cat([x for x, _ in step]), torch.cat([y for _, y in step]))
+             for step in fsdp2_worker.batches(data_seed, 2)]
+    ref = fsdp2_worker.procedure(fsdp2_worker.build(), whole, str(tmp_path), write_files=False)
+    assert [r["layer"] for r in ref["decisions"]] == [r["layer"] for r in a["decisions"]]
+    assert [(r["event"], r["old_rank"], r["new_rank"]) for r in ref["decisions"]] == \
+        [(r["event"], r["old_rank"], r["new_rank"]) for r in a["decisions"]]
+    assert ref["ranks"] == a["ranks"]
+    for name, value in ref["state"].items():
+        torch.testing.assert_close(a["state"][name], value, rtol=1e-9, atol=1e-11, msg=name)
+    for i, state in ref["opt_state"].items():
+        for k, v in state.items():
+            torch.testing.assert_close(torch.as_tensor(a["opt_state"][i][k]), torch.as_tensor(v),
+                                       rtol=1e-9, atol=1e-11)
+    for key in ("out", "out_merged", "out_unmerged", "out_unloaded", "merged_weight"):
+        torch.testing.assert_close(a[key], ref[key], rtol=1e-9, atol=1e-11, msg=key)
+    # per-process losses average to the single-process loss
+    for step, loss in enumerate(ref["losses"]):
+        torch.testing.assert_close((a["losses"][step] + b["losses"][step]) / 2, loss, rtol=1e-9, atol=1e-12)
+    assert a["has_lora"] and "unloaded_state_dict" in a["unload_error"]  # in-place unload refused: FSDP units
+    assert not ref["has_lora"]
+    torch.testing.assert_close(ref["out_unloaded_in_place"], ref["out_unloaded"], rtol=0, atol=1e-12)
+
+    # the adapter written by process 0 rebuilds the trained model in one process
+    fresh = fsdp2_worker.build()
+    lorambo.unload(fresh, merge=False)
+    lorambo.load_adapter(fresh, tmp_path / "adapter")
+    probe = torch.randn(5, 6, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(probe), ref["out"], rtol=1e-9, atol=1e-11)
