@@ -19,6 +19,7 @@ from torch import nn
 
 from lorambo.adapters.atomic import atomic_write, atomic_write_text
 from lorambo.model import lora_layers
+from lorambo.model.modules_to_save import modules_to_save
 
 _PREFIX = "base_model.model."
 
@@ -60,13 +61,14 @@ def peft_config(model: nn.Module) -> dict:
         "bias": "none",
         "use_rslora": False,
         "init_lora_weights": True,
-        "modules_to_save": None,
+        "modules_to_save": modules_to_save(model) or None,
         "inference_mode": True,
     }
 
 
 def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into folder ``path``."""
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into folder ``path``
+    (with the model's modules_to_save, stored as peft stores them)."""
     folder = Path(path)
     config = peft_config(model)
     tensors = {}
@@ -76,6 +78,9 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
             continue
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A[:r].detach().cpu().contiguous()  # (r, in)
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B[:, :r].detach().cpu().contiguous()  # (out, r)
+    for name in modules_to_save(model):  # peft keys: base_model.model.<module>.<state key>
+        for key, value in model.get_submodule(name).state_dict().items():
+            tensors[f"{_PREFIX}{name}.{key}"] = value.detach().cpu().contiguous()
     atomic_write(folder / "adapter_model.safetensors",
                  lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write_text(folder / "adapter_config.json", json.dumps(config, indent=2) + "\n")

@@ -101,9 +101,11 @@ def test_round_trip_peft_lorambo_peft_fp32(saved_peft, tmp_path):
     config = json.loads((tmp_path / "back/adapter_config.json").read_text())
     for name, layer in lora_layers(ours).items():  # the exported alpha reproduces peft's scaling
         assert config["alpha_pattern"][name] / config["rank_pattern"][name] == pytest.approx(layer.scaling, rel=1e-12)
+    if "classifier" in dict(ours.named_modules()):  # the head travels as peft's modules_to_save
+        assert config["modules_to_save"] == ["classifier"]
+        for key in ("classifier.weight", "classifier.bias"):
+            assert torch.equal(back[f"base_model.model.{key}"], original[f"base_model.model.{key}"].float())
     reloaded = PeftModel.from_pretrained(build(torch.float32), tmp_path / "back").eval()
-    if "classifier" in dict(ours.named_modules()):  # export_peft writes LoRA only: copy the head
-        reloaded.get_base_model().classifier.load_state_dict(ours.classifier.state_dict())
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(4))
     reference = _logits(peft_model, ids)  # float64 peft
     assert (_logits(reloaded, ids).double() - reference).abs().max() <= 1e-5
