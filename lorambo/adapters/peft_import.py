@@ -295,6 +295,11 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None,
         if kind is None:
             raise ValueError(f"{where}: module {name!r} wraps a {type(wrapped[name]).__name__}; lorambo "
                              "adapts nn.Linear and transformers Conv1D only")
+    for name, cap in _capacities(model, specs, capacity).items():  # checked before peft is taken apart
+        d_in, d_out = specs[name].a.shape[1], specs[name].b.shape[0]
+        if not specs[name].a.shape[0] <= cap <= min(d_in, d_out):
+            raise ValueError(f"{where}: capacity {cap} of {name!r} must be in [rank "
+                             f"{specs[name].a.shape[0]}, min(in, out) = {min(d_in, d_out)}]")
     # peft's wrappers out, plain modules back in; then the common import path
     for name, base in {**wrapped, **heads}.items():
         parent_name, _, child = name.rpartition(".")

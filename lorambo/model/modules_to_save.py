@@ -65,24 +65,24 @@ def check_not_targets(names: list[str], targets: Iterable[str]) -> None:
 
 
 def keep_trainable(model: nn.Module, names: list[str], frozen_attr: str) -> None:
-    """Make the parameters of ``names`` trainable, take them off the list of parameters that
-    ``unload`` re-enables, and record the names and an original copy on the model."""
-    if not names:
+    """Make the parameters of ``names`` and of every module to save recorded earlier trainable
+    (a later ``configure_model`` call must not freeze them), take them off the list of
+    parameters that ``unload`` re-enables, and record the names and an original copy."""
+    recorded = list(getattr(model, _NAMES_ATTR, []))
+    new = [n for n in names if n not in recorded]
+    everything = recorded + new
+    if not everything:
         return
-    params = {id(p) for n in names for p in model.get_submodule(n).parameters()}
-    for n in names:
-        for p in model.get_submodule(n).parameters():
-            p.requires_grad_(True)
+    params = {id(p): p for n in everything for p in model.get_submodule(n).parameters()}
+    for p in params.values():
+        p.requires_grad_(True)
     frozen = getattr(model, frozen_attr, None)
     if frozen is not None:
         frozen[:] = [p for p in frozen if id(p) not in params]
-    recorded = list(getattr(model, _NAMES_ATTR, []))
     original = dict(getattr(model, _ORIGINAL_ATTR, {}))
-    for n in names:
-        if n not in recorded:
-            recorded.append(n)
-            original[n] = {k: v.detach().clone() for k, v in model.get_submodule(n).state_dict().items()}
-    object.__setattr__(model, _NAMES_ATTR, recorded)  # plain attributes: not state, not submodules
+    for n in new:
+        original[n] = {k: v.detach().clone() for k, v in model.get_submodule(n).state_dict().items()}
+    object.__setattr__(model, _NAMES_ATTR, everything)  # plain attributes: not state, not submodules
     object.__setattr__(model, _ORIGINAL_ATTR, original)
 
 

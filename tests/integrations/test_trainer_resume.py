@@ -83,9 +83,7 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, resumed(input_ids=ids).logits, rtol=0, atol=0)
 
-
-def test_resume_without_lorambo_state_is_refused(tmp_path):
-    _run(tmp_path / "run")
+    # a checkpoint without lorambo's state is refused, not resumed with different decisions
     (tmp_path / "run/checkpoint-4/lorambo_state.pt").unlink()
     with pytest.raises(FileNotFoundError, match="resume_from"):
         _run(tmp_path / "run", resume=str(tmp_path / "run/checkpoint-4"))

@@ -46,6 +46,8 @@ def test_modules_to_save_train_and_round_trip(tmp_path):
     assert modules_to_save(model) == ["classifier"]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n in dict(model.named_parameters()) if ".lora_" in n or n.startswith("classifier.")}
+    configure_model(model, {n: r + 1 for n, r in RANKS.items()})  # re-ranking keeps the head trainable
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
     head_before = model.classifier.weight.detach().clone()
     _train(model)
     assert not torch.equal(model.classifier.weight, head_before)
