@@ -17,7 +17,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import nn
 
-from lorambo.adapters.atomic import atomic_write, atomic_write_text
+from lorambo.adapters.atomic import atomic_write_many, text_writer
 from lorambo.model import lora_layers
 
 _PREFIX = "base_model.model."
@@ -66,7 +66,9 @@ def peft_config(model: nn.Module) -> dict:
 
 
 def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into folder ``path``."""
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into folder ``path``.
+
+    The two files are replaced together: on any error both keep their previous content."""
     folder = Path(path)
     config = peft_config(model)
     tensors = {}
@@ -76,7 +78,9 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
             continue
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A[:r].detach().cpu().contiguous()  # (r, in)
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B[:, :r].detach().cpu().contiguous()  # (out, r)
-    atomic_write(folder / "adapter_model.safetensors",
-                 lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write_text(folder / "adapter_config.json", json.dumps(config, indent=2) + "\n")
+    # both files or neither: peft fails on new weights beside an old config (size mismatch)
+    atomic_write_many({
+        folder / "adapter_model.safetensors": lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
+        folder / "adapter_config.json": text_writer(json.dumps(config, indent=2) + "\n"),
+    })
     return folder

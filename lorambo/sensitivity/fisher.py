@@ -26,6 +26,7 @@ times per step (weight sharing) is counted once per call, not per example.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -107,6 +108,7 @@ class FisherProxy:
         self._sum: dict[str, torch.Tensor] = {}
         self._sum_sq: dict[str, torch.Tensor] = {}
         self._count: dict[str, int] = {t.name: 0 for t in self.targets}
+        self._nonfinite: dict[str, torch.Tensor] = {}
 
     def attach(self) -> "FisherProxy":
         if not self._handles:
@@ -142,6 +144,12 @@ class FisherProxy:
         if self.reduction == "mean":
             sq = sq * float(sq.shape[0]) ** 2
         sq = sq.double()
+        # a NaN/inf loss gives non-finite dY: keep those examples out of the sums and count
+        # them on the device (no host sync per step); estimates() reports them
+        finite = torch.isfinite(sq)
+        sq = torch.where(finite, sq, torch.zeros((), dtype=sq.dtype, device=sq.device))
+        bad = (~finite).sum().double()
+        self._nonfinite[name] = self._nonfinite[name] + bad if name in self._nonfinite else bad
         if name in self._sum:
             self._sum[name] += sq.sum()
             self._sum_sq[name] += sq.square().sum()
@@ -155,18 +163,40 @@ class FisherProxy:
         return self._generators[device]
 
     def estimates(self) -> dict[str, Estimate]:
-        """Tr(F_i) as the mean of ||g_n||^2 over all examples seen, with its standard error."""
-        out = {}
+        """Tr(F_i) as the mean of ||g_n||^2 over all examples seen, with its standard error.
+
+        A layer that no backward pass reached (the loss does not use it) is left out with a
+        warning; RuntimeError if that is every layer. Examples whose gradient was not finite
+        (a NaN/inf loss) are left out with a warning; RuntimeError if that is all of a layer's.
+        """
+        out, unreached = {}, []
         for target in self.targets:
             name = target.name
             if self._count[name] == 0 or name not in self._sum:
-                raise RuntimeError(f"FisherProxy saw no backward pass through layer {name!r} yet")
+                unreached.append(name)
+                continue
             stats = torch.stack([self._sum[name], self._sum_sq[name],
                                  torch.tensor(float(self._count[name]), dtype=torch.float64,
-                                              device=self._sum[name].device)])
-            total, total_sq, n = all_reduce_sum(stats).tolist()
+                                              device=self._sum[name].device),
+                                 self._nonfinite[name].to(self._sum[name].device)])
+            total, total_sq, n_seen, bad = all_reduce_sum(stats).tolist()
+            n = n_seen - bad
+            if n == 0:
+                raise RuntimeError(f"FisherProxy: every one of the {int(n_seen)} examples through "
+                                   f"layer {name!r} had a non-finite gradient (NaN/inf): check the loss")
+            if bad:
+                warnings.warn(f"FisherProxy left out {int(bad)} of {int(n_seen)} examples of layer "
+                              f"{name!r} whose gradient was not finite (NaN/inf loss)",
+                              RuntimeWarning, stacklevel=2)
             mean = total / n
             var = max(total_sq / n - mean * mean, 0.0) * n / max(n - 1, 1)
             stderr = math.sqrt(var / n) if n > 1 else math.inf
             out[name] = Estimate(mean, stderr, int(n))
+        if unreached and not out:
+            raise RuntimeError(f"FisherProxy saw no backward pass through layer {unreached[0]!r} "
+                               f"yet, nor through any other of its layers {unreached[:5]}")
+        if unreached:
+            warnings.warn(f"FisherProxy: no gradient reached layer(s) {unreached} (the loss does "
+                          "not use them); they are left out of the estimates", RuntimeWarning,
+                          stacklevel=2)
         return out
