@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .distributed import all_reduce_sum
+from .distributed import all_reduce_sum, all_reduce_sum_many
 from .inputs import as_batch_list, compute_loss
 from .targets import differentiable, find_targets
 
@@ -71,5 +71,6 @@ def data_covariance(model, loss_fn, batches, modules=None) -> dict[str, torch.Te
     missing = [t.name for i, t in enumerate(targets) if i not in sums]
     if missing:
         raise RuntimeError(f"the forward never ran through {missing}: loss_fn did not call them")
-    counts = all_reduce_sum(counts)
-    return {t.name: all_reduce_sum(sums[i]) / counts[i].item() for i, t in enumerate(targets)}
+    counts = all_reduce_sum(counts).tolist()                          # one host copy for all layers
+    totals = all_reduce_sum_many([sums[i] for i in range(len(targets))])  # packed collectives
+    return {t.name: total / count for t, total, count in zip(targets, totals, counts)}
