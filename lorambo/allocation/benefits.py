@@ -4,10 +4,10 @@ For a layer with captured inputs X [T, in] and output gradients dY [T, out], G =
 G_perp = (I - Pb) G (I - Pa), Pa / Pb the projectors on the row space of the active A / column
 space of the active B (see ``online.py`` for why sigma_j(G_perp) is the gain of the j-th new
 rank). sigma_1..sigma_k come from a randomized block power iteration (Halko, Martinsson, Tropp
-2011) with k + oversample columns and 2 * niter + 3 products with G or G^T.
+2011) with k + oversample columns and 2 * niter + 2 products with G or G^T.
 
 :func:`projected_top_singular` does one layer. :func:`projected_top_singular_many` does many
-layers in lockstep: each of the 2 * niter + 3 steps is one grouped product over all layers
+layers in lockstep: each of the 2 * niter + 2 steps is one grouped product over all layers
 (``lorambo.ops.sketch.LayerProducts``: the grouped Triton kernels on CUDA, the PyTorch loop
 elsewhere), one all-reduce of one flat buffer under DDP, and one batched QR per group of layers
 of equal shape; the results of all layers are broadcast from process 0 in one buffer.
@@ -50,7 +50,7 @@ def projected_top_singular(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], i
     """Top-``k`` singular values [k] and right singular vectors [in, k] of
     ``(I - Pb) (sum dY^T X) (I - Pa)`` (Pa, Pb: projectors on the given bases), matrix-free.
 
-    The product count is fixed (2 * niter + 3), also on a zero gradient, so DDP processes always
+    The product count is fixed (2 * niter + 2), also on a zero gradient, so DDP processes always
     issue the same collectives. Results are broadcast from process 0.
     """
     if pairs:

@@ -18,9 +18,11 @@ decrease along that direction, Delta_i^2 / (2 h_i), replaces Delta_i.
 
 Matrix-free. G is never formed: G v = dY^T (X v) and G^T u = X^T (dY u) cost O(T (d + k)) per
 vector for T tokens, against O(T d k) time and O(d k) memory for G. sigma_1..sigma_m come from a
-randomized block power iteration (Halko, Martinsson, Tropp 2011) with m + oversample columns;
-under DDP each product is all-reduced (mean over processes: the DDP-averaged gradient), and the
-small results are broadcast from process 0 so every process decides the same thing.
+randomized block power iteration (Halko, Martinsson, Tropp 2011) with m + oversample columns,
+run for all layers in lockstep (``benefits.py``): each step is one grouped product over every
+layer (the grouped Triton kernels on CUDA), and under DDP one all-reduce of one flat buffer
+(mean over processes: the DDP-averaged gradient); the results are broadcast from process 0 in
+one buffer, so every process decides the same thing, and reach the host in one copy.
 
 Growth is function-preserving: ``set_rank`` gives the new slots B = 0. Their rows of A are then
 set to the top right singular vectors of G_perp (scaled so that their response to the captured
