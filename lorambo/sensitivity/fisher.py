@@ -17,6 +17,11 @@ a fraction k / min(T, ...) of the exact forms, at the price of variance that ave
 training steps. Statistics stay on the device (no host sync per step); ``estimates()`` reads
 them out once, all-reduced across ranks under torch.distributed.
 
+Where :func:`lorambo.ops.sketch.use_sketch_kernels` allows it (CUDA tensors by default) the
+Gram form runs in the grouped Gram kernel (one launch per call, symmetric token tiles once, no
+T x T matrices in memory); ``estimates()`` reduces all layers with one collective and one host
+copy.
+
 Opt-in: nothing runs until :meth:`FisherProxy.attach` (or ``with FisherProxy(model):``).
 Hooks capture x in the forward (a reference, no copy) and dY through a hook on the output
 tensor, so they work for LoRAMBoLinear and plain Linear/Conv1D alike. A module called several
@@ -29,6 +34,8 @@ import math
 import warnings
 
 import torch
+
+from lorambo.ops.sketch import sq_grad_norms_many, use_sketch_kernels
 
 from .distributed import all_reduce_sum
 from .estimate import Estimate
@@ -70,6 +77,18 @@ def sketched_sq_grad_norms(x: torch.Tensor, grad_y: torch.Tensor, sketch_dim: in
     v = torch.randint(0, 2, (x.shape[-1], sketch_dim), generator=generator, device=x.device).to(acc) * 2 - 1
     projected = grad_y.transpose(1, 2) @ (x @ v)  # (B, out, k) = G_n v
     return projected.square().sum((1, 2)) / sketch_dim
+
+
+def _exact_sq_grad_norms(x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
+    """:func:`per_example_sq_grad_norms`; through the Gram kernel (``lorambo.ops.sketch``) where
+    it runs (CUDA by default) and the Gram trick is the cheaper exact form."""
+    if x.dim() > 2 and x.dtype == grad_y.dtype and use_sketch_kernels([x, grad_y]):
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
+        g3 = grad_y.reshape(grad_y.shape[0], -1, grad_y.shape[-1])  # (B, T, out)
+        t, d_in, d_out = x3.shape[1], x3.shape[2], g3.shape[2]
+        if t * (d_in + d_out) < d_in * d_out:
+            return sq_grad_norms_many([x3], [g3])[0]
+    return per_example_sq_grad_norms(x, grad_y)
 
 
 class FisherProxy:
@@ -138,7 +157,7 @@ class FisherProxy:
     @torch.no_grad()
     def _accumulate(self, name: str, x: torch.Tensor, grad_y: torch.Tensor) -> None:
         if self.sketch_dim is None:
-            sq = per_example_sq_grad_norms(x, grad_y.detach())  # (B,)
+            sq = _exact_sq_grad_norms(x, grad_y.detach())  # (B,)
         else:
             sq = sketched_sq_grad_norms(x, grad_y.detach(), self.sketch_dim, self._generator(x.device))
         if self.reduction == "mean":
@@ -168,18 +187,25 @@ class FisherProxy:
         A layer that no backward pass reached (the loss does not use it) is left out with a
         warning; RuntimeError if that is every layer. Examples whose gradient was not finite
         (a NaN/inf loss) are left out with a warning; RuntimeError if that is all of a layer's.
+        All layers' statistics go through one collective and one host copy.
         """
-        out, unreached = {}, []
-        for target in self.targets:
-            name = target.name
-            if self._count[name] == 0 or name not in self._sum:
-                unreached.append(name)
-                continue
-            stats = torch.stack([self._sum[name], self._sum_sq[name],
-                                 torch.tensor(float(self._count[name]), dtype=torch.float64,
-                                              device=self._sum[name].device),
-                                 self._nonfinite[name].to(self._sum[name].device)])
-            total, total_sq, n_seen, bad = all_reduce_sum(stats).tolist()
+        out = {}
+        names = [t.name for t in self.targets if self._count[t.name] > 0 and t.name in self._sum]
+        unreached = [t.name for t in self.targets if t.name not in names]
+        if unreached and not names:
+            raise RuntimeError(f"FisherProxy saw no backward pass through layer {unreached[0]!r} "
+                               f"yet, nor through any other of its layers {unreached[:5]}")
+        if unreached:
+            warnings.warn(f"FisherProxy: no gradient reached layer(s) {unreached} (the loss does "
+                          "not use them); they are left out of the estimates", RuntimeWarning,
+                          stacklevel=2)
+        device = self._sum[names[0]].device
+        stats = torch.stack([torch.stack([self._sum[n].to(device), self._sum_sq[n].to(device),
+                                          torch.tensor(float(self._count[n]), dtype=torch.float64, device=device),
+                                          self._nonfinite[n].to(device=device, dtype=torch.float64)])
+                             for n in names])                                   # (layers, 4)
+        rows = all_reduce_sum(stats).cpu().tolist()
+        for name, (total, total_sq, n_seen, bad) in zip(names, rows):
             n = n_seen - bad
             if n == 0:
                 raise RuntimeError(f"FisherProxy: every one of the {int(n_seen)} examples through "
@@ -192,11 +218,4 @@ class FisherProxy:
             var = max(total_sq / n - mean * mean, 0.0) * n / max(n - 1, 1)
             stderr = math.sqrt(var / n) if n > 1 else math.inf
             out[name] = Estimate(mean, stderr, int(n))
-        if unreached and not out:
-            raise RuntimeError(f"FisherProxy saw no backward pass through layer {unreached[0]!r} "
-                               f"yet, nor through any other of its layers {unreached[:5]}")
-        if unreached:
-            warnings.warn(f"FisherProxy: no gradient reached layer(s) {unreached} (the loss does "
-                          "not use them); they are left out of the estimates", RuntimeWarning,
-                          stacklevel=2)
         return out

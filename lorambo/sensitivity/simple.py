@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .distributed import all_reduce_sum
+from .distributed import all_reduce_sum, all_reduce_sum_many
 from .inputs import as_batch_list, check_finite_loss, compute_loss
 from .targets import differentiable, find_targets
 
@@ -93,8 +93,9 @@ def data_covariance(model, loss_fn, batches, modules=None) -> dict[str, torch.Te
     if empty:
         raise ValueError(f"data_covariance: batch(es) {empty[:10]} of {len(batches)} fed 0 tokens to "
                          "the targeted layers (empty sequences?); leave them out")
-    counts = all_reduce_sum(counts)
+    counts = all_reduce_sum(counts).tolist()                          # one host copy for all layers
     starved = [t.name for i, t in enumerate(targets) if counts[i] == 0]
     if starved:
         raise ValueError(f"data_covariance: layer(s) {starved[:10]} received 0 tokens over all batches")
-    return {t.name: all_reduce_sum(sums[i]) / counts[i].item() for i, t in enumerate(targets)}
+    totals = all_reduce_sum_many([sums[i] for i in range(len(targets))])  # packed collectives
+    return {t.name: total / count for t, total, count in zip(targets, totals, counts)}
