@@ -14,6 +14,10 @@ from lorambo.nn import LoRAMBoLinear, reset_slot_state
 from lorambo.optimizer import LoRAMBoOptimizer
 from lorambo import optim  # noqa: E402  (lorambo.optim.AdamW)
 from lorambo import sensitivity  # noqa: E402  (lorambo.sensitivity.hessian_trace, ...)
+from lorambo.adapters.peft_import import from_peft, import_peft  # noqa: E402  peft interop
+from lorambo.adapters.peft_patterns import peft_config  # noqa: E402  allocation -> peft.LoraConfig
+from lorambo.model.disable import disable_adapter  # noqa: E402  run the frozen base
+from lorambo.model.trainable import print_trainable_parameters, trainable_parameters  # noqa: E402
 
 __all__ = [
     "AdapterFormatError",
@@ -21,14 +25,20 @@ __all__ = [
     "LoRAMBoOptimizer",
     "allocate",
     "configure_model",
+    "disable_adapter",
     "export_peft",
+    "from_peft",
+    "import_peft",
     "get_backend",
     "load_adapter",
+    "peft_config",
+    "print_trainable_parameters",
     "lora_layers",
     "optim",
     "reset_slot_state",
     "save_adapter",
     "sensitivity",
     "set_backend",
+    "trainable_parameters",
     "unload",
 ]

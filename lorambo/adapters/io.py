@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from lorambo.adapters import extra_modules
 from lorambo.adapters.atomic import atomic_write
 from lorambo.adapters.format import (FORMAT, LAYER_FIELDS, VERSION, AdapterFormatError, build_header,
                                      read_adapter_file)
@@ -33,7 +34,8 @@ def adapter_file(path: str | os.PathLike) -> Path:
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write every LoRAMBoLinear's active slices and settings; returns the file written.
+    """Write every LoRAMBoLinear's active slices and settings (and the state of the model's
+    ``modules_to_save``); returns the file written.
 
     The write is atomic (a temporary file, then a rename) and every tensor and the settings get
     a checksum that :func:`load_adapter` verifies.
@@ -47,6 +49,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         tensors[f"{name}.lora_A"] = layer.lora_A[:r].detach().cpu().contiguous()  # (r, in)
         tensors[f"{name}.lora_B"] = layer.lora_B[:, :r].detach().cpu().contiguous()  # (out, r)
         meta[name] = {field: getattr(layer, field) for field in LAYER_FIELDS}
+    extra_modules.add_modules_to_save(model, tensors)
     header = build_header(meta, tensors)
     return atomic_write(adapter_file(path), lambda tmp: save_file(tensors, tmp, metadata=header))
 
@@ -102,23 +105,27 @@ def _copy_into_layers(model: nn.Module, meta: dict, tensors: dict[str, torch.Ten
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load an adapter written by :func:`save_adapter` into ``model`` and return it.
 
-    A model without LoRA layers is configured from the file (same names, ranks, capacities).
-    Otherwise its LoRA layers must match the file's names and shapes exactly. The file is
-    checked completely (header fields, shapes, checksums, finite values) and then against the
-    model before anything is written, so a bad file or a mismatched model leaves the model as
-    it was: :class:`AdapterFormatError` for a bad file, ``ValueError`` for a model that does not
-    match it.
+    A model without LoRA layers is configured from the file (same names, ranks, capacities, and
+    the file's ``modules_to_save``). Otherwise its LoRA layers must match the file's names and
+    shapes exactly. The file is checked completely (header fields, shapes, checksums, finite
+    values) and then against the model before anything is written, so a bad file or a mismatched
+    model leaves the model as it was: :class:`AdapterFormatError` for a bad file, ``ValueError``
+    for a model that does not match it.
     """
     file = adapter_file(path)
     meta, tensors, _ = read_adapter_file(file)
     bare = not lora_layers(model)
     if bare:
         _check_against_bare_model(model, meta, file)
+    extra = extra_modules.check_modules_to_save(model, tensors, file)
+    if bare:
         configure_model(model, {n: info["rank"] for n, info in meta.items()},
-                        capacity={n: info["capacity"] for n, info in meta.items()})
+                        capacity={n: info["capacity"] for n, info in meta.items()},
+                        modules_to_save=extra_modules.saved_module_names(tensors) or None)
     _check_against_lora_model(model, meta, file)
     try:
         _copy_into_layers(model, meta, tensors)
+        extra_modules.load_modules_to_save(model, extra)
     except BaseException:
         if bare:  # checked above, so unexpected: still give the model back as it came
             unload(model, merge=False)

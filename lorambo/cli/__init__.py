@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     _output_args(exp)
     exp.set_defaults(func=_experiment)
 
+    from lorambo.cli import allocate
+    allocate.add_parser(sub)
+
     info = sub.add_parser("info", help="versions and the backend in use")
     info.set_defaults(func=_info)
     return parser

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from lorambo.model.modules_to_save import (check_not_targets, forget_modules_to_save, keep_trainable,
+                                           resolve_modules_to_save)
+from lorambo.model.patterns import check_alpha_pattern, pattern_value
 from lorambo.model.targeting import check_named_targets, find_targets
 from lorambo.nn import LoRAMBoLinear
 
@@ -30,7 +33,8 @@ def _per_layer(value, name: str, what: str):
 
 def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_modules: str | list[str] | None = None,
                     capacity: int | Mapping[str, int] | None = None, alpha: float | None = None,
-                    dropout: float = 0.0, use_rslora: bool = False) -> nn.Module:
+                    dropout: float = 0.0, use_rslora: bool = False, modules_to_save=None,
+                    alpha_pattern: Mapping[str, float] | None = None) -> nn.Module:
     """Adapt ``model`` in place and return it.
 
     ``ranks`` is one int for every target, or ``{module_name: rank}`` naming the targets exactly
@@ -38,12 +42,20 @@ def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_mod
     in place (the rank must fit their capacity, and a merged layer must be unmerged first).
     Every parameter that is not LoRA is frozen; :func:`unload` restores it.
 
+    ``modules_to_save`` (peft semantics: names or name suffixes) stay trainable and are stored by
+    ``save_adapter``. ``alpha_pattern`` sets alpha per layer like peft's (``{pattern: alpha}``,
+    first matching key wins, ``alpha`` elsewhere); the scaling is fixed at construction.
+
     All or nothing: every target is checked and every new layer built before the model is
     touched, so any error leaves the model exactly as it was.
     """
+    saved = resolve_modules_to_save(model, modules_to_save)
     names = _resolve_targets(model, ranks, target_modules)
-    plan = _plan(model, names, ranks, capacity, alpha, dropout, use_rslora)
+    check_not_targets(saved, names)
+    check_alpha_pattern(alpha_pattern, names)
+    plan = _plan(model, names, ranks, capacity, alpha, dropout, use_rslora, alpha_pattern)
     _apply(model, plan)
+    keep_trainable(model, saved, _FROZEN_ATTR)
     return model
 
 
@@ -85,7 +97,7 @@ def _check_not_shared(model: nn.Module, names: list[str]) -> None:
                              "use its own module, or leave it out of the targets")
 
 
-def _plan(model, names, ranks, capacity, alpha, dropout, use_rslora) -> _Plan:
+def _plan(model, names, ranks, capacity, alpha, dropout, use_rslora, alpha_pattern) -> _Plan:
     plan = _Plan(freeze=[p for n, p in model.named_parameters()
                          if p.requires_grad and not n.endswith((".lora_A", ".lora_B"))])
     try:
@@ -100,7 +112,8 @@ def _plan(model, names, ranks, capacity, alpha, dropout, use_rslora) -> _Plan:
                 plan.rank_changes[name] = (module, rank)
                 continue
             plan.new_layers[name] = LoRAMBoLinear(
-                module, rank=rank, capacity=_per_layer(capacity, name, "capacity"), alpha=alpha,
+                module, rank=rank, capacity=_per_layer(capacity, name, "capacity"),
+                alpha=pattern_value(alpha_pattern, name, alpha),
                 dropout=dropout, use_rslora=use_rslora, name=name)
     except Exception:
         for param in plan.freeze:  # the constructors froze base weights; undo that
@@ -141,4 +154,5 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         param.requires_grad_(True)
     if hasattr(model, _FROZEN_ATTR):
         object.__delattr__(model, _FROZEN_ATTR)
+    forget_modules_to_save(model)
     return model

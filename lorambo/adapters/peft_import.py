@@ -1,0 +1,305 @@
+"""peft LoRA adapters into LoRAMBoLinear pools: a saved folder (:func:`import_peft`) or a model
+already wrapped by peft (:func:`from_peft`).
+
+Each adapted module gets a pool with room to grow (``default_capacity``: the next power of two
+>= 2 * rank, at least 8, capped at min(in, out)) unless ``capacity`` is given. The layer's
+scaling is peft's (``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA) and stays fixed when the
+rank changes later, so growth keeps the function. ``rank_pattern`` / ``alpha_pattern`` are
+resolved with peft's own matching rule (:mod:`lorambo.model.patterns`); ranks come from the
+tensor shapes and must agree with the config. ``modules_to_save`` are loaded and stay trainable.
+
+What peft can express but a LoRAMBoLinear cannot is refused before the model is touched, with
+an error naming it: DoRA, LoRA biases (``bias`` other than "none", ``lora_bias``), targets that
+are not Linear/Conv1D (embeddings, convolutions, ``target_parameters``), trainable tokens,
+layer replication, and other peft method variants.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorambo.adapters.io import AdapterFormatError
+from lorambo.model import configure_model, lora_layers
+from lorambo.model.modules_to_save import resolve_modules_to_save
+from lorambo.model.patterns import pattern_value
+from lorambo.model.targeting import suffix_match
+from lorambo.nn import default_capacity
+from lorambo.nn.base_layers import base_kind, features
+
+__all__ = ["import_peft", "from_peft", "check_peft_config"]
+
+_PREFIX = "base_model.model."
+_CONFIG = "adapter_config.json"
+_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+# config field -> the value that means "not used"; anything else is a feature lorambo lacks
+_OFF = {
+    "use_dora": (False, None),
+    "lora_bias": (False, None),
+    "target_parameters": (None, [], ()),
+    "trainable_token_indices": (None, {}, []),
+    "layer_replication": (None, []),
+    "use_qalora": (False, None),
+    "use_bdlora": (False, None),
+    "alora_invocation_tokens": (None, []),
+    "arrow_config": (None,),
+    "megatron_config": (None,),
+}
+
+
+def check_peft_config(config: Mapping, where: str) -> None:
+    """Raise ValueError naming every peft feature in ``config`` that lorambo cannot represent."""
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{where}: peft_type {config.get('peft_type')!r} is not LoRA; lorambo imports "
+                         "plain LoRA adapters only")
+    bad = [f"{k}={config[k]!r}" for k, off in _OFF.items() if k in config and config[k] not in off]
+    if config.get("bias", "none") != "none":
+        bad.append(f"bias={config['bias']!r}")
+    if bad:
+        raise ValueError(f"{where}: unsupported peft LoRA feature(s) {', '.join(bad)}; lorambo "
+                         "imports LoRA on Linear/Conv1D layers without DoRA or biases")
+
+
+class _LayerSpec:
+    __slots__ = ("a", "b", "alpha", "scaling", "use_rslora", "dropout")
+
+    def __init__(self, a, b, alpha, scaling, use_rslora, dropout):
+        self.a, self.b, self.alpha, self.scaling = a, b, float(alpha), float(scaling)
+        self.use_rslora, self.dropout = bool(use_rslora), float(dropout)
+
+
+def _scaling(alpha: float, r: int, use_rslora: bool) -> float:
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def _check_target(model: nn.Module, name: str, spec: _LayerSpec, where: str) -> None:
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"{where}: adapted module {name!r} is not in {type(model).__name__}") from None
+    kind = base_kind(module)
+    if kind is None:
+        raise ValueError(f"{where}: adapted module {name!r} is a {type(module).__name__}; lorambo "
+                         "adapts nn.Linear and transformers Conv1D only")
+    d_in, d_out = features(module, kind)
+    r = spec.a.shape[0]
+    if tuple(spec.a.shape) != (r, d_in) or tuple(spec.b.shape) != (d_out, r):
+        raise ValueError(f"{where}: LoRA weights of {name!r} have shapes A {tuple(spec.a.shape)}, "
+                         f"B {tuple(spec.b.shape)}; the module needs A [r, {d_in}], B [{d_out}, r]")
+    if r < 1:
+        raise ValueError(f"{where}: module {name!r} has rank 0 in the adapter")
+
+
+def _capacities(model, specs, capacity) -> dict[str, int]:
+    caps = {}
+    for name, spec in specs.items():
+        r = spec.a.shape[0]
+        if capacity is None:
+            d_in, d_out = spec.a.shape[1], spec.b.shape[0]
+            caps[name] = default_capacity(r, d_in, d_out)
+        elif isinstance(capacity, Mapping):
+            caps[name] = capacity.get(name, default_capacity(r, spec.a.shape[1], spec.b.shape[0]))
+        else:
+            caps[name] = capacity
+    return caps
+
+
+@torch.no_grad()
+def _install(model: nn.Module, specs: dict[str, _LayerSpec], capacity, saved_states: dict,
+             save_names: list[str], where: str) -> nn.Module:
+    """Validate everything, then configure and copy the weights in."""
+    if not specs:
+        raise ValueError(f"{where}: the adapter has no LoRA weights")
+    if lora_layers(model):
+        raise ValueError(f"{where}: {type(model).__name__} already has LoRAMBoLinear layers; import "
+                         "into the plain base model")
+    for name, spec in specs.items():
+        _check_target(model, name, spec, where)
+    for name, state in saved_states.items():
+        try:
+            have = model.get_submodule(name).state_dict()
+        except AttributeError:
+            raise ValueError(f"{where}: module to save {name!r} is not in {type(model).__name__}") from None
+        wrong = {k for k in state if k not in have or tuple(have[k].shape) != tuple(state[k].shape)}
+        if wrong or set(have) != set(state):
+            raise ValueError(f"{where}: saved state of module {name!r} does not fit the model's "
+                             f"(keys or shapes differ: {sorted(wrong or set(have) ^ set(state))})")
+    ranks = {n: s.a.shape[0] for n, s in specs.items()}
+    with torch.random.fork_rng(devices=[]):  # set_rank's Kaiming init must not move the user's RNG
+        configure_model(model, ranks, capacity=_capacities(model, specs, capacity),
+                        modules_to_save=save_names or None)
+    for name, layer in lora_layers(model).items():
+        spec = specs[name]
+        r = ranks[name]
+        layer.lora_A[:r].copy_(spec.a.to(layer.lora_A.dtype))
+        layer.lora_B[:, :r].copy_(spec.b.to(layer.lora_B.dtype))
+        layer.alpha, layer.scaling = spec.alpha, spec.scaling
+        layer.use_rslora, layer.dropout = spec.use_rslora, spec.dropout
+    for name, state in saved_states.items():
+        model.get_submodule(name).load_state_dict(state, strict=True)
+    return model
+
+
+# ------------------------------------------------------------------------------- from a folder
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    for fname in _WEIGHTS:
+        file = folder / fname
+        if not file.is_file():
+            continue
+        try:
+            if fname.endswith(".safetensors"):
+                from safetensors.torch import load_file
+
+                return load_file(str(file))
+            return torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any reader failure means an unreadable file
+            raise AdapterFormatError(f"{file} is not a readable peft adapter: {err}") from err
+    raise FileNotFoundError(f"no {' or '.join(_WEIGHTS)} in {folder}")
+
+
+def _split_tensors(tensors: dict[str, torch.Tensor], where: str):
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    other: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        if not key.startswith(_PREFIX):
+            raise AdapterFormatError(f"{where}: tensor {key!r} does not start with {_PREFIX!r}")
+        key = key[len(_PREFIX):]
+        for part in ("lora_A", "lora_B"):
+            tail = f".{part}.weight"
+            if key.endswith(tail):
+                lora.setdefault(key[: -len(tail)], {})[part] = value
+                break
+        else:
+            bits = key.split(".")
+            unsupported = [b for b in bits if b.startswith(("lora_", "vera_", "hada_", "ia3_"))]
+            if unsupported:
+                raise ValueError(f"{where}: tensor {key!r} belongs to a peft feature lorambo does not "
+                                 f"support ({unsupported[0]}: e.g. DoRA magnitudes, LoRA biases, "
+                                 "embedding or convolution LoRA)")
+            other[key] = value
+    for name, pair in lora.items():
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise AdapterFormatError(f"{where}: module {name!r} has only {sorted(pair)}")
+    return lora, other
+
+
+def _group_saved(model: nn.Module, other: dict[str, torch.Tensor], entries, where: str):
+    """``{module name: state}`` for the modules_to_save tensors (keys ``<module>.<state key>``).
+    Entries that match no module are skipped, as peft does (its task types add e.g. "score")."""
+    entries = [e for e in dict.fromkeys(entries or []) if any(n and suffix_match(n, e) for n, _ in model.named_modules())]
+    names = resolve_modules_to_save(model, entries) if entries else []
+    states: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
+    for key, value in other.items():
+        owner = next((n for n in sorted(names, key=len, reverse=True) if key.startswith(n + ".")), None)
+        if owner is None:
+            raise ValueError(f"{where}: tensor {key!r} is neither LoRA nor part of a module in "
+                             f"modules_to_save {entries!r}")
+        states[owner][key[len(owner) + 1:]] = value
+    return [n for n in names if states[n]], {n: s for n, s in states.items() if s}
+
+
+def import_peft(model: nn.Module, path: str | os.PathLike, capacity: int | Mapping[str, int] | None = None
+                ) -> nn.Module:
+    """Load the peft LoRA adapter folder ``path`` (``save_pretrained`` output) into ``model``
+    (the plain base model) as LoRAMBoLinear layers, in place; returns the model.
+
+    ``capacity``: pool size per layer (int, or ``{name: capacity}``; default: room to double).
+    """
+    folder = Path(path)
+    config_file = folder / _CONFIG
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no {_CONFIG} in {folder}")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterFormatError(f"{config_file} is not valid JSON: {err}") from err
+    where = f"peft adapter {folder}"
+    check_peft_config(config, where)
+    lora, other = _split_tensors(_read_weights(folder), where)
+    r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    use_rslora, dropout = bool(config.get("use_rslora", False)), float(config.get("lora_dropout", 0.0) or 0.0)
+    specs = {}
+    for name, pair in lora.items():
+        r = pair["lora_A"].shape[0]
+        expected = pattern_value(rank_pattern, name, r_default)
+        if r != expected:
+            raise AdapterFormatError(f"{where}: module {name!r} has rank {r} in the weights but "
+                                     f"{expected} in the config (r / rank_pattern)")
+        alpha = float(pattern_value(alpha_pattern, name, alpha_default))
+        specs[name] = _LayerSpec(pair["lora_A"], pair["lora_B"], alpha, _scaling(alpha, r, use_rslora),
+                                 use_rslora, dropout)
+    save_names, saved = _group_saved(model, other, config.get("modules_to_save"), where)
+    return _install(model, specs, capacity, saved, save_names, where)
+
+
+# ----------------------------------------------------------------------- from a peft model
+def from_peft(peft_model: nn.Module, adapter_name: str | None = None,
+              capacity: int | Mapping[str, int] | None = None) -> nn.Module:
+    """Convert a model wrapped by peft (``get_peft_model`` / ``PeftModel``) into the plain base
+    model with LoRAMBoLinear layers holding the same adapter; returns that base model.
+
+    The peft wrapper is consumed: its LoRA layers are replaced in place. ``adapter_name``
+    defaults to the active adapter; other adapters are dropped.
+    """
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.utils.other import ModulesToSaveWrapper
+
+    configs = getattr(peft_model, "peft_config", None)
+    if not isinstance(configs, Mapping) or not hasattr(peft_model, "get_base_model"):
+        raise TypeError(f"from_peft expects a peft model (PeftModel), got {type(peft_model).__name__}")
+    if adapter_name is None:
+        active = getattr(peft_model, "active_adapter", None)
+        adapter_name = active if isinstance(active, str) else next(iter(configs))
+    if adapter_name not in configs:
+        raise ValueError(f"from_peft: no adapter {adapter_name!r} (have {sorted(configs)})")
+    config = configs[adapter_name]
+    where = f"peft adapter {adapter_name!r}"
+    check_peft_config(config.to_dict(), where)
+    model = peft_model.get_base_model()
+    specs, wrapped, heads = {}, {}, {}
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            if adapter_name in module.modules_to_save:
+                heads[name] = module.modules_to_save[adapter_name]
+            else:
+                heads[name] = module.original_module
+            continue
+        if not isinstance(module, LoraLayer) or not any(
+                adapter_name in getattr(module, attr, {}) for attr in module.adapter_layer_names):
+            continue
+        if not isinstance(module, LoraLinear) or not isinstance(module.lora_A[adapter_name], nn.Linear):
+            raise ValueError(f"{where}: module {name!r} is a peft {type(module).__name__}; lorambo "
+                             "converts LoRA on Linear/Conv1D layers only")
+        if module.merged:
+            raise ValueError(f"{where}: module {name!r} has merged adapters {module.merged_adapters}; "
+                             "unmerge them before converting")
+        if module.use_dora.get(adapter_name, False) or module.lora_B[adapter_name].bias is not None:
+            raise ValueError(f"{where}: module {name!r} uses DoRA or a LoRA bias, which lorambo lacks")
+        drop = module.lora_dropout[adapter_name]
+        specs[name] = _LayerSpec(module.lora_A[adapter_name].weight.detach().clone(),
+                                 module.lora_B[adapter_name].weight.detach().clone(),
+                                 module.lora_alpha[adapter_name], module.scaling[adapter_name],
+                                 config.use_rslora, drop.p if isinstance(drop, nn.Dropout) else 0.0)
+        wrapped[name] = module.get_base_layer()
+    for name, spec in specs.items():
+        kind = base_kind(wrapped[name])
+        if kind is None:
+            raise ValueError(f"{where}: module {name!r} wraps a {type(wrapped[name]).__name__}; lorambo "
+                             "adapts nn.Linear and transformers Conv1D only")
+    # peft's wrappers out, plain modules back in; then the common import path
+    for name, base in {**wrapped, **heads}.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, base)
+    saved = {n: {k: v.detach().clone() for k, v in h.state_dict().items()} for n, h in heads.items()}
+    for p in model.parameters():
+        p.requires_grad_(True)  # peft froze the base; configure_model freezes it again and records it
+    return _install(model, specs, capacity, saved, list(heads), where)

@@ -1,0 +1,174 @@
+"""``lorambo allocate``: per-layer LoRA ranks for a local transformers model, for peft users.
+
+    lorambo allocate --model PATH --budget N --method gradient --data FILE --out DIR
+
+Writes into DIR (each file atomically: a temporary name, then a rename):
+
+- ``ranks.json``: ranks, pool capacities, sensitivities, budget, method;
+- ``adapter_config.json``: a peft ``LoraConfig`` with ``rank_pattern`` / ``alpha_pattern``
+  realising the ranks (``LoraConfig.from_pretrained(DIR)`` reads it);
+- ``heatmap.png``: ranks per block and module type.
+
+The loss the sensitivities are measured on follows the model: causal-LM loss for a
+``*ForCausalLM`` / ``*LMHeadModel``, masked-LM loss (15% of tokens, seeded) for a
+``*ForMaskedLM``, otherwise (a bare encoder, e.g. all-MiniLM-L6-v2) the in-batch contrastive
+loss of sentence embeddings that such encoders are trained with (each line split in halves that
+must find each other). ``--data`` is a text file with one example per non-empty line. Everything
+is read from local files; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+METHODS = ("hessian", "gradient", "data", "frobenius")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("allocate", help="per-layer LoRA ranks for a local model; writes ranks, a peft "
+                                        "adapter_config.json and a heat map")
+    p.add_argument("--model", required=True, help="local transformers model folder")
+    p.add_argument("--budget", required=True, type=float,
+                   help="parameter budget sum_i r_i (d_i + k_i), e.g. 150000")
+    p.add_argument("--method", choices=METHODS, default="gradient", help="layer sensitivity")
+    p.add_argument("--data", default=None, help="text file, one example per line (not needed for frobenius)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--allocation", default="closed_form", help="lorambo.allocate method (default closed_form)")
+    p.add_argument("--target-modules", default=None,
+                   help="comma-separated module name suffixes (default: every Linear but the head)")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank, scaling 1)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batches", type=int, default=4, help="batches of --data used")
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--probes", type=int, default=8, help="Hutchinson probes (hessian)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def _lines(path: str, need: int) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--data {path}: no such file")
+    lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(lines) < need:
+        raise ValueError(f"--data {path} has {len(lines)} non-empty lines; at least {need} are needed")
+    return lines
+
+
+def _load(folder: Path, eager: bool):
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"--model {folder}: no config.json (a local transformers model folder is needed)")
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    archs = config.architectures or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        kind, auto = "causal", AutoModelForCausalLM
+    elif any(a.endswith("ForMaskedLM") for a in archs):
+        kind, auto = "masked", AutoModelForMaskedLM
+    else:
+        kind, auto = "contrastive", AutoModel
+    # Hessian-vector products differentiate twice; fused SDPA kernels have no double backward.
+    extra = {"attn_implementation": "eager"} if eager else {}
+    model = auto.from_pretrained(folder, local_files_only=True, dtype="float32", **extra)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return model.eval(), tokenizer, kind
+
+
+def _loss_fn(kind: str, tokenizer, max_length: int, seed: int):
+    import torch
+
+    def encode(texts):
+        return tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+
+    if kind == "contrastive":
+        from lorambo.experiments.minilm import mean_pool
+
+        def contrastive(model, texts):
+            halves = [t.split() for t in texts]
+            firsts = [" ".join(w[: max(1, len(w) // 2)]) for w in halves]
+            seconds = [" ".join(w[max(1, len(w) // 2):]) or t for w, t in zip(halves, texts)]
+            emb = []
+            for part in (firsts, seconds):
+                batch = encode(part)
+                hidden = model(**batch).last_hidden_state
+                emb.append(torch.nn.functional.normalize(mean_pool(hidden, batch["attention_mask"]), dim=-1))
+            logits = emb[0] @ emb[1].t() / 0.05
+            target = torch.arange(len(texts))
+            return 0.5 * (torch.nn.functional.cross_entropy(logits, target)
+                          + torch.nn.functional.cross_entropy(logits.t(), target))
+        return contrastive
+
+    def lm(model, texts):
+        batch = encode(texts)
+        labels = batch["input_ids"].clone()
+        labels[batch["attention_mask"] == 0] = -100
+        if kind == "masked":
+            g = torch.Generator().manual_seed(seed + sum(map(len, texts)))
+            pick = (torch.rand(labels.shape, generator=g) < 0.15) & (batch["attention_mask"] == 1)
+            pick[:, 1] |= ~pick.any(1)  # at least one masked token per row
+            labels[~pick] = -100
+            batch["input_ids"] = batch["input_ids"].masked_fill(pick, tokenizer.mask_token_id)
+        return model(**batch, labels=labels).loss
+    return lm
+
+
+def _write_json(path: Path, obj) -> None:
+    from lorambo.adapters.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=2, default=list) + "\n")
+
+
+def run(args) -> int:
+    import torch
+
+    from lorambo.adapters.peft_patterns import peft_config
+    from lorambo.allocation.report import rank_table, save_heatmap
+    from lorambo.optimizer import LoRAMBoOptimizer
+
+    if args.batch_size < 2 or args.batches < 1:
+        raise ValueError(f"--batch-size {args.batch_size} must be >= 2 and --batches {args.batches} >= 1")
+    folder, out = Path(args.model), Path(args.out)
+    torch.manual_seed(args.seed)
+    model, tokenizer, kind = _load(folder, eager=args.method == "hessian")
+    batches, loss_fn = None, None
+    if args.method != "frobenius":
+        if args.data is None:
+            raise ValueError(f"--method {args.method} needs --data (a text file)")
+        lines = _lines(args.data, args.batch_size)
+        batches = [lines[i:i + args.batch_size] for i in range(0, len(lines), args.batch_size)]
+        batches = [b for b in batches if len(b) == args.batch_size][: args.batches]
+        loss_fn = _loss_fn(kind, tokenizer, args.max_length, args.seed)
+    targets = [t.strip() for t in args.target_modules.split(",") if t.strip()] if args.target_modules else None
+    opt = LoRAMBoOptimizer(model, total_budget=args.budget, sensitivity_method=args.method,
+                           target_modules=targets, allocation=args.allocation, alpha=args.alpha,
+                           num_probes=args.probes, seed=args.seed)
+    ranks = opt.compute_optimal_ranks(batches, loss_fn)
+    config = peft_config(ranks, alpha=args.alpha)
+    config.base_model_name_or_path = str(folder.resolve())
+    _write_json(out / "ranks.json", {"model": str(folder.resolve()), "method": args.method,
+                                     "allocation": args.allocation, "loss": kind if loss_fn else None,
+                                     "budget": opt.total_budget, "ranks": ranks, "capacities": opt.capacities,
+                                     "sensitivities": opt.sensitivities, "alpha": args.alpha})
+    _write_json(out / "adapter_config.json", config.to_dict())
+    tmp = out / f".heatmap.tmp-{os.getpid()}.png"
+    try:
+        save_heatmap(ranks, tmp, title=f"LoRA ranks ({args.method}, budget {opt.total_budget:,})")
+        os.replace(tmp, out / "heatmap.png")
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(rank_table(ranks, opt.capacities, opt.dims))
+    print(f"wrote {out / 'ranks.json'}, {out / 'adapter_config.json'}, {out / 'heatmap.png'}")
+    return 0
+
+
+def main(argv=None) -> int:  # for ``python -m lorambo.cli.allocate``
+    parser = argparse.ArgumentParser(prog="lorambo")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["allocate", *(argv or [])])
+    return args.func(args)

@@ -1,0 +1,49 @@
+"""``disable_adapter(model)``: run the frozen base model, e.g. as the reference model of DPO.
+
+Inside the context every LoRAMBoLinear calls its base layer directly (no LoRA branch, no
+gradient to the pools) and every module in modules_to_save is replaced by a frozen copy holding
+its original state. Everything is put back on exit, also after an exception. Merged layers are
+refused: their base weight holds the adapter.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+
+from torch import nn
+
+from lorambo.model.configure import _set_submodule, lora_layers
+from lorambo.model.modules_to_save import modules_to_save, original_state
+
+__all__ = ["disable_adapter"]
+
+
+@contextmanager
+def disable_adapter(model: nn.Module):
+    layers = lora_layers(model)
+    merged = [n for n, layer in layers.items() if layer.merged]
+    if merged:
+        raise RuntimeError(f"disable_adapter: layers {merged[:4]} are merged; unmerge() them first")
+    busy = [n for n, layer in layers.items() if "forward" in layer.__dict__]
+    if busy:
+        raise RuntimeError(f"disable_adapter: already active on {busy[:4]} (contexts do not nest)")
+    originals = original_state(model)
+    heads = {}
+    for name in modules_to_save(model):
+        frozen = copy.deepcopy(model.get_submodule(name))
+        frozen.load_state_dict(originals[name])
+        frozen.requires_grad_(False)
+        heads[name] = frozen
+    trained = {name: model.get_submodule(name) for name in heads}
+    try:
+        for layer in layers.values():
+            layer.__dict__["forward"] = layer.base_layer  # shadows the class forward; not a submodule
+        for name, frozen in heads.items():
+            _set_submodule(model, name, frozen)
+        yield model
+    finally:
+        for layer in layers.values():
+            layer.__dict__.pop("forward", None)
+        for name, module in trained.items():
+            _set_submodule(model, name, module)

@@ -1,0 +1,103 @@
+"""``modules_to_save``: whole modules (e.g. a fresh classifier head) trained and saved with the
+adapter, as in peft.
+
+``configure_model(..., modules_to_save=["classifier"])`` keeps their parameters trainable (every
+other non-LoRA parameter is frozen) and records their names on the model; ``save_adapter`` then
+stores their state and ``load_adapter`` restores it. Names follow peft: an entry matches a module
+whose dotted name equals it or ends with ``"." + entry``.
+
+A copy of each module's original state is kept (on the module's device; a head is small) so
+that :func:`lorambo.disable_adapter` can run the untouched base model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from lorambo.model.targeting import suffix_match
+from lorambo.nn import LoRAMBoLinear
+
+__all__ = ["resolve_modules_to_save", "keep_trainable", "modules_to_save", "original_state"]
+
+_NAMES_ATTR = "_lorambo_modules_to_save"        # [dotted name] in model order
+_ORIGINAL_ATTR = "_lorambo_modules_to_save_original"  # {name: {key: tensor}} before training
+
+
+def resolve_modules_to_save(model: nn.Module, entries: Iterable[str] | str | None) -> list[str]:
+    """Dotted names of the modules named by ``entries`` (peft suffix semantics), validated:
+    every entry matches a module, and none is, contains or lies inside a LoRAMBoLinear."""
+    if entries is None:
+        return []
+    if isinstance(entries, str):
+        entries = [entries]
+    entries = list(entries)
+    modules = dict(model.named_modules())
+    lora_names = [n for n, m in modules.items() if isinstance(m, LoRAMBoLinear)]
+    found: list[str] = []
+    for entry in entries:
+        if not isinstance(entry, str) or not entry:
+            raise TypeError(f"modules_to_save entries must be module names, got {entry!r}")
+        hits = [n for n in modules if n and suffix_match(n, entry)]
+        if not hits:
+            raise ValueError(f"modules_to_save entry {entry!r} matches no module of {type(model).__name__}")
+        for name in hits:
+            if any(name == lo or lo.startswith(name + ".") or name.startswith(lo + ".") for lo in lora_names):
+                raise ValueError(f"modules_to_save entry {entry!r} matches module {name!r}, which is or "
+                                 "contains a LoRA layer: name the head itself, not a LoRA target")
+            if not any(True for _ in modules[name].parameters()):
+                raise ValueError(f"modules_to_save entry {entry!r} matches module {name!r}, which has "
+                                 "no parameters to train")
+            if name not in found:
+                found.append(name)
+    return found
+
+
+def check_not_targets(names: list[str], targets: Iterable[str]) -> None:
+    """Raise when a module to save is also (or contains, or lies inside) a LoRA target."""
+    targets = list(targets)
+    for name in names:
+        for t in targets:
+            if name == t or t.startswith(name + ".") or name.startswith(t + "."):
+                raise ValueError(f"module {name!r} is both in modules_to_save and a LoRA target ({t!r})")
+
+
+def keep_trainable(model: nn.Module, names: list[str], frozen_attr: str) -> None:
+    """Make the parameters of ``names`` trainable, take them off the list of parameters that
+    ``unload`` re-enables, and record the names and an original copy on the model."""
+    if not names:
+        return
+    params = {id(p) for n in names for p in model.get_submodule(n).parameters()}
+    for n in names:
+        for p in model.get_submodule(n).parameters():
+            p.requires_grad_(True)
+    frozen = getattr(model, frozen_attr, None)
+    if frozen is not None:
+        frozen[:] = [p for p in frozen if id(p) not in params]
+    recorded = list(getattr(model, _NAMES_ATTR, []))
+    original = dict(getattr(model, _ORIGINAL_ATTR, {}))
+    for n in names:
+        if n not in recorded:
+            recorded.append(n)
+            original[n] = {k: v.detach().clone() for k, v in model.get_submodule(n).state_dict().items()}
+    object.__setattr__(model, _NAMES_ATTR, recorded)  # plain attributes: not state, not submodules
+    object.__setattr__(model, _ORIGINAL_ATTR, original)
+
+
+def modules_to_save(model: nn.Module) -> list[str]:
+    """Dotted names of the model's modules_to_save (empty when none were configured)."""
+    return list(getattr(model, _NAMES_ATTR, []))
+
+
+def original_state(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """``{name: state_dict}`` of each module to save as it was when it was configured."""
+    return dict(getattr(model, _ORIGINAL_ATTR, {}))
+
+
+def forget_modules_to_save(model: nn.Module) -> None:
+    """Drop the records (used by ``unload``: the model is plain again)."""
+    for attr in (_NAMES_ATTR, _ORIGINAL_ATTR):
+        if hasattr(model, attr):
+            object.__delattr__(model, attr)

@@ -1,0 +1,47 @@
+"""Parameter counts a peft user expects, with lorambo's pools counted apart.
+
+A pool holds ``capacity`` slots but only ``rank`` of them are active: the inactive ones are zero,
+get zero gradient and cost no compute, so they are reported as capacity, not as trainable
+parameters. ``trainable`` and ``all`` are what peft reports for the same ranks
+(``PeftModel.get_nb_trainable_parameters``): active LoRA parameters plus every other trainable
+parameter (e.g. modules_to_save), and the base model plus active LoRA parameters.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lorambo.model.configure import lora_layers
+
+__all__ = ["trainable_parameters", "print_trainable_parameters"]
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, int | float]:
+    """``{"trainable", "all", "trainable_percent", "lora_active", "lora_capacity", "other_trainable"}``.
+
+    ``lora_active``: sum of rank * (in + out) over LoRAMBoLinear layers whose pools train;
+    ``lora_capacity``: sum of capacity * (in + out) (allocated pool memory, in parameters);
+    ``other_trainable``: trainable parameters that are not LoRA pools (shared ones once).
+    """
+    layers = lora_layers(model)
+    pool_ids = {id(p) for layer in layers.values() for p in (layer.lora_A, layer.lora_B)}
+    active = sum(layer.rank * (layer.in_features + layer.out_features)
+                 for layer in layers.values() if layer.lora_A.requires_grad)
+    capacity = sum(layer.capacity * (layer.in_features + layer.out_features) for layer in layers.values())
+    unique = {id(p): p for p in model.parameters()}  # tied weights once
+    other = sum(p.numel() for i, p in unique.items() if i not in pool_ids and p.requires_grad)
+    base = sum(p.numel() for i, p in unique.items() if i not in pool_ids)
+    lora_all = sum(layer.rank * (layer.in_features + layer.out_features) for layer in layers.values())
+    total = base + lora_all
+    trainable = active + other
+    return {"trainable": trainable, "all": total, "trainable_percent": 100.0 * trainable / max(total, 1),
+            "lora_active": active, "lora_capacity": capacity, "other_trainable": other}
+
+
+def print_trainable_parameters(model: nn.Module) -> dict[str, int | float]:
+    """Print peft's line plus the pool capacity; returns :func:`trainable_parameters`."""
+    c = trainable_parameters(model)
+    print(f"trainable params: {c['trainable']:,} || all params: {c['all']:,} || "
+          f"trainable%: {c['trainable_percent']:.4f} || LoRA pool capacity: {c['lora_capacity']:,} "
+          f"({c['lora_active']:,} active)")
+    return c

@@ -1,0 +1,178 @@
+"""import_peft / from_peft: peft LoRA adapters become LoRAMBoLinear pools computing what peft computes."""
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+import lorambo
+from lorambo import export_peft, from_peft, import_peft, lora_layers
+from lorambo.model.modules_to_save import modules_to_save
+
+
+def _bert(dtype=torch.float64):
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=48, max_position_embeddings=32, num_labels=3,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(cfg).to(dtype).eval()
+
+
+def _gpt2(dtype=torch.float64):
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg).to(dtype).eval()
+
+
+def _randomise_peft(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.2)
+
+
+BERT_CONFIG = dict(r=4, lora_alpha=8, target_modules=["query", "value", "dense"],
+                   rank_pattern={"layer.1.attention.self.query": 2, "intermediate.dense": 6},
+                   alpha_pattern={"layer.0.attention.self.value": 3.0, "output.dense": 16},
+                   modules_to_save=["classifier"], task_type="SEQ_CLS")
+GPT2_CONFIG = dict(r=3, lora_alpha=5, target_modules=["c_attn", "c_fc"], use_rslora=True,
+                   rank_pattern={"h.1.mlp.c_fc": 5}, fan_in_fan_out=True)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.fixture(params=["bert", "gpt2"])
+def saved_peft(request, tmp_path):
+    build, cfg = (_bert, BERT_CONFIG) if request.param == "bert" else (_gpt2, GPT2_CONFIG)
+    peft_model = get_peft_model(build(), LoraConfig(**cfg))
+    _randomise_peft(peft_model, seed=len(request.param))
+    peft_model.save_pretrained(tmp_path / "peft")
+    return build, peft_model.eval(), tmp_path / "peft"
+
+
+def test_import_matches_peft_outputs_and_patterns(saved_peft):
+    build, peft_model, folder = saved_peft
+    ours = import_peft(build(), folder)
+    ids = torch.randint(0, 64, (3, 11), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(_logits(ours, ids), _logits(peft_model, ids), rtol=1e-12, atol=1e-12)
+
+    from peft.tuners.lora import LoraLayer
+    peft_layers = {n: m for n, m in peft_model.get_base_model().named_modules() if isinstance(m, LoraLayer)}
+    layers = lora_layers(ours)
+    assert set(layers) == set(peft_layers)
+    for name, layer in layers.items():
+        ref = peft_layers[name]
+        assert layer.rank == ref.r["default"]
+        assert layer.scaling == pytest.approx(ref.scaling["default"], rel=1e-15)
+        assert layer.capacity >= min(2 * layer.rank, layer.in_features, layer.out_features)
+        assert torch.equal(layer.lora_A[: layer.rank], ref.lora_A["default"].weight)
+        assert torch.equal(layer.lora_B[:, : layer.rank], ref.lora_B["default"].weight)
+        assert not layer.lora_A[layer.rank:].any() and not layer.lora_B[:, layer.rank:].any()
+    if "classifier" in dict(ours.named_modules()):
+        assert modules_to_save(ours) == ["classifier"]
+        assert all(p.requires_grad for p in ours.classifier.parameters())
+        assert not ours.bert.embeddings.word_embeddings.weight.requires_grad
+
+    # room to grow: growth keeps the function (scaling fixed at import)
+    before = _logits(ours, ids)
+    for layer in layers.values():
+        layer.set_rank(min(layer.rank + 1, layer.capacity))
+    torch.testing.assert_close(_logits(ours, ids), before, rtol=1e-12, atol=1e-12)  # B = 0 in new slots
+
+
+def test_round_trip_peft_lorambo_peft_fp32(saved_peft, tmp_path):
+    build, peft_model, folder = saved_peft
+    ours = import_peft(build(torch.float32), folder)
+    export_peft(ours, tmp_path / "back")
+    original, back = load_file(folder / "adapter_model.safetensors"), load_file(tmp_path / "back/adapter_model.safetensors")
+    lora_keys = {k for k in original if ".lora_" in k}
+    assert lora_keys <= set(back)
+    for key in lora_keys:
+        assert (original[key].float() - back[key]).abs().max() <= 1e-6, key
+    config = json.loads((tmp_path / "back/adapter_config.json").read_text())
+    for name, layer in lora_layers(ours).items():  # the exported alpha reproduces peft's scaling
+        assert config["alpha_pattern"][name] / config["rank_pattern"][name] == pytest.approx(layer.scaling, rel=1e-12)
+    reloaded = PeftModel.from_pretrained(build(torch.float32), tmp_path / "back").eval()
+    if "classifier" in dict(ours.named_modules()):  # export_peft writes LoRA only: copy the head
+        reloaded.get_base_model().classifier.load_state_dict(ours.classifier.state_dict())
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(4))
+    reference = _logits(peft_model, ids)  # float64 peft
+    assert (_logits(reloaded, ids).double() - reference).abs().max() <= 1e-5
+    assert (_logits(ours, ids).double() - _logits(reloaded, ids).double()).abs().max() <= 1e-6
+
+
+def test_from_peft_converts_wrapped_model():
+    peft_model = get_peft_model(_bert(), LoraConfig(**BERT_CONFIG))
+    _randomise_peft(peft_model, seed=7)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(5))
+    expected = _logits(peft_model.eval(), ids)
+    rng = torch.get_rng_state()
+    model = from_peft(peft_model)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert type(model) is BertForSequenceClassification
+    assert not any("peft" in type(m).__module__ for m in model.modules())
+    torch.testing.assert_close(_logits(model, ids), expected, rtol=1e-12, atol=1e-12)
+    assert modules_to_save(model) == ["classifier"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in dict(model.named_parameters()) if ".lora_" in n or n.startswith("classifier.")}
+
+
+def _edit_config(folder, **changes):
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("changes,named", [
+    ({"use_dora": True}, "use_dora=True"),
+    ({"bias": "all"}, "bias='all'"),
+    ({"lora_bias": True}, "lora_bias=True"),
+    ({"peft_type": "IA3"}, "IA3"),
+    ({"target_parameters": ["mlp.experts.weight"]}, "target_parameters"),
+])
+def test_unsupported_config_named_and_model_untouched(tmp_path, changes, named):
+    peft_model = get_peft_model(_bert(), LoraConfig(**BERT_CONFIG))
+    peft_model.save_pretrained(tmp_path)
+    _edit_config(tmp_path, **changes)
+    model = _bert()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=named):
+        import_peft(model, tmp_path)
+    assert not lora_layers(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_embedding_target_refused(tmp_path):
+    peft_model = get_peft_model(_bert(), LoraConfig(r=2, target_modules=["word_embeddings", "query"]))
+    peft_model.save_pretrained(tmp_path)
+    model = _bert()
+    with pytest.raises(ValueError, match="lora_embedding"):
+        import_peft(model, tmp_path)
+    assert not lora_layers(model)
+    with pytest.raises(ValueError, match="word_embeddings.*Embedding"):
+        from_peft(peft_model)
+
+
+def test_dora_refused_from_peft():
+    peft_model = get_peft_model(_bert(), LoraConfig(r=2, target_modules=["query"], use_dora=True))
+    with pytest.raises(ValueError, match="use_dora=True"):
+        from_peft(peft_model)
+
+
+def test_rank_mismatch_and_missing_files(tmp_path):
+    peft_model = get_peft_model(_bert(), LoraConfig(**BERT_CONFIG))
+    peft_model.save_pretrained(tmp_path)
+    _edit_config(tmp_path, rank_pattern={})
+    with pytest.raises(lorambo.AdapterFormatError, match="intermediate.dense.* rank 6 in the weights but 4"):
+        import_peft(_bert(), tmp_path)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        import_peft(_bert(), tmp_path / "nowhere")

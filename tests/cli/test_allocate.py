@@ -1,0 +1,82 @@
+"""``lorambo allocate``: ranks, a peft adapter_config.json that peft builds the same ranks from, a heat map."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
+
+from lorambo.cli import main
+from lorambo.experiments.minilm import minilm_path
+
+SENTENCES = [f"the {a} {b} walked over the {c} hill before the {d} rain came down"
+             for a, b, c, d in zip(["old", "young", "tall", "small", "quiet", "loud", "kind", "brave"] * 2,
+                                   ["man", "dog", "cat", "girl", "boy", "horse", "bird", "fox"] * 2,
+                                   ["green", "steep", "far", "near", "red", "bare", "wet", "dry"] * 2,
+                                   ["cold", "warm", "late", "early", "heavy", "light", "soft", "hard"] * 2)]
+
+
+def _peft_ranks(model, out):
+    peft_model = get_peft_model(model, LoraConfig.from_pretrained(str(out)))
+    return {n: m.r["default"] for n, m in peft_model.get_base_model().named_modules() if isinstance(m, LoraLayer)}, \
+        {n: m.scaling["default"] for n, m in peft_model.get_base_model().named_modules() if isinstance(m, LoraLayer)}
+
+
+def _check_outputs(out, budget):
+    saved = json.loads((out / "ranks.json").read_text())
+    assert (out / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary left behind
+    ranks = saved["ranks"]
+    assert any(r > 0 for r in ranks.values()) and len(set(ranks.values())) > 1
+    return saved, ranks
+
+
+def test_allocate_real_minilm_gradient(tmp_path, capsys):
+    data = tmp_path / "data.txt"
+    data.write_text("\n".join(SENTENCES) + "\n")
+    out = tmp_path / "out"
+    budget = 40_000
+    assert main(["allocate", "--model", str(minilm_path()), "--budget", str(budget), "--method", "gradient",
+                 "--data", str(data), "--out", str(out), "--batch-size", "4", "--batches", "2",
+                 "--target-modules", "query,value"]) == 0
+    saved, ranks = _check_outputs(out, budget)
+    assert saved["loss"] == "contrastive" and len(ranks) == 12
+    from transformers import AutoModel
+    dims = {n: m.in_features + m.out_features for n, m in AutoModel.from_pretrained(minilm_path()).named_modules()
+            if n in ranks}
+    assert sum(r * dims[n] for n, r in ranks.items()) <= budget
+    peft_ranks, scaling = _peft_ranks(AutoModel.from_pretrained(minilm_path()), out)
+    assert peft_ranks == {n: r for n, r in ranks.items() if r > 0}
+    assert all(s == pytest.approx(1.0) for s in scaling.values())  # lorambo's default alpha = rank
+    assert "total" in capsys.readouterr().out
+
+
+def test_allocate_causal_lm_hessian(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    folder = tmp_path / "gpt2"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=30522, n_embd=32, n_layer=2, n_head=2, n_positions=64)).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm_path() / name, folder / name)
+    data = tmp_path / "data.txt"
+    data.write_text("\n\n".join(SENTENCES[:6]))
+    out = tmp_path / "out"
+    assert main(["allocate", "--model", str(folder), "--budget", "2000", "--method", "hessian", "--probes", "2",
+                 "--data", str(data), "--out", str(out), "--batch-size", "3", "--alpha", "16"]) == 0
+    saved, ranks = _check_outputs(out, 2000)
+    assert saved["loss"] == "causal" and saved["alpha"] == 16
+    peft_ranks, scaling = _peft_ranks(GPT2LMHeadModel.from_pretrained(folder), out)
+    assert peft_ranks == {n: r for n, r in ranks.items() if r > 0}
+    assert all(scaling[n] == pytest.approx(16 / r) for n, r in peft_ranks.items())
+
+
+def test_allocate_bad_arguments(tmp_path, capsys):
+    assert main(["allocate", "--model", str(tmp_path), "--budget", "100", "--out", str(tmp_path / "o"),
+                 "--method", "frobenius"]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert main(["allocate", "--model", str(minilm_path()), "--budget", "100000", "--out", str(tmp_path / "o"),
+                 "--method", "gradient"]) == 2
+    assert "needs --data" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,130 @@
+"""What a peft user expects of the model API: modules_to_save, alpha_pattern, parameter counts, disable_adapter."""
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
+from transformers import BertConfig, BertForSequenceClassification
+
+import lorambo
+from lorambo import configure_model, disable_adapter, load_adapter, lora_layers, save_adapter, trainable_parameters
+from lorambo.model.modules_to_save import modules_to_save
+
+DT = torch.float64
+RANKS = {"bert.encoder.layer.0.attention.self.query": 2, "bert.encoder.layer.0.attention.self.value": 6,
+         "bert.encoder.layer.1.intermediate.dense": 3, "bert.encoder.layer.1.output.dense": 5}
+
+
+def _bert(seed=0):
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=48, max_position_embeddings=32, num_labels=3,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(cfg).to(DT).eval()
+
+
+def _ids(seed=1):
+    return torch.randint(0, 64, (3, 10), generator=torch.Generator().manual_seed(seed))
+
+
+def _train(model, steps=3):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=0.05)
+    labels = torch.tensor([0, 2, 1])
+    for step in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(input_ids=_ids(step)).logits, labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_modules_to_save_train_and_round_trip(tmp_path):
+    base = _bert()
+    model = configure_model(copy.deepcopy(base), RANKS, modules_to_save=["classifier"])
+    assert modules_to_save(model) == ["classifier"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in dict(model.named_parameters()) if ".lora_" in n or n.startswith("classifier.")}
+    head_before = model.classifier.weight.detach().clone()
+    _train(model)
+    assert not torch.equal(model.classifier.weight, head_before)
+    save_adapter(model, tmp_path)
+
+    for target in (_bert(), configure_model(_bert(), {n: 1 for n in RANKS}, capacity=8)):
+        reloaded = load_adapter(target, tmp_path)
+        torch.testing.assert_close(reloaded(input_ids=_ids(9)).logits, model(input_ids=_ids(9)).logits,
+                                   rtol=0, atol=1e-12)
+        assert modules_to_save(reloaded) == ["classifier"]
+        assert reloaded.classifier.weight.requires_grad
+
+    lorambo.unload(model, merge=False)
+    assert all(p.requires_grad for p in model.parameters()) and modules_to_save(model) == []
+
+
+def test_modules_to_save_errors_leave_model_untouched():
+    model = _bert()
+    with pytest.raises(ValueError, match="'classifer' matches no module"):
+        configure_model(model, RANKS, modules_to_save=["classifer"])
+    with pytest.raises(ValueError, match="both in modules_to_save and a LoRA target"):
+        configure_model(model, RANKS, modules_to_save=["bert.encoder.layer.0.attention.self.query"])
+    assert not lora_layers(model) and all(p.requires_grad for p in model.parameters())
+
+
+def test_alpha_pattern_matches_peft():
+    names = ["query", "value", "intermediate.dense"]
+    pattern = {"layer.1.attention.self.value": 12.0, "value": 3.0, "intermediate.dense": 20}
+    ours = configure_model(_bert(), 4, target_modules=names, alpha=8.0, alpha_pattern=pattern)
+    theirs = get_peft_model(_bert(), LoraConfig(r=4, lora_alpha=8.0, target_modules=names, alpha_pattern=pattern))
+    peft_scaling = {n: m.scaling["default"] for n, m in theirs.get_base_model().named_modules()
+                    if isinstance(m, LoraLayer)}
+    ours_scaling = {n: m.scaling for n, m in lora_layers(ours).items()}
+    assert ours_scaling == pytest.approx(peft_scaling, rel=1e-15)
+    assert ours_scaling["bert.encoder.layer.1.attention.self.value"] == 3.0  # first matching key wins
+    assert ours_scaling["bert.encoder.layer.0.attention.self.value"] == 0.75
+    assert ours_scaling["bert.encoder.layer.0.attention.self.query"] == 2.0
+    with pytest.raises(ValueError, match="alpha_pattern key 'nothing' matches none"):
+        configure_model(_bert(), 4, alpha_pattern={"nothing": 2.0})
+    with pytest.raises(ValueError, match=r"alpha_pattern\['query'\] = -1"):
+        configure_model(_bert(), 4, alpha_pattern={"query": -1})
+
+
+def test_trainable_parameters_match_peft_and_report_capacity(capsys):
+    ours = configure_model(_bert(), RANKS, capacity=16, modules_to_save=["classifier"])
+    theirs = get_peft_model(_bert(), lorambo.peft_config(RANKS, modules_to_save=["classifier"]))
+    peft_trainable, peft_all = theirs.get_nb_trainable_parameters()
+    counts = trainable_parameters(ours)
+    head = sum(p.numel() for p in ours.classifier.parameters())
+    active = sum(r * (lora_layers(ours)[n].in_features + lora_layers(ours)[n].out_features) for n, r in RANKS.items())
+    assert counts["lora_active"] == active and counts["other_trainable"] == head
+    assert counts["trainable"] == peft_trainable == active + head
+    assert counts["lora_capacity"] == sum(16 * (m.in_features + m.out_features) for m in lora_layers(ours).values())
+    # peft's total also counts its frozen copy of the original head
+    assert counts["all"] == peft_all - head
+    lorambo.print_trainable_parameters(ours)
+    out = capsys.readouterr().out
+    assert f"trainable params: {active + head:,}" in out and f"LoRA pool capacity: {counts['lora_capacity']:,}" in out
+
+
+def test_disable_adapter_runs_frozen_base():
+    base = _bert()
+    model = configure_model(copy.deepcopy(base), RANKS, modules_to_save=["classifier"])
+    _train(model)
+    ids = _ids(5)
+    adapted = model(input_ids=ids).logits.detach()
+    with disable_adapter(model):
+        out = model(input_ids=ids).logits
+        torch.testing.assert_close(out, base(input_ids=ids).logits, rtol=0, atol=1e-12)
+        assert not out.requires_grad  # no LoRA branch, frozen head: nothing to train in there
+        with pytest.raises(RuntimeError, match="do not nest"):
+            with disable_adapter(model):
+                pass
+    torch.testing.assert_close(model(input_ids=ids).logits, adapted, rtol=0, atol=0)
+    with pytest.raises(ZeroDivisionError):
+        with disable_adapter(model):
+            1 / 0
+    torch.testing.assert_close(model(input_ids=ids).logits, adapted, rtol=0, atol=0)
+    next(iter(lora_layers(model).values())).merge()
+    with pytest.raises(RuntimeError, match="merged"):
+        with disable_adapter(model):
+            pass
