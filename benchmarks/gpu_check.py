@@ -1,11 +1,12 @@
 """The whole GPU check in one command: build, GPU tests, benchmarks, and a verdict per target.
 
-On the lent GPU machine (H200), one device call from the repository root:
+On the lent GPU machine (H200), one device call from the repository root, timeout_s=540,
+everything lands in $OUT (docs/gpu_check.md):
 
-    make gpu-check                    timeout_s=540; everything lands in $OUT
+    if command -v make >/dev/null; then make gpu-check; else python3 benchmarks/gpu_check.py; fi
 
-(without make: ``python3 benchmarks/gpu_check.py``). It uses the machine's own python3 and the
-torch, triton and peft installed there: no virtual environment, no pip, no network.
+It uses the machine's own python3 and the torch, triton, peft and pytest installed there: no
+virtual environment, no pip, no network.
 
     python3 benchmarks/gpu_check.py [--out DIR]     default $OUT when set, else build/gpu-check
     python3 benchmarks/gpu_check.py --cpu-smoke     the same stages on CPU at tiny sizes, under the
@@ -50,6 +51,7 @@ BENCH = ROOT / "benchmarks"
 OUTPUTS = ("verdict.md", "gpu_check.log", "junit.xml", "lora_linear.csv", "lora_linear.md", "lora_linear.png",
            "ext.csv", "ext.md")
 LOG_KEEP = 3 * 2**20  # bytes of each stage's log kept in gpu_check.log (its tail)
+MIN_STAGE_S = 5.0  # a stage with less time than this left is skipped
 # The CPU-only ahead-of-time compile tests hold no gpu test, and collecting them sweeps ~1200
 # launcher configurations (tens of seconds): not worth it inside a timed GPU call.
 PYTEST_IGNORE = ("tests/kernels/test_aot_sm90.py",)
@@ -95,7 +97,7 @@ def parse_args(argv=None):
 def run(name, cmd, env, limit, logs: Path) -> Stage:
     """Run ``cmd`` (output to logs/name.log) for at most ``limit`` s; on time-out interrupt it
     (pytest still writes its JUnit XML), then kill its process group."""
-    if limit < 5:
+    if limit < MIN_STAGE_S:
         return Stage(name, "SKIP", 0.0, "no time left")
     log_path = logs / f"{name.replace(' ', '_')}.log"
     start = time.monotonic()
