@@ -323,8 +323,9 @@ def plot_cases(rows, path: Path, plt):
     """Time / frozen layer of each provider (and dtype) for each labelled case and mode."""
     base = {(r["dtype"], r["mode"], r["M"], r["K"], r["N"]): float(r["ms_median"]) for r in rows
             if r["provider"] == "base"}
+    order = [c.label for c in QUICK]
     groups = sorted({(r["mode"], r["case"]) for r in rows if r["provider"] != "base"},
-                    key=lambda g: (g[0], [c.label for c in QUICK].index(g[1]) if g[1] in {c.label for c in QUICK} else 99))
+                    key=lambda g: (g[0], order.index(g[1]) if g[1] in order else len(order)))
     series = sorted({(r["provider"], r["dtype"]) for r in rows if r["provider"] != "base"},
                     key=lambda s: (PROVIDERS.index(s[0]), s[1]))
     fig, ax = plt.subplots(figsize=(max(7.0, 1.2 * len(groups) * max(1, len(series)) ** 0.5), 4.5))

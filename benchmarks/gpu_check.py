@@ -120,7 +120,7 @@ def run(name, cmd, env, limit, logs: Path) -> Stage:
 
 
 def _stop(proc):
-    for sig, grace in ((signal.SIGINT, 20), (signal.SIGKILL, 10)):
+    for sig, grace in ((signal.SIGINT, 10), (signal.SIGKILL, 5)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
@@ -136,6 +136,12 @@ def _tail(path: Path, n: int) -> list[str]:
     with path.open("rb") as fh:
         fh.seek(max(0, path.stat().st_size - 20000))
         return fh.read().decode("utf-8", "replace").splitlines()[-n:]
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _has(module: str) -> bool:
@@ -161,10 +167,11 @@ def build_stage(env, clock, logs) -> tuple[Stage, bool]:
                 clock.limit(200, reserve=230), logs)
     stage.note = f"lorambo._C, CUDA, MAX_JOBS={jobs}, {stage.seconds:.0f} s"
     print(f"build time: {stage.seconds:.1f} s ({jobs} jobs)", flush=True)
-    probe = subprocess.run([sys.executable, "-c", "from lorambo import _extension as e; m = e.load(); "
-                            "print('cuda' if m is not None and getattr(m, 'with_cuda', False) else e._state.get('error'))"],
+    probe = subprocess.run([sys.executable, "-c", "from lorambo import _extension as e; m = e.load(); print("
+                            "'with cuda' if m is not None and getattr(m, 'with_cuda', False) else 'built without CUDA' "
+                            "if m is not None else f'not importable: {e._state.get(\"error\")}')"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    with_cuda = probe.stdout.strip().endswith("cuda")
+    with_cuda = probe.stdout.strip().endswith("with cuda")
     if not with_cuda:
         stage.note += f"; extension not usable with CUDA: {(probe.stdout + probe.stderr).strip()[-200:]}"
         if stage.status == "OK":
@@ -178,6 +185,8 @@ def tests_stage(env, clock, logs, out: Path, smoke: bool, ext_cuda: bool) -> Sta
     cmd += [f"--ignore={p}" for p in PYTEST_IGNORE]
     if not smoke and _has("xdist"):
         cmd += ["-n", "8"]  # Triton compiles in parallel; a crashed worker does not take the rest down
+    if not smoke and _has("pytest_timeout"):
+        cmd += ["--timeout=90"]  # one hung kernel fails its test, not the whole stage
     test_env = dict(env, LORAMBO_REQUIRE_EXT="1") if ext_cuda else env  # a broken build is an error
     stage = run("gpu tests", cmd, test_env, clock.limit(160, reserve=130), logs)
     stage.note = junit_summary(out / "junit.xml")
@@ -250,9 +259,12 @@ def environment(smoke: bool) -> tuple[str, list[str]]:
         except metadata.PackageNotFoundError:
             return "none"
 
-    import torch
+    if smoke:  # the parent needs no torch on CPU (seconds saved in CI); the stages import it
+        gpu, torch_line = "no CUDA device", f"torch {version('torch')}"
+    else:
+        import torch
 
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+        gpu, torch_line = torch.cuda.get_device_name(), f"torch {torch.__version__} (CUDA {torch.version.cuda})"
     nvcc = shutil.which("nvcc")
     if nvcc:
         try:
@@ -260,14 +272,23 @@ def environment(smoke: bool) -> tuple[str, list[str]]:
             nvcc = nvcc.splitlines()[-1] if nvcc else "?"
         except (OSError, subprocess.SubprocessError) as err:
             nvcc = f"not runnable ({err})"
+    smi = "not found"
+    if shutil.which("nvidia-smi"):  # the card's state as found (clocks, temperature, memory in use)
+        try:
+            smi = subprocess.run(["nvidia-smi", "--format=csv,noheader", "--query-gpu=name,driver_version,"
+                                  "clocks.sm,clocks.mem,temperature.gpu,memory.used,memory.total"],
+                                 capture_output=True, text=True, timeout=30).stdout.strip() or "?"
+        except (OSError, subprocess.SubprocessError) as err:
+            smi = f"not runnable ({err})"
     load = f", load {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
     return gpu, [
             f"mode: {'cpu-smoke (Triton interpreter, tiny sizes: the numbers mean nothing)' if smoke else 'GPU'}",
             f"device: {gpu}; {os.cpu_count()} cores{load}",
-            f"python {sys.version.split()[0]} ({sys.executable}); torch {torch.__version__} (CUDA {torch.version.cuda}); "
+            f"python {sys.version.split()[0]} ({sys.executable}); "
+            f"{torch_line}; "
             f"triton {version('triton')}; peft {version('peft')}; transformers {version('transformers')}; "
             f"numpy {version('numpy')}; setuptools {version('setuptools')}",
-            f"nvcc: {nvcc or 'not found'}"]
+            f"nvcc: {nvcc or 'not found'}; nvidia-smi: {smi}"]
 
 
 def write_log(out: Path, logs: Path, header: list[str]) -> None:
@@ -304,9 +325,7 @@ def main(argv=None) -> int:
     for name in OUTPUTS:  # a rerun into the same folder starts clean (appending CSVs would mix runs)
         (out / name).unlink(missing_ok=True)
     smoke = args.cpu_smoke
-    import torch
-
-    if not smoke and not torch.cuda.is_available():
+    if not smoke and not _cuda_available():
         print("gpu_check: no CUDA device here; use --cpu-smoke to run the check on CPU", file=sys.stderr)
         return 2
     gpu, header = environment(smoke)

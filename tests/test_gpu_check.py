@@ -103,11 +103,12 @@ def test_verdicts_judge_each_target_against_its_limit():
         _row("pool_dense", "lorambo", "fwd_bwd", 1.0), _row("pool", "lorambo", "fwd_bwd", 1.04),
         _row("decode", "base", "fwd", 0.01, shape=(1, 4096, 4096)),
         _row("decode", "lorambo", "fwd", 0.02, shape=(1, 4096, 4096)),
-        _row("large", "base", "fwd_bwd", 2.0, dtype="float16"), _row("large", "lorambo", "fwd_bwd", 2.1, dtype="float16"),
+        _row("large", "base", "fwd_bwd", 2.0, dtype="float16"),
+        _row("large", "lorambo", "fwd_bwd", 2.1, dtype="float16"),
     ]
-    ext = [dict(section="reduce", case=c, dtype=d, provider=p, ms_median=str(ms))
-           for c, d, p, ms in [("dot_224", "float32", "python_loop", 10.0), ("dot_224", "float32", "ext", 1.0),
-                               ("sq_norm_224", "bfloat16", "python_loop", 6.0), ("sq_norm_224", "bfloat16", "ext", 1.0)]]
+    ext = [dict(section="reduce", case=c, dtype=d, provider=p, ms_median=str(ms)) for c, d, p, ms in [
+        ("dot_224", "float32", "python_loop", 10.0), ("dot_224", "float32", "ext", 1.0),
+        ("sq_norm_224", "bfloat16", "python_loop", 6.0), ("sq_norm_224", "bfloat16", "ext", 1.0)]]
     got = {v.target.name: v for v in gpu_targets.evaluate(lora, ext)}
     assert [v.target.name for v in gpu_targets.evaluate(lora, ext)] == [t.name for t in gpu_targets.TARGETS]
 
