@@ -149,3 +149,28 @@ def test_output_folder_limits_are_checked(tmp_path):
     problems = gpu_check.output_problems(tmp_path)
     assert any("10 files" in p for p in problems) and any("too deep" in p for p in problems)
     assert gpu_check.output_problems(deep) == []
+
+
+# What the GPU machine's python3 has that these files may use (docs/gpu_check.md): its image has no
+# network and lacks some of requirements/dev.txt (the MiniLM model package, for one).
+GPU_IMAGE_MODULES = {"torch", "triton", "numpy", "pytest", "hypothesis", "peft", "transformers", "safetensors", "tqdm",
+                     "yaml", "matplotlib", "lorambo", "lorambo_kernels", "lora_oracle", "ext_testutil"}
+
+
+def test_gpu_test_files_import_only_what_the_gpu_image_has():
+    import ast
+
+    files = [ROOT / "tests" / "conftest.py", *sorted((ROOT / "tests" / "kernels").glob("*.py")),
+             *sorted((ROOT / "tests" / "ext").glob("*.py")),
+             *[BENCH / f for f in ("gpu_check.py", "gpu_targets.py", "bench_lora_linear.py", "bench_ext.py",
+                                   "providers.py")]]
+    foreign = set()
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top not in GPU_IMAGE_MODULES | {"gpu_targets", "providers"}:
+                    foreign.add(f"{path.relative_to(ROOT)}: {name}")
+    assert not foreign, sorted(foreign)
