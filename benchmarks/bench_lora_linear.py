@@ -145,15 +145,16 @@ def build(provider, k, n, rank, capacity, dtype, device):
 
 
 # ------------------------------------------------------------------------------- measuring
-def saved_for_backward(forward, exclude):
-    """(output of ``forward()``, bytes autograd saved for backward meanwhile), each storage
-    counted once and the storages in ``exclude`` (input, parameters) not at all."""
+def saved_for_backward(forward, exclude, device):
+    """(output of ``forward()``, bytes on ``device`` autograd saved for backward meanwhile), each
+    storage counted once and the storages in ``exclude`` (input, parameters) not at all. Host
+    tensors on a GPU run (a 0-d dropout seed) take no device memory and are not counted."""
     seen = {}
 
     def pack(t):
         try:
             storage = t.untyped_storage()
-            if storage.data_ptr() not in exclude:
+            if t.device == device and storage.data_ptr() not in exclude:
                 seen[storage.data_ptr()] = storage.nbytes()
         except (RuntimeError, NotImplementedError):  # a tensor without plain storage
             pass
@@ -189,7 +190,7 @@ def measure(module, mode, m, k, dtype, device, smoke):
     if mode == "fwd_bwd":  # warm-up (kernel compiles) that also counts the bytes saved
         exclude = {t.untyped_storage().data_ptr() for t in [x, *module.parameters(), *module.buffers()]}
         try:
-            y, saved = saved_for_backward(lambda: module(x), exclude)
+            y, saved = saved_for_backward(lambda: module(x), exclude, x.device)
         except RuntimeError as err:  # torch.compile may refuse saved-tensor hooks
             print(f"  saved-for-backward not measured: {err}", file=sys.stderr)
             y = module(x)
@@ -322,8 +323,9 @@ def plot_cases(rows, path: Path, plt):
     """Time / frozen layer of each provider (and dtype) for each labelled case and mode."""
     base = {(r["dtype"], r["mode"], r["M"], r["K"], r["N"]): float(r["ms_median"]) for r in rows
             if r["provider"] == "base"}
+    order = [c.label for c in QUICK]
     groups = sorted({(r["mode"], r["case"]) for r in rows if r["provider"] != "base"},
-                    key=lambda g: (g[0], [c.label for c in QUICK].index(g[1]) if g[1] in {c.label for c in QUICK} else 99))
+                    key=lambda g: (g[0], order.index(g[1]) if g[1] in order else len(order)))
     series = sorted({(r["provider"], r["dtype"]) for r in rows if r["provider"] != "base"},
                     key=lambda s: (PROVIDERS.index(s[0]), s[1]))
     fig, ax = plt.subplots(figsize=(max(7.0, 1.2 * len(groups) * max(1, len(series)) ** 0.5), 4.5))

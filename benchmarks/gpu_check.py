@@ -1,11 +1,12 @@
 """The whole GPU check in one command: build, GPU tests, benchmarks, and a verdict per target.
 
-On the lent GPU machine (H200), one device call from the repository root:
+On the lent GPU machine (H200), one device call from the repository root, timeout_s=540,
+everything lands in $OUT (docs/gpu_check.md):
 
-    make gpu-check                    timeout_s=540; everything lands in $OUT
+    if command -v make >/dev/null; then make gpu-check; else python3 benchmarks/gpu_check.py; fi
 
-(without make: ``python3 benchmarks/gpu_check.py``). It uses the machine's own python3 and the
-torch, triton and peft installed there: no virtual environment, no pip, no network.
+It uses the machine's own python3 and the torch, triton, peft and pytest installed there: no
+virtual environment, no pip, no network.
 
     python3 benchmarks/gpu_check.py [--out DIR]     default $OUT when set, else build/gpu-check
     python3 benchmarks/gpu_check.py --cpu-smoke     the same stages on CPU at tiny sizes, under the
@@ -50,6 +51,7 @@ BENCH = ROOT / "benchmarks"
 OUTPUTS = ("verdict.md", "gpu_check.log", "junit.xml", "lora_linear.csv", "lora_linear.md", "lora_linear.png",
            "ext.csv", "ext.md")
 LOG_KEEP = 3 * 2**20  # bytes of each stage's log kept in gpu_check.log (its tail)
+MIN_STAGE_S = 5.0  # a stage with less time than this left is skipped
 # The CPU-only ahead-of-time compile tests hold no gpu test, and collecting them sweeps ~1200
 # launcher configurations (tens of seconds): not worth it inside a timed GPU call.
 PYTEST_IGNORE = ("tests/kernels/test_aot_sm90.py",)
@@ -95,7 +97,7 @@ def parse_args(argv=None):
 def run(name, cmd, env, limit, logs: Path) -> Stage:
     """Run ``cmd`` (output to logs/name.log) for at most ``limit`` s; on time-out interrupt it
     (pytest still writes its JUnit XML), then kill its process group."""
-    if limit < 5:
+    if limit < MIN_STAGE_S:
         return Stage(name, "SKIP", 0.0, "no time left")
     log_path = logs / f"{name.replace(' ', '_')}.log"
     start = time.monotonic()
@@ -118,7 +120,7 @@ def run(name, cmd, env, limit, logs: Path) -> Stage:
 
 
 def _stop(proc):
-    for sig, grace in ((signal.SIGINT, 20), (signal.SIGKILL, 10)):
+    for sig, grace in ((signal.SIGINT, 10), (signal.SIGKILL, 5)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
@@ -134,6 +136,12 @@ def _tail(path: Path, n: int) -> list[str]:
     with path.open("rb") as fh:
         fh.seek(max(0, path.stat().st_size - 20000))
         return fh.read().decode("utf-8", "replace").splitlines()[-n:]
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _has(module: str) -> bool:
@@ -159,10 +167,11 @@ def build_stage(env, clock, logs) -> tuple[Stage, bool]:
                 clock.limit(200, reserve=230), logs)
     stage.note = f"lorambo._C, CUDA, MAX_JOBS={jobs}, {stage.seconds:.0f} s"
     print(f"build time: {stage.seconds:.1f} s ({jobs} jobs)", flush=True)
-    probe = subprocess.run([sys.executable, "-c", "from lorambo import _extension as e; m = e.load(); "
-                            "print('cuda' if m is not None and getattr(m, 'with_cuda', False) else e._state.get('error'))"],
+    probe = subprocess.run([sys.executable, "-c", "from lorambo import _extension as e; m = e.load(); print("
+                            "'with cuda' if m is not None and getattr(m, 'with_cuda', False) else 'built without CUDA' "
+                            "if m is not None else f'not importable: {e._state.get(\"error\")}')"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    with_cuda = probe.stdout.strip().endswith("cuda")
+    with_cuda = probe.stdout.strip().endswith("with cuda")
     if not with_cuda:
         stage.note += f"; extension not usable with CUDA: {(probe.stdout + probe.stderr).strip()[-200:]}"
         if stage.status == "OK":
@@ -176,6 +185,8 @@ def tests_stage(env, clock, logs, out: Path, smoke: bool, ext_cuda: bool) -> Sta
     cmd += [f"--ignore={p}" for p in PYTEST_IGNORE]
     if not smoke and _has("xdist"):
         cmd += ["-n", "8"]  # Triton compiles in parallel; a crashed worker does not take the rest down
+    if not smoke and _has("pytest_timeout"):
+        cmd += ["--timeout=90"]  # one hung kernel fails its test, not the whole stage
     test_env = dict(env, LORAMBO_REQUIRE_EXT="1") if ext_cuda else env  # a broken build is an error
     stage = run("gpu tests", cmd, test_env, clock.limit(160, reserve=130), logs)
     stage.note = junit_summary(out / "junit.xml")
@@ -248,9 +259,12 @@ def environment(smoke: bool) -> tuple[str, list[str]]:
         except metadata.PackageNotFoundError:
             return "none"
 
-    import torch
+    if smoke:  # the parent needs no torch on CPU (seconds saved in CI); the stages import it
+        gpu, torch_line = "no CUDA device", f"torch {version('torch')}"
+    else:
+        import torch
 
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+        gpu, torch_line = torch.cuda.get_device_name(), f"torch {torch.__version__} (CUDA {torch.version.cuda})"
     nvcc = shutil.which("nvcc")
     if nvcc:
         try:
@@ -258,14 +272,23 @@ def environment(smoke: bool) -> tuple[str, list[str]]:
             nvcc = nvcc.splitlines()[-1] if nvcc else "?"
         except (OSError, subprocess.SubprocessError) as err:
             nvcc = f"not runnable ({err})"
+    smi = "not found"
+    if shutil.which("nvidia-smi"):  # the card's state as found (clocks, temperature, memory in use)
+        try:
+            smi = subprocess.run(["nvidia-smi", "--format=csv,noheader", "--query-gpu=name,driver_version,"
+                                  "clocks.sm,clocks.mem,temperature.gpu,memory.used,memory.total"],
+                                 capture_output=True, text=True, timeout=30).stdout.strip() or "?"
+        except (OSError, subprocess.SubprocessError) as err:
+            smi = f"not runnable ({err})"
     load = f", load {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
     return gpu, [
             f"mode: {'cpu-smoke (Triton interpreter, tiny sizes: the numbers mean nothing)' if smoke else 'GPU'}",
             f"device: {gpu}; {os.cpu_count()} cores{load}",
-            f"python {sys.version.split()[0]} ({sys.executable}); torch {torch.__version__} (CUDA {torch.version.cuda}); "
+            f"python {sys.version.split()[0]} ({sys.executable}); "
+            f"{torch_line}; "
             f"triton {version('triton')}; peft {version('peft')}; transformers {version('transformers')}; "
             f"numpy {version('numpy')}; setuptools {version('setuptools')}",
-            f"nvcc: {nvcc or 'not found'}"]
+            f"nvcc: {nvcc or 'not found'}; nvidia-smi: {smi}"]
 
 
 def write_log(out: Path, logs: Path, header: list[str]) -> None:
@@ -302,9 +325,7 @@ def main(argv=None) -> int:
     for name in OUTPUTS:  # a rerun into the same folder starts clean (appending CSVs would mix runs)
         (out / name).unlink(missing_ok=True)
     smoke = args.cpu_smoke
-    import torch
-
-    if not smoke and not torch.cuda.is_available():
+    if not smoke and not _cuda_available():
         print("gpu_check: no CUDA device here; use --cpu-smoke to run the check on CPU", file=sys.stderr)
         return 2
     gpu, header = environment(smoke)

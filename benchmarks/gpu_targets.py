@@ -90,6 +90,8 @@ def saved_vs_peft(lora, ext, dtype):
     name, theirs = other
     if theirs == 0:
         return (1.0 if ours == 0 else math.inf), f"{ours} B vs {name} 0 B"
+    if theirs < 10 * 1024:
+        return ours / theirs, f"{ours} / {theirs} B vs {name}"
     return ours / theirs, f"{ours / 1024:.0f} / {theirs / 1024:.0f} KiB vs {name}"
 
 
