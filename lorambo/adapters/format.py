@@ -166,7 +166,7 @@ def read_adapter_file(file: Path) -> tuple[dict, dict[str, torch.Tensor], dict[s
     meta = _load_json(file, header, "layers")
     if not meta:
         raise AdapterFormatError(f"{file}: header field 'layers' lists no layer")
-    if version != "1":
+    if version != "1" or "checksums" in header:  # version 1 files had none; never skip present ones
         _check_checksums(file, header, tensors)
     for name, info in meta.items():
         check_layer_settings(file, name, info)
