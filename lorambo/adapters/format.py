@@ -62,7 +62,8 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     """sha256 of a tensor's dtype, shape and bytes (a dtype or shape change alters it too)."""
     h = hashlib.sha256(f"{tensor.dtype}|{tuple(tensor.shape)}|".encode())
     flat = tensor.detach().cpu().contiguous().reshape(-1)
-    h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    if flat.numel():
+        h.update(flat.view(torch.uint8).numpy())  # the buffer itself, no copy
     return h.hexdigest()
 
 
