@@ -177,7 +177,11 @@ class LoRAMBoOptimizer:
     # ---------------------------------------------------------------------- sensitivities
     def compute_sensitivities(self, batches=None, loss_fn=None) -> dict[str, float]:
         """``{name: s_i >= 0}`` by ``sensitivity_method`` on ``batches`` (see the class doc;
-        "frobenius" reads the weights only and needs no batches)."""
+        "frobenius" reads the weights only and needs no batches).
+
+        With "hessian" and "gradient", targets that get no gradient from the loss on the first
+        batch (e.g. BERT's pooler under a loss on the hidden states) are dropped from
+        ``names`` with a RuntimeWarning: no budget is spent on them."""
         from lorambo import sensitivity as sens
         from lorambo.sensitivity.inputs import as_batch_list
 

@@ -62,7 +62,8 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     """sha256 of a tensor's dtype, shape and bytes (a dtype or shape change alters it too)."""
     h = hashlib.sha256(f"{tensor.dtype}|{tuple(tensor.shape)}|".encode())
     flat = tensor.detach().cpu().contiguous().reshape(-1)
-    h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    if flat.numel():
+        h.update(flat.view(torch.uint8).numpy())  # the buffer itself, no copy
     return h.hexdigest()
 
 
@@ -166,7 +167,7 @@ def read_adapter_file(file: Path) -> tuple[dict, dict[str, torch.Tensor], dict[s
     meta = _load_json(file, header, "layers")
     if not meta:
         raise AdapterFormatError(f"{file}: header field 'layers' lists no layer")
-    if version != "1":
+    if version != "1" or "checksums" in header:  # version 1 files had none; never skip present ones
         _check_checksums(file, header, tensors)
     for name, info in meta.items():
         check_layer_settings(file, name, info)

@@ -33,6 +33,8 @@ class Problem:
 
 
 def _is_int(x: Any) -> bool:
+    if type(x) is int:  # the common case, without the slow abstract-class check
+        return True
     return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
 
 

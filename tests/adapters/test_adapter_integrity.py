@@ -18,7 +18,7 @@ from torch import nn
 
 import lorambo.adapters.atomic as atomic
 import lorambo.adapters.io as io
-from lorambo import AdapterFormatError, LoRAMBoLinear, configure_model, load_adapter, lora_layers, save_adapter
+from lorambo import AdapterFormatError, configure_model, load_adapter, lora_layers, save_adapter
 from lorambo.adapters.format import LAYER_FIELDS, build_header
 
 ROOT = Path(__file__).resolve().parents[2]
