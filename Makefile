@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 export MAX_JOBS ?= 2
 CSRC := $(shell find csrc -type f -name '*.cpp' -o -type f -name '*.cu' -o -type f -name '*.h')
 
-.PHONY: all install test demo bench bench-ext wheel sdist compile-cuda clean
+.PHONY: all install test demo bench bench-ext wheel sdist compile-cuda gpu-check clean
 
 all: test
 
@@ -53,6 +53,11 @@ sdist: $(DEPS_STAMP)
 # Compile every csrc/*.cu to an sm_90 object (no GPU needed): catches CUDA compile errors.
 compile-cuda: $(DEPS_STAMP)
 	.ci/compile_cuda.sh $(PY)
+
+# The whole GPU check in one call on the lent GPU machine (docs/gpu_check.md): the machine's own
+# python3 and torch, no .venv and no pip, so it depends on none of the targets above.
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py $(if $(OUT),--out "$(OUT)")
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

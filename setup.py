@@ -76,7 +76,10 @@ def extension_build():
     }
     strict = _cuda_mode() == "1"
     if cu and _want_cuda(torch.version.cuda is not None):
-        arch = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+        # TORCH_CUDA_ARCH_LIST (e.g. "9.0" for one GPU) is torch's own switch; without it, wheels
+        # carry sm_80 and sm_90 code.
+        arch = [] if os.environ.get("TORCH_CUDA_ARCH_LIST") else [
+            "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
         common["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++20", *arch]
         ext = CUDAExtension("lorambo._C", cpp + cu, define_macros=[("LORAMBO_WITH_CUDA", "1")], **common)
         _log(f"building lorambo._C with CUDA ({len(cpp)} C++ and {len(cu)} CUDA sources)")

@@ -1,6 +1,7 @@
 """Benchmark the compiled extension (lorambo._C) against the paths it replaces.
 
-Sections (``--sections``, default all):
+Sections (``--sections``, default all; a section that fails is reported, the others go on, and
+the exit status is 1):
   lora     CPU LoRA linear, fwd and fwd+bwd (input gradient included, base frozen, LoRA trainable):
            ext (lorambo::lora_linear) vs the reference op, a peft-style eager LoRA and the frozen
            nn.Linear, at M in {64, 512, 2048}, K=N in {768, 2048}, r in {8, 64}, float32.
@@ -34,11 +35,14 @@ import random
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from providers import PeftStyleLoRA  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = ["run", "device", "threads", "torch", "section", "case", "provider", "mode", "dtype", "M", "K", "N",
@@ -80,24 +84,6 @@ def interleaved(fns: dict, device, budget_s: float, min_rounds=5, max_rounds=60,
 
 
 # ------------------------------------------------------------------------------ LoRA
-class PeftStyleLoRA(nn.Module):
-    """What peft's LoRA Linear computes in eager mode: base(x) + s * B(A(dropout(x)))."""
-
-    def __init__(self, base: nn.Linear, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float):
-        super().__init__()
-        self.base = base.requires_grad_(False)
-        self.lora_A = nn.Linear(base.in_features, lora_a.shape[0], bias=False)
-        self.lora_B = nn.Linear(lora_a.shape[0], base.out_features, bias=False)
-        with torch.no_grad():
-            self.lora_A.weight.copy_(lora_a)
-            self.lora_B.weight.copy_(lora_b)
-        self.dropout = nn.Identity()
-        self.scaling = scaling
-
-    def forward(self, x):
-        return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
-
-
 def lora_section(args, device, meta):
     from lorambo.ops.ext_linear import lora_linear_ext
     from lorambo.ops.lora_linear_ref import lora_linear_reference
@@ -111,7 +97,7 @@ def lora_section(args, device, meta):
         base = nn.Linear(k, n, device=device).requires_grad_(False)
         a = (torch.randn(r, k, device=device) / k**0.5).requires_grad_()
         b = (torch.randn(n, r, device=device) * 0.01).requires_grad_()
-        peft = PeftStyleLoRA(base, a.detach(), b.detach(), s)
+        peft = PeftStyleLoRA(base, r, s, a.detach(), b.detach())
         x = torch.randn(m, k, device=device)
         xg = x.clone().requires_grad_()
         g = torch.randn(m, n, device=device)
@@ -425,14 +411,18 @@ def main(argv=None) -> int:
     run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     meta = dict(run=run_id, device=device_name(device), threads=torch.get_num_threads(), torch=torch.__version__)
     sections = {"lora": lora_section, "reduce": reduce_section, "probes": probes_section, "pool": pool_section}
-    rows = []
+    rows, failed = [], []
     for name in [s.strip() for s in args.sections.split(",") if s.strip()]:
         if name == "lora" and device.type == "cuda":
             print("bench_ext: the lora section measures the CPU backend; skipped on cuda", file=sys.stderr)
             continue
-        rows += sections[name](args, device, meta)
+        try:
+            rows += sections[name](args, device, meta)
+        except Exception:  # noqa: BLE001 - one broken section must not hide the others' numbers
+            failed.append(name)
+            print(f"bench_ext: section {name} FAILED:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
     if not rows:
-        return 0
+        return 1 if failed else 0
     out = args.out or RESULTS / f"ext_{device.type}.csv"
     append_csv(out, rows)
     latest = latest_run(out, meta["device"])
@@ -442,7 +432,9 @@ def main(argv=None) -> int:
     if not args.no_plot:
         plot(latest, out.with_suffix(".png"))
     print(f"appended {len(rows)} rows to {out}")
-    return 0
+    if failed:
+        print(f"bench_ext: section(s) {', '.join(failed)} failed (see above)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -10,24 +10,9 @@ import torch
 from torch import nn
 
 from lorambo import LoRAMBoLinear
+from providers import PeftStyleLoRA
 
 M, K, N, RANK = 1024, 1024, 1024, 16
-
-
-class PeftStyleLoRA(nn.Module):
-    """What peft's LoRA Linear computes in eager mode: base(x) + s * B(A(dropout(x)))."""
-
-    def __init__(self, base: nn.Linear, rank: int):
-        super().__init__()
-        self.base = base.requires_grad_(False)
-        self.lora_A = nn.Linear(base.in_features, rank, bias=False)
-        self.lora_B = nn.Linear(rank, base.out_features, bias=False)
-        nn.init.normal_(self.lora_B.weight, std=0.01)
-        self.dropout = nn.Identity()
-        self.scaling = 1.0
-
-    def forward(self, x):
-        return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
 
 
 def _layers():
@@ -39,7 +24,7 @@ def _layers():
         with torch.no_grad():
             layer.lora_B[:, :RANK].normal_(std=0.01)
     del base
-    return {"frozen_linear": frozen, "peft_style_eager": PeftStyleLoRA(nn.Linear(K, N), RANK),
+    return {"frozen_linear": frozen, "peft_style_eager": PeftStyleLoRA(nn.Linear(K, N), RANK, scaling=1.0),
             "lorambo_rank16_cap64": lorambo_pool, "lorambo_rank16_cap16": lorambo_dense}
 
 

@@ -1,9 +1,16 @@
 """Backend selection for the LoRA op: ``auto``, ``torch``, ``triton`` or ``ext``.
 
-The choice comes from ``lorambo.set_backend`` or, when never set, the ``LORAMBO_BACKEND``
-environment variable (read at each call, so tests can flip it). An explicitly requested
-backend that cannot run raises; only ``auto`` chooses for the user: the compiled extension on
-CPU when it is built (float32/float64/bfloat16), else the PyTorch reference.
+The requested backend comes from ``lorambo.set_backend(name)`` or, when never set, from the
+``LORAMBO_BACKEND`` environment variable, read once at first use. ``set_backend(None)`` re-reads
+the variable (how tests and tools that change it after import make it count). An explicitly
+requested backend that cannot run raises; only ``auto`` chooses for the user: the compiled
+extension on CPU when it is built (float32/float64/bfloat16), else the PyTorch reference.
+
+Resolution happens once per (request, device type, dtype): the environment read, the import of
+the extension or of Triton and the availability checks run the first time and are cached, so a
+forward pass does none of them. Under ``torch.compile`` the cached answer is a constant of the
+graph, guarded by a generation counter that :func:`set_backend` bumps, so switching the backend
+takes effect at the next call (one recompile) and never breaks the graph.
 """
 
 from __future__ import annotations
@@ -15,7 +22,10 @@ import torch
 BACKENDS = ("auto", "torch", "triton", "ext")
 EXT_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)  # csrc/cpu/lora_linear_cpu.cpp
 _ENV_VAR = "LORAMBO_BACKEND"
-_override: str | None = None
+
+_requested: str | None = None  # None: not read yet
+_generation = 0  # bumped by set_backend; compiled graphs guard on it
+_resolved: dict[tuple, str] = {}
 
 
 def _check(name: str, source: str) -> str:
@@ -26,28 +36,59 @@ def _check(name: str, source: str) -> str:
 
 
 def set_backend(name: str | None) -> None:
-    """Select the backend for every LoRAMBoLinear; ``None`` returns to ``$LORAMBO_BACKEND``."""
-    global _override
-    _override = None if name is None else _check(name, "lorambo.set_backend")
+    """Select the backend for every LoRAMBoLinear, effective at the next call (compiled models
+    recompile once). ``None`` re-reads ``$LORAMBO_BACKEND`` now (``auto`` when unset)."""
+    global _requested, _generation
+    if name is None:
+        _requested = _check(os.environ.get(_ENV_VAR, "auto"), f"${_ENV_VAR}")
+    else:
+        _requested = _check(name, "lorambo.set_backend")
+    _generation += 1
+    _resolved.clear()
 
 
 def get_backend() -> str:
-    """The requested backend name (``auto`` unless set)."""
-    if _override is not None:
-        return _override
-    return _check(os.environ.get(_ENV_VAR, "auto"), f"${_ENV_VAR}")
+    """The requested backend name (``auto`` unless set); reads ``$LORAMBO_BACKEND`` on first use."""
+    if _requested is None:
+        set_backend(None)
+    return _requested  # type: ignore[return-value]
 
 
 def resolve_backend(device_type: str, dtype: torch.dtype | None = None) -> str:
-    """The backend that will run on ``device_type`` (for ``dtype``): ``auto`` resolved, others verified."""
+    """The backend that will run on ``device_type`` (for ``dtype``): ``auto`` resolved, others verified.
+
+    Cached after the first call for each (device type, dtype); a compiled graph holds the answer
+    as a constant and recompiles when :func:`set_backend` changes it.
+    """
+    return _resolved_for(_generation, device_type, dtype)
+
+
+def _resolved_for(generation: int, device_type: str, dtype: torch.dtype | None) -> str:
+    key = (generation, device_type, dtype)
+    hit = _resolved.get(key)
+    if hit is None:
+        hit = _resolve(device_type, dtype)
+        if generation == _generation:
+            _resolved[key] = hit
+    return hit
+
+
+# What torch._dynamo.assume_constant_result(_resolved_for) does, without importing torch._dynamo
+# (seconds, and it imports triton) with lorambo: Dynamo calls the function at trace time and
+# records its result as a constant, so no import, env read or availability check is traced; the
+# guard on the module global ``_generation`` read in resolve_backend retraces after set_backend.
+_resolved_for._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+def _resolve(device_type: str, dtype: torch.dtype | None) -> str:
     requested = get_backend()
     if requested == "auto":
         # CPU: the compiled op when it loaded and supports the dtype (it matches the reference to
         # rounding, the whole suite passes on it, and benchmarks/results/ext_cpu.md measured it
         # faster than peft-style eager LoRA); otherwise the PyTorch reference.
         # CUDA: the fused Triton kernels pass their tests under the Triton interpreter and compile
-        # for sm_90 ahead of time, but have not yet run on a GPU (issue 3); until they have, auto
-        # keeps the PyTorch reference there. LORAMBO_BACKEND=triton opts in.
+        # for sm_90 ahead of time, but have not yet run on a GPU; until they have, auto keeps the
+        # PyTorch reference there. LORAMBO_BACKEND=triton opts in.
         if device_type == "cpu" and (dtype is None or dtype in EXT_CPU_DTYPES):
             from lorambo import _extension
 
@@ -73,7 +114,7 @@ def use_compiled_multi_tensor(tensors) -> bool:
     ``torch``: never. ``ext``: always (raises without the extension). ``auto`` / ``triton``: when
     the extension loaded and every tensor is a contiguous CPU tensor outside autograd, the case
     benchmarks/bench_ext.py measured faster than the ``torch._foreach`` / loop paths; its CUDA
-    kernels have not run on a GPU yet (issue 6), so CUDA tensors keep the PyTorch path.
+    kernels have not run on a GPU yet, so CUDA tensors keep the PyTorch path.
     """
     requested = get_backend()
     if requested == "torch":

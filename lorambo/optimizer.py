@@ -177,10 +177,19 @@ class LoRAMBoOptimizer:
     # ---------------------------------------------------------------------- sensitivities
     def compute_sensitivities(self, batches=None, loss_fn=None) -> dict[str, float]:
         """``{name: s_i >= 0}`` by ``sensitivity_method`` on ``batches`` (see the class doc;
-        "frobenius" reads the weights only and needs no batches)."""
-        from lorambo import sensitivity as sens
+        "frobenius" reads the weights only and needs no batches).
 
-        method, names = self.sensitivity_method, self.names
+        With "hessian" and "gradient", targets that get no gradient from the loss on the first
+        batch (e.g. BERT's pooler under a loss on the hidden states) are dropped from
+        ``names`` with a RuntimeWarning: no budget is spent on them."""
+        from lorambo import sensitivity as sens
+        from lorambo.sensitivity.inputs import as_batch_list
+
+        method = self.sensitivity_method
+        if method in ("hessian", "gradient"):
+            batches = as_batch_list(batches)
+            self._skip_unreached(sens.targets_without_gradient(self.model, loss_fn, batches[0], self.names))
+        names = self.names
         if method == "hessian":
             est = sens.hessian_trace(self.model, loss_fn, batches, modules=names,
                                      num_probes=self.num_probes, seed=self.seed)
@@ -209,6 +218,19 @@ class LoRAMBoOptimizer:
                                  "loss on these batches")
         self.sensitivities = {n: max(float(values[n]), 0.0) for n in names}
         return dict(self.sensitivities)
+
+    def _skip_unreached(self, unreached: list[str]) -> None:
+        """Leave out targets the loss never reaches: they would take budget and learn nothing."""
+        if not unreached:
+            return
+        if len(unreached) == len(self.names):
+            raise ValueError(f"the loss depends on none of the target layers {unreached[:5]}")
+        warnings.warn(f"no gradient reaches layer(s) {unreached} (the loss does not use them): they "
+                      "are skipped, no rank is allocated to them", RuntimeWarning, stacklevel=3)
+        self.names = [n for n in self.names if n not in unreached]
+        for table in (self.dims, self.costs, self.dtypes, self.user_capacity):
+            for n in unreached:
+                table.pop(n, None)
 
     def _weight(self, name) -> torch.Tensor:
         m = self.model.get_submodule(name)

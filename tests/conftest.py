@@ -27,6 +27,9 @@ def _fresh_state(request):
     # Seed from the test's name: fresh random inputs per test, reproducible per test and across
     # runs (crc32 is stable; Python's str hash is salted per process).
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    # The backend is read from $LORAMBO_BACKEND once and cached; set_backend(None) re-reads it, so
+    # each test starts from the environment and a test's set_backend / setenv does not leak.
+    lorambo.set_backend(None)
     yield
     lorambo.set_backend(None)
 
@@ -34,10 +37,21 @@ def _fresh_state(request):
 @pytest.fixture(params=["torch", "auto"])
 def backend(request):
     """Run the test on the PyTorch path and on what ``auto`` picks (the extension on CPU if built)."""
-    import lorambo
-
     lorambo.set_backend(request.param)
     yield request.param
+    lorambo.set_backend(None)
+
+
+@pytest.fixture
+def env_backend(monkeypatch):
+    """``env_backend(name)``: set $LORAMBO_BACKEND for this test and re-resolve it (the variable
+    is otherwise read once per process); the environment and backend are restored afterwards."""
+    def use(name: str) -> None:
+        monkeypatch.setenv("LORAMBO_BACKEND", name)
+        lorambo.set_backend(None)
+
+    yield use
+    monkeypatch.undo()
     lorambo.set_backend(None)
 
 

@@ -7,13 +7,16 @@ import lorambo
 from lorambo.backend import get_backend, resolve_backend
 
 
-def test_env_var_and_override(monkeypatch):
+def test_env_var_is_read_once_and_set_backend_none_rereads_it(monkeypatch):
     monkeypatch.setenv("LORAMBO_BACKEND", "torch")
+    lorambo.set_backend(None)
     assert get_backend() == "torch"
+    monkeypatch.setenv("LORAMBO_BACKEND", "ext")
+    assert get_backend() == "torch"  # cached: no environment read per call
     lorambo.set_backend("auto")
     assert get_backend() == "auto"
     lorambo.set_backend(None)
-    assert get_backend() == "torch"
+    assert get_backend() == "ext"
 
 
 def test_unknown_backend_is_rejected(monkeypatch):
@@ -21,7 +24,38 @@ def test_unknown_backend_is_rejected(monkeypatch):
         lorambo.set_backend("cuda")
     monkeypatch.setenv("LORAMBO_BACKEND", "fast")
     with pytest.raises(ValueError, match=r"'fast'.*\$LORAMBO_BACKEND"):
-        get_backend()
+        lorambo.set_backend(None)
+
+
+def test_forward_reads_no_environment_and_imports_nothing(monkeypatch):
+    """After the first call the backend is cached: a forward neither reads $LORAMBO_BACKEND nor
+    loads the extension (both are what broke torch.compile's trace)."""
+    import importlib
+
+    from lorambo import _extension
+
+    layer = lorambo.LoRAMBoLinear(torch.nn.Linear(6, 4), rank=2)
+    x = torch.randn(3, 6)
+    first = layer(x)
+    monkeypatch.setenv("LORAMBO_BACKEND", "no-such-backend")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the forward path must not import or load anything")
+
+    monkeypatch.setattr(_extension, "load", forbidden)
+    monkeypatch.setattr(importlib, "import_module", forbidden)
+    assert torch.equal(layer(x), first)
+
+
+def test_set_backend_switches_at_the_next_call():
+    layer = lorambo.LoRAMBoLinear(torch.nn.Linear(6, 4), rank=2)
+    x = torch.randn(3, 6)
+    lorambo.set_backend("torch")
+    assert resolve_backend("cpu", torch.float32) == "torch"
+    layer(x)
+    lorambo.set_backend("triton")  # cannot run on CPU without the interpreter: the next call says so
+    with pytest.raises(RuntimeError, match="'triton' was requested"):
+        resolve_backend("meta", torch.float32)
 
 
 def test_auto_picks_the_compiled_op_on_cpu_when_built_else_the_reference():
@@ -41,6 +75,7 @@ def test_auto_layer_without_extension_runs_the_reference(monkeypatch):
     x = torch.randn(3, 6)
     with_ext = layer(x)
     monkeypatch.setattr(_extension, "load", lambda: None)
+    lorambo.set_backend("auto")  # resolution is cached: re-resolve without the extension
     assert resolve_backend("cpu", torch.float32) == "torch"
     torch.testing.assert_close(layer(x), with_ext, rtol=1e-6, atol=1e-6)
 
@@ -71,6 +106,7 @@ def test_ext_backend_matches_the_reference_through_a_layer():
     with torch.no_grad():
         layer.lora_B.normal_()
     x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    lorambo.set_backend("torch")  # the expected value from the reference op, not from auto (= ext)
     want = layer(x)
     grads_want = torch.autograd.grad(want.square().sum(), (x, layer.lora_A, layer.lora_B))
     lorambo.set_backend("ext")

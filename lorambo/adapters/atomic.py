@@ -1,34 +1,167 @@
-"""Write files atomically: to a temporary name in the same folder, fsync, then rename."""
+"""Write files atomically: to a temporary name in the same folder, fsync, then rename.
+
+- Readers see the old file or the new one, never a partial one.
+- A failed write removes its temporary file and re-raises the *original* error (a cleanup
+  that fails too, e.g. on a read-only filesystem, never hides it).
+- A writer killed outright (``kill -9``, power loss) cannot clean up: its temporary file is
+  named after the host and process id, and the next save to the same place removes the
+  temporaries of processes on this host that no longer run.
+- :func:`atomic_write_many` replaces several files together: all are written to temporaries
+  first, then renamed; if a rename fails the files already replaced are put back, so on error
+  every file keeps its old content.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+import secrets
+import shutil
+import socket
+from collections.abc import Callable, Mapping
 from pathlib import Path
+
+_MARK = ".lorambo-tmp."  # .<file name>.lorambo-tmp.<host>.<pid>.<token>
+
+
+def _host() -> str:
+    return socket.gethostname().replace(".", "_") or "localhost"
+
+
+def _temp_path(path: Path, kind: str = "new") -> Path:
+    return path.with_name(f".{path.name}{_MARK}{_host()}.{os.getpid()}.{kind}{secrets.token_hex(4)}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # exists but belongs to someone else, or cannot tell
+        return True
+    return True
+
+
+def remove_orphans(path: str | os.PathLike) -> list[Path]:
+    """Delete temporaries left next to ``path`` by dead writers on this host; returns them."""
+    path = Path(path)
+    removed = []
+    prefix = f".{path.name}{_MARK}"
+    try:
+        candidates = [p for p in path.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return removed
+    for candidate in candidates:
+        parts = candidate.name[len(prefix):].split(".")
+        if len(parts) < 3 or not parts[-2].isdigit():
+            continue
+        host, pid = ".".join(parts[:-2]), int(parts[-2])
+        if host != _host() or pid == os.getpid() or _alive(pid):
+            continue
+        with contextlib.suppress(OSError):
+            candidate.unlink()
+            removed.append(candidate)
+    return removed
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every platform / filesystem can open a directory
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _discard(*paths: Path) -> None:
+    for p in paths:
+        with contextlib.suppress(OSError):  # never let cleanup hide the error being raised
+            p.unlink()
+
+
+def _stage(path: Path, write: Callable[[str], None]) -> Path:
+    """Write ``path``'s new content to a fsynced temporary next to it; returns the temporary."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphans(path)
+    tmp = _temp_path(path)
+    try:
+        write(str(tmp))
+        _fsync_file(tmp)
+    except BaseException:
+        _discard(tmp)
+        raise
+    return tmp
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` and move the result to ``path``; a failure leaves no file behind
     and never a partial ``path`` (readers see the old file or the new one)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _stage(path, write)
     try:
-        write(str(tmp))
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        _discard(tmp)
         raise
+    _fsync_dir(path.parent)
     return path
 
 
+def _keep_old(path: Path) -> Path | None:
+    """A second name for ``path``'s current content (hard link, else a copy), or None."""
+    if not path.exists():
+        return None
+    backup = _temp_path(path, "old")
+    try:
+        os.link(path, backup)
+    except OSError:
+        shutil.copy2(path, backup)
+    return backup
+
+
+def atomic_write_many(writes: Mapping[str | os.PathLike, Callable[[str], None]]) -> list[Path]:
+    """Replace every file of ``{path: write}`` or, on any error, none of them."""
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, write in writes.items():
+            path = Path(path)
+            staged.append((path, _stage(path, write)))
+    except BaseException:
+        _discard(*(tmp for _, tmp in staged))
+        raise
+    done: list[tuple[Path, Path | None]] = []
+    try:
+        for path, tmp in staged:
+            backup = _keep_old(path)
+            done.append((path, backup))
+            os.replace(tmp, path)
+    except BaseException:
+        for path, backup in reversed(done):  # put back what was already replaced
+            with contextlib.suppress(OSError):
+                if backup is not None:
+                    os.replace(backup, path)
+                else:
+                    path.unlink()
+        _discard(*(tmp for _, tmp in staged), *(b for _, b in done if b is not None))
+        raise
+    _discard(*(b for _, b in done if b is not None))
+    for folder in {p.parent for p, _ in staged}:
+        _fsync_dir(folder)
+    return [p for p, _ in staged]
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, text_writer(text))
+
+
+def text_writer(text: str) -> Callable[[str], None]:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(text)
 
-    return atomic_write(path, write)
+    return write

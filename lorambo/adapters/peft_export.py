@@ -17,7 +17,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import nn
 
-from lorambo.adapters.atomic import atomic_write, atomic_write_text
+from lorambo.adapters.atomic import atomic_write_many, text_writer
 from lorambo.model import lora_layers
 from lorambo.model.modules_to_save import modules_to_save
 
@@ -68,7 +68,9 @@ def peft_config(model: nn.Module) -> dict:
 
 def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into folder ``path``
-    (with the model's modules_to_save, stored as peft stores them)."""
+    (with the model's modules_to_save, stored as peft stores them).
+
+    The two files are replaced together: on any error both keep their previous content."""
     folder = Path(path)
     config = peft_config(model)
     tensors = {}
@@ -81,7 +83,9 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
     for name in modules_to_save(model):  # peft keys: base_model.model.<module>.<state key>
         for key, value in model.get_submodule(name).state_dict().items():
             tensors[f"{_PREFIX}{name}.{key}"] = value.detach().cpu().contiguous()
-    atomic_write(folder / "adapter_model.safetensors",
-                 lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write_text(folder / "adapter_config.json", json.dumps(config, indent=2) + "\n")
+    # both files or neither: peft fails on new weights beside an old config (size mismatch)
+    atomic_write_many({
+        folder / "adapter_model.safetensors": lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
+        folder / "adapter_config.json": text_writer(json.dumps(config, indent=2) + "\n"),
+    })
     return folder

@@ -18,9 +18,11 @@ decrease along that direction, Delta_i^2 / (2 h_i), replaces Delta_i.
 
 Matrix-free. G is never formed: G v = dY^T (X v) and G^T u = X^T (dY u) cost O(T (d + k)) per
 vector for T tokens, against O(T d k) time and O(d k) memory for G. sigma_1..sigma_m come from a
-randomized block power iteration (Halko, Martinsson, Tropp 2011) with m + oversample columns;
-under DDP each product is all-reduced (mean over processes: the DDP-averaged gradient), and the
-small results are broadcast from process 0 so every process decides the same thing.
+randomized block power iteration (Halko, Martinsson, Tropp 2011) with m + oversample columns,
+run for all layers in lockstep (``benefits.py``): each step is one grouped product over every
+layer (the grouped Triton kernels on CUDA), and under DDP one all-reduce of one flat buffer
+(mean over processes: the DDP-averaged gradient); the results are broadcast from process 0 in
+one buffer, so every process decides the same thing, and reach the host in one copy.
 
 Growth is function-preserving: ``set_rank`` gives the new slots B = 0. Their rows of A are then
 set to the top right singular vectors of G_perp (scaled so that their response to the captured
@@ -40,12 +42,14 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from lorambo.allocation.benefits import (projected_top_singular, projected_top_singular_many,
+                                         subspace_basis)
 from lorambo.allocation.greedy import greedy_allocate
 from lorambo.integrations.distributed import all_reduce_mean, broadcast_, decision_generator
 from lorambo.nn.pool_ops import keep_components_many
 
-__all__ = ["ActivationCapture", "subspace_basis", "projected_top_singular", "plan_growth",
-           "plan_moves", "grow_layer"]
+__all__ = ["ActivationCapture", "subspace_basis", "projected_top_singular",
+           "projected_top_singular_many", "plan_growth", "plan_moves", "grow_layer", "layer_benefits_many"]
 
 
 class ActivationCapture:
@@ -120,69 +124,6 @@ class ActivationCapture:
 
     def has_data(self) -> bool:
         return any(self.grads[n] for n in self.layers)
-
-
-def subspace_basis(columns: torch.Tensor) -> torch.Tensor | None:
-    """Orthonormal basis [n, q] of the span of ``columns`` [n, r], rank-revealing (an SVD with
-    LAPACK's usual tolerance, so B = 0 columns contribute nothing); None for an empty span."""
-    if columns.shape[1] == 0:
-        return None
-    u, s, _ = torch.linalg.svd(columns, full_matrices=False)
-    if s.numel() == 0 or float(s[0]) == 0.0:
-        return None
-    tol = float(s[0]) * max(columns.shape) * torch.finfo(s.dtype).eps
-    keep = s > tol
-    return u[:, keep]
-
-
-def _project_out(m: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
-    return m if basis is None else m - basis @ (basis.T @ m)
-
-
-def projected_top_singular(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], in_features: int,
-                           out_features: int, k: int, a_basis: torch.Tensor | None = None,
-                           b_basis: torch.Tensor | None = None, niter: int = 4, oversample: int = 4,
-                           generator: torch.Generator | None = None, dtype=None, device=None
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``k`` singular values [k] and right singular vectors [in, k] of
-    ``(I - Pb) (sum dY^T X) (I - Pa)`` (Pa, Pb: projectors on the given bases), matrix-free.
-
-    The product count is fixed (2 * niter + 3), also on a zero gradient, so DDP processes always
-    issue the same collectives. Results are broadcast from process 0.
-    """
-    if pairs:
-        device = pairs[0][0].device if device is None else device
-        dtype = torch.promote_types(pairs[0][0].dtype, torch.float32) if dtype is None else dtype
-    dtype = dtype or torch.float32
-    device = device or torch.device("cpu")
-    cast = [(x.to(dtype), dy.to(dtype)) for x, dy in pairs]
-    a_basis = None if a_basis is None else a_basis.to(device, dtype)
-    b_basis = None if b_basis is None else b_basis.to(device, dtype)
-
-    def mv(v):  # (in, p) -> (out, p): G_perp v
-        v = _project_out(v, a_basis)
-        out = torch.zeros(out_features, v.shape[1], dtype=dtype, device=device)
-        for x, dy in cast:
-            out += dy.T @ (x @ v)                                              # (out, p)
-        return _project_out(all_reduce_mean(out), b_basis)
-
-    def rmv(u):  # (out, p) -> (in, p): G_perp^T u
-        u = _project_out(u, b_basis)
-        out = torch.zeros(in_features, u.shape[1], dtype=dtype, device=device)
-        for x, dy in cast:
-            out += x.T @ (dy @ u)                                              # (in, p)
-        return _project_out(all_reduce_mean(out), a_basis)
-
-    p = max(1, min(k + oversample, in_features, out_features))
-    omega = torch.randn(in_features, p, generator=generator, dtype=torch.float64).to(device, dtype)
-    q = torch.linalg.qr(mv(omega)).Q                                           # (out, p)
-    for _ in range(niter):
-        q = torch.linalg.qr(mv(torch.linalg.qr(rmv(q)).Q)).Q
-    small = rmv(q).T                                                           # (p, in) = Q^T G_perp
-    _, sigma, vh = torch.linalg.svd(small, full_matrices=False)
-    k = min(k, sigma.numel())
-    sigma, vectors = broadcast_(sigma[:k].contiguous()), broadcast_(vh[:k].T.contiguous())
-    return sigma, vectors
 
 
 def plan_growth(gains: Mapping[str, Sequence[float]], costs: Mapping[str, int],
@@ -281,22 +222,43 @@ def _activation_ratio(inputs: Sequence[torch.Tensor], d: torch.Tensor) -> torch.
     return ratio.to(d.dtype).unsqueeze(1)
 
 
-def layer_benefits(layer, pairs, k: int, niter: int, oversample: int, seed: int, step, index: int,
-                   curvature: float | None = None) -> tuple[np.ndarray, torch.Tensor]:
-    """(marginal gains of the next ``k`` ranks [k] as numpy, directions [in, k]) of one layer."""
-    r = layer.rank
-    dtype = torch.promote_types(layer.lora_A.dtype, torch.float32)
-    a_basis = subspace_basis(layer.lora_A[:r].detach().T.to(dtype))             # (in, q)
-    b_basis = subspace_basis(layer.lora_B[:, :r].detach().to(dtype))            # (out, q)
-    gen = decision_generator(seed, "grow", step, index)
-    sigma, vecs = projected_top_singular(pairs, layer.in_features, layer.out_features, k, a_basis,
-                                         b_basis, niter, oversample, gen, dtype, layer.lora_A.device)
-    gains = sigma.double().cpu().numpy()
-    if curvature is not None:
-        if not (curvature > 0 and math.isfinite(curvature)):
-            raise ValueError(f"curvature of layer {layer.name!r} is {curvature!r}: must be finite and > 0")
-        gains = gains * gains / (2.0 * curvature)
-    return gains, vecs
+def layer_benefits_many(layers: Mapping, pairs: Mapping, ks: Mapping[str, int], niter: int,
+                        oversample: int, seed: int, step, indices: Mapping[str, int],
+                        curvature: Mapping[str, float] | None = None
+                        ) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
+    """({name: marginal gains of its next ``ks[name]`` ranks}, {name: directions [in, k]}) for
+    every layer of ``ks`` from one lockstep power iteration over all of them (one grouped product
+    and one collective per step, one host transfer in all: see ``benefits``)."""
+    names = list(ks)
+    if not names:
+        return {}, {}
+    curvature = curvature or {}
+    for name in names:
+        h = curvature.get(name)
+        if h is not None and not (h > 0 and math.isfinite(h)):
+            raise ValueError(f"curvature of layer {layers[name].name!r} is {h!r}: must be finite and > 0")
+    dtype = torch.float32
+    for name in names:
+        dtype = torch.promote_types(dtype, layers[name].lora_A.dtype)
+    a_cols, b_cols = [], []
+    for name in names:
+        layer = layers[name]
+        a_cols.append(layer.lora_A[:layer.rank].detach().T)                     # (in, r)
+        b_cols.append(layer.lora_B[:, :layer.rank].detach())                    # (out, r)
+    gens = [decision_generator(seed, "grow", step, indices[n]) for n in names]
+    seeds = [int(torch.randint(0, 2**62, (), generator=decision_generator(seed, "grow-kernel", step, indices[n])))
+             for n in names]
+    sigmas, _, vectors = projected_top_singular_many(
+        [pairs[n] for n in names], [layers[n].in_features for n in names],
+        [layers[n].out_features for n in names], [ks[n] for n in names], a_cols, b_cols, niter,
+        oversample, gens, seeds, dtype, layers[names[0]].lora_A.device)
+    gains, dirs = {}, {}
+    for i, name in enumerate(names):
+        g = sigmas[i, :vectors[i].shape[1]].numpy()
+        h = curvature.get(name)
+        gains[name] = g * g / (2.0 * h) if h is not None else g
+        dirs[name] = vectors[i]
+    return gains, dirs
 
 
 class OnlineGrowth:
@@ -343,13 +305,12 @@ class OnlineGrowth:
         if self.move_threshold is not None and component_scores is None:
             raise ValueError("rank moves (move_threshold set) need component_scores={name: scores}")
         try:
-            gains, dirs = {}, {}
-            for i, (name, layer) in enumerate(self.layers.items()):
-                room = layer.capacity - layer.rank
-                if room > 0:
-                    gains[name], dirs[name] = layer_benefits(
-                        layer, self.capture.pairs(name), min(self.sketch_rank, room), self.power_iters,
-                        self.oversample, self.seed, step, i, self.curvature.get(name))
+            ks = {n: min(self.sketch_rank, m.capacity - m.rank) for n, m in self.layers.items()
+                  if m.capacity > m.rank}
+            gains, dirs = layer_benefits_many(
+                self.layers, {n: self.capture.pairs(n) for n in ks}, ks, self.power_iters,
+                self.oversample, self.seed, step, {n: i for i, n in enumerate(self.layers)},
+                self.curvature)
             room = {n: m.capacity - m.rank for n, m in self.layers.items()}
             plan = plan_growth(gains, self.costs, room, self.budget - self.spent(), self.threshold)
             records = [self._grow(step, n, add, gains, dirs, optimizer, "grow") for n, add in plan.items()]

@@ -33,13 +33,16 @@ class Problem:
 
 
 def _is_int(x: Any) -> bool:
+    if type(x) is int:  # the common case, without the slow abstract-class check
+        return True
     return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
 
 
 def _check_keys(what: str, given: Mapping, names: tuple) -> None:
     if not isinstance(given, Mapping):
         raise ValueError(f"{what} must be a dict {{layer name: value}}, got {type(given).__name__}")
-    unknown = [k for k in given if k not in set(names)]
+    known = set(names)  # once: a set per key would make this quadratic in the layer count
+    unknown = [k for k in given if k not in known]
     if unknown:
         raise ValueError(f"{what} given for unknown layer(s) {unknown!r} (not in dims)")
     missing = [n for n in names if n not in given]
@@ -92,7 +95,8 @@ def validate_problem(dims, sensitivities, budget, min_rank, max_rank, capacities
     if capacities is not None:
         if not isinstance(capacities, Mapping):
             raise ValueError("capacities must be a dict {layer name: int}")
-        unknown = [k for k in capacities if k not in set(names)]
+        known = set(names)
+        unknown = [k for k in capacities if k not in known]
         if unknown:
             raise ValueError(f"capacities given for unknown layer(s) {unknown!r} (not in dims)")
     upper = []
@@ -150,12 +154,55 @@ def _non_increasing(arr: np.ndarray, what: str, name: Any, explain: str) -> None
                          f"{arr[j + 1]!r} > entry {j} = {arr[j]!r}")
 
 
+def _check_curve(arr: np.ndarray, what: str, name: Any, kind: str) -> None:
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{what}[{name!r}] contains NaN or inf: {arr!r}")
+    if kind == "spectrum":
+        if np.any(arr < 0):
+            raise ValueError(f"{what}[{name!r}] has a negative singular value: {arr!r}")
+        _non_increasing(arr, what, name, "singular values sorted sigma_1 >= sigma_2 >= ...")
+    elif kind == "benefit":
+        _non_increasing(arr, what, name, "benefits[j] is the gain of rank j -> j+1 and must "
+                                         "show diminishing returns for the greedy to be sound")
+    else:
+        if arr.size == 0:
+            raise ValueError(f"{what}[{name!r}] is empty: it needs E[0] (the rank-0 energy)")
+        _non_increasing(arr, what, name, "a better approximation never has more error")
+        _non_increasing(-np.diff(arr), what + " decrements", name,
+                        "the gain E[r] - E[r+1] must shrink as r grows")
+
+
+def _increases(rows: np.ndarray) -> np.ndarray:
+    """Row-wise ``_non_increasing`` would raise (the same arithmetic, on a [n, L] stack)."""
+    if rows.shape[1] < 2:
+        return np.zeros(rows.shape[0], dtype=bool)
+    tol = CURVE_RTOL * np.max(np.abs(rows), axis=1, keepdims=True)
+    return np.any(np.diff(rows, axis=1) > tol, axis=1)
+
+
+def _suspect_rows(rows: np.ndarray, kind: str) -> np.ndarray:
+    """Rows of equal-length curves that ``_check_curve`` may reject; the others pass it."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        bad = ~np.all(np.isfinite(rows), axis=1)
+        if kind == "spectrum":
+            bad |= np.any(rows < 0, axis=1) | _increases(rows)
+        elif kind == "benefit":
+            bad |= _increases(rows)
+        elif rows.shape[1] == 0:
+            bad[:] = True
+        else:
+            bad |= _increases(rows) | _increases(-np.diff(rows, axis=1))
+    return bad
+
+
 def validate_curves(what: str, method: str, curves, names: tuple, kind: str) -> list[np.ndarray]:
     """Check per-layer 1-D curves and return them as float64 arrays in ``names`` order.
 
     kind: "spectrum" (singular values: >= 0, non-increasing), "benefit" (marginal gains:
     non-increasing, i.e. concave cumulative benefit) or "tail" (tail energies: non-increasing
     with non-increasing decrements, i.e. convex, so that the gains are diminishing).
+    Curves of equal length are checked together as one array (thousands of layers), and only
+    a curve that fails is checked again on its own, for the message.
     """
     if curves is None:
         raise ValueError(f"method={method!r} needs {what}={{layer name: 1-D array}}")
@@ -168,20 +215,14 @@ def validate_curves(what: str, method: str, curves, names: tuple, kind: str) -> 
             raise ValueError(f"{what}[{name!r}] is not a 1-D array of numbers: {e}") from None
         if arr.ndim != 1:
             raise ValueError(f"{what}[{name!r}] must be 1-D, got shape {arr.shape}")
-        if not np.all(np.isfinite(arr)):
-            raise ValueError(f"{what}[{name!r}] contains NaN or inf: {arr!r}")
-        if kind == "spectrum":
-            if np.any(arr < 0):
-                raise ValueError(f"{what}[{name!r}] has a negative singular value: {arr!r}")
-            _non_increasing(arr, what, name, "singular values sorted sigma_1 >= sigma_2 >= ...")
-        elif kind == "benefit":
-            _non_increasing(arr, what, name, "benefits[j] is the gain of rank j -> j+1 and must "
-                                             "show diminishing returns for the greedy to be sound")
-        else:
-            if arr.size == 0:
-                raise ValueError(f"{what}[{name!r}] is empty: it needs E[0] (the rank-0 energy)")
-            _non_increasing(arr, what, name, "a better approximation never has more error")
-            _non_increasing(-np.diff(arr), what + " decrements", name,
-                            "the gain E[r] - E[r+1] must shrink as r grows")
         out.append(arr)
+    by_length: dict[int, list[int]] = {}
+    for i, arr in enumerate(out):
+        by_length.setdefault(arr.size, []).append(i)
+    suspects = []
+    for size, index in by_length.items():
+        rows = np.stack([out[i] for i in index]) if index else np.empty((0, size))
+        suspects.extend(index[j] for j in np.nonzero(_suspect_rows(rows, kind))[0])
+    for i in sorted(suspects):  # in names order, so the first bad layer is the one reported
+        _check_curve(out[i], what, names[i], kind)
     return out

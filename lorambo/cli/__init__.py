@@ -47,14 +47,19 @@ def _run(cfg, args) -> int:
 
 
 def _demo(args) -> int:
+    from lorambo.cli.deps import require
+
     if args.growth:
+        require({"model"}, "demo --growth")
         from lorambo.cli.growth import run_growth_demo
 
         result = run_growth_demo(steps=args.steps, grow_at=args.grow_at, batch_size=args.batch_size, seed=args.seed)
         return 0 if result["ok"] else 1
     from lorambo.experiments import config as presets
 
-    return _run(presets.full() if args.full else presets.default(), args)
+    cfg = presets.full() if args.full else presets.default()
+    require({"model", "experiment", *cfg.tasks}, "demo")
+    return _run(cfg, args)
 
 
 # (flag, config field, type, help)
@@ -82,11 +87,14 @@ _FIELDS = [
 
 
 def _experiment(args) -> int:
+    from lorambo.cli.deps import require
     from lorambo.experiments import config as presets
 
     cfg = presets.PRESETS[args.preset]()
     changes = {field: getattr(args, field) for _, field, _, _ in _FIELDS if getattr(args, field) is not None}
-    return _run(cfg.replace(**changes) if changes else cfg, args)
+    cfg = cfg.replace(**changes) if changes else cfg
+    require({"model", "experiment", *cfg.tasks}, "experiment")
+    return _run(cfg, args)
 
 
 def _output_args(p: argparse.ArgumentParser) -> None:

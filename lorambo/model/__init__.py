@@ -1,6 +1,6 @@
 """Model-level API: configure_model, lora_layers, unload."""
 
 from lorambo.model.configure import configure_model, lora_layers, unload
-from lorambo.model.targeting import find_targets
+from lorambo.model.targeting import default_targets, find_targets
 
-__all__ = ["configure_model", "find_targets", "lora_layers", "unload"]
+__all__ = ["configure_model", "default_targets", "find_targets", "lora_layers", "unload"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -38,14 +39,36 @@ def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_mod
 
     ``ranks`` is one int for every target, or ``{module_name: rank}`` naming the targets exactly
     (then ``target_modules`` must be None). Targets that already are LoRAMBoLinear change rank
-    in place (the rank must fit their capacity). Every parameter that is not LoRA is frozen;
-    :func:`unload` restores it.
+    in place (the rank must fit their capacity, and a merged layer must be unmerged first).
+    Every parameter that is not LoRA is frozen; :func:`unload` restores it.
 
     ``modules_to_save`` (peft semantics: names or name suffixes) stay trainable and are stored by
     ``save_adapter``. ``alpha_pattern`` sets alpha per layer like peft's (``{pattern: alpha}``,
     first matching key wins, ``alpha`` elsewhere); the scaling is fixed at construction.
+
+    All or nothing: every target is checked and every new layer built before the model is
+    touched, so any error leaves the model exactly as it was.
     """
     saved = resolve_modules_to_save(model, modules_to_save)
+    names = _resolve_targets(model, ranks, target_modules)
+    check_not_targets(saved, names)
+    check_alpha_pattern(alpha_pattern, names)
+    plan = _plan(model, names, ranks, capacity, alpha, dropout, use_rslora, alpha_pattern)
+    _apply(model, plan)
+    keep_trainable(model, saved, _FROZEN_ATTR)
+    return model
+
+
+@dataclass
+class _Plan:
+    """What configure_model will change; building it changes nothing in the model."""
+
+    new_layers: dict[str, LoRAMBoLinear] = field(default_factory=dict)
+    rank_changes: dict[str, tuple[LoRAMBoLinear, int]] = field(default_factory=dict)
+    freeze: list[nn.Parameter] = field(default_factory=list)
+
+
+def _resolve_targets(model: nn.Module, ranks, target_modules) -> list[str]:
     if isinstance(ranks, Mapping):
         if target_modules is not None:
             raise ValueError("pass either ranks as a {name: rank} dict or target_modules, not both")
@@ -56,42 +79,61 @@ def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_mod
         names = find_targets(model, target_modules)
     else:
         raise TypeError(f"ranks must be an int or a {{name: rank}} dict, got {ranks!r}")
+    _check_not_shared(model, names)
+    return names
 
-    check_not_targets(saved, names)
-    check_alpha_pattern(alpha_pattern, names)
-    trainable_before = [p for n, p in model.named_parameters()
-                        if p.requires_grad and not n.endswith((".lora_A", ".lora_B"))]
-    # Build every new layer before swapping any in, so a bad rank or capacity for one module
-    # leaves the model untouched.
-    new_layers, rank_changes = {}, {}
+
+def _check_not_shared(model: nn.Module, names: list[str]) -> None:
+    """A module reachable under two names would be wrapped under one and stay plain (and
+    frozen) under the other: refuse it rather than adapt half of its uses."""
+    paths: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(name)
+    for name in names:
+        uses = paths.get(id(model.get_submodule(name)), [name])
+        if len(uses) > 1:
+            raise ValueError(f"module {name!r} is used {len(uses)} times in {type(model).__name__} "
+                             f"(as {uses}); lorambo adapts a module at one place only: give each "
+                             "use its own module, or leave it out of the targets")
+
+
+def _plan(model, names, ranks, capacity, alpha, dropout, use_rslora, alpha_pattern) -> _Plan:
+    plan = _Plan(freeze=[p for n, p in model.named_parameters()
+                         if p.requires_grad and not n.endswith((".lora_A", ".lora_B"))])
     try:
         for name in names:
             rank = _per_layer(ranks, name, "ranks")
             module = model.get_submodule(name)
             if isinstance(module, LoRAMBoLinear):
                 rank = module.validate_rank(rank)
-                rank_changes[name] = (module, rank)
+                if module.merged and rank != module.rank:
+                    raise RuntimeError(f"LoRAMBoLinear {name!r} is merged: unmerge() it before "
+                                       f"changing its rank from {module.rank} to {rank}")
+                plan.rank_changes[name] = (module, rank)
                 continue
-            new_layers[name] = LoRAMBoLinear(
+            plan.new_layers[name] = LoRAMBoLinear(
                 module, rank=rank, capacity=_per_layer(capacity, name, "capacity"),
                 alpha=pattern_value(alpha_pattern, name, alpha),
                 dropout=dropout, use_rslora=use_rslora, name=name)
     except Exception:
-        for param in trainable_before:  # the constructors froze base weights; undo that
+        for param in plan.freeze:  # the constructors froze base weights; undo that
             param.requires_grad_(True)
         raise
-    for name, layer in new_layers.items():
-        _set_submodule(model, name, layer)
-    for module, rank in rank_changes.values():
-        module.set_rank(rank)
+    return plan
 
+
+def _apply(model: nn.Module, plan: _Plan) -> None:
+    """Carry out a checked plan (nothing here can fail on valid input)."""
+    for name, layer in plan.new_layers.items():
+        _set_submodule(model, name, layer)
+    for module, rank in plan.rank_changes.values():
+        if rank != module.rank:
+            module.set_rank(rank)
     frozen = getattr(model, _FROZEN_ATTR, [])
-    for param in trainable_before:
+    for param in plan.freeze:
         param.requires_grad_(False)
         frozen.append(param)
     object.__setattr__(model, _FROZEN_ATTR, frozen)  # a plain attribute, not a submodule/state
-    keep_trainable(model, saved, _FROZEN_ATTR)
-    return model
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRAMBoLinear]:

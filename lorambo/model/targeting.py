@@ -13,6 +13,10 @@ from lorambo.nn.base_layers import is_wrappable
 
 # Names of output heads that are never adapted by default (besides get_output_embeddings()).
 _HEAD_NAMES = {"lm_head", "classifier", "score", "qa_outputs"}
+# Submodules whose Linear layers are left out by default: a BERT-style pooler feeds only
+# pooler_output, which a loss on the hidden states never reaches.
+_SKIPPED_PARENTS = {"pooler"}
+ALL_LINEAR = "all-linear"  # peft's keyword, accepted as target_modules; same as None
 
 
 def _closest(name: str, names: Iterable[str]) -> str:
@@ -28,14 +32,37 @@ def _adaptable(module: nn.Module) -> bool:
     return isinstance(module, LoRAMBoLinear) or is_wrappable(module)
 
 
-def _output_head_names(model: nn.Module) -> set[str]:
-    heads = set()
+def _output_embeddings(model: nn.Module):
     get_out = getattr(model, "get_output_embeddings", None)
-    head = get_out() if callable(get_out) else None
+    if not callable(get_out):
+        return None
+    try:
+        return get_out()
+    except (NotImplementedError, AttributeError):  # some models have no output embeddings
+        return None
+
+
+def excluded_by_default(model: nn.Module) -> set[str]:
+    """The output layer, classification heads and pooler layers (see :func:`find_targets`)."""
+    head = _output_embeddings(model)
+    out = set()
     for name, module in model.named_modules():
-        if (head is not None and module is head) or name.rsplit(".", 1)[-1] in _HEAD_NAMES:
-            heads.add(name)
-    return heads
+        parts = name.split(".")
+        if ((head is not None and module is head) or parts[-1] in _HEAD_NAMES
+                or any(p in _SKIPPED_PARENTS for p in parts[:-1])):
+            out.add(name)
+    return out
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """What ``target_modules=None`` (or ``"all-linear"``) adapts, in model order."""
+    modules = _candidate_modules(model)
+    excluded = excluded_by_default(model)
+    names = [n for n, m in modules.items() if n and _adaptable(m) and n not in excluded]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear / Conv1D module to adapt "
+                         "besides its output layer, heads and pooler")
+    return names
 
 
 def _candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -59,16 +86,15 @@ def _require_adaptable(name: str, module: nn.Module, why: str) -> None:
 def find_targets(model: nn.Module, target_modules: str | list[str] | None) -> list[str]:
     """Dotted names to adapt, in model order.
 
-    ``None``: every Linear/Conv1D except the output head. A list: suffix match on dotted names
-    (each entry must match something). A string: regex full match on dotted names.
+    ``None`` or ``"all-linear"``: peft's ``all-linear`` -- every Linear/Conv1D except the output
+    layer (``get_output_embeddings()``) and heads named ``lm_head``, ``classifier``, ``score``
+    or ``qa_outputs`` -- and, unlike peft, without the layers of a ``pooler`` (BERT's
+    ``pooler.dense`` feeds only ``pooler_output``). A list: suffix match on dotted names (each
+    entry must match something). Another string: regex full match on dotted names.
     """
+    if target_modules is None or target_modules == ALL_LINEAR:
+        return default_targets(model)
     modules = _candidate_modules(model)
-    if target_modules is None:
-        heads = _output_head_names(model)
-        names = [n for n, m in modules.items() if _adaptable(m) and n not in heads]
-        if not names:
-            raise ValueError(f"{type(model).__name__} has no nn.Linear / Conv1D module to adapt")
-        return names
     if isinstance(target_modules, str):
         try:
             pattern = re.compile(target_modules)

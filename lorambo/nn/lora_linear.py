@@ -23,6 +23,7 @@ from lorambo.nn import base_layers
 from lorambo.nn.optimizer_state import gather_slot_state, reset_slot_state, warn_if_shared_step
 from lorambo.nn.slots import PoolSlots, tag_pool_parameter
 from lorambo.ops import lora_linear
+from lorambo.ops.compile_support import dynamic_int_attribute
 
 
 def default_capacity(rank: int, in_features: int, out_features: int) -> int:
@@ -235,8 +236,9 @@ class LoRAMBoLinear(nn.Module):
             raise TypeError(f"{self._label}: input dtype {x.dtype} does not match weight dtype "
                             f"{weight.dtype} / LoRA dtype {lora_a.dtype} (outside autocast)")
         p = self.dropout if self.training else 0.0
+        rank = dynamic_int_attribute(self, "_rank")  # symbolic under torch.compile: no graph per rank
         with torch.autocast(device_type, enabled=False):
-            return lora_linear(x, weight, bias, lora_a, lora_b, self._rank, self.scaling, p)
+            return lora_linear(x, weight, bias, lora_a, lora_b, rank, self.scaling, p)
 
     # ------------------------------------------------------------------------------ merge
     def delta_weight(self) -> torch.Tensor:

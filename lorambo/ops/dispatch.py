@@ -1,35 +1,41 @@
-"""Route the LoRA linear op to the selected backend (see lorambo.backend)."""
+"""Route the LoRA linear op to the selected backend (see lorambo.backend).
+
+Everything here is traceable by torch.compile with fullgraph=True: the backend comes from the
+resolution cache (a constant of the graph), the dropout seed is drawn as a 0-d CPU tensor (a
+graph value, so every call of a compiled model gets a fresh mask), and each backend's op is a
+custom op with a fake implementation.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from lorambo.backend import resolve_backend
+from lorambo.ops import ext_linear, triton_linear
 from lorambo.ops.lora_linear_ref import lora_linear_reference
 
 
-def new_dropout_seed() -> int:
-    """A fresh dropout seed from torch's CPU generator: reproducible under torch.manual_seed
-    and free of device synchronisation."""
-    return int(torch.randint(0, 2**62, (), device="cpu"))
+def new_dropout_seed() -> torch.Tensor:
+    """A fresh dropout seed (0-d int64 CPU tensor) from torch's CPU generator: reproducible under
+    torch.manual_seed, free of device synchronisation, and a graph value under torch.compile."""
+    return torch.randint(0, 2**62, (), device="cpu")
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, rank: int, scaling: float, dropout_p: float = 0.0,
-                seed: int | None = None):
-    """``x W^T + b + s * (drop(x) A_r^T) B_r^T`` on the backend chosen for ``x.device``."""
-    backend = resolve_backend(x.device.type, x.dtype)
-    if backend == "triton":
-        if dropout_p > 0.0 and seed is None:  # a graph value under torch.compile, not .item()
-            seed = torch.randint(0, 2**62, (), device="cpu")
-        from lorambo.ops.triton_linear import lora_linear_triton  # lazy: triton is optional
+                seed=None):
+    """``x W^T + b + s * (drop(x) A_r^T) B_r^T`` on the backend chosen for ``x.device``.
 
-        return lora_linear_triton(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
+    ``rank`` may be a symbolic int under torch.compile; ``seed`` an int, a 0-d int64 CPU tensor,
+    or None (a fresh seed per call when ``dropout_p > 0``).
+    """
+    backend = resolve_backend(x.device.type, x.dtype)
     if dropout_p > 0.0 and seed is None:
         seed = new_dropout_seed()
     if backend == "torch":
         return lora_linear_reference(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
     if backend == "ext":
-        from lorambo.ops.ext_linear import lora_linear_ext  # lazy: the extension is optional
-
-        return lora_linear_ext(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
+        return ext_linear._lora_linear(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
+    if backend == "triton":
+        return triton_linear.lora_linear_triton(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed,
+                                                device_checked=True)
     raise NotImplementedError(f"lorambo backend {backend!r} has no LoRA linear op")

@@ -1,17 +1,20 @@
-"""LoRA linear on the compiled extension (backend ``ext``): ``torch.ops.lorambo.lora_linear``.
+"""LoRA linear on the compiled extension (backend ``ext``).
 
 Same math and gradients as :func:`lorambo.ops.lora_linear_reference` (y = x W^T + b +
 s * (drop(x) A_r^T) B_r^T; inactive slots get exactly zero gradient; double backward for
 Hessian-vector products), with two differences:
 
-- the whole forward and backward run in C++ (csrc/cpu/lora_linear_cpu.cpp): no Python between
-  the GEMMs, the rank-r part parallel over rows, no [M, N] temporary besides the output;
+- the forward and backward kernels run in C++ (``torch.ops.lorambo.lora_linear_fwd`` /
+  ``lora_linear_bwd``, csrc/cpu/lora_linear_cpu.cpp): no Python between the GEMMs, the rank-r
+  part parallel over rows, no [M, N] temporary besides the output;
 - dropout uses the extension's counter-based Philox mask (:func:`dropout_mask_ext`), regenerated
   in the backward, not torch's generator: for the same seed the dropped elements differ from
   the reference op's (each is a valid Bernoulli(1-p) mask).
 
-On CUDA the op exists too (cuBLAS GEMMs + the same Philox mask), but the Triton backend is the
-fast path there.
+They are wrapped as the custom ops ``torch.ops.lorambo_ext.*`` (see :mod:`lorambo.ops.custom_op`):
+the seed travels as a 0-d CPU tensor and the rank as a symbolic int, so torch.compile traces the
+op with fullgraph=True, dropout included, without one graph per rank. On CUDA the extension's op
+exists too (cuBLAS GEMMs + the same Philox mask), but the Triton backend is the fast path there.
 """
 
 from __future__ import annotations
@@ -19,22 +22,46 @@ from __future__ import annotations
 import torch
 
 from lorambo import _extension
+from lorambo.ops.custom_op import define_lora_op, seed_tensor
 
 __all__ = ["dropout_mask_ext", "lora_linear_ext"]
 
 
+def _forward(x, weight, bias, lora_A, lora_B, rank, scaling, p, seed):
+    return torch.ops.lorambo.lora_linear_fwd(x, weight, bias, lora_A, lora_B, rank, scaling, p, seed)
+
+
+def _backward(grad_y, x, weight, lora_A, lora_B, t, rank, scaling, p, seed, needs):
+    out = torch.ops.lorambo.lora_linear_bwd(grad_y, x, weight, lora_A, lora_B, t, rank, scaling, p, seed,
+                                            list(needs))
+    return tuple(g if need else None for g, need in zip(out, needs))
+
+
+def _multiplier(x, p, seed):
+    return torch.ops.lorambo.dropout_mask(x, p, seed)
+
+
+_apply = define_lora_op("lorambo_ext", _forward, _backward, _multiplier)
+
+
 def lora_linear_ext(x, weight, bias, lora_A, lora_B, rank: int, scaling: float, dropout_p: float = 0.0,
-                    seed: int | None = None):
+                    seed=None):
     """LoRA linear on inputs [..., K]; weight [N, K], lora_A [cap, K], lora_B [N, cap].
 
-    ``dropout_p > 0`` needs an integer ``seed`` in [0, 2^63).
+    ``dropout_p > 0`` needs a ``seed``: an int in [0, 2^63) or a 0-d int64 CPU tensor.
     """
     _extension.require()
+    return _lora_linear(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
+
+
+def _lora_linear(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed):
+    """:func:`lora_linear_ext` once the extension is known to be loaded (the traced path)."""
     if dropout_p > 0.0 and seed is None:
         raise ValueError("lora_linear_ext: dropout_p > 0 needs an integer seed")
     lead, k = x.shape[:-1], x.shape[-1]
-    y = torch.ops.lorambo.lora_linear(x.reshape(-1, k), weight, bias, lora_A, lora_B, int(rank), float(scaling),
-                                      float(dropout_p), int(seed) if seed is not None else 0)
+    p = float(dropout_p)
+    y = _apply(x.reshape(-1, k), weight, bias, lora_A, lora_B, rank, float(scaling), p,
+               seed_tensor(seed if p > 0.0 else 0))
     return y.reshape(*lead, weight.shape[0])
 
 

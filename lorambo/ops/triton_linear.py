@@ -2,31 +2,17 @@
 
     y = x W^T + b + s * (drop(x) A_r^T) B_r^T      same semantics as lora_linear_reference
 
-Two custom ops (namespace ``lorambo_triton``; ``lorambo::`` belongs to the compiled extension),
-each with a fake (meta) implementation, so torch.compile traces a model of
-LoRAMBoLinear layers without graph breaks (they are opaque nodes in the graph):
-
-    lorambo_triton::lora_linear_fwd(x2, W, b?, A, B, rank, scaling, p, seed) -> (y [M, N], t [M, r])
-    lorambo_triton::lora_linear_bwd(dY, x2, W, A, B, t, rank, scaling, p, seed, needs...) -> 5 grads
-
-``seed`` is a 0-d int64 CPU tensor, not a Python int: under torch.compile a fresh dropout seed
-per call is then a ``torch.randint`` node of the graph, where an int would be a graph break
-(``.item()``) or a constant baked into the graph (the same mask on every call). Reading a CPU
-scalar inside the op is no device synchronisation.
-
-``register_autograd`` connects them: t = drop(x) A_r^T is saved from the forward, dropout masks
-are regenerated in the backward from the seed (philox counters, never stored), and only the
-gradients autograd asks for are computed. Nothing reads a device value on the host (rank,
-scaling, p are Python scalars, seed a CPU scalar), so the op is CUDA-graph capturable; a
-captured graph replays the seed it was captured with, i.e. the same dropout mask.
+The custom ops ``torch.ops.lorambo_triton.{lora_linear_fwd, lora_linear_bwd, dropout_multiplier}``
+(``lorambo::`` belongs to the compiled extension) are built by :mod:`lorambo.ops.custom_op`: fake
+implementations so torch.compile traces a model of LoRAMBoLinear layers with fullgraph=True, the
+seed as a 0-d CPU tensor, a symbolic rank, the mask regenerated in the backward from the seed
+(philox counters, never stored), and exact double backward through differentiable torch ops (at
+reference-op speed; plain backward always runs the kernels). Nothing reads a device value on
+the host (rank, scaling, p are Python scalars, seed a CPU scalar), so the op is CUDA-graph
+capturable; a captured graph replays the seed it was captured with, i.e. the same dropout mask.
 
 Dropout: the kernels draw their own mask (``lorambo_kernels.dropout_keep_mask``); it is not the
 torch-generator mask of the reference op, so the two backends agree exactly only at p = 0.
-
-Double backward (``create_graph=True``, e.g. Hessian-vector products) is not done by kernels.
-By design the backward then evaluates the same formulas with differentiable PyTorch ops on the
-saved inputs (and the kernels' dropout mask), so HVPs through the triton backend are exact, at
-reference-op speed. Plain backward never takes that path.
 """
 
 import math
@@ -35,8 +21,10 @@ import os
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
+from lorambo_kernels.config import SUPPORTED_DTYPES  # torch only: no triton import
 from torch import Tensor
+
+from lorambo.ops.custom_op import define_lora_op, seed_tensor
 
 _MAX_SEED = 2**63 - 1
 
@@ -63,16 +51,17 @@ def _kernels():
 
 
 # ------------------------------------------------------------------------------ validation
-def _check_inputs(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed) -> None:
-    """Raise a TypeError/ValueError naming the bad value; runs before any kernel launch."""
+def _check_inputs(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed, device_checked=False) -> None:
+    """Raise a TypeError/ValueError naming the bad value; runs before any kernel launch.
+
+    ``device_checked``: the backend resolution already verified that Triton runs on x's device
+    (so the traced forward reads no environment variable)."""
     named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
     if bias is not None:
         named["bias"] = bias
     for name, value in named.items():
         if not isinstance(value, Tensor):
             raise TypeError(f"lora_linear_triton: {name} must be a torch.Tensor, got {type(value).__name__}")
-    from lorambo_kernels.config import SUPPORTED_DTYPES
-
     dtypes = {name: t.dtype for name, t in named.items()}
     if len(set(dtypes.values())) != 1:
         raise TypeError(f"lora_linear_triton: all tensors must share one dtype, got {dtypes}")
@@ -82,7 +71,7 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, see
     devices = {name: t.device for name, t in named.items()}
     if len(set(devices.values())) != 1:
         raise ValueError(f"lora_linear_triton: all tensors must be on one device, got {devices}")
-    reason = triton_unavailable_reason(x.device.type)
+    reason = None if device_checked else triton_unavailable_reason(x.device.type)
     if reason is not None:
         raise RuntimeError(f"lora_linear_triton: {reason}")
     if x.dim() < 1:
@@ -102,7 +91,7 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, see
                          f"(out_features, capacity of lora_A)")
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"lora_linear_triton: bias is {tuple(bias.shape)}, expected [{n}]")
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+    if isinstance(rank, bool) or not isinstance(rank, (int, torch.SymInt, numbers.Integral)):
         raise TypeError(f"lora_linear_triton: rank must be an int, got {rank!r}")
     if not 0 <= rank <= cap:
         raise ValueError(f"lora_linear_triton: rank {rank} outside [0, capacity = {cap}]")
@@ -122,114 +111,37 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, see
 
 
 # ---------------------------------------------------------------------------- custom ops
-def _seed_int(seed: Tensor) -> int:
-    return int(seed)  # a CPU scalar: no device synchronisation
+def _forward(x, weight, bias, lora_A, lora_B, rank, scaling, p, seed):
+    return _kernels().lora_linear_forward(x, weight, bias, lora_A, lora_B, rank, scaling, p, seed)
 
 
-def seed_tensor(seed) -> Tensor:
-    """``seed`` (int or 0-d int64 CPU tensor) as the 0-d int64 CPU tensor the ops take."""
-    return seed if isinstance(seed, Tensor) else torch.tensor(int(seed), dtype=torch.int64)
+def _backward(grad_y, x, weight, lora_A, lora_B, t, rank, scaling, p, seed, needs):
+    return _kernels().lora_linear_backward(grad_y, x, weight, lora_A, lora_B, t, rank, scaling, p, seed, needs)
 
 
-@torch.library.custom_op("lorambo_triton::lora_linear_fwd", mutates_args=())
-def _lora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-                     rank: int, scaling: float, dropout_p: float, seed: Tensor) -> tuple[Tensor, Tensor]:
-    """x [M, K] -> (y [M, N], t = drop(x) A_r^T [M, r])."""
-    return _kernels().lora_linear_forward(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p,
-                                          _seed_int(seed))
+def _multiplier(x, p, seed):
+    from lorambo_kernels import dropout_keep_mask
+
+    return dropout_keep_mask(seed, x.shape[0], x.shape[1], p, x.device).to(x.dtype) / (1.0 - p)
 
 
-@_lora_linear_fwd.register_fake
-def _lora_linear_fwd_fake(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed):
-    m = x.shape[0]
-    return x.new_empty((m, weight.shape[0])), x.new_empty((m, rank))
-
-
-@torch.library.custom_op("lorambo_triton::lora_linear_bwd", mutates_args=())
-def _lora_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, t: Tensor,
-                     rank: int, scaling: float, dropout_p: float, seed: Tensor, need_x: bool, need_w: bool,
-                     need_b: bool, need_a: bool, need_bb: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dW, db, dA, dB); a gradient that was not asked for is an empty [0] tensor."""
-    grads = _kernels().lora_linear_backward(grad_y, x, weight, lora_A, lora_B, t, rank, scaling, dropout_p,
-                                            _seed_int(seed), (need_x, need_w, need_b, need_a, need_bb))
-    return tuple(g if g is not None else x.new_empty((0,)) for g in grads)
-
-
-@_lora_linear_bwd.register_fake
-def _lora_linear_bwd_fake(grad_y, x, weight, lora_A, lora_B, t, rank, scaling, dropout_p, seed,
-                          need_x, need_w, need_b, need_a, need_bb):
-    shapes = (x.shape, weight.shape, (weight.shape[0],), lora_A.shape, lora_B.shape)
-    needs = (need_x, need_w, need_b, need_a, need_bb)
-    return tuple(x.new_empty(s if need else (0,)) for s, need in zip(shapes, needs))
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed = inputs
-    _, t = output
-    ctx.save_for_backward(x, weight, lora_A, lora_B, t, seed)
-    ctx.rank, ctx.scaling, ctx.dropout_p = rank, scaling, dropout_p
-    ctx.has_bias = bias is not None
-    ctx.mark_non_differentiable(t)
-
-
-def _backward(ctx, grad_y, _grad_t):
-    x, weight, lora_A, lora_B, t, seed = ctx.saved_tensors
-    need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
-    need_b = need_b and ctx.has_bias
-    args = (ctx.rank, ctx.scaling, ctx.dropout_p, seed)
-    if torch.is_grad_enabled():  # create_graph=True: differentiable formulas (see module doc)
-        grads = _differentiable_backward(grad_y, x, weight, lora_A, lora_B, *args,
-                                         (need_x, need_w, need_b, need_a, need_bb))
-    else:
-        out = torch.ops.lorambo_triton.lora_linear_bwd(grad_y, x, weight, lora_A, lora_B, t, *args,
-                                                need_x, need_w, need_b, need_a, need_bb)
-        grads = tuple(g if need else None for g, need in zip(out, (need_x, need_w, need_b, need_a, need_bb)))
-    return (*grads, None, None, None, None)
-
-
-torch.library.register_autograd("lorambo_triton::lora_linear_fwd", _backward, setup_context=_setup_context)
-
-
-def _differentiable_backward(grad_y, x, weight, lora_A, lora_B, rank, scaling, dropout_p, seed, needs):
-    """The backward formulas with differentiable torch ops, for double backward (exact)."""
-    need_x, need_w, need_b, need_a, need_bb = needs
-    grad_x = grad_w = grad_b = grad_a = grad_bb = None
-    mask = None
-    if dropout_p > 0.0 and rank > 0:
-        from lorambo_kernels import dropout_keep_mask
-
-        keep = dropout_keep_mask(_seed_int(seed), x.shape[0], x.shape[1], dropout_p, x.device)
-        mask = keep.to(x.dtype) / (1.0 - dropout_p)  # (M, K)
-    x_drop = x if mask is None else x * mask
-    a_r, b_r = lora_A[:rank], lora_B[:, :rank]
-    t_prime = grad_y @ b_r  # (M, r)
-    if need_x:
-        lora_x = (t_prime @ a_r) * scaling
-        grad_x = grad_y @ weight + (lora_x if mask is None else lora_x * mask)
-    if need_w:
-        grad_w = grad_y.t() @ x
-    if need_b:
-        grad_b = grad_y.sum(0)
-    if need_a:
-        grad_a = F.pad((t_prime.t() @ x_drop) * scaling, (0, 0, 0, lora_A.shape[0] - rank))
-    if need_bb:
-        grad_bb = F.pad((grad_y.t() @ (x_drop @ a_r.t())) * scaling, (0, lora_B.shape[1] - rank))
-    return grad_x, grad_w, grad_b, grad_a, grad_bb
+_apply = define_lora_op("lorambo_triton", _forward, _backward, _multiplier)
 
 
 # -------------------------------------------------------------------------------- public
-def lora_linear_triton(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p=0.0, seed=None):
+def lora_linear_triton(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p=0.0, seed=None, *,
+                       device_checked=False):
     """LoRA linear on inputs of shape [..., K] with the fused Triton kernels.
 
     weight [N, K], bias [N] or None, lora_A [cap, K], lora_B [N, cap], 0 <= rank <= cap.
     ``dropout_p > 0`` needs a ``seed``: an int, or a 0-d int64 CPU tensor (what torch.compile
     can carry as a graph value); same seed, same mask. Inputs are checked
-    (dtype, device, shapes, rank) before anything is launched.
+    (dtype, device, shapes, rank) before anything is launched; ``rank`` may be a symbolic int
+    under torch.compile.
     """
-    _check_inputs(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
+    _check_inputs(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed, device_checked)
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)  # (M, K)
     p = float(dropout_p)
-    y, _ = torch.ops.lorambo_triton.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, int(rank), float(scaling), p,
-                                                    seed_tensor(seed if p > 0.0 else 0))
+    y = _apply(x2, weight, bias, lora_A, lora_B, rank, float(scaling), p, seed_tensor(seed if p > 0.0 else 0))
     return y.reshape(*lead, weight.shape[0])

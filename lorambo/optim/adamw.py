@@ -46,6 +46,26 @@ def _bias_correction(slot_steps: torch.Tensor, beta: float) -> torch.Tensor:
     return -torch.expm1(slot_steps * math.log(beta))
 
 
+def _denominator_coefficients(slot_steps, layouts, lr, beta1, beta2, eps):
+    """Per-slot ``scale``, ``shift`` with ``lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)`` =
+    ``m / (scale * sqrt(v) + shift)``: ``scale = bc1 / (lr sqrt(bc2))``, ``shift = eps bc1 / lr``,
+    bc_i = 1 - beta_i^t. Computed for all pools of one device and precision at once (a few
+    small ops per step instead of a few per pool)."""
+    scale, shift = [None] * len(slot_steps), [None] * len(slot_steps)
+    groups: dict[tuple, list[int]] = {}
+    for i, (steps, (_, dtype)) in enumerate(zip(slot_steps, layouts)):
+        groups.setdefault((steps.device, dtype), []).append(i)
+    for (_, dtype), members in groups.items():
+        steps = torch.cat([slot_steps[i] for i in members]).to(dtype)
+        bc1, bc2 = _bias_correction(steps, beta1), _bias_correction(steps, beta2)
+        group_scale, group_shift = bc1 / (lr * bc2.sqrt()), bc1 * (eps / lr)
+        sizes = [slot_steps[i].numel() for i in members]
+        for i, a, b in zip(members, group_scale.split(sizes), group_shift.split(sizes)):
+            shape = layouts[i][0]
+            scale[i], shift[i] = a.view(shape), b.view(shape)
+    return scale, shift
+
+
 class AdamW(torch.optim.AdamW):
     """Drop-in :class:`torch.optim.AdamW` (same arguments) with per-slot Adam step counts for
     LoRAMBoLinear pools. See the module docstring."""
@@ -93,7 +113,7 @@ class AdamW(torch.optim.AdamW):
         beta1, beta2 = (float(b) for b in group["betas"])
         lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
         amsgrad, maximize = group["amsgrad"], group["maximize"]
-        values, grads, exp_avgs, exp_avg_sqs, max_sqs, scale_shapes, slot_steps, precisions = ([] for _ in range(8))
+        values, grads, exp_avgs, exp_avg_sqs, max_sqs, slot_steps, layouts = ([] for _ in range(7))
         for param in params:
             slots, dim = pool_slots(param)
             rank = slots.rank
@@ -109,8 +129,8 @@ class AdamW(torch.optim.AdamW):
             if amsgrad:
                 max_sqs.append(active(state["max_exp_avg_sq"]))
             slot_steps.append(state[SLOT_STEP][:rank])
-            precisions.append(torch.promote_types(param.dtype, torch.float32))
-            scale_shapes.append((rank, 1) if dim == 0 else (1, rank))
+            # per-slot coefficients broadcast along the slot dim, in >= float32 like torch's scalars
+            layouts.append(((rank, 1) if dim == 0 else (1, rank), torch.promote_types(param.dtype, torch.float32)))
         if not values:
             return
         if maximize:
@@ -125,17 +145,11 @@ class AdamW(torch.optim.AdamW):
         if amsgrad:
             torch._foreach_maximum_(max_sqs, exp_avg_sqs)
             second = max_sqs
-        # Per slot: step size lr / (1 - beta1^t), denominator sqrt(v) / sqrt(1 - beta2^t) + eps.
-        # Computed in the parameter's precision (at least float32) from the exact integer counts.
-        steps = [t.to(dtype) for t, dtype in zip(slot_steps, precisions)]
-        step_sizes = [(lr / _bias_correction(t, beta1)).view(shape) for t, shape in zip(steps, scale_shapes)]
-        root_bc2 = [_bias_correction(t, beta2).sqrt_().view(shape) for t, shape in zip(steps, scale_shapes)]
+        scale, shift = _denominator_coefficients(slot_steps, layouts, lr, beta1, beta2, eps)
         denoms = torch._foreach_sqrt(second)
-        torch._foreach_div_(denoms, root_bc2)
-        torch._foreach_add_(denoms, eps)
-        updates = torch._foreach_mul(exp_avgs, step_sizes)
-        torch._foreach_div_(updates, denoms)
-        torch._foreach_sub_(values, updates)
+        torch._foreach_mul_(denoms, scale)
+        torch._foreach_add_(denoms, shift)
+        torch._foreach_addcdiv_(values, exp_avgs, denoms, -1.0)
 
     def load_state_dict(self, state_dict: dict) -> None:
         # torch casts every floating state tensor to its parameter's dtype on load; step counts

@@ -12,7 +12,7 @@ from .adalora_importance import AdaLoRAImportance
 from .estimate import Estimate
 from .fisher import FisherProxy, per_example_sq_grad_norms
 from .opnorm import hessian_opnorm
-from .simple import data_covariance, gradient_sensitivity
+from .simple import data_covariance, gradient_sensitivity, targets_without_gradient
 from .sketch import hutchinson, hutchpp, xtrace
 from .spectral import data_weighted_tail_energy, frobenius_tail_energy
 from .targets import Target, differentiable, find_targets
@@ -22,5 +22,5 @@ __all__ = [
     "Estimate", "hessian_trace", "hessian_opnorm", "gradient_sensitivity", "data_covariance",
     "data_weighted_tail_energy", "frobenius_tail_energy", "hutchinson", "hutchpp", "xtrace",
     "find_targets", "differentiable", "Target", "FisherProxy", "per_example_sq_grad_norms",
-    "ComponentAblation", "ablation_scores", "AdaLoRAImportance",
+    "ComponentAblation", "ablation_scores", "AdaLoRAImportance", "targets_without_gradient",
 ]

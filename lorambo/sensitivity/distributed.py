@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["is_distributed", "all_reduce_sum", "is_main_process"]
+__all__ = ["is_distributed", "all_reduce_sum", "all_reduce_sum_many", "is_main_process"]
 
 
 def is_distributed() -> bool:
@@ -35,3 +35,33 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     work = work.contiguous()
     torch.distributed.all_reduce(work, op=torch.distributed.ReduceOp.SUM)
     return work.to(device)
+
+
+_BUCKET_ELEMENTS = 1 << 26  # 256 MiB of fp32 per packed collective
+
+
+def all_reduce_sum_many(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Sum every tensor over all ranks with as few collectives as possible: tensors of one dtype
+    and device are packed into flat buffers of up to 2^26 elements (one collective each) and
+    unpacked into new tensors. Returns the inputs unchanged when not distributed."""
+    if not is_distributed():
+        return list(tensors)
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    groups: dict = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.dtype, t.device), []).append(i)
+    for idx in groups.values():
+        start = 0
+        while start < len(idx):
+            stop, size = start + 1, tensors[idx[start]].numel()
+            while stop < len(idx) and size + tensors[idx[stop]].numel() <= _BUCKET_ELEMENTS:
+                size += tensors[idx[stop]].numel()
+                stop += 1
+            chunk = idx[start:stop]
+            packed = all_reduce_sum(torch.cat([tensors[i].reshape(-1) for i in chunk]))
+            pos = 0
+            for i in chunk:
+                out[i] = packed[pos:pos + tensors[i].numel()].view(tensors[i].shape)
+                pos += tensors[i].numel()
+            start = stop
+    return out

@@ -17,6 +17,11 @@ a fraction k / min(T, ...) of the exact forms, at the price of variance that ave
 training steps. Statistics stay on the device (no host sync per step); ``estimates()`` reads
 them out once, all-reduced across ranks under torch.distributed.
 
+Where :func:`lorambo.ops.sketch.use_sketch_kernels` allows it (CUDA tensors by default) the
+Gram form runs in the grouped Gram kernel (one launch per call, symmetric token tiles once, no
+T x T matrices in memory); ``estimates()`` reduces all layers with one collective and one host
+copy.
+
 Opt-in: nothing runs until :meth:`FisherProxy.attach` (or ``with FisherProxy(model):``).
 Hooks capture x in the forward (a reference, no copy) and dY through a hook on the output
 tensor, so they work for LoRAMBoLinear and plain Linear/Conv1D alike. A module called several
@@ -26,8 +31,11 @@ times per step (weight sharing) is counted once per call, not per example.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
+
+from lorambo.ops.sketch import sq_grad_norms_many, use_sketch_kernels
 
 from .distributed import all_reduce_sum
 from .estimate import Estimate
@@ -71,6 +79,18 @@ def sketched_sq_grad_norms(x: torch.Tensor, grad_y: torch.Tensor, sketch_dim: in
     return projected.square().sum((1, 2)) / sketch_dim
 
 
+def _exact_sq_grad_norms(x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
+    """:func:`per_example_sq_grad_norms`; through the Gram kernel (``lorambo.ops.sketch``) where
+    it runs (CUDA by default) and the Gram trick is the cheaper exact form."""
+    if x.dim() > 2 and x.dtype == grad_y.dtype and use_sketch_kernels([x, grad_y]):
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
+        g3 = grad_y.reshape(grad_y.shape[0], -1, grad_y.shape[-1])  # (B, T, out)
+        t, d_in, d_out = x3.shape[1], x3.shape[2], g3.shape[2]
+        if t * (d_in + d_out) < d_in * d_out:
+            return sq_grad_norms_many([x3], [g3])[0]
+    return per_example_sq_grad_norms(x, grad_y)
+
+
 class FisherProxy:
     """Per-layer empirical-Fisher traces gathered from normal training steps.
 
@@ -107,6 +127,7 @@ class FisherProxy:
         self._sum: dict[str, torch.Tensor] = {}
         self._sum_sq: dict[str, torch.Tensor] = {}
         self._count: dict[str, int] = {t.name: 0 for t in self.targets}
+        self._nonfinite: dict[str, torch.Tensor] = {}
 
     def attach(self) -> "FisherProxy":
         if not self._handles:
@@ -136,12 +157,18 @@ class FisherProxy:
     @torch.no_grad()
     def _accumulate(self, name: str, x: torch.Tensor, grad_y: torch.Tensor) -> None:
         if self.sketch_dim is None:
-            sq = per_example_sq_grad_norms(x, grad_y.detach())  # (B,)
+            sq = _exact_sq_grad_norms(x, grad_y.detach())  # (B,)
         else:
             sq = sketched_sq_grad_norms(x, grad_y.detach(), self.sketch_dim, self._generator(x.device))
         if self.reduction == "mean":
             sq = sq * float(sq.shape[0]) ** 2
         sq = sq.double()
+        # a NaN/inf loss gives non-finite dY: keep those examples out of the sums and count
+        # them on the device (no host sync per step); estimates() reports them
+        finite = torch.isfinite(sq)
+        sq = torch.where(finite, sq, torch.zeros((), dtype=sq.dtype, device=sq.device))
+        bad = (~finite).sum().double()
+        self._nonfinite[name] = self._nonfinite[name] + bad if name in self._nonfinite else bad
         if name in self._sum:
             self._sum[name] += sq.sum()
             self._sum_sq[name] += sq.square().sum()
@@ -155,16 +182,38 @@ class FisherProxy:
         return self._generators[device]
 
     def estimates(self) -> dict[str, Estimate]:
-        """Tr(F_i) as the mean of ||g_n||^2 over all examples seen, with its standard error."""
+        """Tr(F_i) as the mean of ||g_n||^2 over all examples seen, with its standard error.
+
+        A layer that no backward pass reached (the loss does not use it) is left out with a
+        warning; RuntimeError if that is every layer. Examples whose gradient was not finite
+        (a NaN/inf loss) are left out with a warning; RuntimeError if that is all of a layer's.
+        All layers' statistics go through one collective and one host copy.
+        """
         out = {}
-        for target in self.targets:
-            name = target.name
-            if self._count[name] == 0 or name not in self._sum:
-                raise RuntimeError(f"FisherProxy saw no backward pass through layer {name!r} yet")
-            stats = torch.stack([self._sum[name], self._sum_sq[name],
-                                 torch.tensor(float(self._count[name]), dtype=torch.float64,
-                                              device=self._sum[name].device)])
-            total, total_sq, n = all_reduce_sum(stats).tolist()
+        names = [t.name for t in self.targets if self._count[t.name] > 0 and t.name in self._sum]
+        unreached = [t.name for t in self.targets if t.name not in names]
+        if unreached and not names:
+            raise RuntimeError(f"FisherProxy saw no backward pass through layer {unreached[0]!r} "
+                               f"yet, nor through any other of its layers {unreached[:5]}")
+        if unreached:
+            warnings.warn(f"FisherProxy: no gradient reached layer(s) {unreached} (the loss does "
+                          "not use them); they are left out of the estimates", RuntimeWarning,
+                          stacklevel=2)
+        device = self._sum[names[0]].device
+        stats = torch.stack([torch.stack([self._sum[n].to(device), self._sum_sq[n].to(device),
+                                          torch.tensor(float(self._count[n]), dtype=torch.float64, device=device),
+                                          self._nonfinite[n].to(device=device, dtype=torch.float64)])
+                             for n in names])                                   # (layers, 4)
+        rows = all_reduce_sum(stats).cpu().tolist()
+        for name, (total, total_sq, n_seen, bad) in zip(names, rows):
+            n = n_seen - bad
+            if n == 0:
+                raise RuntimeError(f"FisherProxy: every one of the {int(n_seen)} examples through "
+                                   f"layer {name!r} had a non-finite gradient (NaN/inf): check the loss")
+            if bad:
+                warnings.warn(f"FisherProxy left out {int(bad)} of {int(n_seen)} examples of layer "
+                              f"{name!r} whose gradient was not finite (NaN/inf loss)",
+                              RuntimeWarning, stacklevel=2)
             mean = total / n
             var = max(total_sq / n - mean * mean, 0.0) * n / max(n - 1, 1)
             stderr = math.sqrt(var / n) if n > 1 else math.inf

@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .attention import double_backward_attention
 from .distributed import all_reduce_sum
 from .inputs import compute_loss
 
@@ -61,14 +62,16 @@ class HessianOperator:
         shrink them (e.g. to quadratic forms) before they are accumulated.
         """
         total = None
-        for batch in self.batches:
-            with torch.enable_grad():  # create_graph records nothing under an outer no_grad()
+        # create_graph records nothing under an outer no_grad(); fused attention kernels have no
+        # double backward, so attention runs a path that has one (see ``attention``)
+        with torch.enable_grad(), double_backward_attention(self.model):
+            for batch in self.batches:
                 loss = compute_loss(self.loss_fn, self.model, batch)
                 grads = torch.autograd.grad(loss, self.weights, create_graph=True,
                                             allow_unused=True)
                 part = summarize(self._products(grads, vs))
-            total = part if total is None else [t + p for t, p in zip(total, part)]
-            del loss, grads
+                total = part if total is None else [t + p for t, p in zip(total, part)]
+                del loss, grads
         count = all_reduce_sum(torch.tensor([float(len(self.batches))], dtype=torch.float64))
         return [all_reduce_sum(t) / count.to(t.device, t.dtype) for t in total]
 

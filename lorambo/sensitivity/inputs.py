@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-__all__ = ["as_batch_list", "compute_loss", "check_positive"]
+__all__ = ["as_batch_list", "compute_loss", "check_finite_loss", "check_positive"]
 
 
 def as_batch_list(batches) -> list:
@@ -39,3 +39,10 @@ def check_positive(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+def check_finite_loss(loss: torch.Tensor, index: int, who: str) -> None:
+    """RuntimeError naming batch ``index`` when its loss is NaN or inf (one host sync)."""
+    if not bool(torch.isfinite(loss.detach())):
+        raise RuntimeError(f"{who}: the loss on batch {index} is {float(loss.detach()):.6g} (not finite): "
+                           "check the loss on these batches")

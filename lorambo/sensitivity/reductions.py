@@ -2,13 +2,17 @@
 
 The sketches need, for every layer i and probe p, quadratic forms v_ip . (Hv)_ip and squared
 norms. A Python loop that reduces each layer and copies it to the host costs L device syncs per
-pass; here products go through ``torch._foreach_*`` (one multi-tensor launch per dtype group on
-CUDA), the per-layer sums stay on the device and are stacked, and the caller copies one
-(P, L) tensor to the host. Where :func:`lorambo.backend.use_compiled_multi_tensor` says so
-(the extension is built, CPU tensors), the compiled single-pass reductions of csrc/ run instead:
-on the 2-core CPU they measured 2.6x (dots) and 1.1x (squared norms, fp32) faster over 224
-7B-shaped tensors (benchmarks/results/ext_cpu.md). A Triton version was not written because no
-GPU was available to show it faster.
+pass; here the per-layer sums stay on the device and are stacked, and the caller copies one
+(P, L) tensor to the host. Three paths, all with at least fp32 accumulation and float64 results:
+
+- the grouped Triton kernel (``lorambo.ops.sketch``: one launch for all layers) where
+  :func:`lorambo.ops.sketch.use_sketch_kernels` says so (CUDA tensors by default);
+- the compiled single-pass reductions of csrc/ where :func:`lorambo.backend.use_compiled_multi_tensor`
+  says so (the extension is built, CPU tensors): on the 2-core CPU they measured 2.6x (dots) and
+  1.1x (squared norms, fp32) faster over 224 7B-shaped tensors (benchmarks/results/ext_cpu.md);
+- otherwise a plain loop of fp32 products and sums per layer. It replaced a ``torch._foreach_mul``
+  path that the same benchmark measured 4.6x slower than a loop (212 ms against 46 ms) and that
+  rounded bf16 products to bf16 before summing (benchmarks/results/sketch_cpu.md).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from lorambo.backend import use_compiled_multi_tensor
+from lorambo.ops.sketch import row_dots, use_sketch_kernels
 
 __all__ = ["per_layer_dots", "per_layer_sq_norms"]
 
@@ -24,16 +29,25 @@ def per_layer_dots(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tens
     """(P, L) float64: row p, column i = <xs[i][p], ys[i][p]> for tensors of shape (P, ...)."""
     if len(xs) != len(ys):
         raise ValueError(f"per_layer_dots: {len(xs)} tensors vs {len(ys)}")
+    if xs and use_sketch_kernels([*xs, *ys]):
+        return row_dots(xs, ys)
     if xs and use_compiled_multi_tensor([*xs, *ys]):
         from lorambo import ext_ops
 
         return ext_ops.multi_dot(xs, ys, rows=xs[0].shape[0])
-    products = torch._foreach_mul(xs, ys)
-    return torch.stack([p.flatten(1).sum(1, dtype=torch.float64) for p in products], dim=1)
+    return torch.stack([_row_dot(x, y) for x, y in zip(xs, ys)], dim=1)
+
+
+def _row_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    acc = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+    return (x.flatten(1).to(acc) * y.flatten(1).to(acc)).sum(1).double()
 
 
 def per_layer_sq_norms(xs: list[torch.Tensor]) -> torch.Tensor:
-    """(L,) float64: squared Frobenius norm of every tensor, from one ``_foreach_norm``."""
+    """(L,) float64: squared Frobenius norm of every tensor (one launch per dtype on the kernel
+    path, one ``_foreach_norm`` on the PyTorch path)."""
+    if xs and use_sketch_kernels(xs):
+        return row_dots([x.reshape(1, -1) for x in xs])[0]
     if xs and use_compiled_multi_tensor(xs):
         from lorambo import ext_ops
 

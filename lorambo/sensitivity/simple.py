@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from .distributed import all_reduce_sum
-from .inputs import as_batch_list, compute_loss
+from .distributed import all_reduce_sum, all_reduce_sum_many
+from .inputs import as_batch_list, check_finite_loss, compute_loss
 from .targets import differentiable, find_targets
 
-__all__ = ["gradient_sensitivity", "data_covariance"]
+__all__ = ["gradient_sensitivity", "data_covariance", "targets_without_gradient"]
 
 
 def gradient_sensitivity(model, loss_fn, batches, modules=None) -> dict[str, float]:
@@ -16,15 +16,17 @@ def gradient_sensitivity(model, loss_fn, batches, modules=None) -> dict[str, flo
 
     Frozen base weights are made differentiable only during the call; gradients are taken with
     torch.autograd.grad, so no parameter's ``.grad`` changes. Under torch.distributed the mean is
-    over all ranks' batches.
+    over all ranks' batches. A loss that is not finite (NaN/inf) raises RuntimeError naming the
+    batch: its gradients would turn every sensitivity into NaN.
     """
     batches = as_batch_list(batches)
     targets = find_targets(model, modules)
     weights = [t.weight for t in targets]
     sums = torch.zeros(len(weights), dtype=torch.float64)
     with differentiable(weights):
-        for batch in batches:
+        for index, batch in enumerate(batches):
             loss = compute_loss(loss_fn, model, batch)
+            check_finite_loss(loss, index, "gradient_sensitivity")
             grads = torch.autograd.grad(loss, weights, allow_unused=True)
             for i, g in enumerate(grads):
                 if g is not None:
@@ -32,6 +34,17 @@ def gradient_sensitivity(model, loss_fn, batches, modules=None) -> dict[str, flo
     sums = all_reduce_sum(sums)
     count = all_reduce_sum(torch.tensor([float(len(batches))], dtype=torch.float64))
     return {t.name: float(s / count) for t, s in zip(targets, sums)}
+
+
+def targets_without_gradient(model, loss_fn, batch, modules=None) -> list[str]:
+    """Names of the targeted layers whose weight the loss on ``batch`` does not depend on (one
+    forward and backward; e.g. BERT's pooler under a loss on the hidden states)."""
+    targets = find_targets(model, modules)
+    weights = [t.weight for t in targets]
+    with differentiable(weights):
+        loss = compute_loss(loss_fn, model, batch)
+        grads = torch.autograd.grad(loss, weights, allow_unused=True)
+    return [t.name for t, g in zip(targets, grads) if g is None]
 
 
 def data_covariance(model, loss_fn, batches, modules=None) -> dict[str, torch.Tensor]:
@@ -42,17 +55,21 @@ def data_covariance(model, loss_fn, batches, modules=None) -> dict[str, torch.Te
     half-precision inputs, else the input dtype) and divided at the end, so memory is O(in^2)
     per layer whatever the number of batches. ``loss_fn`` is only called to run the forward (its
     result is ignored; any callable(model, batch) works) under torch.no_grad(). Padding tokens
-    count like any token: mask them in the forward if that matters.
+    count like any token: mask them in the forward if that matters. A batch that feeds no token
+    to the targeted layers (e.g. sequence length 0) raises ValueError naming it.
     """
     batches = as_batch_list(batches)
     targets = find_targets(model, modules)
     sums: dict[int, torch.Tensor] = {}
     counts = torch.zeros(len(targets), dtype=torch.float64)
 
+    batch_tokens = [0]  # tokens the current batch fed to any targeted layer
+
     def hook_for(i):
         def hook(module, args, output):
             x = args[0].detach()
             x = x.reshape(-1, x.shape[-1])                                  # (tokens, in)
+            batch_tokens[-1] += x.shape[0]
             if x.dtype in (torch.float16, torch.bfloat16):
                 x = x.float()
             xtx = x.T @ x
@@ -65,11 +82,20 @@ def data_covariance(model, loss_fn, batches, modules=None) -> dict[str, torch.Te
         with torch.no_grad():
             for batch in batches:
                 loss_fn(model, batch)
+                batch_tokens.append(0)
     finally:
         for h in handles:
             h.remove()
     missing = [t.name for i, t in enumerate(targets) if i not in sums]
     if missing:
         raise RuntimeError(f"the forward never ran through {missing}: loss_fn did not call them")
-    counts = all_reduce_sum(counts)
-    return {t.name: all_reduce_sum(sums[i]) / counts[i].item() for i, t in enumerate(targets)}
+    empty = [i for i, n in enumerate(batch_tokens[:len(batches)]) if n == 0]
+    if empty:
+        raise ValueError(f"data_covariance: batch(es) {empty[:10]} of {len(batches)} fed 0 tokens to "
+                         "the targeted layers (empty sequences?); leave them out")
+    counts = all_reduce_sum(counts).tolist()                          # one host copy for all layers
+    starved = [t.name for i, t in enumerate(targets) if counts[i] == 0]
+    if starved:
+        raise ValueError(f"data_covariance: layer(s) {starved[:10]} received 0 tokens over all batches")
+    totals = all_reduce_sum_many([sums[i] for i in range(len(targets))])  # packed collectives
+    return {t.name: total / count for t, total, count in zip(targets, totals, counts)}

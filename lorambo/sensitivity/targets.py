@@ -19,6 +19,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from lorambo.model.targeting import excluded_by_default
+
 __all__ = ["Target", "find_targets", "differentiable"]
 
 
@@ -68,17 +70,19 @@ def _output_head_weight(model: nn.Module):
 def find_targets(model: nn.Module, modules: Sequence[str] | str | None = None) -> list[Target]:
     """Targets of ``model`` in module order.
 
-    modules=None: every LoRA layer if the model has any, else every nn.Linear / Conv1D except the
-    output head (``model.get_output_embeddings()``, also when tied). A list of module names:
-    exactly those (LoRA layer names or Linear/Conv1D names).
+    modules=None: every LoRA layer if the model has any, else the layers ``configure_model``
+    adapts by default (peft's ``all-linear``: every nn.Linear / Conv1D except the output head,
+    also when tied, classification heads and pooler layers). A list of module names: exactly
+    those (LoRA layer names or Linear/Conv1D names).
     """
     lora, plain = _candidates(model)
     if modules is None:
         if lora:
-            targets = list(lora.values())
-        else:
-            head = _output_head_weight(model)
-            targets = [t for t in plain.values() if head is None or t.weight is not head]
+            return list(lora.values())
+        head = _output_head_weight(model)
+        excluded = excluded_by_default(model)  # as configure_model's default (peft's all-linear)
+        targets = [t for t in plain.values()
+                   if t.name not in excluded and (head is None or t.weight is not head)]
         if not targets:
             raise ValueError(
                 f"no targeted layer: {type(model).__name__} has no LoRA layer and no nn.Linear / "

@@ -51,8 +51,9 @@ def hessian_trace(model, loss_fn, batches, modules=None, num_probes: int = 64,
       part (hutch++) or of the exchangeable leave-one-out estimates (xtrace; optimistic, see
       ``sketch``). Products that are not finite: skipped probe columns where the method allows.
 
-    Deterministic for a fixed seed (keep the model in eval mode: dropout would change the
-    Hessian between passes). ``progress``: a tqdm bar, default on when stderr is a terminal
+    Works on transformers models as shipped: attention runs a path with a double backward
+    while the products are taken (see ``attention``). Deterministic for a fixed seed (keep
+    the model in eval mode: dropout would change the Hessian between passes). ``progress``: a tqdm bar, default on when stderr is a terminal
     (rank 0 only). Under torch.distributed every rank passes its own batches and the same seed;
     all ranks get the estimate for the mean loss over all ranks' batches (sums all-reduced).
     """

@@ -42,7 +42,7 @@ def device():
 
 
 @pytest.fixture(autouse=True)
-def _triton_backend(monkeypatch):
-    monkeypatch.setenv("LORAMBO_BACKEND", "triton")
+def _triton_backend(env_backend, monkeypatch):
+    env_backend("triton")
     # LORAMBO_TMA=auto picks the pointer path under the interpreter; test_kernel_tma forces TMA.
     monkeypatch.delenv("LORAMBO_TMA", raising=False)

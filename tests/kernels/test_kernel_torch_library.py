@@ -5,6 +5,7 @@ import torch
 from lora_oracle import assert_close64, make_inputs, multiplier_for, oracle
 
 import lorambo
+import lorambo.ops.custom_op as custom_op
 import lorambo.ops.triton_linear as tl_op
 from lorambo.ops.lora_linear_ref import lora_linear_reference
 
@@ -35,7 +36,7 @@ def counted_kernels(monkeypatch):
     import lorambo_kernels.lora_linear as kernels
 
     counts = {"fwd": 0, "bwd": 0, "fallback": 0}
-    fwd, bwd, fallback = kernels.lora_linear_forward, kernels.lora_linear_backward, tl_op._differentiable_backward
+    fwd, bwd, fallback = kernels.lora_linear_forward, kernels.lora_linear_backward, custom_op.differentiable_backward
 
     def wrap(key, fn):
         def inner(*a, **k):
@@ -45,7 +46,7 @@ def counted_kernels(monkeypatch):
 
     monkeypatch.setattr(kernels, "lora_linear_forward", wrap("fwd", fwd))
     monkeypatch.setattr(kernels, "lora_linear_backward", wrap("bwd", bwd))
-    monkeypatch.setattr(tl_op, "_differentiable_backward", wrap("fallback", fallback))
+    monkeypatch.setattr(custom_op, "differentiable_backward", wrap("fallback", fallback))
     return counts
 
 
@@ -66,10 +67,9 @@ def test_torch_compile_fullgraph_runs_the_kernels(counted_kernels, device):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
-def test_compiled_layer_with_dropout_has_no_graph_break_and_fresh_masks(monkeypatch):
+def test_compiled_layer_with_dropout_has_no_graph_break_and_fresh_masks():
     # LoRAMBoLinear in train mode draws a new dropout seed per call: under torch.compile that must
     # be a graph value (torch.randint), neither a graph break nor a constant frozen into the graph
-    monkeypatch.setenv("LORAMBO_BACKEND", "triton")
     torch._dynamo.reset()
     layer = lorambo.LoRAMBoLinear(torch.nn.Linear(16, 12), rank=4, capacity=8, dropout=0.5)
     with torch.no_grad():
@@ -110,12 +110,9 @@ def test_double_backward_falls_back_to_exact_formulas(counted_kernels, device):
         assert_close64(got, want, rtol=1e-4, what=f"hvp {name}")
 
 
-def test_layer_through_the_dispatch(device):
-    """LoRAMBoLinear with backend 'triton' (runs once the lead wires the dispatch)."""
-    try:
-        lorambo.backend.resolve_backend(device.type)
-    except NotImplementedError:
-        pytest.skip("lorambo.ops.dispatch does not route 'triton' to lora_linear_triton yet")
+def test_layer_through_the_dispatch(device, counted_kernels):
+    """LoRAMBoLinear with backend 'triton' runs the kernels, forward and backward."""
+    assert lorambo.backend.resolve_backend(device.type, torch.float32) == "triton"
     torch.manual_seed(0)
     layer = lorambo.LoRAMBoLinear(torch.nn.Linear(16, 12), rank=3, capacity=8, alpha=6.0).to(device)
     with torch.no_grad():
@@ -125,4 +122,5 @@ def test_layer_through_the_dispatch(device):
     ref = lora_linear_reference(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, 3, layer.scaling)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     y.sum().backward()
+    assert counted_kernels["fwd"] == 1 and counted_kernels["bwd"] == 1
     assert torch.equal(layer.lora_A.grad[3:], torch.zeros_like(layer.lora_A.grad[3:]))

@@ -57,7 +57,10 @@ def test_unknown_method_and_nan_estimates():
         LoRAMBoOptimizer(_model(), 1000, sensitivity_method="fisher")
     opt = LoRAMBoOptimizer(_model(), 1000, sensitivity_method="gradient")
     batch = (torch.full((3, 6), math.nan), torch.zeros(3, 4))
-    with pytest.raises(ValueError, match=r"gradient sensitivity of layer '0' is nan"):
+    with pytest.raises(RuntimeError, match=r"gradient_sensitivity: the loss on batch 0 is nan"):
+        opt.compute_optimal_ranks([batch], lambda m, b: ((m(b[0]) - b[1]) ** 2).mean())
+    opt = LoRAMBoOptimizer(_model(), 1000, sensitivity_method="data")
+    with pytest.raises(ValueError, match=r"data sensitivity of layer '0' is nan"):
         opt.compute_optimal_ranks([batch], lambda m, b: ((m(b[0]) - b[1]) ** 2).mean())
 
 

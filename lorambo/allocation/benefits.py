@@ -1,0 +1,222 @@
+"""Top singular pairs of projected layer gradients, matrix-free: the marginal benefit of new ranks.
+
+For a layer with captured inputs X [T, in] and output gradients dY [T, out], G = sum dY^T X and
+G_perp = (I - Pb) G (I - Pa), Pa / Pb the projectors on the row space of the active A / column
+space of the active B (see ``online.py`` for why sigma_j(G_perp) is the gain of the j-th new
+rank). sigma_1..sigma_k come from a randomized block power iteration (Halko, Martinsson, Tropp
+2011) with k + oversample columns and 2 * niter + 2 products with G or G^T.
+
+:func:`projected_top_singular` does one layer. :func:`projected_top_singular_many` does many
+layers in lockstep: each of the 2 * niter + 2 steps is one grouped product over all layers
+(``lorambo.ops.sketch.LayerProducts``: the grouped Triton kernels on CUDA, the PyTorch loop
+elsewhere), one all-reduce of one flat buffer under DDP, and one batched QR per group of layers
+of equal shape; the results of all layers are broadcast from process 0 in one buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lorambo.integrations.distributed import all_reduce_mean, broadcast_
+from lorambo.ops.sketch import LayerProducts
+
+__all__ = ["subspace_basis", "projected_top_singular", "projected_top_singular_many"]
+
+
+def subspace_basis(columns: torch.Tensor) -> torch.Tensor | None:
+    """Orthonormal basis [n, q] of the span of ``columns`` [n, r], rank-revealing (an SVD with
+    LAPACK's usual tolerance, so B = 0 columns contribute nothing); None for an empty span."""
+    if columns.shape[1] == 0:
+        return None
+    u, s, _ = torch.linalg.svd(columns, full_matrices=False)
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        return None
+    tol = float(s[0]) * max(columns.shape) * torch.finfo(s.dtype).eps
+    keep = s > tol
+    return u[:, keep]
+
+
+def _project_out(m: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
+    return m if basis is None else m - basis @ (basis.transpose(-1, -2) @ m)
+
+
+def projected_top_singular(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], in_features: int,
+                           out_features: int, k: int, a_basis: torch.Tensor | None = None,
+                           b_basis: torch.Tensor | None = None, niter: int = 4, oversample: int = 4,
+                           generator: torch.Generator | None = None, dtype=None, device=None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` singular values [k] and right singular vectors [in, k] of
+    ``(I - Pb) (sum dY^T X) (I - Pa)`` (Pa, Pb: projectors on the given bases), matrix-free.
+
+    The product count is fixed (2 * niter + 2), also on a zero gradient, so DDP processes always
+    issue the same collectives. Results are broadcast from process 0.
+    """
+    if pairs:
+        device = pairs[0][0].device if device is None else device
+        dtype = torch.promote_types(pairs[0][0].dtype, torch.float32) if dtype is None else dtype
+    dtype = dtype or torch.float32
+    device = device or torch.device("cpu")
+    cast = [(x.to(dtype), dy.to(dtype)) for x, dy in pairs]
+    a_basis = None if a_basis is None else a_basis.to(device, dtype)
+    b_basis = None if b_basis is None else b_basis.to(device, dtype)
+
+    def mv(v):  # (in, p) -> (out, p): G_perp v
+        v = _project_out(v, a_basis)
+        out = torch.zeros(out_features, v.shape[1], dtype=dtype, device=device)
+        for x, dy in cast:
+            out += dy.T @ (x @ v)                                              # (out, p)
+        return _project_out(all_reduce_mean(out), b_basis)
+
+    def rmv(u):  # (out, p) -> (in, p): G_perp^T u
+        u = _project_out(u, b_basis)
+        out = torch.zeros(in_features, u.shape[1], dtype=dtype, device=device)
+        for x, dy in cast:
+            out += x.T @ (dy @ u)                                              # (in, p)
+        return _project_out(all_reduce_mean(out), a_basis)
+
+    p = max(1, min(k + oversample, in_features, out_features))
+    omega = torch.randn(in_features, p, generator=generator, dtype=torch.float64).to(device, dtype)
+    q = torch.linalg.qr(mv(omega)).Q                                           # (out, p)
+    for _ in range(niter):
+        q = torch.linalg.qr(mv(torch.linalg.qr(rmv(q)).Q)).Q
+    small = rmv(q).T                                                           # (p, in) = Q^T G_perp
+    _, sigma, vh = torch.linalg.svd(small, full_matrices=False)
+    k = min(k, sigma.numel())
+    sigma, vectors = broadcast_(sigma[:k].contiguous()), broadcast_(vh[:k].T.contiguous())
+    return sigma, vectors
+
+
+def _batched_basis(columns: Sequence[torch.Tensor], n: int, dtype, device) -> torch.Tensor | None:
+    """Orthonormal bases of the spans of ``columns[g]`` [n, r_g] as one zero-padded [G, n, q]
+    tensor (the columns :func:`subspace_basis` would keep, zeros elsewhere); None if all empty."""
+    width = max(c.shape[1] for c in columns)
+    if width == 0:
+        return None
+    stacked = torch.zeros(len(columns), n, width, dtype=dtype, device=device)
+    for g, c in enumerate(columns):
+        stacked[g, :, :c.shape[1]] = c
+    u, s, _ = torch.linalg.svd(stacked, full_matrices=False)                   # (G, n, w), (G, w)
+    ranks = torch.tensor([max(n, c.shape[1]) for c in columns], dtype=s.dtype, device=device)
+    tol = s[:, :1] * ranks[:, None] * torch.finfo(s.dtype).eps
+    keep = (s > tol) & (s[:, :1] > 0)
+    return u * keep[:, None, :].to(u.dtype)
+
+
+def projected_top_singular_many(pairs: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]],
+                                in_features: Sequence[int], out_features: Sequence[int],
+                                ks: Sequence[int], a_columns: Sequence[torch.Tensor],
+                                b_columns: Sequence[torch.Tensor], niter: int = 4, oversample: int = 4,
+                                generators: Sequence[torch.Generator] | None = None,
+                                seeds: Sequence[int] | None = None, dtype=None, device=None
+                                ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """:func:`projected_top_singular` for every layer l at once, in lockstep.
+
+    ``pairs[l]``: captured (X, dY) of layer l; ``ks[l]`` singular pairs wanted;
+    ``a_columns[l]`` [in_l, r] / ``b_columns[l]`` [out_l, r] span the directions to project out
+    (the active rows of A transposed, the active columns of B; r may be 0).
+    Probes: on the PyTorch path ``generators[l]`` draws layer l's Gaussian start as
+    :func:`projected_top_singular` does (same numbers as calling it per layer, up to rounding);
+    on the kernel path the start is generated inside the kernel from ``seeds[l]`` (there it is
+    not projected before the first product: that product is projected after it, and the
+    power iterations run in the projected space from then on).
+
+    Returns (sigmas [L, max_k] float64 on the CPU, 0 past ks[l]: one host transfer for the
+    whole decision; singular values [k_l] and right singular vectors [in_l, k_l] per layer on
+    ``device``), identical on every process.
+    """
+    n = len(pairs)
+    if not n == len(in_features) == len(out_features) == len(ks) == len(a_columns) == len(b_columns):
+        raise ValueError(f"lorambo.allocation.benefits.projected_top_singular_many: {n} layers but "
+                         f"{len(in_features)}/{len(out_features)}/{len(ks)}/{len(a_columns)}/"
+                         f"{len(b_columns)} sizes, ks, bases")
+    flat = [t for ps in pairs for pair in ps for t in pair]
+    device = torch.device(device) if device is not None else (flat[0].device if flat else torch.device("cpu"))
+    if dtype is None:
+        dtype = torch.float32
+        for t in flat:
+            dtype = torch.promote_types(dtype, t.dtype)
+    ps = [max(1, min(k + oversample, i, o)) for k, i, o in zip(ks, in_features, out_features)]
+    # layers of equal (in, out, p) are adjacent in the flat buffers: one batched QR per group
+    order = sorted(range(n), key=lambda l: (in_features[l], out_features[l], ps[l], l))
+    groups: list[list[int]] = []
+    for pos, l in enumerate(order):
+        if groups and (in_features[order[groups[-1][0]]], out_features[order[groups[-1][0]]],
+                       ps[order[groups[-1][0]]]) == (in_features[l], out_features[l], ps[l]):
+            groups[-1].append(pos)
+        else:
+            groups.append([pos])
+    width = max(ps)
+    prod = LayerProducts([pairs[l] for l in order], [in_features[l] for l in order],
+                         [out_features[l] for l in order], width, dtype, device,
+                         seeds=None if seeds is None else [int(seeds[l]) for l in order],
+                         p_used=[ps[l] for l in order])
+    work = prod.dtype
+    dims = {"in": [in_features[l] for l in order], "out": [out_features[l] for l in order]}
+    offsets = {"in": prod.in_offsets, "out": prod.out_offsets}
+
+    def region(buf, side, g):  # (G, dim, p_g) view of group g in a flat buffer
+        first, last = groups[g][0], groups[g][-1] + 1
+        view = buf[offsets[side][first]:offsets[side][last]].view(last - first, dims[side][first], width)
+        return view[..., :ps[order[first]]]
+
+    bases = {"in": [], "out": []}
+    for members in groups:
+        ls = [order[pos] for pos in members]
+        bases["in"].append(_batched_basis([a_columns[l].to(device, work) for l in ls], in_features[ls[0]],
+                                          work, device))
+        bases["out"].append(_batched_basis([b_columns[l].to(device, work) for l in ls], out_features[ls[0]],
+                                           work, device))
+
+    def pre(buf, side):  # project the input directions out, group by group
+        out = torch.zeros(prod.numel(side == "in"), dtype=work, device=device)
+        for g in range(len(groups)):
+            region(out, side, g).copy_(_project_out(region(buf, side, g), bases[side][g]))
+        return out
+
+    def product(buf, side_in):  # G_perp (side_in "in") or G_perp^T, before the output projection
+        return all_reduce_mean(prod.apply(buf, adjoint=side_in == "out").to(work))
+
+    def orth(buf, side):  # project the output directions out, then QR, group by group
+        out = torch.zeros_like(buf)
+        for g in range(len(groups)):
+            region(out, side, g).copy_(torch.linalg.qr(_project_out(region(buf, side, g), bases[side][g])).Q)
+        return out
+
+    if prod.kernels:
+        omega = None  # generated inside the kernel
+    else:
+        if generators is None:
+            raise ValueError("projected_top_singular_many: the PyTorch path needs generators")
+        omega = torch.zeros(prod.numel(True), dtype=work, device=device)
+        for pos, l in enumerate(order):
+            block = omega[prod.in_offsets[pos]:prod.in_offsets[pos + 1]].view(in_features[l], width)
+            block[:, :ps[l]] = torch.randn(in_features[l], ps[l], generator=generators[l],
+                                           dtype=torch.float64).to(device, work)
+        omega = pre(omega, "in")
+    q = orth(product(omega, "in"), "out")
+    for _ in range(niter):
+        q = orth(product(pre(orth(product(pre(q, "out"), "out"), "in"), "in"), "in"), "out")
+    small = product(pre(q, "out"), "out")                                       # G_perp^T Q
+    max_k = max(ks) if ks else 0
+    packed_sigma = torch.zeros(n, max_k, dtype=work, device=device)
+    vectors: list[torch.Tensor | None] = [None] * n
+    for g, members in enumerate(groups):
+        z = _project_out(region(small, "in", g), bases["in"][g])                # (G, in, p)
+        _, sigma, vh = torch.linalg.svd(z.transpose(1, 2), full_matrices=False)  # (G, p), (G, p, in)
+        for j, pos in enumerate(members):
+            l = order[pos]
+            k = min(ks[l], sigma.shape[1])
+            packed_sigma[l, :k] = sigma[j, :k]
+            vectors[l] = vh[j, :k].T
+    # one broadcast: process 0's numbers everywhere, then one host transfer of the gains
+    got = [v.shape[1] for v in vectors]
+    packed = broadcast_(torch.cat([packed_sigma.flatten()] + [v.flatten() for v in vectors]))
+    packed_sigma = packed[:n * max_k].view(n, max_k)
+    out_vectors, pos = [], n * max_k
+    for l, k in enumerate(got):
+        out_vectors.append(packed[pos:pos + in_features[l] * k].view(in_features[l], k))
+        pos += in_features[l] * k
+    sigmas_host = packed_sigma.double().cpu()
+    return sigmas_host, [packed_sigma[l, :got[l]] for l in range(n)], out_vectors

@@ -1,0 +1,146 @@
+"""One LoRA linear op per backend as ``torch.library`` custom ops: traceable, with exact double backward.
+
+    y = x W^T + b + s * (drop(x) A_r^T) B_r^T,   A_r = A[:r], B_r = B[:, :r]
+
+:func:`define_lora_op` turns a backend's three plain functions (forward, backward, dropout
+multiplier) into three custom ops in the backend's namespace ``ns``, each with a fake (meta)
+implementation, and connects them with ``register_autograd``::
+
+    ns::lora_linear_fwd(x2, W, b?, A, B, rank, scaling, p, seed) -> (y [M, N], t [M, r])
+    ns::lora_linear_bwd(dY, x2, W, A, B, t, rank, scaling, p, seed, needs x5) -> 5 grads
+    ns::dropout_multiplier(x2, p, seed) -> 0 or 1/(1-p), shaped like x2
+
+Why custom ops: ``torch.compile(fullgraph=True)`` sees each one as a single opaque node, so
+nothing inside (a ``torch.Generator``, a C++ op, a Triton launch) has to be traceable.
+
+- ``seed`` is a 0-d int64 CPU tensor, not a Python int: under torch.compile a fresh dropout seed
+  per call is then a ``torch.randint`` node of the graph, where an int would be a graph break
+  (``.item()``) or a constant baked into the graph (the same mask on every call). Reading a CPU
+  scalar inside the op is no device synchronisation.
+- ``rank`` is a ``SymInt`` in the schema: a compiled model whose rank changes keeps one graph
+  with a symbolic rank (t's fake shape is [M, rank]) instead of one graph per rank.
+- ``t = drop(x) A_r^T`` is saved from the forward; the dropout mask is regenerated from the seed
+  in the backward, never stored; only the gradients autograd asks for are computed, and
+  gradients of inactive pool slots are exactly zero.
+- With ``create_graph=True`` (Hessian-vector products) the backward evaluates the same formulas
+  with differentiable torch ops on the saved inputs (mask from the backend's own
+  ``dropout_multiplier``), so double backward is exact; plain backward never takes that path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["define_lora_op", "differentiable_backward", "seed_tensor", "seed_value"]
+
+
+def seed_tensor(seed) -> Tensor:
+    """``seed`` (int or 0-d int64 CPU tensor) as the 0-d int64 CPU tensor the ops take."""
+    return seed if isinstance(seed, Tensor) else torch.tensor(int(seed), dtype=torch.int64)
+
+
+def seed_value(seed: Tensor) -> int:
+    """The seed as a Python int (a CPU scalar: no device synchronisation)."""
+    return int(seed)
+
+
+def differentiable_backward(grad_y, x, weight, lora_A, lora_B, rank, scaling, mask, needs):
+    """The backward formulas with differentiable torch ops (for double backward, exact).
+
+    ``mask``: the dropout multiplier of x (0 or 1/(1-p)), or None without dropout.
+    """
+    need_x, need_w, need_b, need_a, need_bb = needs
+    grad_x = grad_w = grad_b = grad_a = grad_bb = None
+    x_drop = x if mask is None else x * mask
+    a_r, b_r = lora_A[:rank], lora_B[:, :rank]
+    t_prime = grad_y @ b_r  # (M, r)
+    if need_x:
+        lora_x = (t_prime @ a_r) * scaling
+        grad_x = grad_y @ weight + (lora_x if mask is None else lora_x * mask)
+    if need_w:
+        grad_w = grad_y.t() @ x
+    if need_b:
+        grad_b = grad_y.sum(0)
+    if need_a:
+        grad_a = F.pad((t_prime.t() @ x_drop) * scaling, (0, 0, 0, lora_A.shape[0] - rank))
+    if need_bb:
+        grad_bb = F.pad((grad_y.t() @ (x_drop @ a_r.t())) * scaling, (0, lora_B.shape[1] - rank))
+    return grad_x, grad_w, grad_b, grad_a, grad_bb
+
+
+def define_lora_op(ns: str, forward: Callable, backward: Callable, multiplier: Callable) -> Callable:
+    """Register the three ops in namespace ``ns`` and return ``apply(x2, W, b, A, B, rank,
+    scaling, p, seed_tensor) -> y`` (x2 is [M, K]; autograd-aware, traceable).
+
+    forward(x, W, b, A, B, rank, scaling, p, seed: int) -> (y [M, N], t [M, r])
+    backward(dY, x, W, A, B, t, rank, scaling, p, seed: int, needs) -> 5 gradients (None where
+        not needed; dA / dB full pool shape with zero inactive slots)
+    multiplier(x, p, seed: int) -> the dropout multiplier forward/backward apply to x
+    """
+
+    @torch.library.custom_op(f"{ns}::lora_linear_fwd", mutates_args=())
+    def lora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                        rank: int, scaling: float, dropout_p: float, seed: Tensor) -> tuple[Tensor, Tensor]:
+        return forward(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed_value(seed))
+
+    @lora_linear_fwd.register_fake
+    def _fwd_fake(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed):
+        m = x.shape[0]
+        return x.new_empty((m, weight.shape[0])), x.new_empty((m, rank))
+
+    @torch.library.custom_op(f"{ns}::lora_linear_bwd", mutates_args=())
+    def lora_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, t: Tensor,
+                        rank: int, scaling: float, dropout_p: float, seed: Tensor, need_x: bool, need_w: bool,
+                        need_b: bool, need_a: bool, need_bb: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(dx, dW, db, dA, dB); a gradient that was not asked for is an empty [0] tensor."""
+        grads = backward(grad_y, x, weight, lora_A, lora_B, t, rank, scaling, dropout_p, seed_value(seed),
+                         (need_x, need_w, need_b, need_a, need_bb))
+        return tuple(g if g is not None else x.new_empty((0,)) for g in grads)
+
+    @lora_linear_bwd.register_fake
+    def _bwd_fake(grad_y, x, weight, lora_A, lora_B, t, rank, scaling, dropout_p, seed,
+                  need_x, need_w, need_b, need_a, need_bb):
+        shapes = (x.shape, weight.shape, (weight.shape[0],), lora_A.shape, lora_B.shape)
+        needs = (need_x, need_w, need_b, need_a, need_bb)
+        return tuple(x.new_empty(s if need else (0,)) for s, need in zip(shapes, needs))
+
+    @torch.library.custom_op(f"{ns}::dropout_multiplier", mutates_args=())
+    def dropout_multiplier(x: Tensor, dropout_p: float, seed: Tensor) -> Tensor:
+        return multiplier(x, dropout_p, seed_value(seed))
+
+    @dropout_multiplier.register_fake
+    def _multiplier_fake(x, dropout_p, seed):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed = inputs
+        ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
+        ctx.rank, ctx.scaling, ctx.dropout_p = rank, scaling, dropout_p
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(output[1])
+
+    def backward_rule(ctx, grad_y, _grad_t):
+        x, weight, lora_A, lora_B, t, seed = ctx.saved_tensors
+        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        needs = (need_x, need_w, need_b and ctx.has_bias, need_a, need_bb)
+        rank, scaling, p = ctx.rank, ctx.scaling, ctx.dropout_p
+        if torch.is_grad_enabled():  # create_graph=True: differentiable formulas (see module doc)
+            mask = dropout_multiplier(x.detach(), p, seed) if p > 0.0 else None
+            grads = differentiable_backward(grad_y, x, weight, lora_A, lora_B, rank, scaling, mask, needs)
+        else:
+            out = lora_linear_bwd(grad_y, x, weight, lora_A, lora_B, t, rank, scaling, p, seed, *needs)
+            grads = tuple(g if need else None for g, need in zip(out, needs))
+        return (*grads, None, None, None, None)
+
+    lora_linear_fwd.register_autograd(backward_rule, setup_context=setup_context)
+
+    def apply(x2, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed):
+        return lora_linear_fwd(x2, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)[0]
+
+    return apply
+

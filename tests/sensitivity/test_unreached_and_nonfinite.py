@@ -1,0 +1,138 @@
+"""Layers the loss never reaches are skipped with a warning (FisherProxy, LoRAMBoOptimizer);
+a NaN loss is an error in gradient_sensitivity and FisherProxy; 0-token batches are an error
+in data_covariance. Default targets follow peft's all-linear without the pooler."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lorambo
+from lorambo.sensitivity import FisherProxy, data_covariance, gradient_sensitivity, targets_without_gradient
+
+DT = torch.float64
+
+
+class WithPooler(nn.Module):
+    """BERT-like: a pooler computed in the forward that the hidden-state loss never uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.ModuleDict({"a": nn.Linear(5, 6, dtype=DT), "b": nn.Linear(6, 5, dtype=DT)})
+        self.pooler = nn.ModuleDict({"dense": nn.Linear(5, 5, dtype=DT)})
+        self.classifier = nn.Linear(5, 2, dtype=DT)
+
+    def forward(self, x):
+        hidden = self.encoder["b"](torch.tanh(self.encoder["a"](x)))
+        pooled = torch.tanh(self.pooler["dense"](hidden.mean(1)))
+        return hidden, pooled
+
+
+def hidden_loss(model, batch):
+    x, y = batch
+    return ((model(x)[0] - y) ** 2).mean()
+
+
+def _batches(n=2):
+    return [(torch.randn(3, 4, 5, dtype=DT), torch.randn(3, 4, 5, dtype=DT)) for _ in range(n)]
+
+
+def test_default_targets_leave_out_pooler_and_heads():
+    model = WithPooler()
+    assert lorambo.model.default_targets(model) == ["encoder.a", "encoder.b"]
+    assert [t.name for t in lorambo.sensitivity.find_targets(model)] == ["encoder.a", "encoder.b"]
+    lorambo.configure_model(model, 2, target_modules="all-linear")
+    assert list(lorambo.lora_layers(model)) == ["encoder.a", "encoder.b"]
+
+
+def test_targets_without_gradient_names_the_pooler():
+    model = WithPooler()
+    names = ["encoder.a", "pooler.dense", "encoder.b"]
+    assert targets_without_gradient(model, hidden_loss, _batches(1)[0], names) == ["pooler.dense"]
+
+
+def test_fisher_skips_unreached_layer_with_a_warning_and_matches_per_example_reference():
+    model = WithPooler()
+    batches = _batches(2)
+    with FisherProxy(model, modules=["encoder.a", "pooler.dense"], reduction="mean") as fisher:
+        for b in batches:
+            hidden_loss(model, b).backward()
+    with pytest.warns(RuntimeWarning, match=r"no gradient reached layer\(s\) \['pooler.dense'\]"):
+        est = fisher.estimates()
+    assert list(est) == ["encoder.a"]
+    # reference: per-example gradients of the per-example loss, float64
+    w = model.encoder["a"].weight
+    sq = []
+    for x, y in batches:
+        for n in range(x.shape[0]):
+            loss = ((model(x[n:n + 1])[0] - y[n:n + 1]) ** 2).mean()
+            (g,) = torch.autograd.grad(loss, w)
+            sq.append(float(g.pow(2).sum()))
+    assert est["encoder.a"].value == pytest.approx(sum(sq) / len(sq), rel=1e-9)
+    assert est["encoder.a"].num_probes == 6
+
+
+def test_fisher_with_no_layer_reached_raises():
+    model = WithPooler()
+    with FisherProxy(model, modules=["pooler.dense"]) as fisher:
+        hidden_loss(model, _batches(1)[0]).backward()
+    with pytest.raises(RuntimeError, match="no backward pass through layer .* nor through any other"):
+        fisher.estimates()
+
+
+def test_fisher_nan_loss_is_an_error_and_partial_nan_a_warning():
+    model = WithPooler()
+    good, (x, y) = _batches(1)[0], _batches(1)[0]
+    nan_batch = (x, torch.full_like(y, float("nan")))
+    with FisherProxy(model, modules=["encoder.a"]) as fisher:
+        hidden_loss(model, nan_batch).backward()
+    with pytest.raises(RuntimeError, match=r"'encoder.a' had a non-finite gradient"):
+        fisher.estimates()
+    with FisherProxy(model, modules=["encoder.a"]) as fisher:
+        hidden_loss(model, nan_batch).backward()
+        hidden_loss(model, good).backward()
+    with pytest.warns(RuntimeWarning, match="left out 3 of 6"):
+        est = fisher.estimates()
+    with FisherProxy(model, modules=["encoder.a"]) as clean:
+        hidden_loss(model, good).backward()
+    assert est["encoder.a"].value == pytest.approx(clean.estimates()["encoder.a"].value, rel=1e-12)
+    assert est["encoder.a"].num_probes == 3
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_gradient_sensitivity_non_finite_loss_names_the_batch(bad):
+    model = WithPooler()
+    batches = _batches(3)
+    x, y = batches[1]
+    batches[1] = (x, torch.full_like(y, bad))
+    with pytest.raises(RuntimeError, match="loss on batch 1 is"):
+        gradient_sensitivity(model, hidden_loss, batches, modules=["encoder.a"])
+
+
+def test_data_covariance_empty_batches_are_named():
+    model = WithPooler()
+    batches = _batches(3)
+    batches[0] = (torch.randn(3, 0, 5, dtype=DT), None)
+    batches[2] = (torch.randn(0, 4, 5, dtype=DT), None)
+    with pytest.raises(ValueError, match=r"batch\(es\) \[0, 2\] of 3 fed 0 tokens"):
+        data_covariance(model, lambda m, b: m(b[0]), batches, modules=["encoder.a"])
+    cov = data_covariance(model, lambda m, b: m(b[0]), [batches[1]], modules=["encoder.a"])
+    xs = batches[1][0].reshape(-1, 5)
+    torch.testing.assert_close(cov["encoder.a"], xs.T @ xs / xs.shape[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["gradient", "hessian"])
+def test_optimizer_skips_unreached_target_with_a_warning(method):
+    model = WithPooler()
+    names = ["encoder.a", "encoder.b", "pooler.dense"]
+    opt = lorambo.LoRAMBoOptimizer(model, total_budget=200, sensitivity_method=method,
+                                   target_modules=names, num_probes=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ranks = opt.compute_optimal_ranks(_batches(2), hidden_loss)
+    assert any("pooler.dense" in str(w.message) and "skipped" in str(w.message) for w in caught)
+    assert set(ranks) == {"encoder.a", "encoder.b"} and opt.names == ["encoder.a", "encoder.b"]
+    assert sum(r * 11 for r in ranks.values()) <= 200
+    opt.configure()
+    assert set(lorambo.lora_layers(model)) == {"encoder.a", "encoder.b"}

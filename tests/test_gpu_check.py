@@ -1,0 +1,176 @@
+"""benchmarks/gpu_check.py: its CPU smoke run end to end, its verdicts, its stage time limits.
+
+The smoke run is the GPU check with the CUDA build left out, on CPU under the Triton interpreter
+at tiny sizes: every stage, every CSV column the verdict reads, the verdict table and the output
+folder, so the check cannot fail for a trivial reason the day it runs on a GPU.
+"""
+
+import csv
+import importlib.util
+import math
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_check = _load("gpu_check")
+gpu_targets = gpu_check.gpu_targets
+bench = _load("bench_lora_linear")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the smoke mode is for CPU machines")
+def test_cpu_smoke_runs_every_stage_and_ends_with_the_verdict_table(tmp_path):
+    pytest.importorskip("matplotlib")
+    from lorambo import ext_ops
+
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--cpu-smoke", "--out", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    lines = proc.stdout.rstrip().splitlines()
+
+    # the last lines: one per target, in order, each judged PASS or MISS
+    target_lines = lines[-len(gpu_targets.TARGETS):]
+    for target, line in zip(gpu_targets.TARGETS, target_lines):
+        assert line.startswith(target.name) and (" PASS " in line or " MISS " in line), line
+    status = {line[:11].strip(): line[12:25].strip() for line in lines
+              if line[:11].strip() in ("build", "gpu tests", "bench", "bench ext")}
+    assert status == {"build": "SKIP", "gpu tests": "OK", "bench": "OK", "bench ext": "OK"}, lines
+
+    # the output folder keeps to the device tool's limits
+    files = sorted(p.name for p in out.rglob("*"))
+    assert len(files) <= 8 and set(files) <= set(gpu_check.OUTPUTS), files
+    expected = {"verdict.md", "gpu_check.log", "junit.xml", "lora_linear.csv", "lora_linear.md", "lora_linear.png"}
+    if ext_ops.available():
+        expected |= {"ext.csv", "ext.md"}
+    assert expected <= set(files)
+    assert all((out / f).stat().st_size < 16 * 2**20 for f in files)
+    assert (out / "lora_linear.png").stat().st_size > 5000
+    verdict = (out / "verdict.md").read_text()
+    assert all(t.name in verdict for t in gpu_targets.TARGETS)
+    log = (out / "gpu_check.log").read_text()
+    assert "===== gpu_tests" in log and "===== bench" in log
+
+    # the GPU tests were collected (none fails to import) and skipped without CUDA
+    suite = ET.parse(out / "junit.xml").getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    assert int(suite.get("tests")) > 10
+    assert int(suite.get("failures")) == 0 and int(suite.get("errors")) == 0
+
+    # every labelled case was measured, by every provider it concerns
+    rows = list(csv.DictReader((out / "lora_linear.csv").open()))
+    for case in bench.SMOKE:
+        providers = {r["provider"] for r in rows if r["case"] == case.label}
+        assert providers == ({"lorambo"} if case.lorambo_only else {"base", "peft_style", "lorambo"}), case
+    assert all(math.isfinite(float(r["ms_median"])) and float(r["ms_median"]) > 0 for r in rows)
+    # saved for backward: the peft-style layer keeps exactly t = A x, [M, r] float32
+    large = next(c for c in bench.SMOKE if c.label == "large")
+    saved = {r["provider"]: int(r["saved_bytes"]) for r in rows if r["case"] == "large" and r["mode"] == "fwd_bwd"}
+    assert saved["peft_style"] == large.m * large.rank * 4
+    assert saved["base"] == 0 and saved["lorambo"] >= large.m * large.rank * 4
+
+
+def _row(case, provider, mode, ms, dtype="bfloat16", saved=-1, shape=(8192, 4096, 4096)):
+    m, k, n = shape
+    return dict(case=case, provider=provider, mode=mode, dtype=dtype, ms_median=str(ms), saved_bytes=str(saved),
+                M=str(m), K=str(k), N=str(n))
+
+
+def test_verdicts_judge_each_target_against_its_limit():
+    lora = [
+        _row("large", "base", "fwd_bwd", 1.0, saved=0), _row("large", "lorambo", "fwd_bwd", 1.10, saved=300),
+        _row("large", "peft", "fwd_bwd", 1.5, saved=256), _row("large", "peft_style", "fwd_bwd", 1.5, saved=1000),
+        _row("mid", "base", "fwd_bwd", 0.2, shape=(2048, 4096, 4096)),
+        _row("mid", "lorambo", "fwd_bwd", 0.2 * 1.26, shape=(2048, 4096, 4096)),
+        # wide: lorambo failed, no row
+        _row("wide", "base", "fwd_bwd", 2.0, shape=(8192, 4096, 11008)),
+        _row("pool_dense", "lorambo", "fwd_bwd", 1.0), _row("pool", "lorambo", "fwd_bwd", 1.04),
+        _row("decode", "base", "fwd", 0.01, shape=(1, 4096, 4096)),
+        _row("decode", "lorambo", "fwd", 0.02, shape=(1, 4096, 4096)),
+        _row("large", "base", "fwd_bwd", 2.0, dtype="float16"),
+        _row("large", "lorambo", "fwd_bwd", 2.1, dtype="float16"),
+    ]
+    ext = [dict(section="reduce", case=c, dtype=d, provider=p, ms_median=str(ms)) for c, d, p, ms in [
+        ("dot_224", "float32", "python_loop", 10.0), ("dot_224", "float32", "ext", 1.0),
+        ("sq_norm_224", "bfloat16", "python_loop", 6.0), ("sq_norm_224", "bfloat16", "ext", 1.0)]]
+    got = {v.target.name: v for v in gpu_targets.evaluate(lora, ext)}
+    assert [v.target.name for v in gpu_targets.evaluate(lora, ext)] == [t.name for t in gpu_targets.TARGETS]
+
+    large = got["fwd+bwd M=8192 4096->4096 r=16"]
+    assert large.word == "PASS" and large.value == pytest.approx(1.10) and large.fp16 == pytest.approx(1.05)
+    assert got["fwd+bwd M=2048 4096->4096 r=16"].word == "MISS"  # 1.26 > 1.25
+    wide = got["fwd+bwd M=8192 4096->11008 r=16"]
+    assert wide.word == "MISS" and wide.value is None and "not measured" in wide.note
+    assert got["rank 8: capacity 128 / capacity 8"].word == "PASS"
+    assert got["forward M=1 (decode) r=16"].value == pytest.approx(2.0)
+    memory = got["saved for backward / peft"]  # against the peft library, not the peft-style layer
+    assert memory.word == "MISS" and memory.value == pytest.approx(300 / 256) and "peft" in memory.note
+    speedup = got["ext reductions, 224 tensors: loop/ext"]
+    assert speedup.word == "PASS" and speedup.value == pytest.approx(6.0)  # the worst of the two
+    assert gpu_targets.evaluate([], [])[0].word == "MISS"
+    lines = gpu_targets.table(list(got.values()))
+    assert len(lines) == len(gpu_targets.TARGETS) + 1 and all(" PASS " in ln or " MISS " in ln for ln in lines[1:])
+
+
+def test_a_hung_stage_is_stopped_at_its_limit_and_reported(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "MIN_STAGE_S", 0.5)
+    start = time.monotonic()
+    stage = gpu_check.run("hang", [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(120)"],
+                          None, 3.0, tmp_path)
+    assert stage.status == "TIMEOUT" and time.monotonic() - start < 30
+    assert "started" in (tmp_path / "hang.log").read_text()
+    failed = gpu_check.run("fails", [sys.executable, "-c", "raise SystemExit(3)"], None, 60.0, tmp_path)
+    assert failed.status == "FAIL (3)"
+    assert gpu_check.run("late", [sys.executable, "-c", "pass"], None, 0.4, tmp_path).status == "SKIP"
+
+
+def test_output_folder_limits_are_checked(tmp_path):
+    for i in range(9):
+        (tmp_path / f"f{i}.txt").write_text("x")
+    deep = tmp_path / "a" / "b" / "c"
+    deep.mkdir(parents=True)
+    (deep / "deep.txt").write_text("x")
+    problems = gpu_check.output_problems(tmp_path)
+    assert any("10 files" in p for p in problems) and any("too deep" in p for p in problems)
+    assert gpu_check.output_problems(deep) == []
+
+
+# What the GPU machine's python3 has that these files may use (docs/gpu_check.md): its image has no
+# network and lacks some of requirements/dev.txt (the MiniLM model package, for one).
+GPU_IMAGE_MODULES = {"torch", "triton", "numpy", "pytest", "hypothesis", "peft", "transformers", "safetensors", "tqdm",
+                     "yaml", "matplotlib", "lorambo", "lorambo_kernels", "lora_oracle", "ext_testutil"}
+
+
+def test_gpu_test_files_import_only_what_the_gpu_image_has():
+    import ast
+
+    files = [ROOT / "tests" / "conftest.py", *sorted((ROOT / "tests" / "kernels").glob("*.py")),
+             *sorted((ROOT / "tests" / "ext").glob("*.py")),
+             *[BENCH / f for f in ("gpu_check.py", "gpu_targets.py", "bench_lora_linear.py", "bench_ext.py",
+                                   "providers.py")]]
+    foreign = set()
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top not in GPU_IMAGE_MODULES | {"gpu_targets", "providers"}:
+                    foreign.add(f"{path.relative_to(ROOT)}: {name}")
+    assert not foreign, sorted(foreign)
