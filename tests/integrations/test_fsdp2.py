@@ -22,7 +22,9 @@ def _free_port() -> int:
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_fsdp2_rank_edits_match_single_process(tmp_path):
     data_seed = int(torch.randint(0, 2**20, ()))
-    mp.spawn(fsdp2_worker.run, args=(2, _free_port(), str(tmp_path), data_seed), nprocs=2, join=True)
+    # fork: the workers inherit the imported modules (spawn would re-import torch and lorambo twice)
+    mp.start_processes(fsdp2_worker.run, args=(2, _free_port(), str(tmp_path), data_seed), nprocs=2, join=True,
+                       start_method="fork")
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
 
     # identical on both processes, storage never replaced
