@@ -193,7 +193,8 @@ def _split_tensors(tensors: dict[str, torch.Tensor], where: str):
 def _group_saved(model: nn.Module, other: dict[str, torch.Tensor], entries, where: str):
     """``{module name: state}`` for the modules_to_save tensors (keys ``<module>.<state key>``).
     Entries that match no module are skipped, as peft does (its task types add e.g. "score")."""
-    entries = [e for e in dict.fromkeys(entries or []) if any(n and suffix_match(n, e) for n, _ in model.named_modules())]
+    module_names = [n for n, _ in model.named_modules() if n]
+    entries = [e for e in dict.fromkeys(entries or []) if any(suffix_match(n, e) for n in module_names)]
     names = resolve_modules_to_save(model, entries) if entries else []
     states: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
     for key, value in other.items():

@@ -93,7 +93,8 @@ def test_round_trip_peft_lorambo_peft_fp32(saved_peft, tmp_path):
     build, peft_model, folder = saved_peft
     ours = import_peft(build(torch.float32), folder)
     export_peft(ours, tmp_path / "back")
-    original, back = load_file(folder / "adapter_model.safetensors"), load_file(tmp_path / "back/adapter_model.safetensors")
+    original = load_file(folder / "adapter_model.safetensors")
+    back = load_file(tmp_path / "back/adapter_model.safetensors")
     lora_keys = {k for k in original if ".lora_" in k}
     assert lora_keys <= set(back)
     for key in lora_keys:

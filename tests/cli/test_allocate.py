@@ -57,7 +57,8 @@ def test_allocate_causal_lm_hessian(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
     folder = tmp_path / "gpt2"
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=30522, n_embd=32, n_layer=2, n_head=2, n_positions=64)).save_pretrained(folder)
+    tiny = GPT2LMHeadModel(GPT2Config(vocab_size=30522, n_embd=32, n_layer=2, n_head=2, n_positions=64))
+    tiny.save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(minilm_path() / name, folder / name)
     data = tmp_path / "data.txt"
