@@ -169,8 +169,14 @@ def projected_top_singular_many(pairs: Sequence[Sequence[tuple[torch.Tensor, tor
         bases["out"].append(_batched_basis([b_columns[l].to(device, work) for l in ls], out_features[ls[0]],
                                            work, device))
 
+    padded = any(p < width for p in ps)  # columns past a layer's p stay 0 in every buffer
+
+    def new_buffer(side):
+        size = prod.numel(side == "in")
+        return (torch.zeros if padded else torch.empty)(size, dtype=work, device=device)
+
     def pre(buf, side):  # project the input directions out, group by group
-        out = torch.zeros(prod.numel(side == "in"), dtype=work, device=device)
+        out = new_buffer(side)
         for g in range(len(groups)):
             region(out, side, g).copy_(_project_out(region(buf, side, g), bases[side][g]))
         return out
@@ -179,7 +185,7 @@ def projected_top_singular_many(pairs: Sequence[Sequence[tuple[torch.Tensor, tor
         return all_reduce_mean(prod.apply(buf, adjoint=side_in == "out").to(work))
 
     def orth(buf, side):  # project the output directions out, then QR, group by group
-        out = torch.zeros_like(buf)
+        out = new_buffer(side)
         for g in range(len(groups)):
             region(out, side, g).copy_(torch.linalg.qr(_project_out(region(buf, side, g), bases[side][g])).Q)
         return out
