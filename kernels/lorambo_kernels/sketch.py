@@ -256,7 +256,7 @@ def sketch_config(kind: str, device: torch.device) -> dict:
     UNMEASURED on a GPU: the project / reduce loops are bandwidth bound skinny GEMMs (p <= 64
     columns), so 64-row tiles with wide reads; the interpreter gets small tiles so tiny test
     shapes span several programs, loop steps and partial blocks."""
-    if is_interpreter() or device.type != "cuda":
+    if is_interpreter():
         return {"project": dict(BLOCK_T=16, BLOCK_N=16), "reduce": dict(BLOCK_M=16, BLOCK_T=16),
                 "gram": dict(BLOCK_T=16, BLOCK_D=16), "dots": dict(BLOCK=64, CHUNK=2)}[kind]
     return {"project": dict(BLOCK_T=64, BLOCK_N=64, num_warps=4, num_stages=3),
