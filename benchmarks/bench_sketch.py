@@ -129,10 +129,10 @@ def fisher_section(shape, tokens, device, dtype, reps, distinct, meta, seq=128):
     return rows_for(meta, "fisher", shape, len(layers), tokens, dtype, res, reps, f"{seq} tokens per example")
 
 
-def dots_section(device, dtype, reps, meta, probes=1):
+def dots_section(device, dtype, reps, meta, probes=1, scale=1):
     from lorambo import ext_ops
 
-    xs = [torch.randn(probes, 16 * (i + o), device=device).to(dtype) for i, o in SHAPES["7b"]]
+    xs = [torch.randn(probes, 16 * (i + o) // scale, device=device).to(dtype) for i, o in SHAPES["7b"]]
     ys = [torch.randn_like(x) for x in xs]
 
     def foreach():
@@ -180,17 +180,22 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="GPU: 4k tokens, few repetitions (~1 min on an H200)")
     parser.add_argument("--cpu-small", action="store_true", help="CPU-feasible sizes only")
+    parser.add_argument("--tiny", action="store_true", help="seconds on a CPU: checks the script runs")
     parser.add_argument("--tokens", type=int, nargs="*", help="token counts (default 4096 8192 16384)")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--sections", nargs="*", default=["growth", "fisher", "dots"])
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu_small else "cpu")
+    small = args.cpu_small or args.tiny
+    device = torch.device("cuda" if torch.cuda.is_available() and not small else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if args.cpu_small:
+    if args.tiny:
+        plan = [("minilm", 16)]
+        reps, distinct = args.reps or 1, 1
+    elif args.cpu_small:
         plan = [("minilm", 256), ("minilm", 1024), ("7b", 32)]
         reps, distinct = args.reps or 3, 1
     elif args.quick:
@@ -218,7 +223,7 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     if "dots" in args.sections:
         for dt_ in ((torch.float32, torch.bfloat16) if device.type == "cpu" else (torch.bfloat16,)):
-            rows += dots_section(device, dt_, reps, meta)
+            rows += dots_section(device, dt_, reps, meta, scale=64 if args.tiny else 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "sketch.csv"

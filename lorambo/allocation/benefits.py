@@ -205,24 +205,32 @@ def projected_top_singular_many(pairs: Sequence[Sequence[tuple[torch.Tensor, tor
     for _ in range(niter):
         q = orth(product(pre(orth(product(pre(q, "out"), "out"), "in"), "in"), "in"), "out")
     small = product(pre(q, "out"), "out")                                       # G_perp^T Q
-    max_k = max(ks) if ks else 0
-    packed_sigma = torch.zeros(n, max_k, dtype=work, device=device)
-    vectors: list[torch.Tensor | None] = [None] * n
-    for g, members in enumerate(groups):
+    sigmas, vhs = [], []
+    for g in range(len(groups)):
         z = _project_out(region(small, "in", g), bases["in"][g])                # (G, in, p)
-        _, sigma, vh = torch.linalg.svd(z.transpose(1, 2), full_matrices=False)  # (G, p), (G, p, in)
+        _, sigma, vh = torch.linalg.svd(z.transpose(1, 2), full_matrices=False)  # (G, q), (G, q, in)
+        sigmas.append(sigma)
+        vhs.append(vh)
+    # one broadcast (process 0's numbers everywhere), then one host copy of all singular values
+    packed = broadcast_(torch.cat([t.flatten() for t in sigmas + vhs]))
+    pos = 0
+    for i, t in enumerate(sigmas + vhs):
+        view = packed[pos:pos + t.numel()].view(t.shape)
+        pos += t.numel()
+        (sigmas if i < len(sigmas) else vhs)[i % len(sigmas)] = view
+    host = packed[:sum(t.numel() for t in sigmas)].double().cpu()
+    max_k = max(ks) if ks else 0
+    sigmas_host = torch.zeros(n, max_k, dtype=torch.float64)
+    out_sigmas: list = [None] * n
+    out_vectors: list = [None] * n
+    start = 0
+    for g, members in enumerate(groups):
+        g_host = host[start:start + sigmas[g].numel()].view(sigmas[g].shape)
+        start += sigmas[g].numel()
         for j, pos in enumerate(members):
             l = order[pos]
-            k = min(ks[l], sigma.shape[1])
-            packed_sigma[l, :k] = sigma[j, :k]
-            vectors[l] = vh[j, :k].T
-    # one broadcast: process 0's numbers everywhere, then one host transfer of the gains
-    got = [v.shape[1] for v in vectors]
-    packed = broadcast_(torch.cat([packed_sigma.flatten()] + [v.flatten() for v in vectors]))
-    packed_sigma = packed[:n * max_k].view(n, max_k)
-    out_vectors, pos = [], n * max_k
-    for l, k in enumerate(got):
-        out_vectors.append(packed[pos:pos + in_features[l] * k].view(in_features[l], k))
-        pos += in_features[l] * k
-    sigmas_host = packed_sigma.double().cpu()
-    return sigmas_host, [packed_sigma[l, :got[l]] for l in range(n)], out_vectors
+            k = min(ks[l], sigmas[g].shape[1])
+            sigmas_host[l, :k] = g_host[j, :k]
+            out_sigmas[l] = sigmas[g][j, :k]
+            out_vectors[l] = vhs[g][j, :k].T                                    # (in, k) view
+    return sigmas_host, out_sigmas, out_vectors
