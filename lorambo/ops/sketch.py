@@ -117,6 +117,12 @@ class LayerProducts:
         self.kernels = bool(flat) and use_sketch_kernels(flat)
         if self.kernels:
             self.dtype = torch.float32
+            common = flat[0].dtype
+            for t in flat:
+                common = torch.promote_types(common, t.dtype)
+            if any(t.dtype != common for t in flat):  # one pointer type per launch
+                pairs = [[(x.to(common), dy.to(common)) for x, dy in ps] for ps in pairs]
+                flat = [t for ps in pairs for pair in ps for t in pair]
             xs, dys, layer_of = [], [], []
             for l, ps in enumerate(pairs):
                 if not ps:  # a layer without data: one empty entry keeps the tables dense

@@ -155,3 +155,21 @@ def test_online_growth_decides_as_the_per_layer_loop_on_both_paths(sketch_backen
     loop = _run("torch", data_seed)
     kernels = _run("triton", data_seed)
     assert loop == kernels and any(loop)
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_layer_products_with_mixed_dtypes_and_a_layer_without_data(sketch_backend, path):
+    from lorambo.ops.sketch import LayerProducts
+
+    sketch_backend(path)
+    x, dy = torch.randn(9, 5).to(torch.bfloat16), torch.randn(9, 3)          # bf16 input, fp32 gradient
+    prod = LayerProducts([[(x, dy)], []], [5, 4], [3, 6], p=2)
+    assert prod.kernels == (path == "triton")
+    v, u = torch.randn(prod.numel(True)), torch.randn(prod.numel(False))
+    y, z = prod.apply(v), prod.apply(u, adjoint=True)
+    g = dy.double().T @ x.double()
+    torch.testing.assert_close(prod.blocks(y, "out")[0].double(), g @ prod.blocks(v, "in")[0].double(),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(prod.blocks(z, "in")[0].double(), g.T @ prod.blocks(u, "out")[0].double(),
+                               rtol=1e-5, atol=1e-5)
+    assert not prod.blocks(y, "out")[1].any() and not prod.blocks(z, "in")[1].any()
