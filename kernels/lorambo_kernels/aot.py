@@ -399,7 +399,8 @@ def _sketch_launches(dtypes):
             return torch.empty(shape, dtype=dtype, device=meta)
 
         def products(dtype=dtype, p=p, mk=mk):
-            xs, dys = [mk(4096, 4096), mk(2048, 4096), mk(4096, 11008)], [mk(4096, 4096), mk(2048, 4096), mk(4096, 4096)]
+            xs = [mk(4096, 4096), mk(2048, 4096), mk(4096, 11008)]
+            dys = [mk(4096, 4096), mk(2048, 4096), mk(4096, 4096)]
             group = sketch.SketchGroup(xs, dys, [0, 0, 1], [4096, 11008], [4096, 4096], p, seeds=[1, 2])
             for adjoint in (False, True):
                 group.apply(None, adjoint)

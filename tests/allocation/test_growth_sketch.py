@@ -116,10 +116,12 @@ def _reference_plan(grower, step):
     for i, (name, layer) in enumerate(grower.layers.items()):
         room = layer.capacity - layer.rank
         if room > 0:
+            a_basis = subspace_basis(layer.lora_A[:layer.rank].detach().T)
+            b_basis = subspace_basis(layer.lora_B[:, :layer.rank].detach())
             sigma, _ = projected_top_singular(
                 grower.capture.pairs(name), layer.in_features, layer.out_features, min(grower.sketch_rank, room),
-                subspace_basis(layer.lora_A[:layer.rank].detach().T), subspace_basis(layer.lora_B[:, :layer.rank].detach()),
-                grower.power_iters, grower.oversample, decision_generator(grower.seed, "grow", step, i))
+                a_basis, b_basis, grower.power_iters, grower.oversample,
+                decision_generator(grower.seed, "grow", step, i))
             gains[name] = sigma.double().numpy()
     room = {n: m.capacity - m.rank for n, m in grower.layers.items()}
     return gains, plan_growth(gains, grower.costs, room, grower.budget - grower.spent(), grower.threshold)
