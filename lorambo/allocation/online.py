@@ -337,15 +337,26 @@ class OnlineGrowth:
         unknown = [n for n in scores if n not in self.layers]
         if unknown:
             raise ValueError(f"component_scores for unknown layers {unknown!r}")
-        usable = {}
-        for n, layer in self.layers.items():
-            if n in plan or n not in scores:
-                continue  # a layer just grown is not shrunk in the same decision
-            s = torch.as_tensor(scores[n], dtype=torch.float64).cpu().clone()
-            if s.shape != (layer.rank,) or not bool(torch.isfinite(s).all()):
-                raise ValueError(f"component_scores[{n!r}] must be {layer.rank} finite numbers "
+        names = [n for n in self.layers if n not in plan and n in scores]  # grown layers don't shrink
+        given = [torch.as_tensor(scores[n], dtype=torch.float64) for n in names]
+        for n, s in zip(names, given):
+            if s.shape != (self.layers[n].rank,):
+                raise ValueError(f"component_scores[{n!r}] must be {self.layers[n].rank} finite numbers "
                                  f"(its rank), got {s!r}")
-            usable[n] = broadcast_(s).numpy()  # process 0's scores: identical decisions under DDP
+        # one host copy and one broadcast for all layers: process 0's scores, identical decisions
+        flat = (torch.cat([s.reshape(-1).to(given[0].device) for s in given]).cpu() if given
+                else torch.zeros(0, dtype=torch.float64))
+        pos = 0
+        for n, s in zip(names, given):
+            if not bool(torch.isfinite(flat[pos:pos + s.numel()]).all()):
+                raise ValueError(f"component_scores[{n!r}] must be {self.layers[n].rank} finite numbers "
+                                 f"(its rank), got {s!r}")
+            pos += s.numel()
+        flat = broadcast_(flat.contiguous()).numpy()
+        usable, pos = {}, 0
+        for n, s in zip(names, given):
+            usable[n] = flat[pos:pos + s.numel()]
+            pos += s.numel()
         nxt, room = {}, {}
         for n, g in gains.items():
             used = plan.get(n, 0)
