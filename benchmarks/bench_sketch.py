@@ -4,8 +4,9 @@ Sections (each compares providers on the same inputs, median of interleaved repe
   growth  one online-growth estimate (top singular values of every layer's projected gradient,
           4 power iterations): ``loop`` = the per-layer ``projected_top_singular`` with a host
           copy per layer (how decisions were taken before), ``grouped`` =
-          ``projected_top_singular_many`` (the grouped Triton kernels on CUDA; on CPU the same
-          lockstep iteration on the PyTorch loop with batched QR)
+          ``projected_top_singular_many`` as dispatched (the grouped Triton kernels on CUDA; the
+          per-layer loop on a single CPU process), ``lockstep`` (CPU) = its PyTorch lockstep
+          path, which runs under DDP (one collective per step for all layers)
   fisher  exact per-example squared gradient norms of every layer (the Fisher-trace statistic):
           ``loop`` = ``per_example_sq_grad_norms`` per layer, ``grouped`` = the Gram kernel for
           all layers in one launch (CUDA only)
@@ -106,15 +107,19 @@ def growth_section(shape, tokens, device, dtype, reps, distinct, meta):
             out.append(sigma.double().cpu().numpy())
         return out
 
-    def grouped():
+    def grouped(lockstep=None):
         return projected_top_singular_many(
             [[(x, dy)] for x, dy, _, _ in layers], [x.shape[1] for x, _, _, _ in layers],
             [dy.shape[1] for _, dy, _, _ in layers], [k] * len(layers), [a.T for _, _, a, _ in layers],
             [b for _, _, _, b in layers], niter, 4, [torch.Generator().manual_seed(i) for i in range(len(layers))],
-            list(range(len(layers))))[0]
+            list(range(len(layers))), lockstep=lockstep)[0]
 
-    res = interleaved({"loop": loop, "grouped": grouped}, device, reps)
-    path = "kernels" if ops_sketch.use_sketch_kernels([layers[0][0]]) else "torch lockstep"
+    fns = {"loop": loop, "grouped": grouped}
+    if device.type == "cpu":  # the default there is the per-layer loop; the lockstep path runs under DDP
+        fns["lockstep"] = lambda: grouped(lockstep=True)
+    res = interleaved(fns, device, reps)
+    path = ("kernels" if ops_sketch.use_sketch_kernels([layers[0][0]])
+            else "per-layer loop (single CPU process); lockstep = the PyTorch lockstep path used under DDP")
     return rows_for(meta, "growth", shape, len(layers), tokens, dtype, res, reps, f"grouped = {path}")
 
 

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
-from lorambo.integrations.distributed import all_reduce_mean, broadcast_
-from lorambo.ops.sketch import LayerProducts
+from lorambo.integrations.distributed import all_reduce_mean, broadcast_, is_distributed
+from lorambo.ops.sketch import LayerProducts, use_sketch_kernels
 
 __all__ = ["subspace_basis", "projected_top_singular", "projected_top_singular_many"]
 
@@ -109,7 +109,8 @@ def projected_top_singular_many(pairs: Sequence[Sequence[tuple[torch.Tensor, tor
                                 ks: Sequence[int], a_columns: Sequence[torch.Tensor],
                                 b_columns: Sequence[torch.Tensor], niter: int = 4, oversample: int = 4,
                                 generators: Sequence[torch.Generator] | None = None,
-                                seeds: Sequence[int] | None = None, dtype=None, device=None
+                                seeds: Sequence[int] | None = None, dtype=None, device=None,
+                                lockstep: bool | None = None
                                 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """:func:`projected_top_singular` for every layer l at once, in lockstep.
 
@@ -121,6 +122,11 @@ def projected_top_singular_many(pairs: Sequence[Sequence[tuple[torch.Tensor, tor
     on the kernel path the start is generated inside the kernel from ``seeds[l]`` (there it is
     not projected before the first product: that product is projected after it, and the
     power iterations run in the projected space from then on).
+
+    ``lockstep``: None runs the lockstep iteration where it saves something (the kernel path,
+    CUDA tensors, or a process group: one collective per step instead of one per layer) and
+    on a single CPU process the plain per-layer :func:`projected_top_singular` (the same
+    arithmetic; the lockstep buffers only add copies there); True / False force either.
 
     Returns (sigmas [L, max_k] float64 on the CPU, 0 past ks[l]: one host transfer for the
     whole decision; singular values [k_l] and right singular vectors [in_l, k_l] per layer on
@@ -137,6 +143,12 @@ def projected_top_singular_many(pairs: Sequence[Sequence[tuple[torch.Tensor, tor
         dtype = torch.float32
         for t in flat:
             dtype = torch.promote_types(dtype, t.dtype)
+    if lockstep is None:
+        lockstep = (device.type != "cpu" or is_distributed()
+                    or (bool(flat) and use_sketch_kernels(flat)))
+    if not lockstep:
+        return _per_layer(pairs, in_features, out_features, ks, a_columns, b_columns, niter, oversample,
+                          generators, dtype, device)
     ps = [max(1, min(k + oversample, i, o)) for k, i, o in zip(ks, in_features, out_features)]
     # layers of equal (in, out, p) are adjacent in the flat buffers: one batched QR per group
     order = sorted(range(n), key=lambda l: (in_features[l], out_features[l], ps[l], l))
@@ -175,19 +187,33 @@ def projected_top_singular_many(pairs: Sequence[Sequence[tuple[torch.Tensor, tor
         size = prod.numel(side == "in")
         return (torch.zeros if padded else torch.empty)(size, dtype=work, device=device)
 
-    def pre(buf, side):  # project the input directions out, group by group
+    # Batches of the small per-step ops: a whole group per call on accelerators (few launches);
+    # one layer at a time on the CPU, where per-layer matrices stay in cache and a batched call
+    # is a loop anyway (batched, the 7B-shaped CPU benchmark ran slower than the per-layer loop).
+    batches = [(g, lo, lo + 1) for g, m in enumerate(groups) for lo in range(len(m))] \
+        if device.type == "cpu" else [(g, 0, len(m)) for g, m in enumerate(groups)]
+
+    def part(buf, side, g, lo, hi):
+        return region(buf, side, g)[lo:hi]
+
+    def basis(side, g, lo, hi):
+        b = bases[side][g]
+        return None if b is None else b[lo:hi]
+
+    def pre(buf, side):  # project the input directions out
         out = new_buffer(side)
-        for g in range(len(groups)):
-            region(out, side, g).copy_(_project_out(region(buf, side, g), bases[side][g]))
+        for g, lo, hi in batches:
+            part(out, side, g, lo, hi).copy_(_project_out(part(buf, side, g, lo, hi), basis(side, g, lo, hi)))
         return out
 
     def product(buf, side_in):  # G_perp (side_in "in") or G_perp^T, before the output projection
         return all_reduce_mean(prod.apply(buf, adjoint=side_in == "out").to(work))
 
-    def orth(buf, side):  # project the output directions out, then QR, group by group
+    def orth(buf, side):  # project the output directions out, then QR
         out = new_buffer(side)
-        for g in range(len(groups)):
-            region(out, side, g).copy_(torch.linalg.qr(_project_out(region(buf, side, g), bases[side][g])).Q)
+        for g, lo, hi in batches:
+            projected = _project_out(part(buf, side, g, lo, hi), basis(side, g, lo, hi))
+            part(out, side, g, lo, hi).copy_(torch.linalg.qr(projected).Q)
         return out
 
     if prod.kernels:
@@ -233,4 +259,23 @@ def projected_top_singular_many(pairs: Sequence[Sequence[tuple[torch.Tensor, tor
             sigmas_host[l, :k] = g_host[j, :k]
             out_sigmas[l] = sigmas[g][j, :k]
             out_vectors[l] = vhs[g][j, :k].T                                    # (in, k) view
+    return sigmas_host, out_sigmas, out_vectors
+
+
+def _per_layer(pairs, in_features, out_features, ks, a_columns, b_columns, niter, oversample, generators,
+               dtype, device):
+    """:func:`projected_top_singular_many`'s results from the per-layer loop (single CPU process)."""
+    if generators is None:
+        raise ValueError("projected_top_singular_many: the PyTorch path needs generators")
+    n = len(pairs)
+    sigmas_host = torch.zeros(n, max(ks) if ks else 0, dtype=torch.float64)
+    out_sigmas, out_vectors = [], []
+    for l in range(n):
+        a_basis = subspace_basis(a_columns[l].to(device, dtype))
+        b_basis = subspace_basis(b_columns[l].to(device, dtype))
+        sigma, vectors = projected_top_singular(pairs[l], in_features[l], out_features[l], ks[l], a_basis, b_basis,
+                                                niter, oversample, generators[l], dtype, device)
+        sigmas_host[l, :sigma.numel()] = sigma.double()
+        out_sigmas.append(sigma)
+        out_vectors.append(vectors)
     return sigmas_host, out_sigmas, out_vectors

@@ -59,16 +59,18 @@ def _dense(pairs, a, b):
     return torch.linalg.svd(pb @ g @ pa)
 
 
-def _many(pairs, a_cols, b_cols, niter, seeds=None):
+def _many(pairs, a_cols, b_cols, niter, seeds=None, lockstep=True):
     gens = [torch.Generator().manual_seed(100 + l) for l in range(len(SPECS))]
     return projected_top_singular_many(pairs, [s[0] for s in SPECS], [s[1] for s in SPECS],
-                                       [s[4] for s in SPECS], a_cols, b_cols, niter, 4, gens, seeds)
+                                       [s[4] for s in SPECS], a_cols, b_cols, niter, 4, gens, seeds,
+                                       lockstep=lockstep)
 
 
-def test_lockstep_equals_the_per_layer_power_iteration(sketch_backend):
+@pytest.mark.parametrize("lockstep", [True, None])  # None: the per-layer loop on one CPU process
+def test_lockstep_equals_the_per_layer_power_iteration(sketch_backend, lockstep):
     sketch_backend("torch")
     pairs, a_cols, b_cols = _problem(torch.float64)
-    host, sigmas, vectors = _many(pairs, a_cols, b_cols, niter=1)
+    host, sigmas, vectors = _many(pairs, a_cols, b_cols, niter=1, lockstep=lockstep)
     assert host.dtype == torch.float64 and host.device.type == "cpu" and host.shape == (4, 3)
     for l, (n_in, n_out, _, _, k) in enumerate(SPECS):
         want_s, want_v = projected_top_singular(pairs[l], n_in, n_out, k, subspace_basis(a_cols[l]),
