@@ -10,7 +10,8 @@ rank). sigma_1..sigma_k come from a randomized block power iteration (Halko, Mar
 layers in lockstep: each of the 2 * niter + 2 steps is one grouped product over all layers
 (``lorambo.ops.sketch.LayerProducts``: the grouped Triton kernels on CUDA, the PyTorch loop
 elsewhere), one all-reduce of one flat buffer under DDP, and one batched QR per group of layers
-of equal shape; the results of all layers are broadcast from process 0 in one buffer.
+of equal shape; the results of all layers are broadcast from process 0 in one buffer. A single
+CPU process, which has neither launches nor collectives to save, keeps the per-layer loop.
 """
 
 from __future__ import annotations

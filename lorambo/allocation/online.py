@@ -22,7 +22,8 @@ randomized block power iteration (Halko, Martinsson, Tropp 2011) with m + oversa
 run for all layers in lockstep (``benefits.py``): each step is one grouped product over every
 layer (the grouped Triton kernels on CUDA), and under DDP one all-reduce of one flat buffer
 (mean over processes: the DDP-averaged gradient); the results are broadcast from process 0 in
-one buffer, so every process decides the same thing, and reach the host in one copy.
+one buffer, so every process decides the same thing, and reach the host in one copy (a single
+CPU process keeps the plain per-layer loop: same arithmetic, nothing to save there).
 
 Growth is function-preserving: ``set_rank`` gives the new slots B = 0. Their rows of A are then
 set to the top right singular vectors of G_perp (scaled so that their response to the captured
