@@ -9,6 +9,7 @@ Modules (one per kernel family; each holds its ``@triton.jit`` kernels, then its
   fused_gemm   the fused GEMM with the LoRA epilogue (forward y, backward dX, dW)
   lora_skinny  the skinny GEMMs: down-projection [M, r] and pool gradients [P, r]
   lora_linear  forward/backward of the LoRA linear layer as sequences of those launches
+  sketch       grouped per-layer statistics (range/co-range sketches, Gram norms, row dots)
 
 The public names below import Triton lazily, so ``import lorambo_kernels`` works without it.
 """
@@ -22,6 +23,10 @@ _LAZY = {
     "lora_down": "lora_skinny",
     "lora_wgrad": "lora_skinny",
     "dropout_keep_mask": "dropout",
+    "SketchGroup": "sketch",
+    "gram_sq_norms": "sketch",
+    "row_dots": "sketch",
+    "gaussian_probe": "sketch",
     "rank_bucket": "config",
     "RANK_BUCKETS": "config",
     "SUPPORTED_DTYPES": "config",

@@ -383,6 +383,42 @@ def _launch_sweep(M_values, kn_values, ranks, dtypes, dropouts, scalings, seeds,
             dropout_mod.dropout_keep_mask(seed, M, K, p, meta)
 
         yield f"dropout_keep_mask(seed={seed}, M={M}, K={K}, p={p})", mask
+    yield from _sketch_launches(dtypes)
+
+
+def _sketch_launches(dtypes):
+    """The grouped sketch launchers (lorambo_kernels.sketch) on meta tensors: 7B-like layers of
+    two shapes, generated and explicit probes both ways, 1 and 64 columns, in bf16 (the training
+    dtype; fp16 and fp32 differ only in the pointer type of the loads and compiled as well when
+    this sweep was written, which kept them off to spare the suite ~20 compiles)."""
+    from lorambo_kernels import sketch
+
+    meta = torch.device("meta")
+    for dtype, p in itertools.product([d for d in dtypes if d == torch.bfloat16], (1, 64)):
+        def mk(*shape, dtype=dtype):
+            return torch.empty(shape, dtype=dtype, device=meta)
+
+        def products(dtype=dtype, p=p, mk=mk):
+            xs = [mk(4096, 4096), mk(2048, 4096), mk(4096, 11008)]
+            dys = [mk(4096, 4096), mk(2048, 4096), mk(4096, 4096)]
+            group = sketch.SketchGroup(xs, dys, [0, 0, 1], [4096, 11008], [4096, 4096], p, seeds=[1, 2])
+            for adjoint in (False, True):
+                group.apply(None, adjoint)
+                group.apply(torch.empty(group.numel(not adjoint), dtype=torch.float32, device=meta), adjoint)
+
+        yield f"SketchGroup.apply({str(dtype)[6:]}, p={p})", products
+
+        def grams(mk=mk):
+            sketch.gram_sq_norms([mk(32, 128, 4096), mk(16, 512, 11008)], [mk(32, 128, 11008), mk(16, 512, 4096)])
+
+        yield f"gram_sq_norms({str(dtype)[6:]})", grams
+
+        def dots(mk=mk, p=p):
+            sketch.row_dots([mk(p, 16, 15104), mk(p, 16, 8192)], [mk(p, 16, 15104), mk(p, 16, 8192)])
+            sketch.row_dots([mk(p, 16, 15104)])
+
+        yield f"row_dots({str(dtype)[6:]}, rows={p})", dots
+    yield "gaussian_probe(n=4096, p=8)", lambda: sketch.gaussian_probe(3, 4096, 8, meta)
 
 
 SWEEPS = {

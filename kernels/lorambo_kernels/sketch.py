@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lorambo_kernels.common import mma
 from lorambo_kernels.config import input_precision, is_interpreter
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -200,10 +201,10 @@ def _gram_tile(ptr, rows_i, rows_j, ok_i, ok_j, d, stride_t, stride_d,
         ds = d0 + tl.arange(0, BLOCK_D)
         d_ok = ds < d
         a = tl.load(ptr + rows_i[:, None] * stride_t + ds[None, :] * stride_d,
-                    mask=ok_i[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # (BT, BD)
+                    mask=ok_i[:, None] & d_ok[None, :], other=0.0)  # (BT, BD)
         bt = tl.load(ptr + rows_j[None, :] * stride_t + ds[:, None] * stride_d,
-                     mask=ok_j[None, :] & d_ok[:, None], other=0.0).to(tl.float32)  # (BD, BT)
-        acc = tl.dot(a, bt, acc, input_precision=PRECISION)
+                     mask=ok_j[None, :] & d_ok[:, None], other=0.0)  # (BD, BT)
+        acc = mma(a, bt, acc, PRECISION)  # 16-bit products are exact in the fp32 accumulator
     return acc
 
 
@@ -255,7 +256,7 @@ def sketch_config(kind: str, device: torch.device) -> dict:
     UNMEASURED on a GPU: the project / reduce loops are bandwidth bound skinny GEMMs (p <= 64
     columns), so 64-row tiles with wide reads; the interpreter gets small tiles so tiny test
     shapes span several programs, loop steps and partial blocks."""
-    if is_interpreter() or device.type != "cuda":
+    if is_interpreter():
         return {"project": dict(BLOCK_T=16, BLOCK_N=16), "reduce": dict(BLOCK_M=16, BLOCK_T=16),
                 "gram": dict(BLOCK_T=16, BLOCK_D=16), "dots": dict(BLOCK=64, CHUNK=2)}[kind]
     return {"project": dict(BLOCK_T=64, BLOCK_N=64, num_warps=4, num_stages=3),
@@ -385,7 +386,7 @@ def gram_sq_norms(xs, dys) -> list[torch.Tensor]:
     if max_b > 0 and n_tiles > 0:
         grid = (len(xs), max_b, n_tiles * n_tiles)
         _gram_kernel[grid](table, out, n_tiles, out.stride(0), out.stride(1), DTYPE=dtype,
-                           PRECISION=input_precision(torch.float32), **cfg)
+                           PRECISION=input_precision(xs[0].dtype), **cfg)
     sums = out.sum(-1)
     return [sums[e, :x.shape[0]] for e, x in enumerate(xs)]
 

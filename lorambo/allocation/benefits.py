@@ -10,7 +10,8 @@ rank). sigma_1..sigma_k come from a randomized block power iteration (Halko, Mar
 layers in lockstep: each of the 2 * niter + 2 steps is one grouped product over all layers
 (``lorambo.ops.sketch.LayerProducts``: the grouped Triton kernels on CUDA, the PyTorch loop
 elsewhere), one all-reduce of one flat buffer under DDP, and one batched QR per group of layers
-of equal shape; the results of all layers are broadcast from process 0 in one buffer.
+of equal shape; the results of all layers are broadcast from process 0 in one buffer. A single
+CPU process, which has neither launches nor collectives to save, keeps the per-layer loop.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from collections.abc import Sequence
 
 import torch
 
-from lorambo.integrations.distributed import all_reduce_mean, broadcast_
-from lorambo.ops.sketch import LayerProducts
+from lorambo.integrations.distributed import all_reduce_mean, broadcast_, is_distributed
+from lorambo.ops.sketch import LayerProducts, use_sketch_kernels
 
 __all__ = ["subspace_basis", "projected_top_singular", "projected_top_singular_many"]
 
@@ -109,7 +110,8 @@ def projected_top_singular_many(pairs: Sequence[Sequence[tuple[torch.Tensor, tor
                                 ks: Sequence[int], a_columns: Sequence[torch.Tensor],
                                 b_columns: Sequence[torch.Tensor], niter: int = 4, oversample: int = 4,
                                 generators: Sequence[torch.Generator] | None = None,
-                                seeds: Sequence[int] | None = None, dtype=None, device=None
+                                seeds: Sequence[int] | None = None, dtype=None, device=None,
+                                lockstep: bool | None = None
                                 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """:func:`projected_top_singular` for every layer l at once, in lockstep.
 
@@ -121,6 +123,11 @@ def projected_top_singular_many(pairs: Sequence[Sequence[tuple[torch.Tensor, tor
     on the kernel path the start is generated inside the kernel from ``seeds[l]`` (there it is
     not projected before the first product: that product is projected after it, and the
     power iterations run in the projected space from then on).
+
+    ``lockstep``: None runs the lockstep iteration where it saves something (the kernel path,
+    CUDA tensors, or a process group: one collective per step instead of one per layer) and
+    on a single CPU process the plain per-layer :func:`projected_top_singular` (the same
+    arithmetic; the lockstep buffers only add copies there); True / False force either.
 
     Returns (sigmas [L, max_k] float64 on the CPU, 0 past ks[l]: one host transfer for the
     whole decision; singular values [k_l] and right singular vectors [in_l, k_l] per layer on
@@ -137,6 +144,12 @@ def projected_top_singular_many(pairs: Sequence[Sequence[tuple[torch.Tensor, tor
         dtype = torch.float32
         for t in flat:
             dtype = torch.promote_types(dtype, t.dtype)
+    if lockstep is None:
+        lockstep = (device.type != "cpu" or is_distributed()
+                    or (bool(flat) and use_sketch_kernels(flat)))
+    if not lockstep:
+        return _per_layer(pairs, in_features, out_features, ks, a_columns, b_columns, niter, oversample,
+                          generators, dtype, device)
     ps = [max(1, min(k + oversample, i, o)) for k, i, o in zip(ks, in_features, out_features)]
     # layers of equal (in, out, p) are adjacent in the flat buffers: one batched QR per group
     order = sorted(range(n), key=lambda l: (in_features[l], out_features[l], ps[l], l))
@@ -169,19 +182,39 @@ def projected_top_singular_many(pairs: Sequence[Sequence[tuple[torch.Tensor, tor
         bases["out"].append(_batched_basis([b_columns[l].to(device, work) for l in ls], out_features[ls[0]],
                                            work, device))
 
-    def pre(buf, side):  # project the input directions out, group by group
-        out = torch.zeros(prod.numel(side == "in"), dtype=work, device=device)
-        for g in range(len(groups)):
-            region(out, side, g).copy_(_project_out(region(buf, side, g), bases[side][g]))
+    padded = any(p < width for p in ps)  # columns past a layer's p stay 0 in every buffer
+
+    def new_buffer(side):
+        size = prod.numel(side == "in")
+        return (torch.zeros if padded else torch.empty)(size, dtype=work, device=device)
+
+    # Batches of the small per-step ops: a whole group per call on accelerators (few launches);
+    # one layer at a time on the CPU, where per-layer matrices stay in cache and a batched call
+    # is a loop anyway (batched, the 7B-shaped CPU benchmark ran slower than the per-layer loop).
+    batches = [(g, lo, lo + 1) for g, m in enumerate(groups) for lo in range(len(m))] \
+        if device.type == "cpu" else [(g, 0, len(m)) for g, m in enumerate(groups)]
+
+    def part(buf, side, g, lo, hi):
+        return region(buf, side, g)[lo:hi]
+
+    def basis(side, g, lo, hi):
+        b = bases[side][g]
+        return None if b is None else b[lo:hi]
+
+    def pre(buf, side):  # project the input directions out
+        out = new_buffer(side)
+        for g, lo, hi in batches:
+            part(out, side, g, lo, hi).copy_(_project_out(part(buf, side, g, lo, hi), basis(side, g, lo, hi)))
         return out
 
     def product(buf, side_in):  # G_perp (side_in "in") or G_perp^T, before the output projection
         return all_reduce_mean(prod.apply(buf, adjoint=side_in == "out").to(work))
 
-    def orth(buf, side):  # project the output directions out, then QR, group by group
-        out = torch.zeros_like(buf)
-        for g in range(len(groups)):
-            region(out, side, g).copy_(torch.linalg.qr(_project_out(region(buf, side, g), bases[side][g])).Q)
+    def orth(buf, side):  # project the output directions out, then QR
+        out = new_buffer(side)
+        for g, lo, hi in batches:
+            projected = _project_out(part(buf, side, g, lo, hi), basis(side, g, lo, hi))
+            part(out, side, g, lo, hi).copy_(torch.linalg.qr(projected).Q)
         return out
 
     if prod.kernels:
@@ -199,24 +232,51 @@ def projected_top_singular_many(pairs: Sequence[Sequence[tuple[torch.Tensor, tor
     for _ in range(niter):
         q = orth(product(pre(orth(product(pre(q, "out"), "out"), "in"), "in"), "in"), "out")
     small = product(pre(q, "out"), "out")                                       # G_perp^T Q
-    max_k = max(ks) if ks else 0
-    packed_sigma = torch.zeros(n, max_k, dtype=work, device=device)
-    vectors: list[torch.Tensor | None] = [None] * n
-    for g, members in enumerate(groups):
+    sigmas, vhs = [], []
+    for g in range(len(groups)):
         z = _project_out(region(small, "in", g), bases["in"][g])                # (G, in, p)
-        _, sigma, vh = torch.linalg.svd(z.transpose(1, 2), full_matrices=False)  # (G, p), (G, p, in)
+        _, sigma, vh = torch.linalg.svd(z.transpose(1, 2), full_matrices=False)  # (G, q), (G, q, in)
+        sigmas.append(sigma)
+        vhs.append(vh)
+    # one broadcast (process 0's numbers everywhere), then one host copy of all singular values
+    packed = broadcast_(torch.cat([t.flatten() for t in sigmas + vhs]))
+    pos = 0
+    for i, t in enumerate(sigmas + vhs):
+        view = packed[pos:pos + t.numel()].view(t.shape)
+        pos += t.numel()
+        (sigmas if i < len(sigmas) else vhs)[i % len(sigmas)] = view
+    host = packed[:sum(t.numel() for t in sigmas)].double().cpu()
+    max_k = max(ks) if ks else 0
+    sigmas_host = torch.zeros(n, max_k, dtype=torch.float64)
+    out_sigmas: list = [None] * n
+    out_vectors: list = [None] * n
+    start = 0
+    for g, members in enumerate(groups):
+        g_host = host[start:start + sigmas[g].numel()].view(sigmas[g].shape)
+        start += sigmas[g].numel()
         for j, pos in enumerate(members):
             l = order[pos]
-            k = min(ks[l], sigma.shape[1])
-            packed_sigma[l, :k] = sigma[j, :k]
-            vectors[l] = vh[j, :k].T
-    # one broadcast: process 0's numbers everywhere, then one host transfer of the gains
-    got = [v.shape[1] for v in vectors]
-    packed = broadcast_(torch.cat([packed_sigma.flatten()] + [v.flatten() for v in vectors]))
-    packed_sigma = packed[:n * max_k].view(n, max_k)
-    out_vectors, pos = [], n * max_k
-    for l, k in enumerate(got):
-        out_vectors.append(packed[pos:pos + in_features[l] * k].view(in_features[l], k))
-        pos += in_features[l] * k
-    sigmas_host = packed_sigma.double().cpu()
-    return sigmas_host, [packed_sigma[l, :got[l]] for l in range(n)], out_vectors
+            k = min(ks[l], sigmas[g].shape[1])
+            sigmas_host[l, :k] = g_host[j, :k]
+            out_sigmas[l] = sigmas[g][j, :k]
+            out_vectors[l] = vhs[g][j, :k].T                                    # (in, k) view
+    return sigmas_host, out_sigmas, out_vectors
+
+
+def _per_layer(pairs, in_features, out_features, ks, a_columns, b_columns, niter, oversample, generators,
+               dtype, device):
+    """:func:`projected_top_singular_many`'s results from the per-layer loop (single CPU process)."""
+    if generators is None:
+        raise ValueError("projected_top_singular_many: the PyTorch path needs generators")
+    n = len(pairs)
+    sigmas_host = torch.zeros(n, max(ks) if ks else 0, dtype=torch.float64)
+    out_sigmas, out_vectors = [], []
+    for l in range(n):
+        a_basis = subspace_basis(a_columns[l].to(device, dtype))
+        b_basis = subspace_basis(b_columns[l].to(device, dtype))
+        sigma, vectors = projected_top_singular(pairs[l], in_features[l], out_features[l], ks[l], a_basis, b_basis,
+                                                niter, oversample, generators[l], dtype, device)
+        sigmas_host[l, :sigma.numel()] = sigma.double()
+        out_sigmas.append(sigma)
+        out_vectors.append(vectors)
+    return sigmas_host, out_sigmas, out_vectors

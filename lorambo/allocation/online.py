@@ -22,7 +22,8 @@ randomized block power iteration (Halko, Martinsson, Tropp 2011) with m + oversa
 run for all layers in lockstep (``benefits.py``): each step is one grouped product over every
 layer (the grouped Triton kernels on CUDA), and under DDP one all-reduce of one flat buffer
 (mean over processes: the DDP-averaged gradient); the results are broadcast from process 0 in
-one buffer, so every process decides the same thing, and reach the host in one copy.
+one buffer, so every process decides the same thing, and reach the host in one copy (a single
+CPU process keeps the plain per-layer loop: same arithmetic, nothing to save there).
 
 Growth is function-preserving: ``set_rank`` gives the new slots B = 0. Their rows of A are then
 set to the top right singular vectors of G_perp (scaled so that their response to the captured
@@ -337,15 +338,26 @@ class OnlineGrowth:
         unknown = [n for n in scores if n not in self.layers]
         if unknown:
             raise ValueError(f"component_scores for unknown layers {unknown!r}")
-        usable = {}
-        for n, layer in self.layers.items():
-            if n in plan or n not in scores:
-                continue  # a layer just grown is not shrunk in the same decision
-            s = torch.as_tensor(scores[n], dtype=torch.float64).cpu().clone()
-            if s.shape != (layer.rank,) or not bool(torch.isfinite(s).all()):
-                raise ValueError(f"component_scores[{n!r}] must be {layer.rank} finite numbers "
+        names = [n for n in self.layers if n not in plan and n in scores]  # grown layers don't shrink
+        given = [torch.as_tensor(scores[n], dtype=torch.float64) for n in names]
+        for n, s in zip(names, given):
+            if s.shape != (self.layers[n].rank,):
+                raise ValueError(f"component_scores[{n!r}] must be {self.layers[n].rank} finite numbers "
                                  f"(its rank), got {s!r}")
-            usable[n] = broadcast_(s).numpy()  # process 0's scores: identical decisions under DDP
+        # one host copy and one broadcast for all layers: process 0's scores, identical decisions
+        flat = (torch.cat([s.reshape(-1).to(given[0].device) for s in given]).cpu() if given
+                else torch.zeros(0, dtype=torch.float64))
+        pos = 0
+        for n, s in zip(names, given):
+            if not bool(torch.isfinite(flat[pos:pos + s.numel()]).all()):
+                raise ValueError(f"component_scores[{n!r}] must be {self.layers[n].rank} finite numbers "
+                                 f"(its rank), got {s!r}")
+            pos += s.numel()
+        flat = broadcast_(flat.contiguous()).numpy()
+        usable, pos = {}, 0
+        for n, s in zip(names, given):
+            usable[n] = flat[pos:pos + s.numel()]
+            pos += s.numel()
         nxt, room = {}, {}
         for n, g in gains.items():
             used = plan.get(n, 0)

@@ -117,6 +117,12 @@ class LayerProducts:
         self.kernels = bool(flat) and use_sketch_kernels(flat)
         if self.kernels:
             self.dtype = torch.float32
+            common = flat[0].dtype
+            for t in flat:
+                common = torch.promote_types(common, t.dtype)
+            if any(t.dtype != common for t in flat):  # one pointer type per launch
+                pairs = [[(x.to(common), dy.to(common)) for x, dy in ps] for ps in pairs]
+                flat = [t for ps in pairs for pair in ps for t in pair]
             xs, dys, layer_of = [], [], []
             for l, ps in enumerate(pairs):
                 if not ps:  # a layer without data: one empty entry keeps the tables dense
@@ -152,15 +158,18 @@ class LayerProducts:
             return self._group.apply(v, adjoint)
         if v is None:
             raise ValueError("lorambo.ops.sketch.LayerProducts.apply: the PyTorch path needs explicit probes")
-        src = self.blocks(v, "out" if adjoint else "in")
-        out = torch.zeros(self.numel(adjoint), dtype=self.dtype, device=self.device)
+        src = self.blocks(v.to(self.dtype), "out" if adjoint else "in")
+        out = torch.empty(self.numel(adjoint), dtype=self.dtype, device=self.device)
         dst = self.blocks(out, "in" if adjoint else "out")
         for l, ps in enumerate(self._pairs):
-            for x, dy in ps:
-                if adjoint:
-                    dst[l] += x.T @ (dy @ src[l])                                   # (in, p)
+            if not ps:
+                dst[l].zero_()
+            for i, (x, dy) in enumerate(ps):
+                left, right = (x.T, dy @ src[l]) if adjoint else (dy.T, x @ src[l])  # (in|out, p)
+                if i == 0:
+                    torch.mm(left, right, out=dst[l])
                 else:
-                    dst[l] += dy.T @ (x @ src[l])                                   # (out, p)
+                    dst[l].addmm_(left, right)
         return out
 
 

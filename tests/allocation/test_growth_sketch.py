@@ -16,6 +16,13 @@ from lorambo.ops.sketch import set_sketch_backend
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+# the kernel path runs on CUDA where there is one, else on CPU under the Triton interpreter
+KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _device(path):
+    return KERNEL_DEVICE if path == "triton" else torch.device("cpu")
+
 # (in, out, tokens per call, active rank, k): two layers of one shape share a batched QR; layer 2
 # has a B = 0 adapter, layer 3 rank 0 and a smaller k (fewer columns: its own group)
 SPECS = [(9, 7, [13, 6], 2, 3), (9, 7, [11], 1, 3), (12, 5, [8], 2, 3), (6, 10, [15], 0, 1)]
@@ -27,17 +34,20 @@ def sketch_backend():
     set_sketch_backend(None)
 
 
-def _problem(dtype):
+def _problem(dtype, device=torch.device("cpu")):
     pairs, a_cols, b_cols = [], [], []
     for l, (n_in, n_out, tokens, r, _) in enumerate(SPECS):
-        pairs.append([(torch.randn(t, n_in, dtype=dtype), torch.randn(t, n_out, dtype=dtype)) for t in tokens])
-        a_cols.append(torch.randn(n_in, r, dtype=dtype))
-        b_cols.append(torch.zeros(n_out, r, dtype=dtype) if l == 2 else torch.randn(n_out, r, dtype=dtype))
+        pairs.append([(torch.randn(t, n_in, dtype=dtype).to(device), torch.randn(t, n_out, dtype=dtype).to(device))
+                      for t in tokens])
+        a_cols.append(torch.randn(n_in, r, dtype=dtype).to(device))
+        b = torch.zeros(n_out, r, dtype=dtype) if l == 2 else torch.randn(n_out, r, dtype=dtype)
+        b_cols.append(b.to(device))
     return pairs, a_cols, b_cols
 
 
 def _dense(pairs, a, b):
-    g = sum(dy.double().T @ x.double() for x, dy in pairs)
+    g = sum(dy.double().cpu().T @ x.double().cpu() for x, dy in pairs)
+    a, b = a.cpu(), b.cpu()
     pa = torch.eye(g.shape[1], dtype=torch.float64)
     pb = torch.eye(g.shape[0], dtype=torch.float64)
     if a.shape[1]:
@@ -49,16 +59,18 @@ def _dense(pairs, a, b):
     return torch.linalg.svd(pb @ g @ pa)
 
 
-def _many(pairs, a_cols, b_cols, niter, seeds=None):
+def _many(pairs, a_cols, b_cols, niter, seeds=None, lockstep=True):
     gens = [torch.Generator().manual_seed(100 + l) for l in range(len(SPECS))]
     return projected_top_singular_many(pairs, [s[0] for s in SPECS], [s[1] for s in SPECS],
-                                       [s[4] for s in SPECS], a_cols, b_cols, niter, 4, gens, seeds)
+                                       [s[4] for s in SPECS], a_cols, b_cols, niter, 4, gens, seeds,
+                                       lockstep=lockstep)
 
 
-def test_lockstep_equals_the_per_layer_power_iteration(sketch_backend):
+@pytest.mark.parametrize("lockstep", [True, None])  # None: the per-layer loop on one CPU process
+def test_lockstep_equals_the_per_layer_power_iteration(sketch_backend, lockstep):
     sketch_backend("torch")
     pairs, a_cols, b_cols = _problem(torch.float64)
-    host, sigmas, vectors = _many(pairs, a_cols, b_cols, niter=1)
+    host, sigmas, vectors = _many(pairs, a_cols, b_cols, niter=1, lockstep=lockstep)
     assert host.dtype == torch.float64 and host.device.type == "cpu" and host.shape == (4, 3)
     for l, (n_in, n_out, _, _, k) in enumerate(SPECS):
         want_s, want_v = projected_top_singular(pairs[l], n_in, n_out, k, subspace_basis(a_cols[l]),
@@ -75,18 +87,19 @@ def test_lockstep_equals_the_per_layer_power_iteration(sketch_backend):
 def test_estimates_match_the_dense_projected_svd(sketch_backend, path):
     sketch_backend(path)
     dtype = torch.float64 if path == "torch" else torch.float32
-    pairs, a_cols, b_cols = _problem(dtype)
+    pairs, a_cols, b_cols = _problem(dtype, _device(path))
     seeds = [int(s) for s in torch.randint(0, 2**62, (len(SPECS),))]
     _, sigmas, vectors = _many(pairs, a_cols, b_cols, niter=6, seeds=seeds)
     tol = 1e-8 if path == "torch" else 2e-4
     for l, (_, _, _, _, k) in enumerate(SPECS):
         exact = _dense(pairs[l], a_cols[l], b_cols[l])
         # the top value converges fastest; the rest to within the power iteration's accuracy
-        torch.testing.assert_close(sigmas[l][0].double(), exact.S[0], rtol=tol, atol=tol)
-        torch.testing.assert_close(sigmas[l].double(), exact.S[:k], rtol=2e-2, atol=1e-6)
-        assert abs(float(vectors[l][:, 0].double() @ exact.Vh[0])) == pytest.approx(1.0, abs=1e-3)
-        if a_cols[l].shape[1]:  # new directions are orthogonal to the active rows of A
-            assert float((a_cols[l].double().T @ vectors[l].double()).abs().max()) < 1e-4
+        sigma, vecs, a = sigmas[l].double().cpu(), vectors[l].double().cpu(), a_cols[l].double().cpu()
+        torch.testing.assert_close(sigma[0], exact.S[0], rtol=tol, atol=tol)
+        torch.testing.assert_close(sigma, exact.S[:k], rtol=2e-2, atol=1e-6)
+        assert abs(float(vecs[:, 0] @ exact.Vh[0])) == pytest.approx(1.0, abs=1e-3)
+        if a.shape[1]:  # new directions are orthogonal to the active rows of A
+            assert float((a.T @ vecs).abs().max()) < 1e-4
 
 
 @pytest.mark.parametrize("path", ["torch", "triton"])
@@ -98,7 +111,7 @@ def test_one_collective_per_step_for_all_layers(sketch_backend, monkeypatch, pat
                         or real_reduce(t))
     monkeypatch.setattr(benefits, "broadcast_", lambda t: calls.__setitem__("broadcast", calls["broadcast"] + 1)
                         or real_broadcast(t))
-    pairs, a_cols, b_cols = _problem(torch.float32)
+    pairs, a_cols, b_cols = _problem(torch.float32, _device(path))
     _many(pairs, a_cols, b_cols, niter=2, seeds=list(range(len(SPECS))))
     assert calls == {"reduce": 2 * 2 + 2, "broadcast": 1}  # not per layer
 
@@ -116,18 +129,21 @@ def _reference_plan(grower, step):
     for i, (name, layer) in enumerate(grower.layers.items()):
         room = layer.capacity - layer.rank
         if room > 0:
+            a_basis = subspace_basis(layer.lora_A[:layer.rank].detach().T)
+            b_basis = subspace_basis(layer.lora_B[:, :layer.rank].detach())
             sigma, _ = projected_top_singular(
                 grower.capture.pairs(name), layer.in_features, layer.out_features, min(grower.sketch_rank, room),
-                subspace_basis(layer.lora_A[:layer.rank].detach().T), subspace_basis(layer.lora_B[:, :layer.rank].detach()),
-                grower.power_iters, grower.oversample, decision_generator(grower.seed, "grow", step, i))
-            gains[name] = sigma.double().numpy()
+                a_basis, b_basis, grower.power_iters, grower.oversample,
+                decision_generator(grower.seed, "grow", step, i))
+            gains[name] = sigma.double().cpu().numpy()
     room = {n: m.capacity - m.rank for n, m in grower.layers.items()}
     return gains, plan_growth(gains, grower.costs, room, grower.budget - grower.spent(), grower.threshold)
 
 
 def _run(path, data_seed):
     set_sketch_backend(path)
-    net = _net()
+    device = _device(path)
+    net = _net().to(device)
     layers = lorambo.lora_layers(net)
     budget = sum(m.in_features + m.out_features for m in layers.values()) * 3
     grower = OnlineGrowth(layers, budget, sketch_rank=2, power_iters=4, seed=3)
@@ -135,7 +151,7 @@ def _run(path, data_seed):
     g = torch.Generator().manual_seed(data_seed)
     decisions = []
     for step in range(2):
-        x, y = torch.randn(24, 6, generator=g), torch.randn(24, 3, generator=g)
+        x, y = torch.randn(24, 6, generator=g).to(device), torch.randn(24, 3, generator=g).to(device)
         with grower.capture:
             ((net(x) - y) ** 2).mean().backward()
         gains, plan = _reference_plan(grower, step)
@@ -155,3 +171,23 @@ def test_online_growth_decides_as_the_per_layer_loop_on_both_paths(sketch_backen
     loop = _run("torch", data_seed)
     kernels = _run("triton", data_seed)
     assert loop == kernels and any(loop)
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_layer_products_with_mixed_dtypes_and_a_layer_without_data(sketch_backend, path):
+    from lorambo.ops.sketch import LayerProducts
+
+    sketch_backend(path)
+    device = _device(path)
+    x = torch.randn(9, 5).to(device, torch.bfloat16)                      # bf16 input, fp32 gradient
+    dy = torch.randn(9, 3).to(device)
+    prod = LayerProducts([[(x, dy)], []], [5, 4], [3, 6], p=2)
+    assert prod.kernels == (path == "triton")
+    v, u = torch.randn(prod.numel(True)).to(device), torch.randn(prod.numel(False)).to(device)
+    y, z = prod.apply(v), prod.apply(u, adjoint=True)
+    g = dy.double().T @ x.double()
+    torch.testing.assert_close(prod.blocks(y, "out")[0].double(), g @ prod.blocks(v, "in")[0].double(),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(prod.blocks(z, "in")[0].double(), g.T @ prod.blocks(u, "out")[0].double(),
+                               rtol=1e-5, atol=1e-5)
+    assert not prod.blocks(y, "out")[1].any() and not prod.blocks(z, "in")[1].any()

@@ -99,6 +99,11 @@ def test_bfloat16_inputs_accumulate_in_fp32(device):
         vl = v[group.in_offsets[l]:group.in_offsets[l + 1]].view(g.shape[1], 5).double()
         torch.testing.assert_close(y[group.out_offsets[l]:group.out_offsets[l + 1]].view(g.shape[0], 5).double(),
                                    g @ vl, rtol=1e-5, atol=1e-4)
+    # the Gram kernel multiplies 16-bit tiles natively (exact products, fp32 accumulation)
+    x, dy = torch.randn(2, 21, 7, device=device).bfloat16(), torch.randn(2, 21, 6, device=device).bfloat16()
+    torch.testing.assert_close(sketch.gram_sq_norms([x], [dy])[0].double(),
+                               (dy.double().transpose(1, 2) @ x.double()).square().sum((1, 2)),
+                               rtol=1e-5, atol=1e-3)
 
 
 def test_probe_is_gaussian_and_columns_do_not_depend_on_the_count(device):

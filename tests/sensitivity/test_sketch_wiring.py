@@ -12,6 +12,9 @@ from lorambo.sensitivity.reductions import per_layer_dots, per_layer_sq_norms
 
 pytest.importorskip("triton")
 
+# the kernels run on CUDA where there is one, else on CPU under the Triton interpreter
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 
 @pytest.fixture
 def kernels():
@@ -22,15 +25,17 @@ def kernels():
 
 def test_dots_and_norms_on_the_kernels_match_float64(kernels):
     shapes = [(4, 5, 3), (4, 77), (4, 1)]
-    xs = [torch.randn(s) for s in shapes]
-    ys = [torch.randn(s) for s in shapes]
+    xs = [torch.randn(s).to(DEV) for s in shapes]
+    ys = [torch.randn(s).to(DEV) for s in shapes]
     want = torch.stack([(x.double().flatten(1) * y.double().flatten(1)).sum(1) for x, y in zip(xs, ys)], 1)
     torch.testing.assert_close(per_layer_dots(xs, ys), want, rtol=1e-5, atol=1e-5)
     mixed = [torch.randn(6, 5), torch.randn(33).to(torch.bfloat16), torch.randn(2, 3)]  # two dtypes
+    mixed = [t.to(DEV) for t in mixed]
     torch.testing.assert_close(per_layer_sq_norms(mixed), torch.stack([x.double().square().sum() for x in mixed]),
                                rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="lorambo.ops.sketch.*float64"):
-        per_layer_dots([torch.randn(2, 3, dtype=torch.float64)], [torch.randn(2, 3, dtype=torch.float64)])
+        wide = torch.randn(2, 3, dtype=torch.float64, device=DEV)
+        per_layer_dots([wide], [wide])
 
 
 def test_torch_loop_dots_accumulate_bfloat16_in_fp32():
@@ -63,11 +68,11 @@ def _fisher(model, x, y):
 
 def test_fisher_proxy_gram_kernel_matches_float64(kernels, monkeypatch):
     torch.manual_seed(0)
-    model = configure_model(TokenNet(), 2)
+    model = configure_model(TokenNet(), 2).to(DEV)
     with torch.no_grad():
         for m in (model.fc1, model.fc2):
             m.lora_B.normal_()
-    x, y = torch.randn(5, 3, 16), torch.randn(5, 3, 16)      # 3 tokens: the Gram form is cheaper
+    x, y = torch.randn(5, 3, 16).to(DEV), torch.randn(5, 3, 16).to(DEV)  # 3 tokens: Gram is cheaper
     calls = []
     real = fisher_module.sq_grad_norms_many
     monkeypatch.setattr(fisher_module, "sq_grad_norms_many", lambda *a: calls.append(1) or real(*a))
