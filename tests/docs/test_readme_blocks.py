@@ -10,11 +10,14 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+BLOCK = re.compile(r"^(<!-- readme: not run[^\n]*-->\n)?```python\n(.*?)^```", re.S | re.M)
 
 
-def python_blocks():
-    return BLOCK.findall((ROOT / "README.md").read_text(encoding="utf-8"))
+def python_blocks(runnable_only=False):
+    """The README's Python blocks. A block announced by ``<!-- readme: not run (why) -->`` is
+    parsed but not run; the comment must say what runs it instead."""
+    found = BLOCK.findall((ROOT / "README.md").read_text(encoding="utf-8"))
+    return [code for marker, code in found if not (runnable_only and marker)]
 
 
 def test_every_block_parses_and_the_quickstart_is_a_program():
@@ -32,7 +35,7 @@ def test_readme_blocks_run_on_real_minilm(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     torch.set_num_threads(1)
     namespace = {"__name__": "readme"}
-    programs = [code for code in python_blocks() if len(code.strip().splitlines()) > 1]
+    programs = [code for code in python_blocks(runnable_only=True) if len(code.strip().splitlines()) > 1]
     quickstart_ranks = None
     for i, code in enumerate(programs):
         exec(compile(code, f"README.md python block {i}", "exec"), namespace)
