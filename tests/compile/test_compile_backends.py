@@ -1,0 +1,126 @@
+"""torch.compile(fullgraph=True) of a tiny BERT with LoRAMBoLinear layers on every CPU backend.
+
+For ``torch``, ``ext`` and ``triton`` (kernels under TRITON_INTERPRET=1): no graph break, the
+compiled model equals the eager one (eval; train with dropout under the same manual_seed; the
+LoRA gradients), and sweeping the rank over 1..capacity compiles one graph for rank 1 and one
+with a symbolic rank for all the others, i.e. fewer than one recompile per rank bucket.
+
+The ``aot_eager`` backend runs Dynamo and AOTAutograd (fake tensors, the custom ops' fake
+implementations, the backward graph) without Inductor's C++ compile: what decides whether the
+model traces, at a fraction of the time.
+"""
+
+import os
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+from transformers import BertConfig, BertModel
+
+import lorambo
+from lorambo import _extension, configure_model, lora_layers
+
+if _extension.load() is None and os.environ.get("LORAMBO_REQUIRE_EXT") == "1":
+    raise RuntimeError("LORAMBO_REQUIRE_EXT=1 but lorambo._C is not available")
+
+# backend: (capacity, hidden layers); the interpreter is slow, so triton gets the smaller pool
+CASES = {"torch": (16, 1), "ext": (16, 1), "triton": (8, 1)}
+
+
+@pytest.fixture(params=list(CASES))
+def compile_backend(request):
+    name = request.param
+    if name == "ext" and _extension.load() is None:
+        pytest.skip("compiled extension not built (CI builds it and sets LORAMBO_REQUIRE_EXT=1)")
+    if name == "triton":
+        pytest.importorskip("triton")
+        if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("the CPU check of the triton backend runs under TRITON_INTERPRET=1")
+    lorambo.set_backend(name)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield name
+    torch._dynamo.reset()
+
+
+def tiny_bert(layers, capacity, dropout):
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                        intermediate_size=48, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    model = BertModel(config)
+    configure_model(model, ranks=1, target_modules=["query", "value"], capacity=capacity, dropout=dropout)
+    return model
+
+
+def set_rank_everywhere(model, rank):
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.set_rank(rank)
+            layer.lora_B[:, :rank].normal_(std=0.2)  # new slots start at B = 0: make them count
+
+
+def lora_params(model):
+    return [p for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)]
+
+
+def run(model, ids):
+    """last_hidden_state and the LoRA gradients of a loss on it."""
+    out = model(input_ids=ids).last_hidden_state
+    grads = torch.autograd.grad(out.square().mean(), lora_params(model))
+    return out, grads
+
+
+def assert_same(got, want, what):
+    out, grads = got
+    out_e, grads_e = want
+    torch.testing.assert_close(out, out_e, rtol=1e-4, atol=1e-5, msg=lambda m: f"{what}: output\n{m}")
+    for i, (g, e) in enumerate(zip(grads, grads_e)):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5, msg=lambda m: f"{what}: grad {i}\n{m}")
+
+
+def no_graph_breaks():
+    return sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
+
+
+def test_compiled_bert_matches_eager_with_and_without_dropout(compile_backend):
+    capacity, layers = CASES[compile_backend]
+    model = tiny_bert(layers, capacity, dropout=0.3)
+    set_rank_everywhere(model, 3)
+    ids = torch.randint(0, 64, (2, 8))
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)  # a graph break raises
+
+    model.eval()
+    assert_same(run(compiled, ids), run(model, ids), "eval")
+
+    model.train()  # LoRA dropout on: the seeds are drawn in the graph from torch's generator
+    torch.manual_seed(7)
+    got = run(compiled, ids)
+    torch.manual_seed(7)
+    want = run(model, ids)
+    assert_same(got, want, "train with dropout")
+    again = run(compiled, ids)[0]
+    assert not torch.allclose(again, got[0])  # a fresh mask per call, not one frozen in the graph
+    model.eval()
+    assert not torch.allclose(run(model, ids)[0], got[0])  # the dropout did drop something
+    assert no_graph_breaks(), dict(torch._dynamo.utils.counters["graph_break"])
+    assert counter.frame_count == 2  # one graph per mode (eval, train)
+
+
+def test_rank_sweep_recompiles_once_not_per_rank(compile_backend):
+    from lorambo_kernels.config import rank_bucket
+
+    capacity, layers = CASES[compile_backend]
+    model = tiny_bert(layers, capacity, dropout=0.0).eval()
+    ids = torch.randint(0, 64, (2, 8))
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    for rank in range(1, capacity + 1):
+        set_rank_everywhere(model, rank)
+        assert_same(run(compiled, ids), run(model, ids), f"rank {rank}")  # the rank is not stale
+    buckets = {rank_bucket(r) for r in range(1, capacity + 1)}
+    # rank 1 compiles with the rank as a constant (dynamo specialises 0 and 1), rank 2 once more
+    # with a symbolic rank that every later rank reuses
+    assert counter.frame_count == 2 <= 1 + len(buckets)
+    assert no_graph_breaks(), dict(torch._dynamo.utils.counters["graph_break"])
