@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lorambo.ops.custom_op import define_lora_op, seed_tensor
+from lorambo.ops.custom_op import define_lora_op
 
 
 def dropout_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
@@ -89,5 +89,5 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, rank, scaling, dropou
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)  # (M, K)
     p = float(dropout_p)
-    y = _apply(x2, weight, bias, lora_A, lora_B, rank, float(scaling), p, seed_tensor(seed if p > 0.0 else 0))
+    y = _apply(x2, weight, bias, lora_A, lora_B, rank, float(scaling), p, seed if p > 0.0 else 0)
     return y.reshape(*lead, weight.shape[0])

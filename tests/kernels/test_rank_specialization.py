@@ -91,8 +91,8 @@ def keys_by_rank():
     with aot._recording((9, 0), aot.SM_COUNT[90]) as sink:
         for rank in RANKS:
             launches = launches_for(rank, sink)
-            by_rank[rank] = ({(p, aot._bind(key, jit, args, kwargs, backend)) for p, key, jit, args, kwargs in launches},
-                             {(p, rule_key(key, jit, args, kwargs)) for p, key, jit, args, kwargs in launches})
+            by_rank[rank] = ({(p, aot._bind(k, jit, args, kw, backend)) for p, k, jit, args, kw in launches},
+                             {(p, rule_key(k, jit, args, kw)) for p, k, jit, args, kw in launches})
     return by_rank
 
 
