@@ -48,12 +48,23 @@ def test_forward_reads_no_environment_and_imports_nothing(monkeypatch):
 
 
 def test_set_backend_switches_at_the_next_call():
-    layer = lorambo.LoRAMBoLinear(torch.nn.Linear(6, 4), rank=2)
-    x = torch.randn(3, 6)
+    """The resolution cache is dropped by set_backend: the very next call runs the new backend
+    (told apart by the dropout mask, which differs between the reference and the extension)."""
+    from lorambo import _extension
+    from lorambo.ops import lora_linear
+    from lorambo.ops.ext_linear import lora_linear_ext
+    from lorambo.ops.lora_linear_ref import lora_linear_reference
+
+    x, w, b = torch.randn(4, 6), torch.randn(5, 6), torch.randn(5)
+    a, bb = torch.randn(3, 6), torch.randn(5, 3)
+    args = (x, w, b, a, bb, 3, 1.5, 0.5, 11)
     lorambo.set_backend("torch")
-    assert resolve_backend("cpu", torch.float32) == "torch"
-    layer(x)
-    lorambo.set_backend("triton")  # cannot run on CPU without the interpreter: the next call says so
+    assert torch.equal(lora_linear(*args), lora_linear_reference(*args))
+    if _extension.load() is not None:
+        lorambo.set_backend("ext")
+        got = lora_linear(*args)
+        assert torch.equal(got, lora_linear_ext(*args)) and not torch.allclose(got, lora_linear_reference(*args))
+    lorambo.set_backend("triton")  # cannot run on 'meta': the next resolution says so
     with pytest.raises(RuntimeError, match="'triton' was requested"):
         resolve_backend("meta", torch.float32)
 

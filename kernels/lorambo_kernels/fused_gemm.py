@@ -46,6 +46,14 @@ try:
 except ImportError:  # pragma: no cover
     _TMA_BUILD_ERRORS = ()
 
+# Run-time ints whose value follows the rank: the rank itself, the row strides of the [M, r]
+# buffers u and u_out (t, t' and the written-out t), and the seed (random). Triton would otherwise
+# specialise them on their value (== 1 -> constexpr, multiple of 16 -> divisibility hint) and
+# compile a new variant at rank 1, at each multiple of 16 and for the other ranks, instead of
+# one per rank bucket (tests/kernels/test_rank_specialization.py checks the launch keys).
+# The cost: the epilogue's [BLOCK_M, BLOCK_R] loads/stores of u lose the row-alignment hint.
+RANK_DEPENDENT = ["rank", "seed", "stride_um", "stride_uom"]
+
 # Set (with a one-time warning) when the TMA kernel fails to compile or fit on this GPU/triton;
 # the pointer kernel then runs instead. A safety net for the fast path, which could not be
 # compiled for sm_90 when it was written (no GPU); the warning says why it was dropped.
@@ -119,7 +127,7 @@ def _lora_epilogue(acc, u_acc, offs_m, offs_n, pid_n,
     tl.store(out, downcast(acc, out_ptr.dtype.element_ty, PRECISION), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["rank", "seed"])
+@triton.jit(do_not_specialize=RANK_DEPENDENT)
 def _lora_gemm_kernel(
     # pointers
     a_ptr, b_ptr, d_ptr, bias_ptr, u_ptr, v_ptr, out_ptr, u_out_ptr,
@@ -181,7 +189,7 @@ def _desc_tile(desc, off_row, off_col, TRANS: tl.constexpr):
     return tile
 
 
-@triton.jit(do_not_specialize=["rank", "seed"])
+@triton.jit(do_not_specialize=RANK_DEPENDENT)
 def _lora_gemm_tma_kernel(
     # descriptors and pointers
     a_desc, b_desc, d_desc, bias_ptr, u_ptr, v_ptr, out_ptr, u_out_ptr,

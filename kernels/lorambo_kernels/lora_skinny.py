@@ -20,7 +20,10 @@ from lorambo_kernels.common import downcast, mma
 from lorambo_kernels.dropout import dropout_multiplier
 
 
-@triton.jit(do_not_specialize=["rank", "seed"])
+# Run-time ints that follow the rank (see fused_gemm.RANK_DEPENDENT): left unspecialised so a
+# rank change within a bucket reuses the compiled kernel. down: the row stride of out [M, r];
+# wgrad: the row stride of u [M, r] and the strides of the fp32 partials [SPLIT_M, P, r].
+@triton.jit(do_not_specialize=["rank", "seed", "stride_om"])
 def _lora_down_kernel(
     # pointers
     a_ptr, b_ptr, out_ptr,
@@ -56,7 +59,7 @@ def _lora_down_kernel(
     tl.store(out, downcast(acc, out_ptr.dtype.element_ty, PRECISION), mask=m_ok[:, None] & r_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["rank", "seed"])
+@triton.jit(do_not_specialize=["rank", "seed", "stride_um", "stride_os", "stride_op"])
 def _lora_wgrad_kernel(
     # pointers
     a_ptr, u_ptr, out_ptr, colsum_ptr,

@@ -11,9 +11,10 @@ Hessian-vector products), with two differences:
   in the backward, not torch's generator: for the same seed the dropped elements differ from
   the reference op's (each is a valid Bernoulli(1-p) mask).
 
-They are wrapped as the custom ops ``torch.ops.lorambo_ext.*`` (see :mod:`lorambo.ops.custom_op`):
-the seed travels as a 0-d CPU tensor and the rank as a symbolic int, so torch.compile traces the
-op with fullgraph=True, dropout included, without one graph per rank. On CUDA the extension's op
+Eagerly the extension's ``torch.ops.lorambo.lora_linear`` runs (autograd in C++). Under
+torch.compile the same kernels run as the custom ops ``torch.ops.lorambo_ext.*`` (see
+:mod:`lorambo.ops.custom_op`): the seed travels as a 0-d CPU tensor and the rank as a symbolic
+int, so the op traces with fullgraph=True, dropout included, without one graph per rank. On CUDA the extension's op
 exists too (cuBLAS GEMMs + the same Philox mask), but the Triton backend is the fast path there.
 """
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from lorambo import _extension
-from lorambo.ops.custom_op import define_lora_op, seed_tensor
+from lorambo.ops.custom_op import define_lora_op
 
 __all__ = ["dropout_mask_ext", "lora_linear_ext"]
 
@@ -41,7 +42,13 @@ def _multiplier(x, p, seed):
     return torch.ops.lorambo.dropout_mask(x, p, seed)
 
 
-_apply = define_lora_op("lorambo_ext", _forward, _backward, _multiplier)
+def _eager(x, weight, bias, lora_A, lora_B, rank, scaling, p, seed):
+    """Outside torch.compile: the extension's own op with its C++ autograd (same kernels, same
+    backward rules, no Python between forward and backward)."""
+    return torch.ops.lorambo.lora_linear(x, weight, bias, lora_A, lora_B, rank, scaling, p, seed)
+
+
+_apply = define_lora_op("lorambo_ext", _forward, _backward, _multiplier, eager=_eager)
 
 
 def lora_linear_ext(x, weight, bias, lora_A, lora_B, rank: int, scaling: float, dropout_p: float = 0.0,
@@ -60,8 +67,7 @@ def _lora_linear(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed
         raise ValueError("lora_linear_ext: dropout_p > 0 needs an integer seed")
     lead, k = x.shape[:-1], x.shape[-1]
     p = float(dropout_p)
-    y = _apply(x.reshape(-1, k), weight, bias, lora_A, lora_B, rank, float(scaling), p,
-               seed_tensor(seed if p > 0.0 else 0))
+    y = _apply(x.reshape(-1, k), weight, bias, lora_A, lora_B, rank, float(scaling), p, seed if p > 0.0 else 0)
     return y.reshape(*lead, weight.shape[0])
 
 

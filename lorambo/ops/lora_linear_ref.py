@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lorambo.ops.custom_op import define_lora_op, seed_tensor
+from lorambo.ops.custom_op import define_lora_op
 
 
 def dropout_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
@@ -61,15 +61,17 @@ def _backward(grad_y, x, weight, lora_A, lora_B, t, rank, scaling, p, seed, need
         grad_bb = torch.zeros_like(lora_B)
     if rank > 0 and (need_x or need_a or need_bb):
         a_r, b_r = lora_A[:rank], lora_B[:, :rank]
+        mask = dropout_mask(x, p, seed) if p > 0.0 and (need_x or need_a) else None  # regenerated
         if need_x or need_a:
             t_prime = grad_y @ b_r  # (M, r)
         if need_x:
             grad_lora_x = (t_prime @ a_r) * scaling
-            if p > 0.0:
-                grad_lora_x *= dropout_mask(x, p, seed)
+            if mask is not None:
+                grad_lora_x *= mask
             grad_x += grad_lora_x
         if need_a:
-            grad_a[:rank] = (t_prime.t() @ _drop(x, p, seed)) * scaling  # (r, K)
+            x_drop = x if mask is None else x * mask
+            grad_a[:rank] = (t_prime.t() @ x_drop) * scaling  # (r, K)
         if need_bb:
             grad_bb[:, :rank] = (grad_y.t() @ t) * scaling  # (N, r)
     return grad_x, grad_w, grad_b, grad_a, grad_bb
@@ -89,5 +91,5 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, rank, scaling, dropou
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)  # (M, K)
     p = float(dropout_p)
-    y = _apply(x2, weight, bias, lora_A, lora_B, rank, float(scaling), p, seed_tensor(seed if p > 0.0 else 0))
+    y = _apply(x2, weight, bias, lora_A, lora_B, rank, float(scaling), p, seed if p > 0.0 else 0)
     return y.reshape(*lead, weight.shape[0])

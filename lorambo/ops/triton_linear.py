@@ -24,7 +24,7 @@ import torch
 from lorambo_kernels.config import SUPPORTED_DTYPES  # torch only: no triton import
 from torch import Tensor
 
-from lorambo.ops.custom_op import define_lora_op, seed_tensor
+from lorambo.ops.custom_op import define_lora_op
 
 _MAX_SEED = 2**63 - 1
 
@@ -143,5 +143,5 @@ def lora_linear_triton(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)  # (M, K)
     p = float(dropout_p)
-    y = _apply(x2, weight, bias, lora_A, lora_B, rank, float(scaling), p, seed_tensor(seed if p > 0.0 else 0))
+    y = _apply(x2, weight, bias, lora_A, lora_B, rank, float(scaling), p, seed if p > 0.0 else 0)
     return y.reshape(*lead, weight.shape[0])

@@ -1,25 +1,54 @@
-"""CUDA implementations of the lorambo ops against the CPU ones (skipped without a GPU build).
+"""CUDA implementations of the lorambo ops against the CPU ones.
 
-On a machine without a GPU these tests are skipped; .ci/compile_cuda.sh still compiles the
-CUDA sources there.
+Without a CUDA device (or without the extension) these tests are skipped; .ci/compile_cuda.sh
+still compiles the CUDA sources there. With a CUDA device, an extension built without CUDA is a
+failure, not a skip: a GPU machine whose build silently lost nvcc must not report green.
 """
 
 import pytest
 import torch
-from ext_testutil import EXT, FLOAT_DTYPES, generator, needs_ext, random_dtype, random_shape
+from ext_testutil import EXT, FLOAT_DTYPES, generator, random_dtype, random_shape
 
 from lorambo import ext_ops
 from lorambo.ops.ext_linear import dropout_mask_ext, lora_linear_ext
 from lorambo.ops.lora_linear_ref import lora_linear_reference
 
-pytestmark = [
-    needs_ext,
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available() or EXT is None or not getattr(EXT, "with_cuda", False),
-                       reason="needs a CUDA device and lorambo._C built with CUDA"),
-]
+
+def cuda_build_problem(cuda_available: bool, ext) -> tuple[str, str] | None:
+    """("skip" | "fail", why) when the CUDA tests cannot run, None when they can."""
+    if not cuda_available:
+        return "skip", "needs a CUDA device"
+    if ext is None:  # not built at all (LORAMBO_SKIP_EXT=1): optional, as for every ext test
+        return "skip", "compiled extension lorambo._C not built"
+    if not getattr(ext, "with_cuda", False):
+        return "fail", ("a CUDA device is present but lorambo._C was built without CUDA (no nvcc at build "
+                        "time?); rebuild it with CUDA")
+    return None
 
 
+@pytest.fixture
+def cuda_ext():
+    problem = cuda_build_problem(torch.cuda.is_available(), EXT)
+    if problem is not None:
+        action, why = problem
+        (pytest.skip if action == "skip" else pytest.fail)(why)
+
+
+def test_a_gpu_machine_with_a_cpu_only_build_fails_instead_of_skipping():
+    class CpuOnlyBuild:
+        with_cuda = False
+
+    class CudaBuild:
+        with_cuda = True
+
+    assert cuda_build_problem(False, CudaBuild())[0] == "skip"
+    assert cuda_build_problem(True, CpuOnlyBuild())[0] == "fail"
+    assert cuda_build_problem(True, None)[0] == "skip"
+    assert cuda_build_problem(True, CudaBuild()) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("cuda_ext")
 def test_reductions_match_the_cpu():
     gen = generator()
     xs = [torch.randn(random_shape(gen), generator=gen).to(random_dtype(gen)) for _ in range(300)]
@@ -36,6 +65,8 @@ def test_reductions_match_the_cpu():
                                ext_ops.multi_dot(rows, rows, rows=4), rtol=2e-5, atol=1e-30)
 
 
+@pytest.mark.gpu
+@pytest.mark.usefixtures("cuda_ext")
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("dist", ["rademacher", "uniform", "gaussian"])
 def test_probe_streams_agree_between_cpu_and_cuda(dtype, dist):
@@ -50,11 +81,15 @@ def test_probe_streams_agree_between_cpu_and_cuda(dtype, dist):
             assert torch.equal(g.cpu(), c)
 
 
+@pytest.mark.gpu
+@pytest.mark.usefixtures("cuda_ext")
 def test_dropout_masks_agree_between_cpu_and_cuda():
     x = torch.empty(300, 257)
     assert torch.equal(dropout_mask_ext(x.cuda(), 0.3, 77).cpu(), dropout_mask_ext(x, 0.3, 77))
 
 
+@pytest.mark.gpu
+@pytest.mark.usefixtures("cuda_ext")
 def test_pool_remap_matches_the_cpu():
     gen = generator()
     tensors, dims, maps = [], [], []
@@ -71,6 +106,8 @@ def test_pool_remap_matches_the_cpu():
     assert all(torch.equal(g.cpu(), c) for g, c in zip(gpu, tensors))
 
 
+@pytest.mark.gpu
+@pytest.mark.usefixtures("cuda_ext")
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_lora_linear_on_cuda_matches_cpu(p):
     def make(device):
@@ -93,6 +130,8 @@ def test_lora_linear_on_cuda_matches_cpu(p):
                                    lora_linear_reference(x, w, b, a, bb, 9, 0.5))
 
 
+@pytest.mark.gpu
+@pytest.mark.usefixtures("cuda_ext")
 def test_mixed_devices_are_rejected():
     with pytest.raises(RuntimeError, match=r"xs\[1\] is on cuda:0 but the other tensors are on cpu"):
         ext_ops.multi_sq_norm([torch.ones(3), torch.ones(3, device="cuda")])

@@ -12,7 +12,7 @@ from lorambo.ops.lora_linear_ref import lora_linear_reference
 
 def _args(device, rank=3, p=0.0, seed=0):
     inp = make_inputs(6, 16, 10, 4, w_grad=False, device=device)
-    return (inp["x"], inp["weight"], inp["bias"], inp["lora_A"], inp["lora_B"], rank, 0.7, p, tl_op.seed_tensor(seed))
+    return (inp["x"], inp["weight"], inp["bias"], inp["lora_A"], inp["lora_B"], rank, 0.7, p, custom_op.seed_tensor(seed))
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2])
