@@ -8,7 +8,7 @@ Measures, for per-layer Hessian traces of every attention and MLP weight:
   * the Fisher proxy's overhead on a training step.
 
 Results are appended to a tidy CSV (one row per measurement, with device and versions) and
-drawn as a PNG from that CSV. Default size is the DESIGN.md setup (6 layers, 512 wide, batch
+drawn as a PNG from that CSV. Default size is the docs/performance.md setup (6 layers, 512 wide, batch
 8x256, for a GPU); ``--small`` runs a 2-layer, 128-wide model that takes seconds on a CPU.
 
     python benchmarks/bench_sensitivity.py --small --out benchmarks/results

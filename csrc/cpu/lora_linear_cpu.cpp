@@ -74,7 +74,7 @@ int64_t tile_rows(int64_t rank) { return std::max<int64_t>(256, 8 * rank); }
 
 // Contiguous row blocks, one per thread (at least 32 rows each). The whole rank-r part is then
 // one parallel region instead of one per BLAS call: on a busy machine every OpenMP region can
-// stall on a descheduled thread (the lead measured 24 ms for a 10x12 @ 12x4 product on the
+// stall on a descheduled thread (measured: 24 ms for a 10x12 @ 12x4 product on the
 // 2-core development box), so fewer regions matter more than the last percent of GEMM speed.
 int64_t num_blocks(int64_t m) {
   if (at::in_parallel_region()) return 1;

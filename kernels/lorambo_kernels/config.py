@@ -6,7 +6,7 @@ first call, which breaks graph capture and torch.compile's first run).
 
 Measurement status: the GPU block shapes below are NOT measured on this code yet (it was written
 without a GPU). They are the configurations the Triton matmul tutorials (03 and 09) ship for
-Ampere/Hopper, and the DESIGN.md calibration probe (H100, triton 3.6, bf16: pointer loads 73 % of
+Ampere/Hopper, and the calibration probe in docs/performance.md (H100, triton 3.6, bf16: pointer loads 73 % of
 cuBLAS, host TMA descriptors + persistent grid 90-100 %) decides which path is the default on
 sm_90. Whoever first runs ``benchmarks/bench_lora_linear.py`` on a GPU should replace each
 "UNMEASURED" note with the measurement that picked the value.
@@ -149,7 +149,7 @@ def tma_gemm_config(M: int, N: int, K: int, block_r: int, dtype: torch.dtype, de
     if is_interpreter():
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=1, num_stages=1)
     big = dtype != torch.float32
-    # UNMEASURED (triton tutorial 09 persistent-matmul config, which the DESIGN.md probe used
+    # UNMEASURED (triton tutorial 09 persistent-matmul config, which the probe in docs/performance.md used
     # to reach 90-100 % of cuBLAS at M=8192 on H100).
     cfg = dict(BLOCK_M=128, BLOCK_N=256 if big and M > 256 else 128, BLOCK_K=64 if big else 32,
                GROUP_M=8, num_warps=8, num_stages=3)

@@ -16,7 +16,7 @@ Rank handling: BLOCK_R is a bucket (config.rank_bucket); pool slots >= r are nev
 loads, or a TMA descriptor whose shape stops at r); ranks above 128 loop over r in chunks.
 
 Two kernels share this math: a portable pointer-load kernel (every GPU, and the interpreter) and a
-persistent kernel over host TMA descriptors (Hopper; DESIGN.md measured pointer loads at 73 % of
+persistent kernel over host TMA descriptors (Hopper; docs/performance.md: pointer loads measured at 73 % of
 cuBLAS there and TMA + persistent at 90-100 %). ``lora_gemm`` picks TMA only when
 ``config.want_tma`` says so and every hot-loop operand is descriptor-compatible.
 """

@@ -7,7 +7,7 @@
 Launches, forward: one (p = 0, r <= 128: t computed in the GEMM's K-loop) or two (t by
 ``lora_down``, then the GEMM). Backward: the dX GEMM (t' computed in its dY loop and written out),
 then one reduction pass over x (dA) and one over dY (dB and the bias gradient); dW only when asked.
-So LoRA adds one read of x and one of dY to the frozen layer's traffic, the floor DESIGN.md names.
+So LoRA adds one read of x and one of dY to the frozen layer's traffic, the floor in docs/performance.md.
 
 Gradients of the pools are allocated as zeros of the full pool shape and only the active slice
 is written, so inactive slots get exactly zero. All inputs are 2-D here; shapes are checked by the

@@ -17,7 +17,7 @@ the pass's one retained graph. Measured on a 2-layer, 128-wide GPT-2 (batch 4x64
 probes, 2-core CPU, 4 runs): loop 26-27 ms/probe, vmap 28-33 ms/probe, a full
 forward+backward+double backward per probe 43-49 ms/probe -- on CPU vmap buys nothing over the
 shared-graph loop. On an H100
-(DESIGN.md, 6-layer 512-wide GPT-2) vmap took 375 ms for 16 probes vs 479 ms looped. So
+(docs/performance.md, 6-layer 512-wide GPT-2) vmap took 375 ms for 16 probes vs 479 ms looped. So
 batched=None means vmap on accelerators and the loop on CPU.
 """
 

@@ -52,7 +52,7 @@ def test_float64_matches_reference_forward_and_all_gradients(m, rank, bias):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [7, 300])
 def test_low_precision_error_within_twice_the_reference_error(m, dtype):
-    """DESIGN.md tolerance rule: error vs float64 <= 2x PyTorch's own error in the same dtype."""
+    """docs/performance.md tolerance rule: error vs float64 <= 2x PyTorch's own error in the same dtype."""
     t64 = make(m, 96, 64, 32, torch.float64)
     g64 = torch.randn(m, 64, dtype=torch.float64)
     y64, gr64 = run(lora_linear_reference, t64, 20, 0.5, grad=g64)

@@ -71,7 +71,7 @@ def assert_close64(got, want, rtol=2e-5, what=""):
 
 
 def assert_tolerance_rule(got, torch_same_dtype, want, what=""):
-    """DESIGN.md rule: error vs float64 <= 2x PyTorch's own error in the same dtype (plus a
+    """docs/performance.md rule: error vs float64 <= 2x PyTorch's own error in the same dtype (plus a
     floor of 1e-6 of the scale for the case where PyTorch happens to be exact)."""
     scale = want.abs().max().item()
     err = (got.double() - want).abs().max().item()

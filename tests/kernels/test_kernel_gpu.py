@@ -1,5 +1,5 @@
 """GPU tests (marked ``gpu``, skipped without CUDA): realistic shapes in every dtype against float64
-with DESIGN.md's tolerance rule, CUDA-graph capture (no host sync), one compile per rank bucket."""
+with the tolerance rule of docs/performance.md, CUDA-graph capture (no host sync), one compile per rank bucket."""
 
 import pytest
 import torch
