@@ -15,7 +15,9 @@ Trainer hands callbacks accelerate's ``AcceleratedOptimizer``; its wrapped torch
 steps, so the step being taken is ``global_step`` in both events.
 
 Each decision is appended to the allocator's decision log (``log_path``) and to
-``callback.decisions``. (Adding keys to the Trainer's logs from ``on_log`` would not work: the
+``callback.decisions``. Pass ``Trainer(..., optimizers=(allocator.make_optimizer(lr), None))``
+so the optimizer is :class:`lorambo.optim.AdamW` (per-slot Adam steps); with Trainer's default
+torch AdamW the callback warns once at the start of training. (Adding keys to the Trainer's logs from ``on_log`` would not work: the
 Trainer stores a copy of the logs before callbacks see them.)
 
 Checkpoints: ``on_save`` adds ``adapter.safetensors`` (the adapter, modules_to_save included)
@@ -29,7 +31,9 @@ itself; ``on_train_begin`` then restores the rest from ``<output_dir>/checkpoint
 from __future__ import annotations
 
 import os
+import warnings
 
+import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -42,6 +46,18 @@ __all__ = ["LoRAMBoCallback"]
 def _unwrap_optimizer(optimizer):
     inner = getattr(optimizer, "optimizer", None)
     return inner if inner is not None and hasattr(inner, "state") else optimizer
+
+
+def _warn_if_not_slot_aware(optimizer) -> None:
+    """Trainer builds its own optimizer before any callback runs, so the callback cannot choose
+    it; it can say once that slots grown later will take oversized Adam steps."""
+    from lorambo.optim import AdamW
+
+    if isinstance(optimizer, torch.optim.Adam) and not isinstance(optimizer, AdamW):
+        warnings.warn(f"LoRAMBoCallback: Trainer's optimizer is {type(optimizer).__name__}, which keeps one "
+                      "Adam step count per parameter, so slots grown during training take oversized first "
+                      "steps. Pass Trainer(..., optimizers=(allocator.make_optimizer(lr=...), None)) to use "
+                      "lorambo.optim.AdamW.", stacklevel=3)
 
 
 class LoRAMBoCallback(TrainerCallback):
@@ -61,7 +77,8 @@ class LoRAMBoCallback(TrainerCallback):
         self.resume_from = resume_from
         self.decisions: list[dict] = []
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        _warn_if_not_slot_aware(_unwrap_optimizer(optimizer))
         if state.global_step == 0:
             return
         folder = self.resume_from or os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")

@@ -1,5 +1,7 @@
 """A few Trainer steps on a tiny GPT-2 with LoRAMBoCallback: ranks change exactly as logged."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -39,9 +41,16 @@ def test_callback_grows_ranks_as_logged(tmp_path, moves):
                                           logging_steps=1, disable_tqdm=True, dataloader_num_workers=0)
     importance = AdaLoRAImportance(model) if moves else None
     callback = LoRAMBoCallback(opt, importance=importance)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+    # with moves: lorambo's AdamW; without: Trainer's default torch AdamW, which gets a warning
+    optimizers = (opt.make_optimizer(lr=1e-2), None) if moves else (None, None)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[callback],
+                                   optimizers=optimizers)
     before = {n: 1 for n in names}
-    trainer.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    warned = [w for w in caught if "LoRAMBoCallback: Trainer's optimizer" in str(w.message)]
+    assert len(warned) == (0 if moves else 1)
     logged = read_decisions(log_path)
     assert logged == callback.decisions and logged
     assert {r["step"] for r in logged} <= {1, 3}
