@@ -53,12 +53,14 @@ from typing import Callable, Iterable
 
 import torch
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
 import lorambo_kernels
 from lorambo_kernels import config
 
 H100 = GPUTarget("cuda", 90, 32)
+_TL_DTYPE = "__tl_dtype__"  # JSON tag for a triton dtype constexpr (sent to compile workers)
 
 # Per-block shared memory (opt-in maximum, bytes) and SM counts by compute capability.
 SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
@@ -143,12 +145,15 @@ class Case:
         return self.label().replace("[", "-").rstrip("]")
 
     def to_json(self) -> dict:
-        return {"kernel": self.kernel, "signature": list(self.signature), "constexprs": list(self.constexprs),
+        constexprs = [(k, {_TL_DTYPE: v.name} if isinstance(v, tl.dtype) else v) for k, v in self.constexprs]
+        return {"kernel": self.kernel, "signature": list(self.signature), "constexprs": constexprs,
                 "attrs": [[k, v] for k, v in self.attrs], "options": list(self.options), "example": self.example}
 
     @staticmethod
     def from_json(d: dict) -> "Case":
-        return Case(d["kernel"], tuple(map(tuple, d["signature"])), tuple(map(tuple, d["constexprs"])),
+        constexprs = tuple((k, tl.dtype(v[_TL_DTYPE]) if isinstance(v, dict) and _TL_DTYPE in v else v)
+                           for k, v in d["constexprs"])
+        return Case(d["kernel"], tuple(map(tuple, d["signature"])), constexprs,
                     tuple((k, tuple(tuple(a) for a in v)) for k, v in d["attrs"]), tuple(map(tuple, d["options"])),
                     d.get("example", ""))
 
