@@ -29,7 +29,9 @@ def test_bad_config_values(changes, match):
 
 
 def test_cli_reports_bad_input_without_traceback(capsys, tmp_path):
-    assert main(["experiment", "--methods", "uniform,lora_magic", "--out", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit) as exit_info:  # a usage error, before any model is loaded
+        main(["experiment", "--methods", "uniform,lora_magic", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "error: unknown method" in err and "Traceback" not in err
 
