@@ -97,8 +97,9 @@ def _demo(args) -> int:
 
 # (flag, config field, type, help)
 _FIELDS = [
-    ("--tasks", "tasks", _names, "comma-separated: planted,topics"),
-    ("--methods", "methods", _names, "comma-separated: uniform,gradient,hessian,data,frobenius,online,alora,adalora,eva"),
+    ("--tasks", "tasks", _names, "comma-separated: planted,sentiment"),
+    ("--methods", "methods", _names, "comma-separated: uniform,oracle,gradient,hessian,data,frobenius,online,"
+                                     "alora,adalora,eva,probe"),
     ("--budgets", "budgets", _floats, "budget levels = mean rank per adapted layer, e.g. 1,4 (P = level x sum(d+k))"),
     ("--seeds", "seeds", _positive_int, "seeds 0..N-1 per (method, budget)"),
     ("--steps", "steps", _positive_int, "optimizer steps per run"),
@@ -116,7 +117,6 @@ _FIELDS = [
     ("--growth-factor", "growth_factor", _positive_float, "pool size / AdaLoRA init_r / EVA rho factor"),
     ("--alora-rounds", "alora_rounds", _positive_int, "ALoRA prune-and-reallocate rounds"),
     ("--planted-scale", "planted_scale", _positive_float, "relative RMS change of each planted delta"),
-    ("--topic-cap", "topic_cap", _positive_int, "most utterances kept per topic"),
     ("--threads", "threads", _positive_int, "torch CPU threads"),
     ("--device", "device", str, "auto | cpu | cuda"),
 ]
@@ -125,7 +125,9 @@ _FIELDS = [
 def _experiment(args) -> int:
     from lorambo.experiments import config as presets
 
-    cfg = presets.PRESETS[args.preset]()
+    single = getattr(args, "tasks", None)
+    task_preset = presets.TASK_PRESETS.get((single[0], args.preset)) if single and len(single) == 1 else None
+    cfg = (task_preset or presets.PRESETS[args.preset])()
     changes = {field: getattr(args, field) for _, field, _, _ in _FIELDS if getattr(args, field) is not None}
     try:  # the configuration checks every value against the others: its complaints are usage errors
         cfg = cfg.replace(**changes) if changes else cfg
@@ -158,9 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("experiment", help="the experiment with every option")
     exp.add_argument("--preset", choices=("default", "tiny", "full"), default="default",
-                     help="starting sizes (default: what `lorambo demo` runs)")
+                     help="starting sizes (default: what `lorambo demo` runs; with --task sentiment alone, "
+                          "its own CPU preset, and with --preset full its GPU one)")
     for flag, field, kind, text in _FIELDS:
-        exp.add_argument(flag, dest=field, type=kind, default=None, help=text)
+        flags = (flag, "--task") if flag == "--tasks" else (flag,)
+        exp.add_argument(*flags, dest=field, type=kind, default=None, help=text)
     _output_args(exp)
     exp.set_defaults(func=_experiment, parser=exp)
 
