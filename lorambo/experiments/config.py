@@ -160,12 +160,13 @@ def tiny(methods=("uniform", "gradient")) -> ExperimentConfig:
 
 
 def full() -> ExperimentConfig:
-    """``--full``: sized for one GPU (longer training, longer text, 3 budgets, 5 seeds)."""
-    return ExperimentConfig(budgets=(1.0, 2.0, 4.0), seeds=5, steps=300, batch_size=32, max_length=64,
+    """``--full``: sized for one GPU: budgets P*, 2 P* and 4 P*, 1,000 steps of 32 x 64 tokens,
+    every method, 5 seeds, 32 Hessian probes, the learning rate chosen per method and budget."""
+    return ExperimentConfig(budgets=(0.5, 1.0, 2.0), seeds=5, steps=1000, batch_size=32, max_length=64,
                             lr_search="per_budget",
                             lr_grid=(1e-3, 3e-3, 1e-2), train_examples=0, eval_examples=0, calib_batches=8,
                             hessian_probes=32, sensitivities_per_seed=True, alora_rounds=3, alora_prune=0.1, alora_heldout=64,
-                            probe_steps=60)
+                            probe_steps=60, val_every=100)
 
 
 SENTIMENT_METHODS = ("uniform", "gradient", "hessian", "online", "alora", "probe")

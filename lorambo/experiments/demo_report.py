@@ -73,6 +73,44 @@ def compact(result: dict, task: str = "planted") -> dict:
     return out
 
 
+def accuracy_summary(result: dict, task: str = "sentiment") -> dict:
+    """The committed summary of a classification task: per method at the first budget, the
+    per-seed test accuracies, their mean ± std and the seeds on which it beat uniform."""
+    tr = result["tasks"][task]
+    level = str(result["config"]["budgets"][0])
+    out = {"machine": result.get("machine", ""), "wall_s": float(result["seconds"]),
+           "command": result.get("command", ""), "task": task, "dataset": tr["describe"].get("dataset"),
+           "budget": tr["budgets"][level], "steps": result["config"]["steps"],
+           "batch_size": result["config"]["batch_size"], "max_length": result["config"]["max_length"],
+           "seeds": result["config"]["seeds"], "split_sizes": tr["describe"].get("sizes"),
+           "lr": tr["lr_choice"].get("uniform", {}).get(level), "linear_probe": tr["describe"].get("linear_probe"),
+           "methods": {}}
+    for method, entry in tr["summary"].items():
+        e = entry.get(level)
+        if e is None:
+            continue
+        runs = {r["seed"]: r for r in tr["runs"]
+                if r["method"] == method and r["level"] == float(level) and r["lr"] == e["lr"]}
+        out["methods"][method] = {"label": METHOD_LABELS[method], "accuracy": [runs[s]["metric"] for s in sorted(runs)],
+                                  "mean": e["metric_mean"], "std": e["metric_std"],
+                                  "wins_vs_uniform": e.get("wins_vs_uniform"), "paired_seeds": e.get("paired_seeds"),
+                                  "mean_ranks": e["mean_ranks"]}
+    return out
+
+
+def accuracy_table(summary: dict) -> str:
+    lines = [f"{summary['task']} task at P = {summary['budget']:,}, {summary['steps']} steps of "
+             f"{summary['batch_size']} x {summary['max_length']} tokens, {summary['seeds']} seeds, lr {summary['lr']:g} "
+             f"(chosen on uniform LoRA, seed 0); linear probe on the frozen encoder: test accuracy "
+             f"{summary['linear_probe']['test']:.3f}", "",
+             "| method | test accuracy (mean ± std) | per seed | seeds better than uniform |", "|---|---|---|---|"]
+    for method, row in summary["methods"].items():
+        wins = "—" if method == "uniform" else f"{row['wins_vs_uniform']}/{row['paired_seeds']}"
+        lines.append(f"| {row['label']} | {row['mean']:.4f} ± {row['std']:.4f} | "
+                     f"{', '.join(f'{a:.4f}' for a in row['accuracy'])} | {wins} |")
+    return "\n".join(lines)
+
+
 def table(summary: dict) -> str:
     """The text table of :func:`compact`'s output (also the README's)."""
     lines = [f"planted task at P = {summary['budget']:,} (P* = {summary['planted_params']:,}), "

@@ -144,6 +144,10 @@ def run_experiment(cfg: ExperimentConfig, out_dir=None, progress: bool | None = 
         result["seconds"] = summary["wall_s"] = time.perf_counter() - started
         res.write_json_atomic(summary, out_dir / "demo_results.json")
         text = demo_report.table(summary) + "\n\n" + text
+    if "sentiment" in result["tasks"]:
+        sentiment = demo_report.accuracy_summary(result)
+        res.write_json_atomic(sentiment, out_dir / "sentiment_results.json")
+        text = demo_report.accuracy_table(sentiment) + "\n\n" + text
     text += f"\n\nwall time {result['seconds']:.0f} s; {result['machine']}; artefacts in {out_dir}/"
     res.write_text_atomic(text + "\n", out_dir / "results.txt")
     res.write_json_atomic(result, out_dir / "results.json")

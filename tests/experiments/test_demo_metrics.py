@@ -112,3 +112,11 @@ def test_plan_with_the_learning_rate_chosen_on_uniform():
                          ("oracle", 1, 1, None)]
     with pytest.raises(ValueError, match="lr_search='uniform'.*add 'uniform'"):
         presets.ExperimentConfig(methods=("probe",), lr_search="uniform")
+
+
+def test_probe_needs_its_training_batches():
+    from lorambo.experiments.probe import probe_sensitivity
+
+    cfg = presets.tiny()
+    with pytest.raises(ValueError, match="probe: needs 3 training batches, got 2"):
+        probe_sensitivity(None, cfg, 0, [{}, {}])

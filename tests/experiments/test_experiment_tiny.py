@@ -56,6 +56,12 @@ def test_tiny_experiment_writes_table_json_and_plots(tmp_path, capsys):
         assert len(row["test_loss"]) == 1 and len(row["gap_closed"]) == 1 and 0 <= row["coverage"] <= 1
     assert demo["methods"]["oracle"]["gap_closed"] == [1.0] and demo["methods"]["oracle"]["coverage"] == 1.0
 
+    sent = json.loads((tmp_path / "sentiment_results.json").read_text())
+    assert set(sent["methods"]) == {"uniform", "gradient", "probe"}
+    assert all(len(r["accuracy"]) == 1 and 0 <= r["accuracy"][0] <= 1 for r in sent["methods"].values())
+    assert sent["methods"]["uniform"]["accuracy"] == [r["metric"] for r in sentiment["runs"]
+                                                      if r["method"] == "uniform" and r["lr"] == sent["lr"]]
+
     text = (tmp_path / "results.txt").read_text()
     assert "held-out rel_loss" in text and "held-out accuracy" in text and "wall time" in text
     pngs = sorted(tmp_path.rglob("*.png"))
