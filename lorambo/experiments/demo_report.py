@@ -176,21 +176,22 @@ def gap_plot(summary: dict, path) -> Path:
 def curve_plot(summary: dict, path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    palette = iter(c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 2)  # green: the oracle's
     try:
         for method, row in summary["methods"].items():
             if not row.get("val_curve_steps"):
                 continue
             xs, ys, es = (np.asarray(row[k], dtype=float) for k in ("val_curve_steps", "val_curve_mean", "val_curve_std"))
             style = dict(lw=2.4, color="black") if method == "uniform" else (
-                dict(lw=2.0, color="tab:green", ls="--") if method == "oracle" else dict(lw=1.4))
+                dict(lw=2.0, color="tab:green", ls="--") if method == "oracle" else dict(lw=1.4, color=next(palette)))
             line, = ax.plot(xs, ys, marker="o", ms=3, label=row["label"], **style)
             ax.fill_between(xs, ys - es, ys + es, color=line.get_color(), alpha=0.15)
         ax.set_xlabel("training step")
         ax.set_ylabel("validation loss (1.0 = pretrained model)")
-        ax.set_yscale("log")
+        ax.set_ylim(bottom=0)
         ax.set_title(f"planted task, P = {summary['budget']:,}: mean ± std over {summary['seeds']} seeds",
                      fontsize=10)
-        ax.grid(alpha=0.3, which="both")
+        ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
@@ -203,6 +204,7 @@ def demo_plots(summary: dict, out_dir) -> list[Path]:
     from lorambo.experiments.plots import rank_heatmap
 
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     truth = {n: float(summary["planted_ranks"].get(n, 0)) for n in summary["methods"]["uniform"]["mean_ranks"]}
     panels = {"planted ranks (truth)": truth}
     panels.update({row["label"]: row["mean_ranks"] for m, row in summary["methods"].items()})
