@@ -40,3 +40,17 @@ def test_growth_batch_size_bounds_follow_the_corpus():
     check_growth_args(4, 2, 2, paragraphs=66)                 # 66 - 64 held out = 2: just fits
     with pytest.raises(ValueError, match="--batch-size 3 must be between 2 and 2"):
         check_growth_args(4, 2, 3, paragraphs=66)
+
+
+def test_task_sentiment_picks_its_presets(monkeypatch, tmp_path):
+    from lorambo.experiments import config as presets
+
+    seen = []
+    monkeypatch.setattr("lorambo.experiments.runner.run_experiment",
+                        lambda cfg, out_dir=None, progress=None: seen.append(cfg) or {})
+    assert main(["experiment", "--task", "sentiment", "--out", str(tmp_path)]) == 0
+    assert main(["experiment", "--task", "sentiment", "--preset", "full", "--out", str(tmp_path)]) == 0
+    assert main(["experiment", "--task", "sentiment", "--steps", "30", "--out", str(tmp_path)]) == 0
+    assert seen[0] == presets.sentiment() and seen[0].tasks == ("sentiment",) and seen[0].threads == 1
+    assert seen[1] == presets.sentiment_full() and "oracle" not in seen[1].methods
+    assert seen[2] == presets.sentiment().replace(steps=30)
