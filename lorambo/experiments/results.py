@@ -36,7 +36,7 @@ def gap_closed(method: dict, uniform: dict, reference: dict) -> dict:
     for seed in sorted(set(method) & set(uniform) & set(reference)):
         gap = float(reference[seed]) - float(uniform[seed])
         if gap != 0.0:
-            out[seed] = (float(method[seed]) - float(uniform[seed])) / gap
+            out[seed] = (float(method[seed]) - float(uniform[seed])) / gap + 0.0  # + 0.0: no -0.0
     return out
 
 

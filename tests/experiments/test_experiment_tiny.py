@@ -60,7 +60,7 @@ def test_tiny_experiment_writes_table_json_and_plots(tmp_path, capsys):
     assert set(sent["methods"]) == {"uniform", "gradient", "probe"}
     assert all(len(r["accuracy"]) == 1 and 0 <= r["accuracy"][0] <= 1 for r in sent["methods"].values())
     assert sent["methods"]["uniform"]["accuracy"] == [r["metric"] for r in sentiment["runs"]
-                                                      if r["method"] == "uniform" and r["lr"] == sent["lr"]]
+                                                      if r["method"] == "uniform" and r["lr"] == sent["lr"] and r["level"] == 0.5]
 
     text = (tmp_path / "results.txt").read_text()
     assert "held-out rel_loss" in text and "held-out accuracy" in text and "wall time" in text
