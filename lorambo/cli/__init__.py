@@ -1,9 +1,10 @@
 """The ``lorambo`` command line: ``lorambo demo``, ``lorambo experiment``, ``lorambo info``.
 
 - ``lorambo demo``: adaptive vs uniform LoRA at equal parameter budgets on the real
-  all-MiniLM-L6-v2 (the experiment at its default size, ~10 minutes on a 2-core CPU);
+  all-MiniLM-L6-v2, on a task with planted low-rank deltas (the experiment at its default size);
   ``--full`` sizes it for a GPU; ``--growth`` runs the in-place rank-growth proof instead.
-- ``lorambo experiment``: the same experiment with every knob on the command line.
+- ``lorambo experiment``: the same experiment with every knob on the command line;
+  ``--task sentiment`` runs the movie-review sentiment task (``make data`` fetches its data).
 """
 
 from __future__ import annotations
