@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 export MAX_JOBS ?= 2
 CSRC := $(shell find csrc -type f -name '*.cpp' -o -type f -name '*.cu' -o -type f -name '*.h')
 
-.PHONY: all install test demo bench bench-ext wheel sdist compile-cuda gpu-check clean
+.PHONY: all install data test demo bench bench-ext wheel sdist compile-cuda gpu-check clean
 
 all: test
 
@@ -32,10 +32,16 @@ $(INSTALL_STAMP): $(DEPS_STAMP) setup.py pyproject.toml $(CSRC)
 
 install: $(INSTALL_STAMP)
 
-test: $(INSTALL_STAMP)
+# The sentiment task's data: Rotten Tomatoes sentences with human ratings (Hutto & Gilbert,
+# ICWSM 2014), extracted from the vaderSentiment 3.3.2 sdist, which pip downloads once into
+# $(LORAMBO_DATA_DIR)/vader (default ~/.cache/lorambo/vader).
+data: $(INSTALL_STAMP)
+	$(PY) -m lorambo.experiments.sentiment_data
+
+test: $(INSTALL_STAMP) data
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-demo: $(INSTALL_STAMP)
+demo: $(INSTALL_STAMP) data
 	$(VENV)/bin/lorambo demo
 
 bench: $(INSTALL_STAMP)

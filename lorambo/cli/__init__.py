@@ -1,9 +1,10 @@
 """The ``lorambo`` command line: ``lorambo demo``, ``lorambo experiment``, ``lorambo info``.
 
 - ``lorambo demo``: adaptive vs uniform LoRA at equal parameter budgets on the real
-  all-MiniLM-L6-v2 (the experiment at its default size, ~10 minutes on a 2-core CPU);
+  all-MiniLM-L6-v2, on a task with planted low-rank deltas (the experiment at its default size);
   ``--full`` sizes it for a GPU; ``--growth`` runs the in-place rank-growth proof instead.
-- ``lorambo experiment``: the same experiment with every knob on the command line.
+- ``lorambo experiment``: the same experiment with every knob on the command line;
+  ``--task sentiment`` runs the movie-review sentiment task (``make data`` fetches its data).
 """
 
 from __future__ import annotations
@@ -29,9 +30,43 @@ def _info(_args) -> int:
 
 def _floats(text: str) -> tuple[float, ...]:
     try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
+        values = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or not all(0 < v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, got {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    """A whole number >= 0 (0 means 'all' for the example caps)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -51,8 +86,12 @@ def _demo(args) -> int:
 
     if args.growth:
         require({"model"}, "demo --growth")
-        from lorambo.cli.growth import run_growth_demo
+        from lorambo.cli.growth import check_growth_args, run_growth_demo
 
+        try:
+            check_growth_args(args.steps, args.grow_at, args.batch_size)
+        except ValueError as err:
+            args.parser.error(str(err))
         result = run_growth_demo(steps=args.steps, grow_at=args.grow_at, batch_size=args.batch_size, seed=args.seed)
         return 0 if result["ok"] else 1
     from lorambo.experiments import config as presets
@@ -64,24 +103,27 @@ def _demo(args) -> int:
 
 # (flag, config field, type, help)
 _FIELDS = [
-    ("--tasks", "tasks", _names, "comma-separated: planted,topics"),
-    ("--methods", "methods", _names, "comma-separated: uniform,gradient,hessian,data,frobenius,online,alora,adalora,eva"),
+    ("--tasks", "tasks", _names, "comma-separated: planted,sentiment"),
+    ("--methods", "methods", _names, "comma-separated: uniform,oracle,gradient,hessian,data,frobenius,online,"
+                                     "alora,adalora,eva,probe"),
     ("--budgets", "budgets", _floats, "budget levels = mean rank per adapted layer, e.g. 1,4 (P = level x sum(d+k))"),
-    ("--seeds", "seeds", int, "seeds 0..N-1 per (method, budget)"),
-    ("--steps", "steps", int, "optimizer steps per run"),
-    ("--batch-size", "batch_size", int, "sequences per step"),
-    ("--max-length", "max_length", int, "tokens per sequence"),
-    ("--lrs", "lr_grid", _floats, "learning-rate grid tried per method on seed 0, e.g. 1e-3,3e-3"),
-    ("--lr-search", "lr_search", str, "per_budget | first_budget"),
-    ("--train-examples", "train_examples", int, "training pool per task (0: all)"),
-    ("--eval-examples", "eval_examples", int, "validation examples (0: all); the test split is always whole"),
-    ("--calib-batches", "calib_batches", int, "batches for sensitivities and EVA's SVD"),
-    ("--hessian-probes", "hessian_probes", int, "Hutchinson probes for the Hessian trace"),
-    ("--growth-factor", "growth_factor", float, "pool size / AdaLoRA init_r / EVA rho factor"),
-    ("--alora-rounds", "alora_rounds", int, "ALoRA prune-and-reallocate rounds"),
-    ("--planted-scale", "planted_scale", float, "relative RMS change of each planted delta"),
-    ("--topic-cap", "topic_cap", int, "most utterances kept per topic"),
-    ("--threads", "threads", int, "torch CPU threads"),
+    ("--seeds", "seeds", _positive_int, "seeds 0..N-1 per (method, budget)"),
+    ("--steps", "steps", _positive_int, "optimizer steps per run"),
+    ("--batch-size", "batch_size", _positive_int, "sequences per step"),
+    ("--max-length", "max_length", _positive_int, "tokens per sequence"),
+    ("--lrs", "lr_grid", _floats, "learning-rate grid, e.g. 1e-3,3e-3 (tried on seed 0; see --lr-search)"),
+    ("--lr-search", "lr_search", str, "per_budget | first_budget | uniform (the grid on uniform LoRA, "
+                                      "its choice for every method)"),
+    ("--train-examples", "train_examples", _count, "training pool per task (0: all)"),
+    ("--eval-examples", "eval_examples", _count, "validation examples (0: all); the test split is always whole"),
+    ("--val-every", "val_every", _count, "validation loss every N steps, for the curves (0: none)"),
+    ("--calib-batches", "calib_batches", _positive_int, "batches for sensitivities and EVA's SVD"),
+    ("--hessian-probes", "hessian_probes", _positive_int, "Hutchinson probes for the Hessian trace"),
+    ("--probe-steps", "probe_steps", _positive_int, "probe sensitivity: steps of its all-layer LoRA"),
+    ("--growth-factor", "growth_factor", _positive_float, "pool size / AdaLoRA init_r / EVA rho factor"),
+    ("--alora-rounds", "alora_rounds", _positive_int, "ALoRA prune-and-reallocate rounds"),
+    ("--planted-scale", "planted_scale", _positive_float, "relative RMS change of each planted delta"),
+    ("--threads", "threads", _positive_int, "torch CPU threads"),
     ("--device", "device", str, "auto | cpu | cuda"),
 ]
 
@@ -90,9 +132,14 @@ def _experiment(args) -> int:
     from lorambo.cli.deps import require
     from lorambo.experiments import config as presets
 
-    cfg = presets.PRESETS[args.preset]()
+    single = getattr(args, "tasks", None)
+    task_preset = presets.TASK_PRESETS.get((single[0], args.preset)) if single and len(single) == 1 else None
+    cfg = (task_preset or presets.PRESETS[args.preset])()
     changes = {field: getattr(args, field) for _, field, _, _ in _FIELDS if getattr(args, field) is not None}
-    cfg = cfg.replace(**changes) if changes else cfg
+    try:  # the configuration checks every value against the others: its complaints are usage errors
+        cfg = cfg.replace(**changes) if changes else cfg
+    except ValueError as err:
+        args.parser.error(str(err))
     require({"model", "experiment", *cfg.tasks}, "experiment")
     return _run(cfg, args)
 
@@ -112,19 +159,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--growth", action="store_true", help="run the in-place rank-growth proof instead")
     _output_args(demo)
     g = demo.add_argument_group("--growth options")
-    g.add_argument("--steps", type=int, default=24, help="optimizer steps in total")
-    g.add_argument("--grow-at", type=int, default=12, help="step at which ranks grow")
-    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--steps", type=_positive_int, default=24, help="optimizer steps in total")
+    g.add_argument("--grow-at", type=_positive_int, default=12, help="step at which ranks grow")
+    g.add_argument("--batch-size", type=_positive_int, default=16,
+                   help="paragraphs per step (at least 2: the loss contrasts them)")
     g.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=_demo)
+    demo.set_defaults(func=_demo, parser=demo)
 
     exp = sub.add_parser("experiment", help="the experiment with every option")
     exp.add_argument("--preset", choices=("default", "tiny", "full"), default="default",
-                     help="starting sizes (default: what `lorambo demo` runs)")
+                     help="starting sizes (default: what `lorambo demo` runs; with --task sentiment alone, "
+                          "its own CPU preset, and with --preset full its GPU one)")
     for flag, field, kind, text in _FIELDS:
-        exp.add_argument(flag, dest=field, type=kind, default=None, help=text)
+        flags = (flag, "--task") if flag == "--tasks" else (flag,)
+        exp.add_argument(*flags, dest=field, type=kind, default=None, help=text)
     _output_args(exp)
-    exp.set_defaults(func=_experiment)
+    exp.set_defaults(func=_experiment, parser=exp)
 
     from lorambo.cli import allocate
     allocate.add_parser(sub)

@@ -63,17 +63,33 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
+HELD_OUT = 64  # paragraphs kept aside for the held-out loss
+
+
+def check_growth_args(steps: int, grow_at: int, batch_size: int, paragraphs: int | None = None) -> None:
+    """``ValueError`` naming the option unless the schedule and batch size can run: growth inside
+    the run, and 2 to (training paragraphs) paragraphs per step (the loss contrasts a batch's
+    paragraphs with each other, drawn without replacement)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+        raise ValueError(f"--steps {steps} must be a whole number >= 2 (growth happens inside the run)")
+    if isinstance(grow_at, bool) or not isinstance(grow_at, int) or not 0 < grow_at < steps:
+        raise ValueError(f"--grow-at {grow_at} must be inside (0, --steps {steps})")
+    available = (len(stdlib_paragraphs()) if paragraphs is None else paragraphs) - HELD_OUT
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 2 <= batch_size <= available:
+        raise ValueError(f"--batch-size {batch_size} must be between 2 and {available} "
+                         "(the training paragraphs available; a batch contrasts at least two)")
+
+
 def run_growth_demo(steps: int = 24, grow_at: int = 12, batch_size: int = 16, seed: int = 0, lr: float = 3e-4) -> dict:
     """Run the demo, print its tables and return every number (``ok`` says whether all checks held)."""
-    if not 0 < grow_at < steps:
-        raise ValueError(f"--grow-at {grow_at} must be inside (0, --steps {steps})")
+    paragraphs = stdlib_paragraphs()
+    check_growth_args(steps, grow_at, batch_size, len(paragraphs))
     torch.manual_seed(seed)
     started = time.perf_counter()
     model, tokenizer = load_minilm()
-    paragraphs = stdlib_paragraphs()
     rng = random.Random(seed)
     rng.shuffle(paragraphs)
-    held_out, train = paragraphs[:64], paragraphs[64:]
+    held_out, train = paragraphs[:HELD_OUT], paragraphs[HELD_OUT:]
     targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "pooler" not in n]
     lorambo.configure_model(model, {n: _rank_for(n) for n in targets}, dropout=0.05)
     layers = lorambo.lora_layers(model)

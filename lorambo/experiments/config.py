@@ -2,10 +2,13 @@
 
 Budgets are given as *levels*: the mean LoRA rank per adapted module, so a level L buys
 ``P = L * sum_i (d_i + k_i)`` parameters, the cost of uniform rank L everywhere. Every method is
-held to the same P, counted as ``sum_i r_i (d_i + k_i)`` over its final ranks.
+held to the same P, counted as ``sum_i r_i (d_i + k_i)`` over its final ranks. On MiniLM
+(``sum_i (d_i + k_i) = 41,472``) the planted deltas cost ``P* = 20,736``: level 0.5 is P = P*,
+level 1 is 2 P*; the oracle gets ``P / P*`` times the planted ranks, so it spends exactly P.
 
 Three sizes: :func:`tiny` (the CI test: seconds per run), :func:`default` (``lorambo demo``:
-about 10 minutes on a 2-core CPU) and :func:`full` (``--full``: sized for one GPU).
+the planted task at P = P*: 1,012 s on a 2-core CPU at load ~2, 1 thread) and
+:func:`full` (``--full``: sized for one GPU).
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-METHODS = ("uniform", "gradient", "hessian", "data", "frobenius", "online", "alora", "adalora", "eva", "oracle")
+METHODS = ("uniform", "gradient", "hessian", "data", "frobenius", "online", "alora", "adalora", "eva", "probe",
+           "oracle")
 REFERENCE = ("oracle",)  # not an allocator: the planted ranks themselves (planted task only)
 METHOD_LABELS = {
     "uniform": "uniform LoRA",
@@ -26,11 +30,15 @@ METHOD_LABELS = {
     "alora": "ALoRA prune/reallocate",
     "adalora": "AdaLoRA (peft)",
     "eva": "EVA (peft)",
+    "probe": "closed form, probe removal",
     "oracle": "oracle: planted ranks",
 }
 CLOSED_FORM = ("gradient", "hessian", "data", "frobenius")  # LoRAMBoOptimizer sensitivity_method names
-TASKS = ("planted", "topics")
-TASK_LABELS = {"planted": "planted low-rank deltas (distillation)", "topics": "chatterbot topics (classification)"}
+TASKS = ("planted", "sentiment")
+LR_SEARCH = ("per_budget", "first_budget", "uniform")
+DEMO_METHODS = ("uniform", "oracle", "gradient", "hessian", "online", "alora", "probe")
+TASK_LABELS = {"planted": "planted low-rank deltas (distillation)",
+               "sentiment": "movie-review sentiment (classification)"}
 
 
 @dataclass(frozen=True)
@@ -41,14 +49,15 @@ class ExperimentConfig:
     methods: tuple[str, ...] = METHODS
     budgets: tuple[float, ...] = (1.0, 4.0)      # levels: mean rank per module (see module doc)
     seeds: int = 3
-    steps: int = 20                              # optimizer steps per run: `lorambo demo` took 637 s
-    #                                              on the idle 2-core box (16 steps: 631 s, noisier)
+    steps: int = 20                              # optimizer steps per run (default preset: 200)
     batch_size: int = 8
     max_length: int = 16                         # tokens per sequence, [CLS] and [SEP] included
     lr_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2)  # AdamW learning rates tried per method: on the
     #                                              planted task at 20 steps EVA and online growth did
     #                                              best at 1e-3, most at 3e-3, AdaLoRA at 1e-2
-    lr_search: str = "first_budget"              # "per_budget" | "first_budget": where the grid runs
+    lr_search: str = "first_budget"              # "per_budget" | "first_budget": where the grid runs;
+    #                                              "uniform": the grid runs on uniform only (seed 0,
+    #                                              first budget) and every method uses its choice
     train_examples: int = 512                    # training pool per task (0: all)
     eval_examples: int = 96                      # validation examples scored per run (0: all);
     #                                              the test split is always scored whole
@@ -67,8 +76,12 @@ class ExperimentConfig:
     alora_heldout: int = 4                       # validation examples ALoRA scores components on
     #                                              (ablation runs 2 + 2 x components forwards: with 8
     #                                              ALoRA took 25% of the demo's 637 s)
+    val_every: int = 0                           # validation loss every this many steps (0: none)
+    probe_rank: int = 4                          # probe: rank of the short all-layer LoRA
+    probe_steps: int = 20                        # probe: its training steps (default preset: 60)
+    probe_lr: float = 3e-3                       # probe: its learning rate (1e-2 diverged on the
+    #                                              planted task: probe loss 1.3-3.1 after 30 steps)
     planted_scale: float = 0.1                   # each planted layer alone: this relative error
-    topic_cap: int = 100                         # most utterances kept per topic
     threads: int = 2                             # torch CPU threads
     device: str = "auto"                         # "auto" (CUDA if available), "cpu" or "cuda"
     extra: dict = field(default_factory=dict, compare=False)
@@ -91,7 +104,7 @@ class ExperimentConfig:
             raise ValueError("train_examples and eval_examples must be >= 0 (0: all)")
         for name in ("seeds", "steps", "batch_size", "calib_batches", "hessian_probes", "alora_rounds",
                      "eva_batches", "eva_max_passes",
-                     "alora_heldout", "topic_cap", "threads"):
+                     "alora_heldout", "threads", "probe_rank", "probe_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
@@ -101,8 +114,17 @@ class ExperimentConfig:
             raise ValueError(f"steps must be >= 5 (the adaptive schedules need room), got {self.steps}")
         if not self.lr_grid or any(not (lr > 0 and math.isfinite(lr)) for lr in self.lr_grid):
             raise ValueError(f"lr_grid must hold positive learning rates, got {list(self.lr_grid)}")
-        if self.lr_search not in ("per_budget", "first_budget"):
-            raise ValueError(f"lr_search must be 'per_budget' or 'first_budget', got {self.lr_search!r}")
+        if self.lr_search not in LR_SEARCH:
+            raise ValueError(f"lr_search must be one of {', '.join(LR_SEARCH)}, got {self.lr_search!r}")
+        if self.lr_search == "uniform" and "uniform" not in self.methods:
+            raise ValueError("lr_search='uniform' chooses the learning rate on uniform LoRA: add 'uniform' to methods")
+        if isinstance(self.val_every, bool) or not isinstance(self.val_every, int) or self.val_every < 0:
+            raise ValueError(f"val_every must be an int >= 0 (0: no validation curve), got {self.val_every!r}")
+        if self.probe_steps > self.steps:
+            raise ValueError(f"probe_steps ({self.probe_steps}) must not exceed steps ({self.steps}): the probe "
+                             "trains on the first probe_steps batches of a run's stream")
+        if not (self.probe_lr > 0 and math.isfinite(self.probe_lr)):
+            raise ValueError(f"probe_lr must be a positive learning rate, got {self.probe_lr!r}")
         if not 0 < self.online_initial < 1 or not 0 < self.alora_prune < 1:
             raise ValueError("online_initial and alora_prune must be in (0, 1)")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -120,25 +142,49 @@ class ExperimentConfig:
 
 
 def default() -> ExperimentConfig:
-    """``lorambo demo``: every method, 2 budgets, 3 seeds, small steps (2-core CPU, ~10 minutes)."""
-    return ExperimentConfig()
+    """``lorambo demo``: the planted task at P = P*, 200 steps of 8 x 16 tokens, 3 seeds, the whole
+    validation and test splits, the learning rate chosen on uniform LoRA (seed 0) for every method.
+    At 20 steps and budgets of 2 P* and 8 P* the oracle and uniform LoRA tied within seed noise; at
+    P* and 200 steps they separate far beyond it."""
+    return ExperimentConfig(tasks=("planted",), methods=DEMO_METHODS, budgets=(0.5,), seeds=3, steps=200,
+                            batch_size=8, max_length=16, lr_search="uniform", train_examples=0,
+                            eval_examples=0, val_every=50, probe_rank=4, probe_steps=60, threads=1)
 
 
 def tiny(methods=("uniform", "gradient")) -> ExperimentConfig:
     """CI size: 1 seed, a few steps, 2 methods, one learning rate."""
     return ExperimentConfig(methods=tuple(methods), budgets=(1.0, 2.0), seeds=1, steps=5, batch_size=4,
                             max_length=12, lr_grid=(1e-2,), train_examples=64, eval_examples=16, calib_batches=1, eva_batches=2,
-                            hessian_probes=2, alora_heldout=4, topic_cap=30,
-                            threads=1)  # tiny products on a busy 2-core box stall with 2 OpenMP threads
+                            hessian_probes=2, alora_heldout=4, probe_rank=2, probe_steps=3,
+                            val_every=2, threads=1)  # tiny products on a busy 2-core box stall with 2 OpenMP threads
 
 
 def full() -> ExperimentConfig:
-    """``--full``: sized for one GPU (longer training, longer text, 3 budgets, 5 seeds)."""
-    return ExperimentConfig(budgets=(1.0, 2.0, 4.0), seeds=5, steps=300, batch_size=32, max_length=64,
+    """``--full``: sized for one GPU: budgets P*, 2 P* and 4 P*, 1,000 steps of 32 x 64 tokens,
+    every method, 5 seeds, 32 Hessian probes, the learning rate chosen per method and budget."""
+    return ExperimentConfig(budgets=(0.5, 1.0, 2.0), seeds=5, steps=1000, batch_size=32, max_length=64,
                             lr_search="per_budget",
                             lr_grid=(1e-3, 3e-3, 1e-2), train_examples=0, eval_examples=0, calib_batches=8,
                             hessian_probes=32, sensitivities_per_seed=True, alora_rounds=3, alora_prune=0.1, alora_heldout=64,
-                            topic_cap=200)
+                            probe_steps=60, val_every=100)
+
+
+SENTIMENT_METHODS = ("uniform", "gradient", "hessian", "online", "alora", "probe")
+
+
+def sentiment() -> ExperimentConfig:
+    """``lorambo experiment --task sentiment``: MiniLM + a linear head + LoRA on movie-review
+    sentiment at P = level 1, 3 seeds, the learning rate chosen on uniform LoRA (2-core CPU)."""
+    return ExperimentConfig(tasks=("sentiment",), methods=SENTIMENT_METHODS, budgets=(1.0,), seeds=3, steps=60,
+                            batch_size=16, max_length=32, lr_search="uniform", train_examples=2000,
+                            eval_examples=500, probe_rank=4, probe_steps=20, threads=1)
+
+
+def sentiment_full() -> ExperimentConfig:
+    """``lorambo experiment --task sentiment --preset full``: the whole data, every method (GPU)."""
+    return full().replace(tasks=("sentiment",), methods=tuple(m for m in METHODS if m != "oracle"),
+                          max_length=48)
 
 
 PRESETS = {"default": default, "tiny": tiny, "full": full}
+TASK_PRESETS = {("sentiment", "default"): sentiment, ("sentiment", "full"): sentiment_full}

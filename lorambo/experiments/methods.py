@@ -86,13 +86,23 @@ def spent(ranks: dict[str, int], dims: dict[str, tuple[int, int]]) -> int:
     return sum(int(r) * (dims[n][0] + dims[n][1]) for n, r in ranks.items())
 
 
-def compute_sensitivities(task, cfg: ExperimentConfig, seed: int, calib: list, methods) -> tuple[dict, dict]:
+def compute_sensitivities(task, cfg: ExperimentConfig, seed: int, calib: list, methods, stream=None
+                          ) -> tuple[dict, dict]:
     """({method: {Student name: s_i}}, {method: seconds}) for the closed-form methods asked for,
     measured once per (task, seed) on the pretrained model (+ probe head) and reused for every
-    budget. Negative Hessian-trace estimates are set to 0 by LoRAMBoOptimizer (recorded)."""
+    budget. Negative Hessian-trace estimates are set to 0 by LoRAMBoOptimizer (recorded).
+    The probe (``probe.py``) trains on the first ``probe_steps`` batches of ``stream`` (the seed's
+    training batches); its per-layer removal scores go under "probe"."""
     from lorambo import LoRAMBoOptimizer
 
     out, seconds = {}, {}
+    if "probe" in methods:
+        from lorambo.experiments.probe import probe_sensitivity
+
+        if stream is None:
+            raise ValueError("the probe sensitivity needs the seed's training batches (stream)")
+        probe = probe_sensitivity(task, cfg, seed, stream)
+        out["probe"], seconds["probe"] = probe["removal"], probe["seconds"]
     for method in [m for m in methods if m in CLOSED_FORM]:
         student = task.fresh_student(seed)
         student.eval()

@@ -5,6 +5,8 @@
   ``r_i ∝ sqrt(s_i / (d_i + k_i))`` on that sensitivity, measured before training.
 - ``online``: start uniform with ``online_initial`` of P, then the online greedy allocator grows
   ranks in place (best ``Δ_i / (d_i + k_i)`` first) at decision steps until P is spent.
+- ``probe``: the square-root law on the loss each layer's update carries after a short
+  all-layer probe LoRA (``probe.py``).
 - ``alora``: start uniform at P, then ALoRA rounds prune the worst components (AB-LoRA ablation
   on validation batches) and give their ranks to the most important modules.
 
@@ -63,6 +65,16 @@ def _closed_form(sensitivity: str):
     return type(f"ClosedForm_{sensitivity}", (ClosedForm,), {"name": sensitivity, "sensitivity": sensitivity})
 
 
+class Probe(ClosedForm):
+    """The square-root law on the probe's removal scores (``probe.py``): the loss each layer's
+    update carries after a short all-layer LoRA, measured before the run."""
+
+    name = "probe"
+
+    def given_sensitivities(self):
+        return self.ctx.sensitivities["probe"]
+
+
 class Online(LoRAMBoMethod):
     name = "online"
 
@@ -103,7 +115,11 @@ class ALoRA(LoRAMBoMethod):
 
 
 class Oracle(LoRAMBoMethod):
-    """Reference, not an allocator: exactly the planted ranks (planted task), trained like the rest."""
+    """Reference, not an allocator: the planted ranks (planted task), trained like the rest.
+
+    At a budget of ``k P*`` (``P*`` = the planted ranks' cost) every planted rank is multiplied by
+    ``k``, so the oracle spends exactly P like every other method; a budget at which some
+    ``k r_i`` is not a whole number is refused (no method could then be compared at equal P)."""
 
     name = "oracle"
 
@@ -115,7 +131,8 @@ class Oracle(LoRAMBoMethod):
         if not planted:
             raise ValueError("the oracle method needs a task with planted ranks (the planted task)")
         self.model = student
-        configure_model(student, {PREFIX + n: r for n, r in planted.items()})
+        configure_model(student, {PREFIX + n: r for n, r in oracle_ranks(planted, self.ctx.task.dims,
+                                                                           self.ctx.budget).items()})
         return student
 
     def final_ranks(self) -> dict[str, int]:
@@ -124,5 +141,17 @@ class Oracle(LoRAMBoMethod):
         return ranks
 
 
-METHODS = {"uniform": Uniform, "oracle": Oracle, "online": Online, "alora": ALoRA,
+def oracle_ranks(planted: dict[str, int], dims: dict[str, tuple[int, int]], budget: int) -> dict[str, int]:
+    """The planted ranks times ``k = budget / P*``; ``ValueError`` unless every ``k r_i`` is whole."""
+    p_star = sum(r * sum(dims[n]) for n, r in planted.items())
+    k = budget / p_star
+    ranks = {n: round(k * r) for n, r in planted.items()}
+    if any(abs(k * r - ranks[n]) > 1e-9 for n, r in planted.items()) or min(ranks.values()) < 1:
+        raise ValueError(f"oracle: budget P = {budget:,} is {k:.4g} x the planted cost P* = {p_star:,}; the "
+                         f"planted ranks {planted} scaled by it are not whole numbers >= 1 (use budgets "
+                         "whose P is a whole multiple of P*, e.g. budget levels 0.5, 1, 2 on MiniLM)")
+    return ranks
+
+
+METHODS = {"uniform": Uniform, "oracle": Oracle, "online": Online, "alora": ALoRA, "probe": Probe,
            **{s: _closed_form(s) for s in ("gradient", "hessian", "data", "frobenius")}}

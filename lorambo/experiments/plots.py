@@ -60,15 +60,20 @@ def metric_vs_budget(task_result: dict, path) -> Path:
     return path
 
 
-def rank_heatmap(panels: dict[str, dict[str, float]], title: str, path) -> Path:
-    """``panels``: ``{panel title: {short layer name: rank}}``, drawn with one colour scale."""
+def rank_heatmap(panels: dict[str, dict[str, float]], title: str, path, columns: int = 4) -> Path:
+    """``panels``: ``{panel title: {short layer name: rank}}``, drawn with one colour scale,
+    ``columns`` panels per row."""
     plt = _plt()
     grids = {t: rank_grid(r) for t, r in panels.items()}
     vmax = max(1.0, max(float(np.nanmax(g[2])) for g in grids.values()))
-    fig, axes = plt.subplots(1, len(grids), figsize=(0.6 + 3.6 * len(grids), 3.4), squeeze=False)
+    ncols = min(columns, len(grids))
+    nrows = -(-len(grids) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(0.6 + 3.6 * ncols, 3.4 * nrows), squeeze=False)
     try:
         image = None
-        for ax, (t, (rows, cols, grid)) in zip(axes[0], grids.items()):
+        for ax in axes.flat[len(grids):]:
+            ax.set_visible(False)
+        for ax, (t, (rows, cols, grid)) in zip(axes.flat, grids.items()):
             image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
             ax.set_xticks(range(len(cols)), [c.replace("attention.", "attn.") for c in cols], rotation=45,
                           ha="right", fontsize=7)
@@ -78,7 +83,8 @@ def rank_heatmap(panels: dict[str, dict[str, float]], title: str, path) -> Path:
                     ax.text(j, i, f"{v:.1f}".rstrip("0").rstrip("."), ha="center", va="center",
                             color="w" if v < 0.6 * vmax else "k", fontsize=6)
             ax.set_title(t, fontsize=8)
-        fig.colorbar(image, ax=list(axes[0]), label="rank (mean over seeds)", shrink=0.9)
+        fig.subplots_adjust(wspace=0.45, hspace=0.6)
+        fig.colorbar(image, ax=list(axes.flat), label="rank (mean over seeds)", shrink=0.9)
         fig.suptitle(title, fontsize=9)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,8 +99,8 @@ def all_plots(result: dict, out_dir) -> list[str]:
     out_dir = Path(out_dir)
     written = []
     for task, tr in result["tasks"].items():
-        p = metric_vs_budget(tr, out_dir / f"{task}_{tr['metric']}_vs_budget.png")
-        written.append(p)
+        if len(tr["budgets"]) > 1:  # one budget: the line plot would be a column of dots
+            written.append(metric_vs_budget(tr, out_dir / f"{task}_{tr['metric']}_vs_budget.png"))
         for method, per in tr["summary"].items():
             panels = {f"level {float(lv):g}, P={e['budget']:,}": e["mean_ranks"] for lv, e in per.items()}
             written.append(rank_heatmap(panels, f"{TASK_LABELS[task]}: {METHOD_LABELS[method]}",

@@ -3,7 +3,8 @@
 Only the runs at each (method, budget)'s selected learning rate enter the summary; the others
 (the rest of the grid, on seed 0) stay in the JSON. Comparisons with uniform are paired by seed
 (same data order and LoRA initialisation seed): a method "beats uniform" at a budget when it is
-better on every seed.
+better on every seed. Where a reference (the oracle) ran, each method's share of the
+uniform-to-oracle gap is reported per seed (:func:`gap_closed`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,20 @@ EXTRA = ("spearman", "planted_share", "planted_coverage")
 def mean_std(values) -> tuple[float, float]:
     values = [float(v) for v in values]
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def gap_closed(method: dict, uniform: dict, reference: dict) -> dict:
+    """Share of the uniform-to-reference gap a method closes, paired by seed:
+    ``(m_s - u_s) / (o_s - u_s)`` for every seed ``s`` the three share ({seed: metric} each).
+    1 = as good as the reference, 0 = no better than uniform, < 0 = worse than uniform; the sign
+    convention holds for losses and for accuracies alike. A seed on which uniform equals the
+    reference has no gap to close and is left out (its value would be 0 / 0)."""
+    out = {}
+    for seed in sorted(set(method) & set(uniform) & set(reference)):
+        gap = float(reference[seed]) - float(uniform[seed])
+        if gap != 0.0:
+            out[seed] = (float(method[seed]) - float(uniform[seed])) / gap + 0.0  # + 0.0: no -0.0
+    return out
 
 
 def summarize(runs: list[dict], lr_choice: dict, methods, levels, higher_is_better: bool) -> dict:
@@ -55,6 +70,18 @@ def summarize(runs: list[dict], lr_choice: dict, methods, levels, higher_is_bett
                 entry["gain_vs_uniform_mean"], entry["gain_vs_uniform_std"] = mean_std(gains)
                 entry["wins_vs_uniform"] = sum(g > 0 for g in gains)
                 entry["paired_seeds"] = len(common)
+            ref = chosen.get((REFERENCE[0], level), {})
+            if ref and base:
+                shares = gap_closed({k: rows[k]["metric"] for k in seeds}, {k: r["metric"] for k, r in base.items()},
+                                    {k: r["metric"] for k, r in ref.items()})
+                if shares:
+                    entry["gap_closed"] = [shares[k] for k in sorted(shares)]
+                    entry["gap_closed_mean"], entry["gap_closed_std"] = mean_std(entry["gap_closed"])
+            curves = [rows[k].get("val_curve") for k in seeds]
+            if curves and all(curves) and len({len(c) for c in curves}) == 1:
+                entry["val_curve_steps"] = [step for step, _ in curves[0]]
+                entry["val_curve_mean"] = [statistics.fmean(c[i][1] for c in curves) for i in range(len(curves[0]))]
+                entry["val_curve_std"] = [mean_std([c[i][1] for c in curves])[1] for i in range(len(curves[0]))]
             out.setdefault(method, {})[str(level)] = entry
     return out
 

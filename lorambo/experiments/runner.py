@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from lorambo.experiments import demo_report
 from lorambo.experiments import results as res
 from lorambo.experiments.config import REFERENCE, ExperimentConfig
 from lorambo.experiments.methods import RunContext, budget_of, compute_sensitivities
@@ -71,20 +72,38 @@ def task_methods(cfg: ExperimentConfig, task: str) -> tuple[str, ...]:
 
 
 def plan(cfg: ExperimentConfig, task: str = "planted") -> list[tuple]:
-    """Every run as (method, level index, seed, lr or None = 'the selected lr'), in execution order."""
+    """Every run as (method, level index, seed, lr or None = 'the selected lr'), in execution order.
+    With ``lr_search="uniform"`` uniform LoRA runs first (the grid on seed 0 at the first budget)
+    and every other method then runs at its choice only."""
+    methods = task_methods(cfg, task)
+    if cfg.lr_search == "uniform":
+        methods = ("uniform",) + tuple(m for m in methods if m != "uniform")
     out = []
-    for method in task_methods(cfg, task):
+    for method in methods:
         for li in range(len(cfg.budgets)):
-            search = cfg.lr_search == "per_budget" or li == 0
+            if cfg.lr_search == "uniform":
+                search = method == "uniform" and li == 0
+            else:
+                search = cfg.lr_search == "per_budget" or li == 0
             if search:  # the grid on seed 0 (a grid of one is just seed 0's run)
                 out += [(method, li, 0, lr) for lr in cfg.lr_grid]
             out += [(method, li, s, None) for s in range(1 if search else 0, cfg.seeds)]
     return out
 
 
+def chosen_lr(lr_choice: dict, cfg: ExperimentConfig, method: str, level: float) -> float:
+    """The selected learning rate of (method, budget level): its own per budget, else its first
+    budget's, else (``lr_search="uniform"``) uniform LoRA's at the first budget."""
+    first = str(cfg.budgets[0])
+    if cfg.lr_search == "uniform":
+        return lr_choice["uniform"][first]
+    return lr_choice[method].get(str(level)) or lr_choice[method][first]
+
+
 def run_experiment(cfg: ExperimentConfig, out_dir=None, progress: bool | None = None, echo=print) -> dict:
     """Run everything, write the artefacts, and return the result dict."""
     started = time.perf_counter()
+    load_start = demo_report.load_average()
     out_dir = check_out_dir(out_dir if out_dir is not None else default_out_dir())
     torch.set_num_threads(cfg.threads)
     from lorambo.experiments.minilm import load_minilm
@@ -95,7 +114,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir=None, progress: bool | None = 
     bert.to(device)
     sens_units = cfg.seeds if cfg.sensitivities_per_seed else 1
     total = sum(len(plan(cfg, t)) + sens_units + 1 for t in cfg.tasks)
-    bar = tqdm(total=total, desc="experiment", unit="step", file=sys.stderr, disable=progress is False,
+    bar = tqdm(total=total, desc="experiment", unit="run", file=sys.stderr, disable=progress is False,
                dynamic_ncols=True)
     result = {"config": cfg.as_dict(), "environment": environment(cfg), "out_dir": str(out_dir),
               "started": _dt.datetime.now().isoformat(timespec="seconds"), "tasks": {}}
@@ -117,11 +136,30 @@ def run_experiment(cfg: ExperimentConfig, out_dir=None, progress: bool | None = 
     result["plots"] = all_plots(result, out_dir)
     text = report_text(result, cfg)
     result["seconds"] = time.perf_counter() - started
-    text += f"\n\nwall time {result['seconds']:.0f} s; artefacts in {out_dir}/"
+    result["machine"] = demo_report.machine_line(result["environment"], load_start, demo_report.load_average())
+    result["command"] = " ".join(["lorambo"] + sys.argv[1:]) if Path(sys.argv[0]).name == "lorambo" else ""
+    if _has_gap(result):
+        summary = demo_report.compact(result)
+        result["plots"] += [str(p.relative_to(out_dir)) for p in demo_report.demo_plots(summary, out_dir)]
+        result["seconds"] = summary["wall_s"] = time.perf_counter() - started
+        res.write_json_atomic(summary, out_dir / "demo_results.json")
+        text = demo_report.table(summary) + "\n\n" + text
+    if "sentiment" in result["tasks"]:
+        sentiment = demo_report.accuracy_summary(result)
+        res.write_json_atomic(sentiment, out_dir / "sentiment_results.json")
+        text = demo_report.accuracy_table(sentiment) + "\n\n" + text
+    text += f"\n\nwall time {result['seconds']:.0f} s; {result['machine']}; artefacts in {out_dir}/"
     res.write_text_atomic(text + "\n", out_dir / "results.txt")
     res.write_json_atomic(result, out_dir / "results.json")
     echo(text)
     return result
+
+
+def _has_gap(result: dict) -> bool:
+    """Whether the planted task ran uniform and the oracle at the first budget (the demo's verdict)."""
+    tr = result["tasks"].get("planted")
+    level = str(result["config"]["budgets"][0])
+    return bool(tr) and all(level in tr["summary"].get(m, {}) for m in ("uniform", "oracle"))
 
 
 def _run_task(task, cfg: ExperimentConfig, runs_plan, bar) -> dict:
@@ -135,7 +173,7 @@ def _run_task(task, cfg: ExperimentConfig, runs_plan, bar) -> dict:
         if seed == 0 or cfg.sensitivities_per_seed:
             bar.set_postfix_str(f"{task.name}: sensitivities, seed {seed}")
             sens[seed], sens_seconds[seed] = compute_sensitivities(task, cfg, seed, batches[:cfg.calib_batches],
-                                                                   methods)
+                                                                   methods, stream=batches)
             bar.update(1)
         else:  # measured once per task: every seed allocates from seed 0's sensitivities
             sens[seed] = sens[0]
@@ -147,12 +185,12 @@ def _run_task(task, cfg: ExperimentConfig, runs_plan, bar) -> dict:
     for method, li, seed, lr in runs_plan:
         level = levels[li]
         searching = lr is not None
-        if lr is None:  # the selected rate: per budget, or the first budget's
-            lr = lr_choice[method].get(str(level)) or lr_choice[method][str(levels[0])]
+        if lr is None:  # the selected rate (see chosen_lr)
+            lr = chosen_lr(lr_choice, cfg, method, level)
             lr_choice[method].setdefault(str(level), lr)
         bar.set_postfix_str(f"{task.name}: {method}, level {level:g}, seed {seed}, lr {lr:g}")
         ctx = RunContext(task, cfg, level, budgets[str(level)], seed, calib[seed], heldout, sens[seed], cache)
-        run = train_run(ctx, method, lr, streams[seed], score_val=searching)
+        run = train_run(ctx, method, lr, streams[seed], score_val=searching or cfg.val_every > 0)
         run_seconds += run["seconds"]
         runs.append(run)
         _select(runs, lr_choice, method, level, cfg)

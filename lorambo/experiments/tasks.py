@@ -5,9 +5,10 @@
   (``text_corpus.py``), cut into windows of ``max_length`` tokens. The loss is the MSE of the final
   token hidden states against the target's (cached once), divided by the pretrained model's own
   MSE on the training windows: 1.0 = nothing learned, 0.0 = deltas recovered.
-- :class:`TopicTask`: classify ChatterBot utterances by topic (``topic_corpus.py``) with a linear
-  head on the mean-pooled embedding plus LoRA. Every run starts from the same linear-probe head
-  (trained on the frozen encoder on the training split), a baseline reported on its own.
+- :class:`SentimentTask`: binary sentiment of Rotten Tomatoes sentences (``sentiment_data.py``:
+  the sign of their human-rated valence) with a linear head on the mean-pooled embedding plus
+  LoRA. Every run starts from the same linear-probe head (trained on the frozen encoder on the
+  training split, early stopped on validation), a baseline reported on its own.
 
 Shared protocol: the data splits are fixed; the run seed picks the LoRA initialisation and the
 order of training batches, identically for every method. The student runs in eval mode (no
@@ -183,20 +184,23 @@ class PlantedTask(Task):
                 "planted_params": sum(r * sum(self.dims[n]) for n, r in self.planted.items())}
 
 
-class TopicTask(Task):
-    name = "topics"
+class SentimentTask(Task):
+    """Positive vs negative movie-review sentences; splits 80/10/10 of a fixed shuffle."""
+
+    name = "sentiment"
     metric = "accuracy"
     higher_is_better = True
+    classes = ("negative", "positive")
 
-    def __init__(self, bert, tokenizer, cfg):
+    def __init__(self, bert, tokenizer, cfg, path=None):
         super().__init__(bert, tokenizer, cfg)
-        from lorambo.experiments.topic_corpus import load_utterances, split_by_group
+        from lorambo.experiments.sentiment_data import load_sentences
 
-        rows, self.topics = load_utterances(cap=cfg.topic_cap)
-        parts = dict(zip(("train", "val", "test"), split_by_group(rows)))
-        rng = random.Random(0)
-        for part in parts.values():
-            rng.shuffle(part)
+        rows = load_sentences(path)
+        random.Random(0).shuffle(rows)
+        n = len(rows)
+        cut = (int(0.8 * n), int(0.9 * n))
+        parts = {"train": rows[:cut[0]], "val": rows[cut[0]:cut[1]], "test": rows[cut[1]:]}
         self.splits = {k: self._encode(v) for k, v in parts.items()}
         self._cap_train()
         self.head, self.probe = self._linear_probe()
@@ -222,7 +226,7 @@ class TopicTask(Task):
                 feats[k] = mean_pool(h, data["attention_mask"])
         labels = {k: v["labels"] for k, v in self.splits.items()}
         torch.manual_seed(0)
-        head = torch.nn.Linear(feats["train"].shape[1], len(self.topics)).to(self.device)
+        head = torch.nn.Linear(feats["train"].shape[1], len(self.classes)).to(self.device)
         opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
         best, best_loss, self.probe_steps = copy.deepcopy(head), float("inf"), 0
         for step in range(1, steps + 1):
@@ -254,16 +258,18 @@ class TopicTask(Task):
         return {"accuracy": correct / n, "loss": total / n}
 
     def describe(self) -> dict:
-        return {**super().describe(), "dataset": "chatterbot-corpus 1.3.3, English (BSD licence)",
-                "topics": self.topics, "linear_probe": self.probe, "linear_probe_steps": self.probe_steps}
+        return {**super().describe(),
+                "dataset": "Rotten Tomatoes sentences rated by humans (Hutto & Gilbert, ICWSM 2014), from the "
+                           "vaderSentiment 3.3.2 sdist (MIT licence)",
+                "classes": list(self.classes), "linear_probe": self.probe, "linear_probe_steps": self.probe_steps}
 
 
 def make_task(name: str, bert, tokenizer, cfg) -> Task:
     if name == "planted":
         return PlantedTask(bert, tokenizer, cfg)
-    if name == "topics":
-        return TopicTask(bert, tokenizer, cfg)
+    if name == "sentiment":
+        return SentimentTask(bert, tokenizer, cfg)
     raise ValueError(f"unknown task {name!r}")
 
 
-__all__ = ["Task", "PlantedTask", "TopicTask", "make_task", "short"]
+__all__ = ["Task", "PlantedTask", "SentimentTask", "make_task", "short"]

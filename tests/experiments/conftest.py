@@ -28,8 +28,8 @@ def planted_task(minilm, tiny_cfg):
 
 
 @pytest.fixture(scope="session")
-def topic_task(minilm, tiny_cfg):
-    from lorambo.experiments.tasks import TopicTask
+def sentiment_task(minilm, tiny_cfg):
+    from lorambo.experiments.tasks import SentimentTask
 
     bert, tok = minilm
-    return TopicTask(bert, tok, tiny_cfg)
+    return SentimentTask(bert, tok, tiny_cfg)

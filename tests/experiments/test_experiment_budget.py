@@ -29,7 +29,7 @@ def test_every_method_spends_at_most_p_counted_from_the_model(planted_task, tiny
     cfg = tiny_cfg
     batches = planted_task.train_batches(0, cfg.steps, cfg.batch_size)
     calib = batches[:cfg.calib_batches]
-    sens, _ = compute_sensitivities(planted_task, cfg, 0, calib, METHODS)
+    sens, _ = compute_sensitivities(planted_task, cfg, 0, calib, METHODS, stream=batches)
     level = 1.0
     p = budget_of(level, planted_task.dims)
     ctx = RunContext(planted_task, cfg, level, p, 0, calib, planted_task.heldout_batches(4), sens)

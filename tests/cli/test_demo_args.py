@@ -1,0 +1,56 @@
+"""Bad `lorambo demo` / `lorambo experiment` arguments are usage errors (exit 2, the option named),
+caught before any model is loaded."""
+
+import pytest
+
+from lorambo.cli import main
+from lorambo.cli.growth import check_growth_args
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--growth", "--batch-size", "0"], "--batch-size: expected a whole number >= 1, got 0"),
+    (["demo", "--growth", "--batch-size", "1000"], "--batch-size 1000 must be between 2 and"),
+    (["demo", "--growth", "--batch-size", "1"], "--batch-size 1 must be between 2 and"),
+    (["demo", "--growth", "--steps", "-3"], "--steps: expected a whole number >= 1, got -3"),
+    (["demo", "--growth", "--steps", "4", "--grow-at", "5"], "--grow-at 5 must be inside (0, --steps 4)"),
+    (["demo", "--growth", "--batch-size", "x"], "--batch-size: expected a whole number >= 1, got 'x'"),
+    (["experiment", "--seeds", "0"], "--seeds: expected a whole number >= 1, got 0"),
+    (["experiment", "--budgets", "0,1"], "--budgets: expected comma-separated positive numbers"),
+    (["experiment", "--lrs", "1e-3,nan"], "--lrs: expected comma-separated positive numbers"),
+    (["experiment", "--eval-examples", "-1"], "--eval-examples: expected a whole number >= 0, got -1"),
+    (["experiment", "--methods", "uniform,lora_magic"], "unknown method(s) ['lora_magic']"),
+    (["experiment", "--lr-search", "best"], "lr_search must be one of per_budget, first_budget, uniform"),
+    (["experiment", "--steps", "10", "--probe-steps", "60"], "probe_steps (60) must not exceed steps (10)"),
+])
+def test_bad_arguments_are_usage_errors(argv, message, capsys, monkeypatch):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("ran despite bad arguments")
+
+    monkeypatch.setattr("lorambo.cli.growth.run_growth_demo", must_not_run)
+    monkeypatch.setattr("lorambo.experiments.runner.run_experiment", must_not_run)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"lorambo {argv[0]}: error:" in err and message in err, err
+    assert "usage:" in err and "Traceback" not in err
+
+
+def test_growth_batch_size_bounds_follow_the_corpus():
+    check_growth_args(4, 2, 2, paragraphs=66)                 # 66 - 64 held out = 2: just fits
+    with pytest.raises(ValueError, match="--batch-size 3 must be between 2 and 2"):
+        check_growth_args(4, 2, 3, paragraphs=66)
+
+
+def test_task_sentiment_picks_its_presets(monkeypatch, tmp_path):
+    from lorambo.experiments import config as presets
+
+    seen = []
+    monkeypatch.setattr("lorambo.experiments.runner.run_experiment",
+                        lambda cfg, out_dir=None, progress=None: seen.append(cfg) or {})
+    assert main(["experiment", "--task", "sentiment", "--out", str(tmp_path)]) == 0
+    assert main(["experiment", "--task", "sentiment", "--preset", "full", "--out", str(tmp_path)]) == 0
+    assert main(["experiment", "--task", "sentiment", "--steps", "30", "--out", str(tmp_path)]) == 0
+    assert seen[0] == presets.sentiment() and seen[0].tasks == ("sentiment",) and seen[0].threads == 1
+    assert seen[1] == presets.sentiment_full() and "oracle" not in seen[1].methods
+    assert seen[2] == presets.sentiment().replace(steps=30)

@@ -1,0 +1,122 @@
+"""The demo's verdict on synthetic numbers: gap closed, its summary, table and committed JSON."""
+
+import json
+
+import pytest
+
+from lorambo.experiments import config as presets
+from lorambo.experiments import demo_report
+from lorambo.experiments.methods_lorambo import oracle_ranks
+from lorambo.experiments.planted import PLANTED_RANKS
+from lorambo.experiments.results import gap_closed, summarize
+from lorambo.experiments.runner import plan
+
+MINILM_DIMS = {f"layer.{b}.{t}": ((1536, 384) if t == "intermediate.dense" else
+                                  (384, 1536) if t == "output.dense" else (384, 384))
+               for b in range(6) for t in ("attention.self.query", "attention.self.key", "attention.self.value",
+                                           "attention.output.dense", "intermediate.dense", "output.dense")}
+
+
+def test_gap_closed_losses_and_accuracies():
+    uniform, oracle = {0: 0.50, 1: 0.40, 2: 0.60}, {0: 0.10, 1: 0.20, 2: 0.20}
+    got = gap_closed({0: 0.30, 1: 0.45, 2: 0.20}, uniform, oracle)
+    assert got == pytest.approx({0: 0.5, 1: -0.25, 2: 1.0})       # half, worse than uniform, all of it
+    acc = gap_closed({0: 0.85}, {0: 0.80}, {0: 0.90})              # higher is better: same convention
+    assert acc == pytest.approx({0: 0.5})
+    assert gap_closed({0: 0.3, 5: 0.1}, {0: 0.5, 1: 0.5}, {0: 0.1, 1: 0.1}) == pytest.approx({0: 0.5})  # paired only
+    assert gap_closed({0: 0.3, 1: 0.2}, {0: 0.5, 1: 0.4}, {0: 0.5, 1: 0.0}) == pytest.approx({1: 0.5})  # no gap: left out
+
+
+def _run(method, seed, loss, ranks):
+    return {"method": method, "level": 0.5, "seed": seed, "lr": 3e-3, "metric": loss, "spent": 20736,
+            "budget": 20736, "ranks": ranks, "spearman": 0.5, "planted_share": 0.5, "planted_coverage": 0.25,
+            "val_curve": [[50, loss + 0.2], [100, loss]]}
+
+
+def _synthetic():
+    losses = {"uniform": [0.50, 0.52, 0.48], "oracle": [0.10, 0.12, 0.08], "probe": [0.30, 0.22, 0.48]}
+    ranks = dict.fromkeys(MINILM_DIMS, 0)
+    runs = [_run(m, s, v, ranks) for m, vals in losses.items() for s, v in enumerate(vals)]
+    lr_choice = {m: {"0.5": 3e-3} for m in losses}
+    return runs, lr_choice, losses
+
+
+def test_summary_pairs_seeds_and_counts_wins():
+    runs, lr_choice, losses = _synthetic()
+    summary = summarize(runs, lr_choice, list(losses), [0.5], higher_is_better=False)
+    probe = summary["probe"]["0.5"]
+    assert probe["gap_closed"] == pytest.approx([0.5, 0.75, 0.0])
+    assert probe["gap_closed_mean"] == pytest.approx(1.25 / 3)
+    assert probe["gap_closed_std"] == pytest.approx(0.3818813, rel=1e-6)
+    assert probe["wins_vs_uniform"] == 2 and probe["paired_seeds"] == 3     # a tie is not a win
+    assert summary["oracle"]["0.5"]["gap_closed"] == pytest.approx([1.0, 1.0, 1.0])
+    assert summary["probe"]["0.5"]["val_curve_steps"] == [50, 100]
+    assert summary["probe"]["0.5"]["val_curve_mean"] == pytest.approx([1.0 / 3 + 0.2, 1.0 / 3])
+
+
+def test_compact_json_and_table(tmp_path):
+    runs, lr_choice, losses = _synthetic()
+    summary = summarize(runs, lr_choice, list(losses), [0.5], higher_is_better=False)
+    result = {"config": presets.default().replace(methods=("uniform", "oracle", "probe")).as_dict(),
+              "machine": "test box, load 0.1", "seconds": 12.5, "command": "lorambo demo",
+              "tasks": {"planted": {"budgets": {"0.5": 20736}, "lr_choice": lr_choice, "runs": runs,
+                                    "summary": summary,
+                                    "describe": {"planted_params": 20736, "planted_ranks": PLANTED_RANKS,
+                                                 "sizes": {"train": 1, "val": 1, "test": 1}}}}}
+    out = demo_report.compact(result)
+    assert isinstance(out["machine"], str) and out["wall_s"] == 12.5
+    assert out["methods"]["probe"]["test_loss"] == losses["probe"]
+    assert out["methods"]["probe"]["gap_closed"] == pytest.approx([0.5, 0.75, 0.0])
+    assert out["methods"]["probe"]["coverage"] == pytest.approx(0.25)
+    json.dumps(out)  # JSON-ready
+    text = demo_report.table(out)
+    assert "0.42 ± 0.38" in text and "2/3" in text and "| uniform LoRA | 0.500 ± 0.020 |" in text
+    paths = demo_report.demo_plots(out, tmp_path)
+    assert [p.name for p in paths] == ["demo_gap_closed.png", "demo_val_loss.png", "demo_rank_heatmaps.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
+
+
+@pytest.mark.parametrize("level, k", [(0.5, 1), (1.0, 2), (2.0, 4), (0.75, 1.5)])
+def test_oracle_spends_exactly_p_at_every_budget(level, k):
+    from lorambo.experiments.methods import budget_of, spent
+
+    budget = budget_of(level, MINILM_DIMS)
+    ranks = oracle_ranks(PLANTED_RANKS, MINILM_DIMS, budget)
+    assert ranks == {n: int(k * r) for n, r in PLANTED_RANKS.items()}
+    assert spent(ranks, MINILM_DIMS) == budget
+
+
+def test_oracle_refuses_a_budget_it_cannot_spend_exactly():
+    from lorambo.experiments.methods import budget_of
+
+    with pytest.raises(ValueError, match="oracle: budget P = 24,883 is 1.2 x the planted cost"):
+        oracle_ranks(PLANTED_RANKS, MINILM_DIMS, budget_of(0.6, MINILM_DIMS))
+
+
+def test_default_preset_is_the_discriminating_demo():
+    cfg = presets.default()
+    assert cfg.tasks == ("planted",) and cfg.budgets == (0.5,)          # P = P* on MiniLM
+    assert set(cfg.methods) == {"uniform", "oracle", "gradient", "hessian", "online", "alora", "probe"}
+    assert (cfg.steps, cfg.batch_size, cfg.max_length, cfg.seeds) == (200, 8, 16, 3)
+    assert cfg.lr_grid == (1e-3, 3e-3, 1e-2) and cfg.lr_search == "uniform" and cfg.threads == 1
+    assert cfg.train_examples == 0 and cfg.eval_examples == 0              # whole splits
+
+
+def test_plan_with_the_learning_rate_chosen_on_uniform():
+    cfg = presets.ExperimentConfig(methods=("probe", "uniform", "oracle"), budgets=(0.5, 1.0), seeds=2,
+                                   lr_grid=(1e-3, 1e-2), lr_search="uniform")
+    assert plan(cfg) == [("uniform", 0, 0, 1e-3), ("uniform", 0, 0, 1e-2), ("uniform", 0, 1, None),
+                         ("uniform", 1, 0, None), ("uniform", 1, 1, None),
+                         ("probe", 0, 0, None), ("probe", 0, 1, None), ("probe", 1, 0, None), ("probe", 1, 1, None),
+                         ("oracle", 0, 0, None), ("oracle", 0, 1, None), ("oracle", 1, 0, None),
+                         ("oracle", 1, 1, None)]
+    with pytest.raises(ValueError, match="lr_search='uniform'.*add 'uniform'"):
+        presets.ExperimentConfig(methods=("probe",), lr_search="uniform")
+
+
+def test_probe_needs_its_training_batches():
+    from lorambo.experiments.probe import probe_sensitivity
+
+    cfg = presets.tiny()
+    with pytest.raises(ValueError, match="probe: needs 3 training batches, got 2"):
+        probe_sensitivity(None, cfg, 0, [{}, {}])
