@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import time
 
-
 from lorambo.experiments.methods import Method, RunContext, make_method, spent
 from lorambo.optim import AdamW
 
