@@ -38,35 +38,28 @@ def _floats(text: str) -> tuple[float, ...]:
     return values
 
 
-def _positive_int(text: str) -> int:
+def _parse_number(text: str, convert, ok, expected: str):
+    """``convert(text)`` when ``ok`` accepts it, else an argparse error naming what was expected."""
     try:
-        value = int(text)
+        value = convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _parse_number(text, int, lambda v: v >= 1, "a whole number >= 1")
 
 
 def _count(text: str) -> int:
     """A whole number >= 0 (0 means 'all' for the example caps)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
-    return value
+    return _parse_number(text, int, lambda v: v >= 0, "a whole number >= 0")
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+    return _parse_number(text, float, lambda v: 0 < v < float("inf"), "a positive number")
 
 
 def _names(text: str) -> tuple[str, ...]:

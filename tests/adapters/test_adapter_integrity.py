@@ -21,21 +21,9 @@ import lorambo.adapters.io as io
 from lorambo import AdapterFormatError, configure_model, load_adapter, lora_layers, save_adapter
 from lorambo.adapters.format import LAYER_FIELDS, build_header
 
+from adapter_models import net, trained  # tests/adapters/adapter_models.py
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def net(width=16):
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(12, width), nn.GELU(), nn.Linear(width, 12), nn.GELU(), nn.Linear(12, 4))
-
-
-def trained():
-    model = configure_model(net(), {"0": 3, "2": 5}, capacity={"0": 8, "2": 8}, alpha=4.0)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_A[: layer.rank].normal_()
-            layer.lora_B[:, : layer.rank].normal_()
-    return model
 
 
 def snapshot(model):

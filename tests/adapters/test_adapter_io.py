@@ -9,19 +9,7 @@ from torch import nn
 
 from lorambo import AdapterFormatError, configure_model, load_adapter, lora_layers, save_adapter
 
-
-def net():
-    torch.manual_seed(0)  # same frozen base weights in every copy
-    return nn.Sequential(nn.Linear(12, 16), nn.GELU(), nn.Linear(16, 12), nn.GELU(), nn.Linear(12, 4))
-
-
-def trained():
-    model = configure_model(net(), {"0": 3, "2": 5}, capacity={"0": 8, "2": 8}, alpha=4.0)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_A[: layer.rank].normal_()
-            layer.lora_B[:, : layer.rank].normal_()
-    return model
+from adapter_models import net, trained  # tests/adapters/adapter_models.py
 
 
 def test_round_trip_into_freshly_configured_model(tmp_path):
