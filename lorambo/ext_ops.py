@@ -33,6 +33,7 @@ __all__ = [
     "multi_dot",
     "multi_sq_norm",
     "pool_remap_",
+    "pool_slot_tensors",
     "probe_fill_",
     "remap_pools_",
     "reset_map",
@@ -202,14 +203,21 @@ def remap_pools_(entries: Iterable[tuple[torch.nn.Module, torch.Tensor]], optimi
         raise ValueError(f"remap_pools_: {len(entries)} entries but {len(state_maps)} state maps")
     tensors, dims, maps = [], [], []
     for (layer, m), sm in zip(entries, state_maps):
-        for param, dim in ((layer.lora_A, 0), (layer.lora_B, 1)):
-            moved = [(param.data, dim, m)]
-            if param.grad is not None:  # a gradient belongs to its slot, like the value
-                moved.append((param.grad, dim, m))
-            moved += [(value, dim, sm) for value in state_tensors(optimizer, param)]
-            moved += [(value, 0, sm) for value in slot_state_tensors(optimizer, param, dim)]
-            for tensor, d, slot_map in moved:
-                tensors.append(tensor)
-                dims.append(d)
-                maps.append(slot_map)
+        for tensor, dim, is_state in pool_slot_tensors(layer, optimizer):
+            tensors.append(tensor)
+            dims.append(dim)
+            maps.append(sm if is_state else m)
     pool_remap_(tensors, dims, maps)
+
+
+def pool_slot_tensors(layer, optimizer=None):
+    """``(tensor, slot_dim, is_optimizer_state)`` for everything that belongs to a layer's slots:
+    the pools, their gradients, per-element optimizer state and per-slot state (step counts)."""
+    for param, dim in ((layer.lora_A, 0), (layer.lora_B, 1)):
+        yield param.data, dim, False
+        if param.grad is not None:  # a gradient belongs to its slot, like the value
+            yield param.grad, dim, False
+        for value in state_tensors(optimizer, param):
+            yield value, dim, True
+        for value in slot_state_tensors(optimizer, param, dim):
+            yield value, 0, True

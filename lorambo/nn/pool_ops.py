@@ -34,9 +34,7 @@ def keep_components_many(plans: Iterable[tuple[torch.nn.Module, Sequence[int]]],
         return old
     from lorambo import ext_ops
 
-    tensors = [t for layer in layers for p, dim in ((layer.lora_A, 0), (layer.lora_B, 1))
-               for t in (p.detach(), *([] if p.grad is None else [p.grad]), *ext_ops.state_tensors(optimizer, p),
-                         *ext_ops.slot_state_tensors(optimizer, p, dim))]
+    tensors = [t for layer in layers for t, _, _ in ext_ops.pool_slot_tensors(layer, optimizer)]
     if use_compiled_multi_tensor(tensors):
         ext_ops.remap_pools_([(layer, ext_ops.keep_map(keep, layer.rank, layer.capacity)) for layer, keep in plans],
                              optimizer)
