@@ -38,7 +38,7 @@ from lorambo.allocation import METHODS, allocate
 from lorambo.allocation.alora import ALoRA, ALoRAConfig
 from lorambo.allocation.online import OnlineGrowth
 from lorambo.allocation.report import DecisionLog, rank_table, save_heatmap
-from lorambo.integrations.distributed import is_main_process
+from lorambo.distributed import is_main_process
 from lorambo.model import configure_model, find_targets, lora_layers
 from lorambo.nn import LoRAMBoLinear
 from lorambo.nn.base_layers import base_kind, features, weight_out_in

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorambo.integrations.distributed import broadcast_, decision_generator
+from lorambo.distributed import broadcast_, decision_generator
 from lorambo.nn.pool_ops import keep_components_many
 
 __all__ = ["ALoRAConfig", "ALoRA", "alora_round"]

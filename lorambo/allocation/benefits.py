@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lorambo.integrations.distributed import all_reduce_mean, broadcast_, is_distributed
+from lorambo.distributed import all_reduced_mean, broadcast_, is_distributed
 from lorambo.ops.sketch import LayerProducts, use_sketch_kernels
 
 __all__ = ["subspace_basis", "projected_top_singular", "projected_top_singular_many"]
@@ -68,14 +68,14 @@ def projected_top_singular(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], i
         out = torch.zeros(out_features, v.shape[1], dtype=dtype, device=device)
         for x, dy in cast:
             out += dy.T @ (x @ v)                                              # (out, p)
-        return _project_out(all_reduce_mean(out), b_basis)
+        return _project_out(all_reduced_mean(out), b_basis)
 
     def rmv(u):  # (out, p) -> (in, p): G_perp^T u
         u = _project_out(u, b_basis)
         out = torch.zeros(in_features, u.shape[1], dtype=dtype, device=device)
         for x, dy in cast:
             out += x.T @ (dy @ u)                                              # (in, p)
-        return _project_out(all_reduce_mean(out), a_basis)
+        return _project_out(all_reduced_mean(out), a_basis)
 
     p = max(1, min(k + oversample, in_features, out_features))
     omega = torch.randn(in_features, p, generator=generator, dtype=torch.float64).to(device, dtype)
@@ -208,7 +208,7 @@ def projected_top_singular_many(pairs: Sequence[Sequence[tuple[torch.Tensor, tor
         return out
 
     def product(buf, side_in):  # G_perp (side_in "in") or G_perp^T, before the output projection
-        return all_reduce_mean(prod.apply(buf, adjoint=side_in == "out").to(work))
+        return all_reduced_mean(prod.apply(buf, adjoint=side_in == "out").to(work))
 
     def orth(buf, side):  # project the output directions out, then QR
         out = new_buffer(side)

@@ -46,7 +46,7 @@ import torch
 from lorambo.allocation.benefits import (projected_top_singular, projected_top_singular_many,
                                          subspace_basis)
 from lorambo.allocation.greedy import greedy_allocate
-from lorambo.integrations.distributed import all_reduce_mean, broadcast_, decision_generator
+from lorambo.distributed import all_reduced_mean, broadcast_, decision_generator
 from lorambo.nn.pool_ops import keep_components_many
 
 __all__ = ["ActivationCapture", "subspace_basis", "projected_top_singular",
@@ -217,7 +217,7 @@ def _activation_ratio(inputs: Sequence[torch.Tensor], d: torch.Tensor) -> torch.
         x = x.to(d.device, dtype)
         sums[:-1] += (x @ d.T).square().sum(0)                                 # sum_t (d_j . x_t)^2
         sums[-1] += x.square().sum() / x.shape[1]                              # mean over unit rows
-    sums = all_reduce_mean(sums)
+    sums = all_reduced_mean(sums)
     along, random = sums[:-1], sums[-1]
     ratio = torch.where(along > 0, (random / along.clamp_min(1e-300)).sqrt(), torch.ones_like(along))
     return ratio.to(d.dtype).unsqueeze(1)

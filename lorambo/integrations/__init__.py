@@ -1,12 +1,10 @@
-"""Integrations: transformers' Trainer (``LoRAMBoCallback``) and DDP helpers (``distributed``).
+"""Integrations: transformers' Trainer (``LoRAMBoCallback``), FSDP and checkpoints.
 
-``LoRAMBoCallback`` is imported lazily: importing transformers takes seconds, and the DDP helpers
-and the plain training loop do not need it.
+``LoRAMBoCallback`` is imported lazily: importing transformers takes seconds, and the plain
+training loop does not need it. The DDP collectives live in :mod:`lorambo.distributed`.
 """
 
-from lorambo.integrations import distributed
-
-__all__ = ["LoRAMBoCallback", "distributed"]
+__all__ = ["LoRAMBoCallback"]
 
 
 def __getattr__(name):

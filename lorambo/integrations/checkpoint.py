@@ -4,7 +4,7 @@ Trainer already restores the pools (full ``lora_A`` / ``lora_B`` tensors), the r
 LoRAMBoLinear's ``_extra_state``) and the torch optimizer's state (``lorambo.optim.AdamW``'s
 per-slot step counts included) from ``model.safetensors`` and ``optimizer.pt``, and its RNG
 state and data position. The rank decisions themselves are deterministic functions of the step,
-the seed and the captured activations (:func:`lorambo.integrations.distributed.decision_generator`),
+the seed and the captured activations (:func:`lorambo.distributed.decision_generator`),
 so what is left is small and lives here:
 
 - the decisions taken so far (and the decision log file, cut back to them);

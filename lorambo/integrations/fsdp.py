@@ -12,7 +12,7 @@ and writes each process's shard back in place, into the same DTensor storage FSD
 optimizer hold. No re-wrap, no new parameters, optimizer state kept. Every process must make
 the same calls in the same order (collectives), and takes the same decisions: online growth
 already reduces its statistics over processes and seeds new slots identically (see
-:mod:`lorambo.integrations.distributed`). The pools are all-gathered only on decision steps.
+:mod:`lorambo.distributed`). The pools are all-gathered only on decision steps.
 
 On a model without DTensor parameters every function here is exactly the plain lorambo call,
 so one training script serves both.
@@ -33,7 +33,7 @@ from torch import nn
 
 from lorambo.adapters.io import save_adapter as _save_adapter
 from lorambo.adapters.peft_export import export_peft as _export_peft
-from lorambo.integrations.distributed import is_main_process
+from lorambo.distributed import is_main_process
 from lorambo.model import lora_layers
 from lorambo.model import unload as _unload
 from lorambo.model.modules_to_save import modules_to_save

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .distributed import all_reduce_sum
+from lorambo.distributed import all_reduce_sum_
 from .inputs import as_batch_list
 
 __all__ = ["ComponentAblation", "ablation_scores", "lora_targets"]
@@ -73,7 +73,7 @@ def _mean_loss(model, loss_fn, batches) -> float:
             raise ValueError("loss_fn(model, batch) must return a scalar tensor")
         total[0] += float(loss)
         total[1] += 1.0
-    total = all_reduce_sum(total)
+    total = all_reduce_sum_(total)
     value = float(total[0] / total[1])
     if value != value:  # NaN
         raise RuntimeError("ablation: the held-out loss is NaN")

@@ -37,7 +37,7 @@ import torch
 
 from lorambo.ops.sketch import sq_grad_norms_many, use_sketch_kernels
 
-from .distributed import all_reduce_sum
+from lorambo.distributed import all_reduce_sum_
 from .estimate import Estimate
 from .targets import find_targets
 
@@ -204,7 +204,7 @@ class FisherProxy:
                                           torch.tensor(float(self._count[n]), dtype=torch.float64, device=device),
                                           self._nonfinite[n].to(device=device, dtype=torch.float64)])
                              for n in names])                                   # (layers, 4)
-        rows = all_reduce_sum(stats).cpu().tolist()
+        rows = all_reduce_sum_(stats).cpu().tolist()
         for name, (total, total_sq, n_seen, bad) in zip(names, rows):
             n = n_seen - bad
             if n == 0:

@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 import torch
 
 from .attention import double_backward_attention
-from .distributed import all_reduce_sum
+from lorambo.distributed import all_reduce_sum_
 from .inputs import compute_loss
 
 __all__ = ["HessianOperator"]
@@ -72,8 +72,8 @@ class HessianOperator:
                 part = summarize(self._products(grads, vs))
                 total = part if total is None else [t + p for t, p in zip(total, part)]
                 del loss, grads
-        count = all_reduce_sum(torch.tensor([float(len(self.batches))], dtype=torch.float64))
-        return [all_reduce_sum(t) / count.to(t.device, t.dtype) for t in total]
+        count = all_reduce_sum_(torch.tensor([float(len(self.batches))], dtype=torch.float64))
+        return [all_reduce_sum_(t) / count.to(t.device, t.dtype) for t in total]
 
     def _products(self, grads, vs) -> list[torch.Tensor]:
         num = vs[0].shape[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .distributed import all_reduce_sum, all_reduce_sum_many
+from lorambo.distributed import all_reduce_sum_, all_reduced_sums
 from .inputs import as_batch_list, check_finite_loss, compute_loss
 from .targets import differentiable, find_targets
 
@@ -31,8 +31,8 @@ def gradient_sensitivity(model, loss_fn, batches, modules=None) -> dict[str, flo
             for i, g in enumerate(grads):
                 if g is not None:
                     sums[i] += float(g.detach().double().pow(2).sum())
-    sums = all_reduce_sum(sums)
-    count = all_reduce_sum(torch.tensor([float(len(batches))], dtype=torch.float64))
+    sums = all_reduce_sum_(sums)
+    count = all_reduce_sum_(torch.tensor([float(len(batches))], dtype=torch.float64))
     return {t.name: float(s / count) for t, s in zip(targets, sums)}
 
 
@@ -93,9 +93,9 @@ def data_covariance(model, loss_fn, batches, modules=None) -> dict[str, torch.Te
     if empty:
         raise ValueError(f"data_covariance: batch(es) {empty[:10]} of {len(batches)} fed 0 tokens to "
                          "the targeted layers (empty sequences?); leave them out")
-    counts = all_reduce_sum(counts).tolist()                          # one host copy for all layers
+    counts = all_reduce_sum_(counts).tolist()                          # one host copy for all layers
     starved = [t.name for i, t in enumerate(targets) if counts[i] == 0]
     if starved:
         raise ValueError(f"data_covariance: layer(s) {starved[:10]} received 0 tokens over all batches")
-    totals = all_reduce_sum_many([sums[i] for i in range(len(targets))])  # packed collectives
+    totals = all_reduced_sums([sums[i] for i in range(len(targets))])  # packed collectives
     return {t.name: total / count for t, total, count in zip(targets, totals, counts)}

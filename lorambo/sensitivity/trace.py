@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .blocks import run_programs
-from .distributed import is_main_process
+from lorambo.distributed import is_main_process
 from .estimate import Estimate, Moments
 from .hvp import HessianOperator
 from .inputs import as_batch_list, check_positive

@@ -23,8 +23,8 @@ def main(rank: int, world: int, store_path: str, out_path: str, data_seed: int) 
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     try:
         calls = []
-        real = benefits.all_reduce_mean
-        benefits.all_reduce_mean = lambda t: calls.append(t.numel()) or real(t)
+        real = benefits.all_reduced_mean
+        benefits.all_reduced_mean = lambda t: calls.append(t.numel()) or real(t)
         torch.manual_seed(0)  # same model everywhere
         net = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 10), nn.Tanh(), nn.Linear(10, 3))
         lorambo.configure_model(net, 1, capacity={"0": 4, "2": 4, "4": 3})

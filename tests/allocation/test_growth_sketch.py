@@ -11,7 +11,7 @@ import lorambo
 from lorambo.allocation import benefits
 from lorambo.allocation.online import (OnlineGrowth, plan_growth, projected_top_singular,
                                        projected_top_singular_many, subspace_basis)
-from lorambo.integrations.distributed import decision_generator
+from lorambo.distributed import decision_generator
 from lorambo.ops.sketch import set_sketch_backend
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -106,8 +106,8 @@ def test_estimates_match_the_dense_projected_svd(sketch_backend, path):
 def test_one_collective_per_step_for_all_layers(sketch_backend, monkeypatch, path):
     sketch_backend(path)
     calls = {"reduce": 0, "broadcast": 0}
-    real_reduce, real_broadcast = benefits.all_reduce_mean, benefits.broadcast_
-    monkeypatch.setattr(benefits, "all_reduce_mean", lambda t: calls.__setitem__("reduce", calls["reduce"] + 1)
+    real_reduce, real_broadcast = benefits.all_reduced_mean, benefits.broadcast_
+    monkeypatch.setattr(benefits, "all_reduced_mean", lambda t: calls.__setitem__("reduce", calls["reduce"] + 1)
                         or real_reduce(t))
     monkeypatch.setattr(benefits, "broadcast_", lambda t: calls.__setitem__("broadcast", calls["broadcast"] + 1)
                         or real_broadcast(t))

@@ -6,7 +6,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lorambo
-from lorambo.integrations.distributed import check_identical
+from lorambo.distributed import check_identical
 from lorambo.optimizer import LoRAMBoOptimizer
 
 DT = torch.float64

@@ -10,7 +10,7 @@ from torch import nn
 
 import lorambo
 from lorambo.integrations import fsdp
-from lorambo.integrations.distributed import decision_generator
+from lorambo.distributed import decision_generator
 from lorambo.optimizer import LoRAMBoOptimizer
 
 DT = torch.float64

@@ -77,8 +77,8 @@ def test_fisher_proxy_gram_kernel_matches_float64(kernels, monkeypatch):
     real = fisher_module.sq_grad_norms_many
     monkeypatch.setattr(fisher_module, "sq_grad_norms_many", lambda *a: calls.append(1) or real(*a))
     reduces = []
-    real_reduce = fisher_module.all_reduce_sum
-    monkeypatch.setattr(fisher_module, "all_reduce_sum", lambda t: reduces.append(t.shape) or real_reduce(t))
+    real_reduce = fisher_module.all_reduce_sum_
+    monkeypatch.setattr(fisher_module, "all_reduce_sum_", lambda t: reduces.append(t.shape) or real_reduce(t))
     got = _fisher(model, x, y)
     assert len(calls) == 2 and reduces == [(2, 4)]  # every layer; one collective for both (sum, sum_sq, n, non-finite)
     set_sketch_backend("torch")
