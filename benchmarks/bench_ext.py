@@ -156,7 +156,7 @@ def torch_path(fn, *args):
 
 
 def reduce_section(args, device, meta):
-    from lorambo import ext_ops
+    from lorambo.ext import ops as ext_ops
     from lorambo.sensitivity.reductions import per_layer_dots, per_layer_sq_norms
 
     rows = []
@@ -192,7 +192,7 @@ def reduce_section(args, device, meta):
 
 
 def probes_section(args, device, meta):
-    from lorambo import ext_ops
+    from lorambo.ext import ops as ext_ops
     from lorambo.sensitivity.probes import rademacher
 
     rows = []
@@ -217,7 +217,7 @@ def probes_section(args, device, meta):
 def pool_section(args, device, meta):
     from types import SimpleNamespace
 
-    from lorambo import ext_ops
+    from lorambo.ext import ops as ext_ops
     from lorambo.nn.optimizer_state import gather_slot_state
 
     n_layers, width, cap, rank = (16, 256, 32, 16) if args.quick else (224, 1024, 32, 16)
@@ -389,7 +389,7 @@ def main(argv=None) -> int:
     ap.add_argument("--replot", action="store_true", help="only redraw .png/.md from the CSV (no measurements)")
     args = ap.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    from lorambo import ext_ops
+    from lorambo.ext import ops as ext_ops
 
     if args.replot:
         out = args.out or RESULTS / f"ext_{args.device}.csv"

@@ -135,7 +135,7 @@ def fisher_section(shape, tokens, device, dtype, reps, distinct, meta, seq=128):
 
 
 def dots_section(device, dtype, reps, meta, probes=1, scale=1):
-    from lorambo import ext_ops
+    from lorambo.ext import ops as ext_ops
 
     xs = [torch.randn(probes, 16 * (i + o) // scale, device=device).to(dtype) for i, o in SHAPES["7b"]]
     ys = [torch.randn_like(x) for x in xs]

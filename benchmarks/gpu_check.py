@@ -167,7 +167,7 @@ def build_stage(env, clock, logs) -> tuple[Stage, bool]:
                 clock.limit(200, reserve=230), logs)
     stage.note = f"lorambo._C, CUDA, MAX_JOBS={jobs}, {stage.seconds:.0f} s"
     print(f"build time: {stage.seconds:.1f} s ({jobs} jobs)", flush=True)
-    probe = subprocess.run([sys.executable, "-c", "from lorambo import _extension as e; m = e.load(); print("
+    probe = subprocess.run([sys.executable, "-c", "from lorambo.ext import loader as e; m = e.load(); print("
                             "'with cuda' if m is not None and getattr(m, 'with_cuda', False) else 'built without CUDA' "
                             "if m is not None else f'not importable: {e._state.get(\"error\")}')"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)

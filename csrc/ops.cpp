@@ -1,5 +1,5 @@
 // Operator schemas (TORCH_LIBRARY(lorambo)), CPU registrations, the LoRA op's autograd, and the
-// Python module lorambo._C. Fake (meta) implementations live in lorambo/_ext_fake.py, which the
+// Python module lorambo._C. Fake (meta) implementations live in lorambo/ext/fake.py, which the
 // dispatcher imports on demand (set_python_module), so torch.compile can trace every op.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -152,7 +152,7 @@ std::vector<int64_t> philox_block(std::vector<int64_t> counter, std::vector<int6
 }  // namespace lorambo
 
 TORCH_LIBRARY(lorambo, m) {
-  m.set_python_module("lorambo._ext_fake");
+  m.set_python_module("lorambo.ext.fake");
   // Multi-tensor reductions: float64 [rows, len(xs)]; float32 accumulation inside each chunk of
   // 16k elements (float64 for float64 inputs), chunks summed in float64 in a fixed order.
   m.def("multi_dot(Tensor[] xs, Tensor[] ys, int rows=1) -> Tensor");

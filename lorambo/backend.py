@@ -90,9 +90,9 @@ def _resolve(device_type: str, dtype: torch.dtype | None) -> str:
         # for sm_90 ahead of time, but have not yet run on a GPU; until they have, auto keeps the
         # PyTorch reference there. LORAMBO_BACKEND=triton opts in.
         if device_type == "cpu" and (dtype is None or dtype in EXT_CPU_DTYPES):
-            from lorambo import _extension
+            from lorambo.ext import loader as ext_loader
 
-            if _extension.load() is not None:
+            if ext_loader.load() is not None:
                 return "ext"
         return "torch"
     if requested == "triton":
@@ -102,9 +102,9 @@ def _resolve(device_type: str, dtype: torch.dtype | None) -> str:
         if reason is not None:
             raise RuntimeError(f"lorambo backend 'triton' was requested but cannot run: {reason}")
     if requested == "ext":
-        from lorambo import _extension
+        from lorambo.ext import loader as ext_loader
 
-        _extension.require()
+        ext_loader.require()
     return requested
 
 
@@ -119,10 +119,10 @@ def use_compiled_multi_tensor(tensors) -> bool:
     requested = get_backend()
     if requested == "torch":
         return False
-    from lorambo import _extension
+    from lorambo.ext import loader as ext_loader
 
     if requested == "ext":
-        _extension.require()
+        ext_loader.require()
         return True
-    return (_extension.load() is not None
+    return (ext_loader.load() is not None
             and all(t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad for t in tensors))

@@ -32,7 +32,7 @@ def test_forward_reads_no_environment_and_imports_nothing(monkeypatch):
     loads the extension (both are what broke torch.compile's trace)."""
     import importlib
 
-    from lorambo import _extension
+    from lorambo.ext import loader as ext_loader
 
     layer = lorambo.LoRAMBoLinear(torch.nn.Linear(6, 4), rank=2)
     x = torch.randn(3, 6)
@@ -42,7 +42,7 @@ def test_forward_reads_no_environment_and_imports_nothing(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the forward path must not import or load anything")
 
-    monkeypatch.setattr(_extension, "load", forbidden)
+    monkeypatch.setattr(ext_loader, "load", forbidden)
     monkeypatch.setattr(importlib, "import_module", forbidden)
     assert torch.equal(layer(x), first)
 
@@ -50,7 +50,7 @@ def test_forward_reads_no_environment_and_imports_nothing(monkeypatch):
 def test_set_backend_switches_at_the_next_call():
     """The resolution cache is dropped by set_backend: the very next call runs the new backend
     (told apart by the dropout mask, which differs between the reference and the extension)."""
-    from lorambo import _extension
+    from lorambo.ext import loader as ext_loader
     from lorambo.ops import lora_linear
     from lorambo.ops.ext_linear import lora_linear_ext
     from lorambo.ops.lora_linear_ref import lora_linear_reference
@@ -60,7 +60,7 @@ def test_set_backend_switches_at_the_next_call():
     args = (x, w, b, a, bb, 3, 1.5, 0.5, 11)
     lorambo.set_backend("torch")
     assert torch.equal(lora_linear(*args), lora_linear_reference(*args))
-    if _extension.load() is not None:
+    if ext_loader.load() is not None:
         lorambo.set_backend("ext")
         got = lora_linear(*args)
         assert torch.equal(got, lora_linear_ext(*args)) and not torch.allclose(got, lora_linear_reference(*args))
@@ -70,7 +70,7 @@ def test_set_backend_switches_at_the_next_call():
 
 
 def test_auto_picks_the_compiled_op_on_cpu_when_built_else_the_reference():
-    from lorambo import ext_ops
+    from lorambo.ext import ops as ext_ops
 
     built = ext_ops.available()
     for dtype in (None, torch.float32, torch.float64, torch.bfloat16):
@@ -80,12 +80,12 @@ def test_auto_picks_the_compiled_op_on_cpu_when_built_else_the_reference():
 
 
 def test_auto_layer_without_extension_runs_the_reference(monkeypatch):
-    from lorambo import _extension
+    from lorambo.ext import loader as ext_loader
 
     layer = lorambo.LoRAMBoLinear(torch.nn.Linear(6, 4), rank=2)
     x = torch.randn(3, 6)
     with_ext = layer(x)
-    monkeypatch.setattr(_extension, "load", lambda: None)
+    monkeypatch.setattr(ext_loader, "load", lambda: None)
     lorambo.set_backend("auto")  # resolution is cached: re-resolve without the extension
     assert resolve_backend("cpu", torch.float32) == "torch"
     torch.testing.assert_close(layer(x), with_ext, rtol=1e-6, atol=1e-6)
@@ -109,9 +109,9 @@ def test_triton_backend_runs_the_kernels_under_the_interpreter(monkeypatch):
 
 
 def test_ext_backend_matches_the_reference_through_a_layer():
-    from lorambo import _extension
+    from lorambo.ext import loader as ext_loader
 
-    if _extension.load() is None:
+    if ext_loader.load() is None:
         pytest.skip("compiled extension not built (CI builds it and sets LORAMBO_REQUIRE_EXT=1)")
     layer = lorambo.LoRAMBoLinear(torch.nn.Linear(16, 8).double(), rank=3, capacity=4)
     with torch.no_grad():

@@ -37,7 +37,7 @@ bench = _load("bench_lora_linear")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the smoke mode is for CPU machines")
 def test_cpu_smoke_runs_every_stage_and_ends_with_the_verdict_table(tmp_path):
     pytest.importorskip("matplotlib")
-    from lorambo import ext_ops
+    from lorambo.ext import ops as ext_ops
 
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--cpu-smoke", "--out", str(out)],

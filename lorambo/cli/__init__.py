@@ -19,12 +19,12 @@ def _info(_args) -> int:
     import torch
 
     import lorambo
-    from lorambo import _extension
+    from lorambo.ext import loader as ext_loader
     from lorambo.backend import get_backend
 
     print(f"lorambo {lorambo.__version__}  python {platform.python_version()}  torch {torch.__version__}")
     print(f"backend requested: {get_backend()}  cuda: {torch.cuda.is_available()}  "
-          f"compiled extension: {'yes' if _extension.load() is not None else 'no'}")
+          f"compiled extension: {'yes' if ext_loader.load() is not None else 'no'}")
     return 0
 
 

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lorambo.ext_ops import slot_state_tensors, state_tensors
+from lorambo.ext.ops import slot_state_tensors, state_tensors
 
 SLOT_STEP = "slot_step"  # lorambo.optim.AdamW's per-slot Adam step count, shape [capacity]
 _warned_shared_step = False

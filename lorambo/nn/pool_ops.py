@@ -32,7 +32,7 @@ def keep_components_many(plans: Iterable[tuple[torch.nn.Module, Sequence[int]]],
     old = [layer.rank for layer in layers]
     if not plans:
         return old
-    from lorambo import ext_ops
+    from lorambo.ext import ops as ext_ops
 
     tensors = [t for layer in layers for t, _, _ in ext_ops.pool_slot_tensors(layer, optimizer)]
     if use_compiled_multi_tensor(tensors):

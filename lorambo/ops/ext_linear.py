@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from lorambo import _extension
+from lorambo.ext import loader as ext_loader
 from lorambo.ops.custom_op import define_lora_op
 
 __all__ = ["dropout_mask_ext", "lora_linear_ext"]
@@ -57,7 +57,7 @@ def lora_linear_ext(x, weight, bias, lora_A, lora_B, rank: int, scaling: float, 
 
     ``dropout_p > 0`` needs a ``seed``: an int in [0, 2^63) or a 0-d int64 CPU tensor.
     """
-    _extension.require()
+    ext_loader.require()
     return _lora_linear(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
 
 
@@ -74,5 +74,5 @@ def _lora_linear(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed
 def dropout_mask_ext(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """The multiplier (0 or 1/(1-p)) that :func:`lora_linear_ext` applies to ``x`` (shape [..., K],
     element order row-major as in the flattened [M, K] input) for this ``(p, seed)``."""
-    _extension.require()
+    ext_loader.require()
     return torch.ops.lorambo.dropout_mask(x, float(p), int(seed))

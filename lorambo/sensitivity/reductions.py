@@ -33,7 +33,7 @@ def per_layer_dots(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tens
     if xs and use_sketch_kernels([*xs, *ys]):
         return row_dots(xs, ys)
     if xs and use_compiled_multi_tensor([*xs, *ys]):
-        from lorambo import ext_ops
+        from lorambo.ext import ops as ext_ops
 
         return ext_ops.multi_dot(xs, ys, rows=xs[0].shape[0])
     return torch.stack([_row_dot(x, y) for x, y in zip(xs, ys)], dim=1)
@@ -50,7 +50,7 @@ def per_layer_sq_norms(xs: list[torch.Tensor]) -> torch.Tensor:
     if xs and use_sketch_kernels(xs):
         return row_dots([x.reshape(1, -1) for x in xs])[0]
     if xs and use_compiled_multi_tensor(xs):
-        from lorambo import ext_ops
+        from lorambo.ext import ops as ext_ops
 
         return ext_ops.multi_sq_norm(xs)[0]
     norms = torch._foreach_norm([x.float() if x.dtype in (torch.float16, torch.bfloat16) else x for x in xs])

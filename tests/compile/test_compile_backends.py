@@ -19,9 +19,10 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from transformers import BertConfig, BertModel
 
 import lorambo
-from lorambo import _extension, configure_model, lora_layers
+from lorambo import configure_model, lora_layers
+from lorambo.ext import loader as ext_loader
 
-if _extension.load() is None and os.environ.get("LORAMBO_REQUIRE_EXT") == "1":
+if ext_loader.load() is None and os.environ.get("LORAMBO_REQUIRE_EXT") == "1":
     raise RuntimeError("LORAMBO_REQUIRE_EXT=1 but lorambo._C is not available")
 
 # backend: (capacity, hidden layers); the interpreter is slow, so triton gets the smaller pool
@@ -31,7 +32,7 @@ CASES = {"torch": (16, 1), "ext": (16, 1), "triton": (4, 1)}
 @pytest.fixture(params=list(CASES))
 def compile_backend(request):
     name = request.param
-    if name == "ext" and _extension.load() is None:
+    if name == "ext" and ext_loader.load() is None:
         pytest.skip("compiled extension not built (CI builds it and sets LORAMBO_REQUIRE_EXT=1)")
     if name == "triton":
         pytest.importorskip("triton")
@@ -124,7 +125,7 @@ def test_compiled_bert_matches_eager_over_ranks_and_with_dropout(compile_backend
 def test_set_backend_retraces_a_compiled_layer():
     """The backend is a constant of the compiled graph, guarded: set_backend takes effect at the
     next call of an already compiled model (one recompile), with the new backend's op in the graph."""
-    if _extension.load() is None:
+    if ext_loader.load() is None:
         pytest.skip("compiled extension not built (CI builds it and sets LORAMBO_REQUIRE_EXT=1)")
     torch._dynamo.reset()
     graphs = []

@@ -9,11 +9,11 @@ import os
 import pytest
 import torch
 
-from lorambo import _extension
+from lorambo.ext import loader as ext_loader
 
-EXT = _extension.load()
+EXT = ext_loader.load()
 if EXT is None and os.environ.get("LORAMBO_REQUIRE_EXT") == "1":
-    raise RuntimeError(f"LORAMBO_REQUIRE_EXT=1 but lorambo._C is not available: {_extension._state.get('error')}")
+    raise RuntimeError(f"LORAMBO_REQUIRE_EXT=1 but lorambo._C is not available: {ext_loader._state.get('error')}")
 
 needs_ext = pytest.mark.skipif(EXT is None, reason="compiled extension lorambo._C not built")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from ext_testutil import EXT, FLOAT_DTYPES, generator, random_dtype, random_shape
 
-from lorambo import ext_ops
+from lorambo.ext import ops as ext_ops
 from lorambo.ops.ext_linear import dropout_mask_ext, lora_linear_ext
 from lorambo.ops.lora_linear_ref import lora_linear_reference
 

@@ -1,6 +1,6 @@
 """Wheel/sdist with the compiled extension, and the run-time fallback when it is absent or broken.
 
-Fallback semantics (lorambo/_extension.py): an *absent* extension (built with
+Fallback semantics (lorambo/ext/loader.py): an *absent* extension (built with
 LORAMBO_SKIP_EXT=1) is silent; a *broken* one (present but failing to import) warns once, at
 first use; either way lorambo's results are unchanged and only an explicit 'ext' request raises.
 """
@@ -39,10 +39,10 @@ warnings.simplefilter("always")
 with warnings.catch_warnings(record=True) as caught:
     import torch
     import lorambo
-    from lorambo import _extension, ext_ops
+    from lorambo.ext import loader as ext_loader, ops as ext_ops
     from lorambo.sensitivity.reductions import per_layer_dots
 
-    missing = [_extension.load() is None for _ in range(3)] + [not ext_ops.available()]
+    missing = [ext_loader.load() is None for _ in range(3)] + [not ext_ops.available()]
     torch.manual_seed(0)
     layer = lorambo.LoRAMBoLinear(torch.nn.Linear(16, 12), rank=4, capacity=8)
     with torch.no_grad():
@@ -93,7 +93,7 @@ import sys
 import torch
 import lorambo
 import lorambo._C as C
-from lorambo import ext_ops
+from lorambo.ext import ops as ext_ops
 from lorambo.ops.ext_linear import dropout_mask_ext, lora_linear_ext
 from lorambo.ops.lora_linear_ref import lora_linear_reference
 
@@ -149,7 +149,7 @@ def test_cpu_wheel_contains_the_extension_and_runs_every_op_in_a_fresh_venv(tmp_
 
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.startswith("lorambo/_C.") and n.endswith(".so") for n in names), names
-    assert "lorambo_kernels/__init__.py" in names and "lorambo/_ext_fake.py" in names
+    assert "lorambo_kernels/__init__.py" in names and "lorambo/ext/fake.py" in names
     venv, py = fresh_venv
     subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True)
     proc = subprocess.run([str(py), "-c", SMOKE], cwd=tmp_path, capture_output=True, text=True)

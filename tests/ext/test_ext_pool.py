@@ -5,7 +5,8 @@ import torch
 from ext_testutil import FLOAT_DTYPES, cpu_kernel, generator, needs_ext, random_dtype
 from torch import nn
 
-from lorambo import LoRAMBoLinear, ext_ops, reset_slot_state
+from lorambo import LoRAMBoLinear, reset_slot_state
+from lorambo.ext import ops as ext_ops
 
 pytestmark = needs_ext
 

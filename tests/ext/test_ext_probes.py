@@ -11,7 +11,7 @@ import pytest
 import torch
 from ext_testutil import EXT, FLOAT_DTYPES, cpu_kernel, generator, needs_ext, random_dtype, random_shape
 
-from lorambo import ext_ops
+from lorambo.ext import ops as ext_ops
 
 pytestmark = needs_ext
 

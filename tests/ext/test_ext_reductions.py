@@ -6,7 +6,7 @@ import torch
 from ext_testutil import FLOAT_DTYPES, cpu_kernel, generator, needs_ext, random_dtype, random_shape
 
 import lorambo
-from lorambo import ext_ops
+from lorambo.ext import ops as ext_ops
 from lorambo.sensitivity.reductions import per_layer_dots, per_layer_sq_norms
 
 pytestmark = needs_ext

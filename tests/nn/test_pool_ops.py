@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import lorambo
-from lorambo import ext_ops
+from lorambo.ext import ops as ext_ops
 from lorambo.nn import keep_components_many
 
 

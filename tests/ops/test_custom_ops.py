@@ -10,13 +10,13 @@ import pytest
 import torch
 
 import lorambo
-from lorambo import _extension
+from lorambo.ext import loader as ext_loader
 from lorambo.ops import lora_linear
 from lorambo.ops.custom_op import seed_tensor
 from lorambo.ops.ext_linear import lora_linear_ext
 from lorambo.ops.lora_linear_ref import lora_linear_reference
 
-if _extension.load() is None and os.environ.get("LORAMBO_REQUIRE_EXT") == "1":
+if ext_loader.load() is None and os.environ.get("LORAMBO_REQUIRE_EXT") == "1":
     raise RuntimeError("LORAMBO_REQUIRE_EXT=1 but lorambo._C is not available")
 
 PUBLIC = {"lorambo_ref": lora_linear_reference, "lorambo_ext": lora_linear_ext}
@@ -25,7 +25,7 @@ BACKEND = {"lorambo_ref": "torch", "lorambo_ext": "ext"}
 
 @pytest.fixture(params=list(PUBLIC))
 def ns(request):
-    if request.param == "lorambo_ext" and _extension.load() is None:
+    if request.param == "lorambo_ext" and ext_loader.load() is None:
         pytest.skip("compiled extension not built (CI builds it and sets LORAMBO_REQUIRE_EXT=1)")
     return request.param
 

@@ -1,6 +1,6 @@
 """Optional compiled extension ``lorambo._C``: import once, warn once if it is broken.
 
-Semantics (kept stable; tests/ext/test_ext_fallback.py checks them):
+Semantics (kept stable; tests/ext/test_ext_packaging.py checks them):
 
 - *absent* (built with ``LORAMBO_SKIP_EXT=1``, or no compiler at build time): ``load()`` returns
   None quietly. A missing extension is an expected configuration, not a problem to report.
@@ -9,7 +9,7 @@ Semantics (kept stable; tests/ext/test_ext_fallback.py checks them):
 - either way lorambo keeps working on Triton/PyTorch; only an explicit request for the ``ext``
   backend (:func:`require`) raises.
 
-Importing ``lorambo._C`` registers the ``torch.ops.lorambo`` operators; ``lorambo._ext_fake``
+Importing ``lorambo._C`` registers the ``torch.ops.lorambo`` operators; ``lorambo.ext.fake``
 adds their fake implementations for torch.compile.
 """
 
@@ -27,7 +27,7 @@ def load() -> ModuleType | None:
     if "module" not in _state:
         try:
             module = importlib.import_module("lorambo._C")
-            importlib.import_module("lorambo._ext_fake")
+            importlib.import_module("lorambo.ext.fake")
             _state["module"] = module
         except ModuleNotFoundError as err:
             _state["module"], _state["error"] = None, err

@@ -1,7 +1,7 @@
 """Python entry points for the compiled multi-tensor ops (``torch.ops.lorambo``, csrc/).
 
 Every function needs the compiled extension: without it they raise the RuntimeError of
-:func:`lorambo._extension.require` (check :func:`available` first to choose another path).
+:func:`lorambo.ext.loader.require` (check :func:`available` first to choose another path).
 
 Ops (all one parallel loop on the CPU, one launch on CUDA, over the whole list):
 
@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from lorambo import _extension
+from lorambo.ext import loader as ext_loader
 
 __all__ = [
     "available",
@@ -49,11 +49,11 @@ _DISTRIBUTIONS = ("rademacher", "gaussian", "uniform")
 
 def available() -> bool:
     """Whether the compiled ops can run (warns once if the extension is present but broken)."""
-    return _extension.load() is not None
+    return ext_loader.load() is not None
 
 
 def _ops():
-    _extension.require()
+    ext_loader.require()
     return torch.ops.lorambo
 
 

@@ -1,7 +1,7 @@
 """Fake (meta) implementations of the ``torch.ops.lorambo`` ops, for FakeTensor / torch.compile.
 
 ``csrc/ops.cpp`` names this module in its ``TORCH_LIBRARY`` block (``set_python_module``), so the
-dispatcher imports it on demand; :func:`lorambo._extension.load` also imports it right after
+dispatcher imports it on demand; :func:`lorambo.ext.loader.load` also imports it right after
 ``lorambo._C``. Imported without the extension it does nothing.
 """
 
