@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 from lorambo.allocation import allocate
 from lorambo.adapters import AdapterFormatError, export_peft, load_adapter, save_adapter
-from lorambo.backend import get_backend, set_backend
+from lorambo.ops.backend import get_backend, set_backend
 from lorambo.model import configure_model, lora_layers, unload
 from lorambo.nn import LoRAMBoLinear, reset_slot_state
 from lorambo.optimizer import LoRAMBoOptimizer

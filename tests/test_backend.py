@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lorambo
-from lorambo.backend import get_backend, resolve_backend
+from lorambo.ops.backend import get_backend, resolve_backend
 
 
 def test_env_var_is_read_once_and_set_backend_none_rereads_it(monkeypatch):

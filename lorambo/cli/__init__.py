@@ -20,7 +20,7 @@ def _info(_args) -> int:
 
     import lorambo
     from lorambo.ext import loader as ext_loader
-    from lorambo.backend import get_backend
+    from lorambo.ops.backend import get_backend
 
     print(f"lorambo {lorambo.__version__}  python {platform.python_version()}  torch {torch.__version__}")
     print(f"backend requested: {get_backend()}  cuda: {torch.cuda.is_available()}  "

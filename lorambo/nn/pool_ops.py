@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from lorambo.backend import use_compiled_multi_tensor
+from lorambo.ops.backend import use_compiled_multi_tensor
 
 __all__ = ["keep_components_many"]
 

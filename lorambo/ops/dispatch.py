@@ -1,4 +1,4 @@
-"""Route the LoRA linear op to the selected backend (see lorambo.backend).
+"""Route the LoRA linear op to the selected backend (see lorambo.ops.backend).
 
 Everything here is traceable by torch.compile with fullgraph=True: the backend comes from the
 resolution cache (a constant of the graph), the dropout seed is drawn as a 0-d CPU tensor (a
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lorambo.backend import resolve_backend
+from lorambo.ops.backend import resolve_backend
 from lorambo.ops import ext_linear, triton_linear
 from lorambo.ops.lora_linear_ref import lora_linear_reference
 

@@ -7,7 +7,7 @@ pass; here the per-layer sums stay on the device and are stacked, and the caller
 
 - the grouped Triton kernel (``lorambo.ops.sketch``: one launch for all layers) where
   :func:`lorambo.ops.sketch.use_sketch_kernels` says so (CUDA tensors by default);
-- the compiled single-pass reductions of csrc/ where :func:`lorambo.backend.use_compiled_multi_tensor`
+- the compiled single-pass reductions of csrc/ where :func:`lorambo.ops.backend.use_compiled_multi_tensor`
   says so (the extension is built, CPU tensors): on the 2-core CPU they measured 2.6x (dots) and
   1.1x (squared norms, fp32) faster over 224 7B-shaped tensors (benchmarks/results/ext_cpu.md);
 - otherwise a plain loop of products and sums in at least fp32 per layer. It replaced a ``torch._foreach_mul``
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from lorambo.backend import use_compiled_multi_tensor
+from lorambo.ops.backend import use_compiled_multi_tensor
 from lorambo.ops.sketch import row_dots, use_sketch_kernels
 
 __all__ = ["per_layer_dots", "per_layer_sq_norms"]

@@ -112,7 +112,7 @@ def test_double_backward_falls_back_to_exact_formulas(counted_kernels, device):
 
 def test_layer_through_the_dispatch(device, counted_kernels):
     """LoRAMBoLinear with backend 'triton' runs the kernels, forward and backward."""
-    assert lorambo.backend.resolve_backend(device.type, torch.float32) == "triton"
+    assert lorambo.ops.backend.resolve_backend(device.type, torch.float32) == "triton"
     torch.manual_seed(0)
     layer = lorambo.LoRAMBoLinear(torch.nn.Linear(16, 12), rank=3, capacity=8, alpha=6.0).to(device)
     with torch.no_grad():

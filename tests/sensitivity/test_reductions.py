@@ -4,7 +4,7 @@ the path ``auto`` picks (the compiled extension on CPU when it is built)."""
 import torch
 
 from lorambo.ext import ops as ext_ops
-from lorambo.backend import use_compiled_multi_tensor
+from lorambo.ops.backend import use_compiled_multi_tensor
 from lorambo.sensitivity.reductions import per_layer_dots, per_layer_sq_norms
 
 
