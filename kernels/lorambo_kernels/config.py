@@ -38,9 +38,10 @@ def rank_bucket(rank: int) -> int:
     return MAX_BLOCK_R
 
 
-# Ahead-of-time planning (lorambo_kernels.aot): inside ``plan_for_gpu`` the functions below answer
-# for that GPU (SM count, capability, never the interpreter) without asking CUDA, so the launchers
-# can be run on meta tensors to list the kernels they would compile there. None: ask as usual.
+# Ahead-of-time planning (tools/aot_sm90.py, a development tool outside the package): inside
+# ``plan_for_gpu`` the functions below answer for that GPU (SM count, capability, never the
+# interpreter) without asking CUDA, so the launchers can be run on meta tensors to list the
+# kernels they would compile there. None: ask as usual.
 _planned_gpu: contextvars.ContextVar[tuple[int, tuple[int, int]] | None] = contextvars.ContextVar(
     "lorambo_planned_gpu", default=None)
 

@@ -11,9 +11,15 @@ mode, fails each kernel test with that explanation instead of an obscure interpr
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# tools/aot_sm90.py (a development tool, not installed) is imported as ``aot_sm90`` by the AOT tests.
+_TOOLS = str(Path(__file__).resolve().parents[2] / "tools")
+if _TOOLS not in sys.path:
+    sys.path.insert(0, _TOOLS)
 
 CUDA = torch.cuda.is_available()
 _NOT_INTERPRETED = None

@@ -3,14 +3,14 @@
 On CPU the suite runs the kernels only in Triton's interpreter, which enforces none of the GPU
 compile rules (tl.dot shapes, layouts, shared memory, TMA descriptors). Here every kernel the
 launchers launch is compiled ahead of time for sm_90 by Triton's own toolchain (ptxas ships
-with triton; no device needed): lorambo_kernels.aot runs the launchers on meta tensors over a
+with triton; no device needed): tools/aot_sm90.py runs the launchers on meta tensors over a
 shape sweep and binds each launch the way JITFunction.run does.
 
 The sweep has ~1200 launcher configurations (~4 s of compiling each), too many for the suite, so
 this test compiles a covering subset (aot.representative: every kernel x dtype x block-shape
 configuration, rank bucket, flag combination, TMA operand layout and argument types). The full
-checks: ``python -m lorambo_kernels.aot --configs`` (every configuration) and
-``python -m lorambo_kernels.aot`` (every value-specialized variant), with ``-j N`` on a big box.
+checks: ``python tools/aot_sm90.py --configs`` (every configuration) and
+``python tools/aot_sm90.py`` (every value-specialized variant), with ``-j N`` on a big box.
 
 Under TRITON_INTERPRET=1 the compiling runs in one worker process without it; the first run
 takes a few minutes, later ones hit Triton's cache (~/.triton/cache).
@@ -22,7 +22,8 @@ import pytest
 
 pytest.importorskip("triton")
 
-from lorambo_kernels import aot, config  # noqa: E402
+import aot_sm90 as aot  # noqa: E402  (tools/, put on sys.path by conftest.py)
+from lorambo_kernels import config  # noqa: E402
 
 TARGET = aot.H100
 H100_SHARED = 232448  # bytes per block (opt-in maximum)

@@ -7,7 +7,7 @@ constexpr, a multiple of 16 -> a ``tt.divisibility`` hint, and i32 vs i64 by ran
 whose value follows the rank (e.g. the row stride of a fresh [M, r] buffer) therefore compiles a
 new variant at rank 1, at every multiple of 16, and once more for the other ranks.
 
-Here the real launchers run on meta tensors with every launch recorded (lorambo_kernels.aot's
+Here the real launchers run on meta tensors with every launch recorded (tools/aot_sm90.py's
 recorder, configs as on an H100) over a sweep of ranks, through every path (forward without and
 with dropout, the backward with each set of needed gradients, ranks above 128), and the launches
 are keyed twice: by triton's own specialization (``aot._bind``: the installed triton's
@@ -23,7 +23,8 @@ import pytest
 pytest.importorskip("triton")
 
 import torch  # noqa: E402
-from lorambo_kernels import aot, config, fused_gemm, lora_linear  # noqa: E402
+import aot_sm90 as aot  # noqa: E402  (tools/, put on sys.path by conftest.py)
+from lorambo_kernels import config, fused_gemm, lora_linear  # noqa: E402
 
 M, K, N, CAPACITY = 64, 96, 80, 272
 RANKS = [*range(1, 41), 47, 48, 63, 64, 65, 96, 127, 128, 129, 143, 144, 160, 255, 256, 257]

@@ -28,8 +28,9 @@ Assumed: every tensor is 16-byte aligned (fresh allocations and the launchers' v
 at offset 0 of an allocation), inputs are contiguous, and x, weight, bias and the pools share
 one dtype, as ``lorambo.ops.triton_linear`` checks.
 
-``python -m lorambo_kernels.aot`` compiles the full sweep and prints a summary; it exits 1 on
-any failure (a compile error, or shared memory over the target's limit).
+``python tools/aot_sm90.py`` compiles the full sweep and prints a summary; it exits 1 on any
+failure (a compile error, or shared memory over the target's limit). A development tool: it lives
+outside the installed packages and imports lorambo_kernels from the checkout or the environment.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ _TL_DTYPE = "__tl_dtype__"  # JSON tag for a triton dtype constexpr (sent to com
 SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 SM_COUNT = {80: 108, 86: 84, 89: 128, 90: 132, 100: 148, 120: 84}
 
-# The full sweep (``python -m lorambo_kernels.aot``). M = 128 is gemm_config's middle bucket and
+# The full sweep (``python tools/aot_sm90.py``). M = 128 is gemm_config's middle bucket and
 # rank 32 the rank bucket 32; rank 0 (no LoRA term) and 256 (> the largest bucket: down-projection
 # + LoRA GEMM in the forward, ranks looped in chunks) are launcher paths of their own. Each rank
 # runs with a pool of capacity = rank and of capacity 128 (other pool strides).
@@ -194,7 +195,7 @@ def _kernel_modules() -> list:
     """Every module of the package that defines ``@triton.jit`` functions."""
     mods = []
     for info in pkgutil.iter_modules(lorambo_kernels.__path__):
-        if info.name in ("aot", "__main__"):
+        if info.name == "__main__":
             continue
         mods.append(importlib.import_module(f"lorambo_kernels.{info.name}"))
     return mods
@@ -308,7 +309,7 @@ class _Recorder:
         return launch
 
     def __call__(self, *args, **kwargs):  # a helper called outside a kernel: never in a launcher
-        raise RuntimeError(f"lorambo_kernels.aot: {self.key} called directly")
+        raise RuntimeError(f"aot_sm90: {self.key} called directly")
 
 
 @contextlib.contextmanager
@@ -358,7 +359,7 @@ def _launch_sweep(M_values, kn_values, ranks, dtypes, dropouts, scalings, seeds,
                 for scaling, seed in (itertools.product(scalings, (0,)) if p == 0 else
                                       itertools.product(scalings[:1], seeds)):
                     def setup(tma=tma, tf32=tf32):
-                        fused_gemm._tma_disabled = None if tma else "lorambo_kernels.aot: pointer-kernel pass"
+                        fused_gemm._tma_disabled = None if tma else "aot_sm90: pointer-kernel pass"
                         torch.backends.cuda.matmul.allow_tf32 = tf32
 
                     def mk(*shape, dtype=dtype):
@@ -598,7 +599,7 @@ def _run_worker(todo: list[tuple[int, Case]], target: GPUTarget, report: Callabl
                 inp.write(json.dumps(case.to_json()) + "\n")
             inp.flush()
             inp.seek(0)
-            proc = subprocess.Popen([sys.executable, "-m", "lorambo_kernels.aot", "--worker"], stdin=inp,
+            proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker"], stdin=inp,
                                     stdout=subprocess.PIPE, stderr=err, text=True, env=_worker_env())
             for line in proc.stdout:
                 if not line.startswith(_WORKER_TAG):
@@ -704,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:]
     if argv[:1] == ["--worker"]:
         return _worker_main()
-    ap = argparse.ArgumentParser(prog="python -m lorambo_kernels.aot", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python tools/aot_sm90.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability as an int (default 90: H100)")
     ap.add_argument("--sm-count", type=int, default=None, help="SMs for the configs (default: by arch)")
     ap.add_argument("--configs", action="store_true",
@@ -738,9 +739,11 @@ def main(argv: list[str] | None = None) -> int:
 
     results = compile_all(cases, target, progress, jobs=args.jobs)
     if args.json:
-        with open(args.json, "w") as f:
+        tmp = f"{args.json}.tmp{os.getpid()}"  # a reader never sees half a report
+        with open(tmp, "w") as f:
             json.dump([{**dataclasses.asdict(r), "case": r.case.to_json(), "label": r.case.label()} for r in results],
                       f, indent=1)
+        os.replace(tmp, args.json)
     summarize(results)
     print(f"total {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return 1 if missing or any(not r.passed for r in results) else 0
