@@ -192,16 +192,19 @@ def reduce_section(args, device, meta):
 
 
 def probes_section(args, device, meta):
-    from lorambo.ext import ops as ext_ops
+    from lorambo.ext import loader as ext_loader
     from lorambo.sensitivity.probes import rademacher
+
+    ext_loader.require()  # registers torch.ops.lorambo
 
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         ts = seven_b_tensors(device, dtype, scale=8 if args.quick else 1)
+        offsets = [i << 40 for i in range(len(ts))]  # one stream region per tensor
         fns = {
             "python_loop": lambda: [rademacher(t.shape, 0, i, "hutchinson", 0, dtype=dtype, device=device)
                                     for i, t in enumerate(ts)],
-            "ext": lambda: ext_ops.probe_fill_(ts, 0, [i << 40 for i in range(len(ts))], "rademacher"),
+            "ext": lambda: torch.ops.lorambo.probe_fill_(ts, 0, offsets, "rademacher"),
         }
         res = interleaved(fns, device, args.budget)
         name = str(dtype).replace("torch.", "")

@@ -9,13 +9,13 @@ Ops (all one parallel loop on the CPU, one launch on CUDA, over the whole list):
   lists of any shapes and dtypes (float32, float64, bfloat16, float16), float32 accumulation,
   float64 results. With ``rows=P`` tensors of shape (P, ...) reduce per row: a (P, L) result,
   the layout of :func:`lorambo.sensitivity.reductions.per_layer_dots`.
-- :func:`probe_fill_`: Rademacher / Gaussian / uniform values from a counter-based Philox stream,
-  a pure function of (seed, stream position); identical on CPU and CUDA (see csrc/include/lorambo/philox.h).
 - :func:`pool_remap_`: compact, permute or zero rank slots of many pools (and their optimizer
   moments) in one call; :func:`remap_pools_` applies it to LoRAMBoLinear layers.
-- :func:`dropout_mask`: the LoRA dropout multiplier the ``ext`` backend uses.
 
-Bad input raises a RuntimeError from C++ naming the list, the index and the value.
+Bad input raises a RuntimeError from C++ naming the list, the index and the value. The
+extension's other ops are called through ``torch.ops.lorambo`` where they are used: the LoRA
+linear op and its dropout mask by :mod:`lorambo.ops.ext_linear`; ``probe_fill_`` (Philox probes,
+csrc/include/lorambo/philox.h) by no lorambo code, only by benchmarks/bench_ext.py.
 """
 
 from __future__ import annotations
@@ -28,23 +28,15 @@ from lorambo.ext import loader as ext_loader
 
 __all__ = [
     "available",
-    "dropout_mask",
     "keep_map",
     "multi_dot",
     "multi_sq_norm",
     "pool_remap_",
     "pool_slot_tensors",
-    "probe_fill_",
     "remap_pools_",
-    "reset_map",
     "slot_state_tensors",
     "state_tensors",
-    "stream_offsets",
-    "zero_inactive_map",
 ]
-
-_INT64_MAX = 2**63 - 1
-_DISTRIBUTIONS = ("rademacher", "gaussian", "uniform")
 
 
 def available() -> bool:
@@ -55,14 +47,6 @@ def available() -> bool:
 def _ops():
     ext_loader.require()
     return torch.ops.lorambo
-
-
-def _int64(name: str, value) -> int:
-    # Python ints beyond int64 cannot reach the C++ checks (the binding rejects them first).
-    value = int(value)
-    if not -(2**63) <= value <= _INT64_MAX:
-        raise ValueError(f"{name} = {value} does not fit in int64 (valid range [0, 2^63))")
-    return value
 
 
 def _rows_empty(rows: int, like: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -84,47 +68,6 @@ def multi_sq_norm(xs: Sequence[torch.Tensor], rows: int = 1) -> torch.Tensor:
     if len(xs) == 0:
         return _rows_empty(rows, xs)
     return ops.multi_sq_norm(list(xs), rows)
-
-
-# ------------------------------------------------------------------------------ probe fill
-def stream_offsets(tensors: Sequence[torch.Tensor], offset: int = 0) -> list[int]:
-    """Consecutive stream offsets: the list behaves as one concatenated tensor starting at ``offset``."""
-    out, pos = [], int(offset)
-    for t in tensors:
-        out.append(pos)
-        pos += t.numel()
-    return out
-
-
-def probe_fill_(tensors: Sequence[torch.Tensor], seed: int, offsets: int | Sequence[int] = 0,
-                distribution: str = "rademacher") -> Sequence[torch.Tensor]:
-    """Fill ``tensors`` in place from the Philox stream of ``seed``; returns them.
-
-    Element j (row-major) of ``tensors[i]`` takes stream position ``offsets[i] + j``; an int
-    ``offsets`` lays the tensors out back to back from that position (:func:`stream_offsets`).
-    To make probes independent of how many are drawn per call (and of the other layers), give
-    layer i its own region, e.g. ``offsets[i] = (i << 40) + probe_index * numel_i``.
-    ``distribution``: ``rademacher`` (+-1), ``gaussian`` (N(0, 1), Box-Muller) or ``uniform`` [0, 1).
-    """
-    ops = _ops()
-    tensors = list(tensors)
-    if isinstance(offsets, int):
-        offsets = stream_offsets(tensors, _int64("offset", offsets))
-    offsets = [_int64(f"offsets[{i}]", o) for i, o in enumerate(offsets)]
-    if distribution not in _DISTRIBUTIONS:
-        raise ValueError(f"probe_fill_: distribution must be one of {_DISTRIBUTIONS}, got {distribution!r}")
-    if tensors or offsets:
-        ops.probe_fill_(tensors, _int64("seed", seed), offsets, distribution)
-    return tensors
-
-
-def dropout_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """The ``ext`` backend's inverted-dropout multiplier for ``x`` (0 or 1/(1-p)), x's shape and dtype.
-
-    Element j (row-major) is kept iff word j of the Philox stream (seed, dropout domain) is
-    >= ceil(p * 2^32): a pure function of (seed, shape), the same on CPU and CUDA.
-    """
-    return _ops().dropout_mask(x, float(p), _int64("seed", seed))
 
 
 # ------------------------------------------------------------------------ pool maintenance
@@ -149,19 +92,6 @@ def keep_map(keep: Sequence[int], old_rank: int, capacity: int) -> torch.Tensor:
         src[j] = int(k)
     for j in range(len(keep), old_rank):
         src[j] = -1
-    return torch.tensor(src, dtype=torch.long)
-
-
-def zero_inactive_map(rank: int, capacity: int) -> torch.Tensor:
-    """Map that zeroes slots rank..capacity-1 and keeps the rest."""
-    return torch.tensor(list(range(rank)) + [-1] * (capacity - rank), dtype=torch.long)
-
-
-def reset_map(slots: Iterable[int], capacity: int) -> torch.Tensor:
-    """Map that zeroes the listed slots (e.g. the optimizer moments of re-activated slots)."""
-    src = list(range(capacity))
-    for s in slots:
-        src[int(s)] = -1
     return torch.tensor(src, dtype=torch.long)
 
 
@@ -192,8 +122,8 @@ def remap_pools_(entries: Iterable[tuple[torch.nn.Module, torch.Tensor]], optimi
     ``entries``: (layer, map) pairs; the map (length capacity) is applied to ``lora_A`` (slot =
     row) and ``lora_B`` (slot = column), and, with ``optimizer``, to every per-element state
     tensor of those parameters (Adam's exp_avg / exp_avg_sq, ...). ``state_maps`` (one per entry)
-    overrides the map used for the optimizer state, e.g. :func:`reset_map` when the parameters
-    are re-initialised elsewhere but their moments must be zeroed. Gradients (``.grad``) follow
+    overrides the map used for the optimizer state, e.g. an identity map with -1 at the slots
+    whose parameters are re-initialised elsewhere but whose moments must be zeroed. Gradients (``.grad``) follow
     the parameter map; per-slot step counts (:class:`lorambo.optim.AdamW`) follow the state map.
     The layers' ``rank`` bookkeeping is the caller's job.
     """

@@ -72,8 +72,10 @@ def test_reductions_match_the_cpu():
 def test_probe_streams_agree_between_cpu_and_cuda(dtype, dist):
     shapes = [(1000,), (3, 0), (17, 33), (70_001,)]
     offsets = [5, 2**40, 2**41 + 3, 2**42]
-    cpu = ext_ops.probe_fill_([torch.empty(s, dtype=dtype) for s in shapes], 2**35 + 1, offsets, dist)
-    gpu = ext_ops.probe_fill_([torch.empty(s, dtype=dtype, device="cuda") for s in shapes], 2**35 + 1, offsets, dist)
+    cpu = [torch.empty(s, dtype=dtype) for s in shapes]
+    gpu = [torch.empty(s, dtype=dtype, device="cuda") for s in shapes]
+    torch.ops.lorambo.probe_fill_(cpu, 2**35 + 1, offsets, dist)
+    torch.ops.lorambo.probe_fill_(gpu, 2**35 + 1, offsets, dist)
     for c, g in zip(cpu, gpu):
         if dist == "gaussian":  # double libm vs CUDA double math: ulp-level, rounded to the dtype
             torch.testing.assert_close(g.cpu(), c, rtol=2e-7 if dtype != torch.float64 else 1e-14, atol=1e-7)

@@ -105,10 +105,11 @@ want = torch.tensor([[float((x.double() * y.double()).sum()) for x, y in zip(xs,
 torch.testing.assert_close(ext_ops.multi_dot(xs, ys), want, rtol=1e-5, atol=1e-6)
 want = torch.tensor([[float(x.double().square().sum()) for x in xs]], dtype=torch.float64)
 torch.testing.assert_close(ext_ops.multi_sq_norm(xs), want, rtol=1e-5, atol=1e-6)
-probes = ext_ops.probe_fill_([torch.empty(4000), torch.empty(10, dtype=torch.float16)], 7, 0, "gaussian")
-assert abs(float(probes[0].mean())) < 0.1 and torch.equal(
-    probes[0], ext_ops.probe_fill_([torch.empty(4000)], 7, 0, "gaussian")[0])
-signs = ext_ops.probe_fill_([torch.empty(100)], 7, 0, "rademacher")[0]
+probes, alone, signs = [torch.empty(4000), torch.empty(10, dtype=torch.float16)], torch.empty(4000), torch.empty(100)
+torch.ops.lorambo.probe_fill_(probes, 7, [0, 4000], "gaussian")
+torch.ops.lorambo.probe_fill_([alone], 7, [0], "gaussian")
+torch.ops.lorambo.probe_fill_([signs], 7, [0], "rademacher")
+assert abs(float(probes[0].mean())) < 0.1 and torch.equal(probes[0], alone)
 assert set(signs.tolist()) == {-1.0, 1.0}
 pool = torch.arange(12.0).view(4, 3)
 ext_ops.pool_remap_([pool], [0], [[1, 0, -1, 3]])

@@ -106,13 +106,13 @@ def test_reset_maps_match_reset_slot_state_and_zero_inactive():
         reset_slot_state(opt, layer, s)
     # parameters untouched (identity), moments of the listed slots zeroed, in one call
     ident = torch.arange(8)
-    ext_ops.remap_pools_([(t, ident) for t in twins], twin_opt,
-                         state_maps=[ext_ops.reset_map(s, 8) for s in slots])
+    zeroing = [torch.tensor([-1 if j in s else j for j in range(8)]) for s in slots]
+    ext_ops.remap_pools_([(t, ident) for t in twins], twin_opt, state_maps=zeroing)
     assert all(torch.equal(a, b) for a, b in zip(_snapshot(layers, opt), _snapshot(twins, twin_opt)))
     with torch.no_grad():
         twins[0].lora_A[7] = 1.0
         twins[0].lora_B[:, 6:] = 2.0
-    ext_ops.remap_pools_([(twins[0], ext_ops.zero_inactive_map(6, 8))])
+    ext_ops.remap_pools_([(twins[0], torch.tensor([0, 1, 2, 3, 4, 5, -1, -1]))])  # zero slots 6 and 7
     assert not twins[0].lora_A.detach()[6:].any() and not twins[0].lora_B.detach()[:, 6:].any()
     assert torch.equal(twins[0].lora_A[:6], layers[0].lora_A[:6])
 
