@@ -4,8 +4,7 @@
     model = configure_model(model, ranks=8)            # or {module_name: rank}
 """
 
-__version__ = "0.1.0"
-
+from lorambo.version import __version__
 from lorambo.allocation import allocate
 from lorambo.adapters import AdapterFormatError, export_peft, load_adapter, save_adapter
 from lorambo.ops.backend import get_backend, set_backend

@@ -18,11 +18,11 @@ def _info(_args) -> int:
 
     import torch
 
-    import lorambo
     from lorambo.ext import loader as ext_loader
     from lorambo.ops.backend import get_backend
+    from lorambo.version import __version__
 
-    print(f"lorambo {lorambo.__version__}  python {platform.python_version()}  torch {torch.__version__}")
+    print(f"lorambo {__version__}  python {platform.python_version()}  torch {torch.__version__}")
     print(f"backend requested: {get_backend()}  cuda: {torch.cuda.is_available()}  "
           f"compiled extension: {'yes' if ext_loader.load() is not None else 'no'}")
     return 0

@@ -17,10 +17,10 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-import lorambo
 from lorambo.experiments.minilm import embed, load_minilm
-from lorambo.optim import AdamW
 from lorambo.experiments.text_corpus import split_halves, stdlib_paragraphs
+from lorambo.model import configure_model, lora_layers
+from lorambo.optim import AdamW
 
 # Mixed ranks per module type: where sentence-embedding LoRA usually helps most gets more.
 DEMO_RANKS = {"query": 4, "key": 2, "value": 4, "attention.output.dense": 2,
@@ -51,7 +51,7 @@ def _storage_fingerprint(model) -> dict[str, tuple[int, int, int]]:
 
 def _grow_last_blocks(model, optimizer) -> list[tuple[str, int, int]]:
     grown = []
-    for name, layer in lorambo.lora_layers(model).items():
+    for name, layer in lora_layers(model).items():
         if ".layer.4." in name or ".layer.5." in name:
             new = min(2 * layer.rank, layer.capacity)
             old = layer.set_rank(new, optimizer=optimizer)
@@ -92,8 +92,8 @@ def run_growth_demo(steps: int = 24, grow_at: int = 12, batch_size: int = 16, se
     rng.shuffle(paragraphs)
     held_out, train = paragraphs[:HELD_OUT], paragraphs[HELD_OUT:]
     targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "pooler" not in n]
-    lorambo.configure_model(model, {n: _rank_for(n) for n in targets}, dropout=0.05)
-    layers = lorambo.lora_layers(model)
+    configure_model(model, {n: _rank_for(n) for n in targets}, dropout=0.05)
+    layers = lora_layers(model)
     optimizer = AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     print(f"all-MiniLM-L6-v2 with {len(layers)} LoRAMBoLinear layers, "
           f"{sum(l.rank for l in layers.values())} ranks in total; "
@@ -142,7 +142,7 @@ def run_growth_demo(steps: int = 24, grow_at: int = 12, batch_size: int = 16, se
 
 
 def _check_growth(model, tokenizer, probe: list[str], optimizer) -> dict:
-    layers = lorambo.lora_layers(model)
+    layers = lora_layers(model)
     before = _storage_fingerprint(model)
     ranks_before = sum(l.rank for l in layers.values())
     model.eval()

@@ -93,7 +93,7 @@ def compute_sensitivities(task, cfg: ExperimentConfig, seed: int, calib: list, m
     budget. Negative Hessian-trace estimates are set to 0 by LoRAMBoOptimizer (recorded).
     The probe (``probe.py``) trains on the first ``probe_steps`` batches of ``stream`` (the seed's
     training batches); its per-layer removal scores go under "probe"."""
-    from lorambo import LoRAMBoOptimizer
+    from lorambo.optimizer import LoRAMBoOptimizer
 
     out, seconds = {}, {}
     if "probe" in methods:

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import math
 
-from lorambo import LoRAMBoOptimizer, lora_layers
 from lorambo.allocation.alora import ALoRAConfig
 from lorambo.experiments.methods import Method, ranks_by_short, schedule
+from lorambo.model import lora_layers
+from lorambo.optimizer import LoRAMBoOptimizer
 
 
 class LoRAMBoMethod(Method):
@@ -124,7 +125,7 @@ class Oracle(LoRAMBoMethod):
     name = "oracle"
 
     def setup(self, student):
-        from lorambo import configure_model
+        from lorambo.model import configure_model
         from lorambo.experiments.student import PREFIX
 
         planted = getattr(self.ctx.task, "planted", None)

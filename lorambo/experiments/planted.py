@@ -93,12 +93,12 @@ def make_teacher(bert, delta: dict[str, torch.Tensor]):
 def install_oracle(student, directions, coefs, prefix: str = "bert.encoder.") -> dict[str, int]:
     """Configure LoRA with exactly the planted ranks and write the planted deltas into it
     (B = c U, A = Vᵀ, scaling 1): the oracle allocator plus perfect training. Returns the ranks."""
-    import lorambo
+    from lorambo.model import configure_model, lora_layers
 
     ranks = {prefix + n: u.shape[1] for n, (u, _) in directions.items()}
-    lorambo.configure_model(student, ranks, alpha=None)
+    configure_model(student, ranks, alpha=None)
     for n, (u, v) in directions.items():
-        layer = lorambo.lora_layers(student)[prefix + n]
+        layer = lora_layers(student)[prefix + n]
         r = u.shape[1]
         if layer.scaling != 1.0:
             raise RuntimeError(f"oracle expects scaling 1, got {layer.scaling}")

@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from lorambo import configure_model, lora_layers
+from lorambo.model import configure_model, lora_layers
 from lorambo.experiments.student import PREFIX, short
 
 
