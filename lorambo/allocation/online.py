@@ -32,7 +32,7 @@ the first optimizer step on the new columns of B moves W along the best new dire
 a random one. Rows of A orthogonal to the old rows keep the components independent.
 
 X and dY are recorded by hooks only while a :class:`ActivationCapture` is armed (decision steps),
-so there is no overhead on other steps.
+so there is no overhead on other steps. docs/architecture.md follows one training step through.
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ no new storage, the same Parameter objects, so optimizers, DDP buckets and FSDP 
 
 The scaling ``s`` is fixed when the layer is built (``alpha / rank``, or ``alpha / sqrt(rank)``
 with rsLoRA) and never follows later rank changes: that is what makes growth
-function-preserving (new slots start with B = 0, so they add exactly nothing).
+function-preserving (new slots start with B = 0, so they add exactly nothing). The rules every
+rank change follows (gradients and optimizer state move with their slots) are listed in
+docs/architecture.md.
 """
 
 from __future__ import annotations

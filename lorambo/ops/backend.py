@@ -10,7 +10,8 @@ Resolution happens once per (request, device type, dtype): the environment read,
 the extension or of Triton and the availability checks run the first time and are cached, so a
 forward pass does none of them. Under ``torch.compile`` the cached answer is a constant of the
 graph, guarded by a generation counter that :func:`set_backend` bumps, so switching the backend
-takes effect at the next call (one recompile) and never breaks the graph.
+takes effect at the next call (one recompile) and never breaks the graph. The dispatch that
+uses the answer is :mod:`lorambo.ops.dispatch`; docs/architecture.md describes both.
 """
 
 from __future__ import annotations
