@@ -6,7 +6,8 @@ A method turns a fresh :class:`~lorambo.experiments.student.Student` into a trai
 its final ranks ``{short name: rank}``. Budget accounting is the same for all:
 ``spent = sum_i r_i (d_i + k_i)`` over the final ranks, never above P.
 
-lorambo methods live in ``methods_lorambo.py``, peft's AdaLoRA and EVA in ``methods_peft.py``.
+lorambo methods live in ``methods_lorambo.py``, peft's AdaLoRA and EVA in ``methods_peft.py``;
+``registry.py`` names them all. Those modules import this one, never the other way round.
 """
 
 from __future__ import annotations
@@ -119,15 +120,6 @@ def compute_sensitivities(task, cfg: ExperimentConfig, seed: int, calib: list, m
         if any("negative Hessian" in str(w.message) for w in caught):
             out.setdefault("_notes", []).append(f"{method}: negative trace estimates clipped to 0")
     return out, seconds
-
-
-def make_method(name: str, ctx: RunContext) -> Method:
-    from lorambo.experiments import methods_lorambo, methods_peft
-
-    table = {**methods_lorambo.METHODS, **methods_peft.METHODS}
-    if name not in table:
-        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(table)}")
-    return table[name](ctx)
 
 
 def ranks_by_short(ranks: dict[str, int]) -> dict[str, int]:

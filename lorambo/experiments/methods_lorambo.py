@@ -61,7 +61,8 @@ class ClosedForm(LoRAMBoMethod):
         return self.ctx.sensitivities[self.sensitivity]
 
 
-def _closed_form(sensitivity: str):
+def closed_form_method(sensitivity: str) -> type[ClosedForm]:
+    """The closed-form method on ``sensitivity`` (named after it)."""
     return type(f"ClosedForm_{sensitivity}", (ClosedForm,), {"name": sensitivity, "sensitivity": sensitivity})
 
 
@@ -152,6 +153,3 @@ def oracle_ranks(planted: dict[str, int], dims: dict[str, tuple[int, int]], budg
                          "whose P is a whole multiple of P*, e.g. budget levels 0.5, 1, 2 on MiniLM)")
     return ranks
 
-
-METHODS = {"uniform": Uniform, "oracle": Oracle, "online": Online, "alora": ALoRA, "probe": Probe,
-           **{s: _closed_form(s) for s in ("gradient", "hessian", "data", "frobenius")}}
