@@ -128,7 +128,7 @@ class LoRAMBoOptimizer:
         self.ranks: dict[str, int] | None = None
         self.capacities: dict[str, int] | None = None
         self.memory_report: dict | None = None
-        self.growth_schedule = ScheduledGrowth(self.schedule, self._build_growth, self._heldout_scores)
+        self.scheduled_growth = ScheduledGrowth(self.schedule, self._build_growth, self._heldout_scores)
         self._alora: ALoRA | None = None
         self.default_optimizer: torch.optim.Optimizer | None = None  # see make_optimizer
 
@@ -292,7 +292,7 @@ class LoRAMBoOptimizer:
 
     @property
     def online(self) -> OnlineGrowth:
-        return self.growth_schedule.growth
+        return self.scheduled_growth.growth
 
     def _build_growth(self) -> OnlineGrowth:
         return OnlineGrowth(self.layers(), self.total_budget, self.threshold, self.sketch_rank,
@@ -308,7 +308,7 @@ class LoRAMBoOptimizer:
         return {n: a.score for n, a in ablation_scores(self.model, self.loss_fn, self.heldout_batches,
                                                       self.names).items()}
 
-    # the schedule's settings, read through the optimizer as before
+    # the decision schedule's settings (fixed at construction)
     warmup_steps = property(lambda self: self.schedule.warmup_steps)
     interval = property(lambda self: self.schedule.interval)
     stop_step = property(lambda self: self.schedule.stop_step)
@@ -321,7 +321,7 @@ class LoRAMBoOptimizer:
     def begin_step(self, step: int) -> None:
         """Arm the activation hooks if ``step`` is an online decision step (else nothing)."""
         if self.allocation != "alora":
-            self.growth_schedule.begin_step(step)
+            self.scheduled_growth.begin_step(step)
 
     @contextmanager
     def capture(self, step: int):
@@ -330,7 +330,7 @@ class LoRAMBoOptimizer:
         try:
             yield self
         finally:
-            self.growth_schedule.disarm()
+            self.scheduled_growth.disarm()
 
     def step(self, step: int, optimizer=None, component_scores=None) -> list[dict]:
         """Take the decision of ``step`` if one is due; returns its records (possibly []).
@@ -341,12 +341,12 @@ class LoRAMBoOptimizer:
                 self._alora = ALoRA(self.model, self.layers(), self.loss_fn, self.heldout_batches,
                                     self.alora_config, self.total_budget, self.seed, self.log)
             return self._alora.step(step, optimizer)
-        return self.growth_schedule.step(step, optimizer, component_scores)
+        return self.scheduled_growth.step(step, optimizer, component_scores)
 
     def update_ranks(self, optimizer=None, step=None, component_scores=None) -> list[dict]:
         """Grow (and, with ``move_threshold``, move) ranks now from the captured step."""
         optimizer = optimizer if optimizer is not None else self.default_optimizer
-        return self.growth_schedule.update(step, optimizer, component_scores)
+        return self.scheduled_growth.update(step, optimizer, component_scores)
 
     def make_optimizer(self, lr: float = 1e-3, **adamw_kwargs) -> "lorambo.optim.AdamW":
         """A :class:`lorambo.optim.AdamW` over the model's trainable parameters (per-slot Adam
@@ -360,7 +360,7 @@ class LoRAMBoOptimizer:
 
     def close(self) -> None:
         """Remove the activation hooks (also done after every decision)."""
-        self.growth_schedule.close()
+        self.scheduled_growth.close()
 
     # ------------------------------------------------------------------------ visibility
     def current_ranks(self) -> dict[str, int]:
