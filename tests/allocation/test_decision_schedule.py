@@ -25,7 +25,7 @@ def test_decision_steps_follow_warmup_interval_and_stop():
 def _model():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(6, 10, dtype=DT), nn.Tanh(), nn.Linear(10, 3, dtype=DT))
-    return lorambo.configure_model(net, 1, capacity=4)
+    return lorambo.configure_model(net, 1, capacity={"0": 4, "2": 3})
 
 
 def _backward(model, seed):
