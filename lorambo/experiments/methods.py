@@ -93,17 +93,19 @@ def compute_sensitivities(task, cfg: ExperimentConfig, seed: int, calib: list, m
     measured once per (task, seed) on the pretrained model (+ probe head) and reused for every
     budget. Negative Hessian-trace estimates are set to 0 by LoRAMBoOptimizer (recorded).
     The probe (``probe.py``) trains on the first ``probe_steps`` batches of ``stream`` (the seed's
-    training batches); its per-layer removal scores go under "probe"."""
+    training batches) once for both probe rules: its per-direction gains go under "probe", its
+    per-layer removal scores under "probe_sqrt"."""
     from lorambo import LoRAMBoOptimizer
 
     out, seconds = {}, {}
-    if "probe" in methods:
+    if {"probe", "probe_sqrt"} & set(methods):
         from lorambo.experiments.probe import probe_sensitivity
 
         if stream is None:
             raise ValueError("the probe sensitivity needs the seed's training batches (stream)")
         probe = probe_sensitivity(task, cfg, seed, stream)
-        out["probe"], seconds["probe"] = probe["removal"], probe["seconds"]
+        out["probe"], out["probe_sqrt"] = probe["gains"], probe["removal"]
+        seconds["probe"] = probe["seconds"]
     for method in [m for m in methods if m in CLOSED_FORM]:
         student = task.fresh_student(seed)
         student.eval()
