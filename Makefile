@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 export MAX_JOBS ?= 2
 CSRC := $(shell find csrc -type f -name '*.cpp' -o -type f -name '*.cu' -o -type f -name '*.h')
 
-.PHONY: all install data test demo bench bench-ext wheel sdist compile-cuda gpu-check clean
+.PHONY: all install data test demo bench bench-ext wheel sdist compile-cuda gpu-check gpu-bundle gpu-experiment clean
 
 all: test
 
@@ -64,6 +64,11 @@ compile-cuda: $(DEPS_STAMP)
 # python3 and torch, no .venv and no pip, so it depends on none of the targets above.
 gpu-check:
 	$(PYTHON) benchmarks/gpu_check.py $(if $(OUT),--out "$(OUT)")
+
+# The folder the GPU experiment reads on a machine without the model package, the data or a
+# network (docs/gpu_experiment.md): MiniLM in fp16, the data files, a sha256 manifest; <= 56 MiB.
+gpu-bundle: $(INSTALL_STAMP) data
+	$(PY) -m lorambo.experiments.bundle build gpu_bundle
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

@@ -2,7 +2,8 @@
 
 - :class:`PlantedTask`: distil the pretrained model plus planted low-rank deltas
   (``planted.py``) on real English text, Python's standard-library docstrings
-  (``text_corpus.py``), cut into windows of ``max_length`` tokens. The loss is the MSE of the final
+  (``text_corpus.py``) or, with ``planted_text="snippets"``, NYT editorials and Amazon reviews
+  (``snippet_text.py``), cut into windows of ``max_length`` tokens. The loss is the MSE of the final
   token hidden states against the target's (cached once), divided by the pretrained model's own
   MSE on the training windows: 1.0 = nothing learned, 0.0 = deltas recovered.
 - :class:`SentimentTask`: binary sentiment of Rotten Tomatoes sentences (``sentiment_data.py``:
@@ -115,6 +116,23 @@ class Task:
         return {"sizes": {k: _size(v) for k, v in self.splits.items()}}
 
 
+TEXT_LABELS = {"docstrings": "Python standard-library docstring paragraphs",
+               "snippets": "NYT editorials and Amazon reviews (Hutto & Gilbert, ICWSM 2014)"}
+
+
+def planted_text(name: str) -> list[str]:
+    """The planted task's documents, in a fixed order (``cfg.planted_text``)."""
+    if name == "docstrings":
+        from lorambo.experiments.text_corpus import stdlib_paragraphs
+
+        return stdlib_paragraphs()
+    if name == "snippets":
+        from lorambo.experiments.snippet_text import snippet_documents
+
+        return snippet_documents()
+    raise ValueError(f"unknown planted_text {name!r}; valid: {', '.join(TEXT_LABELS)}")
+
+
 class PlantedTask(Task):
     name = "planted"
     metric = "rel_loss"
@@ -122,10 +140,8 @@ class PlantedTask(Task):
 
     def __init__(self, bert, tokenizer, cfg, planted: dict[str, int] | None = None):
         super().__init__(bert, tokenizer, cfg)
-        from lorambo.experiments.text_corpus import stdlib_paragraphs
-
         self.planted = dict(planted or pl.PLANTED_RANKS)
-        paragraphs = stdlib_paragraphs()
+        paragraphs = planted_text(cfg.planted_text)
         random.Random(0).shuffle(paragraphs)
         n = len(paragraphs)
         cut = (int(0.7 * n), int(0.85 * n))
@@ -179,7 +195,7 @@ class PlantedTask(Task):
         return pl.recovery(ranks, self.dims, self.planted)
 
     def describe(self) -> dict:
-        return {**super().describe(), "text": "Python standard-library docstring paragraphs",
+        return {**super().describe(), "text": TEXT_LABELS[self.cfg.planted_text],
                 "planted_ranks": self.planted, "coefficients": self.coefs, "scale": self.cfg.planted_scale,
                 "planted_params": sum(r * sum(self.dims[n]) for n, r in self.planted.items())}
 
