@@ -70,5 +70,16 @@ gpu-check:
 gpu-bundle: $(INSTALL_STAMP) data
 	$(PY) -m lorambo.experiments.bundle build gpu_bundle
 
+# One piece of the full experiment on the lent GPU machine (docs/gpu_experiment.md): the machine's
+# own python3, no .venv, no pip. It reads gpu_bundle/ and continues gpu_runs/runs.jsonl when that
+# journal exists (both carried); the journal so far comes back in $(OUT)/full/runs.jsonl.
+GPU_WORKERS    ?= 8
+GPU_TIME_LIMIT ?= 480
+GPU_OUT        ?= $(if $(OUT),$(OUT),build/gpu-experiment)
+gpu-experiment:
+	PYTHONPATH=.:kernels PYTHONUNBUFFERED=1 $(PYTHON) -m lorambo.cli experiment --preset full --bundle gpu_bundle \
+		--workers $(GPU_WORKERS) --time-limit $(GPU_TIME_LIMIT) --no-progress --out "$(GPU_OUT)/full" \
+		$(if $(wildcard gpu_runs/runs.jsonl),--resume gpu_runs/runs.jsonl)
+
 clean:
 	rm -rf build dist *.egg-info .pytest_cache
