@@ -11,12 +11,12 @@ import pytest
 from lorambo.experiments import config as presets
 from lorambo.experiments import journal, scheduler
 from lorambo.experiments.runner import plots_from, run_experiment
-from lorambo.experiments.units import all_units
+from lorambo.experiments.units import all_units, grid_of, plan, unit_key
 
-# the grid on seed 0 at the first budget, seed 1 at its choice, both seeds at the second budget;
-# "gradient" waits for the sensitivities
-CFG = presets.tiny(methods=("uniform", "gradient")).replace(tasks=("planted",), seeds=2, lr_grid=(1e-3, 1e-2),
-                                                            lr_search="first_budget")
+# uniform LoRA's grid on seed 0, then its seed 1 and both seeds of "gradient" at its choice;
+# "gradient" also waits for the sensitivities
+CFG = presets.tiny(methods=("uniform", "gradient")).replace(tasks=("planted",), budgets=(1.0,), seeds=2,
+                                                            lr_grid=(1e-3, 1e-2), lr_search="uniform")
 TIMINGS = ("seconds", "train_seconds")
 
 
@@ -51,15 +51,18 @@ def test_journal_ignores_only_a_torn_last_line(tmp_path):
         journal.read(path)
 
 
-def test_plan_units_put_every_dependency_first():
-    units = all_units(CFG)
-    assert [u["kind"] for u in units[:2]] == ["task", "sens"] and len(units) == 2 + 2 * (3 + 2)
+@pytest.mark.parametrize("lr_search", ["uniform", "first_budget", "per_budget"])
+def test_units_come_after_what_they_read(lr_search):
+    cfg = CFG.replace(budgets=(1.0, 2.0), lr_search=lr_search)
+    units = all_units(cfg)
+    assert [u["kind"] for u in units[:2]] == ["task", "sens"]
+    assert len(units) == 2 + len(plan(cfg, "planted")) and len({unit_key(u, cfg) for u in units}) == len(units)
     seen_grid = set()
     for u in units[2:]:
         if u["lr"] is not None:
             seen_grid.add((u["method"], u["li"]))
         else:
-            assert (u["method"], 0) in seen_grid  # first_budget: every choice comes from level index 0
+            assert grid_of(cfg, u["method"], u["li"]) in seen_grid
 
 
 @pytest.mark.slow
