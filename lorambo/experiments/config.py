@@ -83,9 +83,9 @@ class ExperimentConfig:
     probe_lr: float = 3e-3                       # probe: its learning rate (1e-2 diverged on the
     #                                              planted task: probe loss 1.3-3.1 after 30 steps)
     planted_scale: float = 0.1                   # each planted layer alone: this relative error
-    planted_text: str = "docstrings"             # the planted task's text: "docstrings" (Python's own,
-    #                                              a few dozen test windows at 64 tokens) or "snippets"
-    #                                              (NYT editorials and Amazon reviews: hundreds)
+    planted_text: str = "docstrings"             # the planted task's text: "docstrings" (Python's own:
+    #                                              7 test windows at 64 tokens) or "snippets" (NYT
+    #                                              editorials and Amazon reviews: 374)
     threads: int = 2                             # torch CPU threads
     device: str = "auto"                         # "auto" (CUDA if available), "cpu" or "cuda"
     extra: dict = field(default_factory=dict, compare=False)
@@ -168,7 +168,7 @@ def tiny(methods=("uniform", "gradient")) -> ExperimentConfig:
 def full() -> ExperimentConfig:
     """``--full``: sized for one GPU: budgets P*, 2 P* and 4 P*, 1,000 steps of 32 x 64 tokens,
     every method, 5 seeds, 32 Hessian probes, the learning rate chosen per method and budget. The
-    planted task reads the NYT/Amazon snippets: at 64 tokens the docstrings leave too few test windows."""
+    planted task reads the NYT/Amazon snippets: at 64 tokens the docstrings leave 7 test windows."""
     return ExperimentConfig(budgets=(0.5, 1.0, 2.0), seeds=5, steps=1000, batch_size=32, max_length=64,
                             lr_search="per_budget",
                             lr_grid=(1e-3, 3e-3, 1e-2), train_examples=0, eval_examples=0, calib_batches=8,

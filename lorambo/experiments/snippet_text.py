@@ -5,8 +5,8 @@ Gilbert (ICWSM 2014) inside the vaderSentiment 3.3.2 sdist (``sentiment_data.py`
 ``make data``): 5,190 snippets of 498 NYT editorials and 3,708 of 300 Amazon reviews, one
 sentence or two per line, id ``<document>_<snippet>``. The snippets of a document, joined in file
 order, give its text back: 798 documents of a few hundred tokens, so at 64 tokens per window the
-planted task's test split holds hundreds of windows where the standard-library docstrings
-(``text_corpus.py``) leave a few dozen. Only the texts are used, never the ratings; the movie
+planted task's splits hold 1,929 / 440 / 374 windows (train / validation / test) where the
+standard-library docstrings (``text_corpus.py``) leave 53 / 13 / 7. Only the texts are used, never the ratings; the movie
 reviews (the sentiment task's data) are not part of this text.
 """
 

@@ -148,7 +148,7 @@ def token_windows(tokenizer, documents: list[str], max_length: int) -> list[list
     width = max_length - 2
     rows = []
     for text in documents:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # long texts are cut here
         for i in range(0, len(ids) - width + 1, width):
             rows.append([tokenizer.cls_token_id] + ids[i:i + width] + [tokenizer.sep_token_id])
     return rows
