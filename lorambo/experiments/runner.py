@@ -112,8 +112,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir=None, progress: bool | None = 
     def record(rec: dict) -> None:
         records.add(jr.append(dict(rec, session=session, elapsed=time.perf_counter() - started)))
         run = rec.get("run")
-        bar.set_postfix_str(f"{rec['task']}: {rec['kind']}" if run is None else
-                            f"{rec['task']}: {run['method']}, level {run['level']:g}, seed {run['seed']}, lr {run['lr']:g}")
+        bar.set_postfix_str(f"{rec['task']}: {rec['kind']}" if run is None else f"{rec['task']}: {run['method']}, "
+                            f"level {run['level']:g}, seed {run['seed']}, lr {run['lr']:g}")
         bar.update(1)
 
     try:

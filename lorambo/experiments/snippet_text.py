@@ -6,8 +6,8 @@ Gilbert (ICWSM 2014) inside the vaderSentiment 3.3.2 sdist (``sentiment_data.py`
 sentence or two per line, id ``<document>_<snippet>``. The snippets of a document, joined in file
 order, give its text back: 798 documents of a few hundred tokens, so at 64 tokens per window the
 planted task's splits hold 1,929 / 440 / 374 windows (train / validation / test) where the
-standard-library docstrings (``text_corpus.py``) leave 53 / 13 / 7. Only the texts are used, never the ratings; the movie
-reviews (the sentiment task's data) are not part of this text.
+standard-library docstrings (``text_corpus.py``) leave 53 / 13 / 7. Only the texts are used,
+never the ratings; the movie reviews (the sentiment task's data) are not part of this text.
 """
 
 from __future__ import annotations

@@ -100,7 +100,8 @@ def test_time_limit_stops_then_resume_finishes_with_the_same_numbers(reference, 
     records = _unit_records(out / "runs.jsonl")
     assert len({r["key"] for r in records}) == len(records) == total      # nothing ran twice
     assert sum(r["session"] == 1 for r in records) == total - 4
-    assert json.loads((out / "results.json").read_text())["tasks"]["planted"]["lr_choice"] == ref["tasks"]["planted"]["lr_choice"]
+    written = json.loads((out / "results.json").read_text())["tasks"]["planted"]
+    assert written["lr_choice"] == ref["tasks"]["planted"]["lr_choice"]
 
     drawn = plots_from(out / "results.json")
     assert drawn and all((out / p).read_bytes()[:4] == b"\x89PNG" for p in drawn)
