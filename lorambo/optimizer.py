@@ -17,10 +17,16 @@ the state of changed slots moves with them.
 
 Capacities (room to grow). ``capacity=None`` sizes each pool as
 ``clip(next_pow2(growth_factor * r_i), 8, min(d_i, k_i, max_rank, budget // (d_i + k_i)))``:
-growth_factor times the allocated rank (default 2, rounded up to a power of two like the layer's
-own default), never more than the whole budget could ever buy in that layer. An int or a dict
-sets them directly. Their device memory is logged (logger ``lorambo``), printed with
-``verbose=True`` and kept in ``opt.memory_report`` before any pool is created.
+growth_factor times the allocated rank (default 2, rounded up to a power of two: the layer's own
+rule, :func:`lorambo.nn.default_capacity`), never more than the whole budget could ever buy in
+that layer (``lorambo.allocation.capacity``). An int or a dict sets them directly. Their device
+memory is logged (logger ``lorambo``), printed with ``verbose=True`` and kept in
+``opt.memory_report`` before any pool is created.
+
+This class is the public face over the pieces that do the work: ``lorambo.sensitivity``
+(measuring), ``lorambo.allocate`` (ranks), ``allocation.capacity`` (pool sizes),
+``allocation.schedule`` + ``allocation.online`` (growth during training) and
+``allocation.alora`` (ALoRA rounds).
 """
 
 from __future__ import annotations
@@ -35,9 +41,11 @@ from contextlib import contextmanager
 import torch
 
 from lorambo.allocation import METHODS, allocate
+from lorambo.allocation import capacity as pools
 from lorambo.allocation.alora import ALoRA, ALoRAConfig
 from lorambo.allocation.online import OnlineGrowth
 from lorambo.allocation.report import DecisionLog, rank_table, save_heatmap
+from lorambo.allocation.schedule import DecisionSchedule, ScheduledGrowth
 from lorambo.integrations.distributed import is_main_process
 from lorambo.model import configure_model, find_targets, lora_layers
 from lorambo.nn import LoRAMBoLinear
@@ -49,10 +57,6 @@ logger = logging.getLogger("lorambo")
 
 SENSITIVITY_METHODS = ("hessian", "gradient", "data", "frobenius", "ablation")
 ALLOCATIONS = METHODS + ("alora",)
-
-
-def _next_pow2(x: float) -> int:
-    return 1 << max(0, math.ceil(x) - 1).bit_length()
 
 
 class LoRAMBoOptimizer:
@@ -101,12 +105,10 @@ class LoRAMBoOptimizer:
             raise ValueError(f"min_rank={min_rank} > max_rank={max_rank}")
         if not growth_factor >= 1.0:
             raise ValueError(f"growth_factor={growth_factor!r} must be >= 1")
-        if interval is not None and (not isinstance(interval, int) or interval < 1):
-            raise ValueError(f"interval={interval!r} must be an int >= 1 or None")
+        self.schedule = DecisionSchedule(warmup_steps, interval, stop_step)
         self.model, self.sensitivity_method, self.allocation = model, sensitivity_method, allocation
         self.min_rank, self.max_rank, self.growth_factor = int(min_rank), max_rank, float(growth_factor)
         self.alpha, self.num_probes, self.seed, self.verbose = alpha, num_probes, int(seed), verbose
-        self.warmup_steps, self.interval, self.stop_step = int(warmup_steps), interval, stop_step
         self.threshold = float(loss_improvement_threshold)
         self.sketch_rank, self.power_iters, self.max_tokens = sketch_rank, power_iters, max_tokens
         self.move_threshold, self.max_moves = move_threshold, max_moves
@@ -120,12 +122,13 @@ class LoRAMBoOptimizer:
             self._check_budget(initial_budget, "initial_budget")
         if self.initial_budget > self.total_budget:
             raise ValueError(f"initial_budget={initial_budget!r} exceeds total_budget={total_budget!r}")
-        self.user_capacity = self._check_capacity(capacity)
+        existing = {n: m.capacity for n, m in lora_layers(self.model).items()}
+        self.user_capacity = pools.fixed_capacities(existing, capacity, self.dims, self.min_rank)
         self.sensitivities: dict[str, float] | None = None
         self.ranks: dict[str, int] | None = None
         self.capacities: dict[str, int] | None = None
         self.memory_report: dict | None = None
-        self._online: OnlineGrowth | None = None
+        self.scheduled_growth = ScheduledGrowth(self.schedule, self._build_growth, self._heldout_scores)
         self._alora: ALoRA | None = None
         self.default_optimizer: torch.optim.Optimizer | None = None  # see make_optimizer
 
@@ -155,24 +158,6 @@ class LoRAMBoOptimizer:
             raise ValueError(f"{what}={budget!r} is below min_rank={self.min_rank} in every layer "
                              f"(sum of min_rank * (d + k) = {floor})")
         return int(budget)
-
-    def _check_capacity(self, capacity):
-        fixed = {n: m.capacity for n, m in lora_layers(self.model).items() if n in self.dims}
-        if capacity is not None:
-            caps = capacity if isinstance(capacity, Mapping) else dict.fromkeys(self.names, capacity)
-            unknown = [n for n in caps if n not in self.dims]
-            if unknown:
-                raise ValueError(f"capacity given for unknown layer(s) {unknown!r}")
-            for n, c in caps.items():
-                if isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 1:
-                    raise ValueError(f"capacity of layer {n!r} is {c!r}: must be an int >= 1")
-                if n not in fixed:
-                    fixed[n] = int(c)
-        for n, c in fixed.items():
-            if c < self.min_rank:
-                raise ValueError(f"capacity {c} of layer {n!r} is too small for the requested rank "
-                                 f"min_rank={self.min_rank}")
-        return fixed
 
     # ---------------------------------------------------------------------- sensitivities
     def compute_sensitivities(self, batches=None, loss_fn=None) -> dict[str, float]:
@@ -277,34 +262,13 @@ class LoRAMBoOptimizer:
 
     def plan_capacities(self, ranks: Mapping[str, int]) -> dict[str, int]:
         """Pool size per layer (fixed for existing LoRA layers; see the module docstring)."""
-        out = {}
-        for n in self.names:
-            r, limit = int(ranks[n]), min(self.dims[n])
-            if n in self.user_capacity:
-                cap = self.user_capacity[n]
-                if cap < r:
-                    raise ValueError(f"capacity {cap} of layer {n!r} is too small for the requested rank {r}")
-                if cap > limit:
-                    raise ValueError(f"capacity {cap} of layer {n!r} exceeds min(d, k) = {limit}")
-            else:
-                if self.max_rank is not None:
-                    limit = min(limit, self.max_rank)
-                limit = min(limit, self.total_budget // self.costs[n])  # more could never be paid for
-                cap = min(max(8, _next_pow2(self.growth_factor * max(r, 1))), limit)
-                cap = max(cap, r, 1)
-            out[n] = int(cap)
-        return out
+        return pools.plan_capacities(ranks, self.dims, self.user_capacity, self.growth_factor,
+                                     self.max_rank, self.total_budget)
 
     def pool_memory(self, capacities: Mapping[str, int]) -> dict:
         """Bytes of every pool (``capacity * (d + k)`` elements), logged and returned."""
-        per = {n: int(capacities[n]) * self.costs[n] * torch.empty((), dtype=self.dtypes[n]).element_size()
-               for n in self.names}
-        report = {"per_layer_bytes": per, "total_bytes": sum(per.values()),
-                  "active_params": sum(self.costs[n] * (self.ranks or {}).get(n, 0) for n in self.names),
-                  "pool_params": sum(self.costs[n] * int(capacities[n]) for n in self.names)}
-        msg = (f"LoRA pools: {len(per)} layers, {report['pool_params']:,} slots-parameters, "
-               f"{report['total_bytes'] / 2**20:.3f} MiB of device memory "
-               f"({report['active_params']:,} parameters active, budget {self.total_budget:,})")
+        report = pools.pool_memory(capacities, self.dims, self.dtypes, self.ranks)
+        msg = pools.describe_pool_memory(report, self.total_budget)
         logger.info(msg)
         if self.verbose and is_main_process():
             print(msg)
@@ -328,25 +292,36 @@ class LoRAMBoOptimizer:
 
     @property
     def online(self) -> OnlineGrowth:
-        if self._online is None:
-            self._online = OnlineGrowth(self.layers(), self.total_budget, self.threshold, self.sketch_rank,
-                                        self.power_iters, seed=self.seed, move_threshold=self.move_threshold,
-                                        max_moves=self.max_moves, log=self.log, max_tokens=self.max_tokens)
-        return self._online
+        return self.scheduled_growth.growth
+
+    def _build_growth(self) -> OnlineGrowth:
+        return OnlineGrowth(self.layers(), self.total_budget, self.threshold, self.sketch_rank,
+                            self.power_iters, seed=self.seed, move_threshold=self.move_threshold,
+                            max_moves=self.max_moves, log=self.log, max_tokens=self.max_tokens)
+
+    def _heldout_scores(self) -> dict:
+        """Component scores for rank moves by ablation on ``heldout_batches``."""
+        if self.heldout_batches is None or self.loss_fn is None:
+            raise ValueError("rank moves need component_scores or heldout_batches + loss_fn")
+        from lorambo.sensitivity.ablation import ablation_scores
+
+        return {n: a.score for n, a in ablation_scores(self.model, self.loss_fn, self.heldout_batches,
+                                                      self.names).items()}
+
+    # the decision schedule's settings (fixed at construction)
+    warmup_steps = property(lambda self: self.schedule.warmup_steps)
+    interval = property(lambda self: self.schedule.interval)
+    stop_step = property(lambda self: self.schedule.stop_step)
 
     def is_decision_step(self, step: int) -> bool:
         if self.allocation == "alora":
             return step in self.alora_config.decision_steps()
-        if self.interval is None or step < self.warmup_steps:
-            return False
-        if self.stop_step is not None and step >= self.stop_step:
-            return False
-        return (step - self.warmup_steps) % self.interval == 0
+        return self.schedule.is_decision_step(step)
 
     def begin_step(self, step: int) -> None:
         """Arm the activation hooks if ``step`` is an online decision step (else nothing)."""
-        if self.allocation != "alora" and self.is_decision_step(step):
-            self.online.capture.arm()
+        if self.allocation != "alora":
+            self.scheduled_growth.begin_step(step)
 
     @contextmanager
     def capture(self, step: int):
@@ -355,8 +330,7 @@ class LoRAMBoOptimizer:
         try:
             yield self
         finally:
-            if self._online is not None:
-                self._online.capture.disarm()
+            self.scheduled_growth.disarm()
 
     def step(self, step: int, optimizer=None, component_scores=None) -> list[dict]:
         """Take the decision of ``step`` if one is due; returns its records (possibly []).
@@ -367,31 +341,12 @@ class LoRAMBoOptimizer:
                 self._alora = ALoRA(self.model, self.layers(), self.loss_fn, self.heldout_batches,
                                     self.alora_config, self.total_budget, self.seed, self.log)
             return self._alora.step(step, optimizer)
-        online = self._online
-        if online is not None:
-            online.capture.disarm()
-        if not self.is_decision_step(step):
-            if online is not None:
-                online.capture.clear()
-            return []
-        if online is None or not online.capture.has_data():
-            warnings.warn(f"step {step} is a rank decision step but no activations were captured: run "
-                          "its forward and backward inside opt.capture(step) or after "
-                          "opt.begin_step(step)", RuntimeWarning, stacklevel=2)
-            return []
-        return self.update_ranks(optimizer, step, component_scores)
+        return self.scheduled_growth.step(step, optimizer, component_scores)
 
     def update_ranks(self, optimizer=None, step=None, component_scores=None) -> list[dict]:
         """Grow (and, with ``move_threshold``, move) ranks now from the captured step."""
         optimizer = optimizer if optimizer is not None else self.default_optimizer
-        if component_scores is None and self.move_threshold is not None:
-            if self.heldout_batches is None or self.loss_fn is None:
-                raise ValueError("rank moves need component_scores or heldout_batches + loss_fn")
-            from lorambo.sensitivity.ablation import ablation_scores
-
-            component_scores = {n: a.score for n, a in ablation_scores(
-                self.model, self.loss_fn, self.heldout_batches, self.names).items()}
-        return self.online.update(step, optimizer, component_scores)
+        return self.scheduled_growth.update(step, optimizer, component_scores)
 
     def make_optimizer(self, lr: float = 1e-3, **adamw_kwargs) -> "lorambo.optim.AdamW":
         """A :class:`lorambo.optim.AdamW` over the model's trainable parameters (per-slot Adam
@@ -405,9 +360,7 @@ class LoRAMBoOptimizer:
 
     def close(self) -> None:
         """Remove the activation hooks (also done after every decision)."""
-        if self._online is not None:
-            self._online.capture.disarm()
-            self._online.capture.clear()
+        self.scheduled_growth.close()
 
     # ------------------------------------------------------------------------ visibility
     def current_ranks(self) -> dict[str, int]:

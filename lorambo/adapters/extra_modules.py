@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorambo.model.configure import _FROZEN_ATTR
 from lorambo.model.modules_to_save import keep_trainable, modules_to_save
 
 PREFIX = "modules_to_save::"
@@ -72,6 +71,6 @@ def load_modules_to_save(model: nn.Module, extra: dict[str, dict[str, torch.Tens
     """Copy validated states (from :func:`check_modules_to_save`) into the model's modules, which
     become modules to save of the model (trainable) if they were not yet."""
     new = [n for n in extra if n not in modules_to_save(model)]
-    keep_trainable(model, new, _FROZEN_ATTR)  # records the original state before it is overwritten
+    keep_trainable(model, new)  # records the original state before it is overwritten
     for name, state in extra.items():
         model.get_submodule(name).load_state_dict(state, strict=True)

@@ -33,8 +33,10 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
     return names
 
 
-def peft_config(model: nn.Module) -> dict:
-    """The adapter_config.json content for the model's current adapters."""
+def peft_adapter_config(model: nn.Module) -> dict:
+    """The adapter_config.json content for the model's current adapters (what
+    :func:`export_peft` writes). Not :func:`lorambo.peft_config`, which builds a
+    ``peft.LoraConfig`` to train with."""
     layers = {n: l for n, l in lora_layers(model).items() if l.rank > 0}
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRAMBoLinear with rank > 0 to export")
@@ -72,7 +74,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
 
     The two files are replaced together: on any error both keep their previous content."""
     folder = Path(path)
-    config = peft_config(model)
+    config = peft_adapter_config(model)
     tensors = {}
     for name, layer in lora_layers(model).items():
         r = layer.rank

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lorambo.experiments.config import METHODS as EXPERIMENT_METHODS
+
 
 def _info(_args) -> int:
     import platform
@@ -112,8 +114,7 @@ def _demo(args) -> int:
 # (flag, config field, type, help)
 _FIELDS = [
     ("--tasks", "tasks", _names, "comma-separated: planted,sentiment"),
-    ("--methods", "methods", _names, "comma-separated: uniform,oracle,gradient,hessian,data,frobenius,online,"
-                                     "alora,adalora,eva,probe"),
+    ("--methods", "methods", _names, "comma-separated: " + ",".join(EXPERIMENT_METHODS)),
     ("--budgets", "budgets", _floats, "budget levels = mean rank per adapted layer, e.g. 1,4 (P = level x sum(d+k))"),
     ("--seeds", "seeds", _positive_int, "seeds 0..N-1 per (method, budget)"),
     ("--steps", "steps", _positive_int, "optimizer steps per run"),

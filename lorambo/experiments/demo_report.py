@@ -44,6 +44,7 @@ def compact(result: dict, task: str = "planted") -> dict:
     tr = result["tasks"][task]
     level = str(result["config"]["budgets"][0])
     out = {"machine": result.get("machine", ""), "wall_s": float(result["seconds"]),
+           "cpu_s": float(result.get("cpu_seconds", result["seconds"])),
            "command": result.get("command", ""), "task": task, "budget": tr["budgets"][level],
            "planted_params": tr["describe"].get("planted_params"),
            "planted_ranks": tr["describe"].get("planted_ranks"),
@@ -79,6 +80,7 @@ def accuracy_summary(result: dict, task: str = "sentiment") -> dict:
     tr = result["tasks"][task]
     level = str(result["config"]["budgets"][0])
     out = {"machine": result.get("machine", ""), "wall_s": float(result["seconds"]),
+           "cpu_s": float(result.get("cpu_seconds", result["seconds"])),
            "command": result.get("command", ""), "task": task, "dataset": tr["describe"].get("dataset"),
            "budget": tr["budgets"][level], "steps": result["config"]["steps"],
            "batch_size": result["config"]["batch_size"], "max_length": result["config"]["max_length"],

@@ -63,7 +63,12 @@ class Executor:
         return self._stream[1]
 
     def run(self, unit: dict) -> dict:
-        """The record of one unit (``units.inputs`` has filled in its ``sens`` and ``lr``)."""
+        """The record of one unit (``units.inputs`` has filled in its ``sens`` and ``lr``), with the
+        CPU seconds this process spent on it (``cpu``; a task's first unit includes its setup)."""
+        cpu_started = time.process_time()
+        return dict(self._run(unit), cpu=time.process_time() - cpu_started)
+
+    def _run(self, unit: dict) -> dict:
         task, setup_seconds, heldout, cache = self._task(unit["task"])
         cfg = self.cfg
         if unit["kind"] == "task":

@@ -6,7 +6,8 @@ A method turns a fresh :class:`~lorambo.experiments.student.Student` into a trai
 its final ranks ``{short name: rank}``. Budget accounting is the same for all:
 ``spent = sum_i r_i (d_i + k_i)`` over the final ranks, never above P.
 
-lorambo methods live in ``methods_lorambo.py``, peft's AdaLoRA and EVA in ``methods_peft.py``.
+lorambo methods live in ``methods_lorambo.py``, peft's AdaLoRA and EVA in ``methods_peft.py``;
+``registry.py`` names them all. Those modules import this one, never the other way round.
 """
 
 from __future__ import annotations
@@ -92,17 +93,19 @@ def compute_sensitivities(task, cfg: ExperimentConfig, seed: int, calib: list, m
     measured once per (task, seed) on the pretrained model (+ probe head) and reused for every
     budget. Negative Hessian-trace estimates are set to 0 by LoRAMBoOptimizer (recorded).
     The probe (``probe.py``) trains on the first ``probe_steps`` batches of ``stream`` (the seed's
-    training batches); its per-layer removal scores go under "probe"."""
+    training batches) once for both probe rules: its per-direction gains go under "probe", its
+    per-layer removal scores under "probe_sqrt"."""
     from lorambo import LoRAMBoOptimizer
 
     out, seconds = {}, {}
-    if "probe" in methods:
+    if {"probe", "probe_sqrt"} & set(methods):
         from lorambo.experiments.probe import probe_sensitivity
 
         if stream is None:
             raise ValueError("the probe sensitivity needs the seed's training batches (stream)")
         probe = probe_sensitivity(task, cfg, seed, stream)
-        out["probe"], seconds["probe"] = probe["removal"], probe["seconds"]
+        out["probe"], out["probe_sqrt"] = probe["gains"], probe["removal"]
+        seconds["probe"] = probe["seconds"]
     for method in [m for m in methods if m in CLOSED_FORM]:
         student = task.fresh_student(seed)
         student.eval()
@@ -119,15 +122,6 @@ def compute_sensitivities(task, cfg: ExperimentConfig, seed: int, calib: list, m
         if any("negative Hessian" in str(w.message) for w in caught):
             out.setdefault("_notes", []).append(f"{method}: negative trace estimates clipped to 0")
     return out, seconds
-
-
-def make_method(name: str, ctx: RunContext) -> Method:
-    from lorambo.experiments import methods_lorambo, methods_peft
-
-    table = {**methods_lorambo.METHODS, **methods_peft.METHODS}
-    if name not in table:
-        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(table)}")
-    return table[name](ctx)
 
 
 def ranks_by_short(ranks: dict[str, int]) -> dict[str, int]:

@@ -5,8 +5,9 @@
   ``r_i ∝ sqrt(s_i / (d_i + k_i))`` on that sensitivity, measured before training.
 - ``online``: start uniform with ``online_initial`` of P, then the online greedy allocator grows
   ranks in place (best ``Δ_i / (d_i + k_i)`` first) at decision steps until P is spent.
-- ``probe``: the square-root law on the loss each layer's update carries after a short
-  all-layer probe LoRA (``probe.py``).
+- ``probe``: the greedy knapsack over the singular directions of a short all-layer probe LoRA's
+  updates, each worth its share of the loss its layer's update carries (``probe.py``);
+  ``probe_sqrt``: the square-root law on those per-layer losses.
 - ``alora``: start uniform at P, then ALoRA rounds prune the worst components (AB-LoRA ablation
   on validation batches) and give their ranks to the most important modules.
 
@@ -61,18 +62,34 @@ class ClosedForm(LoRAMBoMethod):
         return self.ctx.sensitivities[self.sensitivity]
 
 
-def _closed_form(sensitivity: str):
+def closed_form_method(sensitivity: str) -> type[ClosedForm]:
+    """The closed-form method on ``sensitivity`` (named after it)."""
     return type(f"ClosedForm_{sensitivity}", (ClosedForm,), {"name": sensitivity, "sensitivity": sensitivity})
 
 
-class Probe(ClosedForm):
+class Probe(LoRAMBoMethod):
+    """The knapsack over the probe's directions (``probe.py``): gain per parameter of each singular
+    direction of a short all-layer LoRA's updates, measured before the run."""
+
+    name = "probe"
+    allocation = "knapsack"
+
+    def setup(self, student):
+        self.model = student
+        self.opt = self.optimizer(student)
+        self.opt.compute_optimal_ranks(benefits=self.ctx.sensitivities["probe"])
+        self.opt.configure()
+        return student
+
+
+class ProbeSqrt(ClosedForm):
     """The square-root law on the probe's removal scores (``probe.py``): the loss each layer's
     update carries after a short all-layer LoRA, measured before the run."""
 
-    name = "probe"
+    name = "probe_sqrt"
 
     def given_sensitivities(self):
-        return self.ctx.sensitivities["probe"]
+        return self.ctx.sensitivities["probe_sqrt"]
 
 
 class Online(LoRAMBoMethod):
@@ -151,7 +168,3 @@ def oracle_ranks(planted: dict[str, int], dims: dict[str, tuple[int, int]], budg
                          f"planted ranks {planted} scaled by it are not whole numbers >= 1 (use budgets "
                          "whose P is a whole multiple of P*, e.g. budget levels 0.5, 1, 2 on MiniLM)")
     return ranks
-
-
-METHODS = {"uniform": Uniform, "oracle": Oracle, "online": Online, "alora": ALoRA, "probe": Probe,
-           **{s: _closed_form(s) for s in ("gradient", "hessian", "data", "frobenius")}}

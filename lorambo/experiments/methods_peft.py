@@ -226,5 +226,3 @@ class EVA(Method):
         return sum(p.numel() for n, p in self.model.named_parameters()
                    if (".lora_A." in n or ".lora_B." in n) and p.requires_grad)
 
-
-METHODS = {"adalora": AdaLoRA, "eva": EVA}

@@ -10,16 +10,24 @@ more than by where the change lives. The probe instead lets every layer compete 
 2. per layer ``i``, its update alone is switched off (``B_i = 0``, every other layer keeps its
    own) and the loss is read on ``rows`` training rows: the removal score
    ``s_i = L(without ΔW_i) - L(all)`` (clipped at 0) is the loss that layer's update carries;
-3. the square-root law (:func:`lorambo.allocate`, ``method="closed_form"``) turns the scores into
-   ranks, ``r_i ∝ sqrt(s_i / (d_i + k_i))``, like the other closed-form sensitivities.
+3. two rules turn that into ranks:
 
-On the planted task (rank 4, 60 steps at 3e-3) the four planted layers score highest of the 36.
-Scoring every rank of every layer instead (truncating ``ΔW_i`` to its top q singular directions and
-buying the best gain per parameter with the knapsack allocator) did worse: a 60-step probe has
-learned about one direction per layer, so the later gains are near zero.
+   - ``probe`` (knapsack): the removal score is split over the singular directions of the layer's
+     update ``ΔW_i = B_i A_i`` in proportion to their energy, ``g_ij = s_i σ_ij² / Σ_j σ_ij²``
+     (for a loss quadratic in ΔW with isotropic curvature, the loss a direction carries), and
+     the greedy knapsack (:func:`lorambo.allocate`, ``method="knapsack"``) buys directions by
+     gain per parameter ``g_ij / (d_i + k_i)``. A layer whose update needs two directions shows
+     two large singular values, so it gets two ranks, not a share of the square root;
+   - ``probe_sqrt``: the square-root law on the removal scores, ``r_i ∝ sqrt(s_i / (d_i + k_i))``,
+     like the other closed-form sensitivities.
 
-Cost: ``probe_steps`` training steps plus 37 forward passes on ``rows`` rows; it reads the
-training split only.
+On the planted task (rank 8, 60 steps at 3e-3) the four planted layers score highest of the 36;
+the knapsack rule covers 0.83 of the planted ranks on each of three seeds, the square-root law
+0.67 (docs/demo_sensitivity_candidates.md). No layer gets more ranks than the probe's rank: the
+gains past it are unknown.
+
+Cost: ``probe_steps`` training steps plus 37 forward passes on ``rows`` rows and one small SVD per
+layer; it reads the training split only.
 """
 
 from __future__ import annotations
@@ -39,8 +47,8 @@ def _rows(task, rows: int) -> dict:
 
 
 def probe_sensitivity(task, cfg, seed: int, batches: list, rows: int = 32) -> dict:
-    """``{"removal": {Student name: s_i >= 0}, "probe_loss": float, "seconds": float}`` (see the
-    module doc)."""
+    """``{"removal": {Student name: s_i >= 0}, "gains": {Student name: [g_i1 >= g_i2 >= ...]},
+    "probe_loss": float, "seconds": float}`` (see the module doc)."""
     if len(batches) < cfg.probe_steps:
         raise ValueError(f"probe: needs {cfg.probe_steps} training batches, got {len(batches)} "
                          f"(probe_steps must not exceed steps)")
@@ -71,9 +79,25 @@ def probe_sensitivity(task, cfg, seed: int, batches: list, rows: int = 32) -> di
                 removal[name] = max(float(task.loss(student, batch)) - full, 0.0)
             finally:
                 lora_b.copy_(saved)
-    return {"removal": removal, "probe_loss": full, "seconds": time.perf_counter() - started}
+    gains = {name: direction_gains(removal[name], layers[name]) for name in task.names}
+    return {"removal": removal, "gains": gains, "probe_loss": full, "seconds": time.perf_counter() - started}
+
+
+@torch.no_grad()
+def direction_gains(removal: float, layer) -> list[float]:
+    """``[s σ_1² / Σσ², s σ_2² / Σσ², ...]`` over the singular values of the layer's active update
+    ``B A`` (non-increasing, as the knapsack needs); all zeros when the update is zero."""
+    rank = layer.rank
+    update = layer.lora_B[:, :rank].double() @ layer.lora_A[:rank].double()
+    energy = torch.linalg.svdvals(update).pow(2)
+    total = float(energy.sum())
+    if not total > 0:
+        return [0.0] * rank
+    return [removal * float(e) / total for e in energy[:rank]]
 
 
 def probe_summary(result: dict) -> dict:
     """JSON-ready copy (short layer names, lists)."""
-    return {"removal": {short(n): v for n, v in result["removal"].items()}, "probe_loss": result["probe_loss"], "seconds": result["seconds"]}
+    return {"removal": {short(n): v for n, v in result["removal"].items()},
+            "gains": {short(n): v for n, v in result["gains"].items()},
+            "probe_loss": result["probe_loss"], "seconds": result["seconds"]}

@@ -95,7 +95,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir=None, progress: bool | None = 
     """Run every unit not yet recorded; once all are, write the artefacts and return the result
     dict. When ``time_limit`` stops it first, it prints how much remains and the command that
     continues (``command``: the CLI arguments used) and returns ``{"complete": False, ...}``."""
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     load_start = demo_report.load_average()
     _check_options(workers, time_limit)
     out_dir = check_out_dir(out_dir if out_dir is not None else default_out_dir())
@@ -126,7 +126,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir=None, progress: bool | None = 
         jr.close()
     if left:
         return _unfinished(out_dir, pending, left, time_limit, command, echo)
-    return _finish(cfg, records, out_dir, started, load_start, echo)
+    return _finish(cfg, records, out_dir, (started, cpu_started), load_start, echo)
 
 
 def continue_command(command: list[str] | None, journal_path: Path, out_dir: Path) -> str:
@@ -158,8 +158,20 @@ def _unfinished(out_dir: Path, pending, left, time_limit, command, echo) -> dict
             "out_dir": str(out_dir)}
 
 
-def _finish(cfg: ExperimentConfig, records, out_dir: Path, started: float, load_start, echo) -> dict:
+def cpu_seconds(records, cpu_started: float) -> float:
+    """CPU time of the whole experiment: every unit's, measured by the process that ran it, plus
+    what this call spent outside its units (for one uninterrupted run in one process: this
+    process's CPU time, the wall time it would take on an idle core)."""
+    current = len(records.sessions) - 1
+    in_process = records.sessions[current].get("workers", 1) == 1
+    units = sum(r.get("cpu", 0.0) for r in records.units.values())
+    own = sum(r.get("cpu", 0.0) for r in records.units.values() if r["session"] == current) if in_process else 0.0
+    return units + time.process_time() - cpu_started - own
+
+
+def _finish(cfg: ExperimentConfig, records, out_dir: Path, clocks: tuple[float, float], load_start, echo) -> dict:
     """Build the result from the journal and write every artefact."""
+    started, cpu_started = clocks
     current = len(records.sessions) - 1
     worked = {r["session"] for r in records.units.values()}
     env = records.sessions[max(worked) if worked else current]["environment"]
@@ -170,13 +182,15 @@ def _finish(cfg: ExperimentConfig, records, out_dir: Path, started: float, load_
               "tasks": {t: task_result(cfg, t, records) for t in cfg.tasks}}
     text = report_text(result, cfg)
     result["seconds"] = earlier + time.perf_counter() - started
+    result["cpu_seconds"] = cpu_seconds(records, cpu_started)
     result["machine"] = demo_report.machine_line(env, load_start, demo_report.load_average())
     result["command"] = " ".join(["lorambo"] + sys.argv[1:]) if Path(sys.argv[0]).name == "lorambo" else ""
     summary = demo_report.compact(result) if _has_gap(result) else None
     result["plots"] = draw_plots(result, out_dir, echo, summary)
     result["seconds"] = earlier + time.perf_counter() - started
+    result["cpu_seconds"] = cpu_seconds(records, cpu_started)
     if summary is not None:
-        summary["wall_s"] = result["seconds"]
+        summary["wall_s"], summary["cpu_s"] = result["seconds"], result["cpu_seconds"]
         res.write_json_atomic(summary, out_dir / "demo_results.json")
         text = demo_report.table(summary) + "\n\n" + text
     if "sentiment" in result["tasks"]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import time
 
-from lorambo.experiments.methods import Method, RunContext, make_method, spent
+from lorambo.experiments.methods import Method, RunContext, spent
+from lorambo.experiments.registry import make_method
 from lorambo.optim import AdamW
 
 

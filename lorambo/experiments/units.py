@@ -9,8 +9,8 @@ Units are plain dicts (they travel to worker processes):
 - ``{"kind": "run", "task": t, "method": m, "li": i, "seed": s, "lr": lr}``: one training run;
   ``lr`` None means the rate selected on seed 0's grid (:func:`grid_of`).
 
-Dependencies: a run of a method that allocates from sensitivities waits for the ``sens`` unit it
-reads; a run at the selected rate waits for every run of the grid it is selected from. Given
+Dependencies: a run waits for the ``sens`` unit of its seed (whatever its method reads from it);
+a run at the selected rate waits for every run of the grid it is selected from. Given
 those inputs every unit is a deterministic function of the configuration and its seed, whatever
 process runs it and in whatever order: one worker or several, interrupted and resumed or not,
 record the same numbers (bit for bit on CPU).
@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import json
 
-from lorambo.experiments.config import CLOSED_FORM, REFERENCE, ExperimentConfig
-
-USES_SENSITIVITIES = CLOSED_FORM + ("probe",)
+from lorambo.experiments.config import REFERENCE, ExperimentConfig
 
 
 def task_methods(cfg: ExperimentConfig, task: str) -> tuple[str, ...]:
@@ -116,12 +114,10 @@ def inputs(unit: dict, cfg: ExperimentConfig, records) -> dict | None:
     one of them is not recorded yet."""
     if unit["kind"] != "run":
         return dict(unit)
-    out = dict(unit, sens={}, selected=unit["lr"] is None)
-    if unit["method"] in USES_SENSITIVITIES:
-        sens = records.get(unit_key({"kind": "sens", "task": unit["task"], "seed": sens_seed(cfg, unit["seed"])}, cfg))
-        if sens is None:
-            return None
-        out["sens"] = sens["sens"]
+    sens = records.get(unit_key({"kind": "sens", "task": unit["task"], "seed": sens_seed(cfg, unit["seed"])}, cfg))
+    if sens is None:
+        return None
+    out = dict(unit, sens=sens["sens"], selected=unit["lr"] is None)
     if unit["lr"] is None:
         out["lr"] = selected_lr(cfg, unit["task"], unit["method"], unit["li"], records)
         if out["lr"] is None:

@@ -8,13 +8,12 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from lorambo.model.frozen import forget_frozen, record_frozen
 from lorambo.model.modules_to_save import (check_not_targets, forget_modules_to_save, keep_trainable,
                                            resolve_modules_to_save)
 from lorambo.model.patterns import check_alpha_pattern, pattern_value
 from lorambo.model.targeting import check_named_targets, find_targets
 from lorambo.nn import LoRAMBoLinear
-
-_FROZEN_ATTR = "_lorambo_frozen_params"  # params configure_model froze, restored by unload
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -55,7 +54,7 @@ def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_mod
     check_alpha_pattern(alpha_pattern, names)
     plan = _plan(model, names, ranks, capacity, alpha, dropout, use_rslora, alpha_pattern)
     _apply(model, plan)
-    keep_trainable(model, saved, _FROZEN_ATTR)
+    keep_trainable(model, saved)
     return model
 
 
@@ -129,11 +128,7 @@ def _apply(model: nn.Module, plan: _Plan) -> None:
     for module, rank in plan.rank_changes.values():
         if rank != module.rank:
             module.set_rank(rank)
-    frozen = getattr(model, _FROZEN_ATTR, [])
-    for param in plan.freeze:
-        param.requires_grad_(False)
-        frozen.append(param)
-    object.__setattr__(model, _FROZEN_ATTR, frozen)  # a plain attribute, not a submodule/state
+    record_frozen(model, plan.freeze)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRAMBoLinear]:
@@ -150,9 +145,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         elif not merge and layer.merged:
             layer.unmerge()
         _set_submodule(model, name, layer.base_layer)
-    for param in getattr(model, _FROZEN_ATTR, []):
+    for param in forget_frozen(model):
         param.requires_grad_(True)
-    if hasattr(model, _FROZEN_ATTR):
-        object.__delattr__(model, _FROZEN_ATTR)
     forget_modules_to_save(model)
     return model

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from lorambo.model.frozen import release_frozen
 from lorambo.model.targeting import suffix_match
 from lorambo.nn import LoRAMBoLinear
 
@@ -64,7 +65,7 @@ def check_not_targets(names: list[str], targets: Iterable[str]) -> None:
                 raise ValueError(f"module {name!r} is both in modules_to_save and a LoRA target ({t!r})")
 
 
-def keep_trainable(model: nn.Module, names: list[str], frozen_attr: str) -> None:
+def keep_trainable(model: nn.Module, names: list[str]) -> None:
     """Make the parameters of ``names`` and of every module to save recorded earlier trainable
     (a later ``configure_model`` call must not freeze them), take them off the list of
     parameters that ``unload`` re-enables, and record the names and an original copy."""
@@ -76,9 +77,7 @@ def keep_trainable(model: nn.Module, names: list[str], frozen_attr: str) -> None
     params = {id(p): p for n in everything for p in model.get_submodule(n).parameters()}
     for p in params.values():
         p.requires_grad_(True)
-    frozen = getattr(model, frozen_attr, None)
-    if frozen is not None:
-        frozen[:] = [p for p in frozen if id(p) not in params]
+    release_frozen(model, params.values())
     original = dict(getattr(model, _ORIGINAL_ATTR, {}))
     for n in new:
         original[n] = {k: v.detach().clone() for k, v in model.get_submodule(n).state_dict().items()}

@@ -26,9 +26,16 @@ from lorambo.ops import lora_linear
 from lorambo.ops.compile_support import dynamic_int_attribute
 
 
-def default_capacity(rank: int, in_features: int, out_features: int) -> int:
-    """Room to double: the next power of two >= 2*rank (at least 8), capped at min(in, out)."""
-    room = 1 << max(3, (2 * rank - 1).bit_length())
+def default_capacity(rank: int, in_features: int, out_features: int, growth_factor: float = 2.0) -> int:
+    """Pool size with room to grow: ``growth_factor * max(rank, 1)`` rounded up to a power of two,
+    at least 8, capped at min(in, out). The default doubles the rank.
+
+    This is the one capacity rule: planners that also cap by a budget (``lorambo.allocation.capacity``)
+    apply it first, then their own limits."""
+    if not growth_factor >= 1.0:
+        raise ValueError(f"default_capacity: growth_factor={growth_factor!r} must be >= 1")
+    wanted = math.ceil(growth_factor * max(rank, 1))
+    room = max(8, 1 << (wanted - 1).bit_length())
     return max(1, min(room, in_features, out_features))
 
 

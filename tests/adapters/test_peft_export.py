@@ -9,7 +9,10 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
+import lorambo
+import lorambo.adapters
 from lorambo import configure_model, export_peft, lora_layers
+from lorambo.adapters import peft_adapter_config
 
 
 def _bert():
@@ -46,6 +49,7 @@ def test_peft_loads_export_with_same_outputs(tmp_path, build, ranks):
     lora_layers(ours)[next(iter(ranks))].set_rank(list(ranks.values())[0] + 1)  # scaling must survive growth
     export_peft(ours, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config == json.loads(json.dumps(peft_adapter_config(ours)))  # the same content, one name for it
     active = {n: l.rank for n, l in lora_layers(ours).items() if l.rank > 0}
     assert config["rank_pattern"] == active
     assert sorted(config["target_modules"]) == sorted(active)
@@ -65,3 +69,7 @@ def test_nothing_to_export(tmp_path):
     model = configure_model(_bert(), {"encoder.layer.0.attention.self.query": 0})
     with pytest.raises(ValueError, match="rank > 0"):
         export_peft(model, tmp_path)
+
+
+def test_one_name_per_thing_in_the_adapters_package():
+    assert lorambo.adapters.peft_config is lorambo.peft_config  # a peft.LoraConfig to train with

@@ -24,3 +24,27 @@ def test_bench_sensitivity_tiny_writes_csv_and_png(tmp_path):
             ("autograd", "one_hvp"), ("train_step", "with_fisher_proxy")} <= metrics
     assert all(math.isfinite(float(r["value"])) and float(r["value"]) > 0 for r in rows)
     assert (tmp_path / "sensitivity.png").stat().st_size > 5000
+
+
+def test_peft_style_provider_computes_what_lorambo_computes():
+    """The eager comparison layer the benchmarks share is a fair one: same function, same gradients."""
+    import torch
+    from torch import nn
+
+    from lorambo import LoRAMBoLinear
+
+    providers = _load("providers")
+    torch.manual_seed(0)
+    base = nn.Linear(12, 9)  # float32: the provider builds its A and B in the default dtype
+    ours = LoRAMBoLinear(base, rank=3, capacity=8, alpha=6.0)
+    with torch.no_grad():
+        ours.lora_A[:3].normal_()
+        ours.lora_B[:, :3].normal_()
+    theirs = providers.PeftStyleLoRA(base, 3, ours.scaling, ours.lora_A[:3].detach(), ours.lora_B[:, :3].detach())
+    x = torch.randn(5, 12, requires_grad=True)
+    y_ours = ours(x)
+    (g_ours,) = torch.autograd.grad(y_ours.square().sum(), x)
+    y_theirs = theirs(x)
+    (g_theirs,) = torch.autograd.grad(y_theirs.square().sum(), x)
+    torch.testing.assert_close(y_theirs, y_ours, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_theirs, g_ours, rtol=1e-5, atol=1e-5)

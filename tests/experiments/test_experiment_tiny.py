@@ -51,6 +51,7 @@ def test_tiny_experiment_writes_table_json_and_plots(tmp_path, capsys):
     demo = json.loads((tmp_path / "demo_results.json").read_text())
     assert isinstance(demo["machine"], str) and "load average" in demo["machine"]
     assert demo["wall_s"] == pytest.approx(data["seconds"]) and 0 < demo["wall_s"] < 3600
+    assert 0 < demo["cpu_s"] <= demo["wall_s"] * (cfg.threads + 1)  # this process's CPU time
     for method in ("uniform", "gradient", "probe", "oracle"):
         row = demo["methods"][method]
         assert len(row["test_loss"]) == 1 and len(row["gap_closed"]) == 1 and 0 <= row["coverage"] <= 1

@@ -108,3 +108,17 @@ def test_wrapping_existing_lora_layer_is_not_nested(mlp):
     configure_model(mlp, 3, target_modules=["up"])
     assert isinstance(mlp.blocks[0].up.base_layer, nn.Linear)
     assert isinstance(lorambo.lora_layers(mlp)["blocks.0.up"], LoRAMBoLinear)
+
+
+def test_frozen_record_is_what_unload_reenables(mlp):
+    from lorambo.model import frozen_by_lorambo
+
+    assert frozen_by_lorambo(mlp) == []
+    configure_model(mlp, 2, modules_to_save=["lm_head"])
+    head = {id(p) for p in mlp.lm_head.parameters()}
+    want = {id(p) for n, p in mlp.named_parameters() if not n.endswith((".lora_A", ".lora_B")) and id(p) not in head}
+    got = frozen_by_lorambo(mlp)
+    assert {id(p) for p in got} == want and len(got) == len(want)  # the head trains: not on the record
+    assert not any(p.requires_grad for p in got) and all(p.requires_grad for p in mlp.lm_head.parameters())
+    unload(mlp)
+    assert frozen_by_lorambo(mlp) == [] and all(p.requires_grad for p in mlp.parameters())

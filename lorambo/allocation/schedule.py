@@ -1,0 +1,115 @@
+"""When online rank decisions are taken, and the activation capture that feeds them.
+
+A training loop wraps the forward and backward of every step in ``capture(step)`` (or calls
+``begin_step(step)`` before them), then calls ``step(step)``. Only on a decision step are the
+hooks armed, so other steps pay nothing, and the decision uses exactly that step's activations:
+
+    growth = ScheduledGrowth(DecisionSchedule(warmup_steps=100, interval=50),
+                             lambda: OnlineGrowth(layers, budget))
+    for step, batch in enumerate(loader):
+        with growth.capture(step):
+            loss_fn(model, batch).backward()
+        growth.step(step, optimizer)          # grows ranks in place when due
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+from collections.abc import Callable, Mapping
+from contextlib import contextmanager
+
+from lorambo.allocation.online import OnlineGrowth
+
+__all__ = ["DecisionSchedule", "ScheduledGrowth"]
+
+
+class DecisionSchedule:
+    """Decision steps ``warmup_steps + j * interval`` (j = 0, 1, ...) before ``stop_step``
+    (None: no end); ``interval=None`` means no decision at all."""
+
+    def __init__(self, warmup_steps: int = 0, interval: int | None = None, stop_step: int | None = None):
+        if interval is not None and (isinstance(interval, bool) or not isinstance(interval, numbers.Integral)
+                                     or interval < 1):
+            raise ValueError(f"interval={interval!r} must be an int >= 1 or None")
+        self.warmup_steps, self.interval, self.stop_step = int(warmup_steps), interval, stop_step
+
+    def is_decision_step(self, step: int) -> bool:
+        if self.interval is None or step < self.warmup_steps:
+            return False
+        if self.stop_step is not None and step >= self.stop_step:
+            return False
+        return (step - self.warmup_steps) % self.interval == 0
+
+
+class ScheduledGrowth:
+    """:class:`OnlineGrowth` driven by a :class:`DecisionSchedule`.
+
+    Args:
+        schedule: which steps decide.
+        build: makes the :class:`OnlineGrowth` on first use (its layers exist only once the
+            model is configured, possibly after this object is made).
+        score_components: ``() -> {name: scores}`` for rank moves when a decision is given no
+            ``component_scores`` (e.g. ablation on held-out batches); None: they must be given.
+    """
+
+    def __init__(self, schedule: DecisionSchedule, build: Callable[[], OnlineGrowth],
+                 score_components: Callable[[], Mapping] | None = None):
+        self.schedule, self._build, self.score_components = schedule, build, score_components
+        self._growth: OnlineGrowth | None = None
+
+    @property
+    def growth(self) -> OnlineGrowth:
+        if self._growth is None:
+            self._growth = self._build()
+        return self._growth
+
+    def is_decision_step(self, step: int) -> bool:
+        return self.schedule.is_decision_step(step)
+
+    def begin_step(self, step: int) -> None:
+        """Arm the activation hooks if ``step`` is a decision step (else nothing)."""
+        if self.is_decision_step(step):
+            self.growth.capture.arm()
+
+    def disarm(self) -> None:
+        if self._growth is not None:
+            self._growth.capture.disarm()
+
+    @contextmanager
+    def capture(self, step: int):
+        """Wrap the forward and backward of ``step``: records X and dY only on decision steps."""
+        self.begin_step(step)
+        try:
+            yield self
+        finally:
+            self.disarm()
+
+    def step(self, step: int, optimizer=None, component_scores=None) -> list[dict]:
+        """Take the decision of ``step`` if one is due; returns its records (possibly [])."""
+        self.disarm()
+        if not self.is_decision_step(step):
+            if self._growth is not None:
+                self._growth.capture.clear()
+            return []
+        if self._growth is None or not self._growth.capture.has_data():
+            warnings.warn(f"step {step} is a rank decision step but no activations were captured: run "
+                          "its forward and backward inside opt.capture(step) or after "
+                          "opt.begin_step(step)", RuntimeWarning, stacklevel=3)
+            return []
+        return self.update(step, optimizer, component_scores)
+
+    def update(self, step=None, optimizer=None, component_scores=None) -> list[dict]:
+        """Grow (and, with rank moves, move) ranks now from the captured step."""
+        growth = self.growth
+        if component_scores is None and growth.move_threshold is not None:
+            if self.score_components is None:
+                raise ValueError("rank moves need component_scores")
+            component_scores = self.score_components()
+        return growth.update(step, optimizer, component_scores)
+
+    def close(self) -> None:
+        """Remove the activation hooks and drop what they recorded."""
+        if self._growth is not None:
+            self._growth.capture.disarm()
+            self._growth.capture.clear()

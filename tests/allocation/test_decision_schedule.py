@@ -1,0 +1,98 @@
+"""The decision schedule and the capture around it, without LoRAMBoOptimizer."""
+
+import pytest
+import torch
+from torch import nn
+
+import lorambo
+from lorambo.allocation.online import OnlineGrowth
+from lorambo.allocation.schedule import DecisionSchedule, ScheduledGrowth
+
+DT = torch.float64
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_decision_steps_follow_warmup_interval_and_stop():
+    assert [s for s in range(20) if DecisionSchedule(2, 3, 12).is_decision_step(s)] == [2, 5, 8, 11]
+    assert [s for s in range(5) if DecisionSchedule(0, 1).is_decision_step(s)] == [0, 1, 2, 3, 4]
+    assert not any(DecisionSchedule(0, None).is_decision_step(s) for s in range(50))
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match=f"interval={bad!r} must be an int >= 1 or None"):
+            DecisionSchedule(0, bad)
+
+
+def _model():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 10, dtype=DT), nn.Tanh(), nn.Linear(10, 3, dtype=DT))
+    return lorambo.configure_model(net, 1, capacity={"0": 4, "2": 3})
+
+
+def _backward(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(16, 6, generator=g, dtype=DT), torch.randn(16, 3, generator=g, dtype=DT)
+    ((model(x) - y) ** 2).mean().backward()
+
+
+def test_hooks_and_rank_changes_only_on_decision_steps():
+    model = _model()
+    layers = lorambo.lora_layers(model)
+    built = []
+
+    def build():
+        built.append(1)
+        return OnlineGrowth(layers, budget=10_000, sketch_rank=1)
+
+    growth = ScheduledGrowth(DecisionSchedule(warmup_steps=1, interval=2), build)
+    changed = []
+    for step in range(6):
+        before = [m.rank for m in layers.values()]
+        with growth.capture(step):
+            assert all(bool(m._forward_hooks) == (step % 2 == 1) for m in layers.values())
+            _backward(model, step)
+        assert not any(m._forward_hooks for m in layers.values())
+        records = growth.step(step)
+        assert bool(built) == (step >= 1)  # built at the first decision step, not before
+        if [m.rank for m in layers.values()] != before:
+            changed.append(step)
+        assert bool(records) == (step in changed)
+        if built:  # every step starts from nothing captured
+            assert not growth.growth.capture.has_data()
+    assert changed == [1, 3, 5] and len(built) == 1
+
+
+def test_a_decision_step_without_capture_warns_and_changes_nothing():
+    model = _model()
+    growth = ScheduledGrowth(DecisionSchedule(0, 1), lambda: OnlineGrowth(lorambo.lora_layers(model), 10_000))
+    _backward(model, 0)  # outside capture(): no activations recorded
+    with pytest.warns(RuntimeWarning, match="step 0 is a rank decision step but no activations"):
+        assert growth.step(0) == []
+    assert all(m.rank == 1 for m in lorambo.lora_layers(model).values())
+
+
+def test_rank_moves_take_scores_from_the_caller_or_the_scorer():
+    model = _model()
+    layers = lorambo.lora_layers(model)
+
+    def build():
+        return OnlineGrowth(layers, budget=10_000, move_threshold=0.5)
+
+    growth = ScheduledGrowth(DecisionSchedule(0, 1), build)
+    with growth.capture(0):
+        _backward(model, 0)
+    with pytest.raises(ValueError, match="rank moves need component_scores"):
+        growth.step(0)
+    asked = []
+
+    def scorer():
+        asked.append(1)
+        return {n: torch.ones(m.rank) for n, m in layers.items()}
+
+    growth = ScheduledGrowth(DecisionSchedule(0, 1), build, score_components=scorer)
+    with growth.capture(1):
+        _backward(model, 1)
+    assert growth.step(1) and asked == [1]
+    with growth.capture(2):
+        _backward(model, 2)
+    growth.step(2, component_scores={n: torch.ones(m.rank) for n, m in layers.items()})
+    assert asked == [1]  # given scores are used as they are
