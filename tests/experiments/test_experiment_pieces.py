@@ -131,4 +131,6 @@ def test_two_workers_record_what_one_worker_records(reference, tmp_path):
     ref, _ = reference
     result = run_experiment(CFG, out_dir=tmp_path, progress=False, echo=lambda *a: None, workers=2)
     assert _numbers(result) == _numbers(ref)
-    assert {r["session"] for r in _unit_records(tmp_path / "runs.jsonl")} == {0}
+    records = _unit_records(tmp_path / "runs.jsonl")
+    assert {r["session"] for r in records} == {0}
+    assert result["cpu_seconds"] >= sum(r["cpu"] for r in records) > 0  # the workers' CPU time counts
