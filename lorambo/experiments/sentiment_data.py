@@ -12,7 +12,10 @@ It ships in the vaderSentiment 3.3.2 source distribution (MIT licence), inside
 downloads that sdist with pip (``pip download --no-binary :all: --no-deps vaderSentiment==3.3.2``)
 and extracts ``movieReviewSnippets_GroundTruth.txt`` with the dataset's README and the package's
 licence into the data folder: ``$LORAMBO_DATA_DIR/vader`` (default ``~/.cache/lorambo/vader``).
-``make data`` runs it; ``python -m lorambo.experiments.sentiment_data`` too.
+It also extracts the NYT editorial and Amazon review snippets of the same archive, the planted
+task's longer text (``snippet_text.py``). ``make data`` runs it;
+``python -m lorambo.experiments.sentiment_data`` too. With a bundle active (``bundle.py``) the
+loaders read the bundle's copy instead.
 
 Labels: the sign of the mean valence (1 = positive); sentences with ``|valence| < min_abs`` (0.5
 by default: 533 of them) are dropped as neither.
@@ -28,12 +31,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorambo.experiments import bundle
+
 PACKAGE = "vaderSentiment==3.3.2"
 SDIST = "vaderSentiment-3.3.2.tar.gz"
 INNER = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
-FILES = {"hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt": "movieReviewSnippets_GroundTruth.txt",
-         "hutto_ICWSM_2014/_README_.txt": "_README_.txt"}
 DATA_FILE = "movieReviewSnippets_GroundTruth.txt"
+SNIPPET_FILES = {"nytEditorialSnippets_GroundTruth.txt": 5190, "amazonReviewSnippets_GroundTruth.txt": 3708}
+FILES = {f"hutto_ICWSM_2014/{name}": name for name in (DATA_FILE, *SNIPPET_FILES, "_README_.txt")}
+LICENSE_FILE = "LICENSE_vaderSentiment.txt"
 EXPECTED_ROWS = 10605
 
 
@@ -50,7 +56,7 @@ def data_dir() -> Path:
 
 
 def _extract(sdist: Path, target: Path) -> None:
-    """The two files of the inner archive and the package licence, each written atomically."""
+    """The files of the inner archive named in FILES and the package licence, each written atomically."""
     target.mkdir(parents=True, exist_ok=True)
     with tarfile.open(sdist, "r:gz") as outer:
         licence = outer.extractfile("vaderSentiment-3.3.2/LICENSE.txt").read()
@@ -62,7 +68,7 @@ def _extract(sdist: Path, target: Path) -> None:
     if missing:
         raise RuntimeError(f"sentiment data: {sorted(missing)} not found in {INNER} of {sdist}")
     contents = {FILES[k]: v for k, v in contents.items()}
-    contents["LICENSE_vaderSentiment.txt"] = licence
+    contents[LICENSE_FILE] = licence
     for name, data in sorted(contents.items(), key=lambda kv: kv[0] == DATA_FILE):  # data file last
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=target)
         with os.fdopen(fd, "wb") as f:
@@ -72,10 +78,11 @@ def _extract(sdist: Path, target: Path) -> None:
 
 
 def fetch(target: Path | None = None, python: str = sys.executable) -> Path:
-    """Download the sdist with pip (once) and extract the data; returns the data file's path."""
+    """Download the sdist with pip (once) and extract the data; returns the data file's path.
+    A folder missing any of the files is extracted again (from the cached sdist when present)."""
     target = Path(target) if target is not None else data_dir()
     path = target / DATA_FILE
-    if path.is_file():
+    if all((target / name).is_file() for name in (*FILES.values(), LICENSE_FILE)):
         return path
     cache = target / "sdist"
     cache.mkdir(parents=True, exist_ok=True)
@@ -90,9 +97,15 @@ def fetch(target: Path | None = None, python: str = sys.executable) -> Path:
     return path
 
 
-def load_sentences(path: Path | None = None, min_abs: float = 0.5) -> list[Sentence]:
-    """Every rated sentence with ``|valence| >= min_abs``, in file order, labelled by its sign."""
-    path = Path(path) if path is not None else data_dir() / DATA_FILE
+def data_path(name: str) -> Path:
+    """Where a data file is read from: the active bundle (verified) or the data folder."""
+    root = bundle.active()
+    return bundle.data_file(root, name) if root is not None else data_dir() / name
+
+
+def read_rated(path: Path, expected_rows: int) -> list[tuple[str, float, str]]:
+    """``(id, mean valence, text)`` of every line of a ``*_GroundTruth.txt`` file, in file order;
+    a row count other than ``expected_rows`` means a partial file and is refused."""
     if not path.is_file():
         raise FileNotFoundError(f"sentiment data not found at {path}: run `make data` (or `python -m "
                                 f"lorambo.experiments.sentiment_data`) to fetch it from the {PACKAGE} sdist, "
@@ -109,10 +122,16 @@ def load_sentences(path: Path | None = None, min_abs: float = 0.5) -> list[Sente
                 valence = float(parts[1])
             except ValueError:
                 raise ValueError(f"{path}:{number}: valence {parts[1]!r} is not a number") from None
-            rows.append((valence, parts[2].strip()))
-    if len(rows) != EXPECTED_ROWS:
-        raise ValueError(f"{path}: {len(rows)} rated sentences, expected {EXPECTED_ROWS} (a partial download?)")
-    return [Sentence(text, v, int(v > 0)) for v, text in rows if abs(v) >= min_abs]
+            rows.append((parts[0].strip(), valence, parts[2].strip()))
+    if len(rows) != expected_rows:
+        raise ValueError(f"{path}: {len(rows)} rated sentences, expected {expected_rows} (a partial download?)")
+    return rows
+
+
+def load_sentences(path: Path | None = None, min_abs: float = 0.5) -> list[Sentence]:
+    """Every rated sentence with ``|valence| >= min_abs``, in file order, labelled by its sign."""
+    rows = read_rated(Path(path) if path is not None else data_path(DATA_FILE), EXPECTED_ROWS)
+    return [Sentence(text, v, int(v > 0)) for _, v, text in rows if abs(v) >= min_abs]
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 - :class:`PlantedTask`: distil the pretrained model plus planted low-rank deltas
   (``planted.py``) on real English text, Python's standard-library docstrings
-  (``text_corpus.py``), cut into windows of ``max_length`` tokens. The loss is the MSE of the final
+  (``text_corpus.py``) or, with ``planted_text="snippets"``, NYT editorials and Amazon reviews
+  (``snippet_text.py``), cut into windows of ``max_length`` tokens. The loss is the MSE of the final
   token hidden states against the target's (cached once), divided by the pretrained model's own
   MSE on the training windows: 1.0 = nothing learned, 0.0 = deltas recovered.
 - :class:`SentimentTask`: binary sentiment of Rotten Tomatoes sentences (``sentiment_data.py``:
@@ -115,6 +116,44 @@ class Task:
         return {"sizes": {k: _size(v) for k, v in self.splits.items()}}
 
 
+TEXT_LABELS = {"docstrings": "Python standard-library docstring paragraphs",
+               "snippets": "NYT editorials and Amazon reviews (Hutto & Gilbert, ICWSM 2014)"}
+
+
+def planted_text(name: str) -> list[str]:
+    """The planted task's documents, in a fixed order (``cfg.planted_text``)."""
+    if name == "docstrings":
+        from lorambo.experiments.text_corpus import stdlib_paragraphs
+
+        return stdlib_paragraphs()
+    if name == "snippets":
+        from lorambo.experiments.snippet_text import snippet_documents
+
+        return snippet_documents()
+    raise ValueError(f"unknown planted_text {name!r}; valid: {', '.join(TEXT_LABELS)}")
+
+
+def document_splits(documents: list[str]) -> dict[str, list[str]]:
+    """70/15/15 of a fixed shuffle (seed 0), by document: no document spans two splits."""
+    docs = list(documents)
+    random.Random(0).shuffle(docs)
+    n = len(docs)
+    cut = (int(0.7 * n), int(0.85 * n))
+    return {"train": docs[:cut[0]], "val": docs[cut[0]:cut[1]], "test": docs[cut[1]:]}
+
+
+def token_windows(tokenizer, documents: list[str], max_length: int) -> list[list[int]]:
+    """Each document cut into consecutive ``[CLS] + (max_length - 2) tokens + [SEP]`` windows; a
+    shorter rest is dropped (every window is full: no padding)."""
+    width = max_length - 2
+    rows = []
+    for text in documents:
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # long texts are cut here
+        for i in range(0, len(ids) - width + 1, width):
+            rows.append([tokenizer.cls_token_id] + ids[i:i + width] + [tokenizer.sep_token_id])
+    return rows
+
+
 class PlantedTask(Task):
     name = "planted"
     metric = "rel_loss"
@@ -122,14 +161,8 @@ class PlantedTask(Task):
 
     def __init__(self, bert, tokenizer, cfg, planted: dict[str, int] | None = None):
         super().__init__(bert, tokenizer, cfg)
-        from lorambo.experiments.text_corpus import stdlib_paragraphs
-
         self.planted = dict(planted or pl.PLANTED_RANKS)
-        paragraphs = stdlib_paragraphs()
-        random.Random(0).shuffle(paragraphs)
-        n = len(paragraphs)
-        cut = (int(0.7 * n), int(0.85 * n))
-        parts = {"train": paragraphs[:cut[0]], "val": paragraphs[cut[0]:cut[1]], "test": paragraphs[cut[1]:]}
+        parts = document_splits(planted_text(cfg.planted_text))
         self.splits = {k: self._windows(v) for k, v in parts.items()}
         self._cap_train()
         self.directions = pl.make_directions(self.dims, self.planted)
@@ -143,12 +176,7 @@ class PlantedTask(Task):
         del self.teacher  # the cached targets are all that is needed
 
     def _windows(self, paragraphs: list[str]) -> dict:
-        tok, width = self.tokenizer, self.cfg.max_length - 2
-        rows = []
-        for text in paragraphs:
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-            for i in range(0, len(ids) - width + 1, width):
-                rows.append([tok.cls_token_id] + ids[i:i + width] + [tok.sep_token_id])
+        rows = token_windows(self.tokenizer, paragraphs, self.cfg.max_length)
         if not rows:
             raise RuntimeError("no text windows: max_length is longer than every paragraph")
         random.Random(1).shuffle(rows)
@@ -179,7 +207,7 @@ class PlantedTask(Task):
         return pl.recovery(ranks, self.dims, self.planted)
 
     def describe(self) -> dict:
-        return {**super().describe(), "text": "Python standard-library docstring paragraphs",
+        return {**super().describe(), "text": TEXT_LABELS[self.cfg.planted_text],
                 "planted_ranks": self.planted, "coefficients": self.coefs, "scale": self.cfg.planted_scale,
                 "planted_params": sum(r * sum(self.dims[n]) for n, r in self.planted.items())}
 

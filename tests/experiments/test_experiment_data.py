@@ -4,6 +4,7 @@ import importlib.util
 
 import pytest
 
+from lorambo.experiments import config as presets
 from lorambo.experiments import sentiment_data
 from lorambo.experiments.text_corpus import stdlib_paragraphs
 
@@ -68,3 +69,23 @@ def test_task_splits(planted_task, sentiment_task, tiny_cfg):
     assert planted_task.splits["train"]["target"].shape[-1] == 384
     assert 0.5 < sentiment_task.probe["test"] <= 1               # the linear probe beats chance
     assert sentiment_task.describe()["sizes"]["test"] == 1008        # the whole test split
+
+
+def test_full_preset_distils_on_snippets_with_hundreds_of_test_windows():
+    """The NYT/Amazon text: at the full preset's 64 tokens every split holds hundreds of windows;
+    the default demo keeps the docstrings, and the movie reviews (sentiment data) stay out."""
+    from transformers import AutoTokenizer
+
+    from lorambo.experiments.minilm import minilm_path
+    from lorambo.experiments.tasks import document_splits, planted_text, token_windows
+
+    cfg = presets.full()
+    assert cfg.planted_text == "snippets" and presets.default().planted_text == "docstrings"
+    documents = planted_text(cfg.planted_text)
+    assert len(documents) == 498 + 300
+    assert not any("The Rock is destined" in d for d in documents)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    windows = {k: len(token_windows(tokenizer, v, cfg.max_length)) for k, v in document_splits(documents).items()}
+    assert windows["test"] >= 200 and windows["val"] >= 200 and windows["train"] > 5 * windows["test"], windows
+    with pytest.raises(ValueError, match="planted_text must be one of docstrings, snippets"):
+        presets.ExperimentConfig(planted_text="novels")

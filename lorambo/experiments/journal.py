@@ -1,0 +1,167 @@
+"""The run journal ``<out>/runs.jsonl``: one JSON line per finished unit of work, appended, flushed
+and fsynced as it finishes, so that an experiment cut short loses at most the units in flight.
+
+Every line is an object with a ``kind``:
+
+- ``header`` (first line): the configuration, less the fields that may differ between the machines
+  sharing one journal (device, threads), and where the weights came from; a resumed journal must
+  match both, so that runs of different experiments never mix;
+- ``session``: one per ``run_experiment`` call: its start time and environment;
+- ``task``: what a task's result needs besides its runs (metric, layer sizes, description,
+  baselines, budgets);
+- ``sens``: the sensitivities of one (task, seed);
+- ``run``: one training run.
+
+``task``, ``sens`` and ``run`` lines carry the ``key`` of their unit (``units.unit_key``), the
+session that recorded them and its elapsed seconds. A last line without its newline (cut short
+by a crash mid-write) is ignored on reading; any other unreadable line is an error naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+FILE_NAME = "runs.jsonl"
+VERSION = 1
+MACHINE_FIELDS = ("device", "threads")  # may differ between the sessions of one journal
+
+
+def header(cfg, weights: dict) -> dict:
+    config = json.loads(json.dumps(cfg.as_dict()))  # tuples as lists: as read back from the file
+    for name in MACHINE_FIELDS:
+        config.pop(name, None)
+    return {"kind": "header", "version": VERSION, "config": config, "weights": weights}
+
+
+def read(path) -> tuple[list[dict], int]:
+    """``(records, bytes of a torn last line that was ignored)``."""
+    path = Path(path)
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline, else the torn last line
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as err:
+            raise ValueError(f"{path}:{number}: not a journal record ({err}); only a torn last line is "
+                             "ignored, a damaged line inside the journal is an error") from None
+        if not isinstance(record, dict) or "kind" not in record:
+            raise ValueError(f"{path}:{number}: not a journal record (no 'kind')")
+        records.append(record)
+    return records, len(tail)
+
+
+class Records:
+    """The journal's content, indexed: the header, the sessions, and each unit's record by key."""
+
+    def __init__(self, records=()):
+        self.header: dict | None = None
+        self.sessions: list[dict] = []
+        self.units: dict[str, dict] = {}
+        for record in records:
+            self.add(record)
+
+    def add(self, record: dict) -> None:
+        kind = record["kind"]
+        if kind == "header":
+            self.header = record
+        elif kind == "session":
+            self.sessions.append(record)
+        else:
+            self.units[record["key"]] = record
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.units
+
+    def get(self, key: str) -> dict | None:
+        return self.units.get(key)
+
+    def of_kind(self, kind: str, task: str | None = None) -> list[dict]:
+        return [r for r in self.units.values() if r["kind"] == kind and (task is None or r["task"] == task)]
+
+
+def check_header(found: dict, expected: dict, path) -> None:
+    """A clear error when a journal was written by another configuration or other weights."""
+    if found.get("version") != expected["version"]:
+        raise ValueError(f"{path}: journal version {found.get('version')!r}, this lorambo writes {expected['version']}")
+    old, new = found.get("config", {}), expected["config"]
+    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if differ:
+        details = "; ".join(f"{k}: journal {old.get(k)!r}, now {new.get(k)!r}" for k in differ[:6])
+        raise ValueError(f"{path} was written by another configuration ({details}): resume it with the "
+                         "same preset and options, or start a new --out")
+    if found.get("weights") != expected["weights"]:
+        raise ValueError(f"{path}: its runs used weights {found.get('weights')!r}, this run {expected['weights']!r} "
+                         "(a bundle's fp16 copy and the package's fp32 weights give different numbers): pass the "
+                         "same --bundle, or none, as the runs recorded")
+
+
+def _write_all(records: list[dict], path: Path) -> None:
+    """The whole journal rewritten atomically (temporary file, fsync, rename)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, separators=(",", ":")) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class Journal:
+    """Appends records to ``path``; :meth:`append` returns the record as it reads back."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def append(self, record: dict) -> dict:
+        line = json.dumps(record, separators=(",", ":"), allow_nan=False)
+        self._file.write(line + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        return json.loads(line)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def open_journal(out_dir, resume, expected_header: dict) -> tuple[Journal, Records, int]:
+    """The journal of ``out_dir``, holding the records of ``resume`` (a journal file) if given.
+
+    Returns ``(journal, records, torn bytes ignored)``. Without ``resume`` the journal must not
+    exist yet: continuing one is asked for explicitly. With it, its records are copied (or, when
+    it is this very file, rewritten without a torn last line) before anything is appended."""
+    path = Path(out_dir) / FILE_NAME
+    records, torn = [], 0
+    if resume is not None:
+        source = Path(resume)
+        if not source.is_file():
+            raise FileNotFoundError(f"--resume {source}: no such journal file")
+        if path.exists() and not path.samefile(source):
+            raise ValueError(f"{path} already holds a journal: resume that one (--resume {path}) or choose "
+                             f"another --out for {source}")
+        records, torn = read(source)
+        if records:
+            if records[0]["kind"] != "header":
+                raise ValueError(f"{source}: the first record is not the journal header")
+            check_header(records[0], expected_header, source)
+        _write_all(records, path)
+    elif path.exists():
+        raise ValueError(f"{path} already holds a journal: pass --resume {path} to continue it, or choose "
+                         "another --out")
+    journal = Journal(path)
+    index = Records(records)
+    if index.header is None:
+        index.add(journal.append(expected_header))
+    return journal, index, torn

@@ -1,0 +1,138 @@
+"""Hands the pending units of an experiment to one or more processes, respecting their
+dependencies (``units.inputs``) and a time limit, and records each result as it arrives.
+
+- ``workers=1``: the units run in this process, in the order of ``units.all_units`` (which
+  meets every dependency in turn).
+- ``workers=N``: N worker processes (``torch.multiprocessing``, spawn), each with its own model
+  and tasks (``executor.py``), take whole units; each gets the first pending unit whose inputs
+  are recorded. They share the GPU, or the CPU with ``cfg.threads`` threads each.
+- ``time_limit``: no unit starts once that many seconds have passed since ``started``, nor one
+  whose recorded duration (the longest of its task and method so far) would carry it past the
+  limit; the units in flight finish and are recorded.
+
+Only this process writes the journal; the records are the same whichever process ran a unit.
+"""
+
+from __future__ import annotations
+
+import queue as queue_errors
+import time
+import traceback
+
+from lorambo.experiments.units import inputs, unit_key
+
+
+def _estimate(unit: dict, records) -> float:
+    """Seconds a unit is expected to take: the longest recorded unit of its kind (runs: of its
+    task and method); 0 when none is recorded yet."""
+    if unit["kind"] == "run":
+        times = [r["run"]["seconds"] for r in records.of_kind("run", unit["task"])
+                 if r["run"]["method"] == unit["method"]]
+    elif unit["kind"] == "sens":
+        times = [sum(r["seconds"].values()) for r in records.of_kind("sens", unit["task"])]
+    else:
+        times = []
+    return max(times, default=0.0)
+
+
+class Dispatcher:
+    """Picks the next unit to start; ``record(unit, result)`` is the caller's journal writer."""
+
+    def __init__(self, cfg, pending: list[dict], records, record, started: float, time_limit: float | None):
+        self.cfg, self.pending, self.records, self.record = cfg, list(pending), records, record
+        self.started, self.time_limit = started, time_limit
+
+    def _allowed(self, unit: dict) -> bool:
+        if self.time_limit is None:
+            return True
+        elapsed = time.perf_counter() - self.started
+        return elapsed < self.time_limit and elapsed + _estimate(unit, self.records) <= self.time_limit
+
+    def next_unit(self) -> dict | None:
+        """The first pending unit whose inputs are recorded and that fits the time left (removed
+        from the pending list, its journal key under "key"), or None."""
+        for i, unit in enumerate(self.pending):
+            ready = inputs(unit, self.cfg, self.records)
+            if ready is not None and self._allowed(unit):
+                del self.pending[i]
+                return dict(ready, key=unit_key(unit, self.cfg))  # the key says "selected", not the rate
+        return None
+
+    def done(self, unit: dict, result: dict) -> None:
+        self.record(dict(result, key=unit["key"]))
+
+
+def run_units(cfg, pending: list[dict], records, record, started: float, time_limit: float | None = None,
+              workers: int = 1, executor=None) -> list[dict]:
+    """Run what fits; returns the units left pending (empty when the experiment is complete)."""
+    dispatch = Dispatcher(cfg, pending, records, record, started, time_limit)
+    if workers == 1:
+        if executor is None:
+            from lorambo.experiments.executor import Executor
+
+            executor = Executor(cfg)  # loads the model on its first unit only
+        while (unit := dispatch.next_unit()) is not None:
+            dispatch.done(unit, executor.run(unit))
+    else:
+        _run_pool(cfg, dispatch, workers)
+    if dispatch.pending and time_limit is None:
+        raise RuntimeError(f"{len(dispatch.pending)} units could not start: their inputs were never recorded "
+                           f"(first: {dispatch.pending[0]})")
+    return dispatch.pending
+
+
+def _worker(cfg, inbox, outbox) -> None:
+    """A worker process: run each unit received until None arrives; report errors, then stop."""
+    from lorambo.experiments.executor import Executor
+
+    executor = Executor(cfg)
+    while (unit := inbox.get()) is not None:
+        try:
+            outbox.put(("ok", unit, executor.run(unit)))
+        except BaseException:  # noqa: BLE001 - reported to the main process, which raises it
+            outbox.put(("error", unit, traceback.format_exc()))
+            return
+
+
+def _run_pool(cfg, dispatch: Dispatcher, workers: int) -> None:
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    outbox = context.Queue()
+    pool = []
+    for _ in range(min(workers, len(dispatch.pending))):
+        inbox = context.Queue()
+        process = context.Process(target=_worker, args=(cfg, inbox, outbox), daemon=True)
+        process.start()
+        pool.append({"process": process, "inbox": inbox, "unit": None})
+    try:
+        while True:
+            for slot in pool:
+                if slot["unit"] is None and (unit := dispatch.next_unit()) is not None:
+                    slot["unit"] = unit
+                    slot["inbox"].put(unit)
+            busy = [slot for slot in pool if slot["unit"] is not None]
+            if not busy:
+                return
+            try:
+                status, unit, payload = outbox.get(timeout=5.0)
+            except queue_errors.Empty:
+                for slot in busy:
+                    if not slot["process"].is_alive():
+                        raise RuntimeError(f"a worker process exited (code {slot['process'].exitcode}) while "
+                                           f"running {slot['unit']}; the units recorded so far are kept") from None
+                continue
+            if status == "error":
+                raise RuntimeError(f"a worker failed on {unit}:\n{payload}")
+            slot = next(s for s in busy if s["unit"] == unit)
+            slot["unit"] = None
+            dispatch.done(unit, payload)
+    finally:
+        for slot in pool:
+            if slot["process"].is_alive():
+                slot["inbox"].put(None)
+        for slot in pool:
+            slot["process"].join(timeout=30)
+            if slot["process"].is_alive():
+                slot["process"].terminate()
+                slot["process"].join()

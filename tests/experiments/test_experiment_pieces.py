@@ -1,0 +1,136 @@
+"""Running the experiment in pieces: the journal, resume, the time limit and worker processes all
+give the numbers of one uninterrupted run (tiny sizes, CPU)."""
+
+import json
+import sys
+import time
+import types
+
+import pytest
+
+from lorambo.experiments import config as presets
+from lorambo.experiments import journal, scheduler
+from lorambo.experiments.runner import plots_from, run_experiment
+from lorambo.experiments.units import all_units, grid_of, plan, unit_key
+
+# uniform LoRA's grid on seed 0, then its seed 1 and both seeds of "gradient" at its choice;
+# "gradient" also waits for the sensitivities
+CFG = presets.tiny(methods=("uniform", "gradient")).replace(tasks=("planted",), budgets=(1.0,), seeds=2,
+                                                            lr_grid=(1e-3, 1e-2), lr_search="uniform")
+TIMINGS = ("seconds", "train_seconds")
+
+
+def _numbers(result: dict) -> dict:
+    """Everything a result says about the runs, without timings."""
+    return {name: {"runs": [{k: v for k, v in r.items() if k not in TIMINGS} for r in tr["runs"]],
+                   "lr_choice": tr["lr_choice"], "summary": tr["summary"], "sensitivities": tr["sensitivities"],
+                   "verdicts": tr["verdicts"], "describe": tr["describe"], "budgets": tr["budgets"]}
+            for name, tr in result["tasks"].items()}
+
+
+def _unit_records(path) -> list[dict]:
+    records, torn = journal.read(path)
+    assert torn == 0
+    return [r for r in records if r["kind"] in ("task", "sens", "run")]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted run in this process."""
+    out = tmp_path_factory.mktemp("reference")
+    return run_experiment(CFG, out_dir=out, progress=False, echo=lambda *a: None), out
+
+
+def test_journal_ignores_only_a_torn_last_line(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    path.write_text('{"kind": "header"}\n{"kind": "session"}\n{"kind": "run", "key": "[\\"ru')
+    records, torn = journal.read(path)
+    assert [r["kind"] for r in records] == ["header", "session"] and torn == len('{"kind": "run", "key": "[\\"ru')
+    path.write_text('{"kind": "header"}\n{"kind": "se\n{"kind": "session"}\n')
+    with pytest.raises(ValueError, match=r"runs.jsonl:2: not a journal record"):
+        journal.read(path)
+
+
+@pytest.mark.parametrize("lr_search", ["uniform", "first_budget", "per_budget"])
+def test_units_come_after_what_they_read(lr_search):
+    cfg = CFG.replace(budgets=(1.0, 2.0), lr_search=lr_search)
+    units = all_units(cfg)
+    assert [u["kind"] for u in units[:2]] == ["task", "sens"]
+    assert len(units) == 2 + len(plan(cfg, "planted")) and len({unit_key(u, cfg) for u in units}) == len(units)
+    seen_grid = set()
+    for u in units[2:]:
+        if u["lr"] is not None:
+            seen_grid.add((u["method"], u["li"]))
+        else:
+            assert grid_of(cfg, u["method"], u["li"]) in seen_grid
+
+
+@pytest.mark.slow
+def test_time_limit_stops_then_resume_finishes_with_the_same_numbers(reference, tmp_path, monkeypatch, capsys):
+    ref, _ = reference
+    out = tmp_path / "pieces"
+    calls = []
+
+    def clock():  # the first 4 start checks see no time pass, every later one is past the limit
+        calls.append(1)
+        return time.perf_counter() + (0.0 if len(calls) <= 4 else 1e6)
+
+    monkeypatch.setattr(scheduler, "time", types.SimpleNamespace(perf_counter=clock))
+    command = ["experiment", "--preset", "tiny", "--time-limit", "1000", "--out", str(out)]
+    first = run_experiment(CFG, out_dir=out, progress=False, time_limit=1000, command=command)
+    printed = capsys.readouterr().out
+    total = len(all_units(CFG))
+    assert first == {"complete": False, "remaining": total - 4, "remaining_runs": total - 4,
+                     "journal": str(out / "runs.jsonl"), "out_dir": str(out)}
+    assert f"{total - 4} runs and 0 other units remain" in printed
+    continue_line = next(line for line in printed.splitlines() if line.startswith("continue with: "))
+    assert continue_line.endswith(f"experiment --preset tiny --time-limit 1000 --out {out} --resume {out}/runs.jsonl")
+    assert len(_unit_records(out / "runs.jsonl")) == 4 and not (out / "results.json").exists()
+    monkeypatch.undo()
+
+    with open(out / "runs.jsonl", "a") as f:  # a crash in the middle of writing a record
+        f.write('{"kind":"run","key":"[\\"run\\", \\"planted')
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "matplotlib", None)  # the GPU machine has none
+        second = run_experiment(CFG, out_dir=out, progress=False, resume=out / "runs.jsonl")
+    printed = capsys.readouterr().out
+    assert "ignored the torn last line" in printed
+    assert sum("plots skipped: matplotlib is not installed" in line for line in printed.splitlines()) == 1
+    assert _numbers(second) == _numbers(ref) and second["plots"] == [] and second["sessions"] == 2
+    records = _unit_records(out / "runs.jsonl")
+    assert len({r["key"] for r in records}) == len(records) == total      # nothing ran twice
+    assert sum(r["session"] == 1 for r in records) == total - 4
+    written = json.loads((out / "results.json").read_text())["tasks"]["planted"]
+    assert written["lr_choice"] == ref["tasks"]["planted"]["lr_choice"]
+
+    drawn = plots_from(out / "results.json")
+    assert drawn and all((out / p).read_bytes()[:4] == b"\x89PNG" for p in drawn)
+
+
+@pytest.mark.slow
+def test_a_complete_journal_needs_no_model_and_other_configs_are_refused(reference, tmp_path, monkeypatch):
+    ref, ref_out = reference
+
+    def no_model(*a, **k):
+        raise AssertionError("a complete journal must not load the model")
+
+    monkeypatch.setattr("lorambo.experiments.minilm.load_minilm", no_model)
+    again = run_experiment(CFG, out_dir=tmp_path / "again", progress=False, echo=lambda *a: None,
+                           resume=ref_out / "runs.jsonl")
+    assert _numbers(again) == _numbers(ref)
+    with pytest.raises(ValueError, match=r"another configuration \(steps: journal 5, now 6\)"):
+        run_experiment(CFG.replace(steps=6), out_dir=tmp_path / "other", resume=ref_out / "runs.jsonl")
+    with pytest.raises(ValueError, match="already holds a journal: pass --resume"):
+        run_experiment(CFG, out_dir=ref_out)
+    with pytest.raises(FileNotFoundError, match="no such journal file"):
+        run_experiment(CFG, out_dir=tmp_path / "x", resume=tmp_path / "missing.jsonl")
+
+
+@pytest.mark.slow
+def test_two_workers_record_what_one_worker_records(reference, tmp_path):
+    ref, _ = reference
+    result = run_experiment(CFG, out_dir=tmp_path, progress=False, echo=lambda *a: None, workers=2)
+    assert _numbers(result) == _numbers(ref)
+    records = _unit_records(tmp_path / "runs.jsonl")
+    assert {r["session"] for r in records} == {0}
+    assert result["cpu_seconds"] >= sum(r["cpu"] for r in records) > 0  # the workers' CPU time counts
