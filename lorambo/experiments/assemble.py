@@ -1,7 +1,8 @@
 """A task's result, built from the journal's records alone (no model, no data).
 
 The runs are replayed in plan order, so the result (the run list, the learning-rate choices and
-their order, the summary) is the same whichever order or process recorded them.
+their order, the summary) is the same whichever order or process recorded them. Grid runs that
+diverged stay in the run list and are listed under ``diverged``; no choice or summary reads them.
 """
 
 from __future__ import annotations
@@ -20,8 +21,12 @@ def chosen_lr(lr_choice: dict, cfg: ExperimentConfig, method: str, level: float)
     return lr_choice[method].get(str(level)) or lr_choice[method][first]
 
 
+DIVERGED_FIELDS = ("method", "level", "seed", "lr", "diverged_step", "diverged_value", "diverged_where")
+
+
 def _select(runs, lr_choice, method, level, cfg) -> None:
-    """After the grid of (method, level) on seed 0 is complete, keep the lowest validation loss."""
+    """After the grid of (method, level) on seed 0 is complete, keep the lowest validation loss
+    (never a run that diverged)."""
     key = str(level)
     if key in lr_choice[method]:
         return
@@ -62,6 +67,7 @@ def task_result(cfg: ExperimentConfig, name: str, records) -> dict:
           "methods": list(methods),
           "notes": sorted({n for per in sens.values() for n in per.get("_notes", [])}),
           "lr_choice": lr_choice, "runs": runs, "summary": summary,
+          "diverged": [{k: r[k] for k in DIVERGED_FIELDS} for r in runs if r.get("diverged")],
           "run_seconds": sum(r["seconds"] for r in runs), "baselines": meta["baselines"]}
     tr["verdicts"] = res.verdicts(name, summary, levels, meta["higher_is_better"])
     tr["setup_seconds"] = meta["setup_seconds"]

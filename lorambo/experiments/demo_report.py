@@ -38,6 +38,16 @@ def machine_line(env: dict, load_start, load_end) -> str:
             f"{fmt(load_start)} at start, {fmt(load_end)} at end")
 
 
+def diverged_lrs(tr: dict, level: str, method: str = "uniform") -> list[float]:
+    """The rates of ``method``'s grid at ``level`` whose runs diverged (the tables name them)."""
+    return sorted(d["lr"] for d in tr.get("diverged", []) if d["method"] == method and d["level"] == float(level))
+
+
+def _lr_note(summary: dict) -> str:
+    gone = summary.get("lr_diverged")
+    return f"; {', '.join(f'{lr:g}' for lr in gone)} diverged" if gone else ""
+
+
 def compact(result: dict, task: str = "planted") -> dict:
     """The committed summary: machine, wall time and, per method at the first budget, the per-seed
     test losses and gap shares, the mean coverage, share, ρ, ranks and validation curve."""
@@ -51,10 +61,11 @@ def compact(result: dict, task: str = "planted") -> dict:
            "steps": result["config"]["steps"], "batch_size": result["config"]["batch_size"],
            "max_length": result["config"]["max_length"], "seeds": result["config"]["seeds"],
            "split_sizes": tr["describe"].get("sizes"), "lr": tr["lr_choice"].get("uniform", {}).get(level),
-           "lr_choice": tr["lr_choice"], "methods": {}}
+           "lr_diverged": diverged_lrs(tr, level), "lr_choice": tr["lr_choice"], "methods": {}}
     seeds_of = {}
     for run in tr["runs"]:
-        if run["level"] == float(level) and run["lr"] == tr["lr_choice"][run["method"]].get(level):
+        if (not run.get("diverged") and run["level"] == float(level)
+                and run["lr"] == tr["lr_choice"][run["method"]].get(level)):
             seeds_of.setdefault(run["method"], {})[run["seed"]] = run
     for method, entry in tr["summary"].items():
         e = entry.get(level)
@@ -85,14 +96,14 @@ def accuracy_summary(result: dict, task: str = "sentiment") -> dict:
            "budget": tr["budgets"][level], "steps": result["config"]["steps"],
            "batch_size": result["config"]["batch_size"], "max_length": result["config"]["max_length"],
            "seeds": result["config"]["seeds"], "split_sizes": tr["describe"].get("sizes"),
-           "lr": tr["lr_choice"].get("uniform", {}).get(level), "linear_probe": tr["describe"].get("linear_probe"),
-           "methods": {}}
+           "lr": tr["lr_choice"].get("uniform", {}).get(level), "lr_diverged": diverged_lrs(tr, level),
+           "linear_probe": tr["describe"].get("linear_probe"), "methods": {}}
     for method, entry in tr["summary"].items():
         e = entry.get(level)
         if e is None:
             continue
-        runs = {r["seed"]: r for r in tr["runs"]
-                if r["method"] == method and r["level"] == float(level) and r["lr"] == e["lr"]}
+        runs = {r["seed"]: r for r in tr["runs"] if not r.get("diverged")
+                and r["method"] == method and r["level"] == float(level) and r["lr"] == e["lr"]}
         out["methods"][method] = {"label": METHOD_LABELS[method], "accuracy": [runs[s]["metric"] for s in sorted(runs)],
                                   "mean": e["metric_mean"], "std": e["metric_std"],
                                   "wins_vs_uniform": e.get("wins_vs_uniform"), "paired_seeds": e.get("paired_seeds"),
@@ -103,7 +114,7 @@ def accuracy_summary(result: dict, task: str = "sentiment") -> dict:
 def accuracy_table(summary: dict) -> str:
     lines = [f"{summary['task']} task at P = {summary['budget']:,}, {summary['steps']} steps of "
              f"{summary['batch_size']} x {summary['max_length']} tokens, {summary['seeds']} seeds, lr {summary['lr']:g} "
-             f"(chosen on uniform LoRA, seed 0); linear probe on the frozen encoder: test accuracy "
+             f"(chosen on uniform LoRA, seed 0{_lr_note(summary)}); linear probe on the frozen encoder: test accuracy "
              f"{summary['linear_probe']['test']:.3f}", "",
              "| method | test accuracy (mean ± std) | per seed | seeds better than uniform |", "|---|---|---|---|"]
     for method, row in summary["methods"].items():
@@ -117,7 +128,7 @@ def table(summary: dict) -> str:
     """The text table of :func:`compact`'s output (also the README's)."""
     lines = [f"planted task at P = {summary['budget']:,} (P* = {summary['planted_params']:,}), "
              f"{summary['steps']} steps of {summary['batch_size']} x {summary['max_length']} tokens, "
-             f"{summary['seeds']} seeds, lr {summary['lr']:g} (chosen on uniform LoRA, seed 0)",
+             f"{summary['seeds']} seeds, lr {summary['lr']:g} (chosen on uniform LoRA, seed 0{_lr_note(summary)})",
              "",
              "| method | test loss (mean ± std) | gap closed (mean ± std) | seeds better than uniform | "
              "coverage | budget on planted | Spearman ρ |",

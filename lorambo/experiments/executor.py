@@ -86,5 +86,6 @@ class Executor:
         ctx = RunContext(task, cfg, level, budget_of(level, task.dims), unit["seed"], calib, heldout, unit["sens"],
                          cache)
         run = train_run(ctx, unit["method"], unit["lr"], self._full_stream(task, unit["seed"]),
-                        score_val=not unit["selected"] or cfg.val_every > 0)
+                        score_val=not unit["selected"] or cfg.val_every > 0,
+                        record_divergence=not unit["selected"])  # a grid run may diverge, a selected one not
         return {"kind": "run", "task": task.name, "run": run}

@@ -1,7 +1,7 @@
 """Aggregate runs into mean ± std per (method, budget), compare with uniform, format, save.
 
 Only the runs at each (method, budget)'s selected learning rate enter the summary; the others
-(the rest of the grid, on seed 0) stay in the JSON. Comparisons with uniform are paired by seed
+(the rest of the grid, on seed 0, including the runs that diverged) stay in the JSON. Comparisons with uniform are paired by seed
 (same data order and LoRA initialisation seed): a method "beats uniform" at a budget when it is
 better on every seed. Where a reference (the oracle) ran, each method's share of the
 uniform-to-oracle gap is reported per seed (:func:`gap_closed`).
@@ -44,7 +44,7 @@ def summarize(runs: list[dict], lr_choice: dict, methods, levels, higher_is_bett
     """``{method: {str(level): {...}}}`` over the selected runs, with paired gaps to uniform."""
     chosen = {}
     for r in runs:
-        if r["lr"] == lr_choice[r["method"]][str(r["level"])]:
+        if not r.get("diverged") and r["lr"] == lr_choice[r["method"]][str(r["level"])]:
             chosen.setdefault((r["method"], r["level"]), {})[r["seed"]] = r
     out = {}
     for method in methods:
@@ -84,6 +84,26 @@ def summarize(runs: list[dict], lr_choice: dict, methods, levels, higher_is_bett
                 entry["val_curve_std"] = [mean_std([c[i][1] for c in curves])[1] for i in range(len(curves[0]))]
             out.setdefault(method, {})[str(level)] = entry
     return out
+
+
+def lr_choice_line(lr_choice: dict, diverged: list[dict]) -> str:
+    """The learning rates chosen per method (one per budget) and the grid rates that diverged:
+    ``uniform 0.003/0.003 (0.01 diverged)``; with grids at several budgets, the budget of each."""
+    parts = []
+    for method, per in lr_choice.items():
+        text = f"{method} {'/'.join(f'{v:g}' for v in per.values())}"
+        by_level: dict[float, list[float]] = {}
+        for d in diverged:
+            if d["method"] == method:
+                by_level.setdefault(d["level"], []).append(d["lr"])
+        if len(by_level) == 1:
+            (lrs,) = by_level.values()
+            text += f" ({', '.join(f'{lr:g}' for lr in sorted(lrs))} diverged)"
+        elif by_level:
+            text += " (diverged: " + "; ".join(f"level {lv:g}: {', '.join(f'{lr:g}' for lr in sorted(lrs))}"
+                                               for lv, lrs in sorted(by_level.items())) + ")"
+        parts.append(text)
+    return "learning rates chosen on validation (per budget): " + ", ".join(parts)
 
 
 def verdicts(task: str, summary: dict, levels, higher_is_better: bool) -> list[str]:

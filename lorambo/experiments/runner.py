@@ -112,6 +112,10 @@ def run_experiment(cfg: ExperimentConfig, out_dir=None, progress: bool | None = 
     def record(rec: dict) -> None:
         records.add(jr.append(dict(rec, session=session, elapsed=time.perf_counter() - started)))
         run = rec.get("run")
+        if run is not None and run.get("diverged"):
+            echo(f"{run['task']}: {run['method']} at budget level {run['level']:g}, seed {run['seed']}, lr "
+                 f"{run['lr']:g} diverged ({run['diverged_where']} {run['diverged_value']} at step "
+                 f"{run['diverged_step']}): recorded, never selected")
         bar.set_postfix_str(f"{rec['task']}: {rec['kind']}" if run is None else f"{rec['task']}: {run['method']}, "
                             f"level {run['level']:g}, seed {run['seed']}, lr {run['lr']:g}")
         bar.update(1)
@@ -250,8 +254,7 @@ def report_text(result: dict, cfg: ExperimentConfig) -> str:
     for task, tr in result["tasks"].items():
         parts.append(res.format_table(tr, tr["methods"], cfg.budgets))
         parts.append("\n".join(tr["verdicts"]))
-        chosen = ", ".join(f"{m} {'/'.join(f'{v:g}' for v in per.values())}" for m, per in tr["lr_choice"].items())
-        parts.append(f"learning rates chosen on validation (per budget): {chosen}")
+        parts.append(res.lr_choice_line(tr["lr_choice"], tr["diverged"]))
         if tr["notes"]:
             parts.append("notes: " + "; ".join(tr["notes"]))
     env = result["environment"]

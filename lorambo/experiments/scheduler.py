@@ -9,6 +9,8 @@ dependencies (``units.inputs``) and a time limit, and records each result as it 
 - ``time_limit``: no unit starts once that many seconds have passed since ``started``, nor one
   whose recorded duration (the longest of its task and method so far) would carry it past the
   limit; the units in flight finish and are recorded.
+- A run whose grid diverged at every rate can never start (``units.GridDivergedError``): it is
+  set aside, every other unit that can run does, and the error is raised at the end.
 
 Only this process writes the journal; the records are the same whichever process ran a unit.
 """
@@ -19,7 +21,7 @@ import queue as queue_errors
 import time
 import traceback
 
-from lorambo.experiments.units import inputs, unit_key
+from lorambo.experiments.units import GridDivergedError, inputs, unit_key
 
 
 def _estimate(unit: dict, records) -> float:
@@ -41,6 +43,7 @@ class Dispatcher:
     def __init__(self, cfg, pending: list[dict], records, record, started: float, time_limit: float | None):
         self.cfg, self.pending, self.records, self.record = cfg, list(pending), records, record
         self.started, self.time_limit = started, time_limit
+        self.blocked: dict[str, int] = {}  # GridDivergedError message -> runs it keeps from starting
 
     def _allowed(self, unit: dict) -> bool:
         if self.time_limit is None:
@@ -50,12 +53,21 @@ class Dispatcher:
 
     def next_unit(self) -> dict | None:
         """The first pending unit whose inputs are recorded and that fits the time left (removed
-        from the pending list, its journal key under "key"), or None."""
-        for i, unit in enumerate(self.pending):
-            ready = inputs(unit, self.cfg, self.records)
+        from the pending list, its journal key under "key"), or None. A unit whose grid diverged at
+        every rate leaves the pending list for ``blocked``."""
+        i = 0
+        while i < len(self.pending):
+            unit = self.pending[i]
+            try:
+                ready = inputs(unit, self.cfg, self.records)
+            except GridDivergedError as err:
+                self.blocked[str(err)] = self.blocked.get(str(err), 0) + 1
+                del self.pending[i]
+                continue
             if ready is not None and self._allowed(unit):
                 del self.pending[i]
                 return dict(ready, key=unit_key(unit, self.cfg))  # the key says "selected", not the rate
+            i += 1
         return None
 
     def done(self, unit: dict, result: dict) -> None:
@@ -64,7 +76,9 @@ class Dispatcher:
 
 def run_units(cfg, pending: list[dict], records, record, started: float, time_limit: float | None = None,
               workers: int = 1, executor=None) -> list[dict]:
-    """Run what fits; returns the units left pending (empty when the experiment is complete)."""
+    """Run what fits; returns the units left pending (empty when the experiment is complete).
+    Raises :class:`~lorambo.experiments.units.GridDivergedError` once nothing else can start
+    when some run's grid diverged at every rate."""
     dispatch = Dispatcher(cfg, pending, records, record, started, time_limit)
     if workers == 1:
         if executor is None:
@@ -75,6 +89,10 @@ def run_units(cfg, pending: list[dict], records, record, started: float, time_li
             dispatch.done(unit, executor.run(unit))
     else:
         _run_pool(cfg, dispatch, workers)
+    if dispatch.blocked:
+        raise GridDivergedError("; ".join(f"{message} ({count} run(s) at its selected rate cannot start; the "
+                                          "other units that ran are in the journal)"
+                                          for message, count in dispatch.blocked.items()))
     if dispatch.pending and time_limit is None:
         raise RuntimeError(f"{len(dispatch.pending)} units could not start: their inputs were never recorded "
                            f"(first: {dispatch.pending[0]})")

@@ -10,7 +10,8 @@ Units are plain dicts (they travel to worker processes):
   ``lr`` None means the rate selected on seed 0's grid (:func:`grid_of`).
 
 Dependencies: a run waits for the ``sens`` unit of its seed (whatever its method reads from it);
-a run at the selected rate waits for every run of the grid it is selected from. Given
+a run at the selected rate waits for every run of the grid it is selected from, and can never
+start when every run of that grid diverged (``train.py``). Given
 those inputs every unit is a deterministic function of the configuration and its seed, whatever
 process runs it and in whatever order: one worker or several, interrupted and resumed or not,
 record the same numbers (bit for bit on CPU).
@@ -94,14 +95,33 @@ def grid_of(cfg: ExperimentConfig, method: str, li: int) -> tuple[str, int]:
     return method, 0
 
 
+class GridDivergedError(FloatingPointError):
+    """Every run of a learning-rate grid diverged: no rate can be selected from it."""
+
+
+def diverged_grid_message(grid: list[dict]) -> str:
+    """Names the grid (task, method, budget level) and how each of its rates diverged."""
+    first = grid[0]
+    how = "; ".join(f"lr {r['lr']:g}: {r['diverged_where']} {r['diverged_value']} at step {r['diverged_step']}"
+                    for r in sorted(grid, key=lambda r: r["lr"]))
+    return (f"{first['task']}: every learning rate of {first['method']}'s grid at budget level {first['level']:g} "
+            f"diverged ({how}): no rate can be selected; lower the grid (--lrs) and start a new --out")
+
+
 def best_lr(grid: list[dict]) -> float:
-    """The grid run with the lowest validation loss (ties: the lower rate) gives the rate."""
-    best = min(grid, key=lambda r: (r["val"].get("loss", r["val"].get("rel_loss")), r["lr"]))
+    """The grid run with the lowest validation loss (ties: the lower rate) gives the rate. A run
+    that diverged counts as an infinite loss: it is never selected, and a grid where every run
+    diverged raises :class:`GridDivergedError`."""
+    finite = [r for r in grid if not r.get("diverged")]
+    if not finite:
+        raise GridDivergedError(diverged_grid_message(grid))
+    best = min(finite, key=lambda r: (r["val"].get("loss", r["val"].get("rel_loss")), r["lr"]))
     return best["lr"]
 
 
 def selected_lr(cfg: ExperimentConfig, task: str, method: str, li: int, records) -> float | None:
-    """The rate selected for (method, level), or None while its grid is incomplete."""
+    """The rate selected for (method, level), or None while its grid is incomplete
+    (:class:`GridDivergedError` when every rate of it diverged)."""
     gm, gli = grid_of(cfg, method, li)
     grid = [records.get(run_key(cfg, task, gm, gli, 0, lr)) for lr in cfg.lr_grid]
     if any(r is None for r in grid):
@@ -111,7 +131,7 @@ def selected_lr(cfg: ExperimentConfig, task: str, method: str, li: int, records)
 
 def inputs(unit: dict, cfg: ExperimentConfig, records) -> dict | None:
     """The unit with what it reads from other units (``sens``, the selected ``lr``), or None while
-    one of them is not recorded yet."""
+    one of them is not recorded yet; :class:`GridDivergedError` when its grid has no rate to give."""
     if unit["kind"] != "run":
         return dict(unit)
     sens = records.get(unit_key({"kind": "sens", "task": unit["task"], "seed": sens_seed(cfg, unit["seed"])}, cfg))
