@@ -114,8 +114,8 @@ def accuracy_summary(result: dict, task: str = "sentiment") -> dict:
 def accuracy_table(summary: dict) -> str:
     lines = [f"{summary['task']} task at P = {summary['budget']:,}, {summary['steps']} steps of "
              f"{summary['batch_size']} x {summary['max_length']} tokens, {summary['seeds']} seeds, lr {summary['lr']:g} "
-             f"(chosen on uniform LoRA, seed 0{_lr_note(summary)}); linear probe on the frozen encoder: test accuracy "
-             f"{summary['linear_probe']['test']:.3f}", "",
+             f"(chosen on uniform LoRA, seed 0{_lr_note(summary)}); linear probe on the frozen encoder: "
+             f"test accuracy {summary['linear_probe']['test']:.3f}", "",
              "| method | test accuracy (mean ± std) | per seed | seeds better than uniform |", "|---|---|---|---|"]
     for method, row in summary["methods"].items():
         wins = "—" if method == "uniform" else f"{row['wins_vs_uniform']}/{row['paired_seeds']}"

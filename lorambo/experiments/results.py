@@ -1,10 +1,11 @@
 """Aggregate runs into mean ± std per (method, budget), compare with uniform, format, save.
 
 Only the runs at each (method, budget)'s selected learning rate enter the summary; the others
-(the rest of the grid, on seed 0, including the runs that diverged) stay in the JSON. Comparisons with uniform are paired by seed
-(same data order and LoRA initialisation seed): a method "beats uniform" at a budget when it is
-better on every seed. Where a reference (the oracle) ran, each method's share of the
-uniform-to-oracle gap is reported per seed (:func:`gap_closed`).
+(the rest of the grid, on seed 0, including the runs that diverged) stay in the JSON.
+Comparisons with uniform are paired by seed (same data order and LoRA initialisation seed): a
+method "beats uniform" at a budget when it is better on every seed. Where a reference (the
+oracle) ran, each method's share of the uniform-to-oracle gap is reported per seed
+(:func:`gap_closed`).
 """
 
 from __future__ import annotations
