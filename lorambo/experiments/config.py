@@ -76,8 +76,8 @@ class ExperimentConfig:
     alora_rounds: int = 1
     alora_prune: float = 0.25                    # share of the active components pruned per round
     alora_heldout: int = 4                       # validation examples ALoRA scores components on
-    #                                              (ablation runs 2 + 2 x components forwards: with 8
-    #                                              ALoRA took 25% of the demo's 637 s)
+    #                                              (ablation runs 2 + 2 x components forwards on
+    #                                              them, so a few keep ALoRA's cost near a run's)
     val_every: int = 0                           # validation loss every this many steps (0: none)
     probe_rank: int = 8                          # probe: rank of the short all-layer LoRA; the knapsack
     #                                              rule gives no layer more ranks than this
@@ -187,7 +187,7 @@ SENTIMENT_METHODS = ("uniform", "gradient", "hessian", "online", "alora", "probe
 def sentiment() -> ExperimentConfig:
     """``lorambo experiment --task sentiment``: MiniLM + a linear head + LoRA on movie-review
     sentiment at P = level 1, 3 seeds, the learning rate chosen on uniform LoRA (2-core CPU: two
-    worker processes of one thread each; the runs took 705 s of CPU time in all)."""
+    worker processes of one thread each)."""
     return ExperimentConfig(tasks=("sentiment",), methods=SENTIMENT_METHODS, budgets=(1.0,), seeds=3, steps=60,
                             batch_size=16, max_length=32, lr_search="uniform", train_examples=2000,
                             eval_examples=500, probe_rank=8, probe_steps=20, threads=1,
