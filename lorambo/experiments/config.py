@@ -76,8 +76,8 @@ class ExperimentConfig:
     alora_rounds: int = 1
     alora_prune: float = 0.25                    # share of the active components pruned per round
     alora_heldout: int = 4                       # validation examples ALoRA scores components on
-    #                                              (ablation runs 2 + 2 x components forwards: with 8
-    #                                              ALoRA took 25% of the demo's 637 s)
+    #                                              (ablation runs 2 + 2 x components forwards on
+    #                                              them, so a few keep ALoRA's cost near a run's)
     val_every: int = 0                           # validation loss every this many steps (0: none)
     probe_rank: int = 8                          # probe: rank of the short all-layer LoRA; the knapsack
     #                                              rule gives no layer more ranks than this
@@ -88,7 +88,9 @@ class ExperimentConfig:
     planted_text: str = "docstrings"             # the planted task's text: "docstrings" (Python's own:
     #                                              7 test windows at 64 tokens) or "snippets" (NYT
     #                                              editorials and Amazon reviews: 374)
-    threads: int = 2                             # torch CPU threads
+    threads: int = 2                             # torch CPU threads (per worker)
+    workers: int = 1                             # processes running whole runs at once (results are
+    #                                              the same for any number: docs/gpu_experiment.md)
     device: str = "auto"                         # "auto" (CUDA if available), "cpu" or "cuda"
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -110,7 +112,7 @@ class ExperimentConfig:
             raise ValueError("train_examples and eval_examples must be >= 0 (0: all)")
         for name in ("seeds", "steps", "batch_size", "calib_batches", "hessian_probes", "alora_rounds",
                      "eva_batches", "eva_max_passes",
-                     "alora_heldout", "threads", "probe_rank", "probe_steps"):
+                     "alora_heldout", "threads", "workers", "probe_rank", "probe_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
@@ -184,10 +186,12 @@ SENTIMENT_METHODS = ("uniform", "gradient", "hessian", "online", "alora", "probe
 
 def sentiment() -> ExperimentConfig:
     """``lorambo experiment --task sentiment``: MiniLM + a linear head + LoRA on movie-review
-    sentiment at P = level 1, 3 seeds, the learning rate chosen on uniform LoRA (2-core CPU)."""
+    sentiment at P = level 1, 3 seeds, the learning rate chosen on uniform LoRA (2-core CPU: two
+    worker processes of one thread each)."""
     return ExperimentConfig(tasks=("sentiment",), methods=SENTIMENT_METHODS, budgets=(1.0,), seeds=3, steps=60,
                             batch_size=16, max_length=32, lr_search="uniform", train_examples=2000,
-                            eval_examples=500, probe_rank=8, probe_steps=20, threads=1)
+                            eval_examples=500, probe_rank=8, probe_steps=20, threads=1,
+                            workers=2)
 
 
 def sentiment_full() -> ExperimentConfig:

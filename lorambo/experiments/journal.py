@@ -4,7 +4,7 @@ and fsynced as it finishes, so that an experiment cut short loses at most the un
 Every line is an object with a ``kind``:
 
 - ``header`` (first line): the configuration, less the fields that may differ between the machines
-  sharing one journal (device, threads), and where the weights came from; a resumed journal must
+  sharing one journal (device, threads, workers), and where the weights came from; a resumed journal must
   match both, so that runs of different experiments never mix;
 - ``session``: one per ``run_experiment`` call: its start time and environment;
 - ``task``: what a task's result needs besides its runs (metric, layer sizes, description,
@@ -26,7 +26,7 @@ from pathlib import Path
 
 FILE_NAME = "runs.jsonl"
 VERSION = 1
-MACHINE_FIELDS = ("device", "threads")  # may differ between the sessions of one journal
+MACHINE_FIELDS = ("device", "threads", "workers")  # may differ between the sessions of one journal
 
 
 def header(cfg, weights: dict) -> dict:

@@ -90,13 +90,16 @@ def _check_options(workers, time_limit) -> None:
         raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
 
 
-def run_experiment(cfg: ExperimentConfig, out_dir=None, progress: bool | None = None, echo=print, workers: int = 1,
+def run_experiment(cfg: ExperimentConfig, out_dir=None, progress: bool | None = None, echo=print,
+                   workers: int | None = None,
                    time_limit: float | None = None, resume=None, command: list[str] | None = None) -> dict:
     """Run every unit not yet recorded; once all are, write the artefacts and return the result
     dict. When ``time_limit`` stops it first, it prints how much remains and the command that
-    continues (``command``: the CLI arguments used) and returns ``{"complete": False, ...}``."""
+    continues (``command``: the CLI arguments used) and returns ``{"complete": False, ...}``.
+    ``workers`` (default ``cfg.workers``) processes run the units."""
     started, cpu_started = time.perf_counter(), time.process_time()
     load_start = demo_report.load_average()
+    workers = cfg.workers if workers is None else workers
     _check_options(workers, time_limit)
     out_dir = check_out_dir(out_dir if out_dir is not None else default_out_dir())
     torch.set_num_threads(cfg.threads)
