@@ -16,6 +16,7 @@ from lorambo.experiments import demo_report, journal, train
 from lorambo.experiments.runner import run_experiment
 from lorambo.experiments.units import GridDivergedError, run_key
 from lorambo.optim import AdamW
+from json_numbers import numbers  # tests/experiments/json_numbers.py
 
 CFG = presets.tiny(methods=("uniform", "gradient")).replace(tasks=("planted",), budgets=(1.0,), seeds=2,
                                                             lr_grid=(1e-3, 1e-2), lr_search="uniform")
@@ -45,19 +46,6 @@ def exploding_adamw(blow):
 
     Exploding.built = built
     return Exploding
-
-
-def _numbers(obj):
-    if isinstance(obj, bool):
-        return
-    if isinstance(obj, (int, float)):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _numbers(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            yield from _numbers(v)
 
 
 def _without_timings(result: dict) -> dict:
@@ -94,7 +82,7 @@ def test_a_diverged_grid_run_is_recorded_never_selected_and_not_run_again(tmp_pa
     assert tr["diverged"] == [{"method": "uniform", "level": 1.0, "seed": 0, "lr": 1e-2, "diverged_step": 2,
                                "diverged_value": "nan", "diverged_where": "training loss"}]
     written = json.loads((tmp_path / "first" / "results.json").read_text())
-    assert all(math.isfinite(x) for x in _numbers(written))
+    assert all(math.isfinite(x) for x in numbers(written))
     text = (tmp_path / "first" / "results.txt").read_text()
     assert "learning rates chosen on validation (per budget): uniform 0.001 (0.01 diverged), gradient 0.001" in text
     demo = demo_report.compact(result)

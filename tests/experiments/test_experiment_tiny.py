@@ -7,21 +7,9 @@ import pytest
 
 from lorambo.experiments import config as presets
 from lorambo.experiments.runner import run_experiment
+from json_numbers import numbers  # tests/experiments/json_numbers.py
 
 pytestmark = pytest.mark.slow
-
-
-def _numbers(obj):
-    if isinstance(obj, bool):
-        return
-    if isinstance(obj, (int, float)):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _numbers(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            yield from _numbers(v)
 
 
 def test_tiny_experiment_writes_table_json_and_plots(tmp_path, capsys):
@@ -34,7 +22,7 @@ def test_tiny_experiment_writes_table_json_and_plots(tmp_path, capsys):
 
     data = json.loads((tmp_path / "results.json").read_text())
     assert set(data["tasks"]) == {"planted", "sentiment"}
-    assert all(math.isfinite(x) for x in _numbers(data))
+    assert all(math.isfinite(x) for x in numbers(data))
     planted, sentiment = data["tasks"]["planted"], data["tasks"]["sentiment"]
     assert len(planted["runs"]) == 1 + 4 * 2   # uniform's second lr + 4 methods x 2 budgets x 1 seed
     assert len(sentiment["runs"]) == 1 + 3 * 2  # no oracle without planted ranks
