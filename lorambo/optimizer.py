@@ -36,7 +36,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -325,12 +325,10 @@ class LoRAMBoOptimizer:
 
     @contextmanager
     def capture(self, step: int):
-        """Wrap the forward and backward of ``step``: records X and dY only on decision steps."""
-        self.begin_step(step)
-        try:
+        """Wrap the forward and backward of ``step``: records X and dY only on online decision
+        steps (ALoRA captures nothing)."""
+        with nullcontext() if self.allocation == "alora" else self.scheduled_growth.capture(step):
             yield self
-        finally:
-            self.scheduled_growth.disarm()
 
     def step(self, step: int, optimizer=None, component_scores=None) -> list[dict]:
         """Take the decision of ``step`` if one is due; returns its records (possibly []).

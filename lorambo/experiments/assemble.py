@@ -9,16 +9,7 @@ from __future__ import annotations
 
 from lorambo.experiments import results as res
 from lorambo.experiments.config import ExperimentConfig
-from lorambo.experiments.units import best_lr, plan, run_key, sens_seeds, task_methods, unit_key
-
-
-def chosen_lr(lr_choice: dict, cfg: ExperimentConfig, method: str, level: float) -> float:
-    """The selected learning rate of (method, budget level): its own per budget, else its first
-    budget's, else (``lr_search="uniform"``) uniform LoRA's at the first budget."""
-    first = str(cfg.budgets[0])
-    if cfg.lr_search == "uniform":
-        return lr_choice["uniform"][first]
-    return lr_choice[method].get(str(level)) or lr_choice[method][first]
+from lorambo.experiments.units import best_lr, plan, run_key, selected_lr, sens_seeds, task_methods, unit_key
 
 
 DIVERGED_FIELDS = ("method", "level", "seed", "lr", "diverged_step", "diverged_value", "diverged_where")
@@ -48,8 +39,8 @@ def task_result(cfg: ExperimentConfig, name: str, records) -> dict:
     for method, li, seed, lr in plan(cfg, name):
         run = records.get(run_key(cfg, name, method, li, seed, lr))["run"]
         level = levels[li]
-        if lr is None:
-            lr = chosen_lr(lr_choice, cfg, method, level)
+        if lr is None:  # the rule the scheduler ran it by (units.grid_of)
+            lr = selected_lr(cfg, name, method, li, records)
             lr_choice[method].setdefault(str(level), lr)
         if run["lr"] != lr:
             raise RuntimeError(f"journal: {name} {method} level {level:g} seed {seed} ran at lr {run['lr']}, "

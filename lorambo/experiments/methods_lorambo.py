@@ -38,12 +38,13 @@ class LoRAMBoMethod(Method):
     def setup(self, student):
         self.model = student
         self.opt = self.optimizer(student)
-        self.opt.compute_optimal_ranks(sensitivities=self.given_sensitivities())
+        self.opt.compute_optimal_ranks(**self.allocation_inputs())
         self.opt.configure()
         return student
 
-    def given_sensitivities(self):
-        return None
+    def allocation_inputs(self) -> dict:
+        """What the allocator reads, as keyword arguments of ``compute_optimal_ranks``."""
+        return {}
 
     def final_ranks(self) -> dict[str, int]:
         return ranks_by_short({n: m.rank for n, m in lora_layers(self.model).items()})
@@ -59,8 +60,8 @@ class Uniform(LoRAMBoMethod):
 class ClosedForm(LoRAMBoMethod):
     allocation = "closed_form"
 
-    def given_sensitivities(self):
-        return self.ctx.sensitivities[self.sensitivity]
+    def allocation_inputs(self) -> dict:
+        return {"sensitivities": self.ctx.sensitivities[self.sensitivity]}
 
 
 def closed_form_method(sensitivity: str) -> type[ClosedForm]:
@@ -75,12 +76,8 @@ class Probe(LoRAMBoMethod):
     name = "probe"
     allocation = "knapsack"
 
-    def setup(self, student):
-        self.model = student
-        self.opt = self.optimizer(student)
-        self.opt.compute_optimal_ranks(benefits=self.ctx.sensitivities["probe"])
-        self.opt.configure()
-        return student
+    def allocation_inputs(self) -> dict:
+        return {"benefits": self.ctx.sensitivities["probe"]}
 
 
 class ProbeSqrt(ClosedForm):
@@ -89,8 +86,8 @@ class ProbeSqrt(ClosedForm):
 
     name = "probe_sqrt"
 
-    def given_sensitivities(self):
-        return self.ctx.sensitivities["probe_sqrt"]
+    def allocation_inputs(self) -> dict:
+        return {"sensitivities": self.ctx.sensitivities["probe_sqrt"]}
 
 
 class Online(LoRAMBoMethod):

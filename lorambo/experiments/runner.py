@@ -36,13 +36,13 @@ from tqdm.auto import tqdm
 
 from lorambo.experiments import bundle, demo_report, journal
 from lorambo.experiments import results as res
-from lorambo.experiments.assemble import chosen_lr, task_result
+from lorambo.experiments.assemble import task_result
 from lorambo.experiments.config import ExperimentConfig
 from lorambo.experiments.executor import resolve_device
 from lorambo.experiments.scheduler import run_units
 from lorambo.experiments.units import all_units, plan, task_methods, unit_key
 
-__all__ = ["check_out_dir", "chosen_lr", "default_out_dir", "environment", "plan", "plots_from", "resolve_device",
+__all__ = ["check_out_dir", "default_out_dir", "environment", "plan", "plots_from", "resolve_device",
            "run_experiment", "task_methods"]
 
 
