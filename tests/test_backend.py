@@ -108,6 +108,24 @@ def test_triton_backend_runs_the_kernels_under_the_interpreter(monkeypatch):
     torch.testing.assert_close(layer(x), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("triton_version, numpy_version, runs", [
+    ("3.6.0", "2.4.6", False), ("3.6.0", "2.5.0rc1", False), ("3.6.0", "2.3.5", True),
+    ("3.7.0", "2.4.6", True), ("3.9.0", "2.5.0", True), ("4.0.0", "3.0.0", True)])
+def test_an_interpreter_that_cannot_run_the_kernels_is_named(monkeypatch, triton_version, numpy_version, runs):
+    # triton 3.6's interpreter turns loaded scalars into ints in a way numpy >= 2.4 rejects.
+    numpy, triton = pytest.importorskip("numpy"), pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    lorambo.set_backend("triton")
+    if runs:
+        assert resolve_backend("cpu", torch.float32) == "triton"
+        return
+    with pytest.raises(RuntimeError, match=f"'triton' was requested.*triton {triton_version}'s interpreter.*"
+                                           f"numpy {numpy_version}.*triton >= 3.7 or numpy < 2.4"):
+        resolve_backend("cpu", torch.float32)
+
+
 def test_ext_backend_matches_the_reference_through_a_layer():
     from lorambo.ext import loader as ext_loader
 

@@ -64,6 +64,30 @@ def is_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def interpreter_incompatibility() -> str | None:
+    """Why this triton's interpreter cannot run the kernels with this numpy, or None.
+
+    The kernels loop to bounds loaded from per-layer tables; triton 3.6's interpreter turns such a
+    scalar into a Python int with ``int(ndarray)``, which numpy >= 2.4 rejects for its 1-element
+    arrays (triton 3.7 squeezes first). Measured with triton 3.6.0: numpy 2.3.5 runs the suite,
+    numpy 2.4.6 fails every kernel test with an InterpreterError. Compiled kernels are unaffected.
+    """
+    import numpy
+    import triton
+
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        return (f"triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) cannot run lorambo's "
+                f"kernels with numpy {numpy.__version__}: it converts loaded scalars with int(), which "
+                f"numpy >= 2.4 rejects; use triton >= 3.7 or numpy < 2.4 (compiled kernels on a GPU "
+                f"are unaffected)")
+    return None
+
+
+def _version(text: str) -> tuple[int, int]:
+    major, minor = text.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
 def input_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` input precision.
 

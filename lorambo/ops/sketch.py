@@ -57,6 +57,11 @@ def _kernels_unavailable(tensors: Sequence[torch.Tensor]) -> str | None:
     except ImportError:
         return "triton is not installed"
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if interpret and any(t.device.type == "cpu" for t in tensors):
+        from lorambo_kernels.config import interpreter_incompatibility
+
+        if (problem := interpreter_incompatibility()) is not None:
+            return problem
     for t in tensors:
         if t.device.type != "cuda" and not (interpret and t.device.type == "cpu"):
             return f"a tensor is on {t.device} (CUDA needed, or CPU under TRITON_INTERPRET=1)"

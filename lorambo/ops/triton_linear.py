@@ -39,7 +39,9 @@ def triton_unavailable_reason(device_type: str) -> Optional[str]:
     if device_type == "cuda":
         return None
     if os.environ.get("TRITON_INTERPRET", "0") == "1" and device_type == "cpu":
-        return None
+        from lorambo_kernels.config import interpreter_incompatibility
+
+        return interpreter_incompatibility()
     return (f"the Triton kernels need a CUDA device (or CPU tensors under TRITON_INTERPRET=1), "
             f"got device type {device_type!r}")
 

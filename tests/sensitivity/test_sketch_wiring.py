@@ -38,6 +38,20 @@ def test_dots_and_norms_on_the_kernels_match_float64(kernels):
         per_layer_dots([wide], [wide])
 
 
+def test_requested_kernels_under_an_incompatible_interpreter_raise(monkeypatch):
+    numpy, triton = pytest.importorskip("numpy"), pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    xs = [torch.randn(4, 5)]
+    set_sketch_backend("triton")
+    try:
+        with pytest.raises(RuntimeError, match="lorambo.ops.sketch.*triton 3.6.0's interpreter.*numpy 2.4.6"):
+            per_layer_dots(xs, xs)
+    finally:
+        set_sketch_backend(None)
+
+
 def test_torch_loop_dots_accumulate_bfloat16_in_fp32():
     set_sketch_backend("torch")
     try:
