@@ -18,7 +18,9 @@ links the libgomp.so.1 that torch itself loads).
 import glob
 import os
 import shutil
+import subprocess
 import sys
+import tempfile
 
 from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
@@ -50,6 +52,43 @@ def _want_cuda(torch_cuda_available_at_build):
     return has_nvcc and torch_cuda_available_at_build
 
 
+def toolkit_root():
+    """The CUDA toolkit the ``nvcc`` on PATH belongs to, as nvcc itself reports it (the
+    ``#$ TOP=`` line of a dry run), or None when there is no nvcc or it does not say.
+
+    torch takes the folder above the ``nvcc`` on PATH as CUDA_HOME. Behind a wrapper script
+    (/usr/local/bin/nvcc running /usr/local/cuda-13.0/bin/nvcc) that is /usr/local, which holds
+    no libcudart, and the link fails with "cannot find -lcudart"."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "probe.cu")
+        open(source, "w").close()
+        try:
+            dry = subprocess.run([nvcc, "--dryrun", "-c", source, "-o", os.path.join(tmp, "probe.o")],
+                                 capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return None
+    for line in (dry.stdout + dry.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            return os.path.realpath(line[len("#$ TOP="):].strip())
+    return None
+
+
+def _point_torch_at_the_toolkit():
+    """Set CUDA_HOME to nvcc's own toolkit when neither CUDA_HOME nor CUDA_PATH is set and
+    torch's guess (the folder above nvcc on PATH) differs; must run before torch.utils.cpp_extension
+    is imported, which reads it once."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or shutil.which("nvcc") is None:
+        return
+    root = toolkit_root()
+    guess = os.path.dirname(os.path.dirname(os.path.abspath(shutil.which("nvcc"))))
+    if root is not None and os.path.realpath(guess) != root:
+        _log(f"CUDA_HOME={root} (nvcc's own toolkit; the folder above {shutil.which('nvcc')} is {guess})")
+        os.environ["CUDA_HOME"] = root
+
+
 def extension_build():
     """(ext_modules, cmdclass) for lorambo._C, or empty ones when it cannot or should not build."""
     if os.environ.get("LORAMBO_SKIP_EXT", "0") == "1":
@@ -62,6 +101,9 @@ def extension_build():
         return [], {}
     try:
         import torch
+
+        if torch.version.cuda is not None and _cuda_mode() != "0":
+            _point_torch_at_the_toolkit()
         from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     except ImportError:
         _log("torch is not importable in the build environment (use --no-build-isolation): "
