@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 export MAX_JOBS ?= 2
 CSRC := $(shell find csrc -type f -name '*.cpp' -o -type f -name '*.cu' -o -type f -name '*.h')
 
-.PHONY: all install data test demo bench bench-ext wheel sdist compile-cuda gpu-check gpu-bundle gpu-experiment clean
+.PHONY: all install data test demo bench bench-ext wheel sdist compile-cuda gpu-check gpu-sketch gpu-bundle gpu-experiment clean
 
 all: test
 
@@ -64,6 +64,11 @@ compile-cuda: $(DEPS_STAMP)
 # python3 and torch, no .venv and no pip, so it depends on none of the targets above.
 gpu-check:
 	$(PYTHON) benchmarks/gpu_check.py $(if $(OUT),--out "$(OUT)")
+
+# The sketch kernels on the GPU, the call after gpu-check (docs/gpu_check.md): their tests on CUDA
+# and bench_sketch --quick, into $(OUT) (default build/gpu-sketch); the machine's own python3.
+gpu-sketch:
+	PYTHON=$(PYTHON) sh benchmarks/gpu_sketch.sh $(OUT)
 
 # The folder the GPU experiment reads on a machine without the model package, the data or a
 # network (docs/gpu_experiment.md): MiniLM in fp16, the data files, a sha256 manifest; <= 56 MiB.

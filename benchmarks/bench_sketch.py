@@ -194,6 +194,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     small = args.cpu_small or args.tiny
     device = torch.device("cuda" if torch.cuda.is_available() and not small else "cpu")
+    if device.type == "cpu" and not small:
+        parser.error("the default and --quick sizes (7B-like layers at >= 4096 tokens, tens of GB) are for a "
+                     "GPU and none is available; use --cpu-small or --tiny")
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
