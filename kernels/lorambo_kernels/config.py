@@ -169,8 +169,10 @@ def gemm_config(M: int, N: int, K: int, block_r: int, dtype: torch.dtype, device
     return cfg
 
 
-def tma_gemm_config(M: int, N: int, K: int, block_r: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """Block shapes for the persistent TMA GEMM (Hopper)."""
+def tma_gemm_config(M: int, N: int, K: int, block_r: int, dtype: torch.dtype, device: torch.device,
+                    lora_acc: bool = False) -> dict:
+    """Block shapes for the persistent TMA GEMM (Hopper). ``lora_acc``: the LoRA product has its
+    own [BLOCK_M, BLOCK_N] accumulator (dropout, or a scaling too extreme to fold)."""
     if is_interpreter():
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=1, num_stages=1)
     big = dtype != torch.float32
@@ -180,6 +182,12 @@ def tma_gemm_config(M: int, N: int, K: int, block_r: int, dtype: torch.dtype, de
                GROUP_M=8, num_warps=8, num_stages=3)
     if block_r >= 64 and cfg["BLOCK_N"] == 256:
         cfg["BLOCK_N"] = 128  # keep the fused [128, BLOCK_R] accumulator in registers
+    if lora_acc and cfg["BLOCK_N"] == 256:
+        # Two [128, 256] fp32 accumulators are 256 registers per thread at 8 warps, over the 255
+        # limit: every such variant spilled 1.0-1.7 KB of stack per thread (sm_90 AOT compile of
+        # all configurations with triton 3.6.0; 4-5 KB with 3.9.0). At 128 wide: none at ranks
+        # <= 32, at most 112 bytes at 64-128 (tools/aot_sm90.py --configs; docs/gpu_check.md).
+        cfg["BLOCK_N"] = 128
     if block_r >= 128 and not big:
         cfg["num_stages"] = 2  # fp32 at 3 stages: 256 KiB of shared memory (sm_90 AOT compile)
     return cfg

@@ -284,7 +284,7 @@ def lora_gemm(a, b, bias=None, *, rank=0, scaling=1.0, u=None, d=None, v=None, w
 
     global _tma_disabled
     if K > 0 and _tma_disabled is None and TensorDescriptor is not None and config.want_tma(a.device):
-        cfg = config.tma_gemm_config(M, N, K, block_r, a.dtype, a.device)
+        cfg = config.tma_gemm_config(M, N, K, block_r, a.dtype, a.device, lora_acc=lora != 0 and not fold)
         bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
         da = _descriptor(a, (bm, bk))
         db = _descriptor(b, (bk, bn))
