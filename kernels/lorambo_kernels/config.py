@@ -132,11 +132,14 @@ def capability(device: torch.device) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------------ GEMM
-def gemm_config(M: int, N: int, K: int, block_r: int, dtype: torch.dtype, device: torch.device) -> dict:
+def gemm_config(M: int, N: int, K: int, block_r: int, dtype: torch.dtype, device: torch.device,
+                lora_acc: bool = False) -> dict:
     """Block shapes for the fused GEMM ``out[M, N] = a[M, K] b[K, N] (+ LoRA epilogue)``.
 
     Keyed on the bucket of M (<= 64, <= 256, larger) and on the rank bucket (the fused
     down-projection keeps a [BLOCK_M, BLOCK_R] fp32 accumulator next to the main one).
+    ``lora_acc``: the LoRA product has its own [BLOCK_M, BLOCK_N] accumulator (dropout, or a
+    scaling too extreme to fold).
     """
     if is_interpreter():
         # Small tiles so tiny test shapes still span several programs, K-steps and partial
@@ -155,6 +158,12 @@ def gemm_config(M: int, N: int, K: int, block_r: int, dtype: torch.dtype, device
                    num_stages=4 if big else 3)
     if block_r >= 128 and cfg["BLOCK_M"] == 128:
         cfg["num_stages"] = 3  # the [128, 128] fp32 down-projection accumulator costs registers
+    if lora_acc and cfg["BLOCK_N"] > 64:
+        # A second [BLOCK_M, 128] fp32 accumulator: 16 of 28 half-precision variants at rank 16
+        # spilled up to 344 bytes per thread, up to 2.1 KB at rank 128 (sm_90 AOT compile of all
+        # configurations, triton 3.6.0); the 64-wide tiles of the same kernel spilled none at
+        # ranks <= 64 (docs/gpu_check.md).
+        cfg["BLOCK_N"] = 64
     if block_r >= 128 and M <= 64:
         # the [128, 128] lora_A tile per stage: 4 stages need 256 KiB (sm_90 AOT compile), over the
         # H100's 227 KiB and the A100's 163 KiB; 2 stages fit both

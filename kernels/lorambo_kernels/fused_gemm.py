@@ -302,7 +302,7 @@ def lora_gemm(a, b, bias=None, *, rank=0, scaling=1.0, u=None, d=None, v=None, w
                 warnings.warn(f"lorambo_kernels: the TMA GEMM failed to build here, using the pointer-load "
                               f"kernel from now on ({_tma_disabled[:500]})", RuntimeWarning, stacklevel=2)
 
-    cfg = config.gemm_config(M, N, K, block_r, a.dtype, a.device)
+    cfg = config.gemm_config(M, N, K, block_r, a.dtype, a.device, lora_acc=lora != 0 and not fold)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _lora_gemm_kernel[grid](
         a, b, d_, bias_, u_, v_, out, uo,
