@@ -6,7 +6,8 @@ everything lands in $OUT (docs/gpu_check.md):
     if command -v make >/dev/null; then make gpu-check; else python3 benchmarks/gpu_check.py; fi
 
 It uses the machine's own python3 and the torch, triton, peft and pytest installed there: no
-virtual environment, no pip, no network.
+virtual environment, no pip, no network. pytest-xdist and pytest-timeout, which that machine
+lacks, come from the wheels in tools/gpu_wheels/; without matplotlib the PNG is left out.
 
     python3 benchmarks/gpu_check.py [--out DIR]     default $OUT when set, else build/gpu-check
     python3 benchmarks/gpu_check.py --cpu-smoke     the same stages on CPU at tiny sizes, under the
@@ -55,6 +56,11 @@ MIN_STAGE_S = 5.0  # a stage with less time than this left is skipped
 # The CPU-only ahead-of-time compile tests hold no gpu test, and collecting them sweeps ~1200
 # launcher configurations (tens of seconds): not worth it inside a timed GPU call.
 PYTEST_IGNORE = ("tests/kernels/test_aot_sm90.py",)
+# pytest-xdist (with execnet) and pytest-timeout as pure-Python wheels in the tree, for a machine
+# that has neither and no network (tools/gpu_wheels/README.md): the GPU tests compile their Triton
+# variants in 8 processes, not one, and a hung kernel fails only its own test.
+PLUGIN_WHEELS = ROOT / "tools" / "gpu_wheels"
+PLUGINS = {"xdist": ("pytest_xdist", "execnet"), "pytest_timeout": ("pytest_timeout",)}
 
 
 @dataclass
@@ -144,13 +150,23 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _carried(module: str) -> list[str]:
+    """The carried wheels that provide ``module`` (a pytest plugin), when this python lacks it."""
+    if module not in PLUGINS or util.find_spec(module) is not None:
+        return []
+    return [str(path) for dist in PLUGINS[module] for path in sorted(PLUGIN_WHEELS.glob(f"{dist}-*.whl"))]
+
+
 def _has(module: str) -> bool:
-    return util.find_spec(module) is not None
+    """Whether the stages can import ``module``: installed here, or carried as wheels."""
+    return util.find_spec(module) is not None or bool(_carried(module))
 
 
 def child_env(smoke: bool) -> dict:
     env = dict(os.environ)
-    paths = [str(ROOT), str(ROOT / "kernels")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    plugins = [path for module in PLUGINS for path in _carried(module)]
+    paths = ([str(ROOT), str(ROOT / "kernels")] + plugins
+             + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.update(PYTHONPATH=os.pathsep.join(paths), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     if smoke:
@@ -193,15 +209,28 @@ def tests_stage(env, clock, logs, out: Path, smoke: bool, ext_cuda: bool) -> Sta
     return stage
 
 
-def bench_stage(name, dtype, env, clock, cap, reserve, logs, out: Path, smoke: bool) -> Stage:
-    csv_path = out / "lora_linear.csv"
+def bench_command(dtype: str, csv_path: Path, smoke: bool) -> list:
     cmd = [sys.executable, BENCH / "bench_lora_linear.py", "--out", csv_path]
     cmd += ["--cpu-smoke", "--providers", "base,peft_style,lorambo"] if smoke else \
         ["--quick", "--dtype", dtype, "--providers", "base,peft_style,peft,lorambo"]
-    stage = run(name, cmd, dict(env, LORAMBO_BACKEND="triton"), clock.limit(cap, reserve), logs)
+    return cmd + _plot_flag()
+
+
+def _plot_flag() -> list:
+    """``--no-plot`` where matplotlib is missing (the GPU image has none): the PNG is drawn later,
+    elsewhere, with ``bench_lora_linear.py --replot --out lora_linear.csv``."""
+    return [] if _has("matplotlib") else ["--no-plot"]
+
+
+def bench_stage(name, dtype, env, clock, cap, reserve, logs, out: Path, smoke: bool) -> Stage:
+    csv_path = out / "lora_linear.csv"
+    stage = run(name, bench_command(dtype, csv_path, smoke), dict(env, LORAMBO_BACKEND="triton"),
+                clock.limit(cap, reserve), logs)
     if stage.status != "OK" and csv_path.exists():  # cut short: redraw from the rows it kept
-        run(f"{name} replot", [sys.executable, BENCH / "bench_lora_linear.py", "--replot", "--out", csv_path], env,
-            clock.limit(40, reserve=0), logs)
+        run(f"{name} replot", [sys.executable, BENCH / "bench_lora_linear.py", "--replot", "--out", csv_path,
+                               *_plot_flag()], env, clock.limit(40, reserve=0), logs)
+    if _plot_flag():
+        stage.note = "no matplotlib here: no PNG (draw it with bench_lora_linear.py --replot)"
     return stage
 
 

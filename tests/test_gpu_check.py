@@ -8,6 +8,7 @@ folder, so the check cannot fail for a trivial reason the day it runs on a GPU.
 import csv
 import importlib.util
 import math
+import re
 import subprocess
 import sys
 import time
@@ -175,3 +176,57 @@ def test_gpu_test_files_import_only_what_the_gpu_image_has():
                 if top not in sys.stdlib_module_names and top not in GPU_IMAGE_MODULES | {"gpu_targets", "providers"}:
                     foreign.add(f"{path.relative_to(ROOT)}: {name}")
     assert not foreign, sorted(foreign)
+
+
+# ------------------------------------------------------------- what the GPU machine lacks
+class _Without:
+    """importlib.util for gpu_check with ``missing`` modules not installed."""
+
+    def __init__(self, *missing):
+        self.missing = set(missing)
+
+    def find_spec(self, name, *args):
+        return None if name in self.missing else importlib.util.find_spec(name, *args)
+
+
+def test_carried_plugin_wheels_are_pure_python_and_match_their_hashes():
+    import hashlib
+
+    folder = gpu_check.PLUGIN_WHEELS
+    listed = dict(line.split()[::-1] for line in (folder / "SHA256SUMS").read_text().splitlines())
+    wheels = sorted(p.name for p in folder.glob("*.whl"))
+    assert wheels == sorted(listed) and len(wheels) == 3
+    for name in wheels:
+        assert name.endswith("-py3-none-any.whl"), name
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == listed[name]
+    for dists in gpu_check.PLUGINS.values():
+        for dist in dists:
+            assert any(w.startswith(f"{dist}-") for w in wheels), dist
+
+
+def test_missing_plugins_come_from_the_carried_wheels_and_run(tmp_path, monkeypatch):
+    # As on the GPU machine: no xdist, no pytest-timeout installed. The stages' pytest must still
+    # run 2 workers and time a hung test out.
+    monkeypatch.setattr(gpu_check, "util", _Without("xdist", "pytest_timeout"))
+    assert gpu_check._has("xdist") and gpu_check._has("pytest_timeout")
+    env = gpu_check.child_env(smoke=False)
+    carried = [p for p in env["PYTHONPATH"].split(":") if p.endswith(".whl")]
+    assert sorted(Path(p).name.split("-")[0] for p in carried) == ["execnet", "pytest_timeout", "pytest_xdist"]
+    (tmp_path / "test_plugins.py").write_text("import time\n\ndef test_quick():\n    pass\n\n"
+                                              "def test_hangs():\n    time.sleep(30)\n")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2",
+                           "--timeout=2", str(tmp_path / "test_plugins.py")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert "bringing up nodes" in out and re.search(r"\[gw[01]\] linux", out), out  # run by xdist workers
+    assert "1 failed, 1 passed" in out and "Timeout (>2.0s) from pytest-timeout" in out, out
+
+
+def test_without_matplotlib_the_benchmark_skips_only_the_plot(monkeypatch):
+    csv_path = Path("lora_linear.csv")
+    monkeypatch.setattr(gpu_check, "util", _Without("matplotlib"))
+    assert gpu_check.bench_command("bfloat16", csv_path, smoke=False)[-1] == "--no-plot"
+    assert "--no-plot" in gpu_check.bench_command("bfloat16", csv_path, smoke=True)
+    monkeypatch.setattr(gpu_check, "util", _Without())
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert "--no-plot" not in gpu_check.bench_command("bfloat16", csv_path, smoke=False)
