@@ -80,12 +80,13 @@ def _point_torch_at_the_toolkit():
     """Set CUDA_HOME to nvcc's own toolkit when neither CUDA_HOME nor CUDA_PATH is set and
     torch's guess (the folder above nvcc on PATH) differs; must run before torch.utils.cpp_extension
     is imported, which reads it once."""
-    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or shutil.which("nvcc") is None:
+    nvcc = shutil.which("nvcc")
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or nvcc is None:
         return
     root = toolkit_root()
-    guess = os.path.dirname(os.path.dirname(os.path.abspath(shutil.which("nvcc"))))
+    guess = os.path.dirname(os.path.dirname(os.path.abspath(nvcc)))
     if root is not None and os.path.realpath(guess) != root:
-        _log(f"CUDA_HOME={root} (nvcc's own toolkit; the folder above {shutil.which('nvcc')} is {guess})")
+        _log(f"CUDA_HOME={root} (nvcc's own toolkit; the folder above {nvcc} is {guess})")
         os.environ["CUDA_HOME"] = root
 
 

@@ -224,12 +224,13 @@ def _plot_flag() -> list:
 
 def bench_stage(name, dtype, env, clock, cap, reserve, logs, out: Path, smoke: bool) -> Stage:
     csv_path = out / "lora_linear.csv"
+    no_plot = _plot_flag()
     stage = run(name, bench_command(dtype, csv_path, smoke), dict(env, LORAMBO_BACKEND="triton"),
                 clock.limit(cap, reserve), logs)
     if stage.status != "OK" and csv_path.exists():  # cut short: redraw from the rows it kept
         run(f"{name} replot", [sys.executable, BENCH / "bench_lora_linear.py", "--replot", "--out", csv_path,
-                               *_plot_flag()], env, clock.limit(40, reserve=0), logs)
-    if _plot_flag():
+                               *no_plot], env, clock.limit(40, reserve=0), logs)
+    if no_plot:
         stage.note = "no matplotlib here: no PNG (draw it with bench_lora_linear.py --replot)"
     return stage
 

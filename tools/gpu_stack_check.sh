@@ -22,7 +22,9 @@ if [[ "${1:-}" == "--aot" ]]; then aot=1; shift; fi
 root="$(cd "$(dirname "$0")/.." && pwd)"
 venv="${1:-$root/../gpu-stack-venv}"
 python312="${PYTHON312:-python3.12}"
-copy="$(mktemp -d)/lorambo"
+scratch="$(mktemp -d)"
+trap 'rm -rf "$scratch"' EXIT  # the copy goes whatever stage fails
+copy="$scratch/lorambo"
 log_dir="${LOG_DIR:-$root/build/gpu-stack}"
 mkdir -p "$log_dir"
 
@@ -69,6 +71,5 @@ if [[ $aot == 1 ]]; then
   tail -n 5 "$log_dir/aot.log"
   [[ $aot_status == 0 ]] || status=1
 fi
-rm -rf "$(dirname "$copy")"
 echo "logs: $log_dir"
 exit $status

@@ -64,6 +64,20 @@ def is_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def unavailable_reason(device_type: str) -> str | None:
+    """None when the Triton kernels can run on ``device_type``, else why not (for errors)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (pip install triton)"
+    if device_type == "cuda":
+        return None
+    if os.environ.get("TRITON_INTERPRET", "0") == "1" and device_type == "cpu":
+        return interpreter_incompatibility()
+    return (f"the Triton kernels need a CUDA device (or CPU tensors under TRITON_INTERPRET=1), "
+            f"got device type {device_type!r}")
+
+
 def interpreter_incompatibility() -> str | None:
     """Why this triton's interpreter cannot run the kernels with this numpy, or None.
 

@@ -276,6 +276,7 @@ def lora_gemm(a, b, bias=None, *, rank=0, scaling=1.0, u=None, d=None, v=None, w
     # Fold the LoRA product into the main accumulator unless a dropout mask must multiply it
     # alone, or 1/scaling could overflow/lose the base product (|s| outside [1e-4, 1e4]).
     fold = not drop_out and 1e-4 <= abs(scaling) <= 1e4
+    lora_acc = lora != 0 and not fold  # a second tile accumulator: the block shapes make room for it
     flags = dict(HAS_BIAS=bias is not None, LORA=lora, LORA_ACC=not fold, DROP_OUT=drop_out,
                  WRITE_U=u_out is not None, BLOCK_R=block_r, PRECISION=precision)
     scalars = (M, N, K, rank, float(scaling), float(dropout_p), int(seed))
@@ -284,7 +285,7 @@ def lora_gemm(a, b, bias=None, *, rank=0, scaling=1.0, u=None, d=None, v=None, w
 
     global _tma_disabled
     if K > 0 and _tma_disabled is None and TensorDescriptor is not None and config.want_tma(a.device):
-        cfg = config.tma_gemm_config(M, N, K, block_r, a.dtype, a.device, lora_acc=lora != 0 and not fold)
+        cfg = config.tma_gemm_config(M, N, K, block_r, a.dtype, a.device, lora_acc=lora_acc)
         bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
         da = _descriptor(a, (bm, bk))
         db = _descriptor(b, (bk, bn))
@@ -302,7 +303,7 @@ def lora_gemm(a, b, bias=None, *, rank=0, scaling=1.0, u=None, d=None, v=None, w
                 warnings.warn(f"lorambo_kernels: the TMA GEMM failed to build here, using the pointer-load "
                               f"kernel from now on ({_tma_disabled[:500]})", RuntimeWarning, stacklevel=2)
 
-    cfg = config.gemm_config(M, N, K, block_r, a.dtype, a.device, lora_acc=lora != 0 and not fold)
+    cfg = config.gemm_config(M, N, K, block_r, a.dtype, a.device, lora_acc=lora_acc)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _lora_gemm_kernel[grid](
         a, b, d_, bias_, u_, v_, out, uo,

@@ -97,9 +97,9 @@ def _resolve(device_type: str, dtype: torch.dtype | None) -> str:
                 return "ext"
         return "torch"
     if requested == "triton":
-        from lorambo.ops.triton_linear import triton_unavailable_reason
+        from lorambo_kernels.config import unavailable_reason
 
-        reason = triton_unavailable_reason(device_type)
+        reason = unavailable_reason(device_type)
         if reason is not None:
             raise RuntimeError(f"lorambo backend 'triton' was requested but cannot run: {reason}")
     if requested == "ext":

@@ -52,19 +52,12 @@ def get_sketch_backend() -> str:
 
 
 def _kernels_unavailable(tensors: Sequence[torch.Tensor]) -> str | None:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "triton is not installed"
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if interpret and any(t.device.type == "cpu" for t in tensors):
-        from lorambo_kernels.config import interpreter_incompatibility
+    from lorambo_kernels.config import unavailable_reason
 
-        if (problem := interpreter_incompatibility()) is not None:
-            return problem
+    for device_type in dict.fromkeys(t.device.type for t in tensors):
+        if (reason := unavailable_reason(device_type)) is not None:
+            return reason
     for t in tensors:
-        if t.device.type != "cuda" and not (interpret and t.device.type == "cpu"):
-            return f"a tensor is on {t.device} (CUDA needed, or CPU under TRITON_INTERPRET=1)"
         if t.dtype not in KERNEL_DTYPES:
             return f"a tensor has dtype {t.dtype} (kernels take {KERNEL_DTYPES})"
         if t.requires_grad and torch.is_grad_enabled():

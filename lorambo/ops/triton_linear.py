@@ -17,33 +17,14 @@ torch-generator mask of the reference op, so the two backends agree exactly only
 
 import math
 import numbers
-import os
-from typing import Optional
 
 import torch
-from lorambo_kernels.config import SUPPORTED_DTYPES  # torch only: no triton import
+from lorambo_kernels.config import SUPPORTED_DTYPES, unavailable_reason  # torch only: no triton import
 from torch import Tensor
 
 from lorambo.ops.custom_op import define_lora_op
 
 _MAX_SEED = 2**63 - 1
-
-
-# --------------------------------------------------------------------------- availability
-def triton_unavailable_reason(device_type: str) -> Optional[str]:
-    """None when the Triton kernels can run on ``device_type``, else why not (for errors)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "triton is not installed (pip install triton)"
-    if device_type == "cuda":
-        return None
-    if os.environ.get("TRITON_INTERPRET", "0") == "1" and device_type == "cpu":
-        from lorambo_kernels.config import interpreter_incompatibility
-
-        return interpreter_incompatibility()
-    return (f"the Triton kernels need a CUDA device (or CPU tensors under TRITON_INTERPRET=1), "
-            f"got device type {device_type!r}")
 
 
 def _kernels():
@@ -73,7 +54,7 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, see
     devices = {name: t.device for name, t in named.items()}
     if len(set(devices.values())) != 1:
         raise ValueError(f"lora_linear_triton: all tensors must be on one device, got {devices}")
-    reason = None if device_checked else triton_unavailable_reason(x.device.type)
+    reason = None if device_checked else unavailable_reason(x.device.type)
     if reason is not None:
         raise RuntimeError(f"lora_linear_triton: {reason}")
     if x.dim() < 1:
