@@ -3,6 +3,7 @@ from the active bundle (``bundle.py``: its fp16 copy, verified, cast to the dtyp
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from pathlib import Path
 
@@ -23,16 +24,32 @@ def minilm_path() -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _without_loading_bar():
+    """Hide transformers' "Loading weights" bar: an experiment loads the model once per unit, and
+    its own bar reports progress. transformers' switch is process-wide, so it is put back after."""
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
+
+
 def load_minilm(dtype: torch.dtype = torch.float32):
-    """(BertModel, tokenizer), loaded from local files only: no network. A bundle's weights are
-    stored in fp16: they load as such and are cast to ``dtype``."""
+    """(BertModel, tokenizer), loaded from local files only: no network, no progress bar. A
+    bundle's weights are stored in fp16: they load as such and are cast to ``dtype``."""
     from transformers import AutoModel, AutoTokenizer
 
     root = bundle.active()
     path = bundle.model_dir(root) if root is not None else minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     stored = torch.float16 if root is not None else dtype
-    model = AutoModel.from_pretrained(path, local_files_only=True, dtype=stored)
+    with _without_loading_bar():
+        model = AutoModel.from_pretrained(path, local_files_only=True, dtype=stored)
     return model.to(dtype), tokenizer
 
 
