@@ -127,7 +127,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir=None, progress: bool | None = 
         records.add(jr.append({"kind": "session", "session": session, "workers": workers,
                                "started": _dt.datetime.now().isoformat(timespec="seconds"),
                                "environment": environment(cfg)}))
-        left = run_units(cfg, pending, records, record, started, time_limit, workers)
+        left = run_units(cfg, pending, records, record, started, time_limit, workers, warn=echo)
     finally:
         bar.close()
         jr.close()

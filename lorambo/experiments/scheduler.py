@@ -10,7 +10,9 @@ dependencies (``units.inputs``) and a time limit, and records each result as it 
   whose recorded duration (the longest of its task and method so far) would carry it past the
   limit; the units in flight finish and are recorded.
 - A run whose grid diverged at every rate can never start (``units.GridDivergedError``): it is
-  set aside, every other unit that can run does, and the error is raised at the end.
+  set aside and every other unit that can run does. The error is raised once nothing else is
+  left; when the time limit leaves other units pending, the set-aside runs count among them (a
+  later call raises once they are all that is left) and ``warn`` says why they cannot start.
 
 Only this process writes the journal; the records are the same whichever process ran a unit.
 """
@@ -43,7 +45,7 @@ class Dispatcher:
     def __init__(self, cfg, pending: list[dict], records, record, started: float, time_limit: float | None):
         self.cfg, self.pending, self.records, self.record = cfg, list(pending), records, record
         self.started, self.time_limit = started, time_limit
-        self.blocked: dict[str, int] = {}  # GridDivergedError message -> runs it keeps from starting
+        self.blocked: dict[str, list[dict]] = {}  # GridDivergedError message -> runs it keeps from starting
 
     def _allowed(self, unit: dict) -> bool:
         if self.time_limit is None:
@@ -61,8 +63,7 @@ class Dispatcher:
             try:
                 ready = inputs(unit, self.cfg, self.records)
             except GridDivergedError as err:
-                self.blocked[str(err)] = self.blocked.get(str(err), 0) + 1
-                del self.pending[i]
+                self.blocked.setdefault(str(err), []).append(self.pending.pop(i))
                 continue
             if ready is not None and self._allowed(unit):
                 del self.pending[i]
@@ -75,7 +76,7 @@ class Dispatcher:
 
 
 def run_units(cfg, pending: list[dict], records, record, started: float, time_limit: float | None = None,
-              workers: int = 1, executor=None) -> list[dict]:
+              workers: int = 1, executor=None, warn=print) -> list[dict]:
     """Run what fits; returns the units left pending (empty when the experiment is complete).
     Raises :class:`~lorambo.experiments.units.GridDivergedError` once nothing else can start
     when some run's grid diverged at every rate."""
@@ -90,9 +91,14 @@ def run_units(cfg, pending: list[dict], records, record, started: float, time_li
     else:
         _run_pool(cfg, dispatch, workers)
     if dispatch.blocked:
-        raise GridDivergedError("; ".join(f"{message} ({count} run(s) at its selected rate cannot start; the "
+        if dispatch.pending and time_limit is not None:  # the time limit stopped the rest: continuable
+            for message, runs in dispatch.blocked.items():
+                warn(f"{message}: {len(runs)} run(s) at its selected rate cannot start; the experiment "
+                     "fails once they are all that is left, unless that grid changes")
+            return dispatch.pending + [run for runs in dispatch.blocked.values() for run in runs]
+        raise GridDivergedError("; ".join(f"{message} ({len(runs)} run(s) at its selected rate cannot start; the "
                                           "other units that ran are in the journal)"
-                                          for message, count in dispatch.blocked.items()))
+                                          for message, runs in dispatch.blocked.items()))
     if dispatch.pending and time_limit is None:
         raise RuntimeError(f"{len(dispatch.pending)} units could not start: their inputs were never recorded "
                            f"(first: {dispatch.pending[0]})")

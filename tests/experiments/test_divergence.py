@@ -191,3 +191,35 @@ def test_a_fully_diverged_grid_fails_only_after_every_other_unit_ran():
     blocked = run_key(cfg, "planted", "uniform", 0, 1, None)
     assert set(executor.ran) == {unit_key(u, cfg) for u in all_units(cfg)} - {blocked}
     assert records.get(run_key(cfg, "planted", "gradient", 0, 1, None))["run"]["lr"] == 1e-3
+
+
+def test_a_time_limited_call_with_a_fully_diverged_grid_stops_continuably(monkeypatch):
+    """The time limit leaves other units pending: the blocked run counts among what is left, a
+    warning names the grid, and the call that has nothing else left raises."""
+    from types import SimpleNamespace
+
+    from lorambo.experiments import scheduler
+    from lorambo.experiments.units import all_units, unit_key
+
+    clock = [0.0]  # one second per unit, so where the limit falls does not depend on the machine
+
+    class TimedExecutor(FakeExecutor):
+        def run(self, unit: dict) -> dict:
+            clock[0] += 1.0
+            return super().run(unit)
+
+    monkeypatch.setattr(scheduler, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    cfg = CFG.replace(lr_search="first_budget")
+    records, executor, warnings = journal.Records(), TimedExecutor(), []
+    record = lambda rec: records.add(dict(rec, session=0, elapsed=0.0))  # noqa: E731
+    left = scheduler.run_units(cfg, all_units(cfg), records, record, 0.0, time_limit=5.5, executor=executor,
+                               warn=warnings.append)
+    blocked = run_key(cfg, "planted", "uniform", 0, 1, None)
+    assert sorted(unit_key(u, cfg) for u in left) == sorted([
+        blocked, run_key(cfg, "planted", "gradient", 0, 0, 1e-2), run_key(cfg, "planted", "gradient", 0, 1, None)])
+    assert len(warnings) == 1 and "uniform's grid at budget level 1 diverged" in warnings[0]
+    assert "1 run(s) at its selected rate cannot start" in warnings[0]
+    with pytest.raises(GridDivergedError, match=r"uniform's grid at budget level 1 diverged"):
+        scheduler.run_units(cfg, left, records, record, clock[0], time_limit=100.0, executor=executor,
+                            warn=warnings.append)
+    assert records.get(run_key(cfg, "planted", "gradient", 0, 1, None)) is not None
