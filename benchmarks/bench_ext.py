@@ -43,6 +43,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from providers import PeftStyleLoRA  # noqa: E402
+from results_csv import append_rows  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = ["run", "device", "threads", "torch", "section", "case", "provider", "mode", "dtype", "M", "K", "N",
@@ -269,16 +270,6 @@ def device_name(device) -> str:
     return platform.processor() or "cpu"
 
 
-def append_csv(path: Path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with path.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-
-
 def latest_run(path: Path, device: str):
     """Rows of the latest run for each thread count on ``device`` (1- and 2-thread runs side by side)."""
     with path.open() as fh:
@@ -427,7 +418,7 @@ def main(argv=None) -> int:
     if not rows:
         return 1 if failed else 0
     out = args.out or RESULTS / f"ext_{device.type}.csv"
-    append_csv(out, rows)
+    append_rows(out, FIELDS, rows)
     latest = latest_run(out, meta["device"])
     md = markdown(latest)
     out.with_suffix(".md").write_text(md)

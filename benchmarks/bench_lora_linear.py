@@ -46,6 +46,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from providers import PeftStyleLoRA  # noqa: E402
+from results_csv import append_rows  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = ["run", "device", "torch", "triton", "peft", "case", "provider", "mode", "dtype", "M", "K", "N", "rank",
@@ -232,16 +233,6 @@ def versions(device):
 
 
 # ----------------------------------------------------------------------------- reporting
-def append_csv(path: Path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with path.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-
-
 def latest_runs(path: Path):
     """The rows of the latest run of each dtype (a bf16 and an fp16 run side by side)."""
     with path.open() as fh:
@@ -438,7 +429,7 @@ def main(argv=None) -> int:
                            M=case.m, K=case.k, N=case.n, rank=case.rank, capacity=case.capacity,
                            ms_median=f"{res['med']:.5f}", ms_p20=f"{res['p20']:.5f}", ms_p80=f"{res['p80']:.5f}",
                            peak_mib=f"{res['peak']:.1f}", saved_bytes=res["saved"], note="")
-                append_csv(out, [row])  # row by row: a run cut short keeps what it measured
+                append_rows(out, FIELDS, [row])  # row by row: a run cut short keeps what it measured
                 print(f"{provider:>10} {mode:>7} {case.label:>10} M={case.m} {case.k}->{case.n} "
                       f"r={case.rank}/{case.capacity}: {res['med']:.4f} ms, peak {res['peak']:.1f} MiB, "
                       f"saved {res['saved'] / 1024:.1f} KiB", flush=True)

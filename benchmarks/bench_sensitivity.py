@@ -31,6 +31,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import lorambo
 from lorambo.sensitivity import FisherProxy, hessian_trace
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_csv import append_rows  # noqa: E402
+
 SIZES = {
     "full": dict(n_layer=6, n_embd=512, n_head=8, batch=8, seq=256, vocab=2048),
     "small": dict(n_layer=2, n_embd=128, n_head=4, batch=4, seq=64, vocab=512),
@@ -174,7 +177,7 @@ def run(size_name: str, target: float, max_probes: int, out: Path, device: torch
             "torch": torch.__version__, "python": platform.python_version(),
             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
     rows = [{**meta, **row} for row in rows]
-    write_csv(rows, out / "sensitivity.csv")
+    append_rows(out / "sensitivity.csv", FIELDS, rows, extrasaction="ignore")
     plot(out / "sensitivity.csv", out / "sensitivity.png")
     return rows
 
@@ -187,20 +190,6 @@ def _device_name(device):
 
 FIELDS = ["date", "device", "torch", "python", "size", "layers", "target_rel_stderr", "provider", "metric",
           "value", "unit", "probes", "max_rel_stderr", "overhead_pct"]
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    """Append rows to the tidy CSV (header written once); written via a temp file + rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    old = path.read_text() if path.exists() else ""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as handle:
-        handle.write(old)
-        writer = csv.DictWriter(handle, fieldnames=FIELDS, extrasaction="ignore")
-        if not old:
-            writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def plot(csv_path: Path, png_path: Path) -> None:

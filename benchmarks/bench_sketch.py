@@ -26,7 +26,6 @@ Rows are appended to ``<out>/sketch.csv`` with the device, versions, threads and
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import os
 import platform
@@ -38,9 +37,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]
+sys.path[:0] = [str(ROOT), str(ROOT / "kernels"), str(ROOT / "benchmarks")]
 
 import lorambo  # noqa: E402
+from results_csv import append_rows  # noqa: E402
 from lorambo.allocation.benefits import (projected_top_singular, projected_top_singular_many,  # noqa: E402
                                          subspace_basis)
 from lorambo.ops import sketch as ops_sketch  # noqa: E402
@@ -235,16 +235,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "sketch.csv"
-    new = not path.exists()
-    tmp = path.with_suffix(".csv.tmp")
-    previous = path.read_text() if not new else ""
-    with open(tmp, "w", newline="") as f:  # whole file to a temp name, then renamed
-        f.write(previous)
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    append_rows(path, FIELDS, rows)
     print(f"appended {len(rows)} rows to {path}")
     return 0
 

@@ -1,0 +1,35 @@
+"""Append rows to a benchmark's results CSV: the whole file goes to a temp name and is renamed,
+so a benchmark cut short leaves the previous file or the new one, never half a row."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+
+
+def append_rows(path: Path, fields: list[str], rows: list[dict], extrasaction: str = "raise") -> None:
+    """Append ``rows`` under the header ``fields`` (written when the file is new). A file whose
+    header differs is refused: its columns would no longer line up."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = path.read_text() if path.exists() else ""
+    if old:
+        header = next(csv.reader(io.StringIO(old)), [])
+        if header != list(fields):
+            raise ValueError(f"{path}: its header {header} is not this benchmark's {list(fields)}; "
+                             "move the file aside or pass another --out")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", newline="") as handle:
+            handle.write(old)
+            writer = csv.DictWriter(handle, fieldnames=fields, extrasaction=extrasaction)
+            if not old:
+                writer.writeheader()
+            writer.writerows(rows)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

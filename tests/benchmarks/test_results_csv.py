@@ -1,0 +1,48 @@
+"""benchmarks/results_csv.py: appends under one header, refuses a file with another header, and
+never leaves a half-written file or a temp file behind."""
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location("results_csv", Path(__file__).resolve().parents[2] / "benchmarks" / "results_csv.py")
+results_csv = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(results_csv)
+
+FIELDS = ["case", "ms"]
+
+
+def _rows(path):
+    with path.open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_appends_under_one_header(tmp_path):
+    path = tmp_path / "deeper" / "bench.csv"
+    results_csv.append_rows(path, FIELDS, [{"case": "a", "ms": 1.5}])
+    results_csv.append_rows(path, FIELDS, [{"case": "b", "ms": 2}, {"case": "c", "ms": 3}])
+    assert _rows(path) == [{"case": "a", "ms": "1.5"}, {"case": "b", "ms": "2"}, {"case": "c", "ms": "3"}]
+    assert path.read_text().count("case,ms") == 1
+    assert [p.name for p in path.parent.iterdir()] == ["bench.csv"]
+
+
+def test_refuses_a_file_with_another_header(tmp_path):
+    path = tmp_path / "bench.csv"
+    path.write_text("case,seconds\nx,1\n")
+    with pytest.raises(ValueError, match=r"bench.csv: its header \['case', 'seconds'\] is not this benchmark's"):
+        results_csv.append_rows(path, FIELDS, [{"case": "a", "ms": 1}])
+    assert path.read_text() == "case,seconds\nx,1\n"
+
+
+def test_a_failed_append_leaves_the_file_as_it_was(tmp_path):
+    path = tmp_path / "bench.csv"
+    results_csv.append_rows(path, FIELDS, [{"case": "a", "ms": 1}])
+    before = path.read_text()
+    with pytest.raises(ValueError, match="unknown"):  # DictWriter refuses a field outside the header
+        results_csv.append_rows(path, FIELDS, [{"case": "b", "ms": 2}, {"case": "c", "unknown": 3}])
+    assert path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.csv"]
+    results_csv.append_rows(path, FIELDS, [{"case": "b", "ms": 2, "extra": 9}], extrasaction="ignore")
+    assert _rows(path)[-1] == {"case": "b", "ms": "2"}
