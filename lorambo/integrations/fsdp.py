@@ -24,7 +24,6 @@ rank moves scored by held-out ablation): FSDP would all-gather over the swapped 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 
@@ -39,51 +38,16 @@ from lorambo.model import unload as _unload
 from lorambo.model.modules_to_save import modules_to_save
 from lorambo.nn import keep_components_many
 from lorambo.nn.slots import pool_slots, tag_pool_parameter
+from lorambo.sharding import is_sharded, local_region
 
 __all__ = ["is_sharded", "reshard", "full_pools", "set_rank", "keep_components", "allocator_step", "merge",
            "unmerge", "unload", "unloaded_state_dict", "save_adapter", "export_peft"]
 
 
-def _dtensor_class():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch without distributed tensors: nothing can be sharded
-        return None
-    return DTensor
-
-
-def is_sharded(tensor) -> bool:
-    dtensor = _dtensor_class()
-    return dtensor is not None and isinstance(tensor, dtensor)
-
-
-def _local_region(dt) -> tuple[slice, ...]:
-    """The global index region of this process's shard (torch.chunk layout, as FSDP2 uses)."""
-    from torch.distributed.tensor import Replicate, Shard
-
-    region = [slice(0, n) for n in dt.shape]
-    mesh = dt.device_mesh
-    seen = set()
-    for mesh_dim, placement in enumerate(dt.placements):
-        if isinstance(placement, Replicate):
-            continue
-        if not isinstance(placement, Shard) or placement.dim in seen:
-            raise NotImplementedError(f"lorambo: pool edits support Shard/Replicate placements with one "
-                                      f"shard per tensor dim, got {dt.placements}")
-        seen.add(placement.dim)
-        d, parts = placement.dim, mesh.size(mesh_dim)
-        coord = mesh.get_local_rank(mesh_dim)
-        n = dt.shape[d]
-        chunk = math.ceil(n / parts) if n else 0
-        start = min(coord * chunk, n)
-        region[d] = slice(start, min(start + chunk, n))
-    return tuple(region)
-
-
 @torch.no_grad()
 def _write_local(dt, full: torch.Tensor) -> None:
     local = dt.to_local()
-    local.copy_(full[_local_region(dt)].to(local.device, local.dtype))
+    local.copy_(full[local_region(dt)].to(local.device, local.dtype))
 
 
 class _GatheredOptimizer:

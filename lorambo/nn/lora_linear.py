@@ -27,6 +27,8 @@ from lorambo.nn.slots import PoolSlots, tag_pool_parameter
 from lorambo.ops import lora_linear
 from lorambo.ops.compile_support import dynamic_int_attribute
 
+_POOL_DIMS = {"lora_A": 0, "lora_B": 1}  # the dim along which each pool's rank slots lie
+
 
 def default_capacity(rank: int, in_features: int, out_features: int, growth_factor: float = 2.0) -> int:
     """Pool size with room to grow: ``growth_factor * max(rank, 1)`` rounded up to a power of two,
@@ -99,12 +101,23 @@ class LoRAMBoLinear(nn.Module):
 
     def _tag_pools(self) -> None:
         # The optimizer-facing view of the active rank (see lorambo.nn.slots).
-        tag_pool_parameter(self.lora_A, self._slots, 0)
-        tag_pool_parameter(self.lora_B, self._slots, 1)
+        for name, dim in _POOL_DIMS.items():
+            tag_pool_parameter(getattr(self, name), self._slots, dim)
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
         self._tag_pools()  # deepcopy / unpickling rebuilds the Parameters without their tags
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        # a new pool Parameter (load_state_dict(assign=True), FSDP2's DTensor) needs the tag too
+        if name in _POOL_DIMS and isinstance(value, nn.Parameter) and "_slots" in self.__dict__:
+            tag_pool_parameter(value, self._slots, _POOL_DIMS[name])
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._tag_pools()  # conversions that are not in place store new Parameter objects
+        return out
 
     def _set_active_rank(self, rank: int) -> None:
         self._rank = rank

@@ -14,6 +14,10 @@ are read and written (cost follows the rank). Rank changes must pass the optimiz
 (``layer.set_rank(r, optimizer=opt)``, ``keep_components(..., optimizer=opt)``): that zeroes or
 moves the moments and step counts of the changed slots with them.
 
+Under FSDP2 (DTensor pools) each process updates the active slots of its own shard and keeps
+every slot's count, so the counts stay identical on all processes and rank edits
+(``lorambo.integrations.fsdp``) move them like any replicated value.
+
 Pool parameters always take the multi-tensor (``torch._foreach_*``) path, with the step counts on
 the parameter's device, so the update never reads a device value on the host. ``fused`` and
 ``capturable`` apply to the other parameters; ``differentiable=True`` is not supported.
@@ -26,7 +30,8 @@ import math
 import torch
 
 from lorambo.nn.optimizer_state import SLOT_STEP
-from lorambo.nn.slots import pool_slots
+from lorambo.nn.slots import local_slots, pool_slots
+from lorambo.sharding import local_tensor
 
 __all__ = ["AdamW"]
 
@@ -114,6 +119,7 @@ class AdamW(torch.optim.AdamW):
         lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
         amsgrad, maximize = group["amsgrad"], group["maximize"]
         values, grads, exp_avgs, exp_avg_sqs, max_sqs, slot_steps, layouts = ([] for _ in range(7))
+        counted = []  # every active slot's count, also those held by other processes (kept identical)
         for param in params:
             slots, dim = pool_slots(param)
             rank = slots.rank
@@ -121,21 +127,27 @@ class AdamW(torch.optim.AdamW):
                 continue
             state = self._pool_state(param, amsgrad)
             state["step"] += 1
-            active = lambda t: t.narrow(dim, 0, rank)  # noqa: E731  (cost follows the rank)
+            counted.append(state[SLOT_STEP][:rank])
+            first, held = local_slots(param, dim)  # a DTensor sharded along its slots holds some
+            n = max(0, min(rank - first, held))
+            if n == 0:
+                continue
+            active = lambda t: local_tensor(t).narrow(dim, 0, n)  # noqa: E731  (cost follows the rank)
             values.append(active(param))
             grads.append(active(param.grad))
             exp_avgs.append(active(state["exp_avg"]))
             exp_avg_sqs.append(active(state["exp_avg_sq"]))
             if amsgrad:
                 max_sqs.append(active(state["max_exp_avg_sq"]))
-            slot_steps.append(state[SLOT_STEP][:rank])
+            slot_steps.append(state[SLOT_STEP][first:first + n])
             # per-slot coefficients broadcast along the slot dim, in >= float32 like torch's scalars
-            layouts.append(((rank, 1) if dim == 0 else (1, rank), torch.promote_types(param.dtype, torch.float32)))
+            layouts.append(((n, 1) if dim == 0 else (1, n), torch.promote_types(param.dtype, torch.float32)))
+        if counted:
+            torch._foreach_add_(counted, 1.0)
         if not values:
             return
         if maximize:
             grads = torch._foreach_neg(grads)
-        torch._foreach_add_(slot_steps, 1.0)
         if weight_decay != 0:
             torch._foreach_mul_(values, 1 - lr * weight_decay)
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)

@@ -17,11 +17,15 @@ DT = torch.float64
 STEPS, BATCH = 6, 8  # BATCH rows per process
 
 
-def build():
+OPTIMIZERS = {"adam": lambda params: torch.optim.Adam(params, lr=0.05),
+              "lorambo_adamw": lambda params: lorambo.optim.AdamW(params, lr=0.05, weight_decay=0.0)}
+
+
+def build(capacity=4):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(6, 12, dtype=DT), nn.Tanh(), nn.Linear(12, 12, dtype=DT), nn.Tanh(),
                         nn.Linear(12, 3, dtype=DT))
-    lorambo.configure_model(net, {"0": 1, "2": 1}, capacity={"0": 4, "2": 4}, modules_to_save=["4"])
+    lorambo.configure_model(net, {"0": 1, "2": 1}, capacity={"0": capacity, "2": 4}, modules_to_save=["4"])
     return net
 
 
@@ -36,13 +40,13 @@ def _full(t):
     return t.full_tensor() if fsdp.is_sharded(t) else t.detach().clone()
 
 
-def procedure(net, shards, out_dir, write_files=True):
+def procedure(net, shards, out_dir, write_files=True, optimizer="adam"):
     """Train, edit ranks, merge, save, unload; returns everything to compare."""
     layers = lorambo.lora_layers(net)
     budget = sum(3 * (m.in_features + m.out_features) for m in layers.values())
     alloc = LoRAMBoOptimizer(net, budget, interval=2, sketch_rank=2, seed=5, move_threshold=1e30, max_moves=1)
     importance_scores = lambda: {n: torch.linspace(1.0, 2.0, m.rank, dtype=DT) for n, m in layers.items()}  # noqa: E731
-    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=0.05)
+    opt = OPTIMIZERS[optimizer]([p for p in net.parameters() if p.requires_grad])
     losses = []
     for step, shard in enumerate(shards):
         x, y = shard
@@ -72,7 +76,7 @@ def procedure(net, shards, out_dir, write_files=True):
         result["out_unmerged"] = net(probe)
         if write_files:
             fsdp.save_adapter(net, f"{out_dir}/adapter")
-        plain = build()
+        plain = build(layers["0"].capacity)
         lorambo.unload(plain, merge=False)
         plain.load_state_dict(fsdp.unloaded_state_dict(net))
         result["out_unloaded"] = plain(probe)
@@ -88,7 +92,7 @@ def procedure(net, shards, out_dir, write_files=True):
     return result
 
 
-def run(rank, world, port, out_dir, data_seed):
+def run(rank, world, port, out_dir, data_seed, optimizer="adam", capacity=4):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -96,16 +100,17 @@ def run(rank, world, port, out_dir, data_seed):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        net = build()
+        net = build(capacity)
         mesh = init_device_mesh("cpu", (world,))
         for i in (0, 2):
             fully_shard(net[i], mesh=mesh)
         fully_shard(net, mesh=mesh)
-        assert fsdp.is_sharded(net[0].lora_A) and net[0].lora_A.to_local().shape[0] == 4 // world
+        held = net[0].lora_A.to_local().shape[0]  # torch.chunk's layout: uneven for capacity 5
+        assert fsdp.is_sharded(net[0].lora_A) and held == len(torch.arange(capacity).chunk(world)[rank])
         storage = {n: (id(p), p.to_local().data_ptr()) for n, p in net.named_parameters()}
         torch.manual_seed(1000 + rank)  # the global RNG differs per process on purpose
         shards = [step[rank] for step in batches(data_seed, world)]
-        result = procedure(net, shards, out_dir)
+        result = procedure(net, shards, out_dir, optimizer=optimizer)
         result["same_storage"] = all(
             (id(p), p.to_local().data_ptr()) == storage[n] for n, p in net.named_parameters() if n in storage)
         torch.save(result, f"{out_dir}/rank{rank}.pt")

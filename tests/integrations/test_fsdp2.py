@@ -20,11 +20,14 @@ def _free_port() -> int:
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
-def test_fsdp2_rank_edits_match_single_process(tmp_path):
+@pytest.mark.parametrize("optimizer,capacity", [("adam", 4), ("lorambo_adamw", 5)])
+def test_fsdp2_rank_edits_match_single_process(tmp_path, optimizer, capacity):
+    """With lorambo.optim.AdamW the per-slot step counts must survive fully_shard (capacity 5:
+    lora_A's slots split 3/2 over the processes)."""
     data_seed = int(torch.randint(0, 2**20, ()))
     # fork: the workers inherit the imported modules (spawn would re-import torch and lorambo twice)
-    mp.start_processes(fsdp2_worker.run, args=(2, _free_port(), str(tmp_path), data_seed), nprocs=2, join=True,
-                       start_method="fork")
+    mp.start_processes(fsdp2_worker.run, args=(2, _free_port(), str(tmp_path), data_seed, optimizer, capacity),
+                       nprocs=2, join=True, start_method="fork")
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
 
     # identical on both processes, storage never replaced
@@ -44,13 +47,17 @@ def test_fsdp2_rank_edits_match_single_process(tmp_path):
     # the same function as one process training on both shards' data, unsharded
     whole = [(torch.cat([x for x, _ in step]), torch.cat([y for _, y in step]))
              for step in fsdp2_worker.batches(data_seed, 2)]
-    ref = fsdp2_worker.procedure(fsdp2_worker.build(), whole, str(tmp_path), write_files=False)
+    ref = fsdp2_worker.procedure(fsdp2_worker.build(capacity), whole, str(tmp_path), write_files=False,
+                                 optimizer=optimizer)
     assert [r["layer"] for r in ref["decisions"]] == [r["layer"] for r in a["decisions"]]
     assert [(r["event"], r["old_rank"], r["new_rank"]) for r in ref["decisions"]] == \
         [(r["event"], r["old_rank"], r["new_rank"]) for r in a["decisions"]]
     assert ref["ranks"] == a["ranks"]
     for name, value in ref["state"].items():
         torch.testing.assert_close(a["state"][name], value, rtol=1e-9, atol=1e-11, msg=name)
+    if optimizer == "lorambo_adamw":  # per-slot counts kept, and some slot started late
+        counts = [s["slot_step"] for s in a["opt_state"].values() if "slot_step" in s]
+        assert len(counts) == 4 and any(len(set(c[c > 0].tolist())) > 1 for c in counts), counts
     for i, state in ref["opt_state"].items():
         for k, v in state.items():
             torch.testing.assert_close(torch.as_tensor(a["opt_state"][i][k]), torch.as_tensor(v),
@@ -65,7 +72,7 @@ def test_fsdp2_rank_edits_match_single_process(tmp_path):
     torch.testing.assert_close(ref["out_unloaded_in_place"], ref["out_unloaded"], rtol=0, atol=1e-12)
 
     # the adapter written by process 0 rebuilds the trained model in one process
-    fresh = fsdp2_worker.build()
+    fresh = fsdp2_worker.build(capacity)
     lorambo.unload(fresh, merge=False)
     lorambo.load_adapter(fresh, tmp_path / "adapter")
     probe = torch.randn(5, 6, generator=torch.Generator().manual_seed(11), dtype=torch.float64)

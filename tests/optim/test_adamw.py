@@ -118,3 +118,40 @@ def test_only_active_slots_are_touched_and_deepcopied_layers_stay_pools():
 def test_differentiable_is_refused():
     with pytest.raises(ValueError, match="differentiable"):
         AdamW([torch.nn.Parameter(torch.zeros(2))], differentiable=True)
+
+
+def _replaced_by_load_state_dict_assign(layer):
+    layer.load_state_dict({k: v.clone() for k, v in layer.state_dict().items()}, assign=True)
+
+
+def _replaced_by_a_conversion_not_in_place(layer):
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        layer.double()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(False)
+
+
+def _replaced_by_setattr(layer):
+    layer.lora_A = torch.nn.Parameter(layer.lora_A.detach().clone())
+    layer.lora_B = torch.nn.Parameter(layer.lora_B.detach().clone())
+
+
+@pytest.mark.parametrize("replace", [_replaced_by_load_state_dict_assign, _replaced_by_a_conversion_not_in_place,
+                                     _replaced_by_setattr])
+def test_pools_replaced_by_new_parameter_objects_stay_pools(replace):
+    layer = _pool_layer(rank=3)
+    old = (layer.lora_A, layer.lora_B)
+    replace(layer)
+    assert layer.lora_A is not old[0] and layer.lora_B is not old[1]  # the case this test is about
+    opt = AdamW(layer.parameters(), lr=1e-2)
+    _random_active_grads(layer)
+    layer.lora_A.grad[5] = 1.0  # an inactive slot: a plain AdamW would move it
+    opt.step()
+    assert torch.count_nonzero(layer.lora_A[3:]) == 0
+    assert opt.state[layer.lora_A]["slot_step"].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
+    assert opt.state[layer.lora_B]["slot_step"].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
+    layer.set_rank(4, optimizer=opt)  # the layer's rank changes reach the new objects' tags
+    _random_active_grads(layer)
+    opt.step()
+    assert opt.state[layer.lora_A]["slot_step"].tolist() == [2, 2, 2, 1, 0, 0, 0, 0]
