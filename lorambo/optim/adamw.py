@@ -51,24 +51,26 @@ def _bias_correction(slot_steps: torch.Tensor, beta: float) -> torch.Tensor:
     return -torch.expm1(slot_steps * math.log(beta))
 
 
-def _denominator_coefficients(slot_steps, layouts, lr, beta1, beta2, eps):
-    """Per-slot ``scale``, ``shift`` with ``lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)`` =
-    ``m / (scale * sqrt(v) + shift)``: ``scale = bc1 / (lr sqrt(bc2))``, ``shift = eps bc1 / lr``,
-    bc_i = 1 - beta_i^t. Computed for all pools of one device and precision at once (a few
-    small ops per step instead of a few per pool)."""
-    scale, shift = [None] * len(slot_steps), [None] * len(slot_steps)
+def _denominator_coefficients(slot_steps, layouts, lr, beta1, beta2):
+    """Per-slot ``inv_sqrt_bc2``, ``bc1_over_lr`` with ``lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)``
+    = ``m / ((sqrt(v) * inv_sqrt_bc2 + eps) * bc1_over_lr)``, bc_i = 1 - beta_i^t. At lr = 0 (a
+    warm-up's first step, or torch.distributed.checkpoint initialising the state) ``bc1_over_lr``
+    is inf and the update exactly 0; eps is added before that factor so that 0 * inf cannot
+    arise. Computed for all pools of one device and precision at once (a few small ops per step
+    instead of a few per pool)."""
+    inv_sqrt_bc2, bc1_over_lr = [None] * len(slot_steps), [None] * len(slot_steps)
     groups: dict[tuple, list[int]] = {}
     for i, (steps, (_, dtype)) in enumerate(zip(slot_steps, layouts)):
         groups.setdefault((steps.device, dtype), []).append(i)
     for (_, dtype), members in groups.items():
         steps = torch.cat([slot_steps[i] for i in members]).to(dtype)
         bc1, bc2 = _bias_correction(steps, beta1), _bias_correction(steps, beta2)
-        group_scale, group_shift = bc1 / (lr * bc2.sqrt()), bc1 * (eps / lr)
+        group_a, group_c = bc2.rsqrt(), bc1 / lr  # tensor / 0 is inf, not an error
         sizes = [slot_steps[i].numel() for i in members]
-        for i, a, b in zip(members, group_scale.split(sizes), group_shift.split(sizes)):
+        for i, a, c in zip(members, group_a.split(sizes), group_c.split(sizes)):
             shape = layouts[i][0]
-            scale[i], shift[i] = a.view(shape), b.view(shape)
-    return scale, shift
+            inv_sqrt_bc2[i], bc1_over_lr[i] = a.view(shape), c.view(shape)
+    return inv_sqrt_bc2, bc1_over_lr
 
 
 class AdamW(torch.optim.AdamW):
@@ -157,10 +159,11 @@ class AdamW(torch.optim.AdamW):
         if amsgrad:
             torch._foreach_maximum_(max_sqs, exp_avg_sqs)
             second = max_sqs
-        scale, shift = _denominator_coefficients(slot_steps, layouts, lr, beta1, beta2, eps)
+        inv_sqrt_bc2, bc1_over_lr = _denominator_coefficients(slot_steps, layouts, lr, beta1, beta2)
         denoms = torch._foreach_sqrt(second)
-        torch._foreach_mul_(denoms, scale)
-        torch._foreach_add_(denoms, shift)
+        torch._foreach_mul_(denoms, inv_sqrt_bc2)
+        torch._foreach_add_(denoms, eps)
+        torch._foreach_mul_(denoms, bc1_over_lr)
         torch._foreach_addcdiv_(values, exp_avgs, denoms, -1.0)
 
     def load_state_dict(self, state_dict: dict) -> None:

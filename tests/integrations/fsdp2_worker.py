@@ -12,6 +12,7 @@ import lorambo
 from lorambo.integrations import fsdp
 from lorambo.distributed import decision_generator
 from lorambo.optimizer import LoRAMBoOptimizer
+from lorambo.sharding import local_tensor
 
 DT = torch.float64
 STEPS, BATCH = 6, 8  # BATCH rows per process
@@ -40,8 +41,9 @@ def _full(t):
     return t.full_tensor() if fsdp.is_sharded(t) else t.detach().clone()
 
 
-def procedure(net, shards, out_dir, write_files=True, optimizer="adam"):
-    """Train, edit ranks, merge, save, unload; returns everything to compare."""
+def procedure(net, shards, out_dir, write_files=True, optimizer="adam", after_training=None):
+    """Train, edit ranks, merge, save, unload; returns everything to compare. ``after_training(net,
+    opt)`` runs between training and merging; what it returns is stored under "after_training"."""
     layers = lorambo.lora_layers(net)
     budget = sum(3 * (m.in_features + m.out_features) for m in layers.values())
     alloc = LoRAMBoOptimizer(net, budget, interval=2, sketch_rank=2, seed=5, move_threshold=1e30, max_moves=1)
@@ -62,8 +64,9 @@ def procedure(net, shards, out_dir, write_files=True, optimizer="adam"):
             fsdp.set_rank(layers["2"], min(layers["2"].rank + 1, 4), opt, generator=decision_generator(7, step))
         opt.step()
         opt.zero_grad()
+    checked = after_training(net, opt) if after_training is not None else None
     probe = torch.randn(5, 6, generator=torch.Generator().manual_seed(11), dtype=DT)
-    result = {"losses": losses, "decisions": alloc.decisions, "ranks": {n: m.rank for n, m in layers.items()},
+    result = {"after_training": checked, "losses": losses, "decisions": alloc.decisions, "ranks": {n: m.rank for n, m in layers.items()},
               "state": {k: _full(v) for k, v in net.state_dict().items()},
               "opt_state": {i: {k: _full(v) for k, v in opt.state[p].items()}
                             for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}}
@@ -92,25 +95,68 @@ def procedure(net, shards, out_dir, write_files=True, optimizer="adam"):
     return result
 
 
-def run(rank, world, port, out_dir, data_seed, optimizer="adam", capacity=4):
-    import torch.distributed as dist
+def shard(net, world):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    for i in (0, 2):
+        fully_shard(net[i], mesh=mesh)
+    fully_shard(net, mesh=mesh)
+    return net
+
+
+def checkpoint_round_trip(out_dir, world, capacity):
+    """torch.distributed.checkpoint: save the trained model and optimizer, load both into a fresh
+    sharded copy; returns the mismatches (state keys, dtypes, values, ranks), empty when none."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    def check(net, opt):
+        model_state, optim_state = get_state_dict(net, opt)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=f"{out_dir}/dcp")
+        fresh = shard(build(capacity), world)
+        fresh_opt = OPTIMIZERS["lorambo_adamw"]([p for p in fresh.parameters() if p.requires_grad])
+        model_state, optim_state = get_state_dict(fresh, fresh_opt)  # lr 0 steps initialise fresh_opt
+        loaded = {"model": model_state, "optim": optim_state}
+        dcp.load(loaded, checkpoint_id=f"{out_dir}/dcp")
+        set_state_dict(fresh, fresh_opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+        wrong = []
+        ranks = ({n: m.rank for n, m in lorambo.lora_layers(net).items()},
+                 {n: m.rank for n, m in lorambo.lora_layers(fresh).items()})
+        if ranks[0] != ranks[1]:
+            wrong.append(f"ranks {ranks}")
+        params = [(p, q) for g, h in zip(opt.param_groups, fresh_opt.param_groups) for p, q in zip(g["params"], h["params"])]
+        for i, (p, q) in enumerate(params):
+            if not torch.equal(local_tensor(p), local_tensor(q)):
+                wrong.append(f"param {i}")
+            mine, theirs = opt.state[p], fresh_opt.state[q]
+            if mine.keys() != theirs.keys():
+                wrong.append(f"param {i}: state keys {sorted(mine)} vs {sorted(theirs)}")
+                continue
+            for key, value in mine.items():
+                a, b = local_tensor(torch.as_tensor(value)), local_tensor(torch.as_tensor(theirs[key]))
+                if a.dtype != b.dtype or not torch.equal(a, b):
+                    wrong.append(f"param {i}: {key}")
+        return wrong
+
+    return check
+
+
+def run(rank, world, port, out_dir, data_seed, optimizer="adam", capacity=4):
+    import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        net = build(capacity)
-        mesh = init_device_mesh("cpu", (world,))
-        for i in (0, 2):
-            fully_shard(net[i], mesh=mesh)
-        fully_shard(net, mesh=mesh)
+        net = shard(build(capacity), world)
         held = net[0].lora_A.to_local().shape[0]  # torch.chunk's layout: uneven for capacity 5
         assert fsdp.is_sharded(net[0].lora_A) and held == len(torch.arange(capacity).chunk(world)[rank])
         storage = {n: (id(p), p.to_local().data_ptr()) for n, p in net.named_parameters()}
         torch.manual_seed(1000 + rank)  # the global RNG differs per process on purpose
         shards = [step[rank] for step in batches(data_seed, world)]
-        result = procedure(net, shards, out_dir, optimizer=optimizer)
+        round_trip = checkpoint_round_trip(out_dir, world, capacity) if optimizer == "lorambo_adamw" else None
+        result = procedure(net, shards, out_dir, optimizer=optimizer, after_training=round_trip)
         result["same_storage"] = all(
             (id(p), p.to_local().data_ptr()) == storage[n] for n, p in net.named_parameters() if n in storage)
         torch.save(result, f"{out_dir}/rank{rank}.pt")

@@ -155,3 +155,33 @@ def test_pools_replaced_by_new_parameter_objects_stay_pools(replace):
     _random_active_grads(layer)
     opt.step()
     assert opt.state[layer.lora_A]["slot_step"].tolist() == [2, 2, 2, 1, 0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("eps", [1e-8, 0.5])
+def test_a_warm_up_from_lr_zero_steps_like_torch_adamw(eps):
+    """lr = 0 is the first step of a linear warm-up (and torch.distributed.checkpoint initialises
+    optimizer state with it): nothing may move and nothing may break, and afterwards a pool whose
+    slots are all active trains exactly like torch's AdamW."""
+    torch.manual_seed(4)
+    layer = _pool_layer(rank=4, capacity=4)
+    layer.lora_B.data.normal_()  # both pools get gradients from the first step
+    twin = copy.deepcopy(layer)
+    kwargs = dict(lr=1e-2, weight_decay=0.1, eps=eps)
+    ours, theirs = AdamW(layer.parameters(), **kwargs), torch.optim.AdamW(twin.parameters(), **kwargs)
+    warm_up = lambda step: min(step / 3, 1.0)  # noqa: E731
+    schedules = [torch.optim.lr_scheduler.LambdaLR(opt, warm_up) for opt in (ours, theirs)]
+    start = layer.lora_A.detach().clone()
+    for step in range(6):
+        x = torch.randn(5, 10, dtype=torch.float64)
+        for net, opt, schedule in ((layer, ours, schedules[0]), (twin, theirs, schedules[1])):
+            opt.zero_grad()
+            net(x).square().sum().backward()
+            opt.step()
+            schedule.step()
+        if step == 0:
+            assert torch.equal(layer.lora_A, start)
+    for name in ("lora_A", "lora_B"):
+        torch.testing.assert_close(getattr(layer, name), getattr(twin, name), rtol=1e-12, atol=1e-14)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(ours.state[getattr(layer, name)][key], theirs.state[getattr(twin, name)][key],
+                                       rtol=1e-12, atol=1e-16)
