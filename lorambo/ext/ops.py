@@ -103,15 +103,26 @@ def state_tensors(optimizer, param) -> list[torch.Tensor]:
     return [v for v in state.values() if torch.is_tensor(v) and v.shape == param.shape]
 
 
-def slot_state_tensors(optimizer, param, slot_dim: int) -> list[torch.Tensor]:
-    """The per-slot optimizer state of a pool ``param``: 1-D tensors with one entry per slot
-    (e.g. lorambo.optim.AdamW's step counts); torch.optim keeps none."""
+def slot_state_tensors(optimizer, param, slot_dim: int) -> list[tuple[torch.Tensor, int]]:
+    """``(tensor, dim)`` for the per-slot optimizer state of a pool ``param`` that is not
+    per-element: one entry per slot along ``dim`` and size 1 elsewhere. That is 1-D ``[capacity]``
+    (lorambo.optim.AdamW's step counts, dim 0), or a factored second moment with the param's
+    number of dims, ``capacity`` along ``slot_dim`` and 1 along the others (torch.optim.Adafactor's
+    ``row_var`` of ``lora_A`` and ``col_var`` of ``lora_B``). Statistics shared by all slots (the
+    other factor) have size 1 along ``slot_dim`` and are left alone."""
     state = optimizer.state.get(param) if optimizer is not None else None
     if not state:
         return []
-    slots = param.shape[slot_dim]
-    return [v for v in state.values()
-            if torch.is_tensor(v) and v.dim() == 1 and v.shape[0] == slots and v.shape != param.shape]
+    slots, out = param.shape[slot_dim], []
+    for value in state.values():
+        if not torch.is_tensor(value) or value.shape == param.shape:
+            continue
+        if value.dim() == 1 and value.shape[0] == slots:
+            out.append((value, 0))
+        elif value.dim() == param.dim() and value.shape[slot_dim] == slots and \
+                all(n == 1 for d, n in enumerate(value.shape) if d != slot_dim):
+            out.append((value, slot_dim))
+    return out
 
 
 @torch.no_grad()
@@ -142,12 +153,13 @@ def remap_pools_(entries: Iterable[tuple[torch.nn.Module, torch.Tensor]], optimi
 
 def pool_slot_tensors(layer, optimizer=None):
     """``(tensor, slot_dim, is_optimizer_state)`` for everything that belongs to a layer's slots:
-    the pools, their gradients, per-element optimizer state and per-slot state (step counts)."""
+    the pools, their gradients, per-element optimizer state and per-slot state (step counts,
+    factored second moments)."""
     for param, dim in ((layer.lora_A, 0), (layer.lora_B, 1)):
         yield param.data, dim, False
         if param.grad is not None:  # a gradient belongs to its slot, like the value
             yield param.grad, dim, False
         for value in state_tensors(optimizer, param):
             yield value, dim, True
-        for value in slot_state_tensors(optimizer, param, dim):
-            yield value, 0, True
+        for value, value_dim in slot_state_tensors(optimizer, param, dim):
+            yield value, value_dim, True

@@ -3,6 +3,8 @@
 A slot s is row s of ``lora_A`` and column s of ``lora_B``. Per-element state tensors
 (Adam's exp_avg / exp_avg_sq / max_exp_avg_sq, SGD's momentum_buffer, ...) are recognised as
 tensors with the parameter's shape and are edited in place, so the optimizer keeps working.
+Factored statistics with one entry per slot (torch.optim.Adafactor's ``row_var`` of ``lora_A``,
+``col_var`` of ``lora_B``) move and reset with their slots too.
 :class:`lorambo.optim.AdamW` also keeps ``slot_step``, one Adam step count per slot (shape
 [capacity]); it moves and resets with its slot like the moments.
 
@@ -27,6 +29,7 @@ from lorambo.ext.ops import slot_state_tensors, state_tensors
 
 SLOT_STEP = "slot_step"  # lorambo.optim.AdamW's per-slot Adam step count, shape [capacity]
 _warned_shared_step = False
+_STEPPED_MOMENTS = {"exp_avg", "row_var", "variance"}  # Adam family; Adafactor (2-D and 1-D params)
 
 
 def _slot_views(optimizer: torch.optim.Optimizer, layer):
@@ -34,27 +37,28 @@ def _slot_views(optimizer: torch.optim.Optimizer, layer):
     for param, dim in ((layer.lora_A, 0), (layer.lora_B, 1)):
         for value in state_tensors(optimizer, param):
             yield value, dim
-        for value in slot_state_tensors(optimizer, param, dim):
-            yield value, 0
+        for value, value_dim in slot_state_tensors(optimizer, param, dim):
+            yield value, value_dim
 
 
 def warn_if_shared_step(optimizer: torch.optim.Optimizer, layer) -> None:
-    """Warn once per process when new slots join a pool whose optimizer has one Adam ``step``
-    per parameter that has already counted steps (see the module docstring)."""
+    """Warn once per process when new slots join a pool whose optimizer (Adam family, Adafactor)
+    has one ``step`` per parameter that has already counted steps (see the module docstring)."""
     global _warned_shared_step
     if _warned_shared_step:
         return
     for param in (layer.lora_A, layer.lora_B):
         state = optimizer.state.get(param)
-        if not state or SLOT_STEP in state or "step" not in state or "exp_avg" not in state:
+        if not state or SLOT_STEP in state or "step" not in state or not _STEPPED_MOMENTS & state.keys():
             continue
         if float(state["step"]) > 0:
             _warned_shared_step = True
             warnings.warn(
-                f"{type(optimizer).__name__} keeps one Adam step count per parameter: slots that become "
-                f"active now in {layer._label} start with the bias correction of step {int(float(state['step']))}, "
-                "so their first updates are larger than a fresh Adam's (2.5-5x measured). "
-                "Use lorambo.optim.AdamW for per-slot step counts.", stacklevel=4)
+                f"{type(optimizer).__name__} keeps one step count per parameter: slots that become active now "
+                f"in {layer._label} start at step {int(float(state['step']))} of it, not at step 1 (Adam's bias "
+                "correction, Adafactor's averaging rate), so their first updates are larger than a fresh "
+                "optimizer's (2.5-5x measured for Adam). Use lorambo.optim.AdamW for per-slot step counts.",
+                stacklevel=4)
             return
 
 

@@ -20,7 +20,8 @@ every slot's count, so the counts stay identical on all processes and rank edits
 
 Pool parameters always take the multi-tensor (``torch._foreach_*``) path, with the step counts on
 the parameter's device, so the update never reads a device value on the host. ``fused`` and
-``capturable`` apply to the other parameters; ``differentiable=True`` is not supported.
+``capturable`` apply to the other parameters; with a GradScaler the scaler unscales the gradients
+and skips inf steps itself, also for ``fused=True``. ``differentiable=True`` is not supported.
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ class AdamW(torch.optim.AdamW):
         super().__init__(params, *args, **kwargs)
         if any(group.get("differentiable", False) for group in self.param_groups):
             raise ValueError("lorambo.optim.AdamW: differentiable=True is not supported")
+        # torch's fused AdamW unscales and skips inf steps inside its kernel when a GradScaler hands
+        # it the scale; the pool update does not, so the scaler must unscale and skip for us.
+        self._step_supports_amp_scaling = False
 
     @torch.no_grad()
     def step(self, closure=None):

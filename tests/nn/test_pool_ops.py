@@ -34,7 +34,7 @@ def _snapshot(model, opt):
     return out, [layer.rank for layer in model]
 
 
-@pytest.mark.parametrize("optimizer_class", [torch.optim.Adam, lorambo.optim.AdamW])
+@pytest.mark.parametrize("optimizer_class", [torch.optim.Adam, lorambo.optim.AdamW, torch.optim.Adafactor])
 def test_matches_per_layer_keep_components_bit_for_bit(backend, monkeypatch, optimizer_class):
     seed = int(torch.randint(0, 2**30, ()))
     model, opt = _trained(seed, optimizer_class)

@@ -185,3 +185,35 @@ def test_a_warm_up_from_lr_zero_steps_like_torch_adamw(eps):
         for key in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(ours.state[getattr(layer, name)][key], theirs.state[getattr(twin, name)][key],
                                        rtol=1e-12, atol=1e-16)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_grad_scaler_unscales_and_skips_overflow_steps_for_pools(fused):
+    """torch's fused AdamW takes the GradScaler's scale into its kernel; the pool update must not
+    see scaled gradients, and a step whose gradients overflowed must leave the pools untouched."""
+    torch.manual_seed(0)
+    layer = LoRAMBoLinear(torch.nn.Linear(10, 9), rank=3, capacity=4)
+    layer.lora_B.data.normal_()
+    twin = copy.deepcopy(layer)
+    ours = AdamW(layer.parameters(), lr=1e-2, eps=1e-3, fused=fused)
+    reference = AdamW(twin.parameters(), lr=1e-2, eps=1e-3)  # unscaled, no GradScaler
+    scaler = torch.amp.GradScaler("cpu", init_scale=1e38)  # the first scaled gradients overflow
+    x = torch.randn(5, 10)
+    before = [p.detach().clone() for p in layer.parameters()]
+    scaler.scale(layer(x).square().sum()).backward()
+    scaler.step(ours)
+    scaler.update()
+    assert all(torch.equal(p, q) for p, q in zip(layer.parameters(), before))  # skipped, not NaN
+    assert "slot_step" not in ours.state.get(layer.lora_A, {})
+    scaler.update(new_scale=1024.0)
+    for _ in range(3):
+        x = torch.randn(5, 10)
+        ours.zero_grad()
+        reference.zero_grad()
+        scaler.scale(layer(x).square().sum()).backward()
+        scaler.step(ours)
+        scaler.update()
+        twin(x).square().sum().backward()
+        reference.step()
+    for name in ("lora_A", "lora_B"):  # eps 1e-3 would act 1024x weaker on scaled gradients
+        torch.testing.assert_close(getattr(layer, name), getattr(twin, name), rtol=1e-5, atol=1e-6)
