@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
-import tempfile
 from pathlib import Path
 
+from lorambo.adapters.atomic import atomic_write_text
 from lorambo.experiments.config import METHOD_LABELS, REFERENCE, TASK_LABELS
 
 EXTRA = ("spearman", "planted_share", "planted_coverage")
@@ -184,31 +183,10 @@ def _finite(obj, path="result") -> None:
 
 
 def write_json_atomic(obj, path) -> Path:
-    """Write JSON to a temporary file in the same folder, fsync, then rename over ``path``:
-    a reader never sees a partial file, whatever happens mid-write."""
-    path = Path(path)
+    """Write JSON (finite numbers only) so that a reader never sees a partial file."""
     _finite(obj)
-    text = json.dumps(obj, indent=1, sort_keys=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    return atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=False))
 
 
 def write_text_atomic(text: str, path) -> Path:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, text)
