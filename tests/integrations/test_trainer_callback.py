@@ -37,6 +37,7 @@ def test_callback_grows_ranks_as_logged(tmp_path, moves):
     data = [{"input_ids": (ids := torch.randint(0, 40, (12,))), "labels": ids} for _ in range(24)]
     args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4,
                                           gradient_accumulation_steps=2, max_steps=5, learning_rate=1e-2,
+                                          warmup_steps=2,  # the first step runs at learning rate 0
                                           report_to="none", use_cpu=True, save_strategy="no",
                                           logging_steps=1, disable_tqdm=True, dataloader_num_workers=0)
     importance = AdaLoRAImportance(model) if moves else None
