@@ -11,18 +11,15 @@ import torch
 __all__ = ["is_sharded", "local_tensor", "local_region"]
 
 
-def _dtensor_class():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch without distributed tensors: nothing can be sharded
-        return None
-    return DTensor
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # torch without distributed tensors: nothing can be sharded
+    _DTensor = None
 
 
 def is_sharded(tensor) -> bool:
     """True for a DTensor."""
-    dtensor = _dtensor_class()
-    return dtensor is not None and isinstance(tensor, dtensor)
+    return _DTensor is not None and isinstance(tensor, _DTensor)
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:

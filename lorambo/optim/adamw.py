@@ -32,7 +32,7 @@ import torch
 
 from lorambo.nn.optimizer_state import SLOT_STEP
 from lorambo.nn.slots import local_slots, pool_slots
-from lorambo.sharding import local_tensor
+from lorambo.sharding import is_sharded, local_tensor
 
 __all__ = ["AdamW"]
 
@@ -43,6 +43,10 @@ def _unhooked_step(cls):
     while getattr(fn, "hooked", False):
         fn = fn.__wrapped__
     return fn
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def _bias_correction(slot_steps: torch.Tensor, beta: float) -> torch.Tensor:
@@ -134,11 +138,13 @@ class AdamW(torch.optim.AdamW):
             state = self._pool_state(param, amsgrad)
             state["step"] += 1
             counted.append(state[SLOT_STEP][:rank])
-            first, held = local_slots(param, dim)  # a DTensor sharded along its slots holds some
-            n = max(0, min(rank - first, held))
-            if n == 0:
-                continue
-            active = lambda t: local_tensor(t).narrow(dim, 0, n)  # noqa: E731  (cost follows the rank)
+            first, n, shard = 0, rank, _whole
+            if is_sharded(param):  # FSDP2: its gradient and state are sharded alike
+                first, held = local_slots(param, dim)  # this process's slots, maybe none
+                n, shard = max(0, min(rank - first, held)), local_tensor
+                if n == 0:
+                    continue
+            active = lambda t: shard(t).narrow(dim, 0, n)  # noqa: E731  (cost follows the rank)
             values.append(active(param))
             grads.append(active(param.grad))
             exp_avgs.append(active(state["exp_avg"]))
