@@ -1,14 +1,4 @@
-"""The ``lorambo`` command line: ``lorambo demo``, ``lorambo experiment``, ``lorambo info``.
-
-- ``lorambo demo``: adaptive vs uniform LoRA at equal parameter budgets on the real
-  all-MiniLM-L6-v2, on a task with planted low-rank deltas (the experiment at its default size);
-  ``--full`` sizes it for a GPU; ``--growth`` runs the in-place rank-growth proof instead.
-- ``lorambo experiment``: the same experiment with every knob on the command line;
-  ``--task sentiment`` runs the movie-review sentiment task (``make data`` fetches its data).
-  ``--workers``, ``--time-limit`` and ``--resume`` run it in several processes and in pieces,
-  ``--bundle`` reads the model and data from a bundle (docs/gpu_experiment.md), and
-  ``--plots-from results.json`` draws the plots of a finished run.
-"""
+"""The ``lorambo`` command line (``DESCRIPTION`` is its help text)."""
 
 from __future__ import annotations
 
@@ -16,6 +6,24 @@ import argparse
 import sys
 
 from lorambo.experiments.config import METHODS as EXPERIMENT_METHODS
+
+DESCRIPTION = """\
+Kernel-accelerated LoRA with per-layer rank allocation.
+
+  lorambo demo         adaptive against uniform LoRA at equal parameter budgets on the real
+                       all-MiniLM-L6-v2, on a task with planted low-rank deltas; --full sizes
+                       it for a GPU, --growth runs the in-place rank-growth proof instead
+  lorambo experiment   the same experiment with every knob on the command line; --task
+                       sentiment runs the movie-review sentiment task (make data fetches its
+                       data); --workers, --time-limit and --resume run it in several processes
+                       and in pieces; --bundle reads the model and data from a bundle
+                       (docs/gpu_experiment.md); --plots-from results.json draws the plots of a
+                       finished run
+  lorambo allocate     per-layer LoRA ranks for a local model: the ranks, a peft
+                       adapter_config.json and a heat map
+  lorambo info         versions and the backend in use
+
+lorambo COMMAND --help lists a command's options."""
 
 
 def _info(_args) -> int:
@@ -174,7 +182,7 @@ def _output_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorambo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="lorambo", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="adaptive vs uniform LoRA at equal budget on the real all-MiniLM-L6-v2")

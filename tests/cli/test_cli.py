@@ -52,7 +52,9 @@ def test_demo_and_experiment_options_reach_the_config(monkeypatch, tmp_path):
     assert cfg.methods == ("uniform", "eva") and cfg.budgets == (0.5, 3.0) and cfg.lr_grid == (1e-3, 3e-3)
     assert cfg.seeds == 2 and cfg.steps == 7 and str(seen["out"]).startswith(str(tmp_path))
     help_text = build_parser().format_help()
-    assert "demo" in help_text and "experiment" in help_text
+    for command in ("demo", "experiment", "allocate", "info"):
+        assert f"lorambo {command} " in help_text
+    assert "``" not in help_text  # plain text, not reStructuredText markup
 
 
 def test_info_and_console_entry_point(capsys):
