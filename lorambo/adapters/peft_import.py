@@ -11,7 +11,9 @@ tensor shapes and must agree with the config. ``modules_to_save`` are loaded and
 What peft can express but a LoRAMBoLinear cannot is refused before the model is touched, with
 an error naming it: DoRA, LoRA biases (``bias`` other than "none", ``lora_bias``), targets that
 are not Linear/Conv1D (embeddings, convolutions, ``target_parameters``), trainable tokens,
-layer replication, and other peft method variants.
+layer replication, and other peft method variants. A saved folder whose initialisation makes
+peft rewrite the base weights on loading (PiSSA, OLoRA, CorDA, LoftQ, ...) is refused too; a
+peft model already loaded (:func:`from_peft`) carries those weights and converts.
 """
 
 from __future__ import annotations
@@ -52,6 +54,23 @@ _OFF = {
     "arrow_config": (None,),
     "megatron_config": (None,),
 }
+
+
+# initialisations after which the saved A and B apply to the unchanged base weights; the others
+# (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA, ...) make peft rewrite the base weights when it loads the
+# adapter (W - s B0 A0, or a quantised W), so a saved folder holds only half of the model's change
+_BASE_KEEPING_INITS = (True, False, None, "gaussian", "eva", "orthogonal", "mica")
+
+
+def _check_base_kept(config: Mapping, where: str) -> None:
+    init = config.get("init_lora_weights", True)
+    if not any(init is kept or (isinstance(kept, str) and init == kept) for kept in _BASE_KEEPING_INITS):
+        raise ValueError(
+            f"{where}: init_lora_weights={init!r}: peft re-runs this initialisation when it loads the adapter, "
+            "and it rewrites the base weights, so the saved A and B do not apply to the plain base model. Either "
+            "save the adapter with peft's save_pretrained(..., path_initial_model_for_weight_conversion=...) "
+            "(a standard LoRA adapter) and import that, or load it with peft.PeftModel.from_pretrained and "
+            "convert with lorambo.from_peft, which keeps the rewritten base weights")
 
 
 def check_peft_config(config: Mapping, where: str) -> None:
@@ -223,6 +242,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike, capacity: int | Mappi
         raise AdapterFormatError(f"{config_file} is not valid JSON: {err}") from err
     where = f"peft adapter {folder}"
     check_peft_config(config, where)
+    _check_base_kept(config, where)
     lora, other = _split_tensors(_read_weights(folder), where)
     r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}

@@ -179,3 +179,34 @@ def test_rank_mismatch_and_missing_files(tmp_path):
         import_peft(_bert(), tmp_path)
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         import_peft(_bert(), tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_saved_adapter_whose_init_rewrites_the_base_is_refused_and_converts_through_peft(tmp_path, init):
+    """peft re-runs PiSSA/OLoRA on loading and rewrites the base weights (W - s B0 A0): the saved A
+    and B alone do not apply to the plain base (importing them anyway was off by ~1 here)."""
+    build = lambda: _bert(torch.float32)  # noqa: E731  (PiSSA refuses float64)
+    peft_model = get_peft_model(build(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                                    init_lora_weights=init))
+    _randomise_peft(peft_model, seed=3)
+    peft_model.save_pretrained(tmp_path)
+    model = build()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=rf"init_lora_weights='{init}'.*rewrites the base weights.*from_peft"):
+        import_peft(model, tmp_path)
+    assert not lora_layers(model) and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    loaded = PeftModel.from_pretrained(build(), tmp_path).eval()
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(5))
+    expected = _logits(loaded, ids)
+    torch.testing.assert_close(_logits(from_peft(loaded), ids), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("init", ["gaussian", "orthogonal"])
+def test_saved_adapters_of_base_keeping_inits_import(tmp_path, init):
+    peft_model = get_peft_model(_bert(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                                    init_lora_weights=init))
+    _randomise_peft(peft_model, seed=4)
+    peft_model.save_pretrained(tmp_path)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(6))
+    expected = _logits(PeftModel.from_pretrained(_bert(), tmp_path).eval(), ids)
+    torch.testing.assert_close(_logits(import_peft(_bert(), tmp_path), ids), expected, rtol=1e-12, atol=1e-12)
