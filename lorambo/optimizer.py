@@ -239,7 +239,8 @@ class LoRAMBoOptimizer:
         caps = {n: c for n, c in self.user_capacity.items()}
         uppers = {n: min(self.dims[n]) for n in self.names}
         if method == "frobenius_greedy" and "spectra" not in allocate_kwargs:
-            allocate_kwargs["spectra"] = {n: torch.linalg.svdvals(self._weight(n)).numpy() for n in self.names}
+            allocate_kwargs["spectra"] = {n: torch.linalg.svdvals(self._weight(n)).cpu().numpy()
+                                          for n in self.names}
         if method == "data_weighted" and "tail_energies" not in allocate_kwargs:
             allocate_kwargs["tail_energies"] = self._tails(batches, loss_fn, caps, uppers)
         if method in ("frobenius_greedy", "data_weighted") and self.sensitivity_method in ("frobenius", "data"):
@@ -257,7 +258,8 @@ class LoRAMBoOptimizer:
         if batches is None or loss_fn is None:
             raise ValueError("allocation='data_weighted' needs batches and loss_fn (input covariances)")
         cov = data_covariance(self.model, loss_fn, batches, modules=self.names)
-        return {n: data_weighted_tail_energy(self._weight(n), cov[n], min(caps.get(n, uppers[n]), uppers[n])).numpy()
+        return {n: data_weighted_tail_energy(self._weight(n), cov[n],
+                                             min(caps.get(n, uppers[n]), uppers[n])).cpu().numpy()
                 for n in self.names}
 
     def plan_capacities(self, ranks: Mapping[str, int]) -> dict[str, int]:

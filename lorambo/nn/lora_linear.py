@@ -173,14 +173,22 @@ class LoRAMBoLinear(nn.Module):
         between ``backward()`` and ``optimizer.step()`` is safe. With ``optimizer``, the state of
         every changed slot is zeroed (with :class:`lorambo.optim.AdamW` also its Adam step count, so
         a new slot trains exactly as under a fresh optimizer). Pass a seeded ``generator`` when
-        several processes must initialise new slots identically (DDP).
+        several processes must initialise new slots identically (DDP); it may live on another
+        device than the pools (a CPU generator gives CUDA pools the numbers it gives CPU ones).
         """
         rank = self.validate_rank(rank)
         if self.merged:
             raise RuntimeError(f"{self._label}: unmerge() before changing the rank")
         old = self._rank
         if rank > old:
-            nn.init.kaiming_uniform_(self.lora_A[old:rank], a=math.sqrt(5), generator=generator)
+            rows = self.lora_A[old:rank]
+            if generator is not None and generator.device != rows.device:
+                # e.g. a CPU decision generator for CUDA pools: draw where the generator lives
+                # (the same numbers on every device) and copy; torch refuses the mix
+                drawn = torch.empty(rows.shape, dtype=rows.dtype, device=generator.device)
+                rows.copy_(nn.init.kaiming_uniform_(drawn, a=math.sqrt(5), generator=generator))
+            else:
+                nn.init.kaiming_uniform_(rows, a=math.sqrt(5), generator=generator)
             self.lora_B[:, old:rank].zero_()
         elif rank < old:
             self.lora_A[rank:old].zero_()

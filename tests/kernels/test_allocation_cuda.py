@@ -1,0 +1,71 @@
+"""LoRAMBoOptimizer on a CUDA model: every sensitivity method and allocation, which the CPU suite
+runs on CPU tensors only (a device tensor handed to numpy, or a CPU generator used on a CUDA
+tensor, fails only here). It lives in tests/kernels because gpu-check collects the gpu tests of
+tests/kernels and tests/ext."""
+
+import pytest
+import torch
+from torch import nn
+
+import lorambo
+from lorambo.optimizer import LoRAMBoOptimizer
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict({"up": nn.Linear(32, 64), "down": nn.Linear(64, 32)})
+                                    for _ in range(2))
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = x + blk["down"](torch.tanh(blk["up"](x)))
+        return self.head(x)
+
+
+def mse(model, batch):
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+def _batches(device, dtype):
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randn(24, 32, generator=g).to(device, dtype), torch.randn(24, 4, generator=g).to(device, dtype))
+            for _ in range(2)]
+
+
+def _sensitivities(device, dtype, method):
+    torch.manual_seed(0)
+    model = Net().to(device, dtype)
+    opt = LoRAMBoOptimizer(model, 4000, sensitivity_method=method, num_probes=4, target_modules=["up", "down"])
+    return opt.compute_sensitivities(_batches(device, dtype), mse)
+
+
+@pytest.mark.filterwarnings("ignore:negative Hessian trace")
+@pytest.mark.parametrize("method,allocation", [
+    ("hessian", "closed_form"), ("gradient", "closed_form"), ("data", "closed_form"),
+    ("frobenius", "closed_form"), ("frobenius", "frobenius_greedy"), ("data", "data_weighted"),
+    ("gradient", "uniform"), ("gradient", "alora")])
+def test_ranks_within_budget_and_configured_on_cuda(method, allocation):
+    torch.manual_seed(0)
+    model = Net().cuda()
+    budget = 4000
+    opt = LoRAMBoOptimizer(model, budget, sensitivity_method=method, allocation=allocation, num_probes=4,
+                           target_modules=["up", "down"])
+    ranks = opt.compute_optimal_ranks(_batches("cuda", torch.float32), mse)
+    assert set(ranks) == set(opt.names) and sum(opt.costs[n] * r for n, r in ranks.items()) <= budget
+    opt.configure()
+    layers = lorambo.lora_layers(model)
+    assert {n: m.rank for n, m in layers.items()} == ranks
+    assert all(m.lora_A.is_cuda and m.lora_B.is_cuda for m in layers.values())
+
+
+@pytest.mark.parametrize("method", ["gradient", "data", "frobenius"])
+def test_deterministic_sensitivities_match_the_cpu_in_float64(method):
+    on_cuda, on_cpu = (_sensitivities(device, torch.float64, method) for device in ("cuda", "cpu"))
+    assert on_cuda.keys() == on_cpu.keys()
+    for name, value in on_cpu.items():
+        assert on_cuda[name] == pytest.approx(value, rel=1e-9, abs=1e-12), name
