@@ -69,3 +69,26 @@ def test_deterministic_sensitivities_match_the_cpu_in_float64(method):
     assert on_cuda.keys() == on_cpu.keys()
     for name, value in on_cpu.items():
         assert on_cuda[name] == pytest.approx(value, rel=1e-9, abs=1e-12), name
+
+
+def test_alora_rounds_move_ranks_on_cuda():
+    """ALoRA prunes by ablation forwards and regrows with CPU decision generators into CUDA pools."""
+    from lorambo.allocation.alora import ALoRAConfig
+
+    torch.manual_seed(0)
+    model, target = Net().cuda(), Net().cuda()
+    g = torch.Generator().manual_seed(4)
+    heldout = [(x, target(x).detach()) for x in (torch.randn(16, 32, generator=g).cuda() for _ in range(2))]
+    opt = LoRAMBoOptimizer(model, 12 * 96, allocation="alora", loss_fn=mse, heldout_batches=heldout,
+                           target_modules=["up", "down"], alora=ALoRAConfig(k1=2, k2=3, rounds=3, n_prune=2))
+    ranks = opt.compute_optimal_ranks()
+    opt.configure()
+    adam = opt.make_optimizer(lr=0.02)
+    for step in range(10):
+        x = torch.randn(16, 32, generator=g).cuda()
+        mse(model, (x, target(x).detach())).backward()
+        opt.step(step, optimizer=adam)
+        adam.step()
+        adam.zero_grad()
+    assert any(r["event"] == "grow" for r in opt.decisions) and opt.current_ranks() != ranks
+    assert sum(opt.current_ranks().values()) == sum(ranks.values())
