@@ -92,3 +92,29 @@ def test_alora_rounds_move_ranks_on_cuda():
         adam.zero_grad()
     assert any(r["event"] == "grow" for r in opt.decisions) and opt.current_ranks() != ranks
     assert sum(opt.current_ranks().values()) == sum(ranks.values())
+
+
+@pytest.mark.parametrize("sketch_dim", [None, 8])
+def test_fisher_proxy_on_cuda(sketch_dim):
+    """Exact per-example norms match the CPU in float64; the sketch (probes drawn on the device)
+    is finite and within its own standard error scale of the exact value."""
+    from lorambo.sensitivity import FisherProxy
+
+    def traces(device, sketch):
+        torch.manual_seed(0)
+        model = Net().to(device, torch.float64)
+        with FisherProxy(model, modules=["blocks.0.up", "blocks.1.down"], sketch_dim=sketch) as fisher:
+            for batch in _batches(device, torch.float64):
+                model.zero_grad()
+                mse(model, batch).backward()
+        return fisher.estimates()
+
+    exact_cpu = traces("cpu", None)
+    on_cuda = traces("cuda", sketch_dim)
+    assert on_cuda.keys() == exact_cpu.keys()
+    for name, estimate in on_cuda.items():
+        want = exact_cpu[name].value
+        if sketch_dim is None:
+            assert estimate.value == pytest.approx(want, rel=1e-9), name
+        else:
+            assert 0 < estimate.value < 10 * want, (name, estimate, want)
