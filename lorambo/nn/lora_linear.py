@@ -270,6 +270,21 @@ class LoRAMBoLinear(nn.Module):
         with torch.autocast(device_type, enabled=False):
             return lora_linear(x, weight, bias, lora_a, lora_b, rank, self.scaling, p)
 
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Initialise the pool as a new layer of the current rank: Kaiming-uniform active rows of
+        A, zero B, zero inactive slots. For meta-device construction: after ``to_empty`` the pools
+        hold whatever the memory held, and the usual ``reset_parameters()`` pass over every
+        module (FSDP's default ``param_init_fn``, ...) makes them a valid adapter again. The base
+        layer is its own module with its own ``reset_parameters``; it is not touched here."""
+        if self.merged:
+            raise RuntimeError(f"{self._label}: unmerge() before reset_parameters()")
+        rank = self._rank
+        self.lora_A.zero_()
+        self.lora_B.zero_()
+        self._set_active_rank(0)
+        self.set_rank(rank, generator=generator)
+
     # ------------------------------------------------------------------------------ merge
     def delta_weight(self) -> torch.Tensor:
         """``s * B_r A_r`` as an [out, in] tensor in the weight dtype (accumulated in >= fp32)."""
