@@ -23,9 +23,10 @@ from torch import nn
 
 from lorambo.nn import base_layers
 from lorambo.nn.optimizer_state import gather_slot_state, reset_slot_state, warn_if_shared_step
-from lorambo.nn.slots import PoolSlots, tag_pool_parameter
+from lorambo.nn.slots import PoolSlots, local_slots, tag_pool_parameter
 from lorambo.ops import lora_linear
 from lorambo.ops.compile_support import dynamic_int_attribute
+from lorambo.sharding import is_sharded, local_tensor
 
 _POOL_DIMS = {"lora_A": 0, "lora_B": 1}  # the dim along which each pool's rank slots lie
 
@@ -179,6 +180,7 @@ class LoRAMBoLinear(nn.Module):
         rank = self.validate_rank(rank)
         if self.merged:
             raise RuntimeError(f"{self._label}: unmerge() before changing the rank")
+        self._refuse_sharded()
         old = self._rank
         if rank > old:
             rows = self.lora_A[old:rank]
@@ -239,7 +241,15 @@ class LoRAMBoLinear(nn.Module):
             raise ValueError(f"{self._label}: component indices {bad} outside active range [0, {self._rank})")
         if self.merged:
             raise RuntimeError(f"{self._label}: unmerge() before changing the rank")
+        self._refuse_sharded()
         return keep
+
+    def _refuse_sharded(self) -> None:
+        # edits of a DTensor's slices land in copies, not in the shards: nothing would change
+        if is_sharded(self.lora_A) or is_sharded(self.lora_B):
+            raise RuntimeError(f"{self._label}: its pools are sharded (FSDP2 DTensors); change ranks through "
+                               "lorambo.integrations.fsdp (set_rank, keep_components, allocator_step), "
+                               "which gathers them")
 
     @torch.no_grad()
     def zero_inactive_(self) -> None:
@@ -279,11 +289,16 @@ class LoRAMBoLinear(nn.Module):
         layer is its own module with its own ``reset_parameters``; it is not touched here."""
         if self.merged:
             raise RuntimeError(f"{self._label}: unmerge() before reset_parameters()")
-        rank = self._rank
-        self.lora_A.zero_()
-        self.lora_B.zero_()
-        self._set_active_rank(0)
-        self.set_rank(rank, generator=generator)
+        rank, a = self._rank, local_tensor(self.lora_A)  # a DTensor's own shard (FSDP2)
+        a.zero_()
+        local_tensor(self.lora_B).zero_()
+        first, held = local_slots(self.lora_A, 0)
+        n = max(0, min(rank - first, held))
+        if n:  # the rows a whole-pool init gives these slots, so any sharding gets the same A
+            drawn = torch.empty(rank, self.in_features, dtype=a.dtype,
+                                device=generator.device if generator is not None else a.device)
+            nn.init.kaiming_uniform_(drawn, a=math.sqrt(5), generator=generator)
+            a[:n].copy_(drawn[first:first + n])
 
     # ------------------------------------------------------------------------------ merge
     def delta_weight(self) -> torch.Tensor:

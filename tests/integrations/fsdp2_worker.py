@@ -22,10 +22,14 @@ OPTIMIZERS = {"adam": lambda params: torch.optim.Adam(params, lr=0.05),
               "lorambo_adamw": lambda params: lorambo.optim.AdamW(params, lr=0.05, weight_decay=0.0)}
 
 
+def build_plain():
+    return nn.Sequential(nn.Linear(6, 12, dtype=DT), nn.Tanh(), nn.Linear(12, 12, dtype=DT), nn.Tanh(),
+                         nn.Linear(12, 3, dtype=DT))
+
+
 def build(capacity=4):
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(6, 12, dtype=DT), nn.Tanh(), nn.Linear(12, 12, dtype=DT), nn.Tanh(),
-                        nn.Linear(12, 3, dtype=DT))
+    net = build_plain()
     lorambo.configure_model(net, {"0": 1, "2": 1}, capacity={"0": capacity, "2": 4}, modules_to_save=["4"])
     return net
 
@@ -160,5 +164,35 @@ def run(rank, world, port, out_dir, data_seed, optimizer="adam", capacity=4):
         result["same_storage"] = all(
             (id(p), p.to_local().data_ptr()) == storage[n] for n, p in net.named_parameters() if n in storage)
         torch.save(result, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_meta_init(rank, world, port, out_dir):
+    """Meta-device construction, fully_shard, to_empty, then the reset_parameters pass (seeded for
+    the pools); records the full pools and what a direct rank edit of a sharded layer says."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        with torch.device("meta"):
+            net = build_plain()
+        lorambo.configure_model(net, {"0": 2, "2": 3}, capacity={"0": 5, "2": 4})
+        net = shard(net, world)
+        net.to_empty(device="cpu")
+        for name, module in net.named_modules():
+            if isinstance(module, lorambo.LoRAMBoLinear):
+                module.reset_parameters(generator=torch.Generator().manual_seed(len(name)))
+            elif hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        pools = {f"{n}.{p}": getattr(m, p).full_tensor() for n, m in lorambo.lora_layers(net).items()
+                 for p in ("lora_A", "lora_B")}
+        try:
+            net[0].set_rank(3)
+            refused = ""
+        except RuntimeError as err:
+            refused = str(err)
+        torch.save({"pools": pools, "refused": refused}, f"{out_dir}/meta{rank}.pt")
     finally:
         dist.destroy_process_group()

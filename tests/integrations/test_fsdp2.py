@@ -80,3 +80,21 @@ def test_fsdp2_rank_edits_match_single_process(tmp_path, optimizer, capacity):
     probe = torch.randn(5, 6, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(fresh(probe), ref["out"], rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_fsdp2_meta_init_gives_the_single_process_pools_and_direct_rank_edits_are_refused(tmp_path):
+    """Without reset_parameters on DTensor pools, A stayed all zero (with B = 0 nothing trains)."""
+    mp.start_processes(fsdp2_worker.run_meta_init, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+    a, b = (torch.load(tmp_path / f"meta{r}.pt", weights_only=False) for r in range(2))
+    single = fsdp2_worker.build_plain()
+    lorambo.configure_model(single, {"0": 2, "2": 3}, capacity={"0": 5, "2": 4})
+    for name, layer in lorambo.lora_layers(single).items():
+        layer.reset_parameters(generator=torch.Generator().manual_seed(len(name)))
+        for pool in ("lora_A", "lora_B"):
+            want = getattr(layer, pool).detach()
+            assert torch.equal(a["pools"][f"{name}.{pool}"], want) and torch.equal(b["pools"][f"{name}.{pool}"], want)
+        assert layer.lora_A[:layer.rank].abs().min() > 0
+    for result in (a, b):
+        assert "sharded (FSDP2 DTensors)" in result["refused"] and "lorambo.integrations.fsdp" in result["refused"]
