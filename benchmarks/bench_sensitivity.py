@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import importlib.util
 import os
 import platform
 import sys
@@ -178,7 +179,11 @@ def run(size_name: str, target: float, max_probes: int, out: Path, device: torch
             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
     rows = [{**meta, **row} for row in rows]
     append_rows(out / "sensitivity.csv", FIELDS, rows, extrasaction="ignore")
-    plot(out / "sensitivity.csv", out / "sensitivity.png")
+    if importlib.util.find_spec("matplotlib") is not None:
+        plot(out / "sensitivity.csv", out / "sensitivity.png")
+    else:  # the GPU machine's image has none
+        print(f"no matplotlib here: wrote {out / 'sensitivity.csv'} only; draw the PNG where matplotlib is: "
+              f"python benchmarks/bench_sensitivity.py --plot-only --out {out}")
     return rows
 
 
@@ -236,7 +241,11 @@ def main(argv=None) -> int:
     parser.add_argument("--target", type=float, default=0.1, help="relative standard error to reach")
     parser.add_argument("--max-probes", type=int, default=256)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--plot-only", action="store_true", help="draw sensitivity.png from the CSV in --out")
     args = parser.parse_args(argv)
+    if args.plot_only:
+        plot(args.out / "sensitivity.csv", args.out / "sensitivity.png")
+        return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = "small" if args.small else args.size or ("full" if device.type == "cuda" else "small")
     rows = run(size, args.target, args.max_probes, args.out, device)

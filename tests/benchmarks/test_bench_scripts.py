@@ -5,6 +5,8 @@ import importlib.util
 import math
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -15,14 +17,28 @@ def _load(name):
     return module
 
 
-def test_bench_sensitivity_tiny_writes_csv_and_png(tmp_path):
+@pytest.mark.parametrize("matplotlib", [True, False])
+def test_bench_sensitivity_tiny_writes_csv_and_png(tmp_path, monkeypatch, capsys, matplotlib):
+    """Without matplotlib (the GPU machine's image) the CSV is written and --plot-only draws the
+    PNG later where matplotlib is."""
+    if matplotlib:
+        pytest.importorskip("matplotlib")
     bench = _load("bench_sensitivity")
+    if not matplotlib:
+        real = importlib.util.find_spec
+        monkeypatch.setattr(bench.importlib.util, "find_spec",
+                            lambda name, *a: None if name == "matplotlib" else real(name, *a))
     assert bench.main(["--size", "tiny", "--max-probes", "8", "--out", str(tmp_path)]) == 0
     rows = list(csv.DictReader(open(tmp_path / "sensitivity.csv")))
     metrics = {(r["provider"], r["metric"]) for r in rows}
     assert {("lorambo", "time_to_target"), ("sequential_loop", "time_to_target"),
             ("autograd", "one_hvp"), ("train_step", "with_fisher_proxy")} <= metrics
     assert all(math.isfinite(float(r["value"])) and float(r["value"]) > 0 for r in rows)
+    if not matplotlib:
+        assert not (tmp_path / "sensitivity.png").exists() and "--plot-only" in capsys.readouterr().out
+        monkeypatch.undo()
+        pytest.importorskip("matplotlib")  # drawing it later needs it
+        assert bench.main(["--plot-only", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "sensitivity.png").stat().st_size > 5000
 
 
