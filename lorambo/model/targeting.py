@@ -42,10 +42,19 @@ def _output_embeddings(model: nn.Module):
         return None
 
 
+def bypassed_linears(model: nn.Module) -> set[str]:
+    """Linear modules whose parent reads their weight instead of calling them, so a LoRA there
+    would never run: ``out_proj`` of ``nn.MultiheadAttention`` (its forward passes
+    ``out_proj.weight`` to ``F.multi_head_attention_forward``)."""
+    return {f"{name}.out_proj" if name else "out_proj" for name, module in model.named_modules()
+            if isinstance(module, nn.MultiheadAttention)}
+
+
 def excluded_by_default(model: nn.Module) -> set[str]:
-    """The output layer, classification heads and pooler layers (see :func:`find_targets`)."""
+    """The output layer, classification heads, pooler layers and the Linear layers a parent
+    bypasses (see :func:`find_targets`)."""
     head = _output_embeddings(model)
-    out = set()
+    out = bypassed_linears(model)
     for name, module in model.named_modules():
         parts = name.split(".")
         if ((head is not None and module is head) or parts[-1] in _HEAD_NAMES
@@ -77,10 +86,14 @@ def _candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def _require_adaptable(name: str, module: nn.Module, why: str) -> None:
+def _require_adaptable(name: str, module: nn.Module, why: str, bypassed: set[str]) -> None:
     if not _adaptable(module):
         raise TypeError(f"module {name!r} ({type(module).__name__}) {why} but is not nn.Linear, "
                         "transformers Conv1D or LoRAMBoLinear")
+    if name in bypassed:
+        raise ValueError(f"module {name!r} {why} but is the output projection of an nn.MultiheadAttention, "
+                         "whose forward reads out_proj.weight directly: a LoRA there would never run. "
+                         "Leave it out of target_modules")
 
 
 def find_targets(model: nn.Module, target_modules: str | list[str] | None) -> list[str]:
@@ -89,12 +102,13 @@ def find_targets(model: nn.Module, target_modules: str | list[str] | None) -> li
     ``None`` or ``"all-linear"``: peft's ``all-linear`` -- every Linear/Conv1D except the output
     layer (``get_output_embeddings()``) and heads named ``lm_head``, ``classifier``, ``score``
     or ``qa_outputs`` -- and, unlike peft, without the layers of a ``pooler`` (BERT's
-    ``pooler.dense`` feeds only ``pooler_output``). A list: suffix match on dotted names (each
+    ``pooler.dense`` feeds only ``pooler_output``) and without ``nn.MultiheadAttention``'s
+    ``out_proj``, which its parent bypasses (:func:`bypassed_linears`; naming it is an error). A list: suffix match on dotted names (each
     entry must match something). Another string: regex full match on dotted names.
     """
     if target_modules is None or target_modules == ALL_LINEAR:
         return default_targets(model)
-    modules = _candidate_modules(model)
+    modules, bypassed = _candidate_modules(model), bypassed_linears(model)
     if isinstance(target_modules, str):
         try:
             pattern = re.compile(target_modules)
@@ -105,7 +119,7 @@ def find_targets(model: nn.Module, target_modules: str | list[str] | None) -> li
             raise ValueError(f"target_modules regex {target_modules!r} matches no module of "
                              f"{type(model).__name__}")
         for n in names:
-            _require_adaptable(n, modules[n], f"matches target_modules {target_modules!r}")
+            _require_adaptable(n, modules[n], f"matches target_modules {target_modules!r}", bypassed)
         return names
     targets = list(target_modules)
     if not targets:
@@ -117,7 +131,7 @@ def find_targets(model: nn.Module, target_modules: str | list[str] | None) -> li
             raise ValueError(f"target_modules entry {target!r} matches no module of "
                              f"{type(model).__name__}{_closest(target, _leaf_names(modules))}")
         for n in hits:
-            _require_adaptable(n, modules[n], f"matches target_modules entry {target!r}")
+            _require_adaptable(n, modules[n], f"matches target_modules entry {target!r}", bypassed)
         names.extend(h for h in hits if h not in names)
     order = {n: i for i, n in enumerate(modules)}
     return sorted(names, key=order.__getitem__)
@@ -125,13 +139,13 @@ def find_targets(model: nn.Module, target_modules: str | list[str] | None) -> li
 
 def check_named_targets(model: nn.Module, names: Iterable[str]) -> list[str]:
     """Exact dotted names (the keys of a ``{name: rank}`` dict), each an adaptable module."""
-    modules = _candidate_modules(model)
+    modules, bypassed = _candidate_modules(model), bypassed_linears(model)
     out = []
     for name in names:
         if name not in modules:
             raise ValueError(f"module {name!r} not found in {type(model).__name__}"
                              f"{_closest(name, modules)}")
-        _require_adaptable(name, modules[name], "is named in ranks")
+        _require_adaptable(name, modules[name], "is named in ranks", bypassed)
         out.append(name)
     return out
 

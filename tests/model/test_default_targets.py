@@ -1,13 +1,16 @@
 """Default targets are peft's "all-linear" (computed by peft itself here), minus pooler layers."""
 
 import pytest
+import torch
 from peft import LoraConfig
 from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
 from transformers import (BertConfig, BertForSequenceClassification, BertModel, GPT2Config,
                           GPT2LMHeadModel)
 
+import lorambo
 from lorambo import configure_model, lora_layers
 from lorambo.model import default_targets
+from lorambo.sensitivity.targets import find_targets as sensitivity_targets
 
 
 def _bert_config():
@@ -33,3 +36,35 @@ def test_default_targets_are_peft_all_linear_without_the_pooler(build, task_type
     assert len(ours) == len(set(ours)) and all("pooler" not in n for n in ours)
     configure_model(model, 2, target_modules="all-linear")
     assert list(lora_layers(model)) == ours
+
+
+class _AttentionBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+        self.ff = torch.nn.Linear(16, 16)
+        self.lm_head = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        y, _ = self.attn(x, x, x)
+        return self.lm_head(self.ff(y))
+
+
+def test_multihead_attention_out_proj_is_left_out_and_refused_by_name():
+    """nn.MultiheadAttention passes out_proj.weight to F.multi_head_attention_forward: wrapped,
+    its LoRA would get no gradient and change nothing (it did before it was left out)."""
+    model = _AttentionBlock()
+    assert default_targets(model) == ["ff"]
+    assert [t.name for t in sensitivity_targets(model)] == ["ff"]
+    for targets in (["out_proj"], r"attn\..*", {"attn.out_proj": 2}):
+        with pytest.raises(ValueError, match=r"'attn.out_proj' .*nn.MultiheadAttention.*never run"):
+            if isinstance(targets, dict):
+                lorambo.configure_model(_AttentionBlock(), targets)
+            else:
+                lorambo.configure_model(_AttentionBlock(), 2, target_modules=targets)
+    lorambo.configure_model(model, 2)
+    layer = lorambo.lora_layers(model)["ff"]
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    model(torch.randn(2, 5, 16)).sum().backward()
+    assert layer.lora_A.grad is not None and layer.lora_A.grad.abs().sum() > 0
