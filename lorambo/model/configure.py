@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from lorambo.model.fast_paths import sync_fast_paths
 from lorambo.model.frozen import forget_frozen, record_frozen
 from lorambo.model.modules_to_save import (check_not_targets, forget_modules_to_save, keep_trainable,
                                            resolve_modules_to_save)
@@ -129,6 +130,7 @@ def _apply(model: nn.Module, plan: _Plan) -> None:
         if rank != module.rank:
             module.set_rank(rank)
     record_frozen(model, plan.freeze)
+    sync_fast_paths(model)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRAMBoLinear]:
@@ -145,6 +147,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         elif not merge and layer.merged:
             layer.unmerge()
         _set_submodule(model, name, layer.base_layer)
+    sync_fast_paths(model)
     for param in forget_frozen(model):
         param.requires_grad_(True)
     forget_modules_to_save(model)
