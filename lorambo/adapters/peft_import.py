@@ -33,7 +33,7 @@ from lorambo.model.modules_to_save import resolve_modules_to_save
 from lorambo.model.patterns import pattern_value
 from lorambo.model.targeting import suffix_match
 from lorambo.nn import default_capacity
-from lorambo.nn.base_layers import base_kind, features
+from lorambo.nn.base_layers import base_kind, features, unwrappable_reason
 
 __all__ = ["import_peft", "from_peft", "check_peft_config"]
 
@@ -105,8 +105,8 @@ def _check_target(model: nn.Module, name: str, spec: _LayerSpec, where: str) -> 
         raise ValueError(f"{where}: adapted module {name!r} is not in {type(model).__name__}") from None
     kind = base_kind(module)
     if kind is None:
-        raise ValueError(f"{where}: adapted module {name!r} is a {type(module).__name__}; lorambo "
-                         "adapts nn.Linear and transformers Conv1D only")
+        raise ValueError(f"{where}: adapted module {name!r} cannot be adapted by lorambo: "
+                         f"{unwrappable_reason(module)}")
     d_in, d_out = features(module, kind)
     r = spec.a.shape[0]
     if tuple(spec.a.shape) != (r, d_in) or tuple(spec.b.shape) != (d_out, r):
@@ -314,8 +314,8 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None,
     for name, spec in specs.items():
         kind = base_kind(wrapped[name])
         if kind is None:
-            raise ValueError(f"{where}: module {name!r} wraps a {type(wrapped[name]).__name__}; lorambo "
-                             "adapts nn.Linear and transformers Conv1D only")
+            raise ValueError(f"{where}: module {name!r} cannot be adapted by lorambo: "
+                             f"{unwrappable_reason(wrapped[name])}")
     for name, cap in _capacities(model, specs, capacity).items():  # checked before peft is taken apart
         d_in, d_out = specs[name].a.shape[1], specs[name].b.shape[0]
         if not specs[name].a.shape[0] <= cap <= min(d_in, d_out):

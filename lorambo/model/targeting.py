@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from lorambo.nn import LoRAMBoLinear
-from lorambo.nn.base_layers import is_wrappable
+from lorambo.nn.base_layers import is_wrappable, unwrappable_reason
 
 # Names of output heads that are never adapted by default (besides get_output_embeddings()).
 _HEAD_NAMES = {"lm_head", "classifier", "score", "qa_outputs"}
@@ -88,8 +88,8 @@ def _candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def _require_adaptable(name: str, module: nn.Module, why: str, bypassed: set[str]) -> None:
     if not _adaptable(module):
-        raise TypeError(f"module {name!r} ({type(module).__name__}) {why} but is not nn.Linear, "
-                        "transformers Conv1D or LoRAMBoLinear")
+        raise TypeError(f"module {name!r} ({type(module).__name__}) {why} but cannot be adapted: "
+                        f"{unwrappable_reason(module)}")
     if name in bypassed:
         raise ValueError(f"module {name!r} {why} but is the output projection of an nn.MultiheadAttention, "
                          "whose forward reads out_proj.weight directly: a LoRA there would never run. "

@@ -20,18 +20,40 @@ def _conv1d_class():
     return Conv1D
 
 
-def base_kind(module: nn.Module) -> str | None:
-    """'linear', 'conv1d', or None when ``module`` cannot be wrapped."""
+def _family(module: nn.Module):
+    """(kind, base class) of an nn.Linear or Conv1D, subclasses included; None for anything else."""
     if isinstance(module, nn.Linear):
-        return "linear"
+        return "linear", nn.Linear
     conv1d = _conv1d_class()
     if conv1d is not None and isinstance(module, conv1d):
-        return "conv1d"
+        return "conv1d", conv1d
     return None
+
+
+def base_kind(module: nn.Module) -> str | None:
+    """'linear', 'conv1d', or None when ``module`` cannot be wrapped. A subclass that brings its
+    own forward (a quantized layer, say) cannot, nor a module whose forward was replaced on the
+    instance: LoRAMBoLinear computes ``x W^T + b`` from the weight and would drop that forward."""
+    family = _family(module)
+    if family is None or type(module).forward is not family[1].forward or "forward" in vars(module):
+        return None
+    return family[0]
 
 
 def is_wrappable(module: nn.Module) -> bool:
     return base_kind(module) is not None
+
+
+def unwrappable_reason(module: nn.Module) -> str:
+    """Why ``module`` cannot be wrapped, for error messages."""
+    family = _family(module)
+    if family is not None and "forward" in vars(module):
+        return (f"this {type(module).__name__}'s forward was replaced on the instance (accelerate's offload "
+                "hooks, say), which LoRAMBoLinear, computing x W^T + b from the weight, would drop")
+    if family is not None:
+        return (f"{type(module).__name__} subclasses {family[1].__name__} with a forward of its own (a quantized "
+                "or otherwise changed layer), which LoRAMBoLinear, computing x W^T + b from the weight, would drop")
+    return f"{type(module).__name__} is not nn.Linear or transformers Conv1D"
 
 
 def features(module: nn.Module, kind: str) -> tuple[int, int]:

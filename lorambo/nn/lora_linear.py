@@ -65,8 +65,8 @@ class LoRAMBoLinear(nn.Module):
         self.name = name
         kind = base_layers.base_kind(base)
         if kind is None:
-            raise TypeError(f"{self._label}: can only wrap nn.Linear or transformers Conv1D, "
-                            f"got {type(base).__name__}")
+            raise TypeError(f"{self._label}: can only wrap nn.Linear or transformers Conv1D: "
+                            f"{base_layers.unwrappable_reason(base)}")
         self.base_kind = kind
         self.base_layer = base
         self.in_features, self.out_features = base_layers.features(base, kind)

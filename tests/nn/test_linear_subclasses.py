@@ -1,0 +1,69 @@
+"""LoRAMBoLinear computes x W^T + b from its base's weight. A Linear subclass with a forward of its
+own (quantized layers, layers that rescale) would silently lose that forward: it is refused when
+named and left out of the default targets. Subclasses that keep nn.Linear's forward still wrap."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+import lorambo
+from lorambo import LoRAMBoLinear
+
+
+class ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scaled = ScaledLinear(8, 8)
+        self.plain = nn.Linear(8, 8)
+        self.lm_head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.lm_head(self.plain(self.scaled(x)))
+
+
+def test_a_subclass_with_its_own_forward_is_refused_and_left_out():
+    with pytest.raises(TypeError, match="ScaledLinear subclasses Linear with a forward of its own"):
+        LoRAMBoLinear(ScaledLinear(8, 8), rank=2)
+    assert lorambo.model.default_targets(Net()) == ["plain"]
+    with pytest.raises(TypeError, match=r"'scaled' \(ScaledLinear\).*forward of its own"):
+        lorambo.configure_model(Net(), 2, target_modules=["scaled"])
+    model = Net()
+    x = torch.randn(3, 8)
+    want = model(x)
+    lorambo.configure_model(model, 2)
+    torch.testing.assert_close(model(x), want)  # B = 0, and the scaled layer keeps its forward
+
+
+class _Symmetric(nn.Module):
+    def forward(self, w):
+        return (w + w.T) / 2
+
+
+@pytest.mark.parametrize("kind", ["non_dynamically_quantizable", "parametrized"])
+def test_subclasses_that_keep_linear_forward_still_wrap(kind):
+    if kind == "parametrized":
+        base = nn.Linear(6, 6, dtype=torch.float64)
+        parametrize.register_parametrization(base, "weight", _Symmetric())
+    else:
+        base = nn.modules.linear.NonDynamicallyQuantizableLinear(6, 5, dtype=torch.float64)
+    layer = LoRAMBoLinear(base, rank=2, capacity=4)
+    with torch.no_grad():
+        layer.lora_B[:, :2].normal_()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    a, b = layer.lora_A[:2].detach(), layer.lora_B[:, :2].detach()
+    want = x @ base.weight.detach().T + base.bias.detach() + layer.scaling * (x @ a.T) @ b.T
+    torch.testing.assert_close(layer(x), want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_linear_whose_forward_was_replaced_on_the_instance_is_refused():
+    base = nn.Linear(8, 8)
+    original = base.forward
+    base.forward = lambda x: original(x) * 0.5  # what accelerate's hooks do to offloaded modules
+    with pytest.raises(TypeError, match="forward was replaced on the instance"):
+        LoRAMBoLinear(base, rank=2)
