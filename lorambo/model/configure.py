@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -56,6 +57,12 @@ def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_mod
     plan = _plan(model, names, ranks, capacity, alpha, dropout, use_rslora, alpha_pattern)
     _apply(model, plan)
     keep_trainable(model, saved)
+    for name, layer in plan.new_layers.items():
+        shared = weight_sharers(model, name, layer)
+        if shared:
+            warnings.warn(f"configure_model: the base weight of {name!r} is tied to {shared}; its adapter trains "
+                          "fine, but merging it would change those too (unload(merge=True) refuses it)",
+                          stacklevel=2)
     return model
 
 
@@ -138,9 +145,29 @@ def lora_layers(model: nn.Module) -> dict[str, LoRAMBoLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRAMBoLinear)}
 
 
+def weight_sharers(model: nn.Module, name: str, layer: LoRAMBoLinear) -> list[str]:
+    """Other names under which ``model`` holds the base weight of its layer ``name`` (tied
+    weights, e.g. an output head tied to the input embedding): merging changes them all."""
+    own = f"{name}.base_layer."
+    weight = layer.base_layer.weight
+    return [n for n, p in model.named_parameters(remove_duplicate=False) if p is weight and not n.startswith(own)]
+
+
+def _check_mergeable(model: nn.Module, layers: Mapping[str, LoRAMBoLinear]) -> None:
+    for name, layer in layers.items():
+        shared = weight_sharers(model, name, layer)
+        if shared and not layer.merged:
+            raise ValueError(f"unload(merge=True): the base weight of {name!r} is tied to {shared}: merging its "
+                             "adapter would change them too. Untie it first (give the layer a weight of its own) "
+                             "or unload(merge=False); nothing was changed")
+
+
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Put the plain base modules back (with the adapters merged into their weights when
-    ``merge``), restore the trainability configure_model took away, and return the model."""
+    ``merge``), restore the trainability configure_model took away, and return the model.
+    A merge into a weight the model also uses elsewhere (tied weights) is refused up front."""
+    if merge:
+        _check_mergeable(model, lora_layers(model))
     for name, layer in lora_layers(model).items():
         if merge and not layer.merged:
             layer.merge(exact=False)

@@ -1,0 +1,49 @@
+"""An adapted layer whose base weight is tied to another module's (GPT-2's lm_head and wte):
+merging would change the other module too (measured: logits moved by ~6 here), so unload(merge=True)
+refuses it before touching anything, and configure_model warns."""
+
+import pytest
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import lorambo
+
+
+def _tied_gpt2():
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16)).eval()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    with pytest.warns(UserWarning, match=r"'lm_head' is tied to \['transformer.wte.weight'\]"):
+        lorambo.configure_model(model, 2, target_modules=["lm_head", "c_attn"])
+    with torch.no_grad():
+        for layer in lorambo.lora_layers(model).values():
+            layer.lora_B[:, :2].normal_(std=0.5)
+    return model
+
+
+def test_merging_into_a_tied_weight_is_refused_and_nothing_changes():
+    model, ids = _tied_gpt2(), torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        embedding = model.transformer.wte.weight.detach().clone()
+        with pytest.raises(ValueError, match=r"'lm_head' is tied to \['transformer.wte.weight'\].*nothing was changed"):
+            lorambo.unload(model)
+        assert set(lorambo.lora_layers(model)) == {"transformer.h.0.attn.c_attn", "lm_head"}
+        assert not any(layer.merged for layer in lorambo.lora_layers(model).values())
+        assert torch.equal(model.transformer.wte.weight, embedding)
+        torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=0, atol=0)
+
+
+def test_untied_it_merges_and_unload_without_merge_works():
+    model, ids = _tied_gpt2(), torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        head = lorambo.lora_layers(model)["lm_head"].base_layer
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)  # untie
+        plain = lorambo.unload(model)
+        torch.testing.assert_close(plain(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+        other = _tied_gpt2()
+        embedding = other.transformer.wte.weight.detach().clone()
+        lorambo.unload(other, merge=False)
+        assert torch.equal(other.transformer.wte.weight, embedding) and other.lm_head.weight is other.transformer.wte.weight
