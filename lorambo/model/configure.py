@@ -57,8 +57,7 @@ def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_mod
     plan = _plan(model, names, ranks, capacity, alpha, dropout, use_rslora, alpha_pattern)
     _apply(model, plan)
     keep_trainable(model, saved)
-    for name, layer in plan.new_layers.items():
-        shared = weight_sharers(model, name, layer)
+    for name, shared in weight_sharers(model, plan.new_layers).items():
         if shared:
             warnings.warn(f"configure_model: the base weight of {name!r} is tied to {shared}; its adapter trains "
                           "fine, but merging it would change those too (unload(merge=True) refuses it)",
@@ -145,18 +144,20 @@ def lora_layers(model: nn.Module) -> dict[str, LoRAMBoLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRAMBoLinear)}
 
 
-def weight_sharers(model: nn.Module, name: str, layer: LoRAMBoLinear) -> list[str]:
-    """Other names under which ``model`` holds the base weight of its layer ``name`` (tied
-    weights, e.g. an output head tied to the input embedding): merging changes them all."""
-    own = f"{name}.base_layer."
-    weight = layer.base_layer.weight
-    return [n for n, p in model.named_parameters(remove_duplicate=False) if p is weight and not n.startswith(own)]
+def weight_sharers(model: nn.Module, layers: Mapping[str, LoRAMBoLinear]) -> dict[str, list[str]]:
+    """For each of ``layers`` (name: layer of ``model``), the other names under which the model
+    holds its base weight (tied weights, e.g. an output head tied to the input embedding):
+    merging changes them all. One pass over the parameters for all layers."""
+    names_of: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(n)
+    return {name: [n for n in names_of.get(id(layer.base_layer.weight), []) if not n.startswith(f"{name}.base_layer.")]
+            for name, layer in layers.items()}
 
 
 def _check_mergeable(model: nn.Module, layers: Mapping[str, LoRAMBoLinear]) -> None:
-    for name, layer in layers.items():
-        shared = weight_sharers(model, name, layer)
-        if shared and not layer.merged:
+    for name, shared in weight_sharers(model, layers).items():
+        if shared and not layers[name].merged:
             raise ValueError(f"unload(merge=True): the base weight of {name!r} is tied to {shared}: merging its "
                              "adapter would change them too. Untie it first (give the layer a weight of its own) "
                              "or unload(merge=False); nothing was changed")
