@@ -156,6 +156,9 @@ def weight_sharers(model: nn.Module, layers: Mapping[str, LoRAMBoLinear]) -> dic
 
 
 def _check_mergeable(model: nn.Module, layers: Mapping[str, LoRAMBoLinear]) -> None:
+    for layer in layers.values():
+        if not layer.merged:
+            layer.check_mergeable()
     for name, shared in weight_sharers(model, layers).items():
         if shared and not layers[name].merged:
             raise ValueError(f"unload(merge=True): the base weight of {name!r} is tied to {shared}: merging its "

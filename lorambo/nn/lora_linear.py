@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lorambo.nn import base_layers
 from lorambo.nn.optimizer_state import gather_slot_state, reset_slot_state, warn_if_shared_step
@@ -320,11 +321,21 @@ class LoRAMBoLinear(nn.Module):
         """
         if self.merged:
             raise RuntimeError(f"{self._label}: already merged")
+        self.check_mergeable()
         base_w = self.base_layer.weight
         self._weight_before_merge = base_w.detach().clone() if exact else None
         delta = self._delta_as_base_layout()
         base_w.copy_((base_w.double() + delta).to(base_w.dtype))
         self.merged = True
+
+    def check_mergeable(self) -> None:
+        """Raise if :meth:`merge` cannot write into the base weight: a parametrized weight
+        (``torch.nn.utils.parametrize``) is recomputed on every access, so a merge would be lost."""
+        if parametrize.is_parametrized(self.base_layer, "weight"):
+            raise RuntimeError(f"{self._label}: the base weight is computed by a parametrization "
+                               f"({type(self.base_layer).__name__}), so a merge would not stay in it; keep the "
+                               "adapter unmerged, or remove the parametrization first "
+                               "(torch.nn.utils.parametrize.remove_parametrizations)")
 
     @torch.no_grad()
     def unmerge(self) -> None:

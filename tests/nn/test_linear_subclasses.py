@@ -67,3 +67,26 @@ def test_a_linear_whose_forward_was_replaced_on_the_instance_is_refused():
     base.forward = lambda x: original(x) * 0.5  # what accelerate's hooks do to offloaded modules
     with pytest.raises(TypeError, match="forward was replaced on the instance"):
         LoRAMBoLinear(base, rank=2)
+
+
+def test_a_parametrized_base_weight_refuses_merging_before_anything_changes():
+    """Its weight is recomputed on every access: a merge written into it was lost (and the merged
+    layer then ran without its adapter; measured max |diff| 2.3)."""
+    base = nn.Linear(6, 6, dtype=torch.float64)
+    parametrize.register_parametrization(base, "weight", _Symmetric())
+    model = nn.Sequential(base, nn.Tanh(), nn.Linear(6, 6, dtype=torch.float64))
+    lorambo.configure_model(model, 2)
+    with torch.no_grad():
+        for layer in lorambo.lora_layers(model).values():
+            layer.lora_B[:, :2].normal_()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+        with pytest.raises(RuntimeError, match="parametrization"):
+            lorambo.lora_layers(model)["0"].merge()
+        with pytest.raises(RuntimeError, match="parametrization"):
+            lorambo.unload(model)
+        assert not any(layer.merged for layer in lorambo.lora_layers(model).values())
+        torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+        lorambo.unload(model, merge=False)
+        assert not lorambo.lora_layers(model)
