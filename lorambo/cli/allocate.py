@@ -7,7 +7,10 @@ Writes into DIR (each file atomically: a temporary name, then a rename):
 - ``ranks.json``: ranks, pool capacities, sensitivities, budget, method;
 - ``adapter_config.json``: a peft ``LoraConfig`` with ``rank_pattern`` / ``alpha_pattern``
   realising the ranks (``LoraConfig.from_pretrained(DIR)`` reads it);
-- ``heatmap.png``: ranks per block and module type.
+- ``heatmap.png``: ranks per block and module type (needs matplotlib; ``--no-heatmap`` skips it).
+
+transformers and peft are needed, and matplotlib unless ``--no-heatmap``: a missing package is
+reported before the model is loaded, so no run stops after minutes of measuring.
 
 The loss the sensitivities are measured on follows the model: causal-LM loss for a
 ``*ForCausalLM`` / ``*LMHeadModel``, masked-LM loss (15% of tokens, seeded) for a
@@ -45,6 +48,7 @@ def add_parser(sub) -> None:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--probes", type=int, default=8, help="Hutchinson probes (hessian)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-heatmap", action="store_true", help="do not draw heatmap.png (no matplotlib needed)")
     p.set_defaults(func=run)
 
 
@@ -129,8 +133,12 @@ def run(args) -> int:
 
     from lorambo.adapters.peft_patterns import peft_config
     from lorambo.allocation.report import rank_table, save_heatmap
+    from lorambo.cli.deps import require
     from lorambo.optimizer import LoRAMBoOptimizer
 
+    # "model": transformers, "experiment": peft (the LoraConfig), "plots": matplotlib
+    require({"model", "experiment"} | (set() if args.no_heatmap else {"plots"}), "allocate",
+            hint="; --no-heatmap needs no matplotlib")
     if args.batch_size < 2 or args.batches < 1:
         raise ValueError(f"--batch-size {args.batch_size} must be >= 2 and --batches {args.batches} >= 1")
     folder, out = Path(args.model), Path(args.out)
@@ -156,14 +164,17 @@ def run(args) -> int:
                                      "budget": opt.total_budget, "ranks": ranks, "capacities": opt.capacities,
                                      "sensitivities": opt.sensitivities, "alpha": args.alpha})
     _write_json(out / "adapter_config.json", config.to_dict())
-    tmp = out / f".heatmap.tmp-{os.getpid()}.png"
-    try:
-        save_heatmap(ranks, tmp, title=f"LoRA ranks ({args.method}, budget {opt.total_budget:,})")
-        os.replace(tmp, out / "heatmap.png")
-    finally:
-        tmp.unlink(missing_ok=True)
+    written = [out / "ranks.json", out / "adapter_config.json"]
+    if not args.no_heatmap:
+        tmp = out / f".heatmap.tmp-{os.getpid()}.png"
+        try:
+            save_heatmap(ranks, tmp, title=f"LoRA ranks ({args.method}, budget {opt.total_budget:,})")
+            os.replace(tmp, out / "heatmap.png")
+        finally:
+            tmp.unlink(missing_ok=True)
+        written.append(out / "heatmap.png")
     print(rank_table(ranks, opt.capacities, opt.dims))
-    print(f"wrote {out / 'ranks.json'}, {out / 'adapter_config.json'}, {out / 'heatmap.png'}")
+    print(f"wrote {', '.join(map(str, written))}")
     return 0
 
 

@@ -31,10 +31,11 @@ def missing_packages(needs: set[str]) -> list[str]:
     return out
 
 
-def require(needs: set[str], command: str) -> None:
-    """ImportError listing every missing package and the one pip command that installs them."""
+def require(needs: set[str], command: str, hint: str = "") -> None:
+    """ImportError listing every missing package and the one pip command that installs them;
+    ``hint`` (e.g. an option that avoids a package) is appended."""
     missing = missing_packages(needs)
     if missing:
         raise ImportError(f"`lorambo {command}` needs {', '.join(missing)}, which "
                           f"{'is' if len(missing) == 1 else 'are'} not installed: "
-                          f"pip install {' '.join(missing)}   (or: pip install 'lorambo[demo]')")
+                          f"pip install {' '.join(missing)}   (or: pip install 'lorambo[demo]'){hint}")

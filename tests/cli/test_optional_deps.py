@@ -61,6 +61,24 @@ def test_missing_package_fails_first_with_the_pip_command(monkeypatch, capsys, a
     assert "lorambo[demo]" in err
 
 
+def test_allocate_without_matplotlib_fails_before_loading_the_model(monkeypatch, capsys, tmp_path):
+    import lorambo.cli.allocate
+
+    def fail(*a, **k):
+        raise AssertionError("allocate loaded the model before checking its dependencies")
+
+    monkeypatch.setattr(lorambo.cli.allocate, "_load", fail)
+    _hide(monkeypatch, "matplotlib")
+    argv = ["allocate", "--model", str(tmp_path), "--budget", "100", "--method", "frobenius",
+            "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "needs matplotlib" in err and "pip install matplotlib" in err and "--no-heatmap" in err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(AssertionError, match="loaded the model"):  # --no-heatmap needs no matplotlib
+        main(argv + ["--no-heatmap"])
+
+
 def test_save_heatmap_without_matplotlib_is_a_clear_import_error(monkeypatch, tmp_path):
     from lorambo.allocation.report import save_heatmap
 
