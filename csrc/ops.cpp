@@ -162,6 +162,11 @@ TORCH_LIBRARY(lorambo, m) {
   // Pool maintenance in place: slot j of tensors[i] (along slot_dims[i]) takes old slot maps[i][j],
   // or zeros for -1.
   m.def("pool_remap_(Tensor(a!)[] tensors, int[] slot_dims, Tensor[] maps) -> ()");
+  // Slot-aware AdamW on the first ranks[i] slots of every pool (lorambo.optim.AdamW); amsgrad
+  // when max_exp_avg_sqs is not empty; slot_steps are incremented. CPU only.
+  m.def("pool_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+        "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] slot_steps, int[] slot_dims, int[] ranks, float lr, "
+        "float beta1, float beta2, float eps, float weight_decay, bool maximize) -> ()");
   m.def("dropout_mask(Tensor x, float p, int seed) -> Tensor");
   m.def("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, int rank, "
         "float scaling, float dropout_p=0.0, int seed=0) -> Tensor");
@@ -177,6 +182,7 @@ TORCH_LIBRARY_IMPL(lorambo, CPU, m) {
   m.impl("multi_sq_norm", &lorambo::multi_sq_norm_cpu);
   m.impl("probe_fill_", &lorambo::probe_fill_cpu);
   m.impl("pool_remap_", &lorambo::pool_remap_cpu);
+  m.impl("pool_adamw_", &lorambo::pool_adamw_cpu);
   m.impl("dropout_mask", &lorambo::dropout_mask_cpu);
   m.impl("lora_linear_fwd", &lorambo::lora_linear_fwd_cpu);
   m.impl("lora_linear_bwd", &lorambo::lora_linear_bwd_cpu_impl);

@@ -51,6 +51,12 @@ def _register() -> None:
         _one_device("lorambo::pool_remap_", "tensors", tensors)
         return None
 
+    @register_fake("lorambo::pool_adamw_")
+    def _pool_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, slot_steps, slot_dims, ranks, lr,
+                    beta1, beta2, eps, weight_decay, maximize):
+        _one_device("lorambo::pool_adamw_", "params", params)
+        return None
+
     @register_fake("lorambo::dropout_mask")
     def _dropout_mask(x, p, seed):
         return torch.empty_like(x, memory_format=torch.contiguous_format)

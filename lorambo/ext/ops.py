@@ -12,6 +12,8 @@ Ops (all one parallel loop on the CPU, one launch on CUDA, over the whole list):
 - :func:`pool_remap_`: compact, permute or zero rank slots of many pools (and their optimizer
   moments) in one call; :func:`remap_pools_` applies it to LoRAMBoLinear layers.
 
+``pool_adamw_`` (slot-aware AdamW over many pools, CPU) is called by :mod:`lorambo.optim.adamw`.
+
 Bad input raises a RuntimeError from C++ naming the list, the index and the value. The
 extension's other ops are called through ``torch.ops.lorambo`` where they are used: the LoRA
 linear op and its dropout mask by :mod:`lorambo.ops.ext_linear`; ``probe_fill_`` (Philox probes,

@@ -19,6 +19,10 @@ at::Tensor multi_dot_cpu(at::TensorList xs, at::TensorList ys, int64_t rows);
 at::Tensor multi_sq_norm_cpu(at::TensorList xs, int64_t rows);
 void probe_fill_cpu(at::TensorList tensors, int64_t seed, at::IntArrayRef offsets, c10::string_view distribution);
 void pool_remap_cpu(at::TensorList tensors, at::IntArrayRef slot_dims, at::TensorList maps);
+void pool_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                    at::TensorList max_exp_avg_sqs, at::TensorList slot_steps, at::IntArrayRef slot_dims,
+                    at::IntArrayRef ranks, double lr, double beta1, double beta2, double eps, double weight_decay,
+                    bool maximize);
 at::Tensor dropout_mask_cpu(const at::Tensor& x, double p, int64_t seed);
 
 std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
