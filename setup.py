@@ -112,9 +112,11 @@ def extension_build():
         return [], {}
     include = os.path.join(os.path.dirname(os.path.abspath(__file__)), CSRC, "include")
     omp = ["-fopenmp"] if sys.platform.startswith("linux") else []  # elsewhere: serial at::parallel_for
+    # -fno-math-errno: nothing reads errno, and without it GCC keeps every sqrt scalar (a negative
+    # input must set errno), which left the pool AdamW loop unvectorised (csrc/cpu/pool_adamw_cpu.cpp).
     common = {
         "include_dirs": [include],
-        "extra_compile_args": {"cxx": ["-O3", "-g0", "-std=c++20", *omp]},
+        "extra_compile_args": {"cxx": ["-O3", "-g0", "-std=c++20", "-fno-math-errno", *omp]},
         "extra_link_args": omp,
     }
     strict = _cuda_mode() == "1"

@@ -13,6 +13,8 @@ the exit status is 1):
            torch.Generator per layer (lorambo.sensitivity.probes.rademacher).
   pool     keep_components on 224 pools (capacity 32, 1024 wide) with Adam moments: ext
            (one pool_remap_) vs the per-layer Python path (index_select + copy + zero).
+  adamw    one lorambo.optim.AdamW step on the same 224 pools, rank 16 active: ext (one
+           pool_adamw_) vs its torch._foreach path, and torch's AdamW on the whole pools.
 
 Timing: providers are interleaved round by round (the machine may be shared), median and
 20th/80th percentiles of wall time per call; CUDA runs synchronise. Rows are appended to
@@ -257,6 +259,41 @@ def pool_section(args, device, meta):
     return rows
 
 
+def adamw_section(args, device, meta):
+    import lorambo
+
+    n_layers, width, cap, rank = (16, 256, 32, 16) if args.quick else (224, 1024, 32, 16)
+
+    def pools():
+        layers = [lorambo.LoRAMBoLinear(nn.Linear(width, width, device=device), rank=rank, capacity=cap)
+                  for _ in range(n_layers)]
+        params = [p for layer in layers for p in (layer.lora_A, layer.lora_B)]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        return params
+
+    def stepper(opt, backend):
+        def run():
+            lorambo.set_backend(backend)
+            try:
+                opt.step()
+            finally:
+                lorambo.set_backend(None)
+        return run
+
+    steps = {"ext": stepper(lorambo.optim.AdamW(pools(), lr=1e-3), "ext"),
+             "foreach": stepper(lorambo.optim.AdamW(pools(), lr=1e-3), "torch"),
+             "torch_whole_pool": stepper(torch.optim.AdamW(pools(), lr=1e-3), None)}
+    res = interleaved(steps, device, args.budget)
+    rows = [dict(meta, section="adamw", case=f"adamw_step_{n_layers}", provider=prov, mode="step", dtype="float32",
+                 M=n_layers, K=width, N=cap, rank=rank, ms_median=f"{med:.4f}", ms_p20=f"{p20:.4f}",
+                 ms_p80=f"{p80:.4f}", rounds=rounds) for prov, (med, p20, p80, rounds) in res.items()]
+    print(f"adamw step {n_layers} pools ms: foreach {res['foreach'][0]:.3f}  torch_whole_pool "
+          f"{res['torch_whole_pool'][0]:.3f}  ext {res['ext'][0]:.3f}  "
+          f"(foreach/ext {res['foreach'][0] / res['ext'][0]:.1f}x)", flush=True)
+    return rows
+
+
 # ---------------------------------------------------------------------------- reporting
 def device_name(device) -> str:
     if device.type == "cuda":
@@ -370,7 +407,7 @@ def plot(rows, path: Path):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sections", default="lora,reduce,probes,pool")
+    ap.add_argument("--sections", default="lora,reduce,probes,pool,adamw")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--modes", default="fwd,fwd_bwd")
     ap.add_argument("--budget", type=float, default=4.0, help="seconds of timed rounds per case (default 4)")
@@ -404,7 +441,8 @@ def main(argv=None) -> int:
     random.seed(0)
     run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     meta = dict(run=run_id, device=device_name(device), threads=torch.get_num_threads(), torch=torch.__version__)
-    sections = {"lora": lora_section, "reduce": reduce_section, "probes": probes_section, "pool": pool_section}
+    sections = {"lora": lora_section, "reduce": reduce_section, "probes": probes_section, "pool": pool_section,
+                "adamw": adamw_section}
     rows, failed = [], []
     for name in [s.strip() for s in args.sections.split(",") if s.strip()]:
         if name == "lora" and device.type == "cuda":

@@ -240,7 +240,7 @@ def ext_stage(env, clock, logs, out: Path, smoke: bool, ext_cuda: bool) -> Stage
         return Stage("bench ext", "SKIP", 0.0, "lorambo._C with CUDA is not available")
     cmd = [sys.executable, BENCH / "bench_ext.py", "--out", out / "ext.csv", "--no-plot"]
     cmd += ["--device", "cpu", "--sections", "reduce", "--quick", "--budget", "0.05"] if smoke else \
-        ["--device", "cuda", "--sections", "reduce,probes,pool", "--budget", "1"]
+        ["--device", "cuda", "--sections", "reduce,probes,pool,adamw", "--budget", "1"]
     return run("bench ext", cmd, env, clock.limit(75, reserve=10), logs)
 
 

@@ -163,7 +163,7 @@ TORCH_LIBRARY(lorambo, m) {
   // or zeros for -1.
   m.def("pool_remap_(Tensor(a!)[] tensors, int[] slot_dims, Tensor[] maps) -> ()");
   // Slot-aware AdamW on the first ranks[i] slots of every pool (lorambo.optim.AdamW); amsgrad
-  // when max_exp_avg_sqs is not empty; slot_steps are incremented. CPU only.
+  // when max_exp_avg_sqs is not empty; slot_steps are incremented.
   m.def("pool_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
         "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] slot_steps, int[] slot_dims, int[] ranks, float lr, "
         "float beta1, float beta2, float eps, float weight_decay, bool maximize) -> ()");

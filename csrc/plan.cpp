@@ -2,6 +2,7 @@
 #include "lorambo/plan.h"
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <sstream>
 #include <tuple>
@@ -200,6 +201,57 @@ RemapPlan plan_remap(const char* op, at::TensorList tensors, at::IntArrayRef slo
                 "] and tensors[", std::get<2>(spans[j]), "] share memory; list every pool or state tensor once");
   }
   return plan;
+}
+
+// ------------------------------------------------------------------------------ pool AdamW
+static void check_moments(const char* op, const char* name, at::TensorList ts, at::TensorList params,
+                          const at::Device& device) {
+  TORCH_CHECK(ts.size() == params.size(), op, ": ", name, " has ", ts.size(), " tensors but params has ",
+              params.size());
+  check_same_device(op, name, ts, &device);
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const std::string what = std::string(name) + "[" + std::to_string(i) + "]";
+    TORCH_CHECK(ts[i].sizes() == params[i].sizes(), op, ": ", what, " has shape ", shape_str(ts[i].sizes()),
+                " but params[", i, "] has ", shape_str(params[i].sizes()));
+    TORCH_CHECK(ts[i].scalar_type() == params[i].scalar_type(), op, ": ", what, " is ", ts[i].scalar_type(),
+                " but params[", i, "] is ", params[i].scalar_type());
+    TORCH_CHECK(ts[i].is_contiguous(), op, ": ", what, " is not contiguous");
+  }
+}
+
+void check_pool_adamw(const char* op, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList slot_steps,
+                      at::IntArrayRef slot_dims, at::IntArrayRef ranks, double lr, double beta1, double beta2) {
+  const size_t count = params.size();
+  const at::Device device = check_same_device(op, "params", params);
+  check_moments(op, "grads", grads, params, device);
+  check_moments(op, "exp_avgs", exp_avgs, params, device);
+  check_moments(op, "exp_avg_sqs", exp_avg_sqs, params, device);
+  if (!max_exp_avg_sqs.empty()) check_moments(op, "max_exp_avg_sqs", max_exp_avg_sqs, params, device);
+  TORCH_CHECK(slot_steps.size() == count, op, ": slot_steps has ", slot_steps.size(), " tensors but params has ",
+              count);
+  check_same_device(op, "slot_steps", slot_steps, &device);
+  TORCH_CHECK(slot_dims.size() == count && ranks.size() == count, op, ": slot_dims has ", slot_dims.size(),
+              " and ranks has ", ranks.size(), " entries but params has ", count);
+  TORCH_CHECK(lr >= 0.0 && std::isfinite(lr), op, ": lr must be finite and >= 0, got ", lr);
+  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0 && beta2 >= 0.0 && beta2 < 1.0, op, ": betas must be in [0, 1), got (",
+              beta1, ", ", beta2, ")");
+  for (size_t i = 0; i < count; ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.dim() == 2, op, ": params[", i, "] must be a 2-D pool, got shape ", shape_str(p.sizes()));
+    TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble, op, ": params[", i, "] is ",
+                p.scalar_type(), "; float32 and float64 pools are supported");
+    TORCH_CHECK(p.is_contiguous(), op, ": params[", i, "] is not contiguous");
+    TORCH_CHECK(slot_dims[i] == 0 || slot_dims[i] == 1, op, ": slot_dims[", i, "] = ", slot_dims[i],
+                " must be 0 (rows) or 1 (columns)");
+    const int64_t capacity = p.size(slot_dims[i]);
+    TORCH_CHECK(ranks[i] >= 0 && ranks[i] <= capacity, op, ": ranks[", i, "] = ", ranks[i], " is outside [0, ",
+                capacity, "] for params[", i, "] of shape ", shape_str(p.sizes()));
+    const at::Tensor& st = slot_steps[i];
+    TORCH_CHECK(st.scalar_type() == at::kFloat && st.dim() == 1 && st.size(0) == capacity && st.is_contiguous(), op,
+                ": slot_steps[", i, "] must be a contiguous float32 vector of ", capacity, " slot counts, got ",
+                st.scalar_type(), " ", shape_str(st.sizes()));
+  }
 }
 
 }  // namespace lorambo

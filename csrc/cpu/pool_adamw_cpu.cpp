@@ -2,19 +2,16 @@
 //
 // For every pool i only the first ranks[i] slots along slot_dims[i] are read and written (rows
 // of lora_A [capacity, in], columns of lora_B [out, capacity]). Each slot has its own Adam step
-// count (slot_steps[i][j], float32), incremented here, and so its own bias correction. Per
-// element, in the pool's dtype and in the order of the torch._foreach path in
-// lorambo/optim/adamw.py, which it replaces on the CPU:
-//   g = maximize ? -grad : grad;  p *= 1 - lr * weight_decay
-//   m = lerp(m, g, 1 - beta1);     v = v * beta2 + (1 - beta2) * g * g;  vmax = max(vmax, v) (amsgrad)
-//   p -= m / ((sqrt(amsgrad ? vmax : v) * rsqrt(bc2_j) + eps) * (bc1_j / lr)),  bc_j = 1 - beta^t_j
-// One pass over p, grad, m and v instead of a dozen list-wide passes, and no Python per pool.
+// count (slot_steps[i][j], float32), incremented here, and so its own bias correction; the
+// per-element formula is in lorambo/adam_math.h. One pass over p, grad, m and v instead of the
+// torch._foreach path's dozen list-wide passes, and no Python per pool.
 #include <ATen/ATen.h>
 
 #include <cmath>
 #include <string>
 #include <vector>
 
+#include "lorambo/adam_math.h"
 #include "lorambo/cpu_parallel.h"
 #include "lorambo/cpu_simd.h"
 #include "lorambo/ops.h"
@@ -25,38 +22,11 @@ namespace {
 
 constexpr const char* kOp = "lorambo::pool_adamw_";
 
-template <typename T>
-struct AdamScalars {
-  T decay, w1, beta2, w2, eps;  // decay = 1 - lr * weight_decay, w1 = 1 - beta1, w2 = 1 - beta2
-  bool maximize;
-};
-
-// torch.lerp's two-sided formula, so the first moment rounds as torch's does.
-template <typename T>
-inline T lerp(T self, T end, T weight) {
-  return std::abs(weight) < T(0.5) ? self + weight * (end - self) : end - (end - self) * (T(1) - weight);
-}
-
-template <typename T>
-inline void adam_element(T& p, T g, T& m, T& v, T* vmax, T a, T c, const AdamScalars<T>& s) {
-  if (s.maximize) g = -g;
-  const T decayed = p * s.decay;
-  const T m1 = lerp(m, g, s.w1);
-  const T v1 = v * s.beta2 + s.w2 * g * g;
-  T second = v1;
-  if (vmax != nullptr) {
-    second = (*vmax > v1 || std::isnan(*vmax)) ? *vmax : v1;  // torch.maximum: NaN propagates
-    *vmax = second;
-  }
-  p = decayed - m1 / ((std::sqrt(second) * a + s.eps) * c);
-  m = m1;
-  v = v1;
-}
-
 // n contiguous elements of one slot (a row of lora_A): one coefficient pair for all of them.
+// The pools, gradients and moments are distinct tensors (restrict lets the loops vectorise).
 template <typename T>
-LORAMBO_CLONES void adam_slot_row(T* p, const T* g, T* m, T* v, T* vmax, int64_t n, T a, T c,
-                                  AdamScalars<T> s) {
+LORAMBO_CLONES void adam_slot_row(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m,
+                                  T* __restrict__ v, T* __restrict__ vmax, int64_t n, T a, T c, AdamScalars<T> s) {
   if (vmax != nullptr) {
     for (int64_t i = 0; i < n; ++i) adam_element(p[i], g[i], m[i], v[i], vmax + i, a, c, s);
     return;
@@ -66,8 +36,9 @@ LORAMBO_CLONES void adam_slot_row(T* p, const T* g, T* m, T* v, T* vmax, int64_t
 
 // The first n slots of one row of lora_B: slot j has coefficients a[j], c[j].
 template <typename T>
-LORAMBO_CLONES void adam_slot_columns(T* p, const T* g, T* m, T* v, T* vmax, int64_t n, const T* a,
-                                      const T* c, AdamScalars<T> s) {
+LORAMBO_CLONES void adam_slot_columns(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m,
+                                      T* __restrict__ v, T* __restrict__ vmax, int64_t n, const T* __restrict__ a,
+                                      const T* __restrict__ c, AdamScalars<T> s) {
   if (vmax != nullptr) {
     for (int64_t j = 0; j < n; ++j) adam_element(p[j], g[j], m[j], v[j], vmax + j, a[j], c[j], s);
     return;
@@ -75,39 +46,18 @@ LORAMBO_CLONES void adam_slot_columns(T* p, const T* g, T* m, T* v, T* vmax, int
   for (int64_t j = 0; j < n; ++j) adam_element<T>(p[j], g[j], m[j], v[j], nullptr, a[j], c[j], s);
 }
 
-// 1 - beta^t, as -expm1(t * log(beta)) in T (accurate for beta close to 1), 1 for beta = 0.
-template <typename T>
-inline T bias_correction(T t, double beta) {
-  return beta == 0.0 ? T(1) : -std::expm1(t * static_cast<T>(std::log(beta)));
-}
-
-void check_list(const char* name, at::TensorList ts, const at::TensorList& params, size_t count, bool same_shape) {
-  TORCH_CHECK(ts.size() == count, kOp, ": ", name, " has ", ts.size(), " tensors but params has ", count);
-  for (size_t i = 0; i < ts.size(); ++i) {
-    const at::Tensor& t = ts[i];
-    const std::string what = std::string(name) + "[" + std::to_string(i) + "]";
-    TORCH_CHECK(t.device().is_cpu(), kOp, ": ", what, " is on ", t.device(), "; this is the CPU implementation");
-    TORCH_CHECK(t.is_contiguous(), kOp, ": ", what, " is not contiguous");
-    if (same_shape) {
-      TORCH_CHECK(t.sizes() == params[i].sizes(), kOp, ": ", what, " has shape ", shape_str(t.sizes()),
-                  " but params[", i, "] has ", shape_str(params[i].sizes()));
-      TORCH_CHECK(t.scalar_type() == params[i].scalar_type(), kOp, ": ", what, " is ", t.scalar_type(),
-                  " but params[", i, "] is ", params[i].scalar_type());
-    }
-  }
-}
-
 template <typename T>
 void update_pool(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                  const at::Tensor* max_sq, const at::Tensor& slot_step, int64_t dim, int64_t rank, double lr,
                  double beta1, double beta2, const AdamScalars<T>& s) {
   float* steps = slot_step.data_ptr<float>();
+  const T log_beta1 = static_cast<T>(std::log(beta1)), log_beta2 = static_cast<T>(std::log(beta2));
   std::vector<T> a(rank), c(rank);
   for (int64_t j = 0; j < rank; ++j) {
     steps[j] += 1.0f;
     const T t = static_cast<T>(steps[j]);
-    a[j] = T(1) / std::sqrt(bias_correction(t, beta2));
-    c[j] = bias_correction(t, beta1) / static_cast<T>(lr);  // lr = 0: inf, and the update is exactly 0
+    a[j] = T(1) / std::sqrt(adam_bias_correction(t, log_beta2, beta2 == 0.0));
+    c[j] = adam_bias_correction(t, log_beta1, beta1 == 0.0) / static_cast<T>(lr);
   }
   T* p = param.data_ptr<T>();
   const T* g = grad.data_ptr<T>();
@@ -134,34 +84,10 @@ void pool_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     at::TensorList max_exp_avg_sqs, at::TensorList slot_steps, at::IntArrayRef slot_dims,
                     at::IntArrayRef ranks, double lr, double beta1, double beta2, double eps, double weight_decay,
                     bool maximize) {
+  check_pool_adamw(kOp, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, slot_steps, slot_dims, ranks, lr,
+                   beta1, beta2);
   const size_t count = params.size();
   const bool amsgrad = !max_exp_avg_sqs.empty();
-  check_list("params", params, params, count, false);
-  check_list("grads", grads, params, count, true);
-  check_list("exp_avgs", exp_avgs, params, count, true);
-  check_list("exp_avg_sqs", exp_avg_sqs, params, count, true);
-  if (amsgrad) check_list("max_exp_avg_sqs", max_exp_avg_sqs, params, count, true);
-  check_list("slot_steps", slot_steps, params, count, false);
-  TORCH_CHECK(slot_dims.size() == count && ranks.size() == count, kOp, ": slot_dims has ", slot_dims.size(),
-              " and ranks has ", ranks.size(), " entries but params has ", count);
-  TORCH_CHECK(lr >= 0.0 && std::isfinite(lr), kOp, ": lr must be finite and >= 0, got ", lr);
-  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0 && beta2 >= 0.0 && beta2 < 1.0, kOp, ": betas must be in [0, 1), got (",
-              beta1, ", ", beta2, ")");
-  for (size_t i = 0; i < count; ++i) {
-    const at::Tensor& p = params[i];
-    TORCH_CHECK(p.dim() == 2, kOp, ": params[", i, "] must be a 2-D pool, got shape ", shape_str(p.sizes()));
-    TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble, kOp, ": params[", i, "] is ",
-                p.scalar_type(), "; float32 and float64 pools are supported");
-    TORCH_CHECK(slot_dims[i] == 0 || slot_dims[i] == 1, kOp, ": slot_dims[", i, "] = ", slot_dims[i],
-                " must be 0 (rows) or 1 (columns)");
-    const int64_t capacity = p.size(slot_dims[i]);
-    TORCH_CHECK(ranks[i] >= 0 && ranks[i] <= capacity, kOp, ": ranks[", i, "] = ", ranks[i],
-                " is outside [0, ", capacity, "] for params[", i, "] of shape ", shape_str(p.sizes()));
-    const at::Tensor& st = slot_steps[i];
-    TORCH_CHECK(st.scalar_type() == at::kFloat && st.dim() == 1 && st.size(0) == capacity, kOp, ": slot_steps[", i,
-                "] must be a float32 vector of ", capacity, " slot counts, got ", st.scalar_type(), " ",
-                shape_str(st.sizes()));
-  }
   parallel_items(
       static_cast<int64_t>(count), [&](int64_t i) { return ranks[i] * params[i].size(1 - slot_dims[i]); },
       [&](int64_t i) {

@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "lorambo/adam_math.h"
 #include "lorambo/ops.h"
 #include "lorambo/philox.h"
 #include "lorambo/plan.h"
@@ -306,6 +307,103 @@ void pool_remap_cuda(at::TensorList tensors, at::IntArrayRef slot_dims, at::Tens
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// ------------------------------------------------------------------------------ pool AdamW
+// Active elements of a pool, numbered slot-major for lora_A (slot j = row j, contiguous) and
+// row-major over the first `rank` columns for lora_B. Per-tensor table (10 words): p, g, m, v,
+// vmax (0 without amsgrad), slot steps, slot dim, rank, columns, dtype code; items: [tensor,
+// start, len] in that numbering. Counts are read as steps + 1 here and incremented afterwards by
+// slot_step_kernel (same stream), so no block reads a count another block has written.
+constexpr int64_t kAdamChunk = 4096;
+constexpr int kAdamWords = 10;
+
+struct AdamArgs {
+  double lr, beta1, beta2, eps, weight_decay;
+  bool maximize;
+};
+
+template <typename T>
+__device__ void adam_item(const int64_t* tab, int64_t start, int64_t len, const AdamArgs& args) {
+  T* p = reinterpret_cast<T*>(tab[0]);
+  const T* g = reinterpret_cast<const T*>(tab[1]);
+  T* m = reinterpret_cast<T*>(tab[2]);
+  T* v = reinterpret_cast<T*>(tab[3]);
+  T* vmax = reinterpret_cast<T*>(tab[4]);
+  const float* steps = reinterpret_cast<const float*>(tab[5]);
+  const int64_t dim = tab[6], rank = tab[7], cols = tab[8];
+  const AdamScalars<T> s{static_cast<T>(1.0 - args.lr * args.weight_decay), static_cast<T>(1.0 - args.beta1),
+                         static_cast<T>(args.beta2), static_cast<T>(1.0 - args.beta2), static_cast<T>(args.eps),
+                         args.maximize};
+  const T log_beta1 = static_cast<T>(log(args.beta1)), log_beta2 = static_cast<T>(log(args.beta2));
+  const T lr = static_cast<T>(args.lr);
+  for (int64_t e = start + threadIdx.x; e < start + len; e += blockDim.x) {
+    int64_t j, off;
+    if (dim == 0) {
+      j = e / cols;
+      off = e;
+    } else {
+      const int64_t row = e / rank;
+      j = e - row * rank;
+      off = row * cols + j;
+    }
+    const T t = static_cast<T>(steps[j] + 1.0f);
+    const T a = T(1) / sqrt(adam_bias_correction(t, log_beta2, args.beta2 == 0.0));
+    const T c = adam_bias_correction(t, log_beta1, args.beta1 == 0.0) / lr;
+    adam_element(p[off], g[off], m[off], v[off], vmax != nullptr ? vmax + off : nullptr, a, c, s);
+  }
+}
+
+__global__ void pool_adamw_kernel(const int64_t* __restrict__ tables, const int64_t* __restrict__ items,
+                                  AdamArgs args) {
+  const int64_t* it = items + 3 * blockIdx.x;
+  const int64_t* tab = tables + kAdamWords * it[0];
+  if (tab[9] == kF64) {
+    adam_item<double>(tab, it[1], it[2], args);
+  } else {
+    adam_item<float>(tab, it[1], it[2], args);
+  }
+}
+
+__global__ void slot_step_kernel(const int64_t* __restrict__ tables) {
+  const int64_t* tab = tables + kAdamWords * blockIdx.x;
+  float* steps = reinterpret_cast<float*>(tab[5]);
+  for (int64_t j = threadIdx.x; j < tab[7]; j += blockDim.x) steps[j] += 1.0f;
+}
+
+void pool_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                     at::TensorList max_exp_avg_sqs, at::TensorList slot_steps, at::IntArrayRef slot_dims,
+                     at::IntArrayRef ranks, double lr, double beta1, double beta2, double eps, double weight_decay,
+                     bool maximize) {
+  check_pool_adamw("lorambo::pool_adamw_", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, slot_steps,
+                   slot_dims, ranks, lr, beta1, beta2);
+  std::vector<int64_t> tables, items;
+  int64_t n_tensors = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (ranks[i] == 0) continue;
+    const at::Tensor& p = params[i];
+    const int64_t cols = p.size(1), active = ranks[i] * (slot_dims[i] == 0 ? cols : p.size(0));
+    tables.insert(tables.end(), {reinterpret_cast<int64_t>(p.data_ptr()), reinterpret_cast<int64_t>(grads[i].data_ptr()),
+                                 reinterpret_cast<int64_t>(exp_avgs[i].data_ptr()),
+                                 reinterpret_cast<int64_t>(exp_avg_sqs[i].data_ptr()),
+                                 max_exp_avg_sqs.empty() ? 0 : reinterpret_cast<int64_t>(max_exp_avg_sqs[i].data_ptr()),
+                                 reinterpret_cast<int64_t>(slot_steps[i].data_ptr()), slot_dims[i], ranks[i], cols,
+                                 p.scalar_type() == at::kDouble ? kF64 : kF32});
+    for (int64_t s = 0; s < active; s += kAdamChunk) items.insert(items.end(), {n_tensors, s, std::min(kAdamChunk, active - s)});
+    ++n_tensors;
+  }
+  if (n_tensors == 0) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  std::vector<int64_t> words(tables);
+  words.insert(words.end(), items.begin(), items.end());
+  const at::Tensor meta = to_device(words, params[0].device());
+  const int64_t* m = meta.const_data_ptr<int64_t>();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const AdamArgs args{lr, beta1, beta2, eps, weight_decay, maximize};
+  pool_adamw_kernel<<<static_cast<unsigned>(items.size() / 3), kThreads, 0, stream>>>(m, m + tables.size(), args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  slot_step_kernel<<<static_cast<unsigned>(n_tensors), kThreads, 0, stream>>>(m);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 at::Tensor dropout_mask_cuda(const at::Tensor& x, double p, int64_t seed) {
   check_dropout("lorambo::dropout_mask", p, seed);
   const int32_t code = dtype_code("lorambo::dropout_mask", "x", x.scalar_type());
@@ -362,6 +460,7 @@ TORCH_LIBRARY_IMPL(lorambo, CUDA, m) {
   m.impl("multi_sq_norm", &lorambo::multi_sq_norm_cuda);
   m.impl("probe_fill_", &lorambo::probe_fill_cuda);
   m.impl("pool_remap_", &lorambo::pool_remap_cuda);
+  m.impl("pool_adamw_", &lorambo::pool_adamw_cuda);
   m.impl("dropout_mask", &lorambo::dropout_mask_cuda);
   m.impl("lora_linear_fwd", &lorambo::lora_linear_fwd_cuda);
   m.impl("lora_linear_bwd", &lorambo::lora_linear_bwd_cuda);

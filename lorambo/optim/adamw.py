@@ -82,19 +82,18 @@ def _denominator_coefficients(slot_steps, layouts, lr, beta1, beta2):
 
 
 def _compiled_step_applies(work, amsgrad: bool) -> bool:
-    """The compiled extension's one-call update (csrc/cpu/pool_adamw_cpu.cpp) takes CPU pools of
-    float32/float64 with contiguous gradients and state, outside FSDP2; it measured 3x faster
-    than the multi-tensor path (docs/performance.md). The backend switch applies as for the other
-    multi-tensor ops (``torch``: never)."""
+    """Whether the compiled extension's one-call update (csrc/cpu/pool_adamw_cpu.cpp) runs: pools
+    of float32/float64 with contiguous gradients and state, outside FSDP2, where the backend
+    switch allows it as for the other multi-tensor ops (``auto``: CPU tensors; ``torch``: never;
+    ``ext``: also CUDA, whose kernel has not run on a GPU yet). On the CPU it measured about 5x
+    faster than the multi-tensor path (docs/performance.md)."""
     tensors = []
     for param, state, _, _ in work:
         if is_sharded(param) or param.dtype not in (torch.float32, torch.float64):
             return False
-        tensors += [param.detach(), param.grad, state["exp_avg"], state["exp_avg_sq"]]
+        tensors += [param.detach(), param.grad, state["exp_avg"], state["exp_avg_sq"], state[SLOT_STEP]]
         if amsgrad:
             tensors.append(state["max_exp_avg_sq"])
-    if not all(t.device.type == "cpu" for t in tensors):
-        return False
     return use_compiled_multi_tensor(tensors)
 
 

@@ -64,3 +64,17 @@ def test_peft_style_provider_computes_what_lorambo_computes():
     (g_theirs,) = torch.autograd.grad(y_theirs.square().sum(), x)
     torch.testing.assert_close(y_theirs, y_ours, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g_theirs, g_ours, rtol=1e-5, atol=1e-5)
+
+
+def test_bench_ext_adamw_section_runs_every_provider(tmp_path):
+    from lorambo.ext import loader
+
+    if loader.load() is None:
+        pytest.skip("compiled extension lorambo._C not built")
+    bench = _load("bench_ext")
+    out = tmp_path / "ext.csv"
+    assert bench.main(["--sections", "adamw", "--quick", "--budget", "0.05", "--out", str(out), "--no-plot"]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert {r["provider"] for r in rows} == {"ext", "foreach", "torch_whole_pool"}
+    assert all(r["section"] == "adamw" and float(r["ms_median"]) > 0 for r in rows)
+    assert "adamw_step_16" in (tmp_path / "ext.md").read_text()

@@ -137,3 +137,46 @@ def test_lora_linear_on_cuda_matches_cpu(p):
 def test_mixed_devices_are_rejected():
     with pytest.raises(RuntimeError, match=r"xs\[1\] is on cuda:0 but the other tensors are on cpu"):
         ext_ops.multi_sq_norm([torch.ones(3), torch.ones(3, device="cuda")])
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("cuda_ext")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("options", [dict(amsgrad=False, maximize=False, lr=1e-2, weight_decay=0.1),
+                                     dict(amsgrad=True, maximize=True, lr=3e-2, weight_decay=0.0),
+                                     dict(amsgrad=False, maximize=False, lr=0.0, weight_decay=0.1)])
+def test_pool_adamw_on_cuda_matches_cpu(dtype, options):
+    """Five steps of lorambo::pool_adamw_ on pools of odd shapes, ranks 0..capacity, slots of
+    different ages: the CUDA kernel against the CPU one, every element of every tensor."""
+    gen = torch.Generator().manual_seed(7)
+    # the last two have more active elements than one work item (4096), split inside a slot / row
+    shapes = [(8, 37), (29, 8), (6, 300), (300, 6), (4, 5), (16, 700), (700, 16)]
+    dims, ranks = [0, 1, 0, 1, 1, 0, 1], [3, 8, 6, 1, 0, 9, 13]
+    amsgrad = options["amsgrad"]
+
+    def fresh():
+        params = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+        moments = [[torch.rand(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+                   for _ in range(3 if amsgrad else 2)]
+        steps = [torch.randint(0, 50, (s[d],), generator=gen).float() for s, d in zip(shapes, dims)]
+        return params, moments, steps
+
+    params, moments, steps = fresh()
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes] for _ in range(5)]
+    state = {"cpu": ([t.clone() for t in params], [[t.clone() for t in ms] for ms in moments],
+                     [t.clone() for t in steps])}
+    state["cuda"] = tuple([[t.cuda() for t in ts] if not isinstance(ts[0], list) else [[t.cuda() for t in m] for m in ts]
+                           for ts in state["cpu"]])
+    for device, (ps, ms, st) in state.items():
+        for g in grads:
+            torch.ops.lorambo.pool_adamw_(ps, [t.to(device) for t in g], ms[0], ms[1], ms[2] if amsgrad else [], st,
+                                          dims, ranks, options["lr"], 0.9, 0.999, 1e-8, options["weight_decay"],
+                                          options["maximize"])
+    tol = dict(rtol=2e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    cpu, gpu = state["cpu"], state["cuda"]
+    for c, g in zip(cpu[0] + [t for m in cpu[1] for t in m], gpu[0] + [t for m in gpu[1] for t in m]):
+        torch.testing.assert_close(g.cpu(), c, **tol)
+    assert all(torch.equal(g.cpu(), c) for g, c in zip(gpu[2], cpu[2]))  # slot counts
+    assert cpu[2][0].tolist()[:3] == [s + 5 for s in steps[0].tolist()[:3]]
+    assert torch.equal(cpu[0][4], params[4])  # rank 0: untouched
+    assert torch.equal(cpu[0][0], params[0]) == (options["lr"] == 0.0)  # lr 0: nothing moves

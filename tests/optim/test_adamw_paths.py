@@ -152,7 +152,7 @@ def test_compiled_op_names_the_bad_argument(pool_step_path):
         call(grads=[torch.zeros(4, 5)])
     with pytest.raises(RuntimeError, match=r"grads\[0\] is not contiguous"):
         call(grads=[torch.zeros(6, 4).t()])
-    with pytest.raises(RuntimeError, match=r"slot_steps\[0\] must be a float32 vector of 6"):
+    with pytest.raises(RuntimeError, match=r"slot_steps\[0\] must be a contiguous float32 vector of 6"):
         call(dims=(1,))
     with pytest.raises(RuntimeError, match=r"params\[0\] is BFloat16"):
         call(params=[p.bfloat16()], grads=[torch.zeros(4, 6, dtype=torch.bfloat16)])

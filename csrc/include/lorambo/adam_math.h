@@ -1,0 +1,58 @@
+// The slot-aware AdamW update of one element, shared by the CPU and CUDA pool_adamw_ kernels
+// (__host__ __device__), in the dtype of the pool and in the order of the torch._foreach path in
+// lorambo/optim/adamw.py, so the three agree up to rounding:
+//   g = maximize ? -grad : grad;  p *= 1 - lr * weight_decay
+//   m = lerp(m, g, 1 - beta1);     v = v * beta2 + (1 - beta2) * g * g;  vmax = max(vmax, v) (amsgrad)
+//   p -= m / ((sqrt(amsgrad ? vmax : v) * rsqrt(bc2) + eps) * (bc1 / lr)),  bc = 1 - beta^t (per slot)
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define LORAMBO_ADAM_HD __host__ __device__ __forceinline__
+#else
+#define LORAMBO_ADAM_HD inline
+#endif
+
+namespace lorambo {
+
+template <typename T>
+struct AdamScalars {
+  T decay, w1, beta2, w2, eps;  // decay = 1 - lr * weight_decay, w1 = 1 - beta1, w2 = 1 - beta2
+  bool maximize;
+};
+
+// torch.lerp's two-sided formula, so the first moment rounds as torch's does.
+template <typename T>
+LORAMBO_ADAM_HD T adam_lerp(T self, T end, T weight) {
+  return (weight < T(0.5) && weight > T(-0.5)) ? self + weight * (end - self) : end - (end - self) * (T(1) - weight);
+}
+
+// 1 - beta^t as -expm1(t * log(beta)) in T (accurate for beta close to 1); 1 for beta = 0.
+// log_beta is log(beta) rounded to T, as torch rounds a Python float scalar to the tensor's dtype.
+template <typename T>
+LORAMBO_ADAM_HD T adam_bias_correction(T t, T log_beta, bool beta_is_zero) {
+  using std::expm1;  // the float overload for float (C's ::expm1 would compute in double)
+  return beta_is_zero ? T(1) : -expm1(t * log_beta);
+}
+
+// a = rsqrt(bc2), c = bc1 / lr (inf at lr = 0: the update is then exactly 0).
+template <typename T>
+LORAMBO_ADAM_HD void adam_element(T& p, T g, T& m, T& v, T* vmax, T a, T c, const AdamScalars<T>& s) {
+  using std::sqrt;  // float stays float (and vectorises)
+  if (s.maximize) g = -g;
+  const T decayed = p * s.decay;
+  const T m1 = adam_lerp(m, g, s.w1);
+  const T v1 = v * s.beta2 + s.w2 * g * g;
+  T second = v1;
+  if (vmax != nullptr) {
+    const T old = *vmax;
+    second = (old > v1 || old != old) ? old : v1;  // torch.maximum: a NaN on either side propagates
+    *vmax = second;
+  }
+  p = decayed - m1 / ((sqrt(second) * a + s.eps) * c);
+  m = m1;
+  v = v1;
+}
+
+}  // namespace lorambo
