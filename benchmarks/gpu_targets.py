@@ -5,7 +5,7 @@ verdict; fp16 is shown beside it when measured). A target with no measurement is
 says what was not measured: the verdict never reads a missing number as a pass.
 
 Rows are ``csv.DictReader`` dicts: benchmarks/bench_lora_linear.py (``case`` labels large, mid,
-wide, pool_dense, pool, decode) and benchmarks/bench_ext.py (section ``reduce``).
+wide, pool_dense, pool, decode) and benchmarks/bench_ext.py (sections ``reduce`` and ``adamw``).
 """
 
 from __future__ import annotations
@@ -110,6 +110,15 @@ def ext_speedup(lora, ext, dtype):
     return worst[0], f"worst of {len(ratios)}: {worst[1]}"
 
 
+def adamw_speedup(lora, ext, dtype):
+    """foreach / ext time of one lorambo.optim.AdamW step over 224 pools (bench_ext section adamw):
+    whether the extension's CUDA pool update earns its place in ``auto``."""
+    times = {r["provider"]: float(r["ms_median"]) for r in ext if r["section"] == "adamw"}
+    if "ext" not in times or "foreach" not in times:
+        return None, "not measured (no pool AdamW rows)"
+    return times["foreach"] / times["ext"], f"foreach {times['foreach']:.2f} ms / ext {times['ext']:.2f} ms"
+
+
 def _said(value) -> str:
     return "missing" if value is None else "ok"
 
@@ -122,7 +131,9 @@ TARGETS = [
     Target("forward M=1 (decode) r=16", 1.30, False, time_vs_base("decode", "fwd")),
     Target("saved for backward / peft", 1.00, False, saved_vs_peft),
     Target("ext reductions, 224 tensors: loop/ext", 5.0, True, ext_speedup),
+    Target("pool AdamW step, 224 pools: foreach/ext", 2.0, True, adamw_speedup),
 ]
+_FLOAT32_ONLY = (ext_speedup, adamw_speedup)  # the extension's rows: no fp16 column
 
 
 def evaluate(lora_rows: list[dict], ext_rows: list[dict], dtype: str = "bfloat16") -> list[Verdict]:
@@ -131,7 +142,7 @@ def evaluate(lora_rows: list[dict], ext_rows: list[dict], dtype: str = "bfloat16
     for target in TARGETS:
         value, note = target.measure(lora_rows, ext_rows, dtype)
         fp16 = None
-        if dtype != "float16" and target.measure is not ext_speedup:
+        if dtype != "float16" and target.measure not in _FLOAT32_ONLY:
             fp16, _ = target.measure(lora_rows, ext_rows, "float16")
         out.append(Verdict(target, value, fp16, note))
     return out

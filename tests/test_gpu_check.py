@@ -110,6 +110,8 @@ def test_verdicts_judge_each_target_against_its_limit():
     ext = [dict(section="reduce", case=c, dtype=d, provider=p, ms_median=str(ms)) for c, d, p, ms in [
         ("dot_224", "float32", "python_loop", 10.0), ("dot_224", "float32", "ext", 1.0),
         ("sq_norm_224", "bfloat16", "python_loop", 6.0), ("sq_norm_224", "bfloat16", "ext", 1.0)]]
+    ext += [dict(section="adamw", case="adamw_step_224", dtype="float32", provider=p, ms_median=str(ms))
+            for p, ms in [("ext", 4.0), ("foreach", 7.0), ("torch_whole_pool", 6.0)]]
     got = {v.target.name: v for v in gpu_targets.evaluate(lora, ext)}
     assert [v.target.name for v in gpu_targets.evaluate(lora, ext)] == [t.name for t in gpu_targets.TARGETS]
 
@@ -124,6 +126,8 @@ def test_verdicts_judge_each_target_against_its_limit():
     assert memory.word == "MISS" and memory.value == pytest.approx(300 / 256) and "peft" in memory.note
     speedup = got["ext reductions, 224 tensors: loop/ext"]
     assert speedup.word == "PASS" and speedup.value == pytest.approx(6.0)  # the worst of the two
+    adamw = got["pool AdamW step, 224 pools: foreach/ext"]
+    assert adamw.word == "MISS" and adamw.value == pytest.approx(1.75) and adamw.fp16 is None  # < 2
     assert gpu_targets.evaluate([], [])[0].word == "MISS"
     lines = gpu_targets.table(list(got.values()))
     assert len(lines) == len(gpu_targets.TARGETS) + 1 and all(" PASS " in ln or " MISS " in ln for ln in lines[1:])
