@@ -47,6 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from providers import PeftStyleLoRA  # noqa: E402
 from results_csv import append_rows  # noqa: E402
 
+from lorambo.adapters.atomic import atomic_save_figure, atomic_write_text  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = ["run", "device", "threads", "torch", "section", "case", "provider", "mode", "dtype", "M", "K", "N",
           "rank", "ms_median", "ms_p20", "ms_p80", "rounds"]
@@ -401,8 +403,10 @@ def plot(rows, path: Path):
         ax.set_title("multi-tensor ops, 224 tensors")
     fig.suptitle(f"{rows[0]['device']}, latest run per thread count (solid: 1 thread)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        atomic_save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -425,7 +429,7 @@ def main(argv=None) -> int:
     if args.replot:
         out = args.out or RESULTS / f"ext_{args.device}.csv"
         latest = latest_run(out, device_name(torch.device(args.device)))
-        out.with_suffix(".md").write_text(markdown(latest))
+        atomic_write_text(out.with_suffix(".md"), markdown(latest))
         plot(latest, out.with_suffix(".png"))
         return 0
     if not ext_ops.available():
@@ -459,7 +463,7 @@ def main(argv=None) -> int:
     append_rows(out, FIELDS, rows)
     latest = latest_run(out, meta["device"])
     md = markdown(latest)
-    out.with_suffix(".md").write_text(md)
+    atomic_write_text(out.with_suffix(".md"), md)
     print(md)
     if not args.no_plot:
         plot(latest, out.with_suffix(".png"))

@@ -337,8 +337,7 @@ def plot_cases(rows, path: Path, plt):
     ax.legend(fontsize=6)
     ax.set_title(f"{rows[0]['device']}: lorambo and peft-style LoRA over the frozen layer", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_figure(fig, path, plt)
 
 
 def plot_grid(rows, path: Path, plt):
@@ -369,15 +368,25 @@ def plot_grid(rows, path: Path, plt):
     dtypes = ", ".join(sorted({r["dtype"] for r in rows}))
     fig.suptitle(f"{rows[0]['device']}, {dtypes} (latest run of each dtype)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_figure(fig, path, plt)
+
+
+def _save_figure(fig, path: Path, plt) -> None:
+    from lorambo.adapters.atomic import atomic_save_figure  # after the measurements: see the torch import
+
+    try:
+        atomic_save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def report(out: Path, plot_too: bool) -> None:
-    """Rewrite the .md (and .png) next to ``out`` from the CSV's latest runs."""
+    """Rewrite the .md (and .png) next to ``out`` from the CSV's latest runs (each file atomically)."""
+    from lorambo.adapters.atomic import atomic_write_text
+
     latest = latest_runs(out)
     md = markdown(latest)
-    out.with_suffix(".md").write_text(md)
+    atomic_write_text(out.with_suffix(".md"), md)
     print(md)
     if plot_too:
         plot(latest, out.with_suffix(".png"))

@@ -165,3 +165,10 @@ def text_writer(text: str) -> Callable[[str], None]:
             handle.write(text)
 
     return write
+
+
+def atomic_save_figure(fig, path: str | os.PathLike, **savefig_kwargs) -> Path:
+    """``fig.savefig`` (matplotlib) through a temporary file; the format follows ``path``'s
+    suffix (default png), since the temporary's name has none matplotlib knows."""
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **savefig_kwargs))

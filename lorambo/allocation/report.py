@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lorambo.adapters.atomic import atomic_save_figure
+
 __all__ = ["rank_table", "split_name", "rank_grid", "save_heatmap", "DecisionLog", "read_decisions"]
 
 _INDEX = re.compile(r"^(.*?\.\d+)\.(.+)$")  # first ".<int>." splits block from module type
@@ -118,9 +120,7 @@ def save_heatmap(source, path, title: str = "LoRA rank per layer") -> Path:
         fig.colorbar(image, ax=ax, label="rank")
         ax.set_title(title)
         fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
+        path = atomic_save_figure(fig, path, dpi=100)
     finally:
         plt.close(fig)
     return path

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 METHODS = ("hessian", "gradient", "data", "frobenius")
@@ -165,14 +164,9 @@ def run(args) -> int:
                                      "sensitivities": opt.sensitivities, "alpha": args.alpha})
     _write_json(out / "adapter_config.json", config.to_dict())
     written = [out / "ranks.json", out / "adapter_config.json"]
-    if not args.no_heatmap:
-        tmp = out / f".heatmap.tmp-{os.getpid()}.png"
-        try:
-            save_heatmap(ranks, tmp, title=f"LoRA ranks ({args.method}, budget {opt.total_budget:,})")
-            os.replace(tmp, out / "heatmap.png")
-        finally:
-            tmp.unlink(missing_ok=True)
-        written.append(out / "heatmap.png")
+    if not args.no_heatmap:  # atomic, like the JSON files
+        written.append(save_heatmap(ranks, out / "heatmap.png",
+                                    title=f"LoRA ranks ({args.method}, budget {opt.total_budget:,})"))
     print(rank_table(ranks, opt.capacities, opt.dims))
     print(f"wrote {', '.join(map(str, written))}")
     return 0

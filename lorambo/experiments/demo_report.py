@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lorambo.adapters.atomic import atomic_save_figure
 from lorambo.experiments.config import METHOD_LABELS
 
 
@@ -180,10 +181,10 @@ def gap_plot(summary: dict, path) -> Path:
         ax.set_title(f"planted task, P = {summary['budget']:,}: bars mean ± std, dots = seeds", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        path = atomic_save_figure(fig, path, dpi=110)
     finally:
         plt.close(fig)
-    return Path(path)
+    return path
 
 
 def curve_plot(summary: dict, path) -> Path:
@@ -207,10 +208,10 @@ def curve_plot(summary: dict, path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        path = atomic_save_figure(fig, path, dpi=110)
     finally:
         plt.close(fig)
-    return Path(path)
+    return path
 
 
 def demo_plots(summary: dict, out_dir) -> list[Path]:

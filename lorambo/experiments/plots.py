@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lorambo.adapters.atomic import atomic_save_figure
 from lorambo.allocation.report import rank_grid
 from lorambo.experiments.config import METHOD_LABELS, TASK_LABELS
 
@@ -53,8 +54,7 @@ def metric_vs_budget(task_result: dict, path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
         fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path, dpi=110)
+        path = atomic_save_figure(fig, path, dpi=110)
     finally:
         plt.close(fig)
     return path
@@ -86,9 +86,7 @@ def rank_heatmap(panels: dict[str, dict[str, float]], title: str, path, columns:
         fig.subplots_adjust(wspace=0.45, hspace=0.6)
         fig.colorbar(image, ax=list(axes.flat), label="rank (mean over seeds)", shrink=0.9)
         fig.suptitle(title, fontsize=9)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100, bbox_inches="tight")
+        path = atomic_save_figure(fig, path, dpi=100, bbox_inches="tight")
     finally:
         plt.close(fig)
     return path

@@ -287,3 +287,36 @@ def test_export_peft_keeps_both_old_files_when_the_config_write_fails(tmp_path, 
     with safe_open(str(tmp_path / "peft" / "adapter_model.safetensors"), "pt") as f:
         assert f.get_slice("base_model.model.0.lora_A.weight").get_shape() == [6, 12]
     assert config["rank_pattern"]["0"] == 6
+
+
+def test_figures_are_written_atomically_in_the_format_of_their_suffix(tmp_path, monkeypatch):
+    """Plots (heat maps, demo figures, benchmark PNGs) go through a temporary file: a save that
+    dies half-way (disk full, killed) keeps the previous file whole, and the format follows the
+    target's suffix."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+    import matplotlib.pyplot as plt
+
+    from lorambo.allocation.report import save_heatmap
+
+    ranks = {"h.0.q": 4, "h.0.v": 2, "h.1.q": 1}
+    png = save_heatmap(ranks, tmp_path / "ranks.png")
+    before = png.read_bytes()
+    assert before[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def dies_half_way(self, fname, **kwargs):
+        with open(fname, "wb") as handle:
+            handle.write(b"\x89PNG half")
+        raise OSError("No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(matplotlib.figure.Figure, "savefig", dies_half_way)
+        with pytest.raises(OSError, match="No space left"):
+            save_heatmap({"h.0.q": 8}, png)
+    assert png.read_bytes() == before
+    try:
+        atomic.atomic_save_figure(plt.figure(), tmp_path / "figure.svg")
+    finally:
+        plt.close("all")
+    assert (tmp_path / "figure.svg").read_text().lstrip().startswith("<?xml")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figure.svg", "ranks.png"]  # no temporaries left
