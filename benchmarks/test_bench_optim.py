@@ -4,7 +4,7 @@
 capacity-32 pool, float32. ``torch_adamw`` updates whole pools (it cannot know which slots are
 active); ``lorambo_adamw`` updates only the active slots with per-slot bias correction, in one
 call of the compiled extension (its CPU path); ``lorambo_adamw_foreach`` is the same update as
-torch._foreach ops (the path for CUDA, bf16/fp16 and FSDP2 shards, forced here with the ``torch``
+torch._foreach ops (the path for CUDA and FSDP2 shards, forced here with the ``torch``
 backend); ``torch_adamw_dense`` is torch's AdamW on capacity-8 pools, the cost a rank-8 adapter
 should have.
 Run: ``make bench``.

@@ -224,10 +224,6 @@ void check_pool_adamw(const char* op, at::TensorList params, at::TensorList grad
                       at::IntArrayRef slot_dims, at::IntArrayRef ranks, double lr, double beta1, double beta2) {
   const size_t count = params.size();
   const at::Device device = check_same_device(op, "params", params);
-  check_moments(op, "grads", grads, params, device);
-  check_moments(op, "exp_avgs", exp_avgs, params, device);
-  check_moments(op, "exp_avg_sqs", exp_avg_sqs, params, device);
-  if (!max_exp_avg_sqs.empty()) check_moments(op, "max_exp_avg_sqs", max_exp_avg_sqs, params, device);
   TORCH_CHECK(slot_steps.size() == count, op, ": slot_steps has ", slot_steps.size(), " tensors but params has ",
               count);
   check_same_device(op, "slot_steps", slot_steps, &device);
@@ -239,8 +235,7 @@ void check_pool_adamw(const char* op, at::TensorList params, at::TensorList grad
   for (size_t i = 0; i < count; ++i) {
     const at::Tensor& p = params[i];
     TORCH_CHECK(p.dim() == 2, op, ": params[", i, "] must be a 2-D pool, got shape ", shape_str(p.sizes()));
-    TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble, op, ": params[", i, "] is ",
-                p.scalar_type(), "; float32 and float64 pools are supported");
+    dtype_code(op, "params[" + std::to_string(i) + "]", p.scalar_type());  // float32/64, bfloat16, float16
     TORCH_CHECK(p.is_contiguous(), op, ": params[", i, "] is not contiguous");
     TORCH_CHECK(slot_dims[i] == 0 || slot_dims[i] == 1, op, ": slot_dims[", i, "] = ", slot_dims[i],
                 " must be 0 (rows) or 1 (columns)");
@@ -252,6 +247,10 @@ void check_pool_adamw(const char* op, at::TensorList params, at::TensorList grad
                 ": slot_steps[", i, "] must be a contiguous float32 vector of ", capacity, " slot counts, got ",
                 st.scalar_type(), " ", shape_str(st.sizes()));
   }
+  check_moments(op, "grads", grads, params, device);
+  check_moments(op, "exp_avgs", exp_avgs, params, device);
+  check_moments(op, "exp_avg_sqs", exp_avg_sqs, params, device);
+  if (!max_exp_avg_sqs.empty()) check_moments(op, "max_exp_avg_sqs", max_exp_avg_sqs, params, device);
 }
 
 }  // namespace lorambo

@@ -6,6 +6,7 @@
 // per-element formula is in lorambo/adam_math.h. One pass over p, grad, m and v instead of the
 // torch._foreach path's dozen list-wide passes, and no Python per pool.
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 
 #include <cmath>
 #include <string>
@@ -23,30 +24,31 @@ namespace {
 constexpr const char* kOp = "lorambo::pool_adamw_";
 
 // n contiguous elements of one slot (a row of lora_A): one coefficient pair for all of them.
-// The pools, gradients and moments are distinct tensors (restrict lets the loops vectorise).
-template <typename T>
-LORAMBO_CLONES void adam_slot_row(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m,
-                                  T* __restrict__ v, T* __restrict__ vmax, int64_t n, T a, T c, AdamScalars<T> s) {
+// Storage S, compute type T (float for bf16/fp16). The pools, gradients and moments are distinct
+// tensors (restrict lets the loops vectorise).
+template <typename S, typename T>
+LORAMBO_CLONES void adam_slot_row(S* __restrict__ p, const S* __restrict__ g, S* __restrict__ m,
+                                  S* __restrict__ v, S* __restrict__ vmax, int64_t n, T a, T c, AdamScalars<T> s) {
   if (vmax != nullptr) {
-    for (int64_t i = 0; i < n; ++i) adam_element(p[i], g[i], m[i], v[i], vmax + i, a, c, s);
+    for (int64_t i = 0; i < n; ++i) adam_stored<S, T>(p[i], g[i], m[i], v[i], vmax + i, a, c, s);
     return;
   }
-  for (int64_t i = 0; i < n; ++i) adam_element<T>(p[i], g[i], m[i], v[i], nullptr, a, c, s);
+  for (int64_t i = 0; i < n; ++i) adam_stored<S, T>(p[i], g[i], m[i], v[i], nullptr, a, c, s);
 }
 
 // The first n slots of one row of lora_B: slot j has coefficients a[j], c[j].
-template <typename T>
-LORAMBO_CLONES void adam_slot_columns(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ m,
-                                      T* __restrict__ v, T* __restrict__ vmax, int64_t n, const T* __restrict__ a,
+template <typename S, typename T>
+LORAMBO_CLONES void adam_slot_columns(S* __restrict__ p, const S* __restrict__ g, S* __restrict__ m,
+                                      S* __restrict__ v, S* __restrict__ vmax, int64_t n, const T* __restrict__ a,
                                       const T* __restrict__ c, AdamScalars<T> s) {
   if (vmax != nullptr) {
-    for (int64_t j = 0; j < n; ++j) adam_element(p[j], g[j], m[j], v[j], vmax + j, a[j], c[j], s);
+    for (int64_t j = 0; j < n; ++j) adam_stored<S, T>(p[j], g[j], m[j], v[j], vmax + j, a[j], c[j], s);
     return;
   }
-  for (int64_t j = 0; j < n; ++j) adam_element<T>(p[j], g[j], m[j], v[j], nullptr, a[j], c[j], s);
+  for (int64_t j = 0; j < n; ++j) adam_stored<S, T>(p[j], g[j], m[j], v[j], nullptr, a[j], c[j], s);
 }
 
-template <typename T>
+template <typename S, typename T>
 void update_pool(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                  const at::Tensor* max_sq, const at::Tensor& slot_step, int64_t dim, int64_t rank, double lr,
                  double beta1, double beta2, const AdamScalars<T>& s) {
@@ -59,21 +61,21 @@ void update_pool(const at::Tensor& param, const at::Tensor& grad, const at::Tens
     a[j] = T(1) / std::sqrt(adam_bias_correction(t, log_beta2, beta2 == 0.0));
     c[j] = adam_bias_correction(t, log_beta1, beta1 == 0.0) / static_cast<T>(lr);
   }
-  T* p = param.data_ptr<T>();
-  const T* g = grad.data_ptr<T>();
-  T* m = exp_avg.data_ptr<T>();
-  T* v = exp_avg_sq.data_ptr<T>();
-  T* vmax = max_sq != nullptr ? max_sq->data_ptr<T>() : nullptr;
+  S* p = param.data_ptr<S>();
+  const S* g = grad.data_ptr<S>();
+  S* m = exp_avg.data_ptr<S>();
+  S* v = exp_avg_sq.data_ptr<S>();
+  S* vmax = max_sq != nullptr ? max_sq->data_ptr<S>() : nullptr;
   const int64_t rows = param.size(0), cols = param.size(1);
   if (dim == 0) {  // slot j = row j, contiguous
     for (int64_t j = 0; j < rank; ++j) {
       const int64_t o = j * cols;
-      adam_slot_row(p + o, g + o, m + o, v + o, vmax ? vmax + o : nullptr, cols, a[j], c[j], s);
+      adam_slot_row<S, T>(p + o, g + o, m + o, v + o, vmax ? vmax + o : nullptr, cols, a[j], c[j], s);
     }
   } else {  // slot j = column j: the first `rank` entries of every row
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t o = r * cols;
-      adam_slot_columns(p + o, g + o, m + o, v + o, vmax ? vmax + o : nullptr, rank, a.data(), c.data(), s);
+      adam_slot_columns<S, T>(p + o, g + o, m + o, v + o, vmax ? vmax + o : nullptr, rank, a.data(), c.data(), s);
     }
   }
 }
@@ -93,12 +95,12 @@ void pool_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
       [&](int64_t i) {
         if (ranks[i] == 0) return;
         const at::Tensor* max_sq = amsgrad ? &max_exp_avg_sqs[i] : nullptr;
-        AT_DISPATCH_FLOATING_TYPES(params[i].scalar_type(), "pool_adamw_", [&] {
-          const AdamScalars<scalar_t> s{static_cast<scalar_t>(1.0 - lr * weight_decay),
-                                        static_cast<scalar_t>(1.0 - beta1), static_cast<scalar_t>(beta2),
-                                        static_cast<scalar_t>(1.0 - beta2), static_cast<scalar_t>(eps), maximize};
-          update_pool<scalar_t>(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], max_sq, slot_steps[i],
-                                slot_dims[i], ranks[i], lr, beta1, beta2, s);
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[i].scalar_type(), "pool_adamw_", [&] {
+          using T = at::opmath_type<scalar_t>;
+          const AdamScalars<T> s{static_cast<T>(1.0 - lr * weight_decay), static_cast<T>(1.0 - beta1),
+                                 static_cast<T>(beta2), static_cast<T>(1.0 - beta2), static_cast<T>(eps), maximize};
+          update_pool<scalar_t, T>(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], max_sq, slot_steps[i],
+                                   slot_dims[i], ranks[i], lr, beta1, beta2, s);
         });
       });
 }

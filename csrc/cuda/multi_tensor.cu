@@ -321,13 +321,14 @@ struct AdamArgs {
   bool maximize;
 };
 
-template <typename T>
+// Storage S, compute type T (float for bf16/fp16, as on the CPU).
+template <typename S, typename T>
 __device__ void adam_item(const int64_t* tab, int64_t start, int64_t len, const AdamArgs& args) {
-  T* p = reinterpret_cast<T*>(tab[0]);
-  const T* g = reinterpret_cast<const T*>(tab[1]);
-  T* m = reinterpret_cast<T*>(tab[2]);
-  T* v = reinterpret_cast<T*>(tab[3]);
-  T* vmax = reinterpret_cast<T*>(tab[4]);
+  S* p = reinterpret_cast<S*>(tab[0]);
+  const S* g = reinterpret_cast<const S*>(tab[1]);
+  S* m = reinterpret_cast<S*>(tab[2]);
+  S* v = reinterpret_cast<S*>(tab[3]);
+  S* vmax = reinterpret_cast<S*>(tab[4]);
   const float* steps = reinterpret_cast<const float*>(tab[5]);
   const int64_t dim = tab[6], rank = tab[7], cols = tab[8];
   const AdamScalars<T> s{static_cast<T>(1.0 - args.lr * args.weight_decay), static_cast<T>(1.0 - args.beta1),
@@ -348,7 +349,7 @@ __device__ void adam_item(const int64_t* tab, int64_t start, int64_t len, const 
     const T t = static_cast<T>(steps[j] + 1.0f);
     const T a = T(1) / sqrt(adam_bias_correction(t, log_beta2, args.beta2 == 0.0));
     const T c = adam_bias_correction(t, log_beta1, args.beta1 == 0.0) / lr;
-    adam_element(p[off], g[off], m[off], v[off], vmax != nullptr ? vmax + off : nullptr, a, c, s);
+    adam_stored<S, T>(p[off], g[off], m[off], v[off], vmax != nullptr ? vmax + off : nullptr, a, c, s);
   }
 }
 
@@ -356,10 +357,11 @@ __global__ void pool_adamw_kernel(const int64_t* __restrict__ tables, const int6
                                   AdamArgs args) {
   const int64_t* it = items + 3 * blockIdx.x;
   const int64_t* tab = tables + kAdamWords * it[0];
-  if (tab[9] == kF64) {
-    adam_item<double>(tab, it[1], it[2], args);
-  } else {
-    adam_item<float>(tab, it[1], it[2], args);
+  switch (tab[9]) {
+    case kF64: adam_item<double, double>(tab, it[1], it[2], args); break;
+    case kF32: adam_item<float, float>(tab, it[1], it[2], args); break;
+    case kBF16: adam_item<c10::BFloat16, float>(tab, it[1], it[2], args); break;
+    default: adam_item<c10::Half, float>(tab, it[1], it[2], args); break;
   }
 }
 
@@ -386,7 +388,7 @@ void pool_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                                  reinterpret_cast<int64_t>(exp_avg_sqs[i].data_ptr()),
                                  max_exp_avg_sqs.empty() ? 0 : reinterpret_cast<int64_t>(max_exp_avg_sqs[i].data_ptr()),
                                  reinterpret_cast<int64_t>(slot_steps[i].data_ptr()), slot_dims[i], ranks[i], cols,
-                                 p.scalar_type() == at::kDouble ? kF64 : kF32});
+                                 dtype_code("lorambo::pool_adamw_", "params", p.scalar_type())});
     for (int64_t s = 0; s < active; s += kAdamChunk) items.insert(items.end(), {n_tensors, s, std::min(kAdamChunk, active - s)});
     ++n_tensors;
   }

@@ -18,10 +18,11 @@ Under FSDP2 (DTensor pools) each process updates the active slots of its own sha
 every slot's count, so the counts stay identical on all processes and rank edits
 (``lorambo.integrations.fsdp``) move them like any replicated value.
 
-Pool parameters take one call of the compiled extension on the CPU (float32/float64, see
+Pool parameters take one call of the compiled extension on the CPU (see
 ``_compiled_step_applies``) and otherwise the multi-tensor (``torch._foreach_*``) path, with the
 step counts on the parameter's device, so the update never reads a device value on the host.
-Both compute the same formulas in the same order, equal up to rounding. ``fused`` and
+Both compute the same formulas in the same order, equal up to rounding (bf16/fp16 pools: the
+compiled update works in float32 and rounds once per element, the foreach path after every op). ``fused`` and
 ``capturable`` apply to the other parameters; with a GradScaler the scaler unscales the gradients
 and skips inf steps itself, also for ``fused=True``. ``differentiable=True`` is not supported.
 """
@@ -81,15 +82,20 @@ def _denominator_coefficients(slot_steps, layouts, lr, beta1, beta2):
     return inv_sqrt_bc2, bc1_over_lr
 
 
+# bf16/fp16 pools are updated in float32 and rounded once per element (the foreach path rounds
+# after every operation, as torch's AdamW does)
+_COMPILED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
 def _compiled_step_applies(work, amsgrad: bool) -> bool:
     """Whether the compiled extension's one-call update (csrc/cpu/pool_adamw_cpu.cpp) runs: pools
-    of float32/float64 with contiguous gradients and state, outside FSDP2, where the backend
+    of a float dtype with contiguous gradients and state, outside FSDP2, where the backend
     switch allows it as for the other multi-tensor ops (``auto``: CPU tensors; ``torch``: never;
     ``ext``: also CUDA, whose kernel has not run on a GPU yet). On the CPU it measured about 5x
     faster than the multi-tensor path (docs/performance.md)."""
     tensors = []
     for param, state, _, _ in work:
-        if is_sharded(param) or param.dtype not in (torch.float32, torch.float64):
+        if is_sharded(param) or param.dtype not in _COMPILED_DTYPES:
             return False
         tensors += [param.detach(), param.grad, state["exp_avg"], state["exp_avg_sq"], state[SLOT_STEP]]
         if amsgrad:

@@ -19,10 +19,11 @@ def _slot(pool, dim, j):
 
 
 class _SlotOracle:
-    """Fresh float64 torch AdamW per active slot: the per-slot step count by construction."""
+    """Fresh torch AdamW per active slot (float64 unless ``dtype``): the per-slot step count by
+    construction."""
 
-    def __init__(self, kwargs):
-        self.kwargs, self.slots = kwargs, {}
+    def __init__(self, kwargs, dtype=torch.float64):
+        self.kwargs, self.slots, self.dtype = kwargs, {}, dtype
 
     def sync(self, layers):
         """Slots activated since the last call get a fresh optimizer; dropped slots are forgotten."""
@@ -34,14 +35,27 @@ class _SlotOracle:
                     if j >= layer.rank:
                         self.slots.pop(key, None)
                     elif key not in self.slots:
-                        p = torch.nn.Parameter(_slot(pool, dim, j).double().clone())
+                        p = torch.nn.Parameter(_slot(pool, dim, j).to(self.dtype).clone())
                         self.slots[key] = (p, torch.optim.AdamW([p], **self.kwargs))
 
     def step(self, layers):
         for (i, name, j), (p, opt) in self.slots.items():
             dim = 0 if name == "lora_A" else 1
-            p.grad = getattr(layers[i], name).grad.select(dim, j).double().clone()
+            p.grad = getattr(layers[i], name).grad.select(dim, j).to(self.dtype).clone()
             opt.step()
+
+    def max_error(self, reference):
+        """The largest |difference| between this oracle's slots and ``reference``'s."""
+        return max(float((p.detach().double() - reference.slots[key][0].detach().double()).abs().max())
+                   for key, (p, _) in self.slots.items())
+
+    def max_error_of(self, layers):
+        """The largest |difference| between the pools' active slots and this oracle's."""
+        out = 0.0
+        for (i, name, j), (p, _) in self.slots.items():
+            dim = 0 if name == "lora_A" else 1
+            out = max(out, float((_slot(getattr(layers[i], name), dim, j).double() - p.detach().double()).abs().max()))
+        return out
 
     def check(self, layers, rtol, atol):
         for (i, name, j), (p, _) in self.slots.items():
@@ -90,6 +104,33 @@ def test_pool_steps_match_a_fresh_torch_adamw_per_slot(dtype, options):
     assert opt.state[layers[2].lora_B]["slot_step"].tolist() == [12, 12, 9, 9, 9, 6, 0, 0]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_pools_err_at_most_twice_torchs_own_adamw(dtype):
+    """bf16/fp16 pools against the float64 per-slot oracle: the error is at most twice that of
+    torch's own AdamW run per slot in the same dtype (the project's precision rule)."""
+    gen = torch.Generator().manual_seed(5)
+    layers = [LoRAMBoLinear(torch.nn.Linear(i, o, dtype=dtype), rank=2, capacity=c) for i, o, c in SHAPES]
+    for layer in layers:
+        layer.lora_B.data[:, :2] = torch.randn(layer.out_features, 2, generator=gen, dtype=torch.float64).to(dtype)
+    kwargs = dict(lr=1e-2, weight_decay=0.1, eps=1e-4)  # an eps fp16 can hold, for torch's own run
+    opt = AdamW([p for layer in layers for p in layer.parameters() if p.requires_grad], **kwargs)
+    exact, own = _SlotOracle(kwargs), _SlotOracle(kwargs, dtype)
+    for oracle in (exact, own):
+        oracle.sync(layers)
+    for step in range(12):
+        if step == 5:
+            for layer, r in zip(layers, (3, 4, 6)):
+                layer.set_rank(r, optimizer=opt, generator=torch.Generator().manual_seed(step))
+            for oracle in (exact, own):
+                oracle.sync(layers)
+        _random_grads(layers, gen)
+        opt.step()
+        for oracle in (exact, own):
+            oracle.step(layers)
+    ours, torchs = exact.max_error_of(layers), own.max_error(exact)
+    assert torchs > 0 and ours <= 2 * torchs, (ours, torchs)
+
+
 def test_lr_zero_leaves_pools_unchanged_and_counts_the_step():
     layer = LoRAMBoLinear(torch.nn.Linear(6, 5), rank=3, capacity=4)
     layer.lora_B.data.normal_()
@@ -102,14 +143,17 @@ def test_lr_zero_leaves_pools_unchanged_and_counts_the_step():
     assert torch.count_nonzero(opt.state[layer.lora_A]["exp_avg"]) > 0
 
 
-@pytest.mark.parametrize("dtype,compiled", [(torch.float32, True), (torch.float64, True), (torch.bfloat16, False)])
-def test_which_path_a_step_takes(monkeypatch, pool_step_path, dtype, compiled):
+@pytest.mark.parametrize("dtype,contiguous,compiled", [(torch.float32, True, True), (torch.float64, True, True),
+                                                      (torch.bfloat16, True, True), (torch.float32, False, False)])
+def test_which_path_a_step_takes(monkeypatch, pool_step_path, dtype, contiguous, compiled):
     calls = []
     real = adamw_module._compiled_pool_step
     monkeypatch.setattr(adamw_module, "_compiled_pool_step", lambda *a: (calls.append(1), real(*a)))
     layer = LoRAMBoLinear(torch.nn.Linear(6, 5, dtype=dtype), rank=2, capacity=4)
     opt = AdamW(layer.parameters(), lr=1e-2)
     _random_grads([layer], torch.Generator().manual_seed(0))
+    if not contiguous:  # e.g. a gradient written through a transposed view
+        layer.lora_B.grad = layer.lora_B.grad.t().contiguous().t()
     opt.step()
     assert len(calls) == (compiled and pool_step_path == "compiled")
 
@@ -154,8 +198,8 @@ def test_compiled_op_names_the_bad_argument(pool_step_path):
         call(grads=[torch.zeros(6, 4).t()])
     with pytest.raises(RuntimeError, match=r"slot_steps\[0\] must be a contiguous float32 vector of 6"):
         call(dims=(1,))
-    with pytest.raises(RuntimeError, match=r"params\[0\] is BFloat16"):
-        call(params=[p.bfloat16()], grads=[torch.zeros(4, 6, dtype=torch.bfloat16)])
+    with pytest.raises(RuntimeError, match=r"params\[0\] has dtype Long"):
+        call(params=[p.long()], grads=[torch.zeros(4, 6, dtype=torch.long)])
     with pytest.raises(RuntimeError, match="lr must be finite"):
         call(lr=float("nan"))
     assert torch.count_nonzero(p) == 0 and steps[0].tolist() == [0, 0, 0, 0]  # nothing written on a refusal

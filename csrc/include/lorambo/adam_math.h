@@ -55,4 +55,18 @@ LORAMBO_ADAM_HD void adam_element(T& p, T g, T& m, T& v, T* vmax, T a, T c, cons
   v = v1;
 }
 
+// The same on a stored element of type S (bf16/fp16 pools): widened to the compute type T
+// (float), updated, and rounded once per tensor, where the torch._foreach path rounds after
+// every operation. For S == T the casts vanish.
+template <typename S, typename T>
+LORAMBO_ADAM_HD void adam_stored(S& p, S g, S& m, S& v, S* vmax, T a, T c, const AdamScalars<T>& s) {
+  T pt = static_cast<T>(p), mt = static_cast<T>(m), vt = static_cast<T>(v);
+  T mx = vmax != nullptr ? static_cast<T>(*vmax) : T(0);
+  adam_element<T>(pt, static_cast<T>(g), mt, vt, vmax != nullptr ? &mx : nullptr, a, c, s);
+  p = static_cast<S>(pt);
+  m = static_cast<S>(mt);
+  v = static_cast<S>(vt);
+  if (vmax != nullptr) *vmax = static_cast<S>(mx);
+}
+
 }  // namespace lorambo

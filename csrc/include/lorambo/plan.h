@@ -97,7 +97,7 @@ RemapPlan plan_remap(const char* op, at::TensorList tensors, at::IntArrayRef slo
                      at::TensorList maps, int64_t buffer_elems);
 
 // ------------------------------------------------------------------------------- checks
-// lorambo::pool_adamw_: list lengths, one device, float32/float64 2-D contiguous pools with
+// lorambo::pool_adamw_: list lengths, one device, float32/64, bf16 or fp16 2-D contiguous pools with
 // grads and moments of the same shape and dtype, slot_dims in {0, 1}, ranks within the pool,
 // float32 slot counts [capacity], lr finite >= 0, betas in [0, 1).
 void check_pool_adamw(const char* op, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
