@@ -1,7 +1,7 @@
 """CPU benchmark: one optimizer step over MiniLM-shaped LoRA pools.
 
 36 pools (384 -> 384 and 384 <-> 1536, as in MiniLM's attention and MLP), rank 8 active in a
-capacity-32 pool, float32. ``torch_adamw`` updates whole pools (it cannot know which slots are
+capacity-32 pool, float32 and bfloat16. ``torch_adamw`` updates whole pools (it cannot know which slots are
 active); ``lorambo_adamw`` updates only the active slots with per-slot bias correction, in one
 call of the compiled extension (its CPU path); ``lorambo_adamw_foreach`` is the same update as
 torch._foreach ops (the path for CUDA and FSDP2 shards, forced here with the ``torch``
@@ -20,22 +20,23 @@ RANK, CAPACITY = 8, 32
 SHAPES = [(384, 384)] * 24 + [(384, 1536)] * 6 + [(1536, 384)] * 6  # (in, out) of 36 adapted layers
 
 
-def _pools(capacity):
-    layers = [lorambo.LoRAMBoLinear(nn.Linear(i, o), rank=RANK, capacity=capacity) for i, o in SHAPES]
+def _pools(capacity, dtype):
+    layers = [lorambo.LoRAMBoLinear(nn.Linear(i, o, dtype=dtype), rank=RANK, capacity=capacity) for i, o in SHAPES]
     params = [p for layer in layers for p in (layer.lora_A, layer.lora_B)]
     for p in params:
         p.grad = torch.randn_like(p)
     return params
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("provider", ["torch_adamw", "lorambo_adamw", "lorambo_adamw_foreach", "torch_adamw_dense"])
-def test_optimizer_step(benchmark, provider):
+def test_optimizer_step(benchmark, provider, dtype):
     torch.set_num_threads(1)
     if provider == "lorambo_adamw":
         assert lorambo.ext.available(), "the compiled extension is not built"
     lorambo.set_backend("torch" if provider == "lorambo_adamw_foreach" else None)
     try:
-        params = _pools(RANK if provider == "torch_adamw_dense" else CAPACITY)
+        params = _pools(RANK if provider == "torch_adamw_dense" else CAPACITY, dtype)
         cls = lorambo.optim.AdamW if provider.startswith("lorambo") else torch.optim.AdamW
         opt = cls(params, lr=1e-3)
         opt.step()  # state allocated outside the timing
