@@ -22,10 +22,11 @@ struct AdamScalars {
   bool maximize;
 };
 
-// torch.lerp's two-sided formula, so the first moment rounds as torch's does.
+// torch.lerp takes `self + w (end - self)` for |w| < 0.5 and `end - (end - self)(1 - w)`
+// otherwise, so the first moment rounds as torch's does; w = 1 - beta1 is fixed per step.
 template <typename T>
-LORAMBO_ADAM_HD T adam_lerp(T self, T end, T weight) {
-  return (weight < T(0.5) && weight > T(-0.5)) ? self + weight * (end - self) : end - (end - self) * (T(1) - weight);
+LORAMBO_ADAM_HD bool adam_lerp_from_self(T weight) {
+  return weight < T(0.5) && weight > T(-0.5);
 }
 
 // 1 - beta^t as -expm1(t * log(beta)) in T (accurate for beta close to 1); 1 for beta = 0.
@@ -36,13 +37,15 @@ LORAMBO_ADAM_HD T adam_bias_correction(T t, T log_beta, bool beta_is_zero) {
   return beta_is_zero ? T(1) : -expm1(t * log_beta);
 }
 
-// a = rsqrt(bc2), c = bc1 / lr (inf at lr = 0: the update is then exactly 0).
-template <typename T>
-LORAMBO_ADAM_HD void adam_element(T& p, T g, T& m, T& v, T* vmax, T a, T c, const AdamScalars<T>& s) {
+// a = rsqrt(bc2), c = bc1 / lr (inf at lr = 0: the update is then exactly 0). The two per-step
+// choices are template flags, so a CPU loop over elements has no control flow and vectorises
+// (GCC does not unswitch the larger bf16 loop body by itself).
+template <typename T, bool Maximize, bool LerpFromSelf>
+LORAMBO_ADAM_HD void adam_element_fixed(T& p, T g, T& m, T& v, T* vmax, T a, T c, const AdamScalars<T>& s) {
   using std::sqrt;  // float stays float (and vectorises)
-  if (s.maximize) g = -g;
+  if (Maximize) g = -g;
   const T decayed = p * s.decay;
-  const T m1 = adam_lerp(m, g, s.w1);
+  const T m1 = LerpFromSelf ? m + s.w1 * (g - m) : g - (g - m) * (T(1) - s.w1);
   const T v1 = v * s.beta2 + s.w2 * g * g;
   T second = v1;
   if (vmax != nullptr) {
@@ -53,6 +56,19 @@ LORAMBO_ADAM_HD void adam_element(T& p, T g, T& m, T& v, T* vmax, T a, T c, cons
   p = decayed - m1 / ((sqrt(second) * a + s.eps) * c);
   m = m1;
   v = v1;
+}
+
+// The flags read from `s` (CUDA: a uniform branch per element).
+template <typename T>
+LORAMBO_ADAM_HD void adam_element(T& p, T g, T& m, T& v, T* vmax, T a, T c, const AdamScalars<T>& s) {
+  const bool from_self = adam_lerp_from_self(s.w1);
+  if (s.maximize) {
+    from_self ? adam_element_fixed<T, true, true>(p, g, m, v, vmax, a, c, s)
+              : adam_element_fixed<T, true, false>(p, g, m, v, vmax, a, c, s);
+  } else {
+    from_self ? adam_element_fixed<T, false, true>(p, g, m, v, vmax, a, c, s)
+              : adam_element_fixed<T, false, false>(p, g, m, v, vmax, a, c, s);
+  }
 }
 
 // The same on a stored element of type S (bf16/fp16 pools): widened to the compute type T
