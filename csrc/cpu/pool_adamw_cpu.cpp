@@ -8,8 +8,6 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
-#include <cmath>
-#include <string>
 #include <vector>
 
 #include "lorambo/adam_math.h"
@@ -107,16 +105,13 @@ void update_active(const at::Tensor& param, const at::Tensor& grad, const at::Te
 
 template <typename S, typename T>
 void update_pool(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
-                 const at::Tensor* max_sq, const at::Tensor& slot_step, int64_t dim, int64_t rank, double lr,
-                 double beta1, double beta2, const AdamScalars<T>& s) {
+                 const at::Tensor* max_sq, const at::Tensor& slot_step, int64_t dim, int64_t rank,
+                 const AdamScalars<T>& s) {
   float* steps = slot_step.data_ptr<float>();
-  const T log_beta1 = static_cast<T>(std::log(beta1)), log_beta2 = static_cast<T>(std::log(beta2));
   std::vector<T> a(rank), c(rank);
   for (int64_t j = 0; j < rank; ++j) {
     steps[j] += 1.0f;
-    const T t = static_cast<T>(steps[j]);
-    a[j] = T(1) / std::sqrt(adam_bias_correction(t, log_beta2, beta2 == 0.0));
-    c[j] = adam_bias_correction(t, log_beta1, beta1 == 0.0) / static_cast<T>(lr);
+    adam_slot_coefficients(static_cast<T>(steps[j]), s, a[j], c[j]);
   }
   const bool from_self = adam_lerp_from_self(s.w1);
   if (s.maximize) {
@@ -145,10 +140,9 @@ void pool_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
         const at::Tensor* max_sq = amsgrad ? &max_exp_avg_sqs[i] : nullptr;
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[i].scalar_type(), "pool_adamw_", [&] {
           using T = at::opmath_type<scalar_t>;
-          const AdamScalars<T> s{static_cast<T>(1.0 - lr * weight_decay), static_cast<T>(1.0 - beta1),
-                                 static_cast<T>(beta2), static_cast<T>(1.0 - beta2), static_cast<T>(eps), maximize};
           update_pool<scalar_t, T>(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], max_sq, slot_steps[i],
-                                   slot_dims[i], ranks[i], lr, beta1, beta2, s);
+                                   slot_dims[i], ranks[i],
+                                   make_adam_scalars<T>(lr, beta1, beta2, eps, weight_decay, maximize));
         });
       });
 }

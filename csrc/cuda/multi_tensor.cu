@@ -321,7 +321,28 @@ struct AdamArgs {
   bool maximize;
 };
 
-// Storage S, compute type T (float for bf16/fp16, as on the CPU).
+// One stored element: widened to the compute type T (float for bf16/fp16, as on the CPU),
+// updated, rounded once. The per-step flags are read from `s`: a branch uniform over the launch.
+template <typename S, typename T>
+__device__ __forceinline__ void adam_stored(S& p, S g, S& m, S& v, S* vmax, T a, T c, const AdamScalars<T>& s) {
+  T pt = static_cast<T>(p), mt = static_cast<T>(m), vt = static_cast<T>(v), gt = static_cast<T>(g);
+  T mx = vmax != nullptr ? static_cast<T>(*vmax) : T(0);
+  T* mxp = vmax != nullptr ? &mx : nullptr;
+  const bool from_self = adam_lerp_from_self(s.w1);
+  if (s.maximize) {
+    from_self ? adam_element_fixed<T, true, true>(pt, gt, mt, vt, mxp, a, c, s)
+              : adam_element_fixed<T, true, false>(pt, gt, mt, vt, mxp, a, c, s);
+  } else {
+    from_self ? adam_element_fixed<T, false, true>(pt, gt, mt, vt, mxp, a, c, s)
+              : adam_element_fixed<T, false, false>(pt, gt, mt, vt, mxp, a, c, s);
+  }
+  p = static_cast<S>(pt);
+  m = static_cast<S>(mt);
+  v = static_cast<S>(vt);
+  if (vmax != nullptr) *vmax = static_cast<S>(mx);
+}
+
+// Storage S, compute type T.
 template <typename S, typename T>
 __device__ void adam_item(const int64_t* tab, int64_t start, int64_t len, const AdamArgs& args) {
   S* p = reinterpret_cast<S*>(tab[0]);
@@ -331,11 +352,8 @@ __device__ void adam_item(const int64_t* tab, int64_t start, int64_t len, const 
   S* vmax = reinterpret_cast<S*>(tab[4]);
   const float* steps = reinterpret_cast<const float*>(tab[5]);
   const int64_t dim = tab[6], rank = tab[7], cols = tab[8];
-  const AdamScalars<T> s{static_cast<T>(1.0 - args.lr * args.weight_decay), static_cast<T>(1.0 - args.beta1),
-                         static_cast<T>(args.beta2), static_cast<T>(1.0 - args.beta2), static_cast<T>(args.eps),
-                         args.maximize};
-  const T log_beta1 = static_cast<T>(log(args.beta1)), log_beta2 = static_cast<T>(log(args.beta2));
-  const T lr = static_cast<T>(args.lr);
+  const AdamScalars<T> s =
+      make_adam_scalars<T>(args.lr, args.beta1, args.beta2, args.eps, args.weight_decay, args.maximize);
   for (int64_t e = start + threadIdx.x; e < start + len; e += blockDim.x) {
     int64_t j, off;
     if (dim == 0) {
@@ -346,9 +364,8 @@ __device__ void adam_item(const int64_t* tab, int64_t start, int64_t len, const 
       j = e - row * rank;
       off = row * cols + j;
     }
-    const T t = static_cast<T>(steps[j] + 1.0f);
-    const T a = T(1) / sqrt(adam_bias_correction(t, log_beta2, args.beta2 == 0.0));
-    const T c = adam_bias_correction(t, log_beta1, args.beta1 == 0.0) / lr;
+    T a, c;
+    adam_slot_coefficients(static_cast<T>(steps[j] + 1.0f), s, a, c);
     adam_stored<S, T>(p[off], g[off], m[off], v[off], vmax != nullptr ? vmax + off : nullptr, a, c, s);
   }
 }

@@ -22,8 +22,8 @@ Pool parameters take one call of the compiled extension on the CPU (see
 ``_compiled_step_applies``) and otherwise the multi-tensor (``torch._foreach_*``) path, with the
 step counts on the parameter's device, so the update never reads a device value on the host.
 Both compute the same formulas in the same order, equal up to rounding (bf16/fp16 pools: the
-compiled update works in float32 and rounds once per element, the foreach path after every op). ``fused`` and
-``capturable`` apply to the other parameters; with a GradScaler the scaler unscales the gradients
+compiled update works in float32 and rounds once per element, the foreach path after every op).
+``fused`` and ``capturable`` apply to the other parameters; with a GradScaler the scaler unscales the gradients
 and skips inf steps itself, also for ``fused=True``. ``differentiable=True`` is not supported.
 """
 
