@@ -373,7 +373,9 @@ def main(argv=None) -> int:
           *target_lines, "```", ""]
     if failures:
         md += ["## Failed GPU tests", "", *[f"- {f}" for f in failures], ""]
-    (out / "verdict.md").write_text("\n".join(md))
+    tmp = out / "verdict.md.tmp"  # a call cut short leaves no verdict, never half of one
+    tmp.write_text("\n".join(md))
+    tmp.replace(out / "verdict.md")
     problems = output_problems(out)
     if problems:
         stage_lines.append(f"output folder breaks the device limits: {'; '.join(problems)}")
