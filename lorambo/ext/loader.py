@@ -6,6 +6,8 @@ Semantics (kept stable; tests/ext/test_ext_packaging.py checks them):
   None quietly. A missing extension is an expected configuration, not a problem to report.
 - *broken* (the file exists but does not import: ABI or torch-version mismatch, missing symbol,
   or its fake-impl module fails): ``load()`` returns None and warns **once** per process.
+- *stale* (it imports but lacks an operator this lorambo calls: an older build left in place,
+  e.g. after a rebuild failed): treated as broken, and the warning names the missing operators.
 - either way lorambo keeps working on Triton/PyTorch; only an explicit request for the ``ext``
   backend (:func:`require`) raises.
 
@@ -19,7 +21,13 @@ import importlib
 import warnings
 from types import ModuleType
 
+import torch
+
 _state: dict[str, object] = {}
+
+# Every operator csrc/ops.cpp defines (tests/ext/test_ext_stale.py keeps the two in step).
+OPERATORS = ("multi_dot", "multi_sq_norm", "probe_fill_", "pool_remap_", "pool_adamw_", "dropout_mask",
+             "lora_linear", "lora_linear_fwd", "lora_linear_bwd")
 
 
 def load() -> ModuleType | None:
@@ -28,6 +36,7 @@ def load() -> ModuleType | None:
         try:
             module = importlib.import_module("lorambo._C")
             importlib.import_module("lorambo.ext.fake")
+            _check_operators(module)
             _state["module"] = module
         except ModuleNotFoundError as err:
             _state["module"], _state["error"] = None, err
@@ -37,6 +46,13 @@ def load() -> ModuleType | None:
             _state["module"], _state["error"] = None, err
             warnings.warn(f"lorambo._C failed to import ({err}); using Triton/PyTorch", stacklevel=2)
     return _state["module"]  # type: ignore[return-value]
+
+
+def _check_operators(module: ModuleType) -> None:
+    missing = [name for name in OPERATORS if not hasattr(torch.ops.lorambo, name)]
+    if missing:
+        raise ImportError(f"{module.__file__} is stale: it lacks the operators {missing} (an older build "
+                          "left in place?); rebuild it with `pip install -e .` or `python setup.py build_ext --inplace`")
 
 
 def available() -> bool:
