@@ -28,7 +28,7 @@ def _pools(capacity, dtype):
     return params
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("provider", ["torch_adamw", "lorambo_adamw", "lorambo_adamw_foreach", "torch_adamw_dense"])
 def test_optimizer_step(benchmark, provider, dtype):
     torch.set_num_threads(1)

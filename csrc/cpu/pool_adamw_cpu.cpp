@@ -8,6 +8,8 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
+#include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "lorambo/adam_math.h"
@@ -78,6 +80,64 @@ LORAMBO_CLONES void adam_slot_columns(R* __restrict__ p, const R* __restrict__ g
   for (int64_t j = 0; j < n; ++j) adam_cpu<S, T, Max, Low, R>(p[j], g[j], m[j], v[j], nullptr, a[j], c[j], s);
 }
 
+// fp16 pools: GCC does not vectorise the bit-level conversions (cpu_simd.h), so runs of at most
+// kStage elements are widened into float buffers, updated by the float loops and rounded back
+// once, with F16C where the CPU has it. Bitwise the same as computing on the elements directly.
+constexpr int64_t kStage = 512;
+
+struct HalfStage {
+  float p[kStage], g[kStage], m[kStage], v[kStage], vmax[kStage];
+
+  void load(const c10::Half* p_, const c10::Half* g_, const c10::Half* m_, const c10::Half* v_,
+            const c10::Half* vmax_, int64_t n) {
+    half_to_float(p_, p, n);
+    half_to_float(g_, g, n);
+    half_to_float(m_, m, n);
+    half_to_float(v_, v, n);
+    if (vmax_ != nullptr) half_to_float(vmax_, vmax, n);
+  }
+  void store(c10::Half* p_, c10::Half* m_, c10::Half* v_, c10::Half* vmax_, int64_t n) const {
+    float_to_half(p, p_, n);
+    float_to_half(m, m_, n);
+    float_to_half(v, v_, n);
+    if (vmax_ != nullptr) float_to_half(vmax, vmax_, n);
+  }
+};
+
+template <bool Max, bool Low>
+void update_active_half(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+                        const at::Tensor& exp_avg_sq, const at::Tensor* max_sq, int64_t dim, int64_t rank,
+                        const std::vector<float>& a, const std::vector<float>& c, const AdamScalars<float>& s) {
+  c10::Half* p = param.data_ptr<c10::Half>();
+  const c10::Half* g = grad.data_ptr<c10::Half>();
+  c10::Half* m = exp_avg.data_ptr<c10::Half>();
+  c10::Half* v = exp_avg_sq.data_ptr<c10::Half>();
+  c10::Half* vmax = max_sq != nullptr ? max_sq->data_ptr<c10::Half>() : nullptr;
+  HalfStage stage;  // 10 KiB on the stack of whichever thread runs this pool
+  float* sv = vmax != nullptr ? stage.vmax : nullptr;
+  const int64_t rows = param.size(0), cols = param.size(1);
+  // n elements from offset o of one row: all of slot `slot` (one_slot), or slots slot.. slot+n-1.
+  auto run = [&](int64_t o, int64_t n, int64_t slot, bool one_slot) {
+    stage.load(p + o, g + o, m + o, v + o, vmax ? vmax + o : nullptr, n);
+    if (one_slot) {
+      adam_slot_row<float, float, Max, Low, float>(stage.p, stage.g, stage.m, stage.v, sv, n, a[slot], c[slot], s);
+    } else {
+      adam_slot_columns<float, float, Max, Low, float>(stage.p, stage.g, stage.m, stage.v, sv, n, a.data() + slot,
+                                                       c.data() + slot, s);
+    }
+    stage.store(p + o, m + o, v + o, vmax ? vmax + o : nullptr, n);
+  };
+  if (dim == 0) {  // slot j = row j, contiguous
+    for (int64_t j = 0; j < rank; ++j) {
+      for (int64_t k = 0; k < cols; k += kStage) run(j * cols + k, std::min(kStage, cols - k), j, true);
+    }
+  } else {  // slot j = column j: the first `rank` entries of every row
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t k = 0; k < rank; k += kStage) run(r * cols + k, std::min(kStage, rank - k), k, false);
+    }
+  }
+}
+
 template <typename S, typename T, bool Max, bool Low>
 void update_active(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
                    const at::Tensor& exp_avg_sq, const at::Tensor* max_sq, int64_t dim, int64_t rank,
@@ -114,7 +174,15 @@ void update_pool(const at::Tensor& param, const at::Tensor& grad, const at::Tens
     adam_slot_coefficients(static_cast<T>(steps[j]), s, a[j], c[j]);
   }
   const bool from_self = adam_lerp_from_self(s.w1);
-  if (s.maximize) {
+  if constexpr (std::is_same_v<S, c10::Half>) {
+    if (s.maximize) {
+      (from_self ? update_active_half<true, true> : update_active_half<true, false>)(
+          param, grad, exp_avg, exp_avg_sq, max_sq, dim, rank, a, c, s);
+    } else {
+      (from_self ? update_active_half<false, true> : update_active_half<false, false>)(
+          param, grad, exp_avg, exp_avg_sq, max_sq, dim, rank, a, c, s);
+    }
+  } else if (s.maximize) {
     (from_self ? update_active<S, T, true, true> : update_active<S, T, true, false>)(
         param, grad, exp_avg, exp_avg_sq, max_sq, dim, rank, a, c, s);
   } else {

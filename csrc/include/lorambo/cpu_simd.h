@@ -77,6 +77,30 @@ inline void half_to_float(const c10::Half* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = widen(src[i]);
 }
 
+// float32 -> float16 for a run of values, rounding to nearest even like c10::Half: F16C when
+// the CPU has it (a NaN keeps its sign and top payload bits there; c10 writes 0x7E00).
+#if defined(LORAMBO_X86_DISPATCH)
+__attribute__((target("avx,f16c"))) static void float_to_half_f16c(const float* src, c10::Half* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  for (; i < n; ++i) dst[i] = c10::Half(src[i]);
+}
+#endif
+
+inline void float_to_half(const float* src, c10::Half* dst, int64_t n) {
+#if defined(LORAMBO_X86_DISPATCH)
+  static const bool f16c = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
+  if (f16c) {
+    float_to_half_f16c(src, dst, n);
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = c10::Half(src[i]);
+}
+
 namespace philox {
 
 // Words of `count` consecutive groups g0, g0+1, ...: out[4 i + e] = word e of group g0 + i.
