@@ -35,6 +35,7 @@ from lorambo.adapters.peft_export import export_peft as _export_peft
 from lorambo.distributed import is_main_process
 from lorambo.model import lora_layers
 from lorambo.model import unload as _unload
+from lorambo.model.configure import check_mergeable
 from lorambo.model.modules_to_save import modules_to_save
 from lorambo.nn import keep_components_many
 from lorambo.nn.slots import pool_slots, tag_pool_parameter
@@ -181,7 +182,10 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
 def unloaded_state_dict(model: nn.Module, merge: bool = True) -> dict[str, torch.Tensor]:
     """The full (unsharded) state dict of the plain model :func:`lorambo.unload` would give, with
     the adapters merged into the base weights when ``merge``; on every process, the sharded model
-    untouched. Load it into a fresh copy of the base model."""
+    untouched. Load it into a fresh copy of the base model. Refused, like :func:`lorambo.unload`,
+    when a merge would go into a weight the model also uses elsewhere (tied weights)."""
+    if merge:
+        check_mergeable(model, lora_layers(model), caller="unloaded_state_dict")
     reshard(model)
     state = {k: _full_tensor(v) for k, v in model.state_dict().items()}
     out = dict(state)

@@ -155,15 +155,18 @@ def weight_sharers(model: nn.Module, layers: Mapping[str, LoRAMBoLinear]) -> dic
             for name, layer in layers.items()}
 
 
-def _check_mergeable(model: nn.Module, layers: Mapping[str, LoRAMBoLinear]) -> None:
+def check_mergeable(model: nn.Module, layers: Mapping[str, LoRAMBoLinear], caller: str = "unload") -> None:
+    """Raise before anything changes if merging an unmerged one of ``layers`` would be lost (a
+    parametrized weight) or would change other weights too (tied weights); ``caller`` names the
+    function in the error."""
     for layer in layers.values():
         if not layer.merged:
             layer.check_mergeable()
     for name, shared in weight_sharers(model, layers).items():
         if shared and not layers[name].merged:
-            raise ValueError(f"unload(merge=True): the base weight of {name!r} is tied to {shared}: merging its "
+            raise ValueError(f"{caller}(merge=True): the base weight of {name!r} is tied to {shared}: merging its "
                              "adapter would change them too. Untie it first (give the layer a weight of its own) "
-                             "or unload(merge=False); nothing was changed")
+                             f"or {caller}(merge=False); nothing was changed")
 
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
@@ -171,7 +174,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     ``merge``), restore the trainability configure_model took away, and return the model.
     A merge into a weight the model also uses elsewhere (tied weights) is refused up front."""
     if merge:
-        _check_mergeable(model, lora_layers(model))
+        check_mergeable(model, lora_layers(model))
     for name, layer in lora_layers(model).items():
         if merge and not layer.merged:
             layer.merge(exact=False)

@@ -8,6 +8,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import lorambo
+from lorambo.integrations import fsdp
 
 
 def _tied_gpt2():
@@ -47,3 +48,23 @@ def test_untied_it_merges_and_unload_without_merge_works():
         embedding = other.transformer.wte.weight.detach().clone()
         lorambo.unload(other, merge=False)
         assert torch.equal(other.transformer.wte.weight, embedding) and other.lm_head.weight is other.transformer.wte.weight
+
+
+def test_the_unloaded_state_dict_of_a_tied_weight_is_refused_too():
+    """fsdp.unloaded_state_dict (plain models too) merged into head.weight only, so the state
+    dict held two different values for the one tied weight."""
+    model = _tied_gpt2()
+    with pytest.raises(ValueError, match=r"unloaded_state_dict\(merge=True\): the base weight of 'lm_head' is tied"):
+        fsdp.unloaded_state_dict(model)
+    state = fsdp.unloaded_state_dict(model, merge=False)
+    assert torch.equal(state["lm_head.weight"], state["transformer.wte.weight"])
+    head = lorambo.lora_layers(model)["lm_head"].base_layer
+    with torch.no_grad():
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)  # untie
+        ids = torch.randint(0, 64, (2, 7))
+        want = model(input_ids=ids).logits
+        fresh = GPT2LMHeadModel(model.config).eval()
+        fresh.config.tie_word_embeddings = False
+        fresh.lm_head.weight = nn.Parameter(fresh.lm_head.weight.detach().clone())
+        fresh.load_state_dict(fsdp.unloaded_state_dict(model))
+        torch.testing.assert_close(fresh(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
