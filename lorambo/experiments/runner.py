@@ -83,7 +83,8 @@ def weights_source() -> dict:
     return {"source": "bundle", "sha256": entry.get("sha256")}
 
 
-def _check_options(workers, time_limit) -> None:
+def _check_options(cfg: ExperimentConfig, workers, time_limit) -> None:
+    resolve_device(cfg.device)  # an unusable device fails here, before the journal is started
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a whole number >= 1, got {workers!r}")
     if time_limit is not None and not 0 < time_limit < float("inf"):
@@ -100,7 +101,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir=None, progress: bool | None = 
     started, cpu_started = time.perf_counter(), time.process_time()
     load_start = demo_report.load_average()
     workers = cfg.workers if workers is None else workers
-    _check_options(workers, time_limit)
+    _check_options(cfg, workers, time_limit)
     out_dir = check_out_dir(out_dir if out_dir is not None else default_out_dir())
     torch.set_num_threads(cfg.threads)
     jr, records, torn = journal.open_journal(out_dir, resume, journal.header(cfg, weights_source()))

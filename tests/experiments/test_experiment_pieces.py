@@ -134,3 +134,13 @@ def test_two_workers_record_what_one_worker_records(reference, tmp_path):
     records = _unit_records(tmp_path / "runs.jsonl")
     assert {r["session"] for r in records} == {0}
     assert result["cpu_seconds"] >= sum(r["cpu"] for r in records) > 0  # the workers' CPU time counts
+
+
+def test_an_unusable_device_fails_before_anything_is_written(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="device 'cuda' requested but torch sees no CUDA device"):
+        run_experiment(CFG.replace(device="cuda"), out_dir=out, progress=False, echo=lambda *a: None)
+    assert not out.exists() or not any(out.iterdir())
