@@ -55,10 +55,6 @@ def _backward(grad_y, x, weight, lora_A, lora_B, t, rank, scaling, p, seed, need
         grad_w = grad_y.t() @ x  # (N, K)
     if need_b:
         grad_b = grad_y.sum(0)
-    if need_a:
-        grad_a = torch.zeros_like(lora_A)
-    if need_bb:
-        grad_bb = torch.zeros_like(lora_B)
     if rank > 0 and (need_x or need_a or need_bb):
         a_r, b_r = lora_A[:rank], lora_B[:, :rank]
         mask = dropout_mask(x, p, seed) if p > 0.0 and (need_x or need_a) else None  # regenerated
@@ -69,11 +65,18 @@ def _backward(grad_y, x, weight, lora_A, lora_B, t, rank, scaling, p, seed, need
             if mask is not None:
                 grad_lora_x *= mask
             grad_x += grad_lora_x
+        # The pool gradients are padded out of place, not written into zeros: under vmap
+        # (batched Hessian-vector products, is_grads_batched=True) grad_y is batched and a
+        # batched value cannot be copied into an unbatched buffer.
         if need_a:
             x_drop = x if mask is None else x * mask
-            grad_a[:rank] = (t_prime.t() @ x_drop) * scaling  # (r, K)
+            grad_a = F.pad((t_prime.t() @ x_drop) * scaling, (0, 0, 0, lora_A.shape[0] - rank))  # (cap, K)
         if need_bb:
-            grad_bb[:, :rank] = (grad_y.t() @ t) * scaling  # (N, r)
+            grad_bb = F.pad((grad_y.t() @ t) * scaling, (0, lora_B.shape[1] - rank))  # (N, cap)
+    if need_a and grad_a is None:
+        grad_a = torch.zeros_like(lora_A)
+    if need_bb and grad_bb is None:
+        grad_bb = torch.zeros_like(lora_B)
     return grad_x, grad_w, grad_b, grad_a, grad_bb
 
 
