@@ -268,6 +268,13 @@ class LoRAMBoLinear(nn.Module):
         if self.merged:
             return self.base_layer(x)
         weight, bias, lora_a, lora_b = self.weight, self.bias, self.lora_A, self.lora_B
+        # The ops do not see a device mix reliably: with a meta operand they dispatch to the
+        # fake implementations and return uninitialised memory; otherwise the error names no layer.
+        if not (x.device == weight.device == lora_a.device == lora_b.device
+                and (bias is None or bias.device == x.device)):
+            raise ValueError(f"{self._label}: input is on {x.device} but the base weight is on {weight.device}"
+                             f"{'' if bias is None else f', its bias on {bias.device}'} and the LoRA pools on "
+                             f"{lora_a.device} / {lora_b.device}; move the input or the layer to one device")
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)

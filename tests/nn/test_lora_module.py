@@ -225,6 +225,25 @@ def test_bad_input_shape_and_dtype():
         layer(torch.randn(2, 8, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("on_meta", ["input", "weight", "bias", "lora_A", "lora_B"])
+def test_input_and_layer_on_different_devices_are_refused_clearly(backend, on_meta):
+    """A device mix used to reach the ops, which with a meta operand (pools left on meta after a
+    partial meta-device load) dispatch to their fake implementations and return uninitialised
+    memory as the output; with an input on the wrong device the error named no layer."""
+    layer = LoRAMBoLinear(nn.Linear(8, 4), rank=2, name="enc.fc")
+    x = torch.randn(3, 8)
+    if on_meta == "input":
+        x = x.to("meta")
+    elif on_meta in ("weight", "bias"):
+        module, name = layer.base_layer, on_meta
+        setattr(module, name, nn.Parameter(getattr(module, name).detach().to("meta"), requires_grad=False))
+    else:
+        setattr(layer, on_meta, nn.Parameter(getattr(layer, on_meta).detach().to("meta")))
+    with pytest.raises(ValueError, match=r"'enc\.fc': input is on") as err:
+        layer(x)
+    assert "meta" in str(err.value) and "cpu" in str(err.value)
+
+
 def test_growth_with_a_seeded_generator_is_reproducible():
     a = LoRAMBoLinear(nn.Linear(8, 8), rank=1, capacity=4)
     b = LoRAMBoLinear(nn.Linear(8, 8), rank=1, capacity=4)
