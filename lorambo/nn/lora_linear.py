@@ -14,6 +14,7 @@ docs/architecture.md.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections.abc import Sequence
@@ -276,7 +277,9 @@ class LoRAMBoLinear(nn.Module):
                              f"{'' if bias is None else f', its bias on {bias.device}'} and the LoRA pools on "
                              f"{lora_a.device} / {lora_b.device}; move the input or the layer to one device")
         device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
+        # meta tensors (shape inference, memory estimates) have no autocast state to ask about
+        autocast = torch.amp.is_autocast_available(device_type)
+        if autocast and torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
             x, weight, lora_a, lora_b = (t.to(dtype) for t in (x, weight, lora_a, lora_b))
             bias = None if bias is None else bias.to(dtype)
@@ -285,7 +288,7 @@ class LoRAMBoLinear(nn.Module):
                             f"{weight.dtype} / LoRA dtype {lora_a.dtype} (outside autocast)")
         p = self.dropout if self.training else 0.0
         rank = dynamic_int_attribute(self, "_rank")  # symbolic under torch.compile: no graph per rank
-        with torch.autocast(device_type, enabled=False):
+        with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
             return lora_linear(x, weight, bias, lora_a, lora_b, rank, self.scaling, p)
 
     @torch.no_grad()

@@ -27,8 +27,10 @@ from lorambo.ops.custom_op import define_lora_op
 
 def dropout_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """Inverted-dropout multiplier for ``x`` (0 or 1/(1-p)), a pure function of (seed, shape)."""
-    gen = torch.Generator(device=x.device)
-    gen.manual_seed(int(seed))
+    gen = None
+    if x.device.type != "meta":  # meta tensors carry no values and have no generator
+        gen = torch.Generator(device=x.device)
+        gen.manual_seed(int(seed))
     keep = torch.rand(x.shape, generator=gen, device=x.device) >= p
     return keep.to(x.dtype) / (1.0 - p)
 

@@ -53,3 +53,22 @@ def test_reset_parameters_takes_a_generator_and_refuses_a_merged_layer():
     layer.merge()
     with pytest.raises(RuntimeError, match="unmerge"):
         layer.reset_parameters()
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_forward_and_backward_on_meta_give_the_shapes_of_the_base_model(backend, train):
+    """Meta tensors (shape inference, memory estimates before to_empty) go through a model of
+    LoRAMBoLinear layers as through its plain Linears. The forward used to ask for the meta
+    device's autocast state (which torch refuses) and dropout for a meta generator."""
+    with torch.device("meta"):
+        net = nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 8))
+        plain = nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 8))
+    lorambo.configure_model(net, {"0": 2, "2": 3}, capacity=4, dropout=0.1)
+    net.train(train)
+    x = torch.randn(2, 5, 16, device="meta", requires_grad=True)
+    y = net(x)
+    assert y.device.type == "meta" and y.shape == plain(x).shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    for layer in lorambo.lora_layers(net).values():
+        assert layer.lora_A.grad.shape == layer.lora_A.shape and layer.lora_B.grad.shape == layer.lora_B.shape
