@@ -91,6 +91,12 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, rank, scaling, dropou
     ``dropout_p > 0`` needs a ``seed``: an int, or a 0-d int64 CPU tensor (what torch.compile
     carries as a graph value); the same seed gives the same mask.
     """
+    # The slicing below would not notice a bad rank: A[:-1] drops the last slot, A[:cap + 1]
+    # clips; p = 1 divides by zero. The other backends' ops refuse both too.
+    if not 0 <= rank <= lora_A.shape[0]:
+        raise ValueError(f"lora_linear_reference: rank {rank} outside [0, capacity = {lora_A.shape[0]}]")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"lora_linear_reference: dropout_p {dropout_p!r} must be in [0, 1)")
     if dropout_p > 0.0 and seed is None:
         raise ValueError("lora_linear_reference: dropout_p > 0 needs an integer seed")
     lead, k = x.shape[:-1], x.shape[-1]

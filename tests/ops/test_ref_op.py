@@ -84,6 +84,18 @@ def test_dropout_without_seed_is_rejected():
         lora_linear_reference(x, w, bvec, a, b, 2, 1.0, dropout_p=0.1)
 
 
+@pytest.mark.parametrize("rank, p, match", [
+    (-1, 0.0, r"rank -1 outside \[0, capacity = 3\]"), (4, 0.0, r"rank 4 outside \[0, capacity = 3\]"),
+    (2, 1.0, r"dropout_p 1.0 must be in \[0, 1\)"), (2, -0.1, r"dropout_p -0.1 must be in \[0, 1\)"),
+])
+def test_bad_rank_or_dropout_is_refused(rank, p, match):
+    """What the extension's and the Triton op refuse. The reference computed on: rank -1 sliced
+    A[:-1] (every slot but the last), rank > capacity clipped, p = 1 gave NaN, p < 0 no dropout."""
+    x, w, bvec, a, b = make(4, 5, 6, 3)
+    with pytest.raises(ValueError, match=match):
+        lora_linear_reference(x, w, bvec, a, b, rank, 1.0, dropout_p=p, seed=3)
+
+
 def test_frozen_weight_gets_no_gradient_work():
     x, w, bvec, a, b = make(5, 6, 4, 3)
     w.requires_grad_(False)
