@@ -122,3 +122,25 @@ def test_frozen_record_is_what_unload_reenables(mlp):
     assert not any(p.requires_grad for p in got) and all(p.requires_grad for p in mlp.lm_head.parameters())
     unload(mlp)
     assert frozen_by_lorambo(mlp) == [] and all(p.requires_grad for p in mlp.parameters())
+
+
+@pytest.mark.parametrize("rebuild", ["to_empty", "assign"])
+def test_unload_reenables_parameters_put_in_after_configure(mlp, rebuild):
+    """to_empty (meta-device construction) and load_state_dict(assign=True) give the modules new
+    Parameter objects; the record of what lorambo froze must follow them, so that unload makes
+    the base model trainable again."""
+    from lorambo.model import frozen_by_lorambo
+
+    if rebuild == "to_empty":
+        with torch.device("meta"):
+            model = type(mlp)()
+        configure_model(model, 2, modules_to_save=["lm_head"])
+        model.to_empty(device="cpu")
+    else:
+        model = configure_model(mlp, 2, modules_to_save=["lm_head"])
+        model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    head = {id(p) for p in model.lm_head.parameters()}
+    want = {id(p) for n, p in model.named_parameters() if not n.endswith((".lora_A", ".lora_B")) and id(p) not in head}
+    assert {id(p) for p in frozen_by_lorambo(model)} == want
+    unload(model, merge=False)
+    assert [n for n, p in model.named_parameters() if not p.requires_grad] == []
