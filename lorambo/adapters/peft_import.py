@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -84,6 +86,46 @@ def check_peft_config(config: Mapping, where: str) -> None:
     if bad:
         raise ValueError(f"{where}: unsupported peft LoRA feature(s) {', '.join(bad)}; lorambo "
                          "imports LoRA on Linear/Conv1D layers without DoRA or biases")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_finite(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# what import_peft reads from adapter_config.json: field -> (check, what a valid value is); the
+# layers are built from these values directly, so a bad one (a NaN alpha, a dropout of 2) would
+# reach the forward pass
+_VALUES = {
+    "r": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    "lora_alpha": (_is_finite, "a finite number"),
+    "lora_dropout": (lambda v: v is None or (_is_finite(v) and 0.0 <= v < 1.0), "a number in [0, 1)"),
+    "use_rslora": (lambda v: v is None or isinstance(v, bool), "true or false"),
+}
+
+
+def _check_values(config: Mapping, where: str) -> None:
+    """Raise AdapterFormatError naming the first field of adapter_config.json whose value
+    import_peft cannot use (wrong type, out of range, not finite)."""
+    for key, (ok, expected) in _VALUES.items():
+        if key in config and not ok(config[key]):
+            raise AdapterFormatError(f"{where}: {key} is {config[key]!r}, expected {expected}")
+    for key, (ok, expected) in (("rank_pattern", _VALUES["r"]), ("alpha_pattern", _VALUES["lora_alpha"])):
+        pattern = config.get(key)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, Mapping):
+            raise AdapterFormatError(f"{where}: {key} is {pattern!r}, expected a {{pattern: value}} object")
+        for name, value in pattern.items():
+            try:
+                re.compile(name)
+            except (re.error, TypeError) as err:
+                raise AdapterFormatError(f"{where}: {key} key {name!r} is not a valid pattern: {err}") from None
+            if not ok(value):
+                raise AdapterFormatError(f"{where}: {key}[{name!r}] is {value!r}, expected {expected}")
 
 
 class _LayerSpec:
@@ -241,7 +283,10 @@ def import_peft(model: nn.Module, path: str | os.PathLike, capacity: int | Mappi
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterFormatError(f"{config_file} is not valid JSON: {err}") from err
     where = f"peft adapter {folder}"
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{config_file} must hold a JSON object {{...}}, got {type(config).__name__}")
     check_peft_config(config, where)
+    _check_values(config, where)
     _check_base_kept(config, where)
     lora, other = _split_tensors(_read_weights(folder), where)
     r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)

@@ -154,6 +154,39 @@ def test_unsupported_config_named_and_model_untouched(tmp_path, changes, named):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("changes,named", [
+    ({"lora_alpha": float("nan")}, "lora_alpha is nan"),
+    ({"lora_alpha": "8"}, "lora_alpha is '8'"),
+    ({"lora_dropout": 1.5}, "lora_dropout is 1.5"),
+    ({"lora_dropout": -0.1}, "lora_dropout is -0.1"),
+    ({"r": "4"}, "r is '4'"),
+    ({"use_rslora": "false"}, "use_rslora is 'false'"),
+    ({"rank_pattern": ["query"]}, "rank_pattern is"),
+    ({"rank_pattern": {"query": 2.5}}, r"rank_pattern\['query'\] is 2.5"),
+    ({"alpha_pattern": {"output.dense": float("inf")}}, r"alpha_pattern\['output.dense'\] is inf"),
+])
+def test_bad_config_values_named_and_model_untouched(tmp_path, changes, named):
+    """The layers are built from these values: a NaN alpha gave NaN outputs and a dropout of 1.5
+    failed only in a later training forward; each is refused naming the field."""
+    peft_model = get_peft_model(_bert(), LoraConfig(**BERT_CONFIG))
+    peft_model.save_pretrained(tmp_path)
+    _edit_config(tmp_path, **changes)
+    model = _bert()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(lorambo.AdapterFormatError, match=named):
+        import_peft(model, tmp_path)
+    assert not lora_layers(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_config_that_is_not_an_object(tmp_path):
+    peft_model = get_peft_model(_bert(), LoraConfig(**BERT_CONFIG))
+    peft_model.save_pretrained(tmp_path)
+    (tmp_path / "adapter_config.json").write_text("[1, 2]")
+    with pytest.raises(lorambo.AdapterFormatError, match="adapter_config.json must hold a JSON object"):
+        import_peft(_bert(), tmp_path)
+
+
 def test_embedding_target_refused(tmp_path):
     peft_model = get_peft_model(_bert(), LoraConfig(r=2, target_modules=["word_embeddings", "query"]))
     peft_model.save_pretrained(tmp_path)
