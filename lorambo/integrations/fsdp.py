@@ -193,7 +193,9 @@ def unloaded_state_dict(model: nn.Module, merge: bool = True) -> dict[str, torch
         for key in (f"{name}.lora_A", f"{name}.lora_B", f"{name}._extra_state"):
             out.pop(key, None)
         weight_key = f"{name}.base_layer.weight"
-        if merge and not layer.merged:
+        if merge and layer.merged:  # the live weight (a merged layer's state_dict may hold it unmerged)
+            out[weight_key] = _full_tensor(layer.base_layer.weight.detach()).clone()
+        elif merge:
             r = layer.rank
             a, b = state[f"{name}.lora_A"][:r].double(), state[f"{name}.lora_B"][:, :r].double()
             delta = (b @ a) * layer.scaling  # (out, in), as LoRAMBoLinear.merge computes it

@@ -46,6 +46,17 @@ def default_capacity(rank: int, in_features: int, out_features: int, growth_fact
     return max(1, min(room, in_features, out_features))
 
 
+@torch.no_grad()
+def _unmerged_base_weight(module: "LoRAMBoLinear", state_dict, prefix: str, local_metadata) -> None:
+    """state_dict post-hook: a merged layer stores its base weight unmerged. The pools hold the
+    adapter too, and the extra state says nothing about merging, so a merged weight would be
+    loaded as the base weight of an unmerged layer and the adapter counted twice. A sharded
+    (FSDP2) weight is left as it is: its state_dict is taken shard by shard."""
+    key = f"{prefix}base_layer.weight"
+    if module.merged and key in state_dict and not is_sharded(module.base_layer.weight):
+        state_dict[key] = module._unmerged_weight()
+
+
 class LoRAMBoLinear(nn.Module):
     """Drop-in replacement for a frozen ``nn.Linear`` / transformers ``Conv1D`` with LoRA.
 
@@ -101,6 +112,7 @@ class LoRAMBoLinear(nn.Module):
         self.merged = False
         self._weight_before_merge: torch.Tensor | None = None
         self.set_rank(rank)
+        self.register_state_dict_post_hook(_unmerged_base_weight)
 
     def _tag_pools(self) -> None:
         # The optimizer-facing view of the active rank (see lorambo.nn.slots).
@@ -359,6 +371,13 @@ class LoRAMBoLinear(nn.Module):
             base_w.copy_((base_w.double() - self._delta_as_base_layout()).to(base_w.dtype))
         self._weight_before_merge = None
         self.merged = False
+
+    def _unmerged_weight(self) -> torch.Tensor:
+        """The base weight :meth:`unmerge` would restore (the kept copy, else weight - delta)."""
+        base_w = self.base_layer.weight.detach()
+        if self._weight_before_merge is not None:  # kept at merge time: a later .to() did not move it
+            return self._weight_before_merge.to(device=base_w.device, dtype=base_w.dtype)
+        return (base_w.double() - self._delta_as_base_layout()).to(base_w.dtype)
 
     def _delta_as_base_layout(self) -> torch.Tensor:
         r = self._rank

@@ -1,0 +1,70 @@
+"""The state_dict of a merged layer loads as the same function into an unmerged one."""
+
+import pytest
+import torch
+from torch import nn
+
+import lorambo
+
+transformers = pytest.importorskip("transformers")
+
+
+def _model(kind):
+    torch.manual_seed(0)
+    first = nn.Linear(12, 20) if kind == "linear" else transformers.pytorch_utils.Conv1D(20, 12)
+    return nn.Sequential(first, nn.Tanh(), nn.Linear(20, 6)).double()
+
+
+def _reference(model, x):
+    """x through the (unmerged) adapted model in float64 with plain torch: W x + b + s B_r A_r x."""
+    for module in model:
+        if isinstance(module, lorambo.LoRAMBoLinear):
+            r = module.rank
+            x = (x @ module.weight.T + module.bias
+                 + module.scaling * (x @ module.lora_A[:r].T) @ module.lora_B[:, :r].T)
+        else:
+            x = module(x)
+    return x
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("exact", [True, False])
+def test_merged_state_dict_loads_into_an_unmerged_model(kind, exact):
+    g = torch.Generator().manual_seed(1)
+    model = lorambo.configure_model(_model(kind), {"0": 3, "2": 2}, alpha=5.0)
+    with torch.no_grad():
+        for layer in lorambo.lora_layers(model).values():
+            layer.lora_B[:, :layer.rank].copy_(torch.randn(layer.out_features, layer.rank, generator=g,
+                                                           dtype=torch.float64))
+    x = torch.randn(4, 12, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        expected = _reference(model, x)
+        for layer in lorambo.lora_layers(model).values():
+            layer.merge(exact=exact)
+        state = model.state_dict()
+        fresh = lorambo.configure_model(_model(kind), {"0": 3, "2": 2}, alpha=5.0)  # same scalings
+        for layer in lorambo.lora_layers(fresh).values():
+            layer.set_rank(1)  # the ranks come from the state_dict
+        fresh.load_state_dict(state)
+        torch.testing.assert_close(fresh(x), expected, rtol=0, atol=1e-12)
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-12)  # the merged model is unchanged
+        assert all(layer.merged for layer in lorambo.lora_layers(model).values())
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_unloaded_state_dict_of_a_merged_model_holds_the_merged_weights(exact):
+    from lorambo.integrations import fsdp
+
+    g = torch.Generator().manual_seed(2)
+    model = lorambo.configure_model(_model("linear"), 3)
+    with torch.no_grad():
+        for layer in lorambo.lora_layers(model).values():
+            layer.lora_B[:, :layer.rank].copy_(torch.randn(layer.out_features, layer.rank, generator=g,
+                                                           dtype=torch.float64))
+    x = torch.randn(4, 12, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        expected = _reference(model, x)
+        fsdp.merge(model, exact=exact)
+        plain = _model("linear")
+        plain.load_state_dict(fsdp.unloaded_state_dict(model))
+        torch.testing.assert_close(plain(x), expected, rtol=0, atol=1e-12)
