@@ -333,11 +333,10 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None,
     model = peft_model.get_base_model()
     specs, wrapped, heads = {}, {}, {}
     for name, module in model.named_modules():
-        if isinstance(module, ModulesToSaveWrapper):
-            if adapter_name in module.modules_to_save:
-                heads[name] = module.modules_to_save[adapter_name]
-            else:
-                heads[name] = module.original_module
+        if isinstance(module, ModulesToSaveWrapper):  # (trained copy, original module)
+            original = module.original_module
+            heads[name] = (module.modules_to_save[adapter_name] if adapter_name in module.modules_to_save
+                           else original, original)
             continue
         if not isinstance(module, LoraLayer) or not any(
                 adapter_name in getattr(module, attr, {}) for attr in module.adapter_layer_names):
@@ -367,10 +366,13 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None,
             raise ValueError(f"{where}: capacity {cap} of {name!r} must be in [rank "
                              f"{specs[name].a.shape[0]}, min(in, out) = {min(d_in, d_out)}]")
     # peft's wrappers out, plain modules back in; then the common import path
-    for name, base in {**wrapped, **heads}.items():
+    # the original module goes back in, so that configure_model records its state as the
+    # original (disable_adapter runs it); _install then loads the trained state into it
+    originals = {n: original for n, (_, original) in heads.items()}
+    for name, base in {**wrapped, **originals}.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, base)
-    saved = {n: {k: v.detach().clone() for k, v in h.state_dict().items()} for n, h in heads.items()}
+    saved = {n: {k: v.detach().clone() for k, v in trained.state_dict().items()} for n, (trained, _) in heads.items()}
     for p in model.parameters():
         p.requires_grad_(True)  # peft froze the base; configure_model freezes it again and records it
     return _install(model, specs, capacity, saved, list(heads), where)

@@ -127,6 +127,9 @@ def test_from_peft_converts_wrapped_model():
     assert modules_to_save(model) == ["classifier"]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n in dict(model.named_parameters()) if ".lora_" in n or n.startswith("classifier.")}
+    # disable_adapter runs the base model: the classifier as it was before training, not peft's trained copy
+    with lorambo.disable_adapter(model):
+        torch.testing.assert_close(_logits(model, ids), _logits(_bert(), ids), rtol=0, atol=0)
 
 
 def _edit_config(folder, **changes):
