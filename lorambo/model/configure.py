@@ -12,7 +12,7 @@ from torch import nn
 from lorambo.model.fast_paths import sync_fast_paths
 from lorambo.model.frozen import forget_frozen, record_frozen
 from lorambo.model.modules_to_save import (check_not_targets, forget_modules_to_save, keep_trainable,
-                                           resolve_modules_to_save)
+                                           modules_to_save as recorded_modules_to_save, resolve_modules_to_save)
 from lorambo.model.patterns import check_alpha_pattern, pattern_value
 from lorambo.model.targeting import check_named_targets, find_targets
 from lorambo.nn import LoRAMBoLinear
@@ -52,7 +52,7 @@ def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_mod
     """
     saved = resolve_modules_to_save(model, modules_to_save)
     names = _resolve_targets(model, ranks, target_modules)
-    check_not_targets(saved, names)
+    check_not_targets(list(dict.fromkeys(recorded_modules_to_save(model) + saved)), names)  # earlier calls' too
     check_alpha_pattern(alpha_pattern, names)
     plan = _plan(model, names, ranks, capacity, alpha, dropout, use_rslora, alpha_pattern)
     _apply(model, plan)

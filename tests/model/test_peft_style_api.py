@@ -73,6 +73,18 @@ def test_modules_to_save_errors_leave_model_untouched():
     assert not lora_layers(model) and all(p.requires_grad for p in model.parameters())
 
 
+def test_a_module_to_save_from_an_earlier_call_is_not_made_a_lora_target(tmp_path):
+    """It was wrapped (base weight trainable, pools stored twice) and save_adapter then failed
+    inside safetensors on tensors that share memory."""
+    model = configure_model(_bert(), RANKS, modules_to_save=["classifier"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="'classifier' is both in modules_to_save and a LoRA target"):
+        configure_model(model, 2, target_modules=["query", "classifier"])
+    assert list(lora_layers(model)) == list(RANKS) and modules_to_save(model) == ["classifier"]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    save_adapter(model, tmp_path)
+
+
 def test_alpha_pattern_matches_peft():
     names = ["query", "value", "intermediate.dense"]
     pattern = {"layer.1.attention.self.value": 12.0, "value": 3.0, "intermediate.dense": 20}
