@@ -17,7 +17,7 @@ from torch import nn
 from lorambo.adapters import extra_modules
 from lorambo.adapters.atomic import atomic_write
 from lorambo.adapters.format import (FORMAT, LAYER_FIELDS, VERSION, AdapterFormatError, build_header,
-                                     read_adapter_file)
+                                     own_storages, read_adapter_file)
 from lorambo.model import configure_model, lora_layers, unload
 from lorambo.model.targeting import check_named_targets
 from lorambo.nn.base_layers import base_kind, features
@@ -50,6 +50,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         tensors[f"{name}.lora_B"] = layer.lora_B[:, :r].detach().cpu().contiguous()  # (out, r)
         meta[name] = {field: getattr(layer, field) for field in LAYER_FIELDS}
     extra_modules.add_modules_to_save(model, tensors)
+    tensors = own_storages(tensors)
     header = build_header(meta, tensors)
     return atomic_write(adapter_file(path), lambda tmp: save_file(tensors, tmp, metadata=header))
 

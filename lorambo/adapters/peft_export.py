@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lorambo.adapters.atomic import atomic_write_many, text_writer
+from lorambo.adapters.format import own_storages
 from lorambo.model import lora_layers
 from lorambo.model.modules_to_save import modules_to_save
 
@@ -85,6 +86,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
     for name in modules_to_save(model):  # peft keys: base_model.model.<module>.<state key>
         for key, value in model.get_submodule(name).state_dict().items():
             tensors[f"{_PREFIX}{name}.{key}"] = value.detach().cpu().contiguous()
+    tensors = own_storages(tensors)
     # both files or neither: peft fails on new weights beside an old config (size mismatch)
     atomic_write_many({
         folder / "adapter_model.safetensors": lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),

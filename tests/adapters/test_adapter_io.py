@@ -91,3 +91,32 @@ def test_missing_file_and_empty_model(tmp_path):
         load_adapter(net(), tmp_path / "nope.safetensors")
     with pytest.raises(ValueError, match="no LoRAMBoLinear"):
         save_adapter(net(), tmp_path / "x.safetensors")
+
+
+def test_tied_modules_to_save_are_written_by_both_savers(tmp_path):
+    """GPT-2's lm_head shares its weight with wte: with both in modules_to_save, the CPU tensors
+    handed to safetensors shared memory and save_adapter / export_peft raised."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    cfg = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2)
+
+    def base():
+        torch.manual_seed(0)
+        return transformers.GPT2LMHeadModel(cfg).double().eval()
+
+    model = configure_model(base(), 2, target_modules=["c_attn"], modules_to_save=["wte", "lm_head"])
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        wte = model.transformer.wte.weight
+        wte.add_(0.1 * torch.randn(wte.shape, generator=g, dtype=wte.dtype))
+        for layer in lora_layers(model).values():
+            layer.lora_B[:, :2].copy_(torch.randn(layer.out_features, 2, generator=g, dtype=torch.float64))
+    ids = torch.randint(0, 40, (2, 8), generator=g)
+    with torch.no_grad():
+        expected = model(ids).logits
+        loaded = load_adapter(base(), save_adapter(model, tmp_path / "a"))
+        torch.testing.assert_close(loaded(ids).logits, expected, rtol=0, atol=0)
+        from lorambo import export_peft
+
+        served = peft.PeftModel.from_pretrained(base(), export_peft(model, tmp_path / "p")).eval()
+        torch.testing.assert_close(served(ids).logits, expected, rtol=0, atol=1e-12)
