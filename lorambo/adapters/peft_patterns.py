@@ -17,6 +17,7 @@ out. Pattern keys are the full names, longest first, so no key claims a longer n
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections import Counter
 from collections.abc import Mapping
@@ -43,8 +44,9 @@ def _entries(ranks, alpha, alpha_pattern, use_rslora) -> tuple[dict[str, tuple[i
         raise TypeError(f"ranks must be a non-empty {{name: rank}} dict or a model, got {ranks!r}")
     out = {}
     for name, r in ranks.items():
-        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 0:
             raise ValueError(f"rank of {name!r} is {r!r}: must be an int >= 0")
+        r = int(r)  # numpy ints too, as configure_model takes them; LoraConfig must hold plain ints (JSON)
         a = pattern_value(alpha_pattern, name, alpha)
         if r > 0:
             out[name] = (r, float(a) if a is not None else float(r))

@@ -83,3 +83,12 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="from the model's layers"):
         peft_config(configure_model(_bert(), 2), alpha=3.0)
     assert lorambo.peft_config is peft_config
+
+
+def test_numpy_integer_ranks_are_ranks():
+    """configure_model takes numpy ints; peft_config refused them ('is np.int64(4): must be an int')."""
+    np = pytest.importorskip("numpy")
+    ranks = {"bert.encoder.layer.0.attention.self.query": 4, "bert.encoder.layer.1.attention.self.value": 2}
+    got = peft_config({n: np.int64(r) for n, r in ranks.items()}).to_dict()
+    assert got == peft_config(ranks).to_dict()
+    assert all(type(r) is int for r in got["rank_pattern"].values()) and type(got["r"]) is int
