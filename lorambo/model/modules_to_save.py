@@ -34,7 +34,10 @@ def resolve_modules_to_save(model: nn.Module, entries: Iterable[str] | str | Non
         return []
     if isinstance(entries, str):
         entries = [entries]
-    entries = list(entries)
+    try:
+        entries = list(entries)
+    except TypeError:
+        raise TypeError(f"modules_to_save must be a module name or a list of them, got {entries!r}") from None
     modules = dict(model.named_modules())
     lora_names = [n for n, m in modules.items() if isinstance(m, LoRAMBoLinear)]
     found: list[str] = []

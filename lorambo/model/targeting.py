@@ -121,9 +121,16 @@ def find_targets(model: nn.Module, target_modules: str | list[str] | None) -> li
         for n in names:
             _require_adaptable(n, modules[n], f"matches target_modules {target_modules!r}", bypassed)
         return names
-    targets = list(target_modules)
+    try:
+        targets = list(target_modules)
+    except TypeError:
+        raise TypeError("target_modules must be None, 'all-linear', a regex string or a list of module names, "
+                        f"got {target_modules!r}") from None
     if not targets:
         raise ValueError("target_modules is an empty list")
+    bad = [t for t in targets if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"target_modules entries must be module names (strings), got {bad[0]!r} in {targets!r}")
     names = []
     for target in targets:
         hits = [n for n in modules if n and suffix_match(n, target)]

@@ -144,3 +144,15 @@ def test_unload_reenables_parameters_put_in_after_configure(mlp, rebuild):
     assert {id(p) for p in frozen_by_lorambo(model)} == want
     unload(model, merge=False)
     assert [n for n, p in model.named_parameters() if not p.requires_grad] == []
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"target_modules": 3}, "target_modules must be None, 'all-linear', a regex string or a list of module names"),
+    ({"target_modules": ["up", 2]}, r"target_modules entries must be module names .*got 2 in \['up', 2\]"),
+    ({"modules_to_save": 7}, "modules_to_save must be a module name or a list of them, got 7"),
+])
+def test_target_modules_and_modules_to_save_of_the_wrong_type(mlp, kwargs, message):
+    """They failed inside Python ('int' object is not iterable, can only concatenate str)."""
+    with pytest.raises(TypeError, match=message):
+        configure_model(mlp, 2, **kwargs)
+    assert not lora_layers(mlp) and all(p.requires_grad for p in mlp.parameters())
