@@ -57,6 +57,18 @@ def _unmerged_base_weight(module: "LoRAMBoLinear", state_dict, prefix: str, loca
         state_dict[key] = module._unmerged_weight()
 
 
+def _unmerge_before_load(module: "LoRAMBoLinear", state_dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: a merged layer is unmerged before its entries load. A state_dict
+    holds the unmerged weight and the pools (see above); loaded into a merged layer they would
+    leave a merged flag over an unmerged weight, and the next unmerge() would subtract the new
+    adapter from it."""
+    if module.merged and any(key.startswith(prefix) for key in state_dict):
+        if is_sharded(module.base_layer.weight) or is_sharded(module.lora_A):
+            raise RuntimeError(f"{module._label} is merged and sharded (FSDP2): call "
+                               "lorambo.integrations.fsdp.unmerge(model) before loading a state_dict")
+        module.unmerge()
+
+
 class LoRAMBoLinear(nn.Module):
     """Drop-in replacement for a frozen ``nn.Linear`` / transformers ``Conv1D`` with LoRA.
 
@@ -113,6 +125,7 @@ class LoRAMBoLinear(nn.Module):
         self._weight_before_merge: torch.Tensor | None = None
         self.set_rank(rank)
         self.register_state_dict_post_hook(_unmerged_base_weight)
+        self.register_load_state_dict_pre_hook(_unmerge_before_load)
 
     def _tag_pools(self) -> None:
         # The optimizer-facing view of the active rank (see lorambo.nn.slots).

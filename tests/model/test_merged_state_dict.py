@@ -68,3 +68,36 @@ def test_unloaded_state_dict_of_a_merged_model_holds_the_merged_weights(exact):
         plain = _model("linear")
         plain.load_state_dict(fsdp.unloaded_state_dict(model))
         torch.testing.assert_close(plain(x), expected, rtol=0, atol=1e-12)
+
+
+def _randomised(kind, seed):
+    model = lorambo.configure_model(_model(kind), {"0": 3, "2": 2}, alpha=5.0)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lorambo.lora_layers(model).values():
+            layer.lora_B[:, :layer.rank].copy_(torch.randn(layer.out_features, layer.rank, generator=g,
+                                                           dtype=torch.float64))
+            layer.lora_A[:layer.rank].copy_(torch.randn(layer.rank, layer.in_features, generator=g,
+                                                        dtype=torch.float64))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("partial", [False, True])
+def test_a_state_dict_loads_into_a_merged_model(kind, exact, partial):
+    """set_extra_state refused a merged layer after its pools were already replaced, so the model
+    was left merged with the old adapter's weight and the new pools; unmerge() then subtracted
+    the new adapter from it."""
+    src, dst = _randomised(kind, 3), _randomised(kind, 4)
+    x = torch.randn(4, 12, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with torch.no_grad():
+        expected = _reference(src, x)
+        for layer in lorambo.lora_layers(dst).values():
+            layer.merge(exact=exact)
+        state = src.state_dict()
+        if partial:  # the adapter only: pools and ranks
+            state = {k: v for k, v in state.items() if k.endswith(("lora_A", "lora_B", "_extra_state"))}
+        dst.load_state_dict(state, strict=not partial)
+        assert not any(layer.merged for layer in lorambo.lora_layers(dst).values())
+        torch.testing.assert_close(dst(x), expected, rtol=0, atol=1e-12)
