@@ -20,6 +20,7 @@ model; modules_to_save included).
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -52,9 +53,15 @@ def load_callback_state(folder: str | Path) -> dict:
     file = Path(folder) / STATE_FILE
     if not file.is_file():
         raise FileNotFoundError(f"no {STATE_FILE} in checkpoint {folder}")
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:  # truncated or not a torch file
+        raise ValueError(f"{file} is not a readable lorambo trainer state (corrupt or truncated?): {err}") from err
     if not isinstance(state, dict) or state.get("version") != FORMAT_VERSION:
         raise ValueError(f"{file} is not a lorambo trainer state of version {FORMAT_VERSION}")
+    missing = [k for k in ("decisions", "ranks") if not isinstance(state.get(k), (list, dict))]
+    if missing:
+        raise ValueError(f"{file}: lorambo trainer state without {missing}")
     return state
 
 
