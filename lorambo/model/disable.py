@@ -25,7 +25,7 @@ def disable_adapter(model: nn.Module):
     merged = [n for n, layer in layers.items() if layer.merged]
     if merged:
         raise RuntimeError(f"disable_adapter: layers {merged[:4]} are merged; unmerge() them first")
-    busy = [n for n, layer in layers.items() if "forward" in layer.__dict__]
+    busy = [n for n, layer in layers.items() if layer.adapter_disabled]
     if busy:
         raise RuntimeError(f"disable_adapter: already active on {busy[:4]} (contexts do not nest)")
     originals = original_state(model)
@@ -38,12 +38,12 @@ def disable_adapter(model: nn.Module):
     trained = {name: model.get_submodule(name) for name in heads}
     try:
         for layer in layers.values():
-            layer.__dict__["forward"] = layer.base_layer  # shadows the class forward; not a submodule
+            layer.adapter_disabled = True  # its forward runs the base layer alone
         for name, frozen in heads.items():
             _set_submodule(model, name, frozen)
         yield model
     finally:
         for layer in layers.values():
-            layer.__dict__.pop("forward", None)
+            layer.__dict__.pop("adapter_disabled", None)  # back to the class default, False
         for name, module in trained.items():
             _set_submodule(model, name, module)

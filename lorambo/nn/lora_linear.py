@@ -83,6 +83,11 @@ class LoRAMBoLinear(nn.Module):
         name: the module's dotted name, used in error messages.
     """
 
+    # True inside lorambo.disable_adapter: the forward is the base layer's (set on the instance
+    # there; a flag, not a replaced forward, so that hooks that wrap forward, e.g. accelerate's,
+    # keep working)
+    adapter_disabled = False
+
     def __init__(self, base: nn.Module, rank: int = 8, capacity: int | None = None,
                  alpha: float | None = None, dropout: float = 0.0, use_rslora: bool = False,
                  scaling: float | None = None, name: str = ""):
@@ -291,7 +296,7 @@ class LoRAMBoLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self._label}: input has last dim {x.shape[-1]} (shape {tuple(x.shape)}), "
                              f"expected in_features = {self.in_features}")
-        if self.merged:
+        if self.merged or self.adapter_disabled:
             return self.base_layer(x)
         weight, bias, lora_a, lora_b = self.weight, self.bias, self.lora_A, self.lora_B
         # The ops do not see a device mix reliably: with a meta operand they dispatch to the

@@ -142,3 +142,32 @@ def test_disable_adapter_runs_frozen_base():
     with pytest.raises(RuntimeError, match="merged"):
         with disable_adapter(model):
             pass
+
+
+def test_disable_adapter_keeps_forward_hooks_of_accelerate():
+    """accelerate's hooks (device_map / offloading) replace forward on the instance. disable_adapter
+    shadowed forward the same way, so it refused such layers as 'already active', and would have
+    dropped the hook on exit."""
+    hooks = pytest.importorskip("accelerate.hooks")
+
+    class Count(hooks.ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Count.calls += 1
+            return args, kwargs
+
+    base = _bert()
+    model = configure_model(copy.deepcopy(base), RANKS)
+    _train(model)
+    layers = list(lora_layers(model).values())
+    for layer in layers:
+        hooks.add_hook_to_module(layer, Count())
+    ids = _ids(5)
+    adapted = model(input_ids=ids).logits.detach()
+    assert Count.calls == len(layers)
+    with disable_adapter(model):
+        torch.testing.assert_close(model(input_ids=ids).logits, base(input_ids=ids).logits, rtol=0, atol=1e-12)
+    assert Count.calls == 2 * len(layers)
+    torch.testing.assert_close(model(input_ids=ids).logits, adapted, rtol=0, atol=0)
+    assert Count.calls == 3 * len(layers)
