@@ -164,7 +164,9 @@ def _check_checksums(file: Path, header: dict, tensors: dict[str, torch.Tensor])
 def read_adapter_file(file: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
     """(layer settings, tensors, raw header) of a valid adapter file, else AdapterFormatError."""
     if not file.is_file():
-        raise FileNotFoundError(f"no lorambo adapter at {file}")
+        hint = ("; that folder holds a peft adapter (adapter_config.json): load it with lorambo.import_peft"
+                if (file.parent / "adapter_config.json").is_file() else "")
+        raise FileNotFoundError(f"no lorambo adapter at {file}{hint}")
     try:
         with safe_open(str(file), framework="pt") as handle:
             header = handle.metadata() or {}

@@ -277,7 +277,9 @@ def import_peft(model: nn.Module, path: str | os.PathLike, capacity: int | Mappi
     folder = Path(path)
     config_file = folder / _CONFIG
     if not config_file.is_file():
-        raise FileNotFoundError(f"no {_CONFIG} in {folder}")
+        hint = ("; that is a lorambo adapter: load it with lorambo.load_adapter"
+                if (folder / "adapter.safetensors").is_file() or folder.suffix == ".safetensors" else "")
+        raise FileNotFoundError(f"no {_CONFIG} in {folder}{hint}")
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

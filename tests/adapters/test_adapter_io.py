@@ -93,6 +93,17 @@ def test_missing_file_and_empty_model(tmp_path):
         save_adapter(net(), tmp_path / "x.safetensors")
 
 
+def test_each_loader_given_the_other_format_says_which_to_use(tmp_path):
+    from lorambo import export_peft, import_peft
+
+    export_peft(trained(), tmp_path / "peft")
+    save_adapter(trained(), tmp_path / "ours")
+    with pytest.raises(FileNotFoundError, match="holds a peft adapter .*lorambo.import_peft"):
+        load_adapter(net(), tmp_path / "peft")
+    with pytest.raises(FileNotFoundError, match="is a lorambo adapter: load it with lorambo.load_adapter"):
+        import_peft(net(), tmp_path / "ours")
+
+
 def test_tied_modules_to_save_are_written_by_both_savers(tmp_path):
     """GPT-2's lm_head shares its weight with wte: with both in modules_to_save, the CPU tensors
     handed to safetensors shared memory and save_adapter / export_peft raised."""
