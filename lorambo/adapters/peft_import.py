@@ -364,17 +364,31 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None,
                              f"{unwrappable_reason(wrapped[name])}")
     for name, cap in _capacities(model, specs, capacity).items():  # checked before peft is taken apart
         d_in, d_out = specs[name].a.shape[1], specs[name].b.shape[0]
-        if not specs[name].a.shape[0] <= cap <= min(d_in, d_out):
-            raise ValueError(f"{where}: capacity {cap} of {name!r} must be in [rank "
+        if not _is_int(cap) or not specs[name].a.shape[0] <= cap <= min(d_in, d_out):
+            raise ValueError(f"{where}: capacity {cap!r} of {name!r} must be an int in [rank "
                              f"{specs[name].a.shape[0]}, min(in, out) = {min(d_in, d_out)}]")
     # peft's wrappers out, plain modules back in; then the common import path
     # the original module goes back in, so that configure_model records its state as the
     # original (disable_adapter runs it); _install then loads the trained state into it
     originals = {n: original for n, (_, original) in heads.items()}
-    for name, base in {**wrapped, **originals}.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, base)
+    swaps = {**wrapped, **originals}
+    peft_modules = {name: model.get_submodule(name) for name in swaps}
+    trainable = [(p, p.requires_grad) for p in model.parameters()]
+    for name, module in swaps.items():
+        _set_child(model, name, module)
     saved = {n: {k: v.detach().clone() for k, v in trained.state_dict().items()} for n, (trained, _) in heads.items()}
     for p in model.parameters():
         p.requires_grad_(True)  # peft froze the base; configure_model freezes it again and records it
-    return _install(model, specs, capacity, saved, list(heads), where)
+    try:
+        return _install(model, specs, capacity, saved, list(heads), where)
+    except BaseException:  # _install changed nothing: give the peft model its adapter back
+        for name, module in peft_modules.items():
+            _set_child(model, name, module)
+        for p, flag in trainable:
+            p.requires_grad_(flag)
+        raise
+
+
+def _set_child(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)

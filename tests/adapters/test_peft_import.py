@@ -132,6 +132,38 @@ def test_from_peft_converts_wrapped_model():
         torch.testing.assert_close(_logits(model, ids), _logits(_bert(), ids), rtol=0, atol=0)
 
 
+def test_from_peft_that_fails_leaves_the_peft_model_working():
+    """A failure after peft's wrappers were taken out (capacity 8.0 passed the range check, then
+    LoRAMBoLinear refused it; a target used under two names) left the model with neither peft's
+    adapter nor lorambo's: the trained adapter was gone."""
+    peft_model = get_peft_model(_bert(), LoraConfig(**BERT_CONFIG))
+    _randomise_peft(peft_model, seed=7)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(5))
+    expected = _logits(peft_model.eval(), ids)
+    with pytest.raises(ValueError, match="capacity 8.0 of .* must be an int"):
+        from_peft(peft_model, capacity=8.0)
+    torch.testing.assert_close(_logits(peft_model, ids), expected, rtol=0, atol=0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+            self.c = self.b  # one module under two names: lorambo refuses it, peft adapts it at "b"
+
+        def forward(self, x):
+            return self.c(self.b(self.a(x)))
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(Net().double(), LoraConfig(r=2, target_modules=["a", "b"], init_lora_weights=False))
+    x = torch.randn(3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    expected = peft_model(x)
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    with pytest.raises(ValueError, match="used 2 times"):
+        from_peft(peft_model)
+    torch.testing.assert_close(peft_model(x), expected, rtol=0, atol=0)
+    assert {n for n, p in peft_model.named_parameters() if p.requires_grad} == trainable
+
+
 def _edit_config(folder, **changes):
     cfg = json.loads((folder / "adapter_config.json").read_text())
     cfg.update(changes)
