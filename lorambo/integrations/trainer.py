@@ -90,7 +90,7 @@ class LoRAMBoCallback(TrainerCallback):
         self.decisions = checkpoint.restore(self.allocator, self.importance, saved, folder)
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        if not state.is_world_process_zero:
+        if not args.should_save:  # where Trainer writes the checkpoint: process 0, or each node's first
             return
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         save_adapter(self.allocator.model, folder)

@@ -65,3 +65,21 @@ def test_callback_grows_ranks_as_logged(tmp_path, moves):
     assert not any(m._forward_hooks for m in lorambo.lora_layers(model).values())
     if moves:
         assert any(r["event"] == "shrink" for r in logged)
+
+
+@pytest.mark.parametrize("should_save,world_zero", [(True, False), (False, True)])
+def test_checkpoint_files_are_written_where_trainer_writes_checkpoints(tmp_path, should_save, world_zero):
+    """With save_on_each_node, Trainer writes each node's checkpoint from the node's first process
+    (args.should_save); the callback wrote only on world process 0, so other nodes' checkpoints
+    lacked adapter.safetensors and lorambo_state.pt and resuming there failed."""
+    from types import SimpleNamespace
+
+    model = _tiny_gpt2()
+    lorambo.configure_model(model, 1, target_modules=["c_attn"], capacity=4)
+    callback = LoRAMBoCallback(LoRAMBoOptimizer(model, total_budget=1000))
+    args = SimpleNamespace(output_dir=str(tmp_path), should_save=should_save)
+    state = SimpleNamespace(global_step=3, is_world_process_zero=world_zero)
+    callback.on_save(args, state, None)
+    written = sorted(p.name for p in (tmp_path / "checkpoint-3").glob("*")) if should_save else []
+    assert written == (["adapter.safetensors", "lorambo_state.pt"] if should_save else [])
+    assert (tmp_path / "checkpoint-3").exists() == should_save
