@@ -43,6 +43,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     layers = lora_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRAMBoLinear layer to save")
+    check_not_root(layers)
     tensors, meta = {}, {}
     for name, layer in layers.items():
         r = layer.rank
@@ -53,6 +54,14 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     tensors = own_storages(tensors)
     header = build_header(meta, tensors)
     return atomic_write(adapter_file(path), lambda tmp: save_file(tensors, tmp, metadata=header))
+
+
+def check_not_root(layers: dict) -> None:
+    """Adapter files name each layer by its place in the model; a model that is itself a
+    LoRAMBoLinear has none (its name is ''), and a file written for it could not be loaded."""
+    if "" in layers:
+        raise ValueError("the model is itself a LoRAMBoLinear: adapter files name each layer by its place in a "
+                         "model, so save a module that holds it (e.g. nn.Sequential(layer))")
 
 
 # ----------------------------------------------------------------------------- validation

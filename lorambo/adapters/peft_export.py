@@ -19,6 +19,7 @@ from torch import nn
 
 from lorambo.adapters.atomic import atomic_write_many, text_writer
 from lorambo.adapters.format import own_storages
+from lorambo.adapters.io import check_not_root
 from lorambo.model import lora_layers
 from lorambo.model.modules_to_save import modules_to_save
 
@@ -38,6 +39,7 @@ def peft_adapter_config(model: nn.Module) -> dict:
     """The adapter_config.json content for the model's current adapters (what
     :func:`export_peft` writes). Not :func:`lorambo.peft_config`, which builds a
     ``peft.LoraConfig`` to train with."""
+    check_not_root(lora_layers(model))
     layers = {n: l for n, l in lora_layers(model).items() if l.rank > 0}
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRAMBoLinear with rank > 0 to export")

@@ -131,3 +131,17 @@ def test_tied_modules_to_save_are_written_by_both_savers(tmp_path):
 
         served = peft.PeftModel.from_pretrained(base(), export_peft(model, tmp_path / "p")).eval()
         torch.testing.assert_close(served(ids).logits, expected, rtol=0, atol=1e-12)
+
+
+def test_a_lone_lora_layer_is_refused_before_writing(tmp_path):
+    """Its name in the file was '': save_adapter wrote a file that load_adapter then refused."""
+    from lorambo import LoRAMBoLinear, export_peft
+
+    layer = LoRAMBoLinear(nn.Linear(8, 8), rank=2)
+    for save in (save_adapter, export_peft):
+        with pytest.raises(ValueError, match="the model is itself a LoRAMBoLinear"):
+            save(layer, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    file = save_adapter(nn.Sequential(layer), tmp_path)  # what the message suggests loads back
+    loaded = load_adapter(nn.Sequential(nn.Linear(8, 8)), file)
+    assert lora_layers(loaded)["0"].rank == 2
