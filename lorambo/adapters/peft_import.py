@@ -159,6 +159,11 @@ def _check_target(model: nn.Module, name: str, spec: _LayerSpec, where: str) -> 
 
 
 def _capacities(model, specs, capacity) -> dict[str, int]:
+    if isinstance(capacity, Mapping):
+        unknown = sorted(set(capacity) - set(specs))
+        if unknown:  # a misspelt name would silently get the default capacity
+            raise ValueError(f"capacity names {unknown[:5]}, which the adapter does not adapt "
+                             f"(it adapts e.g. {list(specs)[:3]})")
     caps = {}
     for name, spec in specs.items():
         r = spec.a.shape[0]

@@ -164,6 +164,18 @@ def test_from_peft_that_fails_leaves_the_peft_model_working():
     assert {n for n, p in peft_model.named_parameters() if p.requires_grad} == trainable
 
 
+def test_capacity_for_a_module_the_adapter_does_not_adapt_is_refused(saved_peft):
+    """A misspelt name in a {name: capacity} dict silently got the default capacity."""
+    build, _, folder = saved_peft
+    model = build()
+    name = next(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+    with pytest.raises(ValueError, match=r"capacity names \['encoder.typo'\], which the adapter does not adapt"):
+        import_peft(model, folder, capacity={"encoder.typo": 16})
+    assert not lora_layers(model)
+    with pytest.raises(ValueError, match="which the adapter does not adapt"):
+        import_peft(model, folder, capacity={name + "x": 16})
+
+
 def _edit_config(folder, **changes):
     cfg = json.loads((folder / "adapter_config.json").read_text())
     cfg.update(changes)
