@@ -4,7 +4,8 @@ Same integer program as ``greedy.py``. Each layer is a group whose options are "
 (x = 0 .. upper_i - min_rank) of weight ``x * c_i`` and value ``g_i(min_rank) + ... +
 g_i(min_rank + x - 1)``; a multiple-choice knapsack DP over the leftover budget solves it exactly,
 for any gains (no concavity needed). All weights are multiples of ``gcd(c_i)``, so the budget axis
-is measured in units of that gcd: ``states = floor(leftover / gcd) + 1``. Cost is
+is measured in units of that gcd: ``states = floor(leftover / gcd) + 1``, the leftover capped at
+what every layer at its upper bound would cost. Cost is
 O(sum_i (upper_i - min_rank) * states) time and O(n_layers * states) memory, hence the limits.
 """
 from __future__ import annotations
@@ -24,6 +25,9 @@ def exact_allocate(costs: np.ndarray, lower: np.ndarray, upper: np.ndarray, budg
     """Ranks maximising the summed gains within the budget (ties: fewer ranks in later layers)."""
     c = [int(x) for x in costs]
     left = int(budget) - sum(ci * int(lo) for ci, lo in zip(c, lower))
+    # budget past the cost of every layer at its upper bound buys nothing: without this cap a
+    # huge budget on a tiny problem would need a huge DP axis (and be refused as too large)
+    left = min(left, sum(ci * (int(up) - int(lo)) for ci, lo, up in zip(c, lower, upper)))
     unit = math.gcd(*c)
     states = left // unit + 1
     if states > MAX_STATES or states * len(c) > MAX_TABLE:

@@ -62,6 +62,17 @@ def test_exact_dp_matches_brute_force(prob):
 
 
 @FAST
+@given(knapsacks(max_layers=3, max_dim=4), st.sampled_from([10**9, 10**15, 1e30]))
+def test_exact_dp_with_budget_past_full_capacity(prob, budget):
+    """A budget larger than every layer at full rank is a tiny problem, not a huge DP: exact=True
+    solves it (it refused it as needing ~budget / gcd(d + k) states) and matches brute force."""
+    dims, benefits, _, kw = prob
+    ranks = allocate(dims, None, budget, "knapsack", benefits=benefits, exact=True, **kw)
+    best = brute_force(dims, benefits, budget, kw["min_rank"], kw["max_rank"])
+    assert math.isclose(value(ranks, benefits, kw["min_rank"]), best, rel_tol=1e-9, abs_tol=1e-9)
+
+
+@FAST
 @given(knapsacks())
 def test_greedy_within_one_item_of_optimum(prob):
     """Fractional-knapsack rounding bound: greedy >= OPT - (largest single rank gain)."""
