@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
+
+from lorambo.cli import _parse_number, _positive_float, _positive_int
 
 METHODS = ("hessian", "gradient", "data", "frobenius")
 
@@ -33,7 +36,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("allocate", help="per-layer LoRA ranks for a local model; writes ranks, a peft "
                                         "adapter_config.json and a heat map")
     p.add_argument("--model", required=True, help="local transformers model folder")
-    p.add_argument("--budget", required=True, type=float,
+    p.add_argument("--budget", required=True, type=_positive_float,
                    help="parameter budget sum_i r_i (d_i + k_i), e.g. 150000")
     p.add_argument("--method", choices=METHODS, default="gradient", help="layer sensitivity")
     p.add_argument("--data", default=None, help="text file, one example per line (not needed for frobenius)")
@@ -41,14 +44,29 @@ def add_parser(sub) -> None:
     p.add_argument("--allocation", default="closed_form", help="lorambo.allocate method (default closed_form)")
     p.add_argument("--target-modules", default=None,
                    help="comma-separated module name suffixes (default: every Linear but the head)")
-    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank, scaling 1)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--batches", type=int, default=4, help="batches of --data used")
-    p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--probes", type=int, default=8, help="Hutchinson probes (hessian)")
+    p.add_argument("--alpha", type=_finite_float, default=None, help="LoRA alpha (default: the rank, scaling 1)")
+    p.add_argument("--batch-size", type=_batch_size, default=8, help="lines per batch (at least 2)")
+    p.add_argument("--batches", type=_positive_int, default=4, help="batches of --data used")
+    p.add_argument("--max-length", type=_max_length, default=64, help="tokens per example (at least 2)")
+    p.add_argument("--probes", type=_positive_int, default=8, help="Hutchinson probes (hessian)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-heatmap", action="store_true", help="do not draw heatmap.png (no matplotlib needed)")
     p.set_defaults(func=run)
+
+
+# Checked when parsed, before minutes of loading and measuring: a NaN alpha would otherwise land
+# in adapter_config.json (as the non-JSON token NaN), and tokenizers silently ignore a max_length
+# below their special tokens (0 and 1 did not truncate at all) or crash on a negative one.
+def _finite_float(text: str) -> float:
+    return _parse_number(text, float, math.isfinite, "a finite number")
+
+
+def _batch_size(text: str) -> int:
+    return _parse_number(text, int, lambda v: v >= 2, "a whole number >= 2 (the loss contrasts examples)")
+
+
+def _max_length(text: str) -> int:
+    return _parse_number(text, int, lambda v: v >= 2, "a whole number >= 2")
 
 
 def _lines(path: str, need: int) -> list[str]:
@@ -138,8 +156,6 @@ def run(args) -> int:
     # "model": transformers, "experiment": peft (the LoraConfig), "plots": matplotlib
     require({"model", "experiment"} | (set() if args.no_heatmap else {"plots"}), "allocate",
             hint="; --no-heatmap needs no matplotlib")
-    if args.batch_size < 2 or args.batches < 1:
-        raise ValueError(f"--batch-size {args.batch_size} must be >= 2 and --batches {args.batches} >= 1")
     folder, out = Path(args.model), Path(args.out)
     torch.manual_seed(args.seed)
     model, tokenizer, kind = _load(folder, eager=args.method == "hessian")

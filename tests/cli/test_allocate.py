@@ -85,3 +85,26 @@ def test_allocate_bad_arguments(tmp_path, capsys):
                  "--method", "gradient", "--no-heatmap"]) == 2
     assert "needs --data" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--alpha", "nan", "a finite number"), ("--alpha", "inf", "a finite number"),
+    ("--max-length", "1", ">= 2"), ("--max-length", "-3", ">= 2"), ("--max-length", "0", ">= 2"),
+    ("--probes", "0", ">= 1"), ("--batches", "0", ">= 1"), ("--batch-size", "1", ">= 2"),
+    ("--budget", "nan", "a positive number"), ("--budget", "-5", "a positive number"),
+])
+def test_allocate_bad_numbers_are_usage_errors_before_loading(tmp_path, capsys, flag, value, expected):
+    """They ran through: --alpha nan wrote ``"lora_alpha": NaN`` (not JSON) into
+    adapter_config.json, --max-length 0 / 1 were silently ignored by the tokenizer (no
+    truncation), -3 crashed in it with a traceback, the others failed after the model loaded."""
+    data = tmp_path / "data.txt"
+    data.write_text("\n".join(SENTENCES) + "\n")
+    out = tmp_path / "out"
+    args = {"--model": str(minilm_path()), "--budget": "40000", "--method": "frobenius", "--data": str(data),
+            "--out": str(out), "--target-modules": "query", flag: value}
+    with pytest.raises(SystemExit) as stop:
+        main(["allocate", *[x for k, v in args.items() for x in (k, v)], "--no-heatmap"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: expected" in err and expected in err and value in err
+    assert not out.exists()
