@@ -30,7 +30,7 @@ import torch
 
 from .attention import double_backward_attention
 from lorambo.distributed import all_reduce_sum_
-from .inputs import compute_loss
+from .inputs import compute_loss, no_gradient_error
 
 __all__ = ["HessianOperator"]
 
@@ -42,13 +42,15 @@ class HessianOperator:
 
     batched=True uses is_grads_batched; if vmap fails for this model (e.g. an autograd.Function
     whose backward reads values with .item() on the double-backward path) it warns once and
-    loops over probes. batched=None: True unless the weights live on the CPU.
+    loops over probes. batched=None: True unless the weights live on the CPU. ``names`` label
+    the weights in errors (RuntimeError when the loss gives none of them a gradient).
     """
 
     def __init__(self, model, loss_fn, batches: Sequence, weights: Sequence[torch.Tensor],
-                 batched: bool | None = None):
+                 batched: bool | None = None, names: Sequence[str] | None = None):
         self.model, self.loss_fn, self.batches = model, loss_fn, batches
         self.weights = list(weights)
+        self.names = list(names) if names is not None else [f"weight {i}" for i in range(len(self.weights))]
         if batched is None:
             batched = self.weights[0].device.type != "cpu"
         self.batched = batched
@@ -62,6 +64,7 @@ class HessianOperator:
         shrink them (e.g. to quadratic forms) before they are accumulated.
         """
         total = None
+        reached = False
         # create_graph records nothing under an outer no_grad(); fused attention kernels have no
         # double backward, so attention runs a path that has one (see ``attention``)
         with torch.enable_grad(), double_backward_attention(self.model):
@@ -69,9 +72,12 @@ class HessianOperator:
                 loss = compute_loss(self.loss_fn, self.model, batch)
                 grads = torch.autograd.grad(loss, self.weights, create_graph=True,
                                             allow_unused=True)
+                reached = reached or any(g is not None for g in grads)
                 part = summarize(self._products(grads, vs))
                 total = part if total is None else [t + p for t, p in zip(total, part)]
                 del loss, grads
+        if not reached:  # every product would be 0: a silent zero Hessian for every layer
+            raise no_gradient_error("Hessian-vector products", self.names)
         count = all_reduce_sum_(torch.tensor([float(len(self.batches))], dtype=torch.float64))
         return [all_reduce_sum_(t) / count.to(t.device, t.dtype) for t in total]
 

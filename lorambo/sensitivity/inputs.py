@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-__all__ = ["as_batch_list", "compute_loss", "check_finite_loss", "check_positive"]
+__all__ = ["as_batch_list", "compute_loss", "check_finite_loss", "check_positive", "no_gradient_error"]
 
 
 def as_batch_list(batches) -> list:
@@ -46,3 +46,18 @@ def check_finite_loss(loss: torch.Tensor, index: int, who: str) -> None:
     if not bool(torch.isfinite(loss.detach())):
         raise RuntimeError(f"{who}: the loss on batch {index} is {float(loss.detach()):.6g} (not finite): "
                            "check the loss on these batches")
+
+
+def no_gradient_error(who: str, names: list[str]) -> RuntimeError:
+    """The error for a loss that has a graph but gives none of the targeted weights a gradient.
+
+    Besides a loss that really ignores them, the usual cause is reentrant activation checkpointing
+    (``torch.utils.checkpoint(..., use_reentrant=True)``, e.g. transformers'
+    ``gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})``):
+    the weights inside a checkpointed block are not in the graph ``torch.autograd.grad`` walks,
+    so their gradients come back as None and every sensitivity would silently be 0."""
+    return RuntimeError(
+        f"{who}: none of the {len(names)} targeted layers (e.g. {names[:3]}) gets a gradient from the "
+        "loss: either the loss does not use them, or they run under reentrant activation checkpointing "
+        "(torch.utils.checkpoint with use_reentrant=True), whose weights torch.autograd.grad cannot "
+        "reach; use use_reentrant=False or turn checkpointing off while measuring")

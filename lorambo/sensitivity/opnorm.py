@@ -45,7 +45,8 @@ def hessian_opnorm(model, loss_fn, batches, modules=None, num_iters: int = 20, s
     change = [math.inf] * len(weights)
     iters = [0] * len(weights)
     with differentiable(weights):
-        op = HessianOperator(model, loss_fn, batches, weights, batched)
+        op = HessianOperator(model, loss_fn, batches, weights, batched,
+                             names=[t.name for t in targets])
         active = set(range(len(weights)))
         for _ in range(num_iters):
             if not active:

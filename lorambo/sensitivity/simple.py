@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lorambo.distributed import all_reduce_sum_, all_reduced_sums
-from .inputs import as_batch_list, check_finite_loss, compute_loss
+from .inputs import as_batch_list, check_finite_loss, compute_loss, no_gradient_error
 from .targets import differentiable, find_targets
 
 __all__ = ["gradient_sensitivity", "data_covariance", "targets_without_gradient"]
@@ -17,12 +17,15 @@ def gradient_sensitivity(model, loss_fn, batches, modules=None) -> dict[str, flo
     Frozen base weights are made differentiable only during the call; gradients are taken with
     torch.autograd.grad, so no parameter's ``.grad`` changes. Under torch.distributed the mean is
     over all ranks' batches. A loss that is not finite (NaN/inf) raises RuntimeError naming the
-    batch: its gradients would turn every sensitivity into NaN.
+    batch: its gradients would turn every sensitivity into NaN. A layer the loss does not reach
+    gets 0; RuntimeError if no targeted layer gets a gradient on any batch (see
+    :func:`~lorambo.sensitivity.inputs.no_gradient_error`).
     """
     batches = as_batch_list(batches)
     targets = find_targets(model, modules)
     weights = [t.weight for t in targets]
     sums = torch.zeros(len(weights), dtype=torch.float64)
+    reached = False
     with differentiable(weights):
         for index, batch in enumerate(batches):
             loss = compute_loss(loss_fn, model, batch)
@@ -30,7 +33,10 @@ def gradient_sensitivity(model, loss_fn, batches, modules=None) -> dict[str, flo
             grads = torch.autograd.grad(loss, weights, allow_unused=True)
             for i, g in enumerate(grads):
                 if g is not None:
+                    reached = True
                     sums[i] += float(g.detach().double().pow(2).sum())
+    if not reached:
+        raise no_gradient_error("gradient_sensitivity", [t.name for t in targets])
     sums = all_reduce_sum_(sums)
     count = all_reduce_sum_(torch.tensor([float(len(batches))], dtype=torch.float64))
     return {t.name: float(s / count) for t, s in zip(targets, sums)}

@@ -71,7 +71,8 @@ def hessian_trace(model, loss_fn, batches, modules=None, num_probes: int = 64,
     if progress is None:
         progress = sys.stderr.isatty()
     with differentiable(weights):
-        op = HessianOperator(model, loss_fn, batches, weights, batched)
+        op = HessianOperator(model, loss_fn, batches, weights, batched,
+                             names=[t.name for t in targets])
         if method == "hutchinson":
             results, bad = _hutchinson(op, num_probes, seed, probes_per_pass, stderr_target,
                                        progress and is_main_process())

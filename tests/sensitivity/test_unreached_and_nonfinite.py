@@ -136,3 +136,66 @@ def test_optimizer_skips_unreached_target_with_a_warning(method):
     assert sum(r * 11 for r in ranks.values()) <= 200
     opt.configure()
     assert set(lorambo.lora_layers(model)) == {"encoder.a", "encoder.b"}
+
+
+class Checkpointed(nn.Module):
+    """Two blocks run under activation checkpointing, as gradient_checkpointing_enable() does."""
+
+    def __init__(self, reentrant):
+        super().__init__()
+        self.reentrant = reentrant
+        self.embed = nn.Linear(5, 6, dtype=DT)
+        self.blocks = nn.ModuleList([nn.Linear(6, 6, dtype=DT), nn.Linear(6, 5, dtype=DT)])
+
+    def forward(self, x):
+        h = self.embed(x)
+        for block in self.blocks:
+            h = torch.utils.checkpoint.checkpoint(lambda t, b=block: torch.tanh(b(t)), h,
+                                                  use_reentrant=self.reentrant)
+        return h, None
+
+
+def _frozen_checkpointed(reentrant):
+    torch.manual_seed(0)
+    model = Checkpointed(reentrant)
+    model.embed.weight.requires_grad_(True)  # the loss has a graph, as with a trainable embedding
+    for name, p in model.named_parameters():
+        p.requires_grad_(name == "embed.weight")
+    return model
+
+
+def test_reentrant_checkpointing_is_an_error_not_zero_sensitivities():
+    """Under torch.utils.checkpoint(use_reentrant=True) the weights inside the blocks are not in
+    the graph torch.autograd.grad walks: gradient_sensitivity returned 0.0 and hessian_trace /
+    hessian_opnorm a zero Hessian for every layer, silently."""
+    modules = ["blocks.0", "blocks.1"]
+    torch.manual_seed(1)
+    batches = _batches(2)
+    model = _frozen_checkpointed(reentrant=True)
+    with pytest.raises(RuntimeError, match=r"gradient_sensitivity: none of the 2 targeted layers .*use_reentrant=False"):
+        gradient_sensitivity(model, hidden_loss, batches, modules=modules)
+    with pytest.raises(RuntimeError, match=r"none of the 2 targeted layers \(e.g. \['blocks.0', 'blocks.1'\]\)"):
+        lorambo.sensitivity.hessian_trace(model, hidden_loss, batches, modules=modules, num_probes=2)
+    with pytest.raises(RuntimeError, match="reentrant activation checkpointing"):
+        lorambo.sensitivity.hessian_opnorm(model, hidden_loss, batches, modules=modules, num_iters=2)
+    assert [p.requires_grad for p in model.parameters()] == [True, False, False, False, False, False]
+    # non-reentrant checkpointing gives the plain float64 gradients and Hessian-vector products
+    plain = _frozen_checkpointed(reentrant=False)
+    got = gradient_sensitivity(plain, hidden_loss, batches, modules=modules)
+    trace = lorambo.sensitivity.hessian_trace(plain, hidden_loss, batches, modules=modules, num_probes=16)
+    for i, name in enumerate(modules):
+        w = plain.blocks[i].weight
+        sq, hv = 0.0, 0.0
+        for x, y in batches:
+            def loss_of(weight, x=x, y=y):
+                h = plain.embed(x)
+                for j, block in enumerate(plain.blocks):
+                    h = torch.tanh(nn.functional.linear(h, weight if j == i else block.weight, block.bias))
+                return ((h - y) ** 2).mean()
+            wd = w.detach().requires_grad_()
+            (g,) = torch.autograd.grad(loss_of(wd), wd)
+            sq += float(g.pow(2).sum()) / len(batches)
+            h = torch.autograd.functional.hessian(loss_of, w.detach()).reshape(w.numel(), w.numel())
+            hv += float(torch.diagonal(h).sum()) / len(batches)
+        assert got[name] == pytest.approx(sq, rel=1e-10) and sq > 0
+        assert abs(trace[name].value - hv) <= 6 * trace[name].stderr + 1e-12
