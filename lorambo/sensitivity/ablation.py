@@ -98,11 +98,17 @@ def ablation_scores(model, loss_fn, batches, modules=None, alone: bool = True
 
     ``alone=False`` skips the "kept alone" evaluations (half the cost); ``alone`` is then 0.
     The ablation always switches off components of *every* LoRA layer for the "alone" part,
-    also when ``modules`` selects only some layers to score.
+    also when ``modules`` selects only some layers to score, so every LoRA layer must be unmerged
+    (RuntimeError otherwise).
     """
     batches = as_batch_list(batches)
     targets = lora_targets(model, modules)
     everyone = lora_targets(model)
+    merged = [n for n, layer in everyone.items() if layer.merged]
+    if merged:  # a merged layer's output ignores lora_B: its scores would all be 0
+        raise RuntimeError(f"ablation_scores: LoRA layer(s) {merged[:5]} are merged into their base "
+                           "weight, so switching their components off would change nothing; unmerge() "
+                           "them first")
     was_training = {m: m.training for m in model.modules()}
     model.eval()
     try:

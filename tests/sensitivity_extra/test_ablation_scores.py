@@ -78,3 +78,22 @@ def test_unknown_module_is_named():
     model, batches = _setup()
     with pytest.raises(ValueError, match=r"modules \['1'\] are not LoRAMBoLinear"):
         ablation_scores(model, mse, batches, modules=["1"])
+
+
+@pytest.mark.parametrize("modules", [None, ["2"]])
+def test_merged_layer_is_refused_not_scored_zero(modules):
+    """A merged layer's forward ignores lora_B: zeroing its columns changed nothing, so it scored
+    exactly 0 everywhere and the other layers' "alone" losses kept its contribution."""
+    torch.manual_seed(0)
+    model, batches = _setup()
+    lorambo.lora_layers(model)["0"].merge()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError, match=r"ablation_scores: LoRA layer\(s\) \['0'\] are merged.*unmerge"):
+        ablation_scores(model, mse, batches, modules=modules)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    lorambo.lora_layers(model)["0"].unmerge()
+    removed = ablation_scores(model, mse, batches)["0"].removed
+    for k in range(3):  # brute force: drop component k on a copy
+        ref = copy.deepcopy(model)
+        lorambo.lora_layers(ref)["0"].keep_components([j for j in range(3) if j != k])
+        assert float(removed[k]) == pytest.approx(_loss(ref, batches) - _loss(model, batches), rel=1e-9, abs=1e-12)
