@@ -24,14 +24,22 @@ from lorambo.allocation.online import OnlineGrowth
 __all__ = ["DecisionSchedule", "ScheduledGrowth"]
 
 
+def _is_int(value, minimum: int) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= minimum
+
+
 class DecisionSchedule:
     """Decision steps ``warmup_steps + j * interval`` (j = 0, 1, ...) before ``stop_step``
     (None: no end); ``interval=None`` means no decision at all."""
 
     def __init__(self, warmup_steps: int = 0, interval: int | None = None, stop_step: int | None = None):
-        if interval is not None and (isinstance(interval, bool) or not isinstance(interval, numbers.Integral)
-                                     or interval < 1):
+        if interval is not None and not _is_int(interval, 1):
             raise ValueError(f"interval={interval!r} must be an int >= 1 or None")
+        # int() would truncate 2.7 to 2 and take "3"; a negative warmup shifts every decision step
+        if not _is_int(warmup_steps, 0):
+            raise ValueError(f"warmup_steps={warmup_steps!r} must be an int >= 0")
+        if stop_step is not None and not _is_int(stop_step, 0):
+            raise ValueError(f"stop_step={stop_step!r} must be an int >= 0 or None")
         self.warmup_steps, self.interval, self.stop_step = int(warmup_steps), interval, stop_step
 
     def is_decision_step(self, step: int) -> bool:

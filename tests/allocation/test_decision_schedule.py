@@ -1,5 +1,6 @@
 """The decision schedule and the capture around it, without LoRAMBoOptimizer."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -20,6 +21,23 @@ def test_decision_steps_follow_warmup_interval_and_stop():
     for bad in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match=f"interval={bad!r} must be an int >= 1 or None"):
             DecisionSchedule(0, bad)
+
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(warmup_steps=2.7), r"warmup_steps=2.7 must be an int >= 0"),      # ran as 2
+    (dict(warmup_steps="3"), r"warmup_steps='3' must be an int >= 0"),      # ran as 3
+    (dict(warmup_steps=-5), r"warmup_steps=-5 must be an int >= 0"),        # decided at 5, 15, ...
+    (dict(warmup_steps=True), r"warmup_steps=True must be an int >= 0"),
+    (dict(stop_step=3.5), r"stop_step=3.5 must be an int >= 0 or None"),
+    (dict(stop_step=-1), r"stop_step=-1 must be an int >= 0 or None"),
+])
+def test_bad_warmup_and_stop_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DecisionSchedule(**{"warmup_steps": 0, "interval": 10, **kwargs})
+    with pytest.raises(ValueError, match=message):
+        lorambo.LoRAMBoOptimizer(_model(), total_budget=100, interval=10, **kwargs)
+    assert DecisionSchedule(np.int64(3), 10, np.int64(24)).is_decision_step(13)  # numpy ints are ints
 
 
 def _model():
