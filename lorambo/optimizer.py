@@ -43,7 +43,7 @@ import torch
 from lorambo.allocation import METHODS, allocate
 from lorambo.allocation import capacity as pools
 from lorambo.allocation.alora import ALoRA, ALoRAConfig
-from lorambo.allocation.online import OnlineGrowth
+from lorambo.allocation.online import OnlineGrowth, check_growth_settings
 from lorambo.allocation.report import DecisionLog, rank_table, save_heatmap
 from lorambo.allocation.schedule import DecisionSchedule, ScheduledGrowth
 from lorambo.distributed import is_main_process
@@ -105,6 +105,9 @@ class LoRAMBoOptimizer:
             raise ValueError(f"min_rank={min_rank} > max_rank={max_rank}")
         if not growth_factor >= 1.0:
             raise ValueError(f"growth_factor={growth_factor!r} must be >= 1")
+        # the online settings are used at the first decision step, maybe hours in: check them now
+        check_growth_settings(loss_improvement_threshold, sketch_rank, power_iters,
+                              move_threshold=move_threshold, max_moves=max_moves, max_tokens=max_tokens)
         self.schedule = DecisionSchedule(warmup_steps, interval, stop_step)
         self.model, self.sensitivity_method, self.allocation = model, sensitivity_method, allocation
         self.min_rank, self.max_rank, self.growth_factor = int(min_rank), max_rank, float(growth_factor)

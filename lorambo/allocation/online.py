@@ -38,6 +38,7 @@ so there is no overhead on other steps. docs/architecture.md follows one trainin
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -50,7 +51,8 @@ from lorambo.distributed import all_reduced_mean, broadcast_, decision_generator
 from lorambo.nn.pool_ops import keep_components_many
 
 __all__ = ["ActivationCapture", "subspace_basis", "projected_top_singular",
-           "projected_top_singular_many", "plan_growth", "plan_moves", "grow_layer", "layer_benefits_many"]
+           "projected_top_singular_many", "plan_growth", "plan_moves", "grow_layer", "layer_benefits_many",
+           "check_growth_settings"]
 
 
 class ActivationCapture:
@@ -262,6 +264,35 @@ def layer_benefits_many(layers: Mapping, pairs: Mapping, ks: Mapping[str, int], 
     return gains, dirs
 
 
+def _int_at_least(what: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{what}={value!r} must be an int >= {minimum}")
+    return int(value)
+
+
+def _not_nan(what: str, value, none_ok: bool = False) -> float | None:
+    if value is None and none_ok:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+        raise ValueError(f"{what}={value!r} must be a real number (not NaN)" + (" or None" if none_ok else ""))
+    return float(value)
+
+
+def check_growth_settings(threshold=0.0, sketch_rank=4, power_iters=4, oversample=4,
+                          move_threshold=None, max_moves=1, max_tokens=None) -> None:
+    """ValueError naming the setting unless :class:`OnlineGrowth` can use it as given. A NaN
+    threshold would refuse every gain (no growth, silently), ``sketch_rank=0`` likewise; int()
+    would truncate 2.5 to 2; a negative oversample would estimate fewer directions than asked."""
+    _not_nan("loss_improvement_threshold", threshold)
+    _not_nan("move_threshold", move_threshold, none_ok=True)
+    _int_at_least("sketch_rank", sketch_rank, 1)
+    _int_at_least("power_iters", power_iters, 0)
+    _int_at_least("oversample", oversample, 0)
+    _int_at_least("max_moves", max_moves, 1)
+    if max_tokens is not None:
+        _int_at_least("max_tokens", max_tokens, 1)
+
+
 class OnlineGrowth:
     """One online decision = estimate benefits from the captured step, grow, optionally move.
 
@@ -285,6 +316,10 @@ class OnlineGrowth:
                  power_iters: int = 4, oversample: int = 4, seed: int = 0,
                  move_threshold: float | None = None, max_moves: int = 1,
                  curvature: Mapping[str, float] | None = None, log=None, max_tokens: int | None = None):
+        check_growth_settings(threshold, sketch_rank, power_iters, oversample, move_threshold,
+                              max_moves, max_tokens)
+        if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not 0 <= budget < math.inf:
+            raise ValueError(f"budget={budget!r} must be a finite number of parameters >= 0")
         self.layers = dict(layers)
         self.costs = {n: m.in_features + m.out_features for n, m in self.layers.items()}
         self.budget, self.threshold = int(budget), float(threshold)

@@ -305,3 +305,29 @@ def test_grown_rows_respond_to_inputs_like_kaiming_rows():
         assert float((x @ new).pow(2).mean().sqrt()) == pytest.approx(float(kaiming.norm()) * rms_x, rel=1e-10)
         assert float(new.norm()) < 0.5 * float(kaiming.norm())  # along a large input direction
     assert not layer.lora_B[:, 1:3].any()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(sketch_rank=0), "sketch_rank=0 must be an int >= 1"),               # grew nothing, silently
+    (dict(sketch_rank=2.5), "sketch_rank=2.5 must be an int >= 1"),           # ran as 2
+    (dict(sketch_rank=-1), "sketch_rank=-1 must be an int >= 1"),             # torch.zeros error
+    (dict(power_iters=-1), "power_iters=-1 must be an int >= 0"),
+    (dict(loss_improvement_threshold=float("nan")), "loss_improvement_threshold=nan must be a real"),
+    (dict(move_threshold=float("nan")), "move_threshold=nan must be a real"),
+    (dict(max_moves=0), "max_moves=0 must be an int >= 1"),
+    (dict(max_tokens=0), "max_tokens=0 must be an int >= 1"),
+])
+def test_bad_online_settings_are_refused_at_construction(kwargs, message):
+    """They were used as given at the first decision step, maybe hours into training: a NaN
+    threshold or sketch_rank=0 meant no growth ever, without a word."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 10, dtype=DT), nn.Tanh(), nn.Linear(10, 3, dtype=DT))
+    model = lorambo.configure_model(net, 1, capacity={"0": 4, "2": 3})
+    with pytest.raises(ValueError, match=message):
+        LoRAMBoOptimizer(model, total_budget=200, interval=1, **kwargs)
+    online = {("threshold" if k == "loss_improvement_threshold" else k): v for k, v in kwargs.items()}
+    with pytest.raises(ValueError, match=message.split("=")[0].replace("loss_improvement_", "")):
+        OnlineGrowth(lorambo.lora_layers(model), 200, **online)
+    for bad in (float("nan"), -5, float("inf")):
+        with pytest.raises(ValueError, match=f"budget={bad!r} must be a finite number"):
+            OnlineGrowth(lorambo.lora_layers(model), bad)
