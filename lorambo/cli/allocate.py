@@ -79,6 +79,16 @@ def _lines(path: str, need: int) -> list[str]:
     return lines
 
 
+def _check_out(out: Path) -> None:
+    """ValueError unless ``out`` is a folder or can become one: found only when the files were
+    written, after the measuring, it was a traceback (FileExistsError / NotADirectoryError)."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, not a folder")
+
+
 def _load(folder: Path, eager: bool):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
@@ -157,15 +167,17 @@ def run(args) -> int:
     require({"model", "experiment"} | (set() if args.no_heatmap else {"plots"}), "allocate",
             hint="; --no-heatmap needs no matplotlib")
     folder, out = Path(args.model), Path(args.out)
-    torch.manual_seed(args.seed)
-    model, tokenizer, kind = _load(folder, eager=args.method == "hessian")
+    _check_out(out)
     batches, loss_fn = None, None
-    if args.method != "frobenius":
+    if args.method != "frobenius":  # the data before the model: a bad file fails in a second
         if args.data is None:
             raise ValueError(f"--method {args.method} needs --data (a text file)")
         lines = _lines(args.data, args.batch_size)
         batches = [lines[i:i + args.batch_size] for i in range(0, len(lines), args.batch_size)]
         batches = [b for b in batches if len(b) == args.batch_size][: args.batches]
+    torch.manual_seed(args.seed)
+    model, tokenizer, kind = _load(folder, eager=args.method == "hessian")
+    if batches is not None:
         loss_fn = _loss_fn(kind, tokenizer, args.max_length, args.seed)
     targets = [t.strip() for t in args.target_modules.split(",") if t.strip()] if args.target_modules else None
     opt = LoRAMBoOptimizer(model, total_budget=args.budget, sensitivity_method=args.method,

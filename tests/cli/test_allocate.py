@@ -108,3 +108,22 @@ def test_allocate_bad_numbers_are_usage_errors_before_loading(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert f"argument {flag}: expected" in err and expected in err and value in err
     assert not out.exists()
+
+
+def test_allocate_out_is_a_file_fails_before_measuring(tmp_path, capsys):
+    """--out naming a file (or a path below one) raised FileExistsError / NotADirectoryError with
+    a traceback when the files were written, after loading and measuring; a missing --data file
+    was found only after the model had loaded."""
+    data = tmp_path / "data.txt"
+    data.write_text("\n".join(SENTENCES) + "\n")
+    blocker = tmp_path / "taken"
+    blocker.write_text("keep me\n")
+    for out in (blocker, blocker / "sub" / "dir"):
+        assert main(["allocate", "--model", str(minilm_path()), "--budget", "40000", "--method", "gradient",
+                     "--data", str(data), "--out", str(out), "--target-modules", "query", "--no-heatmap"]) == 2
+        assert f"--out {out}: {blocker} is a file, not a folder" in capsys.readouterr().err
+        assert blocker.read_text() == "keep me\n"
+    # the data is read before the model: a folder without config.json is not even looked at
+    assert main(["allocate", "--model", str(tmp_path), "--budget", "40000", "--method", "gradient",
+                 "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o"), "--no-heatmap"]) == 2
+    assert "--data" in capsys.readouterr().err and not (tmp_path / "o").exists()
