@@ -234,7 +234,12 @@ class LoRAMBoOptimizer:
         Extra keyword arguments go to :func:`lorambo.allocate` (e.g. ``benefits`` for knapsack).
         """
         method = "uniform" if self.allocation == "alora" else self.allocation
-        if sensitivities is None and method not in ("uniform", "knapsack"):
+        if (sensitivities is None and method in ("frobenius_greedy", "data_weighted")
+                and self.sensitivity_method in ("frobenius", "data")):
+            # the curves already carry W (and G): nothing to measure, and ``sensitivities`` (e.g.
+            # ranks.json's) must be what the allocation used, not the unused ||W||^2 / E||W x||^2
+            sensitivities = self.sensitivities = dict.fromkeys(self.names, 1.0)
+        elif sensitivities is None and method not in ("uniform", "knapsack"):
             if (batches is None or loss_fn is None) and self.sensitivity_method != "frobenius":
                 raise ValueError(f"allocation={self.allocation!r} with sensitivity_method="
                                  f"{self.sensitivity_method!r} needs batches and loss_fn")
@@ -246,8 +251,6 @@ class LoRAMBoOptimizer:
                                           for n in self.names}
         if method == "data_weighted" and "tail_energies" not in allocate_kwargs:
             allocate_kwargs["tail_energies"] = self._tails(batches, loss_fn, caps, uppers)
-        if method in ("frobenius_greedy", "data_weighted") and self.sensitivity_method in ("frobenius", "data"):
-            sensitivities = dict.fromkeys(self.names, 1.0)  # the curves already carry W (and G)
         self.ranks = allocate(self.dims, sensitivities, self.initial_budget, method=method,
                               min_rank=self.min_rank, max_rank=self.max_rank, capacities=caps or None,
                               **allocate_kwargs)

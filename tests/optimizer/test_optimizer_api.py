@@ -163,3 +163,48 @@ def test_make_optimizer_is_lorambo_adamw_and_the_default_for_rank_changes():
     for layer in grown:  # the grown slots count their own Adam steps
         counts = torch_opt.state[layer.lora_A]["slot_step"][:layer.rank].tolist()
         assert counts == [3.0] + [1.0] * (layer.rank - 1)
+
+
+@pytest.mark.parametrize("sensitivity, allocation", [("frobenius", "frobenius_greedy"), ("data", "data_weighted"),
+                                                     ("data", "frobenius_greedy")])
+def test_curve_methods_report_the_sensitivities_they_used(sensitivity, allocation):
+    """When the curves carry W (and G), the allocation runs on unit sensitivities; opt.sensitivities
+    (what ``lorambo allocate`` writes to ranks.json) still held the measured ||W||^2 or E||W x||^2,
+    which did not produce these ranks, and "data" ran its covariance pass twice."""
+    torch.manual_seed(0)
+    model, batches = Net(), _batches(3)
+    calls = []
+
+    def counted(m, b):
+        calls.append(1)
+        return mse(m, b)
+
+    budget = 150
+    opt = LoRAMBoOptimizer(model, total_budget=budget, sensitivity_method=sensitivity, allocation=allocation)
+    ranks = opt.compute_optimal_ranks(batches, counted)
+    assert opt.sensitivities == dict.fromkeys(opt.names, 1.0)
+    assert len(calls) == (len(batches) if allocation == "data_weighted" else 0)
+    # independent float64 reference: the curves from the weights (and the inputs) by hand, then
+    # the allocation from what opt reports
+    weights = {n: model.get_submodule(n).weight.detach() for n in opt.names}
+    if allocation == "frobenius_greedy":
+        curves = {"spectra": {n: torch.linalg.svdvals(w).numpy() for n, w in weights.items()}}
+    else:
+        inputs = {n: [] for n in opt.names}
+        hooks = [model.get_submodule(n).register_forward_hook(
+            lambda mod, args, out, n=n: inputs[n].append(args[0].reshape(-1, args[0].shape[-1])))
+            for n in opt.names]
+        with torch.no_grad():
+            for b in batches:
+                mse(model, b)
+        for h in hooks:
+            h.remove()
+        tails = {}
+        for n, w in weights.items():
+            x = torch.cat(inputs[n])
+            lam, vec = torch.linalg.eigh(x.T @ x / x.shape[0])
+            sq = torch.linalg.svdvals(w @ vec @ torch.diag(lam.clamp_min(0).sqrt())).pow(2)
+            tails[n] = torch.tensor([float(sq[r:].sum()) for r in range(min(w.shape) + 1)]).numpy()
+        curves = {"tail_energies": tails}
+    assert ranks == lorambo.allocate(opt.dims, opt.sensitivities, budget, method=allocation, **curves)
+    assert sum(r * sum(opt.dims[n]) for n, r in ranks.items()) <= budget and len(set(ranks.values())) > 1
