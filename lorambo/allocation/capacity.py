@@ -23,7 +23,7 @@ def fixed_capacities(existing: Mapping[str, int], capacity, dims: Mapping[str, t
                      min_rank: int = 0) -> dict[str, int]:
     """``{name: capacity}`` that planning must keep: those of ``existing`` LoRA layers (they cannot
     change) plus the user's ``capacity`` (an int for every layer of ``dims``, or a dict) elsewhere.
-    Each must hold ``min_rank``."""
+    Each must hold ``min_rank`` and fit in min(d, k)."""
     fixed = {n: int(c) for n, c in existing.items() if n in dims}
     if capacity is not None:
         caps = capacity if isinstance(capacity, Mapping) else dict.fromkeys(dims, capacity)
@@ -39,6 +39,8 @@ def fixed_capacities(existing: Mapping[str, int], capacity, dims: Mapping[str, t
         if c < min_rank:
             raise ValueError(f"capacity {c} of layer {n!r} is too small for the requested rank "
                              f"min_rank={min_rank}")
+        if c > min(dims[n]):  # found here, not by plan_capacities after the measuring
+            raise ValueError(f"capacity {c} of layer {n!r} exceeds min(d, k) = {min(dims[n])}")
     return fixed
 
 

@@ -73,3 +73,26 @@ def test_pool_memory_counts_every_slot_in_the_layers_dtype():
     assert report["per_layer_bytes"] == {"a": 4 * 16 * 4, "b": 2 * 8 * 8}
     assert report["total_bytes"] == 4 * 16 * 4 + 2 * 8 * 8
     assert report["pool_params"] == 4 * 16 + 2 * 8 and report["active_params"] == 16
+
+
+def test_capacity_past_full_rank_is_refused_before_measuring():
+    """capacity=16 on a model with an 8-wide layer passed the constructor and failed only in
+    compute_optimal_ranks, after the sensitivities had been measured."""
+    from lorambo.optimizer import LoRAMBoOptimizer
+
+    with pytest.raises(ValueError, match=r"capacity 5 of layer 'b' exceeds min\(d, k\) = 4"):
+        fixed_capacities({}, 5, {"a": (10, 6), "b": (4, 4)})
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 4))
+    calls = []
+
+    def loss_fn(model, batch):
+        calls.append(1)
+        return model(batch).pow(2).mean()
+
+    for capacity in (16, {"2": 9}):
+        with pytest.raises(ValueError, match=r"capacity (16|9) of layer '2' exceeds min\(d, k\) = 8"):
+            opt = LoRAMBoOptimizer(net, total_budget=2000, sensitivity_method="gradient", capacity=capacity,
+                                   target_modules=["0", "2"])
+            opt.compute_optimal_ranks([torch.randn(4, 32)], loss_fn)
+        assert calls == []
