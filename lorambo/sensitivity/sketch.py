@@ -17,7 +17,8 @@ num_matvecs is the total number of columns multiplied by A, so methods compare a
   Hutchinson with omega_i on the deflated remainder; the result is the mean of the m exchangeable
   estimates and stderr = their std / sqrt(m) (the paper's error estimate; it ignores the
   correlation between the m estimates and runs optimistic, by ~1.2-1.7x on the test Hessian
-  blocks, so read it as a scale, not a calibrated interval). The leave-one-out
+  blocks, so read it as a scale, not a calibrated interval). When m reaches dim, Q spans
+  everything and Tr(Q^T A Q) is returned: exact, stderr 0 (as Hutch++ does). The leave-one-out
   bases are subspaces of range(Q), so every term comes from Y, Z and Q^T Omega in the m-dim
   coefficient space: no extra products; a small SVD per i drops numerically dependent directions
   (any basis independent of omega_i keeps the estimate unbiased).
@@ -110,7 +111,7 @@ def xtrace_program(dim, num_matvecs, seed=0, stream=0, dtype=torch.float64, devi
     omega = _probes(dim, m, seed, stream, "xtrace", dtype, device)
     y = yield omega
     ok = _finite_cols(y)
-    if int(ok.sum()) < 2:
+    if int(ok.sum()) < min(2, dim):
         raise RuntimeError("fewer than 2 xtrace probes gave finite matrix-vector products")
     omega, y = omega[:, ok], y[:, ok]
     m = omega.shape[1]
@@ -119,6 +120,11 @@ def xtrace_program(dim, num_matvecs, seed=0, stream=0, dtype=torch.float64, devi
     if not torch.isfinite(z).all():
         raise RuntimeError("non-finite product A Q in the xtrace sketch")
     h = q.T @ z                                                          # Q^T A Q  (m, m)
+    if m >= dim:
+        # Q (Householder: orthonormal even when Y is rank-deficient, e.g. two equal +-1 probes in
+        # dim 2) spans everything, so Tr(Q^T A Q) is exact. The leave-one-out estimates would
+        # stay random here, and may all agree by chance: a wrong value with stderr ~0.
+        return Estimate(float(h.diagonal().sum()), 0.0, 2 * m), int((~ok).sum())
     w = q.T @ omega                                                      # Q^T Omega (m, m)
     # leave-one-out bases: U_i = orthonormal basis of range(R without column i)
     keep = ~torch.eye(m, dtype=torch.bool, device=r.device)

@@ -113,3 +113,15 @@ def test_explicit_estimators_reject_bad_sizes():
         hutchpp(lambda x: a @ x, 5, 2)
     with pytest.raises(ValueError, match="xtrace needs at least 4"):
         xtrace(lambda x: a @ x, 5, 3)
+
+
+@pytest.mark.parametrize("dim, num_matvecs", [(1, 4), (2, 8), (6, 12), (6, 40)])
+def test_xtrace_exact_when_probes_span_everything(dim, num_matvecs):
+    """With m = min(num_matvecs / 2, dim) = dim probes, Q spans everything; xtrace still returned
+    the leave-one-out mean, random (sd 0.19 on a 2x2 matrix) and, when the two +-1 probes of dim 2
+    coincide, with stderr ~1e-16 around a value off by 0.36. dim 1 raised 'fewer than 2 probes'."""
+    for seed in range(20):
+        a = indefinite(dim, seed=seed)
+        est = xtrace(lambda x: a @ x, dim, num_matvecs, seed=seed)
+        assert est.value == pytest.approx(float(a.double().diagonal().sum()), rel=1e-12, abs=1e-12)
+        assert est.stderr == 0.0 and est.num_probes == 2 * dim
