@@ -39,7 +39,8 @@ def add_parser(sub) -> None:
     p.add_argument("--budget", required=True, type=_positive_float,
                    help="parameter budget sum_i r_i (d_i + k_i), e.g. 150000")
     p.add_argument("--method", choices=METHODS, default="gradient", help="layer sensitivity")
-    p.add_argument("--data", default=None, help="text file, one example per line (not needed for frobenius)")
+    p.add_argument("--data", default=None, help="text file, one example per line (not needed for frobenius, "
+                                                "unless --allocation data_weighted)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--allocation", default="closed_form", help="lorambo.allocate method (default closed_form)")
     p.add_argument("--target-modules", default=None,
@@ -169,9 +170,10 @@ def run(args) -> int:
     folder, out = Path(args.model), Path(args.out)
     _check_out(out)
     batches, loss_fn = None, None
-    if args.method != "frobenius":  # the data before the model: a bad file fails in a second
-        if args.data is None:
-            raise ValueError(f"--method {args.method} needs --data (a text file)")
+    # data_weighted measures input covariances whatever --method is (frobenius included)
+    if args.method != "frobenius" or args.allocation == "data_weighted":
+        if args.data is None:  # the data before the model: a bad file fails in a second
+            raise ValueError(f"--method {args.method} --allocation {args.allocation} needs --data (a text file)")
         lines = _lines(args.data, args.batch_size)
         batches = [lines[i:i + args.batch_size] for i in range(0, len(lines), args.batch_size)]
         batches = [b for b in batches if len(b) == args.batch_size][: args.batches]

@@ -127,3 +127,23 @@ def test_allocate_out_is_a_file_fails_before_measuring(tmp_path, capsys):
     assert main(["allocate", "--model", str(tmp_path), "--budget", "40000", "--method", "gradient",
                  "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o"), "--no-heatmap"]) == 2
     assert "--data" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_allocate_frobenius_with_data_weighted_reads_the_data(tmp_path, capsys):
+    """--allocation data_weighted measures input covariances whatever the sensitivity; with
+    --method frobenius the data file was never read, so it failed after loading ('needs batches
+    and loss_fn') although --data was given."""
+    data = tmp_path / "data.txt"
+    data.write_text("\n".join(SENTENCES) + "\n")
+    out = tmp_path / "out"
+    args = ["allocate", "--model", str(minilm_path()), "--budget", "40000", "--method", "frobenius",
+            "--allocation", "data_weighted", "--out", str(out), "--target-modules", "query,value",
+            "--batch-size", "4", "--batches", "2", "--max-length", "16", "--no-heatmap"]
+    assert main(args) == 2  # no --data: said before the model loads
+    assert "needs --data" in capsys.readouterr().err and not out.exists()
+    assert main(args + ["--data", str(data)]) == 0
+    saved, ranks = _check_outputs(out, 40000, heatmap=False)
+    assert saved["loss"] == "contrastive" and saved["sensitivities"] == dict.fromkeys(ranks, 1.0)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == {n: r for n, r in ranks.items() if r > 0}
+    assert sum(r * (384 + 384) for r in ranks.values()) <= 40000
