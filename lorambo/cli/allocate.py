@@ -30,6 +30,8 @@ from pathlib import Path
 from lorambo.cli import _parse_number, _positive_float, _positive_int
 
 METHODS = ("hessian", "gradient", "data", "frobenius")
+# LoRAMBoOptimizer's allocations but knapsack, whose benefit curves a command line cannot pass
+ALLOCATIONS = ("closed_form", "uniform", "frobenius_greedy", "data_weighted", "alora")
 
 
 def add_parser(sub) -> None:
@@ -42,7 +44,8 @@ def add_parser(sub) -> None:
     p.add_argument("--data", default=None, help="text file, one example per line (not needed for frobenius, "
                                                 "unless --allocation data_weighted)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--allocation", default="closed_form", help="lorambo.allocate method (default closed_form)")
+    p.add_argument("--allocation", choices=ALLOCATIONS, default="closed_form",
+                   help="lorambo.allocate method (alora: its uniform start)")
     p.add_argument("--target-modules", default=None,
                    help="comma-separated module name suffixes (default: every Linear but the head)")
     p.add_argument("--alpha", type=_finite_float, default=None, help="LoRA alpha (default: the rank, scaling 1)")

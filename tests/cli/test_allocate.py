@@ -147,3 +147,18 @@ def test_allocate_frobenius_with_data_weighted_reads_the_data(tmp_path, capsys):
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["rank_pattern"] == {n: r for n, r in ranks.items() if r > 0}
     assert sum(r * (384 + 384) for r in ranks.values()) <= 40000
+
+
+def test_allocate_allocation_choices(tmp_path, capsys):
+    """--allocation knapsack (no way to pass its benefit curves) or a typo failed only after the
+    model had loaded; now argparse lists the choices: every LoRAMBoOptimizer allocation but knapsack."""
+    from lorambo.cli.allocate import ALLOCATIONS
+    from lorambo.optimizer import ALLOCATIONS as ALL
+
+    assert set(ALLOCATIONS) == set(ALL) - {"knapsack"}
+    for bad in ("knapsack", "closed-form"):
+        with pytest.raises(SystemExit) as stop:
+            main(["allocate", "--model", str(minilm_path()), "--budget", "40000", "--method", "frobenius",
+                  "--allocation", bad, "--out", str(tmp_path / "o"), "--no-heatmap"])
+        assert stop.value.code == 2 and "argument --allocation: invalid choice" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
