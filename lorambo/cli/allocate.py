@@ -83,9 +83,14 @@ def _lines(path: str, need: int) -> list[str]:
     return lines
 
 
-def _check_out(out: Path) -> None:
-    """ValueError unless ``out`` is a folder or can become one: found only when the files were
-    written, after the measuring, it was a traceback (FileExistsError / NotADirectoryError)."""
+def _check_out(out: Path, model: Path) -> None:
+    """ValueError unless ``out`` is a folder or can become one (found only when the files were
+    written, after the measuring, it was a traceback: FileExistsError / NotADirectoryError) and is
+    not the model's folder: transformers loads a folder holding adapter_config.json as a peft
+    adapter, so from_pretrained(model) would then fail for want of adapter weights."""
+    if out.resolve() == model.resolve():
+        raise ValueError(f"--out {out} is the --model folder: an adapter_config.json there would make "
+                         "transformers load the model as a peft adapter; write to another folder")
     existing = out
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -171,7 +176,7 @@ def run(args) -> int:
     require({"model", "experiment"} | (set() if args.no_heatmap else {"plots"}), "allocate",
             hint="; --no-heatmap needs no matplotlib")
     folder, out = Path(args.model), Path(args.out)
-    _check_out(out)
+    _check_out(out, folder)
     batches, loss_fn = None, None
     # data_weighted measures input covariances whatever --method is (frobenius included)
     if args.method != "frobenius" or args.allocation == "data_weighted":

@@ -162,3 +162,18 @@ def test_allocate_allocation_choices(tmp_path, capsys):
                   "--allocation", bad, "--out", str(tmp_path / "o"), "--no-heatmap"])
         assert stop.value.code == 2 and "argument --allocation: invalid choice" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_allocate_refuses_to_write_into_the_model_folder(tmp_path, capsys):
+    """--out = --model wrote adapter_config.json beside the weights; transformers then loads the
+    folder as a peft adapter and AutoModel.from_pretrained fails (no adapter_model.safetensors)."""
+    from transformers import AutoModel
+
+    folder = tmp_path / "model"
+    shutil.copytree(minilm_path(), folder)
+    for out in (folder, tmp_path / "model" / ".." / "model"):
+        assert main(["allocate", "--model", str(folder), "--budget", "40000", "--method", "frobenius",
+                     "--out", str(out), "--target-modules", "query", "--no-heatmap"]) == 2
+        assert "is the --model folder" in capsys.readouterr().err
+    assert not (folder / "adapter_config.json").exists() and not (folder / "ranks.json").exists()
+    AutoModel.from_pretrained(folder, local_files_only=True)  # still a plain model folder
