@@ -212,7 +212,10 @@ class LoRAMBoOptimizer:
         if not unreached:
             return
         if len(unreached) == len(self.names):
-            raise ValueError(f"the loss depends on none of the target layers {unreached[:5]}")
+            raise ValueError(f"the loss depends on none of the target layers {unreached[:5]}, or they run "
+                             "under reentrant activation checkpointing (torch.utils.checkpoint with "
+                             "use_reentrant=True), whose weights torch.autograd.grad cannot reach; use "
+                             "use_reentrant=False or turn checkpointing off while measuring")
         warnings.warn(f"no gradient reaches layer(s) {unreached} (the loss does not use them): they "
                       "are skipped, no rank is allocated to them", RuntimeWarning, stacklevel=3)
         self.names = [n for n in self.names if n not in unreached]

@@ -199,3 +199,18 @@ def test_reentrant_checkpointing_is_an_error_not_zero_sensitivities():
             hv += float(torch.diagonal(h).sum()) / len(batches)
         assert got[name] == pytest.approx(sq, rel=1e-10) and sq > 0
         assert abs(trace[name].value - hv) <= 6 * trace[name].stderr + 1e-12
+
+
+def test_optimizer_names_reentrant_checkpointing_when_no_target_is_reached():
+    """LoRAMBoOptimizer said only 'the loss depends on none of the target layers' for a model
+    measured under reentrant checkpointing, whose loss does depend on them."""
+    torch.manual_seed(2)
+    model = _frozen_checkpointed(reentrant=True)
+    opt = lorambo.LoRAMBoOptimizer(model, total_budget=200, sensitivity_method="gradient",
+                                   target_modules=["blocks.0", "blocks.1"])
+    with pytest.raises(ValueError, match=r"none of the target layers .*use_reentrant=False"):
+        opt.compute_optimal_ranks(_batches(2), hidden_loss)
+    ok = lorambo.LoRAMBoOptimizer(_frozen_checkpointed(reentrant=False), total_budget=200,
+                                  sensitivity_method="gradient", target_modules=["blocks.0", "blocks.1"])
+    ranks = ok.compute_optimal_ranks(_batches(2), hidden_loss)
+    assert sum(r * sum(ok.dims[n]) for n, r in ranks.items()) <= 200 and any(ranks.values())
