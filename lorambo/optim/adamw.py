@@ -198,13 +198,19 @@ class AdamW(torch.optim.AdamW):
     def _pool_state(self, param: torch.Tensor, amsgrad: bool) -> dict:
         state = self.state[param]
         if SLOT_STEP not in state:
-            _, dim = pool_slots(param)
-            state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            if amsgrad:
-                state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state[SLOT_STEP] = torch.zeros(param.shape[dim], dtype=torch.float32, device=param.device)
+            slots, dim = pool_slots(param)
+            # state without per-slot counts comes from torch's Adam/AdamW (a loaded checkpoint):
+            # keep its moments and give every active slot its one step count, which is exactly
+            # how torch's AdamW would have continued; a new state starts from zero
+            step = float(state["step"]) if "exp_avg" in state and "step" in state else 0.0
+            state["step"] = torch.tensor(step)
+            keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+            for key in keys:
+                if key not in state:
+                    state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            counts = torch.zeros(param.shape[dim], dtype=torch.float32, device=param.device)
+            counts[:slots.rank] = step
+            state[SLOT_STEP] = counts
         return state
 
     def _update_pools(self, group: dict, params: list[torch.Tensor]) -> None:

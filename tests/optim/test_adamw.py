@@ -103,6 +103,35 @@ def test_slot_steps_survive_a_state_dict_round_trip_in_bfloat16():
     assert other.state[layer.lora_A]["exp_avg"].dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("options", [dict(), dict(amsgrad=True, weight_decay=0.1)])
+def test_resuming_from_a_torch_adamw_checkpoint_keeps_its_moments(options):
+    # switching a run from torch.optim.AdamW to lorambo's (as the shared-step warning suggests):
+    # the loaded moments and step count must carry on, as torch's AdamW would continue them
+    # (they were silently replaced by zeros and step 0)
+    torch.manual_seed(5)
+    layer = _pool_layer(rank=3)
+    first = torch.optim.AdamW(layer.parameters(), lr=1e-2, **options)
+    for _ in range(4):
+        _random_active_grads(layer)
+        first.step()
+    saved = copy.deepcopy(first.state_dict())
+    ours_layer, torch_layer = copy.deepcopy(layer), copy.deepcopy(layer)
+    ours = AdamW(ours_layer.parameters(), lr=1e-2, **options)
+    ours.load_state_dict(copy.deepcopy(saved))  # torch aliases the loaded tensors
+    theirs = torch.optim.AdamW(torch_layer.parameters(), lr=1e-2, **options)
+    theirs.load_state_dict(saved)
+    for _ in range(3):
+        _random_active_grads(torch_layer)
+        for p, q in ((ours_layer.lora_A, torch_layer.lora_A), (ours_layer.lora_B, torch_layer.lora_B)):
+            p.grad = q.grad.clone()
+        ours.step()
+        theirs.step()
+    for p, q in ((ours_layer.lora_A, torch_layer.lora_A), (ours_layer.lora_B, torch_layer.lora_B)):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(ours.state[p]["exp_avg"], theirs.state[q]["exp_avg"], rtol=1e-12, atol=1e-12)
+    assert ours.state[ours_layer.lora_A]["slot_step"].tolist() == [7, 7, 7, 0, 0, 0, 0, 0]
+
+
 def test_only_active_slots_are_touched_and_deepcopied_layers_stay_pools():
     layer = _pool_layer(rank=3)
     clone = copy.deepcopy(layer)
