@@ -66,7 +66,11 @@ def warn_if_shared_step(optimizer: torch.optim.Optimizer, layer) -> None:
 def reset_slot_state(optimizer: torch.optim.Optimizer, layer, slots: Sequence[int] | range,
                      all_active_new: bool = False) -> None:
     """Zero the optimizer state of ``slots``; with ``all_active_new`` also reset ``step``."""
-    index = torch.as_tensor(list(slots), dtype=torch.long)
+    slots = [layer._check_int("slot", s) for s in slots]
+    bad = [s for s in slots if not 0 <= s < layer.capacity]
+    if bad:  # a negative index would silently reset a slot counted from the end
+        raise ValueError(f"{layer._label}: slots {bad} outside [0, capacity = {layer.capacity})")
+    index = torch.as_tensor(slots, dtype=torch.long)
     if index.numel() == 0:
         return
     for value, dim in _slot_views(optimizer, layer):

@@ -57,3 +57,23 @@ def test_keep_components_moves_state_with_the_components():
     assert torch.equal(opt.state[layer.lora_A]["momentum_buffer"][:2], buf_a[[3, 0]])
     assert torch.equal(opt.state[layer.lora_B]["momentum_buffer"][:, :2], buf_b[:, [3, 0]])
     assert torch.equal(opt.state[layer.lora_A]["momentum_buffer"][2:], torch.zeros(2, 6))
+
+
+def test_reset_slot_state_refuses_slots_outside_the_pool():
+    # -1 used to reset the last slot (counted from the end) and 1.5 slot 1, without a word
+    import pytest
+
+    import lorambo
+
+    torch.manual_seed(2)
+    layer = LoRAMBoLinear(nn.Linear(12, 10), rank=4, capacity=4, name="q_proj")
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    train_steps(layer, opt)
+    before = opt.state[layer.lora_B]["exp_avg"].clone()
+    with pytest.raises(ValueError, match=r"'q_proj': slots \[-1\] outside \[0, capacity = 4\)"):
+        lorambo.reset_slot_state(opt, layer, [-1])
+    with pytest.raises(TypeError, match=r"'q_proj': slot must be an int, got 1.5"):
+        lorambo.reset_slot_state(opt, layer, [1.5])
+    assert torch.equal(opt.state[layer.lora_B]["exp_avg"], before)
