@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -341,6 +342,11 @@ class OnlineGrowth:
         if self.move_threshold is not None and component_scores is None:
             raise ValueError("rank moves (move_threshold set) need component_scores={name: scores}")
         try:
+            if not self._captured_finite():
+                # an overflowed step (GradScaler skips it too) says nothing about where rank helps
+                warnings.warn(f"step {step}: the captured activations or output gradients are not finite "
+                              "(NaN/inf): no rank decision is taken at this step", RuntimeWarning, stacklevel=2)
+                return []
             ks = {n: min(self.sketch_rank, m.capacity - m.rank) for n, m in self.layers.items()
                   if m.capacity > m.rank}
             gains, dirs = layer_benefits_many(
@@ -357,6 +363,19 @@ class OnlineGrowth:
         if self.log is not None:
             self.log.extend(records)
         return records
+
+    def _captured_finite(self) -> bool:
+        """Whether every captured X and dY is finite on every process (one flag all-reduced, so
+        all processes skip or decide together; one host read for the whole decision)."""
+        per_device: dict[torch.device, list[torch.Tensor]] = {}
+        for n in self.layers:
+            for pair in self.capture.pairs(n):
+                for t in pair:
+                    per_device.setdefault(t.device, []).append(torch.isfinite(t).all().logical_not().reshape(1))
+        bad = torch.zeros(1, dtype=torch.float64)
+        for flags in per_device.values():
+            bad += torch.cat(flags).sum().to("cpu", torch.float64)
+        return float(all_reduced_mean(bad)[0]) == 0.0
 
     def _grow(self, step, name, add, gains, dirs, optimizer, reason, first=0) -> dict:
         layer = self.layers[name]

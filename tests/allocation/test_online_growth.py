@@ -198,6 +198,26 @@ def test_update_without_capture_is_an_error():
         opt.update_ranks()
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_decision_on_an_overflowed_step_is_skipped_with_a_warning(bad):
+    # an fp16 GradScaler step that overflows: the decision must not crash training (it raised
+    # torch.linalg's LinAlgError from inside the power iteration) nor change any rank
+    torch.manual_seed(11)
+    model = _model()
+    opt = LoRAMBoOptimizer(model, total_budget=10_000, warmup_steps=0, interval=1)
+    layers = lorambo.lora_layers(model)
+    batch = (torch.randn(8, 6, dtype=DT), torch.randn(8, 3, dtype=DT))
+    with opt.capture(0):
+        (_mse(model, batch) * bad).backward()
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        assert opt.step(0) == []
+    assert [m.rank for m in layers.values()] == [1, 1, 1]
+    model.zero_grad()
+    with opt.capture(1):  # the next finite step decides as usual
+        _mse(model, batch).backward()
+    assert opt.step(1) and sum(m.rank for m in layers.values()) > 3
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 30), st.integers(0, 5),
                           st.lists(st.floats(0, 10), min_size=1, max_size=5)), min_size=1, max_size=5),
