@@ -17,6 +17,7 @@ out. Pattern keys are the full names, longest first, so no key claims a longer n
 
 from __future__ import annotations
 
+import math
 import numbers
 import re
 from collections import Counter
@@ -48,6 +49,9 @@ def _entries(ranks, alpha, alpha_pattern, use_rslora) -> tuple[dict[str, tuple[i
             raise ValueError(f"rank of {name!r} is {r!r}: must be an int >= 0")
         r = int(r)  # numpy ints too, as configure_model takes them; LoraConfig must hold plain ints (JSON)
         a = pattern_value(alpha_pattern, name, alpha)
+        if a is not None and (isinstance(a, bool) or not isinstance(a, numbers.Real) or not math.isfinite(a)):
+            # LoRAMBoLinear refuses it too; peft would write it out as the non-JSON token NaN
+            raise ValueError(f"peft_config: alpha of {name!r} is {a!r}: must be a finite number")
         if r > 0:
             out[name] = (r, float(a) if a is not None else float(r))
     return out, bool(use_rslora)

@@ -92,3 +92,17 @@ def test_numpy_integer_ranks_are_ranks():
     got = peft_config({n: np.int64(r) for n, r in ranks.items()}).to_dict()
     assert got == peft_config(ranks).to_dict()
     assert all(type(r) is int for r in got["rank_pattern"].values()) and type(got["r"]) is int
+
+
+@pytest.mark.parametrize("kwargs, layer", [
+    ({"alpha": float("nan")}, "encoder.layer.0.attention.self.query"),
+    ({"alpha": float("inf")}, "encoder.layer.0.attention.self.query"),
+    ({"alpha": 8.0, "alpha_pattern": {"intermediate.dense": float("-inf")}}, "encoder.layer.1.intermediate.dense"),
+])
+def test_non_finite_alpha_is_refused_naming_the_layer(kwargs, layer):
+    """configure_model refuses a non-finite alpha; peft_config gave peft a NaN/inf scaling (and an
+    adapter_config.json with the non-JSON token NaN)."""
+    with pytest.raises(ValueError, match=rf"alpha of '{layer}' is .*finite"):
+        peft_config(RANKS, **kwargs)
+    with pytest.raises(ValueError, match="finite"):
+        configure_model(_bert(), RANKS, **kwargs)
