@@ -382,11 +382,7 @@ class LoRAMBoLinear(nn.Module):
         """Undo :meth:`merge`."""
         if not self.merged:
             raise RuntimeError(f"{self._label}: not merged")
-        base_w = self.base_layer.weight
-        if self._weight_before_merge is not None:
-            base_w.copy_(self._weight_before_merge)
-        else:
-            base_w.copy_((base_w.double() - self._delta_as_base_layout()).to(base_w.dtype))
+        self.base_layer.weight.copy_(self._unmerged_weight())
         self._weight_before_merge = None
         self.merged = False
 
