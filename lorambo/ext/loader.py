@@ -12,7 +12,8 @@ Semantics (kept stable; tests/ext/test_ext_packaging.py checks them):
   backend (:func:`require`) raises.
 
 Importing ``lorambo._C`` registers the ``torch.ops.lorambo`` operators; ``lorambo.ext.fake``
-adds their fake implementations for torch.compile.
+adds their fake implementations for torch.compile, ``lorambo.ext.flops`` the LoRA op's FLOP
+formulas for ``FlopCounterMode``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def load() -> ModuleType | None:
             module = importlib.import_module("lorambo._C")
             importlib.import_module("lorambo.ext.fake")
             _check_operators(module)
+            importlib.import_module("lorambo.ext.flops").register_lora_flop_formulas("lorambo")
             _state["module"] = module
         except ModuleNotFoundError as err:
             _state["module"], _state["error"] = None, err

@@ -27,7 +27,10 @@ nothing inside (a ``torch.Generator``, a C++ op, a Triton launch) has to be trac
   ``dropout_multiplier``), so double backward is exact; plain backward never takes that path.
 
 Outside torch.compile the same three functions run through a ``torch.autograd.Function``
-instead: the custom-op dispatch costs more than a small layer's whole forward+backward.
+instead: the custom-op dispatch costs more than a small layer's whole forward+backward. Under a
+``TorchDispatchMode`` (``FlopCounterMode``, ``FakeTensorMode``, ...) the custom ops run eagerly
+too, so the mode sees one op with its fake implementation and FLOP formula
+(:mod:`lorambo.ext.flops`) instead of raw kernel launches it cannot see into.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from lorambo.ext.flops import register_lora_flop_formulas
 
 __all__ = ["define_lora_op", "differentiable_backward", "seed_tensor", "seed_value"]
 
@@ -135,6 +140,7 @@ def define_lora_op(ns: str, forward: Callable, backward: Callable, multiplier: C
         return _backward_rule(ctx, grad_y, (x, weight, lora_A, lora_B, t), seed, lora_linear_bwd, dropout_multiplier)
 
     lora_linear_fwd.register_autograd(backward_rule, setup_context=setup_context)
+    register_lora_flop_formulas(ns)
 
     def backward_int_seed(grad_y, x, weight, lora_A, lora_B, t, rank, scaling, p, seed, *needs):
         return backward(grad_y, x, weight, lora_A, lora_B, t, rank, scaling, p, seed, needs)
@@ -156,7 +162,7 @@ def define_lora_op(ns: str, forward: Callable, backward: Callable, multiplier: C
             return _backward_rule(ctx, grad_y, ctx.saved_tensors, ctx.seed, backward_int_seed, multiplier)
 
     def apply(x2, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed):
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
             return lora_linear_fwd(x2, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed_tensor(seed))[0]
         seed = int(seed)  # a CPU scalar when a tensor: no device synchronisation
         if eager is not None:
