@@ -2,8 +2,8 @@
 
 ``allocate(dims, sensitivities, budget, method=...)`` returns ``{name: rank}`` with
 ``sum_i rank_i * (d_i + k_i) <= budget``. Modules: ``validate`` (input checks), ``uniform``,
-``closed_form`` (square-root law), ``greedy`` (one heap engine for all gain-based methods),
-``exact`` (DP optimum, test oracle), ``api`` (dispatcher).
+``closed_form`` (square-root law), ``exchange`` (its integer local search), ``greedy`` (one heap
+engine for all gain-based methods), ``exact`` (DP optimum, test oracle), ``api`` (dispatcher).
 
 Around it, on torch: ``capacity`` (pool sizes for the ranks), ``online`` and ``schedule``
 (rank growth during training and when it happens), ``alora`` (ALoRA rounds), ``report``.

@@ -14,11 +14,17 @@ every layer at its upper bound fits, each layer with s_i > 0 takes its bound.
 
 Integers. (1) floor every rank; (2) largest remainder: visit layers by decreasing fractional
 part and add one rank where its cost still fits; (3) greedy fill of what is left: add ranks one
-at a time to the layer with the largest ``w_i / (r_i + 1)`` whose cost fits, i.e. the layer that
-stays furthest below the square-root law after the increment (equivalently the largest gain per
-parameter of ``s_i / (r_i + 1)^2``, a diminishing-returns stand-in for s_i/r_i - s_i/(r_i + 1)
-that stays finite at r = 0). The fill ends when no layer with s_i > 0 below its bound fits, so
-the unspent budget is smaller than the cost of every such layer.
+at a time to the layer with the largest loss drop per parameter ``(s_i/r_i - s_i/(r_i + 1)) / c_i``
+whose cost fits (``s_i / c_i`` from rank 0: the stand-in that keeps the loss finite there);
+(4) exchange moves (``exchange.py``): while trading one or two ranks of some layers for one or
+two ranks of others lowers the loss, take the best such trade and fill again. No layer goes
+below the floor of its continuous rank in (4) either. The fill ends when no layer with s_i > 0
+below its bound fits, so the unspent budget is smaller than the cost of every such layer.
+
+Steps (1)-(3) alone missed the integer optimum (over ranks no lower than those floors) on ~4% of
+seeded problems of 1-4 layers, by up to ~55%; with (4) none of 1,500 such problems is missed
+(tests/allocation/test_closed_form_rounding.py). On 224 layers the rounding takes milliseconds
+to tens of milliseconds.
 
 Zero sensitivities: such a layer gets min_rank (the law gives it 0) and no fill. All sensitivities
 zero makes the law 0/0: that raises ``ValueError`` rather than silently allocating something.
@@ -27,7 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .greedy import greedy_allocate
+from .exchange import improve
 
 
 def continuous_ranks(costs: np.ndarray, sens: np.ndarray, lower: np.ndarray, upper: np.ndarray,
@@ -59,12 +65,13 @@ def continuous_ranks(costs: np.ndarray, sens: np.ndarray, lower: np.ndarray, upp
 
 def round_ranks(x: np.ndarray, costs: np.ndarray, sens: np.ndarray, lower: np.ndarray,
                 upper: np.ndarray, budget: int) -> np.ndarray:
-    """Integer ranks from the continuous ones: floor, largest remainder, then greedy fill."""
+    """Integer ranks from the continuous ones: floor, largest remainder, greedy fill, exchanges."""
     at_bound = (x == lower) | (x == upper)
     # Interior ranks are floored with a hair of slack, so float error in x can never push the
     # floors over budget; a rank lost this way has fractional part ~1 and comes back in step (2).
     eps = 1e-9 * np.maximum(1.0, x)
     ranks = np.where(at_bound, x, np.maximum(lower, np.floor(x - eps))).astype(np.int64)
+    floors = ranks.copy()  # the law's guarantee: no layer ends below its floor
     left = int(budget) - int(np.sum(costs * ranks))
     frac = x - ranks
     w = np.sqrt(sens / costs)
@@ -72,8 +79,7 @@ def round_ranks(x: np.ndarray, costs: np.ndarray, sens: np.ndarray, lower: np.nd
         if frac[i] > 0 and ranks[i] < upper[i] and sens[i] > 0 and costs[i] <= left:
             ranks[i] += 1
             left -= int(costs[i])
-    return greedy_allocate(costs, ranks, upper, budget,
-                           lambda i, r: float(sens[i]) / float(r + 1) ** 2)
+    return improve(costs, ranks, sens, floors, upper, budget)
 
 
 def closed_form_ranks(names: tuple, costs: np.ndarray, sens: np.ndarray, lower: np.ndarray,
@@ -82,5 +88,6 @@ def closed_form_ranks(names: tuple, costs: np.ndarray, sens: np.ndarray, lower: 
         raise ValueError(f"closed_form: all sensitivities are zero (layers {list(names)!r}), so the "
                          "square-root law r_i ~ sqrt(s_i / (d_i + k_i)) is 0/0; give at least one "
                          "positive sensitivity or use method='uniform'")
+    sens = sens / np.max(sens)  # the law is scale-free; 1e308-sized scores would overflow its sums
     x = continuous_ranks(costs, sens, lower, upper, budget)
     return round_ranks(x, costs, sens, lower, upper, budget)

@@ -1,0 +1,83 @@
+"""The closed form's integer ranks against the integer optimum of its own proxy loss.
+
+The proxy loss is ``sum_i s_i / r_i`` with a layer at rank 0 counted as ``2 s_i`` (its first rank
+worth s_i, the finite stand-in the rounding uses). The rounding keeps the law's guarantee that no
+layer ends below the floor of its continuous rank, so the optimum it is held to is the exact
+dynamic program (lorambo/allocation/exact.py) over the same floors, the loss evaluated in float64.
+The old rounding (largest remainder, then a greedy fill) missed that optimum on ~5% of small
+problems, by up to ~60%.
+"""
+import warnings
+
+import numpy as np
+
+from lorambo.allocation import allocate
+from lorambo.allocation.closed_form import continuous_ranks
+from lorambo.allocation.exact import exact_allocate
+
+
+def _problem(rng):
+    n = int(rng.integers(1, 5))
+    d, k = rng.integers(1, 9, n), rng.integers(1, 9, n)
+    sens = rng.lognormal(0.0, 1.5, n)
+    if n > 1 and rng.random() < 0.2:
+        sens[rng.integers(n)] = 0.0
+    min_rank = int(rng.integers(0, 2))
+    max_rank = None if rng.random() < 0.5 else int(rng.integers(1, 7))
+    costs = d + k
+    upper = np.minimum(d, k) if max_rank is None else np.minimum(np.minimum(d, k), max_rank)
+    budget = int(rng.integers(max(min_rank * int(costs.sum()), int(costs.min())), int(np.dot(upper, costs)) + 4))
+    dims = {f"l{i}": (int(d[i]), int(k[i])) for i in range(n)}
+    return dims, dict(zip(dims, sens.tolist())), budget, min_rank, max_rank
+
+
+def _loss(ranks, sens):
+    return sum(s / r if r > 0 else 2.0 * s for r, s in zip(ranks, sens))
+
+
+def _floor_optimum(dims, sens, budget, min_rank, max_rank):
+    """The exact optimum over ranks no lower than the floors of the continuous law."""
+    costs = np.array([d + k for d, k in dims.values()])
+    upper = np.array([min(d, k) if max_rank is None else min(d, k, max_rank) for d, k in dims.values()])
+    s = np.array(sens)
+    x = continuous_ranks(costs, s / s.max(), np.full(len(s), min_rank), upper, budget)
+    at_bound = (x == min_rank) | (x == upper)
+    floors = np.where(at_bound, x, np.maximum(min_rank, np.floor(x - 1e-9 * np.maximum(1.0, x)))).astype(np.int64)
+
+    def gain(i, r):  # loss drop of rank r -> r + 1
+        return s[i] if r == 0 else s[i] / r - s[i] / (r + 1)
+
+    return exact_allocate(costs, floors, upper, budget, gain)
+
+
+def test_closed_form_reaches_the_integer_optimum_on_small_problems():
+    rng = np.random.default_rng(20261205)
+    gaps = []
+    for _ in range(1500):
+        dims, sens, budget, min_rank, max_rank = _problem(rng)
+        if not any(v > 0 for v in sens.values()):
+            continue
+        ranks = allocate(dims, sens, budget, method="closed_form", min_rank=min_rank, max_rank=max_rank)
+        s = list(sens.values())
+        best = _loss(_floor_optimum(dims, s, budget, min_rank, max_rank), s)
+        gaps.append(_loss(list(ranks.values()), s) / best - 1.0)
+    gaps = np.array(gaps)
+    assert gaps.min() >= -1e-12  # the oracle is optimal: a check of the test itself
+    assert np.mean(gaps > 1e-9) <= 0.003, f"{np.mean(gaps > 1e-9):.2%} of the problems not optimal"
+    assert gaps.mean() <= 2e-4, f"mean gap {gaps.mean():.5f}"
+
+
+def test_huge_budget_gives_every_layer_its_bound():
+    dims = {"a": (8, 8), "b": (4, 16)}
+    for budget in (10**20, 10**30, 1e300):
+        assert allocate(dims, {"a": 1.0, "b": 2.0}, budget) == {"a": 8, "b": 4}
+
+
+def test_sensitivity_scale_does_not_matter():
+    dims = {"a": (8, 8), "b": (4, 16), "c": (6, 3)}
+    sens = {"a": 1.0, "b": 2.5, "c": 0.3}
+    small = allocate(dims, sens, 90)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warnings either
+        for scale in (1e-300, 1e300):
+            assert allocate(dims, {k: v * scale for k, v in sens.items()}, 90) == small
