@@ -82,16 +82,33 @@ class AdaLoRAImportance:
             scores[name] = (s_a[:r].mean(1) + s_b[:, :r].mean(0)).double().cpu()
         return scores
 
+    def _checked_slots(self, name: str, slots, what: str) -> list[int]:
+        """``slots`` as distinct ints in [0, capacity) of layer ``name``, else ValueError/TypeError:
+        torch would read -1 as the last slot and 1.5 or True as slot 1, without a word."""
+        if name not in self.layers:
+            raise ValueError(f"AdaLoRAImportance.{what}: unknown layer {name!r}; tracked layers: "
+                             f"{list(self.layers)[:10]}")
+        layer = self.layers[name]
+        slots = [layer._check_int("slot", k) for k in slots]
+        bad = [k for k in slots if not 0 <= k < layer.capacity]
+        if bad:
+            raise ValueError(f"{layer._label}: AdaLoRAImportance.{what} slots {bad} outside "
+                             f"[0, capacity = {layer.capacity})")
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"{layer._label}: AdaLoRAImportance.{what} slots must be distinct, got {slots}")
+        return slots
+
     @torch.no_grad()
     def keep(self, name: str, keep: Sequence[int]) -> None:
         """Mirror ``layer.keep_components(keep)``: move the kept slots' statistics to 0..n-1."""
+        keep = self._checked_slots(name, keep, "keep")
         n = len(keep)
         for which, dim in (("A", 0), ("B", 1)):
             for table in (self._ibar, self._ubar):
                 t = table.get((name, which))
                 if t is None:
                     continue
-                idx = torch.as_tensor(list(keep), dtype=torch.long, device=t.device)
+                idx = torch.as_tensor(keep, dtype=torch.long, device=t.device)
                 moved = t.index_select(dim, idx)
                 t.narrow(dim, n, t.shape[dim] - n).zero_()
                 t.narrow(dim, 0, n).copy_(moved)
@@ -99,8 +116,9 @@ class AdaLoRAImportance:
     @torch.no_grad()
     def reset(self, name: str, slots: Sequence[int]) -> None:
         """Forget the statistics of ``slots`` (they were re-initialised by a rank change)."""
+        slots = self._checked_slots(name, slots, "reset")
         for which, dim in (("A", 0), ("B", 1)):
             for table in (self._ibar, self._ubar):
                 t = table.get((name, which))
-                if t is not None and len(slots):
-                    t.index_fill_(dim, torch.as_tensor(list(slots), dtype=torch.long, device=t.device), 0)
+                if t is not None and slots:
+                    t.index_fill_(dim, torch.as_tensor(slots, dtype=torch.long, device=t.device), 0)

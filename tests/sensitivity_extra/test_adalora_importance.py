@@ -54,3 +54,30 @@ def test_bad_beta():
     model = lorambo.configure_model(nn.Sequential(nn.Linear(6, 5)), 1)
     with pytest.raises(ValueError, match="beta1 must be in"):
         AdaLoRAImportance(model, beta1=1.0)
+
+
+def test_keep_and_reset_refuse_bad_layers_and_slots():
+    # reset(name, [-1]) used to forget the last slot (torch's negative indexing), [1.5] or [True]
+    # slot 1, an unknown name nothing at all, and keep() took duplicates: all without a word
+    torch.manual_seed(3)
+    model = lorambo.configure_model(nn.Sequential(nn.Linear(6, 5)), 4, capacity=4)
+    layer = lorambo.lora_layers(model)["0"]
+    layer.lora_B.data.normal_()
+    tracker = AdaLoRAImportance(model)
+    model(torch.randn(9, 6)).pow(2).mean().backward()
+    tracker.update()
+    before = tracker.parameter_scores("0")
+    assert bool((before[0] > 0).all()) and bool((before[1] > 0).all())  # every slot has statistics
+    with pytest.raises(ValueError, match=r"'0': AdaLoRAImportance.reset slots \[-1\] outside \[0, capacity = 4\)"):
+        tracker.reset("0", [-1])
+    for bad in (1.5, True):
+        with pytest.raises(TypeError, match=rf"'0': slot must be an int, got {bad}"):
+            tracker.reset("0", [bad])
+    with pytest.raises(ValueError, match=r"AdaLoRAImportance.reset: unknown layer '0.weight'"):
+        tracker.reset("0.weight", [0])
+    with pytest.raises(ValueError, match=r"AdaLoRAImportance.keep slots must be distinct, got \[1, 1\]"):
+        tracker.keep("0", [1, 1])
+    with pytest.raises(ValueError, match=r"AdaLoRAImportance.keep: unknown layer 'x'"):
+        tracker.keep("x", [0])
+    after = tracker.parameter_scores("0")
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
