@@ -62,7 +62,8 @@ def data_covariance(model, loss_fn, batches, modules=None) -> dict[str, torch.Te
     per layer whatever the number of batches. ``loss_fn`` is only called to run the forward (its
     result is ignored; any callable(model, batch) works) under torch.no_grad(). Padding tokens
     count like any token: mask them in the forward if that matters. A batch that feeds no token
-    to the targeted layers (e.g. sequence length 0) raises ValueError naming it.
+    to the targeted layers (e.g. sequence length 0) raises ValueError naming it, and so does a
+    layer whose inputs hold NaN/inf.
     """
     batches = as_batch_list(batches)
     targets = find_targets(model, modules)
@@ -104,4 +105,8 @@ def data_covariance(model, loss_fn, batches, modules=None) -> dict[str, torch.Te
     if starved:
         raise ValueError(f"data_covariance: layer(s) {starved[:10]} received 0 tokens over all batches")
     totals = all_reduced_sums([sums[i] for i in range(len(targets))])  # packed collectives
+    broken = [t.name for t, total in zip(targets, totals) if not bool(torch.isfinite(total).all())]
+    if broken:  # a NaN/inf input token; downstream it would surface as a failed eigh/SVD
+        raise ValueError(f"data_covariance: the inputs fed to layer(s) {broken[:10]} contain NaN/inf "
+                         "(or overflow the accumulation dtype); check the batches")
     return {t.name: total / count for t, total, count in zip(targets, totals, counts)}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 __all__ = ["frobenius_tail_energy", "data_weighted_tail_energy"]
@@ -19,9 +21,17 @@ def _tails(sigma: torch.Tensor, max_rank: int) -> torch.Tensor:
 def _check_rank(max_rank, full: int) -> int:
     if max_rank is None:
         return full
-    if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 0:
+    if isinstance(max_rank, bool) or not isinstance(max_rank, numbers.Integral) or max_rank < 0:
         raise ValueError(f"max_rank must be a non-negative integer, got {max_rank!r}")
-    return max_rank
+    return int(max_rank)
+
+
+def _check_finite(who: str, what: str, t: torch.Tensor) -> None:
+    """ValueError for NaN/inf: torch's SVD / eigh would fail with a message about convergence or
+    conditioning that does not point at the data."""
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:
+        raise ValueError(f"{who}: {what} has {bad} NaN/inf entries of {t.numel()}")
 
 
 def frobenius_tail_energy(W: torch.Tensor, max_rank: int | None = None,
@@ -36,6 +46,7 @@ def frobenius_tail_energy(W: torch.Tensor, max_rank: int | None = None,
         raise ValueError(f"W must be a matrix, got shape {tuple(W.shape)}")
     full = min(W.shape)
     max_rank = _check_rank(max_rank, full)
+    _check_finite("frobenius_tail_energy", "W", W.detach())
     work = W.detach().to(torch.promote_types(W.dtype, torch.float32))
     if not randomized:
         return _tails(torch.linalg.svdvals(work), max_rank)
@@ -62,6 +73,8 @@ def data_weighted_tail_energy(W: torch.Tensor, G: torch.Tensor,
         raise ValueError(f"need W [out, in] and G [in, in], got W {tuple(W.shape)} and G "
                          f"{tuple(G.shape)} (transpose a Conv1D weight)")
     max_rank = _check_rank(max_rank, min(W.shape))
+    _check_finite("data_weighted_tail_energy", "W", W.detach())
+    _check_finite("data_weighted_tail_energy", "G", G.detach())
     dtype = torch.promote_types(torch.promote_types(W.dtype, G.dtype), torch.float32)
     g = G.detach().to(W.device, dtype)
     lam, vec = torch.linalg.eigh((g + g.T) / 2)

@@ -1,6 +1,7 @@
 """Layers the loss never reaches are skipped with a warning (FisherProxy, LoRAMBoOptimizer);
-a NaN loss is an error in gradient_sensitivity and FisherProxy; 0-token batches are an error
-in data_covariance. Default targets follow peft's all-linear without the pooler."""
+a NaN loss is an error in gradient_sensitivity and FisherProxy; 0-token batches and NaN/inf inputs are
+errors in data_covariance, NaN/inf weights or covariances in the tail energies. Default targets follow
+peft's all-linear without the pooler."""
 
 import warnings
 
@@ -214,3 +215,37 @@ def test_optimizer_names_reentrant_checkpointing_when_no_target_is_reached():
                                   sensitivity_method="gradient", target_modules=["blocks.0", "blocks.1"])
     ranks = ok.compute_optimal_ranks(_batches(2), hidden_loss)
     assert sum(r * sum(ok.dims[n]) for n, r in ranks.items()) <= 200 and any(ranks.values())
+
+
+def test_data_covariance_names_the_layer_fed_nan():
+    # a NaN input token made G NaN silently; data_weighted_tail_energy then failed inside
+    # torch.linalg.eigh with "ill-conditioned or has too many repeated eigenvalues"
+    model = WithPooler()
+    batches = _batches()
+    batches[1][0][0, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"data_covariance: the inputs fed to layer\(s\) \['encoder.a', 'encoder.b'"):
+        data_covariance(model, hidden_loss, batches, modules=["encoder.a", "encoder.b"])
+
+
+def test_tail_energies_refuse_nonfinite_inputs_and_take_numpy_ranks():
+    import numpy as np
+
+    from lorambo.sensitivity import data_weighted_tail_energy, frobenius_tail_energy
+
+    W = torch.randn(6, 4, dtype=DT)
+    G = torch.eye(4, dtype=DT)
+    # max_rank from a numpy array of ranks was refused as "not a non-negative integer"
+    sigma = torch.linalg.svdvals(W)
+    want = torch.stack([sigma[r:].pow(2).sum() for r in range(3)])
+    torch.testing.assert_close(frobenius_tail_energy(W, np.int64(2)), want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(data_weighted_tail_energy(W, G, np.int64(2)), want, rtol=1e-12, atol=0)
+    bad_g = G.clone()
+    bad_g[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"data_weighted_tail_energy: G has 1 NaN/inf entries of 16"):
+        data_weighted_tail_energy(W, bad_g)
+    bad_w = W.clone()
+    bad_w[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"frobenius_tail_energy: W has 1 NaN/inf entries of 24"):
+        frobenius_tail_energy(bad_w)
+    with pytest.raises(ValueError, match=r"data_weighted_tail_energy: W has 1 NaN/inf"):
+        data_weighted_tail_energy(bad_w, G)
