@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -36,9 +37,10 @@ def compute_loss(loss_fn, model, batch, need_grad: bool = True) -> torch.Tensor:
 
 
 def check_positive(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """``value`` as a Python int >= 1 (numpy integers included), else ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+    return int(value)
 
 
 def check_finite_loss(loss: torch.Tensor, index: int, who: str) -> None:

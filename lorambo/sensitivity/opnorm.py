@@ -31,8 +31,8 @@ def hessian_opnorm(model, loss_fn, batches, modules=None, num_iters: int = 20, s
     most tol * value; ``stderr`` = the last change (0 when exactly converged), ``num_probes`` =
     iterations used. A non-finite product raises RuntimeError (power iteration cannot skip it).
     """
-    check_positive("num_iters", num_iters)
-    check_positive("probes_per_pass", probes_per_pass)
+    num_iters = check_positive("num_iters", num_iters)
+    probes_per_pass = check_positive("probes_per_pass", probes_per_pass)
     batches = as_batch_list(batches)
     targets = find_targets(model, modules)
     weights = [t.weight for t in targets]

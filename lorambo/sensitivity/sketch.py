@@ -35,6 +35,7 @@ from typing import Callable, Generator
 import torch
 
 from .estimate import Estimate
+from .inputs import check_positive
 from .probes import rademacher
 
 __all__ = ["hutchinson", "hutchpp", "xtrace", "run_program",
@@ -154,8 +155,8 @@ def run_program(program: Program, matvec: Callable[[torch.Tensor], torch.Tensor]
 
 
 def _explicit(program_fn, matvec, dim, num_matvecs, seed, dtype, device) -> Estimate:
-    if isinstance(num_matvecs, bool) or not isinstance(num_matvecs, int) or num_matvecs < 1:
-        raise ValueError(f"num_matvecs must be a positive integer, got {num_matvecs!r}")
+    num_matvecs = check_positive("num_matvecs", num_matvecs)
+    dim = check_positive("dim", dim)  # 0 failed later inside matvec with a shape mismatch
     est, _ = run_program(program_fn(dim, num_matvecs, seed, 0, dtype, device), matvec)
     return est
 

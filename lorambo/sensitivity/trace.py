@@ -59,8 +59,8 @@ def hessian_trace(model, loss_fn, batches, modules=None, num_probes: int = 64,
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    check_positive("num_probes", num_probes)
-    check_positive("probes_per_pass", probes_per_pass)
+    num_probes = check_positive("num_probes", num_probes)
+    probes_per_pass = check_positive("probes_per_pass", probes_per_pass)
     if stderr_target is not None and method != "hutchinson":
         raise ValueError("stderr_target (early stopping) is only supported for method='hutchinson'")
     if stderr_target is not None and not stderr_target > 0:

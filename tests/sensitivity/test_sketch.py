@@ -125,3 +125,16 @@ def test_xtrace_exact_when_probes_span_everything(dim, num_matvecs):
         est = xtrace(lambda x: a @ x, dim, num_matvecs, seed=seed)
         assert est.value == pytest.approx(float(a.double().diagonal().sum()), rel=1e-12, abs=1e-12)
         assert est.stderr == 0.0 and est.num_probes == 2 * dim
+
+
+def test_counts_may_be_numpy_integers_and_dim_is_checked():
+    # np.int64(8) was refused as "not a positive integer"; dim=0 failed inside the matvec with a
+    # shape mismatch instead of naming dim
+    import numpy as np
+
+    a = torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64))
+    plain = hutchinson(lambda v: a @ v, 5, 8, seed=3)
+    assert hutchinson(lambda v: a @ v, np.int64(5), np.int64(8), seed=3) == plain
+    assert plain.value == pytest.approx(15.0)  # diagonal A: every Rademacher probe gives Tr(A)
+    with pytest.raises(ValueError, match="dim must be a positive integer, got 0"):
+        hutchinson(lambda v: a @ v, 0, 8)
