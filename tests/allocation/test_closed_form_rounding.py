@@ -81,3 +81,22 @@ def test_sensitivity_scale_does_not_matter():
         warnings.simplefilter("error")  # no overflow warnings either
         for scale in (1e-300, 1e300):
             assert allocate(dims, {k: v * scale for k, v in sens.items()}, 90) == small
+
+
+def test_many_layers_skip_the_quadratic_exchange(monkeypatch):
+    # each exchange move is O(n^2) in time and memory: 10,000 layers (benchmarks/bench_allocate_many.py)
+    # would need GBs; past MAX_LAYERS the fill alone runs, within budget and bounds
+    from lorambo.allocation import exchange
+
+    def no_moves(*args, **kwargs):
+        raise AssertionError("an exchange move was tried on a problem past MAX_LAYERS")
+
+    monkeypatch.setattr(exchange, "_move", no_moves)
+    rng = np.random.default_rng(5)
+    n = 300  # past exchange.MAX_LAYERS = 256
+    dims = {f"l{i}": (int(rng.integers(64, 512)), int(rng.integers(64, 512))) for i in range(n)}
+    sens = {name: float(rng.random()) for name in dims}
+    budget = 3_000 * n
+    ranks = allocate(dims, sens, budget, max_rank=16)
+    assert sum(ranks[k] * sum(dims[k]) for k in dims) <= budget
+    assert all(0 <= ranks[k] <= 16 for k in dims)
