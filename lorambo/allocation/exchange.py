@@ -12,9 +12,10 @@ search repeats the best of three moves while one lowers the loss:
 and tops up with the greedy fill after each. Moves keep every rank within ``[lower, upper]`` and
 never take a layer past ``take_upper`` (the closed form passes the floor and the ceiling of the
 continuous law: the moves choose which layers round up, the fill alone may go further), stay
-within the budget, and only layers with s_i > 0 receive ranks. The loss of a layer at rank 0 is taken as ``2 s_i`` (its first rank
-is worth s_i, the next s_i / 2, ...): 1/r has no finite value there, and an infinite one would
-trade any number of ranks of a sensitive layer for one rank of a nearly insensitive one. Each
+within the budget, and only layers with s_i > 0 receive ranks. The loss of a layer at rank 0 is
+taken as ``2 s_i`` (its first rank is worth s_i, the next s_i / 2, ...): 1/r has no finite value
+there, and an infinite one would trade any number of ranks of a sensitive layer for one rank of
+a nearly insensitive one. Each
 move is O(n^2) numpy work over pairs of layers (sorted by cost once), so the moves run on
 problems of up to :data:`MAX_LAYERS` layers; larger ones keep the fill.
 """
@@ -85,7 +86,7 @@ def _move(pairs, c, sens, ranks, lower, upper, left):
     rem2 = np.where(ranks - 2 >= lower, rem1 + loss_drop(sens, ranks - 2), np.inf)
     first, second, pair_cost = pairs.first, pairs.second, pairs.cost
     best = (0.0, (), ())
-    with np.errstate(invalid="ignore"):  # inf - inf (both layers at a bound of 0): not a move
+    with np.errstate(invalid="ignore"):  # -inf / inf mark impossible moves; never let a NaN win
         # swap: a [giver j, taker i] table
         net = add1[None, :] - rem1[:, None]
         net[c[None, :] > left + c[:, None]] = -np.inf
