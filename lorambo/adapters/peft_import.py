@@ -338,22 +338,26 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None,
     where = f"peft adapter {adapter_name!r}"
     check_peft_config(config.to_dict(), where)
     model = peft_model.get_base_model()
-    specs, wrapped, heads = {}, {}, {}
+    specs, wrapped, heads, plain = {}, {}, {}, {}  # plain: peft wrappers of other adapters only
     for name, module in model.named_modules():
         if isinstance(module, ModulesToSaveWrapper):  # (trained copy, original module)
             original = module.original_module
-            heads[name] = (module.modules_to_save[adapter_name] if adapter_name in module.modules_to_save
-                           else original, original)
+            if adapter_name in module.modules_to_save:
+                heads[name] = (module.modules_to_save[adapter_name], original)
+            else:
+                plain[name] = original
             continue
-        if not isinstance(module, LoraLayer) or not any(
-                adapter_name in getattr(module, attr, {}) for attr in module.adapter_layer_names):
+        if not isinstance(module, LoraLayer):
+            continue
+        if module.merged:
+            raise ValueError(f"{where}: module {name!r} has merged adapters {module.merged_adapters}; "
+                             "unmerge them before converting")
+        if not any(adapter_name in getattr(module, attr, {}) for attr in module.adapter_layer_names):
+            plain[name] = module.get_base_layer()  # left wrapped, it would still add the other adapter
             continue
         if not isinstance(module, LoraLinear) or not isinstance(module.lora_A[adapter_name], nn.Linear):
             raise ValueError(f"{where}: module {name!r} is a peft {type(module).__name__}; lorambo "
                              "converts LoRA on Linear/Conv1D layers only")
-        if module.merged:
-            raise ValueError(f"{where}: module {name!r} has merged adapters {module.merged_adapters}; "
-                             "unmerge them before converting")
         if module.use_dora.get(adapter_name, False) or module.lora_B[adapter_name].bias is not None:
             raise ValueError(f"{where}: module {name!r} uses DoRA or a LoRA bias, which lorambo lacks")
         drop = module.lora_dropout[adapter_name]
@@ -376,7 +380,7 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None,
     # the original module goes back in, so that configure_model records its state as the
     # original (disable_adapter runs it); _install then loads the trained state into it
     originals = {n: original for n, (_, original) in heads.items()}
-    swaps = {**wrapped, **originals}
+    swaps = {**wrapped, **originals, **plain}
     peft_modules = {name: model.get_submodule(name) for name in swaps}
     trainable = [(p, p.requires_grad) for p in model.parameters()]
     for name, module in swaps.items():
