@@ -132,12 +132,12 @@ def allocator_step(allocator, step: int, optimizer=None, component_scores=None) 
     if allocator.allocation == "alora":
         raise NotImplementedError("ALoRA runs forward passes inside its decisions; under FSDP2 use "
                                   "online growth (with component_scores for rank moves)")
-    if allocator.move_threshold is not None and component_scores is None:
-        raise NotImplementedError("rank moves scored by held-out ablation run forward passes inside the "
-                                  "decision; under FSDP2 pass component_scores (e.g. AdaLoRAImportance)")
     optimizer = optimizer if optimizer is not None else allocator.default_optimizer
     if not allocator.is_decision_step(step):
         return allocator.step(step, optimizer=optimizer, component_scores=component_scores)
+    if allocator.move_threshold is not None and component_scores is None:  # only decisions score moves
+        raise NotImplementedError("rank moves scored by held-out ablation run forward passes inside the "
+                                  "decision; under FSDP2 pass component_scores (e.g. AdaLoRAImportance)")
     reshard(allocator.model)
     with full_pools(allocator.layers().values(), optimizer) as opt:
         return allocator.step(step, optimizer=opt, component_scores=component_scores)

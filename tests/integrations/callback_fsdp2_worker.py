@@ -10,17 +10,20 @@ import fsdp2_worker
 import lorambo
 from lorambo.integrations import LoRAMBoCallback
 from lorambo.optimizer import LoRAMBoOptimizer
+from lorambo.sensitivity.adalora_importance import AdaLoRAImportance
 
 STEPS = 5
 
 
-def train(net, shards, out_dir, should_save=True):
-    """Trainer's event order per optimizer step; a checkpoint at the end. Returns the callback."""
+def train(net, shards, out_dir, moves, should_save=True):
+    """Trainer's event order per optimizer step; a checkpoint at the end. Returns the callback.
+    With ``moves``: rank moves scored by AdaLoRAImportance (updated every step)."""
     layers = lorambo.lora_layers(net)
     budget = sum(3 * (m.in_features + m.out_features) for m in layers.values())
-    alloc = LoRAMBoOptimizer(net, budget, interval=2, sketch_rank=2, seed=5)
+    alloc = LoRAMBoOptimizer(net, budget, interval=2, sketch_rank=2, seed=5,
+                             move_threshold=1e30 if moves else None, max_moves=1)
     opt = alloc.make_optimizer(lr=0.05)
-    callback = LoRAMBoCallback(alloc)
+    callback = LoRAMBoCallback(alloc, importance=AdaLoRAImportance(net) if moves else None)
     args = types.SimpleNamespace(should_save=should_save, output_dir=out_dir)
     for step, (x, y) in enumerate(shards[:STEPS]):
         state = types.SimpleNamespace(global_step=step)
@@ -33,13 +36,13 @@ def train(net, shards, out_dir, should_save=True):
     return callback
 
 
-def run(rank, world, port, out_dir, data_seed):
+def run(rank, world, port, out_dir, data_seed, moves):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         net = fsdp2_worker.shard(fsdp2_worker.build(), world)
         shards = [step[rank] for step in fsdp2_worker.batches(data_seed, world)]
-        callback = train(net, shards, out_dir, should_save=rank == 0)
+        callback = train(net, shards, out_dir, moves, should_save=rank == 0)
         torch.save({"decisions": callback.decisions, "ranks": callback.allocator.current_ranks(),
                     "state": {k: fsdp2_worker._full(v) for k, v in net.state_dict().items()}},
                    f"{out_dir}/rank{rank}.pt")
