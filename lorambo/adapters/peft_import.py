@@ -34,6 +34,7 @@ from lorambo.model import configure_model, lora_layers
 from lorambo.model.modules_to_save import resolve_modules_to_save
 from lorambo.model.patterns import pattern_value
 from lorambo.model.targeting import suffix_match
+from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import default_capacity
 from lorambo.nn.base_layers import base_kind, features, unwrappable_reason
 
@@ -278,7 +279,9 @@ def import_peft(model: nn.Module, path: str | os.PathLike, capacity: int | Mappi
     (the plain base model) as LoRAMBoLinear layers, in place; returns the model.
 
     ``capacity``: pool size per layer (int, or ``{name: capacity}``; default: room to double).
+    A model wrapped by torch.compile or DDP is adapted through the wrapper.
     """
+    wrapper, model = model, unwrap_model(model)
     folder = Path(path)
     config_file = folder / _CONFIG
     if not config_file.is_file():
@@ -310,7 +313,8 @@ def import_peft(model: nn.Module, path: str | os.PathLike, capacity: int | Mappi
         specs[name] = _LayerSpec(pair["lora_A"], pair["lora_B"], alpha, _scaling(alpha, r, use_rslora),
                                  use_rslora, dropout)
     save_names, saved = _group_saved(model, other, config.get("modules_to_save"), where)
-    return _install(model, specs, capacity, saved, save_names, where)
+    _install(model, specs, capacity, saved, save_names, where)
+    return wrapper
 
 
 # ----------------------------------------------------------------------- from a peft model
