@@ -20,6 +20,7 @@ from lorambo.adapters.format import (FORMAT, LAYER_FIELDS, VERSION, AdapterForma
                                      own_storages, read_adapter_file)
 from lorambo.model import configure_model, lora_layers, unload
 from lorambo.model.targeting import check_named_targets
+from lorambo.model.unwrap import unwrap_model
 from lorambo.nn.base_layers import base_kind, features
 
 __all__ = ["AdapterFormatError", "FORMAT", "VERSION", "adapter_file", "load_adapter", "save_adapter"]
@@ -38,8 +39,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     ``modules_to_save``); returns the file written.
 
     The write is atomic (a temporary file, then a rename) and every tensor and the settings get
-    a checksum that :func:`load_adapter` verifies.
+    a checksum that :func:`load_adapter` verifies. Layers are named as in the plain model, also
+    when ``model`` is wrapped by torch.compile or DDP.
     """
+    model = unwrap_model(model)
     layers = lora_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRAMBoLinear layer to save")
@@ -120,8 +123,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     shapes exactly. The file is checked completely (header fields, shapes, checksums, finite
     values) and then against the model before anything is written, so a bad file or a mismatched
     model leaves the model as it was: :class:`AdapterFormatError` for a bad file, ``ValueError``
-    for a model that does not match it.
+    for a model that does not match it. A model wrapped by torch.compile or DDP is loaded into
+    through the wrapper (the file's names are the plain model's).
     """
+    wrapper, model = model, unwrap_model(model)
     file = adapter_file(path)
     meta, tensors, _ = read_adapter_file(file)
     bare = not lora_layers(model)
@@ -140,4 +145,4 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if bare:  # checked above, so unexpected: still give the model back as it came
             unload(model, merge=False)
         raise
-    return model
+    return wrapper

@@ -22,6 +22,7 @@ from lorambo.adapters.format import own_storages
 from lorambo.adapters.io import check_not_root
 from lorambo.model import lora_layers
 from lorambo.model.modules_to_save import modules_to_save
+from lorambo.model.unwrap import unwrap_model
 
 _PREFIX = "base_model.model."
 
@@ -39,6 +40,7 @@ def peft_adapter_config(model: nn.Module) -> dict:
     """The adapter_config.json content for the model's current adapters (what
     :func:`export_peft` writes). Not :func:`lorambo.peft_config`, which builds a
     ``peft.LoraConfig`` to train with."""
+    model = unwrap_model(model)
     check_not_root(lora_layers(model))
     layers = {n: l for n, l in lora_layers(model).items() if l.rank > 0}
     if not layers:
@@ -75,7 +77,9 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into folder ``path``
     (with the model's modules_to_save, stored as peft stores them).
 
-    The two files are replaced together: on any error both keep their previous content."""
+    The two files are replaced together: on any error both keep their previous content. Layers
+    are named as in the plain model, also when ``model`` is wrapped by torch.compile or DDP."""
+    model = unwrap_model(model)
     folder = Path(path)
     config = peft_adapter_config(model)
     tensors = {}

@@ -34,6 +34,7 @@ from lorambo.model import configure_model, lora_layers
 from lorambo.model.modules_to_save import resolve_modules_to_save
 from lorambo.model.patterns import pattern_value
 from lorambo.model.targeting import suffix_match
+from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import default_capacity
 from lorambo.nn.base_layers import base_kind, features, unwrappable_reason
 
@@ -278,7 +279,9 @@ def import_peft(model: nn.Module, path: str | os.PathLike, capacity: int | Mappi
     (the plain base model) as LoRAMBoLinear layers, in place; returns the model.
 
     ``capacity``: pool size per layer (int, or ``{name: capacity}``; default: room to double).
+    A model wrapped by torch.compile or DDP is adapted through the wrapper.
     """
+    wrapper, model = model, unwrap_model(model)
     folder = Path(path)
     config_file = folder / _CONFIG
     if not config_file.is_file():
@@ -310,7 +313,8 @@ def import_peft(model: nn.Module, path: str | os.PathLike, capacity: int | Mappi
         specs[name] = _LayerSpec(pair["lora_A"], pair["lora_B"], alpha, _scaling(alpha, r, use_rslora),
                                  use_rslora, dropout)
     save_names, saved = _group_saved(model, other, config.get("modules_to_save"), where)
-    return _install(model, specs, capacity, saved, save_names, where)
+    _install(model, specs, capacity, saved, save_names, where)
+    return wrapper
 
 
 # ----------------------------------------------------------------------- from a peft model
@@ -338,22 +342,26 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None,
     where = f"peft adapter {adapter_name!r}"
     check_peft_config(config.to_dict(), where)
     model = peft_model.get_base_model()
-    specs, wrapped, heads = {}, {}, {}
+    specs, wrapped, heads, plain = {}, {}, {}, {}  # plain: peft wrappers of other adapters only
     for name, module in model.named_modules():
         if isinstance(module, ModulesToSaveWrapper):  # (trained copy, original module)
             original = module.original_module
-            heads[name] = (module.modules_to_save[adapter_name] if adapter_name in module.modules_to_save
-                           else original, original)
+            if adapter_name in module.modules_to_save:
+                heads[name] = (module.modules_to_save[adapter_name], original)
+            else:
+                plain[name] = original
             continue
-        if not isinstance(module, LoraLayer) or not any(
-                adapter_name in getattr(module, attr, {}) for attr in module.adapter_layer_names):
+        if not isinstance(module, LoraLayer):
+            continue
+        if module.merged:
+            raise ValueError(f"{where}: module {name!r} has merged adapters {module.merged_adapters}; "
+                             "unmerge them before converting")
+        if not any(adapter_name in getattr(module, attr, {}) for attr in module.adapter_layer_names):
+            plain[name] = module.get_base_layer()  # left wrapped, it would still add the other adapter
             continue
         if not isinstance(module, LoraLinear) or not isinstance(module.lora_A[adapter_name], nn.Linear):
             raise ValueError(f"{where}: module {name!r} is a peft {type(module).__name__}; lorambo "
                              "converts LoRA on Linear/Conv1D layers only")
-        if module.merged:
-            raise ValueError(f"{where}: module {name!r} has merged adapters {module.merged_adapters}; "
-                             "unmerge them before converting")
         if module.use_dora.get(adapter_name, False) or module.lora_B[adapter_name].bias is not None:
             raise ValueError(f"{where}: module {name!r} uses DoRA or a LoRA bias, which lorambo lacks")
         drop = module.lora_dropout[adapter_name]
@@ -376,7 +384,7 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None,
     # the original module goes back in, so that configure_model records its state as the
     # original (disable_adapter runs it); _install then loads the trained state into it
     originals = {n: original for n, (_, original) in heads.items()}
-    swaps = {**wrapped, **originals}
+    swaps = {**wrapped, **originals, **plain}
     peft_modules = {name: model.get_submodule(name) for name in swaps}
     trainable = [(p, p.requires_grad) for p in model.parameters()]
     for name, module in swaps.items():

@@ -27,6 +27,7 @@ from torch import nn
 
 from lorambo.model import lora_layers
 from lorambo.model.patterns import pattern_value
+from lorambo.model.unwrap import unwrap_model
 
 __all__ = ["peft_config"]
 
@@ -37,7 +38,7 @@ def _entries(ranks, alpha, alpha_pattern, use_rslora) -> tuple[dict[str, tuple[i
         if alpha is not None or alpha_pattern is not None or use_rslora:
             raise ValueError("peft_config(model): alpha, alpha_pattern and use_rslora come from the "
                              "model's layers; pass them only with a {name: rank} dict")
-        layers = lora_layers(ranks)
+        layers = lora_layers(unwrap_model(ranks))  # a compiled / DDP model: the plain names
         if not layers:
             raise ValueError(f"{type(ranks).__name__} has no LoRAMBoLinear layer")
         return {n: (m.rank, m.scaling * m.rank) for n, m in layers.items() if m.rank > 0}, False

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 
@@ -53,7 +54,18 @@ from lorambo.nn.pool_ops import keep_components_many
 
 __all__ = ["ActivationCapture", "subspace_basis", "projected_top_singular",
            "projected_top_singular_many", "plan_growth", "plan_moves", "grow_layer", "layer_benefits_many",
-           "check_growth_settings"]
+           "check_growth_settings", "compile_hint"]
+
+
+def compile_hint() -> str:
+    """Why a compiled model captures nothing, when that can be the reason: torch.compile guards
+    on no module hooks by default (``skip_nnmodule_hook_guards``), so code compiled before the
+    capture's hooks were added keeps running without them."""
+    dynamo = sys.modules.get("torch._dynamo")  # imported by torch.compile only
+    if dynamo is None or not getattr(dynamo.config, "skip_nnmodule_hook_guards", False):
+        return ""
+    return ("; if the model runs under torch.compile, set torch._dynamo.config.skip_nnmodule_hook_guards = "
+            "False before compiling: otherwise compiled code never runs the capture's hooks")
 
 
 class ActivationCapture:
@@ -338,7 +350,7 @@ class OnlineGrowth:
         if not self.capture.has_data():
             raise RuntimeError("update_ranks: no activations were captured; run the forward and "
                                "backward of a decision step inside opt.capture(step) (or after "
-                               "opt.begin_step(step))")
+                               f"opt.begin_step(step)){compile_hint()}")
         if self.move_threshold is not None and component_scores is None:
             raise ValueError("rank moves (move_threshold set) need component_scores={name: scores}")
         try:

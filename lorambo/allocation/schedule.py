@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 
-from lorambo.allocation.online import OnlineGrowth
+from lorambo.allocation.online import OnlineGrowth, compile_hint
 
 __all__ = ["DecisionSchedule", "ScheduledGrowth"]
 
@@ -103,7 +103,7 @@ class ScheduledGrowth:
         if self._growth is None or not self._growth.capture.has_data():
             warnings.warn(f"step {step} is a rank decision step but no activations were captured: run "
                           "its forward and backward inside opt.capture(step) or after "
-                          "opt.begin_step(step)", RuntimeWarning, stacklevel=3)
+                          f"opt.begin_step(step){compile_hint()}", RuntimeWarning, stacklevel=3)
             return []
         return self.update(step, optimizer, component_scores)
 

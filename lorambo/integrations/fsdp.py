@@ -132,12 +132,12 @@ def allocator_step(allocator, step: int, optimizer=None, component_scores=None) 
     if allocator.allocation == "alora":
         raise NotImplementedError("ALoRA runs forward passes inside its decisions; under FSDP2 use "
                                   "online growth (with component_scores for rank moves)")
-    if allocator.move_threshold is not None and component_scores is None:
-        raise NotImplementedError("rank moves scored by held-out ablation run forward passes inside the "
-                                  "decision; under FSDP2 pass component_scores (e.g. AdaLoRAImportance)")
     optimizer = optimizer if optimizer is not None else allocator.default_optimizer
     if not allocator.is_decision_step(step):
         return allocator.step(step, optimizer=optimizer, component_scores=component_scores)
+    if allocator.move_threshold is not None and component_scores is None:  # only decisions score moves
+        raise NotImplementedError("rank moves scored by held-out ablation run forward passes inside the "
+                                  "decision; under FSDP2 pass component_scores (e.g. AdaLoRAImportance)")
     reshard(allocator.model)
     with full_pools(allocator.layers().values(), optimizer) as opt:
         return allocator.step(step, optimizer=opt, component_scores=component_scores)
@@ -225,21 +225,23 @@ def reshard(model: nn.Module) -> None:
             module.reshard()
 
 
-def _gathered_save(model, write, path):
+def _gathered_save(model, write, path, writes: bool | None):
     reshard(model)
     heads = [model.get_submodule(n) for n in modules_to_save(model)]
     with full_pools(lora_layers(model).values(), extra_modules=heads):
-        out = write(model, path) if is_main_process() else None
+        out = write(model, path) if (is_main_process() if writes is None else writes) else None
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     return out
 
 
-def save_adapter(model: nn.Module, path):
-    """:func:`lorambo.save_adapter` of a sharded model, written by process 0 (all must call)."""
-    return _gathered_save(model, _save_adapter, path)
+def save_adapter(model: nn.Module, path, writes: bool | None = None):
+    """:func:`lorambo.save_adapter` of a sharded model; every process must call. ``writes``:
+    whether this process writes the file (default: process 0 only)."""
+    return _gathered_save(model, _save_adapter, path, writes)
 
 
-def export_peft(model: nn.Module, path):
-    """:func:`lorambo.export_peft` of a sharded model, written by process 0 (all must call)."""
-    return _gathered_save(model, _export_peft, path)
+def export_peft(model: nn.Module, path, writes: bool | None = None):
+    """:func:`lorambo.export_peft` of a sharded model; every process must call. ``writes``:
+    whether this process writes the files (default: process 0 only)."""
+    return _gathered_save(model, _export_peft, path, writes)

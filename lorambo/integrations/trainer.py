@@ -26,6 +26,11 @@ and ``lorambo_state.pt`` (decisions, importance EMAs, ALoRA rounds; see
 (``trainer.train(resume_from_checkpoint=...)``) it reloads the pools, ranks and optimizer state
 itself; ``on_train_begin`` then restores the rest from ``<output_dir>/checkpoint-<step>`` (or
 ``resume_from``), so the run continues as if it had never stopped.
+
+FSDP2: when the pools are sharded (``fully_shard``), decisions go through
+:func:`lorambo.integrations.fsdp.allocator_step` and the adapter through its ``save_adapter``
+(every process gathers, the processes that write Trainer's checkpoint write it), with the
+same limits as there.
 """
 
 from __future__ import annotations
@@ -38,7 +43,9 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lorambo.adapters.io import save_adapter
-from lorambo.integrations import checkpoint
+from lorambo.integrations import checkpoint, fsdp
+from lorambo.model import lora_layers
+from lorambo.sharding import is_sharded
 
 __all__ = ["LoRAMBoCallback"]
 
@@ -46,6 +53,11 @@ __all__ = ["LoRAMBoCallback"]
 def _unwrap_optimizer(optimizer):
     inner = getattr(optimizer, "optimizer", None)
     return inner if inner is not None and hasattr(inner, "state") else optimizer
+
+
+def _has_sharded_pools(model) -> bool:
+    """FSDP2 (``fully_shard``) made the pools DTensors: rank edits and saving must gather them."""
+    return any(is_sharded(layer.lora_A) for layer in lora_layers(model).values())
 
 
 def _warn_if_not_slot_aware(optimizer) -> None:
@@ -90,12 +102,15 @@ class LoRAMBoCallback(TrainerCallback):
         self.decisions = checkpoint.restore(self.allocator, self.importance, saved, folder)
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        if not args.should_save:  # where Trainer writes the checkpoint: process 0, or each node's first
-            return
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        save_adapter(self.allocator.model, folder)
-        checkpoint.save_callback_state(folder, checkpoint.callback_state(self.allocator, self.importance,
-                                                                         self.decisions))
+        model = self.allocator.model
+        if _has_sharded_pools(model):  # a collective: every process gathers
+            fsdp.save_adapter(model, folder, writes=args.should_save)
+        elif args.should_save:
+            save_adapter(model, folder)
+        if args.should_save:  # where Trainer writes the checkpoint: process 0, or each node's first
+            checkpoint.save_callback_state(folder, checkpoint.callback_state(self.allocator, self.importance,
+                                                                             self.decisions))
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.allocator.begin_step(state.global_step)
@@ -106,8 +121,11 @@ class LoRAMBoCallback(TrainerCallback):
             self.importance.update()  # every step: the EMAs need the whole history
             if self.allocator.move_threshold is not None and self.allocator.is_decision_step(state.global_step):
                 scores = self.importance.component_scores()
-        records = self.allocator.step(state.global_step, optimizer=_unwrap_optimizer(optimizer),
-                                      component_scores=scores)
+        optimizer = _unwrap_optimizer(optimizer)
+        if _has_sharded_pools(self.allocator.model):  # gathers the pools on decision steps
+            records = fsdp.allocator_step(self.allocator, state.global_step, optimizer, component_scores=scores)
+        else:
+            records = self.allocator.step(state.global_step, optimizer=optimizer, component_scores=scores)
         if self.importance is not None:
             for rec in records:
                 self._sync_importance(rec)

@@ -8,6 +8,12 @@ whose dotted name equals it or ends with ``"." + entry``.
 
 A copy of each module's original state is kept (on the module's device; a head is small) so
 that :func:`lorambo.disable_adapter` can run the untouched base model.
+
+A module to save whose parameter the model also uses elsewhere (GPT-2's ``lm_head``, tied to the
+input embedding ``wte``) gets its own copy of that parameter, as peft's ``modules_to_save``
+trains a copy of the module: the other uses keep the frozen base weight. Training the shared
+parameter instead would change them too, and an adapter exchanged with peft (which saves and
+loads the head alone) would compute something else.
 """
 
 from __future__ import annotations
@@ -68,12 +74,28 @@ def check_not_targets(names: list[str], targets: Iterable[str]) -> None:
                 raise ValueError(f"module {name!r} is both in modules_to_save and a LoRA target ({t!r})")
 
 
+def _untie_from_rest(model: nn.Module, name: str) -> None:
+    """Give module ``name`` its own copy of every parameter the model also holds outside it."""
+    users: dict[int, list[str]] = {}
+    for path, param in model.named_parameters(remove_duplicate=False):
+        users.setdefault(id(param), []).append(path)
+    inside = name + "."
+    for sub in model.get_submodule(name).modules():
+        for key, param in list(sub._parameters.items()):
+            if param is not None and any(not u.startswith(inside) for u in users.get(id(param), [])):
+                sub._parameters[key] = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+
+
 def keep_trainable(model: nn.Module, names: list[str]) -> None:
     """Make the parameters of ``names`` and of every module to save recorded earlier trainable
     (a later ``configure_model`` call must not freeze them), take them off the list of
-    parameters that ``unload`` re-enables, and record the names and an original copy."""
+    parameters that ``unload`` re-enables, and record the names and an original copy. New
+    modules to save first get their own copy of any parameter they share with the rest of
+    the model (see the module docstring)."""
     recorded = list(getattr(model, _NAMES_ATTR, []))
     new = [n for n in names if n not in recorded]
+    for n in new:
+        _untie_from_rest(model, n)
     everything = recorded + new
     if not everything:
         return

@@ -69,6 +69,29 @@ def _unmerge_before_load(module: "LoRAMBoLinear", state_dict, prefix: str, *args
         module.unmerge()
 
 
+@torch.no_grad()
+def _refuse_slots_past_rank(module: "LoRAMBoLinear", state_dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: the rank travels in ``_extra_state``. Pools loaded without it
+    (a state_dict filtered to its ``lora_`` keys) keep the layer's current rank, so slots the
+    saving model had active past that rank would load as inactive and be ignored, silently
+    changing the function: refuse them (an all-zero tail loads as before)."""
+    if f"{prefix}_extra_state" in state_dict:
+        return
+    for name, dim in _POOL_DIMS.items():
+        value = state_dict.get(prefix + name)
+        if (not isinstance(value, torch.Tensor) or is_sharded(value) or value.device.type == "meta"
+                or value.shape != getattr(module, name).shape):
+            continue  # nothing to check here (a shard would need a collective); torch reports shape errors
+        used = value.abs().sum(dim=1 - dim).nonzero()
+        last = int(used.max()) + 1 if used.numel() else 0
+        if last > module.rank:
+            raise ValueError(f"{module._label}: state_dict entry {prefix + name!r} has non-zero slots up to "
+                             f"{last} but the layer's rank is {module.rank}, and there is no "
+                             f"{prefix + '_extra_state'!r} (the saved rank) to restore it; loading would drop "
+                             "those slots. Keep the _extra_state entries when filtering a state_dict, or "
+                             "set_rank() the layer first")
+
+
 class LoRAMBoLinear(nn.Module):
     """Drop-in replacement for a frozen ``nn.Linear`` / transformers ``Conv1D`` with LoRA.
 
@@ -131,6 +154,7 @@ class LoRAMBoLinear(nn.Module):
         self.set_rank(rank)
         self.register_state_dict_post_hook(_unmerged_base_weight)
         self.register_load_state_dict_pre_hook(_unmerge_before_load)
+        self.register_load_state_dict_pre_hook(_refuse_slots_past_rank)
 
     def _tag_pools(self) -> None:
         # The optimizer-facing view of the active rank (see lorambo.nn.slots).

@@ -18,6 +18,10 @@ gradients (in a Trainer callback: ``on_pre_optimizer_step``). Under DDP the grad
 averaged, so every process holds the same scores. Inactive slots have zero gradient and weight,
 hence zero importance. After a rank change, tell the tracker with :meth:`keep` (components were
 compacted by ``keep_components``) or :meth:`reset` (slots were re-initialised).
+
+Under FSDP2 (pools sharded as DTensors) :meth:`update` all-gathers each pool and its gradient,
+so every process keeps the same full, plain statistics (every process must call it): the scores
+of a component need its whole row of A and column of B, which lie on different processes.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+from lorambo.sharding import is_sharded
 
 __all__ = ["AdaLoRAImportance"]
 
@@ -52,7 +58,10 @@ class AdaLoRAImportance:
                 p = getattr(layer, "lora_" + which)
                 if p.grad is None:
                     continue
-                inst = (p.detach() * p.grad).abs().float()
+                value, grad = p.detach(), p.grad
+                if is_sharded(value):  # a collective: the statistics are kept whole on every process
+                    value, grad = value.full_tensor(), grad.full_tensor()
+                inst = (value * grad).abs().float()
                 key = (name, which)
                 if key not in self._ibar:  # first sample: Ibar starts at zero, as in AdaLoRA
                     self._ibar[key] = torch.zeros_like(inst)
@@ -70,8 +79,13 @@ class AdaLoRAImportance:
             if key in self._ibar:
                 out.append(self._ibar[key] * self._ubar[key])
             else:
-                out.append(torch.zeros_like(getattr(layer, "lora_" + which), dtype=torch.float32))
+                pool = getattr(layer, "lora_" + which)  # its full shape, also when sharded
+                out.append(torch.zeros(pool.shape, dtype=torch.float32, device=self._device(pool)))
         return out[0], out[1]
+
+    @staticmethod
+    def _device(pool: torch.Tensor) -> torch.device:
+        return pool.to_local().device if is_sharded(pool) else pool.device
 
     def component_scores(self) -> dict[str, torch.Tensor]:
         """``{name: S [rank]}`` with ``S_k = mean s(A[k, :]) + mean s(B[:, k])`` (float64, CPU)."""

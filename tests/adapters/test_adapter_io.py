@@ -145,3 +145,37 @@ def test_a_lone_lora_layer_is_refused_before_writing(tmp_path):
     file = save_adapter(nn.Sequential(layer), tmp_path)  # what the message suggests loads back
     loaded = load_adapter(nn.Sequential(nn.Linear(8, 8)), file)
     assert lora_layers(loaded)["0"].rank == 2
+
+
+@pytest.mark.parametrize("wrap", ["compile", "ddp"])
+def test_wrapped_models_save_and_load_under_the_plain_names(tmp_path, wrap):
+    """torch.compile and DDP prefix every name (_orig_mod., module.): files written from the wrapper
+    named layers that no plain model has, so load_adapter and peft refused them."""
+    peft = pytest.importorskip("peft")
+    from lorambo import export_peft, import_peft
+
+    model = trained()
+    x = torch.randn(5, 12, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(x)
+    if wrap == "ddp":
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        wrapped = (torch.compile(model, backend="eager") if wrap == "compile"
+                   else torch.nn.parallel.DistributedDataParallel(model))
+        save_adapter(wrapped, tmp_path / "a")
+        export_peft(wrapped, tmp_path / "p")
+        fresh = torch.compile(net(), backend="eager") if wrap == "compile" else None
+        with torch.no_grad():
+            torch.testing.assert_close(load_adapter(net(), tmp_path / "a")(x), expected, rtol=0, atol=0)
+            served = peft.PeftModel.from_pretrained(net(), tmp_path / "p")
+            torch.testing.assert_close(served(x), expected, rtol=1e-6, atol=1e-6)
+            if fresh is not None:  # and loaded into through the wrapper
+                torch.testing.assert_close(load_adapter(fresh, tmp_path / "a")(x), expected, rtol=0, atol=0)
+                torch.testing.assert_close(import_peft(torch.compile(net(), backend="eager"), tmp_path / "p")(x),
+                                           expected, rtol=1e-6, atol=1e-6)
+    finally:
+        if wrap == "ddp":
+            dist.destroy_process_group()

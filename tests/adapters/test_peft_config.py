@@ -106,3 +106,18 @@ def test_non_finite_alpha_is_refused_naming_the_layer(kwargs, layer):
         peft_config(RANKS, **kwargs)
     with pytest.raises(ValueError, match="finite"):
         configure_model(_bert(), RANKS, **kwargs)
+
+
+def _net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+
+
+def test_a_compiled_model_gives_the_plain_model_names():
+    """peft_config(torch.compile(model)) targeted '_orig_mod.<name>', which peft finds in no plain model."""
+    model = lorambo.configure_model(_net(), {"0": 2, "2": 3}, capacity=4)
+    config = peft_config(torch.compile(model, backend="eager"))
+    assert set(config.rank_pattern) == {"0", "2"} and config.rank_pattern == peft_config(model).rank_pattern
+    peft_model = get_peft_model(_net(), config)
+    assert {n for n, m in peft_model.named_modules() if hasattr(m, "lora_A")} == \
+        {"base_model.model.0", "base_model.model.2"}

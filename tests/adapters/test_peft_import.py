@@ -132,6 +132,31 @@ def test_from_peft_converts_wrapped_model():
         torch.testing.assert_close(_logits(model, ids), _logits(_bert(), ids), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("chosen", ["default", "other"])
+def test_from_peft_drops_the_other_adapters_of_a_multi_adapter_model(chosen):
+    """Layers holding only another adapter ("default" on query while converting "other") stayed
+    peft wrappers with that adapter active, so the converted model added it (logits off by ~5e-3)."""
+    def two_adapters():
+        peft_model = get_peft_model(_bert(), LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"],
+                                                        task_type="SEQ_CLS"))
+        peft_model.add_adapter("other", LoraConfig(r=3, lora_alpha=5, target_modules=["key", "value"],
+                                                   modules_to_save=["classifier"]))
+        _randomise_peft(peft_model, seed=11)
+        return peft_model.eval()
+
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(5))
+    reference = two_adapters()
+    reference.set_adapter(chosen)  # peft computing the chosen adapter alone
+    expected = _logits(reference, ids)
+    model = from_peft(two_adapters(), adapter_name=chosen)
+    assert not any("peft" in type(m).__module__ for m in model.modules())
+    targets = {"default": {"query", "value"}, "other": {"key", "value"}}[chosen]
+    assert {n.rsplit(".", 1)[-1] for n in lora_layers(model)} == targets
+    torch.testing.assert_close(_logits(model, ids), expected, rtol=1e-12, atol=1e-12)
+    with lorambo.disable_adapter(model):
+        torch.testing.assert_close(_logits(model, ids), _logits(_bert(), ids), rtol=0, atol=0)
+
+
 def test_from_peft_that_fails_leaves_the_peft_model_working():
     """A failure after peft's wrappers were taken out (capacity 8.0 passed the range check, then
     LoRAMBoLinear refused it; a target used under two names) left the model with neither peft's

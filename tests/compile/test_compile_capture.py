@@ -1,0 +1,51 @@
+"""Online growth on a torch.compile'd model. torch.compile guards on no module hooks by default,
+so code compiled before a decision step never runs the activation capture's hooks: every
+decision was skipped with a warning that only said to run the step inside capture(), which the
+loop did. The warning now names the setting, and with it the compiled run decides as the eager one."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lorambo
+from lorambo.optimizer import LoRAMBoOptimizer
+
+
+def _train(compiled: bool):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    lorambo.configure_model(net, 1, capacity=4)
+    budget = sum(3 * (m.in_features + m.out_features) for m in lorambo.lora_layers(net).values())
+    alloc = LoRAMBoOptimizer(net, budget, warmup_steps=2, interval=2, sketch_rank=2, seed=1)
+    opt = alloc.make_optimizer(lr=1e-2)
+    run = torch.compile(net, backend="eager") if compiled else net
+    g = torch.Generator().manual_seed(0)
+    for step in range(4):
+        x, y = torch.randn(16, 8, generator=g), torch.randn(16, 4, generator=g)
+        with alloc.capture(step):
+            ((run(x) - y) ** 2).mean().backward()
+        alloc.step(step, optimizer=opt)
+        opt.step()
+        opt.zero_grad()
+    return alloc.decisions, alloc.current_ranks()
+
+
+def test_default_compile_settings_skip_decisions_with_a_warning_naming_the_fix():
+    torch._dynamo.reset()
+    with pytest.warns(RuntimeWarning, match=r"torch._dynamo.config.skip_nnmodule_hook_guards = False"):
+        decisions, ranks = _train(compiled=True)
+    assert decisions == [] and set(ranks.values()) == {1}
+
+
+def test_with_hook_guards_the_compiled_run_decides_as_the_eager_one():
+    eager_decisions, eager_ranks = _train(compiled=False)
+    assert eager_decisions
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        decisions, ranks = _train(compiled=True)
+    assert [(r["layer"], r["event"], r["old_rank"], r["new_rank"]) for r in decisions] == \
+        [(r["layer"], r["event"], r["old_rank"], r["new_rank"]) for r in eager_decisions]
+    assert ranks == eager_ranks

@@ -1,0 +1,52 @@
+"""LoRAMBoCallback on a model sharded by FSDP2 (2 gloo CPU processes): its first decision crashed
+(DTensor pools mixed with plain tensors in the growth statistics), its checkpoint would have been
+taken from one process's shards, and with AdaLoRAImportance scoring rank moves the importance
+statistics were DTensors that a rank change could not edit. Both processes now take the decisions
+one unsharded process takes on the same data, and the checkpoint's adapter rebuilds its model."""
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import callback_fsdp2_worker as worker
+import fsdp2_worker
+import lorambo
+
+pytest.importorskip("torch.distributed.fsdp")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+@pytest.mark.parametrize("moves", [False, True])
+def test_callback_under_fsdp2_decides_and_saves_as_one_unsharded_process(tmp_path, moves):
+    sharded_dir, plain_dir = tmp_path / "sharded", tmp_path / "plain"
+    mp.start_processes(worker.run, args=(2, _free_port(), str(sharded_dir), 3, moves), nprocs=2, join=True,
+                       start_method="fork")
+    a, b = (torch.load(sharded_dir / f"rank{r}.pt", weights_only=False) for r in range(2))
+    assert a["decisions"] == b["decisions"] and a["ranks"] == b["ranks"]
+    assert any(r["event"] == "grow" for r in a["decisions"])
+    assert any(r["event"] == "shrink" for r in a["decisions"]) == moves
+
+    whole = [(torch.cat([x for x, _ in step]), torch.cat([y for _, y in step]))
+             for step in fsdp2_worker.batches(3, 2)]
+    reference = fsdp2_worker.build()
+    ref_callback = worker.train(reference, whole, str(plain_dir), moves)
+    assert [(r["layer"], r["event"], r["old_rank"], r["new_rank"]) for r in ref_callback.decisions] == \
+        [(r["layer"], r["event"], r["old_rank"], r["new_rank"]) for r in a["decisions"]]
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(a["state"][name], value, rtol=1e-9, atol=1e-11, msg=name)
+
+    checkpoint = sharded_dir / f"checkpoint-{worker.STEPS}"
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["adapter.safetensors", "lorambo_state.pt"]
+    torch.manual_seed(0)  # the base weights fsdp2_worker.build() starts from
+    rebuilt = lorambo.load_adapter(fsdp2_worker.build_plain(), checkpoint)
+    probe = torch.randn(5, 6, generator=torch.Generator().manual_seed(11), dtype=fsdp2_worker.DT)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(probe), reference(probe), rtol=1e-9, atol=1e-11)
