@@ -103,6 +103,10 @@ class ExperimentConfig:
         bad = [t for t in self.tasks if t not in TASKS]
         if bad or not self.tasks:
             raise ValueError(f"unknown or no task(s) {bad or list(self.tasks)}; valid tasks: {', '.join(TASKS)}")
+        idle = [t for t in self.tasks if t != "planted" and all(m in REFERENCE for m in self.methods)]
+        if idle:  # the oracle needs planted ranks: on another task nothing would run
+            raise ValueError(f"task(s) {idle} would run no method: {', '.join(self.methods)} needs the planted "
+                             "task's planted ranks; add an allocator such as uniform")
         if not self.budgets or any(not (isinstance(b, (int, float)) and math.isfinite(b) and b > 0)
                                    for b in self.budgets):
             raise ValueError(f"budgets must be positive mean ranks per module, got {list(self.budgets)}")

@@ -21,6 +21,7 @@ from lorambo.cli.growth import check_growth_args
     (["experiment", "--methods", "uniform,lora_magic"], "unknown method(s) ['lora_magic']"),
     (["experiment", "--lr-search", "best"], "lr_search must be one of per_budget, first_budget, uniform"),
     (["experiment", "--steps", "10", "--probe-steps", "60"], "probe_steps (60) must not exceed steps (10)"),
+    (["experiment", "--task", "sentiment", "--methods", "oracle"], "['sentiment'] would run no method"),
 ])
 def test_bad_arguments_are_usage_errors(argv, message, capsys, monkeypatch):
     def must_not_run(*args, **kwargs):
