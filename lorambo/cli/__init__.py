@@ -99,18 +99,33 @@ def _needs(cfg, plots: bool) -> set[str]:
         {"plots"} if plots else set())
 
 
+_GROWTH_OPTIONS = (("--steps", "steps"), ("--grow-at", "grow_at"), ("--batch-size", "batch_size"), ("--seed", "seed"))
+GROWTH_DEFAULTS = {"steps": 24, "grow_at": 12, "batch_size": 16, "seed": 0}
+
+
 def _demo(args) -> int:
     from lorambo.cli.deps import require
 
+    growth_only = [flag for flag, field in _GROWTH_OPTIONS if getattr(args, field) is not None]
+    if growth_only and not args.growth:  # they would be ignored by the 8-minute experiment
+        args.parser.error(f"{', '.join(growth_only)} apply to --growth only; the experiment's sizes are "
+                          "options of `lorambo experiment` (e.g. --steps)")
     if args.growth:
+        experiment_only = [flag for flag, given in (("--full", args.full), ("--out", args.out is not None),
+                                                    ("--runs-root", args.runs_root != "runs"))
+                           if given]
+        if experiment_only:  # the growth proof prints its result and writes no files
+            args.parser.error(f"{', '.join(experiment_only)} do(es) not apply to --growth, which writes no files")
         require({"model", "weights"}, "demo --growth")
         from lorambo.cli.growth import check_growth_args, run_growth_demo
 
+        sizes = {field: getattr(args, field) for _, field in _GROWTH_OPTIONS}
+        sizes = {field: (GROWTH_DEFAULTS[field] if value is None else value) for field, value in sizes.items()}
         try:
-            check_growth_args(args.steps, args.grow_at, args.batch_size)
+            check_growth_args(sizes["steps"], sizes["grow_at"], sizes["batch_size"])
         except ValueError as err:
             args.parser.error(str(err))
-        result = run_growth_demo(steps=args.steps, grow_at=args.grow_at, batch_size=args.batch_size, seed=args.seed)
+        result = run_growth_demo(**sizes)
         return 0 if result["ok"] else 1
     from lorambo.experiments import config as presets
 
@@ -190,11 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--growth", action="store_true", help="run the in-place rank-growth proof instead")
     _output_args(demo)
     g = demo.add_argument_group("--growth options")
-    g.add_argument("--steps", type=_positive_int, default=24, help="optimizer steps in total")
-    g.add_argument("--grow-at", type=_positive_int, default=12, help="step at which ranks grow")
-    g.add_argument("--batch-size", type=_positive_int, default=16,
-                   help="paragraphs per step (at least 2: the loss contrasts them)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps in total (default: 24)")
+    g.add_argument("--grow-at", type=_positive_int, default=None, help="step at which ranks grow (default: 12)")
+    g.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="paragraphs per step (at least 2: the loss contrasts them; default: 16)")
+    g.add_argument("--seed", type=int, default=None, help="default: 0")
     demo.set_defaults(func=_demo, parser=demo)
 
     exp = sub.add_parser("experiment", help="the experiment with every option")
