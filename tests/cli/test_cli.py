@@ -60,6 +60,7 @@ def test_demo_and_experiment_options_reach_the_config(monkeypatch, tmp_path):
 def test_info_and_console_entry_point(capsys):
     assert main(["info"]) == 0
     assert "backend requested" in capsys.readouterr().out
-    for cmd in ([sys.executable, "-m", "lorambo.cli", "--help"], [str(Path(sys.executable).parent / "lorambo"), "-h"]):
+    for cmd in ([sys.executable, "-m", "lorambo.cli", "--help"], [sys.executable, "-m", "lorambo", "--help"],
+                [str(Path(sys.executable).parent / "lorambo"), "-h"]):
         proc = subprocess.run(cmd, capture_output=True, text=True)
         assert proc.returncode == 0 and "demo" in proc.stdout, proc.stderr
