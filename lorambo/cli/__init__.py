@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from lorambo.experiments.config import METHODS as EXPERIMENT_METHODS
 
@@ -83,6 +84,7 @@ def _run(cfg, args) -> int:
     from lorambo.experiments.runner import default_out_dir, run_experiment
 
     out = args.out if args.out is not None else default_out_dir(args.runs_root)
+    args.resolved_out = out  # for the message of an interrupted run
     options = {name: getattr(args, name, None) for name in ("workers", "time_limit", "resume")}
     options = {name: value for name, value in options.items() if value is not None}
     if options.get("time_limit") is not None:
@@ -249,6 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ImportError, FileNotFoundError, PermissionError) as err:  # a clear line, no traceback
         print(f"lorambo {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: say what was kept instead of a traceback
+        journal = Path(getattr(args, "resolved_out", None) or ".") / "runs.jsonl"
+        kept = (f"; the finished units are in {journal}: continue with the same options and --resume {journal}"
+                if getattr(args, "resolved_out", None) is not None and journal.is_file() else "")
+        print(f"lorambo {args.command}: interrupted{kept}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
