@@ -76,6 +76,14 @@ def _positive_float(text: str) -> float:
     return _parse_number(text, float, lambda v: 0 < v < float("inf"), "a positive number")
 
 
+def _folder(text: str) -> str:
+    """An output folder: an empty value (an unset shell variable, say) would write into the
+    current directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty folder name (use . for the current directory)")
+    return text
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
@@ -193,8 +201,8 @@ def _experiment(args) -> int:
 
 
 def _output_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default=None, help="output folder (default: runs/<timestamp>)")
-    p.add_argument("--runs-root", default="runs", help="parent of the timestamped output folder")
+    p.add_argument("--out", type=_folder, default=None, help="output folder (default: runs/<timestamp>)")
+    p.add_argument("--runs-root", type=_folder, default="runs", help="parent of the timestamped output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

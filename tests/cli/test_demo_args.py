@@ -20,6 +20,11 @@ from lorambo.cli.growth import check_growth_args
     # --growth writes no files and has no GPU size: --out and --full were silently ignored
     (["demo", "--growth", "--out", "somewhere"], "--out do(es) not apply to --growth"),
     (["demo", "--growth", "--full"], "--full do(es) not apply to --growth"),
+    # an empty --out (an unset shell variable) wrote the results into the current directory
+    (["experiment", "--out", ""], "--out: empty folder name (use . for the current directory)"),
+    (["experiment", "--runs-root", " "], "--runs-root: empty folder name"),
+    (["demo", "--out", ""], "--out: empty folder name"),
+    (["allocate", "--model", "m", "--budget", "1000", "--out", ""], "--out: empty folder name"),
     (["experiment", "--seeds", "0"], "--seeds: expected a whole number >= 1, got 0"),
     (["experiment", "--budgets", "0,1"], "--budgets: expected comma-separated positive numbers"),
     (["experiment", "--lrs", "1e-3,nan"], "--lrs: expected comma-separated positive numbers"),
