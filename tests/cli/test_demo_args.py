@@ -28,6 +28,7 @@ from lorambo.cli.growth import check_growth_args
     (["experiment", "--seeds", "0"], "--seeds: expected a whole number >= 1, got 0"),
     (["experiment", "--budgets", "0,1"], "--budgets: expected comma-separated positive numbers"),
     (["experiment", "--lrs", "1e-3,nan"], "--lrs: expected comma-separated positive numbers"),
+    (["experiment", "--lrs", "1e-3,0.001"], "lr_grid repeats: [0.001, 0.001]"),
     (["experiment", "--eval-examples", "-1"], "--eval-examples: expected a whole number >= 0, got -1"),
     (["experiment", "--methods", "uniform,lora_magic"], "unknown method(s) ['lora_magic']"),
     (["experiment", "--lr-search", "best"], "lr_search must be one of per_budget, first_budget, uniform"),

@@ -26,6 +26,9 @@ def test_unknown_method_and_task():
     # crashed writing its report with "max() arg is an empty sequence"
     ({"tasks": ("sentiment",), "methods": ("oracle",)}, r"task\(s\) \['sentiment'\] would run no method"),
     ({"tasks": ("planted", "sentiment"), "methods": ("oracle",)}, r"\['sentiment'\] would run no method"),
+    # repeats made two units with one journal key: the same run trained twice and journalled twice
+    ({"lr_grid": (1e-3, 1e-3)}, r"lr_grid repeats: \[0.001, 0.001\]"),
+    ({"tasks": ("planted", "planted")}, r"tasks repeat: \['planted', 'planted'\]"),
 ])
 def test_bad_config_values(changes, match):
     with pytest.raises(ValueError, match=match):
