@@ -1,7 +1,7 @@
 """CPU benchmark: one optimizer step over MiniLM-shaped LoRA pools.
 
 36 pools (384 -> 384 and 384 <-> 1536, as in MiniLM's attention and MLP), rank 8 active in a
-capacity-32 pool, float32 and bfloat16. ``torch_adamw`` updates whole pools (it cannot know which slots are
+capacity-32 pool, float32, bfloat16 and float16. ``torch_adamw`` updates whole pools (it cannot know which slots are
 active); ``lorambo_adamw`` updates only the active slots with per-slot bias correction, in one
 call of the compiled extension (its CPU path); ``lorambo_adamw_foreach`` is the same update as
 torch._foreach ops (the path for CUDA and FSDP2 shards, forced here with the ``torch``

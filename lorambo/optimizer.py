@@ -65,6 +65,9 @@ class LoRAMBoOptimizer:
     Args:
         model: a plain model (targets: ``target_modules``, peft semantics) or one with
             LoRAMBoLinear layers (targets: those layers, whose capacities are then fixed).
+        total_budget: the most LoRA parameters ``sum_i r_i (d_i + k_i)``, online growth included.
+        target_modules: as in :func:`lorambo.configure_model`; None: the model's LoRAMBoLinear
+            layers if it has any, else peft's all-linear (without poolers).
         sensitivity_method: "hessian" (Tr H_i, Hutchinson), "gradient" (mean ||dL/dW_i||^2),
             "data" (Tr(W G W^T) = E||W x||^2 with G = E[x x^T]), "frobenius" (||W_i||_F^2) or
             "ablation" (summed positive AB-LoRA scores of trained adapters; needs LoRA layers).
@@ -79,6 +82,9 @@ class LoRAMBoOptimizer:
         move_threshold, max_moves: rank moves (see ``OnlineGrowth``); scores come from
             ``update_ranks(component_scores=...)`` or, if ``heldout_batches`` and ``loss_fn`` are
             given, from ablation on them.
+        alpha: LoRA alpha of the layers :meth:`configure` builds (default: each layer's rank).
+        num_probes: Hutchinson probes for ``sensitivity_method="hessian"``.
+        seed: seeds the probes and the initialisation of grown slots (the same on every process).
         alora: an :class:`ALoRAConfig` (or dict) for ``allocation="alora"``.
         log_path: JSON-lines file receiving every online decision (main process only).
         verbose: also print the pool memory report.

@@ -34,7 +34,7 @@ FLOORS = {
     "allocation": 5,
     "optimizer": 6, "integrations": 6,
     "experiments": 7, "cli": 7,
-    "__init__": 8,
+    "__init__": 8, "__main__": 8,
 }
 
 

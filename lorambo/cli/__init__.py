@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from lorambo.experiments.config import METHODS as EXPERIMENT_METHODS
 
@@ -75,6 +76,14 @@ def _positive_float(text: str) -> float:
     return _parse_number(text, float, lambda v: 0 < v < float("inf"), "a positive number")
 
 
+def _folder(text: str) -> str:
+    """An output folder: an empty value (an unset shell variable, say) would write into the
+    current directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty folder name (use . for the current directory)")
+    return text
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
@@ -83,6 +92,7 @@ def _run(cfg, args) -> int:
     from lorambo.experiments.runner import default_out_dir, run_experiment
 
     out = args.out if args.out is not None else default_out_dir(args.runs_root)
+    args.resolved_out = out  # for the message of an interrupted run
     options = {name: getattr(args, name, None) for name in ("workers", "time_limit", "resume")}
     options = {name: value for name, value in options.items() if value is not None}
     if options.get("time_limit") is not None:
@@ -99,18 +109,33 @@ def _needs(cfg, plots: bool) -> set[str]:
         {"plots"} if plots else set())
 
 
+_GROWTH_OPTIONS = (("--steps", "steps"), ("--grow-at", "grow_at"), ("--batch-size", "batch_size"), ("--seed", "seed"))
+GROWTH_DEFAULTS = {"steps": 24, "grow_at": 12, "batch_size": 16, "seed": 0}
+
+
 def _demo(args) -> int:
     from lorambo.cli.deps import require
 
+    growth_only = [flag for flag, field in _GROWTH_OPTIONS if getattr(args, field) is not None]
+    if growth_only and not args.growth:  # they would be ignored by the 8-minute experiment
+        args.parser.error(f"{', '.join(growth_only)} apply to --growth only; the experiment's sizes are "
+                          "options of `lorambo experiment` (e.g. --steps)")
     if args.growth:
+        experiment_only = [flag for flag, given in (("--full", args.full), ("--out", args.out is not None),
+                                                    ("--runs-root", args.runs_root != "runs"))
+                           if given]
+        if experiment_only:  # the growth proof prints its result and writes no files
+            args.parser.error(f"{', '.join(experiment_only)} do(es) not apply to --growth, which writes no files")
         require({"model", "weights"}, "demo --growth")
         from lorambo.cli.growth import check_growth_args, run_growth_demo
 
+        sizes = {field: getattr(args, field) for _, field in _GROWTH_OPTIONS}
+        sizes = {field: (GROWTH_DEFAULTS[field] if value is None else value) for field, value in sizes.items()}
         try:
-            check_growth_args(args.steps, args.grow_at, args.batch_size)
+            check_growth_args(sizes["steps"], sizes["grow_at"], sizes["batch_size"])
         except ValueError as err:
             args.parser.error(str(err))
-        result = run_growth_demo(steps=args.steps, grow_at=args.grow_at, batch_size=args.batch_size, seed=args.seed)
+        result = run_growth_demo(**sizes)
         return 0 if result["ok"] else 1
     from lorambo.experiments import config as presets
 
@@ -176,8 +201,8 @@ def _experiment(args) -> int:
 
 
 def _output_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default=None, help="output folder (default: runs/<timestamp>)")
-    p.add_argument("--runs-root", default="runs", help="parent of the timestamped output folder")
+    p.add_argument("--out", type=_folder, default=None, help="output folder (default: runs/<timestamp>)")
+    p.add_argument("--runs-root", type=_folder, default="runs", help="parent of the timestamped output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -190,11 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--growth", action="store_true", help="run the in-place rank-growth proof instead")
     _output_args(demo)
     g = demo.add_argument_group("--growth options")
-    g.add_argument("--steps", type=_positive_int, default=24, help="optimizer steps in total")
-    g.add_argument("--grow-at", type=_positive_int, default=12, help="step at which ranks grow")
-    g.add_argument("--batch-size", type=_positive_int, default=16,
-                   help="paragraphs per step (at least 2: the loss contrasts them)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps in total (default: 24)")
+    g.add_argument("--grow-at", type=_positive_int, default=None, help="step at which ranks grow (default: 12)")
+    g.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="paragraphs per step (at least 2: the loss contrasts them; default: 16)")
+    g.add_argument("--seed", type=int, default=None, help="default: 0")
     demo.set_defaults(func=_demo, parser=demo)
 
     exp = sub.add_parser("experiment", help="the experiment with every option")
@@ -234,6 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ImportError, FileNotFoundError, PermissionError) as err:  # a clear line, no traceback
         print(f"lorambo {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: say what was kept instead of a traceback
+        journal = Path(getattr(args, "resolved_out", None) or ".") / "runs.jsonl"
+        kept = (f"; the finished units are in {journal}: continue with the same options and --resume {journal}"
+                if getattr(args, "resolved_out", None) is not None and journal.is_file() else "")
+        print(f"lorambo {args.command}: interrupted{kept}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

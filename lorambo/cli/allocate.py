@@ -27,7 +27,7 @@ import json
 import math
 from pathlib import Path
 
-from lorambo.cli import _parse_number, _positive_float, _positive_int
+from lorambo.cli import _folder, _parse_number, _positive_float, _positive_int
 
 METHODS = ("hessian", "gradient", "data", "frobenius")
 # LoRAMBoOptimizer's allocations but knapsack, whose benefit curves a command line cannot pass
@@ -43,7 +43,7 @@ def add_parser(sub) -> None:
     p.add_argument("--method", choices=METHODS, default="gradient", help="layer sensitivity")
     p.add_argument("--data", default=None, help="text file, one example per line (not needed for frobenius, "
                                                 "unless --allocation data_weighted)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", type=_folder, required=True, help="output folder")
     p.add_argument("--allocation", choices=ALLOCATIONS, default="closed_form",
                    help="lorambo.allocate method (alora: its uniform start)")
     p.add_argument("--target-modules", default=None,

@@ -77,6 +77,11 @@ def build(target, model_dir=None, data_dir=None, limit: int = LIMIT) -> dict:
     from lorambo.experiments.sentiment_data import data_dir as default_data_dir
 
     target = Path(target)
+    if target.exists() and not (target.is_dir() and (not any(target.iterdir())
+                                                     or (target / bundle.MANIFEST).is_file())):
+        # replacing it removes what it holds: only an old bundle (or nothing) may go
+        raise ValueError(f"bundle: {target} exists and is not a bundle (no {bundle.MANIFEST}); refusing to "
+                         "replace it: choose a new folder or remove this one yourself")
     model_dir = Path(model_dir) if model_dir is not None else minilm_path()
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     target.parent.mkdir(parents=True, exist_ok=True)

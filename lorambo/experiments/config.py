@@ -103,6 +103,12 @@ class ExperimentConfig:
         bad = [t for t in self.tasks if t not in TASKS]
         if bad or not self.tasks:
             raise ValueError(f"unknown or no task(s) {bad or list(self.tasks)}; valid tasks: {', '.join(TASKS)}")
+        if len(set(self.tasks)) != len(self.tasks):  # each would run every unit twice under one key
+            raise ValueError(f"tasks repeat: {list(self.tasks)}")
+        idle = [t for t in self.tasks if t != "planted" and all(m in REFERENCE for m in self.methods)]
+        if idle:  # the oracle needs planted ranks: on another task nothing would run
+            raise ValueError(f"task(s) {idle} would run no method: {', '.join(self.methods)} needs the planted "
+                             "task's planted ranks; add an allocator such as uniform")
         if not self.budgets or any(not (isinstance(b, (int, float)) and math.isfinite(b) and b > 0)
                                    for b in self.budgets):
             raise ValueError(f"budgets must be positive mean ranks per module, got {list(self.budgets)}")
@@ -122,6 +128,8 @@ class ExperimentConfig:
             raise ValueError(f"steps must be >= 5 (the adaptive schedules need room), got {self.steps}")
         if not self.lr_grid or any(not (lr > 0 and math.isfinite(lr)) for lr in self.lr_grid):
             raise ValueError(f"lr_grid must hold positive learning rates, got {list(self.lr_grid)}")
+        if len(set(self.lr_grid)) != len(self.lr_grid):
+            raise ValueError(f"lr_grid repeats: {list(self.lr_grid)}")
         if self.lr_search not in LR_SEARCH:
             raise ValueError(f"lr_search must be one of {', '.join(LR_SEARCH)}, got {self.lr_search!r}")
         if self.lr_search == "uniform" and "uniform" not in self.methods:

@@ -238,12 +238,19 @@ def plots_from(results_json, out_dir=None) -> list[str]:
         import matplotlib  # noqa: F401
     except ImportError:
         raise ImportError("drawing the plots needs matplotlib: pip install matplotlib") from None
-    result = json.loads(path.read_text(encoding="utf-8"))
-    if "tasks" not in result or "config" not in result:
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"--plots-from {path}: not a JSON file ({err})") from None
+    if not isinstance(result, dict) or "tasks" not in result or "config" not in result:
         raise ValueError(f"--plots-from {path}: not an experiment's results.json (no 'tasks' or 'config')")
     out_dir = check_out_dir(out_dir if out_dir is not None else path.parent)
-    summary = demo_report.compact(result) if _has_gap(result) else None
-    return draw_plots(result, out_dir, summary=summary)
+    try:
+        summary = demo_report.compact(result) if _has_gap(result) else None
+        return draw_plots(result, out_dir, summary=summary)
+    except (KeyError, IndexError, TypeError) as err:  # a hand-edited or foreign file
+        raise ValueError(f"--plots-from {path}: not an experiment's results.json (missing or malformed "
+                         f"entry: {type(err).__name__} {err})") from err
 
 
 def _has_gap(result: dict) -> bool:

@@ -21,6 +21,9 @@ __all__ = ["disable_adapter"]
 
 @contextmanager
 def disable_adapter(model: nn.Module):
+    """``with disable_adapter(model):`` runs the frozen base model: no LoRA branch, and the
+    ``modules_to_save`` in their state from before ``configure_model``. Everything is back on
+    exit. RuntimeError for merged layers (``unmerge()`` first) and for nested use."""
     layers = lora_layers(model)
     merged = [n for n, layer in layers.items() if layer.merged]
     if merged:

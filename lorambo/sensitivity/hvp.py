@@ -74,6 +74,12 @@ class HessianOperator:
                                             allow_unused=True)
                 reached = reached or any(g is not None for g in grads)
                 part = summarize(self._products(grads, vs))
+                # a NaN/inf loss makes its products NaN even where the Hessian is structurally 0
+                # (a loss linear in the weights past a ReLU): the callers then skip or refuse
+                # them, as for any non-finite product, instead of returning a silent 0. No host
+                # sync, and under DDP the NaN reaches every process through the all-reduce.
+                gate = torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
+                part = [p * gate.to(p.device, p.dtype) for p in part]
                 total = part if total is None else [t + p for t, p in zip(total, part)]
                 del loss, grads
         if not reached:  # every product would be 0: a silent zero Hessian for every layer

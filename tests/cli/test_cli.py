@@ -60,6 +60,36 @@ def test_demo_and_experiment_options_reach_the_config(monkeypatch, tmp_path):
 def test_info_and_console_entry_point(capsys):
     assert main(["info"]) == 0
     assert "backend requested" in capsys.readouterr().out
-    for cmd in ([sys.executable, "-m", "lorambo.cli", "--help"], [str(Path(sys.executable).parent / "lorambo"), "-h"]):
+    for cmd in ([sys.executable, "-m", "lorambo.cli", "--help"], [sys.executable, "-m", "lorambo", "--help"],
+                [str(Path(sys.executable).parent / "lorambo"), "-h"]):
         proc = subprocess.run(cmd, capture_output=True, text=True)
         assert proc.returncode == 0 and "demo" in proc.stdout, proc.stderr
+
+
+def test_interrupted_experiment_says_where_its_journal_is(monkeypatch, tmp_path, capsys):
+    """Ctrl-C printed a KeyboardInterrupt traceback from deep inside training; now one line that
+    names the journal and how to continue, exit status 130 (as for SIGINT)."""
+    def interrupted(cfg, out_dir=None, progress=None, **options):
+        from pathlib import Path
+
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "runs.jsonl").write_text('{"kind": "header"}\n')
+        raise KeyboardInterrupt
+
+    def run(argv):  # an escaping KeyboardInterrupt would stop the whole pytest session
+        try:
+            return main(argv)
+        except KeyboardInterrupt:
+            pytest.fail("KeyboardInterrupt escaped lorambo's main()")
+
+    monkeypatch.setattr("lorambo.experiments.runner.run_experiment", interrupted)
+    monkeypatch.setattr("lorambo.cli.deps.require", lambda *a, **k: None)
+    out = tmp_path / "run"
+    assert run(["experiment", "--preset", "tiny", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    journal = out / "runs.jsonl"
+    assert err.strip() == (f"lorambo experiment: interrupted; the finished units are in {journal}: continue "
+                           f"with the same options and --resume {journal}")
+    monkeypatch.setattr("lorambo.cli.growth.run_growth_demo", lambda **kw: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert run(["demo", "--growth"]) == 130
+    assert capsys.readouterr().err.strip() == "lorambo demo: interrupted"

@@ -14,13 +14,26 @@ from lorambo.cli.growth import check_growth_args
     (["demo", "--growth", "--steps", "-3"], "--steps: expected a whole number >= 1, got -3"),
     (["demo", "--growth", "--steps", "4", "--grow-at", "5"], "--grow-at 5 must be inside (0, --steps 4)"),
     (["demo", "--growth", "--batch-size", "x"], "--batch-size: expected a whole number >= 1, got 'x'"),
+    # growth-only sizes without --growth were ignored: `lorambo demo --steps 5` ran the 8-minute demo
+    (["demo", "--steps", "5"], "--steps apply to --growth only"),
+    (["demo", "--batch-size", "4", "--seed", "1"], "--batch-size, --seed apply to --growth only"),
+    # --growth writes no files and has no GPU size: --out and --full were silently ignored
+    (["demo", "--growth", "--out", "somewhere"], "--out do(es) not apply to --growth"),
+    (["demo", "--growth", "--full"], "--full do(es) not apply to --growth"),
+    # an empty --out (an unset shell variable) wrote the results into the current directory
+    (["experiment", "--out", ""], "--out: empty folder name (use . for the current directory)"),
+    (["experiment", "--runs-root", " "], "--runs-root: empty folder name"),
+    (["demo", "--out", ""], "--out: empty folder name"),
+    (["allocate", "--model", "m", "--budget", "1000", "--out", ""], "--out: empty folder name"),
     (["experiment", "--seeds", "0"], "--seeds: expected a whole number >= 1, got 0"),
     (["experiment", "--budgets", "0,1"], "--budgets: expected comma-separated positive numbers"),
     (["experiment", "--lrs", "1e-3,nan"], "--lrs: expected comma-separated positive numbers"),
+    (["experiment", "--lrs", "1e-3,0.001"], "lr_grid repeats: [0.001, 0.001]"),
     (["experiment", "--eval-examples", "-1"], "--eval-examples: expected a whole number >= 0, got -1"),
     (["experiment", "--methods", "uniform,lora_magic"], "unknown method(s) ['lora_magic']"),
     (["experiment", "--lr-search", "best"], "lr_search must be one of per_budget, first_budget, uniform"),
     (["experiment", "--steps", "10", "--probe-steps", "60"], "probe_steps (60) must not exceed steps (10)"),
+    (["experiment", "--task", "sentiment", "--methods", "oracle"], "['sentiment'] would run no method"),
 ])
 def test_bad_arguments_are_usage_errors(argv, message, capsys, monkeypatch):
     def must_not_run(*args, **kwargs):
@@ -54,3 +67,18 @@ def test_task_sentiment_picks_its_presets(monkeypatch, tmp_path):
     assert seen[0] == presets.sentiment() and seen[0].tasks == ("sentiment",) and seen[0].threads == 1
     assert seen[1] == presets.sentiment_full() and "oracle" not in seen[1].methods
     assert seen[2] == presets.sentiment().replace(steps=30)
+
+
+def test_growth_demo_gets_its_documented_defaults_and_the_given_sizes(monkeypatch):
+    import inspect
+
+    from lorambo.cli import GROWTH_DEFAULTS
+    from lorambo.cli.growth import run_growth_demo
+
+    defaults = {n: p.default for n, p in inspect.signature(run_growth_demo).parameters.items()}
+    assert {n: defaults[n] for n in GROWTH_DEFAULTS} == GROWTH_DEFAULTS
+    seen = []
+    monkeypatch.setattr("lorambo.cli.growth.run_growth_demo", lambda **kw: seen.append(kw) or {"ok": True})
+    assert main(["demo", "--growth"]) == 0
+    assert main(["demo", "--growth", "--steps", "6", "--grow-at", "3", "--no-progress"]) == 0
+    assert seen == [GROWTH_DEFAULTS, {**GROWTH_DEFAULTS, "steps": 6, "grow_at": 3}]

@@ -62,3 +62,19 @@ def test_bundle_replaces_the_model_package_and_matplotlib_is_optional(seen, tmp_
     monkeypatch.setattr(deps.importlib.util, "find_spec", real)
     assert main(["experiment", "--plots-from", str(tmp_path / "results.json")]) == 2
     assert "no such results file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"not json", "not a JSON file"),                     # was a bare 'Expecting value: line 1 column 1'
+    (b"\xff\xfe", "not a JSON file"),                     # was a UnicodeDecodeError traceback
+    (b"5", "not an experiment's results.json"),           # was a TypeError traceback
+    (b'{"tasks": {}, "config": {}}', "missing or malformed entry: KeyError 'budgets'"),  # was a KeyError traceback
+])
+def test_plots_from_a_file_that_is_no_results_json_names_it(tmp_path, capsys, content, message):
+    pytest.importorskip("matplotlib")
+    bad = tmp_path / "results.json"
+    bad.write_bytes(content)
+    assert main(["experiment", "--plots-from", str(bad), "--out", str(tmp_path / "plots")]) == 2
+    err = capsys.readouterr().err
+    assert f"--plots-from {bad}: " in err and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "plots").exists() or not any((tmp_path / "plots").iterdir())

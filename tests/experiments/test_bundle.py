@@ -66,6 +66,26 @@ def test_fake_bundle_round_trip_and_tampering(tmp_path, monkeypatch):
         bundle.use(tmp_path)
 
 
+def test_build_refuses_to_replace_a_folder_or_file_that_is_no_bundle(tmp_path):
+    """`bundle build DIR` on an existing folder that is not a bundle moved it aside and deleted
+    it, whatever it held (`build docs` deleted docs/); now it refuses and touches nothing."""
+    model, data = _fake_sources(tmp_path)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me too")
+    for target in (mine, a_file):
+        with pytest.raises(ValueError, match=f"bundle: {target} exists and is not a bundle"):
+            build(target, model_dir=model, data_dir=data)
+    assert (mine / "notes.txt").read_text() == "keep me" and a_file.read_text() == "keep me too"
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    (tmp_path / "empty").mkdir()
+    build(tmp_path / "empty", model_dir=model, data_dir=data)  # an empty folder is fine
+    assert bundle.verify(tmp_path / "empty")
+
+
 @pytest.mark.slow
 def test_real_bundle_loads_the_same_model_and_data(tmp_path, monkeypatch):
     """Built from the installed model package and the `make data` folder: under the size limit,

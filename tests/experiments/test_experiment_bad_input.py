@@ -22,6 +22,13 @@ def test_unknown_method_and_task():
     ({"budgets": ()}, "budgets"), ({"budgets": (0.0,)}, "budgets"), ({"budgets": (1.0, 1.0)}, "repeat"),
     ({"seeds": 0}, "seeds"), ({"steps": 2}, "steps"), ({"lr_grid": (-1.0,)}, "lr_grid"),
     ({"lr_search": "best"}, "lr_search"), ({"device": "tpu"}, "device"), ({"methods": ()}, "methods"),
+    # the oracle runs on the planted task only: a sentiment run of it alone ran nothing and then
+    # crashed writing its report with "max() arg is an empty sequence"
+    ({"tasks": ("sentiment",), "methods": ("oracle",)}, r"task\(s\) \['sentiment'\] would run no method"),
+    ({"tasks": ("planted", "sentiment"), "methods": ("oracle",)}, r"\['sentiment'\] would run no method"),
+    # repeats made two units with one journal key: the same run trained twice and journalled twice
+    ({"lr_grid": (1e-3, 1e-3)}, r"lr_grid repeats: \[0.001, 0.001\]"),
+    ({"tasks": ("planted", "planted")}, r"tasks repeat: \['planted', 'planted'\]"),
 ])
 def test_bad_config_values(changes, match):
     with pytest.raises(ValueError, match=match):
@@ -70,3 +77,8 @@ def test_plan_runs_grid_on_seed_zero_then_other_seeds():
     first = plan(cfg.replace(lr_search="first_budget"))
     assert plan(cfg.replace(methods=("uniform", "oracle")), "sentiment") == plan(cfg)  # oracle: planted only
     assert first[4:] == [("uniform", 1, 0, None), ("uniform", 1, 1, None), ("uniform", 1, 2, None)]
+
+
+def test_oracle_with_an_allocator_still_runs_on_both_tasks():
+    cfg = presets.ExperimentConfig(tasks=("planted", "sentiment"), methods=("uniform", "oracle"))
+    assert cfg.methods == ("uniform", "oracle")

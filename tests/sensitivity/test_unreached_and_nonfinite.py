@@ -1,7 +1,7 @@
 """Layers the loss never reaches are skipped with a warning (FisherProxy, LoRAMBoOptimizer);
-a NaN loss is an error in gradient_sensitivity and FisherProxy; 0-token batches and NaN/inf inputs are
-errors in data_covariance, NaN/inf weights or covariances in the tail energies. Default targets follow
-peft's all-linear without the pooler."""
+a NaN loss is an error in gradient_sensitivity, FisherProxy and the Hessian estimators; 0-token
+batches and NaN/inf inputs are errors in data_covariance, NaN/inf weights or covariances in the tail
+energies. Default targets follow peft's all-linear without the pooler."""
 
 import warnings
 
@@ -249,3 +249,38 @@ def test_tail_energies_refuse_nonfinite_inputs_and_take_numpy_ranks():
         frobenius_tail_energy(bad_w)
     with pytest.raises(ValueError, match=r"data_weighted_tail_energy: W has 1 NaN/inf"):
         data_weighted_tail_energy(bad_w, G)
+
+
+def _relu_net_and_linear_loss():
+    """A loss linear in the first layer's weight past a ReLU: its Hessian block is exactly 0, so
+    the Hessian-vector products of a NaN/inf loss came out 0 (finite) and were accepted."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8, dtype=DT), nn.ReLU(), nn.Linear(8, 4, dtype=DT))
+    batches = [torch.randn(2, 8, dtype=DT) for _ in range(2)]
+    return model, batches
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++", "xtrace"])
+def test_hessian_trace_of_a_non_finite_loss_is_an_error_not_zero(bad, method):
+    from lorambo.sensitivity import hessian_trace
+
+    model, batches = _relu_net_and_linear_loss()
+    finite = hessian_trace(model, lambda m, b: m(b).sum(), batches, modules=["0"], num_probes=4, method=method)
+    assert finite["0"].value == 0.0  # the true trace: the same call with a finite loss
+
+    def loss(m, b):  # the second batch's loss is not finite
+        return m(b).sum() * (bad if b is batches[1] else 1.0)
+
+    with pytest.raises(RuntimeError, match="finite matrix-vector products|non-finite"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        hessian_trace(model, loss, batches, modules=["0"], num_probes=4, method=method)
+
+
+def test_hessian_opnorm_of_a_non_finite_loss_is_an_error_not_zero():
+    from lorambo.sensitivity import hessian_opnorm
+
+    model, batches = _relu_net_and_linear_loss()
+    assert hessian_opnorm(model, lambda m, b: m(b).sum(), batches, modules=["0"], num_iters=3)["0"].value == 0.0
+    with pytest.raises(RuntimeError, match="non-finite Hessian-vector product"):
+        hessian_opnorm(model, lambda m, b: m(b).sum() * float("nan"), batches, modules=["0"], num_iters=3)
