@@ -347,21 +347,25 @@ class LoRAMBoOptimizer:
         with nullcontext() if self.allocation == "alora" else self.scheduled_growth.capture(step):
             yield self
 
-    def step(self, step: int, optimizer=None, component_scores=None) -> list[dict]:
+    def step(self, step: int, optimizer=None, component_scores=None, grad_scaler=None) -> list[dict]:
         """Take the decision of ``step`` if one is due; returns its records (possibly []).
-        ``optimizer`` defaults to the one from :meth:`make_optimizer`."""
+        ``optimizer`` defaults to the one from :meth:`make_optimizer`. Training with a
+        ``torch.amp.GradScaler``: pass it as ``grad_scaler`` (before ``scaler.update()``), so
+        gains are measured on the unscaled loss and ``loss_improvement_threshold`` means the same
+        as without AMP."""
         optimizer = optimizer if optimizer is not None else self.default_optimizer
         if self.allocation == "alora":
             if self._alora is None:
                 self._alora = ALoRA(self.model, self.layers(), self.loss_fn, self.heldout_batches,
                                     self.alora_config, self.total_budget, self.seed, self.log)
             return self._alora.step(step, optimizer)
-        return self.scheduled_growth.step(step, optimizer, component_scores)
+        return self.scheduled_growth.step(step, optimizer, component_scores, grad_scaler)
 
-    def update_ranks(self, optimizer=None, step=None, component_scores=None) -> list[dict]:
-        """Grow (and, with ``move_threshold``, move) ranks now from the captured step."""
+    def update_ranks(self, optimizer=None, step=None, component_scores=None, grad_scaler=None) -> list[dict]:
+        """Grow (and, with ``move_threshold``, move) ranks now from the captured step
+        (``grad_scaler``: see :meth:`step`)."""
         optimizer = optimizer if optimizer is not None else self.default_optimizer
-        return self.scheduled_growth.update(step, optimizer, component_scores)
+        return self.scheduled_growth.update(step, optimizer, component_scores, grad_scaler)
 
     def make_optimizer(self, lr: float = 1e-3, **adamw_kwargs) -> "lorambo.optim.AdamW":
         """A :class:`lorambo.optim.AdamW` over the model's trainable parameters (per-slot Adam

@@ -240,11 +240,12 @@ def _activation_ratio(inputs: Sequence[torch.Tensor], d: torch.Tensor) -> torch.
 
 def layer_benefits_many(layers: Mapping, pairs: Mapping, ks: Mapping[str, int], niter: int,
                         oversample: int, seed: int, step, indices: Mapping[str, int],
-                        curvature: Mapping[str, float] | None = None
+                        curvature: Mapping[str, float] | None = None, loss_scale: float = 1.0
                         ) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
     """({name: marginal gains of its next ``ks[name]`` ranks}, {name: directions [in, k]}) for
     every layer of ``ks`` from one lockstep power iteration over all of them (one grouped product
-    and one collective per step, one host transfer in all: see ``benefits``)."""
+    and one collective per step, one host transfer in all: see ``benefits``). The captured dY
+    carry ``loss_scale`` (a GradScaler's scale); the gains are in units of the unscaled loss."""
     names = list(ks)
     if not names:
         return {}, {}
@@ -270,11 +271,26 @@ def layer_benefits_many(layers: Mapping, pairs: Mapping, ks: Mapping[str, int], 
         oversample, gens, seeds, dtype, layers[names[0]].lora_A.device)
     gains, dirs = {}, {}
     for i, name in enumerate(names):
-        g = sigmas[i, :vectors[i].shape[1]].numpy()
+        # dividing the singular values, not dY, keeps fp16 dY from underflowing
+        g = sigmas[i, :vectors[i].shape[1]].numpy() / loss_scale
         h = curvature.get(name)
         gains[name] = g * g / (2.0 * h) if h is not None else g
         dirs[name] = vectors[i]
     return gains, dirs
+
+
+def loss_scale_of(grad_scaler) -> float:
+    """The loss scale a GradScaler's last ``scale(loss)`` used (1.0 for None or a disabled one)."""
+    if grad_scaler is None:
+        return 1.0
+    if not (hasattr(grad_scaler, "get_scale") and hasattr(grad_scaler, "is_enabled")):
+        raise TypeError(f"grad_scaler={grad_scaler!r} must be a torch.amp.GradScaler or None")
+    if not grad_scaler.is_enabled():
+        return 1.0
+    scale = float(grad_scaler.get_scale())  # one host read per decision
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"grad_scaler's scale is {scale!r}: must be finite and > 0")
+    return scale
 
 
 def _int_at_least(what: str, value, minimum: int) -> int:
@@ -345,8 +361,14 @@ class OnlineGrowth:
     def spent(self) -> int:
         return sum(self.costs[n] * m.rank for n, m in self.layers.items())
 
-    def update(self, step=None, optimizer=None, component_scores: Mapping | None = None) -> list[dict]:
-        """Take one decision from the captured activations, apply it in place, return records."""
+    def update(self, step=None, optimizer=None, component_scores: Mapping | None = None,
+               grad_scaler=None) -> list[dict]:
+        """Take one decision from the captured activations, apply it in place, return records.
+
+        ``grad_scaler``: the ``torch.amp.GradScaler`` whose scaled loss the captured backward ran
+        on (call before ``scaler.update()``); gains are then compared with ``threshold`` in units
+        of the unscaled loss, as without AMP. None: the loss was not scaled."""
+        loss_scale = loss_scale_of(grad_scaler)
         if not self.capture.has_data():
             raise RuntimeError("update_ranks: no activations were captured; run the forward and "
                                "backward of a decision step inside opt.capture(step) (or after "
@@ -364,7 +386,7 @@ class OnlineGrowth:
             gains, dirs = layer_benefits_many(
                 self.layers, {n: self.capture.pairs(n) for n in ks}, ks, self.power_iters,
                 self.oversample, self.seed, step, {n: i for i, n in enumerate(self.layers)},
-                self.curvature)
+                self.curvature, loss_scale)
             room = {n: m.capacity - m.rank for n, m in self.layers.items()}
             plan = plan_growth(gains, self.costs, room, self.budget - self.spent(), self.threshold)
             records = [self._grow(step, n, add, gains, dirs, optimizer, "grow") for n, add in plan.items()]

@@ -93,8 +93,9 @@ class ScheduledGrowth:
         finally:
             self.disarm()
 
-    def step(self, step: int, optimizer=None, component_scores=None) -> list[dict]:
-        """Take the decision of ``step`` if one is due; returns its records (possibly [])."""
+    def step(self, step: int, optimizer=None, component_scores=None, grad_scaler=None) -> list[dict]:
+        """Take the decision of ``step`` if one is due; returns its records (possibly []).
+        ``grad_scaler``: see :meth:`OnlineGrowth.update`."""
         self.disarm()
         if not self.is_decision_step(step):
             if self._growth is not None:
@@ -105,16 +106,16 @@ class ScheduledGrowth:
                           "its forward and backward inside opt.capture(step) or after "
                           f"opt.begin_step(step){compile_hint()}", RuntimeWarning, stacklevel=3)
             return []
-        return self.update(step, optimizer, component_scores)
+        return self.update(step, optimizer, component_scores, grad_scaler)
 
-    def update(self, step=None, optimizer=None, component_scores=None) -> list[dict]:
+    def update(self, step=None, optimizer=None, component_scores=None, grad_scaler=None) -> list[dict]:
         """Grow (and, with rank moves, move) ranks now from the captured step."""
         growth = self.growth
         if component_scores is None and growth.move_threshold is not None:
             if self.score_components is None:
                 raise ValueError("rank moves need component_scores")
             component_scores = self.score_components()
-        return growth.update(step, optimizer, component_scores)
+        return growth.update(step, optimizer, component_scores, grad_scaler)
 
     def close(self) -> None:
         """Remove the activation hooks and drop what they recorded."""

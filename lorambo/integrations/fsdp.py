@@ -127,7 +127,7 @@ def keep_components(plans: Sequence[tuple[nn.Module, Sequence[int]]], optimizer=
         return keep_components_many(plans, opt)
 
 
-def allocator_step(allocator, step: int, optimizer=None, component_scores=None) -> list[dict]:
+def allocator_step(allocator, step: int, optimizer=None, component_scores=None, grad_scaler=None) -> list[dict]:
     """``LoRAMBoOptimizer.step`` for a sharded model: the pools are gathered on decision steps only."""
     if allocator.allocation == "alora":
         raise NotImplementedError("ALoRA runs forward passes inside its decisions; under FSDP2 use "
@@ -140,7 +140,7 @@ def allocator_step(allocator, step: int, optimizer=None, component_scores=None) 
                                   "decision; under FSDP2 pass component_scores (e.g. AdaLoRAImportance)")
     reshard(allocator.model)
     with full_pools(allocator.layers().values(), optimizer) as opt:
-        return allocator.step(step, optimizer=opt, component_scores=component_scores)
+        return allocator.step(step, optimizer=opt, component_scores=component_scores, grad_scaler=grad_scaler)
 
 
 def merge(model: nn.Module, exact: bool = False) -> None:

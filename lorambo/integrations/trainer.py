@@ -81,12 +81,17 @@ class LoRAMBoCallback(TrainerCallback):
             component scores feed rank moves (``move_threshold``) when given.
         resume_from: checkpoint folder to restore lorambo's state from when Trainer resumes
             (default: ``<output_dir>/checkpoint-<global_step>``, where Trainer writes them).
+        grad_scaler: the GradScaler of an fp16 run, so growth gains are measured on the unscaled
+            loss (see ``LoRAMBoOptimizer.step``). Trainer creates it with the accelerator, and
+            callbacks are not handed the accelerator: after building the Trainer, set
+            ``callback.grad_scaler = trainer.accelerator.scaler`` (None under bf16/fp32).
     """
 
-    def __init__(self, allocator, importance=None, resume_from=None):
+    def __init__(self, allocator, importance=None, resume_from=None, grad_scaler=None):
         self.allocator = allocator
         self.importance = importance
         self.resume_from = resume_from
+        self.grad_scaler = grad_scaler
         self.decisions: list[dict] = []
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
@@ -123,9 +128,11 @@ class LoRAMBoCallback(TrainerCallback):
                 scores = self.importance.component_scores()
         optimizer = _unwrap_optimizer(optimizer)
         if _has_sharded_pools(self.allocator.model):  # gathers the pools on decision steps
-            records = fsdp.allocator_step(self.allocator, state.global_step, optimizer, component_scores=scores)
+            records = fsdp.allocator_step(self.allocator, state.global_step, optimizer, component_scores=scores,
+                                          grad_scaler=self.grad_scaler)
         else:
-            records = self.allocator.step(state.global_step, optimizer=optimizer, component_scores=scores)
+            records = self.allocator.step(state.global_step, optimizer=optimizer, component_scores=scores,
+                                          grad_scaler=self.grad_scaler)
         if self.importance is not None:
             for rec in records:
                 self._sync_importance(rec)

@@ -1,0 +1,83 @@
+"""Online growth under a GradScaler: the captured dY carry the loss scale, and ``grad_scaler=``
+makes the gains (and so every threshold decision) those of the unscaled loss."""
+
+import pytest
+import torch
+from torch import nn
+
+from lorambo.optimizer import LoRAMBoOptimizer
+
+DT = torch.float64
+SCALE = 2.0 ** 10
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16, dtype=DT), nn.Tanh(), nn.Linear(16, 8, dtype=DT),
+                         nn.Tanh(), nn.Linear(8, 3, dtype=DT))
+
+
+def _decide(threshold, loss_scale=1.0, grad_scaler=None):
+    """One decision step of a seeded run; the backward runs on loss * loss_scale."""
+    model = _model()
+    opt = LoRAMBoOptimizer(model, 2000, sensitivity_method="frobenius", target_modules=["0", "2"],
+                           capacity=8, interval=1, sketch_rank=4, loss_improvement_threshold=threshold)
+    opt.configure({"0": 1, "2": 1})
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(24, 8, dtype=DT, generator=gen), torch.randn(24, 3, dtype=DT, generator=gen)
+    with opt.capture(0):
+        (((model(x) - y) ** 2).mean() * loss_scale).backward()
+    return [(r["layer"], r["new_rank"], r["gains"]) for r in opt.step(0, grad_scaler=grad_scaler)]
+
+
+def test_scaled_backward_with_the_scaler_decides_as_the_unscaled_one():
+    gains = sorted(g for _, _, gs in _decide(0.0) for g in gs)
+    assert len(gains) >= 4
+    threshold = (gains[0] + gains[-1]) / 2        # some ranks pass it, some do not
+    plain = _decide(threshold)
+    assert 0 < sum(len(gs) for _, _, gs in plain) < len(gains)
+    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
+    scaled = _decide(threshold, SCALE, scaler)
+    assert [(n, r) for n, r, _ in scaled] == [(n, r) for n, r, _ in plain]
+    for (_, _, got), (_, _, want) in zip(scaled, plain):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-9, atol=0)
+    # without it, every gain is SCALE times larger and passes the threshold
+    unscaled = _decide(threshold, SCALE)
+    assert sum(len(gs) for _, _, gs in unscaled) > sum(len(gs) for _, _, gs in plain)
+
+
+def test_a_disabled_scaler_means_scale_one_and_a_non_scaler_is_refused():
+    want = _decide(0.0)
+    got = _decide(0.0, 1.0, torch.amp.GradScaler("cpu", init_scale=SCALE, enabled=False))
+    assert [(n, r) for n, r, _ in got] == [(n, r) for n, r, _ in want]
+    with pytest.raises(TypeError, match="grad_scaler=2.0 must be a torch.amp.GradScaler"):
+        _decide(0.0, 1.0, 2.0)
+
+
+def test_trainer_callback_passes_its_grad_scaler():
+    import types
+
+    from lorambo.integrations import LoRAMBoCallback
+
+    def decide(loss_scale, grad_scaler):
+        model = _model()
+        alloc = LoRAMBoOptimizer(model, 2000, sensitivity_method="frobenius", target_modules=["0", "2"],
+                                 capacity=8, interval=1, sketch_rank=4, loss_improvement_threshold=threshold)
+        alloc.configure({"0": 1, "2": 1})
+        opt = alloc.make_optimizer(lr=0.0)
+        callback = LoRAMBoCallback(alloc, grad_scaler=grad_scaler)
+        args, state = types.SimpleNamespace(should_save=False, output_dir="unused"), types.SimpleNamespace(global_step=0)
+        gen = torch.Generator().manual_seed(1)
+        x, y = torch.randn(24, 8, dtype=DT, generator=gen), torch.randn(24, 3, dtype=DT, generator=gen)
+        callback.on_step_begin(args, state, None)        # Trainer's event order for one step
+        (((model(x) - y) ** 2).mean() * loss_scale).backward()
+        callback.on_pre_optimizer_step(args, state, None, optimizer=opt)
+        return [(r["layer"], r["new_rank"]) for r in callback.decisions]
+
+    gains = sorted(g for _, _, gs in _decide(0.0) for g in gs)
+    threshold = (gains[0] + gains[-1]) / 2
+    want = [(n, r) for n, r, _ in _decide(threshold)]
+    assert decide(SCALE, torch.amp.GradScaler("cpu", init_scale=SCALE)) == want
+    assert decide(SCALE, None) != want
