@@ -291,7 +291,7 @@ class LoRAMBoOptimizer:
             print(msg)
         return report
 
-    def configure(self, ranks: Mapping[str, int] | None = None, dropout: float = 0.0):
+    def configure(self, ranks: Mapping[str, int] | None = None, dropout: float | None = None):
         """``configure_model(model, ranks, capacity=self.capacities, alpha=...)``; returns the model."""
         ranks = dict(ranks or self.ranks or {})
         if not ranks:

@@ -34,14 +34,16 @@ def _per_layer(value, name: str, what: str):
 
 def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_modules: str | list[str] | None = None,
                     capacity: int | Mapping[str, int] | None = None, alpha: float | None = None,
-                    dropout: float = 0.0, use_rslora: bool = False, modules_to_save=None,
+                    dropout: float | None = None, use_rslora: bool | None = None, modules_to_save=None,
                     alpha_pattern: Mapping[str, float] | None = None) -> nn.Module:
     """Adapt ``model`` in place and return it.
 
     ``ranks`` is one int for every target, or ``{module_name: rank}`` naming the targets exactly
     (then ``target_modules`` must be None). Targets that already are LoRAMBoLinear change rank
-    in place (the rank must fit their capacity, and a merged layer must be unmerged first).
-    Every parameter that is not LoRA is frozen; :func:`unload` restores it.
+    in place (the rank must fit their capacity, and a merged layer must be unmerged first); their
+    capacity, alpha, dropout and use_rslora stay as built, so a different value given for one of
+    them is a ValueError (None, the default, leaves them alone; new layers then get dropout 0 and
+    plain alpha / rank scaling). Every parameter that is not LoRA is frozen; :func:`unload` restores it.
 
     ``modules_to_save`` (peft semantics: names or name suffixes) stay trainable and are stored by
     ``save_adapter``. ``alpha_pattern`` sets alpha per layer like peft's (``{pattern: alpha}``,
@@ -111,6 +113,9 @@ def _plan(model, names, ranks, capacity, alpha, dropout, use_rslora, alpha_patte
             rank = _per_layer(ranks, name, "ranks")
             module = model.get_submodule(name)
             if isinstance(module, LoRAMBoLinear):
+                _check_settings_kept(module, name, capacity=_per_layer_or_none(capacity, name),
+                                     alpha=pattern_value(alpha_pattern, name, alpha), dropout=dropout,
+                                     use_rslora=use_rslora)
                 rank = module.validate_rank(rank)
                 if module.merged and rank != module.rank:
                     raise RuntimeError(f"LoRAMBoLinear {name!r} is merged: unmerge() it before "
@@ -120,12 +125,30 @@ def _plan(model, names, ranks, capacity, alpha, dropout, use_rslora, alpha_patte
             plan.new_layers[name] = LoRAMBoLinear(
                 module, rank=rank, capacity=_per_layer(capacity, name, "capacity"),
                 alpha=pattern_value(alpha_pattern, name, alpha),
-                dropout=dropout, use_rslora=use_rslora, name=name)
+                dropout=dropout or 0.0, use_rslora=bool(use_rslora), name=name)
     except Exception:
         for param in plan.freeze:  # the constructors froze base weights; undo that
             param.requires_grad_(True)
         raise
     return plan
+
+
+def _per_layer_or_none(value, name: str):
+    return value.get(name) if isinstance(value, Mapping) else value
+
+
+def _check_settings_kept(module: LoRAMBoLinear, name: str, **requested) -> None:
+    """An existing adapter keeps the settings it was built with: a different one asked for would
+    otherwise be ignored without a word."""
+    for what, new in requested.items():
+        if new is None:
+            continue
+        current = getattr(module, what)
+        if (bool(new) != current) if what == "use_rslora" else (float(new) != float(current)):
+            raise ValueError(f"configure_model: {name!r} is already a LoRAMBoLinear with {what}={current!r}, "
+                             f"and {what}={new!r} was requested; an existing adapter keeps its {what}: "
+                             f"leave {what} out (None) to change its rank only, or unload(model, merge=False) "
+                             "and configure the model again")
 
 
 def _apply(model: nn.Module, plan: _Plan) -> None:

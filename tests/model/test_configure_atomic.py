@@ -79,3 +79,29 @@ def test_module_used_twice_is_refused_naming_both_uses(ranks, targets):
     _assert_same(model, snap)
     configure_model(model, 2, target_modules=["other"])  # an unshared module is fine
     assert isinstance(model.other, LoRAMBoLinear) and model.first is model.second
+
+
+@pytest.mark.parametrize("setting,first,second", [
+    ("alpha", 4.0, 8.0), ("dropout", 0.0, 0.1), ("use_rslora", False, True), ("capacity", 6, 4)])
+def test_a_changed_setting_of_an_existing_adapter_is_refused_not_ignored(setting, first, second):
+    # a second call gave q rank 3 and silently kept the old alpha / dropout / rslora / capacity
+    torch.manual_seed(0)
+    model = Attn()
+    configure_model(model, {"q": 2, "v": 2}, capacity=6, **{setting: first} if setting != "capacity" else {})
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=rf"'q' is already a LoRAMBoLinear with {setting}=.*{setting}={second!r} was requested"):
+        configure_model(model, {"q": 3, "v": 3, "o": 1}, **{setting: second})
+    _assert_same(model, snap)  # q not resized, o not adapted
+    # the same value, or None, changes the rank only
+    configure_model(model, {"q": 3, "v": 2}, **{setting: first if setting != "capacity" else 6})
+    configure_model(model, {"q": 3, "v": 1})
+    assert (model.q.rank, model.v.rank, model.q.capacity) == (3, 1, 6)
+    assert getattr(model.q, setting) == (first if setting != "capacity" else 6)
+
+
+def test_a_per_layer_capacity_or_alpha_pattern_is_checked_per_layer():
+    model = Attn()
+    configure_model(model, {"q": 2, "v": 2}, capacity={"q": 4, "v": 6}, alpha_pattern={"q": 2.0})
+    configure_model(model, {"q": 1, "v": 1}, capacity={"q": 4, "v": 6}, alpha_pattern={"q": 2.0})
+    with pytest.raises(ValueError, match=r"'q' is already a LoRAMBoLinear with alpha=2.0, and alpha=5.0"):
+        configure_model(model, {"q": 1, "v": 1}, alpha_pattern={"q": 5.0})
