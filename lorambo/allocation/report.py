@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
 from collections.abc import Mapping
@@ -30,6 +31,9 @@ _INDEX = re.compile(r"^(.*?\.\d+)\.(.+)$")  # first ".<int>." splits block from 
 
 def _ranks_of(source) -> dict[str, int]:
     if isinstance(source, Mapping):
+        for k, v in source.items():  # int() would show a rank of 2.7 as 2
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (v >= 0 and float(v).is_integer()):
+                raise ValueError(f"rank of layer {k!r} is {v!r}: must be a whole number >= 0")
         return {str(k): int(v) for k, v in source.items()}
     from lorambo.model import lora_layers  # a model: read its LoRA layers
 

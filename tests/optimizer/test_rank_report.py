@@ -81,3 +81,15 @@ def test_disabled_log_writes_nothing(tmp_path):
     log = DecisionLog(tmp_path / "d.jsonl", enabled=False)
     log.append({"step": 1})
     assert log.records == [{"step": 1}] and not (tmp_path / "d.jsonl").exists()
+
+
+@pytest.mark.parametrize("bad", [2.7, -1, True, "3", float("nan")])
+def test_rank_table_refuses_a_rank_that_is_not_a_whole_number(bad, tmp_path):
+    # int() showed a rank of 2.7 as 2 in the table and the heat map
+    ranks = {"h.0.attn": 4, "h.0.mlp": bad}
+    with pytest.raises(ValueError, match=r"rank of layer 'h.0.mlp' is .*must be a whole number >= 0"):
+        rank_table(ranks)
+    with pytest.raises(ValueError, match=r"rank of layer 'h.0.mlp'"):
+        save_heatmap(ranks, tmp_path / "r.png")
+    assert not (tmp_path / "r.png").exists()
+    assert "3" in rank_table({"h.0.attn": 4, "h.0.mlp": np.int64(3)})
