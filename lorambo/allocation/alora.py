@@ -20,6 +20,7 @@ Modules at rank 0 have no mean importance and receive nothing (as in ALoRA: prun
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -43,8 +44,9 @@ class ALoRAConfig:
     def __post_init__(self):
         for field in ("k1", "k2", "rounds", "n_prune"):
             v = getattr(self, field)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if field == "k1" else 1):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < (0 if field == "k1" else 1):
                 raise ValueError(f"ALoRAConfig.{field} must be an int >= {0 if field == 'k1' else 1}, got {v!r}")
+            object.__setattr__(self, field, int(v))  # numpy integers become plain ints
 
     def decision_steps(self) -> list[int]:
         return [self.k1 + j * self.k2 for j in range(self.rounds)]

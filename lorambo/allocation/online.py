@@ -80,10 +80,10 @@ class ActivationCapture:
     """
 
     def __init__(self, layers: Mapping[str, torch.nn.Module], max_tokens: int | None = None):
-        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral)
                                        or max_tokens < 1):
             raise ValueError(f"max_tokens={max_tokens!r} must be an int >= 1 or None")
-        self.max_tokens = max_tokens
+        self.max_tokens = None if max_tokens is None else int(max_tokens)
         self.layers = dict(layers)
         self.inputs: dict[str, list[torch.Tensor]] = {n: [] for n in self.layers}
         self.grads: dict[str, dict[int, torch.Tensor]] = {n: {} for n in self.layers}

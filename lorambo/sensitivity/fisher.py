@@ -31,6 +31,7 @@ times per step (weight sharing) is counted once per call, not per example.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
 import torch
@@ -111,11 +112,11 @@ class FisherProxy:
                  seed: int = 0):
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        if sketch_dim is not None and (isinstance(sketch_dim, bool) or not isinstance(sketch_dim, int)
+        if sketch_dim is not None and (isinstance(sketch_dim, bool) or not isinstance(sketch_dim, numbers.Integral)
                                        or sketch_dim < 1):
             raise ValueError(f"sketch_dim must be a positive int or None, got {sketch_dim!r}")
         self.reduction = reduction
-        self.sketch_dim = sketch_dim
+        self.sketch_dim = None if sketch_dim is None else int(sketch_dim)
         self._seed = seed
         self._generators: dict = {}
         self.targets = find_targets(model, modules)
