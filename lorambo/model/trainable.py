@@ -22,6 +22,10 @@ def trainable_parameters(model: nn.Module) -> dict[str, int | float]:
     ``lora_active``: sum of rank * (in + out) over LoRAMBoLinear layers whose pools train;
     ``lora_capacity``: sum of capacity * (in + out) (allocated pool memory, in parameters);
     ``other_trainable``: trainable parameters that are not LoRA pools (shared ones once).
+    ``all`` counts what the model holds, each LoRA layer at its active rank. peft's "all params"
+    is larger by one frozen original per ``modules_to_save`` module, kept beside its trainable
+    copy; lorambo trains such a module in place (only a module with tied weights gets a copy of
+    its own, and that copy is counted).
     """
     layers = lora_layers(model)
     pool_ids = {id(p) for layer in layers.values() for p in (layer.lora_A, layer.lora_B)}
