@@ -39,7 +39,7 @@ from lorambo.experiments import results as res
 from lorambo.experiments.assemble import task_result
 from lorambo.experiments.config import ExperimentConfig
 from lorambo.experiments.executor import resolve_device
-from lorambo.experiments.scheduler import run_units
+from lorambo.experiments.scheduler import none_started_reason, run_units
 from lorambo.experiments.units import all_units, plan, task_methods, unit_key
 
 __all__ = ["check_out_dir", "default_out_dir", "environment", "plan", "plots_from", "resolve_device",
@@ -133,6 +133,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir=None, progress: bool | None = 
         bar.close()
         jr.close()
     if left:
+        if len(left) == len(pending):  # the same limit would start nothing again
+            echo(none_started_reason(left, records, time.perf_counter() - started, time_limit))
         return _unfinished(out_dir, pending, left, time_limit, command, echo)
     return _finish(cfg, records, out_dir, (started, cpu_started), load_start, echo)
 

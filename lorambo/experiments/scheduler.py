@@ -39,6 +39,17 @@ def _estimate(unit: dict, records) -> float:
     return max(times, default=0.0)
 
 
+def none_started_reason(left: list[dict], records, elapsed: float, time_limit: float) -> str:
+    """Why a time-limited call started no unit, and what to change: rerunning it with the same
+    limit would again start nothing."""
+    shortest = min((_estimate(u, records) for u in left), default=0.0)
+    if shortest > time_limit:
+        why = f"the shortest pending unit is expected to take {shortest:.0f} s (its longest recorded kind)"
+    else:
+        why = f"{elapsed:.0f} s had passed (setup) before a unit could start"
+    return f"no unit started within the time limit of {time_limit:g} s: {why}; continue with a larger --time-limit"
+
+
 class Dispatcher:
     """Picks the next unit to start; ``record(unit, result)`` is the caller's journal writer."""
 

@@ -223,3 +223,32 @@ def test_a_time_limited_call_with_a_fully_diverged_grid_stops_continuably(monkey
         scheduler.run_units(cfg, left, records, record, clock[0], time_limit=100.0, executor=executor,
                             warn=warnings.append)
     assert records.get(run_key(cfg, "planted", "gradient", 0, 1, None)) is not None
+
+
+def test_a_time_limit_no_unit_fits_in_says_so_instead_of_stalling(monkeypatch):
+    """Rerunning with a limit shorter than every pending unit's recorded duration started nothing,
+    call after call, with the same 'continue with' line; the reason now says to raise the limit."""
+    from types import SimpleNamespace
+
+    from lorambo.experiments import scheduler
+    from lorambo.experiments.units import all_units
+
+    clock = [0.0]
+
+    class TimedExecutor(FakeExecutor):
+        def run(self, unit: dict) -> dict:
+            clock[0] += 1.0
+            return super().run(unit)
+
+    monkeypatch.setattr(scheduler, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    cfg = CFG.replace(lr_search="first_budget")
+    records, executor = journal.Records(), TimedExecutor()
+    record = lambda rec: records.add(dict(rec, session=0, elapsed=0.0))  # noqa: E731
+    left = scheduler.run_units(cfg, all_units(cfg), records, record, 0.0, time_limit=3.5, executor=executor)
+    assert left and all(u["kind"] == "run" for u in left)
+    again = scheduler.run_units(cfg, left, records, record, clock[0], time_limit=0.5, executor=executor)
+    assert len(again) == len(left)  # every pending run is recorded at 1 s: none fits in 0.5 s
+    reason = scheduler.none_started_reason(again, records, 0.0, 0.5)
+    assert "no unit started within the time limit of 0.5 s" in reason
+    assert "shortest pending unit is expected to take 1 s" in reason and "larger --time-limit" in reason
+    assert "30 s had passed (setup)" in scheduler.none_started_reason(again, records, 30.0, 20.0)
