@@ -7,6 +7,7 @@ is NaN through the real code path."""
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -176,6 +177,22 @@ class FakeExecutor:
         return {"kind": "run", "task": unit["task"], "run": run}
 
 
+def timed_executor(monkeypatch):
+    """A FakeExecutor whose every unit takes one second of the scheduler's clock, so where a time
+    limit falls does not depend on the machine; returns (clock, executor)."""
+    from lorambo.experiments import scheduler
+
+    clock = [0.0]
+
+    class TimedExecutor(FakeExecutor):
+        def run(self, unit: dict) -> dict:
+            clock[0] += 1.0
+            return super().run(unit)
+
+    monkeypatch.setattr(scheduler, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    return clock, TimedExecutor()
+
+
 def test_a_fully_diverged_grid_fails_only_after_every_other_unit_ran():
     from lorambo.experiments.scheduler import run_units
     from lorambo.experiments.units import all_units, unit_key
@@ -196,21 +213,12 @@ def test_a_fully_diverged_grid_fails_only_after_every_other_unit_ran():
 def test_a_time_limited_call_with_a_fully_diverged_grid_stops_continuably(monkeypatch):
     """The time limit leaves other units pending: the blocked run counts among what is left, a
     warning names the grid, and the call that has nothing else left raises."""
-    from types import SimpleNamespace
-
     from lorambo.experiments import scheduler
     from lorambo.experiments.units import all_units, unit_key
 
-    clock = [0.0]  # one second per unit, so where the limit falls does not depend on the machine
-
-    class TimedExecutor(FakeExecutor):
-        def run(self, unit: dict) -> dict:
-            clock[0] += 1.0
-            return super().run(unit)
-
-    monkeypatch.setattr(scheduler, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    clock, executor = timed_executor(monkeypatch)
     cfg = CFG.replace(lr_search="first_budget")
-    records, executor, warnings = journal.Records(), TimedExecutor(), []
+    records, warnings = journal.Records(), []
     record = lambda rec: records.add(dict(rec, session=0, elapsed=0.0))  # noqa: E731
     left = scheduler.run_units(cfg, all_units(cfg), records, record, 0.0, time_limit=5.5, executor=executor,
                                warn=warnings.append)
@@ -228,21 +236,12 @@ def test_a_time_limited_call_with_a_fully_diverged_grid_stops_continuably(monkey
 def test_a_time_limit_no_unit_fits_in_says_so_instead_of_stalling(monkeypatch):
     """Rerunning with a limit shorter than every pending unit's recorded duration started nothing,
     call after call, with the same 'continue with' line; the reason now says to raise the limit."""
-    from types import SimpleNamespace
-
     from lorambo.experiments import scheduler
     from lorambo.experiments.units import all_units
 
-    clock = [0.0]
-
-    class TimedExecutor(FakeExecutor):
-        def run(self, unit: dict) -> dict:
-            clock[0] += 1.0
-            return super().run(unit)
-
-    monkeypatch.setattr(scheduler, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    clock, executor = timed_executor(monkeypatch)
     cfg = CFG.replace(lr_search="first_budget")
-    records, executor = journal.Records(), TimedExecutor()
+    records = journal.Records()
     record = lambda rec: records.add(dict(rec, session=0, elapsed=0.0))  # noqa: E731
     left = scheduler.run_units(cfg, all_units(cfg), records, record, 0.0, time_limit=3.5, executor=executor)
     assert left and all(u["kind"] == "run" for u in left)
