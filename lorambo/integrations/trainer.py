@@ -55,6 +55,14 @@ def _unwrap_optimizer(optimizer):
     return inner if inner is not None and hasattr(inner, "state") else optimizer
 
 
+def _scaler_of(optimizer):
+    """The GradScaler accelerate's ``AcceleratedOptimizer`` steps with (its ``scaler``: the
+    accelerator's, None without fp16 loss scaling); None for an optimizer that is not wrapped."""
+    if getattr(optimizer, "optimizer", None) is None:
+        return None
+    return getattr(optimizer, "scaler", None)
+
+
 def _has_sharded_pools(model) -> bool:
     """FSDP2 (``fully_shard``) made the pools DTensors: rank edits and saving must gather them."""
     return any(is_sharded(layer.lora_A) for layer in lora_layers(model).values())
@@ -82,9 +90,9 @@ class LoRAMBoCallback(TrainerCallback):
         resume_from: checkpoint folder to restore lorambo's state from when Trainer resumes
             (default: ``<output_dir>/checkpoint-<global_step>``, where Trainer writes them).
         grad_scaler: the GradScaler of an fp16 run, so growth gains are measured on the unscaled
-            loss (see ``LoRAMBoOptimizer.step``). Trainer creates it with the accelerator, and
-            callbacks are not handed the accelerator: after building the Trainer, set
-            ``callback.grad_scaler = trainer.accelerator.scaler`` (None under bf16/fp32).
+            loss (see ``LoRAMBoOptimizer.step``). None: the one Trainer's accelerator made, read
+            from the ``AcceleratedOptimizer`` handed to ``on_pre_optimizer_step`` (its
+            ``scaler``; None under bf16/fp32, where the loss is not scaled).
     """
 
     def __init__(self, allocator, importance=None, resume_from=None, grad_scaler=None):
@@ -126,13 +134,14 @@ class LoRAMBoCallback(TrainerCallback):
             self.importance.update()  # every step: the EMAs need the whole history
             if self.allocator.move_threshold is not None and self.allocator.is_decision_step(state.global_step):
                 scores = self.importance.component_scores()
+        grad_scaler = self.grad_scaler if self.grad_scaler is not None else _scaler_of(optimizer)
         optimizer = _unwrap_optimizer(optimizer)
         if _has_sharded_pools(self.allocator.model):  # gathers the pools on decision steps
             records = fsdp.allocator_step(self.allocator, state.global_step, optimizer, component_scores=scores,
-                                          grad_scaler=self.grad_scaler)
+                                          grad_scaler=grad_scaler)
         else:
             records = self.allocator.step(state.global_step, optimizer=optimizer, component_scores=scores,
-                                          grad_scaler=self.grad_scaler)
+                                          grad_scaler=grad_scaler)
         if self.importance is not None:
             for rec in records:
                 self._sync_importance(rec)

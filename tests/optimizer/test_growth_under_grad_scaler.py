@@ -56,18 +56,35 @@ def test_a_disabled_scaler_means_scale_one_and_a_non_scaler_is_refused():
         _decide(0.0, 1.0, 2.0)
 
 
+def _accelerated(optimizer, scaler):
+    """accelerate's AcceleratedOptimizer (what Trainer hands callbacks) around ``optimizer``."""
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.optimizer import AcceleratedOptimizer
+    from accelerate.state import AcceleratorState
+
+    accelerate.Accelerator(cpu=True)              # the wrapper needs the accelerator's state
+    try:
+        return AcceleratedOptimizer(optimizer, device_placement=False, scaler=scaler)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def test_trainer_callback_passes_its_grad_scaler():
     import types
 
     from lorambo.integrations import LoRAMBoCallback
 
-    def decide(loss_scale, grad_scaler):
+    def decide(loss_scale, grad_scaler, accelerate_scaler=False):
+        """``accelerate_scaler``: hand the callback the optimizer as Trainer does, inside
+        accelerate's AcceleratedOptimizer, which holds the accelerator's scaler."""
         model = _model()
         alloc = LoRAMBoOptimizer(model, 2000, sensitivity_method="frobenius", target_modules=["0", "2"],
                                  capacity=8, interval=1, sketch_rank=4, loss_improvement_threshold=threshold)
         alloc.configure({"0": 1, "2": 1})
         opt = alloc.make_optimizer(lr=0.0)
-        callback = LoRAMBoCallback(alloc, grad_scaler=grad_scaler)
+        callback = LoRAMBoCallback(alloc, grad_scaler=None if accelerate_scaler else grad_scaler)
+        if accelerate_scaler:
+            opt = _accelerated(opt, grad_scaler)
         args, state = types.SimpleNamespace(should_save=False, output_dir="unused"), types.SimpleNamespace(global_step=0)
         gen = torch.Generator().manual_seed(1)
         x, y = torch.randn(24, 8, dtype=DT, generator=gen), torch.randn(24, 3, dtype=DT, generator=gen)
@@ -81,3 +98,6 @@ def test_trainer_callback_passes_its_grad_scaler():
     want = [(n, r) for n, r, _ in _decide(threshold)]
     assert decide(SCALE, torch.amp.GradScaler("cpu", init_scale=SCALE)) == want
     assert decide(SCALE, None) != want
+    # Trainer(fp16=True): the scaler is found on accelerate's optimizer wrapper, none need be given
+    assert decide(SCALE, torch.amp.GradScaler("cpu", init_scale=SCALE), accelerate_scaler=True) == want
+    assert decide(1.0, None, accelerate_scaler=True) == want      # bf16/fp32: the wrapper has none
