@@ -53,12 +53,14 @@ def _write_local(dt, full: torch.Tensor) -> None:
 
 class _GatheredOptimizer:
     """Stands in for the real optimizer inside :func:`full_pools`: ``state`` maps the swapped-in
-    full pools to full copies of their state (lorambo's slot edits only read ``state``)."""
+    full pools to full copies of their state, ``param_groups`` are the real groups holding them
+    (lorambo's slot edits read these and ``optimizer_type``)."""
 
-    def __init__(self, name: str):
+    def __init__(self, optimizer: torch.optim.Optimizer):
         self.state: dict = {}
         self.param_groups: list = []
-        self.name = name
+        self.optimizer_type = type(optimizer)
+        self.name = self.optimizer_type.__name__
 
 
 @contextmanager
@@ -80,7 +82,7 @@ def full_pools(layers: Iterable[nn.Module], optimizer: torch.optim.Optimizer | N
             slots.extend((sub, n, p) for n, p in sub._parameters.items() if p is not None)
     swapped, proxy = [], None
     if optimizer is not None:
-        proxy = _GatheredOptimizer(type(optimizer).__name__)
+        proxy = _GatheredOptimizer(optimizer)
     try:
         for module, name, param in slots:
             if not is_sharded(param):
@@ -98,6 +100,10 @@ def full_pools(layers: Iterable[nn.Module], optimizer: torch.optim.Optimizer | N
                                      for k, v in optimizer.state[param].items()}
             module._parameters[name] = full
             swapped.append((module, name, param, full))
+        if proxy is not None:
+            full_of = {id(param): full for _, _, param, full in swapped}
+            proxy.param_groups = [{**group, "params": [full_of.get(id(p), p) for p in group["params"]]}
+                                  for group in optimizer.param_groups]
         yield proxy
     finally:
         with torch.no_grad():

@@ -8,6 +8,10 @@ Factored statistics with one entry per slot (torch.optim.Adafactor's ``row_var``
 :class:`lorambo.optim.AdamW` also keeps ``slot_step``, one Adam step count per slot (shape
 [capacity]); it moves and resets with its slot like the moments.
 
+A slot that becomes active starts as under a fresh optimizer: zero state, or the start value of
+the few torch optimizers that do not start at zero (Rprop's step size, Adagrad's accumulator:
+:mod:`lorambo.nn.fresh_state`).
+
 Why zeroing is required, not cosmetic: Adam with zero gradient still moves a parameter whose
 moments are non-zero, so a slot deactivated with stale moments would drift away from 0.
 
@@ -26,6 +30,7 @@ from collections.abc import Sequence
 import torch
 
 from lorambo.ext.ops import slot_state_tensors, state_tensors
+from lorambo.nn.fresh_state import fresh_state_values
 
 SLOT_STEP = "slot_step"  # lorambo.optim.AdamW's per-slot Adam step count, shape [capacity]
 _warned_shared_step = False
@@ -54,7 +59,7 @@ def warn_if_shared_step(optimizer: torch.optim.Optimizer, layer) -> None:
         if float(state["step"]) > 0:
             _warned_shared_step = True
             warnings.warn(
-                f"{type(optimizer).__name__} keeps one step count per parameter: slots that become active now "
+                f"{getattr(optimizer, 'optimizer_type', type(optimizer)).__name__} keeps one step count per parameter: slots that become active now "
                 f"in {layer._label} start at step {int(float(state['step']))} of it, not at step 1 (Adam's bias "
                 "correction, Adafactor's averaging rate), so their first updates are larger than a fresh "
                 "optimizer's (2.5-5x measured for Adam). Use lorambo.optim.AdamW for per-slot step counts.",
@@ -65,7 +70,8 @@ def warn_if_shared_step(optimizer: torch.optim.Optimizer, layer) -> None:
 @torch.no_grad()
 def reset_slot_state(optimizer: torch.optim.Optimizer, layer, slots: Sequence[int] | range,
                      all_active_new: bool = False) -> None:
-    """Zero the optimizer state of ``slots``; with ``all_active_new`` also reset ``step``."""
+    """Give ``slots`` the optimizer state of a fresh optimizer (zero, or the start values of
+    :mod:`lorambo.nn.fresh_state`); with ``all_active_new`` also reset ``step``."""
     slots = [layer._check_int("slot", s) for s in slots]
     bad = [s for s in slots if not 0 <= s < layer.capacity]
     if bad:  # a negative index would silently reset a slot counted from the end
@@ -75,6 +81,12 @@ def reset_slot_state(optimizer: torch.optim.Optimizer, layer, slots: Sequence[in
         return
     for value, dim in _slot_views(optimizer, layer):
         value.index_fill_(dim, index.to(value.device), 0)
+    for param, dim in ((layer.lora_A, 0), (layer.lora_B, 1)):  # state that does not start at 0
+        state = optimizer.state.get(param) or {}
+        for key, start in fresh_state_values(optimizer, param).items():
+            value = state.get(key)
+            if torch.is_tensor(value) and value.shape == param.shape:
+                value.index_fill_(dim, index.to(value.device), start)
     if all_active_new:
         for param in (layer.lora_A, layer.lora_B):
             state = optimizer.state.get(param)

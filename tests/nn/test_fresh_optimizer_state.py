@@ -1,0 +1,66 @@
+"""A regrown slot starts from a fresh optimizer's state also where that state is not zero
+(Rprop's step size, Adagrad's accumulator): its first update is a fresh optimizer's, computed
+here in float64 from the optimizers' published update rules."""
+
+import pytest
+import torch
+from torch import nn
+
+from lorambo import LoRAMBoLinear
+
+DT = torch.float64
+LR = 1e-2
+
+
+def _regrown_first_update(make_optimizer):
+    """(A's regrown row after one step - before, the gradient of that row) for a layer trained
+    3 steps at rank 2, shrunk to 1 and grown back to 2."""
+    gen = torch.Generator().manual_seed(0)
+    layer = LoRAMBoLinear(nn.Linear(6, 5, dtype=DT), rank=2, capacity=4)
+    with torch.no_grad():
+        layer.lora_B[:, :2].copy_(torch.randn(5, 2, dtype=DT, generator=gen))
+    x = torch.randn(7, 6, dtype=DT, generator=gen)
+    opt = make_optimizer([layer.lora_A, layer.lora_B])
+    for _ in range(3):
+        opt.zero_grad()
+        layer(x).square().sum().backward()
+        opt.step()
+    layer.set_rank(1, optimizer=opt)
+    layer.set_rank(2, optimizer=opt, generator=gen)
+    with torch.no_grad():  # a non-zero B column so that the regrown row of A gets a gradient
+        layer.lora_B[:, 1].copy_(torch.randn(5, dtype=DT, generator=gen))
+    opt.zero_grad()
+    layer(x).square().sum().backward()
+    before, grad = layer.lora_A[1].detach().clone(), layer.lora_A.grad[1].clone()
+    opt.step()
+    assert grad.abs().min() > 0
+    return layer.lora_A[1].detach() - before, grad
+
+
+def test_rprop_regrown_slot_steps_by_the_learning_rate():
+    # fresh Rprop, first step: prev = 0, so the step size stays at lr and the update is -lr * sign(g)
+    delta, grad = _regrown_first_update(lambda p: torch.optim.Rprop(p, lr=LR))
+    torch.testing.assert_close(delta, -LR * grad.sign(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("start", [0.0, 0.1])
+def test_adagrad_regrown_slot_starts_from_initial_accumulator_value(start):
+    eps = 1e-10
+    delta, grad = _regrown_first_update(
+        lambda p: torch.optim.Adagrad(p, lr=LR, initial_accumulator_value=start, eps=eps))
+    torch.testing.assert_close(delta, -LR * grad / ((start + grad.square()).sqrt() + eps), rtol=1e-12, atol=0)
+
+
+def test_fsdp_rank_edits_start_rprop_slots_fresh_too():
+    """lorambo.integrations.fsdp edits ranks through a stand-in for the optimizer; it must still
+    say which optimizer and which group's lr a slot starts from."""
+    from lorambo.integrations import fsdp
+
+    layer = LoRAMBoLinear(nn.Linear(6, 5, dtype=DT), rank=2, capacity=4)
+    opt = torch.optim.Rprop([{"params": [layer.lora_A], "lr": LR}, {"params": [layer.lora_B], "lr": 2 * LR}])
+    layer.lora_A.grad, layer.lora_B.grad = torch.ones_like(layer.lora_A), torch.ones_like(layer.lora_B)
+    opt.step()
+    fsdp.set_rank(layer, 1, optimizer=opt)
+    fsdp.set_rank(layer, 3, optimizer=opt)
+    assert torch.equal(opt.state[layer.lora_A]["step_size"][1:3], torch.full((2, 6), LR, dtype=DT))
+    assert torch.equal(opt.state[layer.lora_B]["step_size"][:, 1:3], torch.full((5, 2), 2 * LR, dtype=DT))
