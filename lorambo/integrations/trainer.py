@@ -92,7 +92,9 @@ class LoRAMBoCallback(TrainerCallback):
         grad_scaler: the GradScaler of an fp16 run, so growth gains are measured on the unscaled
             loss (see ``LoRAMBoOptimizer.step``). None: the one Trainer's accelerator made, read
             from the ``AcceleratedOptimizer`` handed to ``on_pre_optimizer_step`` (its
-            ``scaler``; None under bf16/fp32, where the loss is not scaled).
+            ``scaler``; None under bf16/fp32, where the loss is not scaled). DeepSpeed's fp16
+            scales the loss with its own scaler, which is not a GradScaler and is not found:
+            there the gains carry its loss scale (use bf16 with DeepSpeed).
     """
 
     def __init__(self, allocator, importance=None, resume_from=None, grad_scaler=None):
