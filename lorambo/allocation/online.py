@@ -50,6 +50,7 @@ from lorambo.allocation.benefits import (projected_top_singular, projected_top_s
                                          subspace_basis)
 from lorambo.allocation.greedy import greedy_allocate
 from lorambo.distributed import all_reduced_mean, broadcast_, decision_generator
+from lorambo.nn.hook_inputs import layer_input
 from lorambo.nn.pool_ops import keep_components_many
 
 __all__ = ["ActivationCapture", "subspace_basis", "projected_top_singular",
@@ -95,7 +96,7 @@ class ActivationCapture:
 
     def arm(self) -> None:
         if not self._handles:
-            self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self.layers.items()]
+            self._handles = [m.register_forward_hook(self._hook(n), with_kwargs=True) for n, m in self.layers.items()]
 
     def disarm(self) -> None:
         for h in self._handles:
@@ -115,10 +116,10 @@ class ActivationCapture:
         self.disarm()
 
     def _hook(self, name: str):
-        def hook(module, args, output):
+        def hook(module, args, kwargs, output):
             if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
                 return
-            x = args[0].detach()
+            x = layer_input(args, kwargs).detach()
             x = x.reshape(-1, x.shape[-1])                                     # (T, in)
             rows, scale = None, 1.0
             if self.max_tokens is not None and x.shape[0] > self.max_tokens:

@@ -39,6 +39,7 @@ import torch
 from lorambo.ops.sketch import sq_grad_norms_many, use_sketch_kernels
 
 from lorambo.distributed import all_reduce_sum_
+from lorambo.nn.hook_inputs import layer_input
 from .estimate import Estimate
 from .targets import find_targets
 
@@ -132,7 +133,8 @@ class FisherProxy:
 
     def attach(self) -> "FisherProxy":
         if not self._handles:
-            self._handles = [t.module.register_forward_hook(self._forward_hook(t.name)) for t in self.targets]
+            self._handles = [t.module.register_forward_hook(self._forward_hook(t.name), with_kwargs=True)
+                             for t in self.targets]
         return self
 
     def detach(self) -> None:
@@ -147,10 +149,10 @@ class FisherProxy:
         self.detach()
 
     def _forward_hook(self, name: str):
-        def hook(module, inputs, output):
+        def hook(module, args, kwargs, output):
             if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
                 return
-            x = inputs[0].detach()
+            x = layer_input(args, kwargs).detach()
             output.register_hook(lambda grad: self._accumulate(name, x, grad))
 
         return hook

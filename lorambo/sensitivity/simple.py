@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from lorambo.distributed import all_reduce_sum_, all_reduced_sums
+from lorambo.nn.hook_inputs import layer_input
 from .inputs import as_batch_list, check_finite_loss, compute_loss, no_gradient_error
 from .targets import differentiable, find_targets
 
@@ -73,8 +74,8 @@ def data_covariance(model, loss_fn, batches, modules=None) -> dict[str, torch.Te
     batch_tokens = [0]  # tokens the current batch fed to any targeted layer
 
     def hook_for(i):
-        def hook(module, args, output):
-            x = args[0].detach()
+        def hook(module, args, kwargs, output):
+            x = layer_input(args, kwargs).detach()
             x = x.reshape(-1, x.shape[-1])                                  # (tokens, in)
             batch_tokens[-1] += x.shape[0]
             if x.dtype in (torch.float16, torch.bfloat16):
@@ -84,7 +85,7 @@ def data_covariance(model, loss_fn, batches, modules=None) -> dict[str, torch.Te
             counts[i] += x.shape[0]
         return hook
 
-    handles = [t.module.register_forward_hook(hook_for(i)) for i, t in enumerate(targets)]
+    handles = [t.module.register_forward_hook(hook_for(i), with_kwargs=True) for i, t in enumerate(targets)]
     try:
         with torch.no_grad():
             for batch in batches:

@@ -287,6 +287,18 @@ def test_capture_pairs_each_call_with_its_gradient():
     assert grower.capture.has_data() is False
 
 
+def test_capture_records_a_layer_called_by_keyword():
+    """layer(x=...) is a valid call; the hook took args[0] and crashed training with an
+    IndexError on the decision step."""
+    layer = lorambo.LoRAMBoLinear(nn.Linear(4, 5, dtype=DT), rank=1)
+    cap = ActivationCapture({"l": layer})
+    x, w = torch.randn(3, 4, dtype=DT), torch.randn(3, 5, dtype=DT)
+    with cap:
+        (layer(x=x) * w).sum().backward()
+    ((a, ga),) = cap.pairs("l")
+    assert torch.equal(a, x) and torch.equal(ga, w)
+
+
 def test_capture_max_tokens_keeps_matching_rows_scaled():
     layer = lorambo.LoRAMBoLinear(nn.Linear(4, 5, dtype=DT), rank=1)
     cap = ActivationCapture({"l": layer}, max_tokens=10)

@@ -108,3 +108,21 @@ def test_sketched_proxy_runs_and_validates():
     assert fisher.estimates()["fc1"].value > 0
     with pytest.raises(ValueError, match="sketch_dim"):
         FisherProxy(model, sketch_dim=0)
+
+
+class KeywordNet(TokenNet):
+    """Calls its Linears by keyword (nn.Linear's ``input=``), as some models do."""
+
+    def forward(self, x):
+        return self.fc2(input=torch.tanh(self.fc1(input=x)))
+
+
+def test_layers_called_by_keyword_are_measured():
+    """The hook read args[0] only: a layer called as fc(input=x) raised IndexError."""
+    model = KeywordNet(4, 8, 3).double()
+    x, y = torch.randn(5, 3, 4, dtype=torch.float64), torch.randn(5, 3, 3, dtype=torch.float64)
+    with FisherProxy(model) as fisher:
+        example_losses(model, x, y).mean().backward()
+    want = naive_fisher(model, x, y, [model.fc1.weight, model.fc2.weight])
+    for name, w in zip(("fc1", "fc2"), want):
+        assert fisher.estimates()[name].value == pytest.approx(float(w), rel=1e-10)

@@ -50,6 +50,10 @@ def test_data_covariance_is_token_mean_of_outer_products(h):
     fwd = data_covariance(model, lambda m, b: m(b[0]), batches, modules=["0"])
     torch.testing.assert_close(fwd["0"], got["0"])
     assert not model[0]._forward_hooks and not model[1]._forward_hooks
+    # layers called by keyword (nn.Linear's input=): the hook read args[0] only (IndexError)
+    by_keyword = data_covariance(model, lambda m, b: m[1](input=m[0](input=b[0])), batches)
+    torch.testing.assert_close(by_keyword["0"], xs.T @ xs / 20, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(by_keyword["1"], hid.T @ hid / 20, rtol=1e-12, atol=1e-14)
 
 
 def test_frobenius_tail_energy_equals_truncated_svd_error():
