@@ -1,20 +1,27 @@
-"""Per-element optimizer state that a fresh torch optimizer does not start at zero.
+"""Optimizer state that a fresh torch optimizer does not start at zero.
 
 A slot that becomes active gets the state a fresh optimizer would give it. That is zero for
-almost every state tensor (Adam's moments, SGD's momentum, Adafactor's factors, ...), but two
-torch optimizers start elsewhere:
+almost every per-element state tensor (Adam's moments, SGD's momentum, Adafactor's factors, ...),
+but two torch optimizers start elsewhere:
 
 - ``torch.optim.Rprop``: ``step_size`` starts at the learning rate. At zero a slot's step size
   climbs back from ``step_sizes[0]`` by ``etas[1]`` per step: about 50 steps without training
   at ``lr=1e-2``.
 - ``torch.optim.Adagrad``: ``sum`` starts at ``initial_accumulator_value``.
+
+When every active slot of a pool is new, its per-parameter scalars restart too (with ``step``):
+NAdam's ``mu_product`` (its bias correction; stale, the first updates were ~45% off a fresh
+NAdam's) and ASGD's ``eta`` and ``mu``.
+
+Left as is: SGD with ``dampening > 0``, whose fresh first momentum is the gradient itself; a
+zeroed buffer gives ``(1 - dampening)`` times it (with the default ``dampening=0`` both agree).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["fresh_state_values"]
+__all__ = ["fresh_state_values", "fresh_scalar_values"]
 
 
 def _group_of(optimizer, param) -> dict | None:
@@ -24,13 +31,16 @@ def _group_of(optimizer, param) -> dict | None:
     return None
 
 
+def _kind(optimizer) -> type:
+    # lorambo.integrations.fsdp's gathered view stands in for the real optimizer and names it
+    return getattr(optimizer, "optimizer_type", type(optimizer))
+
+
 def fresh_state_values(optimizer, param) -> dict[str, float]:
     """``{state key: value}`` a fresh ``optimizer`` starts ``param``'s per-element state at, for
-    the keys whose start is not zero (empty for every other optimizer). ``optimizer`` may stand
-    in for another one (``lorambo.integrations.fsdp``'s gathered view) by naming its
-    ``optimizer_type``."""
-    kind = getattr(optimizer, "optimizer_type", type(optimizer))
-    if not (issubclass(kind, (torch.optim.Rprop, torch.optim.Adagrad))):
+    the keys whose start is not zero (empty for every other optimizer)."""
+    kind = _kind(optimizer)
+    if not issubclass(kind, (torch.optim.Rprop, torch.optim.Adagrad)):
         return {}
     group = _group_of(optimizer, param)
     if group is None:
@@ -38,3 +48,15 @@ def fresh_state_values(optimizer, param) -> dict[str, float]:
     if issubclass(kind, torch.optim.Rprop):
         return {"step_size": float(group["lr"])}
     return {"sum": float(group["initial_accumulator_value"])}
+
+
+def fresh_scalar_values(optimizer, param) -> dict[str, float]:
+    """``{state key: value}`` of the per-parameter scalars (besides ``step``) that a fresh
+    ``optimizer`` starts ``param`` at (empty for every other optimizer)."""
+    kind = _kind(optimizer)
+    if issubclass(kind, torch.optim.NAdam):
+        return {"mu_product": 1.0}
+    if issubclass(kind, torch.optim.ASGD):
+        group = _group_of(optimizer, param)
+        return {} if group is None else {"eta": float(group["lr"]), "mu": 1.0}
+    return {}

@@ -256,7 +256,7 @@ class LoRAMBoLinear(nn.Module):
             grad.narrow(dim, lo, hi - lo).zero_()
         self._set_active_rank(rank)
         if optimizer is not None and rank != old:
-            if rank > old:
+            if rank > old > 0:  # growth from 0 restarts the shared step: nothing is stale then
                 warn_if_shared_step(optimizer, self)
             reset_slot_state(optimizer, self, range(lo, hi), all_active_new=(old == 0))
         return old

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import torch
 
 from lorambo.ext.ops import slot_state_tensors, state_tensors
-from lorambo.nn.fresh_state import fresh_state_values
+from lorambo.nn.fresh_state import fresh_scalar_values, fresh_state_values
 
 SLOT_STEP = "slot_step"  # lorambo.optim.AdamW's per-slot Adam step count, shape [capacity]
 _warned_shared_step = False
@@ -71,7 +71,8 @@ def warn_if_shared_step(optimizer: torch.optim.Optimizer, layer) -> None:
 def reset_slot_state(optimizer: torch.optim.Optimizer, layer, slots: Sequence[int] | range,
                      all_active_new: bool = False) -> None:
     """Give ``slots`` the optimizer state of a fresh optimizer (zero, or the start values of
-    :mod:`lorambo.nn.fresh_state`); with ``all_active_new`` also reset ``step``."""
+    :mod:`lorambo.nn.fresh_state`); with ``all_active_new`` also restart ``step`` (and the other
+    per-parameter scalars listed there)."""
     slots = [layer._check_int("slot", s) for s in slots]
     bad = [s for s in slots if not 0 <= s < layer.capacity]
     if bad:  # a negative index would silently reset a slot counted from the end
@@ -90,9 +91,12 @@ def reset_slot_state(optimizer: torch.optim.Optimizer, layer, slots: Sequence[in
     if all_active_new:
         for param in (layer.lora_A, layer.lora_B):
             state = optimizer.state.get(param)
-            if state and "step" in state:
-                step = state["step"]
-                state["step"] = step.zero_() if torch.is_tensor(step) else 0
+            if not state:
+                continue
+            for key, start in {"step": 0.0, **fresh_scalar_values(optimizer, param)}.items():
+                if key in state:
+                    value = state[key]
+                    state[key] = value.fill_(start) if torch.is_tensor(value) else type(value)(start)
 
 
 @torch.no_grad()

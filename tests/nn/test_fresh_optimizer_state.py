@@ -64,3 +64,57 @@ def test_fsdp_rank_edits_start_rprop_slots_fresh_too():
     fsdp.set_rank(layer, 3, optimizer=opt)
     assert torch.equal(opt.state[layer.lora_A]["step_size"][1:3], torch.full((2, 6), LR, dtype=DT))
     assert torch.equal(opt.state[layer.lora_B]["step_size"][:, 1:3], torch.full((5, 2), 2 * LR, dtype=DT))
+
+
+@pytest.mark.parametrize("make_optimizer", [lambda p: torch.optim.NAdam(p, lr=LR),
+                                            lambda p: torch.optim.ASGD(p, lr=LR),
+                                            lambda p: torch.optim.Adam(p, lr=LR)], ids=["nadam", "asgd", "adam"])
+def test_regrowth_from_rank_zero_trains_as_a_fresh_optimizer(make_optimizer):
+    """Every active slot new (rank 0 -> 2): the per-parameter scalars restart with ``step``
+    (NAdam's mu_product, ASGD's eta and mu), so three steps match a fresh optimizer of the same
+    kind over a copy of the pools fed the same gradients."""
+    gen = torch.Generator().manual_seed(0)
+    layer = LoRAMBoLinear(nn.Linear(6, 5, dtype=DT), rank=2, capacity=4)
+    pools = (layer.lora_A, layer.lora_B)
+    x = torch.randn(7, 6, dtype=DT, generator=gen)
+    opt = make_optimizer(list(pools))
+    for _ in range(4):
+        opt.zero_grad()
+        layer(x).square().sum().backward()
+        opt.step()
+    layer.set_rank(0, optimizer=opt)
+    layer.set_rank(2, optimizer=opt, generator=gen)
+    with torch.no_grad():
+        layer.lora_B[:, :2].copy_(torch.randn(5, 2, dtype=DT, generator=gen))
+    twins = [nn.Parameter(p.detach().clone()) for p in pools]
+    fresh = make_optimizer(twins)
+    for _ in range(3):
+        opt.zero_grad()
+        layer(x).square().sum().backward()
+        for twin, p in zip(twins, pools):
+            twin.grad = p.grad.clone()
+        opt.step()
+        fresh.step()
+        for twin, p in zip(twins, pools):
+            torch.testing.assert_close(p.detach(), twin.detach(), rtol=1e-12, atol=1e-15)
+
+
+def test_growth_from_rank_zero_does_not_warn_about_the_shared_step(monkeypatch):
+    """The warning says new slots start at step t of a shared count; growing from rank 0
+    restarts that count, so it was a false alarm there (and used up the one warning)."""
+    import warnings
+
+    import lorambo.nn.optimizer_state as optimizer_state
+
+    layer = LoRAMBoLinear(nn.Linear(6, 5, dtype=DT), rank=2, capacity=4)
+    opt = torch.optim.Adam(layer.parameters(), lr=LR)
+    layer.lora_A.grad, layer.lora_B.grad = torch.ones_like(layer.lora_A), torch.ones_like(layer.lora_B)
+    opt.step()
+    monkeypatch.setattr(optimizer_state, "_warned_shared_step", False)
+    layer.set_rank(0, optimizer=opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer.set_rank(1, optimizer=opt)
+    opt.step()
+    with pytest.warns(UserWarning, match="Adam keeps one step count per parameter"):
+        layer.set_rank(2, optimizer=opt)
