@@ -291,13 +291,17 @@ class LoRAMBoOptimizer:
             print(msg)
         return report
 
-    def configure(self, ranks: Mapping[str, int] | None = None, dropout: float | None = None):
-        """``configure_model(model, ranks, capacity=self.capacities, alpha=...)``; returns the model."""
+    def configure(self, ranks: Mapping[str, int] | None = None, dropout: float | None = None, optimizer=None):
+        """``configure_model(model, ranks, capacity=self.capacities, alpha=...)``; returns the model.
+        ``optimizer`` (default: the one from :meth:`make_optimizer`) has the state of existing
+        adapters whose rank changes edited with them."""
         ranks = dict(ranks or self.ranks or {})
         if not ranks:
             raise RuntimeError("configure(): call compute_optimal_ranks first or pass ranks")
         caps = self.capacities or self.plan_capacities(ranks)
-        return configure_model(self.model, ranks, capacity=caps, alpha=self.alpha, dropout=dropout)
+        optimizer = optimizer if optimizer is not None else self.default_optimizer
+        return configure_model(self.model, ranks, capacity=caps, alpha=self.alpha, dropout=dropout,
+                               optimizer=optimizer)
 
     # ---------------------------------------------------------------------------- online
     def layers(self) -> dict[str, LoRAMBoLinear]:

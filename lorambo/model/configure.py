@@ -35,7 +35,7 @@ def _per_layer(value, name: str, what: str):
 def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_modules: str | list[str] | None = None,
                     capacity: int | Mapping[str, int] | None = None, alpha: float | None = None,
                     dropout: float | None = None, use_rslora: bool | None = None, modules_to_save=None,
-                    alpha_pattern: Mapping[str, float] | None = None) -> nn.Module:
+                    alpha_pattern: Mapping[str, float] | None = None, optimizer=None) -> nn.Module:
     """Adapt ``model`` in place and return it.
 
     ``ranks`` is one int for every target, or ``{module_name: rank}`` naming the targets exactly
@@ -45,6 +45,10 @@ def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_mod
     them is a ValueError (None, the default, leaves them alone; new layers then get dropout 0 and
     plain alpha / rank scaling). Every parameter that is not LoRA is frozen; :func:`unload` restores it.
 
+    ``optimizer``: the torch optimizer already training existing adapters; their rank changes
+    then edit its state as ``set_rank(rank, optimizer=...)`` does (without it, a shrunk slot
+    keeps its moments, drifts off zero under Adam, and hands them to a slot grown there later).
+
     ``modules_to_save`` (peft semantics: names or name suffixes) stay trainable and are stored by
     ``save_adapter``. ``alpha_pattern`` sets alpha per layer like peft's (``{pattern: alpha}``,
     first matching key wins, ``alpha`` elsewhere); the scaling is fixed at construction.
@@ -52,12 +56,14 @@ def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_mod
     All or nothing: every target is checked and every new layer built before the model is
     touched, so any error leaves the model exactly as it was.
     """
+    if optimizer is not None and not isinstance(getattr(optimizer, "state", None), Mapping):
+        raise TypeError(f"configure_model: optimizer={optimizer!r} must be a torch optimizer (with .state) or None")
     saved = resolve_modules_to_save(model, modules_to_save)
     names = _resolve_targets(model, ranks, target_modules)
     check_not_targets(list(dict.fromkeys(recorded_modules_to_save(model) + saved)), names)  # earlier calls' too
     check_alpha_pattern(alpha_pattern, names)
     plan = _plan(model, names, ranks, capacity, alpha, dropout, use_rslora, alpha_pattern)
-    _apply(model, plan)
+    _apply(model, plan, optimizer)
     keep_trainable(model, saved)
     for name, shared in weight_sharers(model, plan.new_layers).items():
         if shared:
@@ -151,13 +157,13 @@ def _check_settings_kept(module: LoRAMBoLinear, name: str, **requested) -> None:
                              "and configure the model again")
 
 
-def _apply(model: nn.Module, plan: _Plan) -> None:
+def _apply(model: nn.Module, plan: _Plan, optimizer=None) -> None:
     """Carry out a checked plan (nothing here can fail on valid input)."""
     for name, layer in plan.new_layers.items():
         _set_submodule(model, name, layer)
     for module, rank in plan.rank_changes.values():
         if rank != module.rank:
-            module.set_rank(rank)
+            module.set_rank(rank, optimizer=optimizer)
     record_frozen(model, plan.freeze)
     sync_fast_paths(model)
 
