@@ -19,7 +19,7 @@ torch.optim's Adam family keeps one ``step`` per parameter, so a slot activated 
 the bias correction of step t while its moments start from zero: its first updates are several
 times those of a fresh Adam. lorambo cannot fix that from outside the optimizer; it resets
 ``step`` when every active slot of the layer is new (growth from rank 0, where that is exactly a
-fresh start) and warns once. :class:`lorambo.optim.AdamW` has per-slot counts and no such error.
+fresh start) and otherwise warns once. :class:`lorambo.optim.AdamW` has per-slot counts and no such error.
 """
 
 from __future__ import annotations
