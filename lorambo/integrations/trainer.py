@@ -63,6 +63,21 @@ def _scaler_of(optimizer):
     return getattr(optimizer, "scaler", None)
 
 
+def _unscale_gradients(grad_scaler, optimizer) -> None:
+    """Have an enabled ``grad_scaler`` unscale the gradients now unless that was done this step
+    (Trainer's gradient clipping does it; with ``max_grad_norm=0`` nothing does before the
+    optimizer step), so importance scores see the gradients of the unscaled loss, not ones
+    scaled by a factor that changes during training. ``scaler.step`` then does not unscale again
+    (torch's documented unscale-then-clip pattern). The stage is read from the scaler's
+    per-optimizer record, the one place it is kept; ``unscale_`` refuses a second call."""
+    if grad_scaler is None or not grad_scaler.is_enabled():
+        return
+    from torch.amp.grad_scaler import OptState
+
+    if grad_scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.READY:
+        grad_scaler.unscale_(optimizer)
+
+
 def _has_sharded_pools(model) -> bool:
     """FSDP2 (``fully_shard``) made the pools DTensors: rank edits and saving must gather them."""
     return any(is_sharded(layer.lora_A) for layer in lora_layers(model).values())
@@ -92,7 +107,9 @@ class LoRAMBoCallback(TrainerCallback):
         grad_scaler: the GradScaler of an fp16 run, so growth gains are measured on the unscaled
             loss (see ``LoRAMBoOptimizer.step``). None: the one Trainer's accelerator made, read
             from the ``AcceleratedOptimizer`` handed to ``on_pre_optimizer_step`` (its
-            ``scaler``; None under bf16/fp32, where the loss is not scaled). DeepSpeed's fp16
+            ``scaler``; None under bf16/fp32, where the loss is not scaled). With ``importance``
+            the callback unscales the gradients before scoring them unless Trainer's clipping
+            already did. DeepSpeed's fp16
             scales the loss with its own scaler, which is not a GradScaler and is not found:
             there the gains carry its loss scale (use bf16 with DeepSpeed).
     """
@@ -131,13 +148,15 @@ class LoRAMBoCallback(TrainerCallback):
         self.allocator.begin_step(state.global_step)
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        grad_scaler = self.grad_scaler if self.grad_scaler is not None else _scaler_of(optimizer)
+        optimizer = _unwrap_optimizer(optimizer)
         scores = None
         if self.importance is not None:
+            if optimizer is not None:
+                _unscale_gradients(grad_scaler, optimizer)
             self.importance.update()  # every step: the EMAs need the whole history
             if self.allocator.move_threshold is not None and self.allocator.is_decision_step(state.global_step):
                 scores = self.importance.component_scores()
-        grad_scaler = self.grad_scaler if self.grad_scaler is not None else _scaler_of(optimizer)
-        optimizer = _unwrap_optimizer(optimizer)
         if _has_sharded_pools(self.allocator.model):  # gathers the pools on decision steps
             records = fsdp.allocator_step(self.allocator, state.global_step, optimizer, component_scores=scores,
                                           grad_scaler=grad_scaler)

@@ -14,7 +14,8 @@ singular value lambda_k; a LoRAMBo component is the pair (row k of A, column k o
     S_k = mean_j s(A[k, j]) + mean_j s(B[j, k]).
 
 Call :meth:`AdaLoRAImportance.update` after ``backward()`` and before the optimizer zeroes the
-gradients (in a Trainer callback: ``on_pre_optimizer_step``). Under DDP the gradients are already
+gradients (in a Trainer callback: ``on_pre_optimizer_step``); under a ``torch.amp.GradScaler``
+after ``scaler.unscale_(optimizer)``, or the scores carry the square of the loss scale. Under DDP the gradients are already
 averaged, so every process holds the same scores. Inactive slots have zero gradient and weight,
 hence zero importance. After a rank change, tell the tracker with :meth:`keep` (components were
 compacted by ``keep_components``) or :meth:`reset` (slots were re-initialised).

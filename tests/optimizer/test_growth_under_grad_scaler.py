@@ -101,3 +101,46 @@ def test_trainer_callback_passes_its_grad_scaler():
     # Trainer(fp16=True): the scaler is found on accelerate's optimizer wrapper, none need be given
     assert decide(SCALE, torch.amp.GradScaler("cpu", init_scale=SCALE), accelerate_scaler=True) == want
     assert decide(1.0, None, accelerate_scaler=True) == want      # bf16/fp32: the wrapper has none
+
+
+def test_trainer_callback_scores_importance_on_unscaled_gradients():
+    """Trainer unscales the gradients before on_pre_optimizer_step only when it clips them
+    (max_grad_norm > 0); otherwise AdaLoRA importance saw gradients times the loss scale (its
+    scores times its square), so move_threshold meant something else under fp16."""
+    import types
+
+    from lorambo.integrations import LoRAMBoCallback
+    from lorambo.sensitivity.adalora_importance import AdaLoRAImportance
+
+    def scores_and_pools(grad_scaler):
+        model = _model()
+        alloc = LoRAMBoOptimizer(model, 2000, sensitivity_method="frobenius", target_modules=["0", "2"],
+                                 capacity=8, interval=None)
+        alloc.configure({"0": 2, "2": 2})
+        with torch.no_grad():
+            for name in ("0", "2"):
+                model.get_submodule(name).lora_B.normal_(generator=torch.Generator().manual_seed(2))
+        importance = AdaLoRAImportance(model)
+        inner = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        callback = LoRAMBoCallback(alloc, importance=importance)
+        args, state = types.SimpleNamespace(should_save=False, output_dir="unused"), types.SimpleNamespace(global_step=0)
+        gen = torch.Generator().manual_seed(1)
+        x, y = torch.randn(24, 8, dtype=DT, generator=gen), torch.randn(24, 3, dtype=DT, generator=gen)
+        loss = ((model(x) - y) ** 2).mean()
+        (grad_scaler.scale(loss) if grad_scaler is not None else loss).backward()
+        callback.on_pre_optimizer_step(args, state, None, optimizer=_accelerated(inner, grad_scaler))
+        if grad_scaler is not None:   # what accelerate's optimizer.step() does next
+            grad_scaler.step(inner)
+            grad_scaler.update()
+        else:
+            inner.step()
+        scores = importance.component_scores()
+        return scores, [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+    want_scores, want_pools = scores_and_pools(None)
+    got_scores, got_pools = scores_and_pools(torch.amp.GradScaler("cpu", init_scale=SCALE))
+    for name in want_scores:
+        assert float(want_scores[name].abs().max()) > 0
+        torch.testing.assert_close(got_scores[name], want_scores[name], rtol=1e-9, atol=0)
+    for got, want in zip(got_pools, want_pools):    # the optimizer step itself is unchanged
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
