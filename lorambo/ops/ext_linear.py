@@ -24,6 +24,7 @@ import torch
 
 from lorambo.ext import loader as ext_loader
 from lorambo.ops.custom_op import define_lora_op
+from lorambo.ops.output_rows import rows_to_output
 
 __all__ = ["dropout_mask_ext", "lora_linear_ext"]
 
@@ -68,7 +69,7 @@ def _lora_linear(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed
     lead, k = x.shape[:-1], x.shape[-1]
     p = float(dropout_p)
     y = _apply(x.reshape(-1, k), weight, bias, lora_A, lora_B, rank, float(scaling), p, seed if p > 0.0 else 0)
-    return y.reshape(*lead, weight.shape[0])
+    return rows_to_output(y, lead)
 
 
 def dropout_mask_ext(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from lorambo.ops.custom_op import define_lora_op
+from lorambo.ops.output_rows import rows_to_output
 
 
 def dropout_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
@@ -103,4 +104,4 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, rank, scaling, dropou
     x2 = x.reshape(-1, k)  # (M, K)
     p = float(dropout_p)
     y = _apply(x2, weight, bias, lora_A, lora_B, rank, float(scaling), p, seed if p > 0.0 else 0)
-    return y.reshape(*lead, weight.shape[0])
+    return rows_to_output(y, lead)

@@ -23,6 +23,7 @@ from lorambo_kernels.config import SUPPORTED_DTYPES, unavailable_reason  # torch
 from torch import Tensor
 
 from lorambo.ops.custom_op import define_lora_op
+from lorambo.ops.output_rows import rows_to_output
 
 _MAX_SEED = 2**63 - 1
 
@@ -127,4 +128,4 @@ def lora_linear_triton(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p
     x2 = x.reshape(-1, k)  # (M, K)
     p = float(dropout_p)
     y = _apply(x2, weight, bias, lora_A, lora_B, rank, float(scaling), p, seed if p > 0.0 else 0)
-    return y.reshape(*lead, weight.shape[0])
+    return rows_to_output(y, lead)

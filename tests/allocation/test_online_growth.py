@@ -299,6 +299,32 @@ def test_capture_records_a_layer_called_by_keyword():
     assert torch.equal(a, x) and torch.equal(ga, w)
 
 
+@pytest.mark.parametrize("backend", ["torch", "ext"])
+def test_capture_keeps_dy_of_an_output_modified_in_place(backend):
+    """The layer's output was a view (a reshape of the op's rows), and autograd drops the hooks
+    of a view modified in place (ReLU(inplace=True), h += residual): the decision saw no dY for
+    that layer. dY is d loss / d output before the in-place op."""
+    from lorambo.ops import backend as backends
+
+    if backend == "ext" and not lorambo.ext.ops.available():
+        pytest.skip("compiled extension not built")
+    backends.set_backend(backend)
+    try:
+        layer = lorambo.LoRAMBoLinear(nn.Linear(4, 5, dtype=DT), rank=1)
+        cap = ActivationCapture({"l": layer})
+        gen = torch.Generator().manual_seed(0)
+        x, w = torch.randn(2, 3, 4, dtype=DT, generator=gen), torch.randn(2, 3, 5, dtype=DT, generator=gen)
+        with cap:
+            h = layer(x)
+            (torch.relu_(h) * w).sum().backward()
+    finally:
+        backends.set_backend(None)
+    ((a, g),) = cap.pairs("l")
+    pre = x.reshape(6, 4) @ layer.weight.detach().T + layer.bias.detach()   # B = 0: the base layer
+    torch.testing.assert_close(g, (w.reshape(6, 5) * (pre > 0)), rtol=0, atol=0)
+    assert torch.equal(a, x.reshape(6, 4))
+
+
 def test_capture_max_tokens_keeps_matching_rows_scaled():
     layer = lorambo.LoRAMBoLinear(nn.Linear(4, 5, dtype=DT), rank=1)
     cap = ActivationCapture({"l": layer}, max_tokens=10)
