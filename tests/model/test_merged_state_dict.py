@@ -27,18 +27,23 @@ def _reference(model, x):
     return x
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv1d"])
-@pytest.mark.parametrize("exact", [True, False])
-def test_merged_state_dict_loads_into_an_unmerged_model(kind, exact):
-    g = torch.Generator().manual_seed(1)
-    model = lorambo.configure_model(_model(kind), {"0": 3, "2": 2}, alpha=5.0)
+def _random_adapters_input_and_reference(model, seed: int):
+    """Non-zero B in every adapter (so merging changes W), then an input and the float64 output."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in lorambo.lora_layers(model).values():
             layer.lora_B[:, :layer.rank].copy_(torch.randn(layer.out_features, layer.rank, generator=g,
                                                            dtype=torch.float64))
-    x = torch.randn(4, 12, generator=g, dtype=torch.float64)
+        x = torch.randn(4, 12, generator=g, dtype=torch.float64)
+        return x, _reference(model, x)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("exact", [True, False])
+def test_merged_state_dict_loads_into_an_unmerged_model(kind, exact):
+    model = lorambo.configure_model(_model(kind), {"0": 3, "2": 2}, alpha=5.0)
+    x, expected = _random_adapters_input_and_reference(model, seed=1)
     with torch.no_grad():
-        expected = _reference(model, x)
         for layer in lorambo.lora_layers(model).values():
             layer.merge(exact=exact)
         state = model.state_dict()
@@ -55,15 +60,9 @@ def test_merged_state_dict_loads_into_an_unmerged_model(kind, exact):
 def test_unloaded_state_dict_of_a_merged_model_holds_the_merged_weights(exact):
     from lorambo.integrations import fsdp
 
-    g = torch.Generator().manual_seed(2)
     model = lorambo.configure_model(_model("linear"), 3)
+    x, expected = _random_adapters_input_and_reference(model, seed=2)
     with torch.no_grad():
-        for layer in lorambo.lora_layers(model).values():
-            layer.lora_B[:, :layer.rank].copy_(torch.randn(layer.out_features, layer.rank, generator=g,
-                                                           dtype=torch.float64))
-    x = torch.randn(4, 12, generator=g, dtype=torch.float64)
-    with torch.no_grad():
-        expected = _reference(model, x)
         fsdp.merge(model, exact=exact)
         plain = _model("linear")
         plain.load_state_dict(fsdp.unloaded_state_dict(model))

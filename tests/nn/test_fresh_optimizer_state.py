@@ -12,6 +12,13 @@ DT = torch.float64
 LR = 1e-2
 
 
+def _train(layer, x, opt, steps: int) -> None:
+    for _ in range(steps):
+        opt.zero_grad()
+        layer(x).square().sum().backward()
+        opt.step()
+
+
 def _regrown_first_update(make_optimizer):
     """(A's regrown row after one step - before, the gradient of that row) for a layer trained
     3 steps at rank 2, shrunk to 1 and grown back to 2."""
@@ -21,10 +28,7 @@ def _regrown_first_update(make_optimizer):
         layer.lora_B[:, :2].copy_(torch.randn(5, 2, dtype=DT, generator=gen))
     x = torch.randn(7, 6, dtype=DT, generator=gen)
     opt = make_optimizer([layer.lora_A, layer.lora_B])
-    for _ in range(3):
-        opt.zero_grad()
-        layer(x).square().sum().backward()
-        opt.step()
+    _train(layer, x, opt, steps=3)
     layer.set_rank(1, optimizer=opt)
     layer.set_rank(2, optimizer=opt, generator=gen)
     with torch.no_grad():  # a non-zero B column so that the regrown row of A gets a gradient
@@ -78,10 +82,7 @@ def test_regrowth_from_rank_zero_trains_as_a_fresh_optimizer(make_optimizer):
     pools = (layer.lora_A, layer.lora_B)
     x = torch.randn(7, 6, dtype=DT, generator=gen)
     opt = make_optimizer(list(pools))
-    for _ in range(4):
-        opt.zero_grad()
-        layer(x).square().sum().backward()
-        opt.step()
+    _train(layer, x, opt, steps=4)
     layer.set_rank(0, optimizer=opt)
     layer.set_rank(2, optimizer=opt, generator=gen)
     with torch.no_grad():
