@@ -314,7 +314,12 @@ class LoRAMBoLinear(nn.Module):
         self.lora_B[:, self._rank:].zero_()
 
     # ---------------------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor | None = None, *, x: torch.Tensor | None = None) -> torch.Tensor:
+        # a drop-in takes the input as nn.Linear names it (``input=``) and as Conv1D does (``x=``)
+        if (input is None) == (x is None):
+            raise TypeError(f"{self._label}: forward takes one input tensor, by position, as input= "
+                            f"(nn.Linear) or as x= (Conv1D); got {'both' if x is not None else 'none'}")
+        x = input if x is None else x
         if x.dim() == 0:
             raise ValueError(f"{self._label}: input is a 0-d tensor; expected shape [..., {self.in_features}]")
         if x.shape[-1] != self.in_features:

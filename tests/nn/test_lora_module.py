@@ -30,6 +30,21 @@ def test_forward_matches_plain_lora_float64(bias):
     assert layer.scaling == 2.0 and layer.rank == 3 and layer.capacity == 8
 
 
+@pytest.mark.parametrize("make_base", [lambda: nn.Linear(12, 9), lambda: Conv1D(9, 12)])
+def test_input_by_keyword_as_linear_and_conv1d_name_it(make_base):
+    """nn.Linear's forward names its input ``input``, Conv1D's ``x``: model code may call
+    either by keyword, and a drop-in must accept both."""
+    torch.manual_seed(0)
+    layer = filled(LoRAMBoLinear(make_base().double(), rank=3, capacity=8, alpha=6.0))
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    for out in (layer(input=x), layer(x=x)):
+        torch.testing.assert_close(out, plain_lora(layer, x), rtol=1e-12, atol=1e-12)
+    with pytest.raises(TypeError, match="forward takes one input tensor.*got both"):
+        layer(x, x=x)
+    with pytest.raises(TypeError, match="got none"):
+        layer()
+
+
 def test_conv1d_base_matches_its_linear_twin():
     conv = Conv1D(7, 10).double()  # nf=7 outputs, nx=10 inputs, weight [10, 7]
     with torch.no_grad():
