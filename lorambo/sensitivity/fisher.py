@@ -101,6 +101,10 @@ class FisherProxy:
         modules: layer names (default: every LoRA layer, else every Linear/Conv1D but the head).
         sketch_dim: None for exact per-example norms; k for the cheaper unbiased sketch.
         seed: seed of the sketch probes.
+        grad_scaler: the ``torch.amp.GradScaler`` of an fp16 run. Its loss scale S multiplies
+            every dY, so without it the traces come out S^2 times too large (and drift as S
+            changes); with it each step's statistics are divided by that step's S^2, on the
+            device. Examples made non-finite by an overflow step are left out (and reported).
         reduction: how the training loss reduces over the examples of a batch, ``"mean"``
             (g_n = B dY_n^T X_n) or ``"sum"``. Examples are the leading dim of a layer input
             with 3 or more dims, and each row of a 2-D input.
@@ -110,7 +114,10 @@ class FisherProxy:
     """
 
     def __init__(self, model, modules=None, reduction: str = "mean", sketch_dim: int | None = None,
-                 seed: int = 0):
+                 seed: int = 0, grad_scaler=None):
+        if grad_scaler is not None and not callable(getattr(grad_scaler, "_get_scale_async", None)):
+            raise TypeError(f"FisherProxy: grad_scaler must be a torch.amp.GradScaler, got "
+                            f"{type(grad_scaler).__name__}")
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         if sketch_dim is not None and (isinstance(sketch_dim, bool) or not isinstance(sketch_dim, numbers.Integral)
@@ -119,6 +126,7 @@ class FisherProxy:
         self.reduction = reduction
         self.sketch_dim = None if sketch_dim is None else int(sketch_dim)
         self._seed = seed
+        self.grad_scaler = grad_scaler
         self._generators: dict = {}
         self.targets = find_targets(model, modules)
         self._handles: list = []
@@ -166,6 +174,9 @@ class FisherProxy:
         if self.reduction == "mean":
             sq = sq * float(sq.shape[0]) ** 2
         sq = sq.double()
+        scale = self._loss_scale()
+        if scale is not None:  # dY carries this step's loss scale S: ||g_n||^2 carries S^2
+            sq = sq / scale.to(device=sq.device, dtype=torch.float64).square()
         # a NaN/inf loss gives non-finite dY: keep those examples out of the sums and count
         # them on the device (no host sync per step); estimates() reports them
         finite = torch.isfinite(sq)
@@ -178,6 +189,15 @@ class FisherProxy:
         else:
             self._sum[name], self._sum_sq[name] = sq.sum(), sq.square().sum()
         self._count[name] += sq.shape[0]
+
+    def _loss_scale(self) -> torch.Tensor | None:
+        """The scaler's current loss scale as a device tensor (no host sync), None when unscaled."""
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return None
+        # the public get_scale() reads it to the host; the backward of a scaled loss runs after
+        # scale(), which creates this tensor
+        return scaler._get_scale_async()
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:  # seeded once: the same probes on every rank
@@ -215,7 +235,8 @@ class FisherProxy:
                                    f"layer {name!r} had a non-finite gradient (NaN/inf): check the loss")
             if bad:
                 warnings.warn(f"FisherProxy left out {int(bad)} of {int(n_seen)} examples of layer "
-                              f"{name!r} whose gradient was not finite (NaN/inf loss)",
+                              f"{name!r} whose gradient was not finite (a NaN/inf loss, or an fp16 "
+                              "overflow step that a GradScaler skips)",
                               RuntimeWarning, stacklevel=2)
             mean = total / n
             var = max(total_sq / n - mean * mean, 0.0) * n / max(n - 1, 1)

@@ -126,3 +126,34 @@ def test_layers_called_by_keyword_are_measured():
     want = naive_fisher(model, x, y, [model.fc1.weight, model.fc2.weight])
     for name, w in zip(("fc1", "fc2"), want):
         assert fisher.estimates()[name].value == pytest.approx(float(w), rel=1e-10)
+
+
+def test_traces_under_a_grad_scaler_equal_the_unscaled_ones():
+    """dY of a scaled loss carries the loss scale S, so ||g_n||^2 carries S^2; the scale also
+    changes between steps (here it doubles after each step)."""
+    torch.manual_seed(0)
+    model = TokenNet(4, 8, 3).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the weights stay those of naive_fisher
+    xs = [torch.randn(5, 3, 4, dtype=torch.float64) for _ in range(2)]
+    ys = [torch.randn(5, 3, 3, dtype=torch.float64) for _ in range(2)]
+    want = naive_fisher(model, torch.cat(xs), torch.cat(ys), [model.fc1.weight, model.fc2.weight])
+
+    def run(pass_scaler):
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1)
+        with FisherProxy(model, grad_scaler=scaler if pass_scaler else None) as fisher:
+            for x, y in zip(xs, ys):
+                opt.zero_grad()
+                scaler.scale(example_losses(model, x, y).mean()).backward()
+                scaler.step(opt)
+                scaler.update()
+        assert scaler.get_scale() == 2.0 ** 12  # two steps, each doubled the scale
+        return fisher.estimates()
+
+    scaled = run(pass_scaler=True)
+    for name, w in zip(("fc1", "fc2"), want):
+        assert scaled[name].value == pytest.approx(float(w), rel=1e-10)
+    unscaled = run(pass_scaler=False)
+    for name in ("fc1", "fc2"):  # steps at S = 2^10 and 2^11: between 2^20 and 2^22 times too large
+        assert 2.0 ** 20 < unscaled[name].value / scaled[name].value < 2.0 ** 22
+    with pytest.raises(TypeError, match="grad_scaler must be a torch.amp.GradScaler, got float"):
+        FisherProxy(model, grad_scaler=1024.0)
