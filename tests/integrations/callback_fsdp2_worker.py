@@ -11,6 +11,7 @@ import lorambo
 from lorambo.integrations import LoRAMBoCallback
 from lorambo.optimizer import LoRAMBoOptimizer
 from lorambo.sensitivity.adalora_importance import AdaLoRAImportance
+from rendezvous import init_gloo
 
 STEPS = 5
 
@@ -36,9 +37,9 @@ def train(net, shards, out_dir, moves, should_save=True):
     return callback
 
 
-def run(rank, world, port, out_dir, data_seed, moves):
+def run(rank, world, rendezvous, out_dir, data_seed, moves):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    init_gloo(rank, world, rendezvous)
     try:
         net = fsdp2_worker.shard(fsdp2_worker.build(), world)
         shards = [step[rank] for step in fsdp2_worker.batches(data_seed, world)]

@@ -8,6 +8,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import lorambo
 from lorambo.distributed import check_identical
 from lorambo.optimizer import LoRAMBoOptimizer
+from rendezvous import init_gloo
 
 DT = torch.float64
 
@@ -17,9 +18,9 @@ def mse(model, batch):
     return ((model(x) - y) ** 2).mean()
 
 
-def run(rank, world, port, out_dir, data_seed):
+def run(rank, world, rendezvous, out_dir, data_seed):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    init_gloo(rank, world, rendezvous)
     try:
         torch.manual_seed(0)  # same model everywhere (DDP would broadcast it anyway)
         net = nn.Sequential(nn.Linear(6, 12, dtype=DT), nn.Tanh(), nn.Linear(12, 12, dtype=DT),

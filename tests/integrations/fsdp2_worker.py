@@ -13,6 +13,7 @@ from lorambo.integrations import fsdp
 from lorambo.distributed import decision_generator
 from lorambo.optimizer import LoRAMBoOptimizer
 from lorambo.sharding import local_tensor
+from rendezvous import init_gloo
 
 DT = torch.float64
 STEPS, BATCH = 6, 8  # BATCH rows per process
@@ -147,11 +148,11 @@ def checkpoint_round_trip(out_dir, world, capacity):
     return check
 
 
-def run(rank, world, port, out_dir, data_seed, optimizer="adam", capacity=4):
+def run(rank, world, rendezvous, out_dir, data_seed, optimizer="adam", capacity=4):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    init_gloo(rank, world, rendezvous)
     try:
         net = shard(build(capacity), world)
         held = net[0].lora_A.to_local().shape[0]  # torch.chunk's layout: uneven for capacity 5
@@ -168,13 +169,13 @@ def run(rank, world, port, out_dir, data_seed, optimizer="adam", capacity=4):
         dist.destroy_process_group()
 
 
-def run_meta_init(rank, world, port, out_dir):
+def run_meta_init(rank, world, rendezvous, out_dir):
     """Meta-device construction, fully_shard, to_empty, then the reset_parameters pass (seeded for
     the pools); records the full pools and what a direct rank edit of a sharded layer says."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    init_gloo(rank, world, rendezvous)
     try:
         with torch.device("meta"):
             net = build_plain()

@@ -1,7 +1,5 @@
 """Two gloo processes (DDP on CPU) take identical online decisions and keep identical weights."""
 
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -9,16 +7,10 @@ import torch.multiprocessing as mp
 import ddp_online_worker
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_ddp_processes_decide_identically(tmp_path):
     data_seed = int(torch.randint(0, 2**20, ()))
-    mp.spawn(ddp_online_worker.run, args=(2, _free_port(), str(tmp_path), data_seed), nprocs=2, join=True)
+    mp.spawn(ddp_online_worker.run, args=(2, str(tmp_path / "rendezvous"), str(tmp_path), data_seed), nprocs=2, join=True)
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     assert a["decisions"] == b["decisions"]
     assert any(r["event"] == "grow" for r in a["decisions"])

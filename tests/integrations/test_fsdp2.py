@@ -1,8 +1,6 @@
 """FSDP2 (fully_shard) on 2 gloo CPU processes: online growth, rank moves and rank edits in place on
 sharded pools; both processes end identical and compute what one unsharded process computes."""
 
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -13,12 +11,6 @@ import lorambo
 fully_shard = pytest.importorskip("torch.distributed.fsdp").fully_shard
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 @pytest.mark.parametrize("optimizer,capacity", [("adam", 4), ("lorambo_adamw", 5)])
 def test_fsdp2_rank_edits_match_single_process(tmp_path, optimizer, capacity):
@@ -26,7 +18,7 @@ def test_fsdp2_rank_edits_match_single_process(tmp_path, optimizer, capacity):
     lora_A's slots split 3/2 over the processes)."""
     data_seed = int(torch.randint(0, 2**20, ()))
     # fork: the workers inherit the imported modules (spawn would re-import torch and lorambo twice)
-    mp.start_processes(fsdp2_worker.run, args=(2, _free_port(), str(tmp_path), data_seed, optimizer, capacity),
+    mp.start_processes(fsdp2_worker.run, args=(2, str(tmp_path / "rendezvous"), str(tmp_path), data_seed, optimizer, capacity),
                        nprocs=2, join=True, start_method="fork")
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
 
@@ -85,7 +77,7 @@ def test_fsdp2_rank_edits_match_single_process(tmp_path, optimizer, capacity):
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_fsdp2_meta_init_gives_the_single_process_pools_and_direct_rank_edits_are_refused(tmp_path):
     """Without reset_parameters on DTensor pools, A stayed all zero (with B = 0 nothing trains)."""
-    mp.start_processes(fsdp2_worker.run_meta_init, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+    mp.start_processes(fsdp2_worker.run_meta_init, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True,
                        start_method="fork")
     a, b = (torch.load(tmp_path / f"meta{r}.pt", weights_only=False) for r in range(2))
     single = fsdp2_worker.build_plain()

@@ -4,8 +4,6 @@ taken from one process's shards, and with AdaLoRAImportance scoring rank moves t
 statistics were DTensors that a rank change could not edit. Both processes now take the decisions
 one unsharded process takes on the same data, and the checkpoint's adapter rebuilds its model."""
 
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -17,17 +15,11 @@ import lorambo
 pytest.importorskip("torch.distributed.fsdp")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 @pytest.mark.parametrize("moves", [False, True])
 def test_callback_under_fsdp2_decides_and_saves_as_one_unsharded_process(tmp_path, moves):
     sharded_dir, plain_dir = tmp_path / "sharded", tmp_path / "plain"
-    mp.start_processes(worker.run, args=(2, _free_port(), str(sharded_dir), 3, moves), nprocs=2, join=True,
+    mp.start_processes(worker.run, args=(2, str(tmp_path / "rendezvous"), str(sharded_dir), 3, moves), nprocs=2, join=True,
                        start_method="fork")
     a, b = (torch.load(sharded_dir / f"rank{r}.pt", weights_only=False) for r in range(2))
     assert a["decisions"] == b["decisions"] and a["ranks"] == b["ranks"]
