@@ -8,7 +8,8 @@ curves of 8 ranks, budget 5,000 parameters per layer. ``minilm`` (36 layers, 384
 (224 layers, 4096/11008): ``--problems`` seeded sensitivity sets (lognormal, sigma 2: the spread
 that makes the closed form's exchange search work hardest), capacity 64, curves of 64 ranks, a
 budget of rank 8 on average. Besides ``allocate``'s methods, the model shapes time the online
-growth decision's allocation (``plan_growth``, ``plan_moves``) and ALoRA's reallocation plan.
+growth decision's allocation (``plan_growth``, ``plan_moves``; ``plan_moves_unfunded``: the
+budget spent and only the cheapest layers' components idle) and ALoRA's reallocation plan.
 
 Prints one line per method (median and worst over problems of the per-problem median of
 ``--repeats`` calls) and appends the rows, with the machine, to ``--out``/allocate.csv.
@@ -105,6 +106,12 @@ def model_calls(shape: str, seed: int):
     nxt = {n: float(g[0]) for n, g in online["gains"].items()}
     calls["plan_moves"] = lambda: plan_moves(nxt, online["scores"], online["costs"], online["room"],
                                              online["move_left"], 0.0, 0.0, max_moves=8)
+    # budget spent, the MLP layers want ranks, only attention components are idle: few donors can
+    # fund a receiver (what made plan_moves scan every component for every receiver)
+    costs = online["costs"]
+    wants = {n: float(costs[n] > min(costs.values())) - 0.5 for n in dims}
+    idle = {n: np.abs(s) * (-1.0 if costs[n] == min(costs.values()) else 1.0) for n, s in online["scores"].items()}
+    calls["plan_moves_unfunded"] = lambda: plan_moves(wants, idle, costs, online["room"], 0, 0.0, 0.0, max_moves=8)
     scores = {n: torch.as_tensor(s) for n, s in online["scores"].items()}
     calls["alora_plan"] = lambda: alora_plan(layers, scores, 8, budget)
     return calls

@@ -26,7 +26,7 @@ def test_bench_script_runs_tiny(capsys, tmp_path):
     assert _bench().main([*argv, "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert all(m in out for m in (*lorambo.allocation.METHODS, "plan_growth", "plan_moves", "alora_plan"))
-    assert len((tmp_path / "allocate.csv").read_text().splitlines()) == 1 + 2 * 5 + 3
+    assert len((tmp_path / "allocate.csv").read_text().splitlines()) == 1 + 2 * 5 + 4
 
 
 def test_key_checks_build_the_name_set_once(monkeypatch):
