@@ -144,8 +144,8 @@ def main(argv=None) -> int:
             times = [_times_ms(call, args.repeats) for call in calls]
             ms = [statistics.median(t) for t in times]
             fastest = statistics.median(min(t) for t in times)  # the least disturbed by other load
-            rows.append({"shape": shape, "layers": layers, "method": method, "ms_median": f"{statistics.median(ms):.3f}",
-                         "ms_min": f"{fastest:.3f}", "ms_max": f"{max(ms):.3f}", "problems": len(calls),
+            rows.append({"shape": shape, "layers": layers, "method": method,
+                         "ms_median": f"{statistics.median(ms):.3f}", "ms_min": f"{fastest:.3f}", "ms_max": f"{max(ms):.3f}", "problems": len(calls),
                          "repeats": args.repeats})
             print(f"{shape:>6} {layers:>6} layers {method:>19}: {statistics.median(ms):8.3f} ms median, "
                   f"{fastest:8.3f} ms min, {max(ms):8.3f} ms worst of {len(calls)}")
