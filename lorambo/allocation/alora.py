@@ -60,7 +60,8 @@ def _plan(layers, scores, n_prune, budget):
     worst = ranked[:n_prune]
     pruned_layers = {n for _, n, _ in worst}
     means = {n: float(sc.mean()) for n, sc in scores.items() if sc.numel() and n not in pruned_layers}
-    receivers = sorted(means, key=lambda n: (-means[n], list(layers).index(n)))
+    order = {n: i for i, n in enumerate(layers)}  # once: list(layers).index per key was O(n^2)
+    receivers = sorted(means, key=lambda n: (-means[n], order[n]))
     extra = dict.fromkeys(receivers, 0)
     prune, receive = {}, []
     turn = 0

@@ -174,6 +174,10 @@ def plan_moves(next_gains: Mapping[str, float], scores: Mapping[str, Sequence[fl
                        key=lambda n: -next_gains[n] / costs[n])
     donors = sorted((float(s), n, k) for n, sc in scores.items() for k, s in enumerate(sc)
                     if float(s) < move_threshold)
+    donor_cost = np.asarray([costs[n] for _, n, _ in donors])
+    # donors (in order) that can fund a receiver, per receiver cost at the current leftover: a scan
+    # of every donor per receiver was O(receivers x components) when few or none could fund them
+    funding: dict = {}
     moves, left, used = [], int(budget_left), set()
     donor_layers, receiving = set(), set()
     for recv in receivers:
@@ -181,17 +185,20 @@ def plan_moves(next_gains: Mapping[str, float], scores: Mapping[str, Sequence[fl
             break
         if recv in donor_layers:
             continue
-        for entry in donors:
+        if costs[recv] not in funding:
+            funding[costs[recv]] = np.flatnonzero(left + donor_cost - costs[recv] >= 0).tolist()
+        for e in funding[costs[recv]]:
+            entry = donors[e]
             _, donor, comp = entry
             if entry in used or donor == recv or donor in receiving:
                 continue
-            if left + costs[donor] - costs[recv] >= 0:
-                moves.append((donor, comp, recv))
-                used.add(entry)
-                donor_layers.add(donor)
-                receiving.add(recv)
-                left += costs[donor] - costs[recv]
-                break
+            moves.append((donor, comp, recv))
+            used.add(entry)
+            donor_layers.add(donor)
+            receiving.add(recv)
+            left += costs[donor] - costs[recv]
+            funding.clear()  # the leftover changed
+            break
     return moves
 
 

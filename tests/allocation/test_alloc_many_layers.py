@@ -21,10 +21,12 @@ def _bench():
     return module
 
 
-def test_bench_script_runs_tiny(capsys):
-    assert _bench().main(["--layers", "50", "--repeats", "1"]) == 0
+def test_bench_script_runs_tiny(capsys, tmp_path):
+    argv = ["--layers", "50", "--shapes", "random", "minilm", "--problems", "1", "--repeats", "1"]
+    assert _bench().main([*argv, "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert all(m in out for m in lorambo.allocation.METHODS)
+    assert all(m in out for m in (*lorambo.allocation.METHODS, "plan_growth", "plan_moves", "alora_plan"))
+    assert len((tmp_path / "allocate.csv").read_text().splitlines()) == 1 + 2 * 5 + 4
 
 
 def test_key_checks_build_the_name_set_once(monkeypatch):

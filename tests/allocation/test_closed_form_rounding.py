@@ -11,6 +11,7 @@ the law, 0.5% (mean 0.02%, worst 8%).
 import warnings
 
 import numpy as np
+import pytest
 
 from lorambo.allocation import allocate
 from lorambo.allocation.closed_form import continuous_ranks
@@ -85,20 +86,46 @@ def test_sensitivity_scale_does_not_matter():
             assert allocate(dims, {k: v * scale for k, v in sens.items()}, 90) == small
 
 
-def test_many_layers_skip_the_quadratic_exchange(monkeypatch):
-    # each exchange move is O(n^2) in time and memory: 10,000 layers (benchmarks/bench_allocate_many.py)
-    # would need GBs; past MAX_LAYERS the fill alone runs, within budget and bounds
+@pytest.mark.parametrize("n, distinct", [(300, None), (1100, 2)])
+def test_many_layers_or_costs_skip_the_exchange(monkeypatch, n, distinct):
+    # the moves cost O(n log n + K^2) each for K distinct costs and their number grows with n:
+    # past MAX_COSTS distinct costs (300 random shapes) or MAX_LAYERS layers (1,100 of 2 shapes)
+    # the fill alone runs, within budget and bounds
     from lorambo.allocation import exchange
 
     def no_moves(*args, **kwargs):
-        raise AssertionError("an exchange move was tried on a problem past MAX_LAYERS")
+        raise AssertionError("an exchange move was tried on a problem past MAX_LAYERS or MAX_COSTS")
 
     monkeypatch.setattr(exchange, "_move", no_moves)
     rng = np.random.default_rng(5)
-    n = 300  # past exchange.MAX_LAYERS = 256
-    dims = {f"l{i}": (int(rng.integers(64, 512)), int(rng.integers(64, 512))) for i in range(n)}
+    shapes = rng.integers(64, 512, size=(distinct or n, 2))
+    if distinct is None:
+        shapes[:, 0], shapes[:, 1] = 64 + np.arange(n), 64  # n distinct costs
+    dims = {f"l{i}": tuple(int(v) for v in shapes[i % len(shapes)]) for i in range(n)}
+    assert n > exchange.MAX_LAYERS or len({sum(dk) for dk in dims.values()}) > exchange.MAX_COSTS
     sens = {name: float(rng.random()) for name in dims}
     budget = 3_000 * n
     ranks = allocate(dims, sens, budget, max_rank=16)
     assert sum(ranks[k] * sum(dims[k]) for k in dims) <= budget
     assert all(0 <= ranks[k] <= 16 for k in dims)
+
+
+def test_exchange_runs_past_256_layers_of_few_shapes():
+    """896 layers of 7B shapes (more than the old 256-layer cap): the moves run and lower the loss."""
+    from lorambo.allocation import exchange
+
+    rng = np.random.default_rng(11)
+    shapes = ([(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]) * 128
+    dims = {f"l{i}": dk for i, dk in enumerate(shapes)}
+    sens = {n: float(rng.lognormal(0.0, 2.0)) for n in dims}
+    budget = 3 * sum(d + k for d, k in shapes) + 5_000
+    s = np.array(list(sens.values()))
+    moved = allocate(dims, sens, budget, capacities=dict.fromkeys(dims, 64))
+    real = exchange.MAX_LAYERS
+    try:
+        exchange.MAX_LAYERS = 256
+        filled = allocate(dims, sens, budget, capacities=dict.fromkeys(dims, 64))
+    finally:
+        exchange.MAX_LAYERS = real
+    assert _loss(list(moved.values()), s) < _loss(list(filled.values()), s)
+    assert sum(moved[n] * sum(dims[n]) for n in dims) <= budget
