@@ -13,8 +13,8 @@ When every active slot of a pool is new, its per-parameter scalars restart too (
 NAdam's ``mu_product`` (its bias correction; stale, the first updates were ~45% off a fresh
 NAdam's) and ASGD's ``eta`` and ``mu``.
 
-Left as is: SGD with ``dampening > 0``, whose fresh first momentum is the gradient itself; a
-zeroed buffer gives ``(1 - dampening)`` times it (with the default ``dampening=0`` both agree).
+SGD with ``dampening > 0``, whose fresh first momentum is the update itself, needs the step's
+gradient: :mod:`lorambo.nn.fresh_momentum`.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Factored statistics with one entry per slot (torch.optim.Adafactor's ``row_var``
 
 A slot that becomes active starts as under a fresh optimizer: zero state, or the start value of
 the few torch optimizers that do not start at zero (Rprop's step size, Adagrad's accumulator:
-:mod:`lorambo.nn.fresh_state`).
+:mod:`lorambo.nn.fresh_state`; SGD's momentum with dampening: :mod:`lorambo.nn.fresh_momentum`).
 
 Why zeroing is required, not cosmetic: Adam with zero gradient still moves a parameter whose
 moments are non-zero, so a slot deactivated with stale moments would drift away from 0.
@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import torch
 
 from lorambo.ext.ops import slot_state_tensors, state_tensors
+from lorambo.nn.fresh_momentum import mark_new_slots, move_new_slots
 from lorambo.nn.fresh_state import fresh_scalar_values, fresh_state_values
 
 SLOT_STEP = "slot_step"  # lorambo.optim.AdamW's per-slot Adam step count, shape [capacity]
@@ -88,6 +89,7 @@ def reset_slot_state(optimizer: torch.optim.Optimizer, layer, slots: Sequence[in
             value = state.get(key)
             if torch.is_tensor(value) and value.shape == param.shape:
                 value.index_fill_(dim, index.to(value.device), start)
+    mark_new_slots(optimizer, layer, slots)  # SGD's first buffer is the update itself
     if all_active_new:
         for param in (layer.lora_A, layer.lora_B):
             state = optimizer.state.get(param)
@@ -110,3 +112,4 @@ def gather_slot_state(optimizer: torch.optim.Optimizer, layer, keep: Sequence[in
         value.narrow(dim, 0, n).copy_(moved)
         if old_rank > n:
             value.narrow(dim, n, old_rank - n).zero_()
+    move_new_slots(optimizer, layer, keep)

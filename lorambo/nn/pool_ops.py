@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from lorambo.nn.fresh_momentum import move_new_slots
 from lorambo.ops.backend import use_compiled_multi_tensor
 
 __all__ = ["keep_components_many"]
@@ -40,6 +41,7 @@ def keep_components_many(plans: Iterable[tuple[torch.nn.Module, Sequence[int]]],
                              optimizer)
         for layer, keep in plans:
             layer._set_active_rank(len(keep))
+            move_new_slots(optimizer, layer, keep)
     else:
         for layer, keep in plans:
             layer.keep_components(keep, optimizer)
