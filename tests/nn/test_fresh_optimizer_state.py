@@ -188,3 +188,31 @@ def test_sgd_regrown_slot_moved_before_its_first_step_starts_fresh_too(many):
     torch.testing.assert_close(layer.lora_A[0] - before[0], -LR * grad[0], rtol=1e-12, atol=0)
     torch.testing.assert_close(layer.lora_A[1] - before[1], -LR * (0.9 * old_buf + 0.5 * grad[1]),
                                rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("make_optimizer, warns", [
+    (lambda p: torch.optim.Adagrad(p, lr=LR, lr_decay=0.1), True),
+    (lambda p: torch.optim.ASGD(p, lr=LR), True),
+    (lambda p: torch.optim.Adagrad(p, lr=LR), False),
+    (lambda p: torch.optim.RMSprop(p, lr=LR, centered=True), False),
+], ids=["adagrad-lr_decay", "asgd", "adagrad", "rmsprop"])
+def test_shared_step_that_sets_the_update_is_warned_about_beyond_adam(monkeypatch, make_optimizer, warns):
+    """Adagrad's lr_decay and ASGD's eta / mu follow the one step count of the parameter, so a
+    regrown slot is not updated as under a fresh optimizer (off by 1e-2 after a few steps with
+    lr_decay=0.1): warned about like Adam's bias correction; optimizers whose step sets nothing
+    stay silent."""
+    import warnings
+
+    import lorambo.nn.optimizer_state as optimizer_state
+
+    layer = LoRAMBoLinear(nn.Linear(6, 5, dtype=DT), rank=2, capacity=4)
+    opt = make_optimizer([layer.lora_A, layer.lora_B])
+    _train(layer, torch.randn(7, 6, dtype=DT), opt, steps=2)
+    layer.set_rank(1, optimizer=opt)
+    monkeypatch.setattr(optimizer_state, "_warned_shared_step", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layer.set_rank(2, optimizer=opt)
+    name = type(opt).__name__
+    assert [str(w.message).startswith(f"{name} keeps one step count per parameter") for w in caught] == \
+        ([True] if warns else [])
