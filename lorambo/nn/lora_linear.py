@@ -27,6 +27,7 @@ from lorambo.nn import base_layers
 from lorambo.nn.optimizer_state import gather_slot_state, reset_slot_state, warn_if_shared_step
 from lorambo.nn.optimizer_tracking import track_optimizers, warn_if_state_left_behind
 from lorambo.nn.slots import PoolSlots, local_slots, tag_pool_parameter
+from lorambo.nn.unsupported_optimizers import refuse_unsupported_optimizers
 from lorambo.ops import lora_linear
 from lorambo.ops.compile_support import dynamic_int_attribute
 from lorambo.sharding import is_sharded, local_tensor
@@ -154,6 +155,7 @@ class LoRAMBoLinear(nn.Module):
         self._weight_before_merge: torch.Tensor | None = None
         self.set_rank(rank)
         track_optimizers()  # so that a rank change can tell when its optimizer= is missing
+        refuse_unsupported_optimizers()
         self.register_state_dict_post_hook(_unmerged_base_weight)
         self.register_load_state_dict_pre_hook(_unmerge_before_load)
         self.register_load_state_dict_pre_hook(_refuse_slots_past_rank)
