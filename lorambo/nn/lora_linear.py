@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lorambo.nn import base_layers
+from lorambo.nn.fresh_momentum import move_new_slots
 from lorambo.nn.optimizer_state import gather_slot_state, reset_slot_state, warn_if_shared_step
 from lorambo.nn.optimizer_tracking import track_optimizers, warn_if_state_left_behind
 from lorambo.nn.slots import PoolSlots, local_slots, tag_pool_parameter
@@ -289,6 +290,7 @@ class LoRAMBoLinear(nn.Module):
             grad.narrow(dim, 0, n).copy_(grad.index_select(dim, index.to(grad.device)))
             grad.narrow(dim, n, old - n).zero_()
         self._set_active_rank(n)
+        move_new_slots(self, keep)  # with or without the optimizer: the record belongs to the slot
         if keep != list(range(old)):
             warn_if_state_left_behind(self, optimizer, f"slots {keep} of {old} kept")
         if optimizer is not None:

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import torch
 
 from lorambo.ext.ops import slot_state_tensors, state_tensors
-from lorambo.nn.fresh_momentum import mark_new_slots, move_new_slots
+from lorambo.nn.fresh_momentum import mark_new_slots
 from lorambo.nn.fresh_state import fresh_scalar_values, fresh_state_values, step_scales_updates
 
 SLOT_STEP = "slot_step"  # lorambo.optim.AdamW's per-slot Adam step count, shape [capacity]
@@ -117,4 +117,3 @@ def gather_slot_state(optimizer: torch.optim.Optimizer, layer, keep: Sequence[in
         value.narrow(dim, 0, n).copy_(moved)
         if old_rank > n:
             value.narrow(dim, n, old_rank - n).zero_()
-    move_new_slots(optimizer, layer, keep)

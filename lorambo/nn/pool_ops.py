@@ -42,7 +42,7 @@ def keep_components_many(plans: Iterable[tuple[torch.nn.Module, Sequence[int]]],
                              optimizer)
         for (layer, keep), old_rank in zip(plans, old):
             layer._set_active_rank(len(keep))
-            move_new_slots(optimizer, layer, keep)
+            move_new_slots(layer, keep)
             if keep != list(range(old_rank)):
                 warn_if_state_left_behind(layer, optimizer, f"slots {keep} of {old_rank} kept")
     else:

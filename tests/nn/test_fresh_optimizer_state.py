@@ -121,10 +121,11 @@ def test_growth_from_rank_zero_does_not_warn_about_the_shared_step(monkeypatch):
         layer.set_rank(2, optimizer=opt)
 
 
-def _regrown_row_against_fresh(make_optimizer, steps: int = 3) -> None:
+def _regrown_row_against_fresh(make_optimizer, steps: int = 3, reload: bool = False) -> None:
     """A layer trained 3 steps at rank 2, shrunk to 1 and grown back to 2: row 1 of
     A (regrown) follows, step for step, a fresh optimizer of the same kind over a copy of that
-    row fed the same gradients (per-element optimizers: a row depends on its own state only)."""
+    row fed the same gradients (per-element optimizers: a row depends on its own state only).
+    ``reload``: the optimizer is rebuilt from its state_dict between the rank change and the step."""
     gen = torch.Generator().manual_seed(0)
     layer = LoRAMBoLinear(nn.Linear(6, 5, dtype=DT), rank=2, capacity=4)
     with torch.no_grad():
@@ -136,6 +137,9 @@ def _regrown_row_against_fresh(make_optimizer, steps: int = 3) -> None:
     layer.set_rank(2, optimizer=opt, generator=gen)
     with torch.no_grad():  # a non-zero B column so that the regrown row of A gets a gradient
         layer.lora_B[:, 1].copy_(torch.randn(5, dtype=DT, generator=gen))
+    if reload:
+        saved, opt = opt.state_dict(), make_optimizer([layer.lora_A, layer.lora_B])
+        opt.load_state_dict(saved)
     twin = nn.Parameter(layer.lora_A[1:2].detach().clone())
     fresh = make_optimizer([twin])
     for _ in range(steps):
@@ -154,10 +158,11 @@ def _regrown_row_against_fresh(make_optimizer, steps: int = 3) -> None:
                                     dict(momentum=0.9, dampening=0.5, fused=True),
                                     dict(momentum=0.9, nesterov=True, weight_decay=0.1)],
                          ids=["dampening", "dampening1-wd", "maximize-foreach", "fused", "nesterov"])
-def test_sgd_momentum_regrown_slot_starts_its_buffer_at_the_gradient(kwargs):
+@pytest.mark.parametrize("reload", [False, True], ids=["kept", "reloaded"])
+def test_sgd_momentum_regrown_slot_starts_its_buffer_at_the_gradient(kwargs, reload):
     """A fresh SGD's first momentum buffer is the update direction itself, not (1 - dampening)
-    times it, which is what a zeroed buffer gives."""
-    _regrown_row_against_fresh(lambda p: torch.optim.SGD(p, lr=LR, **kwargs))
+    times it, which is what a zeroed buffer gives; also after a state_dict round trip."""
+    _regrown_row_against_fresh(lambda p: torch.optim.SGD(p, lr=LR, **kwargs), reload=reload)
 
 
 @pytest.mark.parametrize("many", [False, True], ids=["keep_components", "keep_components_many"])
