@@ -61,6 +61,7 @@ class _GatheredOptimizer:
         self.param_groups: list = []
         self.optimizer_type = type(optimizer)
         self.name = self.optimizer_type.__name__
+        self.stands_in_for = optimizer  # its state is edited through this view, not left behind
 
 
 @contextmanager

@@ -11,17 +11,18 @@ but two torch optimizers start elsewhere:
 
 When every active slot of a pool is new, its per-parameter scalars restart too (with ``step``):
 NAdam's ``mu_product`` (its bias correction; stale, the first updates were ~45% off a fresh
-NAdam's) and ASGD's ``eta`` and ``mu``.
+NAdam's) and ASGD's ``eta`` and ``mu``. Otherwise such a shared step sets a new slot's updates
+for Adagrad with ``lr_decay`` and ASGD too (:func:`step_scales_updates`; warned about, like Adam).
 
-Left as is: SGD with ``dampening > 0``, whose fresh first momentum is the gradient itself; a
-zeroed buffer gives ``(1 - dampening)`` times it (with the default ``dampening=0`` both agree).
+SGD with ``dampening > 0``, whose fresh first momentum is the update itself, needs the step's
+gradient: :mod:`lorambo.nn.fresh_momentum`.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["fresh_state_values", "fresh_scalar_values"]
+__all__ = ["fresh_state_values", "fresh_scalar_values", "step_scales_updates"]
 
 
 def _group_of(optimizer, param) -> dict | None:
@@ -60,3 +61,17 @@ def fresh_scalar_values(optimizer, param) -> dict[str, float]:
         group = _group_of(optimizer, param)
         return {} if group is None else {"eta": float(group["lr"]), "mu": 1.0}
     return {}
+
+
+def step_scales_updates(optimizer, param) -> bool:
+    """Whether ``optimizer`` (one without Adam-style moments) sets ``param``'s updates from its
+    per-parameter ``step``, so that a slot activated at step t is not updated as under a fresh
+    optimizer: Adagrad with ``lr_decay`` (``lr / (1 + (step - 1) * lr_decay)``) and ASGD (its
+    ``eta`` and ``mu`` follow the step)."""
+    kind = _kind(optimizer)
+    if issubclass(kind, torch.optim.ASGD):
+        return True
+    if issubclass(kind, torch.optim.Adagrad):
+        group = _group_of(optimizer, param)
+        return bool(group is not None and group.get("lr_decay"))
+    return False

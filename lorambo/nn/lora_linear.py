@@ -24,8 +24,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lorambo.nn import base_layers
+from lorambo.nn.fresh_momentum import move_new_slots
 from lorambo.nn.optimizer_state import gather_slot_state, reset_slot_state, warn_if_shared_step
+from lorambo.nn.optimizer_tracking import track_optimizers, warn_if_state_left_behind
 from lorambo.nn.slots import PoolSlots, local_slots, tag_pool_parameter
+from lorambo.nn.unsupported_optimizers import refuse_unsupported_optimizers
 from lorambo.ops import lora_linear
 from lorambo.ops.compile_support import dynamic_int_attribute
 from lorambo.sharding import is_sharded, local_tensor
@@ -152,6 +155,8 @@ class LoRAMBoLinear(nn.Module):
         self.merged = False
         self._weight_before_merge: torch.Tensor | None = None
         self.set_rank(rank)
+        track_optimizers()  # so that a rank change can tell when its optimizer= is missing
+        refuse_unsupported_optimizers()
         self.register_state_dict_post_hook(_unmerged_base_weight)
         self.register_load_state_dict_pre_hook(_unmerge_before_load)
         self.register_load_state_dict_pre_hook(_refuse_slots_past_rank)
@@ -255,6 +260,8 @@ class LoRAMBoLinear(nn.Module):
         for grad, dim in self._pool_grads():
             grad.narrow(dim, lo, hi - lo).zero_()
         self._set_active_rank(rank)
+        if rank != old:
+            warn_if_state_left_behind(self, optimizer, f"rank changed {old} -> {rank}")
         if optimizer is not None and rank != old:
             if rank > old > 0:  # growth from 0 restarts the shared step: nothing is stale then
                 warn_if_shared_step(optimizer, self)
@@ -283,6 +290,9 @@ class LoRAMBoLinear(nn.Module):
             grad.narrow(dim, 0, n).copy_(grad.index_select(dim, index.to(grad.device)))
             grad.narrow(dim, n, old - n).zero_()
         self._set_active_rank(n)
+        move_new_slots(self, keep)  # with or without the optimizer: the record belongs to the slot
+        if keep != list(range(old)):
+            warn_if_state_left_behind(self, optimizer, f"slots {keep} of {old} kept")
         if optimizer is not None:
             gather_slot_state(optimizer, self, keep, old)
         return old

@@ -10,7 +10,7 @@ Factored statistics with one entry per slot (torch.optim.Adafactor's ``row_var``
 
 A slot that becomes active starts as under a fresh optimizer: zero state, or the start value of
 the few torch optimizers that do not start at zero (Rprop's step size, Adagrad's accumulator:
-:mod:`lorambo.nn.fresh_state`).
+:mod:`lorambo.nn.fresh_state`; SGD's momentum with dampening: :mod:`lorambo.nn.fresh_momentum`).
 
 Why zeroing is required, not cosmetic: Adam with zero gradient still moves a parameter whose
 moments are non-zero, so a slot deactivated with stale moments would drift away from 0.
@@ -19,7 +19,8 @@ torch.optim's Adam family keeps one ``step`` per parameter, so a slot activated 
 the bias correction of step t while its moments start from zero: its first updates are several
 times those of a fresh Adam. lorambo cannot fix that from outside the optimizer; it resets
 ``step`` when every active slot of the layer is new (growth from rank 0, where that is exactly a
-fresh start) and otherwise warns once. :class:`lorambo.optim.AdamW` has per-slot counts and no such error.
+fresh start) and otherwise warns once. Adagrad with ``lr_decay`` and ASGD scale their updates by
+the same shared ``step`` and are warned about alike. :class:`lorambo.optim.AdamW` has per-slot counts and no such error.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from collections.abc import Sequence
 import torch
 
 from lorambo.ext.ops import slot_state_tensors, state_tensors
-from lorambo.nn.fresh_state import fresh_scalar_values, fresh_state_values
+from lorambo.nn.fresh_momentum import mark_new_slots
+from lorambo.nn.fresh_state import fresh_scalar_values, fresh_state_values, step_scales_updates
 
 SLOT_STEP = "slot_step"  # lorambo.optim.AdamW's per-slot Adam step count, shape [capacity]
 _warned_shared_step = False
@@ -47,22 +49,26 @@ def _slot_views(optimizer: torch.optim.Optimizer, layer):
 
 
 def warn_if_shared_step(optimizer: torch.optim.Optimizer, layer) -> None:
-    """Warn once per process when new slots join a pool whose optimizer (Adam family, Adafactor)
-    has one ``step`` per parameter that has already counted steps (see the module docstring)."""
+    """Warn once per process when new slots join a pool whose optimizer (Adam family, Adafactor,
+    Adagrad with ``lr_decay``, ASGD) has one ``step`` per parameter that sets the update and has
+    already counted steps (see the module docstring)."""
     global _warned_shared_step
     if _warned_shared_step:
         return
     for param in (layer.lora_A, layer.lora_B):
         state = optimizer.state.get(param)
-        if not state or SLOT_STEP in state or "step" not in state or not _STEPPED_MOMENTS & state.keys():
+        if not state or SLOT_STEP in state or "step" not in state:
+            continue
+        if not (_STEPPED_MOMENTS & state.keys() or step_scales_updates(optimizer, param)):
             continue
         if float(state["step"]) > 0:
             _warned_shared_step = True
             warnings.warn(
                 f"{getattr(optimizer, 'optimizer_type', type(optimizer)).__name__} keeps one step count per parameter: slots that become active now "
                 f"in {layer._label} start at step {int(float(state['step']))} of it, not at step 1 (Adam's bias "
-                "correction, Adafactor's averaging rate), so their first updates are larger than a fresh "
-                "optimizer's (2.5-5x measured for Adam). Use lorambo.optim.AdamW for per-slot step counts.",
+                "correction, Adafactor's averaging rate, Adagrad's lr_decay, ASGD's eta and mu), so their first "
+                "updates differ from a fresh optimizer's (2.5-5x larger measured for Adam). Use "
+                "lorambo.optim.AdamW for per-slot Adam step counts.",
                 stacklevel=4)
             return
 
@@ -88,6 +94,7 @@ def reset_slot_state(optimizer: torch.optim.Optimizer, layer, slots: Sequence[in
             value = state.get(key)
             if torch.is_tensor(value) and value.shape == param.shape:
                 value.index_fill_(dim, index.to(value.device), start)
+    mark_new_slots(optimizer, layer, slots)  # SGD's first buffer is the update itself
     if all_active_new:
         for param in (layer.lora_A, layer.lora_B):
             state = optimizer.state.get(param)

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from lorambo.nn.fresh_momentum import move_new_slots
+from lorambo.nn.optimizer_tracking import warn_if_state_left_behind
 from lorambo.ops.backend import use_compiled_multi_tensor
 
 __all__ = ["keep_components_many"]
@@ -38,8 +40,11 @@ def keep_components_many(plans: Iterable[tuple[torch.nn.Module, Sequence[int]]],
     if use_compiled_multi_tensor(tensors):
         ext_ops.remap_pools_([(layer, ext_ops.keep_map(keep, layer.rank, layer.capacity)) for layer, keep in plans],
                              optimizer)
-        for layer, keep in plans:
+        for (layer, keep), old_rank in zip(plans, old):
             layer._set_active_rank(len(keep))
+            move_new_slots(layer, keep)
+            if keep != list(range(old_rank)):
+                warn_if_state_left_behind(layer, optimizer, f"slots {keep} of {old_rank} kept")
     else:
         for layer, keep in plans:
             layer.keep_components(keep, optimizer)

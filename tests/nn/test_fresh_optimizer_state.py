@@ -119,3 +119,105 @@ def test_growth_from_rank_zero_does_not_warn_about_the_shared_step(monkeypatch):
     opt.step()
     with pytest.warns(UserWarning, match="Adam keeps one step count per parameter"):
         layer.set_rank(2, optimizer=opt)
+
+
+def _regrown_row_against_fresh(make_optimizer, steps: int = 3, reload: bool = False) -> None:
+    """A layer trained 3 steps at rank 2, shrunk to 1 and grown back to 2: row 1 of
+    A (regrown) follows, step for step, a fresh optimizer of the same kind over a copy of that
+    row fed the same gradients (per-element optimizers: a row depends on its own state only).
+    ``reload``: the optimizer is rebuilt from its state_dict between the rank change and the step."""
+    gen = torch.Generator().manual_seed(0)
+    layer = LoRAMBoLinear(nn.Linear(6, 5, dtype=DT), rank=2, capacity=4)
+    with torch.no_grad():
+        layer.lora_B[:, :2].copy_(torch.randn(5, 2, dtype=DT, generator=gen))
+    x = torch.randn(7, 6, dtype=DT, generator=gen)
+    opt = make_optimizer([layer.lora_A, layer.lora_B])
+    _train(layer, x, opt, steps=3)
+    layer.set_rank(1, optimizer=opt)
+    layer.set_rank(2, optimizer=opt, generator=gen)
+    with torch.no_grad():  # a non-zero B column so that the regrown row of A gets a gradient
+        layer.lora_B[:, 1].copy_(torch.randn(5, dtype=DT, generator=gen))
+    if reload:
+        saved, opt = opt.state_dict(), make_optimizer([layer.lora_A, layer.lora_B])
+        opt.load_state_dict(saved)
+    twin = nn.Parameter(layer.lora_A[1:2].detach().clone())
+    fresh = make_optimizer([twin])
+    for _ in range(steps):
+        opt.zero_grad()
+        layer(x).square().sum().backward()
+        assert layer.lora_A.grad[1].abs().min() > 0
+        twin.grad = layer.lora_A.grad[1:2].clone()
+        opt.step()
+        fresh.step()
+        torch.testing.assert_close(layer.lora_A[1:2].detach(), twin.detach(), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("kwargs", [dict(momentum=0.9, dampening=0.5),
+                                    dict(momentum=0.9, dampening=1.0, weight_decay=0.1),
+                                    dict(momentum=0.5, dampening=0.3, maximize=True, foreach=True),
+                                    dict(momentum=0.9, dampening=0.5, fused=True),
+                                    dict(momentum=0.9, nesterov=True, weight_decay=0.1)],
+                         ids=["dampening", "dampening1-wd", "maximize-foreach", "fused", "nesterov"])
+@pytest.mark.parametrize("reload", [False, True], ids=["kept", "reloaded"])
+def test_sgd_momentum_regrown_slot_starts_its_buffer_at_the_gradient(kwargs, reload):
+    """A fresh SGD's first momentum buffer is the update direction itself, not (1 - dampening)
+    times it, which is what a zeroed buffer gives; also after a state_dict round trip."""
+    _regrown_row_against_fresh(lambda p: torch.optim.SGD(p, lr=LR, **kwargs), reload=reload)
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["keep_components", "keep_components_many"])
+def test_sgd_regrown_slot_moved_before_its_first_step_starts_fresh_too(many):
+    """The record of a new slot moves with it (keep_components) and is dropped with it."""
+    from lorambo.nn import keep_components_many
+
+    gen = torch.Generator().manual_seed(1)
+    layer = LoRAMBoLinear(nn.Linear(6, 5, dtype=DT), rank=3, capacity=4)
+    with torch.no_grad():
+        layer.lora_B[:, :3].copy_(torch.randn(5, 3, dtype=DT, generator=gen))
+    x = torch.randn(7, 6, dtype=DT, generator=gen)
+    opt = torch.optim.SGD([layer.lora_A, layer.lora_B], lr=LR, momentum=0.9, dampening=0.5)
+    _train(layer, x, opt, steps=2)
+    layer.set_rank(2, optimizer=opt)
+    layer.set_rank(3, optimizer=opt, generator=gen)  # slot 2 new
+    if many:  # the compiled pool remap where the extension is built
+        keep_components_many([(layer, [2, 0])], opt)
+    else:
+        layer.keep_components([2, 0], optimizer=opt)  # new slot 2 -> 0, old slot 0 -> 1
+    with torch.no_grad():
+        layer.lora_B[:, 0].copy_(torch.randn(5, dtype=DT, generator=gen))
+    old_buf = opt.state[layer.lora_A]["momentum_buffer"][1].clone()
+    opt.zero_grad()
+    layer(x).square().sum().backward()
+    grad, before = layer.lora_A.grad.clone(), layer.lora_A.detach().clone()
+    opt.step()
+    torch.testing.assert_close(layer.lora_A[0] - before[0], -LR * grad[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(layer.lora_A[1] - before[1], -LR * (0.9 * old_buf + 0.5 * grad[1]),
+                               rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("make_optimizer, warns", [
+    (lambda p: torch.optim.Adagrad(p, lr=LR, lr_decay=0.1), True),
+    (lambda p: torch.optim.ASGD(p, lr=LR), True),
+    (lambda p: torch.optim.Adagrad(p, lr=LR), False),
+    (lambda p: torch.optim.RMSprop(p, lr=LR, centered=True), False),
+], ids=["adagrad-lr_decay", "asgd", "adagrad", "rmsprop"])
+def test_shared_step_that_sets_the_update_is_warned_about_beyond_adam(monkeypatch, make_optimizer, warns):
+    """Adagrad's lr_decay and ASGD's eta / mu follow the one step count of the parameter, so a
+    regrown slot is not updated as under a fresh optimizer (off by 1e-2 after a few steps with
+    lr_decay=0.1): warned about like Adam's bias correction; optimizers whose step sets nothing
+    stay silent."""
+    import warnings
+
+    import lorambo.nn.optimizer_state as optimizer_state
+
+    layer = LoRAMBoLinear(nn.Linear(6, 5, dtype=DT), rank=2, capacity=4)
+    opt = make_optimizer([layer.lora_A, layer.lora_B])
+    _train(layer, torch.randn(7, 6, dtype=DT), opt, steps=2)
+    layer.set_rank(1, optimizer=opt)
+    monkeypatch.setattr(optimizer_state, "_warned_shared_step", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layer.set_rank(2, optimizer=opt)
+    name = type(opt).__name__
+    assert [str(w.message).startswith(f"{name} keeps one step count per parameter") for w in caught] == \
+        ([True] if warns else [])

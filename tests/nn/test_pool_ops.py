@@ -14,12 +14,16 @@ from lorambo.nn import keep_components_many
 def _trained(seed, optimizer_class=torch.optim.Adam):
     gen = torch.Generator().manual_seed(seed)
     dims = [(12, 7, 4, 6), (7, 9, 6, 6), (8, 8, 3, 8), (8, 10, 5, 7)]  # in, out, rank, capacity
-    model = nn.Sequential(*[lorambo.LoRAMBoLinear(nn.Linear(i, o), rank=r, capacity=c) for i, o, r, c in dims])
+    # trained at full capacity (torch.optim.Adafactor refuses padded pools), then shrunk
+    model = nn.Sequential(*[lorambo.LoRAMBoLinear(nn.Linear(i, o), rank=c, capacity=c) for i, o, r, c in dims])
     with torch.no_grad():
         for layer in model:
-            layer.lora_B[:, :layer.rank].normal_(generator=gen)
+            layer.lora_B.normal_(generator=gen)
     opt = optimizer_class([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for step in range(3):  # real, distinct moments in every active slot, then fresh gradients
+        if step == 2:
+            for layer, (_, _, r, _) in zip(model, dims):
+                layer.set_rank(r, optimizer=opt)
         loss = sum(layer(torch.randn(3, layer.in_features, generator=gen)).square().sum() for layer in model)
         loss.backward()
         if step < 2:

@@ -1,0 +1,98 @@
+"""SGD momentum buffers of slots that become active.
+
+``torch.optim.SGD`` starts a parameter's momentum buffer at its first update direction ``d``
+(the gradient, negated with ``maximize``, plus ``weight_decay * p``): ``buf = d``; later
+``buf = momentum * buf + (1 - dampening) * d``. A slot that becomes active inside a buffer that
+already exists gets a zero buffer, so its first step would use ``(1 - dampening) * d``.
+
+The new slots are therefore recorded with their pool parameter, and just before the next SGD
+step that sees the pool's gradient their buffer is set to ``dampening / momentum * d``, which
+that step turns into ``d``: a fresh SGD's start (to rounding). The record follows the slots
+through ``keep_components`` and is honoured by whichever SGD steps the parameter next, also one
+rebuilt from ``optimizer.state_dict()`` in between. With ``dampening == 0`` (nesterov's only
+setting) zero already is that start and nothing is recorded.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.weak import WeakIdKeyDictionary
+
+__all__ = ["mark_new_slots", "move_new_slots"]
+
+_PENDING = WeakIdKeyDictionary()  # pool parameter -> (slot_dim, slots whose buffer starts next step)
+_installed = False
+
+
+def _kind(optimizer) -> type:
+    # lorambo.integrations.fsdp's gathered view stands in for the real optimizer and names it
+    return getattr(optimizer, "optimizer_type", type(optimizer))
+
+
+def _group_of(optimizer, param) -> dict | None:
+    for group in getattr(optimizer, "param_groups", ()):
+        if any(p is param for p in group["params"]):
+            return group
+    return None
+
+
+def _needs_start(optimizer, param) -> bool:
+    group = _group_of(optimizer, param)
+    if group is None or not group.get("momentum") or not group.get("dampening"):
+        return False
+    return torch.is_tensor((optimizer.state.get(param) or {}).get("momentum_buffer"))
+
+
+def mark_new_slots(optimizer, layer, slots) -> None:
+    """Record ``slots`` of ``layer``'s pools as new to a ``torch.optim.SGD`` with momentum and
+    dampening (no-op for any other optimizer)."""
+    global _installed
+    if not issubclass(_kind(optimizer), torch.optim.SGD) or not slots:
+        return
+    for param, dim in ((layer.lora_A, 0), (layer.lora_B, 1)):
+        if not _needs_start(optimizer, param):
+            continue
+        if hasattr(optimizer, "optimizer_type"):  # FSDP's gathered pools are not the ones stepped
+            warnings.warn(f"{layer._label}: SGD with dampening > 0 through lorambo.integrations.fsdp: "
+                          "the momentum buffers of new slots start at zero, so their first step is "
+                          "(1 - dampening) times a fresh SGD's", stacklevel=4)
+            return
+        if not _installed:
+            register_optimizer_step_pre_hook(_start_buffers)
+            _installed = True
+        _PENDING.setdefault(param, (dim, set()))[1].update(int(s) for s in slots)
+
+
+def move_new_slots(layer, keep) -> None:
+    """Follow :meth:`LoRAMBoLinear.keep_components`: slot ``keep[j]`` becomes slot ``j``; the
+    slots not kept are dropped."""
+    if not _PENDING:
+        return
+    where = {int(s): j for j, s in enumerate(keep)}
+    for param in (layer.lora_A, layer.lora_B):
+        if param in _PENDING:
+            dim, slots = _PENDING[param]
+            _PENDING[param] = (dim, {where[s] for s in slots if s in where})
+
+
+@torch.no_grad()
+def _start_buffers(optimizer, args, kwargs) -> None:
+    if not _PENDING or not isinstance(optimizer, torch.optim.SGD):  # the common case: O(1)
+        return
+    for param, (dim, slots) in list(_PENDING.items()):
+        group = _group_of(optimizer, param)
+        if group is None or param.grad is None:  # not stepped by this SGD now: the slots wait
+            continue
+        del _PENDING[param]
+        if not slots or not _needs_start(optimizer, param):
+            continue
+        index = torch.tensor(sorted(slots), dtype=torch.long, device=param.device)
+        d = param.grad.index_select(dim, index)
+        d = -d if group["maximize"] else d
+        if group["weight_decay"]:
+            d = d + group["weight_decay"] * param.index_select(dim, index)
+        buf = optimizer.state[param]["momentum_buffer"]
+        buf.index_copy_(dim, index, (d * (group["dampening"] / group["momentum"])).to(buf.dtype))

@@ -1,0 +1,72 @@
+"""Warn when a rank change leaves an optimizer's state behind.
+
+A rank change edits the state of the changed slots only in the optimizer it is given
+(``optimizer=``). Without it, another optimizer that holds state for the pools keeps it at the
+old slots: moved slots leave their state behind, new slots inherit a dropped slot's moments,
+and dropped slots keep theirs, so Adam moves them off zero again. lorambo cannot see which
+optimizers hold a parameter, so a process-wide optimizer step post-hook (installed with the
+first LoRAMBoLinear) remembers the optimizers that stepped pool parameters; a rank change warns,
+once per optimizer, when one of them that it was not given holds state for the layer's pools.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.weak import WeakIdKeyDictionary
+
+from lorambo.nn.slots import pool_slots
+
+__all__ = ["StaleOptimizerStateWarning", "track_optimizers", "warn_if_state_left_behind"]
+
+
+class StaleOptimizerStateWarning(UserWarning):
+    """A rank change left an optimizer's state at the old slots (it was not passed the optimizer)."""
+
+
+_HOLDERS = WeakIdKeyDictionary()            # pool parameter -> WeakSet of optimizers that stepped it
+_SCANNED = weakref.WeakKeyDictionary()     # optimizer -> its parameter count when last scanned
+_WARNED = weakref.WeakSet()
+_installed = False
+
+
+def track_optimizers() -> None:
+    """Install the step post-hook (once per process)."""
+    global _installed
+    if not _installed:
+        register_optimizer_step_post_hook(_after_step)
+        _installed = True
+
+
+def _after_step(optimizer, args, kwargs) -> None:
+    groups = getattr(optimizer, "param_groups", None) or ()
+    count = sum(len(group["params"]) for group in groups)
+    if _SCANNED.get(optimizer) == count:  # rescanned only when add_param_group added parameters
+        return
+    _SCANNED[optimizer] = count
+    for group in groups:
+        for param in group["params"]:
+            if pool_slots(param) is not None:
+                _HOLDERS.setdefault(param, weakref.WeakSet()).add(optimizer)
+
+
+def warn_if_state_left_behind(layer, optimizer, change: str) -> None:
+    """Warn if an optimizer other than ``optimizer`` holds state for ``layer``'s pools."""
+    given = getattr(optimizer, "stands_in_for", optimizer)  # lorambo.integrations.fsdp's view
+    for param in (layer.lora_A, layer.lora_B):
+        for holder in list(_HOLDERS.get(param, ())):
+            if holder is given or holder in _WARNED or not holder.state.get(param):
+                continue
+            _WARNED.add(holder)
+            name = type(holder).__name__
+            warnings.warn(
+                f"{layer._label}: {change} without its optimizer, but a {type(holder).__module__}.{name} "
+                "holds state for its pools; that state stays at the old slots (moved slots leave it "
+                "behind, dropped slots keep moving, new slots inherit it). Pass optimizer=<that "
+                f"{name}> to the call that changes ranks (LoRAMBoLinear.set_rank / keep_components, "
+                "keep_components_many, configure_model, LoRAMBoOptimizer.configure / step / "
+                "update_ranks, ALoRA.step, the growth schedules' step / update), or build a new "
+                "optimizer after the change. Warned once per optimizer.",
+                StaleOptimizerStateWarning, stacklevel=4)
