@@ -166,6 +166,9 @@ class LoRAMBoLinear(nn.Module):
         self._tag_pools()  # deepcopy / unpickling rebuilds the Parameters without their tags
 
     def __setattr__(self, name: str, value) -> None:
+        if name in ("weight", "bias") and "base_layer" in self._modules:
+            self._set_base_tensor(name, value)
+            return
         super().__setattr__(name, value)
         # a new pool Parameter (load_state_dict(assign=True), FSDP2's DTensor) needs the tag too
         if name in _POOL_DIMS and isinstance(value, nn.Parameter) and "_slots" in self.__dict__:
@@ -217,6 +220,26 @@ class LoRAMBoLinear(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
+
+    def _set_base_tensor(self, name: str, value) -> None:
+        """``layer.weight = p`` / ``layer.bias = p`` as on nn.Linear: ``p`` becomes the base layer's
+        Parameter, stored as given (requires_grad included)."""
+        if self.merged:
+            raise RuntimeError(f"{self._label}: unmerge() before assigning {name}: the merged weight holds the "
+                               "adapter, and unmerge() would subtract it from the new one")
+        if name == "weight" and self.base_kind == "conv1d":
+            raise TypeError(f"{self._label}: layer.weight reads as the [out, in] view of the Conv1D's [in, out] "
+                            "weight and cannot be assigned; assign base_layer.weight (shape "
+                            f"[{self.in_features}, {self.out_features}]) instead")
+        shape = (self.out_features, self.in_features) if name == "weight" else (self.out_features,)
+        if value is None:
+            if name == "weight" or self.base_kind == "conv1d":
+                raise ValueError(f"{self._label}: {name} cannot be None on a {type(self.base_layer).__name__} base")
+        elif not isinstance(value, nn.Parameter) or tuple(value.shape) != shape:
+            raise ValueError(f"{self._label}: {name} must be an nn.Parameter of shape {list(shape)} (or None for "
+                             f"a Linear's bias), got {type(value).__name__} of shape "
+                             f"{list(getattr(value, 'shape', []))}")
+        setattr(self.base_layer, name, value)
 
     # ------------------------------------------------------------------------ rank changes
     @torch.no_grad()
