@@ -350,6 +350,8 @@ class LoRAMBoLinear(nn.Module):
                              f"expected in_features = {self.in_features}")
         if self.merged or self.adapter_disabled:
             return self.base_layer(x)
+        if base_layers.call_hooks(self.base_layer):  # registered after wrapping (e.g. on every nn.Linear)
+            raise RuntimeError(f"{self._label}: cannot run: {base_layers.hooks_reason(self.base_layer)}")
         weight, bias, lora_a, lora_b = self.weight, self.bias, self.lora_A, self.lora_B
         # The ops do not see a device mix reliably: with a meta operand they dispatch to the
         # fake implementations and return uninitialised memory; otherwise the error names no layer.
