@@ -169,6 +169,11 @@ class LoRAMBoLinear(nn.Module):
         if name in ("weight", "bias") and "base_layer" in self._modules:
             self._set_base_tensor(name, value)
             return
+        if name in ("in_features", "out_features") and name in self.__dict__ and value != self.__dict__[name]:
+            # the pools have these sizes (transformers' resize_token_embeddings sets out_features)
+            raise ValueError(f"{self._label}: {name} is {self.__dict__[name]}, the size of its LoRA pools, and "
+                             f"cannot become {value!r}; resizing an adapted layer is not supported: unload() it, "
+                             "resize, and configure again")
         super().__setattr__(name, value)
         # a new pool Parameter (load_state_dict(assign=True), FSDP2's DTensor) needs the tag too
         if name in _POOL_DIMS and isinstance(value, nn.Parameter) and "_slots" in self.__dict__:
@@ -353,6 +358,10 @@ class LoRAMBoLinear(nn.Module):
         if base_layers.call_hooks(self.base_layer):  # registered after wrapping (e.g. on every nn.Linear)
             raise RuntimeError(f"{self._label}: cannot run: {base_layers.hooks_reason(self.base_layer)}")
         weight, bias, lora_a, lora_b = self.weight, self.bias, self.lora_A, self.lora_B
+        if weight.shape != (self.out_features, self.in_features):  # e.g. a tied embedding resized in place
+            raise ValueError(f"{self._label}: the base weight is now [out, in] = {list(weight.shape)}, but the layer "
+                             f"and its LoRA pools are [{self.out_features}, {self.in_features}]; resizing an adapted "
+                             "layer is not supported: unload() it, resize, and configure again")
         # The ops do not see a device mix reliably: with a meta operand they dispatch to the
         # fake implementations and return uninitialised memory; otherwise the error names no layer.
         if not (x.device == weight.device == lora_a.device == lora_b.device
