@@ -25,6 +25,7 @@ from torch.nn.utils import parametrize
 
 from lorambo.nn import base_layers
 from lorambo.nn.optimizer_state import gather_slot_state, reset_slot_state, warn_if_shared_step
+from lorambo.nn.plain_keys import plain_keys_to_base_layer
 from lorambo.nn.slots import PoolSlots, local_slots, tag_pool_parameter
 from lorambo.ops import lora_linear
 from lorambo.ops.compile_support import dynamic_int_attribute
@@ -153,6 +154,7 @@ class LoRAMBoLinear(nn.Module):
         self._weight_before_merge: torch.Tensor | None = None
         self.set_rank(rank)
         self.register_state_dict_post_hook(_unmerged_base_weight)
+        self.register_load_state_dict_pre_hook(plain_keys_to_base_layer)
         self.register_load_state_dict_pre_hook(_unmerge_before_load)
         self.register_load_state_dict_pre_hook(_refuse_slots_past_rank)
 
