@@ -27,12 +27,13 @@ def lora_linear(x, weight, bias, lora_A, lora_B, rank: int, scaling: float, drop
     """``x W^T + b + s * (drop(x) A_r^T) B_r^T`` on the backend chosen for ``x.device``.
 
     ``rank`` may be a symbolic int under torch.compile; ``seed`` an int, a 0-d int64 CPU tensor,
-    or None (a fresh seed per call when ``dropout_p > 0``).
+    or None (a fresh seed per call when ``dropout_p > 0``). Inside a ``torch.func`` transform the
+    op is plain torch ops and its dropout is ``F.dropout`` (see :mod:`lorambo.ops.functorch_path`).
     """
+    if functorch_active():  # the backends' autograd Functions do not compose with torch.func
+        return lora_linear_composite(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p)
     if dropout_p > 0.0 and seed is None:
         seed = new_dropout_seed()
-    if functorch_active():  # the backends' autograd Functions do not compose with torch.func
-        return lora_linear_composite(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
     backend = resolve_backend(x.device.type, x.dtype)
     if backend == "torch":
         return lora_linear_reference(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)

@@ -7,16 +7,15 @@ differentiable torch ops, so every transform composes as it does through ``nn.Li
     y = x W^T + b + s * (drop(x) A_r^T) B_r^T
 
 Same math as the other paths; the gradients of inactive pool slots are exactly zero (they lie
-outside the slices). The dropout mask is the reference op's for the seed (a valid mask on every
-backend; the extension's own masks are drawn differently, see :mod:`lorambo.ops.ext_linear`).
+outside the slices). Dropout is torch's own ``F.dropout``, drawn from torch's generator like
+``nn.Dropout``, so it follows vmap's ``randomness`` flag (a seeded mask would give every sample
+of ``randomness="different"`` the same one).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from lorambo.ops.lora_linear_ref import dropout_mask
 
 __all__ = ["functorch_active", "lora_linear_composite"]
 
@@ -26,8 +25,8 @@ def functorch_active() -> bool:
     return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
-def lora_linear_composite(x, weight, bias, lora_A, lora_B, rank: int, scaling: float, dropout_p: float = 0.0,
-                          seed=None) -> torch.Tensor:
-    """LoRA linear on inputs [..., K] from differentiable torch ops (``seed`` needed when dropout_p > 0)."""
-    x_drop = x if dropout_p == 0.0 else x * dropout_mask(x, dropout_p, int(seed))
+def lora_linear_composite(x, weight, bias, lora_A, lora_B, rank: int, scaling: float,
+                          dropout_p: float = 0.0) -> torch.Tensor:
+    """LoRA linear on inputs [..., K] from differentiable torch ops."""
+    x_drop = F.dropout(x, dropout_p, training=True) if dropout_p > 0.0 else x
     return F.linear(x, weight, bias) + scaling * F.linear(F.linear(x_drop, lora_A[:rank]), lora_B[:, :rank])

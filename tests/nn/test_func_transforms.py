@@ -6,9 +6,9 @@ autograd Functions that functorch refused ("must override the setup_context stat
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
-import lorambo
 from lorambo import configure_model, lora_layers
 
 
@@ -79,23 +79,46 @@ def test_jacrev_and_jvp_of_the_model_match_its_float64_matrix(make_base, backend
     torch.testing.assert_close(out, model(x), rtol=1e-12, atol=1e-12)
 
 
-def test_grad_with_lora_dropout_draws_the_mask_the_op_draws_for_the_seed():
-    """In training mode the transform draws the reference op's mask for the same seed, so
-    torch.func.grad equals loss.backward() on the torch backend (a different mask would change
-    the gradients at the 1e-1 level). The extension draws its own masks, so that comparison is
-    the torch backend's."""
-    lorambo.set_backend("torch")
+def test_grad_with_lora_dropout_matches_float64_math_with_torchs_dropout_mask():
+    """Inside a transform the LoRA dropout is F.dropout, drawn from torch's generator as
+    nn.Dropout's is: re-seeding reproduces its masks for the float64 reference."""
     model = configure_model(nn.Sequential(nn.Linear(7, 6), nn.Linear(6, 5)).double(), 2, capacity=4, dropout=0.5)
     with torch.no_grad():
         for layer in lora_layers(model).values():
             layer.lora_B[:, :2].normal_()
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     x = torch.randn(4, 7, dtype=torch.float64)
     torch.manual_seed(3)
-    grads = torch.func.grad(lambda p: torch.func.functional_call(model, p, (x,)).square().sum())(
-        {n: p.detach() for n, p in params.items()})
+    grads = torch.func.grad(lambda p: 0.5 * torch.func.functional_call(model, p, (x,)).square().sum())(params)
     torch.manual_seed(3)
-    model(x).square().sum().backward()
-    for name, param in params.items():
-        assert param.grad.abs().sum() > 0, name
-        torch.testing.assert_close(grads[name], param.grad, rtol=1e-12, atol=1e-12, msg=name)
+    masks = [F.dropout(torch.ones(4, n, dtype=torch.float64), 0.5) for n in (7, 6)]
+    assert 0 < int((masks[0] == 0).sum()) < 28  # dropout really drops, and not everything
+
+    (w1, a1, b1), (w2, a2, b2) = ((m.base_layer.weight.detach(), m.lora_A[:2].detach(), m.lora_B[:, :2].detach())
+                                  for m in model)
+    s1, s2 = model[0].scaling, model[1].scaling
+    # y = u W^T + b + s ((u * mask) A_r^T) B_r^T per layer; loss = |y|^2 / 2, so dL/dy = y
+    h = x @ w1.t() + model[0].base_layer.bias.detach() + s1 * ((x * masks[0]) @ a1.t()) @ b1.t()
+    y = h @ w2.t() + model[1].base_layer.bias.detach() + s2 * ((h * masks[1]) @ a2.t()) @ b2.t()
+    dh = y @ w2 + s2 * ((y @ b2) @ a2) * masks[1]
+    want = {"1.lora_A": s2 * (y @ b2).t() @ (h * masks[1]), "1.lora_B": s2 * y.t() @ ((h * masks[1]) @ a2.t()),
+            "0.lora_A": s1 * (dh @ b1).t() @ (x * masks[0]), "0.lora_B": s1 * dh.t() @ ((x * masks[0]) @ a1.t())}
+    for name, grad in want.items():
+        pool = grads[name]
+        active = pool[:2] if name.endswith("lora_A") else pool[:, :2]
+        inactive = pool[2:] if name.endswith("lora_A") else pool[:, 2:]
+        torch.testing.assert_close(active, grad, rtol=1e-10, atol=1e-12, msg=name)
+        assert torch.equal(inactive, torch.zeros_like(inactive)), name
+
+
+def test_vmap_randomness_decides_whether_samples_share_the_dropout_mask():
+    """randomness="different" drew one seed per sample and failed on its .item(); now it gives
+    each sample its own mask and "same" one mask for all, as for nn.Dropout."""
+    layer = configure_model(nn.Sequential(nn.Linear(8, 6)), 2, capacity=4, dropout=0.5)[0]
+    with torch.no_grad():
+        layer.lora_B[:, :2].normal_()
+    x = torch.randn(1, 8).expand(5, 8)  # five copies of one sample
+    same = torch.func.vmap(layer, randomness="same")(x)
+    different = torch.func.vmap(layer, randomness="different")(x)
+    torch.testing.assert_close(same, same[:1].expand(5, 6), rtol=0, atol=0)
+    assert len({tuple(row.tolist()) for row in different}) > 1
