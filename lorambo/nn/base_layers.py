@@ -30,12 +30,24 @@ def _family(module: nn.Module):
     return None
 
 
+# hooks that run only when the module is called; LoRAMBoLinear computes from the weight instead
+_CALL_HOOKS = {"_forward_pre_hooks": "forward pre-hooks", "_forward_hooks": "forward hooks",
+               "_backward_pre_hooks": "backward pre-hooks", "_backward_hooks": "backward hooks"}
+
+
+def call_hooks(module: nn.Module) -> list[str]:
+    """The kinds of hooks registered on ``module`` that run only when it is called."""
+    return [kind for attr, kind in _CALL_HOOKS.items() if getattr(module, attr, None)]
+
+
 def base_kind(module: nn.Module) -> str | None:
     """'linear', 'conv1d', or None when ``module`` cannot be wrapped. A subclass that brings its
     own forward (a quantized layer, say) cannot, nor a module whose forward was replaced on the
-    instance: LoRAMBoLinear computes ``x W^T + b`` from the weight and would drop that forward."""
+    instance, nor one with hooks on its call (the old ``nn.utils.weight_norm`` computes the
+    weight in one): LoRAMBoLinear computes ``x W^T + b`` from the weight and would drop them."""
     family = _family(module)
-    if family is None or type(module).forward is not family[1].forward or "forward" in vars(module):
+    if (family is None or type(module).forward is not family[1].forward or "forward" in vars(module)
+            or call_hooks(module)):
         return None
     return family[0]
 
@@ -50,10 +62,19 @@ def unwrappable_reason(module: nn.Module) -> str:
     if family is not None and "forward" in vars(module):
         return (f"this {type(module).__name__}'s forward was replaced on the instance (accelerate's offload "
                 "hooks, say), which LoRAMBoLinear, computing x W^T + b from the weight, would drop")
+    if family is not None and call_hooks(module):
+        return hooks_reason(module)
     if family is not None:
         return (f"{type(module).__name__} subclasses {family[1].__name__} with a forward of its own (a quantized "
                 "or otherwise changed layer), which LoRAMBoLinear, computing x W^T + b from the weight, would drop")
     return f"{type(module).__name__} is not nn.Linear or transformers Conv1D"
+
+
+def hooks_reason(module: nn.Module) -> str:
+    return (f"this {type(module).__name__} has {' and '.join(call_hooks(module))}, which run only when it is "
+            "called; LoRAMBoLinear computes x W^T + b from its weight without calling it and would never run "
+            "them (nn.utils.weight_norm computes the weight in one: use "
+            "nn.utils.parametrizations.weight_norm). Remove them, or register them on the LoRAMBoLinear")
 
 
 def features(module: nn.Module, kind: str) -> tuple[int, int]:

@@ -27,6 +27,7 @@ from lorambo.nn import base_layers
 from lorambo.nn.fresh_momentum import move_new_slots
 from lorambo.nn.optimizer_state import gather_slot_state, reset_slot_state, warn_if_shared_step
 from lorambo.nn.optimizer_tracking import track_optimizers, warn_if_state_left_behind
+from lorambo.nn.plain_keys import plain_keys_to_base_layer
 from lorambo.nn.slots import PoolSlots, local_slots, tag_pool_parameter
 from lorambo.nn.unsupported_optimizers import refuse_unsupported_optimizers
 from lorambo.ops import lora_linear
@@ -158,6 +159,7 @@ class LoRAMBoLinear(nn.Module):
         track_optimizers()  # so that a rank change can tell when its optimizer= is missing
         refuse_unsupported_optimizers()
         self.register_state_dict_post_hook(_unmerged_base_weight)
+        self.register_load_state_dict_pre_hook(plain_keys_to_base_layer)
         self.register_load_state_dict_pre_hook(_unmerge_before_load)
         self.register_load_state_dict_pre_hook(_refuse_slots_past_rank)
 
@@ -171,6 +173,14 @@ class LoRAMBoLinear(nn.Module):
         self._tag_pools()  # deepcopy / unpickling rebuilds the Parameters without their tags
 
     def __setattr__(self, name: str, value) -> None:
+        if name in ("weight", "bias") and "base_layer" in self._modules:
+            self._set_base_tensor(name, value)
+            return
+        if name in ("in_features", "out_features") and name in self.__dict__ and value != self.__dict__[name]:
+            # the pools have these sizes (transformers' resize_token_embeddings sets out_features)
+            raise ValueError(f"{self._label}: {name} is {self.__dict__[name]}, the size of its LoRA pools, and "
+                             f"cannot become {value!r}; resizing an adapted layer is not supported: unload() it, "
+                             "resize, and configure again")
         super().__setattr__(name, value)
         # a new pool Parameter (load_state_dict(assign=True), FSDP2's DTensor) needs the tag too
         if name in _POOL_DIMS and isinstance(value, nn.Parameter) and "_slots" in self.__dict__:
@@ -222,6 +232,26 @@ class LoRAMBoLinear(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
+
+    def _set_base_tensor(self, name: str, value) -> None:
+        """``layer.weight = p`` / ``layer.bias = p`` as on nn.Linear: ``p`` becomes the base layer's
+        Parameter, stored as given (requires_grad included)."""
+        if self.merged:
+            raise RuntimeError(f"{self._label}: unmerge() before assigning {name}: the merged weight holds the "
+                               "adapter, and unmerge() would subtract it from the new one")
+        if name == "weight" and self.base_kind == "conv1d":
+            raise TypeError(f"{self._label}: layer.weight reads as the [out, in] view of the Conv1D's [in, out] "
+                            "weight and cannot be assigned; assign base_layer.weight (shape "
+                            f"[{self.in_features}, {self.out_features}]) instead")
+        shape = (self.out_features, self.in_features) if name == "weight" else (self.out_features,)
+        if value is None:
+            if name == "weight" or self.base_kind == "conv1d":
+                raise ValueError(f"{self._label}: {name} cannot be None on a {type(self.base_layer).__name__} base")
+        elif not isinstance(value, nn.Parameter) or tuple(value.shape) != shape:
+            raise ValueError(f"{self._label}: {name} must be an nn.Parameter of shape {list(shape)} (or None for "
+                             f"a Linear's bias), got {type(value).__name__} of shape "
+                             f"{list(getattr(value, 'shape', []))}")
+        setattr(self.base_layer, name, value)
 
     # ------------------------------------------------------------------------ rank changes
     @torch.no_grad()
@@ -337,7 +367,13 @@ class LoRAMBoLinear(nn.Module):
                              f"expected in_features = {self.in_features}")
         if self.merged or self.adapter_disabled:
             return self.base_layer(x)
+        if base_layers.call_hooks(self.base_layer):  # registered after wrapping (e.g. on every nn.Linear)
+            raise RuntimeError(f"{self._label}: cannot run: {base_layers.hooks_reason(self.base_layer)}")
         weight, bias, lora_a, lora_b = self.weight, self.bias, self.lora_A, self.lora_B
+        if weight.shape != (self.out_features, self.in_features):  # e.g. a tied embedding resized in place
+            raise ValueError(f"{self._label}: the base weight is now [out, in] = {list(weight.shape)}, but the layer "
+                             f"and its LoRA pools are [{self.out_features}, {self.in_features}]; resizing an adapted "
+                             "layer is not supported: unload() it, resize, and configure again")
         # The ops do not see a device mix reliably: with a meta operand they dispatch to the
         # fake implementations and return uninitialised memory; otherwise the error names no layer.
         if not (x.device == weight.device == lora_a.device == lora_b.device
