@@ -31,7 +31,7 @@ from lorambo.nn.plain_keys import plain_keys_to_base_layer
 from lorambo.nn.slots import PoolSlots, local_slots, tag_pool_parameter
 from lorambo.nn.unsupported_optimizers import refuse_unsupported_optimizers
 from lorambo.ops import lora_linear
-from lorambo.ops.compile_support import dynamic_int_attribute
+from lorambo.ops.compile_support import autocast_available, dynamic_int_attribute
 from lorambo.sharding import is_sharded, local_tensor
 
 _POOL_DIMS = {"lora_A": 0, "lora_B": 1}  # the dim along which each pool's rank slots lie
@@ -383,7 +383,7 @@ class LoRAMBoLinear(nn.Module):
                              f"{lora_a.device} / {lora_b.device}; move the input or the layer to one device")
         device_type = x.device.type
         # meta tensors (shape inference, memory estimates) have no autocast state to ask about
-        autocast = torch.amp.is_autocast_available(device_type)
+        autocast = autocast_available(device_type)  # traceable by torch 2.11's Dynamo too
         if autocast and torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
             x, weight, lora_a, lora_b = (t.to(dtype) for t in (x, weight, lora_a, lora_b))

@@ -23,3 +23,14 @@ def dynamic_int_attribute(module: torch.nn.Module, name: str) -> int:
             with patch(allow_unspec_int_on_nn_module=True):
                 return getattr(module, name) + 0  # "+ 0" wraps the value inside the patch
     return getattr(module, name)
+
+
+@torch.compiler.assume_constant_result
+def autocast_available(device_type: str) -> bool:
+    """``torch.amp.is_autocast_available(device_type)``, constant under torch.compile.
+
+    torch 2.11's Dynamo cannot trace ``torch._C._is_autocast_available`` (torch 2.13's can): a
+    fullgraph compile of a LoRAMBoLinear failed with ``Unsupported``. The answer depends only on
+    the device type, so Dynamo evaluates it once while tracing and keeps the result as a constant.
+    """
+    return torch.amp.is_autocast_available(device_type)

@@ -17,9 +17,12 @@ def test_fsdp2_rank_edits_match_single_process(tmp_path, optimizer, capacity):
     """With lorambo.optim.AdamW the per-slot step counts must survive fully_shard (capacity 5:
     lora_A's slots split 3/2 over the processes)."""
     data_seed = int(torch.randint(0, 2**20, ()))
-    # fork: the workers inherit the imported modules (spawn would re-import torch and lorambo twice)
+    # spawn, not fork: a forked child cannot run backward once the parent's autograd engine has
+    # started its device threads, which on torch 2.11+cu130 (the GPU image) an earlier test in the
+    # same pytest process does ("Unable to handle autograd's threading in combination with
+    # fork-based multiprocessing"); the test passed alone and failed in the full suite.
     mp.start_processes(fsdp2_worker.run, args=(2, str(tmp_path / "rendezvous"), str(tmp_path), data_seed, optimizer, capacity),
-                       nprocs=2, join=True, start_method="fork")
+                       nprocs=2, join=True, start_method="spawn")
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
 
     # identical on both processes, storage never replaced
