@@ -6,6 +6,7 @@ import torch
 import torch.multiprocessing as mp
 
 import fsdp2_worker
+from rendezvous import start_method
 import lorambo
 
 fully_shard = pytest.importorskip("torch.distributed.fsdp").fully_shard
@@ -17,12 +18,8 @@ def test_fsdp2_rank_edits_match_single_process(tmp_path, optimizer, capacity):
     """With lorambo.optim.AdamW the per-slot step counts must survive fully_shard (capacity 5:
     lora_A's slots split 3/2 over the processes)."""
     data_seed = int(torch.randint(0, 2**20, ()))
-    # spawn, not fork: a forked child cannot run backward once the parent's autograd engine has
-    # started its device threads, which on torch 2.11+cu130 (the GPU image) an earlier test in the
-    # same pytest process does ("Unable to handle autograd's threading in combination with
-    # fork-based multiprocessing"); the test passed alone and failed in the full suite.
     mp.start_processes(fsdp2_worker.run, args=(2, str(tmp_path / "rendezvous"), str(tmp_path), data_seed, optimizer, capacity),
-                       nprocs=2, join=True, start_method="spawn")
+                       nprocs=2, join=True, start_method=start_method())
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
 
     # identical on both processes, storage never replaced
@@ -81,7 +78,7 @@ def test_fsdp2_rank_edits_match_single_process(tmp_path, optimizer, capacity):
 def test_fsdp2_meta_init_gives_the_single_process_pools_and_direct_rank_edits_are_refused(tmp_path):
     """Without reset_parameters on DTensor pools, A stayed all zero (with B = 0 nothing trains)."""
     mp.start_processes(fsdp2_worker.run_meta_init, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True,
-                       start_method="fork")
+                       start_method=start_method())
     a, b = (torch.load(tmp_path / f"meta{r}.pt", weights_only=False) for r in range(2))
     single = fsdp2_worker.build_plain()
     lorambo.configure_model(single, {"0": 2, "2": 3}, capacity={"0": 5, "2": 4})

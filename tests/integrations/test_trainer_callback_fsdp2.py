@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 
 import callback_fsdp2_worker as worker
 import fsdp2_worker
+from rendezvous import start_method
 import lorambo
 
 pytest.importorskip("torch.distributed.fsdp")
@@ -19,10 +20,8 @@ pytest.importorskip("torch.distributed.fsdp")
 @pytest.mark.parametrize("moves", [False, True])
 def test_callback_under_fsdp2_decides_and_saves_as_one_unsharded_process(tmp_path, moves):
     sharded_dir, plain_dir = tmp_path / "sharded", tmp_path / "plain"
-    # spawn, not fork: see test_fsdp2.py (a forked child's backward fails once the parent's
-    # autograd engine has started device threads, as on torch 2.11+cu130 in the full suite)
     mp.start_processes(worker.run, args=(2, str(tmp_path / "rendezvous"), str(sharded_dir), 3, moves), nprocs=2, join=True,
-                       start_method="spawn")
+                       start_method=start_method())
     a, b = (torch.load(sharded_dir / f"rank{r}.pt", weights_only=False) for r in range(2))
     assert a["decisions"] == b["decisions"] and a["ranks"] == b["ranks"]
     assert any(r["event"] == "grow" for r in a["decisions"])
