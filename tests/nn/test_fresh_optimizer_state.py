@@ -19,9 +19,9 @@ def _train(layer, x, opt, steps: int) -> None:
         opt.step()
 
 
-def _regrown_first_update(make_optimizer):
-    """(A's regrown row after one step - before, the gradient of that row) for a layer trained
-    3 steps at rank 2, shrunk to 1 and grown back to 2."""
+def _trained_then_regrown(make_optimizer):
+    """(layer, input, optimizer): a layer trained 3 steps at rank 2, shrunk to 1 and grown back
+    to 2, with a non-zero B column so that the regrown row 1 of A gets a gradient."""
     gen = torch.Generator().manual_seed(0)
     layer = LoRAMBoLinear(nn.Linear(6, 5, dtype=DT), rank=2, capacity=4)
     with torch.no_grad():
@@ -31,8 +31,15 @@ def _regrown_first_update(make_optimizer):
     _train(layer, x, opt, steps=3)
     layer.set_rank(1, optimizer=opt)
     layer.set_rank(2, optimizer=opt, generator=gen)
-    with torch.no_grad():  # a non-zero B column so that the regrown row of A gets a gradient
+    with torch.no_grad():
         layer.lora_B[:, 1].copy_(torch.randn(5, dtype=DT, generator=gen))
+    return layer, x, opt
+
+
+def _regrown_first_update(make_optimizer):
+    """(A's regrown row after one step - before, the gradient of that row) for a layer trained
+    3 steps at rank 2, shrunk to 1 and grown back to 2."""
+    layer, x, opt = _trained_then_regrown(make_optimizer)
     opt.zero_grad()
     layer(x).square().sum().backward()
     before, grad = layer.lora_A[1].detach().clone(), layer.lora_A.grad[1].clone()
@@ -126,17 +133,7 @@ def _regrown_row_against_fresh(make_optimizer, steps: int = 3, reload: bool = Fa
     A (regrown) follows, step for step, a fresh optimizer of the same kind over a copy of that
     row fed the same gradients (per-element optimizers: a row depends on its own state only).
     ``reload``: the optimizer is rebuilt from its state_dict between the rank change and the step."""
-    gen = torch.Generator().manual_seed(0)
-    layer = LoRAMBoLinear(nn.Linear(6, 5, dtype=DT), rank=2, capacity=4)
-    with torch.no_grad():
-        layer.lora_B[:, :2].copy_(torch.randn(5, 2, dtype=DT, generator=gen))
-    x = torch.randn(7, 6, dtype=DT, generator=gen)
-    opt = make_optimizer([layer.lora_A, layer.lora_B])
-    _train(layer, x, opt, steps=3)
-    layer.set_rank(1, optimizer=opt)
-    layer.set_rank(2, optimizer=opt, generator=gen)
-    with torch.no_grad():  # a non-zero B column so that the regrown row of A gets a gradient
-        layer.lora_B[:, 1].copy_(torch.randn(5, dtype=DT, generator=gen))
+    layer, x, opt = _trained_then_regrown(make_optimizer)
     if reload:
         saved, opt = opt.state_dict(), make_optimizer([layer.lora_A, layer.lora_B])
         opt.load_state_dict(saved)
