@@ -101,6 +101,10 @@ def rank_grid(ranks: Mapping[str, int]) -> tuple[list[str], list[str], np.ndarra
 
 def save_heatmap(source, path, title: str = "LoRA rank per layer") -> Path:
     """Write a PNG heat map of ranks (rows: blocks, columns: module types) and return its path."""
+    ranks = _ranks_of(source)  # bad ranks are a ValueError with or without matplotlib
+    if not ranks:
+        raise ValueError("save_heatmap: no ranks to draw")
+    rows, cols, grid = rank_grid(ranks)
     try:
         import matplotlib
 
@@ -108,10 +112,6 @@ def save_heatmap(source, path, title: str = "LoRA rank per layer") -> Path:
         import matplotlib.pyplot as plt
     except ImportError as err:  # matplotlib is optional
         raise ImportError("save_heatmap needs matplotlib: pip install matplotlib") from err
-    ranks = _ranks_of(source)
-    if not ranks:
-        raise ValueError("save_heatmap: no ranks to draw")
-    rows, cols, grid = rank_grid(ranks)
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(cols), 1.0 + 0.35 * len(rows)))
     try:
         image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis")

@@ -88,3 +88,16 @@ def test_save_heatmap_without_matplotlib_is_a_clear_import_error(monkeypatch, tm
     with pytest.raises(ImportError, match=r"save_heatmap needs matplotlib: pip install matplotlib"):
         save_heatmap({"h.0.q": 4}, tmp_path / "r.png")
     assert not (tmp_path / "r.png").exists()
+
+
+def test_save_heatmap_refuses_bad_ranks_before_looking_for_matplotlib(monkeypatch, tmp_path):
+    """A bad rank is the caller's error on every machine, with or without matplotlib."""
+    from lorambo.allocation.report import save_heatmap
+
+    for mod in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ValueError, match="2.7"):
+        save_heatmap({"h.0.q": 2.7}, tmp_path / "r.png")
+    with pytest.raises(ValueError, match="no ranks to draw"):
+        save_heatmap({}, tmp_path / "r.png")
