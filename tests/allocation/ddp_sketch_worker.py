@@ -1,6 +1,7 @@
 """Worker for test_growth_sketch_ddp.py: one gloo DDP process taking online growth decisions
 through the grouped sketch kernels (Triton interpreter on CPU), counting its collectives."""
 
+import faulthandler
 import os
 import sys
 
@@ -18,6 +19,7 @@ from lorambo.allocation.online import OnlineGrowth  # noqa: E402
 
 
 def main(rank: int, world: int, store_path: str, out_path: str, data_seed: int) -> None:
+    faulthandler.dump_traceback_later(120, exit=True)  # a hung worker says where (the test waits 240 s)
     torch.set_num_threads(1)
     store = dist.FileStore(store_path, world)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
