@@ -4,6 +4,7 @@ through the grouped sketch kernels (Triton interpreter on CPU), counting its col
 import faulthandler
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 os.environ["LORAMBO_SKETCH"] = "triton"
@@ -16,6 +17,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 import lorambo  # noqa: E402
 from lorambo.allocation import benefits  # noqa: E402
 from lorambo.allocation.online import OnlineGrowth  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations"))
+from rendezvous import exit_skipping_teardown  # noqa: E402
 
 
 def main(rank: int, world: int, store_path: str, out_path: str, data_seed: int) -> None:
@@ -49,8 +53,11 @@ def main(rank: int, world: int, store_path: str, out_path: str, data_seed: int) 
             opt.zero_grad()
         torch.save({"records": records, "per_decision": per_decision,
                     "state": {k: v.clone() for k, v in net.state_dict().items()}}, out_path)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    exit_skipping_teardown()
+
 
 
 if __name__ == "__main__":

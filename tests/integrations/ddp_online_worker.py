@@ -8,7 +8,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import lorambo
 from lorambo.distributed import check_identical
 from lorambo.optimizer import LoRAMBoOptimizer
-from rendezvous import init_gloo
+from rendezvous import exit_skipping_teardown, init_gloo
 
 DT = torch.float64
 
@@ -50,5 +50,7 @@ def run(rank, world, rendezvous, out_dir, data_seed):
                     "slot_steps": [torch_opt.state[p]["slot_step"].clone() for p in net.parameters()
                                    if p in torch_opt.state and "slot_step" in torch_opt.state[p]]},
                    f"{out_dir}/rank{rank}.pt")
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    exit_skipping_teardown()
