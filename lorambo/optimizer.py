@@ -253,7 +253,7 @@ class LoRAMBoOptimizer:
                 raise ValueError(f"allocation={self.allocation!r} with sensitivity_method="
                                  f"{self.sensitivity_method!r} needs batches and loss_fn")
             sensitivities = self.compute_sensitivities(batches, loss_fn)
-        caps = {n: c for n, c in self.user_capacity.items()}
+        caps = self._fixed_capacities()
         uppers = {n: min(self.dims[n]) for n in self.names}
         if method == "frobenius_greedy" and "spectra" not in allocate_kwargs:
             allocate_kwargs["spectra"] = {n: torch.linalg.svdvals(self._weight(n)).cpu().numpy()
@@ -279,8 +279,14 @@ class LoRAMBoOptimizer:
 
     def plan_capacities(self, ranks: Mapping[str, int]) -> dict[str, int]:
         """Pool size per layer (fixed for existing LoRA layers; see the module docstring)."""
-        return pools.plan_capacities(ranks, self.dims, self.user_capacity, self.growth_factor,
+        return pools.plan_capacities(ranks, self.dims, self._fixed_capacities(), self.growth_factor,
                                      self.max_rank, self.total_budget)
+
+    def _fixed_capacities(self) -> dict[str, int]:
+        """The capacities planning keeps: the user's, and those of targets that are LoRAMBoLinear
+        now (also the ones :meth:`configure` built after construction: their pools cannot resize)."""
+        built = {n: m.capacity for n, m in lora_layers(self.model).items() if n in self.dims}
+        return {**self.user_capacity, **built}
 
     def pool_memory(self, capacities: Mapping[str, int]) -> dict:
         """Bytes of every pool (``capacity * (d + k)`` elements), logged and returned."""

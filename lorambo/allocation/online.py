@@ -383,6 +383,13 @@ class OnlineGrowth:
                                f"opt.begin_step(step)){compile_hint()}")
         if self.move_threshold is not None and component_scores is None:
             raise ValueError("rank moves (move_threshold set) need component_scores={name: scores}")
+        # everything that can stop a decision is checked before its first rank change: a refusal
+        # midway left earlier layers grown, unlogged, and the capture gone
+        merged = [n for n, m in self.layers.items() if m.merged]
+        if merged:
+            raise RuntimeError(f"update_ranks: layer(s) {merged[:4]} are merged; unmerge() them before a rank "
+                               "decision (nothing was changed, the captured step is kept)")
+        scores = None if self.move_threshold is None else self._checked_scores(component_scores)
         try:
             if not self._captured_finite():
                 # an overflowed step (GradScaler skips it too) says nothing about where rank helps
@@ -398,8 +405,8 @@ class OnlineGrowth:
             room = {n: m.capacity - m.rank for n, m in self.layers.items()}
             plan = plan_growth(gains, self.costs, room, self.budget - self.spent(), self.threshold)
             records = [self._grow(step, n, add, gains, dirs, optimizer, "grow") for n, add in plan.items()]
-            if self.move_threshold is not None:
-                records += self._move(step, plan, gains, dirs, component_scores, optimizer)
+            if scores is not None:
+                records += self._move(step, plan, gains, dirs, scores, optimizer)
         finally:
             self.capture.clear()
         if self.log is not None:
@@ -430,25 +437,31 @@ class OnlineGrowth:
                 "gains": got, "old_rank": old, "new_rank": layer.rank, "spent": self.spent(),
                 "budget": self.budget}
 
-    def _move(self, step, plan, gains, dirs, scores, optimizer) -> list[dict]:
+    def _checked_scores(self, scores: Mapping) -> dict[str, torch.Tensor]:
+        """``component_scores`` as float64 CPU tensors, one finite score per active slot of each
+        layer given (ranks before the decision), else ValueError naming the layer."""
         unknown = [n for n in scores if n not in self.layers]
         if unknown:
             raise ValueError(f"component_scores for unknown layers {unknown!r}")
-        names = [n for n in self.layers if n not in plan and n in scores]  # grown layers don't shrink
+        names = [n for n in self.layers if n in scores]
         given = [torch.as_tensor(scores[n], dtype=torch.float64) for n in names]
-        for n, s in zip(names, given):
-            if s.shape != (self.layers[n].rank,):
-                raise ValueError(f"component_scores[{n!r}] must be {self.layers[n].rank} finite numbers "
-                                 f"(its rank), got {s!r}")
-        # one host copy and one broadcast for all layers: process 0's scores, identical decisions
+        # one host copy for all layers
         flat = (torch.cat([s.reshape(-1).to(given[0].device) for s in given]).cpu() if given
                 else torch.zeros(0, dtype=torch.float64))
-        pos = 0
+        out, pos = {}, 0
         for n, s in zip(names, given):
-            if not bool(torch.isfinite(flat[pos:pos + s.numel()]).all()):
+            values = flat[pos:pos + s.numel()]
+            if s.shape != (self.layers[n].rank,) or not bool(torch.isfinite(values).all()):
                 raise ValueError(f"component_scores[{n!r}] must be {self.layers[n].rank} finite numbers "
                                  f"(its rank), got {s!r}")
-            pos += s.numel()
+            out[n], pos = values, pos + s.numel()
+        return out
+
+    def _move(self, step, plan, gains, dirs, scores, optimizer) -> list[dict]:
+        names = [n for n in self.layers if n not in plan and n in scores]  # grown layers don't shrink
+        given = [scores[n] for n in names]
+        # one broadcast for all layers: process 0's scores, identical decisions
+        flat = torch.cat(given) if given else torch.zeros(0, dtype=torch.float64)
         flat = broadcast_(flat.contiguous()).numpy()
         usable, pos = {}, 0
         for n, s in zip(names, given):

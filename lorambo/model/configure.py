@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from lorambo.model.fast_paths import sync_fast_paths
 from lorambo.model.frozen import forget_frozen, record_frozen
@@ -58,6 +59,7 @@ def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_mod
     """
     if optimizer is not None and not isinstance(getattr(optimizer, "state", None), Mapping):
         raise TypeError(f"configure_model: optimizer={optimizer!r} must be a torch optimizer (with .state) or None")
+    _check_no_lazy_parameters(model)
     saved = resolve_modules_to_save(model, modules_to_save)
     names = _resolve_targets(model, ranks, target_modules)
     check_not_targets(list(dict.fromkeys(recorded_modules_to_save(model) + saved)), names)  # earlier calls' too
@@ -71,6 +73,16 @@ def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_mod
                           "fine, but merging it would change those too (unload(merge=True) refuses it)",
                           stacklevel=2)
     return model
+
+
+def _check_no_lazy_parameters(model: nn.Module) -> None:
+    """Every non-LoRA parameter is frozen, and an uninitialised one (a LazyModule before its first
+    forward) cannot be: torch refuses ``requires_grad_`` on it, which stopped the edit midway."""
+    lazy = [n for n, p in model.named_parameters() if is_lazy(p)]
+    if lazy:
+        raise ValueError(f"configure_model: {type(model).__name__} has uninitialized lazy parameters {lazy[:4]} "
+                         "(a LazyModule before its first forward), which cannot be frozen; run one forward "
+                         "with a dummy batch first")
 
 
 @dataclass

@@ -445,7 +445,13 @@ class LoRAMBoLinear(nn.Module):
 
     def check_mergeable(self) -> None:
         """Raise if :meth:`merge` cannot write into the base weight: a parametrized weight
-        (``torch.nn.utils.parametrize``) is recomputed on every access, so a merge would be lost."""
+        (``torch.nn.utils.parametrize``) is recomputed on every access, so a merge would be lost;
+        inside ``lorambo.disable_adapter`` the forward runs the base layer alone, which a merge
+        would turn back into the adapted layer."""
+        if self.adapter_disabled:
+            raise RuntimeError(f"{self._label}: cannot merge inside lorambo.disable_adapter(), whose forward "
+                               "runs the base weight alone: merging would put the adapter back into it. "
+                               "Merge after the with-block")
         if parametrize.is_parametrized(self.base_layer, "weight"):
             raise RuntimeError(f"{self._label}: the base weight is computed by a parametrization "
                                f"({type(self.base_layer).__name__}), so a merge would not stay in it; keep the "

@@ -389,3 +389,65 @@ def test_bad_online_settings_are_refused_at_construction(kwargs, message):
     for bad in (float("nan"), -5, float("inf")):
         with pytest.raises(ValueError, match=f"budget={bad!r} must be a finite number"):
             OnlineGrowth(lorambo.lora_layers(model), bad)
+
+
+def _decision_ready(move_threshold=None):
+    """A trained-looking model one Adam step in, its allocator, and a captured decision step:
+    layer "4" is full (no room to grow), the others can grow."""
+    torch.manual_seed(5)
+    model = _model()
+    layers = lorambo.lora_layers(model)
+    layers["4"].set_rank(3)
+    for layer in layers.values():
+        layer.lora_B.data[:, :layer.rank].normal_()
+    opt = LoRAMBoOptimizer(model, total_budget=10_000, interval=1, sketch_rank=2, move_threshold=move_threshold)
+    torch_opt = opt.make_optimizer(lr=1e-2)
+    batch = (torch.randn(16, 6, dtype=DT), torch.randn(16, 3, dtype=DT))
+    _mse(model, batch).backward()
+    torch_opt.step()
+    torch_opt.zero_grad()
+    with opt.capture(0):
+        _mse(model, batch).backward()
+    return model, opt, torch_opt
+
+
+def _snapshot(model, torch_opt):
+    state = {n: t.clone() for n, t in model.state_dict().items()}
+    state.update({f"opt.{i}.{k}": v.clone() for i, s in enumerate(torch_opt.state.values()) for k, v in s.items()})
+    return state
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("failure", ["merged layer", "scores of the wrong length"])
+def test_a_refused_decision_changes_nothing_and_can_be_retried(failure):
+    """A decision refused midway (a merged layer it grows after another; scores of another length
+    than its rank for a layer it does not grow) grew the other layers first, then raised: ranks, pools and Adam state changed, nothing
+    was logged, and the captured step was gone. Now it refuses before any change, and the retry
+    decides exactly as an uninterrupted decision."""
+    moves = 0.5 if failure.startswith("scores") else None
+    reference, ref_opt, ref_torch_opt = _decision_ready(moves)
+    model, opt, torch_opt = _decision_ready(moves)
+    good = {n: torch.linspace(1.0, 2.0, m.rank, dtype=DT) for n, m in lorambo.lora_layers(model).items()}
+    expected = ref_opt.step(0, component_scores=good if moves else None)
+    grown = [r["layer"] for r in expected if r["event"] == "grow"]
+    assert grown[:2] == ["0", "2"]  # "0" grows before the failure is met
+    before = _snapshot(model, torch_opt)
+    if failure == "merged layer":
+        lorambo.lora_layers(model)["2"].merge()  # a layer the decision grows, after another
+        with pytest.raises(RuntimeError, match=r"'2'.*unmerge\(\)"):
+            opt.step(0)
+        lorambo.lora_layers(model)["2"].unmerge()
+        bad = None
+    else:
+        bad = {**good, "4": good["4"][:2]}
+        with pytest.raises(ValueError, match=r"component_scores\['4'\] must be 3 finite numbers"):
+            opt.step(0, component_scores=bad)
+    _assert_same(_snapshot(model, torch_opt), before)
+    assert opt.decisions == []
+    assert opt.step(0, component_scores=good if moves else None) == expected
+    _assert_same(_snapshot(model, torch_opt), _snapshot(reference, ref_torch_opt))

@@ -105,3 +105,22 @@ def test_a_per_layer_capacity_or_alpha_pattern_is_checked_per_layer():
     configure_model(model, {"q": 1, "v": 1}, capacity={"q": 4, "v": 6}, alpha_pattern={"q": 2.0})
     with pytest.raises(ValueError, match=r"'q' is already a LoRAMBoLinear with alpha=2.0, and alpha=5.0"):
         configure_model(model, {"q": 1, "v": 1}, alpha_pattern={"q": 5.0})
+
+
+def test_an_uninitialized_lazy_module_is_refused_before_any_change():
+    """configure_model freezes every non-LoRA parameter, and torch refuses requires_grad_ on an
+    uninitialized one: the error came from torch after the Linear had been swapped for a
+    LoRAMBoLinear, leaving a half-configured model that unload() would not restore."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.LazyLinear(3))
+    types = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match=r"uninitialized.*dummy batch") as err:
+        configure_model(model, 2, target_modules=["0"])
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert "lazy parameters ['2.weight', '2.bias']" in str(err.value)
+    assert model[0].weight.requires_grad and model[0].bias.requires_grad
+    x = torch.randn(4, 6)
+    expected = model(x)  # the dummy forward materialises the lazy head
+    configure_model(model, 2, target_modules=["0"])
+    assert isinstance(model[0], LoRAMBoLinear) and not model[2].weight.requires_grad
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)

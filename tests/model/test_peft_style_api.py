@@ -144,6 +144,30 @@ def test_disable_adapter_runs_frozen_base():
             pass
 
 
+def test_merging_inside_disable_adapter_is_refused():
+    """The disabled forward runs the base layer alone; a merge inside the block put the adapter
+    into that base weight, so the 'base model' computed the adapted one without a word."""
+    base = _bert()
+    model = configure_model(copy.deepcopy(base), RANKS)
+    _train(model)
+    ids = _ids(5)
+    adapted = model(input_ids=ids).logits.detach()
+    weights = {n: layer.base_layer.weight.clone() for n, layer in lora_layers(model).items()}
+    with disable_adapter(model):
+        layer = next(iter(lora_layers(model).values()))
+        with pytest.raises(RuntimeError, match="inside lorambo.disable_adapter"):
+            layer.merge()
+        with pytest.raises(RuntimeError, match="inside lorambo.disable_adapter"):
+            lorambo.unload(model, merge=True)
+        torch.testing.assert_close(model(input_ids=ids).logits, base(input_ids=ids).logits, rtol=0, atol=1e-12)
+    assert not any(layer.merged for layer in lora_layers(model).values())
+    for name, layer in lora_layers(model).items():
+        assert torch.equal(layer.base_layer.weight, weights[name])
+    torch.testing.assert_close(model(input_ids=ids).logits, adapted, rtol=0, atol=0)
+    layer.merge()  # after the block it merges as usual
+    torch.testing.assert_close(model(input_ids=ids).logits, adapted, rtol=1e-12, atol=1e-12)
+
+
 def test_disable_adapter_keeps_forward_hooks_of_accelerate():
     """accelerate's hooks (device_map / offloading) replace forward on the instance. disable_adapter
     shadowed forward the same way, so it refused such layers as 'already active', and would have

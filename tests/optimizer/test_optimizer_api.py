@@ -111,6 +111,30 @@ def test_configured_model_keeps_its_capacities_and_ablation_sensitivity():
     assert {n: m.rank for n, m in lorambo.lora_layers(model).items()} == ranks
 
 
+def test_allocating_again_after_configure_keeps_the_built_capacities():
+    """configure() builds the pools; a second compute_optimal_ranks on the same allocator (new
+    sensitivities, mid-training) planned fresh capacities past them (23 for a pool of 16 here), so
+    its capacities and memory report were wrong and configure() raised 'already a LoRAMBoLinear
+    with capacity=16'. It must plan as an allocator built on the configured model does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(32, 32, dtype=DT) for _ in range(3)))
+    opt = LoRAMBoOptimizer(model, 1500, sensitivity_method="frobenius", allocation="uniform")
+    opt.compute_optimal_ranks()
+    opt.configure()
+    built = {n: m.capacity for n, m in lorambo.lora_layers(model).items()}
+    assert built == {"0": 16, "1": 16, "2": 16}
+    sens = {"0": 9.0, "1": 1.0, "2": 1.0}
+    expected = LoRAMBoOptimizer(model, 1500).compute_optimal_ranks(sensitivities=sens)
+    opt.allocation = "closed_form"
+    ranks = opt.compute_optimal_ranks(sensitivities=sens)
+    assert ranks == expected and ranks != {n: m.rank for n, m in lorambo.lora_layers(model).items()}
+    assert opt.capacities == built
+    assert opt.memory_report["per_layer_bytes"] == {n: c * sum(opt.dims[n]) * 8 for n, c in built.items()}
+    opt.configure()
+    assert {n: (m.rank, m.capacity) for n, m in lorambo.lora_layers(model).items()} == \
+        {n: (ranks[n], built[n]) for n in built}
+
+
 def test_verbose_prints_memory_before_configuring(capsys):
     opt = LoRAMBoOptimizer(Net(), 500, sensitivity_method="frobenius", verbose=True)
     opt.compute_optimal_ranks()
