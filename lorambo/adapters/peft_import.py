@@ -33,7 +33,6 @@ from lorambo.adapters.io import AdapterFormatError
 from lorambo.model import configure_model, lora_layers
 from lorambo.model.modules_to_save import resolve_modules_to_save
 from lorambo.model.patterns import pattern_value
-from lorambo.model.targeting import suffix_match
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import default_capacity
 from lorambo.nn.base_layers import base_kind, features, unwrappable_reason
@@ -259,10 +258,13 @@ def _split_tensors(tensors: dict[str, torch.Tensor], where: str):
 
 def _group_saved(model: nn.Module, other: dict[str, torch.Tensor], entries, where: str):
     """``{module name: state}`` for the modules_to_save tensors (keys ``<module>.<state key>``).
-    Entries that match no module are skipped, as peft does (its task types add e.g. "score")."""
-    module_names = [n for n, _ in model.named_modules() if n]
-    entries = [e for e in dict.fromkeys(entries or []) if any(suffix_match(n, e) for n in module_names)]
-    names = resolve_modules_to_save(model, entries) if entries else []
+
+    The modules are the ones peft wrapped: every module whose name ends with an entry, with no
+    dot boundary (peft's ``key.endswith(entry)``), so "classifier" also takes DistilBERT's
+    "pre_classifier", which peft then trained and saved. Entries that match no module are
+    skipped, as peft does (its task types add e.g. "score")."""
+    entries = [e for e in dict.fromkeys(entries or []) if isinstance(e, str) and e]
+    names = [n for n, _ in model.named_modules() if n and any(n.endswith(e) for e in entries)]
     states: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
     for key, value in other.items():
         owner = next((n for n in sorted(names, key=len, reverse=True) if key.startswith(n + ".")), None)
@@ -270,7 +272,9 @@ def _group_saved(model: nn.Module, other: dict[str, torch.Tensor], entries, wher
             raise ValueError(f"{where}: tensor {key!r} is neither LoRA nor part of a module in "
                              f"modules_to_save {entries!r}")
         states[owner][key[len(owner) + 1:]] = value
-    return [n for n in names if states[n]], {n: s for n, s in states.items() if s}
+    saved = [n for n in names if states[n]]
+    resolve_modules_to_save(model, saved)  # checks them: trainable, no LoRA target inside
+    return saved, {n: states[n] for n in saved}
 
 
 def import_peft(model: nn.Module, path: str | os.PathLike, capacity: int | Mapping[str, int] | None = None

@@ -7,7 +7,8 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+from transformers import (BertConfig, BertForSequenceClassification, DistilBertConfig,
+                          DistilBertForSequenceClassification, GPT2Config, GPT2LMHeadModel)
 
 import lorambo
 from lorambo import export_peft, from_peft, import_peft, lora_layers
@@ -111,6 +112,42 @@ def test_round_trip_peft_lorambo_peft_fp32(saved_peft, tmp_path):
     reference = _logits(peft_model, ids)  # float64 peft
     assert (_logits(reloaded, ids).double() - reference).abs().max() <= 1e-5
     assert (_logits(ours, ids).double() - _logits(reloaded, ids).double()).abs().max() <= 1e-6
+
+
+def _distilbert():
+    torch.manual_seed(0)
+    cfg = DistilBertConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, hidden_dim=48, max_position_embeddings=32,
+                           num_labels=3, dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0)
+    return DistilBertForSequenceClassification(cfg).to(torch.float64).eval()
+
+
+def test_modules_to_save_are_the_ones_peft_matched(tmp_path):
+    """peft matches modules_to_save entries with a plain ``endswith``: task_type SEQ_CLS's
+    "classifier" also wraps DistilBERT's "pre_classifier", which peft trains and saves. The import
+    refused such an adapter ("tensor 'pre_classifier.bias' is neither LoRA nor part of a module in
+    modules_to_save")."""
+    peft_model = get_peft_model(_distilbert(), LoraConfig(r=3, lora_alpha=6, target_modules=["q_lin", "v_lin"],
+                                                           task_type="SEQ_CLS"))
+    _randomise_peft(peft_model, seed=13)
+    peft_model.save_pretrained(tmp_path / "peft")
+    saved = load_file(tmp_path / "peft/adapter_model.safetensors")
+    assert "base_model.model.pre_classifier.weight" in saved  # what peft saved: both heads
+    ids = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(6))
+    expected = _logits(peft_model.eval(), ids)
+
+    ours = import_peft(_distilbert(), tmp_path / "peft")
+    torch.testing.assert_close(_logits(ours, ids), expected, rtol=1e-12, atol=1e-12)
+    assert modules_to_save(ours) == ["pre_classifier", "classifier"]
+    for name in ("pre_classifier", "classifier"):
+        for key, value in ours.get_submodule(name).state_dict().items():
+            assert torch.equal(value, saved[f"base_model.model.{name}.{key}"]), (name, key)
+        assert all(p.requires_grad for p in ours.get_submodule(name).parameters())
+    with lorambo.disable_adapter(ours):
+        torch.testing.assert_close(_logits(ours, ids), _logits(_distilbert(), ids), rtol=0, atol=0)
+
+    export_peft(ours, tmp_path / "back")  # and peft reads it back
+    reloaded = PeftModel.from_pretrained(_distilbert(), tmp_path / "back").eval()
+    torch.testing.assert_close(_logits(reloaded, ids), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_from_peft_converts_wrapped_model():
