@@ -55,6 +55,9 @@ _OFF = {
     "alora_invocation_tokens": (None, []),
     "arrow_config": (None,),
     "megatron_config": (None,),
+    "kasa_config": (None,),        # truncates the base weight, and a diagonal between A and B
+    "monteclora_config": (None,),  # variational sampling around A and B in training
+    "velora_config": (None,),      # its own backward for A, with a stored embedding
 }
 
 

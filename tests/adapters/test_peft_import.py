@@ -313,6 +313,28 @@ def test_dora_refused_from_peft():
         from_peft(peft_model)
 
 
+@pytest.mark.parametrize("variant", ["kasa_config", "monteclora_config", "velora_config"])
+def test_lora_variants_are_refused_naming_the_option(tmp_path, variant):
+    """from_peft converted a KaSA model (base weight truncated, a learned diagonal between A and
+    B) into plain LoRA (logits off by ~0.6 on a small Llama), and dropped MonteCLoRA's and VeLoRA's parts."""
+    from peft.tuners.lora import config as lora_config
+
+    sub = {"kasa_config": "KasaConfig", "monteclora_config": "MontecloraConfig", "velora_config": "VeloraConfig"}
+    cfg = LoraConfig(r=2, target_modules=["query", "value"], init_lora_weights=False,
+                     **{variant: getattr(lora_config, sub[variant])()})
+    peft_model = get_peft_model(_bert(torch.float32), cfg).eval()
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(5))
+    expected = _logits(peft_model, ids)
+    peft_model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=f"unsupported peft LoRA feature.*{variant}="):
+        from_peft(peft_model)
+    torch.testing.assert_close(_logits(peft_model, ids), expected, rtol=0, atol=0)
+    model = _bert(torch.float32)
+    with pytest.raises(ValueError, match=f"unsupported peft LoRA feature.*{variant}="):
+        import_peft(model, tmp_path)
+    assert not lora_layers(model)
+
+
 def test_rank_mismatch_and_missing_files(tmp_path):
     peft_model = get_peft_model(_bert(), LoraConfig(**BERT_CONFIG))
     peft_model.save_pretrained(tmp_path)
