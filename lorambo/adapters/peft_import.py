@@ -331,7 +331,8 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None,
     model with LoRAMBoLinear layers holding the same adapter; returns that base model.
 
     The peft wrapper is consumed: its LoRA layers are replaced in place. ``adapter_name``
-    defaults to the active adapter; other adapters are dropped.
+    defaults to the active adapter (an error when several are active, since peft adds them up);
+    other adapters are dropped.
     """
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora import Linear as LoraLinear
@@ -341,8 +342,11 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None,
     if not isinstance(configs, Mapping) or not hasattr(peft_model, "get_base_model"):
         raise TypeError(f"from_peft expects a peft model (PeftModel), got {type(peft_model).__name__}")
     if adapter_name is None:
-        active = getattr(peft_model, "active_adapter", None)
-        adapter_name = active if isinstance(active, str) else next(iter(configs))
+        active = list(getattr(peft_model, "active_adapters", None) or [])
+        if len(active) > 1:  # peft adds them all up; a LoRAMBoLinear holds one adapter
+            raise ValueError(f"from_peft: the peft model has several active adapters {active}, whose sum it "
+                             "computes; lorambo converts one: pass adapter_name=")
+        adapter_name = active[0] if active else next(iter(configs))
     if adapter_name not in configs:
         raise ValueError(f"from_peft: no adapter {adapter_name!r} (have {sorted(configs)})")
     config = configs[adapter_name]

@@ -194,6 +194,25 @@ def test_from_peft_drops_the_other_adapters_of_a_multi_adapter_model(chosen):
         torch.testing.assert_close(_logits(model, ids), _logits(_bert(), ids), rtol=0, atol=0)
 
 
+def test_from_peft_with_several_active_adapters_asks_which():
+    """peft adds up every active adapter; from_peft took the first one alone (logits off by ~0.5)."""
+    peft_model = get_peft_model(_bert(), LoraConfig(r=2, lora_alpha=4, target_modules=["query"]))
+    peft_model.add_adapter("other", LoraConfig(r=3, lora_alpha=5, target_modules=["query", "value"]))
+    _randomise_peft(peft_model, seed=12)
+    peft_model.base_model.set_adapter(["default", "other"])
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(5))
+    expected = _logits(peft_model.eval(), ids)
+    with pytest.raises(ValueError, match=r"several active adapters \['default', 'other'\].*adapter_name="):
+        from_peft(peft_model)
+    torch.testing.assert_close(_logits(peft_model, ids), expected, rtol=0, atol=0)  # left as it was
+    model = from_peft(peft_model, adapter_name="other")
+    peft_alone = get_peft_model(_bert(), LoraConfig(r=2, lora_alpha=4, target_modules=["query"]))
+    peft_alone.add_adapter("other", LoraConfig(r=3, lora_alpha=5, target_modules=["query", "value"]))
+    _randomise_peft(peft_alone, seed=12)
+    peft_alone.set_adapter("other")
+    torch.testing.assert_close(_logits(model, ids), _logits(peft_alone.eval(), ids), rtol=1e-12, atol=1e-12)
+
+
 def test_from_peft_that_fails_leaves_the_peft_model_working():
     """A failure after peft's wrappers were taken out (capacity 8.0 passed the range check, then
     LoRAMBoLinear refused it; a target used under two names) left the model with neither peft's
