@@ -259,15 +259,22 @@ def _split_tensors(tensors: dict[str, torch.Tensor], where: str):
     return lora, other
 
 
-def _group_saved(model: nn.Module, other: dict[str, torch.Tensor], entries, where: str):
+def _group_saved(model: nn.Module, other: dict[str, torch.Tensor], entries, tie: bool, where: str):
     """``{module name: state}`` for the modules_to_save tensors (keys ``<module>.<state key>``).
 
     The modules are the ones peft wrapped: every module whose name ends with an entry, with no
     dot boundary (peft's ``key.endswith(entry)``), so "classifier" also takes DistilBERT's
     "pre_classifier", which peft then trained and saved. Entries that match no module are
-    skipped, as peft does (its task types add e.g. "score")."""
+    skipped, as peft does (its task types add e.g. "score"). With ``tie`` (peft's
+    ``ensure_weight_tying``) peft also saves the modules whose parameters are those modules'
+    (an output head tied to the embedding), and ties them to the trained copy on loading: they
+    are modules to save here too, each with its own copy of the saved values."""
     entries = [e for e in dict.fromkeys(entries or []) if isinstance(e, str) and e]
     names = [n for n, _ in model.named_modules() if n and any(n.endswith(e) for e in entries)]
+    if tie:
+        shared = {id(p) for n in names for p in model.get_submodule(n).parameters()}
+        names += [n for n, m in model.named_modules(remove_duplicate=False) if n and n not in names
+                  and any(id(p) in shared for p in m.parameters(recurse=False))]
     states: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
     for key, value in other.items():
         owner = next((n for n in sorted(names, key=len, reverse=True) if key.startswith(n + ".")), None)
@@ -319,7 +326,8 @@ def import_peft(model: nn.Module, path: str | os.PathLike, capacity: int | Mappi
         alpha = float(pattern_value(alpha_pattern, name, alpha_default))
         specs[name] = _LayerSpec(pair["lora_A"], pair["lora_B"], alpha, _scaling(alpha, r, use_rslora),
                                  use_rslora, dropout)
-    save_names, saved = _group_saved(model, other, config.get("modules_to_save"), where)
+    save_names, saved = _group_saved(model, other, config.get("modules_to_save"),
+                                     bool(config.get("ensure_weight_tying")), where)
     _install(model, specs, capacity, saved, save_names, where)
     return wrapper
 
