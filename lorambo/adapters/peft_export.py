@@ -36,6 +36,24 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
     return names
 
 
+def _check_peft_can_load(saved: list[str], targets: list[str]) -> None:
+    """peft matches a modules_to_save entry against module names with a plain ``endswith`` (no
+    dot boundary), after its LoRA layers are in: an entry that also matches a LoRA target or a
+    module holding one (DistilBERT's "classifier" and its target "pre_classifier") makes
+    ``PeftModel.from_pretrained`` fail. No entry can name the one module alone there."""
+    for target in targets:
+        parts = target.split(".")
+        for holder in (".".join(parts[:i]) for i in range(len(parts), 0, -1)):
+            entry = next((e for e in saved if holder.endswith(e)), None)
+            if entry is None:
+                continue
+            what = "the LoRA target" if holder == target else f"{holder!r}, which holds the LoRA target"
+            raise ValueError(f"export_peft: peft matches modules_to_save by the end of the name, so the module "
+                             f"to save {entry!r} would also take {what} {target!r}, and peft cannot load "
+                             f"that adapter. Leave {target!r} out of the targets, or save {holder!r} whole "
+                             "(modules_to_save) instead of adapting it")
+
+
 def peft_adapter_config(model: nn.Module) -> dict:
     """The adapter_config.json content for the model's current adapters (what
     :func:`export_peft` writes). Not :func:`lorambo.peft_config`, which builds a
@@ -53,6 +71,8 @@ def peft_adapter_config(model: nn.Module) -> dict:
     alpha_pattern = {n: layers[n].scaling * layers[n].rank for n in by_length}
     r_default = Counter(rank_pattern.values()).most_common(1)[0][0]
     alpha_default = next(alpha_pattern[n] for n in names if rank_pattern[n] == r_default)
+    saved = modules_to_save(model)
+    _check_peft_can_load(saved, names)
     config = getattr(model, "config", None)
     return {
         "peft_type": "LORA",
@@ -68,7 +88,7 @@ def peft_adapter_config(model: nn.Module) -> dict:
         "bias": "none",
         "use_rslora": False,
         "init_lora_weights": True,
-        "modules_to_save": modules_to_save(model) or None,
+        "modules_to_save": saved or None,
         "inference_mode": True,
     }
 

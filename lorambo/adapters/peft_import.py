@@ -33,7 +33,6 @@ from lorambo.adapters.io import AdapterFormatError
 from lorambo.model import configure_model, lora_layers
 from lorambo.model.modules_to_save import resolve_modules_to_save
 from lorambo.model.patterns import pattern_value
-from lorambo.model.targeting import suffix_match
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import default_capacity
 from lorambo.nn.base_layers import base_kind, features, unwrappable_reason
@@ -56,6 +55,9 @@ _OFF = {
     "alora_invocation_tokens": (None, []),
     "arrow_config": (None,),
     "megatron_config": (None,),
+    "kasa_config": (None,),        # truncates the base weight, and a diagonal between A and B
+    "monteclora_config": (None,),  # variational sampling around A and B in training
+    "velora_config": (None,),      # its own backward for A, with a stored embedding
 }
 
 
@@ -257,12 +259,22 @@ def _split_tensors(tensors: dict[str, torch.Tensor], where: str):
     return lora, other
 
 
-def _group_saved(model: nn.Module, other: dict[str, torch.Tensor], entries, where: str):
+def _group_saved(model: nn.Module, other: dict[str, torch.Tensor], entries, tie: bool, where: str):
     """``{module name: state}`` for the modules_to_save tensors (keys ``<module>.<state key>``).
-    Entries that match no module are skipped, as peft does (its task types add e.g. "score")."""
-    module_names = [n for n, _ in model.named_modules() if n]
-    entries = [e for e in dict.fromkeys(entries or []) if any(suffix_match(n, e) for n in module_names)]
-    names = resolve_modules_to_save(model, entries) if entries else []
+
+    The modules are the ones peft wrapped: every module whose name ends with an entry, with no
+    dot boundary (peft's ``key.endswith(entry)``), so "classifier" also takes DistilBERT's
+    "pre_classifier", which peft then trained and saved. Entries that match no module are
+    skipped, as peft does (its task types add e.g. "score"). With ``tie`` (peft's
+    ``ensure_weight_tying``) peft also saves the modules whose parameters are those modules'
+    (an output head tied to the embedding), and ties them to the trained copy on loading: they
+    are modules to save here too, each with its own copy of the saved values."""
+    entries = [e for e in dict.fromkeys(entries or []) if isinstance(e, str) and e]
+    names = [n for n, _ in model.named_modules() if n and any(n.endswith(e) for e in entries)]
+    if tie:
+        shared = {id(p) for n in names for p in model.get_submodule(n).parameters()}
+        names += [n for n, m in model.named_modules(remove_duplicate=False) if n and n not in names
+                  and any(id(p) in shared for p in m.parameters(recurse=False))]
     states: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
     for key, value in other.items():
         owner = next((n for n in sorted(names, key=len, reverse=True) if key.startswith(n + ".")), None)
@@ -270,7 +282,9 @@ def _group_saved(model: nn.Module, other: dict[str, torch.Tensor], entries, wher
             raise ValueError(f"{where}: tensor {key!r} is neither LoRA nor part of a module in "
                              f"modules_to_save {entries!r}")
         states[owner][key[len(owner) + 1:]] = value
-    return [n for n in names if states[n]], {n: s for n, s in states.items() if s}
+    saved = [n for n in names if states[n]]
+    resolve_modules_to_save(model, saved)  # checks them: trainable, no LoRA target inside
+    return saved, {n: states[n] for n in saved}
 
 
 def import_peft(model: nn.Module, path: str | os.PathLike, capacity: int | Mapping[str, int] | None = None
@@ -312,7 +326,8 @@ def import_peft(model: nn.Module, path: str | os.PathLike, capacity: int | Mappi
         alpha = float(pattern_value(alpha_pattern, name, alpha_default))
         specs[name] = _LayerSpec(pair["lora_A"], pair["lora_B"], alpha, _scaling(alpha, r, use_rslora),
                                  use_rslora, dropout)
-    save_names, saved = _group_saved(model, other, config.get("modules_to_save"), where)
+    save_names, saved = _group_saved(model, other, config.get("modules_to_save"),
+                                     bool(config.get("ensure_weight_tying")), where)
     _install(model, specs, capacity, saved, save_names, where)
     return wrapper
 
@@ -324,7 +339,8 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None,
     model with LoRAMBoLinear layers holding the same adapter; returns that base model.
 
     The peft wrapper is consumed: its LoRA layers are replaced in place. ``adapter_name``
-    defaults to the active adapter; other adapters are dropped.
+    defaults to the active adapter (an error when several are active, since peft adds them up);
+    other adapters are dropped.
     """
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora import Linear as LoraLinear
@@ -334,8 +350,11 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None,
     if not isinstance(configs, Mapping) or not hasattr(peft_model, "get_base_model"):
         raise TypeError(f"from_peft expects a peft model (PeftModel), got {type(peft_model).__name__}")
     if adapter_name is None:
-        active = getattr(peft_model, "active_adapter", None)
-        adapter_name = active if isinstance(active, str) else next(iter(configs))
+        active = list(getattr(peft_model, "active_adapters", None) or [])
+        if len(active) > 1:  # peft adds them all up; a LoRAMBoLinear holds one adapter
+            raise ValueError(f"from_peft: the peft model has several active adapters {active}, whose sum it "
+                             "computes; lorambo converts one: pass adapter_name=")
+        adapter_name = active[0] if active else next(iter(configs))
     if adapter_name not in configs:
         raise ValueError(f"from_peft: no adapter {adapter_name!r} (have {sorted(configs)})")
     config = configs[adapter_name]

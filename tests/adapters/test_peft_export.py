@@ -7,7 +7,8 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+from transformers import (BertConfig, BertModel, DistilBertConfig, DistilBertForSequenceClassification, GPT2Config,
+                          GPT2LMHeadModel)
 
 import lorambo
 import lorambo.adapters
@@ -73,3 +74,40 @@ def test_nothing_to_export(tmp_path):
 
 def test_one_name_per_thing_in_the_adapters_package():
     assert lorambo.adapters.peft_config is lorambo.peft_config  # a peft.LoraConfig to train with
+
+
+def _distilbert_classifier():
+    torch.manual_seed(0)
+    cfg = DistilBertConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, hidden_dim=48, max_position_embeddings=32,
+                           num_labels=3, dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0)
+    return DistilBertForSequenceClassification(cfg).double().eval()
+
+
+def test_a_module_to_save_whose_name_ends_a_lora_target_is_refused_before_writing(tmp_path):
+    """peft matches modules_to_save with a plain endswith: DistilBERT's "classifier" also takes its
+    LoRA target "pre_classifier" (a default target), and PeftModel.from_pretrained raised
+    "modules_to_save cannot be applied to modules of type lora.Linear" on the exported folder."""
+    from peft import LoraConfig, get_peft_model
+
+    with pytest.raises(TypeError, match="modules_to_save cannot be applied"):  # peft cannot hold it either
+        get_peft_model(_distilbert_classifier(), LoraConfig(target_modules=["pre_classifier"],
+                                                            modules_to_save=["classifier"]))
+    model = configure_model(_distilbert_classifier(), 2, modules_to_save=["classifier"])
+    assert "pre_classifier" in lora_layers(model)
+    with pytest.raises(ValueError, match="module to save 'classifier' would also take the LoRA target 'pre_classifier'"):
+        export_peft(model, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
+
+    # what the message suggests: save pre_classifier whole; peft then computes what lorambo does
+    model = configure_model(_distilbert_classifier(), 2, target_modules=["q_lin", "v_lin", "lin1"],
+                            modules_to_save=["pre_classifier", "classifier"])
+    _randomise(model)
+    with torch.no_grad():
+        for name in ("pre_classifier", "classifier"):
+            for p in model.get_submodule(name).parameters():
+                p.add_(torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(2)))
+    export_peft(model, tmp_path / "peft")
+    peft_model = PeftModel.from_pretrained(_distilbert_classifier(), tmp_path / "peft").eval()
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-12, atol=1e-12)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+from transformers import (BertConfig, BertForSequenceClassification, DistilBertConfig,
+                          DistilBertForSequenceClassification, GPT2Config, GPT2LMHeadModel)
 
 import lorambo
 from lorambo import export_peft, from_peft, import_peft, lora_layers
@@ -113,6 +114,42 @@ def test_round_trip_peft_lorambo_peft_fp32(saved_peft, tmp_path):
     assert (_logits(ours, ids).double() - _logits(reloaded, ids).double()).abs().max() <= 1e-6
 
 
+def _distilbert():
+    torch.manual_seed(0)
+    cfg = DistilBertConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, hidden_dim=48, max_position_embeddings=32,
+                           num_labels=3, dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0)
+    return DistilBertForSequenceClassification(cfg).to(torch.float64).eval()
+
+
+def test_modules_to_save_are_the_ones_peft_matched(tmp_path):
+    """peft matches modules_to_save entries with a plain ``endswith``: task_type SEQ_CLS's
+    "classifier" also wraps DistilBERT's "pre_classifier", which peft trains and saves. The import
+    refused such an adapter ("tensor 'pre_classifier.bias' is neither LoRA nor part of a module in
+    modules_to_save")."""
+    peft_model = get_peft_model(_distilbert(), LoraConfig(r=3, lora_alpha=6, target_modules=["q_lin", "v_lin"],
+                                                           task_type="SEQ_CLS"))
+    _randomise_peft(peft_model, seed=13)
+    peft_model.save_pretrained(tmp_path / "peft")
+    saved = load_file(tmp_path / "peft/adapter_model.safetensors")
+    assert "base_model.model.pre_classifier.weight" in saved  # what peft saved: both heads
+    ids = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(6))
+    expected = _logits(peft_model.eval(), ids)
+
+    ours = import_peft(_distilbert(), tmp_path / "peft")
+    torch.testing.assert_close(_logits(ours, ids), expected, rtol=1e-12, atol=1e-12)
+    assert modules_to_save(ours) == ["pre_classifier", "classifier"]
+    for name in ("pre_classifier", "classifier"):
+        for key, value in ours.get_submodule(name).state_dict().items():
+            assert torch.equal(value, saved[f"base_model.model.{name}.{key}"]), (name, key)
+        assert all(p.requires_grad for p in ours.get_submodule(name).parameters())
+    with lorambo.disable_adapter(ours):
+        torch.testing.assert_close(_logits(ours, ids), _logits(_distilbert(), ids), rtol=0, atol=0)
+
+    export_peft(ours, tmp_path / "back")  # and peft reads it back
+    reloaded = PeftModel.from_pretrained(_distilbert(), tmp_path / "back").eval()
+    torch.testing.assert_close(_logits(reloaded, ids), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_from_peft_converts_wrapped_model():
     peft_model = get_peft_model(_bert(), LoraConfig(**BERT_CONFIG))
     _randomise_peft(peft_model, seed=7)
@@ -155,6 +192,25 @@ def test_from_peft_drops_the_other_adapters_of_a_multi_adapter_model(chosen):
     torch.testing.assert_close(_logits(model, ids), expected, rtol=1e-12, atol=1e-12)
     with lorambo.disable_adapter(model):
         torch.testing.assert_close(_logits(model, ids), _logits(_bert(), ids), rtol=0, atol=0)
+
+
+def test_from_peft_with_several_active_adapters_asks_which():
+    """peft adds up every active adapter; from_peft took the first one alone (logits off by ~0.5)."""
+    peft_model = get_peft_model(_bert(), LoraConfig(r=2, lora_alpha=4, target_modules=["query"]))
+    peft_model.add_adapter("other", LoraConfig(r=3, lora_alpha=5, target_modules=["query", "value"]))
+    _randomise_peft(peft_model, seed=12)
+    peft_model.base_model.set_adapter(["default", "other"])
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(5))
+    expected = _logits(peft_model.eval(), ids)
+    with pytest.raises(ValueError, match=r"several active adapters \['default', 'other'\].*adapter_name="):
+        from_peft(peft_model)
+    torch.testing.assert_close(_logits(peft_model, ids), expected, rtol=0, atol=0)  # left as it was
+    model = from_peft(peft_model, adapter_name="other")
+    peft_alone = get_peft_model(_bert(), LoraConfig(r=2, lora_alpha=4, target_modules=["query"]))
+    peft_alone.add_adapter("other", LoraConfig(r=3, lora_alpha=5, target_modules=["query", "value"]))
+    _randomise_peft(peft_alone, seed=12)
+    peft_alone.set_adapter("other")
+    torch.testing.assert_close(_logits(model, ids), _logits(peft_alone.eval(), ids), rtol=1e-12, atol=1e-12)
 
 
 def test_from_peft_that_fails_leaves_the_peft_model_working():
@@ -274,6 +330,28 @@ def test_dora_refused_from_peft():
     peft_model = get_peft_model(_bert(), LoraConfig(r=2, target_modules=["query"], use_dora=True))
     with pytest.raises(ValueError, match="use_dora=True"):
         from_peft(peft_model)
+
+
+@pytest.mark.parametrize("variant", ["kasa_config", "monteclora_config", "velora_config"])
+def test_lora_variants_are_refused_naming_the_option(tmp_path, variant):
+    """from_peft converted a KaSA model (base weight truncated, a learned diagonal between A and
+    B) into plain LoRA (logits off by ~0.6 on a small Llama), and dropped MonteCLoRA's and VeLoRA's parts."""
+    from peft.tuners.lora import config as lora_config
+
+    sub = {"kasa_config": "KasaConfig", "monteclora_config": "MontecloraConfig", "velora_config": "VeloraConfig"}
+    cfg = LoraConfig(r=2, target_modules=["query", "value"], init_lora_weights=False,
+                     **{variant: getattr(lora_config, sub[variant])()})
+    peft_model = get_peft_model(_bert(torch.float32), cfg).eval()
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(5))
+    expected = _logits(peft_model, ids)
+    peft_model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=f"unsupported peft LoRA feature.*{variant}="):
+        from_peft(peft_model)
+    torch.testing.assert_close(_logits(peft_model, ids), expected, rtol=0, atol=0)
+    model = _bert(torch.float32)
+    with pytest.raises(ValueError, match=f"unsupported peft LoRA feature.*{variant}="):
+        import_peft(model, tmp_path)
+    assert not lora_layers(model)
 
 
 def test_rank_mismatch_and_missing_files(tmp_path):

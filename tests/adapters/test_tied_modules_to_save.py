@@ -6,7 +6,7 @@ they were trained. The reference is the other library's float64 logits."""
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import lorambo
 from lorambo import export_peft, from_peft, import_peft, lora_layers
@@ -70,3 +70,34 @@ def test_training_a_tied_module_to_save_leaves_the_other_use_and_peft_agrees(tmp
         torch.testing.assert_close(_logits(model), _logits(_gpt2()), rtol=0, atol=0)
     lorambo.unload(model, merge=False)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def _llama_tied():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).double().eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+@pytest.mark.parametrize("build,head", [(_gpt2, "lm_head"), (_llama_tied, "embed_tokens"), (_llama_tied, "lm_head")])
+def test_ensure_weight_tying_adapter_imports_with_its_tied_head(tmp_path, build, head):
+    """With ensure_weight_tying peft saves the module tied to the one to save (the head tied to the
+    embedding, under modules_to_save naming only the embedding) and ties it again on loading.
+    import_peft refused the file ("tensor 'lm_head.weight' is neither LoRA nor part of a module
+    in modules_to_save")."""
+    peft_model = get_peft_model(build(), LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "q_proj"],
+                                                    modules_to_save=[head], ensure_weight_tying=True))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.2)
+    peft_model.eval().save_pretrained(tmp_path)
+    expected = _logits(peft_model)
+    torch.testing.assert_close(_logits(PeftModel.from_pretrained(build(), tmp_path)), expected, rtol=0, atol=0)
+    model = import_peft(build(), tmp_path)
+    torch.testing.assert_close(_logits(model), expected, rtol=0, atol=1e-12)
+    head_out = model.get_output_embeddings().weight
+    assert head_out.requires_grad and head_out is not model.get_input_embeddings().weight  # each its own copy
