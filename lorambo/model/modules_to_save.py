@@ -3,8 +3,10 @@ adapter, as in peft.
 
 ``configure_model(..., modules_to_save=["classifier"])`` keeps their parameters trainable (every
 other non-LoRA parameter is frozen) and records their names on the model; ``save_adapter`` then
-stores their state and ``load_adapter`` restores it. Names follow peft: an entry matches a module
-whose dotted name equals it or ends with ``"." + entry``.
+stores their state and ``load_adapter`` restores it. An entry matches a module whose dotted name
+equals it or ends with ``"." + entry``. peft matches without the dot boundary (its "classifier"
+also takes DistilBERT's "pre_classifier"); ``import_peft`` follows peft's rule for the modules
+peft saved.
 
 A copy of each module's original state is kept (on the module's device; a head is small) so
 that :func:`lorambo.disable_adapter` can run the untouched base model.
@@ -34,7 +36,7 @@ _ORIGINAL_ATTR = "_lorambo_modules_to_save_original"  # {name: {key: tensor}} be
 
 
 def resolve_modules_to_save(model: nn.Module, entries: Iterable[str] | str | None) -> list[str]:
-    """Dotted names of the modules named by ``entries`` (peft suffix semantics), validated:
+    """Dotted names of the modules named by ``entries`` (dot-boundary suffix match), validated:
     every entry matches a module, and none is, contains or lies inside a LoRAMBoLinear."""
     if entries is None:
         return []
