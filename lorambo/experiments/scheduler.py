@@ -124,9 +124,20 @@ def _worker(cfg, inbox, outbox) -> None:
     while (unit := inbox.get()) is not None:
         try:
             outbox.put(("ok", unit, executor.run(unit)))
+        except FloatingPointError as err:  # a run diverged: the main process raises it as such
+            outbox.put(("diverged", unit, str(err)))
+            return
         except BaseException:  # noqa: BLE001 - reported to the main process, which raises it
             outbox.put(("error", unit, traceback.format_exc()))
             return
+
+
+def raise_failure(status: str, unit: dict, payload: str) -> None:
+    """Raise a worker's failure in the main process: a diverged run as the FloatingPointError it
+    was (its message says what to change), anything else with the worker's traceback."""
+    if status == "diverged":
+        raise FloatingPointError(payload)
+    raise RuntimeError(f"a worker failed on {unit}:\n{payload}")
 
 
 def _run_pool(cfg, dispatch: Dispatcher, workers: int) -> None:
@@ -157,8 +168,8 @@ def _run_pool(cfg, dispatch: Dispatcher, workers: int) -> None:
                         raise RuntimeError(f"a worker process exited (code {slot['process'].exitcode}) while "
                                            f"running {slot['unit']}; the units recorded so far are kept") from None
                 continue
-            if status == "error":
-                raise RuntimeError(f"a worker failed on {unit}:\n{payload}")
+            if status != "ok":
+                raise_failure(status, unit, payload)
             slot = next(s for s in busy if s["unit"] == unit)
             slot["unit"] = None
             dispatch.done(unit, payload)
