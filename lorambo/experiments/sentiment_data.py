@@ -136,13 +136,24 @@ def data_path(name: str) -> Path:
     return bundle.data_file(root, name) if root is not None else data_dir() / name
 
 
-def read_rated(path: Path, expected_rows: int) -> list[tuple[str, float, str]]:
-    """``(id, mean valence, text)`` of every line of a ``*_GroundTruth.txt`` file, in file order;
-    a row count other than ``expected_rows`` means a partial file and is refused."""
+def _require_file(path: Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"sentiment data not found at {path}: run `make data` (or `python -m "
                                 f"lorambo.experiments.sentiment_data`) to fetch it from the {PACKAGE} sdist, "
                                 "or set LORAMBO_DATA_DIR to the folder that holds vader/")
+
+
+def require(names) -> None:
+    """FileNotFoundError saying to run ``make data`` unless every named data file is there (in the
+    active bundle: verified), so that a run finds out before it starts, not in a worker minutes in."""
+    for name in names:
+        _require_file(data_path(name))
+
+
+def read_rated(path: Path, expected_rows: int) -> list[tuple[str, float, str]]:
+    """``(id, mean valence, text)`` of every line of a ``*_GroundTruth.txt`` file, in file order;
+    a row count other than ``expected_rows`` means a partial file and is refused."""
+    _require_file(path)
     rows = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
