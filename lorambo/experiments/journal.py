@@ -15,6 +15,8 @@ Every line is an object with a ``kind``:
 ``task``, ``sens`` and ``run`` lines carry the ``key`` of their unit (``units.unit_key``), the
 session that recorded them and its elapsed seconds. A last line without its newline (cut short
 by a crash mid-write) is ignored on reading; any other unreadable line is an error naming it.
+
+One process writes a journal at a time: the open journal holds a lock on its folder.
 """
 
 from __future__ import annotations
