@@ -259,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ImportError, FileNotFoundError, PermissionError) as err:  # a clear line, no traceback
         print(f"lorambo {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # a run diverged at the rates asked for: its message says what to change
+        print(f"lorambo {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # Ctrl-C: say what was kept instead of a traceback
         journal = Path(getattr(args, "resolved_out", None) or ".") / "runs.jsonl"
         kept = (f"; the finished units are in {journal}: continue with the same options and --resume {journal}"

@@ -76,8 +76,12 @@ def _max_length(text: str) -> int:
 def _lines(path: str, need: int) -> list[str]:
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"--data {path}: no such file")
-    lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        raise FileNotFoundError(f"--data {path}: {'a folder, not a text file' if file.is_dir() else 'no such file'}")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:  # its own message names neither the option nor the file
+        raise ValueError(f"--data {path} is not UTF-8 text ({err}); convert it, e.g. iconv -t UTF-8") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if len(lines) < need:
         raise ValueError(f"--data {path} has {len(lines)} non-empty lines; at least {need} are needed")
     return lines

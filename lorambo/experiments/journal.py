@@ -15,6 +15,8 @@ Every line is an object with a ``kind``:
 ``task``, ``sens`` and ``run`` lines carry the ``key`` of their unit (``units.unit_key``), the
 session that recorded them and its elapsed seconds. A last line without its newline (cut short
 by a crash mid-write) is ignored on reading; any other unreadable line is an error naming it.
+
+One process writes a journal at a time: the open journal holds a lock on its folder.
 """
 
 from __future__ import annotations
@@ -118,11 +120,32 @@ def _write_all(records: list[dict], path: Path) -> None:
         raise
 
 
-class Journal:
-    """Appends records to ``path``; :meth:`append` returns the record as it reads back."""
+def _lock_folder(folder: Path) -> int | None:
+    """An exclusive lock on ``folder`` (its descriptor), held until closed; the system drops it when
+    the process dies, so a killed run never leaves a stale lock. None where ``flock`` is missing."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return None
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        # a second writer would replace the journal under the first, whose later records then
+        # went to the replaced file and were lost
+        raise ValueError(f"{folder / FILE_NAME} is in use by another running experiment: wait for it to "
+                         "finish (or stop it) before resuming it, or choose another --out") from None
+    return fd
 
-    def __init__(self, path):
+
+class Journal:
+    """Appends records to ``path``; :meth:`append` returns the record as it reads back.
+    ``lock``: a descriptor whose lock on the folder :meth:`close` releases."""
+
+    def __init__(self, path, lock: int | None = None):
         self.path = Path(path)
+        self._lock = lock
         self._file = open(self.path, "a", encoding="utf-8")
 
     def append(self, record: dict) -> dict:
@@ -134,6 +157,9 @@ class Journal:
 
     def close(self) -> None:
         self._file.close()
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
 
 def open_journal(out_dir, resume, expected_header: dict) -> tuple[Journal, Records, int]:
@@ -141,8 +167,29 @@ def open_journal(out_dir, resume, expected_header: dict) -> tuple[Journal, Recor
 
     Returns ``(journal, records, torn bytes ignored)``. Without ``resume`` the journal must not
     exist yet: continuing one is asked for explicitly. With it, its records are copied (or, when
-    it is this very file, rewritten without a torn last line) before anything is appended."""
+    it is this very file, rewritten without a torn last line) before anything is appended. The
+    folder stays locked until the journal is closed: a second experiment writing into it is an error."""
     path = Path(out_dir) / FILE_NAME
+    lock = _lock_folder(Path(out_dir))
+    try:
+        records, torn = _records_to_continue(path, resume, expected_header)
+        journal = Journal(path, lock)
+    except BaseException:
+        if lock is not None:
+            os.close(lock)
+        raise
+    index = Records(records)
+    if index.header is None:
+        try:
+            index.add(journal.append(expected_header))
+        except BaseException:
+            journal.close()
+            raise
+    return journal, index, torn
+
+
+def _records_to_continue(path: Path, resume, expected_header: dict) -> tuple[list[dict], int]:
+    """The records of ``resume`` (checked, and written to ``path``) and its torn bytes; none without it."""
     records, torn = [], 0
     if resume is not None:
         source = Path(resume)
@@ -160,8 +207,4 @@ def open_journal(out_dir, resume, expected_header: dict) -> tuple[Journal, Recor
     elif path.exists():
         raise ValueError(f"{path} already holds a journal: pass --resume {path} to continue it, or choose "
                          "another --out")
-    journal = Journal(path)
-    index = Records(records)
-    if index.header is None:
-        index.add(journal.append(expected_header))
-    return journal, index, torn
+    return records, torn

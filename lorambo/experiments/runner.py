@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from lorambo.experiments import bundle, demo_report, journal
+from lorambo.experiments import bundle, demo_report, journal, sentiment_data
 from lorambo.experiments import results as res
 from lorambo.experiments.assemble import task_result
 from lorambo.experiments.config import ExperimentConfig
@@ -84,7 +84,10 @@ def weights_source() -> dict:
 
 
 def _check_options(cfg: ExperimentConfig, workers, time_limit) -> None:
-    resolve_device(cfg.device)  # an unusable device fails here, before the journal is started
+    resolve_device(cfg.device)  # an unusable device or missing data fails here, before the journal is started
+    sentiment_data.require(([sentiment_data.DATA_FILE] if "sentiment" in cfg.tasks else [])
+                           + (list(sentiment_data.SNIPPET_FILES)
+                              if "planted" in cfg.tasks and cfg.planted_text == "snippets" else []))
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a whole number >= 1, got {workers!r}")
     if time_limit is not None and not 0 < time_limit < float("inf"):

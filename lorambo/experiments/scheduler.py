@@ -19,6 +19,7 @@ Only this process writes the journal; the records are the same whichever process
 
 from __future__ import annotations
 
+import pickle
 import queue as queue_errors
 import time
 import traceback
@@ -124,9 +125,33 @@ def _worker(cfg, inbox, outbox) -> None:
     while (unit := inbox.get()) is not None:
         try:
             outbox.put(("ok", unit, executor.run(unit)))
-        except BaseException:  # noqa: BLE001 - reported to the main process, which raises it
-            outbox.put(("error", unit, traceback.format_exc()))
+        except BaseException as err:  # noqa: BLE001 - reported to the main process, which raises it
+            outbox.put(("error", unit, _portable(err)))
             return
+
+
+class WorkerTraceback(Exception):
+    """Where an error re-raised by the main process happened: the worker's unit and traceback
+    (the error's ``__cause__``, printed above it)."""
+
+
+def _portable(err: BaseException) -> tuple[BaseException, str]:
+    """``(err, its traceback as text)`` for the queue; an error that does not survive pickling
+    travels as a RuntimeError carrying its type and message."""
+    text = traceback.format_exc()
+    try:
+        pickle.loads(pickle.dumps(err))
+    except Exception:  # noqa: BLE001 - any pickling failure
+        err = RuntimeError(f"{type(err).__name__}: {err}")
+    return err, text
+
+
+def raise_failure(unit: dict, payload: tuple[BaseException, str]) -> None:
+    """Raise a worker's error in the main process as the error it was, so that it is reported as it
+    would be had this process run the unit (a diverged run, missing data: one line), with the
+    worker's unit and traceback as its cause."""
+    error, text = payload
+    raise error from WorkerTraceback(f"a worker failed on {unit}:\n{text}")
 
 
 def _run_pool(cfg, dispatch: Dispatcher, workers: int) -> None:
@@ -157,8 +182,8 @@ def _run_pool(cfg, dispatch: Dispatcher, workers: int) -> None:
                         raise RuntimeError(f"a worker process exited (code {slot['process'].exitcode}) while "
                                            f"running {slot['unit']}; the units recorded so far are kept") from None
                 continue
-            if status == "error":
-                raise RuntimeError(f"a worker failed on {unit}:\n{payload}")
+            if status != "ok":
+                raise_failure(unit, payload)
             slot = next(s for s in busy if s["unit"] == unit)
             slot["unit"] = None
             dispatch.done(unit, payload)

@@ -177,3 +177,19 @@ def test_allocate_refuses_to_write_into_the_model_folder(tmp_path, capsys):
         assert "is the --model folder" in capsys.readouterr().err
     assert not (folder / "adapter_config.json").exists() and not (folder / "ranks.json").exists()
     AutoModel.from_pretrained(folder, local_files_only=True)  # still a plain model folder
+
+
+def test_allocate_data_that_is_not_utf8_text_is_named(tmp_path, capsys):
+    """A Latin-1 --data file failed with "error: 'utf-8' codec can't decode byte 0xe9 in position
+    4: invalid continuation byte", naming neither the option nor the file; a folder was 'no such file'."""
+    data = tmp_path / "latin1.txt"
+    data.write_bytes("\n".join(["caf\u00e9 au lait " + s for s in SENTENCES]).encode("latin-1"))
+    args = ["allocate", "--model", str(minilm_path()), "--budget", "40000", "--method", "gradient",
+            "--out", str(tmp_path / "o"), "--no-heatmap", "--data"]
+    assert main(args + [str(data)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lorambo allocate: error: --data {data} is not UTF-8 text ('utf-8' codec can't decode "
+                          "byte 0xe9 in position 3: invalid continuation byte)")
+    assert main(args + [str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"lorambo allocate: error: --data {tmp_path}: a folder, not a text file\n"
+    assert not (tmp_path / "o").exists()

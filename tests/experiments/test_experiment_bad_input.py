@@ -82,3 +82,23 @@ def test_plan_runs_grid_on_seed_zero_then_other_seeds():
 def test_oracle_with_an_allocator_still_runs_on_both_tasks():
     cfg = presets.ExperimentConfig(tasks=("planted", "sentiment"), methods=("uniform", "oracle"))
     assert cfg.methods == ("uniform", "oracle")
+
+
+@pytest.mark.parametrize("changes, missing", [
+    ({"tasks": ("sentiment",)}, "movieReviewSnippets_GroundTruth.txt"),
+    ({"tasks": ("planted",), "planted_text": "snippets"}, "nytEditorialSnippets_GroundTruth.txt"),
+])
+def test_missing_data_fails_before_the_journal_is_started(tmp_path, monkeypatch, changes, missing):
+    """Without `make data` the sentiment task (and the planted task on snippets) failed only once a
+    worker had loaded the model, leaving a header-only runs.jsonl in --out: run again after
+    `make data`, the same --out then refused to start ('already holds a journal')."""
+    from lorambo.experiments import bundle
+    from lorambo.experiments.runner import run_experiment
+
+    monkeypatch.setenv("LORAMBO_DATA_DIR", str(tmp_path / "nothing"))
+    monkeypatch.delenv(bundle.ENV, raising=False)
+    out = tmp_path / "out"
+    with pytest.raises(FileNotFoundError, match=f"sentiment data not found at {tmp_path}/nothing/vader/{missing}: "
+                                                "run `make data`"):
+        run_experiment(presets.tiny().replace(**changes), out_dir=out, progress=False, workers=1)
+    assert not (out / "runs.jsonl").exists()
