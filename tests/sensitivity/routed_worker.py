@@ -11,7 +11,8 @@ import warnings
 import torch
 from torch import nn
 
-from lorambo.sensitivity import FisherProxy, data_covariance
+from lorambo.optimizer import LoRAMBoOptimizer
+from lorambo.sensitivity import FisherProxy, data_covariance, gradient_sensitivity
 
 DT = torch.float64
 
@@ -57,7 +58,14 @@ def compute(model, batches):
                 loss_fn(model, batch).backward()
         estimates = fisher.estimates()
     return {"fisher": {n: (e.value, e.stderr, e.num_probes) for n, e in estimates.items()},
-            "data": data_covariance(model, loss_fn, batches, modules=["inp", "e0", "e1"])}
+            "data": data_covariance(model, loss_fn, batches, modules=["inp", "e0", "e1"]),
+            "gradient": gradient_sensitivity(model, loss_fn, batches, modules=["inp", "e0", "e1"])}
+
+
+def allocator_sensitivities(model, batches):
+    """What LoRAMBoOptimizer measures; it drops the targets the first batch does not reach."""
+    allocator = LoRAMBoOptimizer(model, 200, sensitivity_method="gradient", target_modules=["inp", "e0", "e1"])
+    return allocator.compute_sensitivities(batches, loss_fn)
 
 
 def main(rank, world, store, out):
@@ -66,6 +74,7 @@ def main(rank, world, store, out):
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         result = compute(model, shard(batches, rank))
+        result["allocator"] = allocator_sensitivities(model, shard(batches, rank))
     finally:
         torch.distributed.destroy_process_group()
     torch.save(result, out)
