@@ -46,7 +46,7 @@ from lorambo.allocation.alora import ALoRA, ALoRAConfig
 from lorambo.allocation.online import OnlineGrowth, check_growth_settings
 from lorambo.allocation.report import DecisionLog, rank_table, save_heatmap
 from lorambo.allocation.schedule import DecisionSchedule, ScheduledGrowth
-from lorambo.distributed import is_main_process
+from lorambo.distributed import all_reduced_sum, is_main_process
 from lorambo.model import configure_model, find_targets, lora_layers
 from lorambo.nn import LoRAMBoLinear
 from lorambo.nn.base_layers import base_kind, features, weight_out_in
@@ -57,6 +57,14 @@ logger = logging.getLogger("lorambo")
 
 SENSITIVITY_METHODS = ("hessian", "gradient", "data", "frobenius", "ablation")
 ALLOCATIONS = METHODS + ("alora",)
+
+
+def _unreached_everywhere(names: list[str], unreached: list[str]) -> list[str]:
+    """The ``names`` in ``unreached`` on every process. Each process checks its own first batch;
+    with routed layers (experts) they differ, and every process must keep the same targets, or
+    the sensitivity collectives would add up different layers."""
+    reached = all_reduced_sum(torch.tensor([float(n not in unreached) for n in names], dtype=torch.float64))
+    return [n for n, count in zip(names, reached.tolist()) if count == 0]
 
 
 class LoRAMBoOptimizer:
@@ -182,7 +190,8 @@ class LoRAMBoOptimizer:
         method = self.sensitivity_method
         if method in ("hessian", "gradient"):
             batches = as_batch_list(batches)
-            self._skip_unreached(sens.targets_without_gradient(self.model, loss_fn, batches[0], self.names))
+            unreached = sens.targets_without_gradient(self.model, loss_fn, batches[0], self.names)
+            self._skip_unreached(_unreached_everywhere(self.names, unreached))
         names = self.names
         if method == "hessian":
             est = sens.hessian_trace(self.model, loss_fn, batches, modules=names,

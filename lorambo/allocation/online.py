@@ -213,7 +213,9 @@ def grow_layer(layer, new_rank: int, directions: torch.Tensor | None = None, opt
     top singular direction v of G follows the dominant input directions, so at the same norm its
     rms(v.x) was measured 4-11x larger on MiniLM, which blew up the first steps on the new columns
     of B. With the captured ``inputs`` (X [T, in] per call) each row is scaled so that
-    rms(a_new.x) equals a Kaiming row's; without them, to the Kaiming row's norm.
+    rms(a_new.x) equals a Kaiming row's; without them, to the Kaiming row's norm. The scale is
+    reduced over processes, so under torch.distributed every process passes its list, empty
+    where the layer did not run on its batches (routed experts); None only on all of them.
     """
     old = layer.set_rank(new_rank, optimizer=optimizer, generator=generator)
     n = new_rank - old
@@ -224,7 +226,7 @@ def grow_layer(layer, new_rank: int, directions: torch.Tensor | None = None, opt
         norms = rows.norm(dim=1, keepdim=True)                                  # (n, 1)
         d = directions[:, :n].T.to(rows.device, rows.dtype)                     # (n, in)
         d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-30)
-        if inputs:
+        if inputs is not None:  # an empty list still joins the collective of the others
             norms = norms * _activation_ratio(inputs, d)
         rows.copy_(d * norms)
     return old

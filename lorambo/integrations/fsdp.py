@@ -38,6 +38,7 @@ from lorambo.model import unload as _unload
 from lorambo.model.configure import check_mergeable
 from lorambo.model.modules_to_save import modules_to_save
 from lorambo.nn import keep_components_many
+from lorambo.nn.optimizer_tracking import stand_in_for
 from lorambo.nn.slots import pool_slots, tag_pool_parameter
 from lorambo.sharding import is_sharded, local_region
 
@@ -96,6 +97,7 @@ def full_pools(layers: Iterable[nn.Module], optimizer: torch.optim.Optimizer | N
             tag = pool_slots(param)
             if tag is not None:
                 tag_pool_parameter(full, *tag)
+                stand_in_for(full, param)  # an optimizer left out still gets its stale-state warning
             if proxy is not None and param in optimizer.state:
                 proxy.state[full] = {k: v.full_tensor() if is_sharded(v) else v
                                      for k, v in optimizer.state[param].items()}

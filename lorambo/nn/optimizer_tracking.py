@@ -19,7 +19,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from lorambo.nn.slots import pool_slots
 
-__all__ = ["StaleOptimizerStateWarning", "track_optimizers", "warn_if_state_left_behind"]
+__all__ = ["StaleOptimizerStateWarning", "track_optimizers", "warn_if_state_left_behind", "stand_in_for"]
 
 
 class StaleOptimizerStateWarning(UserWarning):
@@ -29,6 +29,7 @@ class StaleOptimizerStateWarning(UserWarning):
 _HOLDERS = WeakIdKeyDictionary()            # pool parameter -> WeakSet of optimizers that stepped it
 _SCANNED = weakref.WeakKeyDictionary()     # optimizer -> its parameter count when last scanned
 _WARNED = weakref.WeakSet()
+_ORIGINALS = WeakIdKeyDictionary()          # stand-in pool parameter -> the parameter optimizers hold
 _installed = False
 
 
@@ -52,10 +53,17 @@ def _after_step(optimizer, args, kwargs) -> None:
                 _HOLDERS.setdefault(param, weakref.WeakSet()).add(optimizer)
 
 
+def stand_in_for(stand_in, original) -> None:
+    """Rank changes of a layer whose pool is ``stand_in`` (a gathered copy of a sharded pool, see
+    lorambo.integrations.fsdp) check the optimizers that hold ``original``."""
+    _ORIGINALS[stand_in] = original
+
+
 def warn_if_state_left_behind(layer, optimizer, change: str) -> None:
     """Warn if an optimizer other than ``optimizer`` holds state for ``layer``'s pools."""
     given = getattr(optimizer, "stands_in_for", optimizer)  # lorambo.integrations.fsdp's view
     for param in (layer.lora_A, layer.lora_B):
+        param = _ORIGINALS.get(param, param)
         for holder in list(_HOLDERS.get(param, ())):
             if holder is given or holder in _WARNED or not holder.state.get(param):
                 continue

@@ -213,7 +213,18 @@ class FisherProxy:
         All layers' statistics go through one collective and one host copy.
         """
         out = {}
-        names = [t.name for t in self.targets if self._count[t.name] > 0 and t.name in self._sum]
+        # every target's statistics, zeros where this process saw none: under torch.distributed
+        # each process reduces the same rows, so a layer reached on one process only (routed
+        # experts, a process without batches) is neither dropped nor summed into another's row
+        seen = [t.name for t in self.targets if self._count[t.name] > 0 and t.name in self._sum]
+        device = self._sum[seen[0]].device if seen else self.targets[0].weight.device
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        stats = torch.stack([torch.stack([self._sum.get(n, zero).to(device), self._sum_sq.get(n, zero).to(device),
+                                          torch.tensor(float(self._count[n]), dtype=torch.float64, device=device),
+                                          self._nonfinite.get(n, zero).to(device=device, dtype=torch.float64)])
+                             for n in (t.name for t in self.targets)])          # (layers, 4)
+        all_rows = all_reduce_sum_(stats).cpu().tolist()
+        names = [t.name for t, row in zip(self.targets, all_rows) if row[2] > 0]
         unreached = [t.name for t in self.targets if t.name not in names]
         if unreached and not names:
             raise RuntimeError(f"FisherProxy saw no backward pass through layer {unreached[0]!r} "
@@ -222,12 +233,7 @@ class FisherProxy:
             warnings.warn(f"FisherProxy: no gradient reached layer(s) {unreached} (the loss does "
                           "not use them); they are left out of the estimates", RuntimeWarning,
                           stacklevel=2)
-        device = self._sum[names[0]].device
-        stats = torch.stack([torch.stack([self._sum[n].to(device), self._sum_sq[n].to(device),
-                                          torch.tensor(float(self._count[n]), dtype=torch.float64, device=device),
-                                          self._nonfinite[n].to(device=device, dtype=torch.float64)])
-                             for n in names])                                   # (layers, 4)
-        rows = all_reduce_sum_(stats).cpu().tolist()
+        rows = [row for row in all_rows if row[2] > 0]
         for name, (total, total_sq, n_seen, bad) in zip(names, rows):
             n = n_seen - bad
             if n == 0:

@@ -94,14 +94,22 @@ def data_covariance(model, loss_fn, batches, modules=None) -> dict[str, torch.Te
     finally:
         for h in handles:
             h.remove()
-    missing = [t.name for i, t in enumerate(targets) if i not in sums]
-    if missing:
-        raise RuntimeError(f"the forward never ran through {missing}: loss_fn did not call them")
     empty = [i for i, n in enumerate(batch_tokens[:len(batches)]) if n == 0]
     if empty:
         raise ValueError(f"data_covariance: batch(es) {empty[:10]} of {len(batches)} fed 0 tokens to "
                          "the targeted layers (empty sequences?); leave them out")
-    counts = all_reduce_sum_(counts).tolist()                          # one host copy for all layers
+    # under torch.distributed a layer may run on some processes only (routed experts): the
+    # others add zeros, and only a layer no process ran is an error
+    calls = torch.tensor([float(i in sums) for i in range(len(targets))], dtype=torch.float64)
+    counts, calls = all_reduce_sum_(torch.stack([counts, calls])).tolist()  # one host copy for all layers
+    missing = [t.name for i, t in enumerate(targets) if calls[i] == 0]
+    if missing:
+        raise RuntimeError(f"the forward never ran through {missing}: loss_fn did not call them")
+    for i, t in enumerate(targets):
+        if i not in sums:  # zeros in the dtype the hook accumulates inputs of the layer's dtype in
+            dtype = torch.float32 if t.weight.dtype in (torch.float16, torch.bfloat16) else t.weight.dtype
+            width = _input_width(t)
+            sums[i] = torch.zeros(width, width, dtype=dtype, device=t.weight.device)
     starved = [t.name for i, t in enumerate(targets) if counts[i] == 0]
     if starved:
         raise ValueError(f"data_covariance: layer(s) {starved[:10]} received 0 tokens over all batches")
@@ -111,3 +119,10 @@ def data_covariance(model, loss_fn, batches, modules=None) -> dict[str, torch.Te
         raise ValueError(f"data_covariance: the inputs fed to layer(s) {broken[:10]} contain NaN/inf "
                          "(or overflow the accumulation dtype); check the batches")
     return {t.name: total / count for t, total, count in zip(targets, totals, counts)}
+
+
+def _input_width(target) -> int:
+    """Features of the layer's input: ``in_features`` (Linear, LoRAMBoLinear), else the first
+    dim of a Conv1D's [in, out] weight."""
+    width = getattr(target.module, "in_features", None)
+    return int(width) if width is not None else int(target.weight.shape[0])

@@ -197,3 +197,35 @@ def run_meta_init(rank, world, rendezvous, out_dir):
         torch.save({"pools": pools, "refused": refused}, f"{out_dir}/meta{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def stale_state_warnings(net) -> list[bool]:
+    """After one step of a torch AdamW: whether a StaleOptimizerStateWarning came from a rank
+    change without that optimizer (its state is left at the old slots), then from one given it."""
+    import warnings
+
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=0.05)
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(3), dtype=DT)
+    net(x).square().mean().backward()
+    opt.step()
+    layers = lorambo.lora_layers(net)
+    seen = []
+    for change in (lambda: fsdp.set_rank(layers["0"], 3, generator=decision_generator(1)),
+                   lambda: fsdp.set_rank(layers["2"], 3, opt, generator=decision_generator(2))):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            change()
+        seen.append(any(isinstance(w.message, lorambo.nn.StaleOptimizerStateWarning) for w in caught))
+    return seen
+
+
+def run_stale_warning(rank, world, rendezvous, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    init_gloo(rank, world, rendezvous)
+    try:
+        result = stale_state_warnings(shard(build(), world))
+        torch.save(result, f"{out_dir}/stale{rank}.pt")
+    finally:
+        dist.destroy_process_group()

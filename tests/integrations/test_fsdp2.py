@@ -90,3 +90,15 @@ def test_fsdp2_meta_init_gives_the_single_process_pools_and_direct_rank_edits_ar
         assert layer.lora_A[:layer.rank].abs().min() > 0
     for result in (a, b):
         assert "sharded (FSDP2 DTensors)" in result["refused"] and "lorambo.integrations.fsdp" in result["refused"]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_fsdp2_rank_change_without_the_optimizer_warns_as_unsharded(tmp_path):
+    """The gathered pools are new Parameters the optimizer holds no state for: the stale-state
+    warning of a rank change without the optimizer used to be lost under FSDP2."""
+    mp.start_processes(fsdp2_worker.run_stale_warning, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)),
+                       nprocs=2, join=True, start_method=start_method())
+    single = fsdp2_worker.stale_state_warnings(fsdp2_worker.build())
+    assert single == [True, False]
+    for r in range(2):
+        assert torch.load(tmp_path / f"stale{r}.pt", weights_only=False) == single
