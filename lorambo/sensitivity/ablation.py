@@ -99,7 +99,7 @@ def ablation_scores(model, loss_fn, batches, modules=None, alone: bool = True
     ``alone=False`` skips the "kept alone" evaluations (half the cost); ``alone`` is then 0.
     The ablation always switches off components of *every* LoRA layer for the "alone" part,
     also when ``modules`` selects only some layers to score, so every LoRA layer must be unmerged
-    (RuntimeError otherwise).
+    and enabled (RuntimeError otherwise, e.g. inside ``lorambo.disable_adapter``).
     """
     batches = as_batch_list(batches)
     targets = lora_targets(model, modules)
@@ -109,6 +109,11 @@ def ablation_scores(model, loss_fn, batches, modules=None, alone: bool = True
         raise RuntimeError(f"ablation_scores: LoRA layer(s) {merged[:5]} are merged into their base "
                            "weight, so switching their components off would change nothing; unmerge() "
                            "them first")
+    disabled = [n for n, layer in everyone.items() if layer.adapter_disabled]
+    if disabled:  # the forward runs the base layer alone: every score would be 0
+        raise RuntimeError(f"ablation_scores: the adapters of LoRA layer(s) {disabled[:5]} are disabled "
+                           "(inside lorambo.disable_adapter), so switching their components off would "
+                           "change nothing; score them after the with-block")
     was_training = {m: m.training for m in model.modules()}
     model.eval()
     try:

@@ -97,3 +97,15 @@ def test_merged_layer_is_refused_not_scored_zero(modules):
         ref = copy.deepcopy(model)
         lorambo.lora_layers(ref)["0"].keep_components([j for j in range(3) if j != k])
         assert float(removed[k]) == pytest.approx(_loss(ref, batches) - _loss(model, batches), rel=1e-9, abs=1e-12)
+
+
+def test_scores_inside_disable_adapter_are_refused_not_zero():
+    """Inside disable_adapter the forward runs the base layers alone: every component scored
+    exactly 0, which reads as "all components useless"."""
+    model, batches = _setup()
+    with lorambo.disable_adapter(model):
+        with pytest.raises(RuntimeError, match=r"ablation_scores: the adapters of LoRA layer\(s\) \['0', '2'\] "
+                                               r"are disabled.*after the with-block"):
+            ablation_scores(model, mse, batches, modules=["2"])
+    removed = ablation_scores(model, mse, batches)["2"].removed
+    assert bool((removed != 0).all())  # enabled again: real scores
