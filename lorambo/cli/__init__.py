@@ -67,6 +67,11 @@ def _positive_int(text: str) -> int:
     return _parse_number(text, int, lambda v: v >= 1, "a whole number >= 1")
 
 
+def _seed(text: str) -> int:
+    """A random seed torch.manual_seed takes: a whole number in [0, 2**63)."""
+    return _parse_number(text, int, lambda v: 0 <= v < 2**63, "a whole number in [0, 2**63)")
+
+
 def _count(text: str) -> int:
     """A whole number >= 0 (0 means 'all' for the example caps)."""
     return _parse_number(text, int, lambda v: v >= 0, "a whole number >= 0")
@@ -219,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grow-at", type=_positive_int, default=None, help="step at which ranks grow (default: 12)")
     g.add_argument("--batch-size", type=_positive_int, default=None,
                    help="paragraphs per step (at least 2: the loss contrasts them; default: 16)")
-    g.add_argument("--seed", type=int, default=None, help="default: 0")
+    g.add_argument("--seed", type=_seed, default=None, help="default: 0")
     demo.set_defaults(func=_demo, parser=demo)
 
     exp = sub.add_parser("experiment", help="the experiment with every option")

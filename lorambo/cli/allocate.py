@@ -27,7 +27,7 @@ import json
 import math
 from pathlib import Path
 
-from lorambo.cli import _folder, _parse_number, _positive_float, _positive_int
+from lorambo.cli import _folder, _parse_number, _positive_float, _positive_int, _seed
 
 METHODS = ("hessian", "gradient", "data", "frobenius")
 # LoRAMBoOptimizer's allocations but knapsack, whose benefit curves a command line cannot pass
@@ -53,7 +53,7 @@ def add_parser(sub) -> None:
     p.add_argument("--batches", type=_positive_int, default=4, help="batches of --data used")
     p.add_argument("--max-length", type=_max_length, default=64, help="tokens per example (at least 2)")
     p.add_argument("--probes", type=_positive_int, default=8, help="Hutchinson probes (hessian)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--no-heatmap", action="store_true", help="do not draw heatmap.png (no matplotlib needed)")
     p.set_defaults(func=run)
 

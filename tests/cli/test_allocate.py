@@ -92,6 +92,7 @@ def test_allocate_bad_arguments(tmp_path, capsys):
     ("--max-length", "1", ">= 2"), ("--max-length", "-3", ">= 2"), ("--max-length", "0", ">= 2"),
     ("--probes", "0", ">= 1"), ("--batches", "0", ">= 1"), ("--batch-size", "1", ">= 2"),
     ("--budget", "nan", "a positive number"), ("--budget", "-5", "a positive number"),
+    ("--seed", str(2**64), "in [0, 2**63)"), ("--seed", "-1", "in [0, 2**63)"),
 ])
 def test_allocate_bad_numbers_are_usage_errors_before_loading(tmp_path, capsys, flag, value, expected):
     """They ran through: --alpha nan wrote ``"lora_alpha": NaN`` (not JSON) into

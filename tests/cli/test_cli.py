@@ -25,6 +25,16 @@ def test_growth_demo_grows_ranks_without_changing_function_or_storage(capsys):
     assert "function preserved" in out and "Held-out contrastive loss" in out
 
 
+@pytest.mark.parametrize("seed", [str(2**64), "-1"])
+def test_growth_demo_refuses_a_seed_torch_cannot_take(capsys, seed):
+    """--seed 2**64 failed in torch.manual_seed with "Overflow when unpacking long long" after the
+    model had loaded."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--growth", "--seed", seed])
+    assert exit_info.value.code == 2
+    assert f"argument --seed: expected a whole number in [0, 2**63), got {seed}" in capsys.readouterr().err
+
+
 def test_growth_demo_rejects_bad_schedule(capsys):
     with pytest.raises(ValueError, match="--grow-at 5"):
         run_growth_demo(steps=4, grow_at=5)
