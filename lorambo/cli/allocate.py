@@ -7,7 +7,8 @@ Writes into DIR (each file atomically: a temporary name, then a rename):
 - ``ranks.json``: ranks, pool capacities, sensitivities, budget, method;
 - ``adapter_config.json``: a peft ``LoraConfig`` with ``rank_pattern`` / ``alpha_pattern``
   realising the ranks (``LoraConfig.from_pretrained(DIR)`` reads it);
-- ``heatmap.png``: ranks per block and module type (needs matplotlib; ``--no-heatmap`` skips it).
+- ``heatmap.png``: ranks per block and module type (needs matplotlib; ``--no-heatmap`` skips it,
+  and removes a ``heatmap.png`` an earlier run left in DIR, which would show other ranks).
 
 transformers and peft are needed, and matplotlib unless ``--no-heatmap``: a missing package is
 reported before the model is loaded, so no run stops after minutes of measuring.
@@ -209,6 +210,9 @@ def run(args) -> int:
     if not args.no_heatmap:  # atomic, like the JSON files
         written.append(save_heatmap(ranks, out / "heatmap.png",
                                     title=f"LoRA ranks ({args.method}, budget {opt.total_budget:,})"))
+    elif (out / "heatmap.png").is_file():  # an earlier run's: it would sit beside these ranks
+        (out / "heatmap.png").unlink()
+        print(f"removed {out / 'heatmap.png'} (an earlier run's; --no-heatmap)")
     print(rank_table(ranks, opt.capacities, opt.dims))
     print(f"wrote {', '.join(map(str, written))}")
     return 0

@@ -165,6 +165,18 @@ def test_allocate_allocation_choices(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_allocate_no_heatmap_removes_an_earlier_runs_heatmap(tmp_path, capsys):
+    """A second run into the same --out with --no-heatmap left the first run's heatmap.png, drawn
+    from other ranks, beside the new ranks.json."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "heatmap.png").write_bytes(b"\x89PNG\r\n\x1a\n an earlier run's ranks")
+    assert main(["allocate", "--model", str(minilm_path()), "--budget", "40000", "--method", "frobenius",
+                 "--out", str(out), "--no-heatmap"]) == 0
+    _check_outputs(out, 40000, heatmap=False)
+    assert "removed" in capsys.readouterr().out
+
+
 def test_allocate_refuses_to_write_into_the_model_folder(tmp_path, capsys):
     """--out = --model wrote adapter_config.json beside the weights; transformers then loads the
     folder as a peft adapter and AutoModel.from_pretrained fails (no adapter_model.safetensors)."""
