@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -54,6 +55,11 @@ def _check_peft_can_load(saved: list[str], targets: list[str]) -> None:
                              "(modules_to_save) instead of adapting it")
 
 
+def _few(values: dict) -> str:
+    shown = ", ".join(f"{n}: {v}" for n, v in list(values.items())[:4])
+    return shown + (f", ... {len(values)} layers" if len(values) > 4 else "")
+
+
 def peft_adapter_config(model: nn.Module) -> dict:
     """The adapter_config.json content for the model's current adapters (what
     :func:`export_peft` writes). Not :func:`lorambo.peft_config`, which builds a
@@ -73,6 +79,12 @@ def peft_adapter_config(model: nn.Module) -> dict:
     alpha_default = next(alpha_pattern[n] for n in names if rank_pattern[n] == r_default)
     saved = modules_to_save(model)
     _check_peft_can_load(saved, names)
+    dropouts = {n: layers[n].dropout for n in names}
+    if len(set(dropouts.values())) > 1:  # peft's config has one lora_dropout for every layer
+        warnings.warn(f"export_peft: the layers' LoRA dropouts differ ({_few(dropouts)}); peft has one "
+                      f"lora_dropout for all layers, written as the largest, {max(dropouts.values())}. "
+                      "Outputs are unaffected; training the adapter in peft drops out at that rate "
+                      "everywhere", UserWarning, stacklevel=3)
     config = getattr(model, "config", None)
     return {
         "peft_type": "LORA",
@@ -83,7 +95,7 @@ def peft_adapter_config(model: nn.Module) -> dict:
         "target_modules": _target_modules(model, names),
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "lora_dropout": max(l.dropout for l in layers.values()),
+        "lora_dropout": max(dropouts.values()),
         "fan_in_fan_out": any(l.base_kind == "conv1d" for l in layers.values()),
         "bias": "none",
         "use_rslora": False,

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -111,3 +112,19 @@ def test_a_module_to_save_whose_name_ends_a_lora_target_is_refused_before_writin
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(peft_model(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-12, atol=1e-12)
+
+
+def test_different_dropouts_are_written_as_the_largest_with_a_warning(tmp_path):
+    """peft's config has one lora_dropout: layers configured with 0.0 and 0.3 were written as 0.3
+    without a word, so training the adapter in peft dropped out everywhere at 0.3."""
+    model = _bert()
+    configure_model(model, 2, target_modules=["query"], dropout=0.0)
+    configure_model(model, 2, target_modules=["value"], dropout=0.3)
+    with pytest.warns(UserWarning, match=r"export_peft: the layers' LoRA dropouts differ .*0\.0.*0\.3.*the largest, 0\.3"):
+        export_peft(model, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["lora_dropout"] == 0.3
+    same = _bert()
+    configure_model(same, 2, target_modules=["query", "value"], dropout=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export_peft(same, tmp_path / "b")
