@@ -3,7 +3,7 @@
 Sections (each compares providers on the same inputs, median of interleaved repetitions):
   growth  one online-growth estimate (top singular values of every layer's projected gradient,
           4 power iterations): ``loop`` = the per-layer ``projected_top_singular`` with a host
-          copy per layer (how decisions were taken before), ``grouped`` =
+          copy per layer, ``grouped`` =
           ``projected_top_singular_many`` as dispatched (the grouped Triton kernels on CUDA; the
           per-layer loop on a single CPU process), ``lockstep`` (CPU) = its PyTorch lockstep
           path, which runs under DDP (one collective per step for all layers)
@@ -11,15 +11,15 @@ Sections (each compares providers on the same inputs, median of interleaved repe
           ``loop`` = ``per_example_sq_grad_norms`` per layer, ``grouped`` = the Gram kernel for
           all layers in one launch (CUDA only)
   dots    per-layer dot products of 224 7B-shaped rank-16 tensors (the Hutchinson reduction):
-          ``foreach`` = the former ``torch._foreach_mul`` path, ``loop`` = the plain fp32 loop
-          that replaced it, ``ext`` = the compiled extension (CPU, when built), ``grouped`` =
+          ``foreach`` = a ``torch._foreach_mul`` path, ``loop`` = the plain fp32 loop (lorambo's
+          CPU path without the extension), ``ext`` = the compiled extension (CPU, when built), ``grouped`` =
           the row-dot kernel (CUDA)
 
 Shapes: MiniLM-like (36 layers: 384x384 x4 + 384->1536 + 1536->384 per block, 6 blocks) and
 7B-like (224 layers: q/k/v/o 4096x4096, gate/up 4096->11008, down 11008->4096, 32 blocks).
 Rows are appended to ``<out>/sketch.csv`` with the device, versions, threads and load.
 
-    python benchmarks/bench_sketch.py --quick            # GPU: about a minute on an H200
+    python benchmarks/bench_sketch.py --quick            # GPU (not run on one yet)
     python benchmarks/bench_sketch.py --cpu-small        # CPU: what a CPU can do (small token counts)
 """
 
@@ -183,7 +183,7 @@ def device_name(device) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="GPU: 4k tokens, few repetitions (~1 min on an H200)")
+    parser.add_argument("--quick", action="store_true", help="GPU: 4k tokens, few repetitions")
     parser.add_argument("--cpu-small", action="store_true", help="CPU-feasible sizes only")
     parser.add_argument("--tiny", action="store_true", help="seconds on a CPU: checks the script runs")
     parser.add_argument("--tokens", type=int, nargs="*", help="token counts (default 4096 8192 16384)")

@@ -29,7 +29,7 @@ Measured on 1,500 seeded problems of 1-4 layers against the integer optimum over
 than those floors (tests/allocation/test_closed_form_rounding.py): steps (1)-(3) alone missed it
 on 4.3% of them, by 0.43% on average and up to 55%; with (4) on 0.5%, by 0.02% on average and
 up to 8% (the ceilings are what is left of the gap). On 224 layers of 7B shapes the whole call
-takes about 1-2 ms at 1 thread (benchmarks/bench_allocate_many.py); past the bounds above,
+took 2.3 ms at 1 thread (benchmarks/results/allocate.csv, docs/performance.md); past the bounds above,
 steps (1)-(3) alone keep it fast.
 
 Zero sensitivities: such a layer gets min_rank (the law gives it 0) and no fill. All sensitivities

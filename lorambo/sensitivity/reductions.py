@@ -10,9 +10,9 @@ pass; here the per-layer sums stay on the device and are stacked, and the caller
 - the compiled single-pass reductions of csrc/ where :func:`lorambo.ops.backend.use_compiled_multi_tensor`
   says so (the extension is built, CPU tensors): on the 2-core CPU they measured 2.6x (dots) and
   1.1x (squared norms, fp32) faster over 224 7B-shaped tensors (benchmarks/results/ext_cpu.md);
-- otherwise a plain loop of products and sums in at least fp32 per layer. It replaced a ``torch._foreach_mul``
-  path that the same benchmark measured 4.6x slower than a loop (212 ms against 46 ms) and that
-  rounded bf16 products to bf16 before summing; benchmarks/bench_sketch.py compares them
+- otherwise a plain loop of products and sums in at least fp32 per layer, not ``torch._foreach_mul``:
+  the same benchmark measured that 4.6x slower than a loop (212 ms against 46 ms), and it rounds
+  bf16 products to bf16 before summing; benchmarks/bench_sketch.py compares them
   (benchmarks/results/sketch.csv: 80 against 156 ms for fp32 at 1 thread).
 """
 

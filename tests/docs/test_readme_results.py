@@ -1,0 +1,102 @@
+"""The README's result tables equal the committed results they come from: the demo and sentiment
+tables as ``lorambo.experiments.demo_report`` renders ``docs/demo_results.json`` and
+``docs/sentiment_results.json`` (whose summary statistics are recomputed here from the per-seed
+values), and the compiled CPU LoRA op's table and claims from ``benchmarks/results/ext_cpu.csv``."""
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lorambo.experiments import demo_report
+
+ROOT = Path(__file__).resolve().parents[2]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def _json(name):
+    return json.loads((ROOT / "docs" / name).read_text(encoding="utf-8"))
+
+
+def _missing_lines(text):
+    return [line for line in text.splitlines() if line and line not in README.splitlines()]
+
+
+def test_demo_table_is_the_committed_run():
+    assert _missing_lines(demo_report.table(_json("demo_results.json"))) == []
+
+
+def test_sentiment_table_is_the_committed_run():
+    assert _missing_lines(demo_report.accuracy_table(_json("sentiment_results.json"))) == []
+
+
+def test_demo_summary_statistics_follow_from_the_per_seed_losses():
+    methods = _json("demo_results.json")["methods"]
+    uniform, oracle = (np.array(methods[m]["test_loss"]) for m in ("uniform", "oracle"))
+    for name, row in methods.items():
+        if name in ("uniform", "oracle"):
+            continue
+        losses = np.array(row["test_loss"])
+        gap = (uniform - losses) / (uniform - oracle)
+        assert row["gap_closed"] == pytest.approx(gap.tolist(), abs=1e-12), name
+        assert row["gap_closed_mean"] == pytest.approx(gap.mean(), abs=1e-12), name
+        assert row["gap_closed_std"] == pytest.approx(gap.std(ddof=1), abs=1e-12), name
+        assert row["wins_vs_uniform"] == int((losses < uniform).sum()), name
+
+
+def test_sentiment_summary_statistics_follow_from_the_per_seed_accuracies():
+    methods = _json("sentiment_results.json")["methods"]
+    uniform = np.array(methods["uniform"]["accuracy"])
+    for name, row in methods.items():
+        acc = np.array(row["accuracy"])
+        assert row["mean"] == pytest.approx(acc.mean(), abs=1e-12), name
+        assert row["std"] == pytest.approx(acc.std(ddof=1), abs=1e-12), name
+        if name != "uniform":
+            assert row["wins_vs_uniform"] == int((acc > uniform).sum()), name
+
+
+def _ext_rows():
+    with open(ROOT / "benchmarks" / "results" / "ext_cpu.csv", newline="") as handle:
+        return [r for r in csv.DictReader(handle) if r["section"] == "lora"]
+
+
+def _ratios(threads):
+    """peft-style / ext median per (mode, M, K) at this thread count."""
+    ms = {(r["mode"], int(r["M"]), int(r["K"]), int(r["rank"]), r["provider"]): float(r["ms_median"])
+          for r in _ext_rows() if int(r["threads"]) == threads}
+    return {key[:4]: ms[(*key[:4], "peft_style")] / ms[(*key[:4], "ext")] for key in ms if key[4] == "ext"}
+
+
+def _three_figures(value):
+    return round(value, 2 - math.floor(math.log10(abs(value))))
+
+
+def test_ext_cpu_table_rows_are_the_one_thread_medians():
+    section = README.split("### Compiled CPU LoRA op", 1)[1].split("\n### ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| fwd")]
+    assert rows
+    ms = {(r["mode"], int(r["M"]), int(r["K"]), int(r["rank"]), r["provider"]): float(r["ms_median"])
+          for r in _ext_rows() if r["threads"] == "1"}
+    providers = ("base", "peft_style", "reference", "ext")
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        mode, m, k, r = cells[0].replace("+", "_"), int(cells[1]), int(cells[2]), int(cells[3])
+        for provider, cell in zip(providers, cells[4:8]):
+            assert float(cell) == pytest.approx(_three_figures(ms[(mode, m, k, r, provider)]), abs=1e-9), line
+        ratio = ms[(mode, m, k, r, "peft_style")] / ms[(mode, m, k, r, "ext")]
+        assert cells[8] == f"{ratio:.2f}×", line
+
+
+def test_ext_cpu_claims_follow_from_the_csv():
+    one, two = _ratios(1), _ratios(2)
+    ahead = [v for v in one.values() if v > 1]
+    claim = (f"ahead of peft-style eager at {len(ahead)} of {len(one)} shapes at 1 thread, by "
+             f"{round((min(ahead) - 1) * 100)}–{round((max(ahead) - 1) * 100)}%")
+    assert claim in re.sub(r"\s+", " ", README)
+    low, high = min(two.values()), max(two.values())
+    claim = f"At 2 threads on the loaded machine the ext op is {low:.1f}–{high:.1f}× faster"
+    assert claim in re.sub(r"\s+", " ", README)
