@@ -9,7 +9,7 @@ import torch
 from .blocks import block_products
 from .estimate import Estimate
 from .hvp import HessianOperator
-from .inputs import as_batch_list, check_positive
+from .inputs import as_batch_list, check_positive, check_seed
 from .probes import rademacher
 from .targets import differentiable, find_targets
 
@@ -33,6 +33,7 @@ def hessian_opnorm(model, loss_fn, batches, modules=None, num_iters: int = 20, s
     """
     num_iters = check_positive("num_iters", num_iters)
     probes_per_pass = check_positive("probes_per_pass", probes_per_pass)
+    seed = check_seed(seed)
     batches = as_batch_list(batches)
     targets = find_targets(model, modules)
     weights = [t.weight for t in targets]
