@@ -69,3 +69,10 @@ def test_numpy_seed_starts_from_the_probe_of_the_plain_int(h):
     ref = dense @ (v / v.norm())                       # two power steps by hand
     assert est["2"].value == pytest.approx(float(ref.norm()), rel=1e-10)
     assert est["2"].stderr == pytest.approx(abs(float(ref.norm()) - float(v.norm())), rel=1e-8)
+
+
+@pytest.mark.parametrize("tol", [None, float("nan"), -1e-4, float("inf"), "1e-4"])
+def test_bad_tol_is_refused(h, tol):
+    model, loss_fn, batches = h.make_mlp(seed=2)
+    with pytest.raises(ValueError, match=r"tol must be a finite number >= 0, got"):
+        hessian_opnorm(model, loss_fn, batches, num_iters=2, tol=tol)
