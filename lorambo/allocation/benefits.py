@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from lorambo.distributed import all_reduced_mean, broadcast_, is_distributed
-from lorambo.ops.sketch import LayerProducts, use_sketch_kernels
+from lorambo.ops.sketch import LayerProducts, kernel_probe, use_sketch_kernels
 
 __all__ = ["subspace_basis", "projected_top_singular", "projected_top_singular_many"]
 
@@ -120,9 +120,12 @@ def projected_top_singular_many(pairs: Sequence[Sequence[tuple[torch.Tensor, tor
     (the active rows of A transposed, the active columns of B; r may be 0).
     Probes: on the PyTorch path ``generators[l]`` draws layer l's Gaussian start as
     :func:`projected_top_singular` does (same numbers as calling it per layer, up to rounding);
-    on the kernel path the start is generated inside the kernel from ``seeds[l]`` (there it is
-    not projected before the first product: that product is projected after it, and the
-    power iterations run in the projected space from then on).
+    on the kernel path the start is the kernels' Gaussian probe of ``seeds[l]``
+    (:func:`lorambo.ops.sketch.kernel_probe`). Either start is projected before the first
+    product, as G_perp needs: an unprojected start would sketch G (I - Pa) + G Pa, whose part
+    G Pa along the active rows the projection after the product does not remove; where it
+    dominates, the sketch misses range(G_perp) and, with ``niter=0``, the gains come out far
+    too small.
 
     ``lockstep``: None runs the lockstep iteration where it saves something (the kernel path,
     CUDA tensors, or a process group: one collective per step instead of one per layer) and
@@ -217,17 +220,18 @@ def projected_top_singular_many(pairs: Sequence[Sequence[tuple[torch.Tensor, tor
             part(out, side, g, lo, hi).copy_(torch.linalg.qr(projected).Q)
         return out
 
-    if prod.kernels:
-        omega = None  # generated inside the kernel
-    else:
-        if generators is None:
-            raise ValueError("projected_top_singular_many: the PyTorch path needs generators")
-        omega = torch.zeros(prod.numel(True), dtype=work, device=device)
-        for pos, l in enumerate(order):
-            block = omega[prod.in_offsets[pos]:prod.in_offsets[pos + 1]].view(in_features[l], width)
+    if not prod.kernels and generators is None:
+        raise ValueError("projected_top_singular_many: the PyTorch path needs generators")
+    omega = torch.zeros(prod.numel(True), dtype=work, device=device)
+    for pos, l in enumerate(order):
+        block = omega[prod.in_offsets[pos]:prod.in_offsets[pos + 1]].view(in_features[l], width)
+        if prod.kernels:
+            seed = 0 if seeds is None else int(seeds[l])
+            block[:, :ps[l]] = kernel_probe(seed, in_features[l], ps[l], device).to(work)
+        else:
             block[:, :ps[l]] = torch.randn(in_features[l], ps[l], generator=generators[l],
                                            dtype=torch.float64).to(device, work)
-        omega = pre(omega, "in")
+    omega = pre(omega, "in")
     q = orth(product(omega, "in"), "out")
     for _ in range(niter):
         q = orth(product(pre(orth(product(pre(q, "out"), "out"), "in"), "in"), "in"), "out")

@@ -7,7 +7,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-__all__ = ["as_batch_list", "compute_loss", "check_finite_loss", "check_positive", "no_gradient_error"]
+__all__ = ["as_batch_list", "compute_loss", "check_finite_loss", "check_positive", "check_seed",
+           "no_gradient_error"]
 
 
 def as_batch_list(batches) -> list:
@@ -40,6 +41,18 @@ def check_positive(name: str, value: int) -> int:
     """``value`` as a Python int >= 1 (numpy integers included), else ValueError naming it."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_seed(value) -> int:
+    """``seed`` as a Python int (numpy and 0-dim torch integers included), else ValueError naming
+    it. Probes are keyed by the seed's repr, so ``np.int64(3)`` or ``torch.tensor(3)`` passed on
+    as is would draw other probes than ``3``; ``None`` or ``0.5`` would be taken silently."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point() \
+            and value.dtype != torch.bool:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"seed must be an integer, got {value!r}")
     return int(value)
 
 

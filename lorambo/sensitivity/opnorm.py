@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
 from .blocks import block_products
 from .estimate import Estimate
 from .hvp import HessianOperator
-from .inputs import as_batch_list, check_positive
+from .inputs import as_batch_list, check_positive, check_seed
 from .probes import rademacher
 from .targets import differentiable, find_targets
 
@@ -33,6 +34,10 @@ def hessian_opnorm(model, loss_fn, batches, modules=None, num_iters: int = 20, s
     """
     num_iters = check_positive("num_iters", num_iters)
     probes_per_pass = check_positive("probes_per_pass", probes_per_pass)
+    seed = check_seed(seed)
+    # a NaN or negative tol never stops, None failed mid-loop with a TypeError
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0.0 <= tol < math.inf:
+        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
     batches = as_batch_list(batches)
     targets = find_targets(model, modules)
     weights = [t.weight for t in targets]

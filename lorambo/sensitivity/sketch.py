@@ -35,7 +35,7 @@ from typing import Callable, Generator
 import torch
 
 from .estimate import Estimate
-from .inputs import check_positive
+from .inputs import check_positive, check_seed
 from .probes import rademacher
 
 __all__ = ["hutchinson", "hutchpp", "xtrace", "run_program",
@@ -45,6 +45,7 @@ Program = Generator[torch.Tensor, torch.Tensor, tuple]
 
 
 def _probes(dim, m, seed, stream, tag, dtype, device, start=0) -> torch.Tensor:
+    seed = check_seed(seed)
     cols = [rademacher((dim,), seed, stream, tag, k, dtype=dtype, device=device)
             for k in range(start, start + m)]
     if not cols:

@@ -12,7 +12,7 @@ from .blocks import run_programs
 from lorambo.distributed import is_main_process
 from .estimate import Estimate, Moments
 from .hvp import HessianOperator
-from .inputs import as_batch_list, check_positive
+from .inputs import as_batch_list, check_positive, check_seed
 from .probes import rademacher
 from .reductions import per_layer_dots
 from .sketch import hutchpp_program, xtrace_program
@@ -61,6 +61,7 @@ def hessian_trace(model, loss_fn, batches, modules=None, num_probes: int = 64,
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     num_probes = check_positive("num_probes", num_probes)
     probes_per_pass = check_positive("probes_per_pass", probes_per_pass)
+    seed = check_seed(seed)
     if stderr_target is not None and method != "hutchinson":
         raise ValueError("stderr_target (early stopping) is only supported for method='hutchinson'")
     if stderr_target is not None and not stderr_target > 0:

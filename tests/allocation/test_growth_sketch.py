@@ -191,3 +191,30 @@ def test_layer_products_with_mixed_dtypes_and_a_layer_without_data(sketch_backen
     torch.testing.assert_close(prod.blocks(z, "in")[0].double(), g.T @ prod.blocks(u, "out")[0].double(),
                                rtol=1e-5, atol=1e-5)
     assert not prod.blocks(y, "out")[1].any() and not prod.blocks(z, "in")[1].any()
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_start_is_projected_when_the_gradient_lies_along_the_active_rows(sketch_backend, path):
+    # G = 8 large tokens inside the active rows of A + 2 small ones outside: G_perp has rank 2
+    # <= p = 6 columns, so even niter=0 spans it exactly. The kernel path multiplied an
+    # unprojected start, whose sketch was G Pa's: gains 0.07 and 0.02 instead of 3 and 2.
+    sketch_backend(path)
+    device = _device(path)
+    g = torch.Generator().manual_seed(11)
+    n_in, n_out, r = 48, 40, 8
+    rows = torch.linalg.qr(torch.randn(n_in, n_in, generator=g, dtype=torch.float64)).Q
+    cols = torch.linalg.qr(torch.randn(n_out, n_out, generator=g, dtype=torch.float64)).Q
+    x = torch.cat([rows[:, :r].T, rows[:, r:r + 2].T])
+    dy = torch.cat([cols[:, :r].T * 100.0, cols[:, r:r + 2].T * torch.tensor([[3.0], [2.0]], dtype=torch.float64)])
+    a = torch.randn(r, r, generator=g, dtype=torch.float64)
+    a_cols = (rows[:, :r] @ a).float().to(device)          # active A rows span rows[:, :r]
+    pairs = [(x.float().to(device), dy.float().to(device))]
+    exact = _dense(pairs, a_cols, torch.zeros(n_out, 0))
+    _, sigmas, vectors = projected_top_singular_many(
+        [pairs], [n_in], [n_out], [2], [a_cols], [torch.zeros(n_out, 0, device=device)], 0, 4,
+        [torch.Generator().manual_seed(5)], [123456789], lockstep=True)
+    torch.testing.assert_close(sigmas[0].double().cpu(), exact.S[:2], rtol=1e-4, atol=1e-4)
+    assert float(exact.S[2]) < 1e-3                         # the two gains above are all there is
+    overlap = vectors[0].double().cpu().T @ exact.Vh[:2].T
+    torch.testing.assert_close(overlap.abs().max(dim=1).values, torch.ones(2, dtype=torch.float64),
+                               rtol=0, atol=1e-4)

@@ -2,11 +2,12 @@
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from lorambo.sensitivity import find_targets, hessian_trace, hutchinson
+from lorambo.sensitivity import find_targets, hessian_trace, hutchinson, hutchpp, xtrace
 
 DT = torch.float64
 
@@ -278,3 +279,26 @@ def test_real_lora_layers_match_merged_model(h, backend):
         assert got[name].stderr == 0.0
     assert all(p.grad is None for p in model.parameters())
     assert not any(l.base_layer.weight.requires_grad for l in lorambo.lora_layers(model).values())
+
+
+@pytest.mark.parametrize("method,explicit", [("hutchinson", hutchinson), ("hutch++", hutchpp),
+                                             ("xtrace", xtrace)])
+@pytest.mark.parametrize("seed", [np.int64(5), torch.tensor(5)], ids=["numpy", "torch"])
+def test_integer_seed_types_draw_the_probes_of_the_plain_int(h, method, explicit, seed):
+    # probes are keyed by the seed's repr: np.int64(5) and tensor(5) drew other probes than 5
+    model, loss_fn, batches = h.make_mlp(seed=4)
+    est = hessian_trace(model, loss_fn, batches, modules=["2"], num_probes=12, method=method, seed=seed)
+    dense = h.dense_hessian(model, loss_fn, batches, model[2].weight)
+    ref = explicit(lambda x: dense @ x, dense.shape[0], 12, seed=5)
+    assert est["2"].value == pytest.approx(ref.value, rel=1e-10)
+    assert est["2"].stderr == pytest.approx(ref.stderr, rel=1e-8)
+    assert explicit(lambda x: dense @ x, dense.shape[0], 12, seed=seed) == ref
+
+
+@pytest.mark.parametrize("seed", [None, 0.5, "1", True, torch.tensor(1.0)])
+def test_non_integer_seed_is_refused(h, seed):
+    model, loss_fn, batches = h.make_mlp(seed=4)
+    with pytest.raises(ValueError, match=r"seed must be an integer, got"):
+        hessian_trace(model, loss_fn, batches, num_probes=2, seed=seed)
+    with pytest.raises(ValueError, match=r"seed must be an integer, got"):
+        hutchinson(lambda x: x, 3, 2, seed=seed)

@@ -1,5 +1,6 @@
 """hessian_opnorm against the eigenvalues of dense per-layer Hessians."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -54,3 +55,24 @@ def test_restores_flags_and_rejects_bad_inputs(h):
     with pytest.raises(RuntimeError, match="non-finite Hessian-vector product"):
         hessian_opnorm(model, lambda m, b: loss_fn(m, b) * float("nan"), batches)
     assert model[0].weight.requires_grad is False
+
+
+def test_numpy_seed_starts_from_the_probe_of_the_plain_int(h):
+    # the start vector is keyed by the seed's repr: np.int64(7) started elsewhere than 7
+    from lorambo.sensitivity.probes import rademacher
+
+    model, loss_fn, batches = h.make_mlp(seed=2)
+    est = hessian_opnorm(model, loss_fn, batches, modules=["2"], num_iters=2, tol=0.0, seed=np.int64(7))
+    dense = h.dense_hessian(model, loss_fn, batches, model[2].weight)
+    v = rademacher((dense.shape[0], 1), 7, 0, "opnorm", dtype=torch.float64)
+    v = dense @ (v / v.norm())
+    ref = dense @ (v / v.norm())                       # two power steps by hand
+    assert est["2"].value == pytest.approx(float(ref.norm()), rel=1e-10)
+    assert est["2"].stderr == pytest.approx(abs(float(ref.norm()) - float(v.norm())), rel=1e-8)
+
+
+@pytest.mark.parametrize("tol", [None, float("nan"), -1e-4, float("inf"), "1e-4"])
+def test_bad_tol_is_refused(h, tol):
+    model, loss_fn, batches = h.make_mlp(seed=2)
+    with pytest.raises(ValueError, match=r"tol must be a finite number >= 0, got"):
+        hessian_opnorm(model, loss_fn, batches, num_iters=2, tol=tol)
