@@ -381,6 +381,12 @@ class LoRAMBoLinear(nn.Module):
             raise ValueError(f"{self._label}: input is on {x.device} but the base weight is on {weight.device}"
                              f"{'' if bias is None else f', its bias on {bias.device}'} and the LoRA pools on "
                              f"{lora_a.device} / {lora_b.device}; move the input or the layer to one device")
+        # Checked before autocast, which would cast an integer input to its dtype and compute; and the
+        # ops' hand-written backward has no complex conjugates, so complex gradients would be wrong.
+        for what, tensor in (("input", x), ("base weight", weight), ("LoRA pool", lora_a)):
+            if not tensor.dtype.is_floating_point:
+                raise TypeError(f"{self._label}: {what} has dtype {tensor.dtype}; LoRAMBoLinear computes in a "
+                                "real floating dtype (float32, float64, bfloat16 or float16)")
         device_type = x.device.type
         # meta tensors (shape inference, memory estimates) have no autocast state to ask about
         autocast = autocast_available(device_type)  # traceable by torch 2.11's Dynamo too
