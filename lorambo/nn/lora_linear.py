@@ -394,9 +394,10 @@ class LoRAMBoLinear(nn.Module):
             dtype = torch.get_autocast_dtype(device_type)
             x, weight, lora_a, lora_b = (t.to(dtype) for t in (x, weight, lora_a, lora_b))
             bias = None if bias is None else bias.to(dtype)
-        elif not (x.dtype == weight.dtype == lora_a.dtype == lora_b.dtype):
-            raise TypeError(f"{self._label}: input dtype {x.dtype} does not match weight dtype "
-                            f"{weight.dtype} / LoRA dtype {lora_a.dtype} (outside autocast)")
+        elif not (x.dtype == weight.dtype == lora_a.dtype == lora_b.dtype and (bias is None or bias.dtype == x.dtype)):
+            raise TypeError(f"{self._label}: input dtype {x.dtype} does not match weight dtype {weight.dtype}"
+                            f"{'' if bias is None else f' / bias dtype {bias.dtype}'} / LoRA dtype {lora_a.dtype} "
+                            "(outside autocast)")
         p = self.dropout if self.training else 0.0
         rank = dynamic_int_attribute(self, "_rank")  # symbolic under torch.compile: no graph per rank
         with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():

@@ -240,6 +240,15 @@ def test_bad_input_shape_and_dtype():
         layer(torch.randn(2, 8, dtype=torch.float64))
 
 
+def test_bias_of_another_dtype_is_refused_naming_the_layer(backend):
+    """Each backend's op raised its own error, none naming the layer (the torch backend's:
+    'self and mat2 must have the same dtype')."""
+    layer = LoRAMBoLinear(nn.Linear(8, 4), rank=2, name="enc.fc").to(torch.bfloat16)
+    layer.base_layer.bias = nn.Parameter(layer.base_layer.bias.float(), requires_grad=False)
+    with pytest.raises(TypeError, match=r"'enc\.fc'.*weight dtype torch.bfloat16 / bias dtype torch.float32"):
+        layer(torch.randn(2, 8, dtype=torch.bfloat16))
+
+
 def test_integer_input_is_refused_under_autocast_too():
     """Autocast used to cast an integer input (token ids passed by mistake) to bfloat16 and
     compute, where nn.Linear raises."""
