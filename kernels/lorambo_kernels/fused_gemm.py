@@ -248,7 +248,7 @@ def lora_gemm(a, b, bias=None, *, rank=0, scaling=1.0, u=None, d=None, v=None, w
               dropout_p=0.0, seed=0, out_dtype=None):
     """``out = a b (+ bias) + scaling * drop(u v)`` with u either given or computed as ``a d``.
 
-    a: [M, K], b: [K, N], bias: [N] or None (logical 2-D views: any strides, e.g. ``W.t()``).
+    a: [M, K], b: [K, N] (logical 2-D views: any strides, e.g. ``W.t()``), bias: [N] (any stride) or None.
     LoRA term (rank > 0): v [r, N] with either u [M, r] or d [K, r] (then u = a d, rank <= 128,
     returned as [M, r] when ``write_u``). dropout_p > 0 multiplies the LoRA term by the
     dropout multiplier of element (m, n) of an [M, N] tensor drawn from ``seed``.
@@ -281,7 +281,7 @@ def lora_gemm(a, b, bias=None, *, rank=0, scaling=1.0, u=None, d=None, v=None, w
                  WRITE_U=u_out is not None, BLOCK_R=block_r, PRECISION=precision)
     scalars = (M, N, K, rank, float(scaling), float(dropout_p), int(seed))
     tail_strides = (*_strides(u_), *_strides(v_), *out.stride(), *_strides(uo))
-    bias_ = bias if bias is not None else dummy
+    bias_ = bias.contiguous() if bias is not None else dummy  # the epilogue loads it with unit stride
 
     global _tma_disabled
     if K > 0 and _tma_disabled is None and TensorDescriptor is not None and config.want_tma(a.device):

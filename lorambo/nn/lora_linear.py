@@ -381,6 +381,12 @@ class LoRAMBoLinear(nn.Module):
             raise ValueError(f"{self._label}: input is on {x.device} but the base weight is on {weight.device}"
                              f"{'' if bias is None else f', its bias on {bias.device}'} and the LoRA pools on "
                              f"{lora_a.device} / {lora_b.device}; move the input or the layer to one device")
+        # Checked before autocast, which would cast an integer input to its dtype and compute; and the
+        # ops' hand-written backward has no complex conjugates, so complex gradients would be wrong.
+        for what, tensor in (("input", x), ("base weight", weight), ("LoRA pool", lora_a)):
+            if not tensor.dtype.is_floating_point:
+                raise TypeError(f"{self._label}: {what} has dtype {tensor.dtype}; LoRAMBoLinear computes in a "
+                                "real floating dtype (float32, float64, bfloat16 or float16)")
         device_type = x.device.type
         # meta tensors (shape inference, memory estimates) have no autocast state to ask about
         autocast = autocast_available(device_type)  # traceable by torch 2.11's Dynamo too
@@ -388,9 +394,10 @@ class LoRAMBoLinear(nn.Module):
             dtype = torch.get_autocast_dtype(device_type)
             x, weight, lora_a, lora_b = (t.to(dtype) for t in (x, weight, lora_a, lora_b))
             bias = None if bias is None else bias.to(dtype)
-        elif not (x.dtype == weight.dtype == lora_a.dtype == lora_b.dtype):
-            raise TypeError(f"{self._label}: input dtype {x.dtype} does not match weight dtype "
-                            f"{weight.dtype} / LoRA dtype {lora_a.dtype} (outside autocast)")
+        elif not (x.dtype == weight.dtype == lora_a.dtype == lora_b.dtype and (bias is None or bias.dtype == x.dtype)):
+            raise TypeError(f"{self._label}: input dtype {x.dtype} does not match weight dtype {weight.dtype}"
+                            f"{'' if bias is None else f' / bias dtype {bias.dtype}'} / LoRA dtype {lora_a.dtype} "
+                            "(outside autocast)")
         p = self.dropout if self.training else 0.0
         rank = dynamic_int_attribute(self, "_rank")  # symbolic under torch.compile: no graph per rank
         with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():

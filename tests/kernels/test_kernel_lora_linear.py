@@ -81,6 +81,20 @@ def test_transposed_weight_view_like_conv1d(device):
         assert_close64(g, grads64[name], what=f"d{name}")
 
 
+@pytest.mark.parametrize("rank", [3, 0])
+def test_strided_bias(rank, device):
+    # A bias that is a strided view (a Parameter made from every other element of a fused bias):
+    # the epilogue loaded N consecutive elements from its start.
+    inputs = make_inputs(5, 8, 6, 4, device=device)
+    fused = torch.randn(12, dtype=torch.float64).to(device=device, dtype=torch.float32).requires_grad_(True)
+    inputs["bias"] = fused[::2]
+    assert not inputs["bias"].is_contiguous()
+    y, grads, y64, grads64 = run_all(inputs, rank, scaling=0.9)
+    assert_close64(y, y64, what="y")
+    for name, g in grads.items():
+        assert_close64(g, grads64[name], what=f"d{name}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_within_twice_torch_error(dtype, device):
     m, k, n, cap, rank = 33, 40, 24, 16, 7

@@ -46,6 +46,19 @@ def test_tma_path_matches_float64(m, k, n, cap, rank, p, w_grad, tma_launches, d
         assert_close64(g, grads64[name], what=f"d{name}")
 
 
+def test_tma_path_with_a_strided_bias(tma_launches, device):
+    if device.type == "cuda" and config.capability(device)[0] < 9:
+        pytest.skip("TMA needs sm_90+")
+    inputs = make_inputs(24, 32, 32, 8, device=device)
+    fused = torch.randn(64, dtype=torch.float64).to(device=device, dtype=torch.float32).requires_grad_(True)
+    inputs["bias"] = fused[::2]  # the epilogue once read 32 consecutive elements from its start
+    y, grads, y64, grads64 = run_all(inputs, 5, 0.9)
+    assert tma_launches
+    assert_close64(y, y64, what="y")
+    for name, g in grads.items():
+        assert_close64(g, grads64[name], what=f"d{name}")
+
+
 def test_unaligned_shapes_fall_back_to_pointer_path(tma_launches, device):
     # K = 13 fp32: the row stride (52 bytes) is not 16-byte aligned, so no descriptor for x.
     inputs = make_inputs(9, 13, 16, 4, device=device)

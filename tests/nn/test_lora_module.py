@@ -240,6 +240,36 @@ def test_bad_input_shape_and_dtype():
         layer(torch.randn(2, 8, dtype=torch.float64))
 
 
+def test_bias_of_another_dtype_is_refused_naming_the_layer(backend):
+    """Each backend's op raised its own error, none naming the layer (the torch backend's:
+    'self and mat2 must have the same dtype')."""
+    layer = LoRAMBoLinear(nn.Linear(8, 4), rank=2, name="enc.fc").to(torch.bfloat16)
+    layer.base_layer.bias = nn.Parameter(layer.base_layer.bias.float(), requires_grad=False)
+    with pytest.raises(TypeError, match=r"'enc\.fc'.*weight dtype torch.bfloat16 / bias dtype torch.float32"):
+        layer(torch.randn(2, 8, dtype=torch.bfloat16))
+
+
+def test_integer_input_is_refused_under_autocast_too():
+    """Autocast used to cast an integer input (token ids passed by mistake) to bfloat16 and
+    compute, where nn.Linear raises."""
+    layer = LoRAMBoLinear(nn.Linear(8, 4), rank=2, name="enc.fc")
+    ids = torch.randint(0, 5, (2, 8))
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with pytest.raises(TypeError, match=r"'enc\.fc'.*input has dtype torch.int64.*real floating"):
+                layer(ids)
+
+
+@pytest.mark.filterwarnings("ignore:Complex modules")
+def test_complex_layer_is_refused_instead_of_wrong_gradients(backend):
+    """A layer converted with .to(torch.complex64) used to run on the reference op, whose
+    hand-written backward lacks the complex conjugates: silently wrong gradients."""
+    layer = filled(LoRAMBoLinear(nn.Linear(8, 4), rank=2, name="enc.fc")).to(torch.complex64)
+    x = torch.randn(2, 8, dtype=torch.complex64, requires_grad=True)
+    with pytest.raises(TypeError, match=r"'enc\.fc'.*input has dtype torch.complex64.*real floating"):
+        layer(x)
+
+
 @pytest.mark.parametrize("on_meta", ["input", "weight", "bias", "lora_A", "lora_B"])
 def test_input_and_layer_on_different_devices_are_refused_clearly(backend, on_meta):
     """A device mix used to reach the ops, which with a meta operand (pools left on meta after a

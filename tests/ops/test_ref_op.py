@@ -96,6 +96,13 @@ def test_bad_rank_or_dropout_is_refused(rank, p, match):
         lora_linear_reference(x, w, bvec, a, b, rank, 1.0, dropout_p=p, seed=3)
 
 
+def test_complex_inputs_are_refused():
+    """The backward has no complex conjugates: complex inputs got silently wrong gradients."""
+    x, w, bvec, a, b = (t.detach().to(torch.complex128).requires_grad_() for t in make(3, 4, 5, 2))
+    with pytest.raises(TypeError, match=r"lora_linear_reference: x has dtype torch.complex128"):
+        lora_linear_reference(x, w, bvec, a, b, 2, 1.0)
+
+
 def test_frozen_weight_gets_no_gradient_work():
     x, w, bvec, a, b = make(5, 6, 4, 3)
     w.requires_grad_(False)
