@@ -77,7 +77,8 @@ class ActivationCapture:
 
     Memory: X is a view of what autograd saves anyway; dY is extra, T x out per layer until the
     decision. ``max_tokens`` keeps evenly spaced rows per call (dY rows scaled by T / kept, so
-    G stays an unbiased estimate) to bound that on large models.
+    G keeps its scale) to bound that on large models. The rows are fixed, not random: G is
+    approximated, not estimated without bias.
     """
 
     def __init__(self, layers: Mapping[str, torch.nn.Module], max_tokens: int | None = None):
