@@ -54,6 +54,7 @@ class HessianOperator:
         if batched is None:
             batched = self.weights[0].device.type != "cpu"
         self.batched = batched
+        self._warned_constant = False
 
     def apply(self, vs: Sequence[torch.Tensor],
               summarize: Callable[[list[torch.Tensor]], Summary]) -> Summary:
@@ -90,6 +91,15 @@ class HessianOperator:
     def _products(self, grads, vs) -> list[torch.Tensor]:
         num = vs[0].shape[0]
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        constant = [self.names[i] for i, g in enumerate(grads) if g is not None and not g.requires_grad]
+        if constant and not self._warned_constant:
+            # right for a loss linear in those weights; wrong for a custom autograd.Function whose
+            # backward is not differentiable (detached gradients), which reads as a zero Hessian
+            warnings.warn(f"Hessian-vector products: the gradients of {constant[:5]} do not depend on any "
+                          "weight, so their Hessian blocks are 0. If the loss is not linear in them, a "
+                          "custom autograd.Function on their path has a backward that is not differentiable",
+                          RuntimeWarning, stacklevel=4)
+            self._warned_constant = True
         outs = [None] * len(self.weights)
         if live:
             outputs = [grads[i] for i in live]

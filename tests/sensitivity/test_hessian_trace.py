@@ -302,3 +302,36 @@ def test_non_integer_seed_is_refused(h, seed):
         hessian_trace(model, loss_fn, batches, num_probes=2, seed=seed)
     with pytest.raises(ValueError, match=r"seed must be an integer, got"):
         hutchinson(lambda x: x, 3, 2, seed=seed)
+
+
+class DetachedBackwardLinear(torch.autograd.Function):
+    """x W^T whose backward is not differentiable (its gradients are computed detached)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return x @ weight.T
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        with torch.no_grad():
+            return g @ weight, g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+
+
+def test_a_gradient_that_depends_on_no_weight_is_named_not_silently_zero(h):
+    """A layer behind a custom Function whose backward is not differentiable lost its own Hessian
+    block (only cross terms with other layers were left) with no word."""
+    model, loss_fn, batches = h.make_mlp(seed=3)
+
+    def detached(m, b):
+        hidden = torch.tanh(DetachedBackwardLinear.apply(b[0], m[0].weight) + m[0].bias)
+        return ((m[2](hidden) - b[1]) ** 2).mean()
+
+    with pytest.warns(RuntimeWarning, match=r"the gradients of \['0'\] do not depend on any weight.*autograd\.Function"):
+        traces = hessian_trace(model, detached, batches, num_probes=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same function, every gradient differentiable: no warning
+        plain = hessian_trace(model, loss_fn, batches, num_probes=4)
+    # what the warning is about: the same probes on the same function give another trace
+    assert abs(traces["0"].value - plain["0"].value) > 0.5 * abs(plain["0"].value)
