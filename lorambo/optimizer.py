@@ -333,7 +333,8 @@ class LoRAMBoOptimizer:
     def _build_growth(self) -> OnlineGrowth:
         return OnlineGrowth(self.layers(), self.total_budget, self.threshold, self.sketch_rank,
                             self.power_iters, seed=self.seed, move_threshold=self.move_threshold,
-                            max_moves=self.max_moves, log=self.log, max_tokens=self.max_tokens)
+                            max_moves=self.max_moves, log=self.log, max_tokens=self.max_tokens,
+                            min_rank=self.min_rank, max_rank=self.max_rank)
 
     def _heldout_scores(self) -> dict:
         """Component scores for rank moves by ablation on ``heldout_batches``."""
