@@ -377,7 +377,8 @@ class LoRAMBoOptimizer:
         if self.allocation == "alora":
             if self._alora is None:
                 self._alora = ALoRA(self.model, self.layers(), self.loss_fn, self.heldout_batches,
-                                    self.alora_config, self.total_budget, self.seed, self.log)
+                                    self.alora_config, self.total_budget, self.seed, self.log,
+                                    self.min_rank, self.max_rank)
             return self._alora.step(step, optimizer)
         return self.scheduled_growth.step(step, optimizer, component_scores, grad_scaler)
 
