@@ -333,7 +333,8 @@ class LoRAMBoOptimizer:
     def _build_growth(self) -> OnlineGrowth:
         return OnlineGrowth(self.layers(), self.total_budget, self.threshold, self.sketch_rank,
                             self.power_iters, seed=self.seed, move_threshold=self.move_threshold,
-                            max_moves=self.max_moves, log=self.log, max_tokens=self.max_tokens)
+                            max_moves=self.max_moves, log=self.log, max_tokens=self.max_tokens,
+                            min_rank=self.min_rank, max_rank=self.max_rank)
 
     def _heldout_scores(self) -> dict:
         """Component scores for rank moves by ablation on ``heldout_batches``."""
@@ -376,7 +377,8 @@ class LoRAMBoOptimizer:
         if self.allocation == "alora":
             if self._alora is None:
                 self._alora = ALoRA(self.model, self.layers(), self.loss_fn, self.heldout_batches,
-                                    self.alora_config, self.total_budget, self.seed, self.log)
+                                    self.alora_config, self.total_budget, self.seed, self.log,
+                                    self.min_rank, self.max_rank)
             return self._alora.step(step, optimizer)
         return self.scheduled_growth.step(step, optimizer, component_scores, grad_scaler)
 

@@ -15,6 +15,8 @@ Total rank sum r_i is conserved exactly: a component is only pruned if some rece
 its rank within its capacity and within the parameter budget (sum r_i (d_i + k_i) <= budget, which
 can move when ranks move between layers of different widths); otherwise it stays.
 Modules at rank 0 have no mean importance and receive nothing (as in ALoRA: pruned out).
+Rank bounds: the n_prune worst components are those a layer can give without going below
+``min_rank``, and a receiver grows at most to ``max_rank`` (and its capacity).
 """
 
 from __future__ import annotations
@@ -52,23 +54,43 @@ class ALoRAConfig:
         return [self.k1 + j * self.k2 for j in range(self.rounds)]
 
 
-def _plan(layers, scores, n_prune, budget):
+def _is_rank(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, numbers.Integral) and v >= 0
+
+
+def _check_bounds(min_rank, max_rank) -> None:
+    if not _is_rank(min_rank):
+        raise ValueError(f"min_rank={min_rank!r} must be an int >= 0")
+    if max_rank is not None and not _is_rank(max_rank):
+        raise ValueError(f"max_rank={max_rank!r} must be an int >= 0 or None")
+    if max_rank is not None and min_rank > max_rank:
+        raise ValueError(f"min_rank={min_rank} > max_rank={max_rank}")
+
+
+def _plan(layers, scores, n_prune, budget, min_rank=0, max_rank=None):
     """(prune {name: [component]}, receive [name per freed rank]) conserving the rank sum."""
     costs = {n: m.in_features + m.out_features for n, m in layers.items()}
     left = budget - sum(costs[n] * m.rank for n, m in layers.items())
     ranked = sorted((float(s), n, k) for n, sc in scores.items() for k, s in enumerate(sc.tolist()))
-    worst = ranked[:n_prune]
+    worst, count = [], {}
+    for entry in ranked:  # the worst first; a layer at min_rank keeps the rest of its components
+        if len(worst) == n_prune:
+            break
+        count[entry[1]] = count.get(entry[1], 0) + 1
+        if count[entry[1]] <= layers[entry[1]].rank - min_rank:
+            worst.append(entry)
     pruned_layers = {n for _, n, _ in worst}
     means = {n: float(sc.mean()) for n, sc in scores.items() if sc.numel() and n not in pruned_layers}
     order = {n: i for i, n in enumerate(layers)}  # once: list(layers).index per key was O(n^2)
     receivers = sorted(means, key=lambda n: (-means[n], order[n]))
     extra = dict.fromkeys(receivers, 0)
+    top = {n: layers[n].capacity if max_rank is None else min(layers[n].capacity, max_rank) for n in receivers}
     prune, receive = {}, []
     turn = 0
     for _, donor, comp in worst:
         for j in range(len(receivers)):  # round robin from where the last freed rank went
             recv = receivers[(turn + j) % len(receivers)]
-            fits = layers[recv].rank + extra[recv] < layers[recv].capacity
+            fits = layers[recv].rank + extra[recv] < top[recv]
             if fits and left + costs[donor] - costs[recv] >= 0:
                 prune.setdefault(donor, []).append(comp)
                 receive.append(recv)
@@ -80,11 +102,14 @@ def _plan(layers, scores, n_prune, budget):
 
 
 def alora_round(model, layers: Mapping, loss_fn, batches, n_prune: int, budget: int | float = math.inf,
-                optimizer=None, step=None, seed: int = 0, scores: Mapping | None = None) -> list[dict]:
+                optimizer=None, step=None, seed: int = 0, scores: Mapping | None = None,
+                min_rank: int = 0, max_rank: int | None = None) -> list[dict]:
     """One ALoRA round in place; returns the decision records (``shrink`` / ``grow``).
 
     ``scores``: ``{name: tensor[rank]}`` to use instead of computing ablation scores.
+    ``min_rank`` / ``max_rank``: no layer is pruned below / grown above them.
     """
+    _check_bounds(min_rank, max_rank)
     if scores is None:
         from lorambo.sensitivity.ablation import ablation_scores
 
@@ -94,7 +119,7 @@ def alora_round(model, layers: Mapping, loss_fn, batches, n_prune: int, budget: 
     for n, s in scores.items():
         if s.shape != (layers[n].rank,) or not torch.isfinite(s).all():
             raise ValueError(f"ALoRA scores of layer {n!r} must be {layers[n].rank} finite numbers, got {s}")
-    prune, receive = _plan(layers, scores, n_prune, budget)
+    prune, receive = _plan(layers, scores, n_prune, budget, min_rank, max_rank)
     records = []
     olds = keep_components_many([(layers[n], [k for k in range(layers[n].rank) if k not in comps])
                                  for n, comps in prune.items()], optimizer)
@@ -116,9 +141,12 @@ class ALoRA:
     """The ALoRA schedule: call :meth:`step` once per optimizer step with the global step."""
 
     def __init__(self, model, layers: Mapping, loss_fn, heldout_batches, config: ALoRAConfig,
-                 budget: int | float = math.inf, seed: int = 0, log=None):
+                 budget: int | float = math.inf, seed: int = 0, log=None, min_rank: int = 0,
+                 max_rank: int | None = None):
         if loss_fn is None or heldout_batches is None:
             raise ValueError("ALoRA needs loss_fn and heldout_batches to score components by ablation")
+        _check_bounds(min_rank, max_rank)
+        self.min_rank, self.max_rank = min_rank, max_rank
         self.model, self.layers, self.loss_fn = model, dict(layers), loss_fn
         self.batches, self.config, self.budget, self.seed, self.log = heldout_batches, config, budget, seed, log
         self.rounds_done = 0
@@ -133,7 +161,8 @@ class ALoRA:
         if not self.is_decision_step(global_step):
             return []
         records = alora_round(self.model, self.layers, self.loss_fn, self.batches, self.config.n_prune,
-                              self.budget, optimizer, global_step, self.seed)
+                              self.budget, optimizer, global_step, self.seed, min_rank=self.min_rank,
+                              max_rank=self.max_rank)
         self.rounds_done += 1
         if self.log is not None:
             self.log.extend(records)

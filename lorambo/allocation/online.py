@@ -166,15 +166,25 @@ def plan_growth(gains: Mapping[str, Sequence[float]], costs: Mapping[str, int],
 
 def plan_moves(next_gains: Mapping[str, float], scores: Mapping[str, Sequence[float]],
                costs: Mapping[str, int], room: Mapping[str, int], budget_left: int,
-               threshold: float, move_threshold: float, max_moves: int = 1) -> list[tuple[str, int, str]]:
+               threshold: float, move_threshold: float, max_moves: int = 1,
+               spare: Mapping[str, int] | None = None) -> list[tuple[str, int, str]]:
     """Rank moves ``(donor, component, receiver)``: a donor component whose importance score
     (loss units, e.g. ablation) is below ``move_threshold`` is removed to fund one more rank of
     a receiver whose next gain exceeds ``threshold``. Receivers by best gain / cost, donors by
-    lowest score; a layer is never both; every move keeps the spend within the budget."""
+    lowest score; a layer is never both; every move keeps the spend within the budget.
+    ``spare``: at most ``spare[name]`` components leave layer ``name`` (its rank above
+    ``min_rank``); None: no limit."""
     receivers = sorted((n for n, g in next_gains.items() if g > threshold and room.get(n, 0) > 0),
                        key=lambda n: -next_gains[n] / costs[n])
     donors = sorted((float(s), n, k) for n, sc in scores.items() for k, s in enumerate(sc)
                     if float(s) < move_threshold)
+    if spare is not None:  # a layer's components leave in this order: only its first `spare` can
+        kept, count = [], {}
+        for entry in donors:
+            count[entry[1]] = count.get(entry[1], 0) + 1
+            if count[entry[1]] <= spare.get(entry[1], 0):
+                kept.append(entry)
+        donors = kept
     donor_cost = np.asarray([costs[n] for _, n, _ in donors])
     # donors (in order) that can fund a receiver, per receiver cost at the current leftover: a scan
     # of every donor per receiver was O(receivers x components) when few or none could fund them
@@ -350,14 +360,21 @@ class OnlineGrowth:
         curvature: optional ``{name: h_i > 0}``; gains become ``Delta^2 / (2 h_i)``.
         log: a :class:`lorambo.allocation.report.DecisionLog` receiving every decision.
         max_tokens: rows of X / dY kept per layer call (see :class:`ActivationCapture`).
+        min_rank: rank moves never take a layer below it.
+        max_rank: growth never takes a layer above it (nor above its capacity); None: capacity only.
     """
 
     def __init__(self, layers: Mapping, budget: int, threshold: float = 0.0, sketch_rank: int = 4,
                  power_iters: int = 4, oversample: int = 4, seed: int = 0,
                  move_threshold: float | None = None, max_moves: int = 1,
-                 curvature: Mapping[str, float] | None = None, log=None, max_tokens: int | None = None):
+                 curvature: Mapping[str, float] | None = None, log=None, max_tokens: int | None = None,
+                 min_rank: int = 0, max_rank: int | None = None):
         check_growth_settings(threshold, sketch_rank, power_iters, oversample, move_threshold,
                               max_moves, max_tokens)
+        self.min_rank = _int_at_least("min_rank", min_rank, 0)
+        self.max_rank = None if max_rank is None else _int_at_least("max_rank", max_rank, 0)
+        if self.max_rank is not None and self.min_rank > self.max_rank:
+            raise ValueError(f"min_rank={min_rank} > max_rank={max_rank}")
         if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not 0 <= budget < math.inf:
             raise ValueError(f"budget={budget!r} must be a finite number of parameters >= 0")
         self.layers = dict(layers)
@@ -371,6 +388,10 @@ class OnlineGrowth:
 
     def spent(self) -> int:
         return sum(self.costs[n] * m.rank for n, m in self.layers.items())
+
+    def _top(self, layer) -> int:
+        """The highest rank growth may reach: the capacity, or ``max_rank`` below it."""
+        return layer.capacity if self.max_rank is None else min(layer.capacity, self.max_rank)
 
     def update(self, step=None, optimizer=None, component_scores: Mapping | None = None,
                grad_scaler=None) -> list[dict]:
@@ -399,13 +420,13 @@ class OnlineGrowth:
                 warnings.warn(f"step {step}: the captured activations or output gradients are not finite "
                               "(NaN/inf): no rank decision is taken at this step", RuntimeWarning, stacklevel=2)
                 return []
-            ks = {n: min(self.sketch_rank, m.capacity - m.rank) for n, m in self.layers.items()
-                  if m.capacity > m.rank}
+            ks = {n: min(self.sketch_rank, self._top(m) - m.rank) for n, m in self.layers.items()
+                  if self._top(m) > m.rank}
             gains, dirs = layer_benefits_many(
                 self.layers, {n: self.capture.pairs(n) for n in ks}, ks, self.power_iters,
                 self.oversample, self.seed, step, {n: i for i, n in enumerate(self.layers)},
                 self.curvature, loss_scale)
-            room = {n: m.capacity - m.rank for n, m in self.layers.items()}
+            room = {n: self._top(m) - m.rank for n, m in self.layers.items()}
             plan = plan_growth(gains, self.costs, room, self.budget - self.spent(), self.threshold)
             records = [self._grow(step, n, add, gains, dirs, optimizer, "grow") for n, add in plan.items()]
             if scores is not None:
@@ -473,10 +494,11 @@ class OnlineGrowth:
         nxt, room = {}, {}
         for n, g in gains.items():
             used = plan.get(n, 0)
-            if used < len(g) and self.layers[n].rank < self.layers[n].capacity:
+            if used < len(g) and self.layers[n].rank < self._top(self.layers[n]):
                 nxt[n], room[n] = float(g[used]), 1
+        spare = {n: max(self.layers[n].rank - self.min_rank, 0) for n in names}
         moves = plan_moves(nxt, usable, self.costs, room, self.budget - self.spent(), self.threshold,
-                           float(self.move_threshold), self.max_moves)
+                           float(self.move_threshold), self.max_moves, spare)
         records, dropped = [], {}
         for donor, comp, _ in moves:
             dropped.setdefault(donor, []).append(comp)

@@ -34,7 +34,7 @@ def _ranks_of(source) -> dict[str, int]:
         for k, v in source.items():  # int() would show a rank of 2.7 as 2
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (v >= 0 and float(v).is_integer()):
                 raise ValueError(f"rank of layer {k!r} is {v!r}: must be a whole number >= 0")
-        return {str(k): int(v) for k, v in source.items()}
+        return {k: int(v) for k, v in source.items()}  # keys as given: they index dims too
     from lorambo.model import lora_layers  # a model: read its LoRA layers
 
     return {n: layer.rank for n, layer in lora_layers(source).items()}
@@ -44,7 +44,8 @@ def rank_table(source, capacities: Mapping[str, int] | None = None,
                dims: Mapping[str, tuple[int, int]] | None = None) -> str:
     """Text table of ranks; ``source`` is ``{name: rank}`` or a model with LoRAMBoLinear layers.
 
-    With a model, capacities and (d, k) are read from the layers unless given.
+    With a model, capacities and (d, k) are read from the layers unless given. With ``dims``, every
+    layer of ``source`` must be in it (the params column sums to ``sum r (d + k)``).
     """
     ranks = _ranks_of(source)
     if not isinstance(source, Mapping):
@@ -53,18 +54,22 @@ def rank_table(source, capacities: Mapping[str, int] | None = None,
         layers = lora_layers(source)
         capacities = capacities or {n: m.capacity for n, m in layers.items()}
         dims = dims or {n: (m.out_features, m.in_features) for n, m in layers.items()}
-    width = max([len("module")] + [len(n) for n in ranks])
+    if dims:
+        missing = [n for n in ranks if n not in dims]
+        if missing:
+            raise ValueError(f"rank_table: dims has no (d, k) for layer(s) {missing[:5]!r}")
+    width = max([len("module")] + [len(str(n)) for n in ranks])
     head = f"{'module':<{width}}  {'rank':>5}"
     head += f"  {'capacity':>8}" if capacities else ""
     head += f"  {'params':>10}" if dims else ""
     lines = [head, "-" * len(head)]
     total_params = 0
     for name, r in ranks.items():
-        line = f"{name:<{width}}  {r:>5}"
+        line = f"{str(name):<{width}}  {r:>5}"
         if capacities:
             line += f"  {capacities.get(name, ''):>8}"
         if dims:
-            params = r * sum(dims[name]) if name in dims else 0
+            params = r * sum(dims[name])
             total_params += params
             line += f"  {params:>10}"
         lines.append(line)
@@ -87,7 +92,7 @@ def rank_grid(ranks: Mapping[str, int]) -> tuple[list[str], list[str], np.ndarra
     """(rows = blocks in first-seen order, columns = module types, grid with NaN where absent)."""
     rows, cols, cells = [], [], {}
     for name, r in ranks.items():
-        block, kind = split_name(name)
+        block, kind = split_name(str(name))
         if block not in rows:
             rows.append(block)
         if kind not in cols:

@@ -90,7 +90,8 @@ def restore(allocator, importance, state: dict, where) -> list[dict]:
 
             allocator._alora = ALoRA(allocator.model, allocator.layers(), allocator.loss_fn,
                                      allocator.heldout_batches, allocator.alora_config,
-                                     allocator.total_budget, allocator.seed, allocator.log)
+                                     allocator.total_budget, allocator.seed, allocator.log,
+                                     allocator.min_rank, allocator.max_rank)
         allocator._alora.rounds_done = int(state["alora_rounds_done"])
     decisions = [dict(r) for r in state["decisions"]]
     log = allocator.log

@@ -95,3 +95,27 @@ def test_rank_table_refuses_a_rank_that_is_not_a_whole_number(bad, tmp_path):
             save_heatmap(ranks, tmp_path / "r.png")
     assert not (tmp_path / "r.png").exists()
     assert "3" in rank_table({"h.0.attn": 4, "h.0.mlp": np.int64(3)})
+
+
+def _column(table, name, col):
+    for line in table.splitlines():
+        cells = line.split()
+        if cells and cells[0] == name:
+            return int(cells[col])
+    raise AssertionError(f"no row {name!r} in\n{table}")
+
+
+def test_rank_table_of_an_allocation_with_non_string_names():
+    # allocate takes any hashable layer names; the table of its result must still find their
+    # (d, k) and capacities: the params column was 0 and the capacities blank for int names
+    dims = {0: (10, 10), 1: (20, 5), (2, "mlp"): (7, 3)}
+    ranks = lorambo.allocate(dims, {0: 1.0, 1: 2.0, (2, "mlp"): 0.5}, budget=300)
+    table = rank_table(ranks, capacities={0: 8, 1: 6, (2, "mlp"): 3}, dims=dims)
+    assert _column(table, "0", 2) == 8 and _column(table, "1", 2) == 6
+    assert _column(table, "0", 3) == ranks[0] * 20 and _column(table, "1", 3) == ranks[1] * 25
+    assert _column(table, "total", 2) == sum(r * sum(dims[n]) for n, r in ranks.items()) > 0
+
+
+def test_rank_table_refuses_a_layer_missing_from_dims():
+    with pytest.raises(ValueError, match=r"dims has no \(d, k\) for layer\(s\) \['b'\]"):
+        rank_table({"a": 2, "b": 3}, dims={"a": (4, 4)})
