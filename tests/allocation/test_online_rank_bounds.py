@@ -8,6 +8,7 @@ from torch import nn
 
 from lorambo.allocation.online import OnlineGrowth, plan_moves
 from lorambo.optimizer import LoRAMBoOptimizer
+from test_plans_reference import _ref_plan_moves  # the scan of every donor per receiver
 
 DT = torch.float64
 
@@ -67,34 +68,6 @@ def test_moves_never_take_a_donor_below_min_rank():
     assert sum(16 * r for r in opt.current_ranks().values()) <= budget
 
 
-def _ref_plan_moves(next_gains, scores, costs, room, budget_left, threshold, move_threshold, max_moves, spare):
-    """The scan of every donor per receiver, counting what each donor layer has given."""
-    receivers = sorted((n for n, g in next_gains.items() if g > threshold and room.get(n, 0) > 0),
-                       key=lambda n: -next_gains[n] / costs[n])
-    donors = sorted((float(s), n, k) for n, sc in scores.items() for k, s in enumerate(sc)
-                    if float(s) < move_threshold)
-    moves, left, used, given = [], int(budget_left), set(), {}
-    donor_layers, receiving = set(), set()
-    for recv in receivers:
-        if len(moves) >= max_moves:
-            break
-        if recv in donor_layers:
-            continue
-        for entry in donors:
-            _, donor, comp = entry
-            if entry in used or donor == recv or donor in receiving or given.get(donor, 0) >= spare[donor]:
-                continue
-            if left + costs[donor] - costs[recv] >= 0:
-                moves.append((donor, comp, recv))
-                used.add(entry)
-                given[donor] = given.get(donor, 0) + 1
-                donor_layers.add(donor)
-                receiving.add(recv)
-                left += costs[donor] - costs[recv]
-                break
-    return moves
-
-
 def test_plan_moves_with_spare_matches_the_counting_scan():
     rng = np.random.default_rng(5)
     limited = 0
@@ -108,7 +81,7 @@ def test_plan_moves_with_spare_matches_the_counting_scan():
         spare = {nm: int(rng.integers(0, 3)) for nm in names}
         args = (gains, scores, costs, room, int(rng.integers(-20, 60)), 0.0, 0.6, int(rng.integers(1, 6)))
         moves = plan_moves(*args, spare=spare)
-        assert moves == _ref_plan_moves(*args, spare)
+        assert moves == _ref_plan_moves(*args, spare=spare)
         for nm in names:
             assert sum(d == nm for d, _, _ in moves) <= spare[nm]
         limited += plan_moves(*args) != moves

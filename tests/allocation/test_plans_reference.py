@@ -14,12 +14,14 @@ from lorambo.allocation.alora import _plan
 from lorambo.allocation.online import plan_moves
 
 
-def _ref_plan_moves(next_gains, scores, costs, room, budget_left, threshold, move_threshold, max_moves=1):
+def _ref_plan_moves(next_gains, scores, costs, room, budget_left, threshold, move_threshold, max_moves=1,
+                    spare=None):
+    """The scan of every donor per receiver; with ``spare``, counting what each donor layer has given."""
     receivers = sorted((n for n, g in next_gains.items() if g > threshold and room.get(n, 0) > 0),
                        key=lambda n: -next_gains[n] / costs[n])
     donors = sorted((float(s), n, k) for n, sc in scores.items() for k, s in enumerate(sc)
                     if float(s) < move_threshold)
-    moves, left, used = [], int(budget_left), set()
+    moves, left, used, given = [], int(budget_left), set(), {}
     donor_layers, receiving = set(), set()
     for recv in receivers:
         if len(moves) >= max_moves:
@@ -30,9 +32,12 @@ def _ref_plan_moves(next_gains, scores, costs, room, budget_left, threshold, mov
             _, donor, comp = entry
             if entry in used or donor == recv or donor in receiving:
                 continue
+            if spare is not None and given.get(donor, 0) >= spare[donor]:
+                continue
             if left + costs[donor] - costs[recv] >= 0:
                 moves.append((donor, comp, recv))
                 used.add(entry)
+                given[donor] = given.get(donor, 0) + 1
                 donor_layers.add(donor)
                 receiving.add(recv)
                 left += costs[donor] - costs[recv]

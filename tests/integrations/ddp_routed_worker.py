@@ -4,29 +4,15 @@ a different subset of the LoRA layers. ``procedure`` also runs in one process on
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lorambo
 from lorambo.optimizer import LoRAMBoOptimizer
 from rendezvous import exit_skipping_teardown, init_gloo
+from routed_model import Routed
 
 DT = torch.float64
 STEPS = 4
-
-
-class Routed(nn.Module):
-    """A shared input layer, then expert 0 or expert 1."""
-
-    def __init__(self):
-        super().__init__()
-        self.inp = nn.Linear(4, 6, dtype=DT)
-        self.e0 = nn.Linear(6, 3, dtype=DT)
-        self.e1 = nn.Linear(6, 3, dtype=DT)
-
-    def forward(self, x, expert):
-        h = torch.tanh(self.inp(x))
-        return self.e0(h) if expert == 0 else self.e1(h)
 
 
 def build():

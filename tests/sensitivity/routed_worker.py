@@ -7,28 +7,17 @@ torch.distributed is the single-process reference on all batches.
 
 import sys
 import warnings
+from pathlib import Path
 
 import torch
-from torch import nn
 
 from lorambo.optimizer import LoRAMBoOptimizer
 from lorambo.sensitivity import FisherProxy, data_covariance, gradient_sensitivity
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations"))
+from routed_model import Routed  # noqa: E402
+
 DT = torch.float64
-
-
-class Routed(nn.Module):
-    """A shared input layer, then expert 0 or expert 1, picked per batch (MoE-style routing)."""
-
-    def __init__(self):
-        super().__init__()
-        self.inp = nn.Linear(4, 6, dtype=DT)
-        self.e0 = nn.Linear(6, 3, dtype=DT)
-        self.e1 = nn.Linear(6, 3, dtype=DT)
-
-    def forward(self, x, expert):
-        h = torch.tanh(self.inp(x))
-        return self.e0(h) if expert == 0 else self.e1(h)
 
 
 def setup():
