@@ -8,8 +8,9 @@
   MSE on the training windows: 1.0 = nothing learned, 0.0 = deltas recovered.
 - :class:`SentimentTask`: binary sentiment of Rotten Tomatoes sentences (``sentiment_data.py``:
   the sign of their human-rated valence) with a linear head on the mean-pooled embedding plus
-  LoRA. Every run starts from the same linear-probe head (trained on the frozen encoder on the
-  training split, early stopped on validation), a baseline reported on its own.
+  LoRA. Every run uses the same linear-probe head (trained on the frozen encoder on the
+  training split, early stopped on validation), a baseline reported on its own; the head stays
+  frozen, so every method trains its LoRA parameters only.
 
 Shared protocol: the data splits are fixed; the run seed picks the LoRA initialisation and the
 order of training batches, identically for every method. The student runs in eval mode (no
