@@ -201,7 +201,7 @@ def curve_plot(summary: dict, path) -> Path:
             line, = ax.plot(xs, ys, marker="o", ms=3, label=row["label"], **style)
             ax.fill_between(xs, ys - es, ys + es, color=line.get_color(), alpha=0.15)
         ax.set_xlabel("training step")
-        ax.set_ylabel("validation loss (1.0 = pretrained model)")
+        ax.set_ylabel("validation loss (1.0 = pretrained model on training windows)")
         ax.set_ylim(bottom=0)
         ax.set_title(f"planted task, P = {summary['budget']:,}: mean ± std over {summary['seeds']} seeds",
                      fontsize=10)
