@@ -97,6 +97,7 @@ def accuracy_summary(result: dict, task: str = "sentiment") -> dict:
            "budget": tr["budgets"][level], "steps": result["config"]["steps"],
            "batch_size": result["config"]["batch_size"], "max_length": result["config"]["max_length"],
            "seeds": result["config"]["seeds"], "split_sizes": tr["describe"].get("sizes"),
+           "class_counts": tr["describe"].get("class_counts"),
            "lr": tr["lr_choice"].get("uniform", {}).get(level), "lr_diverged": diverged_lrs(tr, level),
            "linear_probe": tr["describe"].get("linear_probe"), "methods": {}}
     for method, entry in tr["summary"].items():

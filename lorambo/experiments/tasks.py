@@ -295,7 +295,14 @@ class SentimentTask(Task):
         return {**super().describe(),
                 "dataset": "Rotten Tomatoes sentences rated by humans (Hutto & Gilbert, ICWSM 2014), from the "
                            "vaderSentiment 3.3.2 sdist (MIT licence)",
-                "classes": list(self.classes), "linear_probe": self.probe, "linear_probe_steps": self.probe_steps}
+                "classes": list(self.classes), "class_counts": self.class_counts(),
+                "linear_probe": self.probe, "linear_probe_steps": self.probe_steps}
+
+    def class_counts(self) -> dict[str, dict[str, int]]:
+        """``{split: {class: sentences}}`` of the splits as used (after the caps): accuracy is read
+        against the majority class's share."""
+        return {k: {c: int((v["labels"] == i).sum()) for i, c in enumerate(self.classes)}
+                for k, v in self.splits.items()}
 
 
 def make_task(name: str, bert, tokenizer, cfg) -> Task:

@@ -89,3 +89,20 @@ def test_full_preset_distils_on_snippets_with_hundreds_of_test_windows():
     assert windows["test"] >= 200 and windows["val"] >= 200 and windows["train"] > 5 * windows["test"], windows
     with pytest.raises(ValueError, match="planted_text must be one of docstrings, snippets"):
         presets.ExperimentConfig(planted_text="novels")
+
+
+@pytest.mark.slow
+def test_sentiment_class_counts_are_reported_per_split(sentiment_task, tiny_cfg):
+    """Counted by hand from the rated sentences: the same shuffle (seed 0), the 80/10/10 cut and the
+    tiny preset's caps on train and validation; the test split is whole."""
+    import random
+
+    rows = sentiment_data.load_sentences()
+    random.Random(0).shuffle(rows)
+    n = len(rows)
+    parts = {"train": rows[:int(0.8 * n)][:tiny_cfg.train_examples],
+             "val": rows[int(0.8 * n):int(0.9 * n)][:tiny_cfg.eval_examples], "test": rows[int(0.9 * n):]}
+    by_hand = {k: {"negative": sum(r.label == 0 for r in v), "positive": sum(r.label == 1 for r in v)}
+               for k, v in parts.items()}
+    assert by_hand["test"] == {"negative": 498, "positive": 510}
+    assert sentiment_task.describe()["class_counts"] == by_hand
