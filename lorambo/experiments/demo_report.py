@@ -97,6 +97,7 @@ def accuracy_summary(result: dict, task: str = "sentiment") -> dict:
            "budget": tr["budgets"][level], "steps": result["config"]["steps"],
            "batch_size": result["config"]["batch_size"], "max_length": result["config"]["max_length"],
            "seeds": result["config"]["seeds"], "split_sizes": tr["describe"].get("sizes"),
+           "class_counts": tr["describe"].get("class_counts"),
            "lr": tr["lr_choice"].get("uniform", {}).get(level), "lr_diverged": diverged_lrs(tr, level),
            "linear_probe": tr["describe"].get("linear_probe"), "methods": {}}
     for method, entry in tr["summary"].items():
@@ -201,7 +202,7 @@ def curve_plot(summary: dict, path) -> Path:
             line, = ax.plot(xs, ys, marker="o", ms=3, label=row["label"], **style)
             ax.fill_between(xs, ys - es, ys + es, color=line.get_color(), alpha=0.15)
         ax.set_xlabel("training step")
-        ax.set_ylabel("validation loss (1.0 = pretrained model)")
+        ax.set_ylabel("validation loss (1.0 = pretrained model on training windows)")
         ax.set_ylim(bottom=0)
         ax.set_title(f"planted task, P = {summary['budget']:,}: mean ± std over {summary['seeds']} seeds",
                      fontsize=10)

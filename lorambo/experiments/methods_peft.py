@@ -29,7 +29,7 @@ import warnings
 import torch
 
 from lorambo.experiments.methods import Method, ceil_level, schedule, spent
-from lorambo.experiments.student import enable_head, short
+from lorambo.experiments.student import short
 
 
 def _module_of(param_name: str) -> str:
@@ -53,7 +53,6 @@ class AdaLoRA(Method):
                                     tinit=s["tinit"], tfinal=s["tfinal"], deltaT=1, total_step=ctx.cfg.steps,
                                     lora_alpha=self.init_r, lora_dropout=0.0)
         self.model = get_peft_model(student, self.config)
-        enable_head(self.model)
         self.allocator = self.model.base_model.rankallocator
         self._wrap_budget()
         return self.model
@@ -169,7 +168,6 @@ class EVA(Method):
         self.ranks = {short(n): 0 for n in ctx.task.names}
         self.ranks.update({short(n): int(u.shape[0]) for n, u in state.items()})
         initialize_lora_eva_weights(self.model, eva_state_dict=state, show_progress_bar=False)  # pops state
-        enable_head(self.model)
         return self.model
 
     def _fit_budget(self, state, raw):

@@ -56,22 +56,12 @@ def dims_of(bert: nn.Module) -> dict[str, tuple[int, int]]:
 
 
 def fresh_student(bert: nn.Module, head: nn.Module | None, seed: int) -> Student:
-    """A deep copy of the pretrained encoder (and head): every run starts from the same weights."""
+    """A deep copy of the pretrained encoder (and head), every parameter frozen: every run starts from
+    the same weights, and a method trains only the LoRA parameters it adds (the head stays the
+    task's linear probe for every method)."""
     torch.manual_seed(seed)
     student = Student(copy.deepcopy(bert), copy.deepcopy(head) if head is not None else None)
     for p in student.parameters():
         p.requires_grad_(False)
     return student
 
-
-def enable_head(student: nn.Module) -> list[nn.Parameter]:
-    """Make the classification head trainable again (LoRA wrappers freeze all else); its params."""
-    head = None
-    for name, module in student.named_modules():
-        if name.endswith("head") and isinstance(module, nn.Linear):
-            head = module
-    if head is None:
-        return []
-    for p in head.parameters():
-        p.requires_grad_(True)
-    return list(head.parameters())

@@ -3,13 +3,17 @@
 - :class:`PlantedTask`: distil the pretrained model plus planted low-rank deltas
   (``planted.py``) on real English text, Python's standard-library docstrings
   (``text_corpus.py``) or, with ``planted_text="snippets"``, NYT editorials and Amazon reviews
-  (``snippet_text.py``), cut into windows of ``max_length`` tokens. The loss is the MSE of the final
+  (``snippet_text.py``), cut into windows of ``max_length`` tokens; a validation or test window
+  that repeats a window of an earlier split verbatim is dropped. The loss is the MSE of the final
   token hidden states against the target's (cached once), divided by the pretrained model's own
-  MSE on the training windows: 1.0 = nothing learned, 0.0 = deltas recovered.
+  MSE on the training windows: 0.0 = deltas recovered, 1.0 = the pretrained model on the training
+  windows. On the validation and test windows the pretrained model scores other values
+  (``pretrained``, measured: the baseline a run is compared with).
 - :class:`SentimentTask`: binary sentiment of Rotten Tomatoes sentences (``sentiment_data.py``:
   the sign of their human-rated valence) with a linear head on the mean-pooled embedding plus
-  LoRA. Every run starts from the same linear-probe head (trained on the frozen encoder on the
-  training split, early stopped on validation), a baseline reported on its own.
+  LoRA. Every run uses the same linear-probe head (trained on the frozen encoder on the
+  training split, early stopped on validation), a baseline reported on its own; the head stays
+  frozen, so every method trains its LoRA parameters only.
 
 Shared protocol: the data splits are fixed; the run seed picks the LoRA initialisation and the
 order of training batches, identically for every method. The student runs in eval mode (no
@@ -154,6 +158,18 @@ def token_windows(tokenizer, documents: list[str], max_length: int) -> list[list
     return rows
 
 
+def disjoint_windows(windows: dict[str, list[list[int]]]) -> dict[str, list[list[int]]]:
+    """Drop from each split the windows an earlier split (train, then validation) already holds:
+    different documents can share a token window verbatim (docstrings repeat phrases), and a
+    test window seen in training would be scored as held out."""
+    seen: set[tuple[int, ...]] = set()
+    out = {}
+    for split, rows in windows.items():
+        out[split] = [r for r in rows if tuple(r) not in seen]
+        seen.update(tuple(r) for r in rows)
+    return out
+
+
 class PlantedTask(Task):
     name = "planted"
     metric = "rel_loss"
@@ -163,7 +179,8 @@ class PlantedTask(Task):
         super().__init__(bert, tokenizer, cfg)
         self.planted = dict(planted or pl.PLANTED_RANKS)
         parts = document_splits(planted_text(cfg.planted_text))
-        self.splits = {k: self._windows(v) for k, v in parts.items()}
+        windows = disjoint_windows({k: token_windows(self.tokenizer, v, cfg.max_length) for k, v in parts.items()})
+        self.splits = {k: self._tensors(v) for k, v in windows.items()}
         self._cap_train()
         self.directions = pl.make_directions(self.dims, self.planted)
         calib = _rows(self.splits["train"], slice(0, 64))
@@ -174,9 +191,10 @@ class PlantedTask(Task):
         base = self._forward(self.bert, self.splits["train"])
         self.norm = float((base - self.splits["train"]["target"]).pow(2).mean())
         del self.teacher  # the cached targets are all that is needed
+        self.pretrained = {k: float((self._forward(self.bert, v) - v["target"]).pow(2).mean()) / self.norm
+                           for k, v in self.splits.items()}  # rel_loss of the model without LoRA, per split
 
-    def _windows(self, paragraphs: list[str]) -> dict:
-        rows = token_windows(self.tokenizer, paragraphs, self.cfg.max_length)
+    def _tensors(self, rows: list[list[int]]) -> dict:
         if not rows:
             raise RuntimeError("no text windows: max_length is longer than every paragraph")
         random.Random(1).shuffle(rows)
@@ -209,6 +227,7 @@ class PlantedTask(Task):
     def describe(self) -> dict:
         return {**super().describe(), "text": TEXT_LABELS[self.cfg.planted_text],
                 "planted_ranks": self.planted, "coefficients": self.coefs, "scale": self.cfg.planted_scale,
+                "pretrained_rel_loss": self.pretrained,
                 "planted_params": sum(r * sum(self.dims[n]) for n, r in self.planted.items())}
 
 
@@ -289,7 +308,14 @@ class SentimentTask(Task):
         return {**super().describe(),
                 "dataset": "Rotten Tomatoes sentences rated by humans (Hutto & Gilbert, ICWSM 2014), from the "
                            "vaderSentiment 3.3.2 sdist (MIT licence)",
-                "classes": list(self.classes), "linear_probe": self.probe, "linear_probe_steps": self.probe_steps}
+                "classes": list(self.classes), "class_counts": self.class_counts(),
+                "linear_probe": self.probe, "linear_probe_steps": self.probe_steps}
+
+    def class_counts(self) -> dict[str, dict[str, int]]:
+        """``{split: {class: sentences}}`` of the splits as used (after the caps): accuracy is read
+        against the majority class's share."""
+        return {k: {c: int((v["labels"] == i).sum()) for i, c in enumerate(self.classes)}
+                for k, v in self.splits.items()}
 
 
 def make_task(name: str, bert, tokenizer, cfg) -> Task:

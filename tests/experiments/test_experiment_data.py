@@ -89,3 +89,41 @@ def test_full_preset_distils_on_snippets_with_hundreds_of_test_windows():
     assert windows["test"] >= 200 and windows["val"] >= 200 and windows["train"] > 5 * windows["test"], windows
     with pytest.raises(ValueError, match="planted_text must be one of docstrings, snippets"):
         presets.ExperimentConfig(planted_text="novels")
+
+
+@pytest.mark.slow
+def test_sentiment_class_counts_are_reported_per_split(sentiment_task, tiny_cfg):
+    """Counted by hand from the rated sentences: the same shuffle (seed 0), the 80/10/10 cut and the
+    tiny preset's caps on train and validation; the test split is whole."""
+    import random
+
+    rows = sentiment_data.load_sentences()
+    random.Random(0).shuffle(rows)
+    n = len(rows)
+    parts = {"train": rows[:int(0.8 * n)][:tiny_cfg.train_examples],
+             "val": rows[int(0.8 * n):int(0.9 * n)][:tiny_cfg.eval_examples], "test": rows[int(0.9 * n):]}
+    by_hand = {k: {"negative": sum(r.label == 0 for r in v), "positive": sum(r.label == 1 for r in v)}
+               for k, v in parts.items()}
+    assert by_hand["test"] == {"negative": 498, "positive": 510}
+    assert sentiment_task.describe()["class_counts"] == by_hand
+
+
+@pytest.mark.slow
+def test_planted_splits_share_no_window(planted_task, tiny_cfg):
+    """Checked against windows cut by hand from the document split: different docstrings share
+    some 10-token windows verbatim (5 of the 207 test windows at the tiny size repeat a training or
+    validation window), so a document split alone does not keep test windows out of training."""
+    from transformers import AutoTokenizer
+
+    from lorambo.experiments.minilm import minilm_path
+    from lorambo.experiments.tasks import document_splits, planted_text, token_windows
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    cut = {k: [tuple(r) for r in token_windows(tokenizer, v, tiny_cfg.max_length)]
+           for k, v in document_splits(planted_text(tiny_cfg.planted_text)).items()}
+    train, val = set(cut["train"]), set(cut["val"])
+    repeated = [r for r in cut["test"] if r in train or r in val]
+    assert repeated  # else this test could not tell a deduplicated split from the raw one
+    got = {k: {tuple(r) for r in v["input_ids"].tolist()} for k, v in planted_task.splits.items()}
+    assert not got["test"] & (train | val) and not got["val"] & train
+    assert planted_task.describe()["sizes"]["test"] == len(cut["test"]) - len(repeated)
