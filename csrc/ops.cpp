@@ -52,6 +52,13 @@ at::Tensor call_dropout_mask(const at::Tensor& x, double p, int64_t seed) {
 
 at::Tensor undefined_if_empty(const at::Tensor& g, bool wanted) { return wanted ? g : at::Tensor(); }
 
+// What the backward keeps of x: x itself where it reads its values (dA_r at rank > 0, dW), else
+// a zero-stride stand-in of its shape, so that a rank-0 layer holds what the frozen layer holds.
+at::Tensor saved_input(const at::Tensor& x, const at::Tensor& weight, int64_t rank) {
+  if (rank > 0 || weight.requires_grad()) return x;
+  return at::zeros({}, x.options()).expand(x.sizes());
+}
+
 // Autograd for lorambo::lora_linear. Without create_graph the backward is one call of
 // lora_linear_bwd (hand-fused kernels); with create_graph (Hessian-vector products) the same
 // formulas run as differentiable ATen ops on the saved inputs, so double backward is exact.
@@ -63,7 +70,7 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
                             int64_t seed) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, t] = fwd_op().call(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed);
-    ctx->save_for_backward({x, weight, lora_A, lora_B, t});
+    ctx->save_for_backward({saved_input(x, weight, rank), weight, lora_A, lora_B, t});
     ctx->saved_data["rank"] = rank;
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["p"] = dropout_p;

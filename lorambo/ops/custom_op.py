@@ -21,7 +21,8 @@ nothing inside (a ``torch.Generator``, a C++ op, a Triton launch) has to be trac
   with a symbolic rank (t's fake shape is [M, rank]) instead of one graph per rank.
 - ``t = drop(x) A_r^T`` is saved from the forward; the dropout mask is regenerated from the seed
   in the backward, never stored; only the gradients autograd asks for are computed, and
-  gradients of inactive pool slots are exactly zero.
+  gradients of inactive pool slots are exactly zero. At rank 0 with a frozen base weight the
+  backward reads only x's shape, so x is not kept: a rank-0 layer holds what the frozen layer holds.
 - With ``create_graph=True`` (Hessian-vector products) the backward evaluates the same formulas
   with differentiable torch ops on the saved inputs (mask from the backend's own
   ``dropout_multiplier``), so double backward is exact; plain backward never takes that path.
@@ -131,7 +132,7 @@ def define_lora_op(ns: str, forward: Callable, backward: Callable, multiplier: C
 
     def setup_context(ctx, inputs, output):
         x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed = inputs
-        ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
+        ctx.save_for_backward(saved_input(x, weight, rank), weight, lora_A, lora_B, output[1], seed)
         _remember(ctx, bias, rank, scaling, dropout_p)
         ctx.mark_non_differentiable(output[1])
 
@@ -152,7 +153,7 @@ def define_lora_op(ns: str, forward: Callable, backward: Callable, multiplier: C
         @staticmethod
         def forward(ctx, x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed):
             y, t = forward(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
-            ctx.save_for_backward(x, weight, lora_A, lora_B, t)
+            ctx.save_for_backward(saved_input(x, weight, rank), weight, lora_A, lora_B, t)
             _remember(ctx, bias, rank, scaling, dropout_p)
             ctx.seed = seed
             return y
@@ -170,6 +171,15 @@ def define_lora_op(ns: str, forward: Callable, backward: Callable, multiplier: C
         return EagerFunction.apply(x2, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
 
     return apply
+
+
+def saved_input(x: Tensor, weight: Tensor, rank) -> Tensor:
+    """What the backward keeps of ``x``: ``x`` where it reads its values (dA_r at rank > 0, dW),
+    else a zero-stride stand-in of its shape, so that a rank-0 layer holds what the frozen layer
+    holds. A symbolic rank (torch.compile) keeps ``x``: testing it would add a guard."""
+    if weight.requires_grad or not isinstance(rank, int) or rank > 0:
+        return x
+    return x.new_zeros(()).expand(x.shape)
 
 
 def _remember(ctx, bias, rank, scaling, dropout_p):
