@@ -7,7 +7,7 @@ held to the same P, counted as ``sum_i r_i (d_i + k_i)`` over its final ranks. O
 level 1 is 2 P*; the oracle gets ``P / P*`` times the planted ranks, so it spends exactly P.
 
 Three sizes: :func:`tiny` (the CI test: seconds per run), :func:`default` (``lorambo demo``:
-the planted task at P = P*: 496 s on an idle 2-core CPU, 1 thread, docs/demo_results.json) and
+the planted task at P = P*: 464 s on a 2-core CPU, 1 thread, docs/demo_results.json) and
 :func:`full` (``--full``: sized for one GPU).
 """
 
