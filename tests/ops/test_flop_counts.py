@@ -12,20 +12,7 @@ import lorambo
 from lorambo.ext import loader as ext_loader
 from lorambo.nn.lora_linear import LoRAMBoLinear
 
-
-def _triton_runs_on_cpu() -> bool:
-    try:
-        from lorambo_kernels.config import unavailable_reason
-    except ImportError:
-        return False
-    return unavailable_reason("cpu") is None
-
-
-BACKENDS = [
-    "torch",
-    pytest.param("ext", marks=pytest.mark.skipif(ext_loader.load() is None, reason="extension not built")),
-    pytest.param("triton", marks=pytest.mark.skipif(not _triton_runs_on_cpu(), reason="no Triton interpreter")),
-]
+from cpu_backends import BACKENDS
 
 
 def _count(fn) -> int:

@@ -13,23 +13,10 @@ from torch.autograd.graph import saved_tensors_hooks
 from torch.utils.flop_counter import FlopCounterMode
 
 import lorambo
-from lorambo.ext import loader as ext_loader
 from lorambo.nn.lora_linear import LoRAMBoLinear
 
+from cpu_backends import BACKENDS
 
-def _triton_runs_on_cpu() -> bool:
-    try:
-        from lorambo_kernels.config import unavailable_reason
-    except ImportError:
-        return False
-    return unavailable_reason("cpu") is None
-
-
-BACKENDS = [
-    "torch",
-    pytest.param("ext", marks=pytest.mark.skipif(ext_loader.load() is None, reason="extension not built")),
-    pytest.param("triton", marks=pytest.mark.skipif(not _triton_runs_on_cpu(), reason="no Triton interpreter")),
-]
 
 # eager: the backends' autograd Functions; custom_op: the torch.library ops, which run under a
 # TorchDispatchMode (FlopCounterMode here) and torch.compile
