@@ -55,6 +55,8 @@ def read(path) -> tuple[list[dict], int]:
                              "ignored, a damaged line inside the journal is an error") from None
         if not isinstance(record, dict) or "kind" not in record:
             raise ValueError(f"{path}:{number}: not a journal record (no 'kind')")
+        if record["kind"] not in ("header", "session") and "key" not in record:
+            raise ValueError(f"{path}:{number}: a {record['kind']!r} record without its unit's 'key'")
         records.append(record)
     return records, len(tail)
 

@@ -50,6 +50,10 @@ def test_journal_ignores_only_a_torn_last_line(tmp_path):
     path.write_text('{"kind": "header"}\n{"kind": "se\n{"kind": "session"}\n')
     with pytest.raises(ValueError, match=r"runs.jsonl:2: not a journal record"):
         journal.read(path)
+    # a hand-edited unit record without its key was a bare KeyError('key') when indexed
+    path.write_text('{"kind": "header"}\n{"kind": "run", "task": "planted"}\n')
+    with pytest.raises(ValueError, match=r"runs.jsonl:2: a 'run' record without its unit's 'key'"):
+        journal.read(path)
 
 
 @pytest.mark.parametrize("lr_search", ["uniform", "first_budget", "per_budget"])
