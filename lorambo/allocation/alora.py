@@ -25,9 +25,12 @@ import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
+from itertools import islice
 
 import torch
 
+from lorambo.allocation.components import at_most_per_layer
+from lorambo.allocation.validate import check_rank_bounds
 from lorambo.distributed import broadcast_, decision_generator
 from lorambo.nn.pool_ops import keep_components_many
 
@@ -54,31 +57,13 @@ class ALoRAConfig:
         return [self.k1 + j * self.k2 for j in range(self.rounds)]
 
 
-def _is_rank(v) -> bool:
-    return not isinstance(v, bool) and isinstance(v, numbers.Integral) and v >= 0
-
-
-def _check_bounds(min_rank, max_rank) -> None:
-    if not _is_rank(min_rank):
-        raise ValueError(f"min_rank={min_rank!r} must be an int >= 0")
-    if max_rank is not None and not _is_rank(max_rank):
-        raise ValueError(f"max_rank={max_rank!r} must be an int >= 0 or None")
-    if max_rank is not None and min_rank > max_rank:
-        raise ValueError(f"min_rank={min_rank} > max_rank={max_rank}")
-
-
 def _plan(layers, scores, n_prune, budget, min_rank=0, max_rank=None):
     """(prune {name: [component]}, receive [name per freed rank]) conserving the rank sum."""
     costs = {n: m.in_features + m.out_features for n, m in layers.items()}
     left = budget - sum(costs[n] * m.rank for n, m in layers.items())
     ranked = sorted((float(s), n, k) for n, sc in scores.items() for k, s in enumerate(sc.tolist()))
-    worst, count = [], {}
-    for entry in ranked:  # the worst first; a layer at min_rank keeps the rest of its components
-        if len(worst) == n_prune:
-            break
-        count[entry[1]] = count.get(entry[1], 0) + 1
-        if count[entry[1]] <= layers[entry[1]].rank - min_rank:
-            worst.append(entry)
+    # the worst first; a layer at min_rank keeps the rest of its components
+    worst = list(islice(at_most_per_layer(ranked, lambda n: layers[n].rank - min_rank), n_prune))
     pruned_layers = {n for _, n, _ in worst}
     means = {n: float(sc.mean()) for n, sc in scores.items() if sc.numel() and n not in pruned_layers}
     order = {n: i for i, n in enumerate(layers)}  # once: list(layers).index per key was O(n^2)
@@ -109,7 +94,7 @@ def alora_round(model, layers: Mapping, loss_fn, batches, n_prune: int, budget: 
     ``scores``: ``{name: tensor[rank]}`` to use instead of computing ablation scores.
     ``min_rank`` / ``max_rank``: no layer is pruned below / grown above them.
     """
-    _check_bounds(min_rank, max_rank)
+    check_rank_bounds(min_rank, max_rank)
     if scores is None:
         from lorambo.sensitivity.ablation import ablation_scores
 
@@ -145,7 +130,7 @@ class ALoRA:
                  max_rank: int | None = None):
         if loss_fn is None or heldout_batches is None:
             raise ValueError("ALoRA needs loss_fn and heldout_batches to score components by ablation")
-        _check_bounds(min_rank, max_rank)
+        check_rank_bounds(min_rank, max_rank)
         self.min_rank, self.max_rank = min_rank, max_rank
         self.model, self.layers, self.loss_fn = model, dict(layers), loss_fn
         self.batches, self.config, self.budget, self.seed, self.log = heldout_batches, config, budget, seed, log

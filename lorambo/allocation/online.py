@@ -48,7 +48,9 @@ import torch
 
 from lorambo.allocation.benefits import (projected_top_singular, projected_top_singular_many,
                                          subspace_basis)
+from lorambo.allocation.components import at_most_per_layer
 from lorambo.allocation.greedy import greedy_allocate
+from lorambo.allocation.validate import check_rank_bounds
 from lorambo.distributed import all_reduced_mean, broadcast_, decision_generator
 from lorambo.nn.hook_inputs import layer_input
 from lorambo.nn.pool_ops import keep_components_many
@@ -179,12 +181,7 @@ def plan_moves(next_gains: Mapping[str, float], scores: Mapping[str, Sequence[fl
     donors = sorted((float(s), n, k) for n, sc in scores.items() for k, s in enumerate(sc)
                     if float(s) < move_threshold)
     if spare is not None:  # a layer's components leave in this order: only its first `spare` can
-        kept, count = [], {}
-        for entry in donors:
-            count[entry[1]] = count.get(entry[1], 0) + 1
-            if count[entry[1]] <= spare.get(entry[1], 0):
-                kept.append(entry)
-        donors = kept
+        donors = list(at_most_per_layer(donors, lambda n: spare.get(n, 0)))
     donor_cost = np.asarray([costs[n] for _, n, _ in donors])
     # donors (in order) that can fund a receiver, per receiver cost at the current leftover: a scan
     # of every donor per receiver was O(receivers x components) when few or none could fund them
@@ -371,10 +368,8 @@ class OnlineGrowth:
                  min_rank: int = 0, max_rank: int | None = None):
         check_growth_settings(threshold, sketch_rank, power_iters, oversample, move_threshold,
                               max_moves, max_tokens)
-        self.min_rank = _int_at_least("min_rank", min_rank, 0)
-        self.max_rank = None if max_rank is None else _int_at_least("max_rank", max_rank, 0)
-        if self.max_rank is not None and self.min_rank > self.max_rank:
-            raise ValueError(f"min_rank={min_rank} > max_rank={max_rank}")
+        check_rank_bounds(min_rank, max_rank)
+        self.min_rank, self.max_rank = int(min_rank), None if max_rank is None else int(max_rank)
         if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not 0 <= budget < math.inf:
             raise ValueError(f"budget={budget!r} must be a finite number of parameters >= 0")
         self.layers = dict(layers)

@@ -38,6 +38,16 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
 
 
+def check_rank_bounds(min_rank: Any, max_rank: Any) -> None:
+    """ValueError unless ``min_rank`` is an int >= 0 and ``max_rank`` an int >= min_rank or None."""
+    if not _is_int(min_rank) or min_rank < 0:
+        raise ValueError(f"min_rank={min_rank!r} must be an int >= 0")
+    if max_rank is not None and (not _is_int(max_rank) or max_rank < 0):
+        raise ValueError(f"max_rank={max_rank!r} must be an int >= 0 or None")
+    if max_rank is not None and min_rank > max_rank:
+        raise ValueError(f"min_rank={min_rank} > max_rank={max_rank}")
+
+
 def _check_keys(what: str, given: Mapping, names: tuple) -> None:
     if not isinstance(given, Mapping):
         raise ValueError(f"{what} must be a dict {{layer name: value}}, got {type(given).__name__}")
@@ -85,12 +95,7 @@ def validate_problem(dims, sensitivities, budget, min_rank, max_rank, capacities
         costs.append(int(dk[0]) + int(dk[1]))
         full.append(min(int(dk[0]), int(dk[1])))
 
-    if not _is_int(min_rank) or min_rank < 0:
-        raise ValueError(f"min_rank={min_rank!r} must be an int >= 0")
-    if max_rank is not None and (not _is_int(max_rank) or max_rank < 0):
-        raise ValueError(f"max_rank={max_rank!r} must be an int >= 0 or None")
-    if max_rank is not None and min_rank > max_rank:
-        raise ValueError(f"min_rank={min_rank} > max_rank={max_rank}")
+    check_rank_bounds(min_rank, max_rank)
     caps = {} if capacities is None else capacities
     if capacities is not None:
         if not isinstance(capacities, Mapping):
