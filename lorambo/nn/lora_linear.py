@@ -61,6 +61,15 @@ def _unmerged_base_weight(module: "LoRAMBoLinear", state_dict, prefix: str, loca
         state_dict[key] = module._unmerged_weight()
 
 
+def _check_extra_state_first(module: "LoRAMBoLinear", state_dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: torch copies a module's tensors before it hands over the extra
+    state, so a rank refused only in ``set_extra_state`` would leave the pools loaded under the
+    old rank (non-zero slots past it). Refuse a bad one before anything is copied."""
+    key = f"{prefix}_extra_state"
+    if key in state_dict:
+        module._parse_extra_state(state_dict[key])
+
+
 def _unmerge_before_load(module: "LoRAMBoLinear", state_dict, prefix: str, *args) -> None:
     """load_state_dict pre-hook: a merged layer is unmerged before its entries load. A state_dict
     holds the unmerged weight and the pools (see above); loaded into a merged layer they would
@@ -160,6 +169,7 @@ class LoRAMBoLinear(nn.Module):
         refuse_unsupported_optimizers()
         self.register_state_dict_post_hook(_unmerged_base_weight)
         self.register_load_state_dict_pre_hook(plain_keys_to_base_layer)
+        self.register_load_state_dict_pre_hook(_check_extra_state_first)
         self.register_load_state_dict_pre_hook(_unmerge_before_load)
         self.register_load_state_dict_pre_hook(_refuse_slots_past_rank)
 
@@ -491,7 +501,8 @@ class LoRAMBoLinear(nn.Module):
         # Saved in state_dict so a reload restores which slots are active.
         return torch.tensor([self._rank, self.capacity], dtype=torch.int64)
 
-    def set_extra_state(self, state) -> None:
+    def _parse_extra_state(self, state) -> int:
+        """The rank of a valid extra state for this layer, else a ValueError naming the layer."""
         values = torch.as_tensor(state)
         if values.shape != (2,) or values.is_floating_point() or values.is_complex():
             raise ValueError(f"{self._label}: state_dict extra state must be the integers [rank, capacity], "
@@ -501,6 +512,10 @@ class LoRAMBoLinear(nn.Module):
             raise ValueError(f"{self._label}: state_dict has capacity {capacity}, layer has {self.capacity}")
         if not 0 <= rank <= capacity:
             raise ValueError(f"{self._label}: state_dict has rank {rank} outside [0, capacity = {capacity}]")
+        return rank
+
+    def set_extra_state(self, state) -> None:
+        rank = self._parse_extra_state(state)
         if self.merged:
             raise RuntimeError(f"{self._label}: unmerge() before loading a state_dict")
         self._set_active_rank(rank)

@@ -334,12 +334,19 @@ def test_pools_without_their_rank_are_refused_when_slots_past_the_rank_would_be_
     (torch.tensor([2.5, 8.0]), r"'fc'.*integers \[rank, capacity\]"),
 ])
 def test_state_dict_with_a_bad_rank_is_refused(extra, match):
+    """torch copies a module's tensors before handing it the extra state: the pools of a rank-5
+    adapter loaded, the bad rank was refused after, and the layer kept rank 2 with non-zero slots
+    past it. The extra state is checked first, so nothing of the layer changes."""
+    torch.manual_seed(0)
     layer = LoRAMBoLinear(nn.Linear(8, 12), rank=2, capacity=8, name="fc")
-    state = layer.state_dict()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    state = filled(LoRAMBoLinear(nn.Linear(8, 12), rank=5, capacity=8)).state_dict()
     state["_extra_state"] = extra
     with pytest.raises(ValueError, match=match):
         layer.load_state_dict(state)
     assert layer.rank == 2
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
 
 
 @pytest.mark.parametrize("dtype, unit_roundoff", [(torch.float32, 2.0**-24), (torch.bfloat16, 2.0**-8),
