@@ -498,27 +498,51 @@ class LoRAMBoLinear(nn.Module):
 
     # ---------------------------------------------------------------------- state / repr
     def get_extra_state(self) -> torch.Tensor:
-        # Saved in state_dict so a reload restores which slots are active.
-        return torch.tensor([self._rank, self.capacity], dtype=torch.int64)
+        # Saved in state_dict so a reload restores which slots are active and the scaling (with
+        # the alpha / use_rslora it came from): the scaling is part of the adapter's function, and
+        # a layer built with another alpha or rank would otherwise compute another one. float64
+        # holds the integers exactly and the scaling bit for bit.
+        return torch.tensor([self._rank, self.capacity, self.scaling, self.alpha, float(self.use_rslora)],
+                            dtype=torch.float64)
 
-    def _parse_extra_state(self, state) -> int:
-        """The rank of a valid extra state for this layer, else a ValueError naming the layer."""
+    def _parse_extra_state(self, state) -> tuple[int, tuple[float, float, bool] | None]:
+        """``(rank, (scaling, alpha, use_rslora))`` of a valid extra state for this layer, the
+        settings None for the integers ``[rank, capacity]`` of earlier versions; else a
+        ValueError naming the layer."""
         values = torch.as_tensor(state)
-        if values.shape != (2,) or values.is_floating_point() or values.is_complex():
-            raise ValueError(f"{self._label}: state_dict extra state must be the integers [rank, capacity], "
-                             f"got {state!r}")
-        rank, capacity = (int(v) for v in values.tolist())
+        if values.shape == (2,) and not (values.is_floating_point() or values.is_complex()):
+            numbers, settings = values.tolist(), None
+        elif values.shape == (5,) and values.dtype == torch.float64:
+            numbers = values.tolist()
+            if not all(float(v).is_integer() for v in numbers[:2]):
+                raise ValueError(f"{self._label}: state_dict extra state has rank and capacity {numbers[:2]}, "
+                                 "expected integers")
+            scaling, alpha, rslora = numbers[2:]
+            if not (math.isfinite(scaling) and math.isfinite(alpha)):
+                raise ValueError(f"{self._label}: state_dict has scaling {scaling} / alpha {alpha}, expected "
+                                 "finite numbers")
+            if rslora not in (0.0, 1.0):
+                raise ValueError(f"{self._label}: state_dict has use_rslora {rslora}, expected 0 or 1")
+            settings = (scaling, alpha, bool(rslora))
+        else:
+            raise ValueError(f"{self._label}: state_dict extra state must be float64 [rank, capacity, scaling, "
+                             f"alpha, use_rslora] (or the integers [rank, capacity]), got {state!r} of dtype "
+                             f"{values.dtype} and shape {list(values.shape)}; a copy cast to another dtype "
+                             "would round the scaling")
+        rank, capacity = (int(v) for v in numbers[:2])
         if capacity != self.capacity:
             raise ValueError(f"{self._label}: state_dict has capacity {capacity}, layer has {self.capacity}")
         if not 0 <= rank <= capacity:
             raise ValueError(f"{self._label}: state_dict has rank {rank} outside [0, capacity = {capacity}]")
-        return rank
+        return rank, settings
 
     def set_extra_state(self, state) -> None:
-        rank = self._parse_extra_state(state)
+        rank, settings = self._parse_extra_state(state)
         if self.merged:
             raise RuntimeError(f"{self._label}: unmerge() before loading a state_dict")
         self._set_active_rank(rank)
+        if settings is not None:
+            self.scaling, self.alpha, self.use_rslora = settings
         self.zero_inactive_()  # keep the invariant even if the file held values past its rank
 
     def extra_repr(self) -> str:

@@ -332,6 +332,9 @@ def test_pools_without_their_rank_are_refused_when_slots_past_the_rank_would_be_
     (torch.tensor([-3, 8]), r"'fc'.*rank -3 outside"),
     (torch.tensor([2, 16]), r"'fc'.*capacity 16"),
     (torch.tensor([2.5, 8.0]), r"'fc'.*integers \[rank, capacity\]"),
+    (torch.tensor([2.5, 8.0, 1.0, 2.0, 0.0], dtype=torch.float64), r"'fc'.*rank and capacity .*integers"),
+    (torch.tensor([2.0, 8.0, float("nan"), 2.0, 0.0], dtype=torch.float64), r"'fc'.*scaling"),
+    (torch.tensor([2.0, 8.0, 1.0, 2.0, 0.5], dtype=torch.float64), r"'fc'.*use_rslora"),
 ])
 def test_state_dict_with_a_bad_rank_is_refused(extra, match):
     """torch copies a module's tensors before handing it the extra state: the pools of a rank-5
@@ -347,6 +350,41 @@ def test_state_dict_with_a_bad_rank_is_refused(extra, match):
     assert layer.rank == 2
     for key, value in layer.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_state_dict_restores_the_scaling_of_a_layer_built_with_another_alpha():
+    """The extra state held the rank only: loaded into a layer built with another alpha (rank 2,
+    alpha 4, rsLoRA: scaling 2.83), the rank-6 adapter saved with scaling 16/6 came back with the
+    new layer's scaling and computed another function without a word."""
+    torch.manual_seed(0)
+    src = filled(LoRAMBoLinear(nn.Linear(8, 12, dtype=torch.float64), rank=6, capacity=8, alpha=16.0, name="fc"))
+    dst = LoRAMBoLinear(nn.Linear(8, 12, dtype=torch.float64), rank=2, capacity=8, alpha=4.0, use_rslora=True)
+    dst.load_state_dict(src.state_dict())
+    assert (dst.rank, dst.scaling, dst.alpha, dst.use_rslora) == (6, 16.0 / 6, 16.0, False)
+    x = torch.randn(5, 8, dtype=torch.float64)
+    A, B = src.lora_A[:6].detach(), src.lora_B[:, :6].detach()
+    expected = x @ src.base_layer.weight.detach().T + src.base_layer.bias.detach() + (16.0 / 6) * (x @ A.T) @ B.T
+    torch.testing.assert_close(dst(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_extra_state_of_rank_and_capacity_only_keeps_the_layers_scaling():
+    src = filled(LoRAMBoLinear(nn.Linear(8, 12), rank=6, capacity=8, alpha=16.0))
+    dst = LoRAMBoLinear(nn.Linear(8, 12), rank=2, capacity=8, alpha=4.0)
+    state = src.state_dict()
+    state["_extra_state"] = torch.tensor([6, 8])  # the two integers older versions wrote
+    dst.load_state_dict(state)
+    assert (dst.rank, dst.scaling, dst.alpha) == (6, 2.0, 4.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_extra_state_cast_to_another_float_dtype_is_refused(dtype):
+    """A scaling rounded to bfloat16 would load as another function: refused, naming the layer."""
+    layer = LoRAMBoLinear(nn.Linear(8, 12), rank=2, capacity=8, alpha=16.0, name="fc")
+    state = filled(LoRAMBoLinear(nn.Linear(8, 12), rank=6, capacity=8, alpha=16.0)).state_dict()
+    state["_extra_state"] = state["_extra_state"].to(dtype)
+    with pytest.raises(ValueError, match=rf"'fc'.*float64.*{dtype}"):
+        layer.load_state_dict(state)
+    assert (layer.rank, layer.scaling) == (2, 8.0)
 
 
 @pytest.mark.parametrize("dtype, unit_roundoff", [(torch.float32, 2.0**-24), (torch.bfloat16, 2.0**-8),
