@@ -500,36 +500,34 @@ class LoRAMBoLinear(nn.Module):
     def get_extra_state(self) -> torch.Tensor:
         # Saved in state_dict so a reload restores which slots are active and the scaling (with
         # the alpha / use_rslora it came from): the scaling is part of the adapter's function, and
-        # a layer built with another alpha or rank would otherwise compute another one. float64
-        # holds the integers exactly and the scaling bit for bit.
-        return torch.tensor([self._rank, self.capacity, self.scaling, self.alpha, float(self.use_rslora)],
-                            dtype=torch.float64)
+        # a layer built with another alpha or rank would otherwise compute another one. All int64,
+        # the two floats as their float64 bit patterns: exact, and left alone by the usual
+        # "cast the floating tensors to bf16" conversion of a state_dict.
+        settings = torch.tensor([self.scaling, self.alpha], dtype=torch.float64).view(torch.int64)
+        return torch.cat([torch.tensor([self._rank, self.capacity]), settings,
+                          torch.tensor([int(self.use_rslora)])])
 
     def _parse_extra_state(self, state) -> tuple[int, tuple[float, float, bool] | None]:
         """``(rank, (scaling, alpha, use_rslora))`` of a valid extra state for this layer, the
-        settings None for the integers ``[rank, capacity]`` of earlier versions; else a
-        ValueError naming the layer."""
+        settings None for the ``[rank, capacity]`` of earlier versions; else a ValueError naming
+        the layer."""
         values = torch.as_tensor(state)
         if values.shape == (2,) and not (values.is_floating_point() or values.is_complex()):
-            numbers, settings = values.tolist(), None
-        elif values.shape == (5,) and values.dtype == torch.float64:
-            numbers = values.tolist()
-            if not all(float(v).is_integer() for v in numbers[:2]):
-                raise ValueError(f"{self._label}: state_dict extra state has rank and capacity {numbers[:2]}, "
-                                 "expected integers")
-            scaling, alpha, rslora = numbers[2:]
+            settings = None
+        elif values.shape == (5,) and values.dtype == torch.int64:
+            scaling, alpha = values[2:4].clone().view(torch.float64).tolist()
+            rslora = int(values[4])
             if not (math.isfinite(scaling) and math.isfinite(alpha)):
                 raise ValueError(f"{self._label}: state_dict has scaling {scaling} / alpha {alpha}, expected "
                                  "finite numbers")
-            if rslora not in (0.0, 1.0):
+            if rslora not in (0, 1):
                 raise ValueError(f"{self._label}: state_dict has use_rslora {rslora}, expected 0 or 1")
             settings = (scaling, alpha, bool(rslora))
         else:
-            raise ValueError(f"{self._label}: state_dict extra state must be float64 [rank, capacity, scaling, "
-                             f"alpha, use_rslora] (or the integers [rank, capacity]), got {state!r} of dtype "
-                             f"{values.dtype} and shape {list(values.shape)}; a copy cast to another dtype "
-                             "would round the scaling")
-        rank, capacity = (int(v) for v in numbers[:2])
+            raise ValueError(f"{self._label}: state_dict extra state must be the int64 [rank, capacity, "
+                             "scaling bits, alpha bits, use_rslora] (or the integers [rank, capacity]), got a "
+                             f"{values.dtype} tensor of shape {list(values.shape)}: {values.tolist()}")
+        rank, capacity = (int(v) for v in values[:2].tolist())
         if capacity != self.capacity:
             raise ValueError(f"{self._label}: state_dict has capacity {capacity}, layer has {self.capacity}")
         if not 0 <= rank <= capacity:

@@ -332,9 +332,10 @@ def test_pools_without_their_rank_are_refused_when_slots_past_the_rank_would_be_
     (torch.tensor([-3, 8]), r"'fc'.*rank -3 outside"),
     (torch.tensor([2, 16]), r"'fc'.*capacity 16"),
     (torch.tensor([2.5, 8.0]), r"'fc'.*integers \[rank, capacity\]"),
-    (torch.tensor([2.5, 8.0, 1.0, 2.0, 0.0], dtype=torch.float64), r"'fc'.*rank and capacity .*integers"),
-    (torch.tensor([2.0, 8.0, float("nan"), 2.0, 0.0], dtype=torch.float64), r"'fc'.*scaling"),
-    (torch.tensor([2.0, 8.0, 1.0, 2.0, 0.5], dtype=torch.float64), r"'fc'.*use_rslora"),
+    (torch.cat([torch.tensor([2, 8]), torch.tensor([float("nan"), 2.0], dtype=torch.float64).view(torch.int64),
+                torch.tensor([0])]), r"'fc'.*scaling nan"),
+    (torch.cat([torch.tensor([2, 8]), torch.tensor([1.0, 2.0], dtype=torch.float64).view(torch.int64),
+                torch.tensor([7])]), r"'fc'.*use_rslora 7"),
 ])
 def test_state_dict_with_a_bad_rank_is_refused(extra, match):
     """torch copies a module's tensors before handing it the extra state: the pools of a rank-5
@@ -376,13 +377,23 @@ def test_extra_state_of_rank_and_capacity_only_keeps_the_layers_scaling():
     assert (dst.rank, dst.scaling, dst.alpha) == (6, 2.0, 4.0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_extra_state_cast_to_another_float_dtype_is_refused(dtype):
-    """A scaling rounded to bfloat16 would load as another function: refused, naming the layer."""
+def test_state_dict_with_its_floating_tensors_cast_keeps_the_exact_scaling():
+    """The usual conversion of a checkpoint to half precision casts its floating tensors: the
+    extra state is int64, so rank and scaling come through it exactly."""
+    torch.manual_seed(0)
+    src = filled(LoRAMBoLinear(nn.Linear(8, 12), rank=6, capacity=8, alpha=16.0, use_rslora=True))
+    half = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in src.state_dict().items()}
+    dst = LoRAMBoLinear(nn.Linear(8, 12, dtype=torch.bfloat16), rank=2, capacity=8)
+    dst.load_state_dict(half)
+    assert (dst.rank, dst.scaling, dst.alpha, dst.use_rslora) == (6, 16.0 / math.sqrt(6), 16.0, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.int32])
+def test_extra_state_cast_to_another_dtype_is_refused(dtype):
     layer = LoRAMBoLinear(nn.Linear(8, 12), rank=2, capacity=8, alpha=16.0, name="fc")
     state = filled(LoRAMBoLinear(nn.Linear(8, 12), rank=6, capacity=8, alpha=16.0)).state_dict()
     state["_extra_state"] = state["_extra_state"].to(dtype)
-    with pytest.raises(ValueError, match=rf"'fc'.*float64.*{dtype}"):
+    with pytest.raises(ValueError, match=rf"'fc'.*int64.*{dtype}"):
         layer.load_state_dict(state)
     assert (layer.rank, layer.scaling) == (2, 8.0)
 
