@@ -61,6 +61,15 @@ def _unmerged_base_weight(module: "LoRAMBoLinear", state_dict, prefix: str, loca
         state_dict[key] = module._unmerged_weight()
 
 
+def _check_extra_state_first(module: "LoRAMBoLinear", state_dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: torch copies a module's tensors before it hands over the extra
+    state, so a rank refused only in ``set_extra_state`` would leave the pools loaded under the
+    old rank (non-zero slots past it). Refuse a bad one before anything is copied."""
+    key = f"{prefix}_extra_state"
+    if key in state_dict:
+        module._parse_extra_state(state_dict[key])
+
+
 def _unmerge_before_load(module: "LoRAMBoLinear", state_dict, prefix: str, *args) -> None:
     """load_state_dict pre-hook: a merged layer is unmerged before its entries load. A state_dict
     holds the unmerged weight and the pools (see above); loaded into a merged layer they would
@@ -160,6 +169,7 @@ class LoRAMBoLinear(nn.Module):
         refuse_unsupported_optimizers()
         self.register_state_dict_post_hook(_unmerged_base_weight)
         self.register_load_state_dict_pre_hook(plain_keys_to_base_layer)
+        self.register_load_state_dict_pre_hook(_check_extra_state_first)
         self.register_load_state_dict_pre_hook(_unmerge_before_load)
         self.register_load_state_dict_pre_hook(_refuse_slots_past_rank)
 
@@ -488,22 +498,49 @@ class LoRAMBoLinear(nn.Module):
 
     # ---------------------------------------------------------------------- state / repr
     def get_extra_state(self) -> torch.Tensor:
-        # Saved in state_dict so a reload restores which slots are active.
-        return torch.tensor([self._rank, self.capacity], dtype=torch.int64)
+        # Saved in state_dict so a reload restores which slots are active and the scaling (with
+        # the alpha / use_rslora it came from): the scaling is part of the adapter's function, and
+        # a layer built with another alpha or rank would otherwise compute another one. All int64,
+        # the two floats as their float64 bit patterns: exact, and left alone by the usual
+        # "cast the floating tensors to bf16" conversion of a state_dict.
+        settings = torch.tensor([self.scaling, self.alpha], dtype=torch.float64).view(torch.int64)
+        return torch.cat([torch.tensor([self._rank, self.capacity]), settings,
+                          torch.tensor([int(self.use_rslora)])])
 
-    def set_extra_state(self, state) -> None:
+    def _parse_extra_state(self, state) -> tuple[int, tuple[float, float, bool] | None]:
+        """``(rank, (scaling, alpha, use_rslora))`` of a valid extra state for this layer, the
+        settings None for the ``[rank, capacity]`` of earlier versions; else a ValueError naming
+        the layer."""
         values = torch.as_tensor(state)
-        if values.shape != (2,) or values.is_floating_point() or values.is_complex():
-            raise ValueError(f"{self._label}: state_dict extra state must be the integers [rank, capacity], "
-                             f"got {state!r}")
-        rank, capacity = (int(v) for v in values.tolist())
+        if values.shape == (2,) and not (values.is_floating_point() or values.is_complex()):
+            settings = None
+        elif values.shape == (5,) and values.dtype == torch.int64:
+            scaling, alpha = values[2:4].clone().view(torch.float64).tolist()
+            rslora = int(values[4])
+            if not (math.isfinite(scaling) and math.isfinite(alpha)):
+                raise ValueError(f"{self._label}: state_dict has scaling {scaling} / alpha {alpha}, expected "
+                                 "finite numbers")
+            if rslora not in (0, 1):
+                raise ValueError(f"{self._label}: state_dict has use_rslora {rslora}, expected 0 or 1")
+            settings = (scaling, alpha, bool(rslora))
+        else:
+            raise ValueError(f"{self._label}: state_dict extra state must be the int64 [rank, capacity, "
+                             "scaling bits, alpha bits, use_rslora] (or the integers [rank, capacity]), got a "
+                             f"{values.dtype} tensor of shape {list(values.shape)}: {values.tolist()}")
+        rank, capacity = (int(v) for v in values[:2].tolist())
         if capacity != self.capacity:
             raise ValueError(f"{self._label}: state_dict has capacity {capacity}, layer has {self.capacity}")
         if not 0 <= rank <= capacity:
             raise ValueError(f"{self._label}: state_dict has rank {rank} outside [0, capacity = {capacity}]")
+        return rank, settings
+
+    def set_extra_state(self, state) -> None:
+        rank, settings = self._parse_extra_state(state)
         if self.merged:
             raise RuntimeError(f"{self._label}: unmerge() before loading a state_dict")
         self._set_active_rank(rank)
+        if settings is not None:
+            self.scaling, self.alpha, self.use_rslora = settings
         self.zero_inactive_()  # keep the invariant even if the file held values past its rank
 
     def extra_repr(self) -> str:

@@ -162,6 +162,31 @@ def _foreach_pool_step(group: dict, work) -> None:
     torch._foreach_addcdiv_(values, exp_avgs, denoms, -1.0)
 
 
+_PER_ELEMENT = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def _check_state_shapes(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """Refuse saved state whose shapes are not its parameter's (pools of another capacity):
+    torch does not look, and the first step would fail in the update naming no parameter."""
+    saved = [group.get("params", ()) for group in state_dict.get("param_groups", ())]
+    if [len(g) for g in saved] != [len(g["params"]) for g in optimizer.param_groups]:
+        return  # torch's own load_state_dict reports that
+    for g, (pids, group) in enumerate(zip(saved, optimizer.param_groups)):
+        for i, (pid, param) in enumerate(zip(pids, group["params"])):
+            state = state_dict.get("state", {}).get(pid) or {}
+            tagged = pool_slots(param)
+            expected = {key: tuple(param.shape) for key in _PER_ELEMENT}
+            if tagged is not None:
+                expected[SLOT_STEP] = (param.shape[tagged[1]],)
+            for key, shape in expected.items():
+                value = state.get(key)
+                if torch.is_tensor(value) and tuple(value.shape) != shape:
+                    raise ValueError(f"{type(optimizer).__name__}.load_state_dict: parameter {i} of param group {g} "
+                                     f"has saved state {key!r} of shape {list(value.shape)}, expected "
+                                     f"{list(shape)} (the parameter is {list(param.shape)}); was it saved for "
+                                     "a model with other LoRA capacities?")
+
+
 class AdamW(torch.optim.AdamW):
     """Drop-in :class:`torch.optim.AdamW` (same arguments) with per-slot Adam step counts for
     LoRAMBoLinear pools. See the module docstring."""
@@ -230,6 +255,7 @@ class AdamW(torch.optim.AdamW):
             _foreach_pool_step(group, work)
 
     def load_state_dict(self, state_dict: dict) -> None:
+        _check_state_shapes(self, state_dict)
         # torch casts every floating state tensor to its parameter's dtype on load; step counts
         # must stay float32 (bfloat16 counts are exact only up to 256).
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]

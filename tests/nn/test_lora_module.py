@@ -332,14 +332,70 @@ def test_pools_without_their_rank_are_refused_when_slots_past_the_rank_would_be_
     (torch.tensor([-3, 8]), r"'fc'.*rank -3 outside"),
     (torch.tensor([2, 16]), r"'fc'.*capacity 16"),
     (torch.tensor([2.5, 8.0]), r"'fc'.*integers \[rank, capacity\]"),
+    (torch.cat([torch.tensor([2, 8]), torch.tensor([float("nan"), 2.0], dtype=torch.float64).view(torch.int64),
+                torch.tensor([0])]), r"'fc'.*scaling nan"),
+    (torch.cat([torch.tensor([2, 8]), torch.tensor([1.0, 2.0], dtype=torch.float64).view(torch.int64),
+                torch.tensor([7])]), r"'fc'.*use_rslora 7"),
 ])
 def test_state_dict_with_a_bad_rank_is_refused(extra, match):
+    """torch copies a module's tensors before handing it the extra state: the pools of a rank-5
+    adapter loaded, the bad rank was refused after, and the layer kept rank 2 with non-zero slots
+    past it. The extra state is checked first, so nothing of the layer changes."""
+    torch.manual_seed(0)
     layer = LoRAMBoLinear(nn.Linear(8, 12), rank=2, capacity=8, name="fc")
-    state = layer.state_dict()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    state = filled(LoRAMBoLinear(nn.Linear(8, 12), rank=5, capacity=8)).state_dict()
     state["_extra_state"] = extra
     with pytest.raises(ValueError, match=match):
         layer.load_state_dict(state)
     assert layer.rank == 2
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_state_dict_restores_the_scaling_of_a_layer_built_with_another_alpha():
+    """The extra state held the rank only: loaded into a layer built with another alpha (rank 2,
+    alpha 4, rsLoRA: scaling 2.83), the rank-6 adapter saved with scaling 16/6 came back with the
+    new layer's scaling and computed another function without a word."""
+    torch.manual_seed(0)
+    src = filled(LoRAMBoLinear(nn.Linear(8, 12, dtype=torch.float64), rank=6, capacity=8, alpha=16.0, name="fc"))
+    dst = LoRAMBoLinear(nn.Linear(8, 12, dtype=torch.float64), rank=2, capacity=8, alpha=4.0, use_rslora=True)
+    dst.load_state_dict(src.state_dict())
+    assert (dst.rank, dst.scaling, dst.alpha, dst.use_rslora) == (6, 16.0 / 6, 16.0, False)
+    x = torch.randn(5, 8, dtype=torch.float64)
+    A, B = src.lora_A[:6].detach(), src.lora_B[:, :6].detach()
+    expected = x @ src.base_layer.weight.detach().T + src.base_layer.bias.detach() + (16.0 / 6) * (x @ A.T) @ B.T
+    torch.testing.assert_close(dst(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_extra_state_of_rank_and_capacity_only_keeps_the_layers_scaling():
+    src = filled(LoRAMBoLinear(nn.Linear(8, 12), rank=6, capacity=8, alpha=16.0))
+    dst = LoRAMBoLinear(nn.Linear(8, 12), rank=2, capacity=8, alpha=4.0)
+    state = src.state_dict()
+    state["_extra_state"] = torch.tensor([6, 8])  # the two integers older versions wrote
+    dst.load_state_dict(state)
+    assert (dst.rank, dst.scaling, dst.alpha) == (6, 2.0, 4.0)
+
+
+def test_state_dict_with_its_floating_tensors_cast_keeps_the_exact_scaling():
+    """The usual conversion of a checkpoint to half precision casts its floating tensors: the
+    extra state is int64, so rank and scaling come through it exactly."""
+    torch.manual_seed(0)
+    src = filled(LoRAMBoLinear(nn.Linear(8, 12), rank=6, capacity=8, alpha=16.0, use_rslora=True))
+    half = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in src.state_dict().items()}
+    dst = LoRAMBoLinear(nn.Linear(8, 12, dtype=torch.bfloat16), rank=2, capacity=8)
+    dst.load_state_dict(half)
+    assert (dst.rank, dst.scaling, dst.alpha, dst.use_rslora) == (6, 16.0 / math.sqrt(6), 16.0, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.int32])
+def test_extra_state_cast_to_another_dtype_is_refused(dtype):
+    layer = LoRAMBoLinear(nn.Linear(8, 12), rank=2, capacity=8, alpha=16.0, name="fc")
+    state = filled(LoRAMBoLinear(nn.Linear(8, 12), rank=6, capacity=8, alpha=16.0)).state_dict()
+    state["_extra_state"] = state["_extra_state"].to(dtype)
+    with pytest.raises(ValueError, match=rf"'fc'.*int64.*{dtype}"):
+        layer.load_state_dict(state)
+    assert (layer.rank, layer.scaling) == (2, 8.0)
 
 
 @pytest.mark.parametrize("dtype, unit_roundoff", [(torch.float32, 2.0**-24), (torch.bfloat16, 2.0**-8),

@@ -103,6 +103,23 @@ def test_slot_steps_survive_a_state_dict_round_trip_in_bfloat16():
     assert other.state[layer.lora_A]["exp_avg"].dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("saved_with", [AdamW, torch.optim.AdamW])
+def test_state_of_pools_with_another_capacity_is_refused_at_load(saved_with):
+    """State saved for capacity-8 pools loaded into capacity-16 pools (a model rebuilt with other
+    capacities, the adapter loaded by load_adapter): the load went through and the first step
+    failed inside the update with a message naming no parameter (the extension's 'slot_steps[0]
+    ... got Float [8]', or torch's 'size of tensor a (8) must match')."""
+    small, big = _pool_layer(rank=3, capacity=8), _pool_layer(rank=3, capacity=9)
+    first = saved_with(small.parameters(), lr=1e-2)
+    _random_active_grads(small)
+    first.step()
+    saved = copy.deepcopy(first.state_dict())
+    opt = AdamW(big.parameters(), lr=1e-2)
+    with pytest.raises(ValueError, match=r"parameter 0 of param group 0 .*'exp_avg' of shape \[8, 10\].*\[9, 10\]"):
+        opt.load_state_dict(saved)
+    assert not opt.state  # refused before anything was loaded
+
+
 @pytest.mark.parametrize("options", [dict(), dict(amsgrad=True, weight_decay=0.1)])
 def test_resuming_from_a_torch_adamw_checkpoint_keeps_its_moments(options):
     # switching a run from torch.optim.AdamW to lorambo's (as the shared-step warning suggests):
