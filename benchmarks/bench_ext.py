@@ -309,10 +309,19 @@ def device_name(device) -> str:
     return platform.processor() or "cpu"
 
 
-def latest_run(path: Path, device: str):
-    """Rows of the latest run for each thread count on ``device`` (1- and 2-thread runs side by side)."""
+def latest_run(path: Path, device: str | None = None):
+    """Rows of the latest run for each thread count on ``device`` (1- and 2-thread runs side by
+    side); by default the device of the CSV's latest run, so a CSV measured on another machine
+    (a GPU's, a colleague's CPU) redraws anywhere."""
+    if not path.exists():
+        raise SystemExit(f"bench_ext: {path} does not exist; nothing to redraw")
     with path.open() as fh:
-        rows = [r for r in csv.DictReader(fh) if r["device"] == device]
+        rows = list(csv.DictReader(fh))
+    if device is None and rows:
+        device = max(rows, key=lambda r: r["run"])["device"]
+    rows = [r for r in rows if r["device"] == device]
+    if not rows:
+        raise SystemExit(f"bench_ext: {path} holds no rows measured on {device!r}")
     out = []
     for threads in sorted({r["threads"] for r in rows}, key=int):
         sel = [r for r in rows if r["threads"] == threads]
@@ -421,14 +430,15 @@ def main(argv=None) -> int:
                          "machine 1 thread avoids OpenMP barriers waiting on descheduled threads")
     ap.add_argument("--out", type=Path, default=None, help="CSV to append to (default results/ext_<device>.csv)")
     ap.add_argument("--no-plot", action="store_true")
-    ap.add_argument("--replot", action="store_true", help="only redraw .png/.md from the CSV (no measurements)")
+    ap.add_argument("--replot", action="store_true",
+                    help="only redraw .png/.md from the CSV's latest run (measured on any machine)")
     args = ap.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     from lorambo.ext import ops as ext_ops
 
     if args.replot:
         out = args.out or RESULTS / f"ext_{args.device}.csv"
-        latest = latest_run(out, device_name(torch.device(args.device)))
+        latest = latest_run(out)
         atomic_write_text(out.with_suffix(".md"), markdown(latest))
         plot(latest, out.with_suffix(".png"))
         return 0

@@ -78,3 +78,24 @@ def test_bench_ext_adamw_section_runs_every_provider(tmp_path):
     assert {r["provider"] for r in rows} == {"ext", "foreach", "torch_whole_pool"}
     assert all(r["section"] == "adamw" and float(r["ms_median"]) > 0 for r in rows)
     assert "adamw_step_16" in (tmp_path / "ext.md").read_text()
+
+
+def test_bench_ext_replot_redraws_a_csv_measured_on_another_machine(tmp_path):
+    bench = _load("bench_ext")
+    out = tmp_path / "ext.csv"
+    row = dict(run="2026-01-01T00:00:00Z", device="Some Other CPU", threads="1", torch="2.0", section="reduce",
+               case="dot_224", mode="dot", dtype="float32", M="224", K="10", N="", rank="16", ms_median="2.0",
+               ms_p20="1.9", ms_p80="2.1", rounds="5")
+    with out.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=bench.FIELDS)
+        writer.writeheader()
+        writer.writerows([dict(row, provider="python_loop", ms_median="8.0"), dict(row, provider="ext")])
+    assert bench.main(["--replot", "--out", str(out)]) == 0
+    md = (tmp_path / "ext.md").read_text()
+    assert "Some Other CPU" in md and "| reduce | dot_224 | float32 | python_loop | 8.000 | 4.0× |" in md
+    assert (tmp_path / "ext.png").stat().st_size > 0
+    empty = tmp_path / "empty.csv"
+    empty.write_text(",".join(bench.FIELDS) + "\n")
+    with pytest.raises(SystemExit, match="holds no rows"):
+        bench.main(["--replot", "--out", str(empty)])
+    assert not (tmp_path / "empty.md").exists()  # nothing overwritten with an empty summary
