@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from arg_lists import names_from  # noqa: E402
 from providers import PeftStyleLoRA  # noqa: E402
 from results_csv import append_rows  # noqa: E402
 
@@ -52,6 +53,7 @@ from lorambo.adapters.atomic import atomic_save_figure, atomic_write_text  # noq
 RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = ["run", "device", "threads", "torch", "section", "case", "provider", "mode", "dtype", "M", "K", "N",
           "rank", "ms_median", "ms_p20", "ms_p80", "rounds"]
+SECTIONS = ("lora", "reduce", "probes", "pool", "adamw")
 SEVEN_B = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]  # q,k,v,o,gate,up,down (out, in)
 
 
@@ -420,9 +422,11 @@ def plot(rows, path: Path):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sections", default="lora,reduce,probes,pool,adamw")
+    ap.add_argument("--sections", type=names_from(SECTIONS), default=",".join(SECTIONS),
+                    help=f"comma-separated, of {','.join(SECTIONS)}")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--modes", default="fwd,fwd_bwd")
+    ap.add_argument("--modes", type=names_from(("fwd", "fwd_bwd")), default="fwd,fwd_bwd",
+                    help="modes of the lora section, of fwd,fwd_bwd")
     ap.add_argument("--budget", type=float, default=4.0, help="seconds of timed rounds per case (default 4)")
     ap.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
     ap.add_argument("--threads", type=int, default=None,
@@ -433,7 +437,6 @@ def main(argv=None) -> int:
     ap.add_argument("--replot", action="store_true",
                     help="only redraw .png/.md from the CSV's latest run (measured on any machine)")
     args = ap.parse_args(argv)
-    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     from lorambo.ext import ops as ext_ops
 
     if args.replot:
@@ -458,7 +461,7 @@ def main(argv=None) -> int:
     sections = {"lora": lora_section, "reduce": reduce_section, "probes": probes_section, "pool": pool_section,
                 "adamw": adamw_section}
     rows, failed = [], []
-    for name in [s.strip() for s in args.sections.split(",") if s.strip()]:
+    for name in args.sections:
         if name == "lora" and device.type == "cuda":
             print("bench_ext: the lora section measures the CPU backend; skipped on cuda", file=sys.stderr)
             continue

@@ -188,7 +188,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="seconds on a CPU: checks the script runs")
     parser.add_argument("--tokens", type=int, nargs="*", help="token counts (default 4096 8192 16384)")
     parser.add_argument("--reps", type=int, default=None)
-    parser.add_argument("--sections", nargs="*", default=["growth", "fisher", "dots"])
+    parser.add_argument("--sections", nargs="+", default=["growth", "fisher", "dots"],
+                        choices=["growth", "fisher", "dots"])
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)

@@ -99,3 +99,19 @@ def test_bench_ext_replot_redraws_a_csv_measured_on_another_machine(tmp_path):
     with pytest.raises(SystemExit, match="holds no rows"):
         bench.main(["--replot", "--out", str(empty)])
     assert not (tmp_path / "empty.md").exists()  # nothing overwritten with an empty summary
+
+
+@pytest.mark.parametrize("script, argv, named", [
+    ("bench_lora_linear", ["--cpu-smoke", "--modes", "fwdbwd"], "argument --modes: 'fwdbwd': unknown 'fwdbwd'"),
+    ("bench_lora_linear", ["--cpu-smoke", "--providers", "base,lorabmo"], "argument --providers: 'base,lorabmo'"),
+    ("bench_lora_linear", ["--cpu-smoke", "--modes", ","], "argument --modes: ',': no name given"),
+    ("bench_ext", ["--sections", "reduce,nope"], "argument --sections: 'reduce,nope': unknown 'nope'"),
+    ("bench_ext", ["--modes", "fwd,bwd", "--replot"], "argument --modes: 'fwd,bwd': unknown 'bwd'"),
+    ("bench_sketch", ["--tiny", "--sections", "growht"], "argument --sections: invalid choice: 'growht'"),
+])
+def test_a_misspelt_name_is_an_argument_error_naming_option_and_value(tmp_path, capsys, script, argv, named):
+    out = tmp_path / ("results" if script == "bench_sketch" else "missing.csv")
+    with pytest.raises(SystemExit) as exc:
+        _load(script).main([*argv, "--out", str(out)])
+    assert exc.value.code == 2 and named in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing measured, nothing written
