@@ -14,17 +14,26 @@ def append_rows(path: Path, fields: list[str], rows: list[dict], extrasaction: s
     header differs is refused: its columns would no longer line up."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    old = path.read_text() if path.exists() else ""
+    # newline="": the old text is kept byte for byte (a plain read would turn its CRLF into LF
+    # and leave a file of mixed line endings, rewritten wholesale by every append)
+    old = ""
+    if path.exists():
+        with path.open(newline="") as handle:
+            old = handle.read()
+    # new rows end their lines as the header does (csv's CRLF in a new file)
+    end = "\n" if "\n" in old and not old.split("\n", 1)[0].endswith("\r") else "\r\n"
     if old:
         header = next(csv.reader(io.StringIO(old)), [])
         if header != list(fields):
             raise ValueError(f"{path}: its header {header} is not this benchmark's {list(fields)}; "
                              "move the file aside or pass another --out")
+        if not old.endswith("\n"):  # a hand-edited file without a final newline: no row glued onto it
+            old += end
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "w", newline="") as handle:
             handle.write(old)
-            writer = csv.DictWriter(handle, fieldnames=fields, extrasaction=extrasaction)
+            writer = csv.DictWriter(handle, fieldnames=fields, extrasaction=extrasaction, lineterminator=end)
             if not old:
                 writer.writeheader()
             writer.writerows(rows)
