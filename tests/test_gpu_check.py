@@ -173,10 +173,11 @@ GPU_IMAGE_MODULES = {"torch", "triton", "numpy", "pytest", "hypothesis", "peft",
 def test_gpu_test_files_import_only_what_the_gpu_image_has():
     import ast
 
+    local = {"gpu_targets", "providers", "results_csv", "arg_lists"}  # benchmarks/ as plain modules
     files = [ROOT / "tests" / "conftest.py", *sorted((ROOT / "tests" / "kernels").glob("*.py")),
              *sorted((ROOT / "tests" / "ext").glob("*.py")),
              *[BENCH / f for f in ("gpu_check.py", "gpu_targets.py", "bench_lora_linear.py", "bench_ext.py",
-                                   "bench_sketch.py", "providers.py", "results_csv.py")]]
+                                   "bench_sketch.py", "providers.py", "results_csv.py", "arg_lists.py")]]
     foreign = set()
     for path in files:
         for node in ast.walk(ast.parse(path.read_text())):
@@ -184,7 +185,7 @@ def test_gpu_test_files_import_only_what_the_gpu_image_has():
                      [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
             for name in names:
                 top = name.split(".")[0]
-                if top not in sys.stdlib_module_names and top not in GPU_IMAGE_MODULES | {"gpu_targets", "providers", "results_csv"}:
+                if top not in sys.stdlib_module_names and top not in GPU_IMAGE_MODULES | local:
                     foreign.add(f"{path.relative_to(ROOT)}: {name}")
     assert not foreign, sorted(foreign)
 
