@@ -36,6 +36,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import lorambo  # noqa: E402
 from lorambo.allocation.alora import _plan as alora_plan  # noqa: E402
 from lorambo.allocation.online import plan_growth, plan_moves  # noqa: E402
+from machine import cpu_description  # noqa: E402
 from results_csv import append_rows  # noqa: E402
 
 MINILM = [(384, 384)] * 4 + [(1536, 384), (384, 1536)]  # (out, in) per block
@@ -150,7 +151,7 @@ def main(argv=None) -> int:
             print(f"{shape:>6} {layers:>6} layers {method:>19}: {statistics.median(ms):8.3f} ms median, "
                   f"{fastest:8.3f} ms min, {max(ms):8.3f} ms worst of {len(calls)}")
     meta = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "machine": f"cpu ({platform.machine()}, {os.cpu_count()} cores)", "python": platform.python_version(),
+            "machine": cpu_description(), "python": platform.python_version(),
             "numpy": np.__version__, "omp_threads": os.environ.get("OMP_NUM_THREADS", ""),
             "load": " ".join(f"{v:.2f}" for v in os.getloadavg()), "note": args.note}
     path = Path(args.out) / "allocate.csv"

@@ -32,7 +32,6 @@ import argparse
 import csv
 import datetime as _dt
 import itertools
-import platform
 import random
 import statistics
 import sys
@@ -45,6 +44,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from arg_lists import names_from  # noqa: E402
+from machine import cpu_name  # noqa: E402
 from providers import PeftStyleLoRA  # noqa: E402
 from results_csv import append_rows  # noqa: E402
 
@@ -300,15 +300,8 @@ def adamw_section(args, device, meta):
 
 # ---------------------------------------------------------------------------- reporting
 def device_name(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+    """The GPU's name, or the CPU model alone (the thread count has its own column)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def latest_run(path: Path, device: str | None = None):

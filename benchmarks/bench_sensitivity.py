@@ -33,6 +33,7 @@ import lorambo
 from lorambo.sensitivity import FisherProxy, hessian_trace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import device_name  # noqa: E402
 from results_csv import append_rows  # noqa: E402
 
 SIZES = {
@@ -174,7 +175,7 @@ def run(size_name: str, target: float, max_probes: int, out: Path, device: torch
     add("train_step", "with_fisher_proxy", proxy * 1e3, "ms", overhead_pct=100 * (proxy / plain - 1))
     add("train_step", "with_fisher_sketch4", sketch * 1e3, "ms", overhead_pct=100 * (sketch / plain - 1))
 
-    meta = {"size": size_name, "layers": len(names), "target_rel_stderr": target, "device": _device_name(device),
+    meta = {"size": size_name, "layers": len(names), "target_rel_stderr": target, "device": device_name(device),
             "torch": torch.__version__, "python": platform.python_version(),
             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
     rows = [{**meta, **row} for row in rows]
@@ -185,12 +186,6 @@ def run(size_name: str, target: float, max_probes: int, out: Path, device: torch
         print(f"no matplotlib here: wrote {out / 'sensitivity.csv'} only; draw the PNG where matplotlib is: "
               f"python benchmarks/bench_sensitivity.py --plot-only --out {out}")
     return rows
-
-
-def _device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
 FIELDS = ["date", "device", "torch", "python", "size", "layers", "target_rel_stderr", "provider", "metric",

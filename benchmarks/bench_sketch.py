@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "kernels"), str(ROOT / "benchmarks")]
 
 import lorambo  # noqa: E402
+from machine import device_name  # noqa: E402
 from results_csv import append_rows  # noqa: E402
 from lorambo.allocation.benefits import (projected_top_singular, projected_top_singular_many,  # noqa: E402
                                          subspace_basis)
@@ -173,12 +174,6 @@ def rows_for(meta, section, shape, layers, tokens, dtype, res, reps, note):
     print(f"{section:>6} {shape:>6} L={layers:<4} T={tokens:<7} "
           + "  ".join(f"{p} {m:.2f} ms" for p, (m, _) in res.items()), flush=True)
     return rows
-
-
-def device_name(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
 
 
 def main(argv=None) -> int:

@@ -3,9 +3,11 @@
 import csv
 import importlib.util
 import math
+import os
 from pathlib import Path
 
 import pytest
+from cpu_model import cpu_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,6 +36,7 @@ def test_bench_sensitivity_tiny_writes_csv_and_png(tmp_path, monkeypatch, capsys
     assert {("lorambo", "time_to_target"), ("sequential_loop", "time_to_target"),
             ("autograd", "one_hvp"), ("train_step", "with_fisher_proxy")} <= metrics
     assert all(math.isfinite(float(r["value"])) and float(r["value"]) > 0 for r in rows)
+    assert all(r["device"] == f"cpu ({cpu_model()}, {os.cpu_count()} cores)" for r in rows)
     if not matplotlib:
         assert not (tmp_path / "sensitivity.png").exists() and "--plot-only" in capsys.readouterr().out
         monkeypatch.undo()
@@ -115,3 +118,10 @@ def test_a_misspelt_name_is_an_argument_error_naming_option_and_value(tmp_path, 
         _load(script).main([*argv, "--out", str(out)])
     assert exc.value.code == 2 and named in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing measured, nothing written
+
+
+def test_bench_allocate_many_records_the_cpu_model(tmp_path):
+    bench = _load("bench_allocate_many")
+    assert bench.main(["--layers", "12", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "allocate.csv")))
+    assert rows and all(r["machine"] == f"cpu ({cpu_model()}, {os.cpu_count()} cores)" for r in rows)
