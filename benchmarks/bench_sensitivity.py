@@ -176,7 +176,7 @@ def run(size_name: str, target: float, max_probes: int, out: Path, device: torch
     add("train_step", "with_fisher_sketch4", sketch * 1e3, "ms", overhead_pct=100 * (sketch / plain - 1))
 
     meta = {"size": size_name, "layers": len(names), "target_rel_stderr": target, "device": device_name(device),
-            "torch": torch.__version__, "python": platform.python_version(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
     rows = [{**meta, **row} for row in rows]
     append_rows(out / "sensitivity.csv", FIELDS, rows, extrasaction="ignore")
@@ -188,7 +188,7 @@ def run(size_name: str, target: float, max_probes: int, out: Path, device: torch
     return rows
 
 
-FIELDS = ["date", "device", "torch", "python", "size", "layers", "target_rel_stderr", "provider", "metric",
+FIELDS = ["date", "device", "threads", "torch", "python", "size", "layers", "target_rel_stderr", "provider", "metric",
           "value", "unit", "probes", "max_rel_stderr", "overhead_pct"]
 
 

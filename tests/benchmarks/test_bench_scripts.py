@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from cpu_model import cpu_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,6 +38,7 @@ def test_bench_sensitivity_tiny_writes_csv_and_png(tmp_path, monkeypatch, capsys
             ("autograd", "one_hvp"), ("train_step", "with_fisher_proxy")} <= metrics
     assert all(math.isfinite(float(r["value"])) and float(r["value"]) > 0 for r in rows)
     assert all(r["device"] == f"cpu ({cpu_model()}, {os.cpu_count()} cores)" for r in rows)
+    assert all(r["threads"] == str(torch.get_num_threads()) for r in rows)
     if not matplotlib:
         assert not (tmp_path / "sensitivity.png").exists() and "--plot-only" in capsys.readouterr().out
         monkeypatch.undo()

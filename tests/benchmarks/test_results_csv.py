@@ -59,3 +59,13 @@ def test_every_line_keeps_the_files_own_line_ending(tmp_path):
     results_csv.append_rows(hand_edited, FIELDS, [{"case": "a", "ms": 2}])
     assert hand_edited.read_bytes() == b"case,ms\nx,1\na,2\n"
     assert _rows(hand_edited) == [{"case": "x", "ms": "1"}, {"case": "a", "ms": "2"}]
+
+
+def test_a_file_from_before_new_columns_is_migrated_not_misaligned(tmp_path):
+    path = tmp_path / "bench.csv"
+    results_csv.append_rows(path, FIELDS, [{"case": "a", "ms": 1}])
+    results_csv.append_rows(path, ["case", "threads", "ms"], [{"case": "b", "threads": 2, "ms": 3}])
+    assert _rows(path) == [{"case": "a", "threads": "", "ms": "1"}, {"case": "b", "threads": "2", "ms": "3"}]
+    assert path.read_bytes().count(b"\r\n") == path.read_bytes().count(b"\n") == 3
+    with pytest.raises(ValueError, match="is not this benchmark's"):  # a column dropped: refused
+        results_csv.append_rows(path, FIELDS, [{"case": "c", "ms": 4}])
