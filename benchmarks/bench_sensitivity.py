@@ -20,7 +20,6 @@ import argparse
 import csv
 import datetime as dt
 import importlib.util
-import os
 import platform
 import sys
 import time
@@ -30,6 +29,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import lorambo
+from lorambo.adapters.atomic import atomic_save_figure
 from lorambo.sensitivity import FisherProxy, hessian_trace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -222,10 +222,10 @@ def plot(csv_path: Path, png_path: Path) -> None:
     axes[1].set_title("cost of one pass")
     fig.suptitle(f"{run_rows[0]['device']} · torch {run_rows[0]['torch']} · size {run_rows[0]['size']}", fontsize=9)
     fig.tight_layout()
-    tmp = png_path.with_name(f".{png_path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    try:
+        atomic_save_figure(fig, png_path, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def main(argv=None) -> int:

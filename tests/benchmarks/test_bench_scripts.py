@@ -127,3 +127,22 @@ def test_bench_allocate_many_records_the_cpu_model(tmp_path):
     assert bench.main(["--layers", "12", "--repeats", "1", "--out", str(tmp_path)]) == 0
     rows = list(csv.DictReader(open(tmp_path / "allocate.csv")))
     assert rows and all(r["machine"] == f"cpu ({cpu_model()}, {os.cpu_count()} cores)" for r in rows)
+
+
+def test_bench_sensitivity_plot_cut_short_leaves_the_old_png_and_no_temporary(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    bench = _load("bench_sensitivity")
+    assert bench.main(["--size", "tiny", "--max-probes", "2", "--out", str(tmp_path)]) == 0
+    before = (tmp_path / "sensitivity.png").read_bytes()
+
+    def broken_savefig(self, fname, **kwargs):
+        Path(fname).write_bytes(b"half a png")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", broken_savefig)
+    with pytest.raises(OSError, match="disk full"):
+        bench.main(["--plot-only", "--out", str(tmp_path)])
+    assert (tmp_path / "sensitivity.png").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sensitivity.csv", "sensitivity.png"]
