@@ -243,3 +243,10 @@ def test_without_matplotlib_the_benchmark_skips_only_the_plot(monkeypatch):
     monkeypatch.setattr(gpu_check, "util", _Without())
     if importlib.util.find_spec("matplotlib") is not None:
         assert "--no-plot" not in gpu_check.bench_command("bfloat16", csv_path, smoke=False)
+
+
+def test_the_table_shows_a_near_miss_as_measured_not_rounded_onto_the_limit():
+    lora = [_row("large", "base", "fwd_bwd", 1.0), _row("large", "lorambo", "fwd_bwd", 1.104)]
+    (line,) = [ln for ln in gpu_targets.table(gpu_targets.evaluate(lora, []))
+               if ln.startswith("fwd+bwd M=8192 4096->4096 r=16")]
+    assert " 1.104x " in line and " MISS " in line  # not "1.10x" beside a "<= 1.1x" goal
