@@ -1,6 +1,7 @@
-"""Comma-separated option values checked against their choices (imported from benchmarks/ as a
-plain module): a misspelt name is an argparse error naming the option and the value, not a run
-that measures nothing or labels one thing as another."""
+"""Option values checked as argparse parses them (imported from benchmarks/ as a plain module):
+a misspelt name or a count of 0 is an error naming the option and the value, not a run that
+measures nothing, labels one thing as another or quietly takes the default. Nothing from lorambo
+is imported here: bench_lora_linear sets TRITON_INTERPRET before lorambo is first imported."""
 
 from __future__ import annotations
 
@@ -19,5 +20,19 @@ def names_from(allowed) -> callable:
                 f"{text!r}: {'unknown ' + ', '.join(map(repr, unknown)) if unknown else 'no name given'} "
                 f"(choose from {','.join(allowed)})")
         return names
+
+    return parse
+
+
+def positive(convert=int):
+    """An argparse ``type``: ``convert(text)`` (int or float), finite and > 0."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {convert.__name__}, got {text!r}") from None
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"expected a positive {convert.__name__}, got {text!r}")
+        return value
 
     return parse

@@ -36,6 +36,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import lorambo  # noqa: E402
 from lorambo.allocation.alora import _plan as alora_plan  # noqa: E402
 from lorambo.allocation.online import plan_growth, plan_moves  # noqa: E402
+from arg_lists import positive  # noqa: E402
 from machine import cpu_description  # noqa: E402
 from results_csv import append_rows  # noqa: E402
 
@@ -121,10 +122,10 @@ def model_calls(shape: str, seed: int):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=10_000, help="layer count of the random shapes")
+    parser.add_argument("--layers", type=positive(), default=10_000, help="layer count of the random shapes")
     parser.add_argument("--shapes", nargs="*", default=["random"], choices=["random", *MODELS])
-    parser.add_argument("--problems", type=int, default=5, help="seeded problems per model shape")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--problems", type=positive(), default=5, help="seeded problems per model shape")
+    parser.add_argument("--repeats", type=positive(), default=3)
     parser.add_argument("--note", default="")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder of allocate.csv")
     args = parser.parse_args(argv)

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from arg_lists import names_from  # noqa: E402
+from arg_lists import names_from, positive  # noqa: E402
 from machine import cpu_name  # noqa: E402
 from providers import PeftStyleLoRA  # noqa: E402
 from results_csv import append_rows  # noqa: E402
@@ -420,9 +420,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--modes", type=names_from(("fwd", "fwd_bwd")), default="fwd,fwd_bwd",
                     help="modes of the lora section, of fwd,fwd_bwd")
-    ap.add_argument("--budget", type=float, default=4.0, help="seconds of timed rounds per case (default 4)")
+    ap.add_argument("--budget", type=positive(float), default=4.0, help="seconds of timed rounds per case (default 4)")
     ap.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
-    ap.add_argument("--threads", type=int, default=None,
+    ap.add_argument("--threads", type=positive(), default=None,
                     help="torch.set_num_threads before measuring (default: torch's choice). On a shared "
                          "machine 1 thread avoids OpenMP barriers waiting on descheduled threads")
     ap.add_argument("--out", type=Path, default=None, help="CSV to append to (default results/ext_<device>.csv)")

@@ -33,6 +33,7 @@ from lorambo.adapters.atomic import atomic_save_figure
 from lorambo.sensitivity import FisherProxy, hessian_trace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from arg_lists import positive  # noqa: E402
 from machine import device_name  # noqa: E402
 from results_csv import append_rows  # noqa: E402
 
@@ -233,8 +234,8 @@ def main(argv=None) -> int:
     parser.add_argument("--size", choices=list(SIZES), default=None,
                         help="model size (default: full on CUDA, small on CPU)")
     parser.add_argument("--small", action="store_true", help="same as --size small")
-    parser.add_argument("--target", type=float, default=0.1, help="relative standard error to reach")
-    parser.add_argument("--max-probes", type=int, default=256)
+    parser.add_argument("--target", type=positive(float), default=0.1, help="relative standard error to reach")
+    parser.add_argument("--max-probes", type=positive(), default=256)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--plot-only", action="store_true", help="draw sensitivity.png from the CSV in --out")
     args = parser.parse_args(argv)

@@ -250,3 +250,13 @@ def test_the_table_shows_a_near_miss_as_measured_not_rounded_onto_the_limit():
     (line,) = [ln for ln in gpu_targets.table(gpu_targets.evaluate(lora, []))
                if ln.startswith("fwd+bwd M=8192 4096->4096 r=16")]
     assert " 1.104x " in line and " MISS " in line  # not "1.10x" beside a "<= 1.1x" goal
+
+
+@pytest.mark.parametrize("budget", ["0", "-5", "inf"])
+def test_a_budget_that_is_not_a_positive_number_is_refused(tmp_path, capsys, budget):
+    """Not a check whose every stage is skipped for want of time and which still exits 0."""
+    with pytest.raises(SystemExit) as exc:
+        gpu_check.main(["--cpu-smoke", "--budget-s", budget, "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2 and f"argument --budget-s: expected a positive float, got '{budget}'" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

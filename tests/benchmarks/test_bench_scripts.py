@@ -146,3 +146,19 @@ def test_bench_sensitivity_plot_cut_short_leaves_the_old_png_and_no_temporary(tm
         bench.main(["--plot-only", "--out", str(tmp_path)])
     assert (tmp_path / "sensitivity.png").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sensitivity.csv", "sensitivity.png"]
+
+
+@pytest.mark.parametrize("script, argv, named", [
+    ("bench_allocate_many", ["--layers", "4", "--repeats", "0"], "argument --repeats: expected a positive int, got '0'"),
+    ("bench_sketch", ["--tiny", "--reps", "0"], "argument --reps: expected a positive int, got '0'"),
+    ("bench_ext", ["--threads", "0", "--replot"], "argument --threads: expected a positive int, got '0'"),
+    ("bench_ext", ["--budget", "nan", "--replot"], "argument --budget: expected a positive float, got 'nan'"),
+    ("bench_sensitivity", ["--size", "tiny", "--max-probes", "0"], "argument --max-probes: expected a positive int"),
+])
+def test_a_count_or_budget_below_one_is_an_argument_error(tmp_path, capsys, script, argv, named):
+    """Not a traceback from deep inside, nor 0 read as 'the default' (bench_sketch --reps 0)."""
+    out = tmp_path / ("missing.csv" if script == "bench_ext" else "out")
+    with pytest.raises(SystemExit) as exc:
+        _load(script).main([*argv, "--out", str(out)])
+    assert exc.value.code == 2 and named in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
