@@ -153,8 +153,9 @@ def run(size_name: str, target: float, max_probes: int, out: Path, device: torch
     names = [n for n, _ in model.named_modules() if n.endswith(("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))]
     rows = []
 
-    def add(provider, metric, value, unit, **extra):
+    def add(provider, metric, value, unit, **extra):  # printed as measured: a long run shows progress
         rows.append({"provider": provider, "metric": metric, "value": value, "unit": unit, **extra})
+        print(f"{provider:>16} {metric:<18} {value:10.1f} {unit} {extra or ''}", flush=True)
 
     grad_s, hvp_s = one_gradient_and_hvp(model, batches, names, device)
     add("autograd", "one_gradient", grad_s * 1e3, "ms")
@@ -244,10 +245,8 @@ def main(argv=None) -> int:
         return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = "small" if args.small else args.size or ("full" if device.type == "cuda" else "small")
-    rows = run(size, args.target, args.max_probes, args.out, device)
-    for row in rows:
-        extra = {k: row[k] for k in ("probes", "overhead_pct", "max_rel_stderr") if k in row}
-        print(f"{row['provider']:>16} {row['metric']:<18} {row['value']:10.1f} {row['unit']} {extra}")
+    print(f"bench_sensitivity: size {size} on {device_name(device)}, {torch.get_num_threads()} threads", flush=True)
+    run(size, args.target, args.max_probes, args.out, device)
     return 0
 
 

@@ -162,3 +162,17 @@ def test_a_count_or_budget_below_one_is_an_argument_error(tmp_path, capsys, scri
         _load(script).main([*argv, "--out", str(out)])
     assert exc.value.code == 2 and named in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_bench_sensitivity_shows_each_measurement_as_it_is_taken(tmp_path, monkeypatch, capsys):
+    """A long run (the GPU size) shows its progress: a stage that fails has the earlier ones printed."""
+    bench = _load("bench_sensitivity")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "sequential_loop_to_target", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--size", "tiny", "--max-probes", "2", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "size tiny" in out and "one_hvp" in out and "time_to_target" in out and "sequential_loop" not in out
