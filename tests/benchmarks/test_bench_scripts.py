@@ -149,7 +149,8 @@ def test_bench_sensitivity_plot_cut_short_leaves_the_old_png_and_no_temporary(tm
 
 
 @pytest.mark.parametrize("script, argv, named", [
-    ("bench_allocate_many", ["--layers", "4", "--repeats", "0"], "argument --repeats: expected a positive int, got '0'"),
+    ("bench_allocate_many", ["--layers", "4", "--repeats", "0"],
+     "argument --repeats: expected a positive int, got '0'"),
     ("bench_sketch", ["--tiny", "--reps", "0"], "argument --reps: expected a positive int, got '0'"),
     ("bench_ext", ["--threads", "0", "--replot"], "argument --threads: expected a positive int, got '0'"),
     ("bench_ext", ["--budget", "nan", "--replot"], "argument --budget: expected a positive float, got 'nan'"),
@@ -176,3 +177,15 @@ def test_bench_sensitivity_shows_each_measurement_as_it_is_taken(tmp_path, monke
         bench.main(["--size", "tiny", "--max-probes", "2", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert "size tiny" in out and "one_hvp" in out and "time_to_target" in out and "sequential_loop" not in out
+
+
+def test_bench_lora_linear_replot_of_an_empty_csv_keeps_the_summary(tmp_path):
+    bench = _load("bench_lora_linear")
+    out = tmp_path / "lora_linear.csv"
+    out.write_text(",".join(bench.FIELDS) + "\n")
+    (tmp_path / "lora_linear.md").write_text("the last real summary\n")
+    with pytest.raises(SystemExit, match="holds no rows"):
+        bench.main(["--replot", "--out", str(out)])
+    assert (tmp_path / "lora_linear.md").read_text() == "the last real summary\n"
+    with pytest.raises(SystemExit, match="does not exist"):
+        bench.main(["--replot", "--out", str(tmp_path / "missing.csv")])
