@@ -6,9 +6,10 @@ is imported here: bench_lora_linear sets TRITON_INTERPRET before lorambo is firs
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 
-def names_from(allowed) -> callable:
+def names_from(allowed) -> Callable[[str], list[str]]:
     """An argparse ``type``: ``"a,b"`` -> ``["a", "b"]``, every name one of ``allowed``, at least one."""
     allowed = tuple(allowed)
 
@@ -24,7 +25,7 @@ def names_from(allowed) -> callable:
     return parse
 
 
-def positive(convert=int):
+def positive(convert=int) -> Callable[[str], int | float]:
     """An argparse ``type``: ``convert(text)`` (int or float), finite and > 0."""
     def parse(text: str):
         try:
