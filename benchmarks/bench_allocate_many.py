@@ -36,6 +36,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import lorambo  # noqa: E402
 from lorambo.allocation.alora import _plan as alora_plan  # noqa: E402
 from lorambo.allocation.online import plan_growth, plan_moves  # noqa: E402
+from arg_lists import positive  # noqa: E402
+from machine import cpu_description  # noqa: E402
 from results_csv import append_rows  # noqa: E402
 
 MINILM = [(384, 384)] * 4 + [(1536, 384), (384, 1536)]  # (out, in) per block
@@ -120,10 +122,10 @@ def model_calls(shape: str, seed: int):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=10_000, help="layer count of the random shapes")
+    parser.add_argument("--layers", type=positive(), default=10_000, help="layer count of the random shapes")
     parser.add_argument("--shapes", nargs="*", default=["random"], choices=["random", *MODELS])
-    parser.add_argument("--problems", type=int, default=5, help="seeded problems per model shape")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--problems", type=positive(), default=5, help="seeded problems per model shape")
+    parser.add_argument("--repeats", type=positive(), default=3)
     parser.add_argument("--note", default="")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder of allocate.csv")
     args = parser.parse_args(argv)
@@ -150,7 +152,7 @@ def main(argv=None) -> int:
             print(f"{shape:>6} {layers:>6} layers {method:>19}: {statistics.median(ms):8.3f} ms median, "
                   f"{fastest:8.3f} ms min, {max(ms):8.3f} ms worst of {len(calls)}")
     meta = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "machine": f"cpu ({platform.machine()}, {os.cpu_count()} cores)", "python": platform.python_version(),
+            "machine": cpu_description(), "python": platform.python_version(),
             "numpy": np.__version__, "omp_threads": os.environ.get("OMP_NUM_THREADS", ""),
             "load": " ".join(f"{v:.2f}" for v in os.getloadavg()), "note": args.note}
     path = Path(args.out) / "allocate.csv"

@@ -32,7 +32,6 @@ import argparse
 import csv
 import datetime as _dt
 import itertools
-import platform
 import random
 import statistics
 import sys
@@ -44,6 +43,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from arg_lists import names_from, positive  # noqa: E402
+from machine import cpu_name  # noqa: E402
 from providers import PeftStyleLoRA  # noqa: E402
 from results_csv import append_rows  # noqa: E402
 
@@ -52,6 +53,7 @@ from lorambo.adapters.atomic import atomic_save_figure, atomic_write_text  # noq
 RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = ["run", "device", "threads", "torch", "section", "case", "provider", "mode", "dtype", "M", "K", "N",
           "rank", "ms_median", "ms_p20", "ms_p80", "rounds"]
+SECTIONS = ("lora", "reduce", "probes", "pool", "adamw")
 SEVEN_B = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]  # q,k,v,o,gate,up,down (out, in)
 
 
@@ -298,21 +300,23 @@ def adamw_section(args, device, meta):
 
 # ---------------------------------------------------------------------------- reporting
 def device_name(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+    """The GPU's name, or the CPU model alone (the thread count has its own column)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
-def latest_run(path: Path, device: str):
-    """Rows of the latest run for each thread count on ``device`` (1- and 2-thread runs side by side)."""
+def latest_run(path: Path, device: str | None = None):
+    """Rows of the latest run for each thread count on ``device`` (1- and 2-thread runs side by
+    side); by default the device of the CSV's latest run, so a CSV measured on another machine
+    (a GPU's, a colleague's CPU) redraws anywhere."""
+    if not path.exists():
+        raise SystemExit(f"bench_ext: {path} does not exist; nothing to redraw")
     with path.open() as fh:
-        rows = [r for r in csv.DictReader(fh) if r["device"] == device]
+        rows = list(csv.DictReader(fh))
+    if device is None and rows:
+        device = max(rows, key=lambda r: r["run"])["device"]
+    rows = [r for r in rows if r["device"] == device]
+    if not rows:
+        raise SystemExit(f"bench_ext: {path} holds no rows measured on {device!r}")
     out = []
     for threads in sorted({r["threads"] for r in rows}, key=int):
         sel = [r for r in rows if r["threads"] == threads]
@@ -411,24 +415,26 @@ def plot(rows, path: Path):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sections", default="lora,reduce,probes,pool,adamw")
+    ap.add_argument("--sections", type=names_from(SECTIONS), default=",".join(SECTIONS),
+                    help=f"comma-separated, of {','.join(SECTIONS)}")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--modes", default="fwd,fwd_bwd")
-    ap.add_argument("--budget", type=float, default=4.0, help="seconds of timed rounds per case (default 4)")
+    ap.add_argument("--modes", type=names_from(("fwd", "fwd_bwd")), default="fwd,fwd_bwd",
+                    help="modes of the lora section, of fwd,fwd_bwd")
+    ap.add_argument("--budget", type=positive(float), default=4.0, help="seconds of timed rounds per case (default 4)")
     ap.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
-    ap.add_argument("--threads", type=int, default=None,
+    ap.add_argument("--threads", type=positive(), default=None,
                     help="torch.set_num_threads before measuring (default: torch's choice). On a shared "
                          "machine 1 thread avoids OpenMP barriers waiting on descheduled threads")
     ap.add_argument("--out", type=Path, default=None, help="CSV to append to (default results/ext_<device>.csv)")
     ap.add_argument("--no-plot", action="store_true")
-    ap.add_argument("--replot", action="store_true", help="only redraw .png/.md from the CSV (no measurements)")
+    ap.add_argument("--replot", action="store_true",
+                    help="only redraw .png/.md from the CSV's latest run (measured on any machine)")
     args = ap.parse_args(argv)
-    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     from lorambo.ext import ops as ext_ops
 
     if args.replot:
         out = args.out or RESULTS / f"ext_{args.device}.csv"
-        latest = latest_run(out, device_name(torch.device(args.device)))
+        latest = latest_run(out)
         atomic_write_text(out.with_suffix(".md"), markdown(latest))
         plot(latest, out.with_suffix(".png"))
         return 0
@@ -448,7 +454,7 @@ def main(argv=None) -> int:
     sections = {"lora": lora_section, "reduce": reduce_section, "probes": probes_section, "pool": pool_section,
                 "adamw": adamw_section}
     rows, failed = [], []
-    for name in [s.strip() for s in args.sections.split(",") if s.strip()]:
+    for name in args.sections:
         if name == "lora" and device.type == "cuda":
             print("bench_ext: the lora section measures the CPU backend; skipped on cuda", file=sys.stderr)
             continue

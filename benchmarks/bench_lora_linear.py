@@ -45,6 +45,7 @@ import torch  # torch only: lorambo_kernels (which reads TRITON_INTERPRET) is im
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from arg_lists import names_from  # noqa: E402
 from providers import PeftStyleLoRA  # noqa: E402
 from results_csv import append_rows  # noqa: E402
 
@@ -92,8 +93,10 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="only the labelled target cases")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
-    ap.add_argument("--providers", default=",".join(PROVIDERS))
-    ap.add_argument("--modes", default="fwd,fwd_bwd", help="modes to run (each case also lists its own)")
+    ap.add_argument("--providers", type=names_from(PROVIDERS), default=",".join(PROVIDERS),
+                    help=f"comma-separated, of {','.join(PROVIDERS)}")
+    ap.add_argument("--modes", type=names_from(BOTH), default=",".join(BOTH),
+                    help="modes to run, of fwd,fwd_bwd (each case also lists its own)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--out", type=Path, default=None, help="CSV to append to (default: results/lora_linear.csv; "
                                                           "--cpu-smoke: results/lora_linear_cpu_smoke.csv)")
@@ -235,8 +238,12 @@ def versions(device):
 # ----------------------------------------------------------------------------- reporting
 def latest_runs(path: Path):
     """The rows of the latest run of each dtype (a bf16 and an fp16 run side by side)."""
+    if not path.exists():
+        raise SystemExit(f"bench_lora_linear: {path} does not exist; nothing to redraw")
     with path.open() as fh:
         rows = list(csv.DictReader(fh))
+    if not rows:  # before the .md is rewritten: an empty summary must not replace a real one
+        raise SystemExit(f"bench_lora_linear: {path} holds no rows; nothing to redraw")
     out = []
     for dtype in sorted({r["dtype"] for r in rows}):
         last = max(r["run"] for r in rows if r["dtype"] == dtype)
@@ -415,10 +422,10 @@ def main(argv=None) -> int:
     lorambo.set_backend("triton")  # before any layer exists: the dispatch is resolved once
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     dtype = torch.float32 if args.cpu_smoke else getattr(torch, args.dtype)
-    providers = [p.strip() for p in args.providers.split(",") if p.strip()]
+    providers = list(args.providers)
     if args.cpu_smoke and "compiled" in providers:
         providers.remove("compiled")  # inductor's CPU compile takes minutes on a small CI box
-    modes = {m.strip() for m in args.modes.split(",")}
+    modes = set(args.modes)
     run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     meta = dict(run=run_id, **versions(device))
     measured, failures = set(), 0

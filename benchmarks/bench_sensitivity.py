@@ -20,7 +20,6 @@ import argparse
 import csv
 import datetime as dt
 import importlib.util
-import os
 import platform
 import sys
 import time
@@ -30,9 +29,12 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import lorambo
+from lorambo.adapters.atomic import atomic_save_figure
 from lorambo.sensitivity import FisherProxy, hessian_trace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from arg_lists import positive  # noqa: E402
+from machine import device_name  # noqa: E402
 from results_csv import append_rows  # noqa: E402
 
 SIZES = {
@@ -151,8 +153,9 @@ def run(size_name: str, target: float, max_probes: int, out: Path, device: torch
     names = [n for n, _ in model.named_modules() if n.endswith(("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))]
     rows = []
 
-    def add(provider, metric, value, unit, **extra):
+    def add(provider, metric, value, unit, **extra):  # printed as measured: a long run shows progress
         rows.append({"provider": provider, "metric": metric, "value": value, "unit": unit, **extra})
+        print(f"{provider:>16} {metric:<18} {value:10.1f} {unit} {extra or ''}", flush=True)
 
     grad_s, hvp_s = one_gradient_and_hvp(model, batches, names, device)
     add("autograd", "one_gradient", grad_s * 1e3, "ms")
@@ -174,8 +177,8 @@ def run(size_name: str, target: float, max_probes: int, out: Path, device: torch
     add("train_step", "with_fisher_proxy", proxy * 1e3, "ms", overhead_pct=100 * (proxy / plain - 1))
     add("train_step", "with_fisher_sketch4", sketch * 1e3, "ms", overhead_pct=100 * (sketch / plain - 1))
 
-    meta = {"size": size_name, "layers": len(names), "target_rel_stderr": target, "device": _device_name(device),
-            "torch": torch.__version__, "python": platform.python_version(),
+    meta = {"size": size_name, "layers": len(names), "target_rel_stderr": target, "device": device_name(device),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
     rows = [{**meta, **row} for row in rows]
     append_rows(out / "sensitivity.csv", FIELDS, rows, extrasaction="ignore")
@@ -187,13 +190,7 @@ def run(size_name: str, target: float, max_probes: int, out: Path, device: torch
     return rows
 
 
-def _device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-FIELDS = ["date", "device", "torch", "python", "size", "layers", "target_rel_stderr", "provider", "metric",
+FIELDS = ["date", "device", "threads", "torch", "python", "size", "layers", "target_rel_stderr", "provider", "metric",
           "value", "unit", "probes", "max_rel_stderr", "overhead_pct"]
 
 
@@ -227,10 +224,10 @@ def plot(csv_path: Path, png_path: Path) -> None:
     axes[1].set_title("cost of one pass")
     fig.suptitle(f"{run_rows[0]['device']} · torch {run_rows[0]['torch']} · size {run_rows[0]['size']}", fontsize=9)
     fig.tight_layout()
-    tmp = png_path.with_name(f".{png_path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    try:
+        atomic_save_figure(fig, png_path, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -238,8 +235,8 @@ def main(argv=None) -> int:
     parser.add_argument("--size", choices=list(SIZES), default=None,
                         help="model size (default: full on CUDA, small on CPU)")
     parser.add_argument("--small", action="store_true", help="same as --size small")
-    parser.add_argument("--target", type=float, default=0.1, help="relative standard error to reach")
-    parser.add_argument("--max-probes", type=int, default=256)
+    parser.add_argument("--target", type=positive(float), default=0.1, help="relative standard error to reach")
+    parser.add_argument("--max-probes", type=positive(), default=256)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--plot-only", action="store_true", help="draw sensitivity.png from the CSV in --out")
     args = parser.parse_args(argv)
@@ -248,10 +245,8 @@ def main(argv=None) -> int:
         return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = "small" if args.small else args.size or ("full" if device.type == "cuda" else "small")
-    rows = run(size, args.target, args.max_probes, args.out, device)
-    for row in rows:
-        extra = {k: row[k] for k in ("probes", "overhead_pct", "max_rel_stderr") if k in row}
-        print(f"{row['provider']:>16} {row['metric']:<18} {row['value']:10.1f} {row['unit']} {extra}")
+    print(f"bench_sensitivity: size {size} on {device_name(device)}, {torch.get_num_threads()} threads", flush=True)
+    run(size, args.target, args.max_probes, args.out, device)
     return 0
 
 

@@ -40,6 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "kernels"), str(ROOT / "benchmarks")]
 
 import lorambo  # noqa: E402
+from arg_lists import positive  # noqa: E402
+from machine import device_name  # noqa: E402
 from results_csv import append_rows  # noqa: E402
 from lorambo.allocation.benefits import (projected_top_singular, projected_top_singular_many,  # noqa: E402
                                          subspace_basis)
@@ -175,21 +177,16 @@ def rows_for(meta, section, shape, layers, tokens, dtype, res, reps, note):
     return rows
 
 
-def device_name(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="GPU: 4k tokens, few repetitions")
     parser.add_argument("--cpu-small", action="store_true", help="CPU-feasible sizes only")
     parser.add_argument("--tiny", action="store_true", help="seconds on a CPU: checks the script runs")
-    parser.add_argument("--tokens", type=int, nargs="*", help="token counts (default 4096 8192 16384)")
-    parser.add_argument("--reps", type=int, default=None)
-    parser.add_argument("--sections", nargs="*", default=["growth", "fisher", "dots"])
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    parser.add_argument("--tokens", type=positive(), nargs="*", help="token counts (default 4096 8192 16384)")
+    parser.add_argument("--reps", type=positive(), default=None)
+    parser.add_argument("--sections", nargs="+", default=["growth", "fisher", "dots"],
+                        choices=["growth", "fisher", "dots"])
+    parser.add_argument("--threads", type=positive(), default=None, help="torch intra-op threads (CPU)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     small = args.cpu_small or args.tiny

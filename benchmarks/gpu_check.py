@@ -46,6 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_targets  # noqa: E402
+from arg_lists import positive  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -89,7 +90,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=None, help="output folder (default $OUT, else build/gpu-check)")
     ap.add_argument("--cpu-smoke", action="store_true", help="CPU, Triton interpreter, tiny sizes, no CUDA build")
-    ap.add_argument("--budget-s", type=float, default=None, help="total seconds (default 420; --cpu-smoke 600)")
+    ap.add_argument("--budget-s", type=positive(float), default=None, help="total seconds (default 420; --cpu-smoke 600)")
     ap.add_argument("--no-fp16", action="store_true", help="skip the float16 benchmark")
     args = ap.parse_args(argv)
     if args.out is None:

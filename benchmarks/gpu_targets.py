@@ -150,12 +150,12 @@ def evaluate(lora_rows: list[dict], ext_rows: list[dict], dtype: str = "bfloat16
 
 def table(verdicts: list[Verdict]) -> list[str]:
     """Fixed-width lines: target, goal, measured, fp16, verdict, note."""
-    def num(v):
-        return "-" if v is None else f"{v:.2f}x"
+    def num(v):  # three decimals: 1.104 against a 1.10 limit must not read "1.10x ... MISS"
+        return "-" if v is None else f"{v:.3f}x"
 
     width = max(len(v.target.name) for v in verdicts)
-    lines = [f"{'target':<{width}}  {'goal':>8}  {'measured':>8}  {'fp16':>6}  verdict  note"]
+    lines = [f"{'target':<{width}}  {'goal':>8}  {'measured':>8}  {'fp16':>7}  verdict  note"]
     for v in verdicts:
-        lines.append(f"{v.target.name:<{width}}  {v.target.goal:>8}  {num(v.value):>8}  {num(v.fp16):>6}  "
+        lines.append(f"{v.target.name:<{width}}  {v.target.goal:>8}  {num(v.value):>8}  {num(v.fp16):>7}  "
                      f"{v.word:<7}  {v.note}")
     return lines

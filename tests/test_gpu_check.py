@@ -173,10 +173,12 @@ GPU_IMAGE_MODULES = {"torch", "triton", "numpy", "pytest", "hypothesis", "peft",
 def test_gpu_test_files_import_only_what_the_gpu_image_has():
     import ast
 
+    local = {"gpu_targets", "providers", "results_csv", "arg_lists", "machine"}  # benchmarks/ as plain modules
     files = [ROOT / "tests" / "conftest.py", *sorted((ROOT / "tests" / "kernels").glob("*.py")),
              *sorted((ROOT / "tests" / "ext").glob("*.py")),
              *[BENCH / f for f in ("gpu_check.py", "gpu_targets.py", "bench_lora_linear.py", "bench_ext.py",
-                                   "bench_sketch.py", "providers.py", "results_csv.py")]]
+                                   "bench_sketch.py", "providers.py", "results_csv.py", "arg_lists.py",
+                                   "machine.py")]]
     foreign = set()
     for path in files:
         for node in ast.walk(ast.parse(path.read_text())):
@@ -184,7 +186,7 @@ def test_gpu_test_files_import_only_what_the_gpu_image_has():
                      [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
             for name in names:
                 top = name.split(".")[0]
-                if top not in sys.stdlib_module_names and top not in GPU_IMAGE_MODULES | {"gpu_targets", "providers", "results_csv"}:
+                if top not in sys.stdlib_module_names and top not in GPU_IMAGE_MODULES | local:
                     foreign.add(f"{path.relative_to(ROOT)}: {name}")
     assert not foreign, sorted(foreign)
 
@@ -241,3 +243,20 @@ def test_without_matplotlib_the_benchmark_skips_only_the_plot(monkeypatch):
     monkeypatch.setattr(gpu_check, "util", _Without())
     if importlib.util.find_spec("matplotlib") is not None:
         assert "--no-plot" not in gpu_check.bench_command("bfloat16", csv_path, smoke=False)
+
+
+def test_the_table_shows_a_near_miss_as_measured_not_rounded_onto_the_limit():
+    lora = [_row("large", "base", "fwd_bwd", 1.0), _row("large", "lorambo", "fwd_bwd", 1.104)]
+    (line,) = [ln for ln in gpu_targets.table(gpu_targets.evaluate(lora, []))
+               if ln.startswith("fwd+bwd M=8192 4096->4096 r=16")]
+    assert " 1.104x " in line and " MISS " in line  # not "1.10x" beside a "<= 1.1x" goal
+
+
+@pytest.mark.parametrize("budget", ["0", "-5", "inf"])
+def test_a_budget_that_is_not_a_positive_number_is_refused(tmp_path, capsys, budget):
+    """Not a check whose every stage is skipped for want of time and which still exits 0."""
+    with pytest.raises(SystemExit) as exc:
+        gpu_check.main(["--cpu-smoke", "--budget-s", budget, "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2 and f"argument --budget-s: expected a positive float, got '{budget}'" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -3,9 +3,12 @@
 import csv
 import importlib.util
 import math
+import os
 from pathlib import Path
 
 import pytest
+import torch
+from cpu_model import cpu_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,6 +37,8 @@ def test_bench_sensitivity_tiny_writes_csv_and_png(tmp_path, monkeypatch, capsys
     assert {("lorambo", "time_to_target"), ("sequential_loop", "time_to_target"),
             ("autograd", "one_hvp"), ("train_step", "with_fisher_proxy")} <= metrics
     assert all(math.isfinite(float(r["value"])) and float(r["value"]) > 0 for r in rows)
+    assert all(r["device"] == f"cpu ({cpu_model()}, {os.cpu_count()} cores)" for r in rows)
+    assert all(r["threads"] == str(torch.get_num_threads()) for r in rows)
     if not matplotlib:
         assert not (tmp_path / "sensitivity.png").exists() and "--plot-only" in capsys.readouterr().out
         monkeypatch.undo()
@@ -78,3 +83,109 @@ def test_bench_ext_adamw_section_runs_every_provider(tmp_path):
     assert {r["provider"] for r in rows} == {"ext", "foreach", "torch_whole_pool"}
     assert all(r["section"] == "adamw" and float(r["ms_median"]) > 0 for r in rows)
     assert "adamw_step_16" in (tmp_path / "ext.md").read_text()
+
+
+def test_bench_ext_replot_redraws_a_csv_measured_on_another_machine(tmp_path):
+    bench = _load("bench_ext")
+    out = tmp_path / "ext.csv"
+    row = dict(run="2026-01-01T00:00:00Z", device="Some Other CPU", threads="1", torch="2.0", section="reduce",
+               case="dot_224", mode="dot", dtype="float32", M="224", K="10", N="", rank="16", ms_median="2.0",
+               ms_p20="1.9", ms_p80="2.1", rounds="5")
+    with out.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=bench.FIELDS)
+        writer.writeheader()
+        writer.writerows([dict(row, provider="python_loop", ms_median="8.0"), dict(row, provider="ext")])
+    assert bench.main(["--replot", "--out", str(out)]) == 0
+    md = (tmp_path / "ext.md").read_text()
+    assert "Some Other CPU" in md and "| reduce | dot_224 | float32 | python_loop | 8.000 | 4.0× |" in md
+    assert (tmp_path / "ext.png").stat().st_size > 0
+    empty = tmp_path / "empty.csv"
+    empty.write_text(",".join(bench.FIELDS) + "\n")
+    with pytest.raises(SystemExit, match="holds no rows"):
+        bench.main(["--replot", "--out", str(empty)])
+    assert not (tmp_path / "empty.md").exists()  # nothing overwritten with an empty summary
+
+
+@pytest.mark.parametrize("script, argv, named", [
+    ("bench_lora_linear", ["--cpu-smoke", "--modes", "fwdbwd"], "argument --modes: 'fwdbwd': unknown 'fwdbwd'"),
+    ("bench_lora_linear", ["--cpu-smoke", "--providers", "base,lorabmo"], "argument --providers: 'base,lorabmo'"),
+    ("bench_lora_linear", ["--cpu-smoke", "--modes", ","], "argument --modes: ',': no name given"),
+    ("bench_ext", ["--sections", "reduce,nope"], "argument --sections: 'reduce,nope': unknown 'nope'"),
+    ("bench_ext", ["--modes", "fwd,bwd", "--replot"], "argument --modes: 'fwd,bwd': unknown 'bwd'"),
+    ("bench_sketch", ["--tiny", "--sections", "growht"], "argument --sections: invalid choice: 'growht'"),
+])
+def test_a_misspelt_name_is_an_argument_error_naming_option_and_value(tmp_path, capsys, script, argv, named):
+    out = tmp_path / ("results" if script == "bench_sketch" else "missing.csv")
+    with pytest.raises(SystemExit) as exc:
+        _load(script).main([*argv, "--out", str(out)])
+    assert exc.value.code == 2 and named in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing measured, nothing written
+
+
+def test_bench_allocate_many_records_the_cpu_model(tmp_path):
+    bench = _load("bench_allocate_many")
+    assert bench.main(["--layers", "12", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "allocate.csv")))
+    assert rows and all(r["machine"] == f"cpu ({cpu_model()}, {os.cpu_count()} cores)" for r in rows)
+
+
+def test_bench_sensitivity_plot_cut_short_leaves_the_old_png_and_no_temporary(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    bench = _load("bench_sensitivity")
+    assert bench.main(["--size", "tiny", "--max-probes", "2", "--out", str(tmp_path)]) == 0
+    before = (tmp_path / "sensitivity.png").read_bytes()
+
+    def broken_savefig(self, fname, **kwargs):
+        Path(fname).write_bytes(b"half a png")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", broken_savefig)
+    with pytest.raises(OSError, match="disk full"):
+        bench.main(["--plot-only", "--out", str(tmp_path)])
+    assert (tmp_path / "sensitivity.png").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sensitivity.csv", "sensitivity.png"]
+
+
+@pytest.mark.parametrize("script, argv, named", [
+    ("bench_allocate_many", ["--layers", "4", "--repeats", "0"],
+     "argument --repeats: expected a positive int, got '0'"),
+    ("bench_sketch", ["--tiny", "--reps", "0"], "argument --reps: expected a positive int, got '0'"),
+    ("bench_ext", ["--threads", "0", "--replot"], "argument --threads: expected a positive int, got '0'"),
+    ("bench_ext", ["--budget", "nan", "--replot"], "argument --budget: expected a positive float, got 'nan'"),
+    ("bench_sensitivity", ["--size", "tiny", "--max-probes", "0"], "argument --max-probes: expected a positive int"),
+])
+def test_a_count_or_budget_below_one_is_an_argument_error(tmp_path, capsys, script, argv, named):
+    """Not a traceback from deep inside, nor 0 read as 'the default' (bench_sketch --reps 0)."""
+    out = tmp_path / ("missing.csv" if script == "bench_ext" else "out")
+    with pytest.raises(SystemExit) as exc:
+        _load(script).main([*argv, "--out", str(out)])
+    assert exc.value.code == 2 and named in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_bench_sensitivity_shows_each_measurement_as_it_is_taken(tmp_path, monkeypatch, capsys):
+    """A long run (the GPU size) shows its progress: a stage that fails has the earlier ones printed."""
+    bench = _load("bench_sensitivity")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "sequential_loop_to_target", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--size", "tiny", "--max-probes", "2", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "size tiny" in out and "one_hvp" in out and "time_to_target" in out and "sequential_loop" not in out
+
+
+def test_bench_lora_linear_replot_of_an_empty_csv_keeps_the_summary(tmp_path):
+    bench = _load("bench_lora_linear")
+    out = tmp_path / "lora_linear.csv"
+    out.write_text(",".join(bench.FIELDS) + "\n")
+    (tmp_path / "lora_linear.md").write_text("the last real summary\n")
+    with pytest.raises(SystemExit, match="holds no rows"):
+        bench.main(["--replot", "--out", str(out)])
+    assert (tmp_path / "lora_linear.md").read_text() == "the last real summary\n"
+    with pytest.raises(SystemExit, match="does not exist"):
+        bench.main(["--replot", "--out", str(tmp_path / "missing.csv")])

@@ -3,9 +3,12 @@
 import csv
 import importlib.util
 import math
+import os
 from pathlib import Path
 
 import torch
+
+from cpu_model import cpu_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,5 +29,5 @@ def test_bench_sketch_tiny_appends_rows(tmp_path):
     assert {(r["section"], r["provider"]) for r in rows} >= {("growth", "loop"), ("growth", "grouped"),
                                                              ("dots", "loop"), ("dots", "foreach")}
     for r in rows:
-        assert r["device"] and r["load"] and r["threads"] == "1"
+        assert r["device"] == f"cpu ({cpu_model()}, {os.cpu_count()} cores)" and r["load"] and r["threads"] == "1"
         assert math.isfinite(float(r["ms_median"])) and float(r["ms_median"]) > 0

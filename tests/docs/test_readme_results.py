@@ -1,7 +1,8 @@
 """The README's result tables equal the committed results they come from: the demo and sentiment
 tables as ``lorambo.experiments.demo_report`` renders ``docs/demo_results.json`` and
 ``docs/sentiment_results.json`` (whose summary statistics are recomputed here from the per-seed
-values), and the compiled CPU LoRA op's table and claims from ``benchmarks/results/ext_cpu.csv``."""
+values), the compiled CPU LoRA op's table and the multi-tensor claims from
+``benchmarks/results/ext_cpu.csv``, and the pool AdamW claims from ``ext_adamw_cpu.csv``."""
 
 import csv
 import json
@@ -99,4 +100,33 @@ def test_ext_cpu_claims_follow_from_the_csv():
     assert claim in re.sub(r"\s+", " ", README)
     low, high = min(two.values()), max(two.values())
     claim = f"At 2 threads on the loaded machine the ext op is {low:.1f}–{high:.1f}× faster"
+    assert claim in re.sub(r"\s+", " ", README)
+
+
+def _csv(name):
+    with open(ROOT / "benchmarks" / "results" / name, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_multi_tensor_claims_follow_from_the_one_thread_float32_run():
+    rows = [r for r in _csv("ext_cpu.csv") if r["threads"] == "1" and r["dtype"] == "float32"]
+    ms = {(r["case"], r["provider"]): float(r["ms_median"]) for r in rows}  # the latest run wins
+    dot_loop, dot_foreach = (ms[("dot_224", p)] / ms[("dot_224", "ext")] for p in ("python_loop", "foreach"))
+    probes = ms[("rademacher_224", "python_loop")] / ms[("rademacher_224", "ext")]
+    text = re.sub(r"\s+", " ", README)
+    assert (f"the multi-tensor dot products are {dot_loop:.1f}× faster than a Python loop and "
+            f"{dot_foreach:.1f}× faster than `torch._foreach_*`") in text
+    assert f"Probe fill is {probes:.0f}× faster than a seeded generator per layer" in text
+
+
+def test_adamw_claims_are_the_range_over_the_committed_runs():
+    rows = _csv("ext_adamw_cpu.csv")
+    assert len({r["run"] for r in rows}) == 2 and {r["dtype"] for r in rows} == {"float32"}
+
+    def span(provider):
+        values = sorted(float(r["ms_median"]) for r in rows if r["provider"] == provider)
+        return f"{values[0]:.1f}-{values[-1]:.1f} ms"
+
+    claim = (f"the float32 medians of two runs were {span('ext')} against {span('torch_whole_pool')} for "
+             f"torch's whole-pool AdamW and {span('foreach')} for the `torch._foreach` path")
     assert claim in re.sub(r"\s+", " ", README)
