@@ -397,14 +397,16 @@ class LoRAMBoLinear(nn.Module):
         device_type = x.device.type
         # meta tensors (shape inference, memory estimates) have no autocast state to ask about
         autocast = autocast_available(device_type)  # traceable by torch 2.11's Dynamo too
-        if autocast and torch.is_autocast_enabled(device_type):
+        autocasting = autocast and torch.is_autocast_enabled(device_type)
+        if autocasting:
             dtype = torch.get_autocast_dtype(device_type)
             x, weight, lora_a, lora_b = (_autocast_operand(t, dtype) for t in (x, weight, lora_a, lora_b))
             bias = None if bias is None else _autocast_operand(bias, dtype)
         if not (x.dtype == weight.dtype == lora_a.dtype == lora_b.dtype and (bias is None or bias.dtype == x.dtype)):
             raise TypeError(f"{self._label}: input dtype {x.dtype} does not match weight dtype {weight.dtype}"
                             f"{'' if bias is None else f' / bias dtype {bias.dtype}'} / LoRA dtype {lora_a.dtype} "
-                            "(autocast casts every dtype but float64 to its own)")
+                            + ("(under autocast, which casts every dtype but float64 to its own)" if autocasting
+                               else "(outside autocast)"))
         p = self.dropout if self.training else 0.0
         rank = dynamic_int_attribute(self, "_rank")  # symbolic under torch.compile: no graph per rank
         with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
