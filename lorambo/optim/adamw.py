@@ -144,8 +144,8 @@ def _foreach_pool_step(group: dict, work) -> None:
         return
     # bf16/fp16 pools are updated in float32 copies and rounded once per element, as the compiled
     # step is: in float16 eps = 1e-8 is 0 and squared gradients underflow, so an element whose
-    # moments were 0 (all of A on a LoRA's first step, where B = 0) took 0/0 = NaN, and one whose
-    # squared gradient underflowed took a step of m / eps
+    # moments are 0 (all of A on a LoRA's first step, where B = 0) would take 0/0 = NaN, and one
+    # whose squared gradient underflows a step of m / eps
     stored = [values, exp_avgs, exp_avg_sqs, max_sqs]
     values, grads, exp_avgs, exp_avg_sqs, max_sqs = (
         [t.to(dtype) for t, (_, dtype) in zip(tensors, layouts)]
