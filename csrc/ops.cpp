@@ -3,6 +3,7 @@
 // dispatcher imports on demand (set_python_module), so torch.compile can trace every op.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -96,6 +97,8 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
     if (!g.defined()) g = at::zeros({x.size(0), weight.size(0)}, x.options());
     at::Tensor gx, gw, gb, ga, gbb;
     if (at::GradMode::is_enabled()) {
+      // in the forward's dtypes, also when backward() runs inside an autocast region
+      const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
       const at::Tensor mask = p > 0.0 ? call_dropout_mask(x.detach(), p, seed) : at::Tensor();
       const at::Tensor xd = mask.defined() ? x * mask : x;
       const at::Tensor a_r = lora_A.narrow(0, 0, r), b_r = lora_B.narrow(1, 0, r);

@@ -15,6 +15,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -194,11 +195,16 @@ at::Tensor empty_like_none(const at::Tensor& ref) { return at::empty({0}, ref.op
 // Kernels work on detached aliases: at::parallel_for's worker threads do not inherit the
 // caller's dispatch-key exclusions, so an out= GEMM on a tensor that requires grad would hit
 // autograd there ("functions with out=... arguments don't support automatic differentiation").
+// Every entry point also switches autocast off on the calling thread: its GEMMs run in the
+// operands' dtype. A backward called inside an autocast region (after a float32 forward outside
+// it) otherwise got bfloat16 products from at::mm next to float32 buffers ("self and mat2 must
+// have the same dtype").
 std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(const at::Tensor& x_arg, const at::Tensor& weight_arg,
                                                        const std::optional<at::Tensor>& bias_arg,
                                                        const at::Tensor& lora_A_arg, const at::Tensor& lora_B_arg,
                                                        int64_t rank, double scaling, double dropout_p,
                                                        int64_t seed) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // see above
   check_lora_args("lorambo::lora_linear_fwd", x_arg, weight_arg, bias_arg, lora_A_arg, lora_B_arg, rank, dropout_p,
                   seed);
   TORCH_CHECK(x_arg.device().is_cpu(), "lorambo::lora_linear_fwd (CPU): x is on ", x_arg.device());
@@ -235,6 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
     const at::Tensor& lora_B_arg, const at::Tensor& t_arg, int64_t rank, double scaling, double dropout_p,
     int64_t seed, std::array<bool, 5> mask) {
   const char* op = "lorambo::lora_linear_bwd";
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // see above
   check_lora_args(op, x_arg, weight_arg, std::nullopt, lora_A_arg, lora_B_arg, rank, dropout_p, seed);
   const at::Tensor grad_y_in = grad_y_arg.detach(), x_in = x_arg.detach(), weight = weight_arg.detach();
   const at::Tensor lora_A = lora_A_arg.detach(), lora_B = lora_B_arg.detach();
@@ -358,6 +365,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_generic(const at::Tensor& x, 
                                                            const at::Tensor& lora_A, const at::Tensor& lora_B,
                                                            int64_t rank, double scaling, double dropout_p,
                                                            int64_t seed) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // see above
   check_lora_args("lorambo::lora_linear_fwd", x, weight, bias, lora_A, lora_B, rank, dropout_p, seed);
   const at::Tensor empty;
   const at::Tensor& b = none_if_undefined(bias, empty);
@@ -373,6 +381,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
     const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& t, int64_t rank, double scaling, double dropout_p, int64_t seed,
     std::array<bool, 5> mask) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // see above
   check_lora_args("lorambo::lora_linear_bwd", x, weight, std::nullopt, lora_A, lora_B, rank, dropout_p, seed);
   const int64_t r = rank, cap = lora_A.size(0);
   at::Tensor gx = mask[0] ? at::mm(g, weight) : empty_like_none(x);

@@ -50,6 +50,13 @@ def default_capacity(rank: int, in_features: int, out_features: int, growth_fact
     return max(1, min(room, in_features, out_features))
 
 
+def _autocast_operand(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` as autocast hands it to ``F.linear``: float64 stays float64 (autocast never
+    lowers it, so a float64 ``nn.Linear`` computes in float64 under autocast), other floating
+    tensors become ``dtype``."""
+    return tensor if tensor.dtype == torch.float64 else tensor.to(dtype)
+
+
 @torch.no_grad()
 def _unmerged_base_weight(module: "LoRAMBoLinear", state_dict, prefix: str, local_metadata) -> None:
     """state_dict post-hook: a merged layer stores its base weight unmerged. The pools hold the
@@ -400,14 +407,16 @@ class LoRAMBoLinear(nn.Module):
         device_type = x.device.type
         # meta tensors (shape inference, memory estimates) have no autocast state to ask about
         autocast = autocast_available(device_type)  # traceable by torch 2.11's Dynamo too
-        if autocast and torch.is_autocast_enabled(device_type):
+        autocasting = autocast and torch.is_autocast_enabled(device_type)
+        if autocasting:
             dtype = torch.get_autocast_dtype(device_type)
-            x, weight, lora_a, lora_b = (t.to(dtype) for t in (x, weight, lora_a, lora_b))
-            bias = None if bias is None else bias.to(dtype)
-        elif not (x.dtype == weight.dtype == lora_a.dtype == lora_b.dtype and (bias is None or bias.dtype == x.dtype)):
+            x, weight, lora_a, lora_b = (_autocast_operand(t, dtype) for t in (x, weight, lora_a, lora_b))
+            bias = None if bias is None else _autocast_operand(bias, dtype)
+        if not (x.dtype == weight.dtype == lora_a.dtype == lora_b.dtype and (bias is None or bias.dtype == x.dtype)):
             raise TypeError(f"{self._label}: input dtype {x.dtype} does not match weight dtype {weight.dtype}"
                             f"{'' if bias is None else f' / bias dtype {bias.dtype}'} / LoRA dtype {lora_a.dtype} "
-                            "(outside autocast)")
+                            + ("(under autocast, which casts every dtype but float64 to its own)" if autocasting
+                               else "(outside autocast)"))
         p = self.dropout if self.training else 0.0
         rank = dynamic_int_attribute(self, "_rank")  # symbolic under torch.compile: no graph per rank
         with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():

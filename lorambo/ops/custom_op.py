@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lorambo.ext.flops import register_lora_flop_formulas
+from lorambo.ops.compile_support import autocast_available
 
 __all__ = ["define_lora_op", "differentiable_backward", "seed_tensor", "seed_value"]
 
@@ -188,7 +189,13 @@ def _remember(ctx, bias, rank, scaling, dropout_p):
 
 
 def _backward_rule(ctx, grad_y, saved, seed, bwd_op, mask_op):
-    """Gradients for (x, W, b, A, B, rank, scaling, p, seed) from the saved tensors and context."""
+    """Gradients for (x, W, b, A, B, rank, scaling, p, seed) from the saved tensors and context,
+    in the dtypes the forward ran in: a ``backward()`` called inside an autocast region (after a
+    float32 forward outside it) would otherwise run the reference's products in bfloat16."""
+    device_type = grad_y.device.type
+    if autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return _backward_rule(ctx, grad_y, saved, seed, bwd_op, mask_op)
     x, weight, lora_A, lora_B, t = saved
     need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
     needs = (need_x, need_w, need_b and ctx.has_bias, need_a, need_bb)

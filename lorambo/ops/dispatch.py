@@ -12,7 +12,7 @@ import torch
 
 from lorambo.ops.backend import resolve_backend
 from lorambo.ops import ext_linear, triton_linear
-from lorambo.ops.functorch_path import functorch_active, lora_linear_composite
+from lorambo.ops.functorch_path import needs_composite, lora_linear_composite
 from lorambo.ops.lora_linear_ref import lora_linear_reference
 
 
@@ -28,9 +28,10 @@ def lora_linear(x, weight, bias, lora_A, lora_B, rank: int, scaling: float, drop
 
     ``rank`` may be a symbolic int under torch.compile; ``seed`` an int, a 0-d int64 CPU tensor,
     or None (a fresh seed per call when ``dropout_p > 0``). Inside a ``torch.func`` transform the
-    op is plain torch ops and its dropout is ``F.dropout`` (see :mod:`lorambo.ops.functorch_path`).
+    op is plain torch ops and its dropout is ``F.dropout``, and so under forward-mode AD (see
+    :mod:`lorambo.ops.functorch_path`).
     """
-    if functorch_active():  # the backends' autograd Functions do not compose with torch.func
+    if needs_composite():  # the backends' autograd Functions compose with neither torch.func nor forward AD
         return lora_linear_composite(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p)
     if dropout_p > 0.0 and seed is None:
         seed = new_dropout_seed()

@@ -1,8 +1,10 @@
-"""The LoRA linear op under ``torch.func`` transforms (grad, vmap, jvp, jacrev, hessian).
+"""The LoRA linear op under ``torch.func`` transforms (grad, vmap, jvp, jacrev, hessian) and
+forward-mode AD (``torch.autograd.forward_ad`` dual tensors).
 
-The backends' ops run an ``autograd.Function`` (or the extension's C++ one) for speed, and
-functorch transforms refuse both. Inside a transform the op is therefore written with plain
-differentiable torch ops, so every transform composes as it does through ``nn.Linear``:
+The backends' ops run an ``autograd.Function`` (or the extension's C++ one) for speed; functorch
+transforms refuse both, and neither has a forward-mode (jvp) rule. Inside a transform or a
+forward-AD level the op is therefore written with plain differentiable torch ops, so every
+transform composes as it does through ``nn.Linear``:
 
     y = x W^T + b + s * (drop(x) A_r^T) B_r^T
 
@@ -16,13 +18,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
-__all__ = ["functorch_active", "lora_linear_composite"]
+__all__ = ["needs_composite", "lora_linear_composite"]
 
 
-def functorch_active() -> bool:
-    """True inside a ``torch.func`` transform (and not while torch.compile traces)."""
-    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+def needs_composite() -> bool:
+    """True inside a ``torch.func`` transform or a ``forward_ad.dual_level()`` (and not while
+    torch.compile traces). Inside a dual level every call takes the composite path, dual inputs
+    or not: telling them apart would cost a tangent lookup per tensor."""
+    return not torch.compiler.is_compiling() and (torch._C._are_functorch_transforms_active()
+                                                  or forward_ad._current_level >= 0)
 
 
 def lora_linear_composite(x, weight, bias, lora_A, lora_B, rank: int, scaling: float,

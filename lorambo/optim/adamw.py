@@ -22,7 +22,7 @@ Pool parameters take one call of the compiled extension on the CPU (see
 ``_compiled_step_applies``) and otherwise the multi-tensor (``torch._foreach_*``) path, with the
 step counts on the parameter's device, so the update never reads a device value on the host.
 Both compute the same formulas in the same order, equal up to rounding (bf16/fp16 pools: the
-compiled update works in float32 and rounds once per element, the foreach path after every op).
+update works in float32 and rounds once per element, on both paths).
 ``fused`` and ``capturable`` apply to the other parameters; with a GradScaler the scaler unscales the gradients
 and skips inf steps itself, also for ``fused=True``. ``differentiable=True`` is not supported.
 """
@@ -82,8 +82,7 @@ def _denominator_coefficients(slot_steps, layouts, lr, beta1, beta2):
     return inv_sqrt_bc2, bc1_over_lr
 
 
-# bf16/fp16 pools are updated in float32 and rounded once per element (the foreach path rounds
-# after every operation, as torch's AdamW does)
+# bf16/fp16 pools are updated in float32 and rounded once per element (so is the foreach path)
 _COMPILED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -143,6 +142,14 @@ def _foreach_pool_step(group: dict, work) -> None:
     torch._foreach_add_(counted, 1.0)
     if not values:
         return
+    # bf16/fp16 pools are updated in float32 copies and rounded once per element, as the compiled
+    # step is: in float16 eps = 1e-8 is 0 and squared gradients underflow, so an element whose
+    # moments are 0 (all of A on a LoRA's first step, where B = 0) would take 0/0 = NaN, and one
+    # whose squared gradient underflows a step of m / eps
+    stored = [values, exp_avgs, exp_avg_sqs, max_sqs]
+    values, grads, exp_avgs, exp_avg_sqs, max_sqs = (
+        [t.to(dtype) for t, (_, dtype) in zip(tensors, layouts)]
+        for tensors in (values, grads, exp_avgs, exp_avg_sqs, max_sqs))
     if maximize:
         grads = torch._foreach_neg(grads)
     if weight_decay != 0:
@@ -160,6 +167,10 @@ def _foreach_pool_step(group: dict, work) -> None:
     torch._foreach_add_(denoms, eps)
     torch._foreach_mul_(denoms, bc1_over_lr)
     torch._foreach_addcdiv_(values, exp_avgs, denoms, -1.0)
+    pairs = [(out, wide) for outs, wides in zip(stored, (values, exp_avgs, exp_avg_sqs, max_sqs))
+             for out, wide in zip(outs, wides) if out is not wide]
+    if pairs:
+        torch._foreach_copy_([out for out, _ in pairs], [wide for _, wide in pairs])
 
 
 _PER_ELEMENT = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")

@@ -5,6 +5,7 @@ autograd Functions that functorch refused ("must override the setup_context stat
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
@@ -77,6 +78,29 @@ def test_jacrev_and_jvp_of_the_model_match_its_float64_matrix(make_base, backend
     out, tangent = torch.func.jvp(model, (x,), (v,))
     torch.testing.assert_close(tangent, m2 @ m1 @ v, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(out, model(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("make_base", [_linear, _conv1d])
+def test_forward_mode_ad_dual_tensors_match_the_float64_matrix(make_base, backend):
+    """torch.autograd.forward_ad (nn.Linear supports it) used to fail in every backend's op:
+    "You must implement the jvp function" (autograd.Function), "jvp is not implemented for the
+    c++ API" (extension), naming no layer."""
+    model = _model(make_base)
+    (m1, _), (m2, _) = (_dense(model[0]), _dense(model[1]))
+    x, v = torch.randn(4, 7, dtype=torch.float64), torch.randn(4, 7, dtype=torch.float64)
+    layer = model[1]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    tangent_a = torch.randn_like(layer.lora_A)
+    with fwAD.dual_level():
+        out = fwAD.unpack_dual(model(fwAD.make_dual(x, v)))
+        params["1.lora_A"] = fwAD.make_dual(params["1.lora_A"], tangent_a)
+        by_a = fwAD.unpack_dual(torch.func.functional_call(model, params, (x,))).tangent
+    torch.testing.assert_close(out.primal, model(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.tangent, v @ (m2 @ m1).t(), rtol=1e-10, atol=1e-12)
+    h = x @ m1.t() + model[0].base_layer.bias.detach()
+    r = layer.rank  # inactive slots of the tangent do not reach the output
+    want = layer.scaling * (h @ tangent_a[:r].t()) @ layer.lora_B[:, :r].detach().t()
+    torch.testing.assert_close(by_a, want, rtol=1e-10, atol=1e-12)
 
 
 def test_grad_with_lora_dropout_matches_float64_math_with_torchs_dropout_mask():

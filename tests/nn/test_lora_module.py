@@ -205,6 +205,31 @@ def test_autocast_runs_in_the_autocast_dtype_within_twice_torchs_own_error():
     assert not layer.lora_A.grad[4:].any() and not layer.lora_B.grad[:, 4:].any()
 
 
+def test_float64_layer_stays_float64_under_autocast_as_nn_linear_does(backend):
+    """Autocast never lowers float64 (a float64 nn.Linear computes in float64 under it); the layer
+    used to cast everything to bfloat16 and return a bfloat16 output ~1e-2 off."""
+    layer = filled(LoRAMBoLinear(nn.Linear(12, 9).double(), rank=3, capacity=8, alpha=6.0))
+    layer.base_layer.weight.requires_grad_(True)
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        assert layer.base_layer(x).dtype == torch.float64  # what the drop-in must match
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, layer.weight, layer.lora_A, layer.lora_B)]
+    xr, wr, ar, br = leaves
+    want = xr @ wr.t() + layer.bias + layer.scaling * (xr @ ar[:3].t()) @ br[:, :3].t()
+    want.backward(grad_y)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    for got, ref in zip((x, layer.weight, layer.lora_A, layer.lora_B), leaves):
+        torch.testing.assert_close(got.grad, ref.grad, rtol=1e-12, atol=1e-12)
+    # a float64 input into a float32 layer is a dtype mix under autocast too (nn.Linear raises)
+    layer32 = filled(LoRAMBoLinear(nn.Linear(12, 9), rank=3, capacity=8))
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="float64.*under autocast"):
+        layer32(x)
+
+
 # --------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("kwargs,exc,match", [
     ({"rank": -1}, ValueError, r"'blk\.0\.q'.*rank -1 outside \[0, capacity = 8\]"),

@@ -131,6 +131,27 @@ def test_low_precision_pools_err_at_most_twice_torchs_own_adamw(dtype):
     assert torchs > 0 and ours <= 2 * torchs, (ours, torchs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_lora_first_step_with_default_eps_matches_the_float64_oracle(dtype):
+    """A LoRA's first step: B = 0, so A's gradient is exactly 0. With the default eps (1e-8, which
+    is 0 in float16) the foreach path formed the denominator in float16 and wrote 0/0 = NaN into
+    every element of A."""
+    layer = LoRAMBoLinear(torch.nn.Linear(12, 10), rank=3, capacity=4).to(dtype)
+    kwargs = dict(lr=1e-2, weight_decay=0.1)
+    opt = AdamW(layer.parameters(), **kwargs)
+    oracle = _SlotOracle(kwargs)
+    oracle.sync([layer])
+    for step in range(2):  # the second step: B has moved, A's gradient is no longer 0
+        layer.zero_grad()
+        layer(torch.randn(6, 12, dtype=dtype)).float().square().sum().backward()
+        assert layer.lora_A.grad.any() == (step > 0)
+        opt.step()
+        oracle.step([layer])
+    assert layer.lora_A.isfinite().all() and layer.lora_B.isfinite().all()
+    unit = 2.0 ** -11 if dtype == torch.float16 else 2.0 ** -8
+    oracle.check([layer], rtol=4 * unit, atol=4 * unit * 1e-2)  # a few roundings of a step of lr
+
+
 def test_lr_zero_leaves_pools_unchanged_and_counts_the_step():
     layer = LoRAMBoLinear(torch.nn.Linear(6, 5), rank=3, capacity=4)
     layer.lora_B.data.normal_()
