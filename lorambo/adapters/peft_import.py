@@ -80,12 +80,18 @@ def _check_base_kept(config: Mapping, where: str) -> None:
             "convert with lorambo.from_peft, which keeps the rewritten base weights")
 
 
+def _is_off(value, off) -> bool:
+    """``value`` means "not used": one of ``off``, or any empty collection (peft turns the
+    ``target_parameters`` of a MoE model's config into ``set()``, which equals no list)."""
+    return value in off or (isinstance(value, (list, tuple, set, frozenset, dict)) and not value)
+
+
 def check_peft_config(config: Mapping, where: str) -> None:
     """Raise ValueError naming every peft feature in ``config`` that lorambo cannot represent."""
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{where}: peft_type {config.get('peft_type')!r} is not LoRA; lorambo imports "
                          "plain LoRA adapters only")
-    bad = [f"{k}={config[k]!r}" for k, off in _OFF.items() if k in config and config[k] not in off]
+    bad = [f"{k}={config[k]!r}" for k, off in _OFF.items() if k in config and not _is_off(config[k], off)]
     if config.get("bias", "none") != "none":
         bad.append(f"bias={config['bias']!r}")
     if bad:

@@ -12,6 +12,7 @@ from transformers import (BertConfig, BertForSequenceClassification, DistilBertC
 
 import lorambo
 from lorambo import export_peft, from_peft, import_peft, lora_layers
+from lorambo.adapters.peft_import import check_peft_config
 from lorambo.model.modules_to_save import modules_to_save
 
 
@@ -424,3 +425,15 @@ def test_rank_above_min_in_out_imports_with_the_same_outputs(tmp_path, convert):
     export_peft(ours, tmp_path / "back")  # and peft reads it back
     reloaded = PeftModel.from_pretrained(_bert(), tmp_path / "back").eval()
     torch.testing.assert_close(_logits(reloaded, ids), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("empty", [None, [], (), set(), frozenset(), {}])
+def test_an_empty_collection_means_a_feature_is_off(empty):
+    """peft rewrites the config of a MoE model (Mixtral, OLMoE, ...) on get_peft_model, turning
+    an unset target_parameters into set(); from_peft refused that plain LoRA adapter as using
+    "unsupported peft LoRA feature(s) target_parameters=set()"."""
+    check_peft_config({"target_parameters": empty, "layer_replication": empty, "trainable_token_indices": empty},
+                      "adapter")
+    with pytest.raises(ValueError, match=r"adapter: unsupported peft LoRA feature\(s\) target_parameters="
+                                         r"\{'experts\.down_proj'\}"):
+        check_peft_config({"target_parameters": {"experts.down_proj"}}, "adapter")
