@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from lorambo.nn import LoRAMBoLinear
-from lorambo.nn.base_layers import is_wrappable, unwrappable_reason
+from lorambo.nn.base_layers import is_wrappable, stacked_weights, unwrappable_reason
 
 # Names of output heads that are never adapted by default (besides get_output_embeddings()).
 _HEAD_NAMES = {"lm_head", "classifier", "score", "qa_outputs"}
@@ -117,7 +117,7 @@ def find_targets(model: nn.Module, target_modules: str | list[str] | None) -> li
         names = [n for n in modules if n and pattern.fullmatch(n)]
         if not names:
             raise ValueError(f"target_modules regex {target_modules!r} matches no module of "
-                             f"{type(model).__name__}")
+                             f"{type(model).__name__}{_parameter_hint(model, pattern.fullmatch)}")
         for n in names:
             _require_adaptable(n, modules[n], f"matches target_modules {target_modules!r}", bypassed)
         return names
@@ -135,8 +135,8 @@ def find_targets(model: nn.Module, target_modules: str | list[str] | None) -> li
     for target in targets:
         hits = [n for n in modules if n and suffix_match(n, target)]
         if not hits:
-            raise ValueError(f"target_modules entry {target!r} matches no module of "
-                             f"{type(model).__name__}{_closest(target, _leaf_names(modules))}")
+            hint = _parameter_hint(model, lambda n: suffix_match(n, target)) or _closest(target, _leaf_names(modules))
+            raise ValueError(f"target_modules entry {target!r} matches no module of {type(model).__name__}{hint}")
         for n in hits:
             _require_adaptable(n, modules[n], f"matches target_modules entry {target!r}", bypassed)
         names.extend(h for h in hits if h not in names)
@@ -155,6 +155,29 @@ def check_named_targets(model: nn.Module, names: Iterable[str]) -> list[str]:
         _require_adaptable(name, modules[name], "is named in ranks", bypassed)
         out.append(name)
     return out
+
+
+def stacked_weight_modules(model: nn.Module) -> dict[str, str]:
+    """``{name: class name}`` of the modules holding stacked 3-D weights (fused MoE experts),
+    which no target choice can adapt; the default targets leave them out."""
+    return {n: type(m).__name__ for n, m in _candidate_modules(model).items() if stacked_weights(m)}
+
+
+def _parameter_hint(model: nn.Module, matches) -> str:
+    """Why a target entry that matches no module matched a parameter (e.g. fused experts'
+    ``gate_up_proj``): lorambo adapts modules, not parameters (peft's ``target_parameters``)."""
+    owners = {}
+    for name, _ in model.named_parameters():
+        if matches(name):
+            owner = name.rpartition(".")[0]
+            owners[owner] = model.get_submodule(owner)
+    if not owners:
+        return ""
+    shown = ", ".join(f"{o!r} ({type(m).__name__})" for o, m in list(owners.items())[:3])
+    experts = any(stacked_weights(m) for m in owners.values())
+    return (f"; it names parameters of {shown}, not modules: lorambo adapts nn.Linear / Conv1D modules, not "
+            "parameters (peft's target_parameters)" + ("; fused MoE experts (stacked 3-D weights) cannot be "
+                                                       "adapted" if experts else ""))
 
 
 def _leaf_names(modules: dict[str, nn.Module]) -> set[str]:
