@@ -11,11 +11,15 @@ from torch import nn
 from lorambo.nn import LoRAMBoLinear
 from lorambo.nn.base_layers import is_wrappable, stacked_weights, unwrappable_reason
 
+# Classification heads: never adapted by default, nor the layers inside one (RoBERTa's
+# classifier.dense / classifier.out_proj, Bart's and T5's classification_head.*): the last of
+# those is the output layer, with num_labels outputs.
+_CLASSIFICATION_HEADS = {"classifier", "score", "qa_outputs", "classification_head"}
 # Names of output heads that are never adapted by default (besides get_output_embeddings()).
-_HEAD_NAMES = {"lm_head", "classifier", "score", "qa_outputs"}
+_HEAD_NAMES = {"lm_head"} | _CLASSIFICATION_HEADS
 # Submodules whose Linear layers are left out by default: a BERT-style pooler feeds only
 # pooler_output, which a loss on the hidden states never reaches.
-_SKIPPED_PARENTS = {"pooler"}
+_SKIPPED_PARENTS = {"pooler"} | _CLASSIFICATION_HEADS
 ALL_LINEAR = "all-linear"  # peft's keyword, accepted as target_modules; same as None
 
 
@@ -51,8 +55,8 @@ def bypassed_linears(model: nn.Module) -> set[str]:
 
 
 def excluded_by_default(model: nn.Module) -> set[str]:
-    """The output layer, classification heads, pooler layers and the Linear layers a parent
-    bypasses (see :func:`find_targets`)."""
+    """The output layer, classification heads and the layers inside them, pooler layers and the
+    Linear layers a parent bypasses (see :func:`find_targets`)."""
     head = _output_embeddings(model)
     out = bypassed_linears(model)
     for name, module in model.named_modules():
@@ -100,11 +104,13 @@ def find_targets(model: nn.Module, target_modules: str | list[str] | None) -> li
     """Dotted names to adapt, in model order.
 
     ``None`` or ``"all-linear"``: peft's ``all-linear`` -- every Linear/Conv1D except the output
-    layer (``get_output_embeddings()``) and heads named ``lm_head``, ``classifier``, ``score``
-    or ``qa_outputs`` -- and, unlike peft, without the layers of a ``pooler`` (BERT's
+    layer (``get_output_embeddings()``) and heads named ``lm_head``, ``classifier``, ``score``,
+    ``qa_outputs`` or ``classification_head`` -- and, unlike peft, without the layers inside a
+    classification head (RoBERTa's ``classifier.out_proj``) or a ``pooler`` (BERT's
     ``pooler.dense`` feeds only ``pooler_output``) and without ``nn.MultiheadAttention``'s
-    ``out_proj``, which its parent bypasses (:func:`bypassed_linears`; naming it is an error). A list: suffix match on dotted names (each
-    entry must match something). Another string: regex full match on dotted names.
+    ``out_proj``, which its parent bypasses (:func:`bypassed_linears`; naming it is an error).
+    A list: suffix match on dotted names (each entry must match something). Another string:
+    regex full match on dotted names.
     """
     if target_modules is None or target_modules == ALL_LINEAR:
         return default_targets(model)
