@@ -195,3 +195,22 @@ def test_fused_experts_are_refused_naming_them(name):
 
     with pytest.raises(ValueError, match=r"unsupported peft LoRA feature\(s\) target_parameters="):
         from_peft(get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_parameters=["experts.down_proj"])))
+
+
+@pytest.mark.parametrize("targets", [None, ["q_proj"], {"model.layers.0.self_attn.v_proj": 2}])
+def test_a_model_wrapped_by_peft_is_refused(targets):
+    """configure_model on a peft model put LoRA on peft's LoRA: the default targets took each
+    peft layer's base_layer, lora_A.default and lora_B.default, and a named target left peft's
+    adapter adding to lorambo's. It is refused, naming from_peft, and nothing changes."""
+    base, batch = build("llama")
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj", "o_proj"],
+                                                                init_lora_weights=False)).eval()
+    expected = logits(peft_model, batch)
+    flags = [p.requires_grad for p in peft_model.parameters()]
+    ranks, kwargs = (targets, {}) if isinstance(targets, dict) else (2, {"target_modules": targets})
+    for model in (peft_model, peft_model.get_base_model()):
+        with pytest.raises(ValueError, match=r"holds peft modules \(.*peft\.tuners\.lora\.layer\.Linear.*"
+                                             r"lorambo\.from_peft"):
+            configure_model(model, ranks, **kwargs)
+    assert not lora_layers(peft_model) and [p.requires_grad for p in peft_model.parameters()] == flags
+    torch.testing.assert_close(logits(peft_model, batch), expected, rtol=0, atol=0)
