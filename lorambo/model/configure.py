@@ -15,7 +15,7 @@ from lorambo.model.frozen import forget_frozen, record_frozen
 from lorambo.model.modules_to_save import (check_not_targets, forget_modules_to_save, keep_trainable,
                                            modules_to_save as recorded_modules_to_save, resolve_modules_to_save)
 from lorambo.model.patterns import check_alpha_pattern, pattern_value
-from lorambo.model.targeting import ALL_LINEAR, check_named_targets, find_targets, stacked_weight_modules
+from lorambo.model.targeting import check_named_targets, find_targets
 from lorambo.nn import LoRAMBoLinear
 
 
@@ -116,25 +116,10 @@ def _resolve_targets(model: nn.Module, ranks, target_modules) -> list[str]:
         names = check_named_targets(model, ranks.keys())
     elif isinstance(ranks, numbers.Integral) and not isinstance(ranks, bool):
         names = find_targets(model, target_modules)
-        if target_modules is None or target_modules == ALL_LINEAR:
-            _warn_stacked_left_out(model)
     else:
         raise TypeError(f"ranks must be an int or a {{name: rank}} dict, got {ranks!r}")
     _check_not_shared(model, names)
     return names
-
-
-def _warn_stacked_left_out(model: nn.Module) -> None:
-    """The default targets are the Linear / Conv1D layers; fused MoE experts (stacked 3-D weights)
-    hold most of such a model's weights, and leaving them out without a word would look like
-    adapting the whole model."""
-    stacked = stacked_weight_modules(model)
-    if stacked:
-        shown = ", ".join(f"{n!r} ({c})" for n, c in list(stacked.items())[:2])
-        warnings.warn(f"configure_model: {len(stacked)} modules of {type(model).__name__} hold stacked 3-D weights "
-                      f"(fused MoE experts: {shown}{', ...' if len(stacked) > 2 else ''}), which lorambo cannot "
-                      "adapt; the default targets leave them out and adapt the nn.Linear / Conv1D layers only",
-                      UserWarning, stacklevel=4)
 
 
 def _check_not_shared(model: nn.Module, names: list[str]) -> None:

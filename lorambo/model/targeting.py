@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import warnings
 from collections.abc import Iterable
 
 from torch import nn
@@ -113,6 +114,7 @@ def find_targets(model: nn.Module, target_modules: str | list[str] | None) -> li
     regex full match on dotted names.
     """
     if target_modules is None or target_modules == ALL_LINEAR:
+        _warn_stacked_left_out(model)
         return default_targets(model)
     modules, bypassed = _candidate_modules(model), bypassed_linears(model)
     if isinstance(target_modules, str):
@@ -167,6 +169,19 @@ def stacked_weight_modules(model: nn.Module) -> dict[str, str]:
     """``{name: class name}`` of the modules holding stacked 3-D weights (fused MoE experts),
     which no target choice can adapt; the default targets leave them out."""
     return {n: type(m).__name__ for n, m in _candidate_modules(model).items() if stacked_weights(m)}
+
+
+def _warn_stacked_left_out(model: nn.Module) -> None:
+    """Fused MoE experts hold most of such a model's weights: leaving them out of the default
+    targets without a word would look like adapting the whole model. The warning points at the
+    caller of configure_model / LoRAMBoOptimizer."""
+    stacked = stacked_weight_modules(model)
+    if stacked:
+        shown = ", ".join(f"{n!r} ({c})" for n, c in list(stacked.items())[:2])
+        warnings.warn(f"{len(stacked)} modules of {type(model).__name__} hold stacked 3-D weights (fused MoE "
+                      f"experts: {shown}{', ...' if len(stacked) > 2 else ''}), which lorambo cannot adapt; the "
+                      "default targets leave them out and adapt the nn.Linear / Conv1D layers only",
+                      UserWarning, stacklevel=5)
 
 
 def _parameter_hint(model: nn.Module, matches) -> str:

@@ -193,6 +193,11 @@ def test_fused_experts_are_refused_naming_them(name):
             configure_model(model, 2, target_modules=targets)
         assert not lora_layers(model) and all(p.requires_grad for p in model.parameters())
 
+    # LoRAMBoOptimizer measures and allocates over the default targets too, and says so
+    with pytest.warns(UserWarning, match=rf"modules of {type(model).__name__} hold stacked 3-D weights "
+                                         rf"\(fused MoE experts: 'model\.layers\.0\.mlp\.experts' \({cls}\)"):
+        lorambo.LoRAMBoOptimizer(model, total_budget=1000, sensitivity_method="gradient")
+
     with pytest.raises(ValueError, match=r"unsupported peft LoRA feature\(s\) target_parameters="):
         from_peft(get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_parameters=["experts.down_proj"])))
 
