@@ -9,6 +9,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from lorambo.model.bypassed import bypassed_linears
 from lorambo.nn import LoRAMBoLinear
 from lorambo.nn.base_layers import is_wrappable, stacked_weights, unwrappable_reason
 
@@ -47,19 +48,11 @@ def _output_embeddings(model: nn.Module):
         return None
 
 
-def bypassed_linears(model: nn.Module) -> set[str]:
-    """Linear modules whose parent reads their weight instead of calling them, so a LoRA there
-    would never run: ``out_proj`` of ``nn.MultiheadAttention`` (its forward passes
-    ``out_proj.weight`` to ``F.multi_head_attention_forward``)."""
-    return {f"{name}.out_proj" if name else "out_proj" for name, module in model.named_modules()
-            if isinstance(module, nn.MultiheadAttention)}
-
-
 def excluded_by_default(model: nn.Module) -> set[str]:
     """The output layer, classification heads and the layers inside them, pooler layers and the
     Linear layers a parent bypasses (see :func:`find_targets`)."""
     head = _output_embeddings(model)
-    out = bypassed_linears(model)
+    out = set(bypassed_linears(model))
     for name, module in model.named_modules():
         parts = name.split(".")
         if ((head is not None and module is head) or parts[-1] in _HEAD_NAMES
@@ -91,14 +84,14 @@ def _candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def _require_adaptable(name: str, module: nn.Module, why: str, bypassed: set[str]) -> None:
+def _require_adaptable(name: str, module: nn.Module, why: str, bypassed: dict[str, str]) -> None:
     if not _adaptable(module):
         raise TypeError(f"module {name!r} ({type(module).__name__}) {why} but cannot be adapted: "
                         f"{unwrappable_reason(module)}")
     if name in bypassed:
-        raise ValueError(f"module {name!r} {why} but is the output projection of an nn.MultiheadAttention, "
-                         "whose forward reads out_proj.weight directly: a LoRA there would never run. "
-                         "Leave it out of target_modules")
+        child = name.rsplit(".", 1)[-1]
+        raise ValueError(f"module {name!r} {why} but its parent, a {bypassed[name]}, reads {child}.weight directly "
+                         "instead of calling it: a LoRA there would never run. Leave it out of target_modules")
 
 
 def find_targets(model: nn.Module, target_modules: str | list[str] | None) -> list[str]:
@@ -108,8 +101,9 @@ def find_targets(model: nn.Module, target_modules: str | list[str] | None) -> li
     layer (``get_output_embeddings()``) and heads named ``lm_head``, ``classifier``, ``score``,
     ``qa_outputs`` or ``classification_head`` -- and, unlike peft, without the layers inside a
     classification head (RoBERTa's ``classifier.out_proj``) or a ``pooler`` (BERT's
-    ``pooler.dense`` feeds only ``pooler_output``) and without ``nn.MultiheadAttention``'s
-    ``out_proj``, which its parent bypasses (:func:`bypassed_linears`; naming it is an error).
+    ``pooler.dense`` feeds only ``pooler_output``) and without the layers whose parent reads
+    their weight directly, such as ``nn.MultiheadAttention``'s ``out_proj``
+    (:func:`lorambo.model.bypassed.bypassed_linears`; naming one is an error).
     A list: suffix match on dotted names (each entry must match something). Another string:
     regex full match on dotted names.
     """

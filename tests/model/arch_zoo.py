@@ -37,6 +37,11 @@ SPECS = {
     "vit": ("ViTForImageClassification", "ViTConfig",
             dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, image_size=16,
                  patch_size=8, num_labels=3)),
+    # parents that read a child's weight directly: MobileBERT's LM head (dense), Mamba (dt_proj, ...)
+    "mobilebert": ("MobileBertForMaskedLM", "MobileBertConfig",
+                   dict(_ENC, embedding_size=16, intermediate_size=32, intra_bottleneck_size=16, true_hidden_size=16)),
+    "mamba": ("MambaForCausalLM", "MambaConfig", dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, state_size=4,
+                                                      expand=2, conv_kernel=3, time_step_rank=4)),
     "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(_MOE, num_local_experts=4)),
     "qwen2_moe": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig",
                   dict(_MOE, num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24)),

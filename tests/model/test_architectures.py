@@ -101,9 +101,12 @@ def test_default_targets_outputs_rank_changes_and_merge(name):
 
 
 def _explicit_targets(model):
-    """Two leaf names of the default targets (a list, suffix-matched) and one full name (regex)."""
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in default_targets(model)})
-    return leaves[:2], default_targets(model)[0]
+    """Two leaf names of the default targets that name no other Linear (a list, suffix-matched:
+    MobileBERT's "dense" also names its LM head's bypassed dense) and one full name (regex)."""
+    defaults = default_targets(model)
+    others = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if base_kind(m) and n not in defaults}
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in defaults} - others)
+    return leaves[:2], defaults[0]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -219,3 +222,18 @@ def test_a_model_wrapped_by_peft_is_refused(targets):
             configure_model(model, ranks, **kwargs)
     assert not lora_layers(peft_model) and [p.requires_grad for p in peft_model.parameters()] == flags
     torch.testing.assert_close(logits(peft_model, batch), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name,layer,parent", [("mobilebert", "cls.predictions.dense", "MobileBertLMPredictionHead"),
+                                               ("mamba", "backbone.layers.0.mixer.dt_proj", "MambaMixer")])
+def test_a_linear_whose_parent_reads_its_weight_is_left_out_and_refused(name, layer, parent):
+    """MobileBERT's LM head multiplies by dense.weight, Mamba's mixer by dt_proj.weight: their
+    LoRA never ran, so outputs ignored the adapter and merging changed them (by 1.7 on the tiny
+    MobileBERT). They are left out of the default targets, and naming one is an error."""
+    model, _ = build(name)
+    assert layer not in default_targets(model)
+    child = layer.rsplit(".", 1)[-1]
+    for ranks, kwargs in (({layer: 2}, {}), (2, {"target_modules": layer.replace(".", r"\.")})):
+        with pytest.raises(ValueError, match=rf"'{layer}' .* its parent, a {parent}, reads {child}\.weight directly"):
+            configure_model(model, ranks, **kwargs)
+        assert not lora_layers(model) and all(p.requires_grad for p in model.parameters())
