@@ -67,8 +67,14 @@ def default_targets(model: nn.Module) -> list[str]:
     excluded = excluded_by_default(model)
     names = [n for n, m in modules.items() if n and _adaptable(m) and n not in excluded]
     if not names:
+        # Linear subclasses with a forward of their own (Falcon's FalconLinear) are not adaptable:
+        # say so, rather than that the model has no Linear layers
+        refused = next(((n, m) for n, m in modules.items() if n and n not in excluded and isinstance(m, nn.Linear)),
+                       None)
+        why = f"; its Linear layers cannot be wrapped, e.g. {refused[0]!r}: {unwrappable_reason(refused[1])}" \
+            if refused else ""
         raise ValueError(f"{type(model).__name__} has no nn.Linear / Conv1D module to adapt "
-                         "besides its output layer, heads and pooler")
+                         f"besides its output layer, heads and pooler{why}")
     return names
 
 

@@ -237,3 +237,18 @@ def test_a_linear_whose_parent_reads_its_weight_is_left_out_and_refused(name, la
         with pytest.raises(ValueError, match=rf"'{layer}' .* its parent, a {parent}, reads {child}\.weight directly"):
             configure_model(model, ranks, **kwargs)
         assert not lora_layers(model) and all(p.requires_grad for p in model.parameters())
+
+
+def test_a_model_whose_linears_all_have_their_own_forward_says_why():
+    """Falcon's layers are FalconLinear, an nn.Linear subclass with a forward of its own, which
+    lorambo does not wrap. The error said the model had no nn.Linear at all."""
+    import transformers
+
+    if not hasattr(transformers, "FalconForCausalLM"):
+        pytest.skip(f"transformers {transformers.__version__} has no FalconForCausalLM")
+    model = transformers.FalconForCausalLM(transformers.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                                                     num_attention_heads=4))
+    with pytest.raises(ValueError, match=r"FalconForCausalLM has no nn.Linear / Conv1D module to adapt .*; its Linear "
+                                         r"layers cannot be wrapped, e\.g\. 'transformer\.h\.0\.self_attention\."
+                                         r"query_key_value': FalconLinear subclasses Linear with a forward of its own"):
+        configure_model(model, 2)
