@@ -4,9 +4,11 @@ already wrapped by peft (:func:`from_peft`).
 Each adapted module gets a pool with room to grow (``default_capacity``: the next power of two
 >= 2 * rank, at least 8, capped at min(in, out)) unless ``capacity`` is given. The layer's
 scaling is peft's (``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA) and stays fixed when the
-rank changes later, so growth keeps the function. ``rank_pattern`` / ``alpha_pattern`` are
-resolved with peft's own matching rule (:mod:`lorambo.model.patterns`); ranks come from the
-tensor shapes and must agree with the config. ``modules_to_save`` are loaded and stay trainable.
+rank changes later, so growth keeps the function. A layer whose peft rank exceeds min(in, out)
+gets rank min(in, out) with the same product ``B A`` (:func:`_within_min_dim`).
+``rank_pattern`` / ``alpha_pattern`` are resolved with peft's own matching rule
+(:mod:`lorambo.model.patterns`); ranks come from the tensor shapes and must agree with the
+config. ``modules_to_save`` are loaded and stay trainable.
 
 What peft can express but a LoRAMBoLinear cannot is refused before the model is touched, with
 an error naming it: DoRA, LoRA biases (``bias`` other than "none", ``lora_bias``), targets that
@@ -78,12 +80,18 @@ def _check_base_kept(config: Mapping, where: str) -> None:
             "convert with lorambo.from_peft, which keeps the rewritten base weights")
 
 
+def _is_off(value, off) -> bool:
+    """``value`` means "not used": one of ``off``, or any empty collection (peft turns the
+    ``target_parameters`` of a MoE model's config into ``set()``, which equals no list)."""
+    return value in off or (isinstance(value, (list, tuple, set, frozenset, dict)) and not value)
+
+
 def check_peft_config(config: Mapping, where: str) -> None:
     """Raise ValueError naming every peft feature in ``config`` that lorambo cannot represent."""
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{where}: peft_type {config.get('peft_type')!r} is not LoRA; lorambo imports "
                          "plain LoRA adapters only")
-    bad = [f"{k}={config[k]!r}" for k, off in _OFF.items() if k in config and config[k] not in off]
+    bad = [f"{k}={config[k]!r}" for k, off in _OFF.items() if k in config and not _is_off(config[k], off)]
     if config.get("bias", "none") != "none":
         bad.append(f"bias={config['bias']!r}")
     if bad:
@@ -131,10 +139,29 @@ def _check_values(config: Mapping, where: str) -> None:
                 raise AdapterFormatError(f"{where}: {key}[{name!r}] is {value!r}, expected {expected}")
 
 
+def _within_min_dim(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with at most min(in, out) rows / columns and the same product ``B A``.
+
+    peft accepts any rank, but a pool holds at most min(in, out) slots (a rank beyond it adds
+    nothing: ``B A`` has rank <= min(in, out)). A wider pair, as peft's ``all-linear`` gives a
+    classifier with 2 labels or Qwen2-MoE's 1-output ``shared_expert_gate``, is stored as the
+    product on the smaller side and the identity on the other, so the function is unchanged and
+    every slot keeps a gradient (the identity side is never zero). Exact in float64, rounded once
+    to the tensors' dtype."""
+    if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0] or a.shape[0] <= min(b.shape[0], a.shape[1]):
+        return a, b  # shapes are checked against the module later, with an error naming it
+    d_out, d_in = b.shape[0], a.shape[1]
+    product = (b.double() @ a.double()).to(a.dtype)  # (out, in)
+    if d_out <= d_in:
+        return product, torch.eye(d_out, dtype=b.dtype, device=b.device)
+    return torch.eye(d_in, dtype=a.dtype, device=a.device), product
+
+
 class _LayerSpec:
     __slots__ = ("a", "b", "alpha", "scaling", "use_rslora", "dropout")
 
     def __init__(self, a, b, alpha, scaling, use_rslora, dropout):
+        a, b = _within_min_dim(a, b)  # the scaling stays peft's, from the rank it was trained at
         self.a, self.b, self.alpha, self.scaling = a, b, float(alpha), float(scaling)
         self.use_rslora, self.dropout = bool(use_rslora), float(dropout)
 

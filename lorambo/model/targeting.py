@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import difflib
 import re
+import warnings
 from collections.abc import Iterable
 
 from torch import nn
 
+from lorambo.model.bypassed import bypassed_linears
 from lorambo.nn import LoRAMBoLinear
-from lorambo.nn.base_layers import is_wrappable, unwrappable_reason
+from lorambo.nn.base_layers import is_wrappable, stacked_weights, unwrappable_reason
 
+# Classification heads: never adapted by default, nor the layers inside one (RoBERTa's
+# classifier.dense / classifier.out_proj, Bart's and T5's classification_head.*): the last of
+# those is the output layer, with num_labels outputs.
+_CLASSIFICATION_HEADS = {"classifier", "score", "qa_outputs", "classification_head"}
 # Names of output heads that are never adapted by default (besides get_output_embeddings()).
-_HEAD_NAMES = {"lm_head", "classifier", "score", "qa_outputs"}
+_HEAD_NAMES = {"lm_head"} | _CLASSIFICATION_HEADS
 # Submodules whose Linear layers are left out by default: a BERT-style pooler feeds only
 # pooler_output, which a loss on the hidden states never reaches.
-_SKIPPED_PARENTS = {"pooler"}
+_SKIPPED_PARENTS = {"pooler"} | _CLASSIFICATION_HEADS
 ALL_LINEAR = "all-linear"  # peft's keyword, accepted as target_modules; same as None
 
 
@@ -42,19 +48,11 @@ def _output_embeddings(model: nn.Module):
         return None
 
 
-def bypassed_linears(model: nn.Module) -> set[str]:
-    """Linear modules whose parent reads their weight instead of calling them, so a LoRA there
-    would never run: ``out_proj`` of ``nn.MultiheadAttention`` (its forward passes
-    ``out_proj.weight`` to ``F.multi_head_attention_forward``)."""
-    return {f"{name}.out_proj" if name else "out_proj" for name, module in model.named_modules()
-            if isinstance(module, nn.MultiheadAttention)}
-
-
 def excluded_by_default(model: nn.Module) -> set[str]:
-    """The output layer, classification heads, pooler layers and the Linear layers a parent
-    bypasses (see :func:`find_targets`)."""
+    """The output layer, classification heads and the layers inside them, pooler layers and the
+    Linear layers a parent bypasses (see :func:`find_targets`)."""
     head = _output_embeddings(model)
-    out = bypassed_linears(model)
+    out = set(bypassed_linears(model))
     for name, module in model.named_modules():
         parts = name.split(".")
         if ((head is not None and module is head) or parts[-1] in _HEAD_NAMES
@@ -69,8 +67,14 @@ def default_targets(model: nn.Module) -> list[str]:
     excluded = excluded_by_default(model)
     names = [n for n, m in modules.items() if n and _adaptable(m) and n not in excluded]
     if not names:
+        # Linear subclasses with a forward of their own (Falcon's FalconLinear) are not adaptable:
+        # say so, rather than that the model has no Linear layers
+        refused = next(((n, m) for n, m in modules.items() if n and n not in excluded and isinstance(m, nn.Linear)),
+                       None)
+        why = f"; its Linear layers cannot be wrapped, e.g. {refused[0]!r}: {unwrappable_reason(refused[1])}" \
+            if refused else ""
         raise ValueError(f"{type(model).__name__} has no nn.Linear / Conv1D module to adapt "
-                         "besides its output layer, heads and pooler")
+                         f"besides its output layer, heads and pooler{why}")
     return names
 
 
@@ -86,27 +90,31 @@ def _candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def _require_adaptable(name: str, module: nn.Module, why: str, bypassed: set[str]) -> None:
+def _require_adaptable(name: str, module: nn.Module, why: str, bypassed: dict[str, str]) -> None:
     if not _adaptable(module):
         raise TypeError(f"module {name!r} ({type(module).__name__}) {why} but cannot be adapted: "
                         f"{unwrappable_reason(module)}")
     if name in bypassed:
-        raise ValueError(f"module {name!r} {why} but is the output projection of an nn.MultiheadAttention, "
-                         "whose forward reads out_proj.weight directly: a LoRA there would never run. "
-                         "Leave it out of target_modules")
+        child = name.rsplit(".", 1)[-1]
+        raise ValueError(f"module {name!r} {why} but its parent, a {bypassed[name]}, reads {child}.weight directly "
+                         "instead of calling it: a LoRA there would never run. Leave it out of target_modules")
 
 
 def find_targets(model: nn.Module, target_modules: str | list[str] | None) -> list[str]:
     """Dotted names to adapt, in model order.
 
     ``None`` or ``"all-linear"``: peft's ``all-linear`` -- every Linear/Conv1D except the output
-    layer (``get_output_embeddings()``) and heads named ``lm_head``, ``classifier``, ``score``
-    or ``qa_outputs`` -- and, unlike peft, without the layers of a ``pooler`` (BERT's
-    ``pooler.dense`` feeds only ``pooler_output``) and without ``nn.MultiheadAttention``'s
-    ``out_proj``, which its parent bypasses (:func:`bypassed_linears`; naming it is an error). A list: suffix match on dotted names (each
-    entry must match something). Another string: regex full match on dotted names.
+    layer (``get_output_embeddings()``) and heads named ``lm_head``, ``classifier``, ``score``,
+    ``qa_outputs`` or ``classification_head`` -- and, unlike peft, without the layers inside a
+    classification head (RoBERTa's ``classifier.out_proj``) or a ``pooler`` (BERT's
+    ``pooler.dense`` feeds only ``pooler_output``) and without the layers whose parent reads
+    their weight directly, such as ``nn.MultiheadAttention``'s ``out_proj``
+    (:func:`lorambo.model.bypassed.bypassed_linears`; naming one is an error).
+    A list: suffix match on dotted names (each entry must match something). Another string:
+    regex full match on dotted names.
     """
     if target_modules is None or target_modules == ALL_LINEAR:
+        _warn_stacked_left_out(model)
         return default_targets(model)
     modules, bypassed = _candidate_modules(model), bypassed_linears(model)
     if isinstance(target_modules, str):
@@ -117,7 +125,7 @@ def find_targets(model: nn.Module, target_modules: str | list[str] | None) -> li
         names = [n for n in modules if n and pattern.fullmatch(n)]
         if not names:
             raise ValueError(f"target_modules regex {target_modules!r} matches no module of "
-                             f"{type(model).__name__}")
+                             f"{type(model).__name__}{_parameter_hint(model, pattern.fullmatch)}")
         for n in names:
             _require_adaptable(n, modules[n], f"matches target_modules {target_modules!r}", bypassed)
         return names
@@ -135,8 +143,8 @@ def find_targets(model: nn.Module, target_modules: str | list[str] | None) -> li
     for target in targets:
         hits = [n for n in modules if n and suffix_match(n, target)]
         if not hits:
-            raise ValueError(f"target_modules entry {target!r} matches no module of "
-                             f"{type(model).__name__}{_closest(target, _leaf_names(modules))}")
+            hint = _parameter_hint(model, lambda n: suffix_match(n, target)) or _closest(target, _leaf_names(modules))
+            raise ValueError(f"target_modules entry {target!r} matches no module of {type(model).__name__}{hint}")
         for n in hits:
             _require_adaptable(n, modules[n], f"matches target_modules entry {target!r}", bypassed)
         names.extend(h for h in hits if h not in names)
@@ -155,6 +163,42 @@ def check_named_targets(model: nn.Module, names: Iterable[str]) -> list[str]:
         _require_adaptable(name, modules[name], "is named in ranks", bypassed)
         out.append(name)
     return out
+
+
+def stacked_weight_modules(model: nn.Module) -> dict[str, str]:
+    """``{name: class name}`` of the modules holding stacked 3-D weights (fused MoE experts),
+    which no target choice can adapt; the default targets leave them out."""
+    return {n: type(m).__name__ for n, m in _candidate_modules(model).items() if stacked_weights(m)}
+
+
+def _warn_stacked_left_out(model: nn.Module) -> None:
+    """Fused MoE experts hold most of such a model's weights: leaving them out of the default
+    targets without a word would look like adapting the whole model. The warning points at the
+    caller of configure_model / LoRAMBoOptimizer."""
+    stacked = stacked_weight_modules(model)
+    if stacked:
+        shown = ", ".join(f"{n!r} ({c})" for n, c in list(stacked.items())[:2])
+        warnings.warn(f"{len(stacked)} modules of {type(model).__name__} hold stacked 3-D weights (fused MoE "
+                      f"experts: {shown}{', ...' if len(stacked) > 2 else ''}), which lorambo cannot adapt; the "
+                      "default targets leave them out and adapt the nn.Linear / Conv1D layers only",
+                      UserWarning, stacklevel=5)
+
+
+def _parameter_hint(model: nn.Module, matches) -> str:
+    """Why a target entry that matches no module matched a parameter (e.g. fused experts'
+    ``gate_up_proj``): lorambo adapts modules, not parameters (peft's ``target_parameters``)."""
+    owners = {}
+    for name, _ in model.named_parameters():
+        if matches(name):
+            owner = name.rpartition(".")[0]
+            owners[owner] = model.get_submodule(owner)
+    if not owners:
+        return ""
+    shown = ", ".join(f"{o!r} ({type(m).__name__})" for o, m in list(owners.items())[:3])
+    experts = any(stacked_weights(m) for m in owners.values())
+    return (f"; it names parameters of {shown}, not modules: lorambo adapts nn.Linear / Conv1D modules, not "
+            "parameters (peft's target_parameters)" + ("; fused MoE experts (stacked 3-D weights) cannot be "
+                                                       "adapted" if experts else ""))
 
 
 def _leaf_names(modules: dict[str, nn.Module]) -> set[str]:

@@ -67,7 +67,22 @@ def unwrappable_reason(module: nn.Module) -> str:
     if family is not None:
         return (f"{type(module).__name__} subclasses {family[1].__name__} with a forward of its own (a quantized "
                 "or otherwise changed layer), which LoRAMBoLinear, computing x W^T + b from the weight, would drop")
+    stacked = stacked_weights(module)
+    if stacked:
+        return (f"{type(module).__name__} holds its weights as stacked 3-D parameters ({', '.join(stacked)}), as "
+                "fused MoE experts do; lorambo adapts nn.Linear / transformers Conv1D layers only")
     return f"{type(module).__name__} is not nn.Linear or transformers Conv1D"
+
+
+def stacked_weights(module: nn.Module) -> list[str]:
+    """``'name [shape]'`` of ``module``'s own 3-D parameters holding several matrices, outside
+    convolutions: one matrix per expert stacked in one tensor (transformers' fused MoE experts,
+    e.g. ``MixtralExperts.gate_up_proj`` [experts, 2 * ffn, hidden]), which no Linear holds. A
+    leading dimension of 1 is a single tensor (ViT's cls_token [1, 1, hidden]), not a stack."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return []
+    return [f"{n} {list(p.shape)}" for n, p in module.named_parameters(recurse=False)
+            if p.dim() == 3 and p.shape[0] > 1]
 
 
 def hooks_reason(module: nn.Module) -> str:

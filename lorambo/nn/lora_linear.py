@@ -228,6 +228,12 @@ class LoRAMBoLinear(nn.Module):
         return float(value)
 
     def _check_rank_value(self, rank: int) -> None:
+        limit = min(self.in_features, self.out_features)
+        if rank > limit:  # no capacity can hold it: say what bounds it, not just the pool
+            raise ValueError(f"{self._label}: rank {rank} exceeds min(in, out) = {limit} of this "
+                             f"{self.in_features} -> {self.out_features} layer, which bounds every rank (B A has rank "
+                             f"<= {limit}); give it a rank <= {limit} (ranks={{name: rank}}) or leave it out of "
+                             "target_modules")
         if not 0 <= rank <= self.capacity:
             raise ValueError(f"{self._label}: rank {rank} outside [0, capacity = {self.capacity}]")
 

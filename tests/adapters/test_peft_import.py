@@ -12,6 +12,7 @@ from transformers import (BertConfig, BertForSequenceClassification, DistilBertC
 
 import lorambo
 from lorambo import export_peft, from_peft, import_peft, lora_layers
+from lorambo.adapters.peft_import import check_peft_config
 from lorambo.model.modules_to_save import modules_to_save
 
 
@@ -393,3 +394,46 @@ def test_saved_adapters_of_base_keeping_inits_import(tmp_path, init):
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(6))
     expected = _logits(PeftModel.from_pretrained(_bert(), tmp_path).eval(), ids)
     torch.testing.assert_close(_logits(import_peft(_bert(), tmp_path), ids), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("convert", ["import_peft", "from_peft"])
+def test_rank_above_min_in_out_imports_with_the_same_outputs(tmp_path, convert):
+    """peft takes any rank; a pool holds at most min(in, out) slots. peft's all-linear gives the
+    3-label classifier rank 4, and r=40 exceeds intermediate.dense's 32 inputs: the import
+    failed ("rank 4 outside [0, capacity = 2]") on an adapter peft loads fine."""
+    peft_model = get_peft_model(_bert(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "classifier",
+                                                                                          "intermediate.dense"],
+                                                     rank_pattern={"intermediate.dense": 40}))
+    _randomise_peft(peft_model, seed=21)
+    peft_model.save_pretrained(tmp_path / "peft")
+    ids = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(8))
+    expected = _logits(peft_model.eval(), ids)
+
+    ours = import_peft(_bert(), tmp_path / "peft") if convert == "import_peft" else from_peft(peft_model)
+    torch.testing.assert_close(_logits(ours, ids), expected, rtol=1e-12, atol=1e-12)
+    layers = lora_layers(ours)
+    assert layers["classifier"].rank == 3 and layers["classifier"].scaling == 2.0  # peft's 8 / 4
+    assert layers["bert.encoder.layer.0.intermediate.dense"].rank == 32
+    assert layers["bert.encoder.layer.0.intermediate.dense"].scaling == 0.2  # peft's 8 / 40
+    assert layers["bert.encoder.layer.0.attention.self.query"].rank == 4
+    ours(input_ids=ids).logits.sum().backward()
+    for name, layer in layers.items():  # every slot trains: none is a zero row and column
+        r = layer.rank
+        assert layer.lora_A.grad[:r].abs().sum(1).min() > 0, name
+        assert layer.lora_B.grad[:, :r].abs().sum(0).min() > 0, name
+
+    export_peft(ours, tmp_path / "back")  # and peft reads it back
+    reloaded = PeftModel.from_pretrained(_bert(), tmp_path / "back").eval()
+    torch.testing.assert_close(_logits(reloaded, ids), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("empty", [None, [], (), set(), frozenset(), {}])
+def test_an_empty_collection_means_a_feature_is_off(empty):
+    """peft rewrites the config of a MoE model (Mixtral, OLMoE, ...) on get_peft_model, turning
+    an unset target_parameters into set(); from_peft refused that plain LoRA adapter as using
+    "unsupported peft LoRA feature(s) target_parameters=set()"."""
+    check_peft_config({"target_parameters": empty, "layer_replication": empty, "trainable_token_indices": empty},
+                      "adapter")
+    with pytest.raises(ValueError, match=r"adapter: unsupported peft LoRA feature\(s\) target_parameters="
+                                         r"\{'experts\.down_proj'\}"):
+        check_peft_config({"target_parameters": {"experts.down_proj"}}, "adapter")

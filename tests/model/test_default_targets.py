@@ -4,8 +4,8 @@ import pytest
 import torch
 from peft import LoraConfig
 from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
-from transformers import (BertConfig, BertForSequenceClassification, BertModel, GPT2Config,
-                          GPT2LMHeadModel)
+from transformers import (BartConfig, BartForSequenceClassification, BertConfig, BertForSequenceClassification,
+                          BertModel, GPT2Config, GPT2LMHeadModel, RobertaConfig, RobertaForSequenceClassification)
 
 import lorambo
 from lorambo import configure_model, lora_layers
@@ -36,6 +36,34 @@ def test_default_targets_are_peft_all_linear_without_the_pooler(build, task_type
     assert len(ours) == len(set(ours)) and all("pooler" not in n for n in ours)
     configure_model(model, 2, target_modules="all-linear")
     assert list(lora_layers(model)) == ours
+
+
+def _roberta_classifier():
+    return RobertaForSequenceClassification(RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                          num_attention_heads=2, intermediate_size=24,
+                                                          max_position_embeddings=24, pad_token_id=1, num_labels=2))
+
+
+def _bart_classifier():
+    return BartForSequenceClassification(BartConfig(vocab_size=50, d_model=16, encoder_layers=1, decoder_layers=1,
+                                                    encoder_attention_heads=2, decoder_attention_heads=2,
+                                                    encoder_ffn_dim=24, decoder_ffn_dim=24, max_position_embeddings=16,
+                                                    num_labels=2))
+
+
+@pytest.mark.parametrize("build,head", [(_roberta_classifier, "classifier"), (_bart_classifier, "classification_head")])
+def test_layers_inside_a_classification_head_are_left_out(build, head):
+    """RoBERTa's classifier (and Bart's classification_head) holds dense and out_proj, the
+    num_labels output layer. Both were default targets, so configure_model(model, 8) failed on
+    out_proj (rank 8 > its 2 outputs) and a lower rank adapted the freshly initialised head."""
+    model = build()
+    expected = {n for n in _peft_all_linear(model, "SEQ_CLS") if head not in n.split(".")}
+    assert {f"{head}.dense", f"{head}.out_proj"} <= _peft_all_linear(model, "SEQ_CLS")
+    assert set(default_targets(model)) == expected
+    assert {t.name for t in sensitivity_targets(model)} == expected
+    configure_model(model, 8)
+    assert set(lora_layers(model)) == expected
+    assert not any(p.requires_grad for p in model.get_submodule(head).parameters())
 
 
 class _AttentionBlock(torch.nn.Module):
