@@ -30,7 +30,7 @@ def gradient_sensitivity(model, loss_fn, batches, modules=None) -> dict[str, flo
     reached = False
     with differentiable(weights):
         for index, batch in enumerate(batches):
-            loss = compute_loss(loss_fn, model, batch)
+            loss = compute_loss(loss_fn, model, batch, who="gradient_sensitivity")
             check_finite_loss(loss, index, "gradient_sensitivity")
             grads = torch.autograd.grad(loss, weights, allow_unused=True)
             for i, g in enumerate(grads):
@@ -50,7 +50,7 @@ def targets_without_gradient(model, loss_fn, batch, modules=None) -> list[str]:
     targets = find_targets(model, modules)
     weights = [t.weight for t in targets]
     with differentiable(weights):
-        loss = compute_loss(loss_fn, model, batch)
+        loss = compute_loss(loss_fn, model, batch, who="targets_without_gradient")
         grads = torch.autograd.grad(loss, weights, allow_unused=True)
     return [t.name for t, g in zip(targets, grads) if g is None]
 
@@ -103,7 +103,7 @@ def data_covariance(model, loss_fn, batches, modules=None, token_mask="auto") ->
             h.remove()
     empty = [i for i, n in enumerate(batch_tokens[:len(batches)]) if n == 0]
     if empty:
-        raise ValueError(f"data_covariance: batch(es) {empty[:10]} of {len(batches)} fed 0 (real) tokens to "
+        raise ValueError(f"data_covariance: batch(es) {empty[:10]} of {len(batches)} fed 0 tokens to "
                          "the targeted layers (empty sequences?); leave them out")
     # under torch.distributed a layer may run on some processes only (routed experts): the
     # others add zeros, and only a layer no process ran is an error
