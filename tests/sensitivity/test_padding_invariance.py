@@ -111,3 +111,35 @@ def test_data_covariance_bad_token_mask_is_a_clear_error(minilm, token_mask, mes
     assert batch["input_ids"].shape == (4, 13)
     with pytest.raises(ValueError, match="data_covariance: .*" + message):
         data_covariance(model, forward, [batch], modules=MODULES, token_mask=token_mask)
+
+
+def per_sentence_loss(model, batch):
+    """Mean over sentences of a loss on each one's masked-mean embedding (pads get no gradient)."""
+    hidden = forward(model, batch)
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return ((hidden * mask).sum(1) / mask.sum(1)).pow(2).sum(-1).mean()
+
+
+@pytest.mark.parametrize("layout", ["one_at_a_time", "right", "left"])
+def test_fisher_per_example_norms_ignore_padding(minilm, layout):
+    """A padded sentence is one example: FisherProxy's mean ||g_n||^2 equals the mean over the
+    sentences, each run alone, of ||d loss / dW||^2 from autograd."""
+    from lorambo.sensitivity.targets import differentiable
+
+    model, tokenizer = minilm
+    modules = dict(model.named_modules())
+    weights = [modules[n].weight for n in MODULES]
+    with differentiable(weights):
+        want = torch.tensor([[float(g.double().square().sum()) for g in
+                              torch.autograd.grad(per_sentence_loss(model, _encode(tokenizer, [t])), weights)]
+                             for t in TEXTS], dtype=torch.float64).mean(0)
+        batches = ([_encode(tokenizer, [t]) for t in TEXTS] if layout == "one_at_a_time"
+                   else [_encode(tokenizer, TEXTS, layout)])
+        with FisherProxy(model, modules=MODULES) as fisher:
+            for batch in batches:
+                grads = torch.autograd.grad(per_sentence_loss(model, batch), weights)  # runs the hooks
+        del grads
+    got = fisher.estimates()
+    for i, name in enumerate(MODULES):
+        assert got[name].num_probes == len(TEXTS)
+        torch.testing.assert_close(torch.tensor(got[name].value, dtype=torch.float64), want[i], rtol=1e-4, atol=0)
