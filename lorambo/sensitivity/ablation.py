@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from lorambo.distributed import all_reduce_sum_
-from .inputs import as_batch_list
+from .inputs import as_batch_list, scalar_loss
 
 __all__ = ["ComponentAblation", "ablation_scores", "lora_targets"]
 
@@ -68,9 +68,7 @@ def lora_targets(model, modules=None) -> dict:
 def _mean_loss(model, loss_fn, batches) -> float:
     total = torch.zeros(2, dtype=torch.float64)
     for batch in batches:
-        loss = loss_fn(model, batch)
-        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-            raise ValueError("loss_fn(model, batch) must return a scalar tensor")
+        loss = scalar_loss(loss_fn(model, batch), "ablation_scores")
         total[0] += float(loss)
         total[1] += 1.0
     total = all_reduce_sum_(total)

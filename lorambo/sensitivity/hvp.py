@@ -43,13 +43,16 @@ class HessianOperator:
     batched=True uses is_grads_batched; if vmap fails for this model (e.g. an autograd.Function
     whose backward reads values with .item() on the double-backward path) it warns once and
     loops over probes. batched=None: True unless the weights live on the CPU. ``names`` label
-    the weights in errors (RuntimeError when the loss gives none of them a gradient).
+    the weights in errors (RuntimeError when the loss gives none of them a gradient), ``who``
+    the estimator in errors about what loss_fn returned.
     """
 
     def __init__(self, model, loss_fn, batches: Sequence, weights: Sequence[torch.Tensor],
-                 batched: bool | None = None, names: Sequence[str] | None = None):
+                 batched: bool | None = None, names: Sequence[str] | None = None,
+                 who: str = "Hessian-vector products"):
         self.model, self.loss_fn, self.batches = model, loss_fn, batches
         self.weights = list(weights)
+        self.who = who
         self.names = list(names) if names is not None else [f"weight {i}" for i in range(len(self.weights))]
         if batched is None:
             batched = self.weights[0].device.type != "cpu"
@@ -70,7 +73,7 @@ class HessianOperator:
         # double backward, so attention runs a path that has one (see ``attention``)
         with torch.enable_grad(), double_backward_attention(self.model):
             for batch in self.batches:
-                loss = compute_loss(self.loss_fn, self.model, batch)
+                loss = compute_loss(self.loss_fn, self.model, batch, who=self.who)
                 grads = torch.autograd.grad(loss, self.weights, create_graph=True,
                                             allow_unused=True)
                 reached = reached or any(g is not None for g in grads)
@@ -84,7 +87,7 @@ class HessianOperator:
                 total = part if total is None else [t + p for t, p in zip(total, part)]
                 del loss, grads
         if not reached:  # every product would be 0: a silent zero Hessian for every layer
-            raise no_gradient_error("Hessian-vector products", self.names)
+            raise no_gradient_error(self.who, self.names)
         count = all_reduce_sum_(torch.tensor([float(len(self.batches))], dtype=torch.float64))
         return [all_reduce_sum_(t) / count.to(t.device, t.dtype) for t in total]
 

@@ -7,8 +7,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-__all__ = ["as_batch_list", "compute_loss", "check_finite_loss", "check_positive", "check_seed",
-           "no_gradient_error"]
+__all__ = ["as_batch_list", "compute_loss", "scalar_loss", "check_finite_loss", "check_positive",
+           "check_seed", "no_gradient_error"]
 
 
 def as_batch_list(batches) -> list:
@@ -22,17 +22,29 @@ def as_batch_list(batches) -> list:
     return batches
 
 
-def compute_loss(loss_fn, model, batch, need_grad: bool = True) -> torch.Tensor:
-    """loss_fn(model, batch), checked to be a scalar tensor that (if need_grad) has a graph."""
-    with torch.enable_grad():
-        loss = loss_fn(model, batch)
+def scalar_loss(loss, who: str) -> torch.Tensor:
+    """What loss_fn returned, as a scalar tensor: a tensor as is, or the ``loss`` of a Hugging
+    Face ModelOutput (any Mapping with a tensor under ``"loss"``, so ``loss_fn`` may be
+    ``lambda model, batch: model(**batch)`` on batches with labels). TypeError / ValueError
+    naming ``who`` and what came back otherwise."""
+    if isinstance(loss, Mapping) and isinstance(loss.get("loss"), torch.Tensor):
+        loss = loss["loss"]
     if not isinstance(loss, torch.Tensor):
-        raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
+        kind = type(loss).__name__ + (" without a loss" if isinstance(loss, Mapping) else "")
+        raise TypeError(f"{who}: loss_fn must return a scalar tensor (or a ModelOutput with a loss, "
+                        f"i.e. called with labels), got {kind}")
     if loss.ndim != 0:
-        raise ValueError(f"loss_fn must return a scalar tensor, got shape {tuple(loss.shape)} "
+        raise ValueError(f"{who}: loss_fn must return a scalar tensor, got shape {tuple(loss.shape)} "
                          "(reduce it, e.g. with .mean())")
+    return loss
+
+
+def compute_loss(loss_fn, model, batch, need_grad: bool = True, who: str = "loss_fn") -> torch.Tensor:
+    """loss_fn(model, batch) as :func:`scalar_loss`, checked (if need_grad) to have a graph."""
+    with torch.enable_grad():
+        loss = scalar_loss(loss_fn(model, batch), who)
     if need_grad and not loss.requires_grad:
-        raise ValueError("the loss does not depend on the targeted weights (did loss_fn run "
+        raise ValueError(f"{who}: the loss does not depend on the targeted weights (did loss_fn run "
                          "under torch.no_grad() or detach the output?)")
     return loss
 

@@ -51,7 +51,7 @@ def hessian_opnorm(model, loss_fn, batches, modules=None, num_iters: int = 20, s
     iters = [0] * len(weights)
     with differentiable(weights):
         op = HessianOperator(model, loss_fn, batches, weights, batched,
-                             names=[t.name for t in targets])
+                             names=[t.name for t in targets], who="hessian_opnorm")
         active = set(range(len(weights)))
         for _ in range(num_iters):
             if not active:

@@ -8,6 +8,7 @@ from lorambo.distributed import all_reduce_sum_, all_reduced_sums
 from lorambo.nn.hook_inputs import layer_input
 from .inputs import as_batch_list, check_finite_loss, compute_loss, no_gradient_error
 from .targets import differentiable, find_targets
+from .token_mask import batch_token_mask, real_tokens
 
 __all__ = ["gradient_sensitivity", "data_covariance", "targets_without_gradient"]
 
@@ -29,7 +30,7 @@ def gradient_sensitivity(model, loss_fn, batches, modules=None) -> dict[str, flo
     reached = False
     with differentiable(weights):
         for index, batch in enumerate(batches):
-            loss = compute_loss(loss_fn, model, batch)
+            loss = compute_loss(loss_fn, model, batch, who="gradient_sensitivity")
             check_finite_loss(loss, index, "gradient_sensitivity")
             grads = torch.autograd.grad(loss, weights, allow_unused=True)
             for i, g in enumerate(grads):
@@ -49,22 +50,26 @@ def targets_without_gradient(model, loss_fn, batch, modules=None) -> list[str]:
     targets = find_targets(model, modules)
     weights = [t.weight for t in targets]
     with differentiable(weights):
-        loss = compute_loss(loss_fn, model, batch)
+        loss = compute_loss(loss_fn, model, batch, who="targets_without_gradient")
         grads = torch.autograd.grad(loss, weights, allow_unused=True)
     return [t.name for t, g in zip(targets, grads) if g is None]
 
 
-def data_covariance(model, loss_fn, batches, modules=None) -> dict[str, torch.Tensor]:
-    """G_i = E[x x^T] [in, in] over every token x fed to each targeted layer.
+def data_covariance(model, loss_fn, batches, modules=None, token_mask="auto") -> dict[str, torch.Tensor]:
+    """G_i = E[x x^T] [in, in] over every real token x fed to each targeted layer.
 
     A forward hook on the layer (the LoRA layer itself for LoRA layers) takes its first input,
     flattened to [tokens, in]; sums of x^T x and token counts are accumulated (float32 for
     half-precision inputs, else the input dtype) and divided at the end, so memory is O(in^2)
     per layer whatever the number of batches. ``loss_fn`` is only called to run the forward (its
-    result is ignored; any callable(model, batch) works) under torch.no_grad(). Padding tokens
-    count like any token: mask them in the forward if that matters. A batch that feeds no token
-    to the targeted layers (e.g. sequence length 0) raises ValueError naming it, and so does a
-    layer whose inputs hold NaN/inf.
+    result is ignored; any callable(model, batch) works) under torch.no_grad().
+
+    Padding: ``token_mask`` says which positions are real tokens (see
+    :mod:`~lorambo.sensitivity.token_mask`). The default ``"auto"`` takes a dict batch's
+    ``"attention_mask"``, so the same sentences give the same G however they are padded or
+    batched; ``None`` counts every position, pads included. A batch that feeds no real token to
+    the targeted layers (e.g. sequence length 0) raises ValueError naming it, and so does a layer
+    whose inputs hold NaN/inf, or whose input shape does not match the mask.
     """
     batches = as_batch_list(batches)
     targets = find_targets(model, modules)
@@ -72,11 +77,12 @@ def data_covariance(model, loss_fn, batches, modules=None) -> dict[str, torch.Te
     counts = torch.zeros(len(targets), dtype=torch.float64)
 
     batch_tokens = [0]  # tokens the current batch fed to any targeted layer
+    mask: list = [None]  # the current batch's token mask
 
     def hook_for(i):
         def hook(module, args, kwargs, output):
             x = layer_input(args, kwargs).detach()
-            x = x.reshape(-1, x.shape[-1])                                  # (tokens, in)
+            x = real_tokens(x, mask[0], targets[i].name, "data_covariance")   # (tokens, in)
             batch_tokens[-1] += x.shape[0]
             if x.dtype in (torch.float16, torch.bfloat16):
                 x = x.float()
@@ -89,6 +95,7 @@ def data_covariance(model, loss_fn, batches, modules=None) -> dict[str, torch.Te
     try:
         with torch.no_grad():
             for batch in batches:
+                mask[0] = batch_token_mask(token_mask, batch, "data_covariance")
                 loss_fn(model, batch)
                 batch_tokens.append(0)
     finally:

@@ -73,7 +73,7 @@ def hessian_trace(model, loss_fn, batches, modules=None, num_probes: int = 64,
         progress = sys.stderr.isatty()
     with differentiable(weights):
         op = HessianOperator(model, loss_fn, batches, weights, batched,
-                             names=[t.name for t in targets])
+                             names=[t.name for t in targets], who="hessian_trace")
         if method == "hutchinson":
             results, bad = _hutchinson(op, num_probes, seed, probes_per_pass, stderr_target,
                                        progress and is_main_process())

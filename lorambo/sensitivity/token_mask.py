@@ -1,0 +1,58 @@
+"""Which tokens of a padded batch are real, for statistics that read a layer's input directly.
+
+Statistics of the inputs X alone (``data_covariance``) see every position a padded batch feeds
+the layer, pads included: pads are real vectors after the embeddings, so counting them makes
+the same sentences give other results padded to another length or side. Gradient-based
+statistics need no mask when the loss ignores pads (their output gradient is then 0).
+
+``token_mask`` is what the estimators accept:
+- ``"auto"``: a Mapping batch's ``"attention_mask"`` (Hugging Face tokenizers' output), every
+  token for batches without one;
+- a callable ``batch -> [B, T]`` tensor (nonzero = real token), e.g. for batches of raw texts
+  that ``loss_fn`` tokenizes itself;
+- ``None``: every token counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+__all__ = ["batch_token_mask", "real_tokens"]
+
+
+def batch_token_mask(token_mask, batch, who: str) -> torch.Tensor | None:
+    """The [B, T] bool mask of ``batch`` under the ``token_mask`` setting (see module doc)."""
+    if token_mask is None:
+        return None
+    if isinstance(token_mask, str) and token_mask == "auto":
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        if mask is None:
+            return None
+    elif callable(token_mask):
+        mask = token_mask(batch)
+    else:
+        raise ValueError(f"{who}: token_mask must be 'auto', a callable(batch) -> [B, T] mask or None, "
+                         f"got {token_mask!r}")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"{who}: the token mask must be a [batch, tokens] tensor, got {shape}")
+    return mask != 0
+
+
+def real_tokens(x: torch.Tensor, mask: torch.Tensor | None, layer: str, who: str) -> torch.Tensor:
+    """Rows of ``x`` [..., in] that are real tokens, as [n, in].
+
+    The mask [B, T] must match x's leading dims; a 2-D input [B, in] holds one row per example
+    (e.g. a pooler on the first token) and is kept whole. Any other shape is an error: which
+    rows are pads cannot be told."""
+    if mask is None:
+        return x.reshape(-1, x.shape[-1])
+    if tuple(x.shape[:-1]) == tuple(mask.shape):
+        return x[mask.to(x.device)]
+    if x.dim() == 2 and x.shape[0] == mask.shape[0]:
+        return x
+    raise ValueError(f"{who}: layer {layer!r} gets an input of shape {tuple(x.shape)}, whose leading "
+                     f"dims do not match the token mask's {tuple(mask.shape)}; pass token_mask=None "
+                     "to count every position, or a token_mask callable matching this layout")
