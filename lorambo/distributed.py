@@ -15,6 +15,10 @@ Two uses, one module:
   floating-point reductions or LAPACK threading could leave; random numbers come from
   :func:`decision_generator`, never from the global RNG state, which differs across processes.
 
+An exception raised on one process only (bad input, a process without batches) must not leave
+the others waiting forever in a collective that process never joins: :class:`SharedFailure` holds
+it back until the next collective, which carries a failure count, so every process raises.
+
 Naming states the semantics: a trailing underscore (``all_reduce_sum_``, ``broadcast_``) writes
 the result into the argument and returns it; ``all_reduced_*`` returns the result and leaves the
 argument untouched (the result is the argument itself when there is only one process, so do not
@@ -33,7 +37,7 @@ import torch.distributed as dist
 
 __all__ = ["is_distributed", "world_size", "process_rank", "is_main_process", "all_reduce_sum_",
            "all_reduced_sum", "all_reduced_mean", "all_reduced_sums", "broadcast_",
-           "decision_generator", "check_identical"]
+           "decision_generator", "check_identical", "SharedFailure"]
 
 
 def is_distributed() -> bool:
@@ -150,3 +154,59 @@ def check_identical(obj, what: str = "decisions") -> None:
     dist.all_gather_object(digests, digest)
     if len(set(digests)) != 1:
         raise RuntimeError(f"DDP processes took different {what}: digests per process {digests}")
+
+
+class SharedFailure:
+    """Hold back an exception raised on this process until every process can raise it.
+
+    Without this, a process that raises between two collectives leaves the others blocked in the
+    next one forever. Use::
+
+        failure = SharedFailure("gradient_sensitivity")
+        with failure:
+            ...local work that may raise...
+        stats = all_reduce_sum_(torch.cat([stats, failure.flag()]))   # a collective that runs anyway
+        failure.raise_if_any(stats[-1])
+
+    The exception is held back only under a process group of two or more processes (elsewhere it
+    propagates at once, as without this class), and only ``Exception``s (KeyboardInterrupt ends
+    the process). When any process failed, every process raises: the failing ones their own
+    exception, the others a RuntimeError naming the failing processes and their errors (one
+    ``all_gather_object``, on the failure path only). :meth:`check` is the same with a
+    collective of its own, for code that has no collective to fold the count into.
+    """
+
+    def __init__(self, who: str):
+        self.who = who
+        self.error: Exception | None = None
+
+    def __enter__(self) -> "SharedFailure":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if isinstance(error, Exception) and world_size() > 1:
+            self.error = error
+            return True
+        return False
+
+    def flag(self, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
+        """[1.0] where this process failed, [0.0] elsewhere: the summand of the failure count."""
+        return torch.tensor([float(self.error is not None)], dtype=dtype, device=device)
+
+    def raise_if_any(self, failed) -> None:
+        """Raise on every process when ``failed`` (the all-reduced sum of :meth:`flag`) is not 0."""
+        if float(failed) == 0.0:
+            return
+        errors = [None] * world_size()
+        mine = None if self.error is None else f"{type(self.error).__name__}: {self.error}"
+        dist.all_gather_object(errors, mine)
+        if self.error is not None:
+            raise self.error
+        named = "; ".join(f"process {r}: {e}" for r, e in enumerate(errors) if e is not None)
+        raise RuntimeError(f"{self.who} failed on another process ({named}); process "
+                           f"{process_rank()} stops too instead of waiting for it in a collective")
+
+    def check(self) -> None:
+        """:meth:`raise_if_any` after a collective of its own (one small all-reduce)."""
+        if world_size() > 1:
+            self.raise_if_any(all_reduce_sum_(self.flag())[0])

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lorambo.distributed import all_reduce_sum_
-from .inputs import as_batch_list
+from lorambo.distributed import SharedFailure, all_reduce_sum_
+from .inputs import as_batch_list, check_some_batches
 
 __all__ = ["ComponentAblation", "ablation_scores", "lora_targets"]
 
@@ -67,14 +67,18 @@ def lora_targets(model, modules=None) -> dict:
 
 def _mean_loss(model, loss_fn, batches) -> float:
     total = torch.zeros(2, dtype=torch.float64)
-    for batch in batches:
-        loss = loss_fn(model, batch)
-        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-            raise ValueError("loss_fn(model, batch) must return a scalar tensor")
-        total[0] += float(loss)
-        total[1] += 1.0
-    total = all_reduce_sum_(total)
-    value = float(total[0] / total[1])
+    failure = SharedFailure("ablation_scores")
+    with failure:
+        for batch in batches:
+            loss = loss_fn(model, batch)
+            if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+                raise ValueError("loss_fn(model, batch) must return a scalar tensor")
+            total[0] += float(loss)
+            total[1] += 1.0
+    loss_sum, count, failed = all_reduce_sum_(torch.cat([total, failure.flag()])).tolist()
+    failure.raise_if_any(failed)
+    check_some_batches(count, "ablation_scores")
+    value = loss_sum / count
     if value != value:  # NaN
         raise RuntimeError("ablation: the held-out loss is NaN")
     return value

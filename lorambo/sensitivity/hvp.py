@@ -29,8 +29,8 @@ from typing import Callable, Sequence
 import torch
 
 from .attention import double_backward_attention
-from lorambo.distributed import all_reduce_sum_
-from .inputs import compute_loss, no_gradient_error
+from lorambo.distributed import SharedFailure, all_reduce_sum_
+from .inputs import check_some_batches, compute_loss, no_gradient_error
 
 __all__ = ["HessianOperator"]
 
@@ -66,9 +66,10 @@ class HessianOperator:
         """
         total = None
         reached = False
+        failure = SharedFailure("Hessian-vector products")
         # create_graph records nothing under an outer no_grad(); fused attention kernels have no
         # double backward, so attention runs a path that has one (see ``attention``)
-        with torch.enable_grad(), double_backward_attention(self.model):
+        with failure, torch.enable_grad(), double_backward_attention(self.model):
             for batch in self.batches:
                 loss = compute_loss(self.loss_fn, self.model, batch)
                 grads = torch.autograd.grad(loss, self.weights, create_graph=True,
@@ -83,10 +84,19 @@ class HessianOperator:
                 part = [p * gate.to(p.device, p.dtype) for p in part]
                 total = part if total is None else [t + p for t, p in zip(total, part)]
                 del loss, grads
-        if not reached:  # every product would be 0: a silent zero Hessian for every layer
+        # batches, failed processes and processes some weight got a gradient on, in the collective
+        # that sums the batch count anyway: a process that raised or has no batches (it adds
+        # zeros) cannot leave the others waiting in the collectives below
+        count, failed, reached_on = all_reduce_sum_(torch.cat([
+            torch.tensor([float(len(self.batches))], dtype=torch.float64), failure.flag(),
+            torch.tensor([float(reached)], dtype=torch.float64)])).tolist()
+        failure.raise_if_any(failed)
+        check_some_batches(count, "Hessian-vector products")
+        if not reached_on:  # every product would be 0: a silent zero Hessian for every layer
             raise no_gradient_error("Hessian-vector products", self.names)
-        count = all_reduce_sum_(torch.tensor([float(len(self.batches))], dtype=torch.float64))
-        return [all_reduce_sum_(t) / count.to(t.device, t.dtype) for t in total]
+        if total is None:  # this process has no batches: it adds zeros of the summary's layout
+            total = [torch.zeros_like(t) for t in summarize([torch.zeros_like(v) for v in vs])]
+        return [all_reduce_sum_(t) / count for t in total]
 
     def _products(self, grads, vs) -> list[torch.Tensor]:
         num = vs[0].shape[0]
