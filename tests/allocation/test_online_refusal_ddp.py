@@ -1,0 +1,29 @@
+"""An online decision that one gloo process alone refuses (bad component_scores, no captured
+step) raises on both processes and leaves both able to decide again; it used to leave the
+other process waiting forever in the decision's first collective."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from gloo_workers import run_two_processes
+
+WORKER = Path(__file__).with_name("ddp_refusal_worker.py")
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+
+
+def test_a_refusal_on_one_process_is_raised_on_both(tmp_path):
+    first, second = run_two_processes(WORKER, tmp_path, timeout=40)
+    assert second["bad_scores"][:2] == ("error", "ValueError"), second["bad_scores"]
+    assert "component_scores['0'] must be 2 finite numbers" in second["bad_scores"][2]
+    assert first["bad_scores"][:2] == ("error", "RuntimeError"), first["bad_scores"]
+    assert "process 1: ValueError: component_scores['0'] must be 2 finite numbers" in first["bad_scores"][2]
+    assert first["kept"] and second["kept"]  # nothing changed: the captured step is kept for a retry
+    assert first["retry"] == second["retry"] and first["retry"][0] == "ok" and first["retry"][1]
+    assert second["no_capture"][:2] == ("error", "RuntimeError"), second["no_capture"]
+    assert "no activations were captured" in second["no_capture"][2]
+    assert first["no_capture"][:2] == ("error", "RuntimeError"), first["no_capture"]
+    assert "process 1: RuntimeError: update_ranks: no activations were captured" in first["no_capture"][2]
+    assert first["ranks"] == second["ranks"]
