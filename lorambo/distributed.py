@@ -157,27 +157,34 @@ def check_identical(obj, what: str = "decisions") -> None:
 
 
 class SharedFailure:
-    """Hold back an exception raised on this process until every process can raise it.
+    """Hold back an exception raised on this process until every process can raise it, and check
+    that every process passed the same ``settings``.
 
     Without this, a process that raises between two collectives leaves the others blocked in the
-    next one forever. Use::
+    next one forever, and processes given different settings (seeds, probe counts, budgets) take
+    different decisions or different numbers of collectives. Use::
 
-        failure = SharedFailure("gradient_sensitivity")
+        failure = SharedFailure("gradient_sensitivity", settings={"modules": names})
         with failure:
             ...local work that may raise...
-        stats = all_reduce_sum_(torch.cat([stats, failure.flag()]))   # a collective that runs anyway
-        failure.raise_if_any(stats[-1])
+        *stats, = all_reduce_sum_(torch.cat([stats, failure.status()])).tolist()  # a collective that runs anyway
+        failure.raise_if_any(stats[-3:])
+
+    :meth:`status` is 3 numbers: 1.0 where this process failed, and a 20-bit fingerprint f of
+    ``settings`` with f^2; summed over n processes, they all passed the same iff
+    n * sum(f^2) == sum(f)^2 (exact in float64 below 2^12 processes).
 
     The exception is held back only under a process group of two or more processes (elsewhere it
     propagates at once, as without this class), and only ``Exception``s (KeyboardInterrupt ends
     the process). When any process failed, every process raises: the failing ones their own
-    exception, the others a RuntimeError naming the failing processes and their errors (one
-    ``all_gather_object``, on the failure path only). :meth:`check` is the same with a
-    collective of its own, for code that has no collective to fold the count into.
+    exception, the others a RuntimeError naming the failing processes and their errors. When the
+    settings differ, every process raises a ValueError naming the settings and their values per
+    process. Either costs one ``all_gather_object``, on that path only. :meth:`check` is the same
+    with a collective of its own, for code that has no collective to fold the status into.
     """
 
-    def __init__(self, who: str):
-        self.who = who
+    def __init__(self, who: str, settings=None):
+        self.who, self.settings = who, settings
         self.error: Exception | None = None
 
     def __enter__(self) -> "SharedFailure":
@@ -189,24 +196,41 @@ class SharedFailure:
             return True
         return False
 
-    def flag(self, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
-        """[1.0] where this process failed, [0.0] elsewhere: the summand of the failure count."""
-        return torch.tensor([float(self.error is not None)], dtype=dtype, device=device)
+    def status(self, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
+        """[failed, f, f^2]: this process's summand of the status :meth:`raise_if_any` reads."""
+        f = zlib.crc32(repr(self.settings).encode()) & 0xFFFFF
+        return torch.tensor([float(self.error is not None), float(f), float(f * f)], dtype=dtype, device=device)
 
-    def raise_if_any(self, failed) -> None:
-        """Raise on every process when ``failed`` (the all-reduced sum of :meth:`flag`) is not 0."""
-        if float(failed) == 0.0:
+    def raise_if_any(self, summed) -> None:
+        """Raise on every process when ``summed`` (the all-reduced sum of :meth:`status`, any
+        sequence of 3 numbers) says a process failed or the settings differ."""
+        failed, total, total_sq = (int(float(x)) for x in summed)
+        differ = world_size() * total_sq != total * total
+        if not failed and not differ:
             return
-        errors = [None] * world_size()
+        seen = [None] * world_size()
         mine = None if self.error is None else f"{type(self.error).__name__}: {self.error}"
-        dist.all_gather_object(errors, mine)
+        dist.all_gather_object(seen, (mine, self.settings))
         if self.error is not None:
             raise self.error
-        named = "; ".join(f"process {r}: {e}" for r, e in enumerate(errors) if e is not None)
-        raise RuntimeError(f"{self.who} failed on another process ({named}); process "
-                           f"{process_rank()} stops too instead of waiting for it in a collective")
+        if failed:
+            named = "; ".join(f"process {r}: {e}" for r, (e, _) in enumerate(seen) if e is not None)
+            raise RuntimeError(f"{self.who} failed on another process ({named}); process "
+                               f"{process_rank()} stops too instead of waiting for it in a collective")
+        raise ValueError(f"{self.who}: the processes passed different settings "
+                         f"({_differences([s for _, s in seen])}); every process must pass the same")
 
     def check(self) -> None:
         """:meth:`raise_if_any` after a collective of its own (one small all-reduce)."""
         if world_size() > 1:
-            self.raise_if_any(all_reduce_sum_(self.flag())[0])
+            self.raise_if_any(all_reduce_sum_(self.status()).tolist())
+
+
+def _differences(settings: list) -> str:
+    """The entries of per-process settings that differ, with each process's value."""
+    if all(isinstance(s, dict) for s in settings):
+        keys = list(dict.fromkeys(k for s in settings for k in s))
+        keys = [k for k in keys if len({repr(s.get(k)) for s in settings}) > 1]
+        return "; ".join(f"{k}: " + ", ".join(f"process {r} {s.get(k)!r}" for r, s in enumerate(settings))
+                         for k in keys)
+    return ", ".join(f"process {r} {s!r}" for r, s in enumerate(settings))

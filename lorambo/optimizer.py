@@ -67,10 +67,10 @@ def _unreached_everywhere(names: list[str], unreached: list[str], batches: list,
     (that check's) ride along in the same collective."""
     from lorambo.sensitivity.inputs import check_some_batches
 
-    *reached, count, failed = all_reduced_sum(torch.tensor(
-        [float(n not in unreached) for n in names] + [float(len(batches)), float(failure.error is not None)],
-        dtype=torch.float64)).tolist()
-    failure.raise_if_any(failed)
+    *reached, count, failed, f, f2 = all_reduced_sum(torch.cat([torch.tensor(
+        [float(n not in unreached) for n in names] + [float(len(batches))], dtype=torch.float64),
+        failure.status()])).tolist()
+    failure.raise_if_any((failed, f, f2))
     check_some_batches(count, "LoRAMBoOptimizer.compute_sensitivities")
     return [n for n, count in zip(names, reached) if count == 0]
 
@@ -198,7 +198,8 @@ class LoRAMBoOptimizer:
         method = self.sensitivity_method
         if method in ("hessian", "gradient"):
             batches = as_batch_list(batches)
-            failure = SharedFailure("LoRAMBoOptimizer.compute_sensitivities")
+            failure = SharedFailure("LoRAMBoOptimizer.compute_sensitivities",
+                                    settings={"targets": self.names, "method": method})
             unreached = list(self.names)  # a process without batches reaches none of them
             with failure:
                 if batches:

@@ -77,7 +77,7 @@ def test_a_failure_propagates_at_once_without_other_processes(tmp_path, group):
                 raise ValueError("on purpose")
         assert failure.error is None
         failure.check()
-        failure.raise_if_any(0.0)
+        failure.raise_if_any(failure.status().tolist())
         with pytest.raises(ValueError, match="no batches"):
             as_batch_list([])
     finally:

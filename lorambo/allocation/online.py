@@ -395,13 +395,14 @@ class OnlineGrowth:
         ``grad_scaler``: the ``torch.amp.GradScaler`` whose scaled loss the captured backward ran
         on (call before ``scaler.update()``); gains are then compared with ``threshold`` in units
         of the unscaled loss, as without AMP. None: the loss was not scaled."""
-        loss_scale = loss_scale_of(grad_scaler)
         # everything that can stop a decision is checked before its first rank change: a refusal
         # midway left earlier layers grown, unlogged, and the capture gone. A refusal on one
         # process reaches the others through the decision's first collective, which they would
-        # otherwise wait in forever.
+        # otherwise wait in forever, and so do settings that differ between processes.
         failure = SharedFailure("update_ranks")
         with failure:
+            loss_scale = loss_scale_of(grad_scaler)
+            failure.settings = self._settings(step, loss_scale)
             if not self.capture.has_data():
                 raise RuntimeError("update_ranks: no activations were captured; run the forward and "
                                    "backward of a decision step inside opt.capture(step) (or after "
@@ -437,6 +438,16 @@ class OnlineGrowth:
             self.log.extend(records)
         return records
 
+    def _settings(self, step, loss_scale) -> dict:
+        """What a decision is taken from besides the captured statistics: every process must
+        have the same, or their decisions (and rank pools) would part."""
+        return {"step": step, "budget": self.budget, "threshold": self.threshold,
+                "sketch_rank": self.sketch_rank, "power_iters": self.power_iters,
+                "oversample": self.oversample, "seed": self.seed, "move_threshold": self.move_threshold,
+                "max_moves": self.max_moves, "min_rank": self.min_rank, "max_rank": self.max_rank,
+                "curvature": self.curvature, "loss_scale": loss_scale,
+                "ranks": {n: (m.rank, m.capacity) for n, m in self.layers.items()}}
+
     def _captured_finite(self, failure: SharedFailure) -> bool:
         """Whether every captured X and dY is finite on every process (one flag all-reduced, so
         all processes skip or decide together; one host read for the whole decision). The same
@@ -449,8 +460,8 @@ class OnlineGrowth:
         nonfinite = torch.zeros(1, dtype=torch.float64)
         for flags in per_device.values():
             nonfinite += torch.cat(flags).sum().to("cpu", torch.float64)
-        nonfinite, failed = all_reduced_sum(torch.cat([nonfinite, failure.flag()])).tolist()
-        failure.raise_if_any(failed)
+        nonfinite, *status = all_reduced_sum(torch.cat([nonfinite, failure.status()])).tolist()
+        failure.raise_if_any(status)
         return nonfinite == 0.0
 
     def _grow(self, step, name, add, gains, dirs, optimizer, reason, first=0) -> dict:

@@ -44,11 +44,16 @@ class HessianOperator:
     whose backward reads values with .item() on the double-backward path) it warns once and
     loops over probes. batched=None: True unless the weights live on the CPU. ``names`` label
     the weights in errors (RuntimeError when the loss gives none of them a gradient).
+    ``settings``: what every process must pass the same (the estimator's arguments, the names
+    included), checked in each :meth:`apply`'s first collective; ``who`` names the estimator in
+    the errors of that check (see :class:`lorambo.distributed.SharedFailure`).
     """
 
     def __init__(self, model, loss_fn, batches: Sequence, weights: Sequence[torch.Tensor],
-                 batched: bool | None = None, names: Sequence[str] | None = None):
+                 batched: bool | None = None, names: Sequence[str] | None = None,
+                 who: str = "Hessian-vector products", settings=None):
         self.model, self.loss_fn, self.batches = model, loss_fn, batches
+        self.who, self.settings = who, settings
         self.weights = list(weights)
         self.names = list(names) if names is not None else [f"weight {i}" for i in range(len(self.weights))]
         if batched is None:
@@ -66,7 +71,7 @@ class HessianOperator:
         """
         total = None
         reached = False
-        failure = SharedFailure("Hessian-vector products")
+        failure = SharedFailure(self.who, self.settings)
         # create_graph records nothing under an outer no_grad(); fused attention kernels have no
         # double backward, so attention runs a path that has one (see ``attention``)
         with failure, torch.enable_grad(), double_backward_attention(self.model):
@@ -87,10 +92,10 @@ class HessianOperator:
         # batches, failed processes and processes some weight got a gradient on, in the collective
         # that sums the batch count anyway: a process that raised or has no batches (it adds
         # zeros) cannot leave the others waiting in the collectives below
-        count, failed, reached_on = all_reduce_sum_(torch.cat([
-            torch.tensor([float(len(self.batches))], dtype=torch.float64), failure.flag(),
-            torch.tensor([float(reached)], dtype=torch.float64)])).tolist()
-        failure.raise_if_any(failed)
+        count, reached_on, *status = all_reduce_sum_(torch.cat([
+            torch.tensor([float(len(self.batches)), float(reached)], dtype=torch.float64),
+            failure.status()])).tolist()
+        failure.raise_if_any(status)
         check_some_batches(count, "Hessian-vector products")
         if not reached_on:  # every product would be 0: a silent zero Hessian for every layer
             raise no_gradient_error("Hessian-vector products", self.names)

@@ -27,7 +27,7 @@ def gradient_sensitivity(model, loss_fn, batches, modules=None) -> dict[str, flo
     weights = [t.weight for t in targets]
     sums = torch.zeros(len(weights), dtype=torch.float64)
     reached = False
-    failure = SharedFailure("gradient_sensitivity")
+    failure = SharedFailure("gradient_sensitivity", settings={"targets": [t.name for t in targets]})
     with failure, differentiable(weights):
         for index, batch in enumerate(batches):
             loss = compute_loss(loss_fn, model, batch)
@@ -37,11 +37,11 @@ def gradient_sensitivity(model, loss_fn, batches, modules=None) -> dict[str, flo
                 if g is not None:
                     reached = True
                     sums[i] += float(g.detach().double().pow(2).sum())
-    # one collective: the sums, the batch count, failed processes, processes that reached a layer
-    *sums, count, failed, reached_on = all_reduce_sum_(torch.cat([
-        sums, torch.tensor([float(len(batches))], dtype=torch.float64), failure.flag(),
-        torch.tensor([float(reached)], dtype=torch.float64)])).tolist()
-    failure.raise_if_any(failed)
+    # one collective: the sums, the batch count, processes that reached a layer, the status
+    *sums, count, reached_on, failed, f, f2 = all_reduce_sum_(torch.cat([
+        sums, torch.tensor([float(len(batches)), float(reached)], dtype=torch.float64),
+        failure.status()])).tolist()
+    failure.raise_if_any((failed, f, f2))
     check_some_batches(count, "gradient_sensitivity")
     if not reached_on:
         raise no_gradient_error("gradient_sensitivity", [t.name for t in targets])
@@ -91,7 +91,7 @@ def data_covariance(model, loss_fn, batches, modules=None) -> dict[str, torch.Te
         return hook
 
     handles = [t.module.register_forward_hook(hook_for(i), with_kwargs=True) for i, t in enumerate(targets)]
-    failure = SharedFailure("data_covariance")
+    failure = SharedFailure("data_covariance", settings={"targets": [t.name for t in targets]})
     with failure:
         try:
             with torch.no_grad():
@@ -110,9 +110,9 @@ def data_covariance(model, loss_fn, batches, modules=None) -> dict[str, torch.Te
     # copy for the token counts, the calls, the batch count and the failed processes.
     calls = torch.tensor([float(i in sums) for i in range(len(targets))], dtype=torch.float64)
     stats = all_reduce_sum_(torch.cat([counts, calls, torch.tensor([float(len(batches))], dtype=torch.float64),
-                                       failure.flag()])).tolist()
-    failure.raise_if_any(stats[-1])
-    check_some_batches(stats[-2], "data_covariance")
+                                       failure.status()])).tolist()
+    failure.raise_if_any(stats[-3:])
+    check_some_batches(stats[-4], "data_covariance")
     counts, calls = stats[:len(targets)], stats[len(targets):2 * len(targets)]
     missing = [t.name for i, t in enumerate(targets) if calls[i] == 0]
     if missing:

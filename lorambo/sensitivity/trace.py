@@ -72,8 +72,11 @@ def hessian_trace(model, loss_fn, batches, modules=None, num_probes: int = 64,
     if progress is None:
         progress = sys.stderr.isatty()
     with differentiable(weights):
-        op = HessianOperator(model, loss_fn, batches, weights, batched,
-                             names=[t.name for t in targets])
+        names = [t.name for t in targets]
+        op = HessianOperator(model, loss_fn, batches, weights, batched, names=names, who="hessian_trace",
+                             settings={"targets": names, "method": method, "num_probes": num_probes,
+                                       "seed": seed, "probes_per_pass": probes_per_pass,
+                                       "stderr_target": stderr_target})
         if method == "hutchinson":
             results, bad = _hutchinson(op, num_probes, seed, probes_per_pass, stderr_target,
                                        progress and is_main_process())

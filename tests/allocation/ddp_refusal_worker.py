@@ -1,7 +1,8 @@
 """Worker for test_online_refusal_ddp.py: python ddp_refusal_worker.py RANK WORLD STORE_FILE OUT_FILE.
 
 Two gloo processes take online decisions where one process alone refuses: first its
-component_scores hold a NaN, then it captured no step. The outcome of each update (records, or
+component_scores hold a NaN, then it captured no step; then the processes' growers have
+different budgets. The outcome of each update (records, or
 the error's type and message) is saved; the test times out if a process hangs.
 """
 
@@ -47,6 +48,11 @@ def main(rank, world, store, out):
             ((net(x) - y) ** 2).mean().backward()
     result["no_capture"] = attempt(lambda: grower.update(1, component_scores=scores()))
     result["ranks"] = {n: m.rank for n, m in layers.items()}
+    other = OnlineGrowth(layers, budget=10**6 + rank, sketch_rank=2, power_iters=2, seed=5)
+    with other.capture:
+        ((net(x) - y) ** 2).mean().backward()
+    result["budgets"] = attempt(lambda: other.update(2))
+    result["ranks_after"] = {n: m.rank for n, m in layers.items()}
     dist.destroy_process_group()
     torch.save(result, out)
 

@@ -14,8 +14,14 @@ WORKER = Path(__file__).with_name("ddp_refusal_worker.py")
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
 
-def test_a_refusal_on_one_process_is_raised_on_both(tmp_path):
-    first, second = run_two_processes(WORKER, tmp_path, timeout=40)
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    """Each process's outcomes (one run of the worker for the tests of this file)."""
+    return run_two_processes(WORKER, tmp_path_factory.mktemp("refusal"), timeout=40)
+
+
+def test_a_refusal_on_one_process_is_raised_on_both(outcomes):
+    first, second = outcomes
     assert second["bad_scores"][:2] == ("error", "ValueError"), second["bad_scores"]
     assert "component_scores['0'] must be 2 finite numbers" in second["bad_scores"][2]
     assert first["bad_scores"][:2] == ("error", "RuntimeError"), first["bad_scores"]
@@ -27,3 +33,13 @@ def test_a_refusal_on_one_process_is_raised_on_both(tmp_path):
     assert first["no_capture"][:2] == ("error", "RuntimeError"), first["no_capture"]
     assert "process 1: RuntimeError: update_ranks: no activations were captured" in first["no_capture"][2]
     assert first["ranks"] == second["ranks"]
+
+
+def test_settings_that_differ_between_processes_are_an_error_on_both(outcomes):
+    """Growers with different budgets (or seeds, thresholds, ranks...) decided differently: the
+    replicas' rank pools parted without a word."""
+    for got in outcomes:
+        assert got["budgets"][:2] == ("error", "ValueError"), got["budgets"]
+        assert "update_ranks: the processes passed different settings (budget: process 0 1000000, " \
+               "process 1 1000001)" in got["budgets"][2]
+        assert got["ranks_after"] == got["ranks"]  # nothing changed

@@ -73,3 +73,15 @@ def test_an_error_on_one_process_is_raised_on_both(tmp_path):
         assert first[name][:2] == ("error", "RuntimeError"), (name, first[name])
         assert "process 1: ValueError: loss_fn: batch 'bad' is not a pair of tensors" in first[name][2], \
             (name, first[name])
+
+
+def test_settings_that_differ_between_processes_are_an_error_on_both(tmp_path):
+    """Another seed drew other probes (a silently meaningless average); another probe or
+    iteration count ran a different number of collectives (a hang at the end); other targets or
+    another ablation plan added up unrelated numbers."""
+    first, second = _run(tmp_path, "settings")
+    for name, setting in _worker().MISMATCHED:
+        for outcome in (first[(name, setting)], second[(name, setting)]):
+            assert outcome[:2] == ("error", "ValueError"), (name, setting, outcome)
+            assert "the processes passed different settings" in outcome[2], (name, setting, outcome)
+            assert f"{setting}: process 0 " in outcome[2], (name, setting, outcome)

@@ -2,7 +2,9 @@
 
 SPLIT gives each process's batches: "3,1" hands the first 3 of the 4 batches to process 0 and
 the last to process 1; "4,0" leaves process 1 without batches; "0,0" leaves both without; "bad"
-gives process 1 one batch whose loss_fn raises (a validation error on one process only).
+gives process 1 one batch whose loss_fn raises (a validation error on one process only);
+"settings" splits the batches 2,2 and runs MISMATCHED, each estimator with a setting that
+differs between the processes.
 Every estimator runs in turn and its result or error (type, message) is saved, so a process that
 raised cannot hide that the other one hung: the test times out instead. ``compute(*setup())``
 without torch.distributed is the single-process reference on all batches.
@@ -35,6 +37,8 @@ def setup():
 
 
 def shard(batches, split, rank):
+    if split == "settings":
+        return batches[2 * rank:2 * rank + 2]
     if split == BAD:
         return batches[:2] if rank == 0 else [BAD]
     sizes = [int(n) for n in split.split(",")]
@@ -60,12 +64,23 @@ ESTIMATORS = {
 }
 
 
-def compute(model, batches):
+# (estimator, the setting that differs): run(model, batches, rank)
+MISMATCHED = {
+    ("hutchinson", "seed"): lambda m, b, r: hessian_trace(m, loss_fn, b, num_probes=4, seed=r),
+    ("hutchinson", "num_probes"): lambda m, b, r: hessian_trace(m, loss_fn, b, num_probes=4 + 4 * r,
+                                                                probes_per_pass=4),
+    ("opnorm", "num_iters"): lambda m, b, r: hessian_opnorm(m, loss_fn, b, num_iters=3 + r, tol=0.0),
+    ("gradient", "targets"): lambda m, b, r: gradient_sensitivity(m, loss_fn, b, modules=["0", "2"][r]),
+    ("ablation", "alone"): lambda m, b, r: ablation_scores(m, loss_fn, b, alone=bool(r)),
+}
+
+
+def compute(model, batches, estimators=None, rank=None):
     """{estimator: ("ok", result) or ("error", exception type name, message)}."""
     out = {}
-    for name, run in ESTIMATORS.items():
+    for name, run in (estimators or ESTIMATORS).items():
         try:
-            out[name] = ("ok", run(model, batches))
+            out[name] = ("ok", run(model, batches) if rank is None else run(model, batches, rank))
         except Exception as err:  # noqa: BLE001 - the test compares errors across processes
             out[name] = ("error", type(err).__name__, str(err))
     return out
@@ -75,7 +90,10 @@ def main(split, rank, world, store, out):
     torch.set_num_threads(1)
     model, batches = setup()
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    result = compute(model, shard(batches, split, rank))
+    if split == "settings":
+        result = compute(model, shard(batches, split, rank), MISMATCHED, rank)
+    else:
+        result = compute(model, shard(batches, split, rank))
     torch.distributed.destroy_process_group()
     torch.save(result, out)
 
