@@ -2,7 +2,7 @@
 
 Two gloo processes take online decisions where one process alone refuses: first its
 component_scores hold a NaN, then it captured no step; then the processes' growers have
-different budgets. The outcome of each update (records, or
+different budgets; then an ALoRA round where process 1's scores lack a layer. The outcome of each update (records, or
 the error's type and message) is saved; the test times out if a process hangs.
 """
 
@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 import lorambo
+from lorambo.allocation.alora import alora_round
 from lorambo.allocation.online import OnlineGrowth
 
 DT = torch.float64
@@ -53,6 +54,9 @@ def main(rank, world, store, out):
         ((net(x) - y) ** 2).mean().backward()
     result["budgets"] = attempt(lambda: other.update(2))
     result["ranks_after"] = {n: m.rank for n, m in layers.items()}
+    given = scores() if rank == 0 else {"0": scores()["0"]}
+    result["alora"] = attempt(lambda: alora_round(net, layers, None, None, n_prune=1, scores=given, step=3))
+    result["alora_retry"] = attempt(lambda: alora_round(net, layers, None, None, n_prune=1, scores=scores(), step=3))
     dist.destroy_process_group()
     torch.save(result, out)
 

@@ -43,3 +43,13 @@ def test_settings_that_differ_between_processes_are_an_error_on_both(outcomes):
         assert "update_ranks: the processes passed different settings (budget: process 0 1000000, " \
                "process 1 1000001)" in got["budgets"][2]
         assert got["ranks_after"] == got["ranks"]  # nothing changed
+
+
+def test_alora_scores_missing_on_one_process_are_an_error_on_both(outcomes):
+    """Process 1's scores lack layer '2': it raised KeyError alone while process 0 waited in the
+    broadcast of the scores."""
+    first, second = outcomes
+    assert second["alora"] == ("error", "ValueError", "ALoRA scores lack layer(s) ['2']")
+    assert first["alora"][:2] == ("error", "RuntimeError"), first["alora"]
+    assert "process 1: ValueError: ALoRA scores lack layer(s) ['2']" in first["alora"][2]
+    assert first["alora_retry"] == second["alora_retry"] and first["alora_retry"][0] == "ok"
