@@ -17,7 +17,7 @@ from torch import nn
 
 import lorambo
 from lorambo.optimizer import LoRAMBoOptimizer
-from lorambo.sensitivity import data_covariance, gradient_sensitivity, hessian_opnorm, hessian_trace
+from lorambo.sensitivity import FisherProxy, data_covariance, gradient_sensitivity, hessian_opnorm, hessian_trace
 from lorambo.sensitivity.ablation import ablation_scores
 
 DT = torch.float64
@@ -53,6 +53,14 @@ def loss_fn(model, batch):
     return ((model(x) - y) ** 2).mean()
 
 
+def fisher(model, batches, **settings):
+    with FisherProxy(model, **settings) as proxy:
+        for batch in batches:
+            loss_fn(model, batch).backward()
+    model.zero_grad(set_to_none=True)
+    return {n: (e.value, e.stderr, e.num_probes) for n, e in proxy.estimates().items()}
+
+
 ESTIMATORS = {
     "hutchinson": lambda m, b: {n: (e.value, e.stderr) for n, e in
                                 hessian_trace(m, loss_fn, b, num_probes=6, probes_per_pass=3).items()},
@@ -61,6 +69,7 @@ ESTIMATORS = {
     "data": lambda m, b: data_covariance(m, loss_fn, b),
     "ablation": lambda m, b: {n: a.score for n, a in ablation_scores(m, loss_fn, b).items()},
     "allocator": lambda m, b: LoRAMBoOptimizer(m, 200, sensitivity_method="gradient").compute_sensitivities(b, loss_fn),
+    "fisher": fisher,  # last: with the "bad" batch the training loop itself raises, so it is left out
 }
 
 
@@ -72,6 +81,7 @@ MISMATCHED = {
     ("opnorm", "num_iters"): lambda m, b, r: hessian_opnorm(m, loss_fn, b, num_iters=3 + r, tol=0.0),
     ("gradient", "targets"): lambda m, b, r: gradient_sensitivity(m, loss_fn, b, modules=["0", "2"][r]),
     ("ablation", "alone"): lambda m, b, r: ablation_scores(m, loss_fn, b, alone=bool(r)),
+    ("fisher", "reduction"): lambda m, b, r: fisher(m, b, reduction=["mean", "sum"][r]),
 }
 
 
@@ -79,6 +89,8 @@ def compute(model, batches, estimators=None, rank=None):
     """{estimator: ("ok", result) or ("error", exception type name, message)}."""
     out = {}
     for name, run in (estimators or ESTIMATORS).items():
+        if name == "fisher" and BAD in batches:
+            continue
         try:
             out[name] = ("ok", run(model, batches) if rank is None else run(model, batches, rank))
         except Exception as err:  # noqa: BLE001 - the test compares errors across processes
