@@ -54,8 +54,9 @@ def hessian_trace(model, loss_fn, batches, modules=None, num_probes: int = 64,
     Works on transformers models as shipped: attention runs a path with a double backward
     while the products are taken (see ``attention``). Deterministic for a fixed seed (keep
     the model in eval mode: dropout would change the Hessian between passes). ``progress``: a tqdm bar, default on when stderr is a terminal
-    (rank 0 only). Under torch.distributed every rank passes its own batches and the same seed;
-    all ranks get the estimate for the mean loss over all ranks' batches (sums all-reduced).
+    (rank 0 only). Under torch.distributed every rank passes its own batches (any number, none
+    included) and the same settings (ValueError on every rank otherwise); all ranks get the
+    estimate for the mean loss over all ranks' batches (sums and batch counts all-reduced).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
