@@ -15,9 +15,10 @@ Two uses, one module:
   floating-point reductions or LAPACK threading could leave; random numbers come from
   :func:`decision_generator`, never from the global RNG state, which differs across processes.
 
-An exception raised on one process only (bad input, a process without batches) must not leave
-the others waiting forever in a collective that process never joins: :class:`SharedFailure` holds
-it back until the next collective, which carries a failure count, so every process raises.
+An exception raised on one process only (bad input, a bad path) must not leave the others waiting
+forever in a collective that process never joins: :class:`SharedFailure` holds it back until the
+next collective, which carries a failure count and a fingerprint of the settings every process
+must share, so every process raises.
 
 Naming states the semantics: a trailing underscore (``all_reduce_sum_``, ``broadcast_``) writes
 the result into the argument and returns it; ``all_reduced_*`` returns the result and leaves the
@@ -164,11 +165,11 @@ class SharedFailure:
     next one forever, and processes given different settings (seeds, probe counts, budgets) take
     different decisions or different numbers of collectives. Use::
 
-        failure = SharedFailure("gradient_sensitivity", settings={"modules": names})
+        failure = SharedFailure("gradient_sensitivity", settings={"targets": names})
         with failure:
             ...local work that may raise...
-        *stats, = all_reduce_sum_(torch.cat([stats, failure.status()])).tolist()  # a collective that runs anyway
-        failure.raise_if_any(stats[-3:])
+        summed = all_reduce_sum_(torch.cat([sums, failure.status()]))  # a collective that runs anyway
+        failure.raise_if_any(summed[-3:].tolist())
 
     :meth:`status` is 3 numbers: 1.0 where this process failed, and a 20-bit fingerprint f of
     ``settings`` with f^2; summed over n processes, they all passed the same iff

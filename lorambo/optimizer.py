@@ -72,7 +72,7 @@ def _unreached_everywhere(names: list[str], unreached: list[str], batches: list,
         failure.status()])).tolist()
     failure.raise_if_any((failed, f, f2))
     check_some_batches(count, "LoRAMBoOptimizer.compute_sensitivities")
-    return [n for n, count in zip(names, reached) if count == 0]
+    return [n for n, hits in zip(names, reached) if hits == 0]
 
 
 class LoRAMBoOptimizer:
