@@ -15,6 +15,11 @@ Two uses, one module:
   floating-point reductions or LAPACK threading could leave; random numbers come from
   :func:`decision_generator`, never from the global RNG state, which differs across processes.
 
+An exception raised on one process only (bad input, a bad path) must not leave the others waiting
+forever in a collective that process never joins: :class:`SharedFailure` holds it back until the
+next collective, which carries a failure count and a fingerprint of the settings every process
+must share, so every process raises.
+
 Naming states the semantics: a trailing underscore (``all_reduce_sum_``, ``broadcast_``) writes
 the result into the argument and returns it; ``all_reduced_*`` returns the result and leaves the
 argument untouched (the result is the argument itself when there is only one process, so do not
@@ -33,7 +38,7 @@ import torch.distributed as dist
 
 __all__ = ["is_distributed", "world_size", "process_rank", "is_main_process", "all_reduce_sum_",
            "all_reduced_sum", "all_reduced_mean", "all_reduced_sums", "broadcast_",
-           "decision_generator", "check_identical"]
+           "decision_generator", "check_identical", "SharedFailure"]
 
 
 def is_distributed() -> bool:
@@ -150,3 +155,83 @@ def check_identical(obj, what: str = "decisions") -> None:
     dist.all_gather_object(digests, digest)
     if len(set(digests)) != 1:
         raise RuntimeError(f"DDP processes took different {what}: digests per process {digests}")
+
+
+class SharedFailure:
+    """Hold back an exception raised on this process until every process can raise it, and check
+    that every process passed the same ``settings``.
+
+    Without this, a process that raises between two collectives leaves the others blocked in the
+    next one forever, and processes given different settings (seeds, probe counts, budgets) take
+    different decisions or different numbers of collectives. Use::
+
+        failure = SharedFailure("gradient_sensitivity", settings={"targets": names})
+        with failure:
+            ...local work that may raise...
+        summed = all_reduce_sum_(torch.cat([sums, failure.status()]))  # a collective that runs anyway
+        failure.raise_if_any(summed[-3:].tolist())
+
+    :meth:`status` is 3 numbers: 1.0 where this process failed, and a 20-bit fingerprint f of
+    ``settings`` with f^2; summed over n processes, they all passed the same iff
+    n * sum(f^2) == sum(f)^2 (exact in float64 below 2^12 processes).
+
+    The exception is held back only under a process group of two or more processes (elsewhere it
+    propagates at once, as without this class), and only ``Exception``s (KeyboardInterrupt ends
+    the process). When any process failed, every process raises: the failing ones their own
+    exception, the others a RuntimeError naming the failing processes and their errors. When the
+    settings differ, every process raises a ValueError naming the settings and their values per
+    process. Either costs one ``all_gather_object``, on that path only. :meth:`check` is the same
+    with a collective of its own, for code that has no collective to fold the status into.
+    """
+
+    def __init__(self, who: str, settings=None):
+        self.who, self.settings = who, settings
+        self.error: Exception | None = None
+
+    def __enter__(self) -> "SharedFailure":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if isinstance(error, Exception) and world_size() > 1:
+            self.error = error
+            return True
+        return False
+
+    def status(self, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
+        """[failed, f, f^2]: this process's summand of the status :meth:`raise_if_any` reads."""
+        f = zlib.crc32(repr(self.settings).encode()) & 0xFFFFF
+        return torch.tensor([float(self.error is not None), float(f), float(f * f)], dtype=dtype, device=device)
+
+    def raise_if_any(self, summed) -> None:
+        """Raise on every process when ``summed`` (the all-reduced sum of :meth:`status`, any
+        sequence of 3 numbers) says a process failed or the settings differ."""
+        failed, total, total_sq = (int(float(x)) for x in summed)
+        differ = world_size() * total_sq != total * total
+        if not failed and not differ:
+            return
+        seen = [None] * world_size()
+        mine = None if self.error is None else f"{type(self.error).__name__}: {self.error}"
+        dist.all_gather_object(seen, (mine, self.settings))
+        if self.error is not None:
+            raise self.error
+        if failed:
+            named = "; ".join(f"process {r}: {e}" for r, (e, _) in enumerate(seen) if e is not None)
+            raise RuntimeError(f"{self.who} failed on another process ({named}); process "
+                               f"{process_rank()} stops too instead of waiting for it in a collective")
+        raise ValueError(f"{self.who}: the processes passed different settings "
+                         f"({_differences([s for _, s in seen])}); every process must pass the same")
+
+    def check(self) -> None:
+        """:meth:`raise_if_any` after a collective of its own (one small all-reduce)."""
+        if world_size() > 1:
+            self.raise_if_any(all_reduce_sum_(self.status()).tolist())
+
+
+def _differences(settings: list) -> str:
+    """The entries of per-process settings that differ, with each process's value."""
+    if all(isinstance(s, dict) for s in settings):
+        keys = list(dict.fromkeys(k for s in settings for k in s))
+        keys = [k for k in keys if len({repr(s.get(k)) for s in settings}) > 1]
+        return "; ".join(f"{k}: " + ", ".join(f"process {r} {s.get(k)!r}" for r, s in enumerate(settings))
+                         for k in keys)
+    return ", ".join(f"process {r} {s!r}" for r, s in enumerate(settings))

@@ -46,7 +46,7 @@ from lorambo.allocation.alora import ALoRA, ALoRAConfig
 from lorambo.allocation.online import OnlineGrowth, check_growth_settings
 from lorambo.allocation.report import DecisionLog, rank_table, save_heatmap
 from lorambo.allocation.schedule import DecisionSchedule, ScheduledGrowth
-from lorambo.distributed import all_reduced_sum, is_main_process
+from lorambo.distributed import SharedFailure, all_reduced_sum, is_main_process
 from lorambo.model import configure_model, find_targets, lora_layers
 from lorambo.nn import LoRAMBoLinear
 from lorambo.nn.base_layers import base_kind, features, weight_out_in
@@ -59,12 +59,20 @@ SENSITIVITY_METHODS = ("hessian", "gradient", "data", "frobenius", "ablation")
 ALLOCATIONS = METHODS + ("alora",)
 
 
-def _unreached_everywhere(names: list[str], unreached: list[str]) -> list[str]:
+def _unreached_everywhere(names: list[str], unreached: list[str], batches: list,
+                          failure: SharedFailure) -> list[str]:
     """The ``names`` in ``unreached`` on every process. Each process checks its own first batch;
     with routed layers (experts) they differ, and every process must keep the same targets, or
-    the sensitivity collectives would add up different layers."""
-    reached = all_reduced_sum(torch.tensor([float(n not in unreached) for n in names], dtype=torch.float64))
-    return [n for n, count in zip(names, reached.tolist()) if count == 0]
+    the sensitivity collectives would add up different layers. The batch count and ``failure``
+    (that check's) ride along in the same collective."""
+    from lorambo.sensitivity.inputs import check_some_batches
+
+    *reached, count, failed, f, f2 = all_reduced_sum(torch.cat([torch.tensor(
+        [float(n not in unreached) for n in names] + [float(len(batches))], dtype=torch.float64),
+        failure.status()])).tolist()
+    failure.raise_if_any((failed, f, f2))
+    check_some_batches(count, "LoRAMBoOptimizer.compute_sensitivities")
+    return [n for n, hits in zip(names, reached) if hits == 0]
 
 
 class LoRAMBoOptimizer:
@@ -190,8 +198,13 @@ class LoRAMBoOptimizer:
         method = self.sensitivity_method
         if method in ("hessian", "gradient"):
             batches = as_batch_list(batches)
-            unreached = sens.targets_without_gradient(self.model, loss_fn, batches[0], self.names)
-            self._skip_unreached(_unreached_everywhere(self.names, unreached))
+            failure = SharedFailure("LoRAMBoOptimizer.compute_sensitivities",
+                                    settings={"targets": self.names, "method": method})
+            unreached = list(self.names)  # a process without batches reaches none of them
+            with failure:
+                if batches:
+                    unreached = sens.targets_without_gradient(self.model, loss_fn, batches[0], self.names)
+            self._skip_unreached(_unreached_everywhere(self.names, unreached, batches, failure))
         names = self.names
         if method == "hessian":
             est = sens.hessian_trace(self.model, loss_fn, batches, modules=names,

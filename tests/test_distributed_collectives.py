@@ -60,3 +60,26 @@ def test_decision_generator_depends_only_on_its_keys():
     draw = lambda *keys: torch.rand(4, generator=distributed.decision_generator(*keys))  # noqa: E731
     assert torch.equal(draw(7, "grow", 3), draw(7, "grow", 3))
     assert not torch.equal(draw(7, "grow", 3), draw(7, "grow", 4))
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_a_failure_propagates_at_once_without_other_processes(tmp_path, group):
+    """SharedFailure holds an exception back only for other processes to see it; alone (no group,
+    or a group of one) it propagates as without it, and an empty batch list stays an error."""
+    from lorambo.sensitivity.inputs import as_batch_list
+
+    if group:
+        dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        failure = distributed.SharedFailure("test")
+        with pytest.raises(ValueError, match="on purpose"):
+            with failure:
+                raise ValueError("on purpose")
+        assert failure.error is None
+        failure.check()
+        failure.raise_if_any(failure.status().tolist())
+        with pytest.raises(ValueError, match="no batches"):
+            as_batch_list([])
+    finally:
+        if group:
+            dist.destroy_process_group()

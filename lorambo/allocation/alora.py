@@ -31,7 +31,7 @@ import torch
 
 from lorambo.allocation.components import at_most_per_layer
 from lorambo.allocation.validate import check_rank_bounds
-from lorambo.distributed import broadcast_, decision_generator
+from lorambo.distributed import SharedFailure, broadcast_, decision_generator
 from lorambo.nn.pool_ops import keep_components_many
 
 __all__ = ["ALoRAConfig", "ALoRA", "alora_round"]
@@ -99,11 +99,24 @@ def alora_round(model, layers: Mapping, loss_fn, batches, n_prune: int, budget: 
         from lorambo.sensitivity.ablation import ablation_scores
 
         scores = {n: a.score for n, a in ablation_scores(model, loss_fn, batches, list(layers)).items()}
-    # process 0's scores for everyone: decisions must not hinge on last-bit differences (DDP)
-    scores = {n: broadcast_(torch.as_tensor(scores[n], dtype=torch.float64).cpu().clone()) for n in layers}
-    for n, s in scores.items():
-        if s.shape != (layers[n].rank,) or not torch.isfinite(s).all():
-            raise ValueError(f"ALoRA scores of layer {n!r} must be {layers[n].rank} finite numbers, got {s}")
+    # checked on every process before the broadcast: one process's bad scores (or settings) must
+    # not leave the others waiting in it, nor broadcast into tensors of another size
+    failure = SharedFailure("alora_round", settings={
+        "step": step, "n_prune": n_prune, "budget": budget, "seed": seed, "min_rank": min_rank,
+        "max_rank": max_rank, "ranks": {n: (m.rank, m.capacity) for n, m in layers.items()}})
+    with failure:
+        missing = [n for n in layers if n not in scores]
+        if missing:
+            raise ValueError(f"ALoRA scores lack layer(s) {missing[:5]}")
+        scores = {n: torch.as_tensor(scores[n], dtype=torch.float64).cpu() for n in layers}
+        for n, s in scores.items():
+            if s.shape != (layers[n].rank,) or not torch.isfinite(s).all():
+                raise ValueError(f"ALoRA scores of layer {n!r} must be {layers[n].rank} finite numbers, got {s}")
+    failure.check()
+    # process 0's scores for everyone, in one broadcast: decisions must not hinge on last-bit
+    # differences (DDP)
+    flat = broadcast_(torch.cat([scores[n].reshape(-1) for n in layers] or [torch.zeros(0, dtype=torch.float64)]))
+    scores = dict(zip(layers, flat.split([layers[n].rank for n in layers])))
     prune, receive = _plan(layers, scores, n_prune, budget, min_rank, max_rank)
     records = []
     olds = keep_components_many([(layers[n], [k for k in range(layers[n].rank) if k not in comps])

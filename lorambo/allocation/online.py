@@ -51,7 +51,7 @@ from lorambo.allocation.benefits import (projected_top_singular, projected_top_s
 from lorambo.allocation.components import at_most_per_layer
 from lorambo.allocation.greedy import greedy_allocate
 from lorambo.allocation.validate import check_rank_bounds
-from lorambo.distributed import all_reduced_mean, broadcast_, decision_generator
+from lorambo.distributed import SharedFailure, all_reduced_mean, all_reduced_sum, broadcast_, decision_generator
 from lorambo.nn.hook_inputs import layer_input
 from lorambo.nn.pool_ops import keep_components_many
 
@@ -395,22 +395,28 @@ class OnlineGrowth:
         ``grad_scaler``: the ``torch.amp.GradScaler`` whose scaled loss the captured backward ran
         on (call before ``scaler.update()``); gains are then compared with ``threshold`` in units
         of the unscaled loss, as without AMP. None: the loss was not scaled."""
-        loss_scale = loss_scale_of(grad_scaler)
-        if not self.capture.has_data():
-            raise RuntimeError("update_ranks: no activations were captured; run the forward and "
-                               "backward of a decision step inside opt.capture(step) (or after "
-                               f"opt.begin_step(step)){compile_hint()}")
-        if self.move_threshold is not None and component_scores is None:
-            raise ValueError("rank moves (move_threshold set) need component_scores={name: scores}")
         # everything that can stop a decision is checked before its first rank change: a refusal
-        # midway left earlier layers grown, unlogged, and the capture gone
-        merged = [n for n, m in self.layers.items() if m.merged]
-        if merged:
-            raise RuntimeError(f"update_ranks: layer(s) {merged[:4]} are merged; unmerge() them before a rank "
-                               "decision (nothing was changed, the captured step is kept)")
-        scores = None if self.move_threshold is None else self._checked_scores(component_scores)
+        # midway left earlier layers grown, unlogged, and the capture gone. A refusal on one
+        # process reaches the others through the decision's first collective, which they would
+        # otherwise wait in forever, and so do settings that differ between processes.
+        failure = SharedFailure("update_ranks")
+        with failure:
+            loss_scale = loss_scale_of(grad_scaler)
+            failure.settings = self._settings(step, loss_scale)
+            if not self.capture.has_data():
+                raise RuntimeError("update_ranks: no activations were captured; run the forward and "
+                                   "backward of a decision step inside opt.capture(step) (or after "
+                                   f"opt.begin_step(step)){compile_hint()}")
+            if self.move_threshold is not None and component_scores is None:
+                raise ValueError("rank moves (move_threshold set) need component_scores={name: scores}")
+            merged = [n for n, m in self.layers.items() if m.merged]
+            if merged:
+                raise RuntimeError(f"update_ranks: layer(s) {merged[:4]} are merged; unmerge() them before a "
+                                   "rank decision (nothing was changed, the captured step is kept)")
+            scores = None if self.move_threshold is None else self._checked_scores(component_scores)
+        finite = self._captured_finite(failure)
         try:
-            if not self._captured_finite():
+            if not finite:
                 # an overflowed step (GradScaler skips it too) says nothing about where rank helps
                 warnings.warn(f"step {step}: the captured activations or output gradients are not finite "
                               "(NaN/inf): no rank decision is taken at this step", RuntimeWarning, stacklevel=2)
@@ -432,18 +438,31 @@ class OnlineGrowth:
             self.log.extend(records)
         return records
 
-    def _captured_finite(self) -> bool:
+    def _settings(self, step, loss_scale) -> dict:
+        """What a decision is taken from besides the captured statistics: every process must
+        have the same, or their decisions (and rank pools) would part."""
+        return {"step": step, "budget": self.budget, "threshold": self.threshold,
+                "sketch_rank": self.sketch_rank, "power_iters": self.power_iters,
+                "oversample": self.oversample, "seed": self.seed, "move_threshold": self.move_threshold,
+                "max_moves": self.max_moves, "min_rank": self.min_rank, "max_rank": self.max_rank,
+                "curvature": self.curvature, "loss_scale": loss_scale,
+                "ranks": {n: (m.rank, m.capacity) for n, m in self.layers.items()}}
+
+    def _captured_finite(self, failure: SharedFailure) -> bool:
         """Whether every captured X and dY is finite on every process (one flag all-reduced, so
-        all processes skip or decide together; one host read for the whole decision)."""
+        all processes skip or decide together; one host read for the whole decision). The same
+        collective carries ``failure``'s flag: raises on every process when one failed."""
         per_device: dict[torch.device, list[torch.Tensor]] = {}
         for n in self.layers:
             for pair in self.capture.pairs(n):
                 for t in pair:
                     per_device.setdefault(t.device, []).append(torch.isfinite(t).all().logical_not().reshape(1))
-        bad = torch.zeros(1, dtype=torch.float64)
+        nonfinite = torch.zeros(1, dtype=torch.float64)
         for flags in per_device.values():
-            bad += torch.cat(flags).sum().to("cpu", torch.float64)
-        return float(all_reduced_mean(bad)[0]) == 0.0
+            nonfinite += torch.cat(flags).sum().to("cpu", torch.float64)
+        nonfinite, *status = all_reduced_sum(torch.cat([nonfinite, failure.status()])).tolist()
+        failure.raise_if_any(status)
+        return nonfinite == 0.0
 
     def _grow(self, step, name, add, gains, dirs, optimizer, reason, first=0) -> dict:
         layer = self.layers[name]

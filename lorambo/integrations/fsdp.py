@@ -32,7 +32,7 @@ from torch import nn
 
 from lorambo.adapters.io import save_adapter as _save_adapter
 from lorambo.adapters.peft_export import export_peft as _export_peft
-from lorambo.distributed import is_main_process
+from lorambo.distributed import SharedFailure, is_main_process
 from lorambo.model import lora_layers
 from lorambo.model import unload as _unload
 from lorambo.model.configure import check_mergeable
@@ -237,10 +237,14 @@ def reshard(model: nn.Module) -> None:
 def _gathered_save(model, write, path, writes: bool | None):
     reshard(model)
     heads = [model.get_submodule(n) for n in modules_to_save(model)]
+    out = None
+    # the writing processes' errors (a bad path, a full disk) reach the others through the
+    # all-reduce that ends the call (it is also its barrier), instead of leaving them waiting
+    failure = SharedFailure(write.__name__)
     with full_pools(lora_layers(model).values(), extra_modules=heads):
-        out = write(model, path) if (is_main_process() if writes is None else writes) else None
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        with failure:
+            out = write(model, path) if (is_main_process() if writes is None else writes) else None
+    failure.check()
     return out
 
 

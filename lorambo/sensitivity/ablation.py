@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lorambo.distributed import all_reduce_sum_
-from .inputs import as_batch_list, scalar_loss
+from lorambo.distributed import SharedFailure, all_reduce_sum_
+from .inputs import as_batch_list, check_some_batches, scalar_loss
 
 __all__ = ["ComponentAblation", "ablation_scores", "lora_targets"]
 
@@ -67,12 +67,16 @@ def lora_targets(model, modules=None) -> dict:
 
 def _mean_loss(model, loss_fn, batches) -> float:
     total = torch.zeros(2, dtype=torch.float64)
-    for batch in batches:
-        loss = scalar_loss(loss_fn(model, batch), "ablation_scores")
-        total[0] += float(loss)
-        total[1] += 1.0
-    total = all_reduce_sum_(total)
-    value = float(total[0] / total[1])
+    failure = SharedFailure("ablation_scores")
+    with failure:
+        for batch in batches:
+            loss = scalar_loss(loss_fn(model, batch), "ablation_scores")
+            total[0] += float(loss)
+            total[1] += 1.0
+    loss_sum, count, *status = all_reduce_sum_(torch.cat([total, failure.status()])).tolist()
+    failure.raise_if_any(status)
+    check_some_batches(count, "ablation_scores")
+    value = loss_sum / count
     if value != value:  # NaN
         raise RuntimeError("ablation: the held-out loss is NaN")
     return value
@@ -99,19 +103,25 @@ def ablation_scores(model, loss_fn, batches, modules=None, alone: bool = True
     also when ``modules`` selects only some layers to score, so every LoRA layer must be unmerged
     and enabled (RuntimeError otherwise, e.g. inside ``lorambo.disable_adapter``).
     """
-    batches = as_batch_list(batches)
-    targets = lora_targets(model, modules)
-    everyone = lora_targets(model)
-    merged = [n for n, layer in everyone.items() if layer.merged]
-    if merged:  # a merged layer's output ignores lora_B: its scores would all be 0
-        raise RuntimeError(f"ablation_scores: LoRA layer(s) {merged[:5]} are merged into their base "
-                           "weight, so switching their components off would change nothing; unmerge() "
-                           "them first")
-    disabled = [n for n, layer in everyone.items() if layer.adapter_disabled]
-    if disabled:  # the forward runs the base layer alone: every score would be 0
-        raise RuntimeError(f"ablation_scores: the adapters of LoRA layer(s) {disabled[:5]} are disabled "
-                           "(inside lorambo.disable_adapter), so switching their components off would "
-                           "change nothing; score them after the with-block")
+    # every process must run as many evaluations (one collective each) over the same components
+    failure = SharedFailure("ablation_scores")
+    with failure:
+        batches = as_batch_list(batches)
+        targets = lora_targets(model, modules)
+        everyone = lora_targets(model)
+        failure.settings = {"targets": list(targets), "ranks": {n: m.rank for n, m in everyone.items()},
+                            "alone": bool(alone)}
+        merged = [n for n, layer in everyone.items() if layer.merged]
+        if merged:  # a merged layer's output ignores lora_B: its scores would all be 0
+            raise RuntimeError(f"ablation_scores: LoRA layer(s) {merged[:5]} are merged into their base "
+                               "weight, so switching their components off would change nothing; unmerge() "
+                               "them first")
+        disabled = [n for n, layer in everyone.items() if layer.adapter_disabled]
+        if disabled:  # the forward runs the base layer alone: every score would be 0
+            raise RuntimeError(f"ablation_scores: the adapters of LoRA layer(s) {disabled[:5]} are disabled "
+                               "(inside lorambo.disable_adapter), so switching their components off would "
+                               "change nothing; score them after the with-block")
+    failure.check()
     was_training = {m: m.training for m in model.modules()}
     model.eval()
     try:

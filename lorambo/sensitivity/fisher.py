@@ -38,7 +38,7 @@ import torch
 
 from lorambo.ops.sketch import sq_grad_norms_many, use_sketch_kernels
 
-from lorambo.distributed import all_reduce_sum_
+from lorambo.distributed import SharedFailure, all_reduce_sum_
 from lorambo.nn.hook_inputs import layer_input
 from .estimate import Estimate
 from .targets import find_targets
@@ -210,7 +210,9 @@ class FisherProxy:
         A layer that no backward pass reached (the loss does not use it) is left out with a
         warning; RuntimeError if that is every layer. Examples whose gradient was not finite
         (a NaN/inf loss) are left out with a warning; RuntimeError if that is all of a layer's.
-        All layers' statistics go through one collective and one host copy.
+        All layers' statistics go through one collective and one host copy; under
+        torch.distributed the processes must have the same targets, reduction, sketch_dim and
+        seed (ValueError on every process otherwise).
         """
         out = {}
         # every target's statistics, zeros where this process saw none: under torch.distributed
@@ -223,7 +225,13 @@ class FisherProxy:
                                           torch.tensor(float(self._count[n]), dtype=torch.float64, device=device),
                                           self._nonfinite.get(n, zero).to(device=device, dtype=torch.float64)])
                              for n in (t.name for t in self.targets)])          # (layers, 4)
-        all_rows = all_reduce_sum_(stats).cpu().tolist()
+        # processes must count the same layers the same way: the settings' fingerprint rides along
+        failure = SharedFailure("FisherProxy.estimates", settings={
+            "targets": [t.name for t in self.targets], "reduction": self.reduction,
+            "sketch_dim": self.sketch_dim, "seed": self._seed})
+        flat = all_reduce_sum_(torch.cat([stats.reshape(-1), failure.status(device=device)])).cpu()
+        failure.raise_if_any(flat[-3:].tolist())
+        all_rows = flat[:-3].view(-1, 4).tolist()
         names = [t.name for t, row in zip(self.targets, all_rows) if row[2] > 0]
         unreached = [t.name for t in self.targets if t.name not in names]
         if unreached and not names:

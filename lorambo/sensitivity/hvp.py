@@ -29,8 +29,8 @@ from typing import Callable, Sequence
 import torch
 
 from .attention import double_backward_attention
-from lorambo.distributed import all_reduce_sum_
-from .inputs import compute_loss, no_gradient_error
+from lorambo.distributed import SharedFailure, all_reduce_sum_
+from .inputs import check_some_batches, compute_loss, no_gradient_error
 
 __all__ = ["HessianOperator"]
 
@@ -44,15 +44,17 @@ class HessianOperator:
     whose backward reads values with .item() on the double-backward path) it warns once and
     loops over probes. batched=None: True unless the weights live on the CPU. ``names`` label
     the weights in errors (RuntimeError when the loss gives none of them a gradient), ``who``
-    the estimator in errors about what loss_fn returned.
+    the estimator in errors (about what loss_fn returned, too). ``settings``: what every process
+    must pass the same (the estimator's arguments, the names included), checked in each
+    :meth:`apply`'s first collective (see :class:`lorambo.distributed.SharedFailure`).
     """
 
     def __init__(self, model, loss_fn, batches: Sequence, weights: Sequence[torch.Tensor],
                  batched: bool | None = None, names: Sequence[str] | None = None,
-                 who: str = "Hessian-vector products"):
+                 who: str = "Hessian-vector products", settings=None):
         self.model, self.loss_fn, self.batches = model, loss_fn, batches
+        self.who, self.settings = who, settings
         self.weights = list(weights)
-        self.who = who
         self.names = list(names) if names is not None else [f"weight {i}" for i in range(len(self.weights))]
         if batched is None:
             batched = self.weights[0].device.type != "cpu"
@@ -69,9 +71,10 @@ class HessianOperator:
         """
         total = None
         reached = False
+        failure = SharedFailure(self.who, self.settings)
         # create_graph records nothing under an outer no_grad(); fused attention kernels have no
         # double backward, so attention runs a path that has one (see ``attention``)
-        with torch.enable_grad(), double_backward_attention(self.model):
+        with failure, torch.enable_grad(), double_backward_attention(self.model):
             for batch in self.batches:
                 loss = compute_loss(self.loss_fn, self.model, batch, who=self.who)
                 grads = torch.autograd.grad(loss, self.weights, create_graph=True,
@@ -86,10 +89,19 @@ class HessianOperator:
                 part = [p * gate.to(p.device, p.dtype) for p in part]
                 total = part if total is None else [t + p for t, p in zip(total, part)]
                 del loss, grads
-        if not reached:  # every product would be 0: a silent zero Hessian for every layer
+        # batches, failed processes and processes some weight got a gradient on, in the collective
+        # that sums the batch count anyway: a process that raised or has no batches (it adds
+        # zeros) cannot leave the others waiting in the collectives below
+        count, reached_on, *status = all_reduce_sum_(torch.cat([
+            torch.tensor([float(len(self.batches)), float(reached)], dtype=torch.float64),
+            failure.status()])).tolist()
+        failure.raise_if_any(status)
+        check_some_batches(count, self.who)
+        if not reached_on:  # every product would be 0: a silent zero Hessian for every layer
             raise no_gradient_error(self.who, self.names)
-        count = all_reduce_sum_(torch.tensor([float(len(self.batches))], dtype=torch.float64))
-        return [all_reduce_sum_(t) / count.to(t.device, t.dtype) for t in total]
+        if total is None:  # this process has no batches: it adds zeros of the summary's layout
+            total = [torch.zeros_like(t) for t in summarize([torch.zeros_like(v) for v in vs])]
+        return [all_reduce_sum_(t) / count for t in total]
 
     def _products(self, grads, vs) -> list[torch.Tensor]:
         num = vs[0].shape[0]

@@ -7,19 +7,32 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-__all__ = ["as_batch_list", "compute_loss", "scalar_loss", "check_finite_loss", "check_positive",
-           "check_seed", "no_gradient_error"]
+from lorambo.distributed import world_size
+
+__all__ = ["as_batch_list", "check_some_batches", "compute_loss", "scalar_loss", "check_finite_loss",
+           "check_positive", "check_seed", "no_gradient_error"]
 
 
 def as_batch_list(batches) -> list:
-    """Materialise ``batches`` as a list: estimators visit every batch once per pass."""
+    """Materialise ``batches`` as a list: estimators visit every batch once per pass.
+
+    Empty is a ValueError, except under a process group of two or more processes: there a process
+    without batches adds nothing to the sums and counts the estimators reduce over processes (so
+    the union of the batches is weighted as in one process), and the estimators raise on every
+    process when no process has any (:func:`check_some_batches`)."""
     if isinstance(batches, (torch.Tensor, Mapping, str, bytes)) or not isinstance(batches, Iterable):
         raise TypeError(f"batches must be an iterable of batches (e.g. a list), got "
                         f"{type(batches).__name__}; wrap a single batch as [batch]")
     batches = list(batches)
-    if not batches:
+    if not batches and world_size() <= 1:
         raise ValueError("no batches: `batches` is empty")
     return batches
+
+
+def check_some_batches(total: float, who: str) -> None:
+    """ValueError when ``total``, the batch count summed over processes, is 0."""
+    if total == 0:
+        raise ValueError(f"{who}: no batches on any of the {world_size()} processes")
 
 
 def scalar_loss(loss, who: str) -> torch.Tensor:

@@ -50,8 +50,10 @@ def hessian_opnorm(model, loss_fn, batches, modules=None, num_iters: int = 20, s
     change = [math.inf] * len(weights)
     iters = [0] * len(weights)
     with differentiable(weights):
-        op = HessianOperator(model, loss_fn, batches, weights, batched,
-                             names=[t.name for t in targets], who="hessian_opnorm")
+        names = [t.name for t in targets]
+        op = HessianOperator(model, loss_fn, batches, weights, batched, names=names, who="hessian_opnorm",
+                             settings={"targets": names, "num_iters": num_iters, "seed": seed,
+                                       "tol": tol, "probes_per_pass": probes_per_pass})
         active = set(range(len(weights)))
         for _ in range(num_iters):
             if not active:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from lorambo.distributed import all_reduce_sum_, all_reduced_sums
+from lorambo.distributed import SharedFailure, all_reduce_sum_, all_reduced_sums
 from lorambo.nn.hook_inputs import layer_input
-from .inputs import as_batch_list, check_finite_loss, compute_loss, no_gradient_error
+from .inputs import as_batch_list, check_finite_loss, check_some_batches, compute_loss, no_gradient_error
 from .targets import differentiable, find_targets
 from .token_mask import batch_token_mask, real_tokens
 
@@ -28,7 +28,8 @@ def gradient_sensitivity(model, loss_fn, batches, modules=None) -> dict[str, flo
     weights = [t.weight for t in targets]
     sums = torch.zeros(len(weights), dtype=torch.float64)
     reached = False
-    with differentiable(weights):
+    failure = SharedFailure("gradient_sensitivity", settings={"targets": [t.name for t in targets]})
+    with failure, differentiable(weights):
         for index, batch in enumerate(batches):
             loss = compute_loss(loss_fn, model, batch, who="gradient_sensitivity")
             check_finite_loss(loss, index, "gradient_sensitivity")
@@ -37,11 +38,15 @@ def gradient_sensitivity(model, loss_fn, batches, modules=None) -> dict[str, flo
                 if g is not None:
                     reached = True
                     sums[i] += float(g.detach().double().pow(2).sum())
-    if not reached:
+    # one collective: the sums, the batch count, processes that reached a layer, the status
+    *sums, count, reached_on, failed, f, f2 = all_reduce_sum_(torch.cat([
+        sums, torch.tensor([float(len(batches)), float(reached)], dtype=torch.float64),
+        failure.status()])).tolist()
+    failure.raise_if_any((failed, f, f2))
+    check_some_batches(count, "gradient_sensitivity")
+    if not reached_on:
         raise no_gradient_error("gradient_sensitivity", [t.name for t in targets])
-    sums = all_reduce_sum_(sums)
-    count = all_reduce_sum_(torch.tensor([float(len(batches))], dtype=torch.float64))
-    return {t.name: float(s / count) for t, s in zip(targets, sums)}
+    return {t.name: s / count for t, s in zip(targets, sums)}
 
 
 def targets_without_gradient(model, loss_fn, batch, modules=None) -> list[str]:
@@ -92,23 +97,30 @@ def data_covariance(model, loss_fn, batches, modules=None, token_mask="auto") ->
         return hook
 
     handles = [t.module.register_forward_hook(hook_for(i), with_kwargs=True) for i, t in enumerate(targets)]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                mask[0] = batch_token_mask(token_mask, batch, "data_covariance")
-                loss_fn(model, batch)
-                batch_tokens.append(0)
-    finally:
-        for h in handles:
-            h.remove()
-    empty = [i for i, n in enumerate(batch_tokens[:len(batches)]) if n == 0]
-    if empty:
-        raise ValueError(f"data_covariance: batch(es) {empty[:10]} of {len(batches)} fed 0 tokens to "
-                         "the targeted layers (empty sequences?); leave them out")
+    failure = SharedFailure("data_covariance", settings={"targets": [t.name for t in targets]})
+    with failure:
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    mask[0] = batch_token_mask(token_mask, batch, "data_covariance")
+                    loss_fn(model, batch)
+                    batch_tokens.append(0)
+        finally:
+            for h in handles:
+                h.remove()
+        empty = [i for i, n in enumerate(batch_tokens[:len(batches)]) if n == 0]
+        if empty:
+            raise ValueError(f"data_covariance: batch(es) {empty[:10]} of {len(batches)} fed 0 tokens to "
+                             "the targeted layers (empty sequences?); leave them out")
     # under torch.distributed a layer may run on some processes only (routed experts): the
-    # others add zeros, and only a layer no process ran is an error
+    # others add zeros, and only a layer no process ran is an error. One collective and one host
+    # copy for the token counts, the calls, the batch count and the failed processes.
     calls = torch.tensor([float(i in sums) for i in range(len(targets))], dtype=torch.float64)
-    counts, calls = all_reduce_sum_(torch.stack([counts, calls])).tolist()  # one host copy for all layers
+    stats = all_reduce_sum_(torch.cat([counts, calls, torch.tensor([float(len(batches))], dtype=torch.float64),
+                                       failure.status()])).tolist()
+    failure.raise_if_any(stats[-3:])
+    check_some_batches(stats[-4], "data_covariance")
+    counts, calls = stats[:len(targets)], stats[len(targets):2 * len(targets)]
     missing = [t.name for i, t in enumerate(targets) if calls[i] == 0]
     if missing:
         raise RuntimeError(f"the forward never ran through {missing}: loss_fn did not call them")

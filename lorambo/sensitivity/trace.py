@@ -54,8 +54,9 @@ def hessian_trace(model, loss_fn, batches, modules=None, num_probes: int = 64,
     Works on transformers models as shipped: attention runs a path with a double backward
     while the products are taken (see ``attention``). Deterministic for a fixed seed (keep
     the model in eval mode: dropout would change the Hessian between passes). ``progress``: a tqdm bar, default on when stderr is a terminal
-    (rank 0 only). Under torch.distributed every rank passes its own batches and the same seed;
-    all ranks get the estimate for the mean loss over all ranks' batches (sums all-reduced).
+    (rank 0 only). Under torch.distributed every rank passes its own batches (any number, none
+    included) and the same settings (ValueError on every rank otherwise); all ranks get the
+    estimate for the mean loss over all ranks' batches (sums and batch counts all-reduced).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
@@ -72,8 +73,11 @@ def hessian_trace(model, loss_fn, batches, modules=None, num_probes: int = 64,
     if progress is None:
         progress = sys.stderr.isatty()
     with differentiable(weights):
-        op = HessianOperator(model, loss_fn, batches, weights, batched,
-                             names=[t.name for t in targets], who="hessian_trace")
+        names = [t.name for t in targets]
+        op = HessianOperator(model, loss_fn, batches, weights, batched, names=names, who="hessian_trace",
+                             settings={"targets": names, "method": method, "num_probes": num_probes,
+                                       "seed": seed, "probes_per_pass": probes_per_pass,
+                                       "stderr_target": stderr_target})
         if method == "hutchinson":
             results, bad = _hutchinson(op, num_probes, seed, probes_per_pass, stderr_target,
                                        progress and is_main_process())

@@ -1,0 +1,46 @@
+"""Run a worker script as two gloo processes and read back what each saved, failing (never
+hanging) when a process does not finish in time.
+
+The script is called as ``python WORKER *args RANK WORLD STORE_FILE OUT_FILE`` and saves its
+results with ``torch.save(..., OUT_FILE)``.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_two_processes(worker: Path, tmp_path: Path, *args: str, timeout: float = 60.0) -> list:
+    """Each process's saved results, by rank."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + sys.path))
+    # output to files, not pipes: a pipe read only after the other worker finished can fill up
+    # and block its writer in the middle of a collective
+    logs = [tmp_path / f"worker{r}.log" for r in range(2)]
+    files = [open(log, "w") for log in logs]
+    procs = [subprocess.Popen([sys.executable, str(worker), *args, str(r), "2", str(tmp_path / "store"),
+                               str(tmp_path / f"rank{r}.pt")], env=env, stdout=files[r], stderr=subprocess.STDOUT)
+             for r in range(2)]
+    hung = False
+    try:
+        for p in procs:
+            p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        hung = True
+    finally:  # a process left waiting in a collective must not outlive the test
+        for p, f in zip(procs, files):
+            p.kill()
+            p.wait()
+            f.close()
+    outs = [log.read_text()[-3000:] for log in logs]
+    if hung:
+        pytest.fail(f"{worker.name} {args}: a process did not finish in {timeout} s (waiting in a "
+                    f"collective?); outputs: {outs}")
+    for rank, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"{worker.name} {args}: process {rank} exited with {p.returncode}:\n{out}"
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
