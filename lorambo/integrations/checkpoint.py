@@ -37,9 +37,7 @@ def callback_state(allocator, importance, decisions: list[dict]) -> dict:
     state = {"version": FORMAT_VERSION, "decisions": [dict(r) for r in decisions],
              "ranks": allocator.current_ranks(), "importance": None, "alora_rounds_done": None}
     if importance is not None:
-        state["importance"] = {"steps": importance.steps,
-                               "ibar": {k: v.detach().cpu().clone() for k, v in importance._ibar.items()},
-                               "ubar": {k: v.detach().cpu().clone() for k, v in importance._ubar.items()}}
+        state["importance"] = importance.state_dict()
     if allocator._alora is not None:
         state["alora_rounds_done"] = allocator._alora.rounds_done
     return state
@@ -74,11 +72,8 @@ def restore(allocator, importance, state: dict, where) -> list[dict]:
         raise ValueError(f"resuming from {where}: the checkpoint was written "
                          f"{'with' if saved_imp is not None else 'without'} an importance tracker, "
                          f"this callback has {'one' if importance is not None else 'none'}")
-    if importance is not None:
-        device = next(iter(importance.layers.values())).lora_A.device
-        importance.steps = int(saved_imp["steps"])
-        importance._ibar = {k: v.to(device) for k, v in saved_imp["ibar"].items()}
-        importance._ubar = {k: v.to(device) for k, v in saved_imp["ubar"].items()}
+    if importance is not None:  # checks its statistics against the tracked pools first
+        importance.load_state_dict(saved_imp)
     if state.get("alora_rounds_done") is not None:
         allocator.alora_schedule().rounds_done = int(state["alora_rounds_done"])
     decisions = [dict(r) for r in state["decisions"]]
