@@ -13,6 +13,7 @@ Everything is str / int / float / bool / None, lists, dicts and tensors, so
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 from lorambo.allocation import capacity as pools
 
@@ -24,14 +25,25 @@ _ENTRIES = ("names", "dims", "settings", "ranks", "decisions", "alora_rounds_don
             "capacities", "sensitivities", "optimizer")
 
 
+def _plain(value):
+    """Python numbers for numpy ones (weights_only loading refuses numpy scalars)."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    return float(value) if isinstance(value, numbers.Real) else value
+
+
 def _settings(opt) -> dict:
     """The settings the decisions depend on (a state written under others would not resume)."""
-    return {"total_budget": opt.total_budget, "initial_budget": opt.initial_budget, "seed": opt.seed,
+    return _plain({"total_budget": opt.total_budget, "initial_budget": opt.initial_budget, "seed": opt.seed,
             "allocation": opt.allocation, "warmup_steps": opt.warmup_steps, "interval": opt.interval,
             "stop_step": opt.stop_step, "loss_improvement_threshold": opt.threshold,
             "sketch_rank": opt.sketch_rank, "power_iters": opt.power_iters, "max_tokens": opt.max_tokens,
             "move_threshold": opt.move_threshold, "max_moves": opt.max_moves, "min_rank": opt.min_rank,
-            "max_rank": opt.max_rank, "alora": dataclasses.asdict(opt.alora_config)}
+            "max_rank": opt.max_rank, "alora": dataclasses.asdict(opt.alora_config)})
 
 
 def allocator_state(opt) -> dict:
@@ -44,9 +56,8 @@ def allocator_state(opt) -> dict:
             "dims": {n: list(opt.dims[n]) for n in opt.names}, "settings": _settings(opt),
             "ranks": opt.current_ranks(), "decisions": [dict(r) for r in opt.log.records],
             "alora_rounds_done": None if opt._alora is None else opt._alora.rounds_done,
-            "allocated_ranks": None if opt.ranks is None else dict(opt.ranks),
-            "capacities": None if opt.capacities is None else dict(opt.capacities),
-            "sensitivities": None if opt.sensitivities is None else dict(opt.sensitivities),
+            "allocated_ranks": _plain(opt.ranks), "capacities": _plain(opt.capacities),
+            "sensitivities": _plain(opt.sensitivities),
             "optimizer": None if optimizer is None else optimizer.state_dict()}
 
 

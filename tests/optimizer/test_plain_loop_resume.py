@@ -160,3 +160,21 @@ def test_state_dict_between_capture_and_step_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match=r"after opt.step\(step\)"):
         opt.state_dict()
     assert opt.step(2)  # the captured step is still there
+
+
+def test_numpy_settings_still_load_with_weights_only(tmp_path):
+    """numpy numbers the constructor accepts (np.int64 interval, np.float64 threshold) would
+    make torch.load(weights_only=True) refuse the saved state."""
+    import numpy as np
+
+    model = _base()
+    opt = LoRAMBoOptimizer(model, np.int64(500), sensitivity_method="gradient", initial_budget=300,
+                           warmup_steps=np.int64(2), interval=np.int64(3), sketch_rank=1, max_rank=np.int64(8),
+                           move_threshold=np.float64(1e3), heldout_batches=DATA[-2:], loss_fn=mse)
+    opt.compute_optimal_ranks(DATA[:2], mse)
+    opt.configure()
+    _train(model, opt, opt.make_optimizer(lr=2e-2), range(SAVE_AT))
+    torch.save(opt.state_dict(), tmp_path / "lorambo.pt")
+    state = torch.load(tmp_path / "lorambo.pt", weights_only=True)
+    assert state["decisions"] == opt.decisions and state["settings"]["interval"] == 3
+    opt.load_state_dict(state)
