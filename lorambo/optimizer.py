@@ -95,7 +95,9 @@ class LoRAMBoOptimizer:
         num_probes: Hutchinson probes for ``sensitivity_method="hessian"``.
         seed: seeds the probes and the initialisation of grown slots (the same on every process).
         alora: an :class:`ALoRAConfig` (or dict) for ``allocation="alora"``.
-        log_path: JSON-lines file receiving every online decision (main process only).
+        log_path: JSON-lines file receiving every online decision (main process only); the
+            run's first decision replaces what an earlier run left there, and
+            :meth:`load_state_dict` rewrites it with the saved decisions.
         verbose: also print the pool memory report.
         initial_budget: what ``compute_optimal_ranks`` may spend (default ``total_budget``); the
             rest of ``total_budget`` is left for online growth.
