@@ -42,6 +42,7 @@ import torch
 
 from lorambo.allocation import METHODS, allocate
 from lorambo.allocation import capacity as pools
+from lorambo.allocation import resume
 from lorambo.allocation.alora import ALoRA, ALoRAConfig
 from lorambo.allocation.online import OnlineGrowth, check_growth_settings
 from lorambo.allocation.report import DecisionLog, rank_table, save_heatmap
@@ -102,7 +103,9 @@ class LoRAMBoOptimizer:
         num_probes: Hutchinson probes for ``sensitivity_method="hessian"``.
         seed: seeds the probes and the initialisation of grown slots (the same on every process).
         alora: an :class:`ALoRAConfig` (or dict) for ``allocation="alora"``.
-        log_path: JSON-lines file receiving every online decision (main process only).
+        log_path: JSON-lines file receiving every online decision (main process only); the
+            run's first decision replaces what an earlier run left there, and
+            :meth:`load_state_dict` rewrites it with the saved decisions.
         verbose: also print the pool memory report.
         initial_budget: what ``compute_optimal_ranks`` may spend (default ``total_budget``); the
             rest of ``total_budget`` is left for online growth.
@@ -388,12 +391,16 @@ class LoRAMBoOptimizer:
         as without AMP."""
         optimizer = optimizer if optimizer is not None else self.default_optimizer
         if self.allocation == "alora":
-            if self._alora is None:
-                self._alora = ALoRA(self.model, self.layers(), self.loss_fn, self.heldout_batches,
-                                    self.alora_config, self.total_budget, self.seed, self.log,
-                                    self.min_rank, self.max_rank)
-            return self._alora.step(step, optimizer)
+            return self.alora_schedule().step(step, optimizer)
         return self.scheduled_growth.step(step, optimizer, component_scores, grad_scaler)
+
+    def alora_schedule(self) -> ALoRA:
+        """The ALoRA rounds of ``allocation="alora"``, built on first use (the layers must exist)."""
+        if self._alora is None:
+            self._alora = ALoRA(self.model, self.layers(), self.loss_fn, self.heldout_batches,
+                                self.alora_config, self.total_budget, self.seed, self.log,
+                                self.min_rank, self.max_rank)
+        return self._alora
 
     def update_ranks(self, optimizer=None, step=None, component_scores=None, grad_scaler=None) -> list[dict]:
         """Grow (and, with ``move_threshold``, move) ranks now from the captured step
@@ -414,6 +421,24 @@ class LoRAMBoOptimizer:
     def close(self) -> None:
         """Remove the activation hooks (also done after every decision)."""
         self.scheduled_growth.close()
+
+    # ---------------------------------------------------------------------------- resume
+    def state_dict(self) -> dict:
+        """What resuming needs besides the model's own ``state_dict``: the decisions so far, the
+        ALoRA rounds done, the allocation (ranks, capacities, sensitivities), the settings and
+        layers it was made for, and the state of the optimizer from :meth:`make_optimizer`.
+        Plain data and tensors: ``torch.load(..., weights_only=True)`` reads it. Call it between
+        steps (after :meth:`step`), not while a decision step's activations are captured."""
+        return resume.allocator_state(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`: restores :attr:`decisions`, rewrites the decision
+        log with them (dropping records an interrupted run wrote after the save), and loads the
+        optimizer from :meth:`make_optimizer` (call that first). The model must already hold the
+        saved ranks (load its ``state_dict`` first). A state written for other layers, shapes,
+        settings or ranks is a ValueError naming what differs, and nothing is changed."""
+        resume.check_allocator_state(self, state)
+        resume.apply_allocator_state(self, state)
 
     # ------------------------------------------------------------------------ visibility
     def current_ranks(self) -> dict[str, int]:

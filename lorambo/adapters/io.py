@@ -18,7 +18,8 @@ from lorambo.adapters import extra_modules
 from lorambo.adapters.atomic import atomic_write
 from lorambo.adapters.format import (FORMAT, LAYER_FIELDS, VERSION, AdapterFormatError, build_header,
                                      own_storages, read_adapter_file)
-from lorambo.model import configure_model, lora_layers, unload
+from lorambo.adapters.overwrite import configure_for_overwrite, set_rank_for_overwrite
+from lorambo.model import lora_layers, unload
 from lorambo.model.targeting import check_named_targets
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn.base_layers import base_kind, features
@@ -108,7 +109,7 @@ def _copy_into_layers(model: nn.Module, meta: dict, tensors: dict[str, torch.Ten
         r = info["rank"]
         if layer.merged:
             layer.unmerge()
-        layer.set_rank(r)
+        set_rank_for_overwrite(layer, r)
         layer.lora_A[:r].copy_(tensors[f"{name}.lora_A"])
         layer.lora_B[:, :r].copy_(tensors[f"{name}.lora_B"])
         layer.scaling, layer.alpha = float(info["scaling"]), float(info["alpha"])
@@ -134,9 +135,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         _check_against_bare_model(model, meta, file)
     extra = extra_modules.check_modules_to_save(model, tensors, file)
     if bare:
-        configure_model(model, {n: info["rank"] for n, info in meta.items()},
-                        capacity={n: info["capacity"] for n, info in meta.items()},
-                        modules_to_save=extra_modules.saved_module_names(tensors) or None)
+        configure_for_overwrite(model, {n: info["rank"] for n, info in meta.items()},
+                                capacity={n: info["capacity"] for n, info in meta.items()},
+                                modules_to_save=extra_modules.saved_module_names(tensors) or None)
     _check_against_lora_model(model, meta, file)
     try:
         _copy_into_layers(model, meta, tensors)

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from lorambo.adapters.io import AdapterFormatError
-from lorambo.model import configure_model, lora_layers
+from lorambo.adapters.overwrite import configure_for_overwrite
+from lorambo.model import lora_layers
 from lorambo.model.modules_to_save import resolve_modules_to_save
 from lorambo.model.patterns import pattern_value
 from lorambo.model.unwrap import unwrap_model
@@ -228,9 +229,8 @@ def _install(model: nn.Module, specs: dict[str, _LayerSpec], capacity, saved_sta
             raise ValueError(f"{where}: saved state of module {name!r} does not fit the model's "
                              f"(keys or shapes differ: {sorted(wrong or set(have) ^ set(state))})")
     ranks = {n: s.a.shape[0] for n, s in specs.items()}
-    with torch.random.fork_rng(devices=[]):  # set_rank's Kaiming init must not move the user's RNG
-        configure_model(model, ranks, capacity=_capacities(model, specs, capacity),
-                        modules_to_save=save_names or None)
+    configure_for_overwrite(model, ranks, capacity=_capacities(model, specs, capacity),
+                            modules_to_save=save_names or None)
     for name, layer in lora_layers(model).items():
         spec = specs[name]
         r = ranks[name]

@@ -99,7 +99,8 @@ class ActivationCapture:
 
     def arm(self) -> None:
         if not self._handles:
-            self._handles = [m.register_forward_hook(self._hook(n), with_kwargs=True) for n, m in self.layers.items()]
+            self._handles = [m.register_forward_hook(_CaptureHook(self._hook(n)), with_kwargs=True)
+                             for n, m in self.layers.items()]
 
     def disarm(self) -> None:
         for h in self._handles:
@@ -144,6 +145,33 @@ class ActivationCapture:
 
     def has_data(self) -> bool:
         return any(self.grads[n] for n in self.layers)
+
+
+def _no_capture(module, args, kwargs, output) -> None:
+    """What a capture hook becomes in a copy of the model (deepcopy, pickle): it records nothing."""
+
+
+def _copied_hook():
+    return _no_capture
+
+
+class _CaptureHook:
+    """A forward hook of an armed :class:`ActivationCapture`. A copy of the model taken while it
+    is armed (``copy.deepcopy``, ``pickle``) gets :func:`_no_capture` in its place: the capture's
+    closure does not pickle, and a shared one would record the copy's forward (an EMA or teacher
+    model) into this decision."""
+
+    def __init__(self, hook):
+        self.hook = hook
+
+    def __call__(self, module, args, kwargs, output):
+        return self.hook(module, args, kwargs, output)
+
+    def __reduce__(self):
+        return _copied_hook, ()
+
+    def __deepcopy__(self, memo):
+        return _no_capture
 
 
 def plan_growth(gains: Mapping[str, Sequence[float]], costs: Mapping[str, int],

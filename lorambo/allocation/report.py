@@ -4,10 +4,13 @@
 - :func:`save_heatmap` draws ranks as a grid, one row per block (``...h.3``) and one column per
   module type (``attn.c_attn``), because that is how people read a transformer's allocation.
   matplotlib (Agg backend, no display needed) is imported only here.
-- :class:`DecisionLog` appends one JSON object per online decision to a ``.jsonl`` file. Each
-  line goes out in a single ``write`` on a descriptor opened with ``O_APPEND``: the kernel
-  positions every append at the current end, so concurrent writers (several runs, or a crash
-  mid-run) never interleave or truncate earlier lines.
+- :class:`DecisionLog` writes one JSON object per online decision to a ``.jsonl`` file that
+  belongs to one run: the run's first record replaces whatever the file held (atomically), so
+  :func:`read_decisions` never mixes runs; a resumed run rewrites it with the decisions of its
+  checkpoint (:meth:`DecisionLog.restore`, dropping what an interrupted run logged after the
+  checkpoint) and appends after them. Each append is a single ``write`` of whole lines on a
+  descriptor opened with ``O_APPEND``, so a crash can leave at most a torn last line, which
+  :func:`read_decisions` skips.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ import math
 import numbers
 import os
 import re
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from lorambo.adapters.atomic import atomic_save_figure
+from lorambo.adapters.atomic import atomic_save_figure, atomic_write_text
 
 __all__ = ["rank_table", "split_name", "rank_grid", "save_heatmap", "DecisionLog", "read_decisions"]
 
@@ -138,31 +142,64 @@ def save_heatmap(source, path, title: str = "LoRA rank per layer") -> Path:
 class DecisionLog:
     """In-memory list of decision records, mirrored to a JSON-lines file when ``path`` is set.
 
-    ``enabled=False`` keeps the list but writes nothing (non-main DDP processes).
+    The file holds this run's records only: the first :meth:`append` (or :meth:`restore`)
+    replaces an existing file, later ones append. ``enabled=False`` keeps the list but writes
+    nothing (non-main DDP processes).
     """
 
     def __init__(self, path=None, enabled: bool = True):
         self.path = None if path is None else Path(path)
         self.enabled = enabled
         self.records: list[dict] = []
+        self._file_started = False  # whether this run has written the file yet
+        self._lock = threading.Lock()
         if self.path is not None and enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
+    def __getstate__(self) -> dict:  # a lock does not pickle (deepcopy of an allocator)
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
+
+    @property
+    def _writes(self) -> bool:
+        return self.path is not None and self.enabled
+
     def append(self, record: Mapping) -> None:
         record = {k: _plain(v) for k, v in record.items()}
-        self.records.append(record)
-        if self.path is None or not self.enabled:
-            return
-        line = (json.dumps(record, sort_keys=True) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            os.write(fd, line)  # one write per record: appends never interleave
-        finally:
-            os.close(fd)
+        with self._lock:  # threads sharing this log: the file keeps the order of the list
+            self.records.append(record)
+            if not self._writes:
+                return
+            if not self._file_started:  # a run's first record: a file left by another run goes
+                self._rewrite(self.records)
+                return
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                os.write(fd, _line(record).encode())  # one write per record: whole lines only
+            finally:
+                os.close(fd)
 
     def extend(self, records) -> None:
         for record in records:
             self.append(record)
+
+    def restore(self, records) -> None:
+        """Resume with ``records`` (a checkpoint's decisions): they become :attr:`records` and
+        the whole file, atomically; later records are appended after them."""
+        with self._lock:
+            self.records = [{k: _plain(v) for k, v in r.items()} for r in records]
+            if self._writes:
+                self._rewrite(self.records)
+
+    def _rewrite(self, records) -> None:
+        atomic_write_text(self.path, "".join(_line(r) for r in records))
+        self._file_started = True
+
+
+def _line(record: Mapping) -> str:
+    return json.dumps(record, sort_keys=True) + "\n"
 
 
 def _plain(value):
@@ -173,13 +210,22 @@ def _plain(value):
 
 
 def read_decisions(path) -> list[dict]:
-    """Every record of a decision log; a last line cut short by a crash is skipped."""
+    """Every record of a decision log. A last line without its newline that is not valid JSON
+    (a crash cut it short) is skipped; any other line that is not a JSON object is a ValueError
+    naming the file and line."""
+    text = Path(path).read_text()
+    lines = text.split("\n")  # the last item is "" when the file ends with a newline
     out = []
-    for line in Path(path).read_text().splitlines():
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):  # torn by a crash mid-write: the record was never complete
+                continue
+            raise ValueError(f"decision log {path}, line {number}: not a JSON record ({err}): {line[:80]!r}") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"decision log {path}, line {number}: a JSON {type(record).__name__}, not a record")
+        out.append(record)
     return out

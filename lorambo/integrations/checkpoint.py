@@ -19,13 +19,13 @@ model; modules_to_save included).
 
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 
 import torch
 
-from lorambo.adapters.atomic import atomic_write, atomic_write_text
+from lorambo.adapters.atomic import atomic_write
+from lorambo.allocation.resume import check_model_ranks
 
 STATE_FILE = "lorambo_state.pt"
 FORMAT_VERSION = 1
@@ -37,9 +37,7 @@ def callback_state(allocator, importance, decisions: list[dict]) -> dict:
     state = {"version": FORMAT_VERSION, "decisions": [dict(r) for r in decisions],
              "ranks": allocator.current_ranks(), "importance": None, "alora_rounds_done": None}
     if importance is not None:
-        state["importance"] = {"steps": importance.steps,
-                               "ibar": {k: v.detach().cpu().clone() for k, v in importance._ibar.items()},
-                               "ubar": {k: v.detach().cpu().clone() for k, v in importance._ubar.items()}}
+        state["importance"] = importance.state_dict()
     if allocator._alora is not None:
         state["alora_rounds_done"] = allocator._alora.rounds_done
     return state
@@ -68,34 +66,16 @@ def load_callback_state(folder: str | Path) -> dict:
 def restore(allocator, importance, state: dict, where) -> list[dict]:
     """Apply ``state`` to the allocator / importance (after Trainer reloaded the model) and
     return the decisions; raises when the model's ranks are not the checkpoint's."""
-    have = allocator.current_ranks()
-    if have != state["ranks"]:
-        diff = {n: (state["ranks"].get(n), r) for n, r in have.items() if state["ranks"].get(n) != r}
-        raise RuntimeError(f"resuming from {where}: the model's ranks differ from the checkpoint's "
-                           f"(layer: (checkpoint, model)) {dict(list(diff.items())[:4])}; was the model "
-                           "reloaded from this checkpoint, with the same capacities?")
+    check_model_ranks(allocator, state["ranks"], f"resuming from {where}", error=RuntimeError)
     saved_imp = state.get("importance")
     if (saved_imp is None) != (importance is None):
         raise ValueError(f"resuming from {where}: the checkpoint was written "
                          f"{'with' if saved_imp is not None else 'without'} an importance tracker, "
                          f"this callback has {'one' if importance is not None else 'none'}")
-    if importance is not None:
-        device = next(iter(importance.layers.values())).lora_A.device
-        importance.steps = int(saved_imp["steps"])
-        importance._ibar = {k: v.to(device) for k, v in saved_imp["ibar"].items()}
-        importance._ubar = {k: v.to(device) for k, v in saved_imp["ubar"].items()}
+    if importance is not None:  # checks its statistics against the tracked pools first
+        importance.load_state_dict(saved_imp)
     if state.get("alora_rounds_done") is not None:
-        if allocator._alora is None:  # built as LoRAMBoOptimizer.step builds it
-            from lorambo.allocation.alora import ALoRA
-
-            allocator._alora = ALoRA(allocator.model, allocator.layers(), allocator.loss_fn,
-                                     allocator.heldout_batches, allocator.alora_config,
-                                     allocator.total_budget, allocator.seed, allocator.log,
-                                     allocator.min_rank, allocator.max_rank)
-        allocator._alora.rounds_done = int(state["alora_rounds_done"])
+        allocator.alora_schedule().rounds_done = int(state["alora_rounds_done"])
     decisions = [dict(r) for r in state["decisions"]]
-    log = allocator.log
-    log.records = [dict(r) for r in decisions]
-    if log.path is not None and log.enabled:  # drop what an interrupted run logged after the checkpoint
-        atomic_write_text(log.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in decisions))
+    allocator.log.restore(decisions)  # drops what an interrupted run logged after the checkpoint
     return decisions

@@ -71,6 +71,38 @@ class AdaLoRAImportance:
                 self._ubar[key].mul_(self.beta2).add_((inst - ibar).abs(), alpha=1 - self.beta2)
         self.steps += 1
 
+    def state_dict(self) -> dict:
+        """``{"steps", "ibar", "ubar"}``: the running statistics as CPU tensors keyed by
+        ``(layer name, "A" | "B")`` (``torch.load(..., weights_only=True)`` reads it)."""
+        return {"steps": self.steps,
+                "ibar": {k: v.detach().cpu().clone() for k, v in self._ibar.items()},
+                "ubar": {k: v.detach().cpu().clone() for k, v in self._ubar.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`. Statistics for a layer this tracker does not have,
+        or of another shape than its pool, are a ValueError naming them; nothing is changed."""
+        if not isinstance(state, dict) or {"steps", "ibar", "ubar"} - set(state):
+            raise ValueError("AdaLoRAImportance.load_state_dict: expected a dict with steps, ibar and ubar")
+        steps = state["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"AdaLoRAImportance.load_state_dict: steps={steps!r} must be an int >= 0")
+        if set(state["ibar"]) != set(state["ubar"]):
+            raise ValueError("AdaLoRAImportance.load_state_dict: ibar and ubar hold different entries")
+        for table in ("ibar", "ubar"):
+            for key, value in state[table].items():
+                name, which = key if isinstance(key, tuple) and len(key) == 2 else (key, None)
+                if name not in self.layers or which not in ("A", "B"):
+                    raise ValueError(f"AdaLoRAImportance.load_state_dict: {table} entry {key!r} is not a "
+                                     f"tracked pool (layers: {list(self.layers)[:6]})")
+                pool = getattr(self.layers[name], "lora_" + which)
+                if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(pool.shape):
+                    raise ValueError(f"AdaLoRAImportance.load_state_dict: {table}[{key!r}] has shape "
+                                     f"{list(getattr(value, 'shape', []))}, the pool has {list(pool.shape)}")
+        device = {name: self._device(layer.lora_A) for name, layer in self.layers.items()}
+        self.steps = steps
+        self._ibar = {k: v.to(device[k[0]], torch.float32) for k, v in state["ibar"].items()}
+        self._ubar = {k: v.to(device[k[0]], torch.float32) for k, v in state["ubar"].items()}
+
     def parameter_scores(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(s_A [capacity, in], s_B [out, capacity])`` for layer ``name`` (zeros before updates)."""
         layer = self.layers[name]

@@ -53,9 +53,9 @@ def test_rank_table_from_model_and_dict():
     assert rank_table({"x": 4}).splitlines()[-1].split() == ["total", "4"]
 
 
-def test_decision_log_appends_whole_lines_from_many_writers(tmp_path):
+def test_decision_log_appends_whole_lines_from_many_threads(tmp_path):
     path = tmp_path / "log" / "decisions.jsonl"
-    logs = [DecisionLog(path) for _ in range(4)]
+    logs = [DecisionLog(path)] * 4
     payload = "x" * int(torch.randint(50, 500, ()))
 
     def write(log, w):
@@ -75,7 +75,7 @@ def test_decision_log_appends_whole_lines_from_many_writers(tmp_path):
     with open(path, "a") as f:  # a crash mid-line loses only that line
         f.write('{"step": 3, "lay')
     assert len(read_decisions(path)) == 200
-    assert len(logs[0].records) == 50
+    assert logs[0].records == records
 
 
 def test_disabled_log_writes_nothing(tmp_path):
@@ -119,3 +119,38 @@ def test_rank_table_of_an_allocation_with_non_string_names():
 def test_rank_table_refuses_a_layer_missing_from_dims():
     with pytest.raises(ValueError, match=r"dims has no \(d, k\) for layer\(s\) \['b'\]"):
         rank_table({"a": 2, "b": 3}, dims={"a": (4, 4)})
+
+
+def test_a_new_run_replaces_the_log_of_an_earlier_one(tmp_path):
+    """Each run appended to the file, so read_decisions returned two runs' steps mixed."""
+    path = tmp_path / "decisions.jsonl"
+    first = DecisionLog(path)
+    first.extend([{"step": 2, "run": 1}, {"step": 5, "run": 1}])
+    second = DecisionLog(path)
+    assert read_decisions(path) == first.records  # nothing is lost before the new run decides
+    second.extend([{"step": 2, "run": 2}, {"step": 5, "run": 2}])
+    assert read_decisions(path) == second.records == [{"step": 2, "run": 2}, {"step": 5, "run": 2}]
+
+
+def test_restore_cuts_the_log_back_and_appends_after_it(tmp_path):
+    path = tmp_path / "decisions.jsonl"
+    crashed = DecisionLog(path)
+    crashed.extend([{"step": s} for s in (2, 5, 8)])
+    with open(path, "a") as f:
+        f.write('{"step": 11, "la')                   # torn by the crash
+    resumed = DecisionLog(path)
+    resumed.restore([{"step": 2}, {"step": 5}])        # the checkpoint was taken at step 6
+    resumed.append({"step": 8, "again": True})
+    assert read_decisions(path) == resumed.records == [{"step": 2}, {"step": 5}, {"step": 8, "again": True}]
+
+
+def test_read_decisions_skips_only_a_torn_last_line(tmp_path):
+    path = tmp_path / "decisions.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2, "la\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"decisions.jsonl, line 2: not a JSON record"):
+        read_decisions(path)
+    path.write_text('{"step": 1}\n[1, 2]\n')
+    with pytest.raises(ValueError, match=r"line 2: a JSON list, not a record"):
+        read_decisions(path)
+    path.write_text('{"step": 1}\n{"step": 2, "la')
+    assert read_decisions(path) == [{"step": 1}]

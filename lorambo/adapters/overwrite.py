@@ -1,0 +1,31 @@
+"""Giving layers the ranks of an adapter that is about to be copied into them.
+
+Every slot a loader activates is overwritten with the file's values next, so initialising it
+would only move torch's global random stream (the caller's dropout masks and data order) for
+numbers that are thrown away. Layers are built at rank 0 (nothing to initialise) and grown with
+a throwaway generator instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lorambo.model import configure_model, lora_layers
+
+__all__ = ["set_rank_for_overwrite", "configure_for_overwrite"]
+
+
+def set_rank_for_overwrite(layer, rank: int) -> int:
+    """``layer.set_rank(rank)`` whose new rows of A come from a throwaway CPU generator (set_rank
+    copies them to the pool's device), not from torch's global one; returns the old rank."""
+    return layer.set_rank(rank, generator=torch.Generator())
+
+
+def configure_for_overwrite(model, ranks: dict[str, int], capacity, **configure_kwargs):
+    """``configure_model(model, ranks, capacity=capacity, ...)`` without touching torch's global
+    RNG; the active slots hold throwaway values until the caller copies its own in."""
+    configure_model(model, dict.fromkeys(ranks, 0), capacity=capacity, **configure_kwargs)
+    layers = lora_layers(model)
+    for name, rank in ranks.items():
+        set_rank_for_overwrite(layers[name], rank)
+    return model
