@@ -44,3 +44,25 @@ def run_two_processes(worker: Path, tmp_path: Path, *args: str, timeout: float =
     for rank, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"{worker.name} {args}: process {rank} exited with {p.returncode}:\n{out}"
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def spawn_two(fn, args: tuple, start_method: str, timeout: float = 300.0) -> None:
+    """``torch.multiprocessing.start_processes(fn, args, nprocs=2)``, failing (never hanging) when
+    the processes have not finished in ``timeout`` s; a worker's exception is raised as
+    ``start_processes`` raises it."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(fn, args=args, nprocs=2, join=False, start_method=start_method)
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=max(0.0, min(5.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                pytest.fail(f"{getattr(fn, '__name__', fn)}: the 2 processes did not finish in {timeout} s "
+                            "(waiting in a collective?)")
+    finally:  # a process left waiting in a collective must not outlive the test
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join()

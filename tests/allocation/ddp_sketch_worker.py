@@ -61,4 +61,4 @@ def main(rank: int, world: int, store_path: str, out_path: str, data_seed: int) 
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]))
+    main(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], int(sys.argv[1]))  # SEED RANK WORLD STORE OUT

@@ -2,17 +2,16 @@
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import ddp_online_worker
+from gloo_workers import spawn_two
 from rendezvous import start_method
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_ddp_processes_decide_identically(tmp_path):
     data_seed = int(torch.randint(0, 2**20, ()))
-    mp.start_processes(ddp_online_worker.run, args=(2, str(tmp_path / "rendezvous"), str(tmp_path), data_seed),
-                       nprocs=2, join=True, start_method=start_method())
+    spawn_two(ddp_online_worker.run, (2, str(tmp_path / "rendezvous"), str(tmp_path), data_seed), start_method())
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     assert a["decisions"] == b["decisions"]
     assert any(r["event"] == "grow" for r in a["decisions"])

@@ -3,9 +3,9 @@ experts): both processes stay identical and equal one process training on both s
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import ddp_routed_worker
+from gloo_workers import spawn_two
 from rendezvous import start_method
 
 
@@ -15,8 +15,7 @@ def test_growth_of_a_layer_one_process_did_not_run_stays_identical(tmp_path):
     layer skipped that collective, so the next one paired with another layer's: the processes'
     rows of A differed and the replicas drifted apart silently."""
     data_seed = int(torch.randint(0, 2**20, ()))
-    mp.start_processes(ddp_routed_worker.run, args=(2, str(tmp_path / "rendezvous"), str(tmp_path), data_seed),
-                       nprocs=2, join=True, start_method=start_method())
+    spawn_two(ddp_routed_worker.run, (2, str(tmp_path / "rendezvous"), str(tmp_path), data_seed), start_method())
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     net = ddp_routed_worker.build()
     ref = ddp_routed_worker.procedure(net, net, ddp_routed_worker.batches(data_seed))

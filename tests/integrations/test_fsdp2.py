@@ -3,9 +3,9 @@ sharded pools; both processes end identical and compute what one unsharded proce
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import fsdp2_worker
+from gloo_workers import spawn_two
 from rendezvous import start_method
 import lorambo
 
@@ -18,8 +18,8 @@ def test_fsdp2_rank_edits_match_single_process(tmp_path, optimizer, capacity):
     """With lorambo.optim.AdamW the per-slot step counts must survive fully_shard (capacity 5:
     lora_A's slots split 3/2 over the processes)."""
     data_seed = int(torch.randint(0, 2**20, ()))
-    mp.start_processes(fsdp2_worker.run, args=(2, str(tmp_path / "rendezvous"), str(tmp_path), data_seed, optimizer, capacity),
-                       nprocs=2, join=True, start_method=start_method())
+    spawn_two(fsdp2_worker.run, (2, str(tmp_path / "rendezvous"), str(tmp_path), data_seed, optimizer, capacity),
+              start_method())
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
 
     # identical on both processes, storage never replaced
@@ -77,8 +77,7 @@ def test_fsdp2_rank_edits_match_single_process(tmp_path, optimizer, capacity):
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_fsdp2_meta_init_gives_the_single_process_pools_and_direct_rank_edits_are_refused(tmp_path):
     """Without reset_parameters on DTensor pools, A stayed all zero (with B = 0 nothing trains)."""
-    mp.start_processes(fsdp2_worker.run_meta_init, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True,
-                       start_method=start_method())
+    spawn_two(fsdp2_worker.run_meta_init, (2, str(tmp_path / "rendezvous"), str(tmp_path)), start_method())
     a, b = (torch.load(tmp_path / f"meta{r}.pt", weights_only=False) for r in range(2))
     single = fsdp2_worker.build_plain()
     lorambo.configure_model(single, {"0": 2, "2": 3}, capacity={"0": 5, "2": 4})
@@ -96,8 +95,7 @@ def test_fsdp2_meta_init_gives_the_single_process_pools_and_direct_rank_edits_ar
 def test_fsdp2_rank_change_without_the_optimizer_warns_as_unsharded(tmp_path):
     """The gathered pools are new Parameters the optimizer holds no state for: the stale-state
     warning of a rank change without the optimizer used to be lost under FSDP2."""
-    mp.start_processes(fsdp2_worker.run_stale_warning, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)),
-                       nprocs=2, join=True, start_method=start_method())
+    spawn_two(fsdp2_worker.run_stale_warning, (2, str(tmp_path / "rendezvous"), str(tmp_path)), start_method())
     single = fsdp2_worker.stale_state_warnings(fsdp2_worker.build())
     assert single == [True, False]
     for r in range(2):

@@ -6,10 +6,10 @@ one unsharded process takes on the same data, and the checkpoint's adapter rebui
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import callback_fsdp2_worker as worker
 import fsdp2_worker
+from gloo_workers import spawn_two
 from rendezvous import start_method
 import lorambo
 
@@ -20,8 +20,7 @@ pytest.importorskip("torch.distributed.fsdp")
 @pytest.mark.parametrize("moves", [False, True])
 def test_callback_under_fsdp2_decides_and_saves_as_one_unsharded_process(tmp_path, moves):
     sharded_dir, plain_dir = tmp_path / "sharded", tmp_path / "plain"
-    mp.start_processes(worker.run, args=(2, str(tmp_path / "rendezvous"), str(sharded_dir), 3, moves), nprocs=2, join=True,
-                       start_method=start_method())
+    spawn_two(worker.run, (2, str(tmp_path / "rendezvous"), str(sharded_dir), 3, moves), start_method())
     a, b = (torch.load(sharded_dir / f"rank{r}.pt", weights_only=False) for r in range(2))
     assert a["decisions"] == b["decisions"] and a["ranks"] == b["ranks"]
     assert any(r["event"] == "grow" for r in a["decisions"])

@@ -3,13 +3,12 @@ FisherProxy, data_covariance and gradient_sensitivity estimates on the union of 
 and LoRAMBoOptimizer keeps the same targets on both."""
 
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from gloo_workers import run_two_processes
 
 WORKER = Path(__file__).with_name("routed_worker.py")
 
@@ -18,24 +17,11 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 def _run_two_processes(tmp_path):
     """(the single-process reference on all batches, each process's results)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2])] + sys.path))
-    store = tmp_path / "store"
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), "2", str(store), str(tmp_path / f"rank{r}.pt")],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for r in range(2)]
     spec = importlib.util.spec_from_file_location("sensitivity_routed_worker", WORKER)
     worker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(worker)
     single = worker.compute(*worker.setup())
-    try:
-        outputs = [p.communicate(timeout=60)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out.decode()[-3000:]
-    return single, [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
-
+    return single, run_two_processes(WORKER, tmp_path)
 
 def test_layers_reached_on_one_process_only_match_single_process(tmp_path):
     """Each process used to reduce only the layers it had seen: FisherProxy summed process 0's
