@@ -173,7 +173,8 @@ GPU_IMAGE_MODULES = {"torch", "triton", "numpy", "pytest", "hypothesis", "peft",
 def test_gpu_test_files_import_only_what_the_gpu_image_has():
     import ast
 
-    local = {"gpu_targets", "providers", "results_csv", "arg_lists", "machine"}  # benchmarks/ as plain modules
+    local = {"gpu_targets", "providers", "results_csv", "arg_lists", "machine",  # benchmarks/ as plain modules
+             "residual_net"}  # tests/ helpers, on sys.path through tests/conftest.py
     files = [ROOT / "tests" / "conftest.py", *sorted((ROOT / "tests" / "kernels").glob("*.py")),
              *sorted((ROOT / "tests" / "ext").glob("*.py")),
              *[BENCH / f for f in ("gpu_check.py", "gpu_targets.py", "bench_lora_linear.py", "bench_ext.py",

@@ -4,11 +4,12 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 import lorambo
 from lorambo.allocation.alora import ALoRAConfig, alora_round
 from lorambo.optimizer import LoRAMBoOptimizer
+
+from residual_net import ResidualNet, mse
 
 DT = torch.float64
 
@@ -16,27 +17,9 @@ DT = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class Net(nn.Module):
-    def __init__(self, width=8, hidden=12, blocks=2):
-        super().__init__()
-        self.blocks = nn.ModuleList(nn.ModuleDict({"up": nn.Linear(width, hidden, dtype=DT),
-                                                   "down": nn.Linear(hidden, width, dtype=DT)})
-                                    for _ in range(blocks))
-
-    def forward(self, x):
-        for blk in self.blocks:
-            x = x + blk["down"](torch.tanh(blk["up"](x)))
-        return x
-
-
-def mse(model, batch):
-    x, y = batch
-    return ((model(x) - y) ** 2).mean()
-
-
 def test_alora_loop_conserves_total_rank_within_budget():
-    model = Net()
-    target = Net()
+    model = ResidualNet(hidden=12)
+    target = ResidualNet(hidden=12)
     heldout = [(x, target(x).detach()) for x in (torch.randn(16, 8, dtype=DT) for _ in range(2))]
     budget = 20 * 12  # 12 ranks of cost 20 over 4 layers
     opt = LoRAMBoOptimizer(model, budget, allocation="alora", loss_fn=mse, heldout_batches=heldout,
@@ -67,7 +50,7 @@ def test_alora_loop_conserves_total_rank_within_budget():
 
 
 def test_round_prunes_the_worst_and_feeds_the_most_important():
-    model = lorambo.configure_model(Net(blocks=2), 3, capacity=6)
+    model = lorambo.configure_model(ResidualNet(hidden=12, blocks=2), 3, capacity=6)
     layers = lorambo.lora_layers(model)
     for layer in layers.values():
         layer.lora_B.data[:, :3].normal_()
@@ -90,7 +73,7 @@ def test_round_prunes_the_worst_and_feeds_the_most_important():
 
 
 def test_nothing_pruned_when_no_receiver_has_room():
-    model = lorambo.configure_model(Net(blocks=1), 2, capacity=2)
+    model = lorambo.configure_model(ResidualNet(hidden=12, blocks=1), 2, capacity=2)
     layers = lorambo.lora_layers(model)
     scores = {n: torch.rand(2, dtype=DT) for n in layers}
     assert alora_round(model, layers, mse, None, n_prune=1, scores=scores) == []
@@ -100,7 +83,7 @@ def test_nothing_pruned_when_no_receiver_has_room():
 def test_config_validation():
     with pytest.raises(ValueError, match="ALoRAConfig.rounds must be an int >= 1"):
         ALoRAConfig(rounds=0)
-    model = lorambo.configure_model(Net(blocks=1), 2)
+    model = lorambo.configure_model(ResidualNet(hidden=12, blocks=1), 2)
     opt = LoRAMBoOptimizer(model, 200, allocation="alora")
     with pytest.raises(ValueError, match="ALoRA needs loss_fn and heldout_batches"):
         opt.step(100)

@@ -5,30 +5,17 @@ tests/kernels and tests/ext."""
 
 import pytest
 import torch
-from torch import nn
 
 import lorambo
 from lorambo.optimizer import LoRAMBoOptimizer
 
+from residual_net import ResidualNet, mse
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.blocks = nn.ModuleList(nn.ModuleDict({"up": nn.Linear(32, 64), "down": nn.Linear(64, 32)})
-                                    for _ in range(2))
-        self.head = nn.Linear(32, 4)
-
-    def forward(self, x):
-        for blk in self.blocks:
-            x = x + blk["down"](torch.tanh(blk["up"](x)))
-        return self.head(x)
-
-
-def mse(model, batch):
-    x, y = batch
-    return ((model(x) - y) ** 2).mean()
+def _net():
+    return ResidualNet(32, 64, head=("head", 4), dtype=torch.float32)
 
 
 def _batches(device, dtype):
@@ -39,7 +26,7 @@ def _batches(device, dtype):
 
 def _sensitivities(device, dtype, method):
     torch.manual_seed(0)
-    model = Net().to(device, dtype)
+    model = _net().to(device, dtype)
     opt = LoRAMBoOptimizer(model, 4000, sensitivity_method=method, num_probes=4, target_modules=["up", "down"])
     return opt.compute_sensitivities(_batches(device, dtype), mse)
 
@@ -51,7 +38,7 @@ def _sensitivities(device, dtype, method):
     ("gradient", "uniform"), ("gradient", "alora")])
 def test_ranks_within_budget_and_configured_on_cuda(method, allocation):
     torch.manual_seed(0)
-    model = Net().cuda()
+    model = _net().cuda()
     budget = 4000
     opt = LoRAMBoOptimizer(model, budget, sensitivity_method=method, allocation=allocation, num_probes=4,
                            target_modules=["up", "down"])
@@ -76,7 +63,7 @@ def test_alora_rounds_move_ranks_on_cuda():
     from lorambo.allocation.alora import ALoRAConfig
 
     torch.manual_seed(0)
-    model, target = Net().cuda(), Net().cuda()
+    model, target = _net().cuda(), _net().cuda()
     g = torch.Generator().manual_seed(4)
     heldout = [(x, target(x).detach()) for x in (torch.randn(16, 32, generator=g).cuda() for _ in range(2))]
     opt = LoRAMBoOptimizer(model, 12 * 96, allocation="alora", loss_fn=mse, heldout_batches=heldout,
@@ -102,7 +89,7 @@ def test_fisher_proxy_on_cuda(sketch_dim):
 
     def traces(device, sketch):
         torch.manual_seed(0)
-        model = Net().to(device, torch.float64)
+        model = _net().to(device, torch.float64)
         with FisherProxy(model, modules=["blocks.0.up", "blocks.1.down"], sketch_dim=sketch) as fisher:
             for batch in _batches(device, torch.float64):
                 model.zero_grad()

@@ -10,28 +10,17 @@ import lorambo
 import lorambo.sensitivity.ablation
 from lorambo.optimizer import LoRAMBoOptimizer
 
+from residual_net import ResidualNet, mse
+
 DT = torch.float64
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.blocks = nn.ModuleList(nn.ModuleDict({"up": nn.Linear(8, 16, dtype=DT),
-                                                   "down": nn.Linear(16, 8, dtype=DT)}) for _ in range(2))
-        self.lm_head = nn.Linear(8, 3, dtype=DT)
-
-    def forward(self, x):
-        for blk in self.blocks:
-            x = x + blk["down"](torch.tanh(blk["up"](x)))
-        return self.lm_head(x)
-
-
-def mse(model, batch):
-    x, y = batch
-    return ((model(x) - y) ** 2).mean()
+def _net():
+    """Two residual blocks (the default targets) and an lm_head (left out by default)."""
+    return ResidualNet(head=("lm_head", 3))
 
 
 def _batches(n=2):
@@ -48,7 +37,7 @@ def _spend(opt, ranks):
     ("frobenius", "closed_form"), ("frobenius", "frobenius_greedy"), ("data", "data_weighted"),
     ("gradient", "uniform"), ("gradient", "alora")])
 def test_plain_model_ranks_capacities_and_memory(method, allocation):
-    model = Net()
+    model = _net()
     budget = int(torch.randint(200, 700, ()))
     opt = LoRAMBoOptimizer(model, budget, sensitivity_method=method, allocation=allocation, num_probes=4)
     assert opt.names == ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down"]  # head excluded
@@ -67,7 +56,7 @@ def test_plain_model_ranks_capacities_and_memory(method, allocation):
 
 
 def test_sensitivities_follow_the_estimators():
-    model = Net()
+    model = _net()
     batches = _batches()
     opt = LoRAMBoOptimizer(model, 500, sensitivity_method="gradient")
     got = opt.compute_sensitivities(batches, mse)
@@ -83,7 +72,7 @@ def test_sensitivities_follow_the_estimators():
 
 
 def test_closed_form_gives_more_rank_to_more_sensitive_layers():
-    model = Net()
+    model = _net()
     opt = LoRAMBoOptimizer(model, 2000, sensitivity_method="gradient")
     sens = {n: float(v) for n, v in zip(opt.names, torch.rand(4) + 0.01)}
     top = max(opt.names, key=lambda n: sens[n] / opt.costs[n])
@@ -93,7 +82,7 @@ def test_closed_form_gives_more_rank_to_more_sensitive_layers():
 
 
 def test_configured_model_keeps_its_capacities_and_ablation_sensitivity():
-    model = lorambo.configure_model(Net(), 2, capacity=4)
+    model = lorambo.configure_model(_net(), 2, capacity=4)
     for layer in lorambo.lora_layers(model).values():
         layer.lora_B.data[:, :2].normal_()
     xs = [torch.randn(12, 8, dtype=DT) for _ in range(2)]
@@ -136,7 +125,7 @@ def test_allocating_again_after_configure_keeps_the_built_capacities():
 
 
 def test_verbose_prints_memory_before_configuring(capsys):
-    opt = LoRAMBoOptimizer(Net(), 500, sensitivity_method="frobenius", verbose=True)
+    opt = LoRAMBoOptimizer(_net(), 500, sensitivity_method="frobenius", verbose=True)
     opt.compute_optimal_ranks()
     out = capsys.readouterr().out
     assert "MiB of device memory" in out
@@ -144,7 +133,7 @@ def test_verbose_prints_memory_before_configuring(capsys):
 
 
 def test_initial_budget_leaves_room_for_online_growth():
-    model = Net()
+    model = _net()
     opt = LoRAMBoOptimizer(model, 1200, initial_budget=300, sensitivity_method="gradient",
                            interval=1, sketch_rank=3)
     ranks = opt.compute_optimal_ranks(_batches(), mse)
@@ -161,7 +150,7 @@ def test_initial_budget_leaves_room_for_online_growth():
 
 
 def test_decision_step_without_capture_warns():
-    model = lorambo.configure_model(Net(), 1, capacity=4)
+    model = lorambo.configure_model(_net(), 1, capacity=4)
     opt = LoRAMBoOptimizer(model, 1000, interval=2)
     assert [s for s in range(7) if opt.is_decision_step(s)] == [0, 2, 4, 6]
     with pytest.warns(RuntimeWarning, match="no activations were captured"):
@@ -196,7 +185,7 @@ def test_curve_methods_report_the_sensitivities_they_used(sensitivity, allocatio
     (what ``lorambo allocate`` writes to ranks.json) still held the measured ||W||^2 or E||W x||^2,
     which did not produce these ranks, and "data" ran its covariance pass twice."""
     torch.manual_seed(0)
-    model, batches = Net(), _batches(3)
+    model, batches = _net(), _batches(3)
     calls = []
 
     def counted(m, b):

@@ -3,33 +3,17 @@ continues exactly as the uninterrupted run: losses, pools, Adam state, decisions
 
 import pytest
 import torch
-from torch import nn
 
 import lorambo
 from lorambo.allocation.report import read_decisions
 from lorambo.optimizer import LoRAMBoOptimizer
 
+from residual_net import ResidualNet, mse
+
 DT = torch.float64
 STEPS, SAVE_AT, CRASH_AT = 14, 6, 9
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.blocks = nn.ModuleList(nn.ModuleDict({"up": nn.Linear(8, 16, dtype=DT),
-                                                   "down": nn.Linear(16, 8, dtype=DT)}) for _ in range(2))
-
-    def forward(self, x):
-        for blk in self.blocks:
-            x = x + blk["down"](torch.tanh(blk["up"](x)))
-        return x
-
-
-def mse(model, batch):
-    x, y = batch
-    return ((model(x) - y) ** 2).mean()
 
 
 def _data():
@@ -43,7 +27,7 @@ DATA = _data()
 
 def _base():
     torch.manual_seed(0)
-    return Net()
+    return ResidualNet()
 
 
 def _allocator(model, log_path):
