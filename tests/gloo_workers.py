@@ -2,7 +2,7 @@
 hanging) when a process does not finish in time.
 
 The script is called as ``python WORKER *args RANK WORLD STORE_FILE OUT_FILE`` and saves its
-results with ``torch.save(..., OUT_FILE)``.
+results with ``torch.save(..., OUT_FILE)``; :func:`attempt` records a call's outcome there.
 """
 
 import os
@@ -14,6 +14,15 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def attempt(fn):
+    """``("ok", fn())``, or ``("error", type name, message)`` of what it raised: a worker saves
+    either, and the test compares the errors across processes."""
+    try:
+        return ("ok", fn())
+    except Exception as err:  # noqa: BLE001 - compared across processes, not handled
+        return ("error", type(err).__name__, str(err))
 
 
 def run_two_processes(worker: Path, tmp_path: Path, *args: str, timeout: float = 60.0) -> list:

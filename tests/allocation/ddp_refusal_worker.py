@@ -16,14 +16,10 @@ import lorambo
 from lorambo.allocation.alora import alora_round
 from lorambo.allocation.online import OnlineGrowth
 
+from gloo_workers import attempt  # tests/ is on the PYTHONPATH run_two_processes gives
+
 DT = torch.float64
 
-
-def attempt(fn):
-    try:
-        return ("ok", fn())
-    except Exception as err:  # noqa: BLE001 - the test compares errors across processes
-        return ("error", type(err).__name__, str(err))
 
 
 def main(rank, world, store, out):

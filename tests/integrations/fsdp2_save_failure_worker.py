@@ -15,13 +15,8 @@ from lorambo.integrations import fsdp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fsdp2_worker import build, shard  # noqa: E402
+from gloo_workers import attempt  # noqa: E402  tests/ is on the PYTHONPATH run_two_processes gives
 
-
-def attempt(fn):
-    try:
-        return ("ok", fn())
-    except Exception as err:  # noqa: BLE001 - the test compares errors across processes
-        return ("error", type(err).__name__, str(err))
 
 
 def main(rank, world, store, out):
