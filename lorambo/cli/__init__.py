@@ -215,7 +215,8 @@ def _experiment(args) -> int:
 
 def _output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=_folder, default=None, help="output folder (default: runs/<timestamp>)")
-    p.add_argument("--runs-root", type=_folder, default="runs", help="parent of the timestamped output folder")
+    p.add_argument("--runs-root", type=_folder, default="runs",
+                   help="parent of the timestamped output folder (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

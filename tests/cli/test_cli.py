@@ -129,3 +129,19 @@ def test_info_says_which_backend_runs(capsys, monkeypatch):
         assert "backend in use on cpu (float32): none: lorambo backend 'triton'" in capsys.readouterr().out
     finally:
         backend.set_backend(None)
+
+
+def test_every_option_with_a_default_says_it_in_its_help():
+    """``lorambo allocate --help`` listed --method, --batch-size, ... without their defaults."""
+    import argparse
+
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for command, parser in subparsers.choices.items():
+        for action in parser._actions:
+            if action.default in (None, False, argparse.SUPPRESS) or isinstance(action, argparse._HelpAction):
+                continue
+            shown = parser._get_formatter()._expand_help(action) if action.help else ""
+            if f"default: {action.default}" not in shown and "(default:" not in shown:
+                missing.append(f"lorambo {command} {action.option_strings[0]} (default {action.default!r})")
+    assert not missing, missing
