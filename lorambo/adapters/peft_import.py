@@ -367,7 +367,7 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None,
 
     The peft wrapper is consumed: its LoRA layers are replaced in place. ``adapter_name``
     defaults to the active adapter (an error when several are active, since peft adds them up);
-    other adapters are dropped.
+    other adapters are dropped. ``capacity``: as in :func:`import_peft`.
     """
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora import Linear as LoraLinear
