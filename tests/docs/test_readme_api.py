@@ -157,3 +157,11 @@ def test_every_environment_variable_is_read():
     source = "".join(p.read_text(encoding="utf-8") for folder in ("lorambo", "kernels", "setup.py")
                      for p in ([ROOT / folder] if folder.endswith(".py") else (ROOT / folder).rglob("*.py")))
     assert not [v for v in variables if f'"{v}"' not in source and f"'{v}'" not in source]
+
+
+@pytest.mark.parametrize("module", [lorambo, lorambo.sensitivity, lorambo.optim], ids=lambda m: m.__name__)
+def test_every_public_name_is_documented(module):
+    """What ``__all__`` exports is in the README, in a code span (the reference for users)."""
+    in_spans = set(re.findall(r"[A-Za-z_]\w*", " ".join(SPANS + re.findall(r"^```python\n(.*?)^```", README,
+                                                                          flags=re.S | re.M))))
+    assert not [n for n in module.__all__ if n not in in_spans]
