@@ -369,9 +369,14 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None,
     defaults to the active adapter (an error when several are active, since peft adds them up);
     other adapters are dropped. ``capacity``: as in :func:`import_peft`.
     """
-    from peft.tuners.lora import LoraLayer
-    from peft.tuners.lora import Linear as LoraLinear
-    from peft.utils.other import ModulesToSaveWrapper
+    try:
+        from peft.tuners.lora import LoraLayer
+        from peft.tuners.lora import Linear as LoraLinear
+        from peft.utils.other import ModulesToSaveWrapper
+    except ModuleNotFoundError as error:
+        if error.name != "peft":  # peft is there but lacks a module: not a missing package
+            raise
+        raise ImportError("from_peft needs peft, which is not installed: pip install peft") from error
 
     configs = getattr(peft_model, "peft_config", None)
     if not isinstance(configs, Mapping) or not hasattr(peft_model, "get_base_model"):
