@@ -23,6 +23,7 @@ SCRIPT = textwrap.dedent("""
     import torch
     import lorambo
     import lorambo.integrations
+    from lorambo.experiments.minilm import load_minilm
 
     def error(call):
         try:
@@ -35,6 +36,7 @@ SCRIPT = textwrap.dedent("""
         "peft_config": error(lambda: lorambo.peft_config({"fc": 2})),
         "from_peft": error(lambda: lorambo.from_peft(torch.nn.Linear(2, 2))),
         "LoRAMBoCallback": error(lambda: lorambo.integrations.LoRAMBoCallback),
+        "load_minilm": error(load_minilm),  # the quickstart's first call
     }))
 """)
 
@@ -49,3 +51,4 @@ def test_missing_peft_and_transformers_name_the_pip_command():
     assert "pip install peft" in errors["peft_config"], errors
     assert "pip install peft" in errors["from_peft"], errors
     assert "pip install transformers" in errors["LoRAMBoCallback"], errors
+    assert "pip install transformers" in errors["load_minilm"], errors
