@@ -36,7 +36,8 @@ def adapter_file(path: str | os.PathLike) -> Path:
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write every LoRAMBoLinear's active slices and settings (and the state of the model's
-    ``modules_to_save``); returns the file written.
+    ``modules_to_save``) to ``path``, a ``.safetensors`` file or else a folder that gets
+    ``adapter.safetensors`` (created if needed); returns the file written.
 
     The write is atomic (a temporary file, then a rename) and every tensor and the settings get
     a checksum that :func:`load_adapter` verifies. Layers are named as in the plain model, also
@@ -116,7 +117,8 @@ def _copy_into_layers(model: nn.Module, meta: dict, tensors: dict[str, torch.Ten
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load an adapter written by :func:`save_adapter` into ``model`` and return it.
+    """Load an adapter written by :func:`save_adapter` into ``model`` and return it. ``path`` is
+    the file, or the folder holding ``adapter.safetensors``; FileNotFoundError when there is none.
 
     A model without LoRA layers is configured from the file (same names, ranks, capacities, and
     the file's ``modules_to_save``). Otherwise its LoRA layers must match the file's names and
