@@ -19,6 +19,7 @@ from lorambo.adapters.atomic import atomic_write
 from lorambo.adapters.format import (FORMAT, LAYER_FIELDS, VERSION, AdapterFormatError, build_header,
                                      own_storages, read_adapter_file)
 from lorambo.model import configure_model, lora_layers, unload
+from lorambo.model.argument import require_module
 from lorambo.model.targeting import check_named_targets
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn.base_layers import base_kind, features
@@ -43,6 +44,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     a checksum that :func:`load_adapter` verifies. Layers are named as in the plain model, also
     when ``model`` is wrapped by torch.compile or DDP.
     """
+    require_module(model, "save_adapter")
     model = unwrap_model(model)
     layers = lora_layers(model)
     if not layers:
@@ -128,6 +130,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     for a model that does not match it. A model wrapped by torch.compile or DDP is loaded into
     through the wrapper (the file's names are the plain model's).
     """
+    require_module(model, "load_adapter")
     wrapper, model = model, unwrap_model(model)
     file = adapter_file(path)
     meta, tensors, _ = read_adapter_file(file)

@@ -33,6 +33,7 @@ from torch import nn
 
 from lorambo.adapters.io import AdapterFormatError
 from lorambo.model import configure_model, lora_layers
+from lorambo.model.argument import require_module
 from lorambo.model.modules_to_save import resolve_modules_to_save
 from lorambo.model.patterns import pattern_value
 from lorambo.model.unwrap import unwrap_model
@@ -322,6 +323,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike, capacity: int | Mappi
     ``capacity``: pool size per layer (int, or ``{name: capacity}``; default: room to double).
     A model wrapped by torch.compile or DDP is adapted through the wrapper.
     """
+    require_module(model, "import_peft")
     wrapper, model = model, unwrap_model(model)
     folder = Path(path)
     config_file = folder / _CONFIG
