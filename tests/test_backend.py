@@ -27,6 +27,17 @@ def test_unknown_backend_is_rejected(monkeypatch):
         lorambo.set_backend(None)
 
 
+@pytest.mark.parametrize("name", [5, torch.float32, b"torch"])
+def test_a_backend_name_that_is_not_a_string_is_a_type_error(name):
+    # before: AttributeError ("'int' object has no attribute 'strip'") from inside lorambo
+    try:
+        with pytest.raises(TypeError, match=r"lorambo\.set_backend.*a string"):
+            lorambo.set_backend(name)
+        assert get_backend() in ("auto", "torch", "triton", "ext")  # the request was not changed
+    finally:
+        lorambo.set_backend(None)
+
+
 def test_forward_reads_no_environment_and_imports_nothing(monkeypatch):
     """After the first call the backend is cached: a forward neither reads $LORAMBO_BACKEND nor
     loads the extension (both are what broke torch.compile's trace)."""

@@ -255,8 +255,12 @@ def tma_available() -> bool:
 def want_tma(device: torch.device) -> bool:
     """Use the persistent TMA GEMM? ``LORAMBO_TMA=0|1`` forces it off/on (on also under the
     interpreter, which is how CI exercises that kernel); default: on for sm_90+ with Triton
-    descriptors, off elsewhere (sm_80 and older have no TMA; the pointer path runs there)."""
+    descriptors, off elsewhere (sm_80 and older have no TMA; the pointer path runs there).
+    ``auto`` (or unset) is that default; any other value is a ValueError."""
     env = os.environ.get("LORAMBO_TMA", "auto").strip().lower()
+    if env not in ("0", "off", "false", "1", "on", "true", "auto"):
+        raise ValueError(f"lorambo_kernels: LORAMBO_TMA={os.environ['LORAMBO_TMA']!r} is not one of "
+                         "0|off|false, 1|on|true or auto")
     if env in ("0", "off", "false"):
         return False
     if not tma_available():

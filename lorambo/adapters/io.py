@@ -20,6 +20,7 @@ from lorambo.adapters.format import (FORMAT, LAYER_FIELDS, VERSION, AdapterForma
                                      own_storages, read_adapter_file)
 from lorambo.adapters.overwrite import configure_for_overwrite, set_rank_for_overwrite
 from lorambo.model import lora_layers, unload
+from lorambo.model.argument import require_module
 from lorambo.model.targeting import check_named_targets
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn.base_layers import base_kind, features
@@ -37,12 +38,14 @@ def adapter_file(path: str | os.PathLike) -> Path:
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write every LoRAMBoLinear's active slices and settings (and the state of the model's
-    ``modules_to_save``); returns the file written.
+    ``modules_to_save``) to ``path``, a ``.safetensors`` file or else a folder that gets
+    ``adapter.safetensors`` (created if needed); returns the file written.
 
     The write is atomic (a temporary file, then a rename) and every tensor and the settings get
     a checksum that :func:`load_adapter` verifies. Layers are named as in the plain model, also
     when ``model`` is wrapped by torch.compile or DDP.
     """
+    require_module(model, "save_adapter")
     model = unwrap_model(model)
     layers = lora_layers(model)
     if not layers:
@@ -117,7 +120,8 @@ def _copy_into_layers(model: nn.Module, meta: dict, tensors: dict[str, torch.Ten
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load an adapter written by :func:`save_adapter` into ``model`` and return it.
+    """Load an adapter written by :func:`save_adapter` into ``model`` and return it. ``path`` is
+    the file, or the folder holding ``adapter.safetensors``; FileNotFoundError when there is none.
 
     A model without LoRA layers is configured from the file (same names, ranks, capacities, and
     the file's ``modules_to_save``). Otherwise its LoRA layers must match the file's names and
@@ -127,6 +131,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     for a model that does not match it. A model wrapped by torch.compile or DDP is loaded into
     through the wrapper (the file's names are the plain model's).
     """
+    require_module(model, "load_adapter")
     wrapper, model = model, unwrap_model(model)
     file = adapter_file(path)
     meta, tensors, _ = read_adapter_file(file)

@@ -22,6 +22,7 @@ from lorambo.adapters.atomic import atomic_write_many, text_writer
 from lorambo.adapters.format import own_storages
 from lorambo.adapters.io import check_not_root
 from lorambo.model import lora_layers
+from lorambo.model.argument import require_module
 from lorambo.model.modules_to_save import modules_to_save
 from lorambo.model.unwrap import unwrap_model
 
@@ -111,6 +112,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
 
     The two files are replaced together: on any error both keep their previous content. Layers
     are named as in the plain model, also when ``model`` is wrapped by torch.compile or DDP."""
+    require_module(model, "export_peft")
     model = unwrap_model(model)
     folder = Path(path)
     config = peft_adapter_config(model)

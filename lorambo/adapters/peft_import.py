@@ -34,6 +34,7 @@ from torch import nn
 from lorambo.adapters.io import AdapterFormatError
 from lorambo.adapters.overwrite import configure_for_overwrite
 from lorambo.model import lora_layers
+from lorambo.model.argument import require_module
 from lorambo.model.modules_to_save import resolve_modules_to_save
 from lorambo.model.patterns import pattern_value
 from lorambo.model.unwrap import unwrap_model
@@ -322,6 +323,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike, capacity: int | Mappi
     ``capacity``: pool size per layer (int, or ``{name: capacity}``; default: room to double).
     A model wrapped by torch.compile or DDP is adapted through the wrapper.
     """
+    require_module(model, "import_peft")
     wrapper, model = model, unwrap_model(model)
     folder = Path(path)
     config_file = folder / _CONFIG
@@ -367,11 +369,16 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None,
 
     The peft wrapper is consumed: its LoRA layers are replaced in place. ``adapter_name``
     defaults to the active adapter (an error when several are active, since peft adds them up);
-    other adapters are dropped.
+    other adapters are dropped. ``capacity``: as in :func:`import_peft`.
     """
-    from peft.tuners.lora import LoraLayer
-    from peft.tuners.lora import Linear as LoraLinear
-    from peft.utils.other import ModulesToSaveWrapper
+    try:
+        from peft.tuners.lora import LoraLayer
+        from peft.tuners.lora import Linear as LoraLinear
+        from peft.utils.other import ModulesToSaveWrapper
+    except ModuleNotFoundError as error:
+        if error.name != "peft":  # peft is there but lacks a module: not a missing package
+            raise
+        raise ImportError("from_peft needs peft, which is not installed: pip install peft") from error
 
     configs = getattr(peft_model, "peft_config", None)
     if not isinstance(configs, Mapping) or not hasattr(peft_model, "get_base_model"):

@@ -69,7 +69,12 @@ def peft_config(ranks, alpha: float | None = None, alpha_pattern: Mapping[str, f
         dropout: ``lora_dropout``.
         **lora_config_kwargs: passed on to ``LoraConfig`` (e.g. ``task_type``, ``modules_to_save``).
     """
-    from peft import LoraConfig
+    try:
+        from peft import LoraConfig
+    except ModuleNotFoundError as error:
+        if error.name != "peft":
+            raise
+        raise ImportError("peft_config needs peft, which is not installed: pip install peft") from error
 
     entries, rslora = _entries(ranks, alpha, alpha_pattern, use_rslora)
     if not entries:

@@ -33,12 +33,20 @@ def _info(_args) -> int:
     import torch
 
     from lorambo.ext import loader as ext_loader
-    from lorambo.ops.backend import get_backend
+    from lorambo.ops.backend import get_backend, resolve_backend
     from lorambo.version import __version__
 
     print(f"lorambo {__version__}  python {platform.python_version()}  torch {torch.__version__}")
     print(f"backend requested: {get_backend()}  cuda: {torch.cuda.is_available()}  "
           f"compiled extension: {'yes' if ext_loader.load() is not None else 'no'}")
+    # "auto" names no backend: say what float32 layers run on each device present.
+    devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+    for device in devices:
+        try:
+            used = resolve_backend(device, torch.float32)
+        except (RuntimeError, ImportError) as error:
+            used = f"none: {error}"
+        print(f"backend in use on {device} (float32): {used}")
     return 0
 
 
@@ -207,7 +215,8 @@ def _experiment(args) -> int:
 
 def _output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=_folder, default=None, help="output folder (default: runs/<timestamp>)")
-    p.add_argument("--runs-root", type=_folder, default="runs", help="parent of the timestamped output folder")
+    p.add_argument("--runs-root", type=_folder, default="runs",
+                   help="parent of the timestamped output folder (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -41,20 +41,23 @@ def add_parser(sub) -> None:
     p.add_argument("--model", required=True, help="local transformers model folder")
     p.add_argument("--budget", required=True, type=_positive_float,
                    help="parameter budget sum_i r_i (d_i + k_i), e.g. 150000")
-    p.add_argument("--method", choices=METHODS, default="gradient", help="layer sensitivity")
+    p.add_argument("--method", choices=METHODS, default="gradient", help="layer sensitivity (default: %(default)s)")
     p.add_argument("--data", default=None, help="text file, one example per line (not needed for frobenius, "
                                                 "unless --allocation data_weighted)")
     p.add_argument("--out", type=_folder, required=True, help="output folder")
     p.add_argument("--allocation", choices=ALLOCATIONS, default="closed_form",
-                   help="lorambo.allocate method (alora: its uniform start)")
+                   help="lorambo.allocate method (alora: its uniform start; default: %(default)s)")
     p.add_argument("--target-modules", default=None,
                    help="comma-separated module name suffixes (default: every Linear but the head)")
     p.add_argument("--alpha", type=_finite_float, default=None, help="LoRA alpha (default: the rank, scaling 1)")
-    p.add_argument("--batch-size", type=_batch_size, default=8, help="lines per batch (at least 2)")
-    p.add_argument("--batches", type=_positive_int, default=4, help="batches of --data used")
-    p.add_argument("--max-length", type=_max_length, default=64, help="tokens per example (at least 2)")
-    p.add_argument("--probes", type=_positive_int, default=8, help="Hutchinson probes (hessian)")
-    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--batch-size", type=_batch_size, default=8,
+                   help="lines per batch (at least 2; default: %(default)s)")
+    p.add_argument("--batches", type=_positive_int, default=4, help="batches of --data used (default: %(default)s)")
+    p.add_argument("--max-length", type=_max_length, default=64,
+                   help="tokens per example (at least 2; default: %(default)s)")
+    p.add_argument("--probes", type=_positive_int, default=8, help="Hutchinson probes (hessian; default: %(default)s)")
+    p.add_argument("--seed", type=_seed, default=0,
+                   help="random seed (Hessian probes, masked-LM masks; default: %(default)s)")
     p.add_argument("--no-heatmap", action="store_true", help="do not draw heatmap.png (no matplotlib needed)")
     p.set_defaults(func=run)
 

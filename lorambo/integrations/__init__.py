@@ -9,7 +9,12 @@ __all__ = ["LoRAMBoCallback"]
 
 def __getattr__(name):
     if name == "LoRAMBoCallback":
-        from lorambo.integrations.trainer import LoRAMBoCallback
-
+        try:
+            from lorambo.integrations.trainer import LoRAMBoCallback
+        except ModuleNotFoundError as error:
+            if error.name != "transformers":
+                raise
+            raise ImportError("LoRAMBoCallback needs transformers, which is not installed: "
+                              "pip install transformers") from error
         return LoRAMBoCallback
     raise AttributeError(f"module 'lorambo.integrations' has no attribute {name!r}")

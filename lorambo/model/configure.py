@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from torch import nn
 from torch.nn.parameter import is_lazy
 
+from lorambo.model.argument import require_module
 from lorambo.model.fast_paths import sync_fast_paths
 from lorambo.model.frozen import forget_frozen, record_frozen
 from lorambo.model.modules_to_save import (check_not_targets, forget_modules_to_save, keep_trainable,
@@ -57,6 +58,7 @@ def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_mod
     All or nothing: every target is checked and every new layer built before the model is
     touched, so any error leaves the model exactly as it was.
     """
+    require_module(model, "configure_model")
     if optimizer is not None and not isinstance(getattr(optimizer, "state", None), Mapping):
         raise TypeError(f"configure_model: optimizer={optimizer!r} must be a torch optimizer (with .state) or None")
     _check_no_lazy_parameters(model)
@@ -195,6 +197,7 @@ def _apply(model: nn.Module, plan: _Plan, optimizer=None) -> None:
 
 def lora_layers(model: nn.Module) -> dict[str, LoRAMBoLinear]:
     """``{dotted_name: LoRAMBoLinear}`` in model order."""
+    require_module(model, "lora_layers")
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRAMBoLinear)}
 
 
@@ -227,6 +230,9 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Put the plain base modules back (with the adapters merged into their weights when
     ``merge``), restore the trainability configure_model took away, and return the model.
     A merge into a weight the model also uses elsewhere (tied weights) is refused up front."""
+    require_module(model, "unload")
+    if not isinstance(merge, bool):  # "no" or "false" from a config file is truthy: it would merge
+        raise TypeError(f"unload: merge must be True or False, got {merge!r}")
     if merge:
         check_mergeable(model, lora_layers(model))
     for name, layer in lora_layers(model).items():

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
+from lorambo.model.argument import require_module
 from lorambo.model.configure import _set_submodule, lora_layers
 from lorambo.model.modules_to_save import modules_to_save, original_state
 
@@ -24,6 +25,7 @@ def disable_adapter(model: nn.Module):
     """``with disable_adapter(model):`` runs the frozen base model: no LoRA branch, and the
     ``modules_to_save`` in their state from before ``configure_model``. Everything is back on
     exit. RuntimeError for merged layers (``unmerge()`` first) and for nested use."""
+    require_module(model, "disable_adapter")
     layers = lora_layers(model)
     merged = [n for n, layer in layers.items() if layer.merged]
     if merged:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from lorambo.model.argument import require_module
 from lorambo.model.configure import lora_layers
 
 __all__ = ["trainable_parameters", "print_trainable_parameters"]
@@ -27,6 +28,7 @@ def trainable_parameters(model: nn.Module) -> dict[str, int | float]:
     copy; lorambo trains such a module in place (only a module with tied weights gets a copy of
     its own, and that copy is counted).
     """
+    require_module(model, "trainable_parameters")
     layers = lora_layers(model)
     pool_ids = {id(p) for layer in layers.values() for p in (layer.lora_A, layer.lora_B)}
     active = sum(layer.rank * (layer.in_features + layer.out_features)
@@ -44,6 +46,7 @@ def trainable_parameters(model: nn.Module) -> dict[str, int | float]:
 
 def print_trainable_parameters(model: nn.Module) -> dict[str, int | float]:
     """Print peft's line plus the pool capacity; returns :func:`trainable_parameters`."""
+    require_module(model, "print_trainable_parameters")
     c = trainable_parameters(model)
     print(f"trainable params: {c['trainable']:,} || all params: {c['all']:,} || "
           f"trainable%: {c['trainable_percent']:.4f} || LoRA pool capacity: {c['lora_capacity']:,} "

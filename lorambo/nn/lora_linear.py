@@ -140,6 +140,11 @@ class LoRAMBoLinear(nn.Module):
         if kind is None:
             raise TypeError(f"{self._label}: can only wrap nn.Linear or transformers Conv1D: "
                             f"{base_layers.unwrappable_reason(base)}")
+        # An integer or complex base could never run (forward checks the same), so refuse it here,
+        # before its parameters are frozen and where the mistake is made.
+        if not base.weight.dtype.is_floating_point:
+            raise TypeError(f"{self._label}: the base weight has dtype {base.weight.dtype}; LoRAMBoLinear computes "
+                            "in a real floating dtype (float32, float64, bfloat16 or float16)")
         self.base_kind = kind
         self.base_layer = base
         self.in_features, self.out_features = base_layers.features(base, kind)

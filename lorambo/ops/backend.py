@@ -30,6 +30,8 @@ _resolved: dict[tuple, str] = {}
 
 
 def _check(name: str, source: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"{source}: the backend must be a string, one of {BACKENDS}; got {name!r}")
     value = name.strip().lower()
     if value not in BACKENDS:
         raise ValueError(f"unknown lorambo backend {name!r} from {source}; choose one of {BACKENDS}")

@@ -199,8 +199,9 @@ def _check_state_shapes(optimizer: torch.optim.Optimizer, state_dict: dict) -> N
 
 
 class AdamW(torch.optim.AdamW):
-    """Drop-in :class:`torch.optim.AdamW` (same arguments) with per-slot Adam step counts for
-    LoRAMBoLinear pools. See the module docstring."""
+    """Drop-in :class:`torch.optim.AdamW` (same arguments and defaults; ``differentiable=True``
+    is refused with a ``ValueError``) with per-slot Adam step counts for LoRAMBoLinear pools.
+    See the module docstring."""
 
     def __init__(self, params, *args, **kwargs):
         super().__init__(params, *args, **kwargs)

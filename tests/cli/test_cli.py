@@ -111,3 +111,37 @@ def test_interrupted_experiment_says_where_its_journal_is(monkeypatch, tmp_path,
     monkeypatch.setattr("lorambo.cli.growth.run_growth_demo", lambda **kw: (_ for _ in ()).throw(KeyboardInterrupt))
     assert run(["demo", "--growth"]) == 130
     assert capsys.readouterr().err.strip() == "lorambo demo: interrupted"
+
+
+def test_info_says_which_backend_runs(capsys, monkeypatch):
+    """``lorambo info`` printed only the requested name ("auto"), not the backend that runs."""
+    from lorambo.ext import loader as ext_loader
+    from lorambo.ops import backend
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    try:
+        backend.set_backend("auto")
+        assert main(["info"]) == 0
+        expected = "ext" if ext_loader.load() is not None else "torch"
+        assert f"backend in use on cpu (float32): {expected}\n" in capsys.readouterr().out
+        backend.set_backend("triton")  # the kernels need CUDA (or TRITON_INTERPRET=1)
+        assert main(["info"]) == 0
+        assert "backend in use on cpu (float32): none: lorambo backend 'triton'" in capsys.readouterr().out
+    finally:
+        backend.set_backend(None)
+
+
+def test_every_option_with_a_default_says_it_in_its_help():
+    """``lorambo allocate --help`` listed --method, --batch-size, ... without their defaults."""
+    import argparse
+
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for command, parser in subparsers.choices.items():
+        for action in parser._actions:
+            if action.default in (None, False, argparse.SUPPRESS) or isinstance(action, argparse._HelpAction):
+                continue
+            shown = parser._get_formatter()._expand_help(action) if action.help else ""
+            if f"default: {action.default}" not in shown and "(default:" not in shown:
+                missing.append(f"lorambo {command} {action.option_strings[0]} (default {action.default!r})")
+    assert not missing, missing

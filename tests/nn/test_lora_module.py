@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorambo import LoRAMBoLinear
+from lorambo import LoRAMBoLinear, configure_model
 
 
 def filled(layer: LoRAMBoLinear) -> LoRAMBoLinear:
@@ -437,3 +437,13 @@ def test_inexact_unmerge_is_within_the_documented_bound(dtype, unit_roundoff):
     bound = 2 * unit_roundoff * torch.maximum(w.abs(), (w + delta).abs())
     assert (err <= bound).all()
     assert err.max() > 0  # the bound is exercised: inexact unmerge does round
+
+
+@pytest.mark.filterwarnings("ignore:Complex modules")
+@pytest.mark.parametrize("make", [lambda: LoRAMBoLinear(nn.Linear(8, 4, dtype=torch.complex64), rank=2, name="enc.fc"),
+                                  lambda: configure_model(nn.Sequential(nn.Linear(8, 4, dtype=torch.complex64)), 2)])
+def test_complex_base_is_refused_when_adapted(make):
+    """A complex Linear used to be wrapped (complex pools) and configured without complaint, and
+    then every forward raised: the error now comes where the layer is adapted."""
+    with pytest.raises(TypeError, match=r"(enc\.fc|'0').*base weight has dtype torch.complex64.*real floating"):
+        make()
