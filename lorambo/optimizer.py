@@ -123,6 +123,9 @@ class LoRAMBoOptimizer:
             raise ValueError(f"sensitivity_method={sensitivity_method!r}; choose one of {SENSITIVITY_METHODS}")
         if allocation not in ALLOCATIONS:
             raise ValueError(f"allocation={allocation!r}; choose one of {ALLOCATIONS}")
+        if alora is not None and allocation != "alora":  # it would configure nothing
+            raise ValueError(f"LoRAMBoOptimizer: alora={alora!r} is given with allocation={allocation!r}; "
+                             "ALoRA rounds run only with allocation='alora'")
         for what, v in (("min_rank", min_rank), ("max_rank", max_rank)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0):
                 raise ValueError(f"{what}={v!r} must be an int >= 0")

@@ -75,3 +75,11 @@ def test_initial_budget_checks():
         LoRAMBoOptimizer(_model(), 1000, initial_budget=5)
     with pytest.raises(ValueError, match="initial_budget=2000 exceeds total_budget=1000"):
         LoRAMBoOptimizer(_model(), 1000, initial_budget=2000)
+
+
+def test_alora_settings_without_alora_allocation_are_refused():
+    """The config used to be kept and never used: the rounds run only with allocation='alora'."""
+    from lorambo.allocation.alora import ALoRAConfig
+
+    with pytest.raises(ValueError, match=r"alora=.*allocation='closed_form'.*only with allocation='alora'"):
+        LoRAMBoOptimizer(nn.Linear(4, 4), 100, alora=ALoRAConfig(rounds=2))
