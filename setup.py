@@ -92,7 +92,10 @@ def _point_torch_at_the_toolkit():
 
 def extension_build():
     """(ext_modules, cmdclass) for lorambo._C, or empty ones when it cannot or should not build."""
-    if os.environ.get("LORAMBO_SKIP_EXT", "0") == "1":
+    skip = os.environ.get("LORAMBO_SKIP_EXT", "0").strip()
+    if skip not in ("0", "1", ""):  # "true" or "yes" used to build the extension, silently
+        raise SystemExit(f"LORAMBO_SKIP_EXT must be 0 or 1, got {skip!r}")
+    if skip == "1":
         _log("LORAMBO_SKIP_EXT=1: building without the compiled extension")
         return [], {}
     cpp = sorted(glob.glob(os.path.join(CSRC, "**", "*.cpp"), recursive=True))

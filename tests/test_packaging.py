@@ -35,3 +35,11 @@ def test_wheel_installs_into_a_fresh_venv_and_imports_outside_the_tree(tmp_path,
     assert lines[2] == "torch.Size([2, 4])"
     cli = subprocess.run([str(venv / "bin" / "lorambo"), "info"], capture_output=True, text=True, check=True)
     assert "lorambo 0.1.0" in cli.stdout
+
+
+@pytest.mark.parametrize("value", ["true", "yes", "2"])
+def test_a_skip_ext_switch_other_than_0_or_1_stops_the_build_naming_it(value):
+    """``LORAMBO_SKIP_EXT=true`` used to build the extension: only "1" skipped it."""
+    proc = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "LORAMBO_SKIP_EXT": value}, timeout=300)
+    assert proc.returncode != 0 and f"LORAMBO_SKIP_EXT must be 0 or 1, got {value!r}" in proc.stderr
