@@ -7,30 +7,16 @@ import torch
 
 from lorambo.nn.hook_inputs import layer_input
 from lorambo.sensitivity import FisherProxy, data_covariance
+from minilm_batches import TEXTS, load
+from minilm_batches import encode as _encode
 
-TEXTS = ["A man is playing a guitar on the stage tonight.", "Shares dropped.",
-         "The quick brown fox jumps over the lazy dog.", "Dinner is ready."]
 MODULES = ["encoder.layer.0.attention.self.query", "encoder.layer.3.intermediate.dense",
            "encoder.layer.5.output.dense"]
 
 
 @pytest.fixture(scope="module")
 def minilm():
-    from lorambo.experiments.minilm import load_minilm
-
-    model, tokenizer = load_minilm()
-    return model.eval(), tokenizer
-
-
-def _encode(tokenizer, texts, side="right"):
-    tokenizer.padding_side = side
-    try:
-        batch = dict(tokenizer(texts, padding=True, return_tensors="pt"))
-    finally:
-        tokenizer.padding_side = "right"
-    # BERT's absolute positions must count real tokens only, or left padding shifts them
-    batch["position_ids"] = (batch["attention_mask"].cumsum(1) - 1).clamp_min(0)
-    return batch
+    return load()
 
 
 def forward(model, batch):

@@ -1,0 +1,131 @@
+"""Online growth on real padded Hugging Face batches (all-MiniLM-L6-v2): the same sentences
+padded right, left or to a fixed length, in one batch or several, give the same growth decisions
+and new rows of A as a reference captured one unpadded sentence at a time; with ``max_tokens``
+the captured rows are the evenly spaced ones of the real tokens."""
+
+import copy
+
+import pytest
+import torch
+
+from lorambo.optimizer import LoRAMBoOptimizer
+from minilm_batches import TEXTS, encode, load
+
+MODULES = ["encoder.layer.0.attention.self.query", "encoder.layer.2.attention.self.value",
+           "encoder.layer.5.output.dense"]
+# 3 ranks of the 384 x 384 layers or one of the 1536 x 384 one: growth must choose
+BUDGET = 768 + 768 + 1920 + 2500
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    torch.set_num_threads(1)
+    return load(torch.float64)
+
+
+def sentence_sum_loss(model, batch):
+    """Sum over sentences of a loss on each one's masked-mean embedding: pads get no gradient,
+    and splitting the sentences into batches only splits the sum."""
+    hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return ((hidden * mask).sum(1) / mask.sum(1)).pow(2).sum()
+
+
+def _allocator(base, **kwargs):
+    model = copy.deepcopy(base)
+    opt = LoRAMBoOptimizer(model, BUDGET, sensitivity_method="frobenius", target_modules=MODULES, capacity=8,
+                           interval=1, sketch_rank=3, seed=0, **kwargs)
+    torch.manual_seed(0)  # the initial rows of A
+    opt.configure({n: 1 for n in MODULES})
+    return opt
+
+
+def decide(base, batches, pass_batch=True, **kwargs):
+    """(decision records, new rows of A per layer, captured (X, dY) per layer) of one decision."""
+    opt = _allocator(base, **kwargs)
+    for batch in batches:
+        with opt.capture(0, batch if pass_batch else None):
+            sentence_sum_loss(opt.model, batch).backward()
+    pairs = {n: [(x.clone(), dy.clone()) for x, dy in opt.online.capture.pairs(n)] for n in MODULES}
+    records = opt.step(0)
+    rows = {n: m.lora_A[:m.rank].detach().clone() for n, m in opt.layers().items()}
+    return records, rows, pairs
+
+
+def _layout(tokenizer, layout):
+    if layout == "one_at_a_time":
+        return [encode(tokenizer, [t]) for t in TEXTS]
+    if layout == "two_batches_left":
+        return [encode(tokenizer, TEXTS[:1], "left"), encode(tokenizer, TEXTS[1:], "left")]
+    if layout == "right_to_24":
+        return [encode(tokenizer, TEXTS, "right", length=24)]
+    return [encode(tokenizer, TEXTS, layout)]
+
+
+def assert_same_decision(got, want):
+    (records, rows, _), (want_records, want_rows, _) = got, want
+    assert [(r["layer"], r["old_rank"], r["new_rank"]) for r in records] == \
+           [(r["layer"], r["old_rank"], r["new_rank"]) for r in want_records]
+    for r, w in zip(records, want_records):
+        torch.testing.assert_close(torch.tensor(r["gains"]), torch.tensor(w["gains"]), rtol=1e-7, atol=0)
+    for n in MODULES:  # every element of every row of A, new ones included
+        torch.testing.assert_close(rows[n], want_rows[n], rtol=1e-7, atol=1e-10, msg=n)
+
+
+@pytest.fixture(scope="module")
+def reference(minilm):
+    """One unpadded sentence per batch, captured without a mask: no pads anywhere."""
+    model, tokenizer = minilm
+    return decide(model, _layout(tokenizer, "one_at_a_time"), pass_batch=False)
+
+
+@pytest.mark.parametrize("layout", ["right", "left", "right_to_24", "two_batches_left"])
+def test_growth_decisions_and_new_rows_ignore_padding(minilm, reference, layout):
+    model, tokenizer = minilm
+    batches = _layout(tokenizer, layout)
+    assert all(bool((b["attention_mask"] == 0).any()) for b in batches[-1:])
+    records, _, _ = reference
+    assert records and {r["layer"] for r in records} != set(MODULES)  # a choice was made
+    assert_same_decision(decide(model, batches), reference)
+
+
+@pytest.mark.parametrize("layout", ["right", "left", "right_to_24"])
+def test_max_tokens_keeps_evenly_spaced_real_tokens(minilm, reference, layout):
+    model, tokenizer = minilm
+    max_tokens = 16
+    got = decide(model, _layout(tokenizer, layout), max_tokens=max_tokens)
+    for n in MODULES:
+        xs, dys = zip(*reference[2][n])
+        x, dy = torch.cat(xs), torch.cat(dys)  # every real token, sentence after sentence
+        assert x.shape[0] > max_tokens
+        pick = torch.linspace(0, x.shape[0] - 1, max_tokens).long()
+        ((got_x, got_dy),) = got[2][n]
+        torch.testing.assert_close(got_x, x[pick], rtol=1e-9, atol=1e-10, msg=n)
+        torch.testing.assert_close(got_dy, dy[pick] * (x.shape[0] / max_tokens), rtol=1e-7, atol=1e-12, msg=n)
+    if layout != "right":
+        assert_same_decision(got, decide(model, _layout(tokenizer, "right"), max_tokens=max_tokens))
+
+
+def test_capture_without_a_batch_keeps_every_position(minilm):
+    """Code that passes no batch captures as before: pads included."""
+    model, tokenizer = minilm
+    batch = encode(tokenizer, TEXTS)
+    _, _, pairs = decide(model, [batch], pass_batch=False)
+    ((x, _),) = pairs[MODULES[0]]
+    assert x.shape[0] == batch["input_ids"].numel() > int(batch["attention_mask"].sum())
+
+
+@pytest.mark.parametrize("token_mask,message", [
+    ("attention", "token_mask must be 'auto'"),
+    (lambda batch: batch["attention_mask"][0], r"\[batch, tokens\] tensor, got \(13,\)"),
+    (lambda batch: batch["attention_mask"][:, :3], r"layer 'encoder.layer.0.attention.self.query' gets an "
+                                                   r"input of shape \(4, 13, 384\).*\(4, 3\)"),
+])
+def test_bad_token_mask_is_a_clear_error(minilm, token_mask, message):
+    model, tokenizer = minilm
+    batch = encode(tokenizer, TEXTS)
+    assert batch["input_ids"].shape == (4, 13)
+    with pytest.raises(ValueError, match=message):
+        opt = _allocator(model, token_mask=token_mask)
+        with opt.capture(0, batch):
+            sentence_sum_loss(opt.model, batch).backward()
