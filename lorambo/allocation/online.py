@@ -150,6 +150,8 @@ class ActivationCapture:
             rows, scale = self._rows(name, x), 1.0
             x = x.reshape(-1, x.shape[-1])                                     # (T, in)
             kept = x.shape[0] if rows is None else rows.numel()
+            if kept == 0:  # only pads: nothing to learn from (as if the layer had not run)
+                return
             if self.max_tokens is not None and kept > self.max_tokens:
                 pick = torch.linspace(0, kept - 1, self.max_tokens, device=x.device).long()
                 rows, scale = (pick if rows is None else rows[pick]), kept / self.max_tokens

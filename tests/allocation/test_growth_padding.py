@@ -83,3 +83,20 @@ def test_bad_token_mask_is_a_clear_error(minilm, token_mask, message):
         opt = allocator(model, token_mask=token_mask)
         with opt.capture(0, batch):
             sentence_sum_loss(opt.model, batch).backward()
+
+
+def test_capture_keeps_real_rows_and_skips_calls_of_pads_only():
+    from lorambo.allocation.online import ActivationCapture
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 3)
+    capture = ActivationCapture({"l": layer})
+    x = torch.randn(2, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
+    with capture:
+        for m in (torch.zeros_like(mask), mask):  # a batch of pads only, then a real one
+            capture.set_token_mask(m)
+            layer(x).pow(2).sum().backward()
+    ((got_x, got_dy),) = capture.pairs("l")
+    torch.testing.assert_close(got_x, x[mask], rtol=0, atol=0)
+    torch.testing.assert_close(got_dy, (2 * layer(x))[mask].detach(), rtol=1e-6, atol=1e-7)
