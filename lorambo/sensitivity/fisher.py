@@ -142,7 +142,7 @@ class FisherProxy:
         self.grad_scaler = grad_scaler
         self._generators: dict = {}
         self.targets = find_targets(model, modules)
-        self._model, self.token_mask = model, token_mask
+        self._model = model
         self._example_weights = ExampleWeights(token_mask) if reduction == "token_mean" else None
         self._handles: list = []
         self.reset()
