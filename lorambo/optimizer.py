@@ -10,7 +10,7 @@ the state of changed slots moves with them.
     opt.configure()                # = configure_model(model, ranks, capacity=opt.capacities)
     torch_opt = opt.make_optimizer(lr=1e-3)                  # lorambo.optim.AdamW
     for step, batch in enumerate(loader):
-        with opt.capture(step):                           # hooks only on decision steps
+        with opt.capture(step, batch):                    # hooks only on decision steps
             loss_fn(model, batch).backward()
         opt.step(step)                                    # grows ranks in place when due
         torch_opt.step(); torch_opt.zero_grad()
@@ -36,7 +36,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 
@@ -51,6 +51,7 @@ from lorambo.distributed import SharedFailure, all_reduced_sum, is_main_process
 from lorambo.model import configure_model, find_targets, lora_layers
 from lorambo.nn import LoRAMBoLinear
 from lorambo.nn.base_layers import base_kind, features, weight_out_in
+from lorambo.sensitivity.token_mask import batch_token_mask, check_token_mask
 
 __all__ = ["LoRAMBoOptimizer", "SENSITIVITY_METHODS", "ALLOCATIONS"]
 
@@ -109,6 +110,12 @@ class LoRAMBoOptimizer:
         verbose: also print the pool memory report.
         initial_budget: what ``compute_optimal_ranks`` may spend (default ``total_budget``); the
             rest of ``total_budget`` is left for online growth.
+        token_mask: which tokens of a padded batch are real (``"auto"``: a dict batch's
+            ``attention_mask``; a callable ``batch -> [B, T]`` mask; None: every position; see
+            :mod:`lorambo.sensitivity.token_mask`), for ``sensitivity_method="data"``,
+            ``allocation="data_weighted"`` and online growth: ``capture(step, batch)`` keeps
+            pads out of the growth statistics and of the scale of new A rows.
+            ``LoRAMBoCallback`` passes each Trainer batch.
     """
 
     def __init__(self, model, total_budget, sensitivity_method: str = "hessian", target_modules=None,
@@ -118,7 +125,8 @@ class LoRAMBoOptimizer:
                  stop_step: int | None = None, loss_improvement_threshold: float = 0.0,
                  sketch_rank: int = 4, power_iters: int = 4, move_threshold: float | None = None,
                  max_moves: int = 1, heldout_batches=None, loss_fn=None, alora=None,
-                 log_path=None, verbose: bool = False, initial_budget=None, max_tokens: int | None = None):
+                 log_path=None, verbose: bool = False, initial_budget=None, max_tokens: int | None = None,
+                 token_mask="auto"):
         if sensitivity_method not in SENSITIVITY_METHODS:
             raise ValueError(f"sensitivity_method={sensitivity_method!r}; choose one of {SENSITIVITY_METHODS}")
         if allocation not in ALLOCATIONS:
@@ -136,6 +144,8 @@ class LoRAMBoOptimizer:
         # the online settings are used at the first decision step, maybe hours in: check them now
         check_growth_settings(loss_improvement_threshold, sketch_rank, power_iters,
                               move_threshold=move_threshold, max_moves=max_moves, max_tokens=max_tokens)
+        check_token_mask(token_mask, "LoRAMBoOptimizer")
+        self.token_mask = token_mask
         self.schedule = DecisionSchedule(warmup_steps, interval, stop_step)
         self.model, self.sensitivity_method, self.allocation = model, sensitivity_method, allocation
         self.min_rank, self.max_rank, self.growth_factor = int(min_rank), max_rank, float(growth_factor)
@@ -222,7 +232,7 @@ class LoRAMBoOptimizer:
         elif method == "gradient":
             values = sens.gradient_sensitivity(self.model, loss_fn, batches, modules=names)
         elif method == "data":
-            cov = sens.data_covariance(self.model, loss_fn, batches, modules=names)
+            cov = sens.data_covariance(self.model, loss_fn, batches, modules=names, token_mask=self.token_mask)
             values = {}
             for n in names:  # Tr(W G W^T) = E ||W x||^2
                 w = self._weight(n)
@@ -300,7 +310,7 @@ class LoRAMBoOptimizer:
 
         if batches is None or loss_fn is None:
             raise ValueError("allocation='data_weighted' needs batches and loss_fn (input covariances)")
-        cov = data_covariance(self.model, loss_fn, batches, modules=self.names)
+        cov = data_covariance(self.model, loss_fn, batches, modules=self.names, token_mask=self.token_mask)
         return {n: data_weighted_tail_energy(self._weight(n), cov[n],
                                              min(caps.get(n, uppers[n]), uppers[n])).cpu().numpy()
                 for n in self.names}
@@ -374,17 +384,24 @@ class LoRAMBoOptimizer:
             return step in self.alora_config.decision_steps()
         return self.schedule.is_decision_step(step)
 
-    def begin_step(self, step: int) -> None:
-        """Arm the activation hooks if ``step`` is an online decision step (else nothing)."""
-        if self.allocation != "alora":
-            self.scheduled_growth.begin_step(step)
+    def begin_step(self, step: int, batch=None) -> None:
+        """Arm the activation hooks if ``step`` is an online decision step (else nothing).
+        ``batch``: the batch the following forward runs on; its token mask (``token_mask``)
+        keeps pads out of the capture. A later call with the next micro-batch replaces it."""
+        if self.allocation != "alora" and self.is_decision_step(step):
+            mask = None if batch is None else batch_token_mask(self.token_mask, batch, "LoRAMBoOptimizer")
+            self.scheduled_growth.begin_step(step, mask)
 
     @contextmanager
-    def capture(self, step: int):
+    def capture(self, step: int, batch=None):
         """Wrap the forward and backward of ``step``: records X and dY only on online decision
-        steps (ALoRA captures nothing)."""
-        with nullcontext() if self.allocation == "alora" else self.scheduled_growth.capture(step):
+        steps (ALoRA captures nothing). Pass the ``batch`` so that pads are not captured (see
+        ``token_mask``); without it every position is."""
+        self.begin_step(step, batch)
+        try:
             yield self
+        finally:
+            self.scheduled_growth.disarm()
 
     def step(self, step: int, optimizer=None, component_scores=None, grad_scaler=None) -> list[dict]:
         """Take the decision of ``step`` if one is due; returns its records (possibly []).

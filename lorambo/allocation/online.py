@@ -54,6 +54,7 @@ from lorambo.allocation.validate import check_rank_bounds
 from lorambo.distributed import SharedFailure, all_reduced_mean, all_reduced_sum, broadcast_, decision_generator
 from lorambo.nn.hook_inputs import layer_input
 from lorambo.nn.pool_ops import keep_components_many
+from lorambo.sensitivity.token_mask import mask_selects_rows
 
 __all__ = ["ActivationCapture", "subspace_basis", "projected_top_singular",
            "projected_top_singular_many", "plan_growth", "plan_moves", "grow_layer", "layer_benefits_many",
@@ -77,10 +78,15 @@ class ActivationCapture:
     Calls of a layer within one armed period (gradient accumulation, a layer used twice) are all
     kept and summed in the products. Outputs that do not require grad (eval, no_grad) are skipped.
 
+    Padding: :meth:`set_token_mask` gives the [B, T] mask of the batch the following calls run
+    on (:mod:`lorambo.sensitivity.token_mask`); only rows of real tokens are kept, so G, the
+    rows ``max_tokens`` picks and the scale of new A rows (:func:`grow_layer`) do not depend on
+    how the batch is padded. Without a mask every row is kept, pads included.
+
     Memory: X is a view of what autograd saves anyway; dY is extra, T x out per layer until the
-    decision. ``max_tokens`` keeps evenly spaced rows per call (dY rows scaled by T / kept, so
-    G keeps its scale) to bound that on large models. The rows are fixed, not random: G is
-    approximated, not estimated without bias.
+    decision. ``max_tokens`` keeps evenly spaced rows (of the real ones) per call (dY rows scaled
+    by T / kept, so G keeps its scale) to bound that on large models. The rows are fixed, not
+    random: G is approximated, not estimated without bias.
     """
 
     def __init__(self, layers: Mapping[str, torch.nn.Module], max_tokens: int | None = None):
@@ -92,6 +98,22 @@ class ActivationCapture:
         self.inputs: dict[str, list[torch.Tensor]] = {n: [] for n in self.layers}
         self.grads: dict[str, dict[int, torch.Tensor]] = {n: {} for n in self.layers}
         self._handles = []
+        self.set_token_mask(None)
+
+    def set_token_mask(self, mask: torch.Tensor | None) -> None:
+        """The [B, T] bool mask (True = real token) of the batch the next layer calls run on;
+        None: keep every row. A layer input whose leading dims are neither [B, T] nor [B] is a
+        ValueError naming the layer and the shapes."""
+        self._mask = mask
+        self._real_rows: dict[torch.device, torch.Tensor] = {}
+
+    def _rows(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        """Flat indices of the real-token rows of ``x`` [..., in], None for all of them."""
+        if self._mask is None or not mask_selects_rows(x.shape, self._mask, name, "ActivationCapture"):
+            return None
+        if x.device not in self._real_rows:  # one host sync per batch, not one per layer call
+            self._real_rows[x.device] = self._mask.reshape(-1).nonzero().squeeze(1).to(x.device)
+        return self._real_rows[x.device]
 
     @property
     def armed(self) -> bool:
@@ -106,6 +128,7 @@ class ActivationCapture:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self.set_token_mask(None)  # a mask belongs to one batch: the next capture gives its own
 
     def clear(self) -> None:
         for n in self.layers:
@@ -124,11 +147,16 @@ class ActivationCapture:
             if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
                 return
             x = layer_input(args, kwargs).detach()
+            rows, scale = self._rows(name, x), 1.0
             x = x.reshape(-1, x.shape[-1])                                     # (T, in)
-            rows, scale = None, 1.0
-            if self.max_tokens is not None and x.shape[0] > self.max_tokens:
-                rows = torch.linspace(0, x.shape[0] - 1, self.max_tokens, device=x.device).long()
-                scale, x = x.shape[0] / self.max_tokens, x.index_select(0, rows)
+            kept = x.shape[0] if rows is None else rows.numel()
+            if kept == 0:  # only pads: nothing to learn from (as if the layer had not run)
+                return
+            if self.max_tokens is not None and kept > self.max_tokens:
+                pick = torch.linspace(0, kept - 1, self.max_tokens, device=x.device).long()
+                rows, scale = (pick if rows is None else rows[pick]), kept / self.max_tokens
+            if rows is not None:
+                x = x.index_select(0, rows)                                    # (kept, in)
             index = len(self.inputs[name])
             self.inputs[name].append(x)
 

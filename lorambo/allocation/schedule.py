@@ -75,19 +75,23 @@ class ScheduledGrowth:
     def is_decision_step(self, step: int) -> bool:
         return self.schedule.is_decision_step(step)
 
-    def begin_step(self, step: int) -> None:
-        """Arm the activation hooks if ``step`` is a decision step (else nothing)."""
+    def begin_step(self, step: int, mask=None) -> None:
+        """Arm the activation hooks if ``step`` is a decision step (else nothing). ``mask``: the
+        [B, T] token mask of the batch that follows (see :meth:`ActivationCapture.set_token_mask`);
+        None: every row is captured."""
         if self.is_decision_step(step):
             self.growth.capture.arm()
+            self.growth.capture.set_token_mask(mask)
 
     def disarm(self) -> None:
         if self._growth is not None:
             self._growth.capture.disarm()
 
     @contextmanager
-    def capture(self, step: int):
-        """Wrap the forward and backward of ``step``: records X and dY only on decision steps."""
-        self.begin_step(step)
+    def capture(self, step: int, mask=None):
+        """Wrap the forward and backward of ``step``: records X and dY only on decision steps
+        (``mask``: see :meth:`begin_step`)."""
+        self.begin_step(step, mask)
         try:
             yield self
         finally:

@@ -14,6 +14,10 @@ Trainer hands callbacks accelerate's ``AcceleratedOptimizer``; its wrapped torch
 (``.optimizer``) owns the state that is reset. ``state.global_step`` counts finished optimizer
 steps, so the step being taken is ``global_step`` in both events.
 
+Padding: Trainer calls the model as ``model(**batch)``. On decision steps a forward pre-hook on
+the allocator's model hands each micro-batch's keyword arguments to ``allocator.begin_step``, so
+the allocator's ``token_mask`` (its ``attention_mask`` by default) keeps pads out of the capture.
+
 Each decision is appended to the allocator's decision log (``log_path``) and to
 ``callback.decisions``. Pass ``Trainer(..., optimizers=(allocator.make_optimizer(lr), None))``
 so the optimizer is :class:`lorambo.optim.AdamW` (per-slot Adam steps); with Trainer's default
@@ -120,6 +124,7 @@ class LoRAMBoCallback(TrainerCallback):
         self.resume_from = resume_from
         self.grad_scaler = grad_scaler
         self.decisions: list[dict] = []
+        self._batch_hook = None
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         _warn_if_not_slot_aware(_unwrap_optimizer(optimizer))
@@ -145,9 +150,20 @@ class LoRAMBoCallback(TrainerCallback):
                                                                              self.decisions))
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.allocator.begin_step(state.global_step)
+        step = state.global_step
+        self.allocator.begin_step(step)
+        if self.allocator.is_decision_step(step) and self._batch_hook is None:
+            # callbacks never see the batch; the model call does (its kwargs are the batch)
+            self._batch_hook = self.allocator.model.register_forward_pre_hook(
+                lambda module, a, batch: self.allocator.begin_step(step, batch), with_kwargs=True)
+
+    def _remove_batch_hook(self):
+        if self._batch_hook is not None:
+            self._batch_hook.remove()
+            self._batch_hook = None
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self._remove_batch_hook()
         grad_scaler = self.grad_scaler if self.grad_scaler is not None else _scaler_of(optimizer)
         optimizer = _unwrap_optimizer(optimizer)
         scores = None
@@ -177,4 +193,5 @@ class LoRAMBoCallback(TrainerCallback):
             self.importance.reset(name, range(rec["old_rank"], rec["new_rank"]))
 
     def on_train_end(self, args, state, control, **kwargs):
+        self._remove_batch_hook()
         self.allocator.close()

@@ -1,8 +1,10 @@
 """Cheap curvature during training: the empirical-Fisher trace of each layer's weight.
 
-For a layer y = x W^T, the gradient of example n's loss is g_n = c * dY_n^T X_n, where
-X_n [T, in] and dY_n [T, out] are that example's inputs and output gradients (T tokens), and c
-undoes the batch reduction of the loss (c = B for a mean over B examples, 1 for a sum).
+For a layer y = x W^T, the gradient of example n's loss is g_n = c_n * dY_n^T X_n, where
+X_n [T, in] and dY_n [T, out] are that example's inputs and output gradients (T tokens), and c_n
+undoes the batch reduction of the loss: c = B for a mean over B examples, 1 for a sum, and
+N / N_n for a mean over the N real tokens of the batch (Hugging Face's loss with ``labels``),
+whose example n holds N_n of them: that loss weights example n's own token mean by N_n / N.
 The empirical Fisher trace is Tr(F) = mean_n ||g_n||_F^2. Two exact ways to get ||g_n||^2
 without keeping per-example gradients around:
 
@@ -41,7 +43,9 @@ from lorambo.ops.sketch import sq_grad_norms_many, use_sketch_kernels
 from lorambo.distributed import SharedFailure, all_reduce_sum_
 from lorambo.nn.hook_inputs import layer_input
 from .estimate import Estimate
+from .example_weights import ExampleWeights
 from .targets import find_targets
+from .token_mask import check_token_mask
 
 __all__ = ["FisherProxy", "per_example_sq_grad_norms", "sketched_sq_grad_norms"]
 
@@ -106,20 +110,29 @@ class FisherProxy:
             changes); with it each step's statistics are divided by that step's S^2, on the
             device. Examples made non-finite by an overflow step are left out (and reported).
         reduction: how the training loss reduces over the examples of a batch, ``"mean"``
-            (g_n = B dY_n^T X_n) or ``"sum"``. Examples are the leading dim of a layer input
-            with 3 or more dims, and each row of a 2-D input.
+            (g_n = B dY_n^T X_n), ``"sum"``, or ``"token_mean"``: a mean over the real tokens
+            of the whole batch (g_n = N / N_n dY_n^T X_n), as Hugging Face's loss with
+            ``labels``, for which the example of loss is each sequence's own token mean; the
+            traces then do not depend on padding or batching. Examples are the leading dim of a
+            layer input with 3 or more dims, and each row of a 2-D input.
+        token_mask: for ``"token_mean"``, which tokens the loss averages over, read from the
+            keyword arguments of each model call (``model(**batch)``, as Trainer calls it):
+            ``"auto"`` takes their ``attention_mask``, a callable gets them and returns a [B, T]
+            mask (only its per-example counts are used, so a causal LM's shifted labels can be
+            ``lambda b: b["labels"][:, 1:] != -100``). See :mod:`lorambo.sensitivity.token_mask`.
 
     Use ``with FisherProxy(model) as fisher: ...train...`` then ``fisher.estimates()``, which
     gives ``{name: Estimate(value=Tr(F_i), stderr, num_probes=examples seen)}``.
     """
 
     def __init__(self, model, modules=None, reduction: str = "mean", sketch_dim: int | None = None,
-                 seed: int = 0, grad_scaler=None):
+                 seed: int = 0, grad_scaler=None, token_mask="auto"):
         if grad_scaler is not None and not callable(getattr(grad_scaler, "_get_scale_async", None)):
             raise TypeError(f"FisherProxy: grad_scaler must be a torch.amp.GradScaler, got "
                             f"{type(grad_scaler).__name__}")
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if reduction not in ("mean", "sum", "token_mean"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'token_mean', got {reduction!r}")
+        check_token_mask(token_mask, "FisherProxy")
         if sketch_dim is not None and (isinstance(sketch_dim, bool) or not isinstance(sketch_dim, numbers.Integral)
                                        or sketch_dim < 1):
             raise ValueError(f"sketch_dim must be a positive int or None, got {sketch_dim!r}")
@@ -129,6 +142,8 @@ class FisherProxy:
         self.grad_scaler = grad_scaler
         self._generators: dict = {}
         self.targets = find_targets(model, modules)
+        self._model = model
+        self._example_weights = ExampleWeights(token_mask) if reduction == "token_mean" else None
         self._handles: list = []
         self.reset()
 
@@ -143,6 +158,9 @@ class FisherProxy:
         if not self._handles:
             self._handles = [t.module.register_forward_hook(self._forward_hook(t.name), with_kwargs=True)
                              for t in self.targets]
+            if self._example_weights is not None:
+                self._handles.append(self._model.register_forward_pre_hook(self._example_weights.observe,
+                                                                           with_kwargs=True))
         return self
 
     def detach(self) -> None:
@@ -161,12 +179,15 @@ class FisherProxy:
             if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
                 return
             x = layer_input(args, kwargs).detach()
-            output.register_hook(lambda grad: self._accumulate(name, x, grad))
+            # c_n^2 of this call's batch, bound now: the backward may run after the next forward
+            weights = None if self._example_weights is None else self._example_weights.squared(name, x)
+            output.register_hook(lambda grad: self._accumulate(name, x, grad, weights))
 
         return hook
 
     @torch.no_grad()
-    def _accumulate(self, name: str, x: torch.Tensor, grad_y: torch.Tensor) -> None:
+    def _accumulate(self, name: str, x: torch.Tensor, grad_y: torch.Tensor,
+                    weights: torch.Tensor | None = None) -> None:
         if self.sketch_dim is None:
             sq = _exact_sq_grad_norms(x, grad_y.detach())  # (B,)
         else:
@@ -174,6 +195,8 @@ class FisherProxy:
         if self.reduction == "mean":
             sq = sq * float(sq.shape[0]) ** 2
         sq = sq.double()
+        if weights is not None:
+            sq = sq * weights.to(sq.device)
         scale = self._loss_scale()
         if scale is not None:  # dY carries this step's loss scale S: ||g_n||^2 carries S^2
             sq = sq / scale.to(device=sq.device, dtype=torch.float64).square()

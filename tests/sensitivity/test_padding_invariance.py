@@ -7,30 +7,16 @@ import torch
 
 from lorambo.nn.hook_inputs import layer_input
 from lorambo.sensitivity import FisherProxy, data_covariance
+from minilm_batches import TEXTS, load
+from minilm_batches import encode as _encode
 
-TEXTS = ["A man is playing a guitar on the stage tonight.", "Shares dropped.",
-         "The quick brown fox jumps over the lazy dog.", "Dinner is ready."]
 MODULES = ["encoder.layer.0.attention.self.query", "encoder.layer.3.intermediate.dense",
            "encoder.layer.5.output.dense"]
 
 
 @pytest.fixture(scope="module")
 def minilm():
-    from lorambo.experiments.minilm import load_minilm
-
-    model, tokenizer = load_minilm()
-    return model.eval(), tokenizer
-
-
-def _encode(tokenizer, texts, side="right"):
-    tokenizer.padding_side = side
-    try:
-        batch = dict(tokenizer(texts, padding=True, return_tensors="pt"))
-    finally:
-        tokenizer.padding_side = "right"
-    # BERT's absolute positions must count real tokens only, or left padding shifts them
-    batch["position_ids"] = (batch["attention_mask"].cumsum(1) - 1).clamp_min(0)
-    return batch
+    return load()
 
 
 def forward(model, batch):
@@ -143,3 +129,69 @@ def test_fisher_per_example_norms_ignore_padding(minilm, layout):
     for i, name in enumerate(MODULES):
         assert got[name].num_probes == len(TEXTS)
         torch.testing.assert_close(torch.tensor(got[name].value, dtype=torch.float64), want[i], rtol=1e-4, atol=0)
+
+
+HEAD = torch.randn(384, 5, generator=torch.Generator().manual_seed(0))
+
+
+def _with_labels(batch):
+    """Token labels (deterministic per token), -100 at pads: Hugging Face's convention."""
+    labels = torch.where(batch["attention_mask"] == 1, batch["input_ids"] % 5, -100)
+    return {**batch, "labels": labels}
+
+
+def token_mean_loss(model, batch):
+    """Hugging Face's token classification loss: cross-entropy averaged over every real token of
+    the batch, so each sentence weighs by its number of tokens."""
+    batch = dict(batch)
+    labels = batch.pop("labels")
+    logits = forward(model, batch) @ HEAD
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def _fisher_traces(model, batches, weights, **kwargs):
+    with FisherProxy(model, modules=MODULES, **kwargs) as fisher:
+        for batch in batches:
+            grads = torch.autograd.grad(token_mean_loss(model, batch), weights)  # runs the hooks
+        del grads
+    return fisher.estimates()
+
+
+@pytest.mark.parametrize("layout", ["one_at_a_time", "right", "left", "one_and_three_left", "two_batches_right"])
+def test_fisher_token_mean_ignores_padding_and_batching(minilm, layout):
+    """reduction="token_mean": the trace is the mean over sentences of ||d L_n / dW||^2, L_n each
+    sentence's own token mean, computed by autograd one unpadded sentence at a time."""
+    from lorambo.sensitivity.targets import differentiable
+
+    model, tokenizer = minilm
+    modules = dict(model.named_modules())
+    weights = [modules[n].weight for n in MODULES]
+    splits = {"one_at_a_time": [[t] for t in TEXTS], "right": [TEXTS], "left": [TEXTS],
+              "one_and_three_left": [TEXTS[:1], TEXTS[1:]], "two_batches_right": [TEXTS[:2], TEXTS[2:]]}[layout]
+    side = "left" if "left" in layout else "right"
+    batches = [_with_labels(_encode(tokenizer, texts, side)) for texts in splits]
+    with differentiable(weights):
+        want = torch.tensor([[float(g.double().square().sum()) for g in torch.autograd.grad(
+            token_mean_loss(model, _with_labels(_encode(tokenizer, [t]))), weights)] for t in TEXTS],
+            dtype=torch.float64).mean(0)
+        got = _fisher_traces(model, batches, weights, reduction="token_mean")
+    for i, name in enumerate(MODULES):
+        assert got[name].num_probes == len(TEXTS)
+        torch.testing.assert_close(torch.tensor(got[name].value, dtype=torch.float64), want[i], rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("token_mask,drop_mask,message", [
+    (lambda batch: batch["attention_mask"][:3], False,
+     r"layer 'encoder.layer.0.attention.self.query' gets an input of shape \(4, 13, 384\).*\(3, 13\)"),
+    ("auto", True, r"keyword arguments \['input_ids', 'position_ids', 'token_type_ids'\] have no attention_mask"),
+])
+def test_fisher_token_mean_bad_token_mask_is_a_clear_error(minilm, token_mask, drop_mask, message):
+    from lorambo.sensitivity.targets import differentiable
+
+    model, tokenizer = minilm
+    batch = _with_labels(_encode(tokenizer, TEXTS))
+    if drop_mask:
+        del batch["attention_mask"]
+    weights = [dict(model.named_modules())[n].weight for n in MODULES]
+    with differentiable(weights), pytest.raises(ValueError, match=message):
+        _fisher_traces(model, [batch], weights, reduction="token_mean", token_mask=token_mask)
