@@ -30,13 +30,17 @@ def start_method() -> str:
 
 
 def exit_skipping_teardown() -> None:
-    """End a DDP worker that has written its results: exit 0 without freeing the DDP wrapper.
+    """End a worker that has written its results: exit 0 without the interpreter's teardown.
 
-    Freeing it after destroy_process_group drops the process group's last reference inside the
-    Reducer's destructor, which joins gloo's worker threads while holding the GIL; a worker thread
-    still freeing its last job's Python-owned tensors waits for the GIL: a deadlock (torch
-    2.13+cpu, 1 run in 180 under load; gdb: ~Reducer -> ~ProcessGroupGloo -> thread::join, against
-    ~AsyncBroadcastWork -> take_gil on the gloo thread).
+    That teardown can fail a finished worker in two ways on torch 2.13+cpu:
+    - freshly started (spawned or script) gloo workers abort at exit now and then ("terminate
+      called without an active exception"; seen with the FSDP2 save-failure worker under load);
+    - in a DDP worker, freeing the DDP wrapper after destroy_process_group drops the process
+      group's last reference inside the Reducer's destructor, which joins gloo's worker threads
+      while holding the GIL; a worker thread still freeing its last job's Python-owned tensors
+      waits for the GIL: a deadlock (1 run in 180 under load; gdb: ~Reducer ->
+      ~ProcessGroupGloo -> thread::join, against ~AsyncBroadcastWork -> take_gil on the gloo
+      thread).
     """
     sys.stdout.flush()
     sys.stderr.flush()

@@ -15,6 +15,7 @@ from lorambo.optimizer import LoRAMBoOptimizer
 from lorambo.sensitivity import FisherProxy, data_covariance, gradient_sensitivity
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations"))
+from rendezvous import exit_skipping_teardown  # noqa: E402
 from routed_model import Routed  # noqa: E402
 
 DT = torch.float64
@@ -71,3 +72,4 @@ def main(rank, world, store, out):
 
 if __name__ == "__main__":
     main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    exit_skipping_teardown()  # results are saved; see rendezvous.py for why not a normal exit
