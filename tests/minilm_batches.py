@@ -25,3 +25,13 @@ def encode(tokenizer, texts, side="right", length=None):
     # BERT's absolute positions must count real tokens only, or left padding shifts them
     batch["position_ids"] = (batch["attention_mask"].cumsum(1) - 1).clamp_min(0)
     return batch
+
+
+# token_mask values every consumer must refuse, with the message it gives, for TEXTS encoded to
+# [4, 13]: a bad setting, a mask that is not [batch, tokens], one that does not match the layer
+BAD_TOKEN_MASKS = [
+    ("attention", "token_mask must be 'auto'"),
+    (lambda batch: batch["attention_mask"][0], r"\[batch, tokens\] tensor, got \(13,\)"),
+    (lambda batch: batch["attention_mask"][:, :3], r"'encoder.layer.0.attention.self.query' gets an input "
+                                                   r"of shape \(4, 13, 384\).*\(4, 3\)"),
+]

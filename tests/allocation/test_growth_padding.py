@@ -6,7 +6,7 @@ the captured rows are the evenly spaced ones of the real tokens."""
 import pytest
 import torch
 
-from minilm_batches import TEXTS, encode, load
+from minilm_batches import BAD_TOKEN_MASKS, TEXTS, encode, load
 from padded_growth import MODULES, allocator, assert_same_decision, decide, sentence_sum_loss
 
 
@@ -69,12 +69,7 @@ def test_capture_without_a_batch_keeps_every_position(minilm):
     assert x.shape[0] == batch["input_ids"].numel() > int(batch["attention_mask"].sum())
 
 
-@pytest.mark.parametrize("token_mask,message", [
-    ("attention", "token_mask must be 'auto'"),
-    (lambda batch: batch["attention_mask"][0], r"\[batch, tokens\] tensor, got \(13,\)"),
-    (lambda batch: batch["attention_mask"][:, :3], r"layer 'encoder.layer.0.attention.self.query' gets an "
-                                                   r"input of shape \(4, 13, 384\).*\(4, 3\)"),
-])
+@pytest.mark.parametrize("token_mask,message", BAD_TOKEN_MASKS)
 def test_bad_token_mask_is_a_clear_error(minilm, token_mask, message):
     model, tokenizer = minilm
     batch = encode(tokenizer, TEXTS)

@@ -7,7 +7,7 @@ import torch
 
 from lorambo.nn.hook_inputs import layer_input
 from lorambo.sensitivity import FisherProxy, data_covariance
-from minilm_batches import TEXTS, load
+from minilm_batches import BAD_TOKEN_MASKS, TEXTS, load
 from minilm_batches import encode as _encode
 
 MODULES = ["encoder.layer.0.attention.self.query", "encoder.layer.3.intermediate.dense",
@@ -85,12 +85,7 @@ def test_data_covariance_token_mask_none_counts_every_position(minilm):
     torch.testing.assert_close(got[MODULES[0]].double(), x.T @ x / x.shape[0], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("token_mask,message", [
-    ("attention", "token_mask must be 'auto'"),
-    (lambda batch: batch["attention_mask"][0], r"\[batch, tokens\] tensor, got \(13,\)"),
-    (lambda batch: batch["attention_mask"][:, :3], r"'encoder.layer.0.attention.self.query' gets an input "
-                                                   r"of shape \(4, 13, 384\).*\(4, 3\)"),
-])
+@pytest.mark.parametrize("token_mask,message", BAD_TOKEN_MASKS)
 def test_data_covariance_bad_token_mask_is_a_clear_error(minilm, token_mask, message):
     model, tokenizer = minilm
     batch = _encode(tokenizer, TEXTS)
