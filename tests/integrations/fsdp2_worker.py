@@ -13,7 +13,7 @@ from lorambo.integrations import fsdp
 from lorambo.distributed import decision_generator
 from lorambo.optimizer import LoRAMBoOptimizer
 from lorambo.sharding import local_tensor
-from rendezvous import init_gloo
+from rendezvous import exit_skipping_teardown, init_gloo
 
 DT = torch.float64
 STEPS, BATCH = 6, 8  # BATCH rows per process
@@ -167,6 +167,7 @@ def run(rank, world, rendezvous, out_dir, data_seed, optimizer="adam", capacity=
         torch.save(result, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    exit_skipping_teardown()  # results saved: skip the teardown that can abort (see rendezvous.py)
 
 
 def run_meta_init(rank, world, rendezvous, out_dir):
@@ -197,6 +198,7 @@ def run_meta_init(rank, world, rendezvous, out_dir):
         torch.save({"pools": pools, "refused": refused}, f"{out_dir}/meta{rank}.pt")
     finally:
         dist.destroy_process_group()
+    exit_skipping_teardown()  # results saved: skip the teardown that can abort (see rendezvous.py)
 
 
 def stale_state_warnings(net) -> list[bool]:
@@ -229,3 +231,4 @@ def run_stale_warning(rank, world, rendezvous, out_dir):
         torch.save(result, f"{out_dir}/stale{rank}.pt")
     finally:
         dist.destroy_process_group()
+    exit_skipping_teardown()  # results saved: skip the teardown that can abort (see rendezvous.py)
