@@ -44,7 +44,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from arg_lists import names_from, positive  # noqa: E402
-from machine import cpu_name  # noqa: E402
+from machine import device_model  # noqa: E402
 from providers import PeftStyleLoRA  # noqa: E402
 from results_csv import append_rows  # noqa: E402
 
@@ -299,11 +299,6 @@ def adamw_section(args, device, meta):
 
 
 # ---------------------------------------------------------------------------- reporting
-def device_name(device) -> str:
-    """The GPU's name, or the CPU model alone (the thread count has its own column)."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-
-
 def latest_run(path: Path, device: str | None = None):
     """Rows of the latest run for each thread count on ``device`` (1- and 2-thread runs side by
     side); by default the device of the CSV's latest run, so a CSV measured on another machine
@@ -450,7 +445,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     random.seed(0)
     run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    meta = dict(run=run_id, device=device_name(device), threads=torch.get_num_threads(), torch=torch.__version__)
+    meta = dict(run=run_id, device=device_model(device), threads=torch.get_num_threads(), torch=torch.__version__)
     sections = {"lora": lora_section, "reduce": reduce_section, "probes": probes_section, "pool": pool_section,
                 "adamw": adamw_section}
     rows, failed = [], []

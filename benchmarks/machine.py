@@ -24,10 +24,18 @@ def cpu_description() -> str:
     return f"cpu ({cpu_name()}, {os.cpu_count()} cores)"
 
 
+def _gpu_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device)
+
+
 def device_name(device) -> str:
     """The GPU's name on a CUDA ``device``, else :func:`cpu_description`."""
-    if device.type == "cuda":
-        import torch
+    return _gpu_name(device) if device.type == "cuda" else cpu_description()
 
-        return torch.cuda.get_device_name(device)
-    return cpu_description()
+
+def device_model(device) -> str:
+    """The GPU's name on a CUDA ``device``, else the CPU model alone (for CSVs whose thread count
+    has a column of its own)."""
+    return _gpu_name(device) if device.type == "cuda" else cpu_name()

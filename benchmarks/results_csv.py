@@ -1,7 +1,7 @@
 """Append rows to a benchmark's results CSV: the whole file goes to a temp name and is renamed,
-so a benchmark cut short leaves the previous file or the new one, never half a row. A file
-written before the benchmark gained columns is migrated (its rows blank in the new columns); a
-file with columns the benchmark no longer writes is refused."""
+so a benchmark cut short leaves the previous file or the new one, never half a row. A file whose
+columns are a subset of the benchmark's is rewritten under its full header (blank in the missing
+columns); a file with a column the benchmark does not write is refused."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 
 def append_rows(path: Path, fields: list[str], rows: list[dict], extrasaction: str = "raise") -> None:
-    """Append ``rows`` under the header ``fields`` (written when the file is new). An older file
-    whose columns are all among ``fields`` is rewritten under ``fields`` first; any other header
-    is refused: its columns would no longer line up."""
+    """Append ``rows`` under the header ``fields`` (written when the file is new). A file whose
+    columns are all among ``fields`` is rewritten under ``fields`` first; any other header is
+    refused: its columns would not line up."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # newline="": the old text is kept byte for byte (a plain read would turn its CRLF into LF

@@ -168,8 +168,7 @@ class SharedFailure:
         failure = SharedFailure("gradient_sensitivity", settings={"targets": names})
         with failure:
             ...local work that may raise...
-        summed = all_reduce_sum_(torch.cat([sums, failure.status()]))  # a collective that runs anyway
-        failure.raise_if_any(summed[-3:].tolist())
+        summed = failure.sum_and_check(sums)  # the all-reduce that runs anyway, status included
 
     :meth:`status` is 3 numbers: 1.0 where this process failed, and a 20-bit fingerprint f of
     ``settings`` with f^2; summed over n processes, they all passed the same iff
@@ -180,8 +179,9 @@ class SharedFailure:
     the process). When any process failed, every process raises: the failing ones their own
     exception, the others a RuntimeError naming the failing processes and their errors. When the
     settings differ, every process raises a ValueError naming the settings and their values per
-    process. Either costs one ``all_gather_object``, on that path only. :meth:`check` is the same
-    with a collective of its own, for code that has no collective to fold the status into.
+    process. Either costs one ``all_gather_object``, on that path only. :meth:`sum_and_check`
+    folds the status into an all-reduce of the caller's sums; :meth:`check` is the same with a
+    collective of its own, for code that has no collective to fold the status into.
     """
 
     def __init__(self, who: str, settings=None):
@@ -220,6 +220,13 @@ class SharedFailure:
                                f"{process_rank()} stops too instead of waiting for it in a collective")
         raise ValueError(f"{self.who}: the processes passed different settings "
                          f"({_differences([s for _, s in seen])}); every process must pass the same")
+
+    def sum_and_check(self, values: torch.Tensor) -> list[float]:
+        """``values`` (1-D float64) summed over the processes, as Python floats, by one all-reduce
+        that also carries :meth:`status`; raises first, as :meth:`raise_if_any` does."""
+        summed = all_reduce_sum_(torch.cat([values, self.status(device=values.device)])).tolist()
+        self.raise_if_any(summed[-3:])
+        return summed[:-3]
 
     def check(self) -> None:
         """:meth:`raise_if_any` after a collective of its own (one small all-reduce)."""

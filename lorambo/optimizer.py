@@ -47,7 +47,7 @@ from lorambo.allocation.alora import ALoRA, ALoRAConfig
 from lorambo.allocation.online import OnlineGrowth, check_growth_settings
 from lorambo.allocation.report import DecisionLog, rank_table, save_heatmap
 from lorambo.allocation.schedule import DecisionSchedule, ScheduledGrowth
-from lorambo.distributed import SharedFailure, all_reduced_sum, is_main_process
+from lorambo.distributed import SharedFailure, is_main_process
 from lorambo.model import configure_model, find_targets, lora_layers
 from lorambo.nn import LoRAMBoLinear
 from lorambo.nn.base_layers import base_kind, features, weight_out_in
@@ -69,10 +69,8 @@ def _unreached_everywhere(names: list[str], unreached: list[str], batches: list,
     (that check's) ride along in the same collective."""
     from lorambo.sensitivity.inputs import check_some_batches
 
-    *reached, count, failed, f, f2 = all_reduced_sum(torch.cat([torch.tensor(
-        [float(n not in unreached) for n in names] + [float(len(batches))], dtype=torch.float64),
-        failure.status()])).tolist()
-    failure.raise_if_any((failed, f, f2))
+    *reached, count = failure.sum_and_check(torch.tensor(
+        [float(n not in unreached) for n in names] + [float(len(batches))], dtype=torch.float64))
     check_some_batches(count, "LoRAMBoOptimizer.compute_sensitivities")
     return [n for n, hits in zip(names, reached) if hits == 0]
 

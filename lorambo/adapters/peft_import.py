@@ -40,6 +40,7 @@ from lorambo.model.patterns import pattern_value
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import default_capacity
 from lorambo.nn.base_layers import base_kind, features, unwrappable_reason
+from lorambo.optional import requires
 
 __all__ = ["import_peft", "from_peft", "check_peft_config"]
 
@@ -371,14 +372,10 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None,
     defaults to the active adapter (an error when several are active, since peft adds them up);
     other adapters are dropped. ``capacity``: as in :func:`import_peft`.
     """
-    try:
+    with requires("peft", "from_peft"):
         from peft.tuners.lora import LoraLayer
         from peft.tuners.lora import Linear as LoraLinear
         from peft.utils.other import ModulesToSaveWrapper
-    except ModuleNotFoundError as error:
-        if error.name != "peft":  # peft is there but lacks a module: not a missing package
-            raise
-        raise ImportError("from_peft needs peft, which is not installed: pip install peft") from error
 
     configs = getattr(peft_model, "peft_config", None)
     if not isinstance(configs, Mapping) or not hasattr(peft_model, "get_base_model"):

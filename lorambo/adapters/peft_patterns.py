@@ -28,6 +28,7 @@ from torch import nn
 from lorambo.model import lora_layers
 from lorambo.model.patterns import pattern_value
 from lorambo.model.unwrap import unwrap_model
+from lorambo.optional import requires
 
 __all__ = ["peft_config"]
 
@@ -69,12 +70,8 @@ def peft_config(ranks, alpha: float | None = None, alpha_pattern: Mapping[str, f
         dropout: ``lora_dropout``.
         **lora_config_kwargs: passed on to ``LoraConfig`` (e.g. ``task_type``, ``modules_to_save``).
     """
-    try:
+    with requires("peft", "peft_config"):
         from peft import LoraConfig
-    except ModuleNotFoundError as error:
-        if error.name != "peft":
-            raise
-        raise ImportError("peft_config needs peft, which is not installed: pip install peft") from error
 
     entries, rslora = _entries(ranks, alpha, alpha_pattern, use_rslora)
     if not entries:

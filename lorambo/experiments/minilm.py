@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from lorambo.experiments import bundle
+from lorambo.optional import requires
 
 
 def minilm_path() -> Path:
@@ -42,12 +43,8 @@ def _without_loading_bar():
 def load_minilm(dtype: torch.dtype = torch.float32):
     """(BertModel, tokenizer), loaded from local files only: no network, no progress bar. A
     bundle's weights are stored in fp16: they load as such and are cast to ``dtype``."""
-    try:
+    with requires("transformers", "load_minilm"):
         from transformers import AutoModel, AutoTokenizer
-    except ModuleNotFoundError as error:
-        if error.name != "transformers":
-            raise
-        raise ImportError("load_minilm needs transformers, which is not installed: pip install transformers") from error
 
     root = bundle.active()
     path = bundle.model_dir(root) if root is not None else minilm_path()

@@ -9,12 +9,9 @@ __all__ = ["LoRAMBoCallback"]
 
 def __getattr__(name):
     if name == "LoRAMBoCallback":
-        try:
+        from lorambo.optional import requires
+
+        with requires("transformers", "LoRAMBoCallback"):
             from lorambo.integrations.trainer import LoRAMBoCallback
-        except ModuleNotFoundError as error:
-            if error.name != "transformers":
-                raise
-            raise ImportError("LoRAMBoCallback needs transformers, which is not installed: "
-                              "pip install transformers") from error
         return LoRAMBoCallback
     raise AttributeError(f"module 'lorambo.integrations' has no attribute {name!r}")

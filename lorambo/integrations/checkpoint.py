@@ -1,7 +1,7 @@
 """What a Trainer checkpoint must hold besides the model and optimizer for lorambo to resume.
 
-Trainer already restores the pools (full ``lora_A`` / ``lora_B`` tensors), the ranks (each
-LoRAMBoLinear's ``_extra_state``) and the torch optimizer's state (``lorambo.optim.AdamW``'s
+Trainer already restores the pools (full ``lora_A`` / ``lora_B`` tensors), the ranks and
+scalings (each LoRAMBoLinear's ``_extra_state``) and the torch optimizer's state (``lorambo.optim.AdamW``'s
 per-slot step counts included) from ``model.safetensors`` and ``optimizer.pt``, and its RNG
 state and data position. The rank decisions themselves are deterministic functions of the step,
 the seed and the captured activations (:func:`lorambo.distributed.decision_generator`),

@@ -529,8 +529,8 @@ class LoRAMBoLinear(nn.Module):
 
     def _parse_extra_state(self, state) -> tuple[int, tuple[float, float, bool] | None]:
         """``(rank, (scaling, alpha, use_rslora))`` of a valid extra state for this layer, the
-        settings None for the ``[rank, capacity]`` of earlier versions; else a ValueError naming
-        the layer."""
+        settings None for the two-integer form ``[rank, capacity]``, which carries no scaling;
+        else a ValueError naming the layer."""
         values = torch.as_tensor(state)
         if values.shape == (2,) and not (values.is_floating_point() or values.is_complex()):
             settings = None

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorambo.distributed import SharedFailure, all_reduce_sum_
+from lorambo.distributed import SharedFailure
 from .inputs import as_batch_list, check_some_batches, scalar_loss
 
 __all__ = ["ComponentAblation", "ablation_scores", "lora_targets"]
@@ -73,8 +73,7 @@ def _mean_loss(model, loss_fn, batches) -> float:
             loss = scalar_loss(loss_fn(model, batch), "ablation_scores")
             total[0] += float(loss)
             total[1] += 1.0
-    loss_sum, count, *status = all_reduce_sum_(torch.cat([total, failure.status()])).tolist()
-    failure.raise_if_any(status)
+    loss_sum, count = failure.sum_and_check(total)
     check_some_batches(count, "ablation_scores")
     value = loss_sum / count
     if value != value:  # NaN

@@ -92,10 +92,8 @@ class HessianOperator:
         # batches, failed processes and processes some weight got a gradient on, in the collective
         # that sums the batch count anyway: a process that raised or has no batches (it adds
         # zeros) cannot leave the others waiting in the collectives below
-        count, reached_on, *status = all_reduce_sum_(torch.cat([
-            torch.tensor([float(len(self.batches)), float(reached)], dtype=torch.float64),
-            failure.status()])).tolist()
-        failure.raise_if_any(status)
+        count, reached_on = failure.sum_and_check(
+            torch.tensor([float(len(self.batches)), float(reached)], dtype=torch.float64))
         check_some_batches(count, self.who)
         if not reached_on:  # every product would be 0: a silent zero Hessian for every layer
             raise no_gradient_error(self.who, self.names)

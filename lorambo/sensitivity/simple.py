@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lorambo.distributed import SharedFailure, all_reduce_sum_, all_reduced_sums
+from lorambo.distributed import SharedFailure, all_reduced_sums
 from lorambo.nn.hook_inputs import layer_input
 from .inputs import as_batch_list, check_finite_loss, check_some_batches, compute_loss, no_gradient_error
 from .targets import differentiable, find_targets
@@ -39,10 +39,8 @@ def gradient_sensitivity(model, loss_fn, batches, modules=None) -> dict[str, flo
                     reached = True
                     sums[i] += float(g.detach().double().pow(2).sum())
     # one collective: the sums, the batch count, processes that reached a layer, the status
-    *sums, count, reached_on, failed, f, f2 = all_reduce_sum_(torch.cat([
-        sums, torch.tensor([float(len(batches)), float(reached)], dtype=torch.float64),
-        failure.status()])).tolist()
-    failure.raise_if_any((failed, f, f2))
+    *sums, count, reached_on = failure.sum_and_check(torch.cat([
+        sums, torch.tensor([float(len(batches)), float(reached)], dtype=torch.float64)]))
     check_some_batches(count, "gradient_sensitivity")
     if not reached_on:
         raise no_gradient_error("gradient_sensitivity", [t.name for t in targets])
@@ -116,10 +114,8 @@ def data_covariance(model, loss_fn, batches, modules=None, token_mask="auto") ->
     # others add zeros, and only a layer no process ran is an error. One collective and one host
     # copy for the token counts, the calls, the batch count and the failed processes.
     calls = torch.tensor([float(i in sums) for i in range(len(targets))], dtype=torch.float64)
-    stats = all_reduce_sum_(torch.cat([counts, calls, torch.tensor([float(len(batches))], dtype=torch.float64),
-                                       failure.status()])).tolist()
-    failure.raise_if_any(stats[-3:])
-    check_some_batches(stats[-4], "data_covariance")
+    stats = failure.sum_and_check(torch.cat([counts, calls, torch.tensor([float(len(batches))], dtype=torch.float64)]))
+    check_some_batches(stats[-1], "data_covariance")
     counts, calls = stats[:len(targets)], stats[len(targets):2 * len(targets)]
     missing = [t.name for i, t in enumerate(targets) if calls[i] == 0]
     if missing:
