@@ -36,6 +36,7 @@ too, so the mode sees one op with its fake implementation and FLOP formula
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Optional
 
@@ -112,8 +113,10 @@ def define_lora_op(ns: str, forward: Callable, backward: Callable, multiplier: C
                         rank: int, scaling: float, dropout_p: float, seed: Tensor, need_x: bool, need_w: bool,
                         need_b: bool, need_a: bool, need_bb: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """(dx, dW, db, dA, dB); a gradient that was not asked for is an empty [0] tensor."""
-        grads = backward(grad_y, x, weight, lora_A, lora_B, t, rank, scaling, dropout_p, seed_value(seed),
-                         (need_x, need_w, need_b, need_a, need_bb))
+        # the check in _backward_rule ran while tracing when this op is in a compiled backward graph
+        with autocast_off(grad_y.device.type):
+            grads = backward(grad_y, x, weight, lora_A, lora_B, t, rank, scaling, dropout_p, seed_value(seed),
+                             (need_x, need_w, need_b, need_a, need_bb))
         return tuple(g if g is not None else x.new_empty((0,)) for g in grads)
 
     @lora_linear_bwd.register_fake
@@ -172,6 +175,18 @@ def define_lora_op(ns: str, forward: Callable, backward: Callable, multiplier: C
         return EagerFunction.apply(x2, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
 
     return apply
+
+
+def autocast_off(device_type: str):
+    """A context that turns autocast off on ``device_type`` if it is on, else a no-op.
+
+    The backward computes in the dtypes of the forward. Under torch.compile the backward rule
+    runs once, while AOTAutograd traces the backward graph, so its check sees the autocast state
+    of tracing, not that of the later ``backward()`` call: the backward op's implementation
+    checks again when it runs."""
+    if autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def saved_input(x: Tensor, weight: Tensor, rank) -> Tensor:
