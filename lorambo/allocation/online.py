@@ -51,7 +51,7 @@ from lorambo.allocation.benefits import (projected_top_singular, projected_top_s
 from lorambo.allocation.components import at_most_per_layer
 from lorambo.allocation.greedy import greedy_allocate
 from lorambo.allocation.validate import check_rank_bounds
-from lorambo.distributed import SharedFailure, all_reduced_mean, all_reduced_sum, broadcast_, decision_generator
+from lorambo.distributed import SharedFailure, all_reduced_mean, broadcast_, decision_generator
 from lorambo.nn.hook_inputs import layer_input
 from lorambo.nn.pool_ops import keep_components_many
 from lorambo.sensitivity.token_mask import mask_selects_rows
@@ -516,8 +516,7 @@ class OnlineGrowth:
         nonfinite = torch.zeros(1, dtype=torch.float64)
         for flags in per_device.values():
             nonfinite += torch.cat(flags).sum().to("cpu", torch.float64)
-        nonfinite, *status = all_reduced_sum(torch.cat([nonfinite, failure.status()])).tolist()
-        failure.raise_if_any(status)
+        (nonfinite,) = failure.sum_and_check(nonfinite)
         return nonfinite == 0.0
 
     def _grow(self, step, name, add, gains, dirs, optimizer, reason, first=0) -> dict:

@@ -207,18 +207,15 @@ def _backward_rule(ctx, grad_y, saved, seed, bwd_op, mask_op):
     """Gradients for (x, W, b, A, B, rank, scaling, p, seed) from the saved tensors and context,
     in the dtypes the forward ran in: a ``backward()`` called inside an autocast region (after a
     float32 forward outside it) would otherwise run the reference's products in bfloat16."""
-    device_type = grad_y.device.type
-    if autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        with torch.autocast(device_type, enabled=False):
-            return _backward_rule(ctx, grad_y, saved, seed, bwd_op, mask_op)
-    x, weight, lora_A, lora_B, t = saved
-    need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
-    needs = (need_x, need_w, need_b and ctx.has_bias, need_a, need_bb)
-    rank, scaling, p = ctx.rank, ctx.scaling, ctx.dropout_p
-    if torch.is_grad_enabled():  # create_graph=True: differentiable formulas (see module doc)
-        mask = mask_op(x.detach(), p, seed) if p > 0.0 else None
-        grads = differentiable_backward(grad_y, x, weight, lora_A, lora_B, rank, scaling, mask, needs)
-    else:
-        out = bwd_op(grad_y, x, weight, lora_A, lora_B, t, rank, scaling, p, seed, *needs)
-        grads = tuple(g if need else None for g, need in zip(out, needs))
+    with autocast_off(grad_y.device.type):
+        x, weight, lora_A, lora_B, t = saved
+        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        needs = (need_x, need_w, need_b and ctx.has_bias, need_a, need_bb)
+        rank, scaling, p = ctx.rank, ctx.scaling, ctx.dropout_p
+        if torch.is_grad_enabled():  # create_graph=True: differentiable formulas (see module doc)
+            mask = mask_op(x.detach(), p, seed) if p > 0.0 else None
+            grads = differentiable_backward(grad_y, x, weight, lora_A, lora_B, rank, scaling, mask, needs)
+        else:
+            out = bwd_op(grad_y, x, weight, lora_A, lora_B, t, rank, scaling, p, seed, *needs)
+            grads = tuple(g if need else None for g, need in zip(out, needs))
     return (*grads, None, None, None, None)

@@ -40,7 +40,7 @@ import torch
 
 from lorambo.ops.sketch import sq_grad_norms_many, use_sketch_kernels
 
-from lorambo.distributed import SharedFailure, all_reduce_sum_
+from lorambo.distributed import SharedFailure
 from lorambo.nn.hook_inputs import layer_input
 from .estimate import Estimate
 from .example_weights import ExampleWeights
@@ -252,9 +252,8 @@ class FisherProxy:
         failure = SharedFailure("FisherProxy.estimates", settings={
             "targets": [t.name for t in self.targets], "reduction": self.reduction,
             "sketch_dim": self.sketch_dim, "seed": self._seed})
-        flat = all_reduce_sum_(torch.cat([stats.reshape(-1), failure.status(device=device)])).cpu()
-        failure.raise_if_any(flat[-3:].tolist())
-        all_rows = flat[:-3].view(-1, 4).tolist()
+        flat = failure.sum_and_check(stats.reshape(-1))
+        all_rows = [flat[i:i + 4] for i in range(0, len(flat), 4)]
         names = [t.name for t, row in zip(self.targets, all_rows) if row[2] > 0]
         unreached = [t.name for t in self.targets if t.name not in names]
         if unreached and not names:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from lorambo import configure_model
+from lorambo import configure_model, distributed
 from lorambo.ops.sketch import set_sketch_backend
 from lorambo.sensitivity import FisherProxy, fisher as fisher_module
 from lorambo.sensitivity.reductions import per_layer_dots, per_layer_sq_norms
@@ -91,8 +91,8 @@ def test_fisher_proxy_gram_kernel_matches_float64(kernels, monkeypatch):
     real = fisher_module.sq_grad_norms_many
     monkeypatch.setattr(fisher_module, "sq_grad_norms_many", lambda *a: calls.append(1) or real(*a))
     reduces = []
-    real_reduce = fisher_module.all_reduce_sum_
-    monkeypatch.setattr(fisher_module, "all_reduce_sum_", lambda t: reduces.append(t.shape) or real_reduce(t))
+    real_reduce = distributed.all_reduce_sum_
+    monkeypatch.setattr(distributed, "all_reduce_sum_", lambda t: reduces.append(t.shape) or real_reduce(t))
     got = _fisher(model, x, y)
     # every layer; one collective for both layers' (sum, sum_sq, n, non-finite) and the 3 numbers
     # of the processes' shared status (failure flag, settings fingerprint and its square)
