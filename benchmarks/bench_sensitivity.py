@@ -230,7 +230,13 @@ def plot(csv_path: Path, png_path: Path) -> None:
     axes[1].bar(labels, values, color=["#999999", "#2b7bba", "#999999", "#2b7bba", "#2b7bba"])
     axes[1].set_ylabel("ms")
     axes[1].set_title("cost of one pass")
-    fig.suptitle(f"{run_rows[0]['device']} · torch {run_rows[0]['torch']} · size {run_rows[0]['size']}", fontsize=9)
+    first = run_rows[0]
+    where = [first["device"], f"torch {first['torch']}", f"size {first['size']}"]
+    if first.get("threads"):  # rows from before these columns leave them blank
+        where.append(f"{first['threads']} thread(s)")
+    if first.get("load"):
+        where.append(f"load {first['load']}")
+    fig.suptitle(" · ".join(where), fontsize=9)
     fig.tight_layout()
     try:
         atomic_save_figure(fig, png_path, dpi=110)
