@@ -7,11 +7,12 @@ Measures, for per-layer Hessian traces of every attention and MLP weight:
   * one Hessian-vector product vs one gradient step;
   * the Fisher proxy's overhead on a training step.
 
-Results are appended to a tidy CSV (one row per measurement, with device and versions) and
-drawn as a PNG from that CSV. Default size is the docs/performance.md setup (6 layers, 512 wide, batch
+Results are appended to a tidy CSV (one row per measurement, with the device, versions, threads,
+load averages, and in ``timing`` how the value was taken: the minimum of the timed repeats after
+one warm-up call, or one run) and drawn as a PNG from that CSV. Default size is the docs/performance.md setup (6 layers, 512 wide, batch
 8x256, for a GPU); ``--small`` runs a 2-layer, 128-wide model that takes seconds on a CPU.
 
-    python benchmarks/bench_sensitivity.py --small --out benchmarks/results
+    python benchmarks/bench_sensitivity.py --small --threads 1 --out benchmarks/results
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import csv
 import datetime as dt
 import importlib.util
+import os
 import platform
 import sys
 import time
@@ -66,6 +68,7 @@ def _sync(device):
 
 
 def timed(fn, device, repeat=3):
+    """The fastest of ``repeat`` timed calls of ``fn``, after one untimed warm-up call."""
     fn()
     _sync(device)
     best = float("inf")
@@ -148,6 +151,7 @@ def fisher_overhead(model, batches, device):
 
 def run(size_name: str, target: float, max_probes: int, out: Path, device: torch.device) -> list[dict]:
     size = SIZES[size_name]
+    load_at_start = os.getloadavg()
     torch.manual_seed(0)
     model, batches = build(size, device)
     names = [n for n, _ in model.named_modules() if n.endswith(("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))]
@@ -157,9 +161,10 @@ def run(size_name: str, target: float, max_probes: int, out: Path, device: torch
         rows.append({"provider": provider, "metric": metric, "value": value, "unit": unit, **extra})
         print(f"{provider:>16} {metric:<18} {value:10.1f} {unit} {extra or ''}", flush=True)
 
+    best_of_3, best_of_5, once = "min of 3 after a warm-up", "min of 5 after a warm-up", "one run"
     grad_s, hvp_s = one_gradient_and_hvp(model, batches, names, device)
-    add("autograd", "one_gradient", grad_s * 1e3, "ms")
-    add("autograd", "one_hvp", hvp_s * 1e3, "ms")
+    add("autograd", "one_gradient", grad_s * 1e3, "ms", timing=best_of_3)
+    add("autograd", "one_hvp", hvp_s * 1e3, "ms", timing=best_of_3)
 
     start = time.perf_counter()
     est = hessian_trace(model, lm_loss, batches, modules=names, num_probes=max_probes, probes_per_pass=8,
@@ -168,17 +173,20 @@ def run(size_name: str, target: float, max_probes: int, out: Path, device: torch
     ours = time.perf_counter() - start
     probes = next(iter(est.values())).num_probes
     add("lorambo", "time_to_target", ours * 1e3, "ms", probes=probes,
-        max_rel_stderr=max(e.rel_stderr for e in est.values()))
+        max_rel_stderr=max(e.rel_stderr for e in est.values()), timing=once)
     loop_s, loop_probes = sequential_loop_to_target(model, batches, names, target, max_probes)
-    add("sequential_loop", "time_to_target", loop_s * 1e3, "ms", probes=loop_probes)
+    add("sequential_loop", "time_to_target", loop_s * 1e3, "ms", probes=loop_probes, timing=once)
 
     plain, proxy, sketch = fisher_overhead(model, batches, device)
-    add("train_step", "plain", plain * 1e3, "ms")
-    add("train_step", "with_fisher_proxy", proxy * 1e3, "ms", overhead_pct=100 * (proxy / plain - 1))
-    add("train_step", "with_fisher_sketch4", sketch * 1e3, "ms", overhead_pct=100 * (sketch / plain - 1))
+    add("train_step", "plain", plain * 1e3, "ms", timing=best_of_5)
+    add("train_step", "with_fisher_proxy", proxy * 1e3, "ms", overhead_pct=100 * (proxy / plain - 1),
+        timing=best_of_5)
+    add("train_step", "with_fisher_sketch4", sketch * 1e3, "ms", overhead_pct=100 * (sketch / plain - 1),
+        timing=best_of_5)
 
     meta = {"size": size_name, "layers": len(names), "target_rel_stderr": target, "device": device_name(device),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+            "load": "{:.2f} at start, {:.2f} at end (1-minute)".format(load_at_start[0], os.getloadavg()[0]),
             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
     rows = [{**meta, **row} for row in rows]
     append_rows(out / "sensitivity.csv", FIELDS, rows, extrasaction="ignore")
@@ -190,8 +198,8 @@ def run(size_name: str, target: float, max_probes: int, out: Path, device: torch
     return rows
 
 
-FIELDS = ["date", "device", "threads", "torch", "python", "size", "layers", "target_rel_stderr", "provider", "metric",
-          "value", "unit", "probes", "max_rel_stderr", "overhead_pct"]
+FIELDS = ["date", "device", "threads", "load", "torch", "python", "size", "layers", "target_rel_stderr", "provider",
+          "metric", "value", "unit", "timing", "probes", "max_rel_stderr", "overhead_pct"]
 
 
 def plot(csv_path: Path, png_path: Path) -> None:
@@ -222,7 +230,13 @@ def plot(csv_path: Path, png_path: Path) -> None:
     axes[1].bar(labels, values, color=["#999999", "#2b7bba", "#999999", "#2b7bba", "#2b7bba"])
     axes[1].set_ylabel("ms")
     axes[1].set_title("cost of one pass")
-    fig.suptitle(f"{run_rows[0]['device']} · torch {run_rows[0]['torch']} · size {run_rows[0]['size']}", fontsize=9)
+    first = run_rows[0]
+    where = [first["device"], f"torch {first['torch']}", f"size {first['size']}"]
+    if first.get("threads"):  # rows from before these columns leave them blank
+        where.append(f"{first['threads']} thread(s)")
+    if first.get("load"):
+        where.append(f"load {first['load']}")
+    fig.suptitle(" · ".join(where), fontsize=9)
     fig.tight_layout()
     try:
         atomic_save_figure(fig, png_path, dpi=110)
@@ -237,12 +251,15 @@ def main(argv=None) -> int:
     parser.add_argument("--small", action="store_true", help="same as --size small")
     parser.add_argument("--target", type=positive(float), default=0.1, help="relative standard error to reach")
     parser.add_argument("--max-probes", type=positive(), default=256)
+    parser.add_argument("--threads", type=positive(), default=None, help="torch intra-op threads (CPU)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--plot-only", action="store_true", help="draw sensitivity.png from the CSV in --out")
     args = parser.parse_args(argv)
     if args.plot_only:
         plot(args.out / "sensitivity.csv", args.out / "sensitivity.png")
         return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = "small" if args.small else args.size or ("full" if device.type == "cuda" else "small")
     print(f"bench_sensitivity: size {size} on {device_name(device)}, {torch.get_num_threads()} threads", flush=True)

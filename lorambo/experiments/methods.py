@@ -52,7 +52,8 @@ class Method:
     def setup(self, student) -> torch.nn.Module:
         raise NotImplementedError
 
-    def capture(self, step: int):
+    def capture(self, step: int, batch):
+        """Wraps the forward and backward of ``step`` on ``batch`` (nothing by default)."""
         return contextlib.nullcontext()
 
     def after_backward(self, step: int, optimizer) -> None:

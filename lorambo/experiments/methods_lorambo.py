@@ -103,8 +103,9 @@ class Online(LoRAMBoMethod):
         self.opt.configure()
         return student
 
-    def capture(self, step):
-        return self.opt.capture(step)
+    def capture(self, step, batch):
+        # the batch's attention mask keeps pads out of the captured X and dY, as a user's loop would
+        return self.opt.capture(step, batch)
 
     def after_backward(self, step, optimizer):
         self.opt.step(step, optimizer=optimizer)

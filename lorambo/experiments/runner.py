@@ -142,6 +142,16 @@ def run_experiment(cfg: ExperimentConfig, out_dir=None, progress: bool | None = 
     return _finish(cfg, records, out_dir, (started, cpu_started), load_start, echo)
 
 
+def run_by_the_lorambo_command() -> bool:
+    """Whether this process is the ``lorambo`` command: its script, ``python -m lorambo`` or
+    ``python -m lorambo.cli`` (one parser, so the results record ``lorambo <args>`` for each)."""
+    script = Path(sys.argv[0])
+    if script.name == "lorambo":
+        return True
+    return script.name == "__main__.py" and (script.parent.name == "lorambo"
+                                              or (script.parent.name, script.parent.parent.name) == ("cli", "lorambo"))
+
+
 def continue_command(command: list[str] | None, journal_path: Path, out_dir: Path) -> str:
     """The command line that continues this experiment from its journal."""
     if command is None:
@@ -197,7 +207,7 @@ def _finish(cfg: ExperimentConfig, records, out_dir: Path, clocks: tuple[float, 
     result["seconds"] = earlier + time.perf_counter() - started
     result["cpu_seconds"] = cpu_seconds(records, cpu_started)
     result["machine"] = demo_report.machine_line(env, load_start, demo_report.load_average())
-    result["command"] = " ".join(["lorambo"] + sys.argv[1:]) if Path(sys.argv[0]).name == "lorambo" else ""
+    result["command"] = shlex.join(["lorambo"] + sys.argv[1:]) if run_by_the_lorambo_command() else ""
     summary = demo_report.compact(result) if _has_gap(result) else None
     result["plots"] = draw_plots(result, out_dir, echo, summary)
     result["seconds"] = earlier + time.perf_counter() - started

@@ -67,7 +67,7 @@ def train_run(ctx: RunContext, method_name: str, lr: float, batches: list, score
                                  f"lr {lr:g}: {where} {value} at step {step}: the run diverged")
 
     for step, batch in enumerate(batches):
-        with method.capture(step):
+        with method.capture(step, batch):
             loss = task.loss(model, batch)
             value = loss.item()  # checked before backward: no method hook sees non-finite gradients
             if math.isfinite(value):

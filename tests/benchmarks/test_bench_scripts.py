@@ -39,6 +39,12 @@ def test_bench_sensitivity_tiny_writes_csv_and_png(tmp_path, monkeypatch, capsys
     assert all(math.isfinite(float(r["value"])) and float(r["value"]) > 0 for r in rows)
     assert all(r["device"] == f"cpu ({cpu_model()}, {os.cpu_count()} cores)" for r in rows)
     assert all(r["threads"] == str(torch.get_num_threads()) for r in rows)
+    # how each number was taken: a best-of-N timing and a single run are not the same statistic
+    timing = {(r["provider"], r["metric"]): r["timing"] for r in rows}
+    assert timing[("autograd", "one_hvp")] == "min of 3 after a warm-up"
+    assert timing[("train_step", "with_fisher_proxy")] == "min of 5 after a warm-up"
+    assert timing[("lorambo", "time_to_target")] == timing[("sequential_loop", "time_to_target")] == "one run"
+    assert all(r["load"].endswith("(1-minute)") for r in rows)
     if not matplotlib:
         assert not (tmp_path / "sensitivity.png").exists() and "--plot-only" in capsys.readouterr().out
         monkeypatch.undo()
@@ -155,6 +161,7 @@ def test_bench_sensitivity_plot_cut_short_leaves_the_old_png_and_no_temporary(tm
     ("bench_ext", ["--threads", "0", "--replot"], "argument --threads: expected a positive int, got '0'"),
     ("bench_ext", ["--budget", "nan", "--replot"], "argument --budget: expected a positive float, got 'nan'"),
     ("bench_sensitivity", ["--size", "tiny", "--max-probes", "0"], "argument --max-probes: expected a positive int"),
+    ("bench_sensitivity", ["--size", "tiny", "--threads", "0"], "argument --threads: expected a positive int, got '0'"),
 ])
 def test_a_count_or_budget_below_one_is_an_argument_error(tmp_path, capsys, script, argv, named):
     """Not a traceback from deep inside, nor 0 read as 'the default' (bench_sketch --reps 0)."""

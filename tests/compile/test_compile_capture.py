@@ -1,7 +1,8 @@
 """Online growth on a torch.compile'd model. torch.compile guards on no module hooks by default,
 so code compiled before a decision step never runs the activation capture's hooks: every
 decision was skipped with a warning that only said to run the step inside capture(), which the
-loop did. The warning now names the setting, and with it the compiled run decides as the eager one."""
+loop did. The warning now names the setting, and with it the compiled run decides as the eager one.
+FisherProxy, attached after the first compiled call, gathers what it gathers eagerly in either setting."""
 
 import warnings
 
@@ -11,6 +12,7 @@ from torch import nn
 
 import lorambo
 from lorambo.optimizer import LoRAMBoOptimizer
+from lorambo.sensitivity import FisherProxy
 
 
 def _train(compiled: bool):
@@ -49,3 +51,30 @@ def test_with_hook_guards_the_compiled_run_decides_as_the_eager_one():
     assert [(r["layer"], r["event"], r["old_rank"], r["new_rank"]) for r in decisions] == \
         [(r["layer"], r["event"], r["old_rank"], r["new_rank"]) for r in eager_decisions]
     assert ranks == eager_ranks
+
+
+def _fisher_traces(compiled: bool):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    lorambo.configure_model(net, 2, capacity=4)
+    run = torch.compile(net, backend="eager") if compiled else net
+    g = torch.Generator().manual_seed(0)
+    run(torch.randn(4, 8, generator=g)).sum().backward()  # compiled before the proxy's hooks exist
+    with FisherProxy(net) as fisher:
+        for _ in range(2):
+            x, y = torch.randn(16, 8, generator=g), torch.randn(16, 4, generator=g)
+            ((run(x) - y) ** 2).mean().backward()
+    return fisher.estimates()
+
+
+@pytest.mark.parametrize("hook_guards", [False, True])
+def test_fisher_proxy_on_code_compiled_before_it_matches_eager(hook_guards):
+    """FisherProxy hooks the layers, not the compiled frame: they run in either setting."""
+    eager = _fisher_traces(compiled=False)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=not hook_guards):
+        compiled = _fisher_traces(compiled=True)
+    assert compiled.keys() == eager.keys()
+    for name in eager:
+        assert compiled[name].value == pytest.approx(eager[name].value, rel=1e-6), name
+        assert compiled[name].num_probes == eager[name].num_probes, name
