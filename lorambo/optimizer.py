@@ -31,10 +31,12 @@ This class is the public face over the pieces that do the work: ``lorambo.sensit
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import numbers
 import warnings
+import weakref
 from collections.abc import Mapping
 from contextlib import contextmanager
 
@@ -59,6 +61,28 @@ logger = logging.getLogger("lorambo")
 
 SENSITIVITY_METHODS = ("hessian", "gradient", "data", "frobenius", "ablation")
 ALLOCATIONS = METHODS + ("alora",)
+
+
+class _OwnerMethod:
+    """``getattr(owner, name)()``, holding ``owner`` weakly. The allocator's growth schedule calls
+    back into the allocator it belongs to; a bound method there would be a reference cycle, so a
+    deleted allocator, its model and their device memory would stay until Python's cyclic
+    garbage collector happens to run (device memory pressure never triggers it)."""
+
+    def __init__(self, owner, name: str):
+        self._owner, self._name = weakref.ref(owner), name
+
+    def __call__(self):
+        owner = self._owner()
+        if owner is None:
+            raise RuntimeError(f"the LoRAMBoOptimizer whose {self._name} this schedule calls was deleted")
+        return getattr(owner, self._name)()
+
+    def __deepcopy__(self, memo):  # a copied allocator's schedule calls the copy, as a bound method would
+        return _OwnerMethod(copy.deepcopy(self._owner(), memo), self._name)
+
+    def __reduce__(self):
+        return _OwnerMethod, (self._owner(), self._name)
 
 
 def _unreached_everywhere(names: list[str], unreached: list[str], batches: list,
@@ -167,7 +191,8 @@ class LoRAMBoOptimizer:
         self.ranks: dict[str, int] | None = None
         self.capacities: dict[str, int] | None = None
         self.memory_report: dict | None = None
-        self.scheduled_growth = ScheduledGrowth(self.schedule, self._build_growth, self._heldout_scores)
+        self.scheduled_growth = ScheduledGrowth(self.schedule, _OwnerMethod(self, "_build_growth"),
+                                                _OwnerMethod(self, "_heldout_scores"))
         self._alora: ALoRA | None = None
         self.default_optimizer: torch.optim.Optimizer | None = None  # see make_optimizer
 
