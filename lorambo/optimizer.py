@@ -476,12 +476,14 @@ class LoRAMBoOptimizer:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from :meth:`state_dict`: restores :attr:`decisions`, rewrites the decision
-        log with them (dropping records an interrupted run wrote after the save), and loads the
-        optimizer from :meth:`make_optimizer` (call that first). The model must already hold the
-        saved ranks (load its ``state_dict`` first). A state written for other layers, shapes,
-        settings or ranks is a ValueError naming what differs, and nothing is changed."""
+        log with them (dropping records an interrupted run wrote after the save), loads the
+        optimizer from :meth:`make_optimizer` (call that first) and drops activations captured
+        before it. The model must already hold the saved ranks (load its ``state_dict`` first).
+        A state written for other layers, shapes, settings or ranks is a ValueError naming what
+        differs, and nothing is changed."""
         resume.check_allocator_state(self, state)
         resume.apply_allocator_state(self, state)
+        self.close()  # activations captured before the resume belong to none of its decisions
 
     # ------------------------------------------------------------------------ visibility
     def current_ranks(self) -> dict[str, int]:

@@ -65,6 +65,7 @@ class ScheduledGrowth:
                  score_components: Callable[[], Mapping] | None = None):
         self.schedule, self._build, self.score_components = schedule, build, score_components
         self._growth: OnlineGrowth | None = None
+        self._captured_step = None  # the decision step whose activations the capture holds
 
     @property
     def growth(self) -> OnlineGrowth:
@@ -80,8 +81,14 @@ class ScheduledGrowth:
         [B, T] token mask of the batch that follows (see :meth:`ActivationCapture.set_token_mask`);
         None: every row is captured."""
         if self.is_decision_step(step):
-            self.growth.capture.arm()
-            self.growth.capture.set_token_mask(mask)
+            capture = self.growth.capture
+            if step != self._captured_step:
+                # what another step captured belongs to no decision of this one: a loop stopped
+                # (an error, Ctrl-C) between its capture and step() and started again
+                capture.clear()
+                self._captured_step = step
+            capture.arm()
+            capture.set_token_mask(mask)
 
     def disarm(self) -> None:
         if self._growth is not None:

@@ -114,3 +114,37 @@ def test_rank_moves_take_scores_from_the_caller_or_the_scorer():
         _backward(model, 2)
     growth.step(2, component_scores={n: torch.ones(m.rank) for n, m in layers.items()})
     assert asked == [1]  # given scores are used as they are
+
+
+def _restarted_decision(interrupt: bool) -> list[dict]:
+    """Step 0's decision, after (``interrupt``) a run that stopped between step 3's capture and
+    its step(), or on a fresh model."""
+    model = _model()
+    layers = lorambo.lora_layers(model)
+    growth = ScheduledGrowth(DecisionSchedule(0, 3), lambda: OnlineGrowth(layers, budget=10_000, sketch_rank=2))
+    if interrupt:
+        with growth.capture(3):
+            _backward(model, 3)
+        model.zero_grad()  # the loop stops here (an error, Ctrl-C) and starts again at step 0
+    with growth.capture(0):
+        _backward(model, 0)
+    return growth.step(0)
+
+
+def test_a_restarted_loop_decides_from_its_own_step_only():
+    """A decision used every activation the capture held: those of a step whose run stopped
+    before its step() went into the next decision too (gains differing from a fresh run's)."""
+    fresh = _restarted_decision(interrupt=False)
+    assert fresh and _restarted_decision(interrupt=True) == fresh
+
+
+def test_loading_an_allocator_state_drops_activations_captured_before():
+    model = _model()
+    opt = lorambo.LoRAMBoOptimizer(model, total_budget=10_000, warmup_steps=0, interval=3, sketch_rank=2)
+    state = opt.state_dict()
+    with opt.capture(3):
+        _backward(model, 3)
+    assert opt.online.capture.has_data()
+    opt.load_state_dict(state)  # resuming: the captured step belongs to the run that stopped
+    assert not opt.online.capture.has_data()
+    opt.state_dict()  # refused while a capture is held
