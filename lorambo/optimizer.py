@@ -380,7 +380,20 @@ class LoRAMBoOptimizer:
 
     @property
     def online(self) -> OnlineGrowth:
+        self._follow_layers()
         return self.scheduled_growth.growth
+
+    def _follow_layers(self) -> None:
+        """Point online growth and ALoRA at the model's LoRAMBoLinear layers as they are now.
+        Both keep the layers they were built with; after ``unload`` and a new ``configure`` (new
+        layer objects) they captured and grew layers no longer in the model: every decision was
+        skipped with a warning to use ``capture()``, and the old pools stayed in memory."""
+        layers = self.layers()
+        growth = self.scheduled_growth.built
+        if growth is not None and any(growth.layers.get(n) is not m for n, m in layers.items()):
+            self.scheduled_growth.rebuild()
+        if self._alora is not None and any(self._alora.layers.get(n) is not m for n, m in layers.items()):
+            self._alora.layers = layers
 
     def _build_growth(self) -> OnlineGrowth:
         return OnlineGrowth(self.layers(), self.total_budget, self.threshold, self.sketch_rank,
@@ -413,6 +426,7 @@ class LoRAMBoOptimizer:
         keeps pads out of the capture. A later call with the next micro-batch replaces it."""
         if self.allocation != "alora" and self.is_decision_step(step):
             mask = None if batch is None else batch_token_mask(self.token_mask, batch, "LoRAMBoOptimizer")
+            self._follow_layers()
             self.scheduled_growth.begin_step(step, mask)
 
     @contextmanager
@@ -433,6 +447,8 @@ class LoRAMBoOptimizer:
         gains are measured on the unscaled loss and ``loss_improvement_threshold`` means the same
         as without AMP."""
         optimizer = optimizer if optimizer is not None else self.default_optimizer
+        if self.is_decision_step(step):
+            self._follow_layers()
         if self.allocation == "alora":
             return self.alora_schedule().step(step, optimizer)
         return self.scheduled_growth.step(step, optimizer, component_scores, grad_scaler)
@@ -449,6 +465,7 @@ class LoRAMBoOptimizer:
         """Grow (and, with ``move_threshold``, move) ranks now from the captured step
         (``grad_scaler``: see :meth:`step`)."""
         optimizer = optimizer if optimizer is not None else self.default_optimizer
+        self._follow_layers()
         return self.scheduled_growth.update(step, optimizer, component_scores, grad_scaler)
 
     def make_optimizer(self, lr: float = 1e-3, **adamw_kwargs) -> "lorambo.optim.AdamW":

@@ -73,6 +73,17 @@ class ScheduledGrowth:
             self._growth = self._build()
         return self._growth
 
+    @property
+    def built(self) -> OnlineGrowth | None:
+        """The :class:`OnlineGrowth` if it has been built, else None (nothing is built)."""
+        return self._growth
+
+    def rebuild(self) -> None:
+        """Drop the built :class:`OnlineGrowth` (its hooks and what it captured): the next use
+        builds it again, e.g. on the layers a reconfigured model holds now."""
+        self.close()
+        self._growth = None
+
     def is_decision_step(self, step: int) -> bool:
         return self.schedule.is_decision_step(step)
 
