@@ -433,10 +433,15 @@ class LoRAMBoOptimizer:
     def capture(self, step: int, batch=None):
         """Wrap the forward and backward of ``step``: records X and dY only on online decision
         steps (ALoRA captures nothing). Pass the ``batch`` so that pads are not captured (see
-        ``token_mask``); without it every position is."""
+        ``token_mask``); without it every position is. A block that raises (out of memory, say)
+        leaves nothing captured for the step: its backward stopped partway, and a decision from
+        it would grow only the layers it reached."""
         self.begin_step(step, batch)
         try:
             yield self
+        except BaseException:
+            self.scheduled_growth.close()
+            raise
         finally:
             self.scheduled_growth.disarm()
 

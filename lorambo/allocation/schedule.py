@@ -108,10 +108,15 @@ class ScheduledGrowth:
     @contextmanager
     def capture(self, step: int, mask=None):
         """Wrap the forward and backward of ``step``: records X and dY only on decision steps
-        (``mask``: see :meth:`begin_step`)."""
+        (``mask``: see :meth:`begin_step`). A block that raises leaves nothing captured for the
+        step: its backward stopped partway, so only some layers have dY and a decision would grow
+        those alone, and X of every layer would hold the memory an out-of-memory recovery frees."""
         self.begin_step(step, mask)
         try:
             yield self
+        except BaseException:
+            self.close()
+            raise
         finally:
             self.disarm()
 
