@@ -31,10 +31,12 @@ This class is the public face over the pieces that do the work: ``lorambo.sensit
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import numbers
 import warnings
+import weakref
 from collections.abc import Mapping
 from contextlib import contextmanager
 
@@ -59,6 +61,28 @@ logger = logging.getLogger("lorambo")
 
 SENSITIVITY_METHODS = ("hessian", "gradient", "data", "frobenius", "ablation")
 ALLOCATIONS = METHODS + ("alora",)
+
+
+class _OwnerMethod:
+    """``getattr(owner, name)()``, holding ``owner`` weakly. The allocator's growth schedule calls
+    back into the allocator it belongs to; a bound method there would be a reference cycle, so a
+    deleted allocator, its model and their device memory would stay until Python's cyclic
+    garbage collector happens to run (device memory pressure never triggers it)."""
+
+    def __init__(self, owner, name: str):
+        self._owner, self._name = weakref.ref(owner), name
+
+    def __call__(self):
+        owner = self._owner()
+        if owner is None:
+            raise RuntimeError(f"the LoRAMBoOptimizer whose {self._name} this schedule calls was deleted")
+        return getattr(owner, self._name)()
+
+    def __deepcopy__(self, memo):  # a copied allocator's schedule calls the copy, as a bound method would
+        return _OwnerMethod(copy.deepcopy(self._owner(), memo), self._name)
+
+    def __reduce__(self):
+        return _OwnerMethod, (self._owner(), self._name)
 
 
 def _unreached_everywhere(names: list[str], unreached: list[str], batches: list,
@@ -167,7 +191,8 @@ class LoRAMBoOptimizer:
         self.ranks: dict[str, int] | None = None
         self.capacities: dict[str, int] | None = None
         self.memory_report: dict | None = None
-        self.scheduled_growth = ScheduledGrowth(self.schedule, self._build_growth, self._heldout_scores)
+        self.scheduled_growth = ScheduledGrowth(self.schedule, _OwnerMethod(self, "_build_growth"),
+                                                _OwnerMethod(self, "_heldout_scores"))
         self._alora: ALoRA | None = None
         self.default_optimizer: torch.optim.Optimizer | None = None  # see make_optimizer
 
@@ -355,7 +380,20 @@ class LoRAMBoOptimizer:
 
     @property
     def online(self) -> OnlineGrowth:
+        self._follow_layers()
         return self.scheduled_growth.growth
+
+    def _follow_layers(self) -> None:
+        """Point online growth and ALoRA at the model's LoRAMBoLinear layers as they are now.
+        Both keep the layers they were built with; after ``unload`` and a new ``configure`` (new
+        layer objects) they captured and grew layers no longer in the model: every decision was
+        skipped with a warning to use ``capture()``, and the old pools stayed in memory."""
+        layers = self.layers()
+        growth = self.scheduled_growth.built
+        if growth is not None and any(growth.layers.get(n) is not m for n, m in layers.items()):
+            self.scheduled_growth.rebuild()
+        if self._alora is not None and any(self._alora.layers.get(n) is not m for n, m in layers.items()):
+            self._alora.layers = layers
 
     def _build_growth(self) -> OnlineGrowth:
         return OnlineGrowth(self.layers(), self.total_budget, self.threshold, self.sketch_rank,
@@ -388,16 +426,22 @@ class LoRAMBoOptimizer:
         keeps pads out of the capture. A later call with the next micro-batch replaces it."""
         if self.allocation != "alora" and self.is_decision_step(step):
             mask = None if batch is None else batch_token_mask(self.token_mask, batch, "LoRAMBoOptimizer")
+            self._follow_layers()
             self.scheduled_growth.begin_step(step, mask)
 
     @contextmanager
     def capture(self, step: int, batch=None):
         """Wrap the forward and backward of ``step``: records X and dY only on online decision
         steps (ALoRA captures nothing). Pass the ``batch`` so that pads are not captured (see
-        ``token_mask``); without it every position is."""
+        ``token_mask``); without it every position is. A block that raises (out of memory, say)
+        leaves nothing captured for the step: its backward stopped partway, and a decision from
+        it would grow only the layers it reached."""
         self.begin_step(step, batch)
         try:
             yield self
+        except BaseException:
+            self.scheduled_growth.close()
+            raise
         finally:
             self.scheduled_growth.disarm()
 
@@ -408,6 +452,8 @@ class LoRAMBoOptimizer:
         gains are measured on the unscaled loss and ``loss_improvement_threshold`` means the same
         as without AMP."""
         optimizer = optimizer if optimizer is not None else self.default_optimizer
+        if self.is_decision_step(step):
+            self._follow_layers()
         if self.allocation == "alora":
             return self.alora_schedule().step(step, optimizer)
         return self.scheduled_growth.step(step, optimizer, component_scores, grad_scaler)
@@ -424,6 +470,7 @@ class LoRAMBoOptimizer:
         """Grow (and, with ``move_threshold``, move) ranks now from the captured step
         (``grad_scaler``: see :meth:`step`)."""
         optimizer = optimizer if optimizer is not None else self.default_optimizer
+        self._follow_layers()
         return self.scheduled_growth.update(step, optimizer, component_scores, grad_scaler)
 
     def make_optimizer(self, lr: float = 1e-3, **adamw_kwargs) -> "lorambo.optim.AdamW":
@@ -451,12 +498,14 @@ class LoRAMBoOptimizer:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from :meth:`state_dict`: restores :attr:`decisions`, rewrites the decision
-        log with them (dropping records an interrupted run wrote after the save), and loads the
-        optimizer from :meth:`make_optimizer` (call that first). The model must already hold the
-        saved ranks (load its ``state_dict`` first). A state written for other layers, shapes,
-        settings or ranks is a ValueError naming what differs, and nothing is changed."""
+        log with them (dropping records an interrupted run wrote after the save), loads the
+        optimizer from :meth:`make_optimizer` (call that first) and drops activations captured
+        before it. The model must already hold the saved ranks (load its ``state_dict`` first).
+        A state written for other layers, shapes, settings or ranks is a ValueError naming what
+        differs, and nothing is changed."""
         resume.check_allocator_state(self, state)
         resume.apply_allocator_state(self, state)
+        self.close()  # activations captured before the resume belong to none of its decisions
 
     # ------------------------------------------------------------------------ visibility
     def current_ranks(self) -> dict[str, int]:

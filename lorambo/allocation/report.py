@@ -3,7 +3,8 @@
 - :func:`rank_table` formats ``{name: rank}`` (optionally with capacity and cost) as text.
 - :func:`save_heatmap` draws ranks as a grid, one row per block (``...h.3``) and one column per
   module type (``attn.c_attn``), because that is how people read a transformer's allocation.
-  matplotlib (Agg backend, no display needed) is imported only here.
+  matplotlib is imported only here, and only its Figure (no pyplot, no backend: the
+  process's plotting setup is left as it is).
 - :class:`DecisionLog` writes one JSON object per online decision to a ``.jsonl`` file that
   belongs to one run: the run's first record replaces whatever the file held (atomically), so
   :func:`read_decisions` never mixes runs; a resumed run rewrites it with the decisions of its
@@ -115,28 +116,24 @@ def save_heatmap(source, path, title: str = "LoRA rank per layer") -> Path:
         raise ValueError("save_heatmap: no ranks to draw")
     rows, cols, grid = rank_grid(ranks)
     try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        # a Figure of its own, not pyplot's: pyplot would need a backend, and switching the
+        # process's backend to Agg broke the caller's figures (a notebook's inline display)
+        from matplotlib.figure import Figure
     except ImportError as err:  # matplotlib is optional
         raise ImportError("save_heatmap needs matplotlib: pip install matplotlib") from err
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(cols), 1.0 + 0.35 * len(rows)))
-    try:
-        image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis")
-        ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(len(rows)), [r or "-" for r in rows], fontsize=8)
-        if grid.size <= 400:  # numbers stay readable up to ~20 x 20 cells
-            for (i, j), v in np.ndenumerate(grid):
-                if not math.isnan(v):
-                    ax.text(j, i, str(int(v)), ha="center", va="center", color="w", fontsize=7)
-        fig.colorbar(image, ax=ax, label="rank")
-        ax.set_title(title)
-        fig.tight_layout()
-        path = atomic_save_figure(fig, path, dpi=100)
-    finally:
-        plt.close(fig)
-    return path
+    fig = Figure(figsize=(1.2 + 1.1 * len(cols), 1.0 + 0.35 * len(rows)))
+    ax = fig.subplots()
+    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), [r or "-" for r in rows], fontsize=8)
+    if grid.size <= 400:  # numbers stay readable up to ~20 x 20 cells
+        for (i, j), v in np.ndenumerate(grid):
+            if not math.isnan(v):
+                ax.text(j, i, str(int(v)), ha="center", va="center", color="w", fontsize=7)
+    fig.colorbar(image, ax=ax, label="rank")
+    ax.set_title(title)
+    fig.tight_layout()
+    return atomic_save_figure(fig, path, dpi=100)
 
 
 class DecisionLog:

@@ -65,12 +65,24 @@ class ScheduledGrowth:
                  score_components: Callable[[], Mapping] | None = None):
         self.schedule, self._build, self.score_components = schedule, build, score_components
         self._growth: OnlineGrowth | None = None
+        self._captured_step = None  # the decision step whose activations the capture holds
 
     @property
     def growth(self) -> OnlineGrowth:
         if self._growth is None:
             self._growth = self._build()
         return self._growth
+
+    @property
+    def built(self) -> OnlineGrowth | None:
+        """The :class:`OnlineGrowth` if it has been built, else None (nothing is built)."""
+        return self._growth
+
+    def rebuild(self) -> None:
+        """Drop the built :class:`OnlineGrowth` (its hooks and what it captured): the next use
+        builds it again, e.g. on the layers a reconfigured model holds now."""
+        self.close()
+        self._growth = None
 
     def is_decision_step(self, step: int) -> bool:
         return self.schedule.is_decision_step(step)
@@ -80,8 +92,14 @@ class ScheduledGrowth:
         [B, T] token mask of the batch that follows (see :meth:`ActivationCapture.set_token_mask`);
         None: every row is captured."""
         if self.is_decision_step(step):
-            self.growth.capture.arm()
-            self.growth.capture.set_token_mask(mask)
+            capture = self.growth.capture
+            if step != self._captured_step:
+                # what another step captured belongs to no decision of this one: a loop stopped
+                # (an error, Ctrl-C) between its capture and step() and started again
+                capture.clear()
+                self._captured_step = step
+            capture.arm()
+            capture.set_token_mask(mask)
 
     def disarm(self) -> None:
         if self._growth is not None:
@@ -90,10 +108,15 @@ class ScheduledGrowth:
     @contextmanager
     def capture(self, step: int, mask=None):
         """Wrap the forward and backward of ``step``: records X and dY only on decision steps
-        (``mask``: see :meth:`begin_step`)."""
+        (``mask``: see :meth:`begin_step`). A block that raises leaves nothing captured for the
+        step: its backward stopped partway, so only some layers have dY and a decision would grow
+        those alone, and X of every layer would hold the memory an out-of-memory recovery frees."""
         self.begin_step(step, mask)
         try:
             yield self
+        except BaseException:
+            self.close()
+            raise
         finally:
             self.disarm()
 

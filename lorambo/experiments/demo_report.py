@@ -19,6 +19,7 @@ import numpy as np
 
 from lorambo.adapters.atomic import atomic_save_figure
 from lorambo.experiments.config import METHOD_LABELS
+from lorambo.experiments.plots import new_figure, rank_heatmap
 
 
 def load_average() -> float | None:
@@ -153,71 +154,54 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def gap_plot(summary: dict, path) -> Path:
-    plt = _plt()
     rows = [(m, r) for m, r in summary["methods"].items() if m not in ("uniform", "oracle") and r["gap_closed"]]
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    try:
-        xs = np.arange(len(rows))
-        means = [r["gap_closed_mean"] for _, r in rows]
-        stds = [r["gap_closed_std"] for _, r in rows]
-        ax.bar(xs, means, yerr=stds, capsize=4, color="tab:blue", alpha=0.75)
-        for x, (_, r) in zip(xs, rows):
-            ax.plot([x] * len(r["gap_closed"]), r["gap_closed"], "k.", ms=6)
-        ax.axhline(0, color="black", lw=1)
-        ax.axhline(1, color="tab:green", ls="--", lw=1)
-        ax.annotate("oracle", (len(rows) - 0.5, 1), color="tab:green", fontsize=8, va="bottom", ha="right")
-        ax.annotate("uniform", (len(rows) - 0.5, 0), fontsize=8, va="bottom", ha="right")
-        ax.set_xticks(xs, [METHOD_LABELS[m] for m, _ in rows], rotation=20, ha="right", fontsize=8)
-        ax.set_ylabel("share of the uniform-to-oracle gap closed")
-        ax.set_title(f"planted task, P = {summary['budget']:,}: bars mean ± std, dots = seeds", fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-        fig.tight_layout()
-        path = atomic_save_figure(fig, path, dpi=110)
-    finally:
-        plt.close(fig)
-    return path
+    fig = new_figure(figsize=(7.5, 4.2))
+    ax = fig.subplots()
+    xs = np.arange(len(rows))
+    means = [r["gap_closed_mean"] for _, r in rows]
+    stds = [r["gap_closed_std"] for _, r in rows]
+    ax.bar(xs, means, yerr=stds, capsize=4, color="tab:blue", alpha=0.75)
+    for x, (_, r) in zip(xs, rows):
+        ax.plot([x] * len(r["gap_closed"]), r["gap_closed"], "k.", ms=6)
+    ax.axhline(0, color="black", lw=1)
+    ax.axhline(1, color="tab:green", ls="--", lw=1)
+    ax.annotate("oracle", (len(rows) - 0.5, 1), color="tab:green", fontsize=8, va="bottom", ha="right")
+    ax.annotate("uniform", (len(rows) - 0.5, 0), fontsize=8, va="bottom", ha="right")
+    ax.set_xticks(xs, [METHOD_LABELS[m] for m, _ in rows], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("share of the uniform-to-oracle gap closed")
+    ax.set_title(f"planted task, P = {summary['budget']:,}: bars mean ± std, dots = seeds", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return atomic_save_figure(fig, path, dpi=110)
 
 
 def curve_plot(summary: dict, path) -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    palette = iter(c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 2)  # green: the oracle's
-    try:
-        for method, row in summary["methods"].items():
-            if not row.get("val_curve_steps"):
-                continue
-            xs, ys, es = (np.asarray(row[k], dtype=float) for k in ("val_curve_steps", "val_curve_mean", "val_curve_std"))
-            style = dict(lw=2.4, color="black") if method == "uniform" else (
-                dict(lw=2.0, color="tab:green", ls="--") if method == "oracle" else dict(lw=1.4, color=next(palette)))
-            line, = ax.plot(xs, ys, marker="o", ms=3, label=row["label"], **style)
-            ax.fill_between(xs, ys - es, ys + es, color=line.get_color(), alpha=0.15)
-        ax.set_xlabel("training step")
-        ax.set_ylabel("validation loss (1.0 = pretrained model on training windows)")
-        ax.set_ylim(bottom=0)
-        ax.set_title(f"planted task, P = {summary['budget']:,}: mean ± std over {summary['seeds']} seeds",
-                     fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = atomic_save_figure(fig, path, dpi=110)
-    finally:
-        plt.close(fig)
-    return path
+    from matplotlib import colormaps
+
+    fig = new_figure(figsize=(7.5, 4.5))
+    ax = fig.subplots()
+    palette = iter(c for i, c in enumerate(colormaps["tab10"].colors) if i != 2)  # green: the oracle's
+    for method, row in summary["methods"].items():
+        if not row.get("val_curve_steps"):
+            continue
+        xs, ys, es = (np.asarray(row[k], dtype=float) for k in ("val_curve_steps", "val_curve_mean", "val_curve_std"))
+        style = dict(lw=2.4, color="black") if method == "uniform" else (
+            dict(lw=2.0, color="tab:green", ls="--") if method == "oracle" else dict(lw=1.4, color=next(palette)))
+        line, = ax.plot(xs, ys, marker="o", ms=3, label=row["label"], **style)
+        ax.fill_between(xs, ys - es, ys + es, color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("validation loss (1.0 = pretrained model on training windows)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"planted task, P = {summary['budget']:,}: mean ± std over {summary['seeds']} seeds",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return atomic_save_figure(fig, path, dpi=110)
 
 
 def demo_plots(summary: dict, out_dir) -> list[Path]:
-    from lorambo.experiments.plots import rank_heatmap
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     truth = {n: float(summary["planted_ranks"].get(n, 0)) for n in summary["methods"]["uniform"]["mean_ranks"]}

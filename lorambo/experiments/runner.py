@@ -100,7 +100,19 @@ def run_experiment(cfg: ExperimentConfig, out_dir=None, progress: bool | None = 
     """Run every unit not yet recorded; once all are, write the artefacts and return the result
     dict. When ``time_limit`` stops it first, it prints how much remains and the command that
     continues (``command``: the CLI arguments used) and returns ``{"complete": False, ...}``.
-    ``workers`` (default ``cfg.workers``) processes run the units."""
+    ``workers`` (default ``cfg.workers``) processes run the units. The units run on
+    ``cfg.threads`` torch threads and seed torch's generators themselves; the caller's thread
+    count and random streams are restored afterwards, also after an error."""
+    threads = torch.get_num_threads()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            return _run(cfg, out_dir, progress, echo, workers, time_limit, resume, command)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: ExperimentConfig, out_dir, progress, echo, workers, time_limit, resume, command) -> dict:
     started, cpu_started = time.perf_counter(), time.process_time()
     load_start = demo_report.load_average()
     workers = cfg.workers if workers is None else workers

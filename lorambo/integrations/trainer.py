@@ -127,6 +127,11 @@ class LoRAMBoCallback(TrainerCallback):
         self._batch_hook = None
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        # a run stopped by an error (or Ctrl-C) inside a decision step never reached
+        # on_pre_optimizer_step or on_train_end: its hooks would keep capturing, and what they
+        # captured would go into this run's first decision
+        self._remove_batch_hook()
+        self.allocator.close()
         _warn_if_not_slot_aware(_unwrap_optimizer(optimizer))
         if state.global_step == 0:
             return

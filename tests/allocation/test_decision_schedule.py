@@ -114,3 +114,68 @@ def test_rank_moves_take_scores_from_the_caller_or_the_scorer():
         _backward(model, 2)
     growth.step(2, component_scores={n: torch.ones(m.rank) for n, m in layers.items()})
     assert asked == [1]  # given scores are used as they are
+
+
+def _restarted_decision(interrupt: bool) -> list[dict]:
+    """Step 0's decision, after (``interrupt``) a run that stopped between step 3's capture and
+    its step(), or on a fresh model."""
+    model = _model()
+    layers = lorambo.lora_layers(model)
+    growth = ScheduledGrowth(DecisionSchedule(0, 3), lambda: OnlineGrowth(layers, budget=10_000, sketch_rank=2))
+    if interrupt:
+        with growth.capture(3):
+            _backward(model, 3)
+        model.zero_grad()  # the loop stops here (an error, Ctrl-C) and starts again at step 0
+    with growth.capture(0):
+        _backward(model, 0)
+    return growth.step(0)
+
+
+def test_a_restarted_loop_decides_from_its_own_step_only():
+    """A decision used every activation the capture held: those of a step whose run stopped
+    before its step() went into the next decision too (gains differing from a fresh run's)."""
+    fresh = _restarted_decision(interrupt=False)
+    assert fresh and _restarted_decision(interrupt=True) == fresh
+
+
+def test_loading_an_allocator_state_drops_activations_captured_before():
+    model = _model()
+    opt = lorambo.LoRAMBoOptimizer(model, total_budget=10_000, warmup_steps=0, interval=3, sketch_rank=2)
+    state = opt.state_dict()
+    with opt.capture(3):
+        _backward(model, 3)
+    assert opt.online.capture.has_data()
+    opt.load_state_dict(state)  # resuming: the captured step belongs to the run that stopped
+    assert not opt.online.capture.has_data()
+    opt.state_dict()  # refused while a capture is held
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("through_allocator", [False, True])
+def test_a_capture_block_that_raises_leaves_nothing_for_its_decision(through_allocator):
+    """A backward stopped partway (out of memory, say) had reached only the last layer: the
+    decision grew that layer alone from the partial capture, and the first layer's X stayed held."""
+    model = _model()
+    layers = lorambo.lora_layers(model)
+    if through_allocator:
+        opt = lorambo.LoRAMBoOptimizer(model, total_budget=10_000, warmup_steps=0, interval=1, sketch_rank=1)
+        capture, decide, growth = opt.capture, opt.step, lambda: opt.online
+    else:
+        schedule = ScheduledGrowth(DecisionSchedule(0, 1), lambda: OnlineGrowth(layers, budget=10_000, sketch_rank=1))
+        capture, decide, growth = schedule.capture, schedule.step, lambda: schedule.growth
+
+    def stop(grad):
+        raise _Interrupted
+
+    hook = model[2].register_forward_pre_hook(lambda module, args: args[0].register_hook(stop) and None)
+    with pytest.raises(_Interrupted):
+        with capture(0):
+            _backward(model, 0)  # dY reaches layer "2", then the backward stops before layer "0"
+    hook.remove()
+    assert not growth().capture.has_data() and not any(growth().capture.inputs.values())
+    with pytest.warns(RuntimeWarning, match="step 0 is a rank decision step but no activations"):
+        assert decide(0) == []
+    assert [m.rank for m in layers.values()] == [1, 1]

@@ -9,8 +9,10 @@ from lorambo.experiments import config as presets
 from lorambo.experiments import demo_report
 from lorambo.experiments.methods_lorambo import oracle_ranks
 from lorambo.experiments.planted import PLANTED_RANKS
+from lorambo.experiments.plots import metric_vs_budget
 from lorambo.experiments.results import gap_closed, summarize
 from lorambo.experiments.runner import plan
+from pyplot_state import pyplot_left_alone
 
 MINILM_DIMS = {f"layer.{b}.{t}": ((1536, 384) if t == "intermediate.dense" else
                                   (384, 1536) if t == "output.dense" else (384, 384))
@@ -76,8 +78,12 @@ def test_compact_json_and_table(tmp_path):
         with pytest.raises(ModuleNotFoundError, match="matplotlib"):
             demo_report.demo_plots(out, tmp_path)
         return
-    paths = demo_report.demo_plots(out, tmp_path)
-    assert [p.name for p in paths] == ["demo_gap_closed.png", "demo_val_loss.png", "demo_rank_heatmaps.png"]
+    with pyplot_left_alone():  # the drawing switched the caller's backend to Agg
+        paths = demo_report.demo_plots(out, tmp_path)
+        paths.append(metric_vs_budget({"task": "planted", "metric": "loss", "higher_is_better": False,
+                                       "seeds": 3, "summary": summary}, tmp_path / "budget.png"))
+    assert [p.name for p in paths] == ["demo_gap_closed.png", "demo_val_loss.png", "demo_rank_heatmaps.png",
+                                       "budget.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
 
 

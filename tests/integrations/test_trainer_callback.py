@@ -83,3 +83,47 @@ def test_checkpoint_files_are_written_where_trainer_writes_checkpoints(tmp_path,
     written = sorted(p.name for p in (tmp_path / "checkpoint-3").glob("*")) if should_save else []
     assert written == (["adapter.safetensors", "lorambo_state.pt"] if should_save else [])
     assert (tmp_path / "checkpoint-3").exists() == should_save
+
+
+def test_a_run_after_an_interrupted_decision_step_decides_as_a_clean_one():
+    """An error (or Ctrl-C) inside a decision step skips on_pre_optimizer_step and on_train_end:
+    the batch hook and the capture stayed armed, and what they had captured went into the next
+    run's first decision (its gains off by tens of percent here)."""
+    import copy
+    from types import SimpleNamespace
+
+    model = _tiny_gpt2().double()
+    lorambo.configure_model(model, 1, target_modules=["c_attn", "c_fc"], capacity=4)
+    twin = copy.deepcopy(model)
+
+    def batch():
+        ids = torch.randint(0, 40, (2, 10))
+        return {"input_ids": ids, "labels": ids, "attention_mask": torch.ones(2, 10, dtype=torch.long)}
+
+    def run_step(model, callback, optimizer, step, batch):
+        callback.on_step_begin(None, SimpleNamespace(global_step=step), None)
+        model(**batch).loss.backward()
+        callback.on_pre_optimizer_step(None, SimpleNamespace(global_step=step), None, optimizer=optimizer)
+
+    def callback_for(model):
+        allocator = LoRAMBoOptimizer(model, total_budget=10_000, warmup_steps=0, interval=1, sketch_rank=2)
+        return allocator, LoRAMBoCallback(allocator), allocator.make_optimizer(lr=1e-2)
+
+    allocator, callback, optimizer = callback_for(model)
+    start = SimpleNamespace(global_step=0)
+    callback.on_train_begin(None, start, None, optimizer=optimizer)
+    callback.on_step_begin(None, SimpleNamespace(global_step=5), None)
+    model(**batch()).loss.backward()  # a decision step's first micro-batch; then the run stops
+    model.zero_grad()
+
+    callback.on_train_begin(None, start, None, optimizer=optimizer)  # trainer.train() again
+    assert not model._forward_pre_hooks_with_kwargs
+    assert not any(m._forward_hooks for m in lorambo.lora_layers(model).values())
+    clean_allocator, clean, clean_optimizer = callback_for(twin)
+    clean.on_train_begin(None, start, None, optimizer=clean_optimizer)
+    data = batch()
+    run_step(model, callback, optimizer, 0, data)
+    run_step(twin, clean, clean_optimizer, 0, data)
+    assert callback.decisions and callback.decisions == clean.decisions
+    for (name, layer), other in zip(lorambo.lora_layers(model).items(), lorambo.lora_layers(twin).values()):
+        assert torch.equal(layer.lora_A, other.lora_A) and torch.equal(layer.lora_B, other.lora_B), name

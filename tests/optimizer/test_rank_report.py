@@ -11,6 +11,7 @@ from torch import nn
 
 import lorambo
 from lorambo.allocation.report import DecisionLog, rank_grid, rank_table, read_decisions, save_heatmap, split_name
+from pyplot_state import pyplot_left_alone
 
 
 def _ranks():
@@ -42,6 +43,16 @@ def test_heatmap_png(tmp_path):
     assert image.ndim == 3 and image.shape[0] > 50 and image.shape[1] > 50
     with pytest.raises(ValueError, match="no ranks"):
         save_heatmap({}, tmp_path / "x.png")
+
+
+def test_heatmap_leaves_the_callers_pyplot_alone(tmp_path):
+    """save_heatmap switched the process's matplotlib backend to Agg: in a notebook, figures
+    stopped displaying after opt.save_heatmap(...)."""
+    matplotlib_image = pytest.importorskip("matplotlib.image", reason="save_heatmap's optional dependency")
+
+    with pyplot_left_alone():
+        path = save_heatmap(_ranks(), tmp_path / "ranks.png")
+    assert matplotlib_image.imread(path).shape[0] > 50
 
 
 def test_rank_table_from_model_and_dict():
