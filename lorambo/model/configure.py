@@ -18,6 +18,7 @@ from lorambo.model.modules_to_save import (check_not_targets, forget_modules_to_
 from lorambo.model.patterns import check_alpha_pattern, pattern_value
 from lorambo.model.targeting import check_named_targets, find_targets
 from lorambo.nn import LoRAMBoLinear
+from lorambo.nn.optimizer_argument import optimizer_argument
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -59,8 +60,7 @@ def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_mod
     touched, so any error leaves the model exactly as it was.
     """
     require_module(model, "configure_model")
-    if optimizer is not None and not isinstance(getattr(optimizer, "state", None), Mapping):
-        raise TypeError(f"configure_model: optimizer={optimizer!r} must be a torch optimizer (with .state) or None")
+    optimizer = optimizer_argument(optimizer, "configure_model")
     _check_no_lazy_parameters(model)
     _check_no_peft_modules(model)
     saved = resolve_modules_to_save(model, modules_to_save)

@@ -25,6 +25,7 @@ from torch.nn.utils import parametrize
 
 from lorambo.nn import base_layers
 from lorambo.nn.fresh_momentum import move_new_slots
+from lorambo.nn.optimizer_argument import optimizer_argument
 from lorambo.nn.optimizer_state import gather_slot_state, reset_slot_state, warn_if_shared_step
 from lorambo.nn.optimizer_tracking import track_optimizers, warn_if_state_left_behind
 from lorambo.nn.plain_keys import plain_keys_to_base_layer
@@ -297,6 +298,7 @@ class LoRAMBoLinear(nn.Module):
         device than the pools (a CPU generator gives CUDA pools the numbers it gives CPU ones).
         """
         rank = self.validate_rank(rank)
+        optimizer = optimizer_argument(optimizer, f"{self._label}.set_rank")
         if self.merged:
             raise RuntimeError(f"{self._label}: unmerge() before changing the rank")
         self._refuse_sharded()
@@ -338,6 +340,7 @@ class LoRAMBoLinear(nn.Module):
         0..len(keep)-1, zero the rest, and return the previous rank. The kept components are
         moved bit for bit, with their gradients; with ``optimizer`` their state moves with them."""
         keep = self.checked_keep(keep)
+        optimizer = optimizer_argument(optimizer, f"{self._label}.keep_components")
         old, n = self._rank, len(keep)
         index = torch.as_tensor(keep, dtype=torch.long, device=self.lora_A.device)
         self.lora_A[:n] = self.lora_A.index_select(0, index)

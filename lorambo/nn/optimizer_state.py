@@ -33,6 +33,7 @@ import torch
 from lorambo.ext.ops import slot_state_tensors, state_tensors
 from lorambo.nn.fresh_momentum import mark_new_slots
 from lorambo.nn.fresh_state import fresh_scalar_values, fresh_state_values, step_scales_updates
+from lorambo.nn.optimizer_argument import optimizer_argument
 
 SLOT_STEP = "slot_step"  # lorambo.optim.AdamW's per-slot Adam step count, shape [capacity]
 _warned_shared_step = False
@@ -78,7 +79,12 @@ def reset_slot_state(optimizer: torch.optim.Optimizer, layer, slots: Sequence[in
                      all_active_new: bool = False) -> None:
     """Give ``slots`` the optimizer state of a fresh optimizer (zero, or the start values of
     :mod:`lorambo.nn.fresh_state`); with ``all_active_new`` also restart ``step`` (and the other
-    per-parameter scalars listed there)."""
+    per-parameter scalars listed there). ``optimizer`` may be a wrapper such as accelerate's
+    ``AcceleratedOptimizer``: the optimizer it wraps is edited."""
+    checked = optimizer_argument(optimizer, "reset_slot_state")
+    if checked is None:
+        raise TypeError("reset_slot_state: optimizer is None; pass the torch optimizer that steps the LoRA pools")
+    optimizer = checked
     slots = [layer._check_int("slot", s) for s in slots]
     bad = [s for s in slots if not 0 <= s < layer.capacity]
     if bad:  # a negative index would silently reset a slot counted from the end
@@ -110,6 +116,7 @@ def reset_slot_state(optimizer: torch.optim.Optimizer, layer, slots: Sequence[in
 def gather_slot_state(optimizer: torch.optim.Optimizer, layer, keep: Sequence[int], old_rank: int) -> None:
     """Move state of slots ``keep`` to slots 0..len(keep)-1 and zero slots len(keep)..old_rank-1,
     mirroring :meth:`LoRAMBoLinear.keep_components`."""
+    optimizer = optimizer_argument(optimizer, "gather_slot_state")
     n = len(keep)
     for value, dim in _slot_views(optimizer, layer):
         src = torch.as_tensor(list(keep), dtype=torch.long, device=value.device)

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from lorambo.nn.fresh_momentum import move_new_slots
+from lorambo.nn.optimizer_argument import optimizer_argument
 from lorambo.nn.optimizer_tracking import warn_if_state_left_behind
 from lorambo.ops.backend import use_compiled_multi_tensor
 
@@ -28,6 +29,7 @@ def keep_components_many(plans: Iterable[tuple[torch.nn.Module, Sequence[int]]],
     """``layer.keep_components(keep, optimizer)`` for every ``(layer, keep)``; returns the old
     ranks in order. Every plan is validated before any pool is touched."""
     plans = [(layer, layer.checked_keep(keep)) for layer, keep in plans]
+    optimizer = optimizer_argument(optimizer, "keep_components_many")
     layers = [layer for layer, _ in plans]
     if len({id(layer) for layer in layers}) != len(layers):
         raise ValueError("keep_components_many: a layer appears twice; give each layer one plan")
