@@ -34,6 +34,7 @@ from lorambo.ext.ops import slot_state_tensors, state_tensors
 from lorambo.nn.fresh_momentum import mark_new_slots
 from lorambo.nn.fresh_state import fresh_scalar_values, fresh_state_values, step_scales_updates
 from lorambo.nn.optimizer_argument import optimizer_argument
+from lorambo.nn.whole_vector_state import restart_whole_vector_state
 
 SLOT_STEP = "slot_step"  # lorambo.optim.AdamW's per-slot Adam step count, shape [capacity]
 _warned_shared_step = False
@@ -92,6 +93,7 @@ def reset_slot_state(optimizer: torch.optim.Optimizer, layer, slots: Sequence[in
     index = torch.as_tensor(slots, dtype=torch.long)
     if index.numel() == 0:
         return
+    restart_whole_vector_state(optimizer)  # LBFGS: no per-slot state to reset
     for value, dim in _slot_views(optimizer, layer):
         value.index_fill_(dim, index.to(value.device), 0)
     for param, dim in ((layer.lora_A, 0), (layer.lora_B, 1)):  # state that does not start at 0
@@ -117,6 +119,8 @@ def gather_slot_state(optimizer: torch.optim.Optimizer, layer, keep: Sequence[in
     """Move state of slots ``keep`` to slots 0..len(keep)-1 and zero slots len(keep)..old_rank-1,
     mirroring :meth:`LoRAMBoLinear.keep_components`."""
     optimizer = optimizer_argument(optimizer, "gather_slot_state")
+    if list(keep) != list(range(old_rank)):
+        restart_whole_vector_state(optimizer)  # LBFGS: no per-slot state to move
     n = len(keep)
     for value, dim in _slot_views(optimizer, layer):
         src = torch.as_tensor(list(keep), dtype=torch.long, device=value.device)

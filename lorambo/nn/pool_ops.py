@@ -18,6 +18,7 @@ import torch
 from lorambo.nn.fresh_momentum import move_new_slots
 from lorambo.nn.optimizer_argument import optimizer_argument
 from lorambo.nn.optimizer_tracking import warn_if_state_left_behind
+from lorambo.nn.whole_vector_state import restart_whole_vector_state
 from lorambo.ops.backend import use_compiled_multi_tensor
 
 __all__ = ["keep_components_many"]
@@ -47,6 +48,7 @@ def keep_components_many(plans: Iterable[tuple[torch.nn.Module, Sequence[int]]],
             move_new_slots(layer, keep)
             if keep != list(range(old_rank)):
                 warn_if_state_left_behind(layer, optimizer, f"slots {keep} of {old_rank} kept")
+                restart_whole_vector_state(optimizer)  # LBFGS: no per-slot state to move
     else:
         for layer, keep in plans:
             layer.keep_components(keep, optimizer)
