@@ -174,6 +174,7 @@ class LoRAMBoLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, capacity, dtype=weight.dtype, device=weight.device))
         self._rank = 0
         self._slots = PoolSlots(0)
+        self._slot_edits = 0
         self._tag_pools()
         self.merged = False
         self._weight_before_merge: torch.Tensor | None = None
@@ -193,6 +194,7 @@ class LoRAMBoLinear(nn.Module):
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_slot_edits", 0)  # a layer pickled before the count existed
         self._tag_pools()  # deepcopy / unpickling rebuilds the Parameters without their tags
 
     def __setattr__(self, name: str, value) -> None:
@@ -252,6 +254,17 @@ class LoRAMBoLinear(nn.Module):
     @property
     def rank(self) -> int:
         return self._rank
+
+    @property
+    def slot_edits(self) -> int:
+        """How many rank changes have re-initialised, dropped or moved slots of this layer
+        (``set_rank`` to another rank, ``keep_components`` other than all active slots in order).
+        Statistics kept per slot outside the optimizer (``AdaLoRAImportance``) compare it with the
+        count they last followed."""
+        return self._slot_edits
+
+    def _count_slot_edit(self) -> None:
+        self._slot_edits += 1
 
     @property
     def weight(self) -> torch.Tensor:
@@ -321,6 +334,7 @@ class LoRAMBoLinear(nn.Module):
             grad.narrow(dim, lo, hi - lo).zero_()
         self._set_active_rank(rank)
         if rank != old:
+            self._count_slot_edit()
             warn_if_state_left_behind(self, optimizer, f"rank changed {old} -> {rank}")
         if optimizer is not None and rank != old:
             if rank > old > 0:  # growth from 0 restarts the shared step: nothing is stale then
@@ -353,6 +367,7 @@ class LoRAMBoLinear(nn.Module):
         self._set_active_rank(n)
         move_new_slots(self, keep)  # with or without the optimizer: the record belongs to the slot
         if keep != list(range(old)):
+            self._count_slot_edit()
             warn_if_state_left_behind(self, optimizer, f"slots {keep} of {old} kept")
         if optimizer is not None:
             gather_slot_state(optimizer, self, keep, old)

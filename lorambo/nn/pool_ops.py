@@ -47,6 +47,7 @@ def keep_components_many(plans: Iterable[tuple[torch.nn.Module, Sequence[int]]],
             layer._set_active_rank(len(keep))
             move_new_slots(layer, keep)
             if keep != list(range(old_rank)):
+                layer._count_slot_edit()
                 warn_if_state_left_behind(layer, optimizer, f"slots {keep} of {old_rank} kept")
                 restart_whole_vector_state(optimizer)  # LBFGS: no per-slot state to move
     else:
