@@ -67,7 +67,7 @@ def warn_if_shared_step(optimizer: torch.optim.Optimizer, layer) -> None:
             _warned_shared_step = True
             warnings.warn(
                 f"{getattr(optimizer, 'optimizer_type', type(optimizer)).__name__} keeps one step count per parameter: slots that become active now "
-                f"in {layer._label} start at step {int(float(state['step']))} of it, not at step 1 (Adam's bias "
+                f"in {layer._label} take their first step at step {int(float(state['step'])) + 1} of it, not at step 1 (Adam's bias "
                 "correction, Adafactor's averaging rate, Adagrad's lr_decay, ASGD's eta and mu), so their first "
                 "updates differ from a fresh optimizer's (2.5-5x larger measured for Adam). Use "
                 "lorambo.optim.AdamW for per-slot Adam step counts.",
