@@ -26,7 +26,8 @@ from torch.nn.utils import parametrize
 from lorambo.nn import base_layers
 from lorambo.nn.fresh_momentum import move_new_slots
 from lorambo.nn.optimizer_argument import optimizer_argument
-from lorambo.nn.optimizer_state import gather_slot_state, reset_slot_state, warn_if_shared_step
+from lorambo.nn.optimizer_state import (check_slot_state_editable, gather_slot_state, reset_slot_state,
+                                        warn_if_shared_step)
 from lorambo.nn.optimizer_tracking import track_optimizers, warn_if_state_left_behind
 from lorambo.nn.plain_keys import plain_keys_to_base_layer
 from lorambo.nn.slots import PoolSlots, local_slots, tag_pool_parameter
@@ -316,6 +317,8 @@ class LoRAMBoLinear(nn.Module):
             raise RuntimeError(f"{self._label}: unmerge() before changing the rank")
         self._refuse_sharded()
         old = self._rank
+        if rank != old:
+            check_slot_state_editable(optimizer, self)
         if rank > old:
             rows = self.lora_A[old:rank]
             if generator is not None and generator.device != rows.device:
@@ -355,6 +358,7 @@ class LoRAMBoLinear(nn.Module):
         moved bit for bit, with their gradients; with ``optimizer`` their state moves with them."""
         keep = self.checked_keep(keep)
         optimizer = optimizer_argument(optimizer, f"{self._label}.keep_components")
+        check_slot_state_editable(optimizer, self)
         old, n = self._rank, len(keep)
         index = torch.as_tensor(keep, dtype=torch.long, device=self.lora_A.device)
         self.lora_A[:n] = self.lora_A.index_select(0, index)

@@ -50,6 +50,27 @@ def _slot_views(optimizer: torch.optim.Optimizer, layer):
             yield value, value_dim
 
 
+def check_slot_state_editable(optimizer, layer) -> None:
+    """RuntimeError, before anything changes, if ``optimizer`` holds per-element state for the
+    layer's pools that is not floating point: quantized moments (bitsandbytes' 8-bit optimizers
+    keep uint8 codes scaled per block of 256 elements, blocks that span several slots). Such a
+    code cannot be set to a fresh optimizer's state (code 0 decodes to minus the block's scale,
+    not to zero) nor moved to a slot of another block, so a rank change would corrupt it."""
+    if optimizer is None:
+        return
+    for param in (layer.lora_A, layer.lora_B):
+        state = optimizer.state.get(param) or {}
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == param.shape and not value.is_floating_point():
+                kind = getattr(optimizer, "optimizer_type", type(optimizer))
+                raise RuntimeError(
+                    f"{layer._label}: {kind.__module__}.{kind.__name__} holds its state {key!r} for the LoRA pools as "
+                    f"{value.dtype} (quantized), which a rank change cannot reset or move slot by slot; nothing was "
+                    "changed. Keep the pools' optimizer state in floating point (bitsandbytes: a min_8bit_size above "
+                    "the pool size, or GlobalOptimManager.get_instance().override_config(pool, 'optim_bits', 32)), "
+                    "or use lorambo.optim.AdamW")
+
+
 def warn_if_shared_step(optimizer: torch.optim.Optimizer, layer) -> None:
     """Warn once per process when new slots join a pool whose optimizer (Adam family, Adafactor,
     Adagrad with ``lr_decay``, ASGD) has one ``step`` per parameter that sets the update and has
@@ -86,6 +107,7 @@ def reset_slot_state(optimizer: torch.optim.Optimizer, layer, slots: Sequence[in
     if checked is None:
         raise TypeError("reset_slot_state: optimizer is None; pass the torch optimizer that steps the LoRA pools")
     optimizer = checked
+    check_slot_state_editable(optimizer, layer)
     slots = [layer._check_int("slot", s) for s in slots]
     bad = [s for s in slots if not 0 <= s < layer.capacity]
     if bad:  # a negative index would silently reset a slot counted from the end
@@ -119,6 +141,7 @@ def gather_slot_state(optimizer: torch.optim.Optimizer, layer, keep: Sequence[in
     """Move state of slots ``keep`` to slots 0..len(keep)-1 and zero slots len(keep)..old_rank-1,
     mirroring :meth:`LoRAMBoLinear.keep_components`."""
     optimizer = optimizer_argument(optimizer, "gather_slot_state")
+    check_slot_state_editable(optimizer, layer)
     if list(keep) != list(range(old_rank)):
         restart_whole_vector_state(optimizer)  # LBFGS: no per-slot state to move
     n = len(keep)

@@ -17,6 +17,7 @@ import torch
 
 from lorambo.nn.fresh_momentum import move_new_slots
 from lorambo.nn.optimizer_argument import optimizer_argument
+from lorambo.nn.optimizer_state import check_slot_state_editable
 from lorambo.nn.optimizer_tracking import warn_if_state_left_behind
 from lorambo.nn.whole_vector_state import restart_whole_vector_state
 from lorambo.ops.backend import use_compiled_multi_tensor
@@ -31,6 +32,8 @@ def keep_components_many(plans: Iterable[tuple[torch.nn.Module, Sequence[int]]],
     ranks in order. Every plan is validated before any pool is touched."""
     plans = [(layer, layer.checked_keep(keep)) for layer, keep in plans]
     optimizer = optimizer_argument(optimizer, "keep_components_many")
+    for layer, _ in plans:
+        check_slot_state_editable(optimizer, layer)
     layers = [layer for layer, _ in plans]
     if len({id(layer) for layer in layers}) != len(layers):
         raise ValueError("keep_components_many: a layer appears twice; give each layer one plan")
