@@ -53,7 +53,7 @@ def _trained(sizes=((6, 8),), rank=3, min_8bit_size=0):
     for layer in layers:
         with torch.no_grad():
             layer.lora_B[:, :rank].copy_(torch.randn(layer.out_features, rank, dtype=torch.float64, generator=gen))
-    opt = EightBitMomentum([p for layer in layers for p in (layer.lora_A, layer.lora_B)], lr=1e-2,
+    opt = EightBitMomentum([p for layer in layers for p in (layer.lora_A, layer.lora_B)], lr=1e-3,
                            min_8bit_size=min_8bit_size)
     x = torch.randn(5, sizes[0][0], dtype=torch.float64, generator=gen)
     for _ in range(2):
@@ -105,3 +105,18 @@ def test_a_decision_is_refused_before_it_shrinks_a_layer_with_float_state():
     with pytest.raises(RuntimeError, match=r"LoRAMBoLinear '1': .*'state1'"):
         alora_round(model, {"0": layers[0], "1": layers[1]}, None, None, n_prune=1, optimizer=opt, scores=scores)
     assert _same(_snapshot(layers, opt), before)
+
+
+def test_a_growth_decision_is_refused_before_it_grows_a_layer_with_float_state():
+    from lorambo.allocation.online import OnlineGrowth
+
+    model, layers, opt = _trained(sizes=((6, 8), (8, 40)), min_8bit_size=100)
+    growth = OnlineGrowth({"0": layers[0], "1": layers[1]}, budget=10_000)
+    x = torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with growth.capture:
+        model(x).square().sum().backward()
+    before = _snapshot(layers, opt)
+    with pytest.raises(RuntimeError, match=r"LoRAMBoLinear '1': .*'state1'"):
+        growth.update(step=0, optimizer=opt)
+    assert _same(_snapshot(layers, opt), before)
+    assert growth.capture.has_data()  # the captured step is kept for a retry
