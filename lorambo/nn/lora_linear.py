@@ -358,7 +358,8 @@ class LoRAMBoLinear(nn.Module):
         moved bit for bit, with their gradients; with ``optimizer`` their state moves with them."""
         keep = self.checked_keep(keep)
         optimizer = optimizer_argument(optimizer, f"{self._label}.keep_components")
-        check_slot_state_editable(optimizer, self)
+        if keep != list(range(self._rank)):
+            check_slot_state_editable(optimizer, self)
         old, n = self._rank, len(keep)
         index = torch.as_tensor(keep, dtype=torch.long, device=self.lora_A.device)
         self.lora_A[:n] = self.lora_A.index_select(0, index)

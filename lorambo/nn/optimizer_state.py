@@ -141,8 +141,8 @@ def gather_slot_state(optimizer: torch.optim.Optimizer, layer, keep: Sequence[in
     """Move state of slots ``keep`` to slots 0..len(keep)-1 and zero slots len(keep)..old_rank-1,
     mirroring :meth:`LoRAMBoLinear.keep_components`."""
     optimizer = optimizer_argument(optimizer, "gather_slot_state")
-    check_slot_state_editable(optimizer, layer)
     if list(keep) != list(range(old_rank)):
+        check_slot_state_editable(optimizer, layer)
         restart_whole_vector_state(optimizer)  # LBFGS: no per-slot state to move
     n = len(keep)
     for value, dim in _slot_views(optimizer, layer):

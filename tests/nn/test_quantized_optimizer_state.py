@@ -120,3 +120,12 @@ def test_a_growth_decision_is_refused_before_it_grows_a_layer_with_float_state()
         growth.update(step=0, optimizer=opt)
     assert _same(_snapshot(layers, opt), before)
     assert growth.capture.has_data()  # the captured step is kept for a retry
+
+
+def test_keeping_every_slot_in_place_is_no_change_and_not_refused():
+    model, layers, opt = _trained()
+    before = _snapshot(layers, opt)
+    layers[0].keep_components([0, 1, 2], optimizer=opt)
+    keep_components_many([(layers[0], [0, 1, 2])], opt)
+    layers[0].set_rank(3, optimizer=opt)
+    assert _same(_snapshot(layers, opt), before)
