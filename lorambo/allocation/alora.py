@@ -32,6 +32,8 @@ import torch
 from lorambo.allocation.components import at_most_per_layer
 from lorambo.allocation.validate import check_rank_bounds
 from lorambo.distributed import SharedFailure, broadcast_, decision_generator
+from lorambo.nn.optimizer_argument import optimizer_argument
+from lorambo.nn.optimizer_state import check_slot_state_editable
 from lorambo.nn.pool_ops import keep_components_many
 
 __all__ = ["ALoRAConfig", "ALoRA", "alora_round"]
@@ -112,6 +114,9 @@ def alora_round(model, layers: Mapping, loss_fn, batches, n_prune: int, budget: 
         for n, s in scores.items():
             if s.shape != (layers[n].rank,) or not torch.isfinite(s).all():
                 raise ValueError(f"ALoRA scores of layer {n!r} must be {layers[n].rank} finite numbers, got {s}")
+        optimizer = optimizer_argument(optimizer, "alora_round")
+        for layer in layers.values():
+            check_slot_state_editable(optimizer, layer)
     failure.check()
     # process 0's scores for everyone, in one broadcast: decisions must not hinge on last-bit
     # differences (DDP)

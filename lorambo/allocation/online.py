@@ -53,6 +53,8 @@ from lorambo.allocation.greedy import greedy_allocate
 from lorambo.allocation.validate import check_rank_bounds
 from lorambo.distributed import SharedFailure, all_reduced_mean, broadcast_, decision_generator
 from lorambo.nn.hook_inputs import layer_input
+from lorambo.nn.optimizer_argument import optimizer_argument
+from lorambo.nn.optimizer_state import check_slot_state_editable
 from lorambo.nn.pool_ops import keep_components_many
 from lorambo.sensitivity.token_mask import mask_selects_rows
 
@@ -470,6 +472,9 @@ class OnlineGrowth:
                 raise RuntimeError(f"update_ranks: layer(s) {merged[:4]} are merged; unmerge() them before a "
                                    "rank decision (nothing was changed, the captured step is kept)")
             scores = None if self.move_threshold is None else self._checked_scores(component_scores)
+            optimizer = optimizer_argument(optimizer, "update_ranks")
+            for layer in self.layers.values():
+                check_slot_state_editable(optimizer, layer)
         finite = self._captured_finite(failure)
         try:
             if not finite:

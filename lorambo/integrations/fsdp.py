@@ -38,6 +38,7 @@ from lorambo.model import unload as _unload
 from lorambo.model.configure import check_mergeable
 from lorambo.model.modules_to_save import modules_to_save
 from lorambo.nn import keep_components_many
+from lorambo.nn.optimizer_argument import optimizer_argument
 from lorambo.nn.optimizer_tracking import stand_in_for
 from lorambo.nn.slots import pool_slots, tag_pool_parameter
 from lorambo.sharding import is_sharded, local_region
@@ -83,6 +84,7 @@ def full_pools(layers: Iterable[nn.Module], optimizer: torch.optim.Optimizer | N
         for sub in module.modules():
             slots.extend((sub, n, p) for n, p in sub._parameters.items() if p is not None)
     swapped, proxy = [], None
+    optimizer = optimizer_argument(optimizer, "lorambo.integrations.fsdp")
     if optimizer is not None:
         proxy = _GatheredOptimizer(optimizer)
     try:

@@ -18,6 +18,8 @@ from lorambo.model.modules_to_save import (check_not_targets, forget_modules_to_
 from lorambo.model.patterns import check_alpha_pattern, pattern_value
 from lorambo.model.targeting import check_named_targets, find_targets
 from lorambo.nn import LoRAMBoLinear
+from lorambo.nn.optimizer_argument import optimizer_argument
+from lorambo.nn.optimizer_state import check_slot_state_editable
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -59,15 +61,14 @@ def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_mod
     touched, so any error leaves the model exactly as it was.
     """
     require_module(model, "configure_model")
-    if optimizer is not None and not isinstance(getattr(optimizer, "state", None), Mapping):
-        raise TypeError(f"configure_model: optimizer={optimizer!r} must be a torch optimizer (with .state) or None")
+    optimizer = optimizer_argument(optimizer, "configure_model")
     _check_no_lazy_parameters(model)
     _check_no_peft_modules(model)
     saved = resolve_modules_to_save(model, modules_to_save)
     names = _resolve_targets(model, ranks, target_modules)
     check_not_targets(list(dict.fromkeys(recorded_modules_to_save(model) + saved)), names)  # earlier calls' too
     check_alpha_pattern(alpha_pattern, names)
-    plan = _plan(model, names, ranks, capacity, alpha, dropout, use_rslora, alpha_pattern)
+    plan = _plan(model, names, ranks, capacity, alpha, dropout, use_rslora, alpha_pattern, optimizer)
     _apply(model, plan, optimizer)
     keep_trainable(model, saved)
     for name, shared in weight_sharers(model, plan.new_layers).items():
@@ -138,7 +139,7 @@ def _check_not_shared(model: nn.Module, names: list[str]) -> None:
                              "use its own module, or leave it out of the targets")
 
 
-def _plan(model, names, ranks, capacity, alpha, dropout, use_rslora, alpha_pattern) -> _Plan:
+def _plan(model, names, ranks, capacity, alpha, dropout, use_rslora, alpha_pattern, optimizer=None) -> _Plan:
     plan = _Plan(freeze=[p for n, p in model.named_parameters()
                          if p.requires_grad and not n.endswith((".lora_A", ".lora_B"))])
     try:
@@ -153,6 +154,8 @@ def _plan(model, names, ranks, capacity, alpha, dropout, use_rslora, alpha_patte
                 if module.merged and rank != module.rank:
                     raise RuntimeError(f"LoRAMBoLinear {name!r} is merged: unmerge() it before "
                                        f"changing its rank from {module.rank} to {rank}")
+                if rank != module.rank:
+                    check_slot_state_editable(optimizer, module)
                 plan.rank_changes[name] = (module, rank)
                 continue
             plan.new_layers[name] = LoRAMBoLinear(

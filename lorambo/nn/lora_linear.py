@@ -25,7 +25,9 @@ from torch.nn.utils import parametrize
 
 from lorambo.nn import base_layers
 from lorambo.nn.fresh_momentum import move_new_slots
-from lorambo.nn.optimizer_state import gather_slot_state, reset_slot_state, warn_if_shared_step
+from lorambo.nn.optimizer_argument import optimizer_argument
+from lorambo.nn.optimizer_state import (check_slot_state_editable, gather_slot_state, reset_slot_state,
+                                        warn_if_shared_step)
 from lorambo.nn.optimizer_tracking import track_optimizers, warn_if_state_left_behind
 from lorambo.nn.plain_keys import plain_keys_to_base_layer
 from lorambo.nn.slots import PoolSlots, local_slots, tag_pool_parameter
@@ -173,6 +175,7 @@ class LoRAMBoLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, capacity, dtype=weight.dtype, device=weight.device))
         self._rank = 0
         self._slots = PoolSlots(0)
+        self._slot_edits = 0
         self._tag_pools()
         self.merged = False
         self._weight_before_merge: torch.Tensor | None = None
@@ -192,6 +195,7 @@ class LoRAMBoLinear(nn.Module):
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_slot_edits", 0)  # a layer pickled before the count existed
         self._tag_pools()  # deepcopy / unpickling rebuilds the Parameters without their tags
 
     def __setattr__(self, name: str, value) -> None:
@@ -253,6 +257,17 @@ class LoRAMBoLinear(nn.Module):
         return self._rank
 
     @property
+    def slot_edits(self) -> int:
+        """How many rank changes have re-initialised, dropped or moved slots of this layer
+        (``set_rank`` to another rank, ``keep_components`` other than all active slots in order).
+        Statistics kept per slot outside the optimizer (``AdaLoRAImportance``) compare it with the
+        count they last followed."""
+        return self._slot_edits
+
+    def _count_slot_edit(self) -> None:
+        self._slot_edits += 1
+
+    @property
     def weight(self) -> torch.Tensor:
         """The frozen base weight as [out, in] (a view for Conv1D)."""
         return base_layers.weight_out_in(self.base_layer, self.base_kind)
@@ -297,10 +312,13 @@ class LoRAMBoLinear(nn.Module):
         device than the pools (a CPU generator gives CUDA pools the numbers it gives CPU ones).
         """
         rank = self.validate_rank(rank)
+        optimizer = optimizer_argument(optimizer, f"{self._label}.set_rank")
         if self.merged:
             raise RuntimeError(f"{self._label}: unmerge() before changing the rank")
         self._refuse_sharded()
         old = self._rank
+        if rank != old:
+            check_slot_state_editable(optimizer, self)
         if rank > old:
             rows = self.lora_A[old:rank]
             if generator is not None and generator.device != rows.device:
@@ -319,6 +337,7 @@ class LoRAMBoLinear(nn.Module):
             grad.narrow(dim, lo, hi - lo).zero_()
         self._set_active_rank(rank)
         if rank != old:
+            self._count_slot_edit()
             warn_if_state_left_behind(self, optimizer, f"rank changed {old} -> {rank}")
         if optimizer is not None and rank != old:
             if rank > old > 0:  # growth from 0 restarts the shared step: nothing is stale then
@@ -338,6 +357,9 @@ class LoRAMBoLinear(nn.Module):
         0..len(keep)-1, zero the rest, and return the previous rank. The kept components are
         moved bit for bit, with their gradients; with ``optimizer`` their state moves with them."""
         keep = self.checked_keep(keep)
+        optimizer = optimizer_argument(optimizer, f"{self._label}.keep_components")
+        if keep != list(range(self._rank)):
+            check_slot_state_editable(optimizer, self)
         old, n = self._rank, len(keep)
         index = torch.as_tensor(keep, dtype=torch.long, device=self.lora_A.device)
         self.lora_A[:n] = self.lora_A.index_select(0, index)
@@ -350,6 +372,7 @@ class LoRAMBoLinear(nn.Module):
         self._set_active_rank(n)
         move_new_slots(self, keep)  # with or without the optimizer: the record belongs to the slot
         if keep != list(range(old)):
+            self._count_slot_edit()
             warn_if_state_left_behind(self, optimizer, f"slots {keep} of {old} kept")
         if optimizer is not None:
             gather_slot_state(optimizer, self, keep, old)

@@ -33,6 +33,8 @@ import torch
 from lorambo.ext.ops import slot_state_tensors, state_tensors
 from lorambo.nn.fresh_momentum import mark_new_slots
 from lorambo.nn.fresh_state import fresh_scalar_values, fresh_state_values, step_scales_updates
+from lorambo.nn.optimizer_argument import optimizer_argument
+from lorambo.nn.whole_vector_state import restart_whole_vector_state
 
 SLOT_STEP = "slot_step"  # lorambo.optim.AdamW's per-slot Adam step count, shape [capacity]
 _warned_shared_step = False
@@ -46,6 +48,27 @@ def _slot_views(optimizer: torch.optim.Optimizer, layer):
             yield value, dim
         for value, value_dim in slot_state_tensors(optimizer, param, dim):
             yield value, value_dim
+
+
+def check_slot_state_editable(optimizer, layer) -> None:
+    """RuntimeError, before anything changes, if ``optimizer`` holds per-element state for the
+    layer's pools that is not floating point: quantized moments (bitsandbytes' 8-bit optimizers
+    keep uint8 codes scaled per block of 256 elements, blocks that span several slots). Such a
+    code cannot be set to a fresh optimizer's state (code 0 decodes to minus the block's scale,
+    not to zero) nor moved to a slot of another block, so a rank change would corrupt it."""
+    if optimizer is None:
+        return
+    for param in (layer.lora_A, layer.lora_B):
+        state = optimizer.state.get(param) or {}
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == param.shape and not value.is_floating_point():
+                kind = getattr(optimizer, "optimizer_type", type(optimizer))
+                raise RuntimeError(
+                    f"{layer._label}: {kind.__module__}.{kind.__name__} holds its state {key!r} for the LoRA pools as "
+                    f"{value.dtype} (quantized), which a rank change cannot reset or move slot by slot; nothing was "
+                    "changed. Keep the pools' optimizer state in floating point (bitsandbytes: a min_8bit_size above "
+                    "the pool size, or GlobalOptimManager.get_instance().override_config(pool, 'optim_bits', 32)), "
+                    "or use lorambo.optim.AdamW")
 
 
 def warn_if_shared_step(optimizer: torch.optim.Optimizer, layer) -> None:
@@ -65,7 +88,7 @@ def warn_if_shared_step(optimizer: torch.optim.Optimizer, layer) -> None:
             _warned_shared_step = True
             warnings.warn(
                 f"{getattr(optimizer, 'optimizer_type', type(optimizer)).__name__} keeps one step count per parameter: slots that become active now "
-                f"in {layer._label} start at step {int(float(state['step']))} of it, not at step 1 (Adam's bias "
+                f"in {layer._label} take their first step at step {int(float(state['step'])) + 1} of it, not at step 1 (Adam's bias "
                 "correction, Adafactor's averaging rate, Adagrad's lr_decay, ASGD's eta and mu), so their first "
                 "updates differ from a fresh optimizer's (2.5-5x larger measured for Adam). Use "
                 "lorambo.optim.AdamW for per-slot Adam step counts.",
@@ -78,7 +101,13 @@ def reset_slot_state(optimizer: torch.optim.Optimizer, layer, slots: Sequence[in
                      all_active_new: bool = False) -> None:
     """Give ``slots`` the optimizer state of a fresh optimizer (zero, or the start values of
     :mod:`lorambo.nn.fresh_state`); with ``all_active_new`` also restart ``step`` (and the other
-    per-parameter scalars listed there)."""
+    per-parameter scalars listed there). ``optimizer`` may be a wrapper such as accelerate's
+    ``AcceleratedOptimizer``: the optimizer it wraps is edited."""
+    checked = optimizer_argument(optimizer, "reset_slot_state")
+    if checked is None:
+        raise TypeError("reset_slot_state: optimizer is None; pass the torch optimizer that steps the LoRA pools")
+    optimizer = checked
+    check_slot_state_editable(optimizer, layer)
     slots = [layer._check_int("slot", s) for s in slots]
     bad = [s for s in slots if not 0 <= s < layer.capacity]
     if bad:  # a negative index would silently reset a slot counted from the end
@@ -86,6 +115,7 @@ def reset_slot_state(optimizer: torch.optim.Optimizer, layer, slots: Sequence[in
     index = torch.as_tensor(slots, dtype=torch.long)
     if index.numel() == 0:
         return
+    restart_whole_vector_state(optimizer)  # LBFGS: no per-slot state to reset
     for value, dim in _slot_views(optimizer, layer):
         value.index_fill_(dim, index.to(value.device), 0)
     for param, dim in ((layer.lora_A, 0), (layer.lora_B, 1)):  # state that does not start at 0
@@ -110,6 +140,10 @@ def reset_slot_state(optimizer: torch.optim.Optimizer, layer, slots: Sequence[in
 def gather_slot_state(optimizer: torch.optim.Optimizer, layer, keep: Sequence[int], old_rank: int) -> None:
     """Move state of slots ``keep`` to slots 0..len(keep)-1 and zero slots len(keep)..old_rank-1,
     mirroring :meth:`LoRAMBoLinear.keep_components`."""
+    optimizer = optimizer_argument(optimizer, "gather_slot_state")
+    if list(keep) != list(range(old_rank)):
+        check_slot_state_editable(optimizer, layer)
+        restart_whole_vector_state(optimizer)  # LBFGS: no per-slot state to move
     n = len(keep)
     for value, dim in _slot_views(optimizer, layer):
         src = torch.as_tensor(list(keep), dtype=torch.long, device=value.device)

@@ -16,7 +16,10 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from lorambo.nn.fresh_momentum import move_new_slots
+from lorambo.nn.optimizer_argument import optimizer_argument
+from lorambo.nn.optimizer_state import check_slot_state_editable
 from lorambo.nn.optimizer_tracking import warn_if_state_left_behind
+from lorambo.nn.whole_vector_state import restart_whole_vector_state
 from lorambo.ops.backend import use_compiled_multi_tensor
 
 __all__ = ["keep_components_many"]
@@ -28,23 +31,30 @@ def keep_components_many(plans: Iterable[tuple[torch.nn.Module, Sequence[int]]],
     """``layer.keep_components(keep, optimizer)`` for every ``(layer, keep)``; returns the old
     ranks in order. Every plan is validated before any pool is touched."""
     plans = [(layer, layer.checked_keep(keep)) for layer, keep in plans]
+    optimizer = optimizer_argument(optimizer, "keep_components_many")
+    for layer, keep in plans:
+        if keep != list(range(layer.rank)):
+            check_slot_state_editable(optimizer, layer)
     layers = [layer for layer, _ in plans]
     if len({id(layer) for layer in layers}) != len(layers):
         raise ValueError("keep_components_many: a layer appears twice; give each layer one plan")
     old = [layer.rank for layer in layers]
+    plans = [(layer, keep) for layer, keep in plans if keep != list(range(layer.rank))]  # the others keep all
     if not plans:
         return old
     from lorambo.ext import ops as ext_ops
 
-    tensors = [t for layer in layers for t, _, _ in ext_ops.pool_slot_tensors(layer, optimizer)]
+    tensors = [t for layer, _ in plans for t, _, _ in ext_ops.pool_slot_tensors(layer, optimizer)]
     if use_compiled_multi_tensor(tensors):
         ext_ops.remap_pools_([(layer, ext_ops.keep_map(keep, layer.rank, layer.capacity)) for layer, keep in plans],
                              optimizer)
-        for (layer, keep), old_rank in zip(plans, old):
+        for layer, keep in plans:
+            old_rank = layer.rank
             layer._set_active_rank(len(keep))
             move_new_slots(layer, keep)
-            if keep != list(range(old_rank)):
-                warn_if_state_left_behind(layer, optimizer, f"slots {keep} of {old_rank} kept")
+            layer._count_slot_edit()
+            warn_if_state_left_behind(layer, optimizer, f"slots {keep} of {old_rank} kept")
+        restart_whole_vector_state(optimizer)  # LBFGS: no per-slot state to move
     else:
         for layer, keep in plans:
             layer.keep_components(keep, optimizer)

@@ -18,7 +18,10 @@ gradients (in a Trainer callback: ``on_pre_optimizer_step``); under a ``torch.am
 after ``scaler.unscale_(optimizer)``, or the scores carry the square of the loss scale. Under DDP the gradients are already
 averaged, so every process holds the same scores. Inactive slots have zero gradient and weight,
 hence zero importance. After a rank change, tell the tracker with :meth:`keep` (components were
-compacted by ``keep_components``) or :meth:`reset` (slots were re-initialised).
+compacted by ``keep_components``) or :meth:`reset` (slots were re-initialised): ``LoRAMBoCallback``
+does this for its decisions. Until then :meth:`update` and :meth:`component_scores` raise,
+naming the layer: statistics left at the old slots would score a moved component by another
+one's history (a decision could drop a component for the low score of the one it replaced).
 
 Under FSDP2 (pools sharded as DTensors) :meth:`update` all-gathers each pool and its gradient,
 so every process keeps the same full, plain statistics (every process must call it): the scores
@@ -50,10 +53,25 @@ class AdaLoRAImportance:
         self.steps = 0
         self._ibar: dict[tuple[str, str], torch.Tensor] = {}
         self._ubar: dict[tuple[str, str], torch.Tensor] = {}
+        self._followed = {name: layer.slot_edits for name, layer in self.layers.items()}
+
+    def _check_followed(self, what: str) -> None:
+        """RuntimeError naming the first layer whose slots changed since :meth:`keep` /
+        :meth:`reset` (or construction, or :meth:`load_state_dict`) last followed them."""
+        for name, layer in self.layers.items():
+            if layer.slot_edits != self._followed[name]:
+                raise RuntimeError(
+                    f"AdaLoRAImportance.{what}: the slots of layer {name!r} (rank {layer.rank} now) were changed "
+                    "after its statistics were last matched to them, so they would score components by "
+                    "other components' history. After each rank change call importance.keep(name, kept) "
+                    "(keep_components, a rank move: the kept slots in their new order) or "
+                    "importance.reset(name, slots) (set_rank: the grown or dropped slots) before the next "
+                    "update() / component_scores(); LoRAMBoCallback does this itself")
 
     @torch.no_grad()
     def update(self) -> None:
         """Fold the current gradients into the running scores (layers without a gradient skip)."""
+        self._check_followed("update")
         for name, layer in self.layers.items():
             for which in ("A", "B"):
                 p = getattr(layer, "lora_" + which)
@@ -99,6 +117,7 @@ class AdaLoRAImportance:
                     raise ValueError(f"AdaLoRAImportance.load_state_dict: {table}[{key!r}] has shape "
                                      f"{list(getattr(value, 'shape', []))}, the pool has {list(pool.shape)}")
         device = {name: self._device(layer.lora_A) for name, layer in self.layers.items()}
+        self._followed = {name: layer.slot_edits for name, layer in self.layers.items()}  # saved with these slots
         self.steps = steps
         self._ibar = {k: v.to(device[k[0]], torch.float32) for k, v in state["ibar"].items()}
         self._ubar = {k: v.to(device[k[0]], torch.float32) for k, v in state["ubar"].items()}
@@ -122,6 +141,7 @@ class AdaLoRAImportance:
 
     def component_scores(self) -> dict[str, torch.Tensor]:
         """``{name: S [rank]}`` with ``S_k = mean s(A[k, :]) + mean s(B[:, k])`` (float64, CPU)."""
+        self._check_followed("component_scores")
         scores = {}
         for name, layer in self.layers.items():
             s_a, s_b = self.parameter_scores(name)
@@ -159,6 +179,7 @@ class AdaLoRAImportance:
                 moved = t.index_select(dim, idx)
                 t.narrow(dim, n, t.shape[dim] - n).zero_()
                 t.narrow(dim, 0, n).copy_(moved)
+        self._followed[name] = self.layers[name].slot_edits
 
     @torch.no_grad()
     def reset(self, name: str, slots: Sequence[int]) -> None:
@@ -169,3 +190,4 @@ class AdaLoRAImportance:
                 t = table.get((name, which))
                 if t is not None and slots:
                     t.index_fill_(dim, torch.as_tensor(slots, dtype=torch.long, device=t.device), 0)
+        self._followed[name] = self.layers[name].slot_edits

@@ -128,6 +128,23 @@ def test_growth_from_rank_zero_does_not_warn_about_the_shared_step(monkeypatch):
         layer.set_rank(2, optimizer=opt)
 
 
+def test_shared_step_warning_names_the_step_the_new_slots_take_first(monkeypatch):
+    """After 3 Adam steps a grown slot's first update is Adam's step 4 (the count torch holds
+    after it), not step 3, which the warning used to name."""
+    import lorambo.nn.optimizer_state as optimizer_state
+
+    layer = LoRAMBoLinear(nn.Linear(6, 5, dtype=DT), rank=2, capacity=4)
+    opt = torch.optim.Adam(layer.parameters(), lr=LR)
+    for _ in range(3):
+        layer.lora_A.grad, layer.lora_B.grad = torch.ones_like(layer.lora_A), torch.ones_like(layer.lora_B)
+        opt.step()
+    monkeypatch.setattr(optimizer_state, "_warned_shared_step", False)
+    with pytest.warns(UserWarning, match=r"take their first step at step 4 of it, not at step 1"):
+        layer.set_rank(3, optimizer=opt)
+    opt.step()
+    assert float(opt.state[layer.lora_A]["step"]) == 4
+
+
 def _regrown_row_against_fresh(make_optimizer, steps: int = 3, reload: bool = False) -> None:
     """A layer trained 3 steps at rank 2, shrunk to 1 and grown back to 2: row 1 of
     A (regrown) follows, step for step, a fresh optimizer of the same kind over a copy of that

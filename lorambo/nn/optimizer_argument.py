@@ -1,0 +1,39 @@
+"""The ``optimizer=`` argument of the calls that change ranks.
+
+A rank change edits the state of the torch optimizer that steps the pools and asks it which
+optimizer it is (the start values of :mod:`lorambo.nn.fresh_state`, SGD's momentum start in
+:mod:`lorambo.nn.fresh_momentum`) and whether it stepped the pools
+(:mod:`lorambo.nn.optimizer_tracking`). Training frameworks hand out a wrapper instead:
+accelerate's ``AcceleratedOptimizer`` (what ``accelerator.prepare(optimizer)`` returns and
+transformers' Trainer holds) is a ``torch.optim.Optimizer`` that keeps the real one as
+``.optimizer`` and forwards ``state`` and ``param_groups`` to it. Taken as it is, a rank change
+saw neither Rprop nor Adagrad nor SGD behind it (new slots started at zero, not at a fresh
+optimizer's state) and warned that the optimizer had been left behind. The wrapper is
+therefore replaced by the optimizer it wraps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+__all__ = ["optimizer_argument"]
+
+
+def optimizer_argument(optimizer, caller: str):
+    """The optimizer whose state a rank change edits: ``optimizer`` itself, or the torch
+    optimizer inside a wrapper that keeps it as ``.optimizer``; None stays None. Anything
+    without ``state`` and ``param_groups`` (an LR scheduler, say) is a TypeError naming ``caller``."""
+    if optimizer is None:
+        return None
+    while isinstance(optimizer, torch.optim.Optimizer):
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            break
+        optimizer = inner
+    if not (isinstance(getattr(optimizer, "state", None), Mapping)
+            and isinstance(getattr(optimizer, "param_groups", None), list)):
+        raise TypeError(f"{caller}: optimizer={optimizer!r} must be a torch optimizer (the one that steps the LoRA "
+                        "pools, with .state and .param_groups) or None")
+    return optimizer

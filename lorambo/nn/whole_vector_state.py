@@ -1,0 +1,34 @@
+"""Optimizer state over the whole parameter vector: ``torch.optim.LBFGS``.
+
+LBFGS keeps its curvature memory (past steps and gradient changes, the last direction, the
+previous flat gradient) as flat vectors over all its parameters together, under its first
+parameter, not per parameter and not per slot. After a rank change those vectors still hold the
+coordinates of dropped or moved slots: the next direction then has entries in inactive slots
+(a dropped row of A measured 0.52 off zero after one step), which breaks the rule that inactive
+slots stay exactly zero, and the active slots follow curvature measured on other coordinates.
+No part of that memory belongs to one slot, so a rank change given an LBFGS restarts it: its
+state is emptied and its next step is a fresh LBFGS's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["restart_whole_vector_state"]
+
+
+def _kind(optimizer) -> type:
+    # lorambo.integrations.fsdp's gathered view stands in for the real optimizer and names it
+    return getattr(optimizer, "optimizer_type", type(optimizer))
+
+
+def restart_whole_vector_state(optimizer) -> None:
+    """Empty the state of an optimizer whose state spans all its parameters (LBFGS); a no-op
+    for every other optimizer."""
+    if optimizer is None or not issubclass(_kind(optimizer), torch.optim.LBFGS):
+        return
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param)
+            if state:
+                state.clear()
