@@ -37,6 +37,7 @@ from lorambo.model import lora_layers
 from lorambo.model import unload as _unload
 from lorambo.model.configure import check_mergeable
 from lorambo.model.modules_to_save import modules_to_save
+from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import keep_components_many
 from lorambo.nn.optimizer_tracking import stand_in_for
 from lorambo.nn.slots import pool_slots, tag_pool_parameter
@@ -192,7 +193,9 @@ def unloaded_state_dict(model: nn.Module, merge: bool = True) -> dict[str, torch
     """The full (unsharded) state dict of the plain model :func:`lorambo.unload` would give, with
     the adapters merged into the base weights when ``merge``; on every process, the sharded model
     untouched. Load it into a fresh copy of the base model. Refused, like :func:`lorambo.unload`,
-    when a merge would go into a weight the model also uses elsewhere (tied weights)."""
+    when a merge would go into a weight the model also uses elsewhere (tied weights). Keys are
+    the plain model's names, also for a model wrapped by torch.compile or DDP."""
+    model = unwrap_model(model)
     if merge:
         check_mergeable(model, lora_layers(model), caller="unloaded_state_dict")
     reshard(model)

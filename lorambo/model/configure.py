@@ -17,6 +17,7 @@ from lorambo.model.modules_to_save import (check_not_targets, forget_modules_to_
                                            modules_to_save as recorded_modules_to_save, resolve_modules_to_save)
 from lorambo.model.patterns import check_alpha_pattern, pattern_value
 from lorambo.model.targeting import check_named_targets, find_targets
+from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import LoRAMBoLinear
 
 
@@ -229,20 +230,24 @@ def check_mergeable(model: nn.Module, layers: Mapping[str, LoRAMBoLinear], calle
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Put the plain base modules back (with the adapters merged into their weights when
     ``merge``), restore the trainability configure_model took away, and return the model.
-    A merge into a weight the model also uses elsewhere (tied weights) is refused up front."""
+    A merge into a weight the model also uses elsewhere (tied weights) is refused up front.
+    A model wrapped by torch.compile or DDP is unloaded inside its wrapper, which is returned."""
     require_module(model, "unload")
     if not isinstance(merge, bool):  # "no" or "false" from a config file is truthy: it would merge
         raise TypeError(f"unload: merge must be True or False, got {merge!r}")
+    plain = unwrap_model(model)
     if merge:
-        check_mergeable(model, lora_layers(model))
-    for name, layer in lora_layers(model).items():
+        check_mergeable(plain, lora_layers(plain))
+    for name, layer in lora_layers(plain).items():
         if merge and not layer.merged:
             layer.merge(exact=False)
         elif not merge and layer.merged:
             layer.unmerge()
-        _set_submodule(model, name, layer.base_layer)
-    sync_fast_paths(model)
-    for param in forget_frozen(model):
-        param.requires_grad_(True)
-    forget_modules_to_save(model)
+        _set_submodule(plain, name, layer.base_layer)
+    sync_fast_paths(plain)
+    # the records sit on the model configure_model was given: the plain one or its wrapper
+    for holder in dict.fromkeys((plain, model)):
+        for param in forget_frozen(holder):
+            param.requires_grad_(True)
+        forget_modules_to_save(holder)
     return model
