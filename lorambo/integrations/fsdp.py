@@ -155,7 +155,9 @@ def allocator_step(allocator, step: int, optimizer=None, component_scores=None, 
 
 def merge(model: nn.Module, exact: bool = False) -> None:
     """Merge every adapter into its (sharded) base weight. ``exact=True`` keeps a full copy of
-    each base weight on every process; the default subtracts again on :func:`unmerge`."""
+    each base weight on every process; the default subtracts again on :func:`unmerge`. Refused,
+    before anything changes, as :func:`lorambo.unload` refuses it (tied or parametrized weights)."""
+    check_mergeable(model, {n: l for n, l in lora_layers(model).items() if not l.merged}, caller="merge")
     reshard(model)
     layers = list(lora_layers(model).values())
     with full_pools(layers, base_weights=True):

@@ -72,6 +72,7 @@ def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_mod
     _apply(model, plan, optimizer)
     keep_trainable(model, saved)
     for name, shared in weight_sharers(model, plan.new_layers).items():
+        plan.new_layers[name].note_tied_weight(_holders(model, shared))
         if shared:
             warnings.warn(f"configure_model: the base weight of {name!r} is tied to {shared}; its adapter trains "
                           "fine, but merging it would change those too (unload(merge=True) refuses it)",
@@ -213,18 +214,29 @@ def weight_sharers(model: nn.Module, layers: Mapping[str, LoRAMBoLinear]) -> dic
             for name, layer in layers.items()}
 
 
+def _holders(model: nn.Module, names: list[str]) -> list[tuple[str, nn.Module, str]]:
+    """``(name, module, attribute)`` of the dotted parameter names ``names`` of ``model``."""
+    out = []
+    for name in names:
+        path, _, attr = name.rpartition(".")
+        out.append((name, model.get_submodule(path), attr))
+    return out
+
+
 def check_mergeable(model: nn.Module, layers: Mapping[str, LoRAMBoLinear], caller: str = "unload") -> None:
     """Raise before anything changes if merging an unmerged one of ``layers`` would be lost (a
     parametrized weight) or would change other weights too (tied weights); ``caller`` names the
     function in the error."""
+    call, instead = (caller, "keep it unmerged") if caller == "merge" else (f"{caller}(merge=True)",
+                                                                           f"{caller}(merge=False)")
+    for name, shared in weight_sharers(model, layers).items():
+        if shared and not layers[name].merged:
+            raise ValueError(f"{call}: the base weight of {name!r} is tied to {shared}: merging its adapter would "
+                             "change them too. Untie it first (give the layer a weight of its own) or "
+                             f"{instead}; nothing was changed")
     for layer in layers.values():
         if not layer.merged:
             layer.check_mergeable()
-    for name, shared in weight_sharers(model, layers).items():
-        if shared and not layers[name].merged:
-            raise ValueError(f"{caller}(merge=True): the base weight of {name!r} is tied to {shared}: merging its "
-                             "adapter would change them too. Untie it first (give the layer a weight of its own) "
-                             f"or {caller}(merge=False); nothing was changed")
 
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:

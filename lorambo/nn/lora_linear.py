@@ -130,6 +130,9 @@ class LoRAMBoLinear(nn.Module):
     # there; a flag, not a replaced forward, so that hooks that wrap forward, e.g. accelerate's,
     # keep working)
     adapter_disabled = False
+    # (dotted name, module, attribute) of the other places configure_model found holding this
+    # layer's base weight (tied weights): merge() refuses while one of them still holds it
+    _tied_holders: tuple = ()
 
     def __init__(self, base: nn.Module, rank: int = 8, capacity: int | None = None,
                  alpha: float | None = None, dropout: float = 0.0, use_rslora: bool = False,
@@ -484,16 +487,29 @@ class LoRAMBoLinear(nn.Module):
         """Raise if :meth:`merge` cannot write into the base weight: a parametrized weight
         (``torch.nn.utils.parametrize``) is recomputed on every access, so a merge would be lost;
         inside ``lorambo.disable_adapter`` the forward runs the base layer alone, which a merge
-        would turn back into the adapted layer."""
+        would turn back into the adapted layer; a weight tied to another module's (as
+        ``configure_model`` found it, see :meth:`note_tied_weight`) would change that module too."""
         if self.adapter_disabled:
             raise RuntimeError(f"{self._label}: cannot merge inside lorambo.disable_adapter(), whose forward "
                                "runs the base weight alone: merging would put the adapter back into it. "
                                "Merge after the with-block")
+        tied = [name for name, module, attr in self._tied_holders
+                if module._parameters.get(attr) is self.base_layer.weight]
+        if tied:
+            raise RuntimeError(f"{self._label}: the base weight is tied to {tied}: merging the adapter would "
+                               "change them too. Untie it first (give the layer a weight of its own), or keep the "
+                               "adapter unmerged")
         if parametrize.is_parametrized(self.base_layer, "weight"):
             raise RuntimeError(f"{self._label}: the base weight is computed by a parametrization "
                                f"({type(self.base_layer).__name__}), so a merge would not stay in it; keep the "
                                "adapter unmerged, or remove the parametrization first "
                                "(torch.nn.utils.parametrize.remove_parametrizations)")
+
+    def note_tied_weight(self, holders) -> None:
+        """Record the other places the model holds this layer's base weight, as
+        ``(dotted name, module, attribute)``; :meth:`merge` refuses while one of them still
+        holds it (a weight untied later, by assigning the layer a weight of its own, merges)."""
+        self._tied_holders = tuple(holders)
 
     @torch.no_grad()
     def unmerge(self) -> None:
