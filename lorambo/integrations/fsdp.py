@@ -156,8 +156,10 @@ def allocator_step(allocator, step: int, optimizer=None, component_scores=None, 
 def merge(model: nn.Module, exact: bool = False) -> None:
     """Merge every adapter into its (sharded) base weight. ``exact=True`` keeps a full copy of
     each base weight on every process; the default subtracts again on :func:`unmerge`. Refused,
-    before anything changes, as :func:`lorambo.unload` refuses it (tied or parametrized weights)."""
-    check_mergeable(model, {n: l for n, l in lora_layers(model).items() if not l.merged}, caller="merge")
+    before anything changes, as :func:`lorambo.unload` refuses it (tied or parametrized weights),
+    and when a layer is merged already."""
+    _refuse_mixed(model, merged=True, caller="merge")
+    check_mergeable(model, lora_layers(model), caller="merge")
     reshard(model)
     layers = list(lora_layers(model).values())
     with full_pools(layers, base_weights=True):
@@ -165,7 +167,18 @@ def merge(model: nn.Module, exact: bool = False) -> None:
             layer.merge(exact=exact)
 
 
+def _refuse_mixed(model: nn.Module, merged: bool, caller: str) -> None:
+    """Raise, before anything changes, if a layer already is in the state ``caller`` would bring
+    it to (``merged``): the per-layer loop would raise there after changing the layers before it."""
+    done = [n for n, layer in lora_layers(model).items() if layer.merged == merged]
+    if done:
+        raise RuntimeError(f"{caller}: LoRA layers {done[:4]}{' ...' if len(done) > 4 else ''} are "
+                           f"{'merged already' if merged else 'not merged'}; nothing was changed")
+
+
 def unmerge(model: nn.Module) -> None:
+    """Undo :func:`merge` on every layer; refused, before anything changes, when a layer is not merged."""
+    _refuse_mixed(model, merged=False, caller="unmerge")
     reshard(model)
     layers = list(lora_layers(model).values())
     with full_pools(layers, base_weights=True):
