@@ -133,6 +133,7 @@ class LoRAMBoLinear(nn.Module):
     # (dotted name, module, attribute) of the other places configure_model found holding this
     # layer's base weight (tied weights): merge() refuses while one of them still holds it
     _tied_holders: tuple = ()
+    _base_type = None  # the base layer's class when wrapped: forward re-checks a base of another class
 
     def __init__(self, base: nn.Module, rank: int = 8, capacity: int | None = None,
                  alpha: float | None = None, dropout: float = 0.0, use_rslora: bool = False,
@@ -150,6 +151,7 @@ class LoRAMBoLinear(nn.Module):
                             "in a real floating dtype (float32, float64, bfloat16 or float16)")
         self.base_kind = kind
         self.base_layer = base
+        self._base_type = type(base)
         self.in_features, self.out_features = base_layers.features(base, kind)
         rank = self._check_int("rank", rank)
         if capacity is None:
@@ -215,6 +217,11 @@ class LoRAMBoLinear(nn.Module):
         out = super()._apply(fn, recurse)
         self._tag_pools()  # conversions that are not in place store new Parameter objects
         return out
+
+    def _refuse_swapped_base(self) -> None:
+        reason = base_layers.swapped_reason(self.base_layer, self.base_kind)
+        if reason is not None:
+            raise TypeError(f"{self._label}: {reason}")
 
     def _set_active_rank(self, rank: int) -> None:
         self._rank = rank
@@ -398,6 +405,8 @@ class LoRAMBoLinear(nn.Module):
                              f"expected in_features = {self.in_features}")
         if self.merged or self.adapter_disabled:
             return self.base_layer(x)
+        if type(self.base_layer) is not self._base_type:
+            self._refuse_swapped_base()
         if base_layers.call_hooks(self.base_layer):  # registered after wrapping (e.g. on every nn.Linear)
             raise RuntimeError(f"{self._label}: cannot run: {base_layers.hooks_reason(self.base_layer)}")
         weight, bias, lora_a, lora_b = self.weight, self.bias, self.lora_A, self.lora_B
@@ -493,6 +502,7 @@ class LoRAMBoLinear(nn.Module):
             raise RuntimeError(f"{self._label}: cannot merge inside lorambo.disable_adapter(), whose forward "
                                "runs the base weight alone: merging would put the adapter back into it. "
                                "Merge after the with-block")
+        self._refuse_swapped_base()
         tied = [name for name, module, attr in self._tied_holders
                 if module._parameters.get(attr) is self.base_layer.weight]
         if tied:
