@@ -132,7 +132,7 @@ class LoRAMBoLinear(nn.Module):
     adapter_disabled = False
     # (dotted name, module, attribute) of the other places configure_model found holding this
     # layer's base weight (tied weights): merge() refuses while one of them still holds it
-    _tied_holders: tuple = ()
+    _tied_holders = ()
     _base_type = None  # the base layer's class when wrapped: forward re-checks a base of another class
 
     def __init__(self, base: nn.Module, rank: int = 8, capacity: int | None = None,
@@ -189,6 +189,12 @@ class LoRAMBoLinear(nn.Module):
         self.register_load_state_dict_pre_hook(_check_extra_state_first)
         self.register_load_state_dict_pre_hook(_unmerge_before_load)
         self.register_load_state_dict_pre_hook(_refuse_slots_past_rank)
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first: say what to use instead of failing on the forward's signature
+        raise TypeError(f"{self._label}: torch.jit.script cannot compile LoRAMBoLinear, whose forward calls lorambo's "
+                        "op backends from Python; use torch.jit.trace or torch.export, or script the plain model "
+                        "after lorambo.unload(model, merge=True)")
 
     def _tag_pools(self) -> None:
         # The optimizer-facing view of the active rank (see lorambo.nn.slots).
