@@ -65,7 +65,10 @@ def _unmerged_base_weight(module: "LoRAMBoLinear", state_dict, prefix: str, loca
     (FSDP2) weight is left as it is: its state_dict is taken shard by shard."""
     key = f"{prefix}base_layer.weight"
     if module.merged and key in state_dict and not is_sharded(module.base_layer.weight):
-        state_dict[key] = module._unmerged_weight()
+        # a copy, not the layer's kept original: a model loaded from this state_dict with
+        # assign=True would otherwise hold that tensor as its weight, and merging it would
+        # change what this layer's unmerge() restores
+        state_dict[key] = module._unmerged_weight(copy=True)
 
 
 def _check_extra_state_first(module: "LoRAMBoLinear", state_dict, prefix: str, *args) -> None:
@@ -536,11 +539,12 @@ class LoRAMBoLinear(nn.Module):
         self._weight_before_merge = None
         self.merged = False
 
-    def _unmerged_weight(self) -> torch.Tensor:
-        """The base weight :meth:`unmerge` would restore (the kept copy, else weight - delta)."""
+    def _unmerged_weight(self, copy: bool = False) -> torch.Tensor:
+        """The base weight :meth:`unmerge` would restore (the kept copy, else weight - delta);
+        with ``copy``, never the kept copy itself."""
         base_w = self.base_layer.weight.detach()
         if self._weight_before_merge is not None:  # kept at merge time: a later .to() did not move it
-            return self._weight_before_merge.to(device=base_w.device, dtype=base_w.dtype)
+            return self._weight_before_merge.to(device=base_w.device, dtype=base_w.dtype, copy=copy)
         return (base_w.double() - self._delta_as_base_layout()).to(base_w.dtype)
 
     def _delta_as_base_layout(self) -> torch.Tensor:
