@@ -55,7 +55,13 @@ __all__ = ["define_lora_op", "differentiable_backward", "seed_tensor", "seed_val
 
 def seed_tensor(seed) -> Tensor:
     """``seed`` (int or 0-d int64 CPU tensor) as the 0-d int64 CPU tensor the ops take."""
-    return seed if isinstance(seed, Tensor) else torch.tensor(int(seed), dtype=torch.int64)
+    if isinstance(seed, Tensor):
+        return seed
+    if torch.jit.is_tracing():
+        # torch.tensor is a constant of the trace, pooled with equal constants; one made from a
+        # Python number in the model (GPT-2's ``+ 0``) runs as an int, which the op refuses
+        return torch.full((), int(seed), dtype=torch.int64)
+    return torch.tensor(int(seed), dtype=torch.int64)
 
 
 def seed_value(seed: Tensor) -> int:

@@ -7,6 +7,7 @@ of the trace, so every call dropped the same elements. Under tracing the layers 
 backend's custom op, which the trace records as one node.
 """
 
+import copy
 import io
 
 import pytest
@@ -79,3 +80,26 @@ def test_a_trace_in_train_mode_draws_a_fresh_dropout_mask_per_call(backend):
     assert not torch.equal(first, second)
     # the first layer has no dropout: only the second layer's LoRA branch differs between calls
     assert (first.double() - no_dropout).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_traced_gpt2_runs_other_shapes(backend):
+    """GPT-2 adds the Python number 0 to its position ids; the trace pools that constant with an
+    equal tensor constant, and it runs as an int: a seed made by torch.tensor(0) reached the op
+    as an int ("Expected a value of type 'Tensor' for argument 'seed'")."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    lorambo.set_backend(backend)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=32,
+                                      bos_token_id=0, eos_token_id=63, use_cache=False)).eval()
+    model = lorambo.configure_model(copy.deepcopy(base), 2, capacity=4, alpha=4.0).eval()
+    reference = copy.deepcopy(base).double()  # float64, W + s B_r A_r written in (Conv1D: [in, out])
+    with torch.no_grad():
+        for name, layer in lorambo.lora_layers(model).items():
+            layer.lora_B[:, :2].normal_()
+            delta = layer.scaling * layer.lora_B[:, :2].double() @ layer.lora_A[:2].double()
+            reference.get_submodule(name).weight += delta.t()
+    traced = torch.jit.trace(model, (torch.randint(0, 64, (2, 7)),), strict=False)
+    ids = torch.randint(0, 64, (3, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(traced(ids)["logits"].double(), reference(ids).logits, rtol=1e-4, atol=1e-4)
