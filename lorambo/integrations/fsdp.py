@@ -37,6 +37,7 @@ from lorambo.model import lora_layers
 from lorambo.model import unload as _unload
 from lorambo.model.configure import check_mergeable
 from lorambo.model.modules_to_save import modules_to_save
+from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import keep_components_many
 from lorambo.nn.optimizer_argument import optimizer_argument
 from lorambo.nn.optimizer_tracking import stand_in_for
@@ -156,7 +157,11 @@ def allocator_step(allocator, step: int, optimizer=None, component_scores=None, 
 
 def merge(model: nn.Module, exact: bool = False) -> None:
     """Merge every adapter into its (sharded) base weight. ``exact=True`` keeps a full copy of
-    each base weight on every process; the default subtracts again on :func:`unmerge`."""
+    each base weight on every process; the default subtracts again on :func:`unmerge`. Refused,
+    before anything changes, as :func:`lorambo.unload` refuses it (tied or parametrized weights),
+    and when a layer is merged already."""
+    _refuse_mixed(model, merged=True, caller="merge")
+    check_mergeable(model, lora_layers(model), caller="merge")
     reshard(model)
     layers = list(lora_layers(model).values())
     with full_pools(layers, base_weights=True):
@@ -164,7 +169,18 @@ def merge(model: nn.Module, exact: bool = False) -> None:
             layer.merge(exact=exact)
 
 
+def _refuse_mixed(model: nn.Module, merged: bool, caller: str) -> None:
+    """Raise, before anything changes, if a layer already is in the state ``caller`` would bring
+    it to (``merged``): the per-layer loop would raise there after changing the layers before it."""
+    done = [n for n, layer in lora_layers(model).items() if layer.merged == merged]
+    if done:
+        raise RuntimeError(f"{caller}: LoRA layers {done[:4]}{' ...' if len(done) > 4 else ''} are "
+                           f"{'merged already' if merged else 'not merged'}; nothing was changed")
+
+
 def unmerge(model: nn.Module) -> None:
+    """Undo :func:`merge` on every layer; refused, before anything changes, when a layer is not merged."""
+    _refuse_mixed(model, merged=False, caller="unmerge")
     reshard(model)
     layers = list(lora_layers(model).values())
     with full_pools(layers, base_weights=True):
@@ -194,7 +210,9 @@ def unloaded_state_dict(model: nn.Module, merge: bool = True) -> dict[str, torch
     """The full (unsharded) state dict of the plain model :func:`lorambo.unload` would give, with
     the adapters merged into the base weights when ``merge``; on every process, the sharded model
     untouched. Load it into a fresh copy of the base model. Refused, like :func:`lorambo.unload`,
-    when a merge would go into a weight the model also uses elsewhere (tied weights)."""
+    when a merge would go into a weight the model also uses elsewhere (tied weights). Keys are
+    the plain model's names, also for a model wrapped by torch.compile or DDP."""
+    model = unwrap_model(model)
     if merge:
         check_mergeable(model, lora_layers(model), caller="unloaded_state_dict")
     reshard(model)

@@ -17,6 +17,7 @@ from lorambo.model.modules_to_save import (check_not_targets, forget_modules_to_
                                            modules_to_save as recorded_modules_to_save, resolve_modules_to_save)
 from lorambo.model.patterns import check_alpha_pattern, pattern_value
 from lorambo.model.targeting import check_named_targets, find_targets
+from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import LoRAMBoLinear
 from lorambo.nn.optimizer_argument import optimizer_argument
 from lorambo.nn.optimizer_state import check_slot_state_editable
@@ -72,6 +73,7 @@ def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_mod
     _apply(model, plan, optimizer)
     keep_trainable(model, saved)
     for name, shared in weight_sharers(model, plan.new_layers).items():
+        plan.new_layers[name].note_tied_weight(_holders(model, shared))
         if shared:
             warnings.warn(f"configure_model: the base weight of {name!r} is tied to {shared}; its adapter trains "
                           "fine, but merging it would change those too (unload(merge=True) refuses it)",
@@ -215,37 +217,52 @@ def weight_sharers(model: nn.Module, layers: Mapping[str, LoRAMBoLinear]) -> dic
             for name, layer in layers.items()}
 
 
+def _holders(model: nn.Module, names: list[str]) -> list[tuple[str, nn.Module, str]]:
+    """``(name, module, attribute)`` of the dotted parameter names ``names`` of ``model``."""
+    out = []
+    for name in names:
+        path, _, attr = name.rpartition(".")
+        out.append((name, model.get_submodule(path), attr))
+    return out
+
+
 def check_mergeable(model: nn.Module, layers: Mapping[str, LoRAMBoLinear], caller: str = "unload") -> None:
     """Raise before anything changes if merging an unmerged one of ``layers`` would be lost (a
     parametrized weight) or would change other weights too (tied weights); ``caller`` names the
     function in the error."""
+    call, instead = (caller, "keep it unmerged") if caller == "merge" else (f"{caller}(merge=True)",
+                                                                           f"{caller}(merge=False)")
+    for name, shared in weight_sharers(model, layers).items():
+        if shared and not layers[name].merged:
+            raise ValueError(f"{call}: the base weight of {name!r} is tied to {shared}: merging its adapter would "
+                             "change them too. Untie it first (give the layer a weight of its own) or "
+                             f"{instead}; nothing was changed")
     for layer in layers.values():
         if not layer.merged:
             layer.check_mergeable()
-    for name, shared in weight_sharers(model, layers).items():
-        if shared and not layers[name].merged:
-            raise ValueError(f"{caller}(merge=True): the base weight of {name!r} is tied to {shared}: merging its "
-                             "adapter would change them too. Untie it first (give the layer a weight of its own) "
-                             f"or {caller}(merge=False); nothing was changed")
 
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Put the plain base modules back (with the adapters merged into their weights when
     ``merge``), restore the trainability configure_model took away, and return the model.
-    A merge into a weight the model also uses elsewhere (tied weights) is refused up front."""
+    A merge into a weight the model also uses elsewhere (tied weights) is refused up front.
+    A model wrapped by torch.compile or DDP is unloaded inside its wrapper, which is returned."""
     require_module(model, "unload")
     if not isinstance(merge, bool):  # "no" or "false" from a config file is truthy: it would merge
         raise TypeError(f"unload: merge must be True or False, got {merge!r}")
+    plain = unwrap_model(model)
     if merge:
-        check_mergeable(model, lora_layers(model))
-    for name, layer in lora_layers(model).items():
+        check_mergeable(plain, lora_layers(plain))
+    for name, layer in lora_layers(plain).items():
         if merge and not layer.merged:
             layer.merge(exact=False)
         elif not merge and layer.merged:
             layer.unmerge()
-        _set_submodule(model, name, layer.base_layer)
-    sync_fast_paths(model)
-    for param in forget_frozen(model):
-        param.requires_grad_(True)
-    forget_modules_to_save(model)
+        _set_submodule(plain, name, layer.base_layer)
+    sync_fast_paths(plain)
+    # the records sit on the model configure_model was given: the plain one or its wrapper
+    for holder in dict.fromkeys((plain, model)):
+        for param in forget_frozen(holder):
+            param.requires_grad_(True)
+        forget_modules_to_save(holder)
     return model

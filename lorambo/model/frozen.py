@@ -62,7 +62,7 @@ def release_frozen(model: nn.Module, params: Iterable[nn.Parameter]) -> None:
 
 def forget_frozen(model: nn.Module) -> list[nn.Parameter]:
     """Drop the record and return the parameters it names (the model is plain again)."""
-    frozen = _live(getattr(model, _ATTR, []))
-    if hasattr(model, _ATTR):
-        object.__delattr__(model, _ATTR)
+    # the model's own attribute: a torch.compile wrapper's getattr also finds its inner model's
+    frozen = _live(model.__dict__.get(_ATTR, []))
+    model.__dict__.pop(_ATTR, None)
     return frozen

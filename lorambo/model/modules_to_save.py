@@ -125,5 +125,4 @@ def original_state(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
 def forget_modules_to_save(model: nn.Module) -> None:
     """Drop the records (used by ``unload``: the model is plain again)."""
     for attr in (_NAMES_ATTR, _ORIGINAL_ATTR):
-        if hasattr(model, attr):
-            object.__delattr__(model, attr)
+        model.__dict__.pop(attr, None)  # its own: a torch.compile wrapper's getattr also finds its inner model's

@@ -52,6 +52,21 @@ def base_kind(module: nn.Module) -> str | None:
     return family[0]
 
 
+def swapped_reason(module: nn.Module, kind: str) -> str | None:
+    """Why the base layer ``module`` of a LoRAMBoLinear built on a ``kind`` layer can no longer
+    be computed from its weight, or None: something replaced it after wrapping by a module of
+    another class (``torch.ao.quantization.quantize_dynamic`` swaps every nn.Linear, the one
+    inside too, for a quantized layer whose ``weight`` is a method)."""
+    family = _family(module)
+    if family is not None and family[0] == kind and type(module).forward is family[1].forward:
+        return None
+    built_on = "nn.Linear" if kind == "linear" else "transformers Conv1D"
+    return (f"its base layer is now a {type(module).__module__}.{type(module).__qualname__}, put in after the "
+            f"layer was adapted (by a quantization pass that swaps Linear layers, say), not the {built_on} it was "
+            f"built on, whose weight it computes x W^T + b with. Merge and unload the adapters "
+            "(lorambo.unload(model, merge=True)) before such a pass")
+
+
 def is_wrappable(module: nn.Module) -> bool:
     return base_kind(module) is not None
 

@@ -67,7 +67,10 @@ def _unmerged_base_weight(module: "LoRAMBoLinear", state_dict, prefix: str, loca
     (FSDP2) weight is left as it is: its state_dict is taken shard by shard."""
     key = f"{prefix}base_layer.weight"
     if module.merged and key in state_dict and not is_sharded(module.base_layer.weight):
-        state_dict[key] = module._unmerged_weight()
+        # a copy, not the layer's kept original: a model loaded from this state_dict with
+        # assign=True would otherwise hold that tensor as its weight, and merging it would
+        # change what this layer's unmerge() restores
+        state_dict[key] = module._unmerged_weight(copy=True)
 
 
 def _check_extra_state_first(module: "LoRAMBoLinear", state_dict, prefix: str, *args) -> None:
@@ -132,6 +135,10 @@ class LoRAMBoLinear(nn.Module):
     # there; a flag, not a replaced forward, so that hooks that wrap forward, e.g. accelerate's,
     # keep working)
     adapter_disabled = False
+    # (dotted name, module, attribute) of the other places configure_model found holding this
+    # layer's base weight (tied weights): merge() refuses while one of them still holds it
+    _tied_holders = ()
+    _base_type = None  # the base layer's class when wrapped: forward re-checks a base of another class
 
     def __init__(self, base: nn.Module, rank: int = 8, capacity: int | None = None,
                  alpha: float | None = None, dropout: float = 0.0, use_rslora: bool = False,
@@ -149,6 +156,7 @@ class LoRAMBoLinear(nn.Module):
                             "in a real floating dtype (float32, float64, bfloat16 or float16)")
         self.base_kind = kind
         self.base_layer = base
+        self._base_type = type(base)
         self.in_features, self.out_features = base_layers.features(base, kind)
         rank = self._check_int("rank", rank)
         if capacity is None:
@@ -188,6 +196,12 @@ class LoRAMBoLinear(nn.Module):
         self.register_load_state_dict_pre_hook(_unmerge_before_load)
         self.register_load_state_dict_pre_hook(_refuse_slots_past_rank)
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first: say what to use instead of failing on the forward's signature
+        raise TypeError(f"{self._label}: torch.jit.script cannot compile LoRAMBoLinear, whose forward calls lorambo's "
+                        "op backends from Python; use torch.jit.trace or torch.export, or script the plain model "
+                        "after lorambo.unload(model, merge=True)")
+
     def _tag_pools(self) -> None:
         # The optimizer-facing view of the active rank (see lorambo.nn.slots).
         for name, dim in _POOL_DIMS.items():
@@ -216,6 +230,11 @@ class LoRAMBoLinear(nn.Module):
         out = super()._apply(fn, recurse)
         self._tag_pools()  # conversions that are not in place store new Parameter objects
         return out
+
+    def _refuse_swapped_base(self) -> None:
+        reason = base_layers.swapped_reason(self.base_layer, self.base_kind)
+        if reason is not None:
+            raise TypeError(f"{self._label}: {reason}")
 
     def _set_active_rank(self, rank: int) -> None:
         self._rank = rank
@@ -418,6 +437,8 @@ class LoRAMBoLinear(nn.Module):
                              f"expected in_features = {self.in_features}")
         if self.merged or self.adapter_disabled:
             return self.base_layer(x)
+        if type(self.base_layer) is not self._base_type:
+            self._refuse_swapped_base()
         if base_layers.call_hooks(self.base_layer):  # registered after wrapping (e.g. on every nn.Linear)
             raise RuntimeError(f"{self._label}: cannot run: {base_layers.hooks_reason(self.base_layer)}")
         weight, bias, lora_a, lora_b = self.weight, self.bias, self.lora_A, self.lora_B
@@ -507,16 +528,30 @@ class LoRAMBoLinear(nn.Module):
         """Raise if :meth:`merge` cannot write into the base weight: a parametrized weight
         (``torch.nn.utils.parametrize``) is recomputed on every access, so a merge would be lost;
         inside ``lorambo.disable_adapter`` the forward runs the base layer alone, which a merge
-        would turn back into the adapted layer."""
+        would turn back into the adapted layer; a weight tied to another module's (as
+        ``configure_model`` found it, see :meth:`note_tied_weight`) would change that module too."""
         if self.adapter_disabled:
             raise RuntimeError(f"{self._label}: cannot merge inside lorambo.disable_adapter(), whose forward "
                                "runs the base weight alone: merging would put the adapter back into it. "
                                "Merge after the with-block")
+        self._refuse_swapped_base()
+        tied = [name for name, module, attr in self._tied_holders
+                if module._parameters.get(attr) is self.base_layer.weight]
+        if tied:
+            raise RuntimeError(f"{self._label}: the base weight is tied to {tied}: merging the adapter would "
+                               "change them too. Untie it first (give the layer a weight of its own), or keep the "
+                               "adapter unmerged")
         if parametrize.is_parametrized(self.base_layer, "weight"):
             raise RuntimeError(f"{self._label}: the base weight is computed by a parametrization "
                                f"({type(self.base_layer).__name__}), so a merge would not stay in it; keep the "
                                "adapter unmerged, or remove the parametrization first "
                                "(torch.nn.utils.parametrize.remove_parametrizations)")
+
+    def note_tied_weight(self, holders) -> None:
+        """Record the other places the model holds this layer's base weight, as
+        ``(dotted name, module, attribute)``; :meth:`merge` refuses while one of them still
+        holds it (a weight untied later, by assigning the layer a weight of its own, merges)."""
+        self._tied_holders = tuple(holders)
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -527,11 +562,12 @@ class LoRAMBoLinear(nn.Module):
         self._weight_before_merge = None
         self.merged = False
 
-    def _unmerged_weight(self) -> torch.Tensor:
-        """The base weight :meth:`unmerge` would restore (the kept copy, else weight - delta)."""
+    def _unmerged_weight(self, copy: bool = False) -> torch.Tensor:
+        """The base weight :meth:`unmerge` would restore (the kept copy, else weight - delta);
+        with ``copy``, never the kept copy itself."""
         base_w = self.base_layer.weight.detach()
         if self._weight_before_merge is not None:  # kept at merge time: a later .to() did not move it
-            return self._weight_before_merge.to(device=base_w.device, dtype=base_w.dtype)
+            return self._weight_before_merge.to(device=base_w.device, dtype=base_w.dtype, copy=copy)
         return (base_w.double() - self._delta_as_base_layout()).to(base_w.dtype)
 
     def _delta_as_base_layout(self) -> torch.Tensor:

@@ -31,7 +31,10 @@ Outside torch.compile the same three functions run through a ``torch.autograd.Fu
 instead: the custom-op dispatch costs more than a small layer's whole forward+backward. Under a
 ``TorchDispatchMode`` (``FlopCounterMode``, ``FakeTensorMode``, ...) the custom ops run eagerly
 too, so the mode sees one op with its fake implementation and FLOP formula
-(:mod:`lorambo.ext.flops`) instead of raw kernel launches it cannot see into.
+(:mod:`lorambo.ext.flops`) instead of raw kernel launches it cannot see into. So they do under
+``torch.jit.trace``: the trace records one op node whose sizes and dropout seed are values of
+the trace (it runs at other shapes and draws a fresh mask per call) and which runs the Triton
+kernels, launches the tracer cannot record.
 """
 
 from __future__ import annotations
@@ -52,7 +55,13 @@ __all__ = ["define_lora_op", "differentiable_backward", "seed_tensor", "seed_val
 
 def seed_tensor(seed) -> Tensor:
     """``seed`` (int or 0-d int64 CPU tensor) as the 0-d int64 CPU tensor the ops take."""
-    return seed if isinstance(seed, Tensor) else torch.tensor(int(seed), dtype=torch.int64)
+    if isinstance(seed, Tensor):
+        return seed
+    if torch.jit.is_tracing():
+        # torch.tensor is a constant of the trace, pooled with equal constants; one made from a
+        # Python number in the model (GPT-2's ``+ 0``) runs as an int, which the op refuses
+        return torch.full((), int(seed), dtype=torch.int64)
+    return torch.tensor(int(seed), dtype=torch.int64)
 
 
 def seed_value(seed: Tensor) -> int:
@@ -167,7 +176,7 @@ def define_lora_op(ns: str, forward: Callable, backward: Callable, multiplier: C
             return _backward_rule(ctx, grad_y, ctx.saved_tensors, ctx.seed, backward_int_seed, multiplier)
 
     def apply(x2, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed):
-        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0 or torch.jit.is_tracing():
             return lora_linear_fwd(x2, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed_tensor(seed))[0]
         seed = int(seed)  # a CPU scalar when a tensor: no device synchronisation
         if eager is not None:

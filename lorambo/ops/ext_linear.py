@@ -29,17 +29,23 @@ from lorambo.ops.output_rows import rows_to_output
 __all__ = ["dropout_mask_ext", "lora_linear_ext"]
 
 
+# The three bodies of the ``lorambo_ext`` custom ops load the extension first: a program saved
+# by torch.export or torch.jit.trace calls them in a process where nothing has resolved the
+# backend yet, and ``torch.ops.lorambo`` only exists once ``lorambo._C`` is imported.
 def _forward(x, weight, bias, lora_A, lora_B, rank, scaling, p, seed):
+    ext_loader.require()
     return torch.ops.lorambo.lora_linear_fwd(x, weight, bias, lora_A, lora_B, rank, scaling, p, seed)
 
 
 def _backward(grad_y, x, weight, lora_A, lora_B, t, rank, scaling, p, seed, needs):
+    ext_loader.require()
     out = torch.ops.lorambo.lora_linear_bwd(grad_y, x, weight, lora_A, lora_B, t, rank, scaling, p, seed,
                                             list(needs))
     return tuple(g if need else None for g, need in zip(out, needs))
 
 
 def _multiplier(x, p, seed):
+    ext_loader.require()
     return torch.ops.lorambo.dropout_mask(x, p, seed)
 
 

@@ -17,4 +17,6 @@ __all__ = ["rows_to_output"]
 
 def rows_to_output(y: torch.Tensor, lead) -> torch.Tensor:
     """``y`` [M, out] as [*lead, out] (M = prod(lead)), not a view of ``y`` to autograd."""
+    if torch.jit.is_tracing():  # view() records the sizes as traced values: the trace serves other shapes
+        return y.view(*lead, y.shape[-1])
     return torch.ops.aten._unsafe_view(y, (*lead, y.shape[-1]))

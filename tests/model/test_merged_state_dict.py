@@ -100,3 +100,22 @@ def test_a_state_dict_loads_into_a_merged_model(kind, exact, partial):
         dst.load_state_dict(state, strict=not partial)
         assert not any(layer.merged for layer in lorambo.lora_layers(dst).values())
         torch.testing.assert_close(dst(x), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_a_model_assigned_a_merged_state_dict_does_not_share_the_kept_original(kind):
+    """An exact merge keeps the original weight for unmerge(); the state_dict used to hand out
+    that very tensor, so a model loaded from it with assign=True held it as its weight, and
+    merging that model changed what the first one's unmerge() restored (off by 0.55 on a Linear)."""
+    source = lorambo.configure_model(_model(kind), 2, target_modules=["0"], capacity=4, alpha=3.0)
+    x, want = _random_adapters_input_and_reference(source, seed=3)
+    original = source[0].base_layer.weight.detach().clone()
+    source[0].merge(exact=True)
+    target = lorambo.configure_model(_model(kind), 2, target_modules=["0"], capacity=4, alpha=3.0)
+    target.load_state_dict(source.state_dict(), assign=True)
+    target[0].merge(exact=True)
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), want, rtol=1e-12, atol=1e-12)
+        source[0].unmerge()
+        assert torch.equal(source[0].base_layer.weight, original)
+        torch.testing.assert_close(source(x), want, rtol=1e-12, atol=1e-12)

@@ -2,6 +2,8 @@
 merging would change the other module too (measured: logits moved by ~6 here), so unload(merge=True)
 refuses it before touching anything, and configure_model warns."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -68,3 +70,31 @@ def test_the_unloaded_state_dict_of_a_tied_weight_is_refused_too():
         fresh.lm_head.weight = nn.Parameter(fresh.lm_head.weight.detach().clone())
         fresh.load_state_dict(fsdp.unloaded_state_dict(model))
         torch.testing.assert_close(fresh(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_merging_the_tied_layer_itself_is_refused_and_untied_it_merges():
+    """``layer.merge()`` (and so ``lorambo.integrations.fsdp.merge``) used to merge into the tied
+    weight, changing the input embedding too (logits moved by ~10)."""
+    model, ids = _tied_gpt2(), torch.randint(0, 64, (2, 7))
+    for candidate in (model, copy.deepcopy(model)):  # a copy keeps its own tie
+        head = lorambo.lora_layers(candidate)["lm_head"]
+        with torch.no_grad():
+            want = candidate(input_ids=ids).logits
+            embedding = candidate.transformer.wte.weight.detach().clone()
+        with pytest.raises(RuntimeError, match=r"'lm_head': the base weight is tied to \['transformer.wte.weight'\]"):
+            head.merge()
+        with pytest.raises(ValueError, match=r"^merge: the base weight of 'lm_head' is tied.*nothing was changed"):
+            fsdp.merge(candidate)
+        assert not any(layer.merged for layer in lorambo.lora_layers(candidate).values())
+        with torch.no_grad():
+            assert torch.equal(candidate.transformer.wte.weight, embedding)
+            torch.testing.assert_close(candidate(input_ids=ids).logits, want, rtol=0, atol=0)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        head = lorambo.lora_layers(model)["lm_head"]
+        head.base_layer.weight = nn.Parameter(head.base_layer.weight.detach().clone(), requires_grad=False)  # untie
+        expected = (head.base_layer.weight.double()
+                    + head.scaling * head.lora_B[:, :2].double() @ head.lora_A[:2].double()).float()
+        head.merge()
+        assert torch.equal(head.base_layer.weight, expected)
+        torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
