@@ -147,6 +147,9 @@ class LoRAMBoLinear(nn.Module):
                             "in a real floating dtype (float32, float64, bfloat16 or float16)")
         self.base_kind = kind
         self.base_layer = base
+        # a drop-in keeps the replaced layer's mode: wrapping a model in eval mode (from_pretrained
+        # returns one) must not switch its LoRA dropout on
+        self.training = base.training
         self.in_features, self.out_features = base_layers.features(base, kind)
         rank = self._check_int("rank", rank)
         if capacity is None:
