@@ -25,6 +25,7 @@ from torch.nn.utils import parametrize
 
 from lorambo.nn import base_layers
 from lorambo.nn.fresh_momentum import move_new_slots
+from lorambo.nn.frozen_bases import note_frozen
 from lorambo.nn.optimizer_state import gather_slot_state, reset_slot_state, warn_if_shared_step
 from lorambo.nn.optimizer_tracking import track_optimizers, warn_if_state_left_behind
 from lorambo.nn.plain_keys import plain_keys_to_base_layer
@@ -171,6 +172,7 @@ class LoRAMBoLinear(nn.Module):
         self.scaling = self._check_finite("scaling", scaling)
         for param in base.parameters():
             param.requires_grad_(False)
+        note_frozen(base.parameters())  # an optimizer that steps only these trains nothing: warn then
         weight = base.weight
         self.lora_A = nn.Parameter(torch.zeros(capacity, self.in_features, dtype=weight.dtype, device=weight.device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, capacity, dtype=weight.dtype, device=weight.device))
