@@ -161,10 +161,14 @@ class LoRAMBoLinear(nn.Module):
             raise ValueError(f"{self._label}: capacity {capacity} must be in [1, min(in, out) = {limit}]")
         self.capacity = capacity
         self._check_rank_value(rank)
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+            raise TypeError(f"{self._label}: dropout must be a number in [0, 1), got {dropout!r}")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"{self._label}: dropout {dropout} must be in [0, 1)")
         self.dropout = float(dropout)
-        self.use_rslora = bool(use_rslora)
+        if not isinstance(use_rslora, bool):  # "false" from a config file is truthy: it would switch rsLoRA on
+            raise TypeError(f"{self._label}: use_rslora must be True or False, got {use_rslora!r}")
+        self.use_rslora = use_rslora
         self.alpha = self._check_finite("alpha", alpha) if alpha is not None else float(max(rank, 1))
         if scaling is None:
             ref = max(rank, 1)
