@@ -432,6 +432,11 @@ class LoRAMBoOptimizer:
         whose state :meth:`step` / :meth:`update_ranks` edit when they are given none."""
         from lorambo.optim import AdamW
 
+        if not lora_layers(self.model):  # configure() would then freeze all it holds and add pools it lacks
+            raise RuntimeError(f"make_optimizer: {type(self.model).__name__} has no LoRAMBoLinear layers yet, so "
+                               "the optimizer would hold the whole model's weights, which configure() then "
+                               "freezes, and none of the adapters; call configure() (after "
+                               "compute_optimal_ranks) first")
         self.default_optimizer = AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr,
                                        **adamw_kwargs)
         return self.default_optimizer

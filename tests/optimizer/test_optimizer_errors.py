@@ -83,3 +83,16 @@ def test_alora_settings_without_alora_allocation_are_refused():
 
     with pytest.raises(ValueError, match=r"alora=.*allocation='closed_form'.*only with allocation='alora'"):
         LoRAMBoOptimizer(nn.Linear(4, 4), 100, alora=ALoRAConfig(rounds=2))
+
+
+def test_make_optimizer_before_configure_is_refused():
+    torch.manual_seed(0)
+    opt = LoRAMBoOptimizer(_model(), 1000, sensitivity_method="frobenius")
+    with pytest.raises(RuntimeError, match=r"make_optimizer: Sequential has no LoRAMBoLinear layers yet.*call "
+                                           r"configure\(\) \(after compute_optimal_ranks\) first"):
+        opt.make_optimizer(lr=1e-3)
+    opt.compute_optimal_ranks()
+    model = opt.configure()
+    held = [p for group in opt.make_optimizer(lr=1e-3).param_groups for p in group["params"]]
+    pools = [p for layer in lorambo.lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)]
+    assert [id(p) for p in held] == [id(p) for p in pools]
