@@ -49,6 +49,7 @@ from lorambo.allocation.report import DecisionLog, rank_table, save_heatmap
 from lorambo.allocation.schedule import DecisionSchedule, ScheduledGrowth
 from lorambo.distributed import SharedFailure, is_main_process
 from lorambo.model import configure_model, find_targets, lora_layers
+from lorambo.model.argument import require_module
 from lorambo.nn import LoRAMBoLinear
 from lorambo.nn.base_layers import base_kind, features, weight_out_in
 from lorambo.sensitivity.token_mask import batch_token_mask, check_token_mask
@@ -125,6 +126,7 @@ class LoRAMBoOptimizer:
                  max_moves: int = 1, heldout_batches=None, loss_fn=None, alora=None,
                  log_path=None, verbose: bool = False, initial_budget=None, max_tokens: int | None = None,
                  token_mask="auto"):
+        require_module(model, "LoRAMBoOptimizer")
         if sensitivity_method not in SENSITIVITY_METHODS:
             raise ValueError(f"sensitivity_method={sensitivity_method!r}; choose one of {SENSITIVITY_METHODS}")
         if allocation not in ALLOCATIONS:

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import torch
 
 from lorambo.sharding import is_sharded
+from lorambo.model.argument import require_module
 
 __all__ = ["AdaLoRAImportance"]
 
@@ -42,6 +43,7 @@ class AdaLoRAImportance:
     def __init__(self, model, modules=None, beta1: float = 0.85, beta2: float = 0.85):
         from .ablation import lora_targets
 
+        require_module(model, "AdaLoRAImportance")
         for name, beta in (("beta1", beta1), ("beta2", beta2)):
             if not 0.0 <= float(beta) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {beta!r}")

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import lorambo
+from lorambo import sensitivity
 
 CALLS = {
     "configure_model": lambda m, tmp: lorambo.configure_model(m, 2),
@@ -19,7 +20,25 @@ CALLS = {
     "load_adapter": lambda m, tmp: lorambo.load_adapter(m, tmp / "a.safetensors"),
     "export_peft": lambda m, tmp: lorambo.export_peft(m, tmp / "peft"),
     "import_peft": lambda m, tmp: lorambo.import_peft(m, tmp / "peft"),
+    "LoRAMBoOptimizer": lambda m, tmp: lorambo.LoRAMBoOptimizer(m, total_budget=100),
+    "gradient_sensitivity": lambda m, tmp: sensitivity.gradient_sensitivity(m, _loss, [_x()]),
+    "targets_without_gradient": lambda m, tmp: sensitivity.targets_without_gradient(m, _loss, _x()),
+    "data_covariance": lambda m, tmp: sensitivity.data_covariance(m, _loss, [_x()]),
+    "hessian_trace": lambda m, tmp: sensitivity.hessian_trace(m, _loss, [_x()], num_probes=2),
+    "hessian_opnorm": lambda m, tmp: sensitivity.hessian_opnorm(m, _loss, [_x()], num_iters=2),
+    "FisherProxy": lambda m, tmp: sensitivity.FisherProxy(m),
+    "ablation_scores": lambda m, tmp: sensitivity.ablation_scores(m, _loss, [_x()]),
+    "AdaLoRAImportance": lambda m, tmp: sensitivity.AdaLoRAImportance(m),
+    "find_targets": lambda m, tmp: sensitivity.find_targets(m),
 }
+
+
+def _loss(model, batch):
+    return model(batch).pow(2).mean()
+
+
+def _x():
+    return torch.randn(3, 8)
 
 
 @pytest.fixture
