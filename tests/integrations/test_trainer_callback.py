@@ -83,3 +83,17 @@ def test_checkpoint_files_are_written_where_trainer_writes_checkpoints(tmp_path,
     written = sorted(p.name for p in (tmp_path / "checkpoint-3").glob("*")) if should_save else []
     assert written == (["adapter.safetensors", "lorambo_state.pt"] if should_save else [])
     assert (tmp_path / "checkpoint-3").exists() == should_save
+
+
+@pytest.mark.parametrize("what", ["model", "torch optimizer"])
+def test_something_else_in_place_of_the_allocator_is_refused(what):
+    # before: accepted; the first optimizer step or save failed with an AttributeError
+    model = lorambo.configure_model(torch.nn.Sequential(torch.nn.Linear(6, 6)), 2)
+    allocator = LoRAMBoOptimizer(model, total_budget=100)
+    bad = model if what == "model" else allocator.make_optimizer()
+    with pytest.raises(TypeError, match=rf"LoRAMBoCallback: allocator must be a lorambo.LoRAMBoOptimizer .*"
+                                        rf"got {type(bad).__name__}"):
+        LoRAMBoCallback(bad)
+    with pytest.raises(TypeError, match=r"LoRAMBoCallback: importance must be a "
+                                        r"lorambo.sensitivity.AdaLoRAImportance or None, got dict"):
+        LoRAMBoCallback(allocator, importance={})
