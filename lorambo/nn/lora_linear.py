@@ -26,7 +26,7 @@ from torch.nn.utils import parametrize
 from lorambo.nn import base_layers
 from lorambo.nn.fresh_momentum import move_new_slots
 from lorambo.nn.frozen_bases import note_frozen
-from lorambo.nn.optimizer_state import gather_slot_state, reset_slot_state, warn_if_shared_step
+from lorambo.nn.optimizer_state import check_optimizer, gather_slot_state, reset_slot_state, warn_if_shared_step
 from lorambo.nn.optimizer_tracking import track_optimizers, warn_if_state_left_behind
 from lorambo.nn.plain_keys import plain_keys_to_base_layer
 from lorambo.nn.slots import PoolSlots, local_slots, tag_pool_parameter
@@ -306,6 +306,10 @@ class LoRAMBoLinear(nn.Module):
         device than the pools (a CPU generator gives CUDA pools the numbers it gives CPU ones).
         """
         rank = self.validate_rank(rank)
+        check_optimizer(optimizer, f"{self._label}.set_rank")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"{self._label}.set_rank: generator must be a torch.Generator or None, got "
+                            f"{generator!r:.60} (seed one: torch.Generator().manual_seed(seed))")
         if self.merged:
             raise RuntimeError(f"{self._label}: unmerge() before changing the rank")
         self._refuse_sharded()
@@ -347,6 +351,7 @@ class LoRAMBoLinear(nn.Module):
         0..len(keep)-1, zero the rest, and return the previous rank. The kept components are
         moved bit for bit, with their gradients; with ``optimizer`` their state moves with them."""
         keep = self.checked_keep(keep)
+        check_optimizer(optimizer, f"{self._label}.keep_components")
         old, n = self._rank, len(keep)
         index = torch.as_tensor(keep, dtype=torch.long, device=self.lora_A.device)
         self.lora_A[:n] = self.lora_A.index_select(0, index)

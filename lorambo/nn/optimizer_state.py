@@ -26,7 +26,7 @@ the same shared ``step`` and are warned about alike. :class:`lorambo.optim.AdamW
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -37,6 +37,16 @@ from lorambo.nn.fresh_state import fresh_scalar_values, fresh_state_values, step
 SLOT_STEP = "slot_step"  # lorambo.optim.AdamW's per-slot Adam step count, shape [capacity]
 _warned_shared_step = False
 _STEPPED_MOMENTS = {"exp_avg", "row_var", "variance"}  # Adam family; Adafactor (2-D and 1-D params)
+
+
+def check_optimizer(optimizer, who: str) -> None:
+    """TypeError naming ``who`` unless ``optimizer`` is None or a torch optimizer (``state`` and
+    ``param_groups``; lorambo.integrations.fsdp's stand-in has both): a parameter list or the
+    model given as ``optimizer=`` failed after the pools had changed, or was silently ignored."""
+    if optimizer is not None and not (isinstance(getattr(optimizer, "state", None), Mapping)
+                                      and hasattr(optimizer, "param_groups")):
+        raise TypeError(f"{who}: optimizer must be a torch optimizer (with .state and .param_groups) or None, "
+                        f"got {type(optimizer).__name__}")
 
 
 def _slot_views(optimizer: torch.optim.Optimizer, layer):
@@ -79,6 +89,11 @@ def reset_slot_state(optimizer: torch.optim.Optimizer, layer, slots: Sequence[in
     """Give ``slots`` the optimizer state of a fresh optimizer (zero, or the start values of
     :mod:`lorambo.nn.fresh_state`); with ``all_active_new`` also restart ``step`` (and the other
     per-parameter scalars listed there)."""
+    check_optimizer(optimizer, "reset_slot_state")
+    if optimizer is None:
+        raise TypeError("reset_slot_state: optimizer must be a torch optimizer, got None")
+    if not callable(getattr(layer, "_check_int", None)):
+        raise TypeError(f"reset_slot_state: layer must be a LoRAMBoLinear, got {type(layer).__name__}")
     slots = [layer._check_int("slot", s) for s in slots]
     bad = [s for s in slots if not 0 <= s < layer.capacity]
     if bad:  # a negative index would silently reset a slot counted from the end

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from lorambo.nn.fresh_momentum import move_new_slots
+from lorambo.nn.optimizer_state import check_optimizer
 from lorambo.nn.optimizer_tracking import warn_if_state_left_behind
 from lorambo.ops.backend import use_compiled_multi_tensor
 
@@ -27,6 +28,7 @@ def keep_components_many(plans: Iterable[tuple[torch.nn.Module, Sequence[int]]],
                          optimizer: torch.optim.Optimizer | None = None) -> list[int]:
     """``layer.keep_components(keep, optimizer)`` for every ``(layer, keep)``; returns the old
     ranks in order. Every plan is validated before any pool is touched."""
+    check_optimizer(optimizer, "keep_components_many")
     plans = [(layer, layer.checked_keep(keep)) for layer, keep in plans]
     layers = [layer for layer, _ in plans]
     if len({id(layer) for layer in layers}) != len(layers):
