@@ -174,6 +174,9 @@ class LoRAMBoLinear(nn.Module):
             ref = max(rank, 1)
             scaling = self.alpha / (math.sqrt(ref) if self.use_rslora else ref)
         self.scaling = self._check_finite("scaling", scaling)
+        if self.scaling == 0.0:  # B A would be multiplied by 0 in the forward and in every gradient
+            raise ValueError(f"{self._label}: scaling is 0 (alpha={self.alpha!r}), so the adapter would add nothing "
+                             "and its pools would never get a gradient; give a nonzero alpha (default: the rank)")
         for param in base.parameters():
             param.requires_grad_(False)
         note_frozen(base.parameters())  # an optimizer that steps only these trains nothing: warn then

@@ -40,3 +40,14 @@ def test_configure_model_refuses_them_for_existing_adapters(kwargs, message):
 def test_the_layer_refuses_them(kwargs, message):
     with pytest.raises(TypeError, match=r"LoRAMBoLinear 'fc': " + message):
         LoRAMBoLinear(nn.Linear(8, 4), 2, name="fc", **kwargs)
+
+
+def test_alpha_zero_is_refused():
+    # before: accepted; scaling 0 made every LoRA gradient 0, so training changed nothing
+    model = _model()
+    with pytest.raises(ValueError, match=r"LoRAMBoLinear '0': scaling is 0 \(alpha=0.0\), so the adapter would "
+                                         r"add nothing"):
+        configure_model(model, 2, alpha=0)
+    assert not lora_layers(model) and all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match=r"LoRAMBoLinear 'fc': scaling is 0"):
+        LoRAMBoLinear(nn.Linear(8, 4), 2, scaling=0.0, name="fc")
