@@ -379,7 +379,18 @@ class LoRAMBoOptimizer:
     interval = property(lambda self: self.schedule.interval)
     stop_step = property(lambda self: self.schedule.stop_step)
 
+    @staticmethod
+    def _check_step(step, who: str) -> None:
+        """The loop's step counter; a batch passed in its place (``capture(batch)``) or None failed
+        deep in the schedule, and a negative step was silently never a decision step."""
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+            raise TypeError(f"LoRAMBoOptimizer.{who}: step must be the training step, an int >= 0, got "
+                            f"{type(step).__name__} {step!r:.60} (the call is {who}(step, ...))")
+        if step < 0:
+            raise ValueError(f"LoRAMBoOptimizer.{who}: step must be an int >= 0, got {step}")
+
     def is_decision_step(self, step: int) -> bool:
+        self._check_step(step, "is_decision_step")
         if self.allocation == "alora":
             return step in self.alora_config.decision_steps()
         return self.schedule.is_decision_step(step)
@@ -388,6 +399,7 @@ class LoRAMBoOptimizer:
         """Arm the activation hooks if ``step`` is an online decision step (else nothing).
         ``batch``: the batch the following forward runs on; its token mask (``token_mask``)
         keeps pads out of the capture. A later call with the next micro-batch replaces it."""
+        self._check_step(step, "begin_step")
         if self.allocation != "alora" and self.is_decision_step(step):
             mask = None if batch is None else batch_token_mask(self.token_mask, batch, "LoRAMBoOptimizer")
             self.scheduled_growth.begin_step(step, mask)
@@ -397,6 +409,7 @@ class LoRAMBoOptimizer:
         """Wrap the forward and backward of ``step``: records X and dY only on online decision
         steps (ALoRA captures nothing). Pass the ``batch`` so that pads are not captured (see
         ``token_mask``); without it every position is."""
+        self._check_step(step, "capture")
         self.begin_step(step, batch)
         try:
             yield self
@@ -409,6 +422,7 @@ class LoRAMBoOptimizer:
         ``torch.amp.GradScaler``: pass it as ``grad_scaler`` (before ``scaler.update()``), so
         gains are measured on the unscaled loss and ``loss_improvement_threshold`` means the same
         as without AMP."""
+        self._check_step(step, "step")
         optimizer = optimizer if optimizer is not None else self.default_optimizer
         if self.allocation == "alora":
             return self.alora_schedule().step(step, optimizer)

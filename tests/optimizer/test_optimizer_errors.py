@@ -96,3 +96,22 @@ def test_make_optimizer_before_configure_is_refused():
     held = [p for group in opt.make_optimizer(lr=1e-3).param_groups for p in group["params"]]
     pools = [p for layer in lorambo.lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)]
     assert [id(p) for p in held] == [id(p) for p in pools]
+
+
+@pytest.mark.parametrize("call", ["capture", "begin_step", "step", "is_decision_step"])
+@pytest.mark.parametrize("bad, error, message", [
+    ({"input_ids": [1]}, TypeError, r"step must be the training step, an int >= 0, got dict"),  # capture(batch)
+    (None, TypeError, r"step must be the training step, an int >= 0, got NoneType None"),
+    (2.0, TypeError, r"step must be the training step, an int >= 0, got float 2.0"),
+    (-2, ValueError, r"step must be an int >= 0, got -2")])
+def test_a_step_that_is_not_a_step_counter(call, bad, error, message):
+    # before: a batch or None failed inside the schedule ("'<' not supported between 'dict' and
+    # 'int'"), and 2.0 or -2 were taken (-2 as a step that never decides)
+    torch.manual_seed(0)
+    model = lorambo.configure_model(_model(), 2)
+    opt = LoRAMBoOptimizer(model, 1000, interval=2)
+    run = {"capture": lambda s: opt.capture(s).__enter__(), "begin_step": opt.begin_step, "step": opt.step,
+           "is_decision_step": opt.is_decision_step}[call]
+    with pytest.raises(error, match=rf"LoRAMBoOptimizer.{call}: " + message):
+        run(bad)
+    assert opt.is_decision_step(2) and not opt.is_decision_step(3)
