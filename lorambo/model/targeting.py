@@ -124,8 +124,12 @@ def find_targets(model: nn.Module, target_modules: str | list[str] | None) -> li
             raise ValueError(f"target_modules regex {target_modules!r} is invalid: {err}") from err
         names = [n for n in modules if n and pattern.fullmatch(n)]
         if not names:
+            as_suffix = [n for n in modules if n and suffix_match(n, target_modules)]
+            hint = (f"; a string is a regex that must match the whole dotted name (peft's rule), so it misses "
+                    f"{as_suffix[0]!r}: for the modules whose names end in it pass a list, "
+                    f"target_modules=[{target_modules!r}]") if as_suffix else _parameter_hint(model, pattern.fullmatch)
             raise ValueError(f"target_modules regex {target_modules!r} matches no module of "
-                             f"{type(model).__name__}{_parameter_hint(model, pattern.fullmatch)}")
+                             f"{type(model).__name__}{hint}")
         for n in names:
             _require_adaptable(n, modules[n], f"matches target_modules {target_modules!r}", bypassed)
         return names

@@ -80,6 +80,15 @@ def test_pattern_matching_nothing(mlp):
     assert not lora_layers(mlp)
 
 
+def test_a_string_meant_as_a_suffix_says_to_pass_a_list(mlp):
+    # before: only "target_modules regex 'up' matches no module of Net"
+    with pytest.raises(ValueError, match=r"regex 'up' matches no module of Net; a string is a regex that must "
+                                         r"match the whole dotted name \(peft's rule\), so it misses 'blocks\.0\.up': "
+                                         r"for the modules whose names end in it pass a list, target_modules=\['up'\]"):
+        configure_model(mlp, 2, target_modules="up")
+    assert not lora_layers(mlp)
+
+
 def test_target_that_is_not_linear(mlp):
     with pytest.raises(TypeError, match=r"'blocks\.0' \(Block\).*not nn.Linear"):
         configure_model(mlp, 2, target_modules=r"blocks\.\d")
