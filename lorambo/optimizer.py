@@ -244,6 +244,11 @@ class LoRAMBoOptimizer:
 
             scores = ablation_scores(self.model, loss_fn, batches, modules=names)
             values = {n: float(a.score.clamp_min(0).sum()) for n, a in scores.items()}
+            untrained = [n for n in names if not self.model.get_submodule(n).delta_weight().any()]
+            if untrained == names:  # every score is 0 then, and the allocation 0/0
+                raise ValueError(f"sensitivity_method='ablation': the adapters of {names[:4]} are untrained (B A = "
+                                 "0), so removing a component changes no loss and every score is 0; train them "
+                                 "first, or measure with another sensitivity_method ('hessian', 'gradient', ...)")
         for n, v in values.items():
             if not math.isfinite(v):
                 raise ValueError(f"{method} sensitivity of layer {n!r} is {v!r} (not finite): check the "

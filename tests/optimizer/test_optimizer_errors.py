@@ -115,3 +115,18 @@ def test_a_step_that_is_not_a_step_counter(call, bad, error, message):
     with pytest.raises(error, match=rf"LoRAMBoOptimizer.{call}: " + message):
         run(bad)
     assert opt.is_decision_step(2) and not opt.is_decision_step(3)
+
+
+def test_ablation_of_untrained_adapters_says_so():
+    # before: "closed_form: all sensitivities are zero ...", not saying why
+    torch.manual_seed(0)
+    model = lorambo.configure_model(_model(), 2)
+    opt = LoRAMBoOptimizer(model, 1000, sensitivity_method="ablation")
+    batches, loss_fn = [torch.randn(5, 6)], lambda m, x: m(x).pow(2).mean()
+    with pytest.raises(ValueError, match=r"sensitivity_method='ablation': the adapters of \['0', '2'\] are untrained "
+                                         r"\(B A = 0\).*train them first"):
+        opt.compute_optimal_ranks(batches, loss_fn)
+    with torch.no_grad():
+        model[0].lora_B[:, :2].normal_()  # one trained layer: scores exist, the other's are exactly 0
+    sens = opt.compute_sensitivities(batches, loss_fn)
+    assert sens["2"] == 0.0 and set(sens) == {"0", "2"}
