@@ -329,8 +329,12 @@ def import_peft(model: nn.Module, path: str | os.PathLike, capacity: int | Mappi
     folder = Path(path)
     config_file = folder / _CONFIG
     if not config_file.is_file():
-        hint = ("; that is a lorambo adapter: load it with lorambo.load_adapter"
-                if (folder / "adapter.safetensors").is_file() or folder.suffix == ".safetensors" else "")
+        if folder.is_file() and (folder.parent / _CONFIG).is_file():  # a file of the peft folder
+            hint = f"; {folder.name} is a file of the peft adapter folder {folder.parent}: pass that folder"
+        elif (folder / "adapter.safetensors").is_file() or folder.suffix == ".safetensors":
+            hint = "; that is a lorambo adapter: load it with lorambo.load_adapter"
+        else:
+            hint = ""
         raise FileNotFoundError(f"no {_CONFIG} in {folder}{hint}")
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
