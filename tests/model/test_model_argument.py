@@ -63,3 +63,25 @@ def test_unload_merge_must_be_a_bool():
     with pytest.raises(TypeError, match=r"unload: merge must be True or False, got 'no'"):
         lorambo.unload(model, merge="no")
     assert lorambo.lora_layers(model)  # nothing was changed
+
+
+PATH_CALLS = {
+    "save_adapter": lambda m, p: lorambo.save_adapter(m, p),
+    "load_adapter": lambda m, p: lorambo.load_adapter(m, p),
+    "export_peft": lambda m, p: lorambo.export_peft(m, p),
+    "import_peft": lambda m, p: lorambo.import_peft(m, p),
+}
+
+
+@pytest.mark.parametrize("name", PATH_CALLS)
+def test_a_path_that_is_not_a_name_is_refused(name, tmp_path, monkeypatch):
+    # before: None gave pathlib's "expected str, bytes or os.PathLike object, not NoneType", and ""
+    # (an unset variable) meant the current directory: save_adapter wrote ./adapter.safetensors
+    model = lorambo.configure_model(nn.Sequential(nn.Linear(8, 8)), 2)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TypeError, match=rf"{name}: path must be a file or folder name \(str or os.PathLike\), "
+                                        r"got NoneType None"):
+        PATH_CALLS[name](model, None)
+    with pytest.raises(ValueError, match=rf"{name}: path is empty \(use '\.' for the current directory\)"):
+        PATH_CALLS[name](model, "")
+    assert not any(tmp_path.iterdir())
