@@ -139,6 +139,11 @@ class LoRAMBoOptimizer:
                 raise ValueError(f"{what}={v!r} must be an int >= 0")
         if max_rank is not None and min_rank > max_rank:
             raise ValueError(f"min_rank={min_rank} > max_rank={max_rank}")
+        # used only by configure(), after a measurement that may take minutes: check it now
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
+                                  or not math.isfinite(alpha) or alpha == 0):
+            raise ValueError(f"LoRAMBoOptimizer: alpha={alpha!r} must be a finite nonzero number, or None (each "
+                             "layer's rank)")
         if not growth_factor >= 1.0:
             raise ValueError(f"growth_factor={growth_factor!r} must be >= 1")
         # the online settings are used at the first decision step, maybe hours in: check them now

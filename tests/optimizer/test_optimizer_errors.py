@@ -130,3 +130,10 @@ def test_ablation_of_untrained_adapters_says_so():
         model[0].lora_B[:, :2].normal_()  # one trained layer: scores exist, the other's are exactly 0
     sens = opt.compute_sensitivities(batches, loss_fn)
     assert sens["2"] == 0.0 and set(sens) == {"0", "2"}
+
+
+@pytest.mark.parametrize("alpha", [0, "16", math.nan, True])
+def test_a_bad_alpha_is_refused_before_anything_is_measured(alpha):
+    # before: taken, and refused by configure() only, after compute_optimal_ranks had run
+    with pytest.raises(ValueError, match=rf"LoRAMBoOptimizer: alpha={alpha!r} must be a finite nonzero number"):
+        LoRAMBoOptimizer(_model(), 1000, alpha=alpha)
