@@ -260,7 +260,9 @@ class FisherProxy:
         unreached = [t.name for t in self.targets if t.name not in names]
         if unreached and not names:
             raise RuntimeError(f"FisherProxy saw no backward pass through layer {unreached[0]!r} "
-                               f"yet, nor through any other of its layers {unreached[:5]}")
+                               f"yet, nor through any other of its layers {unreached[:5]}: it records only "
+                               "the forward and backward passes run inside `with proxy:` (or between "
+                               "proxy.attach() and proxy.detach())")
         if unreached:
             warnings.warn(f"FisherProxy: no gradient reached layer(s) {unreached} (the loss does "
                           "not use them); they are left out of the estimates", RuntimeWarning,
