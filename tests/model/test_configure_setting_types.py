@@ -34,9 +34,10 @@ def test_configure_model_refuses_them_for_existing_adapters(kwargs, message):
     assert {n: l.rank for n, l in lora_layers(model).items()} == {"0": 2, "2": 2}
 
 
-@pytest.mark.parametrize("kwargs, message", [({"use_rslora": "false"}, r"use_rslora must be True or False, got 'false'"),
-                                             ({"dropout": "0.1"}, r"dropout must be a number in \[0, 1\), got '0.1'"),
-                                             ({"dropout": None}, r"dropout must be a number in \[0, 1\), got None")])
+@pytest.mark.parametrize("kwargs, message", [
+    ({"use_rslora": "false"}, r"use_rslora must be True or False, got 'false'"),
+    ({"dropout": "0.1"}, r"dropout must be a number in \[0, 1\), got '0.1'"),
+    ({"dropout": None}, r"dropout must be a number in \[0, 1\), got None")])
 def test_the_layer_refuses_them(kwargs, message):
     with pytest.raises(TypeError, match=r"LoRAMBoLinear 'fc': " + message):
         LoRAMBoLinear(nn.Linear(8, 4), 2, name="fc", **kwargs)

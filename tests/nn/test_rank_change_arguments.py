@@ -28,14 +28,16 @@ OPT = r"optimizer must be a torch optimizer \(with .state and .param_groups\) or
 CALLS = {
     "set_rank, a parameter list": (lambda l, o: l.set_rank(5, optimizer=list(l.parameters())),
                                    r"LoRAMBoLinear 'fc'.set_rank: " + OPT + "list"),
-    "set_rank, the layer": (lambda l, o: l.set_rank(1, optimizer=l), r"LoRAMBoLinear 'fc'.set_rank: " + OPT + "LoRAMBoLinear"),
+    "set_rank, the layer": (lambda l, o: l.set_rank(1, optimizer=l),
+                            r"LoRAMBoLinear 'fc'.set_rank: " + OPT + "LoRAMBoLinear"),
     "set_rank, a seed": (lambda l, o: l.set_rank(5, optimizer=o, generator=0),
                          r"LoRAMBoLinear 'fc'.set_rank: generator must be a torch.Generator or None, got 0"),
     "keep_components": (lambda l, o: l.keep_components([2, 0], optimizer=[o]),
                         r"LoRAMBoLinear 'fc'.keep_components: " + OPT + "list"),
     "keep_components_many": (lambda l, o: keep_components_many([(l, [1])], optimizer=o.state),
                              r"keep_components_many: " + OPT + "defaultdict"),
-    "reset_slot_state, swapped": (lambda l, o: lorambo.reset_slot_state(l, o, [0]), r"reset_slot_state: " + OPT + "LoRAMBoLinear"),
+    "reset_slot_state, swapped": (lambda l, o: lorambo.reset_slot_state(l, o, [0]),
+                                  r"reset_slot_state: " + OPT + "LoRAMBoLinear"),
     "reset_slot_state, a plain layer": (lambda l, o: lorambo.reset_slot_state(o, l.base_layer, [0]),
                                         r"reset_slot_state: layer must be a LoRAMBoLinear, got Linear"),
 }
