@@ -51,6 +51,7 @@ from lorambo.allocation.report import DecisionLog, rank_table, save_heatmap
 from lorambo.allocation.schedule import DecisionSchedule, ScheduledGrowth
 from lorambo.distributed import SharedFailure, is_main_process
 from lorambo.model import configure_model, find_targets, lora_layers
+from lorambo.model.argument import require_module
 from lorambo.nn import LoRAMBoLinear
 from lorambo.nn.base_layers import base_kind, features, weight_out_in
 from lorambo.sensitivity.token_mask import batch_token_mask, check_token_mask
@@ -149,6 +150,7 @@ class LoRAMBoOptimizer:
                  max_moves: int = 1, heldout_batches=None, loss_fn=None, alora=None,
                  log_path=None, verbose: bool = False, initial_budget=None, max_tokens: int | None = None,
                  token_mask="auto"):
+        require_module(model, "LoRAMBoOptimizer")
         if sensitivity_method not in SENSITIVITY_METHODS:
             raise ValueError(f"sensitivity_method={sensitivity_method!r}; choose one of {SENSITIVITY_METHODS}")
         if allocation not in ALLOCATIONS:
@@ -161,6 +163,11 @@ class LoRAMBoOptimizer:
                 raise ValueError(f"{what}={v!r} must be an int >= 0")
         if max_rank is not None and min_rank > max_rank:
             raise ValueError(f"min_rank={min_rank} > max_rank={max_rank}")
+        # used only by configure(), after a measurement that may take minutes: check it now
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
+                                  or not math.isfinite(alpha) or alpha == 0):
+            raise ValueError(f"LoRAMBoOptimizer: alpha={alpha!r} must be a finite nonzero number, or None (each "
+                             "layer's rank)")
         if not growth_factor >= 1.0:
             raise ValueError(f"growth_factor={growth_factor!r} must be >= 1")
         # the online settings are used at the first decision step, maybe hours in: check them now
@@ -267,6 +274,11 @@ class LoRAMBoOptimizer:
 
             scores = ablation_scores(self.model, loss_fn, batches, modules=names)
             values = {n: float(a.score.clamp_min(0).sum()) for n, a in scores.items()}
+            untrained = [n for n in names if not self.model.get_submodule(n).delta_weight().any()]
+            if untrained == names:  # every score is 0 then, and the allocation 0/0
+                raise ValueError(f"sensitivity_method='ablation': the adapters of {names[:4]} are untrained (B A = "
+                                 "0), so removing a component changes no loss and every score is 0; train them "
+                                 "first, or measure with another sensitivity_method ('hessian', 'gradient', ...)")
         for n, v in values.items():
             if not math.isfinite(v):
                 raise ValueError(f"{method} sensitivity of layer {n!r} is {v!r} (not finite): check the "
@@ -415,7 +427,18 @@ class LoRAMBoOptimizer:
     interval = property(lambda self: self.schedule.interval)
     stop_step = property(lambda self: self.schedule.stop_step)
 
+    @staticmethod
+    def _check_step(step, who: str) -> None:
+        """The loop's step counter; a batch passed in its place (``capture(batch)``) or None failed
+        deep in the schedule, and a negative step was silently never a decision step."""
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+            raise TypeError(f"LoRAMBoOptimizer.{who}: step must be the training step, an int >= 0, got "
+                            f"{type(step).__name__} {step!r:.60} (the call is {who}(step, ...))")
+        if step < 0:
+            raise ValueError(f"LoRAMBoOptimizer.{who}: step must be an int >= 0, got {step}")
+
     def is_decision_step(self, step: int) -> bool:
+        self._check_step(step, "is_decision_step")
         if self.allocation == "alora":
             return step in self.alora_config.decision_steps()
         return self.schedule.is_decision_step(step)
@@ -424,6 +447,7 @@ class LoRAMBoOptimizer:
         """Arm the activation hooks if ``step`` is an online decision step (else nothing).
         ``batch``: the batch the following forward runs on; its token mask (``token_mask``)
         keeps pads out of the capture. A later call with the next micro-batch replaces it."""
+        self._check_step(step, "begin_step")
         if self.allocation != "alora" and self.is_decision_step(step):
             mask = None if batch is None else batch_token_mask(self.token_mask, batch, "LoRAMBoOptimizer")
             self._follow_layers()
@@ -436,6 +460,7 @@ class LoRAMBoOptimizer:
         ``token_mask``); without it every position is. A block that raises (out of memory, say)
         leaves nothing captured for the step: its backward stopped partway, and a decision from
         it would grow only the layers it reached."""
+        self._check_step(step, "capture")
         self.begin_step(step, batch)
         try:
             yield self
@@ -451,6 +476,7 @@ class LoRAMBoOptimizer:
         ``torch.amp.GradScaler``: pass it as ``grad_scaler`` (before ``scaler.update()``), so
         gains are measured on the unscaled loss and ``loss_improvement_threshold`` means the same
         as without AMP."""
+        self._check_step(step, "step")
         optimizer = optimizer if optimizer is not None else self.default_optimizer
         if self.is_decision_step(step):
             self._follow_layers()
@@ -479,6 +505,11 @@ class LoRAMBoOptimizer:
         whose state :meth:`step` / :meth:`update_ranks` edit when they are given none."""
         from lorambo.optim import AdamW
 
+        if not lora_layers(self.model):  # configure() would then freeze all it holds and add pools it lacks
+            raise RuntimeError(f"make_optimizer: {type(self.model).__name__} has no LoRAMBoLinear layers yet, so "
+                               "the optimizer would hold the whole model's weights, which configure() then "
+                               "freezes, and none of the adapters; call configure() (after "
+                               "compute_optimal_ranks) first")
         self.default_optimizer = AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr,
                                        **adamw_kwargs)
         return self.default_optimizer

@@ -57,11 +57,22 @@ def plan_for_gpu(sm_count: int, capability: tuple[int, int]):
         _planned_gpu.reset(token)
 
 
+# The values triton's getenv_bool takes as true (triton 3.6; tests/kernels/test_interpret_setting.py
+# compares with the installed triton). Read as "1" only, TRITON_INTERPRET=true ran triton's
+# interpreter while lorambo refused CPU tensors, telling the user to set what they had set. Pure
+# Python, not triton.knobs: Dynamo cannot trace triton's C getenv inside a compiled launch.
+_TRUE = ("1", "true", "on", "yes", "y")
+
+
+def _interpret_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in _TRUE
+
+
 def is_interpreter() -> bool:
     """Kernels run under ``TRITON_INTERPRET=1`` (numpy on CPU tensors)."""
     if _planned_gpu.get() is not None:
         return False
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _interpret_requested()
 
 
 def unavailable_reason(device_type: str) -> str | None:
@@ -72,7 +83,7 @@ def unavailable_reason(device_type: str) -> str | None:
         return "triton is not installed (pip install triton)"
     if device_type == "cuda":
         return None
-    if os.environ.get("TRITON_INTERPRET", "0") == "1" and device_type == "cpu":
+    if _interpret_requested() and device_type == "cpu":
         return interpreter_incompatibility()
     return (f"the Triton kernels need a CUDA device (or CPU tensors under TRITON_INTERPRET=1), "
             f"got device type {device_type!r}")

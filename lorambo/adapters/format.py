@@ -174,7 +174,9 @@ def read_adapter_file(file: Path) -> tuple[dict, dict[str, torch.Tensor], dict[s
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError) as err:
         raise AdapterFormatError(f"{file} is not a readable safetensors file: {err}") from err
     if header.get("format") != FORMAT:
-        raise AdapterFormatError(f"{file} is not a lorambo adapter (format {header.get('format')!r})")
+        hint = (f"; it is in a peft adapter folder: load that with lorambo.import_peft(model, {str(file.parent)!r})"
+                if (file.parent / "adapter_config.json").is_file() else "")
+        raise AdapterFormatError(f"{file} is not a lorambo adapter (format {header.get('format')!r}){hint}")
     version = header.get("version")
     if version not in READABLE_VERSIONS:
         raise AdapterFormatError(f"{file} has adapter format version {version!r}, this lorambo "

@@ -20,7 +20,7 @@ from lorambo.adapters.format import (FORMAT, LAYER_FIELDS, VERSION, AdapterForma
                                      own_storages, read_adapter_file)
 from lorambo.adapters.overwrite import configure_for_overwrite, set_rank_for_overwrite
 from lorambo.model import lora_layers, unload
-from lorambo.model.argument import require_module
+from lorambo.model.argument import require_module, require_path
 from lorambo.model.targeting import check_named_targets
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn.base_layers import base_kind, features
@@ -46,6 +46,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     when ``model`` is wrapped by torch.compile or DDP.
     """
     require_module(model, "save_adapter")
+    require_path(path, "save_adapter")
     model = unwrap_model(model)
     layers = lora_layers(model)
     if not layers:
@@ -132,6 +133,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     through the wrapper (the file's names are the plain model's).
     """
     require_module(model, "load_adapter")
+    require_path(path, "load_adapter")
     wrapper, model = model, unwrap_model(model)
     file = adapter_file(path)
     meta, tensors, _ = read_adapter_file(file)

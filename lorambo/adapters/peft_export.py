@@ -22,7 +22,7 @@ from lorambo.adapters.atomic import atomic_write_many, text_writer
 from lorambo.adapters.format import own_storages
 from lorambo.adapters.io import check_not_root
 from lorambo.model import lora_layers
-from lorambo.model.argument import require_module
+from lorambo.model.argument import require_module, require_path
 from lorambo.model.modules_to_save import modules_to_save
 from lorambo.model.unwrap import unwrap_model
 
@@ -114,7 +114,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
     are named as in the plain model, also when ``model`` is wrapped by torch.compile or DDP."""
     require_module(model, "export_peft")
     model = unwrap_model(model)
-    folder = Path(path)
+    folder = require_path(path, "export_peft")
     config = peft_adapter_config(model)
     tensors = {}
     for name, layer in lora_layers(model).items():

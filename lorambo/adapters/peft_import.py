@@ -34,7 +34,7 @@ from torch import nn
 from lorambo.adapters.io import AdapterFormatError
 from lorambo.adapters.overwrite import configure_for_overwrite
 from lorambo.model import lora_layers
-from lorambo.model.argument import require_module
+from lorambo.model.argument import require_module, require_path
 from lorambo.model.modules_to_save import resolve_modules_to_save
 from lorambo.model.patterns import pattern_value
 from lorambo.model.unwrap import unwrap_model
@@ -326,11 +326,15 @@ def import_peft(model: nn.Module, path: str | os.PathLike, capacity: int | Mappi
     """
     require_module(model, "import_peft")
     wrapper, model = model, unwrap_model(model)
-    folder = Path(path)
+    folder = require_path(path, "import_peft")
     config_file = folder / _CONFIG
     if not config_file.is_file():
-        hint = ("; that is a lorambo adapter: load it with lorambo.load_adapter"
-                if (folder / "adapter.safetensors").is_file() or folder.suffix == ".safetensors" else "")
+        if folder.is_file() and (folder.parent / _CONFIG).is_file():  # a file of the peft folder
+            hint = f"; {folder.name} is a file of the peft adapter folder {folder.parent}: pass that folder"
+        elif (folder / "adapter.safetensors").is_file() or folder.suffix == ".safetensors":
+            hint = "; that is a lorambo adapter: load it with lorambo.load_adapter"
+        else:
+            hint = ""
         raise FileNotFoundError(f"no {_CONFIG} in {folder}{hint}")
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))

@@ -14,6 +14,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from lorambo.sensitivity.estimate import Estimate
+
 # Relative slack for "non-increasing" checks on float curves: singular values and tail energies
 # computed in float64 can wiggle by a few ulps; 1e-9 of the curve's scale is far above that noise
 # and far below any real increase.
@@ -63,6 +65,9 @@ def _check_keys(what: str, given: Mapping, names: tuple) -> None:
 def _real(what: str, name: Any, value: Any) -> float:
     if isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{what} for layer {name!r} is {value!r}: expected a real number")
+    if isinstance(value, Estimate):  # hessian_trace's, hessian_opnorm's or FisherProxy's output as it came
+        raise ValueError(f"{what} for layer {name!r} is {value!r}: expected a real number; pass the "
+                         "estimates' values, {name: e.value for name, e in estimates.items()}")
     try:
         return float(value)
     except (TypeError, ValueError, RuntimeError):

@@ -34,7 +34,12 @@ FORMAT = 1
 def active() -> Path | None:
     """The bundle named by ``LORAMBO_BUNDLE``, or None (read the installed package and cache)."""
     value = os.environ.get(ENV)
-    return Path(value) if value else None
+    if not value:
+        return None
+    if not (Path(value) / MANIFEST).is_file():  # a variable left set from another shell, say
+        raise FileNotFoundError(f"${ENV}={value!r} names no bundle (no {MANIFEST} there): unset {ENV} to read "
+                                "the installed model package and data cache, or build one with `make gpu-bundle`")
+    return Path(value)
 
 
 def use(root) -> Path:

@@ -136,7 +136,7 @@ class ExperimentConfig:
             raise ValueError("lr_search='uniform' chooses the learning rate on uniform LoRA: add 'uniform' to methods")
         if isinstance(self.val_every, bool) or not isinstance(self.val_every, int) or self.val_every < 0:
             raise ValueError(f"val_every must be an int >= 0 (0: no validation curve), got {self.val_every!r}")
-        if self.probe_steps > self.steps:
+        if self.probe_steps > self.steps and {"probe", "probe_sqrt"} & set(self.methods):  # no probe: unused
             raise ValueError(f"probe_steps ({self.probe_steps}) must not exceed steps ({self.steps}): the probe "
                              "trains on the first probe_steps batches of a run's stream")
         if not (self.probe_lr > 0 and math.isfinite(self.probe_lr)):

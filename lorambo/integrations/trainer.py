@@ -119,6 +119,16 @@ class LoRAMBoCallback(TrainerCallback):
     """
 
     def __init__(self, allocator, importance=None, resume_from=None, grad_scaler=None):
+        from lorambo.optimizer import LoRAMBoOptimizer
+        from lorambo.sensitivity import AdaLoRAImportance
+
+        # the model or the torch optimizer in its place would fail only at the first step or save
+        if not isinstance(allocator, LoRAMBoOptimizer):
+            raise TypeError(f"LoRAMBoCallback: allocator must be a lorambo.LoRAMBoOptimizer (built on the "
+                            f"Trainer's model), got {type(allocator).__name__}")
+        if importance is not None and not isinstance(importance, AdaLoRAImportance):
+            raise TypeError(f"LoRAMBoCallback: importance must be a lorambo.sensitivity.AdaLoRAImportance or "
+                            f"None, got {type(importance).__name__}")
         self.allocator = allocator
         self.importance = importance
         self.resume_from = resume_from

@@ -63,6 +63,7 @@ def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_mod
     """
     require_module(model, "configure_model")
     optimizer = optimizer_argument(optimizer, "configure_model")
+    _check_settings_types(dropout, use_rslora)
     _check_no_lazy_parameters(model)
     _check_no_peft_modules(model)
     saved = resolve_modules_to_save(model, modules_to_save)
@@ -79,6 +80,14 @@ def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_mod
                           "fine, but merging it would change those too (unload(merge=True) refuses it)",
                           stacklevel=2)
     return model
+
+
+def _check_settings_types(dropout, use_rslora) -> None:
+    """Checked here as well as by each new layer: an existing adapter only compares them."""
+    if dropout is not None and (isinstance(dropout, bool) or not isinstance(dropout, numbers.Real)):
+        raise TypeError(f"configure_model: dropout must be a number in [0, 1) or None, got {dropout!r}")
+    if use_rslora is not None and not isinstance(use_rslora, bool):  # "false" is truthy
+        raise TypeError(f"configure_model: use_rslora must be True, False or None, got {use_rslora!r}")
 
 
 def _check_no_lazy_parameters(model: nn.Module) -> None:
@@ -163,7 +172,8 @@ def _plan(model, names, ranks, capacity, alpha, dropout, use_rslora, alpha_patte
             plan.new_layers[name] = LoRAMBoLinear(
                 module, rank=rank, capacity=_per_layer(capacity, name, "capacity"),
                 alpha=pattern_value(alpha_pattern, name, alpha),
-                dropout=dropout or 0.0, use_rslora=bool(use_rslora), name=name)
+                dropout=0.0 if dropout is None else dropout,
+                use_rslora=bool(use_rslora), name=name)
     except Exception:
         for param in plan.freeze:  # the constructors froze base weights; undo that
             param.requires_grad_(True)

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from lorambo.model.bypassed import bypassed_linears
+from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import LoRAMBoLinear
 from lorambo.nn.base_layers import is_wrappable, stacked_weights, unwrappable_reason
 
@@ -28,6 +29,18 @@ ALL_LINEAR = "all-linear"  # peft's keyword, accepted as target_modules; same as
 def _closest(name: str, names: Iterable[str]) -> str:
     near = difflib.get_close_matches(name, list(names), n=3, cutoff=0.5)
     return f"; did you mean {near}?" if near else ""
+
+
+def _wrapper_hint(model: nn.Module, name: str, modules) -> str:
+    """Why a plain model's name misses in a torch.compile / DDP wrapper, whose names carry a prefix."""
+    inner = unwrap_model(model)
+    if inner is model:
+        return ""
+    prefix = next((n[: -len(name)] for n in modules if n.endswith("." + name)), None)
+    if prefix is None:
+        return ""
+    return (f" (a {type(inner).__name__} wrapped by {type(model).__name__}, where it is {prefix + name!r}): "
+            "configure the model before wrapping it, or name its modules as the wrapper does")
 
 
 def suffix_match(name: str, target: str) -> bool:
@@ -124,8 +137,12 @@ def find_targets(model: nn.Module, target_modules: str | list[str] | None) -> li
             raise ValueError(f"target_modules regex {target_modules!r} is invalid: {err}") from err
         names = [n for n in modules if n and pattern.fullmatch(n)]
         if not names:
+            as_suffix = [n for n in modules if n and suffix_match(n, target_modules)]
+            hint = (f"; a string is a regex that must match the whole dotted name (peft's rule), so it misses "
+                    f"{as_suffix[0]!r}: for the modules whose names end in it pass a list, "
+                    f"target_modules=[{target_modules!r}]") if as_suffix else _parameter_hint(model, pattern.fullmatch)
             raise ValueError(f"target_modules regex {target_modules!r} matches no module of "
-                             f"{type(model).__name__}{_parameter_hint(model, pattern.fullmatch)}")
+                             f"{type(model).__name__}{hint}")
         for n in names:
             _require_adaptable(n, modules[n], f"matches target_modules {target_modules!r}", bypassed)
         return names
@@ -159,7 +176,7 @@ def check_named_targets(model: nn.Module, names: Iterable[str]) -> list[str]:
     for name in names:
         if name not in modules:
             raise ValueError(f"module {name!r} not found in {type(model).__name__}"
-                             f"{_closest(name, modules)}")
+                             f"{_wrapper_hint(model, name, modules) or _closest(name, modules)}")
         _require_adaptable(name, modules[name], "is named in ranks", bypassed)
         out.append(name)
     return out

@@ -25,6 +25,7 @@ from torch.nn.utils import parametrize
 
 from lorambo.nn import base_layers
 from lorambo.nn.fresh_momentum import move_new_slots
+from lorambo.nn.frozen_bases import note_frozen
 from lorambo.nn.optimizer_argument import optimizer_argument
 from lorambo.nn.optimizer_state import (check_slot_state_editable, gather_slot_state, reset_slot_state,
                                         warn_if_shared_step)
@@ -157,6 +158,9 @@ class LoRAMBoLinear(nn.Module):
         self.base_kind = kind
         self.base_layer = base
         self._base_type = type(base)
+        # a drop-in keeps the replaced layer's mode: wrapping a model in eval mode (from_pretrained
+        # returns one) must not switch its LoRA dropout on
+        self.training = base.training
         self.in_features, self.out_features = base_layers.features(base, kind)
         rank = self._check_int("rank", rank)
         if capacity is None:
@@ -167,17 +171,25 @@ class LoRAMBoLinear(nn.Module):
             raise ValueError(f"{self._label}: capacity {capacity} must be in [1, min(in, out) = {limit}]")
         self.capacity = capacity
         self._check_rank_value(rank)
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+            raise TypeError(f"{self._label}: dropout must be a number in [0, 1), got {dropout!r}")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"{self._label}: dropout {dropout} must be in [0, 1)")
         self.dropout = float(dropout)
-        self.use_rslora = bool(use_rslora)
+        if not isinstance(use_rslora, bool):  # "false" from a config file is truthy: it would switch rsLoRA on
+            raise TypeError(f"{self._label}: use_rslora must be True or False, got {use_rslora!r}")
+        self.use_rslora = use_rslora
         self.alpha = self._check_finite("alpha", alpha) if alpha is not None else float(max(rank, 1))
         if scaling is None:
             ref = max(rank, 1)
             scaling = self.alpha / (math.sqrt(ref) if self.use_rslora else ref)
         self.scaling = self._check_finite("scaling", scaling)
+        if self.scaling == 0.0:  # B A would be multiplied by 0 in the forward and in every gradient
+            raise ValueError(f"{self._label}: scaling is 0 (alpha={self.alpha!r}), so the adapter would add nothing "
+                             "and its pools would never get a gradient; give a nonzero alpha (default: the rank)")
         for param in base.parameters():
             param.requires_grad_(False)
+        note_frozen(base.parameters())  # an optimizer that steps only these trains nothing: warn then
         weight = base.weight
         self.lora_A = nn.Parameter(torch.zeros(capacity, self.in_features, dtype=weight.dtype, device=weight.device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, capacity, dtype=weight.dtype, device=weight.device))
@@ -332,6 +344,9 @@ class LoRAMBoLinear(nn.Module):
         """
         rank = self.validate_rank(rank)
         optimizer = optimizer_argument(optimizer, f"{self._label}.set_rank")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"{self._label}.set_rank: generator must be a torch.Generator or None, got "
+                            f"{generator!r:.60} (seed one: torch.Generator().manual_seed(seed))")
         if self.merged:
             raise RuntimeError(f"{self._label}: unmerge() before changing the rank")
         self._refuse_sharded()

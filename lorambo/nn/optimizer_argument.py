@@ -34,6 +34,7 @@ def optimizer_argument(optimizer, caller: str):
         optimizer = inner
     if not (isinstance(getattr(optimizer, "state", None), Mapping)
             and isinstance(getattr(optimizer, "param_groups", None), list)):
-        raise TypeError(f"{caller}: optimizer={optimizer!r} must be a torch optimizer (the one that steps the LoRA "
-                        "pools, with .state and .param_groups) or None")
+        # the type, not the repr: a parameter list's repr prints every tensor
+        raise TypeError(f"{caller}: optimizer must be a torch optimizer (the one that steps the LoRA pools, with "
+                        f".state and .param_groups) or None, got {type(optimizer).__name__}")
     return optimizer

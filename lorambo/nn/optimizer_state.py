@@ -26,7 +26,7 @@ the same shared ``step`` and are warned about alike. :class:`lorambo.optim.AdamW
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -107,6 +107,8 @@ def reset_slot_state(optimizer: torch.optim.Optimizer, layer, slots: Sequence[in
     if checked is None:
         raise TypeError("reset_slot_state: optimizer is None; pass the torch optimizer that steps the LoRA pools")
     optimizer = checked
+    if not callable(getattr(layer, "_check_int", None)):
+        raise TypeError(f"reset_slot_state: layer must be a LoRAMBoLinear, got {type(layer).__name__}")
     check_slot_state_editable(optimizer, layer)
     slots = [layer._check_int("slot", s) for s in slots]
     bad = [s for s in slots if not 0 <= s < layer.capacity]

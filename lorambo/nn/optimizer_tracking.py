@@ -7,6 +7,7 @@ and dropped slots keep theirs, so Adam moves them off zero again. lorambo cannot
 optimizers hold a parameter, so a process-wide optimizer step post-hook (installed with the
 first LoRAMBoLinear) remembers the optimizers that stepped pool parameters; a rank change warns,
 once per optimizer, when one of them that it was not given holds state for the layer's pools.
+The same scan warns about an optimizer that holds no pool at all (see lorambo.nn.frozen_bases).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import weakref
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
+from lorambo.nn.frozen_bases import warn_if_trains_no_adapter
 from lorambo.nn.slots import pool_slots
 
 __all__ = ["StaleOptimizerStateWarning", "track_optimizers", "warn_if_state_left_behind", "stand_in_for"]
@@ -47,10 +49,11 @@ def _after_step(optimizer, args, kwargs) -> None:
     if _SCANNED.get(optimizer) == count:  # rescanned only when add_param_group added parameters
         return
     _SCANNED[optimizer] = count
-    for group in groups:
-        for param in group["params"]:
-            if pool_slots(param) is not None:
-                _HOLDERS.setdefault(param, weakref.WeakSet()).add(optimizer)
+    params = [param for group in groups for param in group["params"]]
+    for param in params:
+        if pool_slots(param) is not None:
+            _HOLDERS.setdefault(param, weakref.WeakSet()).add(optimizer)
+    warn_if_trains_no_adapter(optimizer, params)
 
 
 def stand_in_for(stand_in, original) -> None:

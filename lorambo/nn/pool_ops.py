@@ -30,8 +30,8 @@ def keep_components_many(plans: Iterable[tuple[torch.nn.Module, Sequence[int]]],
                          optimizer: torch.optim.Optimizer | None = None) -> list[int]:
     """``layer.keep_components(keep, optimizer)`` for every ``(layer, keep)``; returns the old
     ranks in order. Every plan is validated before any pool is touched."""
-    plans = [(layer, layer.checked_keep(keep)) for layer, keep in plans]
     optimizer = optimizer_argument(optimizer, "keep_components_many")
+    plans = [(layer, layer.checked_keep(keep)) for layer, keep in plans]
     for layer, keep in plans:
         if keep != list(range(layer.rank)):
             check_slot_state_editable(optimizer, layer)

@@ -198,6 +198,19 @@ def _check_state_shapes(optimizer: torch.optim.Optimizer, state_dict: dict) -> N
                                      "a model with other LoRA capacities?")
 
 
+def _check_state_follows(param: torch.Tensor, state: dict) -> None:
+    """A model cast or moved after the optimizer's first step (``model.double()``,
+    ``model.to(device)``) leaves the moments behind; the update would then fail inside torch or
+    the extension with a message about the dtypes of internal tensors, or mix dtypes."""
+    value = state.get("exp_avg")  # the other moments were made, and are cast or moved, with it
+    if torch.is_tensor(value) and (value.dtype != param.dtype or value.device != param.device):
+        raise RuntimeError(
+            f"lorambo.optim.AdamW: the exp_avg of a parameter of shape {list(param.shape)} is {value.dtype} on "
+            f"{value.device}, but the parameter is now {param.dtype} on {param.device}: the model was cast or moved "
+            "after the optimizer's first step. Build the optimizer after model.to(...), or bring its state along "
+            "with optimizer.load_state_dict(optimizer.state_dict())")
+
+
 class AdamW(torch.optim.AdamW):
     """Drop-in :class:`torch.optim.AdamW` (same arguments and defaults; ``differentiable=True``
     is refused with a ``ValueError``) with per-slot Adam step counts for LoRAMBoLinear pools.
@@ -217,8 +230,17 @@ class AdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        pools = [[p for p in group["params"] if p.grad is not None and pool_slots(p) is not None]
-                 for group in self.param_groups]
+        pools = []
+        for group in self.param_groups:
+            group_pools = []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if pool_slots(p) is not None:
+                    group_pools.append(p)
+                elif p in self.state:  # torch's update below would fail after counting the step
+                    _check_state_follows(p, self.state[p])
+            pools.append(group_pools)
         hidden = [(p, p.grad) for group_pools in pools for p in group_pools]
         for p, _ in hidden:
             p.grad = None  # torch's update skips parameters without a gradient
@@ -260,11 +282,18 @@ class AdamW(torch.optim.AdamW):
                 work.append((param, self._pool_state(param, amsgrad), dim, slots.rank))
         if not work:
             return
-        torch._foreach_add_([state["step"] for _, state, _, _ in work], 1.0)
         if _compiled_step_applies(work, amsgrad):
-            _compiled_pool_step(group, work)
+            try:
+                _compiled_pool_step(group, work)  # checks every tensor before it changes any
+            except RuntimeError:
+                for param, state, _, _ in work:  # the likely cause, explained (free when all is well)
+                    _check_state_follows(param, state)
+                raise
         else:
+            for param, state, _, _ in work:  # torch's ops would mix the dtypes without a word
+                _check_state_follows(param, state)
             _foreach_pool_step(group, work)
+        torch._foreach_add_([state["step"] for _, state, _, _ in work], 1.0)
 
     def load_state_dict(self, state_dict: dict) -> None:
         _check_state_shapes(self, state_dict)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from lorambo.distributed import SharedFailure
+from lorambo.model.argument import require_module
 from .inputs import as_batch_list, check_some_batches, scalar_loss
 
 __all__ = ["ComponentAblation", "ablation_scores", "lora_targets"]
@@ -102,6 +103,7 @@ def ablation_scores(model, loss_fn, batches, modules=None, alone: bool = True
     also when ``modules`` selects only some layers to score, so every LoRA layer must be unmerged
     and enabled (RuntimeError otherwise, e.g. inside ``lorambo.disable_adapter``).
     """
+    require_module(model, "ablation_scores")
     # every process must run as many evaluations (one collective each) over the same components
     failure = SharedFailure("ablation_scores")
     with failure:

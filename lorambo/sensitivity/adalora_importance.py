@@ -35,6 +35,7 @@ from collections.abc import Sequence
 import torch
 
 from lorambo.sharding import is_sharded
+from lorambo.model.argument import require_module
 
 __all__ = ["AdaLoRAImportance"]
 
@@ -45,6 +46,7 @@ class AdaLoRAImportance:
     def __init__(self, model, modules=None, beta1: float = 0.85, beta2: float = 0.85):
         from .ablation import lora_targets
 
+        require_module(model, "AdaLoRAImportance")
         for name, beta in (("beta1", beta1), ("beta2", beta2)):
             if not 0.0 <= float(beta) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {beta!r}")
@@ -70,8 +72,12 @@ class AdaLoRAImportance:
 
     @torch.no_grad()
     def update(self) -> None:
-        """Fold the current gradients into the running scores (layers without a gradient skip)."""
+        """Fold the current gradients into the running scores (layers without a gradient skip;
+        RuntimeError if no layer has one: called before backward() or after zero_grad())."""
         self._check_followed("update")
+        if all(getattr(layer, "lora_" + w).grad is None for layer in self.layers.values() for w in ("A", "B")):
+            raise RuntimeError(f"AdaLoRAImportance.update(): none of its layers {list(self.layers)[:4]} has a "
+                               "gradient: call it after loss.backward() and before optimizer.zero_grad()")
         for name, layer in self.layers.items():
             for which in ("A", "B"):
                 p = getattr(layer, "lora_" + which)
@@ -140,8 +146,13 @@ class AdaLoRAImportance:
         return pool.to_local().device if is_sharded(pool) else pool.device
 
     def component_scores(self) -> dict[str, torch.Tensor]:
-        """``{name: S [rank]}`` with ``S_k = mean s(A[k, :]) + mean s(B[:, k])`` (float64, CPU)."""
+        """``{name: S [rank]}`` with ``S_k = mean s(A[k, :]) + mean s(B[:, k])`` (float64, CPU).
+        RuntimeError before the first :meth:`update`: every score would be 0, and a rank move
+        would then remove components that nothing was measured for."""
         self._check_followed("component_scores")
+        if self.steps == 0:
+            raise RuntimeError("AdaLoRAImportance.component_scores(): no update() yet, so there are no scores; "
+                               "call importance.update() after every backward")
         scores = {}
         for name, layer in self.layers.items():
             s_a, s_b = self.parameter_scores(name)

@@ -41,6 +41,7 @@ import torch
 from lorambo.ops.sketch import sq_grad_norms_many, use_sketch_kernels
 
 from lorambo.distributed import SharedFailure
+from lorambo.model.argument import require_module
 from lorambo.nn.hook_inputs import layer_input
 from .estimate import Estimate
 from .example_weights import ExampleWeights
@@ -127,6 +128,7 @@ class FisherProxy:
 
     def __init__(self, model, modules=None, reduction: str = "mean", sketch_dim: int | None = None,
                  seed: int = 0, grad_scaler=None, token_mask="auto"):
+        require_module(model, "FisherProxy")
         if grad_scaler is not None and not callable(getattr(grad_scaler, "_get_scale_async", None)):
             raise TypeError(f"FisherProxy: grad_scaler must be a torch.amp.GradScaler, got "
                             f"{type(grad_scaler).__name__}")
@@ -258,7 +260,9 @@ class FisherProxy:
         unreached = [t.name for t in self.targets if t.name not in names]
         if unreached and not names:
             raise RuntimeError(f"FisherProxy saw no backward pass through layer {unreached[0]!r} "
-                               f"yet, nor through any other of its layers {unreached[:5]}")
+                               f"yet, nor through any other of its layers {unreached[:5]}: it records only "
+                               "the forward and backward passes run inside `with proxy:` (or between "
+                               "proxy.attach() and proxy.detach())")
         if unreached:
             warnings.warn(f"FisherProxy: no gradient reached layer(s) {unreached} (the loss does "
                           "not use them); they are left out of the estimates", RuntimeWarning,

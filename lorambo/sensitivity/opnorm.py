@@ -7,6 +7,7 @@ import numbers
 
 import torch
 
+from lorambo.model.argument import require_module
 from .blocks import block_products
 from .estimate import Estimate
 from .hvp import HessianOperator
@@ -32,6 +33,7 @@ def hessian_opnorm(model, loss_fn, batches, modules=None, num_iters: int = 20, s
     most tol * value; ``stderr`` = the last change (0 when exactly converged), ``num_probes`` =
     iterations used. A non-finite product raises RuntimeError (power iteration cannot skip it).
     """
+    require_module(model, "hessian_opnorm")
     num_iters = check_positive("num_iters", num_iters)
     probes_per_pass = check_positive("probes_per_pass", probes_per_pass)
     seed = check_seed(seed)

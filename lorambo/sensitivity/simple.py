@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from lorambo.distributed import SharedFailure, all_reduced_sums
+from lorambo.model.argument import require_module
 from lorambo.nn.hook_inputs import layer_input
 from .inputs import as_batch_list, check_finite_loss, check_some_batches, compute_loss, no_gradient_error
 from .targets import differentiable, find_targets
@@ -23,6 +24,7 @@ def gradient_sensitivity(model, loss_fn, batches, modules=None) -> dict[str, flo
     gets 0; RuntimeError if no targeted layer gets a gradient on any batch (see
     :func:`~lorambo.sensitivity.inputs.no_gradient_error`).
     """
+    require_module(model, "gradient_sensitivity")
     batches = as_batch_list(batches)
     targets = find_targets(model, modules)
     weights = [t.weight for t in targets]
@@ -50,6 +52,7 @@ def gradient_sensitivity(model, loss_fn, batches, modules=None) -> dict[str, flo
 def targets_without_gradient(model, loss_fn, batch, modules=None) -> list[str]:
     """Names of the targeted layers whose weight the loss on ``batch`` does not depend on (one
     forward and backward; e.g. BERT's pooler under a loss on the hidden states)."""
+    require_module(model, "targets_without_gradient")
     targets = find_targets(model, modules)
     weights = [t.weight for t in targets]
     with differentiable(weights):
@@ -74,6 +77,7 @@ def data_covariance(model, loss_fn, batches, modules=None, token_mask="auto") ->
     the targeted layers (e.g. sequence length 0) raises ValueError naming it, and so does a layer
     whose inputs hold NaN/inf, or whose input shape does not match the mask.
     """
+    require_module(model, "data_covariance")
     batches = as_batch_list(batches)
     targets = find_targets(model, modules)
     sums: dict[int, torch.Tensor] = {}

@@ -19,6 +19,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from lorambo.model.argument import require_module
 from lorambo.model.targeting import excluded_by_default
 
 __all__ = ["Target", "find_targets", "differentiable"]
@@ -75,6 +76,7 @@ def find_targets(model: nn.Module, modules: Sequence[str] | str | None = None) -
     also when tied, classification heads and pooler layers). A list of module names: exactly
     those (LoRA layer names or Linear/Conv1D names).
     """
+    require_module(model, "find_targets")
     lora, plain = _candidates(model)
     if modules is None:
         if lora:

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from .blocks import run_programs
 from lorambo.distributed import is_main_process
+from lorambo.model.argument import require_module
 from .estimate import Estimate, Moments
 from .hvp import HessianOperator
 from .inputs import as_batch_list, check_positive, check_seed
@@ -58,6 +59,7 @@ def hessian_trace(model, loss_fn, batches, modules=None, num_probes: int = 64,
     included) and the same settings (ValueError on every rank otherwise); all ranks get the
     estimate for the mean loss over all ranks' batches (sums and batch counts all-reduced).
     """
+    require_module(model, "hessian_trace")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     num_probes = check_positive("num_probes", num_probes)

@@ -104,6 +104,25 @@ def test_each_loader_given_the_other_format_says_which_to_use(tmp_path):
         import_peft(net(), tmp_path / "ours")
 
 
+def test_a_file_of_a_peft_folder_given_to_either_loader_points_to_the_folder(tmp_path):
+    # before: import_peft(model, "peft/adapter_model.safetensors") said "that is a lorambo adapter:
+    # load it with lorambo.load_adapter", and load_adapter said only "is not a lorambo adapter"
+    from lorambo import export_peft, import_peft
+
+    export_peft(trained(), tmp_path / "peft")
+    folder = tmp_path / "peft"
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        with pytest.raises(FileNotFoundError, match=rf"{name} is a file of the peft adapter folder .*peft: pass "
+                                                    "that folder") as info:
+            import_peft(net(), folder / name)
+        assert "lorambo adapter" not in str(info.value)
+    with pytest.raises(AdapterFormatError, match=r"is not a lorambo adapter \(format 'pt'\); it is in a peft "
+                                                 r"adapter folder: load that with lorambo.import_peft\(model, "):
+        load_adapter(net(), folder / "adapter_model.safetensors")
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(import_peft(net(), folder)(x), trained()(x), rtol=1e-6, atol=1e-6)  # as told
+
+
 def test_tied_modules_to_save_are_written_by_both_savers(tmp_path):
     """GPT-2's lm_head shares its weight with wte: with both in modules_to_save, the CPU tensors
     handed to safetensors shared memory and save_adapter / export_peft raised."""

@@ -136,3 +136,21 @@ def test_exact_dp_too_large():
     with pytest.raises(ValueError, match="DP states"):
         allocate(dims, None, 10_000_000, method="knapsack", exact=True,
                  benefits={"a": [1.0] * 4096, "b": [1.0] * 4096})
+
+
+def test_estimates_passed_as_they_came_say_how_to_pass_them():
+    # before: "... is Estimate(value=..., ...): expected a real number", not saying what to pass
+    import torch
+    from torch import nn
+
+    from lorambo.sensitivity import hessian_trace
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    estimates = hessian_trace(model, lambda m, x: m(x).pow(2).mean(), [torch.randn(4, 6)], num_probes=2)
+    dims = {"0": (8, 6), "2": (3, 8)}
+    with pytest.raises(ValueError, match=r"sensitivity for layer '0' is Estimate\(value=.*expected a real number; "
+                                         r"pass the estimates' values, \{name: e.value for name, e in "
+                                         r"estimates.items\(\)\}"):
+        allocate(dims, estimates, budget=40)
+    assert sum(allocate(dims, {n: e.value for n, e in estimates.items()}, budget=40).values()) > 0

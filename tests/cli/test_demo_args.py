@@ -49,6 +49,15 @@ def test_bad_arguments_are_usage_errors(argv, message, capsys, monkeypatch):
     assert "usage:" in err and "Traceback" not in err
 
 
+def test_short_runs_without_the_probe_need_no_probe_steps(monkeypatch, tmp_path):
+    # before: `--steps 20 --methods uniform,oracle` was refused for the probe's default 60 steps
+    seen = []
+    monkeypatch.setattr("lorambo.experiments.runner.run_experiment",
+                        lambda cfg, out_dir=None, progress=None: seen.append(cfg) or {})
+    assert main(["experiment", "--steps", "20", "--methods", "uniform,oracle", "--out", str(tmp_path)]) == 0
+    assert seen[0].steps == 20 and seen[0].probe_steps > 20 and seen[0].methods == ("uniform", "oracle")
+
+
 def test_growth_batch_size_bounds_follow_the_corpus():
     check_growth_args(4, 2, 2, paragraphs=66)                 # 66 - 64 held out = 2: just fits
     with pytest.raises(ValueError, match="--batch-size 3 must be between 2 and 2"):

@@ -117,3 +117,16 @@ def test_real_bundle_loads_the_same_model_and_data(tmp_path, monkeypatch):
     weights.write_bytes(bytes(raw))
     with pytest.raises(ValueError, match="model/model.safetensors does not match its manifest.json"):
         load_minilm()
+
+
+def test_a_variable_naming_no_bundle_says_which_variable(tmp_path, monkeypatch, capsys):
+    # before: "bundle DIR: no manifest.json; build one with `make gpu-bundle`", not naming the variable
+    from lorambo.cli import main
+
+    monkeypatch.setenv(bundle.ENV, str(tmp_path / "gone"))
+    with pytest.raises(FileNotFoundError, match=rf"\$LORAMBO_BUNDLE='{tmp_path / 'gone'}' names no bundle "
+                                                r"\(no manifest.json there\): unset LORAMBO_BUNDLE"):
+        bundle.active()
+    assert main(["experiment", "--steps", "5", "--methods", "uniform", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lorambo experiment: error: $LORAMBO_BUNDLE=") and "Traceback" not in err, err

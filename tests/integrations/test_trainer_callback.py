@@ -127,3 +127,17 @@ def test_a_run_after_an_interrupted_decision_step_decides_as_a_clean_one():
     assert callback.decisions and callback.decisions == clean.decisions
     for (name, layer), other in zip(lorambo.lora_layers(model).items(), lorambo.lora_layers(twin).values()):
         assert torch.equal(layer.lora_A, other.lora_A) and torch.equal(layer.lora_B, other.lora_B), name
+
+
+@pytest.mark.parametrize("what", ["model", "torch optimizer"])
+def test_something_else_in_place_of_the_allocator_is_refused(what):
+    # before: accepted; the first optimizer step or save failed with an AttributeError
+    model = lorambo.configure_model(torch.nn.Sequential(torch.nn.Linear(6, 6)), 2)
+    allocator = LoRAMBoOptimizer(model, total_budget=100)
+    bad = model if what == "model" else allocator.make_optimizer()
+    with pytest.raises(TypeError, match=rf"LoRAMBoCallback: allocator must be a lorambo.LoRAMBoOptimizer .*"
+                                        rf"got {type(bad).__name__}"):
+        LoRAMBoCallback(bad)
+    with pytest.raises(TypeError, match=r"LoRAMBoCallback: importance must be a "
+                                        r"lorambo.sensitivity.AdaLoRAImportance or None, got dict"):
+        LoRAMBoCallback(allocator, importance={})

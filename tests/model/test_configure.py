@@ -80,6 +80,27 @@ def test_pattern_matching_nothing(mlp):
     assert not lora_layers(mlp)
 
 
+def test_a_string_meant_as_a_suffix_says_to_pass_a_list(mlp):
+    # before: only "target_modules regex 'up' matches no module of Net"
+    with pytest.raises(ValueError, match=r"regex 'up' matches no module of Net; a string is a regex that must "
+                                         r"match the whole dotted name \(peft's rule\), so it misses 'blocks\.0\.up': "
+                                         r"for the modules whose names end in it pass a list, target_modules=\['up'\]"):
+        configure_model(mlp, 2, target_modules="up")
+    assert not lora_layers(mlp)
+
+
+def test_plain_names_given_to_a_compiled_model_say_what_the_wrapper_calls_them(mlp):
+    # before: "module 'blocks.0.up' not found in OptimizedModule", no word of the prefix
+    compiled = torch.compile(mlp)  # wrapping compiles nothing yet
+    with pytest.raises(ValueError, match=r"module 'blocks\.0\.up' not found in OptimizedModule \(a Net wrapped by "
+                                         r"OptimizedModule, where it is '_orig_mod\.blocks\.0\.up'\): configure the "
+                                         r"model before wrapping it"):
+        configure_model(compiled, {"blocks.0.up": 2})
+    assert not lora_layers(mlp)
+    configure_model(compiled, {"_orig_mod.blocks.0.up": 2})  # the names the message gives
+    assert list(lora_layers(mlp)) == ["blocks.0.up"]
+
+
 def test_target_that_is_not_linear(mlp):
     with pytest.raises(TypeError, match=r"'blocks\.0' \(Block\).*not nn.Linear"):
         configure_model(mlp, 2, target_modules=r"blocks\.\d")

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import lorambo
+from lorambo import sensitivity
 
 CALLS = {
     "configure_model": lambda m, tmp: lorambo.configure_model(m, 2),
@@ -19,7 +20,25 @@ CALLS = {
     "load_adapter": lambda m, tmp: lorambo.load_adapter(m, tmp / "a.safetensors"),
     "export_peft": lambda m, tmp: lorambo.export_peft(m, tmp / "peft"),
     "import_peft": lambda m, tmp: lorambo.import_peft(m, tmp / "peft"),
+    "LoRAMBoOptimizer": lambda m, tmp: lorambo.LoRAMBoOptimizer(m, total_budget=100),
+    "gradient_sensitivity": lambda m, tmp: sensitivity.gradient_sensitivity(m, _loss, [_x()]),
+    "targets_without_gradient": lambda m, tmp: sensitivity.targets_without_gradient(m, _loss, _x()),
+    "data_covariance": lambda m, tmp: sensitivity.data_covariance(m, _loss, [_x()]),
+    "hessian_trace": lambda m, tmp: sensitivity.hessian_trace(m, _loss, [_x()], num_probes=2),
+    "hessian_opnorm": lambda m, tmp: sensitivity.hessian_opnorm(m, _loss, [_x()], num_iters=2),
+    "FisherProxy": lambda m, tmp: sensitivity.FisherProxy(m),
+    "ablation_scores": lambda m, tmp: sensitivity.ablation_scores(m, _loss, [_x()]),
+    "AdaLoRAImportance": lambda m, tmp: sensitivity.AdaLoRAImportance(m),
+    "find_targets": lambda m, tmp: sensitivity.find_targets(m),
 }
+
+
+def _loss(model, batch):
+    return model(batch).pow(2).mean()
+
+
+def _x():
+    return torch.randn(3, 8)
 
 
 @pytest.fixture
@@ -44,3 +63,25 @@ def test_unload_merge_must_be_a_bool():
     with pytest.raises(TypeError, match=r"unload: merge must be True or False, got 'no'"):
         lorambo.unload(model, merge="no")
     assert lorambo.lora_layers(model)  # nothing was changed
+
+
+PATH_CALLS = {
+    "save_adapter": lambda m, p: lorambo.save_adapter(m, p),
+    "load_adapter": lambda m, p: lorambo.load_adapter(m, p),
+    "export_peft": lambda m, p: lorambo.export_peft(m, p),
+    "import_peft": lambda m, p: lorambo.import_peft(m, p),
+}
+
+
+@pytest.mark.parametrize("name", PATH_CALLS)
+def test_a_path_that_is_not_a_name_is_refused(name, tmp_path, monkeypatch):
+    # before: None gave pathlib's "expected str, bytes or os.PathLike object, not NoneType", and ""
+    # (an unset variable) meant the current directory: save_adapter wrote ./adapter.safetensors
+    model = lorambo.configure_model(nn.Sequential(nn.Linear(8, 8)), 2)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TypeError, match=rf"{name}: path must be a file or folder name \(str or os.PathLike\), "
+                                        r"got NoneType None"):
+        PATH_CALLS[name](model, None)
+    with pytest.raises(ValueError, match=rf"{name}: path is empty \(use '\.' for the current directory\)"):
+        PATH_CALLS[name](model, "")
+    assert not any(tmp_path.iterdir())

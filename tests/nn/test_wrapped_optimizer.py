@@ -108,9 +108,10 @@ def test_something_that_is_not_an_optimizer_is_refused_naming_the_call():
     layer = LoRAMBoLinear(nn.Linear(6, 5), rank=2, capacity=4, name="fc")
     opt = torch.optim.SGD(layer.parameters(), lr=LR)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1)
-    with pytest.raises(TypeError, match=r"LoRAMBoLinear 'fc'\.set_rank: optimizer=.*StepLR.* must be a torch optimizer"):
+    with pytest.raises(TypeError,
+                       match=r"LoRAMBoLinear 'fc'\.set_rank: optimizer must be a torch optimizer .* got StepLR"):
         layer.set_rank(3, optimizer=scheduler)
     assert layer.rank == 2
-    with pytest.raises(TypeError, match="keep_components_many: optimizer=.*StepLR"):
+    with pytest.raises(TypeError, match="keep_components_many: optimizer must be a torch optimizer .* got StepLR"):
         keep_components_many([(layer, [1, 0])], scheduler)
     assert torch.equal(layer.lora_A[2:], torch.zeros(2, 6)) and layer.rank == 2

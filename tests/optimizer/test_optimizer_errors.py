@@ -83,3 +83,57 @@ def test_alora_settings_without_alora_allocation_are_refused():
 
     with pytest.raises(ValueError, match=r"alora=.*allocation='closed_form'.*only with allocation='alora'"):
         LoRAMBoOptimizer(nn.Linear(4, 4), 100, alora=ALoRAConfig(rounds=2))
+
+
+def test_make_optimizer_before_configure_is_refused():
+    torch.manual_seed(0)
+    opt = LoRAMBoOptimizer(_model(), 1000, sensitivity_method="frobenius")
+    with pytest.raises(RuntimeError, match=r"make_optimizer: Sequential has no LoRAMBoLinear layers yet.*call "
+                                           r"configure\(\) \(after compute_optimal_ranks\) first"):
+        opt.make_optimizer(lr=1e-3)
+    opt.compute_optimal_ranks()
+    model = opt.configure()
+    held = [p for group in opt.make_optimizer(lr=1e-3).param_groups for p in group["params"]]
+    pools = [p for layer in lorambo.lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)]
+    assert [id(p) for p in held] == [id(p) for p in pools]
+
+
+@pytest.mark.parametrize("call", ["capture", "begin_step", "step", "is_decision_step"])
+@pytest.mark.parametrize("bad, error, message", [
+    ({"input_ids": [1]}, TypeError, r"step must be the training step, an int >= 0, got dict"),  # capture(batch)
+    (None, TypeError, r"step must be the training step, an int >= 0, got NoneType None"),
+    (2.0, TypeError, r"step must be the training step, an int >= 0, got float 2.0"),
+    (-2, ValueError, r"step must be an int >= 0, got -2")])
+def test_a_step_that_is_not_a_step_counter(call, bad, error, message):
+    # before: a batch or None failed inside the schedule ("'<' not supported between 'dict' and
+    # 'int'"), and 2.0 or -2 were taken (-2 as a step that never decides)
+    torch.manual_seed(0)
+    model = lorambo.configure_model(_model(), 2)
+    opt = LoRAMBoOptimizer(model, 1000, interval=2)
+    run = {"capture": lambda s: opt.capture(s).__enter__(), "begin_step": opt.begin_step, "step": opt.step,
+           "is_decision_step": opt.is_decision_step}[call]
+    with pytest.raises(error, match=rf"LoRAMBoOptimizer.{call}: " + message):
+        run(bad)
+    assert opt.is_decision_step(2) and not opt.is_decision_step(3)
+
+
+def test_ablation_of_untrained_adapters_says_so():
+    # before: "closed_form: all sensitivities are zero ...", not saying why
+    torch.manual_seed(0)
+    model = lorambo.configure_model(_model(), 2)
+    opt = LoRAMBoOptimizer(model, 1000, sensitivity_method="ablation")
+    batches, loss_fn = [torch.randn(5, 6)], lambda m, x: m(x).pow(2).mean()
+    with pytest.raises(ValueError, match=r"sensitivity_method='ablation': the adapters of \['0', '2'\] are untrained "
+                                         r"\(B A = 0\).*train them first"):
+        opt.compute_optimal_ranks(batches, loss_fn)
+    with torch.no_grad():
+        model[0].lora_B[:, :2].normal_()  # one trained layer: scores exist, the other's are exactly 0
+    sens = opt.compute_sensitivities(batches, loss_fn)
+    assert sens["2"] == 0.0 and set(sens) == {"0", "2"}
+
+
+@pytest.mark.parametrize("alpha", [0, "16", math.nan, True])
+def test_a_bad_alpha_is_refused_before_anything_is_measured(alpha):
+    # before: taken, and refused by configure() only, after compute_optimal_ranks had run
+    with pytest.raises(ValueError, match=rf"LoRAMBoOptimizer: alpha={alpha!r} must be a finite nonzero number"):
+        LoRAMBoOptimizer(_model(), 1000, alpha=alpha)

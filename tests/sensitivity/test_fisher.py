@@ -90,6 +90,17 @@ def test_errors():
         FisherProxy(model).estimates()
 
 
+def test_a_backward_outside_the_block_says_where_the_proxy_records():
+    # before: "saw no backward pass" only, though the user had run one (outside `with proxy:`)
+    torch.manual_seed(0)
+    model = configure_model(TokenNet(4, 8, 3), 2)
+    proxy = FisherProxy(model)
+    model(torch.randn(2, 5, 4)).sum().backward()
+    with pytest.raises(RuntimeError, match=r"no backward pass through layer 'fc1'.*it records only the forward and "
+                                           r"backward passes run inside `with proxy:`"):
+        proxy.estimates()
+
+
 def test_sketch_is_unbiased():
     x, gy = torch.randn(4, 6, 10, dtype=torch.float64), torch.randn(4, 6, 8, dtype=torch.float64)
     exact = per_example_sq_grad_norms(x, gy)

@@ -81,3 +81,20 @@ def test_keep_and_reset_refuse_bad_layers_and_slots():
         tracker.keep("x", [0])
     after = tracker.parameter_scores("0")
     assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
+
+
+def test_update_without_gradients_and_scores_without_updates_are_refused():
+    # before: update() after zero_grad() counted a step that folded nothing in, and
+    # component_scores() before any update() gave all zeros, on which rank moves then acted
+    torch.manual_seed(0)
+    model = lorambo.configure_model(nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4)), 2, capacity=4)
+    tracker = AdaLoRAImportance(model)
+    with pytest.raises(RuntimeError, match=r"component_scores\(\): no update\(\) yet"):
+        tracker.component_scores()
+    with pytest.raises(RuntimeError, match=r"update\(\): none of its layers \['0', '1'\] has a gradient: call it "
+                                           r"after loss.backward\(\) and before optimizer.zero_grad\(\)"):
+        tracker.update()
+    assert tracker.steps == 0 and not tracker.state_dict()["ibar"]
+    model(torch.randn(3, 6)).pow(2).mean().backward()
+    tracker.update()
+    assert tracker.steps == 1 and set(tracker.component_scores()) == {"0", "1"}
