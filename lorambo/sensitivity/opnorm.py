@@ -11,6 +11,7 @@ from .blocks import block_products
 from .estimate import Estimate
 from .hvp import HessianOperator
 from .inputs import as_batch_list, check_positive, check_seed
+from .mode import eval_mode
 from .probes import rademacher
 from .targets import differentiable, find_targets
 
@@ -49,7 +50,7 @@ def hessian_opnorm(model, loss_fn, batches, modules=None, num_iters: int = 20, s
     value = [math.nan] * len(weights)
     change = [math.inf] * len(weights)
     iters = [0] * len(weights)
-    with differentiable(weights):
+    with differentiable(weights), eval_mode(model):
         names = [t.name for t in targets]
         op = HessianOperator(model, loss_fn, batches, weights, batched, names=names, who="hessian_opnorm",
                              settings={"targets": names, "num_iters": num_iters, "seed": seed,

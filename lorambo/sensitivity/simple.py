@@ -7,6 +7,7 @@ import torch
 from lorambo.distributed import SharedFailure, all_reduced_sums
 from lorambo.nn.hook_inputs import layer_input
 from .inputs import as_batch_list, check_finite_loss, check_some_batches, compute_loss, no_gradient_error
+from .mode import eval_mode
 from .targets import differentiable, find_targets
 from .token_mask import batch_token_mask, real_tokens
 
@@ -29,7 +30,7 @@ def gradient_sensitivity(model, loss_fn, batches, modules=None) -> dict[str, flo
     sums = torch.zeros(len(weights), dtype=torch.float64)
     reached = False
     failure = SharedFailure("gradient_sensitivity", settings={"targets": [t.name for t in targets]})
-    with failure, differentiable(weights):
+    with failure, differentiable(weights), eval_mode(model):
         for index, batch in enumerate(batches):
             loss = compute_loss(loss_fn, model, batch, who="gradient_sensitivity")
             check_finite_loss(loss, index, "gradient_sensitivity")
@@ -52,7 +53,7 @@ def targets_without_gradient(model, loss_fn, batch, modules=None) -> list[str]:
     forward and backward; e.g. BERT's pooler under a loss on the hidden states)."""
     targets = find_targets(model, modules)
     weights = [t.weight for t in targets]
-    with differentiable(weights):
+    with differentiable(weights), eval_mode(model):
         loss = compute_loss(loss_fn, model, batch, who="targets_without_gradient")
         grads = torch.autograd.grad(loss, weights, allow_unused=True)
     return [t.name for t, g in zip(targets, grads) if g is None]
@@ -98,7 +99,7 @@ def data_covariance(model, loss_fn, batches, modules=None, token_mask="auto") ->
     failure = SharedFailure("data_covariance", settings={"targets": [t.name for t in targets]})
     with failure:
         try:
-            with torch.no_grad():
+            with torch.no_grad(), eval_mode(model):
                 for batch in batches:
                     mask[0] = batch_token_mask(token_mask, batch, "data_covariance")
                     loss_fn(model, batch)
