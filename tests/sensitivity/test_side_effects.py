@@ -3,62 +3,12 @@ statistics updated, no dropout) and restore every module's flag, also when they 
 
 import pytest
 import torch
-from torch import nn
 
 from lorambo.sensitivity import (data_covariance, gradient_sensitivity, hessian_opnorm, hessian_trace,
                                  targets_without_gradient)
 
-DT = torch.float64
-
-
-class Counter(nn.Module):
-    """Adds nothing; counts its forwards in train mode (a buffer mutated by forward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
-
-    def forward(self, x):
-        if self.training:
-            self.calls += 1
-        return x
-
-
-def model_and_batches():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6, dtype=DT), nn.BatchNorm1d(6, dtype=DT), nn.Dropout(0.5),
-                          Counter(), nn.Linear(6, 3, dtype=DT))
-    model.train()
-    model[2].eval()  # a mixed-mode model: each flag must come back as it was
-    g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(8, 4, generator=g, dtype=DT), torch.randn(8, 3, generator=g, dtype=DT))
-               for _ in range(3)]
-    return model, batches
-
-
-def mse(model, batch):
-    x, y = batch
-    return (model(x) - y).pow(2).mean()
-
-
-def snapshot(model):
-    return {"state": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
-            "training": [m.training for m in model.modules()],
-            "requires_grad": [p.requires_grad for p in model.parameters()],
-            "grad": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
-            "grad_enabled": torch.is_grad_enabled(), "rng": torch.get_rng_state()}
-
-
-def assert_same(before, after):
-    assert before["training"] == after["training"]
-    assert before["requires_grad"] == after["requires_grad"]
-    assert before["grad_enabled"] == after["grad_enabled"]
-    assert torch.equal(before["rng"], after["rng"])
-    assert before["state"].keys() == after["state"].keys()
-    for k in before["state"]:
-        assert torch.equal(before["state"][k], after["state"][k]), k
-    for a, b in zip(before["grad"], after["grad"]):
-        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+from model_snapshot import assert_same, snapshot
+from side_effect_net import model_and_batches, mse
 
 
 PASSES = {
