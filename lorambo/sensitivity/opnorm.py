@@ -32,6 +32,8 @@ def hessian_opnorm(model, loss_fn, batches, modules=None, num_iters: int = 20, s
     oscillates); rate (|lambda_2| / |lambda_1|)^(2k). A layer stops when the value changes by at
     most tol * value; ``stderr`` = the last change (0 when exactly converged), ``num_probes`` =
     iterations used. A non-finite product raises RuntimeError (power iteration cannot skip it).
+    The model runs in eval mode, each module's flag restored after (see
+    :mod:`~lorambo.sensitivity.mode`).
     """
     num_iters = check_positive("num_iters", num_iters)
     probes_per_pass = check_positive("probes_per_pass", probes_per_pass)

@@ -18,8 +18,9 @@ def gradient_sensitivity(model, loss_fn, batches, modules=None) -> dict[str, flo
     """s_i = mean over batches of ||dL_b / dW_i||_F^2 (LoRAMBo's gradient sensitivity).
 
     Frozen base weights are made differentiable only during the call; gradients are taken with
-    torch.autograd.grad, so no parameter's ``.grad`` changes. Under torch.distributed the mean is
-    over all ranks' batches. A loss that is not finite (NaN/inf) raises RuntimeError naming the
+    torch.autograd.grad, so no parameter's ``.grad`` changes. The model runs in eval mode, each
+    module's flag restored after (see :mod:`~lorambo.sensitivity.mode`). Under torch.distributed
+    the mean is over all ranks' batches. A loss that is not finite (NaN/inf) raises RuntimeError naming the
     batch: its gradients would turn every sensitivity into NaN. A layer the loss does not reach
     gets 0; RuntimeError if no targeted layer gets a gradient on any batch (see
     :func:`~lorambo.sensitivity.inputs.no_gradient_error`).
@@ -50,7 +51,7 @@ def gradient_sensitivity(model, loss_fn, batches, modules=None) -> dict[str, flo
 
 def targets_without_gradient(model, loss_fn, batch, modules=None) -> list[str]:
     """Names of the targeted layers whose weight the loss on ``batch`` does not depend on (one
-    forward and backward; e.g. BERT's pooler under a loss on the hidden states)."""
+    forward and backward, in eval mode; e.g. BERT's pooler under a loss on the hidden states)."""
     targets = find_targets(model, modules)
     weights = [t.weight for t in targets]
     with differentiable(weights), eval_mode(model):
@@ -66,7 +67,8 @@ def data_covariance(model, loss_fn, batches, modules=None, token_mask="auto") ->
     flattened to [tokens, in]; sums of x^T x and token counts are accumulated (float32 for
     half-precision inputs, else the input dtype) and divided at the end, so memory is O(in^2)
     per layer whatever the number of batches. ``loss_fn`` is only called to run the forward (its
-    result is ignored; any callable(model, batch) works) under torch.no_grad().
+    result is ignored; any callable(model, batch) works) under torch.no_grad(), in eval mode (see
+    :mod:`~lorambo.sensitivity.mode`).
 
     Padding: ``token_mask`` says which positions are real tokens (see
     :mod:`~lorambo.sensitivity.token_mask`). The default ``"auto"`` takes a dict batch's

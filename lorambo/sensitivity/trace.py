@@ -54,7 +54,8 @@ def hessian_trace(model, loss_fn, batches, modules=None, num_probes: int = 64,
 
     Works on transformers models as shipped: attention runs a path with a double backward
     while the products are taken (see ``attention``). Deterministic for a fixed seed: the model
-    runs in eval mode (see :mod:`~lorambo.sensitivity.mode`), each module's flag restored after. ``progress``: a tqdm bar, default on when stderr is a terminal
+    runs in eval mode (see :mod:`~lorambo.sensitivity.mode`), each module's flag restored after.
+    ``progress``: a tqdm bar, default on when stderr is a terminal
     (rank 0 only). Under torch.distributed every rank passes its own batches (any number, none
     included) and the same settings (ValueError on every rank otherwise); all ranks get the
     estimate for the mean loss over all ranks' batches (sums and batch counts all-reduced).
