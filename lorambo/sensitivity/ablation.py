@@ -30,6 +30,7 @@ import torch
 from lorambo.distributed import SharedFailure
 from lorambo.model.argument import require_module
 from .inputs import as_batch_list, check_some_batches, scalar_loss
+from .mode import eval_mode
 
 __all__ = ["ComponentAblation", "ablation_scores", "lora_targets"]
 
@@ -123,9 +124,7 @@ def ablation_scores(model, loss_fn, batches, modules=None, alone: bool = True
                                "(inside lorambo.disable_adapter), so switching their components off would "
                                "change nothing; score them after the with-block")
     failure.check()
-    was_training = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+    with eval_mode(model):
         with _saved_columns(everyone) as saved:
             full = _mean_loss(model, loss_fn, batches)
             removed = {}
@@ -147,7 +146,4 @@ def ablation_scores(model, loss_fn, batches, modules=None, alone: bool = True
                         layer.lora_B[:, k].copy_(saved[name][:, k])
                         alone_scores[name][k] = empty - _mean_loss(model, loss_fn, batches)
                         layer.lora_B[:, k].zero_()
-    finally:
-        for m, flag in was_training.items():
-            m.training = flag
     return {n: ComponentAblation(removed[n], alone_scores[n], full, empty) for n in targets}

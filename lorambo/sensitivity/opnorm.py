@@ -12,6 +12,7 @@ from .blocks import block_products
 from .estimate import Estimate
 from .hvp import HessianOperator
 from .inputs import as_batch_list, check_positive, check_seed
+from .mode import eval_mode
 from .probes import rademacher
 from .targets import differentiable, find_targets
 
@@ -32,6 +33,8 @@ def hessian_opnorm(model, loss_fn, batches, modules=None, num_iters: int = 20, s
     oscillates); rate (|lambda_2| / |lambda_1|)^(2k). A layer stops when the value changes by at
     most tol * value; ``stderr`` = the last change (0 when exactly converged), ``num_probes`` =
     iterations used. A non-finite product raises RuntimeError (power iteration cannot skip it).
+    The model runs in eval mode, each module's flag restored after (see
+    :mod:`~lorambo.sensitivity.mode`).
     """
     require_module(model, "hessian_opnorm")
     num_iters = check_positive("num_iters", num_iters)
@@ -51,7 +54,7 @@ def hessian_opnorm(model, loss_fn, batches, modules=None, num_iters: int = 20, s
     value = [math.nan] * len(weights)
     change = [math.inf] * len(weights)
     iters = [0] * len(weights)
-    with differentiable(weights):
+    with differentiable(weights), eval_mode(model):
         names = [t.name for t in targets]
         op = HessianOperator(model, loss_fn, batches, weights, batched, names=names, who="hessian_opnorm",
                              settings={"targets": names, "num_iters": num_iters, "seed": seed,

@@ -8,6 +8,7 @@ from lorambo.distributed import SharedFailure, all_reduced_sums
 from lorambo.model.argument import require_module
 from lorambo.nn.hook_inputs import layer_input
 from .inputs import as_batch_list, check_finite_loss, check_some_batches, compute_loss, no_gradient_error
+from .mode import eval_mode
 from .targets import differentiable, find_targets
 from .token_mask import batch_token_mask, real_tokens
 
@@ -18,8 +19,9 @@ def gradient_sensitivity(model, loss_fn, batches, modules=None) -> dict[str, flo
     """s_i = mean over batches of ||dL_b / dW_i||_F^2 (LoRAMBo's gradient sensitivity).
 
     Frozen base weights are made differentiable only during the call; gradients are taken with
-    torch.autograd.grad, so no parameter's ``.grad`` changes. Under torch.distributed the mean is
-    over all ranks' batches. A loss that is not finite (NaN/inf) raises RuntimeError naming the
+    torch.autograd.grad, so no parameter's ``.grad`` changes. The model runs in eval mode, each
+    module's flag restored after (see :mod:`~lorambo.sensitivity.mode`). Under torch.distributed
+    the mean is over all ranks' batches. A loss that is not finite (NaN/inf) raises RuntimeError naming the
     batch: its gradients would turn every sensitivity into NaN. A layer the loss does not reach
     gets 0; RuntimeError if no targeted layer gets a gradient on any batch (see
     :func:`~lorambo.sensitivity.inputs.no_gradient_error`).
@@ -31,7 +33,7 @@ def gradient_sensitivity(model, loss_fn, batches, modules=None) -> dict[str, flo
     sums = torch.zeros(len(weights), dtype=torch.float64)
     reached = False
     failure = SharedFailure("gradient_sensitivity", settings={"targets": [t.name for t in targets]})
-    with failure, differentiable(weights):
+    with failure, differentiable(weights), eval_mode(model):
         for index, batch in enumerate(batches):
             loss = compute_loss(loss_fn, model, batch, who="gradient_sensitivity")
             check_finite_loss(loss, index, "gradient_sensitivity")
@@ -51,11 +53,11 @@ def gradient_sensitivity(model, loss_fn, batches, modules=None) -> dict[str, flo
 
 def targets_without_gradient(model, loss_fn, batch, modules=None) -> list[str]:
     """Names of the targeted layers whose weight the loss on ``batch`` does not depend on (one
-    forward and backward; e.g. BERT's pooler under a loss on the hidden states)."""
+    forward and backward, in eval mode; e.g. BERT's pooler under a loss on the hidden states)."""
     require_module(model, "targets_without_gradient")
     targets = find_targets(model, modules)
     weights = [t.weight for t in targets]
-    with differentiable(weights):
+    with differentiable(weights), eval_mode(model):
         loss = compute_loss(loss_fn, model, batch, who="targets_without_gradient")
         grads = torch.autograd.grad(loss, weights, allow_unused=True)
     return [t.name for t, g in zip(targets, grads) if g is None]
@@ -68,7 +70,8 @@ def data_covariance(model, loss_fn, batches, modules=None, token_mask="auto") ->
     flattened to [tokens, in]; sums of x^T x and token counts are accumulated (float32 for
     half-precision inputs, else the input dtype) and divided at the end, so memory is O(in^2)
     per layer whatever the number of batches. ``loss_fn`` is only called to run the forward (its
-    result is ignored; any callable(model, batch) works) under torch.no_grad().
+    result is ignored; any callable(model, batch) works) under torch.no_grad(), in eval mode (see
+    :mod:`~lorambo.sensitivity.mode`).
 
     Padding: ``token_mask`` says which positions are real tokens (see
     :mod:`~lorambo.sensitivity.token_mask`). The default ``"auto"`` takes a dict batch's
@@ -102,7 +105,7 @@ def data_covariance(model, loss_fn, batches, modules=None, token_mask="auto") ->
     failure = SharedFailure("data_covariance", settings={"targets": [t.name for t in targets]})
     with failure:
         try:
-            with torch.no_grad():
+            with torch.no_grad(), eval_mode(model):
                 for batch in batches:
                     mask[0] = batch_token_mask(token_mask, batch, "data_covariance")
                     loss_fn(model, batch)

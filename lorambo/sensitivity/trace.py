@@ -14,6 +14,7 @@ from lorambo.model.argument import require_module
 from .estimate import Estimate, Moments
 from .hvp import HessianOperator
 from .inputs import as_batch_list, check_positive, check_seed
+from .mode import eval_mode
 from .probes import rademacher
 from .reductions import per_layer_dots
 from .sketch import hutchpp_program, xtrace_program
@@ -53,8 +54,9 @@ def hessian_trace(model, loss_fn, batches, modules=None, num_probes: int = 64,
       ``sketch``). Products that are not finite: skipped probe columns where the method allows.
 
     Works on transformers models as shipped: attention runs a path with a double backward
-    while the products are taken (see ``attention``). Deterministic for a fixed seed (keep
-    the model in eval mode: dropout would change the Hessian between passes). ``progress``: a tqdm bar, default on when stderr is a terminal
+    while the products are taken (see ``attention``). Deterministic for a fixed seed: the model
+    runs in eval mode (see :mod:`~lorambo.sensitivity.mode`), each module's flag restored after.
+    ``progress``: a tqdm bar, default on when stderr is a terminal
     (rank 0 only). Under torch.distributed every rank passes its own batches (any number, none
     included) and the same settings (ValueError on every rank otherwise); all ranks get the
     estimate for the mean loss over all ranks' batches (sums and batch counts all-reduced).
@@ -74,7 +76,7 @@ def hessian_trace(model, loss_fn, batches, modules=None, num_probes: int = 64,
     weights = [t.weight for t in targets]
     if progress is None:
         progress = sys.stderr.isatty()
-    with differentiable(weights):
+    with differentiable(weights), eval_mode(model):
         names = [t.name for t in targets]
         op = HessianOperator(model, loss_fn, batches, weights, batched, names=names, who="hessian_trace",
                              settings={"targets": names, "method": method, "num_probes": num_probes,
