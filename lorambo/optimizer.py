@@ -446,7 +446,10 @@ class LoRAMBoOptimizer:
     def begin_step(self, step: int, batch=None) -> None:
         """Arm the activation hooks if ``step`` is an online decision step (else nothing).
         ``batch``: the batch the following forward runs on; its token mask (``token_mask``)
-        keeps pads out of the capture. A later call with the next micro-batch replaces it."""
+        keeps pads out of the capture. A later call with the next micro-batch replaces it.
+        Calls with the same ``step`` are micro-batches of one step and accumulate, so a failed
+        attempt stays captured and the hooks armed: retry after :meth:`close`, or use
+        :meth:`capture`, which drops a failed attempt itself."""
         self._check_step(step, "begin_step")
         if self.allocation != "alora" and self.is_decision_step(step):
             mask = None if batch is None else batch_token_mask(self.token_mask, batch, "LoRAMBoOptimizer")
@@ -515,7 +518,8 @@ class LoRAMBoOptimizer:
         return self.default_optimizer
 
     def close(self) -> None:
-        """Remove the activation hooks (also done after every decision)."""
+        """Remove the activation hooks and drop what they captured (also done after every
+        decision): call it when an attempt at a step begun with :meth:`begin_step` fails."""
         self.scheduled_growth.close()
 
     # ---------------------------------------------------------------------------- resume

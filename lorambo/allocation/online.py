@@ -97,7 +97,7 @@ class ActivationCapture:
             raise ValueError(f"max_tokens={max_tokens!r} must be an int >= 1 or None")
         self.max_tokens = None if max_tokens is None else int(max_tokens)
         self.layers = dict(layers)
-        self.inputs: dict[str, list[torch.Tensor]] = {n: [] for n in self.layers}
+        self.inputs: dict[str, list[torch.Tensor | None]] = {n: [] for n in self.layers}  # None: dropped
         self.grads: dict[str, dict[int, torch.Tensor]] = {n: {} for n in self.layers}
         self._handles = []
         self.set_token_mask(None)
@@ -167,7 +167,17 @@ class ActivationCapture:
                 self.grads[name][index] = g if rows is None else g.index_select(0, rows) * scale
 
             output.register_hook(grad_hook)
+            if torch._C._current_graph_task_id() != -1:
+                # a forward run by a backward: gradient checkpointing's recomputation. Without
+                # re-entry (use_reentrant=False) the recomputed output gets no gradient, so its X
+                # would sit unused until the decision; drop it when this backward ends
+                torch.autograd.Variable._execution_engine.queue_callback(
+                    lambda index=index: self._drop_if_no_grad(name, index))
         return hook
+
+    def _drop_if_no_grad(self, name: str, index: int) -> None:
+        if index not in self.grads[name] and index < len(self.inputs[name]):
+            self.inputs[name][index] = None
 
     def pairs(self, name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(X, dY) of every call of layer ``name`` whose backward ran."""

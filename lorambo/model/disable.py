@@ -20,6 +20,23 @@ from lorambo.model.modules_to_save import modules_to_save, original_state
 __all__ = ["disable_adapter"]
 
 
+def _frozen_original(trained: nn.Module, original: dict) -> nn.Module:
+    """A frozen copy of ``trained`` holding ``original``. Its parameters are the recorded original
+    tensors themselves (moved only if the model changed device or dtype since), not copies of the
+    trained ones and their gradients that ``load_state_dict`` would then overwrite: a reference
+    pass every step with a large head (lm_head) would copy it, and its gradient, every step."""
+    memo = {}
+    for key, param in trained.named_parameters(remove_duplicate=False):
+        if key in original and id(param) not in memo:
+            value = original[key].to(device=param.device, dtype=param.dtype)
+            memo[id(param)] = nn.Parameter(value, requires_grad=False)
+    frozen = copy.deepcopy(trained, memo)
+    params = dict(trained.named_parameters(remove_duplicate=False))
+    frozen.load_state_dict({k: v for k, v in original.items() if k not in params}, strict=False)  # buffers
+    frozen.requires_grad_(False)
+    return frozen
+
+
 @contextmanager
 def disable_adapter(model: nn.Module):
     """``with disable_adapter(model):`` runs the frozen base model: no LoRA branch, and the
@@ -36,10 +53,7 @@ def disable_adapter(model: nn.Module):
     originals = original_state(model)
     heads = {}
     for name in modules_to_save(model):
-        frozen = copy.deepcopy(model.get_submodule(name))
-        frozen.load_state_dict(originals[name])
-        frozen.requires_grad_(False)
-        heads[name] = frozen
+        heads[name] = _frozen_original(model.get_submodule(name), originals[name])
     trained = {name: model.get_submodule(name) for name in heads}
     try:
         for layer in layers.values():

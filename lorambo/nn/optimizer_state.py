@@ -58,6 +58,7 @@ def check_slot_state_editable(optimizer, layer) -> None:
     not to zero) nor moved to a slot of another block, so a rank change would corrupt it."""
     if optimizer is None:
         return
+    _refuse_schedule_free(optimizer, layer)
     for param in (layer.lora_A, layer.lora_B):
         state = optimizer.state.get(param) or {}
         for key, value in state.items():
@@ -69,6 +70,26 @@ def check_slot_state_editable(optimizer, layer) -> None:
                     "changed. Keep the pools' optimizer state in floating point (bitsandbytes: a min_8bit_size above "
                     "the pool size, or GlobalOptimManager.get_instance().override_config(pool, 'optim_bits', 32)), "
                     "or use lorambo.optim.AdamW")
+
+
+def _refuse_schedule_free(optimizer, layer) -> None:
+    """RuntimeError if a schedule-free optimizer (``schedulefree.*ScheduleFree``, transformers'
+    ``optim="schedule_free_*"``) has stepped the pools. Its parameter holds an interpolation
+    y of the iterates x and z, ``z`` (state of the parameter's shape) starts at the parameter's
+    value, not 0, and the averaging weight (``weight_sum``, ``lr_max``) is shared by every slot:
+    a zeroed ``z`` pulls a grown slot's Kaiming row towards 0, and no per-slot edit makes a new
+    slot train as under a fresh schedule-free optimizer."""
+    groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    for param in (layer.lora_A, layer.lora_B):
+        state = optimizer.state.get(param) or {}
+        z = state.get("z")
+        if torch.is_tensor(z) and z.shape == param.shape and "weight_sum" in groups.get(id(param), {}):
+            kind = type(optimizer)
+            raise RuntimeError(
+                f"{layer._label}: {kind.__module__}.{kind.__name__} is schedule-free: its state 'z' starts at the "
+                "parameter's value and its averaging weights are shared by every slot, so a rank change cannot give "
+                "changed slots a fresh optimizer's state; nothing was changed. Change ranks before its first step, "
+                "or use lorambo.optim.AdamW")
 
 
 def warn_if_shared_step(optimizer: torch.optim.Optimizer, layer) -> None:

@@ -46,3 +46,7 @@ class ExampleWeights:
                              f"{tuple(x.shape)}, whose examples (leading dim) do not match the token mask's "
                              f"{tuple(self._mask.shape)}")
         return self._squared
+
+    def clear(self) -> None:
+        """Drop the latest call's mask and scales (device tensors) once no call is observed."""
+        self._mask = self._squared = None

@@ -169,6 +169,8 @@ class FisherProxy:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self._example_weights is not None:  # the last batch's mask would outlive the pass
+            self._example_weights.clear()
 
     def __enter__(self) -> "FisherProxy":
         return self.attach()

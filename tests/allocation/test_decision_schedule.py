@@ -179,3 +179,30 @@ def test_a_capture_block_that_raises_leaves_nothing_for_its_decision(through_all
     with pytest.warns(RuntimeWarning, match="step 0 is a rank decision step but no activations"):
         assert decide(0) == []
     assert [m.rank for m in layers.values()] == [1, 1]
+
+
+def _begin_step_decision(failed_attempt: bool) -> list[dict]:
+    """Step 0's decision through ``begin_step``, after (``failed_attempt``) an attempt whose
+    backward stopped partway and that the loop dropped with ``close()`` before retrying."""
+    model = _model()
+    opt = lorambo.LoRAMBoOptimizer(model, total_budget=10_000, warmup_steps=0, interval=1, sketch_rank=1)
+    if failed_attempt:
+        hook = model[2].register_forward_pre_hook(
+            lambda module, args: args[0].register_hook(lambda grad: (_ for _ in ()).throw(_Interrupted())) and None)
+        opt.begin_step(0)
+        with pytest.raises(_Interrupted):
+            _backward(model, 1)  # another batch; its dY reaches layer "2" only
+        hook.remove()
+        model.zero_grad()
+        opt.close()  # what the README asks of a loop that retries a step begun with begin_step
+        assert not opt.online.capture.has_data()
+    opt.begin_step(0)
+    _backward(model, 0)
+    return opt.step(0)
+
+
+def test_close_drops_a_failed_begin_step_attempt_before_its_retry():
+    """begin_step calls with one step number accumulate (micro-batches): a retried attempt is
+    told apart only by close(), after which the decision is the one of the retry alone."""
+    fresh = _begin_step_decision(failed_attempt=False)
+    assert fresh and _begin_step_decision(failed_attempt=True) == fresh
