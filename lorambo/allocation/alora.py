@@ -30,6 +30,7 @@ from itertools import islice
 import torch
 
 from lorambo.allocation.components import at_most_per_layer
+from lorambo.allocation.frozen import frozen_layers
 from lorambo.allocation.validate import check_rank_bounds
 from lorambo.distributed import SharedFailure, broadcast_, decision_generator
 from lorambo.nn.optimizer_argument import optimizer_argument
@@ -59,15 +60,18 @@ class ALoRAConfig:
         return [self.k1 + j * self.k2 for j in range(self.rounds)]
 
 
-def _plan(layers, scores, n_prune, budget, min_rank=0, max_rank=None):
-    """(prune {name: [component]}, receive [name per freed rank]) conserving the rank sum."""
+def _plan(layers, scores, n_prune, budget, min_rank=0, max_rank=None, frozen=()):
+    """(prune {name: [component]}, receive [name per freed rank]) conserving the rank sum; the
+    ``frozen`` layers neither give nor take (allocation/frozen.py)."""
     costs = {n: m.in_features + m.out_features for n, m in layers.items()}
     left = budget - sum(costs[n] * m.rank for n, m in layers.items())
-    ranked = sorted((float(s), n, k) for n, sc in scores.items() for k, s in enumerate(sc.tolist()))
+    frozen = set(frozen)
+    ranked = sorted((float(s), n, k) for n, sc in scores.items() if n not in frozen for k, s in enumerate(sc.tolist()))
     # the worst first; a layer at min_rank keeps the rest of its components
     worst = list(islice(at_most_per_layer(ranked, lambda n: layers[n].rank - min_rank), n_prune))
     pruned_layers = {n for _, n, _ in worst}
-    means = {n: float(sc.mean()) for n, sc in scores.items() if sc.numel() and n not in pruned_layers}
+    means = {n: float(sc.mean()) for n, sc in scores.items()
+             if sc.numel() and n not in pruned_layers and n not in frozen}
     order = {n: i for i, n in enumerate(layers)}  # once: list(layers).index per key was O(n^2)
     receivers = sorted(means, key=lambda n: (-means[n], order[n]))
     extra = dict.fromkeys(receivers, 0)
@@ -105,7 +109,8 @@ def alora_round(model, layers: Mapping, loss_fn, batches, n_prune: int, budget: 
     # not leave the others waiting in it, nor broadcast into tensors of another size
     failure = SharedFailure("alora_round", settings={
         "step": step, "n_prune": n_prune, "budget": budget, "seed": seed, "min_rank": min_rank,
-        "max_rank": max_rank, "ranks": {n: (m.rank, m.capacity) for n, m in layers.items()}})
+        "max_rank": max_rank, "ranks": {n: (m.rank, m.capacity) for n, m in layers.items()},
+        "frozen": frozen_layers(layers)})
     with failure:
         missing = [n for n in layers if n not in scores]
         if missing:
@@ -122,7 +127,7 @@ def alora_round(model, layers: Mapping, loss_fn, batches, n_prune: int, budget: 
     # differences (DDP)
     flat = broadcast_(torch.cat([scores[n].reshape(-1) for n in layers] or [torch.zeros(0, dtype=torch.float64)]))
     scores = dict(zip(layers, flat.split([layers[n].rank for n in layers])))
-    prune, receive = _plan(layers, scores, n_prune, budget, min_rank, max_rank)
+    prune, receive = _plan(layers, scores, n_prune, budget, min_rank, max_rank, frozen_layers(layers))
     records = []
     olds = keep_components_many([(layers[n], [k for k in range(layers[n].rank) if k not in comps])
                                  for n, comps in prune.items()], optimizer)

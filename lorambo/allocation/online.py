@@ -49,6 +49,7 @@ import torch
 from lorambo.allocation.benefits import (projected_top_singular, projected_top_singular_many,
                                          subspace_basis)
 from lorambo.allocation.components import at_most_per_layer
+from lorambo.allocation.frozen import frozen_layers
 from lorambo.allocation.greedy import greedy_allocate
 from lorambo.allocation.validate import check_rank_bounds
 from lorambo.distributed import SharedFailure, all_reduced_mean, broadcast_, decision_generator
@@ -492,8 +493,9 @@ class OnlineGrowth:
                 warnings.warn(f"step {step}: the captured activations or output gradients are not finite "
                               "(NaN/inf): no rank decision is taken at this step", RuntimeWarning, stacklevel=2)
                 return []
+            frozen = set(frozen_layers(self.layers))  # neither grow nor give (allocation/frozen.py)
             ks = {n: min(self.sketch_rank, self._top(m) - m.rank) for n, m in self.layers.items()
-                  if self._top(m) > m.rank}
+                  if self._top(m) > m.rank and n not in frozen}
             gains, dirs = layer_benefits_many(
                 self.layers, {n: self.capture.pairs(n) for n in ks}, ks, self.power_iters,
                 self.oversample, self.seed, step, {n: i for i, n in enumerate(self.layers)},
@@ -502,7 +504,8 @@ class OnlineGrowth:
             plan = plan_growth(gains, self.costs, room, self.budget - self.spent(), self.threshold)
             records = [self._grow(step, n, add, gains, dirs, optimizer, "grow") for n, add in plan.items()]
             if scores is not None:
-                records += self._move(step, plan, gains, dirs, scores, optimizer)
+                records += self._move(step, plan, gains, dirs, {n: s for n, s in scores.items() if n not in frozen},
+                                      optimizer)
         finally:
             self.capture.clear()
         if self.log is not None:
@@ -517,7 +520,8 @@ class OnlineGrowth:
                 "oversample": self.oversample, "seed": self.seed, "move_threshold": self.move_threshold,
                 "max_moves": self.max_moves, "min_rank": self.min_rank, "max_rank": self.max_rank,
                 "curvature": self.curvature, "loss_scale": loss_scale,
-                "ranks": {n: (m.rank, m.capacity) for n, m in self.layers.items()}}
+                "ranks": {n: (m.rank, m.capacity) for n, m in self.layers.items()},
+                "frozen": frozen_layers(self.layers)}
 
     def _captured_finite(self, failure: SharedFailure) -> bool:
         """Whether every captured X and dY is finite on every process (one flag all-reduced, so

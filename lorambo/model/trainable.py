@@ -20,7 +20,9 @@ __all__ = ["trainable_parameters", "print_trainable_parameters"]
 def trainable_parameters(model: nn.Module) -> dict[str, int | float]:
     """``{"trainable", "all", "trainable_percent", "lora_active", "lora_capacity", "other_trainable"}``.
 
-    ``lora_active``: sum of rank * (in + out) over LoRAMBoLinear layers whose pools train;
+    ``lora_active``: the active LoRA parameters that train: rank * in per ``lora_A`` and
+    rank * out per ``lora_B`` that requires grad (a pool frozen alone, as LoRA-FA freezes A,
+    counts as frozen, as peft counts each parameter by its ``requires_grad``);
     ``lora_capacity``: sum of capacity * (in + out) (allocated pool memory, in parameters);
     ``other_trainable``: trainable parameters that are not LoRA pools (shared ones once).
     ``all`` counts what the model holds, each LoRA layer at its active rank. peft's "all params"
@@ -31,8 +33,8 @@ def trainable_parameters(model: nn.Module) -> dict[str, int | float]:
     require_module(model, "trainable_parameters")
     layers = lora_layers(model)
     pool_ids = {id(p) for layer in layers.values() for p in (layer.lora_A, layer.lora_B)}
-    active = sum(layer.rank * (layer.in_features + layer.out_features)
-                 for layer in layers.values() if layer.lora_A.requires_grad)
+    active = sum(layer.rank * (layer.in_features * layer.lora_A.requires_grad
+                               + layer.out_features * layer.lora_B.requires_grad) for layer in layers.values())
     capacity = sum(layer.capacity * (layer.in_features + layer.out_features) for layer in layers.values())
     unique = {id(p): p for p in model.parameters()}  # tied weights once
     other = sum(p.numel() for i, p in unique.items() if i not in pool_ids and p.requires_grad)

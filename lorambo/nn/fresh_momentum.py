@@ -9,8 +9,10 @@ The new slots are therefore recorded with their pool parameter, and just before 
 step that sees the pool's gradient their buffer is set to ``dampening / momentum * d``, which
 that step turns into ``d``: a fresh SGD's start (to rounding). The record follows the slots
 through ``keep_components`` and is honoured by whichever SGD steps the parameter next, also one
-rebuilt from ``optimizer.state_dict()`` in between. With ``dampening == 0`` (nesterov's only
-setting) zero already is that start and nothing is recorded.
+rebuilt from ``optimizer.state_dict()`` in between, and one stepped by a ``GradScaler``: a
+fused SGD gets the gradients still scaled (the buffer is set from them unscaled), and a step
+the scaler skips for an overflow leaves the record for the next step. With ``dampening == 0``
+(nesterov's only setting) zero already is that start and nothing is recorded.
 """
 
 from __future__ import annotations
@@ -82,6 +84,11 @@ def move_new_slots(layer, keep) -> None:
 def _start_buffers(optimizer, args, kwargs) -> None:
     if not _PENDING or not isinstance(optimizer, torch.optim.SGD):  # the common case: O(1)
         return
+    # A GradScaler steps a fused SGD with the gradients still scaled, handing it the scale and
+    # whether they overflowed as attributes; the fused kernel unscales them, or skips the step
+    grad_scale, found_inf = getattr(optimizer, "grad_scale", None), getattr(optimizer, "found_inf", None)
+    if found_inf is not None and bool(found_inf):  # a skipped step: the slots wait for the next one
+        return
     for param, (dim, slots) in list(_PENDING.items()):
         group = _group_of(optimizer, param)
         if group is None or param.grad is None:  # not stepped by this SGD now: the slots wait
@@ -91,6 +98,8 @@ def _start_buffers(optimizer, args, kwargs) -> None:
             continue
         index = torch.tensor(sorted(slots), dtype=torch.long, device=param.device)
         d = param.grad.index_select(dim, index)
+        if grad_scale is not None:
+            d = d / grad_scale.to(d.device)
         d = -d if group["maximize"] else d
         if group["weight_decay"]:
             d = d + group["weight_decay"] * param.index_select(dim, index)

@@ -8,8 +8,11 @@ accelerate's ``AcceleratedOptimizer`` (what ``accelerator.prepare(optimizer)`` r
 transformers' Trainer holds) is a ``torch.optim.Optimizer`` that keeps the real one as
 ``.optimizer`` and forwards ``state`` and ``param_groups`` to it. Taken as it is, a rank change
 saw neither Rprop nor Adagrad nor SGD behind it (new slots started at zero, not at a fresh
-optimizer's state) and warned that the optimizer had been left behind. The wrapper is
-therefore replaced by the optimizer it wraps.
+optimizer's state) and warned that the optimizer had been left behind. torch's
+``ZeroRedundancyOptimizer`` keeps the optimizer that holds the state (of this process's share
+of the parameters) as ``.optim``, and its own ``state`` stays empty: a rank change given it
+left the moments of dropped slots in place, and Adam moved those slots off zero again. A
+wrapper is therefore replaced by the optimizer it wraps.
 """
 
 from __future__ import annotations
@@ -20,16 +23,22 @@ import torch
 
 __all__ = ["optimizer_argument"]
 
+# where a wrapper keeps the optimizer it wraps: accelerate's AcceleratedOptimizer, torch's
+# ZeroRedundancyOptimizer
+_WRAPPED = ("optimizer", "optim")
+
 
 def optimizer_argument(optimizer, caller: str):
     """The optimizer whose state a rank change edits: ``optimizer`` itself, or the torch
-    optimizer inside a wrapper that keeps it as ``.optimizer``; None stays None. Anything
-    without ``state`` and ``param_groups`` (an LR scheduler, say) is a TypeError naming ``caller``."""
+    optimizer inside a wrapper that keeps it as ``.optimizer`` or ``.optim``; None stays None.
+    Anything without ``state`` and ``param_groups`` (an LR scheduler, say) is a TypeError naming
+    ``caller``."""
     if optimizer is None:
         return None
     while isinstance(optimizer, torch.optim.Optimizer):
-        inner = getattr(optimizer, "optimizer", None)
-        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+        inner = next((value for value in (getattr(optimizer, attr, None) for attr in _WRAPPED)
+                      if isinstance(value, torch.optim.Optimizer)), None)
+        if inner is None or inner is optimizer:
             break
         optimizer = inner
     if not (isinstance(getattr(optimizer, "state", None), Mapping)

@@ -120,6 +120,24 @@ def test_trainable_parameters_match_peft_and_report_capacity(capsys):
     assert f"trainable params: {active + head:,}" in out and f"LoRA pool capacity: {counts['lora_capacity']:,}" in out
 
 
+def test_trainable_parameters_count_each_pool_by_its_requires_grad():
+    # LoRA-FA freezes A and trains B; the count took a layer's pools as frozen or trained
+    # together by lora_A alone: 0 of that layer's B counted, and all of a frozen B
+    ours = configure_model(_bert(), RANKS)
+    theirs = get_peft_model(_bert(), lorambo.peft_config(RANKS))
+    query, value = "bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.attention.self.value"
+    for model, a, b in ((ours, ".lora_A", ".lora_B"), (theirs, ".lora_A.default.weight", ".lora_B.default.weight")):
+        for name, param in model.named_parameters():
+            if name.endswith(a) and query in name or name.endswith(b) and value in name:
+                param.requires_grad_(False)
+    peft_trainable, _ = theirs.get_nb_trainable_parameters()
+    counts = trainable_parameters(ours)
+    layers = lora_layers(ours)
+    assert counts["trainable"] == counts["lora_active"] == peft_trainable
+    assert peft_trainable == sum(r * (layers[n].in_features + layers[n].out_features) for n, r in RANKS.items()) \
+        - 2 * 32 - 6 * 32  # query's A [2, 32] and value's B [32, 6] frozen
+
+
 def test_disable_adapter_runs_frozen_base():
     base = _bert()
     model = configure_model(copy.deepcopy(base), RANKS, modules_to_save=["classifier"])

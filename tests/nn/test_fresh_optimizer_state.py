@@ -179,6 +179,31 @@ def test_sgd_momentum_regrown_slot_starts_its_buffer_at_the_gradient(kwargs, rel
     _regrown_row_against_fresh(lambda p: torch.optim.SGD(p, lr=LR, **kwargs), reload=reload)
 
 
+@pytest.mark.parametrize("overflow", [False, True], ids=["finite", "overflow-first"])
+def test_sgd_regrown_slot_starts_fresh_under_a_grad_scaler_with_fused_sgd(overflow):
+    """A GradScaler steps a fused SGD with the gradients still scaled (the kernel unscales them):
+    the new slot's buffer was set from the scaled gradient, 2^12 times a fresh SGD's (the row
+    ended 270 off), and a step the scaler skipped for an overflow set it from the inf gradient
+    (NaN from then on)."""
+    kwargs = dict(lr=LR, momentum=0.9, dampening=0.5, weight_decay=0.1)
+    layer, x, opt = _trained_then_regrown(lambda p: torch.optim.SGD(p, fused=True, **kwargs))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    twin = nn.Parameter(layer.lora_A[1:2].detach().clone())
+    fresh = torch.optim.SGD([twin], **kwargs)
+    for step in range(3):
+        opt.zero_grad()
+        loss = layer(x).square().sum()
+        skipped = overflow and step == 0
+        scaler.scale(loss * (float("inf") if skipped else 1.0)).backward()
+        twin.grad = layer.lora_A.grad[1:2] / scaler.get_scale()
+        scaler.step(opt)
+        if not skipped:
+            assert twin.grad.abs().min() > 0
+            fresh.step()
+        scaler.update()
+        torch.testing.assert_close(layer.lora_A[1:2].detach(), twin.detach(), rtol=1e-12, atol=1e-15)
+
+
 @pytest.mark.parametrize("many", [False, True], ids=["keep_components", "keep_components_many"])
 def test_sgd_regrown_slot_moved_before_its_first_step_starts_fresh_too(many):
     """The record of a new slot moves with it (keep_components) and is dropped with it."""

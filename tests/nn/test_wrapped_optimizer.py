@@ -1,7 +1,8 @@
 """Rank changes given accelerate's ``AcceleratedOptimizer`` (what ``accelerator.prepare`` returns)
-edit the optimizer it wraps as if given that optimizer: regrown slots start from a fresh
-optimizer's state (checked in float64 against the optimizers' published first-step rules), state
-moves with kept slots, and no StaleOptimizerStateWarning claims the optimizer was left behind."""
+or torch's ``ZeroRedundancyOptimizer`` edit the optimizer it wraps as if given that optimizer:
+regrown slots start from a fresh optimizer's state (checked in float64 against the optimizers'
+published first-step rules), state moves with kept slots, and no StaleOptimizerStateWarning
+claims the optimizer was left behind."""
 
 import warnings
 
@@ -115,3 +116,53 @@ def test_something_that_is_not_an_optimizer_is_refused_naming_the_call():
     with pytest.raises(TypeError, match="keep_components_many: optimizer must be a torch optimizer .* got StepLR"):
         keep_components_many([(layer, [1, 0])], scheduler)
     assert torch.equal(layer.lora_A[2:], torch.zeros(2, 6)) and layer.rank == 2
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.usefixtures("one_process_group")
+def test_rank_changes_given_a_zero_redundancy_optimizer_edit_the_optimizer_it_holds():
+    """ZeroRedundancyOptimizer keeps the optimizer that holds the state as ``.optim``, its own
+    ``state`` is empty: given it, a shrink left the dropped slot's moments in place (Adam moved
+    the slot 2.5e-2 off zero in one step, with a warning that the optimizer was left behind)."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    from lorambo.optim import AdamW
+
+    gen = torch.Generator().manual_seed(0)
+    layer = LoRAMBoLinear(nn.Linear(6, 5, dtype=DT), rank=2, capacity=4)
+    with torch.no_grad():
+        layer.lora_B[:, :2].copy_(torch.randn(5, 2, dtype=DT, generator=gen))
+    x = torch.randn(7, 6, dtype=DT, generator=gen)
+    opt = ZeroRedundancyOptimizer([layer.lora_A, layer.lora_B], optimizer_class=AdamW, lr=LR, weight_decay=0.0)
+
+    def step():
+        opt.zero_grad()
+        layer(x).square().sum().backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StaleOptimizerStateWarning)
+        layer.set_rank(1, optimizer=opt)
+        step()
+        assert not layer.lora_A[1:].any() and not layer.lora_B[:, 1:].any()
+        layer.set_rank(2, optimizer=opt, generator=gen)
+    with torch.no_grad():
+        layer.lora_B[:, 1].copy_(torch.randn(5, dtype=DT, generator=gen))  # so A's row 1 gets a gradient
+    opt.zero_grad()
+    layer(x).square().sum().backward()
+    before, grad = layer.lora_A[1].detach().clone(), layer.lora_A.grad[1].clone()
+    assert grad.abs().min() > 0
+    opt.step()  # a fresh Adam's first step: lr * g / (|g| + eps)
+    torch.testing.assert_close(layer.lora_A[1].detach() - before, -LR * grad / (grad.abs() + 1e-8), rtol=1e-12, atol=0)
