@@ -64,6 +64,22 @@ def test_rank_table_from_model_and_dict():
     assert rank_table({"x": 4}).splitlines()[-1].split() == ["total", "4"]
 
 
+def test_rank_table_of_a_model_not_configured_yet_says_so(tmp_path):
+    # before: a header, no rows and "total 0", as if every rank were 0
+    model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 4))
+    opt = lorambo.LoRAMBoOptimizer(model, total_budget=100, sensitivity_method="frobenius")
+    for table in (lambda: rank_table(model), opt.rank_table):
+        with pytest.raises(ValueError, match=r"^rank_table: Sequential has no LoRAMBoLinear layers: configure the "
+                                             r"model first \(configure_model, or LoRAMBoOptimizer.configure\)"):
+            table()
+    with pytest.raises(ValueError, match=r"^save_heatmap: Sequential has no LoRAMBoLinear layers"):
+        save_heatmap(model, tmp_path / "ranks.png")
+    assert not (tmp_path / "ranks.png").exists()
+    opt.compute_optimal_ranks()
+    opt.configure()
+    assert opt.rank_table().splitlines()[-1].split()[:2] == ["total", str(sum(opt.ranks.values()))]
+
+
 def test_decision_log_appends_whole_lines_from_many_threads(tmp_path):
     path = tmp_path / "log" / "decisions.jsonl"
     logs = [DecisionLog(path)] * 4
