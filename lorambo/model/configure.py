@@ -263,6 +263,9 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     plain = unwrap_model(model)
     if merge:
         check_mergeable(plain, lora_layers(plain))
+        for layer in lora_layers(plain).values():  # every layer before the first merge: all or nothing
+            if not layer.merged:
+                layer.check_merge_finite("unload(merge=True)")
     for name, layer in lora_layers(plain).items():
         if merge and not layer.merged:
             layer.merge(exact=False)
