@@ -137,7 +137,7 @@ def save_heatmap(source, path, title: str = "LoRA rank per layer") -> Path:
     fig.colorbar(image, ax=ax, label="rank")
     ax.set_title(title)
     fig.tight_layout()
-    return atomic_save_figure(fig, path, dpi=100)
+    return atomic_save_figure(fig, path, "save_heatmap", dpi=100)
 
 
 class DecisionLog:
