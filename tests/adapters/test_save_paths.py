@@ -82,3 +82,17 @@ def test_a_failed_write_removes_the_folders_it_created(tmp_path, monkeypatch):
     assert file == tmp_path / "run" / "new" / "adapter" / "adapter.safetensors"
     x = torch.randn(3, 12)
     assert torch.equal(lorambo.load_adapter(net(), file)(x), model(x))
+
+
+def test_load_adapter_of_a_file_without_the_suffix_says_why_it_was_not_found(tmp_path):
+    # before: "no lorambo adapter at .../run/adapter/adapter.safetensors" while .../run/adapter was the file
+    model = trained()
+    file = save_adapter(model, tmp_path / "a.safetensors")
+    file.rename(tmp_path / "adapter")
+    looked_at = tmp_path / "adapter" / "adapter.safetensors"
+    with pytest.raises(FileNotFoundError, match=rf"^no lorambo adapter at {looked_at}; {tmp_path / 'adapter'} is a "
+                                                r"file, and a path without the \.safetensors suffix names a folder"):
+        lorambo.load_adapter(net(), tmp_path / "adapter")
+    (tmp_path / "adapter").rename(tmp_path / "adapter.safetensors")
+    x = torch.randn(3, 12)
+    assert torch.equal(lorambo.load_adapter(net(), tmp_path / "adapter.safetensors")(x), model(x))
