@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lorambo.adapters.atomic import atomic_save_figure, atomic_write_text
+from lorambo.adapters.atomic import atomic_save_figure, atomic_write_text, check_target
 
 __all__ = ["rank_table", "split_name", "rank_grid", "save_heatmap", "DecisionLog", "read_decisions"]
 
@@ -155,6 +155,7 @@ class DecisionLog:
         self._file_started = False  # whether this run has written the file yet
         self._lock = threading.Lock()
         if self.path is not None and enabled:
+            check_target(self.path, "log_path")  # now, not at the first decision hours later
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def __getstate__(self) -> dict:  # a lock does not pickle (deepcopy of an allocator)
@@ -195,7 +196,7 @@ class DecisionLog:
                 self._rewrite(self.records)
 
     def _rewrite(self, records) -> None:
-        atomic_write_text(self.path, "".join(_line(r) for r in records))
+        atomic_write_text(self.path, "".join(_line(r) for r in records), "log_path")
         self._file_started = True
 
 
