@@ -19,7 +19,10 @@ def merge_may_overflow(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch
                        scaling: float) -> bool:
     """False when ``weight + s B_r A_r`` certainly fits ``weight``'s dtype:
     ``|Δ_ij| <= |s| ‖B_i‖ ‖A_:j‖`` (Cauchy-Schwarz), so ``max|w| + |s| max‖B_i‖ max‖A_:j‖``
-    below the dtype's largest value bounds every merged element. NaN anywhere fails the test."""
+    below the dtype's largest value bounds every merged element. NaN anywhere fails the test.
+    Meta tensors hold no values: nothing to check."""
+    if weight.is_meta:
+        return False
     limit = torch.finfo(weight.dtype).max
     bound = weight.detach().abs().max().double()
     if rank > 0:
@@ -35,6 +38,8 @@ def finite_merge(label: str, weight: torch.Tensor, delta: torch.Tensor, caller: 
     where the weight is finite (the sum overflows the dtype, or the adapter is not finite)."""
     total = weight.detach().double() + delta
     merged = total.to(weight.dtype)
+    if merged.is_meta:  # no values (a model built on the meta device): nothing to check
+        return merged
     bad = ~torch.isfinite(merged) & torch.isfinite(weight)
     if bool(bad.any()):
         raise RuntimeError(

@@ -73,3 +73,15 @@ def test_a_merge_that_fits_equals_the_float64_sum_rounded_once():
     for name in ("0", "1"):
         assert torch.equal(model.get_submodule(name).weight, expected[name])
         assert torch.equal(state[f"{name}.weight"], expected[name])
+
+
+def test_a_model_on_the_meta_device_still_merges():
+    # the check reads values, which meta tensors do not have: unload(merge=True) raised
+    # "Tensor.item() cannot be called on meta tensors" with the check, where it had worked before
+    with torch.device("meta"):
+        model = lorambo.configure_model(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)).half(), 2)
+    model[0].merge()
+    model[0].unmerge()
+    lorambo.unload(model, merge=True)
+    assert [type(m) for m in model] == [nn.Linear, nn.Linear] and model[1].weight.is_meta
+    assert model[1].weight.dtype == torch.float16
