@@ -240,6 +240,7 @@ class LoRAMBoOptimizer:
         ``names`` with a RuntimeWarning: no budget is spent on them."""
         from lorambo import sensitivity as sens
         from lorambo.sensitivity.inputs import as_batch_list
+        from lorambo.sensitivity.simple import unreached_targets
 
         method = self.sensitivity_method
         if method in ("hessian", "gradient"):
@@ -249,7 +250,8 @@ class LoRAMBoOptimizer:
             unreached = list(self.names)  # a process without batches reaches none of them
             with failure:
                 if batches:
-                    unreached = sens.targets_without_gradient(self.model, loss_fn, batches[0], self.names)
+                    unreached = unreached_targets(self.model, loss_fn, batches[0], self.names,
+                                                  "LoRAMBoOptimizer.compute_sensitivities")
             self._skip_unreached(_unreached_everywhere(self.names, unreached, batches, failure))
         names = self.names
         if method == "hessian":

@@ -6,6 +6,9 @@
 - A writer killed outright (``kill -9``, power loss) cannot clean up: its temporary file is
   named after the host and process id, and the next save to the same place removes the
   temporaries of processes on this host that no longer run.
+- Missing folders above the file are created; a failed write removes those it created, and a
+  folder where the file should be, or a file where a folder should be, is refused up front
+  naming the caller (``save_adapter``, ...) and both paths.
 - :func:`atomic_write_many` replaces several files together: all are written to temporaries
   first, then renamed; if a rename fails the files already replaced are put back, so on error
   every file keeps its old content.
@@ -84,9 +87,45 @@ def _discard(*paths: Path) -> None:
             p.unlink()
 
 
+def check_target(path: Path, caller: str) -> None:
+    """Raise, naming ``caller`` and the paths, unless a file can be written at ``path``: a folder
+    there (IsADirectoryError) or a file where a folder above it must be (NotADirectoryError)
+    would otherwise surface as the rename's or mkdir's bare OS error, about a temporary name."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{caller}: cannot write the file {path}: a folder of that name exists")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{caller}: cannot write {path}: {existing} is a file, not a folder")
+
+
+def _make_parents(folder: Path, created: list[Path]) -> None:
+    """Create ``folder`` and its missing parents, appending each one created to ``created``
+    (outermost first), so that a caller's cleanup also covers a failure midway."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        try:
+            new.mkdir()
+        except FileExistsError:  # made meanwhile by another writer (another process): not ours
+            if not new.is_dir():
+                raise
+            continue
+        created.append(new)
+
+
+def _remove_folders(created: list[Path]) -> None:
+    """Remove the folders a failed write created (innermost first, only while empty)."""
+    for folder in reversed(created):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
 def _stage(path: Path, write: Callable[[str], None]) -> Path:
     """Write ``path``'s new content to a fsynced temporary next to it; returns the temporary."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     remove_orphans(path)
     tmp = _temp_path(path)
     try:
@@ -98,15 +137,23 @@ def _stage(path: Path, write: Callable[[str], None]) -> Path:
     return tmp
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` and move the result to ``path``; a failure leaves no file behind
-    and never a partial ``path`` (readers see the old file or the new one)."""
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], caller: str = "write") -> Path:
+    """Call ``write(tmp_path)`` and move the result to ``path`` (its missing folders created);
+    a failure leaves no file and no folder behind and never a partial ``path`` (readers see the
+    old file or the new one). Errors about the path name ``caller`` (see :func:`check_target`)."""
     path = Path(path)
-    tmp = _stage(path, write)
+    check_target(path, caller)
+    created: list[Path] = []
     try:
-        os.replace(tmp, path)
+        _make_parents(path.parent, created)
+        tmp = _stage(path, write)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            _discard(tmp)
+            raise
     except BaseException:
-        _discard(tmp)
+        _remove_folders(created)
         raise
     _fsync_dir(path.parent)
     return path
@@ -124,12 +171,26 @@ def _keep_old(path: Path) -> Path | None:
     return backup
 
 
-def atomic_write_many(writes: Mapping[str | os.PathLike, Callable[[str], None]]) -> list[Path]:
-    """Replace every file of ``{path: write}`` or, on any error, none of them."""
+def atomic_write_many(writes: Mapping[str | os.PathLike, Callable[[str], None]], caller: str = "write") -> list[Path]:
+    """Replace every file of ``{path: write}`` or, on any error, none of them (and remove the
+    folders this call created)."""
+    paths = [Path(p) for p in writes]
+    for path in paths:
+        check_target(path, caller)
+    created: list[Path] = []
+    try:
+        for path in paths:
+            _make_parents(path.parent, created)
+        return _replace_all(paths, list(writes.values()))
+    except BaseException:
+        _remove_folders(created)
+        raise
+
+
+def _replace_all(paths: list[Path], writers: list[Callable[[str], None]]) -> list[Path]:
     staged: list[tuple[Path, Path]] = []
     try:
-        for path, write in writes.items():
-            path = Path(path)
+        for path, write in zip(paths, writers):
             staged.append((path, _stage(path, write)))
     except BaseException:
         _discard(*(tmp for _, tmp in staged))
@@ -155,8 +216,8 @@ def atomic_write_many(writes: Mapping[str | os.PathLike, Callable[[str], None]])
     return [p for p, _ in staged]
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write(path, text_writer(text))
+def atomic_write_text(path: str | os.PathLike, text: str, caller: str = "write") -> Path:
+    return atomic_write(path, text_writer(text), caller)
 
 
 def text_writer(text: str) -> Callable[[str], None]:
@@ -167,8 +228,8 @@ def text_writer(text: str) -> Callable[[str], None]:
     return write
 
 
-def atomic_save_figure(fig, path: str | os.PathLike, **savefig_kwargs) -> Path:
+def atomic_save_figure(fig, path: str | os.PathLike, caller: str = "write", **savefig_kwargs) -> Path:
     """``fig.savefig`` (matplotlib) through a temporary file; the format follows ``path``'s
     suffix (default png), since the temporary's name has none matplotlib knows."""
     fmt = Path(path).suffix.lstrip(".") or "png"
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **savefig_kwargs))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **savefig_kwargs), caller)

@@ -164,8 +164,12 @@ def _check_checksums(file: Path, header: dict, tensors: dict[str, torch.Tensor])
 def read_adapter_file(file: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
     """(layer settings, tensors, raw header) of a valid adapter file, else AdapterFormatError."""
     if not file.is_file():
-        hint = ("; that folder holds a peft adapter (adapter_config.json): load it with lorambo.import_peft"
-                if (file.parent / "adapter_config.json").is_file() else "")
+        hint = ""
+        if (file.parent / "adapter_config.json").is_file():
+            hint = "; that folder holds a peft adapter (adapter_config.json): load it with lorambo.import_peft"
+        elif file.parent.is_file():  # the name given lacks the suffix, so it was taken as a folder
+            hint = (f"; {file.parent} is a file, and a path without the .safetensors suffix names a folder: "
+                    "give the file a name ending in .safetensors")
         raise FileNotFoundError(f"no lorambo adapter at {file}{hint}")
     try:
         with safe_open(str(file), framework="pt") as handle:

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lorambo.adapters import extra_modules
-from lorambo.adapters.atomic import atomic_write
+from lorambo.adapters.atomic import atomic_write, check_target
 from lorambo.adapters.format import (FORMAT, LAYER_FIELDS, VERSION, AdapterFormatError, build_header,
                                      own_storages, read_adapter_file)
 from lorambo.adapters.overwrite import configure_for_overwrite, set_rank_for_overwrite
@@ -47,6 +47,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     """
     require_module(model, "save_adapter")
     require_path(path, "save_adapter")
+    file = adapter_file(path)
+    if file != Path(path) and Path(path).is_file():
+        raise NotADirectoryError(f"save_adapter: {path} is a file without the .safetensors suffix; such a path names "
+                                 f"a folder, which gets {DEFAULT_FILE}: give a name ending in .safetensors or a folder")
+    check_target(file, "save_adapter")
     model = unwrap_model(model)
     layers = lora_layers(model)
     if not layers:
@@ -61,7 +66,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     extra_modules.add_modules_to_save(model, tensors)
     tensors = own_storages(tensors)
     header = build_header(meta, tensors)
-    return atomic_write(adapter_file(path), lambda tmp: save_file(tensors, tmp, metadata=header))
+    return atomic_write(file, lambda tmp: save_file(tensors, tmp, metadata=header), "save_adapter")
 
 
 def check_not_root(layers: dict) -> None:

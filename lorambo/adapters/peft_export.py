@@ -18,7 +18,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import nn
 
-from lorambo.adapters.atomic import atomic_write_many, text_writer
+from lorambo.adapters.atomic import atomic_write_many, check_target, text_writer
 from lorambo.adapters.format import own_storages
 from lorambo.adapters.io import check_not_root
 from lorambo.model import lora_layers
@@ -115,6 +115,9 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
     require_module(model, "export_peft")
     model = unwrap_model(model)
     folder = require_path(path, "export_peft")
+    files = (folder / "adapter_model.safetensors", folder / "adapter_config.json")
+    for file in files:
+        check_target(file, "export_peft")
     config = peft_adapter_config(model)
     tensors = {}
     for name, layer in lora_layers(model).items():
@@ -129,7 +132,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
     tensors = own_storages(tensors)
     # both files or neither: peft fails on new weights beside an old config (size mismatch)
     atomic_write_many({
-        folder / "adapter_model.safetensors": lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
-        folder / "adapter_config.json": text_writer(json.dumps(config, indent=2) + "\n"),
-    })
+        files[0]: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
+        files[1]: text_writer(json.dumps(config, indent=2) + "\n"),
+    }, "export_peft")
     return folder

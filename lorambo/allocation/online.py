@@ -61,7 +61,7 @@ from lorambo.sensitivity.token_mask import mask_selects_rows
 
 __all__ = ["ActivationCapture", "subspace_basis", "projected_top_singular",
            "projected_top_singular_many", "plan_growth", "plan_moves", "grow_layer", "layer_benefits_many",
-           "check_growth_settings", "compile_hint"]
+           "check_growth_settings", "compile_hint", "nothing_captured"]
 
 
 def compile_hint() -> str:
@@ -186,6 +186,19 @@ class ActivationCapture:
 
     def has_data(self) -> bool:
         return any(self.grads[n] for n in self.layers)
+
+    def missing_data(self, step=None) -> str:
+        """What the user forgot when :meth:`has_data` is False: the layers ran (their inputs were
+        recorded) but no backward reached them, or nothing ran while the hooks were armed."""
+        if any(x is not None for n in self.layers for x in self.inputs[n]):
+            return ("no gradient reached the layers (their forward ran, but no backward): call loss.backward() "
+                    f"inside opt.capture({'step' if step is None else step}), after the forward")
+        return nothing_captured()
+
+
+def nothing_captured() -> str:
+    return ("no activations were captured: run its forward and backward inside opt.capture(step) or "
+            f"after opt.begin_step(step){compile_hint()}")
 
 
 def _no_capture(module, args, kwargs, output) -> None:
@@ -473,9 +486,7 @@ class OnlineGrowth:
             loss_scale = loss_scale_of(grad_scaler)
             failure.settings = self._settings(step, loss_scale)
             if not self.capture.has_data():
-                raise RuntimeError("update_ranks: no activations were captured; run the forward and "
-                                   "backward of a decision step inside opt.capture(step) (or after "
-                                   f"opt.begin_step(step)){compile_hint()}")
+                raise RuntimeError(f"update_ranks: {self.capture.missing_data(step)}")
             if self.move_threshold is not None and component_scores is None:
                 raise ValueError("rank moves (move_threshold set) need component_scores={name: scores}")
             merged = [n for n, m in self.layers.items() if m.merged]

@@ -27,14 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
-from lorambo.adapters.atomic import atomic_save_figure, atomic_write_text
+from lorambo.adapters.atomic import atomic_save_figure, atomic_write_text, check_target
 
 __all__ = ["rank_table", "split_name", "rank_grid", "save_heatmap", "DecisionLog", "read_decisions"]
 
 _INDEX = re.compile(r"^(.*?\.\d+)\.(.+)$")  # first ".<int>." splits block from module type
 
 
-def _ranks_of(source) -> dict[str, int]:
+def _ranks_of(source, who: str) -> dict[str, int]:
     if isinstance(source, Mapping):
         for k, v in source.items():  # int() would show a rank of 2.7 as 2
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (v >= 0 and float(v).is_integer()):
@@ -42,7 +42,11 @@ def _ranks_of(source) -> dict[str, int]:
         return {k: int(v) for k, v in source.items()}  # keys as given: they index dims too
     from lorambo.model import lora_layers  # a model: read its LoRA layers
 
-    return {n: layer.rank for n, layer in lora_layers(source).items()}
+    layers = lora_layers(source)
+    if not layers:  # an empty table with total 0 would read as "every rank is 0"
+        raise ValueError(f"{who}: {type(source).__name__} has no LoRAMBoLinear layers: configure the model first "
+                         "(configure_model, or LoRAMBoOptimizer.configure), or pass the ranks as {name: rank}")
+    return {n: layer.rank for n, layer in layers.items()}
 
 
 def rank_table(source, capacities: Mapping[str, int] | None = None,
@@ -52,7 +56,7 @@ def rank_table(source, capacities: Mapping[str, int] | None = None,
     With a model, capacities and (d, k) are read from the layers unless given. With ``dims``, every
     layer of ``source`` must be in it (the params column sums to ``sum r (d + k)``).
     """
-    ranks = _ranks_of(source)
+    ranks = _ranks_of(source, "rank_table")
     if not isinstance(source, Mapping):
         from lorambo.model import lora_layers
 
@@ -111,7 +115,7 @@ def rank_grid(ranks: Mapping[str, int]) -> tuple[list[str], list[str], np.ndarra
 
 def save_heatmap(source, path, title: str = "LoRA rank per layer") -> Path:
     """Write a PNG heat map of ranks (rows: blocks, columns: module types) and return its path."""
-    ranks = _ranks_of(source)  # bad ranks are a ValueError with or without matplotlib
+    ranks = _ranks_of(source, "save_heatmap")  # bad ranks are a ValueError with or without matplotlib
     if not ranks:
         raise ValueError("save_heatmap: no ranks to draw")
     rows, cols, grid = rank_grid(ranks)
@@ -133,7 +137,7 @@ def save_heatmap(source, path, title: str = "LoRA rank per layer") -> Path:
     fig.colorbar(image, ax=ax, label="rank")
     ax.set_title(title)
     fig.tight_layout()
-    return atomic_save_figure(fig, path, dpi=100)
+    return atomic_save_figure(fig, path, "save_heatmap", dpi=100)
 
 
 class DecisionLog:
@@ -151,6 +155,7 @@ class DecisionLog:
         self._file_started = False  # whether this run has written the file yet
         self._lock = threading.Lock()
         if self.path is not None and enabled:
+            check_target(self.path, "log_path")  # now, not at the first decision hours later
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def __getstate__(self) -> dict:  # a lock does not pickle (deepcopy of an allocator)
@@ -191,7 +196,7 @@ class DecisionLog:
                 self._rewrite(self.records)
 
     def _rewrite(self, records) -> None:
-        atomic_write_text(self.path, "".join(_line(r) for r in records))
+        atomic_write_text(self.path, "".join(_line(r) for r in records), "log_path")
         self._file_started = True
 
 

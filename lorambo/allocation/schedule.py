@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 
-from lorambo.allocation.online import OnlineGrowth, compile_hint
+from lorambo.allocation.online import OnlineGrowth, nothing_captured
 
 __all__ = ["DecisionSchedule", "ScheduledGrowth"]
 
@@ -129,9 +129,8 @@ class ScheduledGrowth:
                 self._growth.capture.clear()
             return []
         if self._growth is None or not self._growth.capture.has_data():
-            warnings.warn(f"step {step} is a rank decision step but no activations were captured: run "
-                          "its forward and backward inside opt.capture(step) or after "
-                          f"opt.begin_step(step){compile_hint()}", RuntimeWarning, stacklevel=3)
+            missing = nothing_captured() if self._growth is None else self._growth.capture.missing_data(step)
+            warnings.warn(f"step {step} is a rank decision step but {missing}", RuntimeWarning, stacklevel=3)
             return []
         return self.update(step, optimizer, component_scores, grad_scaler)
 

@@ -49,7 +49,8 @@ def add_parser(sub) -> None:
                    help="lorambo.allocate method (alora: its uniform start; default: %(default)s)")
     p.add_argument("--target-modules", default=None,
                    help="comma-separated module name suffixes (default: every Linear but the head)")
-    p.add_argument("--alpha", type=_finite_float, default=None, help="LoRA alpha (default: the rank, scaling 1)")
+    p.add_argument("--alpha", type=_finite_nonzero_float, default=None,
+                   help="LoRA alpha, nonzero (default: the rank, scaling 1)")
     p.add_argument("--batch-size", type=_batch_size, default=8,
                    help="lines per batch (at least 2; default: %(default)s)")
     p.add_argument("--batches", type=_positive_int, default=4, help="batches of --data used (default: %(default)s)")
@@ -63,10 +64,12 @@ def add_parser(sub) -> None:
 
 
 # Checked when parsed, before minutes of loading and measuring: a NaN alpha would otherwise land
-# in adapter_config.json (as the non-JSON token NaN), and tokenizers silently ignore a max_length
-# below their special tokens (0 and 1 did not truncate at all) or crash on a negative one.
-def _finite_float(text: str) -> float:
-    return _parse_number(text, float, math.isfinite, "a finite number")
+# in adapter_config.json (as the non-JSON token NaN), alpha 0 (scaling 0: an adapter that adds
+# nothing) is refused by LoRAMBoOptimizer only after the model has loaded, and tokenizers silently
+# ignore a max_length below their special tokens (0 and 1 did not truncate at all) or crash on a
+# negative one.
+def _finite_nonzero_float(text: str) -> float:
+    return _parse_number(text, float, lambda v: math.isfinite(v) and v != 0, "a finite nonzero number")
 
 
 def _batch_size(text: str) -> int:

@@ -40,6 +40,7 @@ from lorambo.model.modules_to_save import modules_to_save
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import keep_components_many
 from lorambo.nn.optimizer_argument import optimizer_argument
+from lorambo.nn.merge_overflow import finite_merge
 from lorambo.nn.optimizer_tracking import stand_in_for
 from lorambo.nn.slots import pool_slots, tag_pool_parameter
 from lorambo.sharding import is_sharded, local_region
@@ -165,6 +166,8 @@ def merge(model: nn.Module, exact: bool = False) -> None:
     reshard(model)
     layers = list(lora_layers(model).values())
     with full_pools(layers, base_weights=True):
+        for layer in layers:  # every layer before the first merge: all or nothing
+            layer.check_merge_finite("merge")
         for layer in layers:
             layer.merge(exact=exact)
 
@@ -229,7 +232,8 @@ def unloaded_state_dict(model: nn.Module, merge: bool = True) -> dict[str, torch
             a, b = state[f"{name}.lora_A"][:r].double(), state[f"{name}.lora_B"][:, :r].double()
             delta = (b @ a) * layer.scaling  # (out, in), as LoRAMBoLinear.merge computes it
             w = state[weight_key]
-            out[weight_key] = (w.double() + (delta if layer.base_kind == "linear" else delta.t())).to(w.dtype)
+            out[weight_key] = finite_merge(layer._label, w, delta if layer.base_kind == "linear" else delta.t(),
+                                           "unloaded_state_dict")
         elif not merge and layer.merged:
             raise ValueError(f"unloaded_state_dict(merge=False): layer {name!r} is merged; unmerge first")
         prefix = f"{name}.base_layer."

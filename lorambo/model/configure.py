@@ -13,6 +13,7 @@ from torch.nn.parameter import is_lazy
 from lorambo.model.argument import require_module
 from lorambo.model.fast_paths import sync_fast_paths
 from lorambo.model.frozen import forget_frozen, record_frozen
+from lorambo.model.frozen_heads import warn_frozen_heads
 from lorambo.model.modules_to_save import (check_not_targets, forget_modules_to_save, keep_trainable,
                                            modules_to_save as recorded_modules_to_save, resolve_modules_to_save)
 from lorambo.model.patterns import check_alpha_pattern, pattern_value
@@ -73,6 +74,8 @@ def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_mod
     plan = _plan(model, names, ranks, capacity, alpha, dropout, use_rslora, alpha_pattern, optimizer)
     _apply(model, plan, optimizer)
     keep_trainable(model, saved)
+    if plan.new_layers:  # the call that adapts the model; a re-rank has been warned about already
+        warn_frozen_heads(model)
     for name, shared in weight_sharers(model, plan.new_layers).items():
         plan.new_layers[name].note_tied_weight(_holders(model, shared))
         if shared:
@@ -263,6 +266,9 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     plain = unwrap_model(model)
     if merge:
         check_mergeable(plain, lora_layers(plain))
+        for layer in lora_layers(plain).values():  # every layer before the first merge: all or nothing
+            if not layer.merged:
+                layer.check_merge_finite("unload(merge=True)")
     for name, layer in lora_layers(plain).items():
         if merge and not layer.merged:
             layer.merge(exact=False)

@@ -30,6 +30,7 @@ from lorambo.nn.optimizer_argument import optimizer_argument
 from lorambo.nn.optimizer_state import (check_slot_state_editable, gather_slot_state, reset_slot_state,
                                         warn_if_shared_step)
 from lorambo.nn.optimizer_tracking import track_optimizers, warn_if_state_left_behind
+from lorambo.nn.merge_overflow import finite_merge, merge_may_overflow
 from lorambo.nn.plain_keys import plain_keys_to_base_layer
 from lorambo.nn.slots import PoolSlots, local_slots, tag_pool_parameter
 from lorambo.nn.unsupported_optimizers import refuse_unsupported_optimizers
@@ -534,10 +535,18 @@ class LoRAMBoLinear(nn.Module):
             raise RuntimeError(f"{self._label}: already merged")
         self.check_mergeable()
         base_w = self.base_layer.weight
+        merged = finite_merge(self._label, base_w, self._delta_as_base_layout())
         self._weight_before_merge = base_w.detach().clone() if exact else None
-        delta = self._delta_as_base_layout()
-        base_w.copy_((base_w.double() + delta).to(base_w.dtype))
+        base_w.copy_(merged)
         self.merged = True
+
+    @torch.no_grad()
+    def check_merge_finite(self, caller: str = "merge") -> None:
+        """Raise, naming ``caller``, if :meth:`merge` would put inf/NaN into the base weight (an
+        adapter too large for a float16 weight, say); a model-level merge checks every layer
+        first, so that it changes none of them then. Cheap unless the weight is near overflow."""
+        if merge_may_overflow(self.base_layer.weight, self.lora_A, self.lora_B, self._rank, self.scaling):
+            finite_merge(self._label, self.base_layer.weight, self._delta_as_base_layout(), caller)
 
     def check_mergeable(self) -> None:
         """Raise if :meth:`merge` cannot write into the base weight: a parametrized weight

@@ -236,10 +236,10 @@ class AdamW(torch.optim.AdamW):
             for p in group["params"]:
                 if p.grad is None:
                     continue
+                if p in self.state:  # every group checked before any update: nothing half-applied
+                    _check_state_follows(p, self.state[p])
                 if pool_slots(p) is not None:
                     group_pools.append(p)
-                elif p in self.state:  # torch's update below would fail after counting the step
-                    _check_state_follows(p, self.state[p])
             pools.append(group_pools)
         hidden = [(p, p.grad) for group_pools in pools for p in group_pools]
         for p, _ in hidden:
@@ -282,16 +282,9 @@ class AdamW(torch.optim.AdamW):
                 work.append((param, self._pool_state(param, amsgrad), dim, slots.rank))
         if not work:
             return
-        if _compiled_step_applies(work, amsgrad):
-            try:
-                _compiled_pool_step(group, work)  # checks every tensor before it changes any
-            except RuntimeError:
-                for param, state, _, _ in work:  # the likely cause, explained (free when all is well)
-                    _check_state_follows(param, state)
-                raise
+        if _compiled_step_applies(work, amsgrad):  # state dtypes and devices checked in step()
+            _compiled_pool_step(group, work)
         else:
-            for param, state, _, _ in work:  # torch's ops would mix the dtypes without a word
-                _check_state_follows(param, state)
             _foreach_pool_step(group, work)
         torch._foreach_add_([state["step"] for _, state, _, _ in work], 1.0)
 

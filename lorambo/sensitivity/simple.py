@@ -54,11 +54,17 @@ def gradient_sensitivity(model, loss_fn, batches, modules=None) -> dict[str, flo
 def targets_without_gradient(model, loss_fn, batch, modules=None) -> list[str]:
     """Names of the targeted layers whose weight the loss on ``batch`` does not depend on (one
     forward and backward, in eval mode; e.g. BERT's pooler under a loss on the hidden states)."""
-    require_module(model, "targets_without_gradient")
+    return unreached_targets(model, loss_fn, batch, modules, "targets_without_gradient")
+
+
+def unreached_targets(model, loss_fn, batch, modules, who: str) -> list[str]:
+    """:func:`targets_without_gradient`, its errors naming ``who``: the public function the user
+    called (``LoRAMBoOptimizer.compute_sensitivities`` runs it first)."""
+    require_module(model, who)
     targets = find_targets(model, modules)
     weights = [t.weight for t in targets]
     with differentiable(weights), eval_mode(model):
-        loss = compute_loss(loss_fn, model, batch, who="targets_without_gradient")
+        loss = compute_loss(loss_fn, model, batch, who=who)
         grads = torch.autograd.grad(loss, weights, allow_unused=True)
     return [t.name for t, g in zip(targets, grads) if g is None]
 

@@ -88,7 +88,8 @@ def test_allocate_bad_arguments(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flag, value, expected", [
-    ("--alpha", "nan", "a finite number"), ("--alpha", "inf", "a finite number"),
+    ("--alpha", "nan", "a finite nonzero number"), ("--alpha", "inf", "a finite nonzero number"),
+    ("--alpha", "0", "a finite nonzero number"), ("--alpha", "-0.0", "a finite nonzero number"),
     ("--max-length", "1", ">= 2"), ("--max-length", "-3", ">= 2"), ("--max-length", "0", ">= 2"),
     ("--probes", "0", ">= 1"), ("--batches", "0", ">= 1"), ("--batch-size", "1", ">= 2"),
     ("--budget", "nan", "a positive number"), ("--budget", "-5", "a positive number"),

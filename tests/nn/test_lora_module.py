@@ -447,3 +447,23 @@ def test_complex_base_is_refused_when_adapted(make):
     then every forward raised: the error now comes where the layer is adapted."""
     with pytest.raises(TypeError, match=r"(enc\.fc|'0').*base weight has dtype torch.complex64.*real floating"):
         make()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_exact_unmerge_after_a_cast_restores_the_cast_original(dtype):
+    # the copy merge(exact=True) keeps is converted on use: after model.to(dtype) unmerge gives the
+    # original weight as that cast gives it, in the model's dtype, as an unmerged layer would hold it
+    torch.manual_seed(0)
+    layer = LoRAMBoLinear(nn.Linear(9, 7), rank=3, capacity=4, alpha=5.0)
+    with torch.no_grad():
+        layer.lora_B[:, :3].normal_()
+    unmerged = LoRAMBoLinear(nn.Linear(9, 7), rank=3, capacity=4, alpha=5.0)
+    unmerged.load_state_dict(layer.state_dict())
+    layer.merge(exact=True)
+    layer.to(dtype)
+    unmerged.to(dtype)
+    layer.unmerge()
+    assert layer.base_layer.weight.dtype == dtype
+    assert torch.equal(layer.base_layer.weight, unmerged.base_layer.weight)
+    x = torch.randn(5, 9, dtype=dtype)
+    assert torch.equal(layer(x), unmerged(x))

@@ -56,3 +56,33 @@ def test_the_named_remedy_continues_as_adamw():
     expected = p * (1 - 1e-2 * 0.1) - 1e-2 * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + 1e-8)
     torch.testing.assert_close(pool[:2].detach(), expected, rtol=1e-12, atol=1e-12)
     assert torch.equal(pool[2:], torch.zeros_like(pool[2:]))
+
+
+@pytest.mark.parametrize("backend", ["ext", "torch"])
+def test_a_cast_pool_in_a_later_param_group_changes_nothing_in_the_earlier_ones(backend):
+    # before: the first group's pools were updated (and their step counted) before the cast pool
+    # of the second group was refused; every group's state is now checked before any update
+    if backend == "ext" and not lorambo.ext.available():
+        pytest.skip("the compiled extension is not built")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 3))
+    configure_model(model, 2, target_modules=["0", "1"])
+    with torch.no_grad():
+        for layer in model:
+            layer.lora_B[:, :2].normal_()
+    opt = lorambo.optim.AdamW([{"params": [model[0].lora_A, model[0].lora_B]},
+                               {"params": [model[1].lora_A, model[1].lora_B], "lr": 1e-2}], lr=1e-3)
+    x = torch.randn(5, 8)
+    model(x).pow(2).sum().backward()
+    opt.step()
+    model(x).pow(2).sum().backward()
+    model[1].double()  # only the second group's layer
+    before = _everything(model, opt)
+    lorambo.set_backend(backend)
+    try:
+        with pytest.raises(RuntimeError, match=r"the exp_avg of a parameter of shape \[\d+, \d+\] is torch.float32 "
+                                               r"on cpu, but the parameter is now torch.float64"):
+            opt.step()
+    finally:
+        lorambo.set_backend(None)
+    assert all(torch.equal(a, b) for a, b in zip(_everything(model, opt), before, strict=True))

@@ -158,6 +158,25 @@ def test_decision_step_without_capture_warns():
     assert opt.step(3) == []
 
 
+def test_decision_step_with_a_forward_but_no_backward_says_the_backward_is_missing():
+    # before: "no activations were captured", although the forward had recorded every layer's input
+    model = lorambo.configure_model(_net(), 1, capacity=4)
+    opt = LoRAMBoOptimizer(model, 1000, interval=2)
+    x, y = _batches(1)[0]
+    with opt.capture(2):
+        mse(model, (x, y))  # the loss, never backward()
+    with pytest.warns(RuntimeWarning, match=r"^step 2 is a rank decision step but no gradient reached the layers "
+                                            r"\(their forward ran, but no backward\): call loss.backward\(\) inside "
+                                            r"opt.capture\(2\), after the forward$"):
+        assert opt.step(2) == []
+    with opt.capture(4):
+        mse(model, (x, y))
+    with pytest.raises(RuntimeError, match=r"^update_ranks: no gradient reached the layers \(their forward ran, "
+                                           r"but no backward\): call loss.backward\(\) inside opt.capture\(4\)"):
+        opt.update_ranks(step=4)
+    assert [m.rank for m in lorambo.lora_layers(model).values()] == [1, 1, 1, 1]
+
+
 def test_make_optimizer_is_lorambo_adamw_and_the_default_for_rank_changes():
     net = nn.Sequential(nn.Linear(6, 10, dtype=torch.float64), nn.Tanh(), nn.Linear(10, 3, dtype=torch.float64))
     lorambo.configure_model(net, 1, capacity={"0": 4, "2": 3})

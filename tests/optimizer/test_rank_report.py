@@ -64,6 +64,22 @@ def test_rank_table_from_model_and_dict():
     assert rank_table({"x": 4}).splitlines()[-1].split() == ["total", "4"]
 
 
+def test_rank_table_of_a_model_not_configured_yet_says_so(tmp_path):
+    # before: a header, no rows and "total 0", as if every rank were 0
+    model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 4))
+    opt = lorambo.LoRAMBoOptimizer(model, total_budget=100, sensitivity_method="frobenius")
+    for table in (lambda: rank_table(model), opt.rank_table):
+        with pytest.raises(ValueError, match=r"^rank_table: Sequential has no LoRAMBoLinear layers: configure the "
+                                             r"model first \(configure_model, or LoRAMBoOptimizer.configure\)"):
+            table()
+    with pytest.raises(ValueError, match=r"^save_heatmap: Sequential has no LoRAMBoLinear layers"):
+        save_heatmap(model, tmp_path / "ranks.png")
+    assert not (tmp_path / "ranks.png").exists()
+    opt.compute_optimal_ranks()
+    opt.configure()
+    assert opt.rank_table().splitlines()[-1].split()[:2] == ["total", str(sum(opt.ranks.values()))]
+
+
 def test_decision_log_appends_whole_lines_from_many_threads(tmp_path):
     path = tmp_path / "log" / "decisions.jsonl"
     logs = [DecisionLog(path)] * 4
@@ -165,3 +181,19 @@ def test_read_decisions_skips_only_a_torn_last_line(tmp_path):
         read_decisions(path)
     path.write_text('{"step": 1}\n{"step": 2, "la')
     assert read_decisions(path) == [{"step": 1}]
+
+
+def test_a_log_path_that_cannot_be_written_is_refused_when_the_allocator_is_built(tmp_path):
+    # before: a folder at log_path failed at the first online decision (IsADirectoryError about a
+    # temporary name), and a file above it with mkdir's bare "[Errno 17] File exists"
+    (tmp_path / "decisions.jsonl").mkdir()
+    (tmp_path / "notes").write_text("keep me\n")
+    model = lorambo.configure_model(nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 4)), 1, capacity=4)
+    with pytest.raises(IsADirectoryError, match=r"^log_path: cannot write the file .*decisions.jsonl: a folder of "
+                                                r"that name exists$"):
+        lorambo.LoRAMBoOptimizer(model, 1000, interval=1, log_path=tmp_path / "decisions.jsonl")
+    with pytest.raises(NotADirectoryError, match=r"^log_path: cannot write .*notes.run.d.jsonl: .*notes is a file, "
+                                                 r"not a folder$"):
+        lorambo.LoRAMBoOptimizer(model, 1000, interval=1, log_path=tmp_path / "notes" / "run" / "d.jsonl")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["decisions.jsonl", "notes"]
+    assert not any((tmp_path / "decisions.jsonl").iterdir())

@@ -75,3 +75,13 @@ def test_model_output_loss_is_accepted_and_matches_the_tensor_loss(estimate):
 def test_unusable_loss_is_an_error_naming_the_estimator_and_type(estimate, who, loss_fn, kind):
     with pytest.raises(TypeError, match=rf"{who}: loss_fn must return a scalar tensor.*got {kind}"):
         estimate(_lora_model(), loss_fn, _batches())
+
+
+@pytest.mark.parametrize("method", ["gradient", "hessian"])
+def test_a_non_scalar_loss_names_the_allocator_method_and_the_shape(method):
+    # before: "targets_without_gradient: loss_fn must return ...", a function the user never called
+    opt = lorambo.LoRAMBoOptimizer(Classifier(), total_budget=100, sensitivity_method=method, num_probes=2)
+    per_example = lambda m, b: nn.functional.cross_entropy(m(**b).logits, b["labels"], reduction="none")  # noqa: E731
+    with pytest.raises(ValueError, match=r"^LoRAMBoOptimizer.compute_sensitivities: loss_fn must return a scalar "
+                                         r"tensor, got shape \(6,\)"):
+        opt.compute_optimal_ranks(_batches(), per_example)
