@@ -192,6 +192,8 @@ class FisherProxy:
     @torch.no_grad()
     def _accumulate(self, name: str, x: torch.Tensor, grad_y: torch.Tensor,
                     weights: torch.Tensor | None = None) -> None:
+        if x.dim() == 1:  # an input without a batch dim is one example, as nn.Linear reads it
+            x, grad_y = x.unsqueeze(0), grad_y.unsqueeze(0)
         if self.sketch_dim is None:
             sq = _exact_sq_grad_norms(x, grad_y.detach())  # (B,)
         else:
