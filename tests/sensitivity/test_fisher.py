@@ -103,6 +103,38 @@ def test_sketched_proxy_reads_an_input_without_a_batch_dim_as_a_batch_of_one():
     assert values[0] == values[1] and values[0]["fc1"] > 0
 
 
+@pytest.mark.parametrize("tokens", [3, 40])  # Gram path (short) and materialised path (long)
+def test_empty_batches_and_empty_sequences_are_counted_as_they_are(tokens):
+    # reshape(B, -1, in) cannot infer -1 for 0 elements: the proxy crashed inside backward on a
+    # batch of 0 examples or of 0-token sequences. Now: no example, or examples with zero gradient.
+    model = configure_model(TokenNet(6, 10, 5).double(), 2)
+    with torch.no_grad():
+        for m in (model.fc1, model.fc2):
+            m.lora_B.normal_()
+    shapes = [(3, tokens), (0, tokens), (2, 0), (4, tokens)]
+    xs = [torch.randn(b, t, 6, dtype=torch.float64) for b, t in shapes]
+    ys = [torch.randn(b, t, 5, dtype=torch.float64) for b, t in shapes]
+    for sketch_dim in (None, 3):
+        with FisherProxy(model, reduction="sum", sketch_dim=sketch_dim) as fisher:
+            for x, y in zip(xs, ys):
+                model.zero_grad()
+                example_losses(model, x, y).sum().backward()
+        est = fisher.estimates()
+        assert est["fc1"].num_probes == 3 + 0 + 2 + 4
+        if sketch_dim is None:
+            examples = [(x[n:n + 1], y[n:n + 1]) for x, y in zip(xs, ys) for n in range(x.shape[0])]
+            want = naive_fisher(model, torch.cat([x for x, _ in examples if x.shape[1]]),
+                                torch.cat([y for _, y in examples if y.shape[1]]),
+                                [model.fc1.base_layer.weight, model.fc2.base_layer.weight])
+            for name, w in zip(("fc1", "fc2"), want):  # the two token-less examples add zeros to the mean
+                assert est[name].value == pytest.approx(float(w) * 7 / 9, rel=1e-10)
+    for x, y in zip(xs, ys):
+        got = per_example_sq_grad_norms(x, y)
+        assert got.shape == (x.shape[0],)
+        if x.shape[1] == 0:
+            assert torch.equal(got, torch.zeros(x.shape[0], dtype=torch.float64))
+
+
 def test_gram_and_materialised_paths_agree():
     x, gy = torch.randn(3, 9, 5, dtype=torch.float64), torch.randn(3, 9, 4, dtype=torch.float64)
     naive = torch.stack([(gy[n].t() @ x[n]).square().sum() for n in range(3)])
