@@ -169,7 +169,7 @@ class LoRAMBoLinear(nn.Module):
         # returns one) must not switch its LoRA dropout on
         self.training = base.training
         self.in_features, self.out_features = base_layers.features(base, kind)
-        if min(self.in_features, self.out_features) == 0:  # e.g. every head pruned (transformers' prune_heads)
+        if min(self.in_features, self.out_features) == 0:  # e.g. structured pruning removed every channel
             raise ValueError(f"{self._label}: the base layer has in_features={self.in_features}, out_features="
                              f"{self.out_features}: a layer without inputs or outputs has no room for a LoRA "
                              "adapter; leave it out of the targets")
