@@ -4,7 +4,8 @@ A row m of an operand sits m * stride elements from its start; with int32 indice
 wraps around once it reaches 2**31 (an [M, K] input or an [M, N] output of more than 2**31
 elements, e.g. 150k tokens through a 14336-wide projection) and the kernels read and write
 outside the tensor. Rows 2**30 elements apart reach it with three rows: the storage behind them
-is 4 GiB of fp16 (2 GiB of int8 for the mask kernel), of which only the rows used are ever touched.
+is 4 GiB of fp16 (2 GiB of int8 for the mask kernel), of which only the rows used are ever touched
+on the CPU; on a GPU they are real allocations, up to about 24 GiB at once.
 """
 
 import pytest
