@@ -54,6 +54,7 @@ from lorambo.model import configure_model, find_targets, lora_layers
 from lorambo.model.argument import require_module
 from lorambo.nn import LoRAMBoLinear
 from lorambo.nn.base_layers import base_kind, features, weight_out_in
+from lorambo.nn.lora_linear import check_growth_factor
 from lorambo.sensitivity.token_mask import batch_token_mask, check_token_mask
 
 __all__ = ["LoRAMBoOptimizer", "SENSITIVITY_METHODS", "ALLOCATIONS"]
@@ -168,8 +169,7 @@ class LoRAMBoOptimizer:
                                   or not math.isfinite(alpha) or alpha == 0):
             raise ValueError(f"LoRAMBoOptimizer: alpha={alpha!r} must be a finite nonzero number, or None (each "
                              "layer's rank)")
-        if not growth_factor >= 1.0:
-            raise ValueError(f"growth_factor={growth_factor!r} must be >= 1")
+        check_growth_factor(growth_factor, "LoRAMBoOptimizer")
         # the online settings are used at the first decision step, maybe hours in: check them now
         check_growth_settings(loss_improvement_threshold, sketch_rank, power_iters,
                               move_threshold=move_threshold, max_moves=max_moves, max_tokens=max_tokens)

@@ -37,7 +37,8 @@ def _keep_mask_kernel(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]  # (BM, 1)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]  # (1, BK)
     mult = dropout_multiplier(seed, rows, cols, K, p)
-    tl.store(out_ptr + rows * stride_om + cols, (mult > 0.0).to(tl.int8), mask=(rows < M) & (cols < K))
+    # int64 address: rows * stride_om wraps in int32 on masks of more than 2**31 elements
+    tl.store(out_ptr + rows.to(tl.int64) * stride_om + cols, (mult > 0.0).to(tl.int8), mask=(rows < M) & (cols < K))
 
 
 def dropout_keep_mask(seed: int, M: int, K: int, p: float, device) -> torch.Tensor:

@@ -89,6 +89,10 @@ def _lora_epilogue(acc, u_acc, offs_m, offs_n, pid_n,
     second tile accumulator at the cost of ~1 fp32 ulp."""
     m_ok = offs_m < M  # (BM,)
     n_ok = offs_n < N  # (BN,)
+    # int64 row/column indices for the addresses: m * stride passes 2**31 on outputs of more than
+    # 2**31 elements (and on inputs of rows that far apart), where int32 products wrap around
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
     if LORA != 0:
         if LORA_ACC:
@@ -99,9 +103,9 @@ def _lora_epilogue(acc, u_acc, offs_m, offs_n, pid_n,
             u = downcast(u_acc, v_ptr.dtype.element_ty, PRECISION)  # (BM, R): t rounded like the reference's x A^T
             if WRITE_U:
                 if pid_n == 0:
-                    u_out = u_out_ptr + offs_m[:, None] * stride_uom + offs_r[None, :] * stride_uor
+                    u_out = u_out_ptr + rows[:, None] * stride_uom + offs_r[None, :] * stride_uor
                     tl.store(u_out, u, mask=m_ok[:, None] & (offs_r[None, :] < rank))
-            v = tl.load(v_ptr + offs_r[:, None] * stride_vr + offs_n[None, :] * stride_vn,
+            v = tl.load(v_ptr + offs_r[:, None] * stride_vr + cols[None, :] * stride_vn,
                         mask=(offs_r[:, None] < rank) & n_ok[None, :], other=0.0)  # (R, BN)
             lora = mma(u, v, lora, PRECISION)
         else:
@@ -110,9 +114,9 @@ def _lora_epilogue(acc, u_acc, offs_m, offs_n, pid_n,
             # [R, BN] tiles in shared memory: 256-384 KiB at fp32, R = 128 (sm_90 AOT compile).
             for r0 in tl.range(0, rank, BLOCK_R, num_stages=1):
                 rr = r0 + offs_r
-                u = tl.load(u_ptr + offs_m[:, None] * stride_um + rr[None, :] * stride_ur,
+                u = tl.load(u_ptr + rows[:, None] * stride_um + rr[None, :] * stride_ur,
                             mask=m_ok[:, None] & (rr[None, :] < rank), other=0.0)  # (BM, R)
-                v = tl.load(v_ptr + rr[:, None] * stride_vr + offs_n[None, :] * stride_vn,
+                v = tl.load(v_ptr + rr[:, None] * stride_vr + cols[None, :] * stride_vn,
                             mask=(rr[:, None] < rank) & n_ok[None, :], other=0.0)  # (R, BN)
                 lora = mma(u, v, lora, PRECISION)
         if LORA_ACC:
@@ -123,7 +127,7 @@ def _lora_epilogue(acc, u_acc, offs_m, offs_n, pid_n,
             acc = lora * scaling
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    out = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
     tl.store(out, downcast(acc, out_ptr.dtype.element_ty, PRECISION), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -154,8 +158,8 @@ def _lora_gemm_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     # Rows/cols past the edge wrap (modulo) instead of being masked: the loads stay unmasked
     # along M and N, and the wrapped results are dropped by the store mask.
-    rows = offs_m % M
-    cols = offs_n % N
+    rows = (offs_m % M).to(tl.int64)  # int64 addresses: see _lora_epilogue
+    cols = (offs_n % N).to(tl.int64)
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak  # (BM, BK)
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn  # (BK, BN)
     d_ptrs = d_ptr + offs_k[:, None] * stride_dk + offs_r[None, :] * stride_dr  # (BK, R)

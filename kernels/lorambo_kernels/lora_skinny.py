@@ -43,11 +43,12 @@ def _lora_down_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     r_ok = offs_r < rank
+    rows = offs_m.to(tl.int64)  # int64 addresses: m * stride_am wraps in int32 past 2**31 elements
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + offs_k
         k_ok = ks < K
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + ks[None, :] * stride_ak,
+        a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
         if DROP:
             mult = dropout_multiplier(seed, offs_m[:, None], ks[None, :], K, p)
@@ -55,7 +56,7 @@ def _lora_down_kernel(
         b = tl.load(b_ptr + ks[:, None] * stride_bk + offs_r[None, :] * stride_br,
                     mask=k_ok[:, None] & r_ok[None, :], other=0.0)  # (BK, R)
         acc = mma(a, b, acc, PRECISION)
-    out = out_ptr + offs_m[:, None] * stride_om + offs_r[None, :] * stride_or
+    out = out_ptr + rows[:, None] * stride_om + offs_r[None, :] * stride_or
     tl.store(out, downcast(acc, out_ptr.dtype.element_ty, PRECISION), mask=m_ok[:, None] & r_ok[None, :])
 
 
@@ -89,14 +90,15 @@ def _lora_wgrad_kernel(
     for m0 in range(m_start, m_end, BLOCK_M):
         ms = m0 + tl.arange(0, BLOCK_M)
         m_ok = ms < m_end
-        at = tl.load(a_ptr + offs_p[:, None] * stride_ap + ms[None, :] * stride_am,
+        rows = ms.to(tl.int64)  # int64 addresses: m * stride_am wraps in int32 past 2**31 elements
+        at = tl.load(a_ptr + offs_p[:, None] * stride_ap + rows[None, :] * stride_am,
                      mask=p_ok[:, None] & m_ok[None, :], other=0.0)  # (BP, BM): a^T tile
         if COLSUM:
             csum += tl.sum(at.to(tl.float32), axis=1)
         if DROP:
             mult = dropout_multiplier(seed, ms[None, :], offs_p[:, None], P, p)  # (BP, BM)
             at = downcast(at.to(tl.float32) * mult, at.dtype, PRECISION)
-        u = tl.load(u_ptr + ms[:, None] * stride_um + offs_r[None, :] * stride_ur,
+        u = tl.load(u_ptr + rows[:, None] * stride_um + offs_r[None, :] * stride_ur,
                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)  # (BM, R)
         acc = mma(at, u, acc, PRECISION)
     out = out_ptr + pid_s * stride_os + offs_p[:, None] * stride_op + offs_r[None, :] * stride_or

@@ -16,6 +16,7 @@ from torch import nn
 
 from lorambo.adapters import extra_modules
 from lorambo.adapters.atomic import atomic_write, check_target
+from lorambo.adapters.finite import check_finite_pools
 from lorambo.adapters.format import (FORMAT, LAYER_FIELDS, VERSION, AdapterFormatError, build_header,
                                      own_storages, read_adapter_file)
 from lorambo.adapters.overwrite import configure_for_overwrite, set_rank_for_overwrite
@@ -63,6 +64,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         tensors[f"{name}.lora_A"] = layer.lora_A[:r].detach().cpu().contiguous()  # (r, in)
         tensors[f"{name}.lora_B"] = layer.lora_B[:, :r].detach().cpu().contiguous()  # (out, r)
         meta[name] = {field: getattr(layer, field) for field in LAYER_FIELDS}
+    check_finite_pools("save_adapter", ((name, pool, tensors[f"{name}.{pool}"]) for name in layers
+                                        for pool in ("lora_A", "lora_B")))
     extra_modules.add_modules_to_save(model, tensors)
     tensors = own_storages(tensors)
     header = build_header(meta, tensors)

@@ -60,6 +60,16 @@ class ALoRAConfig:
         return [self.k1 + j * self.k2 for j in range(self.rounds)]
 
 
+def check_round_settings(n_prune, budget) -> None:
+    """ValueError naming the setting unless a round can use it: islice() refused a bad
+    ``n_prune`` in its own words, and a NaN budget made every move "not fit", so the round
+    silently did nothing."""
+    if isinstance(n_prune, bool) or not isinstance(n_prune, numbers.Integral) or n_prune < 1:
+        raise ValueError(f"ALoRA: n_prune={n_prune!r} must be an int >= 1")
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not budget >= 0:
+        raise ValueError(f"ALoRA: budget={budget!r} must be a number of parameters >= 0 (math.inf: no limit)")
+
+
 def _plan(layers, scores, n_prune, budget, min_rank=0, max_rank=None, frozen=()):
     """(prune {name: [component]}, receive [name per freed rank]) conserving the rank sum; the
     ``frozen`` layers neither give nor take (allocation/frozen.py)."""
@@ -101,6 +111,7 @@ def alora_round(model, layers: Mapping, loss_fn, batches, n_prune: int, budget: 
     ``min_rank`` / ``max_rank``: no layer is pruned below / grown above them.
     """
     check_rank_bounds(min_rank, max_rank)
+    check_round_settings(n_prune, budget)
     if scores is None:
         from lorambo.sensitivity.ablation import ablation_scores
 
@@ -154,6 +165,7 @@ class ALoRA:
         if loss_fn is None or heldout_batches is None:
             raise ValueError("ALoRA needs loss_fn and heldout_batches to score components by ablation")
         check_rank_bounds(min_rank, max_rank)
+        check_round_settings(config.n_prune, budget)  # used at the first round, maybe hours in
         self.min_rank, self.max_rank = min_rank, max_rank
         self.model, self.layers, self.loss_fn = model, dict(layers), loss_fn
         self.batches, self.config, self.budget, self.seed, self.log = heldout_batches, config, budget, seed, log

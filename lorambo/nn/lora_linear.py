@@ -41,14 +41,21 @@ from lorambo.sharding import is_sharded, local_tensor
 _POOL_DIMS = {"lora_A": 0, "lora_B": 1}  # the dim along which each pool's rank slots lie
 
 
+def check_growth_factor(growth_factor, who: str) -> None:
+    """ValueError naming ``who`` unless ``growth_factor`` is a finite real number >= 1 (inf
+    would overflow the power-of-two rounding of :func:`default_capacity`)."""
+    if (isinstance(growth_factor, bool) or not isinstance(growth_factor, numbers.Real)
+            or not 1.0 <= growth_factor < math.inf):
+        raise ValueError(f"{who}: growth_factor={growth_factor!r} must be a finite number >= 1")
+
+
 def default_capacity(rank: int, in_features: int, out_features: int, growth_factor: float = 2.0) -> int:
     """Pool size with room to grow: ``growth_factor * max(rank, 1)`` rounded up to a power of two,
     at least 8, capped at min(in, out). The default doubles the rank.
 
     This is the one capacity rule: planners that also cap by a budget (``lorambo.allocation.capacity``)
     apply it first, then their own limits."""
-    if not growth_factor >= 1.0:
-        raise ValueError(f"default_capacity: growth_factor={growth_factor!r} must be >= 1")
+    check_growth_factor(growth_factor, "default_capacity")
     wanted = math.ceil(growth_factor * max(rank, 1))
     room = max(8, 1 << (wanted - 1).bit_length())
     return max(1, min(room, in_features, out_features))
@@ -163,6 +170,10 @@ class LoRAMBoLinear(nn.Module):
         # returns one) must not switch its LoRA dropout on
         self.training = base.training
         self.in_features, self.out_features = base_layers.features(base, kind)
+        if min(self.in_features, self.out_features) == 0:  # e.g. structured pruning removed every channel
+            raise ValueError(f"{self._label}: the base layer has in_features={self.in_features}, out_features="
+                             f"{self.out_features}: a layer without inputs or outputs has no room for a LoRA "
+                             "adapter; leave it out of the targets")
         rank = self._check_int("rank", rank)
         if capacity is None:
             capacity = default_capacity(rank, self.in_features, self.out_features)

@@ -86,7 +86,10 @@ class AdaLoRAImportance:
                 value, grad = p.detach(), p.grad
                 if is_sharded(value):  # a collective: the statistics are kept whole on every process
                     value, grad = value.full_tensor(), grad.full_tensor()
-                inst = (value * grad).abs().float()
+                # in at least float32: the product of fp16 values and gradients (1e-3 * 1e-5)
+                # underflows to 0 in fp16, and bf16 rounds it to 3 significant digits
+                acc = torch.promote_types(value.dtype, torch.float32)
+                inst = (value.to(acc) * grad.to(acc)).abs().float()
                 key = (name, which)
                 if key not in self._ibar:  # first sample: Ibar starts at zero, as in AdaLoRA
                     self._ibar[key] = torch.zeros_like(inst)

@@ -53,6 +53,12 @@ __all__ = ["FisherProxy", "per_example_sq_grad_norms", "sketched_sq_grad_norms"]
 _CHUNK_ELEMENTS = 1 << 24  # per-example gradients materialised at most ~16M elements at a time
 
 
+def _examples(t: torch.Tensor) -> torch.Tensor:
+    """``t`` [B, ..., features] as [B, T, features], T the product of the middle dims. Spelled out,
+    not ``-1``: reshape cannot infer it for an empty batch (B = 0) or empty sequences (T = 0)."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:-1]), t.shape[-1])
+
+
 def per_example_sq_grad_norms(x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
     """||dY_n^T X_n||_F^2 for every example n: x [B, T, in] (or [B, in]), grad_y [B, T, out].
 
@@ -62,8 +68,7 @@ def per_example_sq_grad_norms(x: torch.Tensor, grad_y: torch.Tensor) -> torch.Te
     x, grad_y = x.to(acc), grad_y.to(acc)
     if x.dim() == 2:  # one token per example: ||dy x^T||^2 = ||x||^2 ||dy||^2
         return x.square().sum(-1) * grad_y.square().sum(-1)
-    x = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
-    grad_y = grad_y.reshape(grad_y.shape[0], -1, grad_y.shape[-1])  # (B, T, out)
+    x, grad_y = _examples(x), _examples(grad_y)  # (B, T, in), (B, T, out)
     b, t, d_in = x.shape
     d_out = grad_y.shape[-1]
     if t * (d_in + d_out) < d_in * d_out:
@@ -72,15 +77,14 @@ def per_example_sq_grad_norms(x: torch.Tensor, grad_y: torch.Tensor) -> torch.Te
         return (gram_x * gram_y).sum((1, 2))
     chunk = max(1, _CHUNK_ELEMENTS // (d_in * d_out))
     return torch.cat([(grad_y[i:i + chunk].transpose(1, 2) @ x[i:i + chunk]).square().sum((1, 2))
-                      for i in range(0, b, chunk)])
+                      for i in range(0, max(b, 1), chunk)])  # one (empty) chunk for B = 0
 
 
 def sketched_sq_grad_norms(x: torch.Tensor, grad_y: torch.Tensor, sketch_dim: int,
                            generator: torch.Generator | None = None) -> torch.Tensor:
     """Unbiased estimate of ||dY_n^T X_n||_F^2 per example from ``sketch_dim`` Rademacher probes."""
     acc = torch.promote_types(x.dtype, torch.float32)
-    x = x.reshape(x.shape[0], -1, x.shape[-1]).to(acc)  # (B, T, in)
-    grad_y = grad_y.reshape(grad_y.shape[0], -1, grad_y.shape[-1]).to(acc)  # (B, T, out)
+    x, grad_y = _examples(x).to(acc), _examples(grad_y).to(acc)  # (B, T, in), (B, T, out)
     v = torch.randint(0, 2, (x.shape[-1], sketch_dim), generator=generator, device=x.device).to(acc) * 2 - 1
     projected = grad_y.transpose(1, 2) @ (x @ v)  # (B, out, k) = G_n v
     return projected.square().sum((1, 2)) / sketch_dim
@@ -90,8 +94,7 @@ def _exact_sq_grad_norms(x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
     """:func:`per_example_sq_grad_norms`; through the Gram kernel (``lorambo.ops.sketch``) where
     it runs (CUDA by default) and the Gram trick is the cheaper exact form."""
     if x.dim() > 2 and x.dtype == grad_y.dtype and use_sketch_kernels([x, grad_y]):
-        x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
-        g3 = grad_y.reshape(grad_y.shape[0], -1, grad_y.shape[-1])  # (B, T, out)
+        x3, g3 = _examples(x), _examples(grad_y)  # (B, T, in), (B, T, out)
         t, d_in, d_out = x3.shape[1], x3.shape[2], g3.shape[2]
         if t * (d_in + d_out) < d_in * d_out:
             return sq_grad_norms_many([x3], [g3])[0]
@@ -192,6 +195,8 @@ class FisherProxy:
     @torch.no_grad()
     def _accumulate(self, name: str, x: torch.Tensor, grad_y: torch.Tensor,
                     weights: torch.Tensor | None = None) -> None:
+        if x.dim() == 1:  # an input without a batch dim is one example, as nn.Linear reads it
+            x, grad_y = x.unsqueeze(0), grad_y.unsqueeze(0)
         if self.sketch_dim is None:
             sq = _exact_sq_grad_norms(x, grad_y.detach())  # (B,)
         else:

@@ -198,3 +198,23 @@ def test_wrapped_models_save_and_load_under_the_plain_names(tmp_path, wrap):
     finally:
         if wrap == "ddp":
             dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("pool, index", [("lora_A", (4, 0)), ("lora_B", (1, 0))])
+def test_pools_of_a_diverged_run_are_refused_and_the_saved_files_kept(tmp_path, bad, pool, index):
+    """save_adapter wrote NaN/inf pools, atomically over a good file, and load_adapter then refused
+    that file; export_peft wrote them too."""
+    from lorambo import export_peft
+
+    model = trained()
+    save_adapter(model, tmp_path / "a")
+    export_peft(model, tmp_path / "p")
+    before = {f: f.read_bytes() for f in sorted(tmp_path.rglob("*")) if f.is_file()}
+    with torch.no_grad():
+        getattr(lora_layers(model)["2"], pool)[index] = bad  # inside the active slice of rank 5
+    for save, folder in ((save_adapter, "a"), (export_peft, "p")):
+        with pytest.raises(RuntimeError, match=rf"{save.__name__}: {pool} of layer '2' holds 1 NaN/inf values of "
+                                               rf"{5 * 16 if pool == 'lora_A' else 12 * 5}.*nothing was written"):
+            save(model, tmp_path / folder)
+    assert {f: f.read_bytes() for f in sorted(tmp_path.rglob("*")) if f.is_file()} == before

@@ -1,12 +1,13 @@
 """ALoRA prune-and-reallocate: total rank conserved, budget kept, worst components pruned."""
 
 import copy
+import math
 
 import pytest
 import torch
 
 import lorambo
-from lorambo.allocation.alora import ALoRAConfig, alora_round
+from lorambo.allocation.alora import ALoRA, ALoRAConfig, alora_round
 from lorambo.optimizer import LoRAMBoOptimizer
 
 from residual_net import ResidualNet, mse
@@ -87,3 +88,25 @@ def test_config_validation():
     opt = LoRAMBoOptimizer(model, 200, allocation="alora")
     with pytest.raises(ValueError, match="ALoRA needs loss_fn and heldout_batches"):
         opt.step(100)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"n_prune": -1}, "n_prune=-1 must be an int >= 1"), ({"n_prune": 2.5}, "n_prune=2.5 must be an int >= 1"),
+    ({"n_prune": True}, "n_prune=True must be an int >= 1"),
+    ({"n_prune": 1, "budget": math.nan}, "budget=nan must be a number of parameters >= 0"),
+    ({"n_prune": 1, "budget": "1000"}, "budget='1000' must be a number"),
+    ({"n_prune": 1, "budget": -5}, "budget=-5 must be a number"),
+])
+def test_bad_round_settings_are_refused_before_any_change(kwargs, message):
+    # a NaN budget made every move "not fit": the round returned [] and changed nothing, silently
+    model = lorambo.configure_model(ResidualNet(hidden=12, blocks=1), 2, capacity=4)
+    layers = lorambo.lora_layers(model)
+    before = {n: (m.rank, m.lora_A.detach().clone()) for n, m in layers.items()}
+    scores = {n: torch.tensor([0.1, 1.0], dtype=DT) for n in layers}
+    with pytest.raises(ValueError, match=rf"ALoRA: {message}"):
+        alora_round(model, layers, mse, None, scores=scores, **kwargs)
+    assert all(m.rank == before[n][0] and torch.equal(m.lora_A, before[n][1]) for n, m in layers.items())
+    kwargs.setdefault("budget", 1000)
+    if "budget" in message:  # the schedule refuses it when built, not at its first round
+        with pytest.raises(ValueError, match=rf"ALoRA: {message}"):
+            ALoRA(model, layers, mse, [None], ALoRAConfig(k1=0, k2=1, rounds=1, n_prune=1), budget=kwargs["budget"])

@@ -247,6 +247,17 @@ def test_bad_construction_names_module_and_value(kwargs, exc, match):
         LoRAMBoLinear(nn.Linear(16, 32), name="blk.0.q", **kwargs)
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+@pytest.mark.parametrize("in_features, out_features", [(6, 0), (0, 6)])
+def test_a_base_layer_without_inputs_or_outputs_is_refused_naming_its_features(in_features, out_features):
+    # before: "capacity 1 must be in [1, min(in, out) = 0]", a capacity nobody had asked for
+    model = nn.Sequential(nn.Linear(4, 6), nn.Linear(in_features, out_features))
+    with pytest.raises(ValueError, match=rf"LoRAMBoLinear '1': the base layer has in_features={in_features}, "
+                                         rf"out_features={out_features}: a layer without inputs or outputs"):
+        configure_model(model, ranks=2)
+    assert all(type(m) is nn.Linear for m in model)  # nothing half-applied
+
+
 def test_bad_module_type_and_set_rank_values():
     with pytest.raises(TypeError, match="Conv2d"):
         LoRAMBoLinear(nn.Conv2d(3, 3, 1))

@@ -137,3 +137,19 @@ def test_a_bad_alpha_is_refused_before_anything_is_measured(alpha):
     # before: taken, and refused by configure() only, after compute_optimal_ranks had run
     with pytest.raises(ValueError, match=rf"LoRAMBoOptimizer: alpha={alpha!r} must be a finite nonzero number"):
         LoRAMBoOptimizer(_model(), 1000, alpha=alpha)
+
+
+@pytest.mark.parametrize("growth_factor", [math.inf, 0.5, math.nan, "2", True])
+def test_a_bad_growth_factor_is_refused_before_anything_is_measured(growth_factor):
+    # inf passed the ">= 1" check and overflowed in the capacity rounding after the measurement
+    model = _model()
+    with pytest.raises(ValueError, match=rf"LoRAMBoOptimizer: growth_factor={growth_factor!r} must be a finite "
+                                         "number >= 1"):
+        LoRAMBoOptimizer(model, 1000, sensitivity_method="frobenius", growth_factor=growth_factor)
+    assert isinstance(model[0], nn.Linear)
+
+
+def test_default_capacity_refuses_an_infinite_growth_factor_naming_it():
+    with pytest.raises(ValueError, match="default_capacity: growth_factor=inf must be a finite number >= 1"):
+        lorambo.nn.default_capacity(4, 64, 64, growth_factor=math.inf)
+    assert lorambo.nn.default_capacity(4, 64, 64, growth_factor=3.0) == 16  # ceil(12) -> next power of two

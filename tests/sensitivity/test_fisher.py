@@ -73,6 +73,68 @@ def test_two_dimensional_inputs_and_accumulation_over_steps():
     assert fisher.estimates()["fc2"].num_probes == 10
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_inputs_without_a_batch_dim_count_as_one_example_each(reduction):
+    # nn.Linear takes a 1-D input [in] as one example; the proxy crashed reshaping it to [B, T, in]
+    model = configure_model(TokenNet(4, 8, 3).double(), 2)
+    with torch.no_grad():
+        for m in (model.fc1, model.fc2):
+            m.lora_B.normal_()
+    xs, ys = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
+    with FisherProxy(model, reduction=reduction) as fisher:
+        for x, y in zip(xs, ys):  # one 1-D example per step
+            model.zero_grad()
+            (model(x) - y).square().sum().backward()
+    est = fisher.estimates()
+    want = naive_fisher(model, xs[:, None], ys[:, None], [model.fc1.base_layer.weight, model.fc2.base_layer.weight])
+    for name, w in zip(("fc1", "fc2"), want):
+        assert est[name].value == pytest.approx(float(w), rel=1e-10)
+        assert est[name].num_probes == 3
+
+
+def test_sketched_proxy_reads_an_input_without_a_batch_dim_as_a_batch_of_one():
+    model = TokenNet(4, 8, 3).double()
+    x, y = torch.randn(4, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    values = []
+    for inp, target in ((x, y), (x[None], y[None])):
+        with FisherProxy(model, sketch_dim=2, seed=5) as fisher:
+            (model(inp) - target).square().sum().backward()
+        values.append({n: e.value for n, e in fisher.estimates().items()})
+    assert values[0] == values[1] and values[0]["fc1"] > 0
+
+
+@pytest.mark.parametrize("tokens", [3, 40])  # Gram path (short) and materialised path (long)
+def test_empty_batches_and_empty_sequences_are_counted_as_they_are(tokens):
+    # reshape(B, -1, in) cannot infer -1 for 0 elements: the proxy crashed inside backward on a
+    # batch of 0 examples or of 0-token sequences. Now: no example, or examples with zero gradient.
+    model = configure_model(TokenNet(6, 10, 5).double(), 2)
+    with torch.no_grad():
+        for m in (model.fc1, model.fc2):
+            m.lora_B.normal_()
+    shapes = [(3, tokens), (0, tokens), (2, 0), (4, tokens)]
+    xs = [torch.randn(b, t, 6, dtype=torch.float64) for b, t in shapes]
+    ys = [torch.randn(b, t, 5, dtype=torch.float64) for b, t in shapes]
+    for sketch_dim in (None, 3):
+        with FisherProxy(model, reduction="sum", sketch_dim=sketch_dim) as fisher:
+            for x, y in zip(xs, ys):
+                model.zero_grad()
+                example_losses(model, x, y).sum().backward()
+        est = fisher.estimates()
+        assert est["fc1"].num_probes == 3 + 0 + 2 + 4
+        if sketch_dim is None:
+            examples = [(x[n:n + 1], y[n:n + 1]) for x, y in zip(xs, ys) for n in range(x.shape[0])]
+            want = naive_fisher(model, torch.cat([x for x, _ in examples if x.shape[1]]),
+                                torch.cat([y for _, y in examples if y.shape[1]]),
+                                [model.fc1.base_layer.weight, model.fc2.base_layer.weight])
+            for name, w in zip(("fc1", "fc2"), want):  # the two token-less examples add zeros to the mean
+                assert est[name].value == pytest.approx(float(w) * 7 / 9, rel=1e-10)
+    for x, y in zip(xs, ys):
+        got = per_example_sq_grad_norms(x, y)
+        assert got.shape == (x.shape[0],)
+        if x.shape[1] == 0:
+            assert torch.equal(got, torch.zeros(x.shape[0], dtype=torch.float64))
+
+
 def test_gram_and_materialised_paths_agree():
     x, gy = torch.randn(3, 9, 5, dtype=torch.float64), torch.randn(3, 9, 4, dtype=torch.float64)
     naive = torch.stack([(gy[n].t() @ x[n]).square().sum() for n in range(3)])

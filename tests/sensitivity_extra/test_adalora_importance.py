@@ -35,6 +35,29 @@ def test_matches_the_adalora_recursion_by_hand():
         assert scores[name].shape == (layer.rank,) and bool((scores[name] > 0).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_pools_are_scored_from_the_exact_products(dtype):
+    # |theta * grad| of fp16 pools (1e-3 * 1e-5) underflowed to 0 in fp16 (every score 0: rank moves
+    # decided by ties); bf16 rounded it to 3 digits
+    model = lorambo.configure_model(nn.Sequential(nn.Linear(6, 5)).to(dtype), 3, capacity=4)
+    layer = lorambo.lora_layers(model)["0"]
+    gen = torch.Generator().manual_seed(4)
+    tracker = AdaLoRAImportance(model, beta1=0.8, beta2=0.7)
+    ibar, ubar = {}, {}
+    with torch.no_grad():
+        layer.lora_A[:3] = (torch.randn(3, 6, generator=gen) * 1e-3).to(dtype)
+        layer.lora_B[:, :3] = (torch.randn(5, 3, generator=gen) * 1e-3).to(dtype)
+    for _ in range(3):
+        for which, p in (("A", layer.lora_A), ("B", layer.lora_B)):
+            p.grad = (torch.randn(p.shape, generator=gen) * 1e-5).to(dtype)
+            inst = (p.detach().double() * p.grad.double()).abs()  # float64 oracle
+            ibar[which] = 0.8 * ibar.get(which, torch.zeros_like(inst)) + 0.2 * inst
+            ubar[which] = 0.7 * ubar.get(which, torch.zeros_like(inst)) + 0.3 * (inst - ibar[which]).abs()
+        tracker.update()
+    want = (ibar["A"] * ubar["A"])[:3].mean(1) + (ibar["B"] * ubar["B"])[:, :3].mean(0)
+    torch.testing.assert_close(tracker.component_scores()["0"], want, rtol=1e-5, atol=0.0)
+
+
 def test_keep_and_reset_follow_rank_changes():
     model = lorambo.configure_model(nn.Sequential(nn.Linear(6, 5)), 3, capacity=4)
     layer = lorambo.lora_layers(model)["0"]
