@@ -96,26 +96,27 @@ def _unmerge_before_load(module: "LoRAMBoLinear", state_dict, prefix: str, *args
 
 
 @torch.no_grad()
-def _refuse_slots_past_rank(module: "LoRAMBoLinear", state_dict, prefix: str, *args) -> None:
-    """load_state_dict pre-hook: the rank travels in ``_extra_state``. Pools loaded without it
-    (a state_dict filtered to its ``lora_`` keys) keep the layer's current rank, so slots the
-    saving model had active past that rank would load as inactive and be ignored, silently
-    changing the function: refuse them (an all-zero tail loads as before)."""
+def _cover_slots_past_rank(module: "LoRAMBoLinear", state_dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: the rank travels in ``_extra_state``. Pools loaded without it keep
+    the layer's current rank, so slots the saving model had active past that rank would load as
+    inactive and be ignored, silently changing the function. They may also be one shard of a
+    sharded checkpoint whose ``_extra_state`` is in another shard (transformers'
+    ``load_sharded_checkpoint``, through which Trainer resumes, loads the shards in no fixed
+    order). So the rank is raised to cover the loaded non-zero slots; an extra state loaded later
+    sets it exactly. (torch hands pre-hooks ``strict=True`` whatever the caller passed, so a
+    filtered state_dict and a shard cannot be told apart here.)"""
     if f"{prefix}_extra_state" in state_dict:
         return
+    last = 0
     for name, dim in _POOL_DIMS.items():
         value = state_dict.get(prefix + name)
         if (not isinstance(value, torch.Tensor) or is_sharded(value) or value.device.type == "meta"
                 or value.shape != getattr(module, name).shape):
             continue  # nothing to check here (a shard would need a collective); torch reports shape errors
         used = value.abs().sum(dim=1 - dim).nonzero()
-        last = int(used.max()) + 1 if used.numel() else 0
-        if last > module.rank:
-            raise ValueError(f"{module._label}: state_dict entry {prefix + name!r} has non-zero slots up to "
-                             f"{last} but the layer's rank is {module.rank}, and there is no "
-                             f"{prefix + '_extra_state'!r} (the saved rank) to restore it; loading would drop "
-                             "those slots. Keep the _extra_state entries when filtering a state_dict, or "
-                             "set_rank() the layer first")
+        last = max(last, int(used.max()) + 1 if used.numel() else 0)
+    if last > module.rank:
+        module._set_active_rank(last)
 
 
 class LoRAMBoLinear(nn.Module):
@@ -206,7 +207,7 @@ class LoRAMBoLinear(nn.Module):
         self.register_load_state_dict_pre_hook(plain_keys_to_base_layer)
         self.register_load_state_dict_pre_hook(_check_extra_state_first)
         self.register_load_state_dict_pre_hook(_unmerge_before_load)
-        self.register_load_state_dict_pre_hook(_refuse_slots_past_rank)
+        self.register_load_state_dict_pre_hook(_cover_slots_past_rank)
 
     def __prepare_scriptable__(self):
         # torch.jit.script calls this first: say what to use instead of failing on the forward's signature
