@@ -18,6 +18,7 @@ from lorambo.adapters import extra_modules
 from lorambo.adapters.atomic import atomic_write
 from lorambo.adapters.format import (FORMAT, LAYER_FIELDS, VERSION, AdapterFormatError, build_header,
                                      own_storages, read_adapter_file)
+from lorambo.adapters.meta_destinations import refuse_meta_destinations
 from lorambo.adapters.overwrite import configure_for_overwrite, set_rank_for_overwrite
 from lorambo.model import lora_layers, unload
 from lorambo.model.argument import require_module, require_path
@@ -140,12 +141,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     bare = not lora_layers(model)
     if bare:
         _check_against_bare_model(model, meta, file)
+    else:
+        _check_against_lora_model(model, meta, file)
     extra = extra_modules.check_modules_to_save(model, tensors, file)
+    refuse_meta_destinations(model, meta, extra, f"adapter {file}")
     if bare:
         configure_for_overwrite(model, {n: info["rank"] for n, info in meta.items()},
                                 capacity={n: info["capacity"] for n, info in meta.items()},
                                 modules_to_save=extra_modules.saved_module_names(tensors) or None)
-    _check_against_lora_model(model, meta, file)
+        _check_against_lora_model(model, meta, file)
     try:
         _copy_into_layers(model, meta, tensors)
         extra_modules.load_modules_to_save(model, extra)
