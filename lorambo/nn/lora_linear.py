@@ -140,6 +140,7 @@ class LoRAMBoLinear(nn.Module):
     # (dotted name, module, attribute) of the other places configure_model found holding this
     # layer's base weight (tied weights): merge() refuses while one of them still holds it
     _tied_holders = ()
+    _tied_weights_keys = None  # {"base_layer.weight": ...} while tied, see note_tied_weight
     _base_type = None  # the base layer's class when wrapped: forward re-checks a base of another class
 
     def __init__(self, base: nn.Module, rank: int = 8, capacity: int | None = None,
@@ -566,8 +567,15 @@ class LoRAMBoLinear(nn.Module):
     def note_tied_weight(self, holders) -> None:
         """Record the other places the model holds this layer's base weight, as
         ``(dotted name, module, attribute)``; :meth:`merge` refuses while one of them still
-        holds it (a weight untied later, by assigning the layer a weight of its own, merges)."""
+        holds it (a weight untied later, by assigning the layer a weight of its own, merges).
+
+        The base weight's key is also declared tied (``_tied_weights_keys``, which transformers'
+        ``save_pretrained`` reads from every submodule): a model declares the plain key
+        (``lm_head.weight``), so the save found ``lm_head.base_layer.weight`` sharing memory with
+        the embedding under no declared key and raised instead of writing one copy."""
         self._tied_holders = tuple(holders)
+        # transformers reads only the keys of a submodule that is not a PreTrainedModel
+        self._tied_weights_keys = {"base_layer.weight": self._tied_holders[0][0]} if self._tied_holders else None
 
     @torch.no_grad()
     def unmerge(self) -> None:
