@@ -117,6 +117,7 @@ def _copy_into_layers(model: nn.Module, meta: dict, tensors: dict[str, torch.Ten
         set_rank_for_overwrite(layer, r)
         layer.lora_A[:r].copy_(tensors[f"{name}.lora_A"])
         layer.lora_B[:, :r].copy_(tensors[f"{name}.lora_B"])
+        layer.zero_inactive_()  # a set_rank that changed nothing left what the pools held (to_empty's memory)
         layer.scaling, layer.alpha = float(info["scaling"]), float(info["alpha"])
         layer.use_rslora, layer.dropout = bool(info["use_rslora"]), float(info["dropout"])
 

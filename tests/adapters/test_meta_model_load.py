@@ -1,7 +1,8 @@
 """Loading an adapter into a model built on the meta device (a big model's skeleton, before its
 weights are loaded): a meta tensor holds no data, so the loaders copied the adapter into nothing
 and returned; after ``to_empty`` and loading the base weights the pools held garbage (outputs off
-by ~1e27). They refuse it now, naming the layer, before anything changes."""
+by ~1e27). They refuse it now, naming the layer, before anything changes. Once materialised,
+the loaded pools are exactly the adapter, whatever ``to_empty`` left in them."""
 
 import pytest
 import torch
@@ -71,3 +72,23 @@ def test_meta_pools_or_a_meta_module_to_save_of_a_configured_model_are_refused(t
     with pytest.raises(ValueError, match=r"module to save '2' has its weight on the meta device"):
         load_adapter(model, file)
     assert model[0].rank == 1
+
+
+def test_loading_into_pools_left_uninitialised_by_to_empty_gives_exactly_the_adapter(tmp_path):
+    """Configured on meta and materialised with to_empty (no reset_parameters, since an adapter is
+    loaded next), the pools hold whatever the memory held; load_adapter wrote the active slots
+    and left the rest (NaN here) in the inactive ones, which a filtered state_dict then loaded as
+    active slots."""
+    trained = _trained()
+    file = save_adapter(trained, tmp_path / "a.safetensors")
+    model = configure_model(_net("meta"), {"0": 3}, capacity=8, modules_to_save=["2"])
+    model.to_empty(device="cpu")
+    model.load_state_dict(_net().state_dict(), strict=False)
+    with torch.no_grad():
+        model[0].lora_A.fill_(float("nan"))  # what to_empty may leave
+        model[0].lora_B.fill_(float("nan"))
+    load_adapter(model, file)
+    assert model[0].rank == 3
+    assert torch.equal(model[0].lora_A, trained[0].lora_A) and torch.equal(model[0].lora_B, trained[0].lora_B)
+    x = torch.randn(5, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(model(x), _expected(trained, x), rtol=1e-12, atol=1e-12)
