@@ -31,6 +31,7 @@ from lorambo.nn.optimizer_state import (check_slot_state_editable, gather_slot_s
                                         warn_if_shared_step)
 from lorambo.nn.optimizer_tracking import track_optimizers, warn_if_state_left_behind
 from lorambo.nn.plain_keys import plain_keys_to_base_layer
+from lorambo.nn.shared_memory import share_memory
 from lorambo.nn.slots import PoolSlots, local_slots, tag_pool_parameter
 from lorambo.nn.unsupported_optimizers import refuse_unsupported_optimizers
 from lorambo.ops import lora_linear
@@ -553,7 +554,7 @@ class LoRAMBoLinear(nn.Module):
                                "Merge after the with-block")
         self._refuse_swapped_base()
         tied = [name for name, module, attr in self._tied_holders
-                if module._parameters.get(attr) is self.base_layer.weight]
+                if share_memory(module._parameters.get(attr), self.base_layer.weight)]
         if tied:
             raise RuntimeError(f"{self._label}: the base weight is tied to {tied}: merging the adapter would "
                                "change them too. Untie it first (give the layer a weight of its own), or keep the "
