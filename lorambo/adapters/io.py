@@ -18,10 +18,11 @@ from lorambo.adapters import extra_modules
 from lorambo.adapters.atomic import atomic_write
 from lorambo.adapters.format import (FORMAT, LAYER_FIELDS, VERSION, AdapterFormatError, build_header,
                                      own_storages, read_adapter_file)
-from lorambo.adapters.meta_destinations import refuse_meta_destinations
+from lorambo.adapters.meta_tensors import refuse_meta_destinations, refuse_meta_sources
 from lorambo.adapters.overwrite import configure_for_overwrite, set_rank_for_overwrite
 from lorambo.model import lora_layers, unload
 from lorambo.model.argument import require_module, require_path
+from lorambo.model.modules_to_save import modules_to_save
 from lorambo.model.targeting import check_named_targets
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn.base_layers import base_kind, features
@@ -53,6 +54,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRAMBoLinear layer to save")
     check_not_root(layers)
+    refuse_meta_sources(model, layers, modules_to_save(model), "save_adapter")
     tensors, meta = {}, {}
     for name, layer in layers.items():
         r = layer.rank

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from lorambo.adapters.io import AdapterFormatError
-from lorambo.adapters.meta_destinations import refuse_meta_destinations
+from lorambo.adapters.meta_tensors import refuse_meta_destinations
 from lorambo.adapters.overwrite import configure_for_overwrite
 from lorambo.model import lora_layers
 from lorambo.model.argument import require_module, require_path

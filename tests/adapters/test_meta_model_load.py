@@ -92,3 +92,15 @@ def test_loading_into_pools_left_uninitialised_by_to_empty_gives_exactly_the_ada
     assert torch.equal(model[0].lora_A, trained[0].lora_A) and torch.equal(model[0].lora_B, trained[0].lora_B)
     x = torch.randn(5, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(model(x), _expected(trained, x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("save", [save_adapter, export_peft])
+def test_saving_from_the_meta_device_is_refused_naming_the_layer(tmp_path, save):
+    """torch's own error ("Cannot copy out of meta tensor; no data!") named no layer."""
+    model = configure_model(_net("meta"), {"0": 3}, capacity=8, modules_to_save=["2"])
+    with pytest.raises(ValueError, match=rf"{save.__name__}: layer '0' has its lora_A on the meta device"):
+        save(model, tmp_path / "out")
+    model[0].to_empty(device="cpu")
+    with pytest.raises(ValueError, match=rf"{save.__name__}: module to save '2' has its weight on the meta device"):
+        save(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
