@@ -19,7 +19,9 @@ def memory_span(tensor) -> tuple[int, int, int] | None:
     """``(storage address, first byte, end byte)`` of the memory a strided tensor covers; None for
     one without memory of its own to compare (meta, sharded, sparse, empty), or no tensor at all
     (a swapped base layer's ``weight`` may be a method)."""
-    if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta" or is_sharded(tensor) or tensor.layout != torch.strided or not tensor.numel():
+    if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta" or is_sharded(tensor):
+        return None
+    if tensor.layout != torch.strided or not tensor.numel():
         return None
     try:
         address = tensor.untyped_storage().data_ptr()
