@@ -226,6 +226,11 @@ class LoRAMBoLinear(nn.Module):
         super().__setstate__(state)
         self.__dict__.setdefault("_slot_edits", 0)  # a layer pickled before the count existed
         self._tag_pools()  # deepcopy / unpickling rebuilds the Parameters without their tags
+        # unpickled in another process (torch.load of a whole model, a model handed to mp.spawn),
+        # where no __init__ ran: install the process-wide optimizer hooks a new layer installs
+        track_optimizers()
+        refuse_unsupported_optimizers()
+        note_frozen(p for p in self.base_layer.parameters() if not p.requires_grad)
 
     def __setattr__(self, name: str, value) -> None:
         if name in ("weight", "bias") and "base_layer" in self._modules:
