@@ -14,12 +14,15 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from lorambo import configure_model, lora_layers
 
 
+def _plain():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                                      bos_token_id=0, eos_token_id=39)).double().eval()
+
+
 def _rebuilt():
     """The model as a resumed run rebuilds it: the same base, every layer at its first rank 1."""
-    torch.manual_seed(0)
-    base = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2,
-                                      bos_token_id=0, eos_token_id=39)).double().eval()
-    return configure_model(base, 1, target_modules=["c_attn", "c_fc"], capacity=4)
+    return configure_model(_plain(), 1, target_modules=["c_attn", "c_fc"], capacity=4)
 
 
 def _trained():
@@ -35,18 +38,14 @@ def _trained():
 
 
 def _expected_logits(model, ids):
-    """Float64 logits with every adapted layer's delta s B_r A_r written into a copy of its weight."""
-    deltas = {}
-    for name, layer in lora_layers(model).items():
-        r = layer.rank
-        delta = layer.scaling * layer.lora_B[:, :r].detach() @ layer.lora_A[:r].detach()
-        deltas[name] = layer.base_layer.weight.detach() + delta.T  # Conv1D keeps [in, out]
-    rebuilt = _rebuilt()
-    for name, layer in lora_layers(rebuilt).items():
-        layer.set_rank(0)
-        with torch.no_grad():
-            layer.base_layer.weight.copy_(deltas[name])
-    return rebuilt(ids).logits
+    """Float64 logits of the plain model with every adapted layer's s B_r A_r added to its weight."""
+    plain = _plain()
+    with torch.no_grad():
+        for name, layer in lora_layers(model).items():
+            r = layer.rank
+            delta = layer.scaling * layer.lora_B[:, :r] @ layer.lora_A[:r]
+            plain.get_submodule(name).weight.add_(delta.T)  # Conv1D keeps [in, out]
+    return plain(ids).logits
 
 
 @pytest.mark.parametrize("order", ["saved", "reversed"])
