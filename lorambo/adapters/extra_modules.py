@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorambo.adapters.format import AdapterFormatError
 from lorambo.model.modules_to_save import keep_trainable, modules_to_save
 
 PREFIX = "modules_to_save::"
@@ -59,10 +60,14 @@ def check_modules_to_save(model: nn.Module, tensors: dict[str, torch.Tensor],
         if set(have) != set(state):
             raise ValueError(f"adapter {file}: module to save {name!r} has state keys {sorted(state)} "
                              f"in the file and {sorted(have)} in the model")
+        params = dict(module.named_parameters())
         for key, value in state.items():
             if tuple(value.shape) != tuple(have[key].shape):
                 raise ValueError(f"adapter {file}: {name}.{key} has shape {tuple(value.shape)} in the "
                                  f"file and {tuple(have[key].shape)} in the model")
+            # a trained parameter is never NaN/inf but after a diverged run (buffers may hold inf: masks)
+            if key in params and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise AdapterFormatError(f"{file}: module to save {name!r}: parameter {key!r} contains NaN or inf")
     return extra
 
 

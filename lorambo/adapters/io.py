@@ -19,9 +19,11 @@ from lorambo.adapters.atomic import atomic_write, check_target
 from lorambo.adapters.finite import check_finite_pools
 from lorambo.adapters.format import (FORMAT, LAYER_FIELDS, VERSION, AdapterFormatError, build_header,
                                      own_storages, read_adapter_file)
+from lorambo.adapters.meta_tensors import refuse_meta_destinations, refuse_meta_sources
 from lorambo.adapters.overwrite import configure_for_overwrite, set_rank_for_overwrite
 from lorambo.model import lora_layers, unload
 from lorambo.model.argument import require_module, require_path
+from lorambo.model.modules_to_save import modules_to_save
 from lorambo.model.targeting import check_named_targets
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn.base_layers import base_kind, features
@@ -58,6 +60,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRAMBoLinear layer to save")
     check_not_root(layers)
+    refuse_meta_sources(model, layers, modules_to_save(model), "save_adapter")
     tensors, meta = {}, {}
     for name, layer in layers.items():
         r = layer.rank
@@ -124,6 +127,7 @@ def _copy_into_layers(model: nn.Module, meta: dict, tensors: dict[str, torch.Ten
         set_rank_for_overwrite(layer, r)
         layer.lora_A[:r].copy_(tensors[f"{name}.lora_A"])
         layer.lora_B[:, :r].copy_(tensors[f"{name}.lora_B"])
+        layer.zero_inactive_()  # a set_rank that changed nothing left what the pools held (to_empty's memory)
         layer.scaling, layer.alpha = float(info["scaling"]), float(info["alpha"])
         layer.use_rslora, layer.dropout = bool(info["use_rslora"]), float(info["dropout"])
 
@@ -148,12 +152,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     bare = not lora_layers(model)
     if bare:
         _check_against_bare_model(model, meta, file)
+    else:
+        _check_against_lora_model(model, meta, file)
     extra = extra_modules.check_modules_to_save(model, tensors, file)
+    refuse_meta_destinations(model, meta, extra, f"adapter {file}")
     if bare:
         configure_for_overwrite(model, {n: info["rank"] for n, info in meta.items()},
                                 capacity={n: info["capacity"] for n, info in meta.items()},
                                 modules_to_save=extra_modules.saved_module_names(tensors) or None)
-    _check_against_lora_model(model, meta, file)
+        _check_against_lora_model(model, meta, file)
     try:
         _copy_into_layers(model, meta, tensors)
         extra_modules.load_modules_to_save(model, extra)

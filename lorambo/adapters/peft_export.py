@@ -22,6 +22,7 @@ from lorambo.adapters.atomic import atomic_write_many, check_target, text_writer
 from lorambo.adapters.finite import check_finite_pools
 from lorambo.adapters.format import own_storages
 from lorambo.adapters.io import check_not_root
+from lorambo.adapters.meta_tensors import refuse_meta_sources
 from lorambo.model import lora_layers
 from lorambo.model.argument import require_module, require_path
 from lorambo.model.modules_to_save import modules_to_save
@@ -120,6 +121,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
     for file in files:
         check_target(file, "export_peft")
     config = peft_adapter_config(model)
+    refuse_meta_sources(model, lora_layers(model), modules_to_save(model), "export_peft")
     tensors = {}
     for name, layer in lora_layers(model).items():
         r = layer.rank

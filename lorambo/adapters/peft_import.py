@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from lorambo.adapters.io import AdapterFormatError
+from lorambo.adapters.meta_tensors import refuse_meta_destinations
 from lorambo.adapters.overwrite import configure_for_overwrite
 from lorambo.model import lora_layers
 from lorambo.model.argument import require_module, require_path
@@ -230,6 +231,7 @@ def _install(model: nn.Module, specs: dict[str, _LayerSpec], capacity, saved_sta
         if wrong or set(have) != set(state):
             raise ValueError(f"{where}: saved state of module {name!r} does not fit the model's "
                              f"(keys or shapes differ: {sorted(wrong or set(have) ^ set(state))})")
+    refuse_meta_destinations(model, specs, saved_states, where)
     ranks = {n: s.a.shape[0] for n, s in specs.items()}
     configure_for_overwrite(model, ranks, capacity=_capacities(model, specs, capacity),
                             modules_to_save=save_names or None)

@@ -22,6 +22,7 @@ from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import LoRAMBoLinear
 from lorambo.nn.optimizer_argument import optimizer_argument
 from lorambo.nn.optimizer_state import check_slot_state_editable
+from lorambo.nn.shared_memory import memory_key, share_memory
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -222,12 +223,17 @@ def lora_layers(model: nn.Module) -> dict[str, LoRAMBoLinear]:
 def weight_sharers(model: nn.Module, layers: Mapping[str, LoRAMBoLinear]) -> dict[str, list[str]]:
     """For each of ``layers`` (name: layer of ``model``), the other names under which the model
     holds its base weight (tied weights, e.g. an output head tied to the input embedding):
-    merging changes them all. One pass over the parameters for all layers."""
-    names_of: dict[int, list[str]] = {}
+    merging changes them all: the same Parameter, or another one over the same memory
+    (``lorambo.nn.shared_memory``)."""
+    by_memory: dict[tuple, list] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
-        names_of.setdefault(id(p), []).append(n)
-    return {name: [n for n in names_of.get(id(layer.base_layer.weight), []) if not n.startswith(f"{name}.base_layer.")]
-            for name, layer in layers.items()}
+        by_memory.setdefault(memory_key(p), []).append((n, p))
+    out = {}
+    for name, layer in layers.items():
+        weight = layer.base_layer.weight
+        out[name] = [n for n, p in by_memory.get(memory_key(weight), ())
+                     if share_memory(p, weight) and not n.startswith(f"{name}.base_layer.")]
+    return out
 
 
 def _holders(model: nn.Module, names: list[str]) -> list[tuple[str, nn.Module, str]]:

@@ -32,6 +32,7 @@ from lorambo.nn.optimizer_state import (check_slot_state_editable, gather_slot_s
 from lorambo.nn.optimizer_tracking import track_optimizers, warn_if_state_left_behind
 from lorambo.nn.merge_overflow import finite_merge, merge_may_overflow
 from lorambo.nn.plain_keys import plain_keys_to_base_layer
+from lorambo.nn.shared_memory import share_memory
 from lorambo.nn.slots import PoolSlots, local_slots, tag_pool_parameter
 from lorambo.nn.unsupported_optimizers import refuse_unsupported_optimizers
 from lorambo.ops import lora_linear
@@ -104,26 +105,27 @@ def _unmerge_before_load(module: "LoRAMBoLinear", state_dict, prefix: str, *args
 
 
 @torch.no_grad()
-def _refuse_slots_past_rank(module: "LoRAMBoLinear", state_dict, prefix: str, *args) -> None:
-    """load_state_dict pre-hook: the rank travels in ``_extra_state``. Pools loaded without it
-    (a state_dict filtered to its ``lora_`` keys) keep the layer's current rank, so slots the
-    saving model had active past that rank would load as inactive and be ignored, silently
-    changing the function: refuse them (an all-zero tail loads as before)."""
+def _cover_slots_past_rank(module: "LoRAMBoLinear", state_dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: the rank travels in ``_extra_state``. Pools loaded without it keep
+    the layer's current rank, so slots the saving model had active past that rank would load as
+    inactive and be ignored, silently changing the function. They may also be one shard of a
+    sharded checkpoint whose ``_extra_state`` is in another shard (transformers'
+    ``load_sharded_checkpoint``, through which Trainer resumes, loads the shards in no fixed
+    order). So the rank is raised to cover the loaded non-zero slots; an extra state loaded later
+    sets it exactly. (torch hands pre-hooks ``strict=True`` whatever the caller passed, so a
+    filtered state_dict and a shard cannot be told apart here.)"""
     if f"{prefix}_extra_state" in state_dict:
         return
+    last = 0
     for name, dim in _POOL_DIMS.items():
         value = state_dict.get(prefix + name)
         if (not isinstance(value, torch.Tensor) or is_sharded(value) or value.device.type == "meta"
                 or value.shape != getattr(module, name).shape):
             continue  # nothing to check here (a shard would need a collective); torch reports shape errors
         used = value.abs().sum(dim=1 - dim).nonzero()
-        last = int(used.max()) + 1 if used.numel() else 0
-        if last > module.rank:
-            raise ValueError(f"{module._label}: state_dict entry {prefix + name!r} has non-zero slots up to "
-                             f"{last} but the layer's rank is {module.rank}, and there is no "
-                             f"{prefix + '_extra_state'!r} (the saved rank) to restore it; loading would drop "
-                             "those slots. Keep the _extra_state entries when filtering a state_dict, or "
-                             "set_rank() the layer first")
+        last = max(last, int(used.max()) + 1 if used.numel() else 0)
+    if last > module.rank:
+        module._set_active_rank(last)
 
 
 class LoRAMBoLinear(nn.Module):
@@ -147,6 +149,7 @@ class LoRAMBoLinear(nn.Module):
     # (dotted name, module, attribute) of the other places configure_model found holding this
     # layer's base weight (tied weights): merge() refuses while one of them still holds it
     _tied_holders = ()
+    _tied_weights_keys = None  # {"base_layer.weight": ...} while tied, see note_tied_weight
     _base_type = None  # the base layer's class when wrapped: forward re-checks a base of another class
 
     def __init__(self, base: nn.Module, rank: int = 8, capacity: int | None = None,
@@ -218,7 +221,7 @@ class LoRAMBoLinear(nn.Module):
         self.register_load_state_dict_pre_hook(plain_keys_to_base_layer)
         self.register_load_state_dict_pre_hook(_check_extra_state_first)
         self.register_load_state_dict_pre_hook(_unmerge_before_load)
-        self.register_load_state_dict_pre_hook(_refuse_slots_past_rank)
+        self.register_load_state_dict_pre_hook(_cover_slots_past_rank)
 
     def __prepare_scriptable__(self):
         # torch.jit.script calls this first: say what to use instead of failing on the forward's signature
@@ -235,6 +238,11 @@ class LoRAMBoLinear(nn.Module):
         super().__setstate__(state)
         self.__dict__.setdefault("_slot_edits", 0)  # a layer pickled before the count existed
         self._tag_pools()  # deepcopy / unpickling rebuilds the Parameters without their tags
+        # unpickled in another process (torch.load of a whole model, a model handed to mp.spawn),
+        # where no __init__ ran: install the process-wide optimizer hooks a new layer installs
+        track_optimizers()
+        refuse_unsupported_optimizers()
+        note_frozen(p for p in self.base_layer.parameters() if not p.requires_grad)
 
     def __setattr__(self, name: str, value) -> None:
         if name in ("weight", "bias") and "base_layer" in self._modules:
@@ -571,7 +579,7 @@ class LoRAMBoLinear(nn.Module):
                                "Merge after the with-block")
         self._refuse_swapped_base()
         tied = [name for name, module, attr in self._tied_holders
-                if module._parameters.get(attr) is self.base_layer.weight]
+                if share_memory(module._parameters.get(attr), self.base_layer.weight)]
         if tied:
             raise RuntimeError(f"{self._label}: the base weight is tied to {tied}: merging the adapter would "
                                "change them too. Untie it first (give the layer a weight of its own), or keep the "
@@ -585,8 +593,15 @@ class LoRAMBoLinear(nn.Module):
     def note_tied_weight(self, holders) -> None:
         """Record the other places the model holds this layer's base weight, as
         ``(dotted name, module, attribute)``; :meth:`merge` refuses while one of them still
-        holds it (a weight untied later, by assigning the layer a weight of its own, merges)."""
+        holds it (a weight untied later, by assigning the layer a weight of its own, merges).
+
+        The base weight's key is also declared tied (``_tied_weights_keys``, which transformers'
+        ``save_pretrained`` reads from every submodule): a model declares the plain key
+        (``lm_head.weight``), so the save found ``lm_head.base_layer.weight`` sharing memory with
+        the embedding under no declared key and raised instead of writing one copy."""
         self._tied_holders = tuple(holders)
+        # transformers reads only the keys of a submodule that is not a PreTrainedModel
+        self._tied_weights_keys = {"base_layer.weight": self._tied_holders[0][0]} if self._tied_holders else None
 
     @torch.no_grad()
     def unmerge(self) -> None:

@@ -170,6 +170,28 @@ def test_nan_or_inf_tensors_are_refused_even_with_valid_checksums(tmp_path, bad)
     loaded_into_lora_model_fails(file, r"tensor '2.lora_B' of layer '2' contains NaN or inf")
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_parameter_of_a_module_to_save_is_refused_but_a_buffer_may_hold_inf(tmp_path, bad):
+    """Only the LoRA tensors were checked: the trained head of a diverged run loaded with its NaN."""
+    def with_mask(model):  # a buffer that legitimately holds -inf (an attention mask, say)
+        model[4].register_buffer("mask", torch.tensor([float("-inf"), 0.0]))
+        return model
+
+    src = with_mask(configure_model(net(), {"0": 2, "2": 2}, capacity=8, modules_to_save=["4"]))
+    file = save_adapter(src, tmp_path / "a.safetensors")
+    assert torch.equal(load_adapter(with_mask(net()), file)[4].mask, src[4].mask)
+
+    def poison(tensors):
+        tensors["modules_to_save::4::weight"][1, 0] = bad
+
+    rewrite(file, edit_tensors=poison)
+    for dst in (with_mask(configure_model(net(), {"0": 2, "2": 2}, capacity=8)), with_mask(net())):
+        snap = snapshot(dst)
+        with pytest.raises(AdapterFormatError, match=r"module to save '4': parameter 'weight' contains NaN or inf"):
+            load_adapter(dst, file)
+        assert_untouched(dst, snap)
+
+
 def test_version_1_files_without_checksums_still_load(tmp_path):
     src = trained()
     file = save_adapter(src, tmp_path / "a.safetensors")

@@ -24,6 +24,18 @@ def test_truncated_file_is_named(tmp_path, keep):
         checkpoint.load_callback_state(tmp_path)
 
 
+@pytest.mark.parametrize("content", [b"hello world" * 10, b"\x80\x02}q\x00(X", b"u\xccg\xe0\xb2P\x89\xb2",
+                                     b"X\x1a\x80\xb8\xaa\xb8\x1d\xc4\xaeY\x91\xf3\x16\x9b\xa3\x8a\xa3&\xb2\n"],
+                         ids=["KeyError", "struct.error", "IndexError", "UnicodeDecodeError"])
+def test_a_file_of_other_bytes_is_named(tmp_path, content):
+    """torch.load of bytes that are no torch file raised KeyError (here: 101), struct.error,
+    IndexError or UnicodeDecodeError, none naming the file."""
+    file = tmp_path / checkpoint.STATE_FILE
+    file.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"{file.name} is not a readable lorambo trainer state"):
+        checkpoint.load_callback_state(tmp_path)
+
+
 def test_missing_entries_are_named(tmp_path):
     """A version-1 dict without decisions or ranks loaded and failed later with a KeyError in restore."""
     torch.save({"version": 1, "ranks": {"a": 2}}, tmp_path / checkpoint.STATE_FILE)

@@ -98,3 +98,45 @@ def test_merging_the_tied_layer_itself_is_refused_and_untied_it_merges():
         head.merge()
         assert torch.equal(head.base_layer.weight, expected)
         torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def _assigned_from_a_saved_state_dict(model, tmp_path):
+    """A meta-device skeleton given ``model``'s state_dict through torch.save / torch.load and
+    ``load_state_dict(assign=True)``: the head and the embedding become two Parameters over one
+    storage (torch.load keeps the sharing, assign gives each key its own Parameter)."""
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    with torch.device("meta"):
+        skeleton = GPT2LMHeadModel(copy.deepcopy(model.config)).eval()
+    return skeleton, torch.load(tmp_path / "model.pt", weights_only=True)
+
+
+def test_a_tie_through_shared_memory_after_assign_is_refused_too(tmp_path):
+    """Tied by memory, not by one Parameter object, the tie was not seen: unload(merge=True) and
+    merge() wrote the adapter into the embedding too (moved by 0.78)."""
+    model, ids = _tied_gpt2(), torch.randint(0, 64, (2, 7))
+    skeleton, state = _assigned_from_a_saved_state_dict(model, tmp_path)
+    with pytest.warns(UserWarning, match="'lm_head' is tied"):
+        lorambo.configure_model(skeleton, 2, target_modules=["lm_head", "c_attn"])
+    skeleton.load_state_dict(state, assign=True)
+    head, wte = skeleton.lm_head, skeleton.transformer.wte
+    assert head.base_layer.weight is not wte.weight and head.base_layer.weight.data_ptr() == wte.weight.data_ptr()
+    embedding = wte.weight.detach().clone()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        with pytest.raises(ValueError, match=r"'lm_head' is tied to \['transformer.wte.weight'\]"):
+            lorambo.unload(skeleton)
+        with pytest.raises(RuntimeError, match=r"tied to \['transformer.wte.weight'\]"):
+            head.merge()
+        assert not head.merged and torch.equal(wte.weight, embedding)
+        torch.testing.assert_close(skeleton(input_ids=ids).logits, want, rtol=0, atol=0)
+
+
+def test_a_plain_model_tied_through_shared_memory_is_seen_by_configure_model(tmp_path):
+    plain = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16)).eval()
+    skeleton, state = _assigned_from_a_saved_state_dict(plain, tmp_path)
+    skeleton.load_state_dict(state, assign=True)
+    assert skeleton.lm_head.weight is not skeleton.transformer.wte.weight
+    with pytest.warns(UserWarning, match=r"'lm_head' is tied to \['transformer.wte.weight'\]"):
+        lorambo.configure_model(skeleton, 2, target_modules=["lm_head"])
+    with pytest.raises(ValueError, match=r"'lm_head' is tied to \['transformer.wte.weight'\]"):
+        lorambo.unload(skeleton)
