@@ -17,7 +17,7 @@ from lorambo.model.modules_to_save import keep_trainable, modules_to_save
 PREFIX = "modules_to_save::"
 
 __all__ = ["PREFIX", "add_modules_to_save", "saved_module_names", "check_modules_to_save",
-           "load_modules_to_save", "is_extra_key"]
+           "load_modules_to_save", "is_extra_key", "non_finite_parameters"]
 
 
 def is_extra_key(key: str) -> bool:
@@ -29,6 +29,14 @@ def add_modules_to_save(model: nn.Module, tensors: dict[str, torch.Tensor]) -> N
     for name in modules_to_save(model):
         for key, value in model.get_submodule(name).state_dict().items():
             tensors[f"{PREFIX}{name}::{key}"] = value.detach().cpu().contiguous()
+
+
+def non_finite_parameters(model: nn.Module) -> list[tuple[str, str, torch.Tensor]]:
+    """``(module name, parameter name, values)`` of every floating parameter of a module to save
+    that holds NaN/inf: what :func:`check_modules_to_save` refuses on load (buffers may hold inf)."""
+    return [(name, key, p.detach()) for name in modules_to_save(model)
+            for key, p in model.get_submodule(name).named_parameters()
+            if p.is_floating_point() and not bool(torch.isfinite(p).all())]
 
 
 def _split(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:

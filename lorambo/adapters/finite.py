@@ -1,4 +1,4 @@
-"""Refuse to write LoRA pools that hold NaN/inf (a diverged run).
+"""Refuse to write LoRA pools or modules to save that hold NaN/inf (a diverged run).
 
 ``load_adapter`` refuses a file with non-finite tensors (:mod:`lorambo.adapters.format`), and a
 peft adapter with NaN computes NaN: a save from a diverged run would replace a good file, written
@@ -11,7 +11,9 @@ from collections.abc import Iterable
 
 import torch
 
-__all__ = ["check_finite_pools"]
+from lorambo.adapters.extra_modules import non_finite_parameters
+
+__all__ = ["check_finite_pools", "check_finite_modules_to_save"]
 
 
 def check_finite_pools(who: str, pools: Iterable[tuple[str, str, torch.Tensor]]) -> None:
@@ -21,3 +23,13 @@ def check_finite_pools(who: str, pools: Iterable[tuple[str, str, torch.Tensor]])
         if bad:
             raise RuntimeError(f"{who}: {pool} of layer {layer!r} holds {bad} NaN/inf values of {values.numel()} "
                                "(a diverged run?); nothing was written: what the path held is left as it was")
+
+
+def check_finite_modules_to_save(who: str, model) -> None:
+    """RuntimeError naming the first parameter of a module to save that holds NaN/inf (load refuses
+    such a file, :mod:`lorambo.adapters.extra_modules`)."""
+    for module, key, values in non_finite_parameters(model)[:1]:
+        bad = int((~torch.isfinite(values)).sum())
+        raise RuntimeError(f"{who}: parameter {key!r} of module to save {module!r} holds {bad} NaN/inf values of "
+                           f"{values.numel()} (a diverged run?); nothing was written: what the path held is left "
+                           "as it was")

@@ -16,7 +16,7 @@ from torch import nn
 
 from lorambo.adapters import extra_modules
 from lorambo.adapters.atomic import atomic_write, check_target
-from lorambo.adapters.finite import check_finite_pools
+from lorambo.adapters.finite import check_finite_modules_to_save, check_finite_pools
 from lorambo.adapters.format import (FORMAT, LAYER_FIELDS, VERSION, AdapterFormatError, build_header,
                                      own_storages, read_adapter_file)
 from lorambo.adapters.meta_tensors import refuse_meta_destinations, refuse_meta_sources
@@ -69,6 +69,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         meta[name] = {field: getattr(layer, field) for field in LAYER_FIELDS}
     check_finite_pools("save_adapter", ((name, pool, tensors[f"{name}.{pool}"]) for name in layers
                                         for pool in ("lora_A", "lora_B")))
+    check_finite_modules_to_save("save_adapter", model)
     extra_modules.add_modules_to_save(model, tensors)
     tensors = own_storages(tensors)
     header = build_header(meta, tensors)

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lorambo.adapters.atomic import atomic_write_many, check_target, text_writer
-from lorambo.adapters.finite import check_finite_pools
+from lorambo.adapters.finite import check_finite_modules_to_save, check_finite_pools
 from lorambo.adapters.format import own_storages
 from lorambo.adapters.io import check_not_root
 from lorambo.adapters.meta_tensors import refuse_meta_sources
@@ -132,6 +132,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
     check_finite_pools("export_peft", ((name, pool, tensors[f"{_PREFIX}{name}.{pool}.weight"])
                                        for name, layer in lora_layers(model).items() if layer.rank
                                        for pool in ("lora_A", "lora_B")))
+    check_finite_modules_to_save("export_peft", model)
     for name in modules_to_save(model):  # peft keys: base_model.model.<module>.<state key>
         for key, value in model.get_submodule(name).state_dict().items():
             tensors[f"{_PREFIX}{name}.{key}"] = value.detach().cpu().contiguous()

@@ -218,3 +218,21 @@ def test_pools_of_a_diverged_run_are_refused_and_the_saved_files_kept(tmp_path, 
                                                rf"{5 * 16 if pool == 'lora_A' else 12 * 5}.*nothing was written"):
             save(model, tmp_path / folder)
     assert {f: f.read_bytes() for f in sorted(tmp_path.rglob("*")) if f.is_file()} == before
+
+
+def test_a_module_to_save_of_a_diverged_run_is_refused_and_the_saved_files_kept(tmp_path):
+    """load_adapter refuses a file whose module to save holds NaN/inf in a parameter; both savers
+    wrote such a file, atomically over a good one."""
+    from lorambo import export_peft
+
+    model = configure_model(net(), {"0": 3}, capacity={"0": 8}, modules_to_save=["4"])
+    save_adapter(model, tmp_path / "a")
+    export_peft(model, tmp_path / "p")
+    before = {f: f.read_bytes() for f in sorted(tmp_path.rglob("*")) if f.is_file()}
+    with torch.no_grad():
+        model[4].bias[2] = float("nan")
+    for save, folder in ((save_adapter, "a"), (export_peft, "p")):
+        with pytest.raises(RuntimeError, match=rf"{save.__name__}: parameter 'bias' of module to save '4' holds 1 "
+                                               r"NaN/inf values of 4.*nothing was written"):
+            save(model, tmp_path / folder)
+    assert {f: f.read_bytes() for f in sorted(tmp_path.rglob("*")) if f.is_file()} == before
