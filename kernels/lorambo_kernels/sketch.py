@@ -1,7 +1,7 @@
 """Grouped sketch kernels: per-layer statistics of many layers in one launch.
 
 Each launch covers many layers of different sizes through int64 tables of data pointers, sizes
-and strides (one row per layer or per captured call of a layer) and a grid over (row, tile) in
+and strides (one row per layer or per captured call of a layer) and a grid over (tile, row) in
 which programs past the end of their row's work exit at once. Results go to flat fp32 buffers
 (one region per layer), so a distributed caller reduces all layers with one collective.
 
@@ -27,6 +27,7 @@ import triton.language as tl
 
 from lorambo_kernels.common import mma
 from lorambo_kernels.config import input_precision, is_interpreter
+from lorambo_kernels.grid import cuda_grid
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 SUPPORTED_DTYPES = tuple(_TL_DTYPES)
@@ -58,14 +59,15 @@ def _sketch_project_kernel(
     ADJOINT: tl.constexpr, GENERATED: tl.constexpr, DTYPE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """S_e[T_e, p] = A_e V_l; program (e, i) owns rows i*BLOCK_T.. of entry e.
+    """S_e[T_e, p] = A_e V_l; program (i, e) owns rows i*BLOCK_T.. of entry e (token tiles on
+    grid axis 0, the only one CUDA lets past 65535 programs).
 
     A_e = X_e [T, in] (ADJOINT False) or dY_e [T, out]; V_l is [n, p] row-major at the layer's
     region of v (or generated from its seed with GENERATED); S_e row-major with row stride p."""
-    e = tl.program_id(0)
+    e = tl.program_id(1)
     entry = entries_ptr + e * 9
     T = tl.load(entry + 2)
-    if tl.program_id(1) * BLOCK_T < T:
+    if tl.program_id(0) * BLOCK_T < T:
         layer = layers_ptr + tl.load(entry + 3) * 8
         if ADJOINT:
             a_ptr = tl.load(entry + 1).to(tl.pointer_type(DTYPE))
@@ -81,7 +83,7 @@ def _sketch_project_kernel(
             v_off = tl.load(layer + 4)
         seed = tl.load(layer + 6)
         p_used = tl.load(layer + 7)
-        offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         offs_p = tl.arange(0, BLOCK_P)
         t_ok = offs_t < T
         acc = tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32)
@@ -163,12 +165,15 @@ def _gram_kernel(
 ):
     """Partial sums of <X_n X_n^T, dY_n dY_n^T> over token tiles (ti, tj), ti <= tj.
 
-    Program (e, n, ti * n_tiles + tj) of table row e (x, dy, B, T, in, out, 6 strides) writes
-    its tile's sum (twice when ti < tj: the Gram matrices are symmetric) at out[e, n, tile]."""
-    e = tl.program_id(0)
-    n = tl.program_id(1)
-    ti = tl.program_id(2) // n_tiles
-    tj = tl.program_id(2) % n_tiles
+    Program (ti * n_tiles + tj, e, n) of table row e (x, dy, B, T, in, out, 6 strides) writes
+    its tile's sum (twice when ti < tj: the Gram matrices are symmetric) at out[e, n, tile]. The
+    tiles, n_tiles**2 of them, go on grid axis 0: CUDA caps axes 1 and 2 at 65535 programs, which
+    n_tiles**2 passes from 16k tokens per example on."""
+    tile = tl.program_id(0)
+    e = tl.program_id(1)
+    n = tl.program_id(2)
+    ti = tile // n_tiles
+    tj = tile % n_tiles
     row = table_ptr + e * 12
     B = tl.load(row + 2)
     T = tl.load(row + 3)
@@ -189,7 +194,7 @@ def _gram_kernel(
                         BLOCK_T, BLOCK_D, PRECISION)
         total = tl.sum(tl.sum(gx * gy, axis=1), axis=0)
         total = tl.where(ti < tj, 2.0 * total, total)
-        tl.store(out_ptr + e * out_stride_e + n * out_stride_b + tl.program_id(2), total)
+        tl.store(out_ptr + e * out_stride_e + n * out_stride_b + tile, total)
 
 
 @triton.jit
@@ -218,13 +223,17 @@ def _row_dots_kernel(
     SQUARE: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """Partial <x_l[p], y_l[p]> (or ||x_l[p]||^2 with SQUARE) over chunk c of CHUNK * BLOCK
-    elements; program (l, p, c) of table row l (x, y, N, P, row stride x, row stride y) writes
-    out[l, p, c]. Rows are contiguous (unit element stride)."""
-    row = table_ptr + tl.program_id(0) * 6
+    elements; program (c, l, p) of table row l (x, y, N, P, row stride x, row stride y) writes
+    out[l, p, c]. Rows are contiguous (unit element stride). The chunks go on grid axis 0 (CUDA
+    caps axes 1 and 2 at 65535 programs: rows of 2**30 elements and more), and element offsets
+    are int64 (rows past 2**31 elements: a large LM head's gradient)."""
+    chunk = tl.program_id(0)
+    l = tl.program_id(1)
+    row = table_ptr + l * 6
     N = tl.load(row + 2)
     P = tl.load(row + 3)
-    pid_p = tl.program_id(1)
-    start = tl.program_id(2) * (BLOCK * CHUNK)
+    pid_p = tl.program_id(2)
+    start = chunk.to(tl.int64) * (BLOCK * CHUNK)
     if (pid_p < P) & (start < N):
         x_ptr = tl.load(row + 0).to(tl.pointer_type(DTYPE)) + pid_p * tl.load(row + 4)
         y_ptr = tl.load(row + 1).to(tl.pointer_type(DTYPE)) + pid_p * tl.load(row + 5)
@@ -237,8 +246,7 @@ def _row_dots_kernel(
                 acc += x * x
             else:
                 acc += x * tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + tl.program_id(0) * out_stride_l + pid_p * out_stride_p + tl.program_id(2),
-                 tl.sum(acc, axis=0))
+        tl.store(out_ptr + l * out_stride_l + pid_p * out_stride_p + chunk, tl.sum(acc, axis=0))
 
 
 @triton.jit
@@ -343,14 +351,15 @@ class SketchGroup:
         y = torch.empty(self.numel(adjoint), dtype=torch.float32, device=self.device)
         prec = input_precision(torch.float32)
         cfg = sketch_config("project", self.device)
-        grid = (len(self.xs), triton.cdiv(self.max_t, cfg["BLOCK_T"]))
+        grid = cuda_grid(triton.cdiv(self.max_t, cfg["BLOCK_T"]), len(self.xs), who="SketchGroup.apply")
         _sketch_project_kernel[grid](
             self.entries, self.layers, s if v is None else v, s,
             self.p,
             ADJOINT=adjoint, GENERATED=v is None, DTYPE=self.dtype, BLOCK_P=_block_p(self.p),
             PRECISION=prec, **cfg)
         cfg = sketch_config("reduce", self.device)
-        grid = (self.n_layers, triton.cdiv(self.max_in if adjoint else self.max_out, cfg["BLOCK_M"]))
+        grid = cuda_grid(self.n_layers, triton.cdiv(self.max_in if adjoint else self.max_out, cfg["BLOCK_M"]),
+                         who="SketchGroup.apply")
         _sketch_reduce_kernel[grid](
             self.entries, self.layers, s, y,
             self.p,
@@ -384,7 +393,7 @@ def gram_sq_norms(xs, dys) -> list[torch.Tensor]:
                            *x.stride(), *dy.stride()] for x, dy in zip(xs, dys)], dtype=torch.int64).to(device)
     out = torch.zeros((len(xs), max_b, n_tiles * n_tiles), dtype=torch.float32, device=device)
     if max_b > 0 and n_tiles > 0:
-        grid = (len(xs), max_b, n_tiles * n_tiles)
+        grid = cuda_grid(n_tiles * n_tiles, len(xs), max_b, who="gram_sq_norms")
         _gram_kernel[grid](table, out, n_tiles, out.stride(0), out.stride(1), DTYPE=dtype,
                            PRECISION=input_precision(xs[0].dtype), **cfg)
     sums = out.sum(-1)
@@ -417,8 +426,8 @@ def row_dots(xs, ys=None) -> torch.Tensor:
     chunks = max(1, triton.cdiv(max(x.shape[1] for x in rows), span))
     out = torch.zeros((len(rows), max_p, chunks), dtype=torch.float32, device=device)
     if max_p > 0:
-        _row_dots_kernel[(len(rows), max_p, chunks)](table, out, out.stride(0), out.stride(1),
-                                                     SQUARE=ys is None, DTYPE=dtype, **cfg)
+        grid = cuda_grid(chunks, len(rows), max_p, who="row_dots")
+        _row_dots_kernel[grid](table, out, out.stride(0), out.stride(1), SQUARE=ys is None, DTYPE=dtype, **cfg)
     return out.sum(-1, dtype=torch.float64)
 
 
