@@ -97,12 +97,18 @@ def _unmerge_before_load(module: "LoRAMBoLinear", state_dict, prefix: str, *args
 
 @torch.no_grad()
 def _refuse_slots_past_rank(module: "LoRAMBoLinear", state_dict, prefix: str, *args) -> None:
-    """load_state_dict pre-hook: the rank travels in ``_extra_state``. Pools loaded without it
-    (a state_dict filtered to its ``lora_`` keys) keep the layer's current rank, so slots the
-    saving model had active past that rank would load as inactive and be ignored, silently
-    changing the function: refuse them (an all-zero tail loads as before)."""
-    if f"{prefix}_extra_state" in state_dict:
-        return
+    """load_state_dict pre-hook: refuse pools with non-zero slots past the rank they load under,
+    which loading would zero (an all-zero tail loads as before). That rank travels in
+    ``_extra_state``; pools loaded without it (a state_dict filtered to its ``lora_`` keys) keep
+    the layer's current rank, so slots the saving model had active past it would be dropped,
+    silently changing the function. With it, lorambo itself never leaves a slot past the rank
+    non-zero (docs/architecture.md, the rank pool), so such values were written from outside: a
+    weight average (``torch.optim.swa_utils.AveragedModel``, an EMA) copied before the trained
+    model's ranks changed keeps its old ranks and averages the grown slots into its inactive
+    ones, and loading it would drop them."""
+    key = f"{prefix}_extra_state"
+    saved = key in state_dict
+    rank = module._parse_extra_state(state_dict[key])[0] if saved else module.rank
     for name, dim in _POOL_DIMS.items():
         value = state_dict.get(prefix + name)
         if (not isinstance(value, torch.Tensor) or is_sharded(value) or value.device.type == "meta"
@@ -110,12 +116,20 @@ def _refuse_slots_past_rank(module: "LoRAMBoLinear", state_dict, prefix: str, *a
             continue  # nothing to check here (a shard would need a collective); torch reports shape errors
         used = value.abs().sum(dim=1 - dim).nonzero()
         last = int(used.max()) + 1 if used.numel() else 0
-        if last > module.rank:
-            raise ValueError(f"{module._label}: state_dict entry {prefix + name!r} has non-zero slots up to "
-                             f"{last} but the layer's rank is {module.rank}, and there is no "
-                             f"{prefix + '_extra_state'!r} (the saved rank) to restore it; loading would drop "
-                             "those slots. Keep the _extra_state entries when filtering a state_dict, or "
-                             "set_rank() the layer first")
+        if last <= rank:
+            continue
+        if saved:
+            raise ValueError(f"{module._label}: state_dict entry {prefix + name!r} has non-zero slots up to {last} "
+                             f"but its saved rank ({key!r}) is {rank}; lorambo keeps slots past the rank at zero, "
+                             "so they were written outside lorambo, e.g. by a weight average (AveragedModel, "
+                             "an EMA) that kept averaging after the trained model's ranks changed; loading would "
+                             "drop them. Average adapters of fixed ranks (README: weight averages), or zero those "
+                             f"slots in the state_dict to load the rank-{rank} adapter it computes")
+        raise ValueError(f"{module._label}: state_dict entry {prefix + name!r} has non-zero slots up to "
+                         f"{last} but the layer's rank is {module.rank}, and there is no "
+                         f"{key!r} (the saved rank) to restore it; loading would drop "
+                         "those slots. Keep the _extra_state entries when filtering a state_dict, or "
+                         "set_rank() the layer first")
 
 
 class LoRAMBoLinear(nn.Module):
@@ -635,7 +649,7 @@ class LoRAMBoLinear(nn.Module):
         self._set_active_rank(rank)
         if settings is not None:
             self.scaling, self.alpha, self.use_rslora = settings
-        self.zero_inactive_()  # keep the invariant even if the file held values past its rank
+        self.zero_inactive_()  # keep the invariant (a load refuses non-zero values there, a plain call does not)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self._rank}, "
