@@ -31,6 +31,7 @@ from lorambo.nn.optimizer_state import (check_slot_state_editable, gather_slot_s
                                         warn_if_shared_step)
 from lorambo.nn.optimizer_tracking import track_optimizers, warn_if_state_left_behind
 from lorambo.nn.plain_keys import plain_keys_to_base_layer
+from lorambo.nn.slot_lineage import drop_ids, keep_ids, restart_ids, start_ids
 from lorambo.nn.slots import PoolSlots, local_slots, tag_pool_parameter
 from lorambo.nn.unsupported_optimizers import refuse_unsupported_optimizers
 from lorambo.ops import lora_linear
@@ -130,6 +131,8 @@ def _refuse_slots_past_rank(module: "LoRAMBoLinear", state_dict, prefix: str, *a
                          f"{key!r} (the saved rank) to restore it; loading would drop "
                          "those slots. Keep the _extra_state entries when filtering a state_dict, or "
                          "set_rank() the layer first")
+    if any(prefix + name in state_dict for name in _POOL_DIMS):
+        restart_ids(module)  # new components (set_extra_state restarts them at the loaded rank)
 
 
 class LoRAMBoLinear(nn.Module):
@@ -210,6 +213,7 @@ class LoRAMBoLinear(nn.Module):
         self._rank = 0
         self._slots = PoolSlots(0)
         self._slot_edits = 0
+        self._slot_ids = [-1] * capacity  # lorambo/nn/slot_lineage.py
         self._tag_pools()
         self.merged = False
         self._weight_before_merge: torch.Tensor | None = None
@@ -384,6 +388,7 @@ class LoRAMBoLinear(nn.Module):
         for grad, dim in self._pool_grads():
             grad.narrow(dim, lo, hi - lo).zero_()
         self._set_active_rank(rank)
+        (start_ids if rank > old else drop_ids)(self, lo, hi)
         if rank != old:
             self._count_slot_edit()
             warn_if_state_left_behind(self, optimizer, f"rank changed {old} -> {rank}")
@@ -418,6 +423,7 @@ class LoRAMBoLinear(nn.Module):
             grad.narrow(dim, 0, n).copy_(grad.index_select(dim, index.to(grad.device)))
             grad.narrow(dim, n, old - n).zero_()
         self._set_active_rank(n)
+        keep_ids(self, keep, old)
         move_new_slots(self, keep)  # with or without the optimizer: the record belongs to the slot
         if keep != list(range(old)):
             self._count_slot_edit()
@@ -525,6 +531,7 @@ class LoRAMBoLinear(nn.Module):
                                 device=generator.device if generator is not None else a.device)
             nn.init.kaiming_uniform_(drawn, a=math.sqrt(5), generator=generator)
             a[:n].copy_(drawn[first:first + n])
+        restart_ids(self)
 
     # ------------------------------------------------------------------------------ merge
     def delta_weight(self) -> torch.Tensor:
@@ -650,6 +657,7 @@ class LoRAMBoLinear(nn.Module):
         if settings is not None:
             self.scaling, self.alpha, self.use_rslora = settings
         self.zero_inactive_()  # keep the invariant (a load refuses non-zero values there, a plain call does not)
+        restart_ids(self)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self._rank}, "

@@ -19,6 +19,7 @@ from lorambo.nn.fresh_momentum import move_new_slots
 from lorambo.nn.optimizer_argument import each_optimizer, optimizer_argument
 from lorambo.nn.optimizer_state import check_slot_state_editable
 from lorambo.nn.optimizer_tracking import warn_if_state_left_behind
+from lorambo.nn.slot_lineage import keep_ids
 from lorambo.nn.whole_vector_state import restart_whole_vector_state
 from lorambo.ops.backend import use_compiled_multi_tensor
 
@@ -52,6 +53,7 @@ def keep_components_many(plans: Iterable[tuple[torch.nn.Module, Sequence[int]]],
         for layer, keep in plans:
             old_rank = layer.rank
             layer._set_active_rank(len(keep))
+            keep_ids(layer, keep, old_rank)
             move_new_slots(layer, keep)
             layer._count_slot_edit()
             warn_if_state_left_behind(layer, optimizer, f"slots {keep} of {old_rank} kept")
