@@ -162,3 +162,19 @@ def test_follow_ranks_after_the_model_loads_other_pools_restarts_the_average():
     assert average.module[0].rank == 3
     assert torch.equal(average.module[0].lora_A, other[0].lora_A)
     assert torch.equal(average.module[0].lora_B, other[0].lora_B)
+
+
+def test_follow_ranks_after_load_adapter_into_the_model_restarts_the_average(tmp_path):
+    from lorambo.model.averages import follow_ranks
+
+    model = _model()
+    average = AveragedModel(model)
+    other = _model()
+    with torch.no_grad():  # other components at the same rank
+        other[0].lora_A[:2].normal_(generator=torch.Generator().manual_seed(5))
+        other[0].lora_B[:, :2].normal_(generator=torch.Generator().manual_seed(6))
+    lorambo.save_adapter(other, tmp_path / "adapter")
+    lorambo.load_adapter(model, tmp_path / "adapter")
+    assert follow_ranks(average, model) == ["0"]
+    assert torch.equal(average.module[0].lora_A, other[0].lora_A)
+    assert torch.equal(average.module[0].lora_B, other[0].lora_B)
