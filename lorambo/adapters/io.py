@@ -53,6 +53,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         raise ValueError(f"{type(model).__name__} has no LoRAMBoLinear layer to save")
     check_not_root(layers)
     tensors, meta = {}, {}
+    for layer in layers.values():
+        layer.check_inactive_zero("save_adapter")
     for name, layer in layers.items():
         r = layer.rank
         tensors[f"{name}.lora_A"] = layer.lora_A[:r].detach().cpu().contiguous()  # (r, in)

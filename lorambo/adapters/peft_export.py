@@ -117,6 +117,8 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
     folder = require_path(path, "export_peft")
     config = peft_adapter_config(model)
     tensors = {}
+    for layer in lora_layers(model).values():
+        layer.check_inactive_zero("export_peft")
     for name, layer in lora_layers(model).items():
         r = layer.rank
         if r == 0:

@@ -453,6 +453,27 @@ class LoRAMBoLinear(nn.Module):
                                "which gathers them")
 
     @torch.no_grad()
+    def check_inactive_zero(self, caller: str) -> None:
+        """ValueError naming ``caller`` and the layer if a slot past the rank holds a non-zero
+        value. lorambo never leaves one (docs/architecture.md, the rank pool), so it was written
+        from outside, e.g. by a weight average copied before a rank change (which
+        ``lorambo.follow_ranks`` keeps in step), and what saves the active slots would drop it."""
+        if is_sharded(self.lora_A) or is_sharded(self.lora_B):
+            return  # a shard would need a collective; lorambo.integrations.fsdp gathers before saving
+        last = 0
+        for pool, dim in ((self.lora_A, 0), (self.lora_B, 1)):
+            tail = pool.narrow(dim, self._rank, self.capacity - self._rank)
+            used = tail.abs().sum(dim=1 - dim).nonzero()
+            if used.numel():
+                last = max(last, self._rank + int(used.max()) + 1)
+        if last:
+            raise ValueError(f"{caller}: {self._label} has non-zero slots up to {last} but its rank is "
+                             f"{self._rank}; lorambo keeps slots past the rank at zero, so they were written "
+                             "outside lorambo, e.g. by a weight average (AveragedModel, an EMA) that missed a rank "
+                             "change of the trained model, and saving the active slots would drop them. Call "
+                             "lorambo.follow_ranks(average, model) after every rank change")
+
+    @torch.no_grad()
     def zero_inactive_(self) -> None:
         """Zero the inactive slots (they are zero unless something outside lorambo wrote them)."""
         self.lora_A[self._rank:].zero_()

@@ -178,3 +178,33 @@ def test_follow_ranks_after_load_adapter_into_the_model_restarts_the_average(tmp
     assert follow_ranks(average, model) == ["0"]
     assert torch.equal(average.module[0].lora_A, other[0].lora_A)
     assert torch.equal(average.module[0].lora_B, other[0].lora_B)
+
+
+def _stale_average():
+    model = _model()
+    optimizer = lorambo.optim.AdamW(model.parameters(), lr=0.1)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(DECAY))
+    gen = torch.Generator().manual_seed(1)
+    _train(model, optimizer, ema, 1, gen)
+    model[0].set_rank(3, optimizer=optimizer)
+    _train(model, optimizer, ema, 2, gen)
+    return model, ema
+
+
+@pytest.mark.parametrize("save", ["save_adapter", "export_peft"])
+def test_saving_a_stale_average_is_refused_and_a_followed_one_saves_whole(tmp_path, save):
+    from lorambo.model.averages import follow_ranks
+
+    model, ema = _stale_average()
+    with pytest.raises(ValueError, match=rf"{save}: LoRAMBoLinear 'fc' has non-zero slots up to 3 but its rank is 2"):
+        getattr(lorambo, save)(ema.module, tmp_path / "stale")
+    assert not (tmp_path / "stale").exists()
+    follow_ranks(ema, model)
+    if save == "save_adapter":
+        lorambo.save_adapter(ema.module, tmp_path / "adapter")
+        loaded = lorambo.load_adapter(nn.Sequential(nn.Linear(6, 5, dtype=DT)), tmp_path / "adapter")
+        assert loaded[0].rank == 3
+        assert torch.equal(loaded[0].lora_A, ema.module[0].lora_A)
+        assert torch.equal(loaded[0].lora_B, ema.module[0].lora_B)
+    else:
+        lorambo.export_peft(ema.module, tmp_path / "peft")
