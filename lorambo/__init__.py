@@ -9,6 +9,7 @@ from lorambo.allocation import allocate
 from lorambo.adapters import AdapterFormatError, export_peft, load_adapter, save_adapter
 from lorambo.ops.backend import get_backend, set_backend
 from lorambo.model import configure_model, lora_layers, unload
+from lorambo.model.averages import follow_ranks
 from lorambo.nn import LoRAMBoLinear, reset_slot_state
 from lorambo.optimizer import LoRAMBoOptimizer
 from lorambo import optim  # noqa: E402  (lorambo.optim.AdamW)
@@ -26,6 +27,7 @@ __all__ = [
     "configure_model",
     "disable_adapter",
     "export_peft",
+    "follow_ranks",
     "from_peft",
     "import_peft",
     "get_backend",

@@ -62,6 +62,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     check_not_root(layers)
     refuse_meta_sources(model, layers, modules_to_save(model), "save_adapter")
     tensors, meta = {}, {}
+    for layer in layers.values():
+        layer.check_inactive_zero("save_adapter")
     for name, layer in layers.items():
         r = layer.rank
         tensors[f"{name}.lora_A"] = layer.lora_A[:r].detach().cpu().contiguous()  # (r, in)

@@ -14,14 +14,19 @@ import torch
 
 from lorambo.model import configure_model, lora_layers
 from lorambo.model.frozen_heads import FrozenHeadWarning
+from lorambo.nn.slot_lineage import restart_ids
 
 __all__ = ["set_rank_for_overwrite", "configure_for_overwrite"]
 
 
 def set_rank_for_overwrite(layer, rank: int) -> int:
     """``layer.set_rank(rank)`` whose new rows of A come from a throwaway CPU generator (set_rank
-    copies them to the pool's device), not from torch's global one; returns the old rank."""
-    return layer.set_rank(rank, generator=torch.Generator())
+    copies them to the pool's device), not from torch's global one; returns the old rank. Every
+    active slot then holds a new component (``lorambo.nn.slot_lineage``), also one kept at the
+    same rank: the caller overwrites them all."""
+    old = layer.set_rank(rank, generator=torch.Generator())
+    restart_ids(layer)
+    return old
 
 
 def configure_for_overwrite(model, ranks: dict[str, int], capacity, **configure_kwargs):

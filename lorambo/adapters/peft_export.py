@@ -123,6 +123,8 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
     config = peft_adapter_config(model)
     refuse_meta_sources(model, lora_layers(model), modules_to_save(model), "export_peft")
     tensors = {}
+    for layer in lora_layers(model).values():
+        layer.check_inactive_zero("export_peft")
     for name, layer in lora_layers(model).items():
         r = layer.rank
         if r == 0:

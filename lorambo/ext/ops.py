@@ -156,12 +156,15 @@ def remap_pools_(entries: Iterable[tuple[torch.nn.Module, torch.Tensor]], optimi
 def pool_slot_tensors(layer, optimizer=None):
     """``(tensor, slot_dim, is_optimizer_state)`` for everything that belongs to a layer's slots:
     the pools, their gradients, per-element optimizer state and per-slot state (step counts,
-    factored second moments)."""
+    factored second moments). ``optimizer`` may be a tuple of optimizers (several that step the
+    pools: each holds its own state for the parameters it steps)."""
+    optimizers = optimizer if isinstance(optimizer, tuple) else (optimizer,)
     for param, dim in ((layer.lora_A, 0), (layer.lora_B, 1)):
         yield param.data, dim, False
         if param.grad is not None:  # a gradient belongs to its slot, like the value
             yield param.grad, dim, False
-        for value in state_tensors(optimizer, param):
-            yield value, dim, True
-        for value, value_dim in slot_state_tensors(optimizer, param, dim):
-            yield value, value_dim, True
+        for one in optimizers:
+            for value in state_tensors(one, param):
+                yield value, dim, True
+            for value, value_dim in slot_state_tensors(one, param, dim):
+                yield value, value_dim, True

@@ -39,8 +39,8 @@ from lorambo.model.configure import check_mergeable
 from lorambo.model.modules_to_save import modules_to_save
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import keep_components_many
-from lorambo.nn.optimizer_argument import optimizer_argument
 from lorambo.nn.merge_overflow import finite_merge
+from lorambo.nn.optimizer_argument import each_optimizer, optimizer_argument
 from lorambo.nn.optimizer_tracking import stand_in_for
 from lorambo.nn.slots import pool_slots, tag_pool_parameter
 from lorambo.sharding import is_sharded, local_region
@@ -73,8 +73,9 @@ def full_pools(layers: Iterable[nn.Module], optimizer: torch.optim.Optimizer | N
                base_weights: bool = False, extra_modules: Iterable[nn.Module] = ()):
     """Within the context the pools of ``layers`` (with ``base_weights`` also their base weight
     and bias; with ``extra_modules`` their parameters) are full ordinary Parameters; yields the
-    optimizer to pass to lorambo's rank edits (None when ``optimizer`` is None). On exit each
-    process writes its shard of every value, gradient and optimizer state back in place."""
+    optimizer to pass to lorambo's rank edits (None when ``optimizer`` is None; a tuple of them
+    when ``optimizer`` is a list of optimizers). On exit each process writes its shard of every
+    value, gradient and optimizer state back in place."""
     slots = []  # (module, name, sharded param, full param)
     for layer in layers:
         names = ["lora_A", "lora_B"]
@@ -85,15 +86,15 @@ def full_pools(layers: Iterable[nn.Module], optimizer: torch.optim.Optimizer | N
     for module in extra_modules:
         for sub in module.modules():
             slots.extend((sub, n, p) for n, p in sub._parameters.items() if p is not None)
-    swapped, proxy = [], None
+    swapped = []
     optimizer = optimizer_argument(optimizer, "lorambo.integrations.fsdp")
-    if optimizer is not None:
-        proxy = _GatheredOptimizer(optimizer)
+    proxies = [(one, _GatheredOptimizer(one)) for one in each_optimizer(optimizer)]
     try:
         for module, name, param in slots:
             if not is_sharded(param):
-                if proxy is not None and param in optimizer.state:
-                    proxy.state[param] = optimizer.state[param]  # same objects: edits land in place
+                for one, proxy in proxies:
+                    if param in one.state:
+                        proxy.state[param] = one.state[param]  # same objects: edits land in place
                 continue
             full = nn.Parameter(param.full_tensor(), requires_grad=param.requires_grad)
             if param.grad is not None:
@@ -102,16 +103,18 @@ def full_pools(layers: Iterable[nn.Module], optimizer: torch.optim.Optimizer | N
             if tag is not None:
                 tag_pool_parameter(full, *tag)
                 stand_in_for(full, param)  # an optimizer left out still gets its stale-state warning
-            if proxy is not None and param in optimizer.state:
-                proxy.state[full] = {k: v.full_tensor() if is_sharded(v) else v
-                                     for k, v in optimizer.state[param].items()}
+            for one, proxy in proxies:
+                if param in one.state:
+                    proxy.state[full] = {k: v.full_tensor() if is_sharded(v) else v
+                                         for k, v in one.state[param].items()}
             module._parameters[name] = full
             swapped.append((module, name, param, full))
-        if proxy is not None:
-            full_of = {id(param): full for _, _, param, full in swapped}
+        full_of = {id(param): full for _, _, param, full in swapped}
+        for one, proxy in proxies:
             proxy.param_groups = [{**group, "params": [full_of.get(id(p), p) for p in group["params"]]}
-                                  for group in optimizer.param_groups]
-        yield proxy
+                                  for group in one.param_groups]
+        views = tuple(proxy for _, proxy in proxies)
+        yield None if not views else views[0] if not isinstance(optimizer, tuple) else views
     finally:
         with torch.no_grad():
             for module, name, param, full in swapped:
@@ -119,13 +122,14 @@ def full_pools(layers: Iterable[nn.Module], optimizer: torch.optim.Optimizer | N
                 _write_local(param, full)
                 if full.grad is not None and param.grad is not None:
                     _write_local(param.grad, full.grad)
-                if proxy is not None and full in proxy.state:
-                    real = optimizer.state[param]
-                    for key, value in proxy.state[full].items():
-                        if is_sharded(real.get(key)):
-                            _write_local(real[key], value)
-                        else:
-                            real[key] = value
+                for one, proxy in proxies:
+                    if full in proxy.state:
+                        real = one.state[param]
+                        for key, value in proxy.state[full].items():
+                            if is_sharded(real.get(key)):
+                                _write_local(real[key], value)
+                            else:
+                                real[key] = value
 
 
 def set_rank(layer, rank: int, optimizer=None, generator: torch.Generator | None = None) -> int:

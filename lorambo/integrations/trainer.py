@@ -29,7 +29,9 @@ and ``lorambo_state.pt`` (decisions, importance EMAs, ALoRA rounds; see
 :mod:`lorambo.integrations.checkpoint`) to every checkpoint folder. When Trainer resumes
 (``trainer.train(resume_from_checkpoint=...)``) it reloads the pools, ranks and optimizer state
 itself; ``on_train_begin`` then restores the rest from ``<output_dir>/checkpoint-<step>`` (or
-``resume_from``), so the run continues as if it had never stopped.
+``resume_from``), so the run continues as if it had never stopped. With
+``load_best_model_at_end`` Trainer ends by loading the best checkpoint's model, at the ranks it
+had then; ``on_train_end`` restores that checkpoint's decisions (and importance) alike.
 
 FSDP2: when the pools are sharded (``fully_shard``), decisions go through
 :func:`lorambo.integrations.fsdp.allocator_step` and the adapter through its ``save_adapter``
@@ -210,3 +212,23 @@ class LoRAMBoCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self._remove_batch_hook()
         self.allocator.close()
+        if getattr(args, "load_best_model_at_end", False) and state.best_model_checkpoint is not None:
+            self._follow_best_model(state.best_model_checkpoint)
+
+    def _follow_best_model(self, folder: str) -> None:
+        """Trainer has just loaded the best checkpoint's model, with the ranks it had then: take
+        that checkpoint's decisions (the log cut back to them) and importance averages too, so
+        they describe the model Trainer ends with rather than the last step's."""
+        try:
+            saved = checkpoint.load_callback_state(folder)
+        except FileNotFoundError:
+            warnings.warn(f"LoRAMBoCallback: Trainer loaded the best model from {folder}, which has no "
+                          f"{checkpoint.STATE_FILE}; callback.decisions and the decision log still describe the "
+                          "last step's ranks", stacklevel=2)
+            return
+        if self.allocator.current_ranks() != saved["ranks"]:  # Trainer warned that it could not load it
+            warnings.warn(f"LoRAMBoCallback: the model's ranks are not those of the best checkpoint {folder} "
+                          "(Trainer did not load it); callback.decisions and the decision log describe the "
+                          "model as it is", stacklevel=2)
+            return
+        self.decisions = checkpoint.restore(self.allocator, self.importance, saved, folder)

@@ -33,6 +33,7 @@ from lorambo.nn.optimizer_tracking import track_optimizers, warn_if_state_left_b
 from lorambo.nn.merge_overflow import finite_merge, merge_may_overflow
 from lorambo.nn.plain_keys import plain_keys_to_base_layer
 from lorambo.nn.shared_memory import share_memory
+from lorambo.nn.slot_lineage import drop_ids, keep_ids, restart_ids, start_ids
 from lorambo.nn.slots import PoolSlots, local_slots, tag_pool_parameter
 from lorambo.nn.unsupported_optimizers import refuse_unsupported_optimizers
 from lorambo.ops import lora_linear
@@ -106,16 +107,23 @@ def _unmerge_before_load(module: "LoRAMBoLinear", state_dict, prefix: str, *args
 
 @torch.no_grad()
 def _cover_slots_past_rank(module: "LoRAMBoLinear", state_dict, prefix: str, *args) -> None:
-    """load_state_dict pre-hook: the rank travels in ``_extra_state``. Pools loaded without it keep
-    the layer's current rank, so slots the saving model had active past that rank would load as
-    inactive and be ignored, silently changing the function. They may also be one shard of a
-    sharded checkpoint whose ``_extra_state`` is in another shard (transformers'
+    """load_state_dict pre-hook for pools with non-zero slots past the rank they load under, which
+    loading would zero, silently changing the function. That rank travels in ``_extra_state``.
+
+    With it, lorambo itself never leaves a slot past the rank non-zero (docs/architecture.md, the
+    rank pool), so such values were written from outside: a weight average
+    (``torch.optim.swa_utils.AveragedModel``, an EMA) copied before the trained model's ranks
+    changed keeps its old ranks and averages the grown slots into its inactive ones. Refused.
+
+    Pools loaded without it keep the layer's current rank. They may be one shard of a sharded
+    checkpoint whose ``_extra_state`` is in another shard (transformers'
     ``load_sharded_checkpoint``, through which Trainer resumes, loads the shards in no fixed
-    order). So the rank is raised to cover the loaded non-zero slots; an extra state loaded later
+    order), so the rank is raised to cover the loaded non-zero slots; an extra state loaded later
     sets it exactly. (torch hands pre-hooks ``strict=True`` whatever the caller passed, so a
     filtered state_dict and a shard cannot be told apart here.)"""
-    if f"{prefix}_extra_state" in state_dict:
-        return
+    key = f"{prefix}_extra_state"
+    saved = key in state_dict
+    rank = module._parse_extra_state(state_dict[key])[0] if saved else module.rank
     last = 0
     for name, dim in _POOL_DIMS.items():
         value = state_dict.get(prefix + name)
@@ -123,9 +131,19 @@ def _cover_slots_past_rank(module: "LoRAMBoLinear", state_dict, prefix: str, *ar
                 or value.shape != getattr(module, name).shape):
             continue  # nothing to check here (a shard would need a collective); torch reports shape errors
         used = value.abs().sum(dim=1 - dim).nonzero()
-        last = max(last, int(used.max()) + 1 if used.numel() else 0)
-    if last > module.rank:
+        past = int(used.max()) + 1 if used.numel() else 0
+        if saved and past > rank:
+            raise ValueError(f"{module._label}: state_dict entry {prefix + name!r} has non-zero slots up to {past} "
+                             f"but its saved rank ({key!r}) is {rank}; lorambo keeps slots past the rank at zero, "
+                             "so they were written outside lorambo, e.g. by a weight average (AveragedModel, "
+                             "an EMA) that kept averaging after the trained model's ranks changed; loading would "
+                             "drop them. Call lorambo.follow_ranks(average, model) after every rank change, or "
+                             f"zero those slots in the state_dict to load the rank-{rank} adapter it computes")
+        last = max(last, past)
+    if not saved and last > module.rank:
         module._set_active_rank(last)
+    if any(prefix + name in state_dict for name in _POOL_DIMS):
+        restart_ids(module)  # new components (set_extra_state restarts them at the loaded rank)
 
 
 class LoRAMBoLinear(nn.Module):
@@ -211,6 +229,7 @@ class LoRAMBoLinear(nn.Module):
         self._rank = 0
         self._slots = PoolSlots(0)
         self._slot_edits = 0
+        self._slot_ids = [-1] * capacity  # lorambo/nn/slot_lineage.py
         self._tag_pools()
         self.merged = False
         self._weight_before_merge: torch.Tensor | None = None
@@ -390,6 +409,7 @@ class LoRAMBoLinear(nn.Module):
         for grad, dim in self._pool_grads():
             grad.narrow(dim, lo, hi - lo).zero_()
         self._set_active_rank(rank)
+        (start_ids if rank > old else drop_ids)(self, lo, hi)
         if rank != old:
             self._count_slot_edit()
             warn_if_state_left_behind(self, optimizer, f"rank changed {old} -> {rank}")
@@ -424,6 +444,7 @@ class LoRAMBoLinear(nn.Module):
             grad.narrow(dim, 0, n).copy_(grad.index_select(dim, index.to(grad.device)))
             grad.narrow(dim, n, old - n).zero_()
         self._set_active_rank(n)
+        keep_ids(self, keep, old)
         move_new_slots(self, keep)  # with or without the optimizer: the record belongs to the slot
         if keep != list(range(old)):
             self._count_slot_edit()
@@ -451,6 +472,27 @@ class LoRAMBoLinear(nn.Module):
             raise RuntimeError(f"{self._label}: its pools are sharded (FSDP2 DTensors); change ranks through "
                                "lorambo.integrations.fsdp (set_rank, keep_components, allocator_step), "
                                "which gathers them")
+
+    @torch.no_grad()
+    def check_inactive_zero(self, caller: str) -> None:
+        """ValueError naming ``caller`` and the layer if a slot past the rank holds a non-zero
+        value. lorambo never leaves one (docs/architecture.md, the rank pool), so it was written
+        from outside, e.g. by a weight average copied before a rank change (which
+        ``lorambo.follow_ranks`` keeps in step), and what saves the active slots would drop it."""
+        if is_sharded(self.lora_A) or is_sharded(self.lora_B):
+            return  # a shard would need a collective; lorambo.integrations.fsdp gathers before saving
+        last = 0
+        for pool, dim in ((self.lora_A, 0), (self.lora_B, 1)):
+            tail = pool.narrow(dim, self._rank, self.capacity - self._rank)
+            used = tail.abs().sum(dim=1 - dim).nonzero()
+            if used.numel():
+                last = max(last, self._rank + int(used.max()) + 1)
+        if last:
+            raise ValueError(f"{caller}: {self._label} has non-zero slots up to {last} but its rank is "
+                             f"{self._rank}; lorambo keeps slots past the rank at zero, so they were written "
+                             "outside lorambo, e.g. by a weight average (AveragedModel, an EMA) that missed a rank "
+                             "change of the trained model, and saving the active slots would drop them. Call "
+                             "lorambo.follow_ranks(average, model) after every rank change")
 
     @torch.no_grad()
     def zero_inactive_(self) -> None:
@@ -531,6 +573,7 @@ class LoRAMBoLinear(nn.Module):
                                 device=generator.device if generator is not None else a.device)
             nn.init.kaiming_uniform_(drawn, a=math.sqrt(5), generator=generator)
             a[:n].copy_(drawn[first:first + n])
+        restart_ids(self)
 
     # ------------------------------------------------------------------------------ merge
     def delta_weight(self) -> torch.Tensor:
@@ -670,7 +713,8 @@ class LoRAMBoLinear(nn.Module):
         self._set_active_rank(rank)
         if settings is not None:
             self.scaling, self.alpha, self.use_rslora = settings
-        self.zero_inactive_()  # keep the invariant even if the file held values past its rank
+        self.zero_inactive_()  # keep the invariant (a load refuses non-zero values there, a plain call does not)
+        restart_ids(self)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self._rank}, "

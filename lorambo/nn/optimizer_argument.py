@@ -21,7 +21,7 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["optimizer_argument"]
+__all__ = ["optimizer_argument", "each_optimizer"]
 
 # where a wrapper keeps the optimizer it wraps: accelerate's AcceleratedOptimizer, torch's
 # ZeroRedundancyOptimizer
@@ -31,10 +31,25 @@ _WRAPPED = ("optimizer", "optim")
 def optimizer_argument(optimizer, caller: str):
     """The optimizer whose state a rank change edits: ``optimizer`` itself, or the torch
     optimizer inside a wrapper that keeps it as ``.optimizer`` or ``.optim``; None stays None.
-    Anything without ``state`` and ``param_groups`` (an LR scheduler, say) is a TypeError naming
-    ``caller``."""
+    A list or tuple of optimizers gives a tuple of those optimizers (each unwrapped, each once;
+    one item gives that optimizer). Anything without ``state`` and ``param_groups`` (an LR
+    scheduler, say), as the argument or as an item of the list, is a TypeError naming
+    ``caller``; an empty list is a ValueError."""
     if optimizer is None:
         return None
+    if isinstance(optimizer, (list, tuple)):
+        if not optimizer:
+            raise ValueError(f"{caller}: optimizer is an empty {type(optimizer).__name__}; pass the optimizers "
+                             "that step the LoRA pools, or None")
+        unique = {}
+        for i, item in enumerate(optimizer):
+            checked = _one_optimizer(item, caller, f"optimizer[{i}]")
+            unique.setdefault(id(checked), checked)  # the same optimizer twice would move its state twice
+        return next(iter(unique.values())) if len(unique) == 1 else tuple(unique.values())
+    return _one_optimizer(optimizer, caller, "optimizer")
+
+
+def _one_optimizer(optimizer, caller: str, what: str):
     while isinstance(optimizer, torch.optim.Optimizer):
         inner = next((value for value in (getattr(optimizer, attr, None) for attr in _WRAPPED)
                       if isinstance(value, torch.optim.Optimizer)), None)
@@ -44,6 +59,21 @@ def optimizer_argument(optimizer, caller: str):
     if not (isinstance(getattr(optimizer, "state", None), Mapping)
             and isinstance(getattr(optimizer, "param_groups", None), list)):
         # the type, not the repr: a parameter list's repr prints every tensor
-        raise TypeError(f"{caller}: optimizer must be a torch optimizer (the one that steps the LoRA pools, with "
-                        f".state and .param_groups) or None, got {type(optimizer).__name__}")
+        raise TypeError(f"{caller}: {what} must be a torch optimizer (the one that steps the LoRA pools, with "
+                        f".state and .param_groups), a list of them, or None, got {type(optimizer).__name__}")
     return optimizer
+
+
+def each_optimizer(optimizer, layer=None) -> tuple:
+    """The optimizers in an argument checked by :func:`optimizer_argument`: () for None. With
+    ``layer``, of several optimizers only those whose groups hold its ``lora_A`` or ``lora_B``
+    (a single optimizer is returned as it is)."""
+    if optimizer is None:
+        return ()
+    if not isinstance(optimizer, tuple):
+        return (optimizer,)
+    if layer is None:
+        return optimizer
+    pools = {id(layer.lora_A), id(layer.lora_B)}
+    return tuple(opt for opt in optimizer
+                 if any(id(p) in pools for group in opt.param_groups for p in group["params"]))

@@ -33,7 +33,7 @@ import torch
 from lorambo.ext.ops import slot_state_tensors, state_tensors
 from lorambo.nn.fresh_momentum import mark_new_slots
 from lorambo.nn.fresh_state import fresh_scalar_values, fresh_state_values, step_scales_updates
-from lorambo.nn.optimizer_argument import optimizer_argument
+from lorambo.nn.optimizer_argument import each_optimizer, optimizer_argument
 from lorambo.nn.whole_vector_state import restart_whole_vector_state
 
 SLOT_STEP = "slot_step"  # lorambo.optim.AdamW's per-slot Adam step count, shape [capacity]
@@ -55,9 +55,13 @@ def check_slot_state_editable(optimizer, layer) -> None:
     layer's pools that is not floating point: quantized moments (bitsandbytes' 8-bit optimizers
     keep uint8 codes scaled per block of 256 elements, blocks that span several slots). Such a
     code cannot be set to a fresh optimizer's state (code 0 decodes to minus the block's scale,
-    not to zero) nor moved to a slot of another block, so a rank change would corrupt it."""
-    if optimizer is None:
-        return
+    not to zero) nor moved to a slot of another block, so a rank change would corrupt it.
+    ``optimizer`` may be a tuple of optimizers (see :func:`each_optimizer`)."""
+    for one in each_optimizer(optimizer, layer):
+        _check_editable(one, layer)
+
+
+def _check_editable(optimizer, layer) -> None:
     _refuse_schedule_free(optimizer, layer)
     for param in (layer.lora_A, layer.lora_B):
         state = optimizer.state.get(param) or {}
@@ -97,8 +101,13 @@ def warn_if_shared_step(optimizer: torch.optim.Optimizer, layer) -> None:
     Adagrad with ``lr_decay``, ASGD) has one ``step`` per parameter that sets the update and has
     already counted steps (see the module docstring)."""
     global _warned_shared_step
-    if _warned_shared_step:
-        return
+    for optimizer in each_optimizer(optimizer, layer):
+        if _warned_shared_step:
+            return
+        _warned_shared_step = _warn_shared_step(optimizer, layer)
+
+
+def _warn_shared_step(optimizer, layer) -> bool:
     for param in (layer.lora_A, layer.lora_B):
         state = optimizer.state.get(param)
         if not state or SLOT_STEP in state or "step" not in state:
@@ -106,15 +115,15 @@ def warn_if_shared_step(optimizer: torch.optim.Optimizer, layer) -> None:
         if not (_STEPPED_MOMENTS & state.keys() or step_scales_updates(optimizer, param)):
             continue
         if float(state["step"]) > 0:
-            _warned_shared_step = True
             warnings.warn(
                 f"{getattr(optimizer, 'optimizer_type', type(optimizer)).__name__} keeps one step count per parameter: slots that become active now "
                 f"in {layer._label} take their first step at step {int(float(state['step'])) + 1} of it, not at step 1 (Adam's bias "
                 "correction, Adafactor's averaging rate, Adagrad's lr_decay, ASGD's eta and mu), so their first "
                 "updates differ from a fresh optimizer's (2.5-5x larger measured for Adam). Use "
                 "lorambo.optim.AdamW for per-slot Adam step counts.",
-                stacklevel=4)
-            return
+                stacklevel=5)
+            return True
+    return False
 
 
 @torch.no_grad()
@@ -123,21 +132,26 @@ def reset_slot_state(optimizer: torch.optim.Optimizer, layer, slots: Sequence[in
     """Give ``slots`` the optimizer state of a fresh optimizer (zero, or the start values of
     :mod:`lorambo.nn.fresh_state`); with ``all_active_new`` also restart ``step`` (and the other
     per-parameter scalars listed there). ``optimizer`` may be a wrapper such as accelerate's
-    ``AcceleratedOptimizer``: the optimizer it wraps is edited."""
+    ``AcceleratedOptimizer`` (the optimizer it wraps is edited), or a list of optimizers (each
+    edits the state of the pools it holds)."""
     checked = optimizer_argument(optimizer, "reset_slot_state")
     if checked is None:
         raise TypeError("reset_slot_state: optimizer is None; pass the torch optimizer that steps the LoRA pools")
-    optimizer = checked
     if not callable(getattr(layer, "_check_int", None)):
         raise TypeError(f"reset_slot_state: layer must be a LoRAMBoLinear, got {type(layer).__name__}")
-    check_slot_state_editable(optimizer, layer)
+    check_slot_state_editable(checked, layer)
     slots = [layer._check_int("slot", s) for s in slots]
     bad = [s for s in slots if not 0 <= s < layer.capacity]
     if bad:  # a negative index would silently reset a slot counted from the end
         raise ValueError(f"{layer._label}: slots {bad} outside [0, capacity = {layer.capacity})")
-    index = torch.as_tensor(slots, dtype=torch.long)
-    if index.numel() == 0:
+    if not slots:
         return
+    for one in each_optimizer(checked, layer):
+        _reset_slots(one, layer, slots, all_active_new)
+
+
+def _reset_slots(optimizer, layer, slots: list[int], all_active_new: bool) -> None:
+    index = torch.as_tensor(slots, dtype=torch.long)
     restart_whole_vector_state(optimizer)  # LBFGS: no per-slot state to reset
     for value, dim in _slot_views(optimizer, layer):
         value.index_fill_(dim, index.to(value.device), 0)
@@ -162,10 +176,16 @@ def reset_slot_state(optimizer: torch.optim.Optimizer, layer, slots: Sequence[in
 @torch.no_grad()
 def gather_slot_state(optimizer: torch.optim.Optimizer, layer, keep: Sequence[int], old_rank: int) -> None:
     """Move state of slots ``keep`` to slots 0..len(keep)-1 and zero slots len(keep)..old_rank-1,
-    mirroring :meth:`LoRAMBoLinear.keep_components`."""
-    optimizer = optimizer_argument(optimizer, "gather_slot_state")
+    mirroring :meth:`LoRAMBoLinear.keep_components`; ``optimizer`` may be a list of optimizers."""
+    checked = optimizer_argument(optimizer, "gather_slot_state")
     if list(keep) != list(range(old_rank)):
-        check_slot_state_editable(optimizer, layer)
+        check_slot_state_editable(checked, layer)
+    for one in each_optimizer(checked, layer):
+        _gather_slots(one, layer, keep, old_rank)
+
+
+def _gather_slots(optimizer, layer, keep: Sequence[int], old_rank: int) -> None:
+    if list(keep) != list(range(old_rank)):
         restart_whole_vector_state(optimizer)  # LBFGS: no per-slot state to move
     n = len(keep)
     for value, dim in _slot_views(optimizer, layer):

@@ -19,6 +19,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 from lorambo.nn.frozen_bases import warn_if_trains_no_adapter
+from lorambo.nn.optimizer_argument import each_optimizer
 from lorambo.nn.slots import pool_slots
 
 __all__ = ["StaleOptimizerStateWarning", "track_optimizers", "warn_if_state_left_behind", "stand_in_for"]
@@ -63,12 +64,14 @@ def stand_in_for(stand_in, original) -> None:
 
 
 def warn_if_state_left_behind(layer, optimizer, change: str) -> None:
-    """Warn if an optimizer other than ``optimizer`` holds state for ``layer``'s pools."""
-    given = getattr(optimizer, "stands_in_for", optimizer)  # lorambo.integrations.fsdp's view
+    """Warn if an optimizer other than ``optimizer`` (one optimizer, or a tuple of them) holds
+    state for ``layer``'s pools."""
+    # lorambo.integrations.fsdp's view stands in for the optimizer it names
+    given = {id(getattr(o, "stands_in_for", o)) for o in each_optimizer(optimizer)}
     for param in (layer.lora_A, layer.lora_B):
         param = _ORIGINALS.get(param, param)
         for holder in list(_HOLDERS.get(param, ())):
-            if holder is given or holder in _WARNED or not holder.state.get(param):
+            if id(holder) in given or holder in _WARNED or not holder.state.get(param):
                 continue
             _WARNED.add(holder)
             name = type(holder).__name__
@@ -76,7 +79,7 @@ def warn_if_state_left_behind(layer, optimizer, change: str) -> None:
                 f"{layer._label}: {change} without its optimizer, but a {type(holder).__module__}.{name} "
                 "holds state for its pools; that state stays at the old slots (moved slots leave it "
                 "behind, dropped slots keep moving, new slots inherit it). Pass optimizer=<that "
-                f"{name}> to the call that changes ranks (LoRAMBoLinear.set_rank / keep_components, "
+                f"{name}> (or a list of every optimizer that steps the pools) to the call that changes ranks (LoRAMBoLinear.set_rank / keep_components, "
                 "keep_components_many, configure_model, LoRAMBoOptimizer.configure / step / "
                 "update_ranks, ALoRA.step, the growth schedules' step / update), or build a new "
                 "optimizer after the change. Warned once per optimizer.",

@@ -16,9 +16,10 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from lorambo.nn.fresh_momentum import move_new_slots
-from lorambo.nn.optimizer_argument import optimizer_argument
+from lorambo.nn.optimizer_argument import each_optimizer, optimizer_argument
 from lorambo.nn.optimizer_state import check_slot_state_editable
 from lorambo.nn.optimizer_tracking import warn_if_state_left_behind
+from lorambo.nn.slot_lineage import keep_ids
 from lorambo.nn.whole_vector_state import restart_whole_vector_state
 from lorambo.ops.backend import use_compiled_multi_tensor
 
@@ -29,7 +30,8 @@ __all__ = ["keep_components_many"]
 def keep_components_many(plans: Iterable[tuple[torch.nn.Module, Sequence[int]]],
                          optimizer: torch.optim.Optimizer | None = None) -> list[int]:
     """``layer.keep_components(keep, optimizer)`` for every ``(layer, keep)``; returns the old
-    ranks in order. Every plan is validated before any pool is touched."""
+    ranks in order. Every plan is validated before any pool is touched. ``optimizer`` may be a
+    list of optimizers: each one's state moves for the pools it holds."""
     optimizer = optimizer_argument(optimizer, "keep_components_many")
     plans = [(layer, layer.checked_keep(keep)) for layer, keep in plans]
     for layer, keep in plans:
@@ -51,10 +53,12 @@ def keep_components_many(plans: Iterable[tuple[torch.nn.Module, Sequence[int]]],
         for layer, keep in plans:
             old_rank = layer.rank
             layer._set_active_rank(len(keep))
+            keep_ids(layer, keep, old_rank)
             move_new_slots(layer, keep)
             layer._count_slot_edit()
             warn_if_state_left_behind(layer, optimizer, f"slots {keep} of {old_rank} kept")
-        restart_whole_vector_state(optimizer)  # LBFGS: no per-slot state to move
+            for one in each_optimizer(optimizer, layer):
+                restart_whole_vector_state(one)  # LBFGS: no per-slot state to move
     else:
         for layer, keep in plans:
             layer.keep_components(keep, optimizer)

@@ -20,7 +20,10 @@ STEPS, BATCH = 6, 8  # BATCH rows per process
 
 
 OPTIMIZERS = {"adam": lambda params: torch.optim.Adam(params, lr=0.05),
-              "lorambo_adamw": lambda params: lorambo.optim.AdamW(params, lr=0.05, weight_decay=0.0)}
+              "lorambo_adamw": lambda params: lorambo.optim.AdamW(params, lr=0.05, weight_decay=0.0),
+              # a list: one optimizer per parameter, every rank change given all of them
+              "adamw_per_parameter": lambda params: [lorambo.optim.AdamW([p], lr=0.05, weight_decay=0.0)
+                                                     for p in params]}
 
 
 def build_plain():
@@ -54,6 +57,7 @@ def procedure(net, shards, out_dir, write_files=True, optimizer="adam", after_tr
     alloc = LoRAMBoOptimizer(net, budget, interval=2, sketch_rank=2, seed=5, move_threshold=1e30, max_moves=1)
     importance_scores = lambda: {n: torch.linspace(1.0, 2.0, m.rank, dtype=DT) for n, m in layers.items()}  # noqa: E731
     opt = OPTIMIZERS[optimizer]([p for p in net.parameters() if p.requires_grad])
+    opts = opt if isinstance(opt, list) else [opt]
     losses = []
     for step, shard in enumerate(shards):
         x, y = shard
@@ -67,14 +71,16 @@ def procedure(net, shards, out_dir, write_files=True, optimizer="adam", after_tr
             fsdp.keep_components([(layers["0"], list(reversed(range(r)))[: max(1, r - 1)])], opt)
         if step == 4:  # growth by hand, seeded identically everywhere
             fsdp.set_rank(layers["2"], min(layers["2"].rank + 1, 4), opt, generator=decision_generator(7, step))
-        opt.step()
-        opt.zero_grad()
+        for one in opts:
+            one.step()
+            one.zero_grad()
     checked = after_training(net, opt) if after_training is not None else None
     probe = torch.randn(5, 6, generator=torch.Generator().manual_seed(11), dtype=DT)
     result = {"after_training": checked, "losses": losses, "decisions": alloc.decisions, "ranks": {n: m.rank for n, m in layers.items()},
               "state": {k: _full(v) for k, v in net.state_dict().items()},
-              "opt_state": {i: {k: _full(v) for k, v in opt.state[p].items()}
-                            for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}}
+              "opt_state": {i: {k: _full(v) for k, v in one.state[p].items()}
+                            for i, (one, p) in enumerate((one, p) for one in opts for g in one.param_groups
+                                                         for p in g["params"])}}
     with torch.no_grad():
         result["out"] = net(probe)
         fsdp.merge(net)

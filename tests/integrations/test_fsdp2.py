@@ -13,10 +13,11 @@ fully_shard = pytest.importorskip("torch.distributed.fsdp").fully_shard
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
-@pytest.mark.parametrize("optimizer,capacity", [("adam", 4), ("lorambo_adamw", 5)])
+@pytest.mark.parametrize("optimizer,capacity", [("adam", 4), ("lorambo_adamw", 5), ("adamw_per_parameter", 5)])
 def test_fsdp2_rank_edits_match_single_process(tmp_path, optimizer, capacity):
     """With lorambo.optim.AdamW the per-slot step counts must survive fully_shard (capacity 5:
-    lora_A's slots split 3/2 over the processes)."""
+    lora_A's slots split 3/2 over the processes); also with one optimizer per parameter, all
+    of them given to every rank change as a list."""
     data_seed = int(torch.randint(0, 2**20, ()))
     spawn_two(fsdp2_worker.run, (2, str(tmp_path / "rendezvous"), str(tmp_path), data_seed, optimizer, capacity),
               start_method())
@@ -39,8 +40,10 @@ def test_fsdp2_rank_edits_match_single_process(tmp_path, optimizer, capacity):
     # the same function as one process training on both shards' data, unsharded
     whole = [(torch.cat([x for x, _ in step]), torch.cat([y for _, y in step]))
              for step in fsdp2_worker.batches(data_seed, 2)]
+    # one optimizer per parameter trains as one optimizer over them all
+    ref_optimizer = "lorambo_adamw" if optimizer == "adamw_per_parameter" else optimizer
     ref = fsdp2_worker.procedure(fsdp2_worker.build(capacity), whole, str(tmp_path), write_files=False,
-                                 optimizer=optimizer)
+                                 optimizer=ref_optimizer)
     assert [r["layer"] for r in ref["decisions"]] == [r["layer"] for r in a["decisions"]]
     assert [(r["event"], r["old_rank"], r["new_rank"]) for r in ref["decisions"]] == \
         [(r["event"], r["old_rank"], r["new_rank"]) for r in a["decisions"]]

@@ -24,20 +24,22 @@ def _snapshot(layer, optimizer):
         [v.clone() for p in (layer.lora_A, layer.lora_B) for v in optimizer.state[p].values()]
 
 
-OPT = r"optimizer must be a torch optimizer \(the one that steps the LoRA pools, with .state and .param_groups\) or None, got "
+OPT = (r"must be a torch optimizer \(the one that steps the LoRA pools, with .state and .param_groups\), a list of them, "
+       r"or None, got ")
 CALLS = {
     "set_rank, a parameter list": (lambda l, o: l.set_rank(5, optimizer=list(l.parameters())),
-                                   r"LoRAMBoLinear 'fc'.set_rank: " + OPT + "list"),
+                                   r"LoRAMBoLinear 'fc'.set_rank: optimizer\[0\] " + OPT + "Parameter"),
     "set_rank, the layer": (lambda l, o: l.set_rank(1, optimizer=l),
-                            r"LoRAMBoLinear 'fc'.set_rank: " + OPT + "LoRAMBoLinear"),
+                            r"LoRAMBoLinear 'fc'.set_rank: optimizer " + OPT + "LoRAMBoLinear"),
     "set_rank, a seed": (lambda l, o: l.set_rank(5, optimizer=o, generator=0),
                          r"LoRAMBoLinear 'fc'.set_rank: generator must be a torch.Generator or None, got 0"),
-    "keep_components": (lambda l, o: l.keep_components([2, 0], optimizer=[o]),
-                        r"LoRAMBoLinear 'fc'.keep_components: " + OPT + "list"),
+    "keep_components, a scheduler in the list": (
+        lambda l, o: l.keep_components([2, 0], optimizer=[o, torch.optim.lr_scheduler.StepLR(o, 1)]),
+        r"LoRAMBoLinear 'fc'.keep_components: optimizer\[1\] " + OPT + "StepLR"),
     "keep_components_many": (lambda l, o: keep_components_many([(l, [1])], optimizer=o.state),
-                             r"keep_components_many: " + OPT + "defaultdict"),
+                             r"keep_components_many: optimizer " + OPT + "defaultdict"),
     "reset_slot_state, swapped": (lambda l, o: lorambo.reset_slot_state(l, o, [0]),
-                                  r"reset_slot_state: " + OPT + "LoRAMBoLinear"),
+                                  r"reset_slot_state: optimizer " + OPT + "LoRAMBoLinear"),
     "reset_slot_state, a plain layer": (lambda l, o: lorambo.reset_slot_state(o, l.base_layer, [0]),
                                         r"reset_slot_state: layer must be a LoRAMBoLinear, got Linear"),
 }

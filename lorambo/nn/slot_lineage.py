@@ -1,0 +1,67 @@
+"""Which component each rank slot of a LoRAMBoLinear holds, so that a copy can follow its rank changes.
+
+A weight average (``torch.optim.swa_utils.AveragedModel``, an EMA) is a deep copy of the model
+whose parameters it averages element by element. Rank changes edit the model's pools in place:
+a grown slot starts a new component, ``keep_components`` moves components to other slots, a
+dropped slot is zeroed. The copy keeps its old rank, so it leaves grown slots out and averages
+different components in one slot after a move. Each active slot therefore carries an id, new
+for every component that starts (growth, a load of the pools, ``reset_parameters``), moved with
+its slot by ``keep_components``, -1 for an inactive slot. Ids come from one counter per process,
+so a copy's ids are the model's at copy time and never collide with ids the model gets later:
+:func:`lorambo.model.averages.follow_ranks` tells, slot by slot, where the copy holds the
+component the model holds now.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+__all__ = ["slot_ids", "start_ids", "drop_ids", "keep_ids", "restart_ids", "set_ids"]
+
+_NEXT = itertools.count()
+
+
+def slot_ids(layer) -> list[int]:
+    """The id of the component in every slot (-1: inactive), a copy."""
+    ids = layer.__dict__.get("_slot_ids")
+    if ids is None:  # a layer pickled before slots carried ids: its active components start now
+        restart_ids(layer)
+        ids = layer.__dict__["_slot_ids"]
+    return list(ids)
+
+
+def _ids(layer) -> list[int]:
+    slot_ids(layer)
+    return layer.__dict__["_slot_ids"]
+
+
+def start_ids(layer, first: int, last: int) -> None:
+    """Slots ``first .. last-1`` start new components."""
+    ids = _ids(layer)
+    for slot in range(first, last):
+        ids[slot] = next(_NEXT)
+
+
+def drop_ids(layer, first: int, last: int) -> None:
+    """Slots ``first .. last-1`` become inactive."""
+    ids = _ids(layer)
+    ids[first:last] = [-1] * (last - first)
+
+
+def keep_ids(layer, keep: Sequence[int], old_rank: int) -> None:
+    """Follow ``keep_components(keep)``: slot j takes the component of slot ``keep[j]``; the
+    slots from ``len(keep)`` to ``old_rank`` become inactive."""
+    ids = _ids(layer)
+    ids[:len(keep)] = [ids[k] for k in keep]
+    ids[len(keep):old_rank] = [-1] * (old_rank - len(keep))
+
+
+def restart_ids(layer) -> None:
+    """Every active slot starts a new component (the pools were loaded or re-initialised)."""
+    layer.__dict__["_slot_ids"] = [next(_NEXT) if s < layer.rank else -1 for s in range(layer.capacity)]
+
+
+def set_ids(layer, ids: Sequence[int]) -> None:
+    """Give ``layer`` the ids of another layer whose components it now holds in the same slots."""
+    layer.__dict__["_slot_ids"] = list(ids)
