@@ -5,7 +5,9 @@ freezes its base weight, and the LoRA pools that now train are new parameters th
 not hold, so its steps leave every adapter at its start and the loss does not move, without an
 error. The optimizer step post-hook of :mod:`lorambo.nn.optimizer_tracking` calls
 :func:`warn_if_trains_no_adapter` when it scans an optimizer's parameters (its first step, and
-after ``add_param_group``).
+after ``add_param_group``). ``lorambo.unload`` takes its layers' base weights off the record: the
+model is plain again, and an optimizer over its frozen weights (a head-only run after a LoRA run
+in the same process) trains what it was meant to.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from lorambo.nn.slots import pool_slots
 
-__all__ = ["note_frozen", "warn_if_trains_no_adapter"]
+__all__ = ["note_frozen", "forget_noted", "warn_if_trains_no_adapter"]
 
 _FROZEN = WeakIdKeyDictionary()  # base parameter a LoRAMBoLinear froze -> True
 
@@ -26,6 +28,12 @@ def note_frozen(params: Iterable) -> None:
     """Remember ``params`` as base weights a LoRAMBoLinear froze."""
     for param in params:
         _FROZEN[param] = True
+
+
+def forget_noted(params: Iterable) -> None:
+    """Take ``params`` off the record (their layer is gone: unloaded, or never placed)."""
+    for param in params:
+        _FROZEN.pop(param, None)
 
 
 def warn_if_trains_no_adapter(optimizer, params: list) -> None:

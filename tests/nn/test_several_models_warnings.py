@@ -38,3 +38,43 @@ def test_every_optimizer_is_warned_once_about_its_shared_step():
     second, second_opt = _adam_run("second.fc", 1)
     with pytest.warns(UserWarning, match=r"Adam keeps one step count per parameter: .* in LoRAMBoLinear 'second\.fc'"):
         second.set_rank(3, optimizer=second_opt)
+
+
+def test_an_optimizer_over_an_unloaded_model_is_not_told_it_trains_no_adapter():
+    """After a LoRA run the model is unloaded and a head-only run trains its classifier with an
+    optimizer over all its parameters, the frozen ones included (they get no gradient): nothing
+    there is an adapter's frozen base, and the head trains as under plain torch."""
+    from lorambo import configure_model, unload
+
+    torch.manual_seed(0)
+    for merge in (True, False):
+        model = nn.Sequential(nn.Linear(8, 16, dtype=DT), nn.Tanh(), nn.Linear(16, 3, dtype=DT))
+        configure_model(model, 2, target_modules=["0", "2"])
+        unload(model, merge=merge)
+        model.requires_grad_(False)
+        model[2].requires_grad_(True)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x = torch.randn(5, 8, dtype=DT)
+        model(x).square().sum().backward()
+        expected = model[2].weight.detach() - 0.1 * model[2].weight.grad
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            opt.step()
+        torch.testing.assert_close(model[2].weight.detach(), expected, rtol=0, atol=1e-12)
+
+
+def test_a_failed_configure_leaves_no_frozen_base_behind():
+    """configure_model refused partway (a bad per-layer capacity): the model is as before, and an
+    optimizer that later steps its weights after the user froze some of them is not warned."""
+    from lorambo import configure_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16, dtype=DT), nn.Tanh(), nn.Linear(16, 3, dtype=DT))
+    with pytest.raises(ValueError, match="capacity"):
+        configure_model(model, {"0": 2, "2": 2}, capacity={"0": 4, "2": 99})
+    model[0].requires_grad_(False)  # the user's own choice: train the last layer only
+    opt = torch.optim.SGD([model[0].weight, *model[2].parameters()], lr=0.1)
+    model(torch.randn(5, 8, dtype=DT)).square().sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
