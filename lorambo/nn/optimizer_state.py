@@ -141,7 +141,7 @@ def reset_slot_state(optimizer: torch.optim.Optimizer, layer, slots: Sequence[in
     index = torch.as_tensor(slots, dtype=torch.long)
     if index.numel() == 0:
         return
-    restart_whole_vector_state(optimizer)  # LBFGS: no per-slot state to reset
+    restart_whole_vector_state(optimizer, [layer])  # LBFGS: no per-slot state to reset
     for value, dim in _slot_views(optimizer, layer):
         value.index_fill_(dim, index.to(value.device), 0)
     for param, dim in ((layer.lora_A, 0), (layer.lora_B, 1)):  # state that does not start at 0
@@ -169,7 +169,7 @@ def gather_slot_state(optimizer: torch.optim.Optimizer, layer, keep: Sequence[in
     optimizer = optimizer_argument(optimizer, "gather_slot_state")
     if list(keep) != list(range(old_rank)):
         check_slot_state_editable(optimizer, layer)
-        restart_whole_vector_state(optimizer)  # LBFGS: no per-slot state to move
+        restart_whole_vector_state(optimizer, [layer])  # LBFGS: no per-slot state to move
     n = len(keep)
     for value, dim in _slot_views(optimizer, layer):
         src = torch.as_tensor(list(keep), dtype=torch.long, device=value.device)

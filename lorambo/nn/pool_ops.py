@@ -54,7 +54,7 @@ def keep_components_many(plans: Iterable[tuple[torch.nn.Module, Sequence[int]]],
             move_new_slots(layer, keep)
             layer._count_slot_edit()
             warn_if_state_left_behind(layer, optimizer, f"slots {keep} of {old_rank} kept")
-        restart_whole_vector_state(optimizer)  # LBFGS: no per-slot state to move
+        restart_whole_vector_state(optimizer, [layer for layer, _ in plans])  # LBFGS: no per-slot state to move
     else:
         for layer, keep in plans:
             layer.keep_components(keep, optimizer)
