@@ -78,3 +78,37 @@ def test_a_failed_configure_leaves_no_frozen_base_behind():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.step()
+
+
+def test_an_optimizer_of_unloaded_pools_is_told_it_trains_no_adapter():
+    """A merge-and-restart (unload(merge=True), configure_model again) or a notebook's next
+    experiment on the same model, with the optimizer of the first adapters kept: it steps pools
+    no longer in the model, and the loss stays where it was. Its next step says so; an
+    optimizer built afterwards is quiet and trains the new adapters."""
+    from lorambo import configure_model, lora_layers, unload
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16, dtype=DT), nn.Tanh(), nn.Linear(16, 3, dtype=DT))
+    configure_model(model, 2)
+    old = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x, y = torch.randn(5, 8, dtype=DT), torch.randn(5, 3, dtype=DT)
+
+    def step(optimizer):
+        ((model(x) - y) ** 2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    for _ in range(2):
+        step(old)
+    unload(model, merge=True)
+    configure_model(model, 3)
+    pools = {n: (m.lora_A.detach().clone(), m.lora_B.detach().clone()) for n, m in lora_layers(model).items()}
+    with pytest.warns(UserWarning, match=r"Adam holds 4 LoRA pools .* of layers that lorambo\.unload took out"):
+        step(old)
+    for n, m in lora_layers(model).items():  # what the warning is about: the adapters did not move
+        assert torch.equal(m.lora_A, pools[n][0]) and torch.equal(m.lora_B, pools[n][1]), n
+    new = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step(new)
+    assert all(not torch.equal(m.lora_B, pools[n][1]) for n, m in lora_layers(model).items())
