@@ -54,6 +54,7 @@ from lorambo.allocation.greedy import greedy_allocate
 from lorambo.allocation.validate import check_rank_bounds
 from lorambo.distributed import SharedFailure, all_reduced_mean, broadcast_, decision_generator
 from lorambo.nn.hook_inputs import layer_input
+from lorambo.nn.local_hooks import LocalHook  # a copy of the model (EMA, teacher) is not captured
 from lorambo.nn.optimizer_argument import optimizer_argument
 from lorambo.nn.optimizer_state import check_slot_state_editable
 from lorambo.nn.pool_ops import keep_components_many
@@ -124,7 +125,7 @@ class ActivationCapture:
 
     def arm(self) -> None:
         if not self._handles:
-            self._handles = [m.register_forward_hook(_CaptureHook(self._hook(n)), with_kwargs=True)
+            self._handles = [m.register_forward_hook(LocalHook(self._hook(n)), with_kwargs=True)
                              for n, m in self.layers.items()]
 
     def disarm(self) -> None:
@@ -199,33 +200,6 @@ class ActivationCapture:
 def nothing_captured() -> str:
     return ("no activations were captured: run its forward and backward inside opt.capture(step) or "
             f"after opt.begin_step(step){compile_hint()}")
-
-
-def _no_capture(module, args, kwargs, output) -> None:
-    """What a capture hook becomes in a copy of the model (deepcopy, pickle): it records nothing."""
-
-
-def _copied_hook():
-    return _no_capture
-
-
-class _CaptureHook:
-    """A forward hook of an armed :class:`ActivationCapture`. A copy of the model taken while it
-    is armed (``copy.deepcopy``, ``pickle``) gets :func:`_no_capture` in its place: the capture's
-    closure does not pickle, and a shared one would record the copy's forward (an EMA or teacher
-    model) into this decision."""
-
-    def __init__(self, hook):
-        self.hook = hook
-
-    def __call__(self, module, args, kwargs, output):
-        return self.hook(module, args, kwargs, output)
-
-    def __reduce__(self):
-        return _copied_hook, ()
-
-    def __deepcopy__(self, memo):
-        return _no_capture
 
 
 def plan_growth(gains: Mapping[str, Sequence[float]], costs: Mapping[str, int],

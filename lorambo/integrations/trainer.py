@@ -51,6 +51,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from lorambo.adapters.io import save_adapter
 from lorambo.integrations import checkpoint, fsdp
 from lorambo.model import lora_layers
+from lorambo.nn.local_hooks import LocalHook
 from lorambo.sharding import is_sharded
 
 __all__ = ["LoRAMBoCallback"]
@@ -170,9 +171,11 @@ class LoRAMBoCallback(TrainerCallback):
         step = state.global_step
         self.allocator.begin_step(step)
         if self.allocator.is_decision_step(step) and self._batch_hook is None:
-            # callbacks never see the batch; the model call does (its kwargs are the batch)
+            # callbacks never see the batch; the model call does (its kwargs are the batch). A
+            # LocalHook: a copy of the model taken meanwhile (an EMA, torch.save) neither fails to
+            # pickle nor arms this allocator's capture from its own forward at later steps
             self._batch_hook = self.allocator.model.register_forward_pre_hook(
-                lambda module, a, batch: self.allocator.begin_step(step, batch), with_kwargs=True)
+                LocalHook(lambda module, a, batch: self.allocator.begin_step(step, batch)), with_kwargs=True)
 
     def _remove_batch_hook(self):
         if self._batch_hook is not None:

@@ -20,6 +20,7 @@ from lorambo.model.patterns import check_alpha_pattern, pattern_value
 from lorambo.model.targeting import check_named_targets, find_targets
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import LoRAMBoLinear
+from lorambo.nn.frozen_bases import forget_noted, note_unloaded
 from lorambo.nn.optimizer_argument import optimizer_argument
 from lorambo.nn.optimizer_state import check_slot_state_editable
 from lorambo.nn.shared_memory import memory_key, share_memory
@@ -181,6 +182,8 @@ def _plan(model, names, ranks, capacity, alpha, dropout, use_rslora, alpha_patte
     except Exception:
         for param in plan.freeze:  # the constructors froze base weights; undo that
             param.requires_grad_(True)
+        # nor are they, nor the new layers' bases, frozen bases of an adapter
+        forget_noted([*plan.freeze, *(p for layer in plan.new_layers.values() for p in layer.base_layer.parameters())])
         raise
     return plan
 
@@ -281,6 +284,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         elif not merge and layer.merged:
             layer.unmerge()
         _set_submodule(plain, name, layer.base_layer)
+        note_unloaded(layer)  # its base is no adapter's frozen base; an optimizer of its pools trains nothing
     sync_fast_paths(plain)
     # the records sit on the model configure_model was given: the plain one or its wrapper
     for holder in dict.fromkeys((plain, model)):

@@ -89,19 +89,28 @@ def _start_buffers(optimizer, args, kwargs) -> None:
     grad_scale, found_inf = getattr(optimizer, "grad_scale", None), getattr(optimizer, "found_inf", None)
     if found_inf is not None and bool(found_inf):  # a skipped step: the slots wait for the next one
         return
-    for param, (dim, slots) in list(_PENDING.items()):
-        group = _group_of(optimizer, param)
-        if group is None or param.grad is None:  # not stepped by this SGD now: the slots wait
-            continue
-        del _PENDING[param]
-        if not slots or not _needs_start(optimizer, param):
-            continue
-        index = torch.tensor(sorted(slots), dtype=torch.long, device=param.device)
-        d = param.grad.index_select(dim, index)
-        if grad_scale is not None:
-            d = d / grad_scale.to(d.device)
-        d = -d if group["maximize"] else d
-        if group["weight_decay"]:
-            d = d + group["weight_decay"] * param.index_select(dim, index)
-        buf = optimizer.state[param]["momentum_buffer"]
-        buf.index_copy_(dim, index, (d * (group["dampening"] / group["momentum"])).to(buf.dtype))
+    # The optimizer's own parameters are looked up; the records of every model in the process are
+    # never iterated, since another thread (training its own model) may add to them meanwhile
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param.grad is None:  # not stepped by this SGD now: its slots wait
+                continue
+            record = _PENDING.pop(param, None)
+            if record is None:
+                continue
+            dim, slots = record
+            if slots and _needs_start(optimizer, param):
+                _start_slots(optimizer, group, param, dim, sorted(slots), grad_scale)
+
+
+def _start_slots(optimizer, group: dict, param, dim: int, slots: list[int], grad_scale) -> None:
+    """Set the momentum buffer of ``slots`` to ``dampening / momentum * d`` (see the module doc)."""
+    index = torch.tensor(slots, dtype=torch.long, device=param.device)
+    d = param.grad.index_select(dim, index)
+    if grad_scale is not None:
+        d = d / grad_scale.to(d.device)
+    d = -d if group["maximize"] else d
+    if group["weight_decay"]:
+        d = d + group["weight_decay"] * param.index_select(dim, index)
+    buf = optimizer.state[param]["momentum_buffer"]
+    buf.index_copy_(dim, index, (d * (group["dampening"] / group["momentum"])).to(buf.dtype))

@@ -5,7 +5,13 @@ freezes its base weight, and the LoRA pools that now train are new parameters th
 not hold, so its steps leave every adapter at its start and the loss does not move, without an
 error. The optimizer step post-hook of :mod:`lorambo.nn.optimizer_tracking` calls
 :func:`warn_if_trains_no_adapter` when it scans an optimizer's parameters (its first step, and
-after ``add_param_group``).
+after ``add_param_group``, and after every ``lorambo.unload``).
+
+``lorambo.unload`` takes its layers' base weights off the record (the model is plain again, and
+an optimizer over its frozen weights, as in a head-only run after a LoRA run in the same
+process, trains what it was meant to) and records their pools as removed: an optimizer that
+holds only removed pools (built before ``unload`` and a new ``configure_model``, as in a
+merge-and-restart schedule or a notebook's next experiment) trains no adapter either.
 """
 
 from __future__ import annotations
@@ -17,9 +23,11 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from lorambo.nn.slots import pool_slots
 
-__all__ = ["note_frozen", "warn_if_trains_no_adapter"]
+__all__ = ["note_frozen", "forget_noted", "note_unloaded", "records_version", "warn_if_trains_no_adapter"]
 
 _FROZEN = WeakIdKeyDictionary()  # base parameter a LoRAMBoLinear froze -> True
+_REMOVED = WeakIdKeyDictionary()  # pool parameter of a layer lorambo.unload took out -> True
+_version = 0  # bumped by every unload, so that optimizers are checked again at their next step
 
 
 def note_frozen(params: Iterable) -> None:
@@ -28,13 +36,44 @@ def note_frozen(params: Iterable) -> None:
         _FROZEN[param] = True
 
 
+def forget_noted(params: Iterable) -> None:
+    """Take ``params`` off the record (their layer is gone: unloaded, or never placed)."""
+    for param in params:
+        _FROZEN.pop(param, None)
+
+
+def note_unloaded(layer) -> None:
+    """``layer`` (a LoRAMBoLinear) was taken out of its model: its base weights are no adapter's
+    frozen base any more, and its pools train nothing there."""
+    global _version
+    forget_noted(layer.base_layer.parameters())
+    for pool in (layer.lora_A, layer.lora_B):
+        _REMOVED[pool] = True
+    _version += 1
+
+
+def records_version() -> int:
+    """Changes whenever :func:`note_unloaded` records a layer."""
+    return _version
+
+
 def warn_if_trains_no_adapter(optimizer, params: list) -> None:
-    """Warn if ``params`` (all of ``optimizer``'s) hold no LoRA pool but frozen base weights."""
-    if any(pool_slots(p) is not None for p in params):
+    """Warn if ``params`` (all of ``optimizer``'s) hold no LoRA pool of a layer still in place but
+    frozen base weights or the pools of unloaded layers."""
+    if any(pool_slots(p) is not None and p not in _REMOVED for p in params):
+        return
+    name = f"{type(optimizer).__module__}.{type(optimizer).__name__}"
+    removed = sum(1 for p in params if p in _REMOVED)
+    if removed:
+        warnings.warn(
+            f"{name} holds {removed} LoRA pools (lora_A / lora_B) of layers that lorambo.unload took out of "
+            "their model, and none of the pools in place: its steps train no adapter. An optimizer built "
+            "before unload and a new configure_model holds the old pools; build a new one after "
+            "configure_model, from [p for p in model.parameters() if p.requires_grad].",
+            UserWarning, stacklevel=4)
         return
     frozen = sum(1 for p in params if not p.requires_grad and p in _FROZEN)
     if frozen:
-        name = f"{type(optimizer).__module__}.{type(optimizer).__name__}"
         warnings.warn(
             f"{name} holds {frozen} of the base weights that lorambo froze when it adapted their layers, "
             "and none of the LoRA pools (lora_A / lora_B): its steps train no adapter. An optimizer built "

@@ -19,13 +19,14 @@ torch.optim's Adam family keeps one ``step`` per parameter, so a slot activated 
 the bias correction of step t while its moments start from zero: its first updates are several
 times those of a fresh Adam. lorambo cannot fix that from outside the optimizer; it resets
 ``step`` when every active slot of the layer is new (growth from rank 0, where that is exactly a
-fresh start) and otherwise warns once. Adagrad with ``lr_decay`` and ASGD scale their updates by
+fresh start) and otherwise warns, once per optimizer. Adagrad with ``lr_decay`` and ASGD scale their updates by
 the same shared ``step`` and are warned about alike. :class:`lorambo.optim.AdamW` has per-slot counts and no such error.
 """
 
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -37,7 +38,9 @@ from lorambo.nn.optimizer_argument import each_optimizer, optimizer_argument
 from lorambo.nn.whole_vector_state import restart_whole_vector_state
 
 SLOT_STEP = "slot_step"  # lorambo.optim.AdamW's per-slot Adam step count, shape [capacity]
-_warned_shared_step = False
+# optimizers warned about their shared step: each one once, so every run in a process (a
+# notebook's second experiment, a teacher's and a student's optimizer) hears of its own
+_WARNED_SHARED_STEP = weakref.WeakSet()
 _STEPPED_MOMENTS = {"exp_avg", "row_var", "variance"}  # Adam family; Adafactor (2-D and 1-D params)
 
 
@@ -97,17 +100,18 @@ def _refuse_schedule_free(optimizer, layer) -> None:
 
 
 def warn_if_shared_step(optimizer: torch.optim.Optimizer, layer) -> None:
-    """Warn once per process when new slots join a pool whose optimizer (Adam family, Adafactor,
-    Adagrad with ``lr_decay``, ASGD) has one ``step`` per parameter that sets the update and has
-    already counted steps (see the module docstring)."""
-    global _warned_shared_step
-    for optimizer in each_optimizer(optimizer, layer):
-        if _warned_shared_step:
-            return
-        _warned_shared_step = _warn_shared_step(optimizer, layer)
+    """Warn, once per optimizer, when new slots join a pool whose optimizer (Adam family,
+    Adafactor, Adagrad with ``lr_decay``, ASGD) has one ``step`` per parameter that sets the
+    update and has already counted steps (see the module docstring); ``optimizer`` may be a
+    list of optimizers."""
+    for one in each_optimizer(optimizer, layer):
+        _warn_shared_step(one, layer)
 
 
-def _warn_shared_step(optimizer, layer) -> bool:
+def _warn_shared_step(optimizer, layer) -> None:
+    warned = getattr(optimizer, "stands_in_for", optimizer)  # lorambo.integrations.fsdp's view: the real one
+    if warned in _WARNED_SHARED_STEP:
+        return
     for param in (layer.lora_A, layer.lora_B):
         state = optimizer.state.get(param)
         if not state or SLOT_STEP in state or "step" not in state:
@@ -115,15 +119,15 @@ def _warn_shared_step(optimizer, layer) -> bool:
         if not (_STEPPED_MOMENTS & state.keys() or step_scales_updates(optimizer, param)):
             continue
         if float(state["step"]) > 0:
+            _WARNED_SHARED_STEP.add(warned)
             warnings.warn(
                 f"{getattr(optimizer, 'optimizer_type', type(optimizer)).__name__} keeps one step count per parameter: slots that become active now "
                 f"in {layer._label} take their first step at step {int(float(state['step'])) + 1} of it, not at step 1 (Adam's bias "
                 "correction, Adafactor's averaging rate, Adagrad's lr_decay, ASGD's eta and mu), so their first "
                 "updates differ from a fresh optimizer's (2.5-5x larger measured for Adam). Use "
-                "lorambo.optim.AdamW for per-slot Adam step counts.",
+                "lorambo.optim.AdamW for per-slot Adam step counts. Warned once per optimizer.",
                 stacklevel=5)
-            return True
-    return False
+            return
 
 
 @torch.no_grad()
@@ -152,7 +156,7 @@ def reset_slot_state(optimizer: torch.optim.Optimizer, layer, slots: Sequence[in
 
 def _reset_slots(optimizer, layer, slots: list[int], all_active_new: bool) -> None:
     index = torch.as_tensor(slots, dtype=torch.long)
-    restart_whole_vector_state(optimizer)  # LBFGS: no per-slot state to reset
+    restart_whole_vector_state(optimizer, [layer])  # LBFGS: no per-slot state to reset
     for value, dim in _slot_views(optimizer, layer):
         value.index_fill_(dim, index.to(value.device), 0)
     for param, dim in ((layer.lora_A, 0), (layer.lora_B, 1)):  # state that does not start at 0
@@ -186,7 +190,7 @@ def gather_slot_state(optimizer: torch.optim.Optimizer, layer, keep: Sequence[in
 
 def _gather_slots(optimizer, layer, keep: Sequence[int], old_rank: int) -> None:
     if list(keep) != list(range(old_rank)):
-        restart_whole_vector_state(optimizer)  # LBFGS: no per-slot state to move
+        restart_whole_vector_state(optimizer, [layer])  # LBFGS: no per-slot state to move
     n = len(keep)
     for value, dim in _slot_views(optimizer, layer):
         src = torch.as_tensor(list(keep), dtype=torch.long, device=value.device)

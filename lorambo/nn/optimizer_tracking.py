@@ -7,7 +7,8 @@ and dropped slots keep theirs, so Adam moves them off zero again. lorambo cannot
 optimizers hold a parameter, so a process-wide optimizer step post-hook (installed with the
 first LoRAMBoLinear) remembers the optimizers that stepped pool parameters; a rank change warns,
 once per optimizer, when one of them that it was not given holds state for the layer's pools.
-The same scan warns about an optimizer that holds no pool at all (see lorambo.nn.frozen_bases).
+The same scan warns about an optimizer that holds no pool of a layer in place (see
+lorambo.nn.frozen_bases).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import weakref
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
-from lorambo.nn.frozen_bases import warn_if_trains_no_adapter
+from lorambo.nn.frozen_bases import records_version, warn_if_trains_no_adapter
 from lorambo.nn.optimizer_argument import each_optimizer
 from lorambo.nn.slots import pool_slots
 
@@ -30,7 +31,7 @@ class StaleOptimizerStateWarning(UserWarning):
 
 
 _HOLDERS = WeakIdKeyDictionary()            # pool parameter -> WeakSet of optimizers that stepped it
-_SCANNED = weakref.WeakKeyDictionary()     # optimizer -> its parameter count when last scanned
+_SCANNED = weakref.WeakKeyDictionary()     # optimizer -> (its parameter count, records_version()) when last scanned
 _WARNED = weakref.WeakSet()
 _ORIGINALS = WeakIdKeyDictionary()          # stand-in pool parameter -> the parameter optimizers hold
 _installed = False
@@ -46,10 +47,11 @@ def track_optimizers() -> None:
 
 def _after_step(optimizer, args, kwargs) -> None:
     groups = getattr(optimizer, "param_groups", None) or ()
-    count = sum(len(group["params"]) for group in groups)
-    if _SCANNED.get(optimizer) == count:  # rescanned only when add_param_group added parameters
+    # rescanned only when add_param_group added parameters or an unload removed layers
+    scanned = (sum(len(group["params"]) for group in groups), records_version())
+    if _SCANNED.get(optimizer) == scanned:
         return
-    _SCANNED[optimizer] = count
+    _SCANNED[optimizer] = scanned
     params = [param for group in groups for param in group["params"]]
     for param in params:
         if pool_slots(param) is not None:

@@ -58,7 +58,7 @@ def keep_components_many(plans: Iterable[tuple[torch.nn.Module, Sequence[int]]],
             layer._count_slot_edit()
             warn_if_state_left_behind(layer, optimizer, f"slots {keep} of {old_rank} kept")
             for one in each_optimizer(optimizer, layer):
-                restart_whole_vector_state(one)  # LBFGS: no per-slot state to move
+                restart_whole_vector_state(one, [layer])  # LBFGS: no per-slot state to move
     else:
         for layer, keep in plans:
             layer.keep_components(keep, optimizer)

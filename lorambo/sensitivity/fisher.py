@@ -43,6 +43,7 @@ from lorambo.ops.sketch import sq_grad_norms_many, use_sketch_kernels
 from lorambo.distributed import SharedFailure
 from lorambo.model.argument import require_module
 from lorambo.nn.hook_inputs import layer_input
+from lorambo.nn.local_hooks import LocalHook
 from .estimate import Estimate
 from .example_weights import ExampleWeights
 from .targets import find_targets
@@ -161,10 +162,12 @@ class FisherProxy:
 
     def attach(self) -> "FisherProxy":
         if not self._handles:
-            self._handles = [t.module.register_forward_hook(self._forward_hook(t.name), with_kwargs=True)
+            # LocalHook: a copy of the model taken while attached (an EMA, a teacher, torch.save)
+            # neither feeds these statistics nor fails to pickle
+            self._handles = [t.module.register_forward_hook(LocalHook(self._forward_hook(t.name)), with_kwargs=True)
                              for t in self.targets]
             if self._example_weights is not None:
-                self._handles.append(self._model.register_forward_pre_hook(self._example_weights.observe,
+                self._handles.append(self._model.register_forward_pre_hook(LocalHook(self._example_weights.observe),
                                                                            with_kwargs=True))
         return self
 

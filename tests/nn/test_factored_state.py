@@ -8,7 +8,6 @@ import copy
 import pytest
 import torch
 
-import lorambo
 from lorambo import LoRAMBoLinear
 
 Adafactor = getattr(torch.optim, "Adafactor", None)
@@ -54,7 +53,6 @@ def test_grown_slots_start_with_empty_statistics():
     with torch.no_grad():  # stale statistics in an inactive slot, as an earlier shrink could leave
         opt.state[layer.lora_A]["row_var"][3] = 5.0
         opt.state[layer.lora_B]["col_var"][:, 3] = 5.0
-    lorambo.nn.optimizer_state._warned_shared_step = False
     with pytest.warns(UserWarning, match="Adafactor keeps one step count per parameter"):
         layer.set_rank(4, optimizer=opt)
     a_rows, _, _, b_cols = _factors(layer, opt)

@@ -107,18 +107,15 @@ def test_regrowth_from_rank_zero_trains_as_a_fresh_optimizer(make_optimizer):
             torch.testing.assert_close(p.detach(), twin.detach(), rtol=1e-12, atol=1e-15)
 
 
-def test_growth_from_rank_zero_does_not_warn_about_the_shared_step(monkeypatch):
+def test_growth_from_rank_zero_does_not_warn_about_the_shared_step():
     """The warning says new slots start at step t of a shared count; growing from rank 0
-    restarts that count, so it was a false alarm there (and used up the one warning)."""
+    restarts that count, so it was a false alarm there (and used up the optimizer's one warning)."""
     import warnings
-
-    import lorambo.nn.optimizer_state as optimizer_state
 
     layer = LoRAMBoLinear(nn.Linear(6, 5, dtype=DT), rank=2, capacity=4)
     opt = torch.optim.Adam(layer.parameters(), lr=LR)
     layer.lora_A.grad, layer.lora_B.grad = torch.ones_like(layer.lora_A), torch.ones_like(layer.lora_B)
     opt.step()
-    monkeypatch.setattr(optimizer_state, "_warned_shared_step", False)
     layer.set_rank(0, optimizer=opt)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -128,17 +125,14 @@ def test_growth_from_rank_zero_does_not_warn_about_the_shared_step(monkeypatch):
         layer.set_rank(2, optimizer=opt)
 
 
-def test_shared_step_warning_names_the_step_the_new_slots_take_first(monkeypatch):
+def test_shared_step_warning_names_the_step_the_new_slots_take_first():
     """After 3 Adam steps a grown slot's first update is Adam's step 4 (the count torch holds
     after it), not step 3, which the warning used to name."""
-    import lorambo.nn.optimizer_state as optimizer_state
-
     layer = LoRAMBoLinear(nn.Linear(6, 5, dtype=DT), rank=2, capacity=4)
     opt = torch.optim.Adam(layer.parameters(), lr=LR)
     for _ in range(3):
         layer.lora_A.grad, layer.lora_B.grad = torch.ones_like(layer.lora_A), torch.ones_like(layer.lora_B)
         opt.step()
-    monkeypatch.setattr(optimizer_state, "_warned_shared_step", False)
     with pytest.warns(UserWarning, match=r"take their first step at step 4 of it, not at step 1"):
         layer.set_rank(3, optimizer=opt)
     opt.step()
@@ -240,20 +234,17 @@ def test_sgd_regrown_slot_moved_before_its_first_step_starts_fresh_too(many):
     (lambda p: torch.optim.Adagrad(p, lr=LR), False),
     (lambda p: torch.optim.RMSprop(p, lr=LR, centered=True), False),
 ], ids=["adagrad-lr_decay", "asgd", "adagrad", "rmsprop"])
-def test_shared_step_that_sets_the_update_is_warned_about_beyond_adam(monkeypatch, make_optimizer, warns):
+def test_shared_step_that_sets_the_update_is_warned_about_beyond_adam(make_optimizer, warns):
     """Adagrad's lr_decay and ASGD's eta / mu follow the one step count of the parameter, so a
     regrown slot is not updated as under a fresh optimizer (off by 1e-2 after a few steps with
     lr_decay=0.1): warned about like Adam's bias correction; optimizers whose step sets nothing
     stay silent."""
     import warnings
 
-    import lorambo.nn.optimizer_state as optimizer_state
-
     layer = LoRAMBoLinear(nn.Linear(6, 5, dtype=DT), rank=2, capacity=4)
     opt = make_optimizer([layer.lora_A, layer.lora_B])
     _train(layer, torch.randn(7, 6, dtype=DT), opt, steps=2)
     layer.set_rank(1, optimizer=opt)
-    monkeypatch.setattr(optimizer_state, "_warned_shared_step", False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         layer.set_rank(2, optimizer=opt)

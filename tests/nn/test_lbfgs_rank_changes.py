@@ -50,3 +50,27 @@ def test_a_rank_change_restarts_lbfgs_as_a_fresh_one(change):
     torch.testing.assert_close(layer.lora_A[:r].detach(), a.detach(), rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(layer.lora_B[:, :r].detach(), b.detach(), rtol=1e-9, atol=1e-12)
     assert not layer.lora_A[r:].any() and not layer.lora_B[:, r:].any()
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_an_lbfgs_of_another_model_keeps_its_memory(change):
+    """A rank change given, by mistake, the LBFGS that trains another model (a teacher beside the
+    student) emptied that LBFGS's memory; none of its coordinates changed, so it keeps it: its
+    next step is that of an LBFGS that never saw the change (plain tensors, float64)."""
+    gen = torch.Generator().manual_seed(0)
+    layer = LoRAMBoLinear(nn.Linear(6, 8, dtype=DT), rank=3, capacity=5)
+    with torch.no_grad():
+        layer.lora_B[:, :3].copy_(torch.randn(8, 3, dtype=DT, generator=gen))
+    other = nn.Linear(6, 8, dtype=DT)
+    x, y = torch.randn(5, 6, dtype=DT, generator=gen), torch.randn(5, 8, dtype=DT, generator=gen)
+    w, b = (nn.Parameter(t.detach().clone()) for t in (other.weight, other.bias))
+    opt, ref = torch.optim.LBFGS(other.parameters(), **SETTINGS), torch.optim.LBFGS([w, b], **SETTINGS)
+    for _ in range(3):
+        opt.step(_closure(opt, x, y, other))
+        ref.step(_closure(ref, x, y, lambda v: v @ w.T + b))
+    CHANGES[change](layer, opt)
+    assert opt.state[other.weight], "the other model's LBFGS memory was emptied"
+    opt.step(_closure(opt, x, y, other))
+    ref.step(_closure(ref, x, y, lambda v: v @ w.T + b))
+    torch.testing.assert_close(other.weight.detach(), w.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(other.bias.detach(), b.detach(), rtol=1e-12, atol=1e-14)

@@ -75,12 +75,11 @@ def test_torch_adamw_gives_a_late_slot_oversized_first_steps_and_warns_once():
     for _ in range(1000):
         _random_active_grads(layer)
         opt.step()
-    lorambo.nn.optimizer_state._warned_shared_step = False
     with pytest.warns(UserWarning, match="lorambo.optim.AdamW"):
         layer.set_rank(3, optimizer=opt)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        layer.set_rank(4, optimizer=opt)  # once per process
+        layer.set_rank(4, optimizer=opt)  # once per optimizer
     _random_active_grads(layer)
     before = layer.lora_B.detach()[:, 2].clone()
     opt.step()
