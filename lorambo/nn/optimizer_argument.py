@@ -21,7 +21,7 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["optimizer_argument"]
+__all__ = ["optimizer_argument", "wrapper_grad_scaler"]
 
 # where a wrapper keeps the optimizer it wraps: accelerate's AcceleratedOptimizer, torch's
 # ZeroRedundancyOptimizer
@@ -47,3 +47,13 @@ def optimizer_argument(optimizer, caller: str):
         raise TypeError(f"{caller}: optimizer must be a torch optimizer (the one that steps the LoRA pools, with "
                         f".state and .param_groups) or None, got {type(optimizer).__name__}")
     return optimizer
+
+
+def wrapper_grad_scaler(optimizer):
+    """The GradScaler an optimizer wrapper steps with: accelerate's ``AcceleratedOptimizer`` keeps
+    the accelerator's as ``.scaler`` (None without fp16 loss scaling). None for an optimizer that
+    wraps none. A rank decision given such a wrapper takes its gradients in units of the loss the
+    scaler scaled."""
+    if not isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        return None
+    return getattr(optimizer, "scaler", None)
