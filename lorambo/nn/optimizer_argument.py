@@ -21,7 +21,7 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["optimizer_argument", "wrapper_grad_scaler"]
+__all__ = ["optimizer_argument", "skips_this_step", "wrapper_grad_scaler"]
 
 # where a wrapper keeps the optimizer it wraps: accelerate's AcceleratedOptimizer, torch's
 # ZeroRedundancyOptimizer
@@ -57,3 +57,13 @@ def wrapper_grad_scaler(optimizer):
     if not isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         return None
     return getattr(optimizer, "scaler", None)
+
+
+def skips_this_step(optimizer) -> bool:
+    """Whether ``optimizer`` is a wrapper whose ``step()`` does nothing now: accelerate's
+    ``AcceleratedOptimizer`` inside ``accelerator.accumulate`` on a micro-batch that does not end
+    the accumulation (its ``gradient_state.sync_gradients`` is False). The step's gradients are
+    then still being accumulated."""
+    if not isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        return False
+    return getattr(getattr(optimizer, "gradient_state", None), "sync_gradients", True) is False
