@@ -1,0 +1,26 @@
+"""Generation from an adapted model offloaded by accelerate's big-model tools.
+
+Offloading (``cpu_offload``, 'cpu'/'disk' in a device_map) leaves the base weight on the meta
+device and attaches a hook that brings it in only when the base layer itself is called, which
+LoRAMBoLinear never does (it computes x W^T + b from the weight). The refusal named only a device
+mix ("move the input or the layer to one device"), not the offloading that caused it."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lorambo import configure_model
+
+accelerate = pytest.importorskip("accelerate")
+
+
+def test_offloaded_base_layer_is_refused_naming_the_offloading():
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                         bos_token_id=0, eos_token_id=63)).eval()
+    model = accelerate.cpu_offload(configure_model(model, ranks=4, capacity=8), execution_device=torch.device("cpu"))
+    ids = torch.randint(1, 63, (1, 5), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.self_attn\.q_proj': input is on cpu but the base "
+                                         r"weight is on meta.*accelerate's hook \(offloaded by cpu_offload.*"
+                                         r"merge and unload the adapters"):
+        model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
