@@ -1,9 +1,10 @@
-"""Generation from an adapted model offloaded by accelerate's big-model tools.
+"""An adapted model and accelerate's big-model tools.
 
 Offloading (``cpu_offload``, 'cpu'/'disk' in a device_map) leaves the base weight on the meta
 device and attaches a hook that brings it in only when the base layer itself is called, which
 LoRAMBoLinear never does (it computes x W^T + b from the weight). The refusal named only a device
-mix ("move the input or the layer to one device"), not the offloading that caused it."""
+mix ("move the input or the layer to one device"), not the offloading that caused it. Big-model
+loading takes the merged plain checkpoint."""
 
 import copy
 
