@@ -23,11 +23,17 @@ MICRO_BATCHES = 6  # 3 optimizer steps: decisions at steps 1 and 2
 
 @pytest.fixture
 def clean_accelerate_state():
+    """accelerate's process-wide state, reset before (an earlier Accelerator's accumulation steps
+    would be kept) and after the test."""
     from accelerate.state import AcceleratorState, GradientState
 
+    def reset():
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+    reset()
     yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset()
 
 
 def _run(with_accelerate: bool, call: str = "step"):
