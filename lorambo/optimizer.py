@@ -55,6 +55,7 @@ from lorambo.model.argument import require_module
 from lorambo.nn import LoRAMBoLinear
 from lorambo.nn.base_layers import base_kind, features, weight_out_in
 from lorambo.nn.lora_linear import check_growth_factor
+from lorambo.nn.optimizer_argument import skips_this_step, wrapper_grad_scaler
 from lorambo.sensitivity.token_mask import batch_token_mask, check_token_mask
 
 __all__ = ["LoRAMBoOptimizer", "SENSITIVITY_METHODS", "ALLOCATIONS"]
@@ -480,8 +481,14 @@ class LoRAMBoOptimizer:
         ``optimizer`` defaults to the one from :meth:`make_optimizer`. Training with a
         ``torch.amp.GradScaler``: pass it as ``grad_scaler`` (before ``scaler.update()``), so
         gains are measured on the unscaled loss and ``loss_improvement_threshold`` means the same
-        as without AMP."""
+        as without AMP. An ``optimizer`` that wraps one (accelerate's ``AcceleratedOptimizer``, what
+        ``accelerator.prepare`` returns) brings its scaler when ``grad_scaler`` is None; inside
+        ``accelerator.accumulate`` it also defers the decision, as its own ``step()`` does, to the
+        micro-batch that ends the accumulation, so the decision sees every micro-batch of the step."""
         self._check_step(step, "step")
+        if skips_this_step(optimizer):
+            return []  # the capture keeps this micro-batch; the next calls with this step add to it
+        grad_scaler = grad_scaler if grad_scaler is not None else wrapper_grad_scaler(optimizer)
         optimizer = optimizer if optimizer is not None else self.default_optimizer
         if self.is_decision_step(step):
             self._follow_layers()
@@ -499,7 +506,8 @@ class LoRAMBoOptimizer:
 
     def update_ranks(self, optimizer=None, step=None, component_scores=None, grad_scaler=None) -> list[dict]:
         """Grow (and, with ``move_threshold``, move) ranks now from the captured step
-        (``grad_scaler``: see :meth:`step`)."""
+        (``grad_scaler``, and the scaler of a wrapped ``optimizer``: see :meth:`step`)."""
+        grad_scaler = grad_scaler if grad_scaler is not None else wrapper_grad_scaler(optimizer)
         optimizer = optimizer if optimizer is not None else self.default_optimizer
         self._follow_layers()
         return self.scheduled_growth.update(step, optimizer, component_scores, grad_scaler)

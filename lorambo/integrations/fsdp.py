@@ -40,7 +40,7 @@ from lorambo.model.modules_to_save import modules_to_save
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import keep_components_many
 from lorambo.nn.merge_overflow import finite_merge
-from lorambo.nn.optimizer_argument import each_optimizer, optimizer_argument
+from lorambo.nn.optimizer_argument import each_optimizer, optimizer_argument, skips_this_step, wrapper_grad_scaler
 from lorambo.nn.optimizer_tracking import stand_in_for
 from lorambo.nn.slots import pool_slots, tag_pool_parameter
 from lorambo.sharding import is_sharded, local_region
@@ -149,6 +149,9 @@ def allocator_step(allocator, step: int, optimizer=None, component_scores=None, 
     if allocator.allocation == "alora":
         raise NotImplementedError("ALoRA runs forward passes inside its decisions; under FSDP2 use "
                                   "online growth (with component_scores for rank moves)")
+    if skips_this_step(optimizer):  # accelerate's accumulate: decided on the micro-batch that steps
+        return []
+    grad_scaler = grad_scaler if grad_scaler is not None else wrapper_grad_scaler(optimizer)
     optimizer = optimizer if optimizer is not None else allocator.default_optimizer
     if not allocator.is_decision_step(step):
         return allocator.step(step, optimizer=optimizer, component_scores=component_scores)

@@ -52,6 +52,7 @@ from lorambo.adapters.io import save_adapter
 from lorambo.integrations import checkpoint, fsdp
 from lorambo.model import lora_layers
 from lorambo.nn.local_hooks import LocalHook
+from lorambo.nn.optimizer_argument import wrapper_grad_scaler
 from lorambo.sharding import is_sharded
 
 __all__ = ["LoRAMBoCallback"]
@@ -60,14 +61,6 @@ __all__ = ["LoRAMBoCallback"]
 def _unwrap_optimizer(optimizer):
     inner = getattr(optimizer, "optimizer", None)
     return inner if inner is not None and hasattr(inner, "state") else optimizer
-
-
-def _scaler_of(optimizer):
-    """The GradScaler accelerate's ``AcceleratedOptimizer`` steps with (its ``scaler``: the
-    accelerator's, None without fp16 loss scaling); None for an optimizer that is not wrapped."""
-    if getattr(optimizer, "optimizer", None) is None:
-        return None
-    return getattr(optimizer, "scaler", None)
 
 
 def _unscale_gradients(grad_scaler, optimizer) -> None:
@@ -184,7 +177,7 @@ class LoRAMBoCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         self._remove_batch_hook()
-        grad_scaler = self.grad_scaler if self.grad_scaler is not None else _scaler_of(optimizer)
+        grad_scaler = self.grad_scaler if self.grad_scaler is not None else wrapper_grad_scaler(optimizer)
         optimizer = _unwrap_optimizer(optimizer)
         scores = None
         if self.importance is not None:

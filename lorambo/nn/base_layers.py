@@ -100,6 +100,20 @@ def stacked_weights(module: nn.Module) -> list[str]:
             if p.dim() == 3 and p.shape[0] > 1]
 
 
+def offload_hint(module: nn.Module) -> str:
+    """Why the weight of the base layer ``module`` may be elsewhere than its input: accelerate's
+    offloading (``cpu_offload``, ``disk_offload``, ``dispatch_model`` with a device_map holding
+    'cpu' or 'disk') keeps it on the meta device or the offload device and attaches a hook
+    (``_hf_hook``) that moves it in only when the module itself is called. '' without such a hook."""
+    if getattr(module, "_hf_hook", None) is None:
+        return ""
+    return ("; its base layer carries accelerate's hook (offloaded by cpu_offload / disk_offload / dispatch_model "
+            "with 'cpu' or 'disk' in the device_map), which brings its weight in only when the base layer itself is "
+            "called, and LoRAMBoLinear computes x W^T + b from the weight without calling it. Keep the adapted layers "
+            "on the execution device (offload other modules), or merge and unload the adapters "
+            "(lorambo.unload(model, merge=True)) before offloading")
+
+
 def hooks_reason(module: nn.Module) -> str:
     return (f"this {type(module).__name__} has {' and '.join(call_hooks(module))}, which run only when it is "
             "called; LoRAMBoLinear computes x W^T + b from its weight without calling it and would never run "

@@ -529,7 +529,8 @@ class LoRAMBoLinear(nn.Module):
                 and (bias is None or bias.device == x.device)):
             raise ValueError(f"{self._label}: input is on {x.device} but the base weight is on {weight.device}"
                              f"{'' if bias is None else f', its bias on {bias.device}'} and the LoRA pools on "
-                             f"{lora_a.device} / {lora_b.device}; move the input or the layer to one device")
+                             f"{lora_a.device} / {lora_b.device}; move the input or the layer to one device"
+                             f"{base_layers.offload_hint(self.base_layer)}")
         # Checked before autocast, which would cast an integer input to its dtype and compute; and the
         # ops' hand-written backward has no complex conjugates, so complex gradients would be wrong.
         for what, tensor in (("input", x), ("base weight", weight), ("LoRA pool", lora_a)):

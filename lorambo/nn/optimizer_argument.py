@@ -21,7 +21,7 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["optimizer_argument", "each_optimizer"]
+__all__ = ["optimizer_argument", "each_optimizer", "skips_this_step", "wrapper_grad_scaler"]
 
 # where a wrapper keeps the optimizer it wraps: accelerate's AcceleratedOptimizer, torch's
 # ZeroRedundancyOptimizer
@@ -77,3 +77,23 @@ def each_optimizer(optimizer, layer=None) -> tuple:
     pools = {id(layer.lora_A), id(layer.lora_B)}
     return tuple(opt for opt in optimizer
                  if any(id(p) in pools for group in opt.param_groups for p in group["params"]))
+
+
+def wrapper_grad_scaler(optimizer):
+    """The GradScaler an optimizer wrapper steps with: accelerate's ``AcceleratedOptimizer`` keeps
+    the accelerator's as ``.scaler`` (None without fp16 loss scaling). None for an optimizer that
+    wraps none. A rank decision given such a wrapper takes its gradients in units of the loss the
+    scaler scaled."""
+    if not isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        return None
+    return getattr(optimizer, "scaler", None)
+
+
+def skips_this_step(optimizer) -> bool:
+    """Whether ``optimizer`` is a wrapper whose ``step()`` does nothing now: accelerate's
+    ``AcceleratedOptimizer`` inside ``accelerator.accumulate`` on a micro-batch that does not end
+    the accumulation (its ``gradient_state.sync_gradients`` is False). The step's gradients are
+    then still being accumulated."""
+    if not isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        return False
+    return getattr(getattr(optimizer, "gradient_state", None), "sync_gradients", True) is False

@@ -73,7 +73,9 @@ class AdaLoRAImportance:
     @torch.no_grad()
     def update(self) -> None:
         """Fold the current gradients into the running scores (layers without a gradient skip;
-        RuntimeError if no layer has one: called before backward() or after zero_grad())."""
+        RuntimeError if no layer has one: called before backward() or after zero_grad()). Call it
+        once per optimizer step: under gradient accumulation after the last micro-batch's
+        backward, since each call counts the gradient accumulated so far as one more step."""
         self._check_followed("update")
         if all(getattr(layer, "lora_" + w).grad is None for layer in self.layers.values() for w in ("A", "B")):
             raise RuntimeError(f"AdaLoRAImportance.update(): none of its layers {list(self.layers)[:4]} has a "

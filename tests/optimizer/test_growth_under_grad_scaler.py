@@ -144,3 +144,39 @@ def test_trainer_callback_scores_importance_on_unscaled_gradients():
         torch.testing.assert_close(got_scores[name], want_scores[name], rtol=1e-9, atol=0)
     for got, want in zip(got_pools, want_pools):    # the optimizer step itself is unchanged
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("call", ["step", "update_ranks", "fsdp.allocator_step"])
+def test_plain_loop_finds_the_scaler_of_the_accelerated_optimizer_it_is_given(call):
+    """A plain accelerate loop under fp16 hands ``opt.step`` the optimizer ``accelerator.prepare``
+    returned, which holds the accelerator's GradScaler. The decision took the captured gradients
+    (times the loss scale) as they were, so more ranks passed the threshold than unscaled."""
+
+    def decide(loss_scale, grad_scaler):
+        model = _model()
+        alloc = LoRAMBoOptimizer(model, 2000, sensitivity_method="frobenius", target_modules=["0", "2"],
+                                 capacity=8, interval=1, sketch_rank=4, loss_improvement_threshold=threshold)
+        alloc.configure({"0": 1, "2": 1})
+        opt = _accelerated(alloc.make_optimizer(lr=0.0), grad_scaler)
+        gen = torch.Generator().manual_seed(1)
+        x, y = torch.randn(24, 8, dtype=DT, generator=gen), torch.randn(24, 3, dtype=DT, generator=gen)
+        with alloc.capture(0):
+            (((model(x) - y) ** 2).mean() * loss_scale).backward()
+        if call == "step":
+            records = alloc.step(0, optimizer=opt)
+        elif call == "update_ranks":
+            records = alloc.update_ranks(optimizer=opt, step=0)
+        else:  # the FSDP2 entry point hands the decision a proxy of the optimizer, not the wrapper
+            from lorambo.integrations import fsdp
+
+            records = fsdp.allocator_step(alloc, 0, opt)
+        return [(r["layer"], r["new_rank"], r["gains"]) for r in records]
+
+    gains = sorted(g for _, _, gs in _decide(0.0) for g in gs)
+    threshold = (gains[0] + gains[-1]) / 2
+    want = _decide(threshold)
+    got = decide(SCALE, torch.amp.GradScaler("cpu", init_scale=SCALE))
+    assert [(n, r) for n, r, _ in got] == [(n, r) for n, r, _ in want]
+    for (_, _, g), (_, _, w) in zip(got, want):
+        torch.testing.assert_close(torch.tensor(g), torch.tensor(w), rtol=1e-9, atol=0)
+    assert [(n, r) for n, r, _ in decide(1.0, None)] == [(n, r) for n, r, _ in want]  # bf16/fp32: no scaler
