@@ -30,6 +30,7 @@ group. NCCL only talks CUDA: CPU tensors travel through the current CUDA device 
 from __future__ import annotations
 
 import hashlib
+import numbers
 import pickle
 import zlib
 
@@ -137,9 +138,11 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
 
 def decision_generator(seed: int, *keys) -> torch.Generator:
     """A CPU generator seeded from ``(seed, *keys)`` by CRC32 of their repr: stable across
-    processes and Python runs (``hash()`` of a str is salted per process)."""
+    processes and Python runs (``hash()`` of a str is salted per process). Integer keys count by
+    value: a numpy step (``np.int64(5)``, whose repr is not ``5``) seeds what ``5`` does."""
+    keys = tuple(int(k) if isinstance(k, numbers.Integral) and not isinstance(k, bool) else k for k in keys)
     g = torch.Generator(device="cpu")
-    g.manual_seed(zlib.crc32(repr((int(seed),) + tuple(keys)).encode()))
+    g.manual_seed(zlib.crc32(repr((int(seed),) + keys).encode()))
     return g
 
 

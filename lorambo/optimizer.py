@@ -49,7 +49,7 @@ from lorambo.allocation.alora import ALoRA, ALoRAConfig
 from lorambo.allocation.online import OnlineGrowth, check_growth_settings
 from lorambo.allocation.report import DecisionLog, rank_table, save_heatmap
 from lorambo.allocation.schedule import DecisionSchedule, ScheduledGrowth
-from lorambo.distributed import SharedFailure, is_main_process
+from lorambo.distributed import SharedFailure, decision_generator, is_main_process
 from lorambo.model import configure_model, find_targets, lora_layers
 from lorambo.model.argument import require_module
 from lorambo.nn import LoRAMBoLinear
@@ -382,8 +382,10 @@ class LoRAMBoOptimizer:
             raise RuntimeError("configure(): call compute_optimal_ranks first or pass ranks")
         caps = self.capacities or self.plan_capacities(ranks)
         optimizer = optimizer if optimizer is not None else self.default_optimizer
+        # existing adapters that grow get rows seeded by ``seed``, like every other growth: the same
+        # on every process, the global generator untouched (docs/architecture.md)
         return configure_model(self.model, ranks, capacity=caps, alpha=self.alpha, dropout=dropout,
-                               optimizer=optimizer)
+                               optimizer=optimizer, generator=decision_generator(self.seed, "configure"))
 
     # ---------------------------------------------------------------------------- online
     def layers(self) -> dict[str, LoRAMBoLinear]:

@@ -11,11 +11,11 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from lorambo.adapters import extra_modules
 from lorambo.adapters.atomic import atomic_write, check_target
+from lorambo.adapters.canonical import save_file_canonical
 from lorambo.adapters.finite import check_finite_modules_to_save, check_finite_pools
 from lorambo.adapters.format import (FORMAT, LAYER_FIELDS, VERSION, AdapterFormatError, build_header,
                                      own_storages, read_adapter_file)
@@ -45,7 +45,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     ``adapter.safetensors`` (created if needed); returns the file written.
 
     The write is atomic (a temporary file, then a rename) and every tensor and the settings get
-    a checksum that :func:`load_adapter` verifies. Layers are named as in the plain model, also
+    a checksum that :func:`load_adapter` verifies. The same adapter gives the same bytes. Layers are named as in the plain model, also
     when ``model`` is wrapped by torch.compile or DDP.
     """
     require_module(model, "save_adapter")
@@ -75,7 +75,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     extra_modules.add_modules_to_save(model, tensors)
     tensors = own_storages(tensors)
     header = build_header(meta, tensors)
-    return atomic_write(file, lambda tmp: save_file(tensors, tmp, metadata=header), "save_adapter")
+    return atomic_write(file, lambda tmp: save_file_canonical(tensors, tmp, header), "save_adapter")
 
 
 def check_not_root(layers: dict) -> None:

@@ -88,9 +88,10 @@ class ActivationCapture:
     how the batch is padded. Without a mask every row is kept, pads included.
 
     Memory: X is a view of what autograd saves anyway; dY is extra, T x out per layer until the
-    decision. ``max_tokens`` keeps evenly spaced rows (of the real ones) per call (dY rows scaled
-    by T / kept, so G keeps its scale) to bound that on large models. The rows are fixed, not
-    random: G is approximated, not estimated without bias.
+    decision. ``max_tokens`` = m keeps evenly spaced rows (of the T real ones) per call, rows
+    ``floor(i (T - 1) / (m - 1))`` for i < m (dY rows scaled by T / m, so G keeps its scale), to
+    bound that on large models. The rows are fixed, not random: G is approximated, not estimated
+    without bias.
     """
 
     def __init__(self, layers: Mapping[str, torch.nn.Module], max_tokens: int | None = None):
@@ -157,7 +158,9 @@ class ActivationCapture:
             if kept == 0:  # only pads: nothing to learn from (as if the layer had not run)
                 return
             if self.max_tokens is not None and kept > self.max_tokens:
-                pick = torch.linspace(0, kept - 1, self.max_tokens, device=x.device).long()
+                # rows floor(i (kept - 1) / (m - 1)) in integers: a float linspace truncated to
+                # other rows under another default dtype or device (24.999... -> 24)
+                pick = torch.arange(self.max_tokens, device=x.device) * (kept - 1) // max(self.max_tokens - 1, 1)
                 rows, scale = (pick if rows is None else rows[pick]), kept / self.max_tokens
             if rows is not None:
                 x = x.index_select(0, rows)                                    # (kept, in)

@@ -43,7 +43,14 @@ def callback_state(allocator, importance, decisions: list[dict]) -> dict:
 
 
 def save_callback_state(folder: str | Path, state: dict) -> Path:
-    return atomic_write(Path(folder) / STATE_FILE, lambda tmp: torch.save(state, tmp))
+    return atomic_write(Path(folder) / STATE_FILE, lambda tmp: _save(state, tmp))
+
+
+def _save(state: dict, tmp: str) -> None:
+    # through a file object: given a path, torch.save names the archive's records after the file,
+    # here a temporary name holding the host and the process id, so the bytes differed per run
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
 
 
 def load_callback_state(folder: str | Path) -> dict:

@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
@@ -43,7 +44,8 @@ def _per_layer(value, name: str, what: str):
 def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_modules: str | list[str] | None = None,
                     capacity: int | Mapping[str, int] | None = None, alpha: float | None = None,
                     dropout: float | None = None, use_rslora: bool | None = None, modules_to_save=None,
-                    alpha_pattern: Mapping[str, float] | None = None, optimizer=None) -> nn.Module:
+                    alpha_pattern: Mapping[str, float] | None = None, optimizer=None,
+                    generator: torch.Generator | None = None) -> nn.Module:
     """Adapt ``model`` in place and return it.
 
     ``ranks`` is one int for every target, or ``{module_name: rank}`` naming the targets exactly
@@ -57,6 +59,11 @@ def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_mod
     then edit its state as ``set_rank(rank, optimizer=...)`` does (without it, a shrunk slot
     keeps its moments, drifts off zero under Adam, and hands them to a slot grown there later).
 
+    ``generator``: the new rows of A of the existing adapters that grow are drawn from it, in
+    target order (``set_rank(rank, generator=...)``): seeded, they are the same on every process
+    whatever torch's global generator holds (DDP), and that generator is left alone. None: they
+    come from torch's global generator. New layers are initialised as ``LoRAMBoLinear`` does.
+
     ``modules_to_save`` (peft semantics: names or name suffixes) stay trainable and are stored by
     ``save_adapter``. ``alpha_pattern`` sets alpha per layer like peft's (``{pattern: alpha}``,
     first matching key wins, ``alpha`` elsewhere); the scaling is fixed at construction.
@@ -67,6 +74,8 @@ def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_mod
     require_module(model, "configure_model")
     optimizer = optimizer_argument(optimizer, "configure_model")
     _check_settings_types(dropout, use_rslora)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"configure_model: generator must be a torch.Generator or None, got {generator!r:.60}")
     _check_no_lazy_parameters(model)
     _check_no_peft_modules(model)
     saved = resolve_modules_to_save(model, modules_to_save)
@@ -74,7 +83,7 @@ def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_mod
     check_not_targets(list(dict.fromkeys(recorded_modules_to_save(model) + saved)), names)  # earlier calls' too
     check_alpha_pattern(alpha_pattern, names)
     plan = _plan(model, names, ranks, capacity, alpha, dropout, use_rslora, alpha_pattern, optimizer)
-    _apply(model, plan, optimizer)
+    _apply(model, plan, optimizer, generator)
     keep_trainable(model, saved)
     if plan.new_layers:  # the call that adapts the model; a re-rank has been warned about already
         warn_frozen_heads(model)
@@ -206,13 +215,13 @@ def _check_settings_kept(module: LoRAMBoLinear, name: str, **requested) -> None:
                              "and configure the model again")
 
 
-def _apply(model: nn.Module, plan: _Plan, optimizer=None) -> None:
+def _apply(model: nn.Module, plan: _Plan, optimizer=None, generator=None) -> None:
     """Carry out a checked plan (nothing here can fail on valid input)."""
     for name, layer in plan.new_layers.items():
         _set_submodule(model, name, layer)
     for module, rank in plan.rank_changes.values():
         if rank != module.rank:
-            module.set_rank(rank, optimizer=optimizer)
+            module.set_rank(rank, optimizer=optimizer, generator=generator)
     record_frozen(model, plan.freeze)
     sync_fast_paths(model)
 

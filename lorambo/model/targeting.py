@@ -170,7 +170,9 @@ def find_targets(model: nn.Module, target_modules: str | list[str] | None) -> li
 
 
 def check_named_targets(model: nn.Module, names: Iterable[str]) -> list[str]:
-    """Exact dotted names (the keys of a ``{name: rank}`` dict), each an adaptable module."""
+    """Exact dotted names (the keys of a ``{name: rank}`` dict), each an adaptable module, in
+    model order: new layers draw their initialisation from torch's generator one after another,
+    so the dict's order (a sorted JSON file, say) must not decide which layer gets which rows."""
     modules, bypassed = _candidate_modules(model), bypassed_linears(model)
     out = []
     for name in names:
@@ -179,7 +181,8 @@ def check_named_targets(model: nn.Module, names: Iterable[str]) -> list[str]:
                              f"{_wrapper_hint(model, name, modules) or _closest(name, modules)}")
         _require_adaptable(name, modules[name], "is named in ranks", bypassed)
         out.append(name)
-    return out
+    position = {n: i for i, n in enumerate(modules)}
+    return sorted(out, key=position.__getitem__)
 
 
 def stacked_weight_modules(model: nn.Module) -> dict[str, str]:

@@ -27,12 +27,15 @@ from lorambo.ops.output_rows import rows_to_output
 
 
 def dropout_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """Inverted-dropout multiplier for ``x`` (0 or 1/(1-p)), a pure function of (seed, shape)."""
+    """Inverted-dropout multiplier for ``x`` (0 or 1/(1-p)), a pure function of (seed, shape,
+    device type)."""
     gen = None
     if x.device.type != "meta":  # meta tensors carry no values and have no generator
         gen = torch.Generator(device=x.device)
         gen.manual_seed(int(seed))
-    keep = torch.rand(x.shape, generator=gen, device=x.device) >= p
+    # float32 draws, not torch's default dtype: a default changed between the forward and the
+    # backward (which regenerates the mask) would drop other elements there
+    keep = torch.rand(x.shape, generator=gen, device=x.device, dtype=torch.float32) >= p
     return keep.to(x.dtype) / (1.0 - p)
 
 

@@ -6,6 +6,7 @@ import numbers
 from collections.abc import Iterable, Mapping
 
 import torch
+from torch.utils.data import DataLoader
 
 from lorambo.distributed import world_size
 
@@ -19,11 +20,19 @@ def as_batch_list(batches) -> list:
     Empty is a ValueError, except under a process group of two or more processes: there a process
     without batches adds nothing to the sums and counts the estimators reduce over processes (so
     the union of the batches is weighted as in one process), and the estimators raise on every
-    process when no process has any (:func:`check_some_batches`)."""
+    process when no process has any (:func:`check_some_batches`).
+
+    A ``DataLoader`` is read without moving torch's global CPU generator: each pass over one
+    draws a seed from it (its workers' base seed, and a shuffling sampler's), which would shift
+    the training run's dropout masks and data order after every measurement and rank decision."""
     if isinstance(batches, (torch.Tensor, Mapping, str, bytes)) or not isinstance(batches, Iterable):
         raise TypeError(f"batches must be an iterable of batches (e.g. a list), got "
                         f"{type(batches).__name__}; wrap a single batch as [batch]")
-    batches = list(batches)
+    if isinstance(batches, DataLoader):
+        with torch.random.fork_rng(devices=[]):
+            batches = list(batches)
+    else:  # a user's generator may draw its batches from the global generator on purpose
+        batches = list(batches)
     if not batches and world_size() <= 1:
         raise ValueError("no batches: `batches` is empty")
     return batches

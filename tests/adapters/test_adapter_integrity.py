@@ -254,7 +254,7 @@ def test_read_only_filesystem_shows_the_original_error(tmp_path, monkeypatch):
     def unlink_refused(self, missing_ok=False):
         raise OSError(errno.EROFS, "Read-only file system (cleanup)", str(self))
 
-    monkeypatch.setattr(io, "save_file", refuse)
+    monkeypatch.setattr(io, "save_file_canonical", refuse)
     monkeypatch.setattr(Path, "unlink", unlink_refused)
     with pytest.raises(OSError) as caught:
         save_adapter(trained(), target)

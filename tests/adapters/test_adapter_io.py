@@ -46,7 +46,7 @@ def test_write_is_atomic_and_leaves_no_temp_files(tmp_path, monkeypatch):
             handle.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(io, "save_file", broken)
+    monkeypatch.setattr(io, "save_file_canonical", broken)
     with pytest.raises(OSError, match="disk full"):
         save_adapter(src, target)
     assert target.read_bytes() == before

@@ -73,7 +73,7 @@ def test_a_failed_write_removes_the_folders_it_created(tmp_path, monkeypatch):
     def broken(tensors, path, metadata):
         raise OSError("disk full")
 
-    monkeypatch.setattr(io, "save_file", broken)
+    monkeypatch.setattr(io, "save_file_canonical", broken)
     with pytest.raises(OSError, match="disk full"):
         save_adapter(model, tmp_path / "run" / "new" / "adapter")
     assert _tree(tmp_path) == ["run"]

@@ -333,11 +333,33 @@ def test_capture_max_tokens_keeps_matching_rows_scaled():
     with cap:
         (layer(x) * w).sum().backward()
     ((xs, dys),) = cap.pairs("l")
-    rows = torch.linspace(0, 49, 10).long()
+    rows = [i * 49 // 9 for i in range(10)]
     assert torch.equal(xs, x.reshape(50, 4)[rows])
     torch.testing.assert_close(dys, w.reshape(50, 5)[rows] * 5.0, rtol=0, atol=0)
     with pytest.raises(ValueError, match="max_tokens=0"):
         ActivationCapture({"l": layer}, max_tokens=0)
+
+
+@pytest.mark.parametrize("default_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tokens,max_tokens", [(17, 15), (51, 23)])
+def test_capture_max_tokens_rows_do_not_depend_on_the_default_dtype(default_dtype, tokens, max_tokens):
+    # a float linspace truncated 24.999... to row 24 under float64 (51 tokens, 23 kept) and
+    # missed rows under float32 (17, 15): the decision depended on torch's default dtype
+    layer = lorambo.LoRAMBoLinear(nn.Linear(4, 5, dtype=DT), rank=1)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(tokens, 4, generator=g, dtype=DT)
+    cap = ActivationCapture({"l": layer}, max_tokens=max_tokens)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(default_dtype)
+    try:
+        with cap:
+            layer(x).sum().backward()
+    finally:
+        torch.set_default_dtype(old)
+    ((xs, dys),) = cap.pairs("l")
+    rows = [i * (tokens - 1) // (max_tokens - 1) for i in range(max_tokens)]
+    assert torch.equal(xs, x[rows])
+    assert torch.equal(dys, torch.full((max_tokens, 5), tokens / max_tokens, dtype=DT))
 
 
 def test_grown_rows_respond_to_inputs_like_kaiming_rows():

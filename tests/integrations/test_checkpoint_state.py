@@ -41,3 +41,17 @@ def test_missing_entries_are_named(tmp_path):
     torch.save({"version": 1, "ranks": {"a": 2}}, tmp_path / checkpoint.STATE_FILE)
     with pytest.raises(ValueError, match=r"lorambo trainer state without \['decisions'\]"):
         checkpoint.load_callback_state(tmp_path)
+
+
+def test_the_same_state_gives_the_same_bytes_in_another_process(tmp_path, monkeypatch):
+    """torch.save given the temporary path named the archive's records after it (host, process
+    id): the same state saved by another process (a rerun) had other bytes."""
+    import os
+
+    state = dict(STATE, importance={"steps": torch.arange(3.0)})
+    first = checkpoint.save_callback_state(tmp_path / "run0", state).read_bytes()
+    monkeypatch.setattr(os, "getpid", lambda: 4242)  # a rerun: another process id
+    second = checkpoint.save_callback_state(tmp_path / "run1", state).read_bytes()
+    assert second == first
+    loaded = checkpoint.load_callback_state(tmp_path / "run1")
+    assert loaded["decisions"] == STATE["decisions"] and torch.equal(loaded["importance"]["steps"], torch.arange(3.0))

@@ -177,3 +177,22 @@ def test_target_modules_and_modules_to_save_of_the_wrong_type(mlp, kwargs, messa
     with pytest.raises(TypeError, match=message):
         configure_model(mlp, 2, **kwargs)
     assert not lora_layers(mlp) and all(p.requires_grad for p in mlp.parameters())
+
+
+def test_a_ranks_dict_in_another_order_gives_the_same_adapters():
+    """New layers draw A from torch's generator one after another: in the dict's order, a ranks
+    dict read back sorted (a JSON file) gave each layer another layer's rows."""
+    def built(names):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 7), nn.ReLU(), nn.Linear(7, 5), nn.ReLU(), nn.Linear(5, 4))
+        torch.manual_seed(1)
+        return configure_model(model, {n: 2 for n in names})
+
+    in_order, reversed_order = built(["0", "2", "4"]), built(["4", "2", "0"])
+    assert list(lora_layers(reversed_order)) == ["0", "2", "4"]
+    bases = [nn.Linear(i, o) for i, o in ((6, 7), (7, 5), (5, 4))]
+    torch.manual_seed(1)  # the model-order draw: one new layer after another
+    want = [LoRAMBoLinear(base, rank=2).lora_A for base in bases]
+    for (name, got), (_, ref), a in zip(lora_layers(reversed_order).items(), lora_layers(in_order).items(), want,
+                                        strict=True):
+        assert torch.equal(got.lora_A, ref.lora_A) and torch.equal(got.lora_A, a), name

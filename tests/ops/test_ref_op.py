@@ -78,6 +78,30 @@ def test_dropout_uses_the_same_mask_in_forward_and_backward():
     assert not torch.allclose(other, y)
 
 
+@pytest.mark.parametrize("forward_dtype,backward_dtype", [(torch.float64, torch.float32),
+                                                           (torch.float32, torch.float64)])
+def test_dropout_mask_does_not_follow_the_default_dtype(forward_dtype, backward_dtype):
+    # the mask was drawn in torch's default dtype: another default gave another mask, and a
+    # default changed between forward and backward gave gradients of another mask than the output's
+    torch.manual_seed(3)
+    x, w, bvec, a, b = make(6, 9, 5, 4)
+    p, seed = 0.5, 1234
+    mask = dropout_mask(x.detach(), p, seed)  # under the default float32
+    old = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(forward_dtype)
+        y = lora_linear_reference(x, w, bvec, a, b, 3, 0.8, p, seed)
+        torch.set_default_dtype(backward_dtype)
+        gy = torch.randn(y.shape, dtype=torch.float64)
+        got = torch.autograd.grad(y, (x, w, bvec, a, b), gy)
+    finally:
+        torch.set_default_dtype(old)
+    y_ref = oracle(x, w, bvec, a, b, 3, 0.8, mask)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    for g, r in zip(got, torch.autograd.grad(y_ref, (x, w, bvec, a, b), gy)):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+
+
 def test_dropout_without_seed_is_rejected():
     x, w, bvec, a, b = make(2, 4, 3, 2)
     with pytest.raises(ValueError, match="seed"):
