@@ -45,8 +45,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     ``adapter.safetensors`` (created if needed); returns the file written.
 
     The write is atomic (a temporary file, then a rename) and every tensor and the settings get
-    a checksum that :func:`load_adapter` verifies. The same adapter gives the same bytes. Layers are named as in the plain model, also
-    when ``model`` is wrapped by torch.compile or DDP.
+    a checksum that :func:`load_adapter` verifies. The same adapter gives the same bytes. Layers
+    are named as in the plain model, also when ``model`` is wrapped by torch.compile or DDP.
     """
     require_module(model, "save_adapter")
     require_path(path, "save_adapter")
