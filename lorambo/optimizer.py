@@ -239,7 +239,6 @@ class LoRAMBoOptimizer:
         With "hessian" and "gradient", targets that get no gradient from the loss on the first
         batch (e.g. BERT's pooler under a loss on the hidden states) are dropped from
         ``names`` with a RuntimeWarning: no budget is spent on them."""
-        from lorambo import sensitivity as sens
         from lorambo.sensitivity.inputs import as_batch_list
         from lorambo.sensitivity.simple import unreached_targets
 
@@ -255,13 +254,32 @@ class LoRAMBoOptimizer:
                                                   "LoRAMBoOptimizer.compute_sensitivities")
             self._skip_unreached(_unreached_everywhere(self.names, unreached, batches, failure))
         names = self.names
+        # process 0's scores on every process: the last bits of an SVD, einsum or sum can differ
+        # between machines, and a rank decided from them must not (docs/architecture.md)
+        failure = SharedFailure("LoRAMBoOptimizer.compute_sensitivities", settings={"targets": names, "method": method})
+        local = torch.zeros(len(names), dtype=torch.float64)
+        with failure:
+            measured = self._measure(method, names, batches, loss_fn)
+            local = torch.tensor([float(measured[n]) for n in names], dtype=torch.float64)
+        values = dict(zip(names, failure.broadcast_and_check(local)))
+        for n, v in values.items():
+            if not math.isfinite(v):
+                raise ValueError(f"{method} sensitivity of layer {n!r} is {v!r} (not finite): check the "
+                                 "loss on these batches")
+        self.sensitivities = {n: max(float(values[n]), 0.0) for n in names}
+        return dict(self.sensitivities)
+
+    def _measure(self, method: str, names: list[str], batches, loss_fn) -> dict[str, float]:
+        """This process's ``{name: score}`` by ``method`` (see :meth:`compute_sensitivities`)."""
+        from lorambo import sensitivity as sens
+
         if method == "hessian":
             est = sens.hessian_trace(self.model, loss_fn, batches, modules=names,
                                      num_probes=self.num_probes, seed=self.seed)
             values = {n: e.value for n, e in est.items()}
             negative = {n: v for n, v in values.items() if v < 0}
             if negative:  # curvature of a non-convex loss, or probe noise: no rank is owed
-                warnings.warn(f"negative Hessian trace estimates set to 0: {negative}", RuntimeWarning, stacklevel=2)
+                warnings.warn(f"negative Hessian trace estimates set to 0: {negative}", RuntimeWarning, stacklevel=3)
         elif method == "gradient":
             values = sens.gradient_sensitivity(self.model, loss_fn, batches, modules=names)
         elif method == "data":
@@ -282,12 +300,7 @@ class LoRAMBoOptimizer:
                 raise ValueError(f"sensitivity_method='ablation': the adapters of {names[:4]} are untrained (B A = "
                                  "0), so removing a component changes no loss and every score is 0; train them "
                                  "first, or measure with another sensitivity_method ('hessian', 'gradient', ...)")
-        for n, v in values.items():
-            if not math.isfinite(v):
-                raise ValueError(f"{method} sensitivity of layer {n!r} is {v!r} (not finite): check the "
-                                 "loss on these batches")
-        self.sensitivities = {n: max(float(values[n]), 0.0) for n in names}
-        return dict(self.sensitivities)
+        return values
 
     def _skip_unreached(self, unreached: list[str]) -> None:
         """Leave out targets the loss never reaches: they would take budget and learn nothing."""
@@ -336,9 +349,17 @@ class LoRAMBoOptimizer:
                                           for n in self.names}
         if method == "data_weighted" and "tail_energies" not in allocate_kwargs:
             allocate_kwargs["tail_energies"] = self._tails(batches, loss_fn, caps, uppers)
-        self.ranks = allocate(self.dims, sensitivities, self.initial_budget, method=method,
-                              min_rank=self.min_rank, max_rank=self.max_rank, capacities=caps or None,
-                              **allocate_kwargs)
+        # process 0's ranks on every process: spectra, tails and the allocation's float sums may
+        # differ in their last bits between machines, and the pools built from the ranks must not
+        failure = SharedFailure("LoRAMBoOptimizer.compute_optimal_ranks", settings={
+            "targets": self.names, "method": method, "budget": self.initial_budget, "min_rank": self.min_rank,
+            "max_rank": self.max_rank, "capacities": caps})
+        local = torch.zeros(len(self.names), dtype=torch.float64)
+        with failure:
+            ranks = allocate(self.dims, sensitivities, self.initial_budget, method=method, min_rank=self.min_rank,
+                             max_rank=self.max_rank, capacities=caps or None, **allocate_kwargs)
+            local = torch.tensor([float(ranks[n]) for n in self.names], dtype=torch.float64)
+        self.ranks = {n: int(r) for n, r in zip(self.names, failure.broadcast_and_check(local))}
         self.capacities = self.plan_capacities(self.ranks)
         self.memory_report = self.pool_memory(self.capacities)
         return dict(self.ranks)
