@@ -29,7 +29,7 @@ from lorambo.nn.frozen_bases import note_frozen
 from lorambo.nn.optimizer_argument import optimizer_argument
 from lorambo.nn.optimizer_state import (check_slot_state_editable, gather_slot_state, reset_slot_state,
                                         warn_if_shared_step)
-from lorambo.nn.optimizer_tracking import track_optimizers, warn_if_state_left_behind
+from lorambo.nn.optimizer_tracking import LOAD_IT, track_optimizers, warn_if_state_left_behind
 from lorambo.nn.merge_overflow import finite_merge, merge_may_overflow
 from lorambo.nn.plain_keys import plain_keys_to_base_layer
 from lorambo.nn.shared_memory import share_memory
@@ -141,7 +141,9 @@ def _cover_slots_past_rank(module: "LoRAMBoLinear", state_dict, prefix: str, *ar
                              f"zero those slots in the state_dict to load the rank-{rank} adapter it computes")
         last = max(last, past)
     if not saved and last > module.rank:
+        old = module.rank
         module._set_active_rank(last)
+        warn_if_state_left_behind(module, None, f"rank changed {old} -> {last} by load_state_dict", LOAD_IT)
     if any(prefix + name in state_dict for name in _POOL_DIMS):
         restart_ids(module)  # new components (set_extra_state restarts them at the loaded rank)
 
@@ -711,7 +713,10 @@ class LoRAMBoLinear(nn.Module):
         rank, settings = self._parse_extra_state(state)
         if self.merged:
             raise RuntimeError(f"{self._label}: unmerge() before loading a state_dict")
+        old = self._rank
         self._set_active_rank(rank)
+        if rank != old:
+            warn_if_state_left_behind(self, None, f"rank changed {old} -> {rank} by load_state_dict", LOAD_IT)
         if settings is not None:
             self.scaling, self.alpha, self.use_rslora = settings
         self.zero_inactive_()  # keep the invariant (a load refuses non-zero values there, a plain call does not)
