@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lorambo.nn import base_layers
-from lorambo.nn.fresh_momentum import move_new_slots
+from lorambo.nn.fresh_momentum import move_new_slots, restore_new_slots
 from lorambo.nn.frozen_bases import note_frozen
 from lorambo.nn.optimizer_argument import optimizer_argument
 from lorambo.nn.optimizer_state import (check_slot_state_editable, gather_slot_state, reset_slot_state,
@@ -259,6 +259,7 @@ class LoRAMBoLinear(nn.Module):
         super().__setstate__(state)
         self.__dict__.setdefault("_slot_edits", 0)  # a layer pickled before the count existed
         self._tag_pools()  # deepcopy / unpickling rebuilds the Parameters without their tags
+        restore_new_slots(self)  # ... and without the SGD records of slots not stepped yet
         # unpickled in another process (torch.load of a whole model, a model handed to mp.spawn),
         # where no __init__ ran: install the process-wide optimizer hooks a new layer installs
         track_optimizers()
