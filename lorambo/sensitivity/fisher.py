@@ -146,7 +146,6 @@ class FisherProxy:
         self.sketch_dim = None if sketch_dim is None else int(sketch_dim)
         self._seed = seed
         self.grad_scaler = grad_scaler
-        self._generators: dict = {}
         self.targets = find_targets(model, modules)
         self._model = model
         self._example_weights = ExampleWeights(token_mask) if reduction == "token_mean" else None
@@ -154,7 +153,9 @@ class FisherProxy:
         self.reset()
 
     def reset(self) -> None:
-        """Forget everything gathered so far."""
+        """Forget everything gathered so far, and restart the sketch probes from ``seed``: a
+        reset proxy measures as a new one does (the same batches give the same estimates)."""
+        self._generators: dict = {}
         self._sum: dict[str, torch.Tensor] = {}
         self._sum_sq: dict[str, torch.Tensor] = {}
         self._count: dict[str, int] = {t.name: 0 for t in self.targets}

@@ -230,3 +230,26 @@ def test_traces_under_a_grad_scaler_equal_the_unscaled_ones():
         assert 2.0 ** 20 < unscaled[name].value / scaled[name].value < 2.0 ** 22
     with pytest.raises(TypeError, match="grad_scaler must be a torch.amp.GradScaler, got float"):
         FisherProxy(model, grad_scaler=1024.0)
+
+
+def test_a_reset_sketched_proxy_measures_as_a_new_one():
+    """reset() kept the probe generator running: the same batches measured again after a reset
+    gave another sketched estimate than a new proxy (with the same seed) gives."""
+    torch.manual_seed(0)
+    model = TokenNet(5, 7, 3).double()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 6, 5, generator=g, dtype=torch.float64),
+                torch.randn(4, 6, 3, generator=g, dtype=torch.float64)) for _ in range(2)]
+
+    def measure(fisher):
+        with fisher:
+            for x, y in batches:
+                example_losses(model, x, y).mean().backward()
+        return {n: (e.value, e.stderr, e.num_probes) for n, e in fisher.estimates().items()}
+
+    fresh = measure(FisherProxy(model, sketch_dim=2, seed=4))
+    assert measure(FisherProxy(model, sketch_dim=2, seed=5)) != fresh  # the estimate depends on the probes
+    proxy = FisherProxy(model, sketch_dim=2, seed=4)
+    assert measure(proxy) == fresh
+    proxy.reset()
+    assert measure(proxy) == fresh
