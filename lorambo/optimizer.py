@@ -55,6 +55,7 @@ from lorambo.model.argument import require_module
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import LoRAMBoLinear
 from lorambo.nn.base_layers import base_kind, features, weight_out_in
+from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from lorambo.nn.lora_linear import check_growth_factor
 from lorambo.nn.optimizer_argument import skips_this_step, wrapper_grad_scaler
 from lorambo.sensitivity.token_mask import batch_token_mask, check_token_mask
@@ -170,9 +171,9 @@ class LoRAMBoOptimizer:
             raise ValueError(f"min_rank={min_rank} > max_rank={max_rank}")
         # used only by configure(), after a measurement that may take minutes: check it now
         if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
-                                  or not math.isfinite(alpha) or alpha == 0):
-            raise ValueError(f"LoRAMBoOptimizer: alpha={alpha!r} must be a finite nonzero number, or None (each "
-                             "layer's rank)")
+                                  or not is_finite_number(alpha) or alpha == 0):
+            raise ValueError(f"LoRAMBoOptimizer: alpha={shown_number(alpha)} must be a finite nonzero number, or None "
+                             "(each layer's rank)")
         check_growth_factor(growth_factor, "LoRAMBoOptimizer")
         # the online settings are used at the first decision step, maybe hours in: check them now
         check_growth_settings(loss_improvement_threshold, sketch_rank, power_iters,
@@ -227,8 +228,8 @@ class LoRAMBoOptimizer:
         return names, dims, dtypes
 
     def _check_budget(self, budget, what: str) -> int:
-        if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not math.isfinite(budget):
-            raise ValueError(f"{what}={budget!r} must be a finite number of parameters")
+        if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not is_finite_number(budget):
+            raise ValueError(f"{what}={shown_number(budget)} must be a finite number of parameters")
         cheapest = min(self.names, key=self.costs.__getitem__)
         if budget < self.costs[cheapest]:
             raise ValueError(f"{what}={budget!r} is below the cost of one rank in the cheapest "

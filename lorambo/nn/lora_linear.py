@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lorambo.nn import base_layers
+from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from lorambo.nn.fresh_momentum import move_new_slots, restore_new_slots
 from lorambo.nn.frozen_bases import note_frozen
 from lorambo.nn.optimizer_argument import optimizer_argument
@@ -210,6 +211,12 @@ class LoRAMBoLinear(nn.Module):
             raise TypeError(f"{self._label}: dropout must be a number in [0, 1), got {dropout!r}")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"{self._label}: dropout {dropout} must be in [0, 1)")
+        dtype = base.weight.dtype
+        if not torch.isfinite(torch.tensor(1.0 / (1.0 - float(dropout)), dtype=dtype, device="cpu")):
+            # kept elements are scaled by 1 / (1 - p) in the layer's dtype: inf there
+            raise ValueError(f"{self._label}: dropout {dropout} scales the kept inputs by 1 / (1 - p) = "
+                             f"{1.0 / (1.0 - float(dropout)):.4g}, which overflows the layer's {dtype}; give a "
+                             "smaller dropout")
         self.dropout = float(dropout)
         if not isinstance(use_rslora, bool):  # "false" from a config file is truthy: it would switch rsLoRA on
             raise TypeError(f"{self._label}: use_rslora must be True or False, got {use_rslora!r}")
@@ -222,6 +229,12 @@ class LoRAMBoLinear(nn.Module):
         if self.scaling == 0.0:  # B A would be multiplied by 0 in the forward and in every gradient
             raise ValueError(f"{self._label}: scaling is 0 (alpha={self.alpha!r}), so the adapter would add nothing "
                              "and its pools would never get a gradient; give a nonzero alpha (default: the rank)")
+        in_dtype = float(torch.tensor(self.scaling, dtype=dtype, device="cpu"))  # not the default device: meta
+        if in_dtype == 0.0 or not math.isfinite(in_dtype):  # the ops multiply by it in the layer's dtype
+            raise ValueError(f"{self._label}: scaling {self.scaling!r} (alpha={self.alpha!r}) is {in_dtype} in the "
+                             f"layer's {dtype}, so the adapter would add {'nothing' if in_dtype == 0.0 else 'inf'}; "
+                             f"give an alpha whose scaling (alpha / rank, alpha / sqrt(rank) with rsLoRA) is a "
+                             f"nonzero finite {dtype} number")
         for param in base.parameters():
             param.requires_grad_(False)
         note_frozen(base.parameters())  # an optimizer that steps only these trains nothing: warn then
@@ -305,8 +318,8 @@ class LoRAMBoLinear(nn.Module):
         return int(value)
 
     def _check_finite(self, what: str, value) -> float:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-            raise ValueError(f"{self._label}: {what} must be a finite number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not is_finite_number(value):
+            raise ValueError(f"{self._label}: {what} must be a finite number, got {shown_number(value)}")
         return float(value)
 
     def _check_rank_value(self, rank: int) -> None:
