@@ -231,6 +231,15 @@ class SharedFailure:
         self.raise_if_any(summed[-3:])
         return summed[:-3]
 
+    def broadcast_and_check(self, values: torch.Tensor) -> list[float]:
+        """Process 0's ``values`` (1-D float64) on every process, as Python floats, by the
+        all-reduce that also carries :meth:`status`: the other processes add zeros, and x + 0 is
+        x exactly. Raises first, as :meth:`raise_if_any` does, so a process that failed may pass
+        any values of the right length."""
+        if process_rank() != 0:
+            values = torch.zeros_like(values)
+        return self.sum_and_check(values)
+
     def check(self) -> None:
         """:meth:`raise_if_any` after a collective of its own (one small all-reduce)."""
         if world_size() > 1:

@@ -52,8 +52,10 @@ from lorambo.allocation.schedule import DecisionSchedule, ScheduledGrowth
 from lorambo.distributed import SharedFailure, decision_generator, is_main_process
 from lorambo.model import configure_model, find_targets, lora_layers
 from lorambo.model.argument import require_module
+from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import LoRAMBoLinear
 from lorambo.nn.base_layers import base_kind, features, weight_out_in
+from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from lorambo.nn.lora_linear import check_growth_factor
 from lorambo.nn.optimizer_argument import skips_this_step, wrapper_grad_scaler
 from lorambo.sensitivity.token_mask import batch_token_mask, check_token_mask
@@ -107,7 +109,9 @@ class LoRAMBoOptimizer:
 
     Args:
         model: a plain model (targets: ``target_modules``, peft semantics) or one with
-            LoRAMBoLinear layers (targets: those layers, whose capacities are then fixed).
+            LoRAMBoLinear layers (targets: those layers, whose capacities are then fixed). Under
+            torch.compile / DDP wrappers, layers are named as in the plain model (no
+            ``_orig_mod.`` / ``module.``) and measured on it; :meth:`configure` returns ``model``.
         total_budget: the most LoRA parameters ``sum_i r_i (d_i + k_i)``, online growth included.
         target_modules: as in :func:`lorambo.configure_model`; None: the model's LoRAMBoLinear
             layers if it has any, else peft's all-linear (without poolers).
@@ -167,9 +171,9 @@ class LoRAMBoOptimizer:
             raise ValueError(f"min_rank={min_rank} > max_rank={max_rank}")
         # used only by configure(), after a measurement that may take minutes: check it now
         if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
-                                  or not math.isfinite(alpha) or alpha == 0):
-            raise ValueError(f"LoRAMBoOptimizer: alpha={alpha!r} must be a finite nonzero number, or None (each "
-                             "layer's rank)")
+                                  or not is_finite_number(alpha) or alpha == 0):
+            raise ValueError(f"LoRAMBoOptimizer: alpha={shown_number(alpha)} must be a finite nonzero number, or None "
+                             "(each layer's rank)")
         check_growth_factor(growth_factor, "LoRAMBoOptimizer")
         # the online settings are used at the first decision step, maybe hours in: check them now
         check_growth_settings(loss_improvement_threshold, sketch_rank, power_iters,
@@ -178,6 +182,10 @@ class LoRAMBoOptimizer:
         self.token_mask = token_mask
         self.schedule = DecisionSchedule(warmup_steps, interval, stop_step)
         self.model, self.sensitivity_method, self.allocation = model, sensitivity_method, allocation
+        # layers are named, found and measured in the model under its torch.compile / DDP
+        # wrappers, so names (ranks, decisions, state_dict) are the plain model's and a state
+        # saved with the wrapper loads without it, and the other way round
+        self.plain_model = unwrap_model(model)
         self.min_rank, self.max_rank, self.growth_factor = int(min_rank), max_rank, float(growth_factor)
         self.alpha, self.num_probes, self.seed, self.verbose = alpha, num_probes, int(seed), verbose
         self.threshold = float(loss_improvement_threshold)
@@ -193,7 +201,7 @@ class LoRAMBoOptimizer:
             self._check_budget(initial_budget, "initial_budget")
         if self.initial_budget > self.total_budget:
             raise ValueError(f"initial_budget={initial_budget!r} exceeds total_budget={total_budget!r}")
-        existing = {n: m.capacity for n, m in lora_layers(self.model).items()}
+        existing = {n: m.capacity for n, m in lora_layers(self.plain_model).items()}
         self.user_capacity = pools.fixed_capacities(existing, capacity, self.dims, self.min_rank)
         self.sensitivities: dict[str, float] | None = None
         self.ranks: dict[str, int] | None = None
@@ -206,11 +214,12 @@ class LoRAMBoOptimizer:
 
     # ------------------------------------------------------------------------ validation
     def _find_targets(self, target_modules):
-        existing = lora_layers(self.model)
-        names = list(existing) if target_modules is None and existing else find_targets(self.model, target_modules)
+        existing = lora_layers(self.plain_model)
+        names = (list(existing) if target_modules is None and existing
+                 else find_targets(self.plain_model, target_modules))
         dims, dtypes = {}, {}
         for n in names:
-            m = self.model.get_submodule(n)
+            m = self.plain_model.get_submodule(n)
             if isinstance(m, LoRAMBoLinear):
                 dims[n], dtypes[n] = (m.out_features, m.in_features), m.lora_A.dtype
             else:
@@ -219,8 +228,8 @@ class LoRAMBoOptimizer:
         return names, dims, dtypes
 
     def _check_budget(self, budget, what: str) -> int:
-        if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not math.isfinite(budget):
-            raise ValueError(f"{what}={budget!r} must be a finite number of parameters")
+        if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not is_finite_number(budget):
+            raise ValueError(f"{what}={shown_number(budget)} must be a finite number of parameters")
         cheapest = min(self.names, key=self.costs.__getitem__)
         if budget < self.costs[cheapest]:
             raise ValueError(f"{what}={budget!r} is below the cost of one rank in the cheapest "
@@ -239,7 +248,6 @@ class LoRAMBoOptimizer:
         With "hessian" and "gradient", targets that get no gradient from the loss on the first
         batch (e.g. BERT's pooler under a loss on the hidden states) are dropped from
         ``names`` with a RuntimeWarning: no budget is spent on them."""
-        from lorambo import sensitivity as sens
         from lorambo.sensitivity.inputs import as_batch_list
         from lorambo.sensitivity.simple import unreached_targets
 
@@ -251,21 +259,41 @@ class LoRAMBoOptimizer:
             unreached = list(self.names)  # a process without batches reaches none of them
             with failure:
                 if batches:
-                    unreached = unreached_targets(self.model, loss_fn, batches[0], self.names,
+                    unreached = unreached_targets(self.plain_model, loss_fn, batches[0], self.names,
                                                   "LoRAMBoOptimizer.compute_sensitivities")
             self._skip_unreached(_unreached_everywhere(self.names, unreached, batches, failure))
         names = self.names
+        # process 0's scores on every process: the last bits of an SVD, einsum or sum can differ
+        # between machines, and a rank decided from them must not (docs/architecture.md)
+        failure = SharedFailure("LoRAMBoOptimizer.compute_sensitivities", settings={"targets": names, "method": method})
+        local = torch.zeros(len(names), dtype=torch.float64)
+        with failure:
+            measured = self._measure(method, names, batches, loss_fn)
+            local = torch.tensor([float(measured[n]) for n in names], dtype=torch.float64)
+        values = dict(zip(names, failure.broadcast_and_check(local)))
+        for n, v in values.items():
+            if not math.isfinite(v):
+                raise ValueError(f"{method} sensitivity of layer {n!r} is {v!r} (not finite): check the "
+                                 "loss on these batches")
+        self.sensitivities = {n: max(float(values[n]), 0.0) for n in names}
+        return dict(self.sensitivities)
+
+    def _measure(self, method: str, names: list[str], batches, loss_fn) -> dict[str, float]:
+        """This process's ``{name: score}`` by ``method`` (see :meth:`compute_sensitivities`)."""
+        from lorambo import sensitivity as sens
+
         if method == "hessian":
-            est = sens.hessian_trace(self.model, loss_fn, batches, modules=names,
+            est = sens.hessian_trace(self.plain_model, loss_fn, batches, modules=names,
                                      num_probes=self.num_probes, seed=self.seed)
             values = {n: e.value for n, e in est.items()}
             negative = {n: v for n, v in values.items() if v < 0}
             if negative:  # curvature of a non-convex loss, or probe noise: no rank is owed
-                warnings.warn(f"negative Hessian trace estimates set to 0: {negative}", RuntimeWarning, stacklevel=2)
+                warnings.warn(f"negative Hessian trace estimates set to 0: {negative}", RuntimeWarning, stacklevel=3)
         elif method == "gradient":
-            values = sens.gradient_sensitivity(self.model, loss_fn, batches, modules=names)
+            values = sens.gradient_sensitivity(self.plain_model, loss_fn, batches, modules=names)
         elif method == "data":
-            cov = sens.data_covariance(self.model, loss_fn, batches, modules=names, token_mask=self.token_mask)
+            cov = sens.data_covariance(self.plain_model, loss_fn, batches, modules=names,
+                                       token_mask=self.token_mask)
             values = {}
             for n in names:  # Tr(W G W^T) = E ||W x||^2
                 w = self._weight(n)
@@ -275,19 +303,14 @@ class LoRAMBoOptimizer:
         else:
             from lorambo.sensitivity.ablation import ablation_scores
 
-            scores = ablation_scores(self.model, loss_fn, batches, modules=names)
+            scores = ablation_scores(self.plain_model, loss_fn, batches, modules=names)
             values = {n: float(a.score.clamp_min(0).sum()) for n, a in scores.items()}
-            untrained = [n for n in names if not self.model.get_submodule(n).delta_weight().any()]
+            untrained = [n for n in names if not self.plain_model.get_submodule(n).delta_weight().any()]
             if untrained == names:  # every score is 0 then, and the allocation 0/0
                 raise ValueError(f"sensitivity_method='ablation': the adapters of {names[:4]} are untrained (B A = "
                                  "0), so removing a component changes no loss and every score is 0; train them "
                                  "first, or measure with another sensitivity_method ('hessian', 'gradient', ...)")
-        for n, v in values.items():
-            if not math.isfinite(v):
-                raise ValueError(f"{method} sensitivity of layer {n!r} is {v!r} (not finite): check the "
-                                 "loss on these batches")
-        self.sensitivities = {n: max(float(values[n]), 0.0) for n in names}
-        return dict(self.sensitivities)
+        return values
 
     def _skip_unreached(self, unreached: list[str]) -> None:
         """Leave out targets the loss never reaches: they would take budget and learn nothing."""
@@ -306,7 +329,7 @@ class LoRAMBoOptimizer:
                 table.pop(n, None)
 
     def _weight(self, name) -> torch.Tensor:
-        m = self.model.get_submodule(name)
+        m = self.plain_model.get_submodule(name)
         w = m.weight if isinstance(m, LoRAMBoLinear) else weight_out_in(m, base_kind(m))
         return w.detach().double()
 
@@ -336,9 +359,17 @@ class LoRAMBoOptimizer:
                                           for n in self.names}
         if method == "data_weighted" and "tail_energies" not in allocate_kwargs:
             allocate_kwargs["tail_energies"] = self._tails(batches, loss_fn, caps, uppers)
-        self.ranks = allocate(self.dims, sensitivities, self.initial_budget, method=method,
-                              min_rank=self.min_rank, max_rank=self.max_rank, capacities=caps or None,
-                              **allocate_kwargs)
+        # process 0's ranks on every process: spectra, tails and the allocation's float sums may
+        # differ in their last bits between machines, and the pools built from the ranks must not
+        failure = SharedFailure("LoRAMBoOptimizer.compute_optimal_ranks", settings={
+            "targets": self.names, "method": method, "budget": self.initial_budget, "min_rank": self.min_rank,
+            "max_rank": self.max_rank, "capacities": caps})
+        local = torch.zeros(len(self.names), dtype=torch.float64)
+        with failure:
+            ranks = allocate(self.dims, sensitivities, self.initial_budget, method=method, min_rank=self.min_rank,
+                             max_rank=self.max_rank, capacities=caps or None, **allocate_kwargs)
+            local = torch.tensor([float(ranks[n]) for n in self.names], dtype=torch.float64)
+        self.ranks = {n: int(r) for n, r in zip(self.names, failure.broadcast_and_check(local))}
         self.capacities = self.plan_capacities(self.ranks)
         self.memory_report = self.pool_memory(self.capacities)
         return dict(self.ranks)
@@ -348,7 +379,7 @@ class LoRAMBoOptimizer:
 
         if batches is None or loss_fn is None:
             raise ValueError("allocation='data_weighted' needs batches and loss_fn (input covariances)")
-        cov = data_covariance(self.model, loss_fn, batches, modules=self.names, token_mask=self.token_mask)
+        cov = data_covariance(self.plain_model, loss_fn, batches, modules=self.names, token_mask=self.token_mask)
         return {n: data_weighted_tail_energy(self._weight(n), cov[n],
                                              min(caps.get(n, uppers[n]), uppers[n])).cpu().numpy()
                 for n in self.names}
@@ -361,7 +392,7 @@ class LoRAMBoOptimizer:
     def _fixed_capacities(self) -> dict[str, int]:
         """The capacities planning keeps: the user's, and those of targets that are LoRAMBoLinear
         now (also the ones :meth:`configure` built after construction: their pools cannot resize)."""
-        built = {n: m.capacity for n, m in lora_layers(self.model).items() if n in self.dims}
+        built = {n: m.capacity for n, m in lora_layers(self.plain_model).items() if n in self.dims}
         return {**self.user_capacity, **built}
 
     def pool_memory(self, capacities: Mapping[str, int]) -> dict:
@@ -384,12 +415,13 @@ class LoRAMBoOptimizer:
         optimizer = optimizer if optimizer is not None else self.default_optimizer
         # existing adapters that grow get rows seeded by ``seed``, like every other growth: the same
         # on every process, the global generator untouched (docs/architecture.md)
-        return configure_model(self.model, ranks, capacity=caps, alpha=self.alpha, dropout=dropout,
-                               optimizer=optimizer, generator=decision_generator(self.seed, "configure"))
+        configure_model(self.plain_model, ranks, capacity=caps, alpha=self.alpha, dropout=dropout,
+                        optimizer=optimizer, generator=decision_generator(self.seed, "configure"))
+        return self.model
 
     # ---------------------------------------------------------------------------- online
     def layers(self) -> dict[str, LoRAMBoLinear]:
-        found = lora_layers(self.model)
+        found = lora_layers(self.plain_model)
         missing = [n for n in self.names if n not in found]
         if missing:
             raise RuntimeError(f"layers {missing[:4]} are not LoRAMBoLinear yet: configure the model first")
@@ -424,8 +456,8 @@ class LoRAMBoOptimizer:
             raise ValueError("rank moves need component_scores or heldout_batches + loss_fn")
         from lorambo.sensitivity.ablation import ablation_scores
 
-        return {n: a.score for n, a in ablation_scores(self.model, self.loss_fn, self.heldout_batches,
-                                                      self.names).items()}
+        return {n: a.score for n, a in ablation_scores(self.plain_model, self.loss_fn, self.heldout_batches,
+                                                       self.names).items()}
 
     # the decision schedule's settings (fixed at construction)
     warmup_steps = property(lambda self: self.schedule.warmup_steps)
@@ -501,7 +533,7 @@ class LoRAMBoOptimizer:
     def alora_schedule(self) -> ALoRA:
         """The ALoRA rounds of ``allocation="alora"``, built on first use (the layers must exist)."""
         if self._alora is None:
-            self._alora = ALoRA(self.model, self.layers(), self.loss_fn, self.heldout_batches,
+            self._alora = ALoRA(self.plain_model, self.layers(), self.loss_fn, self.heldout_batches,
                                 self.alora_config, self.total_budget, self.seed, self.log,
                                 self.min_rank, self.max_rank)
         return self._alora
@@ -520,7 +552,7 @@ class LoRAMBoOptimizer:
         whose state :meth:`step` / :meth:`update_ranks` edit when they are given none."""
         from lorambo.optim import AdamW
 
-        if not lora_layers(self.model):  # configure() would then freeze all it holds and add pools it lacks
+        if not lora_layers(self.plain_model):  # configure() would then freeze all it holds and add pools it lacks
             raise RuntimeError(f"make_optimizer: {type(self.model).__name__} has no LoRAMBoLinear layers yet, so "
                                "the optimizer would hold the whole model's weights, which configure() then "
                                "freezes, and none of the adapters; call configure() (after "
@@ -559,7 +591,7 @@ class LoRAMBoOptimizer:
         return {n: m.rank for n, m in self.layers().items()}
 
     def rank_table(self) -> str:
-        return rank_table(self.model)
+        return rank_table(self.plain_model)
 
     def save_heatmap(self, path, title: str = "LoRA rank per layer"):
         return save_heatmap(self.current_ranks(), path, title)

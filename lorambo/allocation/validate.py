@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from lorambo.nn.finite_numbers import shown_number
 from lorambo.sensitivity.estimate import Estimate
 
 # Relative slack for "non-increasing" checks on float curves: singular values and tail energies
@@ -70,6 +71,9 @@ def _real(what: str, name: Any, value: Any) -> float:
                          "estimates' values, {name: e.value for name, e in estimates.items()}")
     try:
         return float(value)
+    except OverflowError:  # an int beyond the float range, 10**400
+        raise ValueError(f"{what} for layer {name!r} is {shown_number(value)}: expected a finite real number "
+                         "(it is too large for a float)") from None
     except (TypeError, ValueError, RuntimeError):
         raise ValueError(f"{what} for layer {name!r} is {value!r}: expected a real number") from None
 
@@ -77,9 +81,12 @@ def _real(what: str, name: Any, value: Any) -> float:
 def _budget(budget: Any) -> int:
     if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, numbers.Real):
         raise ValueError(f"budget={budget!r} must be a real number of parameters")
-    b = float(budget)
+    try:
+        b = float(budget)
+    except OverflowError:  # an int beyond the float range
+        b = math.inf
     if not math.isfinite(b) or b < 0:
-        raise ValueError(f"budget={budget!r} must be finite and >= 0")
+        raise ValueError(f"budget={shown_number(budget)} must be finite and >= 0")
     return int(budget) if _is_int(budget) else math.floor(b)
 
 

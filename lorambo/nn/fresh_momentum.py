@@ -9,7 +9,9 @@ The new slots are therefore recorded with their pool parameter, and just before 
 step that sees the pool's gradient their buffer is set to ``dampening / momentum * d``, which
 that step turns into ``d``: a fresh SGD's start (to rounding). The record follows the slots
 through ``keep_components`` and is honoured by whichever SGD steps the parameter next, also one
-rebuilt from ``optimizer.state_dict()`` in between, and one stepped by a ``GradScaler``: a
+rebuilt from ``optimizer.state_dict()`` in between; the layer keeps a copy of it, so a deep copy
+or pickle of the layer (with its optimizer) taken in between records the copy's pools
+(:func:`restore_new_slots`); and one stepped by a ``GradScaler``: a
 fused SGD gets the gradients still scaled (the buffer is set from them unscaled), and a step
 the scaler skips for an overflow leaves the record for the next step. With ``dampening == 0``
 (nesterov's only setting) zero already is that start and nothing is recorded.
@@ -23,10 +25,19 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["mark_new_slots", "move_new_slots"]
+__all__ = ["mark_new_slots", "move_new_slots", "restore_new_slots"]
 
 _PENDING = WeakIdKeyDictionary()  # pool parameter -> (slot_dim, slots whose buffer starts next step)
 _installed = False
+_POOLS = (("lora_A", 0), ("lora_B", 1))  # pool name, slot dim
+_ON_LAYER = "_fresh_momentum_slots"  # the layer's {pool name: the same set of slots _PENDING holds}
+
+
+def _install() -> None:
+    global _installed
+    if not _installed:
+        register_optimizer_step_pre_hook(_start_buffers)
+        _installed = True
 
 
 def _kind(optimizer) -> type:
@@ -51,10 +62,10 @@ def _needs_start(optimizer, param) -> bool:
 def mark_new_slots(optimizer, layer, slots) -> None:
     """Record ``slots`` of ``layer``'s pools as new to a ``torch.optim.SGD`` with momentum and
     dampening (no-op for any other optimizer)."""
-    global _installed
     if not issubclass(_kind(optimizer), torch.optim.SGD) or not slots:
         return
-    for param, dim in ((layer.lora_A, 0), (layer.lora_B, 1)):
+    for name, dim in _POOLS:
+        param = getattr(layer, name)
         if not _needs_start(optimizer, param):
             continue
         if hasattr(optimizer, "optimizer_type"):  # FSDP's gathered pools are not the ones stepped
@@ -62,10 +73,10 @@ def mark_new_slots(optimizer, layer, slots) -> None:
                           "the momentum buffers of new slots start at zero, so their first step is "
                           "(1 - dampening) times a fresh SGD's", stacklevel=4)
             return
-        if not _installed:
-            register_optimizer_step_pre_hook(_start_buffers)
-            _installed = True
-        _PENDING.setdefault(param, (dim, set()))[1].update(int(s) for s in slots)
+        _install()
+        pending = layer.__dict__.setdefault(_ON_LAYER, {}).setdefault(name, set())
+        pending.update(int(s) for s in slots)
+        _PENDING[param] = (dim, pending)
 
 
 def move_new_slots(layer, keep) -> None:
@@ -76,8 +87,20 @@ def move_new_slots(layer, keep) -> None:
     where = {int(s): j for j, s in enumerate(keep)}
     for param in (layer.lora_A, layer.lora_B):
         if param in _PENDING:
-            dim, slots = _PENDING[param]
-            _PENDING[param] = (dim, {where[s] for s in slots if s in where})
+            slots = _PENDING[param][1]
+            moved = {where[s] for s in slots if s in where}
+            slots.clear()  # in place: the layer's copy is this set
+            slots.update(moved)
+
+
+def restore_new_slots(layer) -> None:
+    """Record the slots ``layer`` (a deep copy or unpickled layer, whose pools are new Parameter
+    objects) still had waiting for their first SGD step when it was copied."""
+    for name, dim in _POOLS:
+        slots = layer.__dict__.get(_ON_LAYER, {}).get(name)
+        if slots:
+            _install()
+            _PENDING[getattr(layer, name)] = (dim, slots)
 
 
 @torch.no_grad()
@@ -99,8 +122,10 @@ def _start_buffers(optimizer, args, kwargs) -> None:
             if record is None:
                 continue
             dim, slots = record
-            if slots and _needs_start(optimizer, param):
-                _start_slots(optimizer, group, param, dim, sorted(slots), grad_scale)
+            started = sorted(slots)
+            slots.clear()  # the layer's copy too: a copy of it taken from now on has none waiting
+            if started and _needs_start(optimizer, param):
+                _start_slots(optimizer, group, param, dim, started, grad_scale)
 
 
 def _start_slots(optimizer, group: dict, param, dim: int, slots: list[int], grad_scale) -> None:

@@ -24,12 +24,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lorambo.nn import base_layers
-from lorambo.nn.fresh_momentum import move_new_slots
+from lorambo.nn.finite_numbers import is_finite_number, shown_number
+from lorambo.nn.fresh_momentum import move_new_slots, restore_new_slots
 from lorambo.nn.frozen_bases import note_frozen
 from lorambo.nn.optimizer_argument import optimizer_argument
 from lorambo.nn.optimizer_state import (check_slot_state_editable, gather_slot_state, reset_slot_state,
                                         warn_if_shared_step)
-from lorambo.nn.optimizer_tracking import track_optimizers, warn_if_state_left_behind
+from lorambo.nn.optimizer_tracking import LOAD_IT, track_optimizers, warn_if_state_left_behind
 from lorambo.nn.merge_overflow import finite_merge, merge_may_overflow
 from lorambo.nn.plain_keys import plain_keys_to_base_layer
 from lorambo.nn.shared_memory import share_memory
@@ -141,7 +142,9 @@ def _cover_slots_past_rank(module: "LoRAMBoLinear", state_dict, prefix: str, *ar
                              f"zero those slots in the state_dict to load the rank-{rank} adapter it computes")
         last = max(last, past)
     if not saved and last > module.rank:
+        old = module.rank
         module._set_active_rank(last)
+        warn_if_state_left_behind(module, None, f"rank changed {old} -> {last} by load_state_dict", LOAD_IT)
     if any(prefix + name in state_dict for name in _POOL_DIMS):
         restart_ids(module)  # new components (set_extra_state restarts them at the loaded rank)
 
@@ -208,6 +211,12 @@ class LoRAMBoLinear(nn.Module):
             raise TypeError(f"{self._label}: dropout must be a number in [0, 1), got {dropout!r}")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"{self._label}: dropout {dropout} must be in [0, 1)")
+        dtype = base.weight.dtype
+        if not torch.isfinite(torch.tensor(1.0 / (1.0 - float(dropout)), dtype=dtype, device="cpu")):
+            # kept elements are scaled by 1 / (1 - p) in the layer's dtype: inf there
+            raise ValueError(f"{self._label}: dropout {dropout} scales the kept inputs by 1 / (1 - p) = "
+                             f"{1.0 / (1.0 - float(dropout)):.4g}, which overflows the layer's {dtype}; give a "
+                             "smaller dropout")
         self.dropout = float(dropout)
         if not isinstance(use_rslora, bool):  # "false" from a config file is truthy: it would switch rsLoRA on
             raise TypeError(f"{self._label}: use_rslora must be True or False, got {use_rslora!r}")
@@ -220,6 +229,12 @@ class LoRAMBoLinear(nn.Module):
         if self.scaling == 0.0:  # B A would be multiplied by 0 in the forward and in every gradient
             raise ValueError(f"{self._label}: scaling is 0 (alpha={self.alpha!r}), so the adapter would add nothing "
                              "and its pools would never get a gradient; give a nonzero alpha (default: the rank)")
+        in_dtype = float(torch.tensor(self.scaling, dtype=dtype, device="cpu"))  # not the default device: meta
+        if in_dtype == 0.0 or not math.isfinite(in_dtype):  # the ops multiply by it in the layer's dtype
+            raise ValueError(f"{self._label}: scaling {self.scaling!r} (alpha={self.alpha!r}) is {in_dtype} in the "
+                             f"layer's {dtype}, so the adapter would add {'nothing' if in_dtype == 0.0 else 'inf'}; "
+                             f"give an alpha whose scaling (alpha / rank, alpha / sqrt(rank) with rsLoRA) is a "
+                             f"nonzero finite {dtype} number")
         for param in base.parameters():
             param.requires_grad_(False)
         note_frozen(base.parameters())  # an optimizer that steps only these trains nothing: warn then
@@ -257,6 +272,7 @@ class LoRAMBoLinear(nn.Module):
         super().__setstate__(state)
         self.__dict__.setdefault("_slot_edits", 0)  # a layer pickled before the count existed
         self._tag_pools()  # deepcopy / unpickling rebuilds the Parameters without their tags
+        restore_new_slots(self)  # ... and without the SGD records of slots not stepped yet
         # unpickled in another process (torch.load of a whole model, a model handed to mp.spawn),
         # where no __init__ ran: install the process-wide optimizer hooks a new layer installs
         track_optimizers()
@@ -302,8 +318,8 @@ class LoRAMBoLinear(nn.Module):
         return int(value)
 
     def _check_finite(self, what: str, value) -> float:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-            raise ValueError(f"{self._label}: {what} must be a finite number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not is_finite_number(value):
+            raise ValueError(f"{self._label}: {what} must be a finite number, got {shown_number(value)}")
         return float(value)
 
     def _check_rank_value(self, rank: int) -> None:
@@ -711,7 +727,10 @@ class LoRAMBoLinear(nn.Module):
         rank, settings = self._parse_extra_state(state)
         if self.merged:
             raise RuntimeError(f"{self._label}: unmerge() before loading a state_dict")
+        old = self._rank
         self._set_active_rank(rank)
+        if rank != old:
+            warn_if_state_left_behind(self, None, f"rank changed {old} -> {rank} by load_state_dict", LOAD_IT)
         if settings is not None:
             self.scaling, self.alpha, self.use_rslora = settings
         self.zero_inactive_()  # keep the invariant (a load refuses non-zero values there, a plain call does not)

@@ -23,7 +23,7 @@ from lorambo.nn.frozen_bases import records_version, warn_if_trains_no_adapter
 from lorambo.nn.optimizer_argument import each_optimizer
 from lorambo.nn.slots import pool_slots
 
-__all__ = ["StaleOptimizerStateWarning", "track_optimizers", "warn_if_state_left_behind", "stand_in_for"]
+__all__ = ["StaleOptimizerStateWarning", "track_optimizers", "warn_if_state_left_behind", "stand_in_for", "LOAD_IT"]
 
 
 class StaleOptimizerStateWarning(UserWarning):
@@ -65,9 +65,18 @@ def stand_in_for(stand_in, original) -> None:
     _ORIGINALS[stand_in] = original
 
 
-def warn_if_state_left_behind(layer, optimizer, change: str) -> None:
+_PASS_IT = ("Pass optimizer=<that {name}> (or a list of every optimizer that steps the pools) to the call that "
+            "changes ranks (LoRAMBoLinear.set_rank / keep_components, keep_components_many, configure_model, "
+            "LoRAMBoOptimizer.configure / step / update_ranks, ALoRA.step, the growth schedules' step / update), "
+            "or build a new optimizer after the change.")
+# load_state_dict takes no optimizer: the state saved with the loaded one is the remedy
+LOAD_IT = ("Load that {name}'s state saved with this state_dict next (its load_state_dict), or build a new "
+           "optimizer after loading.")
+
+
+def warn_if_state_left_behind(layer, optimizer, change: str, remedy: str = _PASS_IT) -> None:
     """Warn if an optimizer other than ``optimizer`` (one optimizer, or a tuple of them) holds
-    state for ``layer``'s pools."""
+    state for ``layer``'s pools. ``remedy``: what to do instead, ``{name}`` the optimizer's class."""
     # lorambo.integrations.fsdp's view stands in for the optimizer it names
     given = {id(getattr(o, "stands_in_for", o)) for o in each_optimizer(optimizer)}
     for param in (layer.lora_A, layer.lora_B):
@@ -80,9 +89,6 @@ def warn_if_state_left_behind(layer, optimizer, change: str) -> None:
             warnings.warn(
                 f"{layer._label}: {change} without its optimizer, but a {type(holder).__module__}.{name} "
                 "holds state for its pools; that state stays at the old slots (moved slots leave it "
-                "behind, dropped slots keep moving, new slots inherit it). Pass optimizer=<that "
-                f"{name}> (or a list of every optimizer that steps the pools) to the call that changes ranks (LoRAMBoLinear.set_rank / keep_components, "
-                "keep_components_many, configure_model, LoRAMBoOptimizer.configure / step / "
-                "update_ranks, ALoRA.step, the growth schedules' step / update), or build a new "
-                "optimizer after the change. Warned once per optimizer.",
+                f"behind, dropped slots keep moving, new slots inherit it). {remedy.format(name=name)} "
+                "Warned once per optimizer.",
                 StaleOptimizerStateWarning, stacklevel=4)

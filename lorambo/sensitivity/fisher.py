@@ -51,6 +51,7 @@ from .token_mask import check_token_mask
 
 __all__ = ["FisherProxy", "per_example_sq_grad_norms", "sketched_sq_grad_norms"]
 
+_STATE_VERSION = 1  # of FisherProxy.state_dict
 _CHUNK_ELEMENTS = 1 << 24  # per-example gradients materialised at most ~16M elements at a time
 
 
@@ -128,6 +129,7 @@ class FisherProxy:
 
     Use ``with FisherProxy(model) as fisher: ...train...`` then ``fisher.estimates()``, which
     gives ``{name: Estimate(value=Tr(F_i), stderr, num_probes=examples seen)}``.
+    :meth:`state_dict` / :meth:`load_state_dict` resume a measurement across processes.
     """
 
     def __init__(self, model, modules=None, reduction: str = "mean", sketch_dim: int | None = None,
@@ -146,7 +148,6 @@ class FisherProxy:
         self.sketch_dim = None if sketch_dim is None else int(sketch_dim)
         self._seed = seed
         self.grad_scaler = grad_scaler
-        self._generators: dict = {}
         self.targets = find_targets(model, modules)
         self._model = model
         self._example_weights = ExampleWeights(token_mask) if reduction == "token_mean" else None
@@ -154,11 +155,62 @@ class FisherProxy:
         self.reset()
 
     def reset(self) -> None:
-        """Forget everything gathered so far."""
+        """Forget everything gathered so far, and restart the sketch probes from ``seed``: a
+        reset proxy measures as a new one does (the same batches give the same estimates)."""
+        self._generators: dict = {}
         self._sum: dict[str, torch.Tensor] = {}
         self._sum_sq: dict[str, torch.Tensor] = {}
         self._count: dict[str, int] = {t.name: 0 for t in self.targets}
         self._nonfinite: dict[str, torch.Tensor] = {}
+
+    def _settings(self) -> dict:
+        """What the statistics depend on besides the batches: a state gathered under others would
+        not add up with these (and processes must share them, see :meth:`estimates`)."""
+        return {"targets": [t.name for t in self.targets], "reduction": self.reduction,
+                "sketch_dim": self.sketch_dim, "seed": self._seed}
+
+    def state_dict(self) -> dict:
+        """What resuming the measurement needs: the statistics gathered so far and the sketch
+        probes' generator states, with the settings they were gathered under. Plain data and CPU
+        tensors: ``torch.load(..., weights_only=True)`` reads it."""
+        def cpu(table):
+            return {n: t.detach().to("cpu", torch.float64).clone() for n, t in table.items()}
+
+        return {"version": _STATE_VERSION, "settings": self._settings(), "sum": cpu(self._sum),
+                "sum_sq": cpu(self._sum_sq), "count": dict(self._count), "nonfinite": cpu(self._nonfinite),
+                "generators": {str(d): g.get_state() for d, g in self._generators.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`: the next backward passes add to its statistics and
+        draw the probes a proxy that had gone on would draw. A state of other settings, or not
+        one of a FisherProxy, is a ValueError naming what differs, and nothing is changed."""
+        where = "FisherProxy.load_state_dict"
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            got = state.get("version") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"{where}: not a FisherProxy state of version {_STATE_VERSION} (got {got!r})")
+        missing = [k for k in ("settings", "sum", "sum_sq", "count", "nonfinite", "generators") if k not in state]
+        if missing:
+            raise ValueError(f"{where}: state without {missing}")
+        have = self._settings()
+        differ = {k: (state["settings"].get(k), v) for k, v in have.items() if state["settings"].get(k) != v}
+        if differ:
+            raise ValueError(f"{where}: the state was gathered with other settings (setting: (saved, here)) {differ}")
+        names = set(have["targets"])
+        for key in ("sum", "sum_sq", "nonfinite", "count"):
+            unknown = [n for n in state[key] if n not in names]
+            if unknown:
+                raise ValueError(f"{where}: state[{key!r}] names layers {unknown[:4]} this proxy does not measure")
+        devices = {t.name: t.weight.device for t in self.targets}
+        generators = {}
+        for device, gen_state in state["generators"].items():
+            generators[torch.device(device)] = torch.Generator(device=device)
+            generators[torch.device(device)].set_state(gen_state)
+        tables = {key: {n: torch.as_tensor(v, dtype=torch.float64).to(devices[n]) for n, v in state[key].items()}
+                  for key in ("sum", "sum_sq", "nonfinite")}
+        count = {n: int(state["count"].get(n, 0)) for n in have["targets"]}
+        # everything read: now applied whole
+        self._generators, self._count = generators, count
+        self._sum, self._sum_sq, self._nonfinite = tables["sum"], tables["sum_sq"], tables["nonfinite"]
 
     def attach(self) -> "FisherProxy":
         if not self._handles:

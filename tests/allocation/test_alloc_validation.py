@@ -26,6 +26,15 @@ def test_bad_sensitivity_names_layer_and_value(value):
         allocate(DIMS, {"q_proj": 1.0, "v_proj": value}, 100)
 
 
+def test_numbers_beyond_the_float_range_name_the_argument():
+    # before: OverflowError "int too large to convert to float", naming neither layer nor argument
+    with pytest.raises(ValueError, match=r"sensitivity for layer 'v_proj' is 10000000\.\.\. \(a number of 401 "
+                                         r"digits\): expected a finite real number"):
+        allocate(DIMS, {"q_proj": 1.0, "v_proj": 10**400}, 100)
+    with pytest.raises(ValueError, match=r"budget=10000000\.\.\. \(a number of 401 digits\) must be finite"):
+        allocate(DIMS, SENS, 10**400)
+
+
 def test_sensitivity_not_a_number():
     with pytest.raises(ValueError, match=r"'v_proj' is 'high'"):
         allocate(DIMS, {"q_proj": 1.0, "v_proj": "high"}, 100)

@@ -2,6 +2,9 @@
 (Rprop's step size, Adagrad's accumulator): its first update is a fresh optimizer's, computed
 here in float64 from the optimizers' published update rules."""
 
+import copy
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -139,15 +142,20 @@ def test_shared_step_warning_names_the_step_the_new_slots_take_first():
     assert float(opt.state[layer.lora_A]["step"]) == 4
 
 
-def _regrown_row_against_fresh(make_optimizer, steps: int = 3, reload: bool = False) -> None:
+def _regrown_row_against_fresh(make_optimizer, steps: int = 3, reload: str | None = None) -> None:
     """A layer trained 3 steps at rank 2, shrunk to 1 and grown back to 2: row 1 of
     A (regrown) follows, step for step, a fresh optimizer of the same kind over a copy of that
     row fed the same gradients (per-element optimizers: a row depends on its own state only).
-    ``reload``: the optimizer is rebuilt from its state_dict between the rank change and the step."""
+    ``reload``, between the rank change and the step: "state_dict" rebuilds the optimizer from
+    its state_dict; "deepcopy" / "pickle" train a copy of the layer and its optimizer instead."""
     layer, x, opt = _trained_then_regrown(make_optimizer)
-    if reload:
+    if reload == "state_dict":
         saved, opt = opt.state_dict(), make_optimizer([layer.lora_A, layer.lora_B])
         opt.load_state_dict(saved)
+    elif reload == "deepcopy":
+        layer, opt = copy.deepcopy((layer, opt))
+    elif reload == "pickle":
+        layer, opt = pickle.loads(pickle.dumps((layer, opt)))
     twin = nn.Parameter(layer.lora_A[1:2].detach().clone())
     fresh = make_optimizer([twin])
     for _ in range(steps):
@@ -166,10 +174,12 @@ def _regrown_row_against_fresh(make_optimizer, steps: int = 3, reload: bool = Fa
                                     dict(momentum=0.9, dampening=0.5, fused=True),
                                     dict(momentum=0.9, nesterov=True, weight_decay=0.1)],
                          ids=["dampening", "dampening1-wd", "maximize-foreach", "fused", "nesterov"])
-@pytest.mark.parametrize("reload", [False, True], ids=["kept", "reloaded"])
+@pytest.mark.parametrize("reload", [None, "state_dict", "deepcopy", "pickle"],
+                         ids=["kept", "reloaded", "deepcopied", "pickled"])
 def test_sgd_momentum_regrown_slot_starts_its_buffer_at_the_gradient(kwargs, reload):
     """A fresh SGD's first momentum buffer is the update direction itself, not (1 - dampening)
-    times it, which is what a zeroed buffer gives; also after a state_dict round trip."""
+    times it, which is what a zeroed buffer gives; also after a state_dict round trip, and in a
+    deep copy or pickle of the layer and its optimizer (whose first step was (1 - dampening) d)."""
     _regrown_row_against_fresh(lambda p: torch.optim.SGD(p, lr=LR, **kwargs), reload=reload)
 
 

@@ -247,6 +247,32 @@ def test_bad_construction_names_module_and_value(kwargs, exc, match):
         LoRAMBoLinear(nn.Linear(16, 32), name="blk.0.q", **kwargs)
 
 
+@pytest.mark.parametrize("kwargs,dtype,match", [
+    # before: OverflowError "int too large to convert to float", naming no argument
+    ({"alpha": 10**400}, torch.float32, r"'blk\.0\.q'.*alpha must be a finite number, got 10000000\.\.\. "
+                                        r"\(a number of 401 digits\)"),
+    ({"scaling": -10**400}, torch.float32, r"scaling must be a finite number, got -1000000\.\.\."),
+    # before: accepted, and the adapter added exactly nothing (or inf)
+    ({"alpha": 1e-320}, torch.float32, r"'blk\.0\.q'.*scaling 5e-321 \(alpha=1e-320\) is 0.0 in the layer's "
+                                       r"torch.float32, so the adapter would add nothing"),
+    ({"alpha": 1e-8}, torch.float16, r"scaling 5e-09 \(alpha=1e-08\) is 0.0 in the layer's torch.float16"),
+    ({"alpha": 1e300}, torch.float32, r"scaling 5e\+299 .* is inf in the layer's torch.float32"),
+    # before: the kept inputs were scaled by inf
+    ({"dropout": 0.99999}, torch.float16, r"'blk\.0\.q'.*dropout 0.99999 scales the kept inputs by 1 / \(1 - p\) = "
+                                          r"1e\+05, which overflows the layer's torch.float16"),
+])
+def test_settings_beyond_the_layer_dtype_are_refused_naming_them(kwargs, dtype, match):
+    with pytest.raises(ValueError, match=match):
+        LoRAMBoLinear(nn.Linear(16, 32, dtype=dtype), name="blk.0.q", rank=2, capacity=8, **kwargs)
+
+
+def test_settings_just_inside_the_layer_dtype_are_kept():
+    tiny = LoRAMBoLinear(nn.Linear(16, 32), rank=2, capacity=8, alpha=1e-40)  # subnormal, not 0, in float32
+    assert tiny.scaling == 5e-41 and float(torch.tensor(tiny.scaling)) > 0
+    half = LoRAMBoLinear(nn.Linear(16, 32, dtype=torch.float16), rank=2, capacity=8, dropout=0.9999)
+    assert half.dropout == 0.9999  # 1 / (1 - p) = 1e4 < 65504
+
+
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
 @pytest.mark.parametrize("in_features, out_features", [(6, 0), (0, 6)])
 def test_a_base_layer_without_inputs_or_outputs_is_refused_naming_its_features(in_features, out_features):

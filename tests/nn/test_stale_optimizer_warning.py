@@ -84,3 +84,30 @@ def test_alora_round_without_the_optimizer_warns():
     scores = {n: torch.arange(1.0, m.rank + 1, dtype=DT) for n, m in layers.items()}  # prunes fc's slot 0
     with pytest.warns(StaleOptimizerStateWarning, match="optimizer=<that Adam>"):
         alora_round(model, layers, None, None, n_prune=1, scores=scores)
+
+
+def test_load_state_dict_that_changes_the_rank_warns_about_a_stepped_optimizer():
+    """Loading a "best" state_dict of another rank mid-training left Adam's moments on the slots
+    it dropped (which Adam then moves off zero) without a word."""
+    layer, opt = _stepped()
+    best = LoRAMBoLinear(nn.Linear(6, 5, dtype=DT), rank=1, capacity=4).state_dict()
+    with warnings.catch_warnings():  # the same rank: no slot changes meaning
+        warnings.simplefilter("error")
+        layer.load_state_dict(LoRAMBoLinear(nn.Linear(6, 5, dtype=DT), rank=3, capacity=4).state_dict())
+    with pytest.warns(StaleOptimizerStateWarning, match=r"LoRAMBoLinear 'fc': rank changed 3 -> 1 by "
+                      r"load_state_dict .*torch\.optim\.adam\.Adam holds state.*Load that Adam's state"):
+        layer.load_state_dict(best)
+    assert layer.rank == 1
+
+
+def test_pools_loaded_without_extra_state_that_raise_the_rank_warn():
+    layer, opt = _stepped()
+    layer.set_rank(1, optimizer=opt)
+    wider = LoRAMBoLinear(nn.Linear(6, 5, dtype=DT), rank=2, capacity=4)
+    with torch.no_grad():
+        wider.lora_B.normal_()  # B of the active slots non-zero: a trained adapter
+        wider.zero_inactive_()
+    pools = {k: v for k, v in wider.state_dict().items() if k.startswith("lora_")}
+    with pytest.warns(StaleOptimizerStateWarning, match=r"rank changed 1 -> 2 by load_state_dict"):
+        layer.load_state_dict(pools, strict=False)
+    assert layer.rank == 2

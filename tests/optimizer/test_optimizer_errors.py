@@ -139,6 +139,16 @@ def test_a_bad_alpha_is_refused_before_anything_is_measured(alpha):
         LoRAMBoOptimizer(_model(), 1000, alpha=alpha)
 
 
+def test_an_alpha_or_budget_beyond_the_float_range_is_refused_naming_it():
+    # before: OverflowError "int too large to convert to float"
+    with pytest.raises(ValueError, match=r"LoRAMBoOptimizer: alpha=10000000\.\.\. \(a number of 401 digits\) "
+                                         r"must be a finite nonzero number"):
+        LoRAMBoOptimizer(_model(), 1000, alpha=10**400)
+    with pytest.raises(ValueError, match=r"total_budget=10000000\.\.\. \(a number of 401 digits\) must be a "
+                                         r"finite number"):
+        LoRAMBoOptimizer(_model(), 10**400)
+
+
 @pytest.mark.parametrize("growth_factor", [math.inf, 0.5, math.nan, "2", True])
 def test_a_bad_growth_factor_is_refused_before_anything_is_measured(growth_factor):
     # inf passed the ">= 1" check and overflowed in the capacity rounding after the measurement

@@ -230,3 +230,63 @@ def test_traces_under_a_grad_scaler_equal_the_unscaled_ones():
         assert 2.0 ** 20 < unscaled[name].value / scaled[name].value < 2.0 ** 22
     with pytest.raises(TypeError, match="grad_scaler must be a torch.amp.GradScaler, got float"):
         FisherProxy(model, grad_scaler=1024.0)
+
+
+def test_a_reset_sketched_proxy_measures_as_a_new_one():
+    """reset() kept the probe generator running: the same batches measured again after a reset
+    gave another sketched estimate than a new proxy (with the same seed) gives."""
+    torch.manual_seed(0)
+    model = TokenNet(5, 7, 3).double()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 6, 5, generator=g, dtype=torch.float64),
+                torch.randn(4, 6, 3, generator=g, dtype=torch.float64)) for _ in range(2)]
+
+    def measure(fisher):
+        with fisher:
+            for x, y in batches:
+                example_losses(model, x, y).mean().backward()
+        return {n: (e.value, e.stderr, e.num_probes) for n, e in fisher.estimates().items()}
+
+    fresh = measure(FisherProxy(model, sketch_dim=2, seed=4))
+    assert measure(FisherProxy(model, sketch_dim=2, seed=5)) != fresh  # the estimate depends on the probes
+    proxy = FisherProxy(model, sketch_dim=2, seed=4)
+    assert measure(proxy) == fresh
+    proxy.reset()
+    assert measure(proxy) == fresh
+
+
+def test_a_sketched_measurement_resumes_from_its_state_dict():
+    """FisherProxy had no state_dict: a sketched estimate gathered over an interrupted run could
+    not be continued. A proxy loaded from the saved state (through torch.save, weights_only)
+    ends where one that went on ends, probes included."""
+    import io
+
+    torch.manual_seed(0)
+    model = TokenNet(5, 7, 3).double()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 6, 5, generator=g, dtype=torch.float64),
+                torch.randn(4, 6, 3, generator=g, dtype=torch.float64)) for _ in range(3)]
+
+    def run(fisher, some):
+        with fisher:
+            for x, y in some:
+                example_losses(model, x, y).mean().backward()
+
+    whole = FisherProxy(model, sketch_dim=2, seed=4)
+    run(whole, batches)
+    first = FisherProxy(model, sketch_dim=2, seed=4)
+    run(first, batches[:1])
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = FisherProxy(model, sketch_dim=2, seed=4)
+    resumed.load_state_dict(saved)
+    run(resumed, batches[1:])
+    expected = {n: (e.value, e.stderr, e.num_probes) for n, e in whole.estimates().items()}
+    assert {n: (e.value, e.stderr, e.num_probes) for n, e in resumed.estimates().items()} == expected
+    other = FisherProxy(model, sketch_dim=2, seed=5)
+    with pytest.raises(ValueError, match=r"FisherProxy.load_state_dict: .*other settings .*'seed': \(4, 5\)"):
+        other.load_state_dict(saved)
+    with pytest.raises(RuntimeError, match="saw no backward pass"):
+        other.estimates()  # nothing was loaded
