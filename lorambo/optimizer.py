@@ -35,7 +35,6 @@ import copy
 import logging
 import math
 import numbers
-import warnings
 import weakref
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -56,6 +55,7 @@ from lorambo.nn import LoRAMBoLinear
 from lorambo.nn.base_layers import base_kind, features, weight_out_in
 from lorambo.nn.lora_linear import check_growth_factor
 from lorambo.sensitivity.token_mask import batch_token_mask, check_token_mask
+from lorambo.user_warnings import warn_user
 
 __all__ = ["LoRAMBoOptimizer", "SENSITIVITY_METHODS", "ALLOCATIONS"]
 
@@ -260,7 +260,7 @@ class LoRAMBoOptimizer:
             values = {n: e.value for n, e in est.items()}
             negative = {n: v for n, v in values.items() if v < 0}
             if negative:  # curvature of a non-convex loss, or probe noise: no rank is owed
-                warnings.warn(f"negative Hessian trace estimates set to 0: {negative}", RuntimeWarning, stacklevel=2)
+                warn_user(f"negative Hessian trace estimates set to 0: {negative}", RuntimeWarning)
         elif method == "gradient":
             values = sens.gradient_sensitivity(self.model, loss_fn, batches, modules=names)
         elif method == "data":
@@ -297,8 +297,8 @@ class LoRAMBoOptimizer:
                              "under reentrant activation checkpointing (torch.utils.checkpoint with "
                              "use_reentrant=True), whose weights torch.autograd.grad cannot reach; use "
                              "use_reentrant=False or turn checkpointing off while measuring")
-        warnings.warn(f"no gradient reaches layer(s) {unreached} (the loss does not use them): they "
-                      "are skipped, no rank is allocated to them", RuntimeWarning, stacklevel=3)
+        warn_user(f"no gradient reaches layer(s) {unreached} (the loss does not use them): they "
+                  "are skipped, no rank is allocated to them", RuntimeWarning)
         self.names = [n for n in self.names if n not in unreached]
         for table in (self.dims, self.costs, self.dtypes, self.user_capacity):
             for n in unreached:

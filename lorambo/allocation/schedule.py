@@ -15,11 +15,11 @@ hooks armed, so other steps pay nothing, and the decision uses exactly that step
 from __future__ import annotations
 
 import numbers
-import warnings
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 
 from lorambo.allocation.online import OnlineGrowth, nothing_captured
+from lorambo.user_warnings import warn_user
 
 __all__ = ["DecisionSchedule", "ScheduledGrowth"]
 
@@ -130,7 +130,7 @@ class ScheduledGrowth:
             return []
         if self._growth is None or not self._growth.capture.has_data():
             missing = nothing_captured() if self._growth is None else self._growth.capture.missing_data(step)
-            warnings.warn(f"step {step} is a rank decision step but {missing}", RuntimeWarning, stacklevel=3)
+            warn_user(f"step {step} is a rank decision step but {missing}", RuntimeWarning)
             return []
         return self.update(step, optimizer, component_scores, grad_scaler)
 

@@ -17,11 +17,11 @@ the scaler skips for an overflow leaves the record for the next step. With ``dam
 
 from __future__ import annotations
 
-import warnings
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.weak import WeakIdKeyDictionary
+from lorambo.user_warnings import warn_user
 
 __all__ = ["mark_new_slots", "move_new_slots"]
 
@@ -58,9 +58,9 @@ def mark_new_slots(optimizer, layer, slots) -> None:
         if not _needs_start(optimizer, param):
             continue
         if hasattr(optimizer, "optimizer_type"):  # FSDP's gathered pools are not the ones stepped
-            warnings.warn(f"{layer._label}: SGD with dampening > 0 through lorambo.integrations.fsdp: "
-                          "the momentum buffers of new slots start at zero, so their first step is "
-                          "(1 - dampening) times a fresh SGD's", stacklevel=4)
+            warn_user(f"{layer._label}: SGD with dampening > 0 through lorambo.integrations.fsdp: "
+                      "the momentum buffers of new slots start at zero, so their first step is "
+                      "(1 - dampening) times a fresh SGD's")
             return
         if not _installed:
             register_optimizer_step_pre_hook(_start_buffers)

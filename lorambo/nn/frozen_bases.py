@@ -10,12 +10,12 @@ after ``add_param_group``).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable
 
 from torch.utils.weak import WeakIdKeyDictionary
 
 from lorambo.nn.slots import pool_slots
+from lorambo.user_warnings import warn_user
 
 __all__ = ["note_frozen", "warn_if_trains_no_adapter"]
 
@@ -35,9 +35,9 @@ def warn_if_trains_no_adapter(optimizer, params: list) -> None:
     frozen = sum(1 for p in params if not p.requires_grad and p in _FROZEN)
     if frozen:
         name = f"{type(optimizer).__module__}.{type(optimizer).__name__}"
-        warnings.warn(
+        warn_user(
             f"{name} holds {frozen} of the base weights that lorambo froze when it adapted their layers, "
             "and none of the LoRA pools (lora_A / lora_B): its steps train no adapter. An optimizer built "
             "before configure_model (or load_adapter, import_peft) holds the model's old parameters; build "
             "it afterwards, from [p for p in model.parameters() if p.requires_grad].",
-            UserWarning, stacklevel=4)
+            UserWarning)

@@ -12,7 +12,6 @@ The same scan warns about an optimizer that holds no pool at all (see lorambo.nn
 
 from __future__ import annotations
 
-import warnings
 import weakref
 
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -21,6 +20,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from lorambo.nn.frozen_bases import warn_if_trains_no_adapter
 from lorambo.nn.optimizer_argument import each_optimizer
 from lorambo.nn.slots import pool_slots
+from lorambo.user_warnings import warn_user
 
 __all__ = ["StaleOptimizerStateWarning", "track_optimizers", "warn_if_state_left_behind", "stand_in_for"]
 
@@ -75,7 +75,7 @@ def warn_if_state_left_behind(layer, optimizer, change: str) -> None:
                 continue
             _WARNED.add(holder)
             name = type(holder).__name__
-            warnings.warn(
+            warn_user(
                 f"{layer._label}: {change} without its optimizer, but a {type(holder).__module__}.{name} "
                 "holds state for its pools; that state stays at the old slots (moved slots leave it "
                 "behind, dropped slots keep moving, new slots inherit it). Pass optimizer=<that "
@@ -83,4 +83,4 @@ def warn_if_state_left_behind(layer, optimizer, change: str) -> None:
                 "keep_components_many, configure_model, LoRAMBoOptimizer.configure / step / "
                 "update_ranks, ALoRA.step, the growth schedules' step / update), or build a new "
                 "optimizer after the change. Warned once per optimizer.",
-                StaleOptimizerStateWarning, stacklevel=4)
+                StaleOptimizerStateWarning)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import warnings
 
 import torch
 from tqdm.auto import tqdm
@@ -19,6 +18,7 @@ from .probes import rademacher
 from .reductions import per_layer_dots
 from .sketch import hutchpp_program, xtrace_program
 from .targets import differentiable, find_targets
+from lorambo.user_warnings import warn_user
 
 __all__ = ["hessian_trace"]
 
@@ -94,8 +94,8 @@ def hessian_trace(model, loss_fn, batches, modules=None, num_probes: int = 64,
             results = [out[i][0] for i in range(len(weights))]
             bad = sum(out[i][1] for i in range(len(weights)))
     if bad:
-        warnings.warn(f"hessian_trace skipped {bad} probe(s) whose Hessian-vector product was "
-                      "not finite (NaN/inf)", RuntimeWarning, stacklevel=2)
+        warn_user(f"hessian_trace skipped {bad} probe(s) whose Hessian-vector product was "
+                  "not finite (NaN/inf)", RuntimeWarning)
     return {t.name: est for t, est in zip(targets, results)}
 
 

@@ -1,0 +1,56 @@
+"""Warnings attributed to the user's line.
+
+A fixed ``stacklevel`` points at the right frame for one call path only: the same warning
+reached through ``LoRAMBoOptimizer.step`` (schedule, growth, ``set_rank``) or through a torch
+optimizer step post-hook sits several frames deeper than through ``set_rank`` called directly,
+and was reported at a line inside lorambo. That line is what ``warnings.filterwarnings(...,
+module=...)`` matches and what the default filter shows once per location, so it must be the
+user's. :func:`warn_user` reports the warning at the innermost frame outside lorambo, its
+kernels, torch (hooks and optimizer wrappers that call into lorambo) and ``contextlib`` (the
+``with`` blocks lorambo provides), like Python 3.12's ``skip_file_prefixes``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import sys
+import warnings
+from pathlib import Path
+
+__all__ = ["warn_user"]
+
+
+def _folder(path) -> str:
+    return str(Path(path).resolve().parent) + os.sep
+
+
+def _internal_prefixes() -> tuple[str, ...]:
+    prefixes = [_folder(__file__), contextlib.__file__]
+    for package in ("lorambo_kernels", "torch"):
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.origin:
+            prefixes.append(_folder(spec.origin))
+    return tuple(prefixes)
+
+
+_INTERNAL = _internal_prefixes()
+
+
+def _is_internal(filename: str) -> bool:
+    if filename.startswith(_INTERNAL):
+        return True
+    try:  # a relative or symlinked path (PYTHONPATH=., an editable install)
+        return os.path.realpath(filename).startswith(_INTERNAL)
+    except (OSError, ValueError):
+        return False
+
+
+def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn(message, category)`` reported at the innermost caller outside lorambo (at
+    lorambo's own calling line when every frame is internal, as under ``python -m lorambo``)."""
+    frame, level = sys._getframe(1), 2  # stacklevel 2: warn_user's caller
+    while frame is not None and _is_internal(frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=2 if frame is None else level)
