@@ -129,11 +129,15 @@ def _run(cfg: ExperimentConfig, out_dir, progress, echo, workers, time_limit, re
     bar = tqdm(total=len(units), initial=len(units) - len(pending), desc="experiment", unit="unit", file=sys.stderr,
                disable=None if progress is None else not progress, dynamic_ncols=True)  # None: a terminal only
 
+    def say(message: str) -> None:  # clears the bar's line first and redraws it after: never glued to it
+        with tqdm.external_write_mode():
+            echo(message)
+
     def record(rec: dict) -> None:
         records.add(jr.append(dict(rec, session=session, elapsed=time.perf_counter() - started)))
         run = rec.get("run")
         if run is not None and run.get("diverged"):
-            echo(f"{run['task']}: {run['method']} at budget level {run['level']:g}, seed {run['seed']}, lr "
+            say(f"{run['task']}: {run['method']} at budget level {run['level']:g}, seed {run['seed']}, lr "
                  f"{run['lr']:g} diverged ({run['diverged_where']} {run['diverged_value']} at step "
                  f"{run['diverged_step']}): recorded, never selected")
         bar.set_postfix_str(f"{rec['task']}: {rec['kind']}" if run is None else f"{rec['task']}: {run['method']}, "
@@ -144,7 +148,7 @@ def _run(cfg: ExperimentConfig, out_dir, progress, echo, workers, time_limit, re
         records.add(jr.append({"kind": "session", "session": session, "workers": workers,
                                "started": _dt.datetime.now().isoformat(timespec="seconds"),
                                "environment": environment(cfg)}))
-        left = run_units(cfg, pending, records, record, started, time_limit, workers, warn=echo)
+        left = run_units(cfg, pending, records, record, started, time_limit, workers, warn=say)
     finally:
         bar.close()
         jr.close()
