@@ -10,7 +10,6 @@ falls a little, through the adapters alone. peft trains such a head through ``mo
 
 from __future__ import annotations
 
-
 from torch import nn
 
 from lorambo.model.targeting import _CLASSIFICATION_HEADS
