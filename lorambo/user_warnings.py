@@ -6,14 +6,14 @@ optimizer step post-hook sits several frames deeper than through ``set_rank`` ca
 and was reported at a line inside lorambo. That line is what ``warnings.filterwarnings(...,
 module=...)`` matches and what the default filter shows once per location, so it must be the
 user's. :func:`warn_user` reports the warning at the innermost frame outside lorambo, its
-kernels, torch (hooks and optimizer wrappers that call into lorambo) and ``contextlib`` (the
+kernels, the libraries that call back into lorambo (torch's hooks and optimizer wrappers,
+transformers' Trainer and accelerate running ``LoRAMBoCallback``) and ``contextlib`` (the
 ``with`` blocks lorambo provides), like Python 3.12's ``skip_file_prefixes``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import sys
 import warnings
@@ -22,27 +22,30 @@ from pathlib import Path
 __all__ = ["warn_user"]
 
 
+_CALLING_BACK = ("lorambo_kernels", "torch", "transformers", "accelerate")
+
+
 def _folder(path) -> str:
     return str(Path(path).resolve().parent) + os.sep
 
 
 def _internal_prefixes() -> tuple[str, ...]:
+    """lorambo's folder, contextlib, and the folders of those of ``_CALLING_BACK`` imported by now
+    (read from ``sys.modules``: one not imported has no frame on the stack, and looking it up
+    would run the import system's finders)."""
     prefixes = [_folder(__file__), contextlib.__file__]
-    for package in ("lorambo_kernels", "torch"):
-        spec = importlib.util.find_spec(package)
-        if spec is not None and spec.origin:
-            prefixes.append(_folder(spec.origin))
+    for package in _CALLING_BACK:
+        module = sys.modules.get(package)
+        if getattr(module, "__file__", None):
+            prefixes.append(_folder(module.__file__))
     return tuple(prefixes)
 
 
-_INTERNAL = _internal_prefixes()
-
-
-def _is_internal(filename: str) -> bool:
-    if filename.startswith(_INTERNAL):
+def _is_internal(filename: str, prefixes: tuple[str, ...]) -> bool:
+    if filename.startswith(prefixes):
         return True
     try:  # a relative or symlinked path (PYTHONPATH=., an editable install)
-        return os.path.realpath(filename).startswith(_INTERNAL)
+        return os.path.realpath(filename).startswith(prefixes)
     except (OSError, ValueError):
         return False
 
@@ -50,7 +53,8 @@ def _is_internal(filename: str) -> bool:
 def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
     """``warnings.warn(message, category)`` reported at the innermost caller outside lorambo (at
     lorambo's own calling line when every frame is internal, as under ``python -m lorambo``)."""
+    prefixes = _internal_prefixes()
     frame, level = sys._getframe(1), 2  # stacklevel 2: warn_user's caller
-    while frame is not None and _is_internal(frame.f_code.co_filename):
+    while frame is not None and _is_internal(frame.f_code.co_filename, prefixes):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=2 if frame is None else level)
