@@ -231,9 +231,11 @@ class LoRAMBoOptimizer:
         return int(budget)
 
     # ---------------------------------------------------------------------- sensitivities
-    def compute_sensitivities(self, batches=None, loss_fn=None) -> dict[str, float]:
+    def compute_sensitivities(self, batches=None, loss_fn=None, progress: bool | None = None) -> dict[str, float]:
         """``{name: s_i >= 0}`` by ``sensitivity_method`` on ``batches`` (see the class doc;
-        "frobenius" reads the weights only and needs no batches).
+        "frobenius" reads the weights only and needs no batches). ``progress``: the bar of
+        ``hessian_trace`` with "hessian" (None: on when stderr is a terminal; False inside a loop
+        that draws its own).
 
         With "hessian" and "gradient", targets that get no gradient from the loss on the first
         batch (e.g. BERT's pooler under a loss on the hidden states) are dropped from
@@ -256,7 +258,7 @@ class LoRAMBoOptimizer:
         names = self.names
         if method == "hessian":
             est = sens.hessian_trace(self.model, loss_fn, batches, modules=names,
-                                     num_probes=self.num_probes, seed=self.seed)
+                                     num_probes=self.num_probes, seed=self.seed, progress=progress)
             values = {n: e.value for n, e in est.items()}
             negative = {n: v for n, v in values.items() if v < 0}
             if negative:  # curvature of a non-convex loss, or probe noise: no rank is owed
