@@ -57,7 +57,7 @@ from lorambo.nn.optimizer_argument import optimizer_argument
 from lorambo.nn.optimizer_state import check_slot_state_editable
 from lorambo.nn.pool_ops import keep_components_many
 from lorambo.sensitivity.token_mask import mask_selects_rows
-from lorambo.user_warnings import warn_user
+from lorambo.user_warnings import warn_user, warns_when_done
 
 __all__ = ["ActivationCapture", "subspace_basis", "projected_top_singular",
            "projected_top_singular_many", "plan_growth", "plan_moves", "grow_layer", "layer_benefits_many",
@@ -470,6 +470,7 @@ class OnlineGrowth:
         """The highest rank growth may reach: the capacity, or ``max_rank`` below it."""
         return layer.capacity if self.max_rank is None else min(layer.capacity, self.max_rank)
 
+    @warns_when_done  # a warning raised as an error must not stop a decision half-way
     def update(self, step=None, optimizer=None, component_scores: Mapping | None = None,
                grad_scaler=None) -> list[dict]:
         """Take one decision from the captured activations, apply it in place, return records.

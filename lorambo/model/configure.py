@@ -22,7 +22,7 @@ from lorambo.nn import LoRAMBoLinear
 from lorambo.nn.optimizer_argument import optimizer_argument
 from lorambo.nn.optimizer_state import check_slot_state_editable
 from lorambo.nn.shared_memory import memory_key, share_memory
-from lorambo.user_warnings import warn_user
+from lorambo.user_warnings import warn_user, warns_when_done
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -39,6 +39,7 @@ def _per_layer(value, name: str, what: str):
     return value
 
 
+@warns_when_done  # a warning raised as an error must not leave the model half-adapted
 def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_modules: str | list[str] | None = None,
                     capacity: int | Mapping[str, int] | None = None, alpha: float | None = None,
                     dropout: float | None = None, use_rslora: bool | None = None, modules_to_save=None,
