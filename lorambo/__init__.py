@@ -18,11 +18,15 @@ from lorambo.adapters.peft_import import from_peft, import_peft  # noqa: E402  p
 from lorambo.adapters.peft_patterns import peft_config  # noqa: E402  allocation -> peft.LoraConfig
 from lorambo.model.disable import disable_adapter  # noqa: E402  run the frozen base
 from lorambo.model.trainable import print_trainable_parameters, trainable_parameters  # noqa: E402
+from lorambo.model.frozen_heads import FrozenHeadWarning  # noqa: E402  warning categories, to filter
+from lorambo.nn.optimizer_tracking import StaleOptimizerStateWarning  # noqa: E402
 
 __all__ = [
     "AdapterFormatError",
+    "FrozenHeadWarning",
     "LoRAMBoLinear",
     "LoRAMBoOptimizer",
+    "StaleOptimizerStateWarning",
     "allocate",
     "configure_model",
     "disable_adapter",

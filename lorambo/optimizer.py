@@ -35,7 +35,6 @@ import copy
 import logging
 import math
 import numbers
-import warnings
 import weakref
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -59,6 +58,7 @@ from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from lorambo.nn.lora_linear import check_growth_factor
 from lorambo.nn.optimizer_argument import skips_this_step, wrapper_grad_scaler
 from lorambo.sensitivity.token_mask import batch_token_mask, check_token_mask
+from lorambo.user_warnings import warn_user
 
 __all__ = ["LoRAMBoOptimizer", "SENSITIVITY_METHODS", "ALLOCATIONS"]
 
@@ -241,9 +241,11 @@ class LoRAMBoOptimizer:
         return int(budget)
 
     # ---------------------------------------------------------------------- sensitivities
-    def compute_sensitivities(self, batches=None, loss_fn=None) -> dict[str, float]:
+    def compute_sensitivities(self, batches=None, loss_fn=None, progress: bool | None = None) -> dict[str, float]:
         """``{name: s_i >= 0}`` by ``sensitivity_method`` on ``batches`` (see the class doc;
-        "frobenius" reads the weights only and needs no batches).
+        "frobenius" reads the weights only and needs no batches). ``progress``: the bar of
+        ``hessian_trace`` with "hessian" (None: on when stderr is a terminal; False inside a loop
+        that draws its own).
 
         With "hessian" and "gradient", targets that get no gradient from the loss on the first
         batch (e.g. BERT's pooler under a loss on the hidden states) are dropped from
@@ -268,7 +270,7 @@ class LoRAMBoOptimizer:
         failure = SharedFailure("LoRAMBoOptimizer.compute_sensitivities", settings={"targets": names, "method": method})
         local = torch.zeros(len(names), dtype=torch.float64)
         with failure:
-            measured = self._measure(method, names, batches, loss_fn)
+            measured = self._measure(method, names, batches, loss_fn, progress)
             local = torch.tensor([float(measured[n]) for n in names], dtype=torch.float64)
         values = dict(zip(names, failure.broadcast_and_check(local)))
         for n, v in values.items():
@@ -278,17 +280,17 @@ class LoRAMBoOptimizer:
         self.sensitivities = {n: max(float(values[n]), 0.0) for n in names}
         return dict(self.sensitivities)
 
-    def _measure(self, method: str, names: list[str], batches, loss_fn) -> dict[str, float]:
+    def _measure(self, method: str, names: list[str], batches, loss_fn, progress) -> dict[str, float]:
         """This process's ``{name: score}`` by ``method`` (see :meth:`compute_sensitivities`)."""
         from lorambo import sensitivity as sens
 
         if method == "hessian":
             est = sens.hessian_trace(self.plain_model, loss_fn, batches, modules=names,
-                                     num_probes=self.num_probes, seed=self.seed)
+                                     num_probes=self.num_probes, seed=self.seed, progress=progress)
             values = {n: e.value for n, e in est.items()}
             negative = {n: v for n, v in values.items() if v < 0}
             if negative:  # curvature of a non-convex loss, or probe noise: no rank is owed
-                warnings.warn(f"negative Hessian trace estimates set to 0: {negative}", RuntimeWarning, stacklevel=3)
+                warn_user(f"negative Hessian trace estimates set to 0: {negative}", RuntimeWarning)
         elif method == "gradient":
             values = sens.gradient_sensitivity(self.plain_model, loss_fn, batches, modules=names)
         elif method == "data":
@@ -321,8 +323,8 @@ class LoRAMBoOptimizer:
                              "under reentrant activation checkpointing (torch.utils.checkpoint with "
                              "use_reentrant=True), whose weights torch.autograd.grad cannot reach; use "
                              "use_reentrant=False or turn checkpointing off while measuring")
-        warnings.warn(f"no gradient reaches layer(s) {unreached} (the loss does not use them): they "
-                      "are skipped, no rank is allocated to them", RuntimeWarning, stacklevel=3)
+        warn_user(f"no gradient reaches layer(s) {unreached} (the loss does not use them): they "
+                  "are skipped, no rank is allocated to them", RuntimeWarning)
         self.names = [n for n in self.names if n not in unreached]
         for table in (self.dims, self.costs, self.dtypes, self.user_capacity):
             for n in unreached:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from lorambo.model import lora_layers
 from lorambo.model.argument import require_module, require_path
 from lorambo.model.modules_to_save import modules_to_save
 from lorambo.model.unwrap import unwrap_model
+from lorambo.user_warnings import warn_user
 
 _PREFIX = "base_model.model."
 
@@ -84,10 +84,10 @@ def peft_adapter_config(model: nn.Module) -> dict:
     _check_peft_can_load(saved, names)
     dropouts = {n: layers[n].dropout for n in names}
     if len(set(dropouts.values())) > 1:  # peft's config has one lora_dropout for every layer
-        warnings.warn(f"export_peft: the layers' LoRA dropouts differ ({_few(dropouts)}); peft has one "
-                      f"lora_dropout for all layers, written as the largest, {max(dropouts.values())}. "
-                      "Outputs are unaffected; training the adapter in peft drops out at that rate "
-                      "everywhere", UserWarning, stacklevel=3)
+        warn_user(f"export_peft: the layers' LoRA dropouts differ ({_few(dropouts)}); peft has one "
+                  f"lora_dropout for all layers, written as the largest, {max(dropouts.values())}. "
+                  "Outputs are unaffected; training the adapter in peft drops out at that rate "
+                  "everywhere", UserWarning)
     config = getattr(model, "config", None)
     return {
         "peft_type": "LORA",

@@ -36,6 +36,7 @@ from lorambo.distributed import SharedFailure, broadcast_, decision_generator
 from lorambo.nn.optimizer_argument import optimizer_argument
 from lorambo.nn.optimizer_state import check_slot_state_editable
 from lorambo.nn.pool_ops import keep_components_many
+from lorambo.user_warnings import warns_when_done
 
 __all__ = ["ALoRAConfig", "ALoRA", "alora_round"]
 
@@ -102,6 +103,7 @@ def _plan(layers, scores, n_prune, budget, min_rank=0, max_rank=None, frozen=())
     return prune, receive
 
 
+@warns_when_done  # a warning raised as an error must not stop a round half-way
 def alora_round(model, layers: Mapping, loss_fn, batches, n_prune: int, budget: int | float = math.inf,
                 optimizer=None, step=None, seed: int = 0, scores: Mapping | None = None,
                 min_rank: int = 0, max_rank: int | None = None) -> list[dict]:

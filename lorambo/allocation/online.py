@@ -40,7 +40,6 @@ from __future__ import annotations
 import math
 import numbers
 import sys
-import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -59,6 +58,7 @@ from lorambo.nn.optimizer_argument import optimizer_argument
 from lorambo.nn.optimizer_state import check_slot_state_editable
 from lorambo.nn.pool_ops import keep_components_many
 from lorambo.sensitivity.token_mask import mask_selects_rows
+from lorambo.user_warnings import warn_user, warns_when_done
 
 __all__ = ["ActivationCapture", "subspace_basis", "projected_top_singular",
            "projected_top_singular_many", "plan_growth", "plan_moves", "grow_layer", "layer_benefits_many",
@@ -447,6 +447,7 @@ class OnlineGrowth:
         """The highest rank growth may reach: the capacity, or ``max_rank`` below it."""
         return layer.capacity if self.max_rank is None else min(layer.capacity, self.max_rank)
 
+    @warns_when_done  # a warning raised as an error must not stop a decision half-way
     def update(self, step=None, optimizer=None, component_scores: Mapping | None = None,
                grad_scaler=None) -> list[dict]:
         """Take one decision from the captured activations, apply it in place, return records.
@@ -478,8 +479,8 @@ class OnlineGrowth:
         try:
             if not finite:
                 # an overflowed step (GradScaler skips it too) says nothing about where rank helps
-                warnings.warn(f"step {step}: the captured activations or output gradients are not finite "
-                              "(NaN/inf): no rank decision is taken at this step", RuntimeWarning, stacklevel=2)
+                warn_user(f"step {step}: the captured activations or output gradients are not finite "
+                          "(NaN/inf): no rank decision is taken at this step", RuntimeWarning)
                 return []
             frozen = set(frozen_layers(self.layers))  # neither grow nor give (allocation/frozen.py)
             ks = {n: min(self.sketch_rank, self._top(m) - m.rank) for n, m in self.layers.items()

@@ -15,11 +15,11 @@ hooks armed, so other steps pay nothing, and the decision uses exactly that step
 from __future__ import annotations
 
 import numbers
-import warnings
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 
 from lorambo.allocation.online import OnlineGrowth, nothing_captured
+from lorambo.user_warnings import warn_user
 
 __all__ = ["DecisionSchedule", "ScheduledGrowth"]
 
@@ -66,6 +66,7 @@ class ScheduledGrowth:
         self.schedule, self._build, self.score_components = schedule, build, score_components
         self._growth: OnlineGrowth | None = None
         self._captured_step = None  # the decision step whose activations the capture holds
+        self._warned_missing: set[str] = set()  # why a decision step had no capture, warned once each
 
     @property
     def growth(self) -> OnlineGrowth:
@@ -129,8 +130,13 @@ class ScheduledGrowth:
                 self._growth.capture.clear()
             return []
         if self._growth is None or not self._growth.capture.has_data():
-            missing = nothing_captured() if self._growth is None else self._growth.capture.missing_data(step)
-            warnings.warn(f"step {step} is a rank decision step but {missing}", RuntimeWarning, stacklevel=3)
+            capture = None if self._growth is None else self._growth.capture
+            cause = nothing_captured() if capture is None else capture.missing_data()
+            if cause not in self._warned_missing:  # a loop without capture() would warn at every decision step
+                self._warned_missing.add(cause)
+                missing = cause if capture is None else capture.missing_data(step)
+                warn_user(f"step {step} is a rank decision step but {missing}; its decision is skipped, as is "
+                          "every later one for this reason, without another warning", RuntimeWarning)
             return []
         return self.update(step, optimizer, component_scores, grad_scaler)
 

@@ -217,7 +217,8 @@ def _output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=_folder, default=None, help="output folder (default: runs/<timestamp>)")
     p.add_argument("--runs-root", type=_folder, default="runs",
                    help="parent of the timestamped output folder (default: %(default)s)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (by default shown when stderr is a terminal)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -100,7 +100,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir=None, progress: bool | None = 
     """Run every unit not yet recorded; once all are, write the artefacts and return the result
     dict. When ``time_limit`` stops it first, it prints how much remains and the command that
     continues (``command``: the CLI arguments used) and returns ``{"complete": False, ...}``.
-    ``workers`` (default ``cfg.workers``) processes run the units. The units run on
+    ``workers`` (default ``cfg.workers``) processes run the units. ``progress``: a bar on
+    stderr; None shows it only when stderr is a terminal (not in a log file). The units run on
     ``cfg.threads`` torch threads and seed torch's generators themselves; the caller's thread
     count and random streams are restored afterwards, also after an error."""
     threads = torch.get_num_threads()
@@ -126,13 +127,17 @@ def _run(cfg: ExperimentConfig, out_dir, progress, echo, workers, time_limit, re
     units = all_units(cfg)
     pending = [u for u in units if unit_key(u, cfg) not in records]
     bar = tqdm(total=len(units), initial=len(units) - len(pending), desc="experiment", unit="unit", file=sys.stderr,
-               disable=progress is False, dynamic_ncols=True)
+               disable=None if progress is None else not progress, dynamic_ncols=True)  # None: a terminal only
+
+    def say(message: str) -> None:  # clears the bar's line first and redraws it after: never glued to it
+        with tqdm.external_write_mode():
+            echo(message)
 
     def record(rec: dict) -> None:
         records.add(jr.append(dict(rec, session=session, elapsed=time.perf_counter() - started)))
         run = rec.get("run")
         if run is not None and run.get("diverged"):
-            echo(f"{run['task']}: {run['method']} at budget level {run['level']:g}, seed {run['seed']}, lr "
+            say(f"{run['task']}: {run['method']} at budget level {run['level']:g}, seed {run['seed']}, lr "
                  f"{run['lr']:g} diverged ({run['diverged_where']} {run['diverged_value']} at step "
                  f"{run['diverged_step']}): recorded, never selected")
         bar.set_postfix_str(f"{rec['task']}: {rec['kind']}" if run is None else f"{rec['task']}: {run['method']}, "
@@ -143,7 +148,7 @@ def _run(cfg: ExperimentConfig, out_dir, progress, echo, workers, time_limit, re
         records.add(jr.append({"kind": "session", "session": session, "workers": workers,
                                "started": _dt.datetime.now().isoformat(timespec="seconds"),
                                "environment": environment(cfg)}))
-        left = run_units(cfg, pending, records, record, started, time_limit, workers, warn=echo)
+        left = run_units(cfg, pending, records, record, started, time_limit, workers, warn=say)
     finally:
         bar.close()
         jr.close()

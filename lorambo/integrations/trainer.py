@@ -42,7 +42,6 @@ same limits as there.
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 from transformers import TrainerCallback
@@ -54,6 +53,7 @@ from lorambo.model import lora_layers
 from lorambo.nn.local_hooks import LocalHook
 from lorambo.nn.optimizer_argument import wrapper_grad_scaler
 from lorambo.sharding import is_sharded
+from lorambo.user_warnings import warn_user
 
 __all__ = ["LoRAMBoCallback"]
 
@@ -89,10 +89,10 @@ def _warn_if_not_slot_aware(optimizer) -> None:
     from lorambo.optim import AdamW
 
     if isinstance(optimizer, torch.optim.Adam) and not isinstance(optimizer, AdamW):
-        warnings.warn(f"LoRAMBoCallback: Trainer's optimizer is {type(optimizer).__name__}, which keeps one "
-                      "Adam step count per parameter, so slots grown during training take oversized first "
-                      "steps. Pass Trainer(..., optimizers=(allocator.make_optimizer(lr=...), None)) to use "
-                      "lorambo.optim.AdamW.", stacklevel=3)
+        warn_user(f"LoRAMBoCallback: Trainer's optimizer is {type(optimizer).__name__}, which keeps one "
+                  "Adam step count per parameter, so slots grown during training take oversized first "
+                  "steps. Pass Trainer(..., optimizers=(allocator.make_optimizer(lr=...), None)) to use "
+                  "lorambo.optim.AdamW.")
 
 
 class LoRAMBoCallback(TrainerCallback):
@@ -218,13 +218,13 @@ class LoRAMBoCallback(TrainerCallback):
         try:
             saved = checkpoint.load_callback_state(folder)
         except FileNotFoundError:
-            warnings.warn(f"LoRAMBoCallback: Trainer loaded the best model from {folder}, which has no "
-                          f"{checkpoint.STATE_FILE}; callback.decisions and the decision log still describe the "
-                          "last step's ranks", stacklevel=2)
+            warn_user(f"LoRAMBoCallback: Trainer loaded the best model from {folder}, which has no "
+                      f"{checkpoint.STATE_FILE}; callback.decisions and the decision log still describe the "
+                      "last step's ranks")
             return
         if self.allocator.current_ranks() != saved["ranks"]:  # Trainer warned that it could not load it
-            warnings.warn(f"LoRAMBoCallback: the model's ranks are not those of the best checkpoint {folder} "
-                          "(Trainer did not load it); callback.decisions and the decision log describe the "
-                          "model as it is", stacklevel=2)
+            warn_user(f"LoRAMBoCallback: the model's ranks are not those of the best checkpoint {folder} "
+                      "(Trainer did not load it); callback.decisions and the decision log describe the "
+                      "model as it is")
             return
         self.decisions = checkpoint.restore(self.allocator, self.importance, saved, folder)

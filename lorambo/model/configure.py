@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numbers
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -25,6 +24,7 @@ from lorambo.nn.frozen_bases import forget_noted, note_unloaded
 from lorambo.nn.optimizer_argument import optimizer_argument
 from lorambo.nn.optimizer_state import check_slot_state_editable
 from lorambo.nn.shared_memory import memory_key, share_memory
+from lorambo.user_warnings import warn_user, warns_when_done
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -41,6 +41,7 @@ def _per_layer(value, name: str, what: str):
     return value
 
 
+@warns_when_done  # a warning raised as an error must not leave the model half-adapted
 def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_modules: str | list[str] | None = None,
                     capacity: int | Mapping[str, int] | None = None, alpha: float | None = None,
                     dropout: float | None = None, use_rslora: bool | None = None, modules_to_save=None,
@@ -90,9 +91,8 @@ def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_mod
     for name, shared in weight_sharers(model, plan.new_layers).items():
         plan.new_layers[name].note_tied_weight(_holders(model, shared))
         if shared:
-            warnings.warn(f"configure_model: the base weight of {name!r} is tied to {shared}; its adapter trains "
-                          "fine, but merging it would change those too (unload(merge=True) refuses it)",
-                          stacklevel=2)
+            warn_user(f"configure_model: the base weight of {name!r} is tied to {shared}; its adapter trains "
+                      "fine, but merging it would change those too (unload(merge=True) refuses it)")
     return model
 
 

@@ -10,12 +10,11 @@ falls a little, through the adapters alone. peft trains such a head through ``mo
 
 from __future__ import annotations
 
-import warnings
-
 from torch import nn
 
 from lorambo.model.targeting import _CLASSIFICATION_HEADS
 from lorambo.nn import LoRAMBoLinear
+from lorambo.user_warnings import warn_user
 
 __all__ = ["FrozenHeadWarning", "warn_frozen_heads"]
 
@@ -45,10 +44,10 @@ def warn_frozen_heads(model: nn.Module) -> None:
     """One :class:`FrozenHeadWarning` naming every frozen classification head and the fix."""
     heads = frozen_heads(model)
     if heads:
-        warnings.warn(
+        warn_user(
             f"configure_model: the classification head {', '.join(map(repr, heads))} of {type(model).__name__} is "
             "frozen (neither a LoRA target nor in modules_to_save), so training leaves it as it is; a head that "
             f"from_pretrained initialised at random (a new num_labels) stays random. Pass modules_to_save="
             f"{heads!r} to configure_model to train it (after LoRAMBoOptimizer.configure(): "
             f"configure_model(model, opt.current_ranks(), modules_to_save={heads!r})), or ignore this warning "
-            "for a head that is already trained", FrozenHeadWarning, stacklevel=3)
+            "for a head that is already trained", FrozenHeadWarning)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 import re
-import warnings
 from collections.abc import Iterable
 
 from torch import nn
@@ -13,6 +12,7 @@ from lorambo.model.bypassed import bypassed_linears
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import LoRAMBoLinear
 from lorambo.nn.base_layers import is_wrappable, stacked_weights, unwrappable_reason
+from lorambo.user_warnings import warn_user
 
 # Classification heads: never adapted by default, nor the layers inside one (RoBERTa's
 # classifier.dense / classifier.out_proj, Bart's and T5's classification_head.*): the last of
@@ -198,10 +198,10 @@ def _warn_stacked_left_out(model: nn.Module) -> None:
     stacked = stacked_weight_modules(model)
     if stacked:
         shown = ", ".join(f"{n!r} ({c})" for n, c in list(stacked.items())[:2])
-        warnings.warn(f"{len(stacked)} modules of {type(model).__name__} hold stacked 3-D weights (fused MoE "
-                      f"experts: {shown}{', ...' if len(stacked) > 2 else ''}), which lorambo cannot adapt; the "
-                      "default targets leave them out and adapt the nn.Linear / Conv1D layers only",
-                      UserWarning, stacklevel=5)
+        warn_user(f"{len(stacked)} modules of {type(model).__name__} hold stacked 3-D weights (fused MoE "
+                  f"experts: {shown}{', ...' if len(stacked) > 2 else ''}), which lorambo cannot adapt; the "
+                  "default targets leave them out and adapt the nn.Linear / Conv1D layers only",
+                  UserWarning)
 
 
 def _parameter_hint(model: nn.Module, matches) -> str:

@@ -19,16 +19,19 @@ the scaler skips for an overflow leaves the record for the next step. With ``dam
 
 from __future__ import annotations
 
-import warnings
+import weakref
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
+from lorambo.user_warnings import warn_user
+
 __all__ = ["mark_new_slots", "move_new_slots", "restore_new_slots"]
 
 _PENDING = WeakIdKeyDictionary()  # pool parameter -> (slot_dim, slots whose buffer starts next step)
 _installed = False
+_WARNED_ZERO_START = weakref.WeakSet()  # optimizers told that FSDP's new slots start at zero
 _POOLS = (("lora_A", 0), ("lora_B", 1))  # pool name, slot dim
 _ON_LAYER = "_fresh_momentum_slots"  # the layer's {pool name: the same set of slots _PENDING holds}
 
@@ -69,9 +72,12 @@ def mark_new_slots(optimizer, layer, slots) -> None:
         if not _needs_start(optimizer, param):
             continue
         if hasattr(optimizer, "optimizer_type"):  # FSDP's gathered pools are not the ones stepped
-            warnings.warn(f"{layer._label}: SGD with dampening > 0 through lorambo.integrations.fsdp: "
+            real = getattr(optimizer, "stands_in_for", optimizer)
+            if real not in _WARNED_ZERO_START:  # the same for every layer and decision: once
+                _WARNED_ZERO_START.add(real)
+                warn_user(f"{layer._label}: SGD with dampening > 0 through lorambo.integrations.fsdp: "
                           "the momentum buffers of new slots start at zero, so their first step is "
-                          "(1 - dampening) times a fresh SGD's", stacklevel=4)
+                          "(1 - dampening) times a fresh SGD's (in every layer; warned once per optimizer)")
             return
         _install()
         pending = layer.__dict__.setdefault(_ON_LAYER, {}).setdefault(name, set())

@@ -16,12 +16,12 @@ merge-and-restart schedule or a notebook's next experiment) trains no adapter ei
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable
 
 from torch.utils.weak import WeakIdKeyDictionary
 
 from lorambo.nn.slots import pool_slots
+from lorambo.user_warnings import warn_user
 
 __all__ = ["note_frozen", "forget_noted", "note_unloaded", "records_version", "warn_if_trains_no_adapter"]
 
@@ -65,18 +65,18 @@ def warn_if_trains_no_adapter(optimizer, params: list) -> None:
     name = f"{type(optimizer).__module__}.{type(optimizer).__name__}"
     removed = sum(1 for p in params if p in _REMOVED)
     if removed:
-        warnings.warn(
+        warn_user(
             f"{name} holds {removed} LoRA pools (lora_A / lora_B) of layers that lorambo.unload took out of "
             "their model, and none of the pools in place: its steps train no adapter. An optimizer built "
             "before unload and a new configure_model holds the old pools; build a new one after "
             "configure_model, from [p for p in model.parameters() if p.requires_grad].",
-            UserWarning, stacklevel=4)
+            UserWarning)
         return
     frozen = sum(1 for p in params if not p.requires_grad and p in _FROZEN)
     if frozen:
-        warnings.warn(
+        warn_user(
             f"{name} holds {frozen} of the base weights that lorambo froze when it adapted their layers, "
             "and none of the LoRA pools (lora_A / lora_B): its steps train no adapter. An optimizer built "
             "before configure_model (or load_adapter, import_peft) holds the model's old parameters; build "
             "it afterwards, from [p for p in model.parameters() if p.requires_grad].",
-            UserWarning, stacklevel=4)
+            UserWarning)

@@ -40,6 +40,7 @@ from lorambo.nn.unsupported_optimizers import refuse_unsupported_optimizers
 from lorambo.ops import lora_linear
 from lorambo.ops.compile_support import autocast_available, dynamic_int_attribute
 from lorambo.sharding import is_sharded, local_tensor
+from lorambo.user_warnings import warns_when_done
 
 _POOL_DIMS = {"lora_A": 0, "lora_B": 1}  # the dim along which each pool's rank slots lie
 
@@ -383,6 +384,7 @@ class LoRAMBoLinear(nn.Module):
         setattr(self.base_layer, name, value)
 
     # ------------------------------------------------------------------------ rank changes
+    @warns_when_done  # a warning raised as an error must not stop the edit half-way
     @torch.no_grad()
     def set_rank(self, rank: int, optimizer: torch.optim.Optimizer | None = None,
                  generator: torch.Generator | None = None) -> int:
@@ -441,6 +443,7 @@ class LoRAMBoLinear(nn.Module):
             if param.grad is not None:
                 yield param.grad, dim
 
+    @warns_when_done
     @torch.no_grad()
     def keep_components(self, keep: Sequence[int], optimizer: torch.optim.Optimizer | None = None) -> int:
         """Keep the active slots listed in ``keep`` (in that order) compacted into slots

@@ -25,7 +25,6 @@ the same shared ``step`` and are warned about alike. :class:`lorambo.optim.AdamW
 
 from __future__ import annotations
 
-import warnings
 import weakref
 from collections.abc import Mapping, Sequence
 
@@ -36,6 +35,7 @@ from lorambo.nn.fresh_momentum import mark_new_slots
 from lorambo.nn.fresh_state import fresh_scalar_values, fresh_state_values, step_scales_updates
 from lorambo.nn.optimizer_argument import each_optimizer, optimizer_argument
 from lorambo.nn.whole_vector_state import restart_whole_vector_state
+from lorambo.user_warnings import warn_user
 
 SLOT_STEP = "slot_step"  # lorambo.optim.AdamW's per-slot Adam step count, shape [capacity]
 # optimizers warned about their shared step: each one once, so every run in a process (a
@@ -120,13 +120,12 @@ def _warn_shared_step(optimizer, layer) -> None:
             continue
         if float(state["step"]) > 0:
             _WARNED_SHARED_STEP.add(warned)
-            warnings.warn(
+            warn_user(
                 f"{getattr(optimizer, 'optimizer_type', type(optimizer)).__name__} keeps one step count per parameter: slots that become active now "
                 f"in {layer._label} take their first step at step {int(float(state['step'])) + 1} of it, not at step 1 (Adam's bias "
                 "correction, Adafactor's averaging rate, Adagrad's lr_decay, ASGD's eta and mu), so their first "
                 "updates differ from a fresh optimizer's (2.5-5x larger measured for Adam). Use "
-                "lorambo.optim.AdamW for per-slot Adam step counts. Warned once per optimizer.",
-                stacklevel=5)
+                "lorambo.optim.AdamW for per-slot Adam step counts. Warned once per optimizer.")
             return
 
 

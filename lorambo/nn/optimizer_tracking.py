@@ -13,7 +13,6 @@ lorambo.nn.frozen_bases).
 
 from __future__ import annotations
 
-import warnings
 import weakref
 
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -22,6 +21,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from lorambo.nn.frozen_bases import records_version, warn_if_trains_no_adapter
 from lorambo.nn.optimizer_argument import each_optimizer
 from lorambo.nn.slots import pool_slots
+from lorambo.user_warnings import warn_user
 
 __all__ = ["StaleOptimizerStateWarning", "track_optimizers", "warn_if_state_left_behind", "stand_in_for", "LOAD_IT"]
 
@@ -86,9 +86,9 @@ def warn_if_state_left_behind(layer, optimizer, change: str, remedy: str = _PASS
                 continue
             _WARNED.add(holder)
             name = type(holder).__name__
-            warnings.warn(
+            warn_user(
                 f"{layer._label}: {change} without its optimizer, but a {type(holder).__module__}.{name} "
                 "holds state for its pools; that state stays at the old slots (moved slots leave it "
                 f"behind, dropped slots keep moving, new slots inherit it). {remedy.format(name=name)} "
                 "Warned once per optimizer.",
-                StaleOptimizerStateWarning, stacklevel=4)
+                StaleOptimizerStateWarning)

@@ -22,10 +22,12 @@ from lorambo.nn.optimizer_tracking import warn_if_state_left_behind
 from lorambo.nn.slot_lineage import keep_ids
 from lorambo.nn.whole_vector_state import restart_whole_vector_state
 from lorambo.ops.backend import use_compiled_multi_tensor
+from lorambo.user_warnings import warns_when_done
 
 __all__ = ["keep_components_many"]
 
 
+@warns_when_done  # a warning raised as an error must not leave some layers edited
 @torch.no_grad()
 def keep_components_many(plans: Iterable[tuple[torch.nn.Module, Sequence[int]]],
                          optimizer: torch.optim.Optimizer | None = None) -> list[int]:

@@ -11,6 +11,8 @@ Hutchinson probes), which is why those methods cost L times more products than H
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .hvp import HessianOperator
@@ -18,9 +20,10 @@ from .hvp import HessianOperator
 __all__ = ["block_products", "run_programs"]
 
 
-def block_products(op: HessianOperator, blocks: dict[int, torch.Tensor],
-                   probes_per_pass: int) -> dict[int, torch.Tensor]:
-    """{layer i: X_i [d_i, m_i]} -> {layer i: H_ii X_i [d_i, m_i]} (in X_i's dtype)."""
+def block_products(op: HessianOperator, blocks: dict[int, torch.Tensor], probes_per_pass: int,
+                   done: Callable[[int], object] | None = None) -> dict[int, torch.Tensor]:
+    """{layer i: X_i [d_i, m_i]} -> {layer i: H_ii X_i [d_i, m_i]} (in X_i's dtype). ``done(n)``
+    is called after each pass with its number of products (a progress bar's ``update``)."""
     columns = [(i, c) for i, x in blocks.items() for c in range(x.shape[1])]
     out = {i: torch.empty_like(x) for i, x in blocks.items()}
     weights = op.weights
@@ -37,11 +40,15 @@ def block_products(op: HessianOperator, blocks: dict[int, torch.Tensor],
         res = op.apply(vs, own_blocks)                                     # P rows of (d_i,)
         for p, (i, c) in enumerate(chunk):
             out[i][:, c] = res[p].to(out[i].dtype)
+        if done is not None:
+            done(len(chunk))
     return out
 
 
-def run_programs(op: HessianOperator, programs: dict[int, object], probes_per_pass: int) -> dict:
-    """Drive one sketch program per layer in lockstep; {layer: what its program returns}."""
+def run_programs(op: HessianOperator, programs: dict[int, object], probes_per_pass: int,
+                 done: Callable[[int], object] | None = None) -> dict:
+    """Drive one sketch program per layer in lockstep; {layer: what its program returns}
+    (``done``: see :func:`block_products`)."""
     results, pending = {}, {}
     for i, prog in programs.items():
         try:
@@ -49,7 +56,7 @@ def run_programs(op: HessianOperator, programs: dict[int, object], probes_per_pa
         except StopIteration as stop:
             results[i] = stop.value
     while pending:
-        products = block_products(op, {i: x for i, (_, x) in pending.items()}, probes_per_pass)
+        products = block_products(op, {i: x for i, (_, x) in pending.items()}, probes_per_pass, done)
         nxt = {}
         for i, (prog, _) in pending.items():
             try:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 
 import torch
 
@@ -48,6 +47,7 @@ from .estimate import Estimate
 from .example_weights import ExampleWeights
 from .targets import find_targets
 from .token_mask import check_token_mask
+from lorambo.user_warnings import warn_user
 
 __all__ = ["FisherProxy", "per_example_sq_grad_norms", "sketched_sq_grad_norms"]
 
@@ -326,9 +326,8 @@ class FisherProxy:
                                "the forward and backward passes run inside `with proxy:` (or between "
                                "proxy.attach() and proxy.detach())")
         if unreached:
-            warnings.warn(f"FisherProxy: no gradient reached layer(s) {unreached} (the loss does "
-                          "not use them); they are left out of the estimates", RuntimeWarning,
-                          stacklevel=2)
+            warn_user(f"FisherProxy: no gradient reached layer(s) {unreached} (the loss does "
+                      "not use them); they are left out of the estimates", RuntimeWarning)
         rows = [row for row in all_rows if row[2] > 0]
         for name, (total, total_sq, n_seen, bad) in zip(names, rows):
             n = n_seen - bad
@@ -336,10 +335,10 @@ class FisherProxy:
                 raise RuntimeError(f"FisherProxy: every one of the {int(n_seen)} examples through "
                                    f"layer {name!r} had a non-finite gradient (NaN/inf): check the loss")
             if bad:
-                warnings.warn(f"FisherProxy left out {int(bad)} of {int(n_seen)} examples of layer "
-                              f"{name!r} whose gradient was not finite (a NaN/inf loss, or an fp16 "
-                              "overflow step that a GradScaler skips)",
-                              RuntimeWarning, stacklevel=2)
+                warn_user(f"FisherProxy left out {int(bad)} of {int(n_seen)} examples of layer "
+                          f"{name!r} whose gradient was not finite (a NaN/inf loss, or an fp16 "
+                          "overflow step that a GradScaler skips)",
+                          RuntimeWarning)
             mean = total / n
             var = max(total_sq / n - mean * mean, 0.0) * n / max(n - 1, 1)
             stderr = math.sqrt(var / n) if n > 1 else math.inf

@@ -23,7 +23,6 @@ batched=None means vmap on accelerators and the loop on CPU.
 
 from __future__ import annotations
 
-import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -31,6 +30,7 @@ import torch
 from .attention import double_backward_attention
 from lorambo.distributed import SharedFailure, all_reduce_sum_
 from .inputs import check_some_batches, compute_loss, no_gradient_error
+from lorambo.user_warnings import warn_user
 
 __all__ = ["HessianOperator"]
 
@@ -108,10 +108,10 @@ class HessianOperator:
         if constant and not self._warned_constant:
             # right for a loss linear in those weights; wrong for a custom autograd.Function whose
             # backward is not differentiable (detached gradients), which reads as a zero Hessian
-            warnings.warn(f"Hessian-vector products: the gradients of {constant[:5]} do not depend on any "
-                          "weight, so their Hessian blocks are 0. If the loss is not linear in them, a "
-                          "custom autograd.Function on their path has a backward that is not differentiable",
-                          RuntimeWarning, stacklevel=4)
+            warn_user(f"Hessian-vector products: the gradients of {constant[:5]} do not depend on any "
+                      "weight, so their Hessian blocks are 0. If the loss is not linear in them, a "
+                      "custom autograd.Function on their path has a backward that is not differentiable",
+                      RuntimeWarning)
             self._warned_constant = True
         outs = [None] * len(self.weights)
         if live:
@@ -125,11 +125,11 @@ class HessianOperator:
                 except (RuntimeError, NotImplementedError) as err:
                     if isinstance(err, torch.OutOfMemoryError):
                         raise
-                    warnings.warn(
+                    warn_user(
                         "batched Hessian-vector products (autograd.grad(is_grads_batched=True), "
                         f"i.e. vmap) failed for this model: {str(err).splitlines()[0]} -- falling "
                         "back to one double backward per probe (same results, slower)",
-                        RuntimeWarning, stacklevel=4)
+                        RuntimeWarning)
                     self.batched = False
             if not self.batched or num == 1:
                 per_probe = [torch.autograd.grad(outputs, self.weights, [c[p] for c in cotangents],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import warnings
 
 import torch
 from tqdm.auto import tqdm
@@ -19,6 +18,7 @@ from .probes import rademacher
 from .reductions import per_layer_dots
 from .sketch import hutchpp_program, xtrace_program
 from .targets import differentiable, find_targets
+from lorambo.user_warnings import warn_user
 
 __all__ = ["hessian_trace"]
 
@@ -56,8 +56,8 @@ def hessian_trace(model, loss_fn, batches, modules=None, num_probes: int = 64,
     Works on transformers models as shipped: attention runs a path with a double backward
     while the products are taken (see ``attention``). Deterministic for a fixed seed: the model
     runs in eval mode (see :mod:`~lorambo.sensitivity.mode`), each module's flag restored after.
-    ``progress``: a tqdm bar, default on when stderr is a terminal
-    (rank 0 only). Under torch.distributed every rank passes its own batches (any number, none
+    ``progress``: a tqdm bar on stderr (probes for "hutchinson", Hessian-vector products for
+    "hutch++" / "xtrace"), default on when stderr is a terminal (rank 0 only). Under torch.distributed every rank passes its own batches (any number, none
     included) and the same settings (ValueError on every rank otherwise); all ranks get the
     estimate for the mean loss over all ranks' batches (sums and batch counts all-reduced).
     """
@@ -90,12 +90,17 @@ def hessian_trace(model, loss_fn, batches, modules=None, num_probes: int = 64,
             progs = {i: program(w.numel(), num_probes, seed, i,
                                 torch.promote_types(w.dtype, torch.float32), w.device)
                      for i, w in enumerate(weights)}
-            out = run_programs(op, progs, probes_per_pass)
+            # at most num_probes products per layer (fewer for a layer with fewer weights)
+            with tqdm(total=num_probes * len(weights), disable=not (progress and is_main_process()),
+                      desc=f"hessian_trace ({method})", unit="product") as bar:
+                out = run_programs(op, progs, probes_per_pass, bar.update)
+                bar.total = bar.n  # the products actually taken: the bar ends full
+                bar.refresh()
             results = [out[i][0] for i in range(len(weights))]
             bad = sum(out[i][1] for i in range(len(weights)))
     if bad:
-        warnings.warn(f"hessian_trace skipped {bad} probe(s) whose Hessian-vector product was "
-                      "not finite (NaN/inf)", RuntimeWarning, stacklevel=2)
+        warn_user(f"hessian_trace skipped {bad} probe(s) whose Hessian-vector product was "
+                  "not finite (NaN/inf)", RuntimeWarning)
     return {t.name: est for t, est in zip(targets, results)}
 
 
