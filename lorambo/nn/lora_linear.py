@@ -318,7 +318,7 @@ class LoRAMBoLinear(nn.Module):
         return int(value)
 
     def _check_finite(self, what: str, value) -> float:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not is_finite_number(value):
+        if not is_finite_number(value):
             raise ValueError(f"{self._label}: {what} must be a finite number, got {shown_number(value)}")
         return float(value)
 

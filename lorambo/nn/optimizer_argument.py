@@ -79,12 +79,17 @@ def each_optimizer(optimizer, layer=None) -> tuple:
                  if any(id(p) in pools for group in opt.param_groups for p in group["params"]))
 
 
+def _wraps_as_accelerate_does(optimizer) -> bool:
+    """Whether ``optimizer`` keeps a torch optimizer as ``.optimizer`` (accelerate's ``AcceleratedOptimizer``)."""
+    return isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer)
+
+
 def wrapper_grad_scaler(optimizer):
     """The GradScaler an optimizer wrapper steps with: accelerate's ``AcceleratedOptimizer`` keeps
     the accelerator's as ``.scaler`` (None without fp16 loss scaling). None for an optimizer that
     wraps none. A rank decision given such a wrapper takes its gradients in units of the loss the
     scaler scaled."""
-    if not isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+    if not _wraps_as_accelerate_does(optimizer):
         return None
     return getattr(optimizer, "scaler", None)
 
@@ -94,6 +99,6 @@ def skips_this_step(optimizer) -> bool:
     ``AcceleratedOptimizer`` inside ``accelerator.accumulate`` on a micro-batch that does not end
     the accumulation (its ``gradient_state.sync_gradients`` is False). The step's gradients are
     then still being accumulated."""
-    if not isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+    if not _wraps_as_accelerate_does(optimizer):
         return False
     return getattr(getattr(optimizer, "gradient_state", None), "sync_gradients", True) is False
