@@ -7,12 +7,12 @@ optimizer it is (the start values of :mod:`lorambo.nn.fresh_state`, SGD's moment
 accelerate's ``AcceleratedOptimizer`` (what ``accelerator.prepare(optimizer)`` returns and
 transformers' Trainer holds) is a ``torch.optim.Optimizer`` that keeps the real one as
 ``.optimizer`` and forwards ``state`` and ``param_groups`` to it. Taken as it is, a rank change
-saw neither Rprop nor Adagrad nor SGD behind it (new slots started at zero, not at a fresh
-optimizer's state) and warned that the optimizer had been left behind. torch's
+would see neither Rprop nor Adagrad nor SGD behind it (new slots would start at zero, not at a
+fresh optimizer's state) and would warn that the optimizer had been left behind. torch's
 ``ZeroRedundancyOptimizer`` keeps the optimizer that holds the state (of this process's share
 of the parameters) as ``.optim``, and its own ``state`` stays empty: a rank change given it
-left the moments of dropped slots in place, and Adam moved those slots off zero again. A
-wrapper is therefore replaced by the optimizer it wraps.
+would leave the moments of dropped slots in place, and Adam would move those slots off zero
+again. A wrapper is therefore replaced by the optimizer it wraps.
 """
 
 from __future__ import annotations
