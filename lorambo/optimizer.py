@@ -170,8 +170,7 @@ class LoRAMBoOptimizer:
         if max_rank is not None and min_rank > max_rank:
             raise ValueError(f"min_rank={min_rank} > max_rank={max_rank}")
         # used only by configure(), after a measurement that may take minutes: check it now
-        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
-                                  or not is_finite_number(alpha) or alpha == 0):
+        if alpha is not None and (not is_finite_number(alpha) or alpha == 0):
             raise ValueError(f"LoRAMBoOptimizer: alpha={shown_number(alpha)} must be a finite nonzero number, or None "
                              "(each layer's rank)")
         check_growth_factor(growth_factor, "LoRAMBoOptimizer")
@@ -228,7 +227,7 @@ class LoRAMBoOptimizer:
         return names, dims, dtypes
 
     def _check_budget(self, budget, what: str) -> int:
-        if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not is_finite_number(budget):
+        if not is_finite_number(budget):
             raise ValueError(f"{what}={shown_number(budget)} must be a finite number of parameters")
         cheapest = min(self.names, key=self.costs.__getitem__)
         if budget < self.costs[cheapest]:

@@ -66,6 +66,18 @@ def one_thread():
 
 
 @pytest.fixture
+def one_process_group(tmp_path):
+    """A one-process gloo group (rank 0 of 1), destroyed after the test."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture
 def fresh_venv(tmp_path):
     """(venv, python) of a new venv whose dependencies come from the test venv through a .pth
     path line. A path line does not run the test venv's own .pth files, so its editable lorambo

@@ -1,8 +1,8 @@
 """Byte-reproducible safetensors files: the same tensors and metadata give the same bytes.
 
 safetensors writes the ``__metadata__`` entries in the order of a Rust ``HashMap`` with a random
-state per map (safetensors issue #584), so saving the same adapter twice gave files with other
-bytes and other checksums. :func:`save_file_canonical` writes the file, then rewrites its header
+state per map (safetensors issue #584), so the same adapter saved twice would give files with
+other bytes and other checksums. :func:`save_file_canonical` writes the file, then rewrites its header
 in place with those entries sorted by key. The header keeps its length (the same JSON text in
 another order), so no tensor byte moves.
 """

@@ -62,9 +62,9 @@ class ALoRAConfig:
 
 
 def check_round_settings(n_prune, budget) -> None:
-    """ValueError naming the setting unless a round can use it: islice() refused a bad
-    ``n_prune`` in its own words, and a NaN budget made every move "not fit", so the round
-    silently did nothing."""
+    """ValueError naming the setting unless a round can use it: islice() would refuse a bad
+    ``n_prune`` in its own words, and a NaN budget makes every move "not fit", so the round
+    would silently do nothing."""
     if isinstance(n_prune, bool) or not isinstance(n_prune, numbers.Integral) or n_prune < 1:
         raise ValueError(f"ALoRA: n_prune={n_prune!r} must be an int >= 1")
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not budget >= 0:

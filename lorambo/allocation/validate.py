@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from lorambo.nn.finite_numbers import shown_number
+from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from lorambo.sensitivity.estimate import Estimate
 
 # Relative slack for "non-increasing" checks on float curves: singular values and tail energies
@@ -81,13 +81,9 @@ def _real(what: str, name: Any, value: Any) -> float:
 def _budget(budget: Any) -> int:
     if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, numbers.Real):
         raise ValueError(f"budget={budget!r} must be a real number of parameters")
-    try:
-        b = float(budget)
-    except OverflowError:  # an int beyond the float range
-        b = math.inf
-    if not math.isfinite(b) or b < 0:
+    if not is_finite_number(budget) or float(budget) < 0:
         raise ValueError(f"budget={shown_number(budget)} must be finite and >= 0")
-    return int(budget) if _is_int(budget) else math.floor(b)
+    return int(budget) if _is_int(budget) else math.floor(float(budget))
 
 
 def validate_problem(dims, sensitivities, budget, min_rank, max_rank, capacities,

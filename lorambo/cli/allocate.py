@@ -66,7 +66,7 @@ def add_parser(sub) -> None:
 # Checked when parsed, before minutes of loading and measuring: a NaN alpha would otherwise land
 # in adapter_config.json (as the non-JSON token NaN), alpha 0 (scaling 0: an adapter that adds
 # nothing) is refused by LoRAMBoOptimizer only after the model has loaded, and tokenizers silently
-# ignore a max_length below their special tokens (0 and 1 did not truncate at all) or crash on a
+# ignore a max_length below their special tokens (0 and 1 do not truncate at all) or crash on a
 # negative one.
 def _finite_nonzero_float(text: str) -> float:
     return _parse_number(text, float, lambda v: math.isfinite(v) and v != 0, "a finite nonzero number")
@@ -95,8 +95,8 @@ def _lines(path: str, need: int) -> list[str]:
 
 
 def _check_out(out: Path, model: Path) -> None:
-    """ValueError unless ``out`` is a folder or can become one (found only when the files were
-    written, after the measuring, it was a traceback: FileExistsError / NotADirectoryError) and is
+    """ValueError unless ``out`` is a folder or can become one (otherwise found only when the files
+    are written, after the measuring, as a FileExistsError / NotADirectoryError traceback) and is
     not the model's folder: transformers loads a folder holding adapter_config.json as a peft
     adapter, so from_pretrained(model) would then fail for want of adapter weights."""
     if out.resolve() == model.resolve():

@@ -48,7 +48,7 @@ def save_callback_state(folder: str | Path, state: dict) -> Path:
 
 def _save(state: dict, tmp: str) -> None:
     # through a file object: given a path, torch.save names the archive's records after the file,
-    # here a temporary name holding the host and the process id, so the bytes differed per run
+    # here a temporary name holding the host and the process id, so the bytes would differ per run
     with open(tmp, "wb") as f:
         torch.save(state, f)
 

@@ -9,8 +9,11 @@ import numbers
 __all__ = ["is_finite_number", "shown_number"]
 
 
-def is_finite_number(value: numbers.Real) -> bool:
-    """Whether ``value`` is a finite float; an int too large for one is not."""
+def is_finite_number(value) -> bool:
+    """Whether ``value`` is a real number (a bool is not) with a finite float value; an int too
+    large for a float is not."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
     try:
         return math.isfinite(float(value))
     except OverflowError:

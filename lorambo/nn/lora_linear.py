@@ -319,7 +319,7 @@ class LoRAMBoLinear(nn.Module):
         return int(value)
 
     def _check_finite(self, what: str, value) -> float:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not is_finite_number(value):
+        if not is_finite_number(value):
             raise ValueError(f"{self._label}: {what} must be a finite number, got {shown_number(value)}")
         return float(value)
 
@@ -660,8 +660,8 @@ class LoRAMBoLinear(nn.Module):
 
         The base weight's key is also declared tied (``_tied_weights_keys``, which transformers'
         ``save_pretrained`` reads from every submodule): a model declares the plain key
-        (``lm_head.weight``), so the save found ``lm_head.base_layer.weight`` sharing memory with
-        the embedding under no declared key and raised instead of writing one copy."""
+        (``lm_head.weight``); undeclared, ``lm_head.base_layer.weight`` shares memory with the
+        embedding under no declared key, and the save raises instead of writing one copy."""
         self._tied_holders = tuple(holders)
         # transformers reads only the keys of a submodule that is not a PreTrainedModel
         self._tied_weights_keys = {"base_layer.weight": self._tied_holders[0][0]} if self._tied_holders else None

@@ -7,12 +7,12 @@ optimizer it is (the start values of :mod:`lorambo.nn.fresh_state`, SGD's moment
 accelerate's ``AcceleratedOptimizer`` (what ``accelerator.prepare(optimizer)`` returns and
 transformers' Trainer holds) is a ``torch.optim.Optimizer`` that keeps the real one as
 ``.optimizer`` and forwards ``state`` and ``param_groups`` to it. Taken as it is, a rank change
-saw neither Rprop nor Adagrad nor SGD behind it (new slots started at zero, not at a fresh
-optimizer's state) and warned that the optimizer had been left behind. torch's
+would see neither Rprop nor Adagrad nor SGD behind it (new slots would start at zero, not at a
+fresh optimizer's state) and would warn that the optimizer had been left behind. torch's
 ``ZeroRedundancyOptimizer`` keeps the optimizer that holds the state (of this process's share
 of the parameters) as ``.optim``, and its own ``state`` stays empty: a rank change given it
-left the moments of dropped slots in place, and Adam moved those slots off zero again. A
-wrapper is therefore replaced by the optimizer it wraps.
+would leave the moments of dropped slots in place, and Adam would move those slots off zero
+again. A wrapper is therefore replaced by the optimizer it wraps.
 """
 
 from __future__ import annotations
@@ -79,12 +79,17 @@ def each_optimizer(optimizer, layer=None) -> tuple:
                  if any(id(p) in pools for group in opt.param_groups for p in group["params"]))
 
 
+def _wraps_as_accelerate_does(optimizer) -> bool:
+    """Whether ``optimizer`` keeps a torch optimizer as ``.optimizer`` (accelerate's ``AcceleratedOptimizer``)."""
+    return isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer)
+
+
 def wrapper_grad_scaler(optimizer):
     """The GradScaler an optimizer wrapper steps with: accelerate's ``AcceleratedOptimizer`` keeps
     the accelerator's as ``.scaler`` (None without fp16 loss scaling). None for an optimizer that
     wraps none. A rank decision given such a wrapper takes its gradients in units of the loss the
     scaler scaled."""
-    if not isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+    if not _wraps_as_accelerate_does(optimizer):
         return None
     return getattr(optimizer, "scaler", None)
 
@@ -94,6 +99,6 @@ def skips_this_step(optimizer) -> bool:
     ``AcceleratedOptimizer`` inside ``accelerator.accumulate`` on a micro-batch that does not end
     the accumulation (its ``gradient_state.sync_gradients`` is False). The step's gradients are
     then still being accumulated."""
-    if not isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+    if not _wraps_as_accelerate_does(optimizer):
         return False
     return getattr(getattr(optimizer, "gradient_state", None), "sync_gradients", True) is False

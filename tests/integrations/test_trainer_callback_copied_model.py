@@ -4,9 +4,6 @@ and a deep copy kept it after the step, so every later forward of the copy armed
 allocator's capture hooks on the original model at steps that decide nothing (each such step
 then kept every layer's input and output gradient until the optimizer step)."""
 
-import copy
-import io
-import pickle
 from types import SimpleNamespace
 
 import pytest
@@ -18,6 +15,7 @@ import lorambo  # noqa: E402
 from lorambo.integrations import LoRAMBoCallback  # noqa: E402
 from lorambo.optimizer import LoRAMBoOptimizer  # noqa: E402
 
+from model_copies import COPIER_IDS, COPIERS  # noqa: E402
 from residual_net import ResidualNet, mse  # noqa: E402
 
 DT = torch.float64
@@ -27,15 +25,7 @@ def _armed(model) -> bool:
     return any(layer._forward_hooks for layer in lorambo.lora_layers(model).values())
 
 
-def _torch_save_copy(model):
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=False)
-
-
-@pytest.mark.parametrize("copier", [copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m)), _torch_save_copy],
-                         ids=["deepcopy", "pickle", "torch.save"])
+@pytest.mark.parametrize("copier", COPIERS, ids=COPIER_IDS)
 def test_a_copy_made_in_a_decision_step_does_not_arm_the_capture_later(copier):
     torch.manual_seed(0)
     model = ResidualNet()

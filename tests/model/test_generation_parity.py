@@ -8,26 +8,16 @@ import copy
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from lorambo import configure_model, lora_layers
+
+from tiny_causal_lms import tiny_gpt2, tiny_llama
 
 DT = torch.float64
 SEARCHES = {"greedy": {}, "no cache": {"use_cache": False}, "static cache": {"cache_implementation": "static"},
             "beam search": {"num_beams": 3}}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_gpt2():  # Conv1D layers
-    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32,
-                                      bos_token_id=0, eos_token_id=63))
-
-
-def tiny_llama():  # nn.Linear layers, grouped-query attention
-    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                        bos_token_id=0, eos_token_id=63))
 
 
 def _adapted_and_reference(build):

@@ -36,14 +36,21 @@ def _train(model, optimizer, average, steps, gen, by_hand=None):
                     by_hand[name] = value.clone() if old is None else DECAY * old + (1 - DECAY) * value
 
 
-def test_an_average_copied_before_growth_is_refused_on_load():
+def _stale_average(steps_before_growth=1):
+    """(model, EMA): the EMA copied at rank 2, trained ``steps_before_growth`` steps, the model's
+    layer '0' grown to rank 3 and both trained 2 more steps; the EMA keeps rank 2."""
     model = _model()
     optimizer = lorambo.optim.AdamW(model.parameters(), lr=0.1)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(DECAY))
     gen = torch.Generator().manual_seed(1)
-    _train(model, optimizer, ema, 2, gen)
+    _train(model, optimizer, ema, steps_before_growth, gen)
     model[0].set_rank(3, optimizer=optimizer)
     _train(model, optimizer, ema, 2, gen)
+    return model, ema
+
+
+def test_an_average_copied_before_growth_is_refused_on_load():
+    _, ema = _stale_average(steps_before_growth=2)
     assert ema.module[0].rank == 2 and ema.module[0].lora_A[2].abs().max() > 0.01  # the stale copy
     target = _model()
     target[0].set_rank(1)
@@ -178,17 +185,6 @@ def test_follow_ranks_after_load_adapter_into_the_model_restarts_the_average(tmp
     assert follow_ranks(average, model) == ["0"]
     assert torch.equal(average.module[0].lora_A, other[0].lora_A)
     assert torch.equal(average.module[0].lora_B, other[0].lora_B)
-
-
-def _stale_average():
-    model = _model()
-    optimizer = lorambo.optim.AdamW(model.parameters(), lr=0.1)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(DECAY))
-    gen = torch.Generator().manual_seed(1)
-    _train(model, optimizer, ema, 1, gen)
-    model[0].set_rank(3, optimizer=optimizer)
-    _train(model, optimizer, ema, 2, gen)
-    return model, ema
 
 
 @pytest.mark.parametrize("save", ["save_adapter", "export_peft"])

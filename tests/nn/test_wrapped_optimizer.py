@@ -49,6 +49,19 @@ def _trained(make_optimizer, steps=3):
     return layer, x, opt
 
 
+def _regrown_row_step(layer, x, opt, gen):
+    """(update, gradient, value before) of lora_A's row 1, regrown at rank 2, over one optimizer
+    step; B's column 1 is drawn from ``gen`` first so that the row gets a non-zero gradient."""
+    with torch.no_grad():
+        layer.lora_B[:, 1].copy_(torch.randn(5, dtype=DT, generator=gen))
+    opt.zero_grad()
+    layer(x).square().sum().backward()
+    before, grad = layer.lora_A[1].detach().clone(), layer.lora_A.grad[1].clone()
+    assert grad.abs().min() > 0
+    opt.step()
+    return layer.lora_A[1].detach() - before, grad, before
+
+
 FRESH_FIRST_UPDATE = {  # -(first update of a fresh optimizer) for gradient g at value p
     "rprop": (lambda p: torch.optim.Rprop(p, lr=LR), lambda g, p: LR * g.sign()),
     "adagrad": (lambda p: torch.optim.Adagrad(p, lr=LR, initial_accumulator_value=0.1, eps=1e-10),
@@ -68,14 +81,8 @@ def test_regrown_slot_starts_fresh_through_the_wrapper(kind):
         warnings.simplefilter("error", StaleOptimizerStateWarning)
         layer.set_rank(1, optimizer=opt)
         layer.set_rank(2, optimizer=opt, generator=gen)
-    with torch.no_grad():
-        layer.lora_B[:, 1].copy_(torch.randn(5, dtype=DT, generator=gen))  # so A's row 1 gets a gradient
-    opt.zero_grad()
-    layer(x).square().sum().backward()
-    before, grad = layer.lora_A[1].detach().clone(), layer.lora_A.grad[1].clone()
-    assert grad.abs().min() > 0
-    opt.step()
-    torch.testing.assert_close(layer.lora_A[1].detach() - before, -first_update(grad, before), rtol=1e-12, atol=0)
+    update, grad, before = _regrown_row_step(layer, x, opt, gen)
+    torch.testing.assert_close(update, -first_update(grad, before), rtol=1e-12, atol=0)
 
 
 CHANGES = {
@@ -118,17 +125,6 @@ def test_something_that_is_not_an_optimizer_is_refused_naming_the_call():
     assert torch.equal(layer.lora_A[2:], torch.zeros(2, 6)) and layer.rank == 2
 
 
-@pytest.fixture
-def one_process_group(tmp_path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.usefixtures("one_process_group")
 def test_rank_changes_given_a_zero_redundancy_optimizer_edit_the_optimizer_it_holds():
     """ZeroRedundancyOptimizer keeps the optimizer that holds the state as ``.optim``, its own
@@ -158,11 +154,5 @@ def test_rank_changes_given_a_zero_redundancy_optimizer_edit_the_optimizer_it_ho
         step()
         assert not layer.lora_A[1:].any() and not layer.lora_B[:, 1:].any()
         layer.set_rank(2, optimizer=opt, generator=gen)
-    with torch.no_grad():
-        layer.lora_B[:, 1].copy_(torch.randn(5, dtype=DT, generator=gen))  # so A's row 1 gets a gradient
-    opt.zero_grad()
-    layer(x).square().sum().backward()
-    before, grad = layer.lora_A[1].detach().clone(), layer.lora_A.grad[1].clone()
-    assert grad.abs().min() > 0
-    opt.step()  # a fresh Adam's first step: lr * g / (|g| + eps)
-    torch.testing.assert_close(layer.lora_A[1].detach() - before, -LR * grad / (grad.abs() + 1e-8), rtol=1e-12, atol=0)
+    update, grad, _ = _regrown_row_step(layer, x, opt, gen)  # a fresh Adam's first step: lr * g / (|g| + eps)
+    torch.testing.assert_close(update, -LR * grad / (grad.abs() + 1e-8), rtol=1e-12, atol=0)

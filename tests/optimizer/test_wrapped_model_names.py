@@ -5,9 +5,7 @@ is for layers ['_orig_mod.0', ...]"). Layers are now named as in the plain model
 
 import copy
 
-import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import lorambo
@@ -76,15 +74,6 @@ def test_a_compiled_model_is_named_and_decided_as_the_plain_one():
     again.make_optimizer(lr=1e-2)
     again.load_state_dict(plain.state_dict())
     assert again.decisions == plain.decisions
-
-
-@pytest.fixture
-def one_process_group(tmp_path):
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_ddp_model_is_named_as_the_plain_one(one_process_group):

@@ -3,15 +3,14 @@ torch.save / pickle): the proxy's hook closures did not pickle, and a deep copy 
 the copy's training steps were counted into the original's Fisher traces, also after detach().
 Copies now carry hooks that do nothing."""
 
-import copy
-import io
-import pickle
 
 import pytest
 import torch
 from torch import nn
 
 from lorambo.sensitivity import FisherProxy
+
+from model_copies import COPIER_IDS, COPIERS
 
 DT = torch.float64
 
@@ -42,15 +41,7 @@ def _naive_traces(model, batches) -> list[torch.Tensor]:
     return [torch.stack(v).mean() for v in sq]
 
 
-def _torch_save_copy(model):
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=False)
-
-
-@pytest.mark.parametrize("copier", [copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m)), _torch_save_copy],
-                         ids=["deepcopy", "pickle", "torch.save"])
+@pytest.mark.parametrize("copier", COPIERS, ids=COPIER_IDS)
 def test_a_copy_taken_while_attached_is_not_counted(copier):
     model, first, last, other = _net(), _batch(1), _batch(2), _batch(3)
     proxy = FisherProxy(model)
