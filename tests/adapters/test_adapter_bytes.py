@@ -1,6 +1,6 @@
-"""save_adapter writes the same bytes for the same adapter. safetensors wrote the metadata entries
-in a random order per save (a Rust HashMap: safetensors issue #584), so two saves of one adapter
-had other bytes and other checksums."""
+"""save_adapter writes the same bytes for the same adapter. safetensors alone writes the metadata
+entries in a random order per save (a Rust HashMap: safetensors issue #584), which would give two
+saves of one adapter other bytes and other checksums."""
 
 import json
 import struct

@@ -1,8 +1,8 @@
 """Loading an adapter into a model built on the meta device (a big model's skeleton, before its
-weights are loaded): a meta tensor holds no data, so the loaders copied the adapter into nothing
-and returned; after ``to_empty`` and loading the base weights the pools held garbage (outputs off
-by ~1e27). They refuse it now, naming the layer, before anything changes. Once materialised,
-the loaded pools are exactly the adapter, whatever ``to_empty`` left in them."""
+weights are loaded) is refused, naming the layer, before anything changes: a meta tensor holds no
+data, so the adapter would be copied into nothing, and after ``to_empty`` and loading the base
+weights the pools would hold garbage (outputs off by ~1e27). Once materialised, the loaded pools
+are exactly the adapter, whatever ``to_empty`` left in them."""
 
 import pytest
 import torch

@@ -1,7 +1,7 @@
 """Under DDP every process builds the pools LoRAMBoOptimizer.compute_optimal_ranks decides, so
 every process must decide the same ranks. Scores computed on each process (an SVD, an einsum, a
-sum) can differ in their last bits between machines; process 1 used to take its own, other
-ranks from them, and the processes built pools of different shapes."""
+sum) can differ in their last bits between machines; every process takes process 0's, so
+process 1 (given rounding-level different numbers) builds pools of the same shapes."""
 
 from pathlib import Path
 

@@ -2,9 +2,8 @@
 
 ``load_best_model_at_end`` with ``save_total_limit``: the best checkpoint was saved before ranks
 grew and moved, so Trainer ends with that model at its ranks, and the callback's decisions,
-decision log and importance averages must describe it too (they described the last step's
-ranks). Reference: the ranks, outputs, decisions and importance recorded when that checkpoint
-was saved.
+decision log and importance averages describe it too, not the last step's ranks. Reference: the
+ranks, outputs, decisions and importance recorded when that checkpoint was saved.
 
 ``evaluate()`` every step: evaluation runs between decision steps under ``no_grad``, so the
 decisions and the trained weights are bit for bit those of a run without evaluation (without

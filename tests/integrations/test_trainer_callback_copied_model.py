@@ -1,8 +1,9 @@
 """A model copied during a Trainer decision step (an EMA or teacher made by deepcopy, a
-torch.save of the whole model): LoRAMBoCallback's batch hook was a lambda, so pickling failed,
-and a deep copy kept it after the step, so every later forward of the copy armed the
-allocator's capture hooks on the original model at steps that decide nothing (each such step
-then kept every layer's input and output gradient until the optimizer step)."""
+torch.save of the whole model) is copied (LoRAMBoCallback's batch hook is no lambda, which would
+not pickle), computes as the model did at the copy, and its later forwards arm none of the
+allocator's capture hooks on the original model: a copy that kept the hook would arm them at
+steps that decide nothing, and each such step would keep every layer's input and output gradient
+until the optimizer step."""
 
 from types import SimpleNamespace
 

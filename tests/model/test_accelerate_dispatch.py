@@ -2,9 +2,9 @@
 
 Offloading (``cpu_offload``, 'cpu'/'disk' in a device_map) leaves the base weight on the meta
 device and attaches a hook that brings it in only when the base layer itself is called, which
-LoRAMBoLinear never does (it computes x W^T + b from the weight). The refusal named only a device
-mix ("move the input or the layer to one device"), not the offloading that caused it. Big-model
-loading takes the merged plain checkpoint."""
+LoRAMBoLinear never does (it computes x W^T + b from the weight). The forward's refusal names the
+offloading that caused it, not only a device mix ("move the input or the layer to one device").
+Big-model loading takes the merged plain checkpoint."""
 
 import copy
 

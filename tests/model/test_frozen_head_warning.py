@@ -1,6 +1,6 @@
-"""configure_model on a sequence classifier without its head in modules_to_save froze the freshly
-initialised head in silence: training moved the adapters only and the head stayed random. It now
-warns once, naming the head and the modules_to_save that trains it."""
+"""configure_model on a sequence classifier without its head in modules_to_save freezes the freshly
+initialised head (training moves the adapters only and the head stays random), so it warns
+once, naming the head and the modules_to_save that trains it."""
 
 import warnings
 

@@ -1,9 +1,9 @@
 """``save_pretrained`` of a model whose adapted output head is tied to the input embedding (GPT-2's
 ``lm_head`` as a LoRA target), as Trainer saves every checkpoint. transformers keeps one copy of
 a tied weight only under a key the model declares tied (``lm_head.weight``); wrapped, the head's
-weight is ``lm_head.base_layer.weight``, and the save raised "shared tensors ... not properly
-defined". It now writes one copy, and the checkpoint loads back into the rebuilt model with the
-tie and the adapter's function."""
+weight is ``lm_head.base_layer.weight``, under which the save would raise "shared tensors ... not
+properly defined". It writes one copy, and the checkpoint loads back into the rebuilt model with
+the tie and the adapter's function."""
 
 import warnings
 

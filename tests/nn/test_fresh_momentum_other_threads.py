@@ -1,8 +1,8 @@
 """SGD momentum starts of new slots (lorambo.nn.fresh_momentum) with several models in one
-process, each trained by its own thread: the step pre-hook listed the records of every model
-while another thread's rank change could add one, and crashed that step with "dictionary
-changed size during iteration" (seen within seconds with two threads training two models). It
-now looks up only its optimizer's own parameters."""
+process, each trained by its own thread: the step pre-hook looks up only its optimizer's own
+parameters, so another thread's rank change adding a record cannot crash the step with
+"dictionary changed size during iteration" (seen within seconds with two threads training two
+models when the hook listed the records of every model)."""
 
 import torch
 from torch import nn

@@ -1,9 +1,9 @@
 """A whole model saved with ``torch.save(model)`` and loaded in a new process (or handed to
-``mp.spawn``): no LoRAMBoLinear ``__init__`` runs there, and the process-wide optimizer hooks a
-new layer installs were missing. torch.optim.Adafactor then stepped a pool below its capacity
-(off by ~1e-2 after a few steps) instead of being refused, a rank change that left a stepped
-optimizer behind did not warn, nor did an optimizer of frozen base weights only. Unpickling a
-layer installs them."""
+``mp.spawn``): no LoRAMBoLinear ``__init__`` runs there, so unpickling a layer installs the
+process-wide optimizer hooks a new layer installs. Without them torch.optim.Adafactor would step
+a pool below its capacity (off by ~1e-2 after a few steps) instead of being refused, and neither
+a rank change that leaves a stepped optimizer behind nor an optimizer of frozen base weights
+only would warn."""
 
 import json
 import os

@@ -1,8 +1,8 @@
 """A weight average (torch.optim.swa_utils.AveragedModel, an EMA) copied before a rank change keeps
-the old rank and averages the grown slots into its inactive ones. Loading its state_dict used to
-bring back the old rank and zero those slots silently; it is refused naming the layer, the pool
-and the ranks, before anything changes. An average taken after the last rank change loads as the
-average a float64 EMA computed by hand gives."""
+the old rank and averages the grown slots into its inactive ones. Loading its state_dict, which
+would bring back the old rank and zero those slots silently, is refused naming the layer, the
+pool and the ranks, before anything changes. An average taken after the last rank change loads
+as the average a float64 EMA computed by hand gives."""
 
 import pytest
 import torch

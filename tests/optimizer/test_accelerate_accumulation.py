@@ -3,9 +3,9 @@
 accelerate's idiom calls ``optimizer.step()`` on every micro-batch inside
 ``accelerator.accumulate(model)``; the optimizer ``accelerator.prepare`` returned steps only on
 the micro-batch that ends the accumulation (``accelerator.sync_gradients``). ``opt.step(step,
-optimizer=prepared)`` placed beside it decided on the first micro-batch from half the step's
-gradients, then again on the next one. It now waits for the micro-batch that steps, so the loop
-decides and trains as a plain loop that accumulates by hand and calls ``opt.step`` once."""
+optimizer=prepared)`` placed beside it waits for the micro-batch that steps (rather than deciding
+on the first micro-batch from half the step's gradients, then again on the next one), so the
+loop decides and trains as a plain loop that accumulates by hand and calls ``opt.step`` once."""
 
 import pytest
 import torch

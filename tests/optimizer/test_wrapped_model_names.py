@@ -1,7 +1,7 @@
-"""LoRAMBoOptimizer given a model wrapped by torch.compile or DDP named its layers with the
-wrapper's prefix ('_orig_mod.0', 'module.0'): its ranks, decisions and state_dict did not fit an
-allocator on the plain model, so a run saved with compile did not resume without it ("the state
-is for layers ['_orig_mod.0', ...]"). Layers are now named as in the plain model."""
+"""LoRAMBoOptimizer given a model wrapped by torch.compile or DDP names its layers as in the plain
+model, without the wrapper's prefix ('_orig_mod.0', 'module.0'), so its ranks, decisions and
+state_dict fit an allocator on the plain model, and a run saved with compile resumes without it
+(rather than failing with "the state is for layers ['_orig_mod.0', ...]")."""
 
 import copy
 

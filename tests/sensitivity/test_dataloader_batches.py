@@ -1,7 +1,7 @@
 """Batches given as a DataLoader are read without moving torch's global generator. Each pass over a
 DataLoader draws a seed from it (its workers' base seed; a shuffling sampler draws one more), so
-every measurement and every rank decision on held-out batches shifted the training run's dropout
-masks and data order after it."""
+otherwise every measurement and every rank decision on held-out batches would shift the training
+run's dropout masks and data order after it."""
 
 import copy
 

@@ -1,7 +1,7 @@
 """A model copied while a FisherProxy is attached (an EMA or teacher by deepcopy, a checkpoint by
-torch.save / pickle): the proxy's hook closures did not pickle, and a deep copy shared them, so
-the copy's training steps were counted into the original's Fisher traces, also after detach().
-Copies now carry hooks that do nothing."""
+torch.save / pickle) pickles, and its copy carries hooks that do nothing: the copy's training
+steps are not counted into the original's Fisher traces, also after detach() (as they would be
+through hook closures shared by a deep copy)."""
 
 
 import pytest

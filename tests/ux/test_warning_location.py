@@ -1,8 +1,8 @@
 """Every lorambo warning is reported at the user's line, whatever path reaches it.
 
 ``filterwarnings(..., module=...)`` and the default filter's once-per-location rule act on the
-frame a warning is attributed to; a fixed ``stacklevel`` put the same warning at a line inside
-lorambo when it came through the growth schedule or a torch optimizer step hook."""
+frame a warning is attributed to; a fixed ``stacklevel`` would put the same warning at a line
+inside lorambo when it comes through the growth schedule or a torch optimizer step hook."""
 
 import warnings
 import weakref
