@@ -251,8 +251,10 @@ class LoRAMBoOptimizer:
         batch (e.g. BERT's pooler under a loss on the hidden states) are dropped from
         ``names`` with a RuntimeWarning: no budget is spent on them."""
         from lorambo.sensitivity.inputs import as_batch_list
+        from lorambo.sensitivity.progress import check_progress
         from lorambo.sensitivity.simple import unreached_targets
 
+        check_progress(progress, "LoRAMBoOptimizer.compute_sensitivities")
         method = self.sensitivity_method
         if method in ("hessian", "gradient"):
             batches = as_batch_list(batches)

@@ -109,6 +109,7 @@ def ablation_scores(model, loss_fn, batches, modules=None, alone: bool = True,
     default on when stderr is a terminal (the main process only).
     """
     require_module(model, "ablation_scores")
+    bar_on = show_bar(progress, "ablation_scores")
     # every process must run as many evaluations (one collective each) over the same components
     failure = SharedFailure("ablation_scores")
     with failure:
@@ -129,7 +130,7 @@ def ablation_scores(model, loss_fn, batches, modules=None, alone: bool = True,
                                "change nothing; score them after the with-block")
     failure.check()
     ranks = sum(layer.rank for layer in targets.values())
-    with eval_mode(model), tqdm(total=(1 + ranks) * (2 if alone else 1), disable=not show_bar(progress),
+    with eval_mode(model), tqdm(total=(1 + ranks) * (2 if alone else 1), disable=not bar_on,
                                 desc="ablation_scores", unit="eval") as bar:
 
         def mean_loss() -> float:

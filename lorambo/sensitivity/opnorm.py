@@ -41,6 +41,7 @@ def hessian_opnorm(model, loss_fn, batches, modules=None, num_iters: int = 20, s
     main process only).
     """
     require_module(model, "hessian_opnorm")
+    bar_on = show_bar(progress, "hessian_opnorm")
     num_iters = check_positive("num_iters", num_iters)
     probes_per_pass = check_positive("probes_per_pass", probes_per_pass)
     seed = check_seed(seed)
@@ -59,7 +60,7 @@ def hessian_opnorm(model, loss_fn, batches, modules=None, num_iters: int = 20, s
     change = [math.inf] * len(weights)
     iters = [0] * len(weights)
     with differentiable(weights), eval_mode(model), \
-            tqdm(total=num_iters, disable=not show_bar(progress), desc="hessian_opnorm", unit="iter") as bar:
+            tqdm(total=num_iters, disable=not bar_on, desc="hessian_opnorm", unit="iter") as bar:
         names = [t.name for t in targets]
         op = HessianOperator(model, loss_fn, batches, weights, batched, names=names, who="hessian_opnorm",
                              settings={"targets": names, "num_iters": num_iters, "seed": seed,

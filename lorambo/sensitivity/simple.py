@@ -31,6 +31,7 @@ def gradient_sensitivity(model, loss_fn, batches, modules=None, progress: bool |
     batches on stderr, default on when stderr is a terminal (the main process only).
     """
     require_module(model, "gradient_sensitivity")
+    bar_on = show_bar(progress, "gradient_sensitivity")
     batches = as_batch_list(batches)
     targets = find_targets(model, modules)
     weights = [t.weight for t in targets]
@@ -38,7 +39,7 @@ def gradient_sensitivity(model, loss_fn, batches, modules=None, progress: bool |
     reached = False
     failure = SharedFailure("gradient_sensitivity", settings={"targets": [t.name for t in targets]})
     with failure, differentiable(weights), eval_mode(model), \
-            tqdm(total=len(batches), disable=not show_bar(progress), desc="gradient_sensitivity", unit="batch") as bar:
+            tqdm(total=len(batches), disable=not bar_on, desc="gradient_sensitivity", unit="batch") as bar:
         for index, batch in enumerate(batches):
             loss = compute_loss(loss_fn, model, batch, who="gradient_sensitivity")
             check_finite_loss(loss, index, "gradient_sensitivity")
@@ -97,6 +98,7 @@ def data_covariance(model, loss_fn, batches, modules=None, token_mask="auto", pr
     (the main process only).
     """
     require_module(model, "data_covariance")
+    bar_on = show_bar(progress, "data_covariance")
     batches = as_batch_list(batches)
     targets = find_targets(model, modules)
     sums: dict[int, torch.Tensor] = {}
@@ -121,7 +123,7 @@ def data_covariance(model, loss_fn, batches, modules=None, token_mask="auto", pr
     failure = SharedFailure("data_covariance", settings={"targets": [t.name for t in targets]})
     with failure:
         try:
-            with torch.no_grad(), eval_mode(model), tqdm(total=len(batches), disable=not show_bar(progress),
+            with torch.no_grad(), eval_mode(model), tqdm(total=len(batches), disable=not bar_on,
                                                          desc="data_covariance", unit="batch") as bar:
                 for batch in batches:
                     mask[0] = batch_token_mask(token_mask, batch, "data_covariance")

@@ -60,6 +60,7 @@ def hessian_trace(model, loss_fn, batches, modules=None, num_probes: int = 64,
     estimate for the mean loss over all ranks' batches (sums and batch counts all-reduced).
     """
     require_module(model, "hessian_trace")
+    progress = show_bar(progress, "hessian_trace")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     num_probes = check_positive("num_probes", num_probes)
@@ -72,7 +73,6 @@ def hessian_trace(model, loss_fn, batches, modules=None, num_probes: int = 64,
     batches = as_batch_list(batches)
     targets = find_targets(model, modules)
     weights = [t.weight for t in targets]
-    progress = show_bar(progress)
     with differentiable(weights), eval_mode(model):
         names = [t.name for t in targets]
         op = HessianOperator(model, loss_fn, batches, weights, batched, names=names, who="hessian_trace",
