@@ -461,8 +461,9 @@ class LoRAMBoOptimizer:
             raise ValueError("rank moves need component_scores or heldout_batches + loss_fn")
         from lorambo.sensitivity.ablation import ablation_scores
 
+        # a pass inside the user's training step, under the user's own bar: none of its own
         return {n: a.score for n, a in ablation_scores(self.plain_model, self.loss_fn, self.heldout_batches,
-                                                       self.names).items()}
+                                                       self.names, progress=False).items()}
 
     # the decision schedule's settings (fixed at construction)
     warmup_steps = property(lambda self: self.schedule.warmup_steps)
