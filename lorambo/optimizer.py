@@ -242,16 +242,19 @@ class LoRAMBoOptimizer:
     # ---------------------------------------------------------------------- sensitivities
     def compute_sensitivities(self, batches=None, loss_fn=None, progress: bool | None = None) -> dict[str, float]:
         """``{name: s_i >= 0}`` by ``sensitivity_method`` on ``batches`` (see the class doc;
-        "frobenius" reads the weights only and needs no batches). ``progress``: the bar of
-        ``hessian_trace`` with "hessian" (None: on when stderr is a terminal; False inside a loop
-        that draws its own).
+        "frobenius" reads the weights only and needs no batches). ``progress``: the bar of the
+        estimator that runs ("hessian": ``hessian_trace``, "gradient": ``gradient_sensitivity``,
+        "data": ``data_covariance``, "ablation": ``ablation_scores``; None: on when stderr is a
+        terminal; False inside a loop that draws its own).
 
         With "hessian" and "gradient", targets that get no gradient from the loss on the first
         batch (e.g. BERT's pooler under a loss on the hidden states) are dropped from
         ``names`` with a RuntimeWarning: no budget is spent on them."""
         from lorambo.sensitivity.inputs import as_batch_list
+        from lorambo.sensitivity.progress import check_progress
         from lorambo.sensitivity.simple import unreached_targets
 
+        check_progress(progress, "LoRAMBoOptimizer.compute_sensitivities")
         method = self.sensitivity_method
         if method in ("hessian", "gradient"):
             batches = as_batch_list(batches)
@@ -291,10 +294,11 @@ class LoRAMBoOptimizer:
             if negative:  # curvature of a non-convex loss, or probe noise: no rank is owed
                 warn_user(f"negative Hessian trace estimates set to 0: {negative}", RuntimeWarning)
         elif method == "gradient":
-            values = sens.gradient_sensitivity(self.plain_model, loss_fn, batches, modules=names)
+            values = sens.gradient_sensitivity(self.plain_model, loss_fn, batches, modules=names,
+                                               progress=progress)
         elif method == "data":
             cov = sens.data_covariance(self.plain_model, loss_fn, batches, modules=names,
-                                       token_mask=self.token_mask)
+                                       token_mask=self.token_mask, progress=progress)
             values = {}
             for n in names:  # Tr(W G W^T) = E ||W x||^2
                 w = self._weight(n)
@@ -304,7 +308,7 @@ class LoRAMBoOptimizer:
         else:
             from lorambo.sensitivity.ablation import ablation_scores
 
-            scores = ablation_scores(self.plain_model, loss_fn, batches, modules=names)
+            scores = ablation_scores(self.plain_model, loss_fn, batches, modules=names, progress=progress)
             values = {n: float(a.score.clamp_min(0).sum()) for n, a in scores.items()}
             untrained = [n for n in names if not self.plain_model.get_submodule(n).delta_weight().any()]
             if untrained == names:  # every score is 0 then, and the allocation 0/0
@@ -457,8 +461,9 @@ class LoRAMBoOptimizer:
             raise ValueError("rank moves need component_scores or heldout_batches + loss_fn")
         from lorambo.sensitivity.ablation import ablation_scores
 
+        # a pass inside the user's training step, under the user's own bar: none of its own
         return {n: a.score for n, a in ablation_scores(self.plain_model, self.loss_fn, self.heldout_batches,
-                                                       self.names).items()}
+                                                       self.names, progress=False).items()}
 
     # the decision schedule's settings (fixed at construction)
     warmup_steps = property(lambda self: self.schedule.warmup_steps)

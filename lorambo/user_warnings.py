@@ -7,8 +7,10 @@ and was reported at a line inside lorambo. That line is what ``warnings.filterwa
 module=...)`` matches and what the default filter shows once per location, so it must be the
 user's. :func:`warn_user` reports the warning at the innermost frame outside lorambo, its
 kernels, the libraries that call back into lorambo (torch's hooks and optimizer wrappers,
-transformers' Trainer and accelerate running ``LoRAMBoCallback``) and ``contextlib`` (the
-``with`` blocks lorambo provides), like Python 3.12's ``skip_file_prefixes``.
+transformers' Trainer and accelerate running ``LoRAMBoCallback``), ``contextlib`` (the
+``with`` blocks lorambo provides) and ``runpy`` (which runs ``python -m lorambo``), like Python
+3.12's ``skip_file_prefixes``. When every frame is one of those (the ``lorambo`` command), it is
+reported at lorambo's own calling line.
 
 A warning can be an exception (``filterwarnings("error")``, ``pytest -W error``). Raised in the
 middle of a rank change it would stop it half-way: the pools edited, the optimizer's state not,
@@ -38,10 +40,14 @@ def _folder(path) -> str:
 
 
 def _internal_prefixes() -> tuple[str, ...]:
-    """lorambo's folder, contextlib, and the folders of those of ``_CALLING_BACK`` imported by now
-    (read from ``sys.modules``: one not imported has no frame on the stack, and looking it up
-    would run the import system's finders)."""
-    prefixes = [_folder(__file__), contextlib.__file__]
+    """lorambo's folder, contextlib, runpy (its frames are named ``<frozen runpy>`` where the
+    interpreter runs the frozen copy, as ``python -m`` does by default), and the folders of those
+    of ``_CALLING_BACK`` imported by now (read from ``sys.modules``: one not imported has no
+    frame on the stack, and looking it up would run the import system's finders)."""
+    prefixes = [_folder(__file__), contextlib.__file__, "<frozen runpy>"]
+    runpy = sys.modules.get("runpy")
+    if getattr(runpy, "__file__", None):
+        prefixes.append(runpy.__file__)
     for package in _CALLING_BACK:
         module = sys.modules.get(package)
         if getattr(module, "__file__", None):

@@ -117,7 +117,8 @@ def alora_round(model, layers: Mapping, loss_fn, batches, n_prune: int, budget: 
     if scores is None:
         from lorambo.sensitivity.ablation import ablation_scores
 
-        scores = {n: a.score for n, a in ablation_scores(model, loss_fn, batches, list(layers)).items()}
+        # a pass inside the user's training step, under the user's own bar: none of its own
+        scores = {n: a.score for n, a in ablation_scores(model, loss_fn, batches, list(layers), progress=False).items()}
     # checked on every process before the broadcast: one process's bad scores (or settings) must
     # not leave the others waiting in it, nor broadcast into tensors of another size
     failure = SharedFailure("alora_round", settings={

@@ -16,7 +16,9 @@ from lorambo.experiments import config as presets
 def run_demo(full: bool = False, out_dir=None, progress: bool | None = None, **changes) -> dict:
     """Run the default (or ``full``) experiment; keyword changes override config fields."""
     from lorambo.experiments.runner import run_experiment
+    from lorambo.sensitivity.progress import check_progress
 
+    check_progress(progress, "run_demo")
     cfg = (presets.full() if full else presets.default()).replace(**changes) if changes else \
         (presets.full() if full else presets.default())
     return run_experiment(cfg, out_dir=out_dir, progress=progress)

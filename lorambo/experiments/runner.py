@@ -41,6 +41,7 @@ from lorambo.experiments.config import ExperimentConfig
 from lorambo.experiments.executor import resolve_device
 from lorambo.experiments.scheduler import none_started_reason, run_units
 from lorambo.experiments.units import all_units, plan, task_methods, unit_key
+from lorambo.sensitivity.progress import check_progress
 
 __all__ = ["check_out_dir", "default_out_dir", "environment", "plan", "plots_from", "resolve_device",
            "run_experiment", "task_methods"]
@@ -104,6 +105,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir=None, progress: bool | None = 
     stderr; None shows it only when stderr is a terminal (not in a log file). The units run on
     ``cfg.threads`` torch threads and seed torch's generators themselves; the caller's thread
     count and random streams are restored afterwards, also after an error."""
+    check_progress(progress, "run_experiment")
     threads = torch.get_num_threads()
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     try:

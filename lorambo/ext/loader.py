@@ -24,6 +24,8 @@ from types import ModuleType
 
 import torch
 
+from .caller import user_stacklevel
+
 _state: dict[str, object] = {}
 
 # Every operator csrc/ops.cpp defines (tests/ext/test_ext_stale.py keeps the two in step).
@@ -43,10 +45,12 @@ def load() -> ModuleType | None:
         except ModuleNotFoundError as err:
             _state["module"], _state["error"] = None, err
             if err.name != "lorambo._C":  # something the extension needs is missing: broken
-                warnings.warn(f"lorambo._C failed to import ({err}); using Triton/PyTorch", stacklevel=2)
+                warnings.warn(f"lorambo._C failed to import ({err}); using Triton/PyTorch",
+                              stacklevel=user_stacklevel())
         except Exception as err:  # built but broken (ABI mismatch, missing symbol): say so once
             _state["module"], _state["error"] = None, err
-            warnings.warn(f"lorambo._C failed to import ({err}); using Triton/PyTorch", stacklevel=2)
+            warnings.warn(f"lorambo._C failed to import ({err}); using Triton/PyTorch",
+                              stacklevel=user_stacklevel())
     return _state["module"]  # type: ignore[return-value]
 
 

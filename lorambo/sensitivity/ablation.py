@@ -26,11 +26,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from lorambo.distributed import SharedFailure
 from lorambo.model.argument import require_module
 from .inputs import as_batch_list, check_some_batches, scalar_loss
 from .mode import eval_mode
+from .progress import show_bar
 
 __all__ = ["ComponentAblation", "ablation_scores", "lora_targets"]
 
@@ -95,16 +97,19 @@ def _saved_columns(layers):
 
 
 @torch.no_grad()
-def ablation_scores(model, loss_fn, batches, modules=None, alone: bool = True
-                    ) -> dict[str, ComponentAblation]:
+def ablation_scores(model, loss_fn, batches, modules=None, alone: bool = True,
+                    progress: bool | None = None) -> dict[str, ComponentAblation]:
     """AB-LoRA scores of every active component of the targeted LoRA layers (see module doc).
 
     ``alone=False`` skips the "kept alone" evaluations (half the cost); ``alone`` is then 0.
     The ablation always switches off components of *every* LoRA layer for the "alone" part,
     also when ``modules`` selects only some layers to score, so every LoRA layer must be unmerged
     and enabled (RuntimeError otherwise, e.g. inside ``lorambo.disable_adapter``).
+    ``progress``: a tqdm bar of the evaluations (one pass over ``batches`` each) on stderr,
+    default on when stderr is a terminal (the main process only).
     """
     require_module(model, "ablation_scores")
+    bar_on = show_bar(progress, "ablation_scores")
     # every process must run as many evaluations (one collective each) over the same components
     failure = SharedFailure("ablation_scores")
     with failure:
@@ -124,15 +129,23 @@ def ablation_scores(model, loss_fn, batches, modules=None, alone: bool = True
                                "(inside lorambo.disable_adapter), so switching their components off would "
                                "change nothing; score them after the with-block")
     failure.check()
-    with eval_mode(model):
+    ranks = sum(layer.rank for layer in targets.values())
+    with eval_mode(model), tqdm(total=(1 + ranks) * (2 if alone else 1), disable=not bar_on,
+                                desc="ablation_scores", unit="eval") as bar:
+
+        def mean_loss() -> float:
+            value = _mean_loss(model, loss_fn, batches)
+            bar.update(1)
+            return value
+
         with _saved_columns(everyone) as saved:
-            full = _mean_loss(model, loss_fn, batches)
+            full = mean_loss()
             removed = {}
             for name, layer in targets.items():
                 out = torch.zeros(layer.rank, dtype=torch.float64)
                 for k in range(layer.rank):
                     layer.lora_B[:, k].zero_()
-                    out[k] = _mean_loss(model, loss_fn, batches) - full
+                    out[k] = mean_loss() - full
                     layer.lora_B[:, k].copy_(saved[name][:, k])
                 removed[name] = out
             alone_scores = {n: torch.zeros(layer.rank, dtype=torch.float64) for n, layer in targets.items()}
@@ -140,10 +153,10 @@ def ablation_scores(model, loss_fn, batches, modules=None, alone: bool = True
             if alone:
                 for layer in everyone.values():
                     layer.lora_B[:, :layer.rank].zero_()
-                empty = _mean_loss(model, loss_fn, batches)
+                empty = mean_loss()
                 for name, layer in targets.items():
                     for k in range(layer.rank):
                         layer.lora_B[:, k].copy_(saved[name][:, k])
-                        alone_scores[name][k] = empty - _mean_loss(model, loss_fn, batches)
+                        alone_scores[name][k] = empty - mean_loss()
                         layer.lora_B[:, k].zero_()
     return {n: ComponentAblation(removed[n], alone_scores[n], full, empty) for n in targets}

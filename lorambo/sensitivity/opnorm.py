@@ -6,6 +6,7 @@ import math
 import numbers
 
 import torch
+from tqdm.auto import tqdm
 
 from lorambo.model.argument import require_module
 from .blocks import block_products
@@ -14,14 +15,15 @@ from .hvp import HessianOperator
 from .inputs import as_batch_list, check_positive, check_seed
 from .mode import eval_mode
 from .probes import rademacher
+from .progress import show_bar
 from .targets import differentiable, find_targets
 
 __all__ = ["hessian_opnorm"]
 
 
 def hessian_opnorm(model, loss_fn, batches, modules=None, num_iters: int = 20, seed: int = 0,
-                   tol: float = 1e-4, probes_per_pass: int = 8, batched: bool | None = None
-                   ) -> dict[str, Estimate]:
+                   tol: float = 1e-4, probes_per_pass: int = 8, batched: bool | None = None,
+                   progress: bool | None = None) -> dict[str, Estimate]:
     """Largest |eigenvalue| of each diagonal Hessian block H_ii (mean loss over ``batches``).
 
     Power iteration v <- H_ii v / ||H_ii v|| for all layers at once: every iteration sends one
@@ -34,9 +36,12 @@ def hessian_opnorm(model, loss_fn, batches, modules=None, num_iters: int = 20, s
     most tol * value; ``stderr`` = the last change (0 when exactly converged), ``num_probes`` =
     iterations used. A non-finite product raises RuntimeError (power iteration cannot skip it).
     The model runs in eval mode, each module's flag restored after (see
-    :mod:`~lorambo.sensitivity.mode`).
+    :mod:`~lorambo.sensitivity.mode`). ``progress``: a tqdm bar of the iterations on stderr
+    (ends full when every layer converged early), default on when stderr is a terminal (the
+    main process only).
     """
     require_module(model, "hessian_opnorm")
+    bar_on = show_bar(progress, "hessian_opnorm")
     num_iters = check_positive("num_iters", num_iters)
     probes_per_pass = check_positive("probes_per_pass", probes_per_pass)
     seed = check_seed(seed)
@@ -54,7 +59,8 @@ def hessian_opnorm(model, loss_fn, batches, modules=None, num_iters: int = 20, s
     value = [math.nan] * len(weights)
     change = [math.inf] * len(weights)
     iters = [0] * len(weights)
-    with differentiable(weights), eval_mode(model):
+    with differentiable(weights), eval_mode(model), \
+            tqdm(total=num_iters, disable=not bar_on, desc="hessian_opnorm", unit="iter") as bar:
         names = [t.name for t in targets]
         op = HessianOperator(model, loss_fn, batches, weights, batched, names=names, who="hessian_opnorm",
                              settings={"targets": names, "num_iters": num_iters, "seed": seed,
@@ -78,4 +84,7 @@ def hessian_opnorm(model, loss_fn, batches, modules=None, num_iters: int = 20, s
                 v[i] = hv[i] / norm
                 if change[i] <= tol * norm:
                     active.discard(i)
+            bar.update(1)
+        bar.total = bar.n  # the iterations actually run: the bar ends full
+        bar.refresh()
     return {t.name: Estimate(value[i], change[i], iters[i]) for i, t in enumerate(targets)}

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from lorambo.distributed import SharedFailure, all_reduced_sums
 from lorambo.model.argument import require_module
 from lorambo.nn.hook_inputs import layer_input
 from .inputs import as_batch_list, check_finite_loss, check_some_batches, compute_loss, no_gradient_error
 from .mode import eval_mode
+from .progress import show_bar
 from .targets import differentiable, find_targets
 from .token_mask import batch_token_mask, real_tokens
 
 __all__ = ["gradient_sensitivity", "data_covariance", "targets_without_gradient"]
 
 
-def gradient_sensitivity(model, loss_fn, batches, modules=None) -> dict[str, float]:
+def gradient_sensitivity(model, loss_fn, batches, modules=None, progress: bool | None = None
+                         ) -> dict[str, float]:
     """s_i = mean over batches of ||dL_b / dW_i||_F^2 (LoRAMBo's gradient sensitivity).
 
     Frozen base weights are made differentiable only during the call; gradients are taken with
@@ -24,16 +27,19 @@ def gradient_sensitivity(model, loss_fn, batches, modules=None) -> dict[str, flo
     the mean is over all ranks' batches. A loss that is not finite (NaN/inf) raises RuntimeError naming the
     batch: its gradients would turn every sensitivity into NaN. A layer the loss does not reach
     gets 0; RuntimeError if no targeted layer gets a gradient on any batch (see
-    :func:`~lorambo.sensitivity.inputs.no_gradient_error`).
+    :func:`~lorambo.sensitivity.inputs.no_gradient_error`). ``progress``: a tqdm bar of the
+    batches on stderr, default on when stderr is a terminal (the main process only).
     """
     require_module(model, "gradient_sensitivity")
+    bar_on = show_bar(progress, "gradient_sensitivity")
     batches = as_batch_list(batches)
     targets = find_targets(model, modules)
     weights = [t.weight for t in targets]
     sums = torch.zeros(len(weights), dtype=torch.float64)
     reached = False
     failure = SharedFailure("gradient_sensitivity", settings={"targets": [t.name for t in targets]})
-    with failure, differentiable(weights), eval_mode(model):
+    with failure, differentiable(weights), eval_mode(model), \
+            tqdm(total=len(batches), disable=not bar_on, desc="gradient_sensitivity", unit="batch") as bar:
         for index, batch in enumerate(batches):
             loss = compute_loss(loss_fn, model, batch, who="gradient_sensitivity")
             check_finite_loss(loss, index, "gradient_sensitivity")
@@ -42,6 +48,7 @@ def gradient_sensitivity(model, loss_fn, batches, modules=None) -> dict[str, flo
                 if g is not None:
                     reached = True
                     sums[i] += float(g.detach().double().pow(2).sum())
+            bar.update(1)
     # one collective: the sums, the batch count, processes that reached a layer, the status
     *sums, count, reached_on = failure.sum_and_check(torch.cat([
         sums, torch.tensor([float(len(batches)), float(reached)], dtype=torch.float64)]))
@@ -69,7 +76,8 @@ def unreached_targets(model, loss_fn, batch, modules, who: str) -> list[str]:
     return [t.name for t, g in zip(targets, grads) if g is None]
 
 
-def data_covariance(model, loss_fn, batches, modules=None, token_mask="auto") -> dict[str, torch.Tensor]:
+def data_covariance(model, loss_fn, batches, modules=None, token_mask="auto", progress: bool | None = None
+                    ) -> dict[str, torch.Tensor]:
     """G_i = E[x x^T] [in, in] over every real token x fed to each targeted layer.
 
     A forward hook on the layer (the LoRA layer itself for LoRA layers) takes its first input,
@@ -85,8 +93,12 @@ def data_covariance(model, loss_fn, batches, modules=None, token_mask="auto") ->
     batched; ``None`` counts every position, pads included. A batch that feeds no real token to
     the targeted layers (e.g. sequence length 0) raises ValueError naming it, and so does a layer
     whose inputs hold NaN/inf, or whose input shape does not match the mask.
+
+    ``progress``: a tqdm bar of the batches on stderr, default on when stderr is a terminal
+    (the main process only).
     """
     require_module(model, "data_covariance")
+    bar_on = show_bar(progress, "data_covariance")
     batches = as_batch_list(batches)
     targets = find_targets(model, modules)
     sums: dict[int, torch.Tensor] = {}
@@ -111,11 +123,13 @@ def data_covariance(model, loss_fn, batches, modules=None, token_mask="auto") ->
     failure = SharedFailure("data_covariance", settings={"targets": [t.name for t in targets]})
     with failure:
         try:
-            with torch.no_grad(), eval_mode(model):
+            with torch.no_grad(), eval_mode(model), tqdm(total=len(batches), disable=not bar_on,
+                                                         desc="data_covariance", unit="batch") as bar:
                 for batch in batches:
                     mask[0] = batch_token_mask(token_mask, batch, "data_covariance")
                     loss_fn(model, batch)
                     batch_tokens.append(0)
+                    bar.update(1)
         finally:
             for h in handles:
                 h.remove()

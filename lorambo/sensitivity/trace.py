@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from tqdm.auto import tqdm
 
 from .blocks import run_programs
-from lorambo.distributed import is_main_process
 from lorambo.model.argument import require_module
 from .estimate import Estimate, Moments
 from .hvp import HessianOperator
 from .inputs import as_batch_list, check_positive, check_seed
 from .mode import eval_mode
 from .probes import rademacher
+from .progress import show_bar
 from .reductions import per_layer_dots
 from .sketch import hutchpp_program, xtrace_program
 from .targets import differentiable, find_targets
@@ -62,6 +60,7 @@ def hessian_trace(model, loss_fn, batches, modules=None, num_probes: int = 64,
     estimate for the mean loss over all ranks' batches (sums and batch counts all-reduced).
     """
     require_module(model, "hessian_trace")
+    progress = show_bar(progress, "hessian_trace")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     num_probes = check_positive("num_probes", num_probes)
@@ -74,8 +73,6 @@ def hessian_trace(model, loss_fn, batches, modules=None, num_probes: int = 64,
     batches = as_batch_list(batches)
     targets = find_targets(model, modules)
     weights = [t.weight for t in targets]
-    if progress is None:
-        progress = sys.stderr.isatty()
     with differentiable(weights), eval_mode(model):
         names = [t.name for t in targets]
         op = HessianOperator(model, loss_fn, batches, weights, batched, names=names, who="hessian_trace",
@@ -84,14 +81,14 @@ def hessian_trace(model, loss_fn, batches, modules=None, num_probes: int = 64,
                                        "stderr_target": stderr_target})
         if method == "hutchinson":
             results, bad = _hutchinson(op, num_probes, seed, probes_per_pass, stderr_target,
-                                       progress and is_main_process())
+                                       progress)
         else:
             program = hutchpp_program if method == "hutch++" else xtrace_program
             progs = {i: program(w.numel(), num_probes, seed, i,
                                 torch.promote_types(w.dtype, torch.float32), w.device)
                      for i, w in enumerate(weights)}
             # at most num_probes products per layer (fewer for a layer with fewer weights)
-            with tqdm(total=num_probes * len(weights), disable=not (progress and is_main_process()),
+            with tqdm(total=num_probes * len(weights), disable=not progress,
                       desc=f"hessian_trace ({method})", unit="product") as bar:
                 out = run_programs(op, progs, probes_per_pass, bar.update)
                 bar.total = bar.n  # the products actually taken: the bar ends full
