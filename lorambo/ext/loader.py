@@ -19,12 +19,11 @@ formulas for ``FlopCounterMode``.
 from __future__ import annotations
 
 import importlib
-import warnings
 from types import ModuleType
 
 import torch
 
-from .caller import user_stacklevel
+from lorambo.user_warnings import warn_user
 
 _state: dict[str, object] = {}
 
@@ -45,12 +44,10 @@ def load() -> ModuleType | None:
         except ModuleNotFoundError as err:
             _state["module"], _state["error"] = None, err
             if err.name != "lorambo._C":  # something the extension needs is missing: broken
-                warnings.warn(f"lorambo._C failed to import ({err}); using Triton/PyTorch",
-                              stacklevel=user_stacklevel())
+                warn_user(f"lorambo._C failed to import ({err}); using Triton/PyTorch")
         except Exception as err:  # built but broken (ABI mismatch, missing symbol): say so once
             _state["module"], _state["error"] = None, err
-            warnings.warn(f"lorambo._C failed to import ({err}); using Triton/PyTorch",
-                              stacklevel=user_stacklevel())
+            warn_user(f"lorambo._C failed to import ({err}); using Triton/PyTorch")
     return _state["module"]  # type: ignore[return-value]
 
 
