@@ -339,13 +339,18 @@ class LoRAMBoOptimizer:
         return w.detach().double()
 
     # ------------------------------------------------------------------------ allocation
-    def compute_optimal_ranks(self, batches=None, loss_fn=None, sensitivities=None, **allocate_kwargs
-                              ) -> dict[str, int]:
+    def compute_optimal_ranks(self, batches=None, loss_fn=None, sensitivities=None, progress: bool | None = None,
+                              **allocate_kwargs) -> dict[str, int]:
         """``{name: rank}`` within ``initial_budget``; also sets ``capacities`` and ``memory_report``.
 
         ``sensitivities`` given: used as is (validated: known layers, all present, finite, >= 0).
+        ``progress``: the bars of the passes over ``batches`` it runs (the sensitivity pass, see
+        :meth:`compute_sensitivities`, and ``data_covariance`` for "data_weighted").
         Extra keyword arguments go to :func:`lorambo.allocate` (e.g. ``benefits`` for knapsack).
         """
+        from lorambo.sensitivity.progress import check_progress
+
+        check_progress(progress, "LoRAMBoOptimizer.compute_optimal_ranks")
         method = "uniform" if self.allocation == "alora" else self.allocation
         if (sensitivities is None and method in ("frobenius_greedy", "data_weighted")
                 and self.sensitivity_method in ("frobenius", "data")):
@@ -356,14 +361,14 @@ class LoRAMBoOptimizer:
             if (batches is None or loss_fn is None) and self.sensitivity_method != "frobenius":
                 raise ValueError(f"allocation={self.allocation!r} with sensitivity_method="
                                  f"{self.sensitivity_method!r} needs batches and loss_fn")
-            sensitivities = self.compute_sensitivities(batches, loss_fn)
+            sensitivities = self.compute_sensitivities(batches, loss_fn, progress)
         caps = self._fixed_capacities()
         uppers = {n: min(self.dims[n]) for n in self.names}
         if method == "frobenius_greedy" and "spectra" not in allocate_kwargs:
             allocate_kwargs["spectra"] = {n: torch.linalg.svdvals(self._weight(n)).cpu().numpy()
                                           for n in self.names}
         if method == "data_weighted" and "tail_energies" not in allocate_kwargs:
-            allocate_kwargs["tail_energies"] = self._tails(batches, loss_fn, caps, uppers)
+            allocate_kwargs["tail_energies"] = self._tails(batches, loss_fn, caps, uppers, progress)
         # process 0's ranks on every process: spectra, tails and the allocation's float sums may
         # differ in their last bits between machines, and the pools built from the ranks must not
         failure = SharedFailure("LoRAMBoOptimizer.compute_optimal_ranks", settings={
@@ -379,12 +384,13 @@ class LoRAMBoOptimizer:
         self.memory_report = self.pool_memory(self.capacities)
         return dict(self.ranks)
 
-    def _tails(self, batches, loss_fn, caps, uppers):
+    def _tails(self, batches, loss_fn, caps, uppers, progress):
         from lorambo.sensitivity import data_covariance, data_weighted_tail_energy
 
         if batches is None or loss_fn is None:
             raise ValueError("allocation='data_weighted' needs batches and loss_fn (input covariances)")
-        cov = data_covariance(self.plain_model, loss_fn, batches, modules=self.names, token_mask=self.token_mask)
+        cov = data_covariance(self.plain_model, loss_fn, batches, modules=self.names, token_mask=self.token_mask,
+                              progress=progress)
         return {n: data_weighted_tail_energy(self._weight(n), cov[n],
                                              min(caps.get(n, uppers[n]), uppers[n])).cpu().numpy()
                 for n in self.names}

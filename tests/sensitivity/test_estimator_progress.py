@@ -114,3 +114,20 @@ def test_compute_sensitivities_passes_progress_to_the_estimator(method, desc, ca
     shown = opt.compute_sensitivities(batches, mse, progress=True)
     assert desc in capsys.readouterr().err
     assert shown == quiet
+
+
+@pytest.mark.parametrize("method, allocation, desc", [("gradient", "closed_form", "gradient_sensitivity"),
+                                                      ("data", "data_weighted", "data_covariance")])
+def test_compute_optimal_ranks_passes_progress_to_its_passes(method, allocation, desc, capsys):
+    """Without the argument, a script that wants no bar on a terminal could not turn off the bar
+    of the passes compute_optimal_ranks runs (the sensitivities, data_weighted's covariances)."""
+    model, batches = _setup()
+    opt = lorambo.LoRAMBoOptimizer(model, total_budget=40, sensitivity_method=method, allocation=allocation)
+    quiet = opt.compute_optimal_ranks(batches, mse, progress=False)
+    assert desc not in capsys.readouterr().err
+    shown = opt.compute_optimal_ranks(batches, mse, progress=True)
+    assert desc in capsys.readouterr().err
+    assert shown == quiet
+    with pytest.raises(TypeError, match=r"LoRAMBoOptimizer.compute_optimal_ranks: progress must be True, False or "
+                                        r"None, got 'no'"):
+        opt.compute_optimal_ranks(batches, mse, progress="no")
