@@ -107,6 +107,12 @@ def _unmerge_before_load(module: "LoRAMBoLinear", state_dict, prefix: str, *args
         module.unmerge()
 
 
+def _used_slots(pool: torch.Tensor, dim: int) -> int:
+    """One past the last slot (index along ``dim``) of ``pool`` holding a non-zero value; 0 if none."""
+    used = pool.abs().sum(dim=1 - dim).nonzero()
+    return int(used.max()) + 1 if used.numel() else 0
+
+
 @torch.no_grad()
 def _cover_slots_past_rank(module: "LoRAMBoLinear", state_dict, prefix: str, *args) -> None:
     """load_state_dict pre-hook for pools with non-zero slots past the rank they load under, which
@@ -132,8 +138,7 @@ def _cover_slots_past_rank(module: "LoRAMBoLinear", state_dict, prefix: str, *ar
         if (not isinstance(value, torch.Tensor) or is_sharded(value) or value.device.type == "meta"
                 or value.shape != getattr(module, name).shape):
             continue  # nothing to check here (a shard would need a collective); torch reports shape errors
-        used = value.abs().sum(dim=1 - dim).nonzero()
-        past = int(used.max()) + 1 if used.numel() else 0
+        past = _used_slots(value, dim)
         if saved and past > rank:
             raise ValueError(f"{module._label}: state_dict entry {prefix + name!r} has non-zero slots up to {past} "
                              f"but its saved rank ({key!r}) is {rank}; lorambo keeps slots past the rank at zero, "
@@ -500,13 +505,10 @@ class LoRAMBoLinear(nn.Module):
         ``lorambo.follow_ranks`` keeps in step), and what saves the active slots would drop it."""
         if is_sharded(self.lora_A) or is_sharded(self.lora_B):
             return  # a shard would need a collective; lorambo.integrations.fsdp gathers before saving
-        last = 0
-        for pool, dim in ((self.lora_A, 0), (self.lora_B, 1)):
-            tail = pool.narrow(dim, self._rank, self.capacity - self._rank)
-            used = tail.abs().sum(dim=1 - dim).nonzero()
-            if used.numel():
-                last = max(last, self._rank + int(used.max()) + 1)
-        if last:
+        tail = max(_used_slots(getattr(self, name).narrow(dim, self._rank, self.capacity - self._rank), dim)
+                   for name, dim in _POOL_DIMS.items())
+        if tail:
+            last = self._rank + tail
             raise ValueError(f"{caller}: {self._label} has non-zero slots up to {last} but its rank is "
                              f"{self._rank}; lorambo keeps slots past the rank at zero, so they were written "
                              "outside lorambo, e.g. by a weight average (AveragedModel, an EMA) that missed a rank "
