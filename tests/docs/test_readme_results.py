@@ -130,3 +130,31 @@ def test_adamw_claims_are_the_range_over_the_committed_runs():
     claim = (f"the float32 medians of two runs were {span('ext')} against {span('torch_whole_pool')} for "
              f"torch's whole-pool AdamW and {span('foreach')} for the `torch._foreach` path")
     assert claim in re.sub(r"\s+", " ", README)
+
+
+def _minilm_cost(name):
+    """d + k of an adapted all-MiniLM-L6-v2 layer (hidden size 384, feed-forward 1536)."""
+    feed_forward = name.endswith("intermediate.dense") or (name.endswith("output.dense") and "attention" not in name)
+    return 384 + (1536 if feed_forward else 384)
+
+
+def test_budget_on_planted_is_the_share_of_what_each_method_spends():
+    # the tables' "budget on planted" is on_planted / spent, not / P: uniform and probe spend
+    # 20,352 of P = 20,736 (probe's share is 1.00, where "of P" would make it 0.98)
+    result = _json("demo_results.json")
+    planted, budget = result["planted_ranks"], result["budget"]
+    checked = {}
+    for name, row in result["methods"].items():
+        ranks = row["mean_ranks"]
+        if not all(float(r).is_integer() for r in ranks.values()):  # ranks that differ between seeds
+            continue
+        spent = sum(int(r) * _minilm_cost(n) for n, r in ranks.items())
+        on_planted = sum(int(ranks[n]) * _minilm_cost(n) for n in planted)
+        assert spent == row["spent"] <= budget, name
+        assert row["planted_share"] == pytest.approx(on_planted / spent, abs=1e-12), name
+        checked[name] = spent
+    assert checked["probe"] < budget and checked["uniform"] < budget
+    text = re.sub(r"\s+", " ", README)
+    assert f"It spends {checked['probe']:,} of P = {budget:,}, all of it on the four planted layers" in text
+    footer = demo_report.table(result).splitlines()[-1]
+    assert "budget on planted: share of the spent budget Σ r (d + k) that goes to the planted layers" in footer
