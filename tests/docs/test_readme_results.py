@@ -158,3 +158,25 @@ def test_budget_on_planted_is_the_share_of_what_each_method_spends():
     assert f"It spends {checked['probe']:,} of P = {budget:,}, all of it on the four planted layers" in text
     footer = demo_report.table(result).splitlines()[-1]
     assert "budget on planted: share of the spent budget Σ r (d + k) that goes to the planted layers" in footer
+
+
+def test_sensitivity_claims_are_the_latest_run():
+    rows = _csv("sensitivity.csv")
+    latest = max(r["date"] for r in rows)
+    got = {(r["provider"], r["metric"]): r for r in rows if r["date"] == latest}
+
+    def ms(provider, metric):
+        return float(got[(provider, metric)]["value"])
+
+    plain = ms("train_step", "plain")
+    exact, sketch = (100 * (ms("train_step", m) / plain - 1) for m in ("with_fisher_proxy", "with_fisher_sketch4"))
+    batched = got[("lorambo", "time_to_target")]
+    text = re.sub(r"\s+", " ", README)
+    assert (f"{batched['probes']} Hutchinson probes took {ms('lorambo', 'time_to_target') / 1e3:.1f} s batched "
+            f"(8 per pass) against {ms('sequential_loop', 'time_to_target') / 1e3:.1f} s for the sequential loop") in text
+    assert f"the worst layer's relative standard error was {float(batched['max_rel_stderr']):.2f}" in text
+    assert (f"One HVP took {ms('autograd', 'one_hvp'):.0f} ms against {ms('autograd', 'one_gradient'):.0f} ms "
+            "for one gradient") in text
+    # 25.6% exact: the README said 25% for both
+    assert (f"The Fisher proxy added {exact:.0f}% to a {plain:.0f} ms training step, {sketch:.0f}% sketched "
+            "with k=4") in text
