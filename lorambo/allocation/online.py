@@ -579,12 +579,16 @@ class OnlineGrowth:
         records, dropped = [], {}
         for donor, comp, _ in moves:
             dropped.setdefault(donor, []).append(comp)
+        spent = self.spent()
         olds = keep_components_many([(self.layers[d], [k for k in range(self.layers[d].rank) if k not in comps])
                                      for d, comps in dropped.items()], optimizer)
         for (donor, comps), old in zip(dropped.items(), olds):
+            # the spend after this record's change, as a grow record's: the donors shrink in one
+            # pass, and self.spent() here would already count the donors logged after this one
+            spent -= self.costs[donor] * (old - self.layers[donor].rank)
             records.append({"step": step, "event": "shrink", "reason": "move", "layer": donor,
                             "components": comps, "scores": [float(usable[donor][k]) for k in comps],
-                            "old_rank": old, "new_rank": self.layers[donor].rank, "spent": self.spent(),
+                            "old_rank": old, "new_rank": self.layers[donor].rank, "spent": spent,
                             "budget": self.budget})
         for _, _, recv in moves:
             records.append(self._grow(step, recv, 1, gains, dirs, optimizer, "move", plan.get(recv, 0)))

@@ -4,7 +4,8 @@
 
 Writes into DIR (each file atomically: a temporary name, then a rename):
 
-- ``ranks.json``: ranks, pool capacities, sensitivities, budget, method;
+- ``ranks.json``: ranks, pool capacities, sensitivities, budget, method (the sensitivity; null
+  with ``--allocation uniform`` / ``alora``, which measure nothing);
 - ``adapter_config.json``: a peft ``LoraConfig`` with ``rank_pattern`` / ``alpha_pattern``
   realising the ranks (``LoraConfig.from_pretrained(DIR)`` reads it);
 - ``heatmap.png``: ranks per block and module type (needs matplotlib; ``--no-heatmap`` skips it,
@@ -43,7 +44,8 @@ def add_parser(sub) -> None:
                    help="parameter budget sum_i r_i (d_i + k_i), e.g. 150000")
     p.add_argument("--method", choices=METHODS, default="gradient", help="layer sensitivity (default: %(default)s)")
     p.add_argument("--data", default=None, help="text file, one example per line (not needed for frobenius, "
-                                                "unless --allocation data_weighted)")
+                                                "unless --allocation data_weighted, nor for --allocation "
+                                                "uniform / alora)")
     p.add_argument("--out", type=_folder, required=True, help="output folder")
     p.add_argument("--allocation", choices=ALLOCATIONS, default="closed_form",
                    help="lorambo.allocate method (alora: its uniform start; default: %(default)s)")
@@ -189,15 +191,17 @@ def run(args) -> int:
     folder, out = Path(args.model), Path(args.out)
     _check_out(out, folder)
     batches, loss_fn = None, None
-    # data_weighted measures input covariances whatever --method is (frobenius included)
-    if args.method != "frobenius" or args.allocation == "data_weighted":
+    # uniform (and alora's uniform start) measure nothing, so --method is unused there; data_weighted
+    # measures input covariances whatever --method is (frobenius included)
+    measures = args.allocation not in ("uniform", "alora")
+    if (measures and args.method != "frobenius") or args.allocation == "data_weighted":
         if args.data is None:  # the data before the model: a bad file fails in a second
             raise ValueError(f"--method {args.method} --allocation {args.allocation} needs --data (a text file)")
         lines = _lines(args.data, args.batch_size)
         batches = [lines[i:i + args.batch_size] for i in range(0, len(lines), args.batch_size)]
         batches = [b for b in batches if len(b) == args.batch_size][: args.batches]
     torch.manual_seed(args.seed)
-    model, tokenizer, kind = _load(folder, eager=args.method == "hessian")
+    model, tokenizer, kind = _load(folder, eager=measures and args.method == "hessian")
     if batches is not None:
         loss_fn = _loss_fn(kind, tokenizer, args.max_length, args.seed)
     targets = [t.strip() for t in args.target_modules.split(",") if t.strip()] if args.target_modules else None
@@ -207,7 +211,7 @@ def run(args) -> int:
     ranks = opt.compute_optimal_ranks(batches, loss_fn)
     config = peft_config(ranks, alpha=args.alpha)
     config.base_model_name_or_path = str(folder.resolve())
-    _write_json(out / "ranks.json", {"model": str(folder.resolve()), "method": args.method,
+    _write_json(out / "ranks.json", {"model": str(folder.resolve()), "method": args.method if measures else None,
                                      "allocation": args.allocation, "loss": kind if loss_fn else None,
                                      "budget": opt.total_budget, "ranks": ranks, "capacities": opt.capacities,
                                      "sensitivities": opt.sensitivities, "alpha": args.alpha})
@@ -215,7 +219,8 @@ def run(args) -> int:
     written = [out / "ranks.json", out / "adapter_config.json"]
     if not args.no_heatmap:  # atomic, like the JSON files
         written.append(save_heatmap(ranks, out / "heatmap.png",
-                                    title=f"LoRA ranks ({args.method}, budget {opt.total_budget:,})"))
+                                    title=f"LoRA ranks ({args.method if measures else args.allocation}, "
+                                          f"budget {opt.total_budget:,})"))
     elif (out / "heatmap.png").is_file():  # an earlier run's: it would sit beside these ranks
         (out / "heatmap.png").unlink()
         print(f"removed {out / 'heatmap.png'} (an earlier run's; --no-heatmap)")

@@ -150,7 +150,8 @@ def table(summary: dict) -> str:
                      f"{row['planted_share']:.2f} | {row['spearman']:.2f} |")
     lines.append("")
     lines.append("gap closed: (uniform - method) / (uniform - oracle) in test loss, per seed; coverage: "
-                 "Σ min(r, r*) / Σ r*; budget on planted: share of P spent on the planted layers.")
+                 "Σ min(r, r*) / Σ r*; budget on planted: share of the spent budget Σ r (d + k) that goes to the "
+                 "planted layers.")
     return "\n".join(lines)
 
 

@@ -47,10 +47,12 @@ def trainable_parameters(model: nn.Module) -> dict[str, int | float]:
 
 
 def print_trainable_parameters(model: nn.Module) -> dict[str, int | float]:
-    """Print peft's line plus the pool capacity; returns :func:`trainable_parameters`."""
+    """Print peft's line plus the pool capacity and its active slots that train (``lora_active``:
+    a frozen pool, as LoRA-FA freezes A, is active but not counted); returns
+    :func:`trainable_parameters`."""
     require_module(model, "print_trainable_parameters")
     c = trainable_parameters(model)
     print(f"trainable params: {c['trainable']:,} || all params: {c['all']:,} || "
           f"trainable%: {c['trainable_percent']:.4f} || LoRA pool capacity: {c['lora_capacity']:,} "
-          f"({c['lora_active']:,} active)")
+          f"({c['lora_active']:,} active and trainable)")
     return c

@@ -103,7 +103,8 @@ def hutchpp_program(dim, num_matvecs, seed=0, stream=0, dtype=torch.float64, dev
     else:
         mean, err = _mean_stderr(samples)
     bad = int((~ok).sum() + (~ok_g).sum())
-    return Estimate(low_rank + mean, err, s.shape[1] + q.shape[1] + g.shape[1]), bad
+    used = int(ok.sum()) + q.shape[1] + int(ok_g.sum())  # the finite products, as the others count
+    return Estimate(low_rank + mean, err, used), bad
 
 
 def xtrace_program(dim, num_matvecs, seed=0, stream=0, dtype=torch.float64, device=None) -> Program:

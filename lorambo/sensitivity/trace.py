@@ -55,9 +55,11 @@ def hessian_trace(model, loss_fn, batches, modules=None, num_probes: int = 64,
     while the products are taken (see ``attention``). Deterministic for a fixed seed: the model
     runs in eval mode (see :mod:`~lorambo.sensitivity.mode`), each module's flag restored after.
     ``progress``: a tqdm bar on stderr (probes for "hutchinson", Hessian-vector products for
-    "hutch++" / "xtrace"), default on when stderr is a terminal (rank 0 only). Under torch.distributed every rank passes its own batches (any number, none
-    included) and the same settings (ValueError on every rank otherwise); all ranks get the
-    estimate for the mean loss over all ranks' batches (sums and batch counts all-reduced).
+    "hutch++" / "xtrace"; it ends full at those taken, also when ``stderr_target`` stops early),
+    default on when stderr is a terminal (rank 0 only). Under torch.distributed every rank passes
+    its own batches (any number, none included) and the same settings (ValueError on every rank
+    otherwise); all ranks get the estimate for the mean loss over all ranks' batches (sums and
+    batch counts all-reduced).
     """
     require_module(model, "hessian_trace")
     progress = show_bar(progress, "hessian_trace")
@@ -125,6 +127,8 @@ def _hutchinson(op: HessianOperator, num_probes, seed, probes_per_pass, stderr_t
             if (stderr_target is not None and moments.n >= 2
                     and bool((moments.rel_stderr() <= stderr_target).all())):
                 break
+        bar.total = bar.n  # the probes actually taken (stderr_target stops early): the bar ends full
+        bar.refresh()
     if moments.n == 0:
         raise RuntimeError(f"all {done} Hessian-vector products were non-finite (NaN/inf): "
                            "check the loss on these batches")

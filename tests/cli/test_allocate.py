@@ -207,3 +207,18 @@ def test_allocate_data_that_is_not_utf8_text_is_named(tmp_path, capsys):
     assert main(args + [str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"lorambo allocate: error: --data {tmp_path}: a folder, not a text file\n"
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "alora"])
+def test_allocate_uniform_needs_no_data_and_claims_no_measurement(allocation, tmp_path, capsys):
+    """Uniform ranks (alora's start) measure nothing, yet the default --method gradient asked for
+    --data; given it, ranks.json named the gradient and the contrastive loss as if measured."""
+    out = tmp_path / "out"
+    assert main(["allocate", "--model", str(minilm_path()), "--budget", "20000", "--allocation", allocation,
+                 "--out", str(out), "--target-modules", "query,value", "--no-heatmap"]) == 0
+    saved = json.loads((out / "ranks.json").read_text())
+    assert (saved["method"], saved["loss"], saved["sensitivities"]) == (None, None, None)
+    # 12 layers of 384 x 384 cost 768 per rank: 20000 // (12 * 768) = 2 each, the 1568 left buys 2 more
+    assert sorted(saved["ranks"].values()) == [2] * 10 + [3] * 2
+    assert sum(r * 768 for r in saved["ranks"].values()) == 20000 - 20000 % 768
+    assert "total" in capsys.readouterr().out

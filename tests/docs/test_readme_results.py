@@ -130,3 +130,53 @@ def test_adamw_claims_are_the_range_over_the_committed_runs():
     claim = (f"the float32 medians of two runs were {span('ext')} against {span('torch_whole_pool')} for "
              f"torch's whole-pool AdamW and {span('foreach')} for the `torch._foreach` path")
     assert claim in re.sub(r"\s+", " ", README)
+
+
+def _minilm_cost(name):
+    """d + k of an adapted all-MiniLM-L6-v2 layer (hidden size 384, feed-forward 1536)."""
+    feed_forward = name.endswith("intermediate.dense") or (name.endswith("output.dense") and "attention" not in name)
+    return 384 + (1536 if feed_forward else 384)
+
+
+def test_budget_on_planted_is_the_share_of_what_each_method_spends():
+    # the tables' "budget on planted" is on_planted / spent, not / P: uniform and probe spend
+    # 20,352 of P = 20,736 (probe's share is 1.00, where "of P" would make it 0.98)
+    result = _json("demo_results.json")
+    planted, budget = result["planted_ranks"], result["budget"]
+    checked = {}
+    for name, row in result["methods"].items():
+        ranks = row["mean_ranks"]
+        if not all(float(r).is_integer() for r in ranks.values()):  # ranks that differ between seeds
+            continue
+        spent = sum(int(r) * _minilm_cost(n) for n, r in ranks.items())
+        on_planted = sum(int(ranks[n]) * _minilm_cost(n) for n in planted)
+        assert spent == row["spent"] <= budget, name
+        assert row["planted_share"] == pytest.approx(on_planted / spent, abs=1e-12), name
+        checked[name] = spent
+    assert checked["probe"] < budget and checked["uniform"] < budget
+    text = re.sub(r"\s+", " ", README)
+    assert f"It spends {checked['probe']:,} of P = {budget:,}, all of it on the four planted layers" in text
+    footer = demo_report.table(result).splitlines()[-1]
+    assert "budget on planted: share of the spent budget Σ r (d + k) that goes to the planted layers" in footer
+
+
+def test_sensitivity_claims_are_the_latest_run():
+    rows = _csv("sensitivity.csv")
+    latest = max(r["date"] for r in rows)
+    got = {(r["provider"], r["metric"]): r for r in rows if r["date"] == latest}
+
+    def ms(provider, metric):
+        return float(got[(provider, metric)]["value"])
+
+    plain = ms("train_step", "plain")
+    exact, sketch = (100 * (ms("train_step", m) / plain - 1) for m in ("with_fisher_proxy", "with_fisher_sketch4"))
+    batched = got[("lorambo", "time_to_target")]
+    text = re.sub(r"\s+", " ", README)
+    assert (f"{batched['probes']} Hutchinson probes took {ms('lorambo', 'time_to_target') / 1e3:.1f} s batched "
+            f"(8 per pass) against {ms('sequential_loop', 'time_to_target') / 1e3:.1f} s for the sequential loop") in text
+    assert f"the worst layer's relative standard error was {float(batched['max_rel_stderr']):.2f}" in text
+    assert (f"One HVP took {ms('autograd', 'one_hvp'):.0f} ms against {ms('autograd', 'one_gradient'):.0f} ms "
+            "for one gradient") in text
+    # 25.6% exact: the README said 25% for both
+    assert (f"The Fisher proxy added {exact:.0f}% to a {plain:.0f} ms training step, {sketch:.0f}% sketched "
+            "with k=4") in text

@@ -213,3 +213,16 @@ def test_disable_adapter_keeps_forward_hooks_of_accelerate():
     assert Count.calls == 2 * len(layers)
     torch.testing.assert_close(model(input_ids=ids).logits, adapted, rtol=0, atol=0)
     assert Count.calls == 3 * len(layers)
+
+
+def test_printed_active_count_says_it_leaves_frozen_pools_out(capsys):
+    # LoRA-FA: query's A [2, 32] frozen. The line printed "(N active)" with N = rank * out for that
+    # layer, though all rank * (in + out) of its parameters are active: now it names what it counts
+    model = configure_model(_bert(), RANKS, capacity=8)
+    layers = lora_layers(model)
+    layers["bert.encoder.layer.0.attention.self.query"].lora_A.requires_grad_(False)
+    lorambo.print_trainable_parameters(model)
+    out = capsys.readouterr().out
+    trained = sum(r * (layers[n].in_features + layers[n].out_features) for n, r in RANKS.items()) - 2 * 32
+    capacity = sum(8 * (m.in_features + m.out_features) for m in layers.values())
+    assert f"LoRA pool capacity: {capacity:,} ({trained:,} active and trainable)" in out

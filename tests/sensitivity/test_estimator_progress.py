@@ -131,3 +131,15 @@ def test_compute_optimal_ranks_passes_progress_to_its_passes(method, allocation,
     with pytest.raises(TypeError, match=r"LoRAMBoOptimizer.compute_optimal_ranks: progress must be True, False or "
                                         r"None, got 'no'"):
         opt.compute_optimal_ranks(batches, mse, progress="no")
+
+
+def test_hutchinson_bar_ends_full_when_stderr_target_stops_it_early(capsys):
+    # the bar stopped at e.g. 16/256 probes: it read as a pass cut short, while opnorm's and the
+    # sketches' bars end at the products actually taken
+    from lorambo.sensitivity import hessian_trace
+
+    model, batches = _setup()
+    est = hessian_trace(model, mse, batches, num_probes=256, probes_per_pass=4, stderr_target=10.0, progress=True)
+    done = {e.num_probes for e in est.values()}
+    assert len(done) == 1 and 2 <= min(done) < 256
+    assert _bar_counts(capsys.readouterr().err, "hessian_trace") == (min(done), min(done))

@@ -138,3 +138,23 @@ def test_counts_may_be_numpy_integers_and_dim_is_checked():
     assert plain.value == pytest.approx(15.0)  # diagonal A: every Rademacher probe gives Tr(A)
     with pytest.raises(ValueError, match="dim must be a positive integer, got 0"):
         hutchinson(lambda v: a @ v, 0, 8)
+
+
+@pytest.mark.parametrize("method", [hutchinson, hutchpp, xtrace])
+def test_num_probes_counts_the_finite_products_the_estimate_used(method):
+    # hutch++ counted its non-finite sketch products too (11 where 10 were used), unlike
+    # Hutchinson and XTrace, which count the products they kept
+    a = indefinite(30, 4)
+    finite, calls = [0], [0]
+
+    def matvec(x):
+        y = a @ x
+        if calls[0] == 0:  # the last probe of the first call fails (an overflow, say)
+            y[:, -1] = math.nan
+        calls[0] += 1
+        finite[0] += int(torch.isfinite(y).all(dim=0).sum())
+        return y
+
+    est = method(matvec, 30, 12, seed=2)
+    assert math.isfinite(est.value)
+    assert est.num_probes == finite[0]
