@@ -407,6 +407,12 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None,
     model = peft_model if integrated else peft_model.get_base_model()
     specs, wrapped, heads, plain = {}, {}, {}, {}  # plain: peft wrappers of other adapters only
     for name, module in model.named_modules():
+        if isinstance(module, (ModulesToSaveWrapper, LoraLayer)) and getattr(module, "disable_adapters", False):
+            # the model computes without its adapter; converted, it would compute with it
+            raise ValueError(f"{where}: module {name!r} has its adapters disabled (transformers' "
+                             "disable_adapters(), peft's disable_adapter_layers() or a disable_adapter() block), "
+                             "so the model computes without them and lorambo's layers would not: enable them "
+                             "(enable_adapters() / enable_adapter_layers()) before converting")
         if isinstance(module, ModulesToSaveWrapper):  # (trained copy, original module)
             original = module.original_module
             if adapter_name in module.modules_to_save:

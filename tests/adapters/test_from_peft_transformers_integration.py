@@ -91,3 +91,26 @@ def test_from_peft_refuses_a_plain_transformers_model_naming_both_kinds():
     with pytest.raises(TypeError, match=r"from_peft expects a peft model \(PeftModel, or a transformers model given "
                                         r"an adapter by add_adapter / load_adapter\), got LlamaForCausalLM"):
         from_peft(copy.deepcopy(_base("llama")))
+
+
+@pytest.mark.parametrize("how", ["transformers", "peft_layers", "peft_block"])
+def test_from_peft_refuses_disabled_adapters_and_changes_nothing(how, tmp_path):
+    """A model whose peft adapters are disabled computes the base model; converted, its
+    LoRAMBoLinear layers computed the adapter (logits off by the whole adapter)."""
+    if how == "transformers":
+        model = _with_adapter("llama", "add_adapter", tmp_path)
+        model.disable_adapters()
+    else:
+        model = get_peft_model(_base("llama"), _lora_config("llama"))
+        if how == "peft_layers":
+            model.base_model.disable_adapter_layers()
+    with torch.no_grad():
+        expected = _base("llama")(input_ids=IDS).logits
+    block = model.disable_adapter() if how == "peft_block" else warnings.catch_warnings()
+    with block:
+        with pytest.raises(ValueError, match=r"peft adapter 'default': module 'model\.layers\.0\.self_attn\.q_proj' "
+                                             r"has its adapters disabled .* enable them"):
+            from_peft(model)
+        assert not lora_layers(model)
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=IDS).logits, expected, rtol=0, atol=0)
