@@ -151,13 +151,19 @@ class LoRAMBoCallback(TrainerCallback):
         except FileNotFoundError as err:
             raise FileNotFoundError(f"Trainer resumed at step {state.global_step}, but {err}: pass "
                                     "LoRAMBoCallback(..., resume_from=<checkpoint folder>)") from None
-        if not _has_sharded_pools(self.allocator.model):
-            missed = restore_missed_adapter(self.allocator.model, folder)
-            if missed:
-                warn_user(f"LoRAMBoCallback: Trainer's checkpoint loading left {len(missed)} adapted layer(s) or "
-                          f"modules_to_save without their saved state ({missed[:4]}; transformers saves this "
-                          f"architecture under other keys than it loads); restored from {folder}/adapter.safetensors")
+        self._restore_missed_adapter(folder)
         self.decisions = checkpoint.restore(self.allocator, self.importance, saved, folder)
+
+    def _restore_missed_adapter(self, folder: str) -> None:
+        """The pools, ranks and modules_to_save Trainer's load of ``folder`` missed, from its
+        adapter file (:mod:`lorambo.integrations.pool_resume`)."""
+        if _has_sharded_pools(self.allocator.model):
+            return
+        missed = restore_missed_adapter(self.allocator.model, folder)
+        if missed:
+            warn_user(f"LoRAMBoCallback: Trainer's checkpoint loading left {len(missed)} adapted layer(s) or "
+                      f"modules_to_save without their saved state ({missed[:4]}; transformers saves this "
+                      f"architecture under other keys than it loads); restored from {folder}/adapter.safetensors")
 
     def on_save(self, args, state, control, model=None, **kwargs):
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
@@ -232,6 +238,7 @@ class LoRAMBoCallback(TrainerCallback):
                       f"{checkpoint.STATE_FILE}; callback.decisions and the decision log still describe the "
                       "last step's ranks")
             return
+        self._restore_missed_adapter(folder)
         if self.allocator.current_ranks() != saved["ranks"]:  # Trainer warned that it could not load it
             warn_user(f"LoRAMBoCallback: the model's ranks are not those of the best checkpoint {folder} "
                       "(Trainer did not load it); callback.decisions and the decision log describe the "

@@ -3,7 +3,9 @@
 Trainer's ``load_state_dict(strict=False)`` then restored none of the adapted layers: a run whose
 ranks had grown stopped on the rank check, one whose ranks had not went on silently from the
 rebuilt model's untrained pools. LoRAMBoCallback restores them from the checkpoint's
-``adapter.safetensors``, with a warning, and the resumed run is the uninterrupted one."""
+``adapter.safetensors``, with a warning, and the resumed run is the uninterrupted one; likewise
+after ``load_best_model_at_end``, which left the last step's pools under the best checkpoint's
+decisions."""
 
 import warnings
 
@@ -61,3 +63,33 @@ def test_resume_restores_pools_that_trainer_did_not_load(tmp_path, grow):
             torch.testing.assert_close(resumed_state[key], value, rtol=1e-5, atol=1e-7, msg=key)
     assert any("left 2 adapted layer(s) or modules_to_save without their saved state (['vit.layers.0.attention.q_proj'"
                ", 'vit.layers.0.attention.v_proj']" in m for m in messages)  # the classifier's keys loaded
+
+
+def test_load_best_model_at_end_restores_the_best_pools_trainer_did_not_load(tmp_path):
+    torch.set_num_threads(1)
+    model = lorambo.configure_model(_vit(), 1, target_modules=["q_proj", "v_proj"], capacity=4)
+    budget = sum(3 * (m.in_features + m.out_features) for m in lorambo.lora_layers(model).values())
+    alloc = LoRAMBoOptimizer(model, total_budget=budget, warmup_steps=1, interval=1, sketch_rank=2, seed=3)
+    g = torch.Generator().manual_seed(5)
+    data = [{"pixel_values": torch.randn(3, 16, 16, generator=g), "labels": torch.randint(0, 3, (), generator=g)}
+            for _ in range(16)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=STEPS, learning_rate=1e-2,
+        report_to="none", use_cpu=True, save_strategy="steps", save_steps=1, eval_strategy="steps", eval_steps=1,
+        load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True,  # the worst: not the last
+        disable_tqdm=True, dataloader_num_workers=0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, eval_dataset=data[:4],
+                                   callbacks=[LoRAMBoCallback(alloc)], optimizers=(alloc.make_optimizer(lr=1e-2), None))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith(f"checkpoint-{STEPS}")
+    expected = lorambo.configure_model(_vit(), 1, target_modules=["q_proj", "v_proj"], capacity=4)
+    lorambo.load_adapter(expected, best)
+    layers = lorambo.lora_layers(model)
+    for name, layer in lorambo.lora_layers(expected).items():
+        assert layers[name].rank == layer.rank, name
+        torch.testing.assert_close(layers[name].lora_A, layer.lora_A, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(layers[name].lora_B, layer.lora_B, rtol=0, atol=0, msg=name)
+    assert any("restored from" in str(w.message) and best in str(w.message) for w in caught)
