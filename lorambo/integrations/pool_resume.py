@@ -22,6 +22,7 @@ from lorambo.adapters.extra_modules import PREFIX
 from lorambo.adapters.format import read_adapter_file
 from lorambo.adapters.io import adapter_file, load_adapter
 from lorambo.model import lora_layers
+from lorambo.model.unwrap import unwrap_model
 
 __all__ = ["restore_missed_adapter"]
 
@@ -60,7 +61,7 @@ def restore_missed_adapter(model: nn.Module, folder: str | os.PathLike) -> list[
     if not file.is_file():
         return []
     meta, tensors, _ = read_adapter_file(file)
-    differ = _differs(model, meta, tensors)
+    differ = _differs(unwrap_model(model), meta, tensors)  # the file names the plain model's modules
     if differ:
         load_adapter(model, file)
     return differ
