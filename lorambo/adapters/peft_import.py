@@ -372,7 +372,11 @@ def import_peft(model: nn.Module, path: str | os.PathLike, capacity: int | Mappi
 def from_peft(peft_model: nn.Module, adapter_name: str | None = None,
               capacity: int | Mapping[str, int] | None = None) -> nn.Module:
     """Convert a model wrapped by peft (``get_peft_model`` / ``PeftModel``) into the plain base
-    model with LoRAMBoLinear layers holding the same adapter; returns that base model.
+    model with LoRAMBoLinear layers holding the same adapter; returns that base model. A
+    transformers model given its adapter by transformers' peft integration (``add_adapter``,
+    ``load_adapter``, ``from_pretrained`` of an adapter folder) converts too: it is its own base
+    model, and afterwards holds no peft adapter (as after its ``delete_adapter``), so its
+    ``save_pretrained`` writes the whole model again, not a peft adapter.
 
     The peft wrapper is consumed: its LoRA layers are replaced in place. ``adapter_name``
     defaults to the active adapter (an error when several are active, since peft adds them up);
@@ -384,10 +388,13 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None,
         from peft.utils.other import ModulesToSaveWrapper
 
     configs = getattr(peft_model, "peft_config", None)
-    if not isinstance(configs, Mapping) or not hasattr(peft_model, "get_base_model"):
-        raise TypeError(f"from_peft expects a peft model (PeftModel), got {type(peft_model).__name__}")
+    integrated = not hasattr(peft_model, "get_base_model") and getattr(peft_model, "_hf_peft_config_loaded", False)
+    if not isinstance(configs, Mapping) or not (hasattr(peft_model, "get_base_model") or integrated):
+        raise TypeError(f"from_peft expects a peft model (PeftModel, or a transformers model given an adapter by "
+                        f"add_adapter / load_adapter), got {type(peft_model).__name__}")
     if adapter_name is None:
-        active = list(getattr(peft_model, "active_adapters", None) or [])
+        active = getattr(peft_model, "active_adapters", None)
+        active = list((active() if callable(active) else active) or [])  # transformers': a method
         if len(active) > 1:  # peft adds them all up; a LoRAMBoLinear holds one adapter
             raise ValueError(f"from_peft: the peft model has several active adapters {active}, whose sum it "
                              "computes; lorambo converts one: pass adapter_name=")
@@ -397,9 +404,15 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None,
     config = configs[adapter_name]
     where = f"peft adapter {adapter_name!r}"
     check_peft_config(config.to_dict(), where)
-    model = peft_model.get_base_model()
+    model = peft_model if integrated else peft_model.get_base_model()
     specs, wrapped, heads, plain = {}, {}, {}, {}  # plain: peft wrappers of other adapters only
     for name, module in model.named_modules():
+        if isinstance(module, (ModulesToSaveWrapper, LoraLayer)) and getattr(module, "disable_adapters", False):
+            # the model computes without its adapter; converted, it would compute with it
+            raise ValueError(f"{where}: module {name!r} has its adapters disabled (transformers' "
+                             "disable_adapters(), peft's disable_adapter_layers() or a disable_adapter() block), "
+                             "so the model computes without them and lorambo's layers would not: enable them "
+                             "(enable_adapters() / enable_adapter_layers()) before converting")
         if isinstance(module, ModulesToSaveWrapper):  # (trained copy, original module)
             original = module.original_module
             if adapter_name in module.modules_to_save:
@@ -449,13 +462,18 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None,
     for p in model.parameters():
         p.requires_grad_(True)  # peft froze the base; configure_model freezes it again and records it
     try:
-        return _install(model, specs, capacity, saved, list(heads), where)
+        converted = _install(model, specs, capacity, saved, list(heads), where)
     except BaseException:  # _install changed nothing: give the peft model its adapter back
         for name, module in peft_modules.items():
             _set_child(model, name, module)
         for p, flag in trainable:
             p.requires_grad_(flag)
         raise
+    if integrated:  # what transformers' delete_adapter does once no adapter is left: with the
+        # flag set, its save_pretrained would write a peft adapter of the layers now gone
+        model.__dict__.pop("peft_config", None)
+        model._hf_peft_config_loaded = False
+    return converted
 
 
 def _set_child(model: nn.Module, name: str, module: nn.Module) -> None:

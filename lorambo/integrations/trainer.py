@@ -29,7 +29,10 @@ and ``lorambo_state.pt`` (decisions, importance EMAs, ALoRA rounds; see
 :mod:`lorambo.integrations.checkpoint`) to every checkpoint folder. When Trainer resumes
 (``trainer.train(resume_from_checkpoint=...)``) it reloads the pools, ranks and optimizer state
 itself; ``on_train_begin`` then restores the rest from ``<output_dir>/checkpoint-<step>`` (or
-``resume_from``), so the run continues as if it had never stopped. With
+``resume_from``), so the run continues as if it had never stopped. Pools and modules_to_save
+that Trainer's loading missed (an architecture transformers saves under other keys than it
+loads) are restored from the checkpoint's ``adapter.safetensors``, with a warning
+(:mod:`lorambo.integrations.pool_resume`). With
 ``load_best_model_at_end`` Trainer ends by loading the best checkpoint's model, at the ranks it
 had then; ``on_train_end`` restores that checkpoint's decisions (and importance) alike.
 
@@ -49,6 +52,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lorambo.adapters.io import save_adapter
 from lorambo.integrations import checkpoint, fsdp
+from lorambo.integrations.pool_resume import restore_missed_adapter
 from lorambo.model import lora_layers
 from lorambo.nn.local_hooks import LocalHook
 from lorambo.nn.optimizer_argument import wrapper_grad_scaler
@@ -147,7 +151,19 @@ class LoRAMBoCallback(TrainerCallback):
         except FileNotFoundError as err:
             raise FileNotFoundError(f"Trainer resumed at step {state.global_step}, but {err}: pass "
                                     "LoRAMBoCallback(..., resume_from=<checkpoint folder>)") from None
+        self._restore_missed_adapter(folder)
         self.decisions = checkpoint.restore(self.allocator, self.importance, saved, folder)
+
+    def _restore_missed_adapter(self, folder: str) -> None:
+        """The pools, ranks and modules_to_save Trainer's load of ``folder`` missed, from its
+        adapter file (:mod:`lorambo.integrations.pool_resume`)."""
+        if _has_sharded_pools(self.allocator.model):
+            return
+        missed = restore_missed_adapter(self.allocator.model, folder)
+        if missed:
+            warn_user(f"LoRAMBoCallback: Trainer's checkpoint loading left {len(missed)} adapted layer(s) or "
+                      f"modules_to_save without their saved state ({missed[:4]}; transformers saves this "
+                      f"architecture under other keys than it loads); restored from {folder}/adapter.safetensors")
 
     def on_save(self, args, state, control, model=None, **kwargs):
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
@@ -222,6 +238,7 @@ class LoRAMBoCallback(TrainerCallback):
                       f"{checkpoint.STATE_FILE}; callback.decisions and the decision log still describe the "
                       "last step's ranks")
             return
+        self._restore_missed_adapter(folder)
         if self.allocator.current_ranks() != saved["ranks"]:  # Trainer warned that it could not load it
             warn_user(f"LoRAMBoCallback: the model's ranks are not those of the best checkpoint {folder} "
                       "(Trainer did not load it); callback.decisions and the decision log describe the "

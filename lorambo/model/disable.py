@@ -20,13 +20,20 @@ from lorambo.model.modules_to_save import modules_to_save, original_state
 __all__ = ["disable_adapter"]
 
 
-def _frozen_original(trained: nn.Module, original: dict) -> nn.Module:
+def _frozen_original(name: str, trained: nn.Module, original: dict) -> nn.Module:
     """A frozen copy of ``trained`` holding ``original``. Its parameters are the recorded original
     tensors themselves (moved only if the model changed device or dtype since), not copies of the
     trained ones and their gradients that ``load_state_dict`` would then overwrite: a reference
     pass every step with a large head (lm_head) would copy it, and its gradient, every step."""
     memo = {}
     for key, param in trained.named_parameters(remove_duplicate=False):
+        if key in original and original[key].shape != param.shape:
+            # resized since (resize_token_embeddings on a head to save): the original has no
+            # values for the new rows, and the copy would compute with the old shape
+            raise RuntimeError(f"disable_adapter: {name}.{key} is now {list(param.shape)}, but its state recorded "
+                               f"by configure_model is {list(original[key].shape)} (resized since, by "
+                               "resize_token_embeddings, say); the base model's module has no such shape. "
+                               "Resize before configure_model")
         if key in original and id(param) not in memo:
             value = original[key].to(device=param.device, dtype=param.dtype)
             memo[id(param)] = nn.Parameter(value, requires_grad=False)
@@ -53,7 +60,7 @@ def disable_adapter(model: nn.Module):
     originals = original_state(model)
     heads = {}
     for name in modules_to_save(model):
-        heads[name] = _frozen_original(model.get_submodule(name), originals[name])
+        heads[name] = _frozen_original(name, model.get_submodule(name), originals[name])
     trained = {name: model.get_submodule(name) for name in heads}
     try:
         for layer in layers.values():

@@ -77,15 +77,45 @@ def check_not_targets(names: list[str], targets: Iterable[str]) -> None:
 
 
 def _untie_from_rest(model: nn.Module, name: str) -> None:
-    """Give module ``name`` its own copy of every parameter the model also holds outside it."""
+    """Give module ``name`` its own copy of every parameter the model also holds outside it, and
+    take the copied parameters out of the model's tie mapping (see :func:`_forget_ties`)."""
     users: dict[int, list[str]] = {}
     for path, param in model.named_parameters(remove_duplicate=False):
         users.setdefault(id(param), []).append(path)
     inside = name + "."
-    for sub in model.get_submodule(name).modules():
+    copied: set[str] = set()
+    for sub_name, sub in model.get_submodule(name).named_modules(remove_duplicate=False):
         for key, param in list(sub._parameters.items()):
             if param is not None and any(not u.startswith(inside) for u in users.get(id(param), [])):
                 sub._parameters[key] = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+                copied.add(".".join(part for part in (name, sub_name, key) if part))
+    if copied:
+        _forget_ties(model, copied)
+
+
+def _forget_ties(model: nn.Module, untied: set[str]) -> None:
+    """Drop every tie of transformers' models that involves a parameter in ``untied`` (dotted
+    names in ``model``). ``tie_weights()``, which ``resize_token_embeddings`` calls too, ties
+    ``{target: source}`` pairs again by assignment: left in, the pair would put the frozen
+    embedding back in place of the trained copy of a tied head (or the copy into the head).
+    transformers 5 reads the pairs from each model's ``_tied_weights_keys`` (set here on the
+    instance, shadowing the class's) and caches them in ``all_tied_weights_keys``."""
+    for prefix, sub in model.named_modules(remove_duplicate=False):
+        local = {n[len(prefix) + 1:] if prefix else n for n in untied if not prefix or n.startswith(prefix + ".")}
+        if not local:
+            continue
+
+        def kept(pairs):
+            return {t: s for t, s in pairs.items() if t not in local and s not in local}
+
+        expand = getattr(sub, "get_expanded_tied_weights_keys", None)
+        if callable(expand):
+            pairs = expand(all_submodels=False)
+            if kept(pairs) != pairs:
+                sub._tied_weights_keys = kept(pairs)
+        cached = getattr(sub, "all_tied_weights_keys", None)
+        if isinstance(cached, dict) and kept(cached) != cached:
+            sub.all_tied_weights_keys = kept(cached)
 
 
 def keep_trainable(model: nn.Module, names: list[str]) -> None:

@@ -61,6 +61,14 @@ def swapped_reason(module: nn.Module, kind: str) -> str | None:
     if family is not None and family[0] == kind and type(module).forward is family[1].forward:
         return None
     built_on = "nn.Linear" if kind == "linear" else "transformers Conv1D"
+    if type(module).__module__.split(".")[0] == "peft":
+        # peft's all-linear (get_peft_model, transformers' add_adapter / load_adapter) takes the
+        # Linear inside each LoRAMBoLinear: a second adapter, which this forward would skip
+        return (f"its base layer is now peft's {type(module).__qualname__} ({type(module).__module__}): peft "
+                f"(get_peft_model, or transformers' add_adapter / load_adapter) put its own adapter inside this "
+                f"lorambo adapter, in place of the {built_on} it was built on. Two adapters on one layer are not "
+                "supported: give peft the plain model, or hand lorambo's adapter to peft with "
+                "lorambo.export_peft and PeftModel.from_pretrained")
     return (f"its base layer is now a {type(module).__module__}.{type(module).__qualname__}, put in after the "
             f"layer was adapted (by a quantization pass that swaps Linear layers, say), not the {built_on} it was "
             f"built on, whose weight it computes x W^T + b with. Merge and unload the adapters "

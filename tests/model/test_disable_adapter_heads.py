@@ -5,9 +5,11 @@ pass of DPO-style training enters the context every step."""
 import copy
 from collections import OrderedDict
 
+import pytest
 import torch
 from torch import nn
 
+import lorambo
 from lorambo import configure_model, disable_adapter
 from lorambo.model.modules_to_save import original_state
 
@@ -55,3 +57,26 @@ def test_entering_does_not_copy_the_head_parameters():
         with disable_adapter(model):
             for name, p in model.head.named_parameters():
                 assert p.data_ptr() == originals[name].data_ptr(), f"{name} was copied on entry"
+
+
+def test_a_head_to_save_resized_after_configure_is_refused_naming_it():
+    """resize_token_embeddings after configure_model: the recorded original lm_head has 64 rows,
+    the head 70. The reference pass ran a 64-row copy under out_features=70 and returned 64
+    logits per token instead of 70; it is refused, and the model is left as it was."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16)).eval()
+    lorambo.configure_model(model, 2, target_modules=["c_attn"], modules_to_save=["lm_head"])
+    model.resize_token_embeddings(70, mean_resizing=False)
+    ids = torch.randint(0, 70, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    head = model.lm_head
+    with pytest.raises(RuntimeError, match=r"disable_adapter: lm_head\.weight is now \[70, 32\], but its state "
+                                           r"recorded by configure_model is \[64, 32\]"):
+        with lorambo.disable_adapter(model):
+            pass
+    assert model.lm_head is head and not any(layer.adapter_disabled for layer in lorambo.lora_layers(model).values())
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)

@@ -115,6 +115,8 @@ def test_trainable_parameters_match_peft_and_report_capacity(capsys):
     assert counts["lora_capacity"] == sum(16 * (m.in_features + m.out_features) for m in lora_layers(ours).values())
     # peft's total also counts its frozen copy of the original head
     assert counts["all"] == peft_all - head
+    # transformers counts tensor elements, every slot (README)
+    assert ours.num_parameters(only_trainable=True) == counts["lora_capacity"] + head
     lorambo.print_trainable_parameters(ours)
     out = capsys.readouterr().out
     assert f"trainable params: {active + head:,}" in out and f"LoRA pool capacity: {counts['lora_capacity']:,}" in out
