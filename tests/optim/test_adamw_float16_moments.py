@@ -86,3 +86,25 @@ def test_float16_moments_survive_a_state_dict_round_trip_unrounded():
     opt.load_state_dict(opt.state_dict())  # torch alone rounds every moment to the pool's float16
     for key, value in saved.items():
         assert torch.equal(opt.state[layer.lora_B][key], value), key
+
+
+def test_a_float32_model_cast_to_float16_continues_with_its_float32_moments():
+    layer = LoRAMBoLinear(torch.nn.Linear(12, 10), rank=2, capacity=4)
+    with torch.no_grad():
+        layer.lora_B[:, :2] = torch.randn(10, 2, generator=torch.Generator().manual_seed(3)) * 0.1
+    opt = lorambo.optim.AdamW(layer.parameters(), lr=LR, weight_decay=WD)
+    gen = torch.Generator().manual_seed(7)
+    _grads(layer, gen)
+    opt.step()
+    layer.half()
+    ref = _Float64AdamW(layer)  # takes over the optimizer's float32 moments
+    for name in ("lora_A", "lora_B"):
+        state = opt.state[getattr(layer, name)]
+        ref.m[name], ref.v[name] = state["exp_avg"].double().clone(), state["exp_avg_sq"].double().clone()
+        ref.t[name] = state["slot_step"].double().clone()
+    _grads(layer, gen)
+    opt.step()
+    ref.step(layer)
+    for name in ("lora_A", "lora_B"):
+        got, want = getattr(layer, name).detach().double(), ref.values[name]
+        assert float((got - want).abs().max()) <= 2 * U16 * float(want.abs().max())
