@@ -16,6 +16,7 @@ from torch import nn
 from lorambo.adapters import extra_modules
 from lorambo.adapters.atomic import atomic_write, check_target
 from lorambo.adapters.canonical import save_file_canonical
+from lorambo.adapters.dtype_range import check_fits_dtypes, destination_dtype, saved_state_entries
 from lorambo.adapters.finite import check_finite_modules_to_save, check_finite_pools
 from lorambo.adapters.format import (FORMAT, LAYER_FIELDS, VERSION, AdapterFormatError, build_header,
                                      own_storages, read_adapter_file)
@@ -135,6 +136,14 @@ def _copy_into_layers(model: nn.Module, meta: dict, tensors: dict[str, torch.Ten
         layer.use_rslora, layer.dropout = bool(info["use_rslora"]), float(info["dropout"])
 
 
+def _loaded_entries(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], extra: dict):
+    """``(what, file tensor, model dtype)`` for every value the load copies into the model."""
+    for name in meta:
+        for pool in ("lora_A", "lora_B"):
+            yield f"layer {name!r}: {pool}", tensors[f"{name}.{pool}"], destination_dtype(model, name, pool)
+    yield from saved_state_entries(model, extra)
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load an adapter written by :func:`save_adapter` into ``model`` and return it. ``path`` is
     the file, or the folder holding ``adapter.safetensors``; FileNotFoundError when there is none.
@@ -144,8 +153,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     shapes exactly. The file is checked completely (header fields, shapes, checksums, finite
     values) and then against the model before anything is written, so a bad file or a mismatched
     model leaves the model as it was: :class:`AdapterFormatError` for a bad file, ``ValueError``
-    for a model that does not match it. A model wrapped by torch.compile or DDP is loaded into
-    through the wrapper (the file's names are the plain model's).
+    for a model that does not match it, or whose dtype cannot hold the file's values (a float32
+    adapter beyond 65504 into a float16 model; values within range are rounded once). A model
+    wrapped by torch.compile or DDP is loaded into through the wrapper (the file's names are the
+    plain model's).
     """
     require_module(model, "load_adapter")
     require_path(path, "load_adapter")
@@ -159,6 +170,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         _check_against_lora_model(model, meta, file)
     extra = extra_modules.check_modules_to_save(model, tensors, file)
     refuse_meta_destinations(model, meta, extra, f"adapter {file}")
+    check_fits_dtypes(f"adapter {file}", _loaded_entries(model, meta, tensors, extra))
     if bare:
         configure_for_overwrite(model, {n: info["rank"] for n, info in meta.items()},
                                 capacity={n: info["capacity"] for n, info in meta.items()},

@@ -57,6 +57,7 @@ from lorambo.nn.local_hooks import LocalHook  # a copy of the model (EMA, teache
 from lorambo.nn.optimizer_argument import optimizer_argument
 from lorambo.nn.optimizer_state import check_slot_state_editable
 from lorambo.nn.pool_ops import keep_components_many
+from lorambo.ops.custom_op import autocast_off
 from lorambo.sensitivity.token_mask import mask_selects_rows
 from lorambo.user_warnings import warn_user, warns_when_done
 
@@ -305,10 +306,11 @@ def _activation_ratio(inputs: Sequence[torch.Tensor], d: torch.Tensor) -> torch.
     dtype = torch.promote_types(d.dtype, torch.float32)
     d = d.to(dtype)
     sums = torch.zeros(d.shape[0] + 1, dtype=dtype, device=d.device)
-    for x in inputs:
-        x = x.to(d.device, dtype)
-        sums[:-1] += (x @ d.T).square().sum(0)                                 # sum_t (d_j . x_t)^2
-        sums[-1] += x.square().sum() / x.shape[1]                              # mean over unit rows
+    with autocast_off(d.device.type):  # a decision taken under autocast: products in float32 all the same
+        for x in inputs:
+            x = x.to(d.device, dtype)
+            sums[:-1] += (x @ d.T).square().sum(0)                             # sum_t (d_j . x_t)^2
+            sums[-1] += x.square().sum() / x.shape[1]                          # mean over unit rows
     sums = all_reduced_mean(sums)
     along, random = sums[:-1], sums[-1]
     ratio = torch.where(along > 0, (random / along.clamp_min(1e-300)).sqrt(), torch.ones_like(along))
@@ -342,10 +344,12 @@ def layer_benefits_many(layers: Mapping, pairs: Mapping, ks: Mapping[str, int], 
     gens = [decision_generator(seed, "grow", step, indices[n]) for n in names]
     seeds = [int(torch.randint(0, 2**62, (), generator=decision_generator(seed, "grow-kernel", step, indices[n])))
              for n in names]
-    sigmas, _, vectors = projected_top_singular_many(
-        [pairs[n] for n in names], [layers[n].in_features for n in names],
-        [layers[n].out_features for n in names], [ks[n] for n in names], a_cols, b_cols, niter,
-        oversample, gens, seeds, dtype, layers[names[0]].lora_A.device)
+    device = layers[names[0]].lora_A.device
+    with autocast_off(device.type):  # a decision taken under autocast would multiply in its dtype
+        sigmas, _, vectors = projected_top_singular_many(
+            [pairs[n] for n in names], [layers[n].in_features for n in names],
+            [layers[n].out_features for n in names], [ks[n] for n in names], a_cols, b_cols, niter,
+            oversample, gens, seeds, dtype, device)
     gains, dirs = {}, {}
     for i, name in enumerate(names):
         # dividing the singular values, not dY, keeps fp16 dY from underflowing

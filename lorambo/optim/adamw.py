@@ -22,7 +22,8 @@ Pool parameters take one call of the compiled extension on the CPU (see
 ``_compiled_step_applies``) and otherwise the multi-tensor (``torch._foreach_*``) path, with the
 step counts on the parameter's device, so the update never reads a device value on the host.
 Both compute the same formulas in the same order, equal up to rounding (bf16/fp16 pools: the
-update works in float32 and rounds once per element, on both paths).
+update works in float32 and rounds once per element, on both paths). float16 pools keep their
+moments in float32 (see ``moment_dtype``) and take the multi-tensor path.
 ``fused`` and ``capturable`` apply to the other parameters; with a GradScaler the scaler unscales the gradients
 and skips inf steps itself, also for ``fused=True``. ``differentiable=True`` is not supported.
 """
@@ -82,6 +83,15 @@ def _denominator_coefficients(slot_steps, layouts, lr, beta1, beta2):
     return inv_sqrt_bc2, bc1_over_lr
 
 
+def moment_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of Adam's moments for a pool of ``dtype``: float32 for float16 pools, else
+    ``dtype``. float16's smallest normal value is 6.1e-5 (subnormals down to 6e-8): the second
+    moment's ``(1 - beta2) g^2`` of gradients below about 0.25 loses precision there and below
+    about 8e-3 (LoRA's usual range) rounds to 0, and then ``m / sqrt(v)`` takes steps of hundreds
+    of learning rates. bfloat16 has float32's range and keeps its moments."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 # bf16/fp16 pools are updated in float32 and rounded once per element (so is the foreach path)
 _COMPILED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -94,8 +104,8 @@ def _compiled_step_applies(work, amsgrad: bool) -> bool:
     faster than the multi-tensor path (docs/performance.md)."""
     tensors = []
     for param, state, _, _ in work:
-        if is_sharded(param) or param.dtype not in _COMPILED_DTYPES:
-            return False
+        if is_sharded(param) or param.dtype not in _COMPILED_DTYPES or state["exp_avg"].dtype != param.dtype:
+            return False  # the compiled step keeps the moments in the pool's dtype
         tensors += [param.detach(), param.grad, state["exp_avg"], state["exp_avg_sq"], state[SLOT_STEP]]
         if amsgrad:
             tensors.append(state["max_exp_avg_sq"])
@@ -203,7 +213,7 @@ def _check_state_follows(param: torch.Tensor, state: dict) -> None:
     ``model.to(device)``) leaves the moments behind; the update would then fail inside torch or
     the extension with a message about the dtypes of internal tensors, or mix dtypes."""
     value = state.get("exp_avg")  # the other moments were made, and are cast or moved, with it
-    if torch.is_tensor(value) and (value.dtype != param.dtype or value.device != param.device):
+    if torch.is_tensor(value) and (value.dtype != moment_dtype(param.dtype) or value.device != param.device):
         raise RuntimeError(
             f"lorambo.optim.AdamW: the exp_avg of a parameter of shape {list(param.shape)} is {value.dtype} on "
             f"{value.device}, but the parameter is now {param.dtype} on {param.device}: the model was cast or moved "
@@ -264,9 +274,12 @@ class AdamW(torch.optim.AdamW):
             step = float(state["step"]) if "exp_avg" in state and "step" in state else 0.0
             state["step"] = torch.tensor(step)
             keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+            dtype = moment_dtype(param.dtype)
             for key in keys:
                 if key not in state:
-                    state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    state[key] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+                else:  # a torch AdamW checkpoint of a float16 pool holds float16 moments
+                    state[key] = state[key].to(dtype)
             counts = torch.zeros(param.shape[dim], dtype=torch.float32, device=param.device)
             counts[:slots.rank] = step
             state[SLOT_STEP] = counts
@@ -295,8 +308,15 @@ class AdamW(torch.optim.AdamW):
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
         counts = {pid: state_dict["state"][pid][SLOT_STEP].clone()
                   for pid in saved_ids if SLOT_STEP in state_dict["state"].get(pid, {})}
-        super().load_state_dict(state_dict)
+        # and so are the moments of float16 pools (see moment_dtype), which torch would round to float16
         params = [p for group in self.param_groups for p in group["params"]]
+        wide = {pid: {key: value.clone() for key, value in state_dict["state"].get(pid, {}).items()
+                      if key in _PER_ELEMENT and torch.is_tensor(value)}
+                for pid, param in zip(saved_ids, params)
+                if pool_slots(param) is not None and moment_dtype(param.dtype) != param.dtype}
+        super().load_state_dict(state_dict)
         for pid, param in zip(saved_ids, params):
             if pid in counts:
                 self.state[param][SLOT_STEP] = counts[pid].to(device=param.device, dtype=torch.float32)
+            for key, value in wide.get(pid, {}).items():
+                self.state[param][key] = value.to(device=param.device, dtype=moment_dtype(param.dtype))

@@ -37,6 +37,7 @@ import numbers
 
 import torch
 
+from lorambo.ops.custom_op import autocast_off
 from lorambo.ops.sketch import sq_grad_norms_many, use_sketch_kernels
 
 from lorambo.distributed import SharedFailure
@@ -252,10 +253,12 @@ class FisherProxy:
                     weights: torch.Tensor | None = None) -> None:
         if x.dim() == 1:  # an input without a batch dim is one example, as nn.Linear reads it
             x, grad_y = x.unsqueeze(0), grad_y.unsqueeze(0)
-        if self.sketch_dim is None:
-            sq = _exact_sq_grad_norms(x, grad_y.detach())  # (B,)
-        else:
-            sq = sketched_sq_grad_norms(x, grad_y.detach(), self.sketch_dim, self._generator(x.device))
+        # a backward() called under autocast would run these products in its dtype
+        with autocast_off(x.device.type):
+            if self.sketch_dim is None:
+                sq = _exact_sq_grad_norms(x, grad_y.detach())  # (B,)
+            else:
+                sq = sketched_sq_grad_norms(x, grad_y.detach(), self.sketch_dim, self._generator(x.device))
         if self.reduction == "mean":
             sq = sq * float(sq.shape[0]) ** 2
         sq = sq.double()

@@ -63,7 +63,8 @@ class HessianOperator:
 
     def apply(self, vs: Sequence[torch.Tensor],
               summarize: Callable[[list[torch.Tensor]], Summary]) -> Summary:
-        """Mean over batches (and ranks) of summarize([ (H_b v)_i for each layer i ]).
+        """Mean over batches (and ranks) of summarize([ (H_b v)_i for each layer i ]), summed in
+        at least float32 (the products themselves are in the weights' dtype).
 
         vs[i]: [P, *weights[i].shape] probes. summarize gets the products in the same layout and
         must be linear in them (it is applied per batch and the results are averaged), so it can
@@ -86,7 +87,9 @@ class HessianOperator:
                 # them, as for any non-finite product, instead of returning a silent 0. No host
                 # sync, and under DDP the NaN reaches every process through the all-reduce.
                 gate = torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
-                part = [p * gate.to(p.device, p.dtype) for p in part]
+                # summed over batches in at least float32: a bfloat16 running sum rounds every
+                # addition to 8 bits, and past ~2/u batches (512 in bfloat16) stops growing
+                part = [p.to(torch.promote_types(p.dtype, torch.float32)) * gate.to(p.device) for p in part]
                 total = part if total is None else [t + p for t, p in zip(total, part)]
                 del loss, grads
         # batches, failed processes and processes some weight got a gradient on, in the collective
@@ -98,7 +101,8 @@ class HessianOperator:
         if not reached_on:  # every product would be 0: a silent zero Hessian for every layer
             raise no_gradient_error(self.who, self.names)
         if total is None:  # this process has no batches: it adds zeros of the summary's layout
-            total = [torch.zeros_like(t) for t in summarize([torch.zeros_like(v) for v in vs])]
+            total = [torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32))
+                     for t in summarize([torch.zeros_like(v) for v in vs])]
         return [all_reduce_sum_(t) / count for t in total]
 
     def _products(self, grads, vs) -> list[torch.Tensor]:

@@ -8,6 +8,7 @@ from tqdm.auto import tqdm
 from lorambo.distributed import SharedFailure, all_reduced_sums
 from lorambo.model.argument import require_module
 from lorambo.nn.hook_inputs import layer_input
+from lorambo.ops.custom_op import autocast_off
 from .inputs import as_batch_list, check_finite_loss, check_some_batches, compute_loss, no_gradient_error
 from .mode import eval_mode
 from .progress import show_bar
@@ -82,7 +83,8 @@ def data_covariance(model, loss_fn, batches, modules=None, token_mask="auto", pr
 
     A forward hook on the layer (the LoRA layer itself for LoRA layers) takes its first input,
     flattened to [tokens, in]; sums of x^T x and token counts are accumulated (float32 for
-    half-precision inputs, else the input dtype) and divided at the end, so memory is O(in^2)
+    half-precision inputs, else the input dtype, also when ``loss_fn`` runs the model under
+    autocast) and divided at the end, so memory is O(in^2)
     per layer whatever the number of batches. ``loss_fn`` is only called to run the forward (its
     result is ignored; any callable(model, batch) works) under torch.no_grad(), in eval mode (see
     :mod:`~lorambo.sensitivity.mode`).
@@ -114,7 +116,8 @@ def data_covariance(model, loss_fn, batches, modules=None, token_mask="auto", pr
             batch_tokens[-1] += x.shape[0]
             if x.dtype in (torch.float16, torch.bfloat16):
                 x = x.float()
-            xtx = x.T @ x
+            with autocast_off(x.device.type):  # a forward under autocast would give x^T x in its dtype
+                xtx = x.T @ x
             sums[i] = xtx if i not in sums else sums[i] + xtx
             counts[i] += x.shape[0]
         return hook

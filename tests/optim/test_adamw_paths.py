@@ -165,7 +165,8 @@ def test_lr_zero_leaves_pools_unchanged_and_counts_the_step():
 
 
 @pytest.mark.parametrize("dtype,contiguous,compiled", [(torch.float32, True, True), (torch.float64, True, True),
-                                                      (torch.bfloat16, True, True), (torch.float32, False, False)])
+                                                      (torch.bfloat16, True, True), (torch.float32, False, False),
+                                                      (torch.float16, True, False)])  # float32 moments
 def test_which_path_a_step_takes(monkeypatch, pool_step_path, dtype, contiguous, compiled):
     calls = []
     real = adamw_module._compiled_pool_step
