@@ -27,6 +27,7 @@ from lorambo.nn import base_layers
 from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from lorambo.nn.fresh_momentum import move_new_slots, restore_new_slots
 from lorambo.nn.frozen_bases import note_frozen
+from lorambo.nn.inactive_slots import zero_inactive_after_steps
 from lorambo.nn.optimizer_argument import optimizer_argument
 from lorambo.nn.optimizer_state import (check_slot_state_editable, gather_slot_state, reset_slot_state,
                                         warn_if_shared_step)
@@ -257,6 +258,7 @@ class LoRAMBoLinear(nn.Module):
         self.set_rank(rank)
         track_optimizers()  # so that a rank change can tell when its optimizer= is missing
         refuse_unsupported_optimizers()
+        zero_inactive_after_steps()
         self.register_state_dict_post_hook(_unmerged_base_weight)
         self.register_load_state_dict_pre_hook(plain_keys_to_base_layer)
         self.register_load_state_dict_pre_hook(_check_extra_state_first)
@@ -283,6 +285,7 @@ class LoRAMBoLinear(nn.Module):
         # where no __init__ ran: install the process-wide optimizer hooks a new layer installs
         track_optimizers()
         refuse_unsupported_optimizers()
+        zero_inactive_after_steps()
         note_frozen(p for p in self.base_layer.parameters() if not p.requires_grad)
 
     def __setattr__(self, name: str, value) -> None:
