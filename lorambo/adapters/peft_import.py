@@ -41,6 +41,7 @@ from lorambo.model.patterns import pattern_value
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import default_capacity
 from lorambo.nn.base_layers import base_kind, features, unwrappable_reason
+from lorambo.nn.dtype_range import check_settings_fit
 from lorambo.optional import requires
 
 __all__ = ["import_peft", "from_peft", "check_peft_config"]
@@ -190,6 +191,7 @@ def _check_target(model: nn.Module, name: str, spec: _LayerSpec, where: str) -> 
                          f"B {tuple(spec.b.shape)}; the module needs A [r, {d_in}], B [{d_out}, r]")
     if r < 1:
         raise ValueError(f"{where}: module {name!r} has rank 0 in the adapter")
+    check_settings_fit(f"{where}: module {name!r}", module.weight.dtype, spec.scaling, spec.dropout, alpha=spec.alpha)
 
 
 def _capacities(model, specs, capacity) -> dict[str, int]:

@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lorambo.nn import base_layers
+from lorambo.nn.dtype_range import check_settings_fit
 from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from lorambo.nn.fresh_momentum import move_new_slots, restore_new_slots
 from lorambo.nn.frozen_bases import note_frozen
@@ -218,12 +219,6 @@ class LoRAMBoLinear(nn.Module):
             raise TypeError(f"{self._label}: dropout must be a number in [0, 1), got {dropout!r}")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"{self._label}: dropout {dropout} must be in [0, 1)")
-        dtype = base.weight.dtype
-        if not torch.isfinite(torch.tensor(1.0 / (1.0 - float(dropout)), dtype=dtype, device="cpu")):
-            # kept elements are scaled by 1 / (1 - p) in the layer's dtype: inf there
-            raise ValueError(f"{self._label}: dropout {dropout} scales the kept inputs by 1 / (1 - p) = "
-                             f"{1.0 / (1.0 - float(dropout)):.4g}, which overflows the layer's {dtype}; give a "
-                             "smaller dropout")
         self.dropout = float(dropout)
         if not isinstance(use_rslora, bool):  # "false" from a config file is truthy: it would switch rsLoRA on
             raise TypeError(f"{self._label}: use_rslora must be True or False, got {use_rslora!r}")
@@ -236,12 +231,7 @@ class LoRAMBoLinear(nn.Module):
         if self.scaling == 0.0:  # B A would be multiplied by 0 in the forward and in every gradient
             raise ValueError(f"{self._label}: scaling is 0 (alpha={self.alpha!r}), so the adapter would add nothing "
                              "and its pools would never get a gradient; give a nonzero alpha (default: the rank)")
-        in_dtype = float(torch.tensor(self.scaling, dtype=dtype, device="cpu"))  # not the default device: meta
-        if in_dtype == 0.0 or not math.isfinite(in_dtype):  # the ops multiply by it in the layer's dtype
-            raise ValueError(f"{self._label}: scaling {self.scaling!r} (alpha={self.alpha!r}) is {in_dtype} in the "
-                             f"layer's {dtype}, so the adapter would add {'nothing' if in_dtype == 0.0 else 'inf'}; "
-                             f"give an alpha whose scaling (alpha / rank, alpha / sqrt(rank) with rsLoRA) is a "
-                             f"nonzero finite {dtype} number")
+        check_settings_fit(self._label, base.weight.dtype, self.scaling, self.dropout, alpha=self.alpha)
         for param in base.parameters():
             param.requires_grad_(False)
         note_frozen(base.parameters())  # an optimizer that steps only these trains nothing: warn then
@@ -575,6 +565,9 @@ class LoRAMBoLinear(nn.Module):
                             + ("(under autocast, which casts every dtype but float64 to its own)" if autocasting
                                else "(outside autocast)"))
         p = self.dropout if self.training else 0.0
+        # .half() / .to(dtype) after building, or autocast, may make the settings overflow or vanish
+        check_settings_fit(self._label, x.dtype, self.scaling, p, " (under autocast)" if autocasting else "",
+                           self.alpha)
         rank = dynamic_int_attribute(self, "_rank")  # symbolic under torch.compile: no graph per rank
         with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
             return lora_linear(x, weight, bias, lora_a, lora_b, rank, self.scaling, p)
@@ -719,6 +712,7 @@ class LoRAMBoLinear(nn.Module):
                                  "finite numbers")
             if rslora not in (0, 1):
                 raise ValueError(f"{self._label}: state_dict has use_rslora {rslora}, expected 0 or 1")
+            check_settings_fit(f"{self._label}: state_dict", self.lora_A.dtype, scaling, self.dropout, alpha=alpha)
             settings = (scaling, alpha, bool(rslora))
         else:
             raise ValueError(f"{self._label}: state_dict extra state must be the int64 [rank, capacity, "
