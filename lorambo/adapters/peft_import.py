@@ -42,6 +42,7 @@ from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import default_capacity
 from lorambo.nn.base_layers import base_kind, features, unwrappable_reason
 from lorambo.nn.dtype_range import check_settings_fit
+from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from lorambo.optional import requires
 
 __all__ = ["import_peft", "from_peft", "check_peft_config"]
@@ -109,7 +110,7 @@ def _is_int(v) -> bool:
 
 
 def _is_finite(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+    return is_finite_number(v)
 
 
 # what import_peft reads from adapter_config.json: field -> (check, what a valid value is); the
@@ -128,7 +129,7 @@ def _check_values(config: Mapping, where: str) -> None:
     import_peft cannot use (wrong type, out of range, not finite)."""
     for key, (ok, expected) in _VALUES.items():
         if key in config and not ok(config[key]):
-            raise AdapterFormatError(f"{where}: {key} is {config[key]!r}, expected {expected}")
+            raise AdapterFormatError(f"{where}: {key} is {shown_number(config[key])}, expected {expected}")
     for key, (ok, expected) in (("rank_pattern", _VALUES["r"]), ("alpha_pattern", _VALUES["lora_alpha"])):
         pattern = config.get(key)
         if pattern is None:
@@ -141,7 +142,7 @@ def _check_values(config: Mapping, where: str) -> None:
             except (re.error, TypeError) as err:
                 raise AdapterFormatError(f"{where}: {key} key {name!r} is not a valid pattern: {err}") from None
             if not ok(value):
-                raise AdapterFormatError(f"{where}: {key}[{name!r}] is {value!r}, expected {expected}")
+                raise AdapterFormatError(f"{where}: {key}[{name!r}] is {shown_number(value)}, expected {expected}")
 
 
 def _within_min_dim(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

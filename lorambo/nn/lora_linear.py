@@ -50,9 +50,8 @@ _POOL_DIMS = {"lora_A": 0, "lora_B": 1}  # the dim along which each pool's rank 
 def check_growth_factor(growth_factor, who: str) -> None:
     """ValueError naming ``who`` unless ``growth_factor`` is a finite real number >= 1 (inf
     would overflow the power-of-two rounding of :func:`default_capacity`)."""
-    if (isinstance(growth_factor, bool) or not isinstance(growth_factor, numbers.Real)
-            or not 1.0 <= growth_factor < math.inf):
-        raise ValueError(f"{who}: growth_factor={growth_factor!r} must be a finite number >= 1")
+    if not (is_finite_number(growth_factor) and growth_factor >= 1.0):
+        raise ValueError(f"{who}: growth_factor={shown_number(growth_factor)} must be a finite number >= 1")
 
 
 def default_capacity(rank: int, in_features: int, out_features: int, growth_factor: float = 2.0) -> int:
@@ -217,8 +216,8 @@ class LoRAMBoLinear(nn.Module):
         self._check_rank_value(rank)
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
             raise TypeError(f"{self._label}: dropout must be a number in [0, 1), got {dropout!r}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"{self._label}: dropout {dropout} must be in [0, 1)")
+        if not (is_finite_number(dropout) and 0.0 <= dropout < 1.0):
+            raise ValueError(f"{self._label}: dropout {shown_number(dropout)} must be in [0, 1)")
         self.dropout = float(dropout)
         if not isinstance(use_rslora, bool):  # "false" from a config file is truthy: it would switch rsLoRA on
             raise TypeError(f"{self._label}: use_rslora must be True or False, got {use_rslora!r}")
