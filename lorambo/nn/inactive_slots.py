@@ -10,19 +10,26 @@ output, but it breaks the pool invariant (docs/architecture.md, the rank pool) t
 loading check: a checkpoint save hours into a run would refuse the model. So a process-wide
 step post-hook (installed with the first LoRAMBoLinear) zeroes the inactive slots of every pool
 the optimizer holds, in one ``_foreach_zero_`` per step; slots already zero stay as they are.
+
+The views are computed once per optimizer and reused until a pool's rank or Parameter object
+(:func:`~lorambo.nn.slots.pools_generation`) or the optimizer's parameter lists change: finding
+them costs microseconds per parameter, which every step of a host-bound run would pay.
 """
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from lorambo.nn.slots import local_slots, pool_slots
+from lorambo.nn.slots import local_slots, pool_slots, pools_generation
 from lorambo.sharding import local_tensor
 
 __all__ = ["zero_inactive_after_steps"]
 
 _installed = False
+_cached: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> (key, views)
 
 
 def zero_inactive_after_steps() -> None:
@@ -48,9 +55,26 @@ def inactive_views(params) -> list[torch.Tensor]:
     return views
 
 
+def _views_of(optimizer) -> list[torch.Tensor]:
+    groups = getattr(optimizer, "param_groups", None) or ()
+    # the lists themselves: add_param_group, or a list replaced or extended in place
+    key = (pools_generation(), tuple((id(group["params"]), len(group["params"])) for group in groups))
+    try:
+        cached = _cached.get(optimizer)
+    except TypeError:  # an optimizer that cannot be weakly referenced: no cache
+        return inactive_views(param for group in groups for param in group["params"])
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    views = inactive_views(param for group in groups for param in group["params"])
+    _cached[optimizer] = (key, views)
+    return views
+
+
 @torch.no_grad()
 def _after_step(optimizer, args, kwargs) -> None:
-    groups = getattr(optimizer, "param_groups", None) or ()
-    views = inactive_views(param for group in groups for param in group["params"])
+    # an optimizer class that never writes inactive slots (lorambo.optim.AdamW) says so
+    if getattr(optimizer, "_lorambo_keeps_inactive_slots", False):
+        return
+    views = _views_of(optimizer)
     if views:
         torch._foreach_zero_(views)

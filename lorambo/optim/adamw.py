@@ -217,6 +217,10 @@ class AdamW(torch.optim.AdamW):
     is refused with a ``ValueError``) with per-slot Adam step counts for LoRAMBoLinear pools.
     See the module docstring."""
 
+    # it updates the active slots of pools only, so the inactive-slot zeroing after each step
+    # (lorambo/nn/inactive_slots.py) has nothing to do
+    _lorambo_keeps_inactive_slots = True
+
     def __init__(self, params, *args, **kwargs):
         super().__init__(params, *args, **kwargs)
         if any(group.get("differentiable", False) for group in self.param_groups):

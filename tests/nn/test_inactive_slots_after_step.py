@@ -81,3 +81,56 @@ def test_dropped_slots_stay_zero_under_an_optimizer_lorambo_cannot_reset(tmp_pat
     expected = x @ layer.base_layer.weight.detach().T + layer.base_layer.bias.detach() \
         + layer.scaling * (x @ ref_a.T) @ ref_b.T
     torch.testing.assert_close(fresh(x).detach(), expected, rtol=1e-12, atol=1e-12)
+
+
+def _drifting_step(layers, opt, x):
+    """A Lion step whose momentum on the inactive slots would move them off zero."""
+    for layer in layers:
+        layer(x.to(layer.lora_A.dtype)).pow(2).mean().backward()
+    for group in opt.param_groups:
+        for p in group["params"]:
+            opt.momentum[p] = torch.ones_like(p)  # non-zero on every slot, inactive ones included
+    opt.step()
+    opt.zero_grad()
+
+
+def _inactive_nonzero(layer) -> int:
+    r = layer.rank
+    return int(torch.count_nonzero(layer.lora_A[r:])) + int(torch.count_nonzero(layer.lora_B[:, r:]))
+
+
+def test_inactive_slots_stay_zero_after_the_pools_are_cast_or_added_between_steps():
+    """The slots to zero are found once and reused between steps; a cast that stores new pool
+    tensors, and a parameter group added to the optimizer, must still be covered."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    first = LoRAMBoLinear(nn.Linear(6, 5, dtype=torch.float64), rank=2, capacity=4)
+    second = LoRAMBoLinear(nn.Linear(6, 5, dtype=torch.float32), rank=1, capacity=4)
+    opt = AttributeLion([first.lora_A, first.lora_B])
+    _drifting_step([first], opt, x)
+    assert _inactive_nonzero(first) == 0
+    first.float()  # new storage under the same Parameter objects
+    opt.momentum = {}
+    _drifting_step([first], opt, x)
+    assert first.lora_A.dtype == torch.float32 and _inactive_nonzero(first) == 0
+    opt.add_param_group({"params": [second.lora_A, second.lora_B]})
+    _drifting_step([first, second], opt, x)
+    assert _inactive_nonzero(first) == 0 and _inactive_nonzero(second) == 0
+
+
+def test_lorambo_adamw_is_trusted_to_leave_inactive_slots_alone(monkeypatch):
+    """lorambo.optim.AdamW updates active slots only, so the zeroing skips it (no per-step cost);
+    its inactive slots stay zero by its own update."""
+    import lorambo
+    from lorambo.nn import inactive_slots
+
+    looked_up = []
+    monkeypatch.setattr(inactive_slots, "_views_of", lambda opt: looked_up.append(opt) or [])
+    torch.manual_seed(0)
+    layer = LoRAMBoLinear(nn.Linear(6, 5), rank=2, capacity=4)
+    adamw, sgd = lorambo.optim.AdamW([layer.lora_A, layer.lora_B]), torch.optim.SGD([layer.lora_A], lr=0.1)
+    layer(torch.randn(3, 6)).pow(2).mean().backward()
+    adamw.step()
+    sgd.step()
+    assert looked_up == [sgd]
+    assert _inactive_nonzero(layer) == 0
