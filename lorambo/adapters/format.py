@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import numbers
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+from lorambo.nn.finite_numbers import is_finite_number, shown_number
 
 FORMAT = "lorambo-adapter"
 VERSION = 2  # 2 added the checksums; version 1 files (no checksums) are still read
@@ -50,8 +51,8 @@ LAYER_FIELDS = {
     "capacity": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
     "in_features": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
     "out_features": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
-    "scaling": (lambda v: _is_real(v) and math.isfinite(v), "a finite number"),
-    "alpha": (lambda v: _is_real(v) and math.isfinite(v), "a finite number"),
+    "scaling": (is_finite_number, "a finite number"),
+    "alpha": (is_finite_number, "a finite number"),
     "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
     "dropout": (lambda v: _is_real(v) and 0.0 <= v < 1.0, "a number in [0, 1)"),
     "base_kind": (lambda v: v in ("linear", "conv1d"), "'linear' or 'conv1d'"),
@@ -117,7 +118,7 @@ def check_layer_settings(file: Path, name, info) -> None:
             raise AdapterFormatError(f"{file}: layer {name!r}: field {field!r} is missing")
         if not ok(info[field]):
             raise AdapterFormatError(f"{file}: layer {name!r}: field {field!r} is "
-                                     f"{info[field]!r}, expected {expected}")
+                                     f"{shown_number(info[field])}, expected {expected}")
     if info["rank"] > info["capacity"]:
         raise AdapterFormatError(f"{file}: layer {name!r}: rank {info['rank']} exceeds its "
                                  f"capacity {info['capacity']}")

@@ -28,6 +28,7 @@ from lorambo.model.modules_to_save import modules_to_save
 from lorambo.model.targeting import check_named_targets
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn.base_layers import base_kind, features
+from lorambo.nn.dtype_range import check_settings_fit
 
 __all__ = ["AdapterFormatError", "FORMAT", "VERSION", "adapter_file", "load_adapter", "save_adapter"]
 
@@ -103,6 +104,8 @@ def _check_against_lora_model(model: nn.Module, meta: dict, file: Path) -> None:
         if info["rank"] > layer.capacity:
             raise ValueError(f"adapter {file}: layer {name!r} has rank {info['rank']} above the "
                              f"layer's capacity {layer.capacity}")
+        check_settings_fit(f"adapter {file}: layer {name!r}", layer.lora_A.dtype, info["scaling"], info["dropout"],
+                           alpha=info["alpha"])
 
 
 def _check_against_bare_model(model: nn.Module, meta: dict, file: Path) -> None:
@@ -118,6 +121,8 @@ def _check_against_bare_model(model: nn.Module, meta: dict, file: Path) -> None:
         if saved != have:
             raise ValueError(f"adapter {file}: layer {name!r} was saved for shape (out, in) = {saved}, "
                              f"the model's is {have}")
+        check_settings_fit(f"adapter {file}: layer {name!r}", module.weight.dtype, info["scaling"], info["dropout"],
+                           alpha=info["alpha"])
 
 
 # ------------------------------------------------------------------------------ application

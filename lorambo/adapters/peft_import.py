@@ -42,6 +42,8 @@ from lorambo.model.patterns import pattern_value
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import default_capacity
 from lorambo.nn.base_layers import base_kind, features, unwrappable_reason
+from lorambo.nn.dtype_range import check_settings_fit
+from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from lorambo.optional import requires
 
 __all__ = ["import_peft", "from_peft", "check_peft_config"]
@@ -109,7 +111,7 @@ def _is_int(v) -> bool:
 
 
 def _is_finite(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+    return is_finite_number(v)
 
 
 # what import_peft reads from adapter_config.json: field -> (check, what a valid value is); the
@@ -128,7 +130,7 @@ def _check_values(config: Mapping, where: str) -> None:
     import_peft cannot use (wrong type, out of range, not finite)."""
     for key, (ok, expected) in _VALUES.items():
         if key in config and not ok(config[key]):
-            raise AdapterFormatError(f"{where}: {key} is {config[key]!r}, expected {expected}")
+            raise AdapterFormatError(f"{where}: {key} is {shown_number(config[key])}, expected {expected}")
     for key, (ok, expected) in (("rank_pattern", _VALUES["r"]), ("alpha_pattern", _VALUES["lora_alpha"])):
         pattern = config.get(key)
         if pattern is None:
@@ -141,7 +143,7 @@ def _check_values(config: Mapping, where: str) -> None:
             except (re.error, TypeError) as err:
                 raise AdapterFormatError(f"{where}: {key} key {name!r} is not a valid pattern: {err}") from None
             if not ok(value):
-                raise AdapterFormatError(f"{where}: {key}[{name!r}] is {value!r}, expected {expected}")
+                raise AdapterFormatError(f"{where}: {key}[{name!r}] is {shown_number(value)}, expected {expected}")
 
 
 def _within_min_dim(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,6 +193,7 @@ def _check_target(model: nn.Module, name: str, spec: _LayerSpec, where: str) -> 
                          f"B {tuple(spec.b.shape)}; the module needs A [r, {d_in}], B [{d_out}, r]")
     if r < 1:
         raise ValueError(f"{where}: module {name!r} has rank 0 in the adapter")
+    check_settings_fit(f"{where}: module {name!r}", module.weight.dtype, spec.scaling, spec.dropout, alpha=spec.alpha)
 
 
 def _capacities(model, specs, capacity) -> dict[str, int]:

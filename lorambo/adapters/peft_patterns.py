@@ -17,7 +17,6 @@ out. Pattern keys are the full names, longest first, so no key claims a longer n
 
 from __future__ import annotations
 
-import math
 import numbers
 import re
 from collections import Counter
@@ -28,6 +27,7 @@ from torch import nn
 from lorambo.model import lora_layers
 from lorambo.model.patterns import pattern_value
 from lorambo.model.unwrap import unwrap_model
+from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from lorambo.optional import requires
 
 __all__ = ["peft_config"]
@@ -51,9 +51,9 @@ def _entries(ranks, alpha, alpha_pattern, use_rslora) -> tuple[dict[str, tuple[i
             raise ValueError(f"rank of {name!r} is {r!r}: must be an int >= 0")
         r = int(r)  # numpy ints too, as configure_model takes them; LoraConfig must hold plain ints (JSON)
         a = pattern_value(alpha_pattern, name, alpha)
-        if a is not None and (isinstance(a, bool) or not isinstance(a, numbers.Real) or not math.isfinite(a)):
+        if a is not None and not is_finite_number(a):
             # LoRAMBoLinear refuses it too; peft would write it out as the non-JSON token NaN
-            raise ValueError(f"peft_config: alpha of {name!r} is {a!r}: must be a finite number")
+            raise ValueError(f"peft_config: alpha of {name!r} is {shown_number(a)}: must be a finite number")
         if r > 0:
             out[name] = (r, float(a) if a is not None else float(r))
     return out, bool(use_rslora)

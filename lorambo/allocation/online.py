@@ -52,6 +52,7 @@ from lorambo.allocation.frozen import frozen_layers
 from lorambo.allocation.greedy import greedy_allocate
 from lorambo.allocation.validate import check_rank_bounds
 from lorambo.distributed import SharedFailure, all_reduced_mean, broadcast_, decision_generator
+from lorambo.nn.finite_numbers import float_value, is_finite_number, shown_number
 from lorambo.nn.hook_inputs import layer_input
 from lorambo.nn.local_hooks import LocalHook  # a copy of the model (EMA, teacher) is not captured
 from lorambo.nn.optimizer_argument import optimizer_argument
@@ -331,8 +332,8 @@ def layer_benefits_many(layers: Mapping, pairs: Mapping, ks: Mapping[str, int], 
     curvature = curvature or {}
     for name in names:
         h = curvature.get(name)
-        if h is not None and not (h > 0 and math.isfinite(h)):
-            raise ValueError(f"curvature of layer {layers[name].name!r} is {h!r}: must be finite and > 0")
+        if h is not None and not (float_value(h) > 0 and math.isfinite(float_value(h))):
+            raise ValueError(f"curvature of layer {layers[name].name!r} is {shown_number(h)}: must be finite and > 0")
     dtype = torch.float32
     for name in names:
         dtype = torch.promote_types(dtype, layers[name].lora_A.dtype)
@@ -383,9 +384,13 @@ def _int_at_least(what: str, value, minimum: int) -> int:
 def _not_nan(what: str, value, none_ok: bool = False) -> float | None:
     if value is None and none_ok:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(float_value(value)):
         raise ValueError(f"{what}={value!r} must be a real number (not NaN)" + (" or None" if none_ok else ""))
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond the float range (10**400): Python's error names nothing
+        raise ValueError(f"{what}={shown_number(value)} is beyond the float range; give a float "
+                         "(math.inf: nothing passes)") from None
 
 
 def check_growth_settings(threshold=0.0, sketch_rank=4, power_iters=4, oversample=4,
@@ -433,8 +438,8 @@ class OnlineGrowth:
                               max_moves, max_tokens)
         check_rank_bounds(min_rank, max_rank)
         self.min_rank, self.max_rank = int(min_rank), None if max_rank is None else int(max_rank)
-        if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not 0 <= budget < math.inf:
-            raise ValueError(f"budget={budget!r} must be a finite number of parameters >= 0")
+        if not (is_finite_number(budget) and budget >= 0):
+            raise ValueError(f"budget={shown_number(budget)} must be a finite number of parameters >= 0")
         self.layers = dict(layers)
         self.costs = {n: m.in_features + m.out_features for n, m in self.layers.items()}
         self.budget, self.threshold = int(budget), float(threshold)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
 import re
 import threading
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from lorambo.adapters.atomic import atomic_save_figure, atomic_write_text, check_target
+from lorambo.nn.finite_numbers import is_finite_number, shown_number
 
 __all__ = ["rank_table", "split_name", "rank_grid", "save_heatmap", "DecisionLog", "read_decisions"]
 
@@ -37,8 +37,8 @@ _INDEX = re.compile(r"^(.*?\.\d+)\.(.+)$")  # first ".<int>." splits block from 
 def _ranks_of(source, who: str) -> dict[str, int]:
     if isinstance(source, Mapping):
         for k, v in source.items():  # int() would show a rank of 2.7 as 2
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (v >= 0 and float(v).is_integer()):
-                raise ValueError(f"rank of layer {k!r} is {v!r}: must be a whole number >= 0")
+            if not (is_finite_number(v) and v >= 0 and float(v).is_integer()):  # the grid holds floats
+                raise ValueError(f"rank of layer {k!r} is {shown_number(v)}: must be a whole number >= 0")
         return {k: int(v) for k, v in source.items()}  # keys as given: they index dims too
     from lorambo.model import lora_layers  # a model: read its LoRA layers
 

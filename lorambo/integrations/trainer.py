@@ -55,16 +55,11 @@ from lorambo.integrations import checkpoint, fsdp
 from lorambo.integrations.pool_resume import restore_missed_adapter
 from lorambo.model import lora_layers
 from lorambo.nn.local_hooks import LocalHook
-from lorambo.nn.optimizer_argument import wrapper_grad_scaler
+from lorambo.nn.optimizer_argument import inner_optimizer, scaler_keyed_optimizer, wrapper_grad_scaler
 from lorambo.sharding import is_sharded
 from lorambo.user_warnings import warn_user
 
 __all__ = ["LoRAMBoCallback"]
-
-
-def _unwrap_optimizer(optimizer):
-    inner = getattr(optimizer, "optimizer", None)
-    return inner if inner is not None and hasattr(inner, "state") else optimizer
 
 
 def _unscale_gradients(grad_scaler, optimizer) -> None:
@@ -142,7 +137,7 @@ class LoRAMBoCallback(TrainerCallback):
         # captured would go into this run's first decision
         self._remove_batch_hook()
         self.allocator.close()
-        _warn_if_not_slot_aware(_unwrap_optimizer(optimizer))
+        _warn_if_not_slot_aware(inner_optimizer(optimizer))
         if state.global_step == 0:
             return
         folder = self.resume_from or os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
@@ -194,11 +189,11 @@ class LoRAMBoCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         self._remove_batch_hook()
         grad_scaler = self.grad_scaler if self.grad_scaler is not None else wrapper_grad_scaler(optimizer)
-        optimizer = _unwrap_optimizer(optimizer)
+        stepped, optimizer = scaler_keyed_optimizer(optimizer), inner_optimizer(optimizer)
         scores = None
         if self.importance is not None:
             if optimizer is not None:
-                _unscale_gradients(grad_scaler, optimizer)
+                _unscale_gradients(grad_scaler, stepped)
             self.importance.update()  # every step: the EMAs need the whole history
             if self.allocator.move_threshold is not None and self.allocator.is_decision_step(state.global_step):
                 scores = self.importance.component_scores()

@@ -20,6 +20,7 @@ from lorambo.model.patterns import check_alpha_pattern, pattern_value
 from lorambo.model.targeting import check_named_targets, find_targets
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import LoRAMBoLinear
+from lorambo.nn.finite_numbers import shown_number
 from lorambo.nn.frozen_bases import forget_noted, note_unloaded
 from lorambo.nn.optimizer_argument import optimizer_argument
 from lorambo.nn.optimizer_state import check_slot_state_editable
@@ -208,9 +209,10 @@ def _check_settings_kept(module: LoRAMBoLinear, name: str, **requested) -> None:
         if new is None:
             continue
         current = getattr(module, what)
-        if (bool(new) != current) if what == "use_rslora" else (float(new) != float(current)):
+        # numbers compared as they are: float() of an int beyond the float range (10**400) overflows
+        if (bool(new) != current) if what == "use_rslora" else (new != current):
             raise ValueError(f"configure_model: {name!r} is already a LoRAMBoLinear with {what}={current!r}, "
-                             f"and {what}={new!r} was requested; an existing adapter keeps its {what}: "
+                             f"and {what}={shown_number(new)} was requested; an existing adapter keeps its {what}: "
                              f"leave {what} out (None) to change its rank only, or unload(model, merge=False) "
                              "and configure the model again")
 

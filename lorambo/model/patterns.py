@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
+from lorambo.nn.finite_numbers import is_finite_number, shown_number
+
 __all__ = ["pattern_key", "pattern_value"]
 
 
@@ -41,8 +43,8 @@ def check_alpha_pattern(alpha_pattern: Mapping[str, float] | None, names: Iterab
             re.compile(key)
         except (re.error, TypeError) as err:
             raise ValueError(f"alpha_pattern key {key!r} is not a valid pattern: {err}") from err
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-            raise ValueError(f"alpha_pattern[{key!r}] = {value!r} must be a finite number > 0")
+        if not (is_finite_number(value) and value > 0):
+            raise ValueError(f"alpha_pattern[{key!r}] = {shown_number(value)} must be a finite number > 0")
         if not any(pattern_key([key], n) for n in names):
             raise ValueError(f"alpha_pattern key {key!r} matches none of the adapted modules "
                              f"(e.g. {names[:3]})")

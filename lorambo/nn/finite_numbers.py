@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["is_finite_number", "shown_number"]
+__all__ = ["is_finite_number", "float_value", "shown_number"]
 
 
 def is_finite_number(value) -> bool:
@@ -20,7 +20,18 @@ def is_finite_number(value) -> bool:
         return False
 
 
+def float_value(value) -> float:
+    """``float(value)``, an int beyond the float range given as the infinity of its sign, so that
+    a NaN or finiteness check on it answers instead of raising OverflowError."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def shown_number(value) -> str:
     """``repr(value)`` for an error message; an int too long to read is given by its digit count."""
     text = repr(value)
-    return text if len(text) <= 40 else f"{text[:8]}... (a number of {len(text.lstrip('-'))} digits)"
+    if len(text) <= 40 or not isinstance(value, numbers.Integral):
+        return text
+    return f"{text[:8]}... (a number of {len(text.lstrip('-'))} digits)"

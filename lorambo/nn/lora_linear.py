@@ -24,9 +24,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lorambo.nn import base_layers
+from lorambo.nn.dtype_range import check_settings_fit
 from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from lorambo.nn.fresh_momentum import move_new_slots, restore_new_slots
 from lorambo.nn.frozen_bases import note_frozen
+from lorambo.nn.inactive_slots import zero_inactive_after_steps
 from lorambo.nn.optimizer_argument import optimizer_argument
 from lorambo.nn.optimizer_state import (check_slot_state_editable, gather_slot_state, reset_slot_state,
                                         warn_if_shared_step)
@@ -48,9 +50,8 @@ _POOL_DIMS = {"lora_A": 0, "lora_B": 1}  # the dim along which each pool's rank 
 def check_growth_factor(growth_factor, who: str) -> None:
     """ValueError naming ``who`` unless ``growth_factor`` is a finite real number >= 1 (inf
     would overflow the power-of-two rounding of :func:`default_capacity`)."""
-    if (isinstance(growth_factor, bool) or not isinstance(growth_factor, numbers.Real)
-            or not 1.0 <= growth_factor < math.inf):
-        raise ValueError(f"{who}: growth_factor={growth_factor!r} must be a finite number >= 1")
+    if not (is_finite_number(growth_factor) and growth_factor >= 1.0):
+        raise ValueError(f"{who}: growth_factor={shown_number(growth_factor)} must be a finite number >= 1")
 
 
 def default_capacity(rank: int, in_features: int, out_features: int, growth_factor: float = 2.0) -> int:
@@ -215,14 +216,8 @@ class LoRAMBoLinear(nn.Module):
         self._check_rank_value(rank)
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
             raise TypeError(f"{self._label}: dropout must be a number in [0, 1), got {dropout!r}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"{self._label}: dropout {dropout} must be in [0, 1)")
-        dtype = base.weight.dtype
-        if not torch.isfinite(torch.tensor(1.0 / (1.0 - float(dropout)), dtype=dtype, device="cpu")):
-            # kept elements are scaled by 1 / (1 - p) in the layer's dtype: inf there
-            raise ValueError(f"{self._label}: dropout {dropout} scales the kept inputs by 1 / (1 - p) = "
-                             f"{1.0 / (1.0 - float(dropout)):.4g}, which overflows the layer's {dtype}; give a "
-                             "smaller dropout")
+        if not (is_finite_number(dropout) and 0.0 <= dropout < 1.0):
+            raise ValueError(f"{self._label}: dropout {shown_number(dropout)} must be in [0, 1)")
         self.dropout = float(dropout)
         if not isinstance(use_rslora, bool):  # "false" from a config file is truthy: it would switch rsLoRA on
             raise TypeError(f"{self._label}: use_rslora must be True or False, got {use_rslora!r}")
@@ -235,12 +230,7 @@ class LoRAMBoLinear(nn.Module):
         if self.scaling == 0.0:  # B A would be multiplied by 0 in the forward and in every gradient
             raise ValueError(f"{self._label}: scaling is 0 (alpha={self.alpha!r}), so the adapter would add nothing "
                              "and its pools would never get a gradient; give a nonzero alpha (default: the rank)")
-        in_dtype = float(torch.tensor(self.scaling, dtype=dtype, device="cpu"))  # not the default device: meta
-        if in_dtype == 0.0 or not math.isfinite(in_dtype):  # the ops multiply by it in the layer's dtype
-            raise ValueError(f"{self._label}: scaling {self.scaling!r} (alpha={self.alpha!r}) is {in_dtype} in the "
-                             f"layer's {dtype}, so the adapter would add {'nothing' if in_dtype == 0.0 else 'inf'}; "
-                             f"give an alpha whose scaling (alpha / rank, alpha / sqrt(rank) with rsLoRA) is a "
-                             f"nonzero finite {dtype} number")
+        check_settings_fit(self._label, base.weight.dtype, self.scaling, self.dropout, alpha=self.alpha)
         for param in base.parameters():
             param.requires_grad_(False)
         note_frozen(base.parameters())  # an optimizer that steps only these trains nothing: warn then
@@ -257,6 +247,7 @@ class LoRAMBoLinear(nn.Module):
         self.set_rank(rank)
         track_optimizers()  # so that a rank change can tell when its optimizer= is missing
         refuse_unsupported_optimizers()
+        zero_inactive_after_steps()
         self.register_state_dict_post_hook(_unmerged_base_weight)
         self.register_load_state_dict_pre_hook(plain_keys_to_base_layer)
         self.register_load_state_dict_pre_hook(_check_extra_state_first)
@@ -283,6 +274,7 @@ class LoRAMBoLinear(nn.Module):
         # where no __init__ ran: install the process-wide optimizer hooks a new layer installs
         track_optimizers()
         refuse_unsupported_optimizers()
+        zero_inactive_after_steps()
         note_frozen(p for p in self.base_layer.parameters() if not p.requires_grad)
 
     def __setattr__(self, name: str, value) -> None:
@@ -572,6 +564,9 @@ class LoRAMBoLinear(nn.Module):
                             + ("(under autocast, which casts every dtype but float64 to its own)" if autocasting
                                else "(outside autocast)"))
         p = self.dropout if self.training else 0.0
+        # .half() / .to(dtype) after building, or autocast, may make the settings overflow or vanish
+        check_settings_fit(self._label, x.dtype, self.scaling, p, " (under autocast)" if autocasting else "",
+                           self.alpha)
         rank = dynamic_int_attribute(self, "_rank")  # symbolic under torch.compile: no graph per rank
         with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
             return lora_linear(x, weight, bias, lora_a, lora_b, rank, self.scaling, p)
@@ -716,6 +711,7 @@ class LoRAMBoLinear(nn.Module):
                                  "finite numbers")
             if rslora not in (0, 1):
                 raise ValueError(f"{self._label}: state_dict has use_rslora {rslora}, expected 0 or 1")
+            check_settings_fit(f"{self._label}: state_dict", self.lora_A.dtype, scaling, self.dropout, alpha=alpha)
             settings = (scaling, alpha, bool(rslora))
         else:
             raise ValueError(f"{self._label}: state_dict extra state must be the int64 [rank, capacity, "

@@ -21,7 +21,8 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["optimizer_argument", "each_optimizer", "skips_this_step", "wrapper_grad_scaler"]
+__all__ = ["optimizer_argument", "each_optimizer", "inner_optimizer", "scaler_keyed_optimizer", "skips_this_step",
+           "wrapper_grad_scaler"]
 
 # where a wrapper keeps the optimizer it wraps: accelerate's AcceleratedOptimizer, torch's
 # ZeroRedundancyOptimizer
@@ -49,13 +50,29 @@ def optimizer_argument(optimizer, caller: str):
     return _one_optimizer(optimizer, caller, "optimizer")
 
 
-def _one_optimizer(optimizer, caller: str, what: str):
+def inner_optimizer(optimizer):
+    """The optimizer that holds the state behind any chain of wrappers (``.optimizer``, ``.optim``):
+    accelerate's ``AcceleratedOptimizer`` around a ``ZeroRedundancyOptimizer`` gives the torch
+    optimizer the latter wraps. Anything else is returned as it is. Rank changes edit its state,
+    and what kind of optimizer it is (a torch Adam, lorambo's AdamW) is read from it."""
     while isinstance(optimizer, torch.optim.Optimizer):
         inner = next((value for value in (getattr(optimizer, attr, None) for attr in _WRAPPED)
                       if isinstance(value, torch.optim.Optimizer)), None)
         if inner is None or inner is optimizer:
             break
         optimizer = inner
+    return optimizer
+
+
+def scaler_keyed_optimizer(optimizer):
+    """The optimizer a GradScaler keeps its per-optimizer record (unscaled yet, inf found) for:
+    the one accelerate's ``AcceleratedOptimizer`` hands ``scaler.step`` (its ``.optimizer``, which
+    may itself be a wrapper such as ``ZeroRedundancyOptimizer``), else ``optimizer`` itself."""
+    return optimizer.optimizer if _wraps_as_accelerate_does(optimizer) else optimizer
+
+
+def _one_optimizer(optimizer, caller: str, what: str):
+    optimizer = inner_optimizer(optimizer)
     if not (isinstance(getattr(optimizer, "state", None), Mapping)
             and isinstance(getattr(optimizer, "param_groups", None), list)):
         # the type, not the repr: a parameter list's repr prints every tensor

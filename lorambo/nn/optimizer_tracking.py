@@ -2,9 +2,9 @@
 
 A rank change edits the state of the changed slots only in the optimizer it is given
 (``optimizer=``). Without it, another optimizer that holds state for the pools keeps it at the
-old slots: moved slots leave their state behind, new slots inherit a dropped slot's moments,
-and dropped slots keep theirs, so Adam moves them off zero again. lorambo cannot see which
-optimizers hold a parameter, so a process-wide optimizer step post-hook (installed with the
+old slots: moved slots leave their state behind and new slots inherit a dropped slot's
+moments (the dropped slots themselves stay zero: lorambo/nn/inactive_slots.py). lorambo
+cannot see which optimizers hold a parameter, so a process-wide optimizer step post-hook (installed with the
 first LoRAMBoLinear) remembers the optimizers that stepped pool parameters; a rank change warns,
 once per optimizer, when one of them that it was not given holds state for the layer's pools.
 The same scan warns about an optimizer that holds no pool of a layer in place (see
@@ -89,6 +89,6 @@ def warn_if_state_left_behind(layer, optimizer, change: str, remedy: str = _PASS
             warn_user(
                 f"{layer._label}: {change} without its optimizer, but a {type(holder).__module__}.{name} "
                 "holds state for its pools; that state stays at the old slots (moved slots leave it "
-                f"behind, dropped slots keep moving, new slots inherit it). {remedy.format(name=name)} "
+                f"behind, new slots inherit a dropped slot's). {remedy.format(name=name)} "
                 "Warned once per optimizer.",
                 StaleOptimizerStateWarning)

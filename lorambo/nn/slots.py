@@ -20,19 +20,42 @@ from lorambo.sharding import local_region
 
 _TAG = "_lorambo_slots"
 
-__all__ = ["PoolSlots", "pool_slots", "tag_pool_parameter", "local_slots"]
+__all__ = ["PoolSlots", "pool_slots", "tag_pool_parameter", "local_slots", "pools_generation"]
+
+# Bumped by every rank change and every (re)tagged pool Parameter, so that per-step work over the
+# pools (lorambo/nn/inactive_slots.py) can reuse what it computed while nothing changed.
+_generation = 0
+
+
+def pools_generation() -> int:
+    """A number that changes whenever any pool's rank or Parameter object changes."""
+    return _generation
+
+
+def _bump() -> None:
+    global _generation
+    _generation += 1
 
 
 class PoolSlots:
     """Slots ``0 .. rank-1`` of the pool are active; the rest are exactly zero."""
 
-    __slots__ = ("rank",)
+    __slots__ = ("_rank",)
 
     def __init__(self, rank: int = 0):
         self.rank = rank
 
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @rank.setter
+    def rank(self, rank: int) -> None:
+        self._rank = rank
+        _bump()
+
     def __getstate__(self):
-        return self.rank
+        return self._rank
 
     def __setstate__(self, rank):
         self.rank = rank
@@ -41,6 +64,7 @@ class PoolSlots:
 def tag_pool_parameter(param: torch.nn.Parameter, slots: PoolSlots, slot_dim: int) -> None:
     """Mark ``param`` as a rank pool whose slots lie along ``slot_dim``."""
     setattr(param, _TAG, (slots, slot_dim))
+    _bump()
 
 
 def pool_slots(param: torch.Tensor) -> tuple[PoolSlots, int] | None:

@@ -34,6 +34,7 @@ import math
 
 import torch
 
+from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from lorambo.nn.optimizer_state import SLOT_STEP
 from lorambo.nn.slots import local_slots, pool_slots
 from lorambo.ops.backend import use_compiled_multi_tensor
@@ -226,6 +227,10 @@ class AdamW(torch.optim.AdamW):
     is refused with a ``ValueError``) with per-slot Adam step counts for LoRAMBoLinear pools.
     See the module docstring."""
 
+    # it updates the active slots of pools only, so the inactive-slot zeroing after each step
+    # (lorambo/nn/inactive_slots.py) has nothing to do
+    _lorambo_keeps_inactive_slots = True
+
     def __init__(self, params, *args, **kwargs):
         super().__init__(params, *args, **kwargs)
         if any(group.get("differentiable", False) for group in self.param_groups):
@@ -233,6 +238,16 @@ class AdamW(torch.optim.AdamW):
         # torch's fused AdamW unscales and skips inf steps inside its kernel when a GradScaler hands
         # it the scale; the pool update does not, so the scaler must unscale and skip for us.
         self._step_supports_amp_scaling = False
+
+    def add_param_group(self, param_group: dict) -> None:
+        # torch checks only the signs of these, so 10**400 failed at the first step with an
+        # OverflowError naming nothing, and inf gave inf/NaN pools; refused before the group joins
+        settings = {**self.defaults, **param_group}
+        for key in ("lr", "eps", "weight_decay"):
+            value = settings.get(key)
+            if not (torch.is_tensor(value) or is_finite_number(value)):
+                raise ValueError(f"lorambo.optim.AdamW: {key}={shown_number(value)} must be a finite number")
+        super().add_param_group(param_group)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -36,6 +36,7 @@ import torch
 
 from lorambo.sharding import is_sharded
 from lorambo.model.argument import require_module
+from lorambo.nn.finite_numbers import is_finite_number, shown_number
 
 __all__ = ["AdaLoRAImportance"]
 
@@ -48,8 +49,8 @@ class AdaLoRAImportance:
 
         require_module(model, "AdaLoRAImportance")
         for name, beta in (("beta1", beta1), ("beta2", beta2)):
-            if not 0.0 <= float(beta) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {beta!r}")
+            if not (is_finite_number(beta) and 0.0 <= beta < 1.0):
+                raise ValueError(f"AdaLoRAImportance: {name} must be a number in [0, 1), got {shown_number(beta)}")
         self.beta1, self.beta2 = float(beta1), float(beta2)
         self.layers = lora_targets(model, modules)
         self.steps = 0

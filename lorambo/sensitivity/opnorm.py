@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from tqdm.auto import tqdm
 
 from lorambo.model.argument import require_module
+from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from .blocks import block_products
 from .estimate import Estimate
 from .hvp import HessianOperator
@@ -46,8 +46,8 @@ def hessian_opnorm(model, loss_fn, batches, modules=None, num_iters: int = 20, s
     probes_per_pass = check_positive("probes_per_pass", probes_per_pass)
     seed = check_seed(seed)
     # a NaN or negative tol never stops, None failed mid-loop with a TypeError
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0.0 <= tol < math.inf:
-        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+    if not (is_finite_number(tol) and tol >= 0.0):
+        raise ValueError(f"tol must be a finite number >= 0, got {shown_number(tol)}")
     batches = as_batch_list(batches)
     targets = find_targets(model, modules)
     weights = [t.weight for t in targets]

@@ -27,15 +27,17 @@ def test_shrink_with_optimizer_keeps_inactive_slots_zero_under_adamw():
     assert torch.equal(layer.lora_A[3:], torch.zeros(5, 12)) and torch.equal(layer.lora_B[:, 3:], torch.zeros(10, 5))
 
 
-def test_without_reset_stale_moments_would_move_inactive_slots():
-    """Why the helper exists: the same shrink without it lets Adam drift dropped slots off zero."""
+def test_without_reset_stale_moments_stay_at_dropped_slots():
+    """Why the helper exists: the same shrink without it leaves Adam's moments at the dropped
+    slots, for a regrowth to inherit (the step post-hook keeps the slots themselves at zero)."""
     layer = LoRAMBoLinear(nn.Linear(12, 10), rank=6, capacity=8)
     opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
     train_steps(layer, opt)
     with pytest.warns(StaleOptimizerStateWarning, match="Pass optimizer=<that Adam>"):
         layer.set_rank(3)
     train_steps(layer, opt, 1)
-    assert layer.lora_A[3:6].abs().sum() > 0
+    assert opt.state[layer.lora_A]["exp_avg"][3:6].abs().sum() > 0
+    assert torch.count_nonzero(layer.lora_A[3:]) == 0 and torch.count_nonzero(layer.lora_B[:, 3:]) == 0
 
 
 def test_regrowth_resets_moments_and_step_when_all_slots_are_new():

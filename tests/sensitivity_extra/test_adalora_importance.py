@@ -75,7 +75,7 @@ def test_keep_and_reset_follow_rank_changes():
 
 def test_bad_beta():
     model = lorambo.configure_model(nn.Sequential(nn.Linear(6, 5)), 1)
-    with pytest.raises(ValueError, match="beta1 must be in"):
+    with pytest.raises(ValueError, match=r"beta1 must be a number in \[0, 1\), got 1.0"):
         AdaLoRAImportance(model, beta1=1.0)
 
 

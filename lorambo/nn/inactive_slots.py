@@ -1,0 +1,80 @@
+"""Keep inactive pool slots at zero after every optimizer step, whatever the optimizer.
+
+A rank change zeroes the optimizer state of the slots it drops, but only the state it can see:
+tensors in ``optimizer.state`` of the parameter's shape or with one entry per slot
+(lorambo/nn/optimizer_state.py). An optimizer that keeps its momentum elsewhere (in an
+attribute of its own, flattened, in a layout of its own) keeps moving a dropped slot with a
+zero gradient (Lion: the sign of a non-zero momentum), and so does any optimizer left out of a
+rank change's ``optimizer=``. Inactive slots never enter the forward, so that drift changes no
+output, but it breaks the pool invariant (docs/architecture.md, the rank pool) that saving and
+loading check: a checkpoint save hours into a run would refuse the model. So a process-wide
+step post-hook (installed with the first LoRAMBoLinear) zeroes the inactive slots of every pool
+the optimizer holds, in one ``_foreach_zero_`` per step; slots already zero stay as they are.
+
+The views are computed once per optimizer and reused until a pool's rank or Parameter object
+(:func:`~lorambo.nn.slots.pools_generation`) or the optimizer's parameter lists change: finding
+them costs microseconds per parameter, which every step of a host-bound run would pay.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from lorambo.nn.slots import local_slots, pool_slots, pools_generation
+from lorambo.sharding import local_tensor
+
+__all__ = ["zero_inactive_after_steps"]
+
+_installed = False
+_cached: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> (key, views)
+
+
+def zero_inactive_after_steps() -> None:
+    """Install the step post-hook (once per process)."""
+    global _installed
+    if not _installed:
+        register_optimizer_step_post_hook(_after_step)
+        _installed = True
+
+
+def inactive_views(params) -> list[torch.Tensor]:
+    """The inactive slots this process holds of each pool among ``params``, as views."""
+    views = []
+    for param in params:
+        tag = pool_slots(param)
+        if tag is None:
+            continue
+        slots, dim = tag
+        first, held = local_slots(param, dim)  # a DTensor's own shard (FSDP2)
+        start = min(max(slots.rank - first, 0), held)
+        if start < held:
+            views.append(local_tensor(param).detach().narrow(dim, start, held - start))
+    return views
+
+
+def _views_of(optimizer) -> list[torch.Tensor]:
+    groups = getattr(optimizer, "param_groups", None) or ()
+    # the lists themselves: add_param_group, or a list replaced or extended in place
+    key = (pools_generation(), tuple((id(group["params"]), len(group["params"])) for group in groups))
+    try:
+        cached = _cached.get(optimizer)
+    except TypeError:  # an optimizer that cannot be weakly referenced: no cache
+        return inactive_views(param for group in groups for param in group["params"])
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    views = inactive_views(param for group in groups for param in group["params"])
+    _cached[optimizer] = (key, views)
+    return views
+
+
+@torch.no_grad()
+def _after_step(optimizer, args, kwargs) -> None:
+    # an optimizer class that never writes inactive slots (lorambo.optim.AdamW) says so
+    if getattr(optimizer, "_lorambo_keeps_inactive_slots", False):
+        return
+    views = _views_of(optimizer)
+    if views:
+        torch._foreach_zero_(views)
