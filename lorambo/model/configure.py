@@ -188,7 +188,7 @@ def _plan(model, names, ranks, capacity, alpha, dropout, use_rslora, alpha_patte
                 alpha=pattern_value(alpha_pattern, name, alpha),
                 dropout=0.0 if dropout is None else dropout,
                 use_rslora=bool(use_rslora), name=name)
-    except Exception:
+    except BaseException:  # Ctrl-C or out of memory while building layer k too
         for param in plan.freeze:  # the constructors froze base weights; undo that
             param.requires_grad_(True)
         # nor are they, nor the new layers' bases, frozen bases of an adapter
