@@ -190,10 +190,11 @@ class DecisionLog:
     def restore(self, records) -> None:
         """Resume with ``records`` (a checkpoint's decisions): they become :attr:`records` and
         the whole file, atomically; later records are appended after them."""
+        records = [{k: _plain(v) for k, v in r.items()} for r in records]
         with self._lock:
-            self.records = [{k: _plain(v) for k, v in r.items()} for r in records]
-            if self._writes:
-                self._rewrite(self.records)
+            if self._writes:  # the file first: a failed write (a full disk) leaves both as they were
+                self._rewrite(records)
+            self.records = records
 
     def _rewrite(self, records) -> None:
         atomic_write_text(self.path, "".join(_line(r) for r in records), "log_path")
