@@ -16,6 +16,7 @@ from lorambo.model.frozen import forget_frozen, record_frozen
 from lorambo.model.frozen_heads import warn_frozen_heads
 from lorambo.model.modules_to_save import (check_not_targets, forget_modules_to_save, keep_trainable,
                                            modules_to_save as recorded_modules_to_save, resolve_modules_to_save)
+from lorambo.model.partial_edit import note_partial_edit
 from lorambo.model.patterns import check_alpha_pattern, pattern_value
 from lorambo.model.targeting import check_named_targets, find_targets
 from lorambo.model.unwrap import unwrap_model
@@ -287,13 +288,21 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         for layer in lora_layers(plain).values():  # every layer before the first merge: all or nothing
             if not layer.merged:
                 layer.check_merge_finite("unload(merge=True)")
+    done = []
     for name, layer in lora_layers(plain).items():
-        if merge and not layer.merged:
-            layer.merge(exact=False)
-        elif not merge and layer.merged:
-            layer.unmerge()
+        try:  # out of memory in one layer's merge, or Ctrl-C: say which layers are plain already
+            if merge and not layer.merged:
+                layer.merge(exact=False)
+            elif not merge and layer.merged:
+                layer.unmerge()
+        except BaseException as err:
+            note_partial_edit(err, f"unload(merge={merge})", name, done,
+                              "are plain modules again" + (" with their adapters merged" if merge else ""),
+                              "still LoRAMBoLinear layers")
+            raise
         _set_submodule(plain, name, layer.base_layer)
         note_unloaded(layer)  # its base is no adapter's frozen base; an optimizer of its pools trains nothing
+        done.append(name)
     sync_fast_paths(plain)
     # the records sit on the model configure_model was given: the plain one or its wrapper
     for holder in dict.fromkeys((plain, model)):
