@@ -11,15 +11,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["note_partial_edit"]
+__all__ = ["add_note", "note_partial_edit"]
+
+
+def add_note(err: BaseException, text: str) -> None:
+    """``err.add_note(text)`` where Python has it (3.11+: shown under the message)."""
+    if hasattr(err, "add_note"):
+        err.add_note(text)
 
 
 def note_partial_edit(err: BaseException, call: str, stopped_at: str, done: Sequence[str], state: str,
                       rest: str) -> None:
     """Add a note to ``err`` (Python >= 3.11 shows it under the message): ``call`` stopped at
     layer ``stopped_at``; the ``done`` layers are ``state``, the others ``rest``."""
-    if not done or not hasattr(err, "add_note"):
+    if not done:
         return
     shown = list(done)[:6] + (["..."] if len(done) > 6 else [])
-    err.add_note(f"{call} stopped at {stopped_at!r}, after {len(done)} of the layers: {shown} {state}, the others "
+    add_note(err, f"{call} stopped at {stopped_at!r}, after {len(done)} of the layers: {shown} {state}, the others "
                  f"{rest}. Calling {call} again finishes it.")
