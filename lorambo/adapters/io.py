@@ -24,7 +24,7 @@ from lorambo.adapters.overwrite import configure_for_overwrite, set_rank_for_ove
 from lorambo.model import lora_layers, unload
 from lorambo.model.argument import require_module, require_path
 from lorambo.model.modules_to_save import modules_to_save
-from lorambo.model.partial_edit import note_partial_edit
+from lorambo.model.partial_edit import add_note, note_partial_edit
 from lorambo.model.targeting import check_named_targets
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn.base_layers import base_kind, features
@@ -177,5 +177,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         elif len(done) < len(meta):  # out of memory unmerging a merged layer, Ctrl-C
             note_partial_edit(err, "load_adapter", list(lora_layers(model))[len(done)], done,
                               "hold the file's adapter", "their previous one")
+        else:  # the modules to save were given their old state back
+            add_note(err, f"load_adapter stopped loading the modules to save {list(extra)}, which keep their "
+                          "previous state, after every LoRA layer got the file's adapter. Calling load_adapter "
+                          "again finishes it.")
         raise
     return wrapper
