@@ -168,6 +168,7 @@ def _check_not_shared(model: nn.Module, names: list[str]) -> None:
 def _plan(model, names, ranks, capacity, alpha, dropout, use_rslora, alpha_pattern, optimizer=None) -> _Plan:
     plan = _Plan(freeze=[p for n, p in model.named_parameters()
                          if p.requires_grad and not n.endswith((".lora_A", ".lora_B"))])
+    module = None
     try:
         for name in names:
             rank = _per_layer(ranks, name, "ranks")
@@ -194,6 +195,8 @@ def _plan(model, names, ranks, capacity, alpha, dropout, use_rslora, alpha_patte
             param.requires_grad_(True)
         # nor are they, nor the new layers' bases, frozen bases of an adapter
         forget_noted([*plan.freeze, *(p for layer in plan.new_layers.values() for p in layer.base_layer.parameters())])
+        if module is not None and not isinstance(module, LoRAMBoLinear):  # the one being built
+            forget_noted(module.parameters())  # noted even when its base was frozen before the call
         raise
     return plan
 

@@ -31,12 +31,17 @@ def _assert_same(model, snap):
     assert not any(p in _FROZEN for p in model.parameters())
 
 
+@pytest.mark.parametrize("frozen_first", [False, True])
 @pytest.mark.parametrize("fault", [KeyboardInterrupt, MemoryError])
 @pytest.mark.parametrize("k", [1, 2, 3])  # building the first, middle, last layer
-def test_a_fault_while_building_layer_k_leaves_the_model_as_it_was(monkeypatch, fault, k):
+def test_a_fault_while_building_layer_k_leaves_the_model_as_it_was(monkeypatch, fault, k, frozen_first):
     """Ctrl-C while building the second layer left the first one's base weight frozen (only
-    Exception was cleaned up), so the plain model no longer trained its first Linear."""
+    Exception was cleaned up), so the plain model no longer trained its first Linear. In a model
+    frozen beforehand (the usual start), the weights of the layer being built stayed on record as
+    an adapter's frozen base."""
     model = _model()
+    if frozen_first:
+        model.requires_grad_(False)
     x = torch.randn(3, 6)
     expected = model(x)
     snap = _snapshot(model)
@@ -55,3 +60,4 @@ def test_a_fault_while_building_layer_k_leaves_the_model_as_it_was(monkeypatch, 
     assert len(built) == k
     _assert_same(model, snap)
     torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
