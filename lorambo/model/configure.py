@@ -191,14 +191,20 @@ def _plan(model, names, ranks, capacity, alpha, dropout, use_rslora, alpha_patte
                 dropout=0.0 if dropout is None else dropout,
                 use_rslora=bool(use_rslora), name=name)
     except BaseException:  # Ctrl-C or out of memory while building layer k too
-        for param in plan.freeze:  # the constructors froze base weights; undo that
-            param.requires_grad_(True)
-        # nor are they, nor the new layers' bases, frozen bases of an adapter
-        forget_noted([*plan.freeze, *(p for layer in plan.new_layers.values() for p in layer.base_layer.parameters())])
+        _thaw(plan)
         if module is not None and not isinstance(module, LoRAMBoLinear):  # the one being built
             forget_noted(module.parameters())  # noted even when its base was frozen before the call
         raise
     return plan
+
+
+def _thaw(plan: _Plan) -> None:
+    """Undo what building the plan's new layers did to the model: their constructors froze base
+    weights, now trainable again, and nor are they, nor the new layers' bases, on record as
+    frozen bases of an adapter."""
+    for param in plan.freeze:
+        param.requires_grad_(True)
+    forget_noted([*plan.freeze, *(p for layer in plan.new_layers.values() for p in layer.base_layer.parameters())])
 
 
 def _per_layer_or_none(value, name: str):
@@ -220,12 +226,24 @@ def _check_settings_kept(module: LoRAMBoLinear, name: str, **requested) -> None:
 
 
 def _apply(model: nn.Module, plan: _Plan, optimizer=None, generator=None) -> None:
-    """Carry out a checked plan (nothing here can fail on valid input)."""
+    """Carry out a checked plan: the rank changes of existing adapters first, the one part that
+    can still stop part-way (out of memory editing a layer's optimizer state, Ctrl-C): then no
+    new layer is placed and the error's note names the layers re-ranked. Placing the new layers
+    cannot fail."""
+    changed: list[str] = []
+    for name, (module, rank) in plan.rank_changes.items():
+        if rank == module.rank:
+            continue
+        try:
+            module.set_rank(rank, optimizer=optimizer, generator=generator)
+        except BaseException as err:
+            _thaw(plan)
+            note_partial_edit(err, "configure_model", name, changed, "have their new ranks",
+                              "their old ones, and no new adapter was placed")
+            raise
+        changed.append(name)
     for name, layer in plan.new_layers.items():
         _set_submodule(model, name, layer)
-    for module, rank in plan.rank_changes.values():
-        if rank != module.rank:
-            module.set_rank(rank, optimizer=optimizer, generator=generator)
     record_frozen(model, plan.freeze)
     sync_fast_paths(model)
 
