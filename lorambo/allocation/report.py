@@ -116,6 +116,11 @@ def rank_grid(ranks: Mapping[str, int]) -> tuple[list[str], list[str], np.ndarra
 
 def save_heatmap(source, path, title: str = "LoRA rank per layer") -> Path:
     """Write a PNG heat map of ranks (rows: blocks, columns: module types) and return its path."""
+    return atomic_save_figure(heatmap_figure(source, title), path, "save_heatmap", dpi=100)
+
+
+def heatmap_figure(source, title: str = "LoRA rank per layer"):
+    """The matplotlib Figure :func:`save_heatmap` writes."""
     ranks = _ranks_of(source, "save_heatmap")  # bad ranks are a ValueError with or without matplotlib
     if not ranks:
         raise ValueError("save_heatmap: no ranks to draw")
@@ -138,7 +143,7 @@ def save_heatmap(source, path, title: str = "LoRA rank per layer") -> Path:
     fig.colorbar(image, ax=ax, label="rank")
     ax.set_title(title)
     fig.tight_layout()
-    return atomic_save_figure(fig, path, "save_heatmap", dpi=100)
+    return fig
 
 
 class DecisionLog:
