@@ -593,12 +593,16 @@ class OnlineGrowth:
         dropped = {}
         for donor, comp, _ in moves:
             dropped.setdefault(donor, []).append(comp)
-        olds = keep_components_many([(self.layers[d], [k for k in range(self.layers[d].rank) if k not in comps])
-                                     for d, comps in dropped.items()], optimizer)
-        for (donor, comps), old in zip(dropped.items(), olds):
-            records.append({"step": step, "event": "shrink", "reason": "move", "layer": donor,
-                            "components": comps, "scores": [float(usable[donor][k]) for k in comps],
-                            "old_rank": old, "new_rank": self.layers[donor].rank, "spent": self.spent(),
-                            "budget": self.budget})
+        before = {d: self.layers[d].rank for d in dropped}
+        try:
+            keep_components_many([(self.layers[d], [k for k in range(self.layers[d].rank) if k not in comps])
+                                  for d, comps in dropped.items()], optimizer)
+        finally:  # each layer is shrunk whole or not at all (stopped part-way): record those that were
+            for donor, comps in dropped.items():
+                if self.layers[donor].rank != before[donor]:
+                    records.append({"step": step, "event": "shrink", "reason": "move", "layer": donor,
+                                    "components": comps, "scores": [float(usable[donor][k]) for k in comps],
+                                    "old_rank": before[donor], "new_rank": self.layers[donor].rank,
+                                    "spent": self.spent(), "budget": self.budget})
         for _, _, recv in moves:
             records.append(self._grow(step, recv, 1, gains, dirs, optimizer, "move", plan.get(recv, 0)))

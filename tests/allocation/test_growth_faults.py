@@ -95,3 +95,60 @@ def test_a_growth_stopped_at_layer_k(monkeypatch, fault, k):
     for i, name in enumerate(names):
         want = _layer_state(ref_model, ref_torch_opt, name) if i < k - 1 else before[name]
         _assert_same(_layer_state(model, torch_opt, name), want, name)
+
+
+def _move_decision(log):
+    """OnlineGrowth with no budget left and two rank moves to take: components of two donors
+    (worst scores) fund one rank each elsewhere."""
+    import lorambo
+    from lorambo.allocation.online import OnlineGrowth
+
+    torch.manual_seed(0)
+    model = lorambo.configure_model(ResidualNet(width=8, hidden=12), 2, capacity=6)
+    gen = torch.Generator().manual_seed(1)
+    for layer in lorambo.lora_layers(model).values():
+        layer.lora_B.data[:, :2].normal_(generator=gen)
+    layers = lorambo.lora_layers(model)
+    spent = sum((m.in_features + m.out_features) * m.rank for m in layers.values())
+    grower = OnlineGrowth(layers, spent, sketch_rank=2, power_iters=3, seed=3, move_threshold=1.0, max_moves=2,
+                          log=log)
+    with grower.capture:
+        mse(model, DATA[0]).backward()
+    scores = {n: torch.tensor([0.5, 0.6], dtype=DT) for n in layers}
+    scores["blocks.0.up"] = torch.tensor([0.7, -1.0], dtype=DT)
+    scores["blocks.1.down"] = torch.tensor([-2.0, 0.9], dtype=DT)
+    return model, grower, scores
+
+
+def test_a_move_stopped_between_its_donors_records_the_shrink_it_made(monkeypatch):
+    """Without the compiled pool remap (CUDA pools) the donors shrink one by one: stopped at the
+    second, the first had shrunk with no record in the decisions or the log."""
+    import lorambo
+    from lorambo.allocation.report import DecisionLog
+    from lorambo.nn import lora_linear
+
+    lorambo.set_backend("torch")  # the per-layer loop CUDA pools take
+    _, ref, scores = _move_decision(DecisionLog())
+    ref_records = ref.update(step=5, component_scores=scores)
+    assert [r["event"] for r in ref_records][:2] == ["shrink", "shrink"]  # two donors, then the receivers
+    first = ref_records[0]["layer"]
+    model, grower, scores = _move_decision(DecisionLog())
+    calls, real = [], lora_linear.LoRAMBoLinear.keep_components
+
+    def keep_components(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("out of memory")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(lora_linear.LoRAMBoLinear, "keep_components", keep_components)
+    with pytest.raises(torch.OutOfMemoryError) as err:
+        grower.update(step=5, component_scores=scores)
+    (shrink,) = grower.log.records  # as in the full decision, but "spent" of the model as it is now
+    assert {k: v for k, v in shrink.items() if k != "spent"} == {k: v for k, v in ref_records[0].items() if k != "spent"}
+    assert shrink["spent"] == grower.spent()
+    assert getattr(err.value, "__notes__", []) == [
+        f"update_ranks (step 5) stopped after 1 rank change(s) [({first!r}, 2, 1)], which stay and are in the "
+        "decisions and the decision log; the rest of the decision was not taken"]
+    assert {n: m.rank for n, m in lorambo.lora_layers(model).items()} == {
+        n: 1 if n == first else 2 for n in lorambo.lora_layers(model)}
