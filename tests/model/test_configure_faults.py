@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+import lorambo
 from lorambo import configure_model
 from lorambo.nn import lora_linear
 from lorambo.nn.frozen_bases import _FROZEN
@@ -78,7 +79,7 @@ def test_a_fault_while_re_ranking_adapter_k_places_no_new_layer_and_names_the_re
     (o) and re-ranked the adapters before it, and said nothing of either."""
     torch.manual_seed(0)
     model = configure_model(Attn(), {"q": 2, "k": 2, "v": 2}, capacity=5)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    opt = lorambo.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     x = torch.randn(3, 6)
     model(x).pow(2).sum().backward()
     opt.step()
