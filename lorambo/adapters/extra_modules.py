@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lorambo.adapters.format import AdapterFormatError
+from lorambo.adapters.module_states import load_module_states
 from lorambo.model.modules_to_save import keep_trainable, modules_to_save
 
 PREFIX = "modules_to_save::"
@@ -85,5 +86,4 @@ def load_modules_to_save(model: nn.Module, extra: dict[str, dict[str, torch.Tens
     become modules to save of the model (trainable) if they were not yet."""
     new = [n for n in extra if n not in modules_to_save(model)]
     keep_trainable(model, new)  # records the original state before it is overwritten
-    for name, state in extra.items():
-        model.get_submodule(name).load_state_dict(state, strict=True)
+    load_module_states(model, extra)

@@ -25,6 +25,7 @@ from lorambo.adapters.overwrite import configure_for_overwrite, set_rank_for_ove
 from lorambo.model import lora_layers, unload
 from lorambo.model.argument import require_module, require_path
 from lorambo.model.modules_to_save import modules_to_save
+from lorambo.model.partial_edit import add_note, note_partial_edit
 from lorambo.model.targeting import check_named_targets
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn.base_layers import base_kind, features
@@ -127,7 +128,8 @@ def _check_against_bare_model(model: nn.Module, meta: dict, file: Path) -> None:
 
 # ------------------------------------------------------------------------------ application
 @torch.no_grad()
-def _copy_into_layers(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+def _copy_into_layers(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], done: list[str]) -> None:
+    """Copy the file into every layer, appending each finished layer's name to ``done``."""
     for name, layer in lora_layers(model).items():
         info = meta[name]
         r = info["rank"]
@@ -139,6 +141,7 @@ def _copy_into_layers(model: nn.Module, meta: dict, tensors: dict[str, torch.Ten
         layer.zero_inactive_()  # a set_rank that changed nothing left what the pools held (to_empty's memory)
         layer.scaling, layer.alpha = float(info["scaling"]), float(info["alpha"])
         layer.use_rslora, layer.dropout = bool(info["use_rslora"]), float(info["dropout"])
+        done.append(name)
 
 
 def _loaded_entries(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], extra: dict):
@@ -181,11 +184,19 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                                 capacity={n: info["capacity"] for n, info in meta.items()},
                                 modules_to_save=extra_modules.saved_module_names(tensors) or None)
         _check_against_lora_model(model, meta, file)
+    done: list[str] = []
     try:
-        _copy_into_layers(model, meta, tensors)
+        _copy_into_layers(model, meta, tensors, done)
         extra_modules.load_modules_to_save(model, extra)
-    except BaseException:
+    except BaseException as err:
         if bare:  # checked above, so unexpected: still give the model back as it came
             unload(model, merge=False)
+        elif len(done) < len(meta):  # out of memory unmerging a merged layer, Ctrl-C
+            note_partial_edit(err, "load_adapter", list(lora_layers(model))[len(done)], done,
+                              "hold the file's adapter", "their previous one")
+        else:  # the modules to save were given their old state back
+            add_note(err, f"load_adapter stopped loading the modules to save {list(extra)}, which keep their "
+                          "previous state, after every LoRA layer got the file's adapter. Calling load_adapter "
+                          "again finishes it.")
         raise
     return wrapper

@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from lorambo.model import configure_model, lora_layers
+from lorambo.model import configure_model, lora_layers, unload
 from lorambo.model.frozen_heads import FrozenHeadWarning
 from lorambo.nn.slot_lineage import restart_ids
 
@@ -30,12 +30,17 @@ def set_rank_for_overwrite(layer, rank: int) -> int:
 
 
 def configure_for_overwrite(model, ranks: dict[str, int], capacity, **configure_kwargs):
-    """``configure_model(model, ranks, capacity=capacity, ...)`` without touching torch's global
-    RNG; the active slots hold throwaway values until the caller copies its own in."""
+    """``configure_model(model, ranks, capacity=capacity, ...)`` of a plain ``model`` without
+    touching torch's global RNG; the active slots hold throwaway values until the caller copies
+    its own in. Stopped part-way (Ctrl-C, out of memory), the model is plain again."""
     with warnings.catch_warnings():  # a head the adapter file does not hold was not trained with it
         warnings.simplefilter("ignore", FrozenHeadWarning)
         configure_model(model, dict.fromkeys(ranks, 0), capacity=capacity, **configure_kwargs)
     layers = lora_layers(model)
-    for name, rank in ranks.items():
-        set_rank_for_overwrite(layers[name], rank)
+    try:
+        for name, rank in ranks.items():
+            set_rank_for_overwrite(layers[name], rank)
+    except BaseException:
+        unload(model, merge=False)
+        raise
     return model

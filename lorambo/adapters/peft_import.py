@@ -34,8 +34,9 @@ from torch import nn
 from lorambo.adapters.dtype_range import check_fits_dtypes, destination_dtype, saved_state_entries
 from lorambo.adapters.io import AdapterFormatError
 from lorambo.adapters.meta_tensors import refuse_meta_destinations
+from lorambo.adapters.module_states import load_module_states
 from lorambo.adapters.overwrite import configure_for_overwrite
-from lorambo.model import lora_layers
+from lorambo.model import lora_layers, unload
 from lorambo.model.argument import require_module, require_path
 from lorambo.model.modules_to_save import resolve_modules_to_save
 from lorambo.model.patterns import pattern_value
@@ -242,15 +243,18 @@ def _install(model: nn.Module, specs: dict[str, _LayerSpec], capacity, saved_sta
     ranks = {n: s.a.shape[0] for n, s in specs.items()}
     configure_for_overwrite(model, ranks, capacity=_capacities(model, specs, capacity),
                             modules_to_save=save_names or None)
-    for name, layer in lora_layers(model).items():
-        spec = specs[name]
-        r = ranks[name]
-        layer.lora_A[:r].copy_(spec.a.to(layer.lora_A.dtype))
-        layer.lora_B[:, :r].copy_(spec.b.to(layer.lora_B.dtype))
-        layer.alpha, layer.scaling = spec.alpha, spec.scaling
-        layer.use_rslora, layer.dropout = spec.use_rslora, spec.dropout
-    for name, state in saved_states.items():
-        model.get_submodule(name).load_state_dict(state, strict=True)
+    try:  # out of memory converting a layer's weights, Ctrl-C, a user's load hook: the plain model back
+        for name, layer in lora_layers(model).items():
+            spec = specs[name]
+            r = ranks[name]
+            layer.lora_A[:r].copy_(spec.a.to(layer.lora_A.dtype))
+            layer.lora_B[:, :r].copy_(spec.b.to(layer.lora_B.dtype))
+            layer.alpha, layer.scaling = spec.alpha, spec.scaling
+            layer.use_rslora, layer.dropout = spec.use_rslora, spec.dropout
+        load_module_states(model, saved_states)
+    except BaseException:
+        unload(model, merge=False)
+        raise
     return model
 
 

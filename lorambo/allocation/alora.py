@@ -33,6 +33,7 @@ from lorambo.allocation.components import at_most_per_layer
 from lorambo.allocation.frozen import frozen_layers
 from lorambo.allocation.validate import check_rank_bounds
 from lorambo.distributed import SharedFailure, broadcast_, decision_generator
+from lorambo.model.partial_edit import add_note
 from lorambo.nn.optimizer_argument import optimizer_argument
 from lorambo.nn.optimizer_state import check_slot_state_editable
 from lorambo.nn.pool_ops import keep_components_many
@@ -106,11 +107,13 @@ def _plan(layers, scores, n_prune, budget, min_rank=0, max_rank=None, frozen=())
 @warns_when_done  # a warning raised as an error must not stop a round half-way
 def alora_round(model, layers: Mapping, loss_fn, batches, n_prune: int, budget: int | float = math.inf,
                 optimizer=None, step=None, seed: int = 0, scores: Mapping | None = None,
-                min_rank: int = 0, max_rank: int | None = None) -> list[dict]:
+                min_rank: int = 0, max_rank: int | None = None, records: list | None = None) -> list[dict]:
     """One ALoRA round in place; returns the decision records (``shrink`` / ``grow``).
 
     ``scores``: ``{name: tensor[rank]}`` to use instead of computing ablation scores.
     ``min_rank`` / ``max_rank``: no layer is pruned below / grown above them.
+    ``records``: a list the records are appended to as each rank change is made (and returned),
+    so that a caller keeps those of a round stopped part-way (out of memory, Ctrl-C).
     """
     check_rank_bounds(min_rank, max_rank)
     check_round_settings(n_prune, budget)
@@ -142,20 +145,32 @@ def alora_round(model, layers: Mapping, loss_fn, batches, n_prune: int, budget: 
     flat = broadcast_(torch.cat([scores[n].reshape(-1) for n in layers] or [torch.zeros(0, dtype=torch.float64)]))
     scores = dict(zip(layers, flat.split([layers[n].rank for n in layers])))
     prune, receive = _plan(layers, scores, n_prune, budget, min_rank, max_rank, frozen_layers(layers))
-    records = []
-    olds = keep_components_many([(layers[n], [k for k in range(layers[n].rank) if k not in comps])
-                                 for n, comps in prune.items()], optimizer)
-    for (name, comps), old in zip(prune.items(), olds):
-        records.append({"step": step, "event": "shrink", "reason": "alora", "layer": name,
-                        "components": comps, "scores": [float(scores[name][k]) for k in comps],
-                        "old_rank": old, "new_rank": layers[name].rank})
-    names = list(layers)
-    for name in dict.fromkeys(receive):
-        layer, add = layers[name], receive.count(name)
-        gen = decision_generator(seed, "alora", step, names.index(name))
-        old = layer.set_rank(layer.rank + add, optimizer=optimizer, generator=gen)
-        records.append({"step": step, "event": "grow", "reason": "alora", "layer": name,
-                        "benefit": float(scores[name].mean()), "old_rank": old, "new_rank": layer.rank})
+    records = [] if records is None else records
+    before = {n: layers[n].rank for n in prune}
+    try:  # out of memory or Ctrl-C part-way: the rank changes made are recorded and named
+        try:
+            keep_components_many([(layers[n], [k for k in range(layers[n].rank) if k not in comps])
+                                  for n, comps in prune.items()], optimizer)
+        finally:  # each layer is shrunk whole or not at all: record those that were
+            for name, comps in prune.items():
+                if layers[name].rank != before[name]:
+                    records.append({"step": step, "event": "shrink", "reason": "alora", "layer": name,
+                                    "components": comps, "scores": [float(scores[name][k]) for k in comps],
+                                    "old_rank": before[name], "new_rank": layers[name].rank})
+        names = list(layers)
+        for name in dict.fromkeys(receive):
+            layer, add = layers[name], receive.count(name)
+            gen = decision_generator(seed, "alora", step, names.index(name))
+            old = layer.set_rank(layer.rank + add, optimizer=optimizer, generator=gen)
+            records.append({"step": step, "event": "grow", "reason": "alora", "layer": name,
+                            "benefit": float(scores[name].mean()), "old_rank": old, "new_rank": layer.rank})
+    except BaseException as err:
+        if records:
+            add_note(err, f"alora_round (step {step}) stopped after {len(records)} rank change(s) "
+                          f"{[(r['layer'], r['old_rank'], r['new_rank']) for r in records]}, which stay (and "
+                          "are in the decisions and the decision log of a LoRAMBoOptimizer); the rest of the "
+                          "round was not taken")
+        raise
     return records
 
 
@@ -183,10 +198,13 @@ class ALoRA:
     def step(self, global_step: int, optimizer=None) -> list[dict]:
         if not self.is_decision_step(global_step):
             return []
-        records = alora_round(self.model, self.layers, self.loss_fn, self.batches, self.config.n_prune,
-                              self.budget, optimizer, global_step, self.seed, min_rank=self.min_rank,
-                              max_rank=self.max_rank)
+        records = []
+        try:
+            alora_round(self.model, self.layers, self.loss_fn, self.batches, self.config.n_prune, self.budget,
+                        optimizer, global_step, self.seed, min_rank=self.min_rank, max_rank=self.max_rank,
+                        records=records)
+        finally:  # a round stopped part-way: the rank changes it made are logged all the same
+            if self.log is not None:
+                self.log.extend(records)
         self.rounds_done += 1
-        if self.log is not None:
-            self.log.extend(records)
         return records

@@ -52,6 +52,7 @@ from lorambo.allocation.frozen import frozen_layers
 from lorambo.allocation.greedy import greedy_allocate
 from lorambo.allocation.validate import check_rank_bounds
 from lorambo.distributed import SharedFailure, all_reduced_mean, broadcast_, decision_generator
+from lorambo.model.partial_edit import add_note
 from lorambo.nn.finite_numbers import float_value, is_finite_number, shown_number
 from lorambo.nn.hook_inputs import layer_input
 from lorambo.nn.local_hooks import LocalHook  # a copy of the model (EMA, teacher) is not captured
@@ -286,18 +287,22 @@ def grow_layer(layer, new_rank: int, directions: torch.Tensor | None = None, opt
     reduced over processes, so under torch.distributed every process passes its list, empty
     where the layer did not run on its batches (routed experts); None only on all of them.
     """
+    n = new_rank - layer.rank
+    if directions is not None and n > 0 and directions.shape[1] < n:
+        raise ValueError(f"{layer._label}: {directions.shape[1]} directions for {n} new ranks")
     old = layer.set_rank(new_rank, optimizer=optimizer, generator=generator)
-    n = new_rank - old
     if directions is not None and n > 0:
-        if directions.shape[1] < n:
-            raise ValueError(f"{layer._label}: {directions.shape[1]} directions for {n} new ranks")
-        rows = layer.lora_A[old:new_rank]
-        norms = rows.norm(dim=1, keepdim=True)                                  # (n, 1)
-        d = directions[:, :n].T.to(rows.device, rows.dtype)                     # (n, in)
-        d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-30)
-        if inputs is not None:  # an empty list still joins the collective of the others
-            norms = norms * _activation_ratio(inputs, d)
-        rows.copy_(d * norms)
+        try:  # the aligned rows need temporaries: out of memory, or Ctrl-C, takes the growth back
+            rows = layer.lora_A[old:new_rank]
+            norms = rows.norm(dim=1, keepdim=True)                                  # (n, 1)
+            d = directions[:, :n].T.to(rows.device, rows.dtype)                     # (n, in)
+            d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-30)
+            if inputs is not None:  # an empty list still joins the collective of the others
+                norms = norms * _activation_ratio(inputs, d)
+            rows.copy_(d * norms)
+        except BaseException:
+            layer.set_rank(old, optimizer=optimizer)  # new slots, their gradients and state: zero again
+            raise
     return old
 
 
@@ -485,6 +490,7 @@ class OnlineGrowth:
             for layer in self.layers.values():
                 check_slot_state_editable(optimizer, layer)
         finite = self._captured_finite(failure)
+        records: list[dict] = []
         try:
             if not finite:
                 # an overflowed step (GradScaler skips it too) says nothing about where rank helps
@@ -500,14 +506,21 @@ class OnlineGrowth:
                 self.curvature, loss_scale)
             room = {n: self._top(m) - m.rank for n, m in self.layers.items()}
             plan = plan_growth(gains, self.costs, room, self.budget - self.spent(), self.threshold)
-            records = [self._grow(step, n, add, gains, dirs, optimizer, "grow") for n, add in plan.items()]
+            for n, add in plan.items():
+                records.append(self._grow(step, n, add, gains, dirs, optimizer, "grow"))
             if scores is not None:
-                records += self._move(step, plan, gains, dirs, {n: s for n, s in scores.items() if n not in frozen},
-                                      optimizer)
+                self._move(step, plan, gains, dirs, {n: s for n, s in scores.items() if n not in frozen},
+                           optimizer, records)
+        except BaseException as err:  # out of memory in one layer's growth, Ctrl-C: the rank changes made stay
+            if records:
+                add_note(err, f"update_ranks (step {step}) stopped after {len(records)} rank change(s) "
+                             f"{[(r['layer'], r['old_rank'], r['new_rank']) for r in records]}, which stay and "
+                             "are in the decisions and the decision log; the rest of the decision was not taken")
+            raise
         finally:
             self.capture.clear()
-        if self.log is not None:
-            self.log.extend(records)
+            if self.log is not None:
+                self.log.extend(records)
         return records
 
     def _settings(self, step, loss_scale) -> dict:
@@ -567,7 +580,8 @@ class OnlineGrowth:
             out[n], pos = values, pos + s.numel()
         return out
 
-    def _move(self, step, plan, gains, dirs, scores, optimizer) -> list[dict]:
+    def _move(self, step, plan, gains, dirs, scores, optimizer, records: list[dict]) -> None:
+        """Take the moves, appending a record to ``records`` for each rank change as it is made."""
         names = [n for n in self.layers if n not in plan and n in scores]  # grown layers don't shrink
         given = [scores[n] for n in names]
         # one broadcast for all layers: process 0's scores, identical decisions
@@ -585,20 +599,23 @@ class OnlineGrowth:
         spare = {n: max(self.layers[n].rank - self.min_rank, 0) for n in names}
         moves = plan_moves(nxt, usable, self.costs, room, self.budget - self.spent(), self.threshold,
                            float(self.move_threshold), self.max_moves, spare)
-        records, dropped = [], {}
+        dropped = {}
         for donor, comp, _ in moves:
             dropped.setdefault(donor, []).append(comp)
+        before = {d: self.layers[d].rank for d in dropped}
         spent = self.spent()
-        olds = keep_components_many([(self.layers[d], [k for k in range(self.layers[d].rank) if k not in comps])
-                                     for d, comps in dropped.items()], optimizer)
-        for (donor, comps), old in zip(dropped.items(), olds):
-            # the spend after this record's change, as a grow record's: the donors shrink in one
-            # pass, and self.spent() here would already count the donors logged after this one
-            spent -= self.costs[donor] * (old - self.layers[donor].rank)
-            records.append({"step": step, "event": "shrink", "reason": "move", "layer": donor,
-                            "components": comps, "scores": [float(usable[donor][k]) for k in comps],
-                            "old_rank": old, "new_rank": self.layers[donor].rank, "spent": spent,
-                            "budget": self.budget})
+        try:
+            keep_components_many([(self.layers[d], [k for k in range(self.layers[d].rank) if k not in comps])
+                                  for d, comps in dropped.items()], optimizer)
+        finally:  # each layer is shrunk whole or not at all (stopped part-way): record those that were
+            for donor, comps in dropped.items():
+                if self.layers[donor].rank != before[donor]:
+                    # the spend after this record's change, as a grow record's: the donors shrink in
+                    # one pass, and self.spent() here would already count the donors logged after it
+                    spent -= self.costs[donor] * (before[donor] - self.layers[donor].rank)
+                    records.append({"step": step, "event": "shrink", "reason": "move", "layer": donor,
+                                    "components": comps, "scores": [float(usable[donor][k]) for k in comps],
+                                    "old_rank": before[donor], "new_rank": self.layers[donor].rank,
+                                    "spent": spent, "budget": self.budget})
         for _, _, recv in moves:
             records.append(self._grow(step, recv, 1, gains, dirs, optimizer, "move", plan.get(recv, 0)))
-        return records

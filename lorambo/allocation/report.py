@@ -11,11 +11,12 @@
   checkpoint (:meth:`DecisionLog.restore`, dropping what an interrupted run logged after the
   checkpoint) and appends after them. Each append is a single ``write`` of whole lines on a
   descriptor opened with ``O_APPEND``, so a crash can leave at most a torn last line, which
-  :func:`read_decisions` skips.
+  :func:`read_decisions` skips; a write that fails (a full disk) is cut back to whole lines.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -115,6 +116,11 @@ def rank_grid(ranks: Mapping[str, int]) -> tuple[list[str], list[str], np.ndarra
 
 def save_heatmap(source, path, title: str = "LoRA rank per layer") -> Path:
     """Write a PNG heat map of ranks (rows: blocks, columns: module types) and return its path."""
+    return atomic_save_figure(heatmap_figure(source, title), path, "save_heatmap", dpi=100)
+
+
+def heatmap_figure(source, title: str = "LoRA rank per layer"):
+    """The matplotlib Figure :func:`save_heatmap` writes."""
     ranks = _ranks_of(source, "save_heatmap")  # bad ranks are a ValueError with or without matplotlib
     if not ranks:
         raise ValueError("save_heatmap: no ranks to draw")
@@ -137,7 +143,7 @@ def save_heatmap(source, path, title: str = "LoRA rank per layer") -> Path:
     fig.colorbar(image, ax=ax, label="rank")
     ax.set_title(title)
     fig.tight_layout()
-    return atomic_save_figure(fig, path, "save_heatmap", dpi=100)
+    return fig
 
 
 class DecisionLog:
@@ -169,31 +175,51 @@ class DecisionLog:
         return self.path is not None and self.enabled
 
     def append(self, record: Mapping) -> None:
-        record = {k: _plain(v) for k, v in record.items()}
+        self.extend([record])
+
+    def extend(self, records) -> None:
+        records = [{k: _plain(v) for k, v in record.items()} for record in records]
         with self._lock:  # threads sharing this log: the file keeps the order of the list
-            self.records.append(record)
-            if not self._writes:
+            self.records.extend(records)
+            if not self._writes or not records:
                 return
             if not self._file_started:  # a run's first record: a file left by another run goes
                 self._rewrite(self.records)
                 return
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            try:
-                os.write(fd, _line(record).encode())  # one write per record: whole lines only
-            finally:
-                os.close(fd)
+            self._append_lines("".join(_line(r) for r in records), len(records))
 
-    def extend(self, records) -> None:
-        for record in records:
-            self.append(record)
+    def _append_lines(self, text: str, count: int) -> None:
+        """Append ``text`` (whole lines) in one ``write``. A full disk writes part of it and then
+        fails: the file is cut back to its last whole record, and the next append rewrites it
+        from :attr:`records`, so no record is lost or torn in the middle of the file."""
+        data = memoryview(text.encode())
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            start = os.fstat(fd).st_size
+            try:
+                while data:  # a short write (disk full) leaves the rest, which then fails
+                    data = data[os.write(fd, data):]
+            except BaseException as err:  # a full disk, or Ctrl-C between two writes
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+                self._file_started = False
+                if not isinstance(err, OSError):
+                    raise
+                raise OSError(err.errno, f"log_path {self.path}: could not append {count} decision record(s) "
+                                         f"({err.strerror}); the decisions were taken and are in the decision "
+                                         "list (opt.decisions), the file was cut back to the records before "
+                                         "them and is rewritten whole at the next decision") from err
+        finally:
+            os.close(fd)
 
     def restore(self, records) -> None:
         """Resume with ``records`` (a checkpoint's decisions): they become :attr:`records` and
         the whole file, atomically; later records are appended after them."""
+        records = [{k: _plain(v) for k, v in r.items()} for r in records]
         with self._lock:
-            self.records = [{k: _plain(v) for k, v in r.items()} for r in records]
-            if self._writes:
-                self._rewrite(self.records)
+            if self._writes:  # the file first: a failed write (a full disk) leaves both as they were
+                self._rewrite(records)
+            self.records = records
 
     def _rewrite(self, records) -> None:
         atomic_write_text(self.path, "".join(_line(r) for r in records), "log_path")

@@ -104,16 +104,33 @@ def check_allocator_state(opt, state, where: str = "LoRAMBoOptimizer.load_state_
 
 
 def apply_allocator_state(opt, state) -> None:
-    """Apply a state :func:`check_allocator_state` accepted. The optimizer's state is loaded first:
-    its own ``load_state_dict`` checks shapes before it changes anything."""
-    if state["optimizer"] is not None:
-        opt.default_optimizer.load_state_dict(state["optimizer"])
+    """Apply a state :func:`check_allocator_state` accepted, all or nothing: every value is
+    converted first; then the two steps that can fail midway run, the optimizer's
+    ``load_state_dict`` (which checks shapes before it changes anything) and the rewrite of the
+    decision log (a full disk), the optimizer put back if the log fails; only then are the
+    allocator's attributes set."""
+    converted = {}
     for attr, key, convert in (("ranks", "allocated_ranks", int), ("capacities", "capacities", int),
                                ("sensitivities", "sensitivities", float)):
         saved = state[key]
-        setattr(opt, attr, None if saved is None else {n: convert(v) for n, v in saved.items()})
-    if opt.capacities is not None:  # what compute_optimal_ranks would have reported (not logged again)
-        opt.memory_report = pools.pool_memory(opt.capacities, opt.dims, opt.dtypes, opt.ranks)
-    if state["alora_rounds_done"] is not None:
-        opt.alora_schedule().rounds_done = int(state["alora_rounds_done"])
-    opt.log.restore(state["decisions"])
+        converted[attr] = None if saved is None else {n: convert(v) for n, v in saved.items()}
+    memory_report = opt.memory_report
+    if converted["capacities"] is not None:  # what compute_optimal_ranks would have reported (not logged again)
+        memory_report = pools.pool_memory(converted["capacities"], opt.dims, opt.dtypes, converted["ranks"])
+    rounds_done = None if state["alora_rounds_done"] is None else int(state["alora_rounds_done"])
+    alora = None if rounds_done is None else opt.alora_schedule()
+    optimizer = opt.default_optimizer if state["optimizer"] is not None else None
+    before = None if optimizer is None else optimizer.state_dict()  # the current state tensors, not copies
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    try:
+        opt.log.restore(state["decisions"])
+    except BaseException:
+        if optimizer is not None:
+            optimizer.load_state_dict(before)
+        raise
+    for attr, value in converted.items():
+        setattr(opt, attr, value)
+    opt.memory_report = memory_report
+    if alora is not None:
+        alora.rounds_done = rounds_done

@@ -2,7 +2,8 @@
 
     lorambo allocate --model PATH --budget N --method gradient --data FILE --out DIR
 
-Writes into DIR (each file atomically: a temporary name, then a rename):
+Writes into DIR (atomically: each file to a temporary name first, then all renamed; a failure,
+e.g. a full disk, leaves every file of an earlier run as it was):
 
 - ``ranks.json``: ranks, pool capacities, sensitivities, budget, method (the sensitivity; null
   with ``--allocation uniform`` / ``alora``, which measure nothing);
@@ -171,17 +172,18 @@ def _loss_fn(kind: str, tokenizer, max_length: int, seed: int):
     return lm
 
 
-def _write_json(path: Path, obj) -> None:
-    from lorambo.adapters.atomic import atomic_write_text
+def _json_writer(obj):
+    from lorambo.adapters.atomic import text_writer
 
-    atomic_write_text(path, json.dumps(obj, indent=2, default=list) + "\n")
+    return text_writer(json.dumps(obj, indent=2, default=list) + "\n")
 
 
 def run(args) -> int:
     import torch
 
     from lorambo.adapters.peft_patterns import peft_config
-    from lorambo.allocation.report import rank_table, save_heatmap
+    from lorambo.adapters.atomic import atomic_write_many
+    from lorambo.allocation.report import heatmap_figure, rank_table
     from lorambo.cli.deps import require
     from lorambo.optimizer import LoRAMBoOptimizer
 
@@ -211,17 +213,18 @@ def run(args) -> int:
     ranks = opt.compute_optimal_ranks(batches, loss_fn)
     config = peft_config(ranks, alpha=args.alpha)
     config.base_model_name_or_path = str(folder.resolve())
-    _write_json(out / "ranks.json", {"model": str(folder.resolve()), "method": args.method if measures else None,
-                                     "allocation": args.allocation, "loss": kind if loss_fn else None,
-                                     "budget": opt.total_budget, "ranks": ranks, "capacities": opt.capacities,
-                                     "sensitivities": opt.sensitivities, "alpha": args.alpha})
-    _write_json(out / "adapter_config.json", config.to_dict())
-    written = [out / "ranks.json", out / "adapter_config.json"]
-    if not args.no_heatmap:  # atomic, like the JSON files
-        written.append(save_heatmap(ranks, out / "heatmap.png",
-                                    title=f"LoRA ranks ({args.method if measures else args.allocation}, "
-                                          f"budget {opt.total_budget:,})"))
-    elif (out / "heatmap.png").is_file():  # an earlier run's: it would sit beside these ranks
+    # all or none: a ranks.json beside an earlier run's adapter_config.json would give peft other ranks
+    writes = {out / "ranks.json": _json_writer({
+        "model": str(folder.resolve()), "method": args.method if measures else None, "allocation": args.allocation,
+        "loss": kind if loss_fn else None, "budget": opt.total_budget, "ranks": ranks,
+        "capacities": opt.capacities, "sensitivities": opt.sensitivities, "alpha": args.alpha}),
+              out / "adapter_config.json": _json_writer(config.to_dict())}
+    if not args.no_heatmap:
+        fig = heatmap_figure(ranks, title=f"LoRA ranks ({args.method if measures else args.allocation}, "
+                                   f"budget {opt.total_budget:,})")
+        writes[out / "heatmap.png"] = lambda tmp: fig.savefig(tmp, format="png", dpi=100)
+    written = atomic_write_many(writes, "lorambo allocate")
+    if args.no_heatmap and (out / "heatmap.png").is_file():  # an earlier run's: it would sit beside these ranks
         (out / "heatmap.png").unlink()
         print(f"removed {out / 'heatmap.png'} (an earlier run's; --no-heatmap)")
     print(rank_table(ranks, opt.capacities, opt.dims))

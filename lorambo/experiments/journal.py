@@ -21,6 +21,7 @@ One process writes a journal at a time: the open journal holds a lock on its fol
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -143,25 +144,40 @@ def _lock_folder(folder: Path) -> int | None:
 
 class Journal:
     """Appends records to ``path``; :meth:`append` returns the record as it reads back.
-    ``lock``: a descriptor whose lock on the folder :meth:`close` releases."""
+    ``lock``: a descriptor whose lock on the folder :meth:`close` releases.
+
+    Each record is written straight to the descriptor (no buffer that a later close would try to
+    flush again) and fsynced; a write that fails part-way (a full disk) is cut back, so the
+    journal keeps whole records only."""
 
     def __init__(self, path, lock: int | None = None):
         self.path = Path(path)
         self._lock = lock
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     def append(self, record: dict) -> dict:
         line = json.dumps(record, separators=(",", ":"), allow_nan=False)
-        self._file.write(line + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        data = memoryview((line + "\n").encode("utf-8"))
+        start = os.fstat(self._fd).st_size
+        try:
+            while data:  # a short write (disk full) leaves the rest, which then fails
+                data = data[os.write(self._fd, data):]
+            os.fsync(self._fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, start)
+            raise
         return json.loads(line)
 
     def close(self) -> None:
-        self._file.close()
-        if self._lock is not None:
-            os.close(self._lock)
-            self._lock = None
+        try:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+        finally:  # released whatever happened: a later run in this process may open the folder again
+            if self._lock is not None:
+                os.close(self._lock)
+                self._lock = None
 
 
 def open_journal(out_dir, resume, expected_header: dict) -> tuple[Journal, Records, int]:

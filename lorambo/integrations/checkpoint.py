@@ -79,10 +79,22 @@ def restore(allocator, importance, state: dict, where) -> list[dict]:
         raise ValueError(f"resuming from {where}: the checkpoint was written "
                          f"{'with' if saved_imp is not None else 'without'} an importance tracker, "
                          f"this callback has {'one' if importance is not None else 'none'}")
-    if importance is not None:  # checks its statistics against the tracked pools first
-        importance.load_state_dict(saved_imp)
-    if state.get("alora_rounds_done") is not None:
-        allocator.alora_schedule().rounds_done = int(state["alora_rounds_done"])
+    rounds_done = None if state.get("alora_rounds_done") is None else int(state["alora_rounds_done"])
+    alora = None if rounds_done is None else allocator.alora_schedule()
     decisions = [dict(r) for r in state["decisions"]]
-    allocator.log.restore(decisions)  # drops what an interrupted run logged after the checkpoint
+    # all or nothing: the tracker loads (it checks its statistics against the pools first), then
+    # the log is rewritten, which a full disk can refuse: the tracker's attributes, which loading
+    # replaces and never edits, are then put back
+    before = None if importance is None else dict(vars(importance))
+    if importance is not None:
+        importance.load_state_dict(saved_imp)
+    try:
+        allocator.log.restore(decisions)  # drops what an interrupted run logged after the checkpoint
+    except BaseException:
+        if importance is not None:
+            vars(importance).clear()
+            vars(importance).update(before)
+        raise
+    if alora is not None:
+        alora.rounds_done = rounds_done
     return decisions

@@ -37,6 +37,7 @@ from lorambo.model import lora_layers
 from lorambo.model import unload as _unload
 from lorambo.model.configure import check_mergeable
 from lorambo.model.modules_to_save import modules_to_save
+from lorambo.model.partial_edit import add_note
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import keep_components_many
 from lorambo.nn.merge_overflow import finite_merge
@@ -171,12 +172,12 @@ def merge(model: nn.Module, exact: bool = False) -> None:
     _refuse_mixed(model, merged=True, caller="merge")
     check_mergeable(model, lora_layers(model), caller="merge")
     reshard(model)
-    layers = list(lora_layers(model).values())
-    with full_pools(layers, base_weights=True):
-        for layer in layers:  # every layer before the first merge: all or nothing
+    named = lora_layers(model)
+    with full_pools(named.values(), base_weights=True):
+        for layer in named.values():  # every layer before the first merge: all or nothing
             layer.check_merge_finite("merge")
-        for layer in layers:
-            layer.merge(exact=exact)
+        _every_layer_or_none(named, lambda layer: layer.merge(exact=exact), lambda layer: layer.unmerge(), "merge",
+                             "unmerged again" + ("" if exact else " (each weight within two roundings of its own)"))
 
 
 def _refuse_mixed(model: nn.Module, merged: bool, caller: str) -> None:
@@ -192,10 +193,35 @@ def unmerge(model: nn.Module) -> None:
     """Undo :func:`merge` on every layer; refused, before anything changes, when a layer is not merged."""
     _refuse_mixed(model, merged=False, caller="unmerge")
     reshard(model)
-    layers = list(lora_layers(model).values())
-    with full_pools(layers, base_weights=True):
-        for layer in layers:
-            layer.unmerge()
+    named = lora_layers(model)
+    with full_pools(named.values(), base_weights=True):
+        kept = {id(layer): layer._weight_before_merge is not None for layer in named.values()}  # merge(exact=True)
+        _every_layer_or_none(named, lambda layer: layer.unmerge(),
+                             lambda layer: layer.merge(exact=kept[id(layer)]), "unmerge", "merged again")
+
+
+def _every_layer_or_none(layers: dict, edit, undo, caller: str, undone: str) -> None:
+    """``edit`` every layer; stopped at one (out of memory in its float64 delta, Ctrl-C), ``undo``
+    the layers done, which otherwise left a model half merged that both :func:`merge` and
+    :func:`unmerge` refuse. The error's note says what was undone (and what an undo that failed
+    too left)."""
+    done = []
+    try:
+        for name, layer in layers.items():
+            edit(layer)
+            done.append(name)
+    except BaseException as err:
+        left = list(done)
+        try:
+            while left:
+                undo(layers[left[-1]])
+                left.pop()
+        except BaseException:  # out of memory again: say which layers stay edited
+            pass
+        if done:
+            add_note(err, f"{caller} stopped at {list(layers)[len(done)]!r}; the layers before it {done[:6]} were "
+                          f"{undone}" + (f", except {left} (their undo failed too)" if left else ""))
+        raise
 
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:

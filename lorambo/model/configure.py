@@ -16,6 +16,7 @@ from lorambo.model.frozen import forget_frozen, record_frozen
 from lorambo.model.frozen_heads import warn_frozen_heads
 from lorambo.model.modules_to_save import (check_not_targets, forget_modules_to_save, keep_trainable,
                                            modules_to_save as recorded_modules_to_save, resolve_modules_to_save)
+from lorambo.model.partial_edit import note_partial_edit
 from lorambo.model.patterns import check_alpha_pattern, pattern_value
 from lorambo.model.targeting import check_named_targets, find_targets
 from lorambo.model.unwrap import unwrap_model
@@ -168,6 +169,7 @@ def _check_not_shared(model: nn.Module, names: list[str]) -> None:
 def _plan(model, names, ranks, capacity, alpha, dropout, use_rslora, alpha_pattern, optimizer=None) -> _Plan:
     plan = _Plan(freeze=[p for n, p in model.named_parameters()
                          if p.requires_grad and not n.endswith((".lora_A", ".lora_B"))])
+    module = None
     try:
         for name in names:
             rank = _per_layer(ranks, name, "ranks")
@@ -189,13 +191,21 @@ def _plan(model, names, ranks, capacity, alpha, dropout, use_rslora, alpha_patte
                 alpha=pattern_value(alpha_pattern, name, alpha),
                 dropout=0.0 if dropout is None else dropout,
                 use_rslora=bool(use_rslora), name=name)
-    except Exception:
-        for param in plan.freeze:  # the constructors froze base weights; undo that
-            param.requires_grad_(True)
-        # nor are they, nor the new layers' bases, frozen bases of an adapter
-        forget_noted([*plan.freeze, *(p for layer in plan.new_layers.values() for p in layer.base_layer.parameters())])
+    except BaseException:  # Ctrl-C or out of memory while building layer k too
+        _thaw(plan)
+        if module is not None and not isinstance(module, LoRAMBoLinear):  # the one being built
+            forget_noted(module.parameters())  # noted even when its base was frozen before the call
         raise
     return plan
+
+
+def _thaw(plan: _Plan) -> None:
+    """Undo what building the plan's new layers did to the model: their constructors froze base
+    weights, now trainable again, and nor are they, nor the new layers' bases, on record as
+    frozen bases of an adapter."""
+    for param in plan.freeze:
+        param.requires_grad_(True)
+    forget_noted([*plan.freeze, *(p for layer in plan.new_layers.values() for p in layer.base_layer.parameters())])
 
 
 def _per_layer_or_none(value, name: str):
@@ -218,12 +228,24 @@ def _check_settings_kept(module: LoRAMBoLinear, name: str, **requested) -> None:
 
 
 def _apply(model: nn.Module, plan: _Plan, optimizer=None, generator=None) -> None:
-    """Carry out a checked plan (nothing here can fail on valid input)."""
+    """Carry out a checked plan: the rank changes of existing adapters first, the one part that
+    can still stop part-way (out of memory editing a layer's optimizer state, Ctrl-C): then no
+    new layer is placed and the error's note names the layers re-ranked. Placing the new layers
+    cannot fail."""
+    changed: list[str] = []
+    for name, (module, rank) in plan.rank_changes.items():
+        if rank == module.rank:
+            continue
+        try:
+            module.set_rank(rank, optimizer=optimizer, generator=generator)
+        except BaseException as err:
+            _thaw(plan)
+            note_partial_edit(err, "configure_model", name, changed, "have their new ranks",
+                              "their old ones, and no new adapter was placed")
+            raise
+        changed.append(name)
     for name, layer in plan.new_layers.items():
         _set_submodule(model, name, layer)
-    for module, rank in plan.rank_changes.values():
-        if rank != module.rank:
-            module.set_rank(rank, optimizer=optimizer, generator=generator)
     record_frozen(model, plan.freeze)
     sync_fast_paths(model)
 
@@ -289,13 +311,21 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         for layer in lora_layers(plain).values():  # every layer before the first merge: all or nothing
             if not layer.merged:
                 layer.check_merge_finite("unload(merge=True)")
+    done = []
     for name, layer in lora_layers(plain).items():
-        if merge and not layer.merged:
-            layer.merge(exact=False)
-        elif not merge and layer.merged:
-            layer.unmerge()
+        try:  # out of memory in one layer's merge, or Ctrl-C: say which layers are plain already
+            if merge and not layer.merged:
+                layer.merge(exact=False)
+            elif not merge and layer.merged:
+                layer.unmerge()
+        except BaseException as err:
+            note_partial_edit(err, f"unload(merge={merge})", name, done,
+                              "are plain modules again" + (" with their adapters merged" if merge else ""),
+                              "still LoRAMBoLinear layers")
+            raise
         _set_submodule(plain, name, layer.base_layer)
         note_unloaded(layer)  # its base is no adapter's frozen base; an optimizer of its pools trains nothing
+        done.append(name)
     sync_fast_paths(plain)
     # the records sit on the model configure_model was given: the plain one or its wrapper
     for holder in dict.fromkeys((plain, model)):

@@ -30,7 +30,7 @@ from lorambo.nn.fresh_momentum import move_new_slots, restore_new_slots
 from lorambo.nn.frozen_bases import note_frozen
 from lorambo.nn.inactive_slots import zero_inactive_after_steps
 from lorambo.nn.optimizer_argument import optimizer_argument
-from lorambo.nn.optimizer_state import (check_slot_state_editable, gather_slot_state, reset_slot_state,
+from lorambo.nn.optimizer_state import (check_slot_state_editable, gathered_slot_state, reset_slot_state,
                                         warn_if_shared_step)
 from lorambo.nn.optimizer_tracking import LOAD_IT, track_optimizers, warn_if_state_left_behind
 from lorambo.nn.merge_overflow import finite_merge, merge_may_overflow
@@ -451,13 +451,19 @@ class LoRAMBoLinear(nn.Module):
         if keep != list(range(self._rank)):
             check_slot_state_editable(optimizer, self)
         old, n = self._rank, len(keep)
+        # everything kept is gathered first (the allocations: out of memory there, or Ctrl-C,
+        # changes nothing), then written: a failure between the writes of A and of B would
+        # leave a different adapter at the same rank
         index = torch.as_tensor(keep, dtype=torch.long, device=self.lora_A.device)
-        self.lora_A[:n] = self.lora_A.index_select(0, index)
-        self.lora_B[:, :n] = self.lora_B.index_select(1, index)
+        kept_a, kept_b = self.lora_A.index_select(0, index), self.lora_B.index_select(1, index)
+        kept_grads = [(grad, dim, grad.index_select(dim, index.to(grad.device))) for grad, dim in self._pool_grads()]
+        write_state = None if optimizer is None else gathered_slot_state(optimizer, self, keep, old)
+        self.lora_A[:n] = kept_a
+        self.lora_B[:, :n] = kept_b
         self.lora_A[n:old].zero_()
         self.lora_B[:, n:old].zero_()
-        for grad, dim in self._pool_grads():
-            grad.narrow(dim, 0, n).copy_(grad.index_select(dim, index.to(grad.device)))
+        for grad, dim, kept in kept_grads:
+            grad.narrow(dim, 0, n).copy_(kept)
             grad.narrow(dim, n, old - n).zero_()
         self._set_active_rank(n)
         keep_ids(self, keep, old)
@@ -465,8 +471,8 @@ class LoRAMBoLinear(nn.Module):
         if keep != list(range(old)):
             self._count_slot_edit()
             warn_if_state_left_behind(self, optimizer, f"slots {keep} of {old} kept")
-        if optimizer is not None:
-            gather_slot_state(optimizer, self, keep, old)
+        if write_state is not None:
+            write_state()
         return old
 
     def checked_keep(self, keep: Sequence[int]) -> list[int]:

@@ -26,7 +26,7 @@ the same shared ``step`` and are warned about alike. :class:`lorambo.optim.AdamW
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -180,20 +180,36 @@ def _reset_slots(optimizer, layer, slots: list[int], all_active_new: bool) -> No
 def gather_slot_state(optimizer: torch.optim.Optimizer, layer, keep: Sequence[int], old_rank: int) -> None:
     """Move state of slots ``keep`` to slots 0..len(keep)-1 and zero slots len(keep)..old_rank-1,
     mirroring :meth:`LoRAMBoLinear.keep_components`; ``optimizer`` may be a list of optimizers."""
+    gathered_slot_state(optimizer, layer, keep, old_rank)()
+
+
+@torch.no_grad()
+def gathered_slot_state(optimizer, layer, keep: Sequence[int], old_rank: int) -> Callable[[], None]:
+    """:func:`gather_slot_state` in two parts: the kept slots' state is gathered now (the
+    allocations: out of memory here changes nothing), and the function returned writes it."""
     checked = optimizer_argument(optimizer, "gather_slot_state")
     if list(keep) != list(range(old_rank)):
         check_slot_state_editable(checked, layer)
-    for one in each_optimizer(checked, layer):
-        _gather_slots(one, layer, keep, old_rank)
+    writes = [_gathered_slots(one, layer, keep, old_rank) for one in each_optimizer(checked, layer)]
+
+    def write() -> None:
+        for one_write in writes:
+            one_write()
+
+    return write
 
 
-def _gather_slots(optimizer, layer, keep: Sequence[int], old_rank: int) -> None:
-    if list(keep) != list(range(old_rank)):
-        restart_whole_vector_state(optimizer, [layer])  # LBFGS: no per-slot state to move
+def _gathered_slots(optimizer, layer, keep: Sequence[int], old_rank: int) -> Callable[[], None]:
     n = len(keep)
-    for value, dim in _slot_views(optimizer, layer):
-        src = torch.as_tensor(list(keep), dtype=torch.long, device=value.device)
-        moved = value.index_select(dim, src)
-        value.narrow(dim, 0, n).copy_(moved)
-        if old_rank > n:
-            value.narrow(dim, n, old_rank - n).zero_()
+    moved = [(value, dim, value.index_select(dim, torch.as_tensor(list(keep), dtype=torch.long, device=value.device)))
+             for value, dim in _slot_views(optimizer, layer)]
+
+    def write() -> None:
+        if list(keep) != list(range(old_rank)):
+            restart_whole_vector_state(optimizer, [layer])  # LBFGS: no per-slot state to move
+        for value, dim, kept in moved:
+            value.narrow(dim, 0, n).copy_(kept)
+            if old_rank > n:
+                value.narrow(dim, n, old_rank - n).zero_()
+
+    return write

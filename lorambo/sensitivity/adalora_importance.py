@@ -129,10 +129,11 @@ class AdaLoRAImportance:
                     raise ValueError(f"AdaLoRAImportance.load_state_dict: {table}[{key!r}] has shape "
                                      f"{list(getattr(value, 'shape', []))}, the pool has {list(pool.shape)}")
         device = {name: self._device(layer.lora_A) for name, layer in self.layers.items()}
+        # every copy made first (out of memory moving one to the device changes nothing), then applied whole
+        ibar = {k: v.to(device[k[0]], torch.float32) for k, v in state["ibar"].items()}
+        ubar = {k: v.to(device[k[0]], torch.float32) for k, v in state["ubar"].items()}
         self._followed = {name: layer.slot_edits for name, layer in self.layers.items()}  # saved with these slots
-        self.steps = steps
-        self._ibar = {k: v.to(device[k[0]], torch.float32) for k, v in state["ibar"].items()}
-        self._ubar = {k: v.to(device[k[0]], torch.float32) for k, v in state["ubar"].items()}
+        self.steps, self._ibar, self._ubar = steps, ibar, ubar
 
     def parameter_scores(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(s_A [capacity, in], s_B [out, capacity])`` for layer ``name`` (zeros before updates)."""

@@ -54,3 +54,71 @@ def test_merge_then_unmerge_of_every_layer():
         torch.testing.assert_close(model(x), want, rtol=1e-12, atol=1e-12)
         fsdp.unmerge(model)
         assert all(torch.equal(layer.base_layer.weight, w) for layer, w in zip(lora_layers(model).values(), weights))
+
+
+def _fail_at(monkeypatch, target, name, k, fault):
+    calls, real = [], getattr(target, name)
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == k:
+            raise fault("out of memory") if fault is not KeyboardInterrupt else fault
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, failing)
+
+
+@pytest.mark.parametrize("fault", [torch.OutOfMemoryError, KeyboardInterrupt])
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("exact", [True, False])
+def test_a_merge_stopped_at_layer_k_is_taken_back(monkeypatch, fault, k, exact):
+    """Out of memory in the third layer's merge left two layers merged, and then merge refused
+    ('merged already') and so did unmerge ('not merged'): the model stayed half merged."""
+    from lorambo.nn import lora_linear
+
+    model = _model()
+    flags, weights = _state(model)
+    deltas = [(layer.scaling * layer.lora_B[:, :2] @ layer.lora_A[:2]).detach() for layer in lora_layers(model).values()]
+    _fail_at(monkeypatch, lora_linear, "finite_merge", k, fault)  # the float64 merged weight
+    with pytest.raises(fault) as err:
+        fsdp.merge(model, exact=exact)
+    names = list(lora_layers(model))
+    assert getattr(err.value, "__notes__", []) == ([] if k == 1 else [
+        f"merge stopped at {names[k - 1]!r}; the layers before it {names[:k - 1]} were unmerged again"
+        + ("" if exact else " (each weight within two roundings of its own)")])
+    after_flags, after_weights = _state(model)
+    assert after_flags == flags == [False] * 3
+    for a, b, d in zip(after_weights, weights, deltas):
+        if exact:
+            assert torch.equal(a, b)
+        else:  # merge(exact=False) then unmerge: two roundings, |w' - w| <= 2u max(|w|, |w + d|)
+            assert bool(((a - b).abs() <= 2 * 2.0 ** -53 * torch.maximum(b.abs(), (b + d).abs())).all())
+    monkeypatch.undo()
+    fsdp.merge(model, exact=exact)  # nothing stands in the way of a second try
+    assert _state(model)[0] == [True] * 3
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_an_unmerge_stopped_at_layer_k_is_taken_back(monkeypatch, k):
+    model = _model()
+    original = _state(model)[1]
+    fsdp.merge(model, exact=True)
+    flags, weights = _state(model)
+    _fail_at(monkeypatch, lorambo_linear(), "_unmerged_weight", k, torch.OutOfMemoryError)
+    with pytest.raises(torch.OutOfMemoryError) as err:
+        fsdp.unmerge(model)
+    names = list(lora_layers(model))
+    assert getattr(err.value, "__notes__", []) == ([] if k == 1 else [
+        f"unmerge stopped at {names[k - 1]!r}; the layers before it {names[:k - 1]} were merged again"])
+    after_flags, after_weights = _state(model)
+    assert after_flags == flags == [True] * 3
+    assert all(torch.equal(a, b) for a, b in zip(after_weights, weights))
+    monkeypatch.undo()
+    fsdp.unmerge(model)  # the kept weights came back too: the original weights, bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(_state(model)[1], original))
+
+
+def lorambo_linear():
+    from lorambo.nn.lora_linear import LoRAMBoLinear
+
+    return LoRAMBoLinear

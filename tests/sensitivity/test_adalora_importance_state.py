@@ -67,3 +67,37 @@ def test_statistics_of_another_model_are_refused_before_anything_changes(edit, m
     with pytest.raises(ValueError, match=message):
         other.load_state_dict(state)
     assert other.steps == 0 and other._ibar == {} and other._ubar == {}
+
+
+@pytest.mark.parametrize("k", [1, 4, 8])  # the first, a middle, the last of the 8 statistics moved to the pools' device
+def test_out_of_memory_moving_the_statistics_loads_nothing(monkeypatch, k):
+    """Out of memory moving the second table's tensors to the pools' device left the first table
+    (and the step count) of the checkpoint beside the second of the tracker: mixed statistics."""
+    model = _model()
+    saved = AdaLoRAImportance(model)
+    for s in range(3):
+        _update(model, saved, s)
+    tracker = AdaLoRAImportance(model)
+    _update(model, tracker, 7)
+    before = tracker.state_dict()
+    calls, real = [], torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == k:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(self, *args, **kwargs)
+
+    state = saved.state_dict()
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    with pytest.raises(torch.OutOfMemoryError):
+        tracker.load_state_dict(state)
+    monkeypatch.undo()
+    assert len(calls) == k
+    after = tracker.state_dict()
+    assert after["steps"] == before["steps"] == 1
+    for table in ("ibar", "ubar"):
+        for key, value in before[table].items():
+            assert torch.equal(after[table][key], value), (table, key)
+    tracker.load_state_dict(state)  # memory freed
+    assert tracker.steps == 3
