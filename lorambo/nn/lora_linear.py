@@ -350,14 +350,13 @@ class LoRAMBoLinear(nn.Module):
 
     @property
     def slot_edits(self) -> int:
-        """How many rank changes have re-initialised, dropped or moved slots of this layer
-        (``set_rank`` to another rank, ``keep_components`` other than all active slots in order).
+        """How many edits have changed which component a slot of this layer holds: ``set_rank``
+        to another rank, ``keep_components`` other than all active slots in order, a
+        ``load_state_dict`` of the pools or of the rank, ``reset_parameters``, an adapter loaded
+        into the layer, ``lorambo.follow_ranks`` on a copy (``lorambo/nn/slot_lineage.py``).
         Statistics kept per slot outside the optimizer (``AdaLoRAImportance``) compare it with the
         count they last followed."""
         return self._slot_edits
-
-    def _count_slot_edit(self) -> None:
-        self._slot_edits += 1
 
     @property
     def weight(self) -> torch.Tensor:
@@ -434,7 +433,6 @@ class LoRAMBoLinear(nn.Module):
         self._set_active_rank(rank)
         (start_ids if rank > old else drop_ids)(self, lo, hi)
         if rank != old:
-            self._count_slot_edit()
             warn_if_state_left_behind(self, optimizer, f"rank changed {old} -> {rank}")
         if optimizer is not None and rank != old:
             if rank > old > 0:  # growth from 0 restarts the shared step: nothing is stale then
@@ -471,7 +469,6 @@ class LoRAMBoLinear(nn.Module):
         keep_ids(self, keep, old)
         move_new_slots(self, keep)  # with or without the optimizer: the record belongs to the slot
         if keep != list(range(old)):
-            self._count_slot_edit()
             warn_if_state_left_behind(self, optimizer, f"slots {keep} of {old} kept")
         if optimizer is not None:
             gather_slot_state(optimizer, self, keep, old)

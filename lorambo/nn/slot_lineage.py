@@ -10,6 +10,11 @@ its slot by ``keep_components``, -1 for an inactive slot. Ids come from one coun
 so a copy's ids are the model's at copy time and never collide with ids the model gets later:
 :func:`lorambo.model.averages.follow_ranks` tells, slot by slot, where the copy holds the
 component the model holds now.
+
+Every change of a layer's ids goes through here and adds one to its ``slot_edits``, so the one
+count that statistics kept per slot (``AdaLoRAImportance``) compare covers every path that
+changes what a slot holds: a rank change, a move, a load, ``reset_parameters``, an adapter
+copied in.
 """
 
 from __future__ import annotations
@@ -22,46 +27,54 @@ __all__ = ["slot_ids", "start_ids", "drop_ids", "keep_ids", "restart_ids", "set_
 _NEXT = itertools.count()
 
 
+def _fresh(layer) -> list[int]:
+    return [next(_NEXT) if s < layer.rank else -1 for s in range(layer.capacity)]
+
+
 def slot_ids(layer) -> list[int]:
     """The id of the component in every slot (-1: inactive), a copy."""
     ids = layer.__dict__.get("_slot_ids")
-    if ids is None:  # a layer pickled before slots carried ids: its active components start now
-        restart_ids(layer)
-        ids = layer.__dict__["_slot_ids"]
+    if ids is None:  # a layer pickled before slots carried ids: its components get ids, unchanged
+        ids = layer.__dict__["_slot_ids"] = _fresh(layer)
     return list(ids)
 
 
-def _ids(layer) -> list[int]:
-    slot_ids(layer)
-    return layer.__dict__["_slot_ids"]
+def _write(layer, ids: list[int]) -> None:
+    """Store ``ids``, counting an edit if any slot's component changed."""
+    if ids != slot_ids(layer):
+        layer.__dict__["_slot_edits"] = layer.__dict__.get("_slot_edits", 0) + 1
+    layer.__dict__["_slot_ids"] = ids
 
 
 def start_ids(layer, first: int, last: int) -> None:
     """Slots ``first .. last-1`` start new components."""
-    ids = _ids(layer)
+    ids = slot_ids(layer)
     for slot in range(first, last):
         ids[slot] = next(_NEXT)
+    _write(layer, ids)
 
 
 def drop_ids(layer, first: int, last: int) -> None:
     """Slots ``first .. last-1`` become inactive."""
-    ids = _ids(layer)
+    ids = slot_ids(layer)
     ids[first:last] = [-1] * (last - first)
+    _write(layer, ids)
 
 
 def keep_ids(layer, keep: Sequence[int], old_rank: int) -> None:
     """Follow ``keep_components(keep)``: slot j takes the component of slot ``keep[j]``; the
     slots from ``len(keep)`` to ``old_rank`` become inactive."""
-    ids = _ids(layer)
+    ids = slot_ids(layer)
     ids[:len(keep)] = [ids[k] for k in keep]
     ids[len(keep):old_rank] = [-1] * (old_rank - len(keep))
+    _write(layer, ids)
 
 
 def restart_ids(layer) -> None:
     """Every active slot starts a new component (the pools were loaded or re-initialised)."""
-    layer.__dict__["_slot_ids"] = [next(_NEXT) if s < layer.rank else -1 for s in range(layer.capacity)]
+    _write(layer, _fresh(layer))
 
 
 def set_ids(layer, ids: Sequence[int]) -> None:
     """Give ``layer`` the ids of another layer whose components it now holds in the same slots."""
-    layer.__dict__["_slot_ids"] = list(ids)
+    _write(layer, list(ids))
