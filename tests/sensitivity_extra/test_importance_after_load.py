@@ -80,3 +80,25 @@ def test_new_components_are_scored_from_their_own_history(edit, tmp_path):
         assert scores[name].shape == (rank,)
         # reset_parameters leaves B = 0: no component has a nonzero |theta * grad| yet
         assert bool((scores[name] > 0).all()) == (edit != "reset_parameters")
+
+
+@pytest.mark.parametrize("edit", list(EDITS) + ["set_rank"])
+def test_a_tracker_without_statistics_follows_edits_made_before_its_first_update(edit, tmp_path):
+    """The usual order: build the tracker, load the weights to go on from, train. Nothing was
+    measured for the old slots, so nothing can be stale: no error, the recursion starts on the new ones."""
+    model = _model(2, 0)
+    tracker = AdaLoRAImportance(model, beta1=BETA1, beta2=BETA2)
+    if edit == "set_rank":
+        lorambo.lora_layers(model)["1"].set_rank(3)
+    else:
+        EDITS[edit](model, tmp_path)
+    gen = torch.Generator().manual_seed(1)
+    _backward(model, gen)
+    tracker.update()
+    for name, layer in lorambo.lora_layers(model).items():
+        got_a, got_b = tracker.parameter_scores(name)
+        for got, which in ((got_a, "A"), (got_b, "B")):
+            p = getattr(layer, "lora_" + which)
+            inst = (p.detach() * p.grad).abs()  # one step from zero: Ibar = (1-b1) I, Ubar = (1-b2) b1 I
+            want = (1 - BETA1) * inst * (1 - BETA2) * BETA1 * inst
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-14)
