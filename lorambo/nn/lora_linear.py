@@ -30,7 +30,7 @@ from lorambo.nn.frozen_bases import note_frozen
 from lorambo.nn.optimizer_argument import optimizer_argument
 from lorambo.nn.optimizer_state import (check_slot_state_editable, gather_slot_state, reset_slot_state,
                                         warn_if_shared_step)
-from lorambo.nn.optimizer_tracking import LOAD_IT, track_optimizers, warn_if_state_left_behind
+from lorambo.nn.optimizer_tracking import LOAD_IT, REBUILD_IT, track_optimizers, warn_if_state_left_behind
 from lorambo.nn.merge_overflow import finite_merge, merge_may_overflow
 from lorambo.nn.plain_keys import plain_keys_to_base_layer
 from lorambo.nn.shared_memory import share_memory
@@ -579,7 +579,9 @@ class LoRAMBoLinear(nn.Module):
         A, zero B, zero inactive slots. For meta-device construction: after ``to_empty`` the pools
         hold whatever the memory held, and the usual ``reset_parameters()`` pass over every
         module (FSDP's default ``param_init_fn``, ...) makes them a valid adapter again. The base
-        layer is its own module with its own ``reset_parameters``; it is not touched here."""
+        layer is its own module with its own ``reset_parameters``; it is not touched here. An
+        optimizer that has stepped the pools keeps state for the old components: a
+        ``StaleOptimizerStateWarning`` says so (build a new optimizer)."""
         if self.merged:
             raise RuntimeError(f"{self._label}: unmerge() before reset_parameters()")
         rank, a = self._rank, local_tensor(self.lora_A)  # a DTensor's own shard (FSDP2)
@@ -593,6 +595,8 @@ class LoRAMBoLinear(nn.Module):
             nn.init.kaiming_uniform_(drawn, a=math.sqrt(5), generator=generator)
             a[:n].copy_(drawn[first:first + n])
         restart_ids(self)
+        # Adam's moments of the old components would move the new ones (see docs/architecture.md, rule 4)
+        warn_if_state_left_behind(self, None, "reset_parameters() re-initialised its slots", REBUILD_IT)
 
     # ------------------------------------------------------------------------------ merge
     def delta_weight(self) -> torch.Tensor:
