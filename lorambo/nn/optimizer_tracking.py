@@ -73,7 +73,7 @@ _PASS_IT = ("Pass optimizer=<that {name}> (or a list of every optimizer that ste
 # load_state_dict takes no optimizer: the state saved with the loaded one is the remedy
 LOAD_IT = ("Load that {name}'s state saved with this state_dict next (its load_state_dict), or build a new "
            "optimizer after loading.")
-REBUILD_IT = "Build a new optimizer after reset_parameters()."
+REBUILD_IT = "Build a new optimizer for the new components."
 
 
 def warn_if_state_left_behind(layer, optimizer, change: str, remedy: str = _PASS_IT) -> None:
