@@ -34,7 +34,7 @@ from lorambo.nn.optimizer_tracking import LOAD_IT, REBUILD_IT, track_optimizers,
 from lorambo.nn.merge_overflow import finite_merge, merge_may_overflow
 from lorambo.nn.plain_keys import plain_keys_to_base_layer
 from lorambo.nn.shared_memory import share_memory
-from lorambo.nn.slot_lineage import drop_ids, keep_ids, restart_ids, start_ids
+from lorambo.nn.slot_lineage import SLOT_IDS_KEY, adopt_ids, drop_ids, keep_ids, restart_ids, slot_ids, start_ids
 from lorambo.nn.slots import PoolSlots, local_slots, tag_pool_parameter
 from lorambo.nn.unsupported_optimizers import refuse_unsupported_optimizers
 from lorambo.ops import lora_linear
@@ -84,6 +84,12 @@ def _unmerged_base_weight(module: "LoRAMBoLinear", state_dict, prefix: str, loca
         # assign=True would otherwise hold that tensor as its weight, and merging it would
         # change what this layer's unmerge() restores
         state_dict[key] = module._unmerged_weight(copy=True)
+
+
+def _save_slot_ids(module: "LoRAMBoLinear", state_dict, prefix: str, local_metadata) -> None:
+    """state_dict post-hook: the ids of the components in the slots go into the module's
+    metadata (lorambo/nn/slot_lineage.py), not among its tensors."""
+    local_metadata[SLOT_IDS_KEY] = slot_ids(module)
 
 
 def _check_extra_state_first(module: "LoRAMBoLinear", state_dict, prefix: str, *args) -> None:
@@ -258,6 +264,7 @@ class LoRAMBoLinear(nn.Module):
         track_optimizers()  # so that a rank change can tell when its optimizer= is missing
         refuse_unsupported_optimizers()
         self.register_state_dict_post_hook(_unmerged_base_weight)
+        self.register_state_dict_post_hook(_save_slot_ids)
         self.register_load_state_dict_pre_hook(plain_keys_to_base_layer)
         self.register_load_state_dict_pre_hook(_check_extra_state_first)
         self.register_load_state_dict_pre_hook(_unmerge_before_load)
@@ -298,6 +305,16 @@ class LoRAMBoLinear(nn.Module):
         # a new pool Parameter (load_state_dict(assign=True), FSDP2's DTensor) needs the tag too
         if name in _POOL_DIMS and isinstance(value, nn.Parameter) and "_slots" in self.__dict__:
             tag_pool_parameter(value, self._slots, _POOL_DIMS[name])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        errors = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        # pools and rank loaded whole: their components are the saved ones, not new ones
+        keys = [prefix + name for name in (*_POOL_DIMS, "_extra_state")]
+        if len(error_msgs) == errors and all(key in state_dict for key in keys) and SLOT_IDS_KEY in local_metadata:
+            adopt_ids(self, local_metadata[SLOT_IDS_KEY])
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)

@@ -11,6 +11,12 @@ so a copy's ids are the model's at copy time and never collide with ids the mode
 :func:`lorambo.model.averages.follow_ranks` tells, slot by slot, where the copy holds the
 component the model holds now.
 
+A ``state_dict`` carries the ids in its metadata (``SLOT_IDS_KEY``), and loading the pools with
+their extra state takes them back (:func:`adopt_ids`), so a model and its average resumed from
+their checkpoints still hold the same ids for the same components; a load without them (a
+safetensors file, a filtered state_dict) starts new components. The counter starts at a random
+62-bit number in each process, so ids saved by another process do not collide with this one's.
+
 Every change of a layer's ids goes through here and adds one to its ``slot_edits``, so the one
 count that statistics kept per slot (``AdaLoRAImportance``) compare covers every path that
 changes what a slot holds: a rank change, a move, a load, ``reset_parameters``, an adapter
@@ -20,11 +26,13 @@ copied in.
 from __future__ import annotations
 
 import itertools
+import secrets
 from collections.abc import Sequence
 
-__all__ = ["slot_ids", "start_ids", "drop_ids", "keep_ids", "restart_ids", "set_ids"]
+__all__ = ["SLOT_IDS_KEY", "slot_ids", "start_ids", "drop_ids", "keep_ids", "restart_ids", "set_ids", "adopt_ids"]
 
-_NEXT = itertools.count()
+SLOT_IDS_KEY = "lorambo_slot_ids"  # in a LoRAMBoLinear's state_dict metadata
+_NEXT = itertools.count(secrets.randbits(62))
 
 
 def _fresh(layer) -> list[int]:
@@ -78,3 +86,18 @@ def restart_ids(layer) -> None:
 def set_ids(layer, ids: Sequence[int]) -> None:
     """Give ``layer`` the ids of another layer whose components it now holds in the same slots."""
     _write(layer, list(ids))
+
+
+def adopt_ids(layer, ids) -> bool:
+    """Give ``layer`` the ids saved with the pools and rank it has just loaded, when they describe
+    them (one per slot, distinct in the active slots, -1 past the rank); returns whether it did.
+    Ids that do not fit leave the new components the load started."""
+    if not isinstance(ids, (list, tuple)) or len(ids) != layer.capacity:
+        return False
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        return False
+    active, rest = list(ids[:layer.rank]), list(ids[layer.rank:])
+    if any(i < 0 for i in active) or len(set(active)) != len(active) or any(i != -1 for i in rest):
+        return False
+    _write(layer, list(ids))
+    return True
