@@ -47,6 +47,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_targets  # noqa: E402
 from arg_lists import positive  # noqa: E402
+from machine import cpus_label, usable_cpus  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -178,7 +179,7 @@ def child_env(smoke: bool) -> dict:
 # ------------------------------------------------------------------------------- stages
 def build_stage(env, clock, logs) -> tuple[Stage, bool]:
     """(stage, whether lorambo._C now imports with CUDA)."""
-    jobs = str(os.cpu_count() or 1)
+    jobs = str(usable_cpus())  # the CPUs the compilers may run on, not every CPU of the machine
     build_env = dict(env, MAX_JOBS=jobs, TORCH_CUDA_ARCH_LIST="9.0", LORAMBO_BUILD_CUDA="1")
     stage = run("build", [sys.executable, "setup.py", "build_ext", "--inplace"], build_env,
                 clock.limit(200, reserve=230), logs)
@@ -283,7 +284,7 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def environment(smoke: bool) -> tuple[str, list[str]]:
-    """(device name, header lines: versions, cores and load)."""
+    """(device name, header lines: versions, usable CPUs and load)."""
     def version(name):
         try:
             return metadata.version(name)
@@ -314,7 +315,7 @@ def environment(smoke: bool) -> tuple[str, list[str]]:
     load = f", load {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
     return gpu, [
             f"mode: {'cpu-smoke (Triton interpreter, tiny sizes: the numbers mean nothing)' if smoke else 'GPU'}",
-            f"device: {gpu}; {os.cpu_count()} cores{load}",
+            f"device: {gpu}; {cpus_label()}{load}",
             f"python {sys.version.split()[0]} ({sys.executable}); "
             f"{torch_line}; "
             f"triton {version('triton')}; peft {version('peft')}; transformers {version('transformers')}; "

@@ -1,8 +1,10 @@
 """The speed targets of docs/gpu_check.md, judged from the benchmark CSVs of one run.
 
 Every ratio is lorambo over a comparison measured in the same run and dtype (bf16 decides the
-verdict; fp16 is shown beside it when measured). A target with no measurement is a MISS that
-says what was not measured: the verdict never reads a missing number as a pass.
+verdict; fp16 is shown beside it when measured). A CSV holding several runs (a rerun appends) is
+judged on the device of its latest run, each target on the latest run holding its rows. A target
+with no measurement (a row missing, an empty, NaN, infinite or zero time, rows of another size)
+is a MISS that says what was not measured: the verdict never reads a missing number as a pass.
 
 Rows are ``csv.DictReader`` dicts: benchmarks/bench_lora_linear.py (``case`` labels large, mid,
 wide, pool_dense, pool, decode) and benchmarks/bench_ext.py (sections ``reduce`` and ``adamw``).
@@ -45,49 +47,94 @@ class Verdict:
         return "PASS" if self.passed else "MISS"
 
 
-def _ms(rows, dtype, case, provider, mode):
-    hits = [r for r in rows if r["dtype"] == dtype and r["case"] == case and r["provider"] == provider
-            and r["mode"] == mode]
-    return float(hits[-1]["ms_median"]) if hits else None
+def _number(row: dict, column: str) -> float | None:
+    """The cell as a finite number, None when it is empty, unreadable, NaN or infinite: a cell
+    the benchmark could not fill is no measurement."""
+    try:
+        value = float(row.get(column) or "")
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
 
 
-def _base_ms(rows, dtype, case, mode):
-    """The frozen layer at ``case``'s shape (measured once per shape, under the first case with it)."""
-    shape = next(((r["M"], r["K"], r["N"]) for r in rows if r["case"] == case and r["dtype"] == dtype), None)
-    hits = [r for r in rows if r["dtype"] == dtype and r["provider"] == "base" and r["mode"] == mode
-            and (r["M"], r["K"], r["N"]) == shape]
-    return float(hits[-1]["ms_median"]) if hits else None
+def _ms_cell(row: dict) -> float | None:
+    """``ms_median`` as a time: finite and > 0 (a 0 or negative time measured nothing)."""
+    value = _number(row, "ms_median")
+    return value if value is not None and value > 0 else None
+
+
+def latest_run(rows: list[dict], keep: Callable[[dict], bool]) -> tuple[str, list[dict]]:
+    """(run id, the rows ``keep`` accepts of the latest run holding any): one run is compared
+    with itself, never with another run's rows (a rerun appends; run ids are UTC timestamps)."""
+    rows = [r for r in rows if keep(r)]
+    if not rows:
+        return "", []
+    last = max(r.get("run") or "" for r in rows)
+    return last, [r for r in rows if (r.get("run") or "") == last]
+
+
+def _one(rows: list[dict], what: str, **match) -> tuple[dict | None, str]:
+    """(the one row matching ``match``, ""), else (None, why): missing, or several in one run."""
+    hits = [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+    if len(hits) == 1:
+        return hits[0], ""
+    return None, f"{what} {'missing' if not hits else f'in {len(hits)} rows'}"
+
+
+def _time(rows, what, **match) -> tuple[float | None, str]:
+    row, why = _one(rows, what, **match)
+    if row is None:
+        return None, why
+    value = _ms_cell(row)
+    return (value, "") if value is not None else (None, f"{what} ms_median {row.get('ms_median')!r}")
+
+
+def _not_measured(*whys: str) -> str:
+    return "not measured (" + ", ".join(w for w in whys if w) + ")"
 
 
 def time_vs_base(case: str, mode: str):
     def measure(lora, ext, dtype):
-        ours, base = _ms(lora, dtype, case, "lorambo", mode), _base_ms(lora, dtype, case, mode)
+        run, rows = latest_run(lora, lambda r: r.get("dtype") == dtype and r.get("case") == case)
+        ours, why_ours = _time(rows, f"{case} lorambo", provider="lorambo", mode=mode)
+        shape = (rows[0].get("M"), rows[0].get("K"), rows[0].get("N")) if rows else None
+        # the frozen layer is measured once per shape per run, under the first case with it
+        same_run = [r for r in lora if (r.get("run") or "") == run and r.get("dtype") == dtype]
+        base, why_base = (_time(same_run, "frozen layer", provider="base", mode=mode, M=shape[0], K=shape[1],
+                                N=shape[2]) if shape else (None, "frozen layer missing"))
         if ours is None or base is None:
-            return None, f"not measured ({case}: lorambo {_said(ours)}, frozen layer {_said(base)})"
+            return None, _not_measured(f"no {dtype} {case} rows" if not rows else "", why_ours, why_base)
         return ours / base, f"{ours:.3f} / {base:.3f} ms"
     return measure
 
 
 def pool_vs_dense(lora, ext, dtype):
-    pool, dense = _ms(lora, dtype, "pool", "lorambo", "fwd_bwd"), _ms(lora, dtype, "pool_dense", "lorambo", "fwd_bwd")
+    _, rows = latest_run(lora, lambda r: r.get("dtype") == dtype and r.get("case") in ("pool", "pool_dense"))
+    pool, why_pool = _time(rows, "capacity-128", case="pool", provider="lorambo", mode="fwd_bwd")
+    dense, why_dense = _time(rows, "capacity-8", case="pool_dense", provider="lorambo", mode="fwd_bwd")
     if pool is None or dense is None:
-        return None, f"not measured (capacity-128 {_said(pool)}, capacity-8 {_said(dense)})"
+        return None, _not_measured(why_pool, why_dense)
     return pool / dense, f"{pool:.3f} / {dense:.3f} ms"
 
 
 def saved_vs_peft(lora, ext, dtype):
     """Bytes saved for backward at the ``large`` case, lorambo over peft (peft-style when the
-    library was not measured)."""
-    def saved(provider):
-        hits = [r for r in lora if r["dtype"] == dtype and r["case"] == "large" and r["provider"] == provider
-                and r["mode"] == "fwd_bwd" and int(r["saved_bytes"]) >= 0]
-        return int(hits[-1]["saved_bytes"]) if hits else None
+    library was not measured), from one run."""
+    _, rows = latest_run(lora, lambda r: r.get("dtype") == dtype and r.get("case") == "large"
+                         and r.get("mode") == "fwd_bwd")
 
-    ours = saved("lorambo")
-    other = next(((p, s) for p in ("peft", "peft_style") if (s := saved(p)) is not None), None)
-    if ours is None or other is None:
-        return None, f"not measured (lorambo {_said(ours)}, peft {_said(other)})"
-    name, theirs = other
+    def saved(provider):
+        row, why = _one(rows, provider, provider=provider)
+        value = None if row is None else _number(row, "saved_bytes")
+        if value is not None and value >= 0 and value == int(value):  # -1: not measured
+            return int(value), ""
+        return None, why or f"{provider} saved_bytes {row.get('saved_bytes')!r}"
+
+    ours, why_ours = saved("lorambo")
+    peft, why_peft = saved("peft")
+    name, theirs = ("peft", peft) if peft is not None else ("peft_style", saved("peft_style")[0])
+    if ours is None or theirs is None:
+        return None, _not_measured(why_ours, why_peft if theirs is None else "")
     if theirs == 0:
         return (1.0 if ours == 0 else math.inf), f"{ours} B vs {name} 0 B"
     if theirs < 10 * 1024:
@@ -95,32 +142,52 @@ def saved_vs_peft(lora, ext, dtype):
     return ours / theirs, f"{ours / 1024:.0f} / {theirs / 1024:.0f} KiB vs {name}"
 
 
+# bench_ext.py's reductions at full size: 32 layers of the 7B shapes (q, k, v, o, gate, up, down)
+# at rank 16, rank x (out + in) each; its --quick run has the same 224 tensors at 1/8 the width
+REDUCE_TENSORS = 224
+REDUCE_ELEMENTS = 32 * 16 * (4 * (4096 + 4096) + 3 * (11008 + 4096))
+REDUCE_CASES = [(case, dtype) for case in ("dot_224", "sq_norm_224") for dtype in ("float32", "bfloat16")]
+ADAMW_CASE, ADAMW_WIDTH = "adamw_step_224", "1024"  # 224 pools [32, 1024]: bench_ext.py without --quick
+
+
 def ext_speedup(lora, ext, dtype):
-    """The smallest python_loop / ext time over the 224-tensor reductions (every dtype measured)."""
-    ratios = []
-    for case in sorted({r["case"] for r in ext if r["section"] == "reduce"}):
-        for dt in sorted({r["dtype"] for r in ext if r["section"] == "reduce" and r["case"] == case}):
-            times = {r["provider"]: float(r["ms_median"]) for r in ext
-                     if r["section"] == "reduce" and r["case"] == case and r["dtype"] == dt}
-            if "ext" in times and "python_loop" in times:
-                ratios.append((times["python_loop"] / times["ext"], f"{case} {dt}"))
-    if not ratios:
-        return None, "not measured (no extension reduction rows)"
+    """The smallest python_loop / ext time over the four full-size 224-tensor reductions (dot and
+    squared norm, float32 and bfloat16) of one run; any of the four missing is no measurement."""
+    def full_size(r):
+        return (r.get("section") == "reduce" and r.get("M") == str(REDUCE_TENSORS)
+                and r.get("K") == str(REDUCE_ELEMENTS))
+
+    _, rows = latest_run(ext, full_size)
+    if not rows:
+        return None, _not_measured(f"no reduction rows over {REDUCE_TENSORS} tensors of {REDUCE_ELEMENTS} "
+                                   "elements (bench_ext.py without --quick)")
+    ratios, whys = [], []
+    for case, dt in REDUCE_CASES:
+        loop, why_loop = _time(rows, f"{case} {dt} python_loop", case=case, dtype=dt, provider="python_loop")
+        ours, why_ours = _time(rows, f"{case} {dt} ext", case=case, dtype=dt, provider="ext")
+        if loop is None or ours is None:
+            whys += [why_loop, why_ours]
+        else:
+            ratios.append((loop / ours, f"{case} {dt}"))
+    if whys:
+        return None, _not_measured(*whys)
     worst = min(ratios)
     return worst[0], f"worst of {len(ratios)}: {worst[1]}"
 
 
 def adamw_speedup(lora, ext, dtype):
-    """foreach / ext time of one lorambo.optim.AdamW step over 224 pools (bench_ext section adamw):
-    whether the extension's CUDA pool update earns its place in ``auto``."""
-    times = {r["provider"]: float(r["ms_median"]) for r in ext if r["section"] == "adamw"}
-    if "ext" not in times or "foreach" not in times:
-        return None, "not measured (no pool AdamW rows)"
-    return times["foreach"] / times["ext"], f"foreach {times['foreach']:.2f} ms / ext {times['ext']:.2f} ms"
-
-
-def _said(value) -> str:
-    return "missing" if value is None else "ok"
+    """foreach / ext time of one lorambo.optim.AdamW step over 224 pools 1024 wide (bench_ext
+    section adamw, without --quick), from one run: whether the extension's CUDA pool update
+    earns its place in ``auto``."""
+    _, rows = latest_run(ext, lambda r: r.get("section") == "adamw" and r.get("case") == ADAMW_CASE
+                         and r.get("K") == ADAMW_WIDTH)
+    if not rows:
+        return None, _not_measured(f"no {ADAMW_CASE} rows {ADAMW_WIDTH} wide")
+    foreach, why_foreach = _time(rows, "foreach", provider="foreach")
+    ours, why_ours = _time(rows, "ext", provider="ext")
+    if foreach is None or ours is None:
+        return None, _not_measured(why_foreach, why_ours)
+    return foreach / ours, f"foreach {foreach:.2f} ms / ext {ours:.2f} ms"
 
 
 TARGETS = [
@@ -136,8 +203,21 @@ TARGETS = [
 _FLOAT32_ONLY = (ext_speedup, adamw_speedup)  # the extension's rows: no fp16 column
 
 
+def on_latest_device(rows: list[dict], keep: Callable[[dict], bool] = lambda r: True) -> list[dict]:
+    """The rows measured on the device of the latest run ``keep`` accepts (all rows when none):
+    a CSV that also holds another GPU's runs is judged on one GPU."""
+    _, latest = latest_run(rows, keep)
+    if not latest:
+        return rows
+    device = latest[0].get("device")
+    return [r for r in rows if r.get("device") == device]
+
+
 def evaluate(lora_rows: list[dict], ext_rows: list[dict], dtype: str = "bfloat16") -> list[Verdict]:
-    """One verdict per target: ``dtype`` decides, float16 is reported beside it."""
+    """One verdict per target: ``dtype`` decides, float16 is reported beside it (measured on the
+    same device). Each target reads one run: the latest holding its rows."""
+    lora_rows = on_latest_device(lora_rows, lambda r: r.get("dtype") == dtype)
+    ext_rows = on_latest_device(ext_rows)
     out = []
     for target in TARGETS:
         value, note = target.measure(lora_rows, ext_rows, dtype)

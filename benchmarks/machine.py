@@ -19,9 +19,28 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+def usable_cpus() -> int:
+    """The logical CPUs this process may run on: its affinity mask (taskset, a container's
+    cpuset), which ``os.cpu_count()`` ignores: that counts every logical CPU of the machine,
+    hyperthreads included."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity call on this platform
+        return os.cpu_count() or 1
+
+
+def cpus_label() -> str:
+    """``<n> logical CPUs``, or ``<n> of <m> logical CPUs usable`` when the affinity mask leaves
+    this process fewer than the machine has."""
+    usable, logical = usable_cpus(), os.cpu_count()
+    if logical is None or logical == usable:
+        return f"{usable} logical CPUs"
+    return f"{usable} of {logical} logical CPUs usable"
+
+
 def cpu_description() -> str:
-    """``cpu (<model>, <n> cores)``."""
-    return f"cpu ({cpu_name()}, {os.cpu_count()} cores)"
+    """``cpu (<model>, <cpus_label()>)``."""
+    return f"cpu ({cpu_name()}, {cpus_label()})"
 
 
 def _gpu_name(device) -> str:

@@ -14,6 +14,7 @@ import torch
 
 from lorambo.model import configure_model, lora_layers, unload
 from lorambo.model.frozen_heads import FrozenHeadWarning
+from lorambo.nn.optimizer_tracking import REBUILD_IT, warn_if_state_left_behind
 from lorambo.nn.slot_lineage import restart_ids
 
 __all__ = ["set_rank_for_overwrite", "configure_for_overwrite"]
@@ -23,7 +24,10 @@ def set_rank_for_overwrite(layer, rank: int) -> int:
     """``layer.set_rank(rank)`` whose new rows of A come from a throwaway CPU generator (set_rank
     copies them to the pool's device), not from torch's global one; returns the old rank. Every
     active slot then holds a new component (``lorambo.nn.slot_lineage``), also one kept at the
-    same rank: the caller overwrites them all."""
+    same rank: the caller overwrites them all. An optimizer that has stepped the pools keeps the
+    old components' state: warned here, with the remedy that fits a load (``set_rank``'s own
+    warning, once per optimizer, would say to pass an optimizer the loaders do not take)."""
+    warn_if_state_left_behind(layer, None, "an adapter loaded into it replaced its components", REBUILD_IT)
     old = layer.set_rank(rank, generator=torch.Generator())
     restart_ids(layer)
     return old

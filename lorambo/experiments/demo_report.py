@@ -19,6 +19,7 @@ import numpy as np
 
 from lorambo.adapters.atomic import atomic_save_figure
 from lorambo.experiments.config import METHOD_LABELS
+from lorambo.experiments.cpus import cpus_line
 from lorambo.experiments.plots import new_figure, rank_heatmap
 
 
@@ -34,7 +35,7 @@ def machine_line(env: dict, load_start, load_end) -> str:
     def fmt(x):
         return "n/a" if x is None else f"{x:.2f}"
 
-    where = env.get("gpu") or f"{env.get('cpu_count')} CPUs ({env.get('processor') or env.get('machine')})"
+    where = env.get("gpu") or f"{cpus_line(env)} ({env.get('processor') or env.get('machine')})"
     return (f"{platform.node() or 'host'}: {env.get('platform')}, {where}, torch {env.get('torch')}, "
             f"{env.get('threads')} torch thread(s), device {env.get('device')}; 1-minute load average "
             f"{fmt(load_start)} at start, {fmt(load_end)} at end")

@@ -38,6 +38,7 @@ from lorambo.experiments import bundle, demo_report, journal, sentiment_data
 from lorambo.experiments import results as res
 from lorambo.experiments.assemble import task_result
 from lorambo.experiments.config import ExperimentConfig
+from lorambo.experiments.cpus import cpus_line, usable_cpus
 from lorambo.experiments.executor import resolve_device
 from lorambo.experiments.scheduler import none_started_reason, run_units
 from lorambo.experiments.units import all_units, plan, task_methods, unit_key
@@ -70,7 +71,8 @@ def environment(cfg: ExperimentConfig) -> dict:
 
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "machine": platform.machine(), "processor": platform.processor(),
-            "cpu_count": os.cpu_count(), "threads": cfg.threads, "device": str(resolve_device(cfg.device)),
+            "cpu_count": os.cpu_count(), "usable_cpus": usable_cpus(), "threads": cfg.threads,
+            "device": str(resolve_device(cfg.device)),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "platform": platform.platform()}
 
@@ -305,5 +307,5 @@ def report_text(result: dict, cfg: ExperimentConfig) -> str:
     env = result["environment"]
     parts.append(f"{cfg.seeds} seeds, {cfg.steps} steps of {cfg.batch_size} x {cfg.max_length} tokens per run; "
                  f"python {env['python']}, torch {env['torch']}, peft {env['peft']}, "
-                 f"{env['cpu_count']} CPUs ({env['processor'] or env['machine']}), {env['threads']} threads")
+                 f"{cpus_line(env)} ({env['processor'] or env['machine']}), {env['threads']} threads")
     return "\n\n".join(parts)

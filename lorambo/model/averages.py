@@ -72,7 +72,6 @@ def follow_ranks(average: nn.Module, model: nn.Module) -> list[str]:
             b[:, new] = layer.lora_B[:, new].to(b.device, b.dtype)
         copy._set_active_rank(layer.rank)
         copy.scaling, copy.alpha, copy.use_rslora = layer.scaling, layer.alpha, layer.use_rslora  # a load may set them
-        copy._count_slot_edit()
         set_ids(copy, ids)
         changed.append(name)
     return changed

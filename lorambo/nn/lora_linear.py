@@ -32,11 +32,11 @@ from lorambo.nn.inactive_slots import zero_inactive_after_steps
 from lorambo.nn.optimizer_argument import optimizer_argument
 from lorambo.nn.optimizer_state import (check_slot_state_editable, gathered_slot_state, reset_slot_state,
                                         warn_if_shared_step)
-from lorambo.nn.optimizer_tracking import LOAD_IT, track_optimizers, warn_if_state_left_behind
+from lorambo.nn.optimizer_tracking import LOAD_IT, REBUILD_IT, track_optimizers, warn_if_state_left_behind
 from lorambo.nn.merge_overflow import finite_merge, merge_may_overflow
 from lorambo.nn.plain_keys import plain_keys_to_base_layer
 from lorambo.nn.shared_memory import share_memory
-from lorambo.nn.slot_lineage import drop_ids, keep_ids, restart_ids, start_ids
+from lorambo.nn.slot_lineage import SLOT_IDS_KEY, adopt_ids, drop_ids, keep_ids, restart_ids, slot_ids, start_ids
 from lorambo.nn.slots import PoolSlots, local_slots, tag_pool_parameter
 from lorambo.nn.unsupported_optimizers import refuse_unsupported_optimizers
 from lorambo.ops import lora_linear
@@ -85,6 +85,12 @@ def _unmerged_base_weight(module: "LoRAMBoLinear", state_dict, prefix: str, loca
         # assign=True would otherwise hold that tensor as its weight, and merging it would
         # change what this layer's unmerge() restores
         state_dict[key] = module._unmerged_weight(copy=True)
+
+
+def _save_slot_ids(module: "LoRAMBoLinear", state_dict, prefix: str, local_metadata) -> None:
+    """state_dict post-hook: the ids of the components in the slots go into the module's
+    metadata (lorambo/nn/slot_lineage.py), not among its tensors."""
+    local_metadata[SLOT_IDS_KEY] = slot_ids(module)
 
 
 def _check_extra_state_first(module: "LoRAMBoLinear", state_dict, prefix: str, *args) -> None:
@@ -249,6 +255,7 @@ class LoRAMBoLinear(nn.Module):
         refuse_unsupported_optimizers()
         zero_inactive_after_steps()
         self.register_state_dict_post_hook(_unmerged_base_weight)
+        self.register_state_dict_post_hook(_save_slot_ids)
         self.register_load_state_dict_pre_hook(plain_keys_to_base_layer)
         self.register_load_state_dict_pre_hook(_check_extra_state_first)
         self.register_load_state_dict_pre_hook(_unmerge_before_load)
@@ -290,6 +297,16 @@ class LoRAMBoLinear(nn.Module):
         # a new pool Parameter (load_state_dict(assign=True), FSDP2's DTensor) needs the tag too
         if name in _POOL_DIMS and isinstance(value, nn.Parameter) and "_slots" in self.__dict__:
             tag_pool_parameter(value, self._slots, _POOL_DIMS[name])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        errors = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        # pools and rank loaded whole: their components are the saved ones, not new ones
+        keys = [prefix + name for name in (*_POOL_DIMS, "_extra_state")]
+        if len(error_msgs) == errors and all(key in state_dict for key in keys) and SLOT_IDS_KEY in local_metadata:
+            adopt_ids(self, local_metadata[SLOT_IDS_KEY])
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
@@ -342,14 +359,13 @@ class LoRAMBoLinear(nn.Module):
 
     @property
     def slot_edits(self) -> int:
-        """How many rank changes have re-initialised, dropped or moved slots of this layer
-        (``set_rank`` to another rank, ``keep_components`` other than all active slots in order).
+        """How many edits have changed which component a slot of this layer holds: ``set_rank``
+        to another rank, ``keep_components`` other than all active slots in order, a
+        ``load_state_dict`` of the pools or of the rank, ``reset_parameters``, an adapter loaded
+        into the layer, ``lorambo.follow_ranks`` on a copy (``lorambo/nn/slot_lineage.py``).
         Statistics kept per slot outside the optimizer (``AdaLoRAImportance``) compare it with the
         count they last followed."""
         return self._slot_edits
-
-    def _count_slot_edit(self) -> None:
-        self._slot_edits += 1
 
     @property
     def weight(self) -> torch.Tensor:
@@ -426,7 +442,6 @@ class LoRAMBoLinear(nn.Module):
         self._set_active_rank(rank)
         (start_ids if rank > old else drop_ids)(self, lo, hi)
         if rank != old:
-            self._count_slot_edit()
             warn_if_state_left_behind(self, optimizer, f"rank changed {old} -> {rank}")
         if optimizer is not None and rank != old:
             if rank > old > 0:  # growth from 0 restarts the shared step: nothing is stale then
@@ -469,7 +484,6 @@ class LoRAMBoLinear(nn.Module):
         keep_ids(self, keep, old)
         move_new_slots(self, keep)  # with or without the optimizer: the record belongs to the slot
         if keep != list(range(old)):
-            self._count_slot_edit()
             warn_if_state_left_behind(self, optimizer, f"slots {keep} of {old} kept")
         if write_state is not None:
             write_state()
@@ -583,7 +597,9 @@ class LoRAMBoLinear(nn.Module):
         A, zero B, zero inactive slots. For meta-device construction: after ``to_empty`` the pools
         hold whatever the memory held, and the usual ``reset_parameters()`` pass over every
         module (FSDP's default ``param_init_fn``, ...) makes them a valid adapter again. The base
-        layer is its own module with its own ``reset_parameters``; it is not touched here."""
+        layer is its own module with its own ``reset_parameters``; it is not touched here. An
+        optimizer that has stepped the pools keeps state for the old components: a
+        ``StaleOptimizerStateWarning`` says so (build a new optimizer)."""
         if self.merged:
             raise RuntimeError(f"{self._label}: unmerge() before reset_parameters()")
         rank, a = self._rank, local_tensor(self.lora_A)  # a DTensor's own shard (FSDP2)
@@ -597,6 +613,8 @@ class LoRAMBoLinear(nn.Module):
             nn.init.kaiming_uniform_(drawn, a=math.sqrt(5), generator=generator)
             a[:n].copy_(drawn[first:first + n])
         restart_ids(self)
+        # Adam's moments of the old components would move the new ones (see docs/architecture.md, rule 4)
+        warn_if_state_left_behind(self, None, "reset_parameters() re-initialised its slots", REBUILD_IT)
 
     # ------------------------------------------------------------------------------ merge
     def delta_weight(self) -> torch.Tensor:

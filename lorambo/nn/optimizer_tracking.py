@@ -23,7 +23,8 @@ from lorambo.nn.optimizer_argument import each_optimizer
 from lorambo.nn.slots import pool_slots
 from lorambo.user_warnings import warn_user
 
-__all__ = ["StaleOptimizerStateWarning", "track_optimizers", "warn_if_state_left_behind", "stand_in_for", "LOAD_IT"]
+__all__ = ["StaleOptimizerStateWarning", "track_optimizers", "warn_if_state_left_behind", "stand_in_for", "LOAD_IT",
+           "REBUILD_IT"]
 
 
 class StaleOptimizerStateWarning(UserWarning):
@@ -72,6 +73,7 @@ _PASS_IT = ("Pass optimizer=<that {name}> (or a list of every optimizer that ste
 # load_state_dict takes no optimizer: the state saved with the loaded one is the remedy
 LOAD_IT = ("Load that {name}'s state saved with this state_dict next (its load_state_dict), or build a new "
            "optimizer after loading.")
+REBUILD_IT = "Build a new optimizer for the new components."
 
 
 def warn_if_state_left_behind(layer, optimizer, change: str, remedy: str = _PASS_IT) -> None:

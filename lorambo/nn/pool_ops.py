@@ -57,7 +57,6 @@ def keep_components_many(plans: Iterable[tuple[torch.nn.Module, Sequence[int]]],
             layer._set_active_rank(len(keep))
             keep_ids(layer, keep, old_rank)
             move_new_slots(layer, keep)
-            layer._count_slot_edit()
             warn_if_state_left_behind(layer, optimizer, f"slots {keep} of {old_rank} kept")
             for one in each_optimizer(optimizer, layer):
                 restart_whole_vector_state(one, [layer])  # LBFGS: no per-slot state to move

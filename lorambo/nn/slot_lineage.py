@@ -10,58 +10,94 @@ its slot by ``keep_components``, -1 for an inactive slot. Ids come from one coun
 so a copy's ids are the model's at copy time and never collide with ids the model gets later:
 :func:`lorambo.model.averages.follow_ranks` tells, slot by slot, where the copy holds the
 component the model holds now.
+
+A ``state_dict`` carries the ids in its metadata (``SLOT_IDS_KEY``), and loading the pools with
+their extra state takes them back (:func:`adopt_ids`), so a model and its average resumed from
+their checkpoints still hold the same ids for the same components; a load without them (a
+safetensors file, a filtered state_dict) starts new components. The counter starts at a random
+62-bit number in each process, so ids saved by another process do not collide with this one's.
+
+Every change of a layer's ids goes through here and adds one to its ``slot_edits``, so the one
+count that statistics kept per slot (``AdaLoRAImportance``) compare covers every path that
+changes what a slot holds: a rank change, a move, a load, ``reset_parameters``, an adapter
+copied in.
 """
 
 from __future__ import annotations
 
 import itertools
+import secrets
 from collections.abc import Sequence
 
-__all__ = ["slot_ids", "start_ids", "drop_ids", "keep_ids", "restart_ids", "set_ids"]
+__all__ = ["SLOT_IDS_KEY", "slot_ids", "start_ids", "drop_ids", "keep_ids", "restart_ids", "set_ids", "adopt_ids"]
 
-_NEXT = itertools.count()
+SLOT_IDS_KEY = "lorambo_slot_ids"  # in a LoRAMBoLinear's state_dict metadata
+_NEXT = itertools.count(secrets.randbits(62))
+
+
+def _fresh(layer) -> list[int]:
+    return [next(_NEXT) if s < layer.rank else -1 for s in range(layer.capacity)]
 
 
 def slot_ids(layer) -> list[int]:
     """The id of the component in every slot (-1: inactive), a copy."""
     ids = layer.__dict__.get("_slot_ids")
-    if ids is None:  # a layer pickled before slots carried ids: its active components start now
-        restart_ids(layer)
-        ids = layer.__dict__["_slot_ids"]
+    if ids is None:  # a layer pickled before slots carried ids: its components get ids, unchanged
+        ids = layer.__dict__["_slot_ids"] = _fresh(layer)
     return list(ids)
 
 
-def _ids(layer) -> list[int]:
-    slot_ids(layer)
-    return layer.__dict__["_slot_ids"]
+def _write(layer, ids: list[int]) -> None:
+    """Store ``ids``, counting an edit if any slot's component changed."""
+    if ids != slot_ids(layer):
+        layer.__dict__["_slot_edits"] = layer.__dict__.get("_slot_edits", 0) + 1
+    layer.__dict__["_slot_ids"] = ids
 
 
 def start_ids(layer, first: int, last: int) -> None:
     """Slots ``first .. last-1`` start new components."""
-    ids = _ids(layer)
+    ids = slot_ids(layer)
     for slot in range(first, last):
         ids[slot] = next(_NEXT)
+    _write(layer, ids)
 
 
 def drop_ids(layer, first: int, last: int) -> None:
     """Slots ``first .. last-1`` become inactive."""
-    ids = _ids(layer)
+    ids = slot_ids(layer)
     ids[first:last] = [-1] * (last - first)
+    _write(layer, ids)
 
 
 def keep_ids(layer, keep: Sequence[int], old_rank: int) -> None:
     """Follow ``keep_components(keep)``: slot j takes the component of slot ``keep[j]``; the
     slots from ``len(keep)`` to ``old_rank`` become inactive."""
-    ids = _ids(layer)
+    ids = slot_ids(layer)
     ids[:len(keep)] = [ids[k] for k in keep]
     ids[len(keep):old_rank] = [-1] * (old_rank - len(keep))
+    _write(layer, ids)
 
 
 def restart_ids(layer) -> None:
     """Every active slot starts a new component (the pools were loaded or re-initialised)."""
-    layer.__dict__["_slot_ids"] = [next(_NEXT) if s < layer.rank else -1 for s in range(layer.capacity)]
+    _write(layer, _fresh(layer))
 
 
 def set_ids(layer, ids: Sequence[int]) -> None:
     """Give ``layer`` the ids of another layer whose components it now holds in the same slots."""
-    layer.__dict__["_slot_ids"] = list(ids)
+    _write(layer, list(ids))
+
+
+def adopt_ids(layer, ids) -> bool:
+    """Give ``layer`` the ids saved with the pools and rank it has just loaded, when they describe
+    them (one per slot, distinct in the active slots, -1 past the rank); returns whether it did.
+    Ids that do not fit leave the new components the load started."""
+    if not isinstance(ids, (list, tuple)) or len(ids) != layer.capacity:
+        return False
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        return False
+    active, rest = list(ids[:layer.rank]), list(ids[layer.rank:])
+    if any(i < 0 for i in active) or len(set(active)) != len(active) or any(i != -1 for i in rest):
+        return False
+    _write(layer, list(ids))
+    return True

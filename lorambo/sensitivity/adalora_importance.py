@@ -18,8 +18,9 @@ gradients (in a Trainer callback: ``on_pre_optimizer_step``); under a ``torch.am
 after ``scaler.unscale_(optimizer)``, or the scores carry the square of the loss scale. Under DDP the gradients are already
 averaged, so every process holds the same scores. Inactive slots have zero gradient and weight,
 hence zero importance. After a rank change, tell the tracker with :meth:`keep` (components were
-compacted by ``keep_components``) or :meth:`reset` (slots were re-initialised): ``LoRAMBoCallback``
-does this for its decisions. Until then :meth:`update` and :meth:`component_scores` raise,
+compacted by ``keep_components``) or :meth:`reset` (slots were re-initialised by ``set_rank``, or
+the layer's pools were loaded or reset: ``layer.slot_edits`` counts every such edit):
+``LoRAMBoCallback`` does this for its decisions. Until then :meth:`update` and :meth:`component_scores` raise,
 naming the layer: statistics left at the old slots would score a moved component by another
 one's history (a decision could drop a component for the low score of the one it replaced).
 
@@ -60,16 +61,23 @@ class AdaLoRAImportance:
 
     def _check_followed(self, what: str) -> None:
         """RuntimeError naming the first layer whose slots changed since :meth:`keep` /
-        :meth:`reset` (or construction, or :meth:`load_state_dict`) last followed them."""
+        :meth:`reset` (or construction, or :meth:`load_state_dict`) last followed them. A layer
+        without statistics yet (no :meth:`update` saw its gradient) follows its slots as they are."""
         for name, layer in self.layers.items():
-            if layer.slot_edits != self._followed[name]:
-                raise RuntimeError(
-                    f"AdaLoRAImportance.{what}: the slots of layer {name!r} (rank {layer.rank} now) were changed "
-                    "after its statistics were last matched to them, so they would score components by "
-                    "other components' history. After each rank change call importance.keep(name, kept) "
-                    "(keep_components, a rank move: the kept slots in their new order) or "
-                    "importance.reset(name, slots) (set_rank: the grown or dropped slots) before the next "
-                    "update() / component_scores(); LoRAMBoCallback does this itself")
+            if layer.slot_edits == self._followed[name]:
+                continue
+            if (name, "A") not in self._ibar and (name, "B") not in self._ibar:
+                self._followed[name] = layer.slot_edits  # no statistics yet: nothing held for other slots
+                continue
+            raise RuntimeError(
+                f"AdaLoRAImportance.{what}: the slots of layer {name!r} (rank {layer.rank} now) were changed "
+                "after its statistics were last matched to them, so they would score components by "
+                "other components' history. After each rank change call importance.keep(name, kept) "
+                "(keep_components, a rank move: the kept slots in their new order) or "
+                "importance.reset(name, slots) (set_rank: the grown or dropped slots; a load_state_dict, "
+                "load_adapter or reset_parameters of the layer: range(layer.capacity)) before the next "
+                "update() / component_scores(), or load statistics saved with these pools "
+                "(importance.load_state_dict); LoRAMBoCallback does this itself")
 
     @torch.no_grad()
     def update(self) -> None:

@@ -1,0 +1,67 @@
+"""Benchmark rows and the GPU check say how many CPUs the process could use: its affinity mask
+(taskset, a container's cpuset), not ``os.cpu_count()``, which counts every logical CPU of the
+machine. They called that count "cores"."""
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def two_of_eight(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 5}, raising=False)
+
+
+def test_rows_name_the_usable_cpus_of_a_restricted_process(two_of_eight):
+    machine = _load("machine")
+    assert machine.usable_cpus() == 2
+    assert machine.cpu_description() == f"cpu ({machine.cpu_name()}, 2 of 8 logical CPUs usable)"
+
+
+def test_an_unrestricted_process_has_every_logical_cpu(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert _load("machine").cpu_description().endswith(", 4 logical CPUs)")
+
+
+def test_the_gpu_check_header_and_build_jobs_use_the_usable_cpus(two_of_eight, monkeypatch, tmp_path):
+    gpu_check = _load("gpu_check")
+    _, header = gpu_check.environment(smoke=True)
+    device = next(line for line in header if line.startswith("device: "))
+    assert "; 2 of 8 logical CPUs usable" in device and "cores" not in device
+    seen = {}
+
+    def fake_run(name, cmd, env, limit, logs):
+        seen["jobs"] = env["MAX_JOBS"]
+        return gpu_check.Stage(name, "OK", 0.0)
+
+    monkeypatch.setattr(gpu_check, "run", fake_run)
+    monkeypatch.setattr(gpu_check.subprocess, "run", lambda *a, **k: type("P", (), {"stdout": "with cuda",
+                                                                                     "stderr": ""})())
+    gpu_check.build_stage({}, gpu_check.Clock(400), tmp_path)
+    assert seen["jobs"] == "2"
+
+
+def test_experiment_reports_say_usable_of_logical_cpus(two_of_eight):
+    from lorambo.experiments import cpus, demo_report
+
+    assert cpus.usable_cpus() == 2
+    env = {"cpu_count": 8, "usable_cpus": 2, "processor": "x86_64", "platform": "Linux", "torch": "2", "threads": 1,
+           "device": "cpu"}
+    assert ", 2 of 8 logical CPUs usable (x86_64)," in demo_report.machine_line(env, 0.5, 0.5)
+    older = dict(env, usable_cpus=None)  # recorded before usable_cpus existed
+    assert ", 8 logical CPUs (x86_64)," in demo_report.machine_line(older, 0.5, 0.5)

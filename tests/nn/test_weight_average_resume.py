@@ -1,0 +1,75 @@
+"""A model and its weight average resumed from their checkpoints: loading used to start new
+components in every slot of both, with different ids, so the first follow_ranks after the next
+rank change replaced every layer's average by the model's values, also in layers whose ranks did
+not change. The ids now travel in the state_dict's metadata."""
+
+import io
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+import lorambo
+from lorambo.model.averages import follow_ranks
+
+
+def _build():
+    return lorambo.configure_model(nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4)).double(), 2, capacity=4)
+
+
+def _trained():
+    torch.manual_seed(0)
+    model = _build()
+    average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(4):
+        model(torch.randn(8, 6, generator=gen, dtype=torch.float64)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        if step == 1:  # a rank change before the save: ids that are not the build's
+            lorambo.lora_layers(model)["1"].keep_components([1, 0])
+            follow_ranks(average, model)
+        average.update_parameters(model)
+    return model, average
+
+
+def _round_trip(state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_a_resumed_average_keeps_every_components_average_across_the_next_rank_change():
+    model, average = _trained()
+    saved_model, saved_average = _round_trip(model.state_dict()), _round_trip(average.state_dict())
+    resumed = _build()
+    resumed_average = AveragedModel(resumed, multi_avg_fn=get_ema_multi_avg_fn(0.8))
+    resumed.load_state_dict(saved_model)
+    resumed_average.load_state_dict(saved_average)
+
+    layer = lorambo.lora_layers(resumed)["0"]
+    layer.set_rank(3)  # a rank change in layer 0 only
+    assert follow_ranks(resumed_average, resumed) == ["0"]
+    for name in ("0", "1"):
+        for pool in ("lora_A", "lora_B"):
+            got = getattr(resumed_average.module[int(name)], pool).detach()
+            want = saved_average[f"module.{name}.{pool}"].clone()
+            if name == "0":  # the grown slot starts at the model's value (B: zero), the others keep their average
+                if pool == "lora_A":
+                    want[2] = layer.lora_A.detach()[2]
+                else:
+                    want[:, 2] = layer.lora_B.detach()[:, 2]
+            assert torch.equal(got, want), (name, pool)
+
+
+def test_a_state_dict_without_its_metadata_starts_new_components():
+    model, average = _trained()
+    resumed = _build()
+    resumed_average = AveragedModel(resumed)
+    resumed.load_state_dict(dict(model.state_dict()))  # a plain dict copy: no _metadata
+    resumed_average.load_state_dict(dict(average.state_dict()))
+    lorambo.lora_layers(resumed)["0"].set_rank(3)
+    assert follow_ranks(resumed_average, resumed) == ["0", "1"]  # nothing tells the components apart
+    assert torch.equal(resumed_average.module[1].lora_A, resumed[1].lora_A)
