@@ -36,7 +36,8 @@ from lorambo.nn.optimizer_tracking import LOAD_IT, REBUILD_IT, track_optimizers,
 from lorambo.nn.merge_overflow import finite_merge, merge_may_overflow
 from lorambo.nn.plain_keys import plain_keys_to_base_layer
 from lorambo.nn.shared_memory import share_memory
-from lorambo.nn.slot_lineage import SLOT_IDS_KEY, adopt_ids, drop_ids, keep_ids, restart_ids, slot_ids, start_ids
+from lorambo.nn.slot_lineage import (SLOT_IDS_KEY, adopt_ids, drop_ids, keep_ids, move_counter_past, restart_ids,
+                                     slot_ids, start_ids)
 from lorambo.nn.slots import PoolSlots, local_slots, tag_pool_parameter
 from lorambo.nn.unsupported_optimizers import refuse_unsupported_optimizers
 from lorambo.ops import lora_linear
@@ -275,6 +276,7 @@ class LoRAMBoLinear(nn.Module):
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_slot_edits", 0)  # a layer pickled before the count existed
+        move_counter_past(self.__dict__.get("_slot_ids", ()))  # ids made by the pickling process
         self._tag_pools()  # deepcopy / unpickling rebuilds the Parameters without their tags
         restore_new_slots(self)  # ... and without the SGD records of slots not stepped yet
         # unpickled in another process (torch.load of a whole model, a model handed to mp.spawn),

@@ -14,8 +14,9 @@ component the model holds now.
 A ``state_dict`` carries the ids in its metadata (``SLOT_IDS_KEY``), and loading the pools with
 their extra state takes them back (:func:`adopt_ids`), so a model and its average resumed from
 their checkpoints still hold the same ids for the same components; a load without them (a
-safetensors file, a filtered state_dict) starts new components. The counter starts at a random
-62-bit number in each process, so ids saved by another process do not collide with this one's.
+safetensors file, a filtered state_dict) starts new components. The counter moves past every id
+taken back, so components started later in this process never reuse a saved id; it starts at 0,
+so seeded runs save the same state_dict bytes.
 
 Every change of a layer's ids goes through here and adds one to its ``slot_edits``, so the one
 count that statistics kept per slot (``AdaLoRAImportance``) compare covers every path that
@@ -25,18 +26,34 @@ copied in.
 
 from __future__ import annotations
 
-import itertools
-import secrets
+import threading
 from collections.abc import Sequence
 
-__all__ = ["SLOT_IDS_KEY", "slot_ids", "start_ids", "drop_ids", "keep_ids", "restart_ids", "set_ids", "adopt_ids"]
+__all__ = ["SLOT_IDS_KEY", "slot_ids", "start_ids", "drop_ids", "keep_ids", "restart_ids", "set_ids", "adopt_ids",
+           "move_counter_past"]
 
 SLOT_IDS_KEY = "lorambo_slot_ids"  # in a LoRAMBoLinear's state_dict metadata
-_NEXT = itertools.count(secrets.randbits(62))
+_counter_lock = threading.Lock()  # layers change ranks in threads of their own too
+_next_id = 0
+
+
+def _new_id() -> int:
+    global _next_id
+    with _counter_lock:
+        new, _next_id = _next_id, _next_id + 1
+    return new
+
+
+def move_counter_past(ids: Sequence[int]) -> None:
+    """Components started from now on get ids above ``ids`` (ids made by another process: a
+    loaded state_dict, an unpickled layer)."""
+    global _next_id
+    with _counter_lock:
+        _next_id = max(_next_id, max(ids, default=-1) + 1)
 
 
 def _fresh(layer) -> list[int]:
-    return [next(_NEXT) if s < layer.rank else -1 for s in range(layer.capacity)]
+    return [_new_id() if s < layer.rank else -1 for s in range(layer.capacity)]
 
 
 def slot_ids(layer) -> list[int]:
@@ -58,7 +75,7 @@ def start_ids(layer, first: int, last: int) -> None:
     """Slots ``first .. last-1`` start new components."""
     ids = slot_ids(layer)
     for slot in range(first, last):
-        ids[slot] = next(_NEXT)
+        ids[slot] = _new_id()
     _write(layer, ids)
 
 
@@ -99,5 +116,6 @@ def adopt_ids(layer, ids) -> bool:
     active, rest = list(ids[:layer.rank]), list(ids[layer.rank:])
     if any(i < 0 for i in active) or len(set(active)) != len(active) or any(i != -1 for i in rest):
         return False
+    move_counter_past(ids)
     _write(layer, list(ids))
     return True

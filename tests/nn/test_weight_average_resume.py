@@ -73,3 +73,59 @@ def test_a_state_dict_without_its_metadata_starts_new_components():
     lorambo.lora_layers(resumed)["0"].set_rank(3)
     assert follow_ranks(resumed_average, resumed) == ["0", "1"]  # nothing tells the components apart
     assert torch.equal(resumed_average.module[1].lora_A, resumed[1].lora_A)
+
+
+def test_components_started_after_a_load_get_ids_no_saved_component_has():
+    """Ids saved by another process (here: far above this process's counter) are taken back by
+    the load; a component grown afterwards must not reuse one of them."""
+    from lorambo.nn.slot_lineage import SLOT_IDS_KEY, slot_ids
+
+    torch.manual_seed(0)
+    model = _build()
+    state = model.state_dict()
+    high = max(max(slot_ids(layer)) for layer in lorambo.lora_layers(model).values()) + 10 ** 6
+    for name in ("0", "1"):
+        ids = state._metadata[name][SLOT_IDS_KEY]
+        state._metadata[name][SLOT_IDS_KEY] = [i + high if i >= 0 else -1 for i in ids]
+    model.load_state_dict(state)
+    loaded = {i for layer in lorambo.lora_layers(model).values() for i in slot_ids(layer) if i >= 0}
+    assert min(loaded) >= high  # taken back, not started anew
+    layer = lorambo.lora_layers(model)["0"]
+    layer.set_rank(4)
+    grown = slot_ids(layer)[2:4]
+    assert all(i > max(loaded) for i in grown), (grown, max(loaded))
+
+
+def test_seeded_runs_save_the_same_state_dict_bytes(tmp_path):
+    """The ids in the state_dict come from a counter, not a random draw: two fresh processes
+    running the same seeded script write byte-identical torch.save files."""
+    import subprocess
+    import sys
+
+    script = ("import sys, torch; from torch import nn; import lorambo\n"
+              "torch.manual_seed(0)\n"
+              "model = lorambo.configure_model(nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4)), 2, capacity=4)\n"
+              "lorambo.lora_layers(model)['1'].keep_components([1, 0])\n"
+              "lorambo.lora_layers(model)['0'].set_rank(3)\n"
+              "torch.save(model.state_dict(), sys.argv[1])\n")
+    files = [tmp_path / run / "state.pt" for run in ("first", "second")]  # torch.save's archive names the file
+    for file in files:
+        file.parent.mkdir()
+    runs = [subprocess.Popen([sys.executable, "-c", script, str(file)]) for file in files]
+    assert [run.wait(timeout=120) for run in runs] == [0, 0]
+    assert files[0].read_bytes() == files[1].read_bytes()
+
+
+def test_components_started_after_unpickling_get_ids_the_pickled_layer_does_not_hold():
+    """A layer unpickled from another process (its ids far above this process's counter)."""
+    import pickle
+
+    from lorambo.nn.slot_lineage import slot_ids
+
+    torch.manual_seed(0)
+    layer = lorambo.lora_layers(_build())["0"]
+    high = max(slot_ids(layer)) + 10 ** 6
+    layer.__dict__["_slot_ids"] = [i + high if i >= 0 else -1 for i in slot_ids(layer)]  # as made elsewhere
+    copy = pickle.loads(pickle.dumps(layer))
+    copy.set_rank(4)
+    assert all(i > high + 1 for i in slot_ids(copy)[2:4]), slot_ids(copy)
