@@ -17,6 +17,7 @@ from lorambo.model.frozen_heads import warn_frozen_heads
 from lorambo.model.modules_to_save import (check_not_targets, forget_modules_to_save, keep_trainable,
                                            modules_to_save as recorded_modules_to_save, resolve_modules_to_save)
 from lorambo.model.patterns import check_alpha_pattern, pattern_value
+from lorambo.model.resize_guard import sync_resize_guards
 from lorambo.model.targeting import check_named_targets, find_targets
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import LoRAMBoLinear
@@ -226,6 +227,7 @@ def _apply(model: nn.Module, plan: _Plan, optimizer=None, generator=None) -> Non
             module.set_rank(rank, optimizer=optimizer, generator=generator)
     record_frozen(model, plan.freeze)
     sync_fast_paths(model)
+    sync_resize_guards(model)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRAMBoLinear]:
@@ -297,6 +299,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         _set_submodule(plain, name, layer.base_layer)
         note_unloaded(layer)  # its base is no adapter's frozen base; an optimizer of its pools trains nothing
     sync_fast_paths(plain)
+    sync_resize_guards(plain)
     # the records sit on the model configure_model was given: the plain one or its wrapper
     for holder in dict.fromkeys((plain, model)):
         for param in forget_frozen(holder):
