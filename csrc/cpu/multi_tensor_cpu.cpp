@@ -22,19 +22,36 @@
 namespace lorambo {
 namespace {
 
-// 16 independent lanes: vectorisable without reassociation (-O3, no fast-math needed).
+// 16 independent lanes: vectorisable without reassociation (-O3, no fast-math needed). Each lane
+// adds kBlock products in the accumulation type A (float32 unless an operand is float64), then
+// hands its block sum to a float64 lane. A float32 lane over the whole chunk (1024 products)
+// rounded every add relative to a growing total: a sum of squares (all of one sign) of 4M bf16
+// values came out 1.4e-6 off float64, about u32 * sqrt(1024 / 3). With blocks the float32 error
+// is that of 8-term sums: |error| <= (7 u32 + u_p) * sum |x y| + float64 terms, u_p the rounding
+// of a float32 product (0 for bf16/fp16 operands, whose products are exact in float32).
 template <typename A, typename TX, typename TY>
 LORAMBO_CLONES double dot_kernel(const TX* x, const TY* y, int64_t n) {
-  constexpr int kLanes = 16;
-  A acc[kLanes] = {};
+  constexpr int kLanes = 16, kBlock = 8;
+  double wide[kLanes] = {};
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) acc[j] += static_cast<A>(widen(x[i + j])) * static_cast<A>(widen(y[i + j]));
+  for (; i + kLanes * kBlock <= n; i += kLanes * kBlock) {
+    A acc[kLanes] = {};
+    for (int b = 0; b < kBlock; ++b) {
+      const int64_t k = i + b * kLanes;
+      for (int j = 0; j < kLanes; ++j) acc[j] += static_cast<A>(widen(x[k + j])) * static_cast<A>(widen(y[k + j]));
+    }
+    for (int j = 0; j < kLanes; ++j) wide[j] += static_cast<double>(acc[j]);
   }
-  A tail = 0;
-  for (; i < n; ++i) tail += static_cast<A>(widen(x[i])) * static_cast<A>(widen(y[i]));
-  double sum = static_cast<double>(tail);
-  for (int j = 0; j < kLanes; ++j) sum += static_cast<double>(acc[j]);
+  {  // the last, partial block: fewer than kBlock rows of kLanes
+    A acc[kLanes] = {};
+    for (; i + kLanes <= n; i += kLanes) {
+      for (int j = 0; j < kLanes; ++j) acc[j] += static_cast<A>(widen(x[i + j])) * static_cast<A>(widen(y[i + j]));
+    }
+    for (int j = 0; j < kLanes; ++j) wide[j] += static_cast<double>(acc[j]);
+  }
+  double sum = 0.0;  // fewer than kLanes products, each rounded to A once
+  for (; i < n; ++i) sum += static_cast<double>(static_cast<A>(widen(x[i])) * static_cast<A>(widen(y[i])));
+  for (int j = 0; j < kLanes; ++j) sum += wide[j];
   return sum;
 }
 

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from lorambo.adapters.dtype_range import check_fits_dtypes, destination_dtype, saved_state_entries
+from lorambo.adapters.finite import check_finite_values
 from lorambo.adapters.io import AdapterFormatError
 from lorambo.adapters.meta_tensors import refuse_meta_destinations
 from lorambo.adapters.module_states import load_module_states
@@ -154,24 +155,39 @@ def _within_min_dim(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, tor
     nothing: ``B A`` has rank <= min(in, out)). A wider pair, as peft's ``all-linear`` gives a
     classifier with 2 labels or Qwen2-MoE's 1-output ``shared_expert_gate``, is stored as the
     product on the smaller side and the identity on the other, so the function is unchanged and
-    every slot keeps a gradient (the identity side is never zero). Exact in float64, rounded once
-    to the tensors' dtype."""
+    every slot keeps a gradient (the identity side is never zero). Both are returned in float64:
+    the product is exact there (a float16 pair's product can exceed 65504 although no factor
+    does), and it is rounded once, into the pool's dtype, when :func:`_install` copies it in,
+    after checking that the pool's dtype can hold it."""
     if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0] or a.shape[0] <= min(b.shape[0], a.shape[1]):
         return a, b  # shapes are checked against the module later, with an error naming it
     d_out, d_in = b.shape[0], a.shape[1]
-    product = (b.double() @ a.double()).to(a.dtype)  # (out, in)
+    product = b.double() @ a.double()  # (out, in)
     if d_out <= d_in:
-        return product, torch.eye(d_out, dtype=b.dtype, device=b.device)
-    return torch.eye(d_in, dtype=a.dtype, device=a.device), product
+        return product, torch.eye(d_out, dtype=torch.float64, device=b.device)
+    return torch.eye(d_in, dtype=torch.float64, device=a.device), product
 
 
 class _LayerSpec:
-    __slots__ = ("a", "b", "alpha", "scaling", "use_rslora", "dropout")
+    """One adapted layer: ``a``/``b`` as the pools will hold them (:func:`_within_min_dim`),
+    ``peft_a``/``peft_b`` as peft held them, ``product`` the pool (``"lora_A"``/``"lora_B"``)
+    that holds peft's ``B A`` when the rank was reduced (else None)."""
+
+    __slots__ = ("a", "b", "peft_a", "peft_b", "product", "alpha", "scaling", "use_rslora", "dropout")
 
     def __init__(self, a, b, alpha, scaling, use_rslora, dropout):
+        self.peft_a, self.peft_b = a, b
         a, b = _within_min_dim(a, b)  # the scaling stays peft's, from the rank it was trained at
+        self.product = None if a is self.peft_a else ("lora_A" if b.shape[0] == b.shape[1] else "lora_B")
         self.a, self.b, self.alpha, self.scaling = a, b, float(alpha), float(scaling)
         self.use_rslora, self.dropout = bool(use_rslora), float(dropout)
+
+    def described(self, name: str, pool: str) -> str:
+        """How an error names ``pool`` of layer ``name``."""
+        if pool != self.product:
+            return f"layer {name!r}: {pool}"
+        return (f"layer {name!r}: {pool} (peft's product lora_B @ lora_A, its rank {self.peft_a.shape[0]} stored "
+                f"at rank {self.a.shape[0]} = min(in, out))")
 
 
 def _scaling(alpha: float, r: int, use_rslora: bool) -> float:
@@ -237,9 +253,13 @@ def _install(model: nn.Module, specs: dict[str, _LayerSpec], capacity, saved_sta
             raise ValueError(f"{where}: saved state of module {name!r} does not fit the model's "
                              f"(keys or shapes differ: {sorted(wrong or set(have) ^ set(state))})")
     refuse_meta_destinations(model, specs, saved_states, where)
-    pools = [(f"layer {name!r}: {pool}", value, destination_dtype(model, name, pool))
+    saved_entries = list(saved_state_entries(model, saved_states))
+    check_finite_values(where, [(f"layer {name!r}: {pool}", value) for name, spec in specs.items()
+                                for pool, value in (("lora_A", spec.peft_a), ("lora_B", spec.peft_b))]
+                        + [(what, value) for what, value, _ in saved_entries])
+    pools = [(spec.described(name, pool), value, destination_dtype(model, name, pool))
              for name, spec in specs.items() for pool, value in (("lora_A", spec.a), ("lora_B", spec.b))]
-    check_fits_dtypes(where, pools + list(saved_state_entries(model, saved_states)))
+    check_fits_dtypes(where, pools + saved_entries)
     ranks = {n: s.a.shape[0] for n, s in specs.items()}
     configure_for_overwrite(model, ranks, capacity=_capacities(model, specs, capacity),
                             modules_to_save=save_names or None)

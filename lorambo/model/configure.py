@@ -18,6 +18,7 @@ from lorambo.model.modules_to_save import (check_not_targets, forget_modules_to_
                                            modules_to_save as recorded_modules_to_save, resolve_modules_to_save)
 from lorambo.model.partial_edit import note_partial_edit
 from lorambo.model.patterns import check_alpha_pattern, pattern_value
+from lorambo.model.resize_guard import sync_resize_guards
 from lorambo.model.targeting import check_named_targets, find_targets
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import LoRAMBoLinear
@@ -248,6 +249,7 @@ def _apply(model: nn.Module, plan: _Plan, optimizer=None, generator=None) -> Non
         _set_submodule(model, name, layer)
     record_frozen(model, plan.freeze)
     sync_fast_paths(model)
+    sync_resize_guards(model)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRAMBoLinear]:
@@ -327,6 +329,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         note_unloaded(layer)  # its base is no adapter's frozen base; an optimizer of its pools trains nothing
         done.append(name)
     sync_fast_paths(plain)
+    sync_resize_guards(plain)
     # the records sit on the model configure_model was given: the plain one or its wrapper
     for holder in dict.fromkeys((plain, model)):
         for param in forget_frozen(holder):

@@ -634,7 +634,9 @@ class LoRAMBoLinear(nn.Module):
         for bit. ``exact=False`` saves that memory, and unmerge subtracts the delta again (in
         float64), so each restored element w' of an original w with delta d satisfies
         ``|w' - w| <= 2u * max(|w|, |w + d|)``, u the unit roundoff of the weight dtype
-        (2^-24 float32, 2^-11 float16, 2^-8 bfloat16): two roundings, one per direction.
+        (2^-24 float32, 2^-11 float16, 2^-8 bfloat16): two roundings, one per direction. A cast
+        between merge and unmerge rounds the pools too, so the delta subtracted is not the one
+        added: README.md (*LoRAMBoLinear*, merge) states the bound then.
         """
         if self.merged:
             raise RuntimeError(f"{self._label}: already merged")

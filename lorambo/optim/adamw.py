@@ -7,7 +7,10 @@ parameter and applies Adam's bias correction per slot, so a slot activated at st
 exactly as under a fresh optimizer fed the same gradients.
 
 Every other parameter is updated by torch's own AdamW code path (same arguments, foreach or
-fused as torch chooses), so for a model without pools this *is* torch.optim.AdamW.
+fused as torch chooses), so for a model without pools this *is* torch.optim.AdamW, except for
+float16 parameters: torch keeps their moments in float16, where the second moment of small
+gradients underflows (see ``moment_dtype``), so they keep float32 moments and take the pools'
+float32 multi-tensor update as whole tensors, with torch's one ``step`` per parameter.
 
 Pool parameters are recognised by their tag (:mod:`lorambo.nn.slots`); only their active slots
 are read and written (cost follows the rank). Rank changes must pass the optimizer
@@ -85,7 +88,7 @@ def _denominator_coefficients(slot_steps, layouts, lr, beta1, beta2):
 
 
 def moment_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of Adam's moments for a pool of ``dtype``: float32 for float16 pools, else
+    """The dtype of Adam's moments for a parameter (pool or not) of ``dtype``: float32 for float16, else
     ``dtype``. float16's smallest normal value is 6.1e-5 (subnormals down to 6e-8): the second
     moment's ``(1 - beta2) g^2`` of gradients below about 0.25 loses precision there and below
     about 8e-3 (LoRA's usual range) rounds to 0, and then ``m / sqrt(v)`` takes steps of hundreds
@@ -127,9 +130,7 @@ def _compiled_pool_step(group: dict, work) -> None:
 
 def _foreach_pool_step(group: dict, work) -> None:
     """The update as torch._foreach ops on the active slots (any device, dtype and FSDP2 shard)."""
-    beta1, beta2 = (float(b) for b in group["betas"])
-    lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
-    amsgrad, maximize = group["amsgrad"], group["maximize"]
+    amsgrad = group["amsgrad"]
     values, grads, exp_avgs, exp_avg_sqs, max_sqs, slot_steps, layouts = ([] for _ in range(7))
     counted = []  # every active slot's count, also those held by other processes (kept identical)
     for param, state, dim, rank in work:
@@ -151,8 +152,36 @@ def _foreach_pool_step(group: dict, work) -> None:
         # per-slot coefficients broadcast along the slot dim, in >= float32 like torch's scalars
         layouts.append(((n, 1) if dim == 0 else (1, n), torch.promote_types(param.dtype, torch.float32)))
     torch._foreach_add_(counted, 1.0)
+    _foreach_adamw(group, values, grads, exp_avgs, exp_avg_sqs, max_sqs, slot_steps, layouts)
+
+
+def _foreach_whole_step(group: dict, work) -> None:
+    """The update of whole parameters that are not pools, as :func:`_foreach_pool_step` computes
+    it: float16 parameters (float32 moments, see ``moment_dtype``), with torch's one ``step``
+    count per parameter."""
+    values, grads, exp_avgs, exp_avg_sqs, max_sqs, slot_steps, layouts = ([] for _ in range(7))
+    torch._foreach_add_([state["step"] for _, state in work], 1.0)
+    for param, state in work:
+        shard = local_tensor if is_sharded(param) else _whole
+        values.append(shard(param))
+        grads.append(shard(param.grad))
+        exp_avgs.append(shard(state["exp_avg"]))
+        exp_avg_sqs.append(shard(state["exp_avg_sq"]))
+        if group["amsgrad"]:
+            max_sqs.append(shard(state["max_exp_avg_sq"]))
+        slot_steps.append(state["step"].detach().to(device=values[-1].device, dtype=torch.float32).reshape(1))
+        layouts.append(((1,) * param.dim(), torch.promote_types(param.dtype, torch.float32)))
+    _foreach_adamw(group, values, grads, exp_avgs, exp_avg_sqs, max_sqs, slot_steps, layouts)
+
+
+def _foreach_adamw(group, values, grads, exp_avgs, exp_avg_sqs, max_sqs, slot_steps, layouts) -> None:
+    """AdamW on lists of tensors with counts ``slot_steps`` (already incremented) broadcast as
+    ``layouts`` give them, computed in each layout's dtype and rounded once into the stored tensors."""
     if not values:
         return
+    beta1, beta2 = (float(b) for b in group["betas"])
+    lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+    amsgrad, maximize = group["amsgrad"], group["maximize"]
     # bf16/fp16 pools are updated in float32 copies and rounded once per element, as the compiled
     # step is: in float16 eps = 1e-8 is 0 and squared gradients underflow, so an element whose
     # moments are 0 (all of A on a LoRA's first step, where B = 0) would take 0/0 = NaN, and one
@@ -255,9 +284,9 @@ class AdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        pools = []
+        pools, wide = [], []  # wide: float16 parameters that are not pools (float32 moments, see moment_dtype)
         for group in self.param_groups:
-            group_pools = []
+            group_pools, group_wide = [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -265,8 +294,11 @@ class AdamW(torch.optim.AdamW):
                     _check_state_follows(p, self.state[p])
                 if pool_slots(p) is not None:
                     group_pools.append(p)
+                elif moment_dtype(p.dtype) != p.dtype:
+                    group_wide.append(p)
             pools.append(group_pools)
-        hidden = [(p, p.grad) for group_pools in pools for p in group_pools]
+            wide.append(group_wide)
+        hidden = [(p, p.grad) for kept in (pools, wide) for group_params in kept for p in group_params]
         for p, _ in hidden:
             p.grad = None  # torch's update skips parameters without a gradient
         try:
@@ -274,10 +306,25 @@ class AdamW(torch.optim.AdamW):
         finally:
             for p, grad in hidden:
                 p.grad = grad
-        for group, group_pools in zip(self.param_groups, pools):
+        for group, group_pools, group_wide in zip(self.param_groups, pools, wide):
             if group_pools:
                 self._update_pools(group, group_pools)
+            if group_wide:
+                _foreach_whole_step(group, [(p, self._wide_state(p, group["amsgrad"])) for p in group_wide])
         return loss
+
+    def _wide_state(self, param: torch.Tensor, amsgrad: bool) -> dict:
+        """The state of a float16 parameter that is not a pool: torch's ``step`` and moments in
+        ``moment_dtype``."""
+        state = self.state[param]
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0)
+        keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+        dtype = moment_dtype(param.dtype)
+        for key in keys:
+            if key not in state:
+                state[key] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+        return state
 
     def _pool_state(self, param: torch.Tensor, amsgrad: bool) -> dict:
         state = self.state[param]
@@ -323,12 +370,11 @@ class AdamW(torch.optim.AdamW):
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
         counts = {pid: state_dict["state"][pid][SLOT_STEP].clone()
                   for pid in saved_ids if SLOT_STEP in state_dict["state"].get(pid, {})}
-        # and so are the moments of float16 pools (see moment_dtype), which torch would round to float16
+        # and so are the moments of float16 parameters (see moment_dtype), which torch would round to float16
         params = [p for group in self.param_groups for p in group["params"]]
         wide = {pid: {key: value.clone() for key, value in state_dict["state"].get(pid, {}).items()
                       if key in _PER_ELEMENT and torch.is_tensor(value)}
-                for pid, param in zip(saved_ids, params)
-                if pool_slots(param) is not None and moment_dtype(param.dtype) != param.dtype}
+                for pid, param in zip(saved_ids, params) if moment_dtype(param.dtype) != param.dtype}
         super().load_state_dict(state_dict)
         for pid, param in zip(saved_ids, params):
             if pid in counts:

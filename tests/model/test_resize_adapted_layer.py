@@ -1,16 +1,13 @@
 """An adapted layer's sizes are its pools' sizes. transformers' resize_token_embeddings on a model
 whose tied lm_head is adapted resized the shared weight in place and set lm_head.out_features,
 leaving a layer that claimed 70 outputs over [64, cap] pools and failed at the next forward with
-an op error naming no layer. Both changes are now refused naming the layer and the sizes."""
-
-import warnings
+an op error naming no layer. Both changes are now refused naming the layer and the sizes; the
+resize itself is refused before it changes anything (tests/model/test_resize_guard.py)."""
 
 import pytest
 import torch
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel
 
-import lorambo
 from lorambo import LoRAMBoLinear
 
 
@@ -29,14 +26,3 @@ def test_a_base_weight_resized_in_place_stops_the_forward_naming_the_layer():
     layer.base_layer.weight.data = torch.randn(7, 6)  # what a tied embedding's resize does
     with pytest.raises(ValueError, match=r"'blocks.0.fc': the base weight is now \[out, in\] = \[7, 6\].*\[5, 6\]"):
         layer(torch.randn(2, 6))
-
-
-def test_resizing_the_embeddings_under_an_adapted_tied_head_is_refused_naming_it():
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16)).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # lm_head is tied to wte (tested elsewhere)
-        lorambo.configure_model(model, 2, target_modules=["lm_head", "c_attn"])
-    with pytest.raises(ValueError, match="'lm_head': out_features is 64, .* cannot become 70.*unload"):
-        model.resize_token_embeddings(70)
-    with pytest.raises(ValueError, match=r"'lm_head': the base weight is now \[out, in\] = \[70, 32\]"):
-        model(input_ids=torch.randint(0, 64, (2, 5)))

@@ -1,0 +1,107 @@
+"""resize_token_embeddings on a model whose output head is adapted is refused before anything
+changes. transformers resizes the input embedding first: with an untied adapted lm_head it then
+raised its own TypeError naming LoRAMBoLinear, leaving input embeddings of 70 rows under a head of
+64 (and config.vocab_size 64). The refusal says what to do: unload, resize, configure again."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import lorambo
+
+from tiny_causal_lms import tiny_gpt2, tiny_llama  # tests/model/tiny_causal_lms.py
+
+
+def _adapted_llama():
+    torch.manual_seed(0)
+    model = tiny_llama().double().eval()
+    model.config.tie_word_embeddings = False
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    lorambo.configure_model(model, 2, target_modules=["lm_head", "q_proj"])
+    with torch.no_grad():
+        for layer in lorambo.lora_layers(model).values():
+            layer.lora_B[:, :layer.rank].normal_(generator=torch.Generator().manual_seed(5))
+    return model
+
+
+def _snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()}, model.config.vocab_size,
+            model.get_input_embeddings().num_embeddings)
+
+
+def _unchanged(model, snapshot):
+    state, vocab, rows = snapshot
+    now = model.state_dict()
+    return (now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in now)
+            and model.config.vocab_size == vocab and model.get_input_embeddings().num_embeddings == rows)
+
+
+IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("call", [dict(new_num_tokens=70), dict(new_num_tokens=60),
+                                  dict(new_num_tokens=64, pad_to_multiple_of=48), dict(pad_to_multiple_of=96)])
+def test_a_resize_under_an_adapted_untied_head_is_refused_changing_nothing(call):
+    model = _adapted_llama()
+    before, logits = _snapshot(model), model(input_ids=IDS).logits
+    target = call.get("new_num_tokens", 64)
+    target = -(-target // call.get("pad_to_multiple_of", 1)) * call.get("pad_to_multiple_of", 1)
+    with pytest.raises(ValueError, match=rf"output embedding, LoRAMBoLinear 'lm_head', is adapted: its LoRA pools hold "
+                                         rf"64 output rows, so the vocabulary cannot become {target}\. Nothing was "
+                                         r"changed.*lorambo\.unload\(model\).*resize, and configure again"):
+        model.resize_token_embeddings(**call)
+    assert _unchanged(model, before)
+    assert torch.equal(model(input_ids=IDS).logits, logits)
+
+
+def test_a_resize_that_keeps_the_size_passes_through():
+    model = _adapted_llama()
+    before = _snapshot(model)
+    assert model.resize_token_embeddings(64) is model.get_input_embeddings()
+    assert model.resize_token_embeddings(pad_to_multiple_of=32).num_embeddings == 64
+    assert _unchanged(model, before)
+
+
+def test_unload_resize_and_configure_again_works_and_guards_again():
+    model = _adapted_llama()
+    adapted = model(input_ids=IDS).logits
+    lorambo.unload(model, merge=True)
+    assert "resize_token_embeddings" not in vars(model)  # the guard goes with the adapters
+    model.resize_token_embeddings(70, mean_resizing=False)
+    assert model.lm_head.weight.shape == (70, 32) and model.config.vocab_size == 70
+    resized = model(input_ids=IDS).logits
+    torch.testing.assert_close(resized[..., :64], adapted, rtol=1e-12, atol=1e-12)  # float64: merge roundoff
+    lorambo.configure_model(model, 2, target_modules=["lm_head"])
+    assert lorambo.lora_layers(model)["lm_head"].out_features == 70
+    with pytest.raises(ValueError, match="cannot become 80"):
+        model.resize_token_embeddings(80)
+
+
+def test_a_deep_copy_has_a_guard_of_its_own():
+    model = _adapted_llama()
+    twin = copy.deepcopy(model)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="cannot become 70"):
+        twin.resize_token_embeddings(70)
+    lorambo.unload(twin)
+    twin.resize_token_embeddings(70)  # the copy's own guard went with its adapters
+    assert twin.get_input_embeddings().num_embeddings == 70 and _unchanged(model, before)
+    with pytest.raises(ValueError, match="cannot become 70"):
+        model.resize_token_embeddings(70)
+
+
+def test_a_resize_under_an_adapted_tied_head_is_refused_changing_nothing():
+    """GPT-2's lm_head shares wte's weight: the resize replaced the shared weight in place and only
+    then met out_features' refusal, leaving a head whose base weight had 70 rows over 64-row pools."""
+    torch.manual_seed(0)
+    model = tiny_gpt2().double().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # lm_head is tied to wte (tested elsewhere)
+        lorambo.configure_model(model, 2, target_modules=["lm_head", "c_attn"])
+    before, logits = _snapshot(model), model(input_ids=IDS).logits
+    with pytest.raises(ValueError, match="LoRAMBoLinear 'lm_head', is adapted.*cannot become 70"):
+        model.resize_token_embeddings(70)
+    assert _unchanged(model, before) and model.lm_head.weight is model.transformer.wte.weight
+    assert torch.equal(model(input_ids=IDS).logits, logits)
