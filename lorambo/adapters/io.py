@@ -16,7 +16,7 @@ from torch import nn
 from lorambo.adapters import extra_modules
 from lorambo.adapters.atomic import atomic_write, check_target
 from lorambo.adapters.canonical import save_file_canonical
-from lorambo.adapters.dtype_range import check_fits_dtypes, destination_dtype, saved_state_entries
+from lorambo.adapters.values_fit import check_fits_dtypes, destination_dtype, saved_state_entries
 from lorambo.adapters.finite import check_finite_modules_to_save, check_finite_pools
 from lorambo.adapters.format import (FORMAT, LAYER_FIELDS, VERSION, AdapterFormatError, build_header,
                                      own_storages, read_adapter_file)
@@ -29,7 +29,7 @@ from lorambo.model.partial_edit import add_note, note_partial_edit
 from lorambo.model.targeting import check_named_targets
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn.base_layers import base_kind, features
-from lorambo.nn.dtype_range import check_settings_fit
+from lorambo.nn.settings_fit import check_settings_fit
 
 __all__ = ["AdapterFormatError", "FORMAT", "VERSION", "adapter_file", "load_adapter", "save_adapter"]
 

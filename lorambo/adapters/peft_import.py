@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorambo.adapters.dtype_range import check_fits_dtypes, destination_dtype, saved_state_entries
+from lorambo.adapters.values_fit import check_fits_dtypes, destination_dtype, saved_state_entries
 from lorambo.adapters.io import AdapterFormatError
 from lorambo.adapters.meta_tensors import refuse_meta_destinations
 from lorambo.adapters.module_states import load_module_states
@@ -43,7 +43,7 @@ from lorambo.model.patterns import pattern_value
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import default_capacity
 from lorambo.nn.base_layers import base_kind, features, unwrappable_reason
-from lorambo.nn.dtype_range import check_settings_fit
+from lorambo.nn.settings_fit import check_settings_fit
 from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from lorambo.optional import requires
 

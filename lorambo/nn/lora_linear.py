@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lorambo.nn import base_layers
-from lorambo.nn.dtype_range import check_settings_fit
+from lorambo.nn.settings_fit import check_settings_fit
 from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from lorambo.nn.fresh_momentum import move_new_slots, restore_new_slots
 from lorambo.nn.frozen_bases import note_frozen

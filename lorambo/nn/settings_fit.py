@@ -1,5 +1,8 @@
 """Whether a layer's scaling and dropout survive the dtype it computes in.
 
+(The values an adapter file loads are checked against the model's dtype by
+lorambo/adapters/values_fit.py.)
+
 The ops multiply the LoRA branch by the scaling and the kept dropout inputs by ``1 / (1 - p)``
 in the compute dtype. A scaling that rounds to 0 there makes the adapter add nothing and get no
 gradient; one that rounds to inf, or a dropout scale that does (p > 0.99998 in float16), makes

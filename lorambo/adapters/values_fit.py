@@ -1,5 +1,8 @@
 """Refuse adapter values that the dtype they are copied into cannot hold.
 
+(A layer's scaling and dropout are checked against its compute dtype by
+lorambo/nn/settings_fit.py.)
+
 A float32 (or float64) adapter loaded into a float16 model: values beyond 65504 round to inf in
 the pools, and the model computes inf/NaN from then on. ``load_adapter`` and ``import_peft`` check
 every LoRA tensor and every parameter of a module to save against the dtype it lands in, before
