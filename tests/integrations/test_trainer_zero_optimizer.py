@@ -19,16 +19,6 @@ from lorambo.integrations.trainer import LoRAMBoCallback
 pytest.importorskip("transformers")
 
 
-@pytest.fixture
-def accelerator():
-    accelerate = pytest.importorskip("accelerate")
-    from accelerate.state import AcceleratorState
-
-    accelerate.Accelerator(cpu=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.mark.usefixtures("one_process_group", "accelerator")
 @pytest.mark.parametrize("inner,warns", [(torch.optim.Adam, True), (lorambo.optim.AdamW, False)],
                          ids=["torch-adam", "lorambo-adamw"])
