@@ -16,12 +16,12 @@ from torch import nn
 from lorambo.adapters import extra_modules
 from lorambo.adapters.atomic import atomic_write, check_target
 from lorambo.adapters.canonical import save_file_canonical
-from lorambo.adapters.values_fit import check_fits_dtypes, destination_dtype, saved_state_entries
 from lorambo.adapters.finite import check_finite_modules_to_save, check_finite_pools
 from lorambo.adapters.format import (FORMAT, LAYER_FIELDS, VERSION, AdapterFormatError, build_header,
                                      own_storages, read_adapter_file)
 from lorambo.adapters.meta_tensors import refuse_meta_destinations, refuse_meta_sources
 from lorambo.adapters.overwrite import configure_for_overwrite, set_rank_for_overwrite
+from lorambo.adapters.values_fit import check_fits_dtypes, destination_dtype, saved_state_entries
 from lorambo.model import lora_layers, unload
 from lorambo.model.argument import require_module, require_path
 from lorambo.model.modules_to_save import modules_to_save

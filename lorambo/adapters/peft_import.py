@@ -31,11 +31,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorambo.adapters.values_fit import check_fits_dtypes, destination_dtype, saved_state_entries
 from lorambo.adapters.io import AdapterFormatError
 from lorambo.adapters.meta_tensors import refuse_meta_destinations
 from lorambo.adapters.module_states import load_module_states
 from lorambo.adapters.overwrite import configure_for_overwrite
+from lorambo.adapters.values_fit import check_fits_dtypes, destination_dtype, saved_state_entries
 from lorambo.model import lora_layers, unload
 from lorambo.model.argument import require_module, require_path
 from lorambo.model.modules_to_save import resolve_modules_to_save
@@ -43,8 +43,8 @@ from lorambo.model.patterns import pattern_value
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import default_capacity
 from lorambo.nn.base_layers import base_kind, features, unwrappable_reason
-from lorambo.nn.settings_fit import check_settings_fit
 from lorambo.nn.finite_numbers import is_finite_number, shown_number
+from lorambo.nn.settings_fit import check_settings_fit
 from lorambo.optional import requires
 
 __all__ = ["import_peft", "from_peft", "check_peft_config"]
