@@ -57,8 +57,8 @@ def check_settings_fit(label: str, dtype: torch.dtype, scaling: float, dropout: 
         result = "0 (the adapter would add nothing)" if abs(scaling) <= zero_to else "inf"
         came_from = "" if alpha is None else f" (alpha={alpha!r})"
         raise ValueError(f"{label}: scaling {scaling!r}{came_from} rounds to {result} in {dtype}{where}, the dtype "
-                         "the layer computes in; give an alpha whose scaling (alpha / rank, alpha / sqrt(rank) with rsLoRA) is "
-                         f"a nonzero finite {dtype} number, or compute in a wider dtype")
+                         "the layer computes in; give an alpha whose scaling (alpha / rank, alpha / sqrt(rank) with "
+                         f"rsLoRA) is a nonzero finite {dtype} number, or compute in a wider dtype")
     if dropout > 0.0 and 1.0 / (1.0 - dropout) >= inf_from:
         raise ValueError(f"{label}: dropout {dropout!r} scales the kept inputs by 1 / (1 - p) = "
                          f"{1.0 / (1.0 - dropout):.4g}, which overflows {dtype}{where}, the dtype the layer computes "
