@@ -35,7 +35,7 @@ from lorambo.adapters.io import AdapterFormatError
 from lorambo.adapters.meta_tensors import refuse_meta_destinations
 from lorambo.adapters.module_states import load_module_states
 from lorambo.adapters.overwrite import configure_for_overwrite
-from lorambo.adapters.values_fit import check_fits_dtypes, destination_dtype, saved_state_entries
+from lorambo.adapters.values_fit import check_fits_dtypes, loaded_entries
 from lorambo.model import lora_layers, unload
 from lorambo.model.argument import require_module, require_path
 from lorambo.model.modules_to_save import resolve_modules_to_save
@@ -233,9 +233,7 @@ def _install(model: nn.Module, specs: dict[str, _LayerSpec], capacity, saved_sta
             raise ValueError(f"{where}: saved state of module {name!r} does not fit the model's "
                              f"(keys or shapes differ: {sorted(wrong or set(have) ^ set(state))})")
     refuse_meta_destinations(model, specs, saved_states, where)
-    pools = [(f"layer {name!r}: {pool}", value, destination_dtype(model, name, pool))
-             for name, spec in specs.items() for pool, value in (("lora_A", spec.a), ("lora_B", spec.b))]
-    check_fits_dtypes(where, pools + list(saved_state_entries(model, saved_states)))
+    check_fits_dtypes(where, loaded_entries(model, {n: (spec.a, spec.b) for n, spec in specs.items()}, saved_states))
     ranks = {n: s.a.shape[0] for n, s in specs.items()}
     configure_for_overwrite(model, ranks, capacity=_capacities(model, specs, capacity),
                             modules_to_save=save_names or None)

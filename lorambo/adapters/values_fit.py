@@ -12,15 +12,15 @@ usual cast, one rounding per value, and is not refused.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
-__all__ = ["check_fits_dtypes", "destination_dtype", "saved_state_entries"]
+__all__ = ["check_fits_dtypes", "loaded_entries"]
 
 
-def destination_dtype(model: nn.Module, layer: str, pool: str) -> torch.dtype:
+def _destination_dtype(model: nn.Module, layer: str, pool: str) -> torch.dtype:
     """The dtype ``pool`` (``lora_A`` / ``lora_B``) of layer ``layer`` has, or will have once a
     bare Linear/Conv1D there is configured (pools take the base weight's dtype)."""
     module = model.get_submodule(layer)
@@ -28,7 +28,7 @@ def destination_dtype(model: nn.Module, layer: str, pool: str) -> torch.dtype:
     return held.dtype if isinstance(held, torch.Tensor) else module.weight.dtype
 
 
-def saved_state_entries(model: nn.Module, states: dict[str, dict[str, torch.Tensor]]):
+def _saved_state_entries(model: nn.Module, states: dict[str, dict[str, torch.Tensor]]):
     """``(what, value, dtype)`` for every floating parameter a module to save loads, ``dtype`` the
     model's. Buffers are left out: they may hold inf on purpose (masks)."""
     for name, state in states.items():
@@ -37,6 +37,17 @@ def saved_state_entries(model: nn.Module, states: dict[str, dict[str, torch.Tens
         for key, value in state.items():
             if key in params and value.is_floating_point():
                 yield f"module to save {name!r}: parameter {key!r}", value, params[key].dtype
+
+
+def loaded_entries(model: nn.Module, pools: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                   states: dict[str, dict[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor, torch.dtype]]:
+    """``(what, value, dtype)`` for every value a load copies into ``model``: the ``(lora_A,
+    lora_B)`` of each layer in ``pools`` and the floating parameters of each module to save in
+    ``states``, ``dtype`` the one each lands in."""
+    for name, (a, b) in pools.items():
+        for pool, value in (("lora_A", a), ("lora_B", b)):
+            yield f"layer {name!r}: {pool}", value, _destination_dtype(model, name, pool)
+    yield from _saved_state_entries(model, states)
 
 
 def check_fits_dtypes(where: str, entries: Iterable[tuple[str, torch.Tensor, torch.dtype]]) -> None:
