@@ -78,6 +78,19 @@ def one_process_group(tmp_path):
 
 
 @pytest.fixture
+def accelerator():
+    """accelerate's process-wide state (a CPU Accelerator), which AcceleratedOptimizer's step and
+    zero_grad read; reset after the test. Skips where accelerate is not installed."""
+    accelerate = pytest.importorskip("accelerate")
+    # no import statement: tests/test_gpu_check.py holds this file to what the GPU image has (no accelerate)
+    state = pytest.importorskip("accelerate.state")
+
+    accelerate.Accelerator(cpu=True)
+    yield
+    state.AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture
 def fresh_venv(tmp_path):
     """(venv, python) of a new venv whose dependencies come from the test venv through a .pth
     path line. A path line does not run the test venv's own .pth files, so its editable lorambo

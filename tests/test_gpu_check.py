@@ -18,21 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench_scripts import BENCH, load_bench
+
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "benchmarks"
 
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_check = _load("gpu_check")
+gpu_check = load_bench("gpu_check")
 gpu_targets = gpu_check.gpu_targets
-bench = _load("bench_lora_linear")
+bench = load_bench("bench_lora_linear")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the smoke mode is for CPU machines")

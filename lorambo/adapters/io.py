@@ -16,12 +16,12 @@ from torch import nn
 from lorambo.adapters import extra_modules
 from lorambo.adapters.atomic import atomic_write, check_target
 from lorambo.adapters.canonical import save_file_canonical
-from lorambo.adapters.dtype_range import check_fits_dtypes, destination_dtype, saved_state_entries
 from lorambo.adapters.finite import check_finite_modules_to_save, check_finite_pools
 from lorambo.adapters.format import (FORMAT, LAYER_FIELDS, VERSION, AdapterFormatError, build_header,
                                      own_storages, read_adapter_file)
 from lorambo.adapters.meta_tensors import refuse_meta_destinations, refuse_meta_sources
 from lorambo.adapters.overwrite import configure_for_overwrite, set_rank_for_overwrite
+from lorambo.adapters.values_fit import check_fits_dtypes, loaded_entries
 from lorambo.model import lora_layers, unload
 from lorambo.model.argument import require_module, require_path
 from lorambo.model.modules_to_save import modules_to_save
@@ -29,7 +29,7 @@ from lorambo.model.partial_edit import add_note, note_partial_edit
 from lorambo.model.targeting import check_named_targets
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn.base_layers import base_kind, features
-from lorambo.nn.dtype_range import check_settings_fit
+from lorambo.nn.settings_fit import check_settings_fit
 
 __all__ = ["AdapterFormatError", "FORMAT", "VERSION", "adapter_file", "load_adapter", "save_adapter"]
 
@@ -144,14 +144,6 @@ def _copy_into_layers(model: nn.Module, meta: dict, tensors: dict[str, torch.Ten
         done.append(name)
 
 
-def _loaded_entries(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], extra: dict):
-    """``(what, file tensor, model dtype)`` for every value the load copies into the model."""
-    for name in meta:
-        for pool in ("lora_A", "lora_B"):
-            yield f"layer {name!r}: {pool}", tensors[f"{name}.{pool}"], destination_dtype(model, name, pool)
-    yield from saved_state_entries(model, extra)
-
-
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load an adapter written by :func:`save_adapter` into ``model`` and return it. ``path`` is
     the file, or the folder holding ``adapter.safetensors``; FileNotFoundError when there is none.
@@ -178,7 +170,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         _check_against_lora_model(model, meta, file)
     extra = extra_modules.check_modules_to_save(model, tensors, file)
     refuse_meta_destinations(model, meta, extra, f"adapter {file}")
-    check_fits_dtypes(f"adapter {file}", _loaded_entries(model, meta, tensors, extra))
+    pools = {name: (tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"]) for name in meta}
+    check_fits_dtypes(f"adapter {file}", loaded_entries(model, pools, extra))
     if bare:
         configure_for_overwrite(model, {n: info["rank"] for n, info in meta.items()},
                                 capacity={n: info["capacity"] for n, info in meta.items()},

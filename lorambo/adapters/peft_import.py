@@ -31,12 +31,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorambo.adapters.dtype_range import check_fits_dtypes, destination_dtype, saved_state_entries
 from lorambo.adapters.finite import check_finite_values
 from lorambo.adapters.io import AdapterFormatError
 from lorambo.adapters.meta_tensors import refuse_meta_destinations
 from lorambo.adapters.module_states import load_module_states
 from lorambo.adapters.overwrite import configure_for_overwrite
+from lorambo.adapters.values_fit import check_fits_dtypes, destination_dtype, saved_state_entries
 from lorambo.model import lora_layers, unload
 from lorambo.model.argument import require_module, require_path
 from lorambo.model.modules_to_save import resolve_modules_to_save
@@ -44,8 +44,8 @@ from lorambo.model.patterns import pattern_value
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import default_capacity
 from lorambo.nn.base_layers import base_kind, features, unwrappable_reason
-from lorambo.nn.dtype_range import check_settings_fit
 from lorambo.nn.finite_numbers import is_finite_number, shown_number
+from lorambo.nn.settings_fit import check_settings_fit
 from lorambo.optional import requires
 
 __all__ = ["import_peft", "from_peft", "check_peft_config"]
@@ -112,17 +112,13 @@ def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def _is_finite(v) -> bool:
-    return is_finite_number(v)
-
-
 # what import_peft reads from adapter_config.json: field -> (check, what a valid value is); the
 # layers are built from these values directly, so a bad one (a NaN alpha, a dropout of 2) would
 # reach the forward pass
 _VALUES = {
     "r": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
-    "lora_alpha": (_is_finite, "a finite number"),
-    "lora_dropout": (lambda v: v is None or (_is_finite(v) and 0.0 <= v < 1.0), "a number in [0, 1)"),
+    "lora_alpha": (is_finite_number, "a finite number"),
+    "lora_dropout": (lambda v: v is None or (is_finite_number(v) and 0.0 <= v < 1.0), "a number in [0, 1)"),
     "use_rslora": (lambda v: v is None or isinstance(v, bool), "true or false"),
 }
 
@@ -414,62 +410,20 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None,
     other adapters are dropped. ``capacity``: as in :func:`import_peft`.
     """
     with requires("peft", "from_peft"):
-        from peft.tuners.lora import LoraLayer
-        from peft.tuners.lora import Linear as LoraLinear
-        from peft.utils.other import ModulesToSaveWrapper
+        import peft.tuners.lora  # noqa: F401  (what _peft_layers reads)
+        import peft.utils.other  # noqa: F401
 
     configs = getattr(peft_model, "peft_config", None)
     integrated = not hasattr(peft_model, "get_base_model") and getattr(peft_model, "_hf_peft_config_loaded", False)
     if not isinstance(configs, Mapping) or not (hasattr(peft_model, "get_base_model") or integrated):
         raise TypeError(f"from_peft expects a peft model (PeftModel, or a transformers model given an adapter by "
                         f"add_adapter / load_adapter), got {type(peft_model).__name__}")
-    if adapter_name is None:
-        active = getattr(peft_model, "active_adapters", None)
-        active = list((active() if callable(active) else active) or [])  # transformers': a method
-        if len(active) > 1:  # peft adds them all up; a LoRAMBoLinear holds one adapter
-            raise ValueError(f"from_peft: the peft model has several active adapters {active}, whose sum it "
-                             "computes; lorambo converts one: pass adapter_name=")
-        adapter_name = active[0] if active else next(iter(configs))
-    if adapter_name not in configs:
-        raise ValueError(f"from_peft: no adapter {adapter_name!r} (have {sorted(configs)})")
+    adapter_name = _adapter_to_convert(peft_model, configs, adapter_name)
     config = configs[adapter_name]
     where = f"peft adapter {adapter_name!r}"
     check_peft_config(config.to_dict(), where)
     model = peft_model if integrated else peft_model.get_base_model()
-    specs, wrapped, heads, plain = {}, {}, {}, {}  # plain: peft wrappers of other adapters only
-    for name, module in model.named_modules():
-        if isinstance(module, (ModulesToSaveWrapper, LoraLayer)) and getattr(module, "disable_adapters", False):
-            # the model computes without its adapter; converted, it would compute with it
-            raise ValueError(f"{where}: module {name!r} has its adapters disabled (transformers' "
-                             "disable_adapters(), peft's disable_adapter_layers() or a disable_adapter() block), "
-                             "so the model computes without them and lorambo's layers would not: enable them "
-                             "(enable_adapters() / enable_adapter_layers()) before converting")
-        if isinstance(module, ModulesToSaveWrapper):  # (trained copy, original module)
-            original = module.original_module
-            if adapter_name in module.modules_to_save:
-                heads[name] = (module.modules_to_save[adapter_name], original)
-            else:
-                plain[name] = original
-            continue
-        if not isinstance(module, LoraLayer):
-            continue
-        if module.merged:
-            raise ValueError(f"{where}: module {name!r} has merged adapters {module.merged_adapters}; "
-                             "unmerge them before converting")
-        if not any(adapter_name in getattr(module, attr, {}) for attr in module.adapter_layer_names):
-            plain[name] = module.get_base_layer()  # left wrapped, it would still add the other adapter
-            continue
-        if not isinstance(module, LoraLinear) or not isinstance(module.lora_A[adapter_name], nn.Linear):
-            raise ValueError(f"{where}: module {name!r} is a peft {type(module).__name__}; lorambo "
-                             "converts LoRA on Linear/Conv1D layers only")
-        if module.use_dora.get(adapter_name, False) or module.lora_B[adapter_name].bias is not None:
-            raise ValueError(f"{where}: module {name!r} uses DoRA or a LoRA bias, which lorambo lacks")
-        drop = module.lora_dropout[adapter_name]
-        specs[name] = _LayerSpec(module.lora_A[adapter_name].weight.detach().clone(),
-                                 module.lora_B[adapter_name].weight.detach().clone(),
-                                 module.lora_alpha[adapter_name], module.scaling[adapter_name],
-                                 config.use_rslora, drop.p if isinstance(drop, nn.Dropout) else 0.0)
-        wrapped[name] = module.get_base_layer()
+    specs, wrapped, heads, plain = _peft_layers(model, adapter_name, config, where)
     for name, spec in specs.items():
         kind = base_kind(wrapped[name])
         if kind is None:
@@ -505,6 +459,65 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None,
         model.__dict__.pop("peft_config", None)
         model._hf_peft_config_loaded = False
     return converted
+
+
+def _adapter_to_convert(peft_model: nn.Module, configs: Mapping, adapter_name: str | None) -> str:
+    """``adapter_name``, or the model's one active adapter (its first one when none is active)."""
+    if adapter_name is None:
+        active = getattr(peft_model, "active_adapters", None)
+        active = list((active() if callable(active) else active) or [])  # transformers': a method
+        if len(active) > 1:  # peft adds them all up; a LoRAMBoLinear holds one adapter
+            raise ValueError(f"from_peft: the peft model has several active adapters {active}, whose sum it "
+                             "computes; lorambo converts one: pass adapter_name=")
+        adapter_name = active[0] if active else next(iter(configs))
+    if adapter_name not in configs:
+        raise ValueError(f"from_peft: no adapter {adapter_name!r} (have {sorted(configs)})")
+    return adapter_name
+
+
+def _peft_layers(model: nn.Module, adapter_name: str, config, where: str):
+    """``(specs, wrapped, heads, plain)`` read from peft's layers in ``model``: the adapter's
+    ``_LayerSpec`` and base layer by LoRA layer name, ``(trained copy, original)`` by module to
+    save, and the plain module by name for the peft wrappers that hold other adapters only."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.utils.other import ModulesToSaveWrapper
+
+    specs, wrapped, heads, plain = {}, {}, {}, {}  # plain: peft wrappers of other adapters only
+    for name, module in model.named_modules():
+        if isinstance(module, (ModulesToSaveWrapper, LoraLayer)) and getattr(module, "disable_adapters", False):
+            # the model computes without its adapter; converted, it would compute with it
+            raise ValueError(f"{where}: module {name!r} has its adapters disabled (transformers' "
+                             "disable_adapters(), peft's disable_adapter_layers() or a disable_adapter() block), "
+                             "so the model computes without them and lorambo's layers would not: enable them "
+                             "(enable_adapters() / enable_adapter_layers()) before converting")
+        if isinstance(module, ModulesToSaveWrapper):  # (trained copy, original module)
+            original = module.original_module
+            if adapter_name in module.modules_to_save:
+                heads[name] = (module.modules_to_save[adapter_name], original)
+            else:
+                plain[name] = original
+            continue
+        if not isinstance(module, LoraLayer):
+            continue
+        if module.merged:
+            raise ValueError(f"{where}: module {name!r} has merged adapters {module.merged_adapters}; "
+                             "unmerge them before converting")
+        if not any(adapter_name in getattr(module, attr, {}) for attr in module.adapter_layer_names):
+            plain[name] = module.get_base_layer()  # left wrapped, it would still add the other adapter
+            continue
+        if not isinstance(module, LoraLinear) or not isinstance(module.lora_A[adapter_name], nn.Linear):
+            raise ValueError(f"{where}: module {name!r} is a peft {type(module).__name__}; lorambo "
+                             "converts LoRA on Linear/Conv1D layers only")
+        if module.use_dora.get(adapter_name, False) or module.lora_B[adapter_name].bias is not None:
+            raise ValueError(f"{where}: module {name!r} uses DoRA or a LoRA bias, which lorambo lacks")
+        drop = module.lora_dropout[adapter_name]
+        specs[name] = _LayerSpec(module.lora_A[adapter_name].weight.detach().clone(),
+                                 module.lora_B[adapter_name].weight.detach().clone(),
+                                 module.lora_alpha[adapter_name], module.scaling[adapter_name],
+                                 config.use_rslora, drop.p if isinstance(drop, nn.Dropout) else 0.0)
+        wrapped[name] = module.get_base_layer()
+    return specs, wrapped, heads, plain
 
 
 def _set_child(model: nn.Module, name: str, module: nn.Module) -> None:

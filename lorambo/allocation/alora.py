@@ -33,7 +33,7 @@ from lorambo.allocation.components import at_most_per_layer
 from lorambo.allocation.frozen import frozen_layers
 from lorambo.allocation.validate import check_rank_bounds
 from lorambo.distributed import SharedFailure, broadcast_, decision_generator
-from lorambo.model.partial_edit import add_note
+from lorambo.model.partial_edit import note_rank_changes_kept
 from lorambo.nn.optimizer_argument import optimizer_argument
 from lorambo.nn.optimizer_state import check_slot_state_editable
 from lorambo.nn.pool_ops import keep_components_many
@@ -165,11 +165,8 @@ def alora_round(model, layers: Mapping, loss_fn, batches, n_prune: int, budget: 
             records.append({"step": step, "event": "grow", "reason": "alora", "layer": name,
                             "benefit": float(scores[name].mean()), "old_rank": old, "new_rank": layer.rank})
     except BaseException as err:
-        if records:
-            add_note(err, f"alora_round (step {step}) stopped after {len(records)} rank change(s) "
-                          f"{[(r['layer'], r['old_rank'], r['new_rank']) for r in records]}, which stay (and "
-                          "are in the decisions and the decision log of a LoRAMBoOptimizer); the rest of the "
-                          "round was not taken")
+        note_rank_changes_kept(err, f"alora_round (step {step})", records,
+                               " (and are in the decisions and the decision log of a LoRAMBoOptimizer)", "round")
         raise
     return records
 

@@ -52,7 +52,7 @@ from lorambo.allocation.frozen import frozen_layers
 from lorambo.allocation.greedy import greedy_allocate
 from lorambo.allocation.validate import check_rank_bounds
 from lorambo.distributed import SharedFailure, all_reduced_mean, broadcast_, decision_generator
-from lorambo.model.partial_edit import add_note
+from lorambo.model.partial_edit import note_rank_changes_kept
 from lorambo.nn.finite_numbers import float_value, is_finite_number, shown_number
 from lorambo.nn.hook_inputs import layer_input
 from lorambo.nn.local_hooks import LocalHook  # a copy of the model (EMA, teacher) is not captured
@@ -512,10 +512,8 @@ class OnlineGrowth:
                 self._move(step, plan, gains, dirs, {n: s for n, s in scores.items() if n not in frozen},
                            optimizer, records)
         except BaseException as err:  # out of memory in one layer's growth, Ctrl-C: the rank changes made stay
-            if records:
-                add_note(err, f"update_ranks (step {step}) stopped after {len(records)} rank change(s) "
-                             f"{[(r['layer'], r['old_rank'], r['new_rank']) for r in records]}, which stay and "
-                             "are in the decisions and the decision log; the rest of the decision was not taken")
+            note_rank_changes_kept(err, f"update_ranks (step {step})", records,
+                                   " and are in the decisions and the decision log", "decision")
             raise
         finally:
             self.capture.clear()

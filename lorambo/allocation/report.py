@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from lorambo.adapters.atomic import atomic_save_figure, atomic_write_text, check_target
+from lorambo.adapters.whole_append import append_whole
 from lorambo.nn.finite_numbers import is_finite_number, shown_number
 
 __all__ = ["rank_table", "split_name", "rank_grid", "save_heatmap", "DecisionLog", "read_decisions"]
@@ -189,19 +189,14 @@ class DecisionLog:
             self._append_lines("".join(_line(r) for r in records), len(records))
 
     def _append_lines(self, text: str, count: int) -> None:
-        """Append ``text`` (whole lines) in one ``write``. A full disk writes part of it and then
+        """Append ``text`` (whole lines). A full disk writes part of it and then
         fails: the file is cut back to its last whole record, and the next append rewrites it
         from :attr:`records`, so no record is lost or torn in the middle of the file."""
-        data = memoryview(text.encode())
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
-            start = os.fstat(fd).st_size
             try:
-                while data:  # a short write (disk full) leaves the rest, which then fails
-                    data = data[os.write(fd, data):]
+                append_whole(fd, text.encode())
             except BaseException as err:  # a full disk, or Ctrl-C between two writes
-                with contextlib.suppress(OSError):
-                    os.ftruncate(fd, start)
                 self._file_started = False
                 if not isinstance(err, OSError):
                     raise

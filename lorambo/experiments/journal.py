@@ -21,11 +21,12 @@ One process writes a journal at a time: the open journal holds a lock on its fol
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import tempfile
 from pathlib import Path
+
+from lorambo.adapters.whole_append import append_whole
 
 FILE_NAME = "runs.jsonl"
 VERSION = 1
@@ -157,16 +158,7 @@ class Journal:
 
     def append(self, record: dict) -> dict:
         line = json.dumps(record, separators=(",", ":"), allow_nan=False)
-        data = memoryview((line + "\n").encode("utf-8"))
-        start = os.fstat(self._fd).st_size
-        try:
-            while data:  # a short write (disk full) leaves the rest, which then fails
-                data = data[os.write(self._fd, data):]
-            os.fsync(self._fd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, start)
-            raise
+        append_whole(self._fd, (line + "\n").encode("utf-8"), fsync=True)
         return json.loads(line)
 
     def close(self) -> None:

@@ -166,8 +166,8 @@ def format_table(task_result: dict, methods, levels) -> str:
         lines.append(row)
     if planted:
         lines.append("ρ: Spearman correlation of the final ranks with the planted ones over all 36 layers "
-                     "(0 for a constant allocation); share: part of the spent budget Σ r (d + k) that goes to planted layers "
-                     f"(oracle: 1.00). loss: MSE / the pretrained model's MSE on the training windows (its test "
+                     "(0 for a constant allocation); share: part of the spent budget Σ r (d + k) that goes to "
+                     f"planted layers (oracle: 1.00). loss: MSE / the pretrained model's MSE on the training windows (its test "
                      "loss is the baseline row), 0 = deltas recovered.")
     return "\n".join(lines)
 

@@ -1,12 +1,13 @@
 """What a Trainer checkpoint must hold besides the model and optimizer for lorambo to resume.
 
 Trainer already restores the pools (full ``lora_A`` / ``lora_B`` tensors), the ranks and
-scalings (each LoRAMBoLinear's ``_extra_state``) and the torch optimizer's state (``lorambo.optim.AdamW``'s
-per-slot step counts included) from ``model.safetensors`` and ``optimizer.pt``, and its RNG
-state and data position (the pools under keys it saves but cannot load come from the
-checkpoint's ``adapter.safetensors``: :mod:`lorambo.integrations.pool_resume`). The rank decisions themselves are deterministic functions of the step,
-the seed and the captured activations (:func:`lorambo.distributed.decision_generator`),
-so what is left is small and lives here:
+scalings (each LoRAMBoLinear's ``_extra_state``) and the torch optimizer's state
+(``lorambo.optim.AdamW``'s per-slot step counts included) from ``model.safetensors`` and
+``optimizer.pt``, and its RNG state and data position (the pools under keys it saves but cannot
+load come from the checkpoint's ``adapter.safetensors``: :mod:`lorambo.integrations.pool_resume`).
+The rank decisions themselves are deterministic functions of the step, the seed and the captured
+activations (:func:`lorambo.distributed.decision_generator`), so what is left is small and lives
+here:
 
 - the decisions taken so far (and the decision log file, cut back to them);
 - the AdaLoRA importance EMAs when rank moves are scored with them;

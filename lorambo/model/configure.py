@@ -201,9 +201,9 @@ def _plan(model, names, ranks, capacity, alpha, dropout, use_rslora, alpha_patte
 
 
 def _thaw(plan: _Plan) -> None:
-    """Undo what building the plan's new layers did to the model: their constructors froze base
-    weights, now trainable again, and nor are they, nor the new layers' bases, on record as
-    frozen bases of an adapter."""
+    """Undo what building the plan's new layers did to the model: the base weights their
+    constructors froze are trainable again, and neither those nor the new layers' bases stay on
+    record as frozen bases of an adapter."""
     for param in plan.freeze:
         param.requires_grad_(True)
     forget_noted([*plan.freeze, *(p for layer in plan.new_layers.values() for p in layer.base_layer.parameters())])

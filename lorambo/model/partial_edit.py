@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["add_note", "note_partial_edit"]
+__all__ = ["add_note", "note_partial_edit", "note_rank_changes_kept"]
 
 
 def add_note(err: BaseException, text: str) -> None:
@@ -29,3 +29,14 @@ def note_partial_edit(err: BaseException, call: str, stopped_at: str, done: Sequ
     shown = list(done)[:6] + (["..."] if len(done) > 6 else [])
     add_note(err, f"{call} stopped at {stopped_at!r}, after {len(done)} of the layers: {shown} {state}, the others "
                  f"{rest}. Calling {call} again finishes it.")
+
+
+def note_rank_changes_kept(err: BaseException, call: str, records: Sequence[dict], recorded: str, unit: str) -> None:
+    """Add a note to ``err``: ``call`` stopped after the rank changes ``records`` (decision records:
+    ``layer``, ``old_rank``, ``new_rank``), which stay (``recorded``: where they are on record); the
+    rest of the ``unit`` (a round, a decision) was not taken."""
+    if not records:
+        return
+    changes = [(r["layer"], r["old_rank"], r["new_rank"]) for r in records]
+    add_note(err, f"{call} stopped after {len(records)} rank change(s) {changes}, which stay{recorded}; the rest "
+                  f"of the {unit} was not taken")

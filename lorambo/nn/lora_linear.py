@@ -24,17 +24,17 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lorambo.nn import base_layers
-from lorambo.nn.dtype_range import check_settings_fit
 from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from lorambo.nn.fresh_momentum import move_new_slots, restore_new_slots
 from lorambo.nn.frozen_bases import note_frozen
 from lorambo.nn.inactive_slots import zero_inactive_after_steps
+from lorambo.nn.merge_overflow import finite_merge, merge_may_overflow
 from lorambo.nn.optimizer_argument import optimizer_argument
 from lorambo.nn.optimizer_state import (check_slot_state_editable, gathered_slot_state, reset_slot_state,
                                         warn_if_shared_step)
 from lorambo.nn.optimizer_tracking import LOAD_IT, REBUILD_IT, track_optimizers, warn_if_state_left_behind
-from lorambo.nn.merge_overflow import finite_merge, merge_may_overflow
 from lorambo.nn.plain_keys import plain_keys_to_base_layer
+from lorambo.nn.settings_fit import check_settings_fit
 from lorambo.nn.shared_memory import share_memory
 from lorambo.nn.slot_lineage import (SLOT_IDS_KEY, adopt_ids, drop_ids, keep_ids, move_counter_past, restart_ids,
                                      slot_ids, start_ids)

@@ -269,8 +269,8 @@ class AdamW(torch.optim.AdamW):
         self._step_supports_amp_scaling = False
 
     def add_param_group(self, param_group: dict) -> None:
-        # torch checks only the signs of these, so 10**400 failed at the first step with an
-        # OverflowError naming nothing, and inf gave inf/NaN pools; refused before the group joins
+        # torch checks only the signs of these: 10**400 would fail at the first step with an
+        # OverflowError naming nothing, and inf would give inf/NaN pools; refused before the group joins
         settings = {**self.defaults, **param_group}
         for key in ("lr", "eps", "weight_decay"):
             value = settings.get(key)

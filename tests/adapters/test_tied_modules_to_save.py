@@ -6,24 +6,12 @@ they were trained. The reference is the other library's float64 logits."""
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorambo
 from lorambo import export_peft, from_peft, import_peft, lora_layers
 
-HEAD_WEIGHT = {"lm_head": "lm_head.weight", "wte": "transformer.wte.weight"}
-
-
-def _gpt2():
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = GPT2LMHeadModel(cfg).double().eval()
-    assert model.lm_head.weight is model.transformer.wte.weight
-    return model
-
-
-IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+from tied_gpt2 import IDS, WEIGHT, tied_gpt2
 
 
 def _logits(model):
@@ -32,8 +20,8 @@ def _logits(model):
 
 
 def _trained_peft(head):
-    peft_model = get_peft_model(_gpt2(), LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"],
-                                                    modules_to_save=[head]))
+    peft_model = get_peft_model(tied_gpt2(), LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"],
+                                                        modules_to_save=[head]))
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -47,28 +35,28 @@ def test_peft_adapter_with_a_tied_module_to_save_imports_with_peft_outputs(tmp_p
     peft_model = _trained_peft(head)
     peft_model.save_pretrained(tmp_path)
     expected = _logits(peft_model)
-    torch.testing.assert_close(_logits(import_peft(_gpt2(), tmp_path)), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(_logits(import_peft(tied_gpt2(), tmp_path)), expected, rtol=0, atol=1e-12)
     torch.testing.assert_close(_logits(from_peft(_trained_peft(head))), expected, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("head", ["lm_head", "wte"])
 def test_training_a_tied_module_to_save_leaves_the_other_use_and_peft_agrees(tmp_path, head):
-    model = lorambo.configure_model(_gpt2(), 2, target_modules=["c_attn"], modules_to_save=[head])
+    model = lorambo.configure_model(tied_gpt2(), 2, target_modules=["c_attn"], modules_to_save=[head])
     other = "transformer.wte.weight" if head == "lm_head" else "lm_head.weight"
     params = dict(model.named_parameters(remove_duplicate=False))
     before = params[other].detach().clone()
-    assert params[HEAD_WEIGHT[head]].requires_grad and not params[other].requires_grad
+    assert params[WEIGHT[head]].requires_grad and not params[other].requires_grad
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():  # stands in for training the head and the adapters
-        params[HEAD_WEIGHT[head]].add_(torch.randn(64, 32, generator=g, dtype=torch.float64))
+        params[WEIGHT[head]].add_(torch.randn(64, 32, generator=g, dtype=torch.float64))
         for layer in lora_layers(model).values():
             b = layer.lora_B[:, :layer.rank]  # training leaves the inactive slots at zero
             b.copy_(torch.randn(b.shape, generator=g, dtype=torch.float64) * 0.2)
     assert torch.equal(params[other], before)
-    served = PeftModel.from_pretrained(_gpt2(), export_peft(model, tmp_path)).eval()
+    served = PeftModel.from_pretrained(tied_gpt2(), export_peft(model, tmp_path)).eval()
     torch.testing.assert_close(_logits(served), _logits(model), rtol=0, atol=1e-12)
     with lorambo.disable_adapter(model):
-        torch.testing.assert_close(_logits(model), _logits(_gpt2()), rtol=0, atol=0)
+        torch.testing.assert_close(_logits(model), _logits(tied_gpt2()), rtol=0, atol=0)
     lorambo.unload(model, merge=False)
     assert all(p.requires_grad for p in model.parameters())
 
@@ -82,7 +70,8 @@ def _llama_tied():
     return model
 
 
-@pytest.mark.parametrize("build,head", [(_gpt2, "lm_head"), (_llama_tied, "embed_tokens"), (_llama_tied, "lm_head")])
+@pytest.mark.parametrize("build,head", [(tied_gpt2, "lm_head"), (_llama_tied, "embed_tokens"),
+                                        (_llama_tied, "lm_head")])
 def test_ensure_weight_tying_adapter_imports_with_its_tied_head(tmp_path, build, head):
     """With ensure_weight_tying peft saves the module tied to the one to save (the head tied to the
     embedding, under modules_to_save naming only the embedding) and ties it again on loading.

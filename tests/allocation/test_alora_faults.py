@@ -43,8 +43,8 @@ def _scored(monkeypatch):
 @pytest.mark.parametrize("fault", [torch.OutOfMemoryError, KeyboardInterrupt])
 @pytest.mark.parametrize("k", [1, 2])  # the first or the last of the two growing layers
 def test_a_round_stopped_at_growth_k_logs_the_changes_it_made(tmp_path, monkeypatch, fault, k):
-    """Stopped while growing, the round had shrunk three layers (and grown one) with no record:
-    the decision list and log said nothing of it, and the budget they freed was never spent."""
+    """Stopped while growing, the round has shrunk three layers (and grown one): the decision list
+    and log record those changes, so the budget they freed is not lost to the allocator."""
     _scored(monkeypatch)
     ref_model, ref = _round(tmp_path / "ref.jsonl")
     records = ref.step(0)

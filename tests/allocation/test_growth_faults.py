@@ -65,9 +65,9 @@ def _assert_same(a, b, name):
 @pytest.mark.parametrize("fault", [torch.OutOfMemoryError, KeyboardInterrupt])
 @pytest.mark.parametrize("k", [1, 3, 6])  # the first, a middle, the last of the six growths
 def test_a_growth_stopped_at_layer_k(monkeypatch, fault, k):
-    """Stopped at the second of the growths, the first layer had grown, the second had grown
-    with plain Kaiming rows instead of the aligned ones, and neither was in opt.decisions or the
-    log: a resume from opt.state_dict() refused the model's ranks."""
+    """Stopped at growth k: the layers grown before it stay grown and are in opt.decisions and the
+    log (a resume from opt.state_dict() accepts the model's ranks), and layer k is taken back
+    rather than left grown with plain Kaiming rows instead of the aligned ones."""
     ref_model, ref_opt, ref_torch_opt = _at_decision()
     ref_records = ref_opt.step(1)
     names = [r["layer"] for r in ref_records]

@@ -2,24 +2,11 @@
 holding them) on one device, at the target's size, every cell a real time. Hand-built CSV rows:
 mixed runs, a --quick run beside a full one, another GPU, empty / NaN / zero cells, duplicates."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from bench_scripts import load_bench
 
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_targets = _load("gpu_targets")
+gpu_targets = load_bench("gpu_targets")
 LARGE, POOL = "fwd+bwd M=8192 4096->4096 r=16", "rank 8: capacity 128 / capacity 8"
 SAVED, REDUCE, ADAMW = ("saved for backward / peft", "ext reductions, 224 tensors: loop/ext",
                         "pool AdamW step, 224 pools: foreach/ext")
@@ -70,7 +57,7 @@ def test_the_reduction_target_needs_all_four_full_size_reductions_of_one_run():
 
 
 def test_reduction_size_is_that_of_bench_ext():
-    bench_ext = _load("bench_ext")
+    bench_ext = load_bench("bench_ext")
     assert gpu_targets.REDUCE_ELEMENTS == 32 * sum(16 * (o + i) for o, i in bench_ext.SEVEN_B)
     assert gpu_targets.REDUCE_TENSORS == 32 * len(bench_ext.SEVEN_B)
 

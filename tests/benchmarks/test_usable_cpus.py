@@ -2,22 +2,11 @@
 (taskset, a container's cpuset), not ``os.cpu_count()``, which counts every logical CPU of the
 machine. They called that count "cores"."""
 
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from bench_scripts import load_bench
 
 
 @pytest.fixture
@@ -27,7 +16,7 @@ def two_of_eight(monkeypatch):
 
 
 def test_rows_name_the_usable_cpus_of_a_restricted_process(two_of_eight):
-    machine = _load("machine")
+    machine = load_bench("machine")
     assert machine.usable_cpus() == 2
     assert machine.cpu_description() == f"cpu ({machine.cpu_name()}, 2 of 8 logical CPUs usable)"
 
@@ -35,11 +24,11 @@ def test_rows_name_the_usable_cpus_of_a_restricted_process(two_of_eight):
 def test_an_unrestricted_process_has_every_logical_cpu(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    assert _load("machine").cpu_description().endswith(", 4 logical CPUs)")
+    assert load_bench("machine").cpu_description().endswith(", 4 logical CPUs)")
 
 
 def test_the_gpu_check_header_and_build_jobs_use_the_usable_cpus(two_of_eight, monkeypatch, tmp_path):
-    gpu_check = _load("gpu_check")
+    gpu_check = load_bench("gpu_check")
     _, header = gpu_check.environment(smoke=True)
     device = next(line for line in header if line.startswith("device: "))
     assert "; 2 of 8 logical CPUs usable" in device and "cores" not in device

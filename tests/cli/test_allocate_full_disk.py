@@ -13,8 +13,8 @@ EARLIER = {"ranks.json": '{"ranks": {"an earlier": 4}}\n', "adapter_config.json"
 
 
 def test_a_full_disk_replaces_none_of_an_earlier_runs_files(tmp_path, monkeypatch):
-    """ranks.json was replaced before adapter_config.json failed to write: the folder held the new
-    ranks beside the earlier run's peft config, which LoraConfig.from_pretrained then read."""
+    """adapter_config.json failing to write leaves ranks.json as it was too: new ranks beside the
+    earlier run's peft config would be read by LoraConfig.from_pretrained as one allocation."""
     out = tmp_path / "o"
     out.mkdir()
     for name, text in EARLIER.items():

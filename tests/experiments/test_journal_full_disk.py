@@ -26,10 +26,9 @@ def _disk_full_at(size: int):
 
 
 def test_a_full_disk_does_not_keep_the_folder_locked(tmp_path):
-    """The journal wrote through a buffer: the header that did not fit stayed in it, close()
-    flushed it again, failed again, and never released the folder's lock, so resuming in the
-    same process (a notebook, after freeing space) was refused: 'in use by another running
-    experiment'."""
+    """A header that does not fit fails once: close() does not flush it again and releases the
+    folder's lock, so resuming in the same process (a notebook, after freeing space) is not
+    refused as 'in use by another running experiment'."""
     path = tmp_path / journal.FILE_NAME
     with _disk_full_at(10), pytest.raises(OSError) as err:
         journal.open_journal(tmp_path, None, HEADER)
@@ -42,8 +41,8 @@ def test_a_full_disk_does_not_keep_the_folder_locked(tmp_path):
 
 
 def test_a_record_cut_short_by_a_full_disk_is_taken_back(tmp_path):
-    """The part of the record that fit stayed in the file after the error, a torn line that the
-    next record (or the flush at close) was appended to."""
+    """The part of the record that fit is cut off again after the error, so no torn line is left
+    for the next record (or a flush at close) to be appended to."""
     jr, _, _ = journal.open_journal(tmp_path, None, HEADER)
     jr.append({"kind": "run", "key": "a"})
     path = tmp_path / journal.FILE_NAME

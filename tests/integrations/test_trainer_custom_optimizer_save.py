@@ -1,8 +1,8 @@
 """A Trainer run whose optimizer keeps its state where a rank change cannot reach it (a
 hand-written Lion with its momentum in an attribute of its own) and whose LoRAMBoCallback shrinks
-layers (rank moves): Lion kept moving the dropped slots, and the checkpoint after the shrink
-stopped training with save_adapter's "non-zero slots past the rank" error. Now the checkpoint is
-written and holds the trained adapter."""
+layers (rank moves): such a Lion keeps moving the dropped slots, which save_adapter refuses
+("non-zero slots past the rank"), unless the inactive-slot step hook zeroes them. The checkpoint
+after the shrink is written and holds the trained adapter."""
 
 import copy
 

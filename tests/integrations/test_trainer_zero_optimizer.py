@@ -1,9 +1,9 @@
-"""LoRAMBoCallback unwrapped Trainer's optimizer one level (accelerate's ``.optimizer``), unlike
-the rank changes (lorambo/nn/optimizer_argument.py), which also see through torch's
-``ZeroRedundancyOptimizer`` (``.optim``). Given ``Trainer(optimizers=(ZeroRedundancyOptimizer(
+"""LoRAMBoCallback reads the optimizer behind every wrapper, as the rank changes do
+(lorambo/nn/optimizer_argument.py): accelerate's ``.optimizer`` and torch's
+``ZeroRedundancyOptimizer``'s ``.optim``. Given ``Trainer(optimizers=(ZeroRedundancyOptimizer(
 params, optimizer_class=torch.optim.Adam), None))``, which Trainer hands callbacks inside an
-``AcceleratedOptimizer``, it read the ZeroRedundancyOptimizer as no Adam and never warned that
-grown slots would take oversized Adam steps. Both now read the optimizer behind every wrapper."""
+``AcceleratedOptimizer``, it sees the Adam and warns that grown slots would take oversized Adam
+steps; behind the same wrappers lorambo.optim.AdamW gets no warning."""
 
 import warnings
 from types import SimpleNamespace
@@ -17,16 +17,6 @@ from lorambo import LoRAMBoOptimizer
 from lorambo.integrations.trainer import LoRAMBoCallback
 
 pytest.importorskip("transformers")
-
-
-@pytest.fixture
-def accelerator():
-    accelerate = pytest.importorskip("accelerate")
-    from accelerate.state import AcceleratorState
-
-    accelerate.Accelerator(cpu=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.mark.usefixtures("one_process_group", "accelerator")

@@ -36,10 +36,10 @@ def _assert_same(model, snap):
 @pytest.mark.parametrize("fault", [KeyboardInterrupt, MemoryError])
 @pytest.mark.parametrize("k", [1, 2, 3])  # building the first, middle, last layer
 def test_a_fault_while_building_layer_k_leaves_the_model_as_it_was(monkeypatch, fault, k, frozen_first):
-    """Ctrl-C while building the second layer left the first one's base weight frozen (only
-    Exception was cleaned up), so the plain model no longer trained its first Linear. In a model
-    frozen beforehand (the usual start), the weights of the layer being built stayed on record as
-    an adapter's frozen base."""
+    """Ctrl-C or out of memory while building layer k leaves every weight and requires_grad flag
+    as it was (a cleanup for Exception only would leave the built layers' base weights frozen, so
+    the plain model would not train them), and in a model frozen beforehand (the usual start) the
+    weights of the layer being built are not left on record as an adapter's frozen base."""
     model = _model()
     if frozen_first:
         model.requires_grad_(False)

@@ -1,7 +1,7 @@
 """peft applied to a lorambo-adapted model: peft's ``all-linear`` (``get_peft_model``, and
 transformers' ``add_adapter``) takes the Linear / Conv1D inside each ``LoRAMBoLinear`` and puts
-its own LoRA layer there, a second adapter on the layer. The forward refused it as a
-quantization pass would be refused; it now names peft and the ways that work."""
+its own LoRA layer there, a second adapter on the layer. The forward refuses it naming peft and
+the ways that work, not as the quantization pass it looks like."""
 
 import warnings
 

@@ -9,27 +9,16 @@ written in and the trained weight in its module alone."""
 import pytest
 import torch
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel
 
 import lorambo
 from lorambo import lora_layers
 
-WEIGHT = {"lm_head": "lm_head.weight", "wte": "transformer.wte.weight"}
-IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
-
-
-def _gpt2():
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = GPT2LMHeadModel(cfg).double().eval()
-    assert model.lm_head.weight is model.transformer.wte.weight
-    return model
+from tied_gpt2 import IDS, WEIGHT, tied_gpt2
 
 
 def _trained(head):
     """Non-uniform ranks after a rank change, random active slots and a trained module to save."""
-    model = lorambo.configure_model(_gpt2(), {"transformer.h.0.attn.c_attn": 3, "transformer.h.1.attn.c_attn": 1},
+    model = lorambo.configure_model(tied_gpt2(), {"transformer.h.0.attn.c_attn": 3, "transformer.h.1.attn.c_attn": 1},
                                     capacity=4, modules_to_save=[head])
     lora_layers(model)["transformer.h.0.attn.c_attn"].set_rank(2)
     g = torch.Generator().manual_seed(3)
@@ -46,7 +35,7 @@ def _trained(head):
 def _reference(model, head):
     """The plain model with the adapters written into its weights and the trained weight given to
     ``head`` alone (the other module keeps the base weight)."""
-    plain = _gpt2()
+    plain = tied_gpt2()
     own = dict(model.named_parameters(remove_duplicate=False))[WEIGHT[head]].detach()
     base = plain.transformer.wte.weight.detach().clone()
     plain.lm_head.weight = nn.Parameter(own.clone() if head == "lm_head" else base)

@@ -1,9 +1,9 @@
 """An optimizer whose state lorambo cannot see (a hand-written Lion keeping its momentum in an
-attribute of its own) kept moving slots dropped by a rank shrink: Lion steps by the sign of the
-momentum, non-zero with a zero gradient. The forward was right, but the next save_adapter (a
-Trainer checkpoint hours later) refused the model for non-zero slots past the rank. Every
-optimizer step now leaves the inactive slots of the pools it steps at zero, and the active
-slots train exactly as Lion on the rank-r adapter."""
+attribute of its own) keeps moving slots dropped by a rank shrink: Lion steps by the sign of the
+momentum, non-zero with a zero gradient. The forward is right regardless, but save_adapter (a
+Trainer checkpoint hours later) refuses non-zero slots past the rank. Every optimizer step leaves
+the inactive slots of the pools it steps at zero, and the active slots train exactly as Lion on
+the rank-r adapter."""
 
 import torch
 from torch import nn

@@ -63,8 +63,8 @@ def test_the_layer_gathers_what_it_keeps_in_ten_allocations(monkeypatch):
 
 @pytest.mark.parametrize("k", range(1, GATHERS + 1))
 def test_out_of_memory_in_gather_k_changes_nothing(monkeypatch, k):
-    """Out of memory gathering B's columns (after A's rows were written) left A's kept rows at
-    the front and B's columns where they were: the same rank, and another adapter."""
+    """Out of memory in any gather leaves the layer as it was: writing A's kept rows before
+    gathering B's columns would leave the same rank holding another adapter."""
     layer, opt, x = _trained_layer()
     expected = layer(x).detach()
     before = _state(layer, opt)

@@ -1,6 +1,6 @@
 """reset_parameters() puts new components in every active slot. An optimizer that has stepped the
 pools keeps Adam moments of the old ones, and its next step moves the new components by them (B
-leaves zero although its gradient is zero): the output changes. That was silent; it now warns."""
+leaves zero although its gradient is zero): the output changes, so reset_parameters warns."""
 
 import warnings
 

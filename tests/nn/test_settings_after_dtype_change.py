@@ -1,10 +1,10 @@
-"""A scaling or dropout checked only when a layer was built slipped through every later change of
-dtype or settings: ``.half()`` / ``.to(torch.float16)`` after building, autocast, a
-``load_state_dict``, ``load_adapter`` or peft import of a scaling that overflows float16. The
-forward then gave inf (scaling 2.5e5, or the dropout scale 1 / (1 - p) = 1e5), or an adapter
-that added nothing and got no gradient (scaling 2.5e-10 rounds to 0). Each path now raises a
-ValueError naming the layer, the setting and its value, where the combination is made (a load,
-before it changes anything) or at the first forward (a conversion)."""
+"""A scaling or dropout is checked against the dtype the layer computes in on every path that
+changes dtype or settings after the layer is built: ``.half()`` / ``.to(torch.float16)``,
+autocast, a ``load_state_dict``, ``load_adapter`` or peft import of a scaling that overflows
+float16. Unchecked, the forward gives inf (scaling 2.5e5, or the dropout scale 1 / (1 - p) =
+1e5), or an adapter that adds nothing and gets no gradient (scaling 2.5e-10 rounds to 0). Each
+path raises a ValueError naming the layer, the setting and its value, where the combination is
+made (a load, before it changes anything) or at the first forward (a conversion)."""
 
 import pytest
 import torch

@@ -1,7 +1,7 @@
-"""A model and its weight average resumed from their checkpoints: loading used to start new
-components in every slot of both, with different ids, so the first follow_ranks after the next
-rank change replaced every layer's average by the model's values, also in layers whose ranks did
-not change. The ids now travel in the state_dict's metadata."""
+"""A model and its weight average resumed from their checkpoints: the slot ids travel in the
+state_dict's metadata, so after a load both hold the same ids and the first follow_ranks after
+the next rank change keeps each component's average (with new ids in every slot it would replace
+every layer's average by the model's values, also in layers whose ranks did not change)."""
 
 import io
 

@@ -17,17 +17,6 @@ DT = torch.float64
 LR = 1e-2
 
 
-@pytest.fixture
-def accelerator():
-    """accelerate's process-wide state, which the wrapper's step and zero_grad read."""
-    accelerate = pytest.importorskip("accelerate")
-    from accelerate.state import AcceleratorState
-
-    accelerate.Accelerator(cpu=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def _accelerated(optimizer):
     from accelerate.optimizer import AcceleratedOptimizer
 

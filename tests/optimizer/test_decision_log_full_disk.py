@@ -25,9 +25,9 @@ def _disk_full_after(monkeypatch, room: int):
 
 
 def test_a_full_disk_mid_record_leaves_no_torn_line_and_loses_no_record(tmp_path, monkeypatch):
-    """os.write returned a short count on the full disk, which went unnoticed: half a record was
-    left in the file without an error, the next record was appended to it, and read_decisions
-    refused the file ("line 2: not a JSON record")."""
+    """os.write returns a short count on a full disk: the append raises instead of leaving half a
+    record in the file for the next record to be appended to (read_decisions would refuse the
+    file: "line 2: not a JSON record"), and the record stays in the decision list."""
     path = tmp_path / "decisions.jsonl"
     log = DecisionLog(path)
     first = {"step": 3, "event": "grow", "layer": "a", "new_rank": 2}

@@ -60,9 +60,9 @@ def _resumable(tmp_path):
 
 
 def test_load_state_dict_on_a_full_disk_loads_nothing(tmp_path, monkeypatch):
-    """The log's rewrite came last and failed after the optimizer's state, the allocation (ranks,
-    capacities, sensitivities) and the decisions in memory had been replaced: a retry after
-    freeing space was fine, but a caller that caught the error went on with half a resume."""
+    """The log's rewrite fails before the optimizer's state, the allocation (ranks, capacities,
+    sensitivities) or the decisions in memory are replaced, so a caller that catches the error
+    does not go on with half a resume."""
     state, opt, torch_opt, log = _resumable(tmp_path)
     log.write_text('{"step": 0}\n')  # an earlier run's log at that path
     before = (copy.deepcopy(torch_opt.state_dict()), opt.decisions, copy.deepcopy(opt.ranks),

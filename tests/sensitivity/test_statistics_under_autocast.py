@@ -1,8 +1,9 @@
 """Statistics gathered in hooks keep their float32 products when the model runs under autocast.
-data_covariance's hook runs inside the forward, so under a loss_fn that uses autocast x^T x was
-computed and summed in bfloat16 (0.7% off after 2048 tokens, and a bfloat16 sum stalls as tokens
-grow); FisherProxy's hook runs inside the backward, which a backward() called under autocast
-ran in bfloat16 too. Against float64 computations on the same inputs and output gradients."""
+data_covariance's hook runs inside the forward, so under a loss_fn that uses autocast x^T x would
+be computed and summed in bfloat16 (0.7% off after 2048 tokens, and a bfloat16 sum stalls as
+tokens grow); FisherProxy's hook runs inside the backward, which a backward() called under
+autocast runs in bfloat16 too. Against float64 computations on the same inputs and output
+gradients."""
 
 import torch
 

@@ -1,9 +1,9 @@
 """AdaLoRA importance statistics belong to the components in the slots. A load of the pools
 (``load_state_dict``, with or without a new rank; ``load_adapter`` at the same rank) or
-``reset_parameters`` puts new components there, but did not count in ``layer.slot_edits``, so
-the tracker went on scoring them by the EMAs of the components they replaced. It now refuses
-until told; after ``reset`` its scores are those of the AdaLoRA recursion started on the new
-components (float64 reference by hand)."""
+``reset_parameters`` puts new components there and counts in ``layer.slot_edits``, so the
+tracker refuses to score them by the EMAs of the components they replaced until told; after
+``reset`` its scores are those of the AdaLoRA recursion started on the new components (float64
+reference by hand)."""
 
 import pytest
 import torch

@@ -1,8 +1,8 @@
-"""An int beyond the float range (10**400) given to a public numeric argument raised Python's
-bare ``OverflowError: int too large to convert to float``, naming no argument (a LoRAMBoLinear
-dropout, a threshold of LoRAMBoOptimizer, lorambo.optim.AdamW's lr at its first step, ...), or
-was accepted silently (default_capacity's growth_factor). Each is now a ValueError (an
-AdapterFormatError for a file) naming the argument and the number by its digit count."""
+"""An int beyond the float range (10**400) given to a public numeric argument (a LoRAMBoLinear
+dropout, a threshold of LoRAMBoOptimizer, lorambo.optim.AdamW's lr, default_capacity's
+growth_factor, ...) is a ValueError (an AdapterFormatError for a file) naming the argument and
+the number by its digit count, not Python's bare ``OverflowError: int too large to convert to
+float``, which names no argument, nor accepted silently."""
 
 import json
 

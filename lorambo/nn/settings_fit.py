@@ -1,5 +1,8 @@
 """Whether a layer's scaling and dropout survive the dtype it computes in.
 
+(The values an adapter file loads are checked against the model's dtype by
+lorambo/adapters/values_fit.py.)
+
 The ops multiply the LoRA branch by the scaling and the kept dropout inputs by ``1 / (1 - p)``
 in the compute dtype. A scaling that rounds to 0 there makes the adapter add nothing and get no
 gradient; one that rounds to inf, or a dropout scale that does (p > 0.99998 in float16), makes
@@ -53,9 +56,9 @@ def check_settings_fit(label: str, dtype: torch.dtype, scaling: float, dropout: 
     if not zero_to < abs(scaling) < inf_from:
         result = "0 (the adapter would add nothing)" if abs(scaling) <= zero_to else "inf"
         came_from = "" if alpha is None else f" (alpha={alpha!r})"
-        raise ValueError(f"{label}: scaling {scaling!r}{came_from} rounds to {result} in {dtype}{where}, the dtype the layer "
-                         "computes in; give an alpha whose scaling (alpha / rank, alpha / sqrt(rank) with rsLoRA) is "
-                         f"a nonzero finite {dtype} number, or compute in a wider dtype")
+        raise ValueError(f"{label}: scaling {scaling!r}{came_from} rounds to {result} in {dtype}{where}, the dtype "
+                         "the layer computes in; give an alpha whose scaling (alpha / rank, alpha / sqrt(rank) with "
+                         f"rsLoRA) is a nonzero finite {dtype} number, or compute in a wider dtype")
     if dropout > 0.0 and 1.0 / (1.0 - dropout) >= inf_from:
         raise ValueError(f"{label}: dropout {dropout!r} scales the kept inputs by 1 / (1 - p) = "
                          f"{1.0 / (1.0 - dropout):.4g}, which overflows {dtype}{where}, the dtype the layer computes "
