@@ -22,7 +22,8 @@ divided by ``calls`` (microseconds per call):
 - ``growth_nondecision_step_48``: ``LoRAMBoOptimizer`` with online growth, a step with no
   decision: ``with opt.capture(step): pass`` then ``opt.step(step)``.
 
-Rows go to ``--out`` (default ``benchmarks/results/host_overhead.csv``) with the machine (CPU
+``--sections`` runs some of the three groups (layer, optim, model); ``--summary CSV`` prints
+the table of a results file. Rows go to ``--out`` (default ``benchmarks/results/host_overhead.csv``) with the machine (CPU
 model, usable cores, load average), torch, the commit of the lorambo imported and ``--label``.
 The script runs unchanged against older trees (``PYTHONPATH=<tree>:<tree>/kernels``) to compare
 commits; run them alternately, A B C A B C, so drift on a shared machine hits each alike.
@@ -201,6 +202,36 @@ def model_cases(calls, repeats):
     return out
 
 
+SECTIONS = {"layer": layer_cases, "optim": optimizer_cases, "model": model_cases}
+
+
+def summary(path: Path) -> str:
+    """A markdown table of ``path``: per case, per label (in order of appearance), the fastest row
+    (the figure least disturbed on a shared machine) and the slowest; then the load range."""
+    import csv
+    from collections import defaultdict
+
+    rows = list(csv.DictReader(path.open(newline="")))
+    labels = list(dict.fromkeys(r["label"] or r["commit"] for r in rows))
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    values, loads = defaultdict(list), defaultdict(list)
+    for r in rows:
+        label = r["label"] or r["commit"]
+        values[(r["case"], label)].append(float(r["us_per_call"]))
+        loads[label].append(float(r["loadavg_1m"]))
+    out = ["| case (us per call: fastest / slowest row) | " + " | ".join(labels) + " |",
+           "|---|" + "---|" * len(labels)]
+    for case in cases:
+        cells = []
+        for label in labels:
+            xs = values.get((case, label))
+            cells.append("" if not xs else f"{min(xs):.1f} / {max(xs):.1f}" if max(xs) < 100
+                         else f"{min(xs):.0f} / {max(xs):.0f}")
+        out.append(f"| {case} | " + " | ".join(cells) + " |")
+    out.append("| load average (1 min) | " + " | ".join(f"{min(loads[l]):.2f}-{max(loads[l]):.2f}" for l in labels) + " |")
+    return "\n".join(out)
+
+
 def commit_of(tree: Path) -> str:
     try:
         sha = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -219,7 +250,15 @@ def main(argv=None):
     p.add_argument("--label", default="", help="a name for the tree measured (kept in the CSV)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "host_overhead.csv")
     p.add_argument("--no-save", action="store_true")
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                   help="layer: forward/backward; optim: steps, zero_grad, set_rank; model: configure_model, growth")
+    p.add_argument("--summary", type=Path, metavar="CSV",
+                   help="print a markdown table of a results CSV (per case and label: the fastest and slowest "
+                        "row, and the load) and exit")
     args = p.parse_args(argv)
+    if args.summary:
+        print(summary(args.summary))
+        return
     torch.set_num_threads(1)
     repeats = args.repeats or (7 if args.quick else 11)
     if repeats < 7:
@@ -231,9 +270,8 @@ def main(argv=None):
     tree = Path(lorambo.__file__).resolve().parent.parent
     load_start = os.getloadavg()[0]
     results = {}
-    results.update(layer_cases(layer_calls, repeats))
-    results.update(optimizer_cases(step_calls, repeats))
-    results.update(model_cases(step_calls, repeats))
+    for section in args.sections:
+        results.update(SECTIONS[section](layer_calls if section == "layer" else step_calls, repeats))
     load = os.getloadavg()[0]
     commit = commit_of(tree)
     common = dict(time_utc=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), label=args.label,
