@@ -109,10 +109,14 @@ def restore_new_slots(layer) -> None:
             _PENDING[getattr(layer, name)] = (dim, slots)
 
 
-@torch.no_grad()
 def _start_buffers(optimizer, args, kwargs) -> None:
-    if not _PENDING or not isinstance(optimizer, torch.optim.SGD):  # the common case: O(1)
-        return
+    if not _PENDING or not isinstance(optimizer, torch.optim.SGD):  # the common case: O(1), and
+        return  # before no_grad, whose entry and exit cost more than this test at every step
+    _start_pending(optimizer)
+
+
+@torch.no_grad()
+def _start_pending(optimizer) -> None:
     # A GradScaler steps a fused SGD with the gradients still scaled, handing it the scale and
     # whether they overflowed as attributes; the fused kernel unscales them, or skips the step
     grad_scale, found_inf = getattr(optimizer, "grad_scale", None), getattr(optimizer, "found_inf", None)

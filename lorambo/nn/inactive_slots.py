@@ -70,11 +70,16 @@ def _views_of(optimizer) -> list[torch.Tensor]:
     return views
 
 
-@torch.no_grad()
 def _after_step(optimizer, args, kwargs) -> None:
-    # an optimizer class that never writes inactive slots (lorambo.optim.AdamW) says so
+    # an optimizer class that never writes inactive slots (lorambo.optim.AdamW) says so; tested
+    # before entering no_grad, which alone costs more than this test at every step
     if getattr(optimizer, "_lorambo_keeps_inactive_slots", False):
         return
+    _zero_inactive(optimizer)
+
+
+@torch.no_grad()
+def _zero_inactive(optimizer) -> None:
     views = _views_of(optimizer)
     if views:
         torch._foreach_zero_(views)

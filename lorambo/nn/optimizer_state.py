@@ -86,17 +86,27 @@ def _refuse_schedule_free(optimizer, layer) -> None:
     value, not 0, and the averaging weight (``weight_sum``, ``lr_max``) is shared by every slot:
     a zeroed ``z`` pulls a grown slot's Kaiming row towards 0, and no per-slot edit makes a new
     slot train as under a fresh schedule-free optimizer."""
-    groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     for param in (layer.lora_A, layer.lora_B):
         state = optimizer.state.get(param) or {}
         z = state.get("z")
-        if torch.is_tensor(z) and z.shape == param.shape and "weight_sum" in groups.get(id(param), {}):
+        if torch.is_tensor(z) and z.shape == param.shape and "weight_sum" in _group_holding(optimizer, param):
             kind = type(optimizer)
             raise RuntimeError(
                 f"{layer._label}: {kind.__module__}.{kind.__name__} is schedule-free: its state 'z' starts at the "
                 "parameter's value and its averaging weights are shared by every slot, so a rank change cannot give "
                 "changed slots a fresh optimizer's state; nothing was changed. Change ranks before its first step, "
                 "or use lorambo.optim.AdamW")
+
+
+def _group_holding(optimizer, param) -> dict:
+    """The param group holding ``param`` ({} if none; the last one if several). Looked up only for
+    a pool with a ``z`` state: a scan of every group at every rank change of every layer made a
+    decision over all layers quadratic in their number."""
+    found = {}
+    for group in optimizer.param_groups:
+        if any(p is param for p in group["params"]):
+            found = group
+    return found
 
 
 def warn_if_shared_step(optimizer: torch.optim.Optimizer, layer) -> None:

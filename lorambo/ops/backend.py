@@ -127,5 +127,7 @@ def use_compiled_multi_tensor(tensors) -> bool:
     if requested == "ext":
         ext_loader.require()
         return True
+    # is_cpu, not device.type == "cpu": the same answer without a torch.device object per tensor,
+    # which was most of this check's cost (a lorambo.optim.AdamW step passes 5 tensors per pool)
     return (ext_loader.load() is not None
-            and all(t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad for t in tensors))
+            and all(t.is_cpu and t.is_contiguous() and not t.requires_grad for t in tensors))

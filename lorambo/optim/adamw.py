@@ -251,6 +251,18 @@ def _check_state_follows(param: torch.Tensor, state: dict) -> None:
             "with optimizer.load_state_dict(optimizer.state_dict())")
 
 
+def _state_left_behind(param: torch.Tensor, state: dict) -> bool:
+    """:func:`_check_state_follows`'s condition, as cheap as it gets: ``step`` tests it for every
+    parameter at every step. Two CPU tensors are on one device, so the ``torch.device``
+    objects (the larger part of the cost) are made only off the CPU."""
+    value = state.get("exp_avg")
+    if not isinstance(value, torch.Tensor):  # torch.is_tensor, without the call
+        return False
+    dtype = param.dtype
+    return (value.dtype is not (torch.float32 if dtype is torch.float16 else dtype)  # moment_dtype
+            or not (value.is_cpu and param.is_cpu or value.device == param.device))
+
+
 class AdamW(torch.optim.AdamW):
     """Drop-in :class:`torch.optim.AdamW` (same arguments and defaults; ``differentiable=True``
     is refused with a ``ValueError``) with per-slot Adam step counts for LoRAMBoLinear pools.
@@ -285,13 +297,15 @@ class AdamW(torch.optim.AdamW):
             with torch.enable_grad():
                 loss = closure()
         pools, wide = [], []  # wide: float16 parameters that are not pools (float32 moments, see moment_dtype)
+        state_of = self.state.get  # one hash per parameter; a defaultdict's get adds no entry
         for group in self.param_groups:
             group_pools, group_wide = [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p in self.state:  # every group checked before any update: nothing half-applied
-                    _check_state_follows(p, self.state[p])
+                state = state_of(p)
+                if state and _state_left_behind(p, state):  # every group checked before any update
+                    _check_state_follows(p, state)  # raises, naming the cast or move
                 if pool_slots(p) is not None:
                     group_pools.append(p)
                 elif moment_dtype(p.dtype) != p.dtype:

@@ -3,11 +3,12 @@
 import csv
 import importlib.util
 import math
+import os
 from pathlib import Path
 
 import pytest
 import torch
-from cpu_model import cpu_device
+from cpu_model import cpu_device, cpu_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -195,3 +196,23 @@ def test_bench_lora_linear_replot_of_an_empty_csv_keeps_the_summary(tmp_path):
     assert (tmp_path / "lora_linear.md").read_text() == "the last real summary\n"
     with pytest.raises(SystemExit, match="does not exist"):
         bench.main(["--replot", "--out", str(tmp_path / "missing.csv")])
+
+
+def test_bench_host_overhead_records_machine_and_commit_and_summarises(tmp_path, capsys):
+    bench = _load("bench_host_overhead")
+    out = tmp_path / "host_overhead.csv"
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--quick", "--sections", "model", "--label", "here", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    rows = list(csv.DictReader(open(out)))
+    assert {r["case"] for r in rows} == {"configure_model_48", "growth_nondecision_step_48"}
+    assert all(r["cpu"] == cpu_model() and r["usable_cores"] == str(len(os.sched_getaffinity(0)))
+               and r["label"] == "here" and r["commit"] and r["threads"] == "1" for r in rows)
+    capsys.readouterr()
+    bench.main(["--summary", str(out)])
+    table = capsys.readouterr().out
+    assert "| configure_model_48 |" in table and "| here |" in table
+    with pytest.raises(SystemExit):
+        bench.main(["--repeats", "6", "--no-save"])

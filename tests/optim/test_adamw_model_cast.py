@@ -86,3 +86,22 @@ def test_a_cast_pool_in_a_later_param_group_changes_nothing_in_the_earlier_ones(
     finally:
         lorambo.set_backend(None)
     assert all(torch.equal(a, b) for a, b in zip(_everything(model, opt), before, strict=True))
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("moment_dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("moment_device", ["cpu", "meta"])
+def test_the_per_step_test_agrees_with_the_check_it_stands_for(param_dtype, moment_dtype, moment_device):
+    # step() tests every parameter with _state_left_behind (cheap) and raises through
+    # _check_state_follows: the two must agree on every dtype and device pairing
+    from lorambo.optim.adamw import _check_state_follows, _state_left_behind
+
+    param = torch.zeros(2, 3, dtype=param_dtype)
+    state = {"exp_avg": torch.zeros(2, 3, dtype=moment_dtype, device=moment_device)}
+    try:
+        _check_state_follows(param, state)
+        raises = False
+    except RuntimeError:
+        raises = True
+    assert _state_left_behind(param, state) == raises
+    assert not _state_left_behind(param, {}) and not _state_left_behind(param, {"exp_avg": None})

@@ -36,3 +36,11 @@ def test_auto_runs_the_compiled_reductions_on_cpu_exactly_when_built(backend, mo
     assert bool(calls) == expected
     # outside autograd only: a tensor that requires grad keeps the differentiable PyTorch path
     assert not use_compiled_multi_tensor([torch.randn(3, requires_grad=True)])
+
+
+def test_auto_keeps_tensors_off_the_cpu_and_non_contiguous_ones_on_the_pytorch_path(backend):
+    cpu = [torch.randn(2, 3)]
+    expected = backend == "auto" and ext_ops.available()
+    assert use_compiled_multi_tensor(cpu) == expected
+    assert not use_compiled_multi_tensor(cpu + [torch.empty(2, 3, device="meta")]) or backend == "ext"
+    assert not use_compiled_multi_tensor(cpu + [torch.randn(3, 2).t()]) or backend == "ext"
