@@ -87,3 +87,15 @@ def test_layers_reaching_rank_zero_or_one_recompile_until_the_limit():
         with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
             with torch.no_grad():
                 compiled(input_ids=ids)
+
+
+def test_without_fullgraph_the_limit_falls_back_to_eager():
+    model, layers = tiny_bert()
+    ids = torch.randint(0, 64, (2, 5))
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter)
+    with torch._dynamo.config.patch(recompile_limit=3):
+        for ranks in ([3, 3, 3, 3], [4, 4, 4, 4], [1, 4, 4, 4], [1, 1, 4, 4], [0, 1, 4, 4]):
+            set_ranks(layers, ranks)
+            compiled_matches_eager(model, compiled, ids)  # past the limit: the eager model's output
+    assert counter.frame_count == 3
