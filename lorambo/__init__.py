@@ -6,6 +6,7 @@
 
 from lorambo.version import __version__
 from lorambo.allocation import allocate
+from lorambo.allocation.report import read_decisions  # the decision log, as records
 from lorambo.adapters import AdapterFormatError, export_peft, load_adapter, save_adapter
 from lorambo.ops.backend import get_backend, set_backend
 from lorambo.model import configure_model, lora_layers, unload
@@ -38,6 +39,7 @@ __all__ = [
     "load_adapter",
     "peft_config",
     "print_trainable_parameters",
+    "read_decisions",
     "lora_layers",
     "optim",
     "reset_slot_state",

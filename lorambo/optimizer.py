@@ -352,6 +352,11 @@ class LoRAMBoOptimizer:
 
         check_progress(progress, "LoRAMBoOptimizer.compute_optimal_ranks")
         method = "uniform" if self.allocation == "alora" else self.allocation
+        if method == "knapsack" and allocate_kwargs.get("benefits") is None:
+            # nothing measures the knapsack's gain curves: the caller brings them
+            raise ValueError("LoRAMBoOptimizer(allocation='knapsack') needs the gain curves: pass "
+                             "compute_optimal_ranks(..., benefits={layer name: gains g[r] of rank r -> r + 1}) "
+                             f"for each of its {len(self.names)} layers (e.g. {self.names[0]!r})")
         if (sensitivities is None and method in ("frobenius_greedy", "data_weighted")
                 and self.sensitivity_method in ("frobenius", "data")):
             # the curves already carry W (and G): nothing to measure, and ``sensitivities`` (e.g.

@@ -55,6 +55,17 @@ def _save(state: dict, tmp: str) -> None:
         torch.save(state, f)
 
 
+def complete_checkpoints(output_dir: str | Path, before: int) -> list[str]:
+    """Trainer's ``checkpoint-N`` folders in ``output_dir`` with N < ``before`` that hold
+    LoRAMBoCallback's state, oldest first."""
+    found = []
+    for sub in Path(output_dir).glob("checkpoint-*"):
+        step = sub.name.removeprefix("checkpoint-")
+        if step.isdigit() and int(step) < before and (sub / STATE_FILE).is_file():
+            found.append((int(step), str(sub)))
+    return [folder for _, folder in sorted(found)]
+
+
 def load_callback_state(folder: str | Path) -> dict:
     file = Path(folder) / STATE_FILE
     if not file.is_file():

@@ -144,6 +144,17 @@ class LoRAMBoCallback(TrainerCallback):
         try:
             saved = checkpoint.load_callback_state(folder)
         except FileNotFoundError as err:
+            if self.resume_from is None and os.path.isdir(folder):
+                # Trainer's files are there, lorambo's are not: the run stopped while saving this
+                # checkpoint (LoRAMBoCallback.on_save writes after Trainer), so it cannot be resumed
+                earlier = checkpoint.complete_checkpoints(args.output_dir, before=state.global_step)
+                raise FileNotFoundError(
+                    f"Trainer resumed at step {state.global_step}, but {err}: the checkpoint is incomplete (the "
+                    "run stopped while saving it, or LoRAMBoCallback did not save it). Resume from "
+                    + (f"the last complete one, trainer.train(resume_from_checkpoint={earlier[-1]!r}), or remove "
+                       f"{folder}" if earlier else "an earlier complete checkpoint, or remove " + folder)
+                    + "; if lorambo's files of this checkpoint are elsewhere, pass "
+                    "LoRAMBoCallback(..., resume_from=<that folder>)") from None
             raise FileNotFoundError(f"Trainer resumed at step {state.global_step}, but {err}: pass "
                                     "LoRAMBoCallback(..., resume_from=<checkpoint folder>)") from None
         self._restore_missed_adapter(folder)

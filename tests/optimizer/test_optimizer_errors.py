@@ -163,3 +163,16 @@ def test_default_capacity_refuses_an_infinite_growth_factor_naming_it():
     with pytest.raises(ValueError, match="default_capacity: growth_factor=inf must be a finite number >= 1"):
         lorambo.nn.default_capacity(4, 64, 64, growth_factor=math.inf)
     assert lorambo.nn.default_capacity(4, 64, 64, growth_factor=3.0) == 16  # ceil(12) -> next power of two
+
+
+def test_knapsack_without_gain_curves_says_where_they_go():
+    """allocation='knapsack' measures nothing: the error names compute_optimal_ranks' benefits=
+    (not only allocate's), and with the curves the same call allocates within the budget."""
+    opt = LoRAMBoOptimizer(_model(), 1000, allocation="knapsack", target_modules=["0", "2"])
+    with pytest.raises(ValueError, match=r"allocation='knapsack'.*compute_optimal_ranks\(\.\.\., benefits="):
+        opt.compute_optimal_ranks()
+    gains = {"0": [4.0, 3.0, 2.0, 1.0], "2": [8.0, 1.0, 0.5, 0.25]}
+    ranks = opt.compute_optimal_ranks(benefits=gains)
+    assert sum(r * (6 + 10 if n == "0" else 10 + 4) for n, r in ranks.items()) <= 1000
+    assert ranks == lorambo.allocate(opt.dims, None, 1000, method="knapsack", benefits=gains,
+                                     capacities=None)
