@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 from pathlib import Path
@@ -19,14 +20,21 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
-def usable_cpus() -> int:
-    """The logical CPUs this process may run on: its affinity mask (taskset, a container's
-    cpuset), which ``os.cpu_count()`` ignores: that counts every logical CPU of the machine,
-    hyperthreads included."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # no affinity call on this platform
-        return os.cpu_count() or 1
+def _lorambo_cpus():
+    """``lorambo/experiments/cpus.py``, loaded by its path: the one definition of
+    :func:`usable_cpus`, shared with the experiment reports. It imports only the standard
+    library, so this loads neither the lorambo package nor torch, which gpu_check.py must not
+    import before its build stage (and its own python may lack the checkout on sys.path)."""
+    path = Path(__file__).resolve().parents[1] / "lorambo" / "experiments" / "cpus.py"
+    spec = importlib.util.spec_from_file_location("_lorambo_experiments_cpus", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# The logical CPUs this process may run on: its affinity mask (taskset, a container's cpuset),
+# which ``os.cpu_count()`` ignores: that counts every logical CPU of the machine, hyperthreads included.
+usable_cpus = _lorambo_cpus().usable_cpus
 
 
 def cpus_label() -> str:

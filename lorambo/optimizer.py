@@ -51,6 +51,7 @@ from lorambo.allocation.schedule import DecisionSchedule, ScheduledGrowth
 from lorambo.distributed import SharedFailure, decision_generator, is_main_process
 from lorambo.model import configure_model, find_targets, lora_layers
 from lorambo.model.argument import require_module
+from lorambo.model.modules_to_save import check_not_targets, resolve_modules_to_save
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import LoRAMBoLinear
 from lorambo.nn.base_layers import base_kind, features, weight_out_in
@@ -145,6 +146,11 @@ class LoRAMBoOptimizer:
             ``allocation="data_weighted"`` and online growth: ``capture(step, batch)`` keeps
             pads out of the growth statistics and of the scale of new A rows.
             ``LoRAMBoCallback`` passes each Trainer batch.
+        modules_to_save: whole modules (a classification head, e.g. ``["classifier"]``) that
+            :meth:`configure` keeps trainable and ``save_adapter`` stores, as
+            ``configure_model(..., modules_to_save=...)`` (peft semantics: names or name
+            suffixes). Checked now: an entry that matches no module, or one that is or holds a
+            LoRA target, is a ValueError naming it.
     """
 
     def __init__(self, model, total_budget, sensitivity_method: str = "hessian", target_modules=None,
@@ -155,7 +161,7 @@ class LoRAMBoOptimizer:
                  sketch_rank: int = 4, power_iters: int = 4, move_threshold: float | None = None,
                  max_moves: int = 1, heldout_batches=None, loss_fn=None, alora=None,
                  log_path=None, verbose: bool = False, initial_budget=None, max_tokens: int | None = None,
-                 token_mask="auto"):
+                 token_mask="auto", modules_to_save=None):
         require_module(model, "LoRAMBoOptimizer")
         if sensitivity_method not in SENSITIVITY_METHODS:
             raise ValueError(f"sensitivity_method={sensitivity_method!r}; choose one of {SENSITIVITY_METHODS}")
@@ -194,6 +200,7 @@ class LoRAMBoOptimizer:
         self.alora_config = alora if isinstance(alora, ALoRAConfig) else ALoRAConfig(**(alora or {}))
         self.log = DecisionLog(log_path, enabled=is_main_process())
         self.names, self.dims, self.dtypes = self._find_targets(target_modules)
+        self.modules_to_save = self._check_modules_to_save(modules_to_save)
         self.costs = {n: d + k for n, (d, k) in self.dims.items()}
         self.total_budget = self._check_budget(total_budget, "total_budget")
         self.initial_budget = self.total_budget if initial_budget is None else \
@@ -225,6 +232,16 @@ class LoRAMBoOptimizer:
                 k, d = features(m, base_kind(m))
                 dims[n], dtypes[n] = (d, k), m.weight.dtype
         return names, dims, dtypes
+
+    def _check_modules_to_save(self, entries) -> list[str]:
+        """The dotted names ``entries`` select, checked as :meth:`configure` would check them
+        after a measurement that may take minutes (see ``lorambo.model.modules_to_save``)."""
+        try:
+            names = resolve_modules_to_save(self.plain_model, entries)
+            check_not_targets(names, self.names)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"LoRAMBoOptimizer: {e}") from None
+        return names
 
     def _check_budget(self, budget, what: str) -> int:
         if not is_finite_number(budget):
@@ -421,7 +438,8 @@ class LoRAMBoOptimizer:
         return report
 
     def configure(self, ranks: Mapping[str, int] | None = None, dropout: float | None = None, optimizer=None):
-        """``configure_model(model, ranks, capacity=self.capacities, alpha=...)``; returns the model.
+        """``configure_model(model, ranks, capacity=self.capacities, alpha=..., modules_to_save=...)``;
+        returns the model.
         ``optimizer`` (default: the one from :meth:`make_optimizer`) has the state of existing
         adapters whose rank changes edited with them."""
         ranks = dict(ranks or self.ranks or {})
@@ -432,7 +450,8 @@ class LoRAMBoOptimizer:
         # existing adapters that grow get rows seeded by ``seed``, like every other growth: the same
         # on every process, the global generator untouched (docs/architecture.md)
         configure_model(self.plain_model, ranks, capacity=caps, alpha=self.alpha, dropout=dropout,
-                        optimizer=optimizer, generator=decision_generator(self.seed, "configure"))
+                        optimizer=optimizer, generator=decision_generator(self.seed, "configure"),
+                        modules_to_save=self.modules_to_save or None)
         return self.model
 
     # ---------------------------------------------------------------------------- online

@@ -43,7 +43,9 @@ def _settings(opt) -> dict:
             "stop_step": opt.stop_step, "loss_improvement_threshold": opt.threshold,
             "sketch_rank": opt.sketch_rank, "power_iters": opt.power_iters, "max_tokens": opt.max_tokens,
             "move_threshold": opt.move_threshold, "max_moves": opt.max_moves, "min_rank": opt.min_rank,
-            "max_rank": opt.max_rank, "alora": dataclasses.asdict(opt.alora_config)})
+            "max_rank": opt.max_rank, "alora": dataclasses.asdict(opt.alora_config),
+            # None when there are none, as in a state saved before the setting existed
+            "modules_to_save": list(opt.modules_to_save) or None})
 
 
 def allocator_state(opt) -> dict:

@@ -1,4 +1,8 @@
-"""How many CPUs a run had, as the results and reports say it."""
+"""How many CPUs a run had, as the results and reports say it.
+
+benchmarks/machine.py loads this file by its path (without the lorambo package, before
+gpu_check's build), so it imports only the standard library.
+"""
 
 from __future__ import annotations
 

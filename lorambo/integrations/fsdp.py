@@ -37,7 +37,7 @@ from lorambo.model import lora_layers
 from lorambo.model import unload as _unload
 from lorambo.model.configure import check_mergeable
 from lorambo.model.modules_to_save import modules_to_save
-from lorambo.model.partial_edit import add_note
+from lorambo.model.partial_edit import add_note, shown_layers
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import keep_components_many
 from lorambo.nn.merge_overflow import finite_merge
@@ -219,7 +219,7 @@ def _every_layer_or_none(layers: dict, edit, undo, caller: str, undone: str) -> 
         except BaseException:  # out of memory again: say which layers stay edited
             pass
         if done:
-            add_note(err, f"{caller} stopped at {list(layers)[len(done)]!r}; the layers before it {done[:6]} were "
+            add_note(err, f"{caller} stopped at {list(layers)[len(done)]!r}; the layers before it {shown_layers(done)} were "
                           f"{undone}" + (f", except {left} (their undo failed too)" if left else ""))
         raise
 

@@ -35,6 +35,9 @@ loads) are restored from the checkpoint's ``adapter.safetensors``, with a warnin
 (:mod:`lorambo.integrations.pool_resume`). With
 ``load_best_model_at_end`` Trainer ends by loading the best checkpoint's model, at the ranks it
 had then; ``on_train_end`` restores that checkpoint's decisions (and importance) alike.
+Trainer deletes the checkpoints beyond ``save_total_limit`` before ``on_save`` runs, so with
+``save_total_limit=1`` a run killed in between has no complete checkpoint left: keep it >= 2
+(README, "Trainer checkpoints and resume").
 
 FSDP2: when the pools are sharded (``fully_shard``), decisions go through
 :func:`lorambo.integrations.fsdp.allocator_step` and the adapter through its ``save_adapter``

@@ -48,6 +48,5 @@ def warn_frozen_heads(model: nn.Module) -> None:
             f"configure_model: the classification head {', '.join(map(repr, heads))} of {type(model).__name__} is "
             "frozen (neither a LoRA target nor in modules_to_save), so training leaves it as it is; a head that "
             f"from_pretrained initialised at random (a new num_labels) stays random. Pass modules_to_save="
-            f"{heads!r} to configure_model to train it (after LoRAMBoOptimizer.configure(): "
-            f"configure_model(model, opt.current_ranks(), modules_to_save={heads!r})), or ignore this warning "
-            "for a head that is already trained", FrozenHeadWarning)
+            f"{heads!r} to configure_model (or to LoRAMBoOptimizer(...), whose configure() passes it on) to "
+            "train it, or ignore this warning for a head that is already trained", FrozenHeadWarning)

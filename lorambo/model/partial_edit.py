@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["add_note", "note_partial_edit", "note_rank_changes_kept"]
+__all__ = ["add_note", "note_partial_edit", "note_rank_changes_kept", "shown_layers"]
+
+SHOWN = 6  # layers a note lists before "..."
 
 
 def add_note(err: BaseException, text: str) -> None:
@@ -20,13 +22,19 @@ def add_note(err: BaseException, text: str) -> None:
         err.add_note(text)
 
 
+def shown_layers(names: Sequence[str]) -> list[str]:
+    """The first :data:`SHOWN` of ``names``, and ``"..."`` after them when there are more."""
+    names = list(names)
+    return names[:SHOWN] + (["..."] if len(names) > SHOWN else [])
+
+
 def note_partial_edit(err: BaseException, call: str, stopped_at: str, done: Sequence[str], state: str,
                       rest: str) -> None:
     """Add a note to ``err`` (Python >= 3.11 shows it under the message): ``call`` stopped at
     layer ``stopped_at``; the ``done`` layers are ``state``, the others ``rest``."""
     if not done:
         return
-    shown = list(done)[:6] + (["..."] if len(done) > 6 else [])
+    shown = shown_layers(done)
     add_note(err, f"{call} stopped at {stopped_at!r}, after {len(done)} of the layers: {shown} {state}, the others "
                  f"{rest}. Calling {call} again finishes it.")
 

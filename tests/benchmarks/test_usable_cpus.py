@@ -54,3 +54,28 @@ def test_experiment_reports_say_usable_of_logical_cpus(two_of_eight):
     assert ", 2 of 8 logical CPUs usable (x86_64)," in demo_report.machine_line(env, 0.5, 0.5)
     older = dict(env, usable_cpus=None)  # recorded before usable_cpus existed
     assert ", 8 logical CPUs (x86_64)," in demo_report.machine_line(older, 0.5, 0.5)
+
+
+def test_one_definition_shared_without_importing_lorambo(tmp_path):
+    """benchmarks/machine.py had its own copy of usable_cpus beside lorambo/experiments/cpus.py's;
+    it now loads that file by its path, which must therefore import only the standard library
+    (gpu_check.py imports machine before its build, without the lorambo package or torch)."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lorambo.experiments import cpus
+
+    machine = load_bench("machine")
+    assert Path(machine.usable_cpus.__code__.co_filename).resolve() == Path(cpus.__file__).resolve()
+    tree = ast.parse(Path(cpus.__file__).read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} | \
+        {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported <= set(sys.stdlib_module_names), imported
+    bench = Path(machine.__file__).resolve().parent  # a fresh python with benchmarks/ alone on sys.path
+    code = ("import sys; sys.path.insert(0, %r); import machine; machine.cpu_description(); "
+            "print(sorted(m for m in ('lorambo', 'torch') if m in sys.modules))" % str(bench))
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=tmp_path, env={})
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -122,3 +122,18 @@ def lorambo_linear():
     from lorambo.nn.lora_linear import LoRAMBoLinear
 
     return LoRAMBoLinear
+
+
+def test_the_note_of_a_merge_stopped_after_more_than_six_layers_ends_with_dots(monkeypatch):
+    """Its note cut the layers done to six without saying so (the layer notes elsewhere, from
+    lorambo.model.partial_edit, add "..."); it now shows the first six and "...", as they do."""
+    from lorambo.nn import lora_linear
+
+    torch.manual_seed(0)
+    model = configure_model(nn.Sequential(*[nn.Linear(4, 4) for _ in range(9)]), 1, capacity=2).double()
+    _fail_at(monkeypatch, lora_linear, "finite_merge", 8, torch.OutOfMemoryError)
+    with pytest.raises(torch.OutOfMemoryError) as err:
+        fsdp.merge(model, exact=True)
+    assert err.value.__notes__ == ["merge stopped at '7'; the layers before it ['0', '1', '2', '3', '4', '5', '...'] "
+                                   "were unmerged again"]
+    assert [layer.merged for layer in lora_layers(model).values()] == [False] * 9

@@ -43,9 +43,8 @@ def test_a_frozen_classifier_head_is_named_once_with_the_fix(build, model_class)
     assert got == [f"configure_model: the classification head 'classifier' of {model_class} is frozen (neither a LoRA "
                    "target nor in modules_to_save), so training leaves it as it is; a head that from_pretrained "
                    "initialised at random (a new num_labels) stays random. Pass modules_to_save=['classifier'] to "
-                   "configure_model to train it (after LoRAMBoOptimizer.configure(): configure_model(model, "
-                   "opt.current_ranks(), modules_to_save=['classifier'])), or ignore this warning for a head that "
-                   "is already trained"]
+                   "configure_model (or to LoRAMBoOptimizer(...), whose configure() passes it on) to train it, or "
+                   "ignore this warning for a head that is already trained"]
     assert not any(p.requires_grad for p in model.classifier.parameters())
     # re-ranking the adapted model does not repeat it; the fix it names makes the head trainable
     assert _head_warnings(lambda: configure_model(model, {n: 1 for n in lorambo.lora_layers(model)})) == []
