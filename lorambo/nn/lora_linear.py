@@ -41,7 +41,7 @@ from lorambo.nn.slot_lineage import (SLOT_IDS_KEY, adopt_ids, drop_ids, keep_ids
 from lorambo.nn.slots import PoolSlots, local_slots, tag_pool_parameter
 from lorambo.nn.unsupported_optimizers import refuse_unsupported_optimizers
 from lorambo.ops import lora_linear
-from lorambo.ops.compile_support import autocast_available, dynamic_int_attribute
+from lorambo.ops.compile_support import autocast_available, rank_tensor, traced_rank
 from lorambo.sharding import is_sharded, local_tensor
 from lorambo.user_warnings import warns_when_done
 
@@ -245,6 +245,7 @@ class LoRAMBoLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.zeros(capacity, self.in_features, dtype=weight.dtype, device=weight.device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, capacity, dtype=weight.dtype, device=weight.device))
         self._rank = 0
+        self._rank_tensor = rank_tensor(0)  # the rank as torch.compile reads it (traced_rank)
         self._slots = PoolSlots(0)
         self._slot_edits = 0
         self._slot_ids = [-1] * capacity  # lorambo/nn/slot_lineage.py
@@ -276,6 +277,8 @@ class LoRAMBoLinear(nn.Module):
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_slot_edits", 0)  # a layer pickled before the count existed
+        if "_rank_tensor" not in self.__dict__:  # ... or before the rank tensor existed
+            self._rank_tensor = rank_tensor(self._rank)
         move_counter_past(self.__dict__.get("_slot_ids", ()))  # ids made by the pickling process
         self._tag_pools()  # deepcopy / unpickling rebuilds the Parameters without their tags
         restore_new_slots(self)  # ... and without the SGD records of slots not stepped yet
@@ -322,6 +325,7 @@ class LoRAMBoLinear(nn.Module):
 
     def _set_active_rank(self, rank: int) -> None:
         self._rank = rank
+        self._rank_tensor.fill_(rank)
         self._slots.rank = rank
 
     # ----------------------------------------------------------------------------- helpers
@@ -589,7 +593,8 @@ class LoRAMBoLinear(nn.Module):
         # .half() / .to(dtype) after building, or autocast, may make the settings overflow or vanish
         check_settings_fit(self._label, x.dtype, self.scaling, p, " (under autocast)" if autocasting else "",
                            self.alpha)
-        rank = dynamic_int_attribute(self, "_rank")  # symbolic under torch.compile: no graph per rank
+        # an unbacked SymInt under torch.compile: one graph for every rank, 0 and 1 included
+        rank = traced_rank(self)
         # turned off only where it is on: entering torch.autocast costs 4 us, at every layer call
         with torch.autocast(device_type, enabled=False) if autocasting else contextlib.nullcontext():
             return lora_linear(x, weight, bias, lora_a, lora_b, rank, self.scaling, p)

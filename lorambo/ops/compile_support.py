@@ -2,27 +2,43 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
-def dynamic_int_attribute(module: torch.nn.Module, name: str) -> int:
-    """``getattr(module, name)``, read under torch.compile as a dynamic (symbolic) int.
+def rank_tensor(rank: int) -> torch.Tensor:
+    """A new 0-d int64 CPU tensor holding ``rank``, for :func:`traced_rank`: a plain tensor even
+    when made under ``torch.inference_mode()`` (so that later rank changes may write to it), on
+    the CPU under any default device."""
+    with torch.inference_mode(False):
+        return torch.full((), int(rank), dtype=torch.int64, device="cpu")
 
-    Dynamo treats int attributes of an nn.Module as constants and guards on their value, so a
-    layer whose rank changes would recompile for every rank and soon hit the recompile limit.
-    Read here, inside ``torch._dynamo.patch_dynamo_config(allow_unspec_int_on_nn_module=True)``
-    (a config patch that Dynamo applies while tracing), the attribute follows automatic dynamic
-    shapes instead: the first value compiles as a constant (0 and 1 always do), a second value
-    recompiles once with a symbolic int, and later values reuse that graph. Outside torch.compile
-    this is a plain attribute read (entering the patch costs ~0.5 ms, so eager never does).
-    Torch versions without ``patch_dynamo_config`` fall back to the plain read (a recompile per value).
+
+def traced_rank(layer: torch.nn.Module) -> int:
+    """The active rank of ``layer`` as the LoRA op takes it: ``layer._rank`` outside
+    torch.compile, else the value of ``layer._rank_tensor`` (a 0-d int64 CPU tensor from
+    :func:`rank_tensor` that the layer keeps equal to its rank), read in the graph.
+
+    Read with ``.item()`` under torch.compile, the rank is an unbacked SymInt: the graph reads
+    it at every call, so it has no guard on the rank and one graph serves every rank, 0 and 1
+    included. An int attribute (even one traced as a dynamic int) is a backed SymInt, and Dynamo
+    specialises those on 0 and 1: the graph with a symbolic rank guarded ``rank >= 2`` per
+    layer, and each new set of layers at rank 0 or 1 compiled a new graph until the recompile
+    limit. ``layer._rank`` is not read under compile: torch 2.11's Dynamo guards on the value of
+    an int attribute it reads even when unused. The ops slice the pools at the value they are
+    called with, so a compiled graph's cost follows the rank as the eager op's does. The checks
+    bound the value for the ops' shape checks (a tensor outside them fails at run time, never
+    silently). Reading a CPU scalar is no device synchronisation.
     """
-    if torch.compiler.is_compiling():
-        patch = getattr(torch._dynamo, "patch_dynamo_config", None)
-        if patch is not None:
-            with patch(allow_unspec_int_on_nn_module=True):
-                return getattr(module, name) + 0  # "+ 0" wraps the value inside the patch
-    return getattr(module, name)
+    if not torch.compiler.is_compiling():
+        return layer._rank
+    patch = getattr(torch._dynamo, "patch_dynamo_config", None)  # fullgraph=True captures .item() anyway
+    with patch(capture_scalar_outputs=True) if patch is not None else contextlib.nullcontext():
+        value = layer._rank_tensor.item()
+    torch._check(value >= 0)
+    torch._check(value <= layer.capacity)
+    return value
 
 
 @torch.compiler.assume_constant_result
