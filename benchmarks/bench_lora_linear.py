@@ -237,13 +237,17 @@ def versions(device):
 
 # ----------------------------------------------------------------------------- reporting
 def latest_runs(path: Path):
-    """The rows of the latest run of each dtype (a bf16 and an fp16 run side by side)."""
+    """The rows of the latest run of each dtype (a bf16 and an fp16 run side by side), on the
+    device of the latest run: a CSV that also holds runs from another GPU must not set that
+    GPU's numbers beside this one's under one title."""
     if not path.exists():
         raise SystemExit(f"bench_lora_linear: {path} does not exist; nothing to redraw")
     with path.open() as fh:
         rows = list(csv.DictReader(fh))
     if not rows:  # before the .md is rewritten: an empty summary must not replace a real one
         raise SystemExit(f"bench_lora_linear: {path} holds no rows; nothing to redraw")
+    device = max(rows, key=lambda r: r["run"])["device"]
+    rows = [r for r in rows if r["device"] == device]
     out = []
     for dtype in sorted({r["dtype"] for r in rows}):
         last = max(r["run"] for r in rows if r["dtype"] == dtype)

@@ -216,3 +216,18 @@ def test_bench_host_overhead_records_machine_and_commit_and_summarises(tmp_path,
     assert "| configure_model_48 |" in table and "| here |" in table
     with pytest.raises(SystemExit):
         bench.main(["--repeats", "6", "--no-save"])
+
+
+def test_bench_lora_linear_report_shows_only_the_latest_runs_device(tmp_path):
+    """An older fp16 run on one GPU and a newer bf16 run on another: the summary (one title, one
+    device) holds the newer device's rows only."""
+    bench = _load("bench_lora_linear")
+    out = tmp_path / "lora_linear.csv"
+    runs = [("2026-12-01T00:00:00Z", "NVIDIA H100", "float16"), ("2026-12-05T00:00:00Z", "NVIDIA H200", "bfloat16")]
+    with out.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=bench.FIELDS)
+        writer.writeheader()
+        for run, device, dtype in runs:
+            writer.writerow({field: "1" for field in bench.FIELDS} | {"run": run, "device": device, "dtype": dtype})
+    rows = bench.latest_runs(out)
+    assert rows and {(r["device"], r["dtype"]) for r in rows} == {("NVIDIA H200", "bfloat16")}
