@@ -381,17 +381,20 @@ class AdamW(torch.optim.AdamW):
         _check_state_shapes(self, state_dict)
         # torch casts every floating state tensor to its parameter's dtype on load; step counts
         # must stay float32 (bfloat16 counts are exact only up to 256).
+        # Converted before torch's load changes anything: out of memory on the device then leaves
+        # the optimizer as it was, not loaded with rounded counts.
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
-        counts = {pid: state_dict["state"][pid][SLOT_STEP].clone()
-                  for pid in saved_ids if SLOT_STEP in state_dict["state"].get(pid, {})}
-        # and so are the moments of float16 parameters (see moment_dtype), which torch would round to float16
         params = [p for group in self.param_groups for p in group["params"]]
-        wide = {pid: {key: value.clone() for key, value in state_dict["state"].get(pid, {}).items()
-                      if key in _PER_ELEMENT and torch.is_tensor(value)}
+        saved = state_dict["state"]
+        counts = {pid: saved[pid][SLOT_STEP].to(device=param.device, dtype=torch.float32, copy=True)
+                  for pid, param in zip(saved_ids, params) if SLOT_STEP in saved.get(pid, {})}
+        # and so are the moments of float16 parameters (see moment_dtype), which torch would round to float16
+        wide = {pid: {key: value.to(device=param.device, dtype=moment_dtype(param.dtype), copy=True)
+                      for key, value in saved.get(pid, {}).items() if key in _PER_ELEMENT and torch.is_tensor(value)}
                 for pid, param in zip(saved_ids, params) if moment_dtype(param.dtype) != param.dtype}
         super().load_state_dict(state_dict)
         for pid, param in zip(saved_ids, params):
             if pid in counts:
-                self.state[param][SLOT_STEP] = counts[pid].to(device=param.device, dtype=torch.float32)
-            for key, value in wide.get(pid, {}).items():
-                self.state[param][key] = value.to(device=param.device, dtype=moment_dtype(param.dtype))
+                self.state[param][SLOT_STEP] = counts[pid]
+            if pid in wide:
+                self.state[param].update(wide[pid])
