@@ -242,8 +242,8 @@ def _check_state_follows(param: torch.Tensor, state: dict) -> None:
     """A model cast or moved after the optimizer's first step (``model.double()``,
     ``model.to(device)``) leaves the moments behind; the update would then fail inside torch or
     the extension with a message about the dtypes of internal tensors, or mix dtypes."""
-    value = state.get("exp_avg")  # the other moments were made, and are cast or moved, with it
-    if torch.is_tensor(value) and (value.dtype != moment_dtype(param.dtype) or value.device != param.device):
+    if _state_left_behind(param, state):
+        value = state["exp_avg"]
         raise RuntimeError(
             f"lorambo.optim.AdamW: the exp_avg of a parameter of shape {list(param.shape)} is {value.dtype} on "
             f"{value.device}, but the parameter is now {param.dtype} on {param.device}: the model was cast or moved "
@@ -255,7 +255,7 @@ def _state_left_behind(param: torch.Tensor, state: dict) -> bool:
     """:func:`_check_state_follows`'s condition, as cheap as it gets: ``step`` tests it for every
     parameter at every step. Two CPU tensors are on one device, so the ``torch.device``
     objects (the larger part of the cost) are made only off the CPU."""
-    value = state.get("exp_avg")
+    value = state.get("exp_avg")  # the other moments were made, and are cast or moved, with it
     if not isinstance(value, torch.Tensor):  # torch.is_tensor, without the call
         return False
     dtype = param.dtype
