@@ -63,13 +63,29 @@ __device__ __forceinline__ A block_sum(A v, A* shared) {
   return v;
 }
 
+// Each thread adds kSumBlock products in the accumulation type A (float32 unless an operand is
+// float64), then hands the block sum to a float64 total; the tree over threads is float64. As on
+// the CPU (csrc/cpu/multi_tensor_cpu.cpp): |error| <= (8 u32 + 2000 u64) * sum |x y|. A float32
+// total per thread rounds every add relative to a growing sum, which for a sum of squares (one
+// sign) grows with the number of terms.
+constexpr int kSumBlock = 8;
+
 template <typename A, typename TX, typename TY>
 __device__ void dot_item(const TX* x, const TY* y, int64_t len, double* partial) {
-  __shared__ A shared[kThreads / 32];
-  A acc = 0;
-  for (int64_t i = threadIdx.x; i < len; i += blockDim.x) acc += static_cast<A>(x[i]) * static_cast<A>(y[i]);
-  acc = block_sum(acc, shared);
-  if (threadIdx.x == 0) *partial = static_cast<double>(acc);
+  __shared__ double shared[kThreads / 32];
+  double total = 0.0;
+  A block = 0;
+  int in_block = 0;
+  for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
+    block += static_cast<A>(x[i]) * static_cast<A>(y[i]);
+    if (++in_block == kSumBlock) {
+      total += static_cast<double>(block);
+      block = 0;
+      in_block = 0;
+    }
+  }
+  total = block_sum(total + static_cast<double>(block), shared);
+  if (threadIdx.x == 0) *partial = total;
 }
 
 // tables: per tensor [x_ptr, y_ptr, dtx, dty]; items: [tensor, start, len].

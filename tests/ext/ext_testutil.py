@@ -43,3 +43,21 @@ def cpu_kernel(op):
     """Call the CPU kernel directly (bypassing the Meta/fake dispatch a meta tensor would pick)."""
     keyset = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
     return lambda *args: op.default.redispatch(keyset, *args)
+
+
+U32, U64 = 2.0 ** -24, 2.0 ** -53
+# csrc/cpu/multi_tensor_cpu.cpp and csrc/cuda/multi_tensor.cu: each product rounded once to
+# float32 (exact for bf16/fp16 operands), sums of 8 of them in float32 (gamma_7 = 7u / (1 - 7u)),
+# the rest in float64 (lanes or threads over a chunk, chunks, rows: far fewer than 2000 adds)
+ACCUMULATION_BOUND = 8 * U32 / (1 - 7 * U32) + 2000 * U64
+
+
+def check_within_accumulation_bound(got, xs, ys, rows=1):
+    """|got - exact| <= ACCUMULATION_BOUND * sum |x y| per entry, the exact value in float64."""
+    assert got.dtype == torch.float64 and got.shape == (rows, len(xs))
+    got = got.cpu()
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        prod = (x.cpu().double() * y.cpu().double()).reshape(rows, -1)
+        want, scale = prod.sum(1), prod.abs().sum(1)
+        err = (got[:, i] - want).abs()
+        assert bool((err <= ACCUMULATION_BOUND * scale + 1e-30).all()), (i, x.shape, x.dtype, y.dtype, got[:, i], want)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from ext_testutil import FLOAT_DTYPES, cpu_kernel, generator, needs_ext, random_dtype, random_shape
+from ext_testutil import (FLOAT_DTYPES, check_within_accumulation_bound, cpu_kernel, generator, needs_ext,
+                          random_dtype, random_shape)
 
 import lorambo
 from lorambo.ext import ops as ext_ops
@@ -22,47 +23,30 @@ def _pairs(n, gen, big=False):
     return xs, ys
 
 
-U32, U64 = 2.0 ** -24, 2.0 ** -53
-# csrc/cpu/multi_tensor_cpu.cpp: each product rounded once to float32 (exact for bf16/fp16
-# operands), sums of 8 of them in a float32 lane (gamma_7 = 7u / (1 - 7u)), the rest in float64
-# (lanes over a 16k chunk, chunks, rows: far fewer than 2000 adds on any path)
-BOUND = 8 * U32 / (1 - 7 * U32) + 2000 * U64
-
-
-def _check(got, xs, ys, rows=1):
-    """|got - exact| <= BOUND * sum |x y| per entry, the exact value in float64."""
-    assert got.dtype == torch.float64 and got.shape == (rows, len(xs))
-    for i, (x, y) in enumerate(zip(xs, ys)):
-        prod = (x.double() * y.double()).reshape(rows, -1)
-        want, scale = prod.sum(1), prod.abs().sum(1)
-        err = (got[:, i] - want).abs()
-        assert bool((err <= BOUND * scale + 1e-30).all()), (i, x.shape, x.dtype, y.dtype, got[:, i], want)
-
-
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_a_sum_of_4m_squares_is_within_the_accumulation_bound(dtype):
     """A float32 lane added 1024 squares in a row, each add rounded relative to the growing total:
     the squared norm of 4M bf16 values was 1.4e-6 off float64 (about u32 sqrt(1024 / 3)), above
-    the 4.8e-7 of BOUND (multi_dot of random signs: 1e-11, its partial sums stay small). Lengths
-    not a multiple of the 128-element block or of the 16 lanes take the partial block and tail."""
+    the 4.8e-7 of ACCUMULATION_BOUND (multi_dot of random signs: 1e-11, its partial sums stay
+    small). Lengths not a multiple of the 128-element block or of the 16 lanes take the partial block and tail."""
     gen = generator()
     xs = [torch.randn(n, generator=gen).to(dtype) for n in (1 << 22, (1 << 22) + 16 * 5 + 7)]
-    _check(ext_ops.multi_sq_norm(xs), xs, xs)
-    _check(ext_ops.multi_dot(xs, xs), xs, xs)
+    check_within_accumulation_bound(ext_ops.multi_sq_norm(xs), xs, xs)
+    check_within_accumulation_bound(ext_ops.multi_dot(xs, xs), xs, xs)
 
 
 @pytest.mark.parametrize("n", [1, 23, 300])
 def test_multi_dot_matches_float64_reference(n):
     gen = generator()
     xs, ys = _pairs(n, gen, big=(n == 23))
-    _check(ext_ops.multi_dot(xs, ys), xs, ys)
+    check_within_accumulation_bound(ext_ops.multi_dot(xs, ys), xs, ys)
 
 
 @pytest.mark.parametrize("n", [1, 23, 300])
 def test_multi_sq_norm_matches_float64_reference(n):
     gen = generator()
     xs, _ = _pairs(n, gen, big=(n == 23))
-    _check(ext_ops.multi_sq_norm(xs), xs, xs)
+    check_within_accumulation_bound(ext_ops.multi_sq_norm(xs), xs, xs)
 
 
 def test_float64_inputs_accumulate_in_float64():
@@ -77,7 +61,7 @@ def test_rows_match_per_layer_reductions(dtype):
     xs = [torch.randn(s).to(dtype) for s in shapes]
     ys = [torch.randn(s).to(dtype) for s in shapes]
     got = ext_ops.multi_dot(xs, ys, rows=4)
-    _check(got, xs, ys, rows=4)  # the layout of per_layer_dots, which sums in float64:
+    check_within_accumulation_bound(got, xs, ys, rows=4)  # the layout of per_layer_dots, which sums in float64:
     lorambo.set_backend("torch")  # per_layer_* would otherwise run the compiled op under test
     try:
         want = per_layer_dots([x.double() for x in xs], [y.double() for y in ys])
