@@ -180,3 +180,61 @@ def test_plain_loop_finds_the_scaler_of_the_accelerated_optimizer_it_is_given(ca
     for (_, _, g), (_, _, w) in zip(got, want):
         torch.testing.assert_close(torch.tensor(g), torch.tensor(w), rtol=1e-9, atol=0)
     assert [(n, r) for n, r, _ in decide(1.0, None)] == [(n, r) for n, r, _ in want]  # bf16/fp32: no scaler
+
+
+def test_trainer_callback_with_moves_skips_an_overflowed_step_whole():
+    """fp16 Trainer with importance scores and rank moves: a step whose scaled gradients
+    overflowed (the GradScaler skips it) made the importance averages inf/NaN for good, and the
+    next decision raised a ValueError on the NaN scores. The step now changes nothing: the run
+    decides and trains as one that never had it."""
+    import types
+
+    from lorambo.integrations import LoRAMBoCallback
+    from lorambo.sensitivity.adalora_importance import AdaLoRAImportance
+
+    def run(overflow_first):
+        model = _model()
+        budget = 2 * (8 + 16) + 2 * (16 + 8)  # what ranks 2 and 2 spend: only moves can grow a layer
+        alloc = LoRAMBoOptimizer(model, budget, sensitivity_method="frobenius", target_modules=["0", "2"],
+                                 capacity=4, interval=1, sketch_rank=2, move_threshold=1e30, max_moves=1)
+        alloc.configure({"0": 2, "2": 2})
+        with torch.no_grad():
+            for name in ("0", "2"):
+                model.get_submodule(name).lora_B.normal_(generator=torch.Generator().manual_seed(2))
+        importance = AdaLoRAImportance(model)
+        inner = alloc.make_optimizer(lr=1e-2)
+        scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
+        callback = LoRAMBoCallback(alloc, importance=importance)
+        opt = _accelerated(inner, scaler)
+        args = types.SimpleNamespace(should_save=False, output_dir="unused")
+        gen = torch.Generator().manual_seed(1)
+        batches = [(torch.randn(24, 8, dtype=DT, generator=gen), torch.randn(24, 3, dtype=DT, generator=gen))
+                   for _ in range(3)]
+        for step, (x, y) in enumerate(batches):
+            if step == 0 and not overflow_first:
+                continue  # the same step numbers: they seed the new rows of A
+            state = types.SimpleNamespace(global_step=step)
+            callback.on_step_begin(args, state, None)
+            loss = ((model(x) - y) ** 2).mean() * (float("inf") if overflow_first and step == 0 else 1.0)
+            scaler.scale(loss).backward()
+            if overflow_first and step == 0:
+                with pytest.warns(RuntimeWarning, match="step 0: the LoRA gradients are not finite"):
+                    callback.on_pre_optimizer_step(args, state, None, optimizer=opt)
+            else:
+                callback.on_pre_optimizer_step(args, state, None, optimizer=opt)
+            scaler.step(inner)
+            scaler.update()
+            inner.zero_grad()
+        moves = [(r["layer"], r["event"], r["old_rank"], r["new_rank"], r.get("scores")) for r in callback.decisions]
+        return moves, [p.detach().clone() for p in model.parameters() if p.requires_grad], importance
+
+    want_moves, want_pools, _ = run(overflow_first=False)
+    got_moves, got_pools, importance = run(overflow_first=True)
+    assert any(event == "shrink" for _, event, _, _, _ in want_moves)  # the scores moved ranks
+    assert [m[:4] for m in got_moves] == [m[:4] for m in want_moves]
+    for got, want in zip(got_moves, want_moves):
+        if want[4] is not None:
+            torch.testing.assert_close(torch.tensor(got[4]), torch.tensor(want[4]), rtol=1e-12, atol=0)
+    for got, want in zip(got_pools, want_pools):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+    assert (importance.steps, importance.skipped_steps) == (2, 1)
