@@ -645,6 +645,7 @@ class LoRAMBoOptimizer:
         resume.check_allocator_state(self, state)
         resume.apply_allocator_state(self, state)
         self.close()  # activations captured before the resume belong to none of its decisions
+        self._decided_step = None  # a step retried after the resume decides again, on the loaded ranks
 
     # ------------------------------------------------------------------------ visibility
     def current_ranks(self) -> dict[str, int]:

@@ -97,3 +97,35 @@ def test_alora_runs_one_round_per_decision_step():
         assert alloc.step(0) == []
     assert alloc.alora_schedule().rounds_done == 1 and alloc.current_ranks() == ranks
     assert alloc.decisions == first
+
+
+def test_a_step_retried_after_loading_an_earlier_state_decides_again():
+    """A loop that restores the model and the allocator saved before a decision step (an error
+    after the decision, then a retry in the same process) takes that step's decision again."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16, dtype=DT), nn.Tanh(), nn.Linear(16, 3, dtype=DT))
+    alloc = LoRAMBoOptimizer(model, 2000, sensitivity_method="frobenius", target_modules=["0", "2"],
+                             capacity=3, interval=1, sketch_rank=2)
+    alloc.configure({"0": 1, "2": 1})
+    alloc.make_optimizer(lr=1e-2)
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_alloc = alloc.state_dict()
+    x, y = _batches()[0][0]
+
+    def decide():
+        with alloc.capture(0):
+            ((model(x) - y) ** 2).mean().backward()
+        records = alloc.step(0)
+        model.zero_grad()
+        return records, {k: v.clone() for k, v in model.state_dict().items()}
+
+    first, grown = decide()
+    assert first
+    model.load_state_dict(saved_model)
+    alloc.load_state_dict(saved_alloc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        again, regrown = decide()
+    assert again == first
+    for key, value in grown.items():
+        torch.testing.assert_close(regrown[key], value, rtol=0, atol=0, msg=key)
