@@ -92,8 +92,9 @@ class ActivationCapture:
 
     Memory: X is a view of what autograd saves anyway; dY is extra, T x out per layer until the
     decision. ``max_tokens`` = m keeps evenly spaced rows (of the T real ones) per call, rows
-    ``floor(i (T - 1) / (m - 1))`` for i < m (dY rows scaled by T / m, so G keeps its scale), to
-    bound that on large models. The rows are fixed, not random: G is approximated, not estimated
+    ``floor(i (T - 1) / (m - 1))`` for i < m (dY rows scaled by T / m, so G keeps its scale;
+    float16 ones kept in float32, where the scaled rows of a GradScaler's scaled loss cannot
+    overflow), to bound that on large models. The rows are fixed, not random: G is approximated, not estimated
     without bias.
     """
 
@@ -172,7 +173,14 @@ class ActivationCapture:
 
             def grad_hook(g, index=index, rows=rows, scale=scale):
                 g = g.detach().reshape(-1, g.shape[-1])                        # (T, out)
-                self.grads[name][index] = g if rows is None else g.index_select(0, rows) * scale
+                if rows is not None:
+                    g = g.index_select(0, rows)
+                    if scale != 1.0:
+                        # in float32 for float16 dY: a GradScaler keeps the scaled dY not far below
+                        # float16's 65504, and T / m times them came out inf (the decision of a
+                        # step that trained was skipped as not finite)
+                        g = (g.float() if g.dtype == torch.float16 else g) * scale
+                self.grads[name][index] = g
 
             output.register_hook(grad_hook)
             if torch._C._current_graph_task_id() != -1:

@@ -238,3 +238,37 @@ def test_trainer_callback_with_moves_skips_an_overflowed_step_whole():
     for got, want in zip(got_pools, want_pools):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
     assert (importance.steps, importance.skipped_steps) == (2, 1)
+
+
+def test_subsampled_float16_capture_decides_at_any_loss_scale_the_step_survives():
+    """fp16 autocast with ``max_tokens``: the capture multiplied the kept float16 dY rows by
+    T / m = 16 in float16, so at loss scales the training step came through (2^10, 2^11) the
+    captured rows overflowed and the decision was skipped as not finite. The scale must not
+    change the decision: equal to the one at loss scale 1, where nothing comes near 65504."""
+
+    def decide(scale):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+        alloc = LoRAMBoOptimizer(model, 10**6, sensitivity_method="frobenius", capacity={"0": 8, "2": 4},
+                                 interval=1, sketch_rank=2, max_tokens=16)
+        alloc.configure({"0": 1, "2": 1})
+        opt = alloc.make_optimizer(lr=1e-3)
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+        gen = torch.Generator().manual_seed(1)
+        x, y = torch.randn(4, 64, 8, generator=gen), torch.randn(4, 64, 4, generator=gen)
+        with alloc.capture(0), torch.autocast("cpu", dtype=torch.float16):
+            loss = ((model(x) - y) ** 2).sum()   # 256 tokens, 16 kept per call
+        scaler.scale(loss).backward()
+        records = alloc.step(0, optimizer=opt, grad_scaler=scaler)
+        scaler.step(opt)
+        scaler.update()
+        assert scaler.get_scale() == scale     # the training step did not overflow
+        return [(r["layer"], r["new_rank"], r["gains"]) for r in records]
+
+    want = decide(1.0)
+    assert want
+    for scale in (2.0 ** 10, 2.0 ** 11):
+        got = decide(scale)
+        assert [(n, r) for n, r, _ in got] == [(n, r) for n, r, _ in want]
+        for (_, _, g), (_, _, w) in zip(got, want):
+            torch.testing.assert_close(torch.tensor(g), torch.tensor(w), rtol=1e-5, atol=0)
