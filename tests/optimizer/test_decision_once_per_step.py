@@ -1,7 +1,7 @@
 """A plain accumulation loop that calls ``opt.step(step)`` after every micro-batch: the step's
-decision is taken at the first call, and the later calls of that step take none. Each call
-took another decision, from the micro-batches since the last one, so a decision step grew
-ranks twice and spent its budget twice (ALoRA ran its round twice)."""
+decision is taken at the first call, and once it has changed ranks the later calls of that step
+take none. Each call took another decision, from the micro-batches since the last one, so a
+decision step grew ranks twice and spent its budget twice (ALoRA ran its round twice)."""
 
 import warnings
 
@@ -51,9 +51,9 @@ def _train(step_after_every_micro_batch: bool):
 
 def test_repeated_calls_of_a_decision_step_take_one_decision():
     want_decisions, want_state = _train(step_after_every_micro_batch=False)
-    with pytest.warns(RuntimeWarning, match=r"step\(0\): step 0 has taken its rank decision already") as caught:
+    with pytest.warns(RuntimeWarning, match=r"step\(0\): step 0 has changed ranks already") as caught:
         got_decisions, got_state = _train(step_after_every_micro_batch=True)
-    assert len([w for w in caught if "has taken its rank decision" in str(w.message)]) == 1  # warned once
+    assert len([w for w in caught if "has changed ranks already" in str(w.message)]) == 1  # warned once
     assert {r["step"] for r in want_decisions} == {0, 2}
     assert got_decisions == want_decisions
     for key, value in want_state.items():
@@ -93,7 +93,7 @@ def test_alora_runs_one_round_per_decision_step():
     first = alloc.step(0)
     assert first and alloc.alora_schedule().rounds_done == 1
     ranks = alloc.current_ranks()
-    with pytest.warns(RuntimeWarning, match=r"step 0 has taken its rank decision already"):
+    with pytest.warns(RuntimeWarning, match=r"step 0 has changed ranks already"):
         assert alloc.step(0) == []
     assert alloc.alora_schedule().rounds_done == 1 and alloc.current_ranks() == ranks
     assert alloc.decisions == first
@@ -129,3 +129,25 @@ def test_a_step_retried_after_loading_an_earlier_state_decides_again():
     assert again == first
     for key, value in grown.items():
         torch.testing.assert_close(regrown[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_a_step_repeated_after_an_overflow_decides_on_the_retry():
+    """A loop that counts only the steps its GradScaler took repeats the step number after an
+    overflow: the overflowed attempt's decision was skipped (not finite), so the retry decides."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16, dtype=DT), nn.Tanh(), nn.Linear(16, 3, dtype=DT))
+    alloc = LoRAMBoOptimizer(model, 2000, sensitivity_method="frobenius", target_modules=["0", "2"],
+                             capacity=3, interval=1, sketch_rank=2)
+    alloc.configure({"0": 1, "2": 1})
+    x, y = _batches()[0][0]
+    with alloc.capture(0):
+        (((model(x) - y) ** 2).mean() * float("inf")).backward()
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        assert alloc.step(0) == []
+    model.zero_grad()
+    with alloc.capture(0):
+        ((model(x) - y) ** 2).mean().backward()
+    assert alloc.online.capture.has_data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert alloc.step(0)
