@@ -109,9 +109,12 @@ class AdaLoRAImportance:
                 # underflows to 0 in fp16, and bf16 rounds it to 3 significant digits
                 acc = torch.promote_types(value.dtype, torch.float32)
                 samples[(name, which)] = (value.to(acc) * grad.to(acc)).abs().float()
-        # one host read per step; the gradients (all-reduced under DDP, gathered under FSDP2) are
-        # the same on every process, so all of them skip together
-        if not bool(torch.stack([torch.isfinite(inst).all().cpu() for inst in samples.values()]).all()):
+        # one host read per step and device; the gradients (all-reduced under DDP, gathered under
+        # FSDP2) are the same on every process, so all of them skip together
+        flags: dict[torch.device, list[torch.Tensor]] = {}
+        for inst in samples.values():
+            flags.setdefault(inst.device, []).append(torch.isfinite(inst).all())
+        if not all(bool(torch.stack(per_device).all()) for per_device in flags.values()):
             self.skipped_steps += 1
             return False
         for key, inst in samples.items():
