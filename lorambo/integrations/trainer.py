@@ -209,7 +209,8 @@ class LoRAMBoCallback(TrainerCallback):
             if optimizer is not None:
                 _unscale_gradients(grad_scaler, stepped)
             folded = self.importance.update()  # every step: the EMAs need the whole history
-            if self.allocator.move_threshold is not None and self.allocator.is_decision_step(state.global_step):
+            if (self.allocator.move_threshold is not None and self.allocator.allocation != "alora"
+                    and self.allocator.is_decision_step(state.global_step)):  # ALoRA scores by ablation
                 if not folded:  # an overflowed step, which the GradScaler skips: nothing to score moves by
                     warn_user(f"LoRAMBoCallback: step {state.global_step}: the LoRA gradients are not finite "
                               "(NaN/inf): no rank decision is taken at this step", RuntimeWarning)

@@ -272,3 +272,31 @@ def test_subsampled_float16_capture_decides_at_any_loss_scale_the_step_survives(
         assert [(n, r) for n, r, _ in got] == [(n, r) for n, r, _ in want]
         for (_, _, g), (_, _, w) in zip(got, want):
             torch.testing.assert_close(torch.tensor(g), torch.tensor(w), rtol=1e-5, atol=0)
+
+
+def test_trainer_callback_runs_an_alora_round_at_an_overflowed_step():
+    """ALoRA scores components by ablation on held-out batches, not by the importance averages:
+    an overflowed step (which the importance leaves out) keeps its round."""
+    import types
+
+    from lorambo.allocation.alora import ALoRAConfig
+    from lorambo.integrations import LoRAMBoCallback
+    from lorambo.sensitivity.adalora_importance import AdaLoRAImportance
+
+    from residual_net import ResidualNet, mse
+
+    torch.manual_seed(0)
+    model = ResidualNet(hidden=12)
+    heldout = [(x, torch.randn(16, 8, dtype=DT)) for x in (torch.randn(16, 8, dtype=DT) for _ in range(2))]
+    alloc = LoRAMBoOptimizer(model, 20 * 12, allocation="alora", loss_fn=mse, heldout_batches=heldout,
+                             alora=ALoRAConfig(k1=0, k2=3, rounds=2, n_prune=2), move_threshold=1.0)
+    alloc.compute_optimal_ranks()
+    alloc.configure()
+    importance = AdaLoRAImportance(model)
+    callback = LoRAMBoCallback(alloc, importance=importance)
+    args, state = types.SimpleNamespace(should_save=False, output_dir="unused"), types.SimpleNamespace(global_step=0)
+    callback.on_step_begin(args, state, None)
+    (mse(model, (torch.randn(16, 8, dtype=DT), torch.randn(16, 8, dtype=DT))) * float("inf")).backward()
+    callback.on_pre_optimizer_step(args, state, None, optimizer=alloc.make_optimizer(lr=0.0))
+    assert importance.skipped_steps == 1
+    assert alloc.alora_schedule().rounds_done == 1 and callback.decisions
