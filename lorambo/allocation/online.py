@@ -83,7 +83,8 @@ class ActivationCapture:
     """Record ``X`` [T, in] and ``dY`` [T, out] of each layer while armed (a context manager).
 
     Calls of a layer within one armed period (gradient accumulation, a layer used twice) are all
-    kept and summed in the products. Outputs that do not require grad (eval, no_grad) are skipped.
+    kept and summed in the products; the dY of several backward passes through one call
+    (``retain_graph=True``) are summed. Outputs that do not require grad (eval, no_grad) are skipped.
 
     Padding: :meth:`set_token_mask` gives the [B, T] mask of the batch the following calls run
     on (:mod:`lorambo.sensitivity.token_mask`); only rows of real tokens are kept, so G, the
@@ -180,7 +181,10 @@ class ActivationCapture:
                         # float16's 65504, and T / m times them came out inf (the decision of a
                         # step that trained was skipped as not finite)
                         g = (g.float() if g.dtype == torch.float16 else g) * scale
-                self.grads[name][index] = g
+                # several backward passes through one forward (retain_graph=True, a loss per
+                # task) accumulate, as the parameters' .grad do
+                previous = self.grads[name].get(index)
+                self.grads[name][index] = g if previous is None else previous + g
 
             output.register_hook(grad_hook)
             if torch._C._current_graph_task_id() != -1:
