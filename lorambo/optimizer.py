@@ -588,10 +588,10 @@ class LoRAMBoOptimizer:
     def _warn_decided_again(self, step: int) -> None:
         if not self._warned_decided_again:
             self._warned_decided_again = True
-            warn_user(f"LoRAMBoOptimizer.step({step}): step {step} has changed ranks already, so this "
-                      "call takes no decision (nor will later repeated calls, without another warning). Under gradient "
-                      "accumulation call step(step) once per optimizer step, after the last micro-batch's "
-                      "backward, so that its decision sees every micro-batch", RuntimeWarning)
+            warn_user(f"LoRAMBoOptimizer.step({step}): step {step} has changed ranks already, so this call "
+                      "takes no decision (nor will later repeated calls, without another warning). Under "
+                      "gradient accumulation call step(step) once per optimizer step, after the last "
+                      "micro-batch's backward, so that its decision sees every micro-batch", RuntimeWarning)
 
     def alora_schedule(self) -> ALoRA:
         """The ALoRA rounds of ``allocation="alora"``, built on first use (the layers must exist)."""

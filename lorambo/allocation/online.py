@@ -84,7 +84,8 @@ class ActivationCapture:
 
     Calls of a layer within one armed period (gradient accumulation, a layer used twice) are all
     kept and summed in the products; the dY of several backward passes through one call
-    (``retain_graph=True``) are summed. Outputs that do not require grad (eval, no_grad) are skipped.
+    (``retain_graph=True``) are summed. Outputs that do not require grad (eval, no_grad) are
+    skipped.
 
     Padding: :meth:`set_token_mask` gives the [B, T] mask of the batch the following calls run
     on (:mod:`lorambo.sensitivity.token_mask`); only rows of real tokens are kept, so G, the
@@ -95,8 +96,8 @@ class ActivationCapture:
     decision. ``max_tokens`` = m keeps evenly spaced rows (of the T real ones) per call, rows
     ``floor(i (T - 1) / (m - 1))`` for i < m (dY rows scaled by T / m, so G keeps its scale;
     float16 ones kept in float32, where the scaled rows of a GradScaler's scaled loss cannot
-    overflow), to bound that on large models. The rows are fixed, not random: G is approximated, not estimated
-    without bias.
+    overflow), to bound that on large models. The rows are fixed, not random: G is
+    approximated, not estimated without bias.
     """
 
     def __init__(self, layers: Mapping[str, torch.nn.Module], max_tokens: int | None = None):
