@@ -217,6 +217,9 @@ class LoRAMBoOptimizer:
                                                 _OwnerMethod(self, "_heldout_scores"))
         self._alora: ALoRA | None = None
         self.default_optimizer: torch.optim.Optimizer | None = None  # see make_optimizer
+        # the last step whose decision changed ranks: a second call for it takes none (see step)
+        self._decided_step: int | None = None
+        self._warned_decided_again = False
 
     # ------------------------------------------------------------------------ validation
     def _find_targets(self, target_modules):
@@ -524,7 +527,8 @@ class LoRAMBoOptimizer:
         attempt stays captured and the hooks armed: retry after :meth:`close`, or use
         :meth:`capture`, which drops a failed attempt itself."""
         self._check_step(step, "begin_step")
-        if self.allocation != "alora" and self.is_decision_step(step):
+        # a step whose decision changed ranks captures nothing more: no later call of step() uses it
+        if self.allocation != "alora" and self.is_decision_step(step) and step != self._decided_step:
             mask = None if batch is None else batch_token_mask(self.token_mask, batch, "LoRAMBoOptimizer")
             self._follow_layers()
             self.scheduled_growth.begin_step(step, mask)
@@ -554,17 +558,40 @@ class LoRAMBoOptimizer:
         as without AMP. An ``optimizer`` that wraps one (accelerate's ``AcceleratedOptimizer``, what
         ``accelerator.prepare`` returns) brings its scaler when ``grad_scaler`` is None; inside
         ``accelerator.accumulate`` it also defers the decision, as its own ``step()`` does, to the
-        micro-batch that ends the accumulation, so the decision sees every micro-batch of the step."""
+        micro-batch that ends the accumulation, so the decision sees every micro-batch of the step.
+
+        A step changes ranks once: after a decision that changed ranks, a later call with the
+        same ``step`` (a plain loop that calls it after every micro-batch) takes none and warns
+        once, as a second decision would spend the step's budget again on the micro-batches that
+        followed the first."""
         self._check_step(step, "step")
         if skips_this_step(optimizer):
             return []  # the capture keeps this micro-batch; the next calls with this step add to it
         grad_scaler = grad_scaler if grad_scaler is not None else wrapper_grad_scaler(optimizer)
         optimizer = optimizer if optimizer is not None else self.default_optimizer
-        if self.is_decision_step(step):
+        decides = self.is_decision_step(step)
+        if decides and step == self._decided_step:
+            self._warn_decided_again(step)
+            return []
+        if decides:
             self._follow_layers()
         if self.allocation == "alora":
-            return self.alora_schedule().step(step, optimizer)
-        return self.scheduled_growth.step(step, optimizer, component_scores, grad_scaler)
+            records = self.alora_schedule().step(step, optimizer)
+        else:
+            records = self.scheduled_growth.step(step, optimizer, component_scores, grad_scaler)
+        if records:
+            # not after a refusal (it raised) nor a decision that changed nothing (nothing passed the
+            # threshold, an overflowed step skipped): a loop that repeats the step number decides again
+            self._decided_step = step
+        return records
+
+    def _warn_decided_again(self, step: int) -> None:
+        if not self._warned_decided_again:
+            self._warned_decided_again = True
+            warn_user(f"LoRAMBoOptimizer.step({step}): step {step} has changed ranks already, so this call "
+                      "takes no decision (nor will later repeated calls, without another warning). Under "
+                      "gradient accumulation call step(step) once per optimizer step, after the last "
+                      "micro-batch's backward, so that its decision sees every micro-batch", RuntimeWarning)
 
     def alora_schedule(self) -> ALoRA:
         """The ALoRA rounds of ``allocation="alora"``, built on first use (the layers must exist)."""
@@ -621,6 +648,7 @@ class LoRAMBoOptimizer:
         resume.check_allocator_state(self, state)
         resume.apply_allocator_state(self, state)
         self.close()  # activations captured before the resume belong to none of its decisions
+        self._decided_step = None  # a step retried after the resume decides again, on the loaded ranks
 
     # ------------------------------------------------------------------------ visibility
     def current_ranks(self) -> dict[str, int]:

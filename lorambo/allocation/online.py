@@ -83,7 +83,9 @@ class ActivationCapture:
     """Record ``X`` [T, in] and ``dY`` [T, out] of each layer while armed (a context manager).
 
     Calls of a layer within one armed period (gradient accumulation, a layer used twice) are all
-    kept and summed in the products. Outputs that do not require grad (eval, no_grad) are skipped.
+    kept and summed in the products; the dY of several backward passes through one call
+    (``retain_graph=True``) are summed. Outputs that do not require grad (eval, no_grad) are
+    skipped.
 
     Padding: :meth:`set_token_mask` gives the [B, T] mask of the batch the following calls run
     on (:mod:`lorambo.sensitivity.token_mask`); only rows of real tokens are kept, so G, the
@@ -92,9 +94,10 @@ class ActivationCapture:
 
     Memory: X is a view of what autograd saves anyway; dY is extra, T x out per layer until the
     decision. ``max_tokens`` = m keeps evenly spaced rows (of the T real ones) per call, rows
-    ``floor(i (T - 1) / (m - 1))`` for i < m (dY rows scaled by T / m, so G keeps its scale), to
-    bound that on large models. The rows are fixed, not random: G is approximated, not estimated
-    without bias.
+    ``floor(i (T - 1) / (m - 1))`` for i < m (dY rows scaled by T / m, so G keeps its scale;
+    float16 ones kept in float32, where the scaled rows of a GradScaler's scaled loss cannot
+    overflow), to bound that on large models. The rows are fixed, not random: G is
+    approximated, not estimated without bias.
     """
 
     def __init__(self, layers: Mapping[str, torch.nn.Module], max_tokens: int | None = None):
@@ -172,7 +175,17 @@ class ActivationCapture:
 
             def grad_hook(g, index=index, rows=rows, scale=scale):
                 g = g.detach().reshape(-1, g.shape[-1])                        # (T, out)
-                self.grads[name][index] = g if rows is None else g.index_select(0, rows) * scale
+                if rows is not None:
+                    g = g.index_select(0, rows)
+                    if scale != 1.0:
+                        # in float32 for float16 dY: a GradScaler keeps the scaled dY not far below
+                        # float16's 65504, and T / m times them came out inf (the decision of a
+                        # step that trained was skipped as not finite)
+                        g = (g.float() if g.dtype == torch.float16 else g) * scale
+                # several backward passes through one forward (retain_graph=True, a loss per
+                # task) accumulate, as the parameters' .grad do
+                previous = self.grads[name].get(index)
+                self.grads[name][index] = g if previous is None else previous + g
 
             output.register_hook(grad_hook)
             if torch._C._current_graph_task_id() != -1:

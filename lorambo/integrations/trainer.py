@@ -208,8 +208,14 @@ class LoRAMBoCallback(TrainerCallback):
         if self.importance is not None:
             if optimizer is not None:
                 _unscale_gradients(grad_scaler, stepped)
-            self.importance.update()  # every step: the EMAs need the whole history
-            if self.allocator.move_threshold is not None and self.allocator.is_decision_step(state.global_step):
+            folded = self.importance.update()  # every step: the EMAs need the whole history
+            if (self.allocator.move_threshold is not None and self.allocator.allocation != "alora"
+                    and self.allocator.is_decision_step(state.global_step)):  # ALoRA scores by ablation
+                if not folded:  # an overflowed step, which the GradScaler skips: nothing to score moves by
+                    warn_user(f"LoRAMBoCallback: step {state.global_step}: the LoRA gradients are not finite "
+                              "(NaN/inf): no rank decision is taken at this step", RuntimeWarning)
+                    self.allocator.close()
+                    return
                 scores = self.importance.component_scores()
         if _has_sharded_pools(self.allocator.model):  # gathers the pools on decision steps
             records = fsdp.allocator_step(self.allocator, state.global_step, optimizer, component_scores=scores,

@@ -455,6 +455,18 @@ class LoRAMBoLinear(nn.Module):
             reset_slot_state(optimizer, self, range(lo, hi), all_active_new=(old == 0))
         return old
 
+    def _zero_slot_grads(self, lo: int, hi: int) -> None:
+        """Zero the gradients of slots ``lo .. hi-1`` this process holds (a DTensor's own shard):
+        a rank lowered between backward() and the optimizer step would leave the dropped slots'
+        gradients in ``.grad`` (kept by ``zero_grad(set_to_none=False)`` and accumulation), where
+        gradient clipping and torch optimizers still read them."""
+        for param, dim in ((self.lora_A, 0), (self.lora_B, 1)):
+            if param.grad is not None:
+                first, held = local_slots(param, dim)
+                start, stop = min(max(lo - first, 0), held), min(max(hi - first, 0), held)
+                if stop > start:
+                    local_tensor(param.grad).narrow(dim, start, stop - start).zero_()
+
     def _pool_grads(self):
         """(grad, slot_dim) of the pools that hold a gradient."""
         for param, dim in ((self.lora_A, 0), (self.lora_B, 1)):
@@ -769,6 +781,7 @@ class LoRAMBoLinear(nn.Module):
         if settings is not None:
             self.scaling, self.alpha, self.use_rslora = settings
         self.zero_inactive_()  # keep the invariant (a load refuses non-zero values there, a plain call does not)
+        self._zero_slot_grads(min(old, rank), max(old, rank))  # as set_rank does for every changed slot
         restart_ids(self)
 
     def extra_repr(self) -> str:

@@ -15,7 +15,8 @@ singular value lambda_k; a LoRAMBo component is the pair (row k of A, column k o
 
 Call :meth:`AdaLoRAImportance.update` after ``backward()`` and before the optimizer zeroes the
 gradients (in a Trainer callback: ``on_pre_optimizer_step``); under a ``torch.amp.GradScaler``
-after ``scaler.unscale_(optimizer)``, or the scores carry the square of the loss scale. Under DDP the gradients are already
+after ``scaler.unscale_(optimizer)``, or the scores carry the square of the loss scale (a step
+whose gradients overflowed is left out, as the scaler skips it). Under DDP the gradients are already
 averaged, so every process holds the same scores. Inactive slots have zero gradient and weight,
 hence zero importance. After a rank change, tell the tracker with :meth:`keep` (components were
 compacted by ``keep_components``) or :meth:`reset` (slots were re-initialised by ``set_rank``, or
@@ -55,6 +56,7 @@ class AdaLoRAImportance:
         self.beta1, self.beta2 = float(beta1), float(beta2)
         self.layers = lora_targets(model, modules)
         self.steps = 0
+        self.skipped_steps = 0  # update() calls left out for non-finite gradients
         self._ibar: dict[tuple[str, str], torch.Tensor] = {}
         self._ubar: dict[tuple[str, str], torch.Tensor] = {}
         self._followed = {name: layer.slot_edits for name, layer in self.layers.items()}
@@ -80,15 +82,21 @@ class AdaLoRAImportance:
                 "(importance.load_state_dict); LoRAMBoCallback does this itself")
 
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self) -> bool:
         """Fold the current gradients into the running scores (layers without a gradient skip;
         RuntimeError if no layer has one: called before backward() or after zero_grad()). Call it
         once per optimizer step: under gradient accumulation after the last micro-batch's
-        backward, since each call counts the gradient accumulated so far as one more step."""
+        backward, since each call counts the gradient accumulated so far as one more step.
+
+        A step whose gradients are not finite (NaN/inf: a ``torch.amp.GradScaler`` step that
+        overflowed, which the scaler skips too) is left out whole: it would make the averages
+        inf/NaN for good, and every later score with them. Returns whether the step was folded
+        in; :attr:`skipped_steps` counts those left out."""
         self._check_followed("update")
         if all(getattr(layer, "lora_" + w).grad is None for layer in self.layers.values() for w in ("A", "B")):
             raise RuntimeError(f"AdaLoRAImportance.update(): none of its layers {list(self.layers)[:4]} has a "
                                "gradient: call it after loss.backward() and before optimizer.zero_grad()")
+        samples = {}  # every layer's sample first: a non-finite one leaves all statistics as they were
         for name, layer in self.layers.items():
             for which in ("A", "B"):
                 p = getattr(layer, "lora_" + which)
@@ -100,14 +108,23 @@ class AdaLoRAImportance:
                 # in at least float32: the product of fp16 values and gradients (1e-3 * 1e-5)
                 # underflows to 0 in fp16, and bf16 rounds it to 3 significant digits
                 acc = torch.promote_types(value.dtype, torch.float32)
-                inst = (value.to(acc) * grad.to(acc)).abs().float()
-                key = (name, which)
-                if key not in self._ibar:  # first sample: Ibar starts at zero, as in AdaLoRA
-                    self._ibar[key] = torch.zeros_like(inst)
-                    self._ubar[key] = torch.zeros_like(inst)
-                ibar = self._ibar[key].mul_(self.beta1).add_(inst, alpha=1 - self.beta1)
-                self._ubar[key].mul_(self.beta2).add_((inst - ibar).abs(), alpha=1 - self.beta2)
+                samples[(name, which)] = (value.to(acc) * grad.to(acc)).abs().float()
+        # one host read per step and device; the gradients (all-reduced under DDP, gathered under
+        # FSDP2) are the same on every process, so all of them skip together
+        flags: dict[torch.device, list[torch.Tensor]] = {}
+        for inst in samples.values():
+            flags.setdefault(inst.device, []).append(torch.isfinite(inst).all())
+        if not all(bool(torch.stack(per_device).all()) for per_device in flags.values()):
+            self.skipped_steps += 1
+            return False
+        for key, inst in samples.items():
+            if key not in self._ibar:  # first sample: Ibar starts at zero, as in AdaLoRA
+                self._ibar[key] = torch.zeros_like(inst)
+                self._ubar[key] = torch.zeros_like(inst)
+            ibar = self._ibar[key].mul_(self.beta1).add_(inst, alpha=1 - self.beta1)
+            self._ubar[key].mul_(self.beta2).add_((inst - ibar).abs(), alpha=1 - self.beta2)
         self.steps += 1
+        return True
 
     def state_dict(self) -> dict:
         """``{"steps", "ibar", "ubar"}``: the running statistics as CPU tensors keyed by
@@ -166,8 +183,10 @@ class AdaLoRAImportance:
         would then remove components that nothing was measured for."""
         self._check_followed("component_scores")
         if self.steps == 0:
-            raise RuntimeError("AdaLoRAImportance.component_scores(): no update() yet, so there are no scores; "
-                               "call importance.update() after every backward")
+            skipped = (f" ({self.skipped_steps} left out: their gradients were not finite)"
+                       if self.skipped_steps else "")
+            raise RuntimeError(f"AdaLoRAImportance.component_scores(): no update() yet{skipped}, so there are no "
+                               "scores; call importance.update() after every backward")
         scores = {}
         for name, layer in self.layers.items():
             s_a, s_b = self.parameter_scores(name)

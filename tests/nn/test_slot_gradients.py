@@ -43,3 +43,21 @@ def test_shrink_and_grow_give_changed_slots_zero_gradient():
     layer.lora_B.grad[:, 2:].fill_(1.0)
     layer.set_rank(5)
     assert not layer.lora_A.grad[2:5].any() and not layer.lora_B.grad[:, 2:5].any()
+
+
+def test_a_load_that_lowers_the_rank_drops_the_gradients_of_the_dropped_slots():
+    """A state_dict of rank 2 loaded between backward() and the step (gradients kept by
+    accumulation or zero_grad(set_to_none=False)) left slots 2..3 their gradients: clipping
+    counted them and a torch optimizer's moments took them in."""
+    torch.manual_seed(0)
+    saved = _layer_with_grads(rank=2).state_dict()
+    layer = _layer_with_grads(rank=4)
+    grad_a, grad_b = layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
+    layer.load_state_dict(saved)
+    assert layer.rank == 2
+    assert torch.equal(layer.lora_A.grad[:2], grad_a[:2]) and torch.equal(layer.lora_B.grad[:, :2], grad_b[:, :2])
+    assert not layer.lora_A.grad[2:].any() and not layer.lora_B.grad[:, 2:].any()
+    # the norm clipping sees is that of the active slots' gradients alone
+    active = torch.cat([grad_a[:2].flatten(), grad_b[:, :2].flatten()])
+    norm = torch.nn.utils.clip_grad_norm_([layer.lora_A, layer.lora_B], 1e-3)
+    torch.testing.assert_close(norm, active.norm(), rtol=1e-12, atol=0)

@@ -180,3 +180,123 @@ def test_plain_loop_finds_the_scaler_of_the_accelerated_optimizer_it_is_given(ca
     for (_, _, g), (_, _, w) in zip(got, want):
         torch.testing.assert_close(torch.tensor(g), torch.tensor(w), rtol=1e-9, atol=0)
     assert [(n, r) for n, r, _ in decide(1.0, None)] == [(n, r) for n, r, _ in want]  # bf16/fp32: no scaler
+
+
+def test_trainer_callback_with_moves_skips_an_overflowed_step_whole():
+    """fp16 Trainer with importance scores and rank moves: a step whose scaled gradients
+    overflowed (the GradScaler skips it) made the importance averages inf/NaN for good, and the
+    next decision raised a ValueError on the NaN scores. The step now changes nothing: the run
+    decides and trains as one that never had it."""
+    import types
+
+    from lorambo.integrations import LoRAMBoCallback
+    from lorambo.sensitivity.adalora_importance import AdaLoRAImportance
+
+    def run(overflow_first):
+        model = _model()
+        budget = 2 * (8 + 16) + 2 * (16 + 8)  # what ranks 2 and 2 spend: only moves can grow a layer
+        alloc = LoRAMBoOptimizer(model, budget, sensitivity_method="frobenius", target_modules=["0", "2"],
+                                 capacity=4, interval=1, sketch_rank=2, move_threshold=1e30, max_moves=1)
+        alloc.configure({"0": 2, "2": 2})
+        with torch.no_grad():
+            for name in ("0", "2"):
+                model.get_submodule(name).lora_B.normal_(generator=torch.Generator().manual_seed(2))
+        importance = AdaLoRAImportance(model)
+        inner = alloc.make_optimizer(lr=1e-2)
+        scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
+        callback = LoRAMBoCallback(alloc, importance=importance)
+        opt = _accelerated(inner, scaler)
+        args = types.SimpleNamespace(should_save=False, output_dir="unused")
+        gen = torch.Generator().manual_seed(1)
+        batches = [(torch.randn(24, 8, dtype=DT, generator=gen), torch.randn(24, 3, dtype=DT, generator=gen))
+                   for _ in range(3)]
+        for step, (x, y) in enumerate(batches):
+            if step == 0 and not overflow_first:
+                continue  # the same step numbers: they seed the new rows of A
+            state = types.SimpleNamespace(global_step=step)
+            callback.on_step_begin(args, state, None)
+            loss = ((model(x) - y) ** 2).mean() * (float("inf") if overflow_first and step == 0 else 1.0)
+            scaler.scale(loss).backward()
+            if overflow_first and step == 0:
+                with pytest.warns(RuntimeWarning, match="step 0: the LoRA gradients are not finite"):
+                    callback.on_pre_optimizer_step(args, state, None, optimizer=opt)
+            else:
+                callback.on_pre_optimizer_step(args, state, None, optimizer=opt)
+            scaler.step(inner)
+            scaler.update()
+            inner.zero_grad()
+        moves = [(r["layer"], r["event"], r["old_rank"], r["new_rank"], r.get("scores")) for r in callback.decisions]
+        return moves, [p.detach().clone() for p in model.parameters() if p.requires_grad], importance
+
+    want_moves, want_pools, _ = run(overflow_first=False)
+    got_moves, got_pools, importance = run(overflow_first=True)
+    assert any(event == "shrink" for _, event, _, _, _ in want_moves)  # the scores moved ranks
+    assert [m[:4] for m in got_moves] == [m[:4] for m in want_moves]
+    for got, want in zip(got_moves, want_moves):
+        if want[4] is not None:
+            torch.testing.assert_close(torch.tensor(got[4]), torch.tensor(want[4]), rtol=1e-12, atol=0)
+    for got, want in zip(got_pools, want_pools):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+    assert (importance.steps, importance.skipped_steps) == (2, 1)
+
+
+def test_subsampled_float16_capture_decides_at_any_loss_scale_the_step_survives():
+    """fp16 autocast with ``max_tokens``: the capture multiplied the kept float16 dY rows by
+    T / m = 16 in float16, so at loss scales the training step came through (2^10, 2^11) the
+    captured rows overflowed and the decision was skipped as not finite. The scale must not
+    change the decision: equal to the one at loss scale 1, where nothing comes near 65504."""
+
+    def decide(scale):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+        alloc = LoRAMBoOptimizer(model, 10**6, sensitivity_method="frobenius", capacity={"0": 8, "2": 4},
+                                 interval=1, sketch_rank=2, max_tokens=16)
+        alloc.configure({"0": 1, "2": 1})
+        opt = alloc.make_optimizer(lr=1e-3)
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+        gen = torch.Generator().manual_seed(1)
+        x, y = torch.randn(4, 64, 8, generator=gen), torch.randn(4, 64, 4, generator=gen)
+        with alloc.capture(0), torch.autocast("cpu", dtype=torch.float16):
+            loss = ((model(x) - y) ** 2).sum()   # 256 tokens, 16 kept per call
+        scaler.scale(loss).backward()
+        records = alloc.step(0, optimizer=opt, grad_scaler=scaler)
+        scaler.step(opt)
+        scaler.update()
+        assert scaler.get_scale() == scale     # the training step did not overflow
+        return [(r["layer"], r["new_rank"], r["gains"]) for r in records]
+
+    want = decide(1.0)
+    assert want
+    for scale in (2.0 ** 10, 2.0 ** 11):
+        got = decide(scale)
+        assert [(n, r) for n, r, _ in got] == [(n, r) for n, r, _ in want]
+        for (_, _, g), (_, _, w) in zip(got, want):
+            torch.testing.assert_close(torch.tensor(g), torch.tensor(w), rtol=1e-5, atol=0)
+
+
+def test_trainer_callback_runs_an_alora_round_at_an_overflowed_step():
+    """ALoRA scores components by ablation on held-out batches, not by the importance averages:
+    an overflowed step (which the importance leaves out) keeps its round."""
+    import types
+
+    from lorambo.allocation.alora import ALoRAConfig
+    from lorambo.integrations import LoRAMBoCallback
+    from lorambo.sensitivity.adalora_importance import AdaLoRAImportance
+
+    from residual_net import ResidualNet, mse
+
+    torch.manual_seed(0)
+    model = ResidualNet(hidden=12)
+    heldout = [(x, torch.randn(16, 8, dtype=DT)) for x in (torch.randn(16, 8, dtype=DT) for _ in range(2))]
+    alloc = LoRAMBoOptimizer(model, 20 * 12, allocation="alora", loss_fn=mse, heldout_batches=heldout,
+                             alora=ALoRAConfig(k1=0, k2=3, rounds=2, n_prune=2), move_threshold=1.0)
+    alloc.compute_optimal_ranks()
+    alloc.configure()
+    importance = AdaLoRAImportance(model)
+    callback = LoRAMBoCallback(alloc, importance=importance)
+    args, state = types.SimpleNamespace(should_save=False, output_dir="unused"), types.SimpleNamespace(global_step=0)
+    callback.on_step_begin(args, state, None)
+    (mse(model, (torch.randn(16, 8, dtype=DT), torch.randn(16, 8, dtype=DT))) * float("inf")).backward()
+    callback.on_pre_optimizer_step(args, state, None, optimizer=alloc.make_optimizer(lr=0.0))
+    assert importance.skipped_steps == 1
+    assert alloc.alora_schedule().rounds_done == 1 and callback.decisions

@@ -121,3 +121,44 @@ def test_update_without_gradients_and_scores_without_updates_are_refused():
     model(torch.randn(3, 6)).pow(2).mean().backward()
     tracker.update()
     assert tracker.steps == 1 and set(tracker.component_scores()) == {"0", "1"}
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_step_with_non_finite_gradients_is_left_out(bad):
+    # a GradScaler step that overflowed (the scaler skips it) made Ibar inf and Ubar NaN for good:
+    # every later score of the component was NaN, and a decision with rank moves raised
+    model = lorambo.configure_model(nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4)), 3, capacity=4)
+    gen = torch.Generator().manual_seed(7)
+    for layer in lorambo.lora_layers(model).values():
+        layer.lora_B.data[:, :3].normal_(generator=gen)
+    tracker = AdaLoRAImportance(model, beta1=0.8, beta2=0.7)
+    ibar, ubar = {}, {}
+    for step in range(4):
+        model.zero_grad()
+        model(torch.randn(9, 6, generator=gen)).pow(2).mean().backward()
+        if step == 1:  # one entry of one layer's gradient overflowed
+            lorambo.lora_layers(model)["1"].lora_B.grad[2, 1] = bad
+            assert tracker.update() is False
+            continue
+        assert tracker.update() is True
+        for name, layer in lorambo.lora_layers(model).items():
+            for which in "AB":
+                p = getattr(layer, "lora_" + which)
+                inst = (p.detach().double() * p.grad.double()).abs()  # float64 oracle
+                key = (name, which)
+                ibar[key] = 0.8 * ibar.get(key, torch.zeros_like(inst)) + 0.2 * inst
+                ubar[key] = 0.7 * ubar.get(key, torch.zeros_like(inst)) + 0.3 * (inst - ibar[key]).abs()
+    assert (tracker.steps, tracker.skipped_steps) == (3, 1)
+    scores = tracker.component_scores()
+    for name in ("0", "1"):
+        s_a, s_b = ibar[(name, "A")] * ubar[(name, "A")], ibar[(name, "B")] * ubar[(name, "B")]
+        torch.testing.assert_close(scores[name], s_a[:3].mean(1) + s_b[:, :3].mean(0), rtol=1e-5, atol=0)
+
+
+def test_scores_after_only_overflowed_steps_are_refused_saying_so():
+    model = lorambo.configure_model(nn.Sequential(nn.Linear(6, 5)), 2, capacity=4)
+    tracker = AdaLoRAImportance(model)
+    model(torch.randn(3, 6)).pow(2).mean().mul(float("inf")).backward()
+    assert tracker.update() is False
+    with pytest.raises(RuntimeError, match=r"no update\(\) yet \(1 left out: their gradients were not finite\)"):
+        tracker.component_scores()
