@@ -306,12 +306,18 @@ class LoRAMBoLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
         errors = len(error_msgs)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        # pools and rank loaded whole: their components are the saved ones, not new ones
-        keys = [prefix + name for name in (*_POOL_DIMS, "_extra_state")]
-        if len(error_msgs) == errors and all(key in state_dict for key in keys) and SLOT_IDS_KEY in local_metadata:
-            adopt_ids(self, local_metadata[SLOT_IDS_KEY])
+        ids, edits = slot_ids(self), self._slot_edits
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+            # pools and rank loaded whole: their components are the saved ones, not new ones
+            keys = [prefix + name for name in (*_POOL_DIMS, "_extra_state")]
+            if len(error_msgs) == errors and all(key in state_dict for key in keys) and SLOT_IDS_KEY in local_metadata:
+                adopt_ids(self, local_metadata[SLOT_IDS_KEY])
+        finally:
+            # the load restarts ids on its way (pools, then the rank) and may take the saved ones
+            # back: one edit if the slots now hold other components, none if the same ones
+            self._slot_edits = edits + (slot_ids(self) != ids)
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
@@ -368,9 +374,9 @@ class LoRAMBoLinear(nn.Module):
         """How many edits have changed which component a slot of this layer holds: ``set_rank``
         to another rank, ``keep_components`` other than all active slots in order, a
         ``load_state_dict`` of the pools or of the rank, ``reset_parameters``, an adapter loaded
-        into the layer, ``lorambo.follow_ranks`` on a copy (``lorambo/nn/slot_lineage.py``).
-        Statistics kept per slot outside the optimizer (``AdaLoRAImportance``) compare it with the
-        count they last followed."""
+        into the layer, ``lorambo.follow_ranks`` on a copy (``lorambo/nn/slot_lineage.py``). A
+        ``load_state_dict`` counts one when it changes the slots' component ids, none when it
+        brings back the ones the layer holds (its own ``state_dict``)."""
         return self._slot_edits
 
     @property
