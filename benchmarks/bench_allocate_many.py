@@ -11,9 +11,16 @@ budget of rank 8 on average. Besides ``allocate``'s methods, the model shapes ti
 growth decision's allocation (``plan_growth``, ``plan_moves``; ``plan_moves_unfunded``: the
 budget spent and only the cheapest layers' components idle) and ALoRA's reallocation plan.
 
-Prints one line per method (over problems: the median and the worst of each problem's median of
-``--repeats`` calls, and the median of each problem's fastest call, the figure least disturbed on a
-shared machine) and appends the rows, with the machine, to ``--out``/allocate.csv.
+Every figure is milliseconds per call (one allocation of one problem). Each problem is called
+``--repeats`` times; over the problems (one for ``random``, ``--problems`` per model shape) the
+columns of ``--out``/allocate.csv, appended with the machine, and the printed line are:
+
+- ``ms_median``: the median over problems of each problem's median call;
+- ``ms_min``: the median over problems of each problem's fastest call (not the fastest call of
+  all), the figure least disturbed by other load on a shared machine, which docs/performance.md
+  quotes;
+- ``ms_max``: the largest of the problems' median calls (the slowest problem, not the slowest
+  call).
 """
 
 from __future__ import annotations
@@ -121,11 +128,12 @@ def model_calls(shape: str, seed: int):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=positive(), default=10_000, help="layer count of the random shapes")
     parser.add_argument("--shapes", nargs="*", default=["random"], choices=["random", *MODELS])
     parser.add_argument("--problems", type=positive(), default=5, help="seeded problems per model shape")
-    parser.add_argument("--repeats", type=positive(), default=3)
+    parser.add_argument("--repeats", type=positive(), default=3,
+                        help="calls per problem (ms_median: their median, ms_min: the fastest; see above)")
     parser.add_argument("--note", default="")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder of allocate.csv")
     args = parser.parse_args(argv)
@@ -149,8 +157,9 @@ def main(argv=None) -> int:
             rows.append({"shape": shape, "layers": layers, "method": method,
                          "ms_median": f"{statistics.median(ms):.3f}", "ms_min": f"{fastest:.3f}", "ms_max": f"{max(ms):.3f}", "problems": len(calls),
                          "repeats": args.repeats})
-            print(f"{shape:>6} {layers:>6} layers {method:>19}: {statistics.median(ms):8.3f} ms median, "
-                  f"{fastest:8.3f} ms min, {max(ms):8.3f} ms worst of {len(calls)}")
+            print(f"{shape:>6} {layers:>6} layers {method:>19}: {statistics.median(ms):8.3f} ms median call, "
+                  f"{fastest:8.3f} ms fastest call (median over problems), {max(ms):8.3f} ms median call "
+                  f"of the slowest of {len(calls)} problem(s)")
     meta = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "machine": cpu_description(), "python": platform.python_version(),
             "numpy": np.__version__, "omp_threads": os.environ.get("OMP_NUM_THREADS", ""),

@@ -212,6 +212,12 @@ class SharedFailure:
         differ = world_size() * total_sq != total * total
         if not failed and not differ:
             return
+        self._raise(bool(failed))
+
+    def _raise(self, failed: bool) -> None:
+        """Raise on every process (one ``all_gather_object`` of the errors and settings): this
+        process's own error, else a RuntimeError naming the processes that failed (``failed``),
+        else a ValueError naming the settings that differ."""
         seen = [None] * world_size()
         mine = None if self.error is None else f"{type(self.error).__name__}: {self.error}"
         dist.all_gather_object(seen, (mine, self.settings))
@@ -244,6 +250,47 @@ class SharedFailure:
         """:meth:`raise_if_any` after a collective of its own (one small all-reduce)."""
         if world_size() > 1:
             self.raise_if_any(all_reduce_sum_(self.status()).tolist())
+
+    # A computation with several collectives (a rank decision's power iteration, its growths)
+    # runs each local step through run() and each collective through mean() / broadcast(): a
+    # process whose step failed skips its later steps but still joins every collective, whose
+    # flag then makes every process raise, instead of leaving the others waiting in it.
+
+    def run(self, fn, *args):
+        """``fn(*args)`` under this guard; None, without calling it, once an error is held or
+        when an argument is None (the result of a step skipped or failed before)."""
+        if self.error is not None or any(a is None for a in args):
+            return None
+        with self:
+            return fn(*args)
+        return None  # the error is held back (a process group of two or more)
+
+    def mean(self, tensor: torch.Tensor | None, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """:func:`all_reduced_mean` of the flat ``tensor`` (``numel`` elements; None where this
+        process failed) by one all-reduce that also carries a failure flag; raises on every
+        process when one failed."""
+        if world_size() == 1:
+            return all_reduced_mean(tensor)
+        return self._flagged_sum(tensor, numel, dtype, device) / world_size()
+
+    def broadcast(self, tensor: torch.Tensor | None, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """Process 0's flat ``tensor`` on every process, by the flagged all-reduce of
+        :meth:`mean` (the other processes add zeros: x + 0 is x); raises as :meth:`mean` does."""
+        if world_size() == 1:
+            return broadcast_(tensor)
+        if process_rank() != 0:
+            tensor = None if tensor is None else torch.zeros_like(tensor)
+        return self._flagged_sum(tensor, numel, dtype, device)
+
+    def _flagged_sum(self, tensor, numel: int, dtype, device) -> torch.Tensor:
+        work = torch.zeros(numel + 1, dtype=dtype, device=device)
+        if tensor is not None and self.error is None:
+            work[:numel] = tensor.reshape(-1)
+        work[numel] = float(self.error is not None)
+        all_reduce_sum_(work)
+        if float(work[numel]) != 0.0:  # one host read: how many processes failed
+            self._raise(True)
+        return work[:numel]
 
 
 def _differences(settings: list) -> str:

@@ -147,10 +147,13 @@ def alora_round(model, layers: Mapping, loss_fn, batches, n_prune: int, budget: 
     prune, receive = _plan(layers, scores, n_prune, budget, min_rank, max_rank, frozen_layers(layers))
     records = [] if records is None else records
     before = {n: layers[n].rank for n in prune}
+    # out of memory on one process in the edits below is held back (failure.run) and raised on
+    # every process by the last check: the others would otherwise go on with other pools
     try:  # out of memory or Ctrl-C part-way: the rank changes made are recorded and named
         try:
-            keep_components_many([(layers[n], [k for k in range(layers[n].rank) if k not in comps])
-                                  for n, comps in prune.items()], optimizer)
+            failure.run(lambda: keep_components_many(
+                [(layers[n], [k for k in range(layers[n].rank) if k not in comps]) for n, comps in prune.items()],
+                optimizer))
         finally:  # each layer is shrunk whole or not at all: record those that were
             for name, comps in prune.items():
                 if layers[name].rank != before[name]:
@@ -161,9 +164,12 @@ def alora_round(model, layers: Mapping, loss_fn, batches, n_prune: int, budget: 
         for name in dict.fromkeys(receive):
             layer, add = layers[name], receive.count(name)
             gen = decision_generator(seed, "alora", step, names.index(name))
-            old = layer.set_rank(layer.rank + add, optimizer=optimizer, generator=gen)
+            old = failure.run(lambda: layer.set_rank(layer.rank + add, optimizer=optimizer, generator=gen))
+            if old is None:  # failed (held back): no further edit on this process
+                break
             records.append({"step": step, "event": "grow", "reason": "alora", "layer": name,
                             "benefit": float(scores[name].mean()), "old_rank": old, "new_rank": layer.rank})
+        failure.check()
     except BaseException as err:
         note_rank_changes_kept(err, f"alora_round (step {step})", records,
                                " (and are in the decisions and the decision log of a LoRAMBoOptimizer)", "round")

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lorambo.distributed import all_reduced_mean, broadcast_, is_distributed
+from lorambo.distributed import SharedFailure, all_reduced_mean, broadcast_, is_distributed
 from lorambo.ops.sketch import LayerProducts, kernel_probe, use_sketch_kernels
 
 __all__ = ["subspace_basis", "projected_top_singular", "projected_top_singular_many"]
@@ -111,7 +111,7 @@ def projected_top_singular_many(pairs: Sequence[Sequence[tuple[torch.Tensor, tor
                                 b_columns: Sequence[torch.Tensor], niter: int = 4, oversample: int = 4,
                                 generators: Sequence[torch.Generator] | None = None,
                                 seeds: Sequence[int] | None = None, dtype=None, device=None,
-                                lockstep: bool | None = None
+                                lockstep: bool | None = None, failure: SharedFailure | None = None
                                 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """:func:`projected_top_singular` for every layer l at once, in lockstep.
 
@@ -131,6 +131,11 @@ def projected_top_singular_many(pairs: Sequence[Sequence[tuple[torch.Tensor, tor
     CUDA tensors, or a process group: one collective per step instead of one per layer) and
     on a single CPU process the plain per-layer :func:`projected_top_singular` (the same
     arithmetic; the lockstep buffers only add copies there); True / False force either.
+
+    ``failure``: the decision's :class:`lorambo.distributed.SharedFailure`. Each local step
+    (products with this process's captured data, projections, QR, SVD) then runs under it and
+    each collective carries its flag, so out of memory on one process makes every process
+    raise at the next collective instead of leaving the others waiting in it.
 
     Returns (sigmas [L, max_k] float64 on the CPU, 0 past ks[l]: one host transfer for the
     whole decision; singular values [k_l] and right singular vectors [in_l, k_l] per layer on
@@ -164,26 +169,46 @@ def projected_top_singular_many(pairs: Sequence[Sequence[tuple[torch.Tensor, tor
         else:
             groups.append([pos])
     width = max(ps)
-    prod = LayerProducts([pairs[l] for l in order], [in_features[l] for l in order],
-                         [out_features[l] for l in order], width, dtype, device,
-                         seeds=None if seeds is None else [int(seeds[l]) for l in order],
-                         p_used=[ps[l] for l in order])
-    work = prod.dtype
     dims = {"in": [in_features[l] for l in order], "out": [out_features[l] for l in order]}
-    offsets = {"in": prod.in_offsets, "out": prod.out_offsets}
+    sizes = {side: sum(d) * width for side, d in dims.items()}  # the flat buffers, as LayerProducts lays them
+    # the dtype LayerProducts computes in, known without it (the stand-in of a process whose setup failed)
+    work = torch.float32 if bool(flat) and use_sketch_kernels(flat) else dtype
+    prod = offsets = None
+    bases = {"in": [], "out": []}
+
+    def local(fn, *args):  # a step of this process; under ``failure`` skipped once one failed
+        return fn(*args) if failure is None else failure.run(fn, *args)
+
+    def setup():
+        nonlocal prod, offsets
+        prod = LayerProducts([pairs[l] for l in order], [in_features[l] for l in order],
+                             [out_features[l] for l in order], width, dtype, device,
+                             seeds=None if seeds is None else [int(seeds[l]) for l in order],
+                             p_used=[ps[l] for l in order])
+        offsets = {"in": prod.in_offsets, "out": prod.out_offsets}
+        for members in groups:
+            ls = [order[pos] for pos in members]
+            bases["in"].append(_batched_basis([a_columns[l].to(device, work) for l in ls], in_features[ls[0]],
+                                              work, device))
+            bases["out"].append(_batched_basis([b_columns[l].to(device, work) for l in ls], out_features[ls[0]],
+                                               work, device))
+        if not prod.kernels and generators is None:
+            raise ValueError("projected_top_singular_many: the PyTorch path needs generators")
+        omega = torch.zeros(prod.numel(True), dtype=work, device=device)
+        for pos, l in enumerate(order):
+            block = omega[prod.in_offsets[pos]:prod.in_offsets[pos + 1]].view(in_features[l], width)
+            if prod.kernels:
+                seed = 0 if seeds is None else int(seeds[l])
+                block[:, :ps[l]] = kernel_probe(seed, in_features[l], ps[l], device).to(work)
+            else:
+                block[:, :ps[l]] = torch.randn(in_features[l], ps[l], generator=generators[l],
+                                               dtype=torch.float64).to(device, work)
+        return omega
 
     def region(buf, side, g):  # (G, dim, p_g) view of group g in a flat buffer
         first, last = groups[g][0], groups[g][-1] + 1
         view = buf[offsets[side][first]:offsets[side][last]].view(last - first, dims[side][first], width)
         return view[..., :ps[order[first]]]
-
-    bases = {"in": [], "out": []}
-    for members in groups:
-        ls = [order[pos] for pos in members]
-        bases["in"].append(_batched_basis([a_columns[l].to(device, work) for l in ls], in_features[ls[0]],
-                                          work, device))
-        bases["out"].append(_batched_basis([b_columns[l].to(device, work) for l in ls], out_features[ls[0]],
-                                           work, device))
 
     padded = any(p < width for p in ps)  # columns past a layer's p stay 0 in every buffer
 
@@ -211,7 +236,10 @@ def projected_top_singular_many(pairs: Sequence[Sequence[tuple[torch.Tensor, tor
         return out
 
     def product(buf, side_in):  # G_perp (side_in "in") or G_perp^T, before the output projection
-        return all_reduced_mean(prod.apply(buf, adjoint=side_in == "out").to(work))
+        local_product = local(lambda b: prod.apply(b, adjoint=side_in == "out").to(work), buf)
+        if failure is None:
+            return all_reduced_mean(local_product)
+        return failure.mean(local_product, sizes["out" if side_in == "in" else "in"], work, device)
 
     def orth(buf, side):  # project the output directions out, then QR
         out = new_buffer(side)
@@ -220,30 +248,29 @@ def projected_top_singular_many(pairs: Sequence[Sequence[tuple[torch.Tensor, tor
             part(out, side, g, lo, hi).copy_(torch.linalg.qr(projected).Q)
         return out
 
-    if not prod.kernels and generators is None:
-        raise ValueError("projected_top_singular_many: the PyTorch path needs generators")
-    omega = torch.zeros(prod.numel(True), dtype=work, device=device)
-    for pos, l in enumerate(order):
-        block = omega[prod.in_offsets[pos]:prod.in_offsets[pos + 1]].view(in_features[l], width)
-        if prod.kernels:
-            seed = 0 if seeds is None else int(seeds[l])
-            block[:, :ps[l]] = kernel_probe(seed, in_features[l], ps[l], device).to(work)
-        else:
-            block[:, :ps[l]] = torch.randn(in_features[l], ps[l], generator=generators[l],
-                                           dtype=torch.float64).to(device, work)
-    omega = pre(omega, "in")
-    q = orth(product(omega, "in"), "out")
+    def top_pairs(small):  # per group: the singular values and right vectors, packed in one buffer
+        sigmas, vhs = [], []
+        for g in range(len(groups)):
+            z = _project_out(region(small, "in", g), bases["in"][g])            # (G, in, p)
+            _, sigma, vh = torch.linalg.svd(z.transpose(1, 2), full_matrices=False)  # (G, q), (G, q, in)
+            sigmas.append(sigma)
+            vhs.append(vh)
+        return sigmas, vhs
+
+    omega = local(pre, local(setup), "in")
+    q = local(orth, product(omega, "in"), "out")
     for _ in range(niter):
-        q = orth(product(pre(orth(product(pre(q, "out"), "out"), "in"), "in"), "in"), "out")
-    small = product(pre(q, "out"), "out")                                       # G_perp^T Q
-    sigmas, vhs = [], []
-    for g in range(len(groups)):
-        z = _project_out(region(small, "in", g), bases["in"][g])                # (G, in, p)
-        _, sigma, vh = torch.linalg.svd(z.transpose(1, 2), full_matrices=False)  # (G, q), (G, q, in)
-        sigmas.append(sigma)
-        vhs.append(vh)
+        q = local(orth, product(local(pre, local(orth, product(local(pre, q, "out"), "out"), "in"), "in"), "in"),
+                  "out")
+    found = local(top_pairs, product(local(pre, q, "out"), "out"))             # from G_perp^T Q
     # one broadcast (process 0's numbers everywhere), then one host copy of all singular values
-    packed = broadcast_(torch.cat([t.flatten() for t in sigmas + vhs]))
+    packed = local(lambda f: torch.cat([t.flatten() for t in f[0] + f[1]]), found)
+    if failure is None:
+        packed = broadcast_(packed)
+    else:  # q_g = min(p_g, in_g) pairs per layer of group g: sigma [G, q_g], vh [G, q_g, in_g]
+        counts = [(len(m), min(ps[order[m[0]]], dims["in"][m[0]]), dims["in"][m[0]]) for m in groups]
+        packed = failure.broadcast(packed, sum(c * q * (1 + i) for c, q, i in counts), work, device)
+    sigmas, vhs = found
     pos = 0
     for i, t in enumerate(sigmas + vhs):
         view = packed[pos:pos + t.numel()].view(t.shape)

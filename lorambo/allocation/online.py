@@ -51,7 +51,7 @@ from lorambo.allocation.components import at_most_per_layer
 from lorambo.allocation.frozen import frozen_layers
 from lorambo.allocation.greedy import greedy_allocate
 from lorambo.allocation.validate import check_rank_bounds
-from lorambo.distributed import SharedFailure, all_reduced_mean, broadcast_, decision_generator
+from lorambo.distributed import SharedFailure, all_reduced_mean, decision_generator
 from lorambo.model.partial_edit import note_rank_changes_kept
 from lorambo.nn.finite_numbers import float_value, is_finite_number, shown_number
 from lorambo.nn.hook_inputs import layer_input
@@ -288,7 +288,7 @@ def plan_moves(next_gains: Mapping[str, float], scores: Mapping[str, Sequence[fl
 @torch.no_grad()
 def grow_layer(layer, new_rank: int, directions: torch.Tensor | None = None, optimizer=None,
                generator: torch.Generator | None = None,
-               inputs: Sequence[torch.Tensor] | None = None) -> int:
+               inputs: Sequence[torch.Tensor] | None = None, failure: SharedFailure | None = None) -> int:
     """Grow ``layer`` to ``new_rank`` in place (B = 0 in the new slots: the output is unchanged),
     optionally aligning the new rows of A with ``directions`` [in, >= n_new]. Returns the old rank.
 
@@ -299,38 +299,65 @@ def grow_layer(layer, new_rank: int, directions: torch.Tensor | None = None, opt
     rms(a_new.x) equals a Kaiming row's; without them, to the Kaiming row's norm. The scale is
     reduced over processes, so under torch.distributed every process passes its list, empty
     where the layer did not run on its batches (routed experts); None only on all of them.
+    ``failure``: the decision's :class:`lorambo.distributed.SharedFailure`; each step then runs
+    under it and the scale's collective carries its flag, so a process that failed (here or
+    before) still joins that collective, and every process raises there (and takes its growth
+    back).
     """
     n = new_rank - layer.rank
     if directions is not None and n > 0 and directions.shape[1] < n:
         raise ValueError(f"{layer._label}: {directions.shape[1]} directions for {n} new ranks")
-    old = layer.set_rank(new_rank, optimizer=optimizer, generator=generator)
+
+    def local(fn, *args):
+        return fn(*args) if failure is None else failure.run(fn, *args)
+
+    old = local(lambda: layer.set_rank(new_rank, optimizer=optimizer, generator=generator))
     if directions is not None and n > 0:
         try:  # the aligned rows need temporaries: out of memory, or Ctrl-C, takes the growth back
-            rows = layer.lora_A[old:new_rank]
-            norms = rows.norm(dim=1, keepdim=True)                                  # (n, 1)
-            d = directions[:, :n].T.to(rows.device, rows.dtype)                     # (n, in)
-            d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-30)
+            def unit_rows(start):
+                rows = layer.lora_A[start:new_rank]
+                d = directions[:, :n].T.to(rows.device, rows.dtype)                 # (n, in)
+                return rows, rows.norm(dim=1, keepdim=True), d / d.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+            aligned = local(unit_rows, old)                                         # rows, norms (n, 1), d
             if inputs is not None:  # an empty list still joins the collective of the others
-                norms = norms * _activation_ratio(inputs, d)
-            rows.copy_(d * norms)
+                ratio = _activation_ratio(inputs, None if aligned is None else aligned[2], failure,
+                                          n, layer.lora_A.dtype, layer.lora_A.device)
+                aligned = local(lambda a: (a[0], a[1] * ratio, a[2]), aligned)
+            local(lambda a: a[0].copy_(a[2] * a[1]), aligned)
         except BaseException:
-            layer.set_rank(old, optimizer=optimizer)  # new slots, their gradients and state: zero again
+            if old is not None:
+                layer.set_rank(old, optimizer=optimizer)  # new slots, their gradients and state: zero again
             raise
+        if failure is not None and failure.error is not None and old is not None:
+            # failed after the collective: taken back here, raised by the decision's next one
+            layer.set_rank(old, optimizer=optimizer)
     return old
 
 
-def _activation_ratio(inputs: Sequence[torch.Tensor], d: torch.Tensor) -> torch.Tensor:
+def _activation_ratio(inputs: Sequence[torch.Tensor], d: torch.Tensor | None, failure: SharedFailure | None = None,
+                      n: int = 0, pool_dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
     """rms over tokens of a random unit row's response / that of each unit row of ``d`` [n, in],
-    as [n, 1] (1 where a direction sees no input at all)."""
-    dtype = torch.promote_types(d.dtype, torch.float32)
-    d = d.to(dtype)
-    sums = torch.zeros(d.shape[0] + 1, dtype=dtype, device=d.device)
-    with autocast_off(d.device.type):  # a decision taken under autocast: products in float32 all the same
-        for x in inputs:
-            x = x.to(d.device, dtype)
-            sums[:-1] += (x @ d.T).square().sum(0)                             # sum_t (d_j . x_t)^2
-            sums[-1] += x.square().sum() / x.shape[1]                          # mean over unit rows
-    sums = all_reduced_mean(sums)
+    as [n, 1] (1 where a direction sees no input at all). Under ``failure`` (see
+    :func:`grow_layer`) ``d`` is None where this process failed before: it still joins the
+    collective, which raises on every process; ``n``, ``pool_dtype`` and ``device`` (those of
+    the rows ``d`` is for) shape its stand-in."""
+    def local_sums(d):
+        dtype = torch.promote_types(d.dtype, torch.float32)
+        d = d.to(dtype)
+        sums = torch.zeros(d.shape[0] + 1, dtype=dtype, device=d.device)
+        with autocast_off(d.device.type):  # a decision taken under autocast: products in float32 all the same
+            for x in inputs:
+                x = x.to(d.device, dtype)
+                sums[:-1] += (x @ d.T).square().sum(0)                         # sum_t (d_j . x_t)^2
+                sums[-1] += x.square().sum() / x.shape[1]                      # mean over unit rows
+        return sums
+
+    if failure is None:
+        sums = all_reduced_mean(local_sums(d))
+    else:
+        dtype = torch.promote_types(pool_dtype, torch.float32)
+        sums = failure.mean(failure.run(local_sums, d), n + 1, dtype, device)
     along, random = sums[:-1], sums[-1]
     ratio = torch.where(along > 0, (random / along.clamp_min(1e-300)).sqrt(), torch.ones_like(along))
     return ratio.to(d.dtype).unsqueeze(1)
@@ -338,12 +365,14 @@ def _activation_ratio(inputs: Sequence[torch.Tensor], d: torch.Tensor) -> torch.
 
 def layer_benefits_many(layers: Mapping, pairs: Mapping, ks: Mapping[str, int], niter: int,
                         oversample: int, seed: int, step, indices: Mapping[str, int],
-                        curvature: Mapping[str, float] | None = None, loss_scale: float = 1.0
+                        curvature: Mapping[str, float] | None = None, loss_scale: float = 1.0,
+                        failure: SharedFailure | None = None
                         ) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
     """({name: marginal gains of its next ``ks[name]`` ranks}, {name: directions [in, k]}) for
     every layer of ``ks`` from one lockstep power iteration over all of them (one grouped product
     and one collective per step, one host transfer in all: see ``benefits``). The captured dY
-    carry ``loss_scale`` (a GradScaler's scale); the gains are in units of the unscaled loss."""
+    carry ``loss_scale`` (a GradScaler's scale); the gains are in units of the unscaled loss.
+    ``failure``: the decision's, which the power iteration's collectives carry."""
     names = list(ks)
     if not names:
         return {}, {}
@@ -368,7 +397,7 @@ def layer_benefits_many(layers: Mapping, pairs: Mapping, ks: Mapping[str, int], 
         sigmas, _, vectors = projected_top_singular_many(
             [pairs[n] for n in names], [layers[n].in_features for n in names],
             [layers[n].out_features for n in names], [ks[n] for n in names], a_cols, b_cols, niter,
-            oversample, gens, seeds, dtype, device)
+            oversample, gens, seeds, dtype, device, failure=failure)
     gains, dirs = {}, {}
     for i, name in enumerate(names):
         # dividing the singular values, not dY, keeps fp16 dY from underflowing
@@ -516,14 +545,15 @@ class OnlineGrowth:
             gains, dirs = layer_benefits_many(
                 self.layers, {n: self.capture.pairs(n) for n in ks}, ks, self.power_iters,
                 self.oversample, self.seed, step, {n: i for i, n in enumerate(self.layers)},
-                self.curvature, loss_scale)
+                self.curvature, loss_scale, failure)
             room = {n: self._top(m) - m.rank for n, m in self.layers.items()}
             plan = plan_growth(gains, self.costs, room, self.budget - self.spent(), self.threshold)
             for n, add in plan.items():
-                records.append(self._grow(step, n, add, gains, dirs, optimizer, "grow"))
+                records.append(self._grow(step, n, add, gains, dirs, optimizer, "grow", failure))
             if scores is not None:
                 self._move(step, plan, gains, dirs, {n: s for n, s in scores.items() if n not in frozen},
-                           optimizer, records)
+                           optimizer, records, failure)
+            failure.check()  # a process that failed after the decision's last collective: all raise
         except BaseException as err:  # out of memory in one layer's growth, Ctrl-C: the rank changes made stay
             note_rank_changes_kept(err, f"update_ranks (step {step})", records,
                                    " and are in the decisions and the decision log", "decision")
@@ -560,12 +590,12 @@ class OnlineGrowth:
         (nonfinite,) = failure.sum_and_check(nonfinite)
         return nonfinite == 0.0
 
-    def _grow(self, step, name, add, gains, dirs, optimizer, reason, first=0) -> dict:
+    def _grow(self, step, name, add, gains, dirs, optimizer, reason, failure, first=0) -> dict:
         layer = self.layers[name]
         index = list(self.layers).index(name)
         gen = decision_generator(self.seed, "init", step, index, reason)
         inputs = [x for x, _ in self.capture.pairs(name)]
-        old = grow_layer(layer, layer.rank + add, dirs[name][:, first:first + add], optimizer, gen, inputs)
+        old = grow_layer(layer, layer.rank + add, dirs[name][:, first:first + add], optimizer, gen, inputs, failure)
         got = [float(g) for g in gains[name][first:first + add]]
         return {"step": step, "event": "grow", "reason": reason, "layer": name, "benefit": got[0],
                 "gains": got, "old_rank": old, "new_rank": layer.rank, "spent": self.spent(),
@@ -591,13 +621,13 @@ class OnlineGrowth:
             out[n], pos = values, pos + s.numel()
         return out
 
-    def _move(self, step, plan, gains, dirs, scores, optimizer, records: list[dict]) -> None:
+    def _move(self, step, plan, gains, dirs, scores, optimizer, records: list[dict], failure) -> None:
         """Take the moves, appending a record to ``records`` for each rank change as it is made."""
         names = [n for n in self.layers if n not in plan and n in scores]  # grown layers don't shrink
         given = [scores[n] for n in names]
         # one broadcast for all layers: process 0's scores, identical decisions
         flat = torch.cat(given) if given else torch.zeros(0, dtype=torch.float64)
-        flat = broadcast_(flat.contiguous()).numpy()
+        flat = failure.broadcast(flat.contiguous(), flat.numel(), torch.float64, flat.device).numpy()
         usable, pos = {}, 0
         for n, s in zip(names, given):
             usable[n] = flat[pos:pos + s.numel()]
@@ -615,9 +645,10 @@ class OnlineGrowth:
             dropped.setdefault(donor, []).append(comp)
         before = {d: self.layers[d].rank for d in dropped}
         spent = self.spent()
-        try:
-            keep_components_many([(self.layers[d], [k for k in range(self.layers[d].rank) if k not in comps])
-                                  for d, comps in dropped.items()], optimizer)
+        try:  # out of memory on one process here: the others raise at the receivers' growth
+            failure.run(lambda: keep_components_many(
+                [(self.layers[d], [k for k in range(self.layers[d].rank) if k not in comps])
+                 for d, comps in dropped.items()], optimizer))
         finally:  # each layer is shrunk whole or not at all (stopped part-way): record those that were
             for donor, comps in dropped.items():
                 if self.layers[donor].rank != before[donor]:
@@ -629,4 +660,4 @@ class OnlineGrowth:
                                     "old_rank": before[donor], "new_rank": self.layers[donor].rank,
                                     "spent": spent, "budget": self.budget})
         for _, _, recv in moves:
-            records.append(self._grow(step, recv, 1, gains, dirs, optimizer, "move", plan.get(recv, 0)))
+            records.append(self._grow(step, recv, 1, gains, dirs, optimizer, "move", failure, plan.get(recv, 0)))

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
+from lorambo.adapters.atomic import atomic_write_text
 from lorambo.adapters.whole_append import append_whole
 
 FILE_NAME = "runs.jsonl"
@@ -109,19 +109,9 @@ def check_header(found: dict, expected: dict, path) -> None:
 
 
 def _write_all(records: list[dict], path: Path) -> None:
-    """The whole journal rewritten atomically (temporary file, fsync, rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, separators=(",", ":")) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """The whole journal rewritten atomically (``lorambo/adapters/atomic.py``)."""
+    text = "".join(json.dumps(record, separators=(",", ":")) + "\n" for record in records)
+    atomic_write_text(path, text, "lorambo experiment --resume")
 
 
 def _lock_folder(folder: Path) -> int | None:

@@ -17,7 +17,9 @@ recorded the result is built from the journal alone (``assemble.py``).
 
 Outputs, in ``out_dir``: ``runs.jsonl``, then ``results.json`` (every number), ``results.txt``
 (the tables and verdicts) and the PNGs of ``plots.py`` (skipped without matplotlib:
-:func:`plots_from` draws them later from ``results.json``).
+:func:`plots_from` draws them later from ``results.json``). They are written as one set,
+``results.json`` last (``outputs.py``): a folder holds every artefact of one finish or, without
+``results.json``, no finished experiment.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from lorambo.experiments import bundle, demo_report, journal, sentiment_data
+from lorambo.experiments import bundle, demo_report, journal, outputs, sentiment_data
 from lorambo.experiments import results as res
 from lorambo.experiments.assemble import task_result
 from lorambo.experiments.config import ExperimentConfig
@@ -124,6 +126,7 @@ def _run(cfg: ExperimentConfig, out_dir, progress, echo, workers, time_limit, re
     _check_options(cfg, workers, time_limit)
     out_dir = check_out_dir(out_dir if out_dir is not None else default_out_dir())
     torch.set_num_threads(cfg.threads)
+    outputs.check_no_foreign_results(out_dir, journal.FILE_NAME)
     jr, records, torn = journal.open_journal(out_dir, resume, journal.header(cfg, weights_source()))
     if torn:
         echo(f"ignored the torn last line of {resume} ({torn} bytes): its unit runs again")
@@ -230,27 +233,31 @@ def _finish(cfg: ExperimentConfig, records, out_dir: Path, clocks: tuple[float, 
     result["machine"] = demo_report.machine_line(env, load_start, demo_report.load_average())
     result["command"] = shlex.join(["lorambo"] + sys.argv[1:]) if run_by_the_lorambo_command() else ""
     summary = demo_report.compact(result) if _has_gap(result) else None
-    result["plots"] = draw_plots(result, out_dir, echo, summary)
-    result["seconds"] = earlier + time.perf_counter() - started
-    result["cpu_seconds"] = cpu_seconds(records, cpu_started)
-    if summary is not None:
-        summary["wall_s"], summary["cpu_s"] = result["seconds"], result["cpu_seconds"]
-        res.write_json_atomic(summary, out_dir / "demo_results.json")
-        text = demo_report.table(summary) + "\n\n" + text
-    if "sentiment" in result["tasks"]:
-        sentiment = demo_report.accuracy_summary(result)
-        res.write_json_atomic(sentiment, out_dir / "sentiment_results.json")
-        text = demo_report.accuracy_table(sentiment) + "\n\n" + text
-    text += f"\n\nwall time {result['seconds']:.0f} s; {result['machine']}; artefacts in {out_dir}/"
-    res.write_text_atomic(text + "\n", out_dir / "results.txt")
-    res.write_json_atomic(result, out_dir / "results.json")
+    with outputs.staging(out_dir) as stage:  # every artefact there first, then moved into place together
+        result["plots"] = draw_plots(result, out_dir, echo, summary, into=stage)
+        written = list(result["plots"])
+        result["seconds"] = earlier + time.perf_counter() - started
+        result["cpu_seconds"] = cpu_seconds(records, cpu_started)
+        if summary is not None:
+            summary["wall_s"], summary["cpu_s"] = result["seconds"], result["cpu_seconds"]
+            written.append(res.write_json_atomic(summary, stage / "demo_results.json").name)
+            text = demo_report.table(summary) + "\n\n" + text
+        if "sentiment" in result["tasks"]:
+            sentiment = demo_report.accuracy_summary(result)
+            written.append(res.write_json_atomic(sentiment, stage / "sentiment_results.json").name)
+            text = demo_report.accuracy_table(sentiment) + "\n\n" + text
+        text += f"\n\nwall time {result['seconds']:.0f} s; {result['machine']}; artefacts in {out_dir}/"
+        written.append(res.write_text_atomic(text + "\n", stage / "results.txt").name)
+        written.append(res.write_json_atomic(result, stage / outputs.RESULTS).name)
+        outputs.publish(stage, out_dir, written, "lorambo experiment")
     echo(text)
     return result
 
 
-def draw_plots(result: dict, out_dir, echo=print, summary: dict | None = None) -> list[str]:
-    """Every PNG (paths relative to ``out_dir``); without matplotlib one line says how to draw
-    them later, and the list is empty."""
+def draw_plots(result: dict, out_dir, echo=print, summary: dict | None = None, into=None) -> list[str]:
+    """Every PNG (paths relative to ``out_dir``), drawn into ``into`` (default ``out_dir``: the
+    staging folder of :mod:`lorambo.experiments.outputs`); without matplotlib one line says how
+    to draw them later, and the list is empty."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -259,9 +266,10 @@ def draw_plots(result: dict, out_dir, echo=print, summary: dict | None = None) -
         return []
     from lorambo.experiments.plots import all_plots
 
-    written = all_plots(result, out_dir)
+    into = Path(out_dir if into is None else into)
+    written = all_plots(result, into)
     if summary is not None:
-        written += [str(p.relative_to(out_dir)) for p in demo_report.demo_plots(summary, out_dir)]
+        written += [str(p.relative_to(into)) for p in demo_report.demo_plots(summary, into)]
     return written
 
 
@@ -281,12 +289,15 @@ def plots_from(results_json, out_dir=None) -> list[str]:
     if not isinstance(result, dict) or "tasks" not in result or "config" not in result:
         raise ValueError(f"--plots-from {path}: not an experiment's results.json (no 'tasks' or 'config')")
     out_dir = check_out_dir(out_dir if out_dir is not None else path.parent)
-    try:
-        summary = demo_report.compact(result) if _has_gap(result) else None
-        return draw_plots(result, out_dir, summary=summary)
-    except (KeyError, IndexError, TypeError) as err:  # a hand-edited or foreign file
-        raise ValueError(f"--plots-from {path}: not an experiment's results.json (missing or malformed "
-                         f"entry: {type(err).__name__} {err})") from err
+    with outputs.staging(out_dir) as stage:  # every PNG there first, then moved into place together
+        try:
+            summary = demo_report.compact(result) if _has_gap(result) else None
+            drawn = draw_plots(result, out_dir, summary=summary, into=stage)
+        except (KeyError, IndexError, TypeError) as err:  # a hand-edited or foreign file
+            raise ValueError(f"--plots-from {path}: not an experiment's results.json (missing or malformed "
+                             f"entry: {type(err).__name__} {err})") from err
+        outputs.publish(stage, out_dir, drawn, "lorambo experiment --plots-from")
+    return drawn
 
 
 def _has_gap(result: dict) -> bool:

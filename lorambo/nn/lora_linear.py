@@ -30,7 +30,7 @@ from lorambo.nn.frozen_bases import note_frozen
 from lorambo.nn.inactive_slots import zero_inactive_after_steps
 from lorambo.nn.merge_overflow import finite_merge, merge_may_overflow
 from lorambo.nn.optimizer_argument import optimizer_argument
-from lorambo.nn.optimizer_state import (check_slot_state_editable, gathered_slot_state, reset_slot_state,
+from lorambo.nn.optimizer_state import (check_slot_state_editable, gathered_slot_state, prepared_slot_reset,
                                         warn_if_shared_step)
 from lorambo.nn.optimizer_tracking import LOAD_IT, REBUILD_IT, track_optimizers, warn_if_state_left_behind
 from lorambo.nn.plain_keys import plain_keys_to_base_layer
@@ -306,12 +306,18 @@ class LoRAMBoLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
         errors = len(error_msgs)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        # pools and rank loaded whole: their components are the saved ones, not new ones
-        keys = [prefix + name for name in (*_POOL_DIMS, "_extra_state")]
-        if len(error_msgs) == errors and all(key in state_dict for key in keys) and SLOT_IDS_KEY in local_metadata:
-            adopt_ids(self, local_metadata[SLOT_IDS_KEY])
+        ids, edits = slot_ids(self), self._slot_edits
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+            # pools and rank loaded whole: their components are the saved ones, not new ones
+            keys = [prefix + name for name in (*_POOL_DIMS, "_extra_state")]
+            if len(error_msgs) == errors and all(key in state_dict for key in keys) and SLOT_IDS_KEY in local_metadata:
+                adopt_ids(self, local_metadata[SLOT_IDS_KEY])
+        finally:
+            # the load restarts ids on its way (pools, then the rank) and may take the saved ones
+            # back: one edit if the slots now hold other components, none if the same ones
+            self._slot_edits = edits + (slot_ids(self) != ids)
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
@@ -368,9 +374,9 @@ class LoRAMBoLinear(nn.Module):
         """How many edits have changed which component a slot of this layer holds: ``set_rank``
         to another rank, ``keep_components`` other than all active slots in order, a
         ``load_state_dict`` of the pools or of the rank, ``reset_parameters``, an adapter loaded
-        into the layer, ``lorambo.follow_ranks`` on a copy (``lorambo/nn/slot_lineage.py``).
-        Statistics kept per slot outside the optimizer (``AdaLoRAImportance``) compare it with the
-        count they last followed."""
+        into the layer, ``lorambo.follow_ranks`` on a copy (``lorambo/nn/slot_lineage.py``). A
+        ``load_state_dict`` counts one when it changes the slots' component ids, none when it
+        brings back the ones the layer holds (its own ``state_dict``)."""
         return self._slot_edits
 
     @property
@@ -427,8 +433,14 @@ class LoRAMBoLinear(nn.Module):
             raise RuntimeError(f"{self._label}: unmerge() before changing the rank")
         self._refuse_sharded()
         old = self._rank
+        lo, hi = min(old, rank), max(old, rank)
+        # what can fail (a refused optimizer, out of memory, Ctrl-C) runs before the first write,
+        # so a failed rank change leaves the layer and its optimizer state as they were
+        reset_state = None
         if rank != old:
             check_slot_state_editable(optimizer, self)
+            if optimizer is not None:
+                reset_state = prepared_slot_reset(optimizer, self, range(lo, hi), all_active_new=(old == 0))
         if rank > old:
             rows = self.lora_A[old:rank]
             if generator is not None and generator.device != rows.device:
@@ -442,17 +454,16 @@ class LoRAMBoLinear(nn.Module):
         elif rank < old:
             self.lora_A[rank:old].zero_()
             self.lora_B[:, rank:old].zero_()
-        lo, hi = min(old, rank), max(old, rank)
         for grad, dim in self._pool_grads():
             grad.narrow(dim, lo, hi - lo).zero_()
         self._set_active_rank(rank)
         (start_ids if rank > old else drop_ids)(self, lo, hi)
         if rank != old:
             warn_if_state_left_behind(self, optimizer, f"rank changed {old} -> {rank}")
-        if optimizer is not None and rank != old:
+        if reset_state is not None:
             if rank > old > 0:  # growth from 0 restarts the shared step: nothing is stale then
                 warn_if_shared_step(optimizer, self)
-            reset_slot_state(optimizer, self, range(lo, hi), all_active_new=(old == 0))
+            reset_state()
         return old
 
     def _zero_slot_grads(self, lo: int, hi: int) -> None:

@@ -147,6 +147,16 @@ def reset_slot_state(optimizer: torch.optim.Optimizer, layer, slots: Sequence[in
     per-parameter scalars listed there). ``optimizer`` may be a wrapper such as accelerate's
     ``AcceleratedOptimizer`` (the optimizer it wraps is edited), or a list of optimizers (each
     edits the state of the pools it holds)."""
+    prepared_slot_reset(optimizer, layer, slots, all_active_new)()
+
+
+@torch.no_grad()
+def prepared_slot_reset(optimizer, layer, slots: Sequence[int] | range,
+                        all_active_new: bool = False) -> Callable[[], None]:
+    """:func:`reset_slot_state` in two parts: the arguments are checked and the slot indices
+    made on every state tensor's device now (what can fail: a refused optimizer, out of memory,
+    Ctrl-C), and the function returned only fills state in place. A rank change prepares before
+    it writes the pools, so a failure leaves the layer and its state as they were."""
     checked = optimizer_argument(optimizer, "reset_slot_state")
     if checked is None:
         raise TypeError("reset_slot_state: optimizer is None; pass the torch optimizer that steps the LoRA pools")
@@ -158,32 +168,52 @@ def reset_slot_state(optimizer: torch.optim.Optimizer, layer, slots: Sequence[in
     if bad:  # a negative index would silently reset a slot counted from the end
         raise ValueError(f"{layer._label}: slots {bad} outside [0, capacity = {layer.capacity})")
     if not slots:
-        return
-    for one in each_optimizer(checked, layer):
-        _reset_slots(one, layer, slots, all_active_new)
+        return lambda: None
+    writes = [_prepared_reset(one, layer, slots, all_active_new) for one in each_optimizer(checked, layer)]
+
+    def write() -> None:
+        for one_write in writes:
+            one_write()
+
+    return write
 
 
-def _reset_slots(optimizer, layer, slots: list[int], all_active_new: bool) -> None:
-    index = torch.as_tensor(slots, dtype=torch.long)
-    restart_whole_vector_state(optimizer, [layer])  # LBFGS: no per-slot state to reset
-    for value, dim in _slot_views(optimizer, layer):
-        value.index_fill_(dim, index.to(value.device), 0)
+def _prepared_reset(optimizer, layer, slots: list[int], all_active_new: bool) -> Callable[[], None]:
+    indices = {}  # device -> the slots as an index there
+
+    def index_on(device: torch.device) -> torch.Tensor:
+        if device not in indices:
+            indices[device] = torch.as_tensor(slots, dtype=torch.long, device=device)
+        return indices[device]
+
+    fills = [(value, dim, index_on(value.device), 0) for value, dim in _slot_views(optimizer, layer)]
     for param, dim in ((layer.lora_A, 0), (layer.lora_B, 1)):  # state that does not start at 0
         state = optimizer.state.get(param) or {}
         for key, start in fresh_state_values(optimizer, param).items():
             value = state.get(key)
             if torch.is_tensor(value) and value.shape == param.shape:
-                value.index_fill_(dim, index.to(value.device), start)
-    mark_new_slots(optimizer, layer, slots)  # SGD's first buffer is the update itself
-    if all_active_new:
-        for param in (layer.lora_A, layer.lora_B):
-            state = optimizer.state.get(param)
-            if not state:
-                continue
-            for key, start in {"step": 0.0, **fresh_scalar_values(optimizer, param)}.items():
-                if key in state:
-                    value = state[key]
-                    state[key] = value.fill_(start) if torch.is_tensor(value) else type(value)(start)
+                fills.append((value, dim, index_on(value.device), start))
+
+    def write() -> None:
+        restart_whole_vector_state(optimizer, [layer])  # LBFGS: no per-slot state to reset
+        for value, dim, index, start in fills:
+            value.index_fill_(dim, index, start)
+        mark_new_slots(optimizer, layer, slots)  # SGD's first buffer is the update itself
+        if all_active_new:
+            _restart_step(optimizer, layer)
+
+    return write
+
+
+def _restart_step(optimizer, layer) -> None:
+    for param in (layer.lora_A, layer.lora_B):
+        state = optimizer.state.get(param)
+        if not state:
+            continue
+        for key, start in {"step": 0.0, **fresh_scalar_values(optimizer, param)}.items():
+            if key in state:
+                value = state[key]
+                state[key] = value.fill_(start) if torch.is_tensor(value) else type(value)(start)
 
 
 @torch.no_grad()

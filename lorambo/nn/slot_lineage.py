@@ -18,10 +18,11 @@ safetensors file, a filtered state_dict) starts new components. The counter move
 taken back, so components started later in this process never reuse a saved id; it starts at 0,
 so seeded runs save the same state_dict bytes.
 
-Every change of a layer's ids goes through here and adds one to its ``slot_edits``, so the one
-count that statistics kept per slot (``AdaLoRAImportance``) compare covers every path that
-changes what a slot holds: a rank change, a move, a load, ``reset_parameters``, an adapter
-copied in.
+Every change of a layer's ids goes through here and adds one to its ``slot_edits`` (a load,
+which restarts ids on its way and may take the saved ones back, counts one in all, and none when
+it ends with the ids the layer held), so the ids that statistics kept per slot
+(``AdaLoRAImportance``) compare cover every path that changes what a slot holds: a rank change,
+a move, a load, ``reset_parameters``, an adapter copied in.
 """
 
 from __future__ import annotations

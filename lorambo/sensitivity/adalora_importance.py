@@ -20,10 +20,14 @@ whose gradients overflowed is left out, as the scaler skips it). Under DDP the g
 averaged, so every process holds the same scores. Inactive slots have zero gradient and weight,
 hence zero importance. After a rank change, tell the tracker with :meth:`keep` (components were
 compacted by ``keep_components``) or :meth:`reset` (slots were re-initialised by ``set_rank``, or
-the layer's pools were loaded or reset: ``layer.slot_edits`` counts every such edit):
-``LoRAMBoCallback`` does this for its decisions. Until then :meth:`update` and :meth:`component_scores` raise,
-naming the layer: statistics left at the old slots would score a moved component by another
-one's history (a decision could drop a component for the low score of the one it replaced).
+the layer's pools were loaded or reset): ``LoRAMBoCallback`` does this for its decisions. Until
+then :meth:`update` and :meth:`component_scores` raise, naming the layer: statistics left at the
+old slots would score a moved component by another one's history (a decision could drop a
+component for the low score of the one it replaced). The tracker tells by the component ids of
+the slots (``lorambo/nn/slot_lineage.py``), which every such edit changes.
+:meth:`state_dict` keeps the ids of the components its statistics belong to, so statistics
+loaded before the model's ``state_dict`` (which brings those components and their ids back)
+go on without a call.
 
 Under FSDP2 (pools sharded as DTensors) :meth:`update` all-gathers each pool and its gradient,
 so every process keeps the same full, plain statistics (every process must call it): the scores
@@ -39,6 +43,7 @@ import torch
 from lorambo.sharding import is_sharded
 from lorambo.model.argument import require_module
 from lorambo.nn.finite_numbers import is_finite_number, shown_number
+from lorambo.nn.slot_lineage import slot_ids
 
 __all__ = ["AdaLoRAImportance"]
 
@@ -59,17 +64,23 @@ class AdaLoRAImportance:
         self.skipped_steps = 0  # update() calls left out for non-finite gradients
         self._ibar: dict[tuple[str, str], torch.Tensor] = {}
         self._ubar: dict[tuple[str, str], torch.Tensor] = {}
-        self._followed = {name: layer.slot_edits for name, layer in self.layers.items()}
+        # the component ids of each layer's slots that the statistics belong to, and after a
+        # load_state_dict the ids saved with them, which a later load of the model brings back
+        self._followed = {name: slot_ids(layer) for name, layer in self.layers.items()}
+        self._saved_ids: dict[str, list[int]] = {}
 
     def _check_followed(self, what: str) -> None:
         """RuntimeError naming the first layer whose slots changed since :meth:`keep` /
         :meth:`reset` (or construction, or :meth:`load_state_dict`) last followed them. A layer
         without statistics yet (no :meth:`update` saw its gradient) follows its slots as they are."""
         for name, layer in self.layers.items():
-            if layer.slot_edits == self._followed[name]:
+            ids = slot_ids(layer)
+            if ids == self._followed[name]:
                 continue
-            if (name, "A") not in self._ibar and (name, "B") not in self._ibar:
-                self._followed[name] = layer.slot_edits  # no statistics yet: nothing held for other slots
+            if ids == self._saved_ids.get(name) or ((name, "A") not in self._ibar and (name, "B") not in self._ibar):
+                # the components the loaded statistics were saved with, or no statistics yet
+                self._followed[name] = ids
+                self._saved_ids.pop(name, None)
                 continue
             raise RuntimeError(
                 f"AdaLoRAImportance.{what}: the slots of layer {name!r} (rank {layer.rank} now) were changed "
@@ -127,15 +138,19 @@ class AdaLoRAImportance:
         return True
 
     def state_dict(self) -> dict:
-        """``{"steps", "ibar", "ubar"}``: the running statistics as CPU tensors keyed by
-        ``(layer name, "A" | "B")`` (``torch.load(..., weights_only=True)`` reads it)."""
+        """``{"steps", "ibar", "ubar", "slot_ids"}``: the running statistics as CPU tensors keyed
+        by ``(layer name, "A" | "B")``, and per layer the ids of the components they belong to
+        (``torch.load(..., weights_only=True)`` reads it)."""
         return {"steps": self.steps,
                 "ibar": {k: v.detach().cpu().clone() for k, v in self._ibar.items()},
-                "ubar": {k: v.detach().cpu().clone() for k, v in self._ubar.items()}}
+                "ubar": {k: v.detach().cpu().clone() for k, v in self._ubar.items()},
+                "slot_ids": {name: list(ids) for name, ids in self._followed.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from :meth:`state_dict`. Statistics for a layer this tracker does not have,
-        or of another shape than its pool, are a ValueError naming them; nothing is changed."""
+        or of another shape than its pool, are a ValueError naming them; nothing is changed. They
+        belong to the layers' components as they are now or, when the model's ``state_dict``
+        saved with them is loaded after this, as it brings them back (their saved ids)."""
         if not isinstance(state, dict) or {"steps", "ibar", "ubar"} - set(state):
             raise ValueError("AdaLoRAImportance.load_state_dict: expected a dict with steps, ibar and ubar")
         steps = state["steps"]
@@ -153,12 +168,31 @@ class AdaLoRAImportance:
                 if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(pool.shape):
                     raise ValueError(f"AdaLoRAImportance.load_state_dict: {table}[{key!r}] has shape "
                                      f"{list(getattr(value, 'shape', []))}, the pool has {list(pool.shape)}")
+        saved_ids = self._checked_saved_ids(state.get("slot_ids", {}))
         device = {name: self._device(layer.lora_A) for name, layer in self.layers.items()}
         # every copy made first (out of memory moving one to the device changes nothing), then applied whole
         ibar = {k: v.to(device[k[0]], torch.float32) for k, v in state["ibar"].items()}
         ubar = {k: v.to(device[k[0]], torch.float32) for k, v in state["ubar"].items()}
-        self._followed = {name: layer.slot_edits for name, layer in self.layers.items()}  # saved with these slots
-        self.steps, self._ibar, self._ubar = steps, ibar, ubar
+        self._followed = {name: slot_ids(layer) for name, layer in self.layers.items()}
+        self.steps, self._ibar, self._ubar, self._saved_ids = steps, ibar, ubar, saved_ids
+
+    def _checked_saved_ids(self, saved) -> dict[str, list[int]]:
+        """``state["slot_ids"]`` as ``{layer name: ids}``, else a ValueError naming the entry."""
+        if not isinstance(saved, dict):
+            raise ValueError(f"AdaLoRAImportance.load_state_dict: slot_ids must be a dict of layer name -> ids, "
+                             f"got {type(saved).__name__}")
+        checked = {}
+        for name, ids in saved.items():
+            if name not in self.layers:
+                raise ValueError(f"AdaLoRAImportance.load_state_dict: slot_ids entry {name!r} is not a tracked layer "
+                                 f"(layers: {list(self.layers)[:6]})")
+            capacity = self.layers[name].capacity
+            if (not isinstance(ids, (list, tuple)) or len(ids) != capacity
+                    or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+                raise ValueError(f"AdaLoRAImportance.load_state_dict: slot_ids[{name!r}] must be {capacity} ints "
+                                 f"(one per slot), got {ids!r:.80}")
+            checked[name] = list(ids)
+        return checked
 
     def parameter_scores(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(s_A [capacity, in], s_B [out, capacity])`` for layer ``name`` (zeros before updates)."""
@@ -224,7 +258,8 @@ class AdaLoRAImportance:
                 moved = t.index_select(dim, idx)
                 t.narrow(dim, n, t.shape[dim] - n).zero_()
                 t.narrow(dim, 0, n).copy_(moved)
-        self._followed[name] = self.layers[name].slot_edits
+        self._followed[name] = slot_ids(self.layers[name])
+        self._saved_ids.pop(name, None)
 
     @torch.no_grad()
     def reset(self, name: str, slots: Sequence[int]) -> None:
@@ -235,4 +270,5 @@ class AdaLoRAImportance:
                 t = table.get((name, which))
                 if t is not None and slots:
                     t.index_fill_(dim, torch.as_tensor(slots, dtype=torch.long, device=t.device), 0)
-        self._followed[name] = self.layers[name].slot_edits
+        self._followed[name] = slot_ids(self.layers[name])
+        self._saved_ids.pop(name, None)

@@ -65,4 +65,4 @@ def test_tiny_experiment_writes_table_json_and_plots(tmp_path, capsys):
     for p in pngs:
         assert p.stat().st_size > 1000 and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(result["plots"]) == sorted(str(p.relative_to(tmp_path)) for p in pngs)
-    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary files
+    assert not list(tmp_path.rglob(".*"))  # atomic writes leave no temporary file or staging folder
