@@ -1,0 +1,58 @@
+"""A user's training script, as a type checker sees it: every call here is correct, so
+``mypy --strict`` must report nothing in it (tests/static_typing/test_user_code_types.py). It is
+only type-checked, never run."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import lorambo
+import lorambo.nn
+from lorambo import LoRAMBoLinear, configure_model, lora_layers
+
+Batch = Mapping[str, torch.Tensor]
+
+
+def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
+    out: torch.Tensor = model(batch["x"])
+    return out.pow(2).mean()
+
+
+def the_layer(base: nn.Linear) -> LoRAMBoLinear:
+    layer = LoRAMBoLinear(base, rank=4, capacity=8, alpha=8.0, dropout=0.1, use_rslora=False, name="proj")
+    rank: int = layer.rank
+    sizes: tuple[int, int, int] = (layer.capacity, layer.in_features, layer.out_features)
+    weight: torch.Tensor = layer.weight
+    y: torch.Tensor = layer(torch.randn(2, base.in_features))
+    print(rank, sizes, weight, layer.bias, layer.slot_edits, y, layer.delta_weight(), repr(layer))
+    return layer
+
+
+def change_ranks(layer: LoRAMBoLinear, opt: torch.optim.Optimizer) -> None:
+    old: int = layer.set_rank(8, optimizer=opt, generator=torch.Generator().manual_seed(0))
+    kept: int = layer.keep_components([1, 0], optimizer=opt)
+    moved: list[int] = lorambo.nn.keep_components_many([(layer, [0])], optimizer=opt)
+    lorambo.reset_slot_state(opt, layer, range(kept))
+    layer.merge()
+    layer.unmerge()
+    print(old, moved)
+
+
+def train(model: nn.Module, batches: list[Batch], opt: torch.optim.Optimizer) -> None:
+    adapted: nn.Module = configure_model(model, ranks=8, target_modules=["query", "value"], capacity=32, alpha=16.0)
+    layers: dict[str, LoRAMBoLinear] = lora_layers(adapted)
+    dims = {n: (layer.out_features, layer.in_features) for n, layer in layers.items()}
+    ranks: dict[str, int] = lorambo.allocate(dims, {n: 1.0 for n in layers}, budget=100_000, method="closed_form",
+                                             capacities={n: layer.capacity for n, layer in layers.items()})
+    configure_model(model, ranks, optimizer=opt)
+    saved: Path = lorambo.save_adapter(model, "run/adapter.safetensors")
+    lorambo.load_adapter(model, saved)
+    lorambo.export_peft(model, Path("run/peft"))
+    lorambo.import_peft(model, "run/peft", capacity=32)
+    counts: dict[str, int | float] = lorambo.trainable_parameters(model)
+    plain: nn.Module = lorambo.unload(model, merge=True)
+    print(counts, plain, loss_fn(model, batches[0]))

@@ -1,0 +1,20 @@
+"""Mistakes a type checker must catch in a user's script (tests/static_typing/test_user_code_types.py):
+each line marked ``# error: CODE`` must be reported with that error code, and nothing else may be.
+Only type-checked, never run."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import lorambo
+from lorambo import LoRAMBoLinear
+
+
+def mistakes(model: nn.Module, base: nn.Linear, opt: torch.optim.Optimizer) -> None:
+    layer = LoRAMBoLinear(base, rank="8")  # error: arg-type
+    layer.set_rank("16", optimizer=opt)  # error: arg-type
+    layer.set_rank(4, optimizer=model)  # error: arg-type
+    layer.keep_components(0)  # error: arg-type
+    lorambo.configure_model(model, ranks="8")  # error: arg-type
+    lorambo.save_adapter(model, 42)  # error: arg-type
