@@ -187,6 +187,23 @@ class LoRAMBoLinear(nn.Module):
     _tied_weights_keys = None  # {"base_layer.weight": ...} while tied, see note_tied_weight
     _base_type = None  # the base layer's class when wrapped: forward re-checks a base of another class
 
+    # The public attributes, declared for type checkers: __init__ sets most of them after a
+    # numbers.Real check that a float does not pass in typeshed, so a checker would take the rest
+    # of __init__ as unreachable and report "Cannot determine type" at every read.
+    name: str
+    base_kind: str
+    base_layer: nn.Module
+    in_features: int
+    out_features: int
+    capacity: int
+    dropout: float
+    use_rslora: bool
+    alpha: float
+    scaling: float
+    lora_A: nn.Parameter
+    lora_B: nn.Parameter
+    merged: bool
+
     def __init__(self, base: nn.Module, rank: int = 8, capacity: int | None = None,
                  alpha: float | None = None, dropout: float = 0.0, use_rslora: bool = False,
                  scaling: float | None = None, name: str = ""):

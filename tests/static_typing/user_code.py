@@ -26,9 +26,12 @@ def the_layer(base: nn.Linear) -> LoRAMBoLinear:
     layer = LoRAMBoLinear(base, rank=4, capacity=8, alpha=8.0, dropout=0.1, use_rslora=False, name="proj")
     rank: int = layer.rank
     sizes: tuple[int, int, int] = (layer.capacity, layer.in_features, layer.out_features)
+    settings: tuple[float, float, float, bool] = (layer.scaling, layer.alpha, layer.dropout, layer.use_rslora)
+    pools: tuple[nn.Parameter, nn.Parameter] = (layer.lora_A, layer.lora_B)
+    merged: bool = layer.merged
     weight: torch.Tensor = layer.weight
     y: torch.Tensor = layer(torch.randn(2, base.in_features))
-    print(rank, sizes, weight, layer.bias, layer.slot_edits, y, layer.delta_weight(), repr(layer))
+    print(rank, sizes, settings, pools, merged, weight, layer.bias, layer.slot_edits, y, layer.delta_weight(), repr(layer))
     return layer
 
 

@@ -18,3 +18,5 @@ def mistakes(model: nn.Module, base: nn.Linear, opt: torch.optim.Optimizer) -> N
     layer.keep_components(0)  # error: arg-type
     lorambo.configure_model(model, ranks="8")  # error: arg-type
     lorambo.save_adapter(model, 42)  # error: arg-type
+    scaling: str = layer.scaling  # error: assignment
+    print(scaling)
