@@ -57,7 +57,7 @@ from lorambo.nn import LoRAMBoLinear
 from lorambo.nn.base_layers import base_kind, features, weight_out_in
 from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from lorambo.nn.lora_linear import check_growth_factor
-from lorambo.nn.optimizer_argument import skips_this_step, wrapper_grad_scaler
+from lorambo.nn.optimizer_argument import OptimizerArgument, skips_this_step, wrapper_grad_scaler
 from lorambo.sensitivity.token_mask import batch_token_mask, check_token_mask
 from lorambo.user_warnings import warn_user
 
@@ -437,7 +437,8 @@ class LoRAMBoOptimizer:
             print(msg)
         return report
 
-    def configure(self, ranks: Mapping[str, int] | None = None, dropout: float | None = None, optimizer=None):
+    def configure(self, ranks: Mapping[str, int] | None = None, dropout: float | None = None,
+                  optimizer: OptimizerArgument | None = None):
         """``configure_model(model, ranks, capacity=self.capacities, alpha=..., modules_to_save=...)``;
         returns the model.
         ``optimizer`` (default: the one from :meth:`make_optimizer`) has the state of existing
@@ -546,7 +547,8 @@ class LoRAMBoOptimizer:
         finally:
             self.scheduled_growth.disarm()
 
-    def step(self, step: int, optimizer=None, component_scores=None, grad_scaler=None) -> list[dict]:
+    def step(self, step: int, optimizer: OptimizerArgument | None = None, component_scores=None,
+             grad_scaler=None) -> list[dict]:
         """Take the decision of ``step`` if one is due; returns its records (possibly []).
         ``optimizer`` defaults to the one from :meth:`make_optimizer`. Training with a
         ``torch.amp.GradScaler``: pass it as ``grad_scaler`` (before ``scaler.update()``), so
@@ -574,7 +576,8 @@ class LoRAMBoOptimizer:
                                 self.min_rank, self.max_rank)
         return self._alora
 
-    def update_ranks(self, optimizer=None, step=None, component_scores=None, grad_scaler=None) -> list[dict]:
+    def update_ranks(self, optimizer: OptimizerArgument | None = None, step=None, component_scores=None,
+                     grad_scaler=None) -> list[dict]:
         """Grow (and, with ``move_threshold``, move) ranks now from the captured step
         (``grad_scaler``, and the scaler of a wrapped ``optimizer``: see :meth:`step`)."""
         grad_scaler = grad_scaler if grad_scaler is not None else wrapper_grad_scaler(optimizer)

@@ -41,7 +41,8 @@ from lorambo.model.partial_edit import add_note, shown_layers
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import keep_components_many
 from lorambo.nn.merge_overflow import finite_merge
-from lorambo.nn.optimizer_argument import each_optimizer, optimizer_argument, skips_this_step, wrapper_grad_scaler
+from lorambo.nn.optimizer_argument import (OptimizerArgument, each_optimizer, optimizer_argument, skips_this_step,
+                                           wrapper_grad_scaler)
 from lorambo.nn.optimizer_tracking import stand_in_for
 from lorambo.nn.slots import pool_slots, tag_pool_parameter
 from lorambo.sharding import is_sharded, local_region
@@ -133,19 +134,22 @@ def full_pools(layers: Iterable[nn.Module], optimizer: torch.optim.Optimizer | N
                                 real[key] = value
 
 
-def set_rank(layer, rank: int, optimizer=None, generator: torch.Generator | None = None) -> int:
+def set_rank(layer, rank: int, optimizer: OptimizerArgument | None = None,
+             generator: torch.Generator | None = None) -> int:
     """``layer.set_rank`` on a sharded (or plain) layer; returns the old rank."""
     with full_pools([layer], optimizer) as opt:
         return layer.set_rank(rank, optimizer=opt, generator=generator)
 
 
-def keep_components(plans: Sequence[tuple[nn.Module, Sequence[int]]], optimizer=None) -> list[int]:
+def keep_components(plans: Sequence[tuple[nn.Module, Sequence[int]]],
+                    optimizer: OptimizerArgument | None = None) -> list[int]:
     """``keep_components_many`` on sharded (or plain) layers; returns the old ranks."""
     with full_pools([layer for layer, _ in plans], optimizer) as opt:
         return keep_components_many(plans, opt)
 
 
-def allocator_step(allocator, step: int, optimizer=None, component_scores=None, grad_scaler=None) -> list[dict]:
+def allocator_step(allocator, step: int, optimizer: OptimizerArgument | None = None, component_scores=None,
+                   grad_scaler=None) -> list[dict]:
     """``LoRAMBoOptimizer.step`` for a sharded model: the pools are gathered on decision steps only."""
     if allocator.allocation == "alora":
         raise NotImplementedError("ALoRA runs forward passes inside its decisions; under FSDP2 use "

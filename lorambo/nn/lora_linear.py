@@ -29,7 +29,7 @@ from lorambo.nn.fresh_momentum import move_new_slots, restore_new_slots
 from lorambo.nn.frozen_bases import note_frozen
 from lorambo.nn.inactive_slots import zero_inactive_after_steps
 from lorambo.nn.merge_overflow import finite_merge, merge_may_overflow
-from lorambo.nn.optimizer_argument import optimizer_argument
+from lorambo.nn.optimizer_argument import OptimizerArgument, optimizer_argument
 from lorambo.nn.optimizer_state import (check_slot_state_editable, gathered_slot_state, reset_slot_state,
                                         warn_if_shared_step)
 from lorambo.nn.optimizer_tracking import LOAD_IT, REBUILD_IT, track_optimizers, warn_if_state_left_behind
@@ -422,7 +422,7 @@ class LoRAMBoLinear(nn.Module):
     # ------------------------------------------------------------------------ rank changes
     @warns_when_done  # a warning raised as an error must not stop the edit half-way
     @torch.no_grad()
-    def set_rank(self, rank: int, optimizer: torch.optim.Optimizer | None = None,
+    def set_rank(self, rank: int, optimizer: OptimizerArgument | None = None,
                  generator: torch.Generator | None = None) -> int:
         """Set the active rank in place and return the previous one.
 
@@ -480,7 +480,7 @@ class LoRAMBoLinear(nn.Module):
 
     @warns_when_done
     @torch.no_grad()
-    def keep_components(self, keep: Sequence[int], optimizer: torch.optim.Optimizer | None = None) -> int:
+    def keep_components(self, keep: Sequence[int], optimizer: OptimizerArgument | None = None) -> int:
         """Keep the active slots listed in ``keep`` (in that order) compacted into slots
         0..len(keep)-1, zero the rest, and return the previous rank. The kept components are
         moved bit for bit, with their gradients; with ``optimizer`` their state moves with them."""

@@ -35,10 +35,14 @@ def the_layer(base: nn.Linear) -> LoRAMBoLinear:
     return layer
 
 
-def change_ranks(layer: LoRAMBoLinear, opt: torch.optim.Optimizer) -> None:
+def change_ranks(layer: LoRAMBoLinear, opt: torch.optim.Optimizer, pools: list[torch.optim.SGD]) -> None:
     old: int = layer.set_rank(8, optimizer=opt, generator=torch.Generator().manual_seed(0))
+    layer.set_rank(2, optimizer=pools)  # one optimizer per pool (or per parameter), as a list or tuple
+    layer.set_rank(old, optimizer=(opt, pools[0]))
     kept: int = layer.keep_components([1, 0], optimizer=opt)
-    moved: list[int] = lorambo.nn.keep_components_many([(layer, [0])], optimizer=opt)
+    layer.keep_components([0], optimizer=pools)
+    moved: list[int] = lorambo.nn.keep_components_many([(layer, [0])], optimizer=pools)
+    lorambo.configure_model(layer, {"": 4}, optimizer=pools)
     lorambo.reset_slot_state(opt, layer, range(kept))
     layer.merge()
     layer.unmerge()

@@ -15,6 +15,7 @@ def mistakes(model: nn.Module, base: nn.Linear, opt: torch.optim.Optimizer) -> N
     layer = LoRAMBoLinear(base, rank="8")  # error: arg-type
     layer.set_rank("16", optimizer=opt)  # error: arg-type
     layer.set_rank(4, optimizer=model)  # error: arg-type
+    layer.set_rank(4, optimizer=[opt, model])  # error: list-item
     layer.keep_components(0)  # error: arg-type
     lorambo.configure_model(model, ranks="8")  # error: arg-type
     lorambo.save_adapter(model, 42)  # error: arg-type
