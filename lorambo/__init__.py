@@ -4,7 +4,7 @@
     model = configure_model(model, ranks=8)            # or {module_name: rank}
 """
 
-from lorambo.version import __version__
+from lorambo.version import __version__ as __version__  # "as": re-exported for mypy --strict (no implicit re-export)
 from lorambo.allocation import allocate
 from lorambo.allocation.report import read_decisions  # the decision log, as records
 from lorambo.adapters import AdapterFormatError, export_peft, load_adapter, save_adapter

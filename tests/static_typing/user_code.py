@@ -62,4 +62,5 @@ def train(model: nn.Module, batches: list[Batch], opt: torch.optim.Optimizer) ->
     lorambo.import_peft(model, "run/peft", capacity=32)
     counts: dict[str, int | float] = lorambo.trainable_parameters(model)
     plain: nn.Module = lorambo.unload(model, merge=True)
-    print(counts, plain, loss_fn(model, batches[0]))
+    version: str = lorambo.__version__
+    print(counts, plain, loss_fn(model, batches[0]), version)
