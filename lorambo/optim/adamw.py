@@ -34,6 +34,8 @@ and skips inf steps itself, also for ``fused=True``. ``differentiable=True`` is 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -272,13 +274,14 @@ class AdamW(torch.optim.AdamW):
     # (lorambo/nn/inactive_slots.py) has nothing to do
     _lorambo_keeps_inactive_slots = True
 
-    def __init__(self, params, *args, **kwargs):
-        super().__init__(params, *args, **kwargs)
-        if any(group.get("differentiable", False) for group in self.param_groups):
-            raise ValueError("lorambo.optim.AdamW: differentiable=True is not supported")
-        # torch's fused AdamW unscales and skips inf steps inside its kernel when a GradScaler hands
-        # it the scale; the pool update does not, so the scaler must unscale and skip for us.
-        self._step_supports_amp_scaling = False
+    if not TYPE_CHECKING:  # type checkers see torch.optim.AdamW's signature, which this passes on whole
+        def __init__(self, params, *args, **kwargs):
+            super().__init__(params, *args, **kwargs)
+            if any(group.get("differentiable", False) for group in self.param_groups):
+                raise ValueError("lorambo.optim.AdamW: differentiable=True is not supported")
+            # torch's fused AdamW unscales and skips inf steps inside its kernel when a GradScaler hands
+            # it the scale; the pool update does not, so the scaler must unscale and skip for us.
+            self._step_supports_amp_scaling = False
 
     def add_param_group(self, param_group: dict) -> None:
         # torch checks only the signs of these: 10**400 would fail at the first step with an
@@ -291,7 +294,7 @@ class AdamW(torch.optim.AdamW):
         super().add_param_group(param_group)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = None
         if closure is not None:
             with torch.enable_grad():

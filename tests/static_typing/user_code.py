@@ -49,9 +49,18 @@ def change_ranks(layer: LoRAMBoLinear, opt: torch.optim.Optimizer, pools: list[t
     print(old, moved)
 
 
-def train(model: nn.Module, batches: list[Batch], opt: torch.optim.Optimizer) -> None:
+def train(model: nn.Module, batches: list[Batch]) -> None:
     adapted: nn.Module = configure_model(model, ranks=8, target_modules=["query", "value"], capacity=32, alpha=16.0)
     layers: dict[str, LoRAMBoLinear] = lora_layers(adapted)
+    opt = lorambo.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+    for step, batch in enumerate(batches):
+        loss_fn(model, batch).backward()
+        if step == 4:
+            for layer in layers.values():
+                layer.set_rank(16, optimizer=opt)
+        opt.step()
+        opt.zero_grad()
+    loss: float | None = opt.step(lambda: loss_fn(model, batches[0]).item())
     dims = {n: (layer.out_features, layer.in_features) for n, layer in layers.items()}
     ranks: dict[str, int] = lorambo.allocate(dims, {n: 1.0 for n in layers}, budget=100_000, method="closed_form",
                                              capacities={n: layer.capacity for n, layer in layers.items()})
@@ -63,4 +72,4 @@ def train(model: nn.Module, batches: list[Batch], opt: torch.optim.Optimizer) ->
     counts: dict[str, int | float] = lorambo.trainable_parameters(model)
     plain: nn.Module = lorambo.unload(model, merge=True)
     version: str = lorambo.__version__
-    print(counts, plain, loss_fn(model, batches[0]), version)
+    print(counts, plain, loss, version)

@@ -20,4 +20,5 @@ def mistakes(model: nn.Module, base: nn.Linear, opt: torch.optim.Optimizer) -> N
     lorambo.configure_model(model, ranks="8")  # error: arg-type
     lorambo.save_adapter(model, 42)  # error: arg-type
     scaling: str = layer.scaling  # error: assignment
+    lorambo.optim.AdamW(model.parameters(), lr="1e-3")  # error: arg-type
     print(scaling)
