@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -45,9 +45,10 @@ def _per_layer(value, name: str, what: str):
 
 
 @warns_when_done  # a warning raised as an error must not leave the model half-adapted
-def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_modules: str | list[str] | None = None,
+def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_modules: str | Iterable[str] | None = None,
                     capacity: int | Mapping[str, int] | None = None, alpha: float | None = None,
-                    dropout: float | None = None, use_rslora: bool | None = None, modules_to_save=None,
+                    dropout: float | None = None, use_rslora: bool | None = None,
+                    modules_to_save: str | Iterable[str] | None = None,
                     alpha_pattern: Mapping[str, float] | None = None, optimizer: OptimizerArgument | None = None,
                     generator: torch.Generator | None = None) -> nn.Module:
     """Adapt ``model`` in place and return it.

@@ -12,7 +12,9 @@ from torch import nn
 
 import lorambo
 import lorambo.nn
-from lorambo import LoRAMBoLinear, configure_model, lora_layers
+import lorambo.sensitivity
+from lorambo import LoRAMBoLinear, LoRAMBoOptimizer, configure_model, lora_layers
+from lorambo.integrations import LoRAMBoCallback
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -43,6 +45,7 @@ def change_ranks(layer: LoRAMBoLinear, opt: torch.optim.Optimizer, pools: list[t
     layer.keep_components([0], optimizer=pools)
     moved: list[int] = lorambo.nn.keep_components_many([(layer, [0])], optimizer=pools)
     lorambo.configure_model(layer, {"": 4}, optimizer=pools)
+    lorambo.configure_model(layer, 4, target_modules=("query", "value"), modules_to_save=("classifier",))
     lorambo.reset_slot_state(opt, layer, range(kept))
     layer.merge()
     layer.unmerge()
@@ -73,3 +76,26 @@ def train(model: nn.Module, batches: list[Batch]) -> None:
     plain: nn.Module = lorambo.unload(model, merge=True)
     version: str = lorambo.__version__
     print(counts, plain, loss, version)
+
+
+def allocator(model: nn.Module, batches: list[Batch]) -> None:
+    opt = LoRAMBoOptimizer(model, total_budget=6_000, initial_budget=4_000, sensitivity_method="gradient",
+                           warmup_steps=20, interval=20, stop_step=200, loss_improvement_threshold=0.0,
+                           log_path="run/decisions.jsonl", modules_to_save=["classifier"], target_modules=["query"])
+    ranks: dict[str, int] = opt.compute_optimal_ranks(batches, loss_fn)
+    opt.configure(ranks)
+    torch_opt: lorambo.optim.AdamW = opt.make_optimizer(lr=1e-3)
+    for step, batch in enumerate(batches):
+        with opt.capture(step, batch):
+            loss_fn(model, batch).backward()
+        decisions: list[dict[str, object]] = opt.step(step, optimizer=[torch_opt])
+        torch_opt.step()
+        torch_opt.zero_grad()
+        print(decisions)
+    schedule: tuple[int, int | None, int | None] = (opt.warmup_steps, opt.interval, opt.stop_step)
+    print(opt.rank_table(), opt.decisions, opt.current_ranks(), schedule)
+    opt.save_heatmap("run/ranks.png")
+    opt.load_state_dict(opt.state_dict())
+    records: list[dict[str, object]] = lorambo.read_decisions(Path("run/decisions.jsonl"))
+    callback = LoRAMBoCallback(opt, importance=lorambo.sensitivity.AdaLoRAImportance(model))
+    print(records, callback)

@@ -21,4 +21,6 @@ def mistakes(model: nn.Module, base: nn.Linear, opt: torch.optim.Optimizer) -> N
     lorambo.save_adapter(model, 42)  # error: arg-type
     scaling: str = layer.scaling  # error: assignment
     lorambo.optim.AdamW(model.parameters(), lr="1e-3")  # error: arg-type
+    lorambo.configure_model(model, 8, target_modules=["query", 3])  # error: list-item
+    lorambo.configure_model(model, 8, modules_to_save=[nn.Linear(4, 2)])  # error: list-item
     print(scaling)
