@@ -35,8 +35,10 @@ import copy
 import logging
 import math
 import numbers
+import os
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 from contextlib import contextmanager
 
 import torch
@@ -58,7 +60,8 @@ from lorambo.nn.base_layers import base_kind, features, weight_out_in
 from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from lorambo.nn.lora_linear import check_growth_factor
 from lorambo.nn.optimizer_argument import OptimizerArgument, skips_this_step, wrapper_grad_scaler
-from lorambo.sensitivity.token_mask import batch_token_mask, check_token_mask
+from lorambo.sensitivity.inputs import Batches, LossFn
+from lorambo.sensitivity.token_mask import TokenMask, batch_token_mask, check_token_mask
 from lorambo.user_warnings import warn_user
 
 __all__ = ["LoRAMBoOptimizer", "SENSITIVITY_METHODS", "ALLOCATIONS"]
@@ -153,15 +156,18 @@ class LoRAMBoOptimizer:
             LoRA target, is a ValueError naming it.
     """
 
-    def __init__(self, model, total_budget, sensitivity_method: str = "hessian", target_modules=None,
-                 capacity=None, growth_factor: float = 2.0, min_rank: int = 0, max_rank: int | None = None,
+    def __init__(self, model: torch.nn.Module, total_budget: float, sensitivity_method: str = "hessian",
+                 target_modules: str | Iterable[str] | None = None,
+                 capacity: int | Mapping[str, int] | None = None, growth_factor: float = 2.0, min_rank: int = 0,
+                 max_rank: int | None = None,
                  allocation: str = "closed_form", alpha: float | None = None, num_probes: int = 32,
                  seed: int = 0, warmup_steps: int = 0, interval: int | None = None,
                  stop_step: int | None = None, loss_improvement_threshold: float = 0.0,
                  sketch_rank: int = 4, power_iters: int = 4, move_threshold: float | None = None,
-                 max_moves: int = 1, heldout_batches=None, loss_fn=None, alora=None,
-                 log_path=None, verbose: bool = False, initial_budget=None, max_tokens: int | None = None,
-                 token_mask="auto", modules_to_save=None):
+                 max_moves: int = 1, heldout_batches: Batches | None = None, loss_fn: LossFn | None = None,
+                 alora: ALoRAConfig | Mapping[str, Any] | None = None, log_path: str | os.PathLike | None = None,
+                 verbose: bool = False, initial_budget: float | None = None, max_tokens: int | None = None,
+                 token_mask: TokenMask = "auto", modules_to_save: str | Iterable[str] | None = None) -> None:
         require_module(model, "LoRAMBoOptimizer")
         if sensitivity_method not in SENSITIVITY_METHODS:
             raise ValueError(f"sensitivity_method={sensitivity_method!r}; choose one of {SENSITIVITY_METHODS}")
@@ -257,7 +263,8 @@ class LoRAMBoOptimizer:
         return int(budget)
 
     # ---------------------------------------------------------------------- sensitivities
-    def compute_sensitivities(self, batches=None, loss_fn=None, progress: bool | None = None) -> dict[str, float]:
+    def compute_sensitivities(self, batches: Batches | None = None, loss_fn: LossFn | None = None,
+                              progress: bool | None = None) -> dict[str, float]:
         """``{name: s_i >= 0}`` by ``sensitivity_method`` on ``batches`` (see the class doc;
         "frobenius" reads the weights only and needs no batches). ``progress``: the bar of the
         estimator that runs ("hessian": ``hessian_trace``, "gradient": ``gradient_sensitivity``,
@@ -356,8 +363,9 @@ class LoRAMBoOptimizer:
         return w.detach().double()
 
     # ------------------------------------------------------------------------ allocation
-    def compute_optimal_ranks(self, batches=None, loss_fn=None, sensitivities=None, progress: bool | None = None,
-                              **allocate_kwargs) -> dict[str, int]:
+    def compute_optimal_ranks(self, batches: Batches | None = None, loss_fn: LossFn | None = None,
+                              sensitivities: Mapping[str, float] | None = None, progress: bool | None = None,
+                              **allocate_kwargs: Any) -> dict[str, int]:
         """``{name: rank}`` within ``initial_budget``; also sets ``capacities`` and ``memory_report``.
 
         ``sensitivities`` given: used as is (validated: known layers, all present, finite, >= 0).

@@ -93,6 +93,10 @@ def allocator(model: nn.Module, batches: list[Batch]) -> None:
         torch_opt.zero_grad()
         print(decisions)
     schedule: tuple[int, int | None, int | None] = (opt.warmup_steps, opt.interval, opt.stop_step)
+    moves = LoRAMBoOptimizer(model, 6_000.0, allocation="alora", alora={"k1": 10, "rounds": 2}, heldout_batches=batches,
+                             loss_fn=loss_fn, token_mask=lambda batch: batch["attention_mask"], capacity={"query": 16})
+    scores: dict[str, float] = moves.compute_sensitivities(iter(batches), lambda m, b: m(**b))
+    moves.compute_optimal_ranks(sensitivities=scores, benefits={"query": [1.0, 0.5]})
     print(opt.rank_table(), opt.decisions, opt.current_ranks(), schedule)
     opt.save_heatmap("run/ranks.png")
     opt.load_state_dict(opt.state_dict())

@@ -23,4 +23,7 @@ def mistakes(model: nn.Module, base: nn.Linear, opt: torch.optim.Optimizer) -> N
     lorambo.optim.AdamW(model.parameters(), lr="1e-3")  # error: arg-type
     lorambo.configure_model(model, 8, target_modules=["query", 3])  # error: list-item
     lorambo.configure_model(model, 8, modules_to_save=[nn.Linear(4, 2)])  # error: list-item
+    lorambo.LoRAMBoOptimizer(model, total_budget="6000")  # error: arg-type
+    lorambo.LoRAMBoOptimizer(model, 6000, token_mask="attention_mask")  # error: arg-type
+    lorambo.LoRAMBoOptimizer(model, 6000, loss_fn=torch.ones(()))  # error: arg-type  (a loss, not its function)
     print(scaling)
