@@ -9,6 +9,7 @@ from torch import nn
 
 import lorambo
 from lorambo import LoRAMBoLinear
+from lorambo.integrations import LoRAMBoCallback
 
 
 def mistakes(model: nn.Module, base: nn.Linear, opt: torch.optim.Optimizer) -> None:
@@ -26,4 +27,5 @@ def mistakes(model: nn.Module, base: nn.Linear, opt: torch.optim.Optimizer) -> N
     lorambo.LoRAMBoOptimizer(model, total_budget="6000")  # error: arg-type
     lorambo.LoRAMBoOptimizer(model, 6000, token_mask="attention_mask")  # error: arg-type
     lorambo.LoRAMBoOptimizer(model, 6000, loss_fn=torch.ones(()))  # error: arg-type  (a loss, not its function)
+    LoRAMBoCallback(model)  # error: arg-type  (the allocator, not the model)
     print(scaling)
