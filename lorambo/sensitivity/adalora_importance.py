@@ -45,7 +45,8 @@ __all__ = ["AdaLoRAImportance"]
 class AdaLoRAImportance:
     """EMA-smoothed, uncertainty-weighted |theta * grad| of every LoRA pool entry."""
 
-    def __init__(self, model, modules=None, beta1: float = 0.85, beta2: float = 0.85):
+    def __init__(self, model: torch.nn.Module, modules: Sequence[str] | str | None = None, beta1: float = 0.85,
+                 beta2: float = 0.85) -> None:
         from .ablation import lora_targets
 
         require_module(model, "AdaLoRAImportance")

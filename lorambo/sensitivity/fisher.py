@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 
 import torch
 
@@ -47,7 +48,7 @@ from lorambo.nn.local_hooks import LocalHook
 from .estimate import Estimate
 from .example_weights import ExampleWeights
 from .targets import find_targets
-from .token_mask import check_token_mask
+from .token_mask import TokenMask, check_token_mask
 from lorambo.user_warnings import warn_user
 
 __all__ = ["FisherProxy", "per_example_sq_grad_norms", "sketched_sq_grad_norms"]
@@ -133,8 +134,9 @@ class FisherProxy:
     :meth:`state_dict` / :meth:`load_state_dict` resume a measurement across processes.
     """
 
-    def __init__(self, model, modules=None, reduction: str = "mean", sketch_dim: int | None = None,
-                 seed: int = 0, grad_scaler=None, token_mask="auto"):
+    def __init__(self, model: torch.nn.Module, modules: Sequence[str] | str | None = None, reduction: str = "mean",
+                 sketch_dim: int | None = None, seed: int = 0, grad_scaler: torch.amp.GradScaler | None = None,
+                 token_mask: TokenMask = "auto") -> None:
         require_module(model, "FisherProxy")
         if grad_scaler is not None and not callable(getattr(grad_scaler, "_get_scale_async", None)):
             raise TypeError(f"FisherProxy: grad_scaler must be a torch.amp.GradScaler, got "

@@ -103,3 +103,20 @@ def allocator(model: nn.Module, batches: list[Batch]) -> None:
     records: list[dict[str, object]] = lorambo.read_decisions(Path("run/decisions.jsonl"))
     callback = LoRAMBoCallback(opt, importance=lorambo.sensitivity.AdaLoRAImportance(model))
     print(records, callback)
+
+
+def estimators(model: nn.Module, batches: list[Batch], scaler: torch.amp.GradScaler) -> None:
+    traces = lorambo.sensitivity.hessian_trace(model, loss_fn, batches, num_probes=8, method="hutch++")
+    value: float = traces["layer"].value
+    norms = lorambo.sensitivity.hessian_opnorm(model, loss_fn, iter(batches), modules=["query"])
+    grads: dict[str, float] = lorambo.sensitivity.gradient_sensitivity(model, lambda m, b: m(**b), batches, "query")
+    covariances: dict[str, torch.Tensor] = lorambo.sensitivity.data_covariance(model, loss_fn, batches, token_mask=None)
+    with lorambo.sensitivity.FisherProxy(model, reduction="token_mean", grad_scaler=scaler) as fisher:
+        for batch in batches:
+            loss_fn(model, batch).backward()
+    estimate: lorambo.sensitivity.Estimate = fisher.estimates()["layer"]
+    ablations = lorambo.sensitivity.ablation_scores(model, loss_fn, batches)
+    missed: list[str] = lorambo.sensitivity.targets_without_gradient(model, loss_fn, batches[0])
+    importance = lorambo.sensitivity.AdaLoRAImportance(model, ["query"])
+    trace = lorambo.sensitivity.hutchinson(lambda x: 2 * x, dim=16, num_matvecs=8, device="cpu")
+    print(value, norms, grads, covariances, estimate, ablations, missed, importance, trace.stderr)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import lorambo
+import lorambo.sensitivity
 from lorambo import LoRAMBoLinear
 from lorambo.integrations import LoRAMBoCallback
 
@@ -28,4 +29,7 @@ def mistakes(model: nn.Module, base: nn.Linear, opt: torch.optim.Optimizer) -> N
     lorambo.LoRAMBoOptimizer(model, 6000, token_mask="attention_mask")  # error: arg-type
     lorambo.LoRAMBoOptimizer(model, 6000, loss_fn=torch.ones(()))  # error: arg-type  (a loss, not its function)
     LoRAMBoCallback(model)  # error: arg-type  (the allocator, not the model)
+    lorambo.sensitivity.hessian_trace(model, torch.ones(()), [])  # error: arg-type  (a loss, not its function)
+    lorambo.sensitivity.gradient_sensitivity(model, lambda m, b: m(b), [], modules=3)  # error: arg-type
+    lorambo.sensitivity.FisherProxy(model, token_mask="attention_mask")  # error: arg-type
     print(scaling)
