@@ -646,3 +646,15 @@ class LoRAMBoOptimizer:
     @property
     def decisions(self) -> list[dict]:
         return list(self.log.records)
+
+    def __repr__(self) -> str:
+        # stored settings only, each looked up with a default: a debugger or a traceback shows
+        # allocators whose constructor failed half-way, and reading the layers could raise
+        get = self.__dict__.get
+        ranks, log, schedule = get("ranks"), get("log"), get("schedule")
+        shown = [f"{len(get('names') or ())} layers", f"total_budget={get('total_budget')!r}",
+                 f"initial_budget={get('initial_budget')!r}", f"sensitivity_method={get('sensitivity_method')!r}",
+                 f"allocation={get('allocation')!r}", f"interval={getattr(schedule, 'interval', None)!r}",
+                 "not allocated" if ranks is None else f"allocated ranks={sum(ranks.values())}",
+                 f"decisions={len(getattr(log, 'records', ()))}"]
+        return f"LoRAMBoOptimizer({', '.join(shown)})"
