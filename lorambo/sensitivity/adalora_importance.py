@@ -60,6 +60,11 @@ class AdaLoRAImportance:
         self._ubar: dict[tuple[str, str], torch.Tensor] = {}
         self._followed = {name: layer.slot_edits for name, layer in self.layers.items()}
 
+    def __repr__(self) -> str:
+        get = self.__dict__.get  # with defaults: a debugger shows objects whose constructor failed half-way
+        return (f"AdaLoRAImportance({len(get('layers') or ())} layers, beta1={get('beta1')!r}, "
+                f"beta2={get('beta2')!r}, updates={get('steps', 0)})")
+
     def _check_followed(self, what: str) -> None:
         """RuntimeError naming the first layer whose slots changed since :meth:`keep` /
         :meth:`reset` (or construction, or :meth:`load_state_dict`) last followed them. A layer

@@ -236,6 +236,11 @@ class FisherProxy:
     def __enter__(self) -> "FisherProxy":
         return self.attach()
 
+    def __repr__(self) -> str:
+        get = self.__dict__.get  # with defaults: a debugger shows proxies whose constructor failed half-way
+        return (f"FisherProxy({len(get('targets') or ())} layers, reduction={get('reduction')!r}, "
+                f"sketch_dim={get('sketch_dim')!r}, attached={bool(get('_handles'))})")
+
     def __exit__(self, *exc) -> None:
         self.detach()
 
