@@ -140,6 +140,11 @@ class LoRAMBoCallback(TrainerCallback):
         self.decisions: list[dict] = []
         self._batch_hook = None
 
+    def __repr__(self) -> str:
+        get = self.__dict__.get  # with defaults: a debugger shows callbacks whose constructor failed half-way
+        return (f"LoRAMBoCallback(allocator={get('allocator')!r}, importance={get('importance')!r}, "
+                f"decisions={len(get('decisions') or ())})")
+
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         # a run stopped by an error (or Ctrl-C) inside a decision step never reached
         # on_pre_optimizer_step or on_train_end: its hooks would keep capturing, and what they
