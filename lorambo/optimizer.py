@@ -465,6 +465,8 @@ class LoRAMBoOptimizer:
 
     # ---------------------------------------------------------------------------- online
     def layers(self) -> dict[str, LoRAMBoLinear]:
+        """``{name: LoRAMBoLinear}`` of the allocator's layers as the model holds them now; a
+        RuntimeError while they are not LoRA layers yet (before :meth:`configure`)."""
         found = lora_layers(self.plain_model)
         missing = [n for n in self.names if n not in found]
         if missing:
@@ -473,6 +475,7 @@ class LoRAMBoOptimizer:
 
     @property
     def online(self) -> OnlineGrowth:
+        """The online growth that decides at the decision steps, following the model's layers."""
         self._follow_layers()
         return self.scheduled_growth.growth
 
@@ -505,9 +508,10 @@ class LoRAMBoOptimizer:
                                                        self.names, progress=False).items()}
 
     # the decision schedule's settings (fixed at construction)
-    warmup_steps = property(lambda self: self.schedule.warmup_steps)
-    interval = property(lambda self: self.schedule.interval)
-    stop_step = property(lambda self: self.schedule.stop_step)
+    warmup_steps = property(lambda self: self.schedule.warmup_steps, doc="Steps before the first online decision.")
+    interval = property(lambda self: self.schedule.interval, doc="Steps between online decisions (None: none).")
+    stop_step = property(lambda self: self.schedule.stop_step,
+                         doc="No online decision at this step or later (None: no end).")
 
     @staticmethod
     def _check_step(step, who: str) -> None:
@@ -520,6 +524,7 @@ class LoRAMBoOptimizer:
             raise ValueError(f"LoRAMBoOptimizer.{who}: step must be an int >= 0, got {step}")
 
     def is_decision_step(self, step: int) -> bool:
+        """Whether :meth:`step` decides at ``step`` (the schedule; ALoRA's rounds with allocation="alora")."""
         self._check_step(step, "is_decision_step")
         if self.allocation == "alora":
             return step in self.alora_config.decision_steps()
@@ -635,16 +640,22 @@ class LoRAMBoOptimizer:
 
     # ------------------------------------------------------------------------ visibility
     def current_ranks(self) -> dict[str, int]:
+        """``{name: rank}`` of the allocator's layers now."""
         return {n: m.rank for n, m in self.layers().items()}
 
     def rank_table(self) -> str:
+        """A text table of the model's LoRA layers: rank, capacity and LoRA parameters of each, and totals."""
         return rank_table(self.plain_model)
 
     def save_heatmap(self, path, title: str = "LoRA rank per layer"):
+        """Write the current ranks as a PNG heat map (rows: blocks, columns: module types; needs
+        matplotlib) and return its path."""
         return save_heatmap(self.current_ranks(), path, title)
 
     @property
     def decisions(self) -> list[dict]:
+        """The online decisions so far, oldest first: the records of the decision log
+        (:func:`lorambo.read_decisions` reads them from ``log_path``)."""
         return list(self.log.records)
 
     def __repr__(self) -> str:

@@ -378,6 +378,7 @@ class LoRAMBoLinear(nn.Module):
 
     @property
     def rank(self) -> int:
+        """The number of active slots, ``0 <= rank <= capacity``; changed by :meth:`set_rank`."""
         return self._rank
 
     @property
@@ -397,6 +398,7 @@ class LoRAMBoLinear(nn.Module):
 
     @property
     def bias(self) -> torch.Tensor | None:
+        """The base layer's bias (None without one); assigning an ``nn.Parameter`` sets the base's."""
         return self.base_layer.bias
 
     def _set_base_tensor(self, name: str, value) -> None:

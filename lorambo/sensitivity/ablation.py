@@ -49,6 +49,7 @@ class ComponentAblation:
 
     @property
     def score(self) -> torch.Tensor:
+        """AB-LoRA's score of each component, ``removed + alone`` (higher: worth more)."""
         return self.removed + self.alone
 
 

@@ -216,6 +216,8 @@ class FisherProxy:
         self._sum, self._sum_sq, self._nonfinite = tables["sum"], tables["sum_sq"], tables["nonfinite"]
 
     def attach(self) -> "FisherProxy":
+        """Start gathering: hooks on the targeted layers (and the model, for token masks) read
+        every following backward pass. Returns the proxy; ``with proxy:`` attaches and detaches."""
         if not self._handles:
             # LocalHook: a copy of the model taken while attached (an EMA, a teacher, torch.save)
             # neither feeds these statistics nor fails to pickle
@@ -227,6 +229,7 @@ class FisherProxy:
         return self
 
     def detach(self) -> None:
+        """Stop gathering (remove the hooks); what was gathered stays for :meth:`estimates`."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
