@@ -37,9 +37,10 @@ import math
 import numbers
 import os
 import weakref
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -446,7 +447,7 @@ class LoRAMBoOptimizer:
         return report
 
     def configure(self, ranks: Mapping[str, int] | None = None, dropout: float | None = None,
-                  optimizer: OptimizerArgument | None = None):
+                  optimizer: OptimizerArgument | None = None) -> torch.nn.Module:
         """``configure_model(model, ranks, capacity=self.capacities, alpha=..., modules_to_save=...)``;
         returns the model.
         ``optimizer`` (default: the one from :meth:`make_optimizer`) has the state of existing
@@ -530,7 +531,7 @@ class LoRAMBoOptimizer:
             return step in self.alora_config.decision_steps()
         return self.schedule.is_decision_step(step)
 
-    def begin_step(self, step: int, batch=None) -> None:
+    def begin_step(self, step: int, batch: Any = None) -> None:
         """Arm the activation hooks if ``step`` is an online decision step (else nothing).
         ``batch``: the batch the following forward runs on; its token mask (``token_mask``)
         keeps pads out of the capture. A later call with the next micro-batch replaces it.
@@ -544,7 +545,7 @@ class LoRAMBoOptimizer:
             self.scheduled_growth.begin_step(step, mask)
 
     @contextmanager
-    def capture(self, step: int, batch=None):
+    def capture(self, step: int, batch: Any = None) -> Iterator[LoRAMBoOptimizer]:
         """Wrap the forward and backward of ``step``: records X and dY only on online decision
         steps (ALoRA captures nothing). Pass the ``batch`` so that pads are not captured (see
         ``token_mask``); without it every position is. A block that raises (out of memory, say)
@@ -647,7 +648,7 @@ class LoRAMBoOptimizer:
         """A text table of the model's LoRA layers: rank, capacity and LoRA parameters of each, and totals."""
         return rank_table(self.plain_model)
 
-    def save_heatmap(self, path, title: str = "LoRA rank per layer"):
+    def save_heatmap(self, path: str | os.PathLike, title: str = "LoRA rank per layer") -> Path:
         """Write the current ranks as a PNG heat map (rows: blocks, columns: module types; needs
         matplotlib) and return its path."""
         return save_heatmap(self.current_ranks(), path, title)

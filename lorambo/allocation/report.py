@@ -232,7 +232,7 @@ def _plain(value):
     return value
 
 
-def read_decisions(path) -> list[dict]:
+def read_decisions(path: str | os.PathLike) -> list[dict]:
     """Every record of a decision log. A last line without its newline that is not valid JSON
     (a crash cut it short) is skipped; any other line that is not a JSON object is a ValueError
     naming the file and line."""

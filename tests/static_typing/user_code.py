@@ -86,8 +86,9 @@ def allocator(model: nn.Module, batches: list[Batch]) -> None:
     opt.configure(ranks)
     torch_opt: lorambo.optim.AdamW = opt.make_optimizer(lr=1e-3)
     for step, batch in enumerate(batches):
-        with opt.capture(step, batch):
+        with opt.capture(step, batch) as capturing:
             loss_fn(model, batch).backward()
+        print(capturing.is_decision_step(step))
         decisions: list[dict[str, object]] = opt.step(step, optimizer=[torch_opt])
         torch_opt.step()
         torch_opt.zero_grad()
@@ -98,7 +99,11 @@ def allocator(model: nn.Module, batches: list[Batch]) -> None:
     scores: dict[str, float] = moves.compute_sensitivities(iter(batches), lambda m, b: m(**b))
     moves.compute_optimal_ranks(sensitivities=scores, benefits={"query": [1.0, 0.5]})
     print(opt.rank_table(), opt.decisions, opt.current_ranks(), schedule)
-    opt.save_heatmap("run/ranks.png")
+    heatmap: Path = opt.save_heatmap("run/ranks.png")
+    adapted: nn.Module = opt.configure()
+    with lorambo.disable_adapter(adapted) as base:
+        print(base(batches[0]["x"]), heatmap)
+    print(lorambo.peft_config(ranks, alpha=16.0, task_type="FEATURE_EXTRACTION"), lorambo.peft_config(adapted))
     opt.load_state_dict(opt.state_dict())
     records: list[dict[str, object]] = lorambo.read_decisions(Path("run/decisions.jsonl"))
     callback = LoRAMBoCallback(opt, importance=lorambo.sensitivity.AdaLoRAImportance(model))

@@ -32,4 +32,11 @@ def mistakes(model: nn.Module, base: nn.Linear, opt: torch.optim.Optimizer) -> N
     lorambo.sensitivity.hessian_trace(model, torch.ones(()), [])  # error: arg-type  (a loss, not its function)
     lorambo.sensitivity.gradient_sensitivity(model, lambda m, b: m(b), [], modules=3)  # error: arg-type
     lorambo.sensitivity.FisherProxy(model, token_mask="attention_mask")  # error: arg-type
-    print(scaling)
+    allocator = lorambo.LoRAMBoOptimizer(model, 6000)
+    with allocator.capture(0) as capturing:
+        capturing.stepp(0)  # error: attr-defined
+    heatmap: str = allocator.save_heatmap("ranks.png")  # error: assignment
+    lorambo.read_decisions(3)  # error: arg-type
+    with lorambo.disable_adapter(model) as frozen:
+        count: int = frozen  # error: assignment
+    print(scaling, heatmap, count)
