@@ -61,6 +61,7 @@ from lorambo.nn.base_layers import base_kind, features, weight_out_in
 from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from lorambo.nn.lora_linear import check_growth_factor
 from lorambo.nn.optimizer_argument import OptimizerArgument, skips_this_step, wrapper_grad_scaler
+from lorambo.optim import AdamW
 from lorambo.sensitivity.inputs import Batches, LossFn
 from lorambo.sensitivity.token_mask import TokenMask, batch_token_mask, check_token_mask
 from lorambo.user_warnings import warn_user
@@ -561,8 +562,9 @@ class LoRAMBoOptimizer:
         finally:
             self.scheduled_growth.disarm()
 
-    def step(self, step: int, optimizer: OptimizerArgument | None = None, component_scores=None,
-             grad_scaler=None) -> list[dict]:
+    def step(self, step: int, optimizer: OptimizerArgument | None = None,
+             component_scores: Mapping[str, torch.Tensor] | None = None,
+             grad_scaler: torch.amp.GradScaler | None = None) -> list[dict]:
         """Take the decision of ``step`` if one is due; returns its records (possibly []).
         ``optimizer`` defaults to the one from :meth:`make_optimizer`. Training with a
         ``torch.amp.GradScaler``: pass it as ``grad_scaler`` (before ``scaler.update()``), so
@@ -590,8 +592,9 @@ class LoRAMBoOptimizer:
                                 self.min_rank, self.max_rank)
         return self._alora
 
-    def update_ranks(self, optimizer: OptimizerArgument | None = None, step=None, component_scores=None,
-                     grad_scaler=None) -> list[dict]:
+    def update_ranks(self, optimizer: OptimizerArgument | None = None, step: int | None = None,
+                     component_scores: Mapping[str, torch.Tensor] | None = None,
+                     grad_scaler: torch.amp.GradScaler | None = None) -> list[dict]:
         """Grow (and, with ``move_threshold``, move) ranks now from the captured step
         (``grad_scaler``, and the scaler of a wrapped ``optimizer``: see :meth:`step`)."""
         grad_scaler = grad_scaler if grad_scaler is not None else wrapper_grad_scaler(optimizer)
@@ -599,12 +602,10 @@ class LoRAMBoOptimizer:
         self._follow_layers()
         return self.scheduled_growth.update(step, optimizer, component_scores, grad_scaler)
 
-    def make_optimizer(self, lr: float = 1e-3, **adamw_kwargs) -> "lorambo.optim.AdamW":
+    def make_optimizer(self, lr: float = 1e-3, **adamw_kwargs: Any) -> AdamW:
         """A :class:`lorambo.optim.AdamW` over the model's trainable parameters (per-slot Adam
         step counts, so slots grown later train as under a fresh Adam). It becomes the optimizer
         whose state :meth:`step` / :meth:`update_ranks` edit when they are given none."""
-        from lorambo.optim import AdamW
-
         if not lora_layers(self.plain_model):  # configure() would then freeze all it holds and add pools it lacks
             raise RuntimeError(f"make_optimizer: {type(self.model).__name__} has no LoRAMBoLinear layers yet, so "
                                "the optimizer would hold the whole model's weights, which configure() then "

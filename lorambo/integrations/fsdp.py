@@ -24,8 +24,11 @@ rank moves scored by held-out ablation): FSDP would all-gather over the swapped 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -46,6 +49,9 @@ from lorambo.nn.optimizer_argument import (OptimizerArgument, each_optimizer, op
 from lorambo.nn.optimizer_tracking import stand_in_for
 from lorambo.nn.slots import pool_slots, tag_pool_parameter
 from lorambo.sharding import is_sharded, local_region
+
+if TYPE_CHECKING:
+    from lorambo.optimizer import LoRAMBoOptimizer
 
 __all__ = ["is_sharded", "reshard", "full_pools", "set_rank", "keep_components", "allocator_step", "merge",
            "unmerge", "unload", "unloaded_state_dict", "save_adapter", "export_peft"]
@@ -148,8 +154,9 @@ def keep_components(plans: Sequence[tuple[nn.Module, Sequence[int]]],
         return keep_components_many(plans, opt)
 
 
-def allocator_step(allocator, step: int, optimizer: OptimizerArgument | None = None, component_scores=None,
-                   grad_scaler=None) -> list[dict]:
+def allocator_step(allocator: LoRAMBoOptimizer, step: int, optimizer: OptimizerArgument | None = None,
+                   component_scores: Mapping[str, torch.Tensor] | None = None,
+                   grad_scaler: torch.amp.GradScaler | None = None) -> list[dict]:
     """``LoRAMBoOptimizer.step`` for a sharded model: the pools are gathered on decision steps only."""
     if allocator.allocation == "alora":
         raise NotImplementedError("ALoRA runs forward passes inside its decisions; under FSDP2 use "
@@ -309,13 +316,13 @@ def _gathered_save(model, write, path, writes: bool | None):
     return out
 
 
-def save_adapter(model: nn.Module, path, writes: bool | None = None):
+def save_adapter(model: nn.Module, path: str | os.PathLike, writes: bool | None = None) -> Path | None:
     """:func:`lorambo.save_adapter` of a sharded model; every process must call. ``writes``:
     whether this process writes the file (default: process 0 only)."""
     return _gathered_save(model, _save_adapter, path, writes)
 
 
-def export_peft(model: nn.Module, path, writes: bool | None = None):
+def export_peft(model: nn.Module, path: str | os.PathLike, writes: bool | None = None) -> Path | None:
     """:func:`lorambo.export_peft` of a sharded model; every process must call. ``writes``:
     whether this process writes the files (default: process 0 only)."""
     return _gathered_save(model, _export_peft, path, writes)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import lorambo
+import lorambo.integrations.fsdp
 import lorambo.nn
 import lorambo.sensitivity
 from lorambo import LoRAMBoLinear, LoRAMBoOptimizer, configure_model, lora_layers
@@ -47,6 +48,8 @@ def change_ranks(layer: LoRAMBoLinear, opt: torch.optim.Optimizer, pools: list[t
     lorambo.configure_model(layer, {"": 4}, optimizer=pools)
     lorambo.configure_model(layer, 4, target_modules=("query", "value"), modules_to_save=("classifier",))
     lorambo.reset_slot_state(opt, layer, range(kept))
+    lorambo.reset_slot_state(pools, layer, [0], all_active_new=True)
+    lorambo.nn.gather_slot_state((opt, pools[0]), layer, [0], old_rank=kept)
     layer.merge()
     layer.unmerge()
     print(old, moved)
@@ -78,18 +81,21 @@ def train(model: nn.Module, batches: list[Batch]) -> None:
     print(counts, plain, loss, version)
 
 
-def allocator(model: nn.Module, batches: list[Batch]) -> None:
+def allocator(model: nn.Module, batches: list[Batch], scaler: torch.amp.GradScaler) -> None:
     opt = LoRAMBoOptimizer(model, total_budget=6_000, initial_budget=4_000, sensitivity_method="gradient",
                            warmup_steps=20, interval=20, stop_step=200, loss_improvement_threshold=0.0,
                            log_path="run/decisions.jsonl", modules_to_save=["classifier"], target_modules=["query"])
     ranks: dict[str, int] = opt.compute_optimal_ranks(batches, loss_fn)
     opt.configure(ranks)
-    torch_opt: lorambo.optim.AdamW = opt.make_optimizer(lr=1e-3)
+    torch_opt: lorambo.optim.AdamW = opt.make_optimizer(lr=1e-3, weight_decay=0.0)
+    importance = lorambo.sensitivity.AdaLoRAImportance(model)
     for step, batch in enumerate(batches):
         with opt.capture(step, batch) as capturing:
             loss_fn(model, batch).backward()
         print(capturing.is_decision_step(step))
         decisions: list[dict[str, object]] = opt.step(step, optimizer=[torch_opt])
+        opt.update_ranks(torch_opt, step=step, component_scores=importance.component_scores(), grad_scaler=scaler)
+        lorambo.integrations.fsdp.allocator_step(opt, step, torch_opt, grad_scaler=scaler)
         torch_opt.step()
         torch_opt.zero_grad()
         print(decisions)
@@ -106,8 +112,9 @@ def allocator(model: nn.Module, batches: list[Batch]) -> None:
     print(lorambo.peft_config(ranks, alpha=16.0, task_type="FEATURE_EXTRACTION"), lorambo.peft_config(adapted))
     opt.load_state_dict(opt.state_dict())
     records: list[dict[str, object]] = lorambo.read_decisions(Path("run/decisions.jsonl"))
-    callback = LoRAMBoCallback(opt, importance=lorambo.sensitivity.AdaLoRAImportance(model))
-    print(records, callback)
+    callback = LoRAMBoCallback(opt, importance=importance, grad_scaler=scaler)
+    saved = lorambo.integrations.fsdp.save_adapter(model, Path("run/sharded"))
+    print(records, callback, saved)
 
 
 def estimators(model: nn.Module, batches: list[Batch], scaler: torch.amp.GradScaler) -> None:

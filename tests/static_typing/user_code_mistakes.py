@@ -39,4 +39,6 @@ def mistakes(model: nn.Module, base: nn.Linear, opt: torch.optim.Optimizer) -> N
     lorambo.read_decisions(3)  # error: arg-type
     with lorambo.disable_adapter(model) as frozen:
         count: int = frozen  # error: assignment
+    allocator.make_optimizer().stepp()  # error: attr-defined
+    allocator.step(5, grad_scaler=1.0)  # error: arg-type
     print(scaling, heatmap, count)
