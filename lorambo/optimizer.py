@@ -167,7 +167,7 @@ class LoRAMBoOptimizer:
                  stop_step: int | None = None, loss_improvement_threshold: float = 0.0,
                  sketch_rank: int = 4, power_iters: int = 4, move_threshold: float | None = None,
                  max_moves: int = 1, heldout_batches: Batches | None = None, loss_fn: LossFn | None = None,
-                 alora: ALoRAConfig | Mapping[str, Any] | None = None, log_path: str | os.PathLike | None = None,
+                 alora: ALoRAConfig | Mapping[str, Any] | None = None, log_path: str | os.PathLike[str] | None = None,
                  verbose: bool = False, initial_budget: float | None = None, max_tokens: int | None = None,
                  token_mask: TokenMask = "auto", modules_to_save: str | Iterable[str] | None = None) -> None:
         require_module(model, "LoRAMBoOptimizer")
@@ -438,7 +438,7 @@ class LoRAMBoOptimizer:
         built = {n: m.capacity for n, m in lora_layers(self.plain_model).items() if n in self.dims}
         return {**self.user_capacity, **built}
 
-    def pool_memory(self, capacities: Mapping[str, int]) -> dict:
+    def pool_memory(self, capacities: Mapping[str, int]) -> dict[str, Any]:
         """Bytes of every pool (``capacity * (d + k)`` elements), logged and returned."""
         report = pools.pool_memory(capacities, self.dims, self.dtypes, self.ranks)
         msg = pools.describe_pool_memory(report, self.total_budget)
@@ -564,7 +564,7 @@ class LoRAMBoOptimizer:
 
     def step(self, step: int, optimizer: OptimizerArgument | None = None,
              component_scores: Mapping[str, torch.Tensor] | None = None,
-             grad_scaler: torch.amp.GradScaler | None = None) -> list[dict]:
+             grad_scaler: torch.amp.GradScaler | None = None) -> list[dict[str, Any]]:
         """Take the decision of ``step`` if one is due; returns its records (possibly []).
         ``optimizer`` defaults to the one from :meth:`make_optimizer`. Training with a
         ``torch.amp.GradScaler``: pass it as ``grad_scaler`` (before ``scaler.update()``), so
@@ -594,7 +594,7 @@ class LoRAMBoOptimizer:
 
     def update_ranks(self, optimizer: OptimizerArgument | None = None, step: int | None = None,
                      component_scores: Mapping[str, torch.Tensor] | None = None,
-                     grad_scaler: torch.amp.GradScaler | None = None) -> list[dict]:
+                     grad_scaler: torch.amp.GradScaler | None = None) -> list[dict[str, Any]]:
         """Grow (and, with ``move_threshold``, move) ranks now from the captured step
         (``grad_scaler``, and the scaler of a wrapped ``optimizer``: see :meth:`step`)."""
         grad_scaler = grad_scaler if grad_scaler is not None else wrapper_grad_scaler(optimizer)
@@ -621,7 +621,7 @@ class LoRAMBoOptimizer:
         self.scheduled_growth.close()
 
     # ---------------------------------------------------------------------------- resume
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         """What resuming needs besides the model's own ``state_dict``: the decisions so far, the
         ALoRA rounds done, the allocation (ranks, capacities, sensitivities), the settings and
         layers it was made for, and the state of the optimizer from :meth:`make_optimizer`.
@@ -629,7 +629,7 @@ class LoRAMBoOptimizer:
         steps (after :meth:`step`), not while a decision step's activations are captured."""
         return resume.allocator_state(self)
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`: restores :attr:`decisions`, rewrites the decision
         log with them (dropping records an interrupted run wrote after the save), loads the
         optimizer from :meth:`make_optimizer` (call that first) and drops activations captured
@@ -649,13 +649,13 @@ class LoRAMBoOptimizer:
         """A text table of the model's LoRA layers: rank, capacity and LoRA parameters of each, and totals."""
         return rank_table(self.plain_model)
 
-    def save_heatmap(self, path: str | os.PathLike, title: str = "LoRA rank per layer") -> Path:
+    def save_heatmap(self, path: str | os.PathLike[str], title: str = "LoRA rank per layer") -> Path:
         """Write the current ranks as a PNG heat map (rows: blocks, columns: module types; needs
         matplotlib) and return its path."""
         return save_heatmap(self.current_ranks(), path, title)
 
     @property
-    def decisions(self) -> list[dict]:
+    def decisions(self) -> list[dict[str, Any]]:
         """The online decisions so far, oldest first: the records of the decision log
         (:func:`lorambo.read_decisions` reads them from ``log_path``)."""
         return list(self.log.records)

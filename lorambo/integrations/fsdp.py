@@ -28,7 +28,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -156,7 +156,7 @@ def keep_components(plans: Sequence[tuple[nn.Module, Sequence[int]]],
 
 def allocator_step(allocator: LoRAMBoOptimizer, step: int, optimizer: OptimizerArgument | None = None,
                    component_scores: Mapping[str, torch.Tensor] | None = None,
-                   grad_scaler: torch.amp.GradScaler | None = None) -> list[dict]:
+                   grad_scaler: torch.amp.GradScaler | None = None) -> list[dict[str, Any]]:
     """``LoRAMBoOptimizer.step`` for a sharded model: the pools are gathered on decision steps only."""
     if allocator.allocation == "alora":
         raise NotImplementedError("ALoRA runs forward passes inside its decisions; under FSDP2 use "
@@ -316,13 +316,13 @@ def _gathered_save(model, write, path, writes: bool | None):
     return out
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, writes: bool | None = None) -> Path | None:
+def save_adapter(model: nn.Module, path: str | os.PathLike[str], writes: bool | None = None) -> Path | None:
     """:func:`lorambo.save_adapter` of a sharded model; every process must call. ``writes``:
     whether this process writes the file (default: process 0 only)."""
     return _gathered_save(model, _save_adapter, path, writes)
 
 
-def export_peft(model: nn.Module, path: str | os.PathLike, writes: bool | None = None) -> Path | None:
+def export_peft(model: nn.Module, path: str | os.PathLike[str], writes: bool | None = None) -> Path | None:
     """:func:`lorambo.export_peft` of a sharded model; every process must call. ``writes``:
     whether this process writes the files (default: process 0 only)."""
     return _gathered_save(model, _export_peft, path, writes)

@@ -122,7 +122,8 @@ class LoRAMBoCallback(TrainerCallback):
     """
 
     def __init__(self, allocator: LoRAMBoOptimizer, importance: AdaLoRAImportance | None = None,
-                 resume_from: str | os.PathLike | None = None, grad_scaler: torch.amp.GradScaler | None = None) -> None:
+                 resume_from: str | os.PathLike[str] | None = None,
+                 grad_scaler: torch.amp.GradScaler | None = None) -> None:
         from lorambo.optimizer import LoRAMBoOptimizer
         from lorambo.sensitivity import AdaLoRAImportance
 

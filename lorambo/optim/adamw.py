@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -283,7 +283,7 @@ class AdamW(torch.optim.AdamW):
             # it the scale; the pool update does not, so the scaler must unscale and skip for us.
             self._step_supports_amp_scaling = False
 
-    def add_param_group(self, param_group: dict) -> None:
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
         # torch checks only the signs of these: 10**400 would fail at the first step with an
         # OverflowError naming nothing, and inf would give inf/NaN pools; refused before the group joins
         settings = {**self.defaults, **param_group}
@@ -380,7 +380,7 @@ class AdamW(torch.optim.AdamW):
             _foreach_pool_step(group, work)
         torch._foreach_add_([state["step"] for _, state, _, _ in work], 1.0)
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         _check_state_shapes(self, state_dict)
         # torch casts every floating state tensor to its parameter's dtype on load; step counts
         # must stay float32 (bfloat16 counts are exact only up to 256).

@@ -32,6 +32,7 @@ of a component need its whole row of A and column of B, which lie on different p
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -115,14 +116,14 @@ class AdaLoRAImportance:
                 self._ubar[key].mul_(self.beta2).add_((inst - ibar).abs(), alpha=1 - self.beta2)
         self.steps += 1
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         """``{"steps", "ibar", "ubar"}``: the running statistics as CPU tensors keyed by
         ``(layer name, "A" | "B")`` (``torch.load(..., weights_only=True)`` reads it)."""
         return {"steps": self.steps,
                 "ibar": {k: v.detach().cpu().clone() for k, v in self._ibar.items()},
                 "ubar": {k: v.detach().cpu().clone() for k, v in self._ubar.items()}}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`. Statistics for a layer this tracker does not have,
         or of another shape than its pool, are a ValueError naming them; nothing is changed."""
         if not isinstance(state, dict) or {"steps", "ibar", "ubar"} - set(state):

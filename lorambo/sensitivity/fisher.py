@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -172,7 +173,7 @@ class FisherProxy:
         return {"targets": [t.name for t in self.targets], "reduction": self.reduction,
                 "sketch_dim": self.sketch_dim, "seed": self._seed}
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         """What resuming the measurement needs: the statistics gathered so far and the sketch
         probes' generator states, with the settings they were gathered under. Plain data and CPU
         tensors: ``torch.load(..., weights_only=True)`` reads it."""
@@ -183,7 +184,7 @@ class FisherProxy:
                 "sum_sq": cpu(self._sum_sq), "count": dict(self._count), "nonfinite": cpu(self._nonfinite),
                 "generators": {str(d): g.get_state() for d, g in self._generators.items()}}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`: the next backward passes add to its statistics and
         draw the probes a proxy that had gone on would draw. A state of other settings, or not
         one of a FisherProxy, is a ValueError naming what differs, and nothing is changed."""
