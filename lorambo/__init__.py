@@ -49,3 +49,11 @@ __all__ = [
     "trainable_parameters",
     "unload",
 ]
+
+# dir(lorambo) (and so tab completion) lists the public API; the modules that importing lorambo
+# loads (ops, ext, user_warnings, version, ...) stay reachable but are not offered as API.
+_DOCUMENTED_SUBPACKAGES = ("allocation", "cli", "experiments", "integrations", "nn")  # optim, sensitivity: in __all__
+
+
+def __dir__() -> list[str]:
+    return sorted(n for n in globals() if n.startswith("__") or n in __all__ or n in _DOCUMENTED_SUBPACKAGES)
