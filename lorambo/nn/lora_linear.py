@@ -791,6 +791,10 @@ class LoRAMBoLinear(nn.Module):
         restart_ids(self)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self._rank}, "
-                f"capacity={self.capacity}, scaling={self.scaling:.4g}, dropout={self.dropout}, "
-                f"rslora={self.use_rslora}, base={self.base_kind}, merged={self.merged}")
+        # read with defaults: a debugger or a traceback's locals show layers whose constructor failed half-way
+        get = self.__dict__.get
+        scaling = get("scaling")
+        return (f"in_features={get('in_features')}, out_features={get('out_features')}, rank={get('_rank')}, "
+                f"capacity={get('capacity')}, scaling={scaling if scaling is None else format(scaling, '.4g')}, "
+                f"dropout={get('dropout')}, rslora={get('use_rslora')}, base={get('base_kind')}, "
+                f"merged={get('merged')}")
