@@ -18,4 +18,5 @@ print(all(hasattr(lorambo, n) for n in dir(lorambo)), lorambo.user_warnings.__na
 def test_dir_lists_the_public_api_only():
     # a fresh interpreter: what this test process imported would show up as attributes
     out = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, check=True).stdout
-    assert out.splitlines() == ["['allocation', 'integrations', 'nn']", "[] True", "True lorambo.user_warnings lorambo.ops"]
+    assert out.splitlines() == ["['allocation', 'integrations', 'nn']", "[] True",
+                                "True lorambo.user_warnings lorambo.ops"]

@@ -34,7 +34,7 @@ def the_layer(base: nn.Linear) -> LoRAMBoLinear:
     merged: bool = layer.merged
     weight: torch.Tensor = layer.weight
     y: torch.Tensor = layer(torch.randn(2, base.in_features))
-    print(rank, sizes, settings, pools, merged, weight, layer.bias, layer.slot_edits, y, layer.delta_weight(), repr(layer))
+    print(rank, sizes, settings, pools, merged, weight, layer.bias, layer.slot_edits, y, layer.delta_weight())
     return layer
 
 
