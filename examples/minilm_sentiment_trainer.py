@@ -96,9 +96,11 @@ def train(args, resume: bool):
     allocator = make_allocator(model, args.budget, args.interval)
     lorambo.print_trainable_parameters(model)
 
+    interrupt_at = None if resume else args.interrupt_at
+
     class StopAfter(TrainerCallback):  # stands in for a crash right after a checkpoint
-        def on_step_end(self, a, state, control, **kwargs):
-            if not resume and state.global_step == args.interrupt_at:
+        def on_step_end(self, args, state, control, **kwargs):  # Trainer's parameter names (type checkers compare)
+            if state.global_step == interrupt_at:
                 control.should_training_stop = True
 
     trainer = Trainer(

@@ -4,7 +4,7 @@
     model = configure_model(model, ranks=8)            # or {module_name: rank}
 """
 
-from lorambo.version import __version__
+from lorambo.version import __version__ as __version__  # "as": re-exported for mypy --strict (no implicit re-export)
 from lorambo.allocation import allocate
 from lorambo.allocation.report import read_decisions  # the decision log, as records
 from lorambo.adapters import AdapterFormatError, export_peft, load_adapter, save_adapter
@@ -49,3 +49,11 @@ __all__ = [
     "trainable_parameters",
     "unload",
 ]
+
+# dir(lorambo) (and so tab completion) lists the public API; the modules that importing lorambo
+# loads (ops, ext, user_warnings, version, ...) stay reachable but are not offered as API.
+_DOCUMENTED_SUBPACKAGES = ("allocation", "cli", "experiments", "integrations", "nn")  # optim, sensitivity: in __all__
+
+
+def __dir__() -> list[str]:
+    return sorted(n for n in globals() if n.startswith("__") or n in __all__ or n in _DOCUMENTED_SUBPACKAGES)

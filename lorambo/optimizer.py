@@ -35,9 +35,12 @@ import copy
 import logging
 import math
 import numbers
+import os
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -57,8 +60,10 @@ from lorambo.nn import LoRAMBoLinear
 from lorambo.nn.base_layers import base_kind, features, weight_out_in
 from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from lorambo.nn.lora_linear import check_growth_factor
-from lorambo.nn.optimizer_argument import skips_this_step, wrapper_grad_scaler
-from lorambo.sensitivity.token_mask import batch_token_mask, check_token_mask
+from lorambo.nn.optimizer_argument import OptimizerArgument, skips_this_step, wrapper_grad_scaler
+from lorambo.optim import AdamW
+from lorambo.sensitivity.inputs import Batches, LossFn
+from lorambo.sensitivity.token_mask import TokenMask, batch_token_mask, check_token_mask
 from lorambo.user_warnings import warn_user
 
 __all__ = ["LoRAMBoOptimizer", "SENSITIVITY_METHODS", "ALLOCATIONS"]
@@ -153,15 +158,18 @@ class LoRAMBoOptimizer:
             LoRA target, is a ValueError naming it.
     """
 
-    def __init__(self, model, total_budget, sensitivity_method: str = "hessian", target_modules=None,
-                 capacity=None, growth_factor: float = 2.0, min_rank: int = 0, max_rank: int | None = None,
+    def __init__(self, model: torch.nn.Module, total_budget: float, sensitivity_method: str = "hessian",
+                 target_modules: str | Iterable[str] | None = None,
+                 capacity: int | Mapping[str, int] | None = None, growth_factor: float = 2.0, min_rank: int = 0,
+                 max_rank: int | None = None,
                  allocation: str = "closed_form", alpha: float | None = None, num_probes: int = 32,
                  seed: int = 0, warmup_steps: int = 0, interval: int | None = None,
                  stop_step: int | None = None, loss_improvement_threshold: float = 0.0,
                  sketch_rank: int = 4, power_iters: int = 4, move_threshold: float | None = None,
-                 max_moves: int = 1, heldout_batches=None, loss_fn=None, alora=None,
-                 log_path=None, verbose: bool = False, initial_budget=None, max_tokens: int | None = None,
-                 token_mask="auto", modules_to_save=None):
+                 max_moves: int = 1, heldout_batches: Batches | None = None, loss_fn: LossFn | None = None,
+                 alora: ALoRAConfig | Mapping[str, Any] | None = None, log_path: str | os.PathLike[str] | None = None,
+                 verbose: bool = False, initial_budget: float | None = None, max_tokens: int | None = None,
+                 token_mask: TokenMask = "auto", modules_to_save: str | Iterable[str] | None = None) -> None:
         require_module(model, "LoRAMBoOptimizer")
         if sensitivity_method not in SENSITIVITY_METHODS:
             raise ValueError(f"sensitivity_method={sensitivity_method!r}; choose one of {SENSITIVITY_METHODS}")
@@ -260,7 +268,8 @@ class LoRAMBoOptimizer:
         return int(budget)
 
     # ---------------------------------------------------------------------- sensitivities
-    def compute_sensitivities(self, batches=None, loss_fn=None, progress: bool | None = None) -> dict[str, float]:
+    def compute_sensitivities(self, batches: Batches | None = None, loss_fn: LossFn | None = None,
+                              progress: bool | None = None) -> dict[str, float]:
         """``{name: s_i >= 0}`` by ``sensitivity_method`` on ``batches`` (see the class doc;
         "frobenius" reads the weights only and needs no batches). ``progress``: the bar of the
         estimator that runs ("hessian": ``hessian_trace``, "gradient": ``gradient_sensitivity``,
@@ -359,8 +368,9 @@ class LoRAMBoOptimizer:
         return w.detach().double()
 
     # ------------------------------------------------------------------------ allocation
-    def compute_optimal_ranks(self, batches=None, loss_fn=None, sensitivities=None, progress: bool | None = None,
-                              **allocate_kwargs) -> dict[str, int]:
+    def compute_optimal_ranks(self, batches: Batches | None = None, loss_fn: LossFn | None = None,
+                              sensitivities: Mapping[str, float] | None = None, progress: bool | None = None,
+                              **allocate_kwargs: Any) -> dict[str, int]:
         """``{name: rank}`` within ``initial_budget``; also sets ``capacities`` and ``memory_report``.
 
         ``sensitivities`` given: used as is (validated: known layers, all present, finite, >= 0).
@@ -431,7 +441,7 @@ class LoRAMBoOptimizer:
         built = {n: m.capacity for n, m in lora_layers(self.plain_model).items() if n in self.dims}
         return {**self.user_capacity, **built}
 
-    def pool_memory(self, capacities: Mapping[str, int]) -> dict:
+    def pool_memory(self, capacities: Mapping[str, int]) -> dict[str, Any]:
         """Bytes of every pool (``capacity * (d + k)`` elements), logged and returned."""
         report = pools.pool_memory(capacities, self.dims, self.dtypes, self.ranks)
         msg = pools.describe_pool_memory(report, self.total_budget)
@@ -440,7 +450,8 @@ class LoRAMBoOptimizer:
             print(msg)
         return report
 
-    def configure(self, ranks: Mapping[str, int] | None = None, dropout: float | None = None, optimizer=None):
+    def configure(self, ranks: Mapping[str, int] | None = None, dropout: float | None = None,
+                  optimizer: OptimizerArgument | None = None) -> torch.nn.Module:
         """``configure_model(model, ranks, capacity=self.capacities, alpha=..., modules_to_save=...)``;
         returns the model.
         ``optimizer`` (default: the one from :meth:`make_optimizer`) has the state of existing
@@ -459,6 +470,8 @@ class LoRAMBoOptimizer:
 
     # ---------------------------------------------------------------------------- online
     def layers(self) -> dict[str, LoRAMBoLinear]:
+        """``{name: LoRAMBoLinear}`` of the allocator's layers as the model holds them now; a
+        RuntimeError while they are not LoRA layers yet (before :meth:`configure`)."""
         found = lora_layers(self.plain_model)
         missing = [n for n in self.names if n not in found]
         if missing:
@@ -467,6 +480,7 @@ class LoRAMBoOptimizer:
 
     @property
     def online(self) -> OnlineGrowth:
+        """The online growth that decides at the decision steps, following the model's layers."""
         self._follow_layers()
         return self.scheduled_growth.growth
 
@@ -499,9 +513,10 @@ class LoRAMBoOptimizer:
                                                        self.names, progress=False).items()}
 
     # the decision schedule's settings (fixed at construction)
-    warmup_steps = property(lambda self: self.schedule.warmup_steps)
-    interval = property(lambda self: self.schedule.interval)
-    stop_step = property(lambda self: self.schedule.stop_step)
+    warmup_steps = property(lambda self: self.schedule.warmup_steps, doc="Steps before the first online decision.")
+    interval = property(lambda self: self.schedule.interval, doc="Steps between online decisions (None: none).")
+    stop_step = property(lambda self: self.schedule.stop_step,
+                         doc="No online decision at this step or later (None: no end).")
 
     @staticmethod
     def _check_step(step, who: str) -> None:
@@ -514,12 +529,13 @@ class LoRAMBoOptimizer:
             raise ValueError(f"LoRAMBoOptimizer.{who}: step must be an int >= 0, got {step}")
 
     def is_decision_step(self, step: int) -> bool:
+        """Whether :meth:`step` decides at ``step`` (the schedule; ALoRA's rounds with allocation="alora")."""
         self._check_step(step, "is_decision_step")
         if self.allocation == "alora":
             return step in self.alora_config.decision_steps()
         return self.schedule.is_decision_step(step)
 
-    def begin_step(self, step: int, batch=None) -> None:
+    def begin_step(self, step: int, batch: Any = None) -> None:
         """Arm the activation hooks if ``step`` is an online decision step (else nothing).
         ``batch``: the batch the following forward runs on; its token mask (``token_mask``)
         keeps pads out of the capture. A later call with the next micro-batch replaces it.
@@ -534,7 +550,7 @@ class LoRAMBoOptimizer:
             self.scheduled_growth.begin_step(step, mask)
 
     @contextmanager
-    def capture(self, step: int, batch=None):
+    def capture(self, step: int, batch: Any = None) -> Iterator[LoRAMBoOptimizer]:
         """Wrap the forward and backward of ``step``: records X and dY only on online decision
         steps (ALoRA captures nothing). Pass the ``batch`` so that pads are not captured (see
         ``token_mask``); without it every position is. A block that raises (out of memory, say)
@@ -550,7 +566,9 @@ class LoRAMBoOptimizer:
         finally:
             self.scheduled_growth.disarm()
 
-    def step(self, step: int, optimizer=None, component_scores=None, grad_scaler=None) -> list[dict]:
+    def step(self, step: int, optimizer: OptimizerArgument | None = None,
+             component_scores: Mapping[str, torch.Tensor] | None = None,
+             grad_scaler: torch.amp.GradScaler | None = None) -> list[dict[str, Any]]:
         """Take the decision of ``step`` if one is due; returns its records (possibly []).
         ``optimizer`` defaults to the one from :meth:`make_optimizer`. Training with a
         ``torch.amp.GradScaler``: pass it as ``grad_scaler`` (before ``scaler.update()``), so
@@ -601,7 +619,9 @@ class LoRAMBoOptimizer:
                                 self.min_rank, self.max_rank)
         return self._alora
 
-    def update_ranks(self, optimizer=None, step=None, component_scores=None, grad_scaler=None) -> list[dict]:
+    def update_ranks(self, optimizer: OptimizerArgument | None = None, step: int | None = None,
+                     component_scores: Mapping[str, torch.Tensor] | None = None,
+                     grad_scaler: torch.amp.GradScaler | None = None) -> list[dict[str, Any]]:
         """Grow (and, with ``move_threshold``, move) ranks now from the captured step
         (``grad_scaler``, and the scaler of a wrapped ``optimizer``: see :meth:`step`)."""
         grad_scaler = grad_scaler if grad_scaler is not None else wrapper_grad_scaler(optimizer)
@@ -609,12 +629,10 @@ class LoRAMBoOptimizer:
         self._follow_layers()
         return self.scheduled_growth.update(step, optimizer, component_scores, grad_scaler)
 
-    def make_optimizer(self, lr: float = 1e-3, **adamw_kwargs) -> "lorambo.optim.AdamW":
+    def make_optimizer(self, lr: float = 1e-3, **adamw_kwargs: Any) -> AdamW:
         """A :class:`lorambo.optim.AdamW` over the model's trainable parameters (per-slot Adam
         step counts, so slots grown later train as under a fresh Adam). It becomes the optimizer
         whose state :meth:`step` / :meth:`update_ranks` edit when they are given none."""
-        from lorambo.optim import AdamW
-
         if not lora_layers(self.plain_model):  # configure() would then freeze all it holds and add pools it lacks
             raise RuntimeError(f"make_optimizer: {type(self.model).__name__} has no LoRAMBoLinear layers yet, so "
                                "the optimizer would hold the whole model's weights, which configure() then "
@@ -630,7 +648,7 @@ class LoRAMBoOptimizer:
         self.scheduled_growth.close()
 
     # ---------------------------------------------------------------------------- resume
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         """What resuming needs besides the model's own ``state_dict``: the decisions so far, the
         ALoRA rounds done, the allocation (ranks, capacities, sensitivities), the settings and
         layers it was made for, and the state of the optimizer from :meth:`make_optimizer`.
@@ -638,7 +656,7 @@ class LoRAMBoOptimizer:
         steps (after :meth:`step`), not while a decision step's activations are captured."""
         return resume.allocator_state(self)
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`: restores :attr:`decisions`, rewrites the decision
         log with them (dropping records an interrupted run wrote after the save), loads the
         optimizer from :meth:`make_optimizer` (call that first) and drops activations captured
@@ -652,14 +670,32 @@ class LoRAMBoOptimizer:
 
     # ------------------------------------------------------------------------ visibility
     def current_ranks(self) -> dict[str, int]:
+        """``{name: rank}`` of the allocator's layers now."""
         return {n: m.rank for n, m in self.layers().items()}
 
     def rank_table(self) -> str:
+        """A text table of the model's LoRA layers: rank, capacity and LoRA parameters of each, and totals."""
         return rank_table(self.plain_model)
 
-    def save_heatmap(self, path, title: str = "LoRA rank per layer"):
+    def save_heatmap(self, path: str | os.PathLike[str], title: str = "LoRA rank per layer") -> Path:
+        """Write the current ranks as a PNG heat map (rows: blocks, columns: module types; needs
+        matplotlib) and return its path."""
         return save_heatmap(self.current_ranks(), path, title)
 
     @property
-    def decisions(self) -> list[dict]:
+    def decisions(self) -> list[dict[str, Any]]:
+        """The online decisions so far, oldest first: the records of the decision log
+        (:func:`lorambo.read_decisions` reads them from ``log_path``)."""
         return list(self.log.records)
+
+    def __repr__(self) -> str:
+        # stored settings only, each looked up with a default: a debugger or a traceback shows
+        # allocators whose constructor failed half-way, and reading the layers could raise
+        get = self.__dict__.get
+        ranks, log, schedule = get("ranks"), get("log"), get("schedule")
+        shown = [f"{len(get('names') or ())} layers", f"total_budget={get('total_budget')!r}",
+                 f"initial_budget={get('initial_budget')!r}", f"sensitivity_method={get('sensitivity_method')!r}",
+                 f"allocation={get('allocation')!r}", f"interval={getattr(schedule, 'interval', None)!r}",
+                 "not allocated" if ranks is None else f"allocated ranks={sum(ranks.values())}",
+                 f"decisions={len(getattr(log, 'records', ()))}"]
+        return f"LoRAMBoOptimizer({', '.join(shown)})"

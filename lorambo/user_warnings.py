@@ -28,6 +28,10 @@ import sys
 import threading
 import warnings
 from pathlib import Path
+from typing import Callable, ParamSpec, TypeVar
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 __all__ = ["warn_user", "warns_when_done"]
 
@@ -82,12 +86,12 @@ def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
     warnings.warn(message, category, stacklevel=2 if frame is None else level)
 
 
-def warns_when_done(function):
+def warns_when_done(function: Callable[_P, _R]) -> Callable[_P, _R]:
     """Decorate a function that edits state: the warnings given while it runs come after it
     returns, or before the exception it raises propagates (a warning raised as an error then
     gives way to that exception). Nested calls hold theirs for the outermost one."""
     @functools.wraps(function)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         if getattr(_held, "warnings", None) is not None:  # an outer call gives them
             return function(*args, **kwargs)
         _held.warnings = held = []

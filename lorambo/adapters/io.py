@@ -42,7 +42,7 @@ def adapter_file(path: str | os.PathLike) -> Path:
     return path if path.suffix == ".safetensors" else path / DEFAULT_FILE
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     """Write every LoRAMBoLinear's active slices and settings (and the state of the model's
     ``modules_to_save``) to ``path``, a ``.safetensors`` file or else a folder that gets
     ``adapter.safetensors`` (created if needed); returns the file written.
@@ -144,7 +144,7 @@ def _copy_into_layers(model: nn.Module, meta: dict, tensors: dict[str, torch.Ten
         done.append(name)
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load_adapter(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     """Load an adapter written by :func:`save_adapter` into ``model`` and return it. ``path`` is
     the file, or the folder holding ``adapter.safetensors``; FileNotFoundError when there is none.
 

@@ -108,7 +108,7 @@ def peft_adapter_config(model: nn.Module) -> dict:
     }
 
 
-def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
+def export_peft(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into folder ``path``
     (with the model's modules_to_save, stored as peft stores them).
 

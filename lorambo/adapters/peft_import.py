@@ -345,7 +345,7 @@ def _group_saved(model: nn.Module, other: dict[str, torch.Tensor], entries, tie:
     return saved, {n: states[n] for n in saved}
 
 
-def import_peft(model: nn.Module, path: str | os.PathLike, capacity: int | Mapping[str, int] | None = None
+def import_peft(model: nn.Module, path: str | os.PathLike[str], capacity: int | Mapping[str, int] | None = None
                 ) -> nn.Module:
     """Load the peft LoRA adapter folder ``path`` (``save_pretrained`` output) into ``model``
     (the plain base model) as LoRAMBoLinear layers, in place; returns the model.

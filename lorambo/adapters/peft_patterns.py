@@ -21,6 +21,7 @@ import numbers
 import re
 from collections import Counter
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -29,6 +30,9 @@ from lorambo.model.patterns import pattern_value
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from lorambo.optional import requires
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 __all__ = ["peft_config"]
 
@@ -59,8 +63,9 @@ def _entries(ranks, alpha, alpha_pattern, use_rslora) -> tuple[dict[str, tuple[i
     return out, bool(use_rslora)
 
 
-def peft_config(ranks, alpha: float | None = None, alpha_pattern: Mapping[str, float] | None = None,
-                use_rslora: bool = False, dropout: float = 0.0, **lora_config_kwargs):
+def peft_config(ranks: Mapping[str, int] | nn.Module, alpha: float | None = None,
+                alpha_pattern: Mapping[str, float] | None = None, use_rslora: bool = False, dropout: float = 0.0,
+                **lora_config_kwargs: Any) -> LoraConfig:
     """A ``peft.LoraConfig`` realising ``ranks`` with lorambo's scaling.
 
     Args:

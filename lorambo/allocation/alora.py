@@ -59,6 +59,7 @@ class ALoRAConfig:
             object.__setattr__(self, field, int(v))  # numpy integers become plain ints
 
     def decision_steps(self) -> list[int]:
+        """The training steps at which the rounds run: ``k1 + j * k2`` for ``j < rounds``."""
         return [self.k1 + j * self.k2 for j in range(self.rounds)]
 
 

@@ -23,6 +23,7 @@ import re
 import threading
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -232,7 +233,7 @@ def _plain(value):
     return value
 
 
-def read_decisions(path) -> list[dict]:
+def read_decisions(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Every record of a decision log. A last line without its newline that is not valid JSON
     (a crash cut it short) is skipped; any other line that is not a JSON object is a ValueError
     naming the file and line."""

@@ -24,8 +24,11 @@ rank moves scored by held-out ablation): FSDP would all-gather over the swapped 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -41,10 +44,14 @@ from lorambo.model.partial_edit import add_note, shown_layers
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import keep_components_many
 from lorambo.nn.merge_overflow import finite_merge
-from lorambo.nn.optimizer_argument import each_optimizer, optimizer_argument, skips_this_step, wrapper_grad_scaler
+from lorambo.nn.optimizer_argument import (OptimizerArgument, each_optimizer, optimizer_argument, skips_this_step,
+                                           wrapper_grad_scaler)
 from lorambo.nn.optimizer_tracking import stand_in_for
 from lorambo.nn.slots import pool_slots, tag_pool_parameter
 from lorambo.sharding import is_sharded, local_region
+
+if TYPE_CHECKING:
+    from lorambo.optimizer import LoRAMBoOptimizer
 
 __all__ = ["is_sharded", "reshard", "full_pools", "set_rank", "keep_components", "allocator_step", "merge",
            "unmerge", "unload", "unloaded_state_dict", "save_adapter", "export_peft"]
@@ -133,19 +140,23 @@ def full_pools(layers: Iterable[nn.Module], optimizer: torch.optim.Optimizer | N
                                 real[key] = value
 
 
-def set_rank(layer, rank: int, optimizer=None, generator: torch.Generator | None = None) -> int:
+def set_rank(layer, rank: int, optimizer: OptimizerArgument | None = None,
+             generator: torch.Generator | None = None) -> int:
     """``layer.set_rank`` on a sharded (or plain) layer; returns the old rank."""
     with full_pools([layer], optimizer) as opt:
         return layer.set_rank(rank, optimizer=opt, generator=generator)
 
 
-def keep_components(plans: Sequence[tuple[nn.Module, Sequence[int]]], optimizer=None) -> list[int]:
+def keep_components(plans: Sequence[tuple[nn.Module, Sequence[int]]],
+                    optimizer: OptimizerArgument | None = None) -> list[int]:
     """``keep_components_many`` on sharded (or plain) layers; returns the old ranks."""
     with full_pools([layer for layer, _ in plans], optimizer) as opt:
         return keep_components_many(plans, opt)
 
 
-def allocator_step(allocator, step: int, optimizer=None, component_scores=None, grad_scaler=None) -> list[dict]:
+def allocator_step(allocator: LoRAMBoOptimizer, step: int, optimizer: OptimizerArgument | None = None,
+                   component_scores: Mapping[str, torch.Tensor] | None = None,
+                   grad_scaler: torch.amp.GradScaler | None = None) -> list[dict[str, Any]]:
     """``LoRAMBoOptimizer.step`` for a sharded model: the pools are gathered on decision steps only."""
     if allocator.allocation == "alora":
         raise NotImplementedError("ALoRA runs forward passes inside its decisions; under FSDP2 use "
@@ -305,13 +316,13 @@ def _gathered_save(model, write, path, writes: bool | None):
     return out
 
 
-def save_adapter(model: nn.Module, path, writes: bool | None = None):
+def save_adapter(model: nn.Module, path: str | os.PathLike[str], writes: bool | None = None) -> Path | None:
     """:func:`lorambo.save_adapter` of a sharded model; every process must call. ``writes``:
     whether this process writes the file (default: process 0 only)."""
     return _gathered_save(model, _save_adapter, path, writes)
 
 
-def export_peft(model: nn.Module, path, writes: bool | None = None):
+def export_peft(model: nn.Module, path: str | os.PathLike[str], writes: bool | None = None) -> Path | None:
     """:func:`lorambo.export_peft` of a sharded model; every process must call. ``writes``:
     whether this process writes the files (default: process 0 only)."""
     return _gathered_save(model, _export_peft, path, writes)

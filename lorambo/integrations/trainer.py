@@ -48,6 +48,7 @@ same limits as there.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import TrainerCallback
@@ -61,6 +62,10 @@ from lorambo.nn.local_hooks import LocalHook
 from lorambo.nn.optimizer_argument import inner_optimizer, scaler_keyed_optimizer, wrapper_grad_scaler
 from lorambo.sharding import is_sharded
 from lorambo.user_warnings import warn_user
+
+if TYPE_CHECKING:
+    from lorambo.optimizer import LoRAMBoOptimizer
+    from lorambo.sensitivity import AdaLoRAImportance
 
 __all__ = ["LoRAMBoCallback"]
 
@@ -116,7 +121,9 @@ class LoRAMBoCallback(TrainerCallback):
             there the gains carry its loss scale (use bf16 with DeepSpeed).
     """
 
-    def __init__(self, allocator, importance=None, resume_from=None, grad_scaler=None):
+    def __init__(self, allocator: LoRAMBoOptimizer, importance: AdaLoRAImportance | None = None,
+                 resume_from: str | os.PathLike[str] | None = None,
+                 grad_scaler: torch.amp.GradScaler | None = None) -> None:
         from lorambo.optimizer import LoRAMBoOptimizer
         from lorambo.sensitivity import AdaLoRAImportance
 
@@ -133,6 +140,11 @@ class LoRAMBoCallback(TrainerCallback):
         self.grad_scaler = grad_scaler
         self.decisions: list[dict] = []
         self._batch_hook = None
+
+    def __repr__(self) -> str:
+        get = self.__dict__.get  # with defaults: a debugger shows callbacks whose constructor failed half-way
+        return (f"LoRAMBoCallback(allocator={get('allocator')!r}, importance={get('importance')!r}, "
+                f"decisions={len(get('decisions') or ())})")
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         # a run stopped by an error (or Ctrl-C) inside a decision step never reached

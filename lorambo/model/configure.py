@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +24,7 @@ from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import LoRAMBoLinear
 from lorambo.nn.finite_numbers import shown_number
 from lorambo.nn.frozen_bases import forget_noted, note_unloaded
-from lorambo.nn.optimizer_argument import optimizer_argument
+from lorambo.nn.optimizer_argument import OptimizerArgument, optimizer_argument
 from lorambo.nn.optimizer_state import check_slot_state_editable
 from lorambo.nn.shared_memory import memory_key, share_memory
 from lorambo.user_warnings import warn_user, warns_when_done
@@ -45,10 +45,11 @@ def _per_layer(value, name: str, what: str):
 
 
 @warns_when_done  # a warning raised as an error must not leave the model half-adapted
-def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_modules: str | list[str] | None = None,
+def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_modules: str | Iterable[str] | None = None,
                     capacity: int | Mapping[str, int] | None = None, alpha: float | None = None,
-                    dropout: float | None = None, use_rslora: bool | None = None, modules_to_save=None,
-                    alpha_pattern: Mapping[str, float] | None = None, optimizer=None,
+                    dropout: float | None = None, use_rslora: bool | None = None,
+                    modules_to_save: str | Iterable[str] | None = None,
+                    alpha_pattern: Mapping[str, float] | None = None, optimizer: OptimizerArgument | None = None,
                     generator: torch.Generator | None = None) -> nn.Module:
     """Adapt ``model`` in place and return it.
 

@@ -9,6 +9,7 @@ refused: their base weight holds the adapter.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from torch import nn
@@ -45,7 +46,7 @@ def _frozen_original(name: str, trained: nn.Module, original: dict) -> nn.Module
 
 
 @contextmanager
-def disable_adapter(model: nn.Module):
+def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     """``with disable_adapter(model):`` runs the frozen base model: no LoRA branch, and the
     ``modules_to_save`` in their state from before ``configure_model``. Everything is back on
     exit. RuntimeError for merged layers (``unmerge()`` first) and for nested use."""

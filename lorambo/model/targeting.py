@@ -113,7 +113,7 @@ def _require_adaptable(name: str, module: nn.Module, why: str, bypassed: dict[st
                          "instead of calling it: a LoRA there would never run. Leave it out of target_modules")
 
 
-def find_targets(model: nn.Module, target_modules: str | list[str] | None) -> list[str]:
+def find_targets(model: nn.Module, target_modules: str | Iterable[str] | None) -> list[str]:
     """Dotted names to adapt, in model order.
 
     ``None`` or ``"all-linear"``: peft's ``all-linear`` -- every Linear/Conv1D except the output

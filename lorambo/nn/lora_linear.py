@@ -29,7 +29,7 @@ from lorambo.nn.fresh_momentum import move_new_slots, restore_new_slots
 from lorambo.nn.frozen_bases import note_frozen
 from lorambo.nn.inactive_slots import zero_inactive_after_steps
 from lorambo.nn.merge_overflow import finite_merge, merge_may_overflow
-from lorambo.nn.optimizer_argument import optimizer_argument
+from lorambo.nn.optimizer_argument import OptimizerArgument, optimizer_argument
 from lorambo.nn.optimizer_state import (check_slot_state_editable, gathered_slot_state, prepared_slot_reset,
                                         warn_if_shared_step)
 from lorambo.nn.optimizer_tracking import LOAD_IT, REBUILD_IT, track_optimizers, warn_if_state_left_behind
@@ -186,6 +186,23 @@ class LoRAMBoLinear(nn.Module):
     _tied_holders = ()
     _tied_weights_keys = None  # {"base_layer.weight": ...} while tied, see note_tied_weight
     _base_type = None  # the base layer's class when wrapped: forward re-checks a base of another class
+
+    # The public attributes, declared for type checkers: __init__ sets most of them after a
+    # numbers.Real check that a float does not pass in typeshed, so a checker would take the rest
+    # of __init__ as unreachable and report "Cannot determine type" at every read.
+    name: str
+    base_kind: str
+    base_layer: nn.Module
+    in_features: int
+    out_features: int
+    capacity: int
+    dropout: float
+    use_rslora: bool
+    alpha: float
+    scaling: float
+    lora_A: nn.Parameter
+    lora_B: nn.Parameter
+    merged: bool
 
     def __init__(self, base: nn.Module, rank: int = 8, capacity: int | None = None,
                  alpha: float | None = None, dropout: float = 0.0, use_rslora: bool = False,
@@ -367,6 +384,7 @@ class LoRAMBoLinear(nn.Module):
 
     @property
     def rank(self) -> int:
+        """The number of active slots, ``0 <= rank <= capacity``; changed by :meth:`set_rank`."""
         return self._rank
 
     @property
@@ -386,6 +404,7 @@ class LoRAMBoLinear(nn.Module):
 
     @property
     def bias(self) -> torch.Tensor | None:
+        """The base layer's bias (None without one); assigning an ``nn.Parameter`` sets the base's."""
         return self.base_layer.bias
 
     def _set_base_tensor(self, name: str, value) -> None:
@@ -411,7 +430,7 @@ class LoRAMBoLinear(nn.Module):
     # ------------------------------------------------------------------------ rank changes
     @warns_when_done  # a warning raised as an error must not stop the edit half-way
     @torch.no_grad()
-    def set_rank(self, rank: int, optimizer: torch.optim.Optimizer | None = None,
+    def set_rank(self, rank: int, optimizer: OptimizerArgument | None = None,
                  generator: torch.Generator | None = None) -> int:
         """Set the active rank in place and return the previous one.
 
@@ -486,7 +505,7 @@ class LoRAMBoLinear(nn.Module):
 
     @warns_when_done
     @torch.no_grad()
-    def keep_components(self, keep: Sequence[int], optimizer: torch.optim.Optimizer | None = None) -> int:
+    def keep_components(self, keep: Sequence[int], optimizer: OptimizerArgument | None = None) -> int:
         """Keep the active slots listed in ``keep`` (in that order) compacted into slots
         0..len(keep)-1, zero the rest, and return the previous rank. The kept components are
         moved bit for bit, with their gradients; with ``optimizer`` their state moves with them."""
@@ -796,6 +815,10 @@ class LoRAMBoLinear(nn.Module):
         restart_ids(self)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self._rank}, "
-                f"capacity={self.capacity}, scaling={self.scaling:.4g}, dropout={self.dropout}, "
-                f"rslora={self.use_rslora}, base={self.base_kind}, merged={self.merged}")
+        # read with defaults: a debugger or a traceback's locals show layers whose constructor failed half-way
+        get = self.__dict__.get
+        scaling = get("scaling")
+        return (f"in_features={get('in_features')}, out_features={get('out_features')}, rank={get('_rank')}, "
+                f"capacity={get('capacity')}, scaling={scaling if scaling is None else format(scaling, '.4g')}, "
+                f"dropout={get('dropout')}, rslora={get('use_rslora')}, base={get('base_kind')}, "
+                f"merged={get('merged')}")

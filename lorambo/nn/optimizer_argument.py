@@ -17,16 +17,19 @@ again. A wrapper is therefore replaced by the optimizer it wraps.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["optimizer_argument", "each_optimizer", "inner_optimizer", "scaler_keyed_optimizer", "skips_this_step",
-           "wrapper_grad_scaler"]
+__all__ = ["OptimizerArgument", "optimizer_argument", "each_optimizer", "inner_optimizer", "scaler_keyed_optimizer",
+           "skips_this_step", "wrapper_grad_scaler"]
 
 # where a wrapper keeps the optimizer it wraps: accelerate's AcceleratedOptimizer, torch's
 # ZeroRedundancyOptimizer
 _WRAPPED = ("optimizer", "optim")
+
+# What ``optimizer=`` takes, for type checkers: one optimizer (or wrapper), or a list or tuple of them.
+OptimizerArgument = torch.optim.Optimizer | Sequence[torch.optim.Optimizer]
 
 
 def optimizer_argument(optimizer, caller: str):

@@ -33,7 +33,7 @@ import torch
 from lorambo.ext.ops import slot_state_tensors, state_tensors
 from lorambo.nn.fresh_momentum import mark_new_slots
 from lorambo.nn.fresh_state import fresh_scalar_values, fresh_state_values, step_scales_updates
-from lorambo.nn.optimizer_argument import each_optimizer, optimizer_argument
+from lorambo.nn.optimizer_argument import OptimizerArgument, each_optimizer, optimizer_argument
 from lorambo.nn.whole_vector_state import restart_whole_vector_state
 from lorambo.user_warnings import warn_user
 
@@ -140,7 +140,7 @@ def _warn_shared_step(optimizer, layer) -> None:
 
 
 @torch.no_grad()
-def reset_slot_state(optimizer: torch.optim.Optimizer, layer, slots: Sequence[int] | range,
+def reset_slot_state(optimizer: OptimizerArgument, layer: torch.nn.Module, slots: Sequence[int] | range,
                      all_active_new: bool = False) -> None:
     """Give ``slots`` the optimizer state of a fresh optimizer (zero, or the start values of
     :mod:`lorambo.nn.fresh_state`); with ``all_active_new`` also restart ``step`` (and the other
@@ -217,7 +217,8 @@ def _restart_step(optimizer, layer) -> None:
 
 
 @torch.no_grad()
-def gather_slot_state(optimizer: torch.optim.Optimizer, layer, keep: Sequence[int], old_rank: int) -> None:
+def gather_slot_state(optimizer: OptimizerArgument, layer: torch.nn.Module, keep: Sequence[int],
+                      old_rank: int) -> None:
     """Move state of slots ``keep`` to slots 0..len(keep)-1 and zero slots len(keep)..old_rank-1,
     mirroring :meth:`LoRAMBoLinear.keep_components`; ``optimizer`` may be a list of optimizers."""
     gathered_slot_state(optimizer, layer, keep, old_rank)()

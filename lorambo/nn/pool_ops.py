@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from lorambo.nn.fresh_momentum import move_new_slots
-from lorambo.nn.optimizer_argument import each_optimizer, optimizer_argument
+from lorambo.nn.optimizer_argument import OptimizerArgument, each_optimizer, optimizer_argument
 from lorambo.nn.optimizer_state import check_slot_state_editable
 from lorambo.nn.optimizer_tracking import warn_if_state_left_behind
 from lorambo.nn.slot_lineage import keep_ids
@@ -30,7 +30,7 @@ __all__ = ["keep_components_many"]
 @warns_when_done  # a warning raised as an error must not leave some layers edited
 @torch.no_grad()
 def keep_components_many(plans: Iterable[tuple[torch.nn.Module, Sequence[int]]],
-                         optimizer: torch.optim.Optimizer | None = None) -> list[int]:
+                         optimizer: OptimizerArgument | None = None) -> list[int]:
     """``layer.keep_components(keep, optimizer)`` for every ``(layer, keep)``; returns the old
     ranks in order. Every plan is validated before any pool is touched. ``optimizer`` may be a
     list of optimizers: each one's state moves for the pools it holds."""

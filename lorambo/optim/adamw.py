@@ -34,6 +34,8 @@ and skips inf steps itself, also for ``fused=True``. ``differentiable=True`` is 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -272,15 +274,16 @@ class AdamW(torch.optim.AdamW):
     # (lorambo/nn/inactive_slots.py) has nothing to do
     _lorambo_keeps_inactive_slots = True
 
-    def __init__(self, params, *args, **kwargs):
-        super().__init__(params, *args, **kwargs)
-        if any(group.get("differentiable", False) for group in self.param_groups):
-            raise ValueError("lorambo.optim.AdamW: differentiable=True is not supported")
-        # torch's fused AdamW unscales and skips inf steps inside its kernel when a GradScaler hands
-        # it the scale; the pool update does not, so the scaler must unscale and skip for us.
-        self._step_supports_amp_scaling = False
+    if not TYPE_CHECKING:  # type checkers see torch.optim.AdamW's signature, which this passes on whole
+        def __init__(self, params, *args, **kwargs):
+            super().__init__(params, *args, **kwargs)
+            if any(group.get("differentiable", False) for group in self.param_groups):
+                raise ValueError("lorambo.optim.AdamW: differentiable=True is not supported")
+            # torch's fused AdamW unscales and skips inf steps inside its kernel when a GradScaler hands
+            # it the scale; the pool update does not, so the scaler must unscale and skip for us.
+            self._step_supports_amp_scaling = False
 
-    def add_param_group(self, param_group: dict) -> None:
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
         # torch checks only the signs of these: 10**400 would fail at the first step with an
         # OverflowError naming nothing, and inf would give inf/NaN pools; refused before the group joins
         settings = {**self.defaults, **param_group}
@@ -291,7 +294,7 @@ class AdamW(torch.optim.AdamW):
         super().add_param_group(param_group)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -377,7 +380,7 @@ class AdamW(torch.optim.AdamW):
             _foreach_pool_step(group, work)
         torch._foreach_add_([state["step"] for _, state, _, _ in work], 1.0)
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         _check_state_shapes(self, state_dict)
         # torch casts every floating state tensor to its parameter's dtype on load; step counts
         # must stay float32 (bfloat16 counts are exact only up to 256).

@@ -22,6 +22,7 @@ all-reduced, so all processes get the scores of the union of the batches.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 
 from lorambo.distributed import SharedFailure
 from lorambo.model.argument import require_module
-from .inputs import as_batch_list, check_some_batches, scalar_loss
+from .inputs import Batches, LossFn, as_batch_list, check_some_batches, scalar_loss
 from .mode import eval_mode
 from .progress import show_bar
 
@@ -48,6 +49,7 @@ class ComponentAblation:
 
     @property
     def score(self) -> torch.Tensor:
+        """AB-LoRA's score of each component, ``removed + alone`` (higher: worth more)."""
         return self.removed + self.alone
 
 
@@ -97,7 +99,8 @@ def _saved_columns(layers):
 
 
 @torch.no_grad()
-def ablation_scores(model, loss_fn, batches, modules=None, alone: bool = True,
+def ablation_scores(model: torch.nn.Module, loss_fn: LossFn, batches: Batches,
+                    modules: Sequence[str] | str | None = None, alone: bool = True,
                     progress: bool | None = None) -> dict[str, ComponentAblation]:
     """AB-LoRA scores of every active component of the targeted LoRA layers (see module doc).
 

@@ -37,6 +37,7 @@ of a component need its whole row of A and column of B, which lie on different p
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -51,7 +52,8 @@ __all__ = ["AdaLoRAImportance"]
 class AdaLoRAImportance:
     """EMA-smoothed, uncertainty-weighted |theta * grad| of every LoRA pool entry."""
 
-    def __init__(self, model, modules=None, beta1: float = 0.85, beta2: float = 0.85):
+    def __init__(self, model: torch.nn.Module, modules: Sequence[str] | str | None = None, beta1: float = 0.85,
+                 beta2: float = 0.85) -> None:
         from .ablation import lora_targets
 
         require_module(model, "AdaLoRAImportance")
@@ -68,6 +70,11 @@ class AdaLoRAImportance:
         # load_state_dict the ids saved with them, which a later load of the model brings back
         self._followed = {name: slot_ids(layer) for name, layer in self.layers.items()}
         self._saved_ids: dict[str, list[int]] = {}
+
+    def __repr__(self) -> str:
+        get = self.__dict__.get  # with defaults: a debugger shows objects whose constructor failed half-way
+        return (f"AdaLoRAImportance({len(get('layers') or ())} layers, beta1={get('beta1')!r}, "
+                f"beta2={get('beta2')!r}, updates={get('steps', 0)})")
 
     def _check_followed(self, what: str) -> None:
         """RuntimeError naming the first layer whose slots changed since :meth:`keep` /
@@ -137,7 +144,7 @@ class AdaLoRAImportance:
         self.steps += 1
         return True
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         """``{"steps", "ibar", "ubar", "slot_ids"}``: the running statistics as CPU tensors keyed
         by ``(layer name, "A" | "B")``, and per layer the ids of the components they belong to
         (``torch.load(..., weights_only=True)`` reads it)."""
@@ -146,7 +153,7 @@ class AdaLoRAImportance:
                 "ubar": {k: v.detach().cpu().clone() for k, v in self._ubar.items()},
                 "slot_ids": {name: list(ids) for name, ids in self._followed.items()}}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`. Statistics for a layer this tracker does not have,
         or of another shape than its pool, are a ValueError naming them; nothing is changed. They
         belong to the layers' components as they are now or, when the model's ``state_dict``

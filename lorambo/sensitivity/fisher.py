@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -47,7 +49,7 @@ from lorambo.nn.local_hooks import LocalHook
 from .estimate import Estimate
 from .example_weights import ExampleWeights
 from .targets import find_targets
-from .token_mask import check_token_mask
+from .token_mask import TokenMask, check_token_mask
 from lorambo.user_warnings import warn_user
 
 __all__ = ["FisherProxy", "per_example_sq_grad_norms", "sketched_sq_grad_norms"]
@@ -133,8 +135,9 @@ class FisherProxy:
     :meth:`state_dict` / :meth:`load_state_dict` resume a measurement across processes.
     """
 
-    def __init__(self, model, modules=None, reduction: str = "mean", sketch_dim: int | None = None,
-                 seed: int = 0, grad_scaler=None, token_mask="auto"):
+    def __init__(self, model: torch.nn.Module, modules: Sequence[str] | str | None = None, reduction: str = "mean",
+                 sketch_dim: int | None = None, seed: int = 0, grad_scaler: torch.amp.GradScaler | None = None,
+                 token_mask: TokenMask = "auto") -> None:
         require_module(model, "FisherProxy")
         if grad_scaler is not None and not callable(getattr(grad_scaler, "_get_scale_async", None)):
             raise TypeError(f"FisherProxy: grad_scaler must be a torch.amp.GradScaler, got "
@@ -170,7 +173,7 @@ class FisherProxy:
         return {"targets": [t.name for t in self.targets], "reduction": self.reduction,
                 "sketch_dim": self.sketch_dim, "seed": self._seed}
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         """What resuming the measurement needs: the statistics gathered so far and the sketch
         probes' generator states, with the settings they were gathered under. Plain data and CPU
         tensors: ``torch.load(..., weights_only=True)`` reads it."""
@@ -181,7 +184,7 @@ class FisherProxy:
                 "sum_sq": cpu(self._sum_sq), "count": dict(self._count), "nonfinite": cpu(self._nonfinite),
                 "generators": {str(d): g.get_state() for d, g in self._generators.items()}}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`: the next backward passes add to its statistics and
         draw the probes a proxy that had gone on would draw. A state of other settings, or not
         one of a FisherProxy, is a ValueError naming what differs, and nothing is changed."""
@@ -214,6 +217,8 @@ class FisherProxy:
         self._sum, self._sum_sq, self._nonfinite = tables["sum"], tables["sum_sq"], tables["nonfinite"]
 
     def attach(self) -> "FisherProxy":
+        """Start gathering: hooks on the targeted layers (and the model, for token masks) read
+        every following backward pass. Returns the proxy; ``with proxy:`` attaches and detaches."""
         if not self._handles:
             # LocalHook: a copy of the model taken while attached (an EMA, a teacher, torch.save)
             # neither feeds these statistics nor fails to pickle
@@ -225,6 +230,7 @@ class FisherProxy:
         return self
 
     def detach(self) -> None:
+        """Stop gathering (remove the hooks); what was gathered stays for :meth:`estimates`."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -233,6 +239,11 @@ class FisherProxy:
 
     def __enter__(self) -> "FisherProxy":
         return self.attach()
+
+    def __repr__(self) -> str:
+        get = self.__dict__.get  # with defaults: a debugger shows proxies whose constructor failed half-way
+        return (f"FisherProxy({len(get('targets') or ())} layers, reduction={get('reduction')!r}, "
+                f"sketch_dim={get('sketch_dim')!r}, attached={bool(get('_handles'))})")
 
     def __exit__(self, *exc) -> None:
         self.detach()

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
 from lorambo.distributed import world_size
 
-__all__ = ["as_batch_list", "check_some_batches", "compute_loss", "scalar_loss", "check_finite_loss",
-           "check_positive", "check_seed", "no_gradient_error"]
+__all__ = ["Batches", "LossFn", "as_batch_list", "check_some_batches", "compute_loss", "scalar_loss",
+           "check_finite_loss", "check_positive", "check_seed", "no_gradient_error"]
+
+# For type checkers: ``batches`` is any iterable of whatever ``loss_fn(model, batch)`` takes
+# (read once, into a list); ``loss_fn`` returns a scalar tensor or a Hugging Face ModelOutput
+# with a loss (see as_batch_list and scalar_loss).
+Batches = Iterable[Any]
+LossFn = Callable[[Any, Any], torch.Tensor | Mapping[str, Any]]
 
 
 def as_batch_list(batches) -> list:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -12,7 +13,7 @@ from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from .blocks import block_products
 from .estimate import Estimate
 from .hvp import HessianOperator
-from .inputs import as_batch_list, check_positive, check_seed
+from .inputs import Batches, LossFn, as_batch_list, check_positive, check_seed
 from .mode import eval_mode
 from .probes import rademacher
 from .progress import show_bar
@@ -21,7 +22,8 @@ from .targets import differentiable, find_targets
 __all__ = ["hessian_opnorm"]
 
 
-def hessian_opnorm(model, loss_fn, batches, modules=None, num_iters: int = 20, seed: int = 0,
+def hessian_opnorm(model: torch.nn.Module, loss_fn: LossFn, batches: Batches,
+                   modules: Sequence[str] | str | None = None, num_iters: int = 20, seed: int = 0,
                    tol: float = 1e-4, probes_per_pass: int = 8, batched: bool | None = None,
                    progress: bool | None = None) -> dict[str, Estimate]:
     """Largest |eigenvalue| of each diagonal Hessian block H_ii (mean loss over ``batches``).

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from tqdm.auto import tqdm
 
@@ -9,17 +12,18 @@ from lorambo.distributed import SharedFailure, all_reduced_sums
 from lorambo.model.argument import require_module
 from lorambo.nn.hook_inputs import layer_input
 from lorambo.ops.custom_op import autocast_off
-from .inputs import as_batch_list, check_finite_loss, check_some_batches, compute_loss, no_gradient_error
+from .inputs import (Batches, LossFn, as_batch_list, check_finite_loss, check_some_batches, compute_loss,
+                     no_gradient_error)
 from .mode import eval_mode
 from .progress import show_bar
 from .targets import differentiable, find_targets
-from .token_mask import batch_token_mask, real_tokens
+from .token_mask import TokenMask, batch_token_mask, real_tokens
 
 __all__ = ["gradient_sensitivity", "data_covariance", "targets_without_gradient"]
 
 
-def gradient_sensitivity(model, loss_fn, batches, modules=None, progress: bool | None = None
-                         ) -> dict[str, float]:
+def gradient_sensitivity(model: torch.nn.Module, loss_fn: LossFn, batches: Batches,
+                         modules: Sequence[str] | str | None = None, progress: bool | None = None) -> dict[str, float]:
     """s_i = mean over batches of ||dL_b / dW_i||_F^2 (LoRAMBo's gradient sensitivity).
 
     Frozen base weights are made differentiable only during the call; gradients are taken with
@@ -59,7 +63,8 @@ def gradient_sensitivity(model, loss_fn, batches, modules=None, progress: bool |
     return {t.name: s / count for t, s in zip(targets, sums)}
 
 
-def targets_without_gradient(model, loss_fn, batch, modules=None) -> list[str]:
+def targets_without_gradient(model: torch.nn.Module, loss_fn: LossFn, batch: Any,
+                             modules: Sequence[str] | str | None = None) -> list[str]:
     """Names of the targeted layers whose weight the loss on ``batch`` does not depend on (one
     forward and backward, in eval mode; e.g. BERT's pooler under a loss on the hidden states)."""
     return unreached_targets(model, loss_fn, batch, modules, "targets_without_gradient")
@@ -77,8 +82,9 @@ def unreached_targets(model, loss_fn, batch, modules, who: str) -> list[str]:
     return [t.name for t, g in zip(targets, grads) if g is None]
 
 
-def data_covariance(model, loss_fn, batches, modules=None, token_mask="auto", progress: bool | None = None
-                    ) -> dict[str, torch.Tensor]:
+def data_covariance(model: torch.nn.Module, loss_fn: LossFn, batches: Batches,
+                    modules: Sequence[str] | str | None = None, token_mask: TokenMask = "auto",
+                    progress: bool | None = None) -> dict[str, torch.Tensor]:
     """G_i = E[x x^T] [in, in] over every real token x fed to each targeted layer.
 
     A forward hook on the layer (the LoRA layer itself for LoRA layers) takes its first input,

@@ -163,19 +163,19 @@ def _explicit(program_fn, matvec, dim, num_matvecs, seed, dtype, device) -> Esti
     return est
 
 
-def hutchinson(matvec, dim: int, num_matvecs: int, seed: int = 0, dtype=torch.float64,
-               device=None) -> Estimate:
+def hutchinson(matvec: Callable[[torch.Tensor], torch.Tensor], dim: int, num_matvecs: int, seed: int = 0,
+               dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> Estimate:
     """Hutchinson trace estimate of A (symmetric or not); matvec(X [dim, m]) -> A @ X."""
     return _explicit(hutchinson_program, matvec, dim, num_matvecs, seed, dtype, device)
 
 
-def hutchpp(matvec, dim: int, num_matvecs: int, seed: int = 0, dtype=torch.float64,
-            device=None) -> Estimate:
+def hutchpp(matvec: Callable[[torch.Tensor], torch.Tensor], dim: int, num_matvecs: int, seed: int = 0,
+            dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> Estimate:
     """Hutch++ trace estimate of a symmetric A with num_matvecs products."""
     return _explicit(hutchpp_program, matvec, dim, num_matvecs, seed, dtype, device)
 
 
-def xtrace(matvec, dim: int, num_matvecs: int, seed: int = 0, dtype=torch.float64,
-           device=None) -> Estimate:
+def xtrace(matvec: Callable[[torch.Tensor], torch.Tensor], dim: int, num_matvecs: int, seed: int = 0,
+           dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> Estimate:
     """XTrace trace estimate of a symmetric A with num_matvecs products."""
     return _explicit(xtrace_program, matvec, dim, num_matvecs, seed, dtype, device)

@@ -19,11 +19,15 @@ the keyword arguments of the model call (``model(**batch)``, as Trainer calls it
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import torch
 
-__all__ = ["batch_token_mask", "check_token_mask", "mask_selects_rows", "real_tokens"]
+__all__ = ["TokenMask", "batch_token_mask", "check_token_mask", "mask_selects_rows", "real_tokens"]
+
+# For type checkers: the token_mask settings of the estimators and LoRAMBoOptimizer (module doc).
+TokenMask = Literal["auto"] | Callable[[Any], torch.Tensor] | None
 
 
 def check_token_mask(token_mask, who: str) -> None:

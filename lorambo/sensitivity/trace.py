@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from tqdm.auto import tqdm
 
@@ -9,7 +11,7 @@ from .blocks import run_programs
 from lorambo.model.argument import require_module
 from .estimate import Estimate, Moments
 from .hvp import HessianOperator
-from .inputs import as_batch_list, check_positive, check_seed
+from .inputs import Batches, LossFn, as_batch_list, check_positive, check_seed
 from .mode import eval_mode
 from .probes import rademacher
 from .progress import show_bar
@@ -23,7 +25,8 @@ __all__ = ["hessian_trace"]
 METHODS = ("hutchinson", "hutch++", "xtrace")
 
 
-def hessian_trace(model, loss_fn, batches, modules=None, num_probes: int = 64,
+def hessian_trace(model: torch.nn.Module, loss_fn: LossFn, batches: Batches,
+                  modules: Sequence[str] | str | None = None, num_probes: int = 64,
                   method: str = "hutchinson", seed: int = 0, probes_per_pass: int = 8,
                   stderr_target: float | None = None, progress: bool | None = None,
                   batched: bool | None = None) -> dict[str, Estimate]:
