@@ -38,15 +38,19 @@ from lorambo.nn.settings_fit import check_settings_fit
 from lorambo.nn.shared_memory import share_memory
 from lorambo.nn.slot_lineage import (SLOT_IDS_KEY, adopt_ids, drop_ids, keep_ids, move_counter_past, restart_ids,
                                      slot_ids, start_ids)
-from lorambo.nn.slots import PoolSlots, local_slots, tag_pool_parameter
+from lorambo.nn.slots import POOL_SLOT_DIMS, PoolSlots, local_slots, tag_pool_parameter, used_slots
+# Whole models pickled (torch.save(model)) before the hooks had a module of their own name them
+# here, as lorambo.nn.lora_linear._<hook>: these names keep such files loading.
+from lorambo.nn.state_dict_hooks import check_extra_state_first as _check_extra_state_first
+from lorambo.nn.state_dict_hooks import cover_slots_past_rank as _cover_slots_past_rank
+from lorambo.nn.state_dict_hooks import save_slot_ids as _save_slot_ids
+from lorambo.nn.state_dict_hooks import unmerge_before_load as _unmerge_before_load
+from lorambo.nn.state_dict_hooks import unmerged_base_weight as _unmerged_base_weight
 from lorambo.nn.unsupported_optimizers import refuse_unsupported_optimizers
 from lorambo.ops import lora_linear
 from lorambo.ops.compile_support import autocast_available, rank_tensor, traced_rank
 from lorambo.sharding import is_sharded, local_tensor
 from lorambo.user_warnings import warns_when_done
-
-_POOL_DIMS = {"lora_A": 0, "lora_B": 1}  # the dim along which each pool's rank slots lie
-
 
 def check_growth_factor(growth_factor, who: str) -> None:
     """ValueError naming ``who`` unless ``growth_factor`` is a finite real number >= 1 (inf
@@ -72,95 +76,6 @@ def _autocast_operand(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     lowers it, so a float64 ``nn.Linear`` computes in float64 under autocast), other floating
     tensors become ``dtype``."""
     return tensor if tensor.dtype == torch.float64 else tensor.to(dtype)
-
-
-@torch.no_grad()
-def _unmerged_base_weight(module: "LoRAMBoLinear", state_dict, prefix: str, local_metadata) -> None:
-    """state_dict post-hook: a merged layer stores its base weight unmerged. The pools hold the
-    adapter too, and the extra state says nothing about merging, so a merged weight would be
-    loaded as the base weight of an unmerged layer and the adapter counted twice. A sharded
-    (FSDP2) weight is left as it is: its state_dict is taken shard by shard."""
-    key = f"{prefix}base_layer.weight"
-    if module.merged and key in state_dict and not is_sharded(module.base_layer.weight):
-        # a copy, not the layer's kept original: a model loaded from this state_dict with
-        # assign=True would otherwise hold that tensor as its weight, and merging it would
-        # change what this layer's unmerge() restores
-        state_dict[key] = module._unmerged_weight(copy=True)
-
-
-def _save_slot_ids(module: "LoRAMBoLinear", state_dict, prefix: str, local_metadata) -> None:
-    """state_dict post-hook: the ids of the components in the slots go into the module's
-    metadata (lorambo/nn/slot_lineage.py), not among its tensors."""
-    local_metadata[SLOT_IDS_KEY] = slot_ids(module)
-
-
-def _check_extra_state_first(module: "LoRAMBoLinear", state_dict, prefix: str, *args) -> None:
-    """load_state_dict pre-hook: torch copies a module's tensors before it hands over the extra
-    state, so a rank refused only in ``set_extra_state`` would leave the pools loaded under the
-    old rank (non-zero slots past it). Refuse a bad one before anything is copied."""
-    key = f"{prefix}_extra_state"
-    if key in state_dict:
-        module._parse_extra_state(state_dict[key])
-
-
-def _unmerge_before_load(module: "LoRAMBoLinear", state_dict, prefix: str, *args) -> None:
-    """load_state_dict pre-hook: a merged layer is unmerged before its entries load. A state_dict
-    holds the unmerged weight and the pools (see above); loaded into a merged layer they would
-    leave a merged flag over an unmerged weight, and the next unmerge() would subtract the new
-    adapter from it."""
-    if module.merged and any(key.startswith(prefix) for key in state_dict):
-        if is_sharded(module.base_layer.weight) or is_sharded(module.lora_A):
-            raise RuntimeError(f"{module._label} is merged and sharded (FSDP2): call "
-                               "lorambo.integrations.fsdp.unmerge(model) before loading a state_dict")
-        module.unmerge()
-
-
-def _used_slots(pool: torch.Tensor, dim: int) -> int:
-    """One past the last slot (index along ``dim``) of ``pool`` holding a non-zero value; 0 if none."""
-    used = pool.abs().sum(dim=1 - dim).nonzero()
-    return int(used.max()) + 1 if used.numel() else 0
-
-
-@torch.no_grad()
-def _cover_slots_past_rank(module: "LoRAMBoLinear", state_dict, prefix: str, *args) -> None:
-    """load_state_dict pre-hook for pools with non-zero slots past the rank they load under, which
-    loading would zero, silently changing the function. That rank travels in ``_extra_state``.
-
-    With it, lorambo itself never leaves a slot past the rank non-zero (docs/architecture.md, the
-    rank pool), so such values were written from outside: a weight average
-    (``torch.optim.swa_utils.AveragedModel``, an EMA) copied before the trained model's ranks
-    changed keeps its old ranks and averages the grown slots into its inactive ones. Refused.
-
-    Pools loaded without it keep the layer's current rank. They may be one shard of a sharded
-    checkpoint whose ``_extra_state`` is in another shard (transformers'
-    ``load_sharded_checkpoint``, through which Trainer resumes, loads the shards in no fixed
-    order), so the rank is raised to cover the loaded non-zero slots; an extra state loaded later
-    sets it exactly. (torch hands pre-hooks ``strict=True`` whatever the caller passed, so a
-    filtered state_dict and a shard cannot be told apart here.)"""
-    key = f"{prefix}_extra_state"
-    saved = key in state_dict
-    rank = module._parse_extra_state(state_dict[key])[0] if saved else module.rank
-    last = 0
-    for name, dim in _POOL_DIMS.items():
-        value = state_dict.get(prefix + name)
-        if (not isinstance(value, torch.Tensor) or is_sharded(value) or value.device.type == "meta"
-                or value.shape != getattr(module, name).shape):
-            continue  # nothing to check here (a shard would need a collective); torch reports shape errors
-        past = _used_slots(value, dim)
-        if saved and past > rank:
-            raise ValueError(f"{module._label}: state_dict entry {prefix + name!r} has non-zero slots up to {past} "
-                             f"but its saved rank ({key!r}) is {rank}; lorambo keeps slots past the rank at zero, "
-                             "so they were written outside lorambo, e.g. by a weight average (AveragedModel, "
-                             "an EMA) that kept averaging after the trained model's ranks changed; loading would "
-                             "drop them. Call lorambo.follow_ranks(average, model) after every rank change, or "
-                             f"zero those slots in the state_dict to load the rank-{rank} adapter it computes")
-        last = max(last, past)
-    if not saved and last > module.rank:
-        old = module.rank
-        module._set_active_rank(last)
-        warn_if_state_left_behind(module, None, f"rank changed {old} -> {last} by load_state_dict", LOAD_IT)
-    if any(prefix + name in state_dict for name in _POOL_DIMS):
-        restart_ids(module)  # new components (set_extra_state restarts them at the loaded rank)
 
 
 class LoRAMBoLinear(nn.Module):
@@ -288,7 +203,7 @@ class LoRAMBoLinear(nn.Module):
 
     def _tag_pools(self) -> None:
         # The optimizer-facing view of the active rank (see lorambo.nn.slots).
-        for name, dim in _POOL_DIMS.items():
+        for name, dim in POOL_SLOT_DIMS.items():
             tag_pool_parameter(getattr(self, name), self._slots, dim)
 
     def __setstate__(self, state) -> None:
@@ -317,8 +232,8 @@ class LoRAMBoLinear(nn.Module):
                              "resize, and configure again")
         super().__setattr__(name, value)
         # a new pool Parameter (load_state_dict(assign=True), FSDP2's DTensor) needs the tag too
-        if name in _POOL_DIMS and isinstance(value, nn.Parameter) and "_slots" in self.__dict__:
-            tag_pool_parameter(value, self._slots, _POOL_DIMS[name])
+        if name in POOL_SLOT_DIMS and isinstance(value, nn.Parameter) and "_slots" in self.__dict__:
+            tag_pool_parameter(value, self._slots, POOL_SLOT_DIMS[name])
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
@@ -328,7 +243,7 @@ class LoRAMBoLinear(nn.Module):
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                           error_msgs)
             # pools and rank loaded whole: their components are the saved ones, not new ones
-            keys = [prefix + name for name in (*_POOL_DIMS, "_extra_state")]
+            keys = [prefix + name for name in (*POOL_SLOT_DIMS, "_extra_state")]
             if len(error_msgs) == errors and all(key in state_dict for key in keys) and SLOT_IDS_KEY in local_metadata:
                 adopt_ids(self, local_metadata[SLOT_IDS_KEY])
         finally:
@@ -565,8 +480,8 @@ class LoRAMBoLinear(nn.Module):
         ``lorambo.follow_ranks`` keeps in step), and what saves the active slots would drop it."""
         if is_sharded(self.lora_A) or is_sharded(self.lora_B):
             return  # a shard would need a collective; lorambo.integrations.fsdp gathers before saving
-        tail = max(_used_slots(getattr(self, name).narrow(dim, self._rank, self.capacity - self._rank), dim)
-                   for name, dim in _POOL_DIMS.items())
+        tail = max(used_slots(getattr(self, name).narrow(dim, self._rank, self.capacity - self._rank), dim)
+                   for name, dim in POOL_SLOT_DIMS.items())
         if tail:
             last = self._rank + tail
             raise ValueError(f"{caller}: {self._label} has non-zero slots up to {last} but its rank is "

@@ -20,7 +20,10 @@ from lorambo.sharding import local_region
 
 _TAG = "_lorambo_slots"
 
-__all__ = ["PoolSlots", "pool_slots", "tag_pool_parameter", "local_slots", "pools_generation"]
+__all__ = ["PoolSlots", "pool_slots", "tag_pool_parameter", "local_slots", "pools_generation", "POOL_SLOT_DIMS",
+           "used_slots"]
+
+POOL_SLOT_DIMS = {"lora_A": 0, "lora_B": 1}  # the dim along which each pool's rank slots lie
 
 # Bumped by every rank change and every (re)tagged pool Parameter, so that per-step work over the
 # pools (lorambo/nn/inactive_slots.py) can reuse what it computed while nothing changed.
@@ -78,3 +81,9 @@ def local_slots(param: torch.Tensor, slot_dim: int) -> tuple[int, int]:
     whole pool unless it is a DTensor sharded along its slots (``lora_A`` under FSDP2)."""
     held = local_region(param)[slot_dim]
     return held.start, held.stop - held.start
+
+
+def used_slots(pool: torch.Tensor, dim: int) -> int:
+    """One past the last slot (index along ``dim``) of ``pool`` holding a non-zero value; 0 if none."""
+    used = pool.abs().sum(dim=1 - dim).nonzero()
+    return int(used.max()) + 1 if used.numel() else 0
