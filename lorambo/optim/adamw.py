@@ -128,6 +128,16 @@ def _compiled_pool_step(group: dict, work) -> None:
                                   float(group["eps"]), float(group["weight_decay"]), bool(group["maximize"]))
 
 
+def _count_steps(steps: list) -> None:
+    """Add 1 to every count of ``steps`` (torch's per-parameter ``step``): one compiled call for
+    CPU counts where the backend switch allows compiled multi-tensor ops (its kernel is CPU only),
+    else ``torch._foreach_add_``, whose CPU path costs about 1.4 us per count."""
+    if all(step.is_cpu for step in steps) and use_compiled_multi_tensor(steps):
+        torch.ops.lorambo.scalars_add_(steps, 1.0)
+    else:
+        torch._foreach_add_(steps, 1.0)
+
+
 def _foreach_pool_step(group: dict, work) -> None:
     """The update as torch._foreach ops on the active slots (any device, dtype and FSDP2 shard)."""
     amsgrad = group["amsgrad"]
@@ -375,7 +385,7 @@ class AdamW(torch.optim.AdamW):
             _compiled_pool_step(group, work)
         else:
             _foreach_pool_step(group, work)
-        torch._foreach_add_([state["step"] for _, state, _, _ in work], 1.0)
+        _count_steps([state["step"] for _, state, _, _ in work])
 
     def load_state_dict(self, state_dict: dict) -> None:
         _check_state_shapes(self, state_dict)
