@@ -12,8 +12,12 @@ step post-hook (installed with the first LoRAMBoLinear) zeroes the inactive slot
 the optimizer holds, in one ``_foreach_zero_`` per step; slots already zero stay as they are.
 
 The views are computed once per optimizer and reused until a pool's rank or Parameter object
-(:func:`~lorambo.nn.slots.pools_generation`) or the optimizer's parameter lists change: finding
-them costs microseconds per parameter, which every step of a host-bound run would pay.
+(:func:`~lorambo.nn.slots.pools_generation`), the optimizer's parameter lists, or the memory of a
+pool change: finding them costs microseconds per parameter, which every step of a host-bound run
+would pay. The memory is compared by address (``param.data = new``, as
+``torch.nn.utils.vector_to_parameters`` does, keeps the Parameter, its tag and its rank); a
+sharded pool (a DTensor, FSDP2) or another tensor subclass without an address by its Parameter
+object only.
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lorambo.nn.slots import local_slots, pool_slots, pools_generation
-from lorambo.sharding import local_tensor
+from lorambo.sharding import is_sharded, local_tensor
 
 __all__ = ["zero_inactive_after_steps"]
 
 _installed = False
-_cached: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> (key, views)
+# optimizer -> (key, views, the pools with an address, their addresses)
+_cached: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_data_ptr = torch.Tensor.data_ptr
 
 
 def zero_inactive_after_steps() -> None:
@@ -55,6 +61,18 @@ def inactive_views(params) -> list[torch.Tensor]:
     return views
 
 
+def _has_address(param) -> bool:
+    """Whether ``param``'s memory has an address to compare: not a DTensor (FSDP2) nor another
+    tensor subclass without storage of its own."""
+    if is_sharded(param):
+        return False
+    try:
+        param.data_ptr()
+    except RuntimeError:
+        return False
+    return True
+
+
 def _views_of(optimizer) -> list[torch.Tensor]:
     groups = getattr(optimizer, "param_groups", None) or ()
     # the lists themselves: add_param_group, or a list replaced or extended in place
@@ -63,10 +81,12 @@ def _views_of(optimizer) -> list[torch.Tensor]:
         cached = _cached.get(optimizer)
     except TypeError:  # an optimizer that cannot be weakly referenced: no cache
         return inactive_views(param for group in groups for param in group["params"])
-    if cached is not None and cached[0] == key:
+    if cached is not None and cached[0] == key and list(map(_data_ptr, cached[2])) == cached[3]:
         return cached[1]
-    views = inactive_views(param for group in groups for param in group["params"])
-    _cached[optimizer] = (key, views)
+    params = [param for group in groups for param in group["params"]]
+    views = inactive_views(params)
+    plain = [param for param in params if pool_slots(param) is not None and _has_address(param)]
+    _cached[optimizer] = (key, views, plain, list(map(_data_ptr, plain)))
     return views
 
 

@@ -134,3 +134,18 @@ def test_lorambo_adamw_is_trusted_to_leave_inactive_slots_alone(monkeypatch):
     sgd.step()
     assert looked_up == [sgd]
     assert _inactive_nonzero(layer) == 0
+
+
+def test_inactive_slots_stay_zero_after_a_pool_gets_new_memory_under_the_same_parameter():
+    """``param.data = new`` (torch.nn.utils.vector_to_parameters does it) keeps the Parameter
+    object, its tag and its rank, but moves it to other memory: the slots found before it must
+    not be the ones zeroed after it."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    layer = LoRAMBoLinear(nn.Linear(6, 5, dtype=torch.float64), rank=2, capacity=4)
+    pools = [layer.lora_A, layer.lora_B]
+    opt = AttributeLion(pools)
+    _drifting_step([layer], opt, x)
+    torch.nn.utils.vector_to_parameters(torch.nn.utils.parameters_to_vector(pools).clone(), pools)
+    _drifting_step([layer], opt, x)
+    assert _inactive_nonzero(layer) == 0
