@@ -130,7 +130,7 @@ def _compiled_step_applies(work, amsgrad: bool) -> bool:
 def _compiled_pool_step(group: dict, work) -> None:
     beta1, beta2 = (float(b) for b in group["betas"])
     params = [p.detach() for p, _, _, _ in work]
-    grads = [p.grad.detach() for p, _, _, _ in work]
+    grads = [p.grad for p, _, _, _ in work]  # only read, and step() runs under no_grad: no detach() needed
     states = [state for _, state, _, _ in work]
     max_sqs = [state["max_exp_avg_sq"] for state in states] if group["amsgrad"] else []
     torch.ops.lorambo.pool_adamw_(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
