@@ -61,6 +61,10 @@ def _register() -> None:
     def _scalars_add(tensors, value):
         return None
 
+    @register_fake("lorambo::zero_views_")
+    def _zero_views(tensors):
+        return None
+
     @register_fake("lorambo::dropout_mask")
     def _dropout_mask(x, p, seed):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
