@@ -177,6 +177,10 @@ TORCH_LIBRARY(lorambo, m) {
   m.def("pool_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
         "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] slot_steps, int[] slot_dims, int[] ranks, float lr, "
         "float beta1, float beta2, float eps, float weight_decay, bool maximize) -> ()");
+  // tensors[i] += value for one-element tensors (optimizer step counts), in place.
+  m.def("scalars_add_(Tensor(a!)[] tensors, float value) -> ()");
+  // Every tensor zeroed in place (the inactive slots of pools, after an optimizer step).
+  m.def("zero_views_(Tensor(a!)[] tensors) -> ()");
   m.def("dropout_mask(Tensor x, float p, int seed) -> Tensor");
   m.def("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, int rank, "
         "float scaling, float dropout_p=0.0, int seed=0) -> Tensor");
@@ -194,6 +198,8 @@ TORCH_LIBRARY_IMPL(lorambo, CPU, m) {
   m.impl("pool_remap_", &lorambo::pool_remap_cpu);
   m.impl("pool_adamw_", &lorambo::pool_adamw_cpu);
   m.impl("dropout_mask", &lorambo::dropout_mask_cpu);
+  m.impl("scalars_add_", &lorambo::scalars_add_cpu);
+  m.impl("zero_views_", &lorambo::zero_views_cpu);
   m.impl("lora_linear_fwd", &lorambo::lora_linear_fwd_cpu);
   m.impl("lora_linear_bwd", &lorambo::lora_linear_bwd_cpu_impl);
 }

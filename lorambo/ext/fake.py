@@ -57,6 +57,14 @@ def _register() -> None:
         _one_device("lorambo::pool_adamw_", "params", params)
         return None
 
+    @register_fake("lorambo::scalars_add_")
+    def _scalars_add(tensors, value):
+        return None
+
+    @register_fake("lorambo::zero_views_")
+    def _zero_views(tensors):
+        return None
+
     @register_fake("lorambo::dropout_mask")
     def _dropout_mask(x, p, seed):
         return torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -28,8 +28,8 @@ from lorambo.user_warnings import warn_user
 _state: dict[str, object] = {}
 
 # Every operator csrc/ops.cpp defines (tests/ext/test_ext_stale.py keeps the two in step).
-OPERATORS = ("multi_dot", "multi_sq_norm", "probe_fill_", "pool_remap_", "pool_adamw_", "dropout_mask",
-             "lora_linear", "lora_linear_fwd", "lora_linear_bwd")
+OPERATORS = ("multi_dot", "multi_sq_norm", "probe_fill_", "pool_remap_", "pool_adamw_", "scalars_add_",
+             "zero_views_", "dropout_mask", "lora_linear", "lora_linear_fwd", "lora_linear_bwd")
 
 
 def load() -> ModuleType | None:

@@ -12,7 +12,9 @@ Ops (all one parallel loop on the CPU, one launch on CUDA, over the whole list):
 - :func:`pool_remap_`: compact, permute or zero rank slots of many pools (and their optimizer
   moments) in one call; :func:`remap_pools_` applies it to LoRAMBoLinear layers.
 
-``pool_adamw_`` (slot-aware AdamW over many pools) is called by :mod:`lorambo.optim.adamw`.
+``pool_adamw_`` (slot-aware AdamW over many pools) and ``scalars_add_`` (its per-parameter step
+counts, CPU only) are called by :mod:`lorambo.optim.adamw`. ``zero_views_`` (CPU only) zeroes the inactive
+slots after optimizer steps (:mod:`lorambo.nn.inactive_slots`).
 
 Bad input raises a RuntimeError from C++ naming the list, the index and the value. The
 extension's other ops are called through ``torch.ops.lorambo`` where they are used: the LoRA

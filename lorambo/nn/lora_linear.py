@@ -508,13 +508,15 @@ class LoRAMBoLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self._label}: input has last dim {x.shape[-1]} (shape {tuple(x.shape)}), "
                              f"expected in_features = {self.in_features}")
+        base = self.base_layer  # read once: each read of a submodule is a Module.__getattr__ call
         if self.merged or self.adapter_disabled:
-            return self.base_layer(x)
-        if type(self.base_layer) is not self._base_type:
+            return base(x)
+        if type(base) is not self._base_type:
             self._refuse_swapped_base()
-        if base_layers.call_hooks(self.base_layer):  # registered after wrapping (e.g. on every nn.Linear)
-            raise RuntimeError(f"{self._label}: cannot run: {base_layers.hooks_reason(self.base_layer)}")
-        weight, bias, lora_a, lora_b = self.weight, self.bias, self.lora_A, self.lora_B
+        if base_layers.call_hooks(base):  # registered after wrapping (e.g. on every nn.Linear)
+            raise RuntimeError(f"{self._label}: cannot run: {base_layers.hooks_reason(base)}")
+        weight, bias = base_layers.weight_out_in(base, self.base_kind), base.bias  # self.weight, self.bias
+        lora_a, lora_b = self.lora_A, self.lora_B
         if weight.shape != (self.out_features, self.in_features):  # e.g. a tied embedding resized in place
             raise ValueError(f"{self._label}: the base weight is now [out, in] = {list(weight.shape)}, but the layer "
                              f"and its LoRA pools are [{self.out_features}, {self.in_features}]; resizing an adapted "

@@ -79,6 +79,8 @@ REBUILD_IT = "Build a new optimizer for the new components."
 def warn_if_state_left_behind(layer, optimizer, change: str, remedy: str = _PASS_IT) -> None:
     """Warn if an optimizer other than ``optimizer`` (one optimizer, or a tuple of them) holds
     state for ``layer``'s pools. ``remedy``: what to do instead, ``{name}`` the optimizer's class."""
+    if not _HOLDERS:  # no optimizer has stepped a pool yet (configure_model's rank changes)
+        return
     # lorambo.integrations.fsdp's view stands in for the optimizer it names
     given = {id(getattr(o, "stands_in_for", o)) for o in each_optimizer(optimizer)}
     for param in (layer.lora_A, layer.lora_B):

@@ -15,21 +15,33 @@ from lorambo.sharding import is_sharded
 __all__ = ["memory_key", "memory_span", "share_memory"]
 
 
-def memory_span(tensor) -> tuple[int, int, int] | None:
-    """``(storage address, first byte, end byte)`` of the memory a strided tensor covers; None for
-    one without memory of its own to compare (meta, sharded, sparse, empty), or no tensor at all
-    (a swapped base layer's ``weight`` may be a method)."""
-    if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta" or is_sharded(tensor):
+def _storage_address(tensor) -> int | None:
+    """The address of the storage of a strided tensor with memory of its own to compare; None
+    for the rest (see :func:`memory_span`)."""
+    # is_meta, not device.type: this runs for every parameter of a model (configure_model's tied
+    # weight scan), and building a torch.device costs five times the test
+    if not isinstance(tensor, torch.Tensor) or tensor.is_meta or is_sharded(tensor):
         return None
     if tensor.layout != torch.strided or not tensor.numel():
         return None
     try:
-        address = tensor.untyped_storage().data_ptr()
+        return tensor.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError):  # a tensor subclass without a storage
+        return None
+
+
+def memory_span(tensor) -> tuple[int, int, int] | None:
+    """``(storage address, first byte, end byte)`` of the memory a strided tensor covers; None for
+    one without memory of its own to compare (meta, sharded, sparse, empty), or no tensor at all
+    (a swapped base layer's ``weight`` may be a method)."""
+    address = _storage_address(tensor)
+    if address is None:
         return None
     size = tensor.element_size()
     first = tensor.storage_offset() * size
-    extent = 1 + sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride()))
+    extent = 1
+    for n, s in zip(tensor.shape, tensor.stride()):
+        extent += (n - 1) * s
     return address, first, first + extent * size
 
 
@@ -46,5 +58,5 @@ def share_memory(a, b) -> bool:
 def memory_key(tensor) -> tuple:
     """Equal for tensors that may share memory (the same storage, or the same tensor where there
     is none to compare): group by it, then check with :func:`share_memory`."""
-    span = memory_span(tensor)
-    return ("storage", span[0]) if span is not None else ("tensor", id(tensor))
+    address = _storage_address(tensor)  # the span's extent is not needed to group
+    return ("storage", address) if address is not None else ("tensor", id(tensor))

@@ -38,11 +38,12 @@ _counter_lock = threading.Lock()  # layers change ranks in threads of their own 
 _next_id = 0
 
 
-def _new_id() -> int:
+def _new_ids(count: int) -> range:
+    """``count`` consecutive new ids, taken under one hold of the lock."""
     global _next_id
     with _counter_lock:
-        new, _next_id = _next_id, _next_id + 1
-    return new
+        first, _next_id = _next_id, _next_id + count
+    return range(first, first + count)
 
 
 def move_counter_past(ids: Sequence[int]) -> None:
@@ -54,7 +55,8 @@ def move_counter_past(ids: Sequence[int]) -> None:
 
 
 def _fresh(layer) -> list[int]:
-    return [_new_id() if s < layer.rank else -1 for s in range(layer.capacity)]
+    rank = layer.rank
+    return [*_new_ids(rank), *[-1] * (layer.capacity - rank)]
 
 
 def slot_ids(layer) -> list[int]:
@@ -75,8 +77,7 @@ def _write(layer, ids: list[int]) -> None:
 def start_ids(layer, first: int, last: int) -> None:
     """Slots ``first .. last-1`` start new components."""
     ids = slot_ids(layer)
-    for slot in range(first, last):
-        ids[slot] = _new_id()
+    ids[first:last] = _new_ids(last - first)
     _write(layer, ids)
 
 

@@ -119,15 +119,26 @@ def use_compiled_multi_tensor(tensors) -> bool:
     benchmarks/bench_ext.py measured faster than the ``torch._foreach`` / loop paths; its CUDA
     kernels have not run on a GPU yet, so CUDA tensors keep the PyTorch path.
     """
+    where = compiled_multi_tensor_where()
+    return where == "any" or (where == "cpu" and all(map(ready_on_cpu, tensors)))
+
+
+def compiled_multi_tensor_where() -> str | None:
+    """The backend switch's part of :func:`use_compiled_multi_tensor`: None (never), ``"any"``
+    (``ext``; raises without the extension) or ``"cpu"`` (tensors that pass :func:`ready_on_cpu`)."""
     requested = get_backend()
     if requested == "torch":
-        return False
+        return None
     from lorambo.ext import loader as ext_loader
 
     if requested == "ext":
         ext_loader.require()
-        return True
+        return "any"
+    return "cpu" if ext_loader.load() is not None else None
+
+
+def ready_on_cpu(tensor: torch.Tensor) -> bool:
+    """A contiguous CPU tensor outside autograd: what the compiled CPU ops take under ``auto``."""
     # is_cpu, not device.type == "cpu": the same answer without a torch.device object per tensor,
     # which was most of this check's cost (a lorambo.optim.AdamW step passes 5 tensors per pool)
-    return (ext_loader.load() is not None
-            and all(t.is_cpu and t.is_contiguous() and not t.requires_grad for t in tensors))
+    return tensor.is_cpu and tensor.is_contiguous() and not tensor.requires_grad

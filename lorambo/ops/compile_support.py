@@ -11,6 +11,8 @@ def rank_tensor(rank: int) -> torch.Tensor:
     """A new 0-d int64 CPU tensor holding ``rank``, for :func:`traced_rank`: a plain tensor even
     when made under ``torch.inference_mode()`` (so that later rank changes may write to it), on
     the CPU under any default device."""
+    if not torch.is_inference_mode_enabled():  # entering the context costs twice the tensor
+        return torch.full((), int(rank), dtype=torch.int64, device="cpu")
     with torch.inference_mode(False):
         return torch.full((), int(rank), dtype=torch.int64, device="cpu")
 

@@ -125,7 +125,7 @@ def test_lorambo_adamw_is_trusted_to_leave_inactive_slots_alone(monkeypatch):
     from lorambo.nn import inactive_slots
 
     looked_up = []
-    monkeypatch.setattr(inactive_slots, "_views_of", lambda opt: looked_up.append(opt) or [])
+    monkeypatch.setattr(inactive_slots, "_views_of", lambda opt: looked_up.append(opt) or ([], False))
     torch.manual_seed(0)
     layer = LoRAMBoLinear(nn.Linear(6, 5), rank=2, capacity=4)
     adamw, sgd = lorambo.optim.AdamW([layer.lora_A, layer.lora_B]), torch.optim.SGD([layer.lora_A], lr=0.1)
@@ -134,3 +134,37 @@ def test_lorambo_adamw_is_trusted_to_leave_inactive_slots_alone(monkeypatch):
     sgd.step()
     assert looked_up == [sgd]
     assert _inactive_nonzero(layer) == 0
+
+
+def test_inactive_slots_stay_zero_after_a_pool_gets_new_memory_under_the_same_parameter():
+    """``param.data = new`` (torch.nn.utils.vector_to_parameters does it) keeps the Parameter
+    object, its tag and its rank, but moves it to other memory: the slots found before it must
+    not be the ones zeroed after it."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    layer = LoRAMBoLinear(nn.Linear(6, 5, dtype=torch.float64), rank=2, capacity=4)
+    pools = [layer.lora_A, layer.lora_B]
+    opt = AttributeLion(pools)
+    _drifting_step([layer], opt, x)
+    torch.nn.utils.vector_to_parameters(torch.nn.utils.parameters_to_vector(pools).clone(), pools)
+    _drifting_step([layer], opt, x)
+    assert _inactive_nonzero(layer) == 0
+
+
+def test_inactive_slots_are_zeroed_alike_with_and_without_the_extension():
+    """CPU pools are zeroed by the extension's zero_views_ unless the backend switch is at
+    'torch' (then torch._foreach_zero_), switched between steps of one optimizer."""
+    import lorambo
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    layers = [LoRAMBoLinear(nn.Linear(6, 5, dtype=torch.float64), rank=r, capacity=4) for r in (1, 2, 4)]
+    opt = AttributeLion([p for layer in layers for p in (layer.lora_A, layer.lora_B)])
+    try:
+        for backend in ("torch", None, "torch"):
+            lorambo.set_backend(backend)
+            _drifting_step(layers, opt, x)
+            assert all(_inactive_nonzero(layer) == 0 for layer in layers)
+            assert all(torch.count_nonzero(layer.lora_B[:, :layer.rank]) > 0 for layer in layers)  # trained
+    finally:
+        lorambo.set_backend(None)

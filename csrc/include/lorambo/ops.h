@@ -24,6 +24,8 @@ void pool_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     at::IntArrayRef ranks, double lr, double beta1, double beta2, double eps, double weight_decay,
                     bool maximize);
 at::Tensor dropout_mask_cpu(const at::Tensor& x, double p, int64_t seed);
+void scalars_add_cpu(at::TensorList tensors, double value);
+void zero_views_cpu(at::TensorList tensors);
 
 std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                        const std::optional<at::Tensor>& bias,

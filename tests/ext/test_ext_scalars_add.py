@@ -1,0 +1,35 @@
+"""lorambo::scalars_add_ (the step counts of lorambo.optim.AdamW) against torch's in-place add."""
+
+import pytest
+import torch
+from ext_testutil import needs_ext
+
+pytestmark = needs_ext
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_matches_torch_add_bit_for_bit(dtype):
+    # counts where + 1 rounds (2**24 in float32, 256 in bfloat16) and a view into a larger tensor
+    values = [0.0, 1.0, 7.0, 255.0, 256.0, 2048.0, 2.0**24, 2.0**53, -3.5, float("inf"), float("nan")]
+    base = torch.tensor(values * 2, dtype=dtype)
+    counts = [torch.tensor(v, dtype=dtype) for v in values] + [base[i] for i in range(len(values))]
+    want = [c.clone() for c in counts]
+    for c in want:
+        c.add_(1.0)
+    versions = [c._version for c in counts]
+    torch.ops.lorambo.scalars_add_(counts, 1.0)
+    for got, expected in zip(counts, want):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    assert all(c._version > v for c, v in zip(counts, versions))  # as an in-place op marks its tensor
+    torch.testing.assert_close(base[len(values):], torch.tensor(values, dtype=dtype), rtol=0, atol=0,
+                               equal_nan=True)  # the elements not in the list stay
+
+
+def test_leaves_other_elements_and_refuses_more_than_one():
+    base = torch.arange(4.0)
+    torch.ops.lorambo.scalars_add_([base[1], base[1]], 2.0)
+    assert base.tolist() == [0.0, 5.0, 2.0, 3.0]
+    first = torch.zeros(())
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] has 3 elements"):
+        torch.ops.lorambo.scalars_add_([first, torch.zeros(3)], 1.0)
+    assert first.item() == 0.0  # checked before anything changed
