@@ -54,7 +54,7 @@ from lorambo.allocation.validate import check_rank_bounds
 from lorambo.distributed import SharedFailure, all_reduced_mean, broadcast_, decision_generator
 from lorambo.model.partial_edit import note_rank_changes_kept
 from lorambo.nn.finite_numbers import float_value, is_finite_number, shown_number
-from lorambo.nn.grad_passes import pass_feeds_grad
+from lorambo.nn.grad_passes import accumulator_nodes, pass_feeds_grad
 from lorambo.nn.hook_inputs import layer_input
 from lorambo.nn.local_hooks import LocalHook  # a copy of the model (EMA, teacher) is not captured
 from lorambo.nn.optimizer_argument import optimizer_argument
@@ -176,8 +176,10 @@ class ActivationCapture:
             index = len(self.inputs[name])
             self.inputs[name].append(x)
 
+            nodes = accumulator_nodes(module, output)
+
             def grad_hook(g, index=index, rows=rows, scale=scale):
-                if not pass_feeds_grad(module):  # torch.autograd.grad: the step's gradient is not in it
+                if not pass_feeds_grad(nodes):  # torch.autograd.grad: the step's gradient is not in it
                     return
                 g = g.detach().reshape(-1, g.shape[-1])                        # (T, out)
                 if rows is not None:

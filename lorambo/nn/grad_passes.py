@@ -8,26 +8,59 @@ accumulate into the layer's parameters, as the optimizer's gradient does. The au
 answers that per parameter: a parameter's accumulator node runs in ``backward()`` (and in
 ``backward(inputs=...)`` naming it), and not in ``torch.autograd.grad``, which captures the
 gradients of its ``inputs`` instead of accumulating them.
+
+The accumulator nodes are read off the output's graph in the forward hook: the parameters the
+call used. A call that used no trainable parameter (a frozen layer, a merged LoRA layer) has no
+``.grad`` to follow, and every pass through it counts.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.autograd.graph import get_gradient_edge
 
-__all__ = ["pass_feeds_grad"]
+__all__ = ["accumulator_nodes", "pass_feeds_grad"]
+
+_DEPTH = 6  # a layer's parameters sit a few nodes below its output (views, casts, transposes)
+_MAX_NODES = 64  # the walk stops at this many nodes: it must not wander the model's whole graph
 
 
-def pass_feeds_grad(module: torch.nn.Module) -> bool:
-    """Call from a backward hook: whether the running pass accumulates into ``.grad`` of any of
-    ``module``'s trainable parameters. A module without trainable parameters (a frozen plain
-    layer) has no ``.grad`` to follow: every pass counts."""
+def accumulator_nodes(module: torch.nn.Module, output: torch.Tensor) -> list | None:
+    """Call from a forward hook: the accumulator nodes, in ``output``'s graph, of ``module``'s
+    trainable parameters; None when the call used none of them (or they lie deeper than the
+    walk looks, or the forward is being traced by torch.compile): then every pass counts."""
+    if torch.compiler.is_compiling() or output.grad_fn is None:
+        return None
     trainable = [p for p in module.parameters() if p.requires_grad]
     if not trainable:
+        return None
+    found, seen, level = [], set(), [output.grad_fn]
+    for _ in range(_DEPTH):
+        below = []
+        for node in level:
+            for child, _ in node.next_functions:
+                if child is None or id(child) in seen:
+                    continue
+                seen.add(id(child))
+                variable = getattr(child, "variable", None)
+                if variable is not None:
+                    if any(variable is p for p in trainable):
+                        found.append(child)
+                else:
+                    below.append(child)
+        if len(found) == len(trainable) or len(seen) > _MAX_NODES:
+            break
+        level = below
+    return found or None
+
+
+def pass_feeds_grad(nodes: list | None) -> bool:
+    """Call from a backward hook: whether the running pass accumulates into ``.grad`` of any
+    parameter of ``nodes`` (from :func:`accumulator_nodes`; None: every pass counts)."""
+    if nodes is None:
         return True
-    for p in trainable:
+    for node in nodes:
         try:
-            if torch._C._will_engine_execute_node(get_gradient_edge(p).node):
+            if torch._C._will_engine_execute_node(node):
                 return True
         except RuntimeError:  # torch.autograd.grad(..., inputs=[p]): captured, not accumulated
             continue

@@ -52,7 +52,7 @@ from lorambo.ops.sketch import sq_grad_norms_many, use_sketch_kernels
 
 from lorambo.distributed import SharedFailure
 from lorambo.model.argument import require_module
-from lorambo.nn.grad_passes import pass_feeds_grad
+from lorambo.nn.grad_passes import accumulator_nodes, pass_feeds_grad
 from lorambo.nn.hook_inputs import layer_input
 from lorambo.nn.local_hooks import LocalHook
 from .estimate import Estimate
@@ -274,22 +274,23 @@ class FisherProxy:
             # c_n^2 of this call's batch, bound now: the backward may run after the next forward
             weights = None if self._example_weights is None else self._example_weights.squared(name, x)
             call = _Call(name, x, weights)
+            nodes = accumulator_nodes(module, output)
 
             def on_grad(grad):
-                self._backward_pass(module, call, grad)
+                self._backward_pass(nodes, call, grad)
 
             call.hook = weakref.ref(on_grad)  # it lives as long as a pass can reach the call
             output.register_hook(on_grad)
 
         return hook
 
-    def _backward_pass(self, module, call: "_Call", grad_y: torch.Tensor) -> None:
+    def _backward_pass(self, nodes, call: "_Call", grad_y: torch.Tensor) -> None:
         """One backward pass's dY of ``call``. Passes through one call sum, as ``.grad`` sums
         them, and the call's examples count once: it is folded in when a pass frees the graph;
         one whose graph is kept waits until no pass can reach it any more (folded at the next
         forward of a measured layer) or :meth:`estimates` / :meth:`state_dict`. Passes that leave
         ``.grad`` alone (``torch.autograd.grad``) are not the step's gradient and are skipped."""
-        if not pass_feeds_grad(module):
+        if not pass_feeds_grad(nodes):
             return
         grad_y = grad_y.detach()
         if call.grad is None:

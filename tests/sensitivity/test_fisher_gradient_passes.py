@@ -114,3 +114,15 @@ def test_autograd_grad_passes_are_not_the_steps_gradient(extra):
             grads = torch.autograd.grad(loss, pools, create_graph=True)
             (loss + 0 * sum(g.square().sum() for g in grads)).backward()
     _check(fisher, want, 8)
+
+
+def test_a_call_that_uses_no_trainable_parameter_counts_every_pass():
+    """A merged LoRA layer trains nothing (its pools are not in the graph): there is no .grad to
+    follow, so its backward passes count as the step's, as for a frozen plain layer."""
+    model = _model()
+    model[2].merge()
+    (x, y), = _batches(1)
+    want = _reference(model, [(x, y)])
+    with FisherProxy(model, reduction="sum") as fisher:
+        sum(_losses(model(x), y)).backward()
+    _check(fisher, want, 8)
