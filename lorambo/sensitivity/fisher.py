@@ -27,7 +27,10 @@ copy.
 Opt-in: nothing runs until :meth:`FisherProxy.attach` (or ``with FisherProxy(model):``).
 Hooks capture x in the forward (a reference, no copy) and dY through a hook on the output
 tensor, so they work for LoRAMBoLinear and plain Linear/Conv1D alike. A module called several
-times per step (weight sharing) is counted once per call, not per example.
+times per step (weight sharing: a layer applied twice in one forward) counts each call's
+examples as examples of their own: the trace is the mean over calls and examples of
+||g_{n,c}||^2, not of ||sum_c g_{n,c}||^2 (the cross terms between calls are not formed), and
+``num_probes`` counts calls x examples.
 
 Several backward passes through one forward (``retain_graph=True``, one loss per task) are one
 gradient, as in ``.grad``: a call's dY are summed over them and its examples counted once. Passes
