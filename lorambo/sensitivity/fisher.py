@@ -39,7 +39,8 @@ an input gradient, a Hessian-vector product) are left out (:mod:`lorambo.nn.grad
 is folded in when a pass frees its graph; one whose last pass kept it (``retain_graph=True``,
 ``create_graph=True``) when that graph is gone (the next forward of a measured layer folds it),
 or at :meth:`FisherProxy.estimates` / :meth:`FisherProxy.state_dict`: a pass through a kept graph
-after one of those counts its examples again.
+after one of those counts its examples again. Under reentrant activation checkpointing each pass
+recomputes the segment; the copies of a call that one node recomputes are that one call.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class _Call:
     """One training forward of a measured layer: its input, its examples' weights c_n^2, and the
     summed dY of the backward passes through it so far (with the loss scale they carry)."""
 
-    __slots__ = ("name", "x", "weights", "grad", "scale", "hook", "released")
+    __slots__ = ("name", "x", "weights", "grad", "scale", "hook", "released", "key")
 
     def __init__(self, name: str, x: torch.Tensor, weights: torch.Tensor | None):
         self.name, self.x, self.weights = name, x, weights
@@ -82,6 +83,7 @@ class _Call:
         self.scale: torch.Tensor | None = None
         self.hook = None  # a weak reference to the gradient hook on the call's output
         self.released = False  # that hook is gone: no backward pass can reach the call any more
+        self.key = None  # (node, layer, order) of a call recomputed by reentrant checkpointing
 
 
 def _examples(t: torch.Tensor) -> torch.Tensor:
@@ -192,6 +194,8 @@ class FisherProxy:
         self._count: dict[str, int] = {t.name: 0 for t in self.targets}
         self._nonfinite: dict[str, torch.Tensor] = {}
         self._pending: dict[int, _Call] = {}  # calls whose graph a backward retained, not folded in yet
+        self._recomputed: dict[tuple, _Call] = {}  # reentrant checkpointing's calls, by (node, layer, order)
+        self._recompute_task, self._recompute_order = None, {}
 
     def _settings(self) -> dict:
         """What the statistics depend on besides the batches: a state gathered under others would
@@ -240,7 +244,7 @@ class FisherProxy:
                   for key in ("sum", "sum_sq", "nonfinite")}
         count = {n: int(state["count"].get(n, 0)) for n in have["targets"]}
         # everything read: now applied whole (calls still open belong to the statistics replaced)
-        self._generators, self._count, self._pending = generators, count, {}
+        self._generators, self._count, self._pending, self._recomputed = generators, count, {}, {}
         self._sum, self._sum_sq, self._nonfinite = tables["sum"], tables["sum_sq"], tables["nonfinite"]
 
     def attach(self) -> "FisherProxy":
@@ -276,23 +280,67 @@ class FisherProxy:
             x = layer_input(args, kwargs).detach()
             # c_n^2 of this call's batch, bound now: the backward may run after the next forward
             weights = None if self._example_weights is None else self._example_weights.squared(name, x)
-            call = _Call(name, x, weights)
             nodes = accumulator_nodes(module, output)
+            recomputed = self._recomputation(name) if torch._C._current_graph_task_id() != -1 else None
+            if recomputed is None:
+                call = _Call(name, x, weights)
 
-            def on_grad(grad):
-                self._backward_pass(nodes, call, grad)
+                def on_grad(grad):
+                    self._backward_pass(nodes, call, grad)
 
-            call.hook = weakref.ref(on_grad)  # it lives as long as a pass can reach the call
+                call.hook = weakref.ref(on_grad)  # it lives as long as a pass can reach the call
+            else:
+                node, key, keep = recomputed
+
+                def on_grad(grad):
+                    self._backward_pass(nodes, self._recomputed_call(node, key, x, weights), grad, keep)
+
             output.register_hook(on_grad)
 
         return hook
 
-    def _backward_pass(self, nodes, call: "_Call", grad_y: torch.Tensor) -> None:
+    def _recomputation(self, name: str):
+        """A forward run by a backward: reentrant activation checkpointing recomputes its segment
+        in every pass through it, and backpropagates the copy in a pass of its own. The copies
+        of one call in several passes are one call (the same node runs them, in the same order):
+        ``(node, key, keep)``, keep whether the outer pass keeps the graph; None outside a node."""
+        node = torch._C._current_autograd_node()
+        try:  # the call is released with the node (a Python Function's, as checkpoint's, can be)
+            weakref.ref(node)
+        except TypeError:  # None, or a node that cannot say when it is gone: a call of its own
+            return None
+        task = torch._C._current_graph_task_id()
+        if task != self._recompute_task:  # the order of calls restarts in every pass
+            self._recompute_task, self._recompute_order = task, {}
+        index = self._recompute_order.get((id(node), name), 0)
+        self._recompute_order[(id(node), name)] = index + 1
+        return node, (id(node), name, index), torch._C._autograd._get_current_graph_task_keep_graph()
+
+    def _recomputed_call(self, node, key, x: torch.Tensor, weights) -> "_Call":
+        """The call ``key`` of a recomputing node, shared by the passes through it (made when
+        its first dY arrives: a copy that never gets one, as non-reentrant checkpointing's, is
+        not held)."""
+        call = self._recomputed.get(key)
+        if call is None:
+            call = self._recomputed[key] = _Call(key[1], x, weights)
+            call.key = key
+            # no pass reaches the call once the node is gone
+            weakref.finalize(node, self._release_recomputed, key, call)
+        return call
+
+    def _release_recomputed(self, key, call: "_Call") -> None:
+        call.released = True
+        if self._recomputed.get(key) is call:
+            del self._recomputed[key]
+
+    def _backward_pass(self, nodes, call: "_Call", grad_y: torch.Tensor, keep: bool | None = None) -> None:
         """One backward pass's dY of ``call``. Passes through one call sum, as ``.grad`` sums
         them, and the call's examples count once: it is folded in when a pass frees the graph;
         one whose graph is kept waits until no pass can reach it any more (folded at the next
         forward of a measured layer) or :meth:`estimates` / :meth:`state_dict`. Passes that leave
-        ``.grad`` alone (``torch.autograd.grad``) are not the step's gradient and are skipped."""
+        ``.grad`` alone (``torch.autograd.grad``) are not the step's gradient and are skipped.
+        ``keep``: whether the pass keeps the graph, for a recomputed call (its own pass never
+        does; the outer one says); None: the running pass says."""
         if not pass_feeds_grad(nodes):
             return
         grad_y = grad_y.detach()
@@ -300,12 +348,15 @@ class FisherProxy:
             call.grad, call.scale = grad_y, self._loss_scale()
         else:
             call.grad = call.grad + grad_y
-        if torch._C._autograd._get_current_graph_task_keep_graph():  # another pass may come through it
+        if keep is None:
+            keep = torch._C._autograd._get_current_graph_task_keep_graph()
+        if keep:  # another pass may come through the call
             if id(call) not in self._pending:
                 if call.scale is not None:  # the scaler updates its scale in place before a later fold
                     call.scale = call.scale.clone()
-                # the hook dies with the last graph that reaches the call: no pass can add to it then
-                weakref.finalize(call.hook(), setattr, call, "released", True)
+                if call.hook is not None:
+                    # the hook dies with the last graph that reaches the call: no pass can add to it then
+                    weakref.finalize(call.hook(), setattr, call, "released", True)
             self._pending[id(call)] = call
         else:
             self._pending.pop(id(call), None)
@@ -313,6 +364,8 @@ class FisherProxy:
 
     def _fold(self, call: "_Call") -> None:
         grad, call.grad = call.grad, None  # a pass after the fold starts a new gradient
+        if call.key is not None and self._recomputed.get(call.key) is call:
+            del self._recomputed[call.key]
         self._accumulate(call.name, call.x, grad, call.weights, call.scale)
 
     def _fold_pending(self, released_only: bool = False) -> None:

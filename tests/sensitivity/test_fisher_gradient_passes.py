@@ -126,3 +126,21 @@ def test_a_call_that_uses_no_trainable_parameter_counts_every_pass():
     with FisherProxy(model, reduction="sum") as fisher:
         sum(_losses(model(x), y)).backward()
     _check(fisher, want, 8)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_one_loss_per_task_under_activation_checkpointing(use_reentrant):
+    """Reentrant checkpointing recomputes the segment in each pass and backpropagates the copy
+    on its own: the copies of one call were counted as calls of their own (21.7 / 22.4 over 16
+    examples, not 38.4 / 57.8 over 8 on a plain model)."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = _model()
+    batches = _batches(2)
+    with FisherProxy(model, reduction="sum") as fisher:
+        for x, y in batches:
+            out = checkpoint(model, x.clone().requires_grad_(), use_reentrant=use_reentrant)
+            l1, l2 = _losses(out, y)
+            l1.backward(retain_graph=True)
+            l2.backward(retain_graph=True)  # kept: folded in once the graph is gone
+    _check(fisher, _reference(model, batches), 16)
