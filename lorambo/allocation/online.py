@@ -54,6 +54,7 @@ from lorambo.allocation.validate import check_rank_bounds
 from lorambo.distributed import SharedFailure, all_reduced_mean, decision_generator
 from lorambo.model.partial_edit import note_rank_changes_kept
 from lorambo.nn.finite_numbers import float_value, is_finite_number, shown_number
+from lorambo.nn.grad_passes import accumulator_nodes, pass_feeds_grad
 from lorambo.nn.hook_inputs import layer_input
 from lorambo.nn.local_hooks import LocalHook  # a copy of the model (EMA, teacher) is not captured
 from lorambo.nn.optimizer_argument import optimizer_argument
@@ -84,8 +85,10 @@ class ActivationCapture:
 
     Calls of a layer within one armed period (gradient accumulation, a layer used twice) are all
     kept and summed in the products; the dY of several backward passes through one call
-    (``retain_graph=True``) are summed. Outputs that do not require grad (eval, no_grad) are
-    skipped.
+    (``retain_graph=True``) are summed. Only passes that accumulate into the layer's ``.grad``
+    count: a ``torch.autograd.grad`` pass (a gradient penalty, an adversarial example's input
+    gradient, a Hessian-vector product) is left out (:mod:`lorambo.nn.grad_passes`). Outputs that
+    do not require grad (eval, no_grad) are skipped.
 
     Padding: :meth:`set_token_mask` gives the [B, T] mask of the batch the following calls run
     on (:mod:`lorambo.sensitivity.token_mask`); only rows of real tokens are kept, so G, the
@@ -173,7 +176,11 @@ class ActivationCapture:
             index = len(self.inputs[name])
             self.inputs[name].append(x)
 
+            nodes = accumulator_nodes(module, output)
+
             def grad_hook(g, index=index, rows=rows, scale=scale):
+                if not pass_feeds_grad(nodes):  # torch.autograd.grad: the step's gradient is not in it
+                    return
                 g = g.detach().reshape(-1, g.shape[-1])                        # (T, out)
                 if rows is not None:
                     g = g.index_select(0, rows)

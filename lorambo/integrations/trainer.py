@@ -205,7 +205,14 @@ class LoRAMBoCallback(TrainerCallback):
             # LocalHook: a copy of the model taken meanwhile (an EMA, torch.save) neither fails to
             # pickle nor arms this allocator's capture from its own forward at later steps
             self._batch_hook = self.allocator.model.register_forward_pre_hook(
-                LocalHook(lambda module, a, batch: self.allocator.begin_step(step, batch)), with_kwargs=True)
+                LocalHook(lambda module, a, batch: self._begin_step(step, batch)), with_kwargs=True)
+
+    def _begin_step(self, step, batch):
+        # a call without grad (a teacher or evaluation pass) captures nothing; it keeps the mask of
+        # the last training call, which the layers reentrant checkpointing recomputes in its
+        # backward read then
+        if torch.is_grad_enabled():
+            self.allocator.begin_step(step, batch)
 
     def _remove_batch_hook(self):
         if self._batch_hook is not None:

@@ -25,7 +25,12 @@ class ExampleWeights:
         self._squared: torch.Tensor | None = None
 
     def observe(self, module, args, kwargs) -> None:
-        """Forward pre-hook of the model: read the token mask of the call's batch."""
+        """Forward pre-hook of the model: read the token mask of the call's batch. A call without
+        grad (an evaluation forward) records nothing, so it keeps the mask of the last training
+        call: the layers that reentrant activation checkpointing recomputes in that call's
+        backward read it then."""
+        if not torch.is_grad_enabled():
+            return
         mask = batch_token_mask(self.token_mask, kwargs, "FisherProxy(reduction='token_mean')")
         if mask is None:
             raise ValueError("FisherProxy(reduction='token_mean') needs the token mask of every model call: "

@@ -27,13 +27,27 @@ copy.
 Opt-in: nothing runs until :meth:`FisherProxy.attach` (or ``with FisherProxy(model):``).
 Hooks capture x in the forward (a reference, no copy) and dY through a hook on the output
 tensor, so they work for LoRAMBoLinear and plain Linear/Conv1D alike. A module called several
-times per step (weight sharing) is counted once per call, not per example.
+times per step (weight sharing: a layer applied twice in one forward) counts each call's
+examples as examples of their own: the trace is the mean over calls and examples of
+||g_{n,c}||^2, not of ||sum_c g_{n,c}||^2 (the cross terms between calls are not formed), and
+``num_probes`` counts calls x examples.
+
+Several backward passes through one forward (``retain_graph=True``, one loss per task) are one
+gradient, as in ``.grad``: a call's dY are summed over them and its examples counted once. Passes
+that do not accumulate into the layer's ``.grad`` (``torch.autograd.grad``: a gradient penalty,
+an input gradient, a Hessian-vector product) are left out (:mod:`lorambo.nn.grad_passes`). A call
+is folded in when a pass frees its graph; one whose last pass kept it (``retain_graph=True``,
+``create_graph=True``) when that graph is gone (the next forward of a measured layer folds it),
+or at :meth:`FisherProxy.estimates` / :meth:`FisherProxy.state_dict`: a pass through a kept graph
+after one of those counts its examples again. Under reentrant activation checkpointing each pass
+recomputes the segment; the copies of a call that one node recomputes are that one call.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,6 +58,7 @@ from lorambo.ops.sketch import sq_grad_norms_many, use_sketch_kernels
 
 from lorambo.distributed import SharedFailure
 from lorambo.model.argument import require_module
+from lorambo.nn.grad_passes import accumulator_nodes, pass_feeds_grad
 from lorambo.nn.hook_inputs import layer_input
 from lorambo.nn.local_hooks import LocalHook
 from .estimate import Estimate
@@ -56,6 +71,21 @@ __all__ = ["FisherProxy", "per_example_sq_grad_norms", "sketched_sq_grad_norms"]
 
 _STATE_VERSION = 1  # of FisherProxy.state_dict
 _CHUNK_ELEMENTS = 1 << 24  # per-example gradients materialised at most ~16M elements at a time
+
+
+class _Call:
+    """One training forward of a measured layer: its input, its examples' weights c_n^2, and the
+    summed dY of the backward passes through it so far (with the loss scale they carry)."""
+
+    __slots__ = ("name", "x", "weights", "grad", "scale", "hook", "released", "key")
+
+    def __init__(self, name: str, x: torch.Tensor, weights: torch.Tensor | None):
+        self.name, self.x, self.weights = name, x, weights
+        self.grad: torch.Tensor | None = None
+        self.scale: torch.Tensor | None = None
+        self.hook = None  # a weak reference to the gradient hook on the call's output
+        self.released = False  # that hook is gone: no backward pass can reach the call any more
+        self.key = None  # (node, layer, order) of a call recomputed by reentrant checkpointing
 
 
 def _examples(t: torch.Tensor) -> torch.Tensor:
@@ -166,6 +196,9 @@ class FisherProxy:
         self._sum_sq: dict[str, torch.Tensor] = {}
         self._count: dict[str, int] = {t.name: 0 for t in self.targets}
         self._nonfinite: dict[str, torch.Tensor] = {}
+        self._pending: dict[int, _Call] = {}  # calls whose graph a backward retained, not folded in yet
+        self._recomputed: dict[tuple, _Call] = {}  # reentrant checkpointing's calls, by (node, layer, order)
+        self._recompute_task, self._recompute_order = None, {}
 
     def _settings(self) -> dict:
         """What the statistics depend on besides the batches: a state gathered under others would
@@ -180,6 +213,7 @@ class FisherProxy:
         def cpu(table):
             return {n: t.detach().to("cpu", torch.float64).clone() for n, t in table.items()}
 
+        self._fold_pending()
         return {"version": _STATE_VERSION, "settings": self._settings(), "sum": cpu(self._sum),
                 "sum_sq": cpu(self._sum_sq), "count": dict(self._count), "nonfinite": cpu(self._nonfinite),
                 "generators": {str(d): g.get_state() for d, g in self._generators.items()}}
@@ -212,8 +246,8 @@ class FisherProxy:
         tables = {key: {n: torch.as_tensor(v, dtype=torch.float64).to(devices[n]) for n, v in state[key].items()}
                   for key in ("sum", "sum_sq", "nonfinite")}
         count = {n: int(state["count"].get(n, 0)) for n in have["targets"]}
-        # everything read: now applied whole
-        self._generators, self._count = generators, count
+        # everything read: now applied whole (calls still open belong to the statistics replaced)
+        self._generators, self._count, self._pending, self._recomputed = generators, count, {}, {}
         self._sum, self._sum_sq, self._nonfinite = tables["sum"], tables["sum_sq"], tables["nonfinite"]
 
     def attach(self) -> "FisherProxy":
@@ -250,18 +284,111 @@ class FisherProxy:
 
     def _forward_hook(self, name: str):
         def hook(module, args, kwargs, output):
+            if self._pending and not torch.compiler.is_compiling():
+                self._fold_pending(released_only=True)  # bounds what retained graphs leave behind
             if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
                 return
             x = layer_input(args, kwargs).detach()
             # c_n^2 of this call's batch, bound now: the backward may run after the next forward
             weights = None if self._example_weights is None else self._example_weights.squared(name, x)
-            output.register_hook(lambda grad: self._accumulate(name, x, grad, weights))
+            nodes = accumulator_nodes(module, output)
+            recomputed = self._recomputation(name) if torch._C._current_graph_task_id() != -1 else None
+            if recomputed is None:
+                call = _Call(name, x, weights)
+
+                def on_grad(grad):
+                    self._backward_pass(nodes, call, grad)
+
+                call.hook = weakref.ref(on_grad)  # it lives as long as a pass can reach the call
+            else:
+                node, key, keep = recomputed
+
+                def on_grad(grad):
+                    self._backward_pass(nodes, self._recomputed_call(node, key, x, weights), grad, keep)
+
+            output.register_hook(on_grad)
 
         return hook
 
+    def _recomputation(self, name: str):
+        """A forward run by a backward: reentrant activation checkpointing recomputes its segment
+        in every pass through it, and backpropagates the copy in a pass of its own. The copies
+        of one call in several passes are one call (the same node runs them, in the same order):
+        ``(node, key, keep)``, keep whether the outer pass keeps the graph; None outside a node."""
+        node = torch._C._current_autograd_node()
+        try:  # the call is released with the node (a Python Function's, as checkpoint's, can be)
+            weakref.ref(node)
+        except TypeError:  # None, or a node that cannot say when it is gone: a call of its own
+            return None
+        task = torch._C._current_graph_task_id()
+        if task != self._recompute_task:  # the order of calls restarts in every pass
+            self._recompute_task, self._recompute_order = task, {}
+        index = self._recompute_order.get((id(node), name), 0)
+        self._recompute_order[(id(node), name)] = index + 1
+        return node, (id(node), name, index), torch._C._autograd._get_current_graph_task_keep_graph()
+
+    def _recomputed_call(self, node, key, x: torch.Tensor, weights) -> "_Call":
+        """The call ``key`` of a recomputing node, shared by the passes through it (made when
+        its first dY arrives: a copy that never gets one, as non-reentrant checkpointing's, is
+        not held)."""
+        call = self._recomputed.get(key)
+        if call is None:
+            call = self._recomputed[key] = _Call(key[1], x, weights)
+            call.key = key
+            # no pass reaches the call once the node is gone
+            weakref.finalize(node, self._release_recomputed, key, call)
+        return call
+
+    def _release_recomputed(self, key, call: "_Call") -> None:
+        call.released = True
+        if self._recomputed.get(key) is call:
+            del self._recomputed[key]
+
+    def _backward_pass(self, nodes, call: "_Call", grad_y: torch.Tensor, keep: bool | None = None) -> None:
+        """One backward pass's dY of ``call``. Passes through one call sum, as ``.grad`` sums
+        them, and the call's examples count once: it is folded in when a pass frees the graph;
+        one whose graph is kept waits until no pass can reach it any more (folded at the next
+        forward of a measured layer) or :meth:`estimates` / :meth:`state_dict`. Passes that leave
+        ``.grad`` alone (``torch.autograd.grad``) are not the step's gradient and are skipped.
+        ``keep``: whether the pass keeps the graph, for a recomputed call (its own pass never
+        does; the outer one says); None: the running pass says."""
+        if not pass_feeds_grad(nodes):
+            return
+        grad_y = grad_y.detach()
+        if call.grad is None:
+            call.grad, call.scale = grad_y, self._loss_scale()
+        else:
+            call.grad = call.grad + grad_y
+        if keep is None:
+            keep = torch._C._autograd._get_current_graph_task_keep_graph()
+        if keep:  # another pass may come through the call
+            if id(call) not in self._pending:
+                if call.scale is not None:  # the scaler updates its scale in place before a later fold
+                    call.scale = call.scale.clone()
+                if call.hook is not None:
+                    # the hook dies with the last graph that reaches the call: no pass can add to it then
+                    weakref.finalize(call.hook(), setattr, call, "released", True)
+            self._pending[id(call)] = call
+        else:
+            self._pending.pop(id(call), None)
+            self._fold(call)
+
+    def _fold(self, call: "_Call") -> None:
+        grad, call.grad = call.grad, None  # a pass after the fold starts a new gradient
+        if call.key is not None and self._recomputed.get(call.key) is call:
+            del self._recomputed[call.key]
+        self._accumulate(call.name, call.x, grad, call.weights, call.scale)
+
+    def _fold_pending(self, released_only: bool = False) -> None:
+        """Fold in the calls whose graph was kept (only those no pass can reach any more)."""
+        for key, call in list(self._pending.items()):
+            if call.released or not released_only:
+                del self._pending[key]
+                self._fold(call)
+
     @torch.no_grad()
     def _accumulate(self, name: str, x: torch.Tensor, grad_y: torch.Tensor,
-                    weights: torch.Tensor | None = None) -> None:
+                    weights: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> None:
         if x.dim() == 1:  # an input without a batch dim is one example, as nn.Linear reads it
             x, grad_y = x.unsqueeze(0), grad_y.unsqueeze(0)
         # a backward() called under autocast would run these products in its dtype
@@ -275,7 +402,6 @@ class FisherProxy:
         sq = sq.double()
         if weights is not None:
             sq = sq * weights.to(sq.device)
-        scale = self._loss_scale()
         if scale is not None:  # dY carries this step's loss scale S: ||g_n||^2 carries S^2
             sq = sq / scale.to(device=sq.device, dtype=torch.float64).square()
         # a NaN/inf loss gives non-finite dY: keep those examples out of the sums and count
@@ -315,6 +441,7 @@ class FisherProxy:
         torch.distributed the processes must have the same targets, reduction, sketch_dim and
         seed (ValueError on every process otherwise).
         """
+        self._fold_pending()
         out = {}
         # every target's statistics, zeros where this process saw none: under torch.distributed
         # each process reduces the same rows, so a layer reached on one process only (routed
@@ -338,7 +465,8 @@ class FisherProxy:
             raise RuntimeError(f"FisherProxy saw no backward pass through layer {unreached[0]!r} "
                                f"yet, nor through any other of its layers {unreached[:5]}: it records only "
                                "the forward and backward passes run inside `with proxy:` (or between "
-                               "proxy.attach() and proxy.detach())")
+                               "proxy.attach() and proxy.detach()) that accumulate into .grad "
+                               "(loss.backward(); torch.autograd.grad passes are left out)")
         if unreached:
             warn_user(f"FisherProxy: no gradient reached layer(s) {unreached} (the loss does "
                       "not use them); they are left out of the estimates", RuntimeWarning)

@@ -118,8 +118,8 @@ def test_fisher_per_example_norms_ignore_padding(minilm, layout):
                    else [_encode(tokenizer, TEXTS, layout)])
         with FisherProxy(model, modules=MODULES) as fisher:
             for batch in batches:
-                grads = torch.autograd.grad(per_sentence_loss(model, batch), weights)  # runs the hooks
-        del grads
+                per_sentence_loss(model, batch).backward()  # FisherProxy follows passes that feed .grad
+        model.zero_grad(set_to_none=True)  # the module-scoped model leaves the test as it came
     got = fisher.estimates()
     for i, name in enumerate(MODULES):
         assert got[name].num_probes == len(TEXTS)
@@ -147,8 +147,8 @@ def token_mean_loss(model, batch):
 def _fisher_traces(model, batches, weights, **kwargs):
     with FisherProxy(model, modules=MODULES, **kwargs) as fisher:
         for batch in batches:
-            grads = torch.autograd.grad(token_mean_loss(model, batch), weights)  # runs the hooks
-        del grads
+            token_mean_loss(model, batch).backward()  # FisherProxy follows passes that feed .grad
+    model.zero_grad(set_to_none=True)  # the module-scoped model leaves the test as it came
     return fisher.estimates()
 
 
