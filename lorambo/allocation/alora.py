@@ -193,9 +193,6 @@ class ALoRA:
         self.batches, self.config, self.budget, self.seed, self.log = heldout_batches, config, budget, seed, log
         self.rounds_done = 0
 
-    def total_rank(self) -> int:
-        return sum(m.rank for m in self.layers.values())
-
     def is_decision_step(self, step: int) -> bool:
         return step in self.config.decision_steps()
 
