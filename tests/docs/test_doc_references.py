@@ -1,0 +1,85 @@
+"""The docs and the source name what exists. Every repository path (``lorambo/nn/slots.py``,
+``tests/kernels/test_aot_sm90.py``) that README.md, csrc/README.md, docs/*.md or a source file's
+docstrings and comments name is in the tree; every ``lorambo.*`` / ``lorambo_kernels.*`` name and
+``--option`` that csrc/README.md and docs/*.md name resolves (test_readme_api.py and
+test_readme_cli.py check the README's). Parsing and imports only: fast."""
+
+import importlib
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from test_readme_cli import subcommands
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = [ROOT / "README.md", ROOT / "csrc" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+OTHER_DOCS = DOCS[1:]
+SOURCE_FOLDERS = ("lorambo", "kernels", "benchmarks", "tools", "csrc")
+
+
+def tracked() -> set[str]:
+    out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
+def named_paths(text: str, tops: set[str]) -> set[str]:
+    """Paths in ``text`` that start at a top-level folder of the repository (or at
+    ``lorambo_kernels/``, the installed name of kernels/lorambo_kernels/, and ``lorambo/*.h``, the
+    headers under csrc/include/) and name a file."""
+    path = re.compile(r"(?<![\w./-])((?:%s)/(?:[\w.-]+/)*[\w-]+\.[a-z]+)\b" % "|".join(map(re.escape, sorted(tops))))
+    return set(path.findall(text))
+
+
+def test_every_named_repository_path_exists():
+    files = tracked()
+    tops = {p.split("/")[0] for p in files if "/" in p} | {"lorambo_kernels"}
+    sources = DOCS + [ROOT / p for p in sorted(files) if p.split("/")[0] in SOURCE_FOLDERS
+                      and p.endswith((".py", ".sh", ".cpp", ".cu", ".h"))]
+    checked, missing = 0, []
+    for doc in sources:
+        for path in named_paths(doc.read_text(encoding="utf-8"), tops):
+            here = doc.parent.relative_to(ROOT)
+            checked += 1
+            if not {path, f"kernels/{path}", f"csrc/include/{path}", str(here / path)} & files:
+                missing.append(f"{doc.relative_to(ROOT)}: {path}")
+    assert checked > 100 and not missing, missing
+
+
+def resolve(dotted: str) -> object:
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(dotted)
+
+
+@pytest.mark.parametrize("doc", OTHER_DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_lorambo_name_resolves(doc):
+    text = doc.read_text(encoding="utf-8")
+    names = set(re.findall(r"(?<![\w.])(lorambo(?:_kernels)?(?:\.[A-Za-z_]\w*)+)", text))
+    broken = []
+    for name in sorted(n for n in names if not n.endswith((".py", ".md", ".pt"))):
+        try:
+            resolve(name)
+        except (ImportError, AttributeError) as error:
+            broken.append(f"{name}: {error}")
+    assert not broken, broken
+
+
+@pytest.mark.parametrize("doc", OTHER_DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_named_option_exists(doc):
+    spans = re.findall(r"`([^`\n]+)`", doc.read_text(encoding="utf-8"))
+    named = {m for span in spans for m in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", span)}
+    known = {s for parser in subcommands().values() for a in parser._actions for s in a.option_strings}
+    scripts = "".join(p.read_text(encoding="utf-8") for folder in ("tools", "benchmarks")
+                      for pattern in ("*.py", "*.sh") for p in (ROOT / folder).rglob(pattern))
+    known |= set(re.findall(r"""["'](--[a-z][a-z0-9-]*)["']""", scripts))
+    known |= {"--no-build-isolation", "--timeout", "--junitxml"}  # pip's, pytest-timeout's, pytest's
+    assert not sorted(named - known)
