@@ -51,6 +51,7 @@ from lorambo.allocation.alora import ALoRA, ALoRAConfig
 from lorambo.allocation.online import OnlineGrowth, check_growth_settings
 from lorambo.allocation.report import DecisionLog, rank_table, save_heatmap
 from lorambo.allocation.schedule import DecisionSchedule, ScheduledGrowth
+from lorambo.allocation.validate import check_budget_buys_minimum
 from lorambo.distributed import SharedFailure, decision_generator, is_main_process
 from lorambo.model import configure_model, find_targets, lora_layers
 from lorambo.model.argument import require_module
@@ -257,14 +258,7 @@ class LoRAMBoOptimizer:
     def _check_budget(self, budget, what: str) -> int:
         if not is_finite_number(budget):
             raise ValueError(f"{what}={shown_number(budget)} must be a finite number of parameters")
-        cheapest = min(self.names, key=self.costs.__getitem__)
-        if budget < self.costs[cheapest]:
-            raise ValueError(f"{what}={budget!r} is below the cost of one rank in the cheapest "
-                             f"layer {cheapest!r} (d + k = {self.costs[cheapest]})")
-        floor = self.min_rank * sum(self.costs.values())
-        if budget < floor:
-            raise ValueError(f"{what}={budget!r} is below min_rank={self.min_rank} in every layer "
-                             f"(sum of min_rank * (d + k) = {floor})")
+        check_budget_buys_minimum(what, budget, budget, self.costs, self.min_rank)
         return int(budget)
 
     # ---------------------------------------------------------------------- sensitivities

@@ -86,6 +86,20 @@ def _budget(budget: Any) -> int:
     return int(budget) if _is_int(budget) else math.floor(float(budget))
 
 
+def check_budget_buys_minimum(what: str, shown: Any, value: float, costs: Mapping[Any, int],
+                              min_rank: int) -> None:
+    """ValueError unless ``value`` (the budget given as ``what=shown``) pays for one rank in the
+    cheapest layer and ``min_rank`` ranks in every layer; ``costs``: ``{layer name: d + k}``."""
+    cheapest = min(costs, key=costs.__getitem__)
+    if value < costs[cheapest]:
+        raise ValueError(f"{what}={shown!r} is below the cost of one rank in the cheapest layer "
+                         f"{cheapest!r} (d + k = {costs[cheapest]})")
+    floor_cost = min_rank * sum(costs.values())
+    if value < floor_cost:
+        raise ValueError(f"{what}={shown!r} is below the cost of min_rank={min_rank} in every "
+                         f"layer (sum of min_rank * (d + k) = {floor_cost})")
+
+
 def validate_problem(dims, sensitivities, budget, min_rank, max_rank, capacities,
                      need_sensitivities: bool) -> Problem:
     """Check everything except the method-specific curves; return a :class:`Problem`."""
@@ -143,14 +157,7 @@ def validate_problem(dims, sensitivities, budget, min_rank, max_rank, capacities
             sens[i] = v
 
     b = _budget(budget)
-    cheapest = int(np.argmin(costs))
-    if b < costs[cheapest]:
-        raise ValueError(f"budget={budget!r} is below the cost of one rank in the cheapest layer "
-                         f"{names[cheapest]!r} (d + k = {costs[cheapest]})")
-    floor_cost = min_rank * sum(costs)
-    if b < floor_cost:
-        raise ValueError(f"budget={budget!r} is below the cost of min_rank={min_rank} in every "
-                         f"layer (sum of min_rank * (d + k) = {floor_cost})")
+    check_budget_buys_minimum("budget", budget, b, dict(zip(names, costs)), min_rank)
     return Problem(names, np.asarray(costs, dtype=np.int64),
                    np.full(len(names), int(min_rank), dtype=np.int64),
                    np.asarray(upper, dtype=np.int64), b, sens)
