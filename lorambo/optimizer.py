@@ -480,9 +480,9 @@ class LoRAMBoOptimizer:
 
     def _follow_layers(self) -> None:
         """Point online growth and ALoRA at the model's LoRAMBoLinear layers as they are now.
-        Both keep the layers they were built with; after ``unload`` and a new ``configure`` (new
-        layer objects) they captured and grew layers no longer in the model: every decision was
-        skipped with a warning to use ``capture()``, and the old pools stayed in memory."""
+        Both keep the layers they were built with, so after ``unload`` and a new ``configure``
+        (new layer objects) they would capture and grow layers no longer in the model, skip every
+        decision with a warning to use ``capture()``, and keep the old pools in memory."""
         layers = self.layers()
         growth = self.scheduled_growth.built
         if growth is not None and any(growth.layers.get(n) is not m for n, m in layers.items()):
@@ -514,8 +514,9 @@ class LoRAMBoOptimizer:
 
     @staticmethod
     def _check_step(step, who: str) -> None:
-        """The loop's step counter; a batch passed in its place (``capture(batch)``) or None failed
-        deep in the schedule, and a negative step was silently never a decision step."""
+        """The loop's step counter, checked here: a batch passed in its place (``capture(batch)``)
+        or None would fail deep in the schedule, and a negative step would silently never be a
+        decision step."""
         if isinstance(step, bool) or not isinstance(step, numbers.Integral):
             raise TypeError(f"LoRAMBoOptimizer.{who}: step must be the training step, an int >= 0, got "
                             f"{type(step).__name__} {step!r:.60} (the call is {who}(step, ...))")
