@@ -4,12 +4,12 @@ docstrings and comments name is in the tree; every ``lorambo.*`` / ``lorambo_ker
 ``--option`` that csrc/README.md and docs/*.md name resolves (test_readme_api.py and
 test_readme_cli.py check the README's). Parsing and imports only: fast."""
 
-import importlib
 import re
 from pathlib import Path
 
 import pytest
 
+from test_readme_api import resolve
 from test_readme_cli import subcommands
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,19 +38,6 @@ def test_every_named_repository_path_exists():
             if not any((ROOT / c).is_file() for c in (path, f"kernels/{path}", f"csrc/include/{path}", here / path)):
                 missing.append(f"{doc.relative_to(ROOT)}: {path}")
     assert checked > 100 and not missing, missing
-
-
-def resolve(dotted: str) -> object:
-    parts = dotted.split(".")
-    for cut in range(len(parts), 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:cut]))
-        except ImportError:
-            continue
-        for attr in parts[cut:]:
-            obj = getattr(obj, attr)
-        return obj
-    raise ImportError(dotted)
 
 
 @pytest.mark.parametrize("doc", OTHER_DOCS, ids=lambda p: str(p.relative_to(ROOT)))
