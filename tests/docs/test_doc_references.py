@@ -1,8 +1,9 @@
 """The docs and the source name what exists. Every repository path (``lorambo/nn/slots.py``,
 ``tests/kernels/test_aot_sm90.py``) that README.md, csrc/README.md, docs/*.md or a source file's
 docstrings and comments name is in the tree; every ``lorambo.*`` / ``lorambo_kernels.*`` name and
-``--option`` that csrc/README.md and docs/*.md name resolves (test_readme_api.py and
-test_readme_cli.py check the README's). Parsing and imports only: fast."""
+``--option`` that csrc/README.md and docs/*.md name resolves, and every ``LORAMBO_*`` variable they
+name is read somewhere (test_readme_api.py and test_readme_cli.py check the README's). Parsing
+and imports only: fast."""
 
 import re
 from pathlib import Path
@@ -63,3 +64,15 @@ def test_every_named_option_exists(doc):
     known |= set(re.findall(r"""["'](--[a-z][a-z0-9-]*)["']""", scripts))
     known |= {"--no-build-isolation", "--timeout", "--junitxml"}  # pip's, pytest-timeout's, pytest's
     assert not sorted(named - known)
+
+
+def test_every_environment_variable_is_read():
+    """Read by lorambo, its kernels, the build, the scripts or the test suite (``LORAMBO_REQUIRE_EXT``
+    turns the extension tests' skip into an error); the docs tests themselves do not count."""
+    named = {v for doc in OTHER_DOCS for v in re.findall(r"\bLORAMBO_[A-Z_]+\b", doc.read_text(encoding="utf-8"))}
+    assert "LORAMBO_BUILD_CUDA" in named
+    readers = [ROOT / "setup.py", ROOT / ".ci" / "run"] + [
+        p for folder in ("lorambo", "kernels", "benchmarks", "tools", "tests") for p in (ROOT / folder).rglob("*")
+        if p.suffix in (".py", ".sh") and "docs" not in p.relative_to(ROOT).parts]
+    source = "".join(p.read_text(encoding="utf-8") for p in readers if p.is_file())
+    assert not sorted(v for v in named if not re.search(rf"\b{v}\b", source))
