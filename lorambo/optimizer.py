@@ -51,7 +51,7 @@ from lorambo.allocation.alora import ALoRA, ALoRAConfig
 from lorambo.allocation.online import OnlineGrowth, check_growth_settings
 from lorambo.allocation.report import DecisionLog, rank_table, save_heatmap
 from lorambo.allocation.schedule import DecisionSchedule, ScheduledGrowth
-from lorambo.allocation.validate import check_budget_buys_minimum
+from lorambo.allocation.validate import check_budget_buys_minimum, check_rank_bounds
 from lorambo.distributed import SharedFailure, decision_generator, is_main_process
 from lorambo.model import configure_model, find_targets, lora_layers
 from lorambo.model.argument import require_module
@@ -179,11 +179,7 @@ class LoRAMBoOptimizer:
         if alora is not None and allocation != "alora":  # it would configure nothing
             raise ValueError(f"LoRAMBoOptimizer: alora={alora!r} is given with allocation={allocation!r}; "
                              "ALoRA rounds run only with allocation='alora'")
-        for what, v in (("min_rank", min_rank), ("max_rank", max_rank)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0):
-                raise ValueError(f"{what}={v!r} must be an int >= 0")
-        if max_rank is not None and min_rank > max_rank:
-            raise ValueError(f"min_rank={min_rank} > max_rank={max_rank}")
+        check_rank_bounds(min_rank, max_rank)
         # used only by configure(), after a measurement that may take minutes: check it now
         if alpha is not None and (not is_finite_number(alpha) or alpha == 0):
             raise ValueError(f"LoRAMBoOptimizer: alpha={shown_number(alpha)} must be a finite nonzero number, or None "
