@@ -51,6 +51,7 @@ from lorambo.allocation.alora import ALoRA, ALoRAConfig
 from lorambo.allocation.online import OnlineGrowth, check_growth_settings
 from lorambo.allocation.report import DecisionLog, rank_table, save_heatmap
 from lorambo.allocation.schedule import DecisionSchedule, ScheduledGrowth
+from lorambo.allocation.validate import check_budget_buys_minimum, check_rank_bounds
 from lorambo.distributed import SharedFailure, decision_generator, is_main_process
 from lorambo.model import configure_model, find_targets, lora_layers
 from lorambo.model.argument import require_module
@@ -178,11 +179,7 @@ class LoRAMBoOptimizer:
         if alora is not None and allocation != "alora":  # it would configure nothing
             raise ValueError(f"LoRAMBoOptimizer: alora={alora!r} is given with allocation={allocation!r}; "
                              "ALoRA rounds run only with allocation='alora'")
-        for what, v in (("min_rank", min_rank), ("max_rank", max_rank)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0):
-                raise ValueError(f"{what}={v!r} must be an int >= 0")
-        if max_rank is not None and min_rank > max_rank:
-            raise ValueError(f"min_rank={min_rank} > max_rank={max_rank}")
+        check_rank_bounds(min_rank, max_rank)
         # used only by configure(), after a measurement that may take minutes: check it now
         if alpha is not None and (not is_finite_number(alpha) or alpha == 0):
             raise ValueError(f"LoRAMBoOptimizer: alpha={shown_number(alpha)} must be a finite nonzero number, or None "
@@ -257,14 +254,7 @@ class LoRAMBoOptimizer:
     def _check_budget(self, budget, what: str) -> int:
         if not is_finite_number(budget):
             raise ValueError(f"{what}={shown_number(budget)} must be a finite number of parameters")
-        cheapest = min(self.names, key=self.costs.__getitem__)
-        if budget < self.costs[cheapest]:
-            raise ValueError(f"{what}={budget!r} is below the cost of one rank in the cheapest "
-                             f"layer {cheapest!r} (d + k = {self.costs[cheapest]})")
-        floor = self.min_rank * sum(self.costs.values())
-        if budget < floor:
-            raise ValueError(f"{what}={budget!r} is below min_rank={self.min_rank} in every layer "
-                             f"(sum of min_rank * (d + k) = {floor})")
+        check_budget_buys_minimum(what, budget, budget, self.costs, self.min_rank)
         return int(budget)
 
     # ---------------------------------------------------------------------- sensitivities
@@ -486,9 +476,9 @@ class LoRAMBoOptimizer:
 
     def _follow_layers(self) -> None:
         """Point online growth and ALoRA at the model's LoRAMBoLinear layers as they are now.
-        Both keep the layers they were built with; after ``unload`` and a new ``configure`` (new
-        layer objects) they captured and grew layers no longer in the model: every decision was
-        skipped with a warning to use ``capture()``, and the old pools stayed in memory."""
+        Both keep the layers they were built with, so after ``unload`` and a new ``configure``
+        (new layer objects) they would capture and grow layers no longer in the model, skip every
+        decision with a warning to use ``capture()``, and keep the old pools in memory."""
         layers = self.layers()
         growth = self.scheduled_growth.built
         if growth is not None and any(growth.layers.get(n) is not m for n, m in layers.items()):
@@ -520,8 +510,9 @@ class LoRAMBoOptimizer:
 
     @staticmethod
     def _check_step(step, who: str) -> None:
-        """The loop's step counter; a batch passed in its place (``capture(batch)``) or None failed
-        deep in the schedule, and a negative step was silently never a decision step."""
+        """The loop's step counter, checked here: a batch passed in its place (``capture(batch)``)
+        or None would fail deep in the schedule, and a negative step would silently never be a
+        decision step."""
         if isinstance(step, bool) or not isinstance(step, numbers.Integral):
             raise TypeError(f"LoRAMBoOptimizer.{who}: step must be the training step, an int >= 0, got "
                             f"{type(step).__name__} {step!r:.60} (the call is {who}(step, ...))")

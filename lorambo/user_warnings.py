@@ -3,7 +3,7 @@
 A fixed ``stacklevel`` points at the right frame for one call path only: the same warning
 reached through ``LoRAMBoOptimizer.step`` (schedule, growth, ``set_rank``) or through a torch
 optimizer step post-hook sits several frames deeper than through ``set_rank`` called directly,
-and was reported at a line inside lorambo. That line is what ``warnings.filterwarnings(...,
+and would be reported at a line inside lorambo. That line is what ``warnings.filterwarnings(...,
 module=...)`` matches and what the default filter shows once per location, so it must be the
 user's. :func:`warn_user` reports the warning at the innermost frame outside lorambo, its
 kernels, the libraries that call back into lorambo (torch's hooks and optimizer wrappers,

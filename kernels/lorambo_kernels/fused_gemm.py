@@ -55,8 +55,8 @@ except ImportError:  # pragma: no cover
 RANK_DEPENDENT = ["rank", "seed", "stride_um", "stride_uom"]
 
 # Set (with a one-time warning) when the TMA kernel fails to compile or fit on this GPU/triton;
-# the pointer kernel then runs instead. A safety net for the fast path, which could not be
-# compiled for sm_90 when it was written (no GPU); the warning says why it was dropped.
+# the pointer kernel then runs instead. A safety net for the fast path, whose build only a run
+# on that GPU and triton version proves; the warning says why it was dropped.
 _tma_disabled: str | None = None
 
 

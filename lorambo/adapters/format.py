@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from lorambo.nn.finite_numbers import is_finite_number, shown_number
+from lorambo.nn.finite_numbers import is_finite_number, is_int, shown_number
 
 FORMAT = "lorambo-adapter"
 VERSION = 2  # 2 added the checksums; version 1 files (no checksums) are still read
@@ -37,20 +37,16 @@ class AdapterFormatError(ValueError):
     missing header field, NaN/inf values) or another format. Nothing was loaded."""
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
 def _is_real(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 # field -> (check, what a valid value is)
 LAYER_FIELDS = {
-    "rank": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
-    "capacity": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
-    "in_features": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
-    "out_features": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    "rank": (lambda v: is_int(v) and v >= 0, "an int >= 0"),
+    "capacity": (lambda v: is_int(v) and v >= 1, "an int >= 1"),
+    "in_features": (lambda v: is_int(v) and v >= 1, "an int >= 1"),
+    "out_features": (lambda v: is_int(v) and v >= 1, "an int >= 1"),
     "scaling": (is_finite_number, "a finite number"),
     "alpha": (is_finite_number, "a finite number"),
     "use_rslora": (lambda v: isinstance(v, bool), "true or false"),

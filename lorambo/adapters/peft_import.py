@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
 import re
 from collections.abc import Mapping
@@ -44,7 +43,7 @@ from lorambo.model.patterns import pattern_value
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import default_capacity
 from lorambo.nn.base_layers import base_kind, features, unwrappable_reason
-from lorambo.nn.finite_numbers import is_finite_number, shown_number
+from lorambo.nn.finite_numbers import is_finite_number, is_int, shown_number
 from lorambo.nn.settings_fit import check_settings_fit
 from lorambo.optional import requires
 
@@ -108,15 +107,11 @@ def check_peft_config(config: Mapping, where: str) -> None:
                          "imports LoRA on Linear/Conv1D layers without DoRA or biases")
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
 # what import_peft reads from adapter_config.json: field -> (check, what a valid value is); the
 # layers are built from these values directly, so a bad one (a NaN alpha, a dropout of 2) would
 # reach the forward pass
 _VALUES = {
-    "r": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    "r": (lambda v: is_int(v) and v >= 1, "an int >= 1"),
     "lora_alpha": (is_finite_number, "a finite number"),
     "lora_dropout": (lambda v: v is None or (is_finite_number(v) and 0.0 <= v < 1.0), "a number in [0, 1)"),
     "use_rslora": (lambda v: v is None or isinstance(v, bool), "true or false"),
@@ -431,7 +426,7 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None,
                              f"{unwrappable_reason(wrapped[name])}")
     for name, cap in _capacities(model, specs, capacity).items():  # checked before peft is taken apart
         d_in, d_out = specs[name].a.shape[1], specs[name].b.shape[0]
-        if not _is_int(cap) or not specs[name].a.shape[0] <= cap <= min(d_in, d_out):
+        if not is_int(cap) or not specs[name].a.shape[0] <= cap <= min(d_in, d_out):
             raise ValueError(f"{where}: capacity {cap!r} of {name!r} must be an int in [rank "
                              f"{specs[name].a.shape[0]}, min(in, out) = {min(d_in, d_out)}]")
     # peft's wrappers out, plain modules back in; then the common import path

@@ -85,7 +85,7 @@ def _plan(layers, scores, n_prune, budget, min_rank=0, max_rank=None, frozen=())
     pruned_layers = {n for _, n, _ in worst}
     means = {n: float(sc.mean()) for n, sc in scores.items()
              if sc.numel() and n not in pruned_layers and n not in frozen}
-    order = {n: i for i, n in enumerate(layers)}  # once: list(layers).index per key was O(n^2)
+    order = {n: i for i, n in enumerate(layers)}  # once: list(layers).index per key would be O(n^2)
     receivers = sorted(means, key=lambda n: (-means[n], order[n]))
     extra = dict.fromkeys(receivers, 0)
     top = {n: layers[n].capacity if max_rank is None else min(layers[n].capacity, max_rank) for n in receivers}
@@ -192,9 +192,6 @@ class ALoRA:
         self.model, self.layers, self.loss_fn = model, dict(layers), loss_fn
         self.batches, self.config, self.budget, self.seed, self.log = heldout_batches, config, budget, seed, log
         self.rounds_done = 0
-
-    def total_rank(self) -> int:
-        return sum(m.rank for m in self.layers.values())
 
     def is_decision_step(self, step: int) -> bool:
         return step in self.config.decision_steps()

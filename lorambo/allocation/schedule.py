@@ -14,18 +14,14 @@ hooks armed, so other steps pay nothing, and the decision uses exactly that step
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 
 from lorambo.allocation.online import OnlineGrowth, nothing_captured
+from lorambo.nn.finite_numbers import is_int
 from lorambo.user_warnings import warn_user
 
 __all__ = ["DecisionSchedule", "ScheduledGrowth"]
-
-
-def _is_int(value, minimum: int) -> bool:
-    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= minimum
 
 
 class DecisionSchedule:
@@ -33,12 +29,12 @@ class DecisionSchedule:
     (None: no end); ``interval=None`` means no decision at all."""
 
     def __init__(self, warmup_steps: int = 0, interval: int | None = None, stop_step: int | None = None):
-        if interval is not None and not _is_int(interval, 1):
+        if interval is not None and not (is_int(interval) and interval >= 1):
             raise ValueError(f"interval={interval!r} must be an int >= 1 or None")
         # int() would truncate 2.7 to 2 and take "3"; a negative warmup shifts every decision step
-        if not _is_int(warmup_steps, 0):
+        if not (is_int(warmup_steps) and warmup_steps >= 0):
             raise ValueError(f"warmup_steps={warmup_steps!r} must be an int >= 0")
-        if stop_step is not None and not _is_int(stop_step, 0):
+        if stop_step is not None and not (is_int(stop_step) and stop_step >= 0):
             raise ValueError(f"stop_step={stop_step!r} must be an int >= 0 or None")
         self.warmup_steps, self.interval, self.stop_step = int(warmup_steps), interval, stop_step
 

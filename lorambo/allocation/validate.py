@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from lorambo.nn.finite_numbers import is_finite_number, shown_number
+from lorambo.nn.finite_numbers import is_finite_number, is_int, shown_number
 from lorambo.sensitivity.estimate import Estimate
 
 # Relative slack for "non-increasing" checks on float curves: singular values and tail energies
@@ -35,17 +35,11 @@ class Problem:
     sens: np.ndarray | None  # float64 sensitivities, None when the method needs none
 
 
-def _is_int(x: Any) -> bool:
-    if type(x) is int:  # the common case, without the slow abstract-class check
-        return True
-    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
-
-
 def check_rank_bounds(min_rank: Any, max_rank: Any) -> None:
     """ValueError unless ``min_rank`` is an int >= 0 and ``max_rank`` an int >= min_rank or None."""
-    if not _is_int(min_rank) or min_rank < 0:
+    if not is_int(min_rank) or min_rank < 0:
         raise ValueError(f"min_rank={min_rank!r} must be an int >= 0")
-    if max_rank is not None and (not _is_int(max_rank) or max_rank < 0):
+    if max_rank is not None and (not is_int(max_rank) or max_rank < 0):
         raise ValueError(f"max_rank={max_rank!r} must be an int >= 0 or None")
     if max_rank is not None and min_rank > max_rank:
         raise ValueError(f"min_rank={min_rank} > max_rank={max_rank}")
@@ -83,7 +77,21 @@ def _budget(budget: Any) -> int:
         raise ValueError(f"budget={budget!r} must be a real number of parameters")
     if not is_finite_number(budget) or float(budget) < 0:
         raise ValueError(f"budget={shown_number(budget)} must be finite and >= 0")
-    return int(budget) if _is_int(budget) else math.floor(float(budget))
+    return int(budget) if is_int(budget) else math.floor(float(budget))
+
+
+def check_budget_buys_minimum(what: str, shown: Any, value: float, costs: Mapping[Any, int],
+                              min_rank: int) -> None:
+    """ValueError unless ``value`` (the budget given as ``what=shown``) pays for one rank in the
+    cheapest layer and ``min_rank`` ranks in every layer; ``costs``: ``{layer name: d + k}``."""
+    cheapest = min(costs, key=costs.__getitem__)
+    if value < costs[cheapest]:
+        raise ValueError(f"{what}={shown!r} is below the cost of one rank in the cheapest layer "
+                         f"{cheapest!r} (d + k = {costs[cheapest]})")
+    floor_cost = min_rank * sum(costs.values())
+    if value < floor_cost:
+        raise ValueError(f"{what}={shown!r} is below the cost of min_rank={min_rank} in every "
+                         f"layer (sum of min_rank * (d + k) = {floor_cost})")
 
 
 def validate_problem(dims, sensitivities, budget, min_rank, max_rank, capacities,
@@ -96,7 +104,7 @@ def validate_problem(dims, sensitivities, budget, min_rank, max_rank, capacities
     names = tuple(dims)
     costs, full = [], []
     for name, dk in dims.items():
-        ok = isinstance(dk, (tuple, list, np.ndarray)) and len(dk) == 2 and all(_is_int(v) for v in dk)
+        ok = isinstance(dk, (tuple, list, np.ndarray)) and len(dk) == 2 and all(is_int(v) for v in dk)
         if not ok or min(dk) <= 0:
             raise ValueError(f"dims[{name!r}] = {dk!r}: expected (d, k), two positive ints "
                              "(out_features, in_features)")
@@ -117,7 +125,7 @@ def validate_problem(dims, sensitivities, budget, min_rank, max_rank, capacities
         u = m if max_rank is None else min(m, int(max_rank))
         if name in caps:
             cap = caps[name]
-            if not _is_int(cap) or cap < 0:
+            if not is_int(cap) or cap < 0:
                 raise ValueError(f"capacities[{name!r}] = {cap!r} must be an int >= 0")
             if cap < min_rank:
                 raise ValueError(f"capacities[{name!r}] = {cap} is a capacity too small for the "
@@ -143,14 +151,7 @@ def validate_problem(dims, sensitivities, budget, min_rank, max_rank, capacities
             sens[i] = v
 
     b = _budget(budget)
-    cheapest = int(np.argmin(costs))
-    if b < costs[cheapest]:
-        raise ValueError(f"budget={budget!r} is below the cost of one rank in the cheapest layer "
-                         f"{names[cheapest]!r} (d + k = {costs[cheapest]})")
-    floor_cost = min_rank * sum(costs)
-    if b < floor_cost:
-        raise ValueError(f"budget={budget!r} is below the cost of min_rank={min_rank} in every "
-                         f"layer (sum of min_rank * (d + k) = {floor_cost})")
+    check_budget_buys_minimum("budget", budget, b, dict(zip(names, costs)), min_rank)
     return Problem(names, np.asarray(costs, dtype=np.int64),
                    np.full(len(names), int(min_rank), dtype=np.int64),
                    np.asarray(upper, dtype=np.int64), b, sens)

@@ -162,9 +162,8 @@ class EVA(Method):
 
             state = get_eva_state_dict(self.model, data, forward_fn=forward, show_progress_bar=False)
             raw = {short(n): int(u.shape[0]) for n, u in state.items()}
-            ctx.cache[key] = (self._fit_budget(state, raw), raw)
-        fitted, self.eva_ranks_raw = ctx.cache[key]
-        state = {n: u.clone() for n, u in fitted.items()}
+            ctx.cache[key] = self._fit_budget(state, raw)
+        state = {n: u.clone() for n, u in ctx.cache[key].items()}
         self.ranks = {short(n): 0 for n in ctx.task.names}
         self.ranks.update({short(n): int(u.shape[0]) for n, u in state.items()})
         initialize_lora_eva_weights(self.model, eva_state_dict=state, show_progress_bar=False)  # pops state

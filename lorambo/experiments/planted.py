@@ -89,24 +89,6 @@ def make_teacher(bert, delta: dict[str, torch.Tensor]):
     return teacher
 
 
-@torch.no_grad()
-def install_oracle(student, directions, coefs, prefix: str = "bert.encoder.") -> dict[str, int]:
-    """Configure LoRA with exactly the planted ranks and write the planted deltas into it
-    (B = c U, A = Vᵀ, scaling 1): the oracle allocator plus perfect training. Returns the ranks."""
-    from lorambo.model import configure_model, lora_layers
-
-    ranks = {prefix + n: u.shape[1] for n, (u, _) in directions.items()}
-    configure_model(student, ranks, alpha=None)
-    for n, (u, v) in directions.items():
-        layer = lora_layers(student)[prefix + n]
-        r = u.shape[1]
-        if layer.scaling != 1.0:
-            raise RuntimeError(f"oracle expects scaling 1, got {layer.scaling}")
-        layer.lora_B[:, :r] = (coefs[n] * u).to(layer.lora_B.dtype)
-        layer.lora_A[:r] = v.T.to(layer.lora_A.dtype)
-    return {n: u.shape[1] for n, (u, _) in directions.items()}
-
-
 def spearman(x: list[float], y: list[float]) -> float:
     """Spearman rank correlation with average ranks for ties; 0.0 when either side is constant
     (e.g. uniform ranks: no ordering at all, so no agreement with the planted one)."""

@@ -37,7 +37,7 @@ import time
 import torch
 
 from lorambo.model import configure_model, lora_layers
-from lorambo.experiments.student import PREFIX, short
+from lorambo.experiments.student import PREFIX
 
 
 def _rows(task, rows: int) -> dict:
@@ -95,9 +95,3 @@ def direction_gains(removal: float, layer) -> list[float]:
         return [0.0] * rank
     return [removal * float(e) / total for e in energy[:rank]]
 
-
-def probe_summary(result: dict) -> dict:
-    """JSON-ready copy (short layer names, lists)."""
-    return {"removal": {short(n): v for n, v in result["removal"].items()},
-            "gains": {short(n): v for n, v in result["gains"].items()},
-            "probe_loss": result["probe_loss"], "seconds": result["seconds"]}

@@ -1,12 +1,20 @@
-"""Finite real arguments, with an int beyond the float range (``10**400``) refused as not finite
-instead of raising Python's OverflowError, which names no argument."""
+"""Number arguments: integers (a bool is not one), and finite reals, with an int beyond the float
+range (``10**400``) refused as not finite instead of raising Python's OverflowError, which names
+no argument."""
 
 from __future__ import annotations
 
 import math
 import numbers
 
-__all__ = ["is_finite_number", "float_value", "shown_number"]
+__all__ = ["is_int", "is_finite_number", "float_value", "shown_number"]
+
+
+def is_int(value) -> bool:
+    """Whether ``value`` is an integer (numpy's included); a bool is not."""
+    if type(value) is int:  # the common case, without the slow abstract-class check
+        return True
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def is_finite_number(value) -> bool:

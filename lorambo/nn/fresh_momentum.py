@@ -25,6 +25,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
+from lorambo.nn.optimizer_kind import group_of, optimizer_kind
 from lorambo.user_warnings import warn_user
 
 __all__ = ["mark_new_slots", "move_new_slots", "restore_new_slots"]
@@ -43,20 +44,8 @@ def _install() -> None:
         _installed = True
 
 
-def _kind(optimizer) -> type:
-    # lorambo.integrations.fsdp's gathered view stands in for the real optimizer and names it
-    return getattr(optimizer, "optimizer_type", type(optimizer))
-
-
-def _group_of(optimizer, param) -> dict | None:
-    for group in getattr(optimizer, "param_groups", ()):
-        if any(p is param for p in group["params"]):
-            return group
-    return None
-
-
 def _needs_start(optimizer, param) -> bool:
-    group = _group_of(optimizer, param)
+    group = group_of(optimizer, param)
     if group is None or not group.get("momentum") or not group.get("dampening"):
         return False
     return torch.is_tensor((optimizer.state.get(param) or {}).get("momentum_buffer"))
@@ -65,7 +54,7 @@ def _needs_start(optimizer, param) -> bool:
 def mark_new_slots(optimizer, layer, slots) -> None:
     """Record ``slots`` of ``layer``'s pools as new to a ``torch.optim.SGD`` with momentum and
     dampening (no-op for any other optimizer)."""
-    if not issubclass(_kind(optimizer), torch.optim.SGD) or not slots:
+    if not issubclass(optimizer_kind(optimizer), torch.optim.SGD) or not slots:
         return
     for name, dim in _POOLS:
         param = getattr(layer, name)

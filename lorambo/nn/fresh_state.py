@@ -22,28 +22,18 @@ from __future__ import annotations
 
 import torch
 
+from lorambo.nn.optimizer_kind import group_of, optimizer_kind
+
 __all__ = ["fresh_state_values", "fresh_scalar_values", "step_scales_updates"]
-
-
-def _group_of(optimizer, param) -> dict | None:
-    for group in getattr(optimizer, "param_groups", ()):
-        if any(p is param for p in group["params"]):
-            return group
-    return None
-
-
-def _kind(optimizer) -> type:
-    # lorambo.integrations.fsdp's gathered view stands in for the real optimizer and names it
-    return getattr(optimizer, "optimizer_type", type(optimizer))
 
 
 def fresh_state_values(optimizer, param) -> dict[str, float]:
     """``{state key: value}`` a fresh ``optimizer`` starts ``param``'s per-element state at, for
     the keys whose start is not zero (empty for every other optimizer)."""
-    kind = _kind(optimizer)
+    kind = optimizer_kind(optimizer)
     if not issubclass(kind, (torch.optim.Rprop, torch.optim.Adagrad)):
         return {}
-    group = _group_of(optimizer, param)
+    group = group_of(optimizer, param)
     if group is None:
         return {}
     if issubclass(kind, torch.optim.Rprop):
@@ -54,11 +44,11 @@ def fresh_state_values(optimizer, param) -> dict[str, float]:
 def fresh_scalar_values(optimizer, param) -> dict[str, float]:
     """``{state key: value}`` of the per-parameter scalars (besides ``step``) that a fresh
     ``optimizer`` starts ``param`` at (empty for every other optimizer)."""
-    kind = _kind(optimizer)
+    kind = optimizer_kind(optimizer)
     if issubclass(kind, torch.optim.NAdam):
         return {"mu_product": 1.0}
     if issubclass(kind, torch.optim.ASGD):
-        group = _group_of(optimizer, param)
+        group = group_of(optimizer, param)
         return {} if group is None else {"eta": float(group["lr"]), "mu": 1.0}
     return {}
 
@@ -68,10 +58,10 @@ def step_scales_updates(optimizer, param) -> bool:
     per-parameter ``step``, so that a slot activated at step t is not updated as under a fresh
     optimizer: Adagrad with ``lr_decay`` (``lr / (1 + (step - 1) * lr_decay)``) and ASGD (its
     ``eta`` and ``mu`` follow the step)."""
-    kind = _kind(optimizer)
+    kind = optimizer_kind(optimizer)
     if issubclass(kind, torch.optim.ASGD):
         return True
     if issubclass(kind, torch.optim.Adagrad):
-        group = _group_of(optimizer, param)
+        group = group_of(optimizer, param)
         return bool(group is not None and group.get("lr_decay"))
     return False

@@ -21,21 +21,19 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from lorambo.nn import base_layers
 from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from lorambo.nn.fresh_momentum import move_new_slots, restore_new_slots
 from lorambo.nn.frozen_bases import note_frozen
 from lorambo.nn.inactive_slots import zero_inactive_after_steps
-from lorambo.nn.merge_overflow import finite_merge, merge_may_overflow
+from lorambo.nn.merging import AdapterMerge
 from lorambo.nn.optimizer_argument import OptimizerArgument, optimizer_argument
 from lorambo.nn.optimizer_state import (check_slot_state_editable, gathered_slot_state, prepared_slot_reset,
                                         warn_if_shared_step)
 from lorambo.nn.optimizer_tracking import LOAD_IT, REBUILD_IT, track_optimizers, warn_if_state_left_behind
 from lorambo.nn.plain_keys import plain_keys_to_base_layer
 from lorambo.nn.settings_fit import check_settings_fit
-from lorambo.nn.shared_memory import share_memory
 from lorambo.nn.slot_lineage import (SLOT_IDS_KEY, adopt_ids, drop_ids, keep_ids, move_counter_past, restart_ids,
                                      slot_ids, start_ids)
 from lorambo.nn.slots import POOL_SLOT_DIMS, PoolSlots, local_slots, tag_pool_parameter, used_slots
@@ -78,7 +76,7 @@ def _autocast_operand(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor if tensor.dtype == torch.float64 else tensor.to(dtype)
 
 
-class LoRAMBoLinear(nn.Module):
+class LoRAMBoLinear(AdapterMerge, nn.Module):
     """Drop-in replacement for a frozen ``nn.Linear`` / transformers ``Conv1D`` with LoRA.
 
     Args:
@@ -582,101 +580,6 @@ class LoRAMBoLinear(nn.Module):
         restart_ids(self)
         # Adam's moments of the old components would move the new ones (see docs/architecture.md, rule 4)
         warn_if_state_left_behind(self, None, "reset_parameters() re-initialised its slots", REBUILD_IT)
-
-    # ------------------------------------------------------------------------------ merge
-    def delta_weight(self) -> torch.Tensor:
-        """``s * B_r A_r`` as an [out, in] tensor in the weight dtype (accumulated in >= fp32)."""
-        r = self._rank
-        acc = torch.promote_types(self.lora_A.dtype, torch.float32)
-        delta = (self.lora_B[:, :r].to(acc) @ self.lora_A[:r].to(acc)) * self.scaling
-        return delta.to(self.lora_A.dtype)
-
-    @torch.no_grad()
-    def merge(self, exact: bool = True) -> None:
-        """Add the adapter into the base weight (one rounding, computed in float64).
-
-        ``exact=True`` keeps a copy of the original weight so :meth:`unmerge` restores it bit
-        for bit. ``exact=False`` saves that memory, and unmerge subtracts the delta again (in
-        float64), so each restored element w' of an original w with delta d satisfies
-        ``|w' - w| <= 2u * max(|w|, |w + d|)``, u the unit roundoff of the weight dtype
-        (2^-24 float32, 2^-11 float16, 2^-8 bfloat16): two roundings, one per direction. A cast
-        between merge and unmerge rounds the pools too, so the delta subtracted is not the one
-        added: README.md (*LoRAMBoLinear*, merge) states the bound then.
-        """
-        if self.merged:
-            raise RuntimeError(f"{self._label}: already merged")
-        self.check_mergeable()
-        base_w = self.base_layer.weight
-        merged = finite_merge(self._label, base_w, self._delta_as_base_layout())
-        self._weight_before_merge = base_w.detach().clone() if exact else None
-        base_w.copy_(merged)
-        self.merged = True
-
-    @torch.no_grad()
-    def check_merge_finite(self, caller: str = "merge") -> None:
-        """Raise, naming ``caller``, if :meth:`merge` would put inf/NaN into the base weight (an
-        adapter too large for a float16 weight, say); a model-level merge checks every layer
-        first, so that it changes none of them then. Cheap unless the weight is near overflow."""
-        if merge_may_overflow(self.base_layer.weight, self.lora_A, self.lora_B, self._rank, self.scaling):
-            finite_merge(self._label, self.base_layer.weight, self._delta_as_base_layout(), caller)
-
-    def check_mergeable(self) -> None:
-        """Raise if :meth:`merge` cannot write into the base weight: a parametrized weight
-        (``torch.nn.utils.parametrize``) is recomputed on every access, so a merge would be lost;
-        inside ``lorambo.disable_adapter`` the forward runs the base layer alone, which a merge
-        would turn back into the adapted layer; a weight tied to another module's (as
-        ``configure_model`` found it, see :meth:`note_tied_weight`) would change that module too."""
-        if self.adapter_disabled:
-            raise RuntimeError(f"{self._label}: cannot merge inside lorambo.disable_adapter(), whose forward "
-                               "runs the base weight alone: merging would put the adapter back into it. "
-                               "Merge after the with-block")
-        self._refuse_swapped_base()
-        tied = [name for name, module, attr in self._tied_holders
-                if share_memory(module._parameters.get(attr), self.base_layer.weight)]
-        if tied:
-            raise RuntimeError(f"{self._label}: the base weight is tied to {tied}: merging the adapter would "
-                               "change them too. Untie it first (give the layer a weight of its own), or keep the "
-                               "adapter unmerged")
-        if parametrize.is_parametrized(self.base_layer, "weight"):
-            raise RuntimeError(f"{self._label}: the base weight is computed by a parametrization "
-                               f"({type(self.base_layer).__name__}), so a merge would not stay in it; keep the "
-                               "adapter unmerged, or remove the parametrization first "
-                               "(torch.nn.utils.parametrize.remove_parametrizations)")
-
-    def note_tied_weight(self, holders) -> None:
-        """Record the other places the model holds this layer's base weight, as
-        ``(dotted name, module, attribute)``; :meth:`merge` refuses while one of them still
-        holds it (a weight untied later, by assigning the layer a weight of its own, merges).
-
-        The base weight's key is also declared tied (``_tied_weights_keys``, which transformers'
-        ``save_pretrained`` reads from every submodule): a model declares the plain key
-        (``lm_head.weight``); undeclared, ``lm_head.base_layer.weight`` shares memory with the
-        embedding under no declared key, and the save raises instead of writing one copy."""
-        self._tied_holders = tuple(holders)
-        # transformers reads only the keys of a submodule that is not a PreTrainedModel
-        self._tied_weights_keys = {"base_layer.weight": self._tied_holders[0][0]} if self._tied_holders else None
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo :meth:`merge`."""
-        if not self.merged:
-            raise RuntimeError(f"{self._label}: not merged")
-        self.base_layer.weight.copy_(self._unmerged_weight())
-        self._weight_before_merge = None
-        self.merged = False
-
-    def _unmerged_weight(self, copy: bool = False) -> torch.Tensor:
-        """The base weight :meth:`unmerge` would restore (the kept copy, else weight - delta);
-        with ``copy``, never the kept copy itself."""
-        base_w = self.base_layer.weight.detach()
-        if self._weight_before_merge is not None:  # kept at merge time: a later .to() did not move it
-            return self._weight_before_merge.to(device=base_w.device, dtype=base_w.dtype, copy=copy)
-        return (base_w.double() - self._delta_as_base_layout()).to(base_w.dtype)
-
-    def _delta_as_base_layout(self) -> torch.Tensor:
-        r = self._rank
-        delta = (self.lora_B[:, :r].double() @ self.lora_A[:r].double()) * self.scaling  # (out, in)
-        return delta if self.base_kind == "linear" else delta.t()
 
     # ---------------------------------------------------------------------- state / repr
     def get_extra_state(self) -> torch.Tensor:

@@ -26,7 +26,7 @@ the same shared ``step`` and are warned about alike. :class:`lorambo.optim.AdamW
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -34,6 +34,7 @@ from lorambo.ext.ops import slot_state_tensors, state_tensors
 from lorambo.nn.fresh_momentum import mark_new_slots
 from lorambo.nn.fresh_state import fresh_scalar_values, fresh_state_values, step_scales_updates
 from lorambo.nn.optimizer_argument import OptimizerArgument, each_optimizer, optimizer_argument
+from lorambo.nn.optimizer_kind import optimizer_kind
 from lorambo.nn.whole_vector_state import restart_whole_vector_state
 from lorambo.user_warnings import warn_user
 
@@ -70,7 +71,7 @@ def _check_editable(optimizer, layer) -> None:
         state = optimizer.state.get(param) or {}
         for key, value in state.items():
             if torch.is_tensor(value) and value.shape == param.shape and not value.is_floating_point():
-                kind = getattr(optimizer, "optimizer_type", type(optimizer))
+                kind = optimizer_kind(optimizer)
                 raise RuntimeError(
                     f"{layer._label}: {kind.__module__}.{kind.__name__} holds its state {key!r} for the LoRA pools as "
                     f"{value.dtype} (quantized), which a rank change cannot reset or move slot by slot; nothing was "
@@ -131,7 +132,7 @@ def _warn_shared_step(optimizer, layer) -> None:
         if float(state["step"]) > 0:
             _WARNED_SHARED_STEP.add(warned)
             warn_user(
-                f"{getattr(optimizer, 'optimizer_type', type(optimizer)).__name__} keeps one step count per parameter: slots that become active now "
+                f"{optimizer_kind(optimizer).__name__} keeps one step count per parameter: slots that become active now "
                 f"in {layer._label} take their first step at step {int(float(state['step'])) + 1} of it, not at step 1 (Adam's bias "
                 "correction, Adafactor's averaging rate, Adagrad's lr_decay, ASGD's eta and mu), so their first "
                 "updates differ from a fresh optimizer's (2.5-5x larger measured for Adam). Use "

@@ -16,19 +16,16 @@ from __future__ import annotations
 
 import torch
 
+from lorambo.nn.optimizer_kind import optimizer_kind
+
 __all__ = ["restart_whole_vector_state"]
-
-
-def _kind(optimizer) -> type:
-    # lorambo.integrations.fsdp's gathered view stands in for the real optimizer and names it
-    return getattr(optimizer, "optimizer_type", type(optimizer))
 
 
 def restart_whole_vector_state(optimizer, layers) -> None:
     """Empty the state of an optimizer whose state spans all its parameters (LBFGS) if it holds
     a pool of one of ``layers`` (the LoRAMBoLinear layers whose slots changed); a no-op for every
     other optimizer."""
-    if optimizer is None or not issubclass(_kind(optimizer), torch.optim.LBFGS):
+    if optimizer is None or not issubclass(optimizer_kind(optimizer), torch.optim.LBFGS):
         return
     pools = {id(p) for layer in layers for p in (layer.lora_A, layer.lora_B)}
     held = [param for group in optimizer.param_groups for param in group["params"]]

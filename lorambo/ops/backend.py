@@ -140,5 +140,5 @@ def compiled_multi_tensor_where() -> str | None:
 def ready_on_cpu(tensor: torch.Tensor) -> bool:
     """A contiguous CPU tensor outside autograd: what the compiled CPU ops take under ``auto``."""
     # is_cpu, not device.type == "cpu": the same answer without a torch.device object per tensor,
-    # which was most of this check's cost (a lorambo.optim.AdamW step passes 5 tensors per pool)
+    # which would be most of this check's cost (a lorambo.optim.AdamW step passes 5 tensors per pool)
     return tensor.is_cpu and tensor.is_contiguous() and not tensor.requires_grad

@@ -5,13 +5,30 @@ import torch
 
 from lorambo.experiments import planted as pl
 from lorambo.experiments.planted import recovery, spearman
+from lorambo.model import configure_model, lora_layers
 
 pytestmark = pytest.mark.slow
 
 
+@torch.no_grad()
+def install_oracle(student, directions, coefs, prefix: str = "bert.encoder.") -> dict[str, int]:
+    """Configure LoRA with exactly the planted ranks and write the planted deltas into it
+    (B = c U, A = Vᵀ, scaling 1): the oracle allocator plus perfect training. Returns the ranks."""
+    ranks = {prefix + n: u.shape[1] for n, (u, _) in directions.items()}
+    configure_model(student, ranks, alpha=None)
+    for n, (u, v) in directions.items():
+        layer = lora_layers(student)[prefix + n]
+        r = u.shape[1]
+        if layer.scaling != 1.0:
+            raise RuntimeError(f"oracle expects scaling 1, got {layer.scaling}")
+        layer.lora_B[:, :r] = (coefs[n] * u).to(layer.lora_B.dtype)
+        layer.lora_A[:r] = v.T.to(layer.lora_A.dtype)
+    return {n: u.shape[1] for n, (u, _) in directions.items()}
+
+
 def test_oracle_allocator_recovers_planted_deltas_exactly(planted_task):
     student = planted_task.fresh_student(0)
-    ranks = pl.install_oracle(student, planted_task.directions, planted_task.coefs)
+    ranks = install_oracle(student, planted_task.directions, planted_task.coefs)
     assert ranks == planted_task.planted
     loss = planted_task.evaluate(student, "test")["rel_loss"]
     assert loss < 1e-8, loss          # float32 rounding only; the pretrained model scores about 1.0
@@ -36,7 +53,7 @@ def test_wrong_ranks_do_not_recover(planted_task):
     name = "layer.1.attention.self.value"
     u, v = directions[name]
     directions[name] = (u[:, :4], v[:, :4])
-    pl.install_oracle(student, directions, planted_task.coefs)
+    install_oracle(student, directions, planted_task.coefs)
     assert planted_task.evaluate(student, "test")["rel_loss"] > 0.05
 
 

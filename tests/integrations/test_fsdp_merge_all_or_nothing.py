@@ -74,12 +74,12 @@ def _fail_at(monkeypatch, target, name, k, fault):
 def test_a_merge_stopped_at_layer_k_is_taken_back(monkeypatch, fault, k, exact):
     """Out of memory in the third layer's merge left two layers merged, and then merge refused
     ('merged already') and so did unmerge ('not merged'): the model stayed half merged."""
-    from lorambo.nn import lora_linear
+    from lorambo.nn import merging
 
     model = _model()
     flags, weights = _state(model)
     deltas = [(layer.scaling * layer.lora_B[:, :2] @ layer.lora_A[:2]).detach() for layer in lora_layers(model).values()]
-    _fail_at(monkeypatch, lora_linear, "finite_merge", k, fault)  # the float64 merged weight
+    _fail_at(monkeypatch, merging, "finite_merge", k, fault)  # the float64 merged weight
     with pytest.raises(fault) as err:
         fsdp.merge(model, exact=exact)
     names = list(lora_layers(model))
@@ -127,11 +127,11 @@ def lorambo_linear():
 def test_the_note_of_a_merge_stopped_after_more_than_six_layers_ends_with_dots(monkeypatch):
     """Its note cut the layers done to six without saying so (the layer notes elsewhere, from
     lorambo.model.partial_edit, add "..."); it now shows the first six and "...", as they do."""
-    from lorambo.nn import lora_linear
+    from lorambo.nn import merging
 
     torch.manual_seed(0)
     model = configure_model(nn.Sequential(*[nn.Linear(4, 4) for _ in range(9)]), 1, capacity=2).double()
-    _fail_at(monkeypatch, lora_linear, "finite_merge", 8, torch.OutOfMemoryError)
+    _fail_at(monkeypatch, merging, "finite_merge", 8, torch.OutOfMemoryError)
     with pytest.raises(torch.OutOfMemoryError) as err:
         fsdp.merge(model, exact=True)
     assert err.value.__notes__ == ["merge stopped at '7'; the layers before it ['0', '1', '2', '3', '4', '5', '...'] "

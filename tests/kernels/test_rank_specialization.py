@@ -10,7 +10,7 @@ new variant at rank 1, at every multiple of 16, and once more for the other rank
 Here the real launchers run on meta tensors with every launch recorded (tools/aot_sm90.py's
 recorder, configs as on an H100) over a sweep of ranks, through every path (forward without and
 with dropout, the backward with each set of needed gradients, ranks above 128), and the launches
-are keyed twice: by triton's own specialization (``aot._bind``: the installed triton's
+are keyed twice: by triton's own specialization (``aot_cases.bind``: the installed triton's
 ``native_specialize_impl``) and by the rules above written out, which hold for triton 3.6 too.
 Within one rank bucket (and the same side of 128, where the launch sequence itself changes)
 every rank must produce the same keys.
@@ -23,7 +23,8 @@ import pytest
 pytest.importorskip("triton")
 
 import torch  # noqa: E402
-import aot_sm90 as aot  # noqa: E402  (tools/, put on sys.path by conftest.py)
+import aot_cases  # noqa: E402  (tools/, put on sys.path by conftest.py)
+import aot_sm90 as aot  # noqa: E402
 from lorambo_kernels import config, fused_gemm, lora_linear  # noqa: E402
 
 M, K, N, CAPACITY = 64, 96, 80, 272
@@ -61,11 +62,11 @@ def _launches(rank, sink):
 
 def rule_key(key, jit, args, kwargs):
     """The specialization key by the written-out rules (triton 3.6 / 3.9 semantics)."""
-    fn, dont_specialize, _ = aot._jit_parts(jit)
+    fn, dont_specialize, _ = aot_cases.jit_parts(jit)
     parts = []
     for i, (name, param) in enumerate(inspect.signature(fn).parameters.items()):
         val = args[i] if i < len(args) else kwargs.get(name, param.default)
-        if aot._is_constexpr(param):
+        if aot_cases.is_constexpr(param):
             parts.append((name, val))
         elif isinstance(val, bool):
             parts.append((name, "i1"))
@@ -92,14 +93,14 @@ def keys_by_rank():
     with aot._recording((9, 0), aot.SM_COUNT[90]) as sink:
         for rank in RANKS:
             launches = launches_for(rank, sink)
-            by_rank[rank] = ({(p, aot._bind(k, jit, args, kw, backend)) for p, k, jit, args, kw in launches},
+            by_rank[rank] = ({(p, aot_cases.bind(k, jit, args, kw, backend)) for p, k, jit, args, kw in launches},
                              {(p, rule_key(k, jit, args, kw)) for p, k, jit, args, kw in launches})
     return by_rank
 
 
 def _kernel(item):
     _, key = item
-    return key.kernel if isinstance(key, aot.Case) else key[0]
+    return key.kernel if isinstance(key, aot_cases.Case) else key[0]
 
 
 def group(rank):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import lorambo
-from lorambo.nn import lora_linear
+from lorambo.nn import merging
 
 
 def _model():
@@ -22,7 +22,7 @@ def _model():
 
 
 def _fail_at(monkeypatch, k: int, fault):
-    calls, real = [], lora_linear.finite_merge
+    calls, real = [], merging.finite_merge
 
     def finite_merge(*args, **kwargs):  # where a merge allocates its float64 temporaries
         calls.append(1)
@@ -30,7 +30,7 @@ def _fail_at(monkeypatch, k: int, fault):
             raise fault("out of memory while merging") if fault is not KeyboardInterrupt else fault
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lora_linear, "finite_merge", finite_merge)
+    monkeypatch.setattr(merging, "finite_merge", finite_merge)
 
 
 @pytest.mark.parametrize("fault", [torch.OutOfMemoryError, KeyboardInterrupt])

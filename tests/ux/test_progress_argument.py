@@ -7,8 +7,6 @@ import torch
 from torch import nn
 
 import lorambo
-from lorambo.cli.demo import run_demo
-from lorambo.experiments import runner
 from lorambo.experiments.runner import run_experiment
 from lorambo.sensitivity import (ablation_scores, data_covariance, gradient_sensitivity, hessian_opnorm,
                                  hessian_trace)
@@ -42,19 +40,12 @@ CALLS = {
     "LoRAMBoOptimizer.compute_sensitivities": _optimizer_call,
     # checked before the config is read or a unit runs
     "run_experiment": lambda m, b, p: run_experiment(None, progress=p),
-    "run_demo": lambda m, b, p: run_demo(progress=p),
 }
-
-
-def _no_experiment(*args, **kwargs):
-    raise AssertionError("the experiment started: progress was not checked first")
 
 
 @pytest.mark.parametrize("value", ["no", 0, 1.0])
 @pytest.mark.parametrize("name", list(CALLS))
-def test_a_progress_that_is_not_a_bool_or_none_is_refused(name, value, capsys, monkeypatch):
-    if name == "run_demo":  # run_demo hands its argument to run_experiment: never run the demo here
-        monkeypatch.setattr(runner, "run_experiment", _no_experiment)
+def test_a_progress_that_is_not_a_bool_or_none_is_refused(name, value, capsys):
     model, batches = _setup()
     with pytest.raises(TypeError, match="progress") as info:
         CALLS[name](model, batches, value)
