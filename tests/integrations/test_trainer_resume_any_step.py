@@ -79,7 +79,8 @@ def uninterrupted(tmp_path_factory):
     return out, run
 
 
-@pytest.mark.parametrize("checkpoint", [2, 3, 4], ids=["right-after-decision-1", "decision-3-first", "one-step-after-decision-3"])
+@pytest.mark.parametrize("checkpoint", [2, 3, 4],
+                         ids=["right-after-decision-1", "decision-3-first", "one-step-after-decision-3"])
 def test_resume_around_a_decision(tmp_path, uninterrupted, checkpoint):
     ref_dir, ref = uninterrupted
     folder = tmp_path / f"checkpoint-{checkpoint}"
