@@ -148,7 +148,7 @@ def final_state(run) -> dict:
             "ranks": opt.current_ranks(), "decisions": opt.decisions,
             "allocation": (opt.ranks, opt.capacities, opt.sensitivities),
             "optimizer": torch_opt.state_dict()["state"],
-            "importance": None if imp is None else {k: imp[k] for k in ("steps", "ibar", "ubar")}}
+            "importance": None if imp is None else {k: imp[k] for k in ("steps", "skipped_steps", "ibar", "ubar")}}
 
 
 def assert_same(got: dict, want: dict) -> None:
@@ -167,6 +167,7 @@ def assert_same(got: dict, want: dict) -> None:
     assert (got["importance"] is None) == (want["importance"] is None)
     if want["importance"] is not None:
         assert got["importance"]["steps"] == want["importance"]["steps"]
+        assert got["importance"]["skipped_steps"] == want["importance"]["skipped_steps"]
         for table in ("ibar", "ubar"):
             assert got["importance"][table].keys() == want["importance"][table].keys()
             for k, v in want["importance"][table].items():
