@@ -3,7 +3,7 @@
 
 ``cfg`` (a JSON-able dict) picks the allocation (online growth, online growth with rank moves,
 ALoRA, or the closed-form square-root law alone), the torch optimizer, gradient accumulation,
-bf16 autocast, LoRA dropout, an AdaLoRAImportance scoring the moves, and how the model is
+bf16 autocast or a float16 model, LoRA dropout, an AdaLoRAImportance scoring the moves, and how the model is
 rebuilt (``lorambo.load_adapter`` or a ``torch.save``d model state_dict). A checkpoint holds the
 adapter, the model's state_dict, ``opt.state_dict()``, the torch optimizer's and the importance's
 state and torch's RNG state, all read back with ``weights_only=True``.
@@ -31,7 +31,7 @@ STEPS = 7
 
 def mse(model, batch):
     x, y = batch
-    return ((model(x).float() - y) ** 2).mean()
+    return ((model(x.to(model.blocks[0]["up"].weight.dtype)).float() - y) ** 2).mean()
 
 
 def data(cfg):
@@ -44,7 +44,8 @@ def data(cfg):
 
 def base(cfg):
     torch.manual_seed(0)
-    return ResidualNet(dtype=torch.float32, head=("classifier", 8) if cfg["head"] else None)
+    dtype = getattr(torch, cfg.get("dtype", "float32"))
+    return ResidualNet(dtype=dtype, head=("classifier", 8) if cfg["head"] else None)
 
 
 def allocator(model, cfg, heldout, log):
