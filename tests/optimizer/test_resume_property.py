@@ -23,7 +23,8 @@ pytestmark = [pytest.mark.usefixtures("one_thread"),
 @st.composite
 def configs(draw):
     mode = draw(st.sampled_from(["growth", "moves", "alora", "closed_form"]))
-    budget = draw(st.sampled_from([400, 600, 900]))
+    # ALoRA at 900 starts with full pools: its rounds then move nothing
+    budget = draw(st.sampled_from([400, 600] if mode == "alora" else [400, 600, 900]))
     optimizer = draw(st.sampled_from(["lorambo", "adamw", "sgd"]))
     # a float16 model under lorambo's AdamW (float32 moments) or SGD; torch's AdamW keeps float16
     # moments, whose second moment underflows to 0 and makes the run NaN
