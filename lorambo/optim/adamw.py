@@ -412,10 +412,11 @@ class AdamW(torch.optim.AdamW):
         saved = state_dict["state"]
         counts = {pid: saved[pid][SLOT_STEP].to(device=param.device, dtype=torch.float32, copy=True)
                   for pid, param in zip(saved_ids, params) if SLOT_STEP in saved.get(pid, {})}
-        # and so are the moments of float16 parameters (see moment_dtype), which torch would round to float16
+        # and so are the moments of float16 parameters (see moment_dtype), which torch would round to float16;
+        # only of those the state holds: writing back {} would give a parameter that never stepped an entry
         wide = {pid: {key: value.to(device=param.device, dtype=moment_dtype(param.dtype), copy=True)
-                      for key, value in saved.get(pid, {}).items() if key in _PER_ELEMENT and torch.is_tensor(value)}
-                for pid, param in zip(saved_ids, params) if moment_dtype(param.dtype) != param.dtype}
+                      for key, value in saved[pid].items() if key in _PER_ELEMENT and torch.is_tensor(value)}
+                for pid, param in zip(saved_ids, params) if moment_dtype(param.dtype) != param.dtype and pid in saved}
         super().load_state_dict(state_dict)
         for pid, param in zip(saved_ids, params):
             if pid in counts:

@@ -145,10 +145,10 @@ class AdaLoRAImportance:
         return True
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"steps", "ibar", "ubar", "slot_ids"}``: the running statistics as CPU tensors keyed
-        by ``(layer name, "A" | "B")``, and per layer the ids of the components they belong to
-        (``torch.load(..., weights_only=True)`` reads it)."""
-        return {"steps": self.steps,
+        """``{"steps", "skipped_steps", "ibar", "ubar", "slot_ids"}``: the update counts, the
+        running statistics as CPU tensors keyed by ``(layer name, "A" | "B")``, and per layer the
+        ids of the components they belong to (``torch.load(..., weights_only=True)`` reads it)."""
+        return {"steps": self.steps, "skipped_steps": self.skipped_steps,
                 "ibar": {k: v.detach().cpu().clone() for k, v in self._ibar.items()},
                 "ubar": {k: v.detach().cpu().clone() for k, v in self._ubar.items()},
                 "slot_ids": {name: list(ids) for name, ids in self._followed.items()}}
@@ -160,9 +160,10 @@ class AdaLoRAImportance:
         saved with them is loaded after this, as it brings them back (their saved ids)."""
         if not isinstance(state, dict) or {"steps", "ibar", "ubar"} - set(state):
             raise ValueError("AdaLoRAImportance.load_state_dict: expected a dict with steps, ibar and ubar")
-        steps = state["steps"]
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"AdaLoRAImportance.load_state_dict: steps={steps!r} must be an int >= 0")
+        steps, skipped = state["steps"], state.get("skipped_steps", 0)  # a state saved before it was kept: 0
+        for what, count in (("steps", steps), ("skipped_steps", skipped)):
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise ValueError(f"AdaLoRAImportance.load_state_dict: {what}={count!r} must be an int >= 0")
         if set(state["ibar"]) != set(state["ubar"]):
             raise ValueError("AdaLoRAImportance.load_state_dict: ibar and ubar hold different entries")
         for table in ("ibar", "ubar"):
@@ -181,7 +182,7 @@ class AdaLoRAImportance:
         ibar = {k: v.to(device[k[0]], torch.float32) for k, v in state["ibar"].items()}
         ubar = {k: v.to(device[k[0]], torch.float32) for k, v in state["ubar"].items()}
         self._followed = {name: slot_ids(layer) for name, layer in self.layers.items()}
-        self.steps, self._ibar, self._ubar, self._saved_ids = steps, ibar, ubar, saved_ids
+        self.steps, self.skipped_steps, self._ibar, self._ubar, self._saved_ids = steps, skipped, ibar, ubar, saved_ids
 
     def _checked_saved_ids(self, saved) -> dict[str, list[int]]:
         """``state["slot_ids"]`` as ``{layer name: ids}``, else a ValueError naming the entry."""
