@@ -24,9 +24,7 @@ void scalars_add_cpu(at::TensorList tensors, double value) {
       *count = *count + value;
     } else {
       t.add_(value);
-      continue;
     }
-    t.unsafeGetTensorImpl()->bump_version();  // as an in-place torch op does
   }
 }
 
