@@ -59,6 +59,12 @@ def _register() -> None:
 
     @register_fake("lorambo::scalars_add_")
     def _scalars_add(tensors, value):
+        for i, t in enumerate(tensors):  # the CPU kernel's checks (csrc/cpu/scalars_add_cpu.cpp)
+            torch._check(t.numel() == 1,
+                         lambda: f"lorambo::scalars_add_: tensors[{i}] has {t.numel()} elements; expected one")
+            torch._check(t.dtype.is_floating_point or t.dtype.is_complex,
+                         lambda: f"lorambo::scalars_add_: tensors[{i}] has dtype {t.dtype}; expected a "
+                                 "floating-point or complex count")
         return None
 
     @register_fake("lorambo::zero_views_")
