@@ -1,6 +1,8 @@
 // Validation and work plans for the multi-tensor ops (shared by the CPU and CUDA paths).
 #include "lorambo/plan.h"
 
+#include <ATen/MemoryOverlap.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -49,7 +51,7 @@ void check_disjoint(const char* op, const std::vector<NamedList>& lists) {
   for (size_t l = 0; l < lists.size(); ++l) {
     for (size_t i = 0; i < lists[l].tensors.size(); ++i) {
       const at::Tensor& t = lists[l].tensors[i];
-      if (t.numel() == 0) continue;
+      if (t.numel() == 0 || !t.is_contiguous()) continue;
       const auto lo = reinterpret_cast<uintptr_t>(t.data_ptr());
       spans.push_back({lo, lo + static_cast<uintptr_t>(t.numel()) * t.element_size(), l, i});
     }
@@ -148,11 +150,17 @@ FillPlan plan_fill(const char* op, at::TensorList tensors, int64_t seed, at::Int
     TORCH_CHECK(offsets[i] >= 0, op, ": offsets[", i, "] must be in [0, 2^63), got ", offsets[i]);
     TORCH_CHECK(offsets[i] <= std::numeric_limits<int64_t>::max() - n, op, ": offsets[", i, "] = ", offsets[i],
                 " plus ", ti, ".numel() = ", n, " runs past the end of the stream (2^63)");
+    TORCH_CHECK(at::has_internal_overlap(tensors[i]) != at::MemOverlap::Yes, op, ": ", ti, " (shape ",
+                shape_str(tensors[i].sizes()), ", strides ", shape_str(tensors[i].strides()),
+                ") has elements sharing memory (an expanded tensor?); each element takes its own value");
     plan.targets.push_back(tensors[i].is_contiguous() ? tensors[i] : at::empty_like(tensors[i], at::MemoryFormat::Contiguous));
     for (int64_t s = 0; s < n; s += chunk) {
       plan.items.push_back({static_cast<int64_t>(i), s, std::min(chunk, n - s), offsets[i] + s});
     }
   }
+  // Contiguous tensors are filled in place by parallel items: overlapping ones would race (the
+  // others are filled through their own staging tensor and copied back in list order).
+  check_disjoint(op, {{"tensors", tensors, true}});
   return plan;
 }
 

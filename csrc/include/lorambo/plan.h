@@ -35,7 +35,8 @@ struct NamedList {
 
 // No memory shared between a written tensor and any other listed tensor (two read-only ones may
 // share): parallel items would race, or one would read what another has already updated. A
-// TORCH_CHECK names both tensors. Every listed tensor must be contiguous.
+// TORCH_CHECK names both tensors. Only contiguous tensors are compared (a non-contiguous one is
+// skipped: callers that accept them write them through a staging copy, one at a time).
 void check_disjoint(const char* op, const std::vector<NamedList>& lists);
 
 // ----------------------------------------------------------------------------- reductions
