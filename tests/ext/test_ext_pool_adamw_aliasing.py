@@ -1,4 +1,4 @@
-"""lorambo::pool_adamw_ refuses tensors that share memory with a tensor it writes (the pools run
+"""lorambo::pool_adamw_: tensors sharing memory with a tensor it writes are refused (the pools run
 as parallel items, and each element's update reads p, g, m, v before writing them): a clear
 error naming both, before anything is written. Gradients, only read, may share memory."""
 
@@ -75,3 +75,13 @@ def test_shared_gradient_is_read_only_and_allowed():
     _step(lists, ranks=(4, 4))
     for got, exp in zip(lists["params"], want):
         torch.testing.assert_close(got.double(), exp, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_opcheck(amsgrad):
+    lists = _lists(torch.Generator().manual_seed(9))
+    if not amsgrad:
+        lists["max_exp_avg_sqs"] = []
+    lists["slot_steps"][1] = torch.zeros(6)  # pool 1's slots are its 6 columns
+    torch.library.opcheck(torch.ops.lorambo.pool_adamw_.default,
+                          (*(lists[r] for r in ROLES), [0, 1], [3, 2], LR, *BETAS, EPS, WD, False))
