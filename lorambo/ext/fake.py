@@ -59,6 +59,7 @@ def _register() -> None:
 
     @register_fake("lorambo::scalars_add_")
     def _scalars_add(tensors, value):
+        _one_device("lorambo::scalars_add_", "tensors", tensors)
         for i, t in enumerate(tensors):  # the CPU kernel's checks (csrc/cpu/scalars_add_cpu.cpp)
             torch._check(t.numel() == 1,
                          lambda: f"lorambo::scalars_add_: tensors[{i}] has {t.numel()} elements; expected one")
@@ -69,6 +70,7 @@ def _register() -> None:
 
     @register_fake("lorambo::zero_views_")
     def _zero_views(tensors):
+        _one_device("lorambo::zero_views_", "tensors", tensors)
         return None
 
     @register_fake("lorambo::dropout_mask")

@@ -59,3 +59,12 @@ def test_opcheck():
     counts = [torch.randn(1, generator=gen), torch.randn((), generator=gen, dtype=torch.float64),
               torch.randn(1, 1, generator=gen).to(torch.bfloat16)]
     torch.library.opcheck(torch.ops.lorambo.scalars_add_.default, (counts, 1.0))
+
+
+def test_a_meta_tensor_in_a_cpu_list_is_refused_not_skipped():
+    count = torch.randn(1, generator=torch.Generator().manual_seed(4))
+    want = count.clone()
+    with pytest.raises(RuntimeError, match=r"lorambo::scalars_add_: tensors\[1\] is on meta but the other tensors "
+                                           r"are on cpu"):
+        torch.ops.lorambo.scalars_add_([count, torch.empty(1, device="meta")], 1.0)
+    assert torch.equal(count, want)
