@@ -49,12 +49,19 @@ def _register() -> None:
     @register_fake("lorambo::pool_remap_")
     def _pool_remap(tensors, slot_dims, maps):
         _one_device("lorambo::pool_remap_", "tensors", tensors)
+        for i, m in enumerate(maps):  # the kernels read the maps on the host
+            if m.device.type != "cpu" or m.dtype != torch.int64 or m.dim() != 1:
+                raise RuntimeError(f"lorambo::pool_remap_: maps[{i}] must be a 1-D int64 CPU tensor")
         return None
 
     @register_fake("lorambo::pool_adamw_")
     def _pool_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, slot_steps, slot_dims, ranks, lr,
                     beta1, beta2, eps, weight_decay, maximize):
-        _one_device("lorambo::pool_adamw_", "params", params)
+        device = params[0].device if len(params) else None
+        for name, tensors in (("params", params), ("grads", grads), ("exp_avgs", exp_avgs),
+                              ("exp_avg_sqs", exp_avg_sqs), ("max_exp_avg_sqs", max_exp_avg_sqs),
+                              ("slot_steps", slot_steps)):
+            _one_device("lorambo::pool_adamw_", name, tensors, device)
         return None
 
     @register_fake("lorambo::scalars_add_")

@@ -1,6 +1,7 @@
-"""lorambo::pool_adamw_: tensors sharing memory with a tensor it writes are refused (the pools run
-as parallel items, and each element's update reads p, g, m, v before writing them): a clear
-error naming both, before anything is written. Gradients, only read, may share memory."""
+"""lorambo::pool_adamw_'s input contract: tensors sharing memory with a tensor it writes are
+refused (the pools run as parallel items, and each element's update reads p, g, m, v before
+writing them), so is a meta tensor in any list; a clear error, before anything is written.
+Gradients, only read, may share memory."""
 
 import re
 
@@ -85,3 +86,16 @@ def test_opcheck(amsgrad):
     lists["slot_steps"][1] = torch.zeros(6)  # pool 1's slots are its 6 columns
     torch.library.opcheck(torch.ops.lorambo.pool_adamw_.default,
                           (*(lists[r] for r in ROLES), [0, 1], [3, 2], LR, *BETAS, EPS, WD, False))
+
+
+@pytest.mark.parametrize("role", [r for r in ROLES if r != "params"])
+def test_a_meta_tensor_in_any_list_is_refused_not_skipped(role):
+    # one meta tensor sends the call to the fake implementation, which used to check params only
+    # and return without updating anything
+    lists = _lists(torch.Generator().manual_seed(11))
+    lists[role][1] = torch.empty_like(lists[role][1], device="meta")
+    before = [t.clone() for t in lists["params"]]
+    with pytest.raises(RuntimeError, match=rf"lorambo::pool_adamw_: {role}\[1\] is on meta but the other tensors "
+                                           r"are on cpu"):
+        _step(lists)
+    assert all(torch.equal(t, b) for t, b in zip(lists["params"], before))
