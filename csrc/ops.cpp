@@ -5,6 +5,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -208,6 +209,10 @@ TORCH_LIBRARY_IMPL(lorambo, Autograd, m) {
   m.impl("lora_linear", &lorambo::lora_linear_autograd);
   // A constant of (shape, p, seed): never differentiable, so autograd passes straight through.
   m.impl("dropout_mask", torch::CppFunction::makeFallthrough());
+  // No derivative: a backward through a reduction of tensors that require grad raises ("the
+  // derivative for lorambo::multi_dot is not implemented") instead of leaving their .grad None.
+  m.impl("multi_dot", torch::autograd::autogradNotImplementedFallback());
+  m.impl("multi_sq_norm", torch::autograd::autogradNotImplementedFallback());
 }
 
 TORCH_LIBRARY_IMPL(lorambo, CompositeExplicitAutograd, m) {

@@ -1,6 +1,8 @@
 // Validation and work plans for the multi-tensor ops (shared by the CPU and CUDA paths).
 #include "lorambo/plan.h"
 
+#include <ATen/MemoryOverlap.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -38,6 +40,35 @@ at::Device check_same_device(const char* op, const char* name, at::TensorList ts
                 " but the other tensors are on ", ref, "; all tensors must be on one device");
   }
   return ref;
+}
+
+void check_disjoint(const char* op, const std::vector<NamedList>& lists) {
+  struct Span {
+    uintptr_t lo, hi;
+    size_t list, index;
+  };
+  std::vector<Span> spans;
+  for (size_t l = 0; l < lists.size(); ++l) {
+    for (size_t i = 0; i < lists[l].tensors.size(); ++i) {
+      const at::Tensor& t = lists[l].tensors[i];
+      if (t.numel() == 0 || !t.is_contiguous()) continue;
+      const auto lo = reinterpret_cast<uintptr_t>(t.data_ptr());
+      spans.push_back({lo, lo + static_cast<uintptr_t>(t.numel()) * t.element_size(), l, i});
+    }
+  }
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.lo < b.lo; });
+  // Sweep in address order: the earlier span reaching furthest, among all and among written ones.
+  const Span* any = nullptr;
+  const Span* written = nullptr;
+  for (const Span& s : spans) {
+    const Span* hit = written != nullptr && s.lo < written->hi ? written
+                      : lists[s.list].written && any != nullptr && s.lo < any->hi ? any
+                                                                                   : nullptr;
+    TORCH_CHECK(hit == nullptr, op, ": ", lists[hit->list].name, "[", hit->index, "] and ", lists[s.list].name, "[",
+                s.index, "] share memory; pass every tensor that is written once, in one place");
+    if (any == nullptr || s.hi > any->hi) any = &s;
+    if (lists[s.list].written && (written == nullptr || s.hi > written->hi)) written = &s;
+  }
 }
 
 static void split(std::vector<ReduceItem>& items, int64_t tensor, int64_t start, int64_t len, int64_t chunk) {
@@ -119,11 +150,17 @@ FillPlan plan_fill(const char* op, at::TensorList tensors, int64_t seed, at::Int
     TORCH_CHECK(offsets[i] >= 0, op, ": offsets[", i, "] must be in [0, 2^63), got ", offsets[i]);
     TORCH_CHECK(offsets[i] <= std::numeric_limits<int64_t>::max() - n, op, ": offsets[", i, "] = ", offsets[i],
                 " plus ", ti, ".numel() = ", n, " runs past the end of the stream (2^63)");
+    TORCH_CHECK(at::has_internal_overlap(tensors[i]) != at::MemOverlap::Yes, op, ": ", ti, " (shape ",
+                shape_str(tensors[i].sizes()), ", strides ", shape_str(tensors[i].strides()),
+                ") has elements sharing memory (an expanded tensor?); each element takes its own value");
     plan.targets.push_back(tensors[i].is_contiguous() ? tensors[i] : at::empty_like(tensors[i], at::MemoryFormat::Contiguous));
     for (int64_t s = 0; s < n; s += chunk) {
       plan.items.push_back({static_cast<int64_t>(i), s, std::min(chunk, n - s), offsets[i] + s});
     }
   }
+  // Contiguous tensors are filled in place by parallel items: overlapping ones would race (the
+  // others are filled through their own staging tensor and copied back in list order).
+  check_disjoint(op, {{"tensors", tensors, true}});
   return plan;
 }
 
@@ -189,17 +226,7 @@ RemapPlan plan_remap(const char* op, at::TensorList tensors, at::IntArrayRef slo
     plan.tensors.push_back(std::move(rt));
   }
   // Items of one tensor run in parallel with items of the others: overlapping memory would race.
-  std::vector<std::tuple<uintptr_t, uintptr_t, size_t>> spans;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    if (tensors[i].numel() == 0) continue;
-    const auto lo = reinterpret_cast<uintptr_t>(tensors[i].data_ptr());
-    spans.emplace_back(lo, lo + tensors[i].numel() * tensors[i].element_size(), i);
-  }
-  std::sort(spans.begin(), spans.end());
-  for (size_t j = 1; j < spans.size(); ++j) {
-    TORCH_CHECK(std::get<0>(spans[j]) >= std::get<1>(spans[j - 1]), op, ": tensors[", std::get<2>(spans[j - 1]),
-                "] and tensors[", std::get<2>(spans[j]), "] share memory; list every pool or state tensor once");
-  }
+  check_disjoint(op, {{"tensors", tensors, true}});
   return plan;
 }
 
@@ -251,6 +278,12 @@ void check_pool_adamw(const char* op, at::TensorList params, at::TensorList grad
   check_moments(op, "exp_avgs", exp_avgs, params, device);
   check_moments(op, "exp_avg_sqs", exp_avg_sqs, params, device);
   if (!max_exp_avg_sqs.empty()) check_moments(op, "max_exp_avg_sqs", max_exp_avg_sqs, params, device);
+  check_disjoint(op, {{"params", params, true},
+                      {"grads", grads, false},
+                      {"exp_avgs", exp_avgs, true},
+                      {"exp_avg_sqs", exp_avg_sqs, true},
+                      {"max_exp_avg_sqs", max_exp_avg_sqs, true},
+                      {"slot_steps", slot_steps, true}});
 }
 
 }  // namespace lorambo

@@ -12,6 +12,10 @@ void scalars_add_cpu(at::TensorList tensors, double value) {
   for (size_t i = 0; i < tensors.size(); ++i) {  // all checked before any is changed
     TORCH_CHECK(tensors[i].numel() == 1, "lorambo::scalars_add_: tensors[", i, "] has ", tensors[i].numel(),
                 " elements; expected one");
+    // add_ of a float raises for integer and bool tensors: refused here, before any count changed
+    TORCH_CHECK(at::isFloatingType(tensors[i].scalar_type()) || at::isComplexType(tensors[i].scalar_type()),
+                "lorambo::scalars_add_: tensors[", i, "] has dtype ", tensors[i].scalar_type(),
+                "; expected a floating-point or complex count");
   }
   for (const at::Tensor& t : tensors) {
     // float32 and float64 as torch's add_ computes them (one rounding of count + value in the
@@ -24,9 +28,7 @@ void scalars_add_cpu(at::TensorList tensors, double value) {
       *count = *count + value;
     } else {
       t.add_(value);
-      continue;
     }
-    t.unsafeGetTensorImpl()->bump_version();  // as an in-place torch op does
   }
 }
 

@@ -28,9 +28,7 @@ void zero_views_cpu(at::TensorList tensors) {
       }
     } else {
       t.zero_();
-      continue;
     }
-    t.unsafeGetTensorImpl()->bump_version();  // as zero_() does
   }
 }
 

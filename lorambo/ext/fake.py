@@ -49,20 +49,35 @@ def _register() -> None:
     @register_fake("lorambo::pool_remap_")
     def _pool_remap(tensors, slot_dims, maps):
         _one_device("lorambo::pool_remap_", "tensors", tensors)
+        for i, m in enumerate(maps):  # the kernels read the maps on the host
+            if m.device.type != "cpu" or m.dtype != torch.int64 or m.dim() != 1:
+                raise RuntimeError(f"lorambo::pool_remap_: maps[{i}] must be a 1-D int64 CPU tensor")
         return None
 
     @register_fake("lorambo::pool_adamw_")
     def _pool_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, slot_steps, slot_dims, ranks, lr,
                     beta1, beta2, eps, weight_decay, maximize):
-        _one_device("lorambo::pool_adamw_", "params", params)
+        device = params[0].device if len(params) else None
+        for name, tensors in (("params", params), ("grads", grads), ("exp_avgs", exp_avgs),
+                              ("exp_avg_sqs", exp_avg_sqs), ("max_exp_avg_sqs", max_exp_avg_sqs),
+                              ("slot_steps", slot_steps)):
+            _one_device("lorambo::pool_adamw_", name, tensors, device)
         return None
 
     @register_fake("lorambo::scalars_add_")
     def _scalars_add(tensors, value):
+        _one_device("lorambo::scalars_add_", "tensors", tensors)
+        for i, t in enumerate(tensors):  # the CPU kernel's checks (csrc/cpu/scalars_add_cpu.cpp)
+            torch._check(t.numel() == 1,
+                         lambda: f"lorambo::scalars_add_: tensors[{i}] has {t.numel()} elements; expected one")
+            torch._check(t.dtype.is_floating_point or t.dtype.is_complex,
+                         lambda: f"lorambo::scalars_add_: tensors[{i}] has dtype {t.dtype}; expected a "
+                                 "floating-point or complex count")
         return None
 
     @register_fake("lorambo::zero_views_")
     def _zero_views(tensors):
+        _one_device("lorambo::zero_views_", "tensors", tensors)
         return None
 
     @register_fake("lorambo::dropout_mask")

@@ -174,3 +174,12 @@ def test_bad_lists_and_tensors():
     with pytest.raises(RuntimeError, match=r"tensors\[1\] is on meta but the other tensors are on cpu"):
         cpu_kernel(torch.ops.lorambo.pool_remap_)([t, torch.empty(4, 3, device="meta")], [0, 0],
                                                    [torch.tensor(m), torch.tensor(m)])
+
+
+def test_a_meta_map_is_refused_not_skipped():
+    # a meta map sends the call to the fake implementation, which used to return without a remap
+    t = torch.randn(4, 3, generator=torch.Generator().manual_seed(12))
+    want = t.clone()
+    with pytest.raises(RuntimeError, match=r"lorambo::pool_remap_: maps\[0\] must be a 1-D int64 CPU tensor"):
+        torch.ops.lorambo.pool_remap_([t], [0], [torch.tensor([1, 0, 2, 3], device="meta")])
+    assert torch.equal(t, want)

@@ -214,3 +214,23 @@ def test_mismatched_lengths_dtypes_and_distribution():
     with pytest.raises(RuntimeError, match=r"tensors\[1\] is on meta but the other tensors are on cpu"):
         cpu_kernel(torch.ops.lorambo.probe_fill_)([torch.empty(2), torch.empty(2, device="meta")], 0, [0, 2],
                                                    "gaussian")
+
+
+def test_overlapping_or_self_overlapping_targets_are_refused_before_any_write():
+    # contiguous targets are filled in place by parallel items: two sharing memory would race
+    gen = torch.Generator().manual_seed(4)
+    base = torch.randn(40_000, generator=gen, dtype=torch.float64)
+    first = torch.randn(5, generator=gen)
+    keep = (first.clone(), base.clone())
+    with pytest.raises(RuntimeError, match=r"probe_fill_: tensors\[1\] and tensors\[2\] share memory"):
+        torch.ops.lorambo.probe_fill_([first, base[:30_000], base[10_000:]], 3, [0, 5, 9], "gaussian")
+    expanded = torch.randn(3, generator=gen).expand(4, 3)
+    with pytest.raises(RuntimeError, match=r"probe_fill_: tensors\[1\] \(shape \[4, 3\], strides \[0, 1\]\) has "
+                                           r"elements sharing memory"):
+        torch.ops.lorambo.probe_fill_([first, expanded], 3, [0, 5], "gaussian")
+    assert torch.equal(first, keep[0]) and torch.equal(base, keep[1])  # nothing written
+    # adjacent views of one buffer do not share memory: each follows its own stream offset
+    halves = [base[:20_000], base[20_000:]]
+    torch.ops.lorambo.probe_fill_(halves, 3, [0, 7], "uniform")
+    assert torch.equal(halves[0], torch.from_numpy(expected(3, 0, 20_000, "uniform")))
+    assert torch.equal(halves[1], torch.from_numpy(expected(3, 7, 20_000, "uniform")))

@@ -151,3 +151,18 @@ def test_mixed_devices_are_rejected_by_the_kernel_and_the_fake():
         ext_ops.multi_sq_norm(xs)
     with pytest.raises(RuntimeError, match=r"ys\[0\] is on meta but the other tensors are on cpu"):
         cpu_kernel(torch.ops.lorambo.multi_dot)([torch.ones(3)], [torch.empty(3, device="meta")], 1)
+
+
+def test_backward_through_a_reduction_raises_instead_of_leaving_grad_none():
+    gen = generator()
+    xs = [torch.randn(3, 5, generator=gen, requires_grad=True), torch.randn(7, generator=gen)]
+    ys = [torch.randn(3, 5, generator=gen), torch.randn(7, generator=gen, requires_grad=True)]
+    dots = torch.ops.lorambo.multi_dot(xs, ys, 1)
+    check_within_accumulation_bound(dots.detach(), [x.detach() for x in xs], [y.detach() for y in ys])
+    with pytest.raises(RuntimeError, match=r"derivative for lorambo::multi_dot is not implemented"):
+        dots.sum().backward()
+    norms = torch.ops.lorambo.multi_sq_norm(xs, 1)
+    check_within_accumulation_bound(norms.detach(), [x.detach() for x in xs], [x.detach() for x in xs])
+    with pytest.raises(RuntimeError, match=r"derivative for lorambo::multi_sq_norm is not implemented"):
+        norms.sum().backward()
+    assert xs[0].grad is None and ys[1].grad is None

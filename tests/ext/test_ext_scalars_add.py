@@ -33,3 +33,38 @@ def test_leaves_other_elements_and_refuses_more_than_one():
     with pytest.raises(RuntimeError, match=r"tensors\[1\] has 3 elements"):
         torch.ops.lorambo.scalars_add_([first, torch.zeros(3)], 1.0)
     assert first.item() == 0.0  # checked before anything changed
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_refuses_integer_and_bool_counts_before_changing_any(dtype):
+    gen = torch.Generator().manual_seed(2)
+    first = torch.randn((), generator=gen, dtype=torch.float64)
+    want = first.clone()
+    with pytest.raises(RuntimeError, match=r"lorambo::scalars_add_: tensors\[1\] has dtype"):
+        torch.ops.lorambo.scalars_add_([first, torch.ones(1, dtype=dtype)], 1.0)
+    assert torch.equal(first, want)  # checked before anything changed
+
+
+@pytest.mark.parametrize("bad", [torch.empty(3), torch.empty(1, dtype=torch.int64)], ids=["3 elements", "int64"])
+def test_fake_implementation_refuses_what_the_kernel_refuses(bad):
+    # meta tensors (torch.compile's fake tensors) take lorambo/ext/fake.py, not the CPU kernel
+    with pytest.raises(RuntimeError, match=r"lorambo::scalars_add_: tensors\[1\] has"):
+        torch.ops.lorambo.scalars_add_([torch.empty(1, device="meta"), bad.to("meta")], 1.0)
+    with pytest.raises(RuntimeError, match=r"lorambo::scalars_add_: tensors\[1\] has"):
+        torch.ops.lorambo.scalars_add_([torch.ones(1), bad.fill_(1)], 1.0)
+
+
+def test_opcheck():
+    gen = torch.Generator().manual_seed(3)
+    counts = [torch.randn(1, generator=gen), torch.randn((), generator=gen, dtype=torch.float64),
+              torch.randn(1, 1, generator=gen).to(torch.bfloat16)]
+    torch.library.opcheck(torch.ops.lorambo.scalars_add_.default, (counts, 1.0))
+
+
+def test_a_meta_tensor_in_a_cpu_list_is_refused_not_skipped():
+    count = torch.randn(1, generator=torch.Generator().manual_seed(4))
+    want = count.clone()
+    with pytest.raises(RuntimeError, match=r"lorambo::scalars_add_: tensors\[1\] is on meta but the other tensors "
+                                           r"are on cpu"):
+        torch.ops.lorambo.scalars_add_([count, torch.empty(1, device="meta")], 1.0)
+    assert torch.equal(count, want)

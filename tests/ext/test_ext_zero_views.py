@@ -39,3 +39,21 @@ def test_zeroes_exactly_what_zero_does(dtype):
     for got, want in zip(pools, expected):  # the zeroed parts, and everything around them untouched
         assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))  # bit for bit: +0.0, never -0.0
     assert all(v._version > old for v, old in zip(views[:4], versions[:4]))  # as zero_() marks its tensor
+
+
+def test_opcheck():
+    gen = torch.Generator().manual_seed(6)
+    pools = [torch.randn(8, 5, generator=gen), torch.randn(5, 8, generator=gen, dtype=torch.float64)]
+    torch.library.opcheck(torch.ops.lorambo.zero_views_.default, ([pools[0][3:], pools[1][:, 2:]],))
+
+
+def test_a_meta_tensor_in_a_cpu_list_is_refused_not_skipped():
+    # the list dispatches to the fake implementation, which used to return without writing
+    gen = torch.Generator().manual_seed(8)
+    pool = torch.randn(4, 3, generator=gen)
+    want = pool.clone()
+    with pytest.raises(RuntimeError, match=r"lorambo::zero_views_: tensors\[1\] is on meta but the other tensors "
+                                           r"are on cpu"):
+        torch.ops.lorambo.zero_views_([pool[2:], torch.empty(2, 3, device="meta")])
+    assert torch.equal(pool, want)
+    torch.ops.lorambo.zero_views_([torch.empty(2, 3, device="meta")])  # all meta: the fake, fine

@@ -26,6 +26,19 @@ int32_t dtype_code(const char* op, const std::string& what, at::ScalarType t);
 at::Device check_same_device(const char* op, const char* name, at::TensorList ts,
                              const at::Device* device = nullptr);
 
+// Lists of contiguous tensors, by name, that one op works on in parallel items.
+struct NamedList {
+  const char* name;
+  at::TensorList tensors;
+  bool written;
+};
+
+// No memory shared between a written tensor and any other listed tensor (two read-only ones may
+// share): parallel items would race, or one would read what another has already updated. A
+// TORCH_CHECK names both tensors. Only contiguous tensors are compared (a non-contiguous one is
+// skipped: callers that accept them write them through a staging copy, one at a time).
+void check_disjoint(const char* op, const std::vector<NamedList>& lists);
+
 // ----------------------------------------------------------------------------- reductions
 struct ReduceItem {
   int64_t tensor;  // list index
@@ -99,7 +112,8 @@ RemapPlan plan_remap(const char* op, at::TensorList tensors, at::IntArrayRef slo
 // ------------------------------------------------------------------------------- checks
 // lorambo::pool_adamw_: list lengths, one device, float32/64, bf16 or fp16 2-D contiguous pools with
 // grads and moments of the same shape and dtype, slot_dims in {0, 1}, ranks within the pool,
-// float32 slot counts [capacity], lr finite >= 0, betas in [0, 1).
+// float32 slot counts [capacity], lr finite >= 0, betas in [0, 1); no written tensor sharing
+// memory with another tensor (check_disjoint).
 void check_pool_adamw(const char* op, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList slot_steps,
                       at::IntArrayRef slot_dims, at::IntArrayRef ranks, double lr, double beta1, double beta2);
