@@ -43,6 +43,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+# from its module: torch 2.11's torch.amp has no __all__, so mypy --strict does not see
+# torch.amp.GradScaler as exported there (torch 2.13's does)
+from torch.amp.grad_scaler import GradScaler
 
 from lorambo.allocation import METHODS, allocate
 from lorambo.allocation import capacity as pools
@@ -559,7 +562,7 @@ class LoRAMBoOptimizer:
 
     def step(self, step: int, optimizer: OptimizerArgument | None = None,
              component_scores: Mapping[str, torch.Tensor] | None = None,
-             grad_scaler: torch.amp.GradScaler | None = None) -> list[dict[str, Any]]:
+             grad_scaler: GradScaler | None = None) -> list[dict[str, Any]]:
         """Take the decision of ``step`` if one is due; returns its records (possibly []).
         ``optimizer`` defaults to the one from :meth:`make_optimizer`. Training with a
         ``torch.amp.GradScaler``: pass it as ``grad_scaler`` (before ``scaler.update()``), so
@@ -612,7 +615,7 @@ class LoRAMBoOptimizer:
 
     def update_ranks(self, optimizer: OptimizerArgument | None = None, step: int | None = None,
                      component_scores: Mapping[str, torch.Tensor] | None = None,
-                     grad_scaler: torch.amp.GradScaler | None = None) -> list[dict[str, Any]]:
+                     grad_scaler: GradScaler | None = None) -> list[dict[str, Any]]:
         """Grow (and, with ``move_threshold``, move) ranks now from the captured step
         (``grad_scaler``, and the scaler of a wrapped ``optimizer``: see :meth:`step`)."""
         grad_scaler = grad_scaler if grad_scaler is not None else wrapper_grad_scaler(optimizer)

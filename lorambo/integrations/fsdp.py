@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.amp.grad_scaler import GradScaler
 
 from lorambo.adapters.io import save_adapter as _save_adapter
 from lorambo.adapters.peft_export import export_peft as _export_peft
@@ -156,7 +157,7 @@ def keep_components(plans: Sequence[tuple[nn.Module, Sequence[int]]],
 
 def allocator_step(allocator: LoRAMBoOptimizer, step: int, optimizer: OptimizerArgument | None = None,
                    component_scores: Mapping[str, torch.Tensor] | None = None,
-                   grad_scaler: torch.amp.GradScaler | None = None) -> list[dict[str, Any]]:
+                   grad_scaler: GradScaler | None = None) -> list[dict[str, Any]]:
     """``LoRAMBoOptimizer.step`` for a sharded model: the pools are gathered on decision steps only."""
     if allocator.allocation == "alora":
         raise NotImplementedError("ALoRA runs forward passes inside its decisions; under FSDP2 use "

@@ -51,6 +51,7 @@ import os
 from typing import TYPE_CHECKING
 
 import torch
+from torch.amp.grad_scaler import GradScaler
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -123,7 +124,7 @@ class LoRAMBoCallback(TrainerCallback):
 
     def __init__(self, allocator: LoRAMBoOptimizer, importance: AdaLoRAImportance | None = None,
                  resume_from: str | os.PathLike[str] | None = None,
-                 grad_scaler: torch.amp.GradScaler | None = None) -> None:
+                 grad_scaler: GradScaler | None = None) -> None:
         from lorambo.optimizer import LoRAMBoOptimizer
         from lorambo.sensitivity import AdaLoRAImportance
 

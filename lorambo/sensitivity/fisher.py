@@ -52,6 +52,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.amp.grad_scaler import GradScaler
 
 from lorambo.ops.custom_op import autocast_off
 from lorambo.ops.sketch import sq_grad_norms_many, use_sketch_kernels
@@ -166,7 +167,7 @@ class FisherProxy:
     """
 
     def __init__(self, model: torch.nn.Module, modules: Sequence[str] | str | None = None, reduction: str = "mean",
-                 sketch_dim: int | None = None, seed: int = 0, grad_scaler: torch.amp.GradScaler | None = None,
+                 sketch_dim: int | None = None, seed: int = 0, grad_scaler: GradScaler | None = None,
                  token_mask: TokenMask = "auto") -> None:
         require_module(model, "FisherProxy")
         if grad_scaler is not None and not callable(getattr(grad_scaler, "_get_scale_async", None)):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.amp.grad_scaler import GradScaler
 
 import lorambo
 import lorambo.integrations.fsdp
@@ -81,7 +82,7 @@ def train(model: nn.Module, batches: list[Batch]) -> None:
     print(counts, plain, loss, version)
 
 
-def allocator(model: nn.Module, batches: list[Batch], scaler: torch.amp.GradScaler) -> None:
+def allocator(model: nn.Module, batches: list[Batch], scaler: GradScaler) -> None:
     opt = LoRAMBoOptimizer(model, total_budget=6_000, initial_budget=4_000, sensitivity_method="gradient",
                            warmup_steps=20, interval=20, stop_step=200, loss_improvement_threshold=0.0,
                            log_path="run/decisions.jsonl", modules_to_save=["classifier"], target_modules=["query"])
@@ -117,7 +118,7 @@ def allocator(model: nn.Module, batches: list[Batch], scaler: torch.amp.GradScal
     print(records, callback, saved)
 
 
-def estimators(model: nn.Module, batches: list[Batch], scaler: torch.amp.GradScaler) -> None:
+def estimators(model: nn.Module, batches: list[Batch], scaler: GradScaler) -> None:
     traces = lorambo.sensitivity.hessian_trace(model, loss_fn, batches, num_probes=8, method="hutch++")
     value: float = traces["layer"].value
     norms = lorambo.sensitivity.hessian_opnorm(model, loss_fn, iter(batches), modules=["query"])
