@@ -16,6 +16,7 @@ links the libgomp.so.1 that torch itself loads).
 """
 
 import glob
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -26,6 +27,30 @@ from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 CSRC = "csrc"
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources_module():
+    """lorambo/ext/sources.py, loaded by path: importing lorambo would need torch and more."""
+    spec = importlib.util.spec_from_file_location(
+        "_lorambo_sources", os.path.join(HERE, "lorambo", "ext", "sources.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _sources_header(digest):
+    """The folder of a generated header defining LORAMBO_SOURCES_HASH (csrc/ops.cpp exposes it as
+    lorambo._C.sources_hash). Rewritten only when the hash changes: ninja then recompiles ops.cpp
+    alone, where a -D flag would change every file's command line and recompile them all."""
+    folder = os.path.join(HERE, "build", "generated")
+    header = os.path.join(folder, "lorambo_sources_hash.h")
+    text = f'#pragma once\n#define LORAMBO_SOURCES_HASH "{digest}"\n'
+    os.makedirs(folder, exist_ok=True)
+    if not os.path.exists(header) or open(header).read() != text:
+        with open(header, "w") as out:
+            out.write(text)
+    return folder
 
 
 def _log(msg):
@@ -113,12 +138,14 @@ def extension_build():
         _log("torch is not importable in the build environment (use --no-build-isolation): "
              "building without the compiled extension")
         return [], {}
-    include = os.path.join(os.path.dirname(os.path.abspath(__file__)), CSRC, "include")
+    include = os.path.join(HERE, CSRC, "include")
+    sources = _sources_module()
+    digest = sources.sources_hash(os.path.join(HERE, CSRC))
     omp = ["-fopenmp"] if sys.platform.startswith("linux") else []  # elsewhere: serial at::parallel_for
     # -fno-math-errno: nothing reads errno, and without it GCC keeps every sqrt scalar (a negative
     # input must set errno), which left the pool AdamW loop unvectorised (csrc/cpu/pool_adamw_cpu.cpp).
     common = {
-        "include_dirs": [include],
+        "include_dirs": [include, _sources_header(digest)],
         "extra_compile_args": {"cxx": ["-O3", "-g0", "-std=c++20", "-fno-math-errno", *omp]},
         "extra_link_args": omp,
     }
@@ -145,8 +172,7 @@ def extension_build():
             # One object folder for every build of this checkout (editable installs would
             # otherwise compile in a fresh temporary folder each time): ninja then recompiles
             # only what changed (it tracks headers and compile flags, torch's included).
-            self.build_temp = os.path.join(os.path.dirname(os.path.abspath(__file__)), "build",
-                                           f"ext-{sys.implementation.cache_tag}")
+            self.build_temp = os.path.join(HERE, "build", f"ext-{sys.implementation.cache_tag}")
 
         def run(self):
             try:
@@ -155,6 +181,12 @@ def extension_build():
                 if strict:
                     raise
                 _log(f"compiled extension skipped, build failed: {err}")
+                return
+            # the hash of the sources built, next to the module: a wheel carries no csrc/ for
+            # lorambo.ext.loader to hash, so it compares the module with this record
+            record = os.path.join(os.path.dirname(self.get_ext_fullpath("lorambo._C")), sources.RECORD)
+            with open(record, "w") as out:
+                out.write(digest + "\n")
 
     return [ext], {"build_ext": OptionalBuildExtension}
 

@@ -23,6 +23,59 @@ def _one_device(op: str, name: str, tensors, device=None) -> None:
                                "all tensors must be on one device")
 
 
+# c10's names of the dtypes whose Python name is not the c10 one capitalised (the kernels' errors
+# print c10::ScalarType)
+_C10_NAMES = {torch.uint8: "Byte", torch.int8: "Char", torch.int16: "Short", torch.int32: "Int",
+              torch.int64: "Long", torch.float16: "Half", torch.float32: "Float", torch.float64: "Double",
+              torch.complex32: "ComplexHalf", torch.complex64: "ComplexFloat",
+              torch.complex128: "ComplexDouble", torch.bfloat16: "BFloat16", torch.qint8: "QInt8",
+              torch.quint8: "QUInt8", torch.qint32: "QInt32", torch.quint4x2: "QUInt4x2",
+              torch.quint2x4: "QUInt2x4", torch.uint16: "UInt16",
+              torch.uint32: "UInt32", torch.uint64: "UInt64"}
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _dtype(op: str, what: str, dtype: torch.dtype) -> None:
+    """csrc/plan.cpp's dtype_code: the dtypes every reduction and mask kernel takes."""
+    if dtype not in _KERNEL_DTYPES:
+        name = _C10_NAMES.get(dtype) or str(dtype).removeprefix("torch.").capitalize()
+        raise RuntimeError(f"{op}: {what} has dtype {name}; supported dtypes are float32, float64, "
+                           "bfloat16 and float16")
+
+
+def _shape(t) -> str:
+    return "[" + ", ".join(str(n) for n in t.shape) + "]"
+
+
+def _plan_reduce(op: str, xs, ys, rows: int) -> None:
+    """csrc/plan.cpp's plan_reduce checks, in its order (ys None: a norm, no pairs)."""
+    if rows < 1:
+        raise RuntimeError(f"{op}: rows must be >= 1, got {rows}")
+    if ys is not None and len(xs) != len(ys):
+        raise RuntimeError(f"{op}: xs has {len(xs)} tensors but ys has {len(ys)}; the lists must pair up")
+    _one_device(op, "xs", xs)
+    if ys is not None:
+        _one_device(op, "ys", ys, xs[0].device if len(xs) else None)
+    for i, x in enumerate(xs):
+        _dtype(op, f"xs[{i}]", x.dtype)
+        if ys is not None:
+            _dtype(op, f"ys[{i}]", ys[i].dtype)
+            if x.shape != ys[i].shape:
+                raise RuntimeError(f"{op}: xs[{i}] has shape {_shape(x)} but ys[{i}] has shape {_shape(ys[i])}; "
+                                   "pairs must have equal shapes")
+        if rows > 1 and (x.dim() < 1 or x.shape[0] != rows):
+            raise RuntimeError(f"{op}: xs[{i}] has shape {_shape(x)} but rows={rows} needs a leading "
+                               f"dimension of {rows}")
+
+
+def _check_dropout(op: str, p: float, seed: int) -> None:
+    """csrc/plan.cpp's check_dropout (``:g`` prints p as the C++ stream does)."""
+    if not 0.0 <= p < 1.0:
+        raise RuntimeError(f"{op}: dropout_p must be in [0, 1), got {p:g}")
+    if p > 0.0 and seed < 0:
+        raise RuntimeError(f"{op}: seed must be in [0, 2^63), got {seed}")
+
+
 def _register() -> None:
     global _registered
     if _registered or not hasattr(torch.ops.lorambo, "multi_dot"):
@@ -31,14 +84,12 @@ def _register() -> None:
 
     @register_fake("lorambo::multi_dot")
     def _multi_dot(xs, ys, rows=1):
-        torch._check(len(xs) == len(ys), lambda: f"lorambo::multi_dot: xs has {len(xs)} tensors but ys has {len(ys)}")
-        _one_device("lorambo::multi_dot", "xs", xs)
-        _one_device("lorambo::multi_dot", "ys", ys, xs[0].device)
+        _plan_reduce("lorambo::multi_dot", xs, ys, rows)
         return xs[0].new_empty((rows, len(xs)), dtype=torch.float64)
 
     @register_fake("lorambo::multi_sq_norm")
     def _multi_sq_norm(xs, rows=1):
-        _one_device("lorambo::multi_sq_norm", "xs", xs)
+        _plan_reduce("lorambo::multi_sq_norm", xs, None, rows)
         return xs[0].new_empty((rows, len(xs)), dtype=torch.float64)
 
     @register_fake("lorambo::probe_fill_")
@@ -82,6 +133,8 @@ def _register() -> None:
 
     @register_fake("lorambo::dropout_mask")
     def _dropout_mask(x, p, seed):
+        _check_dropout("lorambo::dropout_mask", p, seed)
+        _dtype("lorambo::dropout_mask", "x", x.dtype)
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     @register_fake("lorambo::lora_linear_fwd")

@@ -6,8 +6,12 @@ Semantics (kept stable; tests/ext/test_ext_packaging.py checks them):
   None quietly. A missing extension is an expected configuration, not a problem to report.
 - *broken* (the file exists but does not import: ABI or torch-version mismatch, missing symbol,
   or its fake-impl module fails): ``load()`` returns None and warns **once** per process.
-- *stale* (it imports but lacks an operator this lorambo calls: an older build left in place,
-  e.g. after a rebuild failed): treated as broken, and the warning names the missing operators.
+- *stale* (it imports but lacks an operator this lorambo calls, or was built from other C++/CUDA
+  sources than this lorambo's: an older build left in place, e.g. after a rebuild failed or a
+  ``git pull`` without one): treated as broken, and the warning names the missing operators or
+  the differing source hashes (lorambo/ext/sources.py). The sources are those of the csrc/ next
+  to the package (a checkout, an editable install), else the hash the build recorded next to
+  the module (a wheel); with neither, only the operators are checked.
 - either way lorambo keeps working on Triton/PyTorch; only an explicit request for the ``ext``
   backend (:func:`require`) raises.
 
@@ -19,11 +23,17 @@ formulas for ``FlopCounterMode``.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from types import ModuleType
 
 import torch
 
+from lorambo.ext.sources import RECORD, sources_hash
 from lorambo.user_warnings import warn_user
+
+# the csrc/ of a checkout or editable install this package lives in (absent in a wheel)
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+_REBUILD = "rebuild it with `pip install -e .` or `python setup.py build_ext --inplace`"
 
 _state: dict[str, object] = {}
 
@@ -39,6 +49,7 @@ def load() -> ModuleType | None:
             module = importlib.import_module("lorambo._C")
             importlib.import_module("lorambo.ext.fake")
             _check_operators(module)
+            _check_sources(module)
             importlib.import_module("lorambo.ext.flops").register_lora_flop_formulas("lorambo")
             _state["module"] = module
         except ModuleNotFoundError as err:
@@ -55,7 +66,25 @@ def _check_operators(module: ModuleType) -> None:
     missing = [name for name in OPERATORS if not hasattr(torch.ops.lorambo, name)]
     if missing:
         raise ImportError(f"{module.__file__} is stale: it lacks the operators {missing} (an older build "
-                          "left in place?); rebuild it with `pip install -e .` or `python setup.py build_ext --inplace`")
+                          "left in place?); " + _REBUILD)
+
+
+def _expected_sources(module: ModuleType) -> tuple[str, str] | None:
+    """(hash, where it comes from) of the sources ``module`` must have been built from."""
+    if (CSRC / "ops.cpp").is_file():  # a checkout: what a rebuild would compile now
+        return sources_hash(CSRC), str(CSRC)
+    record = Path(module.__file__).with_name(RECORD)
+    if record.is_file():  # a wheel: what its build compiled
+        return record.read_text().strip(), str(record)
+    return None
+
+
+def _check_sources(module: ModuleType) -> None:
+    expected = _expected_sources(module)
+    built = getattr(module, "sources_hash", None)  # None: a build older than the hash
+    if expected is not None and built != expected[0]:
+        raise ImportError(f"{module.__file__} is stale: built from other sources (hash {built}) than "
+                          f"{expected[1]} (hash {expected[0]}); " + _REBUILD)
 
 
 def available() -> bool:

@@ -15,9 +15,9 @@ column block, where ``torch._foreach_zero_`` fills it element by element: 27-33 
 for 48 blocks [256, 8]) unless the backend switch is at ``torch``, else ``_foreach_zero_``.
 
 The views are computed once per optimizer and reused until a pool's rank or Parameter object
-(:func:`~lorambo.nn.slots.pools_generation`), the optimizer's parameter lists, or the memory of a
-pool change: finding them costs microseconds per parameter, which every step of a host-bound run
-would pay. The memory is compared by address (``param.data = new``, as
+(:func:`~lorambo.nn.slots.pools_generation`), the Parameter objects in the optimizer's groups
+(compared by identity, so an entry swapped in a list is seen), or the memory of a pool change:
+finding them costs microseconds per parameter, which every step of a host-bound run would pay. The memory is compared by address (``param.data = new``, as
 ``torch.nn.utils.vector_to_parameters`` does, keeps the Parameter, its tag and its rank); a
 sharded pool (a DTensor, FSDP2) or another tensor subclass without an address by its Parameter
 object only.
@@ -26,6 +26,7 @@ object only.
 from __future__ import annotations
 
 import weakref
+from operator import is_
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -38,7 +39,8 @@ from lorambo.sharding import is_sharded, local_tensor
 __all__ = ["zero_inactive_after_steps"]
 
 _installed = False
-# optimizer -> (key, (views, zeroed in one compiled call), the pools with an address, their addresses)
+# optimizer -> (key, its parameter lists copied, (views, zeroed in one compiled call),
+#               the pools with an address, their addresses)
 _cached: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _data_ptr = torch.Tensor.data_ptr
 
@@ -81,20 +83,33 @@ def _has_address(param) -> bool:
 def _views_of(optimizer) -> tuple[list[torch.Tensor], bool]:
     """The views to zero, and whether the extension's ``zero_views_`` takes them."""
     groups = getattr(optimizer, "param_groups", None) or ()
-    # the lists themselves: add_param_group, or a list replaced or extended in place
-    key = (pools_generation(), get_backend(),
-           tuple((id(group["params"]), len(group["params"])) for group in groups))
+    key = (pools_generation(), get_backend())
     try:
         cached = _cached.get(optimizer)
     except TypeError:  # an optimizer that cannot be weakly referenced: no cache
         return _zeroing(inactive_views(param for group in groups for param in group["params"]))
-    if cached is not None and cached[0] == key and list(map(_data_ptr, cached[2])) == cached[3]:
-        return cached[1]
-    params = [param for group in groups for param in group["params"]]
+    if (cached is not None and cached[0] == key and _same_params(groups, cached[1])
+            and list(map(_data_ptr, cached[3])) == cached[4]):
+        return cached[2]
+    lists = [list(group["params"]) for group in groups]
+    params = [param for held in lists for param in held]
     zeroing = _zeroing(inactive_views(params))
     plain = [param for param in params if pool_slots(param) is not None and _has_address(param)]
-    _cached[optimizer] = (key, zeroing, plain, list(map(_data_ptr, plain)))
+    _cached[optimizer] = (key, lists, zeroing, plain, list(map(_data_ptr, plain)))
     return zeroing
+
+
+def _same_params(groups, lists: list[list]) -> bool:
+    """Whether each group still holds the very Parameter objects of ``lists``, in order: catches
+    add_param_group, and a list replaced, extended or with an entry swapped in place. Compared by
+    identity in C (``map(is_)``), without building anything per step."""
+    if len(groups) != len(lists):
+        return False
+    for group, held in zip(groups, lists):
+        params = group["params"]
+        if len(params) != len(held) or not all(map(is_, params, held)):
+            return False
+    return True
 
 
 def _zeroing(views: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:

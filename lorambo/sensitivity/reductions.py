@@ -27,9 +27,11 @@ __all__ = ["per_layer_dots", "per_layer_sq_norms"]
 
 
 def per_layer_dots(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:
-    """(P, L) float64: row p, column i = <xs[i][p], ys[i][p]> for tensors of shape (P, ...)."""
-    if len(xs) != len(ys):
-        raise ValueError(f"per_layer_dots: {len(xs)} tensors vs {len(ys)}")
+    """(P, L) float64: row p, column i = <xs[i][p], ys[i][p]>, for pairs of equal shape (P, ...)
+    with one P for all; a 1-D (P,) tensor is P rows of one element. Every path takes the same
+    inputs and refuses the others with the same ValueError."""
+    _check_pairs(xs, ys)
+    xs, ys = [_as_rows(x) for x in xs], [_as_rows(y) for y in ys]
     if xs and use_sketch_kernels([*xs, *ys]):
         return row_dots(xs, ys)
     if xs and use_compiled_multi_tensor([*xs, *ys]):
@@ -37,6 +39,25 @@ def per_layer_dots(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tens
 
         return ext_ops.multi_dot(xs, ys, rows=xs[0].shape[0])
     return torch.stack([_row_dot(x, y) for x, y in zip(xs, ys)], dim=1)
+
+
+def _check_pairs(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> None:
+    if len(xs) != len(ys):
+        raise ValueError(f"per_layer_dots: {len(xs)} tensors vs {len(ys)}")
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        if x.shape != y.shape:
+            raise ValueError(f"per_layer_dots: xs[{i}] has shape {list(x.shape)} but ys[{i}] has shape "
+                             f"{list(y.shape)}; pairs must have equal shapes")
+        if x.dim() == 0:
+            raise ValueError(f"per_layer_dots: xs[{i}] is 0-d; tensors need a leading dimension of P rows")
+        if x.shape[0] != xs[0].shape[0]:
+            raise ValueError(f"per_layer_dots: xs[{i}] has shape {list(x.shape)} but xs[0] has "
+                             f"{xs[0].shape[0]} rows; every tensor needs the same leading dimension")
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """(P, ...) as at least 2-D: (P,) is (P, 1), where the Triton kernel would take one row of P."""
+    return x.unsqueeze(1) if x.dim() == 1 else x
 
 
 def _row_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -93,12 +93,16 @@ import sys
 import torch
 import lorambo
 import lorambo._C as C
-from lorambo.ext import ops as ext_ops
+from lorambo.ext import loader, ops as ext_ops
 from lorambo.ops.ext_linear import dropout_mask_ext, lora_linear_ext
 from lorambo.ops.lora_linear_ref import lora_linear_reference
 
 print(C.__file__)
 print(lorambo.__file__)
+import warnings
+with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert loader.load() is C  # no csrc/ here: checked against the hash the build recorded
 xs = [torch.randn(3, 4), torch.randn(5).to(torch.bfloat16), torch.randn(0)]
 ys = [torch.randn(3, 4), torch.randn(5), torch.randn(0)]
 want = torch.tensor([[float((x.double() * y.double()).sum()) for x, y in zip(xs, ys)]], dtype=torch.float64)
@@ -151,6 +155,7 @@ def test_cpu_wheel_contains_the_extension_and_runs_every_op_in_a_fresh_venv(tmp_
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.startswith("lorambo/_C.") and n.endswith(".so") for n in names), names
     assert "lorambo_kernels/__init__.py" in names and "lorambo/ext/fake.py" in names
+    assert "lorambo/_C.sources" in names  # what lorambo.ext.loader checks the module against
     venv, py = fresh_venv
     subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True)
     proc = subprocess.run([str(py), "-c", SMOKE], cwd=tmp_path, capture_output=True, text=True)

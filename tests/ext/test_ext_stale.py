@@ -1,6 +1,8 @@
-"""A stale extension (an older build left in place) is refused as broken, naming what it lacks."""
+"""A stale extension (an older build left in place) is refused as broken, naming what it lacks or
+the sources it was built from."""
 
 import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import torch
 from ext_testutil import needs_ext
 
 from lorambo.ext import loader as ext_loader
+from lorambo.ext.sources import RECORD, sources_hash
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,3 +50,59 @@ def test_complete_extension_loads_without_warning(fresh_loader):
         warnings.simplefilter("error")
         module = ext_loader.load()
     assert module is not None and all(hasattr(torch.ops.lorambo, name) for name in ext_loader.OPERATORS)
+
+
+def _load_warnings():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert ext_loader.load() is None and ext_loader.load() is None and not ext_loader.available()
+    return [str(w.message) for w in caught]
+
+
+@needs_ext
+def test_extension_built_before_the_sources_changed_is_refused_with_one_warning(tmp_path, monkeypatch,
+                                                                              fresh_loader):
+    """Every operator name is there, but csrc/ changed since the build (a `git pull` without a
+    rebuild): the module is refused, once, and lorambo runs on Triton/PyTorch."""
+    import lorambo._C
+
+    assert lorambo._C.sources_hash == sources_hash(ROOT / "csrc")  # this checkout's build is current
+    shutil.copytree(ROOT / "csrc", tmp_path / "csrc")
+    with open(tmp_path / "csrc" / "inplace.cpp", "a") as source:
+        source.write("// an edit since the build\n")
+    monkeypatch.setattr(ext_loader, "CSRC", tmp_path / "csrc")
+    messages = _load_warnings()
+    assert len(messages) == 1, messages
+    assert "stale" in messages[0] and "rebuild" in messages[0] and "Triton/PyTorch" in messages[0]
+    assert lorambo._C.sources_hash in messages[0] and sources_hash(tmp_path / "csrc") in messages[0]
+    with pytest.raises(RuntimeError, match="stale"):
+        ext_loader.require()
+
+
+@needs_ext
+def test_extension_built_before_the_sources_were_hashed_is_refused(monkeypatch, fresh_loader):
+    """A module older than the hash (no ``sources_hash``) has the operator names of today's
+    csrc/ but not, e.g., the in-place ops' version bumps (csrc/inplace.cpp)."""
+    import lorambo._C
+
+    monkeypatch.delattr(lorambo._C, "sources_hash")
+    messages = _load_warnings()
+    assert len(messages) == 1 and "stale" in messages[0] and "hash None" in messages[0], messages
+
+
+@needs_ext
+def test_installed_wheel_compares_the_module_with_the_hash_its_build_recorded(tmp_path, monkeypatch,
+                                                                            fresh_loader):
+    """A wheel has no csrc/: the module is compared with the record its build left next to it."""
+    import lorambo._C
+
+    monkeypatch.setattr(ext_loader, "CSRC", tmp_path / "no-csrc")
+    monkeypatch.setattr(lorambo._C, "__file__", str(tmp_path / Path(lorambo._C.__file__).name))
+    (tmp_path / RECORD).write_text(lorambo._C.sources_hash + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ext_loader.load() is lorambo._C
+    ext_loader._state.clear()
+    (tmp_path / RECORD).write_text("0" * 64 + "\n")  # a module copied over another build's
+    messages = _load_warnings()
+    assert len(messages) == 1 and "stale" in messages[0] and str(tmp_path / RECORD) in messages[0], messages

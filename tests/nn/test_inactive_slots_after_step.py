@@ -168,3 +168,20 @@ def test_inactive_slots_are_zeroed_alike_with_and_without_the_extension():
             assert all(torch.count_nonzero(layer.lora_B[:, :layer.rank]) > 0 for layer in layers)  # trained
     finally:
         lorambo.set_backend(None)
+
+
+def test_inactive_slots_stay_zero_after_an_entry_of_a_parameter_list_is_swapped():
+    """``group["params"][i] = other`` keeps the list object and its length: the pool put there
+    must be zeroed after the next step, not the one it replaced."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    first = LoRAMBoLinear(nn.Linear(6, 5, dtype=torch.float64), rank=2, capacity=4)
+    second = LoRAMBoLinear(nn.Linear(6, 5, dtype=torch.float64), rank=1, capacity=4)
+    opt = AttributeLion([first.lora_A, first.lora_B])
+    _drifting_step([first], opt, x)
+    params = opt.param_groups[0]["params"]
+    params[0], params[1] = second.lora_A, second.lora_B
+    opt.momentum = {}
+    _drifting_step([second], opt, x)
+    assert _inactive_nonzero(second) == 0
+    assert torch.count_nonzero(second.lora_B[:, :second.rank]) > 0  # trained

@@ -1,6 +1,7 @@
 """Batched per-layer reductions against per-tensor float64 loops, on the PyTorch path and on
 the path ``auto`` picks (the compiled extension on CPU when it is built)."""
 
+import pytest
 import torch
 
 from lorambo.ext import ops as ext_ops
@@ -44,3 +45,60 @@ def test_auto_keeps_tensors_off_the_cpu_and_non_contiguous_ones_on_the_pytorch_p
     assert use_compiled_multi_tensor(cpu) == expected
     assert not use_compiled_multi_tensor(cpu + [torch.empty(2, 3, device="meta")]) or backend == "ext"
     assert not use_compiled_multi_tensor(cpu + [torch.randn(3, 2).t()]) or backend == "ext"
+
+
+PATHS = ["torch", "ext", "triton"]
+
+
+def _on_path(path):
+    """Select one path of per_layer_dots (the Triton kernels under the interpreter on CPU)."""
+    import lorambo
+    from lorambo.ops.sketch import set_sketch_backend
+
+    if path == "ext" and not ext_ops.available():
+        raise AssertionError("the extension is not built: build it to test its path")
+    lorambo.set_backend("torch" if path == "torch" else None)
+    set_sketch_backend("triton" if path == "triton" else "torch")
+
+
+@pytest.fixture
+def restore_paths():
+    import lorambo
+    from lorambo.ops.sketch import set_sketch_backend
+
+    yield
+    lorambo.set_backend(None)
+    set_sketch_backend(None)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_per_layer_dots_takes_one_dimensional_rows_on_every_path(path, restore_paths):
+    """A (P,) tensor is P rows of one element on every path; the PyTorch loop raised an
+    IndexError on it (flatten(1)) and the Triton kernels took it as one row of P."""
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(4,), (4, 3), (4, 2, 5)]
+    xs = [torch.randn(s, generator=gen) for s in shapes]
+    ys = [torch.randn(s, generator=gen) for s in shapes]
+    want = torch.stack([(x.double().reshape(4, -1) * y.double().reshape(4, -1)).sum(1) for x, y in zip(xs, ys)], 1)
+    _on_path(path)
+    from lorambo.ops.sketch import use_sketch_kernels
+
+    assert (use_sketch_kernels(xs), use_compiled_multi_tensor(xs)) == {
+        "torch": (False, False), "ext": (False, True), "triton": (True, True)}[path]
+    got = per_layer_dots(xs, ys)
+    assert got.dtype == torch.float64 and got.shape == (4, 3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("xs_shapes, ys_shapes, message", [
+    ([()], [()], r"per_layer_dots: xs\[0\] is 0-d"),
+    ([(3, 4)], [(3, 2, 2)], r"per_layer_dots: xs\[0\] has shape \[3, 4\] but ys\[0\] has shape \[3, 2, 2\]"),
+    ([(3, 4), (2, 6)], [(3, 4), (2, 6)], r"per_layer_dots: xs\[1\] has shape \[2, 6\] but xs\[0\] has 3 rows"),
+])
+def test_per_layer_dots_refuses_the_same_inputs_alike_on_every_path(path, xs_shapes, ys_shapes, message,
+                                                                    restore_paths):
+    xs, ys = [torch.randn(s) for s in xs_shapes], [torch.randn(s) for s in ys_shapes]
+    _on_path(path)
+    with pytest.raises(ValueError, match=message):
+        per_layer_dots(xs, ys)
