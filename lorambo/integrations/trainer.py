@@ -151,7 +151,10 @@ class LoRAMBoCallback(TrainerCallback):
         # on_pre_optimizer_step or on_train_end: its hooks would keep capturing, and what they
         # captured would go into this run's first decision
         self._remove_batch_hook()
-        self.allocator.close()
+        # Trainer's step numbers start again (at 0, or at a resumed checkpoint's): under
+        # auto_find_batch_size accelerate reruns the loop after an out-of-memory error, and the
+        # retry's first decision would be refused as a repeat of the failed attempt's last one
+        self.allocator.restart_steps()
         _warn_if_not_slot_aware(inner_optimizer(optimizer))
         if state.global_step == 0:
             return
