@@ -640,7 +640,7 @@ class LoRAMBoOptimizer:
 
     def restart_steps(self) -> None:
         """A training loop whose step numbers start again (a new ``trainer.train()``, or
-        accelerate's retry with a halved batch under ``auto_find_batch_size``): forget which step
+        accelerate's retry with a smaller batch under ``auto_find_batch_size``): forget which step
         last changed ranks, so that the new loop's decision at that step number is taken rather
         than refused as a repeat (see :meth:`step`). Also drops what was captured (:meth:`close`)."""
         self.close()

@@ -239,12 +239,24 @@ class LoRAMBoCallback(TrainerCallback):
                     self.allocator.close()
                     return
                 scores = self.importance.component_scores()
-        if _has_sharded_pools(self.allocator.model):  # gathers the pools on decision steps
-            records = fsdp.allocator_step(self.allocator, state.global_step, optimizer, component_scores=scores,
-                                          grad_scaler=grad_scaler)
-        else:
-            records = self.allocator.step(state.global_step, optimizer=optimizer, component_scores=scores,
-                                          grad_scaler=grad_scaler)
+        logged = len(self.allocator.log.records)
+        try:
+            if _has_sharded_pools(self.allocator.model):  # gathers the pools on decision steps
+                records = fsdp.allocator_step(self.allocator, state.global_step, optimizer, component_scores=scores,
+                                              grad_scaler=grad_scaler)
+            else:
+                records = self.allocator.step(state.global_step, optimizer=optimizer, component_scores=scores,
+                                              grad_scaler=grad_scaler)
+        except BaseException:
+            # a decision stopped part-way (out of memory, which auto_find_batch_size retries) keeps
+            # the rank changes it made, on record in the allocator's log: the importance averages
+            # and callback.decisions follow them too, or the retry's first update() refuses them
+            self._follow(self.allocator.log.records[logged:])
+            raise
+        self._follow(records)
+
+    def _follow(self, records):
+        """Take the rank changes ``records`` into the importance averages and :attr:`decisions`."""
         if self.importance is not None:
             for rec in records:
                 self._sync_importance(rec)
