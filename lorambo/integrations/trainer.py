@@ -39,6 +39,12 @@ Trainer deletes the checkpoints beyond ``save_total_limit`` before ``on_save`` r
 ``save_total_limit=1`` a run killed in between has no complete checkpoint left: keep it >= 2
 (README, "Trainer checkpoints and resume").
 
+Retries: under ``auto_find_batch_size`` accelerate reruns the inner loop after an out-of-memory
+error, from step 0 on the ranks and weights the failed attempt left; ``on_train_begin`` restarts
+the allocator's step count (:meth:`~lorambo.LoRAMBoOptimizer.restart_steps`), so the retry
+decides at every decision step. A decision the error stopped part-way keeps the rank changes it
+made, and the callback follows them (``decisions``, the importance averages) before re-raising.
+
 FSDP2: when the pools are sharded (``fully_shard``), decisions go through
 :func:`lorambo.integrations.fsdp.allocator_step` and the adapter through its ``save_adapter``
 (every process gathers, the processes that write Trainer's checkpoint write it), with the
