@@ -641,6 +641,14 @@ class LoRAMBoOptimizer:
         decision): call it when an attempt at a step begun with :meth:`begin_step` fails."""
         self.scheduled_growth.close()
 
+    def restart_steps(self) -> None:
+        """A training loop whose step numbers start again (a new ``trainer.train()``, or
+        accelerate's retry with a smaller batch under ``auto_find_batch_size``): forget which step
+        last changed ranks, so that the new loop's decision at that step number is taken rather
+        than refused as a repeat (see :meth:`step`). Also drops what was captured (:meth:`close`)."""
+        self.close()
+        self._decided_step = None
+
     # ---------------------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:
         """What resuming needs besides the model's own ``state_dict``: the decisions so far, the

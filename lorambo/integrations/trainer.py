@@ -39,6 +39,12 @@ Trainer deletes the checkpoints beyond ``save_total_limit`` before ``on_save`` r
 ``save_total_limit=1`` a run killed in between has no complete checkpoint left: keep it >= 2
 (README, "Trainer checkpoints and resume").
 
+Retries: under ``auto_find_batch_size`` accelerate reruns the inner loop after an out-of-memory
+error, from step 0 on the ranks and weights the failed attempt left; ``on_train_begin`` restarts
+the allocator's step count (:meth:`~lorambo.LoRAMBoOptimizer.restart_steps`), so the retry
+decides at every decision step. A decision the error stopped part-way keeps the rank changes it
+made, and the callback follows them (``decisions``, the importance averages) before re-raising.
+
 FSDP2: when the pools are sharded (``fully_shard``), decisions go through
 :func:`lorambo.integrations.fsdp.allocator_step` and the adapter through its ``save_adapter``
 (every process gathers, the processes that write Trainer's checkpoint write it), with the
@@ -152,7 +158,10 @@ class LoRAMBoCallback(TrainerCallback):
         # on_pre_optimizer_step or on_train_end: its hooks would keep capturing, and what they
         # captured would go into this run's first decision
         self._remove_batch_hook()
-        self.allocator.close()
+        # Trainer's step numbers start again (at 0, or at a resumed checkpoint's): under
+        # auto_find_batch_size accelerate reruns the loop after an out-of-memory error, and the
+        # retry's first decision would be refused as a repeat of the failed attempt's last one
+        self.allocator.restart_steps()
         _warn_if_not_slot_aware(inner_optimizer(optimizer))
         if state.global_step == 0:
             return
@@ -237,12 +246,24 @@ class LoRAMBoCallback(TrainerCallback):
                     self.allocator.close()
                     return
                 scores = self.importance.component_scores()
-        if _has_sharded_pools(self.allocator.model):  # gathers the pools on decision steps
-            records = fsdp.allocator_step(self.allocator, state.global_step, optimizer, component_scores=scores,
-                                          grad_scaler=grad_scaler)
-        else:
-            records = self.allocator.step(state.global_step, optimizer=optimizer, component_scores=scores,
-                                          grad_scaler=grad_scaler)
+        logged = len(self.allocator.log.records)
+        try:
+            if _has_sharded_pools(self.allocator.model):  # gathers the pools on decision steps
+                records = fsdp.allocator_step(self.allocator, state.global_step, optimizer, component_scores=scores,
+                                              grad_scaler=grad_scaler)
+            else:
+                records = self.allocator.step(state.global_step, optimizer=optimizer, component_scores=scores,
+                                              grad_scaler=grad_scaler)
+        except BaseException:
+            # a decision stopped part-way (out of memory, which auto_find_batch_size retries) keeps
+            # the rank changes it made, on record in the allocator's log: the importance averages
+            # and callback.decisions follow them too, or the retry's first update() refuses them
+            self._follow(self.allocator.log.records[logged:])
+            raise
+        self._follow(records)
+
+    def _follow(self, records):
+        """Take the rank changes ``records`` into the importance averages and :attr:`decisions`."""
         if self.importance is not None:
             for rec in records:
                 self._sync_importance(rec)
