@@ -168,9 +168,10 @@ def test_output_folder_limits_are_checked(tmp_path):
 
 # What the GPU machine's python3 has that these files may use (docs/gpu_check.md): its image has no
 # network and lacks some of requirements/dev.txt (the MiniLM model package, for one). The checkout
-# itself provides lorambo, lorambo_kernels and the test helpers (aot_sm90 from tools/).
+# itself provides lorambo, lorambo_kernels and the test helpers (aot_sm90 and aot_cases from tools/).
 GPU_IMAGE_MODULES = {"torch", "triton", "numpy", "pytest", "hypothesis", "peft", "transformers", "safetensors", "tqdm",
-                     "yaml", "matplotlib", "lorambo", "lorambo_kernels", "lora_oracle", "ext_testutil", "aot_sm90"}
+                     "yaml", "matplotlib", "lorambo", "lorambo_kernels", "lora_oracle", "ext_testutil", "aot_sm90",
+                     "aot_cases"}
 
 
 def test_gpu_test_files_import_only_what_the_gpu_image_has():
