@@ -37,9 +37,10 @@ gradient, as in ``.grad``: a call's dY are summed over them and its examples cou
 that do not accumulate into the layer's ``.grad`` (``torch.autograd.grad``: a gradient penalty,
 an input gradient, a Hessian-vector product) are left out (:mod:`lorambo.nn.grad_passes`). A call
 is folded in when a pass frees its graph; one whose last pass kept it (``retain_graph=True``,
-``create_graph=True``) when that graph is gone (the next forward of a measured layer folds it),
-or at :meth:`FisherProxy.estimates` / :meth:`FisherProxy.state_dict`: a pass through a kept graph
-after one of those counts its examples again. Under reentrant activation checkpointing each pass
+``create_graph=True``) when that graph is gone (the next forward of a measured layer folds it,
+or :meth:`FisherProxy.detach`), or at :meth:`FisherProxy.estimates` /
+:meth:`FisherProxy.state_dict`: a pass through a kept graph after one of those counts its
+examples again. Under reentrant activation checkpointing each pass
 recomputes the segment; the copies of a call that one node recomputes are that one call.
 """
 
@@ -265,10 +266,13 @@ class FisherProxy:
         return self
 
     def detach(self) -> None:
-        """Stop gathering (remove the hooks); what was gathered stays for :meth:`estimates`."""
+        """Stop gathering (remove the hooks); what was gathered stays for :meth:`estimates`.
+        Calls whose kept graph is gone are folded in now: no forward of a measured layer would
+        fold them any more, and each holds a layer input and its dY."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._fold_pending(released_only=True)  # no pass can reach them: the same sums as later
         if self._example_weights is not None:  # the last batch's mask would outlive the pass
             self._example_weights.clear()
 
