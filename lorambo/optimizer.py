@@ -538,7 +538,7 @@ class LoRAMBoOptimizer:
         :meth:`capture`, which drops a failed attempt itself."""
         self._check_step(step, "begin_step")
         # a step whose decision changed ranks captures nothing more: no later call of step() uses it
-        if self.allocation != "alora" and self.is_decision_step(step) and step != self._decided_step:
+        if self.allocation != "alora" and self.is_decision_step(step) and not self.decided_already(step):
             mask = None if batch is None else batch_token_mask(self.token_mask, batch, "LoRAMBoOptimizer")
             self._follow_layers()
             self.scheduled_growth.begin_step(step, mask)
@@ -582,7 +582,7 @@ class LoRAMBoOptimizer:
         grad_scaler = grad_scaler if grad_scaler is not None else wrapper_grad_scaler(optimizer)
         optimizer = optimizer if optimizer is not None else self.default_optimizer
         decides = self.is_decision_step(step)
-        if decides and step == self._decided_step:
+        if decides and self.decided_already(step):
             self._warn_decided_again(step)
             return []
         if decides:
@@ -596,6 +596,11 @@ class LoRAMBoOptimizer:
             # threshold, an overflowed step skipped): a loop that repeats the step number decides again
             self._decided_step = step
         return records
+
+    def decided_already(self, step: int) -> bool:
+        """Whether a decision at ``step`` has changed ranks already, so that :meth:`step` takes
+        none at that step again (until :meth:`restart_steps` or :meth:`load_state_dict`)."""
+        return step == self._decided_step
 
     def _warn_decided_again(self, step: int) -> None:
         if not self._warned_decided_again:

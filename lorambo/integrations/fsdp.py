@@ -166,7 +166,8 @@ def allocator_step(allocator: LoRAMBoOptimizer, step: int, optimizer: OptimizerA
         return []
     grad_scaler = grad_scaler if grad_scaler is not None else wrapper_grad_scaler(optimizer)
     optimizer = optimizer if optimizer is not None else allocator.default_optimizer
-    if not allocator.is_decision_step(step):
+    if not allocator.is_decision_step(step) or allocator.decided_already(step):
+        # no decision to take (a repeated call of a step that changed ranks warns there): nothing to gather
         return allocator.step(step, optimizer=optimizer, component_scores=component_scores)
     if allocator.move_threshold is not None and component_scores is None:  # only decisions score moves
         raise NotImplementedError("rank moves scored by held-out ablation run forward passes inside the "

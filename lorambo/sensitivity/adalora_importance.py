@@ -62,8 +62,9 @@ class AdaLoRAImportance:
                 raise ValueError(f"AdaLoRAImportance: {name} must be a number in [0, 1), got {shown_number(beta)}")
         self.beta1, self.beta2 = float(beta1), float(beta2)
         self.layers = lora_targets(model, modules)
-        self.steps = 0
-        self.skipped_steps = 0  # update() calls left out for non-finite gradients
+        self._calls = 0  # update() calls that reached the fold, folded in or left out
+        self._skipped = 0  # of those, the ones left out for non-finite gradients, read so far
+        self._skipped_unread: torch.Tensor | None = None  # and on the device, not read yet
         self._ibar: dict[tuple[str, str], torch.Tensor] = {}
         self._ubar: dict[tuple[str, str], torch.Tensor] = {}
         # the component ids of each layer's slots that the statistics belong to, and after a
@@ -74,7 +75,22 @@ class AdaLoRAImportance:
     def __repr__(self) -> str:
         get = self.__dict__.get  # with defaults: a debugger shows objects whose constructor failed half-way
         return (f"AdaLoRAImportance({len(get('layers') or ())} layers, beta1={get('beta1')!r}, "
-                f"beta2={get('beta2')!r}, updates={get('steps', 0)})")
+                f"beta2={get('beta2')!r}, updates={get('_calls', 0)})")
+
+    @property
+    def skipped_steps(self) -> int:
+        """:meth:`update` calls left out for non-finite gradients. :meth:`update` counts them on
+        the device, without a host read; reading this waits for it."""
+        if self._skipped_unread is not None:
+            self._skipped += int(self._skipped_unread)
+            self._skipped_unread = None
+        return self._skipped
+
+    @property
+    def steps(self) -> int:
+        """:meth:`update` calls folded into the statistics (reading it waits for the device, as
+        :attr:`skipped_steps`)."""
+        return self._calls - self.skipped_steps
 
     def _check_followed(self, what: str) -> None:
         """RuntimeError naming the first layer whose slots changed since :meth:`keep` /
@@ -84,7 +100,8 @@ class AdaLoRAImportance:
             ids = slot_ids(layer)
             if ids == self._followed[name]:
                 continue
-            if ids == self._saved_ids.get(name) or ((name, "A") not in self._ibar and (name, "B") not in self._ibar):
+            unfolded = ((name, "A") not in self._ibar and (name, "B") not in self._ibar) or self.steps == 0
+            if ids == self._saved_ids.get(name) or unfolded:
                 # the components the loaded statistics were saved with, or no statistics yet
                 self._followed[name] = ids
                 self._saved_ids.pop(name, None)
@@ -100,7 +117,7 @@ class AdaLoRAImportance:
                 "(importance.load_state_dict); LoRAMBoCallback does this itself")
 
     @torch.no_grad()
-    def update(self) -> bool:
+    def update(self) -> torch.Tensor:
         """Fold the current gradients into the running scores (layers without a gradient skip;
         RuntimeError if no layer has one: called before backward() or after zero_grad()). Call it
         once per optimizer step: under gradient accumulation after the last micro-batch's
@@ -109,7 +126,9 @@ class AdaLoRAImportance:
         A step whose gradients are not finite (NaN/inf: a ``torch.amp.GradScaler`` step that
         overflowed, which the scaler skips too) is left out whole: it would make the averages
         inf/NaN for good, and every later score with them. Returns whether the step was folded
-        in; :attr:`skipped_steps` counts those left out."""
+        in, as a 0-d bool tensor: the test runs on the device, and only reading the answer
+        (``if not importance.update():``) waits for it, so a loop that calls this at every step
+        keeps the host ahead of the GPU. :attr:`skipped_steps` counts the steps left out."""
         self._check_followed("update")
         if all(getattr(layer, "lora_" + w).grad is None for layer in self.layers.values() for w in ("A", "B")):
             raise RuntimeError(f"AdaLoRAImportance.update(): none of its layers {list(self.layers)[:4]} has a "
@@ -127,22 +146,29 @@ class AdaLoRAImportance:
                 # underflows to 0 in fp16, and bf16 rounds it to 3 significant digits
                 acc = torch.promote_types(value.dtype, torch.float32)
                 samples[(name, which)] = (value.to(acc) * grad.to(acc)).abs().float()
-        # one host read per step and device; the gradients (all-reduced under DDP, gathered under
-        # FSDP2) are the same on every process, so all of them skip together
+        # no host read: every statistic takes its new value where the whole step is finite and
+        # keeps its old one elsewhere (torch.where, which NaN/inf in the other branch do not
+        # reach). The gradients (all-reduced under DDP, gathered under FSDP2) are the same on
+        # every process, so all of them skip together.
         flags: dict[torch.device, list[torch.Tensor]] = {}
         for inst in samples.values():
             flags.setdefault(inst.device, []).append(torch.isfinite(inst).all())
-        if not all(bool(torch.stack(per_device).all()) for per_device in flags.values()):
-            self.skipped_steps += 1
-            return False
+        first = next(iter(flags))
+        folded = torch.stack([torch.stack(per_device).all().to(first) for per_device in flags.values()]).all()
+        on = {device: folded.to(device) for device in flags}
         for key, inst in samples.items():
             if key not in self._ibar:  # first sample: Ibar starts at zero, as in AdaLoRA
                 self._ibar[key] = torch.zeros_like(inst)
                 self._ubar[key] = torch.zeros_like(inst)
-            ibar = self._ibar[key].mul_(self.beta1).add_(inst, alpha=1 - self.beta1)
-            self._ubar[key].mul_(self.beta2).add_((inst - ibar).abs(), alpha=1 - self.beta2)
-        self.steps += 1
-        return True
+            ibar, ubar = self._ibar[key], self._ubar[key]
+            new_ibar = ibar.mul(self.beta1).add_(inst, alpha=1 - self.beta1)
+            new_ubar = ubar.mul(self.beta2).add_((inst - new_ibar).abs(), alpha=1 - self.beta2)
+            ibar.copy_(torch.where(on[inst.device], new_ibar, ibar))
+            ubar.copy_(torch.where(on[inst.device], new_ubar, ubar))
+        skipped = (~folded).long()
+        self._skipped_unread = skipped if self._skipped_unread is None else self._skipped_unread.add_(skipped)
+        self._calls += 1
+        return folded
 
     def state_dict(self) -> dict[str, Any]:
         """``{"steps", "skipped_steps", "ibar", "ubar", "slot_ids"}``: the update counts, the
@@ -182,7 +208,8 @@ class AdaLoRAImportance:
         ibar = {k: v.to(device[k[0]], torch.float32) for k, v in state["ibar"].items()}
         ubar = {k: v.to(device[k[0]], torch.float32) for k, v in state["ubar"].items()}
         self._followed = {name: slot_ids(layer) for name, layer in self.layers.items()}
-        self.steps, self.skipped_steps, self._ibar, self._ubar, self._saved_ids = steps, skipped, ibar, ubar, saved_ids
+        self._calls, self._skipped, self._skipped_unread = steps + skipped, skipped, None
+        self._ibar, self._ubar, self._saved_ids = ibar, ubar, saved_ids
 
     def _checked_saved_ids(self, saved) -> dict[str, list[int]]:
         """``state["slot_ids"]`` as ``{layer name: ids}``, else a ValueError naming the entry."""

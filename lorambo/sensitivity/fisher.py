@@ -38,9 +38,9 @@ that do not accumulate into the layer's ``.grad`` (``torch.autograd.grad``: a gr
 an input gradient, a Hessian-vector product) are left out (:mod:`lorambo.nn.grad_passes`). A call
 is folded in when a pass frees its graph; one whose last pass kept it (``retain_graph=True``,
 ``create_graph=True``) when that graph is gone (the next forward of a measured layer folds it,
-or :meth:`FisherProxy.detach`), or at :meth:`FisherProxy.estimates` /
-:meth:`FisherProxy.state_dict`: a pass through a kept graph after one of those counts its
-examples again. Under reentrant activation checkpointing each pass
+or :meth:`FisherProxy.detach`), or at :meth:`FisherProxy.estimates`: a pass through a kept graph
+after that counts its examples again. :meth:`FisherProxy.state_dict` saves such a call as if it
+ended there and leaves it open. Under reentrant activation checkpointing each pass
 recomputes the segment; the copies of a call that one node recomputes are that one call.
 """
 
@@ -211,14 +211,34 @@ class FisherProxy:
     def state_dict(self) -> dict[str, Any]:
         """What resuming the measurement needs: the statistics gathered so far and the sketch
         probes' generator states, with the settings they were gathered under. Plain data and CPU
-        tensors: ``torch.load(..., weights_only=True)`` reads it."""
+        tensors: ``torch.load(..., weights_only=True)`` reads it. A call whose graph a backward
+        kept is in it as if it ended now, and stays open here: a later pass through it adds to
+        the same call, as without the save."""
         def cpu(table):
             return {n: t.detach().to("cpu", torch.float64).clone() for n, t in table.items()}
 
-        self._fold_pending()
-        return {"version": _STATE_VERSION, "settings": self._settings(), "sum": cpu(self._sum),
-                "sum_sq": cpu(self._sum_sq), "count": dict(self._count), "nonfinite": cpu(self._nonfinite),
-                "generators": {str(d): g.get_state() for d, g in self._generators.items()}}
+        kept = self._statistics()
+        try:
+            for call in self._pending.values():  # what _fold would add, leaving the call open
+                if call.grad is not None:
+                    self._accumulate(call.name, call.x, call.grad, call.weights, call.scale)
+            return {"version": _STATE_VERSION, "settings": self._settings(), "sum": cpu(self._sum),
+                    "sum_sq": cpu(self._sum_sq), "count": dict(self._count), "nonfinite": cpu(self._nonfinite),
+                    "generators": {str(d): g.get_state() for d, g in self._generators.items()}}
+        finally:
+            self._restore_statistics(kept)
+
+    def _statistics(self) -> tuple:
+        """A copy of everything :meth:`_accumulate` changes (sums, counts, probe generators)."""
+        return ({n: t.clone() for n, t in self._sum.items()}, {n: t.clone() for n, t in self._sum_sq.items()},
+                dict(self._nonfinite), dict(self._count),
+                {d: (g, g.get_state()) for d, g in self._generators.items()})
+
+    def _restore_statistics(self, kept: tuple) -> None:
+        self._sum, self._sum_sq, self._nonfinite, self._count, generators = kept
+        for generator, state in generators.values():
+            generator.set_state(state)
+        self._generators = {d: g for d, (g, _) in generators.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`: the next backward passes add to its statistics and
@@ -353,7 +373,7 @@ class FisherProxy:
         """One backward pass's dY of ``call``. Passes through one call sum, as ``.grad`` sums
         them, and the call's examples count once: it is folded in when a pass frees the graph;
         one whose graph is kept waits until no pass can reach it any more (folded at the next
-        forward of a measured layer) or :meth:`estimates` / :meth:`state_dict`. Passes that leave
+        forward of a measured layer) or :meth:`estimates`. Passes that leave
         ``.grad`` alone (``torch.autograd.grad``) are not the step's gradient and are skipped.
         ``keep``: whether the pass keeps the graph, for a recomputed call (its own pass never
         does; the outer one says); None: the running pass says."""

@@ -138,9 +138,9 @@ def test_a_step_with_non_finite_gradients_is_left_out(bad):
         model(torch.randn(9, 6, generator=gen)).pow(2).mean().backward()
         if step == 1:  # one entry of one layer's gradient overflowed
             lorambo.lora_layers(model)["1"].lora_B.grad[2, 1] = bad
-            assert tracker.update() is False
+            assert not tracker.update()
             continue
-        assert tracker.update() is True
+        assert tracker.update()
         for name, layer in lorambo.lora_layers(model).items():
             for which in "AB":
                 p = getattr(layer, "lora_" + which)
@@ -159,6 +159,6 @@ def test_scores_after_only_overflowed_steps_are_refused_saying_so():
     model = lorambo.configure_model(nn.Sequential(nn.Linear(6, 5)), 2, capacity=4)
     tracker = AdaLoRAImportance(model)
     model(torch.randn(3, 6)).pow(2).mean().mul(float("inf")).backward()
-    assert tracker.update() is False
+    assert not tracker.update()
     with pytest.raises(RuntimeError, match=r"no update\(\) yet \(1 left out: their gradients were not finite\)"):
         tracker.component_scores()
