@@ -71,7 +71,9 @@ def _check_operators(module: ModuleType) -> None:
 
 def _expected_sources(module: ModuleType) -> tuple[str, str] | None:
     """(hash, where it comes from) of the sources ``module`` must have been built from."""
-    if (CSRC / "ops.cpp").is_file():  # a checkout: what a rebuild would compile now
+    # a checkout: what a rebuild would compile now (lorambo's own header, so that another
+    # package's top-level csrc/ beside an installed lorambo is not taken for ours)
+    if (CSRC / "ops.cpp").is_file() and (CSRC / "include" / "lorambo" / "ops.h").is_file():
         return sources_hash(CSRC), str(CSRC)
     record = Path(module.__file__).with_name(RECORD)
     if record.is_file():  # a wheel: what its build compiled

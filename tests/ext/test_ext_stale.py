@@ -106,3 +106,19 @@ def test_installed_wheel_compares_the_module_with_the_hash_its_build_recorded(tm
     (tmp_path / RECORD).write_text("0" * 64 + "\n")  # a module copied over another build's
     messages = _load_warnings()
     assert len(messages) == 1 and "stale" in messages[0] and str(tmp_path / RECORD) in messages[0], messages
+
+
+@needs_ext
+def test_another_packages_csrc_beside_an_installed_lorambo_is_not_taken_for_its_sources(tmp_path, monkeypatch,
+                                                                                     fresh_loader):
+    """site-packages/csrc/ops.cpp of some other package: the wheel's record decides, no warning."""
+    import lorambo._C
+
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "csrc" / "ops.cpp").write_text("// not lorambo's\n")
+    monkeypatch.setattr(ext_loader, "CSRC", tmp_path / "csrc")
+    monkeypatch.setattr(lorambo._C, "__file__", str(tmp_path / Path(lorambo._C.__file__).name))
+    (tmp_path / RECORD).write_text(lorambo._C.sources_hash + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ext_loader.load() is lorambo._C
