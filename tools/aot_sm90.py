@@ -12,9 +12,9 @@ triton); no GPU, driver or CUDA runtime is needed.
    by a recorder. Each recorded launch is bound the way ``JITFunction.run`` binds it
    (``aot_cases.bind``: Triton's own specialization: pointer dtypes, i32/i64 by value, ints equal
    to 1 become constexprs, 16-divisible ints and pointers get ``tt.divisibility``), so a case
-   (``aot_cases.Case``) is exactly one variant the GPU would compile. The TMA GEMM is recorded where sm_90 takes it, and the pointer GEMM for
-   every launch too (it runs on sm_90 whenever descriptors do not fit, under ``LORAMBO_TMA=0``,
-   and after a TMA build failure).
+   (``aot_cases.Case``) is exactly one variant the GPU would compile. The TMA GEMM is recorded
+   where sm_90 takes it, and the pointer GEMM for every launch too (it runs on sm_90 whenever
+   descriptors do not fit, under ``LORAMBO_TMA=0``, and after a TMA build failure).
 2. :func:`compile_all` compiles each case with ``triton.compile(ASTSource(...), target=...)``
    and reports registers and spill stack (cuobjdump, also shipped with triton) and the dynamic
    shared memory from the kernel metadata, which must fit the target's per-block limit (Triton

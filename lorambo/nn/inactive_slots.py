@@ -17,7 +17,8 @@ for 48 blocks [256, 8]) unless the backend switch is at ``torch``, else ``_forea
 The views are computed once per optimizer and reused until a pool's rank or Parameter object
 (:func:`~lorambo.nn.slots.pools_generation`), the Parameter objects in the optimizer's groups
 (compared by identity, so an entry swapped in a list is seen), or the memory of a pool change:
-finding them costs microseconds per parameter, which every step of a host-bound run would pay. The memory is compared by address (``param.data = new``, as
+finding them costs microseconds per parameter, which every step of a host-bound run would pay.
+The memory is compared by address (``param.data = new``, as
 ``torch.nn.utils.vector_to_parameters`` does, keeps the Parameter, its tag and its rank); a
 sharded pool (a DTensor, FSDP2) or another tensor subclass without an address by its Parameter
 object only.
