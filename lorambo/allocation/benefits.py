@@ -257,12 +257,17 @@ def projected_top_singular_many(pairs: Sequence[Sequence[tuple[torch.Tensor, tor
             vhs.append(vh)
         return sigmas, vhs
 
-    omega = local(pre, local(setup), "in")
-    q = local(orth, product(omega, "in"), "out")
+    def times_g(buf):  # G_perp on an "in"-side buffer: input directions projected out, then the product
+        return product(local(pre, buf, "in"), "in")
+
+    def times_gt(buf):  # G_perp^T on an "out"-side buffer
+        return product(local(pre, buf, "out"), "out")
+
+    # randomized subspace iteration: Q = orth(G_perp Omega), then niter rounds of Q = orth(G_perp orth(G_perp^T Q))
+    q = local(orth, times_g(local(setup)), "out")
     for _ in range(niter):
-        q = local(orth, product(local(pre, local(orth, product(local(pre, q, "out"), "out"), "in"), "in"), "in"),
-                  "out")
-    found = local(top_pairs, product(local(pre, q, "out"), "out"))             # from G_perp^T Q
+        q = local(orth, times_g(local(orth, times_gt(q), "in")), "out")
+    found = local(top_pairs, times_gt(q))                                      # from G_perp^T Q
     # one broadcast (process 0's numbers everywhere), then one host copy of all singular values
     packed = local(lambda f: torch.cat([t.flatten() for t in f[0] + f[1]]), found)
     if failure is None:
