@@ -8,7 +8,8 @@ rank changes later, so growth keeps the function. A layer whose peft rank exceed
 gets rank min(in, out) with the same product ``B A`` (:func:`_within_min_dim`).
 ``rank_pattern`` / ``alpha_pattern`` are resolved with peft's own matching rule
 (:mod:`lorambo.model.patterns`); ranks come from the tensor shapes and must agree with the
-config. ``modules_to_save`` are loaded and stay trainable.
+config. ``modules_to_save`` are loaded and stay trainable; embedding layers saved whole
+(peft's ``save_embedding_layers``) are loaded into the base model, as peft loads them.
 
 What peft can express but a LoRAMBoLinear cannot is refused before the model is touched, with
 an error naming it: DoRA, LoRA biases (``bias`` other than "none", ``lora_bias``), targets that
@@ -35,6 +36,7 @@ from lorambo.adapters.io import AdapterFormatError
 from lorambo.adapters.meta_tensors import refuse_meta_destinations
 from lorambo.adapters.module_states import load_module_states
 from lorambo.adapters.overwrite import configure_for_overwrite
+from lorambo.adapters.peft_embeddings import check_embedding_states, embedding_entries, split_embedding_states
 from lorambo.adapters.values_fit import check_fits_dtypes, destination_dtype, saved_state_entries
 from lorambo.model import lora_layers, unload
 from lorambo.model.argument import require_module, require_path
@@ -225,8 +227,11 @@ def _capacities(model, specs, capacity) -> dict[str, int]:
 
 @torch.no_grad()
 def _install(model: nn.Module, specs: dict[str, _LayerSpec], capacity, saved_states: dict,
-             save_names: list[str], where: str) -> nn.Module:
-    """Validate everything, then configure and copy the weights in."""
+             save_names: list[str], where: str, embedding_states: dict | None = None) -> nn.Module:
+    """Validate everything, then configure and copy the weights in. ``embedding_states``:
+    ``{module name: state}`` of embedding layers the adapter holds whole
+    (:mod:`lorambo.adapters.peft_embeddings`), loaded into the base model as peft loads them."""
+    embedding_states = embedding_states or {}
     if not specs:
         raise ValueError(f"{where}: the adapter has no LoRA weights")
     if lora_layers(model):
@@ -243,8 +248,9 @@ def _install(model: nn.Module, specs: dict[str, _LayerSpec], capacity, saved_sta
         if wrong or set(have) != set(state):
             raise ValueError(f"{where}: saved state of module {name!r} does not fit the model's "
                              f"(keys or shapes differ: {sorted(wrong or set(have) ^ set(state))})")
-    refuse_meta_destinations(model, specs, saved_states, where)
-    saved_entries = list(saved_state_entries(model, saved_states))
+    check_embedding_states(model, embedding_states, where)
+    refuse_meta_destinations(model, specs, [*saved_states, *embedding_states], where)
+    saved_entries = list(saved_state_entries(model, saved_states)) + embedding_entries(model, embedding_states)
     check_finite_values(where, [(f"layer {name!r}: {pool}", value) for name, spec in specs.items()
                                 for pool, value in (("lora_A", spec.peft_a), ("lora_B", spec.peft_b))]
                         + [(what, value) for what, value, _ in saved_entries])
@@ -262,7 +268,9 @@ def _install(model: nn.Module, specs: dict[str, _LayerSpec], capacity, saved_sta
             layer.lora_B[:, :r].copy_(spec.b.to(layer.lora_B.dtype))
             layer.alpha, layer.scaling = spec.alpha, spec.scaling
             layer.use_rslora, layer.dropout = spec.use_rslora, spec.dropout
-        load_module_states(model, saved_states)
+        # a LoRA target's own module is its LoRAMBoLinear's base layer now
+        load_module_states(model, {**{f"{n}.base_layer" if n in specs else n: state
+                                      for n, state in embedding_states.items()}, **saved_states})
     except BaseException:
         unload(model, merge=False)
         raise
@@ -384,9 +392,10 @@ def import_peft(model: nn.Module, path: str | os.PathLike[str], capacity: int | 
         alpha = float(pattern_value(alpha_pattern, name, alpha_default))
         specs[name] = _LayerSpec(pair["lora_A"], pair["lora_B"], alpha, _scaling(alpha, r, use_rslora),
                                  use_rslora, dropout)
+    embeddings, other = split_embedding_states(model, other, specs, config.get("modules_to_save") or [])
     save_names, saved = _group_saved(model, other, config.get("modules_to_save"),
                                      bool(config.get("ensure_weight_tying")), where)
-    _install(model, specs, capacity, saved, save_names, where)
+    _install(model, specs, capacity, saved, save_names, where, embeddings)
     return wrapper
 
 
