@@ -8,7 +8,8 @@ rank changes later, so growth keeps the function. A layer whose peft rank exceed
 gets rank min(in, out) with the same product ``B A`` (:func:`_within_min_dim`).
 ``rank_pattern`` / ``alpha_pattern`` are resolved with peft's own matching rule
 (:mod:`lorambo.model.patterns`); ranks come from the tensor shapes and must agree with the
-config. ``modules_to_save`` are loaded and stay trainable; embedding layers saved whole
+config. A MiCA adapter (``init_lora_weights="mica"``) gets frozen lora_B pools, as peft trains
+its A alone. ``modules_to_save`` are loaded and stay trainable; embedding layers saved whole
 (peft's ``save_embedding_layers``) are loaded into the base model, as peft loads them.
 
 What peft can express but a LoRAMBoLinear cannot is refused before the model is touched, with
@@ -88,6 +89,12 @@ def _check_base_kept(config: Mapping, where: str) -> None:
             "save the adapter with peft's save_pretrained(..., path_initial_model_for_weight_conversion=...) "
             "(a standard LoRA adapter) and import that, or load it with peft.PeftModel.from_pretrained and "
             "convert with lorambo.from_peft, which keeps the rewritten base weights")
+
+
+def _trains_a_only(config: Mapping) -> bool:
+    """peft's MiCA (``init_lora_weights="mica"``) freezes lora_B and trains lora_A alone."""
+    init = config.get("init_lora_weights")
+    return isinstance(init, str) and init.lower() == "mica"
 
 
 def _is_off(value, off) -> bool:
@@ -227,10 +234,12 @@ def _capacities(model, specs, capacity) -> dict[str, int]:
 
 @torch.no_grad()
 def _install(model: nn.Module, specs: dict[str, _LayerSpec], capacity, saved_states: dict,
-             save_names: list[str], where: str, embedding_states: dict | None = None) -> nn.Module:
+             save_names: list[str], where: str, embedding_states: dict | None = None,
+             frozen_b: bool = False) -> nn.Module:
     """Validate everything, then configure and copy the weights in. ``embedding_states``:
     ``{module name: state}`` of embedding layers the adapter holds whole
-    (:mod:`lorambo.adapters.peft_embeddings`), loaded into the base model as peft loads them."""
+    (:mod:`lorambo.adapters.peft_embeddings`), loaded into the base model as peft loads them.
+    ``frozen_b``: the lora_B pools are frozen (peft's MiCA trains A only)."""
     embedding_states = embedding_states or {}
     if not specs:
         raise ValueError(f"{where}: the adapter has no LoRA weights")
@@ -268,6 +277,8 @@ def _install(model: nn.Module, specs: dict[str, _LayerSpec], capacity, saved_sta
             layer.lora_B[:, :r].copy_(spec.b.to(layer.lora_B.dtype))
             layer.alpha, layer.scaling = spec.alpha, spec.scaling
             layer.use_rslora, layer.dropout = spec.use_rslora, spec.dropout
+            if frozen_b:
+                layer.lora_B.requires_grad_(False)
         # a LoRA target's own module is its LoRAMBoLinear's base layer now
         load_module_states(model, {**{f"{n}.base_layer" if n in specs else n: state
                                       for n, state in embedding_states.items()}, **saved_states})
@@ -395,7 +406,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike[str], capacity: int | 
     embeddings, other = split_embedding_states(model, other, specs, config.get("modules_to_save") or [])
     save_names, saved = _group_saved(model, other, config.get("modules_to_save"),
                                      bool(config.get("ensure_weight_tying")), where)
-    _install(model, specs, capacity, saved, save_names, where, embeddings)
+    _install(model, specs, capacity, saved, save_names, where, embeddings, _trains_a_only(config))
     return wrapper
 
 
@@ -451,7 +462,8 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None,
     for p in model.parameters():
         p.requires_grad_(True)  # peft froze the base; configure_model freezes it again and records it
     try:
-        converted = _install(model, specs, capacity, saved, list(heads), where)
+        converted = _install(model, specs, capacity, saved, list(heads), where,
+                             frozen_b=_trains_a_only(config.to_dict()))
     except BaseException:  # _install changed nothing: give the peft model its adapter back
         for name, module in peft_modules.items():
             _set_child(model, name, module)

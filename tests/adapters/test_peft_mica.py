@@ -1,0 +1,89 @@
+"""A peft MiCA adapter (init_lora_weights="mica") trains lora_A alone: imported or converted, its
+lora_B pools are frozen, and training moves the model as a float64 LoRA with B held fixed."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from torch import nn
+
+from lorambo import from_peft, import_peft, lora_layers
+
+NAMES = ("l1", "l2")
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(12, 16), nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.l2(torch.relu(self.l1(x)))
+
+
+def _saved_mica(tmp_path):
+    """A float32 base (peft computes MiCA's SVD in float32 only) and its saved MiCA adapter with a trained A."""
+    torch.manual_seed(0)
+    base = _Net()
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=3, lora_alpha=5, target_modules=list(NAMES),
+                                                                 init_lora_weights="mica"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name in NAMES:
+            a = peft_model.base_model.model.get_submodule(name).lora_A["default"].weight
+            a.copy_(torch.randn(a.shape, generator=g))
+    peft_model.save_pretrained(tmp_path)
+    return base, tmp_path
+
+
+def _reference_sgd(base, folder, xs, lr):
+    """Hand-written float64 W x + b + (alpha/r) B A x for both layers, SGD on A only."""
+    saved = {k: v.double() for k, v in load_file(folder / "adapter_model.safetensors").items()}
+    a = {n: saved[f"base_model.model.{n}.lora_A.weight"].clone().requires_grad_(True) for n in NAMES}
+    b = {n: saved[f"base_model.model.{n}.lora_B.weight"] for n in NAMES}
+
+    def forward(x):
+        for i, name in enumerate(NAMES):
+            layer = getattr(base, name)
+            x = x @ layer.weight.double().t() + layer.bias.double() + 5 / 3 * (x @ a[name].t()) @ b[name].t()
+            x = torch.relu(x) if i == 0 else x
+        return x
+
+    for x in xs:
+        grads = torch.autograd.grad(forward(x).pow(2).mean(), list(a.values()))
+        with torch.no_grad():
+            for tensor, grad in zip(a.values(), grads):
+                tensor -= lr * grad
+    return forward, a, b
+
+
+@pytest.mark.parametrize("how", ["import_peft", "from_peft"])
+def test_mica_adapter_trains_its_a_alone(tmp_path, how):
+    """lora_B stayed trainable: after 3 SGD steps B had moved and the outputs were off."""
+    base, folder = _saved_mica(tmp_path)
+    if how == "import_peft":
+        model = import_peft(copy.deepcopy(base).double(), folder)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft_model = PeftModel.from_pretrained(copy.deepcopy(base), folder, is_trainable=True)
+        model = from_peft(peft_model).double()
+    for layer in lora_layers(model).values():
+        assert layer.lora_A.requires_grad and not layer.lora_B.requires_grad
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(5, 12, generator=g, dtype=torch.float64) for _ in range(3)]
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for x in xs:
+        optimizer.zero_grad()
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+    forward, a, b = _reference_sgd(base, folder, xs, lr=0.05)
+    x = torch.randn(4, 12, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), forward(x), rtol=1e-12, atol=1e-12)
+    for name, layer in lora_layers(model).items():
+        torch.testing.assert_close(layer.lora_A[:3].detach(), a[name].detach(), rtol=1e-12, atol=1e-12)
+        assert torch.equal(layer.lora_B[:, :3].detach(), b[name])
