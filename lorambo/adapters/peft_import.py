@@ -376,6 +376,9 @@ def import_peft(model: nn.Module, path: str | os.PathLike[str], capacity: int | 
             hint = f"; {folder.name} is a file of the peft adapter folder {folder.parent}: pass that folder"
         elif (folder / "adapter.safetensors").is_file() or folder.suffix == ".safetensors":
             hint = "; that is a lorambo adapter: load it with lorambo.load_adapter"
+        elif folder.is_dir() and (named := sorted(d.name for d in folder.iterdir() if (d / _CONFIG).is_file())):
+            # peft's save_pretrained puts every adapter but "default" in a folder of its name
+            hint = f"; it holds peft adapters in the folders {named}: pass one of those"
         else:
             hint = ""
         raise FileNotFoundError(f"no {_CONFIG} in {folder}{hint}")

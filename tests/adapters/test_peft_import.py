@@ -365,6 +365,21 @@ def test_rank_mismatch_and_missing_files(tmp_path):
         import_peft(_bert(), tmp_path / "nowhere")
 
 
+def test_a_folder_of_named_adapters_only_points_to_them(tmp_path):
+    """peft saves every adapter but "default" in a folder of its name; the error said only
+    "no adapter_config.json in <folder>"."""
+    peft_model = get_peft_model(_bert(), LoraConfig(r=2, target_modules=["query"]), adapter_name="first")
+    peft_model.add_adapter("second", LoraConfig(r=3, target_modules=["value"]))
+    peft_model.save_pretrained(tmp_path)
+    model = _bert()
+    with pytest.raises(FileNotFoundError, match=r"no adapter_config.json in .*; it holds peft adapters in the "
+                                                r"folders \['first', 'second'\]: pass one of those"):
+        import_peft(model, tmp_path)
+    assert not lora_layers(model)
+    assert set(lora_layers(import_peft(model, tmp_path / "second"))) == {
+        f"bert.encoder.layer.{i}.attention.self.value" for i in range(2)}
+
+
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_a_saved_adapter_whose_init_rewrites_the_base_is_refused_and_converts_through_peft(tmp_path, init):
     """peft re-runs PiSSA/OLoRA on loading and rewrites the base weights (W - s B0 A0): the saved A
