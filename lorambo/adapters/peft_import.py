@@ -258,7 +258,7 @@ def _install(model: nn.Module, specs: dict[str, _LayerSpec], capacity, saved_sta
             raise ValueError(f"{where}: saved state of module {name!r} does not fit the model's "
                              f"(keys or shapes differ: {sorted(wrong or set(have) ^ set(state))})")
     check_embedding_states(model, embedding_states, where)
-    refuse_meta_destinations(model, specs, [*saved_states, *embedding_states], where)
+    refuse_meta_destinations(model, specs, saved_states, where, embedding_states)
     saved_entries = list(saved_state_entries(model, saved_states)) + embedding_entries(model, embedding_states)
     check_finite_values(where, [(f"layer {name!r}: {pool}", value) for name, spec in specs.items()
                                 for pool, value in (("lora_A", spec.peft_a), ("lora_B", spec.peft_b))]

@@ -107,3 +107,12 @@ def test_a_failure_after_the_embedding_was_loaded_puts_it_back(tmp_path):
         import_peft(model, folder)
     assert not lora_layers(model)
     assert torch.equal(model.transformer.wte.weight, wte)
+
+
+def test_embedding_on_the_meta_device_is_refused_naming_it(tmp_path):
+    folder = _saved(tmp_path, ["c_attn"])
+    model = _gpt2()
+    model.transformer.wte.weight = torch.nn.Parameter(torch.empty(64, 32, dtype=torch.float64, device="meta"))
+    with pytest.raises(ValueError, match=r"embedding layer 'transformer.wte' has its weight on the meta device"):
+        import_peft(model, folder)
+    assert not lora_layers(model)
