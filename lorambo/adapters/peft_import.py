@@ -92,9 +92,10 @@ def _check_base_kept(config: Mapping, where: str) -> None:
 
 
 def _trains_a_only(config: Mapping) -> bool:
-    """peft's MiCA (``init_lora_weights="mica"``) freezes lora_B and trains lora_A alone."""
-    init = config.get("init_lora_weights")
-    return isinstance(init, str) and init.lower() == "mica"
+    """peft's MiCA (``init_lora_weights="mica"``) freezes lora_B and trains lora_A alone. peft
+    picks the variant that freezes it by this exact value ("MiCA" gets MiCA's initialisation
+    but a trainable lora_B)."""
+    return config.get("init_lora_weights") == "mica"
 
 
 def _is_off(value, off) -> bool:

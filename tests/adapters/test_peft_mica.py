@@ -87,3 +87,18 @@ def test_mica_adapter_trains_its_a_alone(tmp_path, how):
     for name, layer in lora_layers(model).items():
         torch.testing.assert_close(layer.lora_A[:3].detach(), a[name].detach(), rtol=1e-12, atol=1e-12)
         assert torch.equal(layer.lora_B[:, :3].detach(), b[name])
+
+
+@pytest.mark.parametrize("init", ["mica", "MiCA"])
+def test_lora_b_is_frozen_where_peft_freezes_it(init):
+    """peft picks MiCA's frozen lora_B by the exact value "mica"; "MiCA" gets MiCA's
+    initialisation with a trainable lora_B, and so does the converted model."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(_Net(), LoraConfig(r=3, target_modules=list(NAMES), init_lora_weights=init))
+    peft_trains_b = {n: peft_model.base_model.model.get_submodule(n).lora_B["default"].weight.requires_grad
+                     for n in NAMES}
+    assert set(peft_trains_b.values()) == {init != "mica"}
+    model = from_peft(peft_model)
+    assert {n: layer.lora_B.requires_grad for n, layer in lora_layers(model).items()} == peft_trains_b
