@@ -77,12 +77,15 @@ _OFF = {
 # initialisations after which the saved A and B apply to the unchanged base weights; the others
 # (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA, ...) make peft rewrite the base weights when it loads the
 # adapter (W - s B0 A0, or a quantised W), so a saved folder holds only half of the model's change
-_BASE_KEEPING_INITS = (True, False, None, "gaussian", "eva", "orthogonal", "mica")
+# (peft reads "gaussian" and "mica" in any case, "eva" and "orthogonal" as written)
+_BASE_KEEPING_INITS = (True, False, None, "eva", "orthogonal")
+_BASE_KEEPING_ANY_CASE = ("gaussian", "mica")
 
 
 def _check_base_kept(config: Mapping, where: str) -> None:
     init = config.get("init_lora_weights", True)
-    if not any(init is kept or (isinstance(kept, str) and init == kept) for kept in _BASE_KEEPING_INITS):
+    if not (any(init is kept or (isinstance(kept, str) and init == kept) for kept in _BASE_KEEPING_INITS)
+            or isinstance(init, str) and init.lower() in _BASE_KEEPING_ANY_CASE):
         raise ValueError(
             f"{where}: init_lora_weights={init!r}: peft re-runs this initialisation when it loads the adapter, "
             "and it rewrites the base weights, so the saved A and B do not apply to the plain base model. Either "
