@@ -2,6 +2,7 @@
 lora_B pools are frozen, and training moves the model as a float64 LoRA with B held fixed."""
 
 import copy
+import json
 import warnings
 
 import pytest
@@ -10,7 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
 
-from lorambo import from_peft, import_peft, lora_layers
+from lorambo import export_peft, from_peft, import_peft, lora_layers
 
 NAMES = ("l1", "l2")
 
@@ -102,3 +103,28 @@ def test_lora_b_is_frozen_where_peft_freezes_it(init):
     assert set(peft_trains_b.values()) == {init != "mica"}
     model = from_peft(peft_model)
     assert {n: layer.lora_B.requires_grad for n, layer in lora_layers(model).items()} == peft_trains_b
+
+
+def test_an_adapter_with_frozen_b_exports_as_mica_and_peft_keeps_b_frozen(tmp_path):
+    """export_peft wrote init_lora_weights=True: peft loaded the adapter with every lora_B trainable."""
+    base, folder = _saved_mica(tmp_path / "peft")
+    model = import_peft(copy.deepcopy(base), folder)
+    export_peft(model, tmp_path / "back")
+    assert json.loads((tmp_path / "back" / "adapter_config.json").read_text())["init_lora_weights"] == "mica"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "back", is_trainable=True)
+    for name, layer in lora_layers(model).items():
+        theirs = reloaded.base_model.model.get_submodule(name)
+        assert theirs.lora_A["default"].weight.requires_grad and not theirs.lora_B["default"].weight.requires_grad
+        assert torch.equal(theirs.lora_B["default"].weight, layer.lora_B[:, :3])  # loaded over MiCA's own init
+        assert torch.equal(theirs.lora_A["default"].weight, layer.lora_A[:3])
+
+
+def test_frozen_b_in_some_layers_only_is_written_trainable_with_a_warning(tmp_path):
+    base, folder = _saved_mica(tmp_path / "peft")
+    model = import_peft(copy.deepcopy(base), folder)
+    lora_layers(model)["l2"].lora_B.requires_grad_(True)
+    with pytest.warns(UserWarning, match=r"some layers' lora_B pools are frozen and others not \(l1: True, l2: False\)"):
+        export_peft(model, tmp_path / "back")
+    assert json.loads((tmp_path / "back" / "adapter_config.json").read_text())["init_lora_weights"] is True
