@@ -24,22 +24,25 @@ def _pool_tensors(module: nn.Module):
     return (("weight", module.weight),)
 
 
-def _first_on_meta(model: nn.Module, layer_names: Iterable[str], module_names: Iterable[str]):
-    """``(what, tensor name)`` of the first LoRA layer or module to save of ``model`` with a
-    tensor on the meta device, else None."""
+def _first_on_meta(model: nn.Module, layer_names: Iterable[str], module_names: Iterable[str],
+                   embedding_names: Iterable[str] = ()):
+    """``(what, tensor name)`` of the first LoRA layer, module to save or embedding layer of
+    ``model`` with a tensor on the meta device, else None."""
     found = [(f"layer {name!r}", what, t) for name in layer_names
              for what, t in _pool_tensors(model.get_submodule(name))]
-    found += [(f"module to save {name!r}", what, t) for name in module_names
-              for what, t in model.get_submodule(name).state_dict(keep_vars=True).items()]
+    found += [(f"{kind} {name!r}", what, t)
+              for kind, names in (("module to save", module_names), ("embedding layer", embedding_names))
+              for name in names for what, t in model.get_submodule(name).state_dict(keep_vars=True).items()]
     return next(((label, what) for label, what, t in found
                  if getattr(t, "device", None) is not None and t.device.type == "meta"), None)
 
 
 def refuse_meta_destinations(model: nn.Module, layer_names: Iterable[str], module_names: Iterable[str],
-                             where: str) -> None:
-    """ValueError naming the first LoRA layer (``layer_names``) or module to save
-    (``module_names``) of ``model`` whose loaded values would land on the meta device."""
-    hit = _first_on_meta(model, layer_names, module_names)
+                             where: str, embedding_names: Iterable[str] = ()) -> None:
+    """ValueError naming the first LoRA layer (``layer_names``), module to save
+    (``module_names``) or embedding layer a peft adapter holds whole (``embedding_names``) of
+    ``model`` whose loaded values would land on the meta device."""
+    hit = _first_on_meta(model, layer_names, module_names, embedding_names)
     if hit is not None:
         raise ValueError(f"{where}: {hit[0]} has its {hit[1]} on the meta device, which holds no data, so the "
                          "adapter's values would be dropped; materialise the model first "

@@ -3,7 +3,8 @@
 peft has one rank and alpha per config; per-layer values go into ``rank_pattern`` /
 ``alpha_pattern``. peft's scaling is ``lora_alpha / r``, so each layer's alpha is written as
 ``scaling * rank``, which reproduces lorambo's fixed scaling whatever rank it has now.
-Rank-0 layers are left out of ``target_modules``.
+Rank-0 layers are left out of ``target_modules``. An adapter whose lora_B pools are all frozen
+is written as peft's MiCA (``init_lora_weights="mica"``), the LoRA variant that trains A alone.
 """
 
 from __future__ import annotations
@@ -88,6 +89,12 @@ def peft_adapter_config(model: nn.Module) -> dict:
                   f"lora_dropout for all layers, written as the largest, {max(dropouts.values())}. "
                   "Outputs are unaffected; training the adapter in peft drops out at that rate "
                   "everywhere", UserWarning)
+    frozen_b = {n: not layers[n].lora_B.requires_grad for n in names}
+    if len(set(frozen_b.values())) > 1:  # peft freezes lora_B in every layer (MiCA) or in none
+        warn_user(f"export_peft: some layers' lora_B pools are frozen and others not ({_few(frozen_b)}); "
+                  "peft freezes lora_B in every layer (MiCA) or in none, so the adapter is written with "
+                  "every lora_B trainable. Outputs are unaffected; training it in peft trains every B",
+                  UserWarning)
     config = getattr(model, "config", None)
     return {
         "peft_type": "LORA",
@@ -102,7 +109,9 @@ def peft_adapter_config(model: nn.Module) -> dict:
         "fan_in_fan_out": any(l.base_kind == "conv1d" for l in layers.values()),
         "bias": "none",
         "use_rslora": False,
-        "init_lora_weights": True,
+        # peft's MiCA variant is plain LoRA with lora_B frozen; peft draws the initial values on
+        # loading and then loads these over them
+        "init_lora_weights": "mica" if all(frozen_b.values()) else True,
         "modules_to_save": saved or None,
         "inference_mode": True,
     }

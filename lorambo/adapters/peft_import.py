@@ -8,7 +8,9 @@ rank changes later, so growth keeps the function. A layer whose peft rank exceed
 gets rank min(in, out) with the same product ``B A`` (:func:`_within_min_dim`).
 ``rank_pattern`` / ``alpha_pattern`` are resolved with peft's own matching rule
 (:mod:`lorambo.model.patterns`); ranks come from the tensor shapes and must agree with the
-config. ``modules_to_save`` are loaded and stay trainable.
+config. A MiCA adapter (``init_lora_weights="mica"``) gets frozen lora_B pools, as peft trains
+its A alone. ``modules_to_save`` are loaded and stay trainable; embedding layers saved whole
+(peft's ``save_embedding_layers``) are loaded into the base model, as peft loads them.
 
 What peft can express but a LoRAMBoLinear cannot is refused before the model is touched, with
 an error naming it: DoRA, LoRA biases (``bias`` other than "none", ``lora_bias``), targets that
@@ -35,6 +37,7 @@ from lorambo.adapters.io import AdapterFormatError
 from lorambo.adapters.meta_tensors import refuse_meta_destinations
 from lorambo.adapters.module_states import load_module_states
 from lorambo.adapters.overwrite import configure_for_overwrite
+from lorambo.adapters.peft_embeddings import check_embedding_states, embedding_entries, split_embedding_states
 from lorambo.adapters.values_fit import check_fits_dtypes, destination_dtype, saved_state_entries
 from lorambo.model import lora_layers, unload
 from lorambo.model.argument import require_module, require_path
@@ -74,18 +77,28 @@ _OFF = {
 # initialisations after which the saved A and B apply to the unchanged base weights; the others
 # (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA, ...) make peft rewrite the base weights when it loads the
 # adapter (W - s B0 A0, or a quantised W), so a saved folder holds only half of the model's change
-_BASE_KEEPING_INITS = (True, False, None, "gaussian", "eva", "orthogonal", "mica")
+# (peft reads "gaussian" and "mica" in any case, "eva" and "orthogonal" as written)
+_BASE_KEEPING_INITS = (True, False, None, "eva", "orthogonal")
+_BASE_KEEPING_ANY_CASE = ("gaussian", "mica")
 
 
 def _check_base_kept(config: Mapping, where: str) -> None:
     init = config.get("init_lora_weights", True)
-    if not any(init is kept or (isinstance(kept, str) and init == kept) for kept in _BASE_KEEPING_INITS):
+    if not (any(init is kept or (isinstance(kept, str) and init == kept) for kept in _BASE_KEEPING_INITS)
+            or isinstance(init, str) and init.lower() in _BASE_KEEPING_ANY_CASE):
         raise ValueError(
             f"{where}: init_lora_weights={init!r}: peft re-runs this initialisation when it loads the adapter, "
             "and it rewrites the base weights, so the saved A and B do not apply to the plain base model. Either "
             "save the adapter with peft's save_pretrained(..., path_initial_model_for_weight_conversion=...) "
             "(a standard LoRA adapter) and import that, or load it with peft.PeftModel.from_pretrained and "
             "convert with lorambo.from_peft, which keeps the rewritten base weights")
+
+
+def _trains_a_only(config: Mapping) -> bool:
+    """peft's MiCA (``init_lora_weights="mica"``) freezes lora_B and trains lora_A alone. peft
+    picks the variant that freezes it by this exact value ("MiCA" gets MiCA's initialisation
+    but a trainable lora_B)."""
+    return config.get("init_lora_weights") == "mica"
 
 
 def _is_off(value, off) -> bool:
@@ -225,8 +238,13 @@ def _capacities(model, specs, capacity) -> dict[str, int]:
 
 @torch.no_grad()
 def _install(model: nn.Module, specs: dict[str, _LayerSpec], capacity, saved_states: dict,
-             save_names: list[str], where: str) -> nn.Module:
-    """Validate everything, then configure and copy the weights in."""
+             save_names: list[str], where: str, embedding_states: dict | None = None,
+             frozen_b: bool = False) -> nn.Module:
+    """Validate everything, then configure and copy the weights in. ``embedding_states``:
+    ``{module name: state}`` of embedding layers the adapter holds whole
+    (:mod:`lorambo.adapters.peft_embeddings`), loaded into the base model as peft loads them.
+    ``frozen_b``: the lora_B pools are frozen (peft's MiCA trains A only)."""
+    embedding_states = embedding_states or {}
     if not specs:
         raise ValueError(f"{where}: the adapter has no LoRA weights")
     if lora_layers(model):
@@ -243,8 +261,9 @@ def _install(model: nn.Module, specs: dict[str, _LayerSpec], capacity, saved_sta
         if wrong or set(have) != set(state):
             raise ValueError(f"{where}: saved state of module {name!r} does not fit the model's "
                              f"(keys or shapes differ: {sorted(wrong or set(have) ^ set(state))})")
-    refuse_meta_destinations(model, specs, saved_states, where)
-    saved_entries = list(saved_state_entries(model, saved_states))
+    check_embedding_states(model, embedding_states, where)
+    refuse_meta_destinations(model, specs, saved_states, where, embedding_states)
+    saved_entries = list(saved_state_entries(model, saved_states)) + embedding_entries(model, embedding_states)
     check_finite_values(where, [(f"layer {name!r}: {pool}", value) for name, spec in specs.items()
                                 for pool, value in (("lora_A", spec.peft_a), ("lora_B", spec.peft_b))]
                         + [(what, value) for what, value, _ in saved_entries])
@@ -262,7 +281,11 @@ def _install(model: nn.Module, specs: dict[str, _LayerSpec], capacity, saved_sta
             layer.lora_B[:, :r].copy_(spec.b.to(layer.lora_B.dtype))
             layer.alpha, layer.scaling = spec.alpha, spec.scaling
             layer.use_rslora, layer.dropout = spec.use_rslora, spec.dropout
-        load_module_states(model, saved_states)
+            if frozen_b:
+                layer.lora_B.requires_grad_(False)
+        # a LoRA target's own module is its LoRAMBoLinear's base layer now
+        load_module_states(model, {**{f"{n}.base_layer" if n in specs else n: state
+                                      for n, state in embedding_states.items()}, **saved_states})
     except BaseException:
         unload(model, merge=False)
         raise
@@ -357,6 +380,9 @@ def import_peft(model: nn.Module, path: str | os.PathLike[str], capacity: int | 
             hint = f"; {folder.name} is a file of the peft adapter folder {folder.parent}: pass that folder"
         elif (folder / "adapter.safetensors").is_file() or folder.suffix == ".safetensors":
             hint = "; that is a lorambo adapter: load it with lorambo.load_adapter"
+        elif folder.is_dir() and (named := sorted(d.name for d in folder.iterdir() if (d / _CONFIG).is_file())):
+            # peft's save_pretrained puts every adapter but "default" in a folder of its name
+            hint = f"; it holds peft adapters in the folders {named}: pass one of those"
         else:
             hint = ""
         raise FileNotFoundError(f"no {_CONFIG} in {folder}{hint}")
@@ -384,9 +410,10 @@ def import_peft(model: nn.Module, path: str | os.PathLike[str], capacity: int | 
         alpha = float(pattern_value(alpha_pattern, name, alpha_default))
         specs[name] = _LayerSpec(pair["lora_A"], pair["lora_B"], alpha, _scaling(alpha, r, use_rslora),
                                  use_rslora, dropout)
+    embeddings, other = split_embedding_states(model, other, specs, config.get("modules_to_save") or [])
     save_names, saved = _group_saved(model, other, config.get("modules_to_save"),
                                      bool(config.get("ensure_weight_tying")), where)
-    _install(model, specs, capacity, saved, save_names, where)
+    _install(model, specs, capacity, saved, save_names, where, embeddings, _trains_a_only(config))
     return wrapper
 
 
@@ -442,7 +469,8 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None,
     for p in model.parameters():
         p.requires_grad_(True)  # peft froze the base; configure_model freezes it again and records it
     try:
-        converted = _install(model, specs, capacity, saved, list(heads), where)
+        converted = _install(model, specs, capacity, saved, list(heads), where,
+                             frozen_b=_trains_a_only(config.to_dict()))
     except BaseException:  # _install changed nothing: give the peft model its adapter back
         for name, module in peft_modules.items():
             _set_child(model, name, module)

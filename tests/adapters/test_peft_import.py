@@ -365,6 +365,21 @@ def test_rank_mismatch_and_missing_files(tmp_path):
         import_peft(_bert(), tmp_path / "nowhere")
 
 
+def test_a_folder_of_named_adapters_only_points_to_them(tmp_path):
+    """peft saves every adapter but "default" in a folder of its name; the error said only
+    "no adapter_config.json in <folder>"."""
+    peft_model = get_peft_model(_bert(), LoraConfig(r=2, target_modules=["query"]), adapter_name="first")
+    peft_model.add_adapter("second", LoraConfig(r=3, target_modules=["value"]))
+    peft_model.save_pretrained(tmp_path)
+    model = _bert()
+    with pytest.raises(FileNotFoundError, match=r"no adapter_config.json in .*; it holds peft adapters in the "
+                                                r"folders \['first', 'second'\]: pass one of those"):
+        import_peft(model, tmp_path)
+    assert not lora_layers(model)
+    assert set(lora_layers(import_peft(model, tmp_path / "second"))) == {
+        f"bert.encoder.layer.{i}.attention.self.value" for i in range(2)}
+
+
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_a_saved_adapter_whose_init_rewrites_the_base_is_refused_and_converts_through_peft(tmp_path, init):
     """peft re-runs PiSSA/OLoRA on loading and rewrites the base weights (W - s B0 A0): the saved A
@@ -385,15 +400,20 @@ def test_a_saved_adapter_whose_init_rewrites_the_base_is_refused_and_converts_th
     torch.testing.assert_close(_logits(from_peft(loaded), ids), expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("init", ["gaussian", "orthogonal"])
-def test_saved_adapters_of_base_keeping_inits_import(tmp_path, init):
-    peft_model = get_peft_model(_bert(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+@pytest.mark.parametrize("init,dtype", [("gaussian", torch.float64), ("orthogonal", torch.float64),
+                                        ("Gaussian", torch.float64), ("MiCA", torch.float32)])
+def test_saved_adapters_of_base_keeping_inits_import(tmp_path, init, dtype):
+    """peft reads "gaussian" and "mica" in any case; "Gaussian" and "MiCA" were refused as
+    initialisations that rewrite the base weights."""
+    build = lambda: _bert(dtype)  # noqa: E731  (MiCA's SVD refuses float64)
+    peft_model = get_peft_model(build(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
                                                     init_lora_weights=init))
     _randomise_peft(peft_model, seed=4)
     peft_model.save_pretrained(tmp_path)
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(6))
-    expected = _logits(PeftModel.from_pretrained(_bert(), tmp_path).eval(), ids)
-    torch.testing.assert_close(_logits(import_peft(_bert(), tmp_path), ids), expected, rtol=1e-12, atol=1e-12)
+    expected = _logits(PeftModel.from_pretrained(build(), tmp_path).eval(), ids)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(_logits(import_peft(build(), tmp_path), ids), expected, rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.parametrize("convert", ["import_peft", "from_peft"])
