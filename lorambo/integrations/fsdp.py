@@ -37,7 +37,7 @@ from torch.amp.grad_scaler import GradScaler
 from lorambo.adapters.io import save_adapter as _save_adapter
 from lorambo.adapters.peft_export import export_peft as _export_peft
 from lorambo.distributed import SharedFailure, is_main_process
-from lorambo.integrations.edit_snapshot import EditSnapshot
+from lorambo.nn.edit_snapshot import EditSnapshot
 from lorambo.model import lora_layers
 from lorambo.model import unload as _unload
 from lorambo.model.configure import check_mergeable
