@@ -155,7 +155,7 @@ def alora_round(model, layers: Mapping, loss_fn, batches, n_prune: int, budget: 
     # every process by the last check; every process then takes its edits back, so that no
     # process goes on with other pools
     kept = failure.run(lambda: EditSnapshot(edited, [p for m in edited for p in (m.lora_A, m.lora_B)],
-                                            each_optimizer(optimizer), values=True)) if world_size() > 1 else None
+                                            each_optimizer(optimizer))) if world_size() > 1 else None
     try:  # Ctrl-C part-way: the rank changes made are recorded and named
         try:
             failure.run(lambda: keep_components_many(

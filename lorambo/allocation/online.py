@@ -657,7 +657,7 @@ class OnlineGrowth:
         # every process shrinks the donors or none does: one that could not (out of memory) would
         # otherwise leave the others with other ranks
         kept = failure.run(lambda: EditSnapshot(donors, [p for m in donors for p in (m.lora_A, m.lora_B)],
-                                                each_optimizer(optimizer), values=True)) if world_size() > 1 else None
+                                                each_optimizer(optimizer))) if world_size() > 1 else None
         try:
             failure.run(lambda: keep_components_many(
                 [(self.layers[d], [k for k in range(self.layers[d].rank) if k not in comps])

@@ -36,7 +36,7 @@ from torch.amp.grad_scaler import GradScaler
 
 from lorambo.adapters.io import save_adapter as _save_adapter
 from lorambo.adapters.peft_export import export_peft as _export_peft
-from lorambo.distributed import SharedFailure, is_main_process
+from lorambo.distributed import SharedFailure, is_main_process, world_size
 from lorambo.nn.edit_snapshot import EditSnapshot
 from lorambo.model import lora_layers
 from lorambo.model import unload as _unload
@@ -94,8 +94,9 @@ def full_pools(layers: Iterable[nn.Module], optimizer: torch.optim.Optimizer | N
     of waiting in a gather the others never join. An ``Exception`` raised in the context on one
     process is raised on every process (a RuntimeError naming it on the others), by one more
     small all-reduce on exit. Then no process writes back, and each one's layers (rank, slot
-    ids, merge state) and unsharded optimizer state are put back (:class:`EditSnapshot`): the
-    edit is made on every process or on none. ``keep_partial``: write back what the context
+    ids, merge state) and what is not sharded (values, gradients, optimizer state: an unsharded
+    model under DDP) are put back (:class:`EditSnapshot`): the edit is made on every process or
+    on none. ``keep_partial``: write back what the context
     changed before it stopped (the rank decisions of ``allocator_step``, which record and log
     the rank changes they made).
     """
@@ -115,7 +116,8 @@ def full_pools(layers: Iterable[nn.Module], optimizer: torch.optim.Optimizer | N
         optimizer = optimizer_argument(optimizer, "lorambo.integrations.fsdp")
         proxies = [(one, _GatheredOptimizer(one)) for one in each_optimizer(optimizer)]
         failure.settings = {**(settings or {}), "gathered": _gather_signature(slots, proxies)}
-        snapshot = EditSnapshot(layers, [param for _, _, param in slots], [one for one, _ in proxies])
+        snapshot = EditSnapshot(layers, [param for _, _, param in slots], [one for one, _ in proxies]) \
+            if world_size() > 1 else None  # a single process's error propagates at once: nothing to undo
     failure.check()
     swapped = []
     try:
@@ -148,7 +150,7 @@ def full_pools(layers: Iterable[nn.Module], optimizer: torch.optim.Optimizer | N
         try:
             failure.check()
         except Exception as err:
-            if not keep_partial:
+            if not keep_partial and snapshot is not None:
                 for module, name, param, _ in swapped:
                     module._parameters[name] = param
                 swapped = []

@@ -3,10 +3,10 @@ taken back here too: under DDP and FSDP2 every process must hold the same ranks.
 
 A rank edit changes, in place, a layer's rank, slot ids, merge state and SGD slots waiting for
 their first step, its pools and their gradients, and the optimizer state of its pools.
-:class:`EditSnapshot` records them and puts them back, into the same objects. With
-``values=False`` it leaves out the parameter values and gradients and the sharded optimizer
-state: :func:`lorambo.integrations.fsdp.full_pools` edits full copies of those and simply does
-not write them back.
+:class:`EditSnapshot` records them and puts them back, into the same objects. It leaves out
+sharded (FSDP2 DTensor) parameters, gradients and optimizer state:
+:func:`lorambo.integrations.fsdp.full_pools` edits full copies of those and simply does not write
+them back.
 """
 
 from __future__ import annotations
@@ -25,17 +25,16 @@ _LAYER_FIELDS = ("_slot_ids", "_slot_edits", "merged", "_weight_before_merge")
 
 
 class EditSnapshot:
-    """The rank, slot ids, merge state and waiting SGD slots of ``layers`` and the unsharded
-    optimizer state of ``params`` (in each of ``optimizers``) as they are now, with ``values``
-    also the values and gradients of ``params``; :meth:`restore` puts them back."""
+    """The rank, slot ids, merge state and waiting SGD slots of ``layers``, and the values,
+    gradients and optimizer state (in each of ``optimizers``) of ``params`` that are not
+    sharded, as they are now; :meth:`restore` puts them back."""
 
-    def __init__(self, layers: Iterable[nn.Module], params: Iterable[torch.Tensor], optimizers: Iterable,
-                 values: bool = False):
+    def __init__(self, layers: Iterable[nn.Module], params: Iterable[torch.Tensor], optimizers: Iterable):
         params = list(params)
         self.layers = [(layer, layer.rank, {f: _copied(layer.__dict__.get(f)) for f in _LAYER_FIELDS},
                         new_slots_now(layer)) for layer in layers]
-        self.values = [(p, p.detach().clone(), None if p.grad is None else p.grad.clone()) for p in params] \
-            if values else []
+        self.values = [(p, p.detach().clone(), None if p.grad is None else p.grad.clone())
+                       for p in params if not is_sharded(p)]
         self.states = []  # (state dict, its keys now, {key: (object, copy of its values)})
         for one in optimizers:
             for param in params:

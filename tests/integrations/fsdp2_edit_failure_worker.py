@@ -84,6 +84,15 @@ def main(rank, world, store, out):
         layers["2"].__dict__.pop("merge", None)
         result[name + "_merged"] = [m.merged for m in layers.values()]
         result[name + "_state"] = full_state(net, opt)
+    # the same functions on an unsharded model (DDP's replicas): its pools are edited in place
+    plain = build()
+    plain_opt = lorambo.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=0.05, weight_decay=0.0)
+    ((plain(torch.randn(8, 6, generator=torch.Generator().manual_seed(3), dtype=DT)) - 1.0) ** 2).mean().backward()
+    plain_opt.step()
+    result["unsharded_before"] = full_state(plain, plain_opt)
+    result["unsharded_bad_generator"] = attempt(lambda: fsdp.set_rank(
+        lorambo.lora_layers(plain)["0"], 3, plain_opt, generator=decision_generator(2, 0) if rank == 0 else "seed"))
+    result["unsharded_bad_generator_state"] = full_state(plain, plain_opt)
     result["works"] = attempt(lambda: fsdp.set_rank(layers["2"], 3, opt, generator=decision_generator(2, 2)))
     result["works_state"] = full_state(net, opt)
     dist.destroy_process_group()

@@ -46,6 +46,11 @@ def test_an_edit_failing_on_one_process_is_raised_everywhere_and_made_nowhere(tm
         for result in (first, second):
             assert result[f"{edit}_merged"] == [False, False], edit
             assert_same_state(result[f"{edit}_state"], result["before"], edit)
+    # an unsharded model (DDP): the edit process 0 made in place is taken back
+    assert second["unsharded_bad_generator"][:2] == ("error", "TypeError"), second["unsharded_bad_generator"]
+    assert first["unsharded_bad_generator"][:2] == ("error", "RuntimeError"), first["unsharded_bad_generator"]
+    for result in (first, second):
+        assert_same_state(result["unsharded_bad_generator_state"], result["unsharded_before"], "unsharded")
     # and the processes are still in step: an edit both make lands the same on both
     assert first["works"] == second["works"] == ("ok", 1)
     assert first["works_state"]["ranks"] == {"0": 3, "2": 3}
