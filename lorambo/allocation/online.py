@@ -54,7 +54,7 @@ from lorambo.allocation.validate import check_rank_bounds
 from lorambo.distributed import SharedFailure, all_reduced_mean, decision_generator, world_size
 from lorambo.model.partial_edit import add_note, note_rank_changes_kept
 from lorambo.nn.finite_numbers import float_value, is_finite_number, shown_number
-from lorambo.nn.grad_passes import accumulator_nodes, pass_feeds_grad
+from lorambo.nn.grad_passes import CallParameters, accumulator_nodes, pass_feeds_grad
 from lorambo.nn.hook_inputs import layer_input
 from lorambo.nn.local_hooks import LocalHook  # a copy of the model (EMA, teacher) is not captured
 from lorambo.nn.edit_snapshot import EditSnapshot
@@ -113,6 +113,7 @@ class ActivationCapture:
         self.inputs: dict[str, list[torch.Tensor | None]] = {n: [] for n in self.layers}  # None: dropped
         self.grads: dict[str, dict[int, torch.Tensor]] = {n: {} for n in self.layers}
         self._handles = []
+        self._call_params = CallParameters()  # the parameters each call used (grad_passes.py)
         self.set_token_mask(None)
 
     def set_token_mask(self, mask: torch.Tensor | None) -> None:
@@ -136,13 +137,15 @@ class ActivationCapture:
 
     def arm(self) -> None:
         if not self._handles:
-            self._handles = [m.register_forward_hook(LocalHook(self._hook(n)), with_kwargs=True)
-                             for n, m in self.layers.items()]
+            self._handles = [handle for n, m in self.layers.items() for handle in (
+                m.register_forward_pre_hook(LocalHook(self._call_params.pre_hook), with_kwargs=True),
+                m.register_forward_hook(LocalHook(self._hook(n)), with_kwargs=True))]
 
     def disarm(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._call_params.clear()
         self.set_token_mask(None)  # a mask belongs to one batch: the next capture gives its own
 
     def clear(self) -> None:
@@ -159,6 +162,7 @@ class ActivationCapture:
 
     def _hook(self, name: str):
         def hook(module, args, kwargs, output):
+            trainable = self._call_params.pop(module)
             if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
                 return
             x = layer_input(args, kwargs).detach()
@@ -177,7 +181,7 @@ class ActivationCapture:
             index = len(self.inputs[name])
             self.inputs[name].append(x)
 
-            nodes = accumulator_nodes(module, output)
+            nodes = accumulator_nodes(module, output, trainable)
 
             def grad_hook(g, index=index, rows=rows, scale=scale):
                 if not pass_feeds_grad(nodes):  # torch.autograd.grad: the step's gradient is not in it
