@@ -44,7 +44,7 @@ from lorambo.model.configure import check_mergeable
 from lorambo.model.modules_to_save import modules_to_save
 from lorambo.model.partial_edit import add_note, shown_layers
 from lorambo.model.unwrap import unwrap_model
-from lorambo.nn import keep_components_many
+from lorambo.nn import LoRAMBoLinear, keep_components_many
 from lorambo.nn.merge_overflow import finite_merge
 from lorambo.nn.optimizer_argument import (OptimizerArgument, each_optimizer, optimizer_argument, skips_this_step,
                                            wrapper_grad_scaler)
@@ -96,23 +96,23 @@ def full_pools(layers: Iterable[nn.Module], optimizer: torch.optim.Optimizer | N
     small all-reduce on exit. Then no process writes back, and each one's layers (rank, slot
     ids, merge state) and what is not sharded (values, gradients, optimizer state: an unsharded
     model under DDP) are put back (:class:`EditSnapshot`): the edit is made on every process or
-    on none. ``keep_partial``: write back what the context
-    changed before it stopped (the rank decisions of ``allocator_step``, which record and log
-    the rank changes they made).
+    on none. ``keep_partial``: write back what the context changed before it stopped (the rank
+    decisions of ``allocator_step``, which record and log the rank changes they made).
     """
-    layers = list(layers)
-    slots = []  # (module, name, sharded param, full param)
-    for layer in layers:
-        names = ["lora_A", "lora_B"]
-        for module, name in [(layer, n) for n in names] + (
-                [(layer.base_layer, n) for n, _ in layer.base_layer.named_parameters(recurse=False)]
-                if base_weights else []):
-            slots.append((module, name, module._parameters[name]))
-    for module in extra_modules:
-        for sub in module.modules():
-            slots.extend((sub, n, p) for n, p in sub._parameters.items() if p is not None)
     failure = SharedFailure(who)
     with failure:  # an argument only this process refuses stops every process before the gathers
+        layers = list(layers)
+        slots = []  # (module, name, sharded param)
+        for layer in layers:
+            if not isinstance(layer, LoRAMBoLinear):
+                raise TypeError(f"{who}: expected LoRAMBoLinear layers, got a {type(layer).__name__}")
+            for module, name in [(layer, "lora_A"), (layer, "lora_B")] + (
+                    [(layer.base_layer, n) for n, _ in layer.base_layer.named_parameters(recurse=False)]
+                    if base_weights else []):
+                slots.append((module, name, module._parameters[name]))
+        for module in extra_modules:
+            for sub in module.modules():
+                slots.extend((sub, n, p) for n, p in sub._parameters.items() if p is not None)
         optimizer = optimizer_argument(optimizer, "lorambo.integrations.fsdp")
         proxies = [(one, _GatheredOptimizer(one)) for one in each_optimizer(optimizer)]
         failure.settings = {**(settings or {}), "gathered": _gather_signature(slots, proxies)}
@@ -155,8 +155,8 @@ def full_pools(layers: Iterable[nn.Module], optimizer: torch.optim.Optimizer | N
                     module._parameters[name] = param
                 swapped = []
                 snapshot.restore()
-                add_note(err, f"{who}: no process kept the edit: every process holds the pools, ranks and "
-                              "optimizer state it held before the call")
+                add_note(err, f"{who}: no process kept the edit: every process holds the pools, ranks, merge "
+                              "state and optimizer state it held before the call")
             raise
     finally:
         with torch.no_grad():

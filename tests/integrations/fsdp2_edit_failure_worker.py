@@ -67,6 +67,8 @@ def main(rank, world, store, out):
             decision_generator(2, 0) if rank == 0 else "seed"))
         # an argument only process 1 refuses, checked before the gathers
         yield "bad_optimizer", lambda: fsdp.set_rank(layers["0"], 1, opt if rank == 0 else "adamw")
+        # a module that is no LoRA layer, on process 1 only: refused before the gathers
+        yield "not_a_lora_layer", lambda: fsdp.set_rank(layers["0"] if rank == 0 else net[1], 1, opt)
         # valid arguments that differ: the processes would part
         yield "different_ranks", lambda: fsdp.set_rank(layers["2"], 2 + rank, opt, generator=decision_generator(2, 1))
         # out of memory on process 1 after its edit of the gathered pools

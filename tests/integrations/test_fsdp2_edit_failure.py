@@ -34,15 +34,19 @@ def test_an_edit_failing_on_one_process_is_raised_everywhere_and_made_nowhere(tm
         assert result["before"]["ranks"] == {"0": 3, "2": 1}
     # process 1's own error; process 0 names it
     for edit, kind in [("bad_generator", "TypeError"), ("bad_optimizer", "TypeError"),
-                       ("failed_after_edit", "OutOfMemoryError"), ("failed_merge", "OutOfMemoryError")]:
+                       ("not_a_lora_layer", "TypeError"), ("failed_after_edit", "OutOfMemoryError"),
+                       ("failed_merge", "OutOfMemoryError")]:
         assert second[edit][:2] == ("error", kind), (edit, second[edit])
         assert first[edit][:2] == ("error", "RuntimeError"), (edit, first[edit])
         assert f"failed on another process (process 1: {kind}" in first[edit][2], (edit, first[edit])
+    assert second["not_a_lora_layer"][2] == \
+        "lorambo.integrations.fsdp.set_rank: expected LoRAMBoLinear layers, got a Tanh"
     for result in (first, second):
         assert result["different_ranks"][:2] == ("error", "ValueError"), result["different_ranks"]
         assert "rank: process 0 2, process 1 3" in result["different_ranks"][2], result["different_ranks"]
     # nothing changed anywhere: values, gradients, Adam moments and per-slot counts, ranks, slot ids
-    for edit in ("bad_generator", "bad_optimizer", "different_ranks", "failed_after_edit", "failed_merge"):
+    for edit in ("bad_generator", "bad_optimizer", "not_a_lora_layer", "different_ranks", "failed_after_edit",
+                 "failed_merge"):
         for result in (first, second):
             assert result[f"{edit}_merged"] == [False, False], edit
             assert_same_state(result[f"{edit}_state"], result["before"], edit)
