@@ -14,8 +14,10 @@ the same calls in the same order (collectives), and takes the same decisions: on
 already reduces its statistics over processes and seeds new slots identically (see
 :mod:`lorambo.distributed`). The pools are all-gathered only on decision steps.
 
-On a model without DTensor parameters every function here is exactly the plain lorambo call,
-so one training script serves both.
+On a model without DTensor parameters every function here computes what the plain lorambo call
+computes, so one training script serves both. Under torch.distributed (DDP replicas) every
+process calls the edits and saves, as on a sharded model; an edit that fails on one process is
+made on none.
 
 Not supported under FSDP2: anything that runs a forward pass inside a decision (ALoRA rounds,
 rank moves scored by held-out ablation): FSDP would all-gather over the swapped pools. Pass
