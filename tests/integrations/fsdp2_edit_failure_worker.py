@@ -4,7 +4,8 @@ Two gloo processes train an FSDP2-sharded model one step (lorambo.optim.AdamW: s
 per-slot step counts every process keeps whole), then make rank edits through
 lorambo.integrations.fsdp that fail on process 1 only, each at another point of the call. Saved
 per edit: its outcome (or the error's type and message) and the full model and optimizer state
-after it; then the state after an edit that works on both.
+after it; then the state after an edit that works on both. Last, AdaLoRAImportance.update (which
+gathers every pool) fails on process 1 and is retried.
 """
 
 import sys
@@ -17,6 +18,8 @@ import lorambo
 from lorambo.integrations import fsdp
 from lorambo.distributed import decision_generator
 from lorambo.nn.slot_lineage import slot_ids
+from lorambo.sensitivity import adalora_importance
+from lorambo.sensitivity.adalora_importance import AdaLoRAImportance
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fsdp2_worker import DT, build, shard  # noqa: E402
@@ -97,6 +100,25 @@ def main(rank, world, store, out):
     result["unsharded_bad_generator_state"] = full_state(plain, plain_opt)
     result["works"] = attempt(lambda: fsdp.set_rank(layers["2"], 3, opt, generator=decision_generator(2, 2)))
     result["works_state"] = full_state(net, opt)
+    # AdaLoRAImportance.update gathers every pool: out of memory in process 1's second product
+    importance = AdaLoRAImportance(net)
+    importance.update()
+    result["importance_before"] = importance.state_dict()
+    real_sample, calls = adalora_importance._sample, []
+
+    def sample_then_fail(value, grad):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("simulated: out of memory in the importance product")
+        return real_sample(value, grad)
+
+    if rank == 1:
+        adalora_importance._sample = sample_then_fail
+    result["importance_failed"] = attempt(lambda: bool(importance.update()))
+    adalora_importance._sample = real_sample
+    result["importance_after_failure"] = importance.state_dict()
+    result["importance_retry"] = attempt(lambda: bool(importance.update()))
+    result["importance_after_retry"] = importance.state_dict()
     dist.destroy_process_group()
     torch.save(result, out)
 

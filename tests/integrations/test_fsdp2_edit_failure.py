@@ -11,6 +11,12 @@ from gloo_workers import run_two_processes
 
 pytest.importorskip("torch.distributed.fsdp")
 WORKER = Path(__file__).with_name("fsdp2_edit_failure_worker.py")
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    return run_two_processes(WORKER, tmp_path_factory.mktemp("fsdp2_edit_failure"), timeout=60)
 
 
 def assert_same_state(got, want, what, ids=True):
@@ -27,9 +33,8 @@ def assert_same_state(got, want, what, ids=True):
             assert torch.equal(got["opt"][name][key], value), (what, name, key)
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
-def test_an_edit_failing_on_one_process_is_raised_everywhere_and_made_nowhere(tmp_path):
-    first, second = run_two_processes(WORKER, tmp_path, timeout=60)
+def test_an_edit_failing_on_one_process_is_raised_everywhere_and_made_nowhere(outcomes):
+    first, second = outcomes
     for result in (first, second):
         assert result["before"]["ranks"] == {"0": 3, "2": 1}
     # process 1's own error; process 0 names it
@@ -59,3 +64,27 @@ def test_an_edit_failing_on_one_process_is_raised_everywhere_and_made_nowhere(tm
     assert first["works"] == second["works"] == ("ok", 1)
     assert first["works_state"]["ranks"] == {"0": 3, "2": 3}
     assert_same_state(second["works_state"], first["works_state"], "works", ids=False)
+
+
+def assert_same_statistics(got, want, what):
+    assert got["steps"] == want["steps"] and got["ibar"].keys() == want["ibar"].keys(), what
+    for table in ("ibar", "ubar"):
+        for key, value in want[table].items():
+            assert torch.equal(got[table][key], value), (what, table, key)
+
+
+def test_an_importance_update_failing_on_one_process_is_raised_everywhere(outcomes):
+    """AdaLoRAImportance.update() on FSDP2 pools: out of memory in process 1's product used to
+    leave process 0 waiting in the next pool's gather; now both raise, before any statistic
+    changes, and update again together."""
+    first, second = outcomes
+    assert second["importance_failed"][:2] == ("error", "OutOfMemoryError"), second["importance_failed"]
+    assert first["importance_failed"][:2] == ("error", "RuntimeError"), first["importance_failed"]
+    assert "AdaLoRAImportance.update failed on another process (process 1: OutOfMemoryError" in \
+        first["importance_failed"][2]
+    for result in (first, second):
+        assert result["importance_before"]["steps"] == 1
+        assert_same_statistics(result["importance_after_failure"], result["importance_before"], "failed")
+        assert result["importance_retry"] == ("ok", True)
+        assert result["importance_after_retry"]["steps"] == 2
+    assert_same_statistics(second["importance_after_retry"], first["importance_after_retry"], "retry")
