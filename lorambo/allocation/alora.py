@@ -32,9 +32,10 @@ import torch
 from lorambo.allocation.components import at_most_per_layer
 from lorambo.allocation.frozen import frozen_layers
 from lorambo.allocation.validate import check_rank_bounds
-from lorambo.distributed import SharedFailure, broadcast_, decision_generator
-from lorambo.model.partial_edit import note_rank_changes_kept
-from lorambo.nn.optimizer_argument import optimizer_argument
+from lorambo.distributed import SharedFailure, broadcast_, decision_generator, world_size
+from lorambo.model.partial_edit import add_note, note_rank_changes_kept
+from lorambo.nn.edit_snapshot import EditSnapshot
+from lorambo.nn.optimizer_argument import each_optimizer, optimizer_argument
 from lorambo.nn.optimizer_state import check_slot_state_editable
 from lorambo.nn.pool_ops import keep_components_many
 from lorambo.user_warnings import warns_when_done
@@ -147,10 +148,15 @@ def alora_round(model, layers: Mapping, loss_fn, batches, n_prune: int, budget: 
     scores = dict(zip(layers, flat.split([layers[n].rank for n in layers])))
     prune, receive = _plan(layers, scores, n_prune, budget, min_rank, max_rank, frozen_layers(layers))
     records = [] if records is None else records
+    first_record = len(records)
     before = {n: layers[n].rank for n in prune}
+    edited = [layers[n] for n in dict.fromkeys([*prune, *receive])]
     # out of memory on one process in the edits below is held back (failure.run) and raised on
-    # every process by the last check: the others would otherwise go on with other pools
-    try:  # out of memory or Ctrl-C part-way: the rank changes made are recorded and named
+    # every process by the last check; every process then takes its edits back, so that no
+    # process goes on with other pools
+    kept = failure.run(lambda: EditSnapshot(edited, [p for m in edited for p in (m.lora_A, m.lora_B)],
+                                            each_optimizer(optimizer))) if world_size() > 1 else None
+    try:  # Ctrl-C part-way: the rank changes made are recorded and named
         try:
             failure.run(lambda: keep_components_many(
                 [(layers[n], [k for k in range(layers[n].rank) if k not in comps]) for n, comps in prune.items()],
@@ -172,6 +178,11 @@ def alora_round(model, layers: Mapping, loss_fn, batches, n_prune: int, budget: 
                             "benefit": float(scores[name].mean()), "old_rank": old, "new_rank": layer.rank})
         failure.check()
     except BaseException as err:
+        if isinstance(err, Exception) and kept is not None and world_size() > 1:  # raised on every process
+            kept.restore()
+            del records[first_record:]
+            add_note(err, f"alora_round (step {step}): every process took the round's rank changes back")
+            raise
         note_rank_changes_kept(err, f"alora_round (step {step})", records,
                                " (and are in the decisions and the decision log of a LoRAMBoOptimizer)", "round")
         raise

@@ -51,13 +51,14 @@ from lorambo.allocation.components import at_most_per_layer
 from lorambo.allocation.frozen import frozen_layers
 from lorambo.allocation.greedy import greedy_allocate
 from lorambo.allocation.validate import check_rank_bounds
-from lorambo.distributed import SharedFailure, all_reduced_mean, decision_generator
-from lorambo.model.partial_edit import note_rank_changes_kept
+from lorambo.distributed import SharedFailure, all_reduced_mean, decision_generator, world_size
+from lorambo.model.partial_edit import add_note, note_rank_changes_kept
 from lorambo.nn.finite_numbers import float_value, is_finite_number, shown_number
-from lorambo.nn.grad_passes import accumulator_nodes, pass_feeds_grad
+from lorambo.nn.grad_passes import CallParameters, accumulator_nodes, pass_feeds_grad
 from lorambo.nn.hook_inputs import layer_input
 from lorambo.nn.local_hooks import LocalHook  # a copy of the model (EMA, teacher) is not captured
-from lorambo.nn.optimizer_argument import optimizer_argument
+from lorambo.nn.edit_snapshot import EditSnapshot
+from lorambo.nn.optimizer_argument import each_optimizer, optimizer_argument
 from lorambo.nn.optimizer_state import check_slot_state_editable
 from lorambo.nn.pool_ops import keep_components_many
 from lorambo.ops.custom_op import autocast_off
@@ -112,6 +113,7 @@ class ActivationCapture:
         self.inputs: dict[str, list[torch.Tensor | None]] = {n: [] for n in self.layers}  # None: dropped
         self.grads: dict[str, dict[int, torch.Tensor]] = {n: {} for n in self.layers}
         self._handles = []
+        self._call_params = CallParameters()  # the parameters each call used (grad_passes.py)
         self.set_token_mask(None)
 
     def set_token_mask(self, mask: torch.Tensor | None) -> None:
@@ -135,13 +137,15 @@ class ActivationCapture:
 
     def arm(self) -> None:
         if not self._handles:
-            self._handles = [m.register_forward_hook(LocalHook(self._hook(n)), with_kwargs=True)
-                             for n, m in self.layers.items()]
+            self._handles = [handle for n, m in self.layers.items() for handle in (
+                m.register_forward_pre_hook(LocalHook(self._call_params.pre_hook), with_kwargs=True),
+                m.register_forward_hook(LocalHook(self._hook(n)), with_kwargs=True))]
 
     def disarm(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._call_params.clear()
         self.set_token_mask(None)  # a mask belongs to one batch: the next capture gives its own
 
     def clear(self) -> None:
@@ -158,6 +162,7 @@ class ActivationCapture:
 
     def _hook(self, name: str):
         def hook(module, args, kwargs, output):
+            trainable = self._call_params.pop(module)
             if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
                 return
             x = layer_input(args, kwargs).detach()
@@ -176,7 +181,7 @@ class ActivationCapture:
             index = len(self.inputs[name])
             self.inputs[name].append(x)
 
-            nodes = accumulator_nodes(module, output)
+            nodes = accumulator_nodes(module, output, trainable)
 
             def grad_hook(g, index=index, rows=rows, scale=scale):
                 if not pass_feeds_grad(nodes):  # torch.autograd.grad: the step's gradient is not in it
@@ -652,10 +657,23 @@ class OnlineGrowth:
             dropped.setdefault(donor, []).append(comp)
         before = {d: self.layers[d].rank for d in dropped}
         spent = self.spent()
-        try:  # out of memory on one process here: the others raise at the receivers' growth
+        donors = [self.layers[d] for d in dropped]
+        # every process shrinks the donors or none does: one that could not (out of memory) would
+        # otherwise leave the others with other ranks
+        kept = failure.run(lambda: EditSnapshot(donors, [p for m in donors for p in (m.lora_A, m.lora_B)],
+                                                each_optimizer(optimizer))) if world_size() > 1 else None
+        try:
             failure.run(lambda: keep_components_many(
                 [(self.layers[d], [k for k in range(self.layers[d].rank) if k not in comps])
                  for d, comps in dropped.items()], optimizer))
+            if dropped:
+                failure.check()
+        except BaseException as err:
+            if isinstance(err, Exception) and kept is not None and world_size() > 1:  # raised on every process
+                kept.restore()
+                add_note(err, f"update_ranks (step {step}): the rank move's shrinks of {list(dropped)} were taken "
+                              "back on every process")
+            raise
         finally:  # each layer is shrunk whole or not at all (stopped part-way): record those that were
             for donor, comps in dropped.items():
                 if self.layers[donor].rank != before[donor]:

@@ -14,8 +14,10 @@ the same calls in the same order (collectives), and takes the same decisions: on
 already reduces its statistics over processes and seeds new slots identically (see
 :mod:`lorambo.distributed`). The pools are all-gathered only on decision steps.
 
-On a model without DTensor parameters every function here is exactly the plain lorambo call,
-so one training script serves both.
+On a model without DTensor parameters every function here computes what the plain lorambo call
+computes, so one training script serves both. Under torch.distributed (DDP replicas) every
+process calls the edits and saves, as on a sharded model; an edit that fails on one process is
+made on none.
 
 Not supported under FSDP2: anything that runs a forward pass inside a decision (ALoRA rounds,
 rank moves scored by held-out ablation): FSDP would all-gather over the swapped pools. Pass
@@ -36,14 +38,15 @@ from torch.amp.grad_scaler import GradScaler
 
 from lorambo.adapters.io import save_adapter as _save_adapter
 from lorambo.adapters.peft_export import export_peft as _export_peft
-from lorambo.distributed import SharedFailure, is_main_process
+from lorambo.distributed import SharedFailure, is_main_process, world_size
+from lorambo.nn.edit_snapshot import EditSnapshot
 from lorambo.model import lora_layers
 from lorambo.model import unload as _unload
 from lorambo.model.configure import check_mergeable
 from lorambo.model.modules_to_save import modules_to_save
 from lorambo.model.partial_edit import add_note, shown_layers
 from lorambo.model.unwrap import unwrap_model
-from lorambo.nn import keep_components_many
+from lorambo.nn import LoRAMBoLinear, keep_components_many
 from lorambo.nn.merge_overflow import finite_merge
 from lorambo.nn.optimizer_argument import (OptimizerArgument, each_optimizer, optimizer_argument, skips_this_step,
                                            wrapper_grad_scaler)
@@ -79,25 +82,46 @@ class _GatheredOptimizer:
 
 @contextmanager
 def full_pools(layers: Iterable[nn.Module], optimizer: torch.optim.Optimizer | None = None,
-               base_weights: bool = False, extra_modules: Iterable[nn.Module] = ()):
+               base_weights: bool = False, extra_modules: Iterable[nn.Module] = (), who: str = "full_pools",
+               settings: Mapping[str, Any] | None = None, keep_partial: bool = False):
     """Within the context the pools of ``layers`` (with ``base_weights`` also their base weight
     and bias; with ``extra_modules`` their parameters) are full ordinary Parameters; yields the
     optimizer to pass to lorambo's rank edits (None when ``optimizer`` is None; a tuple of them
     when ``optimizer`` is a list of optimizers). On exit each process writes its shard of every
-    value, gradient and optimizer state back in place."""
-    slots = []  # (module, name, sharded param, full param)
-    for layer in layers:
-        names = ["lora_A", "lora_B"]
-        for module, name in [(layer, n) for n in names] + (
-                [(layer.base_layer, n) for n, _ in layer.base_layer.named_parameters(recurse=False)]
-                if base_weights else []):
-            slots.append((module, name, module._parameters[name]))
-    for module in extra_modules:
-        for sub in module.modules():
-            slots.extend((sub, n, p) for n, p in sub._parameters.items() if p is not None)
+    value, gradient and optimizer state back in place.
+
+    Every process must enter with the same ``settings`` (``who`` names the caller in errors) and
+    the same tensors to gather; one small all-reduce checks both before the first all-gather, so
+    a process given other layers or other arguments raises a ValueError on every process instead
+    of waiting in a gather the others never join. An ``Exception`` raised in the context on one
+    process is raised on every process (a RuntimeError naming it on the others), by one more
+    small all-reduce on exit. Then no process writes back, and each one's layers (rank, slot
+    ids, merge state) and what is not sharded (values, gradients, optimizer state: an unsharded
+    model under DDP) are put back (:class:`EditSnapshot`): the edit is made on every process or
+    on none. ``keep_partial``: write back what the context changed before it stopped (the rank
+    decisions of ``allocator_step``, which record and log the rank changes they made).
+    """
+    failure = SharedFailure(who)
+    with failure:  # an argument only this process refuses stops every process before the gathers
+        layers = list(layers)
+        slots = []  # (module, name, sharded param)
+        for layer in layers:
+            if not isinstance(layer, LoRAMBoLinear):
+                raise TypeError(f"{who}: expected LoRAMBoLinear layers, got a {type(layer).__name__}")
+            for module, name in [(layer, "lora_A"), (layer, "lora_B")] + (
+                    [(layer.base_layer, n) for n, _ in layer.base_layer.named_parameters(recurse=False)]
+                    if base_weights else []):
+                slots.append((module, name, module._parameters[name]))
+        for module in extra_modules:
+            for sub in module.modules():
+                slots.extend((sub, n, p) for n, p in sub._parameters.items() if p is not None)
+        optimizer = optimizer_argument(optimizer, "lorambo.integrations.fsdp")
+        proxies = [(one, _GatheredOptimizer(one)) for one in each_optimizer(optimizer)]
+        failure.settings = {**(settings or {}), "gathered": _gather_signature(slots, proxies)}
+        snapshot = EditSnapshot(layers, [param for _, _, param in slots], [one for one, _ in proxies]) \
+            if world_size() > 1 else None  # a single process's error propagates at once: nothing to undo
+    failure.check()
     swapped = []
-    optimizer = optimizer_argument(optimizer, "lorambo.integrations.fsdp")
-    proxies = [(one, _GatheredOptimizer(one)) for one in each_optimizer(optimizer)]
     try:
         for module, name, param in slots:
             if not is_sharded(param):
@@ -123,7 +147,19 @@ def full_pools(layers: Iterable[nn.Module], optimizer: torch.optim.Optimizer | N
             proxy.param_groups = [{**group, "params": [full_of.get(id(p), p) for p in group["params"]]}
                                   for group in one.param_groups]
         views = tuple(proxy for _, proxy in proxies)
-        yield None if not views else views[0] if not isinstance(optimizer, tuple) else views
+        with failure:  # held until every process knows (below); the others would go on edited
+            yield None if not views else views[0] if not isinstance(optimizer, tuple) else views
+        try:
+            failure.check()
+        except Exception as err:
+            if not keep_partial and snapshot is not None:
+                for module, name, param, _ in swapped:
+                    module._parameters[name] = param
+                swapped = []
+                snapshot.restore()
+                add_note(err, f"{who}: no process kept the edit: every process holds the pools, ranks, merge "
+                              "state and optimizer state it held before the call")
+            raise
     finally:
         with torch.no_grad():
             for module, name, param, full in swapped:
@@ -141,17 +177,27 @@ def full_pools(layers: Iterable[nn.Module], optimizer: torch.optim.Optimizer | N
                                 real[key] = value
 
 
+def _gather_signature(slots, proxies) -> list:
+    """What :func:`full_pools` gathers, in order: every process must gather the same."""
+    return [(type(module).__name__, name, tuple(param.shape), str(param.dtype), is_sharded(param),
+             param.grad is not None, [sorted(one.state[param]) if param in one.state else None for one, _ in proxies])
+            for module, name, param in slots]
+
+
 def set_rank(layer, rank: int, optimizer: OptimizerArgument | None = None,
              generator: torch.Generator | None = None) -> int:
     """``layer.set_rank`` on a sharded (or plain) layer; returns the old rank."""
-    with full_pools([layer], optimizer) as opt:
+    with full_pools([layer], optimizer, who="lorambo.integrations.fsdp.set_rank",
+                    settings={"layer": getattr(layer, "name", None), "rank": rank}) as opt:
         return layer.set_rank(rank, optimizer=opt, generator=generator)
 
 
 def keep_components(plans: Sequence[tuple[nn.Module, Sequence[int]]],
                     optimizer: OptimizerArgument | None = None) -> list[int]:
     """``keep_components_many`` on sharded (or plain) layers; returns the old ranks."""
-    with full_pools([layer for layer, _ in plans], optimizer) as opt:
+    plans = [(layer, list(keep)) for layer, keep in plans]
+    with full_pools([layer for layer, _ in plans], optimizer, who="lorambo.integrations.fsdp.keep_components",
+                    settings={"plans": [(getattr(layer, "name", None), keep) for layer, keep in plans]}) as opt:
         return keep_components_many(plans, opt)
 
 
@@ -173,7 +219,9 @@ def allocator_step(allocator: LoRAMBoOptimizer, step: int, optimizer: OptimizerA
         raise NotImplementedError("rank moves scored by held-out ablation run forward passes inside the "
                                   "decision; under FSDP2 pass component_scores (e.g. AdaLoRAImportance)")
     reshard(allocator.model)
-    with full_pools(allocator.layers().values(), optimizer) as opt:
+    # the decision records and logs the rank changes it made before an error: those are kept
+    with full_pools(allocator.layers().values(), optimizer, who="lorambo.integrations.fsdp.allocator_step",
+                    settings={"step": step}, keep_partial=True) as opt:
         return allocator.step(step, optimizer=opt, component_scores=component_scores, grad_scaler=grad_scaler)
 
 
@@ -186,7 +234,8 @@ def merge(model: nn.Module, exact: bool = False) -> None:
     check_mergeable(model, lora_layers(model), caller="merge")
     reshard(model)
     named = lora_layers(model)
-    with full_pools(named.values(), base_weights=True):
+    with full_pools(named.values(), base_weights=True, who="lorambo.integrations.fsdp.merge",
+                    settings={"exact": exact}):
         for layer in named.values():  # every layer before the first merge: all or nothing
             layer.check_merge_finite("merge")
         _every_layer_or_none(named, lambda layer: layer.merge(exact=exact), lambda layer: layer.unmerge(), "merge",
@@ -207,7 +256,7 @@ def unmerge(model: nn.Module) -> None:
     _refuse_mixed(model, merged=False, caller="unmerge")
     reshard(model)
     named = lora_layers(model)
-    with full_pools(named.values(), base_weights=True):
+    with full_pools(named.values(), base_weights=True, who="lorambo.integrations.fsdp.unmerge"):
         kept = {id(layer): layer._weight_before_merge is not None for layer in named.values()}  # merge(exact=True)
         _every_layer_or_none(named, lambda layer: layer.unmerge(),
                              lambda layer: layer.merge(exact=kept[id(layer)]), "unmerge", "merged again")
@@ -250,7 +299,9 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
                                   "lorambo.integrations.fsdp.unloaded_state_dict(model) for a plain model")
     reshard(model)
     layers = list(lora_layers(model).values())
-    with full_pools(layers, base_weights=True):
+    # unload replaces modules, which no snapshot puts back: what it did before an error stays
+    with full_pools(layers, base_weights=True, who="lorambo.integrations.fsdp.unload", settings={"merge": merge},
+                    keep_partial=True):
         return _unload(model, merge=merge)
 
 
@@ -307,15 +358,11 @@ def reshard(model: nn.Module) -> None:
 def _gathered_save(model, write, path, writes: bool | None):
     reshard(model)
     heads = [model.get_submodule(n) for n in modules_to_save(model)]
-    out = None
     # the writing processes' errors (a bad path, a full disk) reach the others through the
-    # all-reduce that ends the call (it is also its barrier), instead of leaving them waiting
-    failure = SharedFailure(write.__name__)
-    with full_pools(lora_layers(model).values(), extra_modules=heads):
-        with failure:
-            out = write(model, path) if (is_main_process() if writes is None else writes) else None
-    failure.check()
-    return out
+    # all-reduce that ends full_pools (it is also the call's barrier), instead of leaving them
+    # waiting; nothing was edited, so nothing is put back
+    with full_pools(lora_layers(model).values(), extra_modules=heads, who=write.__name__, keep_partial=True):
+        return write(model, path) if (is_main_process() if writes is None else writes) else None
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike[str], writes: bool | None = None) -> Path | None:

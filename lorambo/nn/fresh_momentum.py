@@ -28,7 +28,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from lorambo.nn.optimizer_kind import group_of, optimizer_kind
 from lorambo.user_warnings import warn_user
 
-__all__ = ["mark_new_slots", "move_new_slots", "restore_new_slots"]
+__all__ = ["mark_new_slots", "move_new_slots", "restore_new_slots", "new_slots_now", "put_back_new_slots"]
 
 _PENDING = WeakIdKeyDictionary()  # pool parameter -> (slot_dim, slots whose buffer starts next step)
 _installed = False
@@ -86,6 +86,18 @@ def move_new_slots(layer, keep) -> None:
             moved = {where[s] for s in slots if s in where}
             slots.clear()  # in place: the layer's copy is this set
             slots.update(moved)
+
+
+def new_slots_now(layer) -> dict[str, set[int]]:
+    """A copy of the slots of ``layer``'s pools waiting for their first SGD step, by pool name."""
+    return {name: set(slots) for name, slots in layer.__dict__.get(_ON_LAYER, {}).items()}
+
+
+def put_back_new_slots(layer, kept: dict[str, set[int]]) -> None:
+    """Make the waiting slots those of :func:`new_slots_now`'s ``kept`` again (in the same sets)."""
+    for name, slots in layer.__dict__.get(_ON_LAYER, {}).items():
+        slots.clear()
+        slots.update(kept.get(name, ()))
 
 
 def restore_new_slots(layer) -> None:

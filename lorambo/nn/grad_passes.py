@@ -12,25 +12,56 @@ gradients of its ``inputs`` instead of accumulating them.
 The accumulator nodes are read off the output's graph in the forward hook: the parameters the
 call used. A call that used no trainable parameter (a frozen layer, a merged LoRA layer) has no
 ``.grad`` to follow, and every pass through it counts.
+
+Those parameters are read in a forward pre-hook (:class:`CallParameters`): a module that is
+itself an FSDP2 unit (``fully_shard(layer)``) holds unsharded parameters only between FSDP's
+pre-forward hook and its post-forward hook, which runs before any forward hook registered after
+``fully_shard``; read there, ``module.parameters()`` are the sharded DTensors, which are not in
+the graph, and every pass would count.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["accumulator_nodes", "pass_feeds_grad"]
+__all__ = ["CallParameters", "accumulator_nodes", "pass_feeds_grad"]
 
 _DEPTH = 6  # a layer's parameters sit a few nodes below its output (views, casts, transposes)
 _MAX_NODES = 64  # the walk stops at this many nodes: it must not wander the model's whole graph
 
 
-def accumulator_nodes(module: torch.nn.Module, output: torch.Tensor) -> list | None:
+class CallParameters:
+    """The trainable parameters of each running call of the modules it is registered on, as the
+    call sees them: register :meth:`pre_hook` as a forward pre-hook (``with_kwargs=True``) and
+    call :meth:`pop` first thing in the forward hook."""
+
+    def __init__(self):
+        self._calls: dict[int, list[list[torch.Tensor]]] = {}  # id(module) -> one list per running call
+
+    def pre_hook(self, module: torch.nn.Module, args, kwargs) -> None:
+        if not torch.compiler.is_compiling():  # accumulator_nodes looks at no graph while tracing
+            self._calls.setdefault(id(module), []).append([p for p in module.parameters() if p.requires_grad])
+
+    def pop(self, module: torch.nn.Module) -> list[torch.Tensor] | None:
+        """The parameters of ``module``'s call now ending; None while tracing."""
+        stack = self._calls.get(id(module))
+        return stack.pop() if stack and not torch.compiler.is_compiling() else None
+
+    def clear(self) -> None:
+        """Forget calls whose forward raised (their forward hook never popped them)."""
+        self._calls.clear()
+
+
+def accumulator_nodes(module: torch.nn.Module, output: torch.Tensor,
+                      trainable: list[torch.Tensor] | None = None) -> list | None:
     """Call from a forward hook: the accumulator nodes, in ``output``'s graph, of ``module``'s
-    trainable parameters; None when the call used none of them (or they lie deeper than the
-    walk looks, or the forward is being traced by torch.compile): then every pass counts."""
+    trainable parameters (``trainable``: those :meth:`CallParameters.pop` gives; None: read now);
+    None when the call used none of them (or they lie deeper than the walk looks, or the forward
+    is being traced by torch.compile): then every pass counts."""
     if torch.compiler.is_compiling() or output.grad_fn is None:
         return None
-    trainable = [p for p in module.parameters() if p.requires_grad]
+    if trainable is None:
+        trainable = [p for p in module.parameters() if p.requires_grad]
     if not trainable:
         return None
     found, seen, level = [], set(), [output.grad_fn]

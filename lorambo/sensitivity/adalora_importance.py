@@ -41,12 +41,20 @@ from typing import Any
 
 import torch
 
+from lorambo.distributed import SharedFailure
 from lorambo.sharding import is_sharded
 from lorambo.model.argument import require_module
 from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from lorambo.nn.slot_lineage import slot_ids
 
 __all__ = ["AdaLoRAImportance"]
+
+
+def _sample(value: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """|value * grad|, in at least float32: the product of fp16 values and gradients (1e-3 *
+    1e-5) underflows to 0 in fp16, and bf16 rounds it to 3 significant digits."""
+    acc = torch.promote_types(value.dtype, torch.float32)
+    return (value.to(acc) * grad.to(acc)).abs().float()
 
 
 class AdaLoRAImportance:
@@ -134,6 +142,10 @@ class AdaLoRAImportance:
             raise RuntimeError(f"AdaLoRAImportance.update(): none of its layers {list(self.layers)[:4]} has a "
                                "gradient: call it after loss.backward() and before optimizer.zero_grad()")
         samples = {}  # every layer's sample first: a non-finite one leaves all statistics as they were
+        # under FSDP2 an error on one process (out of memory in a product) is held back until
+        # every process has joined every gather, then raised on all of them, before any
+        # statistic changes: the others would wait in the next gather
+        failure, gathered = SharedFailure("AdaLoRAImportance.update"), False
         for name, layer in self.layers.items():
             for which in ("A", "B"):
                 p = getattr(layer, "lora_" + which)
@@ -141,11 +153,13 @@ class AdaLoRAImportance:
                     continue
                 value, grad = p.detach(), p.grad
                 if is_sharded(value):  # a collective: the statistics are kept whole on every process
+                    gathered = True
                     value, grad = value.full_tensor(), grad.full_tensor()
-                # in at least float32: the product of fp16 values and gradients (1e-3 * 1e-5)
-                # underflows to 0 in fp16, and bf16 rounds it to 3 significant digits
-                acc = torch.promote_types(value.dtype, torch.float32)
-                samples[(name, which)] = (value.to(acc) * grad.to(acc)).abs().float()
+                    samples[(name, which)] = failure.run(_sample, value, grad)
+                else:
+                    samples[(name, which)] = _sample(value, grad)
+        if gathered:
+            failure.check()
         # no host read: every statistic takes its new value where the whole step is finite and
         # keeps its old one elsewhere (torch.where, which NaN/inf in the other branch do not
         # reach). The gradients (all-reduced under DDP, gathered under FSDP2) are the same on

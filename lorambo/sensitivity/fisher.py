@@ -60,7 +60,7 @@ from lorambo.ops.sketch import sq_grad_norms_many, use_sketch_kernels
 
 from lorambo.distributed import SharedFailure
 from lorambo.model.argument import require_module
-from lorambo.nn.grad_passes import accumulator_nodes, pass_feeds_grad
+from lorambo.nn.grad_passes import CallParameters, accumulator_nodes, pass_feeds_grad
 from lorambo.nn.hook_inputs import layer_input
 from lorambo.nn.local_hooks import LocalHook
 from .estimate import Estimate
@@ -188,6 +188,7 @@ class FisherProxy:
         self._model = model
         self._example_weights = ExampleWeights(token_mask) if reduction == "token_mean" else None
         self._handles: list = []
+        self._call_params = CallParameters()  # the parameters each call used (grad_passes.py)
         self.reset()
 
     def reset(self) -> None:
@@ -278,8 +279,9 @@ class FisherProxy:
         if not self._handles:
             # LocalHook: a copy of the model taken while attached (an EMA, a teacher, torch.save)
             # neither feeds these statistics nor fails to pickle
-            self._handles = [t.module.register_forward_hook(LocalHook(self._forward_hook(t.name)), with_kwargs=True)
-                             for t in self.targets]
+            self._handles = [handle for t in self.targets for handle in (
+                t.module.register_forward_pre_hook(LocalHook(self._call_params.pre_hook), with_kwargs=True),
+                t.module.register_forward_hook(LocalHook(self._forward_hook(t.name)), with_kwargs=True))]
             if self._example_weights is not None:
                 self._handles.append(self._model.register_forward_pre_hook(LocalHook(self._example_weights.observe),
                                                                            with_kwargs=True))
@@ -292,6 +294,7 @@ class FisherProxy:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._call_params.clear()
         self._fold_pending(released_only=True)  # no pass can reach them: the same sums as later
         if self._example_weights is not None:  # the last batch's mask would outlive the pass
             self._example_weights.clear()
@@ -309,6 +312,7 @@ class FisherProxy:
 
     def _forward_hook(self, name: str):
         def hook(module, args, kwargs, output):
+            trainable = self._call_params.pop(module)
             if self._pending and not torch.compiler.is_compiling():
                 self._fold_pending(released_only=True)  # bounds what retained graphs leave behind
             if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
@@ -316,7 +320,7 @@ class FisherProxy:
             x = layer_input(args, kwargs).detach()
             # c_n^2 of this call's batch, bound now: the backward may run after the next forward
             weights = None if self._example_weights is None else self._example_weights.squared(name, x)
-            nodes = accumulator_nodes(module, output)
+            nodes = accumulator_nodes(module, output, trainable)
             recomputed = self._recomputation(name) if torch._C._current_graph_task_id() != -1 else None
             if recomputed is None:
                 call = _Call(name, x, weights)

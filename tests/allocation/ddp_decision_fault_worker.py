@@ -57,15 +57,31 @@ def _model():
     return net, lorambo.lora_layers(lorambo.configure_model(net, 1, capacity={"0": 5, "2": 5, "4": 3}))
 
 
+def _stepped_optimizer(net):
+    """A lorambo.optim.AdamW (per-slot step counts) after one step on the same data everywhere."""
+    opt = lorambo.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=0.01, weight_decay=0.0)
+    g = torch.Generator().manual_seed(3)
+    ((net(torch.randn(8, 6, generator=g, dtype=DT)) - 1.0) ** 2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+    return opt
+
+
+def _state(net, opt):
+    return {n: {k: torch.as_tensor(v).clone() for k, v in opt.state[p].items()}
+            for n, p in net.named_parameters() if p in opt.state}
+
+
 def main(rank, world, store, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     g = torch.Generator().manual_seed(10 + rank)  # each process its own data
 
-    def decide(net, layers, step, case):
+    def decide(net, layers, step, case, opt):
         scores = {n: torch.arange(m.rank, dtype=DT) for n, m in layers.items()}  # component 0 the least useful
         if case == "alora":
-            return attempt(lambda: alora_round(net, layers, None, None, n_prune=1, scores=scores, step=step))
+            return attempt(lambda: alora_round(net, layers, None, None, n_prune=1, scores=scores, step=step,
+                                               optimizer=opt))
         moves = case == "move"
         # moves: the budget buys layer '0' two ranks (costs 16, 18, 11 at rank 1), then every
         # component may go to fund a third
@@ -75,18 +91,22 @@ def main(rank, world, store, out):
         with grower.capture:
             ((net(x) - y) ** 2).mean().backward()
         net.zero_grad()
-        return attempt(lambda: grower.update(step, component_scores=scores if moves else None))
+        return attempt(lambda: grower.update(step, opt, component_scores=scores if moves else None))
 
     result = {}
     for case, (owner, name, at_call) in FAULTS.items():
         net, layers = _model()  # each case on a model of its own, with room to grow
+        opt = _stepped_optimizer(net)
+        held = {n: (m.rank, m.lora_A.detach().clone(), m.lora_B.detach().clone()) for n, m in layers.items()}
+        held_state = _state(net, opt)
         restore = _failing_on_process_1(rank, owner, name, at_call)
         try:
-            outcome = decide(net, layers, 0, case)
+            outcome = decide(net, layers, 0, case, opt)
         finally:
             restore()
         pools = {n: (m.rank, m.lora_A.detach().clone(), m.lora_B.detach().clone()) for n, m in layers.items()}
-        result[case] = {"outcome": outcome, "pools": pools, "retry": decide(net, layers, 1, case)}
+        result[case] = {"outcome": outcome, "before": held, "pools": pools, "state_before": held_state,
+                        "state": _state(net, opt), "retry": decide(net, layers, 1, case, opt)}
     dist.destroy_process_group()
     torch.save(result, out)
 

@@ -46,15 +46,18 @@ def _edit(net, opt, step):
         layers["0"].set_rank(4, optimizer=opt, generator=torch.Generator().manual_seed(6))
 
 
-def train(net, model, steps, rank=None):
-    """``rank`` None: one process on both shards, the loss averaged over them as DDP averages."""
+def train(net, model, steps, rank=None, sync_first_step=False):
+    """``rank`` None: one process on both shards, the loss averaged over them as DDP averages.
+    ``sync_first_step``: no ``no_sync`` in the first step (DDP's static_graph needs it, see the
+    README's limitations)."""
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, dampening=0.5)
     for step, micro_batches in enumerate(steps):
         for i, shards in enumerate(micro_batches):
             mine = shards if rank is None else [shards[rank]]
             last = i == len(micro_batches) - 1
-            with contextlib.nullcontext() if rank is None or last else model.no_sync():
+            sync = rank is None or last or (sync_first_step and step == 0)
+            with contextlib.nullcontext() if sync else model.no_sync():
                 (sum(((model(x) - y) ** 2).mean() for x, y in mine) / len(mine) / MICRO).backward()
             if not last:
                 _edit(net, opt, step)
@@ -64,13 +67,13 @@ def train(net, model, steps, rank=None):
     return {k: v.clone() for k, v in net.state_dict().items()}
 
 
-def run(rank, world, rendezvous, out_dir, data_seed):
+def run(rank, world, rendezvous, out_dir, data_seed, static_graph=False):
     torch.set_num_threads(1)
     init_gloo(rank, world, rendezvous)
     try:
         net = build()
-        torch.save(train(net, DDP(net, gradient_as_bucket_view=True), batches(data_seed), rank),
-                   f"{out_dir}/rank{rank}.pt")
+        model = DDP(net, gradient_as_bucket_view=True, static_graph=static_graph)
+        torch.save(train(net, model, batches(data_seed), rank, sync_first_step=static_graph), f"{out_dir}/rank{rank}.pt")
     except BaseException:
         dist.destroy_process_group()
         raise

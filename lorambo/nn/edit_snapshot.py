@@ -1,0 +1,69 @@
+"""What a rank edit or merge changes, kept so that an edit another process could not make is
+taken back here too: under DDP and FSDP2 every process must hold the same ranks.
+
+A rank edit changes, in place, a layer's rank, slot ids, merge state and SGD slots waiting for
+their first step, its pools and their gradients, and the optimizer state of its pools.
+:class:`EditSnapshot` records them and puts them back, into the same objects. It leaves out
+sharded (FSDP2 DTensor) parameters, gradients and optimizer state:
+:func:`lorambo.integrations.fsdp.full_pools` edits full copies of those and simply does not write
+them back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from lorambo.nn.fresh_momentum import new_slots_now, put_back_new_slots
+from lorambo.sharding import is_sharded
+
+__all__ = ["EditSnapshot"]
+
+_LAYER_FIELDS = ("_slot_ids", "_slot_edits", "merged", "_weight_before_merge")
+
+
+class EditSnapshot:
+    """The rank, slot ids, merge state and waiting SGD slots of ``layers``, and the values,
+    gradients and optimizer state (in each of ``optimizers``) of ``params`` that are not
+    sharded, as they are now; :meth:`restore` puts them back."""
+
+    def __init__(self, layers: Iterable[nn.Module], params: Iterable[torch.Tensor], optimizers: Iterable):
+        params = list(params)
+        self.layers = [(layer, layer.rank, {f: _copied(layer.__dict__.get(f)) for f in _LAYER_FIELDS},
+                        new_slots_now(layer)) for layer in layers]
+        self.values = [(p, p.detach().clone(), None if p.grad is None else p.grad.clone())
+                       for p in params if not is_sharded(p)]
+        self.states = []  # (state dict, its keys now, {key: (object, copy of its values)})
+        for one in optimizers:
+            for param in params:
+                if param in one.state:
+                    state = one.state[param]
+                    kept = {k: (v, v.clone() if isinstance(v, torch.Tensor) else v)
+                            for k, v in state.items() if not is_sharded(v)}
+                    self.states.append((state, set(state), kept))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for layer, rank, fields, waiting in self.layers:
+            layer._set_active_rank(rank)
+            layer.__dict__.update(fields)
+            put_back_new_slots(layer, waiting)
+        for param, value, grad in self.values:
+            param.copy_(value)
+            if grad is None:
+                param.grad = None
+            elif param.grad is not None:
+                param.grad.copy_(grad)
+        for state, keys, kept in self.states:
+            for key in set(state) - keys:
+                del state[key]
+            for key, (value, values) in kept.items():
+                if isinstance(value, torch.Tensor):
+                    value.copy_(values)
+                state[key] = value
+
+
+def _copied(value):
+    return list(value) if isinstance(value, list) else value
