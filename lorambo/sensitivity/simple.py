@@ -17,6 +17,7 @@ from .inputs import (Batches, LossFn, as_batch_list, check_finite_loss, check_so
 from .mode import eval_mode
 from .progress import show_bar
 from .targets import differentiable, find_targets
+from .tied import untied
 from .token_mask import TokenMask, batch_token_mask, real_tokens
 
 __all__ = ["gradient_sensitivity", "data_covariance", "targets_without_gradient"]
@@ -39,12 +40,13 @@ def gradient_sensitivity(model: torch.nn.Module, loss_fn: LossFn, batches: Batch
     bar_on = show_bar(progress, "gradient_sensitivity")
     batches = as_batch_list(batches)
     targets = find_targets(model, modules)
-    weights = [t.weight for t in targets]
-    sums = torch.zeros(len(weights), dtype=torch.float64)
+    sums = torch.zeros(len(targets), dtype=torch.float64)
     reached = False
     failure = SharedFailure("gradient_sensitivity", settings={"targets": [t.name for t in targets]})
-    with failure, differentiable(weights), eval_mode(model), \
+    with failure, untied(model, targets) as measured, differentiable([t.weight for t in measured]), \
+            eval_mode(model), \
             tqdm(total=len(batches), disable=not bar_on, desc="gradient_sensitivity", unit="batch") as bar:
+        weights = [t.weight for t in measured]
         for index, batch in enumerate(batches):
             loss = compute_loss(loss_fn, model, batch, who="gradient_sensitivity")
             check_finite_loss(loss, index, "gradient_sensitivity")
@@ -75,8 +77,8 @@ def unreached_targets(model, loss_fn, batch, modules, who: str) -> list[str]:
     called (``LoRAMBoOptimizer.compute_sensitivities`` runs it first)."""
     require_module(model, who)
     targets = find_targets(model, modules)
-    weights = [t.weight for t in targets]
-    with differentiable(weights), eval_mode(model):
+    with untied(model, targets) as measured, differentiable([t.weight for t in measured]), eval_mode(model):
+        weights = [t.weight for t in measured]
         loss = compute_loss(loss_fn, model, batch, who=who)
         grads = torch.autograd.grad(loss, weights, allow_unused=True)
     return [t.name for t, g in zip(targets, grads) if g is None]
