@@ -72,16 +72,34 @@ def targets_without_gradient(model: torch.nn.Module, loss_fn: LossFn, batch: Any
     return unreached_targets(model, loss_fn, batch, modules, "targets_without_gradient")
 
 
-def unreached_targets(model, loss_fn, batch, modules, who: str) -> list[str]:
+def unreached_targets(model, loss_fn, batch, modules, who: str, need_grad: bool = True) -> list[str]:
     """:func:`targets_without_gradient`, its errors naming ``who``: the public function the user
-    called (``LoRAMBoOptimizer.compute_sensitivities`` runs it first)."""
+    called. ``need_grad=False``: a loss without a graph reaches none of them (no error)."""
     require_module(model, who)
     targets = find_targets(model, modules)
     with untied(model, targets) as measured, differentiable([t.weight for t in measured]), eval_mode(model):
         weights = [t.weight for t in measured]
-        loss = compute_loss(loss_fn, model, batch, who=who)
+        loss = compute_loss(loss_fn, model, batch, need_grad=need_grad, who=who)
+        if not loss.requires_grad:
+            return [t.name for t in targets]
         grads = torch.autograd.grad(loss, weights, allow_unused=True)
     return [t.name for t, g in zip(targets, grads) if g is None]
+
+
+def unreached_by_any(model, loss_fn, batches: list, modules, who: str) -> list[str]:
+    """Names of the targeted layers that no batch of ``batches`` gives a gradient
+    (``LoRAMBoOptimizer.compute_sensitivities`` runs it first). The first batch checks every
+    layer, each next one only those the batches before did not reach, until none is left: a
+    layer that one task's head or one routed expert serves is reached by some batch, not
+    necessarily the first. A layer no loss uses (BERT's pooler) costs a forward per batch."""
+    unreached = list(modules)
+    for index, batch in enumerate(batches):
+        # past the first batch, only the unreached layers are differentiable: a loss that uses
+        # none of them (and no other trainable weight) has no graph, which is no error here
+        unreached = unreached_targets(model, loss_fn, batch, unreached, who, need_grad=index == 0)
+        if not unreached:
+            break
+    return unreached
 
 
 def data_covariance(model: torch.nn.Module, loss_fn: LossFn, batches: Batches,
