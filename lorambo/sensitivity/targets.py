@@ -107,14 +107,15 @@ def find_targets(model: nn.Module, modules: Sequence[str] | str | None = None) -
         targets.append(valid[name])
     repeated = [n for n, k in Counter(modules).items() if k > 1]
     if repeated:
-        raise ValueError(f"modules names {repeated} more than once; pass each layer once")
+        raise ValueError(f"modules lists {repeated} more than once; pass each layer once")
     return targets
 
 
 def weight_holder(module: nn.Module) -> nn.Module:
     """The module whose ``weight`` Parameter a target's weight is: a LoRA layer's base layer, or
     the plain layer itself."""
-    return module.base_layer if _is_lora(module) else module
+    base = getattr(module, "base_layer", None)
+    return base if isinstance(base, nn.Module) and _is_lora(module) else module
 
 
 @contextmanager

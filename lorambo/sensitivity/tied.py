@@ -16,7 +16,6 @@ from collections import Counter
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
-import torch
 from torch import nn
 
 from .targets import Target, weight_holder
@@ -34,14 +33,14 @@ def untied(model: nn.Module, targets: Sequence[Target]) -> Iterator[list[Target]
         if weight_holder(t.module)._parameters.get("weight") is not t.weight:
             raise ValueError(f"layer {t.name!r} shares its weight with another module but does not hold it as "
                              "its own `weight` Parameter (a parametrization?), so it cannot be measured alone")
-    swaps: list[tuple[nn.Module, torch.Tensor]] = []
+    swaps: list[tuple[nn.Module, nn.Parameter | None]] = []
     try:
         out = []
         for t in targets:
             if holders[id(t.weight)] > 1:
                 holder = weight_holder(t.module)
                 own = nn.Parameter(t.weight.detach(), requires_grad=t.weight.requires_grad)
-                swaps.append((holder, t.weight))
+                swaps.append((holder, holder._parameters["weight"]))  # t.weight, as checked above
                 holder._parameters["weight"] = own
                 t = Target(t.name, t.module, own)
             out.append(t)
