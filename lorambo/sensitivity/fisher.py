@@ -13,8 +13,8 @@ without keeping per-example gradients around:
 
 The cheaper one is chosen per call (Gram when T (in + out) < in * out, i.e. short sequences
 or wide layers). Both cost about as much as the layer's own GEMM, so for long sequences an
-unbiased sketch is offered too (``sketch_dim=k``): with Rademacher v [in, k],
-||G_n||^2 = E ||G_n v||^2 / k and G_n v = dY_n^T (X_n v), which costs O(T k (in + out)),
+unbiased sketch is offered too (``sketch_dim=k``): with Rademacher v [in, k] (each example
+its own), ||G_n||^2 = E ||G_n v||^2 / k and G_n v = dY_n^T (X_n v), which costs O(T k (in + out)),
 a fraction k / min(T, ...) of the exact forms, at the price of variance that averages out over
 training steps. Statistics stay on the device (no host sync per step); ``estimates()`` reads
 them out once, all-reduced across ranks under torch.distributed.
@@ -119,11 +119,14 @@ def per_example_sq_grad_norms(x: torch.Tensor, grad_y: torch.Tensor) -> torch.Te
 
 def sketched_sq_grad_norms(x: torch.Tensor, grad_y: torch.Tensor, sketch_dim: int,
                            generator: torch.Generator | None = None) -> torch.Tensor:
-    """Unbiased estimate of ||dY_n^T X_n||_F^2 per example from ``sketch_dim`` Rademacher probes."""
+    """Unbiased estimate of ||dY_n^T X_n||_F^2 per example from ``sketch_dim`` Rademacher probes
+    of its own: examples sharing probes would share their sketch errors, which the spread over
+    examples (the estimates' stderr) would then not show."""
     acc = torch.promote_types(x.dtype, torch.float32)
     x, grad_y = _examples(x).to(acc), _examples(grad_y).to(acc)  # (B, T, in), (B, T, out)
-    v = torch.randint(0, 2, (x.shape[-1], sketch_dim), generator=generator, device=x.device).to(acc) * 2 - 1
-    projected = grad_y.transpose(1, 2) @ (x @ v)  # (B, out, k) = G_n v
+    shape = (x.shape[0], x.shape[-1], sketch_dim)
+    v = torch.randint(0, 2, shape, generator=generator, device=x.device).to(acc) * 2 - 1  # (B, in, k)
+    projected = grad_y.transpose(1, 2) @ (x @ v)  # (B, out, k) = G_n v_n
     return projected.square().sum((1, 2)) / sketch_dim
 
 
