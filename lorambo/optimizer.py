@@ -102,7 +102,7 @@ class _OwnerMethod:
 
 def _unreached_everywhere(names: list[str], unreached: list[str], batches: list,
                           failure: SharedFailure) -> list[str]:
-    """The ``names`` in ``unreached`` on every process. Each process checks its own first batch;
+    """The ``names`` in ``unreached`` on every process. Each process checks its own batches;
     with routed layers (experts) they differ, and every process must keep the same targets, or
     the sensitivity collectives would add up different layers. The batch count and ``failure``
     (that check's) ride along in the same collective."""
@@ -269,12 +269,13 @@ class LoRAMBoOptimizer:
         "data": ``data_covariance``, "ablation": ``ablation_scores``; None: on when stderr is a
         terminal; False inside a loop that draws its own).
 
-        With "hessian" and "gradient", targets that get no gradient from the loss on the first
-        batch (e.g. BERT's pooler under a loss on the hidden states) are dropped from
-        ``names`` with a RuntimeWarning: no budget is spent on them."""
+        With "hessian" and "gradient", targets that get no gradient from the loss on any batch
+        (e.g. BERT's pooler under a loss on the hidden states) are dropped from ``names`` with a
+        RuntimeWarning: no budget is spent on them. The batches after the first are checked only
+        for the targets the batches before did not reach (a head of one task, a routed expert)."""
         from lorambo.sensitivity.inputs import as_batch_list
         from lorambo.sensitivity.progress import check_progress
-        from lorambo.sensitivity.simple import unreached_targets
+        from lorambo.sensitivity.simple import unreached_by_any
 
         check_progress(progress, "LoRAMBoOptimizer.compute_sensitivities")
         method = self.sensitivity_method
@@ -285,7 +286,7 @@ class LoRAMBoOptimizer:
             unreached = list(self.names)  # a process without batches reaches none of them
             with failure:
                 if batches:
-                    unreached = unreached_targets(self.plain_model, loss_fn, batches[0], self.names,
+                    unreached = unreached_by_any(self.plain_model, loss_fn, batches, self.names,
                                                   "LoRAMBoOptimizer.compute_sensitivities")
             self._skip_unreached(_unreached_everywhere(self.names, unreached, batches, failure))
         names = self.names

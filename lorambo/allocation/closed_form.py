@@ -32,6 +32,14 @@ up to 8% (the ceilings are what is left of the gap). On 224 layers of 7B shapes 
 took 2.3 ms at 1 thread (benchmarks/results/allocate.csv, docs/performance.md); past the bounds above,
 steps (1)-(3) alone keep it fast.
 
+Sensitivities far apart. Scaled to the largest, a sensitivity under ~1e-300 of it would
+underflow to 0 in the law's loss drops, and its layer would get no rank although budget is left
+that the others cannot take (their bounds reached). Layers are therefore allocated in tiers,
+largest sensitivities first, each in the budget the tiers above leave, with their ranks fixed. A
+new tier starts below a gap of :data:`_TIER_GAP` between two sensitivities, which loses nothing:
+a layer's first rank is then worth less per parameter than any rank of the tier above (ranks
+and costs < 1e12); and below :data:`_TIER_SPAN` of its tier's largest, so no tier underflows.
+
 Zero sensitivities: such a layer gets min_rank (the law gives it 0) and no fill. All sensitivities
 zero makes the law 0/0: that raises ``ValueError`` rather than silently allocating something.
 """
@@ -40,6 +48,9 @@ from __future__ import annotations
 import numpy as np
 
 from .exchange import improve
+
+_TIER_GAP = 1e-100  # a sensitivity this far below the next larger one is allocated after it (see above)
+_TIER_SPAN = 1e-250  # nor does one tier reach further below its largest sensitivity
 
 
 def continuous_ranks(costs: np.ndarray, sens: np.ndarray, lower: np.ndarray, upper: np.ndarray,
@@ -102,6 +113,29 @@ def closed_form_ranks(names: tuple, costs: np.ndarray, sens: np.ndarray, lower: 
         raise ValueError(f"closed_form: all sensitivities are zero (layers {list(names)!r}), so the "
                          "square-root law r_i ~ sqrt(s_i / (d_i + k_i)) is 0/0; give at least one "
                          "positive sensitivity or use method='uniform'")
-    sens = sens / np.max(sens)  # the law is scale-free; 1e308-sized scores would overflow its sums
-    x = continuous_ranks(costs, sens, lower, upper, budget)
-    return round_ranks(x, costs, sens, lower, upper, budget)
+    ranks = lower.copy()
+    for tier in _tiers(sens):  # the largest sensitivities first
+        # the law is scale-free; 1e308-sized scores would overflow its sums
+        scaled = np.zeros(len(sens))
+        scaled[tier] = sens[tier] / np.max(sens[tier])
+        x = continuous_ranks(costs, scaled, lower, upper, budget)
+        ranks = round_ranks(x, costs, scaled, lower, upper, budget)
+        lower = np.where(tier, ranks, lower)  # this tier's ranks are final: the next one fills around them
+        upper = np.where(tier, ranks, upper)
+    return ranks
+
+
+def _tiers(sens: np.ndarray) -> list[np.ndarray]:
+    """Masks of the positive sensitivities, largest first, split where one is under
+    ``_TIER_GAP`` times the next larger one, or under ``_TIER_SPAN`` times its tier's largest."""
+    order = np.argsort(-sens, kind="stable")
+    order = order[sens[order] > 0]
+    tiers, start = [], 0
+    for k in range(1, len(order) + 1):
+        if k == len(order) or (sens[order[k]] < _TIER_GAP * sens[order[k - 1]]
+                               or sens[order[k]] < _TIER_SPAN * sens[order[start]]):
+            mask = np.zeros(len(sens), dtype=bool)
+            mask[order[start:k]] = True
+            tiers.append(mask)
+            start = k
+    return tiers

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
+import torch
 
 from lorambo.nn.finite_numbers import is_finite_number, is_int, shown_number
 from lorambo.sensitivity.estimate import Estimate
@@ -223,8 +224,12 @@ def validate_curves(what: str, method: str, curves, names: tuple, kind: str) -> 
     _check_keys(what, curves, names)
     out = []
     for name in names:
+        curve = curves[name]
+        if isinstance(curve, torch.Tensor) and curve.device.type != "meta":
+            # curves on the GPU or in bfloat16: numpy reads neither as they are
+            curve = curve.detach().to("cpu", torch.float64)
         try:
-            arr = np.asarray(curves[name], dtype=np.float64)
+            arr = np.asarray(curve, dtype=np.float64)
         except (TypeError, ValueError, RuntimeError) as e:
             raise ValueError(f"{what}[{name!r}] is not a 1-D array of numbers: {e}") from None
         if arr.ndim != 1:

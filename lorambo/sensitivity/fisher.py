@@ -13,8 +13,8 @@ without keeping per-example gradients around:
 
 The cheaper one is chosen per call (Gram when T (in + out) < in * out, i.e. short sequences
 or wide layers). Both cost about as much as the layer's own GEMM, so for long sequences an
-unbiased sketch is offered too (``sketch_dim=k``): with Rademacher v [in, k],
-||G_n||^2 = E ||G_n v||^2 / k and G_n v = dY_n^T (X_n v), which costs O(T k (in + out)),
+unbiased sketch is offered too (``sketch_dim=k``): with Rademacher v [in, k] (each example
+its own), ||G_n||^2 = E ||G_n v||^2 / k and G_n v = dY_n^T (X_n v), which costs O(T k (in + out)),
 a fraction k / min(T, ...) of the exact forms, at the price of variance that averages out over
 training steps. Statistics stay on the device (no host sync per step); ``estimates()`` reads
 them out once, all-reduced across ranks under torch.distributed.
@@ -119,11 +119,14 @@ def per_example_sq_grad_norms(x: torch.Tensor, grad_y: torch.Tensor) -> torch.Te
 
 def sketched_sq_grad_norms(x: torch.Tensor, grad_y: torch.Tensor, sketch_dim: int,
                            generator: torch.Generator | None = None) -> torch.Tensor:
-    """Unbiased estimate of ||dY_n^T X_n||_F^2 per example from ``sketch_dim`` Rademacher probes."""
+    """Unbiased estimate of ||dY_n^T X_n||_F^2 per example from ``sketch_dim`` Rademacher probes
+    of its own: examples sharing probes would share their sketch errors, which the spread over
+    examples (the estimates' stderr) would then not show."""
     acc = torch.promote_types(x.dtype, torch.float32)
     x, grad_y = _examples(x).to(acc), _examples(grad_y).to(acc)  # (B, T, in), (B, T, out)
-    v = torch.randint(0, 2, (x.shape[-1], sketch_dim), generator=generator, device=x.device).to(acc) * 2 - 1
-    projected = grad_y.transpose(1, 2) @ (x @ v)  # (B, out, k) = G_n v
+    shape = (x.shape[0], x.shape[-1], sketch_dim)
+    v = torch.randint(0, 2, shape, generator=generator, device=x.device).to(acc) * 2 - 1  # (B, in, k)
+    projected = grad_y.transpose(1, 2) @ (x @ v)  # (B, out, k) = G_n v_n
     return projected.square().sum((1, 2)) / sketch_dim
 
 
@@ -199,6 +202,7 @@ class FisherProxy:
         self._sum_sq: dict[str, torch.Tensor] = {}
         self._count: dict[str, int] = {t.name: 0 for t in self.targets}
         self._nonfinite: dict[str, torch.Tensor] = {}
+        self._empty: dict[str, torch.Tensor] = {}  # token_mean: examples without a real token, not examples
         self._pending: dict[int, _Call] = {}  # calls whose graph a backward retained, not folded in yet
         self._recomputed: dict[tuple, _Call] = {}  # reentrant checkpointing's calls, by (node, layer, order)
         self._recompute_task, self._recompute_order = None, {}
@@ -225,6 +229,7 @@ class FisherProxy:
                     self._accumulate(call.name, call.x, call.grad, call.weights, call.scale)
             return {"version": _STATE_VERSION, "settings": self._settings(), "sum": cpu(self._sum),
                     "sum_sq": cpu(self._sum_sq), "count": dict(self._count), "nonfinite": cpu(self._nonfinite),
+                    "empty": cpu(self._empty),
                     "generators": {str(d): g.get_state() for d, g in self._generators.items()}}
         finally:
             self._restore_statistics(kept)
@@ -232,11 +237,11 @@ class FisherProxy:
     def _statistics(self) -> tuple:
         """A copy of everything :meth:`_accumulate` changes (sums, counts, probe generators)."""
         return ({n: t.clone() for n, t in self._sum.items()}, {n: t.clone() for n, t in self._sum_sq.items()},
-                dict(self._nonfinite), dict(self._count),
+                dict(self._nonfinite), dict(self._empty), dict(self._count),
                 {d: (g, g.get_state()) for d, g in self._generators.items()})
 
     def _restore_statistics(self, kept: tuple) -> None:
-        self._sum, self._sum_sq, self._nonfinite, self._count, generators = kept
+        self._sum, self._sum_sq, self._nonfinite, self._empty, self._count, generators = kept
         for generator, state in generators.values():
             generator.set_state(state)
         self._generators = {d: g for d, (g, _) in generators.items()}
@@ -257,7 +262,8 @@ class FisherProxy:
         if differ:
             raise ValueError(f"{where}: the state was gathered with other settings (setting: (saved, here)) {differ}")
         names = set(have["targets"])
-        for key in ("sum", "sum_sq", "nonfinite", "count"):
+        state = {**state, "empty": state.get("empty", {})}  # states saved before it was kept: none
+        for key in ("sum", "sum_sq", "nonfinite", "empty", "count"):
             unknown = [n for n in state[key] if n not in names]
             if unknown:
                 raise ValueError(f"{where}: state[{key!r}] names layers {unknown[:4]} this proxy does not measure")
@@ -267,11 +273,12 @@ class FisherProxy:
             generators[torch.device(device)] = torch.Generator(device=device)
             generators[torch.device(device)].set_state(gen_state)
         tables = {key: {n: torch.as_tensor(v, dtype=torch.float64).to(devices[n]) for n, v in state[key].items()}
-                  for key in ("sum", "sum_sq", "nonfinite")}
+                  for key in ("sum", "sum_sq", "nonfinite", "empty")}
         count = {n: int(state["count"].get(n, 0)) for n in have["targets"]}
         # everything read: now applied whole (calls still open belong to the statistics replaced)
         self._generators, self._count, self._pending, self._recomputed = generators, count, {}, {}
         self._sum, self._sum_sq, self._nonfinite = tables["sum"], tables["sum_sq"], tables["nonfinite"]
+        self._empty = tables["empty"]
 
     def attach(self) -> "FisherProxy":
         """Start gathering: hooks on the targeted layers (and the model, for token masks) read
@@ -439,6 +446,9 @@ class FisherProxy:
         sq = torch.where(finite, sq, torch.zeros((), dtype=sq.dtype, device=sq.device))
         bad = (~finite).sum().double()
         self._nonfinite[name] = self._nonfinite[name] + bad if name in self._nonfinite else bad
+        if weights is not None:  # c_n = 0: a padding row without real tokens is no example of the mean
+            empty = ((weights.to(sq.device) == 0) & finite).sum().double()
+            self._empty[name] = self._empty[name] + empty if name in self._empty else empty
         if name in self._sum:
             self._sum[name] += sq.sum()
             self._sum_sq[name] += sq.square().sum()
@@ -466,6 +476,8 @@ class FisherProxy:
         A layer that no backward pass reached (the loss does not use it) is left out with a
         warning; RuntimeError if that is every layer. Examples whose gradient was not finite
         (a NaN/inf loss) are left out with a warning; RuntimeError if that is all of a layer's.
+        With ``reduction="token_mean"`` an example without real tokens (a row of padding) is no
+        example: it is neither in the mean nor in ``num_probes``.
         All layers' statistics go through one collective and one host copy; under
         torch.distributed the processes must have the same targets, reduction, sketch_dim and
         seed (ValueError on every process otherwise).
@@ -480,14 +492,15 @@ class FisherProxy:
         zero = torch.zeros((), dtype=torch.float64, device=device)
         stats = torch.stack([torch.stack([self._sum.get(n, zero).to(device), self._sum_sq.get(n, zero).to(device),
                                           torch.tensor(float(self._count[n]), dtype=torch.float64, device=device),
-                                          self._nonfinite.get(n, zero).to(device=device, dtype=torch.float64)])
-                             for n in (t.name for t in self.targets)])          # (layers, 4)
+                                          self._nonfinite.get(n, zero).to(device=device, dtype=torch.float64),
+                                          self._empty.get(n, zero).to(device=device, dtype=torch.float64)])
+                             for n in (t.name for t in self.targets)])          # (layers, 5)
         # processes must count the same layers the same way: the settings' fingerprint rides along
         failure = SharedFailure("FisherProxy.estimates", settings={
             "targets": [t.name for t in self.targets], "reduction": self.reduction,
             "sketch_dim": self.sketch_dim, "seed": self._seed})
         flat = failure.sum_and_check(stats.reshape(-1))
-        all_rows = [flat[i:i + 4] for i in range(0, len(flat), 4)]
+        all_rows = [flat[i:i + 5] for i in range(0, len(flat), 5)]
         names = [t.name for t, row in zip(self.targets, all_rows) if row[2] > 0]
         unreached = [t.name for t in self.targets if t.name not in names]
         if unreached and not names:
@@ -500,11 +513,14 @@ class FisherProxy:
             warn_user(f"FisherProxy: no gradient reached layer(s) {unreached} (the loss does "
                       "not use them); they are left out of the estimates", RuntimeWarning)
         rows = [row for row in all_rows if row[2] > 0]
-        for name, (total, total_sq, n_seen, bad) in zip(names, rows):
-            n = n_seen - bad
-            if n == 0:
-                raise RuntimeError(f"FisherProxy: every one of the {int(n_seen)} examples through "
+        for name, (total, total_sq, n_seen, bad, empty) in zip(names, rows):
+            n = n_seen - bad - empty
+            if n == 0 and bad:
+                raise RuntimeError(f"FisherProxy: every one of the {int(n_seen - empty)} examples through "
                                    f"layer {name!r} had a non-finite gradient (NaN/inf): check the loss")
+            if n == 0:
+                raise RuntimeError(f"FisherProxy: the token mask gave none of the {int(n_seen)} examples through "
+                                   f"layer {name!r} a real token (reduction='token_mean')")
             if bad:
                 warn_user(f"FisherProxy left out {int(bad)} of {int(n_seen)} examples of layer "
                           f"{name!r} whose gradient was not finite (a NaN/inf loss, or an fp16 "

@@ -18,6 +18,7 @@ from .mode import eval_mode
 from .probes import rademacher
 from .progress import show_bar
 from .targets import differentiable, find_targets
+from .tied import untied
 
 __all__ = ["hessian_opnorm"]
 
@@ -61,10 +62,11 @@ def hessian_opnorm(model: torch.nn.Module, loss_fn: LossFn, batches: Batches,
     value = [math.nan] * len(weights)
     change = [math.inf] * len(weights)
     iters = [0] * len(weights)
-    with differentiable(weights), eval_mode(model), \
+    with untied(model, targets) as measured, differentiable([t.weight for t in measured]), eval_mode(model), \
             tqdm(total=num_iters, disable=not bar_on, desc="hessian_opnorm", unit="iter") as bar:
         names = [t.name for t in targets]
-        op = HessianOperator(model, loss_fn, batches, weights, batched, names=names, who="hessian_opnorm",
+        op = HessianOperator(model, loss_fn, batches, [t.weight for t in measured], batched, names=names,
+                             who="hessian_opnorm",
                              settings={"targets": names, "num_iters": num_iters, "seed": seed,
                                        "tol": tol, "probes_per_pass": probes_per_pass})
         active = set(range(len(weights)))

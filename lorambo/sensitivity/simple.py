@@ -17,6 +17,7 @@ from .inputs import (Batches, LossFn, as_batch_list, check_finite_loss, check_so
 from .mode import eval_mode
 from .progress import show_bar
 from .targets import differentiable, find_targets
+from .tied import untied
 from .token_mask import TokenMask, batch_token_mask, real_tokens
 
 __all__ = ["gradient_sensitivity", "data_covariance", "targets_without_gradient"]
@@ -39,12 +40,13 @@ def gradient_sensitivity(model: torch.nn.Module, loss_fn: LossFn, batches: Batch
     bar_on = show_bar(progress, "gradient_sensitivity")
     batches = as_batch_list(batches)
     targets = find_targets(model, modules)
-    weights = [t.weight for t in targets]
-    sums = torch.zeros(len(weights), dtype=torch.float64)
+    sums = torch.zeros(len(targets), dtype=torch.float64)
     reached = False
     failure = SharedFailure("gradient_sensitivity", settings={"targets": [t.name for t in targets]})
-    with failure, differentiable(weights), eval_mode(model), \
+    with failure, untied(model, targets) as measured, differentiable([t.weight for t in measured]), \
+            eval_mode(model), \
             tqdm(total=len(batches), disable=not bar_on, desc="gradient_sensitivity", unit="batch") as bar:
+        weights = [t.weight for t in measured]
         for index, batch in enumerate(batches):
             loss = compute_loss(loss_fn, model, batch, who="gradient_sensitivity")
             check_finite_loss(loss, index, "gradient_sensitivity")
@@ -70,16 +72,34 @@ def targets_without_gradient(model: torch.nn.Module, loss_fn: LossFn, batch: Any
     return unreached_targets(model, loss_fn, batch, modules, "targets_without_gradient")
 
 
-def unreached_targets(model, loss_fn, batch, modules, who: str) -> list[str]:
+def unreached_targets(model, loss_fn, batch, modules, who: str, need_grad: bool = True) -> list[str]:
     """:func:`targets_without_gradient`, its errors naming ``who``: the public function the user
-    called (``LoRAMBoOptimizer.compute_sensitivities`` runs it first)."""
+    called. ``need_grad=False``: a loss without a graph reaches none of them (no error)."""
     require_module(model, who)
     targets = find_targets(model, modules)
-    weights = [t.weight for t in targets]
-    with differentiable(weights), eval_mode(model):
-        loss = compute_loss(loss_fn, model, batch, who=who)
+    with untied(model, targets) as measured, differentiable([t.weight for t in measured]), eval_mode(model):
+        weights = [t.weight for t in measured]
+        loss = compute_loss(loss_fn, model, batch, need_grad=need_grad, who=who)
+        if not loss.requires_grad:
+            return [t.name for t in targets]
         grads = torch.autograd.grad(loss, weights, allow_unused=True)
     return [t.name for t, g in zip(targets, grads) if g is None]
+
+
+def unreached_by_any(model, loss_fn, batches: list, modules, who: str) -> list[str]:
+    """Names of the targeted layers that no batch of ``batches`` gives a gradient
+    (``LoRAMBoOptimizer.compute_sensitivities`` runs it first). The first batch checks every
+    layer, each next one only those the batches before did not reach, until none is left: a
+    layer that one task's head or one routed expert serves is reached by some batch, not
+    necessarily the first. A layer no loss uses (BERT's pooler) costs a forward per batch."""
+    unreached = list(modules)
+    for index, batch in enumerate(batches):
+        # past the first batch, only the unreached layers are differentiable: a loss that uses
+        # none of them (and no other trainable weight) has no graph, which is no error here
+        unreached = unreached_targets(model, loss_fn, batch, unreached, who, need_grad=index == 0)
+        if not unreached:
+            break
+    return unreached
 
 
 def data_covariance(model: torch.nn.Module, loss_fn: LossFn, batches: Batches,

@@ -12,6 +12,7 @@ weights are used as stored.
 
 from __future__ import annotations
 
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -22,7 +23,7 @@ from torch import nn
 from lorambo.model.argument import require_module
 from lorambo.model.targeting import excluded_by_default
 
-__all__ = ["Target", "find_targets", "differentiable"]
+__all__ = ["Target", "find_targets", "differentiable", "weight_holder"]
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,8 @@ def find_targets(model: nn.Module, modules: Sequence[str] | str | None = None) -
     modules=None: every LoRA layer if the model has any, else the layers ``configure_model``
     adapts by default (peft's ``all-linear``: every nn.Linear / Conv1D except the output head,
     also when tied, classification heads and pooler layers). A list of module names: exactly
-    those (LoRA layer names or Linear/Conv1D names).
+    those (LoRA layer names or Linear/Conv1D names), each named once. Layers whose weight is tied
+    to another module's are measured on their own use of it (see :mod:`~lorambo.sensitivity.tied`).
     """
     require_module(model, "find_targets")
     lora, plain = _candidates(model)
@@ -103,13 +105,17 @@ def find_targets(model: nn.Module, modules: Sequence[str] | str | None = None) -
             raise ValueError(f"unknown module {name!r}; valid names include: {some}"
                              + (f" ... ({len(valid)} in all)" if len(valid) > 8 else ""))
         targets.append(valid[name])
-    seen: dict[int, str] = {}
-    for t in targets:
-        if id(t.weight) in seen:
-            raise ValueError(f"modules {seen[id(t.weight)]!r} and {t.name!r} share one weight "
-                             "(tied or repeated); pass only one of them")
-        seen[id(t.weight)] = t.name
+    repeated = [n for n, k in Counter(modules).items() if k > 1]
+    if repeated:
+        raise ValueError(f"modules lists {repeated} more than once; pass each layer once")
     return targets
+
+
+def weight_holder(module: nn.Module) -> nn.Module:
+    """The module whose ``weight`` Parameter a target's weight is: a LoRA layer's base layer, or
+    the plain layer itself."""
+    base = getattr(module, "base_layer", None)
+    return base if isinstance(base, nn.Module) and _is_lora(module) else module
 
 
 @contextmanager

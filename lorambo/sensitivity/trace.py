@@ -18,6 +18,7 @@ from .progress import show_bar
 from .reductions import per_layer_dots
 from .sketch import hutchpp_program, xtrace_program
 from .targets import differentiable, find_targets
+from .tied import untied
 from lorambo.user_warnings import warn_user
 
 __all__ = ["hessian_trace"]
@@ -77,8 +78,8 @@ def hessian_trace(model: torch.nn.Module, loss_fn: LossFn, batches: Batches,
         raise ValueError(f"stderr_target must be > 0, got {stderr_target!r}")
     batches = as_batch_list(batches)
     targets = find_targets(model, modules)
-    weights = [t.weight for t in targets]
-    with differentiable(weights), eval_mode(model):
+    with untied(model, targets) as measured, differentiable([t.weight for t in measured]), eval_mode(model):
+        weights = [t.weight for t in measured]
         names = [t.name for t in targets]
         op = HessianOperator(model, loss_fn, batches, weights, batched, names=names, who="hessian_trace",
                              settings={"targets": names, "method": method, "num_probes": num_probes,

@@ -53,7 +53,7 @@ def compute(model, batches):
 
 
 def allocator_sensitivities(model, batches):
-    """What LoRAMBoOptimizer measures; it drops the targets the first batch does not reach."""
+    """What LoRAMBoOptimizer measures; it drops the targets no batch reaches."""
     allocator = LoRAMBoOptimizer(model, 200, sensitivity_method="gradient", target_modules=["inp", "e0", "e1"])
     return allocator.compute_sensitivities(batches, loss_fn)
 

@@ -43,7 +43,7 @@ def test_layers_reached_on_one_process_only_match_single_process(tmp_path):
 
 
 def test_allocator_keeps_a_target_that_another_process_reaches(tmp_path):
-    """LoRAMBoOptimizer drops the targets its first batch does not reach; each process checked
+    """LoRAMBoOptimizer drops the targets its batches do not reach; each process checked
     its own, so process 0 dropped e1 and process 1 e0, and the gradient sums of e0 and e1 were
     added into one value reported for a different layer on each process."""
     single, results = _run_two_processes(tmp_path)

@@ -94,9 +94,9 @@ def test_fisher_proxy_gram_kernel_matches_float64(kernels, monkeypatch):
     real_reduce = distributed.all_reduce_sum_
     monkeypatch.setattr(distributed, "all_reduce_sum_", lambda t: reduces.append(t.shape) or real_reduce(t))
     got = _fisher(model, x, y)
-    # every layer; one collective for both layers' (sum, sum_sq, n, non-finite) and the 3 numbers
-    # of the processes' shared status (failure flag, settings fingerprint and its square)
-    assert len(calls) == 2 and reduces == [(2 * 4 + 3,)]
+    # every layer; one collective for both layers' (sum, sum_sq, n, non-finite, padding rows) and the
+    # 3 numbers of the processes' shared status (failure flag, settings fingerprint and its square)
+    assert len(calls) == 2 and reduces == [(2 * 5 + 3,)]
     set_sketch_backend("torch")
     reference = _fisher(model.double(), x.double(), y.double())
     for name in ("fc1", "fc2"):
