@@ -128,6 +128,7 @@ def _after_step(optimizer, args, kwargs) -> None:
     _zero_inactive(optimizer)
 
 
+@torch.compiler.disable  # under a compiled step: traced, it guarded on every rank and recompiled per change
 @torch.no_grad()
 def _zero_inactive(optimizer) -> None:
     views, compiled = _views_of(optimizer)
