@@ -61,7 +61,7 @@ def train(optimizer_class, compile_step):
     return history, frames_after_warmup, counter.frame_count
 
 
-@pytest.mark.parametrize("optimizer_class", [torch.optim.AdamW], ids=["torch"])
+@pytest.mark.parametrize("optimizer_class", [torch.optim.AdamW, lorambo.optim.AdamW], ids=["torch", "lorambo"])
 def test_compiled_optimizer_step_keeps_its_graphs_over_rank_changes(optimizer_class):
     want, _, _ = train(optimizer_class, compile_step=False)
     got, frames_after_warmup, frames = train(optimizer_class, compile_step=True)
