@@ -4,8 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import torch
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def run_eagerly(fn: _F) -> _F:
+    """``torch.compiler.disable(fn)``, typed as ``fn`` (torch's annotation loses its signature,
+    and with it the type checks of every call). For host-side code whose Python state (ranks,
+    caches, gradient objects) would become guards of a compiled graph and recompile it at every
+    change: called from compiled code, it runs eagerly behind a graph break."""
+    return cast(_F, torch.compiler.disable(fn))
 
 
 def rank_tensor(rank: int) -> torch.Tensor:

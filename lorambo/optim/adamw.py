@@ -46,6 +46,7 @@ from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from lorambo.nn.optimizer_state import SLOT_STEP
 from lorambo.nn.slots import local_slots, pool_slots
 from lorambo.ops.backend import compiled_multi_tensor_where, ready_on_cpu, use_compiled_multi_tensor
+from lorambo.ops.compile_support import run_eagerly
 from lorambo.sharding import is_sharded, local_tensor
 
 __all__ = ["AdamW"]
@@ -340,7 +341,7 @@ class AdamW(torch.optim.AdamW):
                 _foreach_whole_step(group, [(p, self._wide_state(p, group["amsgrad"])) for p in group_wide])
         return loss
 
-    @torch.compiler.disable  # traced, it guarded on every parameter object: a recompile per parameter
+    @run_eagerly  # traced, it guarded on every parameter object: a recompile per parameter
     def _own_params(self) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
         """Per group, the parameters with a gradient that this class updates itself: the pools,
         and the float16 parameters that are not pools (float32 moments, see moment_dtype); the
@@ -397,7 +398,7 @@ class AdamW(torch.optim.AdamW):
             state[SLOT_STEP] = counts
         return state
 
-    @torch.compiler.disable  # traced, it guarded on the gradients, which zero_grad() frees: a recompile per step
+    @run_eagerly  # traced, it guarded on the gradients, which zero_grad() frees: a recompile per step
     def _update_pools(self, group: dict, params: list[torch.Tensor]) -> None:
         """AdamW on the active slots of pool parameters, with per-slot bias correction."""
         amsgrad = group["amsgrad"]
