@@ -70,6 +70,9 @@ def _let_the_graph_hold_scalars() -> bool:
     "Backend compiler exception" warning and the rank reaches the op as a Python int, which it
     specialises (a recompile for rank 0 and for rank 1 per frame, and eager code past the
     recompile limit). The shape environment belongs to this one compile; nothing outlives it.
+    Within it, the fake implementations of other data-dependent scalar reads in the same frame
+    then also give unbacked values, as under ``fullgraph=True`` (Dynamo still breaks the graph
+    at a user's own ``.item()`` unless ``capture_scalar_outputs`` is set).
     """
     context = torch._guards.TracingContext.try_get()
     shape_env = getattr(getattr(context, "fake_mode", None), "shape_env", None)
