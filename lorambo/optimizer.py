@@ -65,6 +65,7 @@ from lorambo.nn.base_layers import base_kind, features, weight_out_in
 from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from lorambo.nn.lora_linear import check_growth_factor
 from lorambo.nn.optimizer_argument import OptimizerArgument, skips_this_step, wrapper_grad_scaler
+from lorambo.ops.compile_support import run_eagerly
 from lorambo.optim import AdamW
 from lorambo.sensitivity.inputs import Batches, LossFn
 from lorambo.sensitivity.token_mask import TokenMask, batch_token_mask, check_token_mask
@@ -561,6 +562,9 @@ class LoRAMBoOptimizer:
         finally:
             self.scheduled_growth.disarm()
 
+    # Decisions run eagerly inside a compiled training step (a graph break): traced, their host-side
+    # bookkeeping (seeded generators, layer lists, rank edits) recompiled at every decision step.
+    @run_eagerly
     def step(self, step: int, optimizer: OptimizerArgument | None = None,
              component_scores: Mapping[str, torch.Tensor] | None = None,
              grad_scaler: GradScaler | None = None) -> list[dict[str, Any]]:
@@ -619,6 +623,7 @@ class LoRAMBoOptimizer:
                                 self.min_rank, self.max_rank)
         return self._alora
 
+    @run_eagerly  # eagerly, as step()
     def update_ranks(self, optimizer: OptimizerArgument | None = None, step: int | None = None,
                      component_scores: Mapping[str, torch.Tensor] | None = None,
                      grad_scaler: GradScaler | None = None) -> list[dict[str, Any]]:

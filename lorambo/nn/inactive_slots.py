@@ -35,6 +35,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from lorambo.ext import loader as ext_loader
 from lorambo.nn.slots import local_slots, pool_slots, pools_generation
 from lorambo.ops.backend import get_backend
+from lorambo.ops.compile_support import run_eagerly
 from lorambo.sharding import is_sharded, local_tensor
 
 __all__ = ["zero_inactive_after_steps"]
@@ -128,6 +129,7 @@ def _after_step(optimizer, args, kwargs) -> None:
     _zero_inactive(optimizer)
 
 
+@run_eagerly  # under a compiled step: traced, it guarded on every rank and recompiled per change
 @torch.no_grad()
 def _zero_inactive(optimizer) -> None:
     views, compiled = _views_of(optimizer)

@@ -46,7 +46,7 @@ from lorambo.nn.state_dict_hooks import unmerge_before_load as _unmerge_before_l
 from lorambo.nn.state_dict_hooks import unmerged_base_weight as _unmerged_base_weight
 from lorambo.nn.unsupported_optimizers import refuse_unsupported_optimizers
 from lorambo.ops import lora_linear
-from lorambo.ops.compile_support import autocast_available, rank_tensor, traced_rank
+from lorambo.ops.compile_support import autocast_available, rank_tensor, run_eagerly, traced_rank
 from lorambo.sharding import is_sharded, local_tensor
 from lorambo.user_warnings import warns_when_done
 
@@ -341,6 +341,9 @@ class LoRAMBoLinear(AdapterMerge, nn.Module):
         setattr(self.base_layer, name, value)
 
     # ------------------------------------------------------------------------ rank changes
+    # Rank edits run eagerly inside a compiled function (a graph break): traced, they guarded on
+    # the rank values and recompiled for each new one, until the recompile limit.
+    @run_eagerly
     @warns_when_done  # a warning raised as an error must not stop the edit half-way
     @torch.no_grad()
     def set_rank(self, rank: int, optimizer: OptimizerArgument | None = None,
@@ -416,6 +419,7 @@ class LoRAMBoLinear(AdapterMerge, nn.Module):
             if param.grad is not None:
                 yield param.grad, dim
 
+    @run_eagerly  # eagerly, as set_rank
     @warns_when_done
     @torch.no_grad()
     def keep_components(self, keep: Sequence[int], optimizer: OptimizerArgument | None = None) -> int:

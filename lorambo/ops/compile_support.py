@@ -3,8 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import torch
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def run_eagerly(fn: _F) -> _F:
+    """``torch.compiler.disable(fn)``, typed as ``fn`` (torch's annotation loses its signature,
+    and with it the type checks of every call). For host-side code whose Python state (ranks,
+    caches, gradient objects) would become guards of a compiled graph and recompile it at every
+    change: called from compiled code, it runs eagerly behind a graph break."""
+    return cast(_F, torch.compiler.disable(fn))
 
 
 def rank_tensor(rank: int) -> torch.Tensor:
@@ -31,16 +44,42 @@ def traced_rank(layer: torch.nn.Module) -> int:
     an int attribute it reads even when unused. The ops slice the pools at the value they are
     called with, so a compiled graph's cost follows the rank as the eager op's does. The checks
     bound the value for the ops' shape checks (a tensor outside them fails at run time, never
-    silently). Reading a CPU scalar is no device synchronisation.
+    silently). Reading a CPU scalar is no device synchronisation. Under ``fullgraph=False`` the
+    read needs :func:`_let_the_graph_hold_scalars` as well.
     """
     if not torch.compiler.is_compiling():
         return layer._rank
+    _let_the_graph_hold_scalars()
     patch = getattr(torch._dynamo, "patch_dynamo_config", None)  # fullgraph=True captures .item() anyway
     with patch(capture_scalar_outputs=True) if patch is not None else contextlib.nullcontext():
         value = layer._rank_tensor.item()
     torch._check(value >= 0)
     torch._check(value <= layer.capacity)
     return value
+
+
+@torch.compiler.assume_constant_result
+def _let_the_graph_hold_scalars() -> bool:
+    """Let the graph being compiled hold the ``.item()`` of :func:`traced_rank`, as
+    ``fullgraph=True`` does; Dynamo runs it once while tracing (a constant of the graph).
+
+    ``patch_dynamo_config(capture_scalar_outputs=True)`` lets Dynamo trace the read, but the
+    frame's shape environment takes torch.compile's own setting, which only ``fullgraph=True``
+    turns on. Under the default ``fullgraph=False`` the backend (AOTAutograd: ``inductor``,
+    ``aot_eager``) would refuse the read: Dynamo then breaks the graph at every layer with a
+    "Backend compiler exception" warning and the rank reaches the op as a Python int, which it
+    specialises (a recompile for rank 0 and for rank 1 per frame, and eager code past the
+    recompile limit). The shape environment belongs to this one compile; nothing outlives it.
+    Within it, the fake implementations of other data-dependent scalar reads in the same frame
+    then also give unbacked values, as under ``fullgraph=True`` (Dynamo still breaks the graph
+    at a user's own ``.item()`` unless ``capture_scalar_outputs`` is set).
+    """
+    context = torch._guards.TracingContext.try_get()
+    shape_env = getattr(getattr(context, "fake_mode", None), "shape_env", None)
+    settings = getattr(shape_env, "settings", None)
+    if dataclasses.is_dataclass(settings) and getattr(settings, "allow_scalar_outputs", True) is False:
+        shape_env.settings = dataclasses.replace(settings, allow_scalar_outputs=True)
+    return True
 
 
 @torch.compiler.assume_constant_result

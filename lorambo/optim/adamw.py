@@ -27,6 +27,9 @@ step counts on the parameter's device, so the update never reads a device value 
 Both compute the same formulas in the same order, equal up to rounding (bf16/fp16 pools: the
 update works in float32 and rounds once per element, on both paths). float16 pools keep their
 moments in float32 (see ``moment_dtype``) and take the multi-tensor path.
+Under ``torch.compile(optimizer.step)`` torch's update of the other parameters is compiled; the
+pools' update runs eagerly (it is one call of the extension on the CPU, and its per-slot
+bookkeeping changes with every rank edit).
 ``fused`` and ``capturable`` apply to the other parameters; with a GradScaler the scaler unscales the gradients
 and skips inf steps itself, also for ``fused=True``. ``differentiable=True`` is not supported.
 """
@@ -43,6 +46,7 @@ from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from lorambo.nn.optimizer_state import SLOT_STEP
 from lorambo.nn.slots import local_slots, pool_slots
 from lorambo.ops.backend import compiled_multi_tensor_where, ready_on_cpu, use_compiled_multi_tensor
+from lorambo.ops.compile_support import run_eagerly
 from lorambo.sharding import is_sharded, local_tensor
 
 __all__ = ["AdamW"]
@@ -321,7 +325,28 @@ class AdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        pools, wide = [], []  # wide: float16 parameters that are not pools (float32 moments, see moment_dtype)
+        pools, wide = self._own_params()
+        hidden = [(p, p.grad) for kept in (pools, wide) for group_params in kept for p in group_params]
+        for p, _ in hidden:
+            p.grad = None  # torch's update skips parameters without a gradient
+        try:
+            _unhooked_step(torch.optim.AdamW)(self)
+        finally:
+            for p, grad in hidden:
+                p.grad = grad
+        for group, group_pools, group_wide in zip(self.param_groups, pools, wide):
+            if group_pools:
+                self._update_pools(group, group_pools)
+            if group_wide:
+                _foreach_whole_step(group, [(p, self._wide_state(p, group["amsgrad"])) for p in group_wide])
+        return loss
+
+    @run_eagerly  # traced, it guarded on every parameter object: a recompile per parameter
+    def _own_params(self) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+        """Per group, the parameters with a gradient that this class updates itself: the pools,
+        and the float16 parameters that are not pools (float32 moments, see moment_dtype); the
+        moments of every one checked against a cast or move before any update."""
+        pools, wide = [], []
         state_of = self.state.get  # one hash per parameter; a defaultdict's get adds no entry
         for group in self.param_groups:
             group_pools, group_wide = [], []
@@ -337,20 +362,7 @@ class AdamW(torch.optim.AdamW):
                     group_wide.append(p)
             pools.append(group_pools)
             wide.append(group_wide)
-        hidden = [(p, p.grad) for kept in (pools, wide) for group_params in kept for p in group_params]
-        for p, _ in hidden:
-            p.grad = None  # torch's update skips parameters without a gradient
-        try:
-            _unhooked_step(torch.optim.AdamW)(self)
-        finally:
-            for p, grad in hidden:
-                p.grad = grad
-        for group, group_pools, group_wide in zip(self.param_groups, pools, wide):
-            if group_pools:
-                self._update_pools(group, group_pools)
-            if group_wide:
-                _foreach_whole_step(group, [(p, self._wide_state(p, group["amsgrad"])) for p in group_wide])
-        return loss
+        return pools, wide
 
     def _wide_state(self, param: torch.Tensor, amsgrad: bool) -> dict:
         """The state of a float16 parameter that is not a pool: torch's ``step`` and moments in
@@ -386,6 +398,7 @@ class AdamW(torch.optim.AdamW):
             state[SLOT_STEP] = counts
         return state
 
+    @run_eagerly  # traced, it guarded on the gradients, which zero_grad() frees: a recompile per step
     def _update_pools(self, group: dict, params: list[torch.Tensor]) -> None:
         """AdamW on the active slots of pool parameters, with per-slot bias correction."""
         amsgrad = group["amsgrad"]
