@@ -45,3 +45,21 @@ def test_an_older_transformers_is_refused_naming_the_caller_and_the_version(monk
 def test_a_recent_enough_transformers_is_taken(monkeypatch, found):
     _pretend_installed(monkeypatch, "transformers", found)
     assert lorambo.integrations.LoRAMBoCallback.__name__ == "LoRAMBoCallback"
+
+
+@pytest.mark.parametrize("argv", [["demo"], ["demo", "--growth"], ["experiment", "--tasks", "planted"]])
+def test_the_commands_refuse_an_older_transformers_before_any_work(monkeypatch, capsys, argv):
+    import lorambo.cli.growth
+    import lorambo.experiments.runner
+    from lorambo.cli import main
+
+    def fail(*a, **k):
+        raise AssertionError("the command started work before checking its dependencies")
+
+    monkeypatch.setattr(lorambo.experiments.runner, "run_experiment", fail)
+    monkeypatch.setattr(lorambo.cli.growth, "run_growth_demo", fail)
+    _pretend_installed(monkeypatch, "transformers", "4.45.0")
+    assert main(argv) == 2
+    command = " ".join(argv[:2] if argv[1:2] == ["--growth"] else argv[:1])
+    assert (f"`lorambo {command}` needs transformers >= 5.0, found transformers 4.45.0: "
+            "pip install 'transformers>=5.0'") in capsys.readouterr().err
