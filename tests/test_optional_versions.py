@@ -37,7 +37,8 @@ def test_an_older_transformers_is_refused_naming_the_caller_and_the_version(monk
         lorambo.integrations.LoRAMBoCallback
     from lorambo.experiments.minilm import load_minilm
 
-    with pytest.raises(ImportError, match=re.escape(f"load_minilm needs transformers >= 5.0, found transformers {found}")):
+    expected = f"load_minilm needs transformers >= 5.0, found transformers {found}"
+    with pytest.raises(ImportError, match=re.escape(expected)):
         load_minilm()
 
 
