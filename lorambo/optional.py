@@ -14,7 +14,8 @@ __all__ = ["MINIMUM_VERSIONS", "requires"]
 # them (tests/test_optional_versions.py compares the two). transformers before 5.0 takes no
 # ``dtype=`` in from_pretrained (lorambo's loaders pass it), fails Trainer resumes under torch's
 # weights_only default (4.45) and leaves reentrant checkpointing without input gradients (4.57).
-MINIMUM_VERSIONS = {"transformers": (5, 0)}
+# peft 0.13 is the oldest release the adapters' import and export ran with.
+MINIMUM_VERSIONS = {"transformers": (5, 0), "peft": (0, 13)}
 
 
 def _release(text: str) -> tuple[int, ...]:

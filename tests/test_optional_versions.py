@@ -64,3 +64,10 @@ def test_the_commands_refuse_an_older_transformers_before_any_work(monkeypatch, 
     command = " ".join(argv[:2] if argv[1:2] == ["--growth"] else argv[:1])
     assert (f"`lorambo {command}` needs transformers >= 5.0, found transformers 4.45.0: "
             "pip install 'transformers>=5.0'") in capsys.readouterr().err
+
+
+def test_an_older_peft_is_refused_naming_the_caller(monkeypatch):
+    _pretend_installed(monkeypatch, "peft", "0.12.0")
+    with pytest.raises(ImportError, match=re.escape(
+            "peft_config needs peft >= 0.13, found peft 0.12.0: pip install 'peft>=0.13'")):
+        lorambo.peft_config({"layer": 2})
