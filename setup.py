@@ -25,6 +25,7 @@ import tempfile
 
 from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 CSRC = "csrc"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -191,8 +192,23 @@ def extension_build():
     return [ext], {"build_ext": OptionalBuildExtension}
 
 
+class CleanBuildPy(build_py):
+    """Copies the packages into an emptied build/lib. setuptools copies over what is there and
+    the wheel takes the whole folder, so a module since deleted from the sources, or an earlier
+    build's lorambo/_C*.so and _C.sources, went into the next wheel: LORAMBO_SKIP_EXT=1 made a
+    py3-none-any wheel holding a stale extension. build_ext links into build/lib after this;
+    its objects stay in build/ext-* (``OptionalBuildExtension``), so nothing recompiles."""
+
+    def run(self):
+        ours = os.path.realpath(os.path.join(HERE, "build")) + os.sep
+        if os.path.isdir(self.build_lib) and os.path.realpath(self.build_lib).startswith(ours):
+            shutil.rmtree(self.build_lib)
+        super().run()
+
+
 ext_modules, cmdclass = extension_build()
 cmdclass.setdefault("build_ext", build_ext)
+cmdclass["build_py"] = CleanBuildPy
 
 setup(
     packages=find_packages(include=["lorambo", "lorambo.*"])

@@ -1,6 +1,7 @@
 """Install layout: kernels/ is never importable as ``kernels``; a built wheel works outside the tree."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -47,3 +48,26 @@ def test_a_skip_ext_switch_other_than_0_or_1_stops_the_build_naming_it(value):
     proc = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "LORAMBO_SKIP_EXT": value}, timeout=300)
     assert proc.returncode != 0 and f"LORAMBO_SKIP_EXT must be 0 or 1, got {value!r}" in proc.stderr
+
+
+def test_a_wheel_holds_nothing_an_earlier_build_left_in_build_lib(tmp_path):
+    """build/lib of an earlier build with the extension (and a module since deleted) went into the
+    next wheel: LORAMBO_SKIP_EXT=1 made a py3-none-any wheel holding a stale lorambo/_C*.so."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.so", "_C.sources", "tests")
+    shutil.copytree(ROOT / "lorambo", src / "lorambo", ignore=ignore)
+    shutil.copytree(ROOT / "kernels", src / "kernels", ignore=ignore)
+    stale = src / "build" / "lib" / "lorambo"
+    stale.mkdir(parents=True)
+    for name in ("_C.cpython-311-x86_64-linux-gnu.so", "_C.sources", "removed_module.py"):
+        (stale / name).write_text("left by an earlier build\n")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-build-isolation", "--no-deps", "-q",
+                    "-w", str(tmp_path / "dist")], check=True, cwd=src, timeout=300,
+                   env={**os.environ, "LORAMBO_SKIP_EXT": "1"})
+    names = zipfile.ZipFile(next((tmp_path / "dist").glob("lorambo-*.whl"))).namelist()
+    expected = {str(p.relative_to(src / "lorambo")) for p in (src / "lorambo").rglob("*.py")}
+    assert {n.split("/", 1)[1] for n in names if n.startswith("lorambo/") and n.endswith(".py")} == expected
+    assert not [n for n in names if "_C" in n or "removed_module" in n]

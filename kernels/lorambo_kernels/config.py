@@ -75,12 +75,24 @@ def is_interpreter() -> bool:
     return _interpret_requested()
 
 
+# The oldest triton the kernels are tested with (the ``triton`` extra in pyproject.toml says the
+# same; tests/kernels/test_triton_version.py compares them). Older releases differ where the kernels
+# depend on them: triton 3.0 reads TRITON_INTERPRET as "1" only, so TRITON_INTERPRET=true (which
+# lorambo, like triton >= 3.6, takes) launched compiled kernels on CPU tensors and failed with
+# "0 active drivers"; on a GPU nothing older than 3.6 has run them.
+MIN_TRITON = (3, 6)
+
+
 def unavailable_reason(device_type: str) -> str | None:
     """None when the Triton kernels can run on ``device_type``, else why not (for errors)."""
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
         return "triton is not installed (pip install triton)"
+    if _version(triton.__version__) < MIN_TRITON:
+        need = ".".join(map(str, MIN_TRITON))
+        return (f"triton {triton.__version__} is older than {need}, the oldest lorambo's kernels support "
+                f"(pip install 'triton>={need}')")
     if device_type == "cuda":
         return None
     if _interpret_requested() and device_type == "cpu":

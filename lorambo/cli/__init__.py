@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from lorambo.experiments.config import METHODS as EXPERIMENT_METHODS
+from lorambo.version import __version__
 
 DESCRIPTION = """\
 Kernel-accelerated LoRA with per-layer rank allocation.
@@ -34,7 +35,6 @@ def _info(_args) -> int:
 
     from lorambo.ext import loader as ext_loader
     from lorambo.ops.backend import get_backend, resolve_backend
-    from lorambo.version import __version__
 
     print(f"lorambo {__version__}  python {platform.python_version()}  torch {torch.__version__}")
     print(f"backend requested: {get_backend()}  cuda: {torch.cuda.is_available()}  "
@@ -224,6 +224,7 @@ def _output_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorambo", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"lorambo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="adaptive vs uniform LoRA at equal budget on the real all-MiniLM-L6-v2")
     demo.add_argument("--full", action="store_true", help="the GPU-sized experiment")

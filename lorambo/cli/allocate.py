@@ -31,6 +31,7 @@ import math
 from pathlib import Path
 
 from lorambo.cli import _folder, _parse_number, _positive_float, _positive_int, _seed
+from lorambo.optional import requires
 
 METHODS = ("hessian", "gradient", "data", "frobenius")
 # LoRAMBoOptimizer's allocations but knapsack, whose benefit curves a command line cannot pass
@@ -113,7 +114,8 @@ def _check_out(out: Path, model: Path) -> None:
 
 
 def _load(folder: Path, eager: bool):
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+    with requires("transformers", "lorambo allocate"):
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"--model {folder}: no config.json (a local transformers model folder is needed)")

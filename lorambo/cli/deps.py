@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 
+from lorambo.optional import check_version
+
 # pip name -> (import name, what needs it): "model" (every command on MiniLM), "weights" (MiniLM's
 # files, unless a bundle holds them: experiments/bundle.py), "experiment" (the adaptive-vs-uniform
 # comparison), "plots" (`lorambo demo` and --plots-from; `lorambo experiment` skips its plots
@@ -33,9 +35,13 @@ def missing_packages(needs: set[str]) -> list[str]:
 
 def require(needs: set[str], command: str, hint: str = "") -> None:
     """ImportError listing every missing package and the one pip command that installs them;
-    ``hint`` (e.g. an option that avoids a package) is appended."""
+    ``hint`` (e.g. an option that avoids a package) is appended. An installed package older than
+    pyproject's extra allows (:data:`lorambo.optional.MINIMUM_VERSIONS`) is refused too."""
     missing = missing_packages(needs)
     if missing:
         raise ImportError(f"`lorambo {command}` needs {', '.join(missing)}, which "
                           f"{'is' if len(missing) == 1 else 'are'} not installed: "
                           f"pip install {' '.join(missing)}   (or: pip install 'lorambo[demo]'){hint}")
+    for pip_name, (_, need) in DEMO_REQUIREMENTS.items():
+        if need in needs:  # installed, but perhaps older than the extra allows
+            check_version(pip_name, f"`lorambo {command}`")

@@ -145,3 +145,14 @@ def test_every_option_with_a_default_says_it_in_its_help():
             if f"default: {action.default}" not in shown and "(default:" not in shown:
                 missing.append(f"lorambo {command} {action.option_strings[0]} (default {action.default!r})")
     assert not missing, missing
+
+
+def test_version_flag_prints_the_project_version(capsys):
+    """``lorambo --version`` was refused with "the following arguments are required: command"."""
+    import tomllib
+
+    version = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]["version"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"lorambo {version}\n"

@@ -180,6 +180,15 @@ def test_sdist_ships_every_extension_source(tmp_path):
     assert {"setup.py", "pyproject.toml", "MANIFEST.in", "kernels/lorambo_kernels/__init__.py"} <= names
 
 
+def test_sdist_holds_no_partial_test_suite(tmp_path):
+    """setuptools adds tests/test*.py to an sdist by default: it held the top-level test files
+    without tests/conftest.py or the helpers they import, a suite that cannot run."""
+    with tarfile.open(_sdist(tmp_path)) as tar:
+        names = [n.split("/", 1)[1] for n in tar.getnames() if "/" in n]
+    assert not [n for n in names if n.startswith("tests/")]
+    assert "lorambo/py.typed" in names and "lorambo/ext/sources.py" in names  # setup.py loads it by path
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("LORAMBO_TEST_SDIST_BUILD") != "1",
                     reason="compiles the extension from scratch (~2.5 min on 2 cores); set LORAMBO_TEST_SDIST_BUILD=1")

@@ -1,0 +1,73 @@
+"""An optional package older than pyproject.toml's extras allow is refused by name, with the
+version needed, where lorambo first needs it (not as a TypeError inside transformers)."""
+
+import importlib.metadata
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+import lorambo.integrations
+import lorambo.optional as optional
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pretend_installed(monkeypatch, package, version):
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: version if name == package else real(name))
+
+
+def test_the_extras_state_the_minimum_versions_lorambo_checks():
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for package, minimum in optional.MINIMUM_VERSIONS.items():
+        bound = f"{package}>={'.'.join(map(str, minimum))}"
+        assert extras[package] == [bound]
+        assert bound in extras["demo"]
+
+
+@pytest.mark.parametrize("found", ["4.45.0", "4.57.6"])
+def test_an_older_transformers_is_refused_naming_the_caller_and_the_version(monkeypatch, found):
+    # before: LoRAMBoCallback imported under transformers 4.45, and load_minilm / `lorambo allocate`
+    # failed inside it with "BertModel.__init__() got an unexpected keyword argument 'dtype'"
+    _pretend_installed(monkeypatch, "transformers", found)
+    expected = f"LoRAMBoCallback needs transformers >= 5.0, found transformers {found}: pip install 'transformers>=5.0'"
+    with pytest.raises(ImportError, match=re.escape(expected)):
+        lorambo.integrations.LoRAMBoCallback
+    from lorambo.experiments.minilm import load_minilm
+
+    expected = f"load_minilm needs transformers >= 5.0, found transformers {found}"
+    with pytest.raises(ImportError, match=re.escape(expected)):
+        load_minilm()
+
+
+@pytest.mark.parametrize("found", ["5.0.0", "5.23.0", "6.1.0.dev0", "5.0.0+local"])
+def test_a_recent_enough_transformers_is_taken(monkeypatch, found):
+    _pretend_installed(monkeypatch, "transformers", found)
+    assert lorambo.integrations.LoRAMBoCallback.__name__ == "LoRAMBoCallback"
+
+
+@pytest.mark.parametrize("argv", [["demo"], ["demo", "--growth"], ["experiment", "--tasks", "planted"]])
+def test_the_commands_refuse_an_older_transformers_before_any_work(monkeypatch, capsys, argv):
+    import lorambo.cli.growth
+    import lorambo.experiments.runner
+    from lorambo.cli import main
+
+    def fail(*a, **k):
+        raise AssertionError("the command started work before checking its dependencies")
+
+    monkeypatch.setattr(lorambo.experiments.runner, "run_experiment", fail)
+    monkeypatch.setattr(lorambo.cli.growth, "run_growth_demo", fail)
+    _pretend_installed(monkeypatch, "transformers", "4.45.0")
+    assert main(argv) == 2
+    command = " ".join(argv[:2] if argv[1:2] == ["--growth"] else argv[:1])
+    assert (f"`lorambo {command}` needs transformers >= 5.0, found transformers 4.45.0: "
+            "pip install 'transformers>=5.0'") in capsys.readouterr().err
+
+
+def test_an_older_peft_is_refused_naming_the_caller(monkeypatch):
+    _pretend_installed(monkeypatch, "peft", "0.12.0")
+    with pytest.raises(ImportError, match=re.escape(
+            "peft_config needs peft >= 0.13, found peft 0.12.0: pip install 'peft>=0.13'")):
+        lorambo.peft_config({"layer": 2})
