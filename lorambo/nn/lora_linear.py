@@ -26,6 +26,7 @@ from lorambo.nn import base_layers
 from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from lorambo.nn.fresh_momentum import move_new_slots, restore_new_slots
 from lorambo.nn.frozen_bases import note_frozen
+from lorambo.nn.frozen_growth import warn_if_frozen_growth
 from lorambo.nn.inactive_slots import zero_inactive_after_steps
 from lorambo.nn.merging import AdapterMerge
 from lorambo.nn.optimizer_argument import OptimizerArgument, optimizer_argument
@@ -392,6 +393,7 @@ class LoRAMBoLinear(AdapterMerge, nn.Module):
         (start_ids if rank > old else drop_ids)(self, lo, hi)
         if rank != old:
             warn_if_state_left_behind(self, optimizer, f"rank changed {old} -> {rank}")
+        warn_if_frozen_growth(self, old, rank)
         if reset_state is not None:
             if rank > old > 0:  # growth from 0 restarts the shared step: nothing is stale then
                 warn_if_shared_step(optimizer, self)
