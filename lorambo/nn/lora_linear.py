@@ -171,7 +171,7 @@ class LoRAMBoLinear(AdapterMerge, nn.Module):
         check_settings_fit(self._label, base.weight.dtype, self.scaling, self.dropout, alpha=self.alpha)
         for param in base.parameters():
             param.requires_grad_(False)
-        note_frozen(base.parameters())  # an optimizer that steps only these trains nothing: warn then
+        note_frozen(base.parameters(), self._label)  # an optimizer that steps only these trains nothing: warn then
         weight = base.weight
         self.lora_A = nn.Parameter(torch.zeros(capacity, self.in_features, dtype=weight.dtype, device=weight.device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, capacity, dtype=weight.dtype, device=weight.device))
@@ -218,7 +218,7 @@ class LoRAMBoLinear(AdapterMerge, nn.Module):
         track_optimizers()
         refuse_unsupported_optimizers()
         zero_inactive_after_steps()
-        note_frozen(p for p in self.base_layer.parameters() if not p.requires_grad)
+        note_frozen((p for p in self.base_layer.parameters() if not p.requires_grad), self._label)
 
     def __setattr__(self, name: str, value) -> None:
         if name in ("weight", "bias") and "base_layer" in self._modules:
