@@ -537,11 +537,12 @@ def _peft_layers(model: nn.Module, adapter_name: str, config, where: str):
             raise ValueError(f"{where}: module {name!r} uses DoRA or a LoRA bias, which lorambo lacks")
         drop = module.lora_dropout[adapter_name]
         weights = {pool: getattr(module, pool)[adapter_name].weight for pool in ("lora_A", "lora_B")}
-        # frozen in peft (LoRA-FA's lora_A, a layer frozen for a phase): frozen in lorambo too
+        # frozen in peft for training (LoRA-FA's lora_A, a layer frozen for a phase): frozen in
+        # lorambo too; an adapter loaded for inference (peft froze every pool) imports trainable
+        frozen = () if config.inference_mode else {pool for pool, w in weights.items() if not w.requires_grad}
         specs[name] = _LayerSpec(weights["lora_A"].detach().clone(), weights["lora_B"].detach().clone(),
                                  module.lora_alpha[adapter_name], module.scaling[adapter_name],
-                                 config.use_rslora, drop.p if isinstance(drop, nn.Dropout) else 0.0,
-                                 frozen={pool for pool, w in weights.items() if not w.requires_grad})
+                                 config.use_rslora, drop.p if isinstance(drop, nn.Dropout) else 0.0, frozen)
         wrapped[name] = module.get_base_layer()
     return specs, wrapped, heads, plain
 

@@ -68,3 +68,19 @@ def test_pools_frozen_in_peft_stay_frozen_and_train_as_the_reference():
         assert torch.allclose(layer.lora_B[:, :3], ref[name]["lora_B"], rtol=1e-10, atol=1e-12), name
     x = batches[0][0]
     assert torch.allclose(model(x), ref_forward(x), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("is_trainable", [False, True])
+def test_an_adapter_loaded_for_inference_converts_trainable(tmp_path, is_trainable):
+    """peft freezes every pool of an adapter loaded for inference (its default): that is no
+    training choice, and the conversion trains them as import_peft's does; one loaded trainable
+    keeps the pools frozen after loading (LoRA-FA)."""
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    get_peft_model(_Net(), LoraConfig(r=3, lora_alpha=5, target_modules=list(NAMES))).save_pretrained(tmp_path)
+    peft_model = PeftModel.from_pretrained(_Net(), tmp_path, is_trainable=is_trainable)
+    if is_trainable:
+        create_lorafa_optimizer(peft_model, r=3, lora_alpha=5, lr=0.1)
+    flags = {n: (m.lora_A.requires_grad, m.lora_B.requires_grad) for n, m in lora_layers(from_peft(peft_model)).items()}
+    assert flags == dict.fromkeys(NAMES, (not is_trainable, True))
