@@ -51,7 +51,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     a checksum that :func:`load_adapter` verifies. The same adapter gives the same bytes. Layers
     are named as in the plain model, also when ``model`` is wrapped by torch.compile or DDP.
     Which pools are frozen (``requires_grad=False``: a MiCA adapter's ``lora_B``, LoRA-FA's
-    ``lora_A``, a layer frozen for a phase) is saved, and :func:`load_adapter` freezes them again.
+    ``lora_A``, a layer frozen for a phase) is saved, and :func:`load_adapter` freezes them again;
+    a model whose every pool is frozen (for inference) is saved as trainable.
     """
     require_module(model, "save_adapter")
     require_path(path, "save_adapter")
@@ -69,12 +70,15 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     tensors, meta = {}, {}
     for layer in layers.values():
         layer.check_inactive_zero("save_adapter")
+    # every pool frozen is a model frozen whole (for inference, export), not a training choice:
+    # saved trainable, as peft's inference mode converts (lorambo/adapters/peft_import.py)
+    inference = not any(getattr(layer, pool).requires_grad for layer in layers.values() for pool in POOLS)
     for name, layer in layers.items():
         r = layer.rank
         tensors[f"{name}.lora_A"] = layer.lora_A[:r].detach().cpu().contiguous()  # (r, in)
         tensors[f"{name}.lora_B"] = layer.lora_B[:, :r].detach().cpu().contiguous()  # (out, r)
         meta[name] = {field: getattr(layer, field) for field in LAYER_FIELDS}
-        meta[name]["frozen"] = [pool for pool in POOLS if not getattr(layer, pool).requires_grad]
+        meta[name]["frozen"] = [] if inference else [pool for pool in POOLS if not getattr(layer, pool).requires_grad]
     check_finite_pools("save_adapter", ((name, pool, tensors[f"{name}.{pool}"]) for name in layers
                                         for pool in ("lora_A", "lora_B")))
     check_finite_modules_to_save("save_adapter", model)

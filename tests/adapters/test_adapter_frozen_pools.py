@@ -119,3 +119,13 @@ def test_a_bad_frozen_field_is_refused_naming_it(tmp_path, value):
     with pytest.raises(lorambo.AdapterFormatError, match=r"layer '4': field 'frozen' is"):
         lorambo.load_adapter(model, file)
     assert all(layer.rank == 3 and layer.lora_B.requires_grad for layer in lorambo.lora_layers(model).values())
+
+
+def test_a_model_frozen_whole_is_saved_trainable(tmp_path):
+    """model.requires_grad_(False) for inference or export is no training choice: the adapter
+    loads trainable, as one saved before (and peft's inference mode converts)."""
+    saved = _adapted()
+    saved.requires_grad_(False)
+    file = lorambo.save_adapter(saved, tmp_path / "a.safetensors")
+    model = lorambo.load_adapter(_base(), file)
+    assert all(m.lora_A.requires_grad and m.lora_B.requires_grad for m in lorambo.lora_layers(model).values())
