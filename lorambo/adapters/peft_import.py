@@ -537,13 +537,17 @@ def _peft_layers(model: nn.Module, adapter_name: str, config, where: str):
             raise ValueError(f"{where}: module {name!r} uses DoRA or a LoRA bias, which lorambo lacks")
         drop = module.lora_dropout[adapter_name]
         weights = {pool: getattr(module, pool)[adapter_name].weight for pool in ("lora_A", "lora_B")}
-        # frozen in peft for training (LoRA-FA's lora_A, a layer frozen for a phase): frozen in
-        # lorambo too; an adapter loaded for inference (peft froze every pool) imports trainable
-        frozen = () if config.inference_mode else {pool for pool, w in weights.items() if not w.requires_grad}
+        # frozen in peft (LoRA-FA's lora_A, a layer frozen for a phase): frozen in lorambo too
         specs[name] = _LayerSpec(weights["lora_A"].detach().clone(), weights["lora_B"].detach().clone(),
                                  module.lora_alpha[adapter_name], module.scaling[adapter_name],
-                                 config.use_rslora, drop.p if isinstance(drop, nn.Dropout) else 0.0, frozen)
+                                 config.use_rslora, drop.p if isinstance(drop, nn.Dropout) else 0.0,
+                                 frozen={pool for pool, w in weights.items() if not w.requires_grad})
         wrapped[name] = module.get_base_layer()
+    if all(len(spec.frozen) == 2 for spec in specs.values()):
+        # every pool frozen: loaded for inference (peft's inference mode) or frozen whole, not a
+        # training choice; imported trainable, as import_peft gives it
+        for spec in specs.values():
+            spec.frozen = frozenset()
     return specs, wrapped, heads, plain
 
 

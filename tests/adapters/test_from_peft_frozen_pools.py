@@ -70,17 +70,19 @@ def test_pools_frozen_in_peft_stay_frozen_and_train_as_the_reference():
     assert torch.allclose(model(x), ref_forward(x), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("is_trainable", [False, True])
-def test_an_adapter_loaded_for_inference_converts_trainable(tmp_path, is_trainable):
-    """peft freezes every pool of an adapter loaded for inference (its default): that is no
-    training choice, and the conversion trains them as import_peft's does; one loaded trainable
-    keeps the pools frozen after loading (LoRA-FA)."""
+@pytest.mark.parametrize("how", ["inference", "frozen_whole", "lora_fa"])
+def test_an_adapter_frozen_whole_converts_trainable(tmp_path, how):
+    """peft freezes every pool of an adapter loaded for inference (its default), and a model frozen
+    whole froze them all too: no training choice, and the conversion trains them as import_peft's
+    does; one loaded trainable keeps the pools frozen after loading (LoRA-FA)."""
     from peft import PeftModel
 
     torch.manual_seed(0)
     get_peft_model(_Net(), LoraConfig(r=3, lora_alpha=5, target_modules=list(NAMES))).save_pretrained(tmp_path)
-    peft_model = PeftModel.from_pretrained(_Net(), tmp_path, is_trainable=is_trainable)
-    if is_trainable:
+    peft_model = PeftModel.from_pretrained(_Net(), tmp_path, is_trainable=how != "inference")
+    if how == "lora_fa":
         create_lorafa_optimizer(peft_model, r=3, lora_alpha=5, lr=0.1)
+    if how == "frozen_whole":
+        peft_model.requires_grad_(False)
     flags = {n: (m.lora_A.requires_grad, m.lora_B.requires_grad) for n, m in lora_layers(from_peft(peft_model)).items()}
-    assert flags == dict.fromkeys(NAMES, (not is_trainable, True))
+    assert flags == dict.fromkeys(NAMES, (how != "lora_fa", True))
