@@ -51,6 +51,7 @@ from lorambo.allocation import METHODS, allocate
 from lorambo.allocation import capacity as pools
 from lorambo.allocation import resume
 from lorambo.allocation.alora import ALoRA, ALoRAConfig
+from lorambo.allocation.frozen import frozen_ranks, without
 from lorambo.allocation.online import OnlineGrowth, check_growth_settings
 from lorambo.allocation.report import DecisionLog, rank_table, save_heatmap
 from lorambo.allocation.schedule import DecisionSchedule, ScheduledGrowth
@@ -406,13 +407,30 @@ class LoRAMBoOptimizer:
             "max_rank": self.max_rank, "capacities": caps})
         local = torch.zeros(len(self.names), dtype=torch.float64)
         with failure:
-            ranks = allocate(self.dims, sensitivities, self.initial_budget, method=method, min_rank=self.min_rank,
-                             max_rank=self.max_rank, capacities=caps or None, **allocate_kwargs)
+            ranks = self._allocate(method, sensitivities, caps, allocate_kwargs)
             local = torch.tensor([float(ranks[n]) for n in self.names], dtype=torch.float64)
         self.ranks = {n: int(r) for n, r in zip(self.names, failure.broadcast_and_check(local))}
         self.capacities = self.plan_capacities(self.ranks)
         self.memory_report = self.pool_memory(self.capacities)
         return dict(self.ranks)
+
+    def _allocate(self, method, sensitivities, caps, allocate_kwargs) -> dict[str, int]:
+        """``allocate`` over the targets, leaving existing adapters whose ``lora_B`` is frozen at
+        their rank (they cannot train new slots, lorambo/allocation/frozen.py); the others share
+        the budget they leave."""
+        frozen = frozen_ranks(lora_layers(self.plain_model), self.names)
+        budget = self.initial_budget - sum(r * self.costs[n] for n, r in frozen.items())
+        if budget < 0:
+            raise ValueError(f"LoRAMBoOptimizer.compute_optimal_ranks: the layers whose lora_B is frozen "
+                             f"{list(frozen)[:4]} keep their ranks, which take {self.initial_budget - budget} "
+                             f"parameters, more than initial_budget={self.initial_budget}")
+        if len(frozen) == len(self.names):
+            return frozen
+        per_layer = {k: without(v, frozen) if isinstance(v, Mapping) else v for k, v in allocate_kwargs.items()}
+        ranks = allocate(without(self.dims, frozen), without(sensitivities, frozen), budget, method=method,
+                         min_rank=self.min_rank, max_rank=self.max_rank, capacities=without(caps, frozen) or None,
+                         **per_layer)
+        return {**ranks, **frozen}
 
     def _tails(self, batches, loss_fn, caps, uppers, progress):
         from lorambo.sensitivity import data_covariance, data_weighted_tail_energy

@@ -4,7 +4,9 @@ A file holds, for every LoRA layer ``name``, the active slices ``name.lora_A`` [
 ``name.lora_B`` [out, rank], and three metadata strings besides ``format`` and ``version``:
 
 - ``layers``: JSON ``{name: {rank, capacity, in_features, out_features, scaling, alpha,
-  use_rslora, dropout, base_kind}}``;
+  use_rslora, dropout, base_kind, frozen}}``; ``frozen`` lists the pools (``"lora_A"``,
+  ``"lora_B"``) that did not require grad when saved, and files written before it was kept
+  lack it;
 - ``checksums``: JSON ``{tensor key: sha256 of (dtype, shape, bytes)}`` for every tensor, and
   ``"__layers__"``: the sha256 of the ``layers`` string, so a flipped bit anywhere in the
   data or the settings is caught.
@@ -52,6 +54,18 @@ LAYER_FIELDS = {
     "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
     "dropout": (lambda v: _is_real(v) and 0.0 <= v < 1.0, "a number in [0, 1)"),
     "base_kind": (lambda v: v in ("linear", "conv1d"), "'linear' or 'conv1d'"),
+}
+
+POOLS = ("lora_A", "lora_B")
+
+
+def _is_pool_list(v) -> bool:
+    return isinstance(v, list) and all(p in POOLS for p in v) and len(set(v)) == len(v)
+
+
+# optional field -> (check, what a valid value is); absent from files written before it was kept
+OPTIONAL_LAYER_FIELDS = {
+    "frozen": (_is_pool_list, f"a list of distinct pool names from {list(POOLS)}"),
 }
 
 
@@ -115,6 +129,10 @@ def check_layer_settings(file: Path, name, info) -> None:
         if not ok(info[field]):
             raise AdapterFormatError(f"{file}: layer {name!r}: field {field!r} is "
                                      f"{shown_number(info[field])}, expected {expected}")
+    for field, (ok, expected) in OPTIONAL_LAYER_FIELDS.items():
+        if field in info and not ok(info[field]):
+            raise AdapterFormatError(f"{file}: layer {name!r}: field {field!r} is {info[field]!r:.80}, "
+                                     f"expected {expected}")
     if info["rank"] > info["capacity"]:
         raise AdapterFormatError(f"{file}: layer {name!r}: rank {info['rank']} exceeds its "
                                  f"capacity {info['capacity']}")

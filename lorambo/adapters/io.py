@@ -17,7 +17,7 @@ from lorambo.adapters import extra_modules
 from lorambo.adapters.atomic import atomic_write, check_target
 from lorambo.adapters.canonical import save_file_canonical
 from lorambo.adapters.finite import check_finite_modules_to_save, check_finite_pools
-from lorambo.adapters.format import (FORMAT, LAYER_FIELDS, VERSION, AdapterFormatError, build_header,
+from lorambo.adapters.format import (FORMAT, LAYER_FIELDS, POOLS, VERSION, AdapterFormatError, build_header,
                                      own_storages, read_adapter_file)
 from lorambo.adapters.meta_tensors import refuse_meta_destinations, refuse_meta_sources
 from lorambo.adapters.overwrite import configure_for_overwrite, set_rank_for_overwrite
@@ -50,6 +50,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     The write is atomic (a temporary file, then a rename) and every tensor and the settings get
     a checksum that :func:`load_adapter` verifies. The same adapter gives the same bytes. Layers
     are named as in the plain model, also when ``model`` is wrapped by torch.compile or DDP.
+    Which pools are frozen (``requires_grad=False``: a MiCA adapter's ``lora_B``, LoRA-FA's
+    ``lora_A``, a layer frozen for a phase) is saved, and :func:`load_adapter` freezes them again;
+    a model whose every pool is frozen (for inference) is saved as trainable.
     """
     require_module(model, "save_adapter")
     require_path(path, "save_adapter")
@@ -67,11 +70,15 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     tensors, meta = {}, {}
     for layer in layers.values():
         layer.check_inactive_zero("save_adapter")
+    # every pool frozen is a model frozen whole (for inference, export), not a training choice:
+    # saved trainable, as peft's inference mode converts (lorambo/adapters/peft_import.py)
+    inference = not any(getattr(layer, pool).requires_grad for layer in layers.values() for pool in POOLS)
     for name, layer in layers.items():
         r = layer.rank
         tensors[f"{name}.lora_A"] = layer.lora_A[:r].detach().cpu().contiguous()  # (r, in)
         tensors[f"{name}.lora_B"] = layer.lora_B[:, :r].detach().cpu().contiguous()  # (out, r)
         meta[name] = {field: getattr(layer, field) for field in LAYER_FIELDS}
+        meta[name]["frozen"] = [] if inference else [pool for pool in POOLS if not getattr(layer, pool).requires_grad]
     check_finite_pools("save_adapter", ((name, pool, tensors[f"{name}.{pool}"]) for name in layers
                                         for pool in ("lora_A", "lora_B")))
     check_finite_modules_to_save("save_adapter", model)
@@ -141,6 +148,9 @@ def _copy_into_layers(model: nn.Module, meta: dict, tensors: dict[str, torch.Ten
         layer.zero_inactive_()  # a set_rank that changed nothing left what the pools held (to_empty's memory)
         layer.scaling, layer.alpha = float(info["scaling"]), float(info["alpha"])
         layer.use_rslora, layer.dropout = bool(info["use_rslora"]), float(info["dropout"])
+        if "frozen" in info:  # files written before it was saved keep the model's flags
+            for pool in POOLS:
+                getattr(layer, pool).requires_grad_(pool not in info["frozen"])
         done.append(name)
 
 
@@ -150,7 +160,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
 
     A model without LoRA layers is configured from the file (same names, ranks, capacities, and
     the file's ``modules_to_save``). Otherwise its LoRA layers must match the file's names and
-    shapes exactly. The file is checked completely (header fields, shapes, checksums, finite
+    shapes exactly. Each pool requires grad as it did when saved (frozen ones stay frozen, the
+    others train; a file written before lorambo saved this leaves the model's flags as they are).
+    The file is checked completely (header fields, shapes, checksums, finite
     values) and then against the model before anything is written, so a bad file or a mismatched
     model leaves the model as it was: :class:`AdapterFormatError` for a bad file, ``ValueError``
     for a model that does not match it, or whose dtype cannot hold the file's values (a float32

@@ -14,6 +14,7 @@ import torch
 
 from lorambo.model import configure_model, lora_layers, unload
 from lorambo.model.frozen_heads import FrozenHeadWarning
+from lorambo.nn.frozen_growth import values_follow
 from lorambo.nn.optimizer_tracking import REBUILD_IT, warn_if_state_left_behind
 from lorambo.nn.slot_lineage import restart_ids
 
@@ -28,7 +29,8 @@ def set_rank_for_overwrite(layer, rank: int) -> int:
     old components' state: warned here, with the remedy that fits a load (``set_rank``'s own
     warning, once per optimizer, would say to pass an optimizer the loaders do not take)."""
     warn_if_state_left_behind(layer, None, "an adapter loaded into it replaced its components", REBUILD_IT)
-    old = layer.set_rank(rank, generator=torch.Generator())
+    with values_follow():  # a frozen lora_B gets the saved values: its new slots are not wasted
+        old = layer.set_rank(rank, generator=torch.Generator())
     restart_ids(layer)
     return old
 

@@ -90,6 +90,9 @@ def peft_adapter_config(model: nn.Module) -> dict:
                   "Outputs are unaffected; training the adapter in peft drops out at that rate "
                   "everywhere", UserWarning)
     frozen_b = {n: not layers[n].lora_B.requires_grad for n in names}
+    # every pool frozen is a model frozen whole for inference or export, not MiCA (which trains A):
+    # written trainable, as peft's inference mode converts (lorambo/adapters/peft_import.py)
+    mica = all(frozen_b.values()) and any(layers[n].lora_A.requires_grad for n in names)
     if len(set(frozen_b.values())) > 1:  # peft freezes lora_B in every layer (MiCA) or in none
         warn_user(f"export_peft: some layers' lora_B pools are frozen and others not ({_few(frozen_b)}); "
                   "peft freezes lora_B in every layer (MiCA) or in none, so the adapter is written with "
@@ -111,7 +114,7 @@ def peft_adapter_config(model: nn.Module) -> dict:
         "use_rslora": False,
         # peft's MiCA variant is plain LoRA with lora_B frozen; peft draws the initial values on
         # loading and then loads these over them
-        "init_lora_weights": "mica" if all(frozen_b.values()) else True,
+        "init_lora_weights": "mica" if mica else True,
         "modules_to_save": saved or None,
         "inference_mode": True,
     }

@@ -175,12 +175,13 @@ def _within_min_dim(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, tor
 class _LayerSpec:
     """One adapted layer: ``a``/``b`` as the pools will hold them (:func:`_within_min_dim`),
     ``peft_a``/``peft_b`` as peft held them, ``product`` the pool (``"lora_A"``/``"lora_B"``)
-    that holds peft's ``B A`` when the rank was reduced (else None)."""
+    that holds peft's ``B A`` when the rank was reduced (else None), ``frozen`` the pools peft's
+    model does not train (``requires_grad=False``; empty for a saved adapter)."""
 
-    __slots__ = ("a", "b", "peft_a", "peft_b", "product", "alpha", "scaling", "use_rslora", "dropout")
+    __slots__ = ("a", "b", "peft_a", "peft_b", "product", "alpha", "scaling", "use_rslora", "dropout", "frozen")
 
-    def __init__(self, a, b, alpha, scaling, use_rslora, dropout):
-        self.peft_a, self.peft_b = a, b
+    def __init__(self, a, b, alpha, scaling, use_rslora, dropout, frozen=frozenset()):
+        self.peft_a, self.peft_b, self.frozen = a, b, frozenset(frozen)
         a, b = _within_min_dim(a, b)  # the scaling stays peft's, from the rank it was trained at
         self.product = None if a is self.peft_a else ("lora_A" if b.shape[0] == b.shape[1] else "lora_B")
         self.a, self.b, self.alpha, self.scaling = a, b, float(alpha), float(scaling)
@@ -281,8 +282,8 @@ def _install(model: nn.Module, specs: dict[str, _LayerSpec], capacity, saved_sta
             layer.lora_B[:, :r].copy_(spec.b.to(layer.lora_B.dtype))
             layer.alpha, layer.scaling = spec.alpha, spec.scaling
             layer.use_rslora, layer.dropout = spec.use_rslora, spec.dropout
-            if frozen_b:
-                layer.lora_B.requires_grad_(False)
+            for pool in spec.frozen | ({"lora_B"} if frozen_b else set()):
+                getattr(layer, pool).requires_grad_(False)
         # a LoRA target's own module is its LoRAMBoLinear's base layer now
         load_module_states(model, {**{f"{n}.base_layer" if n in specs else n: state
                                       for n, state in embedding_states.items()}, **saved_states})
@@ -535,11 +536,18 @@ def _peft_layers(model: nn.Module, adapter_name: str, config, where: str):
         if module.use_dora.get(adapter_name, False) or module.lora_B[adapter_name].bias is not None:
             raise ValueError(f"{where}: module {name!r} uses DoRA or a LoRA bias, which lorambo lacks")
         drop = module.lora_dropout[adapter_name]
-        specs[name] = _LayerSpec(module.lora_A[adapter_name].weight.detach().clone(),
-                                 module.lora_B[adapter_name].weight.detach().clone(),
+        weights = {pool: getattr(module, pool)[adapter_name].weight for pool in ("lora_A", "lora_B")}
+        # frozen in peft (LoRA-FA's lora_A, a layer frozen for a phase): frozen in lorambo too
+        specs[name] = _LayerSpec(weights["lora_A"].detach().clone(), weights["lora_B"].detach().clone(),
                                  module.lora_alpha[adapter_name], module.scaling[adapter_name],
-                                 config.use_rslora, drop.p if isinstance(drop, nn.Dropout) else 0.0)
+                                 config.use_rslora, drop.p if isinstance(drop, nn.Dropout) else 0.0,
+                                 frozen={pool for pool, w in weights.items() if not w.requires_grad})
         wrapped[name] = module.get_base_layer()
+    if all(len(spec.frozen) == 2 for spec in specs.values()):
+        # every pool frozen: loaded for inference (peft's inference mode) or frozen whole, not a
+        # training choice; imported trainable, as import_peft gives it
+        for spec in specs.values():
+            spec.frozen = frozenset()
     return specs, wrapped, heads, plain
 
 

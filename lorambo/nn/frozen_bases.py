@@ -1,4 +1,5 @@
-"""Warn when an optimizer trains no adapter: it steps base weights lorambo froze and no LoRA pool.
+"""Warn when an optimizer trains no adapter (it steps base weights lorambo froze and no LoRA pool),
+or trains base weights lorambo froze that require grad again.
 
 An optimizer built before ``configure_model`` holds the model's old parameters. Wrapping a layer
 freezes its base weight, and the LoRA pools that now train are new parameters the optimizer does
@@ -12,6 +13,12 @@ an optimizer over its frozen weights, as in a head-only run after a LoRA run in 
 process, trains what it was meant to) and records their pools as removed: an optimizer that
 holds only removed pools (built before ``unload`` and a new ``configure_model``, as in a
 merge-and-restart schedule or a notebook's next experiment) trains no adapter either.
+
+A frozen base that requires grad again is trained by an optimizer built from the parameters that
+require grad: ``layer.requires_grad_(True)``, the usual way to unfreeze a layer frozen for a
+phase, sets it on the base layer's weight and bias too. Adapter files (``save_adapter``,
+``export_peft``) hold the adapter alone, so what the base learns is lost there:
+:func:`warn_if_trains_thawed_bases` says so at the optimizer's first step.
 """
 
 from __future__ import annotations
@@ -23,17 +30,18 @@ from torch.utils.weak import WeakIdKeyDictionary
 from lorambo.nn.slots import pool_slots
 from lorambo.user_warnings import warn_user
 
-__all__ = ["note_frozen", "forget_noted", "note_unloaded", "records_version", "warn_if_trains_no_adapter"]
+__all__ = ["note_frozen", "forget_noted", "note_unloaded", "records_version", "warn_if_trains_no_adapter",
+           "warn_if_trains_thawed_bases"]
 
-_FROZEN = WeakIdKeyDictionary()  # base parameter a LoRAMBoLinear froze -> True
+_FROZEN = WeakIdKeyDictionary()  # base parameter a LoRAMBoLinear froze -> how warnings name that layer
 _REMOVED = WeakIdKeyDictionary()  # pool parameter of a layer lorambo.unload took out -> True
 _version = 0  # bumped by every unload, so that optimizers are checked again at their next step
 
 
-def note_frozen(params: Iterable) -> None:
-    """Remember ``params`` as base weights a LoRAMBoLinear froze."""
+def note_frozen(params: Iterable, owner: str = "a LoRAMBoLinear") -> None:
+    """Remember ``params`` as base weights that the LoRAMBoLinear ``owner`` (its label) froze."""
     for param in params:
-        _FROZEN[param] = True
+        _FROZEN[param] = owner
 
 
 def forget_noted(params: Iterable) -> None:
@@ -79,4 +87,20 @@ def warn_if_trains_no_adapter(optimizer, params: list) -> None:
             "and none of the LoRA pools (lora_A / lora_B): its steps train no adapter. An optimizer built "
             "before configure_model (or load_adapter, import_peft) holds the model's old parameters; build "
             "it afterwards, from [p for p in model.parameters() if p.requires_grad].",
+            UserWarning)
+
+
+def warn_if_trains_thawed_bases(optimizer, params: list) -> None:
+    """Warn if ``params`` (all of ``optimizer``'s) hold base weights a LoRAMBoLinear froze that
+    require grad again."""
+    thawed = [p for p in params if p.requires_grad and p in _FROZEN]
+    if thawed:
+        owners = list(dict.fromkeys(_FROZEN[p] for p in thawed))
+        warn_user(
+            f"{type(optimizer).__module__}.{type(optimizer).__name__} trains {len(thawed)} base weights that lorambo "
+            f"froze and that require grad again, of {', '.join(owners[:3])}{' ...' if len(owners) > 3 else ''}: "
+            "layer.requires_grad_(True) (or the model's) turns a LoRAMBoLinear's base layer back on with its pools. "
+            "save_adapter and export_peft write the adapter alone, so what these weights learn is lost there. "
+            "To unfreeze a layer's adapter alone: layer.lora_A.requires_grad_(True), "
+            "layer.lora_B.requires_grad_(True) (or layer.base_layer.requires_grad_(False) afterwards).",
             UserWarning)

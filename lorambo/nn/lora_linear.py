@@ -26,6 +26,7 @@ from lorambo.nn import base_layers
 from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from lorambo.nn.fresh_momentum import move_new_slots, restore_new_slots
 from lorambo.nn.frozen_bases import note_frozen
+from lorambo.nn.frozen_growth import warn_if_frozen_growth
 from lorambo.nn.inactive_slots import zero_inactive_after_steps
 from lorambo.nn.merging import AdapterMerge
 from lorambo.nn.optimizer_argument import OptimizerArgument, optimizer_argument
@@ -170,7 +171,7 @@ class LoRAMBoLinear(AdapterMerge, nn.Module):
         check_settings_fit(self._label, base.weight.dtype, self.scaling, self.dropout, alpha=self.alpha)
         for param in base.parameters():
             param.requires_grad_(False)
-        note_frozen(base.parameters())  # an optimizer that steps only these trains nothing: warn then
+        note_frozen(base.parameters(), self._label)  # an optimizer that steps only these trains nothing: warn then
         weight = base.weight
         self.lora_A = nn.Parameter(torch.zeros(capacity, self.in_features, dtype=weight.dtype, device=weight.device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, capacity, dtype=weight.dtype, device=weight.device))
@@ -217,7 +218,7 @@ class LoRAMBoLinear(AdapterMerge, nn.Module):
         track_optimizers()
         refuse_unsupported_optimizers()
         zero_inactive_after_steps()
-        note_frozen(p for p in self.base_layer.parameters() if not p.requires_grad)
+        note_frozen((p for p in self.base_layer.parameters() if not p.requires_grad), self._label)
 
     def __setattr__(self, name: str, value) -> None:
         if name in ("weight", "bias") and "base_layer" in self._modules:
@@ -395,6 +396,7 @@ class LoRAMBoLinear(AdapterMerge, nn.Module):
         (start_ids if rank > old else drop_ids)(self, lo, hi)
         if rank != old:
             warn_if_state_left_behind(self, optimizer, f"rank changed {old} -> {rank}")
+        warn_if_frozen_growth(self, old, rank)
         if reset_state is not None:
             if rank > old > 0:  # growth from 0 restarts the shared step: nothing is stale then
                 warn_if_shared_step(optimizer, self)

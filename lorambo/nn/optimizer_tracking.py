@@ -7,8 +7,8 @@ moments (the dropped slots themselves stay zero: lorambo/nn/inactive_slots.py). 
 cannot see which optimizers hold a parameter, so a process-wide optimizer step post-hook (installed with the
 first LoRAMBoLinear) remembers the optimizers that stepped pool parameters; a rank change warns,
 once per optimizer, when one of them that it was not given holds state for the layer's pools.
-The same scan warns about an optimizer that holds no pool of a layer in place (see
-lorambo.nn.frozen_bases).
+The same scan warns about an optimizer that holds no pool of a layer in place, or that trains
+base weights lorambo froze (see lorambo.nn.frozen_bases).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import weakref
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
-from lorambo.nn.frozen_bases import records_version, warn_if_trains_no_adapter
+from lorambo.nn.frozen_bases import records_version, warn_if_trains_no_adapter, warn_if_trains_thawed_bases
 from lorambo.nn.optimizer_argument import each_optimizer
 from lorambo.nn.slots import pool_slots
 from lorambo.user_warnings import warn_user
@@ -58,6 +58,7 @@ def _after_step(optimizer, args, kwargs) -> None:
         if pool_slots(param) is not None:
             _HOLDERS.setdefault(param, weakref.WeakSet()).add(optimizer)
     warn_if_trains_no_adapter(optimizer, params)
+    warn_if_trains_thawed_bases(optimizer, params)
 
 
 def stand_in_for(stand_in, original) -> None:

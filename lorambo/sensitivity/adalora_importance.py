@@ -46,6 +46,7 @@ from lorambo.sharding import is_sharded
 from lorambo.model.argument import require_module
 from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from lorambo.nn.slot_lineage import slot_ids
+from lorambo.user_warnings import warn_user
 
 __all__ = ["AdaLoRAImportance"]
 
@@ -270,12 +271,33 @@ class AdaLoRAImportance:
                        if self.skipped_steps else "")
             raise RuntimeError(f"AdaLoRAImportance.component_scores(): no update() yet{skipped}, so there are no "
                                "scores; call importance.update() after every backward")
+        self._warn_if_half_scored()
         scores = {}
         for name, layer in self.layers.items():
             s_a, s_b = self.parameter_scores(name)
             r = layer.rank
             scores[name] = (s_a[:r].mean(1) + s_b[:, :r].mean(0)).double().cpu()
         return scores
+
+    def _warn_if_half_scored(self) -> None:
+        """Warn (once) if some layers' scores lack the term of a pool they hold frozen while other
+        layers' scores have it: a frozen pool gets no gradient, so a LoRA-FA layer (lora_A frozen)
+        is scored by lora_B alone and ranks below an equally important layer that trains both."""
+        if self.__dict__.get("_warned_half"):
+            return
+        half = {}
+        for which in ("A", "B"):
+            if any((name, which) in self._ibar for name in self.layers):
+                for name, layer in self.layers.items():
+                    if (name, which) not in self._ibar and not getattr(layer, "lora_" + which).requires_grad:
+                        half[name] = "lora_" + which
+        if half:
+            self._warned_half = True
+            shown = ", ".join(f"{name} ({pool})" for name, pool in list(half.items())[:4])
+            warn_user(f"AdaLoRAImportance.component_scores: layers {shown}{' ...' if len(half) > 4 else ''} hold a "
+                      "frozen pool, which gets no gradient, so their scores lack its term while other layers' scores "
+                      "have it: they rank below equally important layers in a rank move. Freeze the same pools in "
+                      "every layer, or score components by ablation (heldout_batches).", UserWarning)
 
     def _checked_slots(self, name: str, slots, what: str) -> list[int]:
         """``slots`` as distinct ints in [0, capacity) of layer ``name``, else ValueError/TypeError:

@@ -510,8 +510,10 @@ class FisherProxy:
                                "proxy.attach() and proxy.detach()) that accumulate into .grad "
                                "(loss.backward(); torch.autograd.grad passes are left out)")
         if unreached:
-            warn_user(f"FisherProxy: no gradient reached layer(s) {unreached} (the loss does "
-                      "not use them); they are left out of the estimates", RuntimeWarning)
+            warn_user(f"FisherProxy: no gradient reached layer(s) {unreached} (the loss does not use them, or "
+                      "neither they nor any layer before them has a parameter that requires grad, as when "
+                      "the first layers' adapters are frozen: their outputs carry no gradient); they are left "
+                      "out of the estimates", RuntimeWarning)
         rows = [row for row in all_rows if row[2] > 0]
         for name, (total, total_sq, n_seen, bad, empty) in zip(names, rows):
             n = n_seen - bad - empty

@@ -128,3 +128,23 @@ def test_frozen_b_in_some_layers_only_is_written_trainable_with_a_warning(tmp_pa
     with pytest.warns(UserWarning, match=r"lora_B pools are frozen and others not \(l1: True, l2: False\)"):
         export_peft(model, tmp_path / "back")
     assert json.loads((tmp_path / "back" / "adapter_config.json").read_text())["init_lora_weights"] is True
+
+
+def test_a_model_frozen_whole_exports_as_plain_lora(tmp_path):
+    """model.requires_grad_(False) before exporting froze every lora_B too: export_peft wrote
+    MiCA, and peft's is_trainable=True load kept every B frozen."""
+    base, folder = _saved_mica(tmp_path / "peft")
+    model = import_peft(copy.deepcopy(base), folder)
+    for layer in lora_layers(model).values():
+        layer.lora_B.requires_grad_(True)
+    model.requires_grad_(False)
+    export_peft(model, tmp_path / "back")
+    assert json.loads((tmp_path / "back" / "adapter_config.json").read_text())["init_lora_weights"] is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "back", is_trainable=True)
+    for name, layer in lora_layers(model).items():
+        theirs = reloaded.base_model.model.get_submodule(name)
+        assert theirs.lora_A["default"].weight.requires_grad and theirs.lora_B["default"].weight.requires_grad
+        assert torch.equal(theirs.lora_B["default"].weight, layer.lora_B[:, :3])
+        assert torch.equal(theirs.lora_A["default"].weight, layer.lora_A[:3])
