@@ -31,8 +31,9 @@ the cost of every such layer.
 
 Measured with the rounding forced on 1,500 seeded problems of 1-5 layers against the integer
 optimum (tests/allocation/test_closed_form_rounding.py): steps (1)-(4) missed it on 0.07% of
-them, by 0.004% on average and up to 5.8% (held above the floors, on 2.7%, 0.087% and 27%); on
-rounded problems a larger budget can give a worse loss, by at most that gap. On 224 layers of 7B
+them, by 0.004% on average and up to 5.8% (held above the floors, on 2.7%, 0.087% and 27%); over
+every budget of 400 more such problems, on 0.09% of the calls, by up to 27%. On rounded problems
+a larger budget can give a worse loss, by at most that gap. On 224 layers of 7B
 shapes the whole call took 2.3 ms at 1 thread (benchmarks/results/allocate.csv,
 docs/performance.md); past the bounds above, steps (1)-(3) alone keep it fast.
 
