@@ -1,12 +1,14 @@
 """Build lorambo, lorambo_kernels (from kernels/) and the optional compiled extension lorambo._C.
 
 Switches (environment):
-  LORAMBO_SKIP_EXT=1           build without the extension (pure Python wheel)
+  LORAMBO_SKIP_EXT=1           build without the extension (pure Python wheel; refused together
+                               with LORAMBO_BUILD_CUDA=1)
   LORAMBO_BUILD_CUDA=0|1|auto  CUDA sources: never / always / when torch has CUDA and nvcc exists
   MAX_JOBS                     parallel compile jobs (read by torch.utils.cpp_extension)
 
 The extension is optional at run time: a build without a compiler, without torch in the build
-environment or without CUDA still produces a working package, and says why it skipped.
+environment or without CUDA still produces a working package (a py3-none-any wheel when the
+compile failed), and says why it skipped.
 LORAMBO_BUILD_CUDA=1 is the exception: CUDA was asked for explicitly, so a torch without CUDA,
 a missing nvcc or a failed compile stops the build instead of silently dropping the extension.
 
@@ -122,6 +124,9 @@ def extension_build():
     if skip not in ("0", "1", ""):  # "true" or "yes" used to build the extension, silently
         raise SystemExit(f"LORAMBO_SKIP_EXT must be 0 or 1, got {skip!r}")
     if skip == "1":
+        if _cuda_mode() == "1":  # one of the two requests would be dropped without a word
+            raise SystemExit("LORAMBO_SKIP_EXT=1 (no compiled extension) contradicts LORAMBO_BUILD_CUDA=1 "
+                             "(the extension with CUDA): unset one of them")
         _log("LORAMBO_SKIP_EXT=1: building without the compiled extension")
         return [], {}
     cpp = sorted(glob.glob(os.path.join(CSRC, "**", "*.cpp"), recursive=True))
@@ -182,12 +187,22 @@ def extension_build():
                 if strict:
                     raise
                 _log(f"compiled extension skipped, build failed: {err}")
+                self._build_pure()
                 return
             # the hash of the sources built, next to the module: a wheel carries no csrc/ for
             # lorambo.ext.loader to hash, so it compares the module with this record
             record = os.path.join(os.path.dirname(self.get_ext_fullpath("lorambo._C")), sources.RECORD)
             with open(record, "w") as out:
                 out.write(digest + "\n")
+
+        def _build_pure(self):
+            """Without the extension the wheel is pure Python: tag it py3-none-any, as
+            LORAMBO_SKIP_EXT=1 does, not for this interpreter and platform. bdist_wheel chose
+            its tag from the ext_modules before the build and reads it again after."""
+            self.distribution.ext_modules = []
+            wheel = self.distribution.get_command_obj("bdist_wheel", create=False)
+            if wheel is not None:
+                wheel.root_is_pure = True
 
     return [ext], {"build_ext": OptionalBuildExtension}
 

@@ -71,3 +71,40 @@ def test_a_wheel_holds_nothing_an_earlier_build_left_in_build_lib(tmp_path):
     expected = {str(p.relative_to(src / "lorambo")) for p in (src / "lorambo").rglob("*.py")}
     assert {n.split("/", 1)[1] for n in names if n.startswith("lorambo/") and n.endswith(".py")} == expected
     assert not [n for n in names if "_C" in n or "removed_module" in n]
+
+
+def _scratch_tree(tmp_path):
+    """The files a build reads, without built extensions or tests."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.so", "_C.sources", "tests")
+    for folder in ("lorambo", "kernels", "csrc"):
+        shutil.copytree(ROOT / folder, src / folder, ignore=ignore)
+    return src
+
+
+def test_a_failed_compile_gives_a_pure_python_wheel(tmp_path):
+    """With no working compiler the wheel was tagged cp311-cp311-linux_x86_64 although it held no
+    extension: pure Python bound to one interpreter and platform."""
+    src = _scratch_tree(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-build-isolation", "--no-deps",
+                           "-v", "-w", str(tmp_path / "dist")], cwd=src, timeout=600, capture_output=True,
+                          text=True, env={**os.environ, "CXX": "/bin/false", "CC": "/bin/false",
+                                          "LORAMBO_BUILD_CUDA": "0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "compiled extension skipped, build failed" in proc.stdout + proc.stderr
+    wheel = next((tmp_path / "dist").glob("lorambo-*.whl"))
+    assert wheel.name.endswith("-py3-none-any.whl"), wheel.name
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "lorambo/__init__.py" in names and not [n for n in names if "_C" in n]
+    wheel_meta = next(n for n in names if n.endswith(".dist-info/WHEEL"))
+    assert "Root-Is-Purelib: true" in zipfile.ZipFile(wheel).read(wheel_meta).decode()
+
+
+def test_skip_ext_with_build_cuda_1_is_refused_naming_both():
+    proc = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "LORAMBO_SKIP_EXT": "1", "LORAMBO_BUILD_CUDA": "1"}, timeout=300)
+    assert proc.returncode != 0
+    assert "LORAMBO_SKIP_EXT=1 (no compiled extension) contradicts LORAMBO_BUILD_CUDA=1" in proc.stderr

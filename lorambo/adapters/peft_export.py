@@ -23,6 +23,7 @@ from lorambo.adapters.finite import check_finite_modules_to_save, check_finite_p
 from lorambo.adapters.format import own_storages
 from lorambo.adapters.io import check_not_root
 from lorambo.adapters.meta_tensors import refuse_meta_sources
+from lorambo.adapters.peft_task import TASK_HEADS, peft_task_type
 from lorambo.model import lora_layers
 from lorambo.model.argument import require_module, require_path
 from lorambo.model.modules_to_save import modules_to_save
@@ -41,22 +42,45 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
     return names
 
 
-def _check_peft_can_load(saved: list[str], targets: list[str]) -> None:
-    """peft matches a modules_to_save entry against module names with a plain ``endswith`` (no
-    dot boundary), after its LoRA layers are in: an entry that also matches a LoRA target or a
-    module holding one (DistilBERT's "classifier" and its target "pre_classifier") makes
-    ``PeftModel.from_pretrained`` fail. No entry can name the one module alone there."""
+def _collision(saved, targets: list[str]) -> tuple[str, str, str] | None:
+    """``(entry, holder, target)``: a modules_to_save entry that peft's plain ``endswith`` match
+    (no dot boundary), made after its LoRA layers are in, would also take a LoRA target or a
+    module holding one; None when there is none."""
     for target in targets:
         parts = target.split(".")
         for holder in (".".join(parts[:i]) for i in range(len(parts), 0, -1)):
             entry = next((e for e in saved if holder.endswith(e)), None)
-            if entry is None:
-                continue
-            what = "the LoRA target" if holder == target else f"{holder!r}, which holds the LoRA target"
-            raise ValueError(f"export_peft: peft matches modules_to_save by the end of the name, so the module "
-                             f"to save {entry!r} would also take {what} {target!r}, and peft cannot load "
-                             f"that adapter. Leave {target!r} out of the targets, or save {holder!r} whole "
-                             "(modules_to_save) instead of adapting it")
+            if entry is not None:
+                return entry, holder, target
+    return None
+
+
+def _check_peft_can_load(saved: list[str], targets: list[str]) -> None:
+    """An entry that also matches a LoRA target or a module holding one (DistilBERT's
+    "classifier" and its target "pre_classifier") makes ``PeftModel.from_pretrained`` fail. No
+    entry can name the one module alone there."""
+    hit = _collision(saved, targets)
+    if hit is not None:
+        entry, holder, target = hit
+        what = "the LoRA target" if holder == target else f"{holder!r}, which holds the LoRA target"
+        raise ValueError(f"export_peft: peft matches modules_to_save by the end of the name, so the module "
+                         f"to save {entry!r} would also take {what} {target!r}, and peft cannot load "
+                         f"that adapter. Leave {target!r} out of the targets, or save {holder!r} whole "
+                         "(modules_to_save) instead of adapting it")
+
+
+def _task_and_heads(model: nn.Module, targets: list[str], saved: list[str]) -> tuple[str | None, list[str]]:
+    """The peft task_type to write, and the heads its task class adds to modules_to_save that are
+    not saved yet: peft's PeftModelFor<Task> wraps every module ending in those names and then
+    needs their weights in the adapter file. A task whose heads would also take a LoRA target
+    (DistilBERT's "classifier" and "pre_classifier") is not written: the folder then loads with
+    PeftModel.from_pretrained, as without a task."""
+    task = peft_task_type(model)
+    entries = TASK_HEADS.get(task, ())
+    if _collision(entries, targets) is not None:
+        return None, []
+    heads = [n for n, _ in model.named_modules() if n and any(n.endswith(e) for e in entries)]
+    return task, [n for n in heads if n not in saved]
 
 
 def _few(values: dict) -> str:
@@ -83,6 +107,8 @@ def peft_adapter_config(model: nn.Module) -> dict:
     alpha_default = next(alpha_pattern[n] for n in names if rank_pattern[n] == r_default)
     saved = modules_to_save(model)
     _check_peft_can_load(saved, names)
+    task, heads = _task_and_heads(model, names, saved)
+    saved = saved + heads
     dropouts = {n: layers[n].dropout for n in names}
     if len(set(dropouts.values())) > 1:  # peft's config has one lora_dropout for every layer
         warn_user(f"export_peft: the layers' LoRA dropouts differ ({_few(dropouts)}); peft has one "
@@ -101,7 +127,7 @@ def peft_adapter_config(model: nn.Module) -> dict:
     config = getattr(model, "config", None)
     return {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": task,
         "base_model_name_or_path": getattr(config, "_name_or_path", None) or None,
         "r": r_default,
         "lora_alpha": alpha_default,
@@ -147,7 +173,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike[str]) -> Path:
                                        for name, layer in lora_layers(model).items() if layer.rank
                                        for pool in ("lora_A", "lora_B")))
     check_finite_modules_to_save("export_peft", model)
-    for name in modules_to_save(model):  # peft keys: base_model.model.<module>.<state key>
+    for name in config["modules_to_save"] or ():  # peft keys: base_model.model.<module>.<state key>
         for key, value in model.get_submodule(name).state_dict().items():
             tensors[f"{_PREFIX}{name}.{key}"] = value.detach().cpu().contiguous()
     tensors = own_storages(tensors)

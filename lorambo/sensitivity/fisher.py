@@ -60,6 +60,7 @@ from lorambo.ops.sketch import sq_grad_norms_many, use_sketch_kernels
 
 from lorambo.distributed import SharedFailure
 from lorambo.model.argument import require_module
+from lorambo.nn.finite_numbers import is_finite_number
 from lorambo.nn.grad_passes import CallParameters, accumulator_nodes, pass_feeds_grad
 from lorambo.nn.hook_inputs import layer_input
 from lorambo.nn.local_hooks import LocalHook
@@ -164,6 +165,12 @@ class FisherProxy:
             ``"auto"`` takes their ``attention_mask``, a callable gets them and returns a [B, T]
             mask (only its per-example counts are used, so a causal LM's shifted labels can be
             ``lambda b: b["labels"][:, 1:] != -100``). See :mod:`lorambo.sensitivity.token_mask`.
+        loss_multiplier: the constant the training loop multiplies each batch's reduced loss by
+            before its backward: ``1 / k`` when k micro-batches accumulate into one step and each
+            loss is divided by k (as transformers' Trainer does without ``num_items_in_batch``).
+            It multiplies every dY, so each ||g_n||^2 is divided by its square; left at 1, the
+            traces come out k^2 times too small (the same factor for every layer: allocations
+            do not change).
 
     Use ``with FisherProxy(model) as fisher: ...train...`` then ``fisher.estimates()``, which
     gives ``{name: Estimate(value=Tr(F_i), stderr, num_probes=examples seen)}``.
@@ -172,8 +179,10 @@ class FisherProxy:
 
     def __init__(self, model: torch.nn.Module, modules: Sequence[str] | str | None = None, reduction: str = "mean",
                  sketch_dim: int | None = None, seed: int = 0, grad_scaler: GradScaler | None = None,
-                 token_mask: TokenMask = "auto") -> None:
+                 token_mask: TokenMask = "auto", loss_multiplier: float = 1.0) -> None:
         require_module(model, "FisherProxy")
+        if not is_finite_number(loss_multiplier) or not loss_multiplier > 0:
+            raise ValueError(f"FisherProxy: loss_multiplier must be a finite number > 0, got {loss_multiplier!r}")
         if grad_scaler is not None and not callable(getattr(grad_scaler, "_get_scale_async", None)):
             raise TypeError(f"FisherProxy: grad_scaler must be a torch.amp.GradScaler, got "
                             f"{type(grad_scaler).__name__}")
@@ -187,6 +196,7 @@ class FisherProxy:
         self.sketch_dim = None if sketch_dim is None else int(sketch_dim)
         self._seed = seed
         self.grad_scaler = grad_scaler
+        self.loss_multiplier = float(loss_multiplier)
         self.targets = find_targets(model, modules)
         self._model = model
         self._example_weights = ExampleWeights(token_mask) if reduction == "token_mean" else None
@@ -440,6 +450,8 @@ class FisherProxy:
             sq = sq * weights.to(sq.device)
         if scale is not None:  # dY carries this step's loss scale S: ||g_n||^2 carries S^2
             sq = sq / scale.to(device=sq.device, dtype=torch.float64).square()
+        if self.loss_multiplier != 1.0:  # likewise the loop's constant factor
+            sq = sq / self.loss_multiplier ** 2
         # a NaN/inf loss gives non-finite dY: keep those examples out of the sums and count
         # them on the device (no host sync per step); estimates() reports them
         finite = torch.isfinite(sq)

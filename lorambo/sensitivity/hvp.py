@@ -23,13 +23,14 @@ batched=None means vmap on accelerators and the loop on CPU.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable, Sequence
 
 import torch
 
 from .attention import double_backward_attention
 from lorambo.distributed import SharedFailure, all_reduce_sum_
-from .inputs import check_some_batches, compute_loss, no_gradient_error
+from .inputs import NonFiniteProducts, check_some_batches, compute_loss, no_gradient_error, non_finite_loss_message
 from lorambo.user_warnings import warn_user
 
 __all__ = ["HessianOperator"]
@@ -60,6 +61,22 @@ class HessianOperator:
             batched = self.weights[0].device.type != "cpu"
         self.batched = batched
         self._warned_constant = False
+        self._losses: list[torch.Tensor] = []  # this process's batch losses in the latest apply
+
+    @contextmanager
+    def naming_the_batch(self):
+        """Re-raise :class:`NonFiniteProducts` naming the first batch (of this process) whose
+        loss was NaN/inf in the latest :meth:`apply`: such a loss makes every product NaN, and
+        only the losses say which batch it was. Checked only on the way out of an error: a host
+        sync per batch would cost every call."""
+        try:
+            yield
+        except NonFiniteProducts as err:
+            bad = [i for i, loss in enumerate(self._losses) if not bool(torch.isfinite(loss))]
+            if not bad:
+                raise
+            value = float(self._losses[bad[0]])
+            raise NonFiniteProducts(f"{non_finite_loss_message(self.who, bad[0], value)}; {err}") from err
 
     def apply(self, vs: Sequence[torch.Tensor],
               summarize: Callable[[list[torch.Tensor]], Summary]) -> Summary:
@@ -72,12 +89,14 @@ class HessianOperator:
         """
         total = None
         reached = False
+        self._losses = []
         failure = SharedFailure(self.who, self.settings)
         # create_graph records nothing under an outer no_grad(); fused attention kernels have no
         # double backward, so attention runs a path that has one (see ``attention``)
         with failure, torch.enable_grad(), double_backward_attention(self.model):
             for batch in self.batches:
                 loss = compute_loss(self.loss_fn, self.model, batch, who=self.who)
+                self._losses.append(loss.detach())
                 grads = torch.autograd.grad(loss, self.weights, create_graph=True,
                                             allow_unused=True)
                 reached = reached or any(g is not None for g in grads)

@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader
 from lorambo.distributed import world_size
 
 __all__ = ["Batches", "LossFn", "as_batch_list", "check_some_batches", "compute_loss", "scalar_loss",
-           "check_finite_loss", "check_positive", "check_seed", "no_gradient_error"]
+           "check_finite_loss", "check_positive", "check_seed", "no_gradient_error", "NonFiniteProducts",
+           "non_finite_loss_message"]
 
 # For type checkers: ``batches`` is any iterable of whatever ``loss_fn(model, batch)`` takes
 # (read once, into a list); ``loss_fn`` returns a scalar tensor or a Hugging Face ModelOutput
@@ -97,11 +98,19 @@ def check_seed(value) -> int:
     return int(value)
 
 
+class NonFiniteProducts(RuntimeError):
+    """A Hessian estimator got too few finite Hessian-vector products to give an estimate."""
+
+
+def non_finite_loss_message(who: str, index: int, value: float) -> str:
+    return (f"{who}: the loss on batch {index} is {value:.6g} (not finite): check the loss on these "
+            "batches (a mean over no examples, e.g. every label equal to ignore_index, is NaN)")
+
+
 def check_finite_loss(loss: torch.Tensor, index: int, who: str) -> None:
     """RuntimeError naming batch ``index`` when its loss is NaN or inf (one host sync)."""
     if not bool(torch.isfinite(loss.detach())):
-        raise RuntimeError(f"{who}: the loss on batch {index} is {float(loss.detach()):.6g} (not finite): "
-                           "check the loss on these batches")
+        raise RuntimeError(non_finite_loss_message(who, index, float(loss.detach())))
 
 
 def no_gradient_error(who: str, names: list[str]) -> RuntimeError:

@@ -13,7 +13,7 @@ from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from .blocks import block_products
 from .estimate import Estimate
 from .hvp import HessianOperator
-from .inputs import Batches, LossFn, as_batch_list, check_positive, check_seed
+from .inputs import Batches, LossFn, NonFiniteProducts, as_batch_list, check_positive, check_seed
 from .mode import eval_mode
 from .probes import rademacher
 from .progress import show_bar
@@ -76,8 +76,9 @@ def hessian_opnorm(model: torch.nn.Module, loss_fn: LossFn, batches: Batches,
             hv = block_products(op, {i: v[i] for i in sorted(active)}, probes_per_pass)
             for i in sorted(active):
                 if not torch.isfinite(hv[i]).all():
-                    raise RuntimeError(f"non-finite Hessian-vector product in the power "
-                                       f"iteration of {targets[i].name!r}")
+                    with op.naming_the_batch():
+                        raise NonFiniteProducts(f"non-finite Hessian-vector product in the power "
+                                                f"iteration of {targets[i].name!r}")
                 norm = float(hv[i].norm())
                 change[i] = abs(norm - value[i]) if iters[i] else math.inf
                 value[i], iters[i] = norm, iters[i] + 1

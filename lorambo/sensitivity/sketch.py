@@ -35,7 +35,7 @@ from typing import Callable, Generator
 import torch
 
 from .estimate import Estimate
-from .inputs import check_positive, check_seed
+from .inputs import NonFiniteProducts, check_positive, check_seed
 from .probes import rademacher
 
 __all__ = ["hutchinson", "hutchpp", "xtrace", "run_program",
@@ -71,7 +71,7 @@ def hutchinson_program(dim, num_matvecs, seed=0, stream=0, dtype=torch.float64, 
     ok = _finite_cols(av)
     samples = (v * av).sum(0)[ok]
     if samples.numel() == 0:
-        raise RuntimeError(f"all {num_matvecs} probes gave non-finite matrix-vector products")
+        raise NonFiniteProducts(f"all {num_matvecs} probes gave non-finite matrix-vector products")
     mean, err = _mean_stderr(samples)
     return Estimate(mean, err, samples.numel()), int((~ok).sum())
 
@@ -84,7 +84,7 @@ def hutchpp_program(dim, num_matvecs, seed=0, stream=0, dtype=torch.float64, dev
     y = yield s
     ok = _finite_cols(y)
     if not ok.any():
-        raise RuntimeError("all hutch++ sketch columns gave non-finite matrix-vector products")
+        raise NonFiniteProducts("all hutch++ sketch columns gave non-finite matrix-vector products")
     q = torch.linalg.qr(y[:, ok])[0]                                     # (dim, k)
     full = q.shape[1] >= dim               # Q spans everything: Tr(Q^T A Q) is exact
     g = _probes(dim, 0 if full else m, seed, stream, "hutch++/G", dtype, device)
@@ -92,14 +92,14 @@ def hutchpp_program(dim, num_matvecs, seed=0, stream=0, dtype=torch.float64, dev
     both = yield torch.cat([q, g], dim=1)
     z, ag = both[:, :q.shape[1]], both[:, q.shape[1]:]
     if not torch.isfinite(z).all():
-        raise RuntimeError("non-finite product A Q in the hutch++ sketch")
+        raise NonFiniteProducts("non-finite product A Q in the hutch++ sketch")
     ok_g = _finite_cols(ag)
     samples = (g * ag).sum(0)[ok_g]
     low_rank = float((q * z).sum())
     if full:
         mean, err = 0.0, 0.0
     elif samples.numel() == 0:
-        raise RuntimeError("all hutch++ residual probes gave non-finite matrix-vector products")
+        raise NonFiniteProducts("all hutch++ residual probes gave non-finite matrix-vector products")
     else:
         mean, err = _mean_stderr(samples)
     bad = int((~ok).sum() + (~ok_g).sum())
@@ -115,13 +115,13 @@ def xtrace_program(dim, num_matvecs, seed=0, stream=0, dtype=torch.float64, devi
     y = yield omega
     ok = _finite_cols(y)
     if int(ok.sum()) < min(2, dim):
-        raise RuntimeError("fewer than 2 xtrace probes gave finite matrix-vector products")
+        raise NonFiniteProducts("fewer than 2 xtrace probes gave finite matrix-vector products")
     omega, y = omega[:, ok], y[:, ok]
     m = omega.shape[1]
     q, r = torch.linalg.qr(y)                                            # (dim, m), (m, m)
     z = yield q
     if not torch.isfinite(z).all():
-        raise RuntimeError("non-finite product A Q in the xtrace sketch")
+        raise NonFiniteProducts("non-finite product A Q in the xtrace sketch")
     h = q.T @ z                                                          # Q^T A Q  (m, m)
     if m >= dim:
         # Q (Householder: orthonormal even when Y is rank-deficient, e.g. two equal +-1 probes in

@@ -11,7 +11,7 @@ from .blocks import run_programs
 from lorambo.model.argument import require_module
 from .estimate import Estimate, Moments
 from .hvp import HessianOperator
-from .inputs import Batches, LossFn, as_batch_list, check_positive, check_seed
+from .inputs import Batches, LossFn, NonFiniteProducts, as_batch_list, check_positive, check_seed
 from .mode import eval_mode
 from .probes import rademacher
 from .progress import show_bar
@@ -54,6 +54,8 @@ def hessian_trace(model: torch.nn.Module, loss_fn: LossFn, batches: Batches,
       indefinite, so the gain is not guaranteed. stderr: sample std of the residual Hutchinson
       part (hutch++) or of the exchangeable leave-one-out estimates (xtrace; optimistic, see
       ``sketch``). Products that are not finite: skipped probe columns where the method allows.
+    Too few finite products for an estimate raise RuntimeError, naming the first batch whose loss
+    was NaN/inf if one was (its mean over no examples, e.g. every label at ignore_index, is NaN).
 
     Works on transformers models as shipped: attention runs a path with a double backward
     while the products are taken (see ``attention``). Deterministic for a fixed seed: the model
@@ -85,22 +87,23 @@ def hessian_trace(model: torch.nn.Module, loss_fn: LossFn, batches: Batches,
                              settings={"targets": names, "method": method, "num_probes": num_probes,
                                        "seed": seed, "probes_per_pass": probes_per_pass,
                                        "stderr_target": stderr_target})
-        if method == "hutchinson":
-            results, bad = _hutchinson(op, num_probes, seed, probes_per_pass, stderr_target,
-                                       progress)
-        else:
-            program = hutchpp_program if method == "hutch++" else xtrace_program
-            progs = {i: program(w.numel(), num_probes, seed, i,
-                                torch.promote_types(w.dtype, torch.float32), w.device)
-                     for i, w in enumerate(weights)}
-            # at most num_probes products per layer (fewer for a layer with fewer weights)
-            with tqdm(total=num_probes * len(weights), disable=not progress,
-                      desc=f"hessian_trace ({method})", unit="product") as bar:
-                out = run_programs(op, progs, probes_per_pass, bar.update)
-                bar.total = bar.n  # the products actually taken: the bar ends full
-                bar.refresh()
-            results = [out[i][0] for i in range(len(weights))]
-            bad = sum(out[i][1] for i in range(len(weights)))
+        with op.naming_the_batch():
+            if method == "hutchinson":
+                results, bad = _hutchinson(op, num_probes, seed, probes_per_pass, stderr_target,
+                                           progress)
+            else:
+                program = hutchpp_program if method == "hutch++" else xtrace_program
+                progs = {i: program(w.numel(), num_probes, seed, i,
+                                    torch.promote_types(w.dtype, torch.float32), w.device)
+                         for i, w in enumerate(weights)}
+                # at most num_probes products per layer (fewer for a layer with fewer weights)
+                with tqdm(total=num_probes * len(weights), disable=not progress,
+                          desc=f"hessian_trace ({method})", unit="product") as bar:
+                    out = run_programs(op, progs, probes_per_pass, bar.update)
+                    bar.total = bar.n  # the products actually taken: the bar ends full
+                    bar.refresh()
+                results = [out[i][0] for i in range(len(weights))]
+                bad = sum(out[i][1] for i in range(len(weights)))
     if bad:
         warn_user(f"hessian_trace skipped {bad} probe(s) whose Hessian-vector product was "
                   "not finite (NaN/inf)", RuntimeWarning)
@@ -134,6 +137,6 @@ def _hutchinson(op: HessianOperator, num_probes, seed, probes_per_pass, stderr_t
         bar.total = bar.n  # the probes actually taken (stderr_target stops early): the bar ends full
         bar.refresh()
     if moments.n == 0:
-        raise RuntimeError(f"all {done} Hessian-vector products were non-finite (NaN/inf): "
+        raise NonFiniteProducts(f"all {done} Hessian-vector products were non-finite (NaN/inf): "
                            "check the loss on these batches")
     return moments.estimates(), bad

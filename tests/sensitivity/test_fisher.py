@@ -290,3 +290,28 @@ def test_a_sketched_measurement_resumes_from_its_state_dict():
         other.load_state_dict(saved)
     with pytest.raises(RuntimeError, match="saw no backward pass"):
         other.estimates()  # nothing was loaded
+
+
+def test_loss_multiplier_of_gradient_accumulation():
+    """Four micro-batches per step, each loss divided by 4 (Trainer's gradient accumulation):
+    every dY carries 1/4, so the traces come out 16 times too small unless the proxy is told."""
+    torch.manual_seed(1)
+    model = TokenNet(4, 8, 3).double()
+    xs = [torch.randn(3, 5, 4, dtype=torch.float64) for _ in range(4)]
+    ys = [torch.randn(3, 5, 3, dtype=torch.float64) for _ in range(4)]
+    want = naive_fisher(model, torch.cat(xs), torch.cat(ys), [model.fc1.weight, model.fc2.weight])
+
+    def run(**kwargs):
+        with FisherProxy(model, **kwargs) as fisher:
+            for x, y in zip(xs, ys):
+                (example_losses(model, x, y).mean() / 4).backward()
+        return fisher.estimates()
+
+    told, untold = run(loss_multiplier=0.25), run()
+    for name, w in zip(("fc1", "fc2"), want):
+        assert told[name].value == pytest.approx(float(w), rel=1e-10)
+        assert told[name].num_probes == 12
+        assert untold[name].value == pytest.approx(float(w) / 16, rel=1e-10)
+    for bad in (0, -0.5, float("nan"), float("inf"), True, "0.25"):
+        with pytest.raises(ValueError, match=f"loss_multiplier must be a finite number > 0, got {bad!r}"):
+            FisherProxy(model, loss_multiplier=bad)

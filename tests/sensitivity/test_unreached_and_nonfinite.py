@@ -284,3 +284,43 @@ def test_hessian_opnorm_of_a_non_finite_loss_is_an_error_not_zero():
     assert hessian_opnorm(model, lambda m, b: m(b).sum(), batches, modules=["0"], num_iters=3)["0"].value == 0.0
     with pytest.raises(RuntimeError, match="non-finite Hessian-vector product"):
         hessian_opnorm(model, lambda m, b: m(b).sum() * float("nan"), batches, modules=["0"], num_iters=3)
+
+
+def _classifier_with_one_unlabelled_batch():
+    """Token classification where batch 2 has every label at ignore_index (-100): its mean
+    cross-entropy is over no examples, 0/0 = NaN."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 8, dtype=DT), nn.Tanh(), nn.Linear(8, 3, dtype=DT))
+    batches = [(torch.randn(4, 6, dtype=DT), torch.randint(0, 3, (4,))) for _ in range(3)]
+    batches[2] = (batches[2][0], torch.full((4,), -100))
+
+    def loss(m, b):
+        return nn.functional.cross_entropy(m(b[0]), b[1], ignore_index=-100)
+
+    assert torch.isnan(loss(model, batches[2]))  # the premise: a NaN loss, not an error
+    return model, loss, batches
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++", "xtrace"])
+def test_hessian_trace_names_the_batch_whose_loss_is_not_finite(method):
+    from lorambo.sensitivity import hessian_trace
+
+    model, loss, batches = _classifier_with_one_unlabelled_batch()
+    assert all(e.value == e.value for e in hessian_trace(model, loss, batches[:2], num_probes=4,
+                                                         method=method).values())
+    with pytest.raises(RuntimeError, match=r"hessian_trace: the loss on batch 2 is nan \(not finite\).*"
+                                           r"ignore_index"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        hessian_trace(model, loss, batches, num_probes=4, method=method)
+    # gradient_sensitivity says the same
+    with pytest.raises(RuntimeError, match=r"gradient_sensitivity: the loss on batch 2 is nan"):
+        gradient_sensitivity(model, loss, batches)
+
+
+def test_hessian_opnorm_names_the_batch_whose_loss_is_not_finite():
+    from lorambo.sensitivity import hessian_opnorm
+
+    model, loss, batches = _classifier_with_one_unlabelled_batch()
+    with pytest.raises(RuntimeError, match=r"hessian_opnorm: the loss on batch 2 is nan \(not finite\)"):
+        hessian_opnorm(model, loss, batches, num_iters=3)
+
