@@ -585,7 +585,7 @@ class LoRAMBoOptimizer:
             self.scheduled_growth.disarm()
 
     # Decisions run eagerly inside a compiled training step (a graph break): traced, their host-side
-    # bookkeeping (seeded generators, layer lists, rank edits) recompiled at every decision step.
+    # bookkeeping (seeded generators, layer lists, rank edits) would recompile at every decision step.
     @run_eagerly
     def step(self, step: int, optimizer: OptimizerArgument | None = None,
              component_scores: Mapping[str, torch.Tensor] | None = None,
