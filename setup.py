@@ -210,8 +210,8 @@ def extension_build():
 class CleanBuildPy(build_py):
     """Copies the packages into an emptied build/lib. setuptools copies over what is there and
     the wheel takes the whole folder, so a module since deleted from the sources, or an earlier
-    build's lorambo/_C*.so and _C.sources, went into the next wheel: LORAMBO_SKIP_EXT=1 made a
-    py3-none-any wheel holding a stale extension. build_ext links into build/lib after this;
+    build's lorambo/_C*.so and _C.sources, would go into the next wheel (under LORAMBO_SKIP_EXT=1,
+    a py3-none-any wheel holding a stale extension). build_ext links into build/lib after this;
     its objects stay in build/ext-* (``OptionalBuildExtension``), so nothing recompiles."""
 
     def run(self):

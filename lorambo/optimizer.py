@@ -419,11 +419,15 @@ class LoRAMBoOptimizer:
         their rank (they cannot train new slots, lorambo/allocation/frozen.py); the others share
         the budget they leave."""
         frozen = frozen_ranks(lora_layers(self.plain_model), self.names)
-        budget = self.initial_budget - sum(r * self.costs[n] for n, r in frozen.items())
-        if budget < 0:
+        held = sum(r * self.costs[n] for n, r in frozen.items())
+        budget = self.initial_budget - held
+        need = sum(self.min_rank * self.costs[n] for n in self.names if n not in frozen)
+        if budget < need:  # allocate's own error would name the budget left, which nobody passed
+            others = f", and min_rank={self.min_rank} in the other layers takes {need}: {held + need} in all" \
+                if need else ""
             raise ValueError(f"LoRAMBoOptimizer.compute_optimal_ranks: the layers whose lora_B is frozen "
-                             f"{list(frozen)[:4]} keep their ranks, which take {self.initial_budget - budget} "
-                             f"parameters, more than initial_budget={self.initial_budget}")
+                             f"{list(frozen)[:4]} keep their ranks, which take {held} parameters{others}, "
+                             f"more than initial_budget={self.initial_budget}")
         if len(frozen) == len(self.names):
             return frozen
         per_layer = {k: without(v, frozen) if isinstance(v, Mapping) else v for k, v in allocate_kwargs.items()}
@@ -581,7 +585,7 @@ class LoRAMBoOptimizer:
             self.scheduled_growth.disarm()
 
     # Decisions run eagerly inside a compiled training step (a graph break): traced, their host-side
-    # bookkeeping (seeded generators, layer lists, rank edits) recompiled at every decision step.
+    # bookkeeping (seeded generators, layer lists, rank edits) would recompile at every decision step.
     @run_eagerly
     def step(self, step: int, optimizer: OptimizerArgument | None = None,
              component_scores: Mapping[str, torch.Tensor] | None = None,

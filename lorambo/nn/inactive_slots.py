@@ -129,7 +129,7 @@ def _after_step(optimizer, args, kwargs) -> None:
     _zero_inactive(optimizer)
 
 
-@run_eagerly  # under a compiled step: traced, it guarded on every rank and recompiled per change
+@run_eagerly  # under a compiled step: traced, it would guard on every rank and recompile per change
 @torch.no_grad()
 def _zero_inactive(optimizer) -> None:
     views, compiled = _views_of(optimizer)

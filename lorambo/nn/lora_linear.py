@@ -342,8 +342,8 @@ class LoRAMBoLinear(AdapterMerge, nn.Module):
         setattr(self.base_layer, name, value)
 
     # ------------------------------------------------------------------------ rank changes
-    # Rank edits run eagerly inside a compiled function (a graph break): traced, they guarded on
-    # the rank values and recompiled for each new one, until the recompile limit.
+    # Rank edits run eagerly inside a compiled function (a graph break): traced, they would guard
+    # on the rank values and recompile for each new one, until the recompile limit.
     @run_eagerly
     @warns_when_done  # a warning raised as an error must not stop the edit half-way
     @torch.no_grad()

@@ -341,7 +341,7 @@ class AdamW(torch.optim.AdamW):
                 _foreach_whole_step(group, [(p, self._wide_state(p, group["amsgrad"])) for p in group_wide])
         return loss
 
-    @run_eagerly  # traced, it guarded on every parameter object: a recompile per parameter
+    @run_eagerly  # traced, it would guard on every parameter object: a recompile per parameter
     def _own_params(self) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
         """Per group, the parameters with a gradient that this class updates itself: the pools,
         and the float16 parameters that are not pools (float32 moments, see moment_dtype); the
@@ -398,7 +398,7 @@ class AdamW(torch.optim.AdamW):
             state[SLOT_STEP] = counts
         return state
 
-    @run_eagerly  # traced, it guarded on the gradients, which zero_grad() frees: a recompile per step
+    @run_eagerly  # traced, it would guard on the gradients, which zero_grad() frees: a recompile per step
     def _update_pools(self, group: dict, params: list[torch.Tensor]) -> None:
         """AdamW on the active slots of pool parameters, with per-slot bias correction."""
         amsgrad = group["amsgrad"]

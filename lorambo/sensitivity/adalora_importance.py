@@ -280,17 +280,17 @@ class AdaLoRAImportance:
         return scores
 
     def _warn_if_half_scored(self) -> None:
-        """Warn (once) if some layers' scores lack the term of a pool they hold frozen while other
-        layers' scores have it: a frozen pool gets no gradient, so a LoRA-FA layer (lora_A frozen)
-        is scored by lora_B alone and ranks below an equally important layer that trains both."""
+        """Warn (once) if some layers' scores lack the term of a frozen lora_A while other layers'
+        scores have it: a frozen pool gets no gradient, so a LoRA-FA layer is scored by lora_B
+        alone and ranks below an equally important layer that trains both. Only layers whose
+        lora_B trains count: the others take part in no rank move (lorambo/allocation/frozen.py)."""
         if self.__dict__.get("_warned_half"):
             return
+        movable = [name for name, layer in self.layers.items() if layer.lora_B.requires_grad]
         half = {}
-        for which in ("A", "B"):
-            if any((name, which) in self._ibar for name in self.layers):
-                for name, layer in self.layers.items():
-                    if (name, which) not in self._ibar and not getattr(layer, "lora_" + which).requires_grad:
-                        half[name] = "lora_" + which
+        if any((name, "A") in self._ibar for name in movable):
+            half = {name: "lora_A" for name in movable
+                    if (name, "A") not in self._ibar and not self.layers[name].lora_A.requires_grad}
         if half:
             self._warned_half = True
             shown = ", ".join(f"{name} ({pool})" for name, pool in list(half.items())[:4])

@@ -50,3 +50,15 @@ def test_frozen_layers_holding_more_than_the_budget_is_refused_naming_them():
     with pytest.raises(ValueError, match=r"frozen \['blocks.0.up'\] keep their ranks, which take 40 parameters, "
                                          r"more than initial_budget=30"):
         opt.compute_optimal_ranks()
+
+
+def test_frozen_layers_leaving_too_little_for_min_rank_is_refused_naming_them_and_the_budget():
+    # before: allocate's "budget=50 is below the cost of min_rank=1 in every layer", a budget
+    # nobody passed (initial_budget less the frozen layer's 40)
+    opt = lorambo.LoRAMBoOptimizer(_model(), total_budget=90, sensitivity_method="frobenius", allocation="uniform",
+                                   min_rank=1)
+    with pytest.raises(ValueError, match=r"frozen \['blocks.0.up'\] keep their ranks, which take 40 parameters, and "
+                                         r"min_rank=1 in the other layers takes 60: 100 in all, more than "
+                                         r"initial_budget=90"):
+        opt.compute_optimal_ranks()
+    assert opt.ranks is None or opt.ranks == {}

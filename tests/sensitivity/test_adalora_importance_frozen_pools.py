@@ -84,3 +84,21 @@ def test_the_same_pools_frozen_everywhere_does_not_warn(frozen):
     want = _reference_scores(samples, list(got))
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("frozen_pools", [("lora_B",), ("lora_A", "lora_B")])
+def test_a_layer_whose_lora_b_is_frozen_is_not_warned_about(frozen_pools):
+    # a frozen lora_B (MiCA in some layers, a layer frozen whole for a phase) keeps its layer out
+    # of every rank move (lorambo/allocation/frozen.py), so its missing term ranks it below nothing;
+    # before, component_scores warned "blocks.0.down (lora_B) hold a frozen pool ... rank below"
+    model = _model(set())
+    layer = lorambo.lora_layers(model)["blocks.0.down"]
+    for pool in frozen_pools:
+        getattr(layer, pool).requires_grad_(False)
+    importance, samples = _run(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = importance.component_scores()
+    want = _reference_scores(samples, list(got))
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-12)
