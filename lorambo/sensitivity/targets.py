@@ -22,8 +22,9 @@ from torch import nn
 
 from lorambo.model.argument import require_module
 from lorambo.model.targeting import excluded_by_default
+from lorambo.sharding import is_sharded
 
-__all__ = ["Target", "find_targets", "differentiable", "weight_holder"]
+__all__ = ["Target", "find_targets", "differentiable", "refuse_sharded_weights", "weight_holder"]
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,19 @@ def find_targets(model: nn.Module, modules: Sequence[str] | str | None = None) -
     if repeated:
         raise ValueError(f"modules lists {repeated} more than once; pass each layer once")
     return targets
+
+
+def refuse_sharded_weights(targets: Sequence[Target], who: str) -> None:
+    """NotImplementedError naming the targets whose weight FSDP2 shards (a DTensor): the
+    estimators that differentiate with respect to the weights cannot reach them, since FSDP's
+    forward computes with an all-gathered copy and the sharded Parameter is not in the graph."""
+    sharded = [t.name for t in targets if is_sharded(t.weight)]
+    if sharded:
+        raise NotImplementedError(
+            f"{who}: layers {sharded[:4]}{' ...' if len(sharded) > 4 else ''} are sharded by FSDP2 (fully_shard): "
+            "their weights are DTensors that the forward all-gathers, so no derivative with respect to them can "
+            "be taken. Compute the sensitivities before fully_shard (every process on its own batches; the "
+            "results are averaged over processes), or measure a sharded model with FisherProxy, which works there")
 
 
 def weight_holder(module: nn.Module) -> nn.Module:
