@@ -9,7 +9,9 @@ search repeats the best of three moves while one lowers the loss:
 - split:   one rank from layer j, one each to i and i'  (c_i + c_i' <= left + c_j; i = i' allowed)
 - merge:   one rank each from j and j', one to layer i  (c_i <= left + c_j + c_j'; j = j' allowed)
 
-and tops up with the greedy fill after each. Moves keep every rank within ``[lower, upper]``, stay
+and tops up with the greedy fill after each. Moves keep every rank within ``[lower, upper]`` and
+never take a layer past ``take_upper`` (the closed form passes the floor and the ceiling of the
+continuous law: the moves choose which layers round up, the fill alone may go further), stay
 within the budget, and only layers with s_i > 0 receive ranks. The loss of a layer at rank 0 is
 taken as ``2 s_i`` (its first rank is worth s_i, the next s_i / 2, ...): 1/r has no finite value
 there, and an infinite one would trade any number of ranks of a sensitive layer for one rank of
@@ -205,11 +207,12 @@ def _move(classes, c, sens, ranks, lower, upper, left):
 
 
 def improve(costs: np.ndarray, ranks: np.ndarray, sens: np.ndarray, lower: np.ndarray, upper: np.ndarray,
-            budget: int) -> np.ndarray:
+            budget: int, take_upper: np.ndarray | None = None) -> np.ndarray:
     """Fill, then apply the best exchange move and refill until no move lowers ``sum s_i / r_i``
     (the fill alone past :data:`MAX_LAYERS` layers or :data:`MAX_COSTS` distinct costs).
 
-    ``sens`` should be scaled to a maximum of 1: sums of a few loss drops must not overflow."""
+    ``sens`` should be scaled to a maximum of 1: sums of a few loss drops must not overflow.
+    ``take_upper``: a move never takes a layer past it (the fill still may, up to ``upper``)."""
     c = costs.astype(np.int64)
     # budget past every layer at its bound buys nothing, and a huge one would overflow int64
     budget = min(int(budget), int(np.dot(c, upper)))
@@ -217,10 +220,11 @@ def improve(costs: np.ndarray, ranks: np.ndarray, sens: np.ndarray, lower: np.nd
     if len(c) > MAX_LAYERS or len(np.unique(c)) > MAX_COSTS:
         return ranks
     classes = _CostClasses(c)
+    move_upper = upper if take_upper is None else np.minimum(upper, take_upper)
     scale = float(np.sum(sens))
     for _ in range(10 * len(costs) + 100):  # each move strictly lowers the loss; a safety bound
         left = int(budget) - int(np.dot(c, ranks))
-        gain, givers, takers = _move(classes, c, sens, ranks, lower, upper, left)
+        gain, givers, takers = _move(classes, c, sens, ranks, lower, move_upper, left)
         if not gain > _REL_TOL * scale:
             break
         ranks = ranks.copy()

@@ -146,17 +146,11 @@ def test_clipped_law_matches_naive_renormalisation(prob):
     ref = naive_capped_law(c.astype(float), s, up.astype(float), budget)
     got = continuous_ranks(c, s, np.zeros_like(c), up, budget)
     np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-9)
-    # ... and the integers do at least as well on the law's loss as its floors, which fit the budget
+    # ... and the integers stay on it: never below the floor of the clipped law.
     names = [f"l{i}" for i in range(len(c))]
     ranks = allocate({nm: (int(a), int(b)) for nm, a, b in zip(names, d, k)}, dict(zip(names, s)), budget,
                      capacities={nm: int(u) for nm, u in zip(names, up)})
-    floors = np.floor(ref + 1e-9)
-    assert np.dot(c, floors) <= budget
-
-    def law_loss(r):
-        return sum(si / ri if ri > 0 else 2.0 * si for ri, si in zip(r, s))
-
-    assert law_loss([ranks[nm] for nm in names]) <= law_loss(floors) * (1 + 1e-12)
+    assert all(ranks[nm] > x - 1 - 1e-9 for nm, x in zip(names, ref))
 
 
 @FAST

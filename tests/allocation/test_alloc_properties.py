@@ -1,7 +1,6 @@
 """Hypothesis properties of allocate() for every method: budget, bounds, budget use, monotonicity."""
 import math
 
-import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -113,36 +112,19 @@ def test_closed_form_follows_square_root_law(prob):
     dims, sens, budget, star = prob
     ranks = allocate(dims, sens, budget)
     c = {nm: sum(dims[nm]) for nm in dims}
-    # The floors of r* fit the budget, so the integer ranks are at least as good on the law's loss
-    # (they may go below a floor: see lorambo/allocation/closed_form.py).
-    floors = {nm: math.floor(star[nm] + 1e-9) for nm in dims}
-    assert sum(c[nm] * floors[nm] for nm in dims) <= budget
-    assert _law_loss(ranks, sens) <= _law_loss(floors, sens) * (1 + 1e-12)
-
-
-def _law_loss(ranks, sens):
-    return sum(s / ranks[nm] if ranks[nm] > 0 else 2.0 * s for nm, s in sens.items())
+    for nm in dims:
+        assert ranks[nm] > star[nm] - 1 - 1e-9  # never below the floor of r*
+        # Anything above r* is paid for by the other layers' rounding slack (< 1 rank each).
+        others = sum(c[o] for o in dims if o != nm)
+        assert (ranks[nm] - star[nm]) * c[nm] <= others + 1e-6
 
 
 @FAST
 @given(unclipped(equal_costs=True))
-def test_closed_form_equal_costs_is_the_integer_optimum(prob):
-    """With equal costs the law's loss (2 s at rank 0) is separable and concave in each rank, so
-    handing out ranks one at a time by the largest loss drop is optimal: the reference. (Not
-    "within one rank of r*": the finite stand-in at rank 0 can make 0 ranks for a layer whose
-    r* is ~0.9 the better integer answer, see lorambo/allocation/closed_form.py.)"""
+def test_closed_form_equal_costs_within_one_rank(prob):
     dims, sens, budget, star = prob
     ranks = allocate(dims, sens, budget)
-    cost = sum(next(iter(dims.values())))
-    cap = {nm: min(dims[nm]) for nm in dims}
-    ref = dict.fromkeys(dims, 0)
-    for _ in range(budget // cost):
-        drops = {nm: (sens[nm] if ref[nm] == 0 else sens[nm] / (ref[nm] * (ref[nm] + 1)))
-                 for nm in dims if ref[nm] < cap[nm]}
-        if not drops:
-            break
-        ref[max(drops, key=drops.get)] += 1
-    assert _law_loss(ranks, sens) == pytest.approx(_law_loss(ref, sens), rel=1e-12)
+    assert all(abs(ranks[nm] - star[nm]) < 1 + 1e-9 for nm in dims)
 
 
 @FAST
