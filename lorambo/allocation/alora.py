@@ -154,8 +154,7 @@ def alora_round(model, layers: Mapping, loss_fn, batches, n_prune: int, budget: 
     # out of memory on one process in the edits below is held back (failure.run) and raised on
     # every process by the last check; every process then takes its edits back, so that no
     # process goes on with other pools
-    kept = failure.run(lambda: EditSnapshot(edited, [p for m in edited for p in (m.lora_A, m.lora_B)],
-                                            each_optimizer(optimizer))) if world_size() > 1 else None
+    kept = failure.run(lambda: EditSnapshot.of_pools(edited, each_optimizer(optimizer))) if world_size() > 1 else None
     try:  # Ctrl-C part-way: the rank changes made are recorded and named
         try:
             failure.run(lambda: keep_components_many(
@@ -178,7 +177,7 @@ def alora_round(model, layers: Mapping, loss_fn, batches, n_prune: int, budget: 
                             "benefit": float(scores[name].mean()), "old_rank": old, "new_rank": layer.rank})
         failure.check()
     except BaseException as err:
-        if isinstance(err, Exception) and kept is not None and world_size() > 1:  # raised on every process
+        if isinstance(err, Exception) and kept is not None:  # under DDP: raised on every process
             kept.restore()
             del records[first_record:]
             add_note(err, f"alora_round (step {step}): every process took the round's rank changes back")

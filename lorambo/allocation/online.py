@@ -660,8 +660,8 @@ class OnlineGrowth:
         donors = [self.layers[d] for d in dropped]
         # every process shrinks the donors or none does: one that could not (out of memory) would
         # otherwise leave the others with other ranks
-        kept = failure.run(lambda: EditSnapshot(donors, [p for m in donors for p in (m.lora_A, m.lora_B)],
-                                                each_optimizer(optimizer))) if world_size() > 1 else None
+        kept = (failure.run(lambda: EditSnapshot.of_pools(donors, each_optimizer(optimizer)))
+                if world_size() > 1 else None)
         try:
             failure.run(lambda: keep_components_many(
                 [(self.layers[d], [k for k in range(self.layers[d].rank) if k not in comps])
@@ -669,7 +669,7 @@ class OnlineGrowth:
             if dropped:
                 failure.check()
         except BaseException as err:
-            if isinstance(err, Exception) and kept is not None and world_size() > 1:  # raised on every process
+            if isinstance(err, Exception) and kept is not None:  # under DDP: raised on every process
                 kept.restore()
                 add_note(err, f"update_ranks (step {step}): the rank move's shrinks of {list(dropped)} were taken "
                               "back on every process")

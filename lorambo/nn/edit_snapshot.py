@@ -44,6 +44,12 @@ class EditSnapshot:
                             for k, v in state.items() if not is_sharded(v)}
                     self.states.append((state, set(state), kept))
 
+    @classmethod
+    def of_pools(cls, layers: Iterable[nn.Module], optimizers: Iterable) -> EditSnapshot:
+        """The snapshot of ``layers`` and their lora_A / lora_B pools (a rank edit's whole reach)."""
+        layers = list(layers)
+        return cls(layers, [p for m in layers for p in (m.lora_A, m.lora_B)], optimizers)
+
     @torch.no_grad()
     def restore(self) -> None:
         for layer, rank, fields, waiting in self.layers:
