@@ -1,4 +1,4 @@
-"""Cost of a compiled LoRAMBoLinear at several ranks, from one graph (README, *torch.compile*).
+"""Cost of a compiled LoRAMBoLinear at several ranks, from one graph (docs/backends.md, *torch.compile*).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_compiled_rank_cost.py [aot_eager|inductor]
 

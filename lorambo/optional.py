@@ -1,6 +1,6 @@
 """The error for a missing or too old optional package (peft, transformers): an ImportError
-naming the function that needs it and the ``pip install`` command, as the README's error table
-promises."""
+naming the function that needs it and the ``pip install`` command, as the error table of
+docs/guarantees.md promises."""
 
 from __future__ import annotations
 

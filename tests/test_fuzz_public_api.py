@@ -1,5 +1,5 @@
 """Fuzzing the public API with hypothesis: every case works and matches a float64 reference, or
-raises one of lorambo's documented errors (README, "Errors and guarantees").
+raises one of lorambo's documented errors (docs/guarantees.md).
 
 - LoRAMBoLinear forward and backward on random shapes (M including 0 and 1, odd K and N),
   dtypes, ranks within and beyond capacity, and input layouts (contiguous, transposed, expanded,

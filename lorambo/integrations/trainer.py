@@ -37,7 +37,7 @@ loads) are restored from the checkpoint's ``adapter.safetensors``, with a warnin
 had then; ``on_train_end`` restores that checkpoint's decisions (and importance) alike.
 Trainer deletes the checkpoints beyond ``save_total_limit`` before ``on_save`` runs, so with
 ``save_total_limit=1`` a run killed in between has no complete checkpoint left: keep it >= 2
-(README, "Trainer checkpoints and resume").
+(docs/interop.md, "Trainer checkpoints and resume").
 
 Retries: under ``auto_find_batch_size`` accelerate reruns the inner loop after an out-of-memory
 error, from step 0 on the ranks and weights the failed attempt left; ``on_train_begin`` restarts

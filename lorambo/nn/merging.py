@@ -38,7 +38,7 @@ class AdapterMerge:
         ``|w' - w| <= 2u * max(|w|, |w + d|)``, u the unit roundoff of the weight dtype
         (2^-24 float32, 2^-11 float16, 2^-8 bfloat16): two roundings, one per direction. A cast
         between merge and unmerge rounds the pools too, so the delta subtracted is not the one
-        added: README.md (*LoRAMBoLinear*, merge) states the bound then.
+        added: docs/model.md (*LoRAMBoLinear*, merge) states the bound then.
         """
         if self.merged:
             raise RuntimeError(f"{self._label}: already merged")

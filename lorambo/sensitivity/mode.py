@@ -2,7 +2,7 @@
 
 Train mode would make a pass change the model and its numbers: BatchNorm updates its running
 statistics on every forward, and dropout draws a fresh mask per pass (gradients become noisy and
-the Hessian changes between Hutchinson's probes). README ("Sensitivities") states the rule.
+the Hessian changes between Hutchinson's probes). docs/sensitivities.md (*Mode*) states the rule.
 """
 
 from __future__ import annotations

@@ -194,7 +194,7 @@ def _begin_step_decision(failed_attempt: bool) -> list[dict]:
             _backward(model, 1)  # another batch; its dY reaches layer "2" only
         hook.remove()
         model.zero_grad()
-        opt.close()  # what the README asks of a loop that retries a step begun with begin_step
+        opt.close()  # what docs/allocation.md asks of a loop that retries a step begun with begin_step
         assert not opt.online.capture.has_data()
     opt.begin_step(0)
     _backward(model, 0)

@@ -3,7 +3,7 @@
 Compiled autograd compiles the backward of the whole step itself and passes the saved sizes 0
 and 1 as constants, so each layer's rank is specialised on 0 and 1 there: a new mixture of
 layers at ranks 0, 1 and >= 2 recompiles the backward, and past the recompile limit it runs
-uncompiled (the README's *torch.compile* paragraph documents this). Whatever it compiles, the
+uncompiled (docs/backends.md, *Compiled autograd*, documents this). Whatever it compiles, the
 gradients must be those of the model: each step's are compared with the eager backward of the
 same model in float64, over mixtures of ranks 0, 1 and larger, past the recompile limit.
 """

@@ -1,5 +1,5 @@
 """Online growth on a compiled BERT fed padded batches (``capture(step, batch)``, real tokens only),
-as the README's *torch.compile* paragraph documents: with ``fullgraph=False`` (torch.compile's
+as docs/backends.md (*Online growth on a compiled model*) documents: with ``fullgraph=False`` (torch.compile's
 default) and hook guards on, the compiled run takes the eager run's decisions and ends with the
 same weights; with ``fullgraph=True`` the capture's hooks, which record tensors into Python
 containers, cannot be traced, and the decision step's forward raises Dynamo's error."""

@@ -1,4 +1,4 @@
-"""torch.compile and ranks 0 and 1: what the README's *torch.compile* paragraph documents.
+"""torch.compile and ranks 0 and 1: what docs/backends.md's *torch.compile* section documents.
 
 Dynamo specialises the sizes 0 and 1, so a rank traced as a (backed) symbolic int guarded
 ``rank >= 2`` per layer, and a layer reaching rank 0 or 1 recompiled until the recompile limit

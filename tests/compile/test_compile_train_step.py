@@ -23,7 +23,7 @@ STEPS, WARMUP = 12, 5
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     torch._dynamo.reset()
-    # online growth's capture arms hooks on decision steps: compiled code must see them (README);
+    # online growth's capture arms hooks on decision steps: compiled code must see them (docs/backends.md);
     # a limit no run reaches, so that every recompile is counted (at the limit they stop)
     with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False, recompile_limit=64):
         yield

@@ -76,3 +76,35 @@ def test_every_environment_variable_is_read():
         if p.suffix in (".py", ".sh") and "docs" not in p.relative_to(ROOT).parts]
     source = "".join(p.read_text(encoding="utf-8") for p in readers if p.is_file())
     assert not sorted(v for v in named if not re.search(rf"\b{v}\b", source))
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, the text of links and code kept, other
+    punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading.strip()).lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    text = re.sub(r"^```.*?^```", "", path.read_text(encoding="utf-8"), flags=re.S | re.M)
+    return {slug(h) for h in re.findall(r"^#+ (.*)$", text, flags=re.M)}
+
+
+def test_every_link_between_the_docs_lands():
+    """Every relative Markdown link of README.md, csrc/README.md and docs/*.md names a file that
+    exists and, with ``#anchor``, a heading of it: the README's API overview and the pages send
+    readers to each other's sections."""
+    checked, broken = 0, []
+    for doc in DOCS:
+        text = re.sub(r"^```.*?^```", "", doc.read_text(encoding="utf-8"), flags=re.S | re.M)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            where = (doc.parent / path).resolve() if path else doc
+            checked += 1
+            if not where.exists():
+                broken.append(f"{doc.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and anchor not in anchors(where):
+                broken.append(f"{doc.relative_to(ROOT)}: {target} (no such heading)")
+    assert checked > 30 and not broken, broken

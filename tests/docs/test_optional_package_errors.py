@@ -1,4 +1,4 @@
-"""README, "Errors and guarantees": a missing optional package is an ``ImportError`` whose message
+"""docs/guarantees.md, "Errors and guarantees": a missing optional package is an ``ImportError`` whose message
 gives the ``pip install`` command. Run in a fresh interpreter in which peft and transformers
 cannot be imported (this process has them loaded)."""
 

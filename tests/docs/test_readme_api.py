@@ -1,7 +1,8 @@
-"""The README's API reference names what exists: every ``lorambo.*`` name resolves, every
-``name(arg=...)`` it shows for a lorambo callable uses parameters that callable has (with the
-stated default, where the span is a signature), a full signature lists every parameter, and every
-``LORAMBO_*`` variable is read somewhere. Parsing only, no models: fast."""
+"""The API reference (the README's overview and the pages under docs/) names what exists: every
+``lorambo.*`` name resolves, every ``name(arg=...)`` a page shows for a lorambo callable uses
+parameters that callable has (with the stated default, where the span is a signature), a full
+signature lists every parameter, and every ``LORAMBO_*`` variable is read somewhere. The README
+names every public name. Parsing only, no models: fast."""
 
 import ast
 import importlib
@@ -18,13 +19,23 @@ import lorambo.nn
 import lorambo.sensitivity
 from lorambo.allocation.alora import ALoRAConfig
 from lorambo.integrations import LoRAMBoCallback
+from test_readme_blocks import PAGES, REFERENCE
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
-# Inline code spans outside fenced blocks, and the one-line Python blocks (call signatures; the
-# longer blocks run in test_readme_blocks.py).
-SPANS = (re.findall(r"`([^`\n]+)`", re.sub(r"^```.*?^```", "", README, flags=re.S | re.M))
-         + re.findall(r"^```python\n([^\n]+)\n```", README, flags=re.M))
+# The README and every page under docs/ (the reference the README's API overview links to).
+PAGES = {page: (ROOT / page).read_text(encoding="utf-8") for page in PAGES}
+
+
+def spans_of(text: str) -> list[str]:
+    """Inline code spans outside fenced blocks, and the one-line Python blocks (call signatures;
+    the longer blocks run in test_readme_blocks.py)."""
+    return (re.findall(r"`([^`\n]+)`", re.sub(r"^```.*?^```", "", text, flags=re.S | re.M))
+            + re.findall(r"^```python\n([^\n]+)\n```", text, flags=re.M))
+
+
+PAGE_SPANS = [(page, span) for page, text in PAGES.items() for span in spans_of(text)]
+SPANS = spans_of(README)
 TORCH_METHODS = set(vars(torch.nn.Module)) | set(vars(torch.optim.Optimizer))
 CALL = re.compile(r"^([A-Za-z_][\w.]*)\((.*)\)$")
 NAMESPACES = (lorambo, lorambo.sensitivity, lorambo.nn, fsdp)
@@ -70,15 +81,15 @@ def literal(source: str):
         return False, None
 
 
-def calls():
-    """Every span that calls a lorambo callable: (span, head, positional, keywords, elided)."""
+def calls(spans=PAGE_SPANS):
+    """Every span that calls a lorambo callable: (page, span, head, positional, keywords, elided)."""
     out = []
-    for span in SPANS:
+    for page, span in spans:
         match = CALL.match(span.strip())
         if match and candidates(match.group(1)):
             parsed = parse_args(match.group(2))
             if parsed is not None:
-                out.append((span, match.group(1), *parsed))
+                out.append((page, span, match.group(1), *parsed))
     return out
 
 
@@ -115,18 +126,27 @@ def problems_with(func, positional, keywords, elided) -> list[str]:
     return found
 
 
-def test_the_readme_shows_signatures():
-    heads = {head.rsplit(".", 1)[-1] for _, head, *_ in calls()}
+def test_the_pages_show_signatures():
+    heads = {head.rsplit(".", 1)[-1] for _, _, head, *_ in calls()}
     assert {"LoRAMBoLinear", "configure_model", "allocate", "hessian_trace", "FisherProxy"} <= heads
+    readme = {head.rsplit(".", 1)[-1] for _, _, head, *_ in calls([("README.md", s) for s in SPANS])}
+    assert {"LoRAMBoLinear", "configure_model", "allocate", "hessian_trace", "FisherProxy"} <= readme
+    # every page of the reference shows calls that are checked here
+    for page in REFERENCE[1:-2]:
+        assert any(p == page for p, *_ in calls()), page
 
 
-@pytest.mark.parametrize("span, head, positional, keywords, elided", calls(), ids=lambda v: str(v)[:60])
-def test_every_shown_call_fits_its_callable(span, head, positional, keywords, elided):
+def test_the_readme_links_every_reference_page():
+    assert not [page for page in REFERENCE[1:] if f"]({page}" not in README]
+
+
+@pytest.mark.parametrize("page, span, head, positional, keywords, elided", calls(), ids=lambda v: str(v)[:60])
+def test_every_shown_call_fits_its_callable(page, span, head, positional, keywords, elided):
     funcs = candidates(head)
     # a span that reads as the signature of one of them must match that one in full
     funcs = [f for f in funcs if is_signature(f, positional, keywords, elided)] or funcs
     reports = [problems_with(f, positional, keywords, elided) for f in funcs]
-    assert any(not r for r in reports), f"README `{span}`: {reports}"
+    assert any(not r for r in reports), f"{page} `{span}`: {reports}"
 
 
 def resolve(dotted: str):
@@ -142,11 +162,12 @@ def resolve(dotted: str):
     raise ImportError(dotted)
 
 
-def test_every_lorambo_name_resolves():
-    names = {m for span in SPANS for m in re.findall(r"\blorambo(?:\.[A-Za-z_]\w*)+", span)}
-    assert len(names) > 10
+@pytest.mark.parametrize("page", sorted(PAGES))
+def test_every_lorambo_name_resolves(page):
+    names = {m for p, span in PAGE_SPANS if p == page for m in re.findall(r"\blorambo(?:\.[A-Za-z_]\w*)+", span)}
+    assert page != "README.md" or len(names) > 10
     broken = []
-    for name in sorted(names):
+    for name in sorted(n for n in names if not n.endswith((".py", ".md", ".pt"))):
         try:
             resolve(name)
         except (ImportError, AttributeError) as error:
@@ -155,16 +176,23 @@ def test_every_lorambo_name_resolves():
 
 
 def test_every_environment_variable_is_read():
-    variables = set(re.findall(r"\bLORAMBO_[A-Z_]+\b", README))
-    assert "LORAMBO_BACKEND" in variables
+    variables = {v for page in REFERENCE for v in re.findall(r"\bLORAMBO_[A-Z_]+\b", PAGES[page])}
+    assert "LORAMBO_BACKEND" in re.findall(r"\bLORAMBO_[A-Z_]+\b", README)
     source = "".join(p.read_text(encoding="utf-8") for folder in ("lorambo", "kernels", "setup.py")
                      for p in ([ROOT / folder] if folder.endswith(".py") else (ROOT / folder).rglob("*.py")))
     assert not [v for v in variables if f'"{v}"' not in source and f"'{v}'" not in source]
 
 
-@pytest.mark.parametrize("module", [lorambo, lorambo.sensitivity, lorambo.optim], ids=lambda m: m.__name__)
+def names_in_code(text: str) -> set[str]:
+    return set(re.findall(r"[A-Za-z_]\w*", " ".join(spans_of(text) + re.findall(r"^```python\n(.*?)^```", text,
+                                                                               flags=re.S | re.M))))
+
+
+@pytest.mark.parametrize("module", [lorambo, lorambo.sensitivity, lorambo.optim, lorambo.nn, fsdp],
+                         ids=lambda m: m.__name__)
 def test_every_public_name_is_documented(module):
-    """What ``__all__`` exports is in the README, in a code span (the reference for users)."""
-    in_spans = set(re.findall(r"[A-Za-z_]\w*", " ".join(SPANS + re.findall(r"^```python\n(.*?)^```", README,
-                                                                          flags=re.S | re.M))))
-    assert not [n for n in module.__all__ if n not in in_spans]
+    """What ``__all__`` exports is in the README's API overview, in a code span, and in the
+    reference pages under docs/ (the full reference for users)."""
+    assert not [n for n in module.__all__ if n not in names_in_code(README)]
+    in_pages = set().union(*(names_in_code(text) for page, text in PAGES.items() if page != "README.md"))
+    assert not [n for n in module.__all__ if n not in in_pages]

@@ -1,12 +1,12 @@
-"""Every ``lorambo.a.b`` a README Python block uses is there after the imports the README's
-blocks make, in a fresh interpreter: a submodule that ``import lorambo`` does not import (and
+"""Every ``lorambo.a.b`` a Python block of the README or of a docs/*.md page uses is there after the
+imports those blocks make, in a fresh interpreter: a submodule that ``import lorambo`` does not import (and
 that no block imports) is an AttributeError for a user who copies the block, and a mypy error."""
 
 import ast
 import subprocess
 import sys
 
-from test_readme_blocks import python_blocks
+from test_readme_blocks import PAGES, page_blocks
 
 
 def dotted_names(tree: ast.AST) -> set[str]:
@@ -25,7 +25,7 @@ def dotted_names(tree: ast.AST) -> set[str]:
 
 
 def test_every_dotted_lorambo_name_in_a_block_exists_after_the_blocks_imports():
-    trees = [ast.parse(code) for code in python_blocks()]
+    trees = [ast.parse(code) for page in PAGES for code in page_blocks(page)]
     imports = [ast.unparse(node) for tree in trees for node in ast.walk(tree)
                if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "lorambo" for a in node.names)
                or isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "lorambo"]

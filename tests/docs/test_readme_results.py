@@ -180,3 +180,26 @@ def test_sensitivity_claims_are_the_latest_run():
     # 25.6% exact: the README said 25% for both
     assert (f"The Fisher proxy added {exact:.0f}% to a {plain:.0f} ms training step, {sketch:.0f}% sketched "
             "with k=4") in text
+
+
+def test_setup_and_run_times_are_the_committed_runs():
+    """The demo's setup and timing, in the README's summary and docs/demo.md (which holds the full
+    setup), are the committed runs': wall and CPU time, the machine's load, the split sizes."""
+    page = re.sub(r"\s+", " ", (ROOT / "docs" / "demo.md").read_text(encoding="utf-8"))
+    text = re.sub(r"\s+", " ", README)
+    demo, sentiment = _json("demo_results.json"), _json("sentiment_results.json")
+    assert f"(`docs/demo_results.json`, {demo['wall_s']:.0f} s on the 2-core CPU machine" in text
+    assert f"(`docs/sentiment_results.json`, {sentiment['wall_s']:.0f} s on the 2-core CPU machine)" in text
+    assert f"The committed run took **{demo['wall_s']:.0f} s** ({demo['wall_s'] / 60:.1f} minutes)" in page
+    assert (f"The committed run took **{sentiment['wall_s']:.0f} s** of wall time" in page
+            and f"{sentiment['cpu_s']:.0f} s of CPU time over its two workers" in page)
+    for run in (demo, sentiment):
+        start, end = re.search(r"load average ([\d.]+) at start, ([\d.]+) at end", run["machine"]).groups()
+        assert re.search(rf"1-minute load {re.escape(start)} at the start[^.]*?{re.escape(end)} at the end", page)
+    sizes = demo["split_sizes"]
+    assert f"({sizes['train']} training, {sizes['val']} validation and {sizes['test']} test windows;" in page
+    sizes, test = sentiment["split_sizes"], sentiment["class_counts"]["test"]
+    assert (f"the {sizes['test']:,} test sentences scored whole: {test['positive']} positive, "
+            f"{test['negative']} negative") in page
+    assert f"{sizes['train']:,} training and {sizes['val']} validation sentences" in page
+    assert f"P = {sentiment['budget']:,}" in page and f"P = {sentiment['budget']:,}" in text

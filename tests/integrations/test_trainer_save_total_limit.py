@@ -1,9 +1,9 @@
-"""What README's "Keep save_total_limit >= 2" rests on, in the installed transformers: Trainer
+"""What docs/interop.md's "Keep save_total_limit >= 2" rests on, in the installed transformers: Trainer
 deletes the checkpoints beyond ``save_total_limit`` before callbacks' ``on_save`` runs, so a run
 killed inside LoRAMBoCallback.on_save (simulated: it raises at step 4) with ``save_total_limit=1``
 has no complete checkpoint left, and with 2 keeps checkpoint-2 complete, which the resume error
 names. Should transformers ever write callbacks' files before its rotation, this fails and the
-README paragraph can go."""
+docs/interop.md paragraph can go."""
 
 import pytest
 import torch

@@ -30,7 +30,7 @@ def test_offloaded_base_layer_is_refused_naming_the_offloading():
 
 
 def test_big_model_loading_takes_the_merged_plain_checkpoint_not_the_adapted_one(tmp_path):
-    """What the README says about accelerate's load_checkpoint_and_dispatch: it refuses an adapted
+    """What docs/model.md says about accelerate's load_checkpoint_and_dispatch: it refuses an adapted
     model's checkpoint (``_extra_state`` is neither a parameter nor a buffer); the merged plain
     checkpoint loads into an empty plain model and generates the adapted model's tokens."""
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

@@ -41,7 +41,7 @@ def test_reentrant_checkpointing_of_an_image_model_needs_input_require_grads():
     reentrant checkpointing of an image model (ViT, ``pixel_values``) whose base is frozen, no
     input of a checkpointed block requires grad, so its LoRA pools get no gradient (torch warns);
     ``model.enable_input_require_grads()`` gives the gradients of the model without
-    checkpointing (README)."""
+    checkpointing (docs/interop.md)."""
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """The model-level functions refuse a ``model`` that is not an ``nn.Module`` (None, the
 ``(model, tokenizer)`` pair of ``load_minilm()``) with a TypeError naming the function and the
-value, as the README's error table says, instead of an AttributeError from deep inside."""
+value, as the error table of docs/guarantees.md says, instead of an AttributeError from deep inside."""
 
 import pytest
 import torch

@@ -115,7 +115,7 @@ def test_trainable_parameters_match_peft_and_report_capacity(capsys):
     assert counts["lora_capacity"] == sum(16 * (m.in_features + m.out_features) for m in lora_layers(ours).values())
     # peft's total also counts its frozen copy of the original head
     assert counts["all"] == peft_all - head
-    # transformers counts tensor elements, every slot (README)
+    # transformers counts tensor elements, every slot (docs/interop.md)
     assert ours.num_parameters(only_trainable=True) == counts["lora_capacity"] + head
     lorambo.print_trainable_parameters(ours)
     out = capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""Shipping a fine-tuned transformers model as one plain checkpoint, the two ways the README gives:
+"""Shipping a fine-tuned transformers model as one plain checkpoint, the two ways docs/interop.md gives:
 ``save_pretrained(folder, state_dict=unloaded_state_dict(model))`` (the model stays adapted) and
 ``unload(model, merge=True).save_pretrained(folder)``. ``from_pretrained`` of the plain class
 loads either; its logits equal a float64 model with ``W + s B_r A_r`` written in by hand, and
@@ -69,7 +69,7 @@ def test_a_shipped_merged_checkpoint_loads_as_the_plain_model(tmp_path, build, h
 
 
 def test_a_plain_save_pretrained_of_the_adapted_model_is_not_a_plain_checkpoint(tmp_path):
-    """What the README says about ``trainer.save_model()``: the adapted layers' weights are not
+    """What docs/interop.md says about ``trainer.save_model()``: the adapted layers' weights are not
     loaded by ``from_pretrained`` of the plain class."""
     base, model = _adapted(tiny_llama)
     model.save_pretrained(tmp_path)

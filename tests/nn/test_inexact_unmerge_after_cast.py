@@ -1,4 +1,4 @@
-"""unmerge() after merge(exact=False) and a cast of the layer: the README's bound with the two
+"""unmerge() after merge(exact=False) and a cast of the layer: docs/model.md's bound with the two
 dtypes' unit roundoffs and the pools' rounding by the cast. The bound without a cast,
 2u·max(|w|, |w+Δ|), does not hold with the new dtype's u after a narrowing cast: the cast rounds
 the pools too, so the delta subtracted is not the delta added, and where B_r A_r cancels, that
@@ -46,7 +46,7 @@ def test_inexact_unmerge_after_a_cast_is_within_the_documented_bound(merged_in, 
     delta_cast = layer._delta_as_base_layout()  # from the pools as cast
     u_m, u_c = U[merged_in], U[cast_to]
     narrowing = u_c > u_m
-    # what the README states for the pools' term: 2u_c + u_c^2 of |s|(|B_r||A_r|) after a narrowing
+    # what docs/model.md states for the pools' term: 2u_c + u_c^2 of |s|(|B_r||A_r|) after a narrowing
     # cast (each factor rounded once), none after a widening one (exact)
     pools_term = (2 * u_c + u_c ** 2) * scaled_abs + 1e-12 * scaled_abs if narrowing else 1e-12 * scaled_abs
     assert ((delta - delta_cast).abs() <= pools_term).all()

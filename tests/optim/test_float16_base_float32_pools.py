@@ -1,4 +1,4 @@
-"""The recipe the README gives for a float16 (or bfloat16) base: float32 pools, the forward under
+"""The recipe docs/adamw.md gives for a float16 (or bfloat16) base: float32 pools, the forward under
 autocast to the base's dtype and a GradScaler (which refuses float16 gradients, so float16 pools
 cannot use it). The pools get float32 gradients and lorambo.optim.AdamW steps them as float64
 AdamW does on those gradients unscaled."""

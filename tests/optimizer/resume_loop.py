@@ -1,4 +1,4 @@
-"""A plain training loop under LoRAMBoOptimizer, checkpointed and resumed as README's
+"""A plain training loop under LoRAMBoOptimizer, checkpointed and resumed as docs/allocation.md's
 "Checkpoints and resume" shows, for the resume property tests.
 
 ``cfg`` (a JSON-able dict) picks the allocation (online growth, online growth with rank moves,
