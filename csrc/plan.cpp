@@ -134,6 +134,42 @@ void check_dropout(const char* op, double p, int64_t seed) {
   if (p > 0.0) check_seed(op, seed);
 }
 
+// Contiguous tensors are filled in place by parallel items, the others through a staging tensor
+// copied back afterwards: where two targets share an element, the order of those writes would
+// decide its value. Every pair whose address spans cross is refused; for a non-contiguous tensor
+// the span runs from its first element to its last, so views interleaving in one buffer (two
+// columns of a matrix) are refused too: fill the tensor they view instead.
+static void check_fill_disjoint(const char* op, at::TensorList tensors) {
+  struct Span {
+    uintptr_t lo, hi;
+    size_t index;
+  };
+  std::vector<Span> spans;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    if (t.numel() == 0) continue;
+    int64_t last = 0;  // element offset of the last element (strides are never negative)
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    const auto lo = reinterpret_cast<uintptr_t>(t.data_ptr());
+    spans.push_back({lo, lo + static_cast<uintptr_t>(last + 1) * t.element_size(), i});
+  }
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.lo < b.lo; });
+  const Span* reach = nullptr;  // the earlier span reaching furthest
+  for (const Span& s : spans) {
+    if (reach != nullptr && s.lo < reach->hi) {
+      const size_t a = std::min(reach->index, s.index), b = std::max(reach->index, s.index);
+      TORCH_CHECK(!(tensors[a].is_contiguous() && tensors[b].is_contiguous()), op, ": tensors[", a, "] and tensors[",
+                  b, "] share memory; pass every tensor that is written once, in one place");
+      TORCH_CHECK(false, op, ": tensors[", a, "] (shape ", shape_str(tensors[a].sizes()), ", strides ",
+                  shape_str(tensors[a].strides()), ") and tensors[", b, "] (shape ", shape_str(tensors[b].sizes()),
+                  ", strides ", shape_str(tensors[b].strides()), ") lie in one stretch of memory, and one of them is "
+                  "not contiguous: the order of the writes would decide any element they share. Fill the tensor "
+                  "they are views of, or pass tensors in separate memory");
+    }
+    if (reach == nullptr || s.hi > reach->hi) reach = &s;
+  }
+}
+
 FillPlan plan_fill(const char* op, at::TensorList tensors, int64_t seed, at::IntArrayRef offsets,
                    c10::string_view distribution, int64_t chunk) {
   TORCH_CHECK(tensors.size() == offsets.size(), op, ": tensors has ", tensors.size(), " entries but offsets has ",
@@ -158,9 +194,7 @@ FillPlan plan_fill(const char* op, at::TensorList tensors, int64_t seed, at::Int
       plan.items.push_back({static_cast<int64_t>(i), s, std::min(chunk, n - s), offsets[i] + s});
     }
   }
-  // Contiguous tensors are filled in place by parallel items: overlapping ones would race (the
-  // others are filled through their own staging tensor and copied back in list order).
-  check_disjoint(op, {{"tensors", tensors, true}});
+  check_fill_disjoint(op, tensors);
   return plan;
 }
 

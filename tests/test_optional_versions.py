@@ -15,6 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _pretend_installed(monkeypatch, package, version):
+    """``package`` at ``version``, checked again where it was checked (lorambo.integrations binds
+    LoRAMBoCallback at its first lookup)."""
+    monkeypatch.delitem(vars(lorambo.integrations), "LoRAMBoCallback", raising=False)
     real = importlib.metadata.version
     monkeypatch.setattr(importlib.metadata, "version", lambda name: version if name == package else real(name))
 

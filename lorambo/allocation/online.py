@@ -56,7 +56,6 @@ from lorambo.model.partial_edit import add_note, note_rank_changes_kept
 from lorambo.nn.finite_numbers import float_value, is_finite_number, shown_number
 from lorambo.nn.grad_passes import CallParameters, accumulator_nodes, pass_feeds_grad
 from lorambo.nn.hook_inputs import layer_input
-from lorambo.nn.local_hooks import LocalHook  # a copy of the model (EMA, teacher) is not captured
 from lorambo.nn.edit_snapshot import EditSnapshot
 from lorambo.nn.optimizer_argument import each_optimizer, optimizer_argument
 from lorambo.nn.optimizer_state import check_slot_state_editable
@@ -138,8 +137,7 @@ class ActivationCapture:
     def arm(self) -> None:
         if not self._handles:
             self._handles = [handle for n, m in self.layers.items() for handle in (
-                m.register_forward_pre_hook(LocalHook(self._call_params.pre_hook), with_kwargs=True),
-                m.register_forward_hook(LocalHook(self._hook(n)), with_kwargs=True))]
+                self._call_params.register(m, self._hook(n)))]
 
     def disarm(self) -> None:
         for h in self._handles:
@@ -162,7 +160,7 @@ class ActivationCapture:
 
     def _hook(self, name: str):
         def hook(module, args, kwargs, output):
-            trainable = self._call_params.pop(module)
+            trainable = self._call_params.current(module)
             if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
                 return
             x = layer_input(args, kwargs).detach()

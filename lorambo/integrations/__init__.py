@@ -17,5 +17,8 @@ else:
 
             with requires("transformers", "LoRAMBoCallback"):
                 from lorambo.integrations.trainer import LoRAMBoCallback
+            # bound here: later lookups skip this hook, and the version check reading package
+            # metadata (a millisecond) with it; transformers, once imported, stays that version
+            globals()[name] = LoRAMBoCallback
             return LoRAMBoCallback
         raise AttributeError(f"module 'lorambo.integrations' has no attribute {name!r}")

@@ -93,13 +93,15 @@ def default_targets(model: nn.Module) -> list[str]:
 
 def _candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Named modules that are not inside a LoRAMBoLinear (its base layer is not a target)."""
-    found, inside = {}, []
+    found, inside = {}, None  # inside: "<name>." of the last LoRAMBoLinear met
     for name, module in model.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in inside):
+        # named_modules walks depth first: a layer's submodules come right after it, so only the
+        # last adapter can hold this one (testing every adapter met was quadratic in the model)
+        if inside is not None and name.startswith(inside):
             continue
         found[name] = module
         if isinstance(module, LoRAMBoLinear):
-            inside.append(name)
+            inside = name + "."
     return found
 
 

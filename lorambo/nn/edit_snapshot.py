@@ -27,15 +27,19 @@ _LAYER_FIELDS = ("_slot_ids", "_slot_edits", "merged", "_weight_before_merge")
 class EditSnapshot:
     """The rank, slot ids, merge state and waiting SGD slots of ``layers``, and the values,
     gradients and optimizer state (in each of ``optimizers``) of ``params`` that are not
-    sharded, as they are now; :meth:`restore` puts them back."""
+    sharded, as they are now; :meth:`restore` puts them back: the same gradient objects (a
+    gradient the edit set to None too, and none where there was none), and no optimizer state
+    for a parameter that had none."""
 
     def __init__(self, layers: Iterable[nn.Module], params: Iterable[torch.Tensor], optimizers: Iterable):
         params = list(params)
         self.layers = [(layer, layer.rank, {f: _copied(layer.__dict__.get(f)) for f in _LAYER_FIELDS},
                         new_slots_now(layer)) for layer in layers]
-        self.values = [(p, p.detach().clone(), None if p.grad is None else p.grad.clone())
+        # (parameter, its values, its .grad object or None, that gradient's values)
+        self.values = [(p, p.detach().clone(), p.grad, None if p.grad is None else p.grad.clone())
                        for p in params if not is_sharded(p)]
         self.states = []  # (state dict, its keys now, {key: (object, copy of its values)})
+        self.stateless = []  # (optimizer's state, parameter it holds no state for now)
         for one in optimizers:
             for param in params:
                 if param in one.state:
@@ -43,6 +47,8 @@ class EditSnapshot:
                     kept = {k: (v, v.clone() if isinstance(v, torch.Tensor) else v)
                             for k, v in state.items() if not is_sharded(v)}
                     self.states.append((state, set(state), kept))
+                else:
+                    self.stateless.append((one.state, param))
 
     @classmethod
     def of_pools(cls, layers: Iterable[nn.Module], optimizers: Iterable) -> EditSnapshot:
@@ -56,12 +62,14 @@ class EditSnapshot:
             layer._set_active_rank(rank)
             layer.__dict__.update(fields)
             put_back_new_slots(layer, waiting)
-        for param, value, grad in self.values:
+        for param, value, grad, grad_values in self.values:
             param.copy_(value)
-            if grad is None:
-                param.grad = None
-            elif param.grad is not None:
-                param.grad.copy_(grad)
+            if grad is not None:  # the same object: a DDP bucket view stays one
+                grad.copy_(grad_values)
+            if param.grad is not grad:
+                param.grad = grad
+        for state, param in self.stateless:  # an optimizer step the edit made gave it some
+            state.pop(param, None)
         for state, keys, kept in self.states:
             for key in set(state) - keys:
                 del state[key]

@@ -22,7 +22,12 @@ the graph, and every pass would count.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch.utils.hooks import RemovableHandle
+
+from lorambo.nn.local_hooks import LocalHook
 
 __all__ = ["CallParameters", "accumulator_nodes", "pass_feeds_grad"]
 
@@ -31,31 +36,51 @@ _MAX_NODES = 64  # the walk stops at this many nodes: it must not wander the mod
 
 
 class CallParameters:
-    """The trainable parameters of each running call of the modules it is registered on, as the
-    call sees them: register :meth:`pre_hook` as a forward pre-hook (``with_kwargs=True``) and
-    call :meth:`pop` first thing in the forward hook."""
+    """The trainable parameters of each running call of the modules it hooks, as the call sees
+    them: :meth:`register` hooks a module, and its forward hook reads them with :meth:`current`.
+
+    A call's parameters are dropped by a forward hook that runs also when the forward, a
+    pre-hook or an earlier forward hook raises (``always_call``): non-reentrant activation
+    checkpointing stops each recomputation by raising inside the segment's last layer, which
+    left one list per checkpointed segment per step behind while a capture stayed attached. A
+    KeyboardInterrupt skips torch's always-called hooks; :meth:`clear` forgets what it leaves."""
 
     def __init__(self):
         self._calls: dict[int, list[list[torch.Tensor]]] = {}  # id(module) -> one list per running call
 
-    def pre_hook(self, module: torch.nn.Module, args, kwargs) -> None:
+    def register(self, module: torch.nn.Module, forward_hook: Callable) -> list[RemovableHandle]:
+        """Hook ``module``: the parameters are read before its forward, ``forward_hook(module,
+        args, kwargs, output)`` runs after it, and the parameters are dropped last. Each hook is a
+        :class:`LocalHook`: a copy of the model runs none of them. Returns the three handles."""
+        return [module.register_forward_pre_hook(LocalHook(self._begin), with_kwargs=True),
+                module.register_forward_hook(LocalHook(forward_hook), with_kwargs=True),
+                module.register_forward_hook(LocalHook(self._end), with_kwargs=True, always_call=True)]
+
+    def _begin(self, module: torch.nn.Module, args, kwargs) -> None:
         if not torch.compiler.is_compiling():  # accumulator_nodes looks at no graph while tracing
             self._calls.setdefault(id(module), []).append([p for p in module.parameters() if p.requires_grad])
 
-    def pop(self, module: torch.nn.Module) -> list[torch.Tensor] | None:
+    def _end(self, module: torch.nn.Module, args, kwargs, output) -> None:
+        stack = self._calls.get(id(module))
+        if stack and not torch.compiler.is_compiling():
+            stack.pop()
+            if not stack:
+                del self._calls[id(module)]
+
+    def current(self, module: torch.nn.Module) -> list[torch.Tensor] | None:
         """The parameters of ``module``'s call now ending; None while tracing."""
         stack = self._calls.get(id(module))
-        return stack.pop() if stack and not torch.compiler.is_compiling() else None
+        return stack[-1] if stack and not torch.compiler.is_compiling() else None
 
     def clear(self) -> None:
-        """Forget calls whose forward raised (their forward hook never popped them)."""
+        """Forget every call (on detaching: a call interrupted by Ctrl-C never ended)."""
         self._calls.clear()
 
 
 def accumulator_nodes(module: torch.nn.Module, output: torch.Tensor,
                       trainable: list[torch.Tensor] | None = None) -> list | None:
     """Call from a forward hook: the accumulator nodes, in ``output``'s graph, of ``module``'s
-    trainable parameters (``trainable``: those :meth:`CallParameters.pop` gives; None: read now);
+    trainable parameters (``trainable``: those :meth:`CallParameters.current` gives; None: read now);
     None when the call used none of them (or they lie deeper than the walk looks, or the forward
     is being traced by torch.compile): then every pass counts."""
     if torch.compiler.is_compiling() or output.grad_fn is None:

@@ -297,8 +297,7 @@ class FisherProxy:
             # LocalHook: a copy of the model taken while attached (an EMA, a teacher, torch.save)
             # neither feeds these statistics nor fails to pickle
             self._handles = [handle for t in self.targets for handle in (
-                t.module.register_forward_pre_hook(LocalHook(self._call_params.pre_hook), with_kwargs=True),
-                t.module.register_forward_hook(LocalHook(self._forward_hook(t.name)), with_kwargs=True))]
+                self._call_params.register(t.module, self._forward_hook(t.name)))]
             if self._example_weights is not None:
                 self._handles.append(self._model.register_forward_pre_hook(LocalHook(self._example_weights.observe),
                                                                            with_kwargs=True))
@@ -329,7 +328,7 @@ class FisherProxy:
 
     def _forward_hook(self, name: str):
         def hook(module, args, kwargs, output):
-            trainable = self._call_params.pop(module)
+            trainable = self._call_params.current(module)
             if self._pending and not torch.compiler.is_compiling():
                 self._fold_pending(released_only=True)  # bounds what retained graphs leave behind
             if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):

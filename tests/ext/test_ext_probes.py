@@ -234,3 +234,29 @@ def test_overlapping_or_self_overlapping_targets_are_refused_before_any_write():
     torch.ops.lorambo.probe_fill_(halves, 3, [0, 7], "uniform")
     assert torch.equal(halves[0], torch.from_numpy(expected(3, 0, 20_000, "uniform")))
     assert torch.equal(halves[1], torch.from_numpy(expected(3, 7, 20_000, "uniform")))
+
+
+@pytest.mark.parametrize("views", [
+    lambda b: [b[:, 0], b[0]],              # a non-contiguous column, then the row holding its first element
+    lambda b: [b[0], b[:, 0]],              # the same two the other way round
+    lambda b: [b[:, 0], b[:2, :2].t()],     # two non-contiguous views sharing b[0, 0]
+    lambda b: [b[:, 1], b[:, 1]],           # one non-contiguous view twice
+], ids=["column-row", "row-column", "two-strided", "same-view-twice"])
+def test_targets_sharing_memory_with_a_non_contiguous_one_are_refused_before_any_write(views):
+    # a non-contiguous target is filled through a staging tensor and copied back after the
+    # contiguous ones are filled in place: b[0, 0] took the column's value in both list orders
+    base = torch.randn(4, 6, generator=torch.Generator().manual_seed(6))
+    keep = base.clone()
+    with pytest.raises(RuntimeError, match=r"lorambo::probe_fill_: tensors\[0\] \(shape .*\) and tensors\[1\] "
+                                           r"\(shape .*\) lie in one stretch of memory, and one of them is not "
+                                           r"contiguous"):
+        torch.ops.lorambo.probe_fill_(views(base), 3, [0, 100], "gaussian")
+    assert torch.equal(base, keep)  # nothing written
+
+
+def test_a_non_contiguous_target_beside_others_in_their_own_memory_is_filled():
+    left, right = torch.zeros(4, 6), torch.zeros(5)
+    fill([left[:, 1], right], 9, [0, 50], "rademacher")
+    assert torch.equal(left[:, 1], torch.from_numpy(expected(9, 0, 4, "rademacher")).float())
+    assert torch.equal(right, torch.from_numpy(expected(9, 50, 5, "rademacher")).float())
+    assert int((left != 0).sum()) == 4
