@@ -6,6 +6,7 @@ import sys
 
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 
 def _conv1d_class():
@@ -82,6 +83,9 @@ def is_wrappable(module: nn.Module) -> bool:
 def unwrappable_reason(module: nn.Module) -> str:
     """Why ``module`` cannot be wrapped, for error messages."""
     family = _family(module)
+    if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+        return (f"this {type(module).__name__} is not initialised yet (a lazy module before its first forward): "
+                "its weight has no shape. Run one forward with a dummy batch first")
     if family is not None and "forward" in vars(module):
         return (f"this {type(module).__name__}'s forward was replaced on the instance (accelerate's offload "
                 "hooks, say), which LoRAMBoLinear, computing x W^T + b from the weight, would drop")
