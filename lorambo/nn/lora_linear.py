@@ -25,7 +25,7 @@ from torch import nn
 from lorambo.nn import base_layers
 from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from lorambo.nn.fresh_momentum import move_new_slots, restore_new_slots
-from lorambo.nn.frozen_bases import note_frozen
+from lorambo.nn.frozen_bases import note_frozen, note_pool_replaced
 from lorambo.nn.frozen_growth import warn_if_frozen_growth
 from lorambo.nn.inactive_slots import zero_inactive_after_steps
 from lorambo.nn.merging import AdapterMerge
@@ -229,10 +229,12 @@ class LoRAMBoLinear(AdapterMerge, nn.Module):
             raise ValueError(f"{self._label}: {name} is {self.__dict__[name]}, the size of its LoRA pools, and "
                              f"cannot become {value!r}; resizing an adapted layer is not supported: unload() it, "
                              "resize, and configure again")
+        old = self.__dict__.get("_parameters", {}).get(name) if name in POOL_SLOT_DIMS else None
         super().__setattr__(name, value)
         # a new pool Parameter (load_state_dict(assign=True), FSDP2's DTensor) needs the tag too
         if name in POOL_SLOT_DIMS and isinstance(value, nn.Parameter) and "_slots" in self.__dict__:
             tag_pool_parameter(value, self._slots, POOL_SLOT_DIMS[name])
+            note_pool_replaced(old, value)  # an optimizer holding only the old ones trains nothing: warn then
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
