@@ -34,6 +34,7 @@ from lorambo.nn.optimizer_state import (check_slot_state_editable, gathered_slot
                                         warn_if_shared_step)
 from lorambo.nn.optimizer_tracking import LOAD_IT, REBUILD_IT, track_optimizers, warn_if_state_left_behind
 from lorambo.nn.plain_keys import plain_keys_to_base_layer
+from lorambo.nn.replaced_pools import replaced_pools_reason
 from lorambo.nn.settings_fit import check_settings_fit
 from lorambo.nn.slot_lineage import (SLOT_IDS_KEY, adopt_ids, drop_ids, keep_ids, move_counter_past, restart_ids,
                                      slot_ids, start_ids)
@@ -370,7 +371,7 @@ class LoRAMBoLinear(AdapterMerge, nn.Module):
         if self.merged:
             raise RuntimeError(f"{self._label}: unmerge() before changing the rank")
         self._refuse_sharded()
-        self._refuse_parametrized_pools()
+        self._refuse_replaced_pools()
         old = self._rank
         lo, hi = min(old, rank), max(old, rank)
         # what can fail (a refused optimizer, out of memory, Ctrl-C) runs before the first write,
@@ -470,22 +471,13 @@ class LoRAMBoLinear(AdapterMerge, nn.Module):
         if self.merged:
             raise RuntimeError(f"{self._label}: unmerge() before changing the rank")
         self._refuse_sharded()
-        self._refuse_parametrized_pools()
+        self._refuse_replaced_pools()
         return keep
 
-    def _refuse_parametrized_pools(self) -> None:
-        # register_parametrization replaces a pool by a property computed at every read: in-place
-        # edits (rank changes, zeroing inactive slots) would land in a temporary and change nothing
-        parametrizations = self._modules.get("parametrizations")
-        if parametrizations is None:
-            return
-        names = list(parametrizations.keys())
-        raise TypeError(f"{self._label}: its {', '.join(names)} {'is' if len(names) == 1 else 'are'} parametrized "
-                        "(torch.nn.utils.parametrize), which "
-                        "LoRAMBoLinear does not support: rank changes edit the pools in place, and a pool recomputed "
-                        "at every read would silently take none of them. Remove it "
-                        f"(torch.nn.utils.parametrize.remove_parametrizations(layer, {names[0]!r})); a "
-                        "parametrization of the base weight (on layer.base_layer) works")
+    def _refuse_replaced_pools(self) -> None:
+        reason = replaced_pools_reason(self)
+        if reason is not None:
+            raise TypeError(f"{self._label}: {reason}")
 
     def _refuse_sharded(self) -> None:
         # edits of a DTensor's slices land in copies, not in the shards: nothing would change
@@ -535,8 +527,8 @@ class LoRAMBoLinear(AdapterMerge, nn.Module):
             return base(x)
         if type(base) is not self._base_type:
             self._refuse_swapped_base()
-        if "parametrizations" in self._modules:
-            self._refuse_parametrized_pools()
+        if not ("lora_A" in self._parameters and "lora_B" in self._parameters):
+            self._refuse_replaced_pools()
         if base_layers.call_hooks(base):  # registered after wrapping (e.g. on every nn.Linear)
             raise RuntimeError(f"{self._label}: cannot run: {base_layers.hooks_reason(base)}")
         weight, bias = base_layers.weight_out_in(base, self.base_kind), base.bias  # self.weight, self.bias
@@ -593,7 +585,7 @@ class LoRAMBoLinear(AdapterMerge, nn.Module):
         ``StaleOptimizerStateWarning`` says so (build a new optimizer)."""
         if self.merged:
             raise RuntimeError(f"{self._label}: unmerge() before reset_parameters()")
-        self._refuse_parametrized_pools()
+        self._refuse_replaced_pools()
         rank, a = self._rank, local_tensor(self.lora_A)  # a DTensor's own shard (FSDP2)
         a.zero_()
         local_tensor(self.lora_B).zero_()
@@ -623,7 +615,7 @@ class LoRAMBoLinear(AdapterMerge, nn.Module):
         """``(rank, (scaling, alpha, use_rslora))`` of a valid extra state for this layer, the
         settings None for the two-integer form ``[rank, capacity]``, which carries no scaling;
         else a ValueError naming the layer."""
-        self._refuse_parametrized_pools()  # a load's rank change would not zero the slots past it
+        self._refuse_replaced_pools()  # a load's rank change would not zero the slots past it
         values = torch.as_tensor(state)
         if values.shape == (2,) and not (values.is_floating_point() or values.is_complex()):
             settings = None
