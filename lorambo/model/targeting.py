@@ -7,6 +7,7 @@ import re
 from collections.abc import Iterable
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lorambo.model.bypassed import bypassed_linears
 from lorambo.model.unwrap import unwrap_model
@@ -92,7 +93,9 @@ def default_targets(model: nn.Module) -> list[str]:
 
 
 def _candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Named modules that are not inside a LoRAMBoLinear (its base layer is not a target)."""
+    """Named modules that are not inside a LoRAMBoLinear (its base layer is not a target) nor
+    inside a parametrization (``fc.parametrizations.weight.0``, the modules that compute a
+    parametrized tensor of ``fc``, are no layers of the model: target ``"0"`` means layer ``0``)."""
     found, inside = {}, []
     for name, module in model.named_modules():
         if any(name.startswith(prefix + ".") for prefix in inside):
@@ -100,6 +103,8 @@ def _candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
         found[name] = module
         if isinstance(module, LoRAMBoLinear):
             inside.append(name)
+        elif parametrize.is_parametrized(module):
+            inside.append(f"{name}.parametrizations" if name else "parametrizations")
     return found
 
 
