@@ -7,6 +7,7 @@ import re
 from collections.abc import Iterable
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lorambo.model.bypassed import bypassed_linears
 from lorambo.model.unwrap import unwrap_model
@@ -92,16 +93,22 @@ def default_targets(model: nn.Module) -> list[str]:
 
 
 def _candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Named modules that are not inside a LoRAMBoLinear (its base layer is not a target)."""
-    found, inside = {}, None  # inside: "<name>." of the last LoRAMBoLinear met
+    """Named modules that are not inside a LoRAMBoLinear (its base layer is not a target) nor
+    inside a parametrization (``fc.parametrizations.weight.0``, the modules that compute a
+    parametrized tensor of ``fc``, are no layers of the model: target ``"0"`` means layer ``0``)."""
+    found: dict[str, nn.Module] = {}
+    inside = None  # "<name>." of the last LoRAMBoLinear or parametrizations container met
+    containers = set()  # ids of the parametrizations containers of parametrized modules met
     for name, module in model.named_modules():
-        # named_modules walks depth first: a layer's submodules come right after it, so only the
-        # last adapter can hold this one (testing every adapter met was quadratic in the model)
+        # named_modules walks depth first: a module's submodules come right after it, so only the
+        # last skipped one can hold this one (testing every one met was quadratic in the model)
         if inside is not None and name.startswith(inside):
             continue
         found[name] = module
-        if isinstance(module, LoRAMBoLinear):
+        if isinstance(module, LoRAMBoLinear) or id(module) in containers:
             inside = name + "."
+        elif parametrize.is_parametrized(module):
+            containers.add(id(module.parametrizations))
     return found
 
 
@@ -142,7 +149,8 @@ def find_targets(model: nn.Module, target_modules: str | Iterable[str] | None) -
             as_suffix = [n for n in modules if n and suffix_match(n, target_modules)]
             hint = (f"; a string is a regex that must match the whole dotted name (peft's rule), so it misses "
                     f"{as_suffix[0]!r}: for the modules whose names end in it pass a list, "
-                    f"target_modules=[{target_modules!r}]") if as_suffix else _parameter_hint(model, pattern.fullmatch)
+                    f"target_modules=[{target_modules!r}]") if as_suffix else (
+                _shared_hint(model, pattern.fullmatch) or _parameter_hint(model, pattern.fullmatch))
             raise ValueError(f"target_modules regex {target_modules!r} matches no module of "
                              f"{type(model).__name__}{hint}")
         for n in names:
@@ -162,7 +170,11 @@ def find_targets(model: nn.Module, target_modules: str | Iterable[str] | None) -
     for target in targets:
         hits = [n for n in modules if n and suffix_match(n, target)]
         if not hits:
-            hint = _parameter_hint(model, lambda n: suffix_match(n, target)) or _closest(target, _leaf_names(modules))
+            def matches(n: str) -> bool:
+                return suffix_match(n, target)
+
+            hint = (_shared_hint(model, matches) or _parameter_hint(model, matches)
+                    or _closest(target, _leaf_names(modules)))
             raise ValueError(f"target_modules entry {target!r} matches no module of {type(model).__name__}{hint}")
         for n in hits:
             _require_adaptable(n, modules[n], f"matches target_modules entry {target!r}", bypassed)
@@ -179,8 +191,8 @@ def check_named_targets(model: nn.Module, names: Iterable[str]) -> list[str]:
     out = []
     for name in names:
         if name not in modules:
-            raise ValueError(f"module {name!r} not found in {type(model).__name__}"
-                             f"{_wrapper_hint(model, name, modules) or _closest(name, modules)}")
+            hint = _shared_hint(model, name.__eq__) or _wrapper_hint(model, name, modules) or _closest(name, modules)
+            raise ValueError(f"module {name!r} not found in {type(model).__name__}{hint}")
         _require_adaptable(name, modules[name], "is named in ranks", bypassed)
         out.append(name)
     position = {n: i for i, n in enumerate(modules)}
@@ -221,6 +233,20 @@ def _parameter_hint(model: nn.Module, matches) -> str:
     return (f"; it names parameters of {shown}, not modules: lorambo adapts nn.Linear / Conv1D modules, not "
             "parameters (peft's target_parameters)" + ("; fused MoE experts (stacked 3-D weights) cannot be "
                                                        "adapted" if experts else ""))
+
+
+def _shared_hint(model: nn.Module, matches) -> str:
+    """Why a target that matches no listed module matched a second name of a module used at
+    several places: ``named_modules()`` lists such a module once, under its first name."""
+    uses: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        uses.setdefault(id(module), []).append(name)
+    for names in uses.values():
+        alias = next((n for n in names[1:] if n and matches(n)), None)
+        if alias is not None:
+            return (f"; {alias!r} is another name of module {names[0]!r}, which is used {len(names)} "
+                    f"times (as {names}); lorambo adapts a module at one place only: give each use its own module")
+    return ""
 
 
 def _leaf_names(modules: dict[str, nn.Module]) -> set[str]:

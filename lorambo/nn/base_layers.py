@@ -6,6 +6,10 @@ import sys
 
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.utils import prune
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 
 def _conv1d_class():
@@ -82,6 +86,9 @@ def is_wrappable(module: nn.Module) -> bool:
 def unwrappable_reason(module: nn.Module) -> str:
     """Why ``module`` cannot be wrapped, for error messages."""
     family = _family(module)
+    if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+        return (f"this {type(module).__name__} is not initialised yet (a lazy module before its first forward): "
+                "its weight has no shape. Run one forward with a dummy batch first")
     if family is not None and "forward" in vars(module):
         return (f"this {type(module).__name__}'s forward was replaced on the instance (accelerate's offload "
                 "hooks, say), which LoRAMBoLinear, computing x W^T + b from the weight, would drop")
@@ -122,10 +129,32 @@ def offload_hint(module: nn.Module) -> str:
             "(lorambo.unload(model, merge=True)) before offloading")
 
 
+def _weight_hook_fix(module: nn.Module) -> str | None:
+    """What to do instead, where a forward pre-hook on ``module`` is one of torch's that
+    recompute a tensor of the module before each call; None for any other hook."""
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, prune.BasePruningMethod):  # a PruningContainer too, after several prune calls
+            name = hook._tensor_name
+            return (f"torch.nn.utils.prune recomputes its {name} from {name}_orig and {name}_mask in one. Make "
+                    f"the pruning permanent first (torch.nn.utils.prune.remove(module, {name!r})), or prune "
+                    "after lorambo.unload(model, merge=True)")
+        if isinstance(hook, WeightNorm):
+            return ("the old nn.utils.weight_norm recomputes the weight in one: use "
+                    "nn.utils.parametrizations.weight_norm, which works")
+        if isinstance(hook, SpectralNorm):
+            return ("the old nn.utils.spectral_norm recomputes the weight in one: use "
+                    "nn.utils.parametrizations.spectral_norm, which works")
+    return None
+
+
 def hooks_reason(module: nn.Module) -> str:
-    return (f"this {type(module).__name__} has {' and '.join(call_hooks(module))}, which run only when it is "
-            "called; LoRAMBoLinear computes x W^T + b from its weight without calling it and would never run "
-            "them (nn.utils.weight_norm computes the weight in one: use "
+    reason = (f"this {type(module).__name__} has {' and '.join(call_hooks(module))}, which run only when it is "
+              "called; LoRAMBoLinear computes x W^T + b from its weight without calling it and would never run "
+              "them")
+    fix = _weight_hook_fix(module)
+    if fix is not None:
+        return f"{reason}: {fix}"
+    return (f"{reason} (nn.utils.weight_norm computes the weight in one: use "
             "nn.utils.parametrizations.weight_norm). Remove them, or register them on the LoRAMBoLinear")
 
 

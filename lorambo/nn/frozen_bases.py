@@ -12,7 +12,9 @@ after ``add_param_group``, and after every ``lorambo.unload``).
 an optimizer over its frozen weights, as in a head-only run after a LoRA run in the same
 process, trains what it was meant to) and records their pools as removed: an optimizer that
 holds only removed pools (built before ``unload`` and a new ``configure_model``, as in a
-merge-and-restart schedule or a notebook's next experiment) trains no adapter either.
+merge-and-restart schedule or a notebook's next experiment) trains no adapter either. So does an
+optimizer that holds only pools a layer no longer holds because a new Parameter took their place
+(``load_state_dict(..., assign=True)``, an assignment ``layer.lora_A = nn.Parameter(...)``).
 
 A frozen base that requires grad again is trained by an optimizer built from the parameters that
 require grad: ``layer.requires_grad_(True)``, the usual way to unfreeze a layer frozen for a
@@ -30,12 +32,12 @@ from torch.utils.weak import WeakIdKeyDictionary
 from lorambo.nn.slots import pool_slots
 from lorambo.user_warnings import warn_user
 
-__all__ = ["note_frozen", "forget_noted", "note_unloaded", "records_version", "warn_if_trains_no_adapter",
-           "warn_if_trains_thawed_bases"]
+__all__ = ["note_frozen", "forget_noted", "note_unloaded", "note_pool_replaced", "records_version",
+           "warn_if_trains_no_adapter", "warn_if_trains_thawed_bases"]
 
 _FROZEN = WeakIdKeyDictionary()  # base parameter a LoRAMBoLinear froze -> how warnings name that layer
-_REMOVED = WeakIdKeyDictionary()  # pool parameter of a layer lorambo.unload took out -> True
-_version = 0  # bumped by every unload, so that optimizers are checked again at their next step
+_REMOVED = WeakIdKeyDictionary()  # pool parameter no layer holds -> "unloaded" or "replaced"
+_version = 0  # bumped by every unload and replaced pool, so that optimizers are checked again at their next step
 
 
 def note_frozen(params: Iterable, owner: str = "a LoRAMBoLinear") -> None:
@@ -56,8 +58,18 @@ def note_unloaded(layer) -> None:
     global _version
     forget_noted(layer.base_layer.parameters())
     for pool in (layer.lora_A, layer.lora_B):
-        _REMOVED[pool] = True
+        _REMOVED[pool] = "unloaded"
     _version += 1
+
+
+def note_pool_replaced(old, new) -> None:
+    """A layer's pool Parameter ``old`` was replaced by ``new`` (a Parameter object set in its
+    place): an optimizer that holds only ``old`` trains nothing. ``new`` may be one set back."""
+    global _version
+    _REMOVED.pop(new, None)
+    if old is not None and old is not new:
+        _REMOVED[old] = "replaced"
+        _version += 1
 
 
 def records_version() -> int:
@@ -72,6 +84,16 @@ def warn_if_trains_no_adapter(optimizer, params: list) -> None:
         return
     name = f"{type(optimizer).__module__}.{type(optimizer).__name__}"
     removed = sum(1 for p in params if p in _REMOVED)
+    replaced = sum(1 for p in params if _REMOVED.get(p) == "replaced")
+    if replaced:
+        warn_user(
+            f"{name} holds {replaced} LoRA pools (lora_A / lora_B) that their layers no longer hold, and none of "
+            "the pools in place: its steps train no adapter. A new Parameter took each one's place "
+            "(load_state_dict(..., assign=True) puts the state_dict's tensors in the model); build the optimizer "
+            "after the load, from [p for p in model.parameters() if p.requires_grad], or load without assign=True, "
+            "which copies into the pools the optimizer holds.",
+            UserWarning)
+        return
     if removed:
         warn_user(
             f"{name} holds {removed} LoRA pools (lora_A / lora_B) of layers that lorambo.unload took out of "

@@ -25,7 +25,7 @@ from torch import nn
 from lorambo.nn import base_layers
 from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from lorambo.nn.fresh_momentum import move_new_slots, restore_new_slots
-from lorambo.nn.frozen_bases import note_frozen
+from lorambo.nn.frozen_bases import note_frozen, note_pool_replaced
 from lorambo.nn.frozen_growth import warn_if_frozen_growth
 from lorambo.nn.inactive_slots import zero_inactive_after_steps
 from lorambo.nn.merging import AdapterMerge
@@ -34,6 +34,7 @@ from lorambo.nn.optimizer_state import (check_slot_state_editable, gathered_slot
                                         warn_if_shared_step)
 from lorambo.nn.optimizer_tracking import LOAD_IT, REBUILD_IT, track_optimizers, warn_if_state_left_behind
 from lorambo.nn.plain_keys import plain_keys_to_base_layer
+from lorambo.nn.replaced_pools import replaced_pools_reason
 from lorambo.nn.settings_fit import check_settings_fit
 from lorambo.nn.slot_lineage import (SLOT_IDS_KEY, adopt_ids, drop_ids, keep_ids, move_counter_past, restart_ids,
                                      slot_ids, start_ids)
@@ -229,10 +230,12 @@ class LoRAMBoLinear(AdapterMerge, nn.Module):
             raise ValueError(f"{self._label}: {name} is {self.__dict__[name]}, the size of its LoRA pools, and "
                              f"cannot become {value!r}; resizing an adapted layer is not supported: unload() it, "
                              "resize, and configure again")
+        old = self.__dict__.get("_parameters", {}).get(name) if name in POOL_SLOT_DIMS else None
         super().__setattr__(name, value)
         # a new pool Parameter (load_state_dict(assign=True), FSDP2's DTensor) needs the tag too
         if name in POOL_SLOT_DIMS and isinstance(value, nn.Parameter) and "_slots" in self.__dict__:
             tag_pool_parameter(value, self._slots, POOL_SLOT_DIMS[name])
+            note_pool_replaced(old, value)  # an optimizer holding only the old ones trains nothing: warn then
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
@@ -368,6 +371,7 @@ class LoRAMBoLinear(AdapterMerge, nn.Module):
         if self.merged:
             raise RuntimeError(f"{self._label}: unmerge() before changing the rank")
         self._refuse_sharded()
+        self._refuse_replaced_pools()
         old = self._rank
         lo, hi = min(old, rank), max(old, rank)
         # what can fail (a refused optimizer, out of memory, Ctrl-C) runs before the first write,
@@ -467,7 +471,13 @@ class LoRAMBoLinear(AdapterMerge, nn.Module):
         if self.merged:
             raise RuntimeError(f"{self._label}: unmerge() before changing the rank")
         self._refuse_sharded()
+        self._refuse_replaced_pools()
         return keep
+
+    def _refuse_replaced_pools(self) -> None:
+        reason = replaced_pools_reason(self)
+        if reason is not None:
+            raise TypeError(f"{self._label}: {reason}")
 
     def _refuse_sharded(self) -> None:
         # edits of a DTensor's slices land in copies, not in the shards: nothing would change
@@ -517,6 +527,8 @@ class LoRAMBoLinear(AdapterMerge, nn.Module):
             return base(x)
         if type(base) is not self._base_type:
             self._refuse_swapped_base()
+        if not ("lora_A" in self._parameters and "lora_B" in self._parameters):
+            self._refuse_replaced_pools()
         if base_layers.call_hooks(base):  # registered after wrapping (e.g. on every nn.Linear)
             raise RuntimeError(f"{self._label}: cannot run: {base_layers.hooks_reason(base)}")
         weight, bias = base_layers.weight_out_in(base, self.base_kind), base.bias  # self.weight, self.bias
@@ -573,6 +585,7 @@ class LoRAMBoLinear(AdapterMerge, nn.Module):
         ``StaleOptimizerStateWarning`` says so (build a new optimizer)."""
         if self.merged:
             raise RuntimeError(f"{self._label}: unmerge() before reset_parameters()")
+        self._refuse_replaced_pools()
         rank, a = self._rank, local_tensor(self.lora_A)  # a DTensor's own shard (FSDP2)
         a.zero_()
         local_tensor(self.lora_B).zero_()
@@ -602,6 +615,7 @@ class LoRAMBoLinear(AdapterMerge, nn.Module):
         """``(rank, (scaling, alpha, use_rslora))`` of a valid extra state for this layer, the
         settings None for the two-integer form ``[rank, capacity]``, which carries no scaling;
         else a ValueError naming the layer."""
+        self._refuse_replaced_pools()  # a load's rank change would not zero the slots past it
         values = torch.as_tensor(state)
         if values.shape == (2,) and not (values.is_floating_point() or values.is_complex()):
             settings = None

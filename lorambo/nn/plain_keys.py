@@ -1,8 +1,10 @@
 """Loading the plain model's state_dict into an adapted one.
 
-A LoRAMBoLinear keeps the base layer as ``base_layer``, so the base weight's key is
-``fc.base_layer.weight`` where the plain model had ``fc.weight``. A checkpoint of the plain model
-(a pretrained one, loaded after ``configure_model`` under ``torch.device("meta")``) would load
+A LoRAMBoLinear keeps the base layer as ``base_layer``, so each of the base's keys gains that
+prefix: ``fc.weight`` becomes ``fc.base_layer.weight``, and a parametrized weight's
+``fc.parametrizations.weight.original0`` (``nn.utils.parametrizations.weight_norm``) becomes
+``fc.base_layer.parametrizations.weight.original0``. A checkpoint of the plain model (a
+pretrained one, loaded after ``configure_model`` under ``torch.device("meta")``) would load
 nothing into the base layers; with ``strict=False`` they kept whatever memory ``to_empty`` left.
 """
 
@@ -10,12 +12,24 @@ from __future__ import annotations
 
 __all__ = ["plain_keys_to_base_layer"]
 
+# a LoRAMBoLinear's own keys; the base layer's start with "base_layer."
+_OWN_KEYS = ("lora_A", "lora_B", "_extra_state")
+
+
+def _base_keys(base) -> list[str]:
+    """The keys of ``base``'s own state_dict (a parametrization's originals and buffers
+    included), and ``weight`` / ``bias``, the plain layer's names whatever the base holds."""
+    keys = dict.fromkeys(("weight", "bias"))
+    keys.update(dict.fromkeys(base.state_dict(keep_vars=True)))  # keep_vars: references, no copies
+    return [key for key in keys if key not in _OWN_KEYS]
+
 
 def plain_keys_to_base_layer(module, state_dict, prefix: str, *args) -> None:
-    """load_state_dict pre-hook: ``{prefix}weight`` / ``{prefix}bias`` (the plain layer's keys)
-    load into the base layer, in the base's own layout (a Conv1D's [in, out]). A state_dict that
-    holds both names for one tensor is ambiguous and refused."""
-    for name in ("weight", "bias"):
+    """load_state_dict pre-hook: the plain layer's keys (``{prefix}weight``, ``{prefix}bias``, and
+    every other key of the base layer's state_dict) load into the base layer, in the base's own
+    layout (a Conv1D's [in, out]). A state_dict that holds both names for one tensor is
+    ambiguous and refused."""
+    for name in _base_keys(module.base_layer):
         plain, wrapped = f"{prefix}{name}", f"{prefix}base_layer.{name}"
         if plain not in state_dict:
             continue

@@ -17,7 +17,7 @@ from .inputs import Batches, LossFn, NonFiniteProducts, as_batch_list, check_pos
 from .mode import eval_mode
 from .probes import rademacher
 from .progress import show_bar
-from .targets import differentiable, find_targets, refuse_sharded_weights
+from .targets import differentiable, find_targets, refuse_parametrized_weights, refuse_sharded_weights
 from .tied import untied
 
 __all__ = ["hessian_opnorm"]
@@ -54,6 +54,7 @@ def hessian_opnorm(model: torch.nn.Module, loss_fn: LossFn, batches: Batches,
     batches = as_batch_list(batches)
     targets = find_targets(model, modules)
     refuse_sharded_weights(targets, "hessian_opnorm")
+    refuse_parametrized_weights(targets, "hessian_opnorm")
     weights = [t.weight for t in targets]
     work = [torch.promote_types(w.dtype, torch.float32) for w in weights]
     v = {}

@@ -16,7 +16,7 @@ from .inputs import (Batches, LossFn, as_batch_list, check_finite_loss, check_so
                      no_gradient_error)
 from .mode import eval_mode
 from .progress import show_bar
-from .targets import differentiable, find_targets, refuse_sharded_weights
+from .targets import differentiable, find_targets, refuse_parametrized_weights, refuse_sharded_weights
 from .tied import untied
 from .token_mask import TokenMask, batch_token_mask, real_tokens
 
@@ -41,6 +41,7 @@ def gradient_sensitivity(model: torch.nn.Module, loss_fn: LossFn, batches: Batch
     batches = as_batch_list(batches)
     targets = find_targets(model, modules)
     refuse_sharded_weights(targets, "gradient_sensitivity")
+    refuse_parametrized_weights(targets, "gradient_sensitivity")
     sums = torch.zeros(len(targets), dtype=torch.float64)
     reached = False
     failure = SharedFailure("gradient_sensitivity", settings={"targets": [t.name for t in targets]})
@@ -79,6 +80,7 @@ def unreached_targets(model, loss_fn, batch, modules, who: str, need_grad: bool 
     require_module(model, who)
     targets = find_targets(model, modules)
     refuse_sharded_weights(targets, who)
+    refuse_parametrized_weights(targets, who)
     with untied(model, targets) as measured, differentiable([t.weight for t in measured]), eval_mode(model):
         weights = [t.weight for t in measured]
         loss = compute_loss(loss_fn, model, batch, need_grad=need_grad, who=who)

@@ -19,12 +19,14 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lorambo.model.argument import require_module
 from lorambo.model.targeting import excluded_by_default
 from lorambo.sharding import is_sharded
 
-__all__ = ["Target", "find_targets", "differentiable", "refuse_sharded_weights", "weight_holder"]
+__all__ = ["Target", "find_targets", "differentiable", "refuse_sharded_weights", "refuse_parametrized_weights",
+           "weight_holder"]
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,8 @@ class Target:
 
 def _is_lora(m: nn.Module) -> bool:
     base = getattr(m, "base_layer", None)
-    return isinstance(base, nn.Module) and isinstance(getattr(base, "weight", None), nn.Parameter)
+    return isinstance(base, nn.Module) and (isinstance(getattr(base, "weight", None), nn.Parameter)
+                                            or parametrize.is_parametrized(base, "weight"))
 
 
 def _is_plain(m: nn.Module) -> bool:
@@ -123,6 +126,21 @@ def refuse_sharded_weights(targets: Sequence[Target], who: str) -> None:
             "their weights are DTensors that the forward all-gathers, so no derivative with respect to them can "
             "be taken. Compute the sensitivities before fully_shard (every process on its own batches; the "
             "results are averaged over processes), or measure a sharded model with FisherProxy, which works there")
+
+
+def refuse_parametrized_weights(targets: Sequence[Target], who: str) -> None:
+    """NotImplementedError naming the targets whose weight a parametrization computes
+    (``nn.utils.parametrizations.weight_norm``, ``spectral_norm``, any
+    ``torch.nn.utils.parametrize``): the estimators that differentiate with respect to the
+    weights hold one tensor, and the forward computes another at its own access, so no gradient
+    reached them and the layers were skipped as unused by the loss."""
+    computed = [t.name for t in targets if parametrize.is_parametrized(weight_holder(t.module), "weight")]
+    if computed:
+        raise NotImplementedError(
+            f"{who}: the weights of layers {computed[:4]}{' ...' if len(computed) > 4 else ''} are computed by a "
+            "parametrization (torch.nn.utils.parametrize: parametrizations.weight_norm, spectral_norm, ...), anew "
+            "at every access, so no derivative with respect to them can be taken. Measure with "
+            "sensitivity_method='frobenius' or 'data', which work there, or leave these layers out of the targets")
 
 
 def weight_holder(module: nn.Module) -> nn.Module:

@@ -17,7 +17,7 @@ from .probes import rademacher
 from .progress import show_bar
 from .reductions import per_layer_dots
 from .sketch import hutchpp_program, xtrace_program
-from .targets import differentiable, find_targets, refuse_sharded_weights
+from .targets import differentiable, find_targets, refuse_parametrized_weights, refuse_sharded_weights
 from .tied import untied
 from lorambo.user_warnings import warn_user
 
@@ -81,6 +81,7 @@ def hessian_trace(model: torch.nn.Module, loss_fn: LossFn, batches: Batches,
     batches = as_batch_list(batches)
     targets = find_targets(model, modules)
     refuse_sharded_weights(targets, "hessian_trace")
+    refuse_parametrized_weights(targets, "hessian_trace")
     with untied(model, targets) as measured, differentiable([t.weight for t in measured]), eval_mode(model):
         weights = [t.weight for t in measured]
         names = [t.name for t in targets]
