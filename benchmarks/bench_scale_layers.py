@@ -25,7 +25,8 @@ model is not timed):
   per layer (40M at 500 layers).
 
 Rows go to ``--out`` (default ``benchmarks/results/scale_layers.csv``) with the machine, the
-load, torch, the commit of the lorambo imported and ``--label``. The script runs unchanged
+load, torch, the commit of the lorambo imported and ``--label``; ``--summary CSV`` prints a
+markdown table of a results file (per case and layer count, the fastest row of each label). The script runs unchanged
 against older trees (``PYTHONPATH=<tree>:<tree>/kernels``) to compare commits; run them
 alternately, A B A B, so drift on a shared machine hits each alike.
 """
@@ -196,6 +197,35 @@ def allocate_cases(n: int, repeats: int) -> dict[str, float]:
 SECTIONS = {"model": model_cases, "adapters": adapter_cases, "train": train_cases, "allocate": allocate_cases}
 
 
+def summary(path: Path) -> str:
+    """A markdown table of ``path``: a row per case, a column per label (in order of appearance)
+    and layer count, each cell the fastest of that label's rows (the figure least disturbed on a
+    shared machine); then the load range of each label."""
+    import csv
+
+    rows = list(csv.DictReader(path.open(newline="")))
+    labels = list(dict.fromkeys(r["label"] or r["commit"] for r in rows))
+    counts = sorted({int(r["layers"]) for r in rows})
+    cases = list(dict.fromkeys((r["section"], r["case"]) for r in rows))
+    best: dict[tuple, float] = {}
+    loads: dict[str, list[float]] = {label: [] for label in labels}
+    for r in rows:
+        label = r["label"] or r["commit"]
+        key = (r["section"], r["case"], label, int(r["layers"]))
+        best[key] = min(best.get(key, float("inf")), float(r["ms"]))
+        loads[label].append(float(r["loadavg_1m"]))
+    columns = [(label, n) for label in labels for n in counts]
+    out = ["| case (ms) | " + " | ".join(f"{label}, {n}" for label, n in columns) + " |",
+           "|---|" + "---|" * len(columns)]
+    for section, case in cases:
+        cells = [best.get((section, case, label, n)) for label, n in columns]
+        out.append(f"| {case} | " + " | ".join("" if v is None else f"{v:.1f}" if v < 100 else f"{v:.0f}"
+                                              for v in cells) + " |")
+    out.append("| load average (1 min) | " + " | ".join(
+        f"{min(loads[label]):.2f}-{max(loads[label]):.2f}" for label, _ in columns) + " |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=positive(), nargs="+", default=[96, 300, 600],
@@ -206,7 +236,11 @@ def main(argv=None) -> int:
     parser.add_argument("--note", default="")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "scale_layers.csv")
     parser.add_argument("--no-save", action="store_true")
+    parser.add_argument("--summary", type=Path, metavar="CSV", help="print a markdown table of a results CSV and exit")
     args = parser.parse_args(argv)
+    if args.summary:
+        print(summary(args.summary))
+        return 0
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")  # the tiny models' frozen-head and similar notices, once per model

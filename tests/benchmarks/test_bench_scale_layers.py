@@ -24,3 +24,7 @@ def test_every_case_gets_a_row_per_layer_count(tmp_path, capsys):
     assert all(float(r["ms"]) > 0 and r["label"] == "here" and r["commit"] and r["threads"] == "1"
                and r["cpu"] == cpu_model() and r["usable_cores"] == str(len(os.sched_getaffinity(0))) for r in rows)
     assert "import_peft" in capsys.readouterr().out
+    assert bench.main(["--summary", str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| case (ms) | here, 6 | here, 12 |")
+    assert any(line.startswith("| import_peft | ") for line in table) and table[-1].startswith("| load average")
