@@ -42,7 +42,7 @@ from lorambo.adapters.values_fit import check_fits_dtypes, destination_dtype, sa
 from lorambo.model import lora_layers, unload
 from lorambo.model.argument import require_module, require_path
 from lorambo.model.modules_to_save import resolve_modules_to_save
-from lorambo.model.patterns import pattern_value
+from lorambo.model.patterns import pattern_lookup
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import default_capacity
 from lorambo.nn.base_layers import base_kind, features, unwrappable_reason
@@ -401,14 +401,15 @@ def import_peft(model: nn.Module, path: str | os.PathLike[str], capacity: int | 
     r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     use_rslora, dropout = bool(config.get("use_rslora", False)), float(config.get("lora_dropout", 0.0) or 0.0)
+    rank_of, alpha_of = pattern_lookup(rank_pattern, r_default), pattern_lookup(alpha_pattern, alpha_default)
     specs = {}
     for name, pair in lora.items():
         r = pair["lora_A"].shape[0]
-        expected = pattern_value(rank_pattern, name, r_default)
+        expected = rank_of(name)
         if r != expected:
             raise AdapterFormatError(f"{where}: module {name!r} has rank {r} in the weights but "
                                      f"{expected} in the config (r / rank_pattern)")
-        alpha = float(pattern_value(alpha_pattern, name, alpha_default))
+        alpha = float(alpha_of(name))
         specs[name] = _LayerSpec(pair["lora_A"], pair["lora_B"], alpha, _scaling(alpha, r, use_rslora),
                                  use_rslora, dropout)
     embeddings, other = split_embedding_states(model, other, specs, config.get("modules_to_save") or [])

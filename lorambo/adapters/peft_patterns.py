@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from lorambo.model import lora_layers
-from lorambo.model.patterns import pattern_value
+from lorambo.model.patterns import pattern_lookup
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from lorambo.optional import requires
@@ -50,11 +50,12 @@ def _entries(ranks, alpha, alpha_pattern, use_rslora) -> tuple[dict[str, tuple[i
     if not isinstance(ranks, Mapping) or not ranks:
         raise TypeError(f"ranks must be a non-empty {{name: rank}} dict or a model, got {ranks!r}")
     out = {}
+    alpha_of = pattern_lookup(alpha_pattern, alpha)
     for name, r in ranks.items():
         if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 0:
             raise ValueError(f"rank of {name!r} is {r!r}: must be an int >= 0")
         r = int(r)  # numpy ints too, as configure_model takes them; LoraConfig must hold plain ints (JSON)
-        a = pattern_value(alpha_pattern, name, alpha)
+        a = alpha_of(name)
         if a is not None and not is_finite_number(a):
             # LoRAMBoLinear refuses it too; peft would write it out as the non-JSON token NaN
             raise ValueError(f"peft_config: alpha of {name!r} is {shown_number(a)}: must be a finite number")

@@ -17,7 +17,7 @@ from lorambo.model.frozen_heads import warn_frozen_heads
 from lorambo.model.modules_to_save import (check_not_targets, forget_modules_to_save, keep_trainable,
                                            modules_to_save as recorded_modules_to_save, resolve_modules_to_save)
 from lorambo.model.partial_edit import note_partial_edit
-from lorambo.model.patterns import check_alpha_pattern, pattern_value
+from lorambo.model.patterns import check_alpha_pattern, pattern_lookup
 from lorambo.model.resize_guard import sync_resize_guards
 from lorambo.model.targeting import check_named_targets, find_targets
 from lorambo.model.unwrap import unwrap_model
@@ -172,13 +172,14 @@ def _plan(model, names, ranks, capacity, alpha, dropout, use_rslora, alpha_patte
     plan = _Plan(freeze=[p for n, p in model.named_parameters()
                          if p.requires_grad and not n.endswith((".lora_A", ".lora_B"))])
     module = None
+    alpha_of = pattern_lookup(alpha_pattern, alpha)
     try:
         for name in names:
             rank = _per_layer(ranks, name, "ranks")
             module = model.get_submodule(name)
             if isinstance(module, LoRAMBoLinear):
                 _check_settings_kept(module, name, capacity=_per_layer_or_none(capacity, name),
-                                     alpha=pattern_value(alpha_pattern, name, alpha), dropout=dropout,
+                                     alpha=alpha_of(name), dropout=dropout,
                                      use_rslora=use_rslora)
                 rank = module.validate_rank(rank)
                 if module.merged and rank != module.rank:
@@ -190,7 +191,7 @@ def _plan(model, names, ranks, capacity, alpha, dropout, use_rslora, alpha_patte
                 continue
             plan.new_layers[name] = LoRAMBoLinear(
                 module, rank=rank, capacity=_per_layer(capacity, name, "capacity"),
-                alpha=pattern_value(alpha_pattern, name, alpha),
+                alpha=alpha_of(name),
                 dropout=0.0 if dropout is None else dropout,
                 use_rslora=bool(use_rslora), name=name)
     except BaseException:  # Ctrl-C or out of memory while building layer k too

@@ -166,9 +166,17 @@ def find_targets(model: nn.Module, target_modules: str | Iterable[str] | None) -
     bad = [t for t in targets if not isinstance(t, str)]
     if bad:
         raise TypeError(f"target_modules entries must be module names (strings), got {bad[0]!r} in {targets!r}")
-    names = []
+    # {suffix: the names that suffix_match it, in model order}: a model of n layers targeted by
+    # their n full names (a ranks file's keys) is looked up, not scanned n times
+    by_suffix: dict[str, list[str]] = {}
+    for n in modules:
+        for suffix in (n[i + 1:] for i, c in enumerate(n) if c == "."):
+            by_suffix.setdefault(suffix, []).append(n)
+        if n:
+            by_suffix.setdefault(n, []).append(n)
+    names, named = [], set()
     for target in targets:
-        hits = [n for n in modules if n and suffix_match(n, target)]
+        hits = by_suffix.get(target, [])
         if not hits:
             def matches(n: str) -> bool:
                 return suffix_match(n, target)
@@ -178,7 +186,8 @@ def find_targets(model: nn.Module, target_modules: str | Iterable[str] | None) -
             raise ValueError(f"target_modules entry {target!r} matches no module of {type(model).__name__}{hint}")
         for n in hits:
             _require_adaptable(n, modules[n], f"matches target_modules entry {target!r}", bypassed)
-        names.extend(h for h in hits if h not in names)
+        names.extend(h for h in hits if h not in named)
+        named.update(hits)
     order = {n: i for i, n in enumerate(modules)}
     return sorted(names, key=order.__getitem__)
 
