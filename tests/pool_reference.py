@@ -89,8 +89,9 @@ class RefOptimizer:
     """kind: 'lorambo_adamw', 'torch_adamw' or 'sgd'."""
 
     def __init__(self, kind, lr, weight_decay, betas=(0.9, 0.99), eps=1e-8, amsgrad=False,
-                 momentum=0.9, dampening=0.0, nesterov=False):
-        self.kind, self.lr, self.wd = kind, lr, weight_decay
+                 momentum=0.9, dampening=0.0, nesterov=False, lr_B=None):
+        self.kind, self.wd = kind, weight_decay
+        self.lrs = (lr, lr if lr_B is None else lr_B)  # of A and of B (two parameter groups)
         self.betas, self.eps, self.amsgrad = betas, eps, amsgrad
         self.momentum, self.dampening, self.nesterov = momentum, dampening, nesterov
 
@@ -98,6 +99,7 @@ class RefOptimizer:
     def step(self, layer: RefLayer) -> None:
         for pool in layer.pools():
             if pool.grad is not None:
+                self.lr = self.lrs[pool.slot_dim]
                 getattr(self, f"_step_{self.kind}")(pool, layer.rank)
             # after every step the inactive slots of a stepped pool are exactly zero
             pool.slots(pool.value, layer.rank, pool.value.shape[pool.slot_dim]).zero_()
