@@ -292,12 +292,6 @@ class PoolMachine(RuleBasedStateMachine):
     def reload_model_and_optimizer(self):
         """save_adapter, load_adapter into a fresh base model, and the optimizer's state into a
         fresh optimizer on the loaded pools (a resume in a new process)."""
-        if any(pool.state.get("fresh", torch.zeros(1)).any() for ref in self.ref for pool in ref.pools()):
-            # Resume is promised at step boundaries. SGD's record of slots waiting for their first
-            # step (dampening > 0) stays with the old pools, so a save between a rank change and
-            # the step that consumes it would start those slots at (1 - dampening) times a fresh
-            # SGD's buffer (lorambo/nn/fresh_momentum.py)
-            return
         path = lorambo.save_adapter(self.model, f"{self.tmp.name}/adapter.safetensors")
         buffer = io.BytesIO()
         torch.save(self.opt.state_dict(), buffer)
@@ -317,8 +311,6 @@ class PoolMachine(RuleBasedStateMachine):
     def reload_state_dict(self, ranks):
         """model.state_dict() (through torch.save) into a fresh model built with other ranks and
         alphas, and the optimizer's state into a fresh optimizer: the rank and scaling come back."""
-        if any(pool.state.get("fresh", torch.zeros(1)).any() for ref in self.ref for pool in ref.pools()):
-            return  # at step boundaries only, as reload_model_and_optimizer
         buffer = io.BytesIO()
         torch.save((self.model.state_dict(), self.opt.state_dict()), buffer)
         buffer.seek(0)
