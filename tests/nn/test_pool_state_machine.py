@@ -1,13 +1,16 @@
 """Random sequences of public pool operations on three float64 LoRAMBoLinear layers (two
 nn.Linear, one transformers Conv1D; different shapes, alphas, rsLoRA), trained by
-lorambo.optim.AdamW, torch.optim.AdamW or torch.optim.SGD with momentum, checked after every
-operation against the independent float64 model of tests/nn/pool_reference.py.
+lorambo.optim.AdamW, torch.optim.AdamW or torch.optim.SGD with momentum (one optimizer with
+lora_A and lora_B in two parameter groups, or a list of one optimizer each), checked after every
+operation against the independent float64 model of tests/pool_reference.py.
 
 Rules: forward/backward on a random batch, optimizer step, zero_grad, set_rank (with and without
 the optimizer), keep_components, keep_components_many, a rank move between two layers,
 configure_model's re-ranking, reset_slot_state, save_adapter/load_adapter into a fresh model
-with the optimizer's state_dict loaded into a fresh optimizer, an optimizer state_dict round
-trip alone, merge/unmerge, disable_adapter, freezing and unfreezing pools.
+with the optimizer's state_dict loaded into a fresh optimizer, the same through
+model.state_dict() into layers built with other ranks and alphas, an optimizer state_dict round
+trip alone, a deep copy of model and optimizer, merge/unmerge, disable_adapter, freezing and
+unfreezing pools.
 
 Invariants: every layer's output on a fixed probe batch and the probe's gradients, the pools
 (inactive slots exactly zero), their .grad, the optimizer's state, ranks, scalings and
@@ -76,11 +79,11 @@ class PoolMachine(RuleBasedStateMachine):
                 amsgrad=st.booleans(), weight_decay=st.sampled_from([0.0, 0.1]),
                 backend=st.sampled_from(["auto", "torch"]), seed=st.integers(0, 2**16),
                 ranks=st.tuples(st.integers(0, 4), st.integers(0, 5), st.integers(0, 4)),
-                lr_ratio=st.sampled_from([1.0, 4.0]))
-    def build(self, kind, sgd_variant, amsgrad, weight_decay, backend, seed, ranks, lr_ratio):
+                lr_ratio=st.sampled_from([1.0, 4.0]), split=st.booleans())
+    def build(self, kind, sgd_variant, amsgrad, weight_decay, backend, seed, ranks, lr_ratio, split):
         lorambo.set_backend(backend)
         self.tmp = tempfile.TemporaryDirectory()
-        self.seed, self.kind = seed, kind
+        self.seed, self.kind, self.split = seed, kind, split
         self.opt_kwargs = dict(lr=LR[kind], weight_decay=weight_decay)
         if kind == "sgd":
             dampening, nesterov = sgd_variant
@@ -122,13 +125,25 @@ class PoolMachine(RuleBasedStateMachine):
 
     # ----------------------------------------------------------------- helpers
     def make_optimizer(self, model):
-        params = [{"params": [layer.lora_A for layer in layers_of(model)]},
-                  {"params": [layer.lora_B for layer in layers_of(model)], "lr": self.lr_B}]
-        if self.kind == "lorambo_adamw":
-            return lorambo.optim.AdamW(params, **self.opt_kwargs)
-        if self.kind == "torch_adamw":
-            return torch.optim.AdamW(params, **self.opt_kwargs)
-        return torch.optim.SGD(params, **self.opt_kwargs)
+        """One optimizer with lora_A and lora_B in two groups, or (split) a list of one optimizer
+        per pool kind, which every rank change takes as its optimizer= (README, set_rank)."""
+        cls = {"lorambo_adamw": lorambo.optim.AdamW, "torch_adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[self.kind]
+        a_params = [layer.lora_A for layer in layers_of(model)]
+        b_params = [layer.lora_B for layer in layers_of(model)]
+        if self.split:
+            return [cls(a_params, **self.opt_kwargs), cls(b_params, **{**self.opt_kwargs, "lr": self.lr_B})]
+        return cls([{"params": a_params}, {"params": b_params, "lr": self.lr_B}], **self.opt_kwargs)
+
+    def optimizers(self):
+        return self.opt if isinstance(self.opt, list) else [self.opt]
+
+    def optimizer_state(self):
+        return [opt.state_dict() for opt in self.optimizers()]
+
+    def load_optimizer_state(self, states):
+        self.opt = self.make_optimizer(self.model)
+        for opt, state in zip(self.optimizers(), states):
+            opt.load_state_dict(state)
 
     def remember_pools(self):
         self.pool_ids = [(id(layer.lora_A), layer.lora_A.data_ptr(), id(layer.lora_B), layer.lora_B.data_ptr())
@@ -199,7 +214,8 @@ class PoolMachine(RuleBasedStateMachine):
 
     @rule()
     def step(self):
-        self.opt.step()
+        for opt in self.optimizers():
+            opt.step()
         for ref in self.ref:
             self.ref_opt.step(ref)
 
@@ -213,7 +229,8 @@ class PoolMachine(RuleBasedStateMachine):
 
     @rule(set_to_none=st.booleans())
     def zero_grad(self, set_to_none):
-        self.opt.zero_grad(set_to_none=set_to_none)
+        for opt in self.optimizers():
+            opt.zero_grad(set_to_none=set_to_none)
         for ref in self.ref:
             for pool in ref.pools():
                 if pool.grad is not None:
@@ -282,10 +299,9 @@ class PoolMachine(RuleBasedStateMachine):
     def reload_optimizer(self):
         """The optimizer's state_dict (through torch.save) into a fresh optimizer on the same pools."""
         buffer = io.BytesIO()
-        torch.save(self.opt.state_dict(), buffer)
+        torch.save(self.optimizer_state(), buffer)
         buffer.seek(0)
-        self.opt = self.make_optimizer(self.model)
-        self.opt.load_state_dict(torch.load(buffer, weights_only=True))
+        self.load_optimizer_state(torch.load(buffer, weights_only=True))
 
     @precondition(lambda self: self.unmerged())
     @rule()
@@ -294,11 +310,10 @@ class PoolMachine(RuleBasedStateMachine):
         fresh optimizer on the loaded pools (a resume in a new process)."""
         path = lorambo.save_adapter(self.model, f"{self.tmp.name}/adapter.safetensors")
         buffer = io.BytesIO()
-        torch.save(self.opt.state_dict(), buffer)
+        torch.save(self.optimizer_state(), buffer)
         buffer.seek(0)
         self.model = lorambo.load_adapter(base_net(self.seed), path)
-        self.opt = self.make_optimizer(self.model)
-        self.opt.load_state_dict(torch.load(buffer, weights_only=True))
+        self.load_optimizer_state(torch.load(buffer, weights_only=True))
         self.remember_pools()
         all_frozen = not self.any_trains()
         for ref in self.ref:
@@ -312,7 +327,7 @@ class PoolMachine(RuleBasedStateMachine):
         """model.state_dict() (through torch.save) into a fresh model built with other ranks and
         alphas, and the optimizer's state into a fresh optimizer: the rank and scaling come back."""
         buffer = io.BytesIO()
-        torch.save((self.model.state_dict(), self.opt.state_dict()), buffer)
+        torch.save((self.model.state_dict(), self.optimizer_state()), buffer)
         buffer.seek(0)
         model_state, opt_state = torch.load(buffer, weights_only=True)
         model = base_net(self.seed)
@@ -323,8 +338,7 @@ class PoolMachine(RuleBasedStateMachine):
             layer.lora_A.requires_grad_(ref.A.trains)
             layer.lora_B.requires_grad_(ref.B.trains)
         self.model = model
-        self.opt = self.make_optimizer(model)
-        self.opt.load_state_dict(opt_state)
+        self.load_optimizer_state(opt_state)
         self.remember_pools()
         for ref in self.ref:
             for pool in ref.pools():
@@ -437,7 +451,7 @@ class PoolMachine(RuleBasedStateMachine):
         for i in range(3):
             for (param, pool), name in zip(self.pools(i), ("A", "B")):
                 label = f"{NAMES[i]}.lora_{name} state"
-                state = self.opt.state.get(param, {})
+                state = next((opt.state[param] for opt in self.optimizers() if param in opt.state), {})
                 mine = pool.state
                 if self.kind == "sgd":
                     pairs = [("momentum_buffer", "buf")]
