@@ -8,7 +8,8 @@ Rules: forward/backward on a random batch, optimizer step, zero_grad, set_rank (
 the optimizer), keep_components, keep_components_many, a rank move between two layers,
 configure_model's re-ranking, reset_slot_state, save_adapter/load_adapter into a fresh model
 with the optimizer's state_dict loaded into a fresh optimizer, the same through
-model.state_dict() into layers built with other ranks and alphas, an optimizer state_dict round
+model.state_dict() into layers built with other ranks and alphas (whole, and its lora_ keys
+alone), an optimizer state_dict round
 trip alone, a deep copy of model and optimizer, merge/unmerge, disable_adapter, freezing and
 unfreezing pools.
 
@@ -343,6 +344,30 @@ class PoolMachine(RuleBasedStateMachine):
         for ref in self.ref:
             for pool in ref.pools():
                 pool.grad = None
+
+    @precondition(lambda self: self.unmerged())
+    @rule(ranks=st.tuples(st.integers(0, 4), st.integers(0, 5), st.integers(0, 4)))
+    def reload_lora_keys_only(self, ranks):
+        """Only the lora_ keys of model.state_dict() (no extra state: a filtered state_dict) into a
+        fresh model built with other ranks and alpha 7: each layer keeps its built scaling and
+        raises its rank to cover the non-zero slots loaded (README, state_dict())."""
+        model_state = {k: v for k, v in self.model.state_dict().items() if "lora_" in k}
+        opt_state = self.optimizer_state()
+        model = base_net(self.seed)
+        for name, rank, capacity in zip(NAMES, ranks, CAPACITIES):
+            setattr(model, name, LoRAMBoLinear(getattr(model, name), rank=rank, capacity=capacity, alpha=7.0))
+        model.load_state_dict(model_state, strict=False)
+        for layer, ref, built in zip(layers_of(model), self.ref, ranks):
+            layer.lora_A.requires_grad_(ref.A.trains)
+            layer.lora_B.requires_grad_(ref.B.trains)
+            used = [s for s in range(layer.capacity) if ref.A.value[s].any() or ref.B.value[:, s].any()]
+            ref.rank = max([built] + [s + 1 for s in used])
+            ref.scaling = 7.0 / max(built, 1)
+            for pool in ref.pools():
+                pool.grad = None
+        self.model = model
+        self.load_optimizer_state(opt_state)
+        self.remember_pools()
 
     @rule()
     def deepcopy_model_and_optimizer(self):
