@@ -20,7 +20,9 @@ A record can outlive a checkpoint taken at a step boundary: a pool that gets no 
 for a phase) keeps its slots waiting. So ``optimizer.state_dict()`` of an SGD that holds a
 waiting pool carries its slots in that pool's state (``lorambo_new_slots``; torch's SGD ignores
 the key), and an SGD that loaded such state into other Parameter objects (a resume into a fresh
-model) records them at its next step, before it starts any buffer.
+model) records them at its next step, before it starts any buffer. torch keeps no state_dict hook
+across a deep copy or a rebuild of the optimizer, so one that has neither stepped nor been given
+to a rank change since does not save the records.
 """
 
 from __future__ import annotations
@@ -181,6 +183,7 @@ def _start_buffers(optimizer, args, kwargs) -> None:
         return  # whose entry and exit cost more than this test at every step
     take_loaded_records(optimizer)
     if _PENDING:
+        _save_records_with(optimizer)  # a copy or rebuild of the SGD that marked them: slots it skips keep waiting
         _start_pending(optimizer)
 
 

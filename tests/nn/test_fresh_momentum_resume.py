@@ -4,6 +4,7 @@ for a phase) waits for its first step across step boundaries; a checkpoint taken
 start its momentum buffer as a fresh SGD does: buf = d, so the first step from 0 is -lr * d.
 Found by tests/nn/test_pool_state_machine.py: the resumed run took -lr * (1 - dampening) * d."""
 
+import copy
 import io
 
 import pytest
@@ -23,9 +24,10 @@ def base():
     return nn.Sequential(nn.Linear(6, 5)).double()
 
 
-def resumed_with_waiting_slots(tmp_path, x):
+def resumed_with_waiting_slots(tmp_path, x, copied=False):
     """A rank-2 layer trained one step, grown to 4 while lora_B is frozen, stepped once more (B's
-    new columns 2 and 3 keep waiting), then saved and loaded into a fresh model and SGD."""
+    new columns 2 and 3 keep waiting; by a deep copy of model and SGD when ``copied``), then saved
+    and loaded into a fresh model and SGD."""
     model = base()
     plain = base()
     plain.load_state_dict(model.state_dict())
@@ -37,6 +39,8 @@ def resumed_with_waiting_slots(tmp_path, x):
     layer.lora_B.requires_grad_(False)
     with pytest.warns(UserWarning, match="lora_B is frozen"):
         layer.set_rank(4, optimizer=opt)
+    if copied:  # torch's deepcopy of an optimizer drops its state_dict hooks
+        model, opt = copy.deepcopy((model, opt))
     model(x).pow(2).sum().backward()
     opt.step()
     opt.zero_grad()
@@ -62,10 +66,11 @@ def first_step(model, opt, x):
     return grad, buf, B.detach().clone()
 
 
-def test_waiting_slots_start_fresh_after_resume(tmp_path):
+@pytest.mark.parametrize("copied", [False, True], ids=["same_sgd", "deep_copied_sgd"])
+def test_waiting_slots_start_fresh_after_resume(tmp_path, copied):
     torch.manual_seed(0)
     x = torch.randn(4, 6, dtype=torch.float64)
-    model, opt = resumed_with_waiting_slots(tmp_path, x)
+    model, opt = resumed_with_waiting_slots(tmp_path, x, copied)
     d, _, after = first_step(model, opt, x)
     assert d[:, 2:].abs().min() > 1e-3
     # a fresh SGD's first step of a slot at 0: buf = d, value = -lr * d (before the fix: (1 - dampening) times)
