@@ -15,6 +15,14 @@ or pickle of the layer (with its optimizer) taken in between records the copy's 
 fused SGD gets the gradients still scaled (the buffer is set from them unscaled), and a step
 the scaler skips for an overflow leaves the record for the next step. With ``dampening == 0``
 (nesterov's only setting) zero already is that start and nothing is recorded.
+
+A record can outlive a checkpoint taken at a step boundary: a pool that gets no gradient (frozen
+for a phase) keeps its slots waiting. So ``optimizer.state_dict()`` of an SGD that holds a
+waiting pool carries its slots in that pool's state (``lorambo_new_slots``; torch's SGD ignores
+the key), and an SGD that loaded such state into other Parameter objects (a resume into a fresh
+model) records them at its next step, before it starts any buffer. torch keeps no state_dict hook
+across a deep copy or a rebuild of the optimizer, so one that has neither stepped nor been given
+to a rank change since does not save the records.
 """
 
 from __future__ import annotations
@@ -26,15 +34,26 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 from lorambo.nn.optimizer_kind import group_of, optimizer_kind
+from lorambo.nn.slots import pool_slots
 from lorambo.user_warnings import warn_user
 
-__all__ = ["mark_new_slots", "move_new_slots", "restore_new_slots", "new_slots_now", "put_back_new_slots"]
+__all__ = ["install_fresh_momentum", "take_loaded_records", "mark_new_slots", "move_new_slots", "restore_new_slots", "new_slots_now",
+           "put_back_new_slots"]
 
 _PENDING = WeakIdKeyDictionary()  # pool parameter -> (slot_dim, slots whose buffer starts next step)
 _installed = False
 _WARNED_ZERO_START = weakref.WeakSet()  # optimizers told that FSDP's new slots start at zero
 _POOLS = (("lora_A", 0), ("lora_B", 1))  # pool name, slot dim
 _ON_LAYER = "_fresh_momentum_slots"  # the layer's {pool name: the same set of slots _PENDING holds}
+SAVED_KEY = "lorambo_new_slots"  # a pool's waiting slots in an SGD's state_dict
+_SAVING = weakref.WeakSet()  # SGDs whose state_dict adds the waiting slots of their pools
+_LOADED_STATE_SEEN = weakref.WeakKeyDictionary()  # SGD -> the state dict it was last read for SAVED_KEY
+
+
+def install_fresh_momentum() -> None:
+    """The process-wide SGD step pre-hook, which also takes in records a loaded state_dict brings
+    (a new layer installs it, so a resumed process has it before its first step)."""
+    _install()
 
 
 def _install() -> None:
@@ -69,8 +88,57 @@ def mark_new_slots(optimizer, layer, slots) -> None:
                           "(1 - dampening) times a fresh SGD's (in every layer; warned once per optimizer)")
             return
         _install()
+        _save_records_with(optimizer)
         pending = layer.__dict__.setdefault(_ON_LAYER, {}).setdefault(name, set())
         pending.update(int(s) for s in slots)
+        loaded = _PENDING.get(param)
+        if loaded is not None and loaded[1] is not pending:  # slots a loaded state_dict brought
+            pending.update(loaded[1])
+        _PENDING[param] = (dim, pending)
+
+
+def _save_records_with(optimizer) -> None:
+    if optimizer not in _SAVING:
+        _SAVING.add(optimizer)
+        optimizer.register_state_dict_post_hook(_add_waiting_slots)
+
+
+def _add_waiting_slots(optimizer, state_dict: dict) -> dict:
+    """``state_dict`` with the waiting slots of the optimizer's pools in their (copied) state."""
+    if not _PENDING:
+        return state_dict
+    index = 0
+    for group in optimizer.param_groups:  # torch numbers the parameters across groups in this order
+        for param in group["params"]:
+            record = _PENDING.get(param)
+            saved = state_dict["state"].get(index)
+            if record and record[1] and saved is not None and torch.is_tensor(saved.get("momentum_buffer")):
+                # a copy: torch's state_dict shares each parameter's state dict with the live one
+                # a list, not a tensor: a [capacity] tensor would pass for per-slot state
+                # (lorambo.ext.ops.slot_state_tensors) that rank changes reset and move
+                state_dict["state"][index] = {**saved, SAVED_KEY: sorted(record[1])}
+            index += 1
+    return state_dict
+
+
+def take_loaded_records(optimizer) -> None:
+    """Record the slots a loaded state_dict says are waiting (load_state_dict gives the optimizer a
+    new ``state`` dict, so it is read once per load): at its next step, or at a rank change given
+    the optimizer before that, which then moves or resets them."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        return
+    state = optimizer.state
+    if _LOADED_STATE_SEEN.get(optimizer) is state:
+        return
+    _LOADED_STATE_SEEN[optimizer] = state
+    for param, param_state in state.items():
+        saved = param_state.pop(SAVED_KEY, None) if isinstance(param_state, dict) else None
+        tag = pool_slots(param)
+        if saved is None or tag is None:
+            continue
+        _save_records_with(optimizer)
+        dim, pending = _PENDING.get(param, (tag[1], set()))
+        pending.update(int(s) for s in saved)
         _PENDING[param] = (dim, pending)
 
 
@@ -111,9 +179,12 @@ def restore_new_slots(layer) -> None:
 
 
 def _start_buffers(optimizer, args, kwargs) -> None:
-    if not _PENDING or not isinstance(optimizer, torch.optim.SGD):  # the common case: O(1), and
-        return  # before no_grad, whose entry and exit cost more than this test at every step
-    _start_pending(optimizer)
+    if not isinstance(optimizer, torch.optim.SGD):  # the common case: O(1), and before no_grad,
+        return  # whose entry and exit cost more than this test at every step
+    take_loaded_records(optimizer)
+    if _PENDING:
+        _save_records_with(optimizer)  # a copy or rebuild of the SGD that marked them: slots it skips keep waiting
+        _start_pending(optimizer)
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from torch import nn
 
 from lorambo.nn import base_layers
 from lorambo.nn.finite_numbers import is_finite_number, shown_number
-from lorambo.nn.fresh_momentum import move_new_slots, restore_new_slots
+from lorambo.nn.fresh_momentum import install_fresh_momentum, move_new_slots, restore_new_slots
 from lorambo.nn.frozen_bases import note_frozen, note_pool_replaced
 from lorambo.nn.frozen_growth import warn_if_frozen_growth
 from lorambo.nn.inactive_slots import zero_inactive_after_steps
@@ -186,6 +186,7 @@ class LoRAMBoLinear(AdapterMerge, nn.Module):
         self._weight_before_merge: torch.Tensor | None = None
         self.set_rank(rank)
         track_optimizers()  # so that a rank change can tell when its optimizer= is missing
+        install_fresh_momentum()  # an SGD resumed from a state_dict takes in its waiting new slots
         refuse_unsupported_optimizers()
         zero_inactive_after_steps()
         self.register_state_dict_post_hook(_unmerged_base_weight)
@@ -217,6 +218,7 @@ class LoRAMBoLinear(AdapterMerge, nn.Module):
         # unpickled in another process (torch.load of a whole model, a model handed to mp.spawn),
         # where no __init__ ran: install the process-wide optimizer hooks a new layer installs
         track_optimizers()
+        install_fresh_momentum()
         refuse_unsupported_optimizers()
         zero_inactive_after_steps()
         note_frozen((p for p in self.base_layer.parameters() if not p.requires_grad), self._label)
