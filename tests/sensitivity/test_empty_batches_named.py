@@ -8,8 +8,6 @@ from lorambo.optimizer import LoRAMBoOptimizer
 from lorambo.sensitivity import (ablation_scores, data_covariance, gradient_sensitivity, hessian_opnorm,
                                  hessian_trace)
 
-from conftest import make_mlp, mse
-
 
 def _optimizer_sensitivities(model, loss_fn, batches):
     opt = LoRAMBoOptimizer(model, 10**6, sensitivity_method="gradient", loss_fn=loss_fn, log_path=None)
@@ -26,9 +24,9 @@ CALLS = {"hessian_trace": hessian_trace, "hessian_opnorm": hessian_opnorm,
 
 
 @pytest.mark.parametrize("who", CALLS)
-def test_empty_batches_name_the_function(who):
-    model = make_mlp()[0]
+def test_empty_batches_name_the_function(who, h):
+    model = h.make_mlp()[0]
     with pytest.raises(ValueError, match=rf"^{who}: no batches: `batches` is empty$"):
-        CALLS[who](model, mse, iter([]))
+        CALLS[who](model, h.mse, iter([]))
     with pytest.raises(TypeError, match=rf"^{who}: batches must be an iterable of batches .* got Tensor"):
-        CALLS[who](model, mse, torch.randn(3, 4))
+        CALLS[who](model, h.mse, torch.randn(3, 4))
