@@ -282,7 +282,7 @@ class LoRAMBoOptimizer:
         check_progress(progress, "LoRAMBoOptimizer.compute_sensitivities")
         method = self.sensitivity_method
         if method in ("hessian", "gradient"):
-            batches = as_batch_list(batches)
+            batches = as_batch_list(batches, "LoRAMBoOptimizer.compute_sensitivities")
             failure = SharedFailure("LoRAMBoOptimizer.compute_sensitivities",
                                     settings={"targets": self.names, "method": method})
             unreached = list(self.names)  # a process without batches reaches none of them

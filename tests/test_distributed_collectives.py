@@ -79,7 +79,7 @@ def test_a_failure_propagates_at_once_without_other_processes(tmp_path, group):
         failure.check()
         failure.raise_if_any(failure.status().tolist())
         with pytest.raises(ValueError, match="no batches"):
-            as_batch_list([])
+            as_batch_list([], "test")
     finally:
         if group:
             dist.destroy_process_group()

@@ -166,10 +166,10 @@ def alora_round(model, layers: Mapping, loss_fn, batches, n_prune: int, budget: 
                     records.append({"step": step, "event": "shrink", "reason": "alora", "layer": name,
                                     "components": comps, "scores": [float(scores[name][k]) for k in comps],
                                     "old_rank": before[name], "new_rank": layers[name].rank})
-        names = list(layers)
+        positions = {n: i for i, n in enumerate(layers)}
         for name in dict.fromkeys(receive):
             layer, add = layers[name], receive.count(name)
-            gen = decision_generator(seed, "alora", step, names.index(name))
+            gen = decision_generator(seed, "alora", step, positions[name])
             old = failure.run(lambda: layer.set_rank(layer.rank + add, optimizer=optimizer, generator=gen))
             if old is None:  # failed (held back): no further edit on this process
                 break

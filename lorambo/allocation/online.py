@@ -498,6 +498,7 @@ class OnlineGrowth:
         if not (is_finite_number(budget) and budget >= 0):
             raise ValueError(f"budget={shown_number(budget)} must be a finite number of parameters >= 0")
         self.layers = dict(layers)
+        self.positions = {n: i for i, n in enumerate(self.layers)}  # a layer's seed index, O(1) per grow
         self.costs = {n: m.in_features + m.out_features for n, m in self.layers.items()}
         self.budget, self.threshold = int(budget), float(threshold)
         self.sketch_rank, self.power_iters, self.oversample = int(sketch_rank), int(power_iters), int(oversample)
@@ -554,7 +555,7 @@ class OnlineGrowth:
                   if self._top(m) > m.rank and n not in frozen}
             gains, dirs = layer_benefits_many(
                 self.layers, {n: self.capture.pairs(n) for n in ks}, ks, self.power_iters,
-                self.oversample, self.seed, step, {n: i for i, n in enumerate(self.layers)},
+                self.oversample, self.seed, step, self.positions,
                 self.curvature, loss_scale, failure)
             room = {n: self._top(m) - m.rank for n, m in self.layers.items()}
             plan = plan_growth(gains, self.costs, room, self.budget - self.spent(), self.threshold)
@@ -602,8 +603,7 @@ class OnlineGrowth:
 
     def _grow(self, step, name, add, gains, dirs, optimizer, reason, failure, first=0) -> dict:
         layer = self.layers[name]
-        index = list(self.layers).index(name)
-        gen = decision_generator(self.seed, "init", step, index, reason)
+        gen = decision_generator(self.seed, "init", step, self.positions[name], reason)
         inputs = [x for x, _ in self.capture.pairs(name)]
         old = grow_layer(layer, layer.rank + add, dirs[name][:, first:first + add], optimizer, gen, inputs, failure)
         got = [float(g) for g in gains[name][first:first + add]]

@@ -101,18 +101,16 @@ def split_name(name: str) -> tuple[str, str]:
 
 def rank_grid(ranks: Mapping[str, int]) -> tuple[list[str], list[str], np.ndarray]:
     """(rows = blocks in first-seen order, columns = module types, grid with NaN where absent)."""
-    rows, cols, cells = [], [], {}
+    rows, cols, cells = {}, {}, {}  # name -> position, first-seen order
     for name, r in ranks.items():
         block, kind = split_name(str(name))
-        if block not in rows:
-            rows.append(block)
-        if kind not in cols:
-            cols.append(kind)
+        rows.setdefault(block, len(rows))
+        cols.setdefault(kind, len(cols))
         cells[(block, kind)] = r
     grid = np.full((len(rows), len(cols)), np.nan)
     for (block, kind), r in cells.items():
-        grid[rows.index(block), cols.index(kind)] = r
-    return rows, cols, grid
+        grid[rows[block], cols[kind]] = r
+    return list(rows), list(cols), grid
 
 
 def save_heatmap(source, path, title: str = "LoRA rank per layer") -> Path:

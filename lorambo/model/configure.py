@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
+from torch.nn.utils import parametrize
 
 from lorambo.model.argument import require_module
 from lorambo.model.fast_paths import sync_fast_paths
@@ -270,6 +271,11 @@ def weight_sharers(model: nn.Module, layers: Mapping[str, LoRAMBoLinear]) -> dic
         by_memory.setdefault(memory_key(p), []).append((n, p))
     out = {}
     for name, layer in layers.items():
+        if parametrize.is_parametrized(layer.base_layer, "weight"):
+            # a computed weight: merging it is refused anyway, and reading it would run the
+            # parametrization (a spectral_norm power iteration in training mode)
+            out[name] = []
+            continue
         weight = layer.base_layer.weight
         out[name] = [n for n, p in by_memory.get(memory_key(weight), ())
                      if share_memory(p, weight) and not n.startswith(f"{name}.base_layer.")]

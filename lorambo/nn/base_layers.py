@@ -7,7 +7,7 @@ import sys
 import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
-from torch.nn.utils import prune
+from torch.nn.utils import parametrize, prune
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
@@ -163,6 +163,20 @@ def features(module: nn.Module, kind: str) -> tuple[int, int]:
     if kind == "linear":
         return module.in_features, module.out_features
     return module.weight.shape[0], module.weight.shape[1]
+
+
+def weight_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The base weight's dtype and device, without computing a parametrized weight: each read of a
+    spectral_norm weight in training mode runs a power iteration, so reads at wrap time would make
+    the wrapped layer's outputs differ from the unwrapped one's. A parametrized weight's are those
+    of its (first) unconstrained tensor; torch keeps the shape, and the forward checks dtype and
+    device of the computed weight."""
+    if parametrize.is_parametrized(module, "weight"):
+        chain = module.parametrizations.weight
+        source = chain.original if chain.is_tensor else chain.original0
+        return source.dtype, source.device
+    weight = module.weight
+    return weight.dtype, weight.device
 
 
 def weight_out_in(module: nn.Module, kind: str) -> torch.Tensor:

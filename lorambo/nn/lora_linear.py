@@ -130,8 +130,9 @@ class LoRAMBoLinear(AdapterMerge, nn.Module):
                             f"{base_layers.unwrappable_reason(base)}")
         # An integer or complex base could never run (forward checks the same), so refuse it here,
         # before its parameters are frozen and where the mistake is made.
-        if not base.weight.dtype.is_floating_point:
-            raise TypeError(f"{self._label}: the base weight has dtype {base.weight.dtype}; LoRAMBoLinear computes "
+        weight_dtype, weight_device = base_layers.weight_dtype_device(base)  # no parametrization run
+        if not weight_dtype.is_floating_point:
+            raise TypeError(f"{self._label}: the base weight has dtype {weight_dtype}; LoRAMBoLinear computes "
                             "in a real floating dtype (float32, float64, bfloat16 or float16)")
         self.base_kind = kind
         self.base_layer = base
@@ -169,13 +170,12 @@ class LoRAMBoLinear(AdapterMerge, nn.Module):
         if self.scaling == 0.0:  # B A would be multiplied by 0 in the forward and in every gradient
             raise ValueError(f"{self._label}: scaling is 0 (alpha={self.alpha!r}), so the adapter would add nothing "
                              "and its pools would never get a gradient; give a nonzero alpha (default: the rank)")
-        check_settings_fit(self._label, base.weight.dtype, self.scaling, self.dropout, alpha=self.alpha)
+        check_settings_fit(self._label, weight_dtype, self.scaling, self.dropout, alpha=self.alpha)
         for param in base.parameters():
             param.requires_grad_(False)
         note_frozen(base.parameters(), self._label)  # an optimizer that steps only these trains nothing: warn then
-        weight = base.weight
-        self.lora_A = nn.Parameter(torch.zeros(capacity, self.in_features, dtype=weight.dtype, device=weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, capacity, dtype=weight.dtype, device=weight.device))
+        self.lora_A = nn.Parameter(torch.zeros(capacity, self.in_features, dtype=weight_dtype, device=weight_device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, capacity, dtype=weight_dtype, device=weight_device))
         self._rank = 0
         self._rank_tensor = rank_tensor(0)  # the rank as torch.compile reads it (traced_rank)
         self._slots = PoolSlots(0)

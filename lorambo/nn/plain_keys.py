@@ -16,11 +16,21 @@ __all__ = ["plain_keys_to_base_layer"]
 _OWN_KEYS = ("lora_A", "lora_B", "_extra_state")
 
 
+def _state_keys(module, prefix: str, out: dict) -> None:
+    """The keys ``module.state_dict()`` writes, without its state_dict hooks: a load must not run
+    the user's save-time hooks (which may log, copy or gather); ``_save_to_state_dict`` is each
+    module's own part (parameters, persistent buffers, extra state, a subclass's own keys)."""
+    module._save_to_state_dict(out, prefix, keep_vars=True)  # keep_vars: references, no copies
+    for name, child in module._modules.items():
+        if child is not None:
+            _state_keys(child, f"{prefix}{name}.", out)
+
+
 def _base_keys(base) -> list[str]:
     """The keys of ``base``'s own state_dict (a parametrization's originals and buffers
     included), and ``weight`` / ``bias``, the plain layer's names whatever the base holds."""
     keys = dict.fromkeys(("weight", "bias"))
-    keys.update(dict.fromkeys(base.state_dict(keep_vars=True)))  # keep_vars: references, no copies
+    _state_keys(base, "", keys)
     return [key for key in keys if key not in _OWN_KEYS]
 
 

@@ -36,17 +36,18 @@ and skips inf steps itself, also for ``fused=True``. ``differentiable=True`` is 
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from lorambo.nn.optimizer_state import SLOT_STEP
 from lorambo.nn.slots import local_slots, pool_slots
 from lorambo.ops.backend import compiled_multi_tensor_where, ready_on_cpu, use_compiled_multi_tensor
 from lorambo.ops.compile_support import run_eagerly
+from lorambo.optim.hyperparameters import check_adamw_settings
 from lorambo.sharding import is_sharded, local_tensor
 
 __all__ = ["AdamW"]
@@ -302,6 +303,13 @@ class AdamW(torch.optim.AdamW):
 
     if not TYPE_CHECKING:  # type checkers see torch.optim.AdamW's signature, which this passes on whole
         def __init__(self, params, *args, **kwargs):
+            try:
+                given = inspect.signature(torch.optim.AdamW.__init__).bind(self, params, *args, **kwargs)
+            except TypeError:
+                given = None  # torch names the wrong argument itself
+            if given is not None:  # before torch's own checks, whose messages name neither class nor argument
+                given.apply_defaults()
+                check_adamw_settings(given.arguments)
             super().__init__(params, *args, **kwargs)
             if any(group.get("differentiable", False) for group in self.param_groups):
                 raise ValueError("lorambo.optim.AdamW: differentiable=True is not supported")
@@ -310,13 +318,9 @@ class AdamW(torch.optim.AdamW):
             self._step_supports_amp_scaling = False
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        # torch checks only the signs of these: 10**400 would fail at the first step with an
-        # OverflowError naming nothing, and inf would give inf/NaN pools; refused before the group joins
-        settings = {**self.defaults, **param_group}
-        for key in ("lr", "eps", "weight_decay"):
-            value = settings.get(key)
-            if not (torch.is_tensor(value) or is_finite_number(value)):
-                raise ValueError(f"lorambo.optim.AdamW: {key}={shown_number(value)} must be a finite number")
+        # torch checks no group's values: 10**400 would fail at the first step with an OverflowError
+        # naming nothing, and inf or a beta of 1 would give inf/NaN pools; refused before the group joins
+        check_adamw_settings({**self.defaults, **param_group})
         super().add_param_group(param_group)
 
     @torch.no_grad()

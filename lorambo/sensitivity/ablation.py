@@ -116,7 +116,7 @@ def ablation_scores(model: torch.nn.Module, loss_fn: LossFn, batches: Batches,
     # every process must run as many evaluations (one collective each) over the same components
     failure = SharedFailure("ablation_scores")
     with failure:
-        batches = as_batch_list(batches)
+        batches = as_batch_list(batches, "ablation_scores")
         targets = lora_targets(model, modules)
         everyone = lora_targets(model)
         failure.settings = {"targets": list(targets), "ranks": {n: m.rank for n, m in everyone.items()},

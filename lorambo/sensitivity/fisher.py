@@ -513,7 +513,8 @@ class FisherProxy:
         flat = failure.sum_and_check(stats.reshape(-1))
         all_rows = [flat[i:i + 5] for i in range(0, len(flat), 5)]
         names = [t.name for t, row in zip(self.targets, all_rows) if row[2] > 0]
-        unreached = [t.name for t in self.targets if t.name not in names]
+        reached = set(names)
+        unreached = [t.name for t in self.targets if t.name not in reached]
         if unreached and not names:
             raise RuntimeError(f"FisherProxy saw no backward pass through layer {unreached[0]!r} "
                                f"yet, nor through any other of its layers {unreached[:5]}: it records only "

@@ -22,8 +22,9 @@ Batches = Iterable[Any]
 LossFn = Callable[[Any, Any], torch.Tensor | Mapping[str, Any]]
 
 
-def as_batch_list(batches) -> list:
-    """Materialise ``batches`` as a list: estimators visit every batch once per pass.
+def as_batch_list(batches, who: str) -> list:
+    """Materialise ``batches`` as a list: estimators visit every batch once per pass. ``who``: the
+    public function named in the errors.
 
     Empty is a ValueError, except under a process group of two or more processes: there a process
     without batches adds nothing to the sums and counts the estimators reduce over processes (so
@@ -34,7 +35,7 @@ def as_batch_list(batches) -> list:
     draws a seed from it (its workers' base seed, and a shuffling sampler's), which would shift
     the training run's dropout masks and data order after every measurement and rank decision."""
     if isinstance(batches, (torch.Tensor, Mapping, str, bytes)) or not isinstance(batches, Iterable):
-        raise TypeError(f"batches must be an iterable of batches (e.g. a list), got "
+        raise TypeError(f"{who}: batches must be an iterable of batches (e.g. a list), got "
                         f"{type(batches).__name__}; wrap a single batch as [batch]")
     if isinstance(batches, DataLoader):
         with torch.random.fork_rng(devices=[]):
@@ -42,7 +43,7 @@ def as_batch_list(batches) -> list:
     else:  # a user's generator may draw its batches from the global generator on purpose
         batches = list(batches)
     if not batches and world_size() <= 1:
-        raise ValueError("no batches: `batches` is empty")
+        raise ValueError(f"{who}: no batches: `batches` is empty")
     return batches
 
 

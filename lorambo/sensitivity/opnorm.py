@@ -51,7 +51,7 @@ def hessian_opnorm(model: torch.nn.Module, loss_fn: LossFn, batches: Batches,
     # a NaN or negative tol never stops, None failed mid-loop with a TypeError
     if not (is_finite_number(tol) and tol >= 0.0):
         raise ValueError(f"tol must be a finite number >= 0, got {shown_number(tol)}")
-    batches = as_batch_list(batches)
+    batches = as_batch_list(batches, "hessian_opnorm")
     targets = find_targets(model, modules)
     refuse_sharded_weights(targets, "hessian_opnorm")
     refuse_parametrized_weights(targets, "hessian_opnorm")

@@ -38,7 +38,7 @@ def gradient_sensitivity(model: torch.nn.Module, loss_fn: LossFn, batches: Batch
     """
     require_module(model, "gradient_sensitivity")
     bar_on = show_bar(progress, "gradient_sensitivity")
-    batches = as_batch_list(batches)
+    batches = as_batch_list(batches, "gradient_sensitivity")
     targets = find_targets(model, modules)
     refuse_sharded_weights(targets, "gradient_sensitivity")
     refuse_parametrized_weights(targets, "gradient_sensitivity")
@@ -131,7 +131,7 @@ def data_covariance(model: torch.nn.Module, loss_fn: LossFn, batches: Batches,
     """
     require_module(model, "data_covariance")
     bar_on = show_bar(progress, "data_covariance")
-    batches = as_batch_list(batches)
+    batches = as_batch_list(batches, "data_covariance")
     targets = find_targets(model, modules)
     sums: dict[int, torch.Tensor] = {}
     counts = torch.zeros(len(targets), dtype=torch.float64)

@@ -78,7 +78,7 @@ def hessian_trace(model: torch.nn.Module, loss_fn: LossFn, batches: Batches,
         raise ValueError("stderr_target (early stopping) is only supported for method='hutchinson'")
     if stderr_target is not None and not stderr_target > 0:
         raise ValueError(f"stderr_target must be > 0, got {stderr_target!r}")
-    batches = as_batch_list(batches)
+    batches = as_batch_list(batches, "hessian_trace")
     targets = find_targets(model, modules)
     refuse_sharded_weights(targets, "hessian_trace")
     refuse_parametrized_weights(targets, "hessian_trace")
