@@ -1,7 +1,8 @@
 """Random sequences of training steps under a LoRAMBoOptimizer (online growth, rank moves, ALoRA
 or no online decisions; thresholds, budgets and rank bounds drawn) on a float64 model of four
 LoRAMBoLinear layers of different shapes and a ``modules_to_save`` head, one layer's lora_B
-optionally frozen, checked after every rule against docs/allocation.md.
+optionally frozen, trained by make_optimizer's AdamW or torch's SGD with momentum (passed as
+``optimizer=``), checked after every rule against docs/allocation.md.
 
 Two runs are driven with the same rules from the same start: ``main`` and ``shadow``. ``main``
 is checkpointed as "Checkpoints and resume" shows (``save_adapter`` + ``opt.state_dict()``),
@@ -22,7 +23,7 @@ same ``log_path``); ``restart_steps`` (a second loop from step 0).
 Invariants: ``Σ r (d + k)`` within ``total_budget`` (and ``initial_budget`` right after an
 allocation), every rank within [min_rank, max_rank] and its capacity (an allocation's
 ``min_rank`` may not fit capacity), ALoRA's rank sum conserved, inactive slots of the pools,
-their gradients and AdamW moments exactly zero, the model's output equal to a float64
+their gradients and the optimizer's moments exactly zero, the model's output equal to a float64
 recomputation from the base weights and the active pool slices, scalings fixed, decision records
 replaying to the observed rank changes with ``spent`` as logged, ``read_decisions(log_path)``
 equal to ``opt.decisions``, and no warning but the documented repeat-step one.
@@ -116,11 +117,13 @@ class AllocatorMachine(RuleBasedStateMachine):
                 warmup=st.integers(0, 2), interval=st.integers(1, 3), stop_step=st.sampled_from([None, 5, 8]),
                 sketch_rank=st.integers(1, 2), power_iters=st.integers(0, 2), max_tokens=st.sampled_from([None, 3]),
                 alora_rounds=st.integers(1, 3), n_prune=st.integers(1, 2), frozen_b=st.booleans(),
-                alpha=st.sampled_from([None, 2.0]), weight_decay=st.sampled_from([0.0, 0.1]),
+                alpha=st.sampled_from([None, 2.0]), capacity=st.sampled_from([None, None, 3, {"l0": 2, "l2": 6}]),
+                sgd=st.booleans(),
+                weight_decay=st.sampled_from([0.0, 0.1]),
                 seed=st.integers(0, 2**16))
     def build(self, mode, sensitivity, budgets, min_rank, max_rank, threshold, move_threshold, warmup, interval,
               stop_step, sketch_rank, power_iters, max_tokens, alora_rounds, n_prune, frozen_b, alpha,
-              weight_decay, seed):
+              capacity, sgd, weight_decay, seed):
         self.min_rank, self.max_rank = min_rank, max_rank
         initial, total = self.fitting(budgets)
         self.earlier_records = {}
@@ -132,7 +135,7 @@ class AllocatorMachine(RuleBasedStateMachine):
                            target_modules=list(NAMES), modules_to_save=["head"], min_rank=min_rank,
                            max_rank=max_rank, seed=seed % 5, alpha=alpha, loss_improvement_threshold=threshold,
                            sketch_rank=sketch_rank, power_iters=power_iters, max_tokens=max_tokens,
-                           heldout_batches=self.heldout, loss_fn=mse)
+                           heldout_batches=self.heldout, loss_fn=mse, capacity=capacity)
         if mode == "alora":
             self.kwargs.update(allocation="alora",
                                alora=dict(k1=warmup, k2=interval, rounds=alora_rounds, n_prune=n_prune))
@@ -140,6 +143,7 @@ class AllocatorMachine(RuleBasedStateMachine):
             self.kwargs.update(warmup_steps=warmup, interval=interval, stop_step=stop_step)
             if mode == "moves":
                 self.kwargs.update(move_threshold=move_threshold, max_moves=2)
+        self.sgd = sgd
         self.adamw = dict(lr=2e-2, weight_decay=weight_decay)
         base = base_net(seed)
         self.weights = {n: (getattr(base, n).weight.detach().clone(),
@@ -172,7 +176,17 @@ class AllocatorMachine(RuleBasedStateMachine):
             opt.configure()
         if self.frozen_b:
             model.l1.lora_B.requires_grad_(False)  # a layer left out of online decisions
-        return Run(model, opt, opt.make_optimizer(**self.adamw), self.dir / log_name)
+        return Run(model, opt, self.torch_optimizer(opt, model), self.dir / log_name)
+
+    def torch_optimizer(self, opt, model):
+        """make_optimizer's lorambo.optim.AdamW, or torch's SGD with momentum, which every rank
+        change must then be given (docs/allocation.md)."""
+        if not self.sgd:
+            return opt.make_optimizer(**self.adamw)
+        return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], momentum=0.9, **self.adamw)
+
+    def passed(self, run):
+        return run.torch_opt if self.sgd else None  # None: make_optimizer's, the default
 
     def runs(self):
         return (self.main, self.shadow)
@@ -214,8 +228,8 @@ class AllocatorMachine(RuleBasedStateMachine):
                 with opt.capture(step, batch_of(s)):
                     (mse(run.model, batch_of(s)) / len(seeds)).backward()
                 if every_micro and i + 1 < len(seeds):
-                    calls.append(opt.step(step))
-            calls.append(opt.step(step))
+                    calls.append(opt.step(step, optimizer=self.passed(run)))
+            calls.append(opt.step(step, optimizer=self.passed(run)))
             run.torch_opt.step()
             run.torch_opt.zero_grad(set_to_none=set_to_none)
         # a call whose decision changed ranks is the step's last that takes one (docs/allocation.md)
@@ -310,7 +324,8 @@ class AllocatorMachine(RuleBasedStateMachine):
         ckpt = self.dir / "ckpt"
         with self.allowed_warnings():
             lorambo.save_adapter(run.model, ckpt)
-            torch.save({"lorambo": run.opt.state_dict(), "model": run.model.state_dict()}, ckpt / "state.pt")
+            torch.save({"lorambo": run.opt.state_dict(), "model": run.model.state_dict(),
+                        "optimizer": run.torch_opt.state_dict()}, ckpt / "state.pt")
         capacities = {n: layer.capacity for n, layer in lorambo.lora_layers(run.model).items()}
         for i, s in enumerate(lost):
             self.train(run, [s], False, True, self.step_no + i)
@@ -324,7 +339,9 @@ class AllocatorMachine(RuleBasedStateMachine):
                 model.load_state_dict(state["model"])
                 model.l1.lora_B.requires_grad_(not self.frozen_b)  # a state_dict holds no flags
             opt = LoRAMBoOptimizer(model, log_path=run.log, **self.kwargs)
-            torch_opt = opt.make_optimizer(**self.adamw)
+            torch_opt = self.torch_optimizer(opt, model)
+            if self.sgd:  # opt.state_dict() holds make_optimizer's only
+                torch_opt.load_state_dict(state["optimizer"])
             opt.load_state_dict(state["lorambo"])
         assert opt.current_ranks() == {n: layer.rank for n, layer in lorambo.lora_layers(model).items()}
         self.main = Run(model, opt, torch_opt, run.log)
@@ -336,7 +353,7 @@ class AllocatorMachine(RuleBasedStateMachine):
             frozen_rank = run.model.l1.rank
             with self.allowed_warnings():
                 run.opt.compute_optimal_ranks(self.batches, mse)
-                run.opt.configure()
+                run.opt.configure(optimizer=self.passed(run))
             self.check_allocation(run)
             if self.frozen_b:  # a layer whose lora_B is frozen keeps its rank
                 assert run.model.l1.rank == frozen_rank
@@ -363,7 +380,7 @@ class AllocatorMachine(RuleBasedStateMachine):
                 opt = LoRAMBoOptimizer(run.model, log_path=run.log, **self.kwargs)
                 opt.compute_optimal_ranks(self.batches, mse)
                 opt.configure(optimizer=run.torch_opt)  # the old phase's optimizer, replaced below
-            run.opt, run.torch_opt = opt, opt.make_optimizer(**self.adamw)
+            run.opt, run.torch_opt = opt, self.torch_optimizer(opt, run.model)
             self.check_allocation(run)
         self.rank_sum = sum(self.main.opt.current_ranks().values())
 
@@ -398,7 +415,7 @@ class AllocatorMachine(RuleBasedStateMachine):
                     if pool.grad is not None:
                         assert not inactive(pool.grad).any(), f"{n}.{label}.grad: inactive slot"
                     state = run.torch_opt.state.get(pool, {})
-                    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"):
                         if key in state:
                             assert not inactive(state[key]).any(), f"{n}.{label} {key}: inactive slot"
                 assert layer.scaling == self.scalings[n], n
