@@ -144,7 +144,7 @@ class AllocatorMachine(RuleBasedStateMachine):
             if mode == "moves":
                 self.kwargs.update(move_threshold=move_threshold, max_moves=2)
         self.sgd = sgd
-        self.adamw = dict(lr=2e-2, weight_decay=weight_decay)
+        self.optimizer_kwargs = dict(lr=2e-2, weight_decay=weight_decay)
         base = base_net(seed)
         self.weights = {n: (getattr(base, n).weight.detach().clone(),
                             None if getattr(base, n).bias is None else getattr(base, n).bias.detach().clone())
@@ -182,8 +182,8 @@ class AllocatorMachine(RuleBasedStateMachine):
         """make_optimizer's lorambo.optim.AdamW, or torch's SGD with momentum, which every rank
         change must then be given (docs/allocation.md)."""
         if not self.sgd:
-            return opt.make_optimizer(**self.adamw)
-        return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], momentum=0.9, **self.adamw)
+            return opt.make_optimizer(**self.optimizer_kwargs)
+        return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], momentum=0.9, **self.optimizer_kwargs)
 
     def passed(self, run):
         return run.torch_opt if self.sgd else None  # None: make_optimizer's, the default
