@@ -183,7 +183,8 @@ class AllocatorMachine(RuleBasedStateMachine):
         change must then be given (docs/allocation.md)."""
         if not self.sgd:
             return opt.make_optimizer(**self.optimizer_kwargs)
-        return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], momentum=0.9, **self.optimizer_kwargs)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.SGD(params, momentum=0.9, **self.optimizer_kwargs)
 
     def passed(self, run):
         return run.torch_opt if self.sgd else None  # None: make_optimizer's, the default
