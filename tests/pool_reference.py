@@ -176,25 +176,14 @@ class RefOptimizer:
                 state["step"] = 0
 
     def keep(self, layer: RefLayer, keep, old_rank: int) -> None:
-        """Kept slots' state moves to the front, the rest of the old active slots are zeroed."""
+        """Kept slots' state moves to the front, the rest of the old active slots are zeroed; so
+        does SGD's record of slots waiting for their first step (zeroed: not waiting)."""
         n, index = len(keep), torch.tensor(keep, dtype=torch.long)
         for pool in layer.pools():
-            for key in ("m", "v", "vmax", "buf", "slot_step"):
+            for key in ("m", "v", "vmax", "buf", "slot_step", "fresh"):
                 if key in pool.state:
-                    dim = 0 if key == "slot_step" else pool.slot_dim
+                    dim = 0 if key in ("slot_step", "fresh") else pool.slot_dim
                     value = pool.state[key]
                     kept = value.index_select(dim, index)
                     value.narrow(dim, 0, n).copy_(kept)
                     value.narrow(dim, n, old_rank - n).zero_()
-
-
-def keep_fresh_flags(layer: RefLayer, keep) -> None:
-    """SGD's record of slots waiting for their first step follows keep_components, with or
-    without the optimizer (it belongs to the slot)."""
-    for pool in layer.pools():
-        fresh = pool.state.get("fresh")
-        if fresh is not None:
-            moved = torch.zeros_like(fresh)
-            for j, s in enumerate(keep):
-                moved[j] = fresh[s]
-            fresh.copy_(moved)

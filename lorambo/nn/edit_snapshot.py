@@ -1,8 +1,9 @@
 """What a rank edit or merge changes, kept so that an edit another process could not make is
 taken back here too: under DDP and FSDP2 every process must hold the same ranks.
 
-A rank edit changes, in place, a layer's rank, slot ids, merge state and SGD slots waiting for
-their first step, its pools and their gradients, and the optimizer state of its pools.
+A rank edit changes, in place, a layer's rank, slot ids and merge state, its pools and their
+gradients, and the optimizer state of its pools (with SGD's slots waiting for their first step,
+:mod:`lorambo.nn.fresh_momentum`).
 :class:`EditSnapshot` records them and puts them back, into the same objects. It leaves out
 sharded (FSDP2 DTensor) parameters, gradients and optimizer state:
 :func:`lorambo.integrations.fsdp.full_pools` edits full copies of those and simply does not write
@@ -16,7 +17,6 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from lorambo.nn.fresh_momentum import new_slots_now, put_back_new_slots
 from lorambo.sharding import is_sharded
 
 __all__ = ["EditSnapshot"]
@@ -25,7 +25,7 @@ _LAYER_FIELDS = ("_slot_ids", "_slot_edits", "merged", "_weight_before_merge")
 
 
 class EditSnapshot:
-    """The rank, slot ids, merge state and waiting SGD slots of ``layers``, and the values,
+    """The rank, slot ids and merge state of ``layers``, and the values,
     gradients and optimizer state (in each of ``optimizers``) of ``params`` that are not
     sharded, as they are now; :meth:`restore` puts them back: the same gradient objects (a
     gradient the edit set to None too, and none where there was none), and no optimizer state
@@ -33,8 +33,8 @@ class EditSnapshot:
 
     def __init__(self, layers: Iterable[nn.Module], params: Iterable[torch.Tensor], optimizers: Iterable):
         params = list(params)
-        self.layers = [(layer, layer.rank, {f: _copied(layer.__dict__.get(f)) for f in _LAYER_FIELDS},
-                        new_slots_now(layer)) for layer in layers]
+        self.layers = [(layer, layer.rank, {f: _copied(layer.__dict__.get(f)) for f in _LAYER_FIELDS})
+                       for layer in layers]
         # (parameter, its values, its .grad object or None, that gradient's values)
         self.values = [(p, p.detach().clone(), p.grad, None if p.grad is None else p.grad.clone())
                        for p in params if not is_sharded(p)]
@@ -58,10 +58,9 @@ class EditSnapshot:
 
     @torch.no_grad()
     def restore(self) -> None:
-        for layer, rank, fields, waiting in self.layers:
+        for layer, rank, fields in self.layers:
             layer._set_active_rank(rank)
             layer.__dict__.update(fields)
-            put_back_new_slots(layer, waiting)
         for param, value, grad, grad_values in self.values:
             param.copy_(value)
             if grad is not None:  # the same object: a DDP bucket view stays one

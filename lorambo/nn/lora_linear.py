@@ -24,7 +24,7 @@ from torch import nn
 
 from lorambo.nn import base_layers
 from lorambo.nn.finite_numbers import is_finite_number, shown_number
-from lorambo.nn.fresh_momentum import install_fresh_momentum, move_new_slots, restore_new_slots
+from lorambo.nn.fresh_momentum import install_fresh_momentum
 from lorambo.nn.frozen_bases import note_frozen, note_pool_replaced
 from lorambo.nn.frozen_growth import warn_if_frozen_growth
 from lorambo.nn.inactive_slots import zero_inactive_after_steps
@@ -186,7 +186,7 @@ class LoRAMBoLinear(AdapterMerge, nn.Module):
         self._weight_before_merge: torch.Tensor | None = None
         self.set_rank(rank)
         track_optimizers()  # so that a rank change can tell when its optimizer= is missing
-        install_fresh_momentum()  # an SGD resumed from a state_dict takes in its waiting new slots
+        install_fresh_momentum()  # an SGD resumed from a state_dict starts its waiting new slots
         refuse_unsupported_optimizers()
         zero_inactive_after_steps()
         self.register_state_dict_post_hook(_unmerged_base_weight)
@@ -214,7 +214,6 @@ class LoRAMBoLinear(AdapterMerge, nn.Module):
             self._rank_tensor = rank_tensor(self._rank)
         move_counter_past(self.__dict__.get("_slot_ids", ()))  # ids made by the pickling process
         self._tag_pools()  # deepcopy / unpickling rebuilds the Parameters without their tags
-        restore_new_slots(self)  # ... and without the SGD records of slots not stepped yet
         # unpickled in another process (torch.load of a whole model, a model handed to mp.spawn),
         # where no __init__ ran: install the process-wide optimizer hooks a new layer installs
         track_optimizers()
@@ -455,7 +454,6 @@ class LoRAMBoLinear(AdapterMerge, nn.Module):
             grad.narrow(dim, n, old - n).zero_()
         self._set_active_rank(n)
         keep_ids(self, keep, old)
-        move_new_slots(self, keep)  # with or without the optimizer: the record belongs to the slot
         if keep != list(range(old)):
             warn_if_state_left_behind(self, optimizer, f"slots {keep} of {old} kept")
         if write_state is not None:

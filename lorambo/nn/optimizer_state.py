@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from lorambo.ext.ops import slot_state_tensors, state_tensors
-from lorambo.nn.fresh_momentum import mark_new_slots, take_loaded_records
+from lorambo.nn.fresh_momentum import mark_new_slots, move_new_slots
 from lorambo.nn.fresh_state import fresh_scalar_values, fresh_state_values, step_scales_updates
 from lorambo.nn.optimizer_argument import OptimizerArgument, each_optimizer, optimizer_argument
 from lorambo.nn.optimizer_kind import optimizer_kind
@@ -170,8 +170,6 @@ def prepared_slot_reset(optimizer, layer, slots: Sequence[int] | range,
         raise ValueError(f"{layer._label}: slots {bad} outside [0, capacity = {layer.capacity})")
     if not slots:
         return lambda: None
-    for one in each_optimizer(checked, layer):
-        take_loaded_records(one)  # an SGD's waiting slots from a loaded state_dict: reset with the rest
     writes = [_prepared_reset(one, layer, slots, all_active_new) for one in each_optimizer(checked, layer)]
 
     def write() -> None:
@@ -234,8 +232,6 @@ def gathered_slot_state(optimizer, layer, keep: Sequence[int], old_rank: int) ->
     checked = optimizer_argument(optimizer, "gather_slot_state")
     if list(keep) != list(range(old_rank)):
         check_slot_state_editable(checked, layer)
-    for one in each_optimizer(checked, layer):
-        take_loaded_records(one)  # an SGD's waiting slots from a loaded state_dict move with their slots
     writes = [_gathered_slots(one, layer, keep, old_rank) for one in each_optimizer(checked, layer)]
 
     def write() -> None:
@@ -257,5 +253,6 @@ def _gathered_slots(optimizer, layer, keep: Sequence[int], old_rank: int) -> Cal
             value.narrow(dim, 0, n).copy_(kept)
             if old_rank > n:
                 value.narrow(dim, n, old_rank - n).zero_()
+        move_new_slots(optimizer, layer, keep, old_rank)  # SGD's slots waiting for their first step
 
     return write

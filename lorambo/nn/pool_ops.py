@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from lorambo.nn.fresh_momentum import move_new_slots, take_loaded_records
+from lorambo.nn.fresh_momentum import move_new_slots
 from lorambo.nn.optimizer_argument import OptimizerArgument, each_optimizer, optimizer_argument
 from lorambo.nn.optimizer_state import check_slot_state_editable
 from lorambo.nn.optimizer_tracking import warn_if_state_left_behind
@@ -43,8 +43,6 @@ def keep_components_many(plans: Iterable[tuple[torch.nn.Module, Sequence[int]]],
     if len({id(layer) for layer in layers}) != len(layers):
         raise ValueError("keep_components_many: a layer appears twice; give each layer one plan")
     old = [layer.rank for layer in layers]
-    for one in each_optimizer(optimizer):
-        take_loaded_records(one)  # an SGD's waiting slots from a loaded state_dict move with their slots
     plans = [(layer, keep) for layer, keep in plans if keep != list(range(layer.rank))]  # the others keep all
     if not plans:
         return old
@@ -58,10 +56,10 @@ def keep_components_many(plans: Iterable[tuple[torch.nn.Module, Sequence[int]]],
             old_rank = layer.rank
             layer._set_active_rank(len(keep))
             keep_ids(layer, keep, old_rank)
-            move_new_slots(layer, keep)
             warn_if_state_left_behind(layer, optimizer, f"slots {keep} of {old_rank} kept")
             for one in each_optimizer(optimizer, layer):
                 restart_whole_vector_state(one, [layer])  # LBFGS: no per-slot state to move
+                move_new_slots(one, layer, keep, old_rank)  # SGD's slots waiting for their first step
     else:
         for layer, keep in plans:
             layer.keep_components(keep, optimizer)

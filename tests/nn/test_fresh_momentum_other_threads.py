@@ -1,42 +1,31 @@
 """SGD momentum starts of new slots (lorambo.nn.fresh_momentum) with several models in one
-process, each trained by its own thread: the step pre-hook looks up only its optimizer's own
-parameters, so another thread's rank change adding a record cannot crash the step with
-"dictionary changed size during iteration" (seen within seconds with two threads training two
-models when the hook listed the records of every model)."""
+process, each trained by its own thread: each SGD keeps its waiting slots in its own state, so
+another thread's rank change landing while a step looks up its records neither crashes the step
+("dictionary changed size during iteration", seen within seconds with two threads when the
+records of every model lived in one process-wide dictionary) nor loses either model's records."""
+
+from collections import defaultdict
 
 import torch
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from lorambo import LoRAMBoLinear
-from lorambo.nn import fresh_momentum
 
 DT = torch.float64
 
 
-class _AddedWhileListed(WeakIdKeyDictionary):
-    """The records, with another thread's rank change landing while they are being listed (the
-    one moment an addition breaks a step: between two entries of the listing)."""
+class _OtherThreadDuringLookups(defaultdict):
+    """An SGD's state, with another thread's rank change landing at the first lookup of a step."""
 
-    def __init__(self, other_thread):
-        super().__init__()
+    def __init__(self, state, other_thread):
+        super().__init__(dict, state)
         self.other_thread = other_thread
 
-    def _listing(self, entries):
-        for i, entry in enumerate(entries):
-            if i == 0 and self.other_thread is not None:
-                self.other_thread, run = None, self.other_thread
-                run()
-            yield entry
-
-    def items(self):
-        return self._listing(super().items())
-
-    def keys(self):
-        return self._listing(super().keys())
-
-    def __iter__(self):
-        return self._listing(super().__iter__())
+    def get(self, key, default=None):
+        if self.other_thread is not None:
+            self.other_thread, run = None, self.other_thread
+            run()
+        return super().get(key, default)
 
 
 def _stepped_sgd(seed):
@@ -63,13 +52,11 @@ def _grown_slot_starts_fresh(layer, opt, x):
     torch.testing.assert_close(opt.state[layer.lora_B]["momentum_buffer"][:, 2], d, rtol=1e-12, atol=0)
 
 
-def test_records_added_by_another_thread_during_a_step_are_kept(monkeypatch):
+def test_records_added_by_another_thread_during_a_step_are_kept():
     mine, my_opt, my_x = _stepped_sgd(0)
     theirs, their_opt, their_x = _stepped_sgd(1)
-    records = _AddedWhileListed(lambda: theirs.set_rank(3, optimizer=their_opt))
-    monkeypatch.setattr(fresh_momentum, "_PENDING", records)
     mine.set_rank(3, optimizer=my_opt)
+    my_opt.state = _OtherThreadDuringLookups(my_opt.state, lambda: theirs.set_rank(3, optimizer=their_opt))
     _grown_slot_starts_fresh(mine, my_opt, my_x)  # the other thread grows its model meanwhile
-    theirs.set_rank(3, optimizer=their_opt)  # a no-op if it grew during the step; else it grows now
+    assert my_opt.state.other_thread is None  # it did
     _grown_slot_starts_fresh(theirs, their_opt, their_x)
-    assert len(records) == 0
