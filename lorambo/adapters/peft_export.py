@@ -27,6 +27,7 @@ from lorambo.adapters.peft_task import TASK_HEADS, peft_task_type
 from lorambo.model import lora_layers
 from lorambo.model.argument import require_module, require_path
 from lorambo.model.modules_to_save import modules_to_save
+from lorambo.model.targeting import dot_suffixes
 from lorambo.model.unwrap import unwrap_model
 from lorambo.user_warnings import warn_user
 
@@ -38,9 +39,9 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
     with one of them; then an exact regex, since peft full-matches a string pattern."""
     targets = set(names)
     others = [n for n, _ in model.named_modules() if n not in targets]
-    # o ends with "." + a target: the part of o after one of its dots is a target (a set lookup
-    # per dot, not an endswith per target: n^2 for a model of n adapters)
-    if any(o[i + 1:] in targets for o in others for i, c in enumerate(o) if c == "."):
+    # o ends with "." + a target: a set lookup per dot of o, not an endswith per target (n^2 for
+    # a model of n adapters)
+    if any(suffix in targets for o in others for suffix in dot_suffixes(o)):
         return "(" + "|".join(re.escape(n) for n in names) + ")"
     return names
 

@@ -48,6 +48,12 @@ def suffix_match(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
+def dot_suffixes(name: str) -> list[str]:
+    """The parts of ``name`` after each of its dots (``a.b.c``: ``b.c``, ``c``): the targets
+    other than ``name`` itself that :func:`suffix_match` matches it to, to look up in a set."""
+    return [name[i + 1:] for i, c in enumerate(name) if c == "."]
+
+
 def _adaptable(module: nn.Module) -> bool:
     return isinstance(module, LoRAMBoLinear) or is_wrappable(module)
 
@@ -170,7 +176,7 @@ def find_targets(model: nn.Module, target_modules: str | Iterable[str] | None) -
     # their n full names (a ranks file's keys) is looked up, not scanned n times
     by_suffix: dict[str, list[str]] = {}
     for n in modules:
-        for suffix in (n[i + 1:] for i, c in enumerate(n) if c == "."):
+        for suffix in dot_suffixes(n):
             by_suffix.setdefault(suffix, []).append(n)
         if n:
             by_suffix.setdefault(n, []).append(n)

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 __all__ = ["plain_keys_to_base_layer"]
 
-# a LoRAMBoLinear's own keys; the base layer's start with "base_layer."
-_OWN_KEYS = ("lora_A", "lora_B", "_extra_state")
+# the LoRAMBoLinear's own extra state (rank and settings) sits at the key a base's extra state
+# would have in the plain model: it stays the layer's
+_OWN_EXTRA_STATE = "_extra_state"
 
 
 def _state_keys(module, prefix: str, out: dict) -> None:
@@ -31,7 +32,7 @@ def _base_keys(base) -> list[str]:
     included), and ``weight`` / ``bias``, the plain layer's names whatever the base holds."""
     keys = dict.fromkeys(("weight", "bias"))
     _state_keys(base, "", keys)
-    return [key for key in keys if key not in _OWN_KEYS]
+    return [key for key in keys if key != _OWN_EXTRA_STATE]
 
 
 def plain_keys_to_base_layer(module, state_dict, prefix: str, *args) -> None:
