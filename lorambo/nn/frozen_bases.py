@@ -73,7 +73,7 @@ def note_pool_replaced(old, new) -> None:
 
 
 def records_version() -> int:
-    """Changes whenever :func:`note_unloaded` records a layer."""
+    """Changes whenever :func:`note_unloaded` records a layer or :func:`note_pool_replaced` a pool."""
     return _version
 
 
