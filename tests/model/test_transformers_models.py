@@ -79,11 +79,17 @@ def test_real_minilm_offline():
     from lorambo.experiments.minilm import embed, load_minilm
 
     model, tokenizer = load_minilm()
+    base64 = copy.deepcopy(model).double()
     texts = ["The quick brown fox jumps over the lazy dog.", "Return the filename of the source."]
     base = embed(model, tokenizer, texts)
     configure_model(model, {"encoder.layer.0.attention.self.query": 4, "encoder.layer.5.output.dense": 8})
     torch.testing.assert_close(embed(model, tokenizer, texts), base)
     _fill_b(model, std=0.02)
     changed = embed(model, tokenizer, texts)
-    assert 1e-4 < (changed - base).abs().max() < 0.5
+    batch = dict(tokenizer(texts, padding=True, return_tensors="pt"))
+    hidden = run_reference(base64, model, kwargs=batch)[0].last_hidden_state
+    mask = batch["attention_mask"][..., None].double()
+    want = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)  # masked mean, unit norm
+    torch.testing.assert_close(changed.double(), want, rtol=1e-5, atol=1e-6)
+    assert (changed - base).abs().max() > 1e-4  # the adapters show
     assert len(lora_layers(model)) == 2 and model.config.hidden_size == 384
