@@ -22,6 +22,17 @@ if not torch.cuda.is_available():
 import lorambo  # noqa: E402
 
 
+def pytest_configure(config):
+    # CI builds the extension and sets LORAMBO_REQUIRE_EXT=1: a missing or broken build then stops
+    # the run here, whichever tests were selected, instead of skipping each test that needs it.
+    if os.environ.get("LORAMBO_REQUIRE_EXT") == "1":
+        from lorambo.ext import loader
+
+        if loader.load() is None:
+            raise pytest.UsageError(f"LORAMBO_REQUIRE_EXT=1 but lorambo._C is not available: "
+                                    f"{loader._state.get('error')}")
+
+
 @pytest.fixture(autouse=True)
 def _fresh_state(request):
     # Seed from the test's name: fresh random inputs per test, reproducible per test and across

@@ -45,6 +45,7 @@ def test_values_within_range_are_rounded_once(tmp_path):
     src = trained().double()
     save_adapter(src, tmp_path / "a.safetensors")
     loaded = load_adapter(net().half(), tmp_path / "a.safetensors")
+    assert lora_layers(loaded).keys() == lora_layers(src).keys() and lora_layers(src)
     for name, layer in lora_layers(loaded).items():
         ref = lora_layers(src)[name]
         r = ref.rank

@@ -244,8 +244,9 @@ def test_bench_host_overhead_records_machine_and_commit_and_summarises(tmp_path,
     bench.main(["--summary", str(out)])
     table = capsys.readouterr().out
     assert "| configure_model_48 |" in table and "| here |" in table
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exc:
         bench.main(["--repeats", "6", "--no-save"])
+    assert exc.value.code == 2 and "--repeats must be at least 7" in capsys.readouterr().err
 
 
 def test_bench_lora_linear_report_shows_only_the_latest_runs_device(tmp_path):

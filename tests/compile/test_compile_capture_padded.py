@@ -43,10 +43,12 @@ def train(compile_kwargs):
     opt = alloc.make_optimizer(lr=1e-2)
     run = model if compile_kwargs is None else torch.compile(model, backend="aot_eager", **compile_kwargs)
     data = batches()
+    weights = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))
     for step in range(4):
         batch = data[step % 2]
         with alloc.capture(step, batch):
-            run(**batch).last_hidden_state.square().mean().backward()
+            out = run(**batch).last_hidden_state  # its square sums to 1 per token after BERT's LayerNorm
+            (out * batch["attention_mask"][..., None] * weights).sum().backward()
         alloc.step(step, optimizer=opt)
         opt.step()
         opt.zero_grad()

@@ -71,8 +71,10 @@ def test_spearman_ties_and_constants():
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([0, 0, 4, 8], [0, 0, 2, 8]) == pytest.approx(1.0)
     assert spearman([2, 2, 2], [0, 1, 2]) == 0.0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"spearman needs two sequences of the same length >= 2"):
         spearman([1], [1])
+    with pytest.raises(ValueError, match=r"spearman needs two sequences of the same length >= 2"):
+        spearman([1, 2, 3], [1, 2])
 
 
 def test_recovery_of_a_spread_allocation():

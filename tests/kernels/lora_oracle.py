@@ -65,6 +65,7 @@ def run_all(inputs, rank, scaling, dropout_p=0.0, seed=None, mask=None, grad_y=N
 
 def assert_close64(got, want, rtol=2e-5, what=""):
     """fp32 kernel vs float64 oracle: error relative to the tensor's scale."""
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"  # no broadcasting
     scale = want.abs().max().item() + 1e-30
     err = (got.double() - want).abs().max().item()
     assert err <= rtol * scale, f"{what}: max error {err:.3e} > {rtol:.0e} * scale {scale:.3e}"
@@ -73,6 +74,7 @@ def assert_close64(got, want, rtol=2e-5, what=""):
 def assert_tolerance_rule(got, torch_same_dtype, want, what=""):
     """docs/performance.md rule: error vs float64 <= 2x PyTorch's own error in the same dtype (plus a
     floor of 1e-6 of the scale for the case where PyTorch happens to be exact)."""
+    assert got.shape == torch_same_dtype.shape == want.shape, f"{what}: shapes differ"  # no broadcasting
     scale = want.abs().max().item()
     err = (got.double() - want).abs().max().item()
     ref_err = (torch_same_dtype.double() - want).abs().max().item()

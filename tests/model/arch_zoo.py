@@ -1,7 +1,7 @@
 """Tiny random transformers models, one per architecture family lorambo is tested on.
 
-``build(name, dtype)`` returns ``(model, batch)``; a class missing from the installed
-transformers skips the test with the reason. MoE experts run grouped matmuls that torch's CPU
+``build(name, dtype)`` returns ``(model, batch)``. Every class is in each transformers lorambo
+supports (>= 5.0, lorambo/optional.py): a missing one fails the test instead of skipping it. MoE experts run grouped matmuls that torch's CPU
 kernels take in float32 only, so ``DTYPES`` runs those models in float32.
 """
 
@@ -59,7 +59,7 @@ def build(name: str, seed: int = 0):
     model_cls, config_cls, kwargs = SPECS[name]
     model_cls, config_cls = getattr(transformers, model_cls, None), getattr(transformers, config_cls, None)
     if model_cls is None or config_cls is None:
-        pytest.skip(f"transformers {transformers.__version__} has no {SPECS[name][0]}")
+        pytest.fail(f"transformers {transformers.__version__} has no {SPECS[name][0]} / {SPECS[name][1]}")
     torch.manual_seed(seed)
     model = model_cls(config_cls(**kwargs)).to(dtype_of(name)).eval()
     g = torch.Generator().manual_seed(seed + 1)

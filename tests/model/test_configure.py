@@ -1,7 +1,10 @@
 """configure_model / lora_layers / unload: targeting (peft semantics), freezing, errors."""
 
+import copy
+
 import pytest
 import torch
+from adapted_reference import assert_pool_grads_match, run_reference
 from torch import nn
 
 import lorambo
@@ -64,11 +67,18 @@ def test_unload_without_merge_gives_back_the_original_function(mlp):
     assert torch.equal(mlp(x), y0)
 
 
-def test_backward_reaches_only_lora(mlp):
+def test_backward_reaches_only_lora_with_the_reference_gradients(mlp):
+    base64 = copy.deepcopy(mlp).double()
     configure_model(mlp, 2)
-    mlp(torch.randn(4, 8)).sum().backward()
+    with torch.no_grad():
+        for layer in lora_layers(mlp).values():
+            layer.lora_B.normal_()  # B = 0 would make every A gradient zero
+    x = torch.randn(4, 8)
+    mlp(x).sum().backward()
     assert all(p.grad is None for n, p in mlp.named_parameters() if "lora_" not in n)
-    assert mlp.blocks[1].down.lora_A.grad is not None
+    want, leaves = run_reference(base64, mlp, (x.double(),))
+    want.sum().backward()
+    assert_pool_grads_match(mlp, leaves, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -125,10 +135,11 @@ def test_a_bad_layer_leaves_the_model_untouched(mlp):
 
 
 def test_wrapping_existing_lora_layer_is_not_nested(mlp):
+    base = mlp.blocks[0].up
     configure_model(mlp, 2, target_modules=["up"])
     configure_model(mlp, 3, target_modules=["up"])
-    assert isinstance(mlp.blocks[0].up.base_layer, nn.Linear)
-    assert isinstance(lorambo.lora_layers(mlp)["blocks.0.up"], LoRAMBoLinear)
+    layer = lorambo.lora_layers(mlp)["blocks.0.up"]
+    assert type(layer) is LoRAMBoLinear and layer.base_layer is base and layer.rank == 3
 
 
 def test_frozen_record_is_what_unload_reenables(mlp):

@@ -50,11 +50,14 @@ def test_merged_layer_stops_the_whole_reconfiguration():
     assert model.v.rank == 4 and model.q.rank == 2 and model.q.merged
 
 
-@pytest.mark.parametrize("bad", [{"q": 2, "v": 99}, {"q": 2, "v": -1}, {"q": 2, "o": 2.5}])
-def test_bad_entry_after_good_ones_leaves_the_plain_model_untouched(bad):
+@pytest.mark.parametrize("bad, error, match", [
+    ({"q": 2, "v": 99}, ValueError, r"LoRAMBoLinear 'v': rank 99 exceeds min\(in, out\) = 6"),
+    ({"q": 2, "v": -1}, ValueError, r"LoRAMBoLinear 'v': rank -1 outside \[0, capacity = 6\]"),
+    ({"q": 2, "o": 2.5}, TypeError, r"LoRAMBoLinear 'o': rank must be an int, got 2\.5")])
+def test_bad_entry_after_good_ones_leaves_the_plain_model_untouched(bad, error, match):
     model = Attn()
     snap = _snapshot(model)
-    with pytest.raises((ValueError, TypeError)):
+    with pytest.raises(error, match=match):
         configure_model(model, bad, capacity=6)
     _assert_same(model, snap)
 

@@ -1,7 +1,10 @@
 """configure_model on real transformers architectures (tiny configs) and the real MiniLM."""
 
+import copy
+
 import pytest
 import torch
+from adapted_reference import assert_pool_grads_match, run_reference
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
@@ -41,6 +44,7 @@ def _out(model, ids):
 ])
 def test_swap_train_unload(build, targets, expected):
     model = build()
+    base64 = copy.deepcopy(model).double()
     ids = torch.randint(0, 64, (2, 10))
     y0 = _out(model, ids)
     configure_model(model, 2, target_modules=targets)
@@ -50,8 +54,13 @@ def test_swap_train_unload(build, targets, expected):
     _fill_b(model)
     y1 = _out(model, ids)
     assert not torch.allclose(y1, y0)
-    y1.square().mean().backward()
-    assert all(l.lora_A.grad is not None for l in layers.values())
+    want, leaves = run_reference(base64, model, kwargs={"input_ids": ids})
+    want = want.logits if hasattr(want, "logits") else want.last_hidden_state
+    torch.testing.assert_close(y1.double(), want, rtol=1e-5, atol=1e-5)
+    weights = torch.randn(want.shape, dtype=torch.float64)  # BERT's mean square output is 1 after its LayerNorm
+    (y1.double() * weights).sum().backward()
+    (want * weights).sum().backward()
+    assert_pool_grads_match(model, leaves, rtol=1e-4)
     unload(model)
     torch.testing.assert_close(_out(model, ids), y1, rtol=1e-4, atol=1e-5)
 
@@ -70,11 +79,17 @@ def test_real_minilm_offline():
     from lorambo.experiments.minilm import embed, load_minilm
 
     model, tokenizer = load_minilm()
+    base64 = copy.deepcopy(model).double()
     texts = ["The quick brown fox jumps over the lazy dog.", "Return the filename of the source."]
     base = embed(model, tokenizer, texts)
     configure_model(model, {"encoder.layer.0.attention.self.query": 4, "encoder.layer.5.output.dense": 8})
     torch.testing.assert_close(embed(model, tokenizer, texts), base)
     _fill_b(model, std=0.02)
     changed = embed(model, tokenizer, texts)
-    assert 1e-4 < (changed - base).abs().max() < 0.5
+    batch = dict(tokenizer(texts, padding=True, return_tensors="pt"))
+    hidden = run_reference(base64, model, kwargs=batch)[0].last_hidden_state
+    mask = batch["attention_mask"][..., None].double()
+    want = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)  # masked mean, unit norm
+    torch.testing.assert_close(changed.double(), want, rtol=1e-5, atol=1e-6)
+    assert (changed - base).abs().max() > 1e-4  # the adapters show
     assert len(lora_layers(model)) == 2 and model.config.hidden_size == 384

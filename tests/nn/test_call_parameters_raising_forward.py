@@ -42,8 +42,11 @@ def test_checkpointed_steps_and_raising_forwards_leave_no_call_behind(which):
         for _ in range(3):
             checkpoint(model, x, use_reentrant=False).sum().backward()
         assert calls._calls == {}
-        for bad in (torch.randn(8, 5, generator=g, dtype=DT), torch.randn(8, 6, generator=g, dtype=torch.float32)):
-            with pytest.raises((ValueError, TypeError)):  # wrong width, wrong dtype
+        for bad, error, match in (
+                (torch.randn(8, 5, generator=g, dtype=DT), ValueError, r"'0': input has last dim 5 .*in_features = 6"),
+                (torch.randn(8, 6, generator=g, dtype=torch.float32), TypeError,
+                 r"'0': input dtype torch\.float32 does not match weight dtype torch\.float64")):
+            with pytest.raises(error, match=match):
                 model(bad)
         assert calls._calls == {}
     finally:

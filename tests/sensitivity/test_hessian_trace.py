@@ -37,6 +37,7 @@ def test_stderr_shrinks_like_one_over_sqrt_probes(h):
     model, loss_fn, batches = h.make_mlp(seed=2)
     small = hessian_trace(model, loss_fn, batches, num_probes=16, seed=3)
     large = hessian_trace(model, loss_fn, batches, num_probes=256, seed=3)
+    assert set(small) == set(large) == {t.name for t in find_targets(model)} and len(small) >= 2
     for name in small:
         ratio = small[name].stderr / large[name].stderr
         assert 4 / 1.6 < ratio < 4 * 1.6, (name, ratio)
@@ -59,6 +60,7 @@ def test_batched_and_looped_agree(case, method):
     runs = [hessian_trace(model, loss_fn, batches, num_probes=24, method=method, seed=6,
                           probes_per_pass=ppp, batched=batched)
             for ppp, batched in ((1, None), (5, True), (8, True), (8, False))]
+    assert all(set(run) == {t.name for t in find_targets(model)} for run in runs) and len(runs[0]) >= 2
     for other in runs[1:]:
         for name, e in runs[0].items():
             assert other[name].value == pytest.approx(e.value, rel=1e-9, abs=1e-12)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from lorambo.sensitivity import hessian_opnorm
+from lorambo.sensitivity import find_targets, hessian_opnorm
 
 
 def test_matches_max_abs_eigenvalue(h, case):
@@ -23,6 +23,7 @@ def test_matches_max_abs_eigenvalue(h, case):
 def test_few_iterations_stop_at_num_iters_and_lower_bound(h):
     model, loss_fn, batches = h.make_attention(seed=1)
     est = hessian_opnorm(model, loss_fn, batches, num_iters=3, tol=0.0)
+    assert set(est) == {t.name for t in find_targets(model)} and len(est) >= 2
     for name, e in est.items():
         exact = float(torch.linalg.eigvalsh(
             h.dense_hessian(model, loss_fn, batches, h.weight_of(model, name))).abs().max())

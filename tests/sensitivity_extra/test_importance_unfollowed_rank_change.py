@@ -57,8 +57,12 @@ def test_scores_are_refused_until_the_tracker_follows_the_change(change):
 
 def test_changes_that_keep_every_slot_in_place_need_nothing():
     _, layers, tracker = _tracked()
+    before = tracker.component_scores()
     layers["1"].set_rank(3)
     layers["1"].keep_components([0, 1, 2])
     keep_components_many([(layers["0"], [0, 1, 2])])
-    tracker.component_scores()
+    scores = tracker.component_scores()  # not refused, and not reset
+    assert scores.keys() == before.keys()
+    for name in before:
+        torch.testing.assert_close(scores[name], before[name], rtol=0, atol=0)
     tracker.update()
