@@ -20,7 +20,7 @@ def cases(draw):
                 scaling=draw(st.floats(0.1, 4.0)), lead=draw(st.sampled_from([None, 2])))
 
 
-@settings(max_examples=int(os.environ.get("LORAMBO_SWEEP_EXAMPLES", "12")), deadline=None, derandomize=False,
+@settings(max_examples=int(os.environ.get("LORAMBO_SWEEP_EXAMPLES", "12")), deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(case=cases())
 def test_shape_sweep_matches_float64(case, device):
