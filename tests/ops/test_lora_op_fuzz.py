@@ -104,11 +104,11 @@ def cases(draw):
     return dict(
         lead=lead, k=draw(st.sampled_from([1, 3, 7, 13, 29, 47])), n=draw(st.sampled_from([1, 5, 11, 31, 43])),
         cap=cap, rank=rank, scaling=draw(st.sampled_from([1.0, 0.5, -2.0, 0.0, 3.7])),
-        bias=draw(st.booleans()), p=draw(st.sampled_from([0.0, 0.0, 0.25, 0.6])),
+        bias=draw(st.booleans()), p=draw(st.sampled_from([0.0, 0.0, 0.25, 0.6, 0.95])),
         dtype=draw(st.sampled_from([torch.float32, torch.float32, torch.float64, torch.bfloat16, torch.float16])),
-        layout=draw(st.sampled_from(LAYOUTS)), weight_t=draw(st.booleans()),
+        layout=draw(st.sampled_from(LAYOUTS)), weight_t=draw(st.booleans()), pools_t=draw(st.booleans()),
         grads=draw(st.sampled_from(["all", "x", "pools", "A", "B", "none", "weight"])),
-        seed=draw(st.integers(0, 2**40)), create_graph=draw(st.booleans()), seed_tensor=draw(st.booleans()),
+        seed=draw(st.one_of(st.integers(0, 2**40), st.sampled_from([2**31 - 1, 2**31, 2**32 + 5, 2**62, 2**63 - 1]))), create_graph=draw(st.booleans()), seed_tensor=draw(st.booleans()),
         grad_layout=draw(st.sampled_from(["contiguous", "expanded", "transposed"])))
 
 
@@ -126,7 +126,11 @@ def make(case):
     wants = GRADS[case["grads"]]
     leaves = {"x": rnd(*leaf_shape(case["layout"], case["lead"], k)),
               "weight": rnd(k, n) if case["weight_t"] else rnd(n, k),
-              "bias": rnd(n) if case["bias"] else None, "lora_A": rnd(cap, k), "lora_B": rnd(n, cap)}
+              "bias": rnd(2 * n)[::2] if case["bias"] else None,
+              "lora_A": rnd(k, cap) if case["pools_t"] else rnd(cap, k),
+              "lora_B": rnd(cap, n) if case["pools_t"] else rnd(n, cap)}
+    if leaves["bias"] is not None:
+        leaves["bias"] = leaves["bias"].detach()  # a strided leaf
     for name, t in leaves.items():
         if t is not None:
             t.requires_grad_(name in wants)
@@ -137,7 +141,8 @@ def inputs_of(leaves, case):
     w = leaves["weight"]
     return dict(x=lay_out(leaves["x"], case["layout"], case["lead"], case["k"]),
                 weight=w.t() if case["weight_t"] else w, bias=leaves["bias"],
-                lora_A=leaves["lora_A"], lora_B=leaves["lora_B"])
+                lora_A=leaves["lora_A"].t() if case["pools_t"] else leaves["lora_A"],
+                lora_B=leaves["lora_B"].t() if case["pools_t"] else leaves["lora_B"])
 
 
 def bound(case, m):
@@ -213,6 +218,8 @@ def run_case(backend, case):
     for name in wants:
         assert got[name].dtype == leaves[name].dtype and got[name].shape == leaves[name].shape, name
         check_close(got[name], g64[name], gmag[name], tol, floor, f"{backend} d{name} {case}")
+    if case["pools_t"]:  # the leaves are stored transposed; the op saw [cap, K] / [N, cap] views
+        got = {nm: (g.t() if nm in ("lora_A", "lora_B") else g) for nm, g in got.items()}
     if "lora_A" in got:
         assert torch.count_nonzero(got["lora_A"][rank:]) == 0, f"{backend}: dA inactive slots not zero {case}"
     if "lora_B" in got:
@@ -234,7 +241,7 @@ def grad_y_in_layout(g, layout):
 
 def case_of(**kw):
     base = dict(lead=(7,), k=13, n=11, cap=5, rank=5, scaling=1.0, bias=True, p=0.0, dtype=torch.float32,
-                layout="contiguous", weight_t=False, grads="all", seed=1, create_graph=False,
+                layout="contiguous", weight_t=False, pools_t=False, grads="all", seed=1, create_graph=False,
                 seed_tensor=False, grad_layout="contiguous")
     base.update(kw)
     return base
