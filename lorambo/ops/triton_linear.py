@@ -24,8 +24,7 @@ from torch import Tensor
 
 from lorambo.ops.custom_op import define_lora_op
 from lorambo.ops.output_rows import rows_to_output
-
-_MAX_SEED = 2**63 - 1
+from lorambo.ops.seed_argument import check_seed
 
 
 def _kernels():
@@ -84,14 +83,7 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, see
     if isinstance(dropout_p, Tensor) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"lora_linear_triton: dropout_p {dropout_p!r} must be a float in [0, 1)")
     if dropout_p > 0.0:
-        if seed is None:
-            raise ValueError("lora_linear_triton: dropout_p > 0 needs an integer seed")
-        if isinstance(seed, Tensor):
-            if seed.dim() != 0 or seed.dtype != torch.int64 or seed.device.type != "cpu":
-                raise ValueError(f"lora_linear_triton: a tensor seed must be a 0-d int64 CPU tensor, got "
-                                 f"shape {tuple(seed.shape)}, {seed.dtype} on {seed.device}")
-        elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= _MAX_SEED:
-            raise ValueError(f"lora_linear_triton: seed must be an int in [0, 2**63), got {seed!r}")
+        check_seed("lora_linear_triton", seed)
 
 
 # ---------------------------------------------------------------------------- custom ops
