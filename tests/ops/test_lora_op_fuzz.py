@@ -13,12 +13,14 @@ from the dtype's epsilon and the reduction length (elementwise, from the same fo
 inactive pool slots' gradients exactly zero, inputs unmodified, output shape and dtype.
 """
 
+import contextlib
 import os
 
 import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
 
 from lorambo.ops.lora_linear_ref import dropout_mask, lora_linear_reference
 
@@ -115,7 +117,8 @@ def cases(draw):
         grads=draw(st.sampled_from(sorted(GRADS)) | st.frozensets(st.sampled_from(NAMES)).map(
             lambda names: tuple(sorted(names)))),
         seed=draw(st.one_of(st.integers(0, 2**40), st.sampled_from([2**31 - 1, 2**31, 2**32 + 5, 2**62, 2**63 - 1]))), create_graph=draw(st.booleans()), seed_tensor=draw(st.booleans()),
-        grad_layout=draw(st.sampled_from(["contiguous", "expanded", "transposed"])))
+        grad_layout=draw(st.sampled_from(["contiguous", "expanded", "transposed"])),
+        custom_op=draw(st.booleans()))
 
 
 
@@ -191,8 +194,10 @@ def run_case(backend, case):
     m = int(torch.tensor(lead).prod())
     wants = [name for name in NAMES if leaves[name] is not None and leaves[name].requires_grad]
 
-    grad_ctx = torch.enable_grad() if wants else torch.no_grad()
-    with grad_ctx:
+    # under a TorchDispatchMode the ops run as torch.library custom ops (their registered autograd),
+    # not through the eager autograd.Function: another path to the same kernels
+    mode = FlopCounterMode(display=False) if case["custom_op"] else contextlib.nullcontext()
+    with mode, (torch.enable_grad() if wants else torch.no_grad()):
         y = op(**inputs, rank=rank, scaling=s, dropout_p=p, seed=seed)
     assert y.shape == (*lead, n) and y.dtype == case["dtype"], (y.shape, y.dtype)
     mask = multiplier_for(backend, inputs["x"].reshape(-1, k), p, case["seed"]) if p > 0 else None
@@ -201,8 +206,9 @@ def run_case(backend, case):
     grad_y = grad_y_in_layout(torch.randn(*lead, n, generator=g_gen, dtype=torch.float64).to(case["dtype"]),
                               case["grad_layout"])
     # create_graph=True takes the ops' differentiable backward (double backward), a path of its own
-    got = dict(zip(wants, torch.autograd.grad(y, [leaves[w] for w in wants], grad_y,
-                                               create_graph=case["create_graph"]))) if wants else {}
+    with mode:
+        got = dict(zip(wants, torch.autograd.grad(y, [leaves[w] for w in wants], grad_y,
+                                                   create_graph=case["create_graph"]))) if wants else {}
 
     # float64: the formula on the inputs, and on their absolute values (the sum of |terms| of every
     # output and gradient element, which scales the rounding bound)
@@ -246,7 +252,8 @@ def grad_y_in_layout(g, layout):
 def case_of(**kw):
     base = dict(lead=(7,), k=13, n=11, cap=5, rank=5, scaling=1.0, bias=True, p=0.0, dtype=torch.float32,
                 layout="contiguous", weight_t=False, pools_t=False, grads="all", seed=1, create_graph=False,
-                seed_tensor=False, grad_layout="contiguous")
+                seed_tensor=False, grad_layout="contiguous",
+                custom_op=False)
     base.update(kw)
     return base
 
