@@ -23,6 +23,7 @@ from lorambo_kernels.config import SUPPORTED_DTYPES, unavailable_reason  # torch
 from torch import Tensor
 
 from lorambo.ops.custom_op import define_lora_op
+from lorambo.ops.op_shapes import check_shapes
 from lorambo.ops.output_rows import rows_to_output
 from lorambo.ops.seed_argument import check_seed
 
@@ -57,23 +58,8 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, see
     reason = None if device_checked else unavailable_reason(x.device.type)
     if reason is not None:
         raise RuntimeError(f"lora_linear_triton: {reason}")
-    if x.dim() < 1:
-        raise ValueError("lora_linear_triton: x must have at least one dimension [..., in_features]")
-    if weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
-        raise ValueError(f"lora_linear_triton: weight, lora_A, lora_B must be 2-D, got shapes "
-                         f"{tuple(weight.shape)}, {tuple(lora_A.shape)}, {tuple(lora_B.shape)}")
-    n, k = weight.shape
+    check_shapes("lora_linear_triton", x, weight, bias, lora_A, lora_B)
     cap = lora_A.shape[0]
-    if x.shape[-1] != k:
-        raise ValueError(f"lora_linear_triton: x has last dim {x.shape[-1]} (shape {tuple(x.shape)}), "
-                         f"weight is {tuple(weight.shape)} = [out, in]")
-    if lora_A.shape[1] != k:
-        raise ValueError(f"lora_linear_triton: lora_A is {tuple(lora_A.shape)}, expected [capacity, {k}]")
-    if tuple(lora_B.shape) != (n, cap):
-        raise ValueError(f"lora_linear_triton: lora_B is {tuple(lora_B.shape)}, expected [{n}, {cap}] "
-                         f"(out_features, capacity of lora_A)")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"lora_linear_triton: bias is {tuple(bias.shape)}, expected [{n}]")
     if isinstance(rank, bool) or not isinstance(rank, (int, torch.SymInt, numbers.Integral)):
         raise TypeError(f"lora_linear_triton: rank must be an int, got {rank!r}")
     if not 0 <= rank <= cap:
