@@ -8,11 +8,19 @@ lora_A's capacity, or a [1, N] bias, gave an output and no error on the referenc
 
 from __future__ import annotations
 
+import torch
+
 __all__ = ["check_shapes"]
 
 
 def check_shapes(op: str, x, weight, bias, lora_A, lora_B) -> None:
-    """Raise a ValueError naming ``op`` and the shapes unless they fit the op's contract."""
+    """Raise a ValueError naming ``op`` and the shapes unless they fit the op's contract.
+
+    Skipped while ``torch.jit.trace`` records: sizes are traced values there and each comparison
+    would warn (TracerWarning) in every trace of a model; a mismatch then fails in the op itself,
+    with the product's or the extension's own error."""
+    if torch.jit.is_tracing():
+        return
     if x.dim() < 1:
         raise ValueError(f"{op}: x must have at least one dimension [..., in_features]")
     if weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
