@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from lorambo.ops.custom_op import define_lora_op
-from lorambo.ops.op_shapes import check_shapes
+from lorambo.ops.op_operands import check_operands
 from lorambo.ops.output_rows import rows_to_output
 from lorambo.ops.seed_argument import check_seed
 
@@ -97,7 +97,7 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, rank, scaling, dropou
     ``dropout_p > 0`` needs a ``seed``: an int, or a 0-d int64 CPU tensor (what torch.compile
     carries as a graph value); the same seed gives the same mask.
     """
-    check_shapes("lora_linear_reference", x, weight, bias, lora_A, lora_B)
+    check_operands("lora_linear_reference", x, weight, bias, lora_A, lora_B)
     # The slicing below would not notice a bad rank: A[:-1] drops the last slot, A[:cap + 1]
     # clips; p = 1 divides by zero. The other backends' ops refuse both too, and complex dtypes.
     if not 0 <= rank <= lora_A.shape[0]:

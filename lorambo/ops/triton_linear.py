@@ -23,7 +23,7 @@ from lorambo_kernels.config import SUPPORTED_DTYPES, unavailable_reason  # torch
 from torch import Tensor
 
 from lorambo.ops.custom_op import define_lora_op
-from lorambo.ops.op_shapes import check_shapes
+from lorambo.ops.op_operands import check_devices, check_shapes
 from lorambo.ops.output_rows import rows_to_output
 from lorambo.ops.seed_argument import check_seed
 
@@ -52,9 +52,7 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, see
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"lora_linear_triton: dtype {x.dtype} is not supported by the Triton kernels "
                         f"(float16, bfloat16, float32); use the 'torch' backend")
-    devices = {name: t.device for name, t in named.items()}
-    if len(set(devices.values())) != 1:
-        raise ValueError(f"lora_linear_triton: all tensors must be on one device, got {devices}")
+    check_devices("lora_linear_triton", x, weight, bias, lora_A, lora_B)
     reason = None if device_checked else unavailable_reason(x.device.type)
     if reason is not None:
         raise RuntimeError(f"lora_linear_triton: {reason}")

@@ -1,7 +1,8 @@
-"""Every backend's LoRA op refuses operands outside its contract (x [..., K], weight [N, K],
-bias [N], lora_A [cap, K], lora_B [N, cap]) with a ValueError naming the op and the shapes. The
-reference op computed on some: a lora_B wider than lora_A's capacity (its extra columns unused)
-and a [1, N] bias (broadcast) gave outputs; a 0-d x an IndexError there and on the extension."""
+"""Every backend's LoRA op refuses operands outside its contract (one device; x [..., K],
+weight [N, K], bias [N], lora_A [cap, K], lora_B [N, cap]) with a ValueError naming the op and
+the devices or shapes. The reference op computed on some: a lora_B wider than lora_A's capacity
+(its extra columns unused) and a [1, N] bias (broadcast) gave outputs; a 0-d x an IndexError there
+and on the extension."""
 
 import pytest
 import torch
@@ -29,3 +30,15 @@ def operands(**swap):
 def test_shape_outside_the_contract_is_refused(backend, swap, match):
     with pytest.raises(ValueError, match=rf"{OPS[backend]}: {match}"):
         op_for(backend)(**operands(**swap), rank=1, scaling=1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("on_meta", ["weight", "bias", "lora_A", "lora_B"])
+@pytest.mark.parametrize("p", [0.0, 0.5])
+def test_meta_operand_beside_cpu_ones_is_refused(backend, on_meta, p):
+    """The reference and the extension's op returned a CPU tensor of uninitialised memory."""
+    args = operands()
+    args[on_meta] = args[on_meta].to("meta")
+    with pytest.raises(ValueError, match=rf"{OPS[backend]}: all tensors must be on one device, got .*'{on_meta}': "
+                                         r"device\(type='meta'\)"):
+        op_for(backend)(**args, rank=1, scaling=1.0, dropout_p=p, seed=3)

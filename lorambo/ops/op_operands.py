@@ -1,16 +1,33 @@
-"""The operand shapes every LoRA op takes, checked before anything is computed.
+"""The operands every LoRA op takes, checked before anything is computed: one device, and
 
     x [..., K], weight [N, K], bias [N] or None, lora_A [capacity, K], lora_B [N, capacity]
 
-Without the check, broadcasting and slicing let some mismatches compute: a lora_B wider than
-lora_A's capacity, or a [1, N] bias, gave an output and no error on the reference op.
+Without the checks some mismatches computed: a lora_B wider than lora_A's capacity, or a [1, N]
+bias, gave an output on the reference op; a meta weight or pool with CPU inputs made the reference
+and the extension's op return a CPU tensor of uninitialised memory (the meta operand sends the
+products to their fake implementations).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["check_shapes"]
+__all__ = ["check_devices", "check_operands", "check_shapes"]
+
+
+def check_operands(op: str, x, weight, bias, lora_A, lora_B) -> None:
+    """:func:`check_devices` and :func:`check_shapes`."""
+    check_devices(op, x, weight, bias, lora_A, lora_B)
+    check_shapes(op, x, weight, bias, lora_A, lora_B)
+
+
+def check_devices(op: str, x, weight, bias, lora_A, lora_B) -> None:
+    """Raise a ValueError naming ``op`` and the devices unless all operands are on one device."""
+    devices = {"x": x.device, "weight": weight.device, "lora_A": lora_A.device, "lora_B": lora_B.device}
+    if bias is not None:
+        devices["bias"] = bias.device
+    if len(set(devices.values())) != 1:
+        raise ValueError(f"{op}: all tensors must be on one device, got {devices}")
 
 
 def check_shapes(op: str, x, weight, bias, lora_A, lora_B) -> None:
