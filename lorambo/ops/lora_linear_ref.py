@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from lorambo.ops.custom_op import define_lora_op
-from lorambo.ops.op_operands import check_operands
+from lorambo.ops.op_operands import check_operands, check_rank
 from lorambo.ops.output_rows import rows_to_output
 from lorambo.ops.seed_argument import check_seed
 
@@ -100,8 +100,7 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, rank, scaling, dropou
     check_operands("lora_linear_reference", x, weight, bias, lora_A, lora_B)
     # The slicing below would not notice a bad rank: A[:-1] drops the last slot, A[:cap + 1]
     # clips; p = 1 divides by zero. The other backends' ops refuse both too, and complex dtypes.
-    if not 0 <= rank <= lora_A.shape[0]:
-        raise ValueError(f"lora_linear_reference: rank {rank} outside [0, capacity = {lora_A.shape[0]}]")
+    check_rank("lora_linear_reference", rank, lora_A.shape[0])
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"lora_linear_reference: dropout_p {dropout_p!r} must be in [0, 1)")
     if dropout_p > 0.0:

@@ -10,9 +10,11 @@ products to their fake implementations).
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
-__all__ = ["check_devices", "check_operands", "check_shapes"]
+__all__ = ["check_devices", "check_operands", "check_rank", "check_shapes"]
 
 
 def check_operands(op: str, x, weight, bias, lora_A, lora_B) -> None:
@@ -55,3 +57,13 @@ def check_shapes(op: str, x, weight, bias, lora_A, lora_B) -> None:
                          f"(out_features, capacity of lora_A)")
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"{op}: bias is {tuple(bias.shape)}, expected [{n}]")
+
+
+def check_rank(op: str, rank, capacity: int) -> None:
+    """Raise unless ``rank`` is an int (a SymInt under torch.compile) in [0, capacity]: a TypeError
+    for a bool or float (True ran as rank 1), a ValueError outside the range (A[:-1] would drop the
+    last slot, A[:capacity + 1] clip)."""
+    if isinstance(rank, bool) or not isinstance(rank, (int, torch.SymInt, numbers.Integral)):
+        raise TypeError(f"{op}: rank must be an int, got {rank!r}")
+    if not 0 <= rank <= capacity:
+        raise ValueError(f"{op}: rank {rank} outside [0, capacity = {capacity}]")

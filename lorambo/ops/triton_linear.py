@@ -23,7 +23,7 @@ from lorambo_kernels.config import SUPPORTED_DTYPES, unavailable_reason  # torch
 from torch import Tensor
 
 from lorambo.ops.custom_op import define_lora_op
-from lorambo.ops.op_operands import check_devices, check_shapes
+from lorambo.ops.op_operands import check_devices, check_rank, check_shapes
 from lorambo.ops.output_rows import rows_to_output
 from lorambo.ops.seed_argument import check_seed
 
@@ -57,11 +57,7 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, see
     if reason is not None:
         raise RuntimeError(f"lora_linear_triton: {reason}")
     check_shapes("lora_linear_triton", x, weight, bias, lora_A, lora_B)
-    cap = lora_A.shape[0]
-    if isinstance(rank, bool) or not isinstance(rank, (int, torch.SymInt, numbers.Integral)):
-        raise TypeError(f"lora_linear_triton: rank must be an int, got {rank!r}")
-    if not 0 <= rank <= cap:
-        raise ValueError(f"lora_linear_triton: rank {rank} outside [0, capacity = {cap}]")
+    check_rank("lora_linear_triton", rank, lora_A.shape[0])
     if isinstance(scaling, Tensor) or not isinstance(scaling, numbers.Real) or not math.isfinite(scaling):
         raise TypeError(f"lora_linear_triton: scaling must be a finite Python float, got {scaling!r}")
     if isinstance(dropout_p, Tensor) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:

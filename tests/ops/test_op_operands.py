@@ -42,3 +42,15 @@ def test_meta_operand_beside_cpu_ones_is_refused(backend, on_meta, p):
     with pytest.raises(ValueError, match=rf"{OPS[backend]}: all tensors must be on one device, got .*'{on_meta}': "
                                          r"device\(type='meta'\)"):
         op_for(backend)(**args, rank=1, scaling=1.0, dropout_p=p, seed=3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rank, error, match", [
+    (True, TypeError, r"rank must be an int, got True"), (1.0, TypeError, r"rank must be an int, got 1.0"),
+    (-1, ValueError, r"rank -1 outside \[0, capacity = 2\]"), (3, ValueError, r"rank 3 outside \[0, capacity = 2\]"),
+])
+def test_rank_that_is_no_int_in_range_is_refused(backend, rank, error, match):
+    """The reference and the extension's op ran rank=True as rank 1; rank=1.0 failed in a slice
+    (reference) or the op schema (extension) without naming the op."""
+    with pytest.raises(error, match=rf"{OPS[backend]}: {match}"):
+        op_for(backend)(**operands(), rank=rank, scaling=1.0)
