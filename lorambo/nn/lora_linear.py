@@ -537,8 +537,7 @@ class LoRAMBoLinear(AdapterMerge, nn.Module):
             raise ValueError(f"{self._label}: the base weight is now [out, in] = {list(weight.shape)}, but the layer "
                              f"and its LoRA pools are [{self.out_features}, {self.in_features}]; resizing an adapted "
                              "layer is not supported: unload() it, resize, and configure again")
-        # The ops do not see a device mix reliably: with a meta operand they dispatch to the
-        # fake implementations and return uninitialised memory; otherwise the error names no layer.
+        # The ops refuse a device mix too (lorambo/ops/op_operands.py), but their error names no layer.
         if not (x.device == weight.device == lora_a.device == lora_b.device
                 and (bias is None or bias.device == x.device)):
             raise ValueError(f"{self._label}: input is on {x.device} but the base weight is on {weight.device}"

@@ -14,6 +14,7 @@ from lorambo.ops.backend import resolve_backend
 from lorambo.ops import ext_linear, triton_linear
 from lorambo.ops.functorch_path import needs_composite, lora_linear_composite
 from lorambo.ops.lora_linear_ref import lora_linear_reference
+from lorambo.ops.op_operands import check_operands, check_rank
 
 
 def new_dropout_seed() -> torch.Tensor:
@@ -32,6 +33,12 @@ def lora_linear(x, weight, bias, lora_A, lora_B, rank: int, scaling: float, drop
     :mod:`lorambo.ops.functorch_path`).
     """
     if needs_composite():  # the backends' autograd Functions compose with neither torch.func nor forward AD
+        # the backends' checks, which this path skips: its slices would take rank -1 as "all but
+        # the last slot" and clip a rank past the capacity
+        check_operands("lora_linear", x, weight, bias, lora_A, lora_B)
+        check_rank("lora_linear", rank, lora_A.shape[0])
+        if not 0.0 <= dropout_p < 1.0:
+            raise ValueError(f"lora_linear: dropout_p {dropout_p!r} must be in [0, 1)")
         return lora_linear_composite(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p)
     if dropout_p > 0.0 and seed is None:
         seed = new_dropout_seed()

@@ -24,7 +24,9 @@ import torch
 
 from lorambo.ext import loader as ext_loader
 from lorambo.ops.custom_op import define_lora_op
+from lorambo.ops.op_operands import check_operands, check_rank
 from lorambo.ops.output_rows import rows_to_output
+from lorambo.ops.seed_argument import check_seed
 
 __all__ = ["dropout_mask_ext", "lora_linear_ext"]
 
@@ -70,8 +72,10 @@ def lora_linear_ext(x, weight, bias, lora_A, lora_B, rank: int, scaling: float, 
 
 def _lora_linear(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed):
     """:func:`lora_linear_ext` once the extension is known to be loaded (the traced path)."""
-    if dropout_p > 0.0 and seed is None:
-        raise ValueError("lora_linear_ext: dropout_p > 0 needs an integer seed")
+    check_operands("lora_linear_ext", x, weight, bias, lora_A, lora_B)  # ValueErrors, as the other backends'
+    check_rank("lora_linear_ext", rank, lora_A.shape[0])
+    if dropout_p > 0.0:
+        check_seed("lora_linear_ext", seed)
     lead, k = x.shape[:-1], x.shape[-1]
     p = float(dropout_p)
     y = _apply(x.reshape(-1, k), weight, bias, lora_A, lora_B, rank, float(scaling), p, seed if p > 0.0 else 0)

@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from lorambo.ops.custom_op import define_lora_op
+from lorambo.ops.op_operands import check_operands, check_rank
 from lorambo.ops.output_rows import rows_to_output
+from lorambo.ops.seed_argument import check_seed
 
 
 def dropout_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
@@ -95,14 +97,14 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, rank, scaling, dropou
     ``dropout_p > 0`` needs a ``seed``: an int, or a 0-d int64 CPU tensor (what torch.compile
     carries as a graph value); the same seed gives the same mask.
     """
+    check_operands("lora_linear_reference", x, weight, bias, lora_A, lora_B)
     # The slicing below would not notice a bad rank: A[:-1] drops the last slot, A[:cap + 1]
     # clips; p = 1 divides by zero. The other backends' ops refuse both too, and complex dtypes.
-    if not 0 <= rank <= lora_A.shape[0]:
-        raise ValueError(f"lora_linear_reference: rank {rank} outside [0, capacity = {lora_A.shape[0]}]")
+    check_rank("lora_linear_reference", rank, lora_A.shape[0])
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"lora_linear_reference: dropout_p {dropout_p!r} must be in [0, 1)")
-    if dropout_p > 0.0 and seed is None:
-        raise ValueError("lora_linear_reference: dropout_p > 0 needs an integer seed")
+    if dropout_p > 0.0:
+        check_seed("lora_linear_reference", seed)
     if not x.dtype.is_floating_point:  # the hand-written backward has no complex conjugates
         raise TypeError(f"lora_linear_reference: x has dtype {x.dtype}; the op computes in a real floating "
                         "dtype (float32, float64, bfloat16 or float16), as the other backends' ops do")

@@ -23,9 +23,9 @@ from lorambo_kernels.config import SUPPORTED_DTYPES, unavailable_reason  # torch
 from torch import Tensor
 
 from lorambo.ops.custom_op import define_lora_op
+from lorambo.ops.op_operands import check_devices, check_rank, check_shapes
 from lorambo.ops.output_rows import rows_to_output
-
-_MAX_SEED = 2**63 - 1
+from lorambo.ops.seed_argument import check_seed
 
 
 def _kernels():
@@ -52,46 +52,18 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, see
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"lora_linear_triton: dtype {x.dtype} is not supported by the Triton kernels "
                         f"(float16, bfloat16, float32); use the 'torch' backend")
-    devices = {name: t.device for name, t in named.items()}
-    if len(set(devices.values())) != 1:
-        raise ValueError(f"lora_linear_triton: all tensors must be on one device, got {devices}")
+    check_devices("lora_linear_triton", x, weight, bias, lora_A, lora_B)
     reason = None if device_checked else unavailable_reason(x.device.type)
     if reason is not None:
         raise RuntimeError(f"lora_linear_triton: {reason}")
-    if x.dim() < 1:
-        raise ValueError("lora_linear_triton: x must have at least one dimension [..., in_features]")
-    if weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
-        raise ValueError(f"lora_linear_triton: weight, lora_A, lora_B must be 2-D, got shapes "
-                         f"{tuple(weight.shape)}, {tuple(lora_A.shape)}, {tuple(lora_B.shape)}")
-    n, k = weight.shape
-    cap = lora_A.shape[0]
-    if x.shape[-1] != k:
-        raise ValueError(f"lora_linear_triton: x has last dim {x.shape[-1]} (shape {tuple(x.shape)}), "
-                         f"weight is {tuple(weight.shape)} = [out, in]")
-    if lora_A.shape[1] != k:
-        raise ValueError(f"lora_linear_triton: lora_A is {tuple(lora_A.shape)}, expected [capacity, {k}]")
-    if tuple(lora_B.shape) != (n, cap):
-        raise ValueError(f"lora_linear_triton: lora_B is {tuple(lora_B.shape)}, expected [{n}, {cap}] "
-                         f"(out_features, capacity of lora_A)")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"lora_linear_triton: bias is {tuple(bias.shape)}, expected [{n}]")
-    if isinstance(rank, bool) or not isinstance(rank, (int, torch.SymInt, numbers.Integral)):
-        raise TypeError(f"lora_linear_triton: rank must be an int, got {rank!r}")
-    if not 0 <= rank <= cap:
-        raise ValueError(f"lora_linear_triton: rank {rank} outside [0, capacity = {cap}]")
+    check_shapes("lora_linear_triton", x, weight, bias, lora_A, lora_B)
+    check_rank("lora_linear_triton", rank, lora_A.shape[0])
     if isinstance(scaling, Tensor) or not isinstance(scaling, numbers.Real) or not math.isfinite(scaling):
         raise TypeError(f"lora_linear_triton: scaling must be a finite Python float, got {scaling!r}")
     if isinstance(dropout_p, Tensor) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"lora_linear_triton: dropout_p {dropout_p!r} must be a float in [0, 1)")
     if dropout_p > 0.0:
-        if seed is None:
-            raise ValueError("lora_linear_triton: dropout_p > 0 needs an integer seed")
-        if isinstance(seed, Tensor):
-            if seed.dim() != 0 or seed.dtype != torch.int64 or seed.device.type != "cpu":
-                raise ValueError(f"lora_linear_triton: a tensor seed must be a 0-d int64 CPU tensor, got "
-                                 f"shape {tuple(seed.shape)}, {seed.dtype} on {seed.device}")
-        elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= _MAX_SEED:
-            raise ValueError(f"lora_linear_triton: seed must be an int in [0, 2**63), got {seed!r}")
+        check_seed("lora_linear_triton", seed)
 
 
 # ---------------------------------------------------------------------------- custom ops

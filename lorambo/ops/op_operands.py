@@ -1,0 +1,69 @@
+"""The operands every LoRA op takes, checked before anything is computed: one device, and
+
+    x [..., K], weight [N, K], bias [N] or None, lora_A [capacity, K], lora_B [N, capacity]
+
+Without the checks some mismatches computed: a lora_B wider than lora_A's capacity, or a [1, N]
+bias, gave an output on the reference op; a meta weight or pool with CPU inputs made the reference
+and the extension's op return a CPU tensor of uninitialised memory (the meta operand sends the
+products to their fake implementations).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+__all__ = ["check_devices", "check_operands", "check_rank", "check_shapes"]
+
+
+def check_operands(op: str, x, weight, bias, lora_A, lora_B) -> None:
+    """:func:`check_devices` and :func:`check_shapes`."""
+    check_devices(op, x, weight, bias, lora_A, lora_B)
+    check_shapes(op, x, weight, bias, lora_A, lora_B)
+
+
+def check_devices(op: str, x, weight, bias, lora_A, lora_B) -> None:
+    """Raise a ValueError naming ``op`` and the devices unless all operands are on one device."""
+    devices = {"x": x.device, "weight": weight.device, "lora_A": lora_A.device, "lora_B": lora_B.device}
+    if bias is not None:
+        devices["bias"] = bias.device
+    if len(set(devices.values())) != 1:
+        raise ValueError(f"{op}: all tensors must be on one device, got {devices}")
+
+
+def check_shapes(op: str, x, weight, bias, lora_A, lora_B) -> None:
+    """Raise a ValueError naming ``op`` and the shapes unless they fit the op's contract.
+
+    Skipped while ``torch.jit.trace`` records: sizes are traced values there and each comparison
+    would warn (TracerWarning) in every trace of a model; a mismatch then fails in the op itself,
+    with the product's or the extension's own error."""
+    if torch.jit.is_tracing():
+        return
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least one dimension [..., in_features]")
+    if weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
+        raise ValueError(f"{op}: weight, lora_A, lora_B must be 2-D, got shapes "
+                         f"{tuple(weight.shape)}, {tuple(lora_A.shape)}, {tuple(lora_B.shape)}")
+    n, k = weight.shape
+    cap = lora_A.shape[0]
+    if x.shape[-1] != k:
+        raise ValueError(f"{op}: x has last dim {x.shape[-1]} (shape {tuple(x.shape)}), "
+                         f"weight is {tuple(weight.shape)} = [out, in]")
+    if lora_A.shape[1] != k:
+        raise ValueError(f"{op}: lora_A is {tuple(lora_A.shape)}, expected [capacity, {k}]")
+    if tuple(lora_B.shape) != (n, cap):
+        raise ValueError(f"{op}: lora_B is {tuple(lora_B.shape)}, expected [{n}, {cap}] "
+                         f"(out_features, capacity of lora_A)")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"{op}: bias is {tuple(bias.shape)}, expected [{n}]")
+
+
+def check_rank(op: str, rank, capacity: int) -> None:
+    """Raise unless ``rank`` is an int (a SymInt under torch.compile) in [0, capacity]: a TypeError
+    for a bool or float (True ran as rank 1), a ValueError outside the range (A[:-1] would drop the
+    last slot, A[:capacity + 1] clip)."""
+    if isinstance(rank, bool) or not isinstance(rank, (int, torch.SymInt, numbers.Integral)):
+        raise TypeError(f"{op}: rank must be an int, got {rank!r}")
+    if not 0 <= rank <= capacity:
+        raise ValueError(f"{op}: rank {rank} outside [0, capacity = {capacity}]")

@@ -1,0 +1,56 @@
+"""Every backend's LoRA op refuses operands outside its contract (one device; x [..., K],
+weight [N, K], bias [N], lora_A [cap, K], lora_B [N, cap]) with a ValueError naming the op and
+the devices or shapes. The reference op computed on some: a lora_B wider than lora_A's capacity
+(its extra columns unused) and a [1, N] bias (broadcast) gave outputs; a 0-d x an IndexError there
+and on the extension."""
+
+import pytest
+import torch
+
+from test_seed_argument import OPS, op_for
+from cpu_backends import BACKENDS
+
+
+def operands(**swap):
+    gen = torch.Generator().manual_seed(0)
+    shapes = dict(x=(3, 4), weight=(5, 4), bias=(5,), lora_A=(2, 4), lora_B=(5, 2))
+    shapes.update(swap)
+    return {name: torch.randn(s, generator=gen) for name, s in shapes.items()}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("swap, match", [
+    (dict(lora_B=(5, 3)), r"lora_B is \(5, 3\), expected \[5, 2\]"),
+    (dict(bias=(1, 5)), r"bias is \(1, 5\), expected \[5\]"),
+    (dict(x=()), r"x must have at least one dimension"),
+    (dict(lora_A=(2, 5)), r"lora_A is \(2, 5\), expected \[capacity, 4\]"),
+    (dict(x=(3, 5)), r"x has last dim 5"),
+    (dict(weight=(1, 5, 4)), r"weight, lora_A, lora_B must be 2-D, got shapes \(1, 5, 4\)"),
+], ids=lambda v: "-".join(v) if isinstance(v, dict) else None)
+def test_shape_outside_the_contract_is_refused(backend, swap, match):
+    with pytest.raises(ValueError, match=rf"{OPS[backend]}: {match}"):
+        op_for(backend)(**operands(**swap), rank=1, scaling=1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("on_meta", ["weight", "bias", "lora_A", "lora_B"])
+@pytest.mark.parametrize("p", [0.0, 0.5])
+def test_meta_operand_beside_cpu_ones_is_refused(backend, on_meta, p):
+    """The reference and the extension's op returned a CPU tensor of uninitialised memory."""
+    args = operands()
+    args[on_meta] = args[on_meta].to("meta")
+    with pytest.raises(ValueError, match=rf"{OPS[backend]}: all tensors must be on one device, got .*'{on_meta}': "
+                                         r"device\(type='meta'\)"):
+        op_for(backend)(**args, rank=1, scaling=1.0, dropout_p=p, seed=3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rank, error, match", [
+    (True, TypeError, r"rank must be an int, got True"), (1.0, TypeError, r"rank must be an int, got 1.0"),
+    (-1, ValueError, r"rank -1 outside \[0, capacity = 2\]"), (3, ValueError, r"rank 3 outside \[0, capacity = 2\]"),
+])
+def test_rank_that_is_no_int_in_range_is_refused(backend, rank, error, match):
+    """The reference and the extension's op ran rank=True as rank 1; rank=1.0 failed in a slice
+    (reference) or the op schema (extension) without naming the op."""
+    with pytest.raises(error, match=rf"{OPS[backend]}: {match}"):
+        op_for(backend)(**operands(), rank=rank, scaling=1.0)
