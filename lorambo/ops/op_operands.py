@@ -2,10 +2,9 @@
 
     x [..., K], weight [N, K], bias [N] or None, lora_A [capacity, K], lora_B [N, capacity]
 
-Without the checks some mismatches computed: a lora_B wider than lora_A's capacity, or a [1, N]
-bias, gave an output on the reference op; a meta weight or pool with CPU inputs made the reference
-and the extension's op return a CPU tensor of uninitialised memory (the meta operand sends the
-products to their fake implementations).
+Every backend runs them, because some mismatches would otherwise compute: a lora_B wider than
+lora_A's capacity, or a [1, N] bias, broadcast in the reference op's products; a meta operand beside
+CPU ones sends the products to their fake implementations, which return uninitialised memory.
 """
 
 from __future__ import annotations
