@@ -500,3 +500,27 @@ def test_exact_unmerge_after_a_cast_restores_the_cast_original(dtype):
     assert torch.equal(layer.base_layer.weight, unmerged.base_layer.weight)
     x = torch.randn(5, 9, dtype=dtype)
     assert torch.equal(layer(x), unmerged(x))
+
+
+def test_a_rank_loaded_alone_zeroes_the_slots_past_it_and_their_gradients():
+    """A state_dict holding only a layer's ``_extra_state`` (loaded with strict=False) lowers its
+    rank: the slots past the new rank, and their gradients, must become exactly zero (the pool
+    rule that saving checks), and the output the rank-2 adapter of the slots kept."""
+    torch.manual_seed(0)
+    src = LoRAMBoLinear(nn.Linear(8, 6, dtype=torch.float64), rank=2, capacity=6, alpha=4.0, name="fc")
+    layer = filled(LoRAMBoLinear(nn.Linear(8, 6, dtype=torch.float64), rank=5, capacity=6, alpha=4.0, name="fc"))
+    layer(torch.randn(3, 8, dtype=torch.float64)).square().sum().backward()
+    assert layer.lora_A.grad[2:5].abs().min() > 0 and layer.lora_B.grad[:, 2:5].abs().min() > 0
+    A, B = layer.lora_A[:2].detach().clone(), layer.lora_B[:, :2].detach().clone()
+    grad_a, grad_b = layer.lora_A.grad[:2].clone(), layer.lora_B.grad[:, :2].clone()
+    layer.load_state_dict({"_extra_state": src.get_extra_state()}, strict=False)
+    assert layer.rank == 2
+    assert torch.equal(layer.lora_A[:2], A) and torch.equal(layer.lora_B[:, :2], B)
+    assert torch.equal(layer.lora_A[2:], torch.zeros(4, 8, dtype=torch.float64))
+    assert torch.equal(layer.lora_B[:, 2:], torch.zeros(6, 4, dtype=torch.float64))
+    assert torch.equal(layer.lora_A.grad[:2], grad_a) and torch.equal(layer.lora_B.grad[:, :2], grad_b)
+    assert torch.equal(layer.lora_A.grad[2:], torch.zeros(4, 8, dtype=torch.float64))
+    assert torch.equal(layer.lora_B.grad[:, 2:], torch.zeros(6, 4, dtype=torch.float64))
+    x = torch.randn(4, 8, dtype=torch.float64)
+    expected = layer.base_layer(x) + 2.0 * (x @ A.T) @ B.T
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
