@@ -82,11 +82,13 @@ def test_fsdp_rank_edits_start_rprop_slots_fresh_too():
 
 @pytest.mark.parametrize("make_optimizer", [lambda p: torch.optim.NAdam(p, lr=LR),
                                             lambda p: torch.optim.ASGD(p, lr=LR),
-                                            lambda p: torch.optim.Adam(p, lr=LR)], ids=["nadam", "asgd", "adam"])
+                                            lambda p: torch.optim.ASGD(p, lr=LR, t0=1.0),
+                                            lambda p: torch.optim.Adam(p, lr=LR)],
+                         ids=["nadam", "asgd", "asgd-averaging-from-step-1", "adam"])
 def test_regrowth_from_rank_zero_trains_as_a_fresh_optimizer(make_optimizer):
     """Every active slot new (rank 0 -> 2): the per-parameter scalars restart with ``step``
     (NAdam's mu_product, ASGD's eta and mu), so three steps match a fresh optimizer of the same
-    kind over a copy of the pools fed the same gradients."""
+    kind over a copy of the pools fed the same gradients (ASGD's average ``ax`` too)."""
     gen = torch.Generator().manual_seed(0)
     layer = LoRAMBoLinear(nn.Linear(6, 5, dtype=DT), rank=2, capacity=4)
     pools = (layer.lora_A, layer.lora_B)
@@ -108,6 +110,8 @@ def test_regrowth_from_rank_zero_trains_as_a_fresh_optimizer(make_optimizer):
         fresh.step()
         for twin, p in zip(twins, pools):
             torch.testing.assert_close(p.detach(), twin.detach(), rtol=1e-12, atol=1e-15)
+            if "ax" in fresh.state[twin]:  # ASGD's average, which mu weighs once step > t0
+                torch.testing.assert_close(opt.state[p]["ax"], fresh.state[twin]["ax"], rtol=1e-12, atol=1e-15)
 
 
 def test_growth_from_rank_zero_does_not_warn_about_the_shared_step():
