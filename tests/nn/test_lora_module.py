@@ -524,3 +524,27 @@ def test_a_rank_loaded_alone_zeroes_the_slots_past_it_and_their_gradients():
     x = torch.randn(4, 8, dtype=torch.float64)
     expected = layer.base_layer(x) + 2.0 * (x @ A.T) @ B.T
     torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["torch", "ext"])
+@pytest.mark.parametrize("dropout, training", [(0.0, True), (0.3, False)], ids=["no-dropout", "eval"])
+def test_a_forward_without_dropout_draws_nothing_from_the_global_generator(backend, dropout, training):
+    """As nn.Linear: a forward that drops nothing leaves torch's random stream (data order,
+    other layers' dropout) where it was; only a dropout mask draws its seed."""
+    import lorambo
+    from lorambo.ext import loader as ext_loader
+
+    if backend == "ext" and ext_loader.load() is None:
+        pytest.skip("extension not built")
+    torch.manual_seed(0)
+    layer = filled(LoRAMBoLinear(nn.Linear(8, 6), rank=2, capacity=4, dropout=dropout)).train(training)
+    x = torch.randn(3, 8)
+    lorambo.set_backend(backend)
+    try:
+        torch.manual_seed(1)
+        expected = torch.rand(4)
+        torch.manual_seed(1)
+        layer(x).sum().backward()
+        assert torch.equal(torch.rand(4), expected)
+    finally:
+        lorambo.set_backend(None)
