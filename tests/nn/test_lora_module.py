@@ -548,3 +548,16 @@ def test_a_forward_without_dropout_draws_nothing_from_the_global_generator(backe
         assert torch.equal(torch.rand(4), expected)
     finally:
         lorambo.set_backend(None)
+
+
+def test_delta_weight_of_a_bfloat16_layer_is_rounded_once():
+    """``s * B_r A_r`` accumulates and scales in float32 and rounds once to bfloat16: equal to
+    the float64 product rounded to bfloat16 (a bfloat16 product rounded again after the
+    scaling is off by one unit in many elements)."""
+    torch.manual_seed(0)
+    layer = LoRAMBoLinear(nn.Linear(24, 16, dtype=torch.bfloat16), rank=8, capacity=8, alpha=2.4)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    expected = ((layer.lora_B.double() @ layer.lora_A.double()) * layer.scaling).to(torch.bfloat16)
+    delta = layer.delta_weight()
+    assert delta.dtype == torch.bfloat16 and torch.equal(delta, expected)
