@@ -561,3 +561,17 @@ def test_delta_weight_of_a_bfloat16_layer_is_rounded_once():
     expected = ((layer.lora_B.double() @ layer.lora_A.double()) * layer.scaling).to(torch.bfloat16)
     delta = layer.delta_weight()
     assert delta.dtype == torch.bfloat16 and torch.equal(delta, expected)
+
+
+def test_slot_edits_count_a_load_only_when_it_brings_other_components():
+    """``slot_edits`` (what importance estimates and weight averages follow): loading the layer's
+    own state_dict brings back the components it holds and counts nothing; another layer's
+    state_dict counts one edit."""
+    torch.manual_seed(0)
+    layer = filled(LoRAMBoLinear(nn.Linear(8, 6), rank=3, capacity=4))
+    other = filled(LoRAMBoLinear(nn.Linear(8, 6), rank=3, capacity=4))
+    edits = layer.slot_edits
+    layer.load_state_dict(layer.state_dict())
+    assert layer.slot_edits == edits
+    layer.load_state_dict(other.state_dict())
+    assert layer.slot_edits == edits + 1
