@@ -265,3 +265,28 @@ def test_shared_step_that_sets_the_update_is_warned_about_beyond_adam(make_optim
     name = type(opt).__name__
     assert [str(w.message).startswith(f"{name} keeps one step count per parameter") for w in caught] == \
         ([True] if warns else [])
+
+
+def test_growth_from_rank_one_keeps_the_trained_slots_adam_step():
+    """Only growth from rank 0 makes every active slot new; from rank 1, slot 0 goes on with its
+    moments, so torch Adam's shared ``step`` (its bias correction) must go on too: its next
+    update is that of an uninterrupted Adam over a copy of slot 0 (float64)."""
+    gen = torch.Generator().manual_seed(0)
+    layer = LoRAMBoLinear(nn.Linear(6, 5, dtype=DT), rank=1, capacity=4)
+    with torch.no_grad():
+        layer.lora_B[:, :1].copy_(torch.randn(5, 1, dtype=DT, generator=gen))
+    x = torch.randn(7, 6, dtype=DT, generator=gen)
+    opt = torch.optim.Adam([layer.lora_A, layer.lora_B], lr=LR)
+    twin = nn.Parameter(layer.lora_A[0].detach().clone())
+    fresh = torch.optim.Adam([twin], lr=LR)
+    for step in range(4):
+        if step == 3:
+            with pytest.warns(UserWarning, match="Adam keeps one step count per parameter"):
+                layer.set_rank(2, optimizer=opt, generator=gen)
+        opt.zero_grad()
+        layer(x).square().sum().backward()
+        twin.grad = layer.lora_A.grad[0].clone()
+        opt.step()
+        fresh.step()
+    assert float(opt.state[layer.lora_A]["step"]) == 4.0
+    torch.testing.assert_close(layer.lora_A[0].detach(), twin.detach(), rtol=1e-12, atol=1e-15)
