@@ -140,3 +140,27 @@ def test_waiting_slots_start_fresh_through_distributed_checkpoint_state_dicts():
     assert d.abs().min() > 1e-3
     opt.step()
     torch.testing.assert_close(A[2] - before, -LR * d, rtol=1e-12, atol=1e-15)
+
+
+def test_waiting_slots_start_fresh_when_the_same_sgd_steps_them_after_a_frozen_phase():
+    """No resume: the SGD that stepped while lora_B was frozen (no gradient, its new columns
+    waiting) steps them once lora_B trains again; they start as under a fresh SGD."""
+    torch.manual_seed(3)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    model = base()
+    layer = model[0] = lorambo.LoRAMBoLinear(model[0], rank=2, capacity=4)
+    opt = sgd(layer)
+    model(x).pow(2).sum().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    layer.lora_B.requires_grad_(False)
+    with pytest.warns(UserWarning, match="lora_B is frozen"):
+        layer.set_rank(4, optimizer=opt)
+    for _ in range(2):  # steps of A alone: B's new columns 2 and 3 keep waiting
+        model(x).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    layer.lora_B.requires_grad_(True)
+    d, _, after = first_step(model, opt, x)
+    assert d[:, 2:].abs().min() > 1e-3
+    torch.testing.assert_close(after[:, 2:], -LR * d[:, 2:], rtol=1e-12, atol=1e-15)

@@ -82,11 +82,13 @@ def test_fsdp_rank_edits_start_rprop_slots_fresh_too():
 
 @pytest.mark.parametrize("make_optimizer", [lambda p: torch.optim.NAdam(p, lr=LR),
                                             lambda p: torch.optim.ASGD(p, lr=LR),
-                                            lambda p: torch.optim.Adam(p, lr=LR)], ids=["nadam", "asgd", "adam"])
+                                            lambda p: torch.optim.ASGD(p, lr=LR, t0=1.0),
+                                            lambda p: torch.optim.Adam(p, lr=LR)],
+                         ids=["nadam", "asgd", "asgd-averaging-from-step-1", "adam"])
 def test_regrowth_from_rank_zero_trains_as_a_fresh_optimizer(make_optimizer):
     """Every active slot new (rank 0 -> 2): the per-parameter scalars restart with ``step``
     (NAdam's mu_product, ASGD's eta and mu), so three steps match a fresh optimizer of the same
-    kind over a copy of the pools fed the same gradients."""
+    kind over a copy of the pools fed the same gradients (ASGD's average ``ax`` too)."""
     gen = torch.Generator().manual_seed(0)
     layer = LoRAMBoLinear(nn.Linear(6, 5, dtype=DT), rank=2, capacity=4)
     pools = (layer.lora_A, layer.lora_B)
@@ -108,6 +110,8 @@ def test_regrowth_from_rank_zero_trains_as_a_fresh_optimizer(make_optimizer):
         fresh.step()
         for twin, p in zip(twins, pools):
             torch.testing.assert_close(p.detach(), twin.detach(), rtol=1e-12, atol=1e-15)
+            if "ax" in fresh.state[twin]:  # ASGD's average, which mu weighs once step > t0
+                torch.testing.assert_close(opt.state[p]["ax"], fresh.state[twin]["ax"], rtol=1e-12, atol=1e-15)
 
 
 def test_growth_from_rank_zero_does_not_warn_about_the_shared_step():
@@ -261,3 +265,28 @@ def test_shared_step_that_sets_the_update_is_warned_about_beyond_adam(make_optim
     name = type(opt).__name__
     assert [str(w.message).startswith(f"{name} keeps one step count per parameter") for w in caught] == \
         ([True] if warns else [])
+
+
+def test_growth_from_rank_one_keeps_the_trained_slots_adam_step():
+    """Only growth from rank 0 makes every active slot new; from rank 1, slot 0 goes on with its
+    moments, so torch Adam's shared ``step`` (its bias correction) must go on too: its next
+    update is that of an uninterrupted Adam over a copy of slot 0 (float64)."""
+    gen = torch.Generator().manual_seed(0)
+    layer = LoRAMBoLinear(nn.Linear(6, 5, dtype=DT), rank=1, capacity=4)
+    with torch.no_grad():
+        layer.lora_B[:, :1].copy_(torch.randn(5, 1, dtype=DT, generator=gen))
+    x = torch.randn(7, 6, dtype=DT, generator=gen)
+    opt = torch.optim.Adam([layer.lora_A, layer.lora_B], lr=LR)
+    twin = nn.Parameter(layer.lora_A[0].detach().clone())
+    fresh = torch.optim.Adam([twin], lr=LR)
+    for step in range(4):
+        if step == 3:
+            with pytest.warns(UserWarning, match="Adam keeps one step count per parameter"):
+                layer.set_rank(2, optimizer=opt, generator=gen)
+        opt.zero_grad()
+        layer(x).square().sum().backward()
+        twin.grad = layer.lora_A.grad[0].clone()
+        opt.step()
+        fresh.step()
+    assert float(opt.state[layer.lora_A]["step"]) == 4.0
+    torch.testing.assert_close(layer.lora_A[0].detach(), twin.detach(), rtol=1e-12, atol=1e-15)

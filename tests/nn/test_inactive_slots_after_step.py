@@ -185,3 +185,19 @@ def test_inactive_slots_stay_zero_after_an_entry_of_a_parameter_list_is_swapped(
     _drifting_step([second], opt, x)
     assert _inactive_nonzero(second) == 0
     assert torch.count_nonzero(second.lora_B[:, :second.rank]) > 0  # trained
+
+
+def test_inactive_slots_stay_zero_after_a_parameter_list_is_extended_in_place():
+    """``group["params"].extend(...)`` keeps the list object and every entry it had: the pools
+    appended must be zeroed after the next step too."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    first = LoRAMBoLinear(nn.Linear(6, 5, dtype=torch.float64), rank=2, capacity=4)
+    second = LoRAMBoLinear(nn.Linear(6, 5, dtype=torch.float64), rank=1, capacity=4)
+    opt = AttributeLion([first.lora_A, first.lora_B])
+    _drifting_step([first], opt, x)
+    opt.param_groups[0]["params"].extend([second.lora_A, second.lora_B])
+    opt.momentum = {}
+    _drifting_step([first, second], opt, x)
+    assert _inactive_nonzero(first) == 0 and _inactive_nonzero(second) == 0
+    assert torch.count_nonzero(second.lora_B[:, :second.rank]) > 0  # trained

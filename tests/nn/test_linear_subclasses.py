@@ -90,3 +90,35 @@ def test_a_parametrized_base_weight_refuses_merging_before_anything_changes():
         torch.testing.assert_close(model(x), want, rtol=0, atol=0)
         lorambo.unload(model, merge=False)
         assert not lorambo.lora_layers(model)
+
+
+class _LinearWithExtraState(nn.Linear):
+    """nn.Linear's forward with extra state of its own (a tag a framework keeps with the layer)."""
+
+    tag = 0
+
+    def get_extra_state(self):
+        return torch.tensor([self.tag])
+
+    def set_extra_state(self, state):
+        self.tag = int(state[0])
+
+
+def test_a_base_with_extra_state_of_its_own_round_trips_beside_the_layers():
+    """Both keep an ``_extra_state``: the layer's (rank, settings) at ``_extra_state``, the base's
+    at ``base_layer._extra_state``. The plain-key pre-hook must leave the layer's own key alone;
+    moved to the base, the load refused the state_dict for holding both names."""
+    torch.manual_seed(0)
+    base = _LinearWithExtraState(8, 6, dtype=torch.float64)
+    base.tag = 7
+    src = LoRAMBoLinear(base, rank=3, capacity=4, alpha=6.0)
+    with torch.no_grad():
+        src.lora_B[:, :3].normal_()
+    saved = src.state_dict()
+    assert {"_extra_state", "base_layer._extra_state"} <= saved.keys()
+    dst = LoRAMBoLinear(_LinearWithExtraState(8, 6, dtype=torch.float64), rank=1, capacity=4)
+    dst.load_state_dict(saved)
+    assert dst.rank == 3 and dst.scaling == 2.0 and dst.base_layer.tag == 7
+    x = torch.randn(5, 8, dtype=torch.float64)
+    expected = x @ base.weight.T + base.bias + 2.0 * (x @ src.lora_A[:3].T) @ src.lora_B[:, :3].T
+    torch.testing.assert_close(dst(x), expected, rtol=1e-12, atol=1e-12)

@@ -500,3 +500,78 @@ def test_exact_unmerge_after_a_cast_restores_the_cast_original(dtype):
     assert torch.equal(layer.base_layer.weight, unmerged.base_layer.weight)
     x = torch.randn(5, 9, dtype=dtype)
     assert torch.equal(layer(x), unmerged(x))
+
+
+def test_a_rank_loaded_alone_zeroes_the_slots_past_it_and_their_gradients():
+    """A state_dict holding only a layer's ``_extra_state`` (loaded with strict=False) lowers its
+    rank: the slots past the new rank, and their gradients, must become exactly zero (the pool
+    rule that saving checks), and the output the rank-2 adapter of the slots kept."""
+    torch.manual_seed(0)
+    src = LoRAMBoLinear(nn.Linear(8, 6, dtype=torch.float64), rank=2, capacity=6, alpha=4.0, name="fc")
+    layer = filled(LoRAMBoLinear(nn.Linear(8, 6, dtype=torch.float64), rank=5, capacity=6, alpha=4.0, name="fc"))
+    layer(torch.randn(3, 8, dtype=torch.float64)).square().sum().backward()
+    assert layer.lora_A.grad[2:5].abs().min() > 0 and layer.lora_B.grad[:, 2:5].abs().min() > 0
+    A, B = layer.lora_A[:2].detach().clone(), layer.lora_B[:, :2].detach().clone()
+    grad_a, grad_b = layer.lora_A.grad[:2].clone(), layer.lora_B.grad[:, :2].clone()
+    layer.load_state_dict({"_extra_state": src.get_extra_state()}, strict=False)
+    assert layer.rank == 2
+    assert torch.equal(layer.lora_A[:2], A) and torch.equal(layer.lora_B[:, :2], B)
+    assert torch.equal(layer.lora_A[2:], torch.zeros(4, 8, dtype=torch.float64))
+    assert torch.equal(layer.lora_B[:, 2:], torch.zeros(6, 4, dtype=torch.float64))
+    assert torch.equal(layer.lora_A.grad[:2], grad_a) and torch.equal(layer.lora_B.grad[:, :2], grad_b)
+    assert torch.equal(layer.lora_A.grad[2:], torch.zeros(4, 8, dtype=torch.float64))
+    assert torch.equal(layer.lora_B.grad[:, 2:], torch.zeros(6, 4, dtype=torch.float64))
+    x = torch.randn(4, 8, dtype=torch.float64)
+    expected = layer.base_layer(x) + 2.0 * (x @ A.T) @ B.T
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["torch", "ext"])
+@pytest.mark.parametrize("dropout, training", [(0.0, True), (0.3, False)], ids=["no-dropout", "eval"])
+def test_a_forward_without_dropout_draws_nothing_from_the_global_generator(backend, dropout, training):
+    """As nn.Linear: a forward that drops nothing leaves torch's random stream (data order,
+    other layers' dropout) where it was; only a dropout mask draws its seed."""
+    import lorambo
+    from lorambo.ext import loader as ext_loader
+
+    if backend == "ext" and ext_loader.load() is None:
+        pytest.skip("extension not built")
+    torch.manual_seed(0)
+    layer = filled(LoRAMBoLinear(nn.Linear(8, 6), rank=2, capacity=4, dropout=dropout)).train(training)
+    x = torch.randn(3, 8)
+    lorambo.set_backend(backend)
+    try:
+        torch.manual_seed(1)
+        expected = torch.rand(4)
+        torch.manual_seed(1)
+        layer(x).sum().backward()
+        assert torch.equal(torch.rand(4), expected)
+    finally:
+        lorambo.set_backend(None)
+
+
+def test_delta_weight_of_a_bfloat16_layer_is_rounded_once():
+    """``s * B_r A_r`` accumulates and scales in float32 and rounds once to bfloat16: equal to
+    the float64 product rounded to bfloat16 (a bfloat16 product rounded again after the
+    scaling is off by one unit in many elements)."""
+    torch.manual_seed(0)
+    layer = LoRAMBoLinear(nn.Linear(24, 16, dtype=torch.bfloat16), rank=8, capacity=8, alpha=2.4)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    expected = ((layer.lora_B.double() @ layer.lora_A.double()) * layer.scaling).to(torch.bfloat16)
+    delta = layer.delta_weight()
+    assert delta.dtype == torch.bfloat16 and torch.equal(delta, expected)
+
+
+def test_slot_edits_count_a_load_only_when_it_brings_other_components():
+    """``slot_edits`` (what importance estimates and weight averages follow): loading the layer's
+    own state_dict brings back the components it holds and counts nothing; another layer's
+    state_dict counts one edit."""
+    torch.manual_seed(0)
+    layer = filled(LoRAMBoLinear(nn.Linear(8, 6), rank=3, capacity=4))
+    other = filled(LoRAMBoLinear(nn.Linear(8, 6), rank=3, capacity=4))
+    edits = layer.slot_edits
+    layer.load_state_dict(layer.state_dict())
+    assert layer.slot_edits == edits
+    layer.load_state_dict(other.state_dict())
+    assert layer.slot_edits == edits + 1

@@ -79,6 +79,8 @@ def test_reset_slot_state_refuses_slots_outside_the_pool():
     before = opt.state[layer.lora_B]["exp_avg"].clone()
     with pytest.raises(ValueError, match=r"'q_proj': slots \[-1\] outside \[0, capacity = 4\)"):
         lorambo.reset_slot_state(opt, layer, [-1])
+    with pytest.raises(ValueError, match=r"'q_proj': slots \[4\] outside \[0, capacity = 4\)"):
+        lorambo.reset_slot_state(opt, layer, [2, 4])  # one past the last slot, after a valid one
     with pytest.raises(TypeError, match=r"'q_proj': slot must be an int, got 1.5"):
         lorambo.reset_slot_state(opt, layer, [1.5])
     assert torch.equal(opt.state[layer.lora_B]["exp_avg"], before)

@@ -42,14 +42,22 @@ def test_an_optimizer_of_the_pools_replaced_by_an_assign_load_warns(optimizer_cl
 
 
 def test_a_pool_set_back_in_place_is_no_replaced_pool():
+    """Every pool replaced and set back, or assigned to itself: the optimizer holds every pool in
+    place again (with one pool still in place, no warning would come whatever the record says)."""
     model, optimizer, x = _trained(lorambo.optim.AdamW)
     layer = model[0]
     pool = layer.lora_A
-    layer.lora_A = nn.Parameter(pool.detach().clone())
-    layer.lora_A = pool  # back: the optimizer holds every pool in place again
+    for each in (model[0], model[2]):
+        for name in ("lora_A", "lora_B"):
+            held = getattr(each, name)
+            setattr(each, name, nn.Parameter(held.detach().clone()))
+            setattr(each, name, held)  # back
+    model[2].lora_B = model[2].lora_B  # itself: nothing replaced
+    alone = torch.optim.SGD([model[2].lora_B], lr=1e-2)  # holds that pool only
     model(x).square().sum().backward()
     before = pool.detach().clone()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         optimizer.step()
+        alone.step()
     assert not torch.equal(before, pool)

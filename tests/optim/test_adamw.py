@@ -262,3 +262,45 @@ def test_grad_scaler_unscales_and_skips_overflow_steps_for_pools(fused):
         reference.step()
     for name in ("lora_A", "lora_B"):  # eps 1e-3 would act 1024x weaker on scaled gradients
         torch.testing.assert_close(getattr(layer, name), getattr(twin, name), rtol=1e-5, atol=1e-6)
+
+
+def test_step_with_a_closure_evaluates_it_and_returns_its_loss():
+    """``step(closure)`` as torch's optimizers take it (LBFGS-style loops, accelerate): the closure
+    computes the gradients of this step, and its loss is returned. Reference: torch's AdamW on a
+    float64 twin stepped with the same closure."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_pool_layer(rank=3, capacity=4, din=6, dout=5), torch.nn.Tanh(),
+                                torch.nn.Linear(5, 2, dtype=torch.float64))
+    with torch.no_grad():
+        model[0].lora_B[:, :3].normal_()
+    twin = copy.deepcopy(model)
+    x = torch.randn(7, 6, dtype=torch.float64)
+    kwargs = dict(lr=1e-2, weight_decay=0.1)
+    ours, theirs = AdamW(model.parameters(), **kwargs), torch.optim.AdamW(twin.parameters(), **kwargs)
+    for _ in range(3):
+        losses = []
+        for net, opt in ((model, ours), (twin, theirs)):
+            def closure(net=net, opt=opt):
+                opt.zero_grad()
+                loss = net(x).square().sum()
+                loss.backward()
+                return loss
+            losses.append(opt.step(closure))
+        assert losses[0] is not None and losses[0].item() == pytest.approx(losses[1].item(), rel=1e-12)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_saved_slot_steps_of_another_length_are_refused_at_load():
+    """Moments of the pool's shape with per-slot counts of another length (a state_dict edited or
+    assembled by hand): refused at load, naming the key, not at the first step."""
+    layer = _pool_layer(rank=3, capacity=8)
+    first = AdamW(layer.parameters(), lr=1e-2)
+    _random_active_grads(layer)
+    first.step()
+    saved = copy.deepcopy(first.state_dict())
+    saved["state"][1]["slot_step"] = torch.ones(5)
+    opt = AdamW(layer.parameters(), lr=1e-2)
+    with pytest.raises(ValueError, match=r"parameter 1 of param group 0 .*'slot_step' of shape \[5\].*\[8\]"):
+        opt.load_state_dict(saved)
+    assert not opt.state

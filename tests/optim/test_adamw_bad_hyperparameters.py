@@ -17,6 +17,9 @@ BAD = [
     ({"lr": INF}, r"lr=inf must be"),
     ({"lr": torch.tensor(NAN)}, r"lr=tensor\(nan\) must be"),
     ({"lr": torch.tensor([1e-3, 1e-3])}, r"lr=a tensor of shape \[2\] must be"),
+    ({"lr": torch.tensor([])}, r"lr=a tensor of shape \[0\] must be"),  # no value to take
+    ({"lr": torch.tensor(True)}, r"lr=tensor\(True\) must be"),  # a flag, not the rate 1.0
+    ({"betas": (torch.tensor(False), 0.999)}, r"betas\[0\]=tensor\(False\) must be"),
     ({"eps": -1e-8}, r"eps=-1e-08 must be a finite number >= 0"),
     ({"eps": NAN}, r"eps=nan must be"),
     ({"weight_decay": NAN}, r"weight_decay=nan must be a finite number >= 0"),
