@@ -99,10 +99,18 @@ def test_sketching_exact_on_low_rank(method):
 
 
 def test_hutchpp_exact_when_sketch_spans_everything():
+    # the 10 sketch columns span everything: no residual probe is drawn, 20 products in all
     a = indefinite(10, seed=6)
-    est = hutchpp(lambda x: a @ x, 10, 30, seed=1)
+    cols = []
+
+    def matvec(x):
+        cols.append(x.shape[1])
+        return a @ x
+
+    est = hutchpp(matvec, 10, 30, seed=1)
     assert est.value == pytest.approx(float(a.trace()), abs=1e-10)
     assert est.stderr == 0.0
+    assert cols == [10, 10] and est.num_probes == 20
 
 
 def test_explicit_estimators_reject_bad_sizes():
