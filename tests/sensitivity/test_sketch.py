@@ -166,3 +166,14 @@ def test_num_probes_counts_the_finite_products_the_estimate_used(method):
     est = method(matvec, 30, 12, seed=2)
     assert math.isfinite(est.value)
     assert est.num_probes == finite[0]
+
+
+def test_probe_seeds_are_63_bit_and_use_all_of_them():
+    # probe_seed promises a 63-bit seed (a non-negative int64 on every generator); over 400 keys
+    # about half of them have the top (63rd) bit set
+    from lorambo.sensitivity.probes import probe_seed
+
+    seeds = [probe_seed(0, layer, "hutchinson", k) for layer in range(4) for k in range(100)]
+    assert all(0 <= s < 2**63 for s in seeds)
+    assert 150 <= sum(s >= 2**62 for s in seeds) <= 250
+    assert len(set(seeds)) == len(seeds)
