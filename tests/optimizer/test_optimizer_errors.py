@@ -189,3 +189,14 @@ def test_sensitivities_that_overflow_are_refused_naming_the_layer():
     with pytest.raises(ValueError, match=r"gradient sensitivity of layer 'blocks.0.up' is inf \(not finite\)"):
         opt.compute_sensitivities(data, lambda model, batch: mse(model, batch) * 1e200)
     assert opt.sensitivities is None
+
+
+def test_compute_optimal_ranks_refuses_a_progress_string_even_with_sensitivities_given():
+    # with sensitivities given no pass runs, so only the method's own check sees progress="no"
+    from residual_net import ResidualNet
+
+    opt = LoRAMBoOptimizer(ResidualNet(), 500)
+    sens = dict.fromkeys(opt.names, 1.0)
+    with pytest.raises(TypeError, match=r"compute_optimal_ranks: progress must be True, False or None, got 'no'"):
+        opt.compute_optimal_ranks(sensitivities=sens, progress="no")
+    assert opt.ranks is None
