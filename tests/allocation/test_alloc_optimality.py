@@ -72,6 +72,19 @@ def test_exact_dp_with_budget_past_full_capacity(prob, budget):
     assert math.isclose(value(ranks, benefits, kw["min_rank"]), best, rel_tol=1e-9, abs_tol=1e-9)
 
 
+
+def test_exact_dp_axis_counts_only_ranks_above_min_rank():
+    """The DP axis caps the leftover at the ranks between min_rank and each bound: two layers at
+    min_rank=999 of 1,000 (d + k = 2,001 and 2,003, gcd 1) need ~4,000 states, not the ~8 million
+    that counting their min_rank ranks too would refuse; the best layer takes the last rank."""
+    dims = {"a": (1000, 1001), "b": (1000, 1003)}
+    benefits = {"a": [1.0] * 1000, "b": [2.0] * 1000}
+    ranks = allocate(dims, None, 10**7, "knapsack", benefits=benefits, exact=True, min_rank=999)
+    assert ranks == {"a": 1000, "b": 1000}
+    squeezed = 999 * 4004 + 2003  # room for one more rank of b only
+    assert allocate(dims, None, squeezed, "knapsack", benefits=benefits, exact=True,
+                    min_rank=999) == {"a": 999, "b": 1000}
+
 @FAST
 @given(knapsacks())
 def test_greedy_within_one_item_of_optimum(prob):

@@ -58,6 +58,9 @@ def test_existing_layers_win_over_the_users_capacity():
     dims = {"a": (10, 6), "b": (4, 4)}
     assert fixed_capacities({"a": 5, "other": 9}, 2, dims) == {"a": 5, "b": 2}
     assert fixed_capacities({}, {"b": 3}, dims) == {"b": 3}
+    assert fixed_capacities({}, 1, dims) == {"a": 1, "b": 1}  # the smallest pool: one slot
+    with pytest.raises(ValueError, match="capacity of layer 'a' is 0: must be an int >= 1"):
+        fixed_capacities({}, 0, dims)
     with pytest.raises(ValueError, match=r"unknown layer\(s\) \['c'\]"):
         fixed_capacities({}, {"c": 3}, dims)
     for bad in (0, 2.5, True):

@@ -206,3 +206,13 @@ def test_close_drops_a_failed_begin_step_attempt_before_its_retry():
     told apart only by close(), after which the decision is the one of the retry alone."""
     fresh = _begin_step_decision(failed_attempt=False)
     assert fresh and _begin_step_decision(failed_attempt=True) == fresh
+
+
+def test_close_and_rebuild_before_any_decision_build_nothing():
+    def build():
+        raise AssertionError("close() / rebuild() built the OnlineGrowth")
+
+    growth = ScheduledGrowth(DecisionSchedule(5, 1), build)
+    growth.close()
+    growth.rebuild()
+    assert growth.built is None

@@ -159,3 +159,11 @@ def test_improve_from_any_start_matches_the_reference():
 def test_fill_names_itself_when_the_start_is_over_budget():
     with pytest.raises(ValueError, match=r"exchange\.fill: the starting ranks cost 20 > budget=19"):
         exchange.fill(np.array([10, 10]), np.array([1, 1]), np.array([4, 4]), 19, np.array([1.0, 1.0]))
+
+
+def test_merge_of_two_ranks_of_one_layer_freeing_exactly_the_takers_cost():
+    # taking two ranks of layer 1 (cost 5 each) frees exactly one rank of layer 0 (cost 10), the
+    # boundary of the pair-cost window; repeated, it reaches the optimum (3, 0): loss 1/3 + 2 * 0.01
+    args = (np.array([10, 5]), np.array([1, 4]), np.array([1.0, 0.01]), np.array([0, 0]), np.array([8, 8]), 30)
+    np.testing.assert_array_equal(exchange.improve(*args), [3, 0])
+    np.testing.assert_array_equal(reference_improve(*args), [3, 0])

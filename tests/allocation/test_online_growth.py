@@ -473,3 +473,45 @@ def test_a_refused_decision_changes_nothing_and_can_be_retried(failure):
     assert opt.decisions == []
     assert opt.step(0, component_scores=good if moves else None) == expected
     _assert_same(_snapshot(model, torch_opt), _snapshot(reference, ref_torch_opt))
+
+
+@pytest.mark.parametrize("min_rank", [0, 2])
+def test_a_move_funds_the_first_new_rank_of_a_layer_the_plan_did_not_grow(min_rank):
+    # a layer that does not grow in the decision offers a move its first new rank, worth
+    # sigma_1(G_perp) (dense SVD here). With the threshold between the best layer's sigma_1 and
+    # every other gain (its own sigma_2 included), that layer receives the one move; a budget
+    # left (12) below every layer's cost keeps the plan from growing anything. With min_rank=2
+    # the donor, at rank 2, has no component to spare: nothing moves
+    torch.manual_seed(0)
+    model = _model()
+    layers = lorambo.lora_layers(model)
+    for layer in layers.values():
+        layer.set_rank(2)
+        layer.lora_B.data[:, :2].normal_()
+    costs = {n: m.in_features + m.out_features for n, m in layers.items()}
+    spent = sum(costs[n] * m.rank for n, m in layers.items())
+    batch = (torch.randn(16, 6, dtype=DT), torch.randn(16, 3, dtype=DT))
+    sigmas = {}
+    with ActivationCapture(layers) as cap:
+        _mse(model, batch).backward()
+    for n, m in layers.items():
+        (x, dy), = cap.pairs(n)
+        sigmas[n] = torch.linalg.svdvals(_dense_perp(x, dy, m.lora_A[:2].detach(), m.lora_B[:, :2].detach()))
+    best = max(sigmas, key=lambda n: sigmas[n][0])
+    below = max([float(sigmas[best][1])] + [float(s[0]) for n, s in sigmas.items() if n != best])
+    assert below < 0.9 * float(sigmas[best][0])  # a clear gap (a check of the test itself)
+    donor = next(n for n in layers if n != best)
+    grower = OnlineGrowth(layers, spent + 12, sketch_rank=2, power_iters=8, seed=1,
+                          threshold=(below + float(sigmas[best][0])) / 2, move_threshold=0.5,
+                          min_rank=min_rank)
+    with grower.capture:
+        _mse(model, batch).backward()
+    scores = {n: torch.tensor([1.0, 1.0], dtype=DT) for n in layers}
+    scores[donor] = torch.tensor([1.0, -1.0], dtype=DT)
+    records = grower.update(step=0, component_scores=scores)
+    if min_rank == 2:
+        assert records == [] and all(m.rank == 2 for m in layers.values())
+        return
+    assert [(r["event"], r["layer"]) for r in records] == [("shrink", donor), ("grow", best)]
+    assert records[1]["benefit"] == pytest.approx(float(sigmas[best][0]), rel=1e-6)
+    assert {n: m.rank for n, m in layers.items()} == {n: 1 if n == donor else 3 if n == best else 2 for n in layers}

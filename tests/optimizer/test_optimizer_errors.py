@@ -176,3 +176,27 @@ def test_knapsack_without_gain_curves_says_where_they_go():
     assert sum(r * (6 + 10 if n == "0" else 10 + 4) for n, r in ranks.items()) <= 1000
     assert ranks == lorambo.allocate(opt.dims, None, 1000, method="knapsack", benefits=gains,
                                      capacities=None)
+
+
+def test_sensitivities_that_overflow_are_refused_naming_the_layer():
+    # a finite loss whose gradients square past float64 (loss * 1e200): every Fisher-style sum is
+    # inf; compute_sensitivities names the layer and keeps no sensitivities
+    from residual_net import ResidualNet, mse
+
+    torch.manual_seed(0)
+    opt = LoRAMBoOptimizer(ResidualNet(), 500, sensitivity_method="gradient")
+    data = [(torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64))]
+    with pytest.raises(ValueError, match=r"gradient sensitivity of layer 'blocks.0.up' is inf \(not finite\)"):
+        opt.compute_sensitivities(data, lambda model, batch: mse(model, batch) * 1e200)
+    assert opt.sensitivities is None
+
+
+def test_compute_optimal_ranks_refuses_a_progress_string_even_with_sensitivities_given():
+    # with sensitivities given no pass runs, so only the method's own check sees progress="no"
+    from residual_net import ResidualNet
+
+    opt = LoRAMBoOptimizer(ResidualNet(), 500)
+    sens = dict.fromkeys(opt.names, 1.0)
+    with pytest.raises(TypeError, match=r"compute_optimal_ranks: progress must be True, False or None, got 'no'"):
+        opt.compute_optimal_ranks(sensitivities=sens, progress="no")
+    assert opt.ranks is None

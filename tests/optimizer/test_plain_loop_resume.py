@@ -162,3 +162,24 @@ def test_numpy_settings_still_load_with_weights_only(tmp_path):
     state = torch.load(tmp_path / "lorambo.pt", weights_only=True)
     assert state["decisions"] == opt.decisions and state["settings"]["interval"] == 3
     opt.load_state_dict(state)
+
+
+def test_alora_rounds_done_survive_a_resume_and_the_next_save():
+    def alora(model):
+        return LoRAMBoOptimizer(model, 600, allocation="alora", initial_budget=600, heldout_batches=DATA[-2:],
+                                loss_fn=mse, alora=dict(k1=1, k2=2, rounds=3, n_prune=1))
+
+    torch.manual_seed(0)
+    model = ResidualNet()
+    opt = alora(model)
+    opt.compute_optimal_ranks(DATA[:2], mse)  # uniform: ALoRA's start
+    opt.configure()
+    torch_opt = opt.make_optimizer(lr=2e-2)
+    _train(model, opt, torch_opt, range(4))  # rounds at steps 1 and 3
+    state = opt.state_dict()
+    assert state["alora_rounds_done"] == 2
+    resumed = alora(model)
+    resumed.make_optimizer(lr=2e-2)
+    resumed.load_state_dict(state)
+    assert resumed.alora_schedule().rounds_done == 2
+    assert resumed.state_dict()["alora_rounds_done"] == 2

@@ -26,15 +26,17 @@ def test_per_layer_dots_and_norms_match_loops(backend):
 
 
 def test_auto_runs_the_compiled_reductions_on_cpu_exactly_when_built(backend, monkeypatch):
-    calls = []
+    calls, norm_calls = [], []
     if ext_ops.available():
-        real = ext_ops.multi_dot
+        real, real_norm = ext_ops.multi_dot, ext_ops.multi_sq_norm
         monkeypatch.setattr(ext_ops, "multi_dot", lambda *a, **k: calls.append(1) or real(*a, **k))
+        monkeypatch.setattr(ext_ops, "multi_sq_norm", lambda *a, **k: norm_calls.append(1) or real_norm(*a, **k))
     xs = [torch.randn(2, 9), torch.randn(2, 3, 3)]
     per_layer_dots(xs, xs)
+    per_layer_sq_norms(xs)
     expected = backend == "auto" and ext_ops.available()
     assert use_compiled_multi_tensor(xs) == expected
-    assert bool(calls) == expected
+    assert bool(calls) == expected and bool(norm_calls) == expected
     # outside autograd only: a tensor that requires grad keeps the differentiable PyTorch path
     assert not use_compiled_multi_tensor([torch.randn(3, requires_grad=True)])
 

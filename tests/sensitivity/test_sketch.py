@@ -100,10 +100,18 @@ def test_sketching_exact_on_low_rank(method):
 
 
 def test_hutchpp_exact_when_sketch_spans_everything():
+    # the 10 sketch columns span everything: no residual probe is drawn, 20 products in all
     a = indefinite(10, seed=6)
-    est = hutchpp(lambda x: a @ x, 10, 30, seed=1)
+    cols = []
+
+    def matvec(x):
+        cols.append(x.shape[1])
+        return a @ x
+
+    est = hutchpp(matvec, 10, 30, seed=1)
     assert est.value == pytest.approx(float(a.trace()), abs=1e-10)
     assert est.stderr == 0.0
+    assert cols == [10, 10] and est.num_probes == 20
 
 
 def test_explicit_estimators_reject_bad_sizes():
@@ -159,3 +167,14 @@ def test_num_probes_counts_the_finite_products_the_estimate_used(method):
     est = method(matvec, 30, 12, seed=2)
     assert math.isfinite(est.value)
     assert est.num_probes == finite[0]
+
+
+def test_probe_seeds_are_63_bit_and_use_all_of_them():
+    # probe_seed promises a 63-bit seed (a non-negative int64 on every generator); over 400 keys
+    # about half of them have the top (63rd) bit set
+    from lorambo.sensitivity.probes import probe_seed
+
+    seeds = [probe_seed(0, layer, "hutchinson", k) for layer in range(4) for k in range(100)]
+    assert all(0 <= s < 2**63 for s in seeds)
+    assert 150 <= sum(s >= 2**62 for s in seeds) <= 250
+    assert len(set(seeds)) == len(seeds)
