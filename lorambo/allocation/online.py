@@ -311,8 +311,9 @@ def grow_layer(layer, new_rank: int, directions: torch.Tensor | None = None, opt
     where the layer did not run on its batches (routed experts); None only on all of them.
     ``failure``: the decision's :class:`lorambo.distributed.SharedFailure`; each step then runs
     under it and the scale's collective carries its flag, so a process that failed (here or
-    before) still joins that collective, and every process raises there (and takes its growth
-    back).
+    before) still joins that collective, and every process raises there; a check after the rows'
+    copy does the same for a failure after that collective. Every process then takes its growth
+    back.
     """
     n = new_rank - layer.rank
     if directions is not None and n > 0 and directions.shape[1] < n:
@@ -335,13 +336,14 @@ def grow_layer(layer, new_rank: int, directions: torch.Tensor | None = None, opt
                                           n, layer.lora_A.dtype, layer.lora_A.device)
                 aligned = local(lambda a: (a[0], a[1] * ratio, a[2]), aligned)
             local(lambda a: a[0].copy_(a[2] * a[1]), aligned)
+            if failure is not None:
+                # a process whose last step failed after the collective: all raise here and take
+                # the growth back, or the others would keep a growth that process took back
+                failure.check()
         except BaseException:
             if old is not None:
                 layer.set_rank(old, optimizer=optimizer)  # new slots, their gradients and state: zero again
             raise
-        if failure is not None and failure.error is not None and old is not None:
-            # failed after the collective: taken back here, raised by the decision's next one
-            layer.set_rank(old, optimizer=optimizer)
     return old
 
 
