@@ -1,8 +1,9 @@
-"""Out of memory on one gloo process in a growth's last local step, the copy of the aligned
-directions into the new rows of A, after the growth's one collective: every process raises, and
-every process takes the growth back, so all keep the ranks, pools, gradients and optimizer state
-they had before the decision and decide again as a run that never failed. The failing process
-alone used to take its growth back, and the others kept it: the replicas' ranks parted."""
+"""Out of memory on one gloo process in a growth's local step after its one collective (the
+ratio from the reduced sums; the last step, the copy of the aligned directions into the new rows
+of A): every process raises, and every process takes the growth back, so all keep the ranks,
+pools, gradients and optimizer state they had before the decision and decide again as a run that
+never failed. A failed copy used to be taken back by the failing process alone while the others
+kept the growth, and the replicas' ranks parted; a failed ratio left the others waiting."""
 
 from pathlib import Path
 
@@ -11,16 +12,16 @@ import torch
 
 from gloo_workers import run_two_processes
 
-WORKER = Path(__file__).with_name("ddp_row_copy_fault_worker.py")
+WORKER = Path(__file__).with_name("ddp_growth_tail_fault_worker.py")
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
 INJECTED = "OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 MiB (injected)"
 
 
-@pytest.fixture(scope="module")
-def outcomes(tmp_path_factory):
-    return run_two_processes(WORKER, tmp_path_factory.mktemp("row_copy_fault"), timeout=60)
+@pytest.fixture(scope="module", params=["ratio", "copy"])
+def outcomes(request, tmp_path_factory):
+    return run_two_processes(WORKER, tmp_path_factory.mktemp(request.param), request.param, timeout=60)
 
 
 def _assert_same(got, want, what):

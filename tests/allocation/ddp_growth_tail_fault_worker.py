@@ -1,8 +1,9 @@
-"""Worker for test_row_copy_fault_ddp.py: python ddp_row_copy_fault_worker.py RANK WORLD STORE_FILE OUT_FILE.
+"""Worker for test_growth_tail_fault_ddp.py: python ddp_growth_tail_fault_worker.py STEP RANK WORLD STORE_FILE OUT_FILE.
 
-Two gloo processes take an online decision in which process 1 alone runs out of memory in the
-last local step of the first growth, the copy of the aligned directions into the new rows of A,
-after the growth's one collective (the activation ratio). Saved per process: the outcome (error
+Two gloo processes take an online decision in which process 1 alone runs out of memory in a
+local step of the first growth after the growth's one collective (the activation ratio's
+all-reduce): STEP "ratio", the ratio computed from the reduced sums; "copy", the last one, the
+copy of the aligned directions into the new rows of A. Saved per process: the outcome (error
 type, message and notes), every layer's rank, pools, gradients and optimizer state before and
 after it, a retried decision at the next step, and the same decision taken by an uninterrupted
 run (a fresh model, never failed). The test times out if a process hangs.
@@ -18,6 +19,7 @@ from torch import nn
 import lorambo
 from lorambo.allocation import online
 from lorambo.allocation.online import OnlineGrowth
+from lorambo.distributed import SharedFailure
 
 from gloo_workers import attempt  # tests/ is on the PYTHONPATH run_two_processes gives
 
@@ -78,38 +80,42 @@ def _decide(net, layers, opt, rank, step, before=None):
     return outcome if outcome[0] == "ok" else (*outcome, notes)
 
 
-def _copy_fails_after_ratio(rank):
-    """On process 1, the first ``Tensor.copy_`` after the first activation ratio runs out of
-    memory: the copy of the aligned directions into the first grown layer's new rows."""
-    real_ratio, real_copy, armed, fired = online._activation_ratio, torch.Tensor.copy_, [], []
+def _fails_after_the_collective(rank, step):
+    """On process 1, the first call of the ``Tensor`` method ``step`` names (``sqrt``: the ratio
+    from the reduced sums; ``copy_``: the rows' copy) after the first activation ratio's
+    all-reduce runs out of memory. Returns a function that undoes this and says whether it did."""
+    method = {"ratio": "sqrt", "copy": "copy_"}[step]
+    real_mean, real_method, armed, fired = SharedFailure.mean, getattr(torch.Tensor, method), [], []
 
-    def failing_copy(self, *args, **kwargs):
+    def failing(self, *args, **kwargs):
         if armed:
             armed.clear()
             fired.append(1)
             raise torch.OutOfMemoryError(INJECTED)
-        return real_copy(self, *args, **kwargs)
+        return real_method(self, *args, **kwargs)
 
-    def ratio(*args, **kwargs):
-        out = real_ratio(*args, **kwargs)
-        if rank == 1 and not fired:
+    def mean(self, *args, **kwargs):
+        out = real_mean(self, *args, **kwargs)
+        if rank == 1 and not fired and sys._getframe(1).f_code.co_filename == online.__file__:
             armed.append(1)
         return out
 
-    online._activation_ratio, torch.Tensor.copy_ = ratio, failing_copy
+    SharedFailure.mean = mean
+    setattr(torch.Tensor, method, failing)
 
     def restore():
-        online._activation_ratio, torch.Tensor.copy_ = real_ratio, real_copy
+        SharedFailure.mean = real_mean
+        setattr(torch.Tensor, method, real_method)
         return bool(fired)
 
     return restore
 
 
-def main(rank, world, store, out):
+def main(step, rank, world, store, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     net, layers, opt = _model()
-    restore = _copy_fails_after_ratio(rank)
+    restore = _fails_after_the_collective(rank, step)
     held = {}
     try:
         outcome = _decide(net, layers, opt, rank, 0, held)
@@ -126,5 +132,5 @@ def main(rank, world, store, out):
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
     exit_skipping_teardown()  # results are saved; see rendezvous.py for why not a normal exit
