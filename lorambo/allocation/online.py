@@ -366,16 +366,16 @@ def _activation_ratio(inputs: Sequence[torch.Tensor], d: torch.Tensor | None, fa
                 sums[-1] += x.square().sum() / x.shape[1]                      # mean over unit rows
         return sums
 
-    def ratio(sums):
+    def from_sums(sums):
         along, random = sums[:-1], sums[-1]
         ratio = torch.where(along > 0, (random / along.clamp_min(1e-300)).sqrt(), torch.ones_like(along))
         return ratio.to(d.dtype).unsqueeze(1)
 
     if failure is None:
-        return ratio(all_reduced_mean(local_sums(d)))
+        return from_sums(all_reduced_mean(local_sums(d)))
     dtype = torch.promote_types(pool_dtype, torch.float32)
     # after the collective: a failure is held back too, for grow_layer's last check
-    return failure.run(ratio, failure.mean(failure.run(local_sums, d), n + 1, dtype, device))
+    return failure.run(from_sums, failure.mean(failure.run(local_sums, d), n + 1, dtype, device))
 
 
 def layer_benefits_many(layers: Mapping, pairs: Mapping, ks: Mapping[str, int], niter: int,
