@@ -170,7 +170,6 @@ def _move(classes, c, sens, ranks, lower, upper, left):
     add2 = np.where(takes & (ranks + 2 <= upper), add1 + loss_drop(sens, ranks + 1), -np.inf)
     rem1 = np.where(ranks - 1 >= lower, loss_drop(sens, ranks - 1), np.inf)
     rem2 = np.where(ranks - 2 >= lower, rem1 + loss_drop(sens, ranks - 2), np.inf)
-    n = len(c)
     best = (0.0, (), ())
     # swap: giver j's best taker i != j with c_i <= left + c_j
     net = classes.best_other_within(add1, left + classes.values) - rem1
@@ -183,23 +182,22 @@ def _move(classes, c, sens, ranks, lower, upper, left):
         best = (float(row[i]), (j,), (i,))
     # split: the best pair of takers that fits each giver's freed budget. A pair holding the
     # giver itself never fits with a positive value once the fill has finished (its other
-    # member would have fit the leftover alone), so the per-giver bound is exact when positive.
+    # member would have fit the leftover alone), so the per-giver bound is exact when positive,
+    # and a pair without the giver is found.
     per_giver = classes.best_within(classes.pair_max(add1, add2), left + classes.values)[classes.of] - rem1
     j = int(np.argmax(per_giver))
     if per_giver[j] > best[0]:
-        found = _first_best_pair(classes, add1, add2, c, j, -np.inf, left + c[j])
-        # no pair left: the first pair, unmasked (as a full-table argmax over -inf gives)
-        value, takers = found or ((add1[0] + add1[1], (0, 1)) if n > 1 else (add2[0], (0, 0)))
+        value, takers = _first_best_pair(classes, add1, add2, c, j, -np.inf, left + c[j])
         gain = float(value - rem1[j])
         if gain > best[0]:
             best = (gain, (j,), takers)
     # merge: the cheapest pair of givers (in loss) that frees enough for each taker. When that
-    # pair holds the taker itself, no pair gives the taker a positive move (convexity).
+    # pair holds the taker itself, no pair gives the taker a positive move (convexity), so a
+    # pair without the taker is found.
     per_taker = add1 + classes.best_from(classes.pair_max(-rem1, -rem2), classes.values - left)[classes.of]
     i = int(np.argmax(per_taker))
     if per_taker[i] > best[0]:
-        found = _first_best_pair(classes, -rem1, -rem2, c, i, c[i] - left, np.inf)
-        value, givers = found or ((-(rem1[0] + rem1[1]), (0, 1)) if n > 1 else (-rem2[0], (0, 0)))
+        value, givers = _first_best_pair(classes, -rem1, -rem2, c, i, c[i] - left, np.inf)
         gain = float(add1[i] + value)
         if gain > best[0]:
             best = (gain, givers, (i,))

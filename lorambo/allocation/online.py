@@ -311,8 +311,9 @@ def grow_layer(layer, new_rank: int, directions: torch.Tensor | None = None, opt
     where the layer did not run on its batches (routed experts); None only on all of them.
     ``failure``: the decision's :class:`lorambo.distributed.SharedFailure`; each step then runs
     under it and the scale's collective carries its flag, so a process that failed (here or
-    before) still joins that collective, and every process raises there (and takes its growth
-    back).
+    before) still joins that collective, and every process raises there; a check after the rows'
+    copy does the same for a failure in the steps after that collective. Every process then takes
+    its growth back.
     """
     n = new_rank - layer.rank
     if directions is not None and n > 0 and directions.shape[1] < n:
@@ -333,15 +334,16 @@ def grow_layer(layer, new_rank: int, directions: torch.Tensor | None = None, opt
             if inputs is not None:  # an empty list still joins the collective of the others
                 ratio = _activation_ratio(inputs, None if aligned is None else aligned[2], failure,
                                           n, layer.lora_A.dtype, layer.lora_A.device)
-                aligned = local(lambda a: (a[0], a[1] * ratio, a[2]), aligned)
+                aligned = local(lambda a, r: (a[0], a[1] * r, a[2]), aligned, ratio)
             local(lambda a: a[0].copy_(a[2] * a[1]), aligned)
+            if failure is not None:
+                # a process whose step after the collective failed (the ratio, the rows' copy): all
+                # raise here and take the growth back; the others would keep it, or wait for it
+                failure.check()
         except BaseException:
             if old is not None:
                 layer.set_rank(old, optimizer=optimizer)  # new slots, their gradients and state: zero again
             raise
-        if failure is not None and failure.error is not None and old is not None:
-            # failed after the collective: taken back here, raised by the decision's next one
-            layer.set_rank(old, optimizer=optimizer)
     return old
 
 
@@ -351,7 +353,8 @@ def _activation_ratio(inputs: Sequence[torch.Tensor], d: torch.Tensor | None, fa
     as [n, 1] (1 where a direction sees no input at all). Under ``failure`` (see
     :func:`grow_layer`) ``d`` is None where this process failed before: it still joins the
     collective, which raises on every process; ``n``, ``pool_dtype`` and ``device`` (those of
-    the rows ``d`` is for) shape its stand-in."""
+    the rows ``d`` is for) shape its stand-in. A failure after the collective is held back:
+    None is returned."""
     def local_sums(d):
         dtype = torch.promote_types(d.dtype, torch.float32)
         d = d.to(dtype)
@@ -363,14 +366,16 @@ def _activation_ratio(inputs: Sequence[torch.Tensor], d: torch.Tensor | None, fa
                 sums[-1] += x.square().sum() / x.shape[1]                      # mean over unit rows
         return sums
 
+    def from_sums(sums):
+        along, random = sums[:-1], sums[-1]
+        ratio = torch.where(along > 0, (random / along.clamp_min(1e-300)).sqrt(), torch.ones_like(along))
+        return ratio.to(d.dtype).unsqueeze(1)
+
     if failure is None:
-        sums = all_reduced_mean(local_sums(d))
-    else:
-        dtype = torch.promote_types(pool_dtype, torch.float32)
-        sums = failure.mean(failure.run(local_sums, d), n + 1, dtype, device)
-    along, random = sums[:-1], sums[-1]
-    ratio = torch.where(along > 0, (random / along.clamp_min(1e-300)).sqrt(), torch.ones_like(along))
-    return ratio.to(d.dtype).unsqueeze(1)
+        return from_sums(all_reduced_mean(local_sums(d)))
+    dtype = torch.promote_types(pool_dtype, torch.float32)
+    # after the collective: a failure is held back too, for grow_layer's last check
+    return failure.run(from_sums, failure.mean(failure.run(local_sums, d), n + 1, dtype, device))
 
 
 def layer_benefits_many(layers: Mapping, pairs: Mapping, ks: Mapping[str, int], niter: int,

@@ -3,7 +3,7 @@
 Two gloo processes take online decisions in which process 1 alone runs out of memory after the
 decision's first collective: in a power-iteration product, in the SVD, in the second layer's
 growth, in the components a rank move or an ALoRA round drops. The outcome of each decision (records, or the
-error's type and message), the ranks and the pools after it, and a retry are saved; the test
+error's type, message and notes), the ranks and the pools after it, and a retry are saved; the test
 times out if a process hangs.
 """
 
@@ -72,16 +72,28 @@ def _state(net, opt):
             for n, p in net.named_parameters() if p in opt.state}
 
 
+def _noting(fn, notes):
+    """``fn``, appending the notes of what it raises to ``notes``."""
+    def call():
+        try:
+            return fn()
+        except Exception as err:
+            notes.extend(getattr(err, "__notes__", []))
+            raise
+    return call
+
+
 def main(rank, world, store, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     g = torch.Generator().manual_seed(10 + rank)  # each process its own data
 
-    def decide(net, layers, step, case, opt):
+    def decide(net, layers, step, case, opt, notes=None):
+        notes = [] if notes is None else notes  # what the error raised carries
         scores = {n: torch.arange(m.rank, dtype=DT) for n, m in layers.items()}  # component 0 the least useful
         if case == "alora":
-            return attempt(lambda: alora_round(net, layers, None, None, n_prune=1, scores=scores, step=step,
-                                               optimizer=opt))
+            return attempt(_noting(lambda: alora_round(net, layers, None, None, n_prune=1, scores=scores,
+                                                       step=step, optimizer=opt), notes))
         moves = case == "move"
         # moves: the budget buys layer '0' two ranks (costs 16, 18, 11 at rank 1), then every
         # component may go to fund a third
@@ -91,7 +103,8 @@ def main(rank, world, store, out):
         with grower.capture:
             ((net(x) - y) ** 2).mean().backward()
         net.zero_grad()
-        return attempt(lambda: grower.update(step, opt, component_scores=scores if moves else None))
+        return attempt(_noting(lambda: grower.update(step, opt, component_scores=scores if moves else None),
+                               notes))
 
     result = {}
     for case, (owner, name, at_call) in FAULTS.items():
@@ -100,12 +113,13 @@ def main(rank, world, store, out):
         held = {n: (m.rank, m.lora_A.detach().clone(), m.lora_B.detach().clone()) for n, m in layers.items()}
         held_state = _state(net, opt)
         restore = _failing_on_process_1(rank, owner, name, at_call)
+        notes = []
         try:
-            outcome = decide(net, layers, 0, case, opt)
+            outcome = decide(net, layers, 0, case, opt, notes)
         finally:
             restore()
         pools = {n: (m.rank, m.lora_A.detach().clone(), m.lora_B.detach().clone()) for n, m in layers.items()}
-        result[case] = {"outcome": outcome, "before": held, "pools": pools, "state_before": held_state,
+        result[case] = {"outcome": outcome, "notes": notes, "before": held, "pools": pools, "state_before": held_state,
                         "state": _state(net, opt), "retry": decide(net, layers, 1, case, opt)}
     dist.destroy_process_group()
     torch.save(result, out)

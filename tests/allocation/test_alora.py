@@ -81,6 +81,22 @@ def test_nothing_pruned_when_no_receiver_has_room():
     assert [m.rank for m in layers.values()] == [2, 2]
 
 
+@pytest.mark.parametrize("scores", [{}, None])
+def test_a_round_over_no_layers_changes_nothing(scores):
+    """``layers={}`` (given scores, or ablation scores of no layer): no record, the model as it was."""
+    model = lorambo.configure_model(ResidualNet(hidden=12, blocks=1), 2, capacity=4)
+    for layer in lorambo.lora_layers(model).values():
+        layer.lora_B.data[:, :2].normal_()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    heldout = [(torch.randn(5, 8, dtype=DT), torch.randn(5, 8, dtype=DT))]
+    records = [{"event": "earlier"}]
+    assert alora_round(model, {}, mse, heldout, n_prune=1, scores=scores, records=records) == [{"event": "earlier"}]
+    assert records == [{"event": "earlier"}]
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert [m.rank for m in lorambo.lora_layers(model).values()] == [2, 2]
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="ALoRAConfig.rounds must be an int >= 1"):
         ALoRAConfig(rounds=0)

@@ -74,3 +74,22 @@ def test_a_shrink_one_process_could_not_make_is_taken_back_on_both(outcomes, cas
             for key, value in state.items():
                 assert torch.equal(first["state"][name][key], value), (case, name, key)
     assert first["retry"][0] == "ok" and first["retry"][1] and first["retry"] == second["retry"]
+
+
+KEPT = ("update_ranks (step 0) stopped after {} rank change(s) {}, which stay and are in the decisions and "
+        "the decision log; the rest of the decision was not taken")
+
+
+@pytest.mark.parametrize("case, notes", [
+    ("product", []),
+    ("svd", []),
+    ("growth", [KEPT.format(1, "[('0', 1, 3)]")]),
+    ("move", ["update_ranks (step 0): the rank move's shrinks of ['2'] were taken back on every process",
+              KEPT.format(2, "[('0', 1, 2), ('4', 1, 2)]")]),
+    ("alora", ["alora_round (step 0): every process took the round's rank changes back"]),
+])
+def test_both_errors_say_what_was_kept_and_what_was_taken_back(outcomes, case, notes):
+    """The notes (Python 3.11+) on the error of each process: the growths made before the failure
+    stay; the shrinks and the ALoRA round are taken back on both."""
+    for rank, result in enumerate(outcomes):
+        assert result[case]["notes"] == notes, (rank, case)

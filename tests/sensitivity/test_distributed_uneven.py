@@ -88,3 +88,37 @@ def test_settings_that_differ_between_processes_are_an_error_on_both(tmp_path):
             assert outcome[:2] == ("error", "ValueError"), (name, setting, outcome)
             assert "the processes passed different settings" in outcome[2], (name, setting, outcome)
             assert f"{setting}: process 0 " in outcome[2], (name, setting, outcome)
+
+
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory):
+    """Each process's outcomes of the "refused" split (one run for the tests below)."""
+    return _run(tmp_path_factory.mktemp("refused"), "refused")
+
+
+@pytest.mark.parametrize("case, refusal", [
+    ("merged", "ablation_scores: LoRA layer(s) ['2'] are merged into their base weight"),
+    ("disabled", "ablation_scores: the adapters of LoRA layer(s) ['0', '2'] are disabled"),
+])
+def test_a_model_one_process_refuses_is_an_error_on_both(refused, case, refusal):
+    """Process 1's model has a merged layer (or its adapters disabled): it raises its refusal, and
+    process 0 a RuntimeError naming it, before any evaluation. Process 1 used to hold its refusal
+    back and score on, silently (zeros for the merged layer), and process 0 with it."""
+    first, second = refused
+    assert second[case][:2] == ("error", "RuntimeError"), second[case]
+    assert refusal in second[case][2], second[case]
+    assert first[case][:2] == ("error", "RuntimeError"), first[case]
+    assert f"ablation_scores failed on another process (process 1: RuntimeError: {refusal}" in first[case][2], \
+        first[case]
+
+
+def test_both_processes_score_again_after_a_refusal(refused):
+    """Then, on both models as they were: the scores on the union of the batches."""
+    worker = _worker()
+    model, batches = worker.setup()
+    want = worker._ablation(model, batches, 0)
+    first, second = refused
+    assert first["again"][0] == second["again"][0] == "ok", (first["again"], second["again"])
+    _assert_close(first["again"][1], want, "process 0")
+    for name, (removed, alone) in first["again"][1].items():
+        assert torch.equal(second["again"][1][name][0], removed) and torch.equal(second["again"][1][name][1], alone)

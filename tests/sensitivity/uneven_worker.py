@@ -4,12 +4,15 @@ SPLIT gives each process's batches: "3,1" hands the first 3 of the 4 batches to 
 the last to process 1; "4,0" leaves process 1 without batches; "0,0" leaves both without; "bad"
 gives process 1 one batch whose loss_fn raises (a validation error on one process only);
 "settings" splits the batches 2,2 and runs MISMATCHED, each estimator with a setting that
-differs between the processes.
+differs between the processes; "refused" splits them 2,2 and runs REFUSED, ablation_scores on a
+model that process 1 alone refuses (a merged layer, the adapters disabled), then again on both
+models as they were.
 Every estimator runs in turn and its result or error (type, message) is saved, so a process that
 raised cannot hide that the other one hung: the test times out instead. ``compute(*setup())``
 without torch.distributed is the single-process reference on all batches.
 """
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -41,7 +44,7 @@ def setup():
 
 
 def shard(batches, split, rank):
-    if split == "settings":
+    if split in ("settings", "refused"):
         return batches[2 * rank:2 * rank + 2]
     if split == BAD:
         return batches[:2] if rank == 0 else [BAD]
@@ -89,6 +92,30 @@ MISMATCHED = {
 }
 
 
+@contextlib.contextmanager
+def _merged(model):
+    layer = lorambo.lora_layers(model)["2"]
+    layer.merge()
+    try:
+        yield model
+    finally:
+        layer.unmerge()
+
+
+def _ablation(model, batches, rank, altered=None):
+    """ablation_scores' scores, with process 1's model inside ``altered`` (a context manager)."""
+    with altered(model) if altered is not None and rank == 1 else contextlib.nullcontext(model):
+        return {n: (a.removed, a.alone) for n, a in ablation_scores(model, loss_fn, batches).items()}
+
+
+# ablation_scores refused by process 1 alone (run(model, batches, rank)), then run on both again
+REFUSED = {
+    "merged": lambda m, b, r: _ablation(m, b, r, _merged),
+    "disabled": lambda m, b, r: _ablation(m, b, r, lorambo.disable_adapter),
+    "again": lambda m, b, r: _ablation(m, b, r),
+}
+
+
 def compute(model, batches, estimators=None, rank=None):
     """{estimator: ("ok", result) or ("error", exception type name, message)}."""
     out = {}
@@ -106,8 +133,8 @@ def main(split, rank, world, store, out):
     torch.set_num_threads(1)
     model, batches = setup()
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    if split == "settings":
-        result = compute(model, shard(batches, split, rank), MISMATCHED, rank)
+    if split in ("settings", "refused"):
+        result = compute(model, shard(batches, split, rank), MISMATCHED if split == "settings" else REFUSED, rank)
     else:
         result = compute(model, shard(batches, split, rank))
     torch.distributed.destroy_process_group()
