@@ -194,6 +194,28 @@ def test_plan_with_the_learning_rate_chosen_on_uniform():
         presets.ExperimentConfig(methods=("probe",), lr_search="uniform")
 
 
+
+@pytest.mark.parametrize("search, probe_rates", [("uniform", (3e-3, 3e-3)), ("first_budget", (1e-3, 1e-3)),
+                                                  ("per_budget", (1e-3, 1e-2))])
+def test_a_selected_rate_comes_from_the_grid_the_search_names(search, probe_rates):
+    """Seed 0's grids, each with its own best rate (lowest validation loss): uniform's at the first
+    budget 3e-3, probe's 1e-3 at the first budget and 1e-2 at the second. A run waits (None) for
+    its seed's sensitivities and for every run of its grid."""
+    from lorambo.experiments.units import inputs, run_key, selected_lr, unit_key
+
+    cfg = presets.ExperimentConfig(tasks=("planted",), methods=("uniform", "probe"), budgets=(0.5, 1.0), seeds=2,
+                                   lr_grid=(1e-3, 3e-3, 1e-2), lr_search=search)
+    best = {("uniform", 0): 3e-3, ("uniform", 1): 1e-2, ("probe", 0): 1e-3, ("probe", 1): 1e-2}
+    records = {run_key(cfg, "planted", m, li, 0, lr): {"run": {"lr": lr, "val": {"rel_loss": 0.1 if lr == b else 0.5}}}
+               for (m, li), b in best.items() for lr in cfg.lr_grid}
+    assert tuple(selected_lr(cfg, "planted", "probe", li, records) for li in (0, 1)) == probe_rates
+    unit = {"kind": "run", "task": "planted", "method": "probe", "li": 1, "seed": 1, "lr": None}
+    assert inputs(unit, cfg, records) is None                                   # no sensitivities yet
+    records[unit_key({"kind": "sens", "task": "planted", "seed": 0}, cfg)] = {"sens": {"probe": {}}}
+    assert inputs(unit, cfg, records) == dict(unit, lr=probe_rates[1], sens={"probe": {}}, selected=True)
+    del records[run_key(cfg, "planted", "uniform", 0, 0, 1e-2)]                 # uniform's grid incomplete
+    assert (inputs(unit, cfg, records) is None) == (search == "uniform")
+
 def test_probe_needs_its_training_batches():
     from lorambo.experiments.probe import probe_sensitivity
 
