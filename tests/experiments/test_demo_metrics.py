@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import statistics
 
 import pytest
@@ -58,6 +59,47 @@ def test_summary_pairs_seeds_and_counts_wins():
     assert summary["probe"]["0.5"]["val_curve_mean"] == pytest.approx([1.0 / 3 + 0.2, 1.0 / 3])
 
 
+
+def test_summary_reads_only_finite_runs_at_the_chosen_rate():
+    """Runs at other grid rates and runs that diverged stay out of the numbers; a single seed has
+    standard deviation 0 (not 1); a method given but never run gets no entry, a run without a
+    validation curve no curve."""
+    ranks = dict.fromkeys(MINILM_DIMS, 0)
+    runs = [_run("uniform", 0, 0.50, ranks), dict(_run("probe", 0, 0.30, ranks), val_curve=[]),  # val_every 0
+            dict(_run("probe", 0, 0.05, ranks), lr=1e-2),                       # another grid rate
+            dict(_run("uniform", 0, 0.01, ranks), diverged=True)]               # diverged: never read
+    lr_choice = {"uniform": {"0.5": 3e-3}, "probe": {"0.5": 3e-3}}
+    summary = summarize(runs, lr_choice, ["uniform", "probe", "gradient"], [0.5], higher_is_better=False)
+    assert set(summary) == {"uniform", "probe"}                                 # gradient never ran
+    assert (summary["uniform"]["0.5"]["metric_mean"], summary["uniform"]["0.5"]["metric_std"]) == (0.50, 0.0)
+    probe = summary["probe"]["0.5"]
+    assert (probe["metric_mean"], probe["metric_std"]) == (0.30, 0.0)
+    assert probe["gain_vs_uniform_mean"] == pytest.approx(0.20) and probe["gain_vs_uniform_std"] == 0.0
+    assert probe["wins_vs_uniform"] == 1 and probe["paired_seeds"] == 1
+    assert "val_curve_steps" not in probe and summary["uniform"]["0.5"]["val_curve_steps"] == [50, 100]
+    assert "wins_vs_uniform" not in summary["uniform"]["0.5"]                  # uniform is not compared with itself
+    two = summarize([_run("uniform", 0, 0.5, ranks), _run("uniform", 1, 0.7, ranks)], lr_choice, ["uniform"], [0.5],
+                    higher_is_better=False)["uniform"]["0.5"]
+    assert (two["metric_mean"], two["metric_std"]) == pytest.approx((0.6, math.sqrt(0.02)), rel=1e-12)  # n - 1
+
+
+
+def test_summary_of_accuracies_counts_higher_as_better():
+    """Paired gains by hand: probe - uniform per seed (0.02, -0.01, 0.0): one win in three."""
+    ranks = dict.fromkeys(MINILM_DIMS, 0)
+    acc = {"uniform": [0.80, 0.82, 0.78], "probe": [0.82, 0.81, 0.78]}
+    runs = [_run(m, s, v, ranks) for m, vals in acc.items() for s, v in enumerate(vals)]
+    summary = summarize(runs, {m: {"0.5": 3e-3} for m in acc}, list(acc), [0.5], higher_is_better=True)
+    probe = summary["probe"]["0.5"]
+    assert probe["gain_vs_uniform_mean"] == pytest.approx(0.01 / 3, abs=1e-12)
+    assert probe["gain_vs_uniform_std"] == pytest.approx(statistics.stdev([0.02, -0.01, 0.0]), abs=1e-12)
+    assert probe["wins_vs_uniform"] == 1 and probe["paired_seeds"] == 3
+
+def test_gap_closed_of_a_method_equal_to_uniform_is_plus_zero():
+    """0 / (a negative gap) is -0.0 in floats; the JSON and the tables show 0.0."""
+    got = gap_closed({0: 0.5}, {0: 0.5}, {0: 0.1})
+    assert got == {0: 0.0} and math.copysign(1.0, got[0]) == 1.0
+
 def test_compact_json_and_table(tmp_path):
     runs, lr_choice, losses = _synthetic()
     summary = summarize(runs, lr_choice, list(losses), [0.5], higher_is_better=False)
@@ -68,7 +110,8 @@ def test_compact_json_and_table(tmp_path):
                                     "describe": {"planted_params": 20736, "planted_ranks": PLANTED_RANKS,
                                                  "sizes": {"train": 1, "val": 1, "test": 1}}}}}
     out = demo_report.compact(result)
-    assert isinstance(out["machine"], str) and out["wall_s"] == 12.5
+    assert (out["machine"], out["command"]) == ("test box, load 0.1", "lorambo demo")
+    assert out["wall_s"] == out["cpu_s"] == 12.5                       # no cpu_seconds: the wall time
     assert out["methods"]["probe"]["test_loss"] == losses["probe"]
     assert out["methods"]["probe"]["gap_closed"] == pytest.approx([0.5, 0.75, 0.0])
     assert out["methods"]["probe"]["coverage"] == pytest.approx(0.25)
@@ -87,6 +130,31 @@ def test_compact_json_and_table(tmp_path):
                                        "budget.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
 
+
+
+def test_compact_reads_the_runs_at_the_chosen_rate_and_first_budget():
+    """The per-seed losses are those of the runs at the chosen rate and the first budget: another
+    grid rate, a diverged run and a run at another budget (each recorded after the chosen one, so
+    a filter that let it through would replace that seed's loss) stay out, and only uniform's
+    diverged rates at that budget are named; a method without a run at that budget has no row."""
+    runs, lr_choice, losses = _synthetic()
+    runs = [dict(r, lr=1e-3) if r["method"] == "oracle" else r for r in runs]
+    ranks = runs[0]["ranks"]
+    lr_choice["oracle"]["0.5"], lr_choice["probe"]["1.0"] = 1e-3, 3e-3         # the table's lr is uniform's
+    noise = [dict(_run("uniform", 0, 0.9, ranks), lr=1e-2),
+             dict(_run("uniform", 1, 0.0, ranks), metric=None, lr=3e-2, diverged=True),
+             dict(_run("probe", 2, 0.05, ranks), level=1.0)]
+    diverged = [{"method": "uniform", "level": 0.5, "lr": 3e-2}, {"method": "uniform", "level": 1.0, "lr": 1e-1},
+                {"method": "probe", "level": 0.5, "lr": 5e-2}, {"method": "oracle", "level": 0.5, "lr": 1e-2}]
+    summary = summarize(runs + noise, lr_choice, list(losses), [0.5], higher_is_better=False)
+    summary["gradient"] = {"1.0": summary["probe"]["0.5"]}      # ran at another budget only: no row
+    result = {"config": presets.default().replace(methods=("uniform", "oracle", "probe")).as_dict(),
+              "seconds": 1.0, "tasks": {"planted": {"budgets": {"0.5": 20736}, "lr_choice": lr_choice,
+                                                    "runs": runs + noise, "summary": summary, "diverged": diverged,
+                                                    "describe": {}}}}
+    out = demo_report.compact(result)
+    assert {m: row["test_loss"] for m, row in out["methods"].items()} == losses
+    assert out["lr"] == 3e-3 and out["lr_diverged"] == [3e-2]
 
 @pytest.mark.parametrize("level, k", [(0.5, 1), (1.0, 2), (2.0, 4), (0.75, 1.5)])
 def test_oracle_spends_exactly_p_at_every_budget(level, k):
@@ -125,6 +193,28 @@ def test_plan_with_the_learning_rate_chosen_on_uniform():
     with pytest.raises(ValueError, match="lr_search='uniform'.*add 'uniform'"):
         presets.ExperimentConfig(methods=("probe",), lr_search="uniform")
 
+
+
+@pytest.mark.parametrize("search, probe_rates", [("uniform", (3e-3, 3e-3)), ("first_budget", (1e-3, 1e-3)),
+                                                  ("per_budget", (1e-3, 1e-2))])
+def test_a_selected_rate_comes_from_the_grid_the_search_names(search, probe_rates):
+    """Seed 0's grids, each with its own best rate (lowest validation loss): uniform's at the first
+    budget 3e-3, probe's 1e-3 at the first budget and 1e-2 at the second. A run waits (None) for
+    its seed's sensitivities and for every run of its grid."""
+    from lorambo.experiments.units import inputs, run_key, selected_lr, unit_key
+
+    cfg = presets.ExperimentConfig(tasks=("planted",), methods=("uniform", "probe"), budgets=(0.5, 1.0), seeds=2,
+                                   lr_grid=(1e-3, 3e-3, 1e-2), lr_search=search)
+    best = {("uniform", 0): 3e-3, ("uniform", 1): 1e-2, ("probe", 0): 1e-3, ("probe", 1): 1e-2}
+    records = {run_key(cfg, "planted", m, li, 0, lr): {"run": {"lr": lr, "val": {"rel_loss": 0.1 if lr == b else 0.5}}}
+               for (m, li), b in best.items() for lr in cfg.lr_grid}
+    assert tuple(selected_lr(cfg, "planted", "probe", li, records) for li in (0, 1)) == probe_rates
+    unit = {"kind": "run", "task": "planted", "method": "probe", "li": 1, "seed": 1, "lr": None}
+    assert inputs(unit, cfg, records) is None                                   # no sensitivities yet
+    records[unit_key({"kind": "sens", "task": "planted", "seed": 0}, cfg)] = {"sens": {"probe": {}}}
+    assert inputs(unit, cfg, records) == dict(unit, lr=probe_rates[1], sens={"probe": {}}, selected=True)
+    del records[run_key(cfg, "planted", "uniform", 0, 0, 1e-2)]                 # uniform's grid incomplete
+    assert (inputs(unit, cfg, records) is None) == (search == "uniform")
 
 def test_probe_needs_its_training_batches():
     from lorambo.experiments.probe import probe_sensitivity

@@ -22,6 +22,14 @@ def test_budget_too_small_for_any_method(planted_task):
         budget_of(0.01, planted_task.dims)
 
 
+
+def test_a_budget_of_one_rank_in_the_cheapest_layer_is_the_smallest():
+    dims = {"a": (2, 3), "b": (4, 4)}                                  # one rank costs 5 and 8
+    assert budget_of(5 / 13, dims) == 5
+    with pytest.raises(ValueError, match=r"gives P = 4 parameters, below the cost of one rank in the cheapest "
+                                         r"layer \(5\)"):
+        budget_of(4 / 13, dims)
+
 def test_every_method_spends_at_most_p_counted_from_the_model(planted_task, tiny_cfg):
     """train_run checks, for each method, sum r_i (d_i + k_i) of its final ranks against the LoRA
     parameters its model actually holds (lorambo pools' active slices, peft's lora_A/lora_B, or

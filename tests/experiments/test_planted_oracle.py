@@ -1,5 +1,7 @@
 """The planted task is built right: an oracle that knows the planted ranks recovers the target."""
 
+import math
+
 import pytest
 import torch
 
@@ -83,6 +85,25 @@ def test_recovery_of_a_spread_allocation():
     assert got["planted_share"] == pytest.approx(8 / 16) and got["planted_coverage"] == 1.0
     assert got["spearman"] > 0
 
+
+
+def test_recovery_by_hand():
+    """Costs d + k: a 8, b 8, c 4, d 8; planted a 4, b 1; ranks a 2, b 3, c 1 (d absent: 0).
+    Spent 2*8 + 3*8 + 1*4 = 44, 40 of it on planted layers; covered min(2, 4) + min(3, 1) = 3 of 5.
+    Average ranks (ties share the mean position): got (2, 3, 1, 0), planted (3, 2, 0.5, 0.5), so
+    ρ = Σ dx dy / sqrt(Σ dx² Σ dy²) = 3.5 / sqrt(5 * 4.5)."""
+    dims = {"a": (3, 5), "b": (4, 4), "c": (2, 2), "d": (6, 2)}
+    got = recovery({"a": 2, "b": 3, "c": 1}, dims, {"a": 4, "b": 1})
+    assert got == {"spearman": pytest.approx(3.5 / math.sqrt(5 * 4.5), rel=1e-12),
+                   "planted_share": pytest.approx(40 / 44, rel=1e-12), "planted_coverage": pytest.approx(0.6)}
+    nothing = recovery({}, dims, {"a": 4, "b": 1})
+    assert nothing == {"spearman": 0.0, "planted_share": 0.0, "planted_coverage": 0.0}
+
+
+def test_spearman_of_two_and_of_a_run_of_ties():
+    assert spearman([1, 2], [5, 3]) == pytest.approx(-1.0)       # two values are enough
+    # ranks (0, 2, 2, 2, 4) against (0, 1, 2, 3, 4): Σ dx dy = 4 + 0 + 0 + 0 + 4 = 8, Σ dx² = 8, Σ dy² = 10
+    assert spearman([1, 7, 7, 7, 9], [1, 2, 3, 4, 5]) == pytest.approx(8 / math.sqrt(80), rel=1e-12)
 
 def test_pretrained_baseline_is_measured_on_the_test_windows(planted_task):
     """The table's "pretrained model, no LoRA" row is that model's test loss, computed here by hand

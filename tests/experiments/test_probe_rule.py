@@ -27,6 +27,17 @@ def test_gains_split_the_removal_score_by_direction_energy():
     assert gains == sorted(gains, reverse=True) and len(gains) == 3  # inactive slots ignored
 
 
+
+def test_a_small_update_still_splits_its_removal_score():
+    """A probe update of little energy (Σσ² ~ 1e-4, as after a short run) is not a zero update."""
+    layer = _layer(rank=2, capacity=3, seed=3)
+    with torch.no_grad():
+        layer.lora_B.mul_(1e-3)
+    update = (layer.lora_B[:, :2].double() @ layer.lora_A[:2].double()).detach()
+    energy = torch.linalg.eigvalsh(update @ update.T).flip(0)[:2]
+    assert float(energy.sum()) < 1e-2
+    assert direction_gains(0.3, layer) == pytest.approx((0.3 * energy / energy.sum()).tolist(), rel=1e-9)
+
 def test_zero_update_or_zero_removal_gives_zero_gains():
     layer = _layer(rank=2, capacity=4, seed=1)
     with torch.no_grad():
