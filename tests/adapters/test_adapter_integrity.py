@@ -159,6 +159,21 @@ def test_flipped_tensor_bit_and_edited_settings_fail_the_checksum(tmp_path):
     loaded_into_lora_model_fails(file, "checksum mismatch in the layer settings")
 
 
+@pytest.mark.parametrize("edit,match", [
+    (lambda tensors, sums: tensors.update(extra=torch.ones(2)), r"tensor 'extra' has no checksum"),
+    (lambda tensors, sums: sums.pop("2.lora_B"), r"tensor '2.lora_B' has no checksum"),
+    (lambda tensors, sums: sums.update(ghost=sums["0.lora_A"]),
+     r"tensor\(s\) \['ghost'\] listed in the checksums are missing"),
+])
+def test_a_tensor_and_the_checksum_list_must_match_one_to_one(tmp_path, edit, match):
+    file = save_adapter(trained(), tmp_path / "a.safetensors")
+    header, tensors = read(file)
+    sums = json.loads(header["checksums"])
+    edit(tensors, sums)
+    save_file(tensors, str(file), metadata=dict(header, checksums=json.dumps(sums)))
+    loaded_into_lora_model_fails(file, match)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nan_or_inf_tensors_are_refused_even_with_valid_checksums(tmp_path, bad):
     file = save_adapter(trained(), tmp_path / "a.safetensors")
