@@ -107,6 +107,9 @@ def test_plain_names_given_to_a_compiled_model_say_what_the_wrapper_calls_them(m
                                          r"model before wrapping it"):
         configure_model(compiled, {"blocks.0.up": 2})
     assert not lora_layers(mlp)
+    with pytest.raises(ValueError, match=r"module 'blocks\.0\.upp' not found in OptimizedModule; did you mean "
+                                         r"\['_orig_mod\.blocks\.0\.up'"):  # no module it ends: no prefix to give
+        configure_model(compiled, {"blocks.0.upp": 2})
     configure_model(compiled, {"_orig_mod.blocks.0.up": 2})  # the names the message gives
     assert list(lora_layers(mlp)) == ["blocks.0.up"]
 
