@@ -112,6 +112,7 @@ _BLOOM_SLOW = {"pretraining_tp": 2, "slow_but_exact": True}
 @pytest.mark.parametrize("settings,bypassed", [
     ({}, set()),
     ({"pretraining_tp": 2}, set()),  # slow_but_exact off: both layers are called
+    ({"slow_but_exact": True}, set()),  # pretraining_tp 1: one slice, the layers are called
     (_BLOOM_SLOW, {"transformer.h.0.self_attention.dense", "transformer.h.0.mlp.dense_4h_to_h"}),
 ])
 def test_bloom_projections_it_slices_are_left_out_and_refused_by_name(settings, bypassed):
