@@ -65,6 +65,14 @@ def test_unload_without_merge_gives_back_the_original_function(mlp):
     assert not torch.allclose(mlp(x), y0)
     unload(mlp, merge=False)
     assert torch.equal(mlp(x), y0)
+    # a layer merged before: unload(merge=False) takes its adapter back out of the weight
+    configure_model(mlp, 2)
+    with torch.no_grad():
+        mlp.blocks[0].up.lora_B.normal_()
+    mlp.blocks[0].up.merge()
+    assert not torch.allclose(mlp(x), y0)
+    unload(mlp, merge=False)
+    torch.testing.assert_close(mlp(x), y0, rtol=1e-5, atol=1e-5)
 
 
 def test_backward_reaches_only_lora_with_the_reference_gradients(mlp):
