@@ -73,3 +73,15 @@ def test_a_header_this_json_writer_would_not_reproduce_is_left_as_written(tmp_pa
     canonical.save_file_canonical(tensors, file, {"z": "1", "a": "2"})
     assert file.read_bytes() == (tmp_path / "want.safetensors").read_bytes()
     assert torch.equal(load_file(file)["w"], tensors["w"])  # a valid file of that writer
+
+
+def test_metadata_with_non_ascii_text_is_sorted_too(tmp_path):
+    """safetensors writes non-ASCII as UTF-8, not as \\u escapes: a header with a layer named
+    "café" must still be reproduced and sorted."""
+    import lorambo.adapters.canonical as canonical
+
+    metadata = {f"k{i}": f"café {i}" for i in (5, 2, 7, 0, 3, 6, 1, 4)}
+    file = tmp_path / "a.safetensors"
+    canonical.save_file_canonical({"w": torch.ones(2)}, file, metadata)
+    size, header = _header(file.read_bytes())
+    assert list(json.loads(header)["__metadata__"]) == sorted(metadata)
