@@ -103,7 +103,7 @@ def test_bare_model_of_other_dimensions_is_left_untouched(tmp_path):
 @pytest.mark.parametrize("field,value", [
     ("scaling", "abc"), ("scaling", float("nan")), ("alpha", None), ("rank", 2.5), ("rank", -3),
     ("rank", True), ("capacity", 0), ("dropout", 1.0), ("use_rslora", "yes"), ("base_kind", "conv2d"),
-    ("in_features", "12"),
+    ("in_features", "12"), ("out_features", 0), ("out_features", 4.5),
 ])
 def test_bad_header_value_is_named_and_nothing_is_written(tmp_path, field, value):
     file = save_adapter(trained(), tmp_path / "a.safetensors")
