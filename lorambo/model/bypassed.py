@@ -34,13 +34,17 @@ _WEIGHT_READERS = {
     "MaskFormerDetrMHAttentionMap": ("k_proj",),
 }
 
+# BLOOM with pretraining_tp > 1 and slow_but_exact: parent class name -> the child whose weight
+# its forward slices
+_BLOOM_SLICED = {"BloomAttention": ("dense",), "BloomMLP": ("dense_4h_to_h",)}
+
 
 def _readers(module: nn.Module) -> tuple[str, ...]:
     if isinstance(module, nn.MultiheadAttention):  # passes out_proj.weight to F.multi_head_attention_forward
         return ("out_proj",)
-    if type(module).__name__ == "BloomAttention" and getattr(module, "pretraining_tp", 1) > 1 \
-            and getattr(module, "slow_but_exact", False):  # F.linear on slices of dense.weight
-        return ("dense",)
+    if type(module).__name__ in _BLOOM_SLICED and getattr(module, "pretraining_tp", 1) > 1 \
+            and getattr(module, "slow_but_exact", False):  # F.linear on column slices of the weight
+        return _BLOOM_SLICED[type(module).__name__]
     return _WEIGHT_READERS.get(type(module).__name__, ())
 
 

@@ -103,7 +103,7 @@ def test_bare_model_of_other_dimensions_is_left_untouched(tmp_path):
 @pytest.mark.parametrize("field,value", [
     ("scaling", "abc"), ("scaling", float("nan")), ("alpha", None), ("rank", 2.5), ("rank", -3),
     ("rank", True), ("capacity", 0), ("dropout", 1.0), ("use_rslora", "yes"), ("base_kind", "conv2d"),
-    ("in_features", "12"),
+    ("in_features", "12"), ("out_features", 0), ("out_features", 4.5),
 ])
 def test_bad_header_value_is_named_and_nothing_is_written(tmp_path, field, value):
     file = save_adapter(trained(), tmp_path / "a.safetensors")
@@ -157,6 +157,21 @@ def test_flipped_tensor_bit_and_edited_settings_fail_the_checksum(tmp_path):
     file = save_adapter(trained(), tmp_path / "b.safetensors")
     rewrite(file, lambda l: {**l, "2": {**l["2"], "scaling": 0.75}}, resign=False)
     loaded_into_lora_model_fails(file, "checksum mismatch in the layer settings")
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda tensors, sums: tensors.update(extra=torch.ones(2)), r"tensor 'extra' has no checksum"),
+    (lambda tensors, sums: sums.pop("2.lora_B"), r"tensor '2.lora_B' has no checksum"),
+    (lambda tensors, sums: sums.update(ghost=sums["0.lora_A"]),
+     r"tensor\(s\) \['ghost'\] listed in the checksums are missing"),
+])
+def test_a_tensor_and_the_checksum_list_must_match_one_to_one(tmp_path, edit, match):
+    file = save_adapter(trained(), tmp_path / "a.safetensors")
+    header, tensors = read(file)
+    sums = json.loads(header["checksums"])
+    edit(tensors, sums)
+    save_file(tensors, str(file), metadata=dict(header, checksums=json.dumps(sums)))
+    loaded_into_lora_model_fails(file, match)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

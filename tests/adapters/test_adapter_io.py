@@ -5,9 +5,10 @@ import os
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
-from lorambo import AdapterFormatError, configure_model, load_adapter, lora_layers, save_adapter
+from lorambo import AdapterFormatError, configure_model, export_peft, load_adapter, lora_layers, save_adapter
 
 from adapter_models import net, trained  # tests/adapters/adapter_models.py
 
@@ -150,6 +151,33 @@ def test_tied_modules_to_save_are_written_by_both_savers(tmp_path):
 
         served = peft.PeftModel.from_pretrained(base(), export_peft(model, tmp_path / "p")).eval()
         torch.testing.assert_close(served(ids).logits, expected, rtol=0, atol=1e-12)
+
+
+def test_a_weight_tied_three_ways_in_a_module_to_save_is_written_by_both_savers(tmp_path):
+    """Three state-dict tensors on one storage: each after the first needs its own copy, or
+    safetensors refuses the shared memory (two of them were all the GPT-2 test tied)."""
+    def base():
+        torch.manual_seed(0)
+        heads = nn.ModuleDict({k: nn.Linear(6, 3, bias=False) for k in "abc"})
+        heads.b.weight = heads.c.weight = heads.a.weight
+        return nn.ModuleDict({"body": nn.Linear(4, 6), "heads": heads})
+
+    def forward(model, x):
+        h = model.body(x)
+        return torch.cat([model.heads[k](h) for k in "abc"], dim=-1)
+
+    model = configure_model(base(), {"body": 2}, modules_to_save=["heads"])
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        model.heads.a.weight.add_(torch.randn(3, 6, generator=g))
+        lora_layers(model)["body"].lora_B[:, :2].copy_(torch.randn(6, 2, generator=g))
+    x = torch.randn(5, 4, generator=g)
+    with torch.no_grad():
+        loaded = load_adapter(base(), save_adapter(model, tmp_path / "a"))
+        torch.testing.assert_close(forward(loaded, x), forward(model, x), rtol=0, atol=0)
+    tensors = load_file(export_peft(model, tmp_path / "p") / "adapter_model.safetensors")
+    for k in "abc":
+        assert torch.equal(tensors[f"base_model.model.heads.{k}.weight"], model.heads.a.weight)
 
 
 def test_a_lone_lora_layer_is_refused_before_writing(tmp_path):

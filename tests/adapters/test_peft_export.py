@@ -55,7 +55,10 @@ def test_peft_loads_export_with_same_outputs(tmp_path, build, ranks):
     active = {n: l.rank for n, l in lora_layers(ours).items() if l.rank > 0}
     assert config["rank_pattern"] == active
     assert sorted(config["target_modules"]) == sorted(active)
+    assert config["fan_in_fan_out"] is (build is _gpt2)  # GPT-2's Conv1D stores its weight [in, out]
     tensors = load_file(tmp_path / "adapter_model.safetensors")
+    # the rank-0 layer is left out of the file too, not written as empty tensors
+    assert set(tensors) == {f"base_model.model.{n}.{pool}.weight" for n in active for pool in ("lora_A", "lora_B")}
     name = next(iter(active))
     layer = lora_layers(ours)[name]
     assert tensors[f"base_model.model.{name}.lora_A.weight"].shape == (active[name], layer.in_features)

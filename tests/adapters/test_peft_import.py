@@ -258,6 +258,28 @@ def test_capacity_for_a_module_the_adapter_does_not_adapt_is_refused(saved_peft)
         import_peft(model, folder, capacity={name + "x": 16})
 
 
+def test_a_capacity_per_module_sizes_that_pool_and_the_others_get_the_default(saved_peft):
+    """Only a misspelt {name: capacity} entry was tested; the named pool's size was not."""
+    from peft.tuners.lora import LoraLayer
+
+    from lorambo.nn import default_capacity
+
+    build, peft_model, folder = saved_peft
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(4))
+    want = _logits(peft_model, ids)
+    layers = {n: (m.r["default"], m.in_features, m.out_features)
+              for n, m in peft_model.get_base_model().named_modules() if isinstance(m, LoraLayer)}
+    name = sorted(layers)[0]
+    rank, d_in, d_out = layers[name]
+    assert default_capacity(rank, d_in, d_out) != rank + 1
+    for convert in (lambda: import_peft(build(), folder, capacity={name: rank + 1}),
+                    lambda: from_peft(peft_model, capacity={name: rank + 1})):
+        ours = convert()
+        got = {n: l.capacity for n, l in lora_layers(ours).items()}
+        assert got == {n: rank + 1 if n == name else default_capacity(*layers[n]) for n in layers}
+        torch.testing.assert_close(_logits(ours, ids), want, rtol=1e-12, atol=1e-12)
+
+
 def _edit_config(folder, **changes):
     cfg = json.loads((folder / "adapter_config.json").read_text())
     cfg.update(changes)

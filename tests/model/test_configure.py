@@ -65,6 +65,14 @@ def test_unload_without_merge_gives_back_the_original_function(mlp):
     assert not torch.allclose(mlp(x), y0)
     unload(mlp, merge=False)
     assert torch.equal(mlp(x), y0)
+    # a layer merged before: unload(merge=False) takes its adapter back out of the weight
+    configure_model(mlp, 2)
+    with torch.no_grad():
+        mlp.blocks[0].up.lora_B.normal_()
+    mlp.blocks[0].up.merge()
+    assert not torch.allclose(mlp(x), y0)
+    unload(mlp, merge=False)
+    torch.testing.assert_close(mlp(x), y0, rtol=1e-5, atol=1e-5)
 
 
 def test_backward_reaches_only_lora_with_the_reference_gradients(mlp):
@@ -107,6 +115,9 @@ def test_plain_names_given_to_a_compiled_model_say_what_the_wrapper_calls_them(m
                                          r"model before wrapping it"):
         configure_model(compiled, {"blocks.0.up": 2})
     assert not lora_layers(mlp)
+    with pytest.raises(ValueError, match=r"module 'blocks\.0\.upp' not found in OptimizedModule; did you mean "
+                                         r"\['_orig_mod\.blocks\.0\.up'"):  # no module it ends: no prefix to give
+        configure_model(compiled, {"blocks.0.upp": 2})
     configure_model(compiled, {"_orig_mod.blocks.0.up": 2})  # the names the message gives
     assert list(lora_layers(mlp)) == ["blocks.0.up"]
 

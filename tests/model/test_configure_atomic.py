@@ -95,6 +95,10 @@ def test_a_changed_setting_of_an_existing_adapter_is_refused_not_ignored(setting
     with pytest.raises(ValueError, match=rf"'q' is already a LoRAMBoLinear with {setting}=.*{setting}={second!r} was requested"):
         configure_model(model, {"q": 3, "v": 3, "o": 1}, **{setting: second})
     _assert_same(model, snap)  # q not resized, o not adapted
+    # q's base stays on record as frozen by lorambo: an optimizer of it alone still warns
+    optimizer = torch.optim.SGD(model.q.base_layer.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match=r"SGD holds 2 of the base weights that lorambo froze.*none of the LoRA pools"):
+        optimizer.step()
     # the same value, or None, changes the rank only
     configure_model(model, {"q": 3, "v": 2}, **{setting: first if setting != "capacity" else 6})
     configure_model(model, {"q": 3, "v": 1})

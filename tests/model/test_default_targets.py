@@ -8,7 +8,8 @@ from adapted_reference import assert_pool_grads_match, run_reference
 from peft import LoraConfig
 from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
 from transformers import (BartConfig, BartForSequenceClassification, BertConfig, BertForSequenceClassification,
-                          BertModel, GPT2Config, GPT2LMHeadModel, RobertaConfig, RobertaForSequenceClassification)
+                          BertModel, BloomConfig, BloomForCausalLM, GPT2Config, GPT2LMHeadModel, RobertaConfig,
+                          RobertaForSequenceClassification)
 
 import lorambo
 from lorambo import configure_model, lora_layers
@@ -103,3 +104,40 @@ def test_multihead_attention_out_proj_is_left_out_and_refused_by_name():
     want, leaves = run_reference(base64, model, (x.double(),))
     want.sum().backward()
     assert_pool_grads_match(model, leaves, rtol=1e-5)
+
+
+_BLOOM_SLOW = {"pretraining_tp": 2, "slow_but_exact": True}
+
+
+@pytest.mark.parametrize("settings,bypassed", [
+    ({}, set()),
+    ({"pretraining_tp": 2}, set()),  # slow_but_exact off: both layers are called
+    ({"slow_but_exact": True}, set()),  # pretraining_tp 1: one slice, the layers are called
+    (_BLOOM_SLOW, {"transformer.h.0.self_attention.dense", "transformer.h.0.mlp.dense_4h_to_h"}),
+])
+def test_bloom_projections_it_slices_are_left_out_and_refused_by_name(settings, bypassed):
+    """BLOOM with pretraining_tp > 1 and slow_but_exact runs F.linear on slices of its attention
+    dense.weight and its MLP dense_4h_to_h.weight. The MLP's was targeted: its LoRA never ran."""
+    def bloom():
+        torch.manual_seed(0)
+        return BloomForCausalLM(BloomConfig(vocab_size=40, hidden_size=16, n_layer=1, n_head=2, **settings)).eval()
+
+    model = bloom()
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} - {"lm_head"}
+    assert set(default_targets(model)) == linears - bypassed
+    for name in sorted(bypassed):
+        with pytest.raises(ValueError, match=rf"'{name}' .*reads \w+\.weight directly"):
+            configure_model(bloom(), 2, target_modules=[name])
+    base64 = copy.deepcopy(model).double()
+    configure_model(model, 2)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.normal_()
+    ids = torch.randint(0, 40, (2, 5))
+    weights = torch.randn(2, 5, 40, dtype=torch.float64)
+    (model(ids).logits.double() * weights).sum().backward()
+    want, leaves = run_reference(base64, model, (ids,))
+    torch.testing.assert_close(model(ids).logits.double(), want.logits, rtol=1e-4, atol=1e-5)
+    (want.logits * weights).sum().backward()
+    assert_pool_grads_match(model, leaves, rtol=1e-4)
