@@ -191,3 +191,17 @@ def test_down_projection_runs_in_the_gemm_up_to_rank_128(monkeypatch, rank, p, f
     assert_close64(y, y64, what="y")
     for name, g in grads.items():
         assert_close64(g, grads64[name], what=f"d{name}")
+
+
+@pytest.mark.parametrize("colsum", [False, True])
+def test_weight_gradient_of_an_empty_batch_is_written_as_zeros(colsum, device):
+    # M = 0 (an empty batch): dA / dB slices and the fused bias gradient (empty buffers the
+    # launcher fills) are sums over no rows, zero, not whatever the memory held.
+    from lorambo_kernels.lora_skinny import lora_wgrad
+
+    out = torch.full((7, 3), float("nan"), device=device)
+    colsum_out = torch.full((7,), float("nan"), device=device) if colsum else None
+    lora_wgrad(torch.randn(0, 7, device=device), torch.randn(0, 3, device=device), 1.3, out, colsum_out=colsum_out)
+    assert torch.equal(out, torch.zeros_like(out))
+    if colsum:
+        assert torch.equal(colsum_out, torch.zeros_like(colsum_out))
