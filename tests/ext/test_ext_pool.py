@@ -183,3 +183,31 @@ def test_a_meta_map_is_refused_not_skipped():
     with pytest.raises(RuntimeError, match=r"lorambo::pool_remap_: maps\[0\] must be a 1-D int64 CPU tensor"):
         torch.ops.lorambo.pool_remap_([t], [0], [torch.tensor([1, 0, 2, 3], device="meta")])
     assert torch.equal(t, want)
+
+
+def test_state_maps_move_per_slot_step_counts_but_not_gradients():
+    """remap_pools_ with a state map of its own: the pools and their gradients follow the
+    parameter map (identity here), every optimizer state tensor (Adam moments and
+    lorambo.optim.AdamW's per-slot step counts) follows the state map (slots 1 and 3 reset)."""
+    import lorambo
+
+    gen = generator()
+    layer = LoRAMBoLinear(nn.Linear(6, 5), rank=1, capacity=4)
+    opt = lorambo.optim.AdamW([layer.lora_A, layer.lora_B], lr=1e-2)
+    for rank in (1, 3, 4):  # slot counts 3, 2, 2, 1
+        layer.set_rank(rank, optimizer=opt)
+        layer.lora_A.grad = torch.randn(layer.lora_A.shape, generator=gen)
+        layer.lora_B.grad = torch.randn(layer.lora_B.shape, generator=gen)
+        opt.step()
+    before = {name: t.clone() for name, t in (("A", layer.lora_A), ("B", layer.lora_B), ("dA", layer.lora_A.grad),
+                                               ("dB", layer.lora_B.grad))}
+    state = {(id(p), k): v.clone() for p in (layer.lora_A, layer.lora_B) for k, v in opt.state[p].items()}
+    ext_ops.remap_pools_([(layer, torch.arange(4))], opt, state_maps=[torch.tensor([0, -1, 2, -1])])
+    for name, t in (("A", layer.lora_A), ("B", layer.lora_B), ("dA", layer.lora_A.grad), ("dB", layer.lora_B.grad)):
+        assert torch.equal(t, before[name]), name
+    for p, dim in ((layer.lora_A, 0), (layer.lora_B, 1)):
+        for key in ("exp_avg", "exp_avg_sq", "slot_step"):
+            want = state[(id(p), key)].clone()
+            want.index_fill_(dim if want.dim() > 1 else 0, torch.tensor([1, 3]), 0)
+            assert torch.equal(opt.state[p][key], want), key
+        assert torch.equal(opt.state[p]["slot_step"], torch.tensor([3.0, 0.0, 2.0, 0.0]))

@@ -119,6 +119,10 @@ def test_opcheck():
 def test_mismatched_list_lengths():
     with pytest.raises(RuntimeError, match=r"multi_dot: xs has 2 tensors but ys has 1"):
         torch.ops.lorambo.multi_dot([torch.ones(2), torch.ones(2)], [torch.ones(2)])
+    # the Python entry point answers empty lists itself, but only when both are empty
+    for xs, ys in (([], [torch.ones(2)]), ([torch.ones(2)], [])):
+        with pytest.raises(RuntimeError, match=rf"multi_dot: xs has {len(xs)} tensors but ys has {len(ys)}"):
+            ext_ops.multi_dot(xs, ys)
 
 
 def test_shape_mismatch_names_the_pair():

@@ -11,6 +11,7 @@ import torch
 from ext_testutil import needs_ext
 
 from lorambo.ext import loader as ext_loader
+from lorambo.ext import ops as ext_ops
 from lorambo.ext.sources import RECORD, sources_hash
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,6 +38,7 @@ def test_extension_lacking_an_operator_is_refused_with_one_warning(monkeypatch, 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert ext_loader.load() is None and ext_loader.load() is None and not ext_loader.available()
+        assert not ext_ops.available()  # the multi-tensor ops' own check says the same
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1, messages
     assert "stale" in messages[0] and "op_from_a_newer_source" in messages[0] and "rebuild" in messages[0]
@@ -50,6 +52,7 @@ def test_complete_extension_loads_without_warning(fresh_loader):
         warnings.simplefilter("error")
         module = ext_loader.load()
     assert module is not None and all(hasattr(torch.ops.lorambo, name) for name in ext_loader.OPERATORS)
+    assert ext_loader.available() and ext_ops.available()
 
 
 def _load_warnings():

@@ -5,7 +5,7 @@ Runs under TRITON_INTERPRET=1 on CPU (tiny shapes) and on CUDA when present.
 
 import pytest
 import torch
-from lora_oracle import assert_close64, assert_tolerance_rule, make_inputs, run_all
+from lora_oracle import assert_close64, assert_tolerance_rule, make_inputs, multiplier_for, run_all
 
 from lorambo.ops.lora_linear_ref import lora_linear_reference
 
@@ -36,6 +36,22 @@ def test_forward_and_gradients_match_float64(m, k, n, cap, rank, bias, w_grad, d
             assert torch.equal(g[:, rank:], torch.zeros_like(g[:, rank:])), "inactive cols of dB must be exactly 0"
         assert_close64(g, grads64[name], what=f"d{name}")
 
+
+
+@pytest.mark.parametrize("rank,p", [(0, 0.0), (3, 0.0), (3, 0.5)])
+def test_forward_returns_the_down_projection_backward_takes(rank, p, device):
+    # t = drop(x) A_r^T [M, r] (empty [M, 0] at rank 0): the op saves it for dB and its fake
+    # implementation promises this shape.
+    from lorambo_kernels.lora_linear import lora_linear_forward
+
+    inputs = {n: t.detach() for n, t in make_inputs(6, 10, 9, 4, device=device).items()}
+    y, t = lora_linear_forward(**inputs, rank=rank, scaling=1.7, dropout_p=p, seed=5)
+    x64, a64 = inputs["x"].double(), inputs["lora_A"].double()
+    if p:
+        x64 = x64 * multiplier_for(5, 6, 10, p, device)
+    assert t.shape == (6, rank) and t.dtype == inputs["x"].dtype
+    if rank:
+        assert_close64(t, x64 @ a64[:rank].t(), what="t")
 
 def test_rank_above_the_largest_bucket_loops_over_chunks(device):
     # r = 130 > 128: the down-projection runs as its own kernel and the epilogue loops over r.
@@ -154,3 +170,38 @@ def test_rank_buckets_share_one_compiled_variant(monkeypatch, device):
         dns = getattr(kernel, "do_not_specialize", None)
         if dns is not None:  # JITFunction (GPU); the interpreter has no specialisation
             assert "rank" in [kernel.arg_names[i] if isinstance(i, int) else i for i in dns]
+
+
+@pytest.mark.parametrize("rank,p,forward_downs,backward_downs", [(5, 0.0, 0, 0), (5, 0.3, 1, 0), (130, 0.0, 1, 1)])
+def test_down_projection_runs_in_the_gemm_up_to_rank_128(monkeypatch, rank, p, forward_downs, backward_downs,
+                                                         device):
+    """docs/performance.md's traffic floor: at p = 0 and r <= 128 the forward's t, and at r <= 128
+    the backward's t' (dX and dA wanted), come out of the GEMMs' K-loops; only dropout (forward)
+    or r > 128 take a separate lora_down launch. Outputs and gradients match float64 either way."""
+    from lorambo_kernels import lora_linear, lora_skinny
+
+    ranks = []
+    monkeypatch.setattr(lora_linear, "lora_down",
+                        lambda *args, **kwargs: ranks.append(args[2]) or lora_skinny.lora_down(*args, **kwargs))
+    inputs = make_inputs(3, 8, 12, 131, device=device)
+    mask = multiplier_for(3, 3, 8, p, device) if p else None
+    y, grads, y64, grads64 = run_all(inputs, rank, scaling=0.7, dropout_p=p, seed=3, mask=mask)
+    # run_all runs the forward twice (the output, then the gradients) and the backward once
+    assert ranks == [rank] * (2 * forward_downs + backward_downs)
+    assert_close64(y, y64, what="y")
+    for name, g in grads.items():
+        assert_close64(g, grads64[name], what=f"d{name}")
+
+
+@pytest.mark.parametrize("colsum", [False, True])
+def test_weight_gradient_of_an_empty_batch_is_written_as_zeros(colsum, device):
+    # M = 0 (an empty batch): dA / dB slices and the fused bias gradient (empty buffers the
+    # launcher fills) are sums over no rows, zero, not whatever the memory held.
+    from lorambo_kernels.lora_skinny import lora_wgrad
+
+    out = torch.full((7, 3), float("nan"), device=device)
+    colsum_out = torch.full((7,), float("nan"), device=device) if colsum else None
+    lora_wgrad(torch.randn(0, 7, device=device), torch.randn(0, 3, device=device), 1.3, out, colsum_out=colsum_out)
+    assert torch.equal(out, torch.zeros_like(out))
+    if colsum:
+        assert torch.equal(colsum_out, torch.zeros_like(colsum_out))

@@ -64,3 +64,11 @@ def test_a_grid_past_the_limits_is_refused_naming_the_launcher_and_axis(dims, ax
                                          r"exceed CUDA's limit"):
         cuda_grid(*dims, who="row_dots")
     assert cuda_grid(*(min(d, AXIS12_LIMIT) for d in dims), who="row_dots")
+
+
+def test_a_grid_has_one_to_three_non_negative_axes():
+    # an empty axis launches nothing and is allowed; a negative one, or 0 or 4 axes, is refused
+    assert cuda_grid(0, 2, AXIS12_LIMIT, who="row_dots") == (0, 2, AXIS12_LIMIT)
+    for dims in ((), (1, 1, 1, 1), (3, -1)):
+        with pytest.raises(ValueError, match=r"lorambo_kernels.row_dots: grid .* must have 1 to 3 non-negative axes"):
+            cuda_grid(*dims, who="row_dots")

@@ -201,3 +201,25 @@ def test_inactive_slots_stay_zero_after_a_parameter_list_is_extended_in_place():
     _drifting_step([first, second], opt, x)
     assert _inactive_nonzero(first) == 0 and _inactive_nonzero(second) == 0
     assert torch.count_nonzero(second.lora_B[:, :second.rank]) > 0  # trained
+
+
+def test_inactive_slots_stay_zero_after_parameters_the_optimizer_holds_become_pools():
+    """Parameters an optimizer already steps, assigned as a layer's pools (same objects, same
+    memory, same rank), get the pool tag: the slots found before the assignment (none of them)
+    must not be the ones zeroed after it."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    layer = LoRAMBoLinear(nn.Linear(6, 5, dtype=torch.float64), rank=2, capacity=4)
+    a = nn.Parameter(torch.randn(4, 6, dtype=torch.float64))
+    b = nn.Parameter(torch.randn(5, 4, dtype=torch.float64))
+    opt = AttributeLion([a, b])
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    opt.step()  # not pools yet: every slot moves
+    assert torch.count_nonzero(a[2:]) > 0
+    with torch.no_grad():
+        a[2:], b[:, 2:] = 0, 0
+    layer.lora_A, layer.lora_B = a, b
+    opt.momentum = {}
+    _drifting_step([layer], opt, x)
+    assert _inactive_nonzero(layer) == 0
+    assert torch.count_nonzero(layer.lora_B[:, :layer.rank]) > 0  # trained

@@ -575,3 +575,20 @@ def test_slot_edits_count_a_load_only_when_it_brings_other_components():
     assert layer.slot_edits == edits
     layer.load_state_dict(other.state_dict())
     assert layer.slot_edits == edits + 1
+
+
+def test_a_state_dict_with_a_bad_rank_is_refused_before_a_merged_layer_unmerges():
+    # the unmerge a load does first must not happen for a load that is then refused
+    torch.manual_seed(0)
+    layer = LoRAMBoLinear(nn.Linear(6, 5), rank=2, capacity=4)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.merge()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    bad = {k: torch.randn_like(v) if v.is_floating_point() else v.clone() for k, v in before.items()}
+    bad["_extra_state"][0] = 5
+    with pytest.raises(ValueError, match="LoRAMBoLinear"):
+        layer.load_state_dict(bad)
+    assert layer.merged and layer.rank == 2
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key

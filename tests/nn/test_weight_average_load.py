@@ -204,3 +204,19 @@ def test_saving_a_stale_average_is_refused_and_a_followed_one_saves_whole(tmp_pa
         assert torch.equal(loaded[0].lora_B, ema.module[0].lora_B)
     else:
         lorambo.export_peft(ema.module, tmp_path / "peft")
+
+
+def test_a_load_starts_new_components_only_where_it_loads_the_pools():
+    """Pools loaded without their saved ids are new components (new ids, one slot edit); a load
+    of the base weight alone leaves the components, their ids and the edit count as they were."""
+    from lorambo.nn.slot_lineage import slot_ids
+
+    torch.manual_seed(0)
+    layer = LoRAMBoLinear(nn.Linear(6, 5), rank=2, capacity=4)
+    ids, edits = slot_ids(layer), layer.slot_edits
+    layer.load_state_dict({"base_layer.weight": torch.randn(5, 6)}, strict=False)
+    assert slot_ids(layer) == ids and layer.slot_edits == edits
+    layer.load_state_dict({"lora_A": torch.randn(4, 6) * torch.tensor([1.0, 1, 0, 0])[:, None],
+                           "lora_B": torch.randn(5, 4) * torch.tensor([1.0, 1, 0, 0])}, strict=False)
+    new = slot_ids(layer)
+    assert new[2:] == [-1, -1] and not set(new[:2]) & set(ids[:2]) and layer.slot_edits == edits + 1
