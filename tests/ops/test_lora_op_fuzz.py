@@ -22,9 +22,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
-from lorambo.ops.lora_linear_ref import dropout_mask, lora_linear_reference
+from lorambo.ops.lora_linear_ref import dropout_mask
 
-from cpu_backends import BACKENDS
+from cpu_backends import BACKENDS, op_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,18 +34,6 @@ CAPACITIES = (1, 2, 5, 16, 17, 33, 130)
 SUPPORTED = {"torch": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
              "ext": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
              "triton": (torch.float32, torch.bfloat16, torch.float16)}
-
-
-def op_for(backend):
-    if backend == "torch":
-        return lora_linear_reference
-    if backend == "ext":
-        from lorambo.ops.ext_linear import lora_linear_ext
-
-        return lora_linear_ext
-    from lorambo.ops.triton_linear import lora_linear_triton
-
-    return lora_linear_triton
 
 
 def multiplier_for(backend, x2, p, seed):

@@ -7,8 +7,7 @@ and on the extension."""
 import pytest
 import torch
 
-from test_seed_argument import OPS, op_for
-from cpu_backends import BACKENDS
+from cpu_backends import BACKENDS, OPS, op_for
 
 
 def operands(**swap):

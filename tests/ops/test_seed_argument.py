@@ -5,23 +5,7 @@ than truncating it (3.5 -> 3, True -> 1) or handing the generator another number
 import pytest
 import torch
 
-from lorambo.ops.lora_linear_ref import lora_linear_reference
-
-from cpu_backends import BACKENDS
-
-OPS = {"torch": "lora_linear_reference", "ext": "lora_linear_ext", "triton": "lora_linear_triton"}
-
-
-def op_for(backend):
-    if backend == "torch":
-        return lora_linear_reference
-    if backend == "ext":
-        from lorambo.ops.ext_linear import lora_linear_ext
-
-        return lora_linear_ext
-    from lorambo.ops.triton_linear import lora_linear_triton
-
-    return lora_linear_triton
+from cpu_backends import BACKENDS, OPS, op_for
 
 
 def inputs():
