@@ -269,7 +269,8 @@ def test_a_module_to_save_of_a_diverged_run_is_refused_and_the_saved_files_kept(
 @pytest.mark.parametrize("head, error", [
     (lambda: nn.Linear(12, 4, bias=False),
      r"module to save '4' has state keys \['bias', 'weight'\] in the file and \['weight'\] in the model"),
-    (lambda: nn.Linear(12, 5), r"4\.(weight|bias) has shape \(4(, 12)?,?\) in the file and \(5(, 12)?,?\) in the model"),
+    (lambda: nn.Linear(12, 5),
+     r"4\.(weight|bias) has shape \(4(, 12)?,?\) in the file and \(5(, 12)?,?\) in the model"),
 ], ids=["keys", "shape"])
 def test_a_module_to_save_that_does_not_fit_is_refused_by_name_and_nothing_changes(tmp_path, head, error):
     """The file's module to save has other state keys or shapes than the model's: refused before
