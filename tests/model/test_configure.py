@@ -189,6 +189,20 @@ def test_unload_reenables_parameters_put_in_after_configure(mlp, rebuild):
     assert [n for n, p in model.named_parameters() if not p.requires_grad] == []
 
 
+def test_a_recorded_parameter_set_to_none_after_configure_is_left_out(mlp):
+    """A place on the record whose module now holds None (``module.bias = None``) names no
+    parameter: the record lists the others and unload re-enables them."""
+    from lorambo.model import frozen_by_lorambo
+
+    configure_model(mlp, 2, target_modules=["up"])
+    mlp.norm.bias = None
+    got = frozen_by_lorambo(mlp)
+    want = [p for n, p in mlp.named_parameters() if not n.endswith((".lora_A", ".lora_B"))]
+    assert {id(p) for p in got} == {id(p) for p in want} and len(got) == len(want) and None not in got
+    unload(mlp, merge=False)
+    assert all(p.requires_grad for p in mlp.parameters()) and mlp.norm.bias is None
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"target_modules": 3}, "target_modules must be None, 'all-linear', a regex string or a list of module names"),
     ({"target_modules": ["up", 2]}, r"target_modules entries must be module names .*got 2 in \['up', 2\]"),
