@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
 
 import lorambo
@@ -67,3 +68,12 @@ def test_no_warning_with_the_head_to_save_or_when_loading_an_adapter(tmp_path):
     # loading restores what the file holds: a head trained without modules_to_save stays as it was
     for folder in ("with_head", "without_head"):
         assert _head_warnings(lambda folder=folder: load_adapter(_bert(), tmp_path / folder)) == []
+
+
+def test_a_head_inside_a_head_is_named_by_the_outer_one_only():
+    """A frozen ``classifier`` holding a layer named ``score``: one head, the outermost."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"body": nn.Linear(4, 4), "classifier": nn.ModuleDict({"score": nn.Linear(4, 2)})})
+    got = _head_warnings(lambda: configure_model(model, 2, target_modules=["body"]))
+    assert len(got) == 1 and "the classification head 'classifier' of ModuleDict" in got[0]
+    assert "classifier.score" not in got[0]
