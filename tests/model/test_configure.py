@@ -232,3 +232,24 @@ def test_a_ranks_dict_in_another_order_gives_the_same_adapters():
     for (name, got), (_, ref), a in zip(lora_layers(reversed_order).items(), lora_layers(in_order).items(), want,
                                         strict=True):
         assert torch.equal(got.lora_A, ref.lora_A) and torch.equal(got.lora_A, a), name
+
+
+@pytest.mark.parametrize("entry, error, message", [
+    (2, TypeError, r"modules_to_save entries must be module names, got 2"),
+    ("", TypeError, r"modules_to_save entries must be module names, got ''"),
+    ("blocks.0.up", ValueError, r"entry 'blocks.0.up' matches module 'blocks.0.up', which is or contains a LoRA layer"),
+    ("blocks.0", ValueError, r"entry 'blocks.0' matches module 'blocks.0', which is or contains a LoRA layer"),
+    ("up.base_layer", ValueError, r"matches module 'blocks.0.up.base_layer', which is or contains a LoRA layer"),
+    ("act", ValueError, r"entry 'act' matches module 'act', which has no parameters to train"),
+])
+def test_a_module_to_save_that_cannot_be_one_is_refused_by_name_and_nothing_changes(mlp, entry, error, message):
+    """Checked against the model's LoRA layers already there (a second configure_model)."""
+    mlp.act = nn.Tanh()  # a module without parameters
+    configure_model(mlp, 2, target_modules=["up"])
+    before = {k: v.clone() for k, v in mlp.state_dict().items()}
+    grads = {n: p.requires_grad for n, p in mlp.named_parameters()}
+    with pytest.raises(error, match=message):
+        configure_model(mlp, 3, target_modules=["up"], modules_to_save=[entry])
+    assert {n: p.requires_grad for n, p in mlp.named_parameters()} == grads
+    assert all(torch.equal(v, before[k]) for k, v in mlp.state_dict().items())
+    assert {layer.rank for layer in lora_layers(mlp).values()} == {2}
