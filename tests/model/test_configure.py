@@ -253,3 +253,12 @@ def test_a_module_to_save_that_cannot_be_one_is_refused_by_name_and_nothing_chan
     assert {n: p.requires_grad for n, p in mlp.named_parameters()} == grads
     assert all(torch.equal(v, before[k]) for k, v in mlp.state_dict().items())
     assert {layer.rank for layer in lora_layers(mlp).values()} == {2}
+
+
+def test_a_module_to_save_keeps_its_parameters_that_nothing_else_shares(mlp):
+    """Only a parameter shared with the rest of the model gets a copy of its own: the head's
+    others stay the same objects (an optimizer or a hook holding them keeps working)."""
+    head = list(mlp.lm_head.parameters())
+    configure_model(mlp, 2, target_modules=["up"], modules_to_save=["lm_head"])
+    now = list(mlp.lm_head.parameters())
+    assert len(now) == len(head) and all(a is b and a.requires_grad for a, b in zip(now, head))
