@@ -262,3 +262,13 @@ def test_a_module_to_save_keeps_its_parameters_that_nothing_else_shares(mlp):
     configure_model(mlp, 2, target_modules=["up"], modules_to_save=["lm_head"])
     now = list(mlp.lm_head.parameters())
     assert len(now) == len(head) and all(a is b and a.requires_grad for a, b in zip(now, head))
+
+
+@pytest.mark.parametrize("entry", ["blocks.0", "blocks.0.up"])
+def test_a_module_to_save_that_is_or_holds_a_new_target_is_refused(mlp, entry):
+    before = {k: v.clone() for k, v in mlp.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"module '{entry}' is both in modules_to_save and a LoRA target "
+                                         r"\('blocks.0.up'\)"):
+        configure_model(mlp, 2, target_modules=["up"], modules_to_save=[entry])
+    assert lora_layers(mlp) == {} and all(p.requires_grad for p in mlp.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in mlp.state_dict().items())
