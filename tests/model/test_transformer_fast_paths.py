@@ -66,3 +66,14 @@ def test_a_re_rank_keeps_the_fast_path_off_and_an_encoder_without_adapters_keeps
     merged = lorambo.unload(copy.deepcopy(encoders), merge=True)
     with torch.no_grad():
         torch.testing.assert_close(a(x), merged["a"](x), rtol=1e-4, atol=1e-5)
+
+
+def test_unload_gives_back_the_nested_tensor_setting_of_the_last_configure():
+    """An encoder whose nested tensors the user turned off between two adaptations stays so."""
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0), 2)
+    lorambo.unload(lorambo.configure_model(model, 2, target_modules=["linear1"]), merge=False)
+    assert model.use_nested_tensor
+    model.use_nested_tensor = False
+    lorambo.unload(lorambo.configure_model(model, 2, target_modules=["linear1"]), merge=False)
+    assert not model.use_nested_tensor
