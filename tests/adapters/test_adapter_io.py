@@ -264,3 +264,24 @@ def test_a_module_to_save_of_a_diverged_run_is_refused_and_the_saved_files_kept(
                                                r"NaN/inf values of 4.*nothing was written"):
             save(model, tmp_path / folder)
     assert {f: f.read_bytes() for f in sorted(tmp_path.rglob("*")) if f.is_file()} == before
+
+
+@pytest.mark.parametrize("head, error", [
+    (lambda: nn.Linear(12, 4, bias=False),
+     r"module to save '4' has state keys \['bias', 'weight'\] in the file and \['weight'\] in the model"),
+    (lambda: nn.Linear(12, 5),
+     r"4\.(weight|bias) has shape \(4(, 12)?,?\) in the file and \(5(, 12)?,?\) in the model"),
+], ids=["keys", "shape"])
+def test_a_module_to_save_that_does_not_fit_is_refused_by_name_and_nothing_changes(tmp_path, head, error):
+    """The file's module to save has other state keys or shapes than the model's: refused before
+    anything is changed (the model stays plain), naming the module and what differs."""
+    model = configure_model(net(), {"0": 3}, capacity={"0": 8}, modules_to_save=["4"])
+    file = save_adapter(model, tmp_path)
+    plain = net()
+    plain[4] = head()
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    with pytest.raises(ValueError, match=error):
+        load_adapter(plain, file)
+    assert lora_layers(plain) == {} and all(p.requires_grad for p in plain.parameters())
+    assert plain.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in plain.state_dict().items())

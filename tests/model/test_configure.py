@@ -189,6 +189,20 @@ def test_unload_reenables_parameters_put_in_after_configure(mlp, rebuild):
     assert [n for n, p in model.named_parameters() if not p.requires_grad] == []
 
 
+def test_a_recorded_parameter_set_to_none_after_configure_is_left_out(mlp):
+    """A place on the record whose module now holds None (``module.bias = None``) names no
+    parameter: the record lists the others and unload re-enables them."""
+    from lorambo.model import frozen_by_lorambo
+
+    configure_model(mlp, 2, target_modules=["up"])
+    mlp.norm.bias = None
+    got = frozen_by_lorambo(mlp)
+    want = [p for n, p in mlp.named_parameters() if not n.endswith((".lora_A", ".lora_B"))]
+    assert {id(p) for p in got} == {id(p) for p in want} and len(got) == len(want) and None not in got
+    unload(mlp, merge=False)
+    assert all(p.requires_grad for p in mlp.parameters()) and mlp.norm.bias is None
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"target_modules": 3}, "target_modules must be None, 'all-linear', a regex string or a list of module names"),
     ({"target_modules": ["up", 2]}, r"target_modules entries must be module names .*got 2 in \['up', 2\]"),
@@ -218,3 +232,43 @@ def test_a_ranks_dict_in_another_order_gives_the_same_adapters():
     for (name, got), (_, ref), a in zip(lora_layers(reversed_order).items(), lora_layers(in_order).items(), want,
                                         strict=True):
         assert torch.equal(got.lora_A, ref.lora_A) and torch.equal(got.lora_A, a), name
+
+
+@pytest.mark.parametrize("entry, error, message", [
+    (2, TypeError, r"modules_to_save entries must be module names, got 2"),
+    ("", TypeError, r"modules_to_save entries must be module names, got ''"),
+    ("blocks.0.up", ValueError, r"entry 'blocks.0.up' matches module 'blocks.0.up', which is or contains a LoRA layer"),
+    ("blocks.0", ValueError, r"entry 'blocks.0' matches module 'blocks.0', which is or contains a LoRA layer"),
+    ("up.base_layer", ValueError, r"matches module 'blocks.0.up.base_layer', which is or contains a LoRA layer"),
+    ("act", ValueError, r"entry 'act' matches module 'act', which has no parameters to train"),
+])
+def test_a_module_to_save_that_cannot_be_one_is_refused_by_name_and_nothing_changes(mlp, entry, error, message):
+    """Checked against the model's LoRA layers already there (a second configure_model)."""
+    mlp.act = nn.Tanh()  # a module without parameters
+    configure_model(mlp, 2, target_modules=["up"])
+    before = {k: v.clone() for k, v in mlp.state_dict().items()}
+    grads = {n: p.requires_grad for n, p in mlp.named_parameters()}
+    with pytest.raises(error, match=message):
+        configure_model(mlp, 3, target_modules=["up"], modules_to_save=[entry])
+    assert {n: p.requires_grad for n, p in mlp.named_parameters()} == grads
+    assert all(torch.equal(v, before[k]) for k, v in mlp.state_dict().items())
+    assert {layer.rank for layer in lora_layers(mlp).values()} == {2}
+
+
+def test_a_module_to_save_keeps_its_parameters_that_nothing_else_shares(mlp):
+    """Only a parameter shared with the rest of the model gets a copy of its own: the head's
+    others stay the same objects (an optimizer or a hook holding them keeps working)."""
+    head = list(mlp.lm_head.parameters())
+    configure_model(mlp, 2, target_modules=["up"], modules_to_save=["lm_head"])
+    now = list(mlp.lm_head.parameters())
+    assert len(now) == len(head) and all(a is b and a.requires_grad for a, b in zip(now, head))
+
+
+@pytest.mark.parametrize("entry", ["blocks.0", "blocks.0.up"])
+def test_a_module_to_save_that_is_or_holds_a_new_target_is_refused(mlp, entry):
+    before = {k: v.clone() for k, v in mlp.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"module '{entry}' is both in modules_to_save and a LoRA target "
+                                         r"\('blocks.0.up'\)"):
+        configure_model(mlp, 2, target_modules=["up"], modules_to_save=[entry])
+    assert lora_layers(mlp) == {} and all(p.requires_grad for p in mlp.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in mlp.state_dict().items())

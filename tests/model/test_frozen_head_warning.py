@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
 
 import lorambo
@@ -67,3 +68,14 @@ def test_no_warning_with_the_head_to_save_or_when_loading_an_adapter(tmp_path):
     # loading restores what the file holds: a head trained without modules_to_save stays as it was
     for folder in ("with_head", "without_head"):
         assert _head_warnings(lambda folder=folder: load_adapter(_bert(), tmp_path / folder)) == []
+
+
+def test_a_head_inside_a_head_is_named_by_the_outer_one_only():
+    """A frozen ``classifier`` (below the model's top level) holding a layer named ``score``: one
+    head, the outermost, named by its full path."""
+    torch.manual_seed(0)
+    head = nn.ModuleDict({"score": nn.Linear(4, 2)})
+    model = nn.ModuleDict({"body": nn.Linear(4, 4), "task": nn.ModuleDict({"classifier": head})})
+    got = _head_warnings(lambda: configure_model(model, 2, target_modules=["body"]))
+    assert len(got) == 1 and "the classification head 'task.classifier' of ModuleDict" in got[0]
+    assert "score" not in got[0]

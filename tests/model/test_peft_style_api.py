@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers import BertConfig, BertForSequenceClassification
@@ -115,11 +116,20 @@ def test_trainable_parameters_match_peft_and_report_capacity(capsys):
     assert counts["lora_capacity"] == sum(16 * (m.in_features + m.out_features) for m in lora_layers(ours).values())
     # peft's total also counts its frozen copy of the original head
     assert counts["all"] == peft_all - head
+    assert counts["trainable_percent"] == pytest.approx(100 * (active + head) / (peft_all - head), rel=1e-12)
     # transformers counts tensor elements, every slot (docs/interop.md)
     assert ours.num_parameters(only_trainable=True) == counts["lora_capacity"] + head
     lorambo.print_trainable_parameters(ours)
     out = capsys.readouterr().out
     assert f"trainable params: {active + head:,}" in out and f"LoRA pool capacity: {counts['lora_capacity']:,}" in out
+    assert f"trainable%: {100 * (active + head) / (peft_all - head):.4f}" in out
+
+
+def test_trainable_parameters_of_a_model_without_parameters():
+    # all params 0: the percentage is 0, not a ZeroDivisionError
+    counts = trainable_parameters(nn.Sequential(nn.ReLU()))
+    assert counts == {"trainable": 0, "all": 0, "trainable_percent": 0.0, "lora_active": 0, "lora_capacity": 0,
+                      "other_trainable": 0}
 
 
 def test_trainable_parameters_count_each_pool_by_its_requires_grad():

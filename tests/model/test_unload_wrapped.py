@@ -71,3 +71,19 @@ def test_unloaded_state_dict_of_a_wrapped_model_loads_into_the_plain_model(wrap)
     plain.load_state_dict(unloaded_state_dict(wrap(model)))  # strict: the plain model's keys exactly
     torch.testing.assert_close(plain(x), _float64_merged(model, x), rtol=1e-12, atol=1e-12)
     assert len(lora_layers(model)) == 2  # the model itself stays adapted
+
+
+def test_nested_wrappers_are_all_taken_off(tmp_path):
+    """unwrap_model takes off every torch.compile and DDP layer, in any nesting (torch.compile of a
+    compiled module compiles its forward: no such nesting)."""
+    from lorambo.model.unwrap import unwrap_model
+
+    model = _configured()
+    compiled = lambda m: torch.compile(m, backend="eager")  # noqa: E731
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel
+        for wrapped in (ddp(compiled(model)), compiled(ddp(model)), ddp(ddp(model))):
+            assert unwrap_model(wrapped) is model
+    finally:
+        dist.destroy_process_group()
