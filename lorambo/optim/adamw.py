@@ -267,6 +267,21 @@ def _check_state_shapes(optimizer: torch.optim.Optimizer, state_dict: dict) -> N
                                      "a model with other LoRA capacities?")
 
 
+def _check_state_is_adams(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """Refuse saved state that is not Adam's (step, exp_avg, exp_avg_sq), such as Lion's lone
+    exp_avg: a pool would take it as Adam's first moment with a zero second moment, so its first
+    steps would be far too large, where torch's AdamW fails at its first step with a KeyError."""
+    saved = [group.get("params", ()) for group in state_dict.get("param_groups", ())]
+    for g, pids in enumerate(saved):
+        for i, pid in enumerate(pids):
+            state = state_dict.get("state", {}).get(pid) or {}
+            missing = [key for key in ("step", "exp_avg", "exp_avg_sq") if key not in state]
+            if state and missing:
+                raise ValueError(f"{type(optimizer).__name__}.load_state_dict: parameter {i} of param group {g} has "
+                                 f"saved state {sorted(map(str, state))}, which lacks Adam's {missing}: was it saved "
+                                 "by another optimizer? Load an Adam/AdamW state, or start this optimizer fresh")
+
+
 def _check_state_follows(param: torch.Tensor, state: dict) -> None:
     """A model cast or moved after the optimizer's first step (``model.double()``,
     ``model.to(device)``) leaves the moments behind; the update would then fail inside torch or
@@ -385,9 +400,10 @@ class AdamW(torch.optim.AdamW):
         state = self.state[param]
         if SLOT_STEP not in state:
             slots, dim = pool_slots(param)
-            # state without per-slot counts comes from torch's Adam/AdamW (a loaded checkpoint):
-            # keep its moments and give every active slot its one step count, which is exactly
-            # how torch's AdamW would have continued; a new state starts from zero
+            # state without per-slot counts comes from torch's Adam/AdamW (a loaded checkpoint;
+            # load_state_dict refused any other optimizer's): keep its moments and give every active
+            # slot its one step count, which is exactly how torch's AdamW would have continued; a
+            # new state starts from zero
             step = float(state["step"]) if "exp_avg" in state and "step" in state else 0.0
             state["step"] = torch.tensor(step)
             keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
@@ -420,6 +436,7 @@ class AdamW(torch.optim.AdamW):
         _count_steps([state["step"] for _, state, _, _ in work])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        _check_state_is_adams(self, state_dict)
         _check_state_shapes(self, state_dict)
         # torch casts every floating state tensor to its parameter's dtype on load; step counts
         # must stay float32 (bfloat16 counts are exact only up to 256).

@@ -304,3 +304,21 @@ def test_saved_slot_steps_of_another_length_are_refused_at_load():
     with pytest.raises(ValueError, match=r"parameter 1 of param group 0 .*'slot_step' of shape \[5\].*\[8\]"):
         opt.load_state_dict(saved)
     assert not opt.state
+
+
+@pytest.mark.parametrize("other", [lambda ps: torch.optim.Adamax(ps, lr=1e-2),
+                                   lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9)],
+                         ids=["adamax", "sgd-momentum"])
+def test_another_optimizers_state_is_refused_at_load(other):
+    """Adamax saves step and exp_avg but no exp_avg_sq: taken as Adam's, the pools would step
+    with Adamax's late step count and a second moment starting at zero (updates ~30x too large at
+    beta2 = 0.999). Refused at load, naming what is missing, with nothing loaded."""
+    layer = _pool_layer(rank=3, capacity=8)
+    first = other(list(layer.parameters()))
+    _random_active_grads(layer)
+    first.step()
+    opt = AdamW(layer.parameters(), lr=1e-2)
+    with pytest.raises(ValueError, match=r"AdamW.load_state_dict: parameter \d of param group 0 has saved state "
+                                         r".*lacks Adam's \[.*'exp_avg_sq'\].*another optimizer"):
+        opt.load_state_dict(copy.deepcopy(first.state_dict()))
+    assert not opt.state
