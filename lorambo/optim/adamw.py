@@ -245,41 +245,46 @@ def _foreach_adamw(group, values, grads, exp_avgs, exp_avg_sqs, max_sqs, slot_st
 _PER_ELEMENT = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
+def _saved_states(state_dict: dict):
+    """(param group index, position in it, saved state or {}) of every parameter ``state_dict`` lists."""
+    states = state_dict.get("state", {})
+    for g, group in enumerate(state_dict.get("param_groups", ())):
+        for i, pid in enumerate(group.get("params", ())):
+            yield g, i, states.get(pid) or {}
+
+
 def _check_state_shapes(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
     """Refuse saved state whose shapes are not its parameter's (pools of another capacity):
     torch does not look, and the first step would fail in the update naming no parameter."""
     saved = [group.get("params", ()) for group in state_dict.get("param_groups", ())]
     if [len(g) for g in saved] != [len(g["params"]) for g in optimizer.param_groups]:
         return  # torch's own load_state_dict reports that
-    for g, (pids, group) in enumerate(zip(saved, optimizer.param_groups)):
-        for i, (pid, param) in enumerate(zip(pids, group["params"])):
-            state = state_dict.get("state", {}).get(pid) or {}
-            tagged = pool_slots(param)
-            expected = {key: tuple(param.shape) for key in _PER_ELEMENT}
-            if tagged is not None:
-                expected[SLOT_STEP] = (param.shape[tagged[1]],)
-            for key, shape in expected.items():
-                value = state.get(key)
-                if torch.is_tensor(value) and tuple(value.shape) != shape:
-                    raise ValueError(f"{type(optimizer).__name__}.load_state_dict: parameter {i} of param group {g} "
-                                     f"has saved state {key!r} of shape {list(value.shape)}, expected "
-                                     f"{list(shape)} (the parameter is {list(param.shape)}); was it saved for "
-                                     "a model with other LoRA capacities?")
+    for g, i, state in _saved_states(state_dict):
+        param = optimizer.param_groups[g]["params"][i]
+        tagged = pool_slots(param)
+        expected = {key: tuple(param.shape) for key in _PER_ELEMENT}
+        if tagged is not None:
+            expected[SLOT_STEP] = (param.shape[tagged[1]],)
+        for key, shape in expected.items():
+            value = state.get(key)
+            if torch.is_tensor(value) and tuple(value.shape) != shape:
+                raise ValueError(f"{type(optimizer).__name__}.load_state_dict: parameter {i} of param group {g} "
+                                 f"has saved state {key!r} of shape {list(value.shape)}, expected "
+                                 f"{list(shape)} (the parameter is {list(param.shape)}); was it saved for "
+                                 "a model with other LoRA capacities?")
 
 
 def _check_state_is_adams(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
-    """Refuse saved state that is not Adam's (step, exp_avg, exp_avg_sq), such as Lion's lone
-    exp_avg: a pool would take it as Adam's first moment with a zero second moment, so its first
-    steps would be far too large, where torch's AdamW fails at its first step with a KeyError."""
-    saved = [group.get("params", ()) for group in state_dict.get("param_groups", ())]
-    for g, pids in enumerate(saved):
-        for i, pid in enumerate(pids):
-            state = state_dict.get("state", {}).get(pid) or {}
-            missing = [key for key in ("step", "exp_avg", "exp_avg_sq") if key not in state]
-            if state and missing:
-                raise ValueError(f"{type(optimizer).__name__}.load_state_dict: parameter {i} of param group {g} has "
-                                 f"saved state {sorted(map(str, state))}, which lacks Adam's {missing}: was it saved "
-                                 "by another optimizer? Load an Adam/AdamW state, or start this optimizer fresh")
+    """Refuse saved state that is not Adam's (step, exp_avg, exp_avg_sq), such as Adamax's (no
+    exp_avg_sq): a pool would take its exp_avg as Adam's first moment with a second moment starting
+    at zero, so its first steps would be far too large; torch's AdamW fails at its first step with a
+    KeyError."""
+    for g, i, state in _saved_states(state_dict):
+        missing = [key for key in ("step", "exp_avg", "exp_avg_sq") if key not in state]
+        if state and missing:
+            raise ValueError(f"{type(optimizer).__name__}.load_state_dict: parameter {i} of param group {g} has "
+                             f"saved state {sorted(map(str, state))}, which lacks Adam's {missing}: was it saved "
+                             "by another optimizer? Load an Adam/AdamW state, or start this optimizer fresh")
 
 
 def _check_state_follows(param: torch.Tensor, state: dict) -> None:
