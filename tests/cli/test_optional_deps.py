@@ -2,19 +2,16 @@
 package fails before any work with the pip command that fixes it."""
 
 import sys
-import tomllib
-from pathlib import Path
 
 import pytest
 
 import lorambo.cli.deps as deps
 from lorambo.cli import main
-
-ROOT = Path(__file__).resolve().parents[2]
+from pyproject_data import pyproject
 
 
 def _extras():
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    return pyproject()["project"]["optional-dependencies"]
 
 
 def _name(requirement):

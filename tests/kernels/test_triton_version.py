@@ -1,8 +1,6 @@
 """A triton older than the ``triton`` extra allows is refused by name, before any kernel launches."""
 
 import re
-import tomllib
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,12 +8,11 @@ import triton
 
 import lorambo
 from lorambo_kernels import config
-
-ROOT = Path(__file__).resolve().parents[2]
+from pyproject_data import pyproject
 
 
 def test_the_triton_extra_states_the_oldest_triton_the_kernels_accept():
-    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["triton"]
+    extra = pyproject()["project"]["optional-dependencies"]["triton"]
     assert extra == ["triton>=" + ".".join(map(str, config.MIN_TRITON))]
 
 
