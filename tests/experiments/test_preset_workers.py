@@ -27,3 +27,27 @@ def test_worker_count_may_change_between_sessions_of_one_journal():
 def test_bad_worker_count_is_refused(bad):
     with pytest.raises(ValueError, match="workers"):
         presets.tiny().replace(workers=bad)
+
+
+def test_the_demo_preset_is_the_run_committed_in_docs():
+    """``lorambo demo`` must rerun the experiment behind docs/demo_results.json and docs/demo.md:
+    a preset value changed unnoticed (its learning-rate grid, say) would make `make demo` give
+    other numbers than the README's."""
+    import json
+    import re
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    committed = json.loads((docs / "demo_results.json").read_text())
+    cfg = presets.default()
+    minilm_sum_d_plus_k = 41472  # 36 layers of all-MiniLM-L6-v2 (docs/demo.md: P* = 20,736 = level 0.5)
+    assert cfg.tasks == (committed["task"],)
+    assert [level * minilm_sum_d_plus_k for level in cfg.budgets] == [committed["budget"]]
+    assert (cfg.steps, cfg.batch_size, cfg.max_length, cfg.seeds) == (
+        committed["steps"], committed["batch_size"], committed["max_length"], committed["seeds"])
+    assert list(cfg.methods) == list(committed["methods"])
+    grid = re.search(r"from \{([^}]*)\} by validation loss", (docs / "demo.md").read_text()).group(1)
+    assert cfg.lr_grid == tuple(float(x) for x in grid.split(","))
+    assert cfg.lr_search == "uniform" and committed["lr"] in cfg.lr_grid
+    assert (cfg.train_examples, cfg.eval_examples) == (0, 0)  # "the whole validation and test splits"
+    assert (cfg.probe_rank, cfg.probe_steps, cfg.planted_text, cfg.planted_scale) == (8, 60, "docstrings", 0.1)
