@@ -53,3 +53,22 @@ def test_machine_fields_may_differ_between_the_sessions_of_one_journal(tmp_path)
     jr.close()
     assert torn == 0 and "k0" in records
     assert journal.read(out / journal.FILE_NAME)[0] == journal.read(source)[0]  # copied as it was
+
+
+def test_resuming_into_a_folder_holding_another_journal_leaves_that_journal_whole(tmp_path):
+    source = _journal_file(tmp_path / "old", journal.header(CFG, WEIGHTS))
+    other = _journal_file(tmp_path / "out", dict(journal.header(CFG, WEIGHTS), config={"steps": 7}))
+    before = other.read_bytes()
+    with pytest.raises(ValueError, match=r"out/runs.jsonl already holds a journal: resume that one"):
+        journal.open_journal(tmp_path / "out", source, journal.header(CFG, WEIGHTS))
+    assert other.read_bytes() == before  # its runs were not replaced by the copy
+
+
+def test_a_journal_that_does_not_start_with_its_header_is_refused(tmp_path):
+    source = tmp_path / "runs.jsonl"
+    lines = [{"kind": "session", "session": 0}, journal.header(CFG, WEIGHTS)]
+    source.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    out, resume = _resume(tmp_path, source)
+    with pytest.raises(ValueError, match="the first record is not the journal header"):
+        resume()
+    assert list(out.iterdir()) == []
