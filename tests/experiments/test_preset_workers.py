@@ -51,3 +51,19 @@ def test_the_demo_preset_is_the_run_committed_in_docs():
     assert cfg.lr_search == "uniform" and committed["lr"] in cfg.lr_grid
     assert (cfg.train_examples, cfg.eval_examples) == (0, 0)  # "the whole validation and test splits"
     assert (cfg.probe_rank, cfg.probe_steps, cfg.planted_text, cfg.planted_scale) == (8, 60, "docstrings", 0.1)
+
+
+def test_the_sentiment_preset_is_the_run_committed_in_docs():
+    """``lorambo experiment --task sentiment`` reruns docs/sentiment_results.json's experiment."""
+    import json
+    from pathlib import Path
+
+    committed = json.loads((Path(__file__).resolve().parents[2] / "docs" / "sentiment_results.json").read_text())
+    cfg = presets.sentiment()
+    assert cfg.tasks == (committed["task"],) and list(cfg.methods) == list(committed["methods"])
+    assert [level * 41472 for level in cfg.budgets] == [committed["budget"]]  # MiniLM's sum(d + k)
+    assert (cfg.steps, cfg.batch_size, cfg.max_length, cfg.seeds) == (
+        committed["steps"], committed["batch_size"], committed["max_length"], committed["seeds"])
+    sizes = committed["split_sizes"]
+    assert (cfg.train_examples, cfg.eval_examples) == (sizes["train"], sizes["val"])
+    assert cfg.lr_search == "uniform" and committed["lr"] in cfg.lr_grid
