@@ -34,7 +34,8 @@ def test_unknown_method_and_task():
     ({"probe_lr": float("nan")}, r"probe_lr.*got nan"),
     ({"planted_text": "novels"}, r"planted_text must be one of docstrings, snippets, got 'novels'"),
     ({"max_length": 3}, r"max_length must be >= 4 tokens, got 3"), ({"growth_factor": 0.5}, r"growth_factor.*got 0.5"),
-    ({"online_initial": 1.0}, "online_initial and alora_prune"), ({"alora_prune": 0.0}, "online_initial and alora_prune"),
+    *[({name: bound}, "online_initial and alora_prune must be in \\(0, 1\\)")  # each bound excluded
+      for name in ("online_initial", "alora_prune") for bound in (0.0, 1.0)],
 ])
 def test_bad_config_values(changes, match):
     with pytest.raises(ValueError, match=match):
