@@ -67,3 +67,13 @@ def test_the_sentiment_preset_is_the_run_committed_in_docs():
     sizes = committed["split_sizes"]
     assert (cfg.train_examples, cfg.eval_examples) == (sizes["train"], sizes["val"])
     assert cfg.lr_search == "uniform" and committed["lr"] in cfg.lr_grid
+
+
+def test_the_full_preset_is_what_docs_gpu_experiment_describes():
+    """docs/gpu_experiment.md: both tasks, every method, budgets P*, 2 P* and 4 P* (P* = level 0.5),
+    5 seeds, 1,000 steps of 32 x 64 tokens, the rate chosen per method and budget, the snippets text."""
+    cfg = presets.full()
+    assert cfg.tasks == presets.TASKS and cfg.methods == presets.METHODS
+    assert cfg.budgets == (0.5, 1.0, 2.0)
+    assert (cfg.seeds, cfg.steps, cfg.batch_size, cfg.max_length) == (5, 1000, 32, 64)
+    assert cfg.lr_search == "per_budget" and cfg.planted_text == "snippets"
