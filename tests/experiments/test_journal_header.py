@@ -72,3 +72,23 @@ def test_a_journal_that_does_not_start_with_its_header_is_refused(tmp_path):
     with pytest.raises(ValueError, match="the first record is not the journal header"):
         resume()
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("line", ['{"task": "planted", "key": "k1"}', '["run", "k1"]', '"run"'])
+def test_a_line_that_is_no_record_is_named_with_its_number(tmp_path, line):
+    path = tmp_path / "runs.jsonl"
+    path.write_text(json.dumps(journal.header(CFG, WEIGHTS)) + "\n" + line + "\n")
+    with pytest.raises(ValueError, match=r"runs.jsonl:2: not a journal record \(no 'kind'\)"):
+        journal.read(path)
+
+
+def test_closing_a_journal_releases_its_descriptor_and_the_folder(tmp_path):
+    import os
+
+    jr, _, _ = journal.open_journal(tmp_path, None, journal.header(CFG, WEIGHTS))
+    fd = jr._fd
+    jr.close()
+    with pytest.raises(OSError):  # closed: a process running many experiments leaks no descriptor
+        os.fstat(fd)
+    jr.close()  # a second close is harmless
+    journal.open_journal(tmp_path, tmp_path / journal.FILE_NAME, journal.header(CFG, WEIGHTS))[0].close()
