@@ -222,3 +222,20 @@ def test_allocate_uniform_needs_no_data_and_claims_no_measurement(allocation, tm
     assert sorted(saved["ranks"].values()) == [2] * 10 + [3] * 2
     assert sum(r * 768 for r in saved["ranks"].values()) == 20000 - 20000 % 768
     assert "total" in capsys.readouterr().out
+
+
+def test_python_m_lorambo_cli_allocate_is_lorambo_allocate(tmp_path):
+    """``python -m lorambo.cli.allocate ...`` (the entry its ``main`` names) exited 0 having done
+    nothing: no ``__main__`` guard, and ``main()`` ignored the command line; now it is ``lorambo
+    allocate``, its errors one line as there."""
+    import os
+    import subprocess
+    import sys
+
+    run = [sys.executable, "-m", "lorambo.cli.allocate"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run([*run, "--model", str(tmp_path), "--budget", "100", "--method", "frobenius",
+                           "--out", str(tmp_path / "o"), "--no-heatmap"], capture_output=True, text=True, env=env)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == f"lorambo allocate: error: --model {tmp_path}: no config.json (a local transformers " \
+                          "model folder is needed)\n"
