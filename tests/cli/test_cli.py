@@ -72,8 +72,16 @@ def test_demo_and_experiment_options_reach_the_config(monkeypatch, tmp_path):
 
 
 def test_info_and_console_entry_point(capsys):
+    import platform
+
+    import torch
+
+    from lorambo.version import __version__
+
     assert main(["info"]) == 0
-    assert "backend requested" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith(f"lorambo {__version__}  python {platform.python_version()}  torch {torch.__version__}\n")
+    assert "backend requested" in out
     cmds = [[sys.executable, "-m", "lorambo.cli", "--help"], [sys.executable, "-m", "lorambo", "--help"]]
     # The console script exists only where lorambo is pip-installed (the dev venv, CI); a checkout
     # run through PYTHONPATH (the GPU machine) has none.
