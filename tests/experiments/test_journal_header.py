@@ -92,3 +92,34 @@ def test_closing_a_journal_releases_its_descriptor_and_the_folder(tmp_path):
         os.fstat(fd)
     jr.close()  # a second close is harmless
     journal.open_journal(tmp_path, tmp_path / journal.FILE_NAME, journal.header(CFG, WEIGHTS))[0].close()
+
+
+def test_each_record_is_on_disk_when_append_returns(tmp_path, monkeypatch):
+    """An experiment cut short (power loss, a killed VM) loses at most the units in flight: each
+    record is fsynced before ``append`` returns, not left in the page cache."""
+    import os
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append((fd, os.path.getsize(tmp_path / journal.FILE_NAME))),
+                                                 real(fd)))
+    jr, _, _ = journal.open_journal(tmp_path, None, journal.header(CFG, WEIGHTS))
+    try:
+        synced.clear()
+        jr.append({"kind": "run", "key": "k1", "task": "planted", "run": {"loss": 0.5}})
+        assert synced == [(jr._fd, (tmp_path / journal.FILE_NAME).stat().st_size)]  # after the whole line
+    finally:
+        jr.close()
+
+
+def test_a_record_holding_a_non_finite_number_is_refused_and_the_journal_stays_json(tmp_path):
+    """JSON has no NaN: such a line (Python writes the token NaN) is unreadable to other tools, and
+    a diverged run records its value as a string instead."""
+    jr, _, _ = journal.open_journal(tmp_path, None, journal.header(CFG, WEIGHTS))
+    try:
+        with pytest.raises(ValueError, match="not JSON compliant"):
+            jr.append({"kind": "run", "key": "k1", "task": "planted", "run": {"loss": float("nan")}})
+    finally:
+        jr.close()
+    lines = (tmp_path / journal.FILE_NAME).read_text().splitlines()
+    assert [json.loads(line, parse_constant=pytest.fail)["kind"] for line in lines] == ["header"]
