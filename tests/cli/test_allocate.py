@@ -239,3 +239,20 @@ def test_python_m_lorambo_cli_allocate_is_lorambo_allocate(tmp_path):
     assert (proc.returncode, proc.stdout) == (2, "")
     assert proc.stderr == f"lorambo allocate: error: --model {tmp_path}: no config.json (a local transformers " \
                           "model folder is needed)\n"
+
+
+@pytest.mark.parametrize("eos, expected", [("[SEP]", "[SEP]"), (None, "[UNK]")])
+def test_a_tokenizer_without_a_pad_token_pads_with_its_eos_else_its_unk_token(tmp_path, eos, expected):
+    """Causal LMs' tokenizers (GPT-2's, Llama's) have no pad token, and the batches are padded:
+    ``lorambo allocate`` pads with the end-of-text token, or the unknown token where there is none."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from lorambo.cli.allocate import _load
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=30522, n_embd=8, n_layer=1, n_head=2, n_positions=16)).save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    tokenizer.pad_token, tokenizer.eos_token = None, eos
+    tokenizer.save_pretrained(folder)
+    _, loaded, kind = _load(folder, eager=False)
+    assert kind == "causal" and loaded.pad_token == expected and loaded.unk_token == "[UNK]"
