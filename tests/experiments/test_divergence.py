@@ -253,6 +253,21 @@ def test_a_time_limit_no_unit_fits_in_says_so_instead_of_stalling(monkeypatch):
     assert "30 s had passed (setup)" in scheduler.none_started_reason(again, records, 30.0, 20.0)
 
 
+def test_the_reason_no_unit_started_reads_the_shortest_pending_unit():
+    """Units of other kinds and methods take other times: the limit is too short only when even the
+    quickest pending one could not fit."""
+    from lorambo.experiments import scheduler
+
+    def run(method, seconds):
+        return {"kind": "run", "key": method, "task": "planted", "run": {"method": method, "seconds": seconds}}
+
+    records = journal.Records([run("uniform", 2.0), run("alora", 50.0)])
+    left = [{"kind": "run", "task": "planted", "method": m} for m in ("alora", "uniform")]
+    assert "2 s had passed (setup)" in scheduler.none_started_reason(left, records, 2.0, 10.0)
+    assert "the shortest pending unit is expected to take 50 s" in scheduler.none_started_reason(left[:1], records,
+                                                                                                  0.0, 10.0)
+
+
 @pytest.mark.parametrize("split", ["val", "test"])
 def test_a_final_score_that_is_not_finite_on_either_split_is_a_divergence(planted_task, tiny_cfg, monkeypatch, split):
     """The last update alone can break the model: a non-finite final validation score (what the
