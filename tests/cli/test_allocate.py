@@ -256,3 +256,35 @@ def test_a_tokenizer_without_a_pad_token_pads_with_its_eos_else_its_unk_token(tm
     tokenizer.save_pretrained(folder)
     _, loaded, kind = _load(folder, eager=False)
     assert kind == "causal" and loaded.pad_token == expected and loaded.unk_token == "[UNK]"
+
+
+def test_the_encoder_loss_is_in_batch_infonce_at_sentence_transformers_scale():
+    """A bare encoder's sensitivities are measured on the loss it was trained with: each line's
+    first half must find its second half among the batch, cosine similarities at scale 20
+    (temperature 0.05), symmetric cross-entropy; here against a float64 computation written out."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from lorambo.cli.allocate import _loss_fn
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32)).double().eval()
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    texts = SENTENCES[:4] + ["rain"]  # one word: its second half is the whole line
+    with torch.no_grad():
+        got = _loss_fn("contrastive", tokenizer, 12, 0)(model, texts)
+
+        def embed(parts):
+            enc = tokenizer(parts, padding=True, truncation=True, max_length=12, return_tensors="pt")
+            mask = enc["attention_mask"].double().unsqueeze(-1)
+            mean = (model(**enc).last_hidden_state * mask).sum(1) / mask.sum(1)
+            return mean / mean.norm(dim=-1, keepdim=True)
+
+        words = [t.split() for t in texts]
+        cut = [max(1, len(w) // 2) for w in words]
+        a = embed([" ".join(w[:c]) for w, c in zip(words, cut)])
+        b = embed([" ".join(w[c:]) or t for w, c, t in zip(words, cut, texts)])
+        logits = 20.0 * a @ b.T
+        log_rows, log_cols = logits.log_softmax(1), logits.log_softmax(0)
+        expected = -0.5 * (log_rows.diagonal().mean() + log_cols.diagonal().mean())
+    assert got.dtype == torch.float64 and float(got) == pytest.approx(float(expected), rel=1e-9)
