@@ -288,3 +288,26 @@ def test_the_encoder_loss_is_in_batch_infonce_at_sentence_transformers_scale():
         log_rows, log_cols = logits.log_softmax(1), logits.log_softmax(0)
         expected = -0.5 * (log_rows.diagonal().mean() + log_cols.diagonal().mean())
     assert got.dtype == torch.float64 and float(got) == pytest.approx(float(expected), rel=1e-9)
+
+
+def test_the_causal_lm_loss_is_next_token_cross_entropy_over_real_tokens():
+    """A causal LM's sensitivities are measured on its own loss: next-token cross-entropy over the
+    lines' tokens, padding excluded, nothing masked; here against a float64 computation written out."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from lorambo.cli.allocate import _loss_fn
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=30522, n_embd=16, n_layer=1, n_head=2, n_positions=32))
+    model = model.double().eval()
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    texts = ["the old man walked over the green hill", "rain came", "a dog"]  # padded to the longest
+    with torch.no_grad():
+        got = _loss_fn("causal", tokenizer, 12, 0)(model, texts)
+        enc = tokenizer(texts, padding=True, truncation=True, max_length=12, return_tensors="pt")
+        assert (enc["attention_mask"] == 0).any()
+        logits = model(**enc).logits
+        log_p = logits[:, :-1].log_softmax(-1).gather(-1, enc["input_ids"][:, 1:, None])[..., 0]
+        real = enc["attention_mask"][:, 1:].bool()
+        expected = -log_p[real].mean()
+    assert float(got) == pytest.approx(float(expected), rel=1e-6)  # transformers takes the loss in float32
