@@ -311,3 +311,12 @@ def test_the_causal_lm_loss_is_next_token_cross_entropy_over_real_tokens():
         real = enc["attention_mask"][:, 1:].bool()
         expected = -log_p[real].mean()
     assert float(got) == pytest.approx(float(expected), rel=1e-6)  # transformers takes the loss in float32
+
+
+def test_the_smallest_allowed_sizes_parse():
+    """--batch-size 2 (two lines contrast each other) and --max-length 2 are the documented minimums."""
+    from lorambo.cli import build_parser
+
+    args = build_parser().parse_args(["allocate", "--model", "m", "--budget", "10", "--out", "o",
+                                      "--batch-size", "2", "--max-length", "2"])
+    assert (args.batch_size, args.max_length) == (2, 2)
