@@ -123,3 +123,10 @@ def test_a_record_holding_a_non_finite_number_is_refused_and_the_journal_stays_j
         jr.close()
     lines = (tmp_path / journal.FILE_NAME).read_text().splitlines()
     assert [json.loads(line, parse_constant=pytest.fail)["kind"] for line in lines] == ["header"]
+
+
+def test_records_of_one_kind_are_those_of_the_task_asked_for():
+    runs = [{"kind": "run", "key": f"{t}{i}", "task": t, "run": {}} for t in ("planted", "sentiment") for i in (0, 1)]
+    records = journal.Records([journal.header(CFG, WEIGHTS), *runs, {"kind": "sens", "key": "s", "task": "planted"}])
+    assert [r["key"] for r in records.of_kind("run", "sentiment")] == ["sentiment0", "sentiment1"]
+    assert [r["key"] for r in records.of_kind("run")] == ["planted0", "planted1", "sentiment0", "sentiment1"]
