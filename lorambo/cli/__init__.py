@@ -284,7 +284,3 @@ def main(argv: list[str] | None = None) -> int:
                 if getattr(args, "resolved_out", None) is not None and journal.is_file() else "")
         print(f"lorambo {args.command}: interrupted{kept}", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -25,9 +25,9 @@ is read from local files; nothing is downloaded.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 from lorambo.cli import _folder, _parse_number, _positive_float, _positive_int, _seed
@@ -234,8 +234,12 @@ def run(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:  # for ``python -m lorambo.cli.allocate``
-    parser = argparse.ArgumentParser(prog="lorambo")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["allocate", *(argv or [])])
-    return args.func(args)
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lorambo.cli.allocate ARGS``: ``lorambo allocate ARGS`` (``argv``: default the command line)."""
+    from lorambo.cli import main as lorambo_main
+
+    return lorambo_main(["allocate", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -222,3 +222,101 @@ def test_allocate_uniform_needs_no_data_and_claims_no_measurement(allocation, tm
     assert sorted(saved["ranks"].values()) == [2] * 10 + [3] * 2
     assert sum(r * 768 for r in saved["ranks"].values()) == 20000 - 20000 % 768
     assert "total" in capsys.readouterr().out
+
+
+def test_python_m_lorambo_cli_allocate_is_lorambo_allocate(tmp_path):
+    """``python -m lorambo.cli.allocate ...`` (the entry its ``main`` names) exited 0 having done
+    nothing: no ``__main__`` guard, and ``main()`` ignored the command line; now it is ``lorambo
+    allocate``, its errors one line as there."""
+    import os
+    import subprocess
+    import sys
+
+    run = [sys.executable, "-m", "lorambo.cli.allocate"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run([*run, "--model", str(tmp_path), "--budget", "100", "--method", "frobenius",
+                           "--out", str(tmp_path / "o"), "--no-heatmap"], capture_output=True, text=True, env=env)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == f"lorambo allocate: error: --model {tmp_path}: no config.json (a local transformers " \
+                          "model folder is needed)\n"
+
+
+@pytest.mark.parametrize("eos, expected", [("[SEP]", "[SEP]"), (None, "[UNK]")])
+def test_a_tokenizer_without_a_pad_token_pads_with_its_eos_else_its_unk_token(tmp_path, eos, expected):
+    """Causal LMs' tokenizers (GPT-2's, Llama's) have no pad token, and the batches are padded:
+    ``lorambo allocate`` pads with the end-of-text token, or the unknown token where there is none."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from lorambo.cli.allocate import _load
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=30522, n_embd=8, n_layer=1, n_head=2, n_positions=16)).save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    tokenizer.pad_token, tokenizer.eos_token = None, eos
+    tokenizer.save_pretrained(folder)
+    _, loaded, kind = _load(folder, eager=False)
+    assert kind == "causal" and loaded.pad_token == expected and loaded.unk_token == "[UNK]"
+
+
+def test_the_encoder_loss_is_in_batch_infonce_at_sentence_transformers_scale():
+    """A bare encoder's sensitivities are measured on the loss it was trained with: each line's
+    first half must find its second half among the batch, cosine similarities at scale 20
+    (temperature 0.05), symmetric cross-entropy; here against a float64 computation written out."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from lorambo.cli.allocate import _loss_fn
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32)).double().eval()
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    texts = SENTENCES[:4] + ["rain"]  # one word: its second half is the whole line
+    with torch.no_grad():
+        got = _loss_fn("contrastive", tokenizer, 12, 0)(model, texts)
+
+        def embed(parts):
+            enc = tokenizer(parts, padding=True, truncation=True, max_length=12, return_tensors="pt")
+            mask = enc["attention_mask"].double().unsqueeze(-1)
+            mean = (model(**enc).last_hidden_state * mask).sum(1) / mask.sum(1)
+            return mean / mean.norm(dim=-1, keepdim=True)
+
+        words = [t.split() for t in texts]
+        cut = [max(1, len(w) // 2) for w in words]
+        a = embed([" ".join(w[:c]) for w, c in zip(words, cut)])
+        b = embed([" ".join(w[c:]) or t for w, c, t in zip(words, cut, texts)])
+        logits = 20.0 * a @ b.T
+        log_rows, log_cols = logits.log_softmax(1), logits.log_softmax(0)
+        expected = -0.5 * (log_rows.diagonal().mean() + log_cols.diagonal().mean())
+    assert got.dtype == torch.float64 and float(got) == pytest.approx(float(expected), rel=1e-9)
+
+
+def test_the_causal_lm_loss_is_next_token_cross_entropy_over_real_tokens():
+    """A causal LM's sensitivities are measured on its own loss: next-token cross-entropy over the
+    lines' tokens, padding excluded, nothing masked; here against a float64 computation written out."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from lorambo.cli.allocate import _loss_fn
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=30522, n_embd=16, n_layer=1, n_head=2, n_positions=32))
+    model = model.double().eval()
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    texts = ["the old man walked over the green hill", "rain came", "a dog"]  # padded to the longest
+    with torch.no_grad():
+        got = _loss_fn("causal", tokenizer, 12, 0)(model, texts)
+        enc = tokenizer(texts, padding=True, truncation=True, max_length=12, return_tensors="pt")
+        assert (enc["attention_mask"] == 0).any()
+        logits = model(**enc).logits
+        log_p = logits[:, :-1].log_softmax(-1).gather(-1, enc["input_ids"][:, 1:, None])[..., 0]
+        real = enc["attention_mask"][:, 1:].bool()
+        expected = -log_p[real].mean()
+    assert float(got) == pytest.approx(float(expected), rel=1e-6)  # transformers takes the loss in float32
+
+
+def test_the_smallest_allowed_sizes_parse():
+    """--batch-size 2 (two lines contrast each other) and --max-length 2 are the documented minimums."""
+    from lorambo.cli import build_parser
+
+    args = build_parser().parse_args(["allocate", "--model", "m", "--budget", "10", "--out", "o",
+                                      "--batch-size", "2", "--max-length", "2"])
+    assert (args.batch_size, args.max_length) == (2, 2)

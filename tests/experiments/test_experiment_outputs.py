@@ -130,3 +130,22 @@ def test_plots_from_stopped_part_way_publishes_no_plot(finished, tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         plots_from(finished / "results.json", out)
     assert list(out.iterdir()) == []
+
+
+def test_publish_moves_results_json_last_and_the_rest_in_their_order(tmp_path, monkeypatch):
+    """results.json marks a finished experiment: a finish stopped between two renames must never
+    leave a new results.json beside old artefacts; the others keep the order they were written in."""
+    from lorambo.experiments import outputs
+
+    stage, out = tmp_path / "stage", tmp_path / "out"
+    stage.mkdir(), out.mkdir()
+    names = ["results.txt", outputs.RESULTS, "a.png", "b.png"]
+    for name in names:
+        (stage / name).write_text(name)
+    moved = []
+    real = outputs.atomic_write_many
+    monkeypatch.setattr(outputs, "atomic_write_many",
+                        lambda writes, caller: (moved.extend(p.name for p in writes), real(writes, caller))[1])
+    outputs.publish(stage, out, names + ["a.png"], "test")
+    assert moved == ["results.txt", "a.png", "b.png", outputs.RESULTS]
+    assert {p.name: p.read_text() for p in out.iterdir()} == {name: name for name in names}

@@ -153,3 +153,18 @@ def test_an_unusable_device_fails_before_anything_is_written(tmp_path, monkeypat
     with pytest.raises(ValueError, match="device 'cuda' requested but torch sees no CUDA device"):
         run_experiment(CFG.replace(device="cuda"), out_dir=out, progress=False, echo=lambda *a: None)
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("workers, expected", [(1, 3.0 + 5.0 + 10.0 - 5.0), (2, 3.0 + 5.0 + 10.0)])
+def test_cpu_seconds_count_each_unit_once_across_sessions(monkeypatch, workers, expected):
+    """An earlier session's units count by their records; this session's, run in this process, are
+    already in its own CPU time (10 s here) and count once; run by workers, they count by their records."""
+    from lorambo.experiments import runner
+
+    records = journal.Records([{"kind": "header"}, {"kind": "session", "workers": 1},
+                               {"kind": "session", "workers": workers},
+                               {"kind": "task", "key": "t", "task": "planted", "session": 0, "cpu": 3.0},
+                               {"kind": "run", "key": "r", "task": "planted", "session": 1, "cpu": 5.0},
+                               {"kind": "sens", "key": "s", "task": "planted", "session": 1}])
+    monkeypatch.setattr(runner.time, "process_time", lambda: 110.0)
+    assert runner.cpu_seconds(records, 100.0) == expected
