@@ -53,3 +53,46 @@ def test_rank_that_is_no_int_in_range_is_refused(backend, rank, error, match):
     (reference) or the op schema (extension) without naming the op."""
     with pytest.raises(error, match=rf"{OPS[backend]}: {match}"):
         op_for(backend)(**operands(), rank=rank, scaling=1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scaling, error, match", [
+    (float("nan"), ValueError, r"scaling must be finite, got nan"),
+    (float("inf"), ValueError, r"scaling must be finite, got inf"),
+    (-float("inf"), ValueError, r"scaling must be finite, got -inf"),
+    ("2", TypeError, r"scaling must be a real number \(a Python float\), got '2'"),
+    (torch.tensor(2.0), TypeError, r"scaling must be a real number \(a Python float\), got tensor\(2\.\)"),
+    (True, TypeError, r"scaling must be a real number \(a Python float\), got True"),
+    (None, TypeError, r"scaling must be a real number \(a Python float\), got None"),
+], ids=repr)
+def test_scaling_that_is_no_finite_real_is_refused(backend, scaling, error, match):
+    """The reference and the extension's op returned nan outputs for a nan or inf scaling, and
+    read '2' as 2.0, where the Triton op refused them (with a TypeError for nan)."""
+    with pytest.raises(error, match=rf"{OPS[backend]}: {match}"):
+        op_for(backend)(**operands(), rank=1, scaling=scaling)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p, error, match", [
+    (1.0, ValueError, r"dropout_p 1.0 must be in \[0, 1\)"), (-0.25, ValueError, r"dropout_p -0.25 must be in \[0, 1\)"),
+    (float("nan"), ValueError, r"dropout_p nan must be in \[0, 1\)"),
+    (torch.tensor(0.5), TypeError, r"dropout_p must be a real number \(a Python float\), got tensor\(0\.5000\)"),
+    ("0.5", TypeError, r"dropout_p must be a real number \(a Python float\), got '0.5'"),
+    (True, TypeError, r"dropout_p must be a real number \(a Python float\), got True"),
+], ids=repr)
+def test_dropout_p_that_is_no_real_in_range_is_refused(backend, p, error, match):
+    """The extension's op raised its C++ RuntimeError for p = 1 or nan (naming lorambo::lora_linear_fwd),
+    the reference a bare TypeError for '0.5'; both ran a tensor p that the Triton op refused."""
+    with pytest.raises(error, match=rf"{OPS[backend]}: {match}"):
+        op_for(backend)(**operands(), rank=1, scaling=1.0, dropout_p=p, seed=3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_finite_scalings_and_probabilities_at_the_range_ends_are_taken(backend):
+    """The checks let through what the contract allows: an int, negative or zero scaling, p = 0."""
+    x, w, b, a, bb = (t.double() for t in operands().values())
+    for scaling in (2, -0.5, 0.0):
+        for p in (0.0, 0):
+            y = op_for(backend)(**operands(), rank=1, scaling=scaling, dropout_p=p, seed=3)
+            expected = x @ w.t() + b + scaling * (x @ a[:1].t()) @ bb[:, :1].t()
+            torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
