@@ -96,3 +96,22 @@ def test_finite_scalings_and_probabilities_at_the_range_ends_are_taken(backend):
             y = op_for(backend)(**operands(), rank=1, scaling=scaling, dropout_p=p, seed=3)
             expected = x @ w.t() + b + scaling * (x @ a[:1].t()) @ bb[:, :1].t()
             torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_dimensional_x_is_one_token(backend):
+    """x [K] is the contract's [..., K] with no leading dims: y [N] and its gradients equal the
+    float64 formula's (kills the check_shapes mutant that refused x.dim() <= 1)."""
+    args = operands(x=(4,))
+    leaves = {n: t.clone().requires_grad_(n in ("x", "lora_A", "lora_B")) for n, t in args.items()}
+    y = op_for(backend)(**leaves, rank=1, scaling=0.5)
+    ref = {n: t.double().requires_grad_(n in ("x", "lora_A", "lora_B")) for n, t in args.items()}
+    y64 = (ref["weight"] @ ref["x"] + ref["bias"]
+           + 0.5 * ref["lora_B"][:, :1] @ (ref["lora_A"][:1] @ ref["x"]))
+    assert y.shape == (5,)
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    g = torch.randn(5, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad(y, [leaves[n] for n in ("x", "lora_A", "lora_B")], g)
+    grads64 = torch.autograd.grad(y64, [ref[n] for n in ("x", "lora_A", "lora_B")], g.double())
+    for got, want in zip(grads, grads64):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
