@@ -16,13 +16,25 @@ import numbers
 
 import torch
 
-__all__ = ["check_devices", "check_dropout_p", "check_operands", "check_rank", "check_scaling", "check_shapes"]
+__all__ = ["check_devices", "check_dropout_p", "check_dtypes", "check_operands", "check_rank", "check_scaling",
+           "check_shapes"]
 
 
 def check_operands(op: str, x, weight, bias, lora_A, lora_B) -> None:
-    """:func:`check_devices` and :func:`check_shapes`."""
+    """:func:`check_devices`, :func:`check_dtypes` and :func:`check_shapes`."""
     check_devices(op, x, weight, bias, lora_A, lora_B)
+    check_dtypes(op, x, weight, bias, lora_A, lora_B)
     check_shapes(op, x, weight, bias, lora_A, lora_B)
+
+
+def check_dtypes(op: str, x, weight, bias, lora_A, lora_B) -> None:
+    """Raise a TypeError naming ``op`` and the dtypes unless all operands share one (the layers
+    cast them to one, autocast's included, before calling an op)."""
+    dtypes = {"x": x.dtype, "weight": weight.dtype, "lora_A": lora_A.dtype, "lora_B": lora_B.dtype}
+    if bias is not None:
+        dtypes["bias"] = bias.dtype
+    if len(set(dtypes.values())) != 1:
+        raise TypeError(f"{op}: all tensors must share one dtype, got {dtypes}")
 
 
 def check_devices(op: str, x, weight, bias, lora_A, lora_B) -> None:

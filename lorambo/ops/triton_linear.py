@@ -20,7 +20,7 @@ from lorambo_kernels.config import SUPPORTED_DTYPES, unavailable_reason  # torch
 from torch import Tensor
 
 from lorambo.ops.custom_op import define_lora_op
-from lorambo.ops.op_operands import check_devices, check_dropout_p, check_rank, check_scaling, check_shapes
+from lorambo.ops.op_operands import check_devices, check_dropout_p, check_dtypes, check_rank, check_scaling, check_shapes
 from lorambo.ops.output_rows import rows_to_output
 from lorambo.ops.seed_argument import check_seed
 
@@ -43,9 +43,7 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, see
     for name, value in named.items():
         if not isinstance(value, Tensor):
             raise TypeError(f"lora_linear_triton: {name} must be a torch.Tensor, got {type(value).__name__}")
-    dtypes = {name: t.dtype for name, t in named.items()}
-    if len(set(dtypes.values())) != 1:
-        raise TypeError(f"lora_linear_triton: all tensors must share one dtype, got {dtypes}")
+    check_dtypes("lora_linear_triton", x, weight, bias, lora_A, lora_B)
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"lora_linear_triton: dtype {x.dtype} is not supported by the Triton kernels "
                         f"(float16, bfloat16, float32); use the 'torch' backend")

@@ -115,3 +115,15 @@ def test_one_dimensional_x_is_one_token(backend):
     grads64 = torch.autograd.grad(y64, [ref[n] for n in ("x", "lora_A", "lora_B")], g.double())
     for got, want in zip(grads, grads64):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("other", ["x", "weight", "bias", "lora_A", "lora_B"])
+def test_operands_of_two_dtypes_are_refused(backend, other):
+    """The reference op raised torch's matmul error (naming no op nor operand), the extension's its
+    C++ RuntimeError; the Triton op a TypeError naming every operand's dtype, as all do now."""
+    args = operands()
+    args[other] = args[other].to(torch.bfloat16)
+    with pytest.raises(TypeError, match=rf"{OPS[backend]}: all tensors must share one dtype, got .*'{other}': "
+                                        r"torch.bfloat16"):
+        op_for(backend)(**args, rank=1, scaling=1.0)
