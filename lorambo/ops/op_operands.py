@@ -17,11 +17,12 @@ import numbers
 import torch
 
 __all__ = ["check_devices", "check_dropout_p", "check_dtypes", "check_operands", "check_rank", "check_scaling",
-           "check_shapes"]
+           "check_shapes", "check_tensors"]
 
 
 def check_operands(op: str, x, weight, bias, lora_A, lora_B) -> None:
-    """:func:`check_devices`, :func:`check_dtypes` and :func:`check_shapes`."""
+    """:func:`check_tensors`, :func:`check_devices`, :func:`check_dtypes` and :func:`check_shapes`."""
+    check_tensors(op, x, weight, bias, lora_A, lora_B)
     check_devices(op, x, weight, bias, lora_A, lora_B)
     check_dtypes(op, x, weight, bias, lora_A, lora_B)
     check_shapes(op, x, weight, bias, lora_A, lora_B)
@@ -35,6 +36,14 @@ def check_dtypes(op: str, x, weight, bias, lora_A, lora_B) -> None:
         dtypes["bias"] = bias.dtype
     if len(set(dtypes.values())) != 1:
         raise TypeError(f"{op}: all tensors must share one dtype, got {dtypes}")
+
+
+def check_tensors(op: str, x, weight, bias, lora_A, lora_B) -> None:
+    """Raise a TypeError naming ``op`` and the operand unless each is a tensor (bias: or None)."""
+    named = {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B}
+    for name, value in named.items():
+        if not isinstance(value, torch.Tensor) and not (name == "bias" and value is None):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
 
 
 def check_devices(op: str, x, weight, bias, lora_A, lora_B) -> None:

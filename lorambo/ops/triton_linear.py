@@ -15,12 +15,11 @@ Dropout: the kernels draw their own mask (``lorambo_kernels.dropout_keep_mask``)
 torch-generator mask of the reference op, so the two backends agree exactly only at p = 0.
 """
 
-import torch
 from lorambo_kernels.config import SUPPORTED_DTYPES, unavailable_reason  # torch only: no triton import
-from torch import Tensor
 
 from lorambo.ops.custom_op import define_lora_op
-from lorambo.ops.op_operands import check_devices, check_dropout_p, check_dtypes, check_rank, check_scaling, check_shapes
+from lorambo.ops.op_operands import (check_devices, check_dropout_p, check_dtypes, check_rank, check_scaling,
+                                      check_shapes, check_tensors)
 from lorambo.ops.output_rows import rows_to_output
 from lorambo.ops.seed_argument import check_seed
 
@@ -37,12 +36,7 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, see
 
     ``device_checked``: the backend resolution already verified that Triton runs on x's device
     (so the traced forward reads no environment variable)."""
-    named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
-    if bias is not None:
-        named["bias"] = bias
-    for name, value in named.items():
-        if not isinstance(value, Tensor):
-            raise TypeError(f"lora_linear_triton: {name} must be a torch.Tensor, got {type(value).__name__}")
+    check_tensors("lora_linear_triton", x, weight, bias, lora_A, lora_B)
     check_dtypes("lora_linear_triton", x, weight, bias, lora_A, lora_B)
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"lora_linear_triton: dtype {x.dtype} is not supported by the Triton kernels "

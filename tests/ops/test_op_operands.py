@@ -127,3 +127,14 @@ def test_operands_of_two_dtypes_are_refused(backend, other):
     with pytest.raises(TypeError, match=rf"{OPS[backend]}: all tensors must share one dtype, got .*'{other}': "
                                         r"torch.bfloat16"):
         op_for(backend)(**args, rank=1, scaling=1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["x", "weight", "bias", "lora_A", "lora_B"])
+def test_operand_that_is_no_tensor_is_refused(backend, name):
+    """A list operand was an AttributeError ('list' object has no attribute 'device') in the
+    reference and extension ops; the Triton op did not type-check the bias."""
+    args = operands()
+    args[name] = args[name].tolist()
+    with pytest.raises(TypeError, match=rf"{OPS[backend]}: {name} must be a torch.Tensor, got list"):
+        op_for(backend)(**args, rank=1, scaling=1.0)
