@@ -308,6 +308,15 @@ class SketchGroup:
             raise ValueError(f"lorambo_kernels.sketch.SketchGroup: p={p} probe columns (1..64 supported)")
         p_used = [p] * n_layers if p_used is None else [int(q) for q in p_used]
         seeds = [0] * n_layers if seeds is None else [int(s) for s in seeds]
+        # one row of the layer table per layer: a shorter list would leave the kernels reading
+        # rows past the table's end (a segmentation fault under the interpreter)
+        if not len(out_features) == len(p_used) == len(seeds) == n_layers:
+            raise ValueError(f"lorambo_kernels.sketch.SketchGroup: {n_layers} in_features, {len(out_features)} "
+                             f"out_features, {len(p_used)} p_used, {len(seeds)} seeds (need one of each per layer)")
+        if not all(0 <= q <= p for q in p_used):
+            raise ValueError(f"lorambo_kernels.sketch.SketchGroup: p_used {p_used} must be in [0, p={p}]")
+        if not all(0 <= s < 2**63 for s in seeds):
+            raise ValueError(f"lorambo_kernels.sketch.SketchGroup: seeds {seeds} must be in [0, 2**63)")
         for e, (x, dy, l) in enumerate(zip(xs, dys, layer_of)):
             if (x.dim() != 2 or dy.dim() != 2 or x.shape[0] != dy.shape[0]
                     or x.shape[1] != in_features[l] or dy.shape[1] != out_features[l]):

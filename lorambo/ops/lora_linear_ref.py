@@ -23,22 +23,38 @@ import torch
 import torch.nn.functional as F
 
 from lorambo.ops.custom_op import define_lora_op
-from lorambo.ops.op_operands import check_operands, check_rank
+from lorambo.ops.op_operands import check_dropout_p, check_operands, check_rank, check_scaling
 from lorambo.ops.output_rows import rows_to_output
 from lorambo.ops.seed_argument import check_seed
 
 
 def dropout_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """Inverted-dropout multiplier for ``x`` (0 or 1/(1-p)), a pure function of (seed, shape,
-    device type)."""
-    gen = None
-    if x.device.type != "meta":  # meta tensors carry no values and have no generator
-        gen = torch.Generator(device=x.device)
-        gen.manual_seed(int(seed))
+    device type) that reads every bit of the seed, as the other backends' masks do."""
+    keep = _uniform(x, int(seed)) >= p
+    return keep.to(x.dtype) / (1.0 - p)
+
+
+def _uniform(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """Draws uniform in [0, 1), shaped like ``x``, from torch's generator on x's device seeded by ``seed``.
+
+    torch's CPU generator (mt19937) keeps only the low 32 bits of its seed, so on CPU a seed with
+    high bits adds, modulo 1, float64 draws of a second stream keyed by those bits: the sum of an
+    independent uniform is uniform again, and seeds that differ only in the high bits give
+    independent masks. (Float64 draws take two words of the stream per element where float32
+    draws take one, so the low and the high bits do not enter alike: seeds (a, b) and (b, a) of
+    the two halves differ too.) The CUDA generator (Philox) takes all 64 bits itself."""
+    if x.device.type == "meta":  # meta tensors carry no values and have no generator
+        return torch.empty(x.shape, device="meta", dtype=torch.float32)
+    gen = torch.Generator(device=x.device).manual_seed(seed)
     # float32 draws, not torch's default dtype: a default changed between the forward and the
     # backward (which regenerates the mask) would drop other elements there
-    keep = torch.rand(x.shape, generator=gen, device=x.device, dtype=torch.float32) >= p
-    return keep.to(x.dtype) / (1.0 - p)
+    u = torch.rand(x.shape, generator=gen, device=x.device, dtype=torch.float32)
+    high = seed >> 32
+    if x.device.type != "cpu" or high == 0:
+        return u
+    gen.manual_seed(high)
+    return torch.frac(u.double() + torch.rand(x.shape, generator=gen, dtype=torch.float64))
 
 
 def _drop(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
@@ -99,10 +115,11 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, rank, scaling, dropou
     """
     check_operands("lora_linear_reference", x, weight, bias, lora_A, lora_B)
     # The slicing below would not notice a bad rank: A[:-1] drops the last slot, A[:cap + 1]
-    # clips; p = 1 divides by zero. The other backends' ops refuse both too, and complex dtypes.
+    # clips; p = 1 divides by zero; a nan scaling fills the output with nan. The other backends'
+    # ops refuse these too, and complex dtypes.
     check_rank("lora_linear_reference", rank, lora_A.shape[0])
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"lora_linear_reference: dropout_p {dropout_p!r} must be in [0, 1)")
+    check_scaling("lora_linear_reference", scaling)
+    check_dropout_p("lora_linear_reference", dropout_p)
     if dropout_p > 0.0:
         check_seed("lora_linear_reference", seed)
     if not x.dtype.is_floating_point:  # the hand-written backward has no complex conjugates

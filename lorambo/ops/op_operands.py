@@ -2,6 +2,8 @@
 
     x [..., K], weight [N, K], bias [N] or None, lora_A [capacity, K], lora_B [N, capacity]
 
+and its scalars: an int rank in [0, capacity], a finite real scaling, a real dropout_p in [0, 1).
+
 Every backend runs them, because some mismatches would otherwise compute: a lora_B wider than
 lora_A's capacity, or a [1, N] bias, broadcast in the reference op's products; a meta operand beside
 CPU ones sends the products to their fake implementations, which return uninitialised memory.
@@ -9,17 +11,39 @@ CPU ones sends the products to their fake implementations, which return uninitia
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
 
-__all__ = ["check_devices", "check_operands", "check_rank", "check_shapes"]
+__all__ = ["check_devices", "check_dropout_p", "check_dtypes", "check_operands", "check_rank", "check_scaling",
+           "check_shapes", "check_tensors"]
 
 
 def check_operands(op: str, x, weight, bias, lora_A, lora_B) -> None:
-    """:func:`check_devices` and :func:`check_shapes`."""
+    """:func:`check_tensors`, :func:`check_devices`, :func:`check_dtypes` and :func:`check_shapes`."""
+    check_tensors(op, x, weight, bias, lora_A, lora_B)
     check_devices(op, x, weight, bias, lora_A, lora_B)
+    check_dtypes(op, x, weight, bias, lora_A, lora_B)
     check_shapes(op, x, weight, bias, lora_A, lora_B)
+
+
+def check_dtypes(op: str, x, weight, bias, lora_A, lora_B) -> None:
+    """Raise a TypeError naming ``op`` and the dtypes unless all operands share one (the layers
+    cast them to one, autocast's included, before calling an op)."""
+    dtypes = {"x": x.dtype, "weight": weight.dtype, "lora_A": lora_A.dtype, "lora_B": lora_B.dtype}
+    if bias is not None:
+        dtypes["bias"] = bias.dtype
+    if len(set(dtypes.values())) != 1:
+        raise TypeError(f"{op}: all tensors must share one dtype, got {dtypes}")
+
+
+def check_tensors(op: str, x, weight, bias, lora_A, lora_B) -> None:
+    """Raise a TypeError naming ``op`` and the operand unless each is a tensor (bias: or None)."""
+    named = {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B}
+    for name, value in named.items():
+        if not isinstance(value, torch.Tensor) and not (name == "bias" and value is None):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
 
 
 def check_devices(op: str, x, weight, bias, lora_A, lora_B) -> None:
@@ -66,3 +90,22 @@ def check_rank(op: str, rank, capacity: int) -> None:
         raise TypeError(f"{op}: rank must be an int, got {rank!r}")
     if not 0 <= rank <= capacity:
         raise ValueError(f"{op}: rank {rank} outside [0, capacity = {capacity}]")
+
+
+def check_scaling(op: str, scaling) -> None:
+    """Raise unless ``scaling`` is a finite real number: a TypeError for a tensor, bool or string
+    (``float()`` read '2' as 2.0 and synchronised on a CUDA tensor), a ValueError for nan or inf,
+    which would turn every output element the LoRA term touches into nan."""
+    if isinstance(scaling, (bool, torch.Tensor)) or not isinstance(scaling, numbers.Real):
+        raise TypeError(f"{op}: scaling must be a real number (a Python float), got {scaling!r}")
+    if not math.isfinite(scaling):
+        raise ValueError(f"{op}: scaling must be finite, got {scaling!r}")
+
+
+def check_dropout_p(op: str, dropout_p) -> None:
+    """Raise unless ``dropout_p`` is a real number in [0, 1): a TypeError for a tensor, bool or
+    string, a ValueError outside the range (p = 1 divides the kept elements by zero)."""
+    if isinstance(dropout_p, (bool, torch.Tensor)) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"{op}: dropout_p must be a real number (a Python float), got {dropout_p!r}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{op}: dropout_p {dropout_p!r} must be in [0, 1)")

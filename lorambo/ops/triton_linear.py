@@ -15,15 +15,11 @@ Dropout: the kernels draw their own mask (``lorambo_kernels.dropout_keep_mask``)
 torch-generator mask of the reference op, so the two backends agree exactly only at p = 0.
 """
 
-import math
-import numbers
-
-import torch
 from lorambo_kernels.config import SUPPORTED_DTYPES, unavailable_reason  # torch only: no triton import
-from torch import Tensor
 
 from lorambo.ops.custom_op import define_lora_op
-from lorambo.ops.op_operands import check_devices, check_rank, check_shapes
+from lorambo.ops.op_operands import (check_devices, check_dropout_p, check_dtypes, check_rank, check_scaling,
+                                      check_shapes, check_tensors)
 from lorambo.ops.output_rows import rows_to_output
 from lorambo.ops.seed_argument import check_seed
 
@@ -40,15 +36,8 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, see
 
     ``device_checked``: the backend resolution already verified that Triton runs on x's device
     (so the traced forward reads no environment variable)."""
-    named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
-    if bias is not None:
-        named["bias"] = bias
-    for name, value in named.items():
-        if not isinstance(value, Tensor):
-            raise TypeError(f"lora_linear_triton: {name} must be a torch.Tensor, got {type(value).__name__}")
-    dtypes = {name: t.dtype for name, t in named.items()}
-    if len(set(dtypes.values())) != 1:
-        raise TypeError(f"lora_linear_triton: all tensors must share one dtype, got {dtypes}")
+    check_tensors("lora_linear_triton", x, weight, bias, lora_A, lora_B)
+    check_dtypes("lora_linear_triton", x, weight, bias, lora_A, lora_B)
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"lora_linear_triton: dtype {x.dtype} is not supported by the Triton kernels "
                         f"(float16, bfloat16, float32); use the 'torch' backend")
@@ -58,10 +47,8 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, see
         raise RuntimeError(f"lora_linear_triton: {reason}")
     check_shapes("lora_linear_triton", x, weight, bias, lora_A, lora_B)
     check_rank("lora_linear_triton", rank, lora_A.shape[0])
-    if isinstance(scaling, Tensor) or not isinstance(scaling, numbers.Real) or not math.isfinite(scaling):
-        raise TypeError(f"lora_linear_triton: scaling must be a finite Python float, got {scaling!r}")
-    if isinstance(dropout_p, Tensor) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"lora_linear_triton: dropout_p {dropout_p!r} must be a float in [0, 1)")
+    check_scaling("lora_linear_triton", scaling)
+    check_dropout_p("lora_linear_triton", dropout_p)
     if dropout_p > 0.0:
         check_seed("lora_linear_triton", seed)
 

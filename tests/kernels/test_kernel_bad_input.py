@@ -37,7 +37,7 @@ def call(**over):
     (dict(rank=2.0), TypeError, "rank must be an int"),
     (dict(rank=True), TypeError, "rank must be an int"),
     (dict(scaling=torch.tensor(1.0)), TypeError, "scaling"),
-    (dict(scaling=float("nan")), TypeError, "scaling"),
+    (dict(scaling=float("nan")), ValueError, "scaling must be finite, got nan"),
     (dict(dropout_p=1.0, seed=1), ValueError, "dropout_p"),
     (dict(dropout_p=0.1, seed=None), ValueError, "seed"),
     (dict(dropout_p=0.1, seed=-3), ValueError, "seed"),

@@ -23,6 +23,23 @@ def test_mask_is_a_pure_function_of_seed_and_shape(device):
     assert dropout_keep_mask(7, 5, 6, 0.0, device).all()
 
 
+
+def test_mask_of_one_row_or_one_column_is_the_flat_prefix(device):
+    """Element (m, k) of an [M, K] mask is a function of (seed, m*K + k) alone, so masks of
+    shapes [1, n] and [n, 1] (one token, one feature) are the first n elements of any mask in
+    row-major order."""
+    flat = dropout_keep_mask(11, 3, 40, 0.5, device).flatten()
+    for m, k in ((1, 40), (40, 1), (1, 1), (2, 20)):
+        assert torch.equal(dropout_keep_mask(11, m, k, 0.5, device).flatten(), flat[:m * k])
+    assert dropout_keep_mask(11, 0, 5, 0.5, device).shape == (0, 5)
+
+
+@pytest.mark.parametrize("p", [1.0, -0.1, float("nan")])
+def test_probability_outside_zero_one_is_refused(p, device):
+    with pytest.raises(ValueError, match=rf"dropout_keep_mask: p={p} must be in \[0, 1\)"):
+        dropout_keep_mask(11, 3, 4, p, device)
+
+
 @pytest.mark.parametrize("m,k,n,cap,rank,bias", [(19, 37, 21, 8, 6, True), (1, 20, 9, 4, 4, False)])
 def test_forward_and_backward_use_the_same_mask(m, k, n, cap, rank, bias, device):
     p, seed, s = 0.25, 1234, 1.3

@@ -158,6 +158,17 @@ def test_bad_input_names_the_function_and_the_value(device):
         sketch.SketchGroup([x.double()], [dy.double()], [0], [3], [2], 2)
     with pytest.raises(ValueError, match="layer_of must be sorted"):
         sketch.SketchGroup([x, x], [dy, dy], [1, 0], [3, 3], [2, 2], 2)
+    # one table row per layer: a short list left the kernels reading past the table (segfault)
+    with pytest.raises(ValueError, match=r"2 in_features, 2 out_features, 2 p_used, 1 seeds"):
+        sketch.SketchGroup([x, x], [dy, dy], [0, 1], [3, 3], [2, 2], 2, seeds=[1])
+    with pytest.raises(ValueError, match=r"2 in_features, 2 out_features, 1 p_used, 2 seeds"):
+        sketch.SketchGroup([x, x], [dy, dy], [0, 1], [3, 3], [2, 2], 2, p_used=[2])
+    with pytest.raises(ValueError, match=r"2 in_features, 1 out_features"):
+        sketch.SketchGroup([x, x], [dy, dy], [0, 1], [3, 3], [2], 2)
+    with pytest.raises(ValueError, match=r"p_used \[3\] must be in \[0, p=2\]"):
+        sketch.SketchGroup([x], [dy], [0], [3], [2], 2, p_used=[3])
+    with pytest.raises(ValueError, match=r"seeds \[-1\] must be in \[0, 2\*\*63\)"):
+        sketch.SketchGroup([x], [dy], [0], [3], [2], 2, seeds=[-1])
     group = sketch.SketchGroup([x], [dy], [0], [3], [2], 2)
     with pytest.raises(ValueError, match="apply: v must be"):
         group.apply(torch.randn(5, device=device))

@@ -36,16 +36,18 @@ def inputs(m=6, k=9, n=7, cap=5, dtype=torch.float64):
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_opcheck(ns, p):
+@pytest.mark.parametrize("rank", [0, 3])
+def test_opcheck(ns, p, rank):
+    """Real and fake implementations agree (shapes, dtypes, strides), rank 0's empty t [M, 0] included."""
     ops = getattr(torch.ops, ns)
     x, w, b, a, bb = inputs()
     seed = seed_tensor(17)
-    torch.library.opcheck(ops.lora_linear_fwd.default, (x, w, b, a, bb, 3, 0.7, p, seed))
+    torch.library.opcheck(ops.lora_linear_fwd.default, (x, w, b, a, bb, rank, 0.7, p, seed))
     with torch.no_grad():
-        _, t = ops.lora_linear_fwd(x, w, b, a, bb, 3, 0.7, p, seed)
+        _, t = ops.lora_linear_fwd(x, w, b, a, bb, rank, 0.7, p, seed)
     gy = torch.randn(6, 7, dtype=torch.float64)
     torch.library.opcheck(ops.lora_linear_bwd.default,
-                          (gy, x.detach(), w, a.detach(), bb.detach(), t, 3, 0.7, p, seed, True, False, True, True, True),
+                          (gy, x.detach(), w, a.detach(), bb.detach(), t, rank, 0.7, p, seed, True, False, True, True, True),
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(ops.dropout_multiplier.default, (x.detach(), 0.3, seed))
 

@@ -53,3 +53,88 @@ def test_rank_that_is_no_int_in_range_is_refused(backend, rank, error, match):
     (reference) or the op schema (extension) without naming the op."""
     with pytest.raises(error, match=rf"{OPS[backend]}: {match}"):
         op_for(backend)(**operands(), rank=rank, scaling=1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scaling, error, match", [
+    (float("nan"), ValueError, r"scaling must be finite, got nan"),
+    (float("inf"), ValueError, r"scaling must be finite, got inf"),
+    (-float("inf"), ValueError, r"scaling must be finite, got -inf"),
+    ("2", TypeError, r"scaling must be a real number \(a Python float\), got '2'"),
+    (torch.tensor(2.0), TypeError, r"scaling must be a real number \(a Python float\), got tensor\(2\.\)"),
+    (True, TypeError, r"scaling must be a real number \(a Python float\), got True"),
+    (None, TypeError, r"scaling must be a real number \(a Python float\), got None"),
+], ids=repr)
+def test_scaling_that_is_no_finite_real_is_refused(backend, scaling, error, match):
+    """The reference and the extension's op returned nan outputs for a nan or inf scaling, and
+    read '2' as 2.0, where the Triton op refused them (with a TypeError for nan)."""
+    with pytest.raises(error, match=rf"{OPS[backend]}: {match}"):
+        op_for(backend)(**operands(), rank=1, scaling=scaling)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p, error, match", [
+    (1.0, ValueError, r"dropout_p 1.0 must be in \[0, 1\)"), (-0.25, ValueError, r"dropout_p -0.25 must be in \[0, 1\)"),
+    (float("nan"), ValueError, r"dropout_p nan must be in \[0, 1\)"),
+    (torch.tensor(0.5), TypeError, r"dropout_p must be a real number \(a Python float\), got tensor\(0\.5000\)"),
+    ("0.5", TypeError, r"dropout_p must be a real number \(a Python float\), got '0.5'"),
+    (True, TypeError, r"dropout_p must be a real number \(a Python float\), got True"),
+], ids=repr)
+def test_dropout_p_that_is_no_real_in_range_is_refused(backend, p, error, match):
+    """The extension's op raised its C++ RuntimeError for p = 1 or nan (naming lorambo::lora_linear_fwd),
+    the reference a bare TypeError for '0.5'; both ran a tensor p that the Triton op refused."""
+    with pytest.raises(error, match=rf"{OPS[backend]}: {match}"):
+        op_for(backend)(**operands(), rank=1, scaling=1.0, dropout_p=p, seed=3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_finite_scalings_and_probabilities_at_the_range_ends_are_taken(backend):
+    """The checks let through what the contract allows: an int, negative or zero scaling, p = 0."""
+    x, w, b, a, bb = (t.double() for t in operands().values())
+    for scaling in (2, -0.5, 0.0):
+        for p in (0.0, 0):
+            y = op_for(backend)(**operands(), rank=1, scaling=scaling, dropout_p=p, seed=3)
+            expected = x @ w.t() + b + scaling * (x @ a[:1].t()) @ bb[:, :1].t()
+            torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_dimensional_x_is_one_token(backend):
+    """x [K] is the contract's [..., K] with no leading dims: y [N] and its gradients equal the
+    float64 formula's (kills the check_shapes mutant that refused x.dim() <= 1)."""
+    args = operands(x=(4,))
+    leaves = {n: t.clone().requires_grad_(n in ("x", "lora_A", "lora_B")) for n, t in args.items()}
+    y = op_for(backend)(**leaves, rank=1, scaling=0.5)
+    ref = {n: t.double().requires_grad_(n in ("x", "lora_A", "lora_B")) for n, t in args.items()}
+    y64 = (ref["weight"] @ ref["x"] + ref["bias"]
+           + 0.5 * ref["lora_B"][:, :1] @ (ref["lora_A"][:1] @ ref["x"]))
+    assert y.shape == (5,)
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    g = torch.randn(5, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad(y, [leaves[n] for n in ("x", "lora_A", "lora_B")], g)
+    grads64 = torch.autograd.grad(y64, [ref[n] for n in ("x", "lora_A", "lora_B")], g.double())
+    for got, want in zip(grads, grads64):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("other", ["x", "weight", "bias", "lora_A", "lora_B"])
+def test_operands_of_two_dtypes_are_refused(backend, other):
+    """The reference op raised torch's matmul error (naming no op nor operand), the extension's its
+    C++ RuntimeError; the Triton op a TypeError naming every operand's dtype, as all do now."""
+    args = operands()
+    args[other] = args[other].to(torch.bfloat16)
+    with pytest.raises(TypeError, match=rf"{OPS[backend]}: all tensors must share one dtype, got .*'{other}': "
+                                        r"torch.bfloat16"):
+        op_for(backend)(**args, rank=1, scaling=1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["x", "weight", "bias", "lora_A", "lora_B"])
+def test_operand_that_is_no_tensor_is_refused(backend, name):
+    """A list operand was an AttributeError ('list' object has no attribute 'device') in the
+    reference and extension ops; the Triton op did not type-check the bias."""
+    args = operands()
+    args[name] = args[name].tolist()
+    with pytest.raises(TypeError, match=rf"{OPS[backend]}: {name} must be a torch.Tensor, got list"):
+        op_for(backend)(**args, rank=1, scaling=1.0)
