@@ -55,3 +55,39 @@ def test_the_same_state_gives_the_same_bytes_in_another_process(tmp_path, monkey
     assert second == first
     loaded = checkpoint.load_callback_state(tmp_path / "run1")
     assert loaded["decisions"] == STATE["decisions"] and torch.equal(loaded["importance"]["steps"], torch.arange(3.0))
+
+
+def test_alora_rounds_done_travel_through_the_callbacks_checkpoint(tmp_path):
+    """LoRAMBoCallback's state of an ALoRA run holds the rounds done, and a fresh allocator that
+    restores it (Trainer resume) reports them, as LoRAMBoOptimizer.load_state_dict does."""
+    from lorambo.optimizer import LoRAMBoOptimizer
+    from residual_net import ResidualNet, mse
+
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(12, 8, generator=g, dtype=torch.float64), torch.randn(12, 8, generator=g, dtype=torch.float64))
+            for _ in range(6)]
+
+    def alora(model):
+        return LoRAMBoOptimizer(model, 600, allocation="alora", initial_budget=600, heldout_batches=data[-2:],
+                                loss_fn=mse, alora=dict(k1=1, k2=2, rounds=3, n_prune=1))
+
+    torch.manual_seed(0)
+    model = ResidualNet()
+    allocator = alora(model)
+    allocator.compute_optimal_ranks(data[:2], mse)
+    allocator.configure()
+    optimizer = allocator.make_optimizer(lr=2e-2)
+    decisions = []
+    for step in range(4):  # rounds at steps 1 and 3
+        with allocator.capture(step):
+            mse(model, data[step]).backward()
+        decisions += allocator.step(step)
+        optimizer.step()
+        optimizer.zero_grad()
+    assert decisions
+    checkpoint.save_callback_state(tmp_path, checkpoint.callback_state(allocator, None, decisions))
+    saved = checkpoint.load_callback_state(tmp_path)
+    assert saved["alora_rounds_done"] == 2
+    resumed = alora(model)
+    assert checkpoint.restore(resumed, None, saved, tmp_path) == decisions
+    assert resumed.alora_schedule().rounds_done == 2
