@@ -91,3 +91,21 @@ def test_alora_rounds_done_travel_through_the_callbacks_checkpoint(tmp_path):
     resumed = alora(model)
     assert checkpoint.restore(resumed, None, saved, tmp_path) == decisions
     assert resumed.alora_schedule().rounds_done == 2
+
+
+@pytest.mark.parametrize("state", [dict(STATE, version=2), [STATE]], ids=["version 2", "a list"])
+def test_another_version_or_no_dict_is_refused(tmp_path, state):
+    torch.save(state, tmp_path / checkpoint.STATE_FILE)
+    with pytest.raises(ValueError, match=r"lorambo_state.pt is not a lorambo trainer state of version 1"):
+        checkpoint.load_callback_state(tmp_path)
+
+
+class _Unpickled:
+    """Not on torch's weights_only allow-list: loading it would run this module's code."""
+
+
+def test_a_file_holding_arbitrary_objects_is_not_unpickled(tmp_path):
+    """The state is read with weights_only=True: a checkpoint folder from elsewhere cannot run code."""
+    torch.save(dict(STATE, extra=_Unpickled()), tmp_path / checkpoint.STATE_FILE)
+    with pytest.raises(ValueError, match=r"lorambo_state.pt is not a readable lorambo trainer state"):
+        checkpoint.load_callback_state(tmp_path)
