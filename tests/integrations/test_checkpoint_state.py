@@ -109,3 +109,26 @@ def test_a_file_holding_arbitrary_objects_is_not_unpickled(tmp_path):
     torch.save(dict(STATE, extra=_Unpickled()), tmp_path / checkpoint.STATE_FILE)
     with pytest.raises(ValueError, match=r"lorambo_state.pt is not a readable lorambo trainer state"):
         checkpoint.load_callback_state(tmp_path)
+
+
+@pytest.mark.parametrize("saved_with", [True, False], ids=["saved with a tracker", "saved without"])
+def test_an_importance_tracker_present_on_one_side_only_is_refused_before_anything_changes(tmp_path, saved_with):
+    """A run checkpointed with AdaLoRAImportance resumed by a callback without one (or the other
+    way round) would take its rank moves from other scores than the run it continues."""
+    import lorambo
+    from lorambo.optimizer import LoRAMBoOptimizer
+    from lorambo.sensitivity.adalora_importance import AdaLoRAImportance
+
+    torch.manual_seed(0)
+    net = lorambo.configure_model(torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 5)),
+                                  2, capacity=4)
+    allocator = LoRAMBoOptimizer(net, 10**4, interval=2, sketch_rank=2, seed=5, log_path=tmp_path / "log.jsonl")
+    importance = AdaLoRAImportance(net)
+    state = checkpoint.callback_state(allocator, importance if saved_with else None, [])
+    other = None if saved_with else importance
+    before = None if other is None else {k: v for k, v in vars(other).items()}
+    with pytest.raises(ValueError, match=rf"the checkpoint was written {'with' if saved_with else 'without'} an "
+                                         rf"importance tracker, this callback has {'none' if saved_with else 'one'}"):
+        checkpoint.restore(allocator, other, state, tmp_path)
+    if other is not None:
+        assert vars(other) == before
