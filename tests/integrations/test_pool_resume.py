@@ -27,3 +27,16 @@ def test_a_module_to_save_the_model_lacks_is_load_adapters_value_error_and_nothi
         restore_missed_adapter(headless, tmp_path)
     for key, value in headless.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_a_lora_layer_the_model_lacks_is_load_adapters_value_error(tmp_path):
+    """The checkpoint adapted layer '2', the resumed model adapts '0' only."""
+    torch.manual_seed(0)
+    net = lorambo.configure_model(nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5)), 2, capacity=3)
+    lorambo.save_adapter(net, tmp_path)
+    fewer = build(modules_to_save=())
+    before = {k: v.clone() for k, v in fewer.state_dict().items()}
+    with pytest.raises(ValueError, match=r"adapter.safetensors"):
+        restore_missed_adapter(fewer, tmp_path)
+    for key, value in fewer.state_dict().items():
+        assert torch.equal(value, before[key]), key
