@@ -111,10 +111,8 @@ def test_a_file_holding_arbitrary_objects_is_not_unpickled(tmp_path):
         checkpoint.load_callback_state(tmp_path)
 
 
-@pytest.mark.parametrize("saved_with", [True, False], ids=["saved with a tracker", "saved without"])
-def test_an_importance_tracker_present_on_one_side_only_is_refused_before_anything_changes(tmp_path, saved_with):
-    """A run checkpointed with AdaLoRAImportance resumed by a callback without one (or the other
-    way round) would take its rank moves from other scores than the run it continues."""
+def _growth_run(tmp_path):
+    """A small configured model with its online-growth allocator and importance tracker."""
     import lorambo
     from lorambo.optimizer import LoRAMBoOptimizer
     from lorambo.sensitivity.adalora_importance import AdaLoRAImportance
@@ -123,7 +121,14 @@ def test_an_importance_tracker_present_on_one_side_only_is_refused_before_anythi
     net = lorambo.configure_model(torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 5)),
                                   2, capacity=4)
     allocator = LoRAMBoOptimizer(net, 10**4, interval=2, sketch_rank=2, seed=5, log_path=tmp_path / "log.jsonl")
-    importance = AdaLoRAImportance(net)
+    return net, allocator, AdaLoRAImportance(net)
+
+
+@pytest.mark.parametrize("saved_with", [True, False], ids=["saved with a tracker", "saved without"])
+def test_an_importance_tracker_present_on_one_side_only_is_refused_before_anything_changes(tmp_path, saved_with):
+    """A run checkpointed with AdaLoRAImportance resumed by a callback without one (or the other
+    way round) would take its rank moves from other scores than the run it continues."""
+    _, allocator, importance = _growth_run(tmp_path)
     state = checkpoint.callback_state(allocator, importance if saved_with else None, [])
     other = None if saved_with else importance
     before = None if other is None else {k: v for k, v in vars(other).items()}
@@ -132,3 +137,18 @@ def test_an_importance_tracker_present_on_one_side_only_is_refused_before_anythi
         checkpoint.restore(allocator, other, state, tmp_path)
     if other is not None:
         assert vars(other) == before
+
+
+def test_a_model_at_other_ranks_than_the_checkpoints_is_refused_before_anything_changes(tmp_path):
+    """Trainer did not load the checkpoint's model (other ranks): restoring the decisions and
+    importance averages of another allocation onto it would describe a model that is not there."""
+    net, allocator, importance = _growth_run(tmp_path)
+    state = checkpoint.callback_state(allocator, importance, [{"step": 0, "event": "grow", "layer": "0"}])
+    import lorambo
+
+    lorambo.lora_layers(net)["0"].set_rank(3)
+    before = dict(vars(importance))
+    with pytest.raises(RuntimeError, match=r"resuming from .*: the model's ranks differ from the saved ones "
+                                           r"\(layer: \(saved, model\)\) \{'0': \(2, 3\)\}"):
+        checkpoint.restore(allocator, importance, state, tmp_path)
+    assert vars(importance) == before and allocator.log.records == []
