@@ -172,3 +172,41 @@ def test_the_importance_averages_follow_a_decisions_shrink_and_growth():
                 want.narrow(dim, 3, 1).zero_()
             assert torch.equal(got, want), (name, which)
     assert len(callback.decisions) == 2
+
+
+def test_every_decision_step_hands_its_batches_to_the_allocator_and_no_other_step_does():
+    """The forward pre-hook that gives each micro-batch's keyword arguments (its attention_mask)
+    to the allocator is armed at every decision step (steps 0, 2, 4 here) and removed before the
+    optimizer step (a handle left set would leave the next decision without the batches)."""
+    import types
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 6))
+
+        def forward(self, x, attention_mask):
+            return self.body(x) * attention_mask[..., None]
+
+    torch.manual_seed(0)
+    net = Net()
+    lorambo.configure_model(net, 1, capacity=3)
+    allocator = LoRAMBoOptimizer(net, 10**4, interval=2, sketch_rank=2, seed=5)
+    optimizer = allocator.make_optimizer(lr=0.01)
+    callback = LoRAMBoCallback(allocator)
+    args = types.SimpleNamespace(should_save=False, output_dir="unused")
+    seen, armed = [], []
+    real_begin = allocator.begin_step
+    allocator.begin_step = lambda step, batch=None: seen.append((step, batch is not None)) or real_begin(step, batch)
+    for step in range(5):
+        state = types.SimpleNamespace(global_step=step)
+        callback.on_step_begin(args, state, None)
+        armed.append(len(net._forward_pre_hooks))
+        batch = {"x": torch.randn(2, 3, 5), "attention_mask": torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])}
+        ((net(**batch) - torch.randn(2, 3, 6)) ** 2).mean().backward()
+        callback.on_pre_optimizer_step(args, state, None, optimizer=optimizer)
+        assert not net._forward_pre_hooks, step
+        optimizer.step()
+        optimizer.zero_grad()
+    assert armed == [1, 0, 1, 0, 1]
+    assert [s for s, with_batch in seen if with_batch] == [0, 2, 4]
