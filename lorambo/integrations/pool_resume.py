@@ -45,11 +45,20 @@ def _differs(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor]) -> 
         if key.startswith(PREFIX):
             module, _, state_key = key[len(PREFIX):].partition("::")
             if module not in states:
-                states[module] = model.get_submodule(module).state_dict()
+                states[module] = _module_state(model, module)
             held = states[module].get(state_key)
             if (held is None or not torch.equal(held.detach().cpu(), value)) and module not in differ:
                 differ.append(module)
     return differ
+
+
+def _module_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """The state of ``model``'s submodule ``name``; empty when the model has none of that name
+    (then it differs, and ``load_adapter`` refuses the file naming it)."""
+    try:
+        return model.get_submodule(name).state_dict()
+    except AttributeError:
+        return {}
 
 
 def restore_missed_adapter(model: nn.Module, folder: str | os.PathLike) -> list[str]:

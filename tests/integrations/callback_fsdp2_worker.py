@@ -16,23 +16,34 @@ from rendezvous import exit_skipping_teardown, init_gloo
 STEPS = 5
 
 
-def train(net, shards, out_dir, moves, should_save=True):
-    """Trainer's event order per optimizer step; a checkpoint at the end. Returns the callback.
-    With ``moves``: rank moves scored by AdaLoRAImportance (updated every step)."""
+def parts(net, moves):
+    """The allocator, its optimizer and the callback a run builds on ``net``."""
     layers = lorambo.lora_layers(net)
     budget = sum(3 * (m.in_features + m.out_features) for m in layers.values())
     alloc = LoRAMBoOptimizer(net, budget, interval=2, sketch_rank=2, seed=5,
                              move_threshold=1e30 if moves else None, max_moves=1)
     opt = alloc.make_optimizer(lr=0.05)
-    callback = LoRAMBoCallback(alloc, importance=AdaLoRAImportance(net) if moves else None)
-    args = types.SimpleNamespace(should_save=should_save, output_dir=out_dir)
-    for step, (x, y) in enumerate(shards[:STEPS]):
+    return opt, LoRAMBoCallback(alloc, importance=AdaLoRAImportance(net) if moves else None)
+
+
+def take_steps(net, opt, callback, args, shards, steps):
+    """Trainer's event order per optimizer step."""
+    for step in steps:
+        x, y = shards[step]
         state = types.SimpleNamespace(global_step=step)
         callback.on_step_begin(args, state, None)
         ((net(x) - y) ** 2).mean().backward()
         callback.on_pre_optimizer_step(args, state, None, optimizer=opt)
         opt.step()
         opt.zero_grad()
+
+
+def train(net, shards, out_dir, moves, should_save=True):
+    """Trainer's event order per optimizer step; a checkpoint at the end. Returns the callback.
+    With ``moves``: rank moves scored by AdaLoRAImportance (updated every step)."""
+    opt, callback = parts(net, moves)
+    args = types.SimpleNamespace(should_save=should_save, output_dir=out_dir)
+    take_steps(net, opt, callback, args, shards, range(STEPS))
     callback.on_save(args, types.SimpleNamespace(global_step=STEPS), None)
     return callback
 
@@ -47,6 +58,47 @@ def run(rank, world, rendezvous, out_dir, data_seed, moves):
         torch.save({"decisions": callback.decisions, "ranks": callback.allocator.current_ranks(),
                     "state": {k: fsdp2_worker._full(v) for k, v in net.state_dict().items()}},
                    f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+    exit_skipping_teardown()  # results saved: skip the teardown that can abort (see rendezvous.py)
+
+
+RESUME_AT = 3  # after the decision of step 2, before the one of step 4
+
+
+def run_resumed(rank, world, rendezvous, out_dir, data_seed, moves):
+    """Steps 0-2 and a checkpoint (lorambo's files by the callback, the sharded model and
+    optimizer by torch.distributed.checkpoint, as accelerate saves them under FSDP2), then a new
+    sharded model, optimizer and callback load it and Trainer resumes at step 3."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    torch.set_num_threads(1)
+    init_gloo(rank, world, rendezvous)
+    try:
+        shards = [step[rank] for step in fsdp2_worker.batches(data_seed, world)]
+        args = types.SimpleNamespace(should_save=rank == 0, output_dir=out_dir)
+        folder = f"{out_dir}/checkpoint-{RESUME_AT}"
+        net = fsdp2_worker.shard(fsdp2_worker.build(), world)
+        opt, callback = parts(net, moves)
+        callback.on_train_begin(args, types.SimpleNamespace(global_step=0), None, optimizer=opt)
+        take_steps(net, opt, callback, args, shards, range(RESUME_AT))
+        callback.on_save(args, types.SimpleNamespace(global_step=RESUME_AT), None)
+        model_state, optim_state = get_state_dict(net, opt)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=f"{folder}/dcp")
+
+        net = fsdp2_worker.shard(fsdp2_worker.build(), world)
+        opt, callback = parts(net, moves)
+        model_state, optim_state = get_state_dict(net, opt)
+        loaded = {"model": model_state, "optim": optim_state}
+        dcp.load(loaded, checkpoint_id=f"{folder}/dcp")
+        set_state_dict(net, opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+        callback.on_train_begin(args, types.SimpleNamespace(global_step=RESUME_AT), None, optimizer=opt)
+        restored = list(callback.decisions)
+        take_steps(net, opt, callback, args, shards, range(RESUME_AT, STEPS))
+        torch.save({"restored": restored, "decisions": callback.decisions, "ranks": callback.allocator.current_ranks(),
+                    "state": {k: fsdp2_worker._full(v) for k, v in net.state_dict().items()}},
+                   f"{out_dir}/resumed{rank}.pt")
     finally:
         dist.destroy_process_group()
     exit_skipping_teardown()  # results saved: skip the teardown that can abort (see rendezvous.py)

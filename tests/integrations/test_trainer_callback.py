@@ -141,3 +141,72 @@ def test_something_else_in_place_of_the_allocator_is_refused(what):
     with pytest.raises(TypeError, match=r"LoRAMBoCallback: importance must be a "
                                         r"lorambo.sensitivity.AdaLoRAImportance or None, got dict"):
         LoRAMBoCallback(allocator, importance={})
+
+
+def test_the_importance_averages_follow_a_decisions_shrink_and_growth():
+    """A shrink record moves the kept components' AdaLoRA averages to the front (the removed
+    one's gone, the freed tail zero); a grow record zeroes the averages of the new slots; every
+    other entry stays, compared with the averages before the records."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 6))
+    lorambo.configure_model(net, 3, capacity=4)
+    with torch.no_grad():
+        for layer in lorambo.lora_layers(net).values():
+            layer.lora_B.normal_()
+    importance = AdaLoRAImportance(net)
+    ((net(torch.randn(8, 5)) - torch.randn(8, 6)) ** 2).mean().backward()
+    importance.update()
+    before = {key: (importance._ibar[key].clone(), importance._ubar[key].clone()) for key in importance._ibar}
+    assert all(float(i[:3].abs().min()) > 0 for i, _ in before.values() if i.dim() == 2 and i.shape[0] == 4)
+    callback = LoRAMBoCallback(LoRAMBoOptimizer(net, 10**4, interval=2, sketch_rank=2), importance=importance)
+    callback._follow([{"layer": "0", "event": "shrink", "old_rank": 3, "new_rank": 2, "components": [1]},
+                      {"layer": "2", "event": "grow", "old_rank": 3, "new_rank": 4}])
+    for (name, which), (ibar, ubar) in before.items():
+        dim = 0 if which == "A" else 1
+        for got, was in ((importance._ibar[(name, which)], ibar), (importance._ubar[(name, which)], ubar)):
+            want = was.clone()
+            if name == "0":  # components 0 and 2 kept, in that order
+                want.narrow(dim, 0, 2).copy_(was.index_select(dim, torch.tensor([0, 2])))
+                want.narrow(dim, 2, 2).zero_()
+            else:  # slot 3 grown
+                want.narrow(dim, 3, 1).zero_()
+            assert torch.equal(got, want), (name, which)
+    assert len(callback.decisions) == 2
+
+
+def test_every_decision_step_hands_its_batches_to_the_allocator_and_no_other_step_does():
+    """The forward pre-hook that gives each micro-batch's keyword arguments (its attention_mask)
+    to the allocator is armed at every decision step (steps 0, 2, 4 here) and removed before the
+    optimizer step (a handle left set would leave the next decision without the batches)."""
+    import types
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 6))
+
+        def forward(self, x, attention_mask):
+            return self.body(x) * attention_mask[..., None]
+
+    torch.manual_seed(0)
+    net = Net()
+    lorambo.configure_model(net, 1, capacity=3)
+    allocator = LoRAMBoOptimizer(net, 10**4, interval=2, sketch_rank=2, seed=5)
+    optimizer = allocator.make_optimizer(lr=0.01)
+    callback = LoRAMBoCallback(allocator)
+    args = types.SimpleNamespace(should_save=False, output_dir="unused")
+    seen, armed = [], []
+    real_begin = allocator.begin_step
+    allocator.begin_step = lambda step, batch=None: seen.append((step, batch is not None)) or real_begin(step, batch)
+    for step in range(5):
+        state = types.SimpleNamespace(global_step=step)
+        callback.on_step_begin(args, state, None)
+        armed.append(len(net._forward_pre_hooks))
+        batch = {"x": torch.randn(2, 3, 5), "attention_mask": torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])}
+        ((net(**batch) - torch.randn(2, 3, 6)) ** 2).mean().backward()
+        callback.on_pre_optimizer_step(args, state, None, optimizer=optimizer)
+        assert not net._forward_pre_hooks, step
+        optimizer.step()
+        optimizer.zero_grad()
+    assert armed == [1, 0, 1, 0, 1]
+    assert [s for s, with_batch in seen if with_batch] == [0, 2, 4]

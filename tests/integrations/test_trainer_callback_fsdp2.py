@@ -42,3 +42,27 @@ def test_callback_under_fsdp2_decides_and_saves_as_one_unsharded_process(tmp_pat
     probe = torch.randn(5, 6, generator=torch.Generator().manual_seed(11), dtype=fsdp2_worker.DT)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(probe), reference(probe), rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+@pytest.mark.parametrize("moves", [False, True])
+def test_callback_under_fsdp2_resumes_as_if_never_stopped(tmp_path, moves):
+    """Trainer resuming a sharded run at step 3 (between two decisions): on_train_begin restores
+    the decisions (and the importance averages) next to the model and optimizer Trainer reloaded
+    through torch.distributed.checkpoint, and both processes end where one unsharded process
+    that never stopped ends. on_train_begin under FSDP2 ran in no test before."""
+    spawn_two(worker.run_resumed, (2, str(tmp_path / "rendezvous"), str(tmp_path), 3, moves), start_method())
+    a, b = (torch.load(tmp_path / f"resumed{r}.pt", weights_only=False) for r in range(2))
+    whole = [(torch.cat([x for x, _ in step]), torch.cat([y for _, y in step]))
+             for step in fsdp2_worker.batches(3, 2)]
+    reference = fsdp2_worker.build()
+    ref_callback = worker.train(reference, whole, str(tmp_path / "plain"), moves)
+    events = lambda records: [(r["layer"], r["event"], r["old_rank"], r["new_rank"]) for r in records]  # noqa: E731
+    before = [r for r in ref_callback.decisions if r["step"] < worker.RESUME_AT]
+    assert before and any(r["step"] >= worker.RESUME_AT for r in ref_callback.decisions) == moves
+    for got in (a, b):
+        assert events(got["restored"]) == events(before)
+        assert events(got["decisions"]) == events(ref_callback.decisions)
+        assert got["ranks"] == ref_callback.allocator.current_ranks()
+        for name, value in reference.state_dict().items():
+            torch.testing.assert_close(got["state"][name], value, rtol=1e-9, atol=1e-11, msg=name)
