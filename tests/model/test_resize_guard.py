@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import lorambo
+from lorambo.model.resize_guard import ResizeGuard
 
 from tiny_causal_lms import tiny_gpt2, tiny_llama  # tests/model/tiny_causal_lms.py
 
@@ -117,3 +118,35 @@ def test_a_resize_under_an_adapted_tied_head_is_refused_changing_nothing():
         model.resize_token_embeddings(70)
     assert _unchanged(model, before) and model.lm_head.weight is model.transformer.wte.weight
     assert torch.equal(model(input_ids=IDS).logits, logits)
+
+
+def test_a_wrong_call_gets_transformers_own_error_changing_nothing():
+    model = _adapted_llama()
+    before = _snapshot(model)
+    with pytest.raises(TypeError, match="not_an_argument"):
+        model.resize_token_embeddings(70, not_an_argument=1)
+    assert _unchanged(model, before)
+
+
+def test_only_a_model_with_the_method_and_an_adapted_head_gets_a_guard():
+    """No guard (an instance attribute) on a model whose head is plain, nor on a module without
+    transformers' method (a holder that hands out the adapted head): ``hasattr`` stays False."""
+    torch.manual_seed(0)
+    plain_head = tiny_llama().eval()
+    lorambo.configure_model(plain_head, 2, target_modules=["q_proj"])
+    assert "resize_token_embeddings" not in vars(plain_head)
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = tiny_llama()
+            self.lm.config.tie_word_embeddings = False
+
+        def get_output_embeddings(self):
+            return self.lm.get_output_embeddings()
+
+    holder = Holder()
+    lorambo.configure_model(holder, 2, target_modules=["lm_head"])
+    assert isinstance(holder.get_output_embeddings(), lorambo.LoRAMBoLinear)
+    assert not hasattr(holder, "resize_token_embeddings")
+    assert isinstance(vars(holder.lm)["resize_token_embeddings"], ResizeGuard)
