@@ -61,13 +61,14 @@ class ResizeGuard:
 
 def _target_size(model: nn.Module, new_num_tokens, pad_to_multiple_of):
     """The number of tokens transformers resizes to, or None where it changes nothing or refuses
-    the arguments itself (before changing anything)."""
+    the arguments itself (before changing anything: a multiple that is no int, or 0)."""
     if pad_to_multiple_of is not None:
-        if not isinstance(pad_to_multiple_of, int) or isinstance(pad_to_multiple_of, bool) or pad_to_multiple_of < 1:
+        if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of == 0:
             return None
         if new_num_tokens is None:
             new_num_tokens = model.get_input_embeddings().weight.shape[0]
-        return -(-new_num_tokens // pad_to_multiple_of) * pad_to_multiple_of
+        # transformers' rule word for word: it takes True as 1 and rounds a negative multiple too
+        return (new_num_tokens + pad_to_multiple_of - 1) // pad_to_multiple_of * pad_to_multiple_of
     return new_num_tokens
 
 

@@ -276,9 +276,12 @@ def test_read_only_filesystem_shows_the_original_error(tmp_path, monkeypatch):
     assert caught.value is original and "cleanup" not in str(caught.value.__context__ or "")
 
 
-def test_atomic_write_many_puts_back_files_replaced_before_a_failing_rename(tmp_path, monkeypatch):
+@pytest.mark.parametrize("a_existed", [True, False])
+def test_atomic_write_many_puts_back_files_replaced_before_a_failing_rename(tmp_path, monkeypatch, a_existed):
+    # a file that did not exist before is removed again
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
-    a.write_text("old a")
+    if a_existed:
+        a.write_text("old a")
     b.write_text("old b")
     real_replace = os.replace
 
@@ -291,8 +294,9 @@ def test_atomic_write_many_puts_back_files_replaced_before_a_failing_rename(tmp_
     with pytest.raises(OSError, match="rename failed"):
         atomic.atomic_write_many({a: atomic.text_writer("new a"), b: atomic.text_writer("new b")})
     monkeypatch.setattr(atomic.os, "replace", real_replace)
-    assert a.read_text() == "old a" and b.read_text() == "old b"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
+    assert (a.read_text() if a_existed else a.exists()) == ("old a" if a_existed else False)
+    assert b.read_text() == "old b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"][not a_existed:]
     atomic.atomic_write_many({a: atomic.text_writer("new a"), b: atomic.text_writer("new b")})
     assert a.read_text() == "new a" and b.read_text() == "new b"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
@@ -357,3 +361,13 @@ def test_figures_are_written_atomically_in_the_format_of_their_suffix(tmp_path, 
         plt.close("all")
     assert (tmp_path / "figure.svg").read_text().lstrip().startswith("<?xml")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["figure.svg", "ranks.png"]  # no temporaries left
+
+
+@pytest.mark.parametrize("tail", ["garbage", "host.notapid.new1234", "x.y"])
+def test_a_temporary_name_not_made_by_a_writer_is_left_alone(tmp_path, tail):
+    # not <host>.<pid>.<token>: no dead writer's temporary, so the save neither removes it nor fails on it
+    target = tmp_path / "a.txt"
+    odd = tmp_path / f".a.txt{atomic._MARK}{tail}"
+    odd.write_text("someone else's")
+    atomic.atomic_write_text(target, "new")
+    assert target.read_text() == "new" and odd.read_text() == "someone else's"

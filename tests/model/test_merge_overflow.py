@@ -85,3 +85,34 @@ def test_a_model_on_the_meta_device_still_merges():
     lorambo.unload(model, merge=True)
     assert [type(m) for m in model] == [nn.Linear, nn.Linear] and model[1].weight.is_meta
     assert model[1].weight.dtype == torch.float16
+
+
+def test_unload_without_merge_is_not_checked_and_gives_back_the_base_weights():
+    # the adapter would overflow a merge, but unload(merge=False) merges nothing
+    model = _model(big_delta=True)
+    weights = [m.base_layer.weight.detach().clone() for m in model]
+    lorambo.unload(model, merge=False)
+    assert [type(m) for m in model] == [nn.Linear, nn.Linear]
+    assert all(torch.equal(m.weight, w) for m, w in zip(model, weights))
+
+
+def test_a_layer_merged_already_is_not_checked_again():
+    """Layer '1' merged on its own (its sum, about 4e4, fits float16); merging its delta a second
+    time would overflow, but unload(merge=True) leaves a merged layer's weight as it is: the model
+    keeps the float64 sum rounded once."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)).half()
+    lorambo.configure_model(model, ranks=2, target_modules=["0", "1"], alpha=2.0)
+    with torch.no_grad():
+        model[0].lora_B[:, :2].copy_(torch.randn(8, 2, generator=g))
+        model[1].lora_A[:2].copy_(torch.randn(2, 8, generator=g) * 0.1 + 50.0)
+        model[1].lora_B[:, :2].copy_(torch.randn(4, 2, generator=g) + 400.0)  # delta ~ 2 * 400 * 50 = 4e4 (scaling 1)
+    expected = {}
+    for name, m in (("0", model[0]), ("1", model[1])):
+        delta = m.lora_B[:, :2].double() @ m.lora_A[:2].double() * m.scaling
+        expected[name] = (m.base_layer.weight.double() + delta).half()
+    assert 32752 < expected["1"].abs().min() and expected["1"].abs().max() < 65504  # twice the delta overflows
+    model[1].merge()
+    lorambo.unload(model, merge=True)
+    for name in ("0", "1"):
+        assert torch.equal(model.get_submodule(name).weight, expected[name]), name

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import lorambo
+from lorambo.model.resize_guard import ResizeGuard
 
 from tiny_causal_lms import tiny_gpt2, tiny_llama  # tests/model/tiny_causal_lms.py
 
@@ -41,19 +42,31 @@ def _unchanged(model, snapshot):
 IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
 
 
-@pytest.mark.parametrize("call", [dict(new_num_tokens=70), dict(new_num_tokens=60),
-                                  dict(new_num_tokens=64, pad_to_multiple_of=48), dict(pad_to_multiple_of=96)])
-def test_a_resize_under_an_adapted_untied_head_is_refused_changing_nothing(call):
+@pytest.mark.parametrize("call,target", [
+    (dict(new_num_tokens=70), 70), (dict(new_num_tokens=60), 60), (dict(new_num_tokens=64, pad_to_multiple_of=48), 96),
+    (dict(pad_to_multiple_of=96), 96), (dict(new_num_tokens=70, pad_to_multiple_of=8), 72),
+    # transformers takes True as 1 and rounds with a negative multiple too: (64 - 8 - 1) // -8 * -8 = 56;
+    # both passed the guard, resized the input embedding and met the head's TypeError
+    (dict(new_num_tokens=70, pad_to_multiple_of=True), 70), (dict(pad_to_multiple_of=-8), 56)])
+def test_a_resize_under_an_adapted_untied_head_is_refused_changing_nothing(call, target):
     model = _adapted_llama()
     before, logits = _snapshot(model), model(input_ids=IDS).logits
-    target = call.get("new_num_tokens", 64)
-    target = -(-target // call.get("pad_to_multiple_of", 1)) * call.get("pad_to_multiple_of", 1)
     with pytest.raises(ValueError, match=rf"output embedding, LoRAMBoLinear 'lm_head', is adapted: its LoRA pools hold "
                                          rf"64 output rows, so the vocabulary cannot become {target}\. Nothing was "
                                          r"changed.*lorambo\.unload\(model\).*resize, and configure again"):
         model.resize_token_embeddings(**call)
     assert _unchanged(model, before)
     assert torch.equal(model(input_ids=IDS).logits, logits)
+
+
+@pytest.mark.parametrize("pad,error,match", [("8", ValueError, "not and integer"), (0, ZeroDivisionError, "by zero"),
+                                              (False, ZeroDivisionError, "by zero")])
+def test_a_multiple_transformers_refuses_gets_its_own_error_changing_nothing(pad, error, match):
+    model = _adapted_llama()
+    before = _snapshot(model)
+    with pytest.raises(error, match=match):
+        model.resize_token_embeddings(70, pad_to_multiple_of=pad)
+    assert _unchanged(model, before)
 
 
 def test_a_resize_that_keeps_the_size_passes_through():
@@ -105,3 +118,35 @@ def test_a_resize_under_an_adapted_tied_head_is_refused_changing_nothing():
         model.resize_token_embeddings(70)
     assert _unchanged(model, before) and model.lm_head.weight is model.transformer.wte.weight
     assert torch.equal(model(input_ids=IDS).logits, logits)
+
+
+def test_a_wrong_call_gets_transformers_own_error_changing_nothing():
+    model = _adapted_llama()
+    before = _snapshot(model)
+    with pytest.raises(TypeError, match="not_an_argument"):
+        model.resize_token_embeddings(70, not_an_argument=1)
+    assert _unchanged(model, before)
+
+
+def test_only_a_model_with_the_method_and_an_adapted_head_gets_a_guard():
+    """No guard (an instance attribute) on a model whose head is plain, nor on a module without
+    transformers' method (a holder that hands out the adapted head): ``hasattr`` stays False."""
+    torch.manual_seed(0)
+    plain_head = tiny_llama().eval()
+    lorambo.configure_model(plain_head, 2, target_modules=["q_proj"])
+    assert "resize_token_embeddings" not in vars(plain_head)
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = tiny_llama()
+            self.lm.config.tie_word_embeddings = False
+
+        def get_output_embeddings(self):
+            return self.lm.get_output_embeddings()
+
+    holder = Holder()
+    lorambo.configure_model(holder, 2, target_modules=["lm_head"])
+    assert isinstance(holder.get_output_embeddings(), lorambo.LoRAMBoLinear)
+    assert not hasattr(holder, "resize_token_embeddings")
+    assert isinstance(vars(holder.lm)["resize_token_embeddings"], ResizeGuard)

@@ -16,10 +16,21 @@ from lorambo import lora_layers
 from tied_gpt2 import IDS, WEIGHT, tied_gpt2
 
 
-def _trained(head):
-    """Non-uniform ranks after a rank change, random active slots and a trained module to save."""
-    model = lorambo.configure_model(tied_gpt2(), {"transformer.h.0.attn.c_attn": 3, "transformer.h.1.attn.c_attn": 1},
-                                    capacity=4, modules_to_save=[head])
+class _Holder(nn.Module):
+    """A model holding the tied GPT-2 as a submodule ("lm"), as a user's wrapper does."""
+
+    def __init__(self):
+        super().__init__()
+        self.lm = tied_gpt2()
+
+
+def _trained(head, nested=False):
+    """Non-uniform ranks after a rank change, random active slots and a trained module to save;
+    ``nested``: configured through a holder of the GPT-2, which is returned."""
+    outer, prefix = (_Holder(), "lm.") if nested else (tied_gpt2(), "")
+    ranks = {f"{prefix}transformer.h.0.attn.c_attn": 3, f"{prefix}transformer.h.1.attn.c_attn": 1}
+    lorambo.configure_model(outer, ranks, capacity=4, modules_to_save=[head])
+    model = outer.lm if nested else outer
     lora_layers(model)["transformer.h.0.attn.c_attn"].set_rank(2)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -49,9 +60,10 @@ def _reference(model, head):
         return plain(input_ids=IDS).logits
 
 
+@pytest.mark.parametrize("nested", [False, True], ids=["top", "in-a-submodule"])
 @pytest.mark.parametrize("head", ["lm_head", "wte"])
-def test_tie_weights_keeps_the_trained_copy_of_a_tied_module_to_save(head):
-    model = _trained(head)
+def test_tie_weights_keeps_the_trained_copy_of_a_tied_module_to_save(head, nested):
+    model = _trained(head, nested)
     expected = _reference(model, head)
     trained = dict(model.named_parameters(remove_duplicate=False))[WEIGHT[head]]
     # transformers' cached tie mapping (read by its loading and device-map code) drops the pair too

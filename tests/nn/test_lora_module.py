@@ -592,3 +592,62 @@ def test_a_state_dict_with_a_bad_rank_is_refused_before_a_merged_layer_unmerges(
     assert layer.merged and layer.rank == 2
     for key, value in layer.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_slot_ids_and_edits_follow_set_rank_and_keep_components():
+    """Each slot's component id (what ``lorambo.follow_ranks`` and importance statistics follow),
+    against a list kept by hand: growth starts new ids above every earlier one, a shrink and
+    ``keep_components`` leave -1 in the slots they empty, ``keep_components`` moves ids with their
+    slots; each edit that changes an id counts one ``slot_edits``, a same-rank ``set_rank`` and an
+    in-order ``keep_components`` none."""
+    from lorambo.nn.slot_lineage import slot_ids
+
+    layer = filled(LoRAMBoLinear(nn.Linear(8, 6), rank=2, capacity=6))
+    ids, edits = slot_ids(layer), layer.slot_edits
+    assert len(ids) == 6 and ids[2:] == [-1] * 4 and len(set(ids[:2])) == 2 and min(ids[:2]) >= 0
+
+    layer.set_rank(2)
+    assert (slot_ids(layer), layer.slot_edits) == (ids, edits)
+
+    layer.set_rank(4)
+    grown = slot_ids(layer)
+    assert grown[:2] == ids[:2] and grown[4:] == [-1, -1] and len(set(grown[:4])) == 4
+    assert min(grown[2:4]) > max(ids), (ids, grown)
+    assert layer.slot_edits == edits + 1
+
+    layer.keep_components([3, 0, 2])
+    assert slot_ids(layer) == [grown[3], grown[0], grown[2], -1, -1, -1]
+    assert layer.slot_edits == edits + 2
+
+    layer.keep_components([0, 1, 2])
+    assert slot_ids(layer) == [grown[3], grown[0], grown[2], -1, -1, -1] and layer.slot_edits == edits + 2
+
+    layer.keep_components([1])  # from rank 3: slots 1 and 2 empty
+    assert slot_ids(layer) == [grown[0], -1, -1, -1, -1, -1] and layer.slot_edits == edits + 3
+
+    layer.set_rank(0)
+    assert slot_ids(layer) == [-1] * 6 and layer.slot_edits == edits + 4
+
+
+def test_a_layer_pickled_before_slots_carried_ids_gets_ids_without_an_edit():
+    """A layer unpickled from before ``_slot_ids`` / ``_slot_edits`` existed: its active slots get
+    distinct new ids on first use (kept from then on), -1 past the rank, and 0 edits; ids started
+    later in this process never repeat them."""
+    import pickle
+
+    from lorambo.nn.slot_lineage import slot_ids
+
+    layer_old = pickle.loads(pickle.dumps(filled(LoRAMBoLinear(nn.Linear(8, 6), rank=3, capacity=5))))
+    for key in ("_slot_ids", "_slot_edits"):
+        del layer_old.__dict__[key]
+    layer_old = pickle.loads(pickle.dumps(layer_old))  # as a layer from before both fields
+    assert "_slot_ids" not in layer_old.__dict__
+    assert layer_old.slot_edits == 0
+    ids = slot_ids(layer_old)
+    assert len(ids) == 5 and ids[3:] == [-1, -1] and len(set(ids[:3])) == 3 and min(ids[:3]) >= 0
+    assert slot_ids(layer_old) == ids and layer_old.slot_edits == 0
+    other = LoRAMBoLinear(nn.Linear(8, 6), rank=1, capacity=5)
+    other.set_rank(4)
+    assert not set(slot_ids(other)[:4]) & set(ids[:3])
+    layer_old.set_rank(5)  # the ids it got are its components' from then on
+    assert slot_ids(layer_old)[:3] == ids[:3] and layer_old.slot_edits == 1

@@ -150,7 +150,33 @@ def test_follow_ranks_refuses_an_average_of_another_model_before_any_change():
         follow_ranks(other, model)
     with pytest.raises(TypeError, match=r"model is an AveragedModel; pass the trained model second"):
         follow_ranks(model, average)
-    assert other[0].rank == 2 and average.module[0].rank == 2
+    two = nn.Sequential(LoRAMBoLinear(nn.Linear(6, 5, dtype=DT), 2, capacity=4, name="fc"),
+                        LoRAMBoLinear(nn.Linear(5, 5, dtype=DT), 2, capacity=4, name="fc2"))
+    with pytest.raises(ValueError, match=r"follow_ranks: the average has LoRA layers \['0', '1'\], the model \['0'\]"):
+        follow_ranks(two, model)
+    assert other[0].rank == 2 and average.module[0].rank == 2 and two[0].rank == 2
+    for merged, where in ((model[0], "model"), (average.module[0], "average")):
+        merged.merge()
+        with pytest.raises(ValueError, match=rf"follow_ranks: layer '0' is merged in the {where}; unmerge\(\) it first"):
+            follow_ranks(average, model)
+        merged.unmerge()
+        assert average.module[0].rank == 2
+
+
+def test_follow_ranks_refuses_a_sharded_pool_before_any_change(one_process_group):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from lorambo.model.averages import follow_ranks
+
+    model = _model()
+    average = AveragedModel(model)
+    model[0].set_rank(3)
+    mesh = init_device_mesh("cpu", (1,))
+    model[0].lora_A = nn.Parameter(distribute_tensor(model[0].lora_A.detach(), mesh, [Shard(0)]))  # one pool of four
+    with pytest.raises(ValueError, match=r"follow_ranks: layer '0' has sharded pools \(FSDP2\)"):
+        follow_ranks(average, model)
+    assert average.module[0].rank == 2
 
 
 def test_follow_ranks_after_the_model_loads_other_pools_restarts_the_average():
@@ -158,17 +184,22 @@ def test_follow_ranks_after_the_model_loads_other_pools_restarts_the_average():
 
     model = _model()
     average = AveragedModel(model)
-    other = _model()
+    other = nn.Sequential(LoRAMBoLinear(nn.Linear(6, 5, dtype=DT), 2, capacity=4, name="fc", alpha=6.0,
+                                        use_rslora=True))
     gen = torch.Generator().manual_seed(4)
-    with torch.no_grad():  # other components at another rank
+    with torch.no_grad():  # other components at another rank, with another alpha (rsLoRA)
         other[0].set_rank(3)
         other[0].lora_A[:3].normal_(generator=gen)
         other[0].lora_B[:, :3].normal_(generator=gen)
     model.load_state_dict(other.state_dict())
     assert follow_ranks(average, model) == ["0"]
-    assert average.module[0].rank == 3
-    assert torch.equal(average.module[0].lora_A, other[0].lora_A)
-    assert torch.equal(average.module[0].lora_B, other[0].lora_B)
+    copy = average.module[0]
+    assert copy.rank == 3 and (copy.alpha, copy.use_rslora) == (6.0, True)
+    assert torch.equal(copy.lora_A, other[0].lora_A)
+    assert torch.equal(copy.lora_B, other[0].lora_B)
+    x = torch.randn(4, 6, generator=gen, dtype=DT)  # scaling alpha / sqrt(2), the rank other was made with
+    expected = copy.base_layer(x) + 6.0 / 2 ** 0.5 * (x @ other[0].lora_A[:3].T) @ other[0].lora_B[:, :3].T
+    torch.testing.assert_close(copy(x), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_follow_ranks_after_load_adapter_into_the_model_restarts_the_average(tmp_path):
