@@ -178,7 +178,7 @@ def test_gpu_test_files_import_only_what_the_gpu_image_has():
     import ast
 
     local = {"gpu_targets", "providers", "results_csv", "arg_lists", "machine",  # benchmarks/ as plain modules
-             "residual_net"}  # tests/ helpers, on sys.path through tests/conftest.py
+             "residual_net", "pyproject_data"}  # tests/ helpers, on sys.path through tests/conftest.py
     files = [ROOT / "tests" / "conftest.py", *sorted((ROOT / "tests" / "kernels").glob("*.py")),
              *sorted((ROOT / "tests" / "ext").glob("*.py")),
              *[BENCH / f for f in ("gpu_check.py", "gpu_targets.py", "bench_lora_linear.py", "bench_ext.py",

@@ -98,7 +98,8 @@ def check_scaling(op: str, scaling) -> None:
     which would turn every output element the LoRA term touches into nan."""
     if isinstance(scaling, (bool, torch.Tensor)) or not isinstance(scaling, numbers.Real):
         raise TypeError(f"{op}: scaling must be a real number (a Python float), got {scaling!r}")
-    if not math.isfinite(scaling):
+    # comparisons rather than math.isfinite, which torch.compile cannot trace on a symbolic float
+    if not -math.inf < scaling < math.inf:
         raise ValueError(f"{op}: scaling must be finite, got {scaling!r}")
 
 
