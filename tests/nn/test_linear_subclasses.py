@@ -129,7 +129,7 @@ def test_a_base_with_extra_state_of_its_own_round_trips_beside_the_layers():
     torch.testing.assert_close(dst(x), expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("module", [nn.Conv2d(3, 4, 1), nn.Embedding(10, 4), nn.LayerNorm(4)],
+@pytest.mark.parametrize("module", [nn.Conv1d(3, 4, 2), nn.Conv2d(3, 4, 1), nn.Embedding(10, 4), nn.LayerNorm(4)],
                          ids=lambda m: type(m).__name__)
 def test_a_layer_outside_the_linear_family_is_refused_naming_its_class(module):
     pytest.importorskip("transformers.pytorch_utils")  # with Conv1D importable: still not of its family
