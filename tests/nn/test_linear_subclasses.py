@@ -2,6 +2,11 @@
 own (quantized layers, layers that rescale) would silently lose that forward: it is refused when
 named and left out of the default targets. Subclasses that keep nn.Linear's forward still wrap."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -122,3 +127,32 @@ def test_a_base_with_extra_state_of_its_own_round_trips_beside_the_layers():
     x = torch.randn(5, 8, dtype=torch.float64)
     expected = x @ base.weight.T + base.bias + 2.0 * (x @ src.lora_A[:3].T) @ src.lora_B[:, :3].T
     torch.testing.assert_close(dst(x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("module", [nn.Conv1d(3, 4, 2), nn.Conv2d(3, 4, 1), nn.Embedding(10, 4), nn.LayerNorm(4)],
+                         ids=lambda m: type(m).__name__)
+def test_a_layer_outside_the_linear_family_is_refused_naming_its_class(module):
+    pytest.importorskip("transformers.pytorch_utils")  # with Conv1D importable: still not of its family
+    with pytest.raises(TypeError, match=rf"{type(module).__name__} is not nn\.Linear or transformers Conv1D"):
+        LoRAMBoLinear(module, rank=1)
+
+
+_WRAP_WITHOUT_TRANSFORMERS = """
+import sys
+from torch import nn
+import lorambo
+lorambo.LoRAMBoLinear(nn.Linear(4, 4), rank=1)
+lorambo.configure_model(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), 1)
+print("transformers" in sys.modules)
+"""
+
+
+def test_wrapping_linear_layers_does_not_import_transformers():
+    """Conv1D is looked up only where transformers is already imported: importing it costs seconds."""
+    root = Path(__file__).resolve().parents[2]
+    paths = [str(root), str(root / "kernels"), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p), OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-c", _WRAP_WITHOUT_TRANSFORMERS], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "False"

@@ -349,6 +349,7 @@ def test_input_and_layer_on_different_devices_are_refused_clearly(backend, on_me
     with pytest.raises(ValueError, match=r"'enc\.fc': input is on") as err:
         layer(x)
     assert "meta" in str(err.value) and "cpu" in str(err.value)
+    assert "accelerate" not in str(err.value)  # no offloading hook on the base: no offloading hint
 
 
 def test_growth_with_a_seeded_generator_is_reproducible():

@@ -72,3 +72,16 @@ def test_muon_matching_adamw_rms_trains_the_pool_as_the_adapter_across_a_growth(
         torch.testing.assert_close(layer.lora_B[:, :r].detach(), b.detach(), rtol=1e-12, atol=1e-12)
         assert not layer.lora_A[r:].any() and not layer.lora_B[:, r:].any()
     assert not torch.equal(layer.lora_B[:, 2], torch.zeros(8, dtype=DT))  # the grown slot trained
+
+
+@pytest.mark.parametrize("adjust_lr_fn", [None, "match_rms_adamw"])
+def test_muon_steps_a_pool_at_rank_zero(adjust_lr_fn):
+    """At rank 0 nothing is active and every update is 0, whatever the lr factor: not refused
+    (a rank-0 adapter has no [out, 0] lr factor to compare with)."""
+    layer, x = _layer(rank=0)
+    opt = Muon([layer.lora_A, layer.lora_B], lr=LR, adjust_lr_fn=adjust_lr_fn)
+    out = layer(x)
+    torch.testing.assert_close(out, x @ layer.weight.T + layer.bias, rtol=0, atol=0)
+    out.square().sum().backward()
+    opt.step()
+    assert not layer.lora_A.any() and not layer.lora_B.any()

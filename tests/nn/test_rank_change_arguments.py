@@ -24,6 +24,13 @@ def _snapshot(layer, optimizer):
         [v.clone() for p in (layer.lora_A, layer.lora_B) for v in optimizer.state[p].values()]
 
 
+class _Only:
+    """An object with only one of an optimizer's two attributes (``state``, ``param_groups``)."""
+
+    def __init__(self, **attributes):
+        vars(self).update(attributes)
+
+
 OPT = (r"must be a torch optimizer \(the one that steps the LoRA pools, with .state and .param_groups\), a list of them, "
        r"or None, got ")
 CALLS = {
@@ -38,6 +45,11 @@ CALLS = {
         r"LoRAMBoLinear 'fc'.keep_components: optimizer\[1\] " + OPT + "StepLR"),
     "keep_components_many": (lambda l, o: keep_components_many([(l, [1])], optimizer=o.state),
                              r"keep_components_many: optimizer " + OPT + "defaultdict"),
+    "set_rank, state without param_groups": (lambda l, o: l.set_rank(5, optimizer=_Only(state=o.state)),
+                                             r"LoRAMBoLinear 'fc'.set_rank: optimizer " + OPT + "_Only"),
+    "set_rank, param_groups without state": (
+        lambda l, o: l.set_rank(5, optimizer=[o, _Only(param_groups=o.param_groups)]),
+        r"LoRAMBoLinear 'fc'.set_rank: optimizer\[1\] " + OPT + "_Only"),
     "reset_slot_state, swapped": (lambda l, o: lorambo.reset_slot_state(l, o, [0]),
                                   r"reset_slot_state: optimizer " + OPT + "LoRAMBoLinear"),
     "reset_slot_state, a plain layer": (lambda l, o: lorambo.reset_slot_state(o, l.base_layer, [0]),

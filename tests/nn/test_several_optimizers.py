@@ -114,6 +114,20 @@ def test_an_optimizer_listed_twice_moves_its_state_once():
         assert torch.equal(optimizer.state[layer.lora_B][key], want), key
 
 
+def test_a_listed_optimizer_holding_the_pools_among_other_parameters_moves_their_state():
+    layer, optimizer = _trained_layer()  # Adam over the pools and the frozen base weight and bias
+    assert len(optimizer.param_groups[0]["params"]) > 2
+    other = torch.optim.SGD([nn.Parameter(torch.ones(3, dtype=DT))], lr=0.1)  # holds none of the layer's pools
+    before = {p: {key: value.clone() for key, value in optimizer.state[p].items()} for p in (layer.lora_A, layer.lora_B)}
+    layer.keep_components([2, 0], optimizer=[other, optimizer])
+    for key in ("exp_avg", "exp_avg_sq"):
+        want_a = torch.cat([before[layer.lora_A][key][[2, 0]], torch.zeros(2, 6, dtype=DT)])
+        want_b = torch.cat([before[layer.lora_B][key][:, [2, 0]], torch.zeros(5, 2, dtype=DT)], dim=1)
+        assert torch.equal(optimizer.state[layer.lora_A][key], want_a), key
+        assert torch.equal(optimizer.state[layer.lora_B][key], want_b), key
+    assert not other.state
+
+
 def test_an_empty_optimizer_list_is_refused_before_any_change():
     layer, optimizer = _trained_layer()
     with pytest.raises(ValueError, match=r"LoRAMBoLinear 'fc'.set_rank: optimizer is an empty list"):

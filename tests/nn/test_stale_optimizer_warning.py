@@ -111,3 +111,17 @@ def test_pools_loaded_without_extra_state_that_raise_the_rank_warn():
     with pytest.warns(StaleOptimizerStateWarning, match=r"rank changed 1 -> 2 by load_state_dict"):
         layer.load_state_dict(pools, strict=False)
     assert layer.rank == 2
+
+
+def test_the_process_wide_optimizer_hooks_are_installed_once():
+    """Every LoRAMBoLinear asks for the step hooks (this one's post-hook, the refusal pre-hook of
+    lorambo.nn.unsupported_optimizers); one of each runs per step, however many layers exist."""
+    from torch.optim import optimizer as torch_optimizer
+
+    from lorambo.nn import optimizer_tracking, unsupported_optimizers
+
+    for _ in range(3):
+        LoRAMBoLinear(nn.Linear(6, 5, dtype=DT), rank=1, capacity=2)
+    post = [h for h in torch_optimizer._global_optimizer_post_hooks.values() if h is optimizer_tracking._after_step]
+    pre = [h for h in torch_optimizer._global_optimizer_pre_hooks.values() if h is unsupported_optimizers._before_step]
+    assert len(post) == 1 and len(pre) == 1

@@ -48,3 +48,20 @@ def test_the_old_spectral_norm_is_refused_and_its_replacement_wraps_with_the_sam
     a, b = layer.lora_A[:2].detach(), layer.lora_B[:, :2].detach()
     want = x @ (w / (u @ w @ v)).t() + base.bias.detach() + layer.scaling * (x @ a.t()) @ b.t()
     torch.testing.assert_close(layer(x), want, rtol=1e-12, atol=1e-12)
+
+
+def test_each_hook_gets_its_own_advice():
+    """The old weight_norm gets its parametrizations replacement; a hook of the user's own gets
+    'remove them, or register them on the LoRAMBoLinear', not torch's weight-hook advice."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # nn.utils.weight_norm is deprecated
+        normed = nn.utils.weight_norm(nn.Linear(6, 5))
+    with pytest.raises(TypeError, match=r"the old nn\.utils\.weight_norm recomputes the weight in one: use "
+                                        r"nn\.utils\.parametrizations\.weight_norm, which works"):
+        LoRAMBoLinear(normed, rank=2)
+    hooked = nn.Linear(6, 5)
+    hooked.register_forward_pre_hook(lambda module, args: None)
+    with pytest.raises(TypeError, match=r"has forward pre-hooks, .*Remove them, or register them on the "
+                                        r"LoRAMBoLinear$") as refused:
+        LoRAMBoLinear(hooked, rank=2)
+    assert "spectral_norm" not in str(refused.value) and "prune" not in str(refused.value)

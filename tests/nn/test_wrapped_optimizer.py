@@ -145,3 +145,30 @@ def test_rank_changes_given_a_zero_redundancy_optimizer_edit_the_optimizer_it_ho
         layer.set_rank(2, optimizer=opt, generator=gen)
     update, grad, _ = _regrown_row_step(layer, x, opt, gen)  # a fresh Adam's first step: lr * g / (|g| + eps)
     torch.testing.assert_close(update, -LR * grad / (grad.abs() + 1e-8), rtol=1e-12, atol=0)
+
+
+class _Lookahead(torch.optim.Optimizer):
+    """A wrapper kept as ``.optimizer`` as accelerate's is, without its ``gradient_state`` or
+    ``scaler`` (a Lookahead-style wrapper of the user's own)."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self.state, self.param_groups, self.defaults = optimizer.state, optimizer.param_groups, optimizer.defaults
+
+    def step(self, closure=None):
+        return self.optimizer.step(closure)
+
+
+def test_a_wrapper_without_accumulation_state_never_skips_a_step():
+    from types import SimpleNamespace
+
+    from lorambo.nn.optimizer_argument import inner_optimizer, skips_this_step, wrapper_grad_scaler
+
+    inner = torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=LR)
+    wrapper = _Lookahead(inner)
+    assert inner_optimizer(wrapper) is inner
+    assert skips_this_step(wrapper) is False and wrapper_grad_scaler(wrapper) is None
+    wrapper.gradient_state, wrapper.scaler = SimpleNamespace(sync_gradients=False), "scaler"  # accelerate's, mid-accumulation
+    assert skips_this_step(wrapper) is True and wrapper_grad_scaler(wrapper) == "scaler"
+    wrapper.gradient_state.sync_gradients = True
+    assert skips_this_step(wrapper) is False
