@@ -31,9 +31,7 @@ def check_operands(op: str, x, weight, bias, lora_A, lora_B) -> None:
 def check_dtypes(op: str, x, weight, bias, lora_A, lora_B) -> None:
     """Raise a TypeError naming ``op`` and the dtypes unless all operands share one (the layers
     cast them to one, autocast's included, before calling an op)."""
-    dtypes = {"x": x.dtype, "weight": weight.dtype, "lora_A": lora_A.dtype, "lora_B": lora_B.dtype}
-    if bias is not None:
-        dtypes["bias"] = bias.dtype
+    dtypes = _of_each_operand("dtype", x, weight, bias, lora_A, lora_B)
     if len(set(dtypes.values())) != 1:
         raise TypeError(f"{op}: all tensors must share one dtype, got {dtypes}")
 
@@ -48,11 +46,15 @@ def check_tensors(op: str, x, weight, bias, lora_A, lora_B) -> None:
 
 def check_devices(op: str, x, weight, bias, lora_A, lora_B) -> None:
     """Raise a ValueError naming ``op`` and the devices unless all operands are on one device."""
-    devices = {"x": x.device, "weight": weight.device, "lora_A": lora_A.device, "lora_B": lora_B.device}
-    if bias is not None:
-        devices["bias"] = bias.device
+    devices = _of_each_operand("device", x, weight, bias, lora_A, lora_B)
     if len(set(devices.values())) != 1:
         raise ValueError(f"{op}: all tensors must be on one device, got {devices}")
+
+
+def _of_each_operand(attribute: str, x, weight, bias, lora_A, lora_B) -> dict:
+    """{operand name: its ``attribute``}, the bias left out when there is none."""
+    operands = {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B}
+    return {name: getattr(t, attribute) for name, t in operands.items() if t is not None}
 
 
 def check_shapes(op: str, x, weight, bias, lora_A, lora_B) -> None:
