@@ -59,3 +59,24 @@ def test_resume_from_elsewhere_keeps_its_message(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no lorambo_state.pt in checkpoint .*elsewhere: pass "
                                                  r"LoRAMBoCallback\(\.\.\., resume_from=<checkpoint folder>\)"):
         resume_at(callback(resume_from=str(tmp_path / "elsewhere")), tmp_path, 4)
+
+
+def test_resume_from_a_folder_elsewhere_restores_from_it(tmp_path):
+    """lorambo's files of the resumed step kept elsewhere (Trainer's own checkpoint-N lacks them):
+    ``resume_from`` is where they are read from, adapter included, not the default folder."""
+    saved = callback()
+    with torch.no_grad():
+        for layer in lorambo.lora_layers(saved.allocator.model).values():
+            layer.lora_B[:, :layer.rank].normal_(generator=torch.Generator().manual_seed(7))
+    saved.on_save(SimpleNamespace(output_dir=str(tmp_path / "run"), should_save=True),
+                  SimpleNamespace(global_step=4), None)
+    elsewhere = (tmp_path / "run" / "checkpoint-4").rename(tmp_path / "elsewhere")
+    (tmp_path / "run").rename(tmp_path / "resumed")
+    checkpoint(tmp_path / "resumed", 4, complete=False)  # Trainer's files only
+    resumed = callback(resume_from=str(elsewhere))
+    with pytest.warns(UserWarning, match="restored from .*elsewhere"):
+        resume_at(resumed, tmp_path / "resumed", 4)
+    want = lorambo.lora_layers(saved.allocator.model)
+    for name, layer in lorambo.lora_layers(resumed.allocator.model).items():
+        torch.testing.assert_close(layer.lora_B, want[name].lora_B, rtol=0, atol=0)
+        torch.testing.assert_close(layer.lora_A, want[name].lora_A, rtol=0, atol=0)
