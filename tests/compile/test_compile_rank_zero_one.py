@@ -104,3 +104,16 @@ def test_random_rank_moves_keep_the_graph():
             got = compiled(input_ids=ids).last_hidden_state
         torch.testing.assert_close(got.double(), reference(plain, layers, ids), rtol=1e-5, atol=1e-5)
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_rank_tensor_is_a_writable_cpu_int64_scalar_under_inference_mode(inference):
+    """Made under torch.inference_mode(), it is still a normal tensor: a later rank change
+    outside the mode writes to it (an inference tensor refuses in-place updates)."""
+    from lorambo.ops.compile_support import rank_tensor
+
+    with torch.inference_mode(inference):
+        t = rank_tensor(3)
+    assert not t.is_inference() and t.dtype == torch.int64 and t.device.type == "cpu" and t.dim() == 0
+    t.fill_(5)
+    assert int(t) == 5

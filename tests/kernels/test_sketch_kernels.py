@@ -176,3 +176,22 @@ def test_bad_input_names_the_function_and_the_value(device):
         sketch.gram_sq_norms([torch.randn(2, 3, 4, device=device)], [torch.randn(2, 4, 4, device=device)])
     with pytest.raises(ValueError, match="row_dots: tensor 0"):
         sketch.row_dots([torch.randn(3, 4, device=device).T])
+    with pytest.raises(ValueError, match="row_dots: no tensors"):
+        sketch.row_dots([])
+    with pytest.raises(ValueError, match=r"row_dots: xs and ys need equal lengths and shapes, got \[\(3, 4\)\] vs \[\]"):
+        sketch.row_dots([torch.randn(3, 4, device=device)], [])
+    with pytest.raises(ValueError, match="gram_sq_norms: 0 inputs vs 0 gradients"):
+        sketch.gram_sq_norms([], [])
+
+
+@pytest.mark.parametrize("interpreted", [True, False])
+@pytest.mark.parametrize("kind", ["project", "reduce", "gram", "dots"])
+def test_block_shapes_are_powers_of_two_tl_arange_takes(kind, interpreted, monkeypatch):
+    """Both tables (interpreter and GPU): tl.arange needs power-of-two extents, tl.dot at least 16,
+    and num_warps is a power of two."""
+    monkeypatch.setattr(sketch, "is_interpreter", lambda: interpreted)
+    cfg = sketch.sketch_config(kind, torch.device("cpu" if interpreted else "cuda"))
+    blocks = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
+    assert blocks and all(v >= 16 and v & (v - 1) == 0 for v in blocks.values()), cfg
+    warps = cfg.get("num_warps", 1)  # a GPU launch takes a power of two
+    assert warps & (warps - 1) == 0, cfg

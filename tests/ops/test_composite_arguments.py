@@ -29,3 +29,17 @@ def test_torch_func_and_forward_ad_refuse_bad_arguments(rank, b_cols, p, scaling
         torch.func.grad(lambda a: lora_linear(x, w, b, a, bb, rank, scaling, p).sum())(a)
     with forward_ad.dual_level(), pytest.raises(error, match=match):
         lora_linear(forward_ad.make_dual(x, torch.ones_like(x)), w, b, a, bb, rank, scaling, p)
+
+
+def test_composite_path_runs_only_inside_a_transform_or_a_dual_level():
+    """Plain eager calls keep the backends' fused ops; torch.func and forward AD take the composite."""
+    from lorambo.ops.functorch_path import needs_composite
+
+    assert needs_composite() is False
+    with forward_ad.dual_level():
+        assert needs_composite() is True
+    seen = []
+    torch.func.vmap(lambda t: (seen.append(needs_composite()), t)[1])(torch.randn(2, 3))
+    torch.func.grad(lambda t: (seen.append(needs_composite()), t.sum())[1])(torch.randn(3))
+    assert seen == [True, True]
+    assert needs_composite() is False
