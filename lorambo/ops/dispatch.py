@@ -14,7 +14,7 @@ from lorambo.ops.backend import resolve_backend
 from lorambo.ops import ext_linear, triton_linear
 from lorambo.ops.functorch_path import needs_composite, lora_linear_composite
 from lorambo.ops.lora_linear_ref import lora_linear_reference
-from lorambo.ops.op_operands import check_dropout_p, check_operands, check_rank, check_scaling
+from lorambo.ops.op_operands import check_operands, check_scalars
 
 
 def new_dropout_seed() -> torch.Tensor:
@@ -36,9 +36,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, rank: int, scaling: float, drop
         # the backends' checks, which this path skips: its slices would take rank -1 as "all but
         # the last slot" and clip a rank past the capacity
         check_operands("lora_linear", x, weight, bias, lora_A, lora_B)
-        check_rank("lora_linear", rank, lora_A.shape[0])
-        check_scaling("lora_linear", scaling)
-        check_dropout_p("lora_linear", dropout_p)
+        check_scalars("lora_linear", rank, lora_A.shape[0], scaling, dropout_p)
         return lora_linear_composite(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p)
     if dropout_p > 0.0 and seed is None:
         seed = new_dropout_seed()

@@ -24,7 +24,7 @@ import torch
 
 from lorambo.ext import loader as ext_loader
 from lorambo.ops.custom_op import define_lora_op
-from lorambo.ops.op_operands import check_dropout_p, check_operands, check_rank, check_scaling
+from lorambo.ops.op_operands import check_operands, check_scalars
 from lorambo.ops.output_rows import rows_to_output
 from lorambo.ops.seed_argument import check_seed
 
@@ -73,9 +73,7 @@ def lora_linear_ext(x, weight, bias, lora_A, lora_B, rank: int, scaling: float, 
 def _lora_linear(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed):
     """:func:`lora_linear_ext` once the extension is known to be loaded (the traced path)."""
     check_operands("lora_linear_ext", x, weight, bias, lora_A, lora_B)  # ValueErrors, as the other backends'
-    check_rank("lora_linear_ext", rank, lora_A.shape[0])
-    check_scaling("lora_linear_ext", scaling)
-    check_dropout_p("lora_linear_ext", dropout_p)
+    check_scalars("lora_linear_ext", rank, lora_A.shape[0], scaling, dropout_p)
     if dropout_p > 0.0:
         check_seed("lora_linear_ext", seed)
     lead, k = x.shape[:-1], x.shape[-1]

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from lorambo.ops.custom_op import define_lora_op
-from lorambo.ops.op_operands import check_dropout_p, check_operands, check_rank, check_scaling
+from lorambo.ops.op_operands import check_operands, check_scalars
 from lorambo.ops.output_rows import rows_to_output
 from lorambo.ops.seed_argument import check_seed
 
@@ -117,9 +117,7 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, rank, scaling, dropou
     # The slicing below would not notice a bad rank: A[:-1] drops the last slot, A[:cap + 1]
     # clips; p = 1 divides by zero; a nan scaling fills the output with nan. The other backends'
     # ops refuse these too, and complex dtypes.
-    check_rank("lora_linear_reference", rank, lora_A.shape[0])
-    check_scaling("lora_linear_reference", scaling)
-    check_dropout_p("lora_linear_reference", dropout_p)
+    check_scalars("lora_linear_reference", rank, lora_A.shape[0], scaling, dropout_p)
     if dropout_p > 0.0:
         check_seed("lora_linear_reference", seed)
     if not x.dtype.is_floating_point:  # the hand-written backward has no complex conjugates

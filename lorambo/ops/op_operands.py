@@ -16,8 +16,8 @@ import numbers
 
 import torch
 
-__all__ = ["check_devices", "check_dropout_p", "check_dtypes", "check_operands", "check_rank", "check_scaling",
-           "check_shapes", "check_tensors"]
+__all__ = ["check_devices", "check_dropout_p", "check_dtypes", "check_operands", "check_rank", "check_scalars",
+           "check_scaling", "check_shapes", "check_tensors"]
 
 
 def check_operands(op: str, x, weight, bias, lora_A, lora_B) -> None:
@@ -92,6 +92,13 @@ def check_rank(op: str, rank, capacity: int) -> None:
         raise TypeError(f"{op}: rank must be an int, got {rank!r}")
     if not 0 <= rank <= capacity:
         raise ValueError(f"{op}: rank {rank} outside [0, capacity = {capacity}]")
+
+
+def check_scalars(op: str, rank, capacity: int, scaling, dropout_p) -> None:
+    """:func:`check_rank`, :func:`check_scaling` and :func:`check_dropout_p`."""
+    check_rank(op, rank, capacity)
+    check_scaling(op, scaling)
+    check_dropout_p(op, dropout_p)
 
 
 def check_scaling(op: str, scaling) -> None:

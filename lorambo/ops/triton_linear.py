@@ -18,8 +18,7 @@ torch-generator mask of the reference op, so the two backends agree exactly only
 from lorambo_kernels.config import SUPPORTED_DTYPES, unavailable_reason  # torch only: no triton import
 
 from lorambo.ops.custom_op import define_lora_op
-from lorambo.ops.op_operands import (check_devices, check_dropout_p, check_dtypes, check_rank, check_scaling,
-                                      check_shapes, check_tensors)
+from lorambo.ops.op_operands import check_devices, check_dtypes, check_scalars, check_shapes, check_tensors
 from lorambo.ops.output_rows import rows_to_output
 from lorambo.ops.seed_argument import check_seed
 
@@ -46,9 +45,7 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, see
     if reason is not None:
         raise RuntimeError(f"lora_linear_triton: {reason}")
     check_shapes("lora_linear_triton", x, weight, bias, lora_A, lora_B)
-    check_rank("lora_linear_triton", rank, lora_A.shape[0])
-    check_scaling("lora_linear_triton", scaling)
-    check_dropout_p("lora_linear_triton", dropout_p)
+    check_scalars("lora_linear_triton", rank, lora_A.shape[0], scaling, dropout_p)
     if dropout_p > 0.0:
         check_seed("lora_linear_triton", seed)
 
