@@ -86,6 +86,16 @@ def test_backward_op_refuses_grad_y_and_t_of_other_shapes(ns, name, shape):
 
 
 @pytest.mark.parametrize("ns", PYTHON_OPS)
+@pytest.mark.parametrize("name", ["grad_y", "t"])
+def test_backward_op_refuses_grad_y_and_t_of_another_dtype(ns, name):
+    o = operands()
+    o[name] = o[name].double()
+    with pytest.raises(TypeError, match=rf"^{ns}::lora_linear_bwd: {name} is torch.float64 on cpu, x is "
+                                        r"torch.float32 on cpu"):
+        call_bwd(getattr(torch.ops, ns), o)
+
+
+@pytest.mark.parametrize("ns", PYTHON_OPS)
 def test_dropout_multiplier_op_refuses_p_outside_its_range_and_a_negative_seed(ns):
     ops = getattr(torch.ops, ns)
     x = operands()["x"]
