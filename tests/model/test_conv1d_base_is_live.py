@@ -28,7 +28,8 @@ def test_a_pretrained_load_and_in_place_edits_of_the_conv1d_reach_the_adapted_mo
     assert set(lora_layers(model)) == set(convs)
     result = model.load_state_dict(pretrained.state_dict(), strict=False)
     assert not result.unexpected_keys
-    assert sorted(result.missing_keys) == sorted(f"{n}.{k}" for n in convs for k in ("lora_A", "lora_B", "_extra_state"))
+    adapter_keys = (f"{n}.{k}" for n in convs for k in ("lora_A", "lora_B", "_extra_state"))
+    assert sorted(result.missing_keys) == sorted(adapter_keys)
     torch.testing.assert_close(model(IDS).logits, pretrained(IDS).logits, rtol=0, atol=0)  # lora_B is 0
 
     with torch.no_grad():  # an edit of the Conv1D object the user held before configure_model
