@@ -21,10 +21,15 @@ SHAPES = [(384, 384)] * 24 + [(384, 1536)] * 6 + [(1536, 384)] * 6  # (in, out) 
 
 
 def _pools(capacity, dtype):
-    layers = [lorambo.LoRAMBoLinear(nn.Linear(i, o, dtype=dtype), rank=RANK, capacity=capacity) for i, o in SHAPES]
-    params = [p for layer in layers for p in (layer.lora_A, layer.lora_B)]
-    for p in params:
-        p.grad = torch.randn_like(p)
+    """The pools with gradients, the same values on every run (seeded; the global generator is
+    left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        layers = [lorambo.LoRAMBoLinear(nn.Linear(i, o, dtype=dtype), rank=RANK, capacity=capacity)
+                  for i, o in SHAPES]
+        params = [p for layer in layers for p in (layer.lora_A, layer.lora_B)]
+        for p in params:
+            p.grad = torch.randn_like(p)
     return params
 
 

@@ -16,6 +16,13 @@ M, K, N, RANK = 1024, 1024, 1024, 16
 
 
 def _layers():
+    """The layers, the same values on every run (seeded; the global generator is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return _draw_layers()
+
+
+def _draw_layers():
     base = nn.Linear(K, N)
     frozen = nn.Linear(K, N).requires_grad_(False)
     lorambo_pool = LoRAMBoLinear(nn.Linear(K, N), rank=RANK, capacity=64)
@@ -31,12 +38,18 @@ def _layers():
 LAYERS = _layers()
 
 
+def _inputs(mode):
+    """(x, output gradient): the same values for every provider and run (seeded)."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(M, K, generator=gen).requires_grad_(mode == "fwd_bwd")
+    return x, torch.randn(M, N, generator=gen)
+
+
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("provider", list(LAYERS))
 def test_lora_linear_cpu(benchmark, provider, mode):
     layer = LAYERS[provider]
-    x = torch.randn(M, K, requires_grad=(mode == "fwd_bwd"))
-    grad = torch.randn(M, N)
+    x, grad = _inputs(mode)
     benchmark.group = f"cpu fp32 M={M} K={K} N={N} r={RANK} {mode}"
     benchmark.extra_info.update(provider=provider, mode=mode, threads=torch.get_num_threads(),
                                 torch=torch.__version__)

@@ -282,7 +282,8 @@ static void check_moments(const char* op, const char* name, at::TensorList ts, a
 
 void check_pool_adamw(const char* op, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList slot_steps,
-                      at::IntArrayRef slot_dims, at::IntArrayRef ranks, double lr, double beta1, double beta2) {
+                      at::IntArrayRef slot_dims, at::IntArrayRef ranks, double lr, double beta1, double beta2,
+                      double eps, double weight_decay) {
   const size_t count = params.size();
   const at::Device device = check_same_device(op, "params", params);
   TORCH_CHECK(slot_steps.size() == count, op, ": slot_steps has ", slot_steps.size(), " tensors but params has ",
@@ -293,6 +294,9 @@ void check_pool_adamw(const char* op, at::TensorList params, at::TensorList grad
   TORCH_CHECK(lr >= 0.0 && std::isfinite(lr), op, ": lr must be finite and >= 0, got ", lr);
   TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0 && beta2 >= 0.0 && beta2 < 1.0, op, ": betas must be in [0, 1), got (",
               beta1, ", ", beta2, ")");
+  // torch.optim.AdamW's own checks (lorambo.optim.AdamW's constructor runs them): nan fails both
+  TORCH_CHECK(eps >= 0.0, op, ": eps must be >= 0, got ", eps);
+  TORCH_CHECK(weight_decay >= 0.0, op, ": weight_decay must be >= 0, got ", weight_decay);
   for (size_t i = 0; i < count; ++i) {
     const at::Tensor& p = params[i];
     TORCH_CHECK(p.dim() == 2, op, ": params[", i, "] must be a 2-D pool, got shape ", shape_str(p.sizes()));

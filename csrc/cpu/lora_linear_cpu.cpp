@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <vector>
 
 #include "lorambo/cpu_simd.h"
@@ -32,7 +33,7 @@ namespace lorambo {
 
 void check_lora_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
                      const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
-                     int64_t rank, double dropout_p, int64_t seed) {
+                     int64_t rank, double scaling, double dropout_p, int64_t seed) {
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got shape ", shape_str(x.sizes()));
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), op, ": weight must be [N, K] with K = ",
               x.size(1), ", got shape ", shape_str(weight.sizes()));
@@ -57,6 +58,8 @@ void check_lora_args(const char* op, const at::Tensor& x, const at::Tensor& weig
     TORCH_CHECK(ts[i]->device() == x.device(), op, ": ", names[i], " is on ", ts[i]->device(), " but x is on ",
                 x.device());
   }
+  // a nan or inf scaling would turn every output element the LoRA term touches into nan
+  TORCH_CHECK(std::isfinite(scaling), op, ": scaling must be finite, got ", scaling);
   check_dropout(op, dropout_p, seed);
 }
 
@@ -205,8 +208,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_cpu(const at::Tensor& x_arg, 
                                                        int64_t rank, double scaling, double dropout_p,
                                                        int64_t seed) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // see above
-  check_lora_args("lorambo::lora_linear_fwd", x_arg, weight_arg, bias_arg, lora_A_arg, lora_B_arg, rank, dropout_p,
-                  seed);
+  check_lora_args("lorambo::lora_linear_fwd", x_arg, weight_arg, bias_arg, lora_A_arg, lora_B_arg, rank, scaling,
+                  dropout_p, seed);
   TORCH_CHECK(x_arg.device().is_cpu(), "lorambo::lora_linear_fwd (CPU): x is on ", x_arg.device());
   const at::Tensor x = x_arg.detach().contiguous();
   const at::Tensor weight = weight_arg.detach(), lora_A = lora_A_arg.detach(), lora_B = lora_B_arg.detach();
@@ -242,7 +245,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
     int64_t seed, std::array<bool, 5> mask) {
   const char* op = "lorambo::lora_linear_bwd";
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // see above
-  check_lora_args(op, x_arg, weight_arg, std::nullopt, lora_A_arg, lora_B_arg, rank, dropout_p, seed);
+  check_lora_args(op, x_arg, weight_arg, std::nullopt, lora_A_arg, lora_B_arg, rank, scaling, dropout_p, seed);
   const at::Tensor grad_y_in = grad_y_arg.detach(), x_in = x_arg.detach(), weight = weight_arg.detach();
   const at::Tensor lora_A = lora_A_arg.detach(), lora_B = lora_B_arg.detach();
   const at::Tensor t_in = t_arg.defined() ? t_arg.detach() : t_arg;
@@ -366,7 +369,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_generic(const at::Tensor& x, 
                                                            int64_t rank, double scaling, double dropout_p,
                                                            int64_t seed) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // see above
-  check_lora_args("lorambo::lora_linear_fwd", x, weight, bias, lora_A, lora_B, rank, dropout_p, seed);
+  check_lora_args("lorambo::lora_linear_fwd", x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed);
   const at::Tensor empty;
   const at::Tensor& b = none_if_undefined(bias, empty);
   at::Tensor y = b.defined() ? at::addmm(b, x, weight.t()) : at::mm(x, weight.t());
@@ -382,7 +385,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
     const at::Tensor& lora_B, const at::Tensor& t, int64_t rank, double scaling, double dropout_p, int64_t seed,
     std::array<bool, 5> mask) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // see above
-  check_lora_args("lorambo::lora_linear_bwd", x, weight, std::nullopt, lora_A, lora_B, rank, dropout_p, seed);
+  check_lora_args("lorambo::lora_linear_bwd", x, weight, std::nullopt, lora_A, lora_B, rank, scaling, dropout_p,
+                  seed);
   const int64_t r = rank, cap = lora_A.size(0);
   at::Tensor gx = mask[0] ? at::mm(g, weight) : empty_like_none(x);
   at::Tensor gw = mask[1] ? at::mm(g.t(), x) : empty_like_none(x);

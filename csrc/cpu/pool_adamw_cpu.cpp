@@ -198,7 +198,7 @@ void pool_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     at::IntArrayRef ranks, double lr, double beta1, double beta2, double eps, double weight_decay,
                     bool maximize) {
   check_pool_adamw(kOp, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, slot_steps, slot_dims, ranks, lr,
-                   beta1, beta2);
+                   beta1, beta2, eps, weight_decay);
   const size_t count = params.size();
   const bool amsgrad = !max_exp_avg_sqs.empty();
   parallel_items(

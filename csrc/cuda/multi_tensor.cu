@@ -409,7 +409,7 @@ void pool_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      at::IntArrayRef ranks, double lr, double beta1, double beta2, double eps, double weight_decay,
                      bool maximize) {
   check_pool_adamw("lorambo::pool_adamw_", params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, slot_steps,
-                   slot_dims, ranks, lr, beta1, beta2);
+                   slot_dims, ranks, lr, beta1, beta2, eps, weight_decay);
   std::vector<int64_t> tables, items;
   int64_t n_tensors = 0;
   for (size_t i = 0; i < params.size(); ++i) {

@@ -321,6 +321,9 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         for layer in lora_layers(plain).values():  # every layer before the first merge: all or nothing
             if not layer.merged:
                 layer.check_merge_finite("unload(merge=True)")
+    for layer in lora_layers(plain).values():  # each merge or unmerge below writes into the base weight
+        if layer.merged != merge:
+            layer.check_base_writable(f"unload(merge={merge})")
     done = []
     for name, layer in lora_layers(plain).items():
         try:  # out of memory in one layer's merge, or Ctrl-C: say which layers are plain already

@@ -28,6 +28,7 @@ from torch import nn
 from lorambo.model.frozen import release_frozen
 from lorambo.model.targeting import suffix_match
 from lorambo.nn import LoRAMBoLinear
+from lorambo.ops.compile_support import outside_inference_mode
 
 __all__ = ["resolve_modules_to_save", "keep_trainable", "modules_to_save", "original_state"]
 
@@ -87,7 +88,9 @@ def _untie_from_rest(model: nn.Module, name: str) -> None:
     for sub_name, sub in model.get_submodule(name).named_modules(remove_duplicate=False):
         for key, param in list(sub._parameters.items()):
             if param is not None and any(not u.startswith(inside) for u in users.get(id(param), [])):
-                sub._parameters[key] = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+                with outside_inference_mode():  # a trainable copy, also when configured in inference mode
+                    own = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+                sub._parameters[key] = own
                 copied.add(".".join(part for part in (name, sub_name, key) if part))
     if copied:
         _forget_ties(model, copied)
@@ -136,8 +139,9 @@ def keep_trainable(model: nn.Module, names: list[str]) -> None:
         p.requires_grad_(True)
     release_frozen(model, params.values())
     original = dict(getattr(model, _ORIGINAL_ATTR, {}))
-    for n in new:
-        original[n] = {k: v.detach().clone() for k, v in model.get_submodule(n).state_dict().items()}
+    with outside_inference_mode():
+        for n in new:
+            original[n] = {k: v.detach().clone() for k, v in model.get_submodule(n).state_dict().items()}
     object.__setattr__(model, _NAMES_ATTR, everything)  # plain attributes: not state, not submodules
     object.__setattr__(model, _ORIGINAL_ATTR, original)
 

@@ -97,6 +97,12 @@ def unwrappable_reason(module: nn.Module) -> str:
     if family is not None:
         return (f"{type(module).__name__} subclasses {family[1].__name__} with a forward of its own (a quantized "
                 "or otherwise changed layer), which LoRAMBoLinear, computing x W^T + b from the weight, would drop")
+    if isinstance(module, nn.Bilinear):
+        shape = list(module.weight.shape)
+        return (f"{type(module).__name__} computes x1^T A x2 + b from two inputs: its weight {shape} is one "
+                f"{shape[1]}x{shape[2]} bilinear form per output, not an [out, in] matrix applied to one input, "
+                "and a LoRA update B A applies to one input's x W^T; lorambo adapts nn.Linear / transformers "
+                "Conv1D layers only")
     stacked = stacked_weights(module)
     if stacked:
         return (f"{type(module).__name__} holds its weights as stacked 3-D parameters ({', '.join(stacked)}), as "
@@ -108,8 +114,9 @@ def stacked_weights(module: nn.Module) -> list[str]:
     """``'name [shape]'`` of ``module``'s own 3-D parameters holding several matrices, outside
     convolutions: one matrix per expert stacked in one tensor (transformers' fused MoE experts,
     e.g. ``MixtralExperts.gate_up_proj`` [experts, 2 * ffn, hidden]), which no Linear holds. A
-    leading dimension of 1 is a single tensor (ViT's cls_token [1, 1, hidden]), not a stack."""
-    if isinstance(module, nn.modules.conv._ConvNd):
+    leading dimension of 1 is a single tensor (ViT's cls_token [1, 1, hidden]), not a stack; nor
+    is nn.Bilinear's weight [out, in1, in2], one bilinear form per output."""
+    if isinstance(module, (nn.modules.conv._ConvNd, nn.Bilinear)):
         return []
     return [f"{n} {list(p.shape)}" for n, p in module.named_parameters(recurse=False)
             if p.dim() == 3 and p.shape[0] > 1]

@@ -48,7 +48,8 @@ from lorambo.nn.state_dict_hooks import unmerge_before_load as _unmerge_before_l
 from lorambo.nn.state_dict_hooks import unmerged_base_weight as _unmerged_base_weight
 from lorambo.nn.unsupported_optimizers import refuse_unsupported_optimizers
 from lorambo.ops import lora_linear
-from lorambo.ops.compile_support import autocast_available, rank_tensor, run_eagerly, traced_rank
+from lorambo.ops.compile_support import (autocast_available, outside_inference_mode, rank_tensor, run_eagerly,
+                                         traced_rank)
 from lorambo.sharding import is_sharded, local_tensor
 from lorambo.user_warnings import warns_when_done
 
@@ -174,8 +175,11 @@ class LoRAMBoLinear(AdapterMerge, nn.Module):
         for param in base.parameters():
             param.requires_grad_(False)
         note_frozen(base.parameters(), self._label)  # an optimizer that steps only these trains nothing: warn then
-        self.lora_A = nn.Parameter(torch.zeros(capacity, self.in_features, dtype=weight_dtype, device=weight_device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, capacity, dtype=weight_dtype, device=weight_device))
+        with outside_inference_mode():  # rank changes, merges and loads edit the pools in place
+            self.lora_A = nn.Parameter(torch.zeros(capacity, self.in_features, dtype=weight_dtype,
+                                                   device=weight_device))
+            self.lora_B = nn.Parameter(torch.zeros(self.out_features, capacity, dtype=weight_dtype,
+                                                   device=weight_device))
         self._rank = 0
         self._rank_tensor = rank_tensor(0)  # the rank as torch.compile reads it (traced_rank)
         self._slots = PoolSlots(0)

@@ -43,6 +43,7 @@ class AdapterMerge:
         if self.merged:
             raise RuntimeError(f"{self._label}: already merged")
         self.check_mergeable()
+        self.check_base_writable("merge")
         base_w = self.base_layer.weight
         merged = finite_merge(self._label, base_w, self._delta_as_base_layout())
         self._weight_before_merge = base_w.detach().clone() if exact else None
@@ -80,6 +81,17 @@ class AdapterMerge:
                                "adapter unmerged, or remove the parametrization first "
                                "(torch.nn.utils.parametrize.remove_parametrizations)")
 
+    def check_base_writable(self, caller: str) -> None:
+        """Raise, naming ``caller``, where the base weight is an inference tensor (the base layer
+        was built under ``torch.inference_mode()``) and inference mode is off: PyTorch refuses
+        every in-place write to such a tensor there, and merge / unmerge write into it. (The
+        layer's own pools are plain tensors, whatever the mode it was built in.)"""
+        if self.base_layer.weight.is_inference() and not torch.is_inference_mode_enabled():
+            raise RuntimeError(f"{self._label}: {caller} cannot write into the base weight: it was made under "
+                               "torch.inference_mode() (an inference tensor), and PyTorch refuses in-place writes "
+                               "to those outside inference mode. Call it inside torch.inference_mode(), or build "
+                               "the base layer outside it")
+
     def note_tied_weight(self, holders) -> None:
         """Record the other places the model holds this layer's base weight, as
         ``(dotted name, module, attribute)``; :meth:`merge` refuses while one of them still
@@ -98,6 +110,7 @@ class AdapterMerge:
         """Undo :meth:`merge`."""
         if not self.merged:
             raise RuntimeError(f"{self._label}: not merged")
+        self.check_base_writable("unmerge")
         self.base_layer.weight.copy_(self._unmerged_weight())
         self._weight_before_merge = None
         self.merged = False

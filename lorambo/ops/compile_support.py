@@ -30,6 +30,16 @@ def rank_tensor(rank: int) -> torch.Tensor:
         return torch.full((), int(rank), dtype=torch.int64, device="cpu")
 
 
+def outside_inference_mode():
+    """A context in which new tensors are plain ones also under ``torch.inference_mode()``: a
+    layer's pools and rank tensor are edited in place by every rank change, merge and load, which
+    PyTorch refuses for inference tensors outside inference mode (and autograd refuses to save
+    them), so a layer built in inference mode could only ever run in it. A no-op outside it."""
+    if torch.is_inference_mode_enabled():
+        return torch.inference_mode(False)
+    return contextlib.nullcontext()
+
+
 def traced_rank(layer: torch.nn.Module) -> int:
     """The active rank of ``layer`` as the LoRA op takes it: ``layer._rank`` outside
     torch.compile, else the value of ``layer._rank_tensor`` (a 0-d int64 CPU tensor from

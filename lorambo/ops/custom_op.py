@@ -49,6 +49,7 @@ from torch import Tensor
 
 from lorambo.ext.flops import register_lora_flop_formulas
 from lorambo.ops.compile_support import autocast_available
+from lorambo.ops.op_operands import check_backward_call, check_forward_call, check_multiplier_call
 
 __all__ = ["define_lora_op", "differentiable_backward", "seed_tensor", "seed_value"]
 
@@ -94,7 +95,8 @@ def differentiable_backward(grad_y, x, weight, lora_A, lora_B, rank, scaling, ma
 
 
 def define_lora_op(ns: str, forward: Callable, backward: Callable, multiplier: Callable,
-                   eager: Callable | None = None) -> Callable:
+                   eager: Callable | None = None, *, check_backend: Callable | None = None,
+                   checked_inside: bool = False) -> Callable:
     """Register the three ops in namespace ``ns`` and return ``apply(x2, W, b, A, B, rank,
     scaling, p, seed) -> y`` (x2 is [M, K]; seed an int or a 0-d int64 CPU tensor, 0 without
     dropout; autograd-aware, traceable).
@@ -105,11 +107,25 @@ def define_lora_op(ns: str, forward: Callable, backward: Callable, multiplier: C
     multiplier(x, p, seed: int) -> the dropout multiplier forward/backward apply to x
     eager(x, W, b, A, B, rank, scaling, p, seed: int) -> y: an autograd-aware op with the same
         semantics to run outside torch.compile (default: an autograd.Function over the three)
-    """
+    check_backend(op, x) raises unless the backend computes in x's dtype on x's device.
 
-    @torch.library.custom_op(f"{ns}::lora_linear_fwd", mutates_args=())
+    Users reach the three ops through ``torch.ops.<ns>``, past the public functions' checks, so
+    each op checks its operands as those do (:mod:`lorambo.ops.op_operands`; ``check_backend`` for
+    the backend's dtypes and devices) before ``forward`` / ``backward`` / ``multiplier`` run, unless
+    ``checked_inside`` says those check everything themselves (the extension's C++ ops). The
+    eager path (``apply`` outside torch.compile) does not call the ops: its operands are checked
+    once, by the public function, and a compiled graph's once, by the op.
+    """
+    fwd_name, bwd_name, multiplier_name = (f"{ns}::{op}" for op in ("lora_linear_fwd", "lora_linear_bwd",
+                                                                       "dropout_multiplier"))
+
+    @torch.library.custom_op(fwd_name, mutates_args=())
     def lora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                         rank: int, scaling: float, dropout_p: float, seed: Tensor) -> tuple[Tensor, Tensor]:
+        if not checked_inside:
+            check_forward_call(fwd_name, x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
+            if check_backend is not None:
+                check_backend(fwd_name, x)
         return forward(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed_value(seed))
 
     @lora_linear_fwd.register_fake
@@ -117,11 +133,15 @@ def define_lora_op(ns: str, forward: Callable, backward: Callable, multiplier: C
         m = x.shape[0]
         return x.new_empty((m, weight.shape[0])), x.new_empty((m, rank))
 
-    @torch.library.custom_op(f"{ns}::lora_linear_bwd", mutates_args=())
+    @torch.library.custom_op(bwd_name, mutates_args=())
     def lora_linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, t: Tensor,
                         rank: int, scaling: float, dropout_p: float, seed: Tensor, need_x: bool, need_w: bool,
                         need_b: bool, need_a: bool, need_bb: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """(dx, dW, db, dA, dB); a gradient that was not asked for is an empty [0] tensor."""
+        if not checked_inside:
+            check_backward_call(bwd_name, grad_y, x, weight, lora_A, lora_B, t, rank, scaling, dropout_p, seed)
+            if check_backend is not None:
+                check_backend(bwd_name, x)
         # the check in _backward_rule ran while tracing when this op is in a compiled backward graph
         with autocast_off(grad_y.device.type):
             grads = backward(grad_y, x, weight, lora_A, lora_B, t, rank, scaling, dropout_p, seed_value(seed),
@@ -135,8 +155,12 @@ def define_lora_op(ns: str, forward: Callable, backward: Callable, multiplier: C
         needs = (need_x, need_w, need_b, need_a, need_bb)
         return tuple(x.new_empty(s if need else (0,)) for s, need in zip(shapes, needs))
 
-    @torch.library.custom_op(f"{ns}::dropout_multiplier", mutates_args=())
+    @torch.library.custom_op(multiplier_name, mutates_args=())
     def dropout_multiplier(x: Tensor, dropout_p: float, seed: Tensor) -> Tensor:
+        if not checked_inside:
+            check_multiplier_call(multiplier_name, x, dropout_p, seed)
+            if check_backend is not None:
+                check_backend(multiplier_name, x)
         return multiplier(x, dropout_p, seed_value(seed))
 
     @dropout_multiplier.register_fake

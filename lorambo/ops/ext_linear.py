@@ -57,7 +57,8 @@ def _eager(x, weight, bias, lora_A, lora_B, rank, scaling, p, seed):
     return torch.ops.lorambo.lora_linear(x, weight, bias, lora_A, lora_B, rank, scaling, p, seed)
 
 
-_apply = define_lora_op("lorambo_ext", _forward, _backward, _multiplier, eager=_eager)
+# the extension's C++ ops check their operands and scalars themselves (check_lora_args in csrc)
+_apply = define_lora_op("lorambo_ext", _forward, _backward, _multiplier, eager=_eager, checked_inside=True)
 
 
 def lora_linear_ext(x, weight, bias, lora_A, lora_B, rank: int, scaling: float, dropout_p: float = 0.0,

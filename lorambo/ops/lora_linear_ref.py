@@ -104,7 +104,13 @@ def _backward(grad_y, x, weight, lora_A, lora_B, t, rank, scaling, p, seed, need
     return grad_x, grad_w, grad_b, grad_a, grad_bb
 
 
-_apply = define_lora_op("lorambo_ref", _forward, _backward, dropout_mask)
+def _check_backend(op: str, x) -> None:
+    if not x.dtype.is_floating_point:  # the hand-written backward has no complex conjugates
+        raise TypeError(f"{op}: x has dtype {x.dtype}; the op computes in a real floating dtype (float32, "
+                        "float64, bfloat16 or float16), as the other backends' ops do")
+
+
+_apply = define_lora_op("lorambo_ref", _forward, _backward, dropout_mask, check_backend=_check_backend)
 
 
 def lora_linear_reference(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p=0.0, seed=None):
@@ -120,9 +126,7 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, rank, scaling, dropou
     check_scalars("lora_linear_reference", rank, lora_A.shape[0], scaling, dropout_p)
     if dropout_p > 0.0:
         check_seed("lora_linear_reference", seed)
-    if not x.dtype.is_floating_point:  # the hand-written backward has no complex conjugates
-        raise TypeError(f"lora_linear_reference: x has dtype {x.dtype}; the op computes in a real floating "
-                        "dtype (float32, float64, bfloat16 or float16), as the other backends' ops do")
+    _check_backend("lora_linear_reference", x)
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)  # (M, K)
     p = float(dropout_p)

@@ -16,8 +16,11 @@ import numbers
 
 import torch
 
-__all__ = ["check_devices", "check_dropout_p", "check_dtypes", "check_operands", "check_rank", "check_scalars",
-           "check_scaling", "check_shapes", "check_tensors"]
+from lorambo.ops.seed_argument import check_seed
+
+__all__ = ["check_backward_call", "check_devices", "check_dropout_p", "check_dtypes", "check_forward_call",
+           "check_multiplier_call", "check_operands", "check_rank", "check_scalars", "check_scaling",
+           "check_shapes", "check_tensors"]
 
 
 def check_operands(op: str, x, weight, bias, lora_A, lora_B) -> None:
@@ -119,3 +122,41 @@ def check_dropout_p(op: str, dropout_p) -> None:
         raise TypeError(f"{op}: dropout_p must be a real number (a Python float), got {dropout_p!r}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{op}: dropout_p {dropout_p!r} must be in [0, 1)")
+
+
+def check_forward_call(op: str, x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed) -> None:
+    """The checks of a call of a backend's registered forward op (``torch.ops.<ns>.lora_linear_fwd``,
+    reachable by users, and what a compiled graph calls): :func:`check_operands` on the [M, K]
+    rows the op takes, :func:`check_scalars`, and the seed (a 0-d int64 CPU tensor holding an
+    int in [0, 2**63)) where dropout_p > 0."""
+    check_operands(op, x, weight, bias, lora_A, lora_B)
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    check_scalars(op, rank, lora_A.shape[0], scaling, dropout_p)
+    if dropout_p > 0.0:
+        check_seed(op, seed)
+        check_seed(op, int(seed))
+
+
+def check_backward_call(op: str, grad_y, x, weight, lora_A, lora_B, t, rank, scaling, dropout_p, seed) -> None:
+    """:func:`check_forward_call` for a call of a backend's registered backward op, and its own
+    operands: grad_y [M, N] and t [M, rank] (the forward's saved product), in x's dtype and on
+    its device."""
+    check_forward_call(op, x, weight, None, lora_A, lora_B, rank, scaling, dropout_p, seed)
+    m, n = x.shape[0], weight.shape[0]
+    for name, value, shape in (("grad_y", grad_y, (m, n)), ("t", t, (m, rank))):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+        if value.dtype != x.dtype or value.device != x.device:
+            raise TypeError(f"{op}: {name} is {value.dtype} on {value.device}, x is {x.dtype} on {x.device}")
+        if tuple(value.shape) != shape:
+            raise ValueError(f"{op}: {name} is {tuple(value.shape)}, expected {list(shape)}")
+
+
+def check_multiplier_call(op: str, x, dropout_p, seed) -> None:
+    """The checks of a call of a backend's registered dropout-multiplier op: a real dropout_p in
+    [0, 1) and, where it is above 0, the seed (as :func:`check_forward_call`)."""
+    check_dropout_p(op, dropout_p)
+    if dropout_p > 0.0:
+        check_seed(op, seed)
+        check_seed(op, int(seed))

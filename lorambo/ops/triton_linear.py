@@ -37,9 +37,7 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, see
     (so the traced forward reads no environment variable)."""
     check_tensors("lora_linear_triton", x, weight, bias, lora_A, lora_B)
     check_dtypes("lora_linear_triton", x, weight, bias, lora_A, lora_B)
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"lora_linear_triton: dtype {x.dtype} is not supported by the Triton kernels "
-                        f"(float16, bfloat16, float32); use the 'torch' backend")
+    _check_dtype("lora_linear_triton", x)
     check_devices("lora_linear_triton", x, weight, bias, lora_A, lora_B)
     reason = None if device_checked else unavailable_reason(x.device.type)
     if reason is not None:
@@ -48,6 +46,22 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, see
     check_scalars("lora_linear_triton", rank, lora_A.shape[0], scaling, dropout_p)
     if dropout_p > 0.0:
         check_seed("lora_linear_triton", seed)
+
+
+def _check_dtype(op: str, x) -> None:
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{op}: dtype {x.dtype} is not supported by the Triton kernels "
+                        f"(float16, bfloat16, float32); use the 'torch' backend")
+
+
+def _check_backend(op: str, x) -> None:
+    """The dtype, and the device where it is no CUDA device (a direct call of the ops on CPU
+    tensors without TRITON_INTERPRET=1); on CUDA a missing triton fails at the kernels' import."""
+    _check_dtype(op, x)
+    if x.device.type != "cuda":
+        reason = unavailable_reason(x.device.type)
+        if reason is not None:
+            raise RuntimeError(f"{op}: {reason}")
 
 
 # ---------------------------------------------------------------------------- custom ops
@@ -65,7 +79,7 @@ def _multiplier(x, p, seed):
     return dropout_keep_mask(seed, x.shape[0], x.shape[1], p, x.device).to(x.dtype) / (1.0 - p)
 
 
-_apply = define_lora_op("lorambo_triton", _forward, _backward, _multiplier)
+_apply = define_lora_op("lorambo_triton", _forward, _backward, _multiplier, check_backend=_check_backend)
 
 
 # -------------------------------------------------------------------------------- public

@@ -99,3 +99,18 @@ def test_a_meta_tensor_in_any_list_is_refused_not_skipped(role):
                                            r"are on cpu"):
         _step(lists)
     assert all(torch.equal(t, b) for t, b in zip(lists["params"], before))
+
+
+@pytest.mark.parametrize("eps, weight_decay, match", [
+    (float("nan"), WD, r"eps must be >= 0, got nan"), (-1e-8, WD, r"eps must be >= 0, got -1e-08"),
+    (EPS, float("nan"), r"weight_decay must be >= 0, got nan"), (EPS, -0.1, r"weight_decay must be >= 0, got -0.1")])
+def test_eps_and_weight_decay_that_torch_adamw_refuses_are_refused_before_any_write(eps, weight_decay, match):
+    """torch.optim.AdamW (and so lorambo.optim.AdamW) refuses them at construction; called
+    directly, the op turned every active slot of the pools into nan."""
+    lists = _lists(torch.Generator().manual_seed(5))
+    before = {r: [t.clone() for t in lists[r]] for r in ROLES}
+    with pytest.raises(RuntimeError, match=rf"lorambo::pool_adamw_: {match}"):
+        torch.ops.lorambo.pool_adamw_(*(lists[r] for r in ROLES), [0, 0], [3, 3], LR, *BETAS, eps, weight_decay,
+                                      False)
+    for r in ROLES:
+        assert all(torch.equal(t, b) for t, b in zip(lists[r], before[r])), f"{r} written before the error"

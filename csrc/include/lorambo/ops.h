@@ -48,9 +48,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
     const at::Tensor& lora_B, const at::Tensor& t, int64_t rank, double scaling, double dropout_p, int64_t seed,
     std::array<bool, 5> output_mask);
 
-// Shape/dtype/device checks of the LoRA op (shared by every implementation).
+// Shape/dtype/device and scalar checks of the LoRA op (shared by every implementation): the
+// checks of lorambo/ops/op_operands.py, for direct torch.ops.lorambo calls.
 void check_lora_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
                      const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
-                     int64_t rank, double dropout_p, int64_t seed);
+                     int64_t rank, double scaling, double dropout_p, int64_t seed);
 
 }  // namespace lorambo

@@ -112,11 +112,12 @@ RemapPlan plan_remap(const char* op, at::TensorList tensors, at::IntArrayRef slo
 // ------------------------------------------------------------------------------- checks
 // lorambo::pool_adamw_: list lengths, one device, float32/64, bf16 or fp16 2-D contiguous pools with
 // grads and moments of the same shape and dtype, slot_dims in {0, 1}, ranks within the pool,
-// float32 slot counts [capacity], lr finite >= 0, betas in [0, 1); no written tensor sharing
-// memory with another tensor (check_disjoint).
+// float32 slot counts [capacity], lr finite >= 0, betas in [0, 1), eps and weight_decay >= 0 (not
+// nan); no written tensor sharing memory with another tensor (check_disjoint).
 void check_pool_adamw(const char* op, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList slot_steps,
-                      at::IntArrayRef slot_dims, at::IntArrayRef ranks, double lr, double beta1, double beta2);
+                      at::IntArrayRef slot_dims, at::IntArrayRef ranks, double lr, double beta1, double beta2,
+                      double eps, double weight_decay);
 void check_seed(const char* op, int64_t seed);
 void check_dropout(const char* op, double p, int64_t seed);
 
