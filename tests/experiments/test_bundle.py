@@ -177,7 +177,8 @@ def test_module_command_builds_and_verifies(tmp_path, monkeypatch, capsys):
     assert bundle.main(["build", target]) == 0
     files = len(bundle.verify(target)["files"])
     assert capsys.readouterr().out.startswith(f"bundle {target}: {files} files + manifest.json, ")
-    assert bundle.main(["verify", target]) == 0
+    monkeypatch.setattr("sys.argv", ["bundle.py", "verify", target])  # `python -m ...`: the arguments from sys.argv
+    assert bundle.main() == 0
     assert capsys.readouterr().out == f"bundle {target}: {files} files match manifest.json\n"
     (tmp_path / "gpu_bundle" / "model" / "vocab.txt").write_text("[PAD]\n[CLS]\n[SEP]\n")
     assert bundle.main(["verify", target]) == 1
