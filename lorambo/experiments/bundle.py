@@ -70,6 +70,11 @@ def manifest(root) -> dict:
         raise ValueError(f"bundle {root}: {MANIFEST} is not valid JSON ({err})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("files"), dict):
         raise ValueError(f"bundle {root}: {MANIFEST} is not a format-{FORMAT} bundle manifest")
+    for name, entry in data["files"].items():  # checked here: check_file reads both keys
+        if not (isinstance(entry, dict) and isinstance(entry.get("size"), int)
+                and isinstance(entry.get("sha256"), str)):
+            raise ValueError(f"bundle {root}: {MANIFEST} entry {name!r} is not {{\"sha256\": text, \"size\": "
+                             f"integer}} (got {entry!r}): rebuild with `make gpu-bundle`")
     return data
 
 

@@ -130,3 +130,125 @@ def test_a_variable_naming_no_bundle_says_which_variable(tmp_path, monkeypatch, 
     assert main(["experiment", "--steps", "5", "--methods", "uniform", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("lorambo experiment: error: $LORAMBO_BUNDLE=") and "Traceback" not in err, err
+
+
+def test_use_keeps_the_absolute_path_for_the_processes_it_starts(tmp_path, monkeypatch):
+    """A relative ``--bundle`` still names the bundle once the working folder changes."""
+    model, data = _fake_sources(tmp_path)
+    build(tmp_path / "b", model_dir=model, data_dir=data)
+    monkeypatch.setenv(bundle.ENV, "")
+    monkeypatch.chdir(tmp_path)
+    assert bundle.use("b") == tmp_path.resolve() / "b"
+    monkeypatch.chdir(model)
+    assert bundle.active() == tmp_path.resolve() / "b"
+    assert sentiment_data.data_path(sentiment_data.LICENSE_FILE) == tmp_path.resolve() / "b" / "vader" / \
+        sentiment_data.LICENSE_FILE
+
+
+@pytest.mark.parametrize("text, error", [
+    ("{\"format\": 1, \"files\": {", "manifest.json is not valid JSON"),
+    ("[]", "manifest.json is not a format-1 bundle manifest"),
+    ("{\"format\": 2, \"files\": {}}", "manifest.json is not a format-1 bundle manifest"),
+    ("{\"format\": 1, \"files\": []}", "manifest.json is not a format-1 bundle manifest"),
+    ("{\"format\": 1}", "manifest.json is not a format-1 bundle manifest"),
+])
+def test_a_damaged_manifest_is_refused_naming_the_bundle(tmp_path, monkeypatch, text, error):
+    model, data = _fake_sources(tmp_path)
+    target = tmp_path / "b"
+    build(target, model_dir=model, data_dir=data)
+    (target / "manifest.json").write_text(text)
+    monkeypatch.setenv(bundle.ENV, "")
+    with pytest.raises(ValueError, match=f"bundle {target}: {error}"):
+        bundle.use(target)
+    assert bundle.active() is None  # nothing was made active
+    with pytest.raises(ValueError, match=error):
+        bundle.verify(target)
+
+
+def test_module_command_builds_and_verifies(tmp_path, monkeypatch, capsys):
+    """``python -m lorambo.experiments.bundle {build,verify} DIR`` (``make gpu-bundle``): a path
+    given as text, the default sources, one error line and exit status 1 for an altered file."""
+    model, data = _fake_sources(tmp_path)
+    (tmp_path / "cache").mkdir()
+    data.rename(tmp_path / "cache" / "vader")
+    monkeypatch.setenv("LORAMBO_DATA_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr("lorambo.experiments.minilm.minilm_path", lambda: model)
+    target = str(tmp_path / "gpu_bundle")
+    assert bundle.main(["build", target]) == 0
+    files = len(bundle.verify(target)["files"])
+    assert capsys.readouterr().out.startswith(f"bundle {target}: {files} files + manifest.json, ")
+    monkeypatch.setattr("sys.argv", ["bundle.py", "verify", target])  # `python -m ...`: the arguments from sys.argv
+    assert bundle.main() == 0
+    assert capsys.readouterr().out == f"bundle {target}: {files} files match manifest.json\n"
+    (tmp_path / "gpu_bundle" / "model" / "vocab.txt").write_text("[PAD]\n[CLS]\n[SEP]\n")
+    assert bundle.main(["verify", target]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("lorambo.experiments.bundle verify: error: bundle ") and err.count("\n") == 1
+    assert "model/vocab.txt does not match its manifest.json" in err
+    for argv in (["check", target], ["verify"], ["build", target, "extra"]):
+        assert bundle.main(argv) == 2
+        assert capsys.readouterr().err.startswith("usage: python -m lorambo.experiments.bundle {build,verify} DIR")
+
+
+def test_a_file_the_manifest_does_not_list_is_refused(tmp_path, monkeypatch):
+    """A bundle whose manifest lacks an entry (built by an older version, or edited) names the file
+    instead of reading an unverified copy."""
+    model, data = _fake_sources(tmp_path)
+    target = tmp_path / "b"
+    manifest = build(target, model_dir=model, data_dir=data)
+    name = "nytEditorialSnippets_GroundTruth.txt"
+    del manifest["files"][f"vader/{name}"]
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv(bundle.ENV, str(target))
+    with pytest.raises(FileNotFoundError, match=f"bundle {target}: vader/{name} is not in its manifest.json"):
+        sentiment_data.data_path(name)
+    assert bundle.model_dir(target) == target / "model"
+    for key in [k for k in manifest["files"] if k.startswith("model/")]:
+        del manifest["files"][key]
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FileNotFoundError, match=f"bundle {target}: its manifest.json lists no model/ files"):
+        bundle.model_dir(target)
+
+
+@pytest.mark.parametrize("damage, error, kind", [
+    ("overflow", "bundle: weight w of .*model.safetensors overflows fp16", ValueError),
+    ("tokenizer_config.json", "bundle: .*src_model/tokenizer_config.json not found", FileNotFoundError),
+    ("model.safetensors", "bundle: .*src_model/model.safetensors not found", FileNotFoundError),
+])
+def test_a_model_that_cannot_be_bundled_leaves_the_old_bundle(tmp_path, damage, error, kind):
+    """A weight too large for fp16 (it would load as inf) or a missing model file is refused; the
+    bundle already there stays, and no temporary folder is left beside it."""
+    from safetensors.torch import save_file
+
+    model, data = _fake_sources(tmp_path)
+    target = tmp_path / "b"
+    manifest = build(target, model_dir=model, data_dir=data)
+    if damage == "overflow":
+        w = torch.randn(4, 3, generator=torch.Generator().manual_seed(3))
+        w[1, 2] = 7e4  # fp16's largest finite value is 65504
+        save_file({"w": w}, str(model / "model.safetensors"))
+    else:
+        (model / damage).unlink()
+    with pytest.raises(kind, match=error):
+        build(target, model_dir=model, data_dir=data)
+    assert bundle.verify(target) == manifest
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("entry", [{}, {"sha256": "00" * 32}, [], {"sha256": 3, "size": 10}, {"sha256": "ab", "size": "10"}])
+def test_a_malformed_manifest_entry_is_an_error_naming_it(tmp_path, capsys, entry):
+    """An entry without an integer size and a sha256 text used to escape as KeyError/TypeError
+    (a traceback from `bundle verify`, whose errors are one line) or pass as a mismatch."""
+    model, data = _fake_sources(tmp_path)
+    target = tmp_path / "b"
+    manifest = build(target, model_dir=model, data_dir=data)
+    manifest["files"]["model/config.json"] = entry
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    error = f"bundle {target}: manifest.json entry 'model/config.json' is not "
+    with pytest.raises(ValueError, match=error):
+        bundle.verify(target)
+    with pytest.raises(ValueError, match=error):
+        bundle.use(target)
+    assert bundle.main(["verify", str(target)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lorambo.experiments.bundle verify: error: " + error) and err.count("\n") == 1

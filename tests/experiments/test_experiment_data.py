@@ -39,6 +39,45 @@ def test_partial_sentiment_file_is_refused(tmp_path):
         sentiment_data.load_sentences(path)
 
 
+def _rated_file(path, valences):
+    """A ground-truth file of ``EXPECTED_ROWS`` rows: the given valences first, then random ones."""
+    import random
+
+    rng = random.Random(4)
+    rest = sentiment_data.EXPECTED_ROWS - len(valences)
+    valences = list(valences) + [round(rng.uniform(-4, 4), 4) for _ in range(rest)]
+    lines = [f" {i}_{j} \t{v}\t  sentence {j} \r\n" for j, (i, v) in enumerate(zip(range(1, 10**6), valences))]
+    lines.insert(3, "\n")  # a blank line is no row
+    path.write_text("".join(lines), encoding="utf-8", newline="")
+    return valences
+
+
+def test_labels_are_the_valence_sign_and_near_zero_sentences_are_dropped(tmp_path):
+    path = tmp_path / "rated.txt"
+    valences = _rated_file(path, [0.5, -0.5, 0.4999, -0.4999, 0.0, 3.25, -2.0])
+    rows = sentiment_data.read_rated(path, sentiment_data.EXPECTED_ROWS)
+    assert rows[:2] == [("1_0", 0.5, "sentence 0"), ("2_1", -0.5, "sentence 1")]  # id and text stripped
+    kept = sentiment_data.load_sentences(path)
+    assert [s.valence for s in kept] == [v for v in valences if abs(v) >= 0.5]  # file order
+    assert [s.label for s in kept[:4]] == [1, 0, 1, 0]
+    assert all(s.label == (s.valence > 0) for s in kept) and {s.label for s in kept} == {0, 1}
+    assert kept[2].text == "sentence 5"
+    everything = sentiment_data.load_sentences(path, min_abs=0.0)
+    assert len(everything) == sentiment_data.EXPECTED_ROWS
+    assert [s.label for s in everything[:5]] == [1, 0, 1, 0, 0]  # a valence of 0 is not positive
+    assert len(sentiment_data.load_sentences(path, min_abs=3.0)) == sum(abs(v) >= 3.0 for v in valences)
+
+
+def test_a_row_without_three_fields_names_the_line(tmp_path):
+    path = tmp_path / "rated.txt"
+    _rated_file(path, [1.0])
+    text = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    text[5] = "7\t1.5\n"
+    path.write_text("".join(text), encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"{path}:6: expected 'id<TAB>valence<TAB>text', got '7\\t1.5\\n'"):
+        sentiment_data.load_sentences(path)
+
+
 def test_missing_model_package_fails_clearly(monkeypatch):
     from lorambo.experiments import minilm
 

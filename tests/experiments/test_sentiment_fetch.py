@@ -99,3 +99,66 @@ def test_make_data_offline_is_one_error_line(tmp_path, sdist, monkeypatch, capsy
     assert "Could not find a version that satisfies the requirement vaderSentiment==3.3.2" in err
     assert not (tmp_path / "vader" / sd.DATA_FILE).exists()
     assert not os.listdir(tmp_path / "vader" / "sdist")  # no temporary download folder left
+
+
+def test_a_folder_missing_one_file_is_extracted_again_from_the_cached_sdist(tmp_path, sdist, monkeypatch, capsys):
+    target = tmp_path / "vader"
+    python, log = _fake_pip(tmp_path, sdist)
+    real_fetch = sd.fetch
+    monkeypatch.setattr(sd, "fetch", lambda: real_fetch(target, python=str(python)))
+    assert sd.main() == 0 and capsys.readouterr().out == f"{target / sd.DATA_FILE}\n"
+    snippets = target / "nytEditorialSnippets_GroundTruth.txt"
+    snippets.unlink()
+    (target / sd.DATA_FILE).write_bytes(b"an older copy\n")
+    assert real_fetch(target, python=str(python)) == target / sd.DATA_FILE
+    assert snippets.read_bytes() == CONTENT[snippets.name]
+    assert (target / sd.DATA_FILE).read_bytes() == CONTENT[sd.DATA_FILE]  # all of it extracted again
+    assert len(log.read_text().splitlines()) == 1  # from the cached sdist: pip ran once
+    assert _leftovers(target) == []
+
+
+def test_pip_that_succeeds_without_the_sdist_is_an_error(tmp_path, sdist):
+    python, _ = _fake_pip(tmp_path, sdist)
+    python.write_text(f"#!{sys.executable}\nimport sys\nsys.exit(0)\n")  # exit 0, nothing written
+    with pytest.raises(RuntimeError, match=r"sentiment data: `.* download --no-binary :all: --no-deps --quiet "
+                                           r"vaderSentiment==3.3.2 -d .*` failed \(exit 0\)"):
+        sd.fetch(tmp_path / "vader", python=str(python))
+    assert not os.listdir(tmp_path / "vader" / "sdist")
+
+
+def test_require_names_make_data_for_each_missing_file(tmp_path, monkeypatch):
+    from lorambo.experiments import bundle
+
+    monkeypatch.delenv(bundle.ENV, raising=False)
+    monkeypatch.setenv("LORAMBO_DATA_DIR", str(tmp_path))
+    (tmp_path / "vader").mkdir()
+    (tmp_path / "vader" / sd.DATA_FILE).write_text("rows\n")
+    sd.require([sd.DATA_FILE])
+    missing = tmp_path / "vader" / "amazonReviewSnippets_GroundTruth.txt"
+    with pytest.raises(FileNotFoundError, match=f"sentiment data not found at {missing}: run `make data`"):
+        sd.require([sd.DATA_FILE, missing.name])
+
+
+def test_an_sdist_without_one_of_the_files_is_an_error_and_writes_nothing(tmp_path, monkeypatch):
+    missing = "hutto_ICWSM_2014/amazonReviewSnippets_GroundTruth.txt"
+    inner = _tar_gz({member: CONTENT[name] for member, name in sd.FILES.items() if member != missing})
+    data = _tar_gz({"vaderSentiment-3.3.2/LICENSE.txt": LICENCE, sd.INNER: inner})
+    monkeypatch.setattr(sd, "SDIST_SHA256", hashlib.sha256(data).hexdigest())
+    python, _ = _fake_pip(tmp_path, data)
+    target = tmp_path / "vader"
+    with pytest.raises(RuntimeError, match=rf"sentiment data: \['{missing}'\] not found in {sd.INNER} of "):
+        sd.fetch(target, python=str(python))
+    assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*")) == ["sdist", f"sdist/{sd.SDIST}"]
+
+
+def test_the_default_folder_is_under_lorambo_data_dir_and_a_complete_one_is_not_touched(tmp_path, sdist, monkeypatch):
+    monkeypatch.setenv("LORAMBO_DATA_DIR", str(tmp_path / "cache"))
+    python, log = _fake_pip(tmp_path, sdist)
+    target = tmp_path / "cache" / "vader"
+    assert sd.fetch(python=str(python)) == target / sd.DATA_FILE
+    assert (target / sd.DATA_FILE).read_bytes() == CONTENT[sd.DATA_FILE]
+    (target / "sdist" / sd.SDIST).unlink()  # not needed once every file is there
+    python.write_text(f"#!{sys.executable}\nimport sys\nsys.exit('pip must not run')\n")
+    assert sd.fetch(python=str(python)) == target / sd.DATA_FILE
+    assert sorted(p.name for p in target.iterdir()) == sorted([*sd.FILES.values(), sd.LICENSE_FILE, "sdist"])
+    assert len(log.read_text().splitlines()) == 1
