@@ -104,13 +104,19 @@ def build(target, model_dir=None, data_dir=None, limit: int = LIMIT) -> dict:
 
 
 def _replace_dir(new: Path, target: Path) -> None:
-    """Rename ``new`` to ``target``; an existing ``target`` is moved aside first, then removed."""
+    """Rename ``new`` to ``target``; an existing ``target`` is moved aside first, then removed,
+    or put back where the rename of ``new`` fails (the caller removes ``new``)."""
     old = None
     if target.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
         os.rmdir(old)
         os.replace(target, old)
-    os.replace(new, target)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old, target)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -235,6 +235,30 @@ def test_a_model_that_cannot_be_bundled_leaves_the_old_bundle(tmp_path, damage, 
     assert [p for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_a_failed_final_rename_puts_the_old_bundle_back(tmp_path, monkeypatch):
+    """The old bundle is moved aside before the new one is renamed into place; where that rename
+    fails (a full disk, a signal), the old bundle goes back under its name, whole."""
+    import os
+
+    from lorambo.experiments import bundle_build
+
+    model, data = _fake_sources(tmp_path)
+    target = tmp_path / "b"
+    manifest = build(target, model_dir=model, data_dir=data)
+    real_replace = os.replace
+
+    def replace_failing_into_target(src, dst):
+        if str(dst) == str(target) and ".old." not in str(src):
+            raise OSError("no space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(bundle_build.os, "replace", replace_failing_into_target)
+    with pytest.raises(OSError, match="no space left"):
+        build(target, model_dir=model, data_dir=data)
+    assert bundle.verify(target) == manifest
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
 @pytest.mark.parametrize("entry", [{}, {"sha256": "00" * 32}, [], {"sha256": 3, "size": 10}, {"sha256": "ab", "size": "10"}])
 def test_a_malformed_manifest_entry_is_an_error_naming_it(tmp_path, capsys, entry):
     """An entry without an integer size and a sha256 text used to escape as KeyError/TypeError
