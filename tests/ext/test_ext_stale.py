@@ -125,3 +125,18 @@ def test_another_packages_csrc_beside_an_installed_lorambo_is_not_taken_for_its_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert ext_loader.load() is lorambo._C
+
+
+@needs_ext
+def test_a_module_with_neither_csrc_nor_a_record_is_checked_by_its_operators_only(tmp_path, monkeypatch,
+                                                                                fresh_loader):
+    """No csrc/ beside the package and no _C.sources next to the module (e.g. a build copied in by
+    hand): nothing to compare the hash with, so a module with every operator loads, quietly."""
+    import lorambo._C
+
+    monkeypatch.setattr(ext_loader, "CSRC", tmp_path / "no-csrc")
+    monkeypatch.setattr(lorambo._C, "__file__", str(tmp_path / Path(lorambo._C.__file__).name))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ext_loader.load() is lorambo._C
+    assert ext_loader.require() is lorambo._C
