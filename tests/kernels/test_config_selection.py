@@ -1,6 +1,8 @@
 """What lorambo_kernels.config picks for a launch, from shapes, dtype and device alone (the launch
 constants themselves wait for GPU measurements; here the choices between them)."""
 
+import types
+
 import pytest
 import torch
 
@@ -22,6 +24,40 @@ def tf32_switch():
 
     yield switch
     matmul.allow_tf32 = before
+
+
+def _answers(device=torch.device("cpu")):
+    return config.is_interpreter(), config.sm_count(device), config.capability(device)
+
+
+def test_plan_for_gpu_answers_for_that_gpu_within_its_block_only(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _answers() == (True, 4, (0, 0))  # the interpreter: small persistent grids, no TMA
+    with config.plan_for_gpu(*H100):
+        with config.plan_for_gpu(108, (8, 0)):  # an A100 inside: the inner plan answers
+            assert _answers() == (False, 108, (8, 0))
+        assert _answers() == (False, *H100)
+    assert _answers() == (True, 4, (0, 0))
+
+
+@pytest.fixture
+def two_fake_gpus(monkeypatch):
+    """torch.cuda answering for an H100 at index 0 and an A100 at index 1, the current device."""
+    sms, capabilities = {0: 132, 1: 108}, {0: (9, 0), 1: (8, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: types.SimpleNamespace(multi_processor_count=sms[index]))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capabilities[index])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    for cached in (config._sm_count, config._capability):
+        cached.cache_clear()
+    yield
+    for cached in (config._sm_count, config._capability):
+        cached.cache_clear()
+
+
+def test_a_cuda_device_is_asked_for_its_own_sm_count_and_capability(two_fake_gpus):
+    assert (config.sm_count(torch.device("cuda", 0)), config.capability(torch.device("cuda", 0))) == (132, (9, 0))
+    assert (config.sm_count(torch.device("cuda")), config.capability(torch.device("cuda"))) == (108, (8, 0))
 
 
 def test_input_precision_follows_the_device_and_torchs_tf32_switch(monkeypatch, tf32_switch):
