@@ -71,3 +71,18 @@ def test_input_precision_follows_the_device_and_torchs_tf32_switch(monkeypatch, 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     tf32_switch(True)
     assert [config.input_precision(d) for d in (*HALF, torch.float32)] == ["upcast", "ieee", "ieee"]
+
+
+@pytest.mark.parametrize("setting, gpu, descriptors, expected", [
+    ("auto", H100, True, True), (None, H100, True, True), ("auto", (108, (8, 0)), True, False),
+    ("0", H100, True, False), ("off", H100, True, False),          # forced off on the GPU that has it
+    ("1", (108, (8, 0)), True, True), ("on", H100, False, False),  # forced on: only with triton's descriptors
+])
+def test_want_tma_follows_the_setting_the_gpu_and_triton(monkeypatch, setting, gpu, descriptors, expected):
+    if setting is None:
+        monkeypatch.delenv("LORAMBO_TMA", raising=False)
+    else:
+        monkeypatch.setenv("LORAMBO_TMA", setting)
+    monkeypatch.setattr(config, "tma_available", lambda: descriptors)
+    with config.plan_for_gpu(*gpu):
+        assert config.want_tma(torch.device("cuda", 0)) is expected
