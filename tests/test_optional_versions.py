@@ -84,3 +84,16 @@ def test_only_packages_with_a_minimum_are_refused_for_their_version(monkeypatch)
     deps.require({"plots"}, "demo")
     with pytest.raises(ImportError, match=re.escape("`lorambo demo` needs transformers >= 5.0, found transformers 4.45.0")):
         deps.require({"plots", "model"}, "demo")
+
+
+def test_requires_names_the_caller_only_when_the_package_itself_is_missing():
+    """A module missing inside an installed package (or one of its dependencies) propagates as is:
+    "pip install peft" would not fix it."""
+    with pytest.raises(ImportError, match=re.escape("from_peft needs peft, which is not installed: pip install peft")):
+        with optional.requires("peft", "from_peft"):
+            raise ModuleNotFoundError("No module named 'peft'", name="peft")
+    inner = ModuleNotFoundError("No module named 'peft_dependency'", name="peft_dependency")
+    with pytest.raises(ModuleNotFoundError) as caught:
+        with optional.requires("peft", "from_peft"):
+            raise inner
+    assert caught.value is inner
