@@ -42,7 +42,7 @@ def test_an_older_transformers_is_refused_naming_the_caller_and_the_version(monk
         load_minilm()
 
 
-@pytest.mark.parametrize("found", ["5.0.0", "5.23.0", "6.1.0.dev0", "5.0.0+local"])
+@pytest.mark.parametrize("found", ["5.0", "5.0.0", "5.23.0", "6.1.0.dev0", "5.0.0+local"])
 def test_a_recent_enough_transformers_is_taken(monkeypatch, found):
     _pretend_installed(monkeypatch, "transformers", found)
     assert lorambo.integrations.LoRAMBoCallback.__name__ == "LoRAMBoCallback"
@@ -71,3 +71,29 @@ def test_an_older_peft_is_refused_naming_the_caller(monkeypatch):
     with pytest.raises(ImportError, match=re.escape(
             "peft_config needs peft >= 0.13, found peft 0.12.0: pip install 'peft>=0.13'")):
         lorambo.peft_config({"layer": 2})
+
+
+def test_only_packages_with_a_minimum_are_refused_for_their_version(monkeypatch):
+    """matplotlib (the demo's plots) has no minimum: any installed release passes the commands' check."""
+    import lorambo.cli.deps as deps
+
+    found = {"matplotlib": "0.1", "transformers": "4.45.0"}
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: found.get(name) or real(name))
+    monkeypatch.setattr(deps.importlib.util, "find_spec", lambda name, *a: object())  # every module is there
+    deps.require({"plots"}, "demo")
+    with pytest.raises(ImportError, match=re.escape("`lorambo demo` needs transformers >= 5.0, found transformers 4.45.0")):
+        deps.require({"plots", "model"}, "demo")
+
+
+def test_requires_names_the_caller_only_when_the_package_itself_is_missing():
+    """A module missing inside an installed package (or one of its dependencies) propagates as is:
+    "pip install peft" would not fix it."""
+    with pytest.raises(ImportError, match=re.escape("from_peft needs peft, which is not installed: pip install peft")):
+        with optional.requires("peft", "from_peft"):
+            raise ModuleNotFoundError("No module named 'peft'", name="peft")
+    inner = ModuleNotFoundError("No module named 'peft_dependency'", name="peft_dependency")
+    with pytest.raises(ModuleNotFoundError) as caught:
+        with optional.requires("peft", "from_peft"):
+            raise inner
+    assert caught.value is inner

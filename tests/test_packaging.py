@@ -20,6 +20,13 @@ def test_kernels_folder_is_not_a_top_level_package():
     assert proc.stdout.split()[:2] == ["False", "lorambo_kernels"]
 
 
+def test_the_kernels_package_carries_the_version_of_the_distribution_that_ships_it():
+    import lorambo
+    import lorambo_kernels
+
+    assert lorambo_kernels.__version__ == lorambo.__version__
+
+
 @pytest.mark.slow
 def test_wheel_installs_into_a_fresh_venv_and_imports_outside_the_tree(tmp_path, fresh_venv):
     env = {**os.environ, "LORAMBO_SKIP_EXT": "1"}

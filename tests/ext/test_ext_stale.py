@@ -3,6 +3,7 @@ the sources it was built from."""
 
 import re
 import shutil
+import types
 import warnings
 from pathlib import Path
 
@@ -125,3 +126,40 @@ def test_another_packages_csrc_beside_an_installed_lorambo_is_not_taken_for_its_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert ext_loader.load() is lorambo._C
+
+
+@needs_ext
+def test_a_module_with_neither_csrc_nor_a_record_is_checked_by_its_operators_only(tmp_path, monkeypatch,
+                                                                                fresh_loader):
+    """No csrc/ beside the package and no _C.sources next to the module (e.g. a build copied in by
+    hand): nothing to compare the hash with, so a module with every operator loads, quietly."""
+    import lorambo._C
+
+    monkeypatch.setattr(ext_loader, "CSRC", tmp_path / "no-csrc")
+    monkeypatch.setattr(lorambo._C, "__file__", str(tmp_path / Path(lorambo._C.__file__).name))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ext_loader.load() is lorambo._C
+    assert ext_loader.require() is lorambo._C
+
+
+def test_in_a_checkout_the_module_is_compared_with_the_csrc_beside_the_package():
+    """Not with the hash the last build recorded: after a `git pull` without a rebuild the two differ."""
+    module = types.SimpleNamespace(__file__=str(ROOT / "lorambo" / "_C.so"))
+    assert ext_loader._expected_sources(module) == (sources_hash(ROOT / "csrc"), str(ROOT / "csrc"))
+
+
+@pytest.mark.parametrize("missing, warns", [("lorambo._C", False), ("libtorch_extra", True)])
+def test_a_missing_extension_is_quiet_and_a_missing_dependency_of_it_warns(monkeypatch, fresh_loader, missing,
+                                                                          warns):
+    """Not built (LORAMBO_SKIP_EXT=1): no warning. Built, but something it imports is missing: broken,
+    one warning. Either way require() says why, naming the import error."""
+    def import_module(name):
+        raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
+
+    monkeypatch.setattr(ext_loader, "importlib", types.SimpleNamespace(import_module=import_module))
+    messages = _load_warnings()
+    assert messages == ([f"lorambo._C failed to import (No module named {missing!r}); using Triton/PyTorch"]
+                        if warns else [])
+    with pytest.raises(RuntimeError, match=re.escape(f"lorambo._C is not available (No module named {missing!r})")):
+        ext_loader.require()
