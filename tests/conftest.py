@@ -112,7 +112,8 @@ def accelerator():
 def fresh_venv(tmp_path):
     """(venv, python) of a new venv whose dependencies come from the test venv through a .pth
     path line. A path line does not run the test venv's own .pth files, so its editable lorambo
-    stays invisible: lorambo must come from whatever the test installs."""
+    stays invisible: lorambo must come from whatever the test installs. Run its python with
+    ``-I``, so that a PYTHONPATH naming a checkout cannot hide the installed package either."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = venv / "bin" / "python"

@@ -35,17 +35,18 @@ def test_wheel_installs_into_a_fresh_venv_and_imports_outside_the_tree(tmp_path,
     wheel = next((tmp_path / "dist").glob("lorambo-*.whl"))
     assert "lorambo/py.typed" in zipfile.ZipFile(wheel).namelist()  # PEP 561: type checkers read the annotations
     venv, py = fresh_venv  # lorambo comes from the wheel
-    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True)
+    subprocess.run([str(py), "-I", "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True)
     code = ("import lorambo, lorambo_kernels, torch; "
             "m = lorambo.configure_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), 2); "
             "print(lorambo.__file__); print(lorambo_kernels.__file__); print(m(torch.randn(2, 4)).shape); "
             "import importlib.metadata as md; print(lorambo.__version__ == md.version('lorambo'))")
-    proc = subprocess.run([str(py), "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    proc = subprocess.run([str(py), "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     lines = proc.stdout.splitlines()
     assert all(line.startswith(str(venv)) for line in lines[:2]), lines
     assert lines[2] == "torch.Size([2, 4])"
     assert lines[3] == "True"  # lorambo.__version__ is the version the package was built with
-    cli = subprocess.run([str(venv / "bin" / "lorambo"), "info"], capture_output=True, text=True, check=True)
+    cli = subprocess.run([str(venv / "bin" / "lorambo"), "info"], capture_output=True, text=True, check=True,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert "lorambo 0.1.0" in cli.stdout
 
 

@@ -157,8 +157,8 @@ def test_cpu_wheel_contains_the_extension_and_runs_every_op_in_a_fresh_venv(tmp_
     assert "lorambo_kernels/__init__.py" in names and "lorambo/ext/fake.py" in names
     assert "lorambo/_C.sources" in names  # what lorambo.ext.loader checks the module against
     venv, py = fresh_venv
-    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True)
-    proc = subprocess.run([str(py), "-c", SMOKE], cwd=tmp_path, capture_output=True, text=True)
+    subprocess.run([str(py), "-I", "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True)
+    proc = subprocess.run([str(py), "-I", "-c", SMOKE], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert lines[0].startswith(str(venv)) and lines[1].startswith(str(venv)), lines
@@ -203,6 +203,6 @@ def test_sdist_builds_the_extension_from_scratch(tmp_path, fresh_venv):
 
     assert any(n.startswith("lorambo/_C.") for n in zipfile.ZipFile(wheel).namelist())
     venv, py = fresh_venv
-    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True)
-    proc = subprocess.run([str(py), "-c", SMOKE], cwd=tmp_path, capture_output=True, text=True)
+    subprocess.run([str(py), "-I", "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True)
+    proc = subprocess.run([str(py), "-I", "-c", SMOKE], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.splitlines()[-1] == "every op OK", proc.stderr[-3000:]
