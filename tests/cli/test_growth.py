@@ -1,0 +1,124 @@
+"""The pieces of ``lorambo demo --growth`` (lorambo/cli/growth.py) on a small stand-in model, with
+the MiniLM embedding replaced: the ranks each module type gets, the contrastive loss, which layers
+grow and what the growth check reports."""
+
+import random
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from lorambo.cli import growth
+from lorambo.model import configure_model, lora_layers
+from lorambo.optim import AdamW
+
+
+def test_each_module_type_gets_its_rank_and_attention_output_is_not_output():
+    for kind in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                 "intermediate.dense", "output.dense"):
+        name = f"encoder.layer.3.{kind}"
+        expected = growth.DEMO_RANKS[kind.removeprefix("attention.self.")]
+        assert growth._rank_for(name) == expected, name
+    assert growth.DEMO_RANKS["attention.output.dense"] != growth.DEMO_RANKS["output.dense"]  # the test can tell
+    with pytest.raises(KeyError, match="pooler.dense"):
+        growth._rank_for("pooler.dense")
+
+
+def _fake_embeddings(monkeypatch, dim=8, seed=0):
+    """Each text a fixed random unit vector (drawn on first sight, seeded)."""
+    gen, table = torch.Generator().manual_seed(seed), {}
+
+    def embed(model, tokenizer, texts):
+        for t in texts:
+            if t not in table:
+                table[t] = nn.functional.normalize(torch.randn(dim, generator=gen, dtype=torch.float64), dim=0)
+        return torch.stack([table[t] for t in texts])
+
+    monkeypatch.setattr(growth, "embed", embed)
+    return table
+
+
+def test_contrastive_loss_is_symmetric_infonce_over_the_halves(monkeypatch):
+    table = _fake_embeddings(monkeypatch)
+    rng = random.Random(1)
+    paragraphs = [" ".join(rng.choice(["alpha", "beta", "gamma", "delta", "eps"]) + str(rng.randint(0, 99))
+                           for _ in range(rng.randint(4, 9))) for _ in range(5)]
+    loss = growth.contrastive_loss(None, None, paragraphs)
+    halves = [(" ".join(p.split()[:len(p.split()) // 2]), " ".join(p.split()[len(p.split()) // 2:]))
+              for p in paragraphs]
+    a = torch.stack([table[x] for x, _ in halves])
+    b = torch.stack([table[y] for _, y in halves])
+    sim = a @ b.T / growth.TEMPERATURE
+    first_to_second = -torch.log_softmax(sim, dim=1).diagonal().mean()
+    second_to_first = -torch.log_softmax(sim, dim=0).diagonal().mean()
+    assert first_to_second != pytest.approx(second_to_first)               # the two directions differ
+    assert float(loss) == pytest.approx(float(first_to_second + second_to_first) / 2, rel=1e-12)
+    assert growth.TEMPERATURE == 0.05                                       # sentence-transformers' scale 20
+
+
+class Blocks(nn.Module):
+    """Six blocks named like MiniLM's encoder (``encoder.layer.<i>.dense``)."""
+
+    def __init__(self, width=10):
+        super().__init__()
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList(nn.Sequential() for _ in range(6))
+        for block in self.encoder.layer:
+            block.dense = nn.Linear(width, width)
+
+    def forward(self, x):
+        for block in self.encoder.layer:
+            x = torch.tanh(block.dense(x))
+        return x
+
+
+def _adapted(seed=0):
+    torch.manual_seed(seed)
+    model = Blocks()
+    names = [f"encoder.layer.{i}.dense" for i in range(6)]
+    caps = dict.fromkeys(names, 8)
+    caps["encoder.layer.5.dense"] = 3                                      # doubling 2 is capped at 3
+    configure_model(model, dict.fromkeys(names, 2), capacity=caps)
+    for layer in lora_layers(model).values():                              # trained factors, not zero B
+        with torch.no_grad():
+            layer.lora_B[:, :layer.rank].normal_()
+    optimizer = AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(torch.randn(4, 10)).square().sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def test_only_blocks_4_and_5_grow_to_twice_their_rank_within_capacity():
+    model, optimizer = _adapted()
+    grown = growth._grow_last_blocks(model, optimizer)
+    assert grown == [("encoder.layer.4.dense", 2, 4), ("encoder.layer.5.dense", 2, 3)]
+    assert {n: m.rank for n, m in lora_layers(model).items()} == {
+        **{f"encoder.layer.{i}.dense": 2 for i in range(4)}, "encoder.layer.4.dense": 4, "encoder.layer.5.dense": 3}
+    with warnings.catch_warnings():  # the optimizer was told of the new slots: no stale-state warning
+        warnings.simplefilter("error")
+        model(torch.randn(4, 10)).square().sum().backward()
+        optimizer.step()
+
+
+def test_growth_check_reports_an_unchanged_function_and_storage(monkeypatch):
+    model, optimizer = _adapted(seed=3)
+    x = torch.randn(5, 10, generator=torch.Generator().manual_seed(4))
+    calls = []
+
+    def embed(m, tokenizer, texts):
+        calls.append((m.training, torch.is_grad_enabled(), tuple(texts)))
+        return nn.functional.normalize(m(x[:len(texts)]), dim=-1)
+
+    monkeypatch.setattr(growth, "embed", embed)
+    storage = sum(p.untyped_storage().nbytes() for p in model.parameters()) / 2**20
+    ranks_before = sum(m.rank for m in lora_layers(model).values())
+    model.train()
+    report = growth._check_growth(model, None, ["a", "b", "c"], optimizer)
+    assert calls == [(False, False, ("a", "b", "c"))] * 2                  # eval mode, no graph, the probe
+    assert model.training                                                   # training mode restored
+    assert report["grown"] == [("encoder.layer.4.dense", 2, 4), ("encoder.layer.5.dense", 2, 3)]
+    assert (report["ranks_before"], report["ranks_after"]) == (ranks_before, ranks_before + 3)
+    assert report["max_abs_diff"] <= growth.FP32_ROUNDING
+    assert report["same_objects"] is True and report["same_storage"] is True and report["inactive_zero"] is True
+    assert report["mib_before"] == report["mib_after"] == pytest.approx(storage, rel=1e-12) and storage > 0
