@@ -82,3 +82,9 @@ def test_alora_prunes_its_share_of_the_uniform_start_in_rounds_that_leave_time_t
     assert config.decision_steps() == [10, 20]                  # 2 rounds then 2 x 10 steps to fine-tune
     assert config.n_prune == math.ceil(0.3 * sum(start.values()))
     assert run.opt.heldout_batches is ctx.heldout and run.opt.loss_fn == planted_task.loss
+
+
+def test_online_decides_from_a_fifth_of_the_run_every_fifth_until_just_past_half(planted_task, tiny_cfg):
+    cfg = tiny_cfg.replace(steps=40)
+    run, _ = _setup(planted_task, cfg, "online", {})
+    assert [s for s in range(cfg.steps + 1) if run.opt.is_decision_step(s)] == [8, 16]
