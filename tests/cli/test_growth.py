@@ -122,3 +122,95 @@ def test_growth_check_reports_an_unchanged_function_and_storage(monkeypatch):
     assert report["max_abs_diff"] <= growth.FP32_ROUNDING
     assert report["same_objects"] is True and report["same_storage"] is True and report["inactive_zero"] is True
     assert report["mib_before"] == report["mib_after"] == pytest.approx(storage, rel=1e-12) and storage > 0
+
+
+KINDS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+         "intermediate.dense", "output.dense")
+
+
+class MiniEncoder(nn.Module):
+    """MiniLM's layer names and a pooler, at width 16: what the demo adapts and grows."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList()
+        for _ in range(6):
+            block = nn.Module()
+            for kind in KINDS:
+                parent = block
+                *path, leaf = kind.split(".")
+                for part in path:
+                    if not hasattr(parent, part):
+                        parent.add_module(part, nn.Module())
+                    parent = getattr(parent, part)
+                parent.add_module(leaf, nn.Linear(width, width))
+            self.encoder.layer.append(block)
+        self.pooler = nn.Linear(width, width)
+
+    def forward(self, x):
+        for block in self.encoder.layer:
+            for kind in KINDS:
+                x = x + 0.3 * torch.tanh(block.get_submodule(kind)(x))
+        return x
+
+
+@pytest.fixture
+def mini_demo(monkeypatch):
+    """run_growth_demo on MiniEncoder: a text is the mean of its words' fixed random vectors."""
+    gen, words = torch.Generator().manual_seed(0), {}
+
+    def embed(model, tokenizer, texts):
+        rows = []
+        for t in texts:
+            for w in t.split():
+                words.setdefault(w, torch.randn(16, generator=gen))
+            rows.append(torch.stack([words[w] for w in t.split()]).mean(0))
+        return nn.functional.normalize(model(torch.stack(rows)), dim=-1)
+
+    monkeypatch.setattr(growth, "embed", embed)
+    monkeypatch.setattr(growth, "load_minilm", lambda: (MiniEncoder(), None))
+    monkeypatch.setattr(growth, "tqdm", lambda it, **kw: _Bar(it))
+
+
+class _Bar(list):
+    def set_postfix(self, **kw):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_growth_demo_trains_grows_blocks_4_and_5_and_gives_its_verdict(mini_demo, capsys):
+    result = growth.run_growth_demo(steps=6, grow_at=3, batch_size=8, seed=1, lr=1e-2)
+    history, report = result["history"], result["growth"]
+    assert [s for s, _ in history] == [0, 3, 6]
+    assert history[-1][1] < history[0][1]                                  # the held-out loss fell
+    assert [n for n, _, _ in report["grown"]] == [f"encoder.layer.{b}.{k}" for b in (4, 5) for k in KINDS]
+    assert all(new == 2 * old == 2 * growth.DEMO_RANKS[k.removeprefix("attention.self.")]
+               for (n, old, new), k in zip(report["grown"], KINDS * 2))
+    assert result["ok"] is True
+    assert report["ranks_before"] == 6 * sum(growth.DEMO_RANKS.values())
+    out = capsys.readouterr().out
+    assert "OK: held-out loss" in out and "FAILED" not in out
+    again = growth.run_growth_demo(steps=6, grow_at=3, batch_size=8, seed=1, lr=1e-2)
+    assert again["history"] == history                                     # the seed fixes the run
+
+
+@pytest.mark.parametrize("broken", ["max_abs_diff", "same_objects", "same_storage", "inactive_zero", "no_learning"])
+def test_growth_demo_fails_when_any_check_fails(mini_demo, monkeypatch, capsys, broken):
+    real = growth._check_growth
+
+    def check(*args):
+        report = real(*args)
+        if broken == "max_abs_diff":
+            report[broken] = 1e-5                        # float32 rounding of unit vectors is ~1e-7
+        elif broken != "no_learning":
+            report[broken] = False
+        return report
+
+    monkeypatch.setattr(growth, "_check_growth", check)
+    lr = 0.0 if broken == "no_learning" else 1e-2
+    result = growth.run_growth_demo(steps=4, grow_at=2, batch_size=8, seed=1, lr=lr)
+    assert result["ok"] is False
+    assert "FAILED: held-out loss" in capsys.readouterr().out
