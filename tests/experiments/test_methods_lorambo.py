@@ -72,15 +72,20 @@ def test_online_starts_uniform_at_its_share_of_p_but_never_below_one_rank(plante
     assert run.opt.total_budget == ctx.budget                                # grows towards P
 
 
+@pytest.mark.parametrize("steps, rounds, prune, decisions", [
+    (40, 2, 0.3, [10, 20]),           # every 40 // (2 rounds + 2) steps: 2 rounds, then 20 steps to fine-tune
+    (5, 4, 0.001, [1, 2, 3, 4]),      # a run too short for that: a round every step; at least one pruned
+])
 def test_alora_prunes_its_share_of_the_uniform_start_in_rounds_that_leave_time_to_fine_tune(planted_task,
-                                                                                          tiny_cfg):
-    cfg = tiny_cfg.replace(steps=40, alora_rounds=2, alora_prune=0.3)
+                                                                                          tiny_cfg, steps, rounds,
+                                                                                          prune, decisions):
+    cfg = tiny_cfg.replace(steps=steps, alora_rounds=rounds, alora_prune=prune)
     run, ctx = _setup(planted_task, cfg, "alora", {})
     start = run.final_ranks()
     assert start == allocate(planted_task.dims, None, ctx.budget, "uniform")
     config = run.opt.alora_config
-    assert config.decision_steps() == [10, 20]                  # 2 rounds then 2 x 10 steps to fine-tune
-    assert config.n_prune == math.ceil(0.3 * sum(start.values()))
+    assert config.decision_steps() == decisions
+    assert config.n_prune == math.ceil(prune * sum(start.values())) == (1 if prune < 0.01 else config.n_prune)
     assert run.opt.heldout_batches is ctx.heldout and run.opt.loss_fn == planted_task.loss
 
 
@@ -88,3 +93,14 @@ def test_online_decides_from_a_fifth_of_the_run_every_fifth_until_just_past_half
     cfg = tiny_cfg.replace(steps=40)
     run, _ = _setup(planted_task, cfg, "online", {})
     assert [s for s in range(cfg.steps + 1) if run.opt.is_decision_step(s)] == [8, 16]
+
+
+def test_oracle_keeps_planted_ranks_of_one_at_their_own_cost():
+    from lorambo.experiments.methods_lorambo import oracle_ranks
+
+    dims = {"a": (3, 5), "b": (4, 4)}
+    planted = {"a": 1, "b": 2}                                   # P* = 8 + 16
+    assert oracle_ranks(planted, dims, 24) == planted
+    assert oracle_ranks(planted, dims, 48) == {"a": 2, "b": 4}
+    with pytest.raises(ValueError, match="oracle: budget P = 12 is 0.5 x the planted cost P"):
+        oracle_ranks(planted, dims, 12)                         # rank 1 x 0.5 is no whole rank
