@@ -193,6 +193,7 @@ def test_growth_demo_trains_grows_blocks_4_and_5_and_gives_its_verdict(mini_demo
     assert report["ranks_before"] == 6 * sum(growth.DEMO_RANKS.values())
     out = capsys.readouterr().out
     assert "OK: held-out loss" in out and "FAILED" not in out
+    assert f"  step 6  {history[-1][1]:.4f}" in out and "  same Parameter objects  " in out
     again = growth.run_growth_demo(steps=6, grow_at=3, batch_size=8, seed=1, lr=1e-2)
     assert again["history"] == history                                     # the seed fixes the run
 
@@ -214,3 +215,11 @@ def test_growth_demo_fails_when_any_check_fails(mini_demo, monkeypatch, capsys, 
     result = growth.run_growth_demo(steps=4, grow_at=2, batch_size=8, seed=1, lr=lr)
     assert result["ok"] is False
     assert "FAILED: held-out loss" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("steps, grow_at, message", [(4.0, 2, "--steps 4.0 must be a whole number >= 2"),
+                                                     (True, 1, "--steps True must be a whole number >= 2"),
+                                                     (4, 2.0, "--grow-at 2.0 must be inside")])
+def test_growth_schedule_must_be_whole_numbers(steps, grow_at, message):
+    with pytest.raises(ValueError, match=message):
+        growth.check_growth_args(steps, grow_at, 8, paragraphs=100)
