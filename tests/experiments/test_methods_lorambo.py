@@ -104,3 +104,7 @@ def test_oracle_keeps_planted_ranks_of_one_at_their_own_cost():
     assert oracle_ranks(planted, dims, 48) == {"a": 2, "b": 4}
     with pytest.raises(ValueError, match="oracle: budget P = 12 is 0.5 x the planted cost P"):
         oracle_ranks(planted, dims, 12)                         # rank 1 x 0.5 is no whole rank
+    with pytest.raises(ValueError, match="oracle: budget P = 0 is 0 x"):
+        oracle_ranks(planted, dims, 0)                          # whole, but no rank at all
+    assert 58 / 14 * 7 != 29                                    # k = 58 / 14 rounds in binary
+    assert oracle_ranks({"a": 7}, {"a": (1, 1)}, 58) == {"a": 29}

@@ -134,7 +134,7 @@ def test_all_plots_writes_a_line_plot_per_task_with_budgets_and_a_heatmap_per_me
     rng = random.Random(11)
     result = {"tasks": {"planted": _task_result(rng),
                         "sentiment": _task_result(rng, levels=("1.0",), higher_is_better=True, task="sentiment")}}
-    written = plots.all_plots(result, tmp_path)
+    written = plots.all_plots(result, str(tmp_path))          # a str folder, as the CLI gives
     assert written == ["planted_rel_loss_vs_budget.png", "heatmaps/planted_uniform.png",
                        "heatmaps/planted_gradient.png", "heatmaps/planted_probe.png", "heatmaps/planted_truth.png",
                        "heatmaps/sentiment_uniform.png", "heatmaps/sentiment_gradient.png",
