@@ -108,3 +108,10 @@ def test_oracle_keeps_planted_ranks_of_one_at_their_own_cost():
         oracle_ranks(planted, dims, 0)                          # whole, but no rank at all
     assert 58 / 14 * 7 != 29                                    # k = 58 / 14 rounds in binary
     assert oracle_ranks({"a": 7}, {"a": (1, 1)}, 58) == {"a": 29}
+
+
+def test_the_run_seed_and_growth_factor_reach_the_optimizer(planted_task, tiny_cfg):
+    """The pools' room to grow (growth_factor) and the seed of the growth's sketches are the run's."""
+    cfg = tiny_cfg.replace(growth_factor=4.0)
+    run, _ = _setup(planted_task, cfg, "online", {}, seed=3)
+    assert (run.opt.growth_factor, run.opt.seed) == (4.0, 3)
