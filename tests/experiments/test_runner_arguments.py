@@ -1,5 +1,6 @@
-"""run_experiment's own argument checks, its output folder and the command it prints to continue
-a time-limited run (no model: every check here comes before any unit runs)."""
+"""run_experiment's own argument checks, its output folder, the weights and machine it records,
+the command it prints to continue a time-limited run, and plots_from without matplotlib (no
+model: every check here comes before any unit runs)."""
 
 import re
 import shlex
@@ -131,3 +132,24 @@ def test_a_journal_of_the_package_weights_does_not_resume_on_a_bundle(tmp_path, 
     assert path.read_bytes() == before
     runner.run_experiment(CFG, out_dir=tmp_path / "on-bundle", **quiet)
     assert journal.read(tmp_path / "on-bundle" / journal.FILE_NAME)[0][0]["weights"] == runner.weights_source()
+
+
+def test_plots_from_without_matplotlib_names_the_package_before_creating_anything(tmp_path, monkeypatch):
+    """The GPU image has no matplotlib: drawing there must say what to install, not draw nothing."""
+    results = tmp_path / "results.json"
+    results.write_text('{"tasks": {}, "config": {"budgets": [1.0]}}')
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # an import of it raises ImportError
+    with pytest.raises(ImportError, match=r"^drawing the plots needs matplotlib: pip install matplotlib$"):
+        runner.plots_from(results, tmp_path / "plots")
+    assert not (tmp_path / "plots").exists()
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_the_environment_names_the_gpu_that_runs_the_units(monkeypatch, cuda):
+    """results.json reports the machine: the first GPU's name where torch sees one (the device
+    index 0 that device='auto' runs on), None on a CPU-only machine."""
+    monkeypatch.setattr(runner.torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(runner.torch.cuda, "get_device_name", lambda index: {0: "NVIDIA H100"}[index])
+    env = runner.environment(CFG.replace(device="auto", threads=2))
+    assert env["gpu"] == ("NVIDIA H100" if cuda else None) and env["device"] == ("cuda" if cuda else "cpu")
+    assert env["threads"] == 2 and env["torch"] == runner.torch.__version__
