@@ -122,7 +122,8 @@ def test_a_journal_of_the_package_weights_does_not_resume_on_a_bundle(tmp_path, 
     root.mkdir()
     digest = "5f" * 32
     (root / bundle.MANIFEST).write_text(json.dumps({"format": bundle.FORMAT, "files": {
-        "model/config.json": {"sha256": "00" * 32}, "model/model.safetensors": {"sha256": digest}}}))
+        "model/config.json": {"sha256": "00" * 32, "size": 2},
+        "model/model.safetensors": {"sha256": digest, "size": 8}}}))
     monkeypatch.setenv(bundle.ENV, str(root))
     assert runner.weights_source() == {"source": "bundle", "sha256": digest}
     before = path.read_bytes()
