@@ -134,8 +134,7 @@ def check_forward_call(op: str, x, weight, bias, lora_A, lora_B, rank, scaling, 
         raise ValueError(f"{op}: x must be 2-D [M, K], got shape {tuple(x.shape)}")
     check_scalars(op, rank, lora_A.shape[0], scaling, dropout_p)
     if dropout_p > 0.0:
-        check_seed(op, seed)
-        check_seed(op, int(seed))
+        _check_seed_tensor(op, seed)
 
 
 def check_backward_call(op: str, grad_y, x, weight, lora_A, lora_B, t, rank, scaling, dropout_p, seed) -> None:
@@ -158,5 +157,11 @@ def check_multiplier_call(op: str, x, dropout_p, seed) -> None:
     [0, 1) and, where it is above 0, the seed (as :func:`check_forward_call`)."""
     check_dropout_p(op, dropout_p)
     if dropout_p > 0.0:
-        check_seed(op, seed)
-        check_seed(op, int(seed))
+        _check_seed_tensor(op, seed)
+
+
+def _check_seed_tensor(op: str, seed) -> None:
+    """The seed a registered op takes: a 0-d int64 CPU tensor whose value (read here: the op
+    runs on real tensors) is an int in [0, 2**63)."""
+    check_seed(op, seed)
+    check_seed(op, int(seed))
