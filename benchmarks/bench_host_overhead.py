@@ -12,6 +12,10 @@ divided by ``calls`` (microseconds per call):
   under ``torch.no_grad()``; ``lora_fwdbwd_m4_<backend>``: forward + backward of 4 tokens (the
   input needs its gradient); backends ``auto`` (the default) and ``torch`` (the reference);
   ``frozen_*``: an ``nn.Linear`` of the same shape, frozen, for comparison.
+- ``ref_op_fwd_m4_k64`` / ``ref_op_bwd_m4_k64``: the reference backend's registered ops
+  (``torch.ops.lorambo_ref.lora_linear_fwd`` / ``lora_linear_bwd``, what a compiled graph calls
+  per layer: dispatch, operand checks and the products) on 4 rows of a 64->64 layer, rank 8 in
+  capacity 16, the backward asked for dx and dB: small enough that the host work shows.
 - ``step_<optimizer>_48``: one step over 48 layers 256x256, rank 8 in capacity 16 (96 pools);
   ``zero_grad_<optimizer>_48``: ``zero_grad()`` over the same pools, their gradients put back
   between calls (only the ``zero_grad`` call is timed).
@@ -113,7 +117,28 @@ def layer_cases(calls, repeats):
         out[f"lora_fwd_m1_nograd_{backend}"] = best_of(fwd, calls, repeats)
         out[f"lora_fwdbwd_m4_{backend}"] = best_of(fwdbwd, calls, repeats)
     lorambo.set_backend(None)
+    out.update(registered_op_cases(calls, repeats))
     return out
+
+
+def registered_op_cases(calls, repeats):
+    import lorambo.ops.lora_linear_ref  # noqa: F401  registers torch.ops.lorambo_ref
+
+    ops = torch.ops.lorambo_ref
+    gen = torch.Generator().manual_seed(0)
+    x, grad_y = torch.randn(4, 64, generator=gen), torch.randn(4, 64, generator=gen)
+    weight, bias = torch.randn(64, 64, generator=gen), torch.randn(64, generator=gen)
+    lora_A, lora_B = torch.randn(16, 64, generator=gen), torch.randn(64, 16, generator=gen)
+    seed = torch.tensor(0)
+    _, t = ops.lora_linear_fwd(x, weight, bias, lora_A, lora_B, 8, 2.0, 0.0, seed)
+
+    def fwd():
+        ops.lora_linear_fwd(x, weight, bias, lora_A, lora_B, 8, 2.0, 0.0, seed)
+
+    def bwd():
+        ops.lora_linear_bwd(grad_y, x, weight, lora_A, lora_B, t, 8, 2.0, 0.0, seed, True, False, False, False, True)
+
+    return {"ref_op_fwd_m4_k64": best_of(fwd, calls, repeats), "ref_op_bwd_m4_k64": best_of(bwd, calls, repeats)}
 
 
 def pool_model(n=48, width=256):
@@ -282,7 +307,7 @@ def main(argv=None):
     print(f"# {commit} ({tree}), {common['cpu']}, {common['usable_cores']} usable cores, "
           f"load {load_start:.2f} -> {load:.2f}, torch {torch.__version__}")
     for case, us in results.items():
-        calls = layer_calls if case.startswith(("lora_", "frozen_")) else step_calls
+        calls = layer_calls if case.startswith(("lora_", "frozen_", "ref_op_")) else step_calls
         if case == "configure_model_48":
             calls = max(1, step_calls // 20)
         print(f"{case:34s} {us:10.1f} us")
