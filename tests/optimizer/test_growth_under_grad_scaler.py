@@ -300,3 +300,34 @@ def test_trainer_callback_runs_an_alora_round_at_an_overflowed_step():
     callback.on_pre_optimizer_step(args, state, None, optimizer=alloc.make_optimizer(lr=0.0))
     assert importance.skipped_steps == 1
     assert alloc.alora_schedule().rounds_done == 1 and callback.decisions
+
+
+def test_an_overflowed_decision_step_leaves_no_capture_behind():
+    """The callback skips the decision of an overflowed step; it must still drop that step's
+    capture, as a decision does: the activation hooks off every layer and the recorded X and dY
+    freed, rather than held (memory) and hooked until the next step begins."""
+    import types
+
+    from lorambo.integrations import LoRAMBoCallback
+    from lorambo.sensitivity.adalora_importance import AdaLoRAImportance
+
+    model = _model()
+    alloc = LoRAMBoOptimizer(model, 2 * (8 + 16) + 2 * (16 + 8), sensitivity_method="frobenius",
+                             target_modules=["0", "2"], capacity=4, interval=1, sketch_rank=2,
+                             move_threshold=1e30, max_moves=1)
+    alloc.configure({"0": 2, "2": 2})
+    layers = [model.get_submodule(name) for name in ("0", "2")]
+    hooks_before = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in layers]
+    callback = LoRAMBoCallback(alloc, importance=AdaLoRAImportance(model))
+    inner = alloc.make_optimizer(lr=1e-2)
+    args, state = types.SimpleNamespace(should_save=False, output_dir="unused"), types.SimpleNamespace(global_step=0)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(24, 8, dtype=DT, generator=gen), torch.randn(24, 3, dtype=DT, generator=gen)
+    callback.on_step_begin(args, state, None)
+    (((model(x) - y) ** 2).mean() * float("inf")).backward()
+    capture = alloc.scheduled_growth._growth.capture
+    assert any(capture.inputs[n] for n in capture.layers)  # the step was captured
+    with pytest.warns(RuntimeWarning, match="step 0: the LoRA gradients are not finite"):
+        callback.on_pre_optimizer_step(args, state, None, optimizer=inner)
+    assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in layers] == hooks_before
+    assert not any(capture.inputs[n] or capture.grads[n] for n in capture.layers)
