@@ -102,3 +102,61 @@ def run_resumed(rank, world, rendezvous, out_dir, data_seed, moves):
     finally:
         dist.destroy_process_group()
     exit_skipping_teardown()  # results saved: skip the teardown that can abort (see rendezvous.py)
+
+
+BEST_AT = 3  # the checkpoint Trainer calls best: saved before the decision of step 4
+
+
+def full_values(value):
+    """``value`` with every (sharded) tensor in its nested dicts and lists full and copied."""
+    if isinstance(value, torch.Tensor):
+        return fsdp2_worker._full(value)
+    if isinstance(value, dict):
+        return {k: full_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(full_values(v) for v in value)
+    return value
+
+
+def run_best_model(rank, world, rendezvous, out_dir, data_seed, moves):
+    """``load_best_model_at_end`` under FSDP2: steps 0-2 and a checkpoint (lorambo's files by the
+    callback, the sharded model by torch.distributed.checkpoint, as accelerate saves it), the
+    remaining steps, then Trainer's end: it loads the best checkpoint's model into the trained
+    one and calls on_train_end with that checkpoint. Saved: the decisions, ranks and importance
+    state at the checkpoint and after on_train_end, and the full model state there."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    from lorambo.nn.slot_lineage import slot_ids
+
+    torch.set_num_threads(1)
+    init_gloo(rank, world, rendezvous)
+    try:
+        shards = [step[rank] for step in fsdp2_worker.batches(data_seed, world)]
+        args = types.SimpleNamespace(should_save=rank == 0, output_dir=out_dir, load_best_model_at_end=True)
+        folder = f"{out_dir}/checkpoint-{BEST_AT}"
+        net = fsdp2_worker.shard(fsdp2_worker.build(), world)
+        opt, callback = parts(net, moves)
+        callback.on_train_begin(args, types.SimpleNamespace(global_step=0), None, optimizer=opt)
+        take_steps(net, opt, callback, args, shards, range(BEST_AT))
+        callback.on_save(args, types.SimpleNamespace(global_step=BEST_AT), None)
+        dcp.save({"model": get_model_state_dict(net)}, checkpoint_id=f"{folder}/dcp")
+        full = lambda: {k: fsdp2_worker._full(v) for k, v in net.state_dict().items()}  # noqa: E731
+        importance = lambda: None if callback.importance is None else full_values(  # noqa: E731
+            callback.importance.state_dict())
+        at_best = {"decisions": list(callback.decisions), "ranks": callback.allocator.current_ranks(),
+                   "state": full(), "importance": importance()}
+        take_steps(net, opt, callback, args, shards, range(BEST_AT, fsdp2_worker.STEPS))
+        at_end = {"decisions": list(callback.decisions), "ranks": callback.allocator.current_ranks()}
+        loaded = {"model": get_model_state_dict(net)}
+        dcp.load(loaded, checkpoint_id=f"{folder}/dcp")
+        set_model_state_dict(net, loaded["model"])
+        callback.on_train_end(args, types.SimpleNamespace(global_step=fsdp2_worker.STEPS, best_model_checkpoint=folder),
+                              None)
+        followed = {"decisions": list(callback.decisions), "ranks": callback.allocator.current_ranks(),
+                    "state": full(), "importance": importance(), "log": list(callback.allocator.log.records),
+                    "slot_ids": {n: slot_ids(m) for n, m in lorambo.lora_layers(net).items()}}
+        torch.save({"at_best": at_best, "at_end": at_end, "followed": followed}, f"{out_dir}/best{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+    exit_skipping_teardown()  # results saved: skip the teardown that can abort (see rendezvous.py)

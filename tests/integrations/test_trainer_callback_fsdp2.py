@@ -66,3 +66,47 @@ def test_callback_under_fsdp2_resumes_as_if_never_stopped(tmp_path, moves):
         assert got["ranks"] == ref_callback.allocator.current_ranks()
         for name, value in reference.state_dict().items():
             torch.testing.assert_close(got["state"][name], value, rtol=1e-9, atol=1e-11, msg=name)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_callback_under_fsdp2_follows_the_best_model_trainer_loads_at_the_end(tmp_path):
+    """``load_best_model_at_end``: Trainer loads the best checkpoint's sharded model (saved at step
+    3, before rank moves at step 4) into the trained one; on_train_end then takes that
+    checkpoint's decisions, decision log and importance averages on both processes, so they
+    describe the model Trainer ends with. _follow_best_model under FSDP2 ran in no test before."""
+    spawn_two(worker.run_best_model, (2, str(tmp_path / "rendezvous"), str(tmp_path), 3, True), start_method())
+    events = lambda records: [(r["step"], r["layer"], r["event"], r["old_rank"], r["new_rank"])  # noqa: E731
+                              for r in records]
+    for rank in range(2):
+        got = torch.load(tmp_path / f"best{rank}.pt", weights_only=False)
+        best, end, followed = got["at_best"], got["at_end"], got["followed"]
+        assert any(r["step"] >= worker.BEST_AT for r in end["decisions"])  # ranks moved after the checkpoint
+        assert end["ranks"] != best["ranks"]
+        assert events(followed["decisions"]) == events(best["decisions"]) == events(followed["log"])
+        assert followed["ranks"] == best["ranks"]
+        assert followed["state"].keys() == best["state"].keys()
+        for name, value in best["state"].items():
+            assert torch.equal(followed["state"][name], value), name
+        # slot ids are a process's own counter, renumbered when a load rebuilds the pools: the
+        # averages must follow the model's slots, whatever their numbers
+        assert_same({k: v for k, v in followed["importance"].items() if k != "slot_ids"},
+                    {k: v for k, v in best["importance"].items() if k != "slot_ids"}, "importance")
+        assert {n: list(ids) for n, ids in followed["importance"]["slot_ids"].items()} == \
+            {n: list(ids) for n, ids in followed["slot_ids"].items()}
+
+
+def assert_same(got, want, where):
+    """Equal nested dicts / lists of tensors and plain values, every tensor element."""
+    assert type(got) is type(want), where
+    if isinstance(want, torch.Tensor):
+        assert torch.equal(got, want), where
+    elif isinstance(want, dict):
+        assert got.keys() == want.keys(), where
+        for key, value in want.items():
+            assert_same(got[key], value, f"{where}[{key!r}]")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_same(g, w, f"{where}[{i}]")
+    else:
+        assert got == want, where
