@@ -186,8 +186,8 @@ def define_lora_op(ns: str, forward: Callable, backward: Callable, multiplier: C
 
     def backward_rule(ctx, grad_y, grad_t):
         x, weight, lora_A, lora_B, t, seed = ctx.saved_tensors
-        return _backward_rule(ctx, grad_y, grad_t, (x, weight, lora_A, lora_B, t), seed, lora_linear_bwd,
-                              dropout_multiplier)
+        return _backward_rule(ctx, grad_y, grad_t, (x, weight, lora_A, lora_B, t), ctx.x_kept, seed,
+                              lora_linear_bwd, dropout_multiplier)
 
     lora_linear_fwd.register_autograd(backward_rule, setup_context=setup_context)
     register_lora_flop_formulas(ns)
@@ -202,7 +202,6 @@ def define_lora_op(ns: str, forward: Callable, backward: Callable, multiplier: C
         @staticmethod
         def forward(ctx, x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed):
             y, t = forward(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
-            ctx.x_kept = True
             ctx.save_for_backward(x, weight, lora_A, lora_B, t)
             _remember(ctx, bias, rank, scaling, dropout_p)
             ctx.seed = seed
@@ -210,7 +209,8 @@ def define_lora_op(ns: str, forward: Callable, backward: Callable, multiplier: C
 
         @staticmethod
         def backward(ctx, grad_y):
-            return _backward_rule(ctx, grad_y, None, ctx.saved_tensors, ctx.seed, backward_int_seed, multiplier)
+            return _backward_rule(ctx, grad_y, None, ctx.saved_tensors, True, ctx.seed, backward_int_seed,
+                                  multiplier)
 
     class EagerInputFreeFunction(torch.autograd.Function):
         """:class:`EagerFunction` for a layer whose backward reads only x's shape (see
@@ -221,7 +221,6 @@ def define_lora_op(ns: str, forward: Callable, backward: Callable, multiplier: C
         @staticmethod
         def forward(ctx, x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed):
             y, t = forward(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
-            ctx.x_kept = False
             ctx.save_for_backward(input_stand_in(x), weight, lora_A, lora_B, t)
             _remember(ctx, bias, rank, scaling, dropout_p)
             ctx.seed = seed
@@ -230,7 +229,8 @@ def define_lora_op(ns: str, forward: Callable, backward: Callable, multiplier: C
 
         @staticmethod
         def backward(ctx, grad_y, grad_t):
-            return _backward_rule(ctx, grad_y, grad_t, ctx.saved_tensors, ctx.seed, backward_int_seed, multiplier)
+            return _backward_rule(ctx, grad_y, grad_t, ctx.saved_tensors, False, ctx.seed, backward_int_seed,
+                                  multiplier)
 
     def apply(x2, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed):
         if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0 or torch.jit.is_tracing():
@@ -279,14 +279,14 @@ def _remember(ctx, bias, rank, scaling, dropout_p):
     ctx.has_bias = bias is not None
 
 
-def _backward_rule(ctx, grad_y, grad_t, saved, seed, bwd_op, mask_op):
+def _backward_rule(ctx, grad_y, grad_t, saved, x_kept, seed, bwd_op, mask_op):
     """Gradients for (x, W, b, A, B, rank, scaling, p, seed) from the saved tensors and context,
     in the dtypes the forward ran in: a ``backward()`` called inside an autocast region (after a
     float32 forward outside it) would otherwise run the reference's products in bfloat16.
 
-    Where x is not kept (``ctx.x_kept`` False) t is a differentiable output and undefined
-    gradients are not materialised: ``grad_t`` is None unless a double backward reaches t, and
-    ``grad_y`` None when only t's gradient reaches the op."""
+    Where x is not kept (``x_kept`` False: ``saved`` holds its stand-in) t is a differentiable
+    output and undefined gradients are not materialised: ``grad_t`` is None unless a double
+    backward reaches t, and ``grad_y`` None when only t's gradient reaches the op."""
     x, weight, lora_A, lora_B, t = saved
     with autocast_off(x.device.type):
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
@@ -297,7 +297,7 @@ def _backward_rule(ctx, grad_y, grad_t, saved, seed, bwd_op, mask_op):
         elif torch.is_grad_enabled():  # create_graph=True: differentiable formulas (see module doc)
             mask = mask_op(x.detach(), p, seed) if p > 0.0 else None
             grads = differentiable_backward(grad_y, x, weight, lora_A, lora_B, rank, scaling, mask, needs,
-                                            t=None if ctx.x_kept else t)
+                                            t=None if x_kept else t)
         else:
             out = bwd_op(grad_y, x, weight, lora_A, lora_B, t, rank, scaling, p, seed, *needs)
             grads = tuple(g if need else None for g, need in zip(out, needs))

@@ -203,3 +203,23 @@ def test_hessian_operator_on_a_lora_fa_model_matches_float64_reference(backend, 
         want = torch.autograd.grad(grads64, b64, [v[probe].double() for v in vs], retain_graph=True)
         for got, expected in zip(products, want):
             _assert_close(got[probe], expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_backward_op_reads_only_the_shape_of_a_stand_in_x(backend, dropout):
+    # What the autograd passes for a LoRA-FA layer's x (and here for weight and lora_A too, which
+    # dB and db do not read either): zero-stride stand-ins. In = 2^40 makes any copy of them
+    # (contiguous(), a materialised mask product) a 16 TiB allocation that fails.
+    op_for(backend)  # registers the backend's ops
+    ops = getattr(torch.ops, {"torch": "lorambo_ref", "ext": "lorambo_ext", "triton": "lorambo_triton"}[backend])
+    wide = 2**40
+    x, weight, lora_A = (torch.zeros(()).expand(rows, wide) for rows in (M, N, CAPACITY))
+    lora_B = torch.randn(N, CAPACITY)
+    grad_y, t = torch.randn(M, N), torch.randn(M, RANK)
+    out = ops.lora_linear_bwd(grad_y, x, weight, lora_A, lora_B, t, RANK, SCALING, dropout, seed_tensor(3),
+                              False, False, True, False, True)
+    grad_b, grad_bb = out[2], out[4]
+    _assert_close(grad_b, grad_y.double().sum(0))
+    _assert_close(grad_bb[:, :RANK], SCALING * grad_y.double().t() @ t.double())
+    assert torch.equal(grad_bb[:, RANK:], torch.zeros(N, CAPACITY - RANK))
