@@ -67,9 +67,10 @@ at::Tensor input_stand_in(const at::Tensor& x) { return at::zeros({}, x.options(
 // Autograd for lorambo::lora_linear. Without create_graph the backward is one call of
 // lora_linear_bwd (hand-fused kernels); with create_graph (Hessian-vector products) the same
 // formulas run as differentiable ATen ops on the saved inputs, so double backward is exact.
-// t = drop(x) A_r^T is a second output, differentiable where x is not kept: the create_graph
+// Where x is not kept, t = drop(x) A_r^T is a second, differentiable output: the create_graph
 // formula dB_r = s dY^T t then reads the saved t, whose graph edge (back into this node, as
 // grad_t) carries dB_r's dependence on x, the Hessian's cross terms with everything upstream.
+// A layer that keeps x returns y alone, as before: an output more costs each call.
 class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
@@ -80,14 +81,14 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
     auto [y, t] = fwd_op().call(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed);
     const bool x_kept = keeps_input(weight, lora_A, rank);
     ctx->save_for_backward({x_kept ? x : input_stand_in(x), weight, lora_A, lora_B, t});
-    if (x_kept) ctx->mark_non_differentiable({t});
-    ctx->set_materialize_grads(false);  // grad_t is undefined unless a double backward reaches t
     ctx->saved_data["x_kept"] = x_kept;
     ctx->saved_data["rank"] = rank;
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["p"] = dropout_p;
     ctx->saved_data["seed"] = seed;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    if (x_kept) return {y};
+    ctx->set_materialize_grads(false);  // grad_t is undefined unless a double backward reaches t
     return {y, t};
   }
 
@@ -105,10 +106,11 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
     const bool need_b = has_bias && ctx->needs_input_grad(2);
     const bool need_a = ctx->needs_input_grad(e_a), need_bb = ctx->needs_input_grad(e_a + 1);
-    // Undefined grads are not materialised (set_materialize_grads(false)): grad_y is undefined
-    // where only t's gradient reaches this node, grad_t wherever t was not used (every first
-    // backward: a double backward of a layer whose x is not kept is the only user of t).
-    const at::Tensor &g = grads[0], &grad_t = grads[1];
+    // Where x is not kept undefined grads are not materialised: grad_y is undefined where only
+    // t's gradient reaches this node, grad_t wherever t was not used (every first backward: a
+    // double backward is the only user of t). Elsewhere grad_y is always defined.
+    const at::Tensor& g = grads[0];
+    const at::Tensor grad_t = x_kept ? at::Tensor() : grads[1];
     at::Tensor gx, gw, gb, ga, gbb;
     // in the forward's dtypes, also when backward() runs inside an autocast region
     const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
