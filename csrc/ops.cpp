@@ -55,31 +55,41 @@ at::Tensor call_dropout_mask(const at::Tensor& x, double p, int64_t seed) {
 
 at::Tensor undefined_if_empty(const at::Tensor& g, bool wanted) { return wanted ? g : at::Tensor(); }
 
-// What the backward keeps of x: x itself where it reads its values (dA_r at rank > 0, dW), else
-// a zero-stride stand-in of its shape, so that a rank-0 layer holds what the frozen layer holds.
-at::Tensor saved_input(const at::Tensor& x, const at::Tensor& weight, int64_t rank) {
-  if (rank > 0 || weight.requires_grad()) return x;
-  return at::zeros({}, x.options()).expand(x.sizes());
+// Whether the backward keeps x's values: it reads them only for dW and, at rank > 0, dA_r. A
+// LoRA-FA layer (base weight and lora_A frozen) and a rank-0 layer keep a zero-stride stand-in of
+// x's shape instead, so they hold what the frozen layer holds (t [M, r] besides).
+bool keeps_input(const at::Tensor& weight, const at::Tensor& lora_A, int64_t rank) {
+  return weight.requires_grad() || (rank > 0 && lora_A.requires_grad());
 }
+
+at::Tensor input_stand_in(const at::Tensor& x) { return at::zeros({}, x.options()).expand(x.sizes()); }
 
 // Autograd for lorambo::lora_linear. Without create_graph the backward is one call of
 // lora_linear_bwd (hand-fused kernels); with create_graph (Hessian-vector products) the same
 // formulas run as differentiable ATen ops on the saved inputs, so double backward is exact.
+// Where x is not kept, t = drop(x) A_r^T is a second, differentiable output: the create_graph
+// formula dB_r = s dY^T t then reads the saved t, whose graph edge (back into this node, as
+// grad_t) carries dB_r's dependence on x, the Hessian's cross terms with everything upstream.
+// A layer that keeps x returns y alone, as before: an output more costs each call.
 class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
  public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
-                            const at::Tensor& lora_B, int64_t rank, double scaling, double dropout_p,
-                            int64_t seed) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                               const at::Tensor& lora_B, int64_t rank, double scaling, double dropout_p,
+                               int64_t seed) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, t] = fwd_op().call(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed);
-    ctx->save_for_backward({saved_input(x, weight, rank), weight, lora_A, lora_B, t});
+    const bool x_kept = keeps_input(weight, lora_A, rank);
+    ctx->save_for_backward({x_kept ? x : input_stand_in(x), weight, lora_A, lora_B, t});
+    ctx->saved_data["x_kept"] = x_kept;
     ctx->saved_data["rank"] = rank;
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["p"] = dropout_p;
     ctx->saved_data["seed"] = seed;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
-    return y;
+    if (x_kept) return {y};
+    ctx->set_materialize_grads(false);  // grad_t is undefined unless a double backward reaches t
+    return {y, t};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -90,19 +100,23 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
     const double p = ctx->saved_data["p"].toDouble();
     const int64_t seed = ctx->saved_data["seed"].toInt();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const bool x_kept = ctx->saved_data["x_kept"].toBool();
     // Edges follow the tensor inputs that were defined: x, weight, [bias], lora_A, lora_B.
     const size_t e_a = has_bias ? 3 : 2;
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
     const bool need_b = has_bias && ctx->needs_input_grad(2);
     const bool need_a = ctx->needs_input_grad(e_a), need_bb = ctx->needs_input_grad(e_a + 1);
-    at::Tensor g = grads[0];
-    if (!g.defined()) g = at::zeros({x.size(0), weight.size(0)}, x.options());
+    // Where x is not kept undefined grads are not materialised: grad_y is undefined where only
+    // t's gradient reaches this node, grad_t wherever t was not used (every first backward: a
+    // double backward is the only user of t). Elsewhere grad_y is always defined.
+    const at::Tensor& g = grads[0];
+    const at::Tensor grad_t = x_kept ? at::Tensor() : grads[1];
     at::Tensor gx, gw, gb, ga, gbb;
-    if (at::GradMode::is_enabled()) {
-      // in the forward's dtypes, also when backward() runs inside an autocast region
-      const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    // in the forward's dtypes, also when backward() runs inside an autocast region
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    const bool t_reaches_x = grad_t.defined() && need_x && r > 0;
+    if (g.defined() && at::GradMode::is_enabled()) {
       const at::Tensor mask = p > 0.0 ? call_dropout_mask(x.detach(), p, seed) : at::Tensor();
-      const at::Tensor xd = mask.defined() ? x * mask : x;
       const at::Tensor a_r = lora_A.narrow(0, 0, r), b_r = lora_B.narrow(1, 0, r);
       if (need_x) {
         gx = g.mm(weight);
@@ -113,9 +127,11 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
       }
       if (need_w) gw = g.t().mm(x);
       if (need_b) gb = g.sum(0);
+      // dB_r from x where x is kept, else from the saved t (differentiable: see above)
+      const at::Tensor xd = need_a || (need_bb && x_kept) ? (mask.defined() ? x * mask : x) : at::Tensor();
       if (need_a) ga = at::constant_pad_nd(g.mm(b_r).t().mm(xd) * s, {0, 0, 0, lora_A.size(0) - r});
-      if (need_bb) gbb = at::constant_pad_nd(g.t().mm(xd.mm(a_r.t())) * s, {0, lora_B.size(1) - r});
-    } else {
+      if (need_bb) gbb = at::constant_pad_nd(g.t().mm(x_kept ? xd.mm(a_r.t()) : t) * s, {0, lora_B.size(1) - r});
+    } else if (g.defined()) {
       const std::array<bool, 5> mask = {need_x, need_w, need_b, need_a, need_bb};
       auto out = bwd_op().call(g, x, weight, lora_A, lora_B, t, r, s, p, seed, mask);
       gx = undefined_if_empty(std::get<0>(out), need_x);
@@ -124,6 +140,13 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
       ga = undefined_if_empty(std::get<3>(out), need_a);
       gbb = undefined_if_empty(std::get<4>(out), need_bb);
     }
+    // t = drop(x) A_r^T reaches x as (grad_t A_r) * mask. (It would reach lora_A as
+    // grad_t^T drop(x), but t is differentiable only where x is not kept: lora_A frozen, or rank 0.)
+    if (t_reaches_x) {
+      at::Tensor tx = grad_t.mm(lora_A.narrow(0, 0, r));
+      if (p > 0.0) tx = tx * call_dropout_mask(x.detach(), p, seed);
+      gx = gx.defined() ? gx + tx : tx;
+    }
     return {gx, gw, gb, ga, gbb, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -131,7 +154,7 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
 at::Tensor lora_linear_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                 const at::Tensor& lora_A, const at::Tensor& lora_B, int64_t rank, double scaling,
                                 double dropout_p, int64_t seed) {
-  return LoraLinearFunction::apply(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed);
+  return LoraLinearFunction::apply(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)[0];
 }
 
 // Below autograd (inference mode, or tracing): the forward alone.

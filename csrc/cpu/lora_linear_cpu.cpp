@@ -261,9 +261,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
                 ", ", r, "], got shape ", shape_str(t_in.sizes()));
   }
   const at::Tensor g = grad_y_in.contiguous();
-  // at rank 0 x may be the zero-stride stand-in the autograd saves (csrc/ops.cpp): not copied
-  const bool lora_part = r > 0 && m > 0 && (need_x || need_a || need_bb);
-  const at::Tensor x = lora_part || need_w ? x_in.contiguous() : x_in;
+  // Only dW and dA read x's values. Without them x may be the zero-stride stand-in the autograd
+  // saves (csrc/ops.cpp: rank 0, LoRA-FA), which contiguous() would expand to [M, K]: not copied.
+  const at::Tensor x = need_a || need_w ? x_in.contiguous() : x_in;
   at::Tensor gx = need_x ? at::mm(g, weight) : empty_like_none(x);  // (M, K)
   at::Tensor gw = need_w ? at::mm(g.t(), x) : empty_like_none(x);   // (N, K)
   at::Tensor gb = need_b ? g.sum(0) : empty_like_none(x);           // (N,)

@@ -21,11 +21,15 @@ nothing inside (a ``torch.Generator``, a C++ op, a Triton launch) has to be trac
   with a symbolic rank (t's fake shape is [M, rank]) instead of one graph per rank.
 - ``t = drop(x) A_r^T`` is saved from the forward; the dropout mask is regenerated from the seed
   in the backward, never stored; only the gradients autograd asks for are computed, and
-  gradients of inactive pool slots are exactly zero. At rank 0 with a frozen base weight the
-  backward reads only x's shape, so x is not kept: a rank-0 layer holds what the frozen layer holds.
+  gradients of inactive pool slots are exactly zero. Only dW and dA_r read x's values: with the
+  base weight frozen and lora_A frozen (LoRA-FA) or at rank 0, the backward keeps a zero-stride
+  stand-in of x's shape instead of x, so such a layer holds what the frozen layer holds besides t.
 - With ``create_graph=True`` (Hessian-vector products) the backward evaluates the same formulas
   with differentiable torch ops on the saved inputs (mask from the backend's own
   ``dropout_multiplier``), so double backward is exact; plain backward never takes that path.
+  Where x is not kept, dB_r = s dY^T t reads the saved t instead of x: t is then a differentiable
+  output of the op (its backward, grad_x += (grad_t A_r) * mask, runs only in a double backward),
+  so dB_r keeps its dependence on x, the Hessian's cross terms with everything upstream of x.
 
 Outside torch.compile the same three functions run through a ``torch.autograd.Function``
 instead: the custom-op dispatch costs more than a small layer's whole forward+backward. Under a
@@ -70,15 +74,18 @@ def seed_value(seed: Tensor) -> int:
     return int(seed)
 
 
-def differentiable_backward(grad_y, x, weight, lora_A, lora_B, rank, scaling, mask, needs):
+def differentiable_backward(grad_y, x, weight, lora_A, lora_B, rank, scaling, mask, needs, t=None):
     """The backward formulas with differentiable torch ops (for double backward, exact).
 
     ``mask``: the dropout multiplier of x (0 or 1/(1-p)), or None without dropout.
+    ``t``: the forward's drop(x) A_r^T, as a differentiable output of the op, where x was not
+    kept (x is then a stand-in of its shape): dB_r is computed from it instead of from x.
     """
     need_x, need_w, need_b, need_a, need_bb = needs
     grad_x = grad_w = grad_b = grad_a = grad_bb = None
-    x_drop = x if mask is None else x * mask
     a_r, b_r = lora_A[:rank], lora_B[:, :rank]
+    if need_a or (need_bb and t is None):
+        x_drop = x if mask is None else x * mask
     t_prime = grad_y @ b_r  # (M, r)
     if need_x:
         lora_x = (t_prime @ a_r) * scaling
@@ -90,7 +97,8 @@ def differentiable_backward(grad_y, x, weight, lora_A, lora_B, rank, scaling, ma
     if need_a:
         grad_a = F.pad((t_prime.t() @ x_drop) * scaling, (0, 0, 0, lora_A.shape[0] - rank))
     if need_bb:
-        grad_bb = F.pad((grad_y.t() @ (x_drop @ a_r.t())) * scaling, (0, lora_B.shape[1] - rank))
+        t_value = x_drop @ a_r.t() if t is None else t
+        grad_bb = F.pad((grad_y.t() @ t_value) * scaling, (0, lora_B.shape[1] - rank))
     return grad_x, grad_w, grad_b, grad_a, grad_bb
 
 
@@ -169,13 +177,17 @@ def define_lora_op(ns: str, forward: Callable, backward: Callable, multiplier: C
 
     def setup_context(ctx, inputs, output):
         x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed = inputs
-        ctx.save_for_backward(saved_input(x, weight, rank), weight, lora_A, lora_B, output[1], seed)
+        ctx.x_kept = keeps_input(weight, lora_A, rank)
+        ctx.save_for_backward(x if ctx.x_kept else input_stand_in(x), weight, lora_A, lora_B, output[1], seed)
         _remember(ctx, bias, rank, scaling, dropout_p)
-        ctx.mark_non_differentiable(output[1])
+        if ctx.x_kept:
+            ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # see _backward_rule
 
-    def backward_rule(ctx, grad_y, _grad_t):
+    def backward_rule(ctx, grad_y, grad_t):
         x, weight, lora_A, lora_B, t, seed = ctx.saved_tensors
-        return _backward_rule(ctx, grad_y, (x, weight, lora_A, lora_B, t), seed, lora_linear_bwd, dropout_multiplier)
+        return _backward_rule(ctx, grad_y, grad_t, (x, weight, lora_A, lora_B, t), ctx.x_kept, seed,
+                              lora_linear_bwd, dropout_multiplier)
 
     lora_linear_fwd.register_autograd(backward_rule, setup_context=setup_context)
     register_lora_flop_formulas(ns)
@@ -190,14 +202,35 @@ def define_lora_op(ns: str, forward: Callable, backward: Callable, multiplier: C
         @staticmethod
         def forward(ctx, x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed):
             y, t = forward(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
-            ctx.save_for_backward(saved_input(x, weight, rank), weight, lora_A, lora_B, t)
+            ctx.save_for_backward(x, weight, lora_A, lora_B, t)
             _remember(ctx, bias, rank, scaling, dropout_p)
             ctx.seed = seed
             return y
 
         @staticmethod
         def backward(ctx, grad_y):
-            return _backward_rule(ctx, grad_y, ctx.saved_tensors, ctx.seed, backward_int_seed, multiplier)
+            return _backward_rule(ctx, grad_y, None, ctx.saved_tensors, True, ctx.seed, backward_int_seed,
+                                  multiplier)
+
+    class EagerInputFreeFunction(torch.autograd.Function):
+        """:class:`EagerFunction` for a layer whose backward reads only x's shape (see
+        :func:`keeps_input`): keeps a stand-in of x, and returns t as a differentiable output
+        for the double backward (module doc). The layers with trainable lora_A keep the
+        one-output Function: an output more costs each call."""
+
+        @staticmethod
+        def forward(ctx, x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed):
+            y, t = forward(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
+            ctx.save_for_backward(input_stand_in(x), weight, lora_A, lora_B, t)
+            _remember(ctx, bias, rank, scaling, dropout_p)
+            ctx.seed = seed
+            ctx.set_materialize_grads(False)  # see _backward_rule
+            return y, t
+
+        @staticmethod
+        def backward(ctx, grad_y, grad_t):
+            return _backward_rule(ctx, grad_y, grad_t, ctx.saved_tensors, False, ctx.seed, backward_int_seed,
+                                  multiplier)
 
     def apply(x2, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed):
         if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0 or torch.jit.is_tracing():
@@ -205,7 +238,9 @@ def define_lora_op(ns: str, forward: Callable, backward: Callable, multiplier: C
         seed = int(seed)  # a CPU scalar when a tensor: no device synchronisation
         if eager is not None:
             return eager(x2, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
-        return EagerFunction.apply(x2, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
+        if keeps_input(weight, lora_A, rank):
+            return EagerFunction.apply(x2, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
+        return EagerInputFreeFunction.apply(x2, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)[0]
 
     return apply
 
@@ -222,12 +257,20 @@ def autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
-def saved_input(x: Tensor, weight: Tensor, rank) -> Tensor:
-    """What the backward keeps of ``x``: ``x`` where it reads its values (dA_r at rank > 0, dW),
-    else a zero-stride stand-in of its shape, so that a rank-0 layer holds what the frozen layer
-    holds. A symbolic rank (torch.compile) keeps ``x``: testing it would add a guard."""
-    if weight.requires_grad or not isinstance(rank, int) or rank > 0:
-        return x
+def keeps_input(weight: Tensor, lora_A: Tensor, rank) -> bool:
+    """Whether the backward keeps x's values: it reads them only for dW (base weight trainable)
+    and dA_r (lora_A trainable, rank > 0). Otherwise (LoRA-FA: both frozen; or rank 0) it keeps
+    :func:`input_stand_in`, so the layer holds what the frozen layer holds besides t [M, r]. A
+    symbolic rank (torch.compile) with a trainable lora_A keeps x: testing it would add a guard."""
+    if weight.requires_grad:
+        return True
+    return lora_A.requires_grad and (not isinstance(rank, int) or rank > 0)
+
+
+def input_stand_in(x: Tensor) -> Tensor:
+    """A zero-stride tensor of x's shape, dtype and device (one element of memory) for the
+    backward to read x's shape from; the backends' backward ops and dropout multipliers read
+    neither its values nor its strides where dW and dA are not asked for."""
     return x.new_zeros(()).expand(x.shape)
 
 
@@ -236,19 +279,33 @@ def _remember(ctx, bias, rank, scaling, dropout_p):
     ctx.has_bias = bias is not None
 
 
-def _backward_rule(ctx, grad_y, saved, seed, bwd_op, mask_op):
+def _backward_rule(ctx, grad_y, grad_t, saved, x_kept, seed, bwd_op, mask_op):
     """Gradients for (x, W, b, A, B, rank, scaling, p, seed) from the saved tensors and context,
     in the dtypes the forward ran in: a ``backward()`` called inside an autocast region (after a
-    float32 forward outside it) would otherwise run the reference's products in bfloat16."""
-    with autocast_off(grad_y.device.type):
-        x, weight, lora_A, lora_B, t = saved
+    float32 forward outside it) would otherwise run the reference's products in bfloat16.
+
+    Where x is not kept (``x_kept`` False: ``saved`` holds its stand-in) t is a differentiable
+    output and undefined gradients are not materialised: ``grad_t`` is None unless a double
+    backward reaches t, and ``grad_y`` None when only t's gradient reaches the op."""
+    x, weight, lora_A, lora_B, t = saved
+    with autocast_off(x.device.type):
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         needs = (need_x, need_w, need_b and ctx.has_bias, need_a, need_bb)
         rank, scaling, p = ctx.rank, ctx.scaling, ctx.dropout_p
-        if torch.is_grad_enabled():  # create_graph=True: differentiable formulas (see module doc)
+        if grad_y is None:
+            grads = (None,) * 5
+        elif torch.is_grad_enabled():  # create_graph=True: differentiable formulas (see module doc)
             mask = mask_op(x.detach(), p, seed) if p > 0.0 else None
-            grads = differentiable_backward(grad_y, x, weight, lora_A, lora_B, rank, scaling, mask, needs)
+            grads = differentiable_backward(grad_y, x, weight, lora_A, lora_B, rank, scaling, mask, needs,
+                                            t=None if x_kept else t)
         else:
             out = bwd_op(grad_y, x, weight, lora_A, lora_B, t, rank, scaling, p, seed, *needs)
             grads = tuple(g if need else None for g, need in zip(out, needs))
+        if grad_t is not None and need_x and rank > 0:
+            # t = drop(x) A_r^T reaches x as (grad_t A_r) * mask. (It would reach lora_A as
+            # grad_t^T drop(x), but t is differentiable only where x is not kept: lora_A frozen or rank 0.)
+            grad_x_from_t = grad_t @ lora_A[:rank]
+            if p > 0.0:
+                grad_x_from_t = grad_x_from_t * mask_op(x.detach(), p, seed)
+            grads = (grad_x_from_t if grads[0] is None else grads[0] + grad_x_from_t, *grads[1:])
     return (*grads, None, None, None, None)
