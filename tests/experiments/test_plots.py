@@ -123,6 +123,21 @@ def test_rank_heatmap_shows_every_panel_on_one_colour_scale(tmp_path, saved):
     assert len(rows) == 2                                                     # 3 panels, 2 per row
 
 
+def test_rank_heatmap_with_fewer_panels_than_columns_draws_them_in_one_row(tmp_path, saved):
+    """3 panels, 4 columns allowed: one row of 3, left to right in the panels' order (a grid
+    of 3 rows x 1 column would be drawn into a figure sized for one row)."""
+    rng = random.Random(5)
+    panels = {t: {n: float(rng.randint(0, 5)) for n in NAMES} for t in ("level 0.5", "level 1", "level 2")}
+    plots.rank_heatmap(panels, "t", tmp_path / "row.png")
+    (fig, _, _), = saved
+    axes = _images(fig)
+    assert [ax.get_title() for ax in axes] == list(panels)
+    assert len(fig.axes) == len(panels) + 1                                  # no hidden cell; the colour bar
+    assert len({round(ax.get_position().y0, 3) for ax in axes}) == 1
+    lefts = [ax.get_position().x0 for ax in axes]
+    assert lefts == sorted(lefts) and len(set(lefts)) == len(panels)
+
+
 def test_rank_heatmap_of_all_zero_ranks_keeps_a_unit_scale(tmp_path, saved):
     plots.rank_heatmap({"p": dict.fromkeys(NAMES, 0.0)}, "t", tmp_path / "z.png")
     (fig, _, _), = saved
