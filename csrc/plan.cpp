@@ -134,6 +134,14 @@ void check_dropout(const char* op, double p, int64_t seed) {
   if (p > 0.0) check_seed(op, seed);
 }
 
+int32_t check_dropout_mask(const char* op, const at::Tensor& x, double p, int64_t seed) {
+  check_dropout(op, p, seed);
+  const int32_t code = dtype_code(op, "x", x.scalar_type());
+  // the mask of a layer input [..., K] (the op's callers pass x2 [M, K] or x [..., K]); a 0-d x is none
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension [..., K], got a 0-d tensor");
+  return code;
+}
+
 // Contiguous tensors are filled in place by parallel items, the others through a staging tensor
 // copied back afterwards: where two targets share an element, the order of those writes would
 // decide its value. Every pair whose address spans cross is refused; for a non-contiguous tensor

@@ -51,6 +51,7 @@ from lorambo.allocation import METHODS, allocate
 from lorambo.allocation import capacity as pools
 from lorambo.allocation import resume
 from lorambo.allocation.alora import ALoRA, ALoRAConfig
+from lorambo.allocation.api import SENSITIVITY_READERS, check_curves_read
 from lorambo.allocation.frozen import frozen_ranks, without
 from lorambo.allocation.online import OnlineGrowth, check_growth_settings
 from lorambo.allocation.report import DecisionLog, rank_table, save_heatmap
@@ -369,7 +370,10 @@ class LoRAMBoOptimizer:
                               **allocate_kwargs: Any) -> dict[str, int]:
         """``{name: rank}`` within ``initial_budget``; also sets ``capacities`` and ``memory_report``.
 
-        ``sensitivities`` given: used as is (validated: known layers, all present, finite, >= 0).
+        ``sensitivities`` given: used as is (validated: known layers, all present, finite, >= 0);
+        an allocation that does not read them ("uniform", "alora", "knapsack") refuses them, as
+        every allocation refuses a curve it does not read (``benefits`` is the knapsack's): the
+        caller meant another allocation.
         ``progress``: the bars of the passes over ``batches`` it runs (the sensitivity pass, see
         :meth:`compute_sensitivities`, and ``data_covariance`` for "data_weighted").
         Extra keyword arguments go to :func:`lorambo.allocate` (e.g. ``benefits`` for knapsack).
@@ -378,6 +382,7 @@ class LoRAMBoOptimizer:
 
         check_progress(progress, "LoRAMBoOptimizer.compute_optimal_ranks")
         method = "uniform" if self.allocation == "alora" else self.allocation
+        self._check_inputs_read(method, sensitivities, allocate_kwargs)
         if method == "knapsack" and allocate_kwargs.get("benefits") is None:
             # nothing measures the knapsack's gain curves: the caller brings them
             raise ValueError("LoRAMBoOptimizer(allocation='knapsack') needs the gain curves: pass "
@@ -413,6 +418,15 @@ class LoRAMBoOptimizer:
         self.capacities = self.plan_capacities(self.ranks)
         self.memory_report = self.pool_memory(self.capacities)
         return dict(self.ranks)
+
+    def _check_inputs_read(self, method: str, sensitivities, allocate_kwargs: Mapping[str, Any]) -> None:
+        """ValueError for an input that ``allocation`` would ignore, before anything is measured."""
+        where = f"LoRAMBoOptimizer(allocation={self.allocation!r}).compute_optimal_ranks"
+        if sensitivities is not None and method not in SENSITIVITY_READERS:
+            raise ValueError(f"{where}: sensitivities= is given, but allocation={self.allocation!r} does "
+                             f"not read sensitivities (those that do: {', '.join(SENSITIVITY_READERS)}): "
+                             "leave it out or construct the optimizer with one of those")
+        check_curves_read(where, self.allocation, allocate_kwargs, setting="allocation")
 
     def _allocate(self, method, sensitivities, caps, allocate_kwargs) -> dict[str, int]:
         """``allocate`` over the targets, leaving existing adapters whose ``lora_B`` is frozen at

@@ -35,8 +35,10 @@ void check_lora_args(const char* op, const at::Tensor& x, const at::Tensor& weig
                      const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
                      int64_t rank, double scaling, double dropout_p, int64_t seed) {
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got shape ", shape_str(x.sizes()));
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), op, ": weight must be [N, K] with K = ",
-              x.size(1), ", got shape ", shape_str(weight.sizes()));
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [N, K], got shape ", shape_str(weight.sizes()));
+  // either may be the wrong one: name x, the operand whose shape a caller builds per call, and both shapes
+  TORCH_CHECK(x.size(1) == weight.size(1), op, ": x has last dim ", x.size(1), " (shape ", shape_str(x.sizes()),
+              ") but weight is ", shape_str(weight.sizes()), " = [N, K]; x's last dim must be K");
   const int64_t n = weight.size(0), k = x.size(1);
   TORCH_CHECK(lora_A.dim() == 2 && lora_A.size(1) == k, op, ": lora_A must be [capacity, K] with K = ", k,
               ", got shape ", shape_str(lora_A.sizes()));

@@ -277,15 +277,14 @@ void pool_remap_cpu(at::TensorList tensors, at::IntArrayRef slot_dims, at::Tenso
 
 // Inverted-dropout multiplier (0 or 1/(1-p)) for every element of x, position = flat index.
 at::Tensor dropout_mask_cpu(const at::Tensor& x, double p, int64_t seed) {
-  check_dropout("lorambo::dropout_mask", p, seed);
-  dtype_code("lorambo::dropout_mask", "x", x.scalar_type());
+  const int32_t code = check_dropout_mask("lorambo::dropout_mask", x, p, seed);
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   if (p == 0.0) return out.fill_(1);
   const uint64_t threshold = philox::dropout_threshold(p);
   const double scale = 1.0 / (1.0 - p);
   const int64_t n = out.numel();
   const int64_t n_items = (n + kFillChunk - 1) / kFillChunk;
-  with_type(dtype_code("lorambo::dropout_mask", "x", x.scalar_type()), [&](auto tag) {
+  with_type(code, [&](auto tag) {
     using T = decltype(tag);
     T* o = out.data_ptr<T>();
     const T keep = static_cast<T>(scale);

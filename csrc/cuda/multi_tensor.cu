@@ -440,8 +440,7 @@ void pool_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList
 }
 
 at::Tensor dropout_mask_cuda(const at::Tensor& x, double p, int64_t seed) {
-  check_dropout("lorambo::dropout_mask", p, seed);
-  const int32_t code = dtype_code("lorambo::dropout_mask", "x", x.scalar_type());
+  const int32_t code = check_dropout_mask("lorambo::dropout_mask", x, p, seed);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   if (p == 0.0) return out.fill_(1);

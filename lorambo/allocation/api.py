@@ -13,7 +13,9 @@ from .validate import validate_curves, validate_problem
 
 METHODS = ("uniform", "closed_form", "frobenius_greedy", "knapsack", "data_weighted")
 GAIN_METHODS = ("frobenius_greedy", "knapsack", "data_weighted")  # the ones exact=True applies to
-_NEEDS_SENSITIVITIES = ("closed_form", "frobenius_greedy", "data_weighted")
+SENSITIVITY_READERS = ("closed_form", "frobenius_greedy", "data_weighted")  # the ones that read sensitivities
+# each keyword-only curve and the one method that reads it
+CURVE_READERS = {"spectra": "frobenius_greedy", "benefits": "knapsack", "tail_energies": "data_weighted"}
 
 
 def allocate(dims: Mapping[Any, tuple[int, int]], sensitivities: Mapping[Any, float] | None,
@@ -37,6 +39,8 @@ def allocate(dims: Mapping[Any, tuple[int, int]], sensitivities: Mapping[Any, fl
         min_rank, max_rank: bounds for every layer; each rank also stays <= ``capacities[name]``
             (if given) and <= ``min(d_i, k_i)``.
         spectra: ``frobenius_greedy`` only: ``{name: singular values of W_i, non-increasing}``.
+            Each of ``spectra``, ``benefits`` and ``tail_energies`` given to another method is a
+            ``ValueError`` (that method would ignore it).
         benefits: ``knapsack`` only: ``{name: g}`` with ``g[r]`` the gain of going from rank r to
             r + 1 (absolute rank index: entries below min_rank are never used), non-increasing.
         tail_energies: ``data_weighted`` only: ``{name: E}`` with ``E[r]`` the data-weighted error
@@ -53,8 +57,9 @@ def allocate(dims: Mapping[Any, tuple[int, int]], sensitivities: Mapping[Any, fl
         raise ValueError(f"exact={exact!r} must be True or False")
     if exact and method not in GAIN_METHODS:
         raise ValueError(f"exact=True applies only to {', '.join(GAIN_METHODS)}, not {method!r}")
+    check_curves_read("allocate", method, {"spectra": spectra, "benefits": benefits, "tail_energies": tail_energies})
     p = validate_problem(dims, sensitivities, budget, min_rank, max_rank, capacities,
-                         need_sensitivities=method in _NEEDS_SENSITIVITIES)
+                         need_sensitivities=method in SENSITIVITY_READERS)
     if method == "uniform":
         ranks = uniform_ranks(p.costs, p.lower, p.upper, p.budget)
     elif method == "closed_form":
@@ -72,6 +77,17 @@ def allocate(dims: Mapping[Any, tuple[int, int]], sensitivities: Mapping[Any, fl
         ranks = solve(p.costs, p.lower, curve_upper(curves, p.lower, p.upper), p.budget,
                       curve_gain(curves, scale))
     return _checked(p, ranks)
+
+
+def check_curves_read(caller: str, method: str, curves: Mapping[str, Any], setting: str = "method") -> None:
+    """ValueError for a curve (``spectra``, ``benefits``, ``tail_energies``) given to a method
+    that does not read it: the caller meant another method, and the ranks, which pass every
+    budget check, would not show it. ``setting``: the caller's name for the method argument."""
+    for what, given in curves.items():
+        reader = CURVE_READERS.get(what)
+        if reader is not None and given is not None and reader != method:
+            raise ValueError(f"{caller}: {what}= is read only by {setting}={reader!r}, and {setting}={method!r} "
+                             f"would ignore it: pass it with {setting}={reader!r} or leave it out")
 
 
 def _checked(p, ranks: np.ndarray) -> dict[Any, int]:

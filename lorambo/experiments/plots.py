@@ -3,7 +3,8 @@
 - ``<task>_<metric>_vs_budget.png``: the held-out metric against the budget P (log scale), one
   line per method, error bars = std over seeds.
 - ``heatmaps/<task>_<method>.png``: the rank of every adapted layer (rows: the 6 blocks, columns:
-  the 6 module types), mean over seeds, one panel per budget; ``heatmaps/planted_truth.png`` shows
+  the 6 module types), mean over seeds, one panel per budget, smallest first (the line plot's
+  order, whatever the summary's); ``heatmaps/planted_truth.png`` shows
   the planted ranks.
 """
 
@@ -27,13 +28,19 @@ def new_figure(**kwargs):
     return Figure(**kwargs)
 
 
+def levels_by_budget(per_level: dict) -> list[str]:
+    """The budget levels of one method's summary (``{level: entry}``, keys like "0.5"), smallest
+    first: the budget grows with the level, and the keys' own order is the run's, not the scale's."""
+    return sorted(per_level, key=float)
+
+
 def metric_vs_budget(task_result: dict, path) -> Path:
     summary, metric = task_result["summary"], task_result["metric"]
     fig = new_figure(figsize=(7.5, 4.8))
     ax = fig.subplots()
     markers = "osD^v<>ph*"
     for i, (method, per) in enumerate(summary.items()):
-        levels = sorted(per, key=float)
+        levels = levels_by_budget(per)
         xs = [per[lv]["budget"] for lv in levels]
         ys = [per[lv]["metric_mean"] for lv in levels]
         es = [per[lv]["metric_std"] for lv in levels]
@@ -91,7 +98,8 @@ def all_plots(result: dict, out_dir) -> list[str]:
         if len(tr["budgets"]) > 1:  # one budget: the line plot would be a column of dots
             written.append(metric_vs_budget(tr, out_dir / f"{task}_{tr['metric']}_vs_budget.png"))
         for method, per in tr["summary"].items():
-            panels = {f"level {float(lv):g}, P={e['budget']:,}": e["mean_ranks"] for lv, e in per.items()}
+            panels = {f"level {float(lv):g}, P={per[lv]['budget']:,}": per[lv]["mean_ranks"]
+                      for lv in levels_by_budget(per)}
             written.append(rank_heatmap(panels, f"{TASK_LABELS[task]}: {METHOD_LABELS[method]}",
                                         out_dir / "heatmaps" / f"{task}_{method}.png"))
         if task == "planted":

@@ -24,6 +24,7 @@ by default: 533 of them) are dropped as neither.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -152,7 +153,9 @@ def require(names) -> None:
 
 def read_rated(path: Path, expected_rows: int) -> list[tuple[str, float, str]]:
     """``(id, mean valence, text)`` of every line of a ``*_GroundTruth.txt`` file, in file order;
-    a row count other than ``expected_rows`` means a partial file and is refused."""
+    a row count other than ``expected_rows`` means a partial file and is refused, and a valence
+    that is not a finite number (nan, inf) a damaged one: both are a ``ValueError`` naming the
+    file and the line."""
     _require_file(path)
     rows = []
     with open(path, encoding="utf-8") as f:
@@ -166,6 +169,9 @@ def read_rated(path: Path, expected_rows: int) -> list[tuple[str, float, str]]:
                 valence = float(parts[1])
             except ValueError:
                 raise ValueError(f"{path}:{number}: valence {parts[1]!r} is not a number") from None
+            if not math.isfinite(valence):  # nan would be dropped as "near zero" and inf labelled positive
+                raise ValueError(f"{path}:{number}: valence {parts[1]!r} is not finite: a mean rating on the "
+                                 "-4..+4 scale is a finite number")
             rows.append((parts[0].strip(), valence, parts[2].strip()))
     if len(rows) != expected_rows:
         raise ValueError(f"{path}: {len(rows)} rated sentences, expected {expected_rows} (a partial download?)")

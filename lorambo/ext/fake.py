@@ -7,6 +7,8 @@ dispatcher imports it on demand; :func:`lorambo.ext.loader.load` also imports it
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.library import register_fake
 
@@ -35,11 +37,14 @@ _C10_NAMES = {torch.uint8: "Byte", torch.int8: "Char", torch.int16: "Short", tor
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+def _c10_name(dtype: torch.dtype) -> str:
+    return _C10_NAMES.get(dtype) or str(dtype).removeprefix("torch.").capitalize()
+
+
 def _dtype(op: str, what: str, dtype: torch.dtype) -> None:
-    """csrc/plan.cpp's dtype_code: the dtypes every reduction and mask kernel takes."""
+    """csrc/plan.cpp's dtype_code: the dtypes every reduction, mask and LoRA kernel takes."""
     if dtype not in _KERNEL_DTYPES:
-        name = _C10_NAMES.get(dtype) or str(dtype).removeprefix("torch.").capitalize()
-        raise RuntimeError(f"{op}: {what} has dtype {name}; supported dtypes are float32, float64, "
+        raise RuntimeError(f"{op}: {what} has dtype {_c10_name(dtype)}; supported dtypes are float32, float64, "
                            "bfloat16 and float16")
 
 
@@ -74,6 +79,64 @@ def _check_dropout(op: str, p: float, seed: int) -> None:
         raise RuntimeError(f"{op}: dropout_p must be in [0, 1), got {p:g}")
     if p > 0.0 and seed < 0:
         raise RuntimeError(f"{op}: seed must be in [0, 2^63), got {seed}")
+
+
+def _check_dropout_mask(op: str, x, p: float, seed: int) -> None:
+    """csrc/plan.cpp's check_dropout_mask: the mask of a layer input [..., K]."""
+    _check_dropout(op, p, seed)
+    _dtype(op, "x", x.dtype)
+    if x.dim() < 1:
+        raise RuntimeError(f"{op}: x must have at least one dimension [..., K], got a 0-d tensor")
+
+
+def _check_lora_args(op: str, x, weight, bias, lora_A, lora_B, rank: int, scaling: float, dropout_p: float,
+                     seed: int) -> None:
+    """csrc/cpu/lora_linear_cpu.cpp's check_lora_args, in its order: x [M, K], weight [N, K],
+    lora_A [capacity, K], lora_B [N, capacity], rank in [0, capacity], bias [N], one kernel dtype
+    and one device, a finite scaling, then dropout_p and the seed."""
+    if x.dim() != 2:
+        raise RuntimeError(f"{op}: x must be 2-D [M, K], got shape {_shape(x)}")
+    if weight.dim() != 2:
+        raise RuntimeError(f"{op}: weight must be 2-D [N, K], got shape {_shape(weight)}")
+    n, k = weight.shape[0], x.shape[1]
+    if k != weight.shape[1]:
+        raise RuntimeError(f"{op}: x has last dim {k} (shape {_shape(x)}) but weight is {_shape(weight)} = "
+                           "[N, K]; x's last dim must be K")
+    if lora_A.dim() != 2 or lora_A.shape[1] != k:
+        raise RuntimeError(f"{op}: lora_A must be [capacity, K] with K = {k}, got shape {_shape(lora_A)}")
+    cap = lora_A.shape[0]
+    if lora_B.dim() != 2 or lora_B.shape[0] != n or lora_B.shape[1] != cap:
+        raise RuntimeError(f"{op}: lora_B must be [N, capacity] = [{n}, {cap}], got shape {_shape(lora_B)}")
+    if not 0 <= rank <= cap:
+        raise RuntimeError(f"{op}: rank {rank} is outside [0, capacity = {cap}]")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != n):
+        raise RuntimeError(f"{op}: bias must be [N] = [{n}], got shape {_shape(bias)}")
+    _dtype(op, "x", x.dtype)
+    for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise RuntimeError(f"{op}: {name} has dtype {_c10_name(t.dtype)} but x has dtype {_c10_name(x.dtype)}; "
+                               "all operands must share one dtype")
+        if t.device != x.device:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+    if not -math.inf < scaling < math.inf:  # ":g" prints nan and inf as the C++ stream does
+        raise RuntimeError(f"{op}: scaling must be finite, got {scaling:g}")
+    _check_dropout(op, dropout_p, seed)
+
+
+def _check_lora_bwd_args(op: str, grad_y, x, weight, lora_A, lora_B, t, rank: int, scaling: float,
+                         dropout_p: float, seed: int, output_mask) -> None:
+    """The CPU backward kernel's checks (csrc/cpu/lora_linear_cpu.cpp): check_lora_args, grad_y
+    [M, N] in x's dtype, and t [M, rank] where dB is asked for at rank > 0."""
+    _check_lora_args(op, x, weight, None, lora_A, lora_B, rank, scaling, dropout_p, seed)
+    m, n = x.shape[0], weight.shape[0]
+    if grad_y.dim() != 2 or grad_y.shape[0] != m or grad_y.shape[1] != n:
+        raise RuntimeError(f"{op}: grad_y must be [M, N] = [{m}, {n}], got shape {_shape(grad_y)}")
+    if grad_y.dtype != x.dtype:
+        raise RuntimeError(f"{op}: grad_y has dtype {_c10_name(grad_y.dtype)} but x has dtype {_c10_name(x.dtype)}")
+    if output_mask[4] and rank > 0 and (t.dim() != 2 or t.shape[0] != m or t.shape[1] != rank):
+        raise RuntimeError(f"{op}: t must be [M, rank] = [{m}, {rank}], got shape {_shape(t)}")
 
 
 def _register() -> None:
@@ -133,16 +196,18 @@ def _register() -> None:
 
     @register_fake("lorambo::dropout_mask")
     def _dropout_mask(x, p, seed):
-        _check_dropout("lorambo::dropout_mask", p, seed)
-        _dtype("lorambo::dropout_mask", "x", x.dtype)
+        _check_dropout_mask("lorambo::dropout_mask", x, p, seed)
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     @register_fake("lorambo::lora_linear_fwd")
     def _lora_linear_fwd(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed):
+        _check_lora_args("lorambo::lora_linear_fwd", x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
         return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], rank))
 
     @register_fake("lorambo::lora_linear_bwd")
     def _lora_linear_bwd(grad_y, x, weight, lora_A, lora_B, t, rank, scaling, dropout_p, seed, output_mask):
+        _check_lora_bwd_args("lorambo::lora_linear_bwd", grad_y, x, weight, lora_A, lora_B, t, rank, scaling,
+                             dropout_p, seed, output_mask)
         shapes = (x.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape)
         return tuple(x.new_empty(shape if want else (0,)) for shape, want in zip(shapes, output_mask))
 

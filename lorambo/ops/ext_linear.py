@@ -24,7 +24,7 @@ import torch
 
 from lorambo.ext import loader as ext_loader
 from lorambo.ops.custom_op import define_lora_op
-from lorambo.ops.op_operands import check_operands, check_scalars
+from lorambo.ops.op_operands import check_multiplier_call, check_operands, check_scalars
 from lorambo.ops.output_rows import rows_to_output
 from lorambo.ops.seed_argument import check_seed
 
@@ -85,6 +85,9 @@ def _lora_linear(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed
 
 def dropout_mask_ext(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """The multiplier (0 or 1/(1-p)) that :func:`lora_linear_ext` applies to ``x`` (shape [..., K],
-    element order row-major as in the flattened [M, K] input) for this ``(p, seed)``."""
+    element order row-major as in the flattened [M, K] input) for this ``(p, seed)``. ``p`` in
+    [0, 1); where p > 0 the seed is one the op takes (an int in [0, 2**63) or a 0-d int64 CPU
+    tensor), else a ValueError: a truncated seed (3.5 -> 3) would give another seed's mask."""
     ext_loader.require()
-    return torch.ops.lorambo.dropout_mask(x, float(p), int(seed))
+    check_multiplier_call("dropout_mask_ext", x, p, seed)
+    return torch.ops.lorambo.dropout_mask(x, float(p), int(seed) if p > 0.0 else 0)

@@ -23,14 +23,17 @@ import torch
 import torch.nn.functional as F
 
 from lorambo.ops.custom_op import define_lora_op
-from lorambo.ops.op_operands import check_operands, check_scalars
+from lorambo.ops.op_operands import check_multiplier_call, check_operands, check_scalars
 from lorambo.ops.output_rows import rows_to_output
 from lorambo.ops.seed_argument import check_seed
 
 
 def dropout_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """Inverted-dropout multiplier for ``x`` (0 or 1/(1-p)), a pure function of (seed, shape,
-    device type) that reads every bit of the seed, as the other backends' masks do."""
+    device type) that reads every bit of the seed, as the other backends' masks do. ``p`` in
+    [0, 1); where p > 0 the seed is one the op takes (an int in [0, 2**63) or a 0-d int64 CPU
+    tensor), else a ValueError: a truncated seed (3.5 -> 3) would give another seed's mask."""
+    check_multiplier_call("dropout_mask", x, p, seed)
     keep = _uniform(x, int(seed)) >= p
     return keep.to(x.dtype) / (1.0 - p)
 

@@ -163,3 +163,19 @@ def test_estimates_passed_as_they_came_say_how_to_pass_them():
                                          r"estimates.items\(\)\}"):
         allocate(dims, estimates, budget=40)
     assert sum(allocate(dims, {n: e.value for n, e in estimates.items()}, budget=40).values()) > 0
+
+
+@pytest.mark.parametrize("method, curve", [("uniform", "spectra"), ("closed_form", "benefits"),
+                                           ("frobenius_greedy", "tail_energies"), ("data_weighted", "spectra"),
+                                           ("knapsack", "tail_energies")])
+def test_a_curve_given_to_a_method_that_does_not_read_it_is_refused(method, curve):
+    """Each curve has one reader (spectra: frobenius_greedy, benefits: knapsack, tail_energies:
+    data_weighted); given to another method it would be ignored while the ranks pass every check."""
+    dims = {"a": (4, 4), "b": (3, 5)}
+    own = {"frobenius_greedy": {"spectra": {"a": [2.0, 1.0], "b": [1.0]}},
+           "knapsack": {"benefits": {"a": [2.0, 1.0], "b": [1.5]}},
+           "data_weighted": {"tail_energies": {"a": [3.0, 1.0, 0.0], "b": [2.0, 0.5]}}}.get(method, {})
+    stray = {curve: {"a": [3.0, 2.0, 1.0], "b": [1.0, 0.5]}}
+    with pytest.raises(ValueError, match=rf"allocate: {curve}= is read only by method='\w+', and "
+                                         rf"method='{method}' would ignore it"):
+        allocate(dims, {"a": 1.0, "b": 2.0}, 40, method=method, **own, **stray)

@@ -78,6 +78,18 @@ def test_a_row_without_three_fields_names_the_line(tmp_path):
         sentiment_data.load_sentences(path)
 
 
+@pytest.mark.parametrize("valence", ["nan", "inf", "-Infinity"])
+def test_a_valence_that_is_not_finite_names_the_file_line_and_value(tmp_path, valence):
+    # float() reads these, and the loader then dropped nan as "near zero" and labelled inf positive
+    path = tmp_path / "rated.txt"
+    _rated_file(path, [1.0])
+    text = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    text[5] = f"7\t{valence}\tA damaged row.\n"
+    path.write_text("".join(text), encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"{path}:6: valence '{valence}' is not finite"):
+        sentiment_data.read_rated(path, sentiment_data.EXPECTED_ROWS)
+
+
 def test_missing_model_package_fails_clearly(monkeypatch):
     from lorambo.experiments import minilm
 

@@ -162,6 +162,8 @@ def test_all_plots_writes_a_line_plot_per_task_with_budgets_and_a_heatmap_per_me
     assert shown == {f"level {float(lv):g}, P={int(float(lv) * 1000):,}": [per[lv]["mean_ranks"][n] for n in NAMES]
                      for lv in ("2.0", "10.0", "0.5")}
     assert "level 10, P=10,000" in shown                                    # one panel per budget
+    # smallest budget first, the line plot's order, not the summary's ("2.0", "10.0", "0.5")
+    assert list(shown) == ["level 0.5, P=500", "level 2, P=2,000", "level 10, P=10,000"]
     assert figures["heatmaps/planted_gradient.png"]._suptitle.get_text() == (
         f"{TASK_LABELS['planted']}: {METHOD_LABELS['gradient']}")
     truth, = _images(figures["heatmaps/planted_truth.png"])

@@ -147,8 +147,13 @@ def test_bad_shapes_dtypes_and_arguments():
     t = make(4, 8, 6, 4, torch.float32, grads=())
     x, w, b, a, bb = (t[k] for k in NAMES)
     op = torch.ops.lorambo.lora_linear
-    with pytest.raises(RuntimeError, match=r"weight must be \[N, K\] with K = 8, got shape \[6, 9\]"):
+    # a K mismatch names x and both shapes (it blamed the weight: "weight must be [N, K] with K = 7")
+    with pytest.raises(RuntimeError, match=r"x has last dim 7 \(shape \[4, 7\]\) but weight is \[6, 8\] = \[N, K\]"):
+        op(torch.randn(4, 7), w, b, a, bb, 2, 1.0)
+    with pytest.raises(RuntimeError, match=r"x has last dim 8 \(shape \[4, 8\]\) but weight is \[6, 9\] = \[N, K\]"):
         op(x, torch.randn(6, 9), b, a, bb, 2, 1.0)
+    with pytest.raises(RuntimeError, match=r"weight must be 2-D \[N, K\], got shape \[6, 8, 1\]"):
+        op(x, torch.randn(6, 8, 1), b, a, bb, 2, 1.0)
     with pytest.raises(RuntimeError, match=r"lora_B must be \[N, capacity\] = \[6, 4\], got shape \[6, 5\]"):
         op(x, w, b, a, torch.randn(6, 5), 2, 1.0)
     with pytest.raises(RuntimeError, match=r"rank 5 is outside \[0, capacity = 4\]"):
@@ -167,3 +172,13 @@ def test_bad_shapes_dtypes_and_arguments():
         op(x.view(2, 2, 8), w, b, a, bb, 2, 1.0)
     with pytest.raises(ValueError, match="needs an integer seed"):
         lora_linear_ext(x, w, b, a, bb, 2, 1.0, 0.5)
+
+
+def test_dropout_mask_takes_a_layer_input_of_any_rank_and_refuses_a_0d_tensor():
+    # its callers pass x2 [M, K] (the kernels) or x [..., K] (dropout_mask_ext): position = flat index
+    x = torch.randn(2, 3, 5)
+    assert torch.equal(dropout_mask_ext(x, 0.5, 9).reshape(6, 5), dropout_mask_ext(x.reshape(6, 5), 0.5, 9))
+    assert torch.equal(dropout_mask_ext(x[0, 0], 0.5, 9), dropout_mask_ext(x.reshape(-1), 0.5, 9)[:5])
+    with pytest.raises(RuntimeError, match=r"^lorambo::dropout_mask: x must have at least one dimension \[\.\.\., K\], "
+                                           r"got a 0-d tensor"):
+        torch.ops.lorambo.dropout_mask(torch.tensor(0.5), 0.25, 9)

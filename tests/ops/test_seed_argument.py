@@ -64,3 +64,17 @@ def test_seeds_that_differ_only_in_the_high_bits_draw_independent_masks(backend,
     args = inputs()
     y = [op_for(backend)(*args, 2, 1.0, p, s) for s in seeds[:2]]
     assert not torch.equal(y[0], y[1])
+
+
+MASK_FUNCTIONS = {"torch": "dropout_mask", "ext": "dropout_mask_ext"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:2])  # the Triton one is lorambo_kernels' own (not checked here)
+@pytest.mark.parametrize("seed", [3.5, True, "3", -1, 2**63, torch.tensor(3.0)], ids=repr)
+def test_the_public_mask_functions_refuse_a_seed_their_op_refuses(backend, seed):
+    """The mask must be the one the op draws for that seed: int(3.5) gave seed 3's mask, silently."""
+    x2 = torch.randn(4, 6, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(ValueError, match=rf"^{MASK_FUNCTIONS[backend]}: .*seed must be .*got "):
+        keep_mask(backend, x2, 0.5, seed)
+    # the seeds the op takes give the op's mask
+    assert torch.equal(keep_mask(backend, x2, 0.5, torch.tensor(3)), keep_mask(backend, x2, 0.5, 3))

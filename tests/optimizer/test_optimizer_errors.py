@@ -178,6 +178,32 @@ def test_knapsack_without_gain_curves_says_where_they_go():
                                      capacities=None)
 
 
+@pytest.mark.parametrize("allocation", ["uniform", "alora", "knapsack"])
+def test_sensitivities_given_to_an_allocation_that_ignores_them_are_refused(allocation):
+    """uniform (alora's start) and the knapsack read no sensitivities: ranks that pass every budget
+    check while ignoring the given ones would hide that the caller meant another allocation."""
+    opt = LoRAMBoOptimizer(_model(), 1000, sensitivity_method="frobenius", allocation=allocation)
+    gains = {"benefits": {"0": [4.0, 3.0], "2": [8.0, 1.0]}} if allocation == "knapsack" else {}
+    with pytest.raises(ValueError, match=rf"LoRAMBoOptimizer\(allocation='{allocation}'\)\.compute_optimal_ranks: "
+                                         r"sensitivities= is given, but .* does not read sensitivities"):
+        opt.compute_optimal_ranks(sensitivities={"0": 1.0, "2": 100.0}, **gains)
+    assert opt.ranks is None
+    opt.compute_optimal_ranks(**gains)  # without them the same optimizer allocates
+    assert sum(r * (16 if n == "0" else 14) for n, r in opt.ranks.items()) <= 1000
+
+
+@pytest.mark.parametrize("allocation, curve", [("uniform", "benefits"), ("alora", "spectra"),
+                                               ("closed_form", "tail_energies"), ("knapsack", "spectra")])
+def test_a_gain_curve_the_allocation_does_not_read_is_refused(allocation, curve):
+    opt = LoRAMBoOptimizer(_model(), 1000, sensitivity_method="frobenius", allocation=allocation)
+    needed = {"benefits": {"0": [4.0, 3.0], "2": [8.0, 1.0]}} if allocation == "knapsack" else {}
+    sens = {"sensitivities": {"0": 1.0, "2": 2.0}} if allocation == "closed_form" else {}
+    with pytest.raises(ValueError, match=rf"allocation='{allocation}'\)\.compute_optimal_ranks: {curve}= is read "
+                                         rf"only by allocation='\w+', and allocation='{allocation}' would ignore it"):
+        opt.compute_optimal_ranks(**sens, **needed, **{curve: {"0": [3.0, 1.0], "2": [2.0, 1.0, 0.5]}})
+    assert opt.ranks is None
+
+
 def test_sensitivities_that_overflow_are_refused_naming_the_layer():
     # a finite loss whose gradients square past float64 (loss * 1e200): every Fisher-style sum is
     # inf; compute_sensitivities names the layer and keeps no sensitivities

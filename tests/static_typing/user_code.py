@@ -104,7 +104,9 @@ def allocator(model: nn.Module, batches: list[Batch], scaler: GradScaler) -> Non
     moves = LoRAMBoOptimizer(model, 6_000.0, allocation="alora", alora={"k1": 10, "rounds": 2}, heldout_batches=batches,
                              loss_fn=loss_fn, token_mask=lambda batch: batch["attention_mask"], capacity={"query": 16})
     scores: dict[str, float] = moves.compute_sensitivities(iter(batches), lambda m, b: m(**b))
-    moves.compute_optimal_ranks(sensitivities=scores, benefits={"query": [1.0, 0.5]})
+    moves.compute_optimal_ranks()  # alora starts uniform: it reads neither sensitivities nor gain curves
+    LoRAMBoOptimizer(model, 6_000).compute_optimal_ranks(sensitivities=scores)
+    LoRAMBoOptimizer(model, 6_000, allocation="knapsack").compute_optimal_ranks(benefits={"query": [1.0, 0.5]})
     print(opt.rank_table(), opt.decisions, opt.current_ranks(), schedule)
     heatmap: Path = opt.save_heatmap("run/ranks.png")
     adapted: nn.Module = opt.configure()

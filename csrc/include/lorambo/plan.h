@@ -120,5 +120,7 @@ void check_pool_adamw(const char* op, at::TensorList params, at::TensorList grad
                       double eps, double weight_decay);
 void check_seed(const char* op, int64_t seed);
 void check_dropout(const char* op, double p, int64_t seed);
+// lorambo::dropout_mask: check_dropout, a kernel dtype (returned, dtype_code's) and x [..., K] (not 0-d).
+int32_t check_dropout_mask(const char* op, const at::Tensor& x, double p, int64_t seed);
 
 }  // namespace lorambo
