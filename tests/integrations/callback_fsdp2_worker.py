@@ -66,6 +66,20 @@ def run(rank, world, rendezvous, out_dir, data_seed, moves):
 RESUME_AT = 3  # after the decision of step 2, before the one of step 4
 
 
+def run_to_checkpoint(rank, world, out_dir, data_seed, moves, steps, **arguments):
+    """A sharded run's first ``steps`` steps from on_train_begin, then the callback's checkpoint
+    at ``steps``; ``arguments``: more of Trainer's arguments. Returns this process's data shards,
+    the arguments, the model, its optimizer and the callback."""
+    shards = [step[rank] for step in fsdp2_worker.batches(data_seed, world)]
+    args = types.SimpleNamespace(should_save=rank == 0, output_dir=out_dir, **arguments)
+    net = fsdp2_worker.shard(fsdp2_worker.build(), world)
+    opt, callback = parts(net, moves)
+    callback.on_train_begin(args, types.SimpleNamespace(global_step=0), None, optimizer=opt)
+    take_steps(net, opt, callback, args, shards, range(steps))
+    callback.on_save(args, types.SimpleNamespace(global_step=steps), None)
+    return shards, args, net, opt, callback
+
+
 def run_resumed(rank, world, rendezvous, out_dir, data_seed, moves):
     """Steps 0-2 and a checkpoint (lorambo's files by the callback, the sharded model and
     optimizer by torch.distributed.checkpoint, as accelerate saves them under FSDP2), then a new
@@ -76,14 +90,8 @@ def run_resumed(rank, world, rendezvous, out_dir, data_seed, moves):
     torch.set_num_threads(1)
     init_gloo(rank, world, rendezvous)
     try:
-        shards = [step[rank] for step in fsdp2_worker.batches(data_seed, world)]
-        args = types.SimpleNamespace(should_save=rank == 0, output_dir=out_dir)
+        shards, args, net, opt, callback = run_to_checkpoint(rank, world, out_dir, data_seed, moves, RESUME_AT)
         folder = f"{out_dir}/checkpoint-{RESUME_AT}"
-        net = fsdp2_worker.shard(fsdp2_worker.build(), world)
-        opt, callback = parts(net, moves)
-        callback.on_train_begin(args, types.SimpleNamespace(global_step=0), None, optimizer=opt)
-        take_steps(net, opt, callback, args, shards, range(RESUME_AT))
-        callback.on_save(args, types.SimpleNamespace(global_step=RESUME_AT), None)
         model_state, optim_state = get_state_dict(net, opt)
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=f"{folder}/dcp")
 
@@ -132,14 +140,9 @@ def run_best_model(rank, world, rendezvous, out_dir, data_seed, moves):
     torch.set_num_threads(1)
     init_gloo(rank, world, rendezvous)
     try:
-        shards = [step[rank] for step in fsdp2_worker.batches(data_seed, world)]
-        args = types.SimpleNamespace(should_save=rank == 0, output_dir=out_dir, load_best_model_at_end=True)
+        shards, args, net, opt, callback = run_to_checkpoint(rank, world, out_dir, data_seed, moves, BEST_AT,
+                                                             load_best_model_at_end=True)
         folder = f"{out_dir}/checkpoint-{BEST_AT}"
-        net = fsdp2_worker.shard(fsdp2_worker.build(), world)
-        opt, callback = parts(net, moves)
-        callback.on_train_begin(args, types.SimpleNamespace(global_step=0), None, optimizer=opt)
-        take_steps(net, opt, callback, args, shards, range(BEST_AT))
-        callback.on_save(args, types.SimpleNamespace(global_step=BEST_AT), None)
         dcp.save({"model": get_model_state_dict(net)}, checkpoint_id=f"{folder}/dcp")
         full = lambda: {k: fsdp2_worker._full(v) for k, v in net.state_dict().items()}  # noqa: E731
         importance = lambda: None if callback.importance is None else full_values(  # noqa: E731

@@ -16,7 +16,6 @@ import contextlib
 
 import pytest
 import torch
-from torch.autograd.graph import saved_tensors_hooks
 from torch.utils.flop_counter import FlopCounterMode
 
 import lorambo
@@ -25,6 +24,7 @@ from lorambo.ops.custom_op import seed_tensor
 from lorambo.sensitivity.hvp import HessianOperator
 
 from cpu_backends import BACKENDS, op_for
+from saved_bytes import saved_bytes
 
 M, K, N, CAPACITY, RANK, SCALING = 48, 32, 20, 6, 4, 1.5
 
@@ -73,18 +73,7 @@ def _runner(backend, path, p, seed):
 
 def _saved_bytes(run, context, x, params) -> int:
     """Bytes of the distinct non-parameter storages the forward saves for backward."""
-    held = {t.untyped_storage().data_ptr() for t in params}
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in held:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with saved_tensors_hooks(pack, lambda tensor: tensor), context():
-        run(x, *params)
-    return sum(storages.values())
+    return saved_bytes(lambda: run(x, *params), params, context)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

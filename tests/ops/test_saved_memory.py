@@ -9,13 +9,13 @@ import contextlib
 
 import pytest
 import torch
-from torch.autograd.graph import saved_tensors_hooks
 from torch.utils.flop_counter import FlopCounterMode
 
 import lorambo
 from lorambo.nn.lora_linear import LoRAMBoLinear
 
 from cpu_backends import BACKENDS
+from saved_bytes import saved_bytes
 
 
 # eager: the backends' autograd Functions; custom_op: the torch.library ops, which run under a
@@ -29,18 +29,7 @@ _SCALARS = 16
 
 def _saved_bytes(module, x, path="eager") -> int:
     """Bytes of the non-parameter storages the forward saves for backward."""
-    held = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in held:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with saved_tensors_hooks(pack, lambda tensor: tensor), PATHS[path]():
-        module(x)
-    return sum(storages.values())
+    return saved_bytes(lambda: module(x), list(module.parameters()), PATHS[path])
 
 
 def _layer(rank, capacity, dropout=0.0, seed=0):
