@@ -34,7 +34,13 @@ def dropout_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     [0, 1); where p > 0 the seed is one the op takes (an int in [0, 2**63) or a 0-d int64 CPU
     tensor), else a ValueError: a truncated seed (3.5 -> 3) would give another seed's mask."""
     check_multiplier_call("dropout_mask", x, p, seed)
-    keep = _uniform(x, int(seed)) >= p
+    return _mask(x, p, int(seed))
+
+
+def _mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """:func:`dropout_mask` on arguments already checked (the public op's and the registered
+    ops' checks ran): what the forward and backward call at every step."""
+    keep = _uniform(x, seed) >= p
     return keep.to(x.dtype) / (1.0 - p)
 
 
@@ -61,7 +67,7 @@ def _uniform(x: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def _drop(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    return x if p == 0.0 else x * dropout_mask(x, p, seed)
+    return x if p == 0.0 else x * _mask(x, p, seed)
 
 
 def _forward(x, weight, bias, lora_A, lora_B, rank, scaling, p, seed):
@@ -84,7 +90,7 @@ def _backward(grad_y, x, weight, lora_A, lora_B, t, rank, scaling, p, seed, need
         grad_b = grad_y.sum(0)
     if rank > 0 and (need_x or need_a or need_bb):
         a_r, b_r = lora_A[:rank], lora_B[:, :rank]
-        mask = dropout_mask(x, p, seed) if p > 0.0 and (need_x or need_a) else None  # regenerated
+        mask = _mask(x, p, seed) if p > 0.0 and (need_x or need_a) else None  # regenerated
         if need_x or need_a:
             t_prime = grad_y @ b_r  # (M, r)
         if need_x:
@@ -113,7 +119,7 @@ def _check_backend(op: str, x) -> None:
                         "float64, bfloat16 or float16), as the other backends' ops do")
 
 
-_apply = define_lora_op("lorambo_ref", _forward, _backward, dropout_mask, check_backend=_check_backend)
+_apply = define_lora_op("lorambo_ref", _forward, _backward, _mask, check_backend=_check_backend)
 
 
 def lora_linear_reference(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p=0.0, seed=None):
