@@ -65,6 +65,24 @@ void check_lora_args(const char* op, const at::Tensor& x, const at::Tensor& weig
   check_dropout(op, dropout_p, seed);
 }
 
+void check_lora_bwd_args(const char* op, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                         const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& t, int64_t rank,
+                         double scaling, double dropout_p, int64_t seed, bool need_lora_B) {
+  check_lora_args(op, x, weight, std::nullopt, lora_A, lora_B, rank, scaling, dropout_p, seed);
+  const int64_t m = x.size(0), n = weight.size(0);
+  TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == m && grad_y.size(1) == n, op, ": grad_y must be [M, N] = [", m,
+              ", ", n, "], got shape ", shape_str(grad_y.sizes()));
+  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), op, ": grad_y has dtype ", grad_y.scalar_type(),
+              " but x has dtype ", x.scalar_type());
+  TORCH_CHECK(grad_y.device() == x.device(), op, ": grad_y is on ", grad_y.device(), " but x is on ", x.device());
+  if (!need_lora_B || rank == 0) return;  // only dB reads t
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == m && t.size(1) == rank, op, ": t must be [M, rank] = [", m, ", ", rank,
+              "], got shape ", shape_str(t.sizes()));
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": t has dtype ", t.scalar_type(), " but x has dtype ",
+              x.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, ": t is on ", t.device(), " but x is on ", x.device());
+}
+
 namespace {
 
 const at::Tensor& none_if_undefined(const std::optional<at::Tensor>& b, const at::Tensor& empty) {
@@ -247,21 +265,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
     int64_t seed, std::array<bool, 5> mask) {
   const char* op = "lorambo::lora_linear_bwd";
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // see above
-  check_lora_args(op, x_arg, weight_arg, std::nullopt, lora_A_arg, lora_B_arg, rank, scaling, dropout_p, seed);
+  check_lora_bwd_args(op, grad_y_arg, x_arg, weight_arg, lora_A_arg, lora_B_arg, t_arg, rank, scaling, dropout_p,
+                      seed, mask[4]);
   const at::Tensor grad_y_in = grad_y_arg.detach(), x_in = x_arg.detach(), weight = weight_arg.detach();
   const at::Tensor lora_A = lora_A_arg.detach(), lora_B = lora_B_arg.detach();
   const at::Tensor t_in = t_arg.defined() ? t_arg.detach() : t_arg;
   TORCH_CHECK(x_in.device().is_cpu(), op, " (CPU): x is on ", x_in.device());
   const int64_t m = x_in.size(0), k = x_in.size(1), n = weight.size(0), r = rank, cap = lora_A.size(0);
-  TORCH_CHECK(grad_y_in.dim() == 2 && grad_y_in.size(0) == m && grad_y_in.size(1) == n, op,
-              ": grad_y must be [M, N] = [", m, ", ", n, "], got shape ", shape_str(grad_y_in.sizes()));
-  TORCH_CHECK(grad_y_in.scalar_type() == x_in.scalar_type(), op, ": grad_y has dtype ", grad_y_in.scalar_type(),
-              " but x has dtype ", x_in.scalar_type());
   const bool need_x = mask[0], need_w = mask[1], need_b = mask[2], need_a = mask[3], need_bb = mask[4];
-  if (need_bb && r > 0) {
-    TORCH_CHECK(t_in.dim() == 2 && t_in.size(0) == m && t_in.size(1) == r, op, ": t must be [M, rank] = [", m,
-                ", ", r, "], got shape ", shape_str(t_in.sizes()));
-  }
   const at::Tensor g = grad_y_in.contiguous();
   // Only dW and dA read x's values. Without them x may be the zero-stride stand-in the autograd
   // saves (csrc/ops.cpp: rank 0, LoRA-FA), which contiguous() would expand to [M, K]: not copied.
@@ -387,8 +398,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
     const at::Tensor& lora_B, const at::Tensor& t, int64_t rank, double scaling, double dropout_p, int64_t seed,
     std::array<bool, 5> mask) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // see above
-  check_lora_args("lorambo::lora_linear_bwd", x, weight, std::nullopt, lora_A, lora_B, rank, scaling, dropout_p,
-                  seed);
+  check_lora_bwd_args("lorambo::lora_linear_bwd", g, x, weight, lora_A, lora_B, t, rank, scaling, dropout_p, seed,
+                      mask[4]);
   const int64_t r = rank, cap = lora_A.size(0);
   at::Tensor gx = mask[0] ? at::mm(g, weight) : empty_like_none(x);
   at::Tensor gw = mask[1] ? at::mm(g.t(), x) : empty_like_none(x);

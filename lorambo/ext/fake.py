@@ -127,16 +127,25 @@ def _check_lora_args(op: str, x, weight, bias, lora_A, lora_B, rank: int, scalin
 
 def _check_lora_bwd_args(op: str, grad_y, x, weight, lora_A, lora_B, t, rank: int, scaling: float,
                          dropout_p: float, seed: int, output_mask) -> None:
-    """The CPU backward kernel's checks (csrc/cpu/lora_linear_cpu.cpp): check_lora_args, grad_y
-    [M, N] in x's dtype, and t [M, rank] where dB is asked for at rank > 0."""
+    """The backward kernels' checks (check_lora_bwd_args, csrc/cpu/lora_linear_cpu.cpp): check_lora_args,
+    grad_y [M, N], and t [M, rank] where dB is asked for at rank > 0, each in x's dtype and on x's device."""
     _check_lora_args(op, x, weight, None, lora_A, lora_B, rank, scaling, dropout_p, seed)
     m, n = x.shape[0], weight.shape[0]
     if grad_y.dim() != 2 or grad_y.shape[0] != m or grad_y.shape[1] != n:
         raise RuntimeError(f"{op}: grad_y must be [M, N] = [{m}, {n}], got shape {_shape(grad_y)}")
-    if grad_y.dtype != x.dtype:
-        raise RuntimeError(f"{op}: grad_y has dtype {_c10_name(grad_y.dtype)} but x has dtype {_c10_name(x.dtype)}")
-    if output_mask[4] and rank > 0 and (t.dim() != 2 or t.shape[0] != m or t.shape[1] != rank):
+    _same_dtype_and_device(op, "grad_y", grad_y, x)
+    if not output_mask[4] or rank == 0:  # only dB reads t
+        return
+    if t.dim() != 2 or t.shape[0] != m or t.shape[1] != rank:
         raise RuntimeError(f"{op}: t must be [M, rank] = [{m}, {rank}], got shape {_shape(t)}")
+    _same_dtype_and_device(op, "t", t, x)
+
+
+def _same_dtype_and_device(op: str, name: str, tensor, x) -> None:
+    if tensor.dtype != x.dtype:
+        raise RuntimeError(f"{op}: {name} has dtype {_c10_name(tensor.dtype)} but x has dtype {_c10_name(x.dtype)}")
+    if tensor.device != x.device:
+        raise RuntimeError(f"{op}: {name} is on {tensor.device} but x is on {x.device}")
 
 
 def _register() -> None:

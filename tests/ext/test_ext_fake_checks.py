@@ -43,9 +43,10 @@ def _fwd(x=(4, 8), w=(6, 8), b=(6,), a=(4, 8), bb=(6, 4), rank=2, scaling=0.5, p
     return (*tensors, rank, scaling, p, seed)
 
 
-def _bwd(g=(4, 6), t=(4, 2), rank=2, mask=(True, True, True, True, True), g_dtype=torch.float32, **fwd):
+def _bwd(g=(4, 6), t=(4, 2), rank=2, mask=(True, True, True, True, True), g_dtype=torch.float32,
+         t_dtype=torch.float32, **fwd):
     x, w, _, a, bb, _, scaling, p, seed = _fwd(rank=rank, **fwd)
-    return (_t(g, g_dtype), x, w, a, bb, _t(t), rank, scaling, p, seed, list(mask))
+    return (_t(g, g_dtype), x, w, a, bb, _t(t, t_dtype), rank, scaling, p, seed, list(mask))
 
 
 F64 = torch.float64
@@ -71,6 +72,7 @@ BAD.update({
     "lora_linear_bwd grad_y shape": ("lora_linear_bwd", _bwd(g=(4, 5))),
     "lora_linear_bwd grad_y dtype": ("lora_linear_bwd", _bwd(g_dtype=F64)),
     "lora_linear_bwd t shape": ("lora_linear_bwd", _bwd(t=(4, 3))),
+    "lora_linear_bwd t dtype": ("lora_linear_bwd", _bwd(t_dtype=F64)),
     "lora_linear_bwd p<0": ("lora_linear_bwd", _bwd(p=-0.5)),
 })
 
@@ -127,6 +129,16 @@ def test_the_lora_fake_refuses_operands_on_two_devices():
     x, w, b, a, bb, *scalars = _fwd()
     with pytest.raises(RuntimeError, match=r"^lorambo::lora_linear_fwd: lora_B is on meta but x is on cpu$"):
         torch.ops.lorambo.lora_linear_fwd(x, w, b, a, bb.to("meta"), *scalars)
+
+
+@pytest.mark.parametrize("operand", [0, 5])
+def test_the_backward_fake_refuses_grad_y_or_t_on_another_device(operand):
+    # the kernels' check_lora_bwd_args refuses it too; here only the fake can see two devices
+    args = list(_bwd())
+    args[operand] = args[operand].to("meta")
+    name = {0: "grad_y", 5: "t"}[operand]
+    with pytest.raises(RuntimeError, match=rf"^lorambo::lora_linear_bwd: {name} is on meta but x is on cpu$"):
+        torch.ops.lorambo.lora_linear_bwd(*args)
 
 
 def test_a_bad_call_fails_in_fake_tensor_mode_with_the_kernels_message():

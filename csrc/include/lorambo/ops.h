@@ -54,4 +54,10 @@ void check_lora_args(const char* op, const at::Tensor& x, const at::Tensor& weig
                      const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
                      int64_t rank, double scaling, double dropout_p, int64_t seed);
 
+// check_lora_args, then grad_y [M, N] and, where dB is asked for at rank > 0, t [M, rank], each
+// in x's dtype and on x's device (shared by the CPU and the device-generic backward).
+void check_lora_bwd_args(const char* op, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                         const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& t, int64_t rank,
+                         double scaling, double dropout_p, int64_t seed, bool need_lora_B);
+
 }  // namespace lorambo
