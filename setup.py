@@ -230,7 +230,7 @@ setup(
     + ["lorambo_kernels." + p for p in find_packages(where="kernels/lorambo_kernels")]
     + ["lorambo_kernels"],
     package_dir={"lorambo_kernels": "kernels/lorambo_kernels"},
-    package_data={"lorambo": ["py.typed"]},  # PEP 561 marker (setuptools < 69, which pyproject allows, leaves it out)
+    package_data={"lorambo": ["py.typed"]},  # the PEP 561 marker, named rather than left to setuptools' defaults
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -8,6 +8,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from pyproject_data import pyproject
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,6 +26,19 @@ def test_the_kernels_package_carries_the_version_of_the_distribution_that_ships_
     import lorambo_kernels
 
     assert lorambo_kernels.__version__ == lorambo.__version__
+
+
+def test_the_declared_setuptools_floor_reads_the_license_as_written():
+    """``project.license`` as an SPDX string (PEP 639) is read from setuptools 77 on; an older one
+    refuses the whole pyproject.toml ("`project.license` must be valid exactly by one definition")."""
+    from packaging.requirements import Requirement
+
+    data = pyproject()
+    assert isinstance(data["project"]["license"], str)
+    floors = [Requirement(r) for r in data["build-system"]["requires"] if Requirement(r).name == "setuptools"]
+    assert len(floors) == 1
+    assert floors[0].specifier.contains("77.0.0")
+    assert not any(floors[0].specifier.contains(v) for v in ("64.0.0", "69.5.1", "76.1.0"))
 
 
 @pytest.mark.slow
