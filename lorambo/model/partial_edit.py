@@ -9,6 +9,7 @@ were done and that repeating the call finishes the edit.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 __all__ = ["add_note", "note_partial_edit", "note_rank_changes_kept", "shown_layers"]
@@ -16,10 +17,21 @@ __all__ = ["add_note", "note_partial_edit", "note_rank_changes_kept", "shown_lay
 SHOWN = 6  # layers a note lists before "..."
 
 
+_NATIVE_NOTES = sys.version_info >= (3, 11)  # BaseException.add_note (PEP 678)
+
+
 def add_note(err: BaseException, text: str) -> None:
-    """``err.add_note(text)`` where Python has it (3.11+: shown under the message)."""
-    if hasattr(err, "add_note"):
+    """``err.add_note(text)``: the note joins ``err.__notes__`` and shows under the message.
+
+    Python 3.10 has neither ``add_note`` nor a traceback that prints ``__notes__``: there the note
+    joins ``__notes__`` all the same, and an error whose message is its one string argument shows
+    the note as the message's next line, so that what was left changed is not lost."""
+    if _NATIVE_NOTES:
         err.add_note(text)
+        return
+    err.__notes__ = [*getattr(err, "__notes__", []), text]
+    if len(err.args) == 1 and isinstance(err.args[0], str):
+        err.args = (f"{err.args[0]}\n{text}",)
 
 
 def shown_layers(names: Sequence[str]) -> list[str]:
