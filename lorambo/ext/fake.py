@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_true
 from torch.library import register_fake
 
 _registered = False
@@ -81,7 +82,7 @@ def _check_dropout(op: str, p: float, seed: int) -> None:
         raise RuntimeError(f"{op}: seed must be in [0, 2^63), got {seed}")
 
 
-def _check_dropout_mask(op: str, x, p: float, seed: int) -> None:
+def check_dropout_mask(op: str, x, p: float, seed: int) -> None:
     """csrc/plan.cpp's check_dropout_mask: the mask of a layer input [..., K]."""
     _check_dropout(op, p, seed)
     _dtype(op, "x", x.dtype)
@@ -89,7 +90,7 @@ def _check_dropout_mask(op: str, x, p: float, seed: int) -> None:
         raise RuntimeError(f"{op}: x must have at least one dimension [..., K], got a 0-d tensor")
 
 
-def _check_lora_args(op: str, x, weight, bias, lora_A, lora_B, rank: int, scaling: float, dropout_p: float,
+def check_lora_args(op: str, x, weight, bias, lora_A, lora_B, rank: int, scaling: float, dropout_p: float,
                      seed: int) -> None:
     """csrc/cpu/lora_linear_cpu.cpp's check_lora_args, in its order: x [M, K], weight [N, K],
     lora_A [capacity, K], lora_B [N, capacity], rank in [0, capacity], bias [N], one kernel dtype
@@ -125,17 +126,19 @@ def _check_lora_args(op: str, x, weight, bias, lora_A, lora_B, rank: int, scalin
     _check_dropout(op, dropout_p, seed)
 
 
-def _check_lora_bwd_args(op: str, grad_y, x, weight, lora_A, lora_B, t, rank: int, scaling: float,
+def check_lora_bwd_args(op: str, grad_y, x, weight, lora_A, lora_B, t, rank: int, scaling: float,
                          dropout_p: float, seed: int, output_mask) -> None:
     """The CPU backward kernel's checks (csrc/cpu/lora_linear_cpu.cpp): check_lora_args, grad_y
     [M, N] in x's dtype, and t [M, rank] where dB is asked for at rank > 0."""
-    _check_lora_args(op, x, weight, None, lora_A, lora_B, rank, scaling, dropout_p, seed)
+    check_lora_args(op, x, weight, None, lora_A, lora_B, rank, scaling, dropout_p, seed)
     m, n = x.shape[0], weight.shape[0]
     if grad_y.dim() != 2 or grad_y.shape[0] != m or grad_y.shape[1] != n:
         raise RuntimeError(f"{op}: grad_y must be [M, N] = [{m}, {n}], got shape {_shape(grad_y)}")
     if grad_y.dtype != x.dtype:
         raise RuntimeError(f"{op}: grad_y has dtype {_c10_name(grad_y.dtype)} but x has dtype {_c10_name(x.dtype)}")
-    if output_mask[4] and rank > 0 and (t.dim() != 2 or t.shape[0] != m or t.shape[1] != rank):
+    # a symbolic rank (lorambo_ext's fakes under torch.compile: unbacked, no guard possible) may be
+    # above 0: t is then checked, which the t of a [M, rank] forward passes at rank 0 too
+    if output_mask[4] and guard_or_true(rank > 0) and (t.dim() != 2 or t.shape[0] != m or t.shape[1] != rank):
         raise RuntimeError(f"{op}: t must be [M, rank] = [{m}, {rank}], got shape {_shape(t)}")
 
 
@@ -196,17 +199,17 @@ def _register() -> None:
 
     @register_fake("lorambo::dropout_mask")
     def _dropout_mask(x, p, seed):
-        _check_dropout_mask("lorambo::dropout_mask", x, p, seed)
+        check_dropout_mask("lorambo::dropout_mask", x, p, seed)
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     @register_fake("lorambo::lora_linear_fwd")
     def _lora_linear_fwd(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed):
-        _check_lora_args("lorambo::lora_linear_fwd", x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
+        check_lora_args("lorambo::lora_linear_fwd", x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
         return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], rank))
 
     @register_fake("lorambo::lora_linear_bwd")
     def _lora_linear_bwd(grad_y, x, weight, lora_A, lora_B, t, rank, scaling, dropout_p, seed, output_mask):
-        _check_lora_bwd_args("lorambo::lora_linear_bwd", grad_y, x, weight, lora_A, lora_B, t, rank, scaling,
+        check_lora_bwd_args("lorambo::lora_linear_bwd", grad_y, x, weight, lora_A, lora_B, t, rank, scaling,
                              dropout_p, seed, output_mask)
         shapes = (x.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape)
         return tuple(x.new_empty(shape if want else (0,)) for shape, want in zip(shapes, output_mask))
