@@ -24,6 +24,7 @@ nothing inside (a ``torch.Generator``, a C++ op, a Triton launch) has to be trac
   gradients of inactive pool slots are exactly zero. Only dW and dA_r read x's values: with the
   base weight frozen and lora_A frozen (LoRA-FA) or at rank 0, the backward keeps a zero-stride
   stand-in of x's shape instead of x, so such a layer holds what the frozen layer holds besides t.
+  Only dB_r reads t: with lora_B frozen the backward keeps a stand-in of t too.
 - With ``create_graph=True`` (Hessian-vector products) the backward evaluates the same formulas
   with differentiable torch ops on the saved inputs (mask from the backend's own
   ``dropout_multiplier``), so double backward is exact; plain backward never takes that path.
@@ -223,7 +224,8 @@ def define_lora_op(ns: str, forward: Callable, backward: Callable, multiplier: C
     def setup_context(ctx, inputs, output):
         x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed = inputs
         ctx.x_kept = keeps_input(weight, lora_A, rank)
-        ctx.save_for_backward(x if ctx.x_kept else input_stand_in(x), weight, lora_A, lora_B, output[1], seed)
+        ctx.save_for_backward(x if ctx.x_kept else input_stand_in(x), weight, lora_A, lora_B,
+                              t_for_backward(output[1], lora_B.requires_grad), seed)
         _remember(ctx, bias, rank, scaling, dropout_p)
         if ctx.x_kept:
             ctx.mark_non_differentiable(output[1])
@@ -247,7 +249,7 @@ def define_lora_op(ns: str, forward: Callable, backward: Callable, multiplier: C
         @staticmethod
         def forward(ctx, x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed):
             y, t = forward(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
-            ctx.save_for_backward(x, weight, lora_A, lora_B, t)
+            ctx.save_for_backward(x, weight, lora_A, lora_B, t_for_backward(t, ctx.needs_input_grad[4]))
             _remember(ctx, bias, rank, scaling, dropout_p)
             ctx.seed = seed
             return y
@@ -266,7 +268,8 @@ def define_lora_op(ns: str, forward: Callable, backward: Callable, multiplier: C
         @staticmethod
         def forward(ctx, x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed):
             y, t = forward(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
-            ctx.save_for_backward(input_stand_in(x), weight, lora_A, lora_B, t)
+            ctx.save_for_backward(input_stand_in(x), weight, lora_A, lora_B,
+                                  t_for_backward(t, ctx.needs_input_grad[4]))
             _remember(ctx, bias, rank, scaling, dropout_p)
             ctx.seed = seed
             ctx.set_materialize_grads(False)  # see _backward_rule
@@ -315,8 +318,15 @@ def keeps_input(weight: Tensor, lora_A: Tensor, rank) -> bool:
 def input_stand_in(x: Tensor) -> Tensor:
     """A zero-stride tensor of x's shape, dtype and device (one element of memory) for the
     backward to read x's shape from; the backends' backward ops and dropout multipliers read
-    neither its values nor its strides where dW and dA are not asked for."""
+    neither its values nor its strides where dW and dA are not asked for (nor those of t's
+    stand-in where dB is not)."""
     return x.new_zeros(()).expand(x.shape)
+
+
+def t_for_backward(t: Tensor, lora_B_trains: bool) -> Tensor:
+    """What the backward keeps of t = drop(x) A_r^T [M, r]: t where lora_B trains (dB_r = s dY^T t
+    reads it), else :func:`input_stand_in` of it (dx and dA_r read grad_y B_r, never t)."""
+    return t if lora_B_trains else input_stand_in(t)
 
 
 def _remember(ctx, bias, rank, scaling, dropout_p):
