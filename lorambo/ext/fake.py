@@ -1,8 +1,10 @@
 """Fake (meta) implementations of the ``torch.ops.lorambo`` ops, for FakeTensor / torch.compile.
 
 ``csrc/ops.cpp`` names this module in its ``TORCH_LIBRARY`` block (``set_python_module``), so the
-dispatcher imports it on demand; :func:`lorambo.ext.loader.load` also imports it right after
-``lorambo._C``. Imported without the extension it does nothing.
+dispatcher imports it on demand; :func:`lorambo.ext.loader.load` also calls
+:func:`register_fakes` right after importing ``lorambo._C``. Imported without the extension it
+does nothing (an import before ``lorambo._C``, which is then a no-op, registers nothing: hence the
+loader's call).
 """
 
 from __future__ import annotations
@@ -142,7 +144,8 @@ def check_lora_bwd_args(op: str, grad_y, x, weight, lora_A, lora_B, t, rank: int
         raise RuntimeError(f"{op}: t must be [M, rank] = [{m}, {rank}], got shape {_shape(t)}")
 
 
-def _register() -> None:
+def register_fakes() -> None:
+    """Register the fakes once the extension's operators exist (idempotent; no-op before)."""
     global _registered
     if _registered or not hasattr(torch.ops.lorambo, "multi_dot"):
         return
@@ -215,4 +218,4 @@ def _register() -> None:
         return tuple(x.new_empty(shape if want else (0,)) for shape, want in zip(shapes, output_mask))
 
 
-_register()
+register_fakes()
