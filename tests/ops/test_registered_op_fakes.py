@@ -112,6 +112,17 @@ def test_the_fake_refuses_a_dtype_the_backend_does_not_compute_in():
         assert str(err.value) == message
 
 
+@pytest.mark.parametrize("ns", NAMESPACES)
+def test_good_calls_on_meta_tensors_give_the_shapes(ns):
+    """Meta tensors (shape inference) run on no device: the backend's device check is not theirs."""
+    ops = getattr(torch.ops, ns)
+    o = {name: t.to("meta") for name, t in operands().items()}
+    y, t = fwd(ops, o, p=0.5)
+    assert y.is_meta and (y.shape, t.shape) == ((M, N), (M, RANK))
+    assert [tuple(g.shape) for g in bwd(ops, o, p=0.5)] == [(M, K), (N, K), (N,), (CAP, K), (N, CAP)]
+    assert multiplier(ops, o).shape == (M, K)
+
+
 def _plain_float64(o, rank, scaling, mask):
     x, a, b = o["x"].double(), o["lora_A"].double()[:rank], o["lora_B"].double()[:, :rank]
     return x @ o["weight"].double().t() + o["bias"].double() + scaling * ((x * mask) @ a.t()) @ b.t()
