@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lorambo_kernels.seed import checked_seed
+from lorambo_kernels.arguments import checked_seed
 
 
 @triton.jit

@@ -32,7 +32,7 @@ import triton.language as tl
 from lorambo_kernels import config
 from lorambo_kernels.common import downcast, mma
 from lorambo_kernels.dropout import dropout_multiplier
-from lorambo_kernels.seed import checked_seed
+from lorambo_kernels.arguments import checked_dropout_p, checked_seed
 
 try:  # host-side TMA descriptors: triton >= 3.4
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -259,7 +259,7 @@ def lora_gemm(a, b, bias=None, *, rank=0, scaling=1.0, u=None, d=None, v=None, w
     dropout multiplier of element (m, n) of an [M, N] tensor drawn from ``seed``.
     Returns (out [M, N], u_out [M, r] or None).
     """
-    seed = checked_seed("lora_gemm", seed)
+    seed, dropout_p = checked_seed("lora_gemm", seed), checked_dropout_p("lora_gemm", dropout_p)
     M, K = a.shape
     N = b.shape[1]
     if b.shape[0] != K:

@@ -28,7 +28,7 @@ import triton.language as tl
 from lorambo_kernels.common import mma
 from lorambo_kernels.config import input_precision, is_interpreter
 from lorambo_kernels.grid import cuda_grid
-from lorambo_kernels.seed import checked_seed
+from lorambo_kernels.arguments import checked_seed
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 SUPPORTED_DTYPES = tuple(_TL_DTYPES)

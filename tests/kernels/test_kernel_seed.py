@@ -1,7 +1,10 @@
 """Every public launcher of lorambo_kernels that takes a Philox seed refuses what lorambo's ops
 refuse (a float, a bool, a value outside [0, 2**63), a tensor that is no 0-d int64 CPU tensor)
 with a ValueError naming the launcher and the value, before any launch; ``int(seed)`` truncated
-1.7 to 1 and read True as 1. The seeds it takes draw the stream of the equal Python int."""
+1.7 to 1 and read True as 1. The seeds it takes draw the stream of the equal Python int. The
+launchers with a dropout probability refuse one outside [0, 1) as lorambo's ops do."""
+
+import sys
 
 import numpy as np
 import pytest
@@ -56,6 +59,20 @@ BAD_SEEDS = [1.7, 3.0, True, -1, 2**63, "3", None, np.float64(2.0), torch.tensor
 def test_launchers_refuse_a_seed_outside_the_contract_naming_themselves(name, seed):
     with pytest.raises(ValueError, match=rf"^{name}: (a tensor )?seed must be"):
         LAUNCHERS[name](seed)
+
+
+DROPOUT = {name: LAUNCHERS[name] for name in ("lora_gemm", "lora_down", "lora_wgrad", "lora_linear_forward",
+                                               "lora_linear_backward")}
+
+
+@pytest.mark.parametrize("name", DROPOUT)
+@pytest.mark.parametrize("p, error", [(1.0, ValueError), (1.5, ValueError), (-0.5, ValueError),
+                                      (float("nan"), ValueError), (True, TypeError), ("0.5", TypeError)])
+def test_launchers_refuse_a_dropout_p_outside_zero_one(name, p, error, monkeypatch):
+    # the kernels dropped nothing for p <= 0 or nan and everything for p >= 1, silently
+    monkeypatch.setattr(sys.modules[__name__], "P_DROP", p)
+    with pytest.raises(error, match=rf"^{name}: dropout_p"):
+        DROPOUT[name](7)
 
 
 @pytest.mark.parametrize("name", ["dropout_keep_mask", "lora_down", "lorambo_kernels.sketch.gaussian_probe"])
