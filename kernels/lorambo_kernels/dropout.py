@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lorambo_kernels.arguments import checked_seed
+
 
 @triton.jit
 def dropout_multiplier(seed, rows, cols, n_cols, p):
@@ -43,11 +45,12 @@ def _keep_mask_kernel(
 
 def dropout_keep_mask(seed: int, M: int, K: int, p: float, device) -> torch.Tensor:
     """The keep mask (bool [M, K]) the LoRA kernels use for ``seed`` and probability ``p``."""
+    seed = checked_seed("dropout_keep_mask", seed)
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout_keep_mask: p={p} must be in [0, 1)")
     out = torch.empty((M, K), dtype=torch.int8, device=device)
     if M == 0 or K == 0:
         return out.bool()
     grid = (triton.cdiv(M, 32), triton.cdiv(K, 32))
-    _keep_mask_kernel[grid](out, M, K, int(seed), float(p), out.stride(0), BLOCK_M=32, BLOCK_K=32)
+    _keep_mask_kernel[grid](out, M, K, seed, float(p), out.stride(0), BLOCK_M=32, BLOCK_K=32)
     return out.bool()

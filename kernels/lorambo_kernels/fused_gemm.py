@@ -32,6 +32,7 @@ import triton.language as tl
 from lorambo_kernels import config
 from lorambo_kernels.common import downcast, mma
 from lorambo_kernels.dropout import dropout_multiplier
+from lorambo_kernels.arguments import checked_dropout_p, checked_seed
 
 try:  # host-side TMA descriptors: triton >= 3.4
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -258,6 +259,7 @@ def lora_gemm(a, b, bias=None, *, rank=0, scaling=1.0, u=None, d=None, v=None, w
     dropout multiplier of element (m, n) of an [M, N] tensor drawn from ``seed``.
     Returns (out [M, N], u_out [M, r] or None).
     """
+    seed, dropout_p = checked_seed("lora_gemm", seed), checked_dropout_p("lora_gemm", dropout_p)
     M, K = a.shape
     N = b.shape[1]
     if b.shape[0] != K:
@@ -283,7 +285,7 @@ def lora_gemm(a, b, bias=None, *, rank=0, scaling=1.0, u=None, d=None, v=None, w
     lora_acc = lora != 0 and not fold  # a second tile accumulator: the block shapes make room for it
     flags = dict(HAS_BIAS=bias is not None, LORA=lora, LORA_ACC=not fold, DROP_OUT=drop_out,
                  WRITE_U=u_out is not None, BLOCK_R=block_r, PRECISION=precision)
-    scalars = (M, N, K, rank, float(scaling), float(dropout_p), int(seed))
+    scalars = (M, N, K, rank, float(scaling), float(dropout_p), seed)
     tail_strides = (*_strides(u_), *_strides(v_), *out.stride(), *_strides(uo))
     bias_ = bias.contiguous() if bias is not None else dummy  # the epilogue loads it with unit stride
 

@@ -21,6 +21,7 @@ import torch
 from lorambo_kernels import config
 from lorambo_kernels.fused_gemm import lora_gemm
 from lorambo_kernels.lora_skinny import lora_down, lora_wgrad
+from lorambo_kernels.arguments import checked_dropout_p, checked_seed
 
 
 def lora_linear_forward(x, weight, bias, lora_A, lora_B, rank: int, scaling: float,
@@ -29,6 +30,8 @@ def lora_linear_forward(x, weight, bias, lora_A, lora_B, rank: int, scaling: flo
 
     Returns (y [M, N], t [M, r]) with t = drop(x) A_r^T in x's dtype (empty [M, 0] for r = 0).
     """
+    seed = checked_seed("lora_linear_forward", seed)
+    dropout_p = checked_dropout_p("lora_linear_forward", dropout_p)
     if rank == 0:
         y, _ = lora_gemm(x, weight.t(), bias)
         return y, x.new_empty((x.shape[0], 0))
@@ -47,6 +50,8 @@ def lora_linear_backward(grad_y, x, weight, lora_A, lora_B, t, rank: int, scalin
 
     grad_y [M, N], x [M, K], t [M, r] from :func:`lora_linear_forward` (same rank, p, seed).
     """
+    seed = checked_seed("lora_linear_backward", seed)
+    dropout_p = checked_dropout_p("lora_linear_backward", dropout_p)
     need_x, need_w, need_b, need_a, need_bb = needs
     grad_x = grad_w = grad_b = grad_a = grad_bb = None
     b_r = lora_B[:, :rank]  # (N, r)

@@ -18,6 +18,7 @@ import triton.language as tl
 from lorambo_kernels import config
 from lorambo_kernels.common import downcast, mma
 from lorambo_kernels.dropout import dropout_multiplier
+from lorambo_kernels.arguments import checked_dropout_p, checked_seed
 
 
 # Run-time ints that follow the rank (see fused_gemm.RANK_DEPENDENT): left unspecialised so a
@@ -112,6 +113,7 @@ def _lora_wgrad_kernel(
 # ------------------------------------------------------------------------------ launchers
 def lora_down(a: torch.Tensor, b: torch.Tensor, rank: int, dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
     """``drop(a) b`` for a [M, K] and b [K, r] (logical views, any strides) -> [M, r] in a's dtype."""
+    seed, dropout_p = checked_seed("lora_down", seed), checked_dropout_p("lora_down", dropout_p)
     M, K = a.shape
     if b.shape != (K, rank):
         raise ValueError(f"lora_down: a is {tuple(a.shape)}, b is {tuple(b.shape)}, rank {rank}")
@@ -123,7 +125,7 @@ def lora_down(a: torch.Tensor, b: torch.Tensor, rank: int, dropout_p: float = 0.
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(rank, block_r))
     _lora_down_kernel[grid](
         a, b, out,
-        M, K, rank, float(dropout_p), int(seed),
+        M, K, rank, float(dropout_p), seed,
         *a.stride(), *b.stride(), *out.stride(),
         DROP=dropout_p > 0.0, BLOCK_R=block_r, PRECISION=config.input_precision(a.dtype), **cfg)
     return out
@@ -134,6 +136,7 @@ def lora_wgrad(a: torch.Tensor, u: torch.Tensor, scaling: float, out: torch.Tens
     """Write ``scaling * drop(a)^T u`` into ``out`` [P, r] (a view, e.g. the active slice of a
     zero-initialised pool gradient) for a [M, P], u [M, r]; with ``colsum_out`` [P] also write
     the column sums of a (undropped) there."""
+    seed, dropout_p = checked_seed("lora_wgrad", seed), checked_dropout_p("lora_wgrad", dropout_p)
     M, P = a.shape
     rank = u.shape[1]
     if u.shape[0] != M or out.shape != (P, rank) or (colsum_out is not None and colsum_out.shape != (P,)):
@@ -159,7 +162,7 @@ def lora_wgrad(a: torch.Tensor, u: torch.Tensor, scaling: float, out: torch.Tens
     grid = (triton.cdiv(P, cfg["BLOCK_P"]), max(1, triton.cdiv(rank, block_r)), split)
     _lora_wgrad_kernel[grid](
         a, u, target, cs,
-        M, P, rank, float(scaling), float(dropout_p), int(seed), rows_per_split,
+        M, P, rank, float(scaling), float(dropout_p), seed, rows_per_split,
         *a.stride(), *u.stride(), *target.stride(), cs.stride(0),
         DROP=dropout_p > 0.0, COLSUM=colsum_out is not None, BLOCK_R=block_r,
         PRECISION=config.input_precision(a.dtype), **cfg)

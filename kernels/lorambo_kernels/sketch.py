@@ -28,6 +28,7 @@ import triton.language as tl
 from lorambo_kernels.common import mma
 from lorambo_kernels.config import input_precision, is_interpreter
 from lorambo_kernels.grid import cuda_grid
+from lorambo_kernels.arguments import checked_seed
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 SUPPORTED_DTYPES = tuple(_TL_DTYPES)
@@ -307,7 +308,8 @@ class SketchGroup:
         if not 1 <= p <= 64:
             raise ValueError(f"lorambo_kernels.sketch.SketchGroup: p={p} probe columns (1..64 supported)")
         p_used = [p] * n_layers if p_used is None else [int(q) for q in p_used]
-        seeds = [0] * n_layers if seeds is None else [int(s) for s in seeds]
+        seeds = [0] * n_layers if seeds is None else [checked_seed("lorambo_kernels.sketch.SketchGroup", s)
+                                                      for s in seeds]
         # one row of the layer table per layer: a shorter list would leave the kernels reading
         # rows past the table's end (a segmentation fault under the interpreter)
         if not len(out_features) == len(p_used) == len(seeds) == n_layers:
@@ -315,8 +317,6 @@ class SketchGroup:
                              f"out_features, {len(p_used)} p_used, {len(seeds)} seeds (need one of each per layer)")
         if not all(0 <= q <= p for q in p_used):
             raise ValueError(f"lorambo_kernels.sketch.SketchGroup: p_used {p_used} must be in [0, p={p}]")
-        if not all(0 <= s < 2**63 for s in seeds):
-            raise ValueError(f"lorambo_kernels.sketch.SketchGroup: seeds {seeds} must be in [0, 2**63)")
         for e, (x, dy, l) in enumerate(zip(xs, dys, layer_of)):
             if (x.dim() != 2 or dy.dim() != 2 or x.shape[0] != dy.shape[0]
                     or x.shape[1] != in_features[l] or dy.shape[1] != out_features[l]):
@@ -442,9 +442,10 @@ def row_dots(xs, ys=None) -> torch.Tensor:
 
 def gaussian_probe(seed: int, n: int, p: int, device) -> torch.Tensor:
     """The probe [n, p] (fp32) that the sketch kernels generate in-kernel for ``seed``."""
+    seed = checked_seed("lorambo_kernels.sketch.gaussian_probe", seed)
     if n < 0 or not 1 <= p <= 64:
         raise ValueError(f"lorambo_kernels.sketch.gaussian_probe: n={n}, p={p} (need n >= 0, 1 <= p <= 64)")
     out = torch.empty((n, p), dtype=torch.float32, device=device)
     if n:
-        _probe_kernel[(triton.cdiv(n, 16),)](out, n, p, int(seed), BLOCK_N=16, BLOCK_P=_block_p(p))
+        _probe_kernel[(triton.cdiv(n, 16),)](out, n, p, seed, BLOCK_N=16, BLOCK_P=_block_p(p))
     return out

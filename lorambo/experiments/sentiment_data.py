@@ -37,6 +37,8 @@ from lorambo.adapters.atomic import atomic_write
 from lorambo.experiments import bundle
 
 PACKAGE = "vaderSentiment==3.3.2"
+# the raters' scale, "[-4] Extremely Negative" to "[4] Extremely Positive" (the dataset's README)
+MIN_VALENCE, MAX_VALENCE = -4.0, 4.0
 SDIST = "vaderSentiment-3.3.2.tar.gz"
 SDIST_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"  # PyPI's
 INNER = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
@@ -154,8 +156,8 @@ def require(names) -> None:
 def read_rated(path: Path, expected_rows: int) -> list[tuple[str, float, str]]:
     """``(id, mean valence, text)`` of every line of a ``*_GroundTruth.txt`` file, in file order;
     a row count other than ``expected_rows`` means a partial file and is refused, and a valence
-    that is not a finite number (nan, inf) a damaged one: both are a ``ValueError`` naming the
-    file and the line."""
+    that is not a finite number (nan, inf) or lies outside the raters' -4..+4 scale a damaged one:
+    each is a ``ValueError`` naming the file, the line (and the value)."""
     _require_file(path)
     rows = []
     with open(path, encoding="utf-8") as f:
@@ -172,6 +174,9 @@ def read_rated(path: Path, expected_rows: int) -> list[tuple[str, float, str]]:
             if not math.isfinite(valence):  # nan would be dropped as "near zero" and inf labelled positive
                 raise ValueError(f"{path}:{number}: valence {parts[1]!r} is not finite: a mean rating on the "
                                  "-4..+4 scale is a finite number")
+            if not MIN_VALENCE <= valence <= MAX_VALENCE:  # a mean of ratings cannot leave their scale
+                raise ValueError(f"{path}:{number}: valence {parts[1]!r} is outside the -4..+4 scale of the "
+                                 "mean ratings (a damaged file)")
             rows.append((parts[0].strip(), valence, parts[2].strip()))
     if len(rows) != expected_rows:
         raise ValueError(f"{path}: {len(rows)} rated sentences, expected {expected_rows} (a partial download?)")

@@ -1,8 +1,10 @@
 """Fake (meta) implementations of the ``torch.ops.lorambo`` ops, for FakeTensor / torch.compile.
 
 ``csrc/ops.cpp`` names this module in its ``TORCH_LIBRARY`` block (``set_python_module``), so the
-dispatcher imports it on demand; :func:`lorambo.ext.loader.load` also imports it right after
-``lorambo._C``. Imported without the extension it does nothing.
+dispatcher imports it on demand; :func:`lorambo.ext.loader.load` also calls
+:func:`register_fakes` right after importing ``lorambo._C``. Imported without the extension it
+does nothing (an import before ``lorambo._C``, which is then a no-op, registers nothing: hence the
+loader's call).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_true
 from torch.library import register_fake
 
 _registered = False
@@ -81,7 +84,7 @@ def _check_dropout(op: str, p: float, seed: int) -> None:
         raise RuntimeError(f"{op}: seed must be in [0, 2^63), got {seed}")
 
 
-def _check_dropout_mask(op: str, x, p: float, seed: int) -> None:
+def check_dropout_mask(op: str, x, p: float, seed: int) -> None:
     """csrc/plan.cpp's check_dropout_mask: the mask of a layer input [..., K]."""
     _check_dropout(op, p, seed)
     _dtype(op, "x", x.dtype)
@@ -89,7 +92,7 @@ def _check_dropout_mask(op: str, x, p: float, seed: int) -> None:
         raise RuntimeError(f"{op}: x must have at least one dimension [..., K], got a 0-d tensor")
 
 
-def _check_lora_args(op: str, x, weight, bias, lora_A, lora_B, rank: int, scaling: float, dropout_p: float,
+def check_lora_args(op: str, x, weight, bias, lora_A, lora_B, rank: int, scaling: float, dropout_p: float,
                      seed: int) -> None:
     """csrc/cpu/lora_linear_cpu.cpp's check_lora_args, in its order: x [M, K], weight [N, K],
     lora_A [capacity, K], lora_B [N, capacity], rank in [0, capacity], bias [N], one kernel dtype
@@ -125,16 +128,18 @@ def _check_lora_args(op: str, x, weight, bias, lora_A, lora_B, rank: int, scalin
     _check_dropout(op, dropout_p, seed)
 
 
-def _check_lora_bwd_args(op: str, grad_y, x, weight, lora_A, lora_B, t, rank: int, scaling: float,
+def check_lora_bwd_args(op: str, grad_y, x, weight, lora_A, lora_B, t, rank: int, scaling: float,
                          dropout_p: float, seed: int, output_mask) -> None:
     """The backward kernels' checks (check_lora_bwd_args, csrc/cpu/lora_linear_cpu.cpp): check_lora_args,
     grad_y [M, N], and t [M, rank] where dB is asked for at rank > 0, each in x's dtype and on x's device."""
-    _check_lora_args(op, x, weight, None, lora_A, lora_B, rank, scaling, dropout_p, seed)
+    check_lora_args(op, x, weight, None, lora_A, lora_B, rank, scaling, dropout_p, seed)
     m, n = x.shape[0], weight.shape[0]
     if grad_y.dim() != 2 or grad_y.shape[0] != m or grad_y.shape[1] != n:
         raise RuntimeError(f"{op}: grad_y must be [M, N] = [{m}, {n}], got shape {_shape(grad_y)}")
     _same_dtype_and_device(op, "grad_y", grad_y, x)
-    if not output_mask[4] or rank == 0:  # only dB reads t
+    # only dB reads t. A symbolic rank (lorambo_ext's fakes under torch.compile: unbacked, no guard
+    # possible) may be above 0: t is then checked, which the t of a [M, rank] forward passes at rank 0 too
+    if not output_mask[4] or not guard_or_true(rank > 0):
         return
     if t.dim() != 2 or t.shape[0] != m or t.shape[1] != rank:
         raise RuntimeError(f"{op}: t must be [M, rank] = [{m}, {rank}], got shape {_shape(t)}")
@@ -148,7 +153,8 @@ def _same_dtype_and_device(op: str, name: str, tensor, x) -> None:
         raise RuntimeError(f"{op}: {name} is on {tensor.device} but x is on {x.device}")
 
 
-def _register() -> None:
+def register_fakes() -> None:
+    """Register the fakes once the extension's operators exist (idempotent; no-op before)."""
     global _registered
     if _registered or not hasattr(torch.ops.lorambo, "multi_dot"):
         return
@@ -205,20 +211,20 @@ def _register() -> None:
 
     @register_fake("lorambo::dropout_mask")
     def _dropout_mask(x, p, seed):
-        _check_dropout_mask("lorambo::dropout_mask", x, p, seed)
+        check_dropout_mask("lorambo::dropout_mask", x, p, seed)
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     @register_fake("lorambo::lora_linear_fwd")
     def _lora_linear_fwd(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed):
-        _check_lora_args("lorambo::lora_linear_fwd", x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
+        check_lora_args("lorambo::lora_linear_fwd", x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
         return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], rank))
 
     @register_fake("lorambo::lora_linear_bwd")
     def _lora_linear_bwd(grad_y, x, weight, lora_A, lora_B, t, rank, scaling, dropout_p, seed, output_mask):
-        _check_lora_bwd_args("lorambo::lora_linear_bwd", grad_y, x, weight, lora_A, lora_B, t, rank, scaling,
+        check_lora_bwd_args("lorambo::lora_linear_bwd", grad_y, x, weight, lora_A, lora_B, t, rank, scaling,
                              dropout_p, seed, output_mask)
         shapes = (x.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape)
         return tuple(x.new_empty(shape if want else (0,)) for shape, want in zip(shapes, output_mask))
 
 
-_register()
+register_fakes()

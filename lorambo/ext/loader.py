@@ -47,7 +47,7 @@ def load() -> ModuleType | None:
     if "module" not in _state:
         try:
             module = importlib.import_module("lorambo._C")
-            importlib.import_module("lorambo.ext.fake")
+            importlib.import_module("lorambo.ext.fake").register_fakes()  # imported earlier, it registered nothing
             _check_operators(module)
             _check_sources(module)
             importlib.import_module("lorambo.ext.flops").register_lora_flop_formulas("lorambo")

@@ -24,6 +24,7 @@ nothing inside (a ``torch.Generator``, a C++ op, a Triton launch) has to be trac
   gradients of inactive pool slots are exactly zero. Only dW and dA_r read x's values: with the
   base weight frozen and lora_A frozen (LoRA-FA) or at rank 0, the backward keeps a zero-stride
   stand-in of x's shape instead of x, so such a layer holds what the frozen layer holds besides t.
+  Only dB_r reads t: with lora_B frozen the backward keeps a stand-in of t too.
 - With ``create_graph=True`` (Hessian-vector products) the backward evaluates the same formulas
   with differentiable torch ops on the saved inputs (mask from the backend's own
   ``dropout_multiplier``), so double backward is exact; plain backward never takes that path.
@@ -53,7 +54,8 @@ from torch import Tensor
 
 from lorambo.ext.flops import register_lora_flop_formulas
 from lorambo.ops.compile_support import autocast_available
-from lorambo.ops.op_operands import check_backward_call, check_forward_call, check_multiplier_call
+from lorambo.ops.op_operands import (check_backward_call, check_forward_call, check_multiplier_call,
+                                    check_seed_tensor)
 
 __all__ = ["define_lora_op", "differentiable_backward", "seed_tensor", "seed_value"]
 
@@ -104,7 +106,8 @@ def differentiable_backward(grad_y, x, weight, lora_A, lora_B, rank, scaling, ma
 
 def define_lora_op(ns: str, forward: Callable, backward: Callable, multiplier: Callable,
                    eager: Callable | None = None, *, check_backend: Callable | None = None,
-                   checked_inside: bool = False) -> Callable:
+                   checked_inside: bool = False, fake_checks: tuple[Callable, Callable, Callable] | None = None
+                   ) -> Callable:
     """Register the three ops in namespace ``ns`` and return ``apply(x2, W, b, A, B, rank,
     scaling, p, seed) -> y`` (x2 is [M, K]; seed an int or a 0-d int64 CPU tensor, 0 without
     dropout; autograd-aware, traceable).
@@ -116,11 +119,15 @@ def define_lora_op(ns: str, forward: Callable, backward: Callable, multiplier: C
     eager(x, W, b, A, B, rank, scaling, p, seed: int) -> y: an autograd-aware op with the same
         semantics to run outside torch.compile (default: an autograd.Function over the three)
     check_backend(op, x) raises unless the backend computes in x's dtype on x's device.
+    fake_checks: where ``checked_inside``, what those functions check, for the fakes (which cannot
+        call them: their rank may be symbolic): (x, W, b, A, B, rank, scaling, p),
+        (dY, x, W, A, B, t, rank, scaling, p, needs) and (x, p), each raising as its function does.
 
     Users reach the three ops through ``torch.ops.<ns>``, past the public functions' checks, so
     each op checks its operands as those do (:mod:`lorambo.ops.op_operands`; ``check_backend`` for
     the backend's dtypes and devices) before ``forward`` / ``backward`` / ``multiplier`` run, unless
-    ``checked_inside`` says those check everything themselves (the extension's C++ ops). The
+    ``checked_inside`` says those check everything themselves (the extension's C++ ops: they take
+    the seed as an int, so the op checks the seed tensor it reads that int from). The
     eager path (``apply`` outside torch.compile) does not call the ops: its operands are checked
     once, by the public function, and a compiled graph's once, by the op.
     """
@@ -134,10 +141,30 @@ def define_lora_op(ns: str, forward: Callable, backward: Callable, multiplier: C
             check_forward_call(fwd_name, x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
             if check_backend is not None:
                 check_backend(fwd_name, x)
+        elif dropout_p > 0.0:
+            check_seed_tensor(fwd_name, seed)
         return forward(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed_value(seed))
+
+    # The fakes check what the ops check, so a bad call fails while torch.compile traces it, with
+    # the op's message, not when the graph runs. They read no tensor values (a fake has none): the
+    # seed's value is checked when the op runs.
+    def fake_backend_check(op, x):
+        if check_backend is not None and x.device.type != "meta":  # meta: no device a backend runs on
+            check_backend(op, x)
+
+    def fake_seed_check(op, dropout_p, seed):
+        if dropout_p > 0.0:
+            check_seed_tensor(op, seed, fake=True)
 
     @lora_linear_fwd.register_fake
     def _fwd_fake(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed):
+        if not checked_inside:
+            check_forward_call(fwd_name, x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed, fake=True)
+            fake_backend_check(fwd_name, x)
+        else:
+            fake_seed_check(fwd_name, dropout_p, seed)
+            if fake_checks is not None:
+                fake_checks[0](x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p)
         m = x.shape[0]
         return x.new_empty((m, weight.shape[0])), x.new_empty((m, rank))
 
@@ -150,6 +177,8 @@ def define_lora_op(ns: str, forward: Callable, backward: Callable, multiplier: C
             check_backward_call(bwd_name, grad_y, x, weight, lora_A, lora_B, t, rank, scaling, dropout_p, seed)
             if check_backend is not None:
                 check_backend(bwd_name, x)
+        elif dropout_p > 0.0:
+            check_seed_tensor(bwd_name, seed)
         # the check in _backward_rule ran while tracing when this op is in a compiled backward graph
         with autocast_off(grad_y.device.type):
             grads = backward(grad_y, x, weight, lora_A, lora_B, t, rank, scaling, dropout_p, seed_value(seed),
@@ -159,8 +188,16 @@ def define_lora_op(ns: str, forward: Callable, backward: Callable, multiplier: C
     @lora_linear_bwd.register_fake
     def _bwd_fake(grad_y, x, weight, lora_A, lora_B, t, rank, scaling, dropout_p, seed,
                   need_x, need_w, need_b, need_a, need_bb):
-        shapes = (x.shape, weight.shape, (weight.shape[0],), lora_A.shape, lora_B.shape)
         needs = (need_x, need_w, need_b, need_a, need_bb)
+        if not checked_inside:
+            check_backward_call(bwd_name, grad_y, x, weight, lora_A, lora_B, t, rank, scaling, dropout_p, seed,
+                                fake=True)
+            fake_backend_check(bwd_name, x)
+        else:
+            fake_seed_check(bwd_name, dropout_p, seed)
+            if fake_checks is not None:
+                fake_checks[1](grad_y, x, weight, lora_A, lora_B, t, rank, scaling, dropout_p, needs)
+        shapes = (x.shape, weight.shape, (weight.shape[0],), lora_A.shape, lora_B.shape)
         return tuple(x.new_empty(s if need else (0,)) for s, need in zip(shapes, needs))
 
     @torch.library.custom_op(multiplier_name, mutates_args=())
@@ -169,16 +206,26 @@ def define_lora_op(ns: str, forward: Callable, backward: Callable, multiplier: C
             check_multiplier_call(multiplier_name, x, dropout_p, seed)
             if check_backend is not None:
                 check_backend(multiplier_name, x)
+        elif dropout_p > 0.0:
+            check_seed_tensor(multiplier_name, seed)
         return multiplier(x, dropout_p, seed_value(seed))
 
     @dropout_multiplier.register_fake
     def _multiplier_fake(x, dropout_p, seed):
+        if not checked_inside:
+            check_multiplier_call(multiplier_name, x, dropout_p, seed, fake=True)
+            fake_backend_check(multiplier_name, x)
+        else:
+            fake_seed_check(multiplier_name, dropout_p, seed)
+            if fake_checks is not None:
+                fake_checks[2](x, dropout_p)
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     def setup_context(ctx, inputs, output):
         x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed = inputs
         ctx.x_kept = keeps_input(weight, lora_A, rank)
-        ctx.save_for_backward(x if ctx.x_kept else input_stand_in(x), weight, lora_A, lora_B, output[1], seed)
+        ctx.save_for_backward(x if ctx.x_kept else input_stand_in(x), weight, lora_A, lora_B,
+                              t_for_backward(output[1], lora_B.requires_grad), seed)
         _remember(ctx, bias, rank, scaling, dropout_p)
         if ctx.x_kept:
             ctx.mark_non_differentiable(output[1])
@@ -202,7 +249,7 @@ def define_lora_op(ns: str, forward: Callable, backward: Callable, multiplier: C
         @staticmethod
         def forward(ctx, x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed):
             y, t = forward(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
-            ctx.save_for_backward(x, weight, lora_A, lora_B, t)
+            ctx.save_for_backward(x, weight, lora_A, lora_B, t_for_backward(t, ctx.needs_input_grad[4]))
             _remember(ctx, bias, rank, scaling, dropout_p)
             ctx.seed = seed
             return y
@@ -221,7 +268,8 @@ def define_lora_op(ns: str, forward: Callable, backward: Callable, multiplier: C
         @staticmethod
         def forward(ctx, x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed):
             y, t = forward(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed)
-            ctx.save_for_backward(input_stand_in(x), weight, lora_A, lora_B, t)
+            ctx.save_for_backward(input_stand_in(x), weight, lora_A, lora_B,
+                                  t_for_backward(t, ctx.needs_input_grad[4]))
             _remember(ctx, bias, rank, scaling, dropout_p)
             ctx.seed = seed
             ctx.set_materialize_grads(False)  # see _backward_rule
@@ -270,8 +318,15 @@ def keeps_input(weight: Tensor, lora_A: Tensor, rank) -> bool:
 def input_stand_in(x: Tensor) -> Tensor:
     """A zero-stride tensor of x's shape, dtype and device (one element of memory) for the
     backward to read x's shape from; the backends' backward ops and dropout multipliers read
-    neither its values nor its strides where dW and dA are not asked for."""
+    neither its values nor its strides where dW and dA are not asked for (nor those of t's
+    stand-in where dB is not)."""
     return x.new_zeros(()).expand(x.shape)
+
+
+def t_for_backward(t: Tensor, lora_B_trains: bool) -> Tensor:
+    """What the backward keeps of t = drop(x) A_r^T [M, r]: t where lora_B trains (dB_r = s dY^T t
+    reads it), else :func:`input_stand_in` of it (dx and dA_r read grad_y B_r, never t)."""
+    return t if lora_B_trains else input_stand_in(t)
 
 
 def _remember(ctx, bias, rank, scaling, dropout_p):

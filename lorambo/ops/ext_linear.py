@@ -57,8 +57,33 @@ def _eager(x, weight, bias, lora_A, lora_B, rank, scaling, p, seed):
     return torch.ops.lorambo.lora_linear(x, weight, bias, lora_A, lora_B, rank, scaling, p, seed)
 
 
-# the extension's C++ ops check their operands and scalars themselves (check_lora_args in csrc)
-_apply = define_lora_op("lorambo_ext", _forward, _backward, _multiplier, eager=_eager, checked_inside=True)
+# The extension's C++ ops check their operands and scalars themselves (check_lora_args in csrc);
+# the custom ops' fakes make the same checks with the C++ ops' fakes' checks (the C++ schema takes
+# an int rank, so the fakes cannot call the ops with a symbolic one). 0 stands for the seed, whose
+# value a fake cannot read. The extension is loaded first, as the bodies do: lorambo.ext.fake
+# registers the C++ ops' fakes only when imported after lorambo._C.
+def _ext_fake():
+    ext_loader.require()
+    from lorambo.ext import fake
+
+    return fake
+
+
+def _fwd_fake_checks(x, weight, bias, lora_A, lora_B, rank, scaling, p):
+    _ext_fake().check_lora_args("lorambo::lora_linear_fwd", x, weight, bias, lora_A, lora_B, rank, scaling, p, 0)
+
+
+def _bwd_fake_checks(grad_y, x, weight, lora_A, lora_B, t, rank, scaling, p, needs):
+    _ext_fake().check_lora_bwd_args("lorambo::lora_linear_bwd", grad_y, x, weight, lora_A, lora_B, t, rank,
+                                    scaling, p, 0, needs)
+
+
+def _multiplier_fake_checks(x, p):
+    _ext_fake().check_dropout_mask("lorambo::dropout_mask", x, p, 0)
+
+
+_apply = define_lora_op("lorambo_ext", _forward, _backward, _multiplier, eager=_eager, checked_inside=True,
+                        fake_checks=(_fwd_fake_checks, _bwd_fake_checks, _multiplier_fake_checks))
 
 
 def lora_linear_ext(x, weight, bias, lora_A, lora_B, rank: int, scaling: float, dropout_p: float = 0.0,

@@ -20,7 +20,7 @@ from lorambo.ops.seed_argument import check_seed
 
 __all__ = ["check_backward_call", "check_devices", "check_dropout_p", "check_dtypes", "check_forward_call",
            "check_multiplier_call", "check_operands", "check_rank", "check_scalars", "check_scaling",
-           "check_shapes", "check_tensors"]
+           "check_seed_tensor", "check_shapes", "check_tensors"]
 
 
 def check_operands(op: str, x, weight, bias, lora_A, lora_B) -> None:
@@ -124,28 +124,33 @@ def check_dropout_p(op: str, dropout_p) -> None:
         raise ValueError(f"{op}: dropout_p {dropout_p!r} must be in [0, 1)")
 
 
-def check_forward_call(op: str, x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed) -> None:
+def check_forward_call(op: str, x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed, *,
+                       fake: bool = False) -> None:
     """The checks of a call of a backend's registered forward op (``torch.ops.<ns>.lora_linear_fwd``,
     reachable by users, and what a compiled graph calls): :func:`check_operands` on the [M, K]
     rows the op takes, :func:`check_scalars`, and the seed (a 0-d int64 CPU tensor holding an
-    int in [0, 2**63)) where dropout_p > 0."""
+    int in [0, 2**63)) where dropout_p > 0.
+
+    ``fake``: the call of the op's fake implementation (FakeTensorMode, torch.compile's trace, meta
+    tensors), whose tensors have no values: the seed's value is not read, only its metadata."""
     if _call_fits(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p):
         if dropout_p > 0.0:
-            _check_seed_tensor(op, seed)
+            check_seed_tensor(op, seed, fake)
         return
     check_operands(op, x, weight, bias, lora_A, lora_B)
     if x.dim() != 2:
         raise ValueError(f"{op}: x must be 2-D [M, K], got shape {tuple(x.shape)}")
     check_scalars(op, rank, lora_A.shape[0], scaling, dropout_p)
     if dropout_p > 0.0:
-        _check_seed_tensor(op, seed)
+        check_seed_tensor(op, seed, fake)
 
 
-def check_backward_call(op: str, grad_y, x, weight, lora_A, lora_B, t, rank, scaling, dropout_p, seed) -> None:
+def check_backward_call(op: str, grad_y, x, weight, lora_A, lora_B, t, rank, scaling, dropout_p, seed, *,
+                        fake: bool = False) -> None:
     """:func:`check_forward_call` for a call of a backend's registered backward op, and its own
     operands: grad_y [M, N] and t [M, rank] (the forward's saved product), in x's dtype and on
     its device."""
-    check_forward_call(op, x, weight, None, lora_A, lora_B, rank, scaling, dropout_p, seed)
+    check_forward_call(op, x, weight, None, lora_A, lora_B, rank, scaling, dropout_p, seed, fake=fake)
     m, n = x.shape[0], weight.shape[0]
     if _backward_operands_fit(grad_y, t, x, m, n, rank):
         return
@@ -158,22 +163,24 @@ def check_backward_call(op: str, grad_y, x, weight, lora_A, lora_B, t, rank, sca
             raise ValueError(f"{op}: {name} is {tuple(value.shape)}, expected {list(shape)}")
 
 
-def check_multiplier_call(op: str, x, dropout_p, seed) -> None:
+def check_multiplier_call(op: str, x, dropout_p, seed, *, fake: bool = False) -> None:
     """The checks of a call of a backend's registered dropout-multiplier op: a real dropout_p in
-    [0, 1) and, where it is above 0, the seed (as :func:`check_forward_call`)."""
+    [0, 1) and, where it is above 0, the seed (as :func:`check_forward_call`, ``fake`` too)."""
     check_dropout_p(op, dropout_p)
     if dropout_p > 0.0:
-        _check_seed_tensor(op, seed)
+        check_seed_tensor(op, seed, fake)
 
 
-def _check_seed_tensor(op: str, seed) -> None:
-    """The seed a registered op takes: a 0-d int64 CPU tensor whose value (read here: the op
-    runs on real tensors) is an int in [0, 2**63)."""
+def check_seed_tensor(op: str, seed, fake: bool = False) -> None:
+    """The seed a registered op takes: a 0-d int64 CPU tensor whose value is an int in [0, 2**63);
+    the value of a fake is not read (it has none: the op checks it when it runs). The first test
+    reads only a real CPU tensor's: a FakeTensor is of a subclass, a meta tensor on no CPU."""
     if (type(seed) is torch.Tensor and seed.dtype is torch.int64 and seed.dim() == 0
             and seed.device.type == "cpu" and int(seed) >= 0):
         return  # the common case, in one test: int64 cannot exceed 2**63 - 1
     check_seed(op, seed)
-    check_seed(op, int(seed))
+    if not fake:
+        check_seed(op, int(seed))
 
 
 # Every call of a compiled graph runs the checks above in its ops, so a valid call is recognised

@@ -90,6 +90,19 @@ def test_a_valence_that_is_not_finite_names_the_file_line_and_value(tmp_path, va
         sentiment_data.read_rated(path, sentiment_data.EXPECTED_ROWS)
 
 
+@pytest.mark.parametrize("valence", ["4.0001", "-4.5", "40", "1e3"])
+def test_a_valence_outside_the_rating_scale_names_the_file_line_and_value(tmp_path, valence):
+    # a mean of ratings on the -4..+4 scale cannot leave it; the loader labelled such rows by sign
+    path = tmp_path / "rated.txt"
+    _rated_file(path, [1.0, 4.0, -4.0])  # the ends of the scale are ratings
+    assert [v for _, v, _ in sentiment_data.read_rated(path, sentiment_data.EXPECTED_ROWS)[1:3]] == [4.0, -4.0]
+    text = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    text[5] = f"7\t{valence}\tA damaged row.\n"
+    path.write_text("".join(text), encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"{path}:6: valence '{valence}' is outside the -4\.\.\+4 scale"):
+        sentiment_data.read_rated(path, sentiment_data.EXPECTED_ROWS)
+
+
 def test_missing_model_package_fails_clearly(monkeypatch):
     from lorambo.experiments import minilm
 

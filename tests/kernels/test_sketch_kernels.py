@@ -167,7 +167,7 @@ def test_bad_input_names_the_function_and_the_value(device):
         sketch.SketchGroup([x, x], [dy, dy], [0, 1], [3, 3], [2], 2)
     with pytest.raises(ValueError, match=r"p_used \[3\] must be in \[0, p=2\]"):
         sketch.SketchGroup([x], [dy], [0], [3], [2], 2, p_used=[3])
-    with pytest.raises(ValueError, match=r"seeds \[-1\] must be in \[0, 2\*\*63\)"):
+    with pytest.raises(ValueError, match=r"SketchGroup: seed must be an int in \[0, 2\*\*63\), got -1"):
         sketch.SketchGroup([x], [dy], [0], [3], [2], 2, seeds=[-1])
     group = sketch.SketchGroup([x], [dy], [0], [3], [2], 2)
     with pytest.raises(ValueError, match="apply: v must be"):
