@@ -491,6 +491,7 @@ class LoRAMBoOptimizer:
         if not ranks:
             raise RuntimeError("configure(): call compute_optimal_ranks first or pass ranks")
         caps = self.capacities or self.plan_capacities(ranks)
+        caps = {n: c for n, c in caps.items() if n in ranks}  # ranks may name fewer layers than were planned
         optimizer = optimizer if optimizer is not None else self.default_optimizer
         # existing adapters that grow get rows seeded by ``seed``, like every other growth: the same
         # on every process, the global generator untouched (docs/architecture.md)
