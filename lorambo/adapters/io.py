@@ -53,6 +53,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     Which pools are frozen (``requires_grad=False``: a MiCA adapter's ``lora_B``, LoRA-FA's
     ``lora_A``, a layer frozen for a phase) is saved, and :func:`load_adapter` freezes them again;
     a model whose every pool is frozen (for inference) is saved as trainable.
+
+    Raises ``ValueError`` for a model without LoRAMBoLinear layers, one on the meta device, or
+    an empty path; ``IsADirectoryError`` / ``NotADirectoryError`` for a folder where the file
+    goes or a file where a folder must be (before anything is written); ``OSError`` for a write
+    the filesystem refused (the previous file intact).
     """
     require_module(model, "save_adapter")
     require_path(path, "save_adapter")

@@ -155,7 +155,10 @@ def export_peft(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     (with the model's modules_to_save, stored as peft stores them).
 
     The two files are replaced together: on any error both keep their previous content. Layers
-    are named as in the plain model, also when ``model`` is wrapped by torch.compile or DDP."""
+    are named as in the plain model, also when ``model`` is wrapped by torch.compile or DDP.
+    ``ValueError`` for a model without a LoRAMBoLinear of rank > 0 or an empty path;
+    ``NotADirectoryError`` when ``path`` is a file; ``OSError`` for a write the filesystem
+    refused."""
     require_module(model, "export_peft")
     model = unwrap_model(model)
     folder = require_path(path, "export_peft")

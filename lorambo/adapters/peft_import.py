@@ -371,6 +371,13 @@ def import_peft(model: nn.Module, path: str | os.PathLike[str], capacity: int | 
 
     ``capacity``: pool size per layer (int, or ``{name: capacity}``; default: room to double).
     A model wrapped by torch.compile or DDP is adapted through the wrapper.
+
+    Everything is checked before the model changes. Raises ``FileNotFoundError`` for a folder
+    without ``adapter_config.json`` or adapter weights, :class:`AdapterFormatError` for an
+    unreadable or malformed one, ``ValueError`` for an empty path, a peft feature lorambo cannot
+    express (DoRA, a LoRA bias, embedding targets, ...), an adapted module the model lacks or
+    whose shapes differ, a ``capacity`` name the adapter does not adapt, or a model that has
+    LoRAMBoLinear layers already.
     """
     require_module(model, "import_peft")
     wrapper, model = model, unwrap_model(model)
@@ -432,6 +439,10 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None,
     The peft wrapper is consumed: its LoRA layers are replaced in place. ``adapter_name``
     defaults to the active adapter (an error when several are active, since peft adds them up);
     other adapters are dropped. ``capacity``: as in :func:`import_peft`.
+
+    Raises ``TypeError`` for a model that holds no peft adapter, ``ValueError`` for several
+    active adapters, an unknown ``adapter_name``, disabled or merged adapters, or a peft feature
+    lorambo cannot express (nothing is changed then), ``ImportError`` without peft.
     """
     with requires("peft", "from_peft"):
         import peft.tuners.lora  # noqa: F401  (what _peft_layers reads)
