@@ -69,7 +69,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     model = unwrap_model(model)
     layers = lora_layers(model)
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no LoRAMBoLinear layer to save")
+        raise ValueError(f"save_adapter: {type(model).__name__} has no LoRAMBoLinear layer to save")
     check_not_root(layers)
     refuse_meta_sources(model, layers, modules_to_save(model), "save_adapter")
     tensors, meta = {}, {}

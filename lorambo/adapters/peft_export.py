@@ -100,7 +100,7 @@ def peft_adapter_config(model: nn.Module) -> dict:
     check_not_root(lora_layers(model))
     layers = {n: l for n, l in lora_layers(model).items() if l.rank > 0}
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no LoRAMBoLinear with rank > 0 to export")
+        raise ValueError(f"export_peft: {type(model).__name__} has no LoRAMBoLinear with rank > 0 to export")
     names = list(layers)
     # peft matches pattern keys as suffixes in insertion order: longest names first keeps
     # "x.a" from being claimed by the key "a".

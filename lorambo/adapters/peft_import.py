@@ -218,11 +218,11 @@ def _check_target(model: nn.Module, name: str, spec: _LayerSpec, where: str) -> 
     check_settings_fit(f"{where}: module {name!r}", module.weight.dtype, spec.scaling, spec.dropout, alpha=spec.alpha)
 
 
-def _capacities(model, specs, capacity) -> dict[str, int]:
+def _capacities(model, specs, capacity, where: str) -> dict[str, int]:
     if isinstance(capacity, Mapping):
         unknown = sorted(set(capacity) - set(specs))
         if unknown:  # a misspelt name would silently get the default capacity
-            raise ValueError(f"capacity names {unknown[:5]}, which the adapter does not adapt "
+            raise ValueError(f"{where}: capacity names {unknown[:5]}, which the adapter does not adapt "
                              f"(it adapts e.g. {list(specs)[:3]})")
     caps = {}
     for name, spec in specs.items():
@@ -272,7 +272,7 @@ def _install(model: nn.Module, specs: dict[str, _LayerSpec], capacity, saved_sta
              for name, spec in specs.items() for pool, value in (("lora_A", spec.a), ("lora_B", spec.b))]
     check_fits_dtypes(where, pools + saved_entries)
     ranks = {n: s.a.shape[0] for n, s in specs.items()}
-    configure_for_overwrite(model, ranks, capacity=_capacities(model, specs, capacity),
+    configure_for_overwrite(model, ranks, capacity=_capacities(model, specs, capacity, where),
                             modules_to_save=save_names or None)
     try:  # out of memory converting a layer's weights, Ctrl-C, a user's load hook: the plain model back
         for name, layer in lora_layers(model).items():
@@ -464,7 +464,7 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None,
         if kind is None:
             raise ValueError(f"{where}: module {name!r} cannot be adapted by lorambo: "
                              f"{unwrappable_reason(wrapped[name])}")
-    for name, cap in _capacities(model, specs, capacity).items():  # checked before peft is taken apart
+    for name, cap in _capacities(model, specs, capacity, where).items():  # checked before peft is taken apart
         d_in, d_out = specs[name].a.shape[1], specs[name].b.shape[0]
         if not is_int(cap) or not specs[name].a.shape[0] <= cap <= min(d_in, d_out):
             raise ValueError(f"{where}: capacity {cap!r} of {name!r} must be an int in [rank "

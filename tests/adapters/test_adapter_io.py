@@ -90,8 +90,10 @@ def test_truncated_or_corrupt_files(tmp_path, damage):
 def test_missing_file_and_empty_model(tmp_path):
     with pytest.raises(FileNotFoundError, match="no lorambo adapter"):
         load_adapter(net(), tmp_path / "nope.safetensors")
-    with pytest.raises(ValueError, match="no LoRAMBoLinear"):
+    with pytest.raises(ValueError, match="^save_adapter: Sequential has no LoRAMBoLinear"):
         save_adapter(net(), tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="^export_peft: Sequential has no LoRAMBoLinear"):
+        export_peft(net(), tmp_path / "peft")
 
 
 def test_each_loader_given_the_other_format_says_which_to_use(tmp_path):
