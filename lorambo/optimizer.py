@@ -66,7 +66,7 @@ from lorambo.nn import LoRAMBoLinear
 from lorambo.nn.base_layers import base_kind, features, weight_out_in
 from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from lorambo.nn.lora_linear import check_growth_factor
-from lorambo.nn.optimizer_argument import OptimizerArgument, skips_this_step, wrapper_grad_scaler
+from lorambo.nn.optimizer_argument import OptimizerArgument, optimizer_argument, skips_this_step, wrapper_grad_scaler
 from lorambo.ops.compile_support import run_eagerly
 from lorambo.optim import AdamW
 from lorambo.sensitivity.inputs import Batches, LossFn
@@ -619,6 +619,9 @@ class LoRAMBoOptimizer:
         once, as a second decision would spend the step's budget again on the micro-batches that
         followed the first."""
         self._check_step(step, "step")
+        # checked at every call: otherwise a wrong one (an LR scheduler) passes every step until the
+        # first decision step, which may come after hours of training
+        optimizer_argument(optimizer, "LoRAMBoOptimizer.step")
         if skips_this_step(optimizer):
             return []  # the capture keeps this micro-batch; the next calls with this step add to it
         grad_scaler = grad_scaler if grad_scaler is not None else wrapper_grad_scaler(optimizer)
@@ -666,6 +669,7 @@ class LoRAMBoOptimizer:
                      grad_scaler: GradScaler | None = None) -> list[dict[str, Any]]:
         """Grow (and, with ``move_threshold``, move) ranks now from the captured step
         (``grad_scaler``, and the scaler of a wrapped ``optimizer``: see :meth:`step`)."""
+        optimizer_argument(optimizer, "LoRAMBoOptimizer.update_ranks")  # before the state it needs
         grad_scaler = grad_scaler if grad_scaler is not None else wrapper_grad_scaler(optimizer)
         optimizer = optimizer if optimizer is not None else self.default_optimizer
         self._follow_layers()
