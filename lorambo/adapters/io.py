@@ -56,8 +56,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
 
     Raises ``ValueError`` for a model without LoRAMBoLinear layers, one on the meta device, or
     an empty path; ``IsADirectoryError`` / ``NotADirectoryError`` for a folder where the file
-    goes or a file where a folder must be (before anything is written); ``OSError`` for a write
-    the filesystem refused (the previous file intact).
+    goes or a file where a folder must be (before anything is written); ``RuntimeError`` for
+    pools or modules to save that hold NaN/inf (nothing written); ``OSError`` for a write the
+    filesystem refused (the previous file intact).
     """
     require_module(model, "save_adapter")
     require_path(path, "save_adapter")

@@ -157,8 +157,8 @@ def export_peft(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     The two files are replaced together: on any error both keep their previous content. Layers
     are named as in the plain model, also when ``model`` is wrapped by torch.compile or DDP.
     ``ValueError`` for a model without a LoRAMBoLinear of rank > 0 or an empty path;
-    ``NotADirectoryError`` when ``path`` is a file; ``OSError`` for a write the filesystem
-    refused."""
+    ``NotADirectoryError`` when ``path`` is a file; ``RuntimeError`` for pools that hold NaN/inf
+    (nothing written); ``OSError`` for a write the filesystem refused."""
     require_module(model, "export_peft")
     model = unwrap_model(model)
     folder = require_path(path, "export_peft")

@@ -329,8 +329,8 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Put the plain base modules back (with the adapters merged into their weights when
     ``merge``), restore the trainability configure_model took away, and return the model.
     A merge into a weight the model also uses elsewhere (tied weights) is refused up front
-    (``ValueError``), as is a merge that would not be finite; ``merge`` other than True or
-    False is a ``TypeError``. A model wrapped by torch.compile or DDP is unloaded inside its
+    (``ValueError``), and so is a merge that would put NaN/inf into a weight (``RuntimeError``);
+    ``merge`` other than True or False is a ``TypeError``. A model wrapped by torch.compile or DDP is unloaded inside its
     wrapper, which is returned."""
     require_module(model, "unload")
     if not isinstance(merge, bool):  # "no" or "false" from a config file is truthy: it would merge

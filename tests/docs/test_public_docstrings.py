@@ -46,6 +46,14 @@ def _adapted():
     return lorambo.configure_model(_mlp(), 2, capacity=4)
 
 
+def _diverged():
+    """An adapted model whose pool holds a NaN, as a diverged run leaves it."""
+    model = _adapted()
+    with torch.no_grad():
+        model[0].lora_B[0, 0] = float("nan")
+    return model
+
+
 def _with_env_backend(name):
     os.environ["LORAMBO_BACKEND"] = name
     try:
@@ -69,6 +77,9 @@ MISTAKES = [
     ("LoRAMBoLinear", lambda tmp: lorambo.LoRAMBoLinear(nn.Linear(6, 8), rank=7), ValueError),
     ("LoRAMBoOptimizer", lambda tmp: lorambo.LoRAMBoOptimizer(_mlp(), 500, sensitivity_method="hesian"), ValueError),
     ("save_adapter", lambda tmp: lorambo.save_adapter(_mlp(), tmp / "a.safetensors"), ValueError),
+    ("save_adapter", lambda tmp: lorambo.save_adapter(_diverged(), tmp / "a.safetensors"), RuntimeError),
+    ("export_peft", lambda tmp: lorambo.export_peft(_diverged(), tmp / "peft"), RuntimeError),
+    ("unload", lambda tmp: lorambo.unload(_diverged(), merge=True), RuntimeError),
     ("load_adapter", lambda tmp: lorambo.load_adapter(_mlp(), tmp / "none.safetensors"), FileNotFoundError),
     ("export_peft", lambda tmp: lorambo.export_peft(_mlp(), tmp / "peft"), ValueError),
     ("import_peft", lambda tmp: lorambo.import_peft(_mlp(), tmp), FileNotFoundError),
