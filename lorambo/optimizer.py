@@ -53,7 +53,7 @@ from lorambo.allocation import resume
 from lorambo.allocation.alora import ALoRA, ALoRAConfig
 from lorambo.allocation.api import SENSITIVITY_READERS, check_curves_read
 from lorambo.allocation.frozen import frozen_ranks, without
-from lorambo.allocation.online import OnlineGrowth, check_growth_settings
+from lorambo.allocation.online import OnlineGrowth, check_grad_scaler, check_growth_settings
 from lorambo.allocation.report import DecisionLog, rank_table, save_heatmap
 from lorambo.allocation.schedule import DecisionSchedule, ScheduledGrowth
 from lorambo.allocation.validate import check_budget_buys_minimum, check_rank_bounds
@@ -622,6 +622,7 @@ class LoRAMBoOptimizer:
         # checked at every call: otherwise a wrong one (an LR scheduler) passes every step until the
         # first decision step, which may come after hours of training
         optimizer_argument(optimizer, "LoRAMBoOptimizer.step")
+        check_grad_scaler(grad_scaler, "LoRAMBoOptimizer.step")
         if skips_this_step(optimizer):
             return []  # the capture keeps this micro-batch; the next calls with this step add to it
         grad_scaler = grad_scaler if grad_scaler is not None else wrapper_grad_scaler(optimizer)
@@ -670,6 +671,7 @@ class LoRAMBoOptimizer:
         """Grow (and, with ``move_threshold``, move) ranks now from the captured step
         (``grad_scaler``, and the scaler of a wrapped ``optimizer``: see :meth:`step`)."""
         optimizer_argument(optimizer, "LoRAMBoOptimizer.update_ranks")  # before the state it needs
+        check_grad_scaler(grad_scaler, "LoRAMBoOptimizer.update_ranks")
         grad_scaler = grad_scaler if grad_scaler is not None else wrapper_grad_scaler(optimizer)
         optimizer = optimizer if optimizer is not None else self.default_optimizer
         self._follow_layers()
