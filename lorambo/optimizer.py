@@ -53,7 +53,7 @@ from lorambo.allocation import resume
 from lorambo.allocation.alora import ALoRA, ALoRAConfig
 from lorambo.allocation.api import SENSITIVITY_READERS, check_curves_read
 from lorambo.allocation.frozen import frozen_ranks, without
-from lorambo.allocation.online import OnlineGrowth, check_growth_settings
+from lorambo.allocation.online import OnlineGrowth, check_grad_scaler, check_growth_settings
 from lorambo.allocation.report import DecisionLog, rank_table, save_heatmap
 from lorambo.allocation.schedule import DecisionSchedule, ScheduledGrowth
 from lorambo.allocation.validate import check_budget_buys_minimum, check_rank_bounds
@@ -66,7 +66,7 @@ from lorambo.nn import LoRAMBoLinear
 from lorambo.nn.base_layers import base_kind, features, weight_out_in
 from lorambo.nn.finite_numbers import is_finite_number, shown_number
 from lorambo.nn.lora_linear import check_growth_factor
-from lorambo.nn.optimizer_argument import OptimizerArgument, skips_this_step, wrapper_grad_scaler
+from lorambo.nn.optimizer_argument import OptimizerArgument, optimizer_argument, skips_this_step, wrapper_grad_scaler
 from lorambo.ops.compile_support import run_eagerly
 from lorambo.optim import AdamW
 from lorambo.sensitivity.inputs import Batches, LossFn
@@ -491,6 +491,7 @@ class LoRAMBoOptimizer:
         if not ranks:
             raise RuntimeError("configure(): call compute_optimal_ranks first or pass ranks")
         caps = self.capacities or self.plan_capacities(ranks)
+        caps = {n: c for n, c in caps.items() if n in ranks}  # ranks may name fewer layers than were planned
         optimizer = optimizer if optimizer is not None else self.default_optimizer
         # existing adapters that grow get rows seeded by ``seed``, like every other growth: the same
         # on every process, the global generator untouched (docs/architecture.md)
@@ -618,6 +619,10 @@ class LoRAMBoOptimizer:
         once, as a second decision would spend the step's budget again on the micro-batches that
         followed the first."""
         self._check_step(step, "step")
+        # checked at every call: otherwise a wrong one (an LR scheduler) passes every step until the
+        # first decision step, which may come after hours of training
+        optimizer_argument(optimizer, "LoRAMBoOptimizer.step")
+        check_grad_scaler(grad_scaler, "LoRAMBoOptimizer.step")
         if skips_this_step(optimizer):
             return []  # the capture keeps this micro-batch; the next calls with this step add to it
         grad_scaler = grad_scaler if grad_scaler is not None else wrapper_grad_scaler(optimizer)
@@ -665,6 +670,8 @@ class LoRAMBoOptimizer:
                      grad_scaler: GradScaler | None = None) -> list[dict[str, Any]]:
         """Grow (and, with ``move_threshold``, move) ranks now from the captured step
         (``grad_scaler``, and the scaler of a wrapped ``optimizer``: see :meth:`step`)."""
+        optimizer_argument(optimizer, "LoRAMBoOptimizer.update_ranks")  # before the state it needs
+        check_grad_scaler(grad_scaler, "LoRAMBoOptimizer.update_ranks")
         grad_scaler = grad_scaler if grad_scaler is not None else wrapper_grad_scaler(optimizer)
         optimizer = optimizer if optimizer is not None else self.default_optimizer
         self._follow_layers()

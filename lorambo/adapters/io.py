@@ -53,6 +53,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     Which pools are frozen (``requires_grad=False``: a MiCA adapter's ``lora_B``, LoRA-FA's
     ``lora_A``, a layer frozen for a phase) is saved, and :func:`load_adapter` freezes them again;
     a model whose every pool is frozen (for inference) is saved as trainable.
+
+    Raises ``ValueError`` for a model without LoRAMBoLinear layers, one on the meta device, or
+    an empty path; ``IsADirectoryError`` / ``NotADirectoryError`` for a folder where the file
+    goes or a file where a folder must be (before anything is written); ``RuntimeError`` for
+    pools or modules to save that hold NaN/inf (nothing written); ``OSError`` for a write the
+    filesystem refused (the previous file intact).
     """
     require_module(model, "save_adapter")
     require_path(path, "save_adapter")
@@ -64,7 +70,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     model = unwrap_model(model)
     layers = lora_layers(model)
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no LoRAMBoLinear layer to save")
+        raise ValueError(f"save_adapter: {type(model).__name__} has no LoRAMBoLinear layer to save")
     check_not_root(layers)
     refuse_meta_sources(model, layers, modules_to_save(model), "save_adapter")
     tensors, meta = {}, {}
@@ -160,15 +166,16 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
 
     A model without LoRA layers is configured from the file (same names, ranks, capacities, and
     the file's ``modules_to_save``). Otherwise its LoRA layers must match the file's names and
-    shapes exactly. Each pool requires grad as it did when saved (frozen ones stay frozen, the
-    others train; a file written before lorambo saved this leaves the model's flags as they are).
-    The file is checked completely (header fields, shapes, checksums, finite
-    values) and then against the model before anything is written, so a bad file or a mismatched
-    model leaves the model as it was: :class:`AdapterFormatError` for a bad file, ``ValueError``
-    for a model that does not match it, or whose dtype cannot hold the file's values (a float32
-    adapter beyond 65504 into a float16 model; values within range are rounded once). A model
-    wrapped by torch.compile or DDP is loaded into through the wrapper (the file's names are the
-    plain model's).
+    shapes exactly, with a capacity of at least the saved rank, and take the file's rank,
+    scaling, alpha, use_rslora and dropout (their own capacity stays). Each pool requires grad
+    as it did when saved (frozen ones stay frozen, the others train; a file written before
+    lorambo saved this leaves the model's flags as they are). The file is checked completely
+    (header fields, shapes, checksums, finite values) and then against the model before
+    anything is written, so a bad file or a mismatched model leaves the model as it was:
+    :class:`AdapterFormatError` for a bad file, ``ValueError`` for a model that does not match
+    it, or whose dtype cannot hold the file's values (a float32 adapter beyond 65504 into a
+    float16 model; values within range are rounded once). A model wrapped by torch.compile or
+    DDP is loaded into through the wrapper (the file's names are the plain model's).
     """
     require_module(model, "load_adapter")
     require_path(path, "load_adapter")

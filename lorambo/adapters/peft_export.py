@@ -100,7 +100,7 @@ def peft_adapter_config(model: nn.Module) -> dict:
     check_not_root(lora_layers(model))
     layers = {n: l for n, l in lora_layers(model).items() if l.rank > 0}
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no LoRAMBoLinear with rank > 0 to export")
+        raise ValueError(f"export_peft: {type(model).__name__} has no LoRAMBoLinear with rank > 0 to export")
     names = list(layers)
     # peft matches pattern keys as suffixes in insertion order: longest names first keeps
     # "x.a" from being claimed by the key "a".
@@ -155,7 +155,10 @@ def export_peft(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     (with the model's modules_to_save, stored as peft stores them).
 
     The two files are replaced together: on any error both keep their previous content. Layers
-    are named as in the plain model, also when ``model`` is wrapped by torch.compile or DDP."""
+    are named as in the plain model, also when ``model`` is wrapped by torch.compile or DDP.
+    ``ValueError`` for a model without a LoRAMBoLinear of rank > 0 or an empty path;
+    ``NotADirectoryError`` when ``path`` is a file; ``RuntimeError`` for pools that hold NaN/inf
+    (nothing written); ``OSError`` for a write the filesystem refused."""
     require_module(model, "export_peft")
     model = unwrap_model(model)
     folder = require_path(path, "export_peft")

@@ -218,11 +218,11 @@ def _check_target(model: nn.Module, name: str, spec: _LayerSpec, where: str) -> 
     check_settings_fit(f"{where}: module {name!r}", module.weight.dtype, spec.scaling, spec.dropout, alpha=spec.alpha)
 
 
-def _capacities(model, specs, capacity) -> dict[str, int]:
+def _capacities(model, specs, capacity, where: str) -> dict[str, int]:
     if isinstance(capacity, Mapping):
         unknown = sorted(set(capacity) - set(specs))
         if unknown:  # a misspelt name would silently get the default capacity
-            raise ValueError(f"capacity names {unknown[:5]}, which the adapter does not adapt "
+            raise ValueError(f"{where}: capacity names {unknown[:5]}, which the adapter does not adapt "
                              f"(it adapts e.g. {list(specs)[:3]})")
     caps = {}
     for name, spec in specs.items():
@@ -272,7 +272,7 @@ def _install(model: nn.Module, specs: dict[str, _LayerSpec], capacity, saved_sta
              for name, spec in specs.items() for pool, value in (("lora_A", spec.a), ("lora_B", spec.b))]
     check_fits_dtypes(where, pools + saved_entries)
     ranks = {n: s.a.shape[0] for n, s in specs.items()}
-    configure_for_overwrite(model, ranks, capacity=_capacities(model, specs, capacity),
+    configure_for_overwrite(model, ranks, capacity=_capacities(model, specs, capacity, where),
                             modules_to_save=save_names or None)
     try:  # out of memory converting a layer's weights, Ctrl-C, a user's load hook: the plain model back
         for name, layer in lora_layers(model).items():
@@ -371,6 +371,13 @@ def import_peft(model: nn.Module, path: str | os.PathLike[str], capacity: int | 
 
     ``capacity``: pool size per layer (int, or ``{name: capacity}``; default: room to double).
     A model wrapped by torch.compile or DDP is adapted through the wrapper.
+
+    Everything is checked before the model changes. Raises ``FileNotFoundError`` for a folder
+    without ``adapter_config.json`` or adapter weights, :class:`AdapterFormatError` for an
+    unreadable or malformed one, ``ValueError`` for an empty path, a peft feature lorambo cannot
+    express (DoRA, a LoRA bias, embedding targets, ...), an adapted module the model lacks or
+    whose shapes differ, a ``capacity`` name the adapter does not adapt, or a model that has
+    LoRAMBoLinear layers already.
     """
     require_module(model, "import_peft")
     wrapper, model = model, unwrap_model(model)
@@ -432,6 +439,10 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None,
     The peft wrapper is consumed: its LoRA layers are replaced in place. ``adapter_name``
     defaults to the active adapter (an error when several are active, since peft adds them up);
     other adapters are dropped. ``capacity``: as in :func:`import_peft`.
+
+    Raises ``TypeError`` for a model that holds no peft adapter, ``ValueError`` for several
+    active adapters, an unknown ``adapter_name``, disabled or merged adapters, or a peft feature
+    lorambo cannot express (nothing is changed then), ``ImportError`` without peft.
     """
     with requires("peft", "from_peft"):
         import peft.tuners.lora  # noqa: F401  (what _peft_layers reads)
@@ -453,7 +464,7 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None,
         if kind is None:
             raise ValueError(f"{where}: module {name!r} cannot be adapted by lorambo: "
                              f"{unwrappable_reason(wrapped[name])}")
-    for name, cap in _capacities(model, specs, capacity).items():  # checked before peft is taken apart
+    for name, cap in _capacities(model, specs, capacity, where).items():  # checked before peft is taken apart
         d_in, d_out = specs[name].a.shape[1], specs[name].b.shape[0]
         if not is_int(cap) or not specs[name].a.shape[0] <= cap <= min(d_in, d_out):
             raise ValueError(f"{where}: capacity {cap!r} of {name!r} must be an int in [rank "

@@ -75,6 +75,11 @@ def peft_config(ranks: Mapping[str, int] | nn.Module, alpha: float | None = None
         alpha, alpha_pattern, use_rslora: as in :func:`lorambo.configure_model`.
         dropout: ``lora_dropout``.
         **lora_config_kwargs: passed on to ``LoraConfig`` (e.g. ``task_type``, ``modules_to_save``).
+
+    Raises ``TypeError`` for ``ranks`` that is neither a non-empty dict nor a model (and for a
+    keyword ``LoraConfig`` does not take), ``ValueError`` for a negative rank, a non-finite
+    alpha, every rank 0, or a keyword the allocation sets (``r``, ``target_modules``, ...),
+    ``ImportError`` without peft.
     """
     with requires("peft", "peft_config"):
         from peft import LoraConfig

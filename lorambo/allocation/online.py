@@ -423,13 +423,17 @@ def layer_benefits_many(layers: Mapping, pairs: Mapping, ks: Mapping[str, int], 
     return gains, dirs
 
 
+def check_grad_scaler(grad_scaler, caller: str) -> None:
+    """TypeError naming ``caller`` unless ``grad_scaler`` is None or a GradScaler (duck-typed:
+    ``get_scale`` and ``is_enabled``)."""
+    if grad_scaler is not None and not (hasattr(grad_scaler, "get_scale") and hasattr(grad_scaler, "is_enabled")):
+        raise TypeError(f"{caller}: grad_scaler={grad_scaler!r:.60} must be a torch.amp.GradScaler or None")
+
+
 def loss_scale_of(grad_scaler) -> float:
     """The loss scale a GradScaler's last ``scale(loss)`` used (1.0 for None or a disabled one)."""
-    if grad_scaler is None:
-        return 1.0
-    if not (hasattr(grad_scaler, "get_scale") and hasattr(grad_scaler, "is_enabled")):
-        raise TypeError(f"grad_scaler={grad_scaler!r} must be a torch.amp.GradScaler or None")
-    if not grad_scaler.is_enabled():
+    check_grad_scaler(grad_scaler, "update_ranks")
+    if grad_scaler is None or not grad_scaler.is_enabled():
         return 1.0
     scale = float(grad_scaler.get_scale())  # one host read per decision
     if not (scale > 0 and math.isfinite(scale)):

@@ -234,7 +234,7 @@ def _plain(value):
 def read_decisions(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Every record of a decision log. A last line without its newline that is not valid JSON
     (a crash cut it short) is skipped; any other line that is not a JSON object is a ValueError
-    naming the file and line."""
+    naming the file and line. A missing file is a ``FileNotFoundError``."""
     text = Path(path).read_text()
     lines = text.split("\n")  # the last item is "" when the file ends with a newline
     out = []

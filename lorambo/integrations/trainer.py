@@ -126,11 +126,16 @@ class LoRAMBoCallback(TrainerCallback):
             already did. DeepSpeed's fp16
             scales the loss with its own scaler, which is not a GradScaler and is not found:
             there the gains carry its loss scale (use bf16 with DeepSpeed).
+
+    An argument of the wrong kind (not a ``LoRAMBoOptimizer``, ``AdaLoRAImportance``, folder
+    path or ``GradScaler``) is a ``TypeError`` naming it, raised here rather than at the first
+    step or resume.
     """
 
     def __init__(self, allocator: LoRAMBoOptimizer, importance: AdaLoRAImportance | None = None,
                  resume_from: str | os.PathLike[str] | None = None,
                  grad_scaler: GradScaler | None = None) -> None:
+        from lorambo.allocation.online import check_grad_scaler
         from lorambo.optimizer import LoRAMBoOptimizer
         from lorambo.sensitivity import AdaLoRAImportance
 
@@ -141,6 +146,10 @@ class LoRAMBoCallback(TrainerCallback):
         if importance is not None and not isinstance(importance, AdaLoRAImportance):
             raise TypeError(f"LoRAMBoCallback: importance must be a lorambo.sensitivity.AdaLoRAImportance or "
                             f"None, got {type(importance).__name__}")
+        if resume_from is not None and not isinstance(resume_from, (str, os.PathLike)):
+            raise TypeError(f"LoRAMBoCallback: resume_from must be a checkpoint folder (a str or path) or None, "
+                            f"got {type(resume_from).__name__} {resume_from!r:.60}")
+        check_grad_scaler(grad_scaler, "LoRAMBoCallback")
         self.allocator = allocator
         self.importance = importance
         self.resume_from = resume_from

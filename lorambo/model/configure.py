@@ -76,6 +76,12 @@ def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_mod
 
     All or nothing: every target is checked and every new layer built before the model is
     touched, so any error leaves the model exactly as it was.
+
+    Raises ``ValueError`` for a ``target_modules`` entry, rank or capacity key that matches no
+    module, a rank or capacity that does not fit a layer, or a setting that differs from an
+    existing adapter's; ``TypeError`` for ranks or settings of the wrong type or a target that
+    is not ``nn.Linear`` / ``Conv1D``; ``RuntimeError`` for a rank change of a merged layer.
+    Each names the module and the value.
     """
     require_module(model, "configure_model")
     optimizer = optimizer_argument(optimizer, "configure_model")
@@ -88,6 +94,7 @@ def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_mod
     names = _resolve_targets(model, ranks, target_modules)
     check_not_targets(list(dict.fromkeys(recorded_modules_to_save(model) + saved)), names)  # earlier calls' too
     check_alpha_pattern(alpha_pattern, names)
+    _check_capacity_names(capacity, names)
     plan = _plan(model, names, ranks, capacity, alpha, dropout, use_rslora, alpha_pattern, optimizer)
     _apply(model, plan, optimizer, generator)
     keep_trainable(model, saved)
@@ -99,6 +106,16 @@ def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_mod
             warn_user(f"configure_model: the base weight of {name!r} is tied to {shared}; its adapter trains "
                       "fine, but merging it would change those too (unload(merge=True) refuses it)")
     return model
+
+
+def _check_capacity_names(capacity, names: list[str]) -> None:
+    """A ``{name: capacity}`` key that is no target would be ignored, and a misspelt one leave
+    its layer at another capacity without a word (allocate and import_peft refuse it too)."""
+    if isinstance(capacity, Mapping):
+        unknown = sorted(set(capacity) - set(names))
+        if unknown:
+            raise ValueError(f"configure_model: capacity names {unknown[:5]}, which are not among the targets "
+                             f"(e.g. {names[:5]}); give capacities for the targets only")
 
 
 def _check_settings_types(dropout, use_rslora) -> None:
@@ -256,7 +273,8 @@ def _apply(model: nn.Module, plan: _Plan, optimizer=None, generator=None) -> Non
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRAMBoLinear]:
-    """``{dotted_name: LoRAMBoLinear}`` in model order."""
+    """``{dotted_name: LoRAMBoLinear}`` in model order (empty for a model without adapters);
+    ``TypeError`` when ``model`` is not an ``nn.Module``."""
     require_module(model, "lora_layers")
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRAMBoLinear)}
 
@@ -310,8 +328,10 @@ def check_mergeable(model: nn.Module, layers: Mapping[str, LoRAMBoLinear], calle
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Put the plain base modules back (with the adapters merged into their weights when
     ``merge``), restore the trainability configure_model took away, and return the model.
-    A merge into a weight the model also uses elsewhere (tied weights) is refused up front.
-    A model wrapped by torch.compile or DDP is unloaded inside its wrapper, which is returned."""
+    A merge into a weight the model also uses elsewhere (tied weights) is refused up front
+    (``ValueError``), and so is a merge that would put NaN/inf into a weight (``RuntimeError``);
+    ``merge`` other than True or False is a ``TypeError``. A model wrapped by torch.compile or DDP is unloaded inside its
+    wrapper, which is returned."""
     require_module(model, "unload")
     if not isinstance(merge, bool):  # "no" or "false" from a config file is truthy: it would merge
         raise TypeError(f"unload: merge must be True or False, got {merge!r}")

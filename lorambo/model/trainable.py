@@ -28,7 +28,7 @@ def trainable_parameters(model: nn.Module) -> dict[str, int | float]:
     ``all`` counts what the model holds, each LoRA layer at its active rank. peft's "all params"
     is larger by one frozen original per ``modules_to_save`` module, kept beside its trainable
     copy; lorambo trains such a module in place (only a module with tied weights gets a copy of
-    its own, and that copy is counted).
+    its own, and that copy is counted). ``TypeError`` when ``model`` is not an ``nn.Module``.
     """
     require_module(model, "trainable_parameters")
     layers = lora_layers(model)
@@ -49,7 +49,7 @@ def trainable_parameters(model: nn.Module) -> dict[str, int | float]:
 def print_trainable_parameters(model: nn.Module) -> dict[str, int | float]:
     """Print peft's line plus the pool capacity and its active slots that train (``lora_active``:
     a frozen pool, as LoRA-FA freezes A, is active but not counted); returns
-    :func:`trainable_parameters`."""
+    :func:`trainable_parameters`. ``TypeError`` when ``model`` is not an ``nn.Module``."""
     require_module(model, "print_trainable_parameters")
     c = trainable_parameters(model)
     print(f"trainable params: {c['trainable']:,} || all params: {c['all']:,} || "

@@ -91,6 +91,10 @@ class LoRAMBoLinear(AdapterMerge, nn.Module):
         use_rslora: scaling ``alpha / sqrt(rank)`` instead of ``alpha / rank``.
         scaling: set the scaling directly (overrides alpha / use_rslora), e.g. when loading.
         name: the module's dotted name, used in error messages.
+
+    Raises ``TypeError`` for a ``base`` that is not ``nn.Linear`` / ``Conv1D`` (or a subclass
+    with a forward of its own) and for settings of the wrong type, ``ValueError`` for a rank,
+    capacity, alpha, scaling or dropout out of range, naming the layer and the value.
     """
 
     # True inside lorambo.disable_adapter: the forward is the base layer's (set on the instance

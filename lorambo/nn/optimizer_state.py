@@ -147,7 +147,9 @@ def reset_slot_state(optimizer: OptimizerArgument, layer: torch.nn.Module, slots
     :mod:`lorambo.nn.fresh_state`); with ``all_active_new`` also restart ``step`` (and the other
     per-parameter scalars listed there). ``optimizer`` may be a wrapper such as accelerate's
     ``AcceleratedOptimizer`` (the optimizer it wraps is edited), or a list of optimizers (each
-    edits the state of the pools it holds)."""
+    edits the state of the pools it holds). ``TypeError`` for a ``layer`` that is not a
+    LoRAMBoLinear or an ``optimizer`` that is not a torch optimizer; ``ValueError`` for a slot
+    outside ``[0, capacity)``."""
     prepared_slot_reset(optimizer, layer, slots, all_active_new)()
 
 

@@ -40,7 +40,10 @@ def _check(name: str, source: str) -> str:
 
 def set_backend(name: str | None) -> None:
     """Select the backend for every LoRAMBoLinear, effective at the next call (compiled models
-    recompile once). ``None`` re-reads ``$LORAMBO_BACKEND`` now (``auto`` when unset)."""
+    recompile once). ``None`` re-reads ``$LORAMBO_BACKEND`` now (``auto`` when unset).
+    ``ValueError`` for a name (or ``$LORAMBO_BACKEND``) not in ``auto``, ``torch``, ``triton``,
+    ``ext``; ``TypeError`` for a name that is not a string. A backend that cannot run on a
+    device is refused by the forward that would use it (``RuntimeError``), not here."""
     global _requested, _generation
     if name is None:
         _requested = _check(os.environ.get(_ENV_VAR, "auto"), f"${_ENV_VAR}")
@@ -51,7 +54,8 @@ def set_backend(name: str | None) -> None:
 
 
 def get_backend() -> str:
-    """The requested backend name (``auto`` unless set); reads ``$LORAMBO_BACKEND`` on first use."""
+    """The requested backend name (``auto`` unless set); reads ``$LORAMBO_BACKEND`` on first use,
+    a ``ValueError`` when that names no backend."""
     if _requested is None:
         set_backend(None)
     return _requested  # type: ignore[return-value]

@@ -16,11 +16,15 @@ from adapter_models import net, trained  # tests/adapters/adapter_models.py
 def test_round_trip_into_freshly_configured_model(tmp_path):
     src = trained()
     file = save_adapter(src, tmp_path / "a.safetensors")
-    dst = configure_model(net(), {"0": 1, "2": 1}, capacity=8, alpha=16.0)
+    dst = configure_model(net(), {"0": 1, "2": 1}, capacity=8, alpha=16.0, dropout=0.25, use_rslora=True)
     load_adapter(dst, file)
     x = torch.randn(5, 12)
     assert torch.equal(dst(x), src(x))
-    assert {n: l.rank for n, l in lora_layers(dst).items()} == {"0": 3, "2": 5}
+
+    def settings(model):  # the file's replace those the layers were built with (docs/model.md)
+        return {n: (l.rank, l.scaling, l.alpha, l.use_rslora, l.dropout) for n, l in lora_layers(model).items()}
+
+    assert settings(dst) == settings(src) and {n: l.rank for n, l in lora_layers(dst).items()} == {"0": 3, "2": 5}
     with safe_open(str(file), "pt") as f:  # only the active slices are stored
         assert f.get_slice("2.lora_A").get_shape() == [5, 16]
 
@@ -90,8 +94,10 @@ def test_truncated_or_corrupt_files(tmp_path, damage):
 def test_missing_file_and_empty_model(tmp_path):
     with pytest.raises(FileNotFoundError, match="no lorambo adapter"):
         load_adapter(net(), tmp_path / "nope.safetensors")
-    with pytest.raises(ValueError, match="no LoRAMBoLinear"):
+    with pytest.raises(ValueError, match="^save_adapter: Sequential has no LoRAMBoLinear"):
         save_adapter(net(), tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="^export_peft: Sequential has no LoRAMBoLinear"):
+        export_peft(net(), tmp_path / "peft")
 
 
 def test_each_loader_given_the_other_format_says_which_to_use(tmp_path):

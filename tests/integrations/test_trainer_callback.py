@@ -143,6 +143,18 @@ def test_something_else_in_place_of_the_allocator_is_refused(what):
         LoRAMBoCallback(allocator, importance={})
 
 
+@pytest.mark.parametrize("argument, bad, message", [
+    ("grad_scaler", 2.0, r"grad_scaler=2.0 must be a torch.amp.GradScaler or None"),
+    ("resume_from", 500, r"resume_from must be a checkpoint folder \(a str or path\) or None, got int 500")])
+def test_a_scaler_or_checkpoint_folder_of_the_wrong_kind_is_refused_when_built(argument, bad, message):
+    # before: accepted; the scaler failed at the first decision step, a number as resume_from
+    # only when Trainer resumed
+    model = lorambo.configure_model(torch.nn.Sequential(torch.nn.Linear(6, 6)), 2)
+    allocator = LoRAMBoOptimizer(model, total_budget=100)
+    with pytest.raises(TypeError, match=rf"^LoRAMBoCallback: {message}"):
+        LoRAMBoCallback(allocator, **{argument: bad})
+
+
 def test_the_importance_averages_follow_a_decisions_shrink_and_growth():
     """A shrink record moves the kept components' AdaLoRA averages to the front (the removed
     one's gone, the freed tail zero); a grow record zeroes the averages of the new slots; every

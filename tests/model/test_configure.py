@@ -35,6 +35,15 @@ def test_rank_dict_names_targets_and_sets_capacity(mlp):
     assert layers["blocks.1.down"].name == "blocks.1.down"
 
 
+def test_a_capacity_for_no_target_is_refused_before_anything_changes(mlp):
+    # allocate and import_peft refuse such a key too; ignored, a misspelt name hides that its
+    # layer got another capacity
+    capacity = {"blocks.0.up": 2, "blocks.1.down": 8, "blocks.1.dwon": 4}
+    with pytest.raises(ValueError, match=r"configure_model: capacity names \['blocks\.1\.dwon'\]"):
+        configure_model(mlp, {"blocks.0.up": 1, "blocks.1.down": 6}, capacity=capacity)
+    assert not lora_layers(mlp) and all(p.requires_grad for p in mlp.parameters())
+
+
 def test_reconfigure_changes_rank_in_place(mlp):
     configure_model(mlp, 2, capacity=8)
     layer = mlp.blocks[0].up

@@ -240,3 +240,16 @@ def test_curve_methods_report_the_sensitivities_they_used(sensitivity, allocatio
         curves = {"tail_energies": tails}
     assert ranks == lorambo.allocate(opt.dims, opt.sensitivities, budget, method=allocation, **curves)
     assert sum(r * sum(opt.dims[n]) for n, r in ranks.items()) <= budget and len(set(ranks.values())) > 1
+
+
+def test_configure_with_ranks_for_some_layers_gives_them_the_planned_capacities():
+    """configure(ranks) may name fewer layers than compute_optimal_ranks planned pools for; the
+    other planned capacities are no targets of that call and must not reach configure_model,
+    which refuses a capacity for a module it does not adapt."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(32, 32, dtype=DT) for _ in range(3)))
+    opt = LoRAMBoOptimizer(model, 1500, sensitivity_method="frobenius", allocation="uniform")
+    opt.compute_optimal_ranks()
+    planned = dict(opt.capacities)
+    opt.configure({"1": 3})
+    assert {n: (m.rank, m.capacity) for n, m in lorambo.lora_layers(model).items()} == {"1": (3, planned["1"])}

@@ -117,6 +117,25 @@ def test_a_step_that_is_not_a_step_counter(call, bad, error, message):
     assert opt.is_decision_step(2) and not opt.is_decision_step(3)
 
 
+@pytest.mark.parametrize("call", ["step", "update_ranks"])
+@pytest.mark.parametrize("argument, message", [
+    ("optimizer", r"optimizer must be a torch optimizer.*got StepLR"),
+    ("grad_scaler", r"grad_scaler=<torch.optim.lr_scheduler.StepLR.*must be a torch.amp.GradScaler or None")])
+def test_an_optimizer_or_scaler_of_the_wrong_kind_is_refused_at_once(call, argument, message):
+    # before: step() took it at every step that decides nothing, and the first decision step (at
+    # the end of the warmup, hours in) raised naming update_ranks or nothing; update_ranks said
+    # first that nothing was captured
+    torch.manual_seed(0)
+    model = lorambo.configure_model(_model(), 2, capacity=4)
+    opt = LoRAMBoOptimizer(model, 1000, interval=2, warmup_steps=10)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt.make_optimizer(lr=1e-3), step_size=1)
+    kwargs = {argument: scheduler}
+    run = {"step": lambda: opt.step(1, **kwargs), "update_ranks": lambda: opt.update_ranks(**kwargs)}[call]
+    with pytest.raises(TypeError, match=rf"^LoRAMBoOptimizer.{call}: {message}"):
+        run()
+    assert {n: layer.rank for n, layer in lorambo.lora_layers(model).items()} == {"0": 2, "2": 2}
+
+
 def test_ablation_of_untrained_adapters_says_so():
     # before: "closed_form: all sensitivities are zero ...", not saying why
     torch.manual_seed(0)
