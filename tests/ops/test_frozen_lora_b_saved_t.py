@@ -8,16 +8,11 @@ under torch.compile; gradients and exact Hessian-vector products (create_graph=T
 x and lora_A still equal a float64 plain-torch reference.
 """
 
-import contextlib
-
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
-
-from lorambo.ops.custom_op import seed_tensor
 
 from cpu_backends import BACKENDS, op_for
-from saved_bytes import saved_bytes
+from saved_bytes import layer_operands, op_runner, saved_bytes
 
 M, K, N, CAPACITY, RANK, SCALING = 64, 8, 6, 5, 4, 1.5
 # the eager ext op is the extension's C++ autograd (csrc/), which keeps t
@@ -25,24 +20,11 @@ PYTHON_EAGER = [b for b in BACKENDS if getattr(b, "values", (b,))[0] != "ext"]
 
 
 def _layer(seed, train_a, train_b, in_features=K):
-    gen = torch.Generator().manual_seed(seed)
-    weight = torch.randn(N, in_features, generator=gen) / in_features**0.5
-    bias = 0.3 * torch.randn(N, generator=gen)
-    lora_A = (torch.randn(CAPACITY, in_features, generator=gen) / in_features**0.5).requires_grad_(train_a)
-    lora_B = (0.3 * torch.randn(N, CAPACITY, generator=gen)).requires_grad_(train_b)
-    return weight, bias, lora_A, lora_B
+    return layer_operands(seed, N, in_features, CAPACITY, train_a, train_b)
 
 
 def _runner(backend, path, p=0.0, seed=7):
-    op = op_for(backend)
-
-    def f(x, weight, bias, lora_A, lora_B):
-        return op(x, weight, bias, lora_A, lora_B, RANK, SCALING, p, seed_tensor(seed))
-
-    if path == "compiled":
-        torch._dynamo.reset()
-        return torch.compile(f, fullgraph=True, backend="aot_eager"), contextlib.nullcontext
-    return f, (contextlib.nullcontext if path == "eager" else lambda: FlopCounterMode(display=False))
+    return op_runner(op_for(backend), path, RANK, SCALING, p, seed)
 
 
 def _saved(backend, path, train_a, train_b, dropout):

@@ -16,7 +16,6 @@ import contextlib
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import lorambo
 from lorambo.nn.lora_linear import LoRAMBoLinear
@@ -24,7 +23,7 @@ from lorambo.ops.custom_op import seed_tensor
 from lorambo.sensitivity.hvp import HessianOperator
 
 from cpu_backends import BACKENDS, op_for
-from saved_bytes import saved_bytes
+from saved_bytes import layer_operands, op_runner, saved_bytes
 
 M, K, N, CAPACITY, RANK, SCALING = 48, 32, 20, 6, 4, 1.5
 
@@ -50,25 +49,12 @@ def _mask(backend, x2, p, seed):
 
 def _layer(seed, train_a=False, in_features=K):
     """weight, bias (frozen), lora_A (frozen unless ``train_a``), lora_B (trained), float32."""
-    gen = torch.Generator().manual_seed(seed)
-    weight = torch.randn(N, in_features, generator=gen) / in_features**0.5
-    bias = 0.3 * torch.randn(N, generator=gen)
-    lora_A = (torch.randn(CAPACITY, in_features, generator=gen) / in_features**0.5).requires_grad_(train_a)
-    lora_B = (0.3 * torch.randn(N, CAPACITY, generator=gen)).requires_grad_(True)
-    return weight, bias, lora_A, lora_B
+    return layer_operands(seed, N, in_features, CAPACITY, train_a, True)
 
 
 def _runner(backend, path, p, seed):
     """f(x, weight, bias, lora_A, lora_B) -> y on ``path``, and the context to call it in."""
-    op = op_for(backend)
-
-    def f(x, weight, bias, lora_A, lora_B):
-        return op(x, weight, bias, lora_A, lora_B, RANK, SCALING, p, seed_tensor(seed))
-
-    if path == "compiled":
-        torch._dynamo.reset()
-        return torch.compile(f, fullgraph=True, backend="aot_eager"), contextlib.nullcontext
-    return f, (contextlib.nullcontext if path == "eager" else lambda: FlopCounterMode(display=False))
+    return op_runner(op_for(backend), path, RANK, SCALING, p, seed)
 
 
 def _saved_bytes(run, context, x, params) -> int:
