@@ -22,6 +22,10 @@ def test_unknown_method_and_task():
     ({"budgets": ()}, "budgets"), ({"budgets": (0.0,)}, "budgets"), ({"budgets": (1.0, 1.0)}, "repeat"),
     ({"seeds": 0}, "seeds"), ({"steps": 2}, "steps"), ({"lr_grid": (-1.0,)}, "lr_grid"),
     ({"lr_search": "best"}, "lr_search"), ({"device": "tpu"}, "device"), ({"methods": ()}, "methods"),
+    # each clause on its own: an empty tuple passes every per-item check, a repeat passes the names check
+    ({"tasks": ("planted",), "methods": ()}, r"methods must be a non-empty list without repeats, got \[\]"),
+    ({"methods": ("uniform", "uniform")}, r"without repeats, got \['uniform', 'uniform'\]"),
+    ({"tasks": ()}, r"unknown or no task\(s\) \[\]; valid tasks: planted, sentiment"),
     # the oracle runs on the planted task only: a sentiment run of it alone ran nothing and then
     # crashed writing its report with "max() arg is an empty sequence"
     ({"tasks": ("sentiment",), "methods": ("oracle",)}, r"task\(s\) \['sentiment'\] would run no method"),
