@@ -22,6 +22,8 @@ def test_unknown_method_and_task():
     ({"budgets": ()}, "budgets"), ({"budgets": (0.0,)}, "budgets"), ({"budgets": (1.0, 1.0)}, "repeat"),
     ({"budgets": (float("inf"),)}, r"budgets must be positive mean ranks per module, got \[inf\]"),
     ({"budgets": ("1",)}, r"budgets must be positive mean ranks per module, got \['1'\]"),  # not math's TypeError
+    *[({name: bad}, rf"{name} must be an int >= 0 \(0: all\), got {shown}")   # a float cap cannot slice a split
+      for name in ("train_examples", "eval_examples") for bad, shown in ((-1, "-1"), (64.0, "64.0"), (True, "True"))],
     ({"seeds": 0}, "seeds"), ({"steps": 2}, "steps"), ({"lr_grid": (-1.0,)}, "lr_grid"),
     ({"lr_search": "best"}, "lr_search"), ({"device": "tpu"}, "device"), ({"methods": ()}, "methods"),
     # each clause on its own: an empty tuple passes every per-item check, a repeat passes the names check
