@@ -50,6 +50,13 @@ def test_bad_config_values(changes, match):
         presets.ExperimentConfig(**changes)
 
 
+def test_each_bound_itself_is_accepted():
+    """The refusals above stop at their documented bounds: the bound is a valid value."""
+    cfg = presets.ExperimentConfig(max_length=4, steps=5, probe_steps=5, val_every=0, seeds=1, train_examples=0,
+                                   eval_examples=0, growth_factor=1.0)
+    assert (cfg.max_length, cfg.steps, cfg.probe_steps, cfg.train_examples) == (4, 5, 5, 0)
+
+
 def test_cli_reports_bad_input_without_traceback(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:  # a usage error, before any model is loaded
         main(["experiment", "--methods", "uniform,lora_magic", "--out", str(tmp_path)])
