@@ -114,8 +114,10 @@ class ExperimentConfig:
             raise ValueError(f"budgets must be positive mean ranks per module, got {list(self.budgets)}")
         if len(set(self.budgets)) != len(self.budgets):
             raise ValueError(f"budgets repeat: {list(self.budgets)}")
-        if self.train_examples < 0 or self.eval_examples < 0:
-            raise ValueError("train_examples and eval_examples must be >= 0 (0: all)")
+        for name in ("train_examples", "eval_examples"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0 (0: all), got {v!r}")
         for name in ("seeds", "steps", "batch_size", "calib_batches", "hessian_probes", "alora_rounds",
                      "eva_batches", "eva_max_passes",
                      "alora_heldout", "threads", "workers", "probe_rank", "probe_steps"):

@@ -116,13 +116,18 @@ def accuracy_summary(result: dict, task: str = "sentiment") -> dict:
 
 
 def accuracy_table(summary: dict) -> str:
+    """The text table of :func:`accuracy_summary`'s output (also the README's). Without uniform LoRA
+    (``lr`` None: an experiment run with other methods only) each method used the rate of its own
+    grid and no seed has a uniform run to beat."""
+    rate = (f"lr {summary['lr']:g} (chosen on uniform LoRA, seed 0{_lr_note(summary)})" if summary["lr"] is not None
+            else "no uniform LoRA run: each method at the rate its own grid chose")
     lines = [f"{summary['task']} task at P = {summary['budget']:,}, {summary['steps']} steps of "
-             f"{summary['batch_size']} x {summary['max_length']} tokens, {summary['seeds']} seeds, lr {summary['lr']:g} "
-             f"(chosen on uniform LoRA, seed 0{_lr_note(summary)}); linear probe on the frozen encoder: "
-             f"test accuracy {summary['linear_probe']['test']:.3f}", "",
+             f"{summary['batch_size']} x {summary['max_length']} tokens, {summary['seeds']} seeds, {rate}; "
+             f"linear probe on the frozen encoder: test accuracy {summary['linear_probe']['test']:.3f}", "",
              "| method | test accuracy (mean ± std) | per seed | seeds better than uniform |", "|---|---|---|---|"]
     for method, row in summary["methods"].items():
-        wins = "—" if method == "uniform" else f"{row['wins_vs_uniform']}/{row['paired_seeds']}"
+        wins = ("—" if method == "uniform" else "n/a" if row["wins_vs_uniform"] is None
+                else f"{row['wins_vs_uniform']}/{row['paired_seeds']}")
         lines.append(f"| {row['label']} | {row['mean']:.4f} ± {row['std']:.4f} | "
                      f"{', '.join(f'{a:.4f}' for a in row['accuracy'])} | {wins} |")
     return "\n".join(lines)

@@ -95,6 +95,31 @@ def test_summary_of_accuracies_counts_higher_as_better():
     assert probe["gain_vs_uniform_std"] == pytest.approx(statistics.stdev([0.02, -0.01, 0.0]), abs=1e-12)
     assert probe["wins_vs_uniform"] == 1 and probe["paired_seeds"] == 3
 
+def test_the_accuracy_table_of_an_experiment_without_uniform_lora():
+    """``--task sentiment --methods gradient,probe --lr-search per_budget`` is a valid experiment:
+    every run finished, then writing sentiment_results.json's table raised TypeError on the
+    missing uniform rate (``lr`` None), so no result was written at all. The table now says that
+    each method ran at its own grid's rate and that there is no uniform run to beat."""
+    ranks = dict.fromkeys(MINILM_DIMS, 0)
+    acc = {"gradient": [0.81, 0.77], "probe": [0.74, 0.79]}
+    rates = {"gradient": 1e-3, "probe": 1e-2}
+    runs = [dict(_run(m, s, v, ranks), lr=rates[m]) for m, vals in acc.items() for s, v in enumerate(vals)]
+    lr_choice = {m: {"0.5": rates[m]} for m in acc}
+    summary = summarize(runs, lr_choice, list(acc), [0.5], higher_is_better=True)
+    cfg = presets.sentiment_full().replace(methods=tuple(acc), budgets=(0.5,))
+    result = {"config": cfg.as_dict(), "seconds": 3.0,
+              "tasks": {"sentiment": {"budgets": {"0.5": 20736}, "lr_choice": lr_choice, "runs": runs,
+                                      "summary": summary, "diverged": [],
+                                      "describe": {"linear_probe": {"test": 0.7125}, "sizes": {}}}}}
+    out = demo_report.accuracy_summary(result)
+    assert out["lr"] is None and {m: row["accuracy"] for m, row in out["methods"].items()} == acc
+    text = demo_report.accuracy_table(out)
+    assert "5 seeds, no uniform LoRA run: each method at the rate its own grid chose; linear probe" in text
+    assert "test accuracy 0.713" in text
+    assert "| closed form, gradient | 0.7900 ± 0.0283 | 0.8100, 0.7700 | n/a |" in text
+    assert "| knapsack, probe directions | 0.7650 ± 0.0354 | 0.7400, 0.7900 | n/a |" in text
+
+
 def test_gap_closed_of_a_method_equal_to_uniform_is_plus_zero():
     """0 / (a negative gap) is -0.0 in floats; the JSON and the tables show 0.0."""
     got = gap_closed({0: 0.5}, {0: 0.5}, {0: 0.1})
@@ -155,6 +180,8 @@ def test_compact_reads_the_runs_at_the_chosen_rate_and_first_budget():
     out = demo_report.compact(result)
     assert {m: row["test_loss"] for m, row in out["methods"].items()} == losses
     assert out["lr"] == 3e-3 and out["lr_diverged"] == [3e-2]
+    text = demo_report.table(dict(out, budget=20736, planted_params=20736))
+    assert "lr 0.003 (chosen on uniform LoRA, seed 0; 0.03 diverged)" in text
 
 @pytest.mark.parametrize("level, k", [(0.5, 1), (1.0, 2), (2.0, 4), (0.75, 1.5)])
 def test_oracle_spends_exactly_p_at_every_budget(level, k):

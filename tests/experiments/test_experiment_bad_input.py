@@ -20,8 +20,16 @@ def test_unknown_method_and_task():
 
 @pytest.mark.parametrize("changes, match", [
     ({"budgets": ()}, "budgets"), ({"budgets": (0.0,)}, "budgets"), ({"budgets": (1.0, 1.0)}, "repeat"),
+    ({"budgets": (float("inf"),)}, r"budgets must be positive mean ranks per module, got \[inf\]"),
+    ({"budgets": ("1",)}, r"budgets must be positive mean ranks per module, got \['1'\]"),  # not math's TypeError
+    *[({name: bad}, rf"{name} must be an int >= 0 \(0: all\), got {shown}")   # a float cap cannot slice a split
+      for name in ("train_examples", "eval_examples") for bad, shown in ((-1, "-1"), (64.0, "64.0"), (True, "True"))],
     ({"seeds": 0}, "seeds"), ({"steps": 2}, "steps"), ({"lr_grid": (-1.0,)}, "lr_grid"),
     ({"lr_search": "best"}, "lr_search"), ({"device": "tpu"}, "device"), ({"methods": ()}, "methods"),
+    # each clause on its own: an empty tuple passes every per-item check, a repeat passes the names check
+    ({"tasks": ("planted",), "methods": ()}, r"methods must be a non-empty list without repeats, got \[\]"),
+    ({"methods": ("uniform", "uniform")}, r"without repeats, got \['uniform', 'uniform'\]"),
+    ({"tasks": ()}, r"unknown or no task\(s\) \[\]; valid tasks: planted, sentiment"),
     # the oracle runs on the planted task only: a sentiment run of it alone ran nothing and then
     # crashed writing its report with "max() arg is an empty sequence"
     ({"tasks": ("sentiment",), "methods": ("oracle",)}, r"task\(s\) \['sentiment'\] would run no method"),
@@ -40,6 +48,13 @@ def test_unknown_method_and_task():
 def test_bad_config_values(changes, match):
     with pytest.raises(ValueError, match=match):
         presets.ExperimentConfig(**changes)
+
+
+def test_each_bound_itself_is_accepted():
+    """The refusals above stop at their documented bounds: the bound is a valid value."""
+    cfg = presets.ExperimentConfig(max_length=4, steps=5, probe_steps=5, val_every=0, seeds=1, train_examples=0,
+                                   eval_examples=0, growth_factor=1.0)
+    assert (cfg.max_length, cfg.steps, cfg.probe_steps, cfg.train_examples) == (4, 5, 5, 0)
 
 
 def test_cli_reports_bad_input_without_traceback(capsys, tmp_path):

@@ -124,6 +124,7 @@ def test_results_txt_holds_each_tasks_table_verdicts_rates_and_notes_and_is_echo
     result = run_experiment(cfg, out_dir=tmp_path / "out", resume=edited, progress=False, echo=said.append)
     text = (tmp_path / "out" / "results.txt").read_text()
     assert said[-1] + "\n" == text
+    assert not any("torn" in line for line in said)   # the journal ends with a whole line: nothing ignored
     tr = result["tasks"]["planted"]
     parts = text.split("\n\n")
     assert parts[:3] == [res.format_table(tr, tr["methods"], cfg.budgets), "\n".join(tr["verdicts"]),
