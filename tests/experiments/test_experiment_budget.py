@@ -34,7 +34,7 @@ def test_a_budget_of_one_rank_in_the_cheapest_layer_is_the_smallest():
 def _assert_no_positive_gain_left_that_fits(run, gains, dims, p):
     """The probe's knapsack hands out only ranks of positive measured gain (its curves end at the
     probe's rank): a 3-step tiny-preset probe measures noise, positive in a few layers or in many
-    depending on the stack (the corpus, so the batches, differ with the installed packages). What
+    depending on the stack (the corpus, standard-library docstrings, differs with Python). What
     it leaves unspent must be explained: no layer's next rank has a positive gain and fits."""
     left = p - run["spent"]
     for name, rank in run["ranks"].items():
