@@ -62,6 +62,7 @@ bool keeps_input(const at::Tensor& weight, const at::Tensor& lora_A, int64_t ran
   return weight.requires_grad() || (rank > 0 && lora_A.requires_grad());
 }
 
+// A one-element zero-stride tensor of a saved operand's shape, for one the backward does not read.
 at::Tensor input_stand_in(const at::Tensor& x) { return at::zeros({}, x.options()).expand(x.sizes()); }
 
 // Autograd for lorambo::lora_linear. Without create_graph the backward is one call of
@@ -80,7 +81,9 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, t] = fwd_op().call(x, weight, bias, lora_A, lora_B, rank, scaling, dropout_p, seed);
     const bool x_kept = keeps_input(weight, lora_A, rank);
-    ctx->save_for_backward({x_kept ? x : input_stand_in(x), weight, lora_A, lora_B, t});
+    // only dB_r reads t: a frozen lora_B keeps a stand-in of it
+    ctx->save_for_backward({x_kept ? x : input_stand_in(x), weight, lora_A, lora_B,
+                            lora_B.requires_grad() ? t : input_stand_in(t)});
     ctx->saved_data["x_kept"] = x_kept;
     ctx->saved_data["rank"] = rank;
     ctx->saved_data["scaling"] = scaling;

@@ -31,6 +31,7 @@ def test_a_budget_of_one_rank_in_the_cheapest_layer_is_the_smallest():
                                          r"layer \(5\)"):
         budget_of(4 / 13, dims)
 
+
 def _assert_no_positive_gain_left_that_fits(run, gains, dims, p):
     """The probe's knapsack hands out only ranks of positive measured gain (its curves end at the
     probe's rank): a 3-step tiny-preset probe measures noise, positive in a few layers or in many

@@ -3,7 +3,7 @@
 Only dB_r = s dY^T t reads t (dx reads W, A_r, B_r and grad_y; dA_r reads x and grad_y B_r), so
 with lora_B frozen the backward keeps a one-element stand-in of t (lorambo.ops.custom_op.
 t_for_backward). Checked by the bytes autograd saves, eagerly (the torch and Triton backends'
-autograd Functions; the extension's eager op is its C++ autograd), through the custom ops and
+autograd Functions, the extension's C++ autograd), through the custom ops and
 under torch.compile; gradients and exact Hessian-vector products (create_graph=True) w.r.t.
 x and lora_A still equal a float64 plain-torch reference.
 """
@@ -15,8 +15,6 @@ from cpu_backends import BACKENDS, op_for
 from saved_bytes import layer_operands, op_runner, saved_bytes
 
 M, K, N, CAPACITY, RANK, SCALING = 64, 8, 6, 5, 4, 1.5
-# the eager ext op is the extension's C++ autograd (csrc/), which keeps t
-PYTHON_EAGER = [b for b in BACKENDS if getattr(b, "values", (b,))[0] != "ext"]
 
 
 def _layer(seed, train_a, train_b, in_features=K):
@@ -37,7 +35,7 @@ def _saved(backend, path, train_a, train_b, dropout):
 T_BYTES, X_BYTES = M * RANK * 4, M * K * 4
 
 
-@pytest.mark.parametrize("backend, path", [(b, "eager") for b in PYTHON_EAGER]
+@pytest.mark.parametrize("backend, path", [(b, "eager") for b in BACKENDS]
                          + [(b, p) for b in BACKENDS for p in ("custom_op", "compiled")])
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
 def test_a_frozen_lora_b_keeps_no_t(backend, path, dropout):
