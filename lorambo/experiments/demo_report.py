@@ -51,6 +51,23 @@ def _lr_note(summary: dict) -> str:
     return f"; {', '.join(f'{lr:g}' for lr in gone)} diverged" if gone else ""
 
 
+def _on_uniform(summary: dict) -> bool:
+    """Whether one rate, chosen on uniform LoRA, served every method (``lr_search="uniform"``);
+    otherwise each method ran at the rate its own grid chose, which the tables show per row."""
+    return summary["lr_search"] == "uniform"
+
+
+def _rate_header(summary: dict) -> str:
+    if _on_uniform(summary):
+        return f"lr {summary['lr']:g} (chosen on uniform LoRA, seed 0{_lr_note(summary)})"
+    return "each method at the rate its own grid chose on seed 0 (column lr)"
+
+
+def _rate_cell(row: dict) -> str:
+    gone = row["lr_diverged"]
+    return f"{row['lr']:g}" + (f" ({', '.join(f'{lr:g}' for lr in gone)} diverged)" if gone else "")
+
+
 def compact(result: dict, task: str = "planted") -> dict:
     """The committed summary: machine, wall time and, per method at the first budget, the per-seed
     test losses and gap shares, the mean coverage, share, ρ, ranks and validation curve."""
@@ -63,7 +80,8 @@ def compact(result: dict, task: str = "planted") -> dict:
            "planted_ranks": tr["describe"].get("planted_ranks"),
            "steps": result["config"]["steps"], "batch_size": result["config"]["batch_size"],
            "max_length": result["config"]["max_length"], "seeds": result["config"]["seeds"],
-           "split_sizes": tr["describe"].get("sizes"), "lr": tr["lr_choice"].get("uniform", {}).get(level),
+           "split_sizes": tr["describe"].get("sizes"), "lr_search": result["config"]["lr_search"],
+           "lr": tr["lr_choice"].get("uniform", {}).get(level),
            "lr_diverged": diverged_lrs(tr, level), "lr_choice": tr["lr_choice"], "methods": {}}
     seeds_of = {}
     for run in tr["runs"]:
@@ -84,6 +102,8 @@ def compact(result: dict, task: str = "planted") -> dict:
                "spearman": e.get("spearman_mean"), "spent": e.get("spent_mean"),
                "mean_ranks": e["mean_ranks"], "val_curve_steps": e.get("val_curve_steps"),
                "val_curve_mean": e.get("val_curve_mean"), "val_curve_std": e.get("val_curve_std")}
+        if not _on_uniform(out):
+            row.update(lr=tr["lr_choice"][method][level], lr_diverged=diverged_lrs(tr, level, method))
         out["methods"][method] = row
     return out
 
@@ -100,6 +120,7 @@ def accuracy_summary(result: dict, task: str = "sentiment") -> dict:
            "batch_size": result["config"]["batch_size"], "max_length": result["config"]["max_length"],
            "seeds": result["config"]["seeds"], "split_sizes": tr["describe"].get("sizes"),
            "class_counts": tr["describe"].get("class_counts"),
+           "lr_search": result["config"]["lr_search"],
            "lr": tr["lr_choice"].get("uniform", {}).get(level), "lr_diverged": diverged_lrs(tr, level),
            "linear_probe": tr["describe"].get("linear_probe"), "methods": {}}
     for method, entry in tr["summary"].items():
@@ -112,36 +133,42 @@ def accuracy_summary(result: dict, task: str = "sentiment") -> dict:
                                   "mean": e["metric_mean"], "std": e["metric_std"],
                                   "wins_vs_uniform": e.get("wins_vs_uniform"), "paired_seeds": e.get("paired_seeds"),
                                   "mean_ranks": e["mean_ranks"]}
+        if not _on_uniform(out):
+            out["methods"][method].update(lr=e["lr"], lr_diverged=diverged_lrs(tr, level, method))
     return out
 
 
 def accuracy_table(summary: dict) -> str:
-    """The text table of :func:`accuracy_summary`'s output (also the README's). Without uniform LoRA
-    (``lr`` None: an experiment run with other methods only) each method used the rate of its own
-    grid and no seed has a uniform run to beat."""
-    rate = (f"lr {summary['lr']:g} (chosen on uniform LoRA, seed 0{_lr_note(summary)})" if summary["lr"] is not None
-            else "no uniform LoRA run: each method at the rate its own grid chose")
+    """The text table of :func:`accuracy_summary`'s output (also the README's). Unless one rate
+    chosen on uniform LoRA served every method, a column gives each method's own rate; without
+    uniform LoRA (an experiment run with other methods only) no seed has a uniform run to beat."""
+    own_rates = not _on_uniform(summary)
     lines = [f"{summary['task']} task at P = {summary['budget']:,}, {summary['steps']} steps of "
-             f"{summary['batch_size']} x {summary['max_length']} tokens, {summary['seeds']} seeds, {rate}; "
+             f"{summary['batch_size']} x {summary['max_length']} tokens, {summary['seeds']} seeds, "
+             f"{_rate_header(summary)}; "
              f"linear probe on the frozen encoder: test accuracy {summary['linear_probe']['test']:.3f}", "",
-             "| method | test accuracy (mean ± std) | per seed | seeds better than uniform |", "|---|---|---|---|"]
+             "| method | test accuracy (mean ± std) | per seed | seeds better than uniform |"
+             + (" lr |" if own_rates else ""), "|---|---|---|---|" + ("---|" if own_rates else "")]
     for method, row in summary["methods"].items():
         wins = ("—" if method == "uniform" else "n/a" if row["wins_vs_uniform"] is None
                 else f"{row['wins_vs_uniform']}/{row['paired_seeds']}")
         lines.append(f"| {row['label']} | {row['mean']:.4f} ± {row['std']:.4f} | "
-                     f"{', '.join(f'{a:.4f}' for a in row['accuracy'])} | {wins} |")
+                     f"{', '.join(f'{a:.4f}' for a in row['accuracy'])} | {wins} |"
+                     + (f" {_rate_cell(row)} |" if own_rates else ""))
     return "\n".join(lines)
 
 
 def table(summary: dict) -> str:
-    """The text table of :func:`compact`'s output (also the README's)."""
+    """The text table of :func:`compact`'s output (also the README's); a column gives each method's
+    own rate unless one rate chosen on uniform LoRA served every method."""
+    own_rates = not _on_uniform(summary)
     lines = [f"planted task at P = {summary['budget']:,} (P* = {summary['planted_params']:,}), "
              f"{summary['steps']} steps of {summary['batch_size']} x {summary['max_length']} tokens, "
-             f"{summary['seeds']} seeds, lr {summary['lr']:g} (chosen on uniform LoRA, seed 0{_lr_note(summary)})",
+             f"{summary['seeds']} seeds, {_rate_header(summary)}",
              "",
              "| method | test loss (mean ± std) | gap closed (mean ± std) | seeds better than uniform | "
-             "coverage | budget on planted | Spearman ρ |",
-             "|---|---|---|---|---|---|---|"]
+             "coverage | budget on planted | Spearman ρ |" + (" lr |" if own_rates else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if own_rates else "")]
     for method, row in summary["methods"].items():
         losses = row["test_loss"]
         loss = f"{np.mean(losses):.3f} ± {np.std(losses, ddof=1) if len(losses) > 1 else 0.0:.3f}"
@@ -153,7 +180,8 @@ def table(summary: dict) -> str:
                    if row["gap_closed_mean"] is not None else "n/a")
             wins = f"{row['wins_vs_uniform']}/{row['paired_seeds']}" if row["wins_vs_uniform"] is not None else "n/a"
         lines.append(f"| {row['label']} | {loss} | {gap} | {wins} | {row['coverage']:.2f} | "
-                     f"{row['planted_share']:.2f} | {row['spearman']:.2f} |")
+                     f"{row['planted_share']:.2f} | {row['spearman']:.2f} |"
+                     + (f" {_rate_cell(row)} |" if own_rates else ""))
     lines.append("")
     lines.append("gap closed: (uniform - method) / (uniform - oracle) in test loss, per seed; coverage: "
                  "Σ min(r, r*) / Σ r*; budget on planted: share of the spent budget Σ r (d + k) that goes to the "

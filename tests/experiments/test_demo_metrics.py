@@ -114,10 +114,40 @@ def test_the_accuracy_table_of_an_experiment_without_uniform_lora():
     out = demo_report.accuracy_summary(result)
     assert out["lr"] is None and {m: row["accuracy"] for m, row in out["methods"].items()} == acc
     text = demo_report.accuracy_table(out)
-    assert "5 seeds, no uniform LoRA run: each method at the rate its own grid chose; linear probe" in text
+    assert "5 seeds, each method at the rate its own grid chose on seed 0 (column lr); linear probe" in text
     assert "test accuracy 0.713" in text
-    assert "| closed form, gradient | 0.7900 ± 0.0283 | 0.8100, 0.7700 | n/a |" in text
-    assert "| knapsack, probe directions | 0.7650 ± 0.0354 | 0.7400, 0.7900 | n/a |" in text
+    assert "| closed form, gradient | 0.7900 ± 0.0283 | 0.8100, 0.7700 | n/a | 0.001 |" in text
+    assert "| knapsack, probe directions | 0.7650 ± 0.0354 | 0.7400, 0.7900 | n/a | 0.01 |" in text
+
+
+@pytest.mark.parametrize("search", ["per_budget", "first_budget"])
+def test_tables_name_each_methods_own_rate_unless_one_was_chosen_on_uniform(search):
+    """With ``--lr-search per_budget`` (or ``first_budget``) every method runs at the rate its own
+    grid chose: the headers said "lr <uniform's rate> (chosen on uniform LoRA)" all the same. They
+    now say each method ran at its own rate, and a column gives it with that method's diverged rates."""
+    runs, lr_choice, losses = _synthetic()
+    rates = {"uniform": 1e-3, "oracle": 3e-3, "probe": 1e-2}
+    runs = [dict(r, lr=rates[r["method"]]) for r in runs]
+    lr_choice = {m: {"0.5": rates[m]} for m in losses}
+    diverged = [{"method": "probe", "level": 0.5, "lr": 3e-2}, {"method": "uniform", "level": 1.0, "lr": 1e-1}]
+    summary = summarize(runs, lr_choice, list(losses), [0.5], higher_is_better=False)
+    cfg = presets.default().replace(methods=tuple(losses), lr_search=search)
+    result = {"config": cfg.as_dict(), "seconds": 1.0,
+              "tasks": {"planted": {"budgets": {"0.5": 20736}, "lr_choice": lr_choice, "runs": runs,
+                                    "summary": summary, "diverged": diverged, "describe": {}}}}
+    text = demo_report.table(dict(demo_report.compact(result), budget=20736, planted_params=20736))
+    assert "chosen on uniform" not in text and "3 seeds, each method at the rate its own grid chose" in text
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert rows["| uniform LoRA"].endswith(" | 0.001 |") and rows["| oracle: planted ranks"].endswith(" | 0.003 |")
+    assert rows["| knapsack, probe directions"].endswith(" | 0.01 (0.03 diverged) |")
+
+    acc_result = {"config": cfg.replace(tasks=("sentiment",)).as_dict(), "seconds": 1.0,
+                  "tasks": {"sentiment": dict(result["tasks"]["planted"],
+                                              describe={"linear_probe": {"test": 0.7}, "sizes": {}})}}
+    acc_text = demo_report.accuracy_table(demo_report.accuracy_summary(acc_result, "sentiment"))
+    assert "chosen on uniform" not in acc_text and "each method at the rate its own grid chose" in acc_text
+    assert [line.rsplit(" | ", 2)[-2:] for line in acc_text.splitlines()[4:]] == [
+        ["—", "0.001 |"], ["3/3", "0.003 |"], ["2/3", "0.01 (0.03 diverged) |"]]
 
 
 def test_gap_closed_of_a_method_equal_to_uniform_is_plus_zero():
