@@ -617,12 +617,18 @@ class LoRAMBoOptimizer:
         A step changes ranks once: after a decision that changed ranks, a later call with the
         same ``step`` (a plain loop that calls it after every micro-batch) takes none and warns
         once, as a second decision would spend the step's budget again on the micro-batches that
-        followed the first."""
+        followed the first.
+
+        ``component_scores`` (one score per active slot of each layer) rank the slots that rank
+        moves take away, so they need ``move_threshold``; given without it, or with
+        ``allocation="alora"`` (which scores by held-out ablation), they are a ValueError rather
+        than dropped without a word."""
         self._check_step(step, "step")
         # checked at every call: otherwise a wrong one (an LR scheduler) passes every step until the
         # first decision step, which may come after hours of training
         optimizer_argument(optimizer, "LoRAMBoOptimizer.step")
         check_grad_scaler(grad_scaler, "LoRAMBoOptimizer.step")
+        self._check_scores_are_read(component_scores, "step", self.allocation == "alora")
         if skips_this_step(optimizer):
             return []  # the capture keeps this micro-batch; the next calls with this step add to it
         grad_scaler = grad_scaler if grad_scaler is not None else wrapper_grad_scaler(optimizer)
@@ -642,6 +648,18 @@ class LoRAMBoOptimizer:
             # threshold, an overflowed step skipped): a loop that repeats the step number decides again
             self._decided_step = step
         return records
+
+    def _check_scores_are_read(self, component_scores, who: str, alora: bool) -> None:
+        """Only rank moves read ``component_scores``: a caller who passes them expects moves."""
+        if component_scores is None:
+            return
+        if alora:
+            raise ValueError(f"LoRAMBoOptimizer.{who}: component_scores were given, but allocation='alora' "
+                             "scores its layers by held-out ablation and would never read them; drop them")
+        if self.move_threshold is None:
+            raise ValueError(f"LoRAMBoOptimizer.{who}: component_scores were given, but move_threshold is None, "
+                             "so no rank moves are made and the scores would never be read; pass "
+                             "LoRAMBoOptimizer(..., move_threshold=...) for rank moves, or drop component_scores")
 
     def decided_already(self, step: int) -> bool:
         """Whether a decision at ``step`` has changed ranks already, so that :meth:`step` takes
@@ -669,9 +687,11 @@ class LoRAMBoOptimizer:
                      component_scores: Mapping[str, torch.Tensor] | None = None,
                      grad_scaler: GradScaler | None = None) -> list[dict[str, Any]]:
         """Grow (and, with ``move_threshold``, move) ranks now from the captured step
-        (``grad_scaler``, and the scaler of a wrapped ``optimizer``: see :meth:`step`)."""
+        (``grad_scaler``, and the scaler of a wrapped ``optimizer``, and ``component_scores``:
+        see :meth:`step`)."""
         optimizer_argument(optimizer, "LoRAMBoOptimizer.update_ranks")  # before the state it needs
         check_grad_scaler(grad_scaler, "LoRAMBoOptimizer.update_ranks")
+        self._check_scores_are_read(component_scores, "update_ranks", alora=False)
         grad_scaler = grad_scaler if grad_scaler is not None else wrapper_grad_scaler(optimizer)
         optimizer = optimizer if optimizer is not None else self.default_optimizer
         self._follow_layers()

@@ -136,6 +136,41 @@ def test_an_optimizer_or_scaler_of_the_wrong_kind_is_refused_at_once(call, argum
     assert {n: layer.rank for n, layer in lorambo.lora_layers(model).items()} == {"0": 2, "2": 2}
 
 
+@pytest.mark.parametrize("call", ["step", "update_ranks"])
+def test_component_scores_without_rank_moves_are_refused(call):
+    # before: without move_threshold the scores were dropped without a word, so a loop that
+    # computed them every step (for moves it never got) trained on as if moves were made
+    torch.manual_seed(0)
+    model = lorambo.configure_model(_model(), 2, capacity=4)
+    opt = LoRAMBoOptimizer(model, 1000, interval=2, warmup_steps=10)
+    scores = {n: torch.rand(layer.rank) for n, layer in lorambo.lora_layers(model).items()}
+    run = {"step": lambda: opt.step(1, component_scores=scores),
+           "update_ranks": lambda: opt.update_ranks(component_scores=scores)}[call]
+    with pytest.raises(ValueError, match=rf"^LoRAMBoOptimizer.{call}: component_scores were given, but "
+                                         r"move_threshold is None.*move_threshold=\.\.\."):
+        run()
+    assert {n: layer.rank for n, layer in lorambo.lora_layers(model).items()} == {"0": 2, "2": 2}
+
+
+def test_component_scores_given_to_alora_are_refused():
+    """ALoRA scores its layers by held-out ablation; scores passed to its step() went unread."""
+    from lorambo.allocation.alora import ALoRAConfig
+
+    torch.manual_seed(0)
+    model = _model()
+    batches = [(torch.randn(5, 6), torch.randn(5, 4))]
+    opt = LoRAMBoOptimizer(model, 200, allocation="alora", loss_fn=nn.functional.mse_loss, heldout_batches=batches,
+                           alora=ALoRAConfig(k1=0, k2=3, rounds=2, n_prune=1))
+    opt.compute_optimal_ranks()
+    opt.configure()
+    ranks = opt.current_ranks()
+    scores = {n: torch.rand(layer.rank) for n, layer in lorambo.lora_layers(model).items()}
+    with pytest.raises(ValueError, match=r"^LoRAMBoOptimizer.step: component_scores were given, but "
+                                         r"allocation='alora' scores its layers by held-out ablation"):
+        opt.step(0, component_scores=scores)
+    assert opt.current_ranks() == ranks and opt.alora_schedule().rounds_done == 0
+
+
 def test_ablation_of_untrained_adapters_says_so():
     # before: "closed_form: all sensitivities are zero ...", not saying why
     torch.manual_seed(0)
