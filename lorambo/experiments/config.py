@@ -43,6 +43,12 @@ TASK_LABELS = {"planted": "planted low-rank deltas (distillation)",
                "sentiment": "movie-review sentiment (classification)"}
 
 
+def _positive_number(value) -> bool:
+    """A finite number > 0; a bool is not one (True would read as 1, a rate of 1.0 or a budget of 1)."""
+    return (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            and value > 0)
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """Every knob of one experiment; the same values apply to every method."""
@@ -109,8 +115,7 @@ class ExperimentConfig:
         if idle:  # the oracle needs planted ranks: on another task nothing would run
             raise ValueError(f"task(s) {idle} would run no method: {', '.join(self.methods)} needs the planted "
                              "task's planted ranks; add an allocator such as uniform")
-        if not self.budgets or any(not (isinstance(b, (int, float)) and math.isfinite(b) and b > 0)
-                                   for b in self.budgets):
+        if not self.budgets or not all(_positive_number(b) for b in self.budgets):
             raise ValueError(f"budgets must be positive mean ranks per module, got {list(self.budgets)}")
         if len(set(self.budgets)) != len(self.budgets):
             raise ValueError(f"budgets repeat: {list(self.budgets)}")
@@ -124,11 +129,11 @@ class ExperimentConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        if self.max_length < 4:
-            raise ValueError(f"max_length must be >= 4 tokens, got {self.max_length}")
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 4:
+            raise ValueError(f"max_length must be an int >= 4 tokens, got {self.max_length!r}")
         if self.steps < 5:
             raise ValueError(f"steps must be >= 5 (the adaptive schedules need room), got {self.steps}")
-        if not self.lr_grid or any(not (lr > 0 and math.isfinite(lr)) for lr in self.lr_grid):
+        if not self.lr_grid or not all(_positive_number(lr) for lr in self.lr_grid):
             raise ValueError(f"lr_grid must hold positive learning rates, got {list(self.lr_grid)}")
         if len(set(self.lr_grid)) != len(self.lr_grid):
             raise ValueError(f"lr_grid repeats: {list(self.lr_grid)}")
@@ -141,7 +146,7 @@ class ExperimentConfig:
         if self.probe_steps > self.steps and {"probe", "probe_sqrt"} & set(self.methods):  # no probe: unused
             raise ValueError(f"probe_steps ({self.probe_steps}) must not exceed steps ({self.steps}): the probe "
                              "trains on the first probe_steps batches of a run's stream")
-        if not (self.probe_lr > 0 and math.isfinite(self.probe_lr)):
+        if not _positive_number(self.probe_lr):
             raise ValueError(f"probe_lr must be a positive learning rate, got {self.probe_lr!r}")
         if not 0 < self.online_initial < 1 or not 0 < self.alora_prune < 1:
             raise ValueError("online_initial and alora_prune must be in (0, 1)")
@@ -149,8 +154,8 @@ class ExperimentConfig:
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if self.planted_text not in PLANTED_TEXTS:
             raise ValueError(f"planted_text must be one of {', '.join(PLANTED_TEXTS)}, got {self.planted_text!r}")
-        if self.growth_factor < 1:
-            raise ValueError(f"growth_factor must be >= 1, got {self.growth_factor}")
+        if not (_positive_number(self.growth_factor) and self.growth_factor >= 1):
+            raise ValueError(f"growth_factor must be a number >= 1, got {self.growth_factor!r}")
 
     def replace(self, **changes) -> "ExperimentConfig":
         return dataclasses.replace(self, **changes)

@@ -41,7 +41,15 @@ def test_unknown_method_and_task():
     ({"probe_lr": 0.0}, r"probe_lr must be a positive learning rate, got 0.0"),
     ({"probe_lr": float("nan")}, r"probe_lr.*got nan"),
     ({"planted_text": "novels"}, r"planted_text must be one of docstrings, snippets, got 'novels'"),
-    ({"max_length": 3}, r"max_length must be >= 4 tokens, got 3"), ({"growth_factor": 0.5}, r"growth_factor.*got 0.5"),
+    ({"max_length": 3}, r"max_length must be an int >= 4 tokens, got 3"),
+    ({"growth_factor": 0.5}, r"growth_factor.*got 0.5"),
+    # a bool is not a number here: True read as a budget of 1, a rate of 1.0 or a growth factor of 1
+    ({"budgets": (True,)}, r"budgets must be positive mean ranks per module, got \[True\]"),
+    ({"lr_grid": (1e-3, True)}, r"lr_grid must hold positive learning rates, got \[0.001, True\]"),
+    ({"lr_grid": ("1e-3",)}, r"lr_grid must hold positive learning rates, got \['1e-3'\]"),  # not a TypeError
+    ({"probe_lr": True}, r"probe_lr must be a positive learning rate, got True"),
+    ({"growth_factor": True}, r"growth_factor must be a number >= 1, got True"),
+    ({"max_length": 16.5}, r"max_length must be an int >= 4 tokens, got 16.5"),
     *[({name: bound}, "online_initial and alora_prune must be in \\(0, 1\\)")  # each bound excluded
       for name in ("online_initial", "alora_prune") for bound in (0.0, 1.0)],
 ])
