@@ -39,6 +39,7 @@ from torch.amp.grad_scaler import GradScaler
 from lorambo.adapters.io import save_adapter as _save_adapter
 from lorambo.adapters.peft_export import export_peft as _export_peft
 from lorambo.distributed import SharedFailure, is_main_process, world_size
+from lorambo.integrations.fsdp_gather import PreparedGather, prepare_gather
 from lorambo.nn.edit_snapshot import EditSnapshot
 from lorambo.model import lora_layers
 from lorambo.model import unload as _unload
@@ -93,9 +94,11 @@ def full_pools(layers: Iterable[nn.Module], optimizer: torch.optim.Optimizer | N
     Every process must enter with the same ``settings`` (``who`` names the caller in errors) and
     the same tensors to gather; one small all-reduce checks both before the first all-gather, so
     a process given other layers or other arguments raises a ValueError on every process instead
-    of waiting in a gather the others never join. An ``Exception`` raised in the context on one
-    process is raised on every process (a RuntimeError naming it on the others), by one more
-    small all-reduce on exit. Then no process writes back, and each one's layers (rank, slot
+    of waiting in a gather the others never join. Every gathered tensor is allocated before that
+    all-reduce too (:mod:`lorambo.integrations.fsdp_gather`), so running out of memory for them
+    on one process raises on every process, nothing changed. An ``Exception`` raised in the
+    context on one process is raised on every process (a RuntimeError naming it on the others),
+    by one more small all-reduce on exit. Then no process writes back, and each one's layers (rank, slot
     ids, merge state) and what is not sharded (values, gradients, optimizer state: an unsharded
     model under DDP) are put back (:class:`EditSnapshot`): the edit is made on every process or
     on none. ``keep_partial``: write back what the context changed before it stopped (the rank
@@ -120,26 +123,29 @@ def full_pools(layers: Iterable[nn.Module], optimizer: torch.optim.Optimizer | N
         failure.settings = {**(settings or {}), "gathered": _gather_signature(slots, proxies)}
         snapshot = EditSnapshot(layers, [param for _, _, param in slots], [one for one, _ in proxies]) \
             if world_size() > 1 else None  # a single process's error propagates at once: nothing to undo
+        # every gathered tensor's memory, allocated here: out of memory (or a placement refused)
+        # on one process is raised on all by the check below, not inside an all-gather the
+        # others would wait in until the process group's timeout
+        gathers = [_prepare_slot(param, proxies, who) for _, _, param in slots]
     failure.check()
     swapped = []
     try:
-        for module, name, param in slots:
-            if not is_sharded(param):
+        for (module, name, param), gather in zip(slots, gathers):
+            if gather is None:
                 for one, proxy in proxies:
                     if param in one.state:
                         proxy.state[param] = one.state[param]  # same objects: edits land in place
                 continue
-            full = nn.Parameter(param.full_tensor(), requires_grad=param.requires_grad)
-            if param.grad is not None:
-                full.grad = param.grad.full_tensor()
+            value, grad, states = gather
+            full = nn.Parameter(value.run(), requires_grad=param.requires_grad)
+            if grad is not None:
+                full.grad = grad.run()
             tag = pool_slots(param)
             if tag is not None:
                 tag_pool_parameter(full, *tag)
                 stand_in_for(full, param)  # an optimizer left out still gets its stale-state warning
-            for one, proxy in proxies:
-                if param in one.state:
-                    proxy.state[full] = {k: v.full_tensor() if is_sharded(v) else v
-                                         for k, v in one.state[param].items()}
+            for proxy, state in states:
+                proxy.state[full] = {k: v.run() if isinstance(v, PreparedGather) else v for k, v in state.items()}
             module._parameters[name] = full
             swapped.append((module, name, param, full))
         full_of = {id(param): full for _, _, param, full in swapped}
@@ -175,6 +181,18 @@ def full_pools(layers: Iterable[nn.Module], optimizer: torch.optim.Optimizer | N
                                 _write_local(real[key], value)
                             else:
                                 real[key] = value
+
+
+def _prepare_slot(param, proxies, who: str):
+    """The prepared gathers of a sharded parameter: ``(value, grad or None, [(proxy, state)])``,
+    each state entry a :class:`PreparedGather` where sharded; None for an unsharded parameter."""
+    if not is_sharded(param):
+        return None
+    value = prepare_gather(param, who)
+    grad = prepare_gather(param.grad, who) if param.grad is not None else None
+    states = [(proxy, {k: prepare_gather(v, who) if is_sharded(v) else v for k, v in one.state[param].items()})
+              for one, proxy in proxies if param in one.state]
+    return value, grad, states
 
 
 def _gather_signature(slots, proxies) -> list:
