@@ -329,19 +329,28 @@ def unloaded_state_dict(model: nn.Module, merge: bool = True) -> dict[str, torch
     the adapters merged into the base weights when ``merge``; on every process, the sharded model
     untouched. Load it into a fresh copy of the base model. Refused, like :func:`lorambo.unload`,
     when a merge would go into a weight the model also uses elsewhere (tied weights). Keys are
-    the plain model's names, also for a model wrapped by torch.compile or DDP."""
+    the plain model's names, also for a model wrapped by torch.compile or DDP. On a sharded model
+    every process must call; running out of memory for the gathered tensors on one process
+    raises on every process (as in :func:`full_pools`)."""
     model = unwrap_model(model)
     if merge:
         check_mergeable(model, lora_layers(model), caller="unloaded_state_dict")
     reshard(model)
-    state = {k: _full_tensor(v) for k, v in model.state_dict().items()}
+    raw = model.state_dict()
+    # a merged layer's state_dict may hold its weight unmerged: the live weight is taken instead
+    live = {f"{name}.base_layer.weight": layer.base_layer.weight.detach()
+            for name, layer in lora_layers(model).items() if merge and layer.merged}
+    gathered = _gathered({**{("state", k): v for k, v in raw.items()}, **{("live", k): v for k, v in live.items()}},
+                         "lorambo.integrations.fsdp.unloaded_state_dict", {"merge": merge})
+    state = {k: gathered["state", k] for k in raw}
     out = dict(state)
     for name, layer in lora_layers(model).items():
         for key in (f"{name}.lora_A", f"{name}.lora_B", f"{name}._extra_state"):
             out.pop(key, None)
         weight_key = f"{name}.base_layer.weight"
-        if merge and layer.merged:  # the live weight (a merged layer's state_dict may hold it unmerged)
-            out[weight_key] = _full_tensor(layer.base_layer.weight.detach()).clone()
+        if merge and layer.merged:
+            weight = gathered["live", weight_key]
+            out[weight_key] = weight if is_sharded(live[weight_key]) else weight.clone()
         elif merge:
             r = layer.rank
             a, b = state[f"{name}.lora_A"][:r].double(), state[f"{name}.lora_B"][:, :r].double()
@@ -357,8 +366,19 @@ def unloaded_state_dict(model: nn.Module, merge: bool = True) -> dict[str, torch
     return out
 
 
-def _full_tensor(t):
-    return t.full_tensor() if is_sharded(t) else t
+def _gathered(tensors: Mapping[Any, Any], who: str, settings: Mapping[str, Any]) -> dict[Any, Any]:
+    """``tensors`` with every DTensor gathered in full (the others as they are). On a sharded
+    model each gathered tensor is allocated first, and one small all-reduce checks that every
+    process did so and gathers the same: an error there (out of memory) raises on every process
+    before any all-gather. Nothing sharded: no collective (DDP processes need not all call)."""
+    if not any(is_sharded(v) for v in tensors.values()):
+        return dict(tensors)
+    failure = SharedFailure(who, settings={**settings, "gathered": [
+        (k, tuple(v.shape), str(v.dtype)) for k, v in tensors.items() if is_sharded(v)]})
+    with failure:
+        gathers = {k: prepare_gather(v, who) for k, v in tensors.items() if is_sharded(v)}
+    failure.check()
+    return {k: gathers[k].run() if k in gathers else v for k, v in tensors.items()}
 
 
 def reshard(model: nn.Module) -> None:

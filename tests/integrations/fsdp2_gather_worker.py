@@ -10,9 +10,11 @@ FSDP2 model whose pools split 3/2, and the shards after it.
 
 Then: on an FSDP2 model trained one step, process 1 runs out of memory (simulated) for the
 first, the fourth or the last tensor set_rank gathers; saved per case: the outcome, which
-allocation failed, and the full state after it; then an edit both processes make.
+allocation failed, and the full state after it; then an edit both processes make; then
+unloaded_state_dict, failing on process 1 and then on neither.
 """
 
+import contextlib
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -169,6 +171,12 @@ def oom(rank, world):
         result[f"skip{skip}_state"] = full_state(net, opt)
     result["works"] = attempt(lambda: fsdp.set_rank(layers["2"], 4, opt, generator=decision_generator(2, 9)))
     result["works_state"] = full_state(net, opt)
+    # unloaded_state_dict gathers the whole model (base weights of 72 and 144 elements too)
+    mode = AllocationFails(least=60, skip=2)
+    with mode if rank == 1 else contextlib.nullcontext():
+        result["unloaded_failed"] = attempt(lambda: sorted(fsdp.unloaded_state_dict(net)))
+    result["unloaded_fired"] = mode.fired
+    result["unloaded"] = attempt(lambda: fsdp.unloaded_state_dict(net))
     return result
 
 

@@ -90,3 +90,19 @@ def test_out_of_memory_for_a_gather_on_one_process_stops_every_process_and_chang
     assert first["works"] == second["works"] == ("ok", 3)
     assert first["works_state"]["ranks"] == {"0": 2, "2": 4}
     assert_same_state(second["works_state"], first["works_state"], "works")
+
+
+def test_out_of_memory_for_the_gathered_state_dict_on_one_process_stops_every_process(outcomes):
+    first, second = outcomes
+    assert first["unloaded_fired"] is None and second["unloaded_fired"][1] >= 60, second["unloaded_fired"]
+    assert second["unloaded_failed"][:2] == ("error", "OutOfMemoryError"), second["unloaded_failed"]
+    assert first["unloaded_failed"][:2] == ("error", "RuntimeError"), first["unloaded_failed"]
+    assert "unloaded_state_dict failed on another process (process 1: OutOfMemoryError: simulated" in \
+        first["unloaded_failed"][2], first["unloaded_failed"]
+    # then both gather it, alike: the plain model's full tensors
+    assert first["unloaded"][0] == second["unloaded"][0] == "ok"
+    state, other = first["unloaded"][1], second["unloaded"][1]
+    assert state.keys() == other.keys() and "2.weight" in state and not any("lora" in k for k in state)
+    for key, value in state.items():
+        assert torch.equal(value, other[key]), key
+    assert state["2.weight"].shape == (12, 12) and state["4.weight"].shape == (3, 12)
