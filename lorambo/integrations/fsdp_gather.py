@@ -31,7 +31,8 @@ from lorambo.sharding import chunk_size, is_sharded, shard_layout
 
 __all__ = ["PreparedGather", "prepare_gather"]
 
-# torch 2.12 renamed all_gather_into_tensor (a deprecation warning since); the same collective
+# the same collective: torch 2.13 deprecates all_gather_into_tensor (with a warning) for
+# all_gather_single, which older torch may lack
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
@@ -52,7 +53,7 @@ class PreparedGather:
 
     def __init__(self, tensor, who: str):
         layout = shard_layout(tensor, who=f"{who}: gathers")
-        local = tensor.to_local()
+        local = tensor.to_local().detach()  # the shard's storage, without an autograd view of it
         mesh = tensor.device_mesh
         self._local, self._steps = local, []
         current = local  # a view of what the steps before hold, made before any data is there

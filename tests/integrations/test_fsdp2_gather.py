@@ -55,6 +55,13 @@ def test_gathers_equal_full_tensor_bit_for_bit(outcomes):
             "Partial" in outcome[2], outcome
 
 
+def test_prepare_gather_refuses_a_plain_tensor_naming_the_caller():
+    from lorambo.integrations.fsdp_gather import prepare_gather
+
+    with pytest.raises(TypeError, match="^the_caller: prepare_gather takes a DTensor, got a Tensor$"):
+        prepare_gather(torch.randn(3, generator=torch.Generator().manual_seed(0)), "the_caller")
+
+
 def assert_same_state(got, want, what):
     assert got["ranks"] == want["ranks"], what
     for part in ("params", "grads"):
