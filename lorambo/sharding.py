@@ -8,7 +8,7 @@ import math
 
 import torch
 
-__all__ = ["is_sharded", "local_tensor", "local_region"]
+__all__ = ["is_sharded", "local_tensor", "shard_layout", "chunk_size", "local_region"]
 
 
 try:
@@ -27,27 +27,40 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if is_sharded(tensor) else tensor
 
 
+def shard_layout(tensor, who: str = "lorambo: pool edits") -> list[tuple[int, int]]:
+    """``(mesh dim, tensor dim)`` of each ``Shard`` placement of a DTensor, in mesh-dim order;
+    ``[]`` for any other tensor. Placements other than ``Shard`` (one per tensor dim) and
+    ``Replicate`` raise NotImplementedError starting with ``who``: their local data is not a
+    ``torch.chunk`` piece (``Partial`` holds summands, ``_StridedShard`` interleaved pieces)."""
+    if not is_sharded(tensor):
+        return []
+    from torch.distributed.tensor import Replicate, Shard
+
+    layout, seen = [], set()
+    for mesh_dim, placement in enumerate(tensor.placements):
+        if type(placement) is Replicate:
+            continue
+        if type(placement) is not Shard or placement.dim in seen:
+            raise NotImplementedError(f"{who} support Shard/Replicate placements with one shard per "
+                                      f"tensor dim, got {tensor.placements}")
+        seen.add(placement.dim)
+        layout.append((mesh_dim, placement.dim))
+    return layout
+
+
+def chunk_size(n: int, parts: int) -> int:
+    """The length of ``torch.chunk``'s pieces of ``n`` elements in ``parts`` (the last non-empty
+    one may be shorter, the ones after it empty)."""
+    return math.ceil(n / parts) if n else 0
+
+
 def local_region(tensor: torch.Tensor) -> tuple[slice, ...]:
     """The global index region this process holds: the whole tensor unless it is a DTensor with
     ``Shard`` placements, then ``torch.chunk``'s layout along each sharded dim."""
     region = [slice(0, n) for n in tensor.shape]
-    if not is_sharded(tensor):
-        return tuple(region)
-    from torch.distributed.tensor import Replicate, Shard
-
-    mesh = tensor.device_mesh
-    seen = set()
-    for mesh_dim, placement in enumerate(tensor.placements):
-        if isinstance(placement, Replicate):
-            continue
-        if not isinstance(placement, Shard) or placement.dim in seen:
-            raise NotImplementedError(f"lorambo: pool edits support Shard/Replicate placements with one "
-                                      f"shard per tensor dim, got {tensor.placements}")
-        seen.add(placement.dim)
-        d, parts = placement.dim, mesh.size(mesh_dim)
-        coord = mesh.get_local_rank(mesh_dim)
-        n = tensor.shape[d]
-        chunk = math.ceil(n / parts) if n else 0
-        start = min(coord * chunk, n)
+    for mesh_dim, d in shard_layout(tensor):
+        mesh = tensor.device_mesh
+        n, chunk = tensor.shape[d], chunk_size(tensor.shape[d], mesh.size(mesh_dim))
+        start = min(mesh.get_local_rank(mesh_dim) * chunk, n)
         region[d] = slice(start, min(start + chunk, n))
     return tuple(region)

@@ -39,6 +39,7 @@ from torch.amp.grad_scaler import GradScaler
 from lorambo.adapters.io import save_adapter as _save_adapter
 from lorambo.adapters.peft_export import export_peft as _export_peft
 from lorambo.distributed import SharedFailure, is_main_process, world_size
+from lorambo.integrations.fsdp_gather import PreparedGather, prepare_gather
 from lorambo.nn.edit_snapshot import EditSnapshot
 from lorambo.model import lora_layers
 from lorambo.model import unload as _unload
@@ -93,9 +94,11 @@ def full_pools(layers: Iterable[nn.Module], optimizer: torch.optim.Optimizer | N
     Every process must enter with the same ``settings`` (``who`` names the caller in errors) and
     the same tensors to gather; one small all-reduce checks both before the first all-gather, so
     a process given other layers or other arguments raises a ValueError on every process instead
-    of waiting in a gather the others never join. An ``Exception`` raised in the context on one
-    process is raised on every process (a RuntimeError naming it on the others), by one more
-    small all-reduce on exit. Then no process writes back, and each one's layers (rank, slot
+    of waiting in a gather the others never join. Every gathered tensor is allocated before that
+    all-reduce too (:mod:`lorambo.integrations.fsdp_gather`), so running out of memory for them
+    on one process raises on every process, nothing changed. An ``Exception`` raised in the
+    context on one process is raised on every process (a RuntimeError naming it on the others),
+    by one more small all-reduce on exit. Then no process writes back, and each one's layers (rank, slot
     ids, merge state) and what is not sharded (values, gradients, optimizer state: an unsharded
     model under DDP) are put back (:class:`EditSnapshot`): the edit is made on every process or
     on none. ``keep_partial``: write back what the context changed before it stopped (the rank
@@ -120,26 +123,29 @@ def full_pools(layers: Iterable[nn.Module], optimizer: torch.optim.Optimizer | N
         failure.settings = {**(settings or {}), "gathered": _gather_signature(slots, proxies)}
         snapshot = EditSnapshot(layers, [param for _, _, param in slots], [one for one, _ in proxies]) \
             if world_size() > 1 else None  # a single process's error propagates at once: nothing to undo
+        # every gathered tensor's memory, allocated here: out of memory (or a placement refused)
+        # on one process is raised on all by the check below, not inside an all-gather the
+        # others would wait in until the process group's timeout
+        gathers = [_prepare_slot(param, proxies, who) for _, _, param in slots]
     failure.check()
     swapped = []
     try:
-        for module, name, param in slots:
-            if not is_sharded(param):
+        for (module, name, param), gather in zip(slots, gathers):
+            if gather is None:
                 for one, proxy in proxies:
                     if param in one.state:
                         proxy.state[param] = one.state[param]  # same objects: edits land in place
                 continue
-            full = nn.Parameter(param.full_tensor(), requires_grad=param.requires_grad)
-            if param.grad is not None:
-                full.grad = param.grad.full_tensor()
+            value, grad, states = gather
+            full = nn.Parameter(value.run(), requires_grad=param.requires_grad)
+            if grad is not None:
+                full.grad = grad.run()
             tag = pool_slots(param)
             if tag is not None:
                 tag_pool_parameter(full, *tag)
                 stand_in_for(full, param)  # an optimizer left out still gets its stale-state warning
-            for one, proxy in proxies:
-                if param in one.state:
-                    proxy.state[full] = {k: v.full_tensor() if is_sharded(v) else v
-                                         for k, v in one.state[param].items()}
+            for proxy, state in states:
+                proxy.state[full] = {k: v.run() if isinstance(v, PreparedGather) else v for k, v in state.items()}
             module._parameters[name] = full
             swapped.append((module, name, param, full))
         full_of = {id(param): full for _, _, param, full in swapped}
@@ -175,6 +181,18 @@ def full_pools(layers: Iterable[nn.Module], optimizer: torch.optim.Optimizer | N
                                 _write_local(real[key], value)
                             else:
                                 real[key] = value
+
+
+def _prepare_slot(param, proxies, who: str):
+    """The prepared gathers of a sharded parameter: ``(value, grad or None, [(proxy, state)])``,
+    each state entry a :class:`PreparedGather` where sharded; None for an unsharded parameter."""
+    if not is_sharded(param):
+        return None
+    value = prepare_gather(param, who)
+    grad = prepare_gather(param.grad, who) if param.grad is not None else None
+    states = [(proxy, {k: prepare_gather(v, who) if is_sharded(v) else v for k, v in one.state[param].items()})
+              for one, proxy in proxies if param in one.state]
+    return value, grad, states
 
 
 def _gather_signature(slots, proxies) -> list:
@@ -311,19 +329,28 @@ def unloaded_state_dict(model: nn.Module, merge: bool = True) -> dict[str, torch
     the adapters merged into the base weights when ``merge``; on every process, the sharded model
     untouched. Load it into a fresh copy of the base model. Refused, like :func:`lorambo.unload`,
     when a merge would go into a weight the model also uses elsewhere (tied weights). Keys are
-    the plain model's names, also for a model wrapped by torch.compile or DDP."""
+    the plain model's names, also for a model wrapped by torch.compile or DDP. On a sharded model
+    every process must call; running out of memory for the gathered tensors on one process
+    raises on every process (as in :func:`full_pools`)."""
     model = unwrap_model(model)
     if merge:
         check_mergeable(model, lora_layers(model), caller="unloaded_state_dict")
     reshard(model)
-    state = {k: _full_tensor(v) for k, v in model.state_dict().items()}
+    raw = model.state_dict()
+    # a merged layer's state_dict may hold its weight unmerged: the live weight is taken instead
+    live = {f"{name}.base_layer.weight": layer.base_layer.weight.detach()
+            for name, layer in lora_layers(model).items() if merge and layer.merged}
+    gathered = _gathered({**{("state", k): v for k, v in raw.items()}, **{("live", k): v for k, v in live.items()}},
+                         "lorambo.integrations.fsdp.unloaded_state_dict", {"merge": merge})
+    state = {k: gathered["state", k] for k in raw}
     out = dict(state)
     for name, layer in lora_layers(model).items():
         for key in (f"{name}.lora_A", f"{name}.lora_B", f"{name}._extra_state"):
             out.pop(key, None)
         weight_key = f"{name}.base_layer.weight"
-        if merge and layer.merged:  # the live weight (a merged layer's state_dict may hold it unmerged)
-            out[weight_key] = _full_tensor(layer.base_layer.weight.detach()).clone()
+        if merge and layer.merged:
+            weight = gathered["live", weight_key]
+            out[weight_key] = weight if is_sharded(live[weight_key]) else weight.clone()
         elif merge:
             r = layer.rank
             a, b = state[f"{name}.lora_A"][:r].double(), state[f"{name}.lora_B"][:, :r].double()
@@ -339,8 +366,19 @@ def unloaded_state_dict(model: nn.Module, merge: bool = True) -> dict[str, torch
     return out
 
 
-def _full_tensor(t):
-    return t.full_tensor() if is_sharded(t) else t
+def _gathered(tensors: Mapping[Any, Any], who: str, settings: Mapping[str, Any]) -> dict[Any, Any]:
+    """``tensors`` with every DTensor gathered in full (the others as they are). On a sharded
+    model each gathered tensor is allocated first, and one small all-reduce checks that every
+    process did so and gathers the same: an error there (out of memory) raises on every process
+    before any all-gather. Nothing sharded: no collective (DDP processes need not all call)."""
+    if not any(is_sharded(v) for v in tensors.values()):
+        return dict(tensors)
+    failure = SharedFailure(who, settings={**settings, "gathered": [
+        (k, tuple(v.shape), str(v.dtype)) for k, v in tensors.items() if is_sharded(v)]})
+    with failure:
+        gathers = {k: prepare_gather(v, who) for k, v in tensors.items() if is_sharded(v)}
+    failure.check()
+    return {k: gathers[k].run() if k in gathers else v for k, v in tensors.items()}
 
 
 def reshard(model: nn.Module) -> None:
