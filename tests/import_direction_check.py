@@ -27,7 +27,7 @@ PACKAGES = {"lorambo": ROOT / "lorambo", "lorambo_kernels": ROOT / "kernels" / "
 
 FLOORS = {
     "distributed": 0, "sharding": 0, "ext": 0, "_C": 0, "kernels": 0, "version": 0, "optional": 0, "user_warnings": 0,
-    "ops": 1,
+    "ops": 1, "dtensor_gather": 1,
     "nn": 2, "optim": 2,
     "model": 3, "adapters": 3,
     "sensitivity": 4,

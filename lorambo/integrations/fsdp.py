@@ -39,7 +39,7 @@ from torch.amp.grad_scaler import GradScaler
 from lorambo.adapters.io import save_adapter as _save_adapter
 from lorambo.adapters.peft_export import export_peft as _export_peft
 from lorambo.distributed import SharedFailure, is_main_process, world_size
-from lorambo.integrations.fsdp_gather import PreparedGather, prepare_gather
+from lorambo.dtensor_gather import PreparedGather, prepare_gather
 from lorambo.nn.edit_snapshot import EditSnapshot
 from lorambo.model import lora_layers
 from lorambo.model import unload as _unload
@@ -95,7 +95,7 @@ def full_pools(layers: Iterable[nn.Module], optimizer: torch.optim.Optimizer | N
     the same tensors to gather; one small all-reduce checks both before the first all-gather, so
     a process given other layers or other arguments raises a ValueError on every process instead
     of waiting in a gather the others never join. Every gathered tensor is allocated before that
-    all-reduce too (:mod:`lorambo.integrations.fsdp_gather`), so running out of memory for them
+    all-reduce too (:mod:`lorambo.dtensor_gather`), so running out of memory for them
     on one process raises on every process, nothing changed. An ``Exception`` raised in the
     context on one process is raised on every process (a RuntimeError naming it on the others),
     by one more small all-reduce on exit. Then no process writes back, and each one's layers (rank, slot

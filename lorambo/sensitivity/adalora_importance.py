@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from lorambo.distributed import SharedFailure
+from lorambo.dtensor_gather import prepare_gather
 from lorambo.sharding import is_sharded
 from lorambo.model.argument import require_module
 from lorambo.nn.finite_numbers import is_finite_number, shown_number
@@ -143,23 +144,28 @@ class AdaLoRAImportance:
             raise RuntimeError(f"AdaLoRAImportance.update(): none of its layers {list(self.layers)[:4]} has a "
                                "gradient: call it after loss.backward() and before optimizer.zero_grad()")
         samples = {}  # every layer's sample first: a non-finite one leaves all statistics as they were
-        # under FSDP2 an error on one process (out of memory in a product) is held back until
-        # every process has joined every gather, then raised on all of them, before any
-        # statistic changes: the others would wait in the next gather
-        failure, gathered = SharedFailure("AdaLoRAImportance.update"), False
-        for name, layer in self.layers.items():
-            for which in ("A", "B"):
-                p = getattr(layer, "lora_" + which)
-                if p.grad is None:
-                    continue
-                value, grad = p.detach(), p.grad
-                if is_sharded(value):  # a collective: the statistics are kept whole on every process
-                    gathered = True
-                    value, grad = value.full_tensor(), grad.full_tensor()
-                    samples[(name, which)] = failure.run(_sample, value, grad)
-                else:
-                    samples[(name, which)] = _sample(value, grad)
-        if gathered:
+        pools = [((name, which), getattr(layer, "lora_" + which)) for name, layer in self.layers.items()
+                 for which in ("A", "B") if getattr(layer, "lora_" + which).grad is not None]
+        # under FSDP2 the statistics are kept whole on every process: the pools and gradients are
+        # gathered into tensors allocated first (out of memory there raises on every process
+        # before any all-gather), and an error in a product is held back until every process has
+        # joined every gather, then raised on all of them, before any statistic changes
+        sharded = {key: p for key, p in pools if is_sharded(p)}
+        if sharded:
+            who = "AdaLoRAImportance.update"
+            allocating = SharedFailure(who)
+            with allocating:
+                gathers = {key: (prepare_gather(p.detach(), who), prepare_gather(p.grad, who))
+                           for key, p in sharded.items()}
+            allocating.check()
+        failure = SharedFailure("AdaLoRAImportance.update")
+        for key, p in pools:
+            if key in sharded:
+                value, grad = gathers.pop(key)  # each pair's memory goes once its sample is taken
+                samples[key] = failure.run(_sample, value.run(), grad.run())
+            else:
+                samples[key] = _sample(p.detach(), p.grad)
+        if sharded:
             failure.check()
         # no host read: every statistic takes its new value where the whole step is finite and
         # keeps its old one elsewhere (torch.where, which NaN/inf in the other branch do not

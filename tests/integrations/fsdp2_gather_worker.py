@@ -3,7 +3,7 @@
 The process group's timeout is short (PG_TIMEOUT_S): a process left waiting in a collective
 fails in seconds, and the test's own deadline catches what hangs longer.
 
-First (saved under "equal"): lorambo.integrations.fsdp_gather against DTensor.full_tensor() on fresh random
+First (saved under "equal"): lorambo.dtensor_gather against DTensor.full_tensor() on fresh random
 data, float32 and bfloat16: DTensors of every supported placement on 1-D and 2-D meshes (uneven
 and empty pieces included), then the values, gradients and Adam state full_pools swaps in for an
 FSDP2 model whose pools split 3/2, and the shards after it.
@@ -27,7 +27,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import lorambo
 from lorambo.distributed import decision_generator
 from lorambo.integrations import fsdp
-from lorambo.integrations.fsdp_gather import prepare_gather
+from lorambo.dtensor_gather import prepare_gather
+from lorambo.sensitivity.adalora_importance import AdaLoRAImportance
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gloo_workers import attempt  # noqa: E402  tests/ is on the PYTHONPATH run_two_processes gives
@@ -177,6 +178,15 @@ def oom(rank, world):
         result["unloaded_failed"] = attempt(lambda: sorted(fsdp.unloaded_state_dict(net)))
     result["unloaded_fired"] = mode.fired
     result["unloaded"] = attempt(lambda: fsdp.unloaded_state_dict(net))
+    # AdaLoRAImportance.update gathers every pool and gradient: out of memory for one of them
+    importance = AdaLoRAImportance(net)
+    mode = AllocationFails(least=60, skip=1)
+    with mode if rank == 1 else contextlib.nullcontext():
+        result["importance_failed"] = attempt(importance.update)
+    result["importance_fired"] = mode.fired
+    result["importance_calls"] = importance._calls
+    result["importance_works"] = attempt(lambda: bool(importance.update()))
+    result["importance_scores"] = attempt(importance.component_scores)
     return result
 
 

@@ -1,5 +1,5 @@
 """full_pools all-gathers into buffers it allocated before the first collective
-(lorambo/integrations/fsdp_gather.py): the same tensors as DTensor.full_tensor(), and out of
+(lorambo/dtensor_gather.py): the same tensors as DTensor.full_tensor(), and out of
 memory for them on one process is raised on every process with nothing changed. With
 full_tensor() the allocation happened inside the all-gather: the other process waited there
 until the process group's timeout."""
@@ -56,7 +56,7 @@ def test_gathers_equal_full_tensor_bit_for_bit(outcomes):
 
 
 def test_prepare_gather_refuses_a_plain_tensor_naming_the_caller():
-    from lorambo.integrations.fsdp_gather import prepare_gather
+    from lorambo.dtensor_gather import prepare_gather
 
     with pytest.raises(TypeError, match="^the_caller: prepare_gather takes a DTensor, got a Tensor$"):
         prepare_gather(torch.randn(3, generator=torch.Generator().manual_seed(0)), "the_caller")
@@ -113,3 +113,22 @@ def test_out_of_memory_for_the_gathered_state_dict_on_one_process_stops_every_pr
     for key, value in state.items():
         assert torch.equal(value, other[key]), key
     assert state["2.weight"].shape == (12, 12) and state["4.weight"].shape == (3, 12)
+
+
+def test_out_of_memory_for_a_gather_of_adalora_importance_on_one_process_stops_every_process(outcomes):
+    """Before, AdaLoRAImportance.update gathered with full_tensor(): process 1's out of memory was
+    raised inside the all-gather process 0 waited in."""
+    first, second = outcomes
+    assert first["importance_fired"] is None and second["importance_fired"][1] >= 60, second["importance_fired"]
+    assert second["importance_failed"][:2] == ("error", "OutOfMemoryError"), second["importance_failed"]
+    assert first["importance_failed"][:2] == ("error", "RuntimeError"), first["importance_failed"]
+    assert "AdaLoRAImportance.update failed on another process (process 1: OutOfMemoryError: simulated" in \
+        first["importance_failed"][2], first["importance_failed"]
+    assert first["importance_calls"] == second["importance_calls"] == 0  # nothing folded in
+    # then both fold the step in, alike
+    assert first["importance_works"] == second["importance_works"] == ("ok", True)
+    assert first["importance_scores"][0] == second["importance_scores"][0] == "ok"
+    scores, other = first["importance_scores"][1], second["importance_scores"][1]
+    assert scores.keys() == other.keys() == {"0", "2"}
+    for name, value in scores.items():
+        assert torch.equal(value, other[name]), name

@@ -80,7 +80,7 @@ class PreparedGather:
         """The full tensor (a contiguous tensor of its own, never the DTensor's storage); every
         process of the DTensor's mesh must run the same gathers in the same order."""
         if self._steps is None:
-            raise RuntimeError("lorambo.integrations.fsdp_gather: PreparedGather.run called twice")
+            raise RuntimeError("lorambo.dtensor_gather: PreparedGather.run called twice")
         current = self._local
         for step in self._steps:
             moved = current.movedim(step.dim, 0)
