@@ -688,7 +688,10 @@ class LoRAMBoOptimizer:
                      grad_scaler: GradScaler | None = None) -> list[dict[str, Any]]:
         """Grow (and, with ``move_threshold``, move) ranks now from the captured step
         (``grad_scaler``, and the scaler of a wrapped ``optimizer``, and ``component_scores``:
-        see :meth:`step`)."""
+        see :meth:`step`). With ``allocation="alora"``, which grows nothing online, a RuntimeError."""
+        if self.allocation == "alora":  # its capture takes nothing: the error would blame the capture
+            raise RuntimeError("LoRAMBoOptimizer.update_ranks grows ranks by online growth, but allocation='alora' "
+                               "changes ranks in ALoRA rounds only: call step(step) at every step instead")
         optimizer_argument(optimizer, "LoRAMBoOptimizer.update_ranks")  # before the state it needs
         check_grad_scaler(grad_scaler, "LoRAMBoOptimizer.update_ranks")
         self._check_scores_are_read(component_scores, "update_ranks", alora=False)

@@ -171,6 +171,27 @@ def test_component_scores_given_to_alora_are_refused():
     assert opt.current_ranks() == ranks and opt.alora_schedule().rounds_done == 0
 
 
+def test_update_ranks_of_an_alora_allocator_says_alora_grows_nothing_online():
+    """ALoRA captures nothing, so update_ranks after ``with opt.capture(0)`` blamed the capture:
+    "no activations were captured: run its forward and backward inside opt.capture(step)"."""
+    from lorambo.allocation.alora import ALoRAConfig
+
+    torch.manual_seed(0)
+    model = _model()
+    batch = (torch.randn(5, 6), torch.randn(5, 4))
+    opt = LoRAMBoOptimizer(model, 200, allocation="alora", loss_fn=nn.functional.mse_loss, heldout_batches=[batch],
+                           alora=ALoRAConfig(k1=0, k2=3, rounds=2, n_prune=1))
+    opt.compute_optimal_ranks()
+    opt.configure()
+    ranks = opt.current_ranks()
+    with opt.capture(0):
+        nn.functional.mse_loss(model(batch[0]), batch[1]).backward()
+    with pytest.raises(RuntimeError, match=r"^LoRAMBoOptimizer.update_ranks grows ranks by online growth, but "
+                                           r"allocation='alora' changes ranks in ALoRA rounds only"):
+        opt.update_ranks(opt.make_optimizer())
+    assert opt.current_ranks() == ranks
+
+
 def test_ablation_of_untrained_adapters_says_so():
     # before: "closed_form: all sensitivities are zero ...", not saying why
     torch.manual_seed(0)
