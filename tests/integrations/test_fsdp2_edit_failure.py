@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fsdp2_state import assert_same_state
 from gloo_workers import run_two_processes
 
 pytest.importorskip("torch.distributed.fsdp")
@@ -17,20 +18,6 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
     return run_two_processes(WORKER, tmp_path_factory.mktemp("fsdp2_edit_failure"), timeout=60)
-
-
-def assert_same_state(got, want, what, ids=True):
-    """``ids``: compare slot ids too (a process's own counter makes them: not across processes)."""
-    assert got["ranks"] == want["ranks"] and (not ids or got["ids"] == want["ids"]), what
-    for part in ("params", "grads"):
-        assert got[part].keys() == want[part].keys(), (what, part)
-        for name, value in want[part].items():
-            assert torch.equal(got[part][name], value), (what, part, name)
-    assert got["opt"].keys() == want["opt"].keys(), what
-    for name, state in want["opt"].items():
-        assert got["opt"][name].keys() == state.keys(), (what, name)
-        for key, value in state.items():
-            assert torch.equal(got["opt"][name][key], value), (what, name, key)
 
 
 def test_an_edit_failing_on_one_process_is_raised_everywhere_and_made_nowhere(outcomes):
