@@ -245,3 +245,16 @@ def test_backward_op_names_a_mis_shaped_or_mistyped_grad_y_and_t():
     for grad_y, t_arg, message in cases:
         with pytest.raises(RuntimeError, match=r"^lorambo::lora_linear_bwd: " + message):
             torch.ops.lorambo.lora_linear_bwd(grad_y, x, w, a, bb, t_arg, rank, 0.5, 0.0, 0, [True] * 5)
+
+
+@pytest.mark.parametrize("p", [1 - 2.0**-33, 1 - 2.0**-45])
+def test_a_dropout_p_within_2_to_the_minus_32_of_one_drops_every_element(p):
+    """The keep threshold ceil(p 2^32) is then 2^32, above every 32-bit Philox word: nothing is
+    kept, in the mask and in the LoRA kernels (a 32-bit compare against the threshold's low word,
+    0, kept every element, scaled by 1/(1-p) >= 2^33). y is then the base layer's output."""
+    t = make(37, 29, 11, 6, torch.float64, grads=())
+    mask = dropout_mask_ext(t["x"], p, 77)
+    assert mask.shape == t["x"].shape and not mask.any()
+    y = lora_linear_ext(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], 4, 1.5, p, 77)
+    base = t["x"].double() @ t["weight"].double().t() + t["bias"].double()
+    torch.testing.assert_close(y, base, rtol=1e-12, atol=1e-12)
