@@ -131,3 +131,15 @@ def test_a_written_tensor_inside_a_gradient_is_refused_past_a_shorter_gradient_i
         torch.ops.lorambo.pool_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], [torch.zeros(10), torch.zeros(4)],
                                       [0, 1], [3, 2], LR, *BETAS, EPS, WD, False)
     assert all(torch.equal(t, want) for t, want in zip(params + [buf], before))
+
+
+@pytest.mark.parametrize("length", [3, 5])
+def test_slot_steps_of_another_length_than_the_capacity_are_refused_before_any_write(length):
+    # one count per slot: a shorter vector was read past its end, a longer one silently accepted
+    lists = _lists(torch.Generator().manual_seed(23))
+    lists["slot_steps"][1] = torch.zeros(length)
+    before = [t.clone() for role in ROLES for t in lists[role]]
+    with pytest.raises(RuntimeError, match=rf"^lorambo::pool_adamw_: slot_steps\[1\] must be a contiguous float32 "
+                                           rf"vector of 4 slot counts, got Float \[{length}\]"):
+        _step(lists)
+    assert all(torch.equal(t, want) for t, want in zip((t for role in ROLES for t in lists[role]), before))
