@@ -182,3 +182,79 @@ def test_dropout_mask_takes_a_layer_input_of_any_rank_and_refuses_a_0d_tensor():
     with pytest.raises(RuntimeError, match=r"^lorambo::dropout_mask: x must have at least one dimension \[\.\.\., K\], "
                                            r"got a 0-d tensor"):
         torch.ops.lorambo.dropout_mask(torch.tensor(0.5), 0.25, 9)
+
+
+# ------------------------------------------------------------------ several threads, many tiles
+def exact_lora64(x, w, b, a, bb, rank, scaling, mask, g):
+    """y and every gradient in float64 from the formula with plain autograd, on exact copies of
+    the operands, and the same with every operand replaced by its absolute value (the scale of
+    each rounding error)."""
+    out = []
+    for fn, s in ((lambda v: v, scaling), (torch.abs, abs(scaling))):
+        ops = [fn(v.detach().double()).requires_grad_(True) for v in (x, w, b, a, bb)]
+        x64, w64, b64, a64, bb64 = ops
+        y = x64 @ w64.t() + b64 + s * ((x64 * mask) @ a64[:rank].t()) @ bb64[:, :rank].t()
+        out.append((y.detach(), torch.autograd.grad(y, ops, fn(g.double()))))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_several_threads_and_row_tiles_match_float64(dtype, p):
+    """M = 1001 over 3 threads: 3 row blocks of 333-334 rows, each walked in 2 tiles of at most 256
+    rows, so dA and dB are summed across tiles and across the blocks' partials (float32 partials
+    for bfloat16); with an odd K the tiles and blocks start at rows whose flat position is not a
+    multiple of 4, the Philox word group's width. Every element of y and of each gradient.
+
+    Positive operands: sums without cancellation, so a block's lost or doubled partial (a third of
+    the rows) stands far above the bfloat16 rounding bound (a negative scaling keeps signs tested)."""
+    m, k, n, cap, rank, scaling, seed = 1001, 37, 29, 7, 5, -0.6, 4242
+    t = {name: v.detach().abs().add_(0.1).requires_grad_(True) for name, v in make(m, k, n, cap, dtype).items()}
+    g = (torch.rand(m, n, dtype=torch.float64) + 0.1).to(dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        y, grads = run(lora_linear_ext, t, rank, scaling, p, seed, grad=g)
+    finally:
+        torch.set_num_threads(before)
+    mask = dropout_mask_ext(t["x"].detach().double(), p, seed) if p else torch.ones(m, k, dtype=torch.float64)
+    (y64, grads64), (y_abs, grads_abs) = exact_lora64(*(t[name] for name in NAMES), rank, scaling, mask, g)
+    # float64: a few roundings of each term; bfloat16: the products' inputs and outputs rounded to bf16
+    eps = 1e-14 if dtype == torch.float64 else 8 * 2.0 ** -8
+    checks = [("y", y, y64, y_abs)] + [(name, grads[name], want, scale)
+                                       for name, want, scale in zip(NAMES, grads64, grads_abs)]
+    for name, got, want, scale in checks:
+        err = (got.double() - want).abs()
+        assert bool((err <= eps * scale + 1e-300).all()), (name, float((err - eps * scale).max()))
+    assert not grads["lora_A"][rank:].any() and not grads["lora_B"][:, rank:].any()  # exact zeros
+
+
+def test_backward_op_names_a_mis_shaped_or_mistyped_grad_y_and_t():
+    m, k, n, cap, rank = 5, 7, 6, 4, 3
+    t = make(m, k, n, cap, torch.float64, grads=())
+    x, w, a, bb = t["x"], t["weight"], t["lora_A"], t["lora_B"]
+    y, t_ok = torch.ops.lorambo.lora_linear_fwd(x, w, None, a, bb, rank, 0.5, 0.0, 0)
+    g_ok = torch.randn_like(y)
+    f64 = torch.float64
+    cases = [(torch.randn(m + 1, n, dtype=f64), t_ok, r"grad_y must be \[M, N\] = \[5, 6\], got shape \[6, 6\]"),
+             (torch.randn(m, n + 1, dtype=f64), t_ok, r"grad_y must be \[M, N\] = \[5, 6\], got shape \[5, 7\]"),
+             (g_ok.float(), t_ok, r"grad_y has dtype Float but x has dtype Double"),
+             (g_ok, torch.randn(m, cap, dtype=f64), r"t must be \[M, rank\] = \[5, 3\], got shape \[5, 4\]"),
+             (g_ok, torch.randn(m + 1, rank, dtype=f64), r"t must be \[M, rank\] = \[5, 3\], got shape \[6, 3\]"),
+             (g_ok, t_ok.float(), r"t has dtype Float but x has dtype Double")]
+    for grad_y, t_arg, message in cases:
+        with pytest.raises(RuntimeError, match=r"^lorambo::lora_linear_bwd: " + message):
+            torch.ops.lorambo.lora_linear_bwd(grad_y, x, w, a, bb, t_arg, rank, 0.5, 0.0, 0, [True] * 5)
+
+
+@pytest.mark.parametrize("p", [1 - 2.0**-33, 1 - 2.0**-45])
+def test_a_dropout_p_within_2_to_the_minus_32_of_one_drops_every_element(p):
+    """The keep threshold ceil(p 2^32) is then 2^32, above every 32-bit Philox word: nothing is
+    kept, in the mask and in the LoRA kernels (a 32-bit compare against the threshold's low word,
+    0, kept every element, scaled by 1/(1-p) >= 2^33). y is then the base layer's output."""
+    t = make(37, 29, 11, 6, torch.float64, grads=())
+    mask = dropout_mask_ext(t["x"], p, 77)
+    assert mask.shape == t["x"].shape and not mask.any()
+    y = lora_linear_ext(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], 4, 1.5, p, 77)
+    base = t["x"].double() @ t["weight"].double().t() + t["bias"].double()
+    torch.testing.assert_close(y, base, rtol=1e-12, atol=1e-12)

@@ -211,3 +211,18 @@ def test_state_maps_move_per_slot_step_counts_but_not_gradients():
             want.index_fill_(dim if want.dim() > 1 else 0, torch.tensor([1, 3]), 0)
             assert torch.equal(opt.state[p][key], want), key
         assert torch.equal(opt.state[p]["slot_step"], torch.tensor([3.0, 0.0, 2.0, 0.0]))
+
+
+def test_adjacent_views_of_one_buffer_are_not_taken_for_sharing_memory():
+    """Pools carved one after the other from one flat buffer touch at a boundary but share no
+    element: both are remapped, each as index_select of its own old slots (zeros for -1)."""
+    flat = torch.randn(5 * 3 + 4 * 2, generator=generator())
+    pools = [flat[:15].view(5, 3), flat[15:].view(4, 2)]
+    dims, maps = [0, 1], [torch.tensor([2, 0, -1, 1, 4]), torch.tensor([1, -1])]
+    want = []
+    for t, dim, m in zip(pools, dims, maps):
+        out = t.index_select(dim, m.clamp(min=0))
+        want.append(out.index_fill_(dim, (m < 0).nonzero().flatten(), 0))
+    torch.ops.lorambo.pool_remap_(pools, dims, maps)
+    for got, expected in zip(pools, want):
+        assert torch.equal(got, expected)

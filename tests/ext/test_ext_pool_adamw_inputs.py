@@ -114,3 +114,32 @@ def test_eps_and_weight_decay_that_torch_adamw_refuses_are_refused_before_any_wr
                                       False)
     for r in ROLES:
         assert all(torch.equal(t, b) for t, b in zip(lists[r], before[r])), f"{r} written before the error"
+
+
+def test_a_written_tensor_inside_a_gradient_is_refused_past_a_shorter_gradient_in_between():
+    """buf[0:40] is grads[0]; grads[1] = buf[4:12] (read-only sharing, allowed) ends before
+    exp_avgs[1] = buf[16:24] starts, but exp_avgs[1] still lies inside grads[0]: the overlap check
+    compares each span with the furthest-reaching earlier one, not merely the previous one."""
+    gen = torch.Generator().manual_seed(21)
+    buf = torch.randn(40, generator=gen)
+    grads = [buf[:40].view(10, 4), buf[4:12].view(2, 4)]
+    params = [torch.randn(10, 4, generator=gen), torch.randn(2, 4, generator=gen)]
+    exp_avgs = [torch.randn(10, 4, generator=gen), buf[16:24].view(2, 4)]
+    exp_avg_sqs = [torch.rand(10, 4, generator=gen), torch.rand(2, 4, generator=gen)]
+    before = [t.clone() for t in params + [buf]]
+    with pytest.raises(RuntimeError, match=r"^lorambo::pool_adamw_: grads\[0\] and exp_avgs\[1\] share memory"):
+        torch.ops.lorambo.pool_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], [torch.zeros(10), torch.zeros(4)],
+                                      [0, 1], [3, 2], LR, *BETAS, EPS, WD, False)
+    assert all(torch.equal(t, want) for t, want in zip(params + [buf], before))
+
+
+@pytest.mark.parametrize("length", [3, 5])
+def test_slot_steps_of_another_length_than_the_capacity_are_refused_before_any_write(length):
+    # one count per slot: a shorter vector was read past its end, a longer one silently accepted
+    lists = _lists(torch.Generator().manual_seed(23))
+    lists["slot_steps"][1] = torch.zeros(length)
+    before = [t.clone() for role in ROLES for t in lists[role]]
+    with pytest.raises(RuntimeError, match=rf"^lorambo::pool_adamw_: slot_steps\[1\] must be a contiguous float32 "
+                                           rf"vector of 4 slot counts, got Float \[{length}\]"):
+        _step(lists)
+    assert all(torch.equal(t, want) for t, want in zip((t for role in ROLES for t in lists[role]), before))
