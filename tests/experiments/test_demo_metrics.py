@@ -120,6 +120,27 @@ def test_the_accuracy_table_of_an_experiment_without_uniform_lora():
     assert "| knapsack, probe directions | 0.7650 ± 0.0354 | 0.7400, 0.7900 | n/a |" in text
 
 
+def test_the_accuracy_summary_reads_the_first_budget_and_carries_the_run_record():
+    """A method without an entry at the first budget (run at another one only) is left out, not
+    a TypeError; the machine line and the command come from the result as recorded."""
+    ranks = dict.fromkeys(MINILM_DIMS, 0)
+    acc = {"uniform": [0.80, 0.78], "probe": [0.83, 0.77]}
+    runs = [_run(m, s, v, ranks) for m, vals in acc.items() for s, v in enumerate(vals)]
+    lr_choice = {m: {"0.5": 3e-3} for m in acc}
+    summary = summarize(runs, lr_choice, list(acc), [0.5], higher_is_better=True)
+    summary["alora"] = {"1.0": summary["probe"]["0.5"]}
+    cfg = presets.sentiment_full().replace(methods=("uniform", "probe", "alora"), budgets=(0.5, 1.0))
+    result = {"config": cfg.as_dict(), "seconds": 3.0, "machine": "box: Linux, 2 CPUs",
+              "command": "lorambo experiment --task sentiment",
+              "tasks": {"sentiment": {"budgets": {"0.5": 20736, "1.0": 41472}, "lr_choice": lr_choice,
+                                      "runs": runs, "summary": summary, "diverged": [],
+                                      "describe": {"linear_probe": {"test": 0.7}, "sizes": {}}}}}
+    out = demo_report.accuracy_summary(result)
+    assert list(out["methods"]) == ["uniform", "probe"] and out["budget"] == 20736
+    assert (out["machine"], out["command"]) == ("box: Linux, 2 CPUs", "lorambo experiment --task sentiment")
+    assert out["methods"]["probe"]["accuracy"] == acc["probe"]
+
+
 def test_gap_closed_of_a_method_equal_to_uniform_is_plus_zero():
     """0 / (a negative gap) is -0.0 in floats; the JSON and the tables show 0.0."""
     got = gap_closed({0: 0.5}, {0: 0.5}, {0: 0.1})
