@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import random
 import statistics
 
 import pytest
@@ -176,6 +177,29 @@ def test_compact_json_and_table(tmp_path):
                                        "budget.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
 
+
+
+def test_the_gap_plot_draws_one_bar_per_method_with_paired_seeds(tmp_path, monkeypatch):
+    """Uniform and the oracle are the plot's 0 and 1 lines, and a method with no paired seed has
+    no gap to draw: the bars are the other methods' mean gaps, the dots their seeds."""
+    pytest.importorskip("matplotlib")
+    from lorambo.experiments.config import METHOD_LABELS
+
+    rng = random.Random(3)
+    gaps = {"uniform": [0.0, 0.0], "oracle": [1.0, 1.0], "probe": [rng.uniform(0, 1) for _ in range(2)],
+            "gradient": [], "hessian": [rng.uniform(0, 1) for _ in range(2)]}
+    summary = {"budget": 20736, "methods": {m: {"gap_closed": g, "gap_closed_mean": statistics.mean(g) if g else None,
+                                                "gap_closed_std": statistics.stdev(g) if g else None}
+                                            for m, g in gaps.items()}}
+    figures = []
+    monkeypatch.setattr(demo_report, "atomic_save_figure", lambda fig, path, **kw: figures.append(fig) or path)
+    demo_report.gap_plot(summary, tmp_path / "gap.png")
+    (ax,) = figures[0].axes
+    assert [t.get_text() for t in ax.get_xticklabels()] == [METHOD_LABELS["probe"], METHOD_LABELS["hessian"]]
+    means = [statistics.mean(gaps[m]) for m in ("probe", "hessian")]
+    assert [b.get_height() for b in ax.patches] == pytest.approx(means)
+    dots = [list(line.get_ydata()) for line in ax.lines if line.get_marker() == "."]
+    assert dots == [gaps["probe"], gaps["hessian"]]
 
 
 def test_compact_reads_the_runs_at_the_chosen_rate_and_first_budget():
