@@ -187,8 +187,8 @@ def test_growth_demo_trains_grows_blocks_4_and_5_and_gives_its_verdict(mini_demo
     assert [s for s, _ in history] == [0, 3, 6]
     assert history[-1][1] < history[0][1]                                  # the held-out loss fell
     assert [n for n, _, _ in report["grown"]] == [f"encoder.layer.{b}.{k}" for b in (4, 5) for k in KINDS]
-    assert all(new == 2 * old == 2 * growth.DEMO_RANKS[k.removeprefix("attention.self.")]
-               for (n, old, new), k in zip(report["grown"], KINDS * 2))
+    assert all(new == 2 * old == 2 * growth.DEMO_RANKS[k.removeprefix("attention.self.")] > old
+               for (n, old, new), k in zip(report["grown"], KINDS * 2))       # every grown layer grew
     assert result["ok"] is True
     assert report["ranks_before"] == 6 * sum(growth.DEMO_RANKS.values())
     out = capsys.readouterr().out
@@ -223,3 +223,118 @@ def test_growth_demo_fails_when_any_check_fails(mini_demo, monkeypatch, capsys, 
 def test_growth_schedule_must_be_whole_numbers(steps, grow_at, message):
     with pytest.raises(ValueError, match=message):
         growth.check_growth_args(steps, grow_at, 8, paragraphs=100)
+
+
+def test_growth_demo_checks_its_schedule_before_loading_the_model(monkeypatch):
+    """A caller of run_growth_demo (not only the CLI) with growth outside the run gets the
+    option's error, not a KeyError once the run is over."""
+    def load():
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(growth, "load_minilm", load)
+    with pytest.raises(ValueError, match=r"--grow-at 4 must be inside \(0, --steps 4\)"):
+        growth.run_growth_demo(steps=4, grow_at=4, batch_size=8)
+    with pytest.raises(ValueError, match="--batch-size 1 must be between 2 and"):
+        growth.run_growth_demo(steps=4, grow_at=2, batch_size=1)
+
+
+def test_growth_demo_holds_out_a_seeded_draw_of_64_paragraphs_it_never_trains_on(mini_demo, monkeypatch):
+    real, calls = growth.contrastive_loss, []
+
+    def loss(model, tokenizer, paragraphs):
+        calls.append((model.training, tuple(paragraphs)))
+        return real(model, tokenizer, paragraphs)
+
+    monkeypatch.setattr(growth, "contrastive_loss", loss)
+
+    def held_out_and_trained(seed):
+        calls.clear()
+        growth.run_growth_demo(steps=4, grow_at=2, batch_size=8, seed=seed, lr=1e-2)
+        held = {texts for training, texts in calls if not training}
+        trained = [texts for training, texts in calls if training]
+        assert len(held) == 1 and len(trained) == 4                     # one fixed set, measured 3 times
+        (held,) = held
+        assert len(held) == growth.HELD_OUT == len(set(held))
+        assert not set(held) & {p for batch in trained for p in batch}   # never trained on
+        return held
+
+    first = held_out_and_trained(seed=1)
+    assert held_out_and_trained(seed=1) == first
+    assert set(held_out_and_trained(seed=2)) != set(first)              # the seed draws the held-out set
+
+
+def test_growth_demo_clears_the_gradients_before_each_backward(mini_demo, monkeypatch):
+    """Each update follows its own batch's gradient: the gradients are cleared between one step's
+    update and the next backward (a sum over past batches would be a different optimizer)."""
+    events, real_loss = [], growth.contrastive_loss
+
+    class RecordingAdamW(growth.AdamW):
+        def zero_grad(self, set_to_none=True):
+            events.append("clear")
+            super().zero_grad(set_to_none=set_to_none)
+
+        def step(self, closure=None):
+            events.append("step")
+            return super().step(closure)
+
+    def loss(model, tokenizer, paragraphs):
+        value = real_loss(model, tokenizer, paragraphs)
+        if model.training:
+            value.register_hook(lambda grad: events.append("backward"))
+        return value
+
+    monkeypatch.setattr(growth, "AdamW", RecordingAdamW)
+    monkeypatch.setattr(growth, "contrastive_loss", loss)
+    growth.run_growth_demo(steps=4, grow_at=2, batch_size=8, seed=1, lr=1e-2)
+    per_update, current = [], []
+    for event in events:
+        if event == "step":
+            per_update.append(current)
+            current = []
+        else:
+            current.append(event)
+    assert len(per_update) == 4 and all(e.count("backward") == 1 for e in per_update), events
+    assert all("clear" in e[:e.index("backward")] for e in per_update), events
+
+
+@pytest.mark.parametrize("steps, grow_at, batch_size, message", [
+    (1, 1, 8, "--steps 1 must be a whole number >= 2"),
+    (4, 0, 8, r"--grow-at 0 must be inside \(0, --steps 4\)"),
+    (4, 4, 8, r"--grow-at 4 must be inside \(0, --steps 4\)"),
+    (4, 2, 37, "--batch-size 37 must be between 2 and 36"),
+])
+def test_growth_schedule_bounds_are_exclusive_of_the_ends(steps, grow_at, batch_size, message):
+    with pytest.raises(ValueError, match=message):
+        growth.check_growth_args(steps, grow_at, batch_size, paragraphs=100)
+
+
+@pytest.mark.parametrize("steps, grow_at, batch_size", [(2, 1, 2), (5, 1, 36), (5, 4, 8)])
+def test_growth_schedule_accepts_the_smallest_and_the_edges(steps, grow_at, batch_size):
+    growth.check_growth_args(steps, grow_at, batch_size, paragraphs=100)   # 100 - 64 held out = 36
+
+
+@pytest.mark.parametrize("change", ["replaced", "added", "inactive_a", "inactive_b"])
+def test_growth_check_reports_what_an_in_place_growth_must_not_do(monkeypatch, change):
+    """A growth that swapped a Parameter object (same values) or added one is not in place, and
+    one that left a value in an inactive slot of A or B has not kept the unused slots at zero."""
+    model, optimizer = _adapted(seed=5)
+    monkeypatch.setattr(growth, "embed", lambda m, tokenizer, texts: torch.ones(len(texts), 3))
+
+    def grow(model, optimizer):
+        layer = lora_layers(model)["encoder.layer.4.dense"]
+        with torch.no_grad():
+            if change == "replaced":
+                layer.lora_A = nn.Parameter(layer.lora_A.detach().clone())
+            elif change == "added":
+                layer.register_parameter("extra", nn.Parameter(torch.zeros(1)))
+            elif change == "inactive_a":
+                layer.lora_A[layer.rank + 1, 3] = 0.5
+            else:
+                layer.lora_B[2, layer.rank + 1] = 0.5
+        return []
+
+    monkeypatch.setattr(growth, "_grow_last_blocks", grow)
+    report = growth._check_growth(model, None, ["a"], optimizer)
+    in_place = change.startswith("inactive")
+    assert report["same_objects"] is in_place and report["inactive_zero"] is not in_place
+    assert report["max_abs_diff"] == 0.0

