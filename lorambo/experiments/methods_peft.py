@@ -17,12 +17,14 @@ every other method, the budget is converted, and peft's own ranking decides what
   budget level): peft's ``get_eva_state_dict`` computes the SVD of every layer's inputs on fixed
   training rows (``eva_batches`` x 32) and redistributes ``r * 36`` ranks by explained variance (computed once per
   task and budget: it depends on the data only, not on the seed or the learning rate). If that
-  redistribution costs more than P, its weakest components (lowest share of their layer's input
-  variance) are dropped until it fits; then ``initialize_lora_eva_weights`` loads it.
+  redistribution costs more than P, it is refitted greedily by each component's share of its
+  layer's input variance (over the tokens peft's SVD sees: padding left out), a layer's
+  components in order, while they fit; then ``initialize_lora_eva_weights`` loads it.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 import warnings
 
@@ -174,26 +176,35 @@ class EVA(Method):
         if spent(raw, dims) <= self.ctx.budget:
             return state
         shares = self._variance_shares(state)                  # {key: [share of component j]}
-        items = sorted(((s, key, j) for key, sh in shares.items() for j, s in enumerate(sh)), reverse=True)
+        # greedy by share over each layer's next component: a layer's components are kept in
+        # order, so its component j + 1 competes (at its own share) once j is kept; one that does
+        # not fit ends its layer, not the fit (a cheaper layer's component may still fit)
         keep, used = {key: 0 for key in state}, 0
-        for _, key, j in items:
+        heap = [(-sh[0], key) for key, sh in shares.items() if sh]
+        heapq.heapify(heap)
+        while heap:
+            _, key = heapq.heappop(heap)
             cost = sum(dims[short(key)])
-            if j != keep[key]:
-                continue  # components of a layer are kept in order
             if used + cost > self.ctx.budget:
-                break
+                continue
             keep[key], used = keep[key] + 1, used + cost
+            if keep[key] < len(shares[key]):
+                heapq.heappush(heap, (-shares[key][keep[key]], key))
         return {key: u[:keep[key]] for key, u in state.items()}
 
     @torch.no_grad()
     def _variance_shares(self, state) -> dict[str, list[float]]:
-        """Share of each layer's (centred) input variance along each EVA component."""
-        sums, handles = {}, []
+        """Share of each layer's (centred) input variance along each EVA component, over the
+        tokens peft's SVD sees: the batch's ``attention_mask`` leaves padding out."""
+        sums, handles, mask_of = {}, [], {}
         for key in state:
             module = self.model.get_submodule(key)
 
             def hook(mod, args, out, key=key):
-                x = args[0].reshape(-1, args[0].shape[-1]).double()
+                x = args[0]
+                mask = mask_of.get("batch")
+                x = (x[mask.bool()] if mask is not None and mask.shape == x.shape[:-1]
+                     else x.reshape(-1, x.shape[-1])).double()
                 s = sums.setdefault(key, [0, 0.0, 0.0])
                 s[0] += x.shape[0]
                 s[1] = s[1] + x.sum(0)
@@ -202,6 +213,7 @@ class EVA(Method):
         try:
             with self.model.disable_adapter():
                 for batch in self.ctx.task.eva_batches(self.ctx.cfg.eva_batches):
+                    mask_of["batch"] = batch.get("attention_mask")
                     self.model(batch)
         finally:
             for h in handles:

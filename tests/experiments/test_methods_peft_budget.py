@@ -51,14 +51,15 @@ def _cfg(tiny_cfg, **kw):
 
 def _input_variance_shares(task, components):
     """{short name: [share of the layer's centred input variance along each component]}, in float64
-    from the inputs each layer of the plain encoder sees on EVA's rows (padding tokens included, as
-    peft's own SVD sees them with use_label_mask off)."""
-    student, inputs = task.fresh_student(0), {}
+    from the inputs each layer of the plain encoder sees on EVA's rows, at the tokens peft's own SVD
+    takes (the attention mask's: padding left out)."""
+    student, inputs, rows = task.fresh_student(0), {}, []
     hooks = [student.get_submodule(n).register_forward_hook(
-        lambda m, args, out, n=n: inputs.setdefault(short(n), []).append(args[0].reshape(-1, args[0].shape[-1])))
+        lambda m, args, out, n=n: inputs.setdefault(short(n), []).append(args[0][rows[-1]]))
         for n in task.names]
     with torch.no_grad():
         for batch in task.eva_batches(2):
+            rows.append(batch["attention_mask"] == 1)
             student(batch)
     for h in hooks:
         h.remove()
@@ -112,16 +113,15 @@ def test_eva_over_budget_keeps_the_highest_variance_components_that_fit(tiny_cfg
         torch.testing.assert_close(torch.tensor(sh), torch.tensor(shares[short(key)]), rtol=1e-7, atol=0)
     assert all(not m._forward_hooks for m in run.model.modules())   # its hooks came off again
 
-    # then the greedy over them: best share first, a layer's components in order, while they fit
-    order = sorted(((s, n, j) for n, sh in shares.items() for j, s in enumerate(sh)), reverse=True)
+    # then the greedy over them: of each layer's next component that still fits, the best share
     want, used = dict.fromkeys(full, 0), 0
-    for _, name, j in order:
-        if j != want[name]:
-            continue
-        cost = sum(task.dims[name])
-        if used + cost > budget:
+    while True:
+        fits = [(shares[n][want[n]], n) for n in full
+                if want[n] < len(shares[n]) and used + sum(task.dims[n]) <= budget]
+        if not fits:
             break
-        want[name], used = want[name] + 1, used + cost
+        _, name = max(fits)
+        want[name], used = want[name] + 1, used + sum(task.dims[name])
     assert {n: r for n, r in ranks.items() if n in want} == want
     assert spent(ranks, task.dims) == used <= budget < used + max(sum(d) for d in task.dims.values())
     assert run.trainable_lora_params() == sum(r * sum(task.dims[n]) for n, r in ranks.items())
@@ -218,6 +218,30 @@ def test_eva_fit_spends_up_to_exactly_p(tiny_cfg):
     assert kept(best_two, 2 * cost[query]) == {query: 2, ffn: 0}
     assert kept(best_two, 2 * cost[query] - 1) == {query: 1, ffn: 0}
     assert kept({query: [0.1, 0.3], ffn: [0.2]}, spent(raw, task.dims)) == raw
+    # a component that does not fit ends its layer, not the fit: the cheaper query still fits
+    # (before: the fit stopped at the first one that did not, and spent nothing here)
+    assert cost[ffn] > cost[query]
+    assert kept({query: [0.1, 0.05], ffn: [0.6]}, cost[query]) == {query: 1, ffn: 0}
+
+
+def test_eva_fit_takes_a_layers_later_component_once_the_earlier_one_is_kept(tiny_cfg):
+    """A later component that outranks an earlier one of its layer competes, at its own share,
+    once the earlier one is kept. Before, it was passed over for good (its turn came first), so
+    the budget went to a component of far smaller share."""
+    task = TinyTask()
+    query, ffn, key = "layer.0.attention.self.query", "layer.0.intermediate.dense", "layer.1.attention.self.key"
+    cost = {n: sum(task.dims[n]) for n in (query, ffn, key)}
+    assert cost[query] == cost[key] < cost[ffn]
+    ctx = RunContext(task, tiny_cfg, 2.0, cost[ffn] + 2 * cost[query], 0, [], [])
+    run = make_method("eva", ctx)
+    gen = torch.Generator().manual_seed(9)
+    prefix = "base_model.model.bert.encoder."
+    state = {prefix + query: torch.randn(2, 16, generator=gen), prefix + ffn: torch.randn(1, 16, generator=gen),
+             prefix + key: torch.randn(1, 16, generator=gen)}
+    shares = {query: [0.1, 0.3], ffn: [0.2], key: [0.05]}
+    run._variance_shares = lambda s: {k: shares[short(k)] for k in s}
+    out = run._fit_budget(state, {query: 2, ffn: 1, key: 1})
+    assert {short(k): len(u) for k, u in out.items()} == {query: 2, ffn: 1, key: 0}
 
 
 def _trained_adalora(task, cfg, level):
