@@ -200,11 +200,13 @@ def test_block_shapes_are_powers_of_two_tl_arange_takes(kind, interpreted, monke
 
 
 def test_explicit_matrices_use_only_the_first_p_used_columns(device):
-    # columns past a layer's p_used read as 0 in V (explicit too, not only generated) and stay 0 in Y
+    # columns past a layer's p_used read as 0 in V (explicit too, not only generated) and stay 0 in
+    # Y; V and U are prefixes of buffers with NaN after them, which a read past their end would pick up
     xs, dys, layer_of, grads = _layers(device)
     p, p_used = 6, [6, 2, 5]
     group = _group(xs, dys, layer_of, p, p_used=p_used)
-    v, u = torch.randn(group.numel(True), device=device), torch.randn(group.numel(False), device=device)
+    v, u = (torch.cat([torch.randn(n, device=device), torch.full((1024,), float("nan"), device=device)])[:n]
+            for n in (group.numel(True), group.numel(False)))
     y, z = group.apply(v), group.apply(u, adjoint=True)
     for l, g in enumerate(grads):
         n_in, n_out = g.shape[1], g.shape[0]
@@ -258,12 +260,15 @@ def test_probe_entry_j_c_is_philox_normal_at_offset_c_n_plus_j(device):
 
 
 def test_row_dots_rows_past_a_layers_count_are_zero(device):
-    # layers of 3, 1 and 2 rows in one launch; each a prefix of a larger buffer whose next row is
-    # not 0, so a program past a layer's rows would read it
+    # layers of 3, 1 and 2 rows in one launch, each the prefix of a buffer whose next row is NaN:
+    # a program past a layer's rows, or a read past a row's end, would pick it up
     counts, widths = [3, 1, 2], [5, 301, 7]
-    bufs = [torch.randn(c + 1, w, device=device) for c, w in zip(counts, widths)]
-    xs = [b[:c] for b, c in zip(bufs, counts)]
-    ys = [torch.randn(c + 1, w, device=device)[:c] for c, w in zip(counts, widths)]
+
+    def rows_then_nan(c, w):
+        return torch.cat([torch.randn(c, w, device=device), torch.full((1, w), float("nan"), device=device)])[:c]
+
+    xs = [rows_then_nan(c, w) for c, w in zip(counts, widths)]
+    ys = [rows_then_nan(c, w) for c, w in zip(counts, widths)]
     for got, want in ((sketch.row_dots(xs, ys), [(x.double() * y.double()).sum(1) for x, y in zip(xs, ys)]),
                       (sketch.row_dots(xs), [x.double().square().sum(1) for x in xs])):
         assert got.shape == (3, 3)
