@@ -275,3 +275,19 @@ def test_row_dots_rows_past_a_layers_count_are_zero(device):
         for l, (w, c) in enumerate(zip(want, counts)):
             torch.testing.assert_close(got[l, :c], w, rtol=1e-5, atol=1e-5)
             assert (got[l, c:] == 0).all(), got
+
+
+def test_gram_norms_read_only_inside_each_view(device):
+    # each x / dy is a view of a NaN buffer one example, token and feature larger (any read past
+    # the view gives NaN); pair 0 has more examples than tokens, pair 2 fewer examples than the launch
+    def inside_nan(b, t, d):
+        buf = torch.full((b + 1, t + 1, d + 1), float("nan"), device=device)
+        buf[:b, :t, :d] = torch.randn(b, t, d, device=device)
+        return buf[:b, :t, :d]
+
+    shapes = [(5, 2, 3, 4), (2, 19, 6, 5), (1, 33, 2, 17)]  # (B, T, in, out)
+    xs = [inside_nan(b, t, d) for b, t, d, _ in shapes]
+    dys = [inside_nan(b, t, d) for b, t, _, d in shapes]
+    for x, dy, got in zip(xs, dys, sketch.gram_sq_norms(xs, dys)):
+        want = (dy.double().transpose(1, 2) @ x.double()).square().sum((1, 2))
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)

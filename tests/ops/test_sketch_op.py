@@ -79,6 +79,9 @@ def test_layer_products_of_layers_with_several_calls_take_any_probe_buffer(path)
     sketch.set_sketch_backend(path)
     prod = sketch.LayerProducts(pairs, [4, 2], [3, 7], p=3)
     assert prod.kernels == (path == "triton")
+    # ``dtype`` is the PyTorch loop's working dtype; the kernels work in fp32
+    want_dtype = torch.float32 if path == "triton" else torch.float64
+    assert sketch.LayerProducts(pairs, [4, 2], [3, 7], p=3, dtype=torch.float64).dtype == want_dtype
     grams = [sum(dy.double().T @ x.double() for x, dy in ps) for ps in pairs]
     for adjoint in (False, True):
         v = torch.randn(2 * prod.numel(not adjoint), dtype=torch.float64, generator=gen)[::2]
