@@ -154,3 +154,24 @@ def test_row_dots_of_strided_tensors_on_the_kernels():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sketch.row_dots(xs), torch.stack([x.double().square().flatten(1).sum(1) for x in xs],
                                                                  dim=1), rtol=1e-5, atol=1e-5)
+
+
+def test_layer_products_without_a_probe_buffer_use_the_kernel_probes_of_the_seeds():
+    """``apply(None)`` on the kernel path: layer l's probe is ``kernel_probe(seeds[l], ...)`` in its
+    first ``p_used[l]`` columns, 0 in the others."""
+    pairs = _pairs(torch.Generator().manual_seed(9))
+    seeds, p_used, p = [11, 12], [3, 2], 3
+    sketch.set_sketch_backend("triton")
+    prod = sketch.LayerProducts(pairs, [4, 2], [3, 7], p=p, seeds=seeds, p_used=p_used)
+    for adjoint in (False, True):
+        side = "out" if adjoint else "in"
+        probes = torch.zeros(prod.numel(not adjoint))
+        for l, block in enumerate(prod.blocks(probes, side)):
+            block[:, :p_used[l]] = sketch.kernel_probe(seeds[l], block.shape[0], p_used[l], "cpu")
+        want = prod.blocks(prod.apply(probes, adjoint), "in" if adjoint else "out")
+        got = prod.blocks(prod.apply(None, adjoint), "in" if adjoint else "out")
+        for l, ps in enumerate(pairs):
+            g = sum(dy.double().T @ x.double() for x, dy in ps)
+            torch.testing.assert_close(got[l].double(), (g.T if adjoint else g) @ prod.blocks(probes, side)[l].double(),
+                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got[l], want[l], rtol=1e-6, atol=1e-6)
