@@ -97,3 +97,19 @@ def test_requires_names_the_caller_only_when_the_package_itself_is_missing():
         with optional.requires("peft", "from_peft"):
             raise inner
     assert caught.value is inner
+
+
+def test_a_package_with_a_minimum_that_is_not_installed_gets_the_install_command(monkeypatch):
+    """No version to compare: the import's own failure is what names the caller."""
+    real = importlib.metadata.version
+
+    def version(name):
+        if name == "peft":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    assert optional.check_version("peft", "from_peft") is None
+    with pytest.raises(ImportError, match=re.escape("from_peft needs peft, which is not installed: pip install peft")):
+        with optional.requires("peft", "from_peft"):
+            raise ModuleNotFoundError("No module named 'peft'", name="peft")

@@ -49,3 +49,34 @@ def test_the_hash_follows_paths_relative_to_csrc(tmp_path):
     assert sources_hash(tmp_path / "elsewhere" / "csrc") == sources_hash(tmp_path / "a")
     (tmp_path / "a" / "sub" / "ops.h").rename(tmp_path / "a" / "ops.h")
     assert sources_hash(tmp_path / "a") != sources_hash(tmp_path / "elsewhere" / "csrc")
+
+
+def test_an_edit_that_keeps_the_length_changes_the_hash(tmp_path):
+    files = _tree(tmp_path, random.Random(3))
+    before = sources_hash(tmp_path)
+    text = files["ops.cu"]
+    (tmp_path / "ops.cu").write_text(text[:-2] + ("x" if text[-2] != "x" else "y") + "\n")
+    assert sources_hash(tmp_path) != before
+
+
+def test_a_renamed_file_or_text_moved_between_files_changes_the_hash(tmp_path):
+    """Names count (an #include names the file), and where one file ends: the same bytes split
+    differently over two files are other sources."""
+    _tree(tmp_path, random.Random(4))
+    before = sources_hash(tmp_path)
+    (tmp_path / "sub" / "ops.h").rename(tmp_path / "sub" / "ops2.h")  # the same place in path order
+    assert sources_hash(tmp_path) != before
+    (tmp_path / "sub" / "ops2.h").rename(tmp_path / "sub" / "ops.h")
+    assert sources_hash(tmp_path) == before
+    first, second = tmp_path / "ops.cu", tmp_path / "ops.cuh"  # adjacent in path order
+    joined = first.read_text() + second.read_text()
+    first.write_text(joined[:3])
+    second.write_text(joined[3:])
+    assert sources_hash(tmp_path) != before
+
+
+def test_a_folder_named_like_a_source_is_not_read(tmp_path):
+    _tree(tmp_path, random.Random(5))
+    before = sources_hash(tmp_path)
+    (tmp_path / "third_party.cu").mkdir()
+    assert sources_hash(tmp_path) == before

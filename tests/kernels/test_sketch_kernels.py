@@ -4,6 +4,8 @@ calls per layer in one launch, odd sizes, 1 and 64 probe columns."""
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from lorambo_kernels import sketch
 
@@ -195,3 +197,97 @@ def test_block_shapes_are_powers_of_two_tl_arange_takes(kind, interpreted, monke
     assert blocks and all(v >= 16 and v & (v - 1) == 0 for v in blocks.values()), cfg
     warps = cfg.get("num_warps", 1)  # a GPU launch takes a power of two
     assert warps & (warps - 1) == 0, cfg
+
+
+def test_explicit_matrices_use_only_the_first_p_used_columns(device):
+    # columns past a layer's p_used read as 0 in V (explicit too, not only generated) and stay 0 in
+    # Y; V and U are prefixes of buffers with NaN after them, which a read past their end would pick up
+    xs, dys, layer_of, grads = _layers(device)
+    p, p_used = 6, [6, 2, 5]
+    group = _group(xs, dys, layer_of, p, p_used=p_used)
+    v, u = (torch.cat([torch.randn(n, device=device), torch.full((1024,), float("nan"), device=device)])[:n]
+            for n in (group.numel(True), group.numel(False)))
+    y, z = group.apply(v), group.apply(u, adjoint=True)
+    for l, g in enumerate(grads):
+        n_in, n_out = g.shape[1], g.shape[0]
+        vl = v[group.in_offsets[l]:group.in_offsets[l + 1]].view(n_in, p).double()
+        ul = u[group.out_offsets[l]:group.out_offsets[l + 1]].view(n_out, p).double()
+        vl[:, p_used[l]:], ul[:, p_used[l]:] = 0, 0
+        torch.testing.assert_close(y[group.out_offsets[l]:group.out_offsets[l + 1]].view(n_out, p).double(),
+                                   g @ vl, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(z[group.in_offsets[l]:group.in_offsets[l + 1]].view(n_in, p).double(),
+                                   g.T @ ul, rtol=1e-5, atol=1e-4)
+
+
+@triton.jit
+def _philox_normal(offsets_ptr, out_ptr, seed, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(out_ptr + i, tl.randn(seed, tl.load(offsets_ptr + i)))
+
+
+@triton.jit
+def _probe_rows(out_ptr, seed, n_rows, first_row, BLOCK: tl.constexpr):
+    rows = first_row + tl.arange(0, BLOCK)[:, None]
+    cols = tl.arange(0, BLOCK)[None, :]
+    tl.store(out_ptr + tl.arange(0, BLOCK)[:, None] * BLOCK + cols,
+             sketch._probe_tile(seed, rows, cols, n_rows, BLOCK))
+
+
+def _philox_normals(seed, offsets, device):
+    """tl.randn(seed, offsets) for int64 offsets computed here: the documented probe entries."""
+    n = triton.next_power_of_2(offsets.numel())
+    padded = torch.zeros(n, dtype=torch.int64, device=device)
+    padded[:offsets.numel()] = offsets.reshape(-1)
+    out = torch.empty(n, device=device)
+    _philox_normal[(1,)](padded, out, seed, N=n)
+    return out[:offsets.numel()].view(offsets.shape)
+
+
+def test_probe_entry_j_c_is_philox_normal_at_offset_c_n_plus_j(device):
+    seed, n, p = 123, 37, 5
+    rows, cols = torch.arange(n, device=device)[:, None], torch.arange(p, device=device)[None, :]
+    torch.testing.assert_close(sketch.gaussian_probe(seed, n, p, device),
+                               _philox_normals(seed, cols * n + rows, device), rtol=1e-6, atol=1e-6)
+    # a tall probe: c * n passes 2**31 from column 2 on, so the offsets must be int64; rows past n are 0
+    n, block = 2**30 + 7, 16
+    got = torch.empty(block, block, device=device)
+    _probe_rows[(1,)](got, seed, n, n - 9, BLOCK=block)
+    rows = n - 9 + torch.arange(block, device=device)[:, None]
+    cols = torch.arange(block, device=device)[None, :]
+    want = torch.where(rows < n, _philox_normals(seed, cols * n + rows, device), 0.0)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert (got[9:] == 0).all() and (got[:9] != 0).all()
+
+
+def test_row_dots_rows_past_a_layers_count_are_zero(device):
+    # layers of 3, 1 and 2 rows in one launch, each the prefix of a buffer whose next row is NaN:
+    # a program past a layer's rows, or a read past a row's end, would pick it up
+    counts, widths = [3, 1, 2], [5, 301, 7]
+
+    def rows_then_nan(c, w):
+        return torch.cat([torch.randn(c, w, device=device), torch.full((1, w), float("nan"), device=device)])[:c]
+
+    xs = [rows_then_nan(c, w) for c, w in zip(counts, widths)]
+    ys = [rows_then_nan(c, w) for c, w in zip(counts, widths)]
+    for got, want in ((sketch.row_dots(xs, ys), [(x.double() * y.double()).sum(1) for x, y in zip(xs, ys)]),
+                      (sketch.row_dots(xs), [x.double().square().sum(1) for x in xs])):
+        assert got.shape == (3, 3)
+        for l, (w, c) in enumerate(zip(want, counts)):
+            torch.testing.assert_close(got[l, :c], w, rtol=1e-5, atol=1e-5)
+            assert (got[l, c:] == 0).all(), got
+
+
+def test_gram_norms_read_only_inside_each_view(device):
+    # each x / dy is a view of a NaN buffer one example, token and feature larger (any read past
+    # the view gives NaN); pair 0 has more examples than tokens, pair 2 fewer examples than the launch
+    def inside_nan(b, t, d):
+        buf = torch.full((b + 1, t + 1, d + 1), float("nan"), device=device)
+        buf[:b, :t, :d] = torch.randn(b, t, d, device=device)
+        return buf[:b, :t, :d]
+
+    shapes = [(5, 2, 3, 4), (2, 19, 6, 5), (1, 33, 2, 17)]  # (B, T, in, out)
+    xs = [inside_nan(b, t, d) for b, t, d, _ in shapes]
+    dys = [inside_nan(b, t, d) for b, t, _, d in shapes]
+    for x, dy, got in zip(xs, dys, sketch.gram_sq_norms(xs, dys)):
+        want = (dy.double().transpose(1, 2) @ x.double()).square().sum((1, 2))
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)

@@ -44,6 +44,17 @@ def test_choice_on_tensors_the_kernels_could_take(requested, want, monkeypatch):
     assert sketch.use_sketch_kernels([]) is False
 
 
+def test_tensors_that_require_grad_keep_the_loop_unless_grad_is_off():
+    """The kernels are not differentiable: 'triton' refuses a tensor that requires grad while
+    autograd records, and takes it under no_grad."""
+    x = torch.randn(3, 4, requires_grad=True)
+    sketch.set_sketch_backend("triton")
+    with pytest.raises(RuntimeError, match=r"cannot run: a tensor requires grad"):
+        sketch.use_sketch_kernels([x.detach(), x])
+    with torch.no_grad():
+        assert sketch.use_sketch_kernels([x]) is True
+
+
 def test_auto_keeps_cpu_tensors_on_the_pytorch_loop_and_triton_says_why_not():
     x = torch.randn(3, 4, dtype=torch.float64)
     assert sketch.use_sketch_kernels([x]) is False
@@ -68,6 +79,9 @@ def test_layer_products_of_layers_with_several_calls_take_any_probe_buffer(path)
     sketch.set_sketch_backend(path)
     prod = sketch.LayerProducts(pairs, [4, 2], [3, 7], p=3)
     assert prod.kernels == (path == "triton")
+    # ``dtype`` is the PyTorch loop's working dtype; the kernels work in fp32
+    want_dtype = torch.float32 if path == "triton" else torch.float64
+    assert sketch.LayerProducts(pairs, [4, 2], [3, 7], p=3, dtype=torch.float64).dtype == want_dtype
     grams = [sum(dy.double().T @ x.double() for x, dy in ps) for ps in pairs]
     for adjoint in (False, True):
         v = torch.randn(2 * prod.numel(not adjoint), dtype=torch.float64, generator=gen)[::2]
@@ -86,6 +100,7 @@ def test_layer_products_take_one_to_64_columns(p):
     pairs = _pairs(gen, torch.float64)
     prod = sketch.LayerProducts(pairs, [4, 2], [3, 7], p=p, dtype=torch.float64)
     v = torch.randn(prod.numel(False), dtype=torch.float64, generator=gen)
+    assert prod.numel() == prod.numel(False) == (3 + 7) * p  # the output side by default
     g0 = sum(dy.T @ x for x, dy in pairs[0])
     torch.testing.assert_close(prod.blocks(prod.apply(v), "out")[0], g0 @ prod.blocks(v, "in")[0])
 
@@ -125,3 +140,38 @@ def test_row_dots_groups_dtypes_and_takes_a_1d_tensor_as_one_row():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     only_1d = sketch.row_dots([xs[0]])
     torch.testing.assert_close(only_1d, xs[0].double().square().sum().reshape(1, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_row_dots_of_strided_tensors_on_the_kernels():
+    """Transposed (non-contiguous) tensors and a y of another dtype are copied to what the kernel
+    takes (contiguous rows of x's dtype), not refused."""
+    gen = torch.Generator().manual_seed(8)
+    xs = [torch.randn(5, 3, generator=gen).T, torch.randn(3, 7, 2, generator=gen).transpose(1, 2)]
+    ys = [torch.randn(5, 3, generator=gen, dtype=torch.float64).T, torch.randn(3, 7, 2, generator=gen).transpose(1, 2)]
+    sketch.set_sketch_backend("triton")
+    got = sketch.row_dots(xs, ys)
+    want = torch.stack([(x.double() * y.float().double()).flatten(1).sum(1) for x, y in zip(xs, ys)], dim=1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sketch.row_dots(xs), torch.stack([x.double().square().flatten(1).sum(1) for x in xs],
+                                                                 dim=1), rtol=1e-5, atol=1e-5)
+
+
+def test_layer_products_without_a_probe_buffer_use_the_kernel_probes_of_the_seeds():
+    """``apply(None)`` on the kernel path: layer l's probe is ``kernel_probe(seeds[l], ...)`` in its
+    first ``p_used[l]`` columns, 0 in the others."""
+    pairs = _pairs(torch.Generator().manual_seed(9))
+    seeds, p_used, p = [11, 12], [3, 2], 3
+    sketch.set_sketch_backend("triton")
+    prod = sketch.LayerProducts(pairs, [4, 2], [3, 7], p=p, seeds=seeds, p_used=p_used)
+    for adjoint in (False, True):
+        side = "out" if adjoint else "in"
+        probes = torch.zeros(prod.numel(not adjoint))
+        for l, block in enumerate(prod.blocks(probes, side)):
+            block[:, :p_used[l]] = sketch.kernel_probe(seeds[l], block.shape[0], p_used[l], "cpu")
+        want = prod.blocks(prod.apply(probes, adjoint), "in" if adjoint else "out")
+        got = prod.blocks(prod.apply(None, adjoint), "in" if adjoint else "out")
+        for l, ps in enumerate(pairs):
+            g = sum(dy.double().T @ x.double() for x, dy in ps)
+            torch.testing.assert_close(got[l].double(), (g.T if adjoint else g) @ prod.blocks(probes, side)[l].double(),
+                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got[l], want[l], rtol=1e-6, atol=1e-6)
