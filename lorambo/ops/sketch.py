@@ -93,7 +93,8 @@ class LayerProducts:
 
     ``pairs[l]``: list of (X [T, in_l], dY [T, out_l]) (may be empty: G_l = 0). ``p``: columns.
     ``seeds[l]``: seed of layer l's in-kernel Gaussian probe (kernel path, ``apply(None)``).
-    ``p_used[l]``: columns used by layer l's generated probe (the others are 0).
+    ``p_used[l]``: columns layer l uses, of a generated or an explicit probe alike (the other
+    columns of its output are 0; default: all ``p``).
     ``dtype``: working dtype of the PyTorch path (the kernels work in fp32).
     """
 
@@ -107,6 +108,10 @@ class LayerProducts:
         if not 1 <= int(p) <= MAX_PROBES:
             raise ValueError(f"lorambo.ops.sketch.LayerProducts: p={p} columns (1..{MAX_PROBES})")
         self.p = int(p)
+        self.p_used = [self.p] * len(self.in_features) if p_used is None else [int(q) for q in p_used]
+        if len(self.p_used) != len(self.in_features) or not all(0 <= q <= self.p for q in self.p_used):
+            raise ValueError(f"lorambo.ops.sketch.LayerProducts: p_used {self.p_used} must give one count in "
+                             f"[0, p={self.p}] per layer ({len(self.in_features)})")
         flat = [t for ps in pairs for pair in ps for t in pair]
         self.device = torch.device(device) if device is not None else (
             flat[0].device if flat else torch.device("cpu"))
@@ -160,14 +165,18 @@ class LayerProducts:
         out = torch.empty(self.numel(adjoint), dtype=self.dtype, device=self.device)
         dst = self.blocks(out, "in" if adjoint else "out")
         for l, ps in enumerate(self._pairs):
-            if not ps:
-                dst[l].zero_()
+            q = self.p_used[l]  # the kernels read only these columns of the probe
+            dst[l][:, q:].zero_()
+            if not ps or q == 0:
+                dst[l][:, :q].zero_()
+                continue
             for i, (x, dy) in enumerate(ps):
-                left, right = (x.T, dy @ src[l]) if adjoint else (dy.T, x @ src[l])  # (in|out, p)
+                v_l = src[l][:, :q]
+                left, right = (x.T, dy @ v_l) if adjoint else (dy.T, x @ v_l)  # (in|out, q)
                 if i == 0:
-                    torch.mm(left, right, out=dst[l])
+                    dst[l][:, :q] = left @ right
                 else:
-                    dst[l].addmm_(left, right)
+                    dst[l][:, :q].addmm_(left, right)
         return out
 
 

@@ -175,3 +175,32 @@ def test_layer_products_without_a_probe_buffer_use_the_kernel_probes_of_the_seed
             torch.testing.assert_close(got[l].double(), (g.T if adjoint else g) @ prod.blocks(probes, side)[l].double(),
                                        rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(got[l], want[l], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_layer_products_of_explicit_probes_use_only_the_p_used_columns_on_both_paths(path):
+    """The kernels read only layer l's first ``p_used[l]`` probe columns and leave the others of
+    its output 0; the PyTorch loop multiplied every column, so the two paths differed for a
+    probe buffer whose unused columns are not 0."""
+    gen = torch.Generator().manual_seed(12)
+    pairs = _pairs(gen)
+    sketch.set_sketch_backend(path)
+    p, p_used = 4, [3, 1]
+    prod = sketch.LayerProducts(pairs, [4, 2], [3, 7], p=p, p_used=p_used)
+    assert prod.kernels == (path == "triton")
+    for adjoint in (False, True):
+        v = torch.randn(prod.numel(not adjoint), generator=gen)          # every column random
+        got = prod.blocks(prod.apply(v, adjoint), "in" if adjoint else "out")
+        src = prod.blocks(v, "out" if adjoint else "in")
+        for l, ps in enumerate(pairs):
+            g = sum(dy.double().T @ x.double() for x, dy in ps)
+            want = torch.zeros(got[l].shape, dtype=torch.float64)
+            want[:, :p_used[l]] = (g.T if adjoint else g) @ src[l][:, :p_used[l]].double()
+            torch.testing.assert_close(got[l].double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_products_refuse_p_used_outside_zero_to_p():
+    pairs = _pairs(torch.Generator().manual_seed(13))
+    for p_used in ([3, 4], [-1, 1], [1]):
+        with pytest.raises(ValueError, match=r"^lorambo.ops.sketch.LayerProducts: p_used .* must give one count"):
+            sketch.LayerProducts(pairs, [4, 2], [3, 7], p=3, p_used=p_used)
