@@ -22,14 +22,17 @@ tensor it cannot use in place) is outside these buffers.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from lorambo.distributed import SharedFailure
 from lorambo.sharding import chunk_size, is_sharded, shard_layout
 
-__all__ = ["PreparedGather", "prepare_gather"]
+__all__ = ["PreparedGather", "prepare_gather", "prepare_gathers"]
 
 # the same collective: torch 2.13 deprecates all_gather_into_tensor (with a warning) for
 # all_gather_single, which older torch may lack
@@ -101,3 +104,15 @@ def prepare_gather(tensor, who: str) -> PreparedGather:
     if not is_sharded(tensor):
         raise TypeError(f"{who}: prepare_gather takes a DTensor, got a {type(tensor).__name__}")
     return PreparedGather(tensor, who)
+
+
+def prepare_gathers(tensors: Mapping[Any, Any], who: str, settings: Any = None) -> dict[Any, PreparedGather]:
+    """:func:`prepare_gather` of every DTensor in ``tensors`` (same keys), then one small
+    all-reduce (:class:`lorambo.distributed.SharedFailure`, which also compares ``settings``):
+    an error on one process, out of memory included, raises on every process before any
+    all-gather. Every process must call it with the same tensors."""
+    failure = SharedFailure(who, settings=settings)
+    with failure:
+        gathers = {key: prepare_gather(tensor, who) for key, tensor in tensors.items()}
+    failure.check()
+    return gathers

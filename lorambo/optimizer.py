@@ -628,7 +628,7 @@ class LoRAMBoOptimizer:
         # first decision step, which may come after hours of training
         optimizer_argument(optimizer, "LoRAMBoOptimizer.step")
         check_grad_scaler(grad_scaler, "LoRAMBoOptimizer.step")
-        self._check_scores_are_read(component_scores, "step", self.allocation == "alora")
+        self._check_scores_are_read(component_scores, "step")
         if skips_this_step(optimizer):
             return []  # the capture keeps this micro-batch; the next calls with this step add to it
         grad_scaler = grad_scaler if grad_scaler is not None else wrapper_grad_scaler(optimizer)
@@ -649,11 +649,11 @@ class LoRAMBoOptimizer:
             self._decided_step = step
         return records
 
-    def _check_scores_are_read(self, component_scores, who: str, alora: bool) -> None:
+    def _check_scores_are_read(self, component_scores, who: str) -> None:
         """Only rank moves read ``component_scores``: a caller who passes them expects moves."""
         if component_scores is None:
             return
-        if alora:
+        if self.allocation == "alora":
             raise ValueError(f"LoRAMBoOptimizer.{who}: component_scores were given, but allocation='alora' "
                              "scores its layers by held-out ablation and would never read them; drop them")
         if self.move_threshold is None:
@@ -694,7 +694,7 @@ class LoRAMBoOptimizer:
                                "changes ranks in ALoRA rounds only: call step(step) at every step instead")
         optimizer_argument(optimizer, "LoRAMBoOptimizer.update_ranks")  # before the state it needs
         check_grad_scaler(grad_scaler, "LoRAMBoOptimizer.update_ranks")
-        self._check_scores_are_read(component_scores, "update_ranks", alora=False)
+        self._check_scores_are_read(component_scores, "update_ranks")
         grad_scaler = grad_scaler if grad_scaler is not None else wrapper_grad_scaler(optimizer)
         optimizer = optimizer if optimizer is not None else self.default_optimizer
         self._follow_layers()

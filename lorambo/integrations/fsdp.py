@@ -39,7 +39,7 @@ from torch.amp.grad_scaler import GradScaler
 from lorambo.adapters.io import save_adapter as _save_adapter
 from lorambo.adapters.peft_export import export_peft as _export_peft
 from lorambo.distributed import SharedFailure, is_main_process, world_size
-from lorambo.dtensor_gather import PreparedGather, prepare_gather
+from lorambo.dtensor_gather import PreparedGather, prepare_gather, prepare_gathers
 from lorambo.nn.edit_snapshot import EditSnapshot
 from lorambo.model import lora_layers
 from lorambo.model import unload as _unload
@@ -371,13 +371,11 @@ def _gathered(tensors: Mapping[Any, Any], who: str, settings: Mapping[str, Any])
     model each gathered tensor is allocated first, and one small all-reduce checks that every
     process did so and gathers the same: an error there (out of memory) raises on every process
     before any all-gather. Nothing sharded: no collective (DDP processes need not all call)."""
-    if not any(is_sharded(v) for v in tensors.values()):
+    sharded = {k: v for k, v in tensors.items() if is_sharded(v)}
+    if not sharded:
         return dict(tensors)
-    failure = SharedFailure(who, settings={**settings, "gathered": [
-        (k, tuple(v.shape), str(v.dtype)) for k, v in tensors.items() if is_sharded(v)]})
-    with failure:
-        gathers = {k: prepare_gather(v, who) for k, v in tensors.items() if is_sharded(v)}
-    failure.check()
+    gathers = prepare_gathers(sharded, who, {**settings, "gathered": [
+        (k, tuple(v.shape), str(v.dtype)) for k, v in sharded.items()]})
     return {k: gathers[k].run() if k in gathers else v for k, v in tensors.items()}
 
 

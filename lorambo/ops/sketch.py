@@ -166,10 +166,10 @@ class LayerProducts:
         dst = self.blocks(out, "in" if adjoint else "out")
         for l, ps in enumerate(self._pairs):
             q = self.p_used[l]  # the kernels read only these columns of the probe
-            dst[l][:, q:].zero_()
             if not ps or q == 0:
-                dst[l][:, :q].zero_()
+                dst[l].zero_()
                 continue
+            dst[l][:, q:].zero_()
             for i, (x, dy) in enumerate(ps):
                 v_l = src[l][:, :q]
                 left, right = (x.T, dy @ v_l) if adjoint else (dy.T, x @ v_l)  # (in|out, q)

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from lorambo.distributed import SharedFailure
-from lorambo.dtensor_gather import prepare_gather
+from lorambo.dtensor_gather import prepare_gathers
 from lorambo.sharding import is_sharded
 from lorambo.model.argument import require_module
 from lorambo.nn.finite_numbers import is_finite_number, shown_number
@@ -150,18 +150,15 @@ class AdaLoRAImportance:
         # gathered into tensors allocated first (out of memory there raises on every process
         # before any all-gather), and an error in a product is held back until every process has
         # joined every gather, then raised on all of them, before any statistic changes
+        who = "AdaLoRAImportance.update"
         sharded = {key: p for key, p in pools if is_sharded(p)}
         if sharded:
-            who = "AdaLoRAImportance.update"
-            allocating = SharedFailure(who)
-            with allocating:
-                gathers = {key: (prepare_gather(p.detach(), who), prepare_gather(p.grad, who))
-                           for key, p in sharded.items()}
-            allocating.check()
-        failure = SharedFailure("AdaLoRAImportance.update")
+            gathers = prepare_gathers({(key, part): t for key, p in sharded.items()
+                                       for part, t in (("value", p.detach()), ("grad", p.grad))}, who)
+        failure = SharedFailure(who)
         for key, p in pools:
-            if key in sharded:
-                value, grad = gathers.pop(key)  # each pair's memory goes once its sample is taken
+            if key in sharded:  # each pair's memory goes once its sample is taken
+                value, grad = gathers.pop((key, "value")), gathers.pop((key, "grad"))
                 samples[key] = failure.run(_sample, value.run(), grad.run())
             else:
                 samples[key] = _sample(p.detach(), p.grad)
