@@ -32,9 +32,12 @@ def per_layer_dots(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tens
     inputs and refuses the others with the same ValueError."""
     _check_pairs(xs, ys)
     xs, ys = [_as_rows(x) for x in xs], [_as_rows(y) for y in ys]
-    if xs and use_sketch_kernels([*xs, *ys]):
+    if not xs or xs[0].shape[0] == 0:  # (0, L) or (P, 0): the kernels and csrc take neither
+        return torch.zeros(xs[0].shape[0] if xs else 0, len(xs), dtype=torch.float64,
+                           device=xs[0].device if xs else None)
+    if use_sketch_kernels([*xs, *ys]):
         return row_dots(xs, ys)
-    if xs and use_compiled_multi_tensor([*xs, *ys]):
+    if use_compiled_multi_tensor([*xs, *ys]):
         from lorambo.ext import ops as ext_ops
 
         return ext_ops.multi_dot(xs, ys, rows=xs[0].shape[0])
@@ -68,9 +71,11 @@ def _row_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def per_layer_sq_norms(xs: list[torch.Tensor]) -> torch.Tensor:
     """(L,) float64: squared Frobenius norm of every tensor (one launch per dtype on the kernel
     path, one ``_foreach_norm`` on the PyTorch path)."""
-    if xs and use_sketch_kernels(xs):
+    if not xs:
+        return torch.zeros(0, dtype=torch.float64)
+    if use_sketch_kernels(xs):
         return row_dots([x.reshape(1, -1) for x in xs])[0]
-    if xs and use_compiled_multi_tensor(xs):
+    if use_compiled_multi_tensor(xs):
         from lorambo.ext import ops as ext_ops
 
         return ext_ops.multi_sq_norm(xs)[0]

@@ -104,3 +104,31 @@ def test_per_layer_dots_refuses_the_same_inputs_alike_on_every_path(path, xs_sha
     _on_path(path)
     with pytest.raises(ValueError, match=message):
         per_layer_dots(xs, ys)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("shapes, rows", [([(0, 3), (0, 2, 2)], 0), ([(3, 0), (3, 4)], 3), ([], 0)])
+def test_per_layer_dots_takes_empty_inputs_on_every_path(path, shapes, rows, restore_paths):
+    """No rows, a layer of no elements, or no layers give the (P, L) zeros a loop of sums gives;
+    the compiled path refused 0 rows with a RuntimeError."""
+    gen = torch.Generator().manual_seed(2)
+    xs = [torch.randn(s, generator=gen) for s in shapes]
+    ys = [torch.randn(s, generator=gen) for s in shapes]
+    want = torch.tensor([[float((x[p].double() * y[p].double()).sum()) for x, y in zip(xs, ys)]
+                         for p in range(rows)], dtype=torch.float64).reshape(rows, len(shapes))
+    _on_path(path)
+    got = per_layer_dots(xs, ys)
+    assert got.dtype == torch.float64 and got.shape == (rows, len(shapes))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("shapes", [[(0, 3), (2, 2)], [(4,), (0,)], []])
+def test_per_layer_sq_norms_takes_empty_inputs_on_every_path(path, shapes, restore_paths):
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.randn(s, generator=gen) for s in shapes]
+    want = torch.tensor([float(x.double().square().sum()) for x in xs], dtype=torch.float64)
+    _on_path(path)
+    got = per_layer_sq_norms(xs)
+    assert got.dtype == torch.float64 and got.shape == (len(shapes),)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
