@@ -14,12 +14,13 @@ every other method, the budget is converted, and peft's own ranking decides what
   model returns hidden states, so the same penalty (peft's formula, weight ``orth_reg_weight``) is
   added here.
 - **EVA** (``LoraConfig(init_lora_weights="eva")``, ``EvaConfig(rho=growth_factor)``, ``r`` = the
-  budget level): peft's ``get_eva_state_dict`` computes the SVD of every layer's inputs on fixed
-  training rows (``eva_batches`` x 32) and redistributes ``r * 36`` ranks by explained variance (computed once per
-  task and budget: it depends on the data only, not on the seed or the learning rate). If that
-  redistribution costs more than P, it is refitted greedily by each component's share of its
-  layer's input variance (over the tokens peft's SVD sees: padding left out), a layer's
-  components in order, while they fit; then ``initialize_lora_eva_weights`` loads it.
+  budget level rounded up, as AdaLoRA's ``target_r``): peft's ``get_eva_state_dict`` computes the
+  SVD of every layer's inputs on fixed training rows (``eva_batches`` x 32) and redistributes
+  ``r * 36`` ranks by explained variance (computed once per task and budget: it depends on the
+  data only, not on the seed or the learning rate). If that redistribution costs more than P, it
+  is refitted greedily by each component's share of its layer's input variance (over the tokens
+  peft's SVD sees: padding left out), a layer's components in order, while they fit; then
+  ``initialize_lora_eva_weights`` loads it.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ class EVA(Method):
         from peft.tuners.lora.eva import get_eva_state_dict, initialize_lora_eva_weights
 
         ctx = self.ctx
-        r = max(1, round(ctx.level))
+        r = ceil_level(ctx.level)  # r * layers ranks cover the level; the fit trims what P cannot buy
         config = LoraConfig(target_modules=list(ctx.task.names), r=r, lora_alpha=r, lora_dropout=0.0,
                             init_lora_weights="eva",
                             eva_config=EvaConfig(rho=ctx.cfg.growth_factor, use_label_mask=False))

@@ -73,7 +73,7 @@ def _input_variance_shares(task, components):
 
 
 def test_eva_settings_follow_the_level_and_growth_factor_quietly(tiny_cfg, capfd):
-    """r = the level rounded (at least 1), lora_alpha = r (scaling 1), no dropout, rho = growth
+    """r = the level rounded up (at least 1), lora_alpha = r (scaling 1), no dropout, rho = growth
     factor, no label mask; peft's progress bars and its low_cpu_mem_usage tip stay off."""
     import warnings
 
@@ -86,6 +86,14 @@ def test_eva_settings_follow_the_level_and_growth_factor_quietly(tiny_cfg, capfd
     assert (config.r, config.lora_alpha, config.lora_dropout) == (2, 2, 0.0)
     assert (config.eva_config.rho, config.eva_config.use_label_mask) == (3.0, False)
     assert "it/s" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("level, r", [(1.5, 2), (2.5, 3), (2.01, 3)])
+def test_eva_rank_rounds_a_fractional_level_up(tiny_cfg, level, r):
+    """r * layers ranks must cover the level's mean rank, as AdaLoRA's target_r does: rounding
+    half to even gave 2.5 -> 2, an EVA that could not spend its budget."""
+    run, _ = _eva(TinyTask(seed=1), _cfg(tiny_cfg), level, budget=10**9)
+    assert run.model.peft_config["default"].r == r
 
 
 def test_eva_over_budget_keeps_the_highest_variance_components_that_fit(tiny_cfg):
