@@ -536,8 +536,13 @@ class LoRAMBoOptimizer:
 
     def _heldout_scores(self) -> dict:
         """Component scores for rank moves by ablation on ``heldout_batches``."""
-        if self.heldout_batches is None or self.loss_fn is None:
-            raise ValueError("rank moves need component_scores or heldout_batches + loss_fn")
+        missing = [name for name, value in (("heldout_batches", self.heldout_batches), ("loss_fn", self.loss_fn))
+                   if value is None]
+        if missing:
+            raise ValueError(f"LoRAMBoOptimizer: move_threshold={self.move_threshold!r} makes rank moves, which need "
+                             "scores of the active components: pass component_scores=... to step / update_ranks "
+                             "(LoRAMBoCallback(importance=...) does), or build the allocator with heldout_batches "
+                             f"and loss_fn to score them by ablation (missing: {' and '.join(missing)})")
         from lorambo.sensitivity.ablation import ablation_scores
 
         # a pass inside the user's training step, under the user's own bar: none of its own

@@ -234,8 +234,19 @@ def _plain(value):
 def read_decisions(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Every record of a decision log. A last line without its newline that is not valid JSON
     (a crash cut it short) is skipped; any other line that is not a JSON object is a ValueError
-    naming the file and line. A missing file is a ``FileNotFoundError``."""
-    text = Path(path).read_text()
+    naming the file and line. A missing file is a ``FileNotFoundError``, a folder an
+    ``IsADirectoryError``, an empty path or a file that is no text a ValueError."""
+    if not str(path):  # Path("") is the current folder
+        raise ValueError("read_decisions: empty path; pass the log_path of the decision log")
+    file = Path(path)
+    if file.is_dir():
+        raise IsADirectoryError(f"read_decisions: {path} is a folder, not a decision log (the log_path file)")
+    try:
+        text = file.read_bytes().decode("utf-8")  # the log is written as UTF-8 (JSON, ASCII)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"read_decisions: no decision log at {path}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"read_decisions: {path} is not a decision log (not text: {err})") from None
     lines = text.split("\n")  # the last item is "" when the file ends with a newline
     out = []
     for number, line in enumerate(lines, 1):

@@ -194,7 +194,8 @@ def _experiment(args) -> int:
         from lorambo.experiments.runner import plots_from
 
         written = plots_from(args.plots_from, args.out)
-        print(f"{len(written)} plots written beside {args.out or args.plots_from}")
+        where = f"in {args.out}" if args.out else f"beside {args.plots_from}"  # --out: into that folder
+        print(f"{len(written)} plots written {where}")
         return 0
     if args.bundle is not None:
         from lorambo.experiments import bundle

@@ -55,7 +55,9 @@ def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_mod
     """Adapt ``model`` in place and return it.
 
     ``ranks`` is one int for every target, or ``{module_name: rank}`` naming the targets exactly
-    (then ``target_modules`` must be None). Targets that already are LoRAMBoLinear change rank
+    (then ``target_modules`` must be None). ``target_modules`` None means peft's ``all-linear``
+    on a model without adapters, and the existing adapters on an adapted one (an int rank then
+    re-ranks them all; pass ``"all-linear"`` to adapt every other Linear too). Targets that already are LoRAMBoLinear change rank
     in place (the rank must fit their capacity, and a merged layer must be unmerged first); their
     capacity, alpha, dropout and use_rslora stay as built, so a different value given for one of
     them is a ValueError (None, the default, leaves them alone; new layers then get dropout 0 and
@@ -165,7 +167,10 @@ def _resolve_targets(model: nn.Module, ranks, target_modules) -> list[str]:
             raise ValueError("ranks is an empty dict: nothing to adapt")
         names = check_named_targets(model, ranks.keys())
     elif isinstance(ranks, numbers.Integral) and not isinstance(ranks, bool):
-        names = find_targets(model, target_modules)
+        # no targets named on an adapted model: its adapters (re-ranked), as LoRAMBoOptimizer's
+        # default; peft's all-linear there would add adapters no optimizer built before holds
+        existing = list(lora_layers(model)) if target_modules is None else []
+        names = existing or find_targets(model, target_modules)
     else:
         raise TypeError(f"ranks must be an int or a {{name: rank}} dict, got {ranks!r}")
     _check_not_shared(model, names)

@@ -90,3 +90,20 @@ def test_plots_from_a_file_that_is_no_results_json_names_it(tmp_path, capsys, co
     err = capsys.readouterr().err
     assert f"--plots-from {bad}: " in err and message in err and "Traceback" not in err, err
     assert not (tmp_path / "plots").exists() or not any((tmp_path / "plots").iterdir())
+
+
+@pytest.mark.parametrize("out, where", [(None, "beside {results}"), ("plots", "in {out}")])
+def test_plots_from_says_where_the_plots_went(tmp_path, monkeypatch, capsys, out, where):
+    """With --out the plots go into that folder; the line said 'written beside' it all the same."""
+    pytest.importorskip("matplotlib")
+    drawn = []
+
+    def fake_plots_from(results_json, out_dir=None):
+        drawn.append((results_json, out_dir))
+        return ["a.png", "b.png"]
+
+    monkeypatch.setattr("lorambo.experiments.runner.plots_from", fake_plots_from)
+    results, out = str(tmp_path / "results.json"), out and str(tmp_path / out)
+    assert main(["experiment", "--plots-from", results, *(["--out", out] if out else [])]) == 0
+    assert drawn == [(results, out)]
+    assert capsys.readouterr().out == f"2 plots written {where.format(results=results, out=out)}\n"

@@ -6,6 +6,7 @@ parsed; every docs/*.md page's blocks parse, and a page with a program must be i
 
 import ast
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -79,7 +80,13 @@ def test_readme_blocks_run_on_real_minilm(tmp_path, monkeypatch, capsys):
     assert {page for page, _ in programs} == set(RUN_ORDER)  # every page in the order runs something
     quickstart_ranks = None
     for i, (page, code) in enumerate(programs):
-        exec(compile(code, f"{page} python block {i}", "exec"), namespace)
+        block = f"{page} python block {i}"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            exec(compile(code, block, "exec"), namespace)
+        # lorambo reports its warnings at the user's line: a block copied as written must not
+        # earn one (a rank change that leaves the optimizer's state behind, say)
+        assert [f"{w.lineno}: {w.message}" for w in caught if w.filename == block] == [], block
         if i == 0:
             quickstart_ranks = dict(namespace["ranks"])
             assert not lorambo.lora_layers(namespace["model"])  # unloaded at the end

@@ -162,6 +162,23 @@ def test_wrapping_existing_lora_layer_is_not_nested(mlp):
     assert type(layer) is LoRAMBoLinear and layer.base_layer is base and layer.rank == 3
 
 
+def test_an_int_rank_without_targets_re_ranks_the_existing_adapters_only(mlp):
+    """``configure_model(model, r)`` on an adapted model re-ranks its adapters, as the README's
+    "or re-ranks its adapters" says and as LoRAMBoOptimizer's default targets are the existing
+    adapters. It adapted every other Linear as well (peft's all-linear): new pools, which the
+    optimizer passed along did not hold, so they never trained and nothing said so."""
+    configure_model(mlp, 2, target_modules=["up"], capacity=8)
+    opt = torch.optim.Adam([p for p in mlp.parameters() if p.requires_grad], lr=1e-2)
+    configure_model(mlp, 5, optimizer=opt)
+    assert {n: m.rank for n, m in lora_layers(mlp).items()} == {"blocks.0.up": 5, "blocks.1.up": 5}
+    assert isinstance(mlp.blocks[0].down, nn.Linear) and not mlp.blocks[0].down.weight.requires_grad
+    held = {id(p) for group in opt.param_groups for p in group["params"]}
+    assert held == {id(p) for p in mlp.parameters() if p.requires_grad}
+    configure_model(mlp, 3, target_modules="all-linear")  # named: every Linear but the head
+    assert {n: m.rank for n, m in lora_layers(mlp).items()} == {n: 3 for n in [
+        "blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down"]}
+
+
 def test_frozen_record_is_what_unload_reenables(mlp):
     from lorambo.model import frozen_by_lorambo
 

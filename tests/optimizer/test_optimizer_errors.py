@@ -152,6 +152,32 @@ def test_component_scores_without_rank_moves_are_refused(call):
     assert {n: layer.rank for n, layer in lorambo.lora_layers(model).items()} == {"0": 2, "2": 2}
 
 
+@pytest.mark.parametrize("given, missing", [({}, "heldout_batches and loss_fn"),
+                                            ({"heldout_batches": "batches"}, "loss_fn"),
+                                            ({"loss_fn": nn.functional.mse_loss}, "heldout_batches")])
+def test_rank_moves_without_scores_name_the_allocator_and_what_is_missing(given, missing):
+    """Found at the first decision step, maybe hours in: the message named neither the allocator
+    nor which of heldout_batches / loss_fn was left out. Nothing changes, and the step's capture
+    stays, so the step can be decided again with component_scores."""
+    torch.manual_seed(0)
+    model = _model()
+    x, y = torch.randn(5, 6), torch.randn(5, 4)
+    given = {k: [(x, y)] if v == "batches" else v for k, v in given.items()}
+    opt = LoRAMBoOptimizer(model, 200, initial_budget=100, sensitivity_method="frobenius", warmup_steps=0,
+                           interval=1, move_threshold=0.5, **given)
+    opt.compute_optimal_ranks()
+    opt.configure()
+    ranks = opt.current_ranks()
+    with opt.capture(0, x):
+        nn.functional.mse_loss(model(x), y).backward()
+    with pytest.raises(ValueError, match=rf"^LoRAMBoOptimizer: move_threshold=0.5 makes rank moves.*component_scores="
+                                         rf".*\(missing: {missing}\)"):
+        opt.step(0)
+    assert opt.current_ranks() == ranks
+    scores = {n: torch.rand(layer.rank) for n, layer in opt.layers().items()}
+    assert opt.step(0, component_scores=scores)  # the retry decides (grows) from the kept capture
+
+
 def test_component_scores_given_to_alora_are_refused():
     """ALoRA scores its layers by held-out ablation; scores passed to its step() went unread."""
     from lorambo.allocation.alora import ALoRAConfig

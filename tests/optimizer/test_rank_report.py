@@ -183,6 +183,21 @@ def test_read_decisions_skips_only_a_torn_last_line(tmp_path):
     assert read_decisions(path) == [{"step": 1}]
 
 
+def test_read_decisions_names_itself_and_the_path_for_what_is_no_decision_log(tmp_path, monkeypatch):
+    """A missing file, a folder, an empty path (the current folder) and a binary file gave bare OS
+    or codec errors ("[Errno 21] Is a directory: '.'", "'utf-8' codec can't decode byte")."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "adapter.safetensors").write_bytes(bytes(range(256)))
+    for path, error, message in [("missing.jsonl", FileNotFoundError, r"no decision log at missing\.jsonl"),
+                                 ("runs", IsADirectoryError, r"runs is a folder, not a decision log"),
+                                 ("", ValueError, r"empty path"),
+                                 ("adapter.safetensors", ValueError, r"adapter\.safetensors is not a decision log "
+                                                                     r"\(not text")]:
+        with pytest.raises(error, match=rf"^read_decisions: {message}"):
+            read_decisions(path)
+
+
 def test_a_log_path_that_cannot_be_written_is_refused_when_the_allocator_is_built(tmp_path):
     # before: a folder at log_path failed at the first online decision (IsADirectoryError about a
     # temporary name), and a file above it with mkdir's bare "[Errno 17] File exists"
