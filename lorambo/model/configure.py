@@ -61,7 +61,8 @@ def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_mod
     already are LoRAMBoLinear change rank in place (the rank must fit their capacity, and a
     merged layer must be unmerged first); their capacity, alpha, dropout and use_rslora stay as
     built, so a different value given for one of them is a ValueError (None, the default, leaves
-    them alone; new layers then get dropout 0 and plain alpha / rank scaling). Every parameter that is not LoRA is frozen; :func:`unload` restores it.
+    them alone; new layers then get dropout 0 and plain alpha / rank scaling). Every parameter
+    that is not LoRA is frozen; :func:`unload` restores it.
 
     ``optimizer``: the torch optimizer already training existing adapters; their rank changes
     then edit its state as ``set_rank(rank, optimizer=...)`` does (without it, a shrunk slot
