@@ -39,7 +39,8 @@ def _module_of(param_name: str) -> str:
     for marker in (".%s.", ".lora_E.", ".lora_A.", ".lora_B."):
         if marker in param_name:
             return short(param_name.split(marker)[0])
-    raise ValueError(param_name)
+    raise ValueError(f"_module_of: {param_name!r} is not an AdaLoRA parameter name (none of .%s., .lora_E., "
+                     ".lora_A., .lora_B. in it)")
 
 
 class AdaLoRA(Method):
