@@ -63,9 +63,9 @@ def _scored(task, cfg, level, seed):
     return run, model, ctx
 
 
-def _expected_kept(run, model, ctx, task, rank_budget):
-    """{layer: [kept?] per triplet}: the best-scored triplets, in score order, while their cost
-    (d + k from the layer's shapes) fits the rank budget mapped linearly onto parameters."""
+def _ranked_triplets(run, model, task):
+    """[(score, layer, index, cost)], best first: peft's triplet importance recomputed from its
+    averages, each triplet's cost (d + k) from its layer's shapes."""
     alloc = run.allocator
     score = {n: alloc.exp_avg_ipt[n] * alloc.exp_avg_unc[n] for n in alloc.exp_avg_ipt}
     triplets = []
@@ -75,11 +75,18 @@ def _expected_kept(run, model, ctx, task, rank_budget):
         total = e.view(-1) + (a.mean(dim=1) + b.mean(dim=0))               # peft's triplet importance
         cost = layer.lora_B["default"].shape[0] + layer.lora_A["default"].shape[1]
         triplets += [(float(s), n, i, cost) for i, s in enumerate(total)]
+    return sorted(triplets, reverse=True)
+
+
+def _expected_kept(run, model, ctx, task, rank_budget):
+    """{layer: [kept?] per triplet}: the best-scored triplets, in score order, while their cost
+    fits the rank budget mapped linearly onto parameters."""
+    triplets = _ranked_triplets(run, model, task)
     init_params = run.config.init_r * sum(c for _, n, i, c in triplets if i == 0)
     frac = (rank_budget - run.allocator.init_bgt) / (run.allocator.target_bgt - run.allocator.init_bgt)
     limit = init_params + frac * (ctx.budget - init_params)
     kept, used = {n: [False] * run.config.init_r for n in task.names}, 0
-    for _, n, i, cost in sorted(triplets, reverse=True):
+    for _, n, i, cost in triplets:
         if used + cost > limit:
             break
         kept[n][i], used = True, used + cost
@@ -113,6 +120,49 @@ def test_adalora_masking_keeps_the_best_triplets_that_fit_each_scheduled_budget(
         assert used <= limit < used + max(ctx.costs.values())
     assert spent_at == sorted(spent_at, reverse=True) and len(set(spent_at)) > len(spent_at) // 2
     assert spent_at[-1] > ctx.budget - max(ctx.costs.values())
+
+
+def test_adalora_final_masking_spends_up_to_exactly_p(tiny_cfg):
+    """At the target budget, a P that the best k triplets cost exactly keeps all k; one parameter
+    less keeps k - 1."""
+    task = TinyTask(seed=16)
+    run, model, ctx = _scored(task, tiny_cfg.replace(steps=20, growth_factor=3.0), 1.0, 4)
+    ranked = _ranked_triplets(run, model, task)
+    k = len(task.names) + 1
+    assert len({c for *_, c in ranked[:k]}) > 1                  # both kinds of layer among them
+    for budget, kept in ((sum(c for *_, c in ranked[:k]), k), (sum(c for *_, c in ranked[:k]) - 1, k - 1)):
+        ctx.budget = budget
+        pattern = run.allocator.mask_to_budget(model, run.allocator.target_bgt)
+        want = {short(n): [False] * 3 for n in task.names}
+        for _, n, i, _ in ranked[:kept]:
+            want[short(n)][i] = True
+        assert {_module_of(n): m for n, m in pattern.items()} == want, budget
+
+
+def test_adalora_allocates_on_pefts_step_count(tiny_cfg):
+    """``after_step(step)`` hands peft the step just taken (0 first, as peft's own loop does): no
+    triplet is masked through step tinit, the cubic schedule masks from step tinit + 1, and the
+    final pattern is set at step total_step - tfinal."""
+    from lorambo.optim import AdamW
+
+    task = TinyTask(seed=17)
+    run, model, _ = _setup(task, tiny_cfg.replace(steps=10, growth_factor=3.0), 1.0)
+    c = run.config
+    assert (c.tinit, c.tfinal, c.total_step) == (2, 2, 10)
+    optimizer = AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    batch = task.eva_batches(1)[0]
+    masked, patterns = [], []
+    for step in range(c.total_step):
+        model(batch).square().mean().backward()
+        optimizer.step()
+        run.after_step(step)
+        optimizer.zero_grad(set_to_none=True)
+        masked.append(sum(int((model.get_submodule(n).lora_E["default"] == 0).sum()) for n in task.names))
+        patterns.append(c.rank_pattern)
+    assert masked[:c.tinit + 1] == [0] * (c.tinit + 1) and all(patterns[i] is None for i in range(c.tinit + 1))
+    assert all(m > 0 for m in masked[c.tinit + 1:])
+    final = c.total_step - c.tfinal
+    assert patterns[final] is patterns[-1] and patterns[final - 1] is not patterns[final]
 
 
 def test_adalora_reports_plain_ints(tiny_cfg):
