@@ -1,13 +1,14 @@
 """peft's AdaLoRA held to a budget counted in parameters (lorambo/experiments/methods_peft.py), on a
 tiny random BERT: its peft settings for each level and growth factor, the triplets its masking keeps
-at every scheduled budget (scores and costs recomputed here from peft's importance averages and the
-layer shapes), the penalty's device, and the parameter names it maps to layers."""
+at every scheduled budget and at exactly P (scores and costs recomputed here from peft's importance
+averages and the layer shapes), the steps at which it masks, the penalty's device and dtype, and the
+parameter names it maps to layers."""
 
 import pytest
 import torch
 from test_methods_peft_budget import TinyTask, _trained_adalora  # tests/experiments/test_methods_peft_budget.py
 
-from lorambo.experiments.methods import RunContext, budget_of, ceil_level, schedule
+from lorambo.experiments.methods import RunContext, budget_of
 from lorambo.experiments.methods_peft import _module_of
 from lorambo.experiments.registry import make_method
 from lorambo.experiments.student import short
@@ -39,9 +40,7 @@ def test_adalora_ranks_follow_the_level_and_growth_factor(tiny_cfg, level, growt
         run, model, _ = _setup(task, cfg, level)
         c = run.config
         assert (c.init_r, c.target_r, c.lora_alpha) == (init_r, target_r, init_r)
-        assert target_r == ceil_level(level)
         assert (c.tinit, c.tfinal, c.deltaT, c.total_step) == (steps // 5, steps // 5, 1, steps)
-        assert (c.tinit, c.tfinal) == (schedule(steps)["tinit"], schedule(steps)["tfinal"])
         shapes = {short(n): model.get_submodule(n).lora_E["default"].shape for n in task.names}
         assert shapes == {short(n): (init_r, 1) for n in task.names}
 
