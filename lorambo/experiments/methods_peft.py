@@ -4,8 +4,9 @@ Both count their budget in *ranks*; a rank of an attention projection (384 x 384
 parameters here and one of a feed-forward layer (384 x 1536) 1,920. To hold them to the same P as
 every other method, the budget is converted, and peft's own ranking decides what is kept:
 
-- **AdaLoRA** (``AdaLoraConfig``: ``init_r`` = ceil(growth_factor x level), ``tinit``/``tfinal`` a
-  fifth of the steps each, ``deltaT`` = 1, ``total_step`` = steps, ``lora_alpha`` = ``init_r`` so
+- **AdaLoRA** (``AdaLoraConfig``: ``target_r`` = the level rounded up, ``init_r`` =
+  ceil(growth_factor x level) but at least ``target_r`` + 1 (something to prune), ``tinit``/``tfinal``
+  a fifth of the steps each, ``deltaT`` = 1, ``total_step`` = steps, ``lora_alpha`` = ``init_r`` so
   the scaling is 1 as in lorambo). peft's cubic schedule goes from ``init_bgt`` to ``target_bgt``
   ranks; the schedule is mapped linearly onto parameters (``init_r * sum(d+k)`` down to P) and at
   every masking step peft's ``mask_to_budget`` keeps the largest number of its top-scored triplets
@@ -40,7 +41,8 @@ def _module_of(param_name: str) -> str:
     for marker in (".%s.", ".lora_E.", ".lora_A.", ".lora_B."):
         if marker in param_name:
             return short(param_name.split(marker)[0])
-    raise ValueError(param_name)
+    raise ValueError(f"_module_of: {param_name!r} is not an AdaLoRA parameter name (none of .%s., .lora_E., "
+                     ".lora_A., .lora_B. in it)")
 
 
 class AdaLoRA(Method):
