@@ -37,9 +37,10 @@ DEFAULT_FILE = "adapter.safetensors"
 
 
 def adapter_file(path: str | os.PathLike) -> Path:
-    """``path`` itself when it names a .safetensors file, else ``path/adapter.safetensors``."""
+    """``path`` itself when it names a .safetensors file (the suffix in any case: ``X.SAFETENSORS``
+    is a file too), else ``path/adapter.safetensors``."""
     path = Path(path)
-    return path if path.suffix == ".safetensors" else path / DEFAULT_FILE
+    return path if path.suffix.lower() == ".safetensors" else path / DEFAULT_FILE
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:

@@ -96,3 +96,16 @@ def test_load_adapter_of_a_file_without_the_suffix_says_why_it_was_not_found(tmp
     (tmp_path / "adapter").rename(tmp_path / "adapter.safetensors")
     x = torch.randn(3, 12)
     assert torch.equal(lorambo.load_adapter(net(), tmp_path / "adapter.safetensors")(x), model(x))
+
+
+def test_a_safetensors_suffix_in_any_case_names_the_file(tmp_path):
+    """``X.SAFETENSORS`` is the file itself for save and load, as ``X.safetensors`` is; a
+    case-sensitive check made it a folder holding adapter.safetensors."""
+    model = trained()
+    written = save_adapter(model, tmp_path / "Run.SafeTensors")
+    assert written == tmp_path / "Run.SafeTensors" and written.is_file()
+    assert _tree(tmp_path) == ["Run.SafeTensors"]
+    loaded = lorambo.load_adapter(net(), tmp_path / "Run.SafeTensors")
+    want = {n: p for n, p in model.state_dict().items() if "lora_" in n}
+    got = {n: p for n, p in loaded.state_dict().items() if "lora_" in n}
+    assert want.keys() == got.keys() and all(torch.equal(want[n], got[n]) for n in want)
