@@ -53,11 +53,34 @@ def test_allocate_real_minilm_gradient(tmp_path, capsys):
     peft_ranks, scaling = _peft_ranks(AutoModel.from_pretrained(minilm_path()), out)
     assert peft_ranks == {n: r for n, r in ranks.items() if r > 0}
     assert all(s == pytest.approx(1.0) for s in scaling.values())  # lorambo's default alpha = rank
-    assert "total" in capsys.readouterr().out
+    assert (saved["method"], saved["allocation"], saved["budget"]) == ("gradient", "closed_form", budget)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(minilm_path().resolve())
+    # the printed table: rank, capacity and r (d + k) per layer, then the totals
+    printed = capsys.readouterr().out.splitlines()
+    assert not [line for line in printed if "removed" in line]  # no earlier heatmap.png was there
+    cells = [line.split() for line in printed]
+    rows = {c[0]: [int(v) for v in c[1:]] for c in cells if c and c[0] in ranks}
+    assert rows == {n: [r, saved["capacities"][n], r * dims[n]] for n, r in ranks.items()}
+    assert printed[-2].split() == ["total", str(sum(ranks.values())), str(sum(r * dims[n] for n, r in ranks.items()))]
+    assert printed[-1] == f"wrote {out / 'ranks.json'}, {out / 'adapter_config.json'}"
 
 
-def test_allocate_causal_lm_hessian(tmp_path):
+def _recorded(monkeypatch, module, name):
+    """Patch ``module.name`` to keep every value it returns (in the returned list)."""
+    real, kept = getattr(module, name), []
+    monkeypatch.setattr(module, name, lambda *a, **kw: kept.append(real(*a, **kw)) or kept[-1])
+    return kept
+
+
+def test_allocate_causal_lm_hessian(tmp_path, monkeypatch):
+    """Also: the Hessian's model runs eager attention (fused SDPA kernels have no double
+    backward), and the heat map's title names the sensitivity and the budget."""
     pytest.importorskip("matplotlib")  # the heat map's optional dependency
+    from lorambo.allocation import report
+    from lorambo.cli import allocate as allocate_cli
+
+    loaded, figures = _recorded(monkeypatch, allocate_cli, "_load"), _recorded(monkeypatch, report, "heatmap_figure")
     from transformers import GPT2Config, GPT2LMHeadModel
     folder = tmp_path / "gpt2"
     torch.manual_seed(0)
@@ -75,6 +98,10 @@ def test_allocate_causal_lm_hessian(tmp_path):
     peft_ranks, scaling = _peft_ranks(GPT2LMHeadModel.from_pretrained(folder), out)
     assert peft_ranks == {n: r for n, r in ranks.items() if r > 0}
     assert all(scaling[n] == pytest.approx(16 / r) for n, r in peft_ranks.items())
+    (model, _, _), = loaded
+    assert model.config._attn_implementation == "eager"
+    (figure,) = figures
+    assert figure.axes[0].get_title() == "LoRA ranks (hessian, budget 2,000)"
 
 
 def test_allocate_bad_arguments(tmp_path, capsys):
@@ -128,7 +155,8 @@ def test_allocate_out_is_a_file_fails_before_measuring(tmp_path, capsys):
     # the data is read before the model: a folder without config.json is not even looked at
     assert main(["allocate", "--model", str(tmp_path), "--budget", "40000", "--method", "gradient",
                  "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o"), "--no-heatmap"]) == 2
-    assert "--data" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert f"--data {tmp_path / 'missing.txt'}: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_allocate_frobenius_with_data_weighted_reads_the_data(tmp_path, capsys):
@@ -270,7 +298,7 @@ def test_the_encoder_loss_is_in_batch_infonce_at_sentence_transformers_scale():
     model = BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                  intermediate_size=32)).double().eval()
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    texts = SENTENCES[:4] + ["rain"]  # one word: its second half is the whole line
+    texts = SENTENCES[:4] + ["rain", "cold rain falls"]  # one word: its second half is the whole line
     with torch.no_grad():
         got = _loss_fn("contrastive", tokenizer, 12, 0)(model, texts)
 
@@ -301,11 +329,12 @@ def test_the_causal_lm_loss_is_next_token_cross_entropy_over_real_tokens():
     model = GPT2LMHeadModel(GPT2Config(vocab_size=30522, n_embd=16, n_layer=1, n_head=2, n_positions=32))
     model = model.double().eval()
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    texts = ["the old man walked over the green hill", "rain came", "a dog"]  # padded to the longest
+    texts = [SENTENCES[0], "rain came", "a dog"]  # padded to the longest, truncated to 12 tokens
     with torch.no_grad():
         got = _loss_fn("causal", tokenizer, 12, 0)(model, texts)
         enc = tokenizer(texts, padding=True, truncation=True, max_length=12, return_tensors="pt")
         assert (enc["attention_mask"] == 0).any()
+        assert enc["input_ids"].shape[1] == 12 < len(tokenizer(texts[0]).input_ids)
         logits = model(**enc).logits
         log_p = logits[:, :-1].log_softmax(-1).gather(-1, enc["input_ids"][:, 1:, None])[..., 0]
         real = enc["attention_mask"][:, 1:].bool()
@@ -320,3 +349,183 @@ def test_the_smallest_allowed_sizes_parse():
     args = build_parser().parse_args(["allocate", "--model", "m", "--budget", "10", "--out", "o",
                                       "--batch-size", "2", "--max-length", "2"])
     assert (args.batch_size, args.max_length) == (2, 2)
+
+
+def _tiny_folder(folder, model):
+    """``model`` saved with MiniLM's tokenizer: a local model folder ``_load`` reads."""
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm_path() / name, folder / name)
+    return folder
+
+
+def test_the_model_kind_follows_the_architecture(tmp_path):
+    """*ForMaskedLM loads with its head and gets the masked-LM loss; a config.json without
+    ``architectures`` (written by a bare config, not a model) is a bare encoder; a tokenizer with
+    a pad token of its own keeps it; the Hessian's eager attention reaches the model."""
+    from transformers import BertConfig, BertForMaskedLM, BertModel
+
+    from lorambo.cli.allocate import _load
+
+    config = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    masked = _tiny_folder(tmp_path / "mlm", BertForMaskedLM(config))
+    model, tokenizer, kind = _load(masked, eager=True)
+    assert (kind, type(model).__name__) == ("masked", "BertForMaskedLM")
+    assert model.config._attn_implementation == "eager" and tokenizer.pad_token == "[PAD]"
+    bare = _tiny_folder(tmp_path / "bare", BertModel(config))
+    saved = json.loads((bare / "config.json").read_text())
+    del saved["architectures"]
+    (bare / "config.json").write_text(json.dumps(saved))
+    model, _, kind = _load(bare, eager=False)
+    assert (kind, type(model).__name__) == ("contrastive", "BertModel")
+
+
+class _Recording(torch.nn.Module):
+    """The model, keeping the inputs each call gets."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, []
+
+    def forward(self, **inputs):
+        self.calls.append(inputs)
+        return self.inner(**inputs)
+
+
+def test_the_masked_lm_loss_masks_15_percent_of_real_tokens_at_least_one_per_line():
+    """A masked LM's sensitivities are measured on its own loss: about 15% of each batch's real
+    tokens (never padding) replaced by [MASK], at least one per line, the same ones for the same
+    seed; cross-entropy over those only, here against a float64 computation written out."""
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    from lorambo.cli.allocate import _loss_fn
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=32)).double().eval()
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    texts = SENTENCES + ["a dog", "rain", " ".join(SENTENCES[:3])]  # short lines, and one past max_length
+    recording = _Recording(model)
+    with torch.no_grad():
+        got = _loss_fn("masked", tokenizer, 20, 3)(recording, texts)
+        (seen,) = recording.calls
+        enc = tokenizer(texts, padding=True, truncation=True, max_length=20, return_tensors="pt")
+        assert seen["input_ids"].shape == (len(texts), 20)  # truncated to --max-length
+        picked = seen["labels"] != -100
+        real = enc["attention_mask"] == 1
+        assert not (picked & ~real).any() and picked.any(1).all()
+        assert 0.1 < picked.sum() / real.sum() < 0.2
+        assert torch.equal(seen["labels"][picked], enc["input_ids"][picked])
+        assert torch.equal(seen["input_ids"], enc["input_ids"].masked_fill(picked, tokenizer.mask_token_id))
+        log_p = model(**seen).logits.log_softmax(-1)
+        expected = -log_p[picked].gather(-1, enc["input_ids"][picked][:, None]).mean()
+        again = _Recording(model)
+        assert float(_loss_fn("masked", tokenizer, 20, 3)(again, texts)) == float(got)
+        assert torch.equal(again.calls[0]["labels"], seen["labels"])
+    assert got.dtype == torch.float64 and float(got) == pytest.approx(float(expected), rel=1e-9)
+
+
+def test_data_with_fewer_lines_than_a_batch_is_refused_before_loading(tmp_path, capsys):
+    """--data must fill one batch of --batch-size lines (the loss contrasts them); exactly one
+    batch is enough."""
+    data = tmp_path / "data.txt"
+    data.write_text("\n\n".join(SENTENCES[:4]) + "\n  \n")  # 4 non-empty lines
+    out = tmp_path / "out"
+    args = ["allocate", "--model", str(minilm_path()), "--budget", "40000", "--method", "gradient",
+            "--data", str(data), "--out", str(out), "--target-modules", "query", "--no-heatmap", "--batch-size"]
+    assert main(args + ["5"]) == 2
+    assert capsys.readouterr().err == (f"lorambo allocate: error: --data {data} has 4 non-empty lines; "
+                                       "at least 5 are needed\n")
+    assert not out.exists()
+    assert main(args + ["4"]) == 0
+    saved = json.loads((out / "ranks.json").read_text())
+    assert saved["loss"] == "contrastive" and len(set(saved["sensitivities"].values())) == 6
+
+
+def test_missing_required_options_and_defaults_the_checks_accept(capsys):
+    """--model, --budget and --out are required (a usage error naming them); every default is a
+    value its own option accepts."""
+    from lorambo.cli import build_parser
+
+    parser = build_parser()
+    for dropped in ("--model", "--budget", "--out"):
+        given = {"--model": "m", "--budget": "10", "--out": "o"}
+        del given[dropped]
+        with pytest.raises(SystemExit) as stop:
+            parser.parse_args(["allocate", *[x for kv in given.items() for x in kv]])
+        assert stop.value.code == 2 and f"required: {dropped}" in capsys.readouterr().err
+    (allocate,) = [a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("allocate")]
+    typed = [a for a in allocate._actions if a.type is not None and a.default is not None]
+    assert {a.dest for a in typed} >= {"batch_size", "batches", "max_length", "probes", "seed"}
+    for action in typed:
+        assert action.type(str(action.default)) == action.default, action.dest
+
+
+def test_the_batches_are_the_first_full_ones_of_the_non_empty_lines(tmp_path, monkeypatch):
+    """--batches N measures on the first N batches of --batch-size non-empty lines, in file order;
+    a last batch short of --batch-size is left out."""
+    from lorambo.cli import allocate as allocate_cli
+
+    real, seen = allocate_cli._loss_fn, []
+
+    def recording(*args):
+        loss = real(*args)
+        return lambda model, texts: seen.append(list(texts)) or loss(model, texts)
+
+    monkeypatch.setattr(allocate_cli, "_loss_fn", recording)
+    lines = SENTENCES[:11]
+    data = tmp_path / "data.txt"
+    data.write_text("".join(f"  {line} \n\n" for line in lines))
+    for batches, expected in (("2", [lines[0:3], lines[3:6]]), ("9", [lines[0:3], lines[3:6], lines[6:9]])):
+        seen.clear()
+        assert main(["allocate", "--model", str(minilm_path()), "--budget", "40000", "--method", "gradient",
+                     "--data", str(data), "--out", str(tmp_path / batches), "--target-modules", "query",
+                     "--batch-size", "3", "--batches", batches, "--no-heatmap"]) == 0
+        assert [b for i, b in enumerate(seen) if b not in seen[:i]] == expected
+
+
+def test_the_same_seed_gives_the_same_sensitivities(tmp_path):
+    """A masked-LM folder whose checkpoint lacks the MLM head (a bare encoder's weights): the head
+    is drawn at random when loaded, and --seed fixes it, as it fixes the masks."""
+    from transformers import BertConfig, BertModel
+
+    folder = _tiny_folder(tmp_path / "mlm", BertModel(BertConfig(hidden_size=16, num_hidden_layers=2,
+                                                                 num_attention_heads=2, intermediate_size=32)))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, architectures=["BertForMaskedLM"])))
+    data = tmp_path / "data.txt"
+    data.write_text("\n".join(SENTENCES) + "\n")
+
+    def sensitivities(seed, out):
+        assert main(["allocate", "--model", str(folder), "--budget", "400", "--method", "gradient",
+                     "--data", str(data), "--out", str(tmp_path / out), "--batch-size", "4", "--batches", "2",
+                     "--seed", seed, "--no-heatmap"]) == 0
+        saved = json.loads((tmp_path / out / "ranks.json").read_text())
+        assert saved["loss"] == "masked"
+        return saved["sensitivities"]
+
+    first = sensitivities("1", "a")
+    assert sensitivities("1", "b") == first
+    assert sensitivities("2", "c") != first
+
+
+def test_the_heatmap_title_names_the_allocation_where_nothing_is_measured(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")  # the heat map's optional dependency
+    from lorambo.allocation import report
+
+    figures = _recorded(monkeypatch, report, "heatmap_figure")
+    out = tmp_path / "out"
+    assert main(["allocate", "--model", str(minilm_path()), "--budget", "20000", "--allocation", "uniform",
+                 "--out", str(out), "--target-modules", "query,value"]) == 0
+    assert figures[0].axes[0].get_title() == "LoRA ranks (uniform, budget 20,000)"
+    assert (out / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_allocate_main_reads_the_arguments_it_is_given(tmp_path, capsys):
+    """``lorambo.cli.allocate.main(argv)`` runs on ``argv``, not on the process's command line."""
+    from lorambo.cli.allocate import main as allocate_main
+
+    assert allocate_main(["--model", str(tmp_path), "--budget", "100", "--method", "frobenius",
+                          "--out", str(tmp_path / "o"), "--no-heatmap"]) == 2
+    assert capsys.readouterr().err == (f"lorambo allocate: error: --model {tmp_path}: no config.json (a local "
+                                       "transformers model folder is needed)\n")
