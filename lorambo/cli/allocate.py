@@ -131,6 +131,12 @@ def _load(folder: Path, eager: bool):
     extra = {"attn_implementation": "eager"} if eager else {}
     model = auto.from_pretrained(folder, local_files_only=True, dtype="float32", **extra)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    # without its files transformers builds a tokenizer of special tokens only: every word would
+    # be [UNK] (or no token at all), and the sensitivities would measure nothing of the data
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        raise ValueError(f"--model {folder}: its tokenizer has no ordinary tokens ({len(tokenizer)} special "
+                         "ones only): the folder lacks the tokenizer's files (vocab.txt, tokenizer.json, ...); "
+                         "save the tokenizer beside the model with tokenizer.save_pretrained(folder)")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return model.eval(), tokenizer, kind

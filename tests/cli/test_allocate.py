@@ -529,3 +529,23 @@ def test_allocate_main_reads_the_arguments_it_is_given(tmp_path, capsys):
                           "--out", str(tmp_path / "o"), "--no-heatmap"]) == 2
     assert capsys.readouterr().err == (f"lorambo allocate: error: --model {tmp_path}: no config.json (a local "
                                        "transformers model folder is needed)\n")
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_a_model_folder_without_tokenizer_files_is_a_usage_error(tmp_path, capsys, kind):
+    """transformers builds a tokenizer of special tokens only from such a folder: MiniLM's words
+    all became [UNK] and ranks were written measured on no word; GPT-2's gave no token and a
+    traceback. Now: exit 2, a line naming --model and the folder, nothing written."""
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = (BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+             if kind == "bert" else GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=32)))
+    folder, out, data = tmp_path / kind, tmp_path / "out", tmp_path / "data.txt"
+    model.save_pretrained(folder)
+    data.write_text("\n".join(SENTENCES) + "\n")
+    assert main(["allocate", "--model", str(folder), "--budget", "400", "--method", "gradient", "--data", str(data),
+                 "--out", str(out), "--no-heatmap"]) == 2
+    err = capsys.readouterr().err
+    assert f"--model {folder}: its tokenizer has no ordinary tokens" in err and "Traceback" not in err
+    assert not out.exists()
