@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -185,6 +186,15 @@ _FIELDS = [
 ]
 
 
+def _as_option(message: str) -> str:
+    """A configuration complaint that starts with a field's name (``lr_search must be ...``),
+    starting with the option that sets it instead (``--lr-search must be ...``)."""
+    for flag, field, _, _ in _FIELDS:
+        if re.match(rf"{field}\b", message):
+            return flag + message[len(field):]
+    return message
+
+
 def _experiment(args) -> int:
     from lorambo.cli.deps import require
     from lorambo.experiments import config as presets
@@ -209,7 +219,7 @@ def _experiment(args) -> int:
     try:  # the configuration checks every value against the others: its complaints are usage errors
         cfg = cfg.replace(**changes) if changes else cfg
     except ValueError as err:
-        args.parser.error(str(err))
+        args.parser.error(_as_option(str(err)))
     require(_needs(cfg, plots=False), "experiment")
     return _run(cfg, args)
 

@@ -28,11 +28,16 @@ from lorambo.cli.growth import check_growth_args
     (["experiment", "--seeds", "0"], "--seeds: expected a whole number >= 1, got 0"),
     (["experiment", "--budgets", "0,1"], "--budgets: expected comma-separated positive numbers"),
     (["experiment", "--lrs", "1e-3,nan"], "--lrs: expected comma-separated positive numbers"),
-    (["experiment", "--lrs", "1e-3,0.001"], "lr_grid repeats: [0.001, 0.001]"),
+    (["experiment", "--lrs", "1e-3,0.001"], "--lrs repeats: [0.001, 0.001]"),
     (["experiment", "--eval-examples", "-1"], "--eval-examples: expected a whole number >= 0, got -1"),
     (["experiment", "--methods", "uniform,lora_magic"], "unknown method(s) ['lora_magic']"),
-    (["experiment", "--lr-search", "best"], "lr_search must be one of per_budget, first_budget, uniform"),
-    (["experiment", "--steps", "10", "--probe-steps", "60"], "probe_steps (60) must not exceed steps (10)"),
+    (["experiment", "--lr-search", "best"], "--lr-search must be one of per_budget, first_budget, uniform"),
+    (["experiment", "--steps", "10", "--probe-steps", "60"], "--probe-steps (60) must not exceed steps (10)"),
+    # the configuration's complaints named its fields (lr_search, growth_factor), not the options
+    (["experiment", "--steps", "4"], "--steps must be >= 5"),
+    (["experiment", "--growth-factor", "0.5"], "--growth-factor must be a number >= 1, got 0.5"),
+    (["experiment", "--budgets", "1,1"], "--budgets repeat: [1.0, 1.0]"),
+    (["experiment", "--device", "tpu"], "--device must be 'auto', 'cpu' or 'cuda', got 'tpu'"),
     (["experiment", "--task", "sentiment", "--methods", "oracle"], "['sentiment'] would run no method"),
 ])
 def test_bad_arguments_are_usage_errors(argv, message, capsys, monkeypatch):

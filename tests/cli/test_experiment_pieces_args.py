@@ -45,7 +45,7 @@ def test_the_console_script_records_its_own_command_line(seen, tmp_path, monkeyp
 @pytest.mark.parametrize("argv, message", [
     (["experiment", "--workers", "0"], "--workers: expected a whole number >= 1, got 0"),
     (["experiment", "--time-limit", "-5"], "--time-limit: expected a positive number, got -5.0"),
-    (["experiment", "--planted-text", "novels"], "planted_text must be one of docstrings, snippets"),
+    (["experiment", "--planted-text", "novels"], "--planted-text must be one of docstrings, snippets"),
 ])
 def test_bad_piece_options_are_usage_errors(seen, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
