@@ -24,6 +24,7 @@ from lorambo.adapters.overwrite import configure_for_overwrite, set_rank_for_ove
 from lorambo.adapters.values_fit import check_fits_dtypes, loaded_entries
 from lorambo.model import lora_layers, unload
 from lorambo.model.argument import require_module, require_path
+from lorambo.model.disable import refuse_inside_disable_adapter
 from lorambo.model.modules_to_save import modules_to_save
 from lorambo.model.partial_edit import add_note, note_partial_edit
 from lorambo.model.targeting import check_named_targets
@@ -73,6 +74,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     if not layers:
         raise ValueError(f"save_adapter: {type(model).__name__} has no LoRAMBoLinear layer to save")
     check_not_root(layers)
+    refuse_inside_disable_adapter(model, "save_adapter")
     refuse_meta_sources(model, layers, modules_to_save(model), "save_adapter")
     tensors, meta = {}, {}
     for layer in layers.values():
@@ -181,6 +183,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     require_module(model, "load_adapter")
     require_path(path, "load_adapter")
     wrapper, model = model, unwrap_model(model)
+    refuse_inside_disable_adapter(model, "load_adapter")
     file = adapter_file(path)
     meta, tensors, _ = read_adapter_file(file)
     bare = not lora_layers(model)

@@ -26,6 +26,7 @@ from lorambo.adapters.meta_tensors import refuse_meta_sources
 from lorambo.adapters.peft_task import TASK_HEADS, peft_task_type
 from lorambo.model import lora_layers
 from lorambo.model.argument import require_module, require_path
+from lorambo.model.disable import refuse_inside_disable_adapter
 from lorambo.model.modules_to_save import modules_to_save
 from lorambo.model.targeting import dot_suffixes
 from lorambo.model.unwrap import unwrap_model
@@ -166,6 +167,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     for file in files:
         check_target(file, "export_peft")
     config = peft_adapter_config(model)
+    refuse_inside_disable_adapter(model, "export_peft")
     refuse_meta_sources(model, lora_layers(model), modules_to_save(model), "export_peft")
     tensors = {}
     for layer in lora_layers(model).values():
