@@ -59,8 +59,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     Raises ``ValueError`` for a model without LoRAMBoLinear layers, one on the meta device, or
     an empty path; ``IsADirectoryError`` / ``NotADirectoryError`` for a folder where the file
     goes or a file where a folder must be (before anything is written); ``RuntimeError`` for
-    pools or modules to save that hold NaN/inf (nothing written); ``OSError`` for a write the
-    filesystem refused (the previous file intact).
+    pools or modules to save that hold NaN/inf (nothing written), or for a call inside
+    :func:`lorambo.disable_adapter` on a model with modules_to_save (there they are the frozen
+    originals); ``OSError`` for a write the filesystem refused (the previous file intact).
     """
     require_module(model, "save_adapter")
     require_path(path, "save_adapter")
@@ -179,6 +180,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     it, or whose dtype cannot hold the file's values (a float32 adapter beyond 65504 into a
     float16 model; values within range are rounded once). A model wrapped by torch.compile or
     DDP is loaded into through the wrapper (the file's names are the plain model's).
+    ``RuntimeError`` inside :func:`lorambo.disable_adapter` on a model with modules_to_save:
+    the block's exit would drop what was loaded into them.
     """
     require_module(model, "load_adapter")
     require_path(path, "load_adapter")

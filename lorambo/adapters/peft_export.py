@@ -159,7 +159,8 @@ def export_peft(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     are named as in the plain model, also when ``model`` is wrapped by torch.compile or DDP.
     ``ValueError`` for a model without a LoRAMBoLinear of rank > 0 or an empty path;
     ``NotADirectoryError`` when ``path`` is a file; ``RuntimeError`` for pools that hold NaN/inf
-    (nothing written); ``OSError`` for a write the filesystem refused."""
+    (nothing written) or a call inside :func:`lorambo.disable_adapter` on a model with
+    modules_to_save; ``OSError`` for a write the filesystem refused."""
     require_module(model, "export_peft")
     model = unwrap_model(model)
     folder = require_path(path, "export_peft")
