@@ -24,6 +24,7 @@ from lorambo.adapters.overwrite import configure_for_overwrite, set_rank_for_ove
 from lorambo.adapters.values_fit import check_fits_dtypes, loaded_entries
 from lorambo.model import lora_layers, unload
 from lorambo.model.argument import require_module, require_path
+from lorambo.model.disable import refuse_inside_disable_adapter
 from lorambo.model.modules_to_save import modules_to_save
 from lorambo.model.partial_edit import add_note, note_partial_edit
 from lorambo.model.targeting import check_named_targets
@@ -58,8 +59,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     Raises ``ValueError`` for a model without LoRAMBoLinear layers, one on the meta device, or
     an empty path; ``IsADirectoryError`` / ``NotADirectoryError`` for a folder where the file
     goes or a file where a folder must be (before anything is written); ``RuntimeError`` for
-    pools or modules to save that hold NaN/inf (nothing written); ``OSError`` for a write the
-    filesystem refused (the previous file intact).
+    pools or modules to save that hold NaN/inf (nothing written), or for a call inside
+    :func:`lorambo.disable_adapter` on a model with modules_to_save (there they are the frozen
+    originals); ``OSError`` for a write the filesystem refused (the previous file intact).
     """
     require_module(model, "save_adapter")
     require_path(path, "save_adapter")
@@ -73,6 +75,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     if not layers:
         raise ValueError(f"save_adapter: {type(model).__name__} has no LoRAMBoLinear layer to save")
     check_not_root(layers)
+    refuse_inside_disable_adapter(model, "save_adapter")
     refuse_meta_sources(model, layers, modules_to_save(model), "save_adapter")
     tensors, meta = {}, {}
     for layer in layers.values():
@@ -177,10 +180,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     it, or whose dtype cannot hold the file's values (a float32 adapter beyond 65504 into a
     float16 model; values within range are rounded once). A model wrapped by torch.compile or
     DDP is loaded into through the wrapper (the file's names are the plain model's).
+    ``RuntimeError`` inside :func:`lorambo.disable_adapter` on a model with modules_to_save:
+    the block's exit would drop what was loaded into them.
     """
     require_module(model, "load_adapter")
     require_path(path, "load_adapter")
     wrapper, model = model, unwrap_model(model)
+    refuse_inside_disable_adapter(model, "load_adapter")
     file = adapter_file(path)
     meta, tensors, _ = read_adapter_file(file)
     bare = not lora_layers(model)

@@ -26,6 +26,7 @@ from lorambo.adapters.meta_tensors import refuse_meta_sources
 from lorambo.adapters.peft_task import TASK_HEADS, peft_task_type
 from lorambo.model import lora_layers
 from lorambo.model.argument import require_module, require_path
+from lorambo.model.disable import refuse_inside_disable_adapter
 from lorambo.model.modules_to_save import modules_to_save
 from lorambo.model.targeting import dot_suffixes
 from lorambo.model.unwrap import unwrap_model
@@ -158,7 +159,8 @@ def export_peft(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     are named as in the plain model, also when ``model`` is wrapped by torch.compile or DDP.
     ``ValueError`` for a model without a LoRAMBoLinear of rank > 0 or an empty path;
     ``NotADirectoryError`` when ``path`` is a file; ``RuntimeError`` for pools that hold NaN/inf
-    (nothing written); ``OSError`` for a write the filesystem refused."""
+    (nothing written) or a call inside :func:`lorambo.disable_adapter` on a model with
+    modules_to_save; ``OSError`` for a write the filesystem refused."""
     require_module(model, "export_peft")
     model = unwrap_model(model)
     folder = require_path(path, "export_peft")
@@ -166,6 +168,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     for file in files:
         check_target(file, "export_peft")
     config = peft_adapter_config(model)
+    refuse_inside_disable_adapter(model, "export_peft")
     refuse_meta_sources(model, lora_layers(model), modules_to_save(model), "export_peft")
     tensors = {}
     for layer in lora_layers(model).values():

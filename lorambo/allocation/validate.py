@@ -166,7 +166,7 @@ def _non_increasing(arr: np.ndarray, what: str, name: Any, explain: str) -> None
     if bad.size:
         j = int(bad[0])
         raise ValueError(f"{what}[{name!r}] must be non-increasing ({explain}): entry {j + 1} = "
-                         f"{arr[j + 1]!r} > entry {j} = {arr[j]!r}")
+                         f"{float(arr[j + 1])!r} > entry {j} = {float(arr[j])!r}")
 
 
 def _check_curve(arr: np.ndarray, what: str, name: Any, kind: str) -> None:

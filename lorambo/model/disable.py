@@ -18,7 +18,7 @@ from lorambo.model.argument import require_module
 from lorambo.model.configure import _set_submodule, lora_layers
 from lorambo.model.modules_to_save import modules_to_save, original_state
 
-__all__ = ["disable_adapter"]
+__all__ = ["disable_adapter", "refuse_inside_disable_adapter"]
 
 
 def _frozen_original(name: str, trained: nn.Module, original: dict) -> nn.Module:
@@ -43,6 +43,18 @@ def _frozen_original(name: str, trained: nn.Module, original: dict) -> nn.Module
     frozen.load_state_dict({k: v for k, v in original.items() if k not in params}, strict=False)  # buffers
     frozen.requires_grad_(False)
     return frozen
+
+
+def refuse_inside_disable_adapter(model: nn.Module, who: str) -> None:
+    """RuntimeError from ``who`` (an adapter file's writer or reader) while ``disable_adapter`` is
+    active on ``model`` and it has modules_to_save: those are then the frozen copies of their state
+    before configure_model, so a save would write the untrained heads, and a load would fill the
+    copies that the exit drops, leaving the trained heads as they were beside the loaded pools."""
+    heads = modules_to_save(model)
+    if heads and any(layer.adapter_disabled for layer in lora_layers(model).values()):
+        raise RuntimeError(f"{who}: called inside lorambo.disable_adapter, where the modules_to_save "
+                           f"{sorted(heads)[:4]} are frozen copies of their state before configure_model, "
+                           "not the trained modules; call it after the with-block")
 
 
 @contextmanager

@@ -179,3 +179,9 @@ def test_a_curve_given_to_a_method_that_does_not_read_it_is_refused(method, curv
     with pytest.raises(ValueError, match=rf"allocate: {curve}= is read only by method='\w+', and "
                                          rf"method='{method}' would ignore it"):
         allocate(dims, {"a": 1.0, "b": 2.0}, 40, method=method, **own, **stray)
+
+
+def test_a_curve_that_rises_names_its_entries_as_plain_numbers():
+    """The message read 'entry 1 = np.float64(2.5) > entry 0 = np.float64(1.5)' under numpy 2."""
+    with pytest.raises(ValueError, match=r"entry 1 = 2\.5 > entry 0 = 1\.5$"):
+        allocate(DIMS, SENS, 100, method="knapsack", benefits={"q_proj": [3.0, 2.0], "v_proj": [1.5, 2.5]})

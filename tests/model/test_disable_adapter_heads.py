@@ -80,3 +80,40 @@ def test_a_head_to_save_resized_after_configure_is_refused_naming_it():
     assert model.lm_head is head and not any(layer.adapter_disabled for layer in lorambo.lora_layers(model).values())
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)
+
+
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.parametrize("call", ["save_adapter", "export_peft"])
+def test_saving_inside_the_context_is_refused_naming_the_heads(tmp_path, call):
+    """Inside disable_adapter the heads to save are frozen copies of their state before
+    configure_model: a file written there held the untrained head in place of the trained one,
+    and loaded back it changed the model's outputs without a word. Refused, nothing written."""
+    _, model = _trained()
+    target = tmp_path / "adapter"
+    with disable_adapter(model):
+        with pytest.raises(RuntimeError, match=rf"{call}: called inside lorambo\.disable_adapter.*\['head'\]"):
+            getattr(lorambo, call)(model, target)
+    assert not target.exists()
+    getattr(lorambo, call)(model, target)  # after the with-block it saves the trained head
+
+
+def test_loading_inside_the_context_is_refused_and_leaves_the_model_as_it_was(tmp_path):
+    """load_adapter inside the context wrote the file's head into the frozen copy, which the exit
+    then dropped: the trained head stayed as it was while the pools took the file's values."""
+    _, model = _trained()
+    _, other = _trained()
+    with torch.no_grad():
+        other.head.lin.weight.add_(1.0)
+        other.body.lora_A[:other.body.rank].add_(0.5)
+    lorambo.save_adapter(other, tmp_path / "adapter")
+    before = _snapshot(model)
+    with disable_adapter(model):
+        with pytest.raises(RuntimeError, match=r"load_adapter: called inside lorambo\.disable_adapter.*\['head'\]"):
+            lorambo.load_adapter(model, tmp_path / "adapter")
+    after = _snapshot(model)
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value, rtol=0, atol=0, msg=key)
