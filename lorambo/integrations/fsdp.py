@@ -95,10 +95,10 @@ def full_pools(layers: Iterable[nn.Module], optimizer: torch.optim.Optimizer | N
     the same tensors to gather; one small all-reduce checks both before the first all-gather, so
     a process given other layers or other arguments raises a ValueError on every process instead
     of waiting in a gather the others never join. Every gathered tensor is allocated before that
-    all-reduce too (:mod:`lorambo.dtensor_gather`), so running out of memory for them
-    on one process raises on every process, nothing changed. An ``Exception`` raised in the
-    context on one process is raised on every process (a RuntimeError naming it on the others),
-    by one more small all-reduce on exit. Then no process writes back, and each one's layers (rank, slot
+    all-reduce too (:mod:`lorambo.dtensor_gather`), so running out of memory for them on one
+    process raises on every process, nothing changed. An ``Exception`` raised in the context on
+    one process is raised on every process (a RuntimeError naming it on the others), by one more
+    small all-reduce on exit. Then no process writes back, and each one's layers (rank, slot
     ids, merge state) and what is not sharded (values, gradients, optimizer state: an unsharded
     model under DDP) are put back (:class:`EditSnapshot`): the edit is made on every process or
     on none. ``keep_partial``: write back what the context changed before it stopped (the rank

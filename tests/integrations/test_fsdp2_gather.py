@@ -87,13 +87,20 @@ def test_out_of_memory_for_a_gather_on_one_process_stops_every_process_and_chang
     assert_same_state(second["works_state"], first["works_state"], "works", ids=False)
 
 
+def _only_process_1_ran_out(first, second, case, who):
+    """Process 1 ran out of memory for a gathered tensor (not a shard) and raised it; process 0
+    raised a RuntimeError naming ``who`` and process 1's error, instead of waiting in an all-gather."""
+    fired, failed = f"{case}_fired", f"{case}_failed"
+    assert first[fired] is None and second[fired][1] >= 60, second[fired]
+    assert second[failed][:2] == ("error", "OutOfMemoryError"), second[failed]
+    assert first[failed][:2] == ("error", "RuntimeError"), first[failed]
+    assert f"{who} failed on another process (process 1: OutOfMemoryError: simulated" in first[failed][2], \
+        first[failed]
+
+
 def test_out_of_memory_for_the_gathered_state_dict_on_one_process_stops_every_process(outcomes):
     first, second = outcomes
-    assert first["unloaded_fired"] is None and second["unloaded_fired"][1] >= 60, second["unloaded_fired"]
-    assert second["unloaded_failed"][:2] == ("error", "OutOfMemoryError"), second["unloaded_failed"]
-    assert first["unloaded_failed"][:2] == ("error", "RuntimeError"), first["unloaded_failed"]
-    assert "unloaded_state_dict failed on another process (process 1: OutOfMemoryError: simulated" in \
-        first["unloaded_failed"][2], first["unloaded_failed"]
+    _only_process_1_ran_out(first, second, "unloaded", "unloaded_state_dict")
     # then both gather it, alike: the plain model's full tensors
     assert first["unloaded"][0] == second["unloaded"][0] == "ok"
     state, other = first["unloaded"][1], second["unloaded"][1]
@@ -107,11 +114,7 @@ def test_out_of_memory_for_a_gather_of_adalora_importance_on_one_process_stops_e
     """Before, AdaLoRAImportance.update gathered with full_tensor(): process 1's out of memory was
     raised inside the all-gather process 0 waited in."""
     first, second = outcomes
-    assert first["importance_fired"] is None and second["importance_fired"][1] >= 60, second["importance_fired"]
-    assert second["importance_failed"][:2] == ("error", "OutOfMemoryError"), second["importance_failed"]
-    assert first["importance_failed"][:2] == ("error", "RuntimeError"), first["importance_failed"]
-    assert "AdaLoRAImportance.update failed on another process (process 1: OutOfMemoryError: simulated" in \
-        first["importance_failed"][2], first["importance_failed"]
+    _only_process_1_ran_out(first, second, "importance", "AdaLoRAImportance.update")
     assert first["importance_calls"] == second["importance_calls"] == 0  # nothing folded in
     # then both fold the step in, alike
     assert first["importance_works"] == second["importance_works"] == ("ok", True)
