@@ -485,11 +485,20 @@ class LoRAMBoOptimizer:
                   optimizer: OptimizerArgument | None = None) -> torch.nn.Module:
         """``configure_model(model, ranks, capacity=self.capacities, alpha=..., modules_to_save=...)``;
         returns the model.
+        With ``allocation="alora"`` and no ``heldout_batches`` or ``loss_fn``, a ValueError before
+        anything changes: the rounds could not score components.
         ``optimizer`` (default: the one from :meth:`make_optimizer`) has the state of existing
         adapters whose rank changes edited with them."""
         ranks = dict(ranks or self.ranks or {})
         if not ranks:
             raise RuntimeError("configure(): call compute_optimal_ranks first or pass ranks")
+        if self.allocation == "alora":  # its rounds, maybe hours into training, need them
+            missing = [k for k, v in (("heldout_batches", self.heldout_batches), ("loss_fn", self.loss_fn))
+                       if v is None]
+            if missing:
+                raise ValueError(f"LoRAMBoOptimizer.configure: allocation='alora' scores components by ablation "
+                                 f"on heldout_batches with loss_fn in its rounds; {' and '.join(missing)} not "
+                                 "given to the constructor")
         caps = self.capacities or self.plan_capacities(ranks)
         caps = {n: c for n, c in caps.items() if n in ranks}  # ranks may name fewer layers than were planned
         optimizer = optimizer if optimizer is not None else self.default_optimizer

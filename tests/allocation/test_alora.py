@@ -101,9 +101,21 @@ def test_config_validation():
     with pytest.raises(ValueError, match="ALoRAConfig.rounds must be an int >= 1"):
         ALoRAConfig(rounds=0)
     model = lorambo.configure_model(ResidualNet(hidden=12, blocks=1), 2)
-    opt = LoRAMBoOptimizer(model, 200, allocation="alora")
+    heldout = [(torch.randn(5, 12, dtype=DT), torch.randn(5, 12, dtype=DT))]
+    # refused when training is set up, not at the first round, which may come hours in
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for kwargs, missing in (({}, "heldout_batches and loss_fn not given"),
+                            ({"loss_fn": mse}, "heldout_batches not given"),
+                            ({"heldout_batches": heldout}, "loss_fn not given")):
+        opt = LoRAMBoOptimizer(model, 200, allocation="alora", **kwargs)
+        opt.compute_optimal_ranks()  # the starting ranks need no scores (`lorambo allocate` prints them)
+        with pytest.raises(ValueError, match=f"LoRAMBoOptimizer.configure: allocation='alora' .*; {missing}"):
+            opt.configure()
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    # ALoRA itself refuses them too, for callers that build the schedule directly
     with pytest.raises(ValueError, match="ALoRA needs loss_fn and heldout_batches"):
-        opt.step(100)
+        ALoRA(model, lorambo.lora_layers(model), mse, None, ALoRAConfig())
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -39,7 +39,8 @@ def _spend(opt, ranks):
 def test_plain_model_ranks_capacities_and_memory(method, allocation):
     model = _net()
     budget = int(torch.randint(200, 700, ()))
-    opt = LoRAMBoOptimizer(model, budget, sensitivity_method=method, allocation=allocation, num_probes=4)
+    scoring = dict(loss_fn=mse, heldout_batches=_batches(1)) if allocation == "alora" else {}
+    opt = LoRAMBoOptimizer(model, budget, sensitivity_method=method, allocation=allocation, num_probes=4, **scoring)
     assert opt.names == ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down"]  # head excluded
     ranks = opt.compute_optimal_ranks(_batches(), mse)
     assert set(ranks) == set(opt.names) and _spend(opt, ranks) <= budget
