@@ -100,7 +100,8 @@ def _sketch_project_kernel(
                             mask=n_ok[:, None] & (offs_p[None, :] < p_used), other=0.0)
             acc = tl.dot(a, v, acc, input_precision=PRECISION)
         s_off = tl.load(entry + 8)
-        tl.store(s_ptr + s_off + offs_t[:, None] * p + offs_p[None, :], acc,
+        # int64 rows: an entry of T tokens spans T * p elements of S, past int32 beyond 2^31
+        tl.store(s_ptr + s_off + offs_t.to(tl.int64)[:, None] * p + offs_p[None, :], acc,
                  mask=t_ok[:, None] & (offs_p[None, :] < p))
 
 
@@ -148,7 +149,7 @@ def _sketch_reduce_kernel(
                 t_ok = ts < T
                 bt = tl.load(b_ptr + offs_m[:, None] * stride_bm + ts[None, :] * stride_bt,
                              mask=m_ok[:, None] & t_ok[None, :], other=0.0).to(tl.float32)  # (BM, BT)
-                s = tl.load(s_ptr + s_off + ts[:, None] * p + offs_p[None, :],
+                s = tl.load(s_ptr + s_off + ts.to(tl.int64)[:, None] * p + offs_p[None, :],
                             mask=t_ok[:, None] & p_ok[None, :], other=0.0)  # (BT, BP)
                 acc = tl.dot(bt, s, acc, input_precision=PRECISION)
         tl.store(y_ptr + y_off + offs_m[:, None] * p + offs_p[None, :], acc,
