@@ -37,6 +37,16 @@ def test_env_var_is_read_once_and_set_backend_none_rereads_it(monkeypatch):
     assert get_backend() == "ext"
 
 
+def test_an_empty_env_var_means_unset(monkeypatch):
+    lorambo.set_backend("torch")
+    monkeypatch.setenv("LORAMBO_BACKEND", "")
+    lorambo.set_backend(None)
+    assert get_backend() == "auto"
+    monkeypatch.setenv("LORAMBO_BACKEND", "  ")  # whitespace only is a name, and no backend's
+    with pytest.raises(ValueError, match=r"'  '.*\$LORAMBO_BACKEND"):
+        lorambo.set_backend(None)
+
+
 def test_unknown_backend_is_rejected(monkeypatch):
     with pytest.raises(ValueError, match="'cuda'.*lorambo.set_backend"):
         lorambo.set_backend("cuda")

@@ -40,13 +40,14 @@ def _check(name: str, source: str) -> str:
 
 def set_backend(name: str | None) -> None:
     """Select the backend for every LoRAMBoLinear, effective at the next call (compiled models
-    recompile once). ``None`` re-reads ``$LORAMBO_BACKEND`` now (``auto`` when unset).
+    recompile once). ``None`` re-reads ``$LORAMBO_BACKEND`` now (``auto`` when unset or empty).
     ``ValueError`` for a name (or ``$LORAMBO_BACKEND``) not in ``auto``, ``torch``, ``triton``,
     ``ext``; ``TypeError`` for a name that is not a string. A backend that cannot run on a
     device is refused by the forward that would use it (``RuntimeError``), not here."""
     global _requested, _generation
     if name is None:
-        _requested = _check(os.environ.get(_ENV_VAR, "auto"), f"${_ENV_VAR}")
+        # set but empty (`LORAMBO_BACKEND= cmd`) means unset, as for most tools' variables
+        _requested = _check(os.environ.get(_ENV_VAR) or "auto", f"${_ENV_VAR}")
     else:
         _requested = _check(name, "lorambo.set_backend")
     _generation += 1
