@@ -274,17 +274,8 @@ class LoRAMBoCallback(TrainerCallback):
     def _follow(self, records):
         """Take the rank changes ``records`` into the importance averages and :attr:`decisions`."""
         if self.importance is not None:
-            for rec in records:
-                self._sync_importance(rec)
+            self.importance.follow(records)
         self.decisions.extend(records)
-
-    def _sync_importance(self, rec):
-        name = rec["layer"]
-        if rec["event"] == "shrink":
-            kept = [k for k in range(rec["old_rank"]) if k not in rec.get("components", [])]
-            self.importance.keep(name, kept)
-        else:
-            self.importance.reset(name, range(rec["old_rank"], rec["new_rank"]))
 
     def on_train_end(self, args, state, control, **kwargs):
         self._remove_batch_hook()

@@ -20,7 +20,8 @@ whose gradients overflowed is left out, as the scaler skips it). Under DDP the g
 averaged, so every process holds the same scores. Inactive slots have zero gradient and weight,
 hence zero importance. After a rank change, tell the tracker with :meth:`keep` (components were
 compacted by ``keep_components``) or :meth:`reset` (slots were re-initialised by ``set_rank``, or
-the layer's pools were loaded or reset): ``LoRAMBoCallback`` does this for its decisions. Until
+the layer's pools were loaded or reset), or hand it the decision records with :meth:`follow`:
+``LoRAMBoCallback`` does this for its decisions. Until
 then :meth:`update` and :meth:`component_scores` raise, naming the layer: statistics left at the
 old slots would score a moved component by another one's history (a decision could drop a
 component for the low score of the one it replaced). The tracker tells by the component ids of
@@ -36,7 +37,7 @@ of a component need its whole row of A and column of B, which lie on different p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -317,6 +318,32 @@ class AdaLoRAImportance:
         if len(set(slots)) != len(slots):
             raise ValueError(f"{layer._label}: AdaLoRAImportance.{what} slots must be distinct, got {slots}")
         return slots
+
+    def follow(self, records: Iterable[Mapping[str, Any]]) -> None:
+        """Take rank changes into the statistics, in order: the records that
+        ``LoRAMBoOptimizer.step`` returns (or ``opt.decisions`` adds). A ``shrink`` keeps the slots
+        it did not drop, in order (:meth:`keep`); a ``grow`` forgets its new slots (:meth:`reset`).
+        A plain loop with rank moves calls ``importance.follow(opt.step(step, component_scores=
+        importance.component_scores()))``; ``LoRAMBoCallback`` does this itself. Every record is
+        checked before any is applied (a ValueError naming it)."""
+        if isinstance(records, Mapping):
+            raise TypeError("AdaLoRAImportance.follow takes a list of decision records, got one record: "
+                            "wrap it in a list")
+        edits = []
+        for i, rec in enumerate(records):
+            event = rec.get("event") if isinstance(rec, Mapping) else None
+            if event not in ("grow", "shrink"):
+                raise ValueError(f"AdaLoRAImportance.follow: records[{i}] = {rec!r} is not a rank change "
+                                 "(a record with event 'grow' or 'shrink')")
+            name, old = rec.get("layer"), rec.get("old_rank")
+            if event == "shrink":
+                dropped = set(rec.get("components", []))
+                edits.append((self.keep, name, [k for k in range(old) if k not in dropped]))
+            else:
+                edits.append((self.reset, name, list(range(old, rec.get("new_rank")))))
+            self._checked_slots(name, edits[-1][2], "follow")
+        for edit, name, slots in edits:
+            edit(name, slots)
 
     @torch.no_grad()
     def keep(self, name: str, keep: Sequence[int]) -> None:
