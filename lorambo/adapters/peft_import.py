@@ -43,6 +43,7 @@ from lorambo.model import lora_layers, unload
 from lorambo.model.argument import require_module, require_path
 from lorambo.model.modules_to_save import resolve_modules_to_save
 from lorambo.model.patterns import pattern_lookup
+from lorambo.model.targeting import refuse_peft_modules
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import default_capacity
 from lorambo.nn.base_layers import base_kind, features, unwrappable_reason
@@ -408,6 +409,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike[str], capacity: int | 
     """
     require_module(model, "import_peft")
     wrapper, model = model, unwrap_model(model)
+    refuse_peft_modules(model, "import_peft: ")  # peft's layers are no base layers to adapt
     folder = require_path(path, "import_peft")
     config_file = folder / _CONFIG
     if not config_file.is_file():
