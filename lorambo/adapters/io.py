@@ -27,7 +27,7 @@ from lorambo.model.argument import require_module, require_path
 from lorambo.model.disable import refuse_inside_disable_adapter
 from lorambo.model.modules_to_save import modules_to_save
 from lorambo.model.partial_edit import add_note, note_partial_edit
-from lorambo.model.targeting import check_named_targets
+from lorambo.model.targeting import check_named_targets, refuse_peft_modules
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn.base_layers import base_kind, features
 from lorambo.nn.settings_fit import check_settings_fit
@@ -179,13 +179,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     :class:`AdapterFormatError` for a bad file, ``ValueError`` for a model that does not match
     it, or whose dtype cannot hold the file's values (a float32 adapter beyond 65504 into a
     float16 model; values within range are rounded once). A model wrapped by torch.compile or
-    DDP is loaded into through the wrapper (the file's names are the plain model's).
+    DDP is loaded into through the wrapper (the file's names are the plain model's); one wrapped
+    by peft is a ``ValueError`` naming its peft modules (convert it with ``lorambo.from_peft``).
     ``RuntimeError`` inside :func:`lorambo.disable_adapter` on a model with modules_to_save:
     the block's exit would drop what was loaded into them.
     """
     require_module(model, "load_adapter")
     require_path(path, "load_adapter")
     wrapper, model = model, unwrap_model(model)
+    refuse_peft_modules(model, "load_adapter: ")  # its names would miss peft's, with misleading hints
     refuse_inside_disable_adapter(model, "load_adapter")
     file = adapter_file(path)
     meta, tensors, _ = read_adapter_file(file)

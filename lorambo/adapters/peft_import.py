@@ -43,12 +43,14 @@ from lorambo.model import lora_layers, unload
 from lorambo.model.argument import require_module, require_path
 from lorambo.model.modules_to_save import resolve_modules_to_save
 from lorambo.model.patterns import pattern_lookup
+from lorambo.model.targeting import refuse_peft_modules
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import default_capacity
 from lorambo.nn.base_layers import base_kind, features, unwrappable_reason
 from lorambo.nn.finite_numbers import is_finite_number, is_int, shown_number
 from lorambo.nn.settings_fit import check_settings_fit
 from lorambo.optional import requires
+from lorambo.user_warnings import warn_user
 
 __all__ = ["import_peft", "from_peft", "check_peft_config"]
 
@@ -237,9 +239,32 @@ def _capacities(model, specs, capacity, where: str) -> dict[str, int]:
     return caps
 
 
+def _warn_if_rounded(model: nn.Module, specs: dict[str, _LayerSpec], caller: str, where: str) -> None:
+    """Warn when half-precision pools (the base weight's dtype) cannot hold peft's A and B
+    exactly: peft keeps a float16 / bfloat16 model's adapter in float32
+    (``autocast_adapter_dtype``), so rounding it changes the outputs and the training that
+    follows. Into any other dtype peft's own load casts the same way."""
+    rounded = {}
+    for name, spec in specs.items():
+        for pool, value in (("lora_A", spec.peft_a), ("lora_B", spec.peft_b)):
+            dtype = destination_dtype(model, name, pool)
+            if (dtype in (torch.float16, torch.bfloat16) and value.dtype != dtype
+                    and not torch.equal(value.to(dtype).to(value.dtype), value)):
+                rounded.setdefault(name, (value.dtype, dtype))
+                break
+    if rounded:
+        kinds = " / ".join(sorted({str(a).replace("torch.", "") for a, _ in rounded.values()}))
+        pools = " / ".join(sorted({str(b) for _, b in rounded.values()}))
+        warn_user(f"{caller}: {where}: {len(rounded)} of {len(specs)} layers (e.g. {list(rounded)[:3]}) hold {kinds} "
+                  f"LoRA weights, which their pools (the base weight's dtype, {pools}) round: peft keeps a "
+                  "half-precision model's adapter in float32. The outputs differ from peft's by that rounding, "
+                  f"and training updates the pools in {pools}. To keep the weights exactly, convert the model "
+                  "first (model.float())", UserWarning)
+
+
 @torch.no_grad()
 def _install(model: nn.Module, specs: dict[str, _LayerSpec], capacity, saved_states: dict,
-             save_names: list[str], where: str, embedding_states: dict | None = None,
+             save_names: list[str], where: str, caller: str, embedding_states: dict | None = None,
              frozen_b: bool = False) -> nn.Module:
     """Validate everything, then configure and copy the weights in. ``embedding_states``:
     ``{module name: state}`` of embedding layers the adapter holds whole
@@ -271,6 +296,7 @@ def _install(model: nn.Module, specs: dict[str, _LayerSpec], capacity, saved_sta
     pools = [(spec.described(name, pool), value, destination_dtype(model, name, pool))
              for name, spec in specs.items() for pool, value in (("lora_A", spec.a), ("lora_B", spec.b))]
     check_fits_dtypes(where, pools + saved_entries)
+    _warn_if_rounded(model, specs, caller, where)
     ranks = {n: s.a.shape[0] for n, s in specs.items()}
     configure_for_overwrite(model, ranks, capacity=_capacities(model, specs, capacity, where),
                             modules_to_save=save_names or None)
@@ -370,7 +396,9 @@ def import_peft(model: nn.Module, path: str | os.PathLike[str], capacity: int | 
     (the plain base model) as LoRAMBoLinear layers, in place; returns the model.
 
     ``capacity``: pool size per layer (int, or ``{name: capacity}``; default: room to double).
-    A model wrapped by torch.compile or DDP is adapted through the wrapper.
+    A model wrapped by torch.compile or DDP is adapted through the wrapper. The pools take the
+    base weight's dtype: weights they cannot hold exactly (a float32 adapter into a bfloat16
+    model) are rounded, with a ``UserWarning`` naming the layers.
 
     Everything is checked before the model changes. Raises ``FileNotFoundError`` for a folder
     without ``adapter_config.json`` or adapter weights, :class:`AdapterFormatError` for an
@@ -381,6 +409,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike[str], capacity: int | 
     """
     require_module(model, "import_peft")
     wrapper, model = model, unwrap_model(model)
+    refuse_peft_modules(model, "import_peft: ")  # peft's layers are no base layers to adapt
     folder = require_path(path, "import_peft")
     config_file = folder / _CONFIG
     if not config_file.is_file():
@@ -422,7 +451,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike[str], capacity: int | 
     embeddings, other = split_embedding_states(model, other, specs, config.get("modules_to_save") or [])
     save_names, saved = _group_saved(model, other, config.get("modules_to_save"),
                                      bool(config.get("ensure_weight_tying")), where)
-    _install(model, specs, capacity, saved, save_names, where, embeddings, _trains_a_only(config))
+    _install(model, specs, capacity, saved, save_names, where, "import_peft", embeddings, _trains_a_only(config))
     return wrapper
 
 
@@ -438,7 +467,7 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None,
 
     The peft wrapper is consumed: its LoRA layers are replaced in place. ``adapter_name``
     defaults to the active adapter (an error when several are active, since peft adds them up);
-    other adapters are dropped. ``capacity``: as in :func:`import_peft`.
+    other adapters are dropped. ``capacity`` and the pools' dtype: as in :func:`import_peft`.
 
     Raises ``TypeError`` for a model that holds no peft adapter, ``ValueError`` for several
     active adapters, an unknown ``adapter_name``, disabled or merged adapters, or a peft feature
@@ -482,7 +511,7 @@ def from_peft(peft_model: nn.Module, adapter_name: str | None = None,
     for p in model.parameters():
         p.requires_grad_(True)  # peft froze the base; configure_model freezes it again and records it
     try:
-        converted = _install(model, specs, capacity, saved, list(heads), where,
+        converted = _install(model, specs, capacity, saved, list(heads), where, "from_peft",
                              frozen_b=_trains_a_only(config.to_dict()))
     except BaseException:  # _install changed nothing: give the peft model its adapter back
         for name, module in peft_modules.items():

@@ -20,7 +20,7 @@ from lorambo.model.modules_to_save import (check_not_targets, forget_modules_to_
 from lorambo.model.partial_edit import note_partial_edit
 from lorambo.model.patterns import check_alpha_pattern, pattern_lookup
 from lorambo.model.resize_guard import sync_resize_guards
-from lorambo.model.targeting import check_named_targets, find_targets
+from lorambo.model.targeting import check_named_targets, find_targets, refuse_peft_modules
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import LoRAMBoLinear
 from lorambo.nn.finite_numbers import shown_number
@@ -92,7 +92,7 @@ def configure_model(model: nn.Module, ranks: int | Mapping[str, int], target_mod
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"configure_model: generator must be a torch.Generator or None, got {generator!r:.60}")
     _check_no_lazy_parameters(model)
-    _check_no_peft_modules(model)
+    refuse_peft_modules(model, "configure_model: ")
     saved = resolve_modules_to_save(model, modules_to_save)
     names = _resolve_targets(model, ranks, target_modules)
     check_not_targets(list(dict.fromkeys(recorded_modules_to_save(model) + saved)), names)  # earlier calls' too
@@ -137,18 +137,6 @@ def _check_no_lazy_parameters(model: nn.Module) -> None:
         raise ValueError(f"configure_model: {type(model).__name__} has uninitialized lazy parameters {lazy[:4]} "
                          "(a LazyModule before its first forward), which cannot be frozen; run one forward "
                          "with a dummy batch first")
-
-
-def _check_no_peft_modules(model: nn.Module) -> None:
-    """A model wrapped by peft holds peft's own Linear layers (each LoRA layer's base_layer,
-    lora_A and lora_B; the copies of its modules_to_save): the default targets would put
-    LoRA on peft's LoRA, and a named target would leave peft's adapter adding to lorambo's."""
-    found = [f"{n or '(the model)'}: {type(m).__module__}.{type(m).__name__}" for n, m in model.named_modules()
-             if type(m).__module__.split(".")[0] == "peft"]
-    if found:
-        raise ValueError(f"configure_model: {type(model).__name__} holds peft modules ({'; '.join(found[-2:])}); lorambo "
-                         "would adapt peft's own layers. Convert it with lorambo.from_peft(model), or configure the "
-                         "plain base model (before get_peft_model, or after peft's unload())")
 
 
 @dataclass

@@ -128,6 +128,19 @@ def _require_adaptable(name: str, module: nn.Module, why: str, bypassed: dict[st
                          "instead of calling it: a LoRA there would never run. Leave it out of target_modules")
 
 
+def refuse_peft_modules(model: nn.Module, prefix: str = "") -> None:
+    """ValueError naming them when ``model`` holds peft's modules (a peft-wrapped model: each
+    LoRA layer's base_layer, lora_A and lora_B, the copies of its modules_to_save are Linear
+    layers): the default targets would put LoRA on peft's LoRA, and a named target would leave
+    peft's adapter adding to lorambo's. ``prefix`` starts the message (the caller's name)."""
+    found = [f"{n or '(the model)'}: {type(m).__module__}.{type(m).__name__}" for n, m in model.named_modules()
+             if type(m).__module__.split(".")[0] == "peft"]
+    if found:
+        raise ValueError(f"{prefix}{type(model).__name__} holds peft modules ({'; '.join(found[-2:])}); lorambo "
+                         "would adapt peft's own layers. Convert it with lorambo.from_peft(model), or use the "
+                         "plain base model (before get_peft_model, or after peft's unload())")
+
+
 def find_targets(model: nn.Module, target_modules: str | Iterable[str] | None) -> list[str]:
     """Dotted names to adapt, in model order.
 
@@ -140,7 +153,11 @@ def find_targets(model: nn.Module, target_modules: str | Iterable[str] | None) -
     (:func:`lorambo.model.bypassed.bypassed_linears`; naming one is an error).
     A list: suffix match on dotted names (each entry must match something). Another string:
     regex full match on dotted names.
+
+    A model wrapped by peft is refused (:func:`refuse_peft_modules`): convert it with
+    ``lorambo.from_peft`` first.
     """
+    refuse_peft_modules(model)
     if target_modules is None or target_modules == ALL_LINEAR:
         _warn_stacked_left_out(model)
         return default_targets(model)
