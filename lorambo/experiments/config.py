@@ -43,6 +43,11 @@ TASK_LABELS = {"planted": "planted low-rank deltas (distillation)",
                "sentiment": "movie-review sentiment (classification)"}
 
 
+def seeds_phrase(count: int) -> str:
+    """``"1 seed"``, ``"3 seeds"``: how tables and plot titles say how many seeds they average."""
+    return f"{count} seed{'' if count == 1 else 's'}"
+
+
 def _positive_number(value) -> bool:
     """A finite number > 0; a bool is not one (True would read as 1, a rate of 1.0 or a budget of 1)."""
     return (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from lorambo.adapters.atomic import atomic_save_figure
-from lorambo.experiments.config import METHOD_LABELS
+from lorambo.experiments.config import METHOD_LABELS, seeds_phrase
 from lorambo.experiments.cpus import cpus_line
 from lorambo.experiments.plots import new_figure, rank_heatmap
 
@@ -144,7 +144,7 @@ def accuracy_table(summary: dict) -> str:
     uniform LoRA (an experiment run with other methods only) no seed has a uniform run to beat."""
     own_rates = not _on_uniform(summary)
     lines = [f"{summary['task']} task at P = {summary['budget']:,}, {summary['steps']} steps of "
-             f"{summary['batch_size']} x {summary['max_length']} tokens, {summary['seeds']} seeds, "
+             f"{summary['batch_size']} x {summary['max_length']} tokens, {seeds_phrase(summary['seeds'])}, "
              f"{_rate_header(summary)}; "
              f"linear probe on the frozen encoder: test accuracy {summary['linear_probe']['test']:.3f}", "",
              "| method | test accuracy (mean ± std) | per seed | seeds better than uniform |"
@@ -164,7 +164,7 @@ def table(summary: dict) -> str:
     own_rates = not _on_uniform(summary)
     lines = [f"planted task at P = {summary['budget']:,} (P* = {summary['planted_params']:,}), "
              f"{summary['steps']} steps of {summary['batch_size']} x {summary['max_length']} tokens, "
-             f"{summary['seeds']} seeds, {_rate_header(summary)}",
+             f"{seeds_phrase(summary['seeds'])}, {_rate_header(summary)}",
              "",
              "| method | test loss (mean ± std) | gap closed (mean ± std) | seeds better than uniform | "
              "coverage | budget on planted | Spearman ρ |" + (" lr |" if own_rates else ""),
@@ -228,7 +228,7 @@ def curve_plot(summary: dict, path) -> Path:
     ax.set_xlabel("training step")
     ax.set_ylabel("validation loss (1.0 = pretrained model on training windows)")
     ax.set_ylim(bottom=0)
-    ax.set_title(f"planted task, P = {summary['budget']:,}: mean ± std over {summary['seeds']} seeds",
+    ax.set_title(f"planted task, P = {summary['budget']:,}: mean ± std over {seeds_phrase(summary['seeds'])}",
                  fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

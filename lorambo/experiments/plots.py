@@ -17,7 +17,7 @@ import numpy as np
 
 from lorambo.adapters.atomic import atomic_save_figure
 from lorambo.allocation.report import rank_grid
-from lorambo.experiments.config import METHOD_LABELS, TASK_LABELS
+from lorambo.experiments.config import METHOD_LABELS, TASK_LABELS, seeds_phrase
 
 
 def new_figure(**kwargs):
@@ -55,7 +55,8 @@ def metric_vs_budget(task_result: dict, path) -> Path:
     ax.set_xlabel("LoRA parameter budget P = Σ r_i (d_i + k_i)")
     better = "higher" if task_result["higher_is_better"] else "lower"
     ax.set_ylabel(f"held-out {metric} ({better} is better)")
-    ax.set_title(f"{TASK_LABELS[task_result['task']]}\nmean ± std over {task_result['seeds']} seeds", fontsize=10)
+    ax.set_title(f"{TASK_LABELS[task_result['task']]}\nmean ± std over {seeds_phrase(task_result['seeds'])}",
+                 fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()

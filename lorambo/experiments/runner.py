@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from lorambo.experiments import bundle, demo_report, journal, outputs, sentiment_data
 from lorambo.experiments import results as res
 from lorambo.experiments.assemble import task_result
-from lorambo.experiments.config import ExperimentConfig
+from lorambo.experiments.config import ExperimentConfig, seeds_phrase
 from lorambo.experiments.cpus import cpus_line, usable_cpus
 from lorambo.experiments.executor import resolve_device
 from lorambo.experiments.scheduler import none_started_reason, run_units
@@ -316,7 +316,7 @@ def report_text(result: dict, cfg: ExperimentConfig) -> str:
         if tr["notes"]:
             parts.append("notes: " + "; ".join(tr["notes"]))
     env = result["environment"]
-    parts.append(f"{cfg.seeds} seeds, {cfg.steps} steps of {cfg.batch_size} x {cfg.max_length} tokens per run; "
+    parts.append(f"{seeds_phrase(cfg.seeds)}, {cfg.steps} steps of {cfg.batch_size} x {cfg.max_length} tokens per run; "
                  f"python {env['python']}, torch {env['torch']}, peft {env['peft']}, "
                  f"{cpus_line(env)} ({env['processor'] or env['machine']}), {env['threads']} threads")
     return "\n\n".join(parts)

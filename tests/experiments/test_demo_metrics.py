@@ -116,6 +116,7 @@ def test_the_accuracy_table_of_an_experiment_without_uniform_lora():
     assert out["lr"] is None and {m: row["accuracy"] for m, row in out["methods"].items()} == acc
     text = demo_report.accuracy_table(out)
     assert "5 seeds, each method at the rate its own grid chose on seed 0 (column lr); linear probe" in text
+    assert "1 seed, each method" in demo_report.accuracy_table(dict(out, seeds=1))  # not "1 seeds"
     assert "test accuracy 0.713" in text
     assert "| closed form, gradient | 0.7900 ± 0.0283 | 0.8100, 0.7700 | n/a | 0.001 |" in text
     assert "| knapsack, probe directions | 0.7650 ± 0.0354 | 0.7400, 0.7900 | n/a | 0.01 |" in text

@@ -133,5 +133,6 @@ def test_results_txt_holds_each_tasks_table_verdicts_rates_and_notes_and_is_echo
     assert ("notes: " + note in parts) if note is not None else not any(p.startswith("notes") for p in parts)
     env = result["environment"]
     setup = parts[4 if note is not None else 3]
-    assert setup.startswith(f"{cfg.seeds} seeds, {cfg.steps} steps of {cfg.batch_size} x {cfg.max_length} tokens")
+    assert cfg.seeds == 1  # the tiny preset: "1 seed", not "1 seeds"
+    assert setup.startswith(f"1 seed, {cfg.steps} steps of {cfg.batch_size} x {cfg.max_length} tokens")
     assert f"python {env['python']}, torch {env['torch']}, peft {env['peft']}" in setup
