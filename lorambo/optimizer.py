@@ -58,6 +58,7 @@ from lorambo.distributed import SharedFailure, decision_generator, is_main_proce
 from lorambo.model import configure_model, find_targets, lora_layers
 from lorambo.model.argument import require_module
 from lorambo.model.modules_to_save import check_not_targets, resolve_modules_to_save
+from lorambo.model.targeting import refuse_peft_modules
 from lorambo.model.unwrap import unwrap_model
 from lorambo.nn import LoRAMBoLinear
 from lorambo.nn.base_layers import base_kind, features, weight_out_in
@@ -230,6 +231,7 @@ class LoRAMBoOptimizer(DecisionSteps):
 
     # ------------------------------------------------------------------------ validation
     def _find_targets(self, target_modules):
+        refuse_peft_modules(self.plain_model, "LoRAMBoOptimizer: ")  # find_targets would, without the name
         existing = lora_layers(self.plain_model)
         names = (list(existing) if target_modules is None and existing
                  else find_targets(self.plain_model, target_modules))

@@ -39,7 +39,7 @@ _REFUSED = r"holds peft modules \(.*peft\.tuners\.lora\.layer\.Linear.*lorambo\.
 @pytest.mark.parametrize("target_modules", [None, "all-linear", ["down"], r".*down"])
 def test_allocator_on_a_peft_model_is_refused_before_measuring(target_modules):
     peft_model = _peft_model()
-    with pytest.raises(ValueError, match=_REFUSED):
+    with pytest.raises(ValueError, match="^LoRAMBoOptimizer: PeftModel " + _REFUSED):
         lorambo.LoRAMBoOptimizer(peft_model, 500, sensitivity_method="gradient", target_modules=target_modules)
 
 
