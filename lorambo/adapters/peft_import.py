@@ -236,6 +236,8 @@ def _capacities(model, specs, capacity, where: str) -> dict[str, int]:
             caps[name] = capacity.get(name, default_capacity(r, spec.a.shape[1], spec.b.shape[0]))
         else:
             caps[name] = capacity
+        if is_int(caps[name]) and caps[name] < r:  # a layer's own check would not say which call or option
+            raise ValueError(f"{where}: capacity={caps[name]!r} for {name!r} is below its rank {r} in the adapter")
     return caps
 
 

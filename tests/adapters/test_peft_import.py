@@ -258,6 +258,16 @@ def test_capacity_for_a_module_the_adapter_does_not_adapt_is_refused(saved_peft)
         import_peft(model, folder, capacity={name + "x": 16})
 
 
+def test_capacity_below_a_layers_rank_names_the_call(saved_peft):
+    """The layer's own refusal ("rank 4 outside [0, capacity = 2]") named neither import_peft nor
+    the capacity option."""
+    build, _, folder = saved_peft
+    model = build()
+    with pytest.raises(ValueError, match=r"^peft adapter .*: capacity=1 for '.*' is below its rank \d+ in the adapter"):
+        import_peft(model, folder, capacity=1)
+    assert not lora_layers(model)
+
+
 def test_a_capacity_per_module_sizes_that_pool_and_the_others_get_the_default(saved_peft):
     """Only a misspelt {name: capacity} entry was tested; the named pool's size was not."""
     from peft.tuners.lora import LoraLayer
