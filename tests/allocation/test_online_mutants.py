@@ -1,0 +1,35 @@
+"""Edge cases of online growth's plan that the broader tests never reached (found by mutation
+testing of lorambo/allocation/online.py): a layer with room for exactly one rank, a budget that
+is already overspent, a gain equal to the threshold, the default threshold."""
+
+from lorambo.allocation.online import plan_growth
+
+
+def test_a_layer_with_room_for_one_rank_gets_it():
+    # room 1 is the last rank below a layer's capacity (or max_rank): it must still be offered
+    plan = plan_growth({"a": [3.0, 2.0], "b": [5.0]}, {"a": 10, "b": 10}, {"a": 1, "b": 1}, 100, 0.0)
+    assert plan == {"a": 1, "b": 1}
+    # a layer the room does not name has none (a full pool, a frozen adapter)
+    assert plan_growth({"a": [3.0], "b": [5.0]}, {"a": 10, "b": 10}, {"a": 1}, 100, 0.0) == {"a": 1}
+
+
+def test_an_overspent_budget_grows_nothing_and_does_not_raise():
+    # budget - spent < 0 (layers configured above the budget): no growth, not greedy's ValueError
+    assert plan_growth({"a": [3.0]}, {"a": 10}, {"a": 2}, -5, 0.0) == {}
+    assert plan_growth({"a": [3.0]}, {"a": 10}, {"a": 2}, 0, 0.0) == {}
+
+
+def test_the_budget_is_spent_to_the_last_parameter():
+    # a leftover of exactly one layer's cost buys that rank (cost 1: the smallest the plan accepts)
+    assert plan_growth({"a": [3.0, 1.0]}, {"a": 1}, {"a": 2}, 1, 0.0) == {"a": 1}
+
+
+def test_only_gains_above_the_threshold_are_taken():
+    # "a rank is added only if its marginal benefit exceeds the threshold": equal is not enough
+    plan = plan_growth({"a": [2.0, 0.5], "b": [0.5]}, {"a": 4, "b": 4}, {"a": 2, "b": 1}, 100, 0.5)
+    assert plan == {"a": 1}
+
+
+def test_the_default_threshold_takes_every_positive_gain():
+    plan = plan_growth({"a": [0.5, 0.25], "b": [0.0]}, {"a": 4, "b": 4}, {"a": 2, "b": 1}, 100)
+    assert plan == {"a": 2}
