@@ -2,7 +2,7 @@
 testing of lorambo/allocation/online.py): a layer with room for exactly one rank, a budget that
 is already overspent, a gain equal to the threshold, the default threshold."""
 
-from lorambo.allocation.online import plan_growth
+from lorambo.allocation.online import plan_growth, plan_moves
 
 
 def test_a_layer_with_room_for_one_rank_gets_it():
@@ -33,3 +33,22 @@ def test_only_gains_above_the_threshold_are_taken():
 def test_the_default_threshold_takes_every_positive_gain():
     plan = plan_growth({"a": [0.5, 0.25], "b": [0.0]}, {"a": 4, "b": 4}, {"a": 2, "b": 1}, 100)
     assert plan == {"a": 2}
+
+
+def test_plan_moves_makes_one_move_by_default():
+    # two receivers above the threshold and two donors below the move threshold, the budget spent:
+    # without max_moves, one move: the best receiver by gain / cost ("a": 6/10 against "b": 4/10)
+    # funded by the lowest score (component 1 of "d", -0.2)
+    moves = plan_moves({"a": 6.0, "b": 4.0}, {"c": [0.05], "d": [0.3, -0.2]}, {n: 10 for n in "abcd"},
+                       {"a": 1, "b": 1}, 0, threshold=0.5, move_threshold=0.5)
+    assert moves == [("d", 1, "a")]
+
+
+def test_plan_moves_receivers_need_a_gain_above_the_threshold_and_room():
+    costs = {n: 10 for n in "abc"}
+    donor = {"c": [-1.0]}
+    # "a" gains exactly the threshold: not more, so no move funds it
+    assert plan_moves({"a": 0.5}, donor, costs, {"a": 1}, 0, threshold=0.5, move_threshold=0.0) == []
+    # "b" is not in room (its pool is full): it receives nothing; "a" with room does
+    moves = plan_moves({"a": 1.0, "b": 2.0}, donor, costs, {"a": 1}, 0, threshold=0.5, move_threshold=0.0)
+    assert moves == [("c", 0, "a")]
