@@ -52,3 +52,12 @@ def test_plan_moves_receivers_need_a_gain_above_the_threshold_and_room():
     # "b" is not in room (its pool is full): it receives nothing; "a" with room does
     moves = plan_moves({"a": 1.0, "b": 2.0}, donor, costs, {"a": 1}, 0, threshold=0.5, move_threshold=0.0)
     assert moves == [("c", 0, "a")]
+
+
+def test_plan_moves_spare_limits_the_donors():
+    # a layer that spare does not name (or names with 0) gives nothing: at min_rank already
+    costs = {n: 10 for n in "ac"}
+    args = ({"a": 1.0}, {"c": [-1.0]}, costs, {"a": 1}, 0)
+    assert plan_moves(*args, threshold=0.5, move_threshold=0.0, spare={}) == []
+    assert plan_moves(*args, threshold=0.5, move_threshold=0.0, spare={"c": 0}) == []
+    assert plan_moves(*args, threshold=0.5, move_threshold=0.0, spare={"c": 1}) == [("c", 0, "a")]

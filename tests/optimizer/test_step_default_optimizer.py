@@ -1,6 +1,9 @@
-"""step() without ``optimizer=`` edits the state of the optimizer from make_optimizer, exactly as
+"""step()'s ``optimizer`` argument. Without it, step() edits the state of the optimizer from make_optimizer, exactly as
 passing that optimizer does: a rank move's kept slots take their Adam moments and step counts
-along, and the funded slot starts fresh. Without the edit the moved slots keep another slot's state."""
+along, and the funded slot starts fresh. Without the edit the moved slots keep another slot's state. A wrapper inside accelerate's
+accumulation defers the decision and returns an empty list of records."""
+
+import types
 
 import copy
 
@@ -51,3 +54,27 @@ def test_step_edits_the_default_optimizer_as_when_it_is_passed():
     for key in state:
         for name, value in state[key].items():
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(expected_state[key][name])), (key, name)
+
+
+class _Accumulating(torch.optim.Optimizer):
+    """accelerate's AcceleratedOptimizer as step() reads it: ``.optimizer`` and ``.gradient_state``."""
+
+    def __init__(self, optimizer, gradient_state):  # no super().__init__: it wraps, it holds nothing
+        self.optimizer, self.gradient_state = optimizer, gradient_state
+        self.state, self.param_groups = optimizer.state, optimizer.param_groups
+
+
+def test_a_wrapper_that_skips_this_step_defers_the_decision_with_no_records():
+    model, opt, torch_opt = _setup()
+    gen = torch.Generator().manual_seed(4)
+    scores = {"0": torch.tensor([0.1, 2.0, 3.0], dtype=DT), "2": torch.tensor([2.0, 3.0], dtype=DT)}
+    state = types.SimpleNamespace(sync_gradients=False)
+    wrapper = _Accumulating(torch_opt, state)
+    before = opt.current_ranks()
+    x, y = torch.randn(16, 6, generator=gen, dtype=DT), torch.randn(16, 3, generator=gen, dtype=DT)
+    with opt.capture(2):
+        ((model(x) - y) ** 2).mean().backward()
+    assert opt.step(2, optimizer=wrapper, component_scores=scores) == []  # a list, as every step() returns
+    assert opt.current_ranks() == before
+    state.sync_gradients = True  # the micro-batch that ends the accumulation: the move is made
+    assert [r["event"] for r in opt.step(2, optimizer=wrapper, component_scores=scores)] == ["shrink", "grow"]
