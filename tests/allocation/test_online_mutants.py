@@ -1,8 +1,16 @@
 """Edge cases of online growth's plan that the broader tests never reached (found by mutation
 testing of lorambo/allocation/online.py): a layer with room for exactly one rank, a budget that
-is already overspent, a gain equal to the threshold, the default threshold."""
+is already overspent, a gain equal to the threshold, the default threshold; plan_moves' defaults
+and limits; OnlineGrowth.update refusing bad arguments before any change."""
 
-from lorambo.allocation.online import plan_growth, plan_moves
+import pytest
+import torch
+from torch import nn
+
+import lorambo
+from lorambo.allocation.online import OnlineGrowth, plan_growth, plan_moves
+
+DT = torch.float64
 
 
 def test_a_layer_with_room_for_one_rank_gets_it():
@@ -61,3 +69,27 @@ def test_plan_moves_spare_limits_the_donors():
     assert plan_moves(*args, threshold=0.5, move_threshold=0.0, spare={}) == []
     assert plan_moves(*args, threshold=0.5, move_threshold=0.0, spare={"c": 0}) == []
     assert plan_moves(*args, threshold=0.5, move_threshold=0.0, spare={"c": 1}) == [("c", 0, "a")]
+
+
+def _captured_grower(**kwargs):
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(6, 8, dtype=DT), nn.Tanh(), nn.Linear(8, 3, dtype=DT))
+    layers = lorambo.lora_layers(lorambo.configure_model(net, {"0": 1, "2": 1}, capacity=3))
+    grower = OnlineGrowth(layers, 10_000, **kwargs)
+    with grower.capture:
+        ((net(torch.randn(8, 6, dtype=DT)) - torch.randn(8, 3, dtype=DT)) ** 2).mean().backward()
+    return grower, layers
+
+
+@pytest.mark.parametrize("bad", ["no scores", "not an optimizer"])
+def test_update_refuses_bad_arguments_before_any_change(bad):
+    grower, layers = _captured_grower(move_threshold=0.5 if bad == "no scores" else None)
+    if bad == "no scores":
+        with pytest.raises(ValueError, match=r"rank moves \(move_threshold set\) need component_scores"):
+            grower.update(step=0)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([nn.Parameter(torch.ones(1))]), lambda s: 1)
+        with pytest.raises(TypeError, match="update_ranks: optimizer must be a torch optimizer"):
+            grower.update(step=0, optimizer=scheduler)
+    assert {n: m.rank for n, m in layers.items()} == {"0": 1, "2": 1}
+    assert grower.capture.has_data()  # the captured step is kept for a retry
