@@ -1,0 +1,95 @@
+"""Edge cases of online growth's plan that the broader tests never reached (found by mutation
+testing of lorambo/allocation/online.py): a layer with room for exactly one rank, a budget that
+is already overspent, a gain equal to the threshold, the default threshold; plan_moves' defaults
+and limits; OnlineGrowth.update refusing bad arguments before any change."""
+
+import pytest
+import torch
+from torch import nn
+
+import lorambo
+from lorambo.allocation.online import OnlineGrowth, plan_growth, plan_moves
+
+DT = torch.float64
+
+
+def test_a_layer_with_room_for_one_rank_gets_it():
+    # room 1 is the last rank below a layer's capacity (or max_rank): it must still be offered
+    plan = plan_growth({"a": [3.0, 2.0], "b": [5.0]}, {"a": 10, "b": 10}, {"a": 1, "b": 1}, 100, 0.0)
+    assert plan == {"a": 1, "b": 1}
+    # a layer the room does not name has none (a full pool, a frozen adapter)
+    assert plan_growth({"a": [3.0], "b": [5.0]}, {"a": 10, "b": 10}, {"a": 1}, 100, 0.0) == {"a": 1}
+
+
+def test_an_overspent_budget_grows_nothing_and_does_not_raise():
+    # budget - spent < 0 (layers configured above the budget): no growth, not greedy's ValueError
+    assert plan_growth({"a": [3.0]}, {"a": 10}, {"a": 2}, -5, 0.0) == {}
+    assert plan_growth({"a": [3.0]}, {"a": 10}, {"a": 2}, 0, 0.0) == {}
+
+
+def test_the_budget_is_spent_to_the_last_parameter():
+    # a leftover of exactly one layer's cost buys that rank (cost 1: the smallest the plan accepts)
+    assert plan_growth({"a": [3.0, 1.0]}, {"a": 1}, {"a": 2}, 1, 0.0) == {"a": 1}
+
+
+def test_only_gains_above_the_threshold_are_taken():
+    # "a rank is added only if its marginal benefit exceeds the threshold": equal is not enough
+    plan = plan_growth({"a": [2.0, 0.5], "b": [0.5]}, {"a": 4, "b": 4}, {"a": 2, "b": 1}, 100, 0.5)
+    assert plan == {"a": 1}
+
+
+def test_the_default_threshold_takes_every_positive_gain():
+    plan = plan_growth({"a": [0.5, 0.25], "b": [0.0]}, {"a": 4, "b": 4}, {"a": 2, "b": 1}, 100)
+    assert plan == {"a": 2}
+
+
+def test_plan_moves_makes_one_move_by_default():
+    # two receivers above the threshold and two donors below the move threshold, the budget spent:
+    # without max_moves, one move: the best receiver by gain / cost ("a": 6/10 against "b": 4/10)
+    # funded by the lowest score (component 1 of "d", -0.2)
+    moves = plan_moves({"a": 6.0, "b": 4.0}, {"c": [0.05], "d": [0.3, -0.2]}, {n: 10 for n in "abcd"},
+                       {"a": 1, "b": 1}, 0, threshold=0.5, move_threshold=0.5)
+    assert moves == [("d", 1, "a")]
+
+
+def test_plan_moves_receivers_need_a_gain_above_the_threshold_and_room():
+    costs = {n: 10 for n in "abc"}
+    donor = {"c": [-1.0]}
+    # "a" gains exactly the threshold: not more, so no move funds it
+    assert plan_moves({"a": 0.5}, donor, costs, {"a": 1}, 0, threshold=0.5, move_threshold=0.0) == []
+    # "b" is not in room (its pool is full): it receives nothing; "a" with room does
+    moves = plan_moves({"a": 1.0, "b": 2.0}, donor, costs, {"a": 1}, 0, threshold=0.5, move_threshold=0.0)
+    assert moves == [("c", 0, "a")]
+
+
+def test_plan_moves_spare_limits_the_donors():
+    # a layer that spare does not name (or names with 0) gives nothing: at min_rank already
+    costs = {n: 10 for n in "ac"}
+    args = ({"a": 1.0}, {"c": [-1.0]}, costs, {"a": 1}, 0)
+    assert plan_moves(*args, threshold=0.5, move_threshold=0.0, spare={}) == []
+    assert plan_moves(*args, threshold=0.5, move_threshold=0.0, spare={"c": 0}) == []
+    assert plan_moves(*args, threshold=0.5, move_threshold=0.0, spare={"c": 1}) == [("c", 0, "a")]
+
+
+def _captured_grower(**kwargs):
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(6, 8, dtype=DT), nn.Tanh(), nn.Linear(8, 3, dtype=DT))
+    layers = lorambo.lora_layers(lorambo.configure_model(net, {"0": 1, "2": 1}, capacity=3))
+    grower = OnlineGrowth(layers, 10_000, **kwargs)
+    with grower.capture:
+        ((net(torch.randn(8, 6, dtype=DT)) - torch.randn(8, 3, dtype=DT)) ** 2).mean().backward()
+    return grower, layers
+
+
+@pytest.mark.parametrize("bad", ["no scores", "not an optimizer"])
+def test_update_refuses_bad_arguments_before_any_change(bad):
+    grower, layers = _captured_grower(move_threshold=0.5 if bad == "no scores" else None)
+    if bad == "no scores":
+        with pytest.raises(ValueError, match=r"rank moves \(move_threshold set\) need component_scores"):
+            grower.update(step=0)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([nn.Parameter(torch.ones(1))]), lambda s: 1)
+        with pytest.raises(TypeError, match="update_ranks: optimizer must be a torch optimizer"):
+            grower.update(step=0, optimizer=scheduler)
+    assert {n: m.rank for n, m in layers.items()} == {"0": 1, "2": 1}
+    assert grower.capture.has_data()  # the captured step is kept for a retry
