@@ -84,5 +84,7 @@ def test_pools_with_slots_of_three_ages_follow_float64_adamw(options):
         torch.testing.assert_close(opt.state[param]["exp_avg"].narrow(dim, 0, layer.rank),
                                    ref.m.narrow(dim, 0, layer.rank), rtol=1e-10, atol=1e-12)
         assert opt.state[param]["slot_step"][:layer.rank].tolist() == ref.count[:layer.rank].tolist()
+        # amsgrad's running maximum is a third pool-sized tensor: kept only where amsgrad is on
+        assert ("max_exp_avg_sq" in opt.state[param]) == options.get("amsgrad", False)
         assert torch.count_nonzero(param.detach().narrow(dim, layer.rank, 6 - layer.rank)) == 0
     assert refs["lora_A"].count.tolist()[:3] == [9, 9, 7]  # three ages in the pool at the end
