@@ -23,7 +23,7 @@ def test_the_extras_state_the_minimum_versions_lorambo_checks():
     extras = pyproject()["project"]["optional-dependencies"]
     for package, minimum in optional.MINIMUM_VERSIONS.items():
         bound = f"{package}>={'.'.join(map(str, minimum))}"
-        assert extras[package] == [bound]
+        assert bound in extras[package]  # the transformers extra also brings accelerate (the Trainer's)
         assert bound in extras["demo"]
 
 

@@ -11,7 +11,8 @@ Modules (one per kernel family; each holds its ``@triton.jit`` kernels, then its
   lora_linear  forward/backward of the LoRA linear layer as sequences of those launches
   sketch       grouped per-layer statistics (range/co-range sketches, Gram norms, row dots)
 
-The public names below import Triton lazily, so ``import lorambo_kernels`` works without it.
+The public names below import Triton lazily, so ``import lorambo_kernels`` works without it; a
+kernel's name without Triton is an ImportError giving the ``pip install`` command.
 """
 
 __version__ = "0.1.0"
@@ -48,6 +49,15 @@ def __getattr__(name):
     if name in _LAZY:
         import importlib
 
-        module = importlib.import_module(f"lorambo_kernels.{_LAZY[name]}")
+        try:
+            module = importlib.import_module(f"lorambo_kernels.{_LAZY[name]}")
+        except ModuleNotFoundError as error:
+            if (error.name or "").split(".")[0] != "triton":  # something else is missing: as it is
+                raise
+            from lorambo_kernels.config import MIN_TRITON
+
+            need = ".".join(map(str, MIN_TRITON))
+            raise ImportError(f"lorambo_kernels.{name} needs triton, which is not installed: "
+                              f"pip install 'triton>={need}'") from error
         return getattr(module, name)
     raise AttributeError(f"module 'lorambo_kernels' has no attribute {name!r}")
