@@ -41,13 +41,26 @@ def test_the_declared_setuptools_floor_reads_the_license_as_written():
     assert not any(floors[0].specifier.contains(v) for v in ("64.0.0", "69.5.1", "76.1.0"))
 
 
+def test_the_license_text_is_the_one_the_metadata_declares():
+    """pyproject.toml declared Apache-2.0 while the tree held no license text, so the wheel and
+    sdist carried none."""
+    text = (ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert pyproject()["project"]["license"] == "Apache-2.0"
+    assert text.split()[:4] == ["Apache", "License", "Version", "2.0,"]
+    assert "http://www.apache.org/licenses/LICENSE-2.0" in text
+
+
 @pytest.mark.slow
 def test_wheel_installs_into_a_fresh_venv_and_imports_outside_the_tree(tmp_path, fresh_venv):
     env = {**os.environ, "LORAMBO_SKIP_EXT": "1"}
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-build-isolation", "--no-deps",
                     "-q", "-w", str(tmp_path / "dist")], check=True, env=env, cwd=tmp_path)
     wheel = next((tmp_path / "dist").glob("lorambo-*.whl"))
-    assert "lorambo/py.typed" in zipfile.ZipFile(wheel).namelist()  # PEP 561: type checkers read the annotations
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "lorambo/py.typed" in names  # PEP 561: type checkers read the annotations
+    # the license the metadata declares travels with the code (PEP 639: dist-info/licenses/)
+    license_file = next(n for n in names if n.endswith(".dist-info/licenses/LICENSE"))
+    assert zipfile.ZipFile(wheel).read(license_file) == (ROOT / "LICENSE").read_bytes()
     venv, py = fresh_venv  # lorambo comes from the wheel
     subprocess.run([str(py), "-I", "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True)
     code = ("import lorambo, lorambo_kernels, torch; "
