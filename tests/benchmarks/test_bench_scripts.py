@@ -262,3 +262,30 @@ def test_bench_lora_linear_report_shows_only_the_latest_runs_device(tmp_path):
             writer.writerow({field: "1" for field in bench.FIELDS} | {"run": run, "device": device, "dtype": dtype})
     rows = bench.latest_runs(out)
     assert rows and {(r["device"], r["dtype"]) for r in rows} == {("NVIDIA H200", "bfloat16")}
+
+
+def test_move_oscillation_counts_a_shrink_of_the_slot_grown_at_the_previous_decision():
+    bench = _load("move_oscillation")
+    records = [dict(step=10, event="shrink", layer="a", old_rank=2, new_rank=1, components=[0]),
+               dict(step=10, event="grow", layer="b", old_rank=2, new_rank=3),        # b's slot 2 is new
+               dict(step=20, event="shrink", layer="b", old_rank=3, new_rank=2, components=[2]),   # undone
+               dict(step=20, event="grow", layer="a", old_rank=1, new_rank=3),        # a's slots 1, 2
+               dict(step=30, event="shrink", layer="a", old_rank=3, new_rank=2, components=[0]),   # an old one
+               dict(step=30, event="grow", layer="b", old_rank=2, new_rank=3),
+               dict(step=40, event="shrink", layer="c", old_rank=3, new_rank=2, components=[2])]   # other layer
+    assert bench.undone(records) == [True, False, False]
+
+
+def test_move_oscillation_tiny_writes_one_row_per_rank_change(tmp_path, capsys):
+    bench = _load("move_oscillation")
+    out = tmp_path / "moves.csv"
+    assert bench.main(["--move-thresholds", "1e-6", "--width", "8", "--steps", "25", "--interval", "5",
+                       "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out)))
+    printed = capsys.readouterr().out
+    assert rows and {r["event"] for r in rows} == {"grow", "shrink"} and "decisions after the first" in printed
+    steps = sorted({int(r["step"]) for r in rows})
+    assert len(steps) >= 3 and all(s % 5 == 0 for s in steps)
+    # the printed count is the shrink rows flagged as undoing the previous growth
+    flagged = {int(r["step"]) for r in rows if r["undoes_last_growth"] == "True"}
+    assert f"move_threshold 1e-06: {len(flagged)} of {len(steps) - 1} decisions" in printed

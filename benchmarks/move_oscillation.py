@@ -1,0 +1,139 @@
+"""Do rank moves undo the previous decision's growth? A study of online growth with rank moves.
+
+    OMP_NUM_THREADS=1 python benchmarks/move_oscillation.py                      # thresholds 2e-9 and 1e-6
+    OMP_NUM_THREADS=1 python benchmarks/move_oscillation.py --move-thresholds 1e-9 --steps 400
+
+A float64 MLP of three ``--width``-wide layers (LoRA on each, rank 2, capacity 8) distils a copy of
+itself whose middle layer carries a planted rank-4 delta, on fresh Gaussian inputs. The allocator
+decides every ``--interval`` steps (online growth with rank moves, ``LoRAMBoOptimizer``'s
+``move_threshold``), scored by ``AdaLoRAImportance``, which follows each decision
+(``importance.follow``). For each threshold it counts the decisions whose move took away the
+very component the previous decision had grown (its layer and slot), and reports the scores
+of the components grown at the previous decision against the others' just before each decision.
+
+The decisions are written to ``--out`` (default ``benchmarks/results/move_oscillation.csv``), one
+row per rank change, with the threshold, whether the shrink undid the previous growth, and the
+machine. Deterministic for a seed: no timing is involved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import platform
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_name  # noqa: E402
+from results_csv import append_rows  # noqa: E402
+
+FIELDS = ["time_utc", "move_threshold", "step", "event", "layer", "old_rank", "new_rank", "component", "score",
+          "undoes_last_growth", "loss", "width", "interval", "seed", "torch", "python", "cpu"]
+
+
+def undone(records: list[dict]) -> list[bool]:
+    """For each decision step after the first (in order), whether one of its shrinks dropped a
+    component that the previous decision step grew: the same layer and slot (a grow from rank r
+    to r' fills slots r .. r'-1; nothing else changes ranks between decisions here)."""
+    steps = sorted({r["step"] for r in records})
+    by_step = {s: [r for r in records if r["step"] == s] for s in steps}
+    out = []
+    for before, now in zip(steps, steps[1:]):
+        grown = {(r["layer"], k) for r in by_step[before] if r["event"] == "grow"
+                 for k in range(r["old_rank"], r["new_rank"])}
+        out.append(any((r["layer"], k) in grown for r in by_step[now] if r["event"] == "shrink"
+                       for k in r["components"]))
+    return out
+
+
+def run(move_threshold: float, width: int, steps: int, interval: int, seed: int):
+    """(records, loss at each decision step, scores of fresh and other components per decision)."""
+    from lorambo import LoRAMBoOptimizer
+    from lorambo.sensitivity.adalora_importance import AdaLoRAImportance
+
+    torch.manual_seed(seed)
+    dt64 = torch.float64
+    teacher = nn.Sequential(*(m for _ in range(2) for m in (nn.Linear(width, width, dtype=dt64), nn.Tanh())),
+                            nn.Linear(width, width, dtype=dt64))
+    student = nn.Sequential(*(type(m)(width, width, dtype=dt64) if isinstance(m, nn.Linear) else nn.Tanh()
+                              for m in teacher))
+    student.load_state_dict(teacher.state_dict())
+    with torch.no_grad():  # the planted delta: rank 4 in the middle layer only
+        teacher[2].weight += 0.5 * torch.randn(width, 4, dtype=dt64) @ torch.randn(4, width, dtype=dt64) / width ** 0.5
+    alloc = LoRAMBoOptimizer(student, total_budget=3 * 2 * 2 * width, sensitivity_method="frobenius", capacity=8,
+                             interval=interval, warmup_steps=interval, sketch_rank=4, power_iters=4,
+                             move_threshold=move_threshold)
+    alloc.configure({"0": 2, "2": 2, "4": 2})
+    opt = alloc.make_optimizer(lr=3e-3)
+    importance = AdaLoRAImportance(student)
+    gen = torch.Generator().manual_seed(seed + 1)
+    losses, fresh_scores, other_scores = {}, [], []
+    for step in range(steps):
+        x = torch.randn(64, width, dtype=dt64, generator=gen)
+        with torch.no_grad():
+            y = teacher(x)
+        with alloc.capture(step):
+            loss = ((student(x) - y) ** 2).mean()
+            loss.backward()
+        importance.update()
+        scores = importance.component_scores()
+        if alloc.is_decision_step(step) and alloc.decisions:
+            last = alloc.decisions[-1]["step"]
+            fresh = {(r["layer"], k) for r in alloc.decisions if r["step"] == last and r["event"] == "grow"
+                     for k in range(r["old_rank"], r["new_rank"])}
+            for name, values in scores.items():
+                for k, v in enumerate(values.tolist()):
+                    (fresh_scores if (name, k) in fresh else other_scores).append(v)
+        records = alloc.step(step, opt, component_scores=scores)
+        importance.follow(records)
+        if records:
+            losses[step] = loss.item()
+        opt.step()
+        opt.zero_grad()
+    return alloc.decisions, losses, fresh_scores, other_scores
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--move-thresholds", type=float, nargs="+", default=[2e-9, 1e-6])
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--interval", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "move_oscillation.csv")
+    parser.add_argument("--no-save", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = []
+    common = dict(time_utc=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), width=args.width,
+                  interval=args.interval, seed=args.seed, torch=torch.__version__,
+                  python=platform.python_version(), cpu=cpu_name())
+    for threshold in args.move_thresholds:
+        records, losses, fresh, other = run(threshold, args.width, args.steps, args.interval, args.seed)
+        flags = undone(records)
+        first = min((r["step"] for r in records), default=None)
+        undid = dict(zip(sorted({r["step"] for r in records})[1:], flags))
+        print(f"move_threshold {threshold:g}: {sum(flags)} of {len(flags)} decisions after the first moved out the "
+              f"component the previous decision had grown; fresh components scored "
+              f"{min(fresh, default=float('nan')):.1e} .. {max(fresh, default=float('nan')):.1e}, the others "
+              f"{min(other, default=float('nan')):.1e} .. {max(other, default=float('nan')):.1e}")
+        for r in records:
+            for k in (r.get("components") or [None]):
+                rows.append(dict(common, move_threshold=threshold, step=r["step"], event=r["event"], layer=r["layer"],
+                                 old_rank=r["old_rank"], new_rank=r["new_rank"], component=k,
+                                 score=(r["scores"][r["components"].index(k)] if k is not None else ""),
+                                 undoes_last_growth=(undid.get(r["step"], "") if r["event"] == "shrink"
+                                                     and r["step"] != first else ""),
+                                 loss=losses.get(r["step"], "")))
+    if not args.no_save:
+        append_rows(args.out, FIELDS, rows)
+        print(f"appended {len(rows)} rows to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
