@@ -61,3 +61,18 @@ def test_configure_without_ranks_is_refused_before_the_model_changes():
     assert all(p.requires_grad for p in model.parameters())
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("given, missing", [({}, "heldout_batches and loss_fn"),
+                                            ({"heldout_batches": "batches"}, "loss_fn"),
+                                            ({"loss_fn": mse}, "heldout_batches")])
+def test_alora_configure_without_scoring_inputs_names_them_before_the_model_changes(given, missing):
+    torch.manual_seed(3)
+    model = ResidualNet()
+    given = {k: _batches(1) if v == "batches" else v for k, v in given.items()}
+    opt = LoRAMBoOptimizer(model, 500, allocation="alora", **given)
+    ranks = opt.compute_optimal_ranks()  # uniform: nothing measured, so nothing missing yet
+    assert sum(r * opt.costs[n] for n, r in ranks.items()) <= 500 and set(ranks) == set(opt.names)
+    with pytest.raises(ValueError, match=rf"allocation='alora' scores components.*; {missing} not given"):
+        opt.configure()
+    assert not lorambo.lora_layers(model)
