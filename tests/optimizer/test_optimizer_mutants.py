@@ -76,3 +76,17 @@ def test_alora_configure_without_scoring_inputs_names_them_before_the_model_chan
     with pytest.raises(ValueError, match=rf"allocation='alora' scores components.*; {missing} not given"):
         opt.configure()
     assert not lorambo.lora_layers(model)
+
+
+def test_make_optimizer_defaults_to_lr_1e_3_over_the_trainable_parameters_only():
+    torch.manual_seed(4)
+    model = ResidualNet()
+    opt = LoRAMBoOptimizer(model, 500, sensitivity_method="frobenius")
+    opt.compute_optimal_ranks()
+    opt.configure()
+    torch_opt = opt.make_optimizer()
+    assert isinstance(torch_opt, lorambo.optim.AdamW) and opt.default_optimizer is torch_opt
+    assert [g["lr"] for g in torch_opt.param_groups] == [1e-3]
+    held = {id(p) for g in torch_opt.param_groups for p in g["params"]}
+    assert held == {id(p) for p in model.parameters() if p.requires_grad} and held
+    assert not any(id(p) in held for p in model.parameters() if not p.requires_grad)
