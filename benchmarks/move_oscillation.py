@@ -35,17 +35,22 @@ FIELDS = ["time_utc", "move_threshold", "step", "event", "layer", "old_rank", "n
           "undoes_last_growth", "loss", "width", "interval", "seed", "torch", "python", "cpu"]
 
 
+def grown_at(records: list[dict], step: int) -> set[tuple[str, int]]:
+    """(layer, slot) of every component the decision at ``step`` grew: a grow from rank r to r'
+    fills slots r .. r'-1."""
+    return {(r["layer"], k) for r in records if r["step"] == step and r["event"] == "grow"
+            for k in range(r["old_rank"], r["new_rank"])}
+
+
 def undone(records: list[dict]) -> list[bool]:
     """For each decision step after the first (in order), whether one of its shrinks dropped a
-    component that the previous decision step grew: the same layer and slot (a grow from rank r
-    to r' fills slots r .. r'-1; nothing else changes ranks between decisions here)."""
+    component that the previous decision step grew (:func:`grown_at`: the same layer and slot;
+    nothing else changes ranks between decisions here)."""
     steps = sorted({r["step"] for r in records})
-    by_step = {s: [r for r in records if r["step"] == s] for s in steps}
     out = []
     for before, now in zip(steps, steps[1:]):
-        grown = {(r["layer"], k) for r in by_step[before] if r["event"] == "grow"
-                 for k in range(r["old_rank"], r["new_rank"])}
-        out.append(any((r["layer"], k) in grown for r in by_step[now] if r["event"] == "shrink"
+        grown = grown_at(records, before)
+        out.append(any((r["layer"], k) in grown for r in records if r["step"] == now and r["event"] == "shrink"
                        for k in r["components"]))
     return out
 
@@ -82,9 +87,7 @@ def run(move_threshold: float, width: int, steps: int, interval: int, seed: int)
         importance.update()
         scores = importance.component_scores()
         if alloc.is_decision_step(step) and alloc.decisions:
-            last = alloc.decisions[-1]["step"]
-            fresh = {(r["layer"], k) for r in alloc.decisions if r["step"] == last and r["event"] == "grow"
-                     for k in range(r["old_rank"], r["new_rank"])}
+            fresh = grown_at(alloc.decisions, alloc.decisions[-1]["step"])
             for name, values in scores.items():
                 for k, v in enumerate(values.tolist()):
                     (fresh_scores if (name, k) in fresh else other_scores).append(v)
