@@ -50,6 +50,7 @@ from lorambo.allocation.benefits import (projected_top_singular, projected_top_s
 from lorambo.allocation.components import at_most_per_layer
 from lorambo.allocation.frozen import frozen_layers
 from lorambo.allocation.greedy import greedy_allocate
+from lorambo.allocation.move_directions import move_directions
 from lorambo.allocation.validate import check_rank_bounds
 from lorambo.distributed import SharedFailure, all_reduced_mean, decision_generator, world_size
 from lorambo.model.partial_edit import add_note, note_rank_changes_kept
@@ -487,9 +488,13 @@ class OnlineGrowth:
         seed: seeds the sketches and new-slot inits (with step and layer index: DDP-identical).
         move_threshold: enable rank moves; a component whose score is below it may be removed to
             fund a layer with a gain above ``threshold``. Scores are passed to :meth:`update`.
+            Moves go one way per layer (:mod:`lorambo.allocation.move_directions`): a layer
+            that has received by a move gives nothing, and one that has given is not grown again.
         max_moves: moves per decision.
         curvature: optional ``{name: h_i > 0}``; gains become ``Delta^2 / (2 h_i)``.
-        log: a :class:`lorambo.allocation.report.DecisionLog` receiving every decision.
+        log: a :class:`lorambo.allocation.report.DecisionLog` receiving every decision; the
+            way each layer's rank has gone is read from it (from this object's own decisions
+            when None).
         max_tokens: rows of X / dY kept per layer call (see :class:`ActivationCapture`).
         min_rank: rank moves never take a layer below it.
         max_rank: growth never takes a layer above it (nor above its capacity); None: capacity only.
@@ -514,6 +519,7 @@ class OnlineGrowth:
         self.seed, self.move_threshold, self.max_moves = int(seed), move_threshold, int(max_moves)
         self.curvature = dict(curvature or {})
         self.log = log
+        self._records: list[dict] = []  # the decisions taken here, when there is no log to read
         self.capture = ActivationCapture(self.layers, max_tokens)
 
     def spent(self) -> int:
@@ -560,8 +566,9 @@ class OnlineGrowth:
                           "(NaN/inf): no rank decision is taken at this step", RuntimeWarning)
                 return []
             frozen = set(frozen_layers(self.layers))  # neither grow nor give (allocation/frozen.py)
+            received, gave = move_directions(self.log.records if self.log is not None else self._records)
             ks = {n: min(self.sketch_rank, self._top(m) - m.rank) for n, m in self.layers.items()
-                  if self._top(m) > m.rank and n not in frozen}
+                  if self._top(m) > m.rank and n not in frozen and n not in gave}
             gains, dirs = layer_benefits_many(
                 self.layers, {n: self.capture.pairs(n) for n in ks}, ks, self.power_iters,
                 self.oversample, self.seed, step, self.positions,
@@ -571,7 +578,8 @@ class OnlineGrowth:
             for n, add in plan.items():
                 records.append(self._grow(step, n, add, gains, dirs, optimizer, "grow", failure))
             if scores is not None:
-                self._move(step, plan, gains, dirs, {n: s for n, s in scores.items() if n not in frozen},
+                self._move(step, plan, gains, dirs,
+                           {n: s for n, s in scores.items() if n not in frozen and n not in received},
                            optimizer, records, failure)
             failure.check()  # a process that failed after the decision's last collective: all raise
         except BaseException as err:  # out of memory in one layer's growth, Ctrl-C: the rank changes made stay
@@ -582,6 +590,8 @@ class OnlineGrowth:
             self.capture.clear()
             if self.log is not None:
                 self.log.extend(records)
+            else:
+                self._records.extend(records)
         return records
 
     def _settings(self, step, loss_scale) -> dict:

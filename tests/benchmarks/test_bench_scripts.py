@@ -276,16 +276,25 @@ def test_move_oscillation_counts_a_shrink_of_the_slot_grown_at_the_previous_deci
     assert bench.undone(records) == [True, False, False]
 
 
-def test_move_oscillation_tiny_writes_one_row_per_rank_change(tmp_path, capsys):
+def test_move_oscillation_tiny_writes_one_row_per_rank_change_and_one_per_run(tmp_path, capsys):
     bench = _load("move_oscillation")
-    out = tmp_path / "moves.csv"
+    out, runs_out = tmp_path / "moves.csv", tmp_path / "runs.csv"
     assert bench.main(["--move-thresholds", "1e-6", "--width", "8", "--steps", "25", "--interval", "5",
-                       "--out", str(out)]) == 0
+                       "--seeds", "0", "--planted", "2", "--out", str(out), "--runs-out", str(runs_out)]) == 0
     rows = list(csv.DictReader(open(out)))
     printed = capsys.readouterr().out
     assert rows and {r["event"] for r in rows} == {"grow", "shrink"} and "decisions after the first" in printed
+    assert {r["planted"] for r in rows} == {"2"} and {r["move_threshold"] for r in rows} == {"1e-06"}
     steps = sorted({int(r["step"]) for r in rows})
-    assert len(steps) >= 3 and all(s % 5 == 0 for s in steps)
+    assert len(steps) >= 2 and all(s % 5 == 0 for s in steps)
     # the printed count is the shrink rows flagged as undoing the previous growth
     flagged = {int(r["step"]) for r in rows if r["undoes_last_growth"] == "True"}
     assert f"move_threshold 1e-06: {len(flagged)} of {len(steps) - 1} decisions" in printed
+    runs = list(csv.DictReader(open(runs_out)))
+    assert [r["method"] for r in runs] == ["none", "oracle", "moves"]
+    none, oracle, moves = runs
+    assert none["moves"] == oracle["moves"] == "0" and int(moves["moves"]) == sum(r["event"] == "shrink" for r in rows)
+    assert oracle["final_ranks"] == "0:1 2:4 4:1" and none["final_ranks"] == "0:2 2:2 4:2"
+    final = dict(kv.split(":") for kv in moves["final_ranks"].split())
+    assert sum(map(int, final.values())) == 6  # moves keep the budget: every rank change is a move
+    assert all(0.0 < float(r["heldout_mse"]) < 1.0 for r in runs)
