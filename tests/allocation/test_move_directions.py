@@ -2,6 +2,8 @@
 rank by a move never gives one, and a layer that gave one is neither grown nor moved into again,
 over a whole run and across a resume (the ways are read from the decision log)."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -36,37 +38,82 @@ def _way(records, layer):
     return [r["event"] for r in records if r["layer"] == layer and r["reason"] == "move"]
 
 
-def test_no_move_reverses_an_earlier_one_over_a_run():
-    """A planted rank-4 delta in the middle layer; every component scores below move_threshold, so
-    without the rule each decision moved out the component the previous one had grown."""
-    width, interval = 16, 5
-    teacher = _mlp(width, 0)
-    student = _mlp(width, 0)
+WIDTH, INTERVAL, STEPS = 16, 5, 80
+
+
+def _planted_run():
+    """(teacher, student, allocator, its optimizer, AdaLoRA scores, inputs): a planted rank-4
+    delta in the middle layer, every component scoring below ``move_threshold``, so without the
+    rule each decision moved out the component the previous one had grown."""
+    teacher, student = _mlp(WIDTH, 0), _mlp(WIDTH, 0)
     with torch.no_grad():
-        teacher[2].weight += 0.5 * torch.randn(width, 4, dtype=DT) @ torch.randn(4, width, dtype=DT) / width ** 0.5
-    alloc = LoRAMBoOptimizer(student, total_budget=3 * 2 * 2 * width, sensitivity_method="frobenius", capacity=8,
-                             interval=interval, warmup_steps=interval, sketch_rank=4, move_threshold=1e-3)
+        teacher[2].weight += 0.5 * torch.randn(WIDTH, 4, dtype=DT) @ torch.randn(4, WIDTH, dtype=DT) / WIDTH ** 0.5
+    alloc = _allocator(student)
     alloc.configure({"0": 2, "2": 2, "4": 2})
-    opt = alloc.make_optimizer(lr=3e-3)
-    importance = AdaLoRAImportance(student)
     gen = torch.Generator().manual_seed(1)
-    for step in range(16 * interval):
-        x = torch.randn(32, width, dtype=DT, generator=gen)
+    inputs = [torch.randn(32, WIDTH, dtype=DT, generator=gen) for _ in range(STEPS)]
+    return teacher, student, alloc, alloc.make_optimizer(lr=3e-3), AdaLoRAImportance(student), inputs
+
+
+def _allocator(student):
+    return LoRAMBoOptimizer(student, total_budget=3 * 2 * 2 * WIDTH, sensitivity_method="frobenius", capacity=8,
+                            interval=INTERVAL, warmup_steps=INTERVAL, sketch_rank=4, move_threshold=1e-3)
+
+
+def _train(teacher, student, alloc, opt, importance, inputs, steps):
+    for step in steps:
         with alloc.capture(step):
-            ((student(x) - teacher(x).detach()) ** 2).mean().backward()
+            ((student(inputs[step]) - teacher(inputs[step]).detach()) ** 2).mean().backward()
         importance.update()
         importance.follow(alloc.step(step, opt, component_scores=importance.component_scores()))
         opt.step()
         opt.zero_grad()
+
+
+def _check_one_way(records):
+    for layer in ("0", "2", "4"):
+        way = _way(records, layer)
+        assert way in ([], ["grow"] * len(way), ["shrink"] * len(way)), (layer, way)
+
+
+def test_no_move_reverses_an_earlier_one_over_a_run():
+    teacher, student, alloc, opt, importance, inputs = _planted_run()
+    _train(teacher, student, alloc, opt, importance, inputs, range(STEPS))
     moves = [r for r in alloc.decisions if r["reason"] == "move"]
     assert len(moves) >= 4  # at least two moves, each a shrink and a grow
-    for layer in ("0", "2", "4"):
-        way = _way(alloc.decisions, layer)
-        assert way in ([], ["grow"] * len(way), ["shrink"] * len(way)), (layer, way)
+    _check_one_way(alloc.decisions)
     # every move takes a rank from a layer that only gives: at most the ranks those layers held
     gave = {r["layer"] for r in moves if r["event"] == "shrink"}
     assert sum(r["event"] == "shrink" for r in moves) <= 2 * len(gave)
     assert sum(m.rank for m in lorambo.lora_layers(student).values()) == 6
+
+
+def test_the_ways_survive_a_resume():
+    """Saved after the first move, a fresh allocator loaded with the state decides as the
+    uninterrupted run: the ways come back with the decisions."""
+    teacher, student, alloc, opt, importance, inputs = _planted_run()
+    first_move = None
+    for step in range(STEPS):
+        _train(teacher, student, alloc, opt, importance, inputs, [step])
+        if any(r["reason"] == "move" for r in alloc.decisions):
+            first_move = step
+            break
+    assert first_move is not None and first_move + 4 * INTERVAL < STEPS
+    # deep copies, as torch.save and torch.load would make: a loaded state_dict shares its tensors
+    saved = copy.deepcopy((student, alloc.state_dict(), importance.state_dict()))
+    _train(teacher, student, alloc, opt, importance, inputs, range(first_move + 1, STEPS))
+
+    model, state, scores_state = saved
+    resumed = _allocator(model)
+    resumed_opt = resumed.make_optimizer(lr=3e-3)
+    resumed.load_state_dict(state)
+    resumed_importance = AdaLoRAImportance(model)
+    resumed_importance.load_state_dict(scores_state)
+    _train(teacher, model, resumed, resumed_opt, resumed_importance, inputs, range(first_move + 1, STEPS))
+    later = [r for r in alloc.decisions if r["step"] > first_move]
+    assert any(r["reason"] == "move" for r in later)  # moves after the save, decided from the ways
+    assert resumed.decisions == alloc.decisions
+    _check_one_way(resumed.decisions)
 
 
 def _capture(grower, net, seed):
