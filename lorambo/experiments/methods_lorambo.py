@@ -5,6 +5,9 @@
   ``r_i ∝ sqrt(s_i / (d_i + k_i))`` on that sensitivity, measured before training.
 - ``online``: start uniform with ``online_initial`` of P, then the online greedy allocator grows
   ranks in place (best ``Δ_i / (d_i + k_i)`` first) at decision steps until P is spent.
+- ``moves``: start uniform at P, then rank moves at decision steps: the components with the
+  lowest AdaLoRA importance fund one more rank of the layers with the best online gain per
+  parameter (``MOVES_PER_DECISION`` per decision; moves go one way per layer).
 - ``probe``: the greedy knapsack over the singular directions of a short all-layer probe LoRA's
   updates, each worth its share of the loss its layer's update carries (``probe.py``);
   ``probe_sqrt``: the square-root law on those per-layer losses.
@@ -109,6 +112,33 @@ class Online(LoRAMBoMethod):
 
     def after_backward(self, step, optimizer):
         self.opt.step(step, optimizer=optimizer)
+
+
+class Moves(Online):
+    name = "moves"
+
+    def setup(self, student):
+        from lorambo.sensitivity.adalora_importance import AdaLoRAImportance
+
+        s = schedule(self.ctx.cfg.steps)
+        self.model = student
+        # every component is a candidate (move_threshold=inf): the lowest scores move first,
+        # MOVES_PER_DECISION at a time, at twice online growth's decisions per run
+        self.opt = self.optimizer(student, warmup_steps=s["warmup"], interval=max(1, s["interval"] // 2),
+                                  stop_step=s["stop"], loss_improvement_threshold=0.0, move_threshold=math.inf,
+                                  max_moves=MOVES_PER_DECISION)
+        self.opt.compute_optimal_ranks()
+        self.opt.configure()
+        self.importance = AdaLoRAImportance(student)
+        return student
+
+    def after_backward(self, step, optimizer):
+        self.importance.update()
+        scores = self.importance.component_scores() if self.opt.is_decision_step(step) else None
+        self.importance.follow(self.opt.step(step, optimizer=optimizer, component_scores=scores))
+
+
+MOVES_PER_DECISION = 4
 
 
 class ALoRA(LoRAMBoMethod):
