@@ -26,6 +26,7 @@ from lorambo.allocation.alora import ALoRAConfig
 from lorambo.experiments.methods import Method, ranks_by_short, schedule
 from lorambo.model import lora_layers
 from lorambo.optimizer import LoRAMBoOptimizer
+from lorambo.sensitivity.adalora_importance import AdaLoRAImportance
 
 
 class LoRAMBoMethod(Method):
@@ -114,12 +115,13 @@ class Online(LoRAMBoMethod):
         self.opt.step(step, optimizer=optimizer)
 
 
+MOVES_PER_DECISION = 4
+
+
 class Moves(Online):
     name = "moves"
 
     def setup(self, student):
-        from lorambo.sensitivity.adalora_importance import AdaLoRAImportance
-
         s = schedule(self.ctx.cfg.steps)
         self.model = student
         # every component is a candidate (move_threshold=inf): the lowest scores move first,
@@ -136,9 +138,6 @@ class Moves(Online):
         self.importance.update()
         scores = self.importance.component_scores() if self.opt.is_decision_step(step) else None
         self.importance.follow(self.opt.step(step, optimizer=optimizer, component_scores=scores))
-
-
-MOVES_PER_DECISION = 4
 
 
 class ALoRA(LoRAMBoMethod):
