@@ -69,21 +69,25 @@ def _refuse(who: str, heads: list[str], *_) -> None:
 
 
 def _refuse_state_capture(model: nn.Module, heads: dict[str, nn.Module]) -> list:
-    """Make ``model.state_dict()``, ``model.load_state_dict()``, ``copy.deepcopy`` and pickling
-    raise while the frozen ``heads`` stand in the model: a state_dict would hold the untrained
-    heads beside the trained pools, a load would write into the recorded originals (the frozen
-    parameters are those tensors) and so change every later reference pass, and a copy would keep
-    the frozen heads and the disabled layers for good. The hooks sit on ``model`` so that a load
-    is refused before any module takes a value; returns their handles, for the exit to remove.
-    They are partials of a module-level function: pickling the model pickles its hooks before it
-    reaches the heads, whose own refusal then names the call."""
+    """Make ``state_dict``, ``load_state_dict``, ``copy.deepcopy`` and pickling raise while the
+    frozen ``heads`` stand in ``model``: a state_dict would hold the untrained heads beside the
+    trained pools, a load would write into the recorded originals (the frozen parameters are
+    those tensors) and so change every later reference pass, and a copy would keep the frozen
+    heads and the disabled layers for good. The heads carry the refusals, so that a call on any
+    module holding them refuses; ``model`` also refuses a load, before any module takes a value.
+    Returns the handles of ``model``'s hook, for the exit to remove (the heads are dropped). The
+    hooks are partials of a module-level function: pickling the model pickles its hooks before
+    it reaches the heads, whose own refusal then names the call."""
     names = sorted(heads)
-    for frozen in heads.values():  # dropped at exit, together with these attributes
+    refuse_state_dict = partial(_refuse, "state_dict", names)
+    refuse_load = partial(_refuse, "load_state_dict", names)
+    for frozen in heads.values():
+        frozen.register_state_dict_pre_hook(refuse_state_dict)
+        frozen.register_load_state_dict_pre_hook(refuse_load)
         # copy.deepcopy and pickle look these up on the instance before the class
         frozen.__deepcopy__ = partial(_refuse, "copy.deepcopy", names)
         frozen.__reduce_ex__ = partial(_refuse, "pickling (torch.save of the model)", names)
-    return [model.register_state_dict_pre_hook(partial(_refuse, "state_dict", names)),
-            model.register_load_state_dict_pre_hook(partial(_refuse, "load_state_dict", names))]
+    return [model.register_load_state_dict_pre_hook(refuse_load)]
 
 
 @contextmanager

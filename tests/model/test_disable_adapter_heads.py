@@ -153,3 +153,18 @@ def test_capturing_or_restoring_the_model_inside_the_context_is_refused(call):
         torch.testing.assert_close(model(x), base(x), rtol=0, atol=1e-12)
     _CAPTURES[call](model, trained_state)  # after the with-block each works on the trained model
     assert not model._state_dict_pre_hooks and not model._load_state_dict_pre_hooks
+
+
+def test_a_module_holding_a_head_refuses_its_state_dict_inside_the_context():
+    """Not only the model given to disable_adapter: a state_dict of any module holding a frozen
+    head (here a block of the model) gave that head's untrained values."""
+    torch.manual_seed(0)
+    block = nn.Sequential(OrderedDict(proj=nn.Linear(5, 5), head=nn.Linear(5, 3)))
+    model = configure_model(nn.Sequential(OrderedDict(body=nn.Linear(4, 5), block=block)), 2,
+                            target_modules=["body", "proj"], modules_to_save=["block.head"])
+    with torch.no_grad():
+        model.block.head.weight.add_(1.0)
+    with disable_adapter(model):
+        with pytest.raises(RuntimeError, match=r"^state_dict: called inside lorambo\.disable_adapter.*\['block\.head'\]"):
+            model.block.state_dict()
+    torch.testing.assert_close(model.block.state_dict()["head.weight"], model.block.head.weight, rtol=0, atol=0)
