@@ -128,6 +128,9 @@ class LoRAMBoOptimizer(DecisionSteps):
         sensitivity_method: "hessian" (Tr H_i, Hutchinson), "gradient" (mean ||dL/dW_i||^2),
             "data" (Tr(W G W^T) = E||W x||^2 with G = E[x x^T]), "frobenius" (||W_i||_F^2) or
             "ablation" (summed positive AB-LoRA scores of trained adapters; needs LoRA layers).
+            Only :meth:`compute_sensitivities` reads it: allocations "uniform", "knapsack" and
+            "alora" never call it, and "frobenius_greedy" / "data_weighted" not for "frobenius"
+            or "data" (their curves already hold W, and G); no warning says so.
         allocation: a ``lorambo.allocate`` method, or "alora" (uniform start, then ALoRA rounds).
             "frobenius_greedy" uses sigma(W_i); "data_weighted" the data-weighted tails of W_i.
         capacity, growth_factor: pool sizes, see the module docstring.

@@ -1,6 +1,8 @@
 """Install layout: kernels/ is never importable as ``kernels``; a built wheel works outside the tree."""
 
+import email.parser
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -8,6 +10,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 from pyproject_data import pyproject
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +52,38 @@ def test_the_license_text_is_the_one_the_metadata_declares():
     assert pyproject()["project"]["license"] == "Apache-2.0"
     assert text.split()[:4] == ["Apache", "License", "Version", "2.0,"]
     assert "http://www.apache.org/licenses/LICENSE-2.0" in text
+
+
+def _python_classifier_versions(classifiers) -> list[str]:
+    return [c.rsplit(" :: ", 1)[1] for c in classifiers if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c)]
+
+
+def test_the_python_classifiers_are_the_versions_requires_python_admits_from_its_floor():
+    """The index's "Python 3.x" badges and filters read the classifiers; each listed version must
+    install (requires-python), and the list starts at the floor and leaves no version out."""
+    project = pyproject()["project"]
+    spec = SpecifierSet(project["requires-python"])
+    floors = [Version(s.version) for s in spec if s.operator == ">="]
+    assert len(floors) == 1
+    versions = [Version(v) for v in _python_classifier_versions(project["classifiers"])]
+    assert versions and all(v in spec for v in versions), versions
+    assert versions == [Version(f"3.{minor}") for minor in range(floors[0].minor, floors[0].minor + len(versions))]
+    assert "Programming Language :: Python :: 3 :: Only" in project["classifiers"]
+    assert ("Typing :: Typed" in project["classifiers"]) == (ROOT / "lorambo" / "py.typed").is_file()
+
+
+def test_the_built_metadata_carries_the_classifiers_beside_the_spdx_license(tmp_path):
+    """PEP 517's metadata hook, as pip runs it: a "License ::" classifier beside the SPDX license
+    is refused by setuptools >= 77, so the license is the License-Expression alone."""
+    code = "import sys, setuptools.build_meta as b; print(b.prepare_metadata_for_build_wheel(sys.argv[1]))"
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "LORAMBO_SKIP_EXT": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dist_info = proc.stdout.strip().splitlines()[-1]
+    metadata = email.parser.Parser().parsestr((tmp_path / dist_info / "METADATA").read_text(encoding="utf-8"))
+    assert metadata.get_all("Classifier") == pyproject()["project"]["classifiers"]
+    assert metadata["License-Expression"] == "Apache-2.0"
+    assert not [c for c in metadata.get_all("Classifier") if c.startswith("License ::")]
 
 
 @pytest.mark.slow

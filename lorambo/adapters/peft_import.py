@@ -58,6 +58,12 @@ _PREFIX = "base_model.model."
 _CONFIG = "adapter_config.json"
 _WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
+# what lorambo can represent, for the messages refusing the rest
+_PLAIN_LORA = "imports plain LoRA only (lora_A and lora_B weights on Linear/Conv1D layers)"
+# a tensor name's part -> the peft feature it belongs to
+_TENSOR_FEATURES = {"lora_magnitude_vector": "DoRA (its magnitude vector)",
+                    "lora_embedding_A": "LoRA on an embedding", "lora_embedding_B": "LoRA on an embedding"}
+
 # config field -> the value that means "not used"; anything else is a feature lorambo lacks
 _OFF = {
     "use_dora": (False, None),
@@ -119,7 +125,7 @@ def check_peft_config(config: Mapping, where: str) -> None:
         bad.append(f"bias={config['bias']!r}")
     if bad:
         raise ValueError(f"{where}: unsupported peft LoRA feature(s) {', '.join(bad)}; lorambo "
-                         "imports LoRA on Linear/Conv1D layers without DoRA or biases")
+                         f"{_PLAIN_LORA}, with none of these")
 
 
 # what import_peft reads from adapter_config.json: field -> (check, what a valid value is); the
@@ -338,6 +344,13 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"no {' or '.join(_WEIGHTS)} in {folder}")
 
 
+def _tensor_feature(key: str, part: str) -> str:
+    """The peft feature an adapter tensor outside plain LoRA belongs to, as far as its name tells."""
+    if part in ("lora_A", "lora_B") and key.endswith(f"{part}.bias"):
+        return "a LoRA bias (lora_bias=True)"
+    return _TENSOR_FEATURES.get(part, f"a peft feature ({part!r})")
+
+
 def _split_tensors(tensors: dict[str, torch.Tensor], where: str):
     lora: dict[str, dict[str, torch.Tensor]] = {}
     other: dict[str, torch.Tensor] = {}
@@ -354,9 +367,8 @@ def _split_tensors(tensors: dict[str, torch.Tensor], where: str):
             bits = key.split(".")
             unsupported = [b for b in bits if b.startswith(("lora_", "vera_", "hada_", "ia3_"))]
             if unsupported:
-                raise ValueError(f"{where}: tensor {key!r} belongs to a peft feature lorambo does not "
-                                 f"support ({unsupported[0]}: e.g. DoRA magnitudes, LoRA biases, "
-                                 "embedding or convolution LoRA)")
+                raise ValueError(f"{where}: tensor {key!r} belongs to {_tensor_feature(key, unsupported[0])}, "
+                                 f"which lorambo does not support; it {_PLAIN_LORA}")
             other[key] = value
     for name, pair in lora.items():
         if set(pair) != {"lora_A", "lora_B"}:
@@ -576,8 +588,10 @@ def _peft_layers(model: nn.Module, adapter_name: str, config, where: str):
         if not isinstance(module, LoraLinear) or not isinstance(module.lora_A[adapter_name], nn.Linear):
             raise ValueError(f"{where}: module {name!r} is a peft {type(module).__name__}; lorambo "
                              "converts LoRA on Linear/Conv1D layers only")
-        if module.use_dora.get(adapter_name, False) or module.lora_B[adapter_name].bias is not None:
-            raise ValueError(f"{where}: module {name!r} uses DoRA or a LoRA bias, which lorambo lacks")
+        uses = [feature for feature, used in (("DoRA", module.use_dora.get(adapter_name, False)),
+                                              ("a LoRA bias", module.lora_B[adapter_name].bias is not None)) if used]
+        if uses:
+            raise ValueError(f"{where}: module {name!r} uses {' and '.join(uses)}; lorambo {_PLAIN_LORA}")
         drop = module.lora_dropout[adapter_name]
         weights = {pool: getattr(module, pool)[adapter_name].weight for pool in ("lora_A", "lora_B")}
         # frozen in peft (LoRA-FA's lora_A, a layer frozen for a phase): frozen in lorambo too

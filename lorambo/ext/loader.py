@@ -33,7 +33,6 @@ from lorambo.user_warnings import warn_user
 
 # the csrc/ of a checkout or editable install this package lives in (absent in a wheel)
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
-_REBUILD = "rebuild it with `pip install -e .` or `python setup.py build_ext --inplace`"
 
 _state: dict[str, object] = {}
 
@@ -66,14 +65,31 @@ def _check_operators(module: ModuleType) -> None:
     missing = [name for name in OPERATORS if not hasattr(torch.ops.lorambo, name)]
     if missing:
         raise ImportError(f"{module.__file__} is stale: it lacks the operators {missing} (an older build "
-                          "left in place?); " + _REBUILD)
+                          "left in place?); " + _rebuild_hint())
+
+
+def _in_checkout() -> bool:
+    """Whether lorambo runs from a checkout (or an editable install of one): lorambo's own csrc/
+    header beside the package, so that another package's top-level csrc/ beside an installed
+    lorambo is not taken for ours."""
+    return (CSRC / "ops.cpp").is_file() and (CSRC / "include" / "lorambo" / "ops.h").is_file()
+
+
+def _rebuild_hint() -> str:
+    """The command that replaces a stale module. pip's default isolated build has no torch
+    (pyproject.toml), so it builds no extension, and in a checkout it leaves the stale file in
+    place: both commands say --no-build-isolation, as the README and the Makefile do."""
+    if _in_checkout():
+        return (f"rebuild it in {CSRC.parent} with `pip install --no-build-isolation -e .` (what `make install` "
+                "runs) or `python setup.py build_ext --inplace`; without --no-build-isolation pip builds no "
+                "extension and leaves the stale file in place")
+    return ("reinstall lorambo from its source with `pip install --no-build-isolation .` against the installed "
+            "torch; without --no-build-isolation pip builds no extension")
 
 
 def _expected_sources(module: ModuleType) -> tuple[str, str] | None:
     """(hash, where it comes from) of the sources ``module`` must have been built from."""
-    # a checkout: what a rebuild would compile now (lorambo's own header, so that another
-    # package's top-level csrc/ beside an installed lorambo is not taken for ours)
-    if (CSRC / "ops.cpp").is_file() and (CSRC / "include" / "lorambo" / "ops.h").is_file():
+    if _in_checkout():  # what a rebuild would compile now
         return sources_hash(CSRC), str(CSRC)
     record = Path(module.__file__).with_name(RECORD)
     if record.is_file():  # a wheel: what its build compiled
@@ -86,7 +102,7 @@ def _check_sources(module: ModuleType) -> None:
     built = getattr(module, "sources_hash", None)  # None: a build older than the hash
     if expected is not None and built != expected[0]:
         raise ImportError(f"{module.__file__} is stale: built from other sources (hash {built}) than "
-                          f"{expected[1]} (hash {expected[0]}); " + _REBUILD)
+                          f"{expected[1]} (hash {expected[0]}); " + _rebuild_hint())
 
 
 def available() -> bool:

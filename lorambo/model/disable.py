@@ -3,7 +3,9 @@
 Inside the context every LoRAMBoLinear calls its base layer directly (no LoRA branch, no
 gradient to the pools) and every module in modules_to_save is replaced by a frozen copy holding
 its original state. Everything is put back on exit, also after an exception. Merged layers are
-refused: their base weight holds the adapter.
+refused: their base weight holds the adapter. With modules_to_save, capturing or restoring the
+model's state inside the context (``state_dict``, ``load_state_dict``, ``copy.deepcopy``,
+pickling) is refused: it would reach the frozen copies instead of the trained modules.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 
 from torch import nn
 
@@ -45,6 +48,12 @@ def _frozen_original(name: str, trained: nn.Module, original: dict) -> nn.Module
     return frozen
 
 
+def _inside_error(who: str, heads) -> RuntimeError:
+    return RuntimeError(f"{who}: called inside lorambo.disable_adapter, where the modules_to_save "
+                        f"{sorted(heads)[:4]} are frozen copies of their state before configure_model, "
+                        "not the trained modules; call it after the with-block")
+
+
 def refuse_inside_disable_adapter(model: nn.Module, who: str) -> None:
     """RuntimeError from ``who`` (an adapter file's writer or reader) while ``disable_adapter`` is
     active on ``model`` and it has modules_to_save: those are then the frozen copies of their state
@@ -52,16 +61,42 @@ def refuse_inside_disable_adapter(model: nn.Module, who: str) -> None:
     copies that the exit drops, leaving the trained heads as they were beside the loaded pools."""
     heads = modules_to_save(model)
     if heads and any(layer.adapter_disabled for layer in lora_layers(model).values()):
-        raise RuntimeError(f"{who}: called inside lorambo.disable_adapter, where the modules_to_save "
-                           f"{sorted(heads)[:4]} are frozen copies of their state before configure_model, "
-                           "not the trained modules; call it after the with-block")
+        raise _inside_error(who, heads)
+
+
+def _refuse(who: str, heads: list[str], *_) -> None:
+    raise _inside_error(who, heads)
+
+
+def _refuse_state_capture(model: nn.Module, heads: dict[str, nn.Module]) -> list:
+    """Make ``state_dict``, ``load_state_dict``, ``copy.deepcopy`` and pickling raise while the
+    frozen ``heads`` stand in ``model``: a state_dict would hold the untrained heads beside the
+    trained pools, a load would write into the recorded originals (the frozen parameters are
+    those tensors) and so change every later reference pass, and a copy would keep the frozen
+    heads and the disabled layers for good. The heads carry the refusals, so that a call on any
+    module holding them refuses; ``model`` also refuses a load, before any module takes a value.
+    Returns the handles of ``model``'s hook, for the exit to remove (the heads are dropped). The
+    hooks are partials of a module-level function: pickling the model pickles its hooks before
+    it reaches the heads, whose own refusal then names the call."""
+    names = sorted(heads)
+    refuse_state_dict = partial(_refuse, "state_dict", names)
+    refuse_load = partial(_refuse, "load_state_dict", names)
+    for frozen in heads.values():
+        frozen.register_state_dict_pre_hook(refuse_state_dict)
+        frozen.register_load_state_dict_pre_hook(refuse_load)
+        # copy.deepcopy and pickle look these up on the instance before the class
+        frozen.__deepcopy__ = partial(_refuse, "copy.deepcopy", names)
+        frozen.__reduce_ex__ = partial(_refuse, "pickling (torch.save of the model)", names)
+    return [model.register_load_state_dict_pre_hook(refuse_load)]
 
 
 @contextmanager
 def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     """``with disable_adapter(model):`` runs the frozen base model: no LoRA branch, and the
     ``modules_to_save`` in their state from before ``configure_model``. Everything is back on
-    exit. RuntimeError for merged layers (``unmerge()`` first) and for nested use."""
+    exit. RuntimeError for merged layers (``unmerge()`` first) and for nested use; with
+    ``modules_to_save``, also for ``state_dict``, ``load_state_dict``, ``copy.deepcopy`` and
+    pickling of the model inside the block (they would reach the frozen copies)."""
     require_module(model, "disable_adapter")
     layers = lora_layers(model)
     merged = [n for n, layer in layers.items() if layer.merged]
@@ -75,6 +110,7 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     for name in modules_to_save(model):
         heads[name] = _frozen_original(name, model.get_submodule(name), originals[name])
     trained = {name: model.get_submodule(name) for name in heads}
+    handles = _refuse_state_capture(model, heads) if heads else []
     try:
         for layer in layers.values():
             layer.adapter_disabled = True  # its forward runs the base layer alone
@@ -86,3 +122,5 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
             layer.__dict__.pop("adapter_disabled", None)  # back to the class default, False
         for name, module in trained.items():
             _set_submodule(model, name, module)
+        for handle in handles:
+            handle.remove()

@@ -79,6 +79,9 @@ def test_extension_built_before_the_sources_changed_is_refused_with_one_warning(
     assert len(messages) == 1, messages
     assert "stale" in messages[0] and "rebuild" in messages[0] and "Triton/PyTorch" in messages[0]
     assert lorambo._C.sources_hash in messages[0] and sources_hash(tmp_path / "csrc") in messages[0]
+    # the rebuild the Makefile runs: pip's default isolated build has no torch, builds no
+    # extension and leaves the stale file in place
+    assert f"rebuild it in {tmp_path} with `pip install --no-build-isolation -e .`" in messages[0], messages
     with pytest.raises(RuntimeError, match="stale"):
         ext_loader.require()
 
@@ -110,6 +113,9 @@ def test_installed_wheel_compares_the_module_with_the_hash_its_build_recorded(tm
     (tmp_path / RECORD).write_text("0" * 64 + "\n")  # a module copied over another build's
     messages = _load_warnings()
     assert len(messages) == 1 and "stale" in messages[0] and str(tmp_path / RECORD) in messages[0], messages
+    # no checkout to rebuild in: reinstall from source as the README installs, not `pip install -e .`
+    assert "reinstall lorambo from its source with `pip install --no-build-isolation .`" in messages[0], messages
+    assert "-e ." not in messages[0] and "build_ext --inplace" not in messages[0], messages
 
 
 @needs_ext

@@ -3,6 +3,8 @@ copying the trained module (its parameters and their gradients) and overwriting 
 pass of DPO-style training enters the context every step."""
 
 import copy
+import io
+import re
 from collections import OrderedDict
 
 import pytest
@@ -117,3 +119,52 @@ def test_loading_inside_the_context_is_refused_and_leaves_the_model_as_it_was(tm
     assert after.keys() == before.keys()
     for key, value in before.items():
         torch.testing.assert_close(after[key], value, rtol=0, atol=0, msg=key)
+
+
+_CAPTURES = {
+    "state_dict": lambda model, state: model.state_dict(),
+    "load_state_dict": lambda model, state: model.load_state_dict(state),
+    "copy.deepcopy": lambda model, state: copy.deepcopy(model),
+    "pickling": lambda model, state: torch.save(model, io.BytesIO()),
+}
+
+
+@pytest.mark.parametrize("call", sorted(_CAPTURES))
+def test_capturing_or_restoring_the_model_inside_the_context_is_refused(call):
+    """Inside the context the heads to save are the frozen originals: a state_dict held the
+    untrained head beside the trained pools; load_state_dict wrote into the recorded originals
+    themselves, so every later reference pass ran the loaded head; a deepcopy kept the frozen head
+    and the disabled layers for good. Each is refused, naming the call, and changes nothing."""
+    base, model = _trained()
+    trained_state = _snapshot(model)
+    # the pools keep their values: slots past the rank must stay zero for a load to pass lorambo's checks
+    changed = {k: v + 1.0 if v.is_floating_point() and "lora_" not in k else v for k, v in trained_state.items()}
+    originals = {k: v.clone() for k, v in original_state(model)["head"].items()}
+    with disable_adapter(model):
+        with pytest.raises(RuntimeError, match=rf"^{re.escape(call)}.*: called inside lorambo\.disable_adapter.*\['head'\]"):
+            _CAPTURES[call](model, changed)
+    for key, value in original_state(model)["head"].items():
+        torch.testing.assert_close(value, originals[key], rtol=0, atol=0, msg=key)
+    after = _snapshot(model)
+    for key, value in trained_state.items():
+        torch.testing.assert_close(after[key], value, rtol=0, atol=0, msg=key)
+    x = torch.randn(6, 5, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    with disable_adapter(model):
+        torch.testing.assert_close(model(x), base(x), rtol=0, atol=1e-12)
+    _CAPTURES[call](model, trained_state)  # after the with-block each works on the trained model
+    assert not model._state_dict_pre_hooks and not model._load_state_dict_pre_hooks
+
+
+def test_a_module_holding_a_head_refuses_its_state_dict_inside_the_context():
+    """Not only the model given to disable_adapter: a state_dict of any module holding a frozen
+    head (here a block of the model) gave that head's untrained values."""
+    torch.manual_seed(0)
+    block = nn.Sequential(OrderedDict(proj=nn.Linear(5, 5), head=nn.Linear(5, 3)))
+    model = configure_model(nn.Sequential(OrderedDict(body=nn.Linear(4, 5), block=block)), 2,
+                            target_modules=["body", "proj"], modules_to_save=["block.head"])
+    with torch.no_grad():
+        model.block.head.weight.add_(1.0)
+    with disable_adapter(model):
+        with pytest.raises(RuntimeError, match=r"^state_dict: called inside lorambo\.disable_adapter.*\['block\.head'\]"):
+            model.block.state_dict()
+    torch.testing.assert_close(model.block.state_dict()["head.weight"], model.block.head.weight, rtol=0, atol=0)
