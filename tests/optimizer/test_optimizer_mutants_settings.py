@@ -1,0 +1,60 @@
+"""LoRAMBoOptimizer's constructor: its documented defaults and the checks it makes before
+anything is measured (found by mutation testing of lorambo/optimizer.py)."""
+
+import inspect
+import logging
+
+import pytest
+import torch
+
+import lorambo
+from lorambo.allocation.online import OnlineGrowth
+from lorambo.optimizer import LoRAMBoOptimizer
+
+from residual_net import ResidualNet, mse
+
+DT = torch.float64
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _batches(n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(12, 8, dtype=DT, generator=g), torch.randn(12, 3, dtype=DT, generator=g))
+            for _ in range(n)]
+
+
+def test_the_default_measurement_is_hutchinson_with_32_probes_seeded_by_0():
+    """docs/allocation.md: by default it measures with sensitivity_method="hessian" (num_probes=32)."""
+    torch.manual_seed(0)
+    model = ResidualNet(head=("lm_head", 3))
+    opt = LoRAMBoOptimizer(model, 500)
+    got = opt.compute_sensitivities(_batches(), mse)
+    est = lorambo.sensitivity.hessian_trace(model, mse, _batches(), modules=opt.names, num_probes=32, seed=0)
+    assert {n: e.num_probes for n, e in est.items()} == dict.fromkeys(opt.names, 32)
+    assert got == pytest.approx({n: max(e.value, 0.0) for n, e in est.items()}, rel=1e-12)
+
+
+def test_the_online_settings_default_to_those_of_online_growth():
+    """The allocator's growth is an OnlineGrowth built from its settings: left out, they are
+    OnlineGrowth's own defaults (one new rank per sketch direction, 4 power iterations, one move)."""
+    opt = LoRAMBoOptimizer(ResidualNet(), 500)
+    defaults = {k: p.default for k, p in inspect.signature(OnlineGrowth).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    assert (opt.sketch_rank, opt.power_iters, opt.max_moves, opt.move_threshold, opt.threshold,
+            opt.max_tokens, opt.min_rank, opt.max_rank, opt.seed) == \
+        tuple(defaults[k] for k in ("sketch_rank", "power_iters", "max_moves", "move_threshold", "threshold",
+                                    "max_tokens", "min_rank", "max_rank", "seed"))
+
+
+def test_the_pool_memory_report_is_logged_but_printed_only_when_verbose(capsys, caplog):
+    opt = LoRAMBoOptimizer(ResidualNet(), 500, sensitivity_method="frobenius")
+    with caplog.at_level(logging.INFO, logger="lorambo"):
+        opt.compute_optimal_ranks()
+    assert capsys.readouterr().out == ""
+    assert any("MiB of device memory" in r.getMessage() for r in caplog.records)
+
+
+def test_an_unknown_allocation_is_refused_by_the_constructor():
+    with pytest.raises(ValueError, match=r"allocation='greedy'; choose one of \('uniform', 'closed_form'"):
+        LoRAMBoOptimizer(ResidualNet(), 500, allocation="greedy")
