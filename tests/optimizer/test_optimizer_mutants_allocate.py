@@ -1,0 +1,103 @@
+"""LoRAMBoOptimizer's allocation, pool plan and memory report, checked against computations by
+hand from layer shapes, ranks and dtypes (found by mutation testing of lorambo/optimizer.py)."""
+
+import pytest
+import torch
+from torch import nn
+
+from lorambo.optimizer import LoRAMBoOptimizer
+
+DT = torch.float64
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class _Conv1DNet(nn.Module):
+    """transformers' Conv1D (weight stored [in, out]) 8 -> 16, tanh, 16 -> 8."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.up, self.down = Conv1D(16, 8).double(), Conv1D(8, 16).double()
+        for m in (self.up, self.down):
+            nn.init.normal_(m.weight)
+
+    def forward(self, x):
+        return self.down(torch.tanh(self.up(x)))
+
+
+def _conv_mse(model, batch):
+    return ((model(batch[0]) - batch[1]) ** 2).mean()
+
+
+def test_data_sensitivity_of_a_conv1d_layer_reads_its_weight_as_out_by_in():
+    """E||W x||^2 over the layer's inputs: Conv1D computes x @ weight, so W is weight.T."""
+    torch.manual_seed(0)
+    model = _Conv1DNet()
+    batches = [(torch.randn(10, 8, dtype=DT), torch.randn(10, 8, dtype=DT)) for _ in range(2)]
+    opt = LoRAMBoOptimizer(model, 500, sensitivity_method="data", target_modules=["up", "down"])
+    got = opt.compute_sensitivities(batches, _conv_mse)
+    xs = torch.cat([b[0] for b in batches])
+    hidden = torch.tanh(model.up(xs)).detach()
+    want = {"up": (xs @ model.up.weight.detach()).pow(2).sum(1).mean().item(),
+            "down": (hidden @ model.down.weight.detach()).pow(2).sum(1).mean().item()}
+    assert got == pytest.approx(want, rel=1e-10)
+
+
+def _next_pow2(x):
+    p = 1
+    while p < x:
+        p *= 2
+    return p
+
+
+def test_pools_have_room_for_the_total_budget_and_the_report_counts_their_bytes_per_dtype():
+    """initial_budget buys the first ranks; the pools are sized for what total_budget could buy
+    (online growth spends the rest), and memory_report counts each pool in its layer's dtype."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"a": nn.Linear(16, 24, dtype=torch.float32), "b": nn.Linear(24, 40, dtype=DT),
+                           "c": nn.Linear(40, 16, dtype=torch.bfloat16)})
+    total, initial = 1600, 250
+    opt = LoRAMBoOptimizer(model, total, initial_budget=initial, sensitivity_method="frobenius",
+                           allocation="uniform", target_modules=["a", "b", "c"])
+    ranks = opt.compute_optimal_ranks()
+    shapes = {"a": (24, 16), "b": (40, 24), "c": (16, 40)}  # (out, in)
+    costs = {n: d + k for n, (d, k) in shapes.items()}
+    assert 0 < sum(r * costs[n] for n, r in ranks.items()) <= initial
+    want_caps = {n: max(min(max(_next_pow2(2 * r), 8), min(shapes[n]), total // costs[n]), r)
+                 for n, r in ranks.items()}
+    assert opt.capacities == want_caps and any(c * costs[n] > initial for n, c in want_caps.items())
+    size = {"a": 4, "b": 8, "c": 2}
+    report = opt.memory_report
+    assert report["per_layer_bytes"] == {n: want_caps[n] * costs[n] * size[n] for n in shapes}
+    assert report["total_bytes"] == sum(report["per_layer_bytes"].values())
+    assert report["active_params"] == sum(r * costs[n] for n, r in ranks.items())
+    assert report["pool_params"] == sum(c * costs[n] for n, c in want_caps.items())
+    opt.configure()
+    built = {n: m.lora_A.numel() * m.lora_A.element_size() + m.lora_B.numel() * m.lora_B.element_size()
+             for n, m in opt.layers().items()}
+    assert built == report["per_layer_bytes"]
+
+
+def _frozen_model(frozen):
+    """ResidualNet (every target d + k = 20) at rank 2 in pools of 8, ``frozen`` layers' lora_B frozen."""
+    import lorambo
+
+    from residual_net import ResidualNet
+
+    model = lorambo.configure_model(ResidualNet(width=8, hidden=12), 2, capacity=8)
+    for n in frozen:
+        lorambo.lora_layers(model)[n].lora_B.requires_grad_(False)
+    return model
+
+
+def test_a_budget_exactly_the_frozen_ranks_plus_min_rank_elsewhere_is_allocated():
+    """Frozen blocks.0.up keeps rank 2 (40 parameters); min_rank=1 in the 3 others takes 60: a
+    budget of exactly 100 buys that and nothing more."""
+    torch.manual_seed(0)
+    opt = LoRAMBoOptimizer(_frozen_model(["blocks.0.up"]), 100, sensitivity_method="frobenius",
+                           allocation="uniform", min_rank=1)
+    ranks = opt.compute_optimal_ranks()
+    assert ranks == {"blocks.0.up": 2, "blocks.0.down": 1, "blocks.1.up": 1, "blocks.1.down": 1}
+    assert sum(r * opt.costs[n] for n, r in ranks.items()) == 100
