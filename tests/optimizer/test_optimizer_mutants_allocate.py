@@ -101,3 +101,13 @@ def test_a_budget_exactly_the_frozen_ranks_plus_min_rank_elsewhere_is_allocated(
     ranks = opt.compute_optimal_ranks()
     assert ranks == {"blocks.0.up": 2, "blocks.0.down": 1, "blocks.1.up": 1, "blocks.1.down": 1}
     assert sum(r * opt.costs[n] for n, r in ranks.items()) == 100
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "closed_form"])
+def test_a_model_whose_adapters_are_all_frozen_keeps_every_rank(allocation):
+    torch.manual_seed(0)
+    names = ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down"]
+    model = _frozen_model(names)
+    opt = LoRAMBoOptimizer(model, 400, sensitivity_method="frobenius", allocation=allocation)
+    ranks = opt.compute_optimal_ranks()
+    assert ranks == dict.fromkeys(names, 2) and opt.capacities == dict.fromkeys(names, 8)
