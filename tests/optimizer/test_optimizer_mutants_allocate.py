@@ -111,3 +111,41 @@ def test_a_model_whose_adapters_are_all_frozen_keeps_every_rank(allocation):
     opt = LoRAMBoOptimizer(model, 400, sensitivity_method="frobenius", allocation=allocation)
     ranks = opt.compute_optimal_ranks()
     assert ranks == dict.fromkeys(names, 2) and opt.capacities == dict.fromkeys(names, 8)
+
+
+@pytest.mark.parametrize("bound", [{"min_rank": 2}, {"max_rank": 4}])
+def test_min_rank_and_max_rank_bound_the_allocation(bound):
+    """One layer far more sensitive than the others: closed_form gives it rank min(d, k) = 8 and
+    the others 1 or less; min_rank / max_rank bound that, as lorambo.allocate with them does."""
+    from residual_net import ResidualNet
+
+    import lorambo
+
+    torch.manual_seed(0)
+    model = ResidualNet(width=8, hidden=12)
+    sens = {"blocks.0.up": 50.0, "blocks.0.down": 1e-4, "blocks.1.up": 2e-4, "blocks.1.down": 1e-4}
+    dims = {f"blocks.{i}.{p}": (12, 8) if p == "up" else (8, 12) for i in (0, 1) for p in ("up", "down")}
+    unbounded = LoRAMBoOptimizer(model, 240).compute_optimal_ranks(sensitivities=sens)
+    assert unbounded == lorambo.allocate(dims, sens, 240)
+    ranks = LoRAMBoOptimizer(model, 240, **bound).compute_optimal_ranks(sensitivities=sens)
+    assert ranks == lorambo.allocate(dims, sens, 240, **bound)
+    assert min(ranks.values()) >= bound.get("min_rank", 0) and max(ranks.values()) <= bound.get("max_rank", 8)
+    assert ranks != unbounded and sum(ranks.values()) * 20 == 240
+
+
+def test_an_allocation_option_that_is_not_per_layer_passes_through_with_frozen_layers():
+    """exact=True (the gain methods' exact optimum) is not a {layer: value} input: it reaches
+    lorambo.allocate as is while the frozen layer is left out of the per-layer ones (spectra)."""
+    import lorambo
+
+    torch.manual_seed(0)
+    model = _frozen_model(["blocks.0.up"])
+    opt = LoRAMBoOptimizer(model, 300, sensitivity_method="frobenius", allocation="frobenius_greedy")
+    ranks = opt.compute_optimal_ranks(exact=True)
+    layers = lorambo.lora_layers(model)
+    others = ["blocks.0.down", "blocks.1.up", "blocks.1.down"]
+    spectra = {n: torch.linalg.svdvals(layers[n].weight.detach().double()).numpy() for n in others}
+    want = lorambo.allocate({n: tuple(layers[n].weight.shape) for n in others}, dict.fromkeys(others, 1.0),
+                            300 - 40, method="frobenius_greedy", capacities=dict.fromkeys(others, 8),
+                            spectra=spectra, exact=True)
+    assert ranks == {**want, "blocks.0.up": 2} and sum(want.values()) > 6

@@ -58,3 +58,12 @@ def test_the_pool_memory_report_is_logged_but_printed_only_when_verbose(capsys, 
 def test_an_unknown_allocation_is_refused_by_the_constructor():
     with pytest.raises(ValueError, match=r"allocation='greedy'; choose one of \('uniform', 'closed_form'"):
         LoRAMBoOptimizer(ResidualNet(), 500, allocation="greedy")
+
+
+@pytest.mark.parametrize("setting,match", [
+    ({"max_tokens": 0}, "max_tokens=0"),
+    ({"token_mask": "attention_mask"}, r"LoRAMBoOptimizer: token_mask must be 'auto'.*got 'attention_mask'")])
+def test_settings_used_only_at_decision_steps_are_refused_by_the_constructor(setting, match):
+    """The first online decision may come hours into training: a bad setting fails at once."""
+    with pytest.raises(ValueError, match=match):
+        LoRAMBoOptimizer(ResidualNet(), 500, interval=10, **setting)
