@@ -149,3 +149,18 @@ def test_an_allocation_option_that_is_not_per_layer_passes_through_with_frozen_l
                             300 - 40, method="frobenius_greedy", capacities=dict.fromkeys(others, 8),
                             spectra=spectra, exact=True)
     assert ranks == {**want, "blocks.0.up": 2} and sum(want.values()) > 6
+
+
+@pytest.mark.parametrize("missing", ["batches", "loss_fn"])
+def test_data_weighted_tails_without_batches_or_loss_fn_are_refused_naming_them(missing):
+    """frobenius sensitivities need no batches, but the data-weighted tails need input covariances."""
+    from residual_net import ResidualNet, mse
+
+    g = torch.Generator().manual_seed(0)
+    given = {"batches": [(torch.randn(6, 8, dtype=DT, generator=g), torch.randn(6, 8, dtype=DT, generator=g))],
+             "loss_fn": mse}
+    given[missing] = None
+    opt = LoRAMBoOptimizer(ResidualNet(), 500, sensitivity_method="frobenius", allocation="data_weighted")
+    with pytest.raises(ValueError, match=r"allocation='data_weighted' needs batches and loss_fn \(input covariances\)"):
+        opt.compute_optimal_ranks(**given)
+    assert opt.ranks is None
