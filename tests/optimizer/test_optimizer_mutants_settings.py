@@ -67,3 +67,21 @@ def test_settings_used_only_at_decision_steps_are_refused_by_the_constructor(set
     """The first online decision may come hours into training: a bad setting fails at once."""
     with pytest.raises(ValueError, match=match):
         LoRAMBoOptimizer(ResidualNet(), 500, interval=10, **setting)
+
+
+def test_only_the_main_process_writes_the_decision_log(tmp_path, monkeypatch):
+    """Every process takes the same decisions; one file gets them, from process 0."""
+    import lorambo.optimizer
+
+    monkeypatch.setattr(lorambo.optimizer, "is_main_process", lambda: False)
+    path = tmp_path / "decisions.jsonl"
+    torch.manual_seed(0)
+    model = ResidualNet(head=("lm_head", 3))
+    opt = LoRAMBoOptimizer(model, 800, initial_budget=300, sensitivity_method="frobenius", interval=1,
+                           log_path=path)
+    opt.compute_optimal_ranks()
+    opt.configure()
+    with opt.capture(0):
+        mse(model, _batches(1)[0]).backward()
+    assert opt.step(0) and opt.decisions  # it decided, and keeps the records in memory
+    assert not path.exists()
