@@ -164,3 +164,51 @@ def test_data_weighted_tails_without_batches_or_loss_fn_are_refused_naming_them(
     with pytest.raises(ValueError, match=r"allocation='data_weighted' needs batches and loss_fn \(input covariances\)"):
         opt.compute_optimal_ranks(**given)
     assert opt.ranks is None
+
+
+def _padded_batches():
+    """[B, T, 8] inputs whose last 3 positions are pads carrying large values, and a mask callable."""
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(2):
+        x = torch.randn(3, 6, 8, dtype=DT, generator=g)
+        x[:, 3:] *= 25.0
+        batches.append((x, torch.randn(3, 6, 8, dtype=DT, generator=g)))
+    return batches
+
+
+def _real_tokens(batch):
+    mask = torch.zeros(batch[0].shape[:2], dtype=torch.bool)
+    mask[:, :3] = True
+    return mask
+
+
+def test_the_token_mask_keeps_pads_out_of_the_data_sensitivity_and_the_tails():
+    import lorambo
+    from lorambo.sensitivity import data_covariance, data_weighted_tail_energy
+
+    from residual_net import ResidualNet, mse
+
+    torch.manual_seed(0)
+    model = ResidualNet()
+    batches = _padded_batches()
+    opt = LoRAMBoOptimizer(model, 400, sensitivity_method="data", token_mask=_real_tokens)
+    got = opt.compute_sensitivities(batches, mse)
+    xs = torch.cat([b[0][:, :3].reshape(-1, 8) for b in batches])  # the real tokens fed to blocks.0.up
+    w = model.blocks[0]["up"].weight.detach()
+    assert got["blocks.0.up"] == pytest.approx((xs @ w.T).pow(2).sum(1).mean().item(), rel=1e-10)
+
+    opt = LoRAMBoOptimizer(model, 400, sensitivity_method="frobenius", allocation="data_weighted",
+                           token_mask=_real_tokens)
+    ranks = opt.compute_optimal_ranks(batches, mse)
+    cov = data_covariance(model, mse, batches, modules=opt.names, token_mask=_real_tokens)
+    unmasked = data_covariance(model, mse, batches, modules=opt.names, token_mask=None)
+    dims = dict(opt.dims)
+
+    def allocation(covs):
+        tails = {n: data_weighted_tail_energy(model.get_submodule(n).weight.detach(), covs[n], min(dims[n])).numpy()
+                 for n in dims}
+        return lorambo.allocate(dims, dict.fromkeys(dims, 1.0), 400, method="data_weighted", tail_energies=tails)
+
+    assert ranks == allocation(cov)
+    assert allocation(unmasked) != ranks  # the pads would move rank between layers

@@ -85,3 +85,14 @@ def test_only_the_main_process_writes_the_decision_log(tmp_path, monkeypatch):
         mse(model, _batches(1)[0]).backward()
     assert opt.step(0) and opt.decisions  # it decided, and keeps the records in memory
     assert not path.exists()
+
+
+def test_the_seed_seeds_the_hutchinson_probes():
+    torch.manual_seed(0)
+    model = ResidualNet(head=("lm_head", 3))
+    opt = LoRAMBoOptimizer(model, 500, num_probes=4, seed=7)
+    got = opt.compute_sensitivities(_batches(), mse)
+    for seed in (7, 0):
+        est = lorambo.sensitivity.hessian_trace(model, mse, _batches(), modules=opt.names, num_probes=4, seed=seed)
+        want = {n: max(e.value, 0.0) for n, e in est.items()}
+        assert (got == pytest.approx(want, rel=1e-12)) == (seed == 7)
