@@ -3,6 +3,7 @@ anything is measured (found by mutation testing of lorambo/optimizer.py)."""
 
 import inspect
 import logging
+import warnings
 
 import pytest
 import torch
@@ -96,3 +97,22 @@ def test_the_seed_seeds_the_hutchinson_probes():
         est = lorambo.sensitivity.hessian_trace(model, mse, _batches(), modules=opt.names, num_probes=4, seed=seed)
         want = {n: max(e.value, 0.0) for n, e in est.items()}
         assert (got == pytest.approx(want, rel=1e-12)) == (seed == 7)
+
+
+def test_only_negative_hessian_traces_are_named_in_the_warning_and_set_to_zero(monkeypatch):
+    """Tr H of a non-convex loss, or probe noise, can be negative: no rank is owed there. A small
+    positive trace is a measurement like any other."""
+    from lorambo.sensitivity import Estimate
+
+    opt = LoRAMBoOptimizer(ResidualNet(head=("lm_head", 3)), 500, num_probes=4)
+    values = dict(zip(opt.names, [0.5, -0.25, 3.0, 0.0]))
+    monkeypatch.setattr(lorambo.sensitivity, "hessian_trace",
+                        lambda *args, **kwargs: {n: Estimate(v, 0.1, 4) for n, v in values.items()})
+    with pytest.warns(RuntimeWarning, match="negative Hessian trace") as caught:
+        got = opt.compute_sensitivities(_batches(), mse)
+    assert [str(w.message) for w in caught] == [f"negative Hessian trace estimates set to 0: {{'{opt.names[1]}': -0.25}}"]
+    assert got == {**values, opt.names[1]: 0.0}
+    values = dict(zip(opt.names, [0.5, 0.0, 3.0, 1e-9]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert opt.compute_sensitivities(_batches(), mse) == values
