@@ -116,3 +116,14 @@ def test_only_negative_hessian_traces_are_named_in_the_warning_and_set_to_zero(m
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert opt.compute_sensitivities(_batches(), mse) == values
+
+
+@pytest.mark.filterwarnings("ignore:negative Hessian trace")  # 4 probes: an estimate may fall below 0
+def test_compute_sensitivities_passes_progress_to_the_hutchinson_estimator(capsys):
+    torch.manual_seed(0)
+    opt = LoRAMBoOptimizer(ResidualNet(head=("lm_head", 3)), 500, num_probes=4)
+    quiet = opt.compute_sensitivities(_batches(), mse, progress=False)
+    assert capsys.readouterr().err == ""
+    shown = opt.compute_sensitivities(_batches(), mse, progress=True)
+    assert "hessian_trace" in capsys.readouterr().err
+    assert shown == quiet
