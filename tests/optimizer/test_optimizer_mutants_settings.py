@@ -63,6 +63,7 @@ def test_an_unknown_allocation_is_refused_by_the_constructor():
 
 @pytest.mark.parametrize("setting,match", [
     ({"max_tokens": 0}, "max_tokens=0"),
+    ({"max_moves": 0, "move_threshold": 0.1}, "max_moves=0"),
     ({"token_mask": "attention_mask"}, r"LoRAMBoOptimizer: token_mask must be 'auto'.*got 'attention_mask'")])
 def test_settings_used_only_at_decision_steps_are_refused_by_the_constructor(setting, match):
     """The first online decision may come hours into training: a bad setting fails at once."""
