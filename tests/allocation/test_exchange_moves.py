@@ -62,3 +62,28 @@ def test_a_pair_of_loss_drops_far_apart_in_size_is_found():
     ref = _ref_move(costs, sens, ranks, lower, move_upper, 1)
     assert (got[1], tuple(map(int, got[2]))) == ((10,), (2, 7)) == (ref[1], tuple(map(int, ref[2])))
     assert got[0] == ref[0] > 0
+
+
+def _move_and_reference(costs, sens, ranks, budget):
+    n = len(costs)
+    lower, upper, left = np.zeros(n, np.int64), np.full(n, 8), budget - int(np.dot(costs, ranks))
+    got = exchange._move(exchange._CostClasses(costs), costs, sens, ranks, lower, upper, left)
+    ref = _ref_move(costs, sens, ranks, lower, upper, left)
+    return (got[1], tuple(map(int, got[2]))), (ref[1], tuple(map(int, ref[2])))
+
+
+def test_a_split_to_one_layer_twice_skips_an_equal_layer_that_does_not_fit():
+    # layer 2 (cost 10) frees 10: two ranks of layer 1 (cost 5) fit, two of layer 0 (cost 6,
+    # the same loss drops, earlier) would cost 12, and one of each 11. Layer 0 taking two ranks
+    # would overspend the budget
+    costs, sens, ranks = np.array([6, 5, 10]), np.array([1.0, 1.0, 0.01]), np.array([1, 1, 3])
+    got, ref = _move_and_reference(costs, sens, ranks, 41)
+    assert got == ((2,), (1, 1)) == ref
+
+
+def test_a_merge_of_two_ranks_of_one_layer_skips_an_equal_layer_that_frees_too_little():
+    # layer 2 (cost 10) takes a rank freed by two ranks of layer 1 (cost 5: 10); two of layer 0
+    # (cost 4, the same loss drops, earlier) free 8 and one of each 9: the move overspends
+    costs, sens, ranks = np.array([4, 5, 10]), np.array([0.01, 0.01, 1.0]), np.array([3, 3, 1])
+    got, ref = _move_and_reference(costs, sens, ranks, 37)
+    assert got == ((1, 1), (2,)) == ref
