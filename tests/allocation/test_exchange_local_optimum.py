@@ -61,3 +61,16 @@ def test_no_exchange_move_lowers_the_loss_of_improves_result():
                                                        got, givers, takers)
         moved += bool(np.any(got != exchange.fill(costs, start, upper, budget, sens)))
     assert moved >= 30  # the moves changed the fill's answer on many problems, not just the fill ran
+
+
+def test_improve_stops_at_the_first_move_that_gains_nothing(monkeypatch):
+    # from its own result (a local optimum) improve asks for one move, finds no gain and stops,
+    # rather than running to its safety bound of 10 n + 100 moves
+    costs, sens = np.array([10, 5, 7, 10]), np.array([1.0, 0.3, 0.6, 0.05])
+    lower, upper = np.zeros(4, np.int64), np.full(4, 6)
+    settled = exchange.improve(costs, np.zeros(4, np.int64), sens, lower, upper, 97)
+    calls = []
+    real_move = exchange._move
+    monkeypatch.setattr(exchange, "_move", lambda *a: calls.append(1) or real_move(*a))
+    np.testing.assert_array_equal(exchange.improve(costs, settled, sens, lower, upper, 97), settled)
+    assert len(calls) == 1
