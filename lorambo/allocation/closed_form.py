@@ -77,9 +77,11 @@ def continuous_ranks(costs: np.ndarray, sens: np.ndarray, lower: np.ndarray, upp
         r = np.minimum(np.maximum(t * w, lo), up)
         return r if every else np.where(active, r, lo)
 
-    t_hi = float(np.max(up[active] / w[active]))  # every active layer at its bound
-    if float(np.sum(c * ranks_at(t_hi))) <= budget:
-        return ranks_at(t_hi)
+    # every active layer at its bound, exactly: t w_i at t = up_i / w_i can round to below up_i
+    at_bounds = np.where(active, up, lo)
+    if float(np.sum(c * at_bounds)) <= budget:
+        return at_bounds
+    t_hi = float(np.max(up[active] / w[active]))  # spend(t_hi) is the bounds' cost, > budget
     t_lo = 0.0  # spend(0) = sum c_i lo_i <= budget
     while True:  # invariant: spend(t_lo) <= budget < spend(t_hi)
         mid = 0.5 * (t_lo + t_hi)
