@@ -112,7 +112,8 @@ def run_resumed(rank, world, rendezvous, out_dir, data_seed, moves):
     exit_skipping_teardown()  # results saved: skip the teardown that can abort (see rendezvous.py)
 
 
-BEST_AT = 3  # the checkpoint Trainer calls best: saved before the decision of step 4
+BEST_AT = 1  # the checkpoint Trainer calls best: saved before the rank move of step 2 (moves go one way,
+# so with two layers the move of step 2 is the run's only one)
 
 
 def full_values(value):
@@ -127,7 +128,7 @@ def full_values(value):
 
 
 def run_best_model(rank, world, rendezvous, out_dir, data_seed, moves):
-    """``load_best_model_at_end`` under FSDP2: steps 0-2 and a checkpoint (lorambo's files by the
+    """``load_best_model_at_end`` under FSDP2: the first BEST_AT steps and a checkpoint (lorambo's files by the
     callback, the sharded model by torch.distributed.checkpoint, as accelerate saves it), the
     remaining steps, then Trainer's end: it loads the best checkpoint's model into the trained
     one and calls on_train_end with that checkpoint. Saved: the decisions, ranks and importance

@@ -74,7 +74,7 @@ def test_callback_under_fsdp2_resumes_as_if_never_stopped(tmp_path, moves):
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_callback_under_fsdp2_follows_the_best_model_trainer_loads_at_the_end(tmp_path):
     """``load_best_model_at_end``: Trainer loads the best checkpoint's sharded model (saved at step
-    3, before rank moves at step 4) into the trained one; on_train_end then takes that
+    1, before the rank move at step 2) into the trained one; on_train_end then takes that
     checkpoint's decisions, decision log and importance averages on both processes, so they
     describe the model Trainer ends with. _follow_best_model under FSDP2 ran in no test before."""
     spawn_two(worker.run_best_model, (2, str(tmp_path / "rendezvous"), str(tmp_path), 3, True), start_method())
