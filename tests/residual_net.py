@@ -32,3 +32,11 @@ def mse(model, batch):
     """loss_fn(model, (x, y)): the mean squared error of model(x) against y."""
     x, y = batch
     return ((model(x) - y) ** 2).mean()
+
+
+def head_batches(n: int = 2, seed: int = 0, outputs: int = 3) -> list:
+    """``n`` seeded float64 batches (x [12, 8], y [12, outputs]) for a ResidualNet with an
+    ``outputs``-wide head."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(12, 8, dtype=torch.float64, generator=g),
+             torch.randn(12, outputs, dtype=torch.float64, generator=g)) for _ in range(n)]

@@ -9,17 +9,9 @@ import torch
 import lorambo
 from lorambo.optimizer import LoRAMBoOptimizer
 
-from residual_net import ResidualNet, mse
-
-DT = torch.float64
+from residual_net import ResidualNet, head_batches, mse
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _batches(n=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(12, 8, dtype=DT, generator=g), torch.randn(12, 3, dtype=DT, generator=g))
-            for _ in range(n)]
 
 
 def test_measuring_a_model_whose_loss_reaches_every_target_warns_nothing_and_keeps_them_all():
@@ -29,9 +21,9 @@ def test_measuring_a_model_whose_loss_reaches_every_target_warns_nothing_and_kee
     names = list(opt.names)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # "no gradient reaches layer(s) []" would be noise
-        got = opt.compute_sensitivities(_batches(), mse)
+        got = opt.compute_sensitivities(head_batches(), mse)
     assert opt.names == names and list(got) == names
-    want = lorambo.sensitivity.gradient_sensitivity(model, mse, _batches(), modules=names)
+    want = lorambo.sensitivity.gradient_sensitivity(model, mse, head_batches(), modules=names)
     assert got == pytest.approx(want, rel=1e-12)
 
 
@@ -41,7 +33,7 @@ def test_allocating_from_a_measurement_without_batches_or_loss_fn_names_what_is_
     torch.manual_seed(1)
     model = ResidualNet()
     opt = LoRAMBoOptimizer(model, 500, sensitivity_method=method)
-    given = {"batches": _batches(), "loss_fn": mse}
+    given = {"batches": head_batches(), "loss_fn": mse}
     given[missing] = None
     with pytest.raises(ValueError, match=rf"allocation='closed_form' with sensitivity_method='{method}' "
                                          "needs batches and loss_fn"):
@@ -69,7 +61,7 @@ def test_configure_without_ranks_is_refused_before_the_model_changes():
 def test_alora_configure_without_scoring_inputs_names_them_before_the_model_changes(given, missing):
     torch.manual_seed(3)
     model = ResidualNet()
-    given = {k: _batches(1) if v == "batches" else v for k, v in given.items()}
+    given = {k: head_batches(1) if v == "batches" else v for k, v in given.items()}
     opt = LoRAMBoOptimizer(model, 500, allocation="alora", **given)
     ranks = opt.compute_optimal_ranks()  # uniform: nothing measured, so nothing missing yet
     assert sum(r * opt.costs[n] for n, r in ranks.items()) <= 500 and set(ranks) == set(opt.names)

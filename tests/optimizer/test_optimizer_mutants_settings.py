@@ -12,17 +12,9 @@ import lorambo
 from lorambo.allocation.online import OnlineGrowth
 from lorambo.optimizer import LoRAMBoOptimizer
 
-from residual_net import ResidualNet, mse
-
-DT = torch.float64
+from residual_net import ResidualNet, head_batches, mse
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _batches(n=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(12, 8, dtype=DT, generator=g), torch.randn(12, 3, dtype=DT, generator=g))
-            for _ in range(n)]
 
 
 def test_the_default_measurement_is_hutchinson_with_32_probes_seeded_by_0():
@@ -30,8 +22,8 @@ def test_the_default_measurement_is_hutchinson_with_32_probes_seeded_by_0():
     torch.manual_seed(0)
     model = ResidualNet(head=("lm_head", 3))
     opt = LoRAMBoOptimizer(model, 500)
-    got = opt.compute_sensitivities(_batches(), mse)
-    est = lorambo.sensitivity.hessian_trace(model, mse, _batches(), modules=opt.names, num_probes=32, seed=0)
+    got = opt.compute_sensitivities(head_batches(), mse)
+    est = lorambo.sensitivity.hessian_trace(model, mse, head_batches(), modules=opt.names, num_probes=32, seed=0)
     assert {n: e.num_probes for n, e in est.items()} == dict.fromkeys(opt.names, 32)
     assert got == pytest.approx({n: max(e.value, 0.0) for n, e in est.items()}, rel=1e-12)
 
@@ -84,7 +76,7 @@ def test_only_the_main_process_writes_the_decision_log(tmp_path, monkeypatch):
     opt.compute_optimal_ranks()
     opt.configure()
     with opt.capture(0):
-        mse(model, _batches(1)[0]).backward()
+        mse(model, head_batches(1)[0]).backward()
     assert opt.step(0) and opt.decisions  # it decided, and keeps the records in memory
     assert not path.exists()
 
@@ -93,9 +85,9 @@ def test_the_seed_seeds_the_hutchinson_probes():
     torch.manual_seed(0)
     model = ResidualNet(head=("lm_head", 3))
     opt = LoRAMBoOptimizer(model, 500, num_probes=4, seed=7)
-    got = opt.compute_sensitivities(_batches(), mse)
+    got = opt.compute_sensitivities(head_batches(), mse)
     for seed in (7, 0):
-        est = lorambo.sensitivity.hessian_trace(model, mse, _batches(), modules=opt.names, num_probes=4, seed=seed)
+        est = lorambo.sensitivity.hessian_trace(model, mse, head_batches(), modules=opt.names, num_probes=4, seed=seed)
         want = {n: max(e.value, 0.0) for n, e in est.items()}
         assert (got == pytest.approx(want, rel=1e-12)) == (seed == 7)
 
@@ -110,21 +102,21 @@ def test_only_negative_hessian_traces_are_named_in_the_warning_and_set_to_zero(m
     monkeypatch.setattr(lorambo.sensitivity, "hessian_trace",
                         lambda *args, **kwargs: {n: Estimate(v, 0.1, 4) for n, v in values.items()})
     with pytest.warns(RuntimeWarning, match="negative Hessian trace") as caught:
-        got = opt.compute_sensitivities(_batches(), mse)
+        got = opt.compute_sensitivities(head_batches(), mse)
     assert [str(w.message) for w in caught] == [f"negative Hessian trace estimates set to 0: {{'{opt.names[1]}': -0.25}}"]
     assert got == {**values, opt.names[1]: 0.0}
     values = dict(zip(opt.names, [0.5, 0.0, 3.0, 1e-9]))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert opt.compute_sensitivities(_batches(), mse) == values
+        assert opt.compute_sensitivities(head_batches(), mse) == values
 
 
 @pytest.mark.filterwarnings("ignore:negative Hessian trace")  # 4 probes: an estimate may fall below 0
 def test_compute_sensitivities_passes_progress_to_the_hutchinson_estimator(capsys):
     torch.manual_seed(0)
     opt = LoRAMBoOptimizer(ResidualNet(head=("lm_head", 3)), 500, num_probes=4)
-    quiet = opt.compute_sensitivities(_batches(), mse, progress=False)
+    quiet = opt.compute_sensitivities(head_batches(), mse, progress=False)
     assert capsys.readouterr().err == ""
-    shown = opt.compute_sensitivities(_batches(), mse, progress=True)
+    shown = opt.compute_sensitivities(head_batches(), mse, progress=True)
     assert "hessian_trace" in capsys.readouterr().err
     assert shown == quiet
