@@ -12,11 +12,12 @@ configuration, rank bucket, flag combination, TMA operand layout and argument ty
 checks: ``python tools/aot_sm90.py --configs`` (every configuration) and
 ``python tools/aot_sm90.py`` (every value-specialized variant), with ``-j N`` on a big box.
 
-Under TRITON_INTERPRET=1 the compiling runs in one worker process without it; the first run
-takes a few minutes, later ones hit Triton's cache (~/.triton/cache).
+The compiling runs in worker processes without TRITON_INTERPRET, one per core (at most 4); the
+first run takes a few minutes, later ones hit Triton's cache (~/.triton/cache).
 """
 
 import dataclasses
+import os
 
 import pytest
 
@@ -36,7 +37,8 @@ def compiled(request):
     """Results of the cases this session selected, compiled in one go."""
     selected = [item.callspec.params["case"] for item in request.session.items
                 if item.module is request.module and "case" in getattr(getattr(item, "callspec", None), "params", {})]
-    results = aot.compile_all(selected or CASES, TARGET)
+    # one worker per core: the compiling is ~3 minutes of CPU, most of this suite's wall time on 2 cores
+    results = aot.compile_all(selected or CASES, TARGET, jobs=max(1, min(4, len(os.sched_getaffinity(0)))))
     return {r.case: r for r in results}
 
 
