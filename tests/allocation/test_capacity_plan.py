@@ -47,6 +47,7 @@ def test_budget_and_max_rank_cap_the_pool_but_never_below_the_rank():
 def test_fixed_capacities_are_kept_and_checked():
     dims = {"a": (10, 6), "b": (4, 4)}
     assert plan_capacities({"a": 2, "b": 1}, dims, fixed={"a": 3}) == {"a": 3, "b": 4}
+    assert plan_capacities({"a": 6, "b": 1}, dims, fixed={"a": 6})["a"] == 6  # full: rank = pool = min(d, k)
     with pytest.raises(ValueError, match="capacity 3 of layer 'a' is too small for the requested rank 4"):
         plan_capacities({"a": 4, "b": 1}, dims, fixed={"a": 3})
     with pytest.raises(ValueError, match=r"capacity 7 of layer 'a' exceeds min\(d, k\) = 6"):
