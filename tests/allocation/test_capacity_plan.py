@@ -41,11 +41,13 @@ def test_budget_and_max_rank_cap_the_pool_but_never_below_the_rank():
     assert growth_capacity(4, dims, budget=96 * 2) == 4          # the allocated rank always fits
     assert growth_capacity(0, dims, budget=10) == 1              # and every pool has a slot
     assert growth_capacity(5, dims, growth_factor=4.0) == 32     # next_pow2(20), below min(d, k)
+    assert growth_capacity(5, dims) == 16                        # the default doubles: next_pow2(10)
 
 
 def test_fixed_capacities_are_kept_and_checked():
     dims = {"a": (10, 6), "b": (4, 4)}
     assert plan_capacities({"a": 2, "b": 1}, dims, fixed={"a": 3}) == {"a": 3, "b": 4}
+    assert plan_capacities({"a": 6, "b": 1}, dims, fixed={"a": 6})["a"] == 6  # full: rank = pool = min(d, k)
     with pytest.raises(ValueError, match="capacity 3 of layer 'a' is too small for the requested rank 4"):
         plan_capacities({"a": 4, "b": 1}, dims, fixed={"a": 3})
     with pytest.raises(ValueError, match=r"capacity 7 of layer 'a' exceeds min\(d, k\) = 6"):
@@ -68,6 +70,7 @@ def test_existing_layers_win_over_the_users_capacity():
             fixed_capacities({}, {"b": bad}, dims)
     with pytest.raises(ValueError, match="capacity 2 of layer 'a' is too small.*min_rank=3"):
         fixed_capacities({"a": 2}, None, dims, min_rank=3)
+    assert fixed_capacities({"a": 3}, 4, dims, min_rank=3) == {"a": 3, "b": 4}  # exactly min_rank slots hold it
 
 
 def test_pool_memory_counts_every_slot_in_the_layers_dtype():
@@ -76,6 +79,9 @@ def test_pool_memory_counts_every_slot_in_the_layers_dtype():
     assert report["per_layer_bytes"] == {"a": 4 * 16 * 4, "b": 2 * 8 * 8}
     assert report["total_bytes"] == 4 * 16 * 4 + 2 * 8 * 8
     assert report["pool_params"] == 4 * 16 + 2 * 8 and report["active_params"] == 16
+    # before any rank is decided (ranks=None) nothing is active yet; the pools are the same
+    no_ranks = pool_memory({"a": 4, "b": 2}, dims, {"a": torch.float32, "b": torch.float64})
+    assert no_ranks["active_params"] == 0 and no_ranks["total_bytes"] == report["total_bytes"]
 
 
 def test_capacity_past_full_rank_is_refused_before_measuring():

@@ -17,6 +17,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_decision_steps_follow_warmup_interval_and_stop():
     assert [s for s in range(20) if DecisionSchedule(2, 3, 12).is_decision_step(s)] == [2, 5, 8, 11]
     assert [s for s in range(5) if DecisionSchedule(0, 1).is_decision_step(s)] == [0, 1, 2, 3, 4]
+    assert [s for s in range(12) if DecisionSchedule(interval=5).is_decision_step(s)] == [0, 5, 10]  # no warmup
+    # stop_step is excluded even where it falls on the grid; stop_step=0 (a valid bound) decides never
+    assert [s for s in range(8) if DecisionSchedule(0, 2, 4).is_decision_step(s)] == [0, 2]
+    assert not any(DecisionSchedule(0, 1, 0).is_decision_step(s) for s in range(5))
     assert not any(DecisionSchedule(0, None).is_decision_step(s) for s in range(50))
     for bad in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match=f"interval={bad!r} must be an int >= 1 or None"):
@@ -28,6 +32,7 @@ def test_decision_steps_follow_warmup_interval_and_stop():
     (dict(warmup_steps=2.7), r"warmup_steps=2.7 must be an int >= 0"),      # ran as 2
     (dict(warmup_steps="3"), r"warmup_steps='3' must be an int >= 0"),      # ran as 3
     (dict(warmup_steps=-5), r"warmup_steps=-5 must be an int >= 0"),        # decided at 5, 15, ...
+    (dict(warmup_steps=-1), r"warmup_steps=-1 must be an int >= 0"),
     (dict(warmup_steps=True), r"warmup_steps=True must be an int >= 0"),
     (dict(stop_step=3.5), r"stop_step=3.5 must be an int >= 0 or None"),
     (dict(stop_step=-1), r"stop_step=-1 must be an int >= 0 or None"),
@@ -216,3 +221,27 @@ def test_close_and_rebuild_before_any_decision_build_nothing():
     growth.close()
     growth.rebuild()
     assert growth.built is None
+
+
+def _micro_batch_decision(parts: int) -> tuple[list[int], list[float]]:
+    """Step 0's decision from one batch of 16 rows split into ``parts`` micro-batches, each begun
+    with begin_step(0); a summed loss gives every row the same dY however the batch is split."""
+    model = _model()
+    layers = lorambo.lora_layers(model)
+    growth = ScheduledGrowth(DecisionSchedule(0, 5), lambda: OnlineGrowth(layers, budget=10_000, sketch_rank=2))
+    g = torch.Generator().manual_seed(11)
+    x, y = torch.randn(16, 6, generator=g, dtype=DT), torch.randn(16, 3, generator=g, dtype=DT)
+    for xs, ys in zip(x.chunk(parts), y.chunk(parts)):
+        growth.begin_step(0)
+        ((model(xs) - ys) ** 2).sum().backward()
+    records = growth.step(0)
+    return [m.rank for m in layers.values()], [g for r in records for g in r["gains"]]
+
+
+def test_micro_batches_of_one_step_add_up_to_the_whole_batch():
+    """A second begin_step with the same step number keeps what the first captured: dropping it
+    decided from the last micro-batch alone."""
+    ranks, gains = _micro_batch_decision(1)
+    split_ranks, split_gains = _micro_batch_decision(2)
+    assert ranks != [1, 1] and split_ranks == ranks
+    assert split_gains == pytest.approx(gains, rel=1e-12)  # float64 sums in another order
