@@ -5,7 +5,7 @@ lorambo/adapters/values_fit.py.)
 
 The ops multiply the LoRA branch by the scaling and the kept dropout inputs by ``1 / (1 - p)``
 in the compute dtype. A scaling that rounds to 0 there makes the adapter add nothing and get no
-gradient; one that rounds to inf, or a dropout scale that does (p > 0.99998 in float16), makes
+gradient; one that rounds to inf, or a dropout scale that does (p >= 1 - 1/65520 in float16), makes
 the outputs inf. A setting fine in float32 can fail in float16, and the dtype changes after the
 layer is built (``.half()``, ``.to(dtype)``, autocast) as the settings do (``load_state_dict``,
 ``load_adapter``, peft import), so every place that makes the combination calls
