@@ -48,3 +48,11 @@ def test_the_smallest_usable_settings_are_accepted_and_decide():
     records = grower.update(step=0)
     # threshold 0 and room everywhere: each layer gains its one estimated rank
     assert sorted((r["layer"], r["old_rank"], r["new_rank"]) for r in records) == [("0", 1, 2), ("2", 1, 2)]
+
+
+def test_a_zero_budget_is_accepted_and_a_negative_one_refused():
+    # 0 parameters is a budget (nothing may grow; moves may still trade ranks), -1 is not
+    _, layers = _layers()
+    assert OnlineGrowth(layers, 0).budget == 0
+    with pytest.raises(ValueError, match=r"budget=-1 must be a finite number of parameters >= 0"):
+        OnlineGrowth(layers, -1)
