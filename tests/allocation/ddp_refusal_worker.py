@@ -2,7 +2,8 @@
 
 Two gloo processes take online decisions where one process alone refuses: first its
 component_scores hold a NaN, then it captured no step; then the processes' growers have
-different budgets; then an ALoRA round where process 1's scores lack a layer. The outcome of each update (records, or
+different budgets; then an ALoRA round where process 1's scores lack a layer; then a rank move
+from component_scores that differ between the processes. The outcome of each update (records, or
 the error's type and message) is saved; the test times out if a process hangs.
 """
 
@@ -57,6 +58,16 @@ def main(rank, world, store, out):
     given = scores() if rank == 0 else {"0": scores()["0"]}
     result["alora"] = attempt(lambda: alora_round(net, layers, None, None, n_prune=1, scores=given, step=3))
     result["alora_retry"] = attempt(lambda: alora_round(net, layers, None, None, n_prune=1, scores=scores(), step=3))
+    # scores differ per process (they come from local gradients): both use process 0's, so both
+    # shrink component 0 of layer "0" (costs 16 per rank) to grow "2" (13): no budget is left
+    torch.manual_seed(1)
+    net2 = nn.Sequential(nn.Linear(6, 10, dtype=DT), nn.Tanh(), nn.Linear(10, 3, dtype=DT))
+    fresh = lorambo.lora_layers(lorambo.configure_model(net2, 2, capacity={"0": 4, "2": 3}))
+    mover = OnlineGrowth(fresh, budget=2 * 16 + 2 * 13, sketch_rank=2, power_iters=2, seed=5, move_threshold=0.0)
+    with mover.capture:
+        ((net2(x) - y) ** 2).mean().backward()
+    local = {"0": torch.tensor([-1.0, 1.0] if rank == 0 else [1.0, -1.0], dtype=DT), "2": torch.ones(2, dtype=DT)}
+    result["moves"] = attempt(lambda: mover.update(4, component_scores=local))
     dist.destroy_process_group()
     torch.save(result, out)
 

@@ -42,3 +42,25 @@ def test_every_record_of_a_two_donor_move_logs_the_spend_after_its_own_change():
         assert record["spent"] == sum(r * cost[n] for n, r in ranks.items()), record
     assert ranks == {"0": 3, "1": 3, "2": 1, "3": 1}
     assert records[-1]["spent"] == start + 6 == sum(m.rank * cost[n] for n, m in layers.items())
+
+
+def test_a_donor_that_gives_two_components_logs_both_in_its_spend():
+    # layer 2 alone gives (min_rank 0, the two lowest scores): its shrink record drops 2 * 11
+    torch.manual_seed(0)
+    net = nn.Sequential(*[nn.Linear(i, o, dtype=DT) for i, o in SHAPES.values()])
+    lorambo.configure_model(net, dict.fromkeys(SHAPES, 2), capacity={"0": 4, "1": 4, "2": 2, "3": 2})
+    layers = lorambo.lora_layers(net)
+    cost = {n: i + o for n, (i, o) in SHAPES.items()}
+    start = sum(2 * c for c in cost.values())
+    # 6 left: 6 + 11 - 14 = 3 funds the first move of an 11 to a 14, 3 + 11 - 14 = 0 the second
+    grower = OnlineGrowth(layers, start + 6, move_threshold=0.0, max_moves=2)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(16, 6, generator=g, dtype=DT), torch.randn(16, 6, generator=g, dtype=DT)
+    with grower.capture:
+        ((net(x) - y) ** 2).mean().backward()
+    scores = {"0": [1.0, 1.0], "1": [1.0, 1.0], "2": [-1.0, -0.9], "3": [1.0, 1.0]}
+    records = grower.update(0, component_scores=scores)
+    shrink = records[0]
+    assert (shrink["event"], shrink["layer"], shrink["components"], shrink["new_rank"]) == ("shrink", "2", [0, 1], 0)
+    assert shrink["spent"] == start - 2 * cost["2"]
+    assert records[-1]["spent"] == start + 6 == sum(m.rank * cost[n] for n, m in layers.items())

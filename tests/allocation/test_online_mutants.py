@@ -1,7 +1,11 @@
 """Edge cases of online growth's plan that the broader tests never reached (found by mutation
 testing of lorambo/allocation/online.py): a layer with room for exactly one rank, a budget that
 is already overspent, a gain equal to the threshold, the default threshold; plan_moves' defaults
-and limits; OnlineGrowth.update refusing bad arguments before any change."""
+and limits; OnlineGrowth.update refusing bad arguments (an optimizer, a GradScaler or its scale,
+component scores) before any change, and not reading a disabled GradScaler."""
+
+import math
+import types
 
 import pytest
 import torch
@@ -93,3 +97,93 @@ def test_update_refuses_bad_arguments_before_any_change(bad):
             grower.update(step=0, optimizer=scheduler)
     assert {n: m.rank for n, m in layers.items()} == {"0": 1, "2": 1}
     assert grower.capture.has_data()  # the captured step is kept for a retry
+
+
+class _Scaler:
+    """A duck-typed GradScaler (``get_scale`` and ``is_enabled`` are all update reads)."""
+
+    def __init__(self, scale, enabled=True):
+        self.scale, self.enabled = scale, enabled
+
+    def get_scale(self):
+        return self.scale
+
+    def is_enabled(self):
+        return self.enabled
+
+
+@pytest.mark.parametrize("scaler, error, match", [
+    (2.0, TypeError, r"update_ranks: grad_scaler=2.0 must be a torch.amp.GradScaler or None"),
+    # half a GradScaler: update would fail on the missing method with an AttributeError
+    (types.SimpleNamespace(get_scale=lambda: 2.0), TypeError, r"grad_scaler=namespace\(get_scale=.* must be"),
+    (types.SimpleNamespace(is_enabled=lambda: True), TypeError, r"grad_scaler=namespace\(is_enabled=.* must be"),
+    # a scale that is not > 0 and finite would divide every gain into 0, inf or NaN
+    (_Scaler(0.0), ValueError, r"grad_scaler's scale is 0.0: must be finite and > 0"),
+    (_Scaler(-8.0), ValueError, r"grad_scaler's scale is -8.0: must be finite and > 0"),
+    (_Scaler(math.inf), ValueError, r"grad_scaler's scale is inf: must be finite and > 0"),
+    (_Scaler(math.nan), ValueError, r"grad_scaler's scale is nan: must be finite and > 0")])
+def test_update_refuses_a_bad_grad_scaler_before_any_change(scaler, error, match):
+    grower, layers = _captured_grower()
+    with pytest.raises(error, match=match):
+        grower.update(step=0, grad_scaler=scaler)
+    assert {n: m.rank for n, m in layers.items()} == {"0": 1, "2": 1}
+    assert grower.capture.has_data()
+
+
+def test_a_disabled_grad_scaler_is_not_read():
+    # disabled: the loss was not scaled, whatever get_scale says (0 here, refused were it read)
+    want = _captured_grower()[0].update(step=0)
+    got = _captured_grower()[0].update(step=0, grad_scaler=_Scaler(0.0, enabled=False))
+    assert want and [(r["layer"], r["new_rank"]) for r in got] == [(r["layer"], r["new_rank"]) for r in want]
+    assert [r["gains"] for r in got] == [r["gains"] for r in want]
+
+
+@pytest.mark.parametrize("scores, match", [
+    # a misspelt layer name would otherwise drop its scores without a word
+    ({"0": [0.1], "9": [0.2]}, r"component_scores for unknown layers \['9'\]"),
+    ({"0": [0.1, 0.2]}, r"component_scores\['0'\] must be 1 finite numbers \(its rank\)"),     # rank is 1
+    ({"0": [[0.1]]}, r"component_scores\['0'\] must be 1 finite numbers"),
+    ({"0": [0.1], "2": [math.nan]}, r"component_scores\['2'\] must be 1 finite numbers"),
+    ({"0": [-math.inf]}, r"component_scores\['0'\] must be 1 finite numbers")])
+def test_update_refuses_bad_component_scores_before_any_change(scores, match):
+    grower, layers = _captured_grower(move_threshold=0.5)
+    with pytest.raises(ValueError, match=match):
+        grower.update(step=0, component_scores=scores)
+    assert {n: m.rank for n, m in layers.items()} == {"0": 1, "2": 1}
+    assert grower.capture.has_data()
+
+
+def test_moves_with_no_layer_scored_grow_as_without_moves():
+    # scores for no layer: nothing can give a rank, and the growth is that of a grower without moves
+    want = _captured_grower()[0].update(step=0)
+    got = _captured_grower(move_threshold=0.5)[0].update(step=0, component_scores={})
+    assert want and [(r["event"], r["layer"], r["new_rank"]) for r in got] == \
+        [(r["event"], r["layer"], r["new_rank"]) for r in want]
+
+
+def test_a_grow_record_lists_the_gain_of_each_rank_it_added():
+    # one layer, three estimated gains, a budget for two of its ranks (cost 6 + 8 = 14 each):
+    # the record holds the first two gains, and its benefit is the first (the largest)
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(6, 8, dtype=DT), nn.Tanh(), nn.Linear(8, 3, dtype=DT))
+    layers = lorambo.lora_layers(lorambo.configure_model(net, {"0": 1}, capacity=6))
+    grower = OnlineGrowth(layers, 14 * (1 + 2), sketch_rank=3)
+    with grower.capture:
+        ((net(torch.randn(12, 6, dtype=DT)) - torch.randn(12, 3, dtype=DT)) ** 2).mean().backward()
+    (record,) = grower.update(step=0)
+    assert (record["old_rank"], record["new_rank"]) == (1, 3)
+    assert len(record["gains"]) == 2 and record["benefit"] == record["gains"][0] > record["gains"][1] > 0
+
+
+def test_a_layer_grown_by_the_plan_gives_nothing_in_the_same_decision():
+    # the budget left (27 = 14 + 13) grows both layers by one rank; both score below the move
+    # threshold, but a rank just bought is not sold again at once: no moves
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(6, 8, dtype=DT), nn.Tanh(), nn.Linear(8, 5, dtype=DT))
+    layers = lorambo.lora_layers(lorambo.configure_model(net, {"0": 2, "2": 2}, capacity=4))
+    grower = OnlineGrowth(layers, 2 * 14 + 2 * 13 + 27, sketch_rank=2, move_threshold=0.0)
+    with grower.capture:
+        ((net(torch.randn(12, 6, dtype=DT)) - torch.randn(12, 5, dtype=DT)) ** 2).mean().backward()
+    records = grower.update(step=0, component_scores={"0": [-1.0, -0.5], "2": [-1.0, -0.5]})
+    assert [(r["event"], r["reason"], r["layer"]) for r in records] == [("grow", "grow", "0"), ("grow", "grow", "2")]
+    assert {n: m.rank for n, m in layers.items()} == {"0": 3, "2": 3}

@@ -53,3 +53,12 @@ def test_alora_scores_missing_on_one_process_are_an_error_on_both(outcomes):
     assert first["alora"][:2] == ("error", "RuntimeError"), first["alora"]
     assert "process 1: ValueError: ALoRA scores lack layer(s) ['2']" in first["alora"][2]
     assert first["alora_retry"] == second["alora_retry"] and first["alora_retry"][0] == "ok"
+
+
+def test_a_rank_move_uses_process_0s_scores_on_both(outcomes):
+    """Each process's scores name another component of layer "0" as the least useful: both drop
+    process 0's (component 0), or the replicas' pools would hold different components."""
+    first, second = outcomes
+    assert first["moves"] == second["moves"] and first["moves"][0] == "ok", (first["moves"], second["moves"])
+    assert [(r["event"], r["layer"], r.get("components")) for r in first["moves"][1]] == \
+        [("shrink", "0", [0]), ("grow", "2", None)]
