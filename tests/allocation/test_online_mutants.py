@@ -1,8 +1,9 @@
 """Edge cases of online growth's plan that the broader tests never reached (found by mutation
-testing of lorambo/allocation/online.py): a layer with room for exactly one rank, a gain that is not finite, a budget that
-is already overspent, a gain equal to the threshold, the default threshold; plan_moves' defaults
-and limits; OnlineGrowth.update refusing bad arguments (an optimizer, a GradScaler or its scale,
-component scores) before any change, and not reading a disabled GradScaler."""
+testing of lorambo/allocation/online.py): a layer with room for exactly one rank, a gain that is
+not finite, a budget that is already overspent, a gain equal to the threshold, the default
+threshold; plan_moves' defaults and limits; OnlineGrowth.update refusing bad arguments (an
+optimizer, a GradScaler or its scale, component scores) before any change, and not reading a
+disabled GradScaler."""
 
 import math
 import types
