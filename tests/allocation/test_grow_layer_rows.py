@@ -55,12 +55,13 @@ def test_new_rows_follow_the_directions_at_the_kaiming_response(dtype, with_fail
     assert not layer.lora_B[:, RANK:NEW].any()  # the output is unchanged
 
 
-def test_too_few_directions_is_a_clear_error_that_changes_nothing():
+@pytest.mark.parametrize("given, new", [(1, 2), (0, 1)])
+def test_too_few_directions_is_a_clear_error_that_changes_nothing(given, new):
     layer = _layer(torch.float64)
     before = layer.lora_A.detach().clone()
-    directions = torch.randn(N_IN, 1, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    with pytest.raises(ValueError, match="1 directions for 2 new ranks"):
-        grow_layer(layer, NEW, directions)
+    directions = torch.randn(N_IN, given, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    with pytest.raises(ValueError, match=f"{given} directions for {new} new ranks"):
+        grow_layer(layer, RANK + new, directions)
     assert layer.rank == RANK
     assert torch.equal(layer.lora_A.detach(), before)
 
