@@ -1,6 +1,7 @@
 """grow_layer's new rows of A against a float64 reference: each along its direction, scaled so that
 it responds to the captured inputs like a Kaiming row of the same growth, in a bfloat16 pool and
-under a decision's SharedFailure (the path OnlineGrowth.update takes) as without one. Too few
+under a decision's SharedFailure (the path OnlineGrowth.update takes) as without one; a direction
+that sees no input keeps the Kaiming norm. Too few
 directions is a ValueError that leaves the layer as it was; a call that grows nothing ignores the
 directions (found by mutation testing of lorambo/allocation/online.py)."""
 
@@ -73,3 +74,17 @@ def test_a_call_that_grows_nothing_ignores_the_directions():
     assert grow_layer(layer, RANK - 1, directions) == RANK  # a lower rank: as set_rank
     assert layer.rank == RANK - 1
     assert torch.equal(layer.lora_A[:RANK - 1].detach(), kept)
+
+
+def test_a_direction_that_sees_no_input_keeps_the_kaiming_norm():
+    # inputs confined to the first N_IN - 1 coordinates (a rank-deficient input): along the last
+    # one sum_t (d.x_t)^2 = 0, so there is no response to match and the ratio is 1, not 1e150
+    layer = _layer(torch.float64)
+    x = torch.randn(64, N_IN, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x[:, -1] = 0.0
+    directions = torch.eye(N_IN, dtype=torch.float64)[:, -1:]
+    grow_layer(layer, RANK + 1, directions, generator=torch.Generator().manual_seed(3), inputs=[x])
+    plain = _layer(torch.float64)
+    plain.set_rank(RANK + 1, generator=torch.Generator().manual_seed(3))
+    want = directions.T * plain.lora_A[RANK].detach().norm()
+    torch.testing.assert_close(layer.lora_A[RANK:RANK + 1].detach(), want, rtol=1e-12, atol=0)
