@@ -2,7 +2,8 @@
 it responds to the captured inputs like a Kaiming row of the same growth, in a bfloat16 pool and
 under a decision's SharedFailure (the path OnlineGrowth.update takes) as without one; a direction
 that sees no input keeps the Kaiming norm. Too few directions is a ValueError that leaves the layer
-as it was; a call that grows nothing ignores the directions (found by mutation testing of lorambo/allocation/online.py)."""
+as it was; a call that grows nothing ignores the directions (found by mutation testing of
+lorambo/allocation/online.py)."""
 
 import pytest
 import torch
