@@ -1,5 +1,6 @@
 """OnlineGrowth's ``curvature={name: h}`` turns each layer's gain, the loss decrease Delta of a new
-rank, into the second-order estimate Delta^2 / (2 h) that the decision compares and records."""
+rank, into the second-order estimate Delta^2 / (2 h) that the decision compares and records; an h
+that is not finite and > 0 is refused."""
 
 import pytest
 import torch
@@ -30,3 +31,10 @@ def test_curvature_turns_each_gain_into_its_second_order_estimate():
     for name, gains in plain.items():
         want = [d * d / (2.0 * h[name]) for d in gains]
         assert curved[name] == pytest.approx(want, rel=1e-9), name
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_curvature_that_is_not_finite_and_positive_is_refused(bad):
+    # Delta^2 / (2 h) would be inf, negative or nan: the decision would silently grow nothing
+    with pytest.raises(ValueError, match=r"curvature of layer '2' is .*: must be finite and > 0"):
+        _gains(curvature={"0": 0.5, "2": bad})

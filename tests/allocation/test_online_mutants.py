@@ -1,8 +1,9 @@
 """Edge cases of online growth's plan that the broader tests never reached (found by mutation
-testing of lorambo/allocation/online.py): a layer with room for exactly one rank, a budget that
-is already overspent, a gain equal to the threshold, the default threshold; plan_moves' defaults
-and limits; OnlineGrowth.update refusing bad arguments (an optimizer, a GradScaler or its scale,
-component scores) before any change, and not reading a disabled GradScaler."""
+testing of lorambo/allocation/online.py): a layer with room for exactly one rank, a gain that is
+not finite, a budget that is already overspent, a gain equal to the threshold, the default
+threshold; plan_moves' defaults and limits; OnlineGrowth.update refusing bad arguments (an
+optimizer, a GradScaler or its scale, component scores) before any change, and not reading a
+disabled GradScaler."""
 
 import math
 import types
@@ -45,6 +46,14 @@ def test_only_gains_above_the_threshold_are_taken():
 def test_the_default_threshold_takes_every_positive_gain():
     plan = plan_growth({"a": [0.5, 0.25], "b": [0.0]}, {"a": 4, "b": 4}, {"a": 2, "b": 1}, 100)
     assert plan == {"a": 2}
+
+
+def test_a_gain_that_is_not_finite_buys_no_rank():
+    # an overflowed estimate (inf) or a nan is no evidence of benefit: the budget goes to the
+    # finite gains only, here both ranks of b (the budget of 100 could buy all six ranks)
+    plan = plan_growth({"a": [math.inf, math.inf], "b": [2.0, 1.0], "c": [math.nan, 3.0]},
+                       {"a": 10, "b": 10, "c": 10}, {"a": 2, "b": 2, "c": 2}, 100, 0.0)
+    assert plan == {"b": 2}
 
 
 def test_plan_moves_makes_one_move_by_default():
