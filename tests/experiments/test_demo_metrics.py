@@ -58,6 +58,8 @@ def test_summary_pairs_seeds_and_counts_wins():
     assert summary["oracle"]["0.5"]["gap_closed"] == pytest.approx([1.0, 1.0, 1.0])
     assert summary["probe"]["0.5"]["val_curve_steps"] == [50, 100]
     assert summary["probe"]["0.5"]["val_curve_mean"] == pytest.approx([1.0 / 3 + 0.2, 1.0 / 3])
+    spread = statistics.stdev(losses["probe"])                  # each curve point is the loss plus a constant
+    assert summary["probe"]["0.5"]["val_curve_std"] == pytest.approx([spread, spread], rel=1e-12)
 
 
 

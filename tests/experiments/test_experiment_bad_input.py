@@ -98,6 +98,16 @@ def test_json_write_is_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary left behind
 
 
+def test_json_keeps_the_methods_in_the_order_the_tables_show_them(tmp_path):
+    """The README's tables are rebuilt from the committed JSON in its key order: uniform first,
+    then the oracle, then the rest as run, not sorted by name."""
+    order = ["uniform", "oracle", "probe", "alora", "gradient"]
+    path = results.write_json_atomic({"task": "planted", "methods": {m: {"seeds": [0, 1]} for m in order}},
+                                     tmp_path / "demo_results.json")
+    written = json.loads(path.read_text())
+    assert list(written) == ["task", "methods"] and list(written["methods"]) == order
+
+
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
 def test_a_non_finite_number_deep_in_lists_and_dicts_is_refused_by_its_path(tmp_path, bad):
     """A diverged seed's loss sits in a list of runs (or a tuple of ranks): it is found there too,

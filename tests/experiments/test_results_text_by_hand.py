@@ -49,13 +49,16 @@ def test_verdicts_name_who_beat_uniform_on_every_seed_at_each_budget(higher_is_b
         "[planted] level 1: uniform was not run, no comparison"]
 
 
-def test_verdicts_say_none_where_no_method_is_on_one_side():
+@pytest.mark.parametrize("shift, wins", [(0.1, 0), (-0.1, 2)])
+def test_verdicts_say_none_where_no_method_is_on_one_side(shift, wins):
+    """Probe's loss is higher (worse) or lower (better) than uniform's on both seeds."""
     rng = random.Random(8)
     uniform = [rng.uniform(0.4, 0.6) for _ in range(2)]
-    worse = [u + 0.1 for u in uniform]                        # higher loss on both seeds
-    lines = verdicts("planted", _summary({("uniform", 0.5): uniform, ("probe", 0.5): worse}, False), [0.5], False)
-    assert lines[1:] == ["  beat uniform on every seed: none",
-                         f"  did not: {METHOD_LABELS['probe']} {_label_stats(worse)} (0/2 seeds)"]
+    probe = [u + shift for u in uniform]
+    lines = verdicts("planted", _summary({("uniform", 0.5): uniform, ("probe", 0.5): probe}, False), [0.5], False)
+    said = f"{METHOD_LABELS['probe']} {_label_stats(probe)} ({wins}/2 seeds)"
+    assert lines[1:] == [f"  beat uniform on every seed: {said if wins else 'none'}",
+                         f"  did not: {'none' if wins else said}"]
 
 
 def _cells(line):
@@ -64,12 +67,12 @@ def _cells(line):
 
 @pytest.mark.parametrize("task", ["planted", "sentiment"])
 def test_the_task_table_holds_mean_std_rho_share_and_n_a_in_aligned_columns(task):
-    """A row per method and a column group per budget; gradient ran at the first budget only."""
+    """A row per method and a column group per budget; gradient ran at the second budget only."""
     rng = random.Random(6)
     planted = task == "planted"
     metrics = {(m, lv): [rng.uniform(0.2, 0.9) for _ in range(3)]
                for m in ("uniform", "probe") for lv in (0.5, 1.0)}
-    metrics["gradient", 0.5] = [rng.uniform(0.2, 0.9) for _ in range(3)]
+    metrics["gradient", 1.0] = [rng.uniform(0.2, 0.9) for _ in range(3)]   # n/a in the first group
     rhos = {"uniform": rng.uniform(-0.5, 0.5), "probe": rng.uniform(0.5, 1.0), "gradient": rng.uniform(-1, 0)}
     summary = _summary(metrics, not planted, rhos)
     baseline = rng.uniform(0.9, 1.0)
