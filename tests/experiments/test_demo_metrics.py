@@ -58,6 +58,8 @@ def test_summary_pairs_seeds_and_counts_wins():
     assert summary["oracle"]["0.5"]["gap_closed"] == pytest.approx([1.0, 1.0, 1.0])
     assert summary["probe"]["0.5"]["val_curve_steps"] == [50, 100]
     assert summary["probe"]["0.5"]["val_curve_mean"] == pytest.approx([1.0 / 3 + 0.2, 1.0 / 3])
+    spread = statistics.stdev(losses["probe"])                  # each curve point is the loss plus a constant
+    assert summary["probe"]["0.5"]["val_curve_std"] == pytest.approx([spread, spread], rel=1e-12)
 
 
 
@@ -325,3 +327,17 @@ def test_probe_needs_its_training_batches():
     cfg = presets.tiny()
     with pytest.raises(ValueError, match="probe: needs 3 training batches, got 2"):
         probe_sensitivity(None, cfg, 0, [{}, {}])
+
+
+def test_a_classification_summary_has_no_planted_recovery_numbers():
+    """Sentiment runs record no ρ, share or coverage (there are no planted ranks): the summary is
+    made without them rather than failing on the first run that lacks them."""
+    rng = random.Random(12)
+    ranks, planted_only = dict.fromkeys(MINILM_DIMS, 0), ("spearman", "planted_share", "planted_coverage")
+    runs = [{k: v for k, v in _run(m, s, rng.uniform(0.6, 0.9), ranks).items() if k not in planted_only}
+            for m in ("uniform", "probe") for s in range(2)]
+    summary = summarize(runs, {m: {"0.5": 3e-3} for m in ("uniform", "probe")}, ["uniform", "probe"], [0.5],
+                        higher_is_better=True)
+    probe = summary["probe"]["0.5"]
+    assert probe["metric_mean"] == pytest.approx(statistics.fmean(r["metric"] for r in runs[2:]), rel=1e-12)
+    assert not any(k.startswith(planted_only) for k in probe)

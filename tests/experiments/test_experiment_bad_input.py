@@ -98,6 +98,26 @@ def test_json_write_is_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary left behind
 
 
+def test_json_keeps_the_methods_in_the_order_the_tables_show_them(tmp_path):
+    """The README's tables are rebuilt from the committed JSON in its key order: uniform first,
+    then the oracle, then the rest as run, not sorted by name."""
+    order = ["uniform", "oracle", "probe", "alora", "gradient"]
+    path = results.write_json_atomic({"task": "planted", "methods": {m: {"seeds": [0, 1]} for m in order}},
+                                     tmp_path / "demo_results.json")
+    written = json.loads(path.read_text())
+    assert list(written) == ["task", "methods"] and list(written["methods"]) == order
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_a_non_finite_number_deep_in_lists_and_dicts_is_refused_by_its_path(tmp_path, bad):
+    """A diverged seed's loss sits in a list of runs (or a tuple of ranks): it is found there too,
+    named by where it is, and nothing is written (JSON has no inf or nan)."""
+    path = tmp_path / "results.json"
+    with pytest.raises(ValueError, match=r"result\.runs\[1\]\.curve\[0\]\[1\] is "):
+        results.write_json_atomic({"runs": [{"metric": 0.5}, {"curve": ([10, bad],)}]}, path)
+    assert not path.exists()
+
+
 def test_plan_runs_grid_on_seed_zero_then_other_seeds():
     cfg = presets.ExperimentConfig(methods=("uniform",), budgets=(1.0, 2.0), seeds=3, lr_grid=(1e-3, 1e-2),
                                    lr_search="per_budget")
