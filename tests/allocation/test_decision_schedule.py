@@ -1,5 +1,7 @@
 """The decision schedule and the capture around it, without LoRAMBoOptimizer."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -245,3 +247,28 @@ def test_micro_batches_of_one_step_add_up_to_the_whole_batch():
     split_ranks, split_gains = _micro_batch_decision(2)
     assert ranks != [1, 1] and split_ranks == ranks
     assert split_gains == pytest.approx(gains, rel=1e-12)  # float64 sums in another order
+
+
+def test_a_step_off_the_schedule_ignores_what_a_skipped_decision_step_captured():
+    model = _model()
+    layers = lorambo.lora_layers(model)
+    growth = ScheduledGrowth(DecisionSchedule(1, 2), lambda: OnlineGrowth(layers, budget=10_000, sketch_rank=1))
+    with growth.capture(1):  # a decision step whose step(1) the loop never called
+        _backward(model, 1)
+    assert growth.growth.capture.has_data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is wrong at a step that decides nothing
+        assert growth.step(2) == []
+    assert [m.rank for m in layers.values()] == [1, 1]
+    assert not growth.growth.capture.has_data()  # step 1's X and dY are not held until step 3
+
+
+def test_a_loop_that_never_captures_is_warned_at_the_first_decision_step_only():
+    model = _model()
+    growth = ScheduledGrowth(DecisionSchedule(0, 1), lambda: OnlineGrowth(lorambo.lora_layers(model), 10_000))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(4):
+            _backward(model, step)  # outside capture(): nothing recorded
+            assert growth.step(step) == []
+    assert [str(w.message)[:40] for w in caught] == ["step 0 is a rank decision step but no ac"]
