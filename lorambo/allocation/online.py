@@ -51,6 +51,7 @@ from lorambo.allocation.components import at_most_per_layer
 from lorambo.allocation.frozen import frozen_layers
 from lorambo.allocation.greedy import greedy_allocate
 from lorambo.allocation.move_directions import move_directions
+from lorambo.allocation.report import DecisionLog
 from lorambo.allocation.validate import check_rank_bounds
 from lorambo.distributed import SharedFailure, all_reduced_mean, decision_generator, world_size
 from lorambo.model.partial_edit import add_note, note_rank_changes_kept
@@ -493,8 +494,7 @@ class OnlineGrowth:
         max_moves: moves per decision.
         curvature: optional ``{name: h_i > 0}``; gains become ``Delta^2 / (2 h_i)``.
         log: a :class:`lorambo.allocation.report.DecisionLog` receiving every decision; the
-            way each layer's rank has gone is read from it (from this object's own decisions
-            when None).
+            way each layer's rank has gone is read from it (None: an in-memory one of its own).
         max_tokens: rows of X / dY kept per layer call (see :class:`ActivationCapture`).
         min_rank: rank moves never take a layer below it.
         max_rank: growth never takes a layer above it (nor above its capacity); None: capacity only.
@@ -518,8 +518,7 @@ class OnlineGrowth:
         self.sketch_rank, self.power_iters, self.oversample = int(sketch_rank), int(power_iters), int(oversample)
         self.seed, self.move_threshold, self.max_moves = int(seed), move_threshold, int(max_moves)
         self.curvature = dict(curvature or {})
-        self.log = log
-        self._records: list[dict] = []  # the decisions taken here, when there is no log to read
+        self.log = DecisionLog() if log is None else log  # in memory: the moves' ways are read from it
         self.capture = ActivationCapture(self.layers, max_tokens)
 
     def spent(self) -> int:
@@ -566,7 +565,7 @@ class OnlineGrowth:
                           "(NaN/inf): no rank decision is taken at this step", RuntimeWarning)
                 return []
             frozen = set(frozen_layers(self.layers))  # neither grow nor give (allocation/frozen.py)
-            received, gave = move_directions(self.log.records if self.log is not None else self._records)
+            received, gave = move_directions(self.log.records)
             ks = {n: min(self.sketch_rank, self._top(m) - m.rank) for n, m in self.layers.items()
                   if self._top(m) > m.rank and n not in frozen and n not in gave}
             gains, dirs = layer_benefits_many(
@@ -588,10 +587,7 @@ class OnlineGrowth:
             raise
         finally:
             self.capture.clear()
-            if self.log is not None:
-                self.log.extend(records)
-            else:
-                self._records.extend(records)
+            self.log.extend(records)
         return records
 
     def _settings(self, step, loss_scale) -> dict:
