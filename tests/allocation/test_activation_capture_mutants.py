@@ -6,6 +6,7 @@ calls without grad, retained-graph backward passes summed, has_data / missing_da
 and compile_hint only when torch.compile skips the hook guards."""
 
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -160,16 +161,16 @@ def test_missing_data_tells_what_was_forgotten():
 
 
 def test_compile_hint_only_when_compiled_code_skips_the_hook_guards(monkeypatch):
-    import torch._dynamo
-
-    monkeypatch.setattr(torch._dynamo.config, "skip_nnmodule_hook_guards", True)
+    # a stand-in for torch._dynamo: setting the real config here leaves later compiled tests broken
+    dynamo = types.SimpleNamespace(config=types.SimpleNamespace(skip_nnmodule_hook_guards=True))
+    monkeypatch.setitem(sys.modules, "torch._dynamo", dynamo)
     hint = compile_hint()
     assert "set torch._dynamo.config.skip_nnmodule_hook_guards = False before compiling" in hint
     assert nothing_captured().endswith(hint)
     assert nothing_captured().startswith("no activations were captured: run its forward and backward")
-    monkeypatch.setattr(torch._dynamo.config, "skip_nnmodule_hook_guards", False)
+    dynamo.config.skip_nnmodule_hook_guards = False
     assert compile_hint() == ""
     assert nothing_captured().endswith("after opt.begin_step(step)")
-    monkeypatch.setattr(torch._dynamo.config, "skip_nnmodule_hook_guards", True)
+    dynamo.config.skip_nnmodule_hook_guards = True
     monkeypatch.delitem(sys.modules, "torch._dynamo")  # torch.compile never ran: no hint
     assert compile_hint() == ""
