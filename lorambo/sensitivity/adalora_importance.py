@@ -18,7 +18,9 @@ gradients (in a Trainer callback: ``on_pre_optimizer_step``); under a ``torch.am
 after ``scaler.unscale_(optimizer)``, or the scores carry the square of the loss scale (a step
 whose gradients overflowed is left out, as the scaler skips it). Under DDP the gradients are already
 averaged, so every process holds the same scores. Inactive slots have zero gradient and weight,
-hence zero importance. After a rank change, tell the tracker with :meth:`keep` (components were
+hence zero importance. A frozen pool (``requires_grad`` False) is not scored: its layer is scored by
+the other pool alone, and statistics it gathered before it was frozen are dropped at the next
+:meth:`update` or read, not kept at the values of the step it froze. After a rank change, tell the tracker with :meth:`keep` (components were
 compacted by ``keep_components``) or :meth:`reset` (slots were re-initialised by ``set_rank``, or
 the layer's pools were loaded or reset), or hand it the decision records with :meth:`follow`:
 ``LoRAMBoCallback`` does this for its decisions. Until
@@ -141,12 +143,14 @@ class AdaLoRAImportance:
         (``if not importance.update():``) waits for it, so a loop that calls this at every step
         keeps the host ahead of the GPU. :attr:`skipped_steps` counts the steps left out."""
         self._check_followed("update")
-        if all(getattr(layer, "lora_" + w).grad is None for layer in self.layers.values() for w in ("A", "B")):
+        self._forget_frozen_pools()
+        pools = [((name, which), pool) for name, layer in self.layers.items() for which in ("A", "B")
+                 if (pool := getattr(layer, "lora_" + which)).grad is not None and pool.requires_grad]
+        if not pools:
             raise RuntimeError(f"AdaLoRAImportance.update(): none of its layers {list(self.layers)[:4]} has a "
-                               "gradient: call it after loss.backward() and before optimizer.zero_grad()")
+                               "gradient: call it after loss.backward() and before optimizer.zero_grad() "
+                               "(frozen pools are not scored)")
         samples = {}  # every layer's sample first: a non-finite one leaves all statistics as they were
-        pools = [((name, which), getattr(layer, "lora_" + which)) for name, layer in self.layers.items()
-                 for which in ("A", "B") if getattr(layer, "lora_" + which).grad is not None]
         # under FSDP2 the statistics are kept whole on every process: the pools and gradients are
         # gathered into tensors allocated first (out of memory there raises on every process
         # before any all-gather), and an error in a product is held back until every process has
@@ -248,8 +252,17 @@ class AdaLoRAImportance:
             checked[name] = list(ids)
         return checked
 
+    def _forget_frozen_pools(self) -> None:
+        """Drop the statistics of pools frozen since they were gathered: a frozen pool gets no
+        gradient, so they would stay at the step it froze and score its layer by that old term
+        next to the other pool's current one (a LoRA-FA phase that freezes lora_A mid-run)."""
+        for key in [key for key in self._ibar if not getattr(self.layers[key[0]], "lora_" + key[1]).requires_grad]:
+            del self._ibar[key], self._ubar[key]
+
     def parameter_scores(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(s_A [capacity, in], s_B [out, capacity])`` for layer ``name`` (zeros before updates)."""
+        """``(s_A [capacity, in], s_B [out, capacity])`` for layer ``name`` (zeros before updates,
+        and for a frozen pool)."""
+        self._forget_frozen_pools()
         layer = self.layers[name]
         out = []
         for which in ("A", "B"):
@@ -270,6 +283,7 @@ class AdaLoRAImportance:
         RuntimeError before the first :meth:`update`: every score would be 0, and a rank move
         would then remove components that nothing was measured for."""
         self._check_followed("component_scores")
+        self._forget_frozen_pools()
         if self.steps == 0:
             skipped = (f" ({self.skipped_steps} left out: their gradients were not finite)"
                        if self.skipped_steps else "")

@@ -102,3 +102,60 @@ def test_a_layer_whose_lora_b_is_frozen_is_not_warned_about(frozen_pools):
     want = _reference_scores(samples, list(got))
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-12)
+
+
+def test_a_pool_frozen_mid_run_is_scored_as_frozen_from_then_on():
+    """Freezing lora_A of one layer after two updates drops its gathered statistics: that layer is
+    scored by lora_B alone (the float64 reference of lora_B's four steps) and warned about, not by
+    lora_A's term frozen at the step it froze next to the other layers' current ones."""
+    frozen = "blocks.0.down"
+    model = _model(set())
+    importance, before = _run(model, steps=2)
+    lorambo.lora_layers(model)[frozen].lora_A.requires_grad_(False)
+    gen = torch.Generator().manual_seed(3)
+    after = []
+    for _ in range(2):
+        batch = (torch.randn(6, 8, generator=gen, dtype=DT), torch.randn(6, 8, generator=gen, dtype=DT))
+        mse(model, batch).backward()
+        after.append({(n, p): (getattr(m, p).detach() * getattr(m, p).grad).abs()
+                      for n, m in lorambo.lora_layers(model).items() for p in ("lora_A", "lora_B")
+                      if getattr(m, p).requires_grad})
+        importance.update()
+        model.zero_grad()
+    with pytest.warns(UserWarning, match=r"layers blocks.0.down \(lora_A\) hold a frozen pool"):
+        got = importance.component_scores()
+    samples = [{key: value for key, value in step.items() if key != (frozen, "lora_A")} for step in before + after]
+    want = _reference_scores(samples, list(lorambo.lora_layers(model)))
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-12)
+    assert (frozen, "A") not in importance.state_dict()["ibar"]
+    assert importance.parameter_scores(frozen)[0].count_nonzero() == 0
+
+
+def test_a_pool_frozen_after_the_last_update_is_not_scored_by_its_old_term():
+    """component_scores read after a pool is frozen (no update since) leaves its term out too."""
+    model = _model(set())
+    importance, samples = _run(model, steps=3)
+    for layer in lorambo.lora_layers(model).values():
+        layer.lora_A.requires_grad_(False)  # a LoRA-FA phase for every layer: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = importance.component_scores()
+    samples = [{key: value for key, value in step.items() if key[1] == "lora_B"} for step in samples]
+    want = _reference_scores(samples, list(got))
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-12)
+
+
+def test_update_with_gradients_only_in_frozen_pools_is_refused():
+    """A gradient left in a pool frozen after backward is not folded in; with no other gradient,
+    update() refuses as it does without any."""
+    model = _model(set())
+    mse(model, (torch.randn(6, 8, dtype=DT), torch.randn(6, 8, dtype=DT))).backward()
+    for layer in lorambo.lora_layers(model).values():
+        layer.lora_A.requires_grad_(False)
+        layer.lora_B.requires_grad_(False)
+    importance = AdaLoRAImportance(model)
+    with pytest.raises(RuntimeError, match=r"update\(\): none of its layers .* has a gradient"):
+        importance.update()
+    assert importance.steps == 0
