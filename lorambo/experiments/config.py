@@ -185,8 +185,8 @@ def default() -> ExperimentConfig:
 def tiny(methods=("uniform", "gradient")) -> ExperimentConfig:
     """CI size: 1 seed, a few steps, 2 methods, one learning rate."""
     return ExperimentConfig(methods=tuple(methods), budgets=(1.0, 2.0), seeds=1, steps=5, batch_size=4,
-                            max_length=12, lr_grid=(1e-2,), train_examples=64, eval_examples=16, calib_batches=1, eva_batches=2,
-                            hessian_probes=2, alora_heldout=4, probe_rank=2, probe_steps=3,
+                            max_length=12, lr_grid=(1e-2,), train_examples=64, eval_examples=16, calib_batches=1,
+                            eva_batches=2, hessian_probes=2, alora_heldout=4, probe_rank=2, probe_steps=3,
                             val_every=2, threads=1)  # tiny products on a busy 2-core box stall with 2 OpenMP threads
 
 
@@ -197,8 +197,8 @@ def full() -> ExperimentConfig:
     return ExperimentConfig(budgets=(0.5, 1.0, 2.0), seeds=5, steps=1000, batch_size=32, max_length=64,
                             lr_search="per_budget",
                             lr_grid=(1e-3, 3e-3, 1e-2), train_examples=0, eval_examples=0, calib_batches=8,
-                            hessian_probes=32, sensitivities_per_seed=True, alora_rounds=3, alora_prune=0.1, alora_heldout=64,
-                            probe_rank=32, probe_steps=60, val_every=100, planted_text="snippets")  # probe
+                            hessian_probes=32, sensitivities_per_seed=True, alora_rounds=3, alora_prune=0.1,
+                            alora_heldout=64, probe_rank=32, probe_steps=60, val_every=100, planted_text="snippets")  # probe
     # rank 32: the oracle's largest rank at 4 P*, so the probe's knapsack can match it
 
 

@@ -123,8 +123,8 @@ def verdicts(task: str, summary: dict, levels, higher_is_better: bool) -> list[s
             text = (f"{METHOD_LABELS[method]} {e['metric_mean']:.4f} ± {e['metric_std']:.4f} "
                     f"({e['wins_vs_uniform']}/{e['paired_seeds']} seeds)")
             (better if e["wins_vs_uniform"] == e["paired_seeds"] else worse).append(text)
-        head = f"[{task}] level {level:g} (P = {uni['budget']:,}), uniform {uni['metric_mean']:.4f} ± {uni['metric_std']:.4f} ({word} is better):"
-        lines.append(head)
+        lines.append(f"[{task}] level {level:g} (P = {uni['budget']:,}), uniform {uni['metric_mean']:.4f} "
+                     f"± {uni['metric_std']:.4f} ({word} is better):")
         lines.append("  beat uniform on every seed: " + ("; ".join(better) if better else "none"))
         lines.append("  did not: " + ("; ".join(worse) if worse else "none"))
     return lines
@@ -167,8 +167,8 @@ def format_table(task_result: dict, methods, levels) -> str:
     if planted:
         lines.append("ρ: Spearman correlation of the final ranks with the planted ones over all 36 layers "
                      "(0 for a constant allocation); share: part of the spent budget Σ r (d + k) that goes to "
-                     f"planted layers (oracle: 1.00). loss: MSE / the pretrained model's MSE on the training windows (its test "
-                     "loss is the baseline row), 0 = deltas recovered.")
+                     "planted layers (oracle: 1.00). loss: MSE / the pretrained model's MSE on the training windows "
+                     "(its test loss is the baseline row), 0 = deltas recovered.")
     return "\n".join(lines)
 
 
