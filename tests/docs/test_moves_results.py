@@ -1,32 +1,70 @@
-"""docs/demo.md's table of rank moves on the planted task is the committed run
-(docs/moves_results.json, rendered by ``lorambo.experiments.demo_report``), and the README's
-numbers for it are that run's."""
+"""docs/demo.md's tables of rank moves on the planted task are the committed runs
+(docs/moves_results.json at 200 steps, docs/moves_results_800_steps.json at 800, rendered by
+``lorambo.experiments.demo_report``), and the README's numbers for them are those runs'."""
 
 import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from lorambo.experiments import demo_report
 
 ROOT = Path(__file__).resolve().parents[2]
-RESULTS = json.loads((ROOT / "docs" / "moves_results.json").read_text(encoding="utf-8"))
+RUNS = {name: json.loads((ROOT / "docs" / name).read_text(encoding="utf-8"))
+        for name in ("moves_results.json", "moves_results_800_steps.json")}
+DOC = (ROOT / "docs" / "demo.md").read_text(encoding="utf-8")
+README = (ROOT / "README.md").read_text(encoding="utf-8").replace("\n  ", " ")
 
 
-def test_the_moves_table_in_docs_is_the_committed_run():
-    doc = (ROOT / "docs" / "demo.md").read_text(encoding="utf-8").splitlines()
-    rows = [line for line in demo_report.table(RESULTS).splitlines() if line.startswith("|")]
-    assert len(rows) == 2 + 4 and all(row in doc for row in rows)
+def _loss(results, method):
+    values = np.array(results["methods"][method]["test_loss"])
+    return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
 
 
-def test_the_readme_quotes_the_moves_run():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    losses = {m: np.array(RESULTS["methods"][m]["test_loss"]) for m in ("moves", "uniform")}
-    moves, uniform = (f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" for v in (losses["moves"], losses["uniform"]))
-    assert f"({moves} against uniform's {uniform};" in readme.replace("\n  ", " ")
+@pytest.mark.parametrize("name", RUNS)
+def test_the_moves_table_in_docs_is_the_committed_run(name):
+    rows = [line for line in demo_report.table(RUNS[name]).splitlines() if line.startswith("|")]
+    assert len(rows) == 2 + 4 and all(row in DOC.splitlines() for row in rows)
 
 
-def test_the_docs_name_the_command_and_time_of_the_committed_run():
-    doc = (ROOT / "docs" / "demo.md").read_text(encoding="utf-8").replace("\n", " ")
-    args = RESULTS["command"].split(" --workers")[0]  # where it wrote and how it showed progress aside
-    assert f"`{args}`" in doc and f"{RESULTS['wall_s']:.0f} s beside other jobs" in doc
+@pytest.mark.parametrize("name", RUNS)
+def test_the_docs_name_the_command_and_time_of_the_committed_run(name):
+    doc = DOC.replace("\n", " ")
+    results = RUNS[name]
+    args = results["command"].split(" --workers")[0]  # where it wrote and how it showed progress aside
+    assert f"`{args}`" in doc and f"{results['wall_s']:.0f} s beside other jobs" in doc
+    assert f"{results['steps']} steps" in demo_report.table(results)
+
+
+def test_the_readme_quotes_the_moves_runs():
+    short, long = RUNS["moves_results.json"], RUNS["moves_results_800_steps.json"]
+    assert f"({_loss(short, 'moves')} against uniform's {_loss(short, 'uniform')};" in README
+    assert f"({_loss(long, 'moves')} against uniform's {_loss(long, 'uniform')})" in README
+    gap = np.mean(long["methods"]["moves"]["gap_closed"])
+    share = long["methods"]["moves"]["planted_share"]
+    assert f"close only {gap:.2f} of the gap" in README and f"put only {share:.0%} of the budget" in README
+
+
+def test_the_800_step_paragraph_quotes_its_run():
+    long, short = RUNS["moves_results_800_steps.json"], RUNS["moves_results.json"]
+    moves, uniform = (np.mean(long["methods"][m]["test_loss"]) for m in ("moves", "uniform"))
+    oracle_short, oracle_long = (np.mean(r["methods"]["oracle"]["test_loss"]) for r in (short, long))
+    wins = long["methods"]["moves"]["wins_vs_uniform"]
+    paragraph = DOC.split("**With four times the steps.**")[1].split("## ")[0].replace("\n", " ")
+    assert wins == long["methods"]["moves"]["paired_seeds"] == 3  # "on every seed"
+    assert f"({moves:.3f} against uniform's {uniform:.3f})" in paragraph
+    assert f"close only {np.mean(long['methods']['moves']['gap_closed']):.2f} of the gap" in paragraph
+    assert f"puts {long['methods']['moves']['planted_share']:.0%} of the budget" in paragraph
+    assert long["methods"]["moves"]["planted_share"] == pytest.approx(short["methods"]["moves"]["planted_share"])
+    assert f"goes on from {oracle_short:.3f} to {oracle_long:.3f}" in paragraph
+
+
+def test_the_800_step_paragraph_counts_the_moves_from_the_ranks():
+    """16 ranks moved on average: the moves method starts from uniform's ranks, so the ranks its
+    layers gained over uniform's are the moves made (one rank each)."""
+    paragraph = DOC.split("**With four times the steps.**")[1].split("## ")[0].replace("\n", " ")
+    for results in RUNS.values():
+        uniform, moves = (results["methods"][m]["mean_ranks"] for m in ("uniform", "moves"))
+        gained = sum(max(0.0, moves[name] - uniform[name]) for name in uniform)
+        assert f"after its {gained:.0f} moves (a mean over seeds, as at 200 steps;" in paragraph
