@@ -229,7 +229,7 @@ def _output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs-root", type=_folder, default="runs",
                    help="parent of the timestamped output folder (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true",
-                   help="no progress bar (by default shown when stderr is a terminal)")
+                   help="no progress: by default a bar when stderr is a terminal, else a line per finished unit")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -106,7 +106,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir=None, progress: bool | None = 
     dict. When ``time_limit`` stops it first, it prints how much remains and the command that
     continues (``command``: the CLI arguments used) and returns ``{"complete": False, ...}``.
     ``workers`` (default ``cfg.workers``) processes run the units. ``progress``: a bar on
-    stderr; None shows it only when stderr is a terminal (not in a log file). The units run on
+    stderr; None shows it when stderr is a terminal and otherwise (a log file) writes one line
+    per finished unit there instead, so a run of many minutes is not silent; False neither. The units run on
     ``cfg.threads`` torch threads and seed torch's generators themselves; the caller's thread
     count and random streams are restored afterwards, also after an error."""
     check_progress(progress, "run_experiment")
@@ -135,6 +136,8 @@ def _run(cfg: ExperimentConfig, out_dir, progress, echo, workers, time_limit, re
     pending = [u for u in units if unit_key(u, cfg) not in records]
     bar = tqdm(total=len(units), initial=len(units) - len(pending), desc="experiment", unit="unit", file=sys.stderr,
                disable=None if progress is None else not progress, dynamic_ncols=True)  # None: a terminal only
+    log_lines = progress is None and bar.disable  # no terminal: a line per unit, for logs
+    done = [len(units) - len(pending)]  # the units finished, as the bar counts them (a disabled bar counts none)
 
     def say(message: str) -> None:  # clears the bar's line first and redraws it after: never glued to it
         with tqdm.external_write_mode():
@@ -147,9 +150,14 @@ def _run(cfg: ExperimentConfig, out_dir, progress, echo, workers, time_limit, re
             say(f"{run['task']}: {run['method']} at budget level {run['level']:g}, seed {run['seed']}, lr "
                  f"{run['lr']:g} diverged ({run['diverged_where']} {run['diverged_value']} at step "
                  f"{run['diverged_step']}): recorded, never selected")
-        bar.set_postfix_str(f"{rec['task']}: {rec['kind']}" if run is None else f"{rec['task']}: {run['method']}, "
-                            f"level {run['level']:g}, seed {run['seed']}, lr {run['lr']:g}")
+        what = (f"{rec['task']}: {rec['kind']}" if run is None else f"{rec['task']}: {run['method']}, "
+                f"level {run['level']:g}, seed {run['seed']}, lr {run['lr']:g}")
+        bar.set_postfix_str(what)
         bar.update(1)
+        done[0] += 1
+        if log_lines:
+            print(f"experiment {done[0]}/{len(units)} units, {time.perf_counter() - started:.0f} s: {what}",
+                  file=sys.stderr, flush=True)
 
     try:
         records.add(jr.append({"kind": "session", "session": session, "workers": workers,

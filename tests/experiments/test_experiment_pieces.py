@@ -82,9 +82,17 @@ def test_time_limit_stops_then_resume_finishes_with_the_same_numbers(reference, 
 
     monkeypatch.setattr(scheduler, "time", types.SimpleNamespace(perf_counter=clock))
     command = ["experiment", "--preset", "tiny", "--time-limit", "1000", "--out", str(out)]
-    first = run_experiment(CFG, out_dir=out, progress=False, time_limit=1000, command=command)
-    printed = capsys.readouterr().out
-    total = len(all_units(CFG))
+    first = run_experiment(CFG, out_dir=out, time_limit=1000, command=command)  # progress=None
+    captured = capsys.readouterr()
+    printed, total = captured.out, len(all_units(CFG))
+    # stderr is no terminal here, so no bar: a line per finished unit, for a log file
+    lines = captured.err.splitlines()
+    assert [line.split(" s: ")[0].rsplit(", ", 1)[0] for line in lines] == [
+        f"experiment {k}/{total} units" for k in range(1, 5)]
+    runs = [r["run"] for r in _unit_records(out / "runs.jsonl") if r["kind"] == "run"]
+    assert sorted(line.split(" s: ")[1] for line in lines) == sorted(
+        ["planted: task", "planted: sens"] + [f"planted: uniform, level 1, seed 0, lr {r['lr']:g}" for r in runs])
+    assert sorted(r["lr"] for r in runs) == [1e-3, 1e-2]
     assert first == {"complete": False, "remaining": total - 4, "remaining_runs": total - 4,
                      "journal": str(out / "runs.jsonl"), "out_dir": str(out)}
     assert f"{total - 4} runs and 0 other units remain" in printed
@@ -98,8 +106,8 @@ def test_time_limit_stops_then_resume_finishes_with_the_same_numbers(reference, 
     with monkeypatch.context() as m:
         m.setitem(sys.modules, "matplotlib", None)  # the GPU machine has none
         second = run_experiment(CFG, out_dir=out, progress=False, resume=out / "runs.jsonl")
-    printed = capsys.readouterr().out
-    assert "ignored the torn last line" in printed
+    printed, logged = capsys.readouterr()
+    assert "ignored the torn last line" in printed and "experiment " not in logged  # progress=False: silent
     assert sum("plots skipped: matplotlib is not installed" in line for line in printed.splitlines()) == 1
     assert _numbers(second) == _numbers(ref) and second["plots"] == [] and second["sessions"] == 2
     records = _unit_records(out / "runs.jsonl")
