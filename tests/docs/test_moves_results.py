@@ -68,3 +68,19 @@ def test_the_800_step_paragraph_counts_the_moves_from_the_ranks():
         uniform, moves = (results["methods"][m]["mean_ranks"] for m in ("uniform", "moves"))
         gained = sum(max(0.0, moves[name] - uniform[name]) for name in uniform)
         assert f"after its {gained:.0f} moves (a mean over seeds, as at 200 steps;" in paragraph
+
+
+def test_the_800_step_paragraph_names_where_the_ranks_went():
+    """The value projections of layers 1-4 end at rank 5 and two planted MLP layers at 0, on every
+    seed (a mean of exactly 5 and 0), in both runs."""
+    paragraph = DOC.split("**With four times the steps.**")[1].split("## ")[0].replace("\n", " ")
+    for results in RUNS.values():
+        ranks, planted = results["methods"]["moves"]["mean_ranks"], results["planted_ranks"]
+        raised = sorted(name for name, r in ranks.items() if r > 1)
+        assert raised == [f"layer.{i}.attention.self.value" for i in range(1, 5)]
+        assert {ranks[name] for name in raised} == {5.0}
+        assert [name for name in raised if name in planted] == ["layer.1.attention.self.value"]
+        emptied = sorted(name for name in planted if ranks[name] == 0)
+        assert emptied == ["layer.2.intermediate.dense", "layer.4.output.dense"]
+    assert "value projections of layers 1-4 to rank 5 (only layer 1's is planted)" in paragraph
+    assert "`layer.2.intermediate.dense` and `layer.4.output.dense`, to 0" in paragraph
