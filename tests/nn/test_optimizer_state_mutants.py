@@ -301,3 +301,31 @@ def test_gather_slot_state_refuses_quantized_state_unless_the_order_is_kept():
     gather_slot_state(opt, layer, (0, 1, 2), 3)
     gather_slot_state(opt, layer, [0, 1, 2], 3)
     assert torch.equal(opt.state[layer.lora_A]["state1"], codes)
+
+
+def _lbfgs_stepped():
+    layer, x = _layer()
+    opt = torch.optim.LBFGS([layer.lora_A, layer.lora_B], lr=0.1, history_size=3)
+
+    def closure():
+        opt.zero_grad()
+        loss = layer(x).square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert len(opt.state[opt._params[0]]["old_dirs"]) > 0
+    return layer, opt
+
+
+@pytest.mark.parametrize("keep", [[0, 1, 2], (0, 1, 2), range(3)], ids=["list", "tuple", "range"])
+def test_gather_slot_state_in_the_same_order_keeps_lbfgs_history(keep):
+    """L-BFGS's history spans every slot, so a reorder empties it; keeping slots 0..old_rank-1 in order
+    (given as a list, tuple or range) moves nothing and keeps it."""
+    layer, opt = _lbfgs_stepped()
+    held = [d.clone() for d in opt.state[opt._params[0]]["old_dirs"]]
+    gather_slot_state(opt, layer, keep, 3)
+    dirs = opt.state[opt._params[0]]["old_dirs"]
+    assert len(dirs) == len(held) and all(torch.equal(a, b) for a, b in zip(dirs, held))
+    gather_slot_state(opt, layer, [1, 0, 2], 3)
+    assert not opt.state[opt._params[0]]
