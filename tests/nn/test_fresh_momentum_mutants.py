@@ -148,3 +148,25 @@ def test_nothing_is_recorded_through_the_fsdp_integration():
             fsdp.set_rank(layer, 3, optimizer=sgd)
     for param in sgd.param_groups[0]["params"]:
         assert RECORD not in sgd.state.get(param, {})
+
+
+def test_a_record_meeting_a_step_without_momentum_is_dropped_not_applied():
+    """A waiting slot whose group has momentum 0 at its next step (a momentum schedule) is not started
+    (there is no buffer to start: dampening / momentum would be inf); the record goes, and once momentum
+    is back the slot's buffer follows SGD's rule from zero: 0.9 * 0 + (1 - 0.5) * d."""
+    layer, opt, x = _stepped(momentum=0.9, dampening=0.5)
+    layer.set_rank(3, optimizer=opt)
+    opt.param_groups[0]["momentum"] = 0.0
+    layer(x).square().sum().backward()
+    opt.step()
+    opt.zero_grad()
+    for pool in (layer.lora_A, layer.lora_B):
+        assert RECORD not in opt.state[pool]
+    assert torch.equal(opt.state[layer.lora_B]["momentum_buffer"][:, 2], torch.zeros(5, dtype=DT))
+    opt.param_groups[0]["momentum"] = 0.9
+    layer(x).square().sum().backward()
+    d = layer.lora_B.grad[:, 2].clone()
+    assert d.abs().min() > 0
+    opt.step()
+    torch.testing.assert_close(opt.state[layer.lora_B]["momentum_buffer"][:, 2], 0.5 * d, rtol=1e-12, atol=0)
+    assert torch.isfinite(layer.lora_B).all()
