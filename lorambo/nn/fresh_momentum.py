@@ -34,10 +34,9 @@ dropped at its step.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.weak import WeakIdKeyDictionary
 
 from lorambo.nn.optimizer_kind import group_of, optimizer_kind
 from lorambo.nn.slots import pool_slots
@@ -53,7 +52,7 @@ RECORD = "lorambo_new_slots"  # key of a pool's state in an SGD: bit s set while
 # groups), and a rank change that records slots removes it.
 _NONE_WAITING = "_lorambo_none_waiting"
 _installed = False
-_WARNED_ZERO_START = weakref.WeakSet()  # optimizers told that FSDP's new slots start at zero
+_WARNED_ZERO_START = WeakIdKeyDictionary()  # optimizers (by identity) told that FSDP's new slots start at zero
 _POOLS = ("lora_A", "lora_B")
 
 
@@ -94,7 +93,7 @@ def mark_new_slots(optimizer, layer, slots) -> None:
         if hasattr(optimizer, "optimizer_type"):  # FSDP's gathered pools are not the ones stepped
             real = getattr(optimizer, "stands_in_for", optimizer)
             if real not in _WARNED_ZERO_START:  # the same for every layer and decision: once
-                _WARNED_ZERO_START.add(real)
+                _WARNED_ZERO_START[real] = True
                 warn_user(f"{layer._label}: SGD with dampening > 0 through lorambo.integrations.fsdp: "
                           "the momentum buffers of new slots start at zero, so their first step is "
                           "(1 - dampening) times a fresh SGD's (in every layer; warned once per optimizer)")

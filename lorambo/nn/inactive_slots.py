@@ -26,11 +26,11 @@ object only.
 
 from __future__ import annotations
 
-import weakref
 from operator import is_
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.weak import WeakIdKeyDictionary
 
 from lorambo.ext import loader as ext_loader
 from lorambo.nn.slots import local_slots, pool_slots, pools_generation
@@ -43,7 +43,7 @@ __all__ = ["zero_inactive_after_steps"]
 _installed = False
 # optimizer -> (key, its parameter lists copied, (views, zeroed in one compiled call),
 #               the pools with an address, their addresses)
-_cached: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_cached = WeakIdKeyDictionary()  # by identity: an optimizer may be unhashable
 _data_ptr = torch.Tensor.data_ptr
 
 
@@ -86,10 +86,7 @@ def _views_of(optimizer) -> tuple[list[torch.Tensor], bool]:
     """The views to zero, and whether the extension's ``zero_views_`` takes them."""
     groups = getattr(optimizer, "param_groups", None) or ()
     key = (pools_generation(), get_backend())
-    try:
-        cached = _cached.get(optimizer)
-    except TypeError:  # an optimizer that cannot be weakly referenced: no cache
-        return _zeroing(inactive_views(param for group in groups for param in group["params"]))
+    cached = _cached.get(optimizer)
     if (cached is not None and cached[0] == key and _same_params(groups, cached[1])
             and list(map(_data_ptr, cached[3])) == cached[4]):
         return cached[2]

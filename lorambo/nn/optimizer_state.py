@@ -25,10 +25,10 @@ the same shared ``step`` and are warned about alike. :class:`lorambo.optim.AdamW
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Sequence
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from lorambo.ext.ops import slot_state_tensors, state_tensors
 from lorambo.nn.fresh_momentum import mark_new_slots, move_new_slots
@@ -41,7 +41,7 @@ from lorambo.user_warnings import warn_user
 SLOT_STEP = "slot_step"  # lorambo.optim.AdamW's per-slot Adam step count, shape [capacity]
 # optimizers warned about their shared step: each one once, so every run in a process (a
 # notebook's second experiment, a teacher's and a student's optimizer) hears of its own
-_WARNED_SHARED_STEP = weakref.WeakSet()
+_WARNED_SHARED_STEP = WeakIdKeyDictionary()  # optimizer -> True once warned (by identity, as optimizer_tracking)
 _STEPPED_MOMENTS = {"exp_avg", "row_var", "variance"}  # Adam family; Adafactor (2-D and 1-D params)
 
 
@@ -130,11 +130,11 @@ def _warn_shared_step(optimizer, layer) -> None:
         if not (_STEPPED_MOMENTS & state.keys() or step_scales_updates(optimizer, param)):
             continue
         if float(state["step"]) > 0:
-            _WARNED_SHARED_STEP.add(warned)
+            _WARNED_SHARED_STEP[warned] = True
             warn_user(
-                f"{optimizer_kind(optimizer).__name__} keeps one step count per parameter: slots that become active now "
-                f"in {layer._label} take their first step at step {int(float(state['step'])) + 1} of it, not at step 1 (Adam's bias "
-                "correction, Adafactor's averaging rate, Adagrad's lr_decay, ASGD's eta and mu), so their first "
+                f"{optimizer_kind(optimizer).__name__} keeps one step count per parameter: slots that become active "
+                f"now in {layer._label} take their first step at step {int(float(state['step'])) + 1} of it, not at "
+                "step 1 (Adam's bias correction, Adafactor's averaging rate, Adagrad's lr_decay, ASGD's eta and mu), so their first "
                 "updates differ from a fresh optimizer's (2.5-5x larger measured for Adam). Use "
                 "lorambo.optim.AdamW for per-slot Adam step counts. Warned once per optimizer.")
             return

@@ -13,8 +13,6 @@ base weights lorambo froze (see lorambo.nn.frozen_bases).
 
 from __future__ import annotations
 
-import weakref
-
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -31,9 +29,11 @@ class StaleOptimizerStateWarning(UserWarning):
     """A rank change left an optimizer's state at the old slots (it was not passed the optimizer)."""
 
 
-_HOLDERS = WeakIdKeyDictionary()            # pool parameter -> WeakSet of optimizers that stepped it
-_SCANNED = weakref.WeakKeyDictionary()     # optimizer -> (its parameter count, records_version()) when last scanned
-_WARNED = weakref.WeakSet()
+# optimizers are keys by identity: one that defines __eq__ without __hash__ (a dataclass) is still
+# tracked, and two that compare equal are still two optimizers
+_HOLDERS = WeakIdKeyDictionary()            # pool parameter -> {optimizer that stepped it: True}
+_SCANNED = WeakIdKeyDictionary()            # optimizer -> (its parameter count, records_version()) when last scanned
+_WARNED = WeakIdKeyDictionary()             # optimizer -> True once warned about
 _ORIGINALS = WeakIdKeyDictionary()          # stand-in pool parameter -> the parameter optimizers hold
 _installed = False
 
@@ -56,7 +56,7 @@ def _after_step(optimizer, args, kwargs) -> None:
     params = [param for group in groups for param in group["params"]]
     for param in params:
         if pool_slots(param) is not None:
-            _HOLDERS.setdefault(param, weakref.WeakSet()).add(optimizer)
+            _HOLDERS.setdefault(param, WeakIdKeyDictionary())[optimizer] = True
     warn_if_trains_no_adapter(optimizer, params)
     warn_if_trains_thawed_bases(optimizer, params)
 
@@ -86,10 +86,10 @@ def warn_if_state_left_behind(layer, optimizer, change: str, remedy: str = _PASS
     given = {id(getattr(o, "stands_in_for", o)) for o in each_optimizer(optimizer)}
     for param in (layer.lora_A, layer.lora_B):
         param = _ORIGINALS.get(param, param)
-        for holder in list(_HOLDERS.get(param, ())):
+        for holder in list(_HOLDERS.get(param, {}).keys()):
             if id(holder) in given or holder in _WARNED or not holder.state.get(param):
                 continue
-            _WARNED.add(holder)
+            _WARNED[holder] = True
             name = type(holder).__name__
             warn_user(
                 f"{layer._label}: {change} without its optimizer, but a {type(holder).__module__}.{name} "

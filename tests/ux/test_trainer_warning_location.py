@@ -1,10 +1,10 @@
 """Warnings raised inside Trainer's loop point at the user's trainer.train() line."""
 
 import warnings
-import weakref
 
 import pytest
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 transformers = pytest.importorskip("transformers")
 
@@ -16,7 +16,7 @@ from lorambo.nn import optimizer_state  # noqa: E402
 def test_callback_warnings_point_at_trainer_train(tmp_path, monkeypatch):
     """They pointed into transformers' trainer.py / trainer_callback.py (the frame that called
     the callback), so filterwarnings(module=<the user's module>) missed them."""
-    monkeypatch.setattr(optimizer_state, "_WARNED_SHARED_STEP", weakref.WeakSet())  # once per optimizer
+    monkeypatch.setattr(optimizer_state, "_WARNED_SHARED_STEP", WeakIdKeyDictionary())  # once per optimizer
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2,
                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)

@@ -5,11 +5,11 @@ frame a warning is attributed to; a fixed ``stacklevel`` would put the same warn
 inside lorambo when it comes through the growth schedule or a torch optimizer step hook."""
 
 import warnings
-import weakref
 
 import pytest
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 import lorambo
 from lorambo.nn import optimizer_state
@@ -51,14 +51,14 @@ def _adam_stepped(model):
 def test_shared_step_warning_from_set_rank_and_from_the_growth_schedule(monkeypatch):
     model = lorambo.configure_model(_model(), 1, capacity=4)
     adam = _adam_stepped(model)
-    monkeypatch.setattr(optimizer_state, "_WARNED_SHARED_STEP", weakref.WeakSet())
+    monkeypatch.setattr(optimizer_state, "_WARNED_SHARED_STEP", WeakIdKeyDictionary())
     with warnings.catch_warnings(record=True) as direct:
         warnings.simplefilter("always")
         model[0].set_rank(2, optimizer=adam)
     _only_here(direct, UserWarning, "keeps one step count per parameter")
 
     opt = lorambo.LoRAMBoOptimizer(model, total_budget=10_000, interval=1)
-    monkeypatch.setattr(optimizer_state, "_WARNED_SHARED_STEP", weakref.WeakSet())
+    monkeypatch.setattr(optimizer_state, "_WARNED_SHARED_STEP", WeakIdKeyDictionary())
     with warnings.catch_warnings(record=True) as scheduled:
         warnings.simplefilter("always")
         with opt.capture(0, _batch()):

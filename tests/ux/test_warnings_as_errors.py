@@ -2,11 +2,11 @@
 it belongs to has been applied whole, never half-way through it."""
 
 import warnings
-import weakref
 
 import pytest
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 import lorambo
 
@@ -92,7 +92,7 @@ def test_a_decision_grows_and_logs_every_layer_before_the_warning_raises(tmp_pat
     from lorambo.nn import optimizer_state
 
     model, first, _ = _two_adams()
-    monkeypatch.setattr(optimizer_state, "_WARNED_SHARED_STEP", weakref.WeakSet())
+    monkeypatch.setattr(optimizer_state, "_WARNED_SHARED_STEP", WeakIdKeyDictionary())
     opt = lorambo.LoRAMBoOptimizer(model, total_budget=10_000, interval=1, log_path=tmp_path / "log.jsonl")
     g = torch.Generator().manual_seed(3)
     x = torch.randn(16, 6, generator=g)
