@@ -4,8 +4,10 @@ Written from mutation testing of lorambo/sensitivity/hvp.py: every product is co
 torch.autograd.functional.hessian over all measured weights at once (the cross-layer blocks included).
 """
 
+import gc
 import types
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -108,20 +110,23 @@ def test_products_match_the_joint_dense_hessian(batched, num):
         assert g.abs().max() > 1e-3  # the blocks are not trivially zero
 
 
-def test_summary_is_averaged_over_batches_and_zero_for_an_unreached_weight():
+@pytest.mark.parametrize("batched", [True, False])
+def test_summary_is_averaged_over_batches_and_zero_for_an_unreached_weight(batched):
     """A summary (here per-layer quadratic forms v.Hv) is taken per batch and averaged; a weight that
     the loss never reaches gives an all-zero block while the others are still measured."""
     model, batches = make(seed=13, n_batches=2)
     names = ["a.weight", "unused.weight", "b.weight"]
     params = dict(model.named_parameters())
     weights = [params[n] for n in names]
-    op = HessianOperator(model, mse, batches, weights, batched=True, names=names)
+    op = HessianOperator(model, mse, batches, weights, batched=batched, names=names)
     vs = probes([w.shape for w in weights], 4, seed=14)
 
     def quadratic_forms(products):
         return [(p * v).flatten(1).sum(1) for p, v in zip(products, vs)]
 
-    got = op.apply(vs, summarize=quadratic_forms)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback from vmap, no constant-gradient warning
+        got = op.apply(vs, summarize=quadratic_forms)
     reached = ["a.weight", "b.weight"]
     hv = reference_products(joint_hessian(model, mse, batches, reached), [vs[0], vs[2]])
     want = [(hv[0] * vs[0]).flatten(1).sum(1), torch.zeros(4, dtype=DT), (hv[1] * vs[2]).flatten(1).sum(1)]
@@ -164,14 +169,14 @@ def test_a_weight_with_a_constant_gradient_warns_once_and_gives_a_zero_block(bat
 
 def test_a_non_finite_loss_makes_every_product_nan_and_names_its_batch():
     """A batch whose loss is NaN turns every product NaN even where its gradients are finite, and
-    naming_the_batch() re-raises a NonFiniteProducts naming that batch (its index and value)."""
-    model, batches = make(seed=19, n_batches=3)
-    bad = 1
+    naming_the_batch() re-raises a NonFiniteProducts naming the first such batch (its index and value)."""
+    model, batches = make(seed=19, n_batches=4)
 
     def loss_fn(m, b):
         loss = mse(m, b)
-        # a constant NaN term: the gradients stay finite, only the loss says the batch is broken
-        return loss + (torch.tensor(float("nan"), dtype=DT) if b is batches[bad] else 0.0)
+        # a constant NaN/inf term: the gradients stay finite, only the loss says the batch is broken
+        bad = {id(batches[1]): float("nan"), id(batches[2]): float("inf")}.get(id(b))
+        return loss + (torch.tensor(bad, dtype=DT) if bad is not None else 0.0)
 
     names = ["a.weight", "b.weight"]
     op = HessianOperator(model, loss_fn, batches, [model.a.weight, model.b.weight], names=names, who="est")
@@ -350,3 +355,23 @@ def test_backward_calls_per_batch(monkeypatch, batched, num, calls_per_batch, vm
     want = reference_products(joint_hessian(model, mse, batches, names), vs)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+
+
+def test_apply_keeps_no_graph_alive():
+    """A batch's graph is released before the next batch's forward, and none is held after apply()
+    returns (the batch losses kept for naming a non-finite batch are detached)."""
+    model, batches = make(seed=39)
+    hidden, earlier_alive = [], []
+
+    def loss_fn(m, b):
+        gc.collect()
+        earlier_alive.append(any(ref() is not None for ref in hidden))
+        h = torch.tanh(m.a(b[0]))
+        hidden.append(weakref.ref(h))
+        return ((m.b(h) - b[1]) ** 2).mean()
+
+    op = HessianOperator(model, loss_fn, batches, [model.a.weight, model.b.weight], batched=False)
+    op.apply(probes([model.a.weight.shape, model.b.weight.shape], 2, seed=40), summarize=lambda products: products)
+    gc.collect()
+    assert len(hidden) == len(batches) and all(ref() is None for ref in hidden)
+    assert earlier_alive == [False] * len(batches)
