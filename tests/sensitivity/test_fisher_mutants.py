@@ -3,6 +3,9 @@
 Written from mutation testing of lorambo/sensitivity/fisher.py.
 """
 
+import math
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -23,6 +26,52 @@ def _per_example_reference(model, x, y):
         sq["0"].append(float(grads[0].square().sum()))
         sq["2"].append(float(grads[1].square().sum()))
     return {k: sum(v) / len(v) for k, v in sq.items()}
+
+
+def _per_example_squares(model, layers, x, y):
+    """||d loss_n / d W||^2 per example n and layer, loss_n example n's own mean squared error."""
+    out = {name: [] for name in layers}
+    for n in range(x.shape[0]):
+        loss = ((model(x[n:n + 1]) - y[n:n + 1]) ** 2).mean()
+        grads = torch.autograd.grad(loss, [model.get_submodule(name).weight for name in layers])
+        for name, g in zip(layers, grads):
+            out[name].append(float(g.square().sum()))
+    return out
+
+
+class Unused(nn.Module):
+    """A Linear the forward never calls, ahead of the two it does."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(4, 4, dtype=DT)
+        self.a = nn.Linear(4, 5, dtype=DT)
+        self.b = nn.Linear(5, 3, dtype=DT)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_estimates_after_an_unreached_layer_and_their_standard_errors():
+    """With an unreached layer ahead of the reached ones, every reached layer's estimate is the mean
+    of its own per-example squared gradient norms, with stderr = sample std (ddof 1) / sqrt(n)."""
+    torch.manual_seed(5)
+    model = Unused()
+    gen = torch.Generator().manual_seed(6)
+    x, y = torch.randn(7, 4, generator=gen, dtype=DT), torch.randn(7, 3, generator=gen, dtype=DT)
+    with FisherProxy(model, modules=["first", "a", "b"]) as proxy:
+        ((model(x) - y) ** 2).mean().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the unreached layer is left out with a warning
+        got = proxy.estimates()
+    assert set(got) == {"a", "b"}
+    for name, squares in _per_example_squares(model, ["a", "b"], x, y).items():
+        n = len(squares)
+        mean = sum(squares) / n
+        stderr = math.sqrt(sum((s - mean) ** 2 for s in squares) / (n - 1) / n)
+        assert got[name].num_probes == n
+        assert got[name].value == pytest.approx(mean, rel=1e-10)
+        assert got[name].stderr == pytest.approx(stderr, rel=1e-8)
 
 
 @pytest.mark.parametrize("scaler", [None, "disabled"])
