@@ -34,23 +34,29 @@ def test_half_precision_inputs_are_summed_in_float32():
 
 
 class SkipsTokens(nn.Module):
-    """Layer ``b`` is called on an empty slice of the tokens: it runs but sees no token."""
+    """Layer ``skipped`` is called on an empty slice of the tokens: it runs but sees no token."""
 
-    def __init__(self):
+    def __init__(self, skipped):
         super().__init__()
         self.a = nn.Linear(3, 3, dtype=DT)
         self.b = nn.Linear(3, 3, dtype=DT)
+        self.skipped = skipped
 
     def forward(self, x):
-        return self.a(x).sum() + self.b(x[:, :0]).sum()
+        out = 0
+        for name in ("a", "b"):
+            out = out + getattr(self, name)(x[:, :0] if name == self.skipped else x).sum()
+        return out
 
 
-def test_a_layer_that_never_gets_a_token_is_an_error_naming_it():
-    """A layer called on no tokens over all batches is a ValueError naming it, not a 0/0 covariance."""
-    model = SkipsTokens()
+@pytest.mark.parametrize("skipped", ["a", "b"])
+def test_a_layer_that_never_gets_a_token_is_an_error_naming_it(skipped):
+    """A layer called on no tokens over all batches (the first targeted one or a later one) is a
+    ValueError naming it, not a 0/0 covariance."""
+    model = SkipsTokens(skipped)
     gen = torch.Generator().manual_seed(2)
     batches = [torch.randn(2, 4, 3, generator=gen, dtype=DT) for _ in range(2)]
-    with pytest.raises(ValueError, match=r"data_covariance: layer\(s\) \['b'\] received 0 tokens over all batches"):
+    with pytest.raises(ValueError, match=rf"data_covariance: layer\(s\) \['{skipped}'\] received 0 tokens over all"):
         data_covariance(model, lambda m, b: m(b), batches, modules=["a", "b"], token_mask=None)
 
 
