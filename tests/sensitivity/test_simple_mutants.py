@@ -108,3 +108,20 @@ def test_unreached_by_any_needs_a_graph_on_the_first_batch_only():
 
     assert unreached_by_any(model, loss_fn, xs, ["a", "b"], "my_caller") == ["b"]
     assert len(calls) == 3
+
+
+def test_progress_bars_count_batches(capsys):
+    """With progress=True, gradient_sensitivity and data_covariance draw a bar of batches on stderr,
+    named after the function and counted in batches."""
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(3, 4, dtype=DT), nn.Linear(4, 2, dtype=DT))
+    gen = torch.Generator().manual_seed(9)
+    batches = [(torch.randn(5, 3, generator=gen, dtype=DT), torch.randn(5, 2, generator=gen, dtype=DT))
+               for _ in range(3)]
+    from lorambo.sensitivity import gradient_sensitivity
+
+    for name, run in (("gradient_sensitivity", lambda: gradient_sensitivity(model, mse, batches, progress=True)),
+                      ("data_covariance", lambda: data_covariance(model, mse, batches, progress=True))):
+        run()
+        err = capsys.readouterr().err
+        assert name in err and "3/3" in err and "batch" in err, (name, err)
