@@ -1,0 +1,136 @@
+"""FisherProxy and the per-example norms of lorambo.sensitivity.fisher against float64 per-example gradients.
+
+Written from mutation testing of lorambo/sensitivity/fisher.py.
+"""
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from lorambo.ops.sketch import set_sketch_backend
+from lorambo.sensitivity import FisherProxy
+from lorambo.sensitivity import fisher as fisher_module
+
+DT = torch.float64
+
+
+def _per_example_reference(model, x, y):
+    """mean_n ||d loss_n / d W||^2 for each Linear, loss_n example n's own mean squared error."""
+    sq = {"0": [], "2": []}
+    for n in range(x.shape[0]):
+        loss = ((model(x[n:n + 1]) - y[n:n + 1]) ** 2).mean()
+        grads = torch.autograd.grad(loss, [model[0].weight, model[2].weight])
+        sq["0"].append(float(grads[0].square().sum()))
+        sq["2"].append(float(grads[1].square().sum()))
+    return {k: sum(v) / len(v) for k, v in sq.items()}
+
+
+def _per_example_squares(model, layers, x, y):
+    """||d loss_n / d W||^2 per example n and layer, loss_n example n's own mean squared error."""
+    out = {name: [] for name in layers}
+    for n in range(x.shape[0]):
+        loss = ((model(x[n:n + 1]) - y[n:n + 1]) ** 2).mean()
+        grads = torch.autograd.grad(loss, [model.get_submodule(name).weight for name in layers])
+        for name, g in zip(layers, grads):
+            out[name].append(float(g.square().sum()))
+    return out
+
+
+class Unused(nn.Module):
+    """A Linear the forward never calls, ahead of the two it does."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(4, 4, dtype=DT)
+        self.a = nn.Linear(4, 5, dtype=DT)
+        self.b = nn.Linear(5, 3, dtype=DT)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_estimates_after_an_unreached_layer_and_their_standard_errors():
+    """With an unreached layer ahead of the reached ones, every reached layer's estimate is the mean
+    of its own per-example squared gradient norms, with stderr = sample std (ddof 1) / sqrt(n)."""
+    torch.manual_seed(5)
+    model = Unused()
+    gen = torch.Generator().manual_seed(6)
+    x, y = torch.randn(7, 4, generator=gen, dtype=DT), torch.randn(7, 3, generator=gen, dtype=DT)
+    with FisherProxy(model, modules=["first", "a", "b"]) as proxy:
+        ((model(x) - y) ** 2).mean().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the unreached layer is left out with a warning
+        got = proxy.estimates()
+    assert set(got) == {"a", "b"}
+    for name, squares in _per_example_squares(model, ["a", "b"], x, y).items():
+        n = len(squares)
+        mean = sum(squares) / n
+        stderr = math.sqrt(sum((s - mean) ** 2 for s in squares) / (n - 1) / n)
+        assert got[name].num_probes == n
+        assert got[name].value == pytest.approx(mean, rel=1e-10)
+        assert got[name].stderr == pytest.approx(stderr, rel=1e-8)
+
+
+@pytest.mark.parametrize("scaler", [None, "disabled"])
+def test_a_disabled_grad_scaler_measures_as_no_scaler(scaler):
+    """A GradScaler that is disabled (an fp32 run) leaves the traces unscaled: the same per-example
+    gradient norms as without a scaler."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5, dtype=DT), nn.Tanh(), nn.Linear(5, 3, dtype=DT))
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 4, generator=gen, dtype=DT), torch.randn(6, 3, generator=gen, dtype=DT)
+    grad_scaler = torch.amp.GradScaler("cpu", enabled=False) if scaler else None
+    with FisherProxy(model, grad_scaler=grad_scaler) as proxy:
+        ((model(x) - y) ** 2).mean().backward()
+    got = proxy.estimates()
+    want = _per_example_reference(model, x, y)
+    assert set(got) == {"0", "2"}
+    for name, value in want.items():
+        assert got[name].num_probes == 6
+        assert got[name].value == pytest.approx(value, rel=1e-10)
+
+
+@pytest.mark.parametrize("multiplier", [2.0, 0.25])
+def test_loss_multiplier_is_divided_out(multiplier):
+    """A loss multiplied by ``loss_multiplier`` before its backward gives the traces of the plain loss
+    (each ||g_n||^2 divided by the multiplier squared), for multipliers above and below 1."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 5, dtype=DT), nn.Tanh(), nn.Linear(5, 3, dtype=DT))
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randn(5, 4, generator=gen, dtype=DT), torch.randn(5, 3, generator=gen, dtype=DT)
+    with FisherProxy(model, loss_multiplier=multiplier) as proxy:
+        (((model(x) - y) ** 2).mean() * multiplier).backward()
+    got = proxy.estimates()
+    for name, value in _per_example_reference(model, x, y).items():
+        assert got[name].value == pytest.approx(value, rel=1e-10)
+
+
+@pytest.fixture
+def kernels():
+    set_sketch_backend("triton")
+    yield
+    set_sketch_backend(None)
+
+
+def test_exact_norms_use_the_gram_kernel_only_for_matching_dtypes(kernels, monkeypatch):
+    """With the sketch kernels requested, the exact per-example norms of 3-D inputs run the Gram
+    kernel when x and dY share a dtype, and the PyTorch path when they do not; both give the float64
+    norms ||dY_n^T X_n||^2."""
+    calls = []
+    real = fisher_module.sq_grad_norms_many
+    monkeypatch.setattr(fisher_module, "sq_grad_norms_many", lambda *a, **k: calls.append(1) or real(*a, **k))
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 2, 16, generator=gen)
+    g = torch.randn(3, 2, 16, generator=gen)
+    want = torch.stack([(g[n].double().T @ x[n].double()).square().sum() for n in range(3)])
+    same = fisher_module._exact_sq_grad_norms(x, g)
+    assert calls == [1]
+    torch.testing.assert_close(same.double(), want, rtol=1e-5, atol=1e-6)
+    g16 = g.to(torch.bfloat16)
+    want16 = torch.stack([(g16[n].double().T @ x[n].double()).square().sum() for n in range(3)])
+    mixed = fisher_module._exact_sq_grad_norms(x, g16)
+    assert calls == [1]
+    torch.testing.assert_close(mixed.double(), want16, rtol=1e-5, atol=1e-6)
