@@ -196,3 +196,64 @@ def test_sketched_norms_are_unbiased():
     got = fisher_module.sketched_sq_grad_norms(x, g, 20000, torch.Generator().manual_seed(14))
     assert got.dtype == DT and got.shape == (3,)
     torch.testing.assert_close(got, _reference_sq_norms(x, g), rtol=0.05, atol=0)
+
+
+def _example_squares(model, layers, batches, example_loss):
+    """||d example_loss(x_n, y_n) / d W||^2 of every example of every batch, per layer, in float64."""
+    out = {name: [] for name in layers}
+    for x, y in batches:
+        for n in range(x.shape[0]):
+            loss = example_loss(model(x[n]), y[n])
+            grads = torch.autograd.grad(loss, [model.get_submodule(name).weight for name in layers])
+            for name, g in zip(layers, grads):
+                out[name].append(float(g.square().sum()))
+    return out
+
+
+def _mean_and_stderr(squares):
+    n = len(squares)
+    mean = sum(squares) / n
+    return mean, (math.sqrt(sum((s - mean) ** 2 for s in squares) / (n - 1) / n) if n > 1 else math.inf)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_statistics_accumulate_over_batches_of_different_sizes(reduction):
+    """Over several backward passes with batches of 3, 4 and 2 examples, each layer's estimate is the mean of
+    all 9 per-example squared gradient norms (g_n = B dY_n^T X_n for a mean over each batch's B examples, dY_n^T
+    X_n for a sum), with stderr = their sample std (ddof 1) / sqrt(9)."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(4, 5, dtype=DT), nn.Tanh(), nn.Linear(5, 3, dtype=DT))
+    gen = torch.Generator().manual_seed(8)
+    batches = [(torch.randn(b, 4, generator=gen, dtype=DT), torch.randn(b, 3, generator=gen, dtype=DT))
+               for b in (3, 4, 2)]
+    reduce = torch.mean if reduction == "mean" else torch.sum
+    with FisherProxy(model, reduction=reduction) as proxy:
+        for x, y in batches:
+            reduce(((model(x) - y) ** 2).sum(-1)).backward()
+    got = proxy.estimates()
+    want = _example_squares(model, ["0", "2"], batches, lambda out, y: ((out - y) ** 2).sum())
+    assert set(got) == {"0", "2"}
+    for name, squares in want.items():
+        mean, stderr = _mean_and_stderr(squares)
+        assert got[name].num_probes == 9
+        assert got[name].value == pytest.approx(mean, rel=1e-10)
+        assert got[name].stderr == pytest.approx(stderr, rel=1e-8)
+
+
+def test_an_input_without_a_batch_dim_is_one_example():
+    """A Linear called on a 1-D input (no batch dim) counts it as one example: after two such calls the
+    estimate is the mean of their two squared gradient norms; after one, that norm with an infinite stderr."""
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(4, 3, dtype=DT))
+    gen = torch.Generator().manual_seed(10)
+    batches = [(torch.randn(1, 4, generator=gen, dtype=DT), torch.randn(1, 3, generator=gen, dtype=DT))
+               for _ in range(2)]
+    squares = _example_squares(model, ["0"], batches, lambda out, y: ((out - y) ** 2).sum())["0"]
+    with FisherProxy(model, reduction="sum") as proxy:
+        for i, (x, y) in enumerate(batches):
+            ((model(x[0]) - y[0]) ** 2).sum().backward()
+            got = proxy.estimates()["0"]
+            mean, stderr = _mean_and_stderr(squares[:i + 1])
+            assert got.num_probes == i + 1
+            assert got.value == pytest.approx(mean, rel=1e-10)
+            assert got.stderr == pytest.approx(stderr, rel=1e-8)
