@@ -259,3 +259,25 @@ def test_an_input_without_a_batch_dim_is_one_example():
             assert got.num_probes == i + 1
             assert got.value == pytest.approx(mean, rel=1e-10)
             assert got.stderr == pytest.approx(stderr, rel=1e-8)
+
+
+def test_float32_layers_accumulate_their_statistics_in_float64():
+    """A float32 layer's squared norms are summed in float64: examples whose ||g_n||^2 ~ 1e5 differ by ~1e-4
+    relative still get the stderr of a float64 computation (a float32 sum of squares would cancel to noise)."""
+    torch.manual_seed(15)
+    model = nn.Sequential(nn.Linear(4, 3))
+    gen = torch.Generator().manual_seed(16)
+    x = 100 + 0.01 * torch.randn(16, 4, generator=gen)
+    c = torch.randn(3, generator=gen)
+    with FisherProxy(model, reduction="sum") as proxy:
+        (model(x) * c).sum().backward()
+    got = proxy.estimates()["0"]
+    reference = nn.Sequential(nn.Linear(4, 3, dtype=DT))
+    reference.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    squares = _example_squares(reference, ["0"], [(x.double(), c.double().expand(16, 3))],
+                               lambda out, c_n: (out * c_n).sum())["0"]
+    mean, stderr = _mean_and_stderr(squares)
+    assert stderr < 1e-3 * mean  # nearly equal norms: their spread is far below their size
+    assert got.num_probes == 16
+    assert got.value == pytest.approx(mean, rel=1e-6)
+    assert got.stderr == pytest.approx(stderr, rel=1e-2)
