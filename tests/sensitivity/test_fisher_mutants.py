@@ -281,3 +281,27 @@ def test_float32_layers_accumulate_their_statistics_in_float64():
     assert got.num_probes == 16
     assert got.value == pytest.approx(mean, rel=1e-6)
     assert got.stderr == pytest.approx(stderr, rel=1e-2)
+
+
+def test_non_finite_examples_are_counted_over_batches():
+    """Examples with a non-finite gradient (a NaN target) in each of two batches are left out of the
+    estimate and counted over both: 2 of 7 reported, the value the mean over the 5 finite examples."""
+    torch.manual_seed(17)
+    model = nn.Sequential(nn.Linear(4, 5, dtype=DT), nn.Tanh(), nn.Linear(5, 3, dtype=DT))
+    gen = torch.Generator().manual_seed(18)
+    batches = [(torch.randn(b, 4, generator=gen, dtype=DT), torch.randn(b, 3, generator=gen, dtype=DT))
+               for b in (3, 4)]
+    for _, y in batches:
+        y[1, 0] = math.nan
+    with FisherProxy(model, reduction="sum") as proxy:
+        for x, y in batches:
+            ((model(x) - y) ** 2).sum().backward()
+    with pytest.warns(RuntimeWarning, match=r"left out 2 of 7 examples of layer '[02]'"):
+        got = proxy.estimates()
+    finite = [(x[[0, *range(2, len(x))]], y[[0, *range(2, len(y))]]) for x, y in batches]
+    want = _example_squares(model, ["0", "2"], finite, lambda out, y: ((out - y) ** 2).sum())
+    for name, squares in want.items():
+        mean, stderr = _mean_and_stderr(squares)
+        assert got[name].num_probes == 5
+        assert got[name].value == pytest.approx(mean, rel=1e-10)
+        assert got[name].stderr == pytest.approx(stderr, rel=1e-8)
