@@ -305,3 +305,53 @@ def test_non_finite_examples_are_counted_over_batches():
         assert got[name].num_probes == 5
         assert got[name].value == pytest.approx(mean, rel=1e-10)
         assert got[name].stderr == pytest.approx(stderr, rel=1e-8)
+
+
+class Masked(nn.Module):
+    """Two Linears taking the batch's attention_mask as a keyword (read by reduction='token_mean')."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6, dtype=DT), nn.Linear(6, 3, dtype=DT)
+
+    def forward(self, x, attention_mask):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def _token_mean_loss(model, x, y, mask):
+    per_token = (model(x=x, attention_mask=mask) - y).square().sum(-1)
+    return (per_token * mask).sum() / mask.sum()
+
+
+def test_padding_rows_are_counted_over_batches_and_apart_from_non_finite_ones():
+    """With reduction='token_mean', rows of padding in two batches are no examples (counted over both
+    batches), and a padding row whose gradient is non-finite (a NaN target) is left out once, as non-finite:
+    of 8 rows, 3 padding (one of them NaN), the estimate is the mean over the 5 real ones."""
+    torch.manual_seed(19)
+    model = Masked()
+    gen = torch.Generator().manual_seed(20)
+    data = []
+    for padding in ([3], [2, 3]):
+        x, y = torch.randn(4, 5, 4, generator=gen, dtype=DT), torch.randn(4, 5, 3, generator=gen, dtype=DT)
+        mask = torch.ones(4, 5, dtype=torch.long)
+        mask[1, 3:] = 0
+        mask[padding] = 0
+        data.append((x, y, mask))
+    data[1][1][3, 0, 0] = math.nan
+    with FisherProxy(model, reduction="token_mean") as proxy:
+        for x, y, mask in data:
+            _token_mean_loss(model, x, y, mask).backward()
+    with pytest.warns(RuntimeWarning, match=r"left out 1 of 8 examples of layer 'fc[12]'"):
+        got = proxy.estimates()
+    squares = {"fc1": [], "fc2": []}
+    for x, y, mask in data:
+        for n in range(4):
+            if mask[n].sum() > 0:
+                loss = _token_mean_loss(model, x[n:n + 1], y[n:n + 1], mask[n:n + 1])
+                for name, g in zip(squares, torch.autograd.grad(loss, [model.fc1.weight, model.fc2.weight])):
+                    squares[name].append(float(g.square().sum()))
+    for name, values in squares.items():
+        mean, stderr = _mean_and_stderr(values)
+        assert got[name].num_probes == 5
+        assert got[name].value == pytest.approx(mean, rel=1e-10)
+        assert got[name].stderr == pytest.approx(stderr, rel=1e-8)
