@@ -355,3 +355,18 @@ def test_padding_rows_are_counted_over_batches_and_apart_from_non_finite_ones():
         assert got[name].num_probes == 5
         assert got[name].value == pytest.approx(mean, rel=1e-10)
         assert got[name].stderr == pytest.approx(stderr, rel=1e-8)
+
+
+def test_no_warning_when_every_layer_is_reached():
+    """estimates() warns about unreached layers only when there are some: with every layer reached and
+    every gradient finite it warns nothing."""
+    torch.manual_seed(21)
+    model = nn.Sequential(nn.Linear(4, 5, dtype=DT), nn.Tanh(), nn.Linear(5, 3, dtype=DT))
+    gen = torch.Generator().manual_seed(22)
+    x, y = torch.randn(3, 4, generator=gen, dtype=DT), torch.randn(3, 3, generator=gen, dtype=DT)
+    with FisherProxy(model) as proxy:
+        ((model(x) - y) ** 2).mean().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = proxy.estimates()
+    assert set(got) == {"0", "2"}
