@@ -370,3 +370,20 @@ def test_no_warning_when_every_layer_is_reached():
         warnings.simplefilter("error")
         got = proxy.estimates()
     assert set(got) == {"0", "2"}
+
+
+@pytest.mark.parametrize("sketch_dim", [True, 2.5, 0])
+def test_sketch_dim_must_be_a_positive_int(sketch_dim):
+    """sketch_dim must be None or an int >= 1: a bool, a float or 0 is a ValueError naming the value."""
+    model = nn.Sequential(nn.Linear(4, 3, dtype=DT))
+    with pytest.raises(ValueError, match=rf"sketch_dim must be a positive int or None, got {sketch_dim!r}"):
+        FisherProxy(model, sketch_dim=sketch_dim)
+
+
+def test_sketch_dim_one_and_token_mask_checked_under_any_reduction():
+    """sketch_dim=1 is a valid sketch; a token_mask that is neither 'auto', a callable nor None is a
+    ValueError naming FisherProxy even when the reduction does not read it."""
+    model = nn.Sequential(nn.Linear(4, 3, dtype=DT))
+    assert FisherProxy(model, sketch_dim=1).sketch_dim == 1
+    with pytest.raises(ValueError, match=r"FisherProxy: token_mask must be 'auto', a callable"):
+        FisherProxy(model, reduction="mean", token_mask=42)
