@@ -187,11 +187,11 @@ class FisherProxy:
             raise TypeError(f"FisherProxy: grad_scaler must be a torch.amp.GradScaler, got "
                             f"{type(grad_scaler).__name__}")
         if reduction not in ("mean", "sum", "token_mean"):
-            raise ValueError(f"reduction must be 'mean', 'sum' or 'token_mean', got {reduction!r}")
+            raise ValueError(f"FisherProxy: reduction must be 'mean', 'sum' or 'token_mean', got {reduction!r}")
         check_token_mask(token_mask, "FisherProxy")
         if sketch_dim is not None and (isinstance(sketch_dim, bool) or not isinstance(sketch_dim, numbers.Integral)
                                        or sketch_dim < 1):
-            raise ValueError(f"sketch_dim must be a positive int or None, got {sketch_dim!r}")
+            raise ValueError(f"FisherProxy: sketch_dim must be a positive int or None, got {sketch_dim!r}")
         self.reduction = reduction
         self.sketch_dim = None if sketch_dim is None else int(sketch_dim)
         self._seed = seed

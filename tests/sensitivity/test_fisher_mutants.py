@@ -374,10 +374,22 @@ def test_no_warning_when_every_layer_is_reached():
 
 @pytest.mark.parametrize("sketch_dim", [True, 2.5, 0])
 def test_sketch_dim_must_be_a_positive_int(sketch_dim):
-    """sketch_dim must be None or an int >= 1: a bool, a float or 0 is a ValueError naming the value."""
+    """sketch_dim must be None or an int >= 1: a bool, a float or 0 is a ValueError naming FisherProxy
+    and the value."""
     model = nn.Sequential(nn.Linear(4, 3, dtype=DT))
-    with pytest.raises(ValueError, match=rf"sketch_dim must be a positive int or None, got {sketch_dim!r}"):
+    with pytest.raises(ValueError, match=rf"^FisherProxy: sketch_dim must be a positive int or None, "
+                                         rf"got {sketch_dim!r}$"):
         FisherProxy(model, sketch_dim=sketch_dim)
+
+
+@pytest.mark.parametrize("reduction", ["none", "MEAN", None])
+def test_an_unknown_reduction_is_refused_naming_fisher_proxy(reduction):
+    """reduction is one of 'mean', 'sum' and 'token_mean'; anything else is a ValueError naming
+    FisherProxy and the value."""
+    model = nn.Sequential(nn.Linear(4, 3, dtype=DT))
+    with pytest.raises(ValueError, match=rf"^FisherProxy: reduction must be 'mean', 'sum' or 'token_mean', "
+                                         rf"got {reduction!r}$"):
+        FisherProxy(model, reduction=reduction)
 
 
 def test_sketch_dim_one_and_token_mask_checked_under_any_reduction():
