@@ -198,8 +198,8 @@ def full() -> ExperimentConfig:
                             lr_search="per_budget",
                             lr_grid=(1e-3, 3e-3, 1e-2), train_examples=0, eval_examples=0, calib_batches=8,
                             hessian_probes=32, sensitivities_per_seed=True, alora_rounds=3, alora_prune=0.1,
-                            alora_heldout=64, probe_rank=32, probe_steps=60, val_every=100, planted_text="snippets")  # probe
-    # rank 32: the oracle's largest rank at 4 P*, so the probe's knapsack can match it
+                            alora_heldout=64, probe_rank=32, probe_steps=60, val_every=100, planted_text="snippets")
+    # probe rank 32: the oracle's largest rank at 4 P*, so the probe's knapsack can match it
 
 
 SENTIMENT_METHODS = ("uniform", "gradient", "hessian", "online", "alora", "probe")

@@ -107,8 +107,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir=None, progress: bool | None = 
     continues (``command``: the CLI arguments used) and returns ``{"complete": False, ...}``.
     ``workers`` (default ``cfg.workers``) processes run the units. ``progress``: a bar on
     stderr; None shows it when stderr is a terminal and otherwise (a log file) writes one line
-    per finished unit there instead, so a run of many minutes is not silent; False neither. The units run on
-    ``cfg.threads`` torch threads and seed torch's generators themselves; the caller's thread
+    per finished unit there instead, so a run of many minutes is not silent; False neither. The
+    units run on ``cfg.threads`` torch threads and seed torch's generators themselves; the caller's thread
     count and random streams are restored afterwards, also after an error."""
     check_progress(progress, "run_experiment")
     threads = torch.get_num_threads()
@@ -137,13 +137,14 @@ def _run(cfg: ExperimentConfig, out_dir, progress, echo, workers, time_limit, re
     bar = tqdm(total=len(units), initial=len(units) - len(pending), desc="experiment", unit="unit", file=sys.stderr,
                disable=None if progress is None else not progress, dynamic_ncols=True)  # None: a terminal only
     log_lines = progress is None and bar.disable  # no terminal: a line per unit, for logs
-    done = [len(units) - len(pending)]  # the units finished, as the bar counts them (a disabled bar counts none)
+    done = len(units) - len(pending)  # the units finished (a disabled bar counts none)
 
     def say(message: str) -> None:  # clears the bar's line first and redraws it after: never glued to it
         with tqdm.external_write_mode():
             echo(message)
 
     def record(rec: dict) -> None:
+        nonlocal done
         records.add(jr.append(dict(rec, session=session, elapsed=time.perf_counter() - started)))
         run = rec.get("run")
         if run is not None and run.get("diverged"):
@@ -154,9 +155,9 @@ def _run(cfg: ExperimentConfig, out_dir, progress, echo, workers, time_limit, re
                 f"level {run['level']:g}, seed {run['seed']}, lr {run['lr']:g}")
         bar.set_postfix_str(what)
         bar.update(1)
-        done[0] += 1
+        done += 1
         if log_lines:
-            print(f"experiment {done[0]}/{len(units)} units, {time.perf_counter() - started:.0f} s: {what}",
+            print(f"experiment {done}/{len(units)} units, {time.perf_counter() - started:.0f} s: {what}",
                   file=sys.stderr, flush=True)
 
     try:

@@ -134,8 +134,8 @@ def _warn_shared_step(optimizer, layer) -> None:
             warn_user(
                 f"{optimizer_kind(optimizer).__name__} keeps one step count per parameter: slots that become active "
                 f"now in {layer._label} take their first step at step {int(float(state['step'])) + 1} of it, not at "
-                "step 1 (Adam's bias correction, Adafactor's averaging rate, Adagrad's lr_decay, ASGD's eta and mu), so their first "
-                "updates differ from a fresh optimizer's (2.5-5x larger measured for Adam). Use "
+                "step 1 (Adam's bias correction, Adafactor's averaging rate, Adagrad's lr_decay, ASGD's eta and mu), "
+                "so their first updates differ from a fresh optimizer's (2.5-5x larger measured for Adam). Use "
                 "lorambo.optim.AdamW for per-slot Adam step counts. Warned once per optimizer.")
             return
 

@@ -20,10 +20,10 @@ whose gradients overflowed is left out, as the scaler skips it). Under DDP the g
 averaged, so every process holds the same scores. Inactive slots have zero gradient and weight,
 hence zero importance. A frozen pool (``requires_grad`` False) is not scored: its layer is scored by
 the other pool alone, and statistics it gathered before it was frozen are dropped at the next
-:meth:`update` or read, not kept at the values of the step it froze. After a rank change, tell the tracker with :meth:`keep` (components were
-compacted by ``keep_components``) or :meth:`reset` (slots were re-initialised by ``set_rank``, or
-the layer's pools were loaded or reset), or hand it the decision records with :meth:`follow`:
-``LoRAMBoCallback`` does this for its decisions. Until
+:meth:`update` or read, not kept at the values of the step it froze. After a rank change, tell the
+tracker with :meth:`keep` (components were compacted by ``keep_components``) or :meth:`reset`
+(slots were re-initialised by ``set_rank``, or the layer's pools were loaded or reset), or hand
+it the decision records with :meth:`follow`: ``LoRAMBoCallback`` does this for its decisions. Until
 then :meth:`update` and :meth:`component_scores` raise, naming the layer: statistics left at the
 old slots would score a moved component by another one's history (a decision could drop a
 component for the low score of the one it replaced). The tracker tells by the component ids of
