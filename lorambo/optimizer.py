@@ -141,7 +141,8 @@ class LoRAMBoOptimizer(DecisionSteps):
         sketch_rank, power_iters, max_tokens: online estimate settings (``allocation/online.py``).
         move_threshold, max_moves: rank moves (see ``OnlineGrowth``); scores come from
             ``update_ranks(component_scores=...)`` or, if ``heldout_batches`` and ``loss_fn`` are
-            given, from ablation on them. Moves go one way per layer over the run
+            given, from the held-out loss each component's removal costs on them (ablation
+            without ALoRA's "alone" part). Moves go one way per layer over the run
             (docs/allocation.md, *Rank moves go one way*).
         alpha: LoRA alpha of the layers :meth:`configure` builds (default: each layer's rank).
         num_probes: Hutchinson probes for ``sensitivity_method="hessian"``.

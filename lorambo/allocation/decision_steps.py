@@ -73,7 +73,10 @@ class DecisionSteps:
                             min_rank=self.min_rank, max_rank=self.max_rank)
 
     def _heldout_scores(self) -> dict:
-        """Component scores for rank moves by ablation on ``heldout_batches``."""
+        """Component scores for rank moves: the held-out loss each component's removal costs
+        (AB-LoRA's ``removed``, on ``heldout_batches``). A move removes a component while the
+        others stay, so ALoRA's ``alone`` part is not what it costs; on the MiniLM planted task
+        the full AB-LoRA score made moves worse than none (docs/demo.md)."""
         missing = [name for name, value in (("heldout_batches", self.heldout_batches), ("loss_fn", self.loss_fn))
                    if value is None]
         if missing:
@@ -84,8 +87,8 @@ class DecisionSteps:
         from lorambo.sensitivity.ablation import ablation_scores
 
         # a pass inside the user's training step, under the user's own bar: none of its own
-        return {n: a.score for n, a in ablation_scores(self.plain_model, self.loss_fn, self.heldout_batches,
-                                                       self.names, progress=False).items()}
+        return {n: a.removed for n, a in ablation_scores(self.plain_model, self.loss_fn, self.heldout_batches,
+                                                         self.names, alone=False, progress=False).items()}
 
     # the decision schedule's settings (fixed at construction)
     warmup_steps = property(lambda self: self.schedule.warmup_steps, doc="Steps before the first online decision.")

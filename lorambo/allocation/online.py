@@ -47,10 +47,10 @@ import torch
 
 from lorambo.allocation.benefits import (projected_top_singular, projected_top_singular_many,
                                          subspace_basis)
-from lorambo.allocation.components import at_most_per_layer
 from lorambo.allocation.frozen import frozen_layers
 from lorambo.allocation.greedy import greedy_allocate
 from lorambo.allocation.move_directions import move_directions
+from lorambo.allocation.move_plan import plan_moves
 from lorambo.allocation.report import DecisionLog
 from lorambo.allocation.validate import check_rank_bounds
 from lorambo.distributed import SharedFailure, all_reduced_mean, decision_generator, world_size
@@ -252,51 +252,6 @@ def plan_growth(gains: Mapping[str, Sequence[float]], costs: Mapping[str, int],
     added = greedy_allocate(cost, np.zeros(len(names), dtype=np.int64), upper, int(budget_left), gain)
     return {n: int(a) for n, a in zip(names, added) if a > 0}
 
-
-def plan_moves(next_gains: Mapping[str, float], scores: Mapping[str, Sequence[float]],
-               costs: Mapping[str, int], room: Mapping[str, int], budget_left: int,
-               threshold: float, move_threshold: float, max_moves: int = 1,
-               spare: Mapping[str, int] | None = None) -> list[tuple[str, int, str]]:
-    """Rank moves ``(donor, component, receiver)``: a donor component whose importance score
-    (loss units, e.g. ablation) is below ``move_threshold`` is removed to fund one more rank of
-    a receiver whose next gain exceeds ``threshold``. Receivers by best gain / cost, donors by
-    lowest score; a layer is never both; every move keeps the spend within the budget.
-    ``spare``: at most ``spare[name]`` components leave layer ``name`` (its rank above
-    ``min_rank``); None: no limit."""
-    receivers = sorted((n for n, g in next_gains.items() if g > threshold and room.get(n, 0) > 0),
-                       key=lambda n: -next_gains[n] / costs[n])
-    donors = sorted((float(s), n, k) for n, sc in scores.items() for k, s in enumerate(sc)
-                    if float(s) < move_threshold)
-    if spare is not None:  # a layer's components leave in this order: only its first `spare` can
-        donors = list(at_most_per_layer(donors, lambda n: spare.get(n, 0)))
-    donor_cost = np.asarray([costs[n] for _, n, _ in donors])
-    # donors (in order) that can fund a receiver, per receiver cost at the current leftover: a scan
-    # of every donor per receiver was O(receivers x components) when few or none could fund them
-    funding: dict = {}
-    moves, left, used = [], int(budget_left), set()
-    donor_layers, receiving = set(), set()
-    for recv in receivers:
-        if len(moves) >= max_moves:
-            break
-        if recv in donor_layers:
-            continue
-        if costs[recv] not in funding:
-            funding[costs[recv]] = np.flatnonzero(left + donor_cost - costs[recv] >= 0).tolist()
-        for e in funding[costs[recv]]:
-            entry = donors[e]
-            _, donor, comp = entry
-            if entry in used or donor == recv or donor in receiving:
-                continue
-            moves.append((donor, comp, recv))
-            used.add(entry)
-            donor_layers.add(donor)
-            receiving.add(recv)
-            left += costs[donor] - costs[recv]
-            funding.clear()  # the leftover changed
-            break
-    return moves
-
-
 @torch.no_grad()
 def grow_layer(layer, new_rank: int, directions: torch.Tensor | None = None, optimizer=None,
                generator: torch.Generator | None = None,
@@ -489,9 +444,12 @@ class OnlineGrowth:
         seed: seeds the sketches and new-slot inits (with step and layer index: DDP-identical).
         move_threshold: enable rank moves; a component whose score is below it may be removed to
             fund a layer with a gain above ``threshold``. Scores are passed to :meth:`update`.
-            Moves go one way per layer (:mod:`lorambo.allocation.move_directions`): a layer
-            that has received by a move gives nothing, and one that has given is not grown again.
-        max_moves: moves per decision.
+            A rank is paid by one component or several (:mod:`lorambo.allocation.move_plan`:
+            cheap layers can fund a dearer one). Moves go one way per layer
+            (:mod:`lorambo.allocation.move_directions`): a layer that has received by a move
+            gives nothing, and one that has given is not grown again.
+        max_moves: moves per decision (ranks received; each may take several
+            components).
         curvature: optional ``{name: h_i > 0}``; gains become ``Delta^2 / (2 h_i)``.
         log: a :class:`lorambo.allocation.report.DecisionLog` receiving every decision; the
             way each layer's rank has gone is read from it (None: an in-memory one of its own).
@@ -697,5 +655,5 @@ class OnlineGrowth:
                                     "components": comps, "scores": [float(usable[donor][k]) for k in comps],
                                     "old_rank": before[donor], "new_rank": self.layers[donor].rank,
                                     "spent": spent, "budget": self.budget})
-        for _, _, recv in moves:
+        for recv in dict.fromkeys(r for _, _, r in moves):  # paid by one component or several
             records.append(self._grow(step, recv, 1, gains, dirs, optimizer, "move", failure, plan.get(recv, 0)))

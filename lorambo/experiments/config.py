@@ -17,8 +17,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-METHODS = ("uniform", "gradient", "hessian", "data", "frobenius", "online", "moves", "alora", "adalora", "eva",
-           "probe", "probe_sqrt", "oracle")
+METHODS = ("uniform", "gradient", "hessian", "data", "frobenius", "online", "moves", "moves_ablation", "alora",
+           "adalora", "eva", "probe", "probe_sqrt", "oracle")
 REFERENCE = ("oracle",)  # not an allocator: the planted ranks themselves (planted task only)
 METHOD_LABELS = {
     "uniform": "uniform LoRA",
@@ -28,6 +28,7 @@ METHOD_LABELS = {
     "frobenius": "closed form, Frobenius",
     "online": "online greedy growth",
     "moves": "online rank moves",
+    "moves_ablation": "online rank moves, removal scores",
     "alora": "ALoRA prune/reallocate",
     "adalora": "AdaLoRA (peft)",
     "eva": "EVA (peft)",

@@ -8,6 +8,8 @@
 - ``moves``: start uniform at P, then rank moves at decision steps: the components with the
   lowest AdaLoRA importance fund one more rank of the layers with the best online gain per
   parameter (``MOVES_PER_DECISION`` per decision; moves go one way per layer).
+- ``moves_ablation``: the same moves, with the components scored by the allocator's own ablation:
+  the loss each one's removal costs on the validation batches ALoRA uses (``heldout_batches``).
 - ``probe``: the greedy knapsack over the singular directions of a short all-layer probe LoRA's
   updates, each worth its share of the loss its layer's update carries (``probe.py``);
   ``probe_sqrt``: the square-root law on those per-layer losses.
@@ -125,19 +127,36 @@ class Moves(Online):
         s = schedule(self.ctx.cfg.steps)
         self.model = student
         # every component is a candidate (move_threshold=inf): the lowest scores move first,
-        # MOVES_PER_DECISION at a time, at twice online growth's decisions per run
+        # MOVES_PER_DECISION ranks at a time, at twice online growth's decisions per run
         self.opt = self.optimizer(student, warmup_steps=s["warmup"], interval=max(1, s["interval"] // 2),
                                   stop_step=s["stop"], loss_improvement_threshold=0.0, move_threshold=math.inf,
-                                  max_moves=MOVES_PER_DECISION)
+                                  max_moves=MOVES_PER_DECISION, **self.scoring())
         self.opt.compute_optimal_ranks()
         self.opt.configure()
-        self.importance = AdaLoRAImportance(student)
+        self.importance = None if self.scoring() else AdaLoRAImportance(student)
         return student
+
+    def scoring(self) -> dict:
+        """Keyword arguments of the allocator for scoring components (none: passed at each step)."""
+        return {}
 
     def after_backward(self, step, optimizer):
         self.importance.update()
         scores = self.importance.component_scores() if self.opt.is_decision_step(step) else None
         self.importance.follow(self.opt.step(step, optimizer=optimizer, component_scores=scores))
+
+
+class MovesAblation(Moves):
+    """Rank moves as ``moves``, whose components are scored by the allocator's own ablation (the
+    loss each one's removal costs on the ALoRA validation batches) instead of AdaLoRA importance."""
+
+    name = "moves_ablation"
+
+    def scoring(self) -> dict:
+        return {"heldout_batches": self.ctx.heldout, "loss_fn": self.ctx.task.loss}
+
+    def after_backward(self, step, optimizer):
+        self.opt.step(step, optimizer=optimizer)
 
 
 class ALoRA(LoRAMBoMethod):

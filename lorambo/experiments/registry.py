@@ -13,7 +13,7 @@ __all__ = ["METHOD_CLASSES", "make_method"]
 
 METHOD_CLASSES: dict[str, type[Method]] = {cls.name: cls for cls in (
     methods_lorambo.Uniform, methods_lorambo.Oracle, methods_lorambo.Online, methods_lorambo.Moves,
-    methods_lorambo.ALoRA,
+    methods_lorambo.MovesAblation, methods_lorambo.ALoRA,
     methods_lorambo.Probe, methods_lorambo.ProbeSqrt,
     *(methods_lorambo.closed_form_method(s) for s in ("gradient", "hessian", "data", "frobenius")),
     methods_peft.AdaLoRA, methods_peft.EVA)}

@@ -1,5 +1,6 @@
-"""The ``moves`` method of the experiment: uniform at P, then rank moves scored by AdaLoRA importance
-at its decision steps, MOVES_PER_DECISION at a time, one way per layer, within P."""
+"""The ``moves`` methods of the experiment: uniform at P, then rank moves at its decision steps,
+MOVES_PER_DECISION ranks at a time, one way per layer, within P; ``moves`` scores components by
+AdaLoRA importance, ``moves_ablation`` by the held-out loss each one's removal costs."""
 
 import pytest
 
@@ -11,8 +12,8 @@ from lorambo.experiments.student import short
 pytestmark = pytest.mark.slow
 
 
-def _ctx(task, cfg, level=1.0):
-    return RunContext(task, cfg, level, budget_of(level, task.dims), 0, [], [], {})
+def _ctx(task, cfg, level=1.0, heldout=()):
+    return RunContext(task, cfg, level, budget_of(level, task.dims), 0, [], list(heldout), {})
 
 
 def test_moves_decides_from_a_fifth_of_the_run_every_tenth_until_just_past_half(planted_task, tiny_cfg):
@@ -28,14 +29,15 @@ def test_moves_decides_from_a_fifth_of_the_run_every_tenth_until_just_past_half(
     assert 0 <= left < min(costs.values())
 
 
-def test_a_moves_run_moves_ranks_one_way_within_p(planted_task, tiny_cfg):
+@pytest.mark.parametrize("name", ["moves", "moves_ablation"])
+def test_a_moves_run_moves_ranks_one_way_within_p(planted_task, tiny_cfg, name):
     """The experiment's loop (as train_run runs it), with the decisions looked at: ranks move, at
-    most MOVES_PER_DECISION per decision, no layer both gives and receives, and P holds."""
+    most MOVES_PER_DECISION received per decision, no layer both gives and receives, and P holds."""
     from lorambo.optim import AdamW
 
     cfg = tiny_cfg.replace(steps=25)
-    ctx = _ctx(planted_task, cfg)
-    method = make_method("moves", ctx)
+    ctx = _ctx(planted_task, cfg, heldout=planted_task.heldout_batches(4))
+    method = make_method(name, ctx)
     model = method.setup(planted_task.fresh_student(0))
     model.eval()
     optimizer = AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
@@ -49,11 +51,27 @@ def test_a_moves_run_moves_ranks_one_way_within_p(planted_task, tiny_cfg):
     shrinks = [r for r in moves if r["event"] == "shrink"]
     assert shrinks, "no rank moved"
     for step in {r["step"] for r in shrinks}:
-        assert sum(len(r["components"]) for r in shrinks if r["step"] == step) <= MOVES_PER_DECISION
+        assert sum(r["event"] == "grow" and r["step"] == step for r in moves) <= MOVES_PER_DECISION
     gave = {r["layer"] for r in shrinks}
     received = {r["layer"] for r in moves if r["event"] == "grow"}
     assert gave and received and not gave & received
-    assert not any(r["event"] == "grow" and r["layer"] in gave for r in method.opt.decisions)
+    # a layer that gave is never grown after (growth of left-over budget before it gave sets no way)
+    records = method.opt.decisions
+    first_gift = {}
+    for i, r in enumerate(records):
+        if r["event"] == "shrink" and r["reason"] == "move":
+            first_gift.setdefault(r["layer"], i)
+    assert not any(r["event"] == "grow" and i > first_gift.get(r["layer"], len(records))
+                   for i, r in enumerate(records))
     ranks = {short(n): r for n, r in method.opt.current_ranks().items()}
     assert set(ranks) == set(planted_task.dims)
     assert sum(ranks[n] * sum(planted_task.dims[n]) for n in ranks) <= ctx.budget
+
+
+def test_moves_ablation_scores_on_the_validation_batches_with_the_task_loss(planted_task, tiny_cfg):
+    heldout = planted_task.heldout_batches(4)
+    run = make_method("moves_ablation", _ctx(planted_task, tiny_cfg.replace(steps=40), heldout=heldout))
+    run.setup(planted_task.fresh_student(0))
+    assert run.opt.heldout_batches == heldout and run.opt.loss_fn == planted_task.loss
+    assert run.importance is None  # no AdaLoRA statistics kept: the allocator scores by itself
+    assert run.opt.max_moves == MOVES_PER_DECISION and run.opt.move_threshold == float("inf")
