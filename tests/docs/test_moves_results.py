@@ -1,5 +1,6 @@
 """docs/demo.md's tables of rank moves on the planted task are the committed runs
-(docs/moves_results.json at 200 steps, docs/moves_results_800_steps.json at 800, rendered by
+(docs/moves_results.json at 200 steps, docs/moves_results_800_steps.json at 800; scored by the
+loss a removal costs, docs/moves_removal_results*.json and the variants that lost; rendered by
 ``lorambo.experiments.demo_report``), and the README's numbers for them are those runs'."""
 
 import json
@@ -71,8 +72,8 @@ def test_the_800_step_paragraph_counts_the_moves_from_the_ranks():
 
 
 def test_the_800_step_paragraph_names_where_the_ranks_went():
-    """The value projections of layers 1-4 end at rank 5 and two planted MLP layers at 0, on every
-    seed (a mean of exactly 5 and 0), in both runs."""
+    """The value projections of layers 1-4 end at rank 5 and two planted MLP layers at the rank 0
+    uniform gives them, on every seed (a mean of exactly 5 and 0), in both runs."""
     paragraph = DOC.split("**With four times the steps.**")[1].split("## ")[0].replace("\n", " ")
     for results in RUNS.values():
         ranks, planted = results["methods"]["moves"]["mean_ranks"], results["planted_ranks"]
@@ -80,7 +81,55 @@ def test_the_800_step_paragraph_names_where_the_ranks_went():
         assert raised == [f"layer.{i}.attention.self.value" for i in range(1, 5)]
         assert {ranks[name] for name in raised} == {5.0}
         assert [name for name in raised if name in planted] == ["layer.1.attention.self.value"]
-        emptied = sorted(name for name in planted if ranks[name] == 0)
-        assert emptied == ["layer.2.intermediate.dense", "layer.4.output.dense"]
+        uniform = results["methods"]["uniform"]["mean_ranks"]
+        left_out = sorted(name for name in planted if ranks[name] == 0)
+        assert left_out == ["layer.2.intermediate.dense", "layer.4.output.dense"]
+        assert all(uniform[name] == 0 for name in left_out)
     assert "value projections of layers 1-4 to rank 5 (only layer 1's is planted)" in paragraph
-    assert "`layer.2.intermediate.dense` and `layer.4.output.dense`, to 0" in paragraph
+    assert ("`layer.2.intermediate.dense` and `layer.4.output.dense`, at the rank 0 that uniform gives them"
+            in paragraph)
+
+
+REMOVAL = {name: json.loads((ROOT / "docs" / name).read_text(encoding="utf-8"))
+           for name in ("moves_removal_results.json", "moves_removal_results_800_steps.json")}
+VARIANTS = json.loads((ROOT / "docs" / "moves_removal_variants_200_steps.json").read_text(encoding="utf-8"))
+REMOVAL_PARAGRAPH = DOC.split("**Scored by what a removal costs.**")[1].split("## ")[0].replace("\n", " ")
+
+
+@pytest.mark.parametrize("name", REMOVAL)
+def test_the_removal_scored_tables_are_the_committed_runs(name):
+    results = REMOVAL[name]
+    rows = [line for line in demo_report.table(results).splitlines() if line.startswith("|")]
+    assert len(rows) == 2 + 4 and all(row in DOC.splitlines() for row in rows)
+    assert f"({results['wall_s']:.0f} s," in REMOVAL_PARAGRAPH
+    assert f"`{results['command'].replace(' --steps 800', '')}`" in REMOVAL_PARAGRAPH
+    assert f"{results['steps']} steps" in demo_report.table(results)
+
+
+def test_the_removal_paragraph_and_readme_quote_the_runs():
+    long, earlier = REMOVAL["moves_removal_results_800_steps.json"], RUNS["moves_results_800_steps.json"]
+    row = long["methods"]["moves_ablation"]
+    assert row["wins_vs_uniform"] == row["paired_seeds"] == 3  # "on every seed"
+    assert REMOVAL["moves_removal_results.json"]["methods"]["moves_ablation"]["wins_vs_uniform"] == 2
+    moves, uniform = np.mean(row["test_loss"]), np.mean(long["methods"]["uniform"]["test_loss"])
+    gap, online = np.mean(row["gap_closed"]), np.mean(earlier["methods"]["online"]["gap_closed"])
+    assert f"on every seed ({moves:.3f} against {uniform:.3f}) and close {gap:.2f}" in REMOVAL_PARAGRAPH
+    assert f"more than online growth's {online:.2f}" in REMOVAL_PARAGRAPH
+    assert f"({max(row['test_loss']):.3f})" in REMOVAL_PARAGRAPH  # the seed that did not move it
+    # two seeds of three gave the planted layer.2.intermediate.dense one rank
+    assert row["mean_ranks"]["layer.2.intermediate.dense"] == pytest.approx(2 / 3)
+    assert f"± {np.std(row['test_loss'], ddof=1):.3f})" in REMOVAL_PARAGRAPH
+    gap_std = np.std(row["gap_closed"], ddof=1)
+    quoted = f"they close {gap:.2f} ± {gap_std:.2f} of it ({_loss(long, 'moves_ablation')}, better on every seed)"
+    assert quoted in README
+
+
+def test_the_variants_that_lost_are_the_committed_runs():
+    full = VARIANTS["full_ablation_score"]["methods"]
+    assert all(f > u for f, u in zip(full["moves_ablation"]["test_loss"], full["uniform"]["test_loss"]))
+    assert f"uniform on every seed at 200 steps ({_loss(VARIANTS['full_ablation_score'], 'moves_ablation')})" \
+        in REMOVAL_PARAGRAPH
+    one = VARIANTS["one_component_per_rank"]
+    assert f"gave {_loss(one, 'moves_ablation')} at 200 steps" in REMOVAL_PARAGRAPH
+    # the uniform runs are the same as the committed table's, so the variants compare with it
+    assert full["uniform"]["test_loss"] == REMOVAL["moves_removal_results.json"]["methods"]["uniform"]["test_loss"]
