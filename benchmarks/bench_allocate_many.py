@@ -116,8 +116,9 @@ def model_calls(shape: str, seed: int):
     nxt = {n: float(g[0]) for n, g in online["gains"].items()}
     calls["plan_moves"] = lambda: plan_moves(nxt, online["scores"], online["costs"], online["room"],
                                              online["move_left"], 0.0, 0.0, max_moves=8)
-    # budget spent, the MLP layers want ranks, only attention components are idle: few donors can
-    # fund a receiver (what made plan_moves scan every component for every receiver)
+    # budget spent, the MLP layers want ranks, only attention components are idle: no donor pays
+    # for a receiver alone (what made plan_moves scan every component for every receiver), so each
+    # rank is paid by several
     costs = online["costs"]
     wants = {n: float(costs[n] > min(costs.values())) - 0.5 for n in dims}
     idle = {n: np.abs(s) * (-1.0 if costs[n] == min(costs.values()) else 1.0) for n, s in online["scores"].items()}

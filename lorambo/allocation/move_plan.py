@@ -17,7 +17,7 @@ tie.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from lorambo.allocation.components import at_most_per_layer
 
@@ -47,6 +47,7 @@ def plan_moves(next_gains: Mapping[str, float], scores: Mapping[str, Sequence[fl
     for _, n, _ in donors:
         pay[n] = pay.get(n, 0) + int(costs[n])
     payable = sum(pay.values())  # over layers that have not received
+    dearest = max((int(costs[n]) for n in pay), default=0)  # no single donor pays a price above it
     unused = [True] * len(donors)
     moves, left = [], int(budget_left)
     donor_layers: set[str] = set()
@@ -57,9 +58,9 @@ def plan_moves(next_gains: Mapping[str, float], scores: Mapping[str, Sequence[fl
         price = int(costs[recv]) - left
         if recv in donor_layers or payable - pay.get(recv, 0) < max(price, 1):
             continue
-        eligible = [e for e, (_, n, _) in enumerate(donors)
-                    if unused[e] and n != recv and n not in receiving]
-        taken = _cheapest_funding([(donors[e][0], int(costs[donors[e][1]]), e) for e in eligible], price)
+        eligible = ((score, int(costs[n]), e) for e, (score, n, _) in enumerate(donors)
+                    if unused[e] and n != recv and n not in receiving)
+        taken = _cheapest_funding(eligible, price, dearest)
         for e in taken:
             _, donor, comp = donors[e]
             unused[e] = False
@@ -74,22 +75,33 @@ def plan_moves(next_gains: Mapping[str, float], scores: Mapping[str, Sequence[fl
     return moves
 
 
-def _cheapest_funding(candidates: list[tuple[float, int, int]], price: int) -> list[int]:
+def _cheapest_funding(candidates: Iterator[tuple[float, int, int]], price: int, dearest: int) -> list[int]:
     """Ids of the donors that pay ``price`` (at least one donor, even when ``price <= 0``).
-    ``candidates``: ``(score, cost, id)`` in ascending score order, together able to pay."""
-    single = next((c for c in candidates if c[1] >= price), None)
-    run, paid = [], 0
+    ``candidates``: ``(score, cost, id)`` in ascending score order, together able to pay; read
+    only as far as needed (``dearest``: no candidate costs more)."""
+    single, run, paid, kept = None, [], 0, None
     for c in candidates:
-        run.append(c)
-        paid += c[1]
-        if paid >= price:
+        if single is None and c[1] >= price:
+            single = c
+        if paid < price or not run:
+            run.append(c)
+            paid += c[1]
+            if paid >= price:
+                kept = _pruned(run, paid, price)
+        # a later single scores at least c[0]: stop once it could no longer beat the run
+        if kept is not None and (single is not None or price > dearest or c[0] > sum(k[0] for k in kept)):
             break
-    # highest score first, drop what the rest can pay without; a component whose removal lowers
-    # the loss (score < 0) goes anyway
+    if single is not None and single[0] <= sum(c[0] for c in kept):
+        return [single[2]]
+    return [c[2] for c in kept]
+
+
+def _pruned(run: list, paid: int, price: int) -> list:
+    """``run`` less what the rest can pay without, highest score first; a component whose removal
+    lowers the loss (score < 0) goes anyway."""
+    run = list(run)
     for c in sorted(run, key=lambda c: -c[0]):
         if c[0] >= 0 and len(run) > 1 and paid - c[1] >= price:
             run.remove(c)
             paid -= c[1]
-    if single is not None and single[0] <= sum(c[0] for c in run):
-        return [single[2]]
-    return [c[2] for c in run]
+    return run
