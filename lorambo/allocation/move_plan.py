@@ -65,8 +65,7 @@ def plan_moves(next_gains: Mapping[str, float], scores: Mapping[str, Sequence[fl
             _, donor, comp = donors[e]
             unused[e] = False
             moves.append((donor, comp, recv))
-            donor_layers.add(donor)
-            pay[donor] -= int(costs[donor])
+            donor_layers.add(donor)  # never a receiver now, so its own `pay` is not read again
             payable -= int(costs[donor])
             left += int(costs[donor])
         left -= int(costs[recv])

@@ -91,3 +91,56 @@ def test_online_growth_moves_two_cheap_components_into_a_dear_layer():
     assert {n: m.rank for n, m in layers.items()} == {"0": 0, "2": 0, "4": 2}
     assert grower.spent() == 32 <= budget
     assert records[-1]["spent"] == 32
+
+
+@pytest.mark.parametrize("scores, expected", [
+    # in score order x, y pay 20 of 25, z makes 40; y can go (30 left), then x cannot (20)
+    ({"a1": [0.1], "a2": [0.2], "b20": [0.3]}, [("a1", 0, "m"), ("b20", 0, "m")]),
+    # the rest pays exactly the price (10 + 15 = 25): y goes
+    ({"a1": [0.1], "a2": [0.2], "b15": [0.3]}, [("a1", 0, "m"), ("b15", 0, "m")]),
+    # a component that scores 0 goes when the others pay (12 + 14 = 26), though neither alone could
+    ({"a1": [0.0], "b12": [0.1], "b14": [0.2]}, [("b12", 0, "m"), ("b14", 0, "m")]),
+])
+def test_the_run_keeps_only_what_it_needs_highest_score_dropped_first(scores, expected):
+    costs = {**COSTS, "b12": 12, "b14": 14, "b15": 15, "b20": 20}
+    moves = plan_moves({"m": 1.0}, scores, costs, {"m": 1}, 0, 0.0, float("inf"), 1)
+    assert moves == expected
+    assert sum(costs[d] for d, _, _ in moves) >= costs["m"]
+
+
+def test_a_layer_missing_from_spare_gives_nothing():
+    assert _plan({"a1": [0.1], "a2": [0.2], "a3": [0.3]}, spare={"a1": 1, "a2": 1}) == []
+    assert _plan({"a1": [0.1], "a2": [0.2], "a3": [0.3], "m2": [0.9]}, spare={"a1": 1, "a2": 1, "m2": 1}) == [
+        ("m2", 0, "m")]
+
+
+class _Counted:
+    """Donor candidates that count how many were read."""
+
+    def __init__(self, items):
+        self.items, self.read = items, 0
+
+    def __iter__(self):
+        for item in self.items:
+            self.read += 1
+            yield item
+
+
+@pytest.mark.parametrize("items, price, dearest, expected, read", [
+    # the first pays alone: nothing after it is read
+    ([(0.1, 30, 0), (0.2, 30, 1), (0.3, 30, 2)], 25, 30, [0], 1),
+    # no single can pay (price above the dearest): the run is paid at the second
+    ([(0.1, 10, 0), (0.2, 10, 1), (0.3, 10, 2)], 15, 10, [0, 1], 2),
+    # the run (0.1 + 0.2) is paid; a later single would need a score <= 0.3: read on to 0.4
+    ([(0.1, 10, 0), (0.2, 10, 1), (0.3, 10, 2), (0.4, 30, 3), (0.5, 30, 4)], 15, 30, [0, 1], 4),
+    # ... but stops at a score above the run's (0.4 > 0.3): no later single can beat the run
+    ([(0.1, 10, 0), (0.2, 10, 1), (0.4, 10, 2), (0.5, 30, 3)], 15, 30, [0, 1], 3),
+    # ... and a single scoring 0.3 beats the run on a tie
+    ([(0.1, 10, 0), (0.2, 10, 1), (0.3, 30, 2), (0.4, 30, 3)], 15, 30, [2], 3),
+])
+def test_the_donors_are_read_only_as_far_as_the_funding_needs(items, price, dearest, expected, read):
+    from lorambo.allocation.move_plan import _cheapest_funding
+
+    candidates = _Counted(items)
+    assert _cheapest_funding(iter(candidates), price, dearest) == expected
+    assert candidates.read == read
