@@ -13,6 +13,7 @@ from torch import nn
 from lorambo.ops.sketch import set_sketch_backend
 from lorambo.sensitivity import FisherProxy
 from lorambo.sensitivity import fisher as fisher_module
+from test_fisher_padding_rows import Net as MaskedNet, token_mean_loss  # two Linears reading attention_mask
 
 DT = torch.float64
 
@@ -218,6 +219,14 @@ def _mean_and_stderr(squares):
     return mean, (math.sqrt(sum((s - mean) ** 2 for s in squares) / (n - 1) / n) if n > 1 else math.inf)
 
 
+def _assert_estimate(got, squares, num_probes):
+    """``got`` (an Estimate) is the mean of ``squares`` with its standard error, over ``num_probes``."""
+    mean, stderr = _mean_and_stderr(squares)
+    assert got.num_probes == num_probes
+    assert got.value == pytest.approx(mean, rel=1e-10)
+    assert got.stderr == pytest.approx(stderr, rel=1e-8)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_statistics_accumulate_over_batches_of_different_sizes(reduction):
     """Over several backward passes with batches of 3, 4 and 2 examples, each layer's estimate is the mean of
@@ -236,10 +245,7 @@ def test_statistics_accumulate_over_batches_of_different_sizes(reduction):
     want = _example_squares(model, ["0", "2"], batches, lambda out, y: ((out - y) ** 2).sum())
     assert set(got) == {"0", "2"}
     for name, squares in want.items():
-        mean, stderr = _mean_and_stderr(squares)
-        assert got[name].num_probes == 9
-        assert got[name].value == pytest.approx(mean, rel=1e-10)
-        assert got[name].stderr == pytest.approx(stderr, rel=1e-8)
+        _assert_estimate(got[name], squares, 9)
 
 
 def test_an_input_without_a_batch_dim_is_one_example():
@@ -301,26 +307,7 @@ def test_non_finite_examples_are_counted_over_batches():
     finite = [(x[[0, *range(2, len(x))]], y[[0, *range(2, len(y))]]) for x, y in batches]
     want = _example_squares(model, ["0", "2"], finite, lambda out, y: ((out - y) ** 2).sum())
     for name, squares in want.items():
-        mean, stderr = _mean_and_stderr(squares)
-        assert got[name].num_probes == 5
-        assert got[name].value == pytest.approx(mean, rel=1e-10)
-        assert got[name].stderr == pytest.approx(stderr, rel=1e-8)
-
-
-class Masked(nn.Module):
-    """Two Linears taking the batch's attention_mask as a keyword (read by reduction='token_mean')."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(4, 6, dtype=DT), nn.Linear(6, 3, dtype=DT)
-
-    def forward(self, x, attention_mask):
-        return self.fc2(torch.tanh(self.fc1(x)))
-
-
-def _token_mean_loss(model, x, y, mask):
-    per_token = (model(x=x, attention_mask=mask) - y).square().sum(-1)
-    return (per_token * mask).sum() / mask.sum()
+        _assert_estimate(got[name], squares, 5)
 
 
 def test_padding_rows_are_counted_over_batches_and_apart_from_non_finite_ones():
@@ -328,7 +315,7 @@ def test_padding_rows_are_counted_over_batches_and_apart_from_non_finite_ones():
     batches), and a padding row whose gradient is non-finite (a NaN target) is left out once, as non-finite:
     of 8 rows, 3 padding (one of them NaN), the estimate is the mean over the 5 real ones."""
     torch.manual_seed(19)
-    model = Masked()
+    model = MaskedNet()
     gen = torch.Generator().manual_seed(20)
     data = []
     for padding in ([3], [2, 3]):
@@ -340,21 +327,18 @@ def test_padding_rows_are_counted_over_batches_and_apart_from_non_finite_ones():
     data[1][1][3, 0, 0] = math.nan
     with FisherProxy(model, reduction="token_mean") as proxy:
         for x, y, mask in data:
-            _token_mean_loss(model, x, y, mask).backward()
+            token_mean_loss(model, x, y, mask).backward()
     with pytest.warns(RuntimeWarning, match=r"left out 1 of 8 examples of layer 'fc[12]'"):
         got = proxy.estimates()
     squares = {"fc1": [], "fc2": []}
     for x, y, mask in data:
         for n in range(4):
             if mask[n].sum() > 0:
-                loss = _token_mean_loss(model, x[n:n + 1], y[n:n + 1], mask[n:n + 1])
+                loss = token_mean_loss(model, x[n:n + 1], y[n:n + 1], mask[n:n + 1])
                 for name, g in zip(squares, torch.autograd.grad(loss, [model.fc1.weight, model.fc2.weight])):
                     squares[name].append(float(g.square().sum()))
     for name, values in squares.items():
-        mean, stderr = _mean_and_stderr(values)
-        assert got[name].num_probes == 5
-        assert got[name].value == pytest.approx(mean, rel=1e-10)
-        assert got[name].stderr == pytest.approx(stderr, rel=1e-8)
+        _assert_estimate(got[name], values, 5)
 
 
 def test_no_warning_when_every_layer_is_reached():
